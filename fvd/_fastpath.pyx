@@ -1,0 +1,313 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""Compiled fast path: lookup-table translation and data I/O with the GIL released.
+
+The lookup table is a numpy uint32 array owned by the Image and viewed here through a
+typed memoryview; the loops below run in `noexcept nogil` code and coalesce virtual
+ranges whose chunks are physically contiguous into one pread/pwrite.
+fvd/_purepath.py is the pure-Python twin and must behave byte for byte the same.
+"""
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE
+from libc.errno cimport errno, EINTR
+from libc.stdint cimport uint8_t, uint32_t, int64_t
+from libc.string cimport memset
+from posix.types cimport off_t
+
+import numpy as np
+
+cdef extern from "<unistd.h>" nogil:
+    ssize_t pread(int fd, void *buf, size_t count, off_t offset)
+    ssize_t pwrite(int fd, const void *buf, size_t count, off_t offset)
+
+cdef extern from "<sys/uio.h>" nogil:
+    struct iovec:
+        void *iov_base
+        size_t iov_len
+    ssize_t pwritev(int fd, const iovec *iov, int iovcnt, off_t offset)
+
+cdef uint32_t ZERO_CHUNK = 0xFFFFFFFEu
+cdef enum:
+    MAX_IOV = 64
+
+STAT_FIELDS = ("data_reads", "data_bytes_read", "data_writes", "data_bytes_written",
+               "metadata_reads", "metadata_bytes_read", "metadata_writes",
+               "metadata_bytes_written", "flushes", "journal_records", "refcount_updates",
+               "base_reads", "base_bytes_read")
+
+
+cdef class Stats:
+    """Exact I/O counters since open."""
+    cdef public long long data_reads, data_bytes_read, data_writes, data_bytes_written
+    cdef public long long metadata_reads, metadata_bytes_read, metadata_writes
+    cdef public long long metadata_bytes_written, flushes, journal_records, refcount_updates
+    cdef public long long base_reads, base_bytes_read
+
+    def as_dict(self):
+        return {name: getattr(self, name) for name in STAT_FIELDS}
+
+    def __repr__(self):
+        return "Stats(" + ", ".join(f"{k}={v}" for k, v in self.as_dict().items()) + ")"
+
+
+cdef int full_pread(int fd, char *buf, size_t n, long long host) noexcept nogil:
+    """pread until n bytes are in; bytes past end of file read as zeros. 0 or errno."""
+    cdef ssize_t got
+    while n > 0:
+        got = pread(fd, buf, n, host)
+        if got < 0:
+            if errno == EINTR:
+                continue
+            return errno
+        if got == 0:
+            memset(buf, 0, n)
+            return 0
+        buf += got
+        n -= got
+        host += got
+    return 0
+
+
+cdef int full_pwrite(int fd, const char *buf, size_t n, long long host) noexcept nogil:
+    cdef ssize_t put
+    while n > 0:
+        put = pwrite(fd, buf, n, host)
+        if put < 0:
+            if errno == EINTR:
+                continue
+            return errno
+        buf += put
+        n -= put
+        host += put
+    return 0
+
+
+cdef inline long long host_of(uint32_t e, int shift, long long data_offset,
+                              long long within) noexcept nogil:
+    if e >= ZERO_CHUNK:
+        return -1
+    return data_offset + ((<long long>e) << shift) + within
+
+
+cdef class ChunkMap:
+    """Translates virtual offsets through the one-level table and does the data I/O."""
+    cdef public int fd
+    cdef public object table, frozen, stats
+    cdef uint32_t[::1] tab
+    cdef uint8_t[::1] frz
+    cdef Stats st
+    cdef public long long chunk_size, data_offset, size
+    cdef int shift
+
+    def __init__(self, int fd, table, frozen, long long chunk_size, long long data_offset,
+                 long long size, Stats stats):
+        self.fd = fd
+        self.chunk_size = chunk_size
+        self.shift = chunk_size.bit_length() - 1
+        self.data_offset = data_offset
+        self.size = size
+        self.stats = self.st = stats
+        self.set_table(table)
+        self.set_frozen(frozen)
+
+    def set_table(self, table):
+        self.table = table
+        self.tab = table
+
+    def set_frozen(self, frozen):
+        self.frozen = frozen
+        self.frz = frozen
+
+    cdef int check_range(self, long long offset, long long length) except -1:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise ValueError(f"I/O range [{offset}, {offset + length}) outside the image "
+                             f"(size {self.size})")
+        return 0
+
+    cdef int read_runs(self, char *buf, long long offset, long long length,
+                       long long *calls) noexcept nogil:
+        """Fill buf from the image; unallocated and zero chunks read as zeros."""
+        cdef long long cs = self.chunk_size, pos = 0, n, within, host
+        cdef long long run_pos = 0, run_len = 0, run_host = -2
+        cdef int err
+        while pos < length:
+            within = (offset + pos) & (cs - 1)
+            n = cs - within
+            if n > length - pos:
+                n = length - pos
+            host = host_of(self.tab[(offset + pos) >> self.shift], self.shift,
+                           self.data_offset, within)
+            if run_len and ((host < 0 and run_host < 0) or
+                            (host >= 0 and run_host >= 0 and run_host + run_len == host)):
+                run_len += n
+            else:
+                if run_len:
+                    err = self.flush_read(buf + run_pos, run_len, run_host, calls)
+                    if err:
+                        return err
+                run_pos, run_len, run_host = pos, n, host
+            pos += n
+        if run_len:
+            return self.flush_read(buf + run_pos, run_len, run_host, calls)
+        return 0
+
+    cdef int flush_read(self, char *buf, long long n, long long host,
+                        long long *calls) noexcept nogil:
+        if host < 0:
+            memset(buf, 0, n)
+            return 0
+        calls[0] += 1
+        calls[1] += n
+        return full_pread(self.fd, buf, n, host)
+
+    cdef bint all_writable(self, long long offset, long long length) noexcept nogil:
+        cdef long long v, first, last
+        cdef uint32_t e
+        if length == 0:
+            return True
+        first = offset >> self.shift
+        last = (offset + length - 1) >> self.shift
+        for v in range(first, last + 1):
+            e = self.tab[v]
+            if e >= ZERO_CHUNK or e >= <uint32_t>self.frz.shape[0] or self.frz[e]:
+                return False
+        return True
+
+    cdef int write_runs(self, const char *buf, long long offset, long long length,
+                        long long *calls) noexcept nogil:
+        cdef long long cs = self.chunk_size, pos = 0, n, within, host
+        cdef long long run_pos = 0, run_len = 0, run_host = -2
+        cdef int err
+        while pos < length:
+            within = (offset + pos) & (cs - 1)
+            n = cs - within
+            if n > length - pos:
+                n = length - pos
+            host = host_of(self.tab[(offset + pos) >> self.shift], self.shift,
+                           self.data_offset, within)
+            if run_len and run_host + run_len == host:
+                run_len += n
+            else:
+                if run_len:
+                    calls[0] += 1
+                    calls[1] += run_len
+                    err = full_pwrite(self.fd, buf + run_pos, run_len, run_host)
+                    if err:
+                        return err
+                run_pos, run_len, run_host = pos, n, host
+            pos += n
+        if run_len:
+            calls[0] += 1
+            calls[1] += run_len
+            return full_pwrite(self.fd, buf + run_pos, run_len, run_host)
+        return 0
+
+    def readinto(self, long long offset, buf):
+        cdef Py_buffer view
+        cdef long long calls[2]
+        cdef int err
+        PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE | PyBUF_WRITABLE)
+        try:
+            self.check_range(offset, view.len)
+            calls[0] = calls[1] = 0
+            with nogil:
+                err = self.read_runs(<char *>view.buf, offset, view.len, calls)
+            self.st.data_reads += calls[0]
+            self.st.data_bytes_read += calls[1]
+            if err:
+                raise OSError(err, "read failed")
+            return view.len
+        finally:
+            PyBuffer_Release(&view)
+
+    def writable(self, long long offset, long long length):
+        """True when every chunk under the range is allocated and not held by a snapshot."""
+        return self.all_writable(offset, length)
+
+    def write(self, long long offset, data):
+        """Write into allocated, unshared chunks; returns -1 (nothing written) otherwise."""
+        cdef Py_buffer view
+        cdef long long calls[2]
+        cdef int err = 0
+        cdef bint ok
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            self.check_range(offset, view.len)
+            calls[0] = calls[1] = 0
+            with nogil:
+                ok = self.all_writable(offset, view.len)
+                if ok:
+                    err = self.write_runs(<const char *>view.buf, offset, view.len, calls)
+            self.st.data_writes += calls[0]
+            self.st.data_bytes_written += calls[1]
+            if err:
+                raise OSError(err, "write failed")
+            return view.len if ok else -1
+        finally:
+            PyBuffer_Release(&view)
+
+    def host_offset(self, long long offset):
+        """Host offset of a virtual offset, or -1 when its chunk has no data."""
+        self.check_range(offset, 1)
+        return host_of(self.tab[offset >> self.shift], self.shift, self.data_offset,
+                       offset & (self.chunk_size - 1))
+
+    def pwritev(self, long long host_offset, buffers):
+        """One data write of several buffers at a host offset (copy-on-write merges)."""
+        cdef Py_buffer views[MAX_IOV]
+        cdef iovec iov[MAX_IOV]
+        cdef int count = 0, i, first = 0
+        cdef long long total = 0, done = 0
+        cdef ssize_t put
+        if len(buffers) > MAX_IOV:
+            raise ValueError("too many buffers")
+        try:
+            for b in buffers:
+                PyObject_GetBuffer(b, &views[count], PyBUF_SIMPLE)
+                iov[count].iov_base = views[count].buf
+                iov[count].iov_len = views[count].len
+                total += views[count].len
+                count += 1
+            with nogil:
+                while done < total:
+                    put = pwritev(self.fd, &iov[first], count - first, host_offset + done)
+                    if put < 0:
+                        if errno == EINTR:
+                            continue
+                        break
+                    done += put
+                    while first < count and <size_t>put >= iov[first].iov_len:
+                        put -= iov[first].iov_len
+                        first += 1
+                    if first < count:
+                        iov[first].iov_base = <char *>iov[first].iov_base + put
+                        iov[first].iov_len -= put
+            if done < total:
+                raise OSError(errno, "write failed")
+            self.st.data_writes += 1
+            self.st.data_bytes_written += total
+            return total
+        finally:
+            for i in range(count):
+                PyBuffer_Release(&views[i])
+
+    def pread_host(self, long long host_offset, buf):
+        cdef Py_buffer view
+        cdef int err
+        PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE | PyBUF_WRITABLE)
+        try:
+            with nogil:
+                err = full_pread(self.fd, <char *>view.buf, view.len, host_offset)
+            if err:
+                raise OSError(err, "read failed")
+            self.st.data_reads += 1
+            self.st.data_bytes_read += view.len
+            return view.len
+        finally:
+            PyBuffer_Release(&view)
+
+    def translate(self, const int64_t[::1] vchunks, int64_t[::1] out):
+        """Batch translation: host offsets of chunk starts (-1 where no data)."""
+        cdef Py_ssize_t i, n = vchunks.shape[0]
+        with nogil:
+            for i in range(n):
+                out[i] = host_of(self.tab[vchunks[i]], self.shift, self.data_offset, 0)
+        return n

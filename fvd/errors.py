@@ -1,0 +1,28 @@
+"""The exceptions fvd raises on purpose. Every one derives from FvdError."""
+
+
+class FvdError(Exception):
+    """Base class of every error the library raises on purpose."""
+
+
+class CorruptImageError(FvdError):
+    """The file is not a valid image; the message names the file and the offset."""
+
+    def __init__(self, path, offset, what):
+        self.path = str(path)
+        self.offset = offset
+        self.what = what
+        where = f" at offset {offset}" if offset is not None else ""
+        super().__init__(f"{self.path}: corrupt image{where}: {what}")
+
+
+class ImageLockedError(FvdError):
+    """Another open handle holds the image for writing."""
+
+
+class UnsupportedFeatureError(FvdError):
+    """The image uses a version or incompatible feature this code does not know."""
+
+
+class BaseImageError(FvdError):
+    """The base image is missing, unreadable, of the wrong size, or forms a loop."""
