@@ -5,7 +5,7 @@ checkpoint and close; nothing here runs per guest I/O.
 """
 import zlib
 
-from construct import Bytes, Const, Int16ul, Int32ul, Int64ul, Padding, Struct
+from construct import Const, Int32ul, Int64ul, Padding, Struct
 
 from .errors import CorruptImageError, UnsupportedFeatureError
 
@@ -73,7 +73,9 @@ Header = Struct(
     "refcount_table_size" / Int64ul,
     "data_offset" / Int64ul,
     "next_snapshot_id" / Int64ul,
-    Padding(HEADER_SIZE - 192),
+    "table_crc" / Int32ul,
+    "bitmap_crc" / Int32ul,
+    Padding(HEADER_SIZE - 200),
 )
 assert Header.sizeof() == HEADER_SIZE
 

@@ -1,0 +1,51 @@
+"""File-level helpers used at open, close and free time (never per guest I/O)."""
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import os
+
+from .errors import ImageLockedError
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+
+
+def punch_hole(fd, offset, length):
+    """Make the range read as zeros and free its blocks; writes zeros where unsupported."""
+    if length <= 0:
+        return
+    rc = _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+    if rc == 0:
+        return
+    err = ctypes.get_errno()
+    if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+        raise OSError(err, os.strerror(err))
+    end = min(offset + length, os.fstat(fd).st_size)
+    zeros = bytes(1 << 20)
+    while offset < end:
+        n = min(len(zeros), end - offset)
+        os.pwrite(fd, zeros[:n], offset)
+        offset += n
+
+
+def lock_for_writing(fd, path):
+    """An exclusive lock on the open file description: a second writer in this or any
+    other process fails at once with ImageLockedError."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise ImageLockedError(f"{path}: image is open for writing elsewhere") from None
+
+
+def has_data(fd, offset, length):
+    """True when the range holds allocated file blocks (SEEK_DATA)."""
+    try:
+        pos = os.lseek(fd, offset, os.SEEK_DATA)
+    except OSError as e:
+        if e.errno == errno.ENXIO:
+            return False
+        raise
+    return pos < offset + length

@@ -1,0 +1,576 @@
+"""The FVD image: open/create, the write path around the fast path, journal, checkpoint.
+
+Order of metadata writes (docs/format.md, "Crash consistency"):
+  guest data  ->  journal transaction  ->  flush              (writethrough, per write)
+  guest data  ->  flush -> journal transactions -> flush      (writeback, at flush())
+  checkpoint: flush -> table (+bitmap) -> flush -> header(epoch+1) -> flush
+"""
+import errno
+import os
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _impl
+from . import format as fmt
+from .allocator import ChunkAllocator, front_usage
+from .errors import CorruptImageError, FvdError
+from .fileio import has_data, lock_for_writing, punch_hole
+from .journal import (REC_BITMAP, REC_DATA_CRC, REC_TABLE, Journal, read_transactions,
+                      table_records)
+
+
+class ReadOnlyImageError(FvdError, OSError):
+    """A write on an image opened read-only."""
+
+    def __init__(self, path):
+        OSError.__init__(self, errno.EBADF, "image is open read-only", str(path))
+
+
+@dataclass(frozen=True)
+class Extent:
+    """One run of `Image.extents()`, in the vocabulary of `qemu-img map --output=json`."""
+    start: int
+    length: int
+    depth: int
+    present: bool
+    zero: bool
+    data: bool
+    offset: object      # host offset, or None
+
+    def as_dict(self):
+        d = {"start": self.start, "length": self.length, "depth": self.depth,
+             "present": self.present, "zero": self.zero, "data": self.data}
+        if self.offset is not None:
+            d["offset"] = self.offset
+        return d
+
+
+@dataclass
+class CheckResult:
+    corruptions: int = 0
+    leaks: int = 0
+    leaks_fixed: int = 0
+    corruptions_fixed: int = 0
+    messages: list = None
+
+    @property
+    def ok(self):
+        return self.corruptions == 0 and self.leaks == 0
+
+    def as_dict(self):
+        return {"corruptions": self.corruptions, "leaks": self.leaks,
+                "leaks_fixed": self.leaks_fixed, "corruptions_fixed": self.corruptions_fixed,
+                "ok": self.ok, "messages": list(self.messages or [])}
+
+
+def _parse_cache(cache):
+    if cache not in ("writeback", "writethrough"):
+        raise ValueError(f"cache must be 'writeback' or 'writethrough', not {cache!r}")
+    return cache == "writethrough"
+
+
+def create(path, size, *, chunk_size=fmt.MiB, block_size=64 * fmt.KiB, base=None,
+           base_format=None, compact=True, journal_size=None, overwrite=False):
+    """Create a new, empty image file (see `fvd.base` for images over a base)."""
+    size = int(size)
+    if not 0 < size <= fmt.MAX_VIRTUAL_SIZE:
+        raise ValueError(f"image size must be in (0, {fmt.MAX_VIRTUAL_SIZE}], not {size}")
+    if not (fmt.is_power_of_two(chunk_size) and fmt.MIN_CHUNK <= chunk_size <= fmt.MAX_CHUNK):
+        raise ValueError(f"chunk_size must be a power of two in [{fmt.MIN_CHUNK}, "
+                         f"{fmt.MAX_CHUNK}], not {chunk_size}")
+    if not (fmt.is_power_of_two(block_size) and fmt.MIN_BLOCK <= block_size <= chunk_size):
+        raise ValueError(f"block_size must be a power of two in [{fmt.MIN_BLOCK}, chunk_size],"
+                         f" not {block_size}")
+    if not compact:
+        raise ValueError("only compact images (one-level lookup table) are supported")
+    if -(-size // chunk_size) > fmt.MAX_TABLE_ENTRIES:
+        raise ValueError("image too large for this chunk size")
+    if journal_size is not None and journal_size < fmt.MIN_JOURNAL:
+        raise ValueError(f"journal_size must be at least {fmt.MIN_JOURNAL}")
+    header = {"virtual_size": size, "chunk_size": chunk_size, "block_size": block_size,
+              "clean_shutdown": 1, "journal_epoch": 1, "next_snapshot_id": 1}
+    base_name = b""
+    if base is not None:
+        from .base import describe_new_base
+        base_name, base_fields = describe_new_base(path, base, base_format, size)
+        header.update(base_fields)
+    header.update(fmt.layout(size, chunk_size, block_size, header.get("base_size", 0),
+                             len(base_name), journal_size))
+    nchunks = -(-size // chunk_size)
+    table = np.full(nchunks, fmt.UNALLOCATED, dtype="<u4").tobytes()
+    header["table_crc"] = zlib.crc32(table)
+    bitmap = bytes(header.get("bitmap_size", 0))
+    header["bitmap_crc"] = zlib.crc32(bitmap)
+    flags = os.O_RDWR | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
+    fd = os.open(path, flags, 0o644)
+    try:
+        os.pwrite(fd, fmt.build_header(header).ljust(fmt.HEADER_REGION, b"\0"), 0)
+        if base_name:
+            os.pwrite(fd, base_name, header["base_name_offset"])
+        os.pwrite(fd, table, header["table_offset"])
+        os.ftruncate(fd, header["data_offset"])
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(path)
+        raise
+    os.close(fd)
+
+
+class Image:
+    """An open FVD image. Use `fvd.open()` to get one."""
+
+    def __init__(self, path, mode="r", *, cache="writeback", copy_on_read=False,
+                 _for_check=False, _chain=()):
+        if mode not in ("r", "r+"):
+            raise ValueError(f"mode must be 'r' or 'r+', not {mode!r}")
+        self.path = os.fspath(path)
+        self.read_only = mode == "r"
+        self._writethrough = _parse_cache(cache)
+        self._closed = True
+        self._impl = _impl.module()
+        self.stats = self._impl.Stats()
+        self._problems = []
+        self._for_check = _for_check
+        self._base = None
+        self._snapshots = None
+        self._pending = {}          # virtual chunk -> entry, not yet in the journal
+        self._pending_bits = []     # (first_block, count) bitmap records not yet journaled
+        self._dirty_since_checkpoint = False
+        self._fd = os.open(self.path, os.O_RDONLY if self.read_only else os.O_RDWR)
+        try:
+            if not self.read_only:
+                lock_for_writing(self._fd, self.path)
+            self._load(_chain, copy_on_read)
+        except BaseException:
+            self._release()
+            raise
+        self._closed = False
+
+    # ----- open -----------------------------------------------------------------
+    def _load(self, chain, copy_on_read):
+        file_size = os.fstat(self._fd).st_size
+        raw = os.pread(self._fd, fmt.HEADER_SIZE, 0)
+        self.stats.metadata_reads += 1
+        self.stats.metadata_bytes_read += len(raw)
+        self._header = fmt.parse_header(raw, self.path, file_size)
+        h = self._header
+        self.size = h["virtual_size"]
+        self.chunk_size = h["chunk_size"]
+        self.block_size = h["block_size"]
+        self._nchunks = -(-self.size // self.chunk_size)
+        self._table = self._read_table(file_size)
+        self._frozen = np.zeros(0, dtype=np.uint8)
+        self._load_features(chain, copy_on_read)
+        replayed = self._replay(file_size) if not h["clean_shutdown"] else 0
+        self._validate_table(file_size)
+        self._map = self._impl.ChunkMap(self._fd, self._table, self._frozen, self.chunk_size,
+                                        h["data_offset"], self.size, self.stats)
+        self._journal = Journal(self._fd, h["journal_offset"], h["journal_size"],
+                                h["journal_epoch"], self.stats)
+        self._alloc = ChunkAllocator(self._in_use(), self._punch_chunks)
+        if not self.read_only:
+            self._start_writing(replayed or not h["clean_shutdown"])
+
+    def _load_features(self, chain, copy_on_read):
+        """Base image and snapshots (their modules hook in here)."""
+        h = self._header
+        self._bitmap = None
+        if h["base_format"] != fmt.BASE_NONE:
+            from .base import attach_base
+            attach_base(self, chain, copy_on_read)
+        elif copy_on_read:
+            pass            # nothing to copy from: a no-op, as in QEMU
+        if h["nb_snapshots"] or h["snapshot_table_offset"]:
+            from .snapshots import attach_snapshots
+            attach_snapshots(self)
+
+    def _read_meta(self, offset, length):
+        data = os.pread(self._fd, length, offset)
+        self.stats.metadata_reads += 1
+        self.stats.metadata_bytes_read += len(data)
+        if len(data) < length:
+            raise CorruptImageError(self.path, offset + len(data),
+                                    "file is truncated inside a metadata region")
+        return data
+
+    def _read_table(self, file_size):
+        h = self._header
+        raw = self._read_meta(h["table_offset"], 4 * self._nchunks)
+        if h["clean_shutdown"] and zlib.crc32(raw) != h["table_crc"]:
+            self._problem(h["table_offset"], "lookup table checksum mismatch")
+        return np.frombuffer(raw, dtype="<u4").astype(np.uint32)
+
+    def _problem(self, offset, what):
+        """A corruption: raise, unless check() is collecting them."""
+        if not self._for_check:
+            raise CorruptImageError(self.path, offset, what)
+        self._problems.append((offset, what))
+
+    def _validate_table(self, file_size):
+        """Every entry must point inside the file and no two chunks may share one."""
+        t = self._table
+        data_offset = self._header["data_offset"]
+        max_valid = max(0, -(-(file_size - data_offset) // self.chunk_size))
+        allocated = t < fmt.ZERO_CHUNK
+        bad = np.flatnonzero(allocated & (t >= max_valid))
+        for v in bad[:10]:
+            self._problem(self._header["table_offset"] + 4 * int(v),
+                          f"table entry {int(t[v])} of chunk {int(v)} points past the end "
+                          f"of the file")
+        if len(bad):
+            t[bad] = fmt.UNALLOCATED            # only reached in check mode
+        counts = front_usage(t, 0)
+        shared = np.flatnonzero(counts > 1)
+        for p in shared[:10]:
+            vs = np.flatnonzero(t == p)
+            self._problem(self._header["table_offset"] + 4 * int(vs[1]),
+                          f"chunks {int(vs[0])} and {int(vs[1])} share physical chunk {int(p)}")
+
+    def _replay(self, file_size):
+        """Apply the journal's committed transactions to the in-memory table and bitmap."""
+        h = self._header
+        count = 0
+        for tx in read_transactions(self._fd, self.path, h["journal_offset"],
+                                    h["journal_size"], h["journal_epoch"]):
+            if self._apply_transaction(tx, file_size):
+                count += 1
+        return count
+
+    def _apply_transaction(self, tx, file_size):
+        h = self._header
+        data_offset, cs = h["data_offset"], self.chunk_size
+        for rtype, count, start, payload in tx:
+            if rtype == REC_TABLE and start + count > self._nchunks:
+                raise CorruptImageError(self.path, h["journal_offset"],
+                                        f"journal table record for chunks {start}..{start + count}"
+                                        f" is out of range")
+            if rtype == REC_BITMAP and (self._bitmap is None or
+                                        start + count > self._bitmap.nblocks):
+                raise CorruptImageError(self.path, h["journal_offset"],
+                                        "journal bitmap record out of range")
+            if rtype == REC_TABLE:
+                for e in payload:
+                    if e < fmt.ZERO_CHUNK and data_offset + e * cs >= file_size:
+                        return False        # its data never reached the disk: torn write
+            if rtype == REC_DATA_CRC:
+                got = os.pread(self._fd, count, start)
+                if len(got) < count or zlib.crc32(got) != payload:
+                    return False
+        for rtype, count, start, payload in tx:
+            if rtype == REC_TABLE:
+                self._table[start:start + count] = payload
+            elif rtype == REC_BITMAP:
+                self._bitmap.set_range(start, count)
+        return True
+
+    def _in_use(self):
+        nphys = max(len(self._frozen), 1)
+        used = front_usage(self._table, nphys) > 0
+        if self._snapshots is not None:
+            used = self._snapshots.mark_used(used)
+        return used
+
+    def _start_writing(self, unclean):
+        """Mark the image in use; after a crash, checkpoint and clean up orphan chunks."""
+        if unclean:
+            self._scrub_free_chunks()
+            self._dirty_since_checkpoint = True
+            self._checkpoint(clean=False)
+        else:
+            self._write_header(clean_shutdown=0)
+            self._sync()
+
+    def _scrub_free_chunks(self):
+        """Chunks a crash left half-allocated: punch free ones, cut the file's tail."""
+        free = sorted(self._alloc.free)
+        from .allocator import runs
+        for first, count in runs(free):
+            self._punch_chunks(first, count)
+        end = self._header["data_offset"] + self._alloc.end * self.chunk_size
+        if os.fstat(self._fd).st_size > end:
+            os.ftruncate(self._fd, end)
+
+    # ----- metadata writes ------------------------------------------------------
+    def _write_meta(self, offset, data):
+        os.pwrite(self._fd, data, offset)
+        self.stats.metadata_writes += 1
+        self.stats.metadata_bytes_written += len(data)
+
+    def _sync(self):
+        os.fdatasync(self._fd)
+        self.stats.flushes += 1
+
+    def _write_header(self, **changes):
+        self._header.update(changes)
+        self._write_meta(0, fmt.build_header(self._header))
+
+    def _punch_chunks(self, first, count):
+        off = self._header["data_offset"] + first * self.chunk_size
+        punch_hole(self._fd, off, count * self.chunk_size)
+
+    def _checkpoint(self, clean):
+        """Write the whole table (and bitmap), then a header with a new journal epoch."""
+        h = self._header
+        self._sync()
+        if self._dirty_since_checkpoint:
+            table = self._table.astype("<u4").tobytes()
+            self._write_meta(h["table_offset"], table)
+            h["table_crc"] = zlib.crc32(table)
+            if self._bitmap is not None:
+                h["bitmap_crc"] = self._bitmap.write(self)
+            self._sync()
+        self._write_header(journal_epoch=h["journal_epoch"] + 1, clean_shutdown=int(clean))
+        self._sync()
+        self._journal.restart(h["journal_epoch"])
+        self._dirty_since_checkpoint = False
+        self._alloc.commit_frees()
+
+    def _commit_metadata(self, records):
+        """Make records durable after the data they describe (journal or checkpoint)."""
+        self._dirty_since_checkpoint = True
+        if not self._journal.append(records):
+            self._checkpoint(clean=False)
+            return
+        self._sync()
+        self._alloc.commit_frees()
+
+    def _log(self, changes, extra=()):
+        """Record table changes (and extra records) per the cache mode."""
+        if self._writethrough:
+            self._commit_metadata(table_records(changes) + list(extra))
+        else:
+            self._pending.update(changes)
+            self._pending_bits.extend(extra)
+
+    # ----- I/O ------------------------------------------------------------------
+    def _check_open(self):
+        if self._closed:
+            raise ValueError(f"{self.path}: I/O on a closed image")
+
+    def _check_writable(self):
+        self._check_open()
+        if self.read_only:
+            raise ReadOnlyImageError(self.path)
+
+    def read(self, offset, length):
+        buf = bytearray(length)
+        self.readinto(offset, buf)
+        return bytes(buf)
+
+    def readinto(self, offset, buffer):
+        """Fill `buffer` from `offset`; returns the number of bytes read."""
+        if self._closed:
+            self._check_open()
+        if self._base is None:
+            return self._map.readinto(offset, buffer)
+        return self._base.readinto(offset, buffer)
+
+    def write(self, offset, data):
+        """Write any bytes-like object at any offset; returns the number of bytes."""
+        if self.read_only or self._closed:
+            self._check_writable()
+        n = self._map.write(offset, data) if self._base is None else -1
+        if n < 0:
+            n = self._write_slow(offset, memoryview(data).cast("B"))
+        elif self._writethrough:
+            self._sync()
+        return n
+
+    def _write_slow(self, offset, mv):
+        """A write that needs chunks allocated, copied from a snapshot, or the base."""
+        length = len(mv)
+        if offset < 0 or offset + length > self.size:
+            raise ValueError(f"I/O range [{offset}, {offset + length}) outside the image "
+                             f"(size {self.size})")
+        if self._base is not None:
+            return self._base.write(offset, mv)
+        changes, extra = self._prepare_chunks(offset, length)
+        self._map.write(offset, mv)
+        self._log(changes, extra)
+        return length
+
+    def _prepare_chunks(self, offset, length, keep=None):
+        """Map every chunk under the range to a writable physical chunk.
+
+        Returns (table changes, extra journal records). A chunk a snapshot holds is
+        copied (its bytes outside the write) into a fresh chunk first. `keep(v, new)`
+        lets the base layer fill a fresh chunk.
+        """
+        changes, extra = {}, []
+        if length == 0:
+            return changes, extra
+        first, last = offset // self.chunk_size, (offset + length - 1) // self.chunk_size
+        for v in range(first, last + 1):
+            e = int(self._table[v])
+            if e < fmt.ZERO_CHUNK and not self._is_frozen(e):
+                continue
+            new = self._alloc.allocate()
+            self._grow_frozen(new)
+            if e < fmt.ZERO_CHUNK:
+                extra.extend(self._snapshots.copy_chunk(self, v, e, new, offset, length))
+            self._table[v] = new
+            changes[v] = new
+        return changes, extra
+
+    def _is_frozen(self, e):
+        return e < len(self._frozen) and self._frozen[e]
+
+    def _grow_frozen(self, index):
+        """Keep the frozen array covering every physical chunk index."""
+        if index >= len(self._frozen):
+            grown = np.zeros(max(2 * len(self._frozen), index + 1, 1024), dtype=np.uint8)
+            grown[:len(self._frozen)] = self._frozen
+            self._frozen = grown
+            self._map.set_frozen(grown)
+
+    def write_zeroes(self, offset, length):
+        """Make the range read as zeros; whole chunks are unmapped, not written."""
+        self._check_writable()
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise ValueError(f"range [{offset}, {offset + length}) outside the image "
+                             f"(size {self.size})")
+        cs = self.chunk_size
+        end = offset + length
+        head_end = min(end, -(-offset // cs) * cs)
+        tail_start = max(head_end, end // cs * cs)
+        for start, stop in ((offset, head_end), (tail_start, end)):
+            if stop > start and self._chunk_has_content(start):
+                self.write(start, bytes(stop - start))
+        first, last = head_end // cs, tail_start // cs
+        if last > first:
+            self._unmap_chunks(first, last)
+
+    def _chunk_has_content(self, offset):
+        e = int(self._table[offset // self.chunk_size])
+        return e < fmt.ZERO_CHUNK or self._base is not None and e == fmt.UNALLOCATED
+
+    def _unmap_chunks(self, first, last):
+        """Whole chunks [first, last) read as zeros from now on."""
+        marker = fmt.ZERO_CHUNK if self._base is not None else fmt.UNALLOCATED
+        changes = {}
+        for v in range(first, last):
+            e = int(self._table[v])
+            if e == marker:
+                continue
+            if e < fmt.ZERO_CHUNK and not self._is_frozen(e):
+                self._alloc.release(e)
+            self._table[v] = marker
+            changes[v] = marker
+        if changes:
+            extra = self._base.zero_bits(first, last) if self._base is not None else []
+            self._log(changes, extra)
+
+    def flush(self):
+        """Everything written before is durable when this returns."""
+        self._check_open()
+        if self.read_only:
+            return
+        if self._pending or self._pending_bits:
+            records = table_records(self._pending) + list(self._pending_bits)
+            self._pending, self._pending_bits = {}, []
+            self._sync()                    # data before the records that point at it
+            self._commit_metadata(records)
+        else:
+            self._sync()
+
+    # ----- lifecycle -------------------------------------------------------------
+    def close(self):
+        if self._closed:
+            return
+        try:
+            if not self.read_only:
+                self.flush()
+                if self._base is not None:
+                    self._base.before_close()
+                self._checkpoint(clean=True)
+        finally:
+            self._closed = True
+            self._release()
+
+    def _release(self):
+        if self._base is not None:
+            self._base.close()
+        if self._fd >= 0:
+            os.close(self._fd)      # also drops the flock
+            self._fd = -1
+
+    def _crash(self):
+        """Tests only: drop the handle as a crash would, without flushing anything."""
+        self._closed = True
+        self._release()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            if not self._closed:
+                self.close()
+        except Exception:
+            pass
+
+    def __repr__(self):
+        state = "closed" if self._closed else ("r" if self.read_only else "r+")
+        return f"<fvd.Image {self.path!r} size={self.size} {state}>"
+
+    # ----- introspection ------------------------------------------------------------
+    @property
+    def base(self):
+        return self._header.get("_base_path")
+
+    @property
+    def allocated_chunks(self):
+        return int(np.count_nonzero(self._table < fmt.ZERO_CHUNK))
+
+    def info(self):
+        """Header facts and allocation, as `fvd info --output=json` shows them."""
+        from .info import image_info
+        return image_info(self)
+
+    def extents(self, offset=0, length=None):
+        from .extents import image_extents
+        return image_extents(self, offset, length)
+
+    def check(self, repair=False):
+        from .check import check_image
+        return check_image(self, repair)
+
+    # Snapshot API (fvd.snapshots implements it)
+    def create_snapshot(self, name, vm_state=b""):
+        from .snapshots import create_snapshot
+        return create_snapshot(self, name, vm_state)
+
+    def snapshots(self):
+        from .snapshots import list_snapshots
+        return list_snapshots(self)
+
+    def delete_snapshot(self, name):
+        from .snapshots import delete_snapshot
+        return delete_snapshot(self, name)
+
+    def revert_to_snapshot(self, name):
+        from .snapshots import revert_to_snapshot
+        return revert_to_snapshot(self, name)
+
+    def open_snapshot(self, name):
+        from .snapshots import open_snapshot
+        return open_snapshot(self, name)
+
+    def read_vm_state(self, name):
+        from .snapshots import read_vm_state
+        return read_vm_state(self, name)
+
+    def prefetch(self, progress=None, **options):
+        from .base import prefetch
+        return prefetch(self, progress, **options)
+
+
+def open(path, mode="r", *, cache="writeback", copy_on_read=False):
+    """Open an FVD image; mode "r" or "r+"."""
+    return Image(path, mode, cache=cache, copy_on_read=copy_on_read)
