@@ -1,0 +1,739 @@
+"""Internal snapshots: read-only copies of the lookup table plus a refcount table that
+counts only the chunks read-only snapshots hold (docs/format.md, "Snapshots").
+
+The writeable front is tracked by its one-level table and the journal alone: the
+refcount table is read at open, written at snapshot create / delete / repair, and never
+touched by guest writes. A chunk with refcount > 0 is *frozen*: the front copies it to a
+fresh chunk on its first write there (`copy_chunk`).
+
+All snapshot metadata (snapshot table, refcount table, each snapshot's lookup table and
+vm_state) lives in chunks of the data area and is written copy-on-write: new metadata goes
+to freshly allocated chunks, is synced, and one header write + sync commits it. Only then
+are the chunks nothing refers to any more released (hole-punched).
+"""
+import heapq
+import os
+import struct
+import time
+import zlib
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import numpy as np
+
+from . import format as fmt
+from . import journal
+from .allocator import front_usage, runs
+from .errors import CorruptImageError, FvdError
+
+TABLE_MAGIC = 0x53445646            # "FVDS" little-endian
+TABLE_HEAD = struct.Struct("<IIIIQQ")   # magic crc nb refcount_crc revert_id revert_epoch
+ENTRY = struct.Struct("<QQQQIHHQQII")   # id created_ns virtual_size table_offset table_crc
+#                                         name_size reserved vm_off vm_size vm_crc reserved
+assert TABLE_HEAD.size == 32 and ENTRY.size == 64
+REFCOUNT_MAX = 0xFFFF               # refcounts are uint16
+MAX_NAME = 255
+
+
+class SnapshotNotFoundError(FvdError, KeyError):
+    """No snapshot of that name."""
+
+    def __str__(self):
+        return str(self.args[0]) if self.args else ""
+
+
+class SnapshotBusyError(FvdError):
+    """The snapshot cannot be deleted while a view of it (open_snapshot) is open."""
+
+
+class RefcountOverflowError(FvdError):
+    """A chunk would be held by more than 65535 snapshots."""
+
+
+@dataclass
+class SnapshotInfo:
+    name: str
+    id: int
+    created: datetime
+    size: int
+    vm_state_size: int
+
+    def as_dict(self):
+        return {"name": self.name, "id": self.id, "created": self.created.isoformat(),
+                "size": self.size, "vm_state_size": self.vm_state_size}
+
+
+@dataclass
+class _Entry:
+    id: int
+    created_ns: int
+    size: int
+    table_offset: int
+    table_crc: int
+    name: str
+    vm_offset: int
+    vm_size: int
+    vm_crc: int
+
+    def info(self):
+        created = datetime.fromtimestamp(self.created_ns / 1e9, tz=timezone.utc)
+        return SnapshotInfo(self.name, self.id, created, self.size, self.vm_size)
+
+
+def _pad8(n):
+    return (n + 7) & ~7
+
+
+def encode_table(entries, refcount_crc, revert_id=0, revert_epoch=0):
+    body = bytearray()
+    for e in entries:
+        name = e.name.encode("utf-8")
+        body += ENTRY.pack(e.id, e.created_ns, e.size, e.table_offset, e.table_crc,
+                           len(name), 0, e.vm_offset, e.vm_size, e.vm_crc, 0)
+        body += name.ljust(_pad8(len(name)), b"\0")
+    raw = bytearray(TABLE_HEAD.pack(TABLE_MAGIC, 0, len(entries), refcount_crc,
+                                    revert_id, revert_epoch)) + body
+    raw[4:8] = zlib.crc32(raw).to_bytes(4, "little")
+    return bytes(raw)
+
+
+def check_name(name):
+    if not isinstance(name, str):
+        raise ValueError(f"snapshot name must be a str, not {type(name).__name__}")
+    try:
+        raw = name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"snapshot name {name!r} is not valid UTF-8") from None
+    if not 1 <= len(raw) <= MAX_NAME:
+        raise ValueError(f"snapshot name must be 1..{MAX_NAME} UTF-8 bytes, not {len(raw)}")
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise ValueError(f"snapshot name {name!r} contains control characters")
+    return name
+
+
+class SnapshotState:
+    """Snapshot table, refcounts and open views of one image (in memory)."""
+
+    def __init__(self):
+        self.entries = []                           # in id order
+        self.refcount = np.zeros(0, dtype=np.uint16)
+        self.table_chunks = (0, 0)                  # (first, count) of the snapshot table
+        self.refcount_chunks = (0, 0)               # (first, count) of the refcount table
+        self.views = {}                             # snapshot id -> number of open views
+
+    # ----- layout helpers --------------------------------------------------------
+    def find(self, name, path):
+        for e in self.entries:
+            if e.name == name:
+                return e
+        raise SnapshotNotFoundError(f"{path}: no snapshot named {name!r}")
+
+    @staticmethod
+    def entry_chunks(img, e):
+        """(first, count) runs of the chunks that hold an entry's lookup table + vm_state."""
+        cs, d = img.chunk_size, img._header["data_offset"]
+        out = [((e.table_offset - d) // cs, -(-4 * img._nchunks // cs))]
+        if e.vm_size:
+            out.append(((e.vm_offset - d) // cs, -(-e.vm_size // cs)))
+        return out
+
+    def metadata_runs(self, img):
+        out = [r for r in (self.table_chunks, self.refcount_chunks) if r[1]]
+        for e in self.entries:
+            out.extend(self.entry_chunks(img, e))
+        return out
+
+    # ----- hooks from Image -----------------------------------------------------------
+    def mark_used(self, used):
+        img = self._img
+        rc = self.refcount
+        meta = self.metadata_runs(img)
+        need = max([len(rc)] + [a + n for a, n in meta])
+        if need > len(used):
+            grown = np.zeros(need, dtype=bool)
+            grown[:len(used)] = used
+            used = grown
+        used[:len(rc)] |= rc > 0
+        for a, n in meta:
+            used[a:a + n] = True
+        return used
+
+    def copy_chunk(self, img, v, old, new, offset, length):
+        """Copy the bytes of frozen chunk `old` the write does not cover into `new`."""
+        cs = img.chunk_size
+        vstart = v * cs
+        w0 = max(offset, vstart) - vstart
+        w1 = min(offset + length, vstart + cs) - vstart
+        if w0 == 0 and w1 >= cs:
+            return []
+        d = img._header["data_offset"]
+        src, dst = d + old * cs, d + new * cs
+        lo, hi = (0 if w0 > 0 else w1), (cs if w1 < cs else w0)
+        buf = bytearray(hi - lo)
+        img._map.pread_host(src + lo, buf)
+        img._map.pwritev(dst + lo, [buf])
+        if not img._writethrough:
+            return []
+        out = []
+        mv = memoryview(buf)
+        for a, b in ((0, w0), (w1, cs)):
+            if b > a:
+                out.append(journal.data_crc_record(dst + a, b - a,
+                                                   zlib.crc32(mv[a - lo:b - lo])))
+        return out
+
+    def check(self, img, result, repair):
+        _check(self, img, result, repair)
+
+
+# ----- open --------------------------------------------------------------------------
+def attach_snapshots(img):
+    """Read the snapshot table and the refcount table (never the snapshots' tables)."""
+    h = img._header
+    st = SnapshotState()
+    st._img = img
+    img._snapshots = st
+    file_size = os.fstat(img._fd).st_size
+    cs, d = img.chunk_size, h["data_offset"]
+    toff, tsize = h["snapshot_table_offset"], h["snapshot_table_size"]
+    roff, rsize = h["refcount_table_offset"], h["refcount_table_size"]
+    fo = fmt.FIELD_OFFSET
+
+    def bad(offset, what):
+        img._problem(offset, what)
+
+    if not (toff >= d and (toff - d) % cs == 0 and tsize >= TABLE_HEAD.size
+            and toff + tsize <= file_size):
+        return bad(fo["snapshot_table_offset"],
+                   f"snapshot table [{toff}, {toff + tsize}) is outside the data area "
+                   f"or the file ({file_size} bytes)")
+    if rsize and not (roff >= d and (roff - d) % cs == 0 and rsize % 2 == 0
+                      and roff + rsize <= file_size):
+        return bad(fo["refcount_table_offset"],
+                   f"refcount table [{roff}, {roff + rsize}) is outside the data area "
+                   f"or the file ({file_size} bytes)")
+    raw = img._read_meta(toff, tsize)
+    magic, crc, nb, rc_crc, revert_id, revert_epoch = TABLE_HEAD.unpack_from(raw)
+    check = bytearray(raw)
+    check[4:8] = b"\0\0\0\0"
+    if magic != TABLE_MAGIC or zlib.crc32(check) != crc:
+        return bad(toff, "snapshot table magic or checksum mismatch")
+    if nb != h["nb_snapshots"]:
+        return bad(fo["nb_snapshots"], f"header says {h['nb_snapshots']} snapshots, "
+                                       f"the snapshot table holds {nb}")
+    rc_raw = img._read_meta(roff, rsize) if rsize else b""
+    if zlib.crc32(rc_raw) != rc_crc:
+        return bad(roff, "refcount table checksum mismatch")
+    st.refcount = np.frombuffer(rc_raw, dtype="<u2").astype(np.uint16)
+    st.table_chunks = ((toff - d) // cs, -(-tsize // cs))
+    st.refcount_chunks = ((roff - d) // cs, -(-rsize // cs)) if rsize else (0, 0)
+    pos = TABLE_HEAD.size
+    tbytes = 4 * img._nchunks
+    names = set()
+    for _ in range(nb):
+        where = toff + pos
+        if pos + ENTRY.size > len(raw):
+            return bad(where, "snapshot table entry overruns the table")
+        (sid, created, size, t_off, t_crc, nlen, _r, vm_off, vm_size, vm_crc,
+         _r2) = ENTRY.unpack_from(raw, pos)
+        pos += ENTRY.size
+        if nlen == 0 or pos + nlen > len(raw):
+            return bad(where, "snapshot name size out of range")
+        try:
+            name = raw[pos:pos + nlen].decode("utf-8")
+        except UnicodeDecodeError:
+            return bad(where, "snapshot name is not UTF-8")
+        pos += _pad8(nlen)
+        if name in names or sid >= h["next_snapshot_id"]:
+            return bad(where, f"snapshot {name!r}: duplicate name or id {sid} out of range")
+        names.add(name)
+        if not (t_off >= d and (t_off - d) % cs == 0 and t_off + tbytes <= file_size):
+            return bad(where + 24, f"snapshot {name!r}: lookup table at {t_off} is outside "
+                                   f"the data area or the file ({file_size} bytes)")
+        if vm_size and not (vm_off >= d and (vm_off - d) % cs == 0
+                            and vm_off + vm_size <= file_size):
+            return bad(where + 40, f"snapshot {name!r}: vm_state at {vm_off} is outside "
+                                   f"the file ({file_size} bytes)")
+        if size != img.size:
+            return bad(where + 16, f"snapshot {name!r}: size {size} differs from the image")
+        st.entries.append(_Entry(sid, created, size, t_off, t_crc, name, vm_off, vm_size,
+                                 vm_crc))
+    nphys = max(0, -(-(file_size - d) // cs))
+    if len(st.refcount) > nphys and st.refcount[nphys:].any():
+        return bad(roff, "refcount table counts chunks past the end of the file")
+    if revert_id and revert_epoch == h["journal_epoch"]:
+        # A revert committed but not yet checkpointed: the front is that snapshot's table.
+        target = [e for e in st.entries if e.id == revert_id]
+        if not target:
+            return bad(toff, f"pending revert to unknown snapshot id {revert_id}")
+        img._table = read_snapshot_table(img, target[0])
+    _set_frozen(img, st, install=False)
+
+
+def _set_frozen(img, st, install=True):
+    n = max(len(st.refcount), len(img._frozen), 1024)
+    frozen = np.zeros(n, dtype=np.uint8)
+    frozen[:len(st.refcount)] = st.refcount > 0
+    img._frozen = frozen
+    if install:
+        img._map.set_frozen(frozen)
+
+
+def read_snapshot_table(img, e):
+    raw = img._read_meta(e.table_offset, 4 * img._nchunks)
+    if zlib.crc32(raw) != e.table_crc:
+        raise CorruptImageError(img.path, e.table_offset,
+                                f"snapshot {e.name!r}: lookup table checksum mismatch")
+    return np.frombuffer(raw, dtype="<u4").astype(np.uint32)
+
+
+def _state(img):
+    img._check_open()
+    if img._snapshots is None:
+        st = SnapshotState()
+        st._img = img
+        img._snapshots = st
+    return img._snapshots
+
+
+def _writable_state(img):
+    img._check_writable()
+    if img._base is not None:
+        from .errors import UnsupportedFeatureError
+        raise UnsupportedFeatureError(f"{img.path}: internal snapshots of an image with a "
+                                      f"base image are not supported")
+    return _state(img)
+
+
+# ----- commit ------------------------------------------------------------------------
+def _commit(img, st, entries, refcount, extra=(), revert=(0, 0), refcount_chunks=None):
+    """Write a new snapshot table (+ refcount table unless reused) and extra chunk contents
+    to fresh contiguous chunks, sync, then commit with one header write + sync.
+
+    `extra` is a list of (nbytes, buffer-or-None) regions appended in order (each rounded up
+    to whole chunks); returns the host offsets of the extra regions. Old table chunks are
+    released once the header no longer points at them."""
+    cs, d = img.chunk_size, img._header["data_offset"]
+    rc_raw = refcount.astype("<u2").tobytes() if len(entries) else b""
+    rc_crc = zlib.crc32(rc_raw)
+    # entries need the offsets of the extra regions: allocate first, encode after
+    sizes = []
+    if entries:
+        tsize = TABLE_HEAD.size + sum(ENTRY.size + _pad8(len(e.name.encode()))
+                                      for e in entries)
+        sizes.append(tsize)
+        if refcount_chunks is None:
+            sizes.append(len(rc_raw))
+    sizes.extend(n for n, _ in extra)
+    nch = [-(-n // cs) for n in sizes]
+    first = img._alloc.allocate_run(sum(nch)) if sum(nch) else 0
+    img._grow_frozen(first + sum(nch))
+    offs, p = [], first
+    for k in nch:
+        offs.append(d + p * cs)
+        p += k
+    extra_offs = offs[len(offs) - len(extra):] if extra else []
+    return first, nch, offs, extra_offs, rc_raw, rc_crc
+
+
+def _write_and_commit(img, st, entries, refcount, layout, extra, revert, refcount_chunks):
+    first, nch, offs, extra_offs, rc_raw, rc_crc = layout
+    cs, d = img.chunk_size, img._header["data_offset"]
+    old_runs = [r for r in (st.table_chunks, st.refcount_chunks) if r[1]]
+    h = {}
+    if entries:
+        table = encode_table(entries, rc_crc, *revert)
+        bufs = [(offs[0], table)]
+        new_table_chunks = (first, nch[0])
+        if refcount_chunks is None:
+            if rc_raw:
+                bufs.append((offs[1], rc_raw))
+            new_rc_chunks = (first + nch[0], nch[1]) if rc_raw else (0, 0)
+            roff = offs[1] if rc_raw else 0
+        else:
+            new_rc_chunks = refcount_chunks
+            roff = d + refcount_chunks[0] * cs if refcount_chunks[1] else 0
+            old_runs = [r for r in old_runs if r != refcount_chunks]
+        bufs += [(o, b) for o, (n, b) in zip(extra_offs, extra) if b is not None and n]
+        _write_runs(img, bufs)
+        h.update(snapshot_table_offset=offs[0], snapshot_table_size=len(table),
+                 nb_snapshots=len(entries), refcount_table_offset=roff,
+                 refcount_table_size=len(rc_raw),
+                 incompatible_features=img._header["incompatible_features"]
+                 | fmt.INCOMPAT_SNAPSHOTS)
+    else:
+        new_table_chunks = new_rc_chunks = (0, 0)
+        h.update(snapshot_table_offset=0, snapshot_table_size=0, nb_snapshots=0,
+                 refcount_table_offset=0, refcount_table_size=0,
+                 incompatible_features=img._header["incompatible_features"]
+                 & ~fmt.INCOMPAT_SNAPSHOTS)
+    img._sync()
+    return h, new_table_chunks, new_rc_chunks, old_runs
+
+
+def _write_runs(img, bufs):
+    """Write (offset, bytes) regions; adjacent ones go out as one pwritev."""
+    bufs = sorted(bufs, key=lambda t: t[0])
+    i = 0
+    while i < len(bufs):
+        off, group = bufs[i][0], [bufs[i][1]]
+        end = off + len(bufs[i][1])
+        j = i + 1
+        cs = img.chunk_size
+        while j < len(bufs) and bufs[j][0] == fmt.round_up(end, cs):
+            pad = bufs[j][0] - end
+            if pad:
+                group.append(bytes(pad))
+            group.append(bufs[j][1])
+            end = bufs[j][0] + len(bufs[j][1])
+            j += 1
+        total = sum(len(b) for b in group)
+        done = 0
+        while done < total:
+            views = _skip(group, done)
+            done += os.pwritev(img._fd, views, off + done)
+        img.stats.metadata_writes += 1
+        img.stats.metadata_bytes_written += total
+        i = j
+
+
+def _skip(bufs, n):
+    out = []
+    for b in bufs:
+        mv = memoryview(b).cast("B")
+        if n >= len(mv):
+            n -= len(mv)
+            continue
+        out.append(mv[n:])
+        n = 0
+    return out
+
+
+def _trim_tail(img):
+    """Give free chunks at the end of the data area back to the file system."""
+    alloc = img._alloc
+    used = np.flatnonzero(img._in_use())
+    last = int(used[-1]) + 1 if len(used) else 0
+    if last >= alloc.end or alloc.pending:
+        return
+    alloc.free = [i for i in alloc.free if i < last]
+    heapq.heapify(alloc.free)
+    alloc.end = last
+    end = img._header["data_offset"] + last * img.chunk_size
+    if os.fstat(img._fd).st_size > end:
+        os.ftruncate(img._fd, end)
+
+
+def _release_runs(img, run_list):
+    idx = []
+    for a, n in run_list:
+        idx.extend(range(a, a + n))
+    if idx:
+        img._alloc.release_now(idx)
+
+
+# ----- operations ---------------------------------------------------------------------
+def create_snapshot(img, name, vm_state=b""):
+    """A read-only snapshot of the current contents; returns its SnapshotInfo."""
+    st = _writable_state(img)
+    check_name(name)
+    if any(e.name == name for e in st.entries):
+        raise ValueError(f"{img.path}: a snapshot named {name!r} already exists")
+    vm = memoryview(vm_state).cast("B")
+    img.flush()
+    table = img._table
+    entries_mask = table < fmt.ZERO_CHUNK
+    held = table[entries_mask]
+    n = max(len(st.refcount), int(held.max()) + 1 if len(held) else 0)
+    rc = np.zeros(n, dtype=np.uint32)
+    rc[:len(st.refcount)] = st.refcount
+    # the front never maps one physical chunk twice, so each held chunk gains exactly 1
+    rc[held] += 1
+    if len(held) and rc[held].max() > REFCOUNT_MAX:
+        bad = int(held[np.argmax(rc[held])])
+        raise RefcountOverflowError(f"{img.path}: chunk {bad} is already held by "
+                                    f"{REFCOUNT_MAX} snapshots; delete some snapshots first")
+    refcount = rc.astype(np.uint16)
+    tbytes = table.astype("<u4").tobytes()
+    entry = _Entry(img._header["next_snapshot_id"], time.time_ns(), img.size, 0,
+                   zlib.crc32(tbytes), name, 0, len(vm), zlib.crc32(vm) if len(vm) else 0)
+    entries = st.entries + [entry]
+    extra = [(len(tbytes), tbytes), (len(vm), vm)]
+    layout = _commit(img, st, entries, refcount, extra)
+    entry.table_offset = layout[3][0]
+    entry.vm_offset = layout[3][1] if len(vm) else 0
+    h, tch, rch, old = _write_and_commit(img, st, entries, refcount, layout, extra,
+                                         (0, 0), None)
+    img._write_header(next_snapshot_id=entry.id + 1, **h)
+    img._sync()                                     # commit point
+    st.entries, st.refcount = entries, refcount
+    st.table_chunks, st.refcount_chunks = tch, rch
+    img.stats.refcount_updates += int(len(held))
+    _set_frozen(img, st)
+    _release_runs(img, old)
+    _trim_tail(img)
+    return entry.info()
+
+
+def list_snapshots(img):
+    img._check_open()
+    st = img._snapshots
+    return [e.info() for e in st.entries] if st is not None else []
+
+
+def delete_snapshot(img, name):
+    """Drop a snapshot; chunks nothing else holds become free (reused before growing)."""
+    st = _writable_state(img)
+    e = st.find(name, img.path)
+    if st.views.get(e.id):
+        raise SnapshotBusyError(f"{img.path}: snapshot {name!r} is open (open_snapshot); "
+                                f"close its views before deleting it")
+    img.flush()                     # the durable front table is the in-memory one
+    stable = read_snapshot_table(img, e)
+    held = stable[stable < fmt.ZERO_CHUNK]
+    if len(held) and int(held.max()) >= len(st.refcount):
+        raise CorruptImageError(img.path, e.table_offset,
+                                f"snapshot {name!r} holds chunks past the refcount table")
+    rc = st.refcount.astype(np.int32)
+    if len(held) and (rc[held] <= 0).any():
+        raise CorruptImageError(img.path, img._header["refcount_table_offset"],
+                                f"snapshot {name!r} holds chunks whose refcount is 0 "
+                                f"(run check -r all)")
+    rc[held] -= 1
+    entries = [x for x in st.entries if x is not e]
+    dropped = held[rc[held] == 0]
+    front = front_usage(img._table, len(rc))
+    freed = dropped[front[dropped] == 0] if len(dropped) else dropped
+    # trim the refcount table past its last nonzero entry
+    nz = np.flatnonzero(rc)
+    refcount = rc[:int(nz[-1]) + 1 if len(nz) else 0].astype(np.uint16)
+    layout = _commit(img, st, entries, refcount)
+    h, tch, rch, old = _write_and_commit(img, st, entries, refcount, layout, [], (0, 0), None)
+    img._write_header(**h)
+    img._sync()                                     # commit point
+    old = old + st.entry_chunks(img, e)
+    st.entries, st.refcount = entries, refcount
+    st.table_chunks, st.refcount_chunks = tch, rch
+    img.stats.refcount_updates += int(len(held))
+    _set_frozen(img, st)
+    _release_runs(img, old)
+    if len(freed):
+        img._alloc.release_now(int(i) for i in np.unique(freed))
+    _trim_tail(img)
+
+
+def revert_to_snapshot(img, name):
+    """The front becomes the snapshot's contents; the snapshot and all others stay.
+
+    Crash atomicity: checkpoint (empty journal at epoch E), then commit a snapshot table
+    carrying "revert to id at epoch E" (open applies it while the epoch is still E), then
+    checkpoint the new table in place, which moves the epoch past E and voids the marker."""
+    st = _writable_state(img)
+    e = st.find(name, img.path)
+    img.flush()
+    new_table = read_snapshot_table(img, e)
+    old_table = img._table.copy()
+    img._dirty_since_checkpoint = True
+    img._checkpoint(clean=False)                    # journal empty at the current epoch
+    epoch = img._header["journal_epoch"]
+    layout = _commit(img, st, st.entries, st.refcount, refcount_chunks=st.refcount_chunks)
+    h, tch, rch, old = _write_and_commit(img, st, st.entries, st.refcount, layout, [],
+                                         (e.id, epoch), st.refcount_chunks)
+    img._write_header(**h)
+    img._sync()                                     # commit point
+    st.table_chunks = tch
+    img._table[:] = new_table
+    img._dirty_since_checkpoint = True
+    img._checkpoint(clean=False)                    # table in place, epoch E+1
+    _release_runs(img, old)
+    # chunks only the old front used (not frozen: every entry of new_table is frozen)
+    mask = old_table < fmt.ZERO_CHUNK
+    cand = old_table[mask]
+    fz = img._frozen
+    cand = cand[(cand >= len(fz)) | (fz[np.minimum(cand, len(fz) - 1)] == 0)]
+    if len(cand):
+        img._alloc.release_now(int(i) for i in cand)
+    _trim_tail(img)
+
+
+def read_vm_state(img, name):
+    st = _state(img)
+    e = st.find(name, img.path)
+    if not e.vm_size:
+        return b""
+    data = img._read_meta(e.vm_offset, e.vm_size)
+    if zlib.crc32(data) != e.vm_crc:
+        raise CorruptImageError(img.path, e.vm_offset,
+                                f"snapshot {name!r}: vm_state checksum mismatch")
+    return data
+
+
+# ----- read-only views ------------------------------------------------------------------
+class SnapshotView:
+    """A read-only view of one snapshot, with its own read-only file descriptor."""
+
+    read_only = True
+    _base = None
+
+    def __init__(self, img, entry):
+        self.path = img.path
+        self.name = entry.name
+        self.size = img.size
+        self.chunk_size = img.chunk_size
+        self.block_size = img.block_size
+        self._header = {"data_offset": img._header["data_offset"]}
+        self._closed = True
+        self._state = img._snapshots
+        self._id = entry.id
+        self.stats = img._impl.Stats()
+        self._fd = os.open(img.path, os.O_RDONLY)
+        try:
+            raw = os.pread(self._fd, 4 * img._nchunks, entry.table_offset)
+            self.stats.metadata_reads += 1
+            self.stats.metadata_bytes_read += len(raw)
+            if len(raw) != 4 * img._nchunks or zlib.crc32(raw) != entry.table_crc:
+                raise CorruptImageError(img.path, entry.table_offset,
+                                        f"snapshot {entry.name!r}: bad lookup table")
+            self._table = np.frombuffer(raw, dtype="<u4").astype(np.uint32)
+            self._map = img._impl.ChunkMap(self._fd, self._table,
+                                           np.ones(0, dtype=np.uint8), self.chunk_size,
+                                           self._header["data_offset"], self.size,
+                                           self.stats)
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._state.views[self._id] = self._state.views.get(self._id, 0) + 1
+        self._closed = False
+
+    def _check_open(self):
+        if self._closed:
+            raise ValueError(f"{self.path}: I/O on a closed snapshot view")
+
+    def readinto(self, offset, buffer):
+        self._check_open()
+        return self._map.readinto(offset, buffer)
+
+    def read(self, offset, length):
+        buf = bytearray(length)
+        self.readinto(offset, buf)
+        return bytes(buf)
+
+    def write(self, offset, data):
+        from .image import ReadOnlyImageError
+        raise ReadOnlyImageError(self.path)
+
+    def extents(self, offset=0, length=None):
+        from .extents import image_extents
+        return image_extents(self, offset, length)
+
+    def close(self):
+        if self._closed:
+            return
+        self._closed = True
+        os.close(self._fd)
+        left = self._state.views.get(self._id, 1) - 1
+        if left:
+            self._state.views[self._id] = left
+        else:
+            self._state.views.pop(self._id, None)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self):
+        return f"<fvd snapshot view {self.path!r} {self.name!r}>"
+
+
+def open_snapshot(img, name):
+    st = _state(img)
+    return SnapshotView(img, st.find(name, img.path))
+
+
+# ----- check -------------------------------------------------------------------------------
+def _check(st, img, result, repair):
+    """Recompute refcounts from every snapshot table; find leaks and double use."""
+    cs, d = img.chunk_size, img._header["data_offset"]
+    nphys = max(len(st.refcount), img._alloc.end, 1)
+    owner = np.zeros(nphys, dtype=np.int8)          # 1 = snapshot metadata
+    for a, n in st.metadata_runs(img):
+        if a + n > len(owner):
+            owner = np.concatenate([owner, np.zeros(a + n - len(owner), np.int8)])
+        if owner[a:a + n].any():
+            result.corruptions += 1
+            result.messages.append(f"ERROR snapshot metadata chunks {a}..{a + n - 1} "
+                                   f"overlap other metadata")
+        owner[a:a + n] = 1
+    counted = np.zeros(len(owner), dtype=np.int64)
+    for e in st.entries:
+        try:
+            t = read_snapshot_table(img, e)
+        except CorruptImageError as err:
+            result.corruptions += 1
+            result.messages.append(f"ERROR {err}")
+            continue
+        held = t[t < fmt.ZERO_CHUNK].astype(np.int64)
+        if len(held) and int(held.max()) >= len(counted):
+            bad = held[held >= len(counted)]
+            result.corruptions += len(bad)
+            result.messages.append(f"ERROR snapshot {e.name!r} points past the end of the "
+                                   f"data area (chunk {int(bad[0])})")
+            held = held[held < len(counted)]
+        if len(np.unique(held)) != len(held):
+            result.corruptions += 1
+            result.messages.append(f"ERROR snapshot {e.name!r} maps one chunk twice")
+        np.add.at(counted, held, 1)
+    meta_hit = np.flatnonzero((counted > 0) & (owner == 1))
+    if len(meta_hit):
+        result.corruptions += len(meta_hit)
+        result.messages.append(f"ERROR snapshot data chunks overlap snapshot metadata "
+                               f"(chunk {int(meta_hit[0])})")
+    front = img._table[img._table < fmt.ZERO_CHUNK].astype(np.int64)
+    fm = front[front < len(owner)]
+    fm = fm[owner[fm] == 1]
+    if len(fm):
+        result.corruptions += len(fm)
+        result.messages.append(f"ERROR the lookup table points into snapshot metadata "
+                               f"(chunk {int(fm[0])})")
+    stored = np.zeros(len(counted), dtype=np.int64)
+    stored[:len(st.refcount)] = st.refcount[:len(counted)]
+    under = np.flatnonzero(stored < counted)
+    over = np.flatnonzero(stored > counted)
+    for p in under[:10]:
+        result.messages.append(f"ERROR chunk {int(p)} refcount={int(stored[p])} "
+                               f"reference={int(counted[p])} (host offset {d + int(p) * cs})")
+    result.corruptions += len(under)
+    for p in over[:10]:
+        result.messages.append(f"Leaked chunk {int(p)} refcount={int(stored[p])} "
+                               f"reference={int(counted[p])}")
+    result.leaks += len(over)
+    if repair and (len(under) or len(over)) and not img.read_only:
+        fixed = counted.clip(0, REFCOUNT_MAX).astype(np.uint16)
+        nz = np.flatnonzero(fixed)
+        fixed = fixed[:int(nz[-1]) + 1 if len(nz) else 0]
+        img.flush()
+        layout = _commit(img, st, st.entries, fixed)
+        h, tch, rch, old = _write_and_commit(img, st, st.entries, fixed, layout, [],
+                                             (0, 0), None)
+        img._write_header(**h)
+        img._sync()
+        st.refcount, st.table_chunks, st.refcount_chunks = fixed, tch, rch
+        img.stats.refcount_updates += int(len(under) + len(over))
+        _set_frozen(img, st)
+        _release_runs(img, old)
+        usage = front_usage(img._table, len(stored))
+        gone = [int(p) for p in over if counted[p] == 0 and usage[p] == 0 and owner[p] == 0]
+        if gone:
+            img._alloc.release_now(gone)
+        result.leaks -= len(over)
+        result.leaks_fixed += len(over)
+        result.corruptions -= len(under)
+        result.corruptions_fixed += len(under)
