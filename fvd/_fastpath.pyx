@@ -167,8 +167,10 @@ cdef class ChunkMap:
         last = (offset + length - 1) >> self.shift
         for v in range(first, last + 1):
             e = self.tab[v]
-            if e >= ZERO_CHUNK or e >= <uint32_t>self.frz.shape[0] or self.frz[e]:
+            if e >= ZERO_CHUNK:
                 return False
+            if e < <uint32_t>self.frz.shape[0] and self.frz[e]:
+                return False        # held by a snapshot: copy on write
         return True
 
     cdef int write_runs(self, const char *buf, long long offset, long long length,

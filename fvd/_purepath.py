@@ -124,9 +124,10 @@ class ChunkMap:
             return True
         first, last = offset >> self.shift, (offset + length - 1) >> self.shift
         entries = self.table[first:last + 1]
-        if (entries >= ZERO_CHUNK).any() or (entries >= len(self.frozen)).any():
+        if (entries >= ZERO_CHUNK).any():
             return False
-        return not self.frozen[entries].any()
+        held = entries[entries < len(self.frozen)]
+        return not self.frozen[held].any()
 
     def write(self, offset, data):
         """Write into allocated, unshared chunks; returns -1 (nothing written) otherwise."""

@@ -7,6 +7,7 @@ Order of metadata writes (docs/format.md, "Crash consistency"):
 """
 import errno
 import os
+import threading
 import zlib
 from dataclasses import dataclass
 
@@ -136,6 +137,7 @@ class Image:
         self._for_check = _for_check
         self._base = None
         self._snapshots = None
+        self._lock = threading.RLock()   # table/bitmap/journal changes (fvd.base)
         self._pending = {}          # virtual chunk -> entry, not yet in the journal
         self._pending_bits = []     # (first_block, count) bitmap records not yet journaled
         self._dirty_since_checkpoint = False
@@ -233,13 +235,14 @@ class Image:
         """Apply the journal's committed transactions to the in-memory table and bitmap."""
         h = self._header
         count = 0
-        for tx in read_transactions(self._fd, self.path, h["journal_offset"],
-                                    h["journal_size"], h["journal_epoch"]):
-            if self._apply_transaction(tx, file_size):
+        txs = list(read_transactions(self._fd, self.path, h["journal_offset"],
+                                     h["journal_size"], h["journal_epoch"]))
+        for i, tx in enumerate(txs):
+            if self._apply_transaction(tx, file_size, last=i == len(txs) - 1):
                 count += 1
         return count
 
-    def _apply_transaction(self, tx, file_size):
+    def _apply_transaction(self, tx, file_size, last=True):
         h = self._header
         data_offset, cs = h["data_offset"], self.chunk_size
         for rtype, count, start, payload in tx:
@@ -255,7 +258,10 @@ class Image:
                 for e in payload:
                     if e < fmt.ZERO_CHUNK and data_offset + e * cs >= file_size:
                         return False        # its data never reached the disk: torn write
-            if rtype == REC_DATA_CRC:
+            if rtype == REC_DATA_CRC and last:
+                # Only the last transaction can be torn: each earlier one was followed by
+                # a flush before the next was appended, and its data may since have been
+                # overwritten legitimately.
                 got = os.pread(self._fd, count, start)
                 if len(got) < count or zlib.crc32(got) != payload:
                     return False
@@ -372,7 +378,10 @@ class Image:
         """Write any bytes-like object at any offset; returns the number of bytes."""
         if self.read_only or self._closed:
             self._check_writable()
-        n = self._map.write(offset, data) if self._base is None else -1
+        if self._base is None or self._base.fast_ok(offset, data):
+            n = self._map.write(offset, data)
+        else:
+            n = -1
         if n < 0:
             n = self._write_slow(offset, memoryview(data).cast("B"))
         elif self._writethrough:
@@ -388,7 +397,8 @@ class Image:
         if self._base is not None:
             return self._base.write(offset, mv)
         changes, extra = self._prepare_chunks(offset, length)
-        self._map.write(offset, mv)
+        if self._map.write(offset, mv) < 0:
+            raise AssertionError("chunks not writable after allocation")  # a bug, never data loss
         self._log(changes, extra)
         return length
 
@@ -441,7 +451,8 @@ class Image:
                 self.write(start, bytes(stop - start))
         first, last = head_end // cs, tail_start // cs
         if last > first:
-            self._unmap_chunks(first, last)
+            with self._lock:
+                self._unmap_chunks(first, last)
 
     def _chunk_has_content(self, offset):
         e = int(self._table[offset // self.chunk_size])
@@ -468,13 +479,14 @@ class Image:
         self._check_open()
         if self.read_only:
             return
-        if self._pending or self._pending_bits:
-            records = table_records(self._pending) + list(self._pending_bits)
-            self._pending, self._pending_bits = {}, []
-            self._sync()                    # data before the records that point at it
-            self._commit_metadata(records)
-        else:
-            self._sync()
+        with self._lock:
+            if self._pending or self._pending_bits:
+                records = table_records(self._pending) + list(self._pending_bits)
+                self._pending, self._pending_bits = {}, []
+                self._sync()                    # data before the records that point at it
+                self._commit_metadata(records)
+            else:
+                self._sync()
 
     # ----- lifecycle -------------------------------------------------------------
     def close(self):
