@@ -1,0 +1,519 @@
+"""Base images: copy-on-write, copy-on-read and the open/create hooks (docs/format.md,
+"Base images"). Prefetch lives in fvd.prefetch.
+
+Which layer holds a byte x of the image:
+  * x >= base_size: the image (the base ends there).
+  * bitmap bit of block x // block_size is 1 (``fresh`` copy): the image.
+  * otherwise: the base.
+
+Locking: ``img._lock`` (an RLock) serialises every path that changes the table, the
+bitmap or the journal: the slow write path here, copy-on-read stores, prefetch steps,
+write_zeroes and flush. Reads and fast-path writes (every touched block already durable
+in the image) take no lock: a bit is set only after its data is written, and a block
+whose bit is set is never written by copy-on-read or prefetch again.
+"""
+import os
+import zlib
+
+from . import format as fmt
+from . import journal
+from .bitmap import Bitmap, runs
+from .errors import BaseImageError, CorruptImageError, FvdError, UnsupportedFeatureError
+from .image import Extent
+
+QCOW2_MAGIC = b"QFI\xfb"
+FVD_MAGIC = fmt.MAGIC.to_bytes(4, "little")
+CROSS_READ_LIMIT = 256 * 1024   # head and tail further apart are read separately
+
+
+# ----- base backends ------------------------------------------------------------------
+class RawBase:
+    """A raw file (or anything readable with pread). Never probed for magic."""
+
+    def __init__(self, path):
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY)
+        self.size = os.fstat(self.fd).st_size
+
+    def readinto(self, offset, mv):
+        done = 0
+        while done < len(mv):
+            n = os.preadv(self.fd, [mv[done:]], offset + done)
+            if n == 0:
+                mv[done:] = bytes(len(mv) - done)
+                break
+            done += n
+        return len(mv)
+
+    def extents(self, offset, length):
+        yield Extent(offset, length, 0, True, False, True, offset)
+
+    def close(self):
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class ImageBase:
+    """An FVD or qcow2 image opened read-only (its own base chain included)."""
+
+    def __init__(self, img):
+        self.img = img
+        self.size = img.size
+
+    def readinto(self, offset, mv):
+        return self.img.readinto(offset, mv)
+
+    def extents(self, offset, length):
+        return self.img.extents(offset, length)
+
+    def close(self):
+        self.img.close()
+
+
+def _open_backend(path, base_format, chain):
+    try:
+        if base_format == fmt.BASE_RAW:
+            return RawBase(path)
+        if base_format == fmt.BASE_FVD:
+            from .image import Image
+            return ImageBase(Image(path, "r", _chain=chain))
+        if base_format == fmt.BASE_QCOW2:
+            try:
+                from . import qcow2
+            except ImportError as e:
+                raise BaseImageError(f"{path}: qcow2 base images need fvd.qcow2, which is "
+                                     f"not available ({e})") from e
+            return ImageBase(qcow2.open(path, "r"))
+    except BaseImageError:
+        raise
+    except (OSError, CorruptImageError, UnsupportedFeatureError, FvdError) as e:
+        raise BaseImageError(f"{path}: cannot open base image: {e}") from e
+    raise BaseImageError(f"{path}: unknown base format {base_format}")
+
+
+# ----- create / open hooks ---------------------------------------------------------------
+def _check_name(base):
+    name = os.fspath(base)
+    if isinstance(name, bytes):
+        name = os.fsdecode(name)
+    if not name:
+        raise BaseImageError("base image path is empty")
+    if any(ord(c) < 0x20 or c == "\x7f" for c in name):
+        raise BaseImageError(f"{name!r}: base image path contains control characters")
+    try:
+        raw = os.fsencode(name)
+    except UnicodeError as e:
+        raise BaseImageError(f"{name!r}: base image path cannot be encoded: {e}") from None
+    if len(raw) > fmt.MAX_BASE_NAME:
+        raise BaseImageError(f"{name[:60]}...: base image path longer than "
+                             f"{fmt.MAX_BASE_NAME} bytes")
+    return name, raw
+
+
+def _resolve(image_path, name):
+    if os.path.isabs(name):
+        return name
+    return os.path.join(os.path.dirname(os.path.abspath(image_path)), name)
+
+
+def detect_format(path):
+    """'fvd' or 'qcow2' by magic, else 'raw' (used only when no format is given)."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == FVD_MAGIC:
+        return "fvd"
+    if magic == QCOW2_MAGIC:
+        return "qcow2"
+    return "raw"
+
+
+def describe_new_base(path, base, base_format, size):
+    """(base name bytes, header fields) for fvd.create(..., base=...)."""
+    name, raw = _check_name(base)
+    resolved = _resolve(path, name)
+    if not os.path.exists(resolved):
+        raise BaseImageError(f"{resolved}: base image does not exist")
+    if os.path.realpath(resolved) == os.path.realpath(os.fspath(path)):
+        raise BaseImageError(f"{resolved}: an image cannot be its own base")
+    if base_format is None:
+        try:
+            base_format = detect_format(resolved)
+        except OSError as e:
+            raise BaseImageError(f"{resolved}: base image unreadable: {e}") from e
+    if base_format not in fmt.BASE_FORMATS:
+        raise ValueError(f"base_format must be one of {sorted(fmt.BASE_FORMATS)}, "
+                         f"not {base_format!r}")
+    code = fmt.BASE_FORMATS[base_format]
+    backend = _open_backend(resolved, code, (os.path.realpath(os.fspath(path)),))
+    try:
+        base_size = backend.size
+    finally:
+        backend.close()
+    if base_size <= 0:
+        raise BaseImageError(f"{resolved}: base image is empty")
+    return raw, {"base_format": code, "base_size": base_size,
+                 "incompatible_features": fmt.INCOMPAT_BASE}
+
+
+def attach_base(img, chain, copy_on_read):
+    """Open hook: bitmap always; the base itself unless prefetch finished."""
+    h = img._header
+    name = os.fsdecode(img._read_meta(h["base_name_offset"], h["base_name_size"]))
+    resolved = _resolve(img.path, name)
+    h["_base_path"] = resolved
+    raw = img._read_meta(h["bitmap_offset"], h["bitmap_size"])
+    if h["clean_shutdown"] and zlib.crc32(raw) != h["bitmap_crc"]:
+        img._problem(h["bitmap_offset"], "base bitmap checksum mismatch")
+    nblocks = -(-h["base_size"] // img.block_size)
+    img._bitmap = Bitmap(raw, nblocks, h["bitmap_offset"])
+    if h["base_flags"] & fmt.BASE_FLAG_PREFETCHED:
+        return
+    me = os.path.realpath(img.path)
+    chain = tuple(chain) + (me,)
+    real = os.path.realpath(resolved)
+    if real in chain:
+        raise BaseImageError(f"{resolved}: base image loop (it is {img.path} itself or "
+                             f"one of its own bases)")
+    if not os.path.exists(resolved):
+        raise BaseImageError(f"{resolved}: base image of {img.path} does not exist")
+    backend = _open_backend(resolved, h["base_format"], chain)
+    if backend.size != h["base_size"]:
+        backend.close()
+        raise BaseImageError(f"{resolved}: base image size changed from {h['base_size']} "
+                             f"to {backend.size} bytes")
+    img._base = BaseLayer(img, backend, resolved, copy_on_read and not img.read_only)
+
+
+# ----- the layer -------------------------------------------------------------------------
+class BaseLayer:
+    def __init__(self, img, backend, path, copy_on_read):
+        self.img = img
+        self.backend = backend
+        self.path = path
+        self.copy_on_read = copy_on_read
+        self.bs = img.block_size
+        self.bitmap = img._bitmap
+        self.base_size = img._header["base_size"]
+        self.bend = min(self.base_size, img.size)      # bytes below this may be in the base
+        self.guard = None       # (start, end, epoch, next_seq): last tx checked by data crc
+
+    # ----- reads ------------------------------------------------------------------------
+    def _base_read(self, offset, mv):
+        self.backend.readinto(offset, mv)
+        st = self.img.stats
+        st.base_reads += 1
+        st.base_bytes_read += len(mv)
+
+    def readinto(self, offset, buffer):
+        img = self.img
+        mv = memoryview(buffer)
+        if mv.ndim != 1 or mv.format != "B":
+            mv = mv.cast("B")
+        length = len(mv)
+        end = offset + length
+        if offset < 0 or end > img.size:
+            raise ValueError(f"I/O range [{offset}, {end}) outside the image "
+                             f"(size {img.size})")
+        bend = min(end, self.bend)
+        if offset >= bend:
+            return img._map.readinto(offset, mv)
+        bs = self.bs
+        b0, b1 = offset // bs, (bend - 1) // bs + 1
+        flags = self.bitmap.fresh_bits(b0, b1)
+        if flags.all():
+            return img._map.readinto(offset, mv)
+        pieces = []
+        for a, b, present in runs(flags):
+            s, e = max(offset, (b0 + a) * bs), min(bend, (b0 + b) * bs)
+            pieces.append((s, e, present))
+        if bend < end:
+            pieces.append((bend, end, True))
+        # merge adjacent image pieces (the past-the-base tail)
+        merged = []
+        for p in pieces:
+            if merged and p[2] and merged[-1][2] and merged[-1][1] == p[0]:
+                merged[-1] = (merged[-1][0], p[1], True)
+            else:
+                merged.append(p)
+        for s, e, present in merged:
+            if present:
+                img._map.readinto(s, mv[s - offset:e - offset])
+            elif self.copy_on_read:
+                self._read_and_store(s, e, mv[s - offset:e - offset])
+            else:
+                self._base_read(s, mv[s - offset:e - offset])
+        return length
+
+    def _read_and_store(self, s, e, out):
+        """Copy-on-read: read whole blocks once, answer, then store them into the image."""
+        bs = self.bs
+        ws, we = s // bs * bs, min(-(-e // bs) * bs, self.bend)
+        buf = bytearray(we - ws)
+        bmv = memoryview(buf)
+        self._base_read(ws, bmv)
+        out[:] = bmv[s - ws:e - ws]
+        self.store(ws, bmv)
+
+    def store(self, start, data):
+        """Soft write of base data at block-aligned `start` into blocks still in the base.
+
+        Allocation is journaled (the table maps the chunk); the bits are set in memory
+        only (Bitmap.set_soft). Returns the number of bytes written."""
+        img = self.img
+        bs = self.bs
+        written = 0
+        with img._lock:
+            if img._closed or img._base is not self:
+                return 0
+            b0 = start // bs
+            b1 = -(-(start + len(data)) // bs)
+            flags = self.bitmap.fresh_bits(b0, b1)
+            changes, extra = {}, []
+            for a, b, present in runs(flags):
+                if present:
+                    continue
+                s, e = (b0 + a) * bs, min((b0 + b) * bs, start + len(data))
+                c, x = img._prepare_chunks(s, e - s)
+                changes.update(c)
+                extra.extend(x)
+                self._write_pieces(s, [data[s - start:e - start]], False)
+                self.bitmap.set_soft(b0 + a, b - a)
+                written += e - s
+            if changes or extra:
+                img._log(changes, extra)
+        return written
+
+    # ----- writes -----------------------------------------------------------------------
+    def fast_ok(self, offset, data):
+        """True when a guest write may skip the bitmap: every touched block is durably
+        in the image (or past the base). Called by Image.write on every write."""
+        if offset < 0:
+            return False
+        if offset < self.bend:
+            n = len(data) if isinstance(data, (bytes, bytearray)) else memoryview(data).nbytes
+            if n:
+                bs = self.bs
+                last = min(offset + n, self.bend) - 1
+                b0, b1 = offset // bs, last // bs + 1
+                arr = self.bitmap.stale
+                if b1 - b0 == 1:
+                    if not arr[b0 >> 3] >> (b0 & 7) & 1:
+                        return False
+                elif not self.bitmap.stale_bits(b0, b1).all():
+                    return False
+        if self.guard is not None:
+            self._seal_if_overlapping(offset, data)
+        return True
+
+    def _guard_live(self):
+        g = self.guard
+        j = self.img._journal
+        return g is not None and g[2] == j.epoch and g[3] == j.next_seq
+
+    def _seal_if_overlapping(self, offset, data):
+        """A fast write over the data a crc-checked journal transaction describes: append an
+        empty transaction first (durably), so replay stops checking that crc."""
+        img = self.img
+        if not img._writethrough:
+            self.guard = None
+            return
+        n = memoryview(data).nbytes
+        with img._lock:
+            if not self._guard_live():
+                self.guard = None
+                return
+            g = self.guard
+            if offset < g[1] and offset + n > g[0]:
+                img._journal.append([])
+                img._sync()
+                self.guard = None
+
+    def write(self, offset, mv):
+        with self.img._lock:
+            return self._write_locked(offset, mv)
+
+    def _write_locked(self, offset, mv):
+        img = self.img
+        length = len(mv)
+        end = offset + length
+        if length == 0:
+            return 0
+        bs = self.bs
+        hs, te = offset, end
+        head = tail = b""
+        bits = None
+        if offset < self.bend:
+            b0, b1 = offset // bs, (min(end, self.bend) - 1) // bs + 1
+            stale = self.bitmap.stale_bits(b0, b1)
+            if not stale.all():
+                bits = (b0, b1 - b0)
+                if not stale[0] and offset % bs:
+                    hs = b0 * bs
+                if not stale[-1]:
+                    te = max(end, min(b1 * bs, self.bend))
+        changes, extra = img._prepare_chunks(hs, te - hs)
+        if hs < offset or te > end:
+            if hs < offset and te > end and te - hs - length <= CROSS_READ_LIMIT \
+                    and te - hs <= 2 * CROSS_READ_LIMIT:
+                both = bytearray(te - hs)
+                self._base_read(hs, memoryview(both))
+                bm = memoryview(both)
+                head, tail = bm[:offset - hs], bm[end - hs:]
+            else:
+                if hs < offset:
+                    head = bytearray(offset - hs)
+                    self._base_read(hs, memoryview(head))
+                if te > end:
+                    tail = bytearray(te - end)
+                    self._base_read(end, memoryview(tail))
+        records = list(extra)
+        want_crc = bits is not None and img._writethrough
+        crcs = self._write_pieces(hs, [p for p in (head, mv, tail) if len(p)], want_crc)
+        if bits is not None:
+            self.bitmap.set_range(*bits)
+            records.append(journal.bitmap_record(*bits))
+            records.extend(crcs)
+        if changes or records:
+            img._log(changes, records)
+            if want_crc:
+                j = img._journal
+                self.guard = (hs, te, j.epoch, j.next_seq)
+        elif img._writethrough:
+            if self.guard is not None:
+                self._seal_if_overlapping(offset, mv)
+            img._sync()
+        return length
+
+    def _write_pieces(self, start, pieces, want_crc):
+        """Write the concatenation of `pieces` at virtual `start` (chunks allocated): one
+        data write per physical chunk run. Returns data-crc records when asked."""
+        img = self.img
+        cs = img.chunk_size
+        total = sum(len(p) for p in pieces)
+        end = start + total
+        records = []
+        pos = start
+        views = [memoryview(p).cast("B") if not isinstance(p, memoryview) else p
+                 for p in pieces]
+        while pos < end:
+            seg_end = min(end, (pos // cs + 1) * cs)
+            host = img._map.host_offset(pos)
+            # extend across physically contiguous chunks
+            while seg_end < end and img._map.host_offset(seg_end) == host + (seg_end - pos):
+                seg_end = min(end, seg_end + cs)
+            bufs = _slice(views, pos - start, seg_end - start)
+            img._map.pwritev(host, bufs)
+            if want_crc:
+                crc = 0
+                for b in bufs:
+                    crc = zlib.crc32(b, crc)
+                records.append(journal.data_crc_record(host, seg_end - pos, crc))
+            pos = seg_end
+        return records
+
+    def zero_bits(self, first_chunk, last_chunk):
+        """Whole chunks [first, last) became ZERO_CHUNK: their blocks leave the base."""
+        cs, bs = self.img.chunk_size, self.bs
+        b0 = first_chunk * cs // bs
+        b1 = min(-(-last_chunk * cs // bs), self.bitmap.nblocks)
+        if b1 <= b0:
+            return []
+        self.bitmap.set_range(b0, b1 - b0)
+        return [journal.bitmap_record(b0, b1 - b0)]
+
+    # ----- extents ------------------------------------------------------------------------
+    def _split(self, start, stop):
+        """(s, e, in_image) pieces of [start, stop)."""
+        bend = min(stop, self.bend)
+        out = []
+        if start < bend:
+            bs = self.bs
+            b0, b1 = start // bs, (bend - 1) // bs + 1
+            for a, b, present in runs(self.bitmap.fresh_bits(b0, b1)):
+                out.append((max(start, (b0 + a) * bs), min(bend, (b0 + b) * bs), present))
+        if bend < stop:
+            out.append((max(start, bend), stop, True))
+        return out
+
+    def _base_extents(self, s, e):
+        for x in self.backend.extents(s, e - s):
+            yield Extent(x.start, x.length, x.depth + 1, x.present, x.zero, x.data, x.offset)
+
+    def segments_in_chunk(self, start, stop, host):
+        for s, e, in_image in self._split(start, stop):
+            if in_image:
+                yield Extent(s, e - s, 0, True, False, True, host + (s - start))
+            else:
+                yield from self._base_extents(s, e)
+
+    def segments_below(self, start, stop):
+        for s, e, in_image in self._split(start, stop):
+            if in_image:
+                yield Extent(s, e - s, 0, False, True, False, None)
+            else:
+                yield from self._base_extents(s, e)
+
+    # ----- lifecycle / check --------------------------------------------------------------
+    def before_close(self):
+        pass
+
+    def close(self):
+        if self.backend is not None:
+            self.backend.close()
+            self.backend = None
+
+    def check(self, img, result, repair):
+        check_bitmap(img, result, repair)
+
+
+def check_bitmap(img, result, repair):
+    """A block marked in the image inside an unallocated chunk reads zeros, not the base."""
+    import numpy as np
+    bm = img._bitmap
+    if bm is None or bm.nblocks == 0:
+        return
+    cs, bs = img.chunk_size, img.block_size
+    per = cs // bs
+    flags = bm.fresh_bits(0, bm.nblocks)
+    nch = -(-bm.nblocks // per)
+    padded = np.zeros(nch * per, dtype=bool)
+    padded[:bm.nblocks] = flags
+    marked = padded.reshape(nch, per).any(axis=1)
+    unalloc = img._table[:nch] == fmt.UNALLOCATED
+    bad = np.flatnonzero(marked[:len(unalloc)] & unalloc)
+    for v in bad.tolist():
+        result.corruptions += 1
+        result.messages.append(f"ERROR: bitmap marks blocks of unallocated chunk {v} as in "
+                               f"the image (they would read zeros instead of the base)")
+        if repair and not img.read_only:
+            first = v * per
+            bm.clear_range(first, min(per, bm.nblocks - first))
+    if repair and len(bad) and not img.read_only:
+        img._dirty_since_checkpoint = True
+        img._checkpoint(clean=False)
+        result.corruptions_fixed += len(bad)
+        result.corruptions -= len(bad)
+
+
+def _slice(views, a, b):
+    """Slices of the concatenated views covering [a, b)."""
+    out = []
+    pos = 0
+    for v in views:
+        n = len(v)
+        lo, hi = max(a, pos), min(b, pos + n)
+        if hi > lo:
+            out.append(v[lo - pos:hi - pos])
+        pos += n
+    return out
+
+
+def prefetch(img, progress=None, **options):
+    from .prefetch import prefetch as run
+    return run(img, progress, **options)
+
+
+def progress_bar(stream=None, width=40):
+    from .prefetch import progress_bar as pb
+    return pb(stream, width)
