@@ -1,0 +1,439 @@
+"""QCOW2 baseline: a refcount-on-write image writing real qcow2 v3 files.
+
+This is the comparison peer for FVD. It follows the write ordering of QEMU's qcow2
+driver (notes §2): an allocating write puts the guest data out, makes the refcount
+increment stable before the L2 entry that uses it, and frees replaced clusters only
+once the L2 change is stable. Metadata is written in whole cache entries (a cluster for
+L2 tables and refcount blocks). `cache="writethrough"` flushes after every write
+(QEMU's BlockBackend behaviour); `cache="writeback"` defers metadata to `flush()`.
+
+    img = fvd.qcow2.create("x.qcow2", 1 << 30)
+    with fvd.qcow2.open("x.qcow2", "r+", cache="writethrough") as img:
+        img.write(0, b"hello")
+
+Split by concern like QEMU's block/qcow2-*.c: qcow2_format (header, snapshot table),
+qcow2_refcount (refcounts, allocation, check/rebuild), qcow2_cluster (mapping, I/O),
+qcow2_snapshot (internal snapshots).
+"""
+import errno
+import os as _os
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _impl
+from .errors import CorruptImageError, UnsupportedFeatureError
+from .qcow2_cluster import ClusterMixin, Extent
+from .qcow2_format import (COMPAT_LAZY_REFCOUNTS, EXT_BITMAPS, INCOMPAT_CORRUPT,
+                           INCOMPAT_DIRTY, L1E_RESERVED_MASK, MAX_CLUSTER_BITS,
+                           MIN_CLUSTER_BITS, OFF_INCOMPAT, OFF_L1_SIZE, OFFSET_MASK, Header,
+                           SnapshotInfo, build_header, parse_header)
+from .qcow2_refcount import RefcountMixin
+from .qcow2_snapshot import SnapshotMixin
+
+__all__ = ["create", "open", "Qcow2Image", "CheckResult", "Extent", "SnapshotInfo"]
+
+
+@dataclass
+class CheckResult:
+    corruptions: int = 0
+    leaks: int = 0
+    copied_errors: int = 0
+    corruptions_fixed: int = 0
+    leaks_fixed: int = 0
+    messages: tuple = ()
+
+    @property
+    def ok(self):
+        return self.corruptions == 0 and self.leaks == 0
+
+
+def create(path, size, *, cluster_size=65536, lazy_refcounts=False, overwrite=False):
+    """Create an empty qcow2 v3 image (16-bit refcounts, no backing file).
+
+    Layout as `qemu-img create`: header, refcount table, one refcount block, L1 table.
+    Refuses to replace an existing file unless overwrite=True (FileExistsError)."""
+    if not isinstance(size, int) or size < 0:
+        raise ValueError(f"size must be a non-negative integer, not {size!r}")
+    if size % 512:
+        raise ValueError(f"size {size} is not a multiple of 512")
+    if (not isinstance(cluster_size, int) or cluster_size & (cluster_size - 1) or
+            not (1 << MIN_CLUSTER_BITS) <= cluster_size <= (1 << MAX_CLUSTER_BITS)):
+        raise ValueError(f"cluster_size must be a power of two in 512..2M, not {cluster_size}")
+    cs, cbits = cluster_size, cluster_size.bit_length() - 1
+    h = Header(version=3, cluster_bits=cbits, size=size, l1_size=0, l1_table_offset=0,
+               refcount_table_offset=cs, refcount_table_clusters=1, nb_snapshots=0,
+               snapshots_offset=0,
+               compatible_features=COMPAT_LAZY_REFCOUNTS if lazy_refcounts else 0)
+    flags = _os.O_RDWR | _os.O_CREAT | (_os.O_TRUNC if overwrite else _os.O_EXCL)
+    fd = _os.open(path, flags, 0o644)
+    try:
+        image = bytearray(3 * cs)
+        hdr = build_header(h)
+        image[:len(hdr)] = hdr
+        image[cs:cs + 8] = (2 * cs).to_bytes(8, "big")               # reftable[0] -> block
+        image[2 * cs:2 * cs + 6] = b"\x00\x01" * 3                    # clusters 0, 1, 2
+        _os.pwrite(fd, bytes(image), 0)
+        _os.fdatasync(fd)
+    finally:
+        _os.close(fd)
+    img = Qcow2Image(path, "r+", "writeback", _creating=True)
+    try:
+        img._resize_l1(-(-size // (cs * (cs // 8))))
+    finally:
+        img.close()
+
+
+def open(path, mode="r", *, cache="writeback"):     # noqa: A001 - mirrors fvd.open
+    """Open a qcow2 image; mode "r" or "r+", cache "writeback" or "writethrough"."""
+    return Qcow2Image(path, mode, cache)
+
+
+class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
+    """An open qcow2 image. See the module docstring."""
+
+    def __init__(self, path, mode="r", cache="writeback", *, _creating=False):
+        if mode not in ("r", "r+"):
+            raise ValueError(f"mode must be 'r' or 'r+', not {mode!r}")
+        if cache not in ("writeback", "writethrough"):
+            raise ValueError(f"cache must be 'writeback' or 'writethrough', not {cache!r}")
+        self.path = str(path)
+        self.read_only = mode == "r"
+        self.cache = cache
+        self.stats = _impl.new_stats()
+        self._closed = True
+        self.fd = _os.open(path, _os.O_RDONLY if self.read_only else _os.O_RDWR)
+        self._closed = False
+        try:
+            self._load(_creating)
+        except BaseException:
+            _os.close(self.fd)
+            self._closed = True
+            raise
+
+    # ------------------------------------------------------------- opening
+    def _load(self, creating):
+        self._file_size = _os.fstat(self.fd).st_size
+        self._unsynced = self._cow_pending = False
+        head = min(self._file_size, 1 << MAX_CLUSTER_BITS)
+        raw = self._meta_read(0, min(head, 4096)) if head else b""
+        if len(raw) >= 24 and raw[:4] == b"QFI\xfb":
+            cbits = int.from_bytes(raw[20:24], "big")
+            if MIN_CLUSTER_BITS <= cbits <= MAX_CLUSTER_BITS and (1 << cbits) > len(raw):
+                raw += self._meta_read(len(raw), min(head, 1 << cbits) - len(raw))
+        h = parse_header(self.path, bytes(raw), self._file_size, creating=creating)
+        self._header = h
+        self._version, self._cbits, self._cs = h.version, h.cluster_bits, h.cluster_size
+        self._l2bits = self._cbits - 3
+        self._l2mask = (1 << self._l2bits) - 1
+        self.size, self.cluster_size = h.size, h.cluster_size
+        self._zeros = memoryview(bytes(self._cs))
+        self._incompat, self._compat = h.incompatible_features, h.compatible_features
+        self._l1_offset = h.l1_table_offset
+        l1raw = self._meta_read(h.l1_table_offset, 8 * h.l1_size) if h.l1_size else b""
+        self._l1 = np.frombuffer(bytes(l1raw), dtype=">u8").copy()
+        self._check_l1(self._l1, h.l1_table_offset)
+        self._rt_offset, self._rt_clusters = h.refcount_table_offset, h.refcount_table_clusters
+        rtraw = self._meta_read(self._rt_offset, self._rt_clusters * self._cs)
+        self._reftable = np.frombuffer(bytes(rtraw), dtype=">u8").copy()
+        self._rb, self._rb_dirty, self._deferred, self._free_idx = {}, set(), [], 0
+        self._l2, self._l2_dirty, self._snap_l1 = {}, set(), {}
+        self._load_snapshots(h.nb_snapshots, h.snapshots_offset)
+        self._lazy = False
+        if not self.read_only:
+            self._open_for_writing(h)
+
+    def _check_l1(self, l1, l1_off):
+        l1u = l1.astype(np.uint64)
+        bad = np.flatnonzero(l1u & np.uint64(L1E_RESERVED_MASK))
+        if bad.size:
+            raise CorruptImageError(self.path, l1_off + 8 * int(bad[0]),
+                                    "L1 entry has reserved bits set")
+        offs = l1u & np.uint64(OFFSET_MASK)
+        bad = np.flatnonzero((offs % np.uint64(self._cs) != 0) |
+                             (offs + np.uint64(self._cs) > np.uint64(self._file_size)) &
+                             (offs != 0))
+        if bad.size:
+            i = int(bad[0])
+            raise CorruptImageError(self.path, l1_off + 8 * i, f"L1 entry {i} points to "
+                                    f"{int(offs[i]):#x}: unaligned or past the end of the file")
+
+    def _open_for_writing(self, h):
+        if self._incompat & INCOMPAT_CORRUPT:
+            raise CorruptImageError(self.path, OFF_INCOMPAT, "image is marked corrupt; "
+                                    "open it read-only")
+        if any(t == EXT_BITMAPS for t, _ in h.extensions):
+            raise UnsupportedFeatureError(f"{self.path}: persistent bitmaps are not supported "
+                                          "for writing")
+        if h.autoclear_features:
+            self._meta_write(88, bytes(8))            # bits we do not maintain are cleared
+            self._sync()
+        self._lazy = bool(self._compat & COMPAT_LAZY_REFCOUNTS)
+        if self._incompat & INCOMPAT_DIRTY:
+            self._rebuild_refcounts()                 # as QEMU does after a crash
+            self._fix_copied()
+            if not self._lazy:
+                self._set_incompat(self._incompat & ~INCOMPAT_DIRTY)
+        elif self._lazy:
+            self._set_incompat(self._incompat | INCOMPAT_DIRTY)
+
+    def _set_incompat(self, bits):
+        if self._version == 2:
+            return
+        self._meta_write(OFF_INCOMPAT, bits.to_bytes(8, "big"))
+        self._sync()
+        self._incompat = bits
+
+    def _resize_l1(self, n):
+        """Give the active L1 table n entries: new table written + flushed, then one
+        synchronous 12-byte header write (l1_size, l1_table_offset), old table freed."""
+        old_off, old_n = self._l1_offset, len(self._l1)
+        if n == old_n:
+            return
+        l1 = np.zeros(n, dtype=">u8")
+        k = min(n, old_n)
+        l1[:k] = self._l1[:k]
+        off = self._alloc_contiguous(max(1, -(-8 * n // self._cs))) if n else 0
+        self.flush()
+        if n:
+            self._meta_write(off, l1.tobytes())
+            self._sync()
+        self._meta_write(OFF_L1_SIZE, n.to_bytes(4, "big") + off.to_bytes(8, "big"))
+        self._sync()
+        self._l1, self._l1_offset = l1, off
+        if old_n:
+            nold = max(1, -(-8 * old_n // self._cs))
+            self._update_refcounts(np.arange(nold) + (old_off >> self._cbits), -1)
+        self.flush()
+
+    # ------------------------------------------------------------ raw I/O
+    def _meta_read(self, off, n):
+        buf = bytearray(n)
+        mv, done = memoryview(buf), 0
+        while done < n:
+            got = _os.preadv(self.fd, [mv[done:]], off + done)
+            if got == 0:
+                raise CorruptImageError(self.path, off + done, "metadata past the end of the "
+                                        "file (truncated)")
+            done += got
+        self.stats.metadata_reads += 1
+        self.stats.metadata_bytes_read += n
+        return buf
+
+    def _meta_write(self, off, data):
+        mv, done = memoryview(data), 0
+        while done < len(mv):
+            done += _os.pwrite(self.fd, mv[done:], off + done)
+        self.stats.metadata_writes += 1
+        self.stats.metadata_bytes_written += len(mv)
+        self._unsynced = True
+        self._file_size = max(self._file_size, off + len(mv))
+
+    def _data_readinto(self, host, view):
+        done, n = 0, len(view)
+        while done < n:
+            got = _os.preadv(self.fd, [view[done:]], host + done)
+            if got == 0:
+                view[done:] = bytes(n - done)
+                break
+            done += got
+        self.stats.data_reads += 1
+        self.stats.data_bytes_read += n
+
+    def _data_writev(self, host, bufs):
+        views = [memoryview(b).cast("B") for b in bufs]
+        total = sum(len(v) for v in views)
+        done = 0
+        while done < total:
+            done += _os.pwritev(self.fd, _skip(views, done), host + done)
+        self.stats.data_writes += 1
+        self.stats.data_bytes_written += total
+        self._unsynced = True
+        self._file_size = max(self._file_size, host + total)
+
+    def _sync(self):
+        _os.fdatasync(self.fd)
+        self.stats.flushes += 1
+        self._unsynced = self._cow_pending = False
+
+    # ------------------------------------------------------------- checks
+    def _check_open(self):
+        if self._closed:
+            raise ValueError(f"{self.path}: I/O on a closed image")
+
+    def _check_writable(self):
+        self._check_open()
+        if self.read_only:
+            raise OSError(errno.EBADF, f"{self.path}: image is open read-only")
+
+    def _check_range(self, offset, length):
+        if not isinstance(offset, int) or not isinstance(length, int):
+            raise TypeError("offset and length must be integers")
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise ValueError(f"{self.path}: I/O range [{offset}, {offset + length}) outside "
+                             f"the image (size {self.size})")
+
+    # ------------------------------------------------------------- public I/O
+    def read(self, offset, length):
+        buf = bytearray(length if isinstance(length, int) and length > 0 else 0)
+        self._check_range(offset, length)
+        self.readinto(offset, buf)
+        return bytes(buf)
+
+    def readinto(self, offset, buf):
+        """Fill any writable contiguous buffer with guest data from `offset`."""
+        self._check_open()
+        mv = _byte_view(buf, writable=True)
+        self._check_range(offset, len(mv))
+        self._read_tree(self._l1, self._l1_offset, offset, mv)
+        return len(mv)
+
+    def write(self, offset, data):
+        """Write any bytes-like object at any offset; returns the byte count."""
+        self._check_writable()
+        mv = _byte_view(data, writable=False)
+        self._check_range(offset, len(mv))
+        cover, pos = self._cs << self._l2bits, 0
+        while pos < len(mv):
+            g = offset + pos
+            span = min(len(mv) - pos, cover - g % cover)
+            self._write_span(g, mv[pos:pos + span])
+            pos += span
+        if self.cache == "writethrough" and len(mv):
+            self.flush()
+        return len(mv)
+
+    def write_zeroes(self, offset, length):
+        """Make [offset, offset+length) read as zeros: whole clusters get the v3 zero flag
+        (their clusters are freed), partial clusters are written with zeros."""
+        self._check_writable()
+        self._check_range(offset, length)
+        cs, cover = self._cs, self._cs << self._l2bits
+        pos, end = offset, offset + length
+        while pos < end:
+            cend = min(end, (pos | (cs - 1)) + 1)
+            if pos % cs == 0 and cend - pos == cs:
+                span_end = min(end & ~(cs - 1), (pos // cover + 1) * cover)
+                self._zero_clusters(pos, span_end)
+                pos = span_end
+            else:
+                if not self._reads_zero(pos):
+                    self._write_span(pos, self._zeros[:cend - pos])
+                pos = cend
+        if self.cache == "writethrough" and length:
+            self.flush()
+
+    def flush(self):
+        """Everything written before is durable when this returns: dirty refcount blocks
+        (not with lazy refcounts), flush, dirty L2 tables, flush, deferred frees."""
+        self._check_open()
+        if self.read_only:
+            return
+        self._flush_l2_cache()
+        if not self._lazy:
+            self._flush_refcount_cache()
+        if self._unsynced:
+            self._sync()
+
+    def close(self):
+        """Clean shutdown (idempotent): flush; with lazy refcounts also write the refcount
+        blocks and clear the dirty bit."""
+        if self._closed:
+            return
+        try:
+            if not self.read_only:
+                self.flush()
+                if self._incompat & INCOMPAT_DIRTY:
+                    self._flush_refcount_cache()
+                    self._set_incompat(self._incompat & ~INCOMPAT_DIRTY)
+        finally:
+            _os.close(self.fd)
+            self._closed = True
+
+    def _abandon(self):
+        """Close the file without the clean-shutdown path (tests: simulated crash)."""
+        if not self._closed:
+            _os.close(self.fd)
+            self._closed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        if not getattr(self, "_closed", True):
+            try:
+                _os.close(self.fd)
+            except OSError:
+                pass
+            self._closed = True
+
+    def __repr__(self):
+        state = "closed" if self._closed else ("r" if self.read_only else "r+")
+        return f"<Qcow2Image {self.path!r} size={self.size} cluster={self._cs} {state}>"
+
+    # ------------------------------------------------------------- map / check
+    @property
+    def lazy_refcounts(self):
+        return bool(self._compat & COMPAT_LAZY_REFCOUNTS)
+
+    @property
+    def dirty(self):
+        return bool(self._incompat & INCOMPAT_DIRTY)
+
+    def extents(self, offset=0, length=None):
+        """Extents (start, length, data, zero, depth, offset, present) covering the
+        range, adjacent equal ones merged: the vocabulary of `qemu-img map`."""
+        self._check_open()
+        if length is None:
+            length = self.size - offset
+        self._check_range(offset, length)
+        return self._extents(offset, length)
+
+    def check(self, repair=False):
+        """Compare refcounts with what the metadata implies, as `qemu-img check` does.
+        With repair=True, rebuild refcounts and COPIED flags, then check again."""
+        self._check_open()
+        if repair:
+            self._check_writable()
+        if not self.read_only:
+            self.flush()
+        counts, errors = self._compute_refcounts()
+        stored = self._stored_refcounts(len(counts))
+        copied = self._copied_errors()
+        result = CheckResult(corruptions=len(errors) + int((stored < counts).sum()) + copied,
+                             leaks=int((stored > counts).sum()), copied_errors=copied,
+                             messages=tuple(errors))
+        if repair and not result.ok:
+            self._rebuild_refcounts()
+            self._fix_copied()
+            self.flush()
+            after = self.check()
+            after.corruptions_fixed = result.corruptions - after.corruptions
+            after.leaks_fixed = result.leaks - after.leaks
+            return after
+        return result
+
+
+def _byte_view(buf, writable):
+    mv = memoryview(buf)
+    if not mv.contiguous:
+        raise ValueError("buffer must be contiguous")
+    if mv.format != "B" or mv.ndim != 1:
+        mv = mv.cast("B")
+    if writable and mv.readonly:
+        raise TypeError("buffer is read-only")
+    return mv
+
+
+def _skip(views, n):
+    out = []
+    for v in views:
+        if n >= len(v):
+            n -= len(v)
+            continue
+        out.append(v[n:])
+        n = 0
+    return out

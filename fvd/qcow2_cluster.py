@@ -1,0 +1,242 @@
+"""Guest-to-host cluster mapping: L1/L2 lookup, reads, allocating writes, zero writes,
+extents (cf. QEMU block/qcow2-cluster.c).
+
+L2 tables are cached whole ('>u8' numpy arrays keyed by host offset) and written back
+whole, one pwrite per dirty table. The cache is unbounded (QEMU's default L2 cache also
+covers the whole disk for images up to 256 GiB at 64 KiB clusters).
+"""
+from collections import namedtuple
+
+import numpy as np
+
+from .errors import CorruptImageError, UnsupportedFeatureError
+from .qcow2_format import (L1E_RESERVED_MASK, L2E_STD_RESERVED_MASK, OFFSET_MASK,
+                           OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO)
+
+Extent = namedtuple("Extent", "start length data zero depth offset present")
+
+
+class ClusterMixin:
+    """Mixed into Qcow2Image."""
+
+    # ------------------------------------------------------------ L1 / L2
+    def _l2_peek(self, off):
+        """The L2 table at host offset `off` (cached; one metadata read on a miss)."""
+        arr = self._l2.get(off)
+        if arr is None:
+            if off % self._cs or off + self._cs > self._file_size:
+                raise CorruptImageError(self.path, off, "L2 table offset invalid or past the "
+                                        "end of the file")
+            arr = np.frombuffer(self._meta_read(off, self._cs), dtype=">u8").copy()
+            self._l2[off] = arr
+        return arr
+
+    def _l2_offset(self, l1, i, l1_off):
+        e = int(l1[i])
+        if e & L1E_RESERVED_MASK:
+            raise CorruptImageError(self.path, l1_off + 8 * i, "L1 entry has reserved bits set")
+        off = e & OFFSET_MASK
+        if off and (off % self._cs or off + self._cs > self._file_size):
+            raise CorruptImageError(self.path, l1_off + 8 * i,
+                                    f"L1 entry points to {off:#x}: unaligned or past the end")
+        return off
+
+    def _decode(self, e, l2_off, j):
+        """(host cluster offset or 0, zero flag) of an L2 entry, validated."""
+        if e & OFLAG_COMPRESSED:
+            raise UnsupportedFeatureError(f"{self.path}: compressed clusters are not supported")
+        if e & L2E_STD_RESERVED_MASK:
+            raise CorruptImageError(self.path, l2_off + 8 * j, "L2 entry has reserved bits set")
+        off, zero = e & OFFSET_MASK, e & OFLAG_ZERO
+        if zero and self._version == 2:
+            raise CorruptImageError(self.path, l2_off + 8 * j, "zero cluster in a v2 image")
+        if off and (off % self._cs or off >= self._file_size):
+            raise CorruptImageError(self.path, l2_off + 8 * j,
+                                    f"data cluster {off:#x} unaligned or past the end")
+        return off, zero
+
+    def _lookup(self, l1, l1_off, g):
+        """(host cluster offset or 0, zero flag, l2 table offset) for guest offset g."""
+        cidx = g >> self._cbits
+        i, j = cidx >> self._l2bits, cidx & self._l2mask
+        if i >= len(l1):
+            return 0, 0, 0
+        l2_off = self._l2_offset(l1, i, l1_off)
+        if not l2_off:
+            return 0, 0, 0
+        off, zero = self._decode(int(self._l2_peek(l2_off)[j]), l2_off, j)
+        return off, zero, l2_off
+
+    # ------------------------------------------------------------------ read
+    def _read_tree(self, l1, l1_off, offset, mv):
+        """Fill mv with guest bytes from `offset` through the tree under `l1`,
+        one pread per run of physically contiguous clusters."""
+        cs, n, pos = self._cs, len(mv), 0
+        run_pos = run_len = 0
+        run_host = -1
+        while pos < n:
+            g = offset + pos
+            within = g & (cs - 1)
+            chunk = min(cs - within, n - pos)
+            off, zero, _ = self._lookup(l1, l1_off, g)
+            if off and not zero:
+                host = off + within
+                if run_len and run_host + run_len == host:
+                    run_len += chunk
+                else:
+                    if run_len:
+                        self._data_readinto(run_host, mv[run_pos:run_pos + run_len])
+                    run_pos, run_len, run_host = pos, chunk, host
+            else:
+                mv[pos:pos + chunk] = self._zeros[:chunk]
+            pos += chunk
+        if run_len:
+            self._data_readinto(run_host, mv[run_pos:run_pos + run_len])
+
+    def _reads_zero(self, g):
+        off, zero, _ = self._lookup(self._l1, self._l1_offset, g)
+        return zero or not off
+
+    # ----------------------------------------------------------------- write
+    def _l2_for_write(self, i):
+        """(offset, table) of the active L2 table i, allocated or copied so that it is
+        ours alone (refcount 1). QEMU's l2_allocate: refblock write + flush, L2 write +
+        flush, L1 entry write (8 bytes) + flush, then the old shared table is unreferenced."""
+        e = int(self._l1[i])
+        old = self._l2_offset(self._l1, i, self._l1_offset)
+        if old and e & OFLAG_COPIED:
+            return old, self._l2_peek(old)
+        new = self._alloc_cluster()
+        self._flush_refcount_cache()
+        table = self._l2_peek(old).copy() if old else np.zeros(self._cs // 8, dtype=">u8")
+        self._l2[new] = table
+        self._l2_dirty.add(new)
+        self._flush_l2_cache()
+        self._l1[i] = new | OFLAG_COPIED
+        self._meta_write(self._l1_offset + 8 * i, self._l1[i:i + 1].tobytes())
+        self._sync()
+        if old:
+            self._update_refcounts([old >> self._cbits], -1)
+        return new, table
+
+    def _write_span(self, g, mv):
+        """Write mv at guest offset g; the range lies inside one L2 table.
+
+        Allocating and COW clusters get fresh host clusters; data goes out first (one
+        pwritev per physically contiguous run, COW head/tail merged in), then the L2
+        entries change in the cache and the replaced clusters are freed once the L2
+        change is stable."""
+        cs = self._cs
+        l2_off, l2 = self._l2_for_write(g >> (self._cbits + self._l2bits))
+        segments, updates, pos = [], [], 0
+        while pos < len(mv):
+            gg = g + pos
+            within = gg & (cs - 1)
+            chunk = min(cs - within, len(mv) - pos)
+            j = (gg >> self._cbits) & self._l2mask
+            e = int(l2[j])
+            off, zero = self._decode(e, l2_off, j)
+            piece = mv[pos:pos + chunk]
+            tail = cs - within - chunk
+            if off and e & OFLAG_COPIED and not zero:        # ours: overwrite in place
+                host, bufs = off + within, [piece]
+            elif off and e & OFLAG_COPIED:                   # preallocated zero cluster
+                host, bufs = off, [self._zeros[:within], piece, self._zeros[:tail]]
+                updates.append((j, off | OFLAG_COPIED, 0))
+                self._cow_pending = True
+            else:
+                eof = self._file_size
+                new = self._alloc_cluster()
+                if chunk == cs:
+                    host, bufs = new, [piece]
+                elif off and not zero:                       # shared: copy on write
+                    old = bytearray(cs)
+                    self._data_readinto(off, memoryview(old))
+                    host, bufs = new, [old[:within], piece, old[within + chunk:]]
+                    self._cow_pending = True
+                elif new >= eof:                             # fresh cluster, reads as zeros
+                    host, bufs = new + within, [piece]
+                else:                                        # reused cluster: zero the rest
+                    host, bufs = new, [self._zeros[:within], piece, self._zeros[:tail]]
+                updates.append((j, new | OFLAG_COPIED, off))
+            size = sum(len(b) for b in bufs)
+            if segments and segments[-1][0] + segments[-1][2] == host:
+                segments[-1][1].extend(bufs)
+                segments[-1][2] += size
+            else:
+                segments.append([host, bufs, size])
+            pos += chunk
+        for host, bufs, _ in segments:
+            self._data_writev(host, [b for b in bufs if len(b)])
+        for j, entry, old in updates:
+            l2[j] = entry
+            if old:
+                self._defer_free(old)
+        if updates:
+            self._l2_dirty.add(l2_off)
+
+    def _zero_clusters(self, start, end):
+        """Whole clusters [start, end) inside one L2 table read as zeros afterwards: the
+        v3 zero flag (0 in v2: there is no backing file), old clusters freed."""
+        i = start >> (self._cbits + self._l2bits)
+        if not self._l2_offset(self._l1, i, self._l1_offset):
+            return                          # no L2 table: already reads as zeros
+        first = (start >> self._cbits) & self._l2mask
+        count = (end - start) >> self._cbits
+        old = self._l2_peek(self._l2_offset(self._l1, i, self._l1_offset))
+        if not (old[first:first + count].astype(np.uint64) & np.uint64(OFFSET_MASK)).any():
+            return                          # nothing allocated there
+        l2_off, l2 = self._l2_for_write(i)
+        for j in range(first, first + count):
+            off, _ = self._decode(int(l2[j]), l2_off, j)
+            if off:
+                l2[j] = OFLAG_ZERO if self._version == 3 else 0
+                self._defer_free(off)
+        self._l2_dirty.add(l2_off)
+
+    # ------------------------------------------------------------- write-back
+    def _flush_l2_cache(self):
+        """Write dirty L2 tables with QEMU's dependencies: refcount blocks first (unless
+        lazy), COW data flushed first; then the deferred frees become refcount changes."""
+        if self._l2_dirty:
+            if not self._lazy:
+                self._flush_refcount_cache()
+            if self._cow_pending and self._unsynced:
+                self._sync()
+            for off in sorted(self._l2_dirty):
+                self._meta_write(off, self._l2[off].tobytes())
+            self._l2_dirty.clear()
+            self._sync()
+        elif self._deferred and self._unsynced:
+            self._sync()
+        self._apply_deferred()
+
+    # ----------------------------------------------------------------- map
+    def _classify(self, g):
+        off, zero, _ = self._lookup(self._l1, self._l1_offset, g)
+        if zero:
+            return False, True, True, (off or None)
+        if off:
+            return True, False, True, off
+        return False, True, False, None
+
+    def _extents(self, offset, length):
+        cs, pos, end, cur = self._cs, offset, offset + length, None
+        while pos < end:
+            within = pos & (cs - 1)
+            chunk = min(cs - within, end - pos)
+            data, zero, present, host = self._classify(pos)
+            if host is not None:
+                host += within
+            if (cur is not None and (cur.data, cur.zero, cur.present) == (data, zero, present)
+                    and ((cur.offset is None and host is None) or
+                         (cur.offset is not None and host is not None and
+                          cur.offset + cur.length == host))):
+                cur = cur._replace(length=cur.length + chunk)
+            else:
+                if cur is not None:
+                    yield cur
+                cur = Extent(pos, chunk, data, zero, 0, host, present)
+            pos += chunk
+        if cur is not None:
+            yield cur
