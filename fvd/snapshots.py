@@ -658,6 +658,18 @@ def open_snapshot(img, name):
     return SnapshotView(img, st.find(name, img.path))
 
 
+def store_refcounts(img, st, refcount):
+    """Commit a new refcount table (and snapshot table) copy-on-write; repair helper."""
+    layout = _commit(img, st, st.entries, refcount)
+    h, tch, rch, old = _write_and_commit(img, st, st.entries, refcount, layout, [],
+                                         (0, 0), None)
+    img._write_header(**h)
+    img._sync()                                     # commit point
+    st.refcount, st.table_chunks, st.refcount_chunks = refcount, tch, rch
+    _set_frozen(img, st)
+    _release_runs(img, old)
+
+
 # ----- check -------------------------------------------------------------------------------
 def _check(st, img, result, repair):
     """Recompute refcounts from every snapshot table; find leaks and double use."""
@@ -720,15 +732,8 @@ def _check(st, img, result, repair):
         nz = np.flatnonzero(fixed)
         fixed = fixed[:int(nz[-1]) + 1 if len(nz) else 0]
         img.flush()
-        layout = _commit(img, st, st.entries, fixed)
-        h, tch, rch, old = _write_and_commit(img, st, st.entries, fixed, layout, [],
-                                             (0, 0), None)
-        img._write_header(**h)
-        img._sync()
-        st.refcount, st.table_chunks, st.refcount_chunks = fixed, tch, rch
+        store_refcounts(img, st, fixed)
         img.stats.refcount_updates += int(len(under) + len(over))
-        _set_frozen(img, st)
-        _release_runs(img, old)
         usage = front_usage(img._table, len(stored))
         gone = [int(p) for p in over if counted[p] == 0 and usage[p] == 0 and owner[p] == 0]
         if gone:

@@ -1,0 +1,546 @@
+"""Internal snapshots (fvd.snapshots): semantics, costs, bad input, crash cutting, check."""
+import os
+import shutil
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+import fvd
+from fvd import format as fmt
+from fvd import snapshots as snap
+
+CS = 64 * 1024
+SIZE = 8 * CS
+
+
+@pytest.fixture
+def path(tmp_path):
+    p = str(tmp_path / "s.fvd")
+    fvd.create(p, SIZE, chunk_size=CS, block_size=4096)
+    return p
+
+
+def pat(seed, n):
+    return bytes((seed * 37 + i * 11 + (i >> 9)) & 0xFF for i in range(n))
+
+
+def delta(before, after):
+    return {k: after[k] - before[k] for k in after if after[k] != before[k]}
+
+
+def assert_clean(img):
+    r = img.check()
+    assert r.ok, r.messages
+
+
+# ----- semantics --------------------------------------------------------------------------
+def test_create_list_read_views_and_vm_state(path):
+    with fvd.open(path, "r+") as img:
+        img.write(0, pat(1, 3 * CS + 5))
+        info = img.create_snapshot("s1", vm_state=pat(9, 3 * CS + 17))
+        assert info.name == "s1" and info.id == 1 and info.size == SIZE
+        assert info.vm_state_size == 3 * CS + 17
+        assert info.created.tzinfo is not None
+        img.write(CS - 3, b"X" * 10)
+        img.create_snapshot("s2")
+        assert [s.name for s in img.snapshots()] == ["s1", "s2"]
+        assert [s.id for s in img.snapshots()] == [1, 2]
+        d = img.snapshots()[0].as_dict()
+        assert d["name"] == "s1" and d["vm_state_size"] == 3 * CS + 17
+        with img.open_snapshot("s1") as v:
+            assert v.read(0, 3 * CS + 5) == pat(1, 3 * CS + 5)
+            assert v.read(3 * CS + 5, 10) == bytes(10)
+            ext = list(v.extents())
+            assert sum(e.length for e in ext) == SIZE
+            with pytest.raises(OSError):
+                v.write(0, b"x")
+        assert img.read_vm_state("s1") == pat(9, 3 * CS + 17)
+        assert img.read_vm_state("s2") == b""
+        assert_clean(img)
+    with fvd.open(path) as img:
+        assert [s.name for s in img.snapshots()] == ["s1", "s2"]
+        assert img._header["incompatible_features"] & fmt.INCOMPAT_SNAPSHOTS
+        with img.open_snapshot("s2") as v:
+            assert v.read(CS - 3, 10) == b"X" * 10
+        assert img.read_vm_state("s1") == pat(9, 3 * CS + 17)
+        assert_clean(img)
+
+
+def test_revert_keeps_children_s1_s2_s3_revert_s1_write_s4(path):
+    states = {}
+    with fvd.open(path, "r+") as img:
+        for i, name in enumerate(["s1", "s2", "s3"]):
+            img.write(i * 1000, pat(i + 1, CS + 100))
+            img.create_snapshot(name)
+            states[name] = img.read(0, SIZE)
+        img.write(5 * CS, b"front")
+        img.revert_to_snapshot("s1")
+        assert img.read(0, SIZE) == states["s1"]
+        img.write(2 * CS + 7, b"after-revert")
+        img.create_snapshot("s4")
+        states["s4"] = img.read(0, SIZE)
+        assert_clean(img)
+    with fvd.open(path, "r+") as img:
+        assert img.read(0, SIZE) == states["s4"]
+        for name, data in states.items():
+            with img.open_snapshot(name) as v:
+                assert v.read(0, SIZE) == data, name
+        img.revert_to_snapshot("s3")
+        assert img.read(0, SIZE) == states["s3"]
+        assert_clean(img)
+    with fvd.open(path, "r+") as img:
+        assert img.read(0, SIZE) == states["s3"]
+        for name in list(states):
+            img.delete_snapshot(name)
+        assert img.snapshots() == []
+        assert img.read(0, SIZE) == states["s3"]
+        assert_clean(img)
+    with fvd.open(path) as img:
+        assert not img._header["incompatible_features"] & fmt.INCOMPAT_SNAPSHOTS
+        assert img.read(0, SIZE) == states["s3"]
+        assert_clean(img)
+
+
+def test_delete_frees_chunks_that_are_reused_before_growing(path):
+    with fvd.open(path, "r+") as img:
+        img.write(0, pat(1, 4 * CS))
+        img.create_snapshot("a")
+        img.write(0, pat(2, 4 * CS))            # 4 copies: a holds the old 4 chunks
+        used_before = int(img._in_use().sum())
+        img.delete_snapshot("a")
+        assert int(img._in_use().sum()) <= used_before - 4
+        end = img._alloc.end
+        img.write(4 * CS, pat(3, 4 * CS))       # new chunks come from the freed ones
+        assert img._alloc.end == end
+        assert img.read(0, 8 * CS) == pat(2, 4 * CS) + pat(3, 4 * CS)
+        assert_clean(img)
+    with fvd.open(path) as img:
+        assert_clean(img)
+
+
+def test_many_snapshots(path):
+    n = 300
+    with fvd.open(path, "r+") as img:
+        for i in range(n):
+            img.write((i * 4099) % (SIZE - 8), i.to_bytes(8, "little"))
+            img.create_snapshot(f"snap-{i}")
+        assert_clean(img)
+    with fvd.open(path, "r+") as img:
+        s = img.stats.as_dict()
+        assert s["metadata_reads"] <= 4          # header, table, snapshot table, refcounts
+        assert len(img.snapshots()) == n
+        for i in (0, 150, n - 1):
+            with img.open_snapshot(f"snap-{i}") as v:
+                assert v.read((i * 4099) % (SIZE - 8), 8) == i.to_bytes(8, "little")
+        for i in range(0, n, 2):
+            img.delete_snapshot(f"snap-{i}")
+        assert_clean(img)
+    with fvd.open(path) as img:
+        assert len(img.snapshots()) == n // 2
+        assert_clean(img)
+
+
+# ----- cost of writes: the refcount table is never touched -----------------------------------
+@pytest.mark.parametrize("cache", ["writethrough", "writeback"])
+def test_write_costs_do_not_depend_on_snapshot_count(tmp_path, cache):
+    keys = ("metadata_writes", "metadata_bytes_written", "flushes", "refcount_updates",
+            "journal_records", "data_writes", "data_bytes_written")
+    results = {}
+    for nsnap in (0, 1, 100):
+        p = str(tmp_path / f"n{nsnap}.fvd")
+        fvd.create(p, SIZE, chunk_size=CS)
+        with fvd.open(p, "r+", cache=cache) as img:
+            img.write(0, pat(1, 2 * CS))
+            for i in range(nsnap):
+                img.create_snapshot(f"s{i}")
+            img.flush()
+            assert img.stats.refcount_updates == nsnap * 2     # 2 chunks per snapshot
+            costs = []
+            # first write into a held chunk (copy-on-write when snapshots exist), a second
+            # write there, an allocating write, an overwrite of the front's own chunk
+            for off, n in ((10, 100), (20, 50), (5 * CS, 4096), (5 * CS + 9, 10)):
+                s0 = img.stats.as_dict()
+                img.write(off, pat(off, n))
+                if cache == "writeback":
+                    img.flush()
+                d = delta(s0, img.stats.as_dict())
+                costs.append({k: d.get(k, 0) for k in keys})
+            assert img.stats.refcount_updates == nsnap * 2     # no write touched it
+            results[nsnap] = costs
+    assert results[1] == results[100]
+    assert results[0][1:] == results[1][1:]
+    for k in ("metadata_writes", "metadata_bytes_written", "flushes", "refcount_updates"):
+        assert [c[k] for c in results[0][2:]] == [c[k] for c in results[100][2:]]
+    zero = dict.fromkeys(keys, 0)
+    if cache == "writethrough":
+        # copy-on-write: one journal sector (table entry + 2 data crc records), one flush
+        assert results[100][0] == {**zero, "metadata_writes": 1, "metadata_bytes_written": 512,
+                                   "flushes": 1, "journal_records": 3, "data_writes": 2,
+                                   "data_bytes_written": CS + 100}
+        assert results[100][1] == {**zero, "flushes": 1, "data_writes": 1,
+                                   "data_bytes_written": 50}
+        assert results[100][2] == {**zero, "metadata_writes": 1, "metadata_bytes_written": 512,
+                                   "flushes": 1, "journal_records": 1, "data_writes": 1,
+                                   "data_bytes_written": 4096}
+    else:
+        # writeback: flush() = data flush, one journal sector, one flush
+        assert results[100][0] == {**zero, "metadata_writes": 1, "metadata_bytes_written": 512,
+                                   "flushes": 2, "journal_records": 1, "data_writes": 2,
+                                   "data_bytes_written": CS + 100}
+        assert results[100][1] == {**zero, "flushes": 1, "data_writes": 1,
+                                   "data_bytes_written": 50}
+    assert results[100][3] == results[0][3] == {**zero, "flushes": 1, "data_writes": 1,
+                                                "data_bytes_written": 10}
+
+
+def test_first_write_after_snapshot_copies_once(path):
+    with fvd.open(path, "r+", cache="writethrough") as img:
+        img.write(0, pat(1, CS))
+        img.create_snapshot("s")
+        s0 = img.stats.as_dict()
+        img.write(100, b"y" * 100)
+        d = delta(s0, img.stats.as_dict())
+        # one read of the old chunk, one copy write, the guest write, one journal sector
+        assert d == {"data_reads": 1, "data_bytes_read": CS, "data_writes": 2,
+                     "data_bytes_written": CS + 100, "metadata_writes": 1,
+                     "metadata_bytes_written": 512, "flushes": 1, "journal_records": 3}
+        s0 = img.stats.as_dict()
+        img.write(0, b"z" * CS)                 # already the front's own chunk
+        d = delta(s0, img.stats.as_dict())
+        assert d == {"data_writes": 1, "data_bytes_written": CS, "flushes": 1}
+        with img.open_snapshot("s") as v:
+            assert v.read(0, CS) == pat(1, CS)
+
+
+# ----- bad input -------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["", "x" * 256, "é" * 128, "a\0b", "tab\there", "\ud800"])
+def test_bad_names(path, name):
+    with fvd.open(path, "r+") as img:
+        with pytest.raises(ValueError):
+            img.create_snapshot(name)
+        assert img.snapshots() == []
+
+
+def test_non_str_name_and_duplicates_and_unknown(path):
+    with fvd.open(path, "r+") as img:
+        with pytest.raises(ValueError):
+            img.create_snapshot(b"bytes")
+        img.create_snapshot("x" * 255)
+        img.create_snapshot("é" * 127)
+        with pytest.raises(ValueError, match="already exists"):
+            img.create_snapshot("x" * 255)
+        for fn in (img.delete_snapshot, img.revert_to_snapshot, img.open_snapshot,
+                   img.read_vm_state):
+            with pytest.raises(snap.SnapshotNotFoundError) as e:
+                fn("nope")
+            assert isinstance(e.value, fvd.FvdError) and isinstance(e.value, KeyError)
+            assert "nope" in str(e.value)
+    with fvd.open(path) as img:
+        assert [s.name for s in img.snapshots()] == ["x" * 255, "é" * 127]
+        with pytest.raises(OSError):
+            img.create_snapshot("ro")
+
+
+def test_snapshot_table_outside_the_file(path):
+    with fvd.open(path, "r+") as img:
+        img.create_snapshot("s")
+    with open(path, "r+b") as f:
+        raw = bytearray(f.read(fmt.HEADER_SIZE))
+        h = fmt.parse_header(bytes(raw), path, os.path.getsize(path))
+        h["snapshot_table_offset"] = 1 << 40
+        f.seek(0)
+        f.write(fmt.build_header(h))
+    with pytest.raises(fvd.CorruptImageError) as e:
+        fvd.open(path)
+    assert path in str(e.value) and str(fmt.FIELD_OFFSET["snapshot_table_offset"]) in str(e.value)
+    r = fvd.check.check_path(path) if hasattr(fvd, "check") else None
+    from fvd.check import check_path
+    r = check_path(path)
+    assert r.corruptions >= 1
+
+
+def test_refcount_overflow_is_refused(path, monkeypatch):
+    monkeypatch.setattr(snap, "REFCOUNT_MAX", 3)
+    with fvd.open(path, "r+") as img:
+        img.write(0, b"a")
+        for i in range(3):
+            img.create_snapshot(f"s{i}")
+        with pytest.raises(snap.RefcountOverflowError, match="held by 3 snapshots"):
+            img.create_snapshot("s3")
+        assert len(img.snapshots()) == 3
+        img.write(0, b"b")                      # the front now has its own copy
+        img.create_snapshot("s3")
+        assert_clean(img)
+
+
+def test_view_while_front_is_written_and_busy_delete(path):
+    with fvd.open(path, "r+") as img:
+        img.write(0, pat(1, SIZE))
+        img.create_snapshot("s")
+        view = img.open_snapshot("s")
+        stop = threading.Event()
+        errors = []
+
+        def writer():
+            i = 0
+            while not stop.is_set():
+                img.write((i * 7919) % (SIZE - 64), b"W" * 64)
+                i += 1
+
+        t = threading.Thread(target=writer)
+        t.start()
+        try:
+            for _ in range(50):
+                if view.read(0, SIZE) != pat(1, SIZE):
+                    errors.append("view changed")
+        finally:
+            stop.set()
+            t.join()
+        assert not errors
+        with pytest.raises(snap.SnapshotBusyError):
+            img.delete_snapshot("s")
+        view.close()
+        view.close()
+        with pytest.raises(ValueError):
+            view.read(0, 1)
+        img.delete_snapshot("s")
+        assert_clean(img)
+
+
+def test_check_finds_and_repairs_refcount_errors(path):
+    with fvd.open(path, "r+") as img:
+        img.write(0, pat(1, 2 * CS))
+        img.create_snapshot("s")
+        st = img._snapshots
+        # a leak: count a chunk no snapshot holds; the front's own chunk stays in use
+        rc = st.refcount.copy()
+        extra = img._alloc.allocate()
+        img._grow_frozen(extra)
+        rc = np.concatenate([rc, np.zeros(max(0, extra + 1 - len(rc)), np.uint16)])
+        rc[extra] = 1
+        snap.store_refcounts(img, st, rc)
+    with fvd.open(path, "r+") as img:
+        r = img.check()
+        assert r.leaks == 1 and r.corruptions == 0, r.messages
+        r = img.check(repair=True)
+        assert r.leaks == 0 and r.leaks_fixed == 1
+        assert_clean(img)
+    with fvd.open(path) as img:
+        assert_clean(img)
+        assert img.read(0, 2 * CS) == pat(1, 2 * CS)
+
+
+def test_check_finds_undercounted_chunk(path):
+    with fvd.open(path, "r+") as img:
+        img.write(0, pat(1, 2 * CS))
+        img.create_snapshot("s")
+        st = img._snapshots
+        rc = st.refcount.copy()
+        rc[int(np.flatnonzero(rc)[0])] = 0
+        snap.store_refcounts(img, st, rc)
+    with fvd.open(path, "r+") as img:
+        r = img.check()
+        assert r.corruptions == 1, r.messages
+        r = img.check(repair=True)
+        assert r.corruptions_fixed == 1
+        assert_clean(img)
+
+
+# ----- crash cutting ----------------------------------------------------------------------------
+class WriteRecorder:
+    """Records every write-like call the library makes on the image during an operation."""
+
+    def __init__(self, monkeypatch, path):
+        self.ops = []
+        self.path = path
+        real_pwrite, real_pwritev, real_trunc = os.pwrite, os.pwritev, os.ftruncate
+        import fvd.image as image_mod
+        real_punch = image_mod.punch_hole
+        rec = self
+
+        def mine(fd):
+            return os.path.samestat(os.fstat(fd), os.stat(rec.path))
+
+        def pwrite(fd, data, off):
+            if mine(fd):
+                rec.ops.append(("w", off, bytes(data)))
+            return real_pwrite(fd, data, off)
+
+        def pwritev(fd, bufs, off):
+            if mine(fd):
+                rec.ops.append(("w", off, b"".join(bytes(b) for b in bufs)))
+            return real_pwritev(fd, bufs, off)
+
+        def ftruncate(fd, n):
+            if mine(fd):
+                rec.ops.append(("t", n, None))
+            return real_trunc(fd, n)
+
+        def punch(fd, off, n):
+            if mine(fd):
+                rec.ops.append(("p", off, n))
+            return real_punch(fd, off, n)
+
+        monkeypatch.setattr(os, "pwrite", pwrite)
+        monkeypatch.setattr(os, "pwritev", pwritev)
+        monkeypatch.setattr(os, "ftruncate", ftruncate)
+        monkeypatch.setattr(image_mod, "punch_hole", punch)
+        self.undo = monkeypatch.undo
+
+
+def apply_ops(path, ops):
+    with open(path, "r+b") as f:
+        for kind, a, b in ops:
+            if kind == "w":
+                f.seek(a)
+                f.write(b)
+            elif kind == "t":
+                f.truncate(a)
+            else:
+                size = os.fstat(f.fileno()).st_size
+                n = max(0, min(b, size - a))
+                f.seek(a)
+                f.write(bytes(n))
+
+
+def model_of(img):
+    return (img.read(0, SIZE),
+            tuple((s.name, s.id, s.vm_state_size) for s in img.snapshots()),
+            tuple(_view_bytes(img, s.name) for s in img.snapshots()))
+
+
+def _view_bytes(img, name):
+    with img.open_snapshot(name) as v:
+        return v.read(0, SIZE), img.read_vm_state(name)
+
+
+def prepare(path):
+    with fvd.open(path, "r+") as img:
+        img.write(0, pat(1, 3 * CS))
+        img.create_snapshot("s1", vm_state=b"vm1" * 100)
+        img.write(CS, pat(2, 2 * CS))
+        img.create_snapshot("s2")
+        img.write(2 * CS + 5, pat(3, CS))
+
+
+OPS = {
+    "create": lambda img: img.create_snapshot("new", vm_state=pat(4, CS + 3)),
+    "delete": lambda img: img.delete_snapshot("s1"),
+    "delete_last": lambda img: img.delete_snapshot("s2"),
+    "revert": lambda img: img.revert_to_snapshot("s1"),
+}
+
+
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_crash_at_every_write_of_an_operation(path, monkeypatch, op, tmp_path):
+    prepare(path)
+    with fvd.open(path, "r+", cache="writeback") as img:
+        if op == "delete_last":
+            img.delete_snapshot("s1")
+        img.write(7 * CS, b"unflushed")         # flushed by the operation itself
+        img.flush()
+        before = model_of(img)
+        pre = str(tmp_path / "pre.fvd")
+        shutil.copyfile(path, pre)
+        rec = WriteRecorder(monkeypatch, path)
+        OPS[op](img)
+        rec.undo()
+        after = model_of(img)
+        img._crash()
+    assert before != after
+    assert len(rec.ops) >= 3
+    cut = str(tmp_path / "cut.fvd")
+    seen = set()
+    for k in range(len(rec.ops) + 1):
+        shutil.copyfile(pre, cut)
+        apply_ops(cut, rec.ops[:k])
+        with fvd.open(cut, "r+") as img:
+            state = model_of(img)
+            assert state in (before, after), f"cut after {k} of {len(rec.ops)} writes"
+            seen.add(state == after)
+            assert_clean(img)
+        with fvd.open(cut) as img:
+            assert model_of(img) == state
+            assert_clean(img)
+    assert seen == {False, True}
+
+
+# ----- hypothesis state machine -----------------------------------------------------------
+class SnapshotMachine(RuleBasedStateMachine):
+    def __init__(self):
+        super().__init__()
+        import tempfile
+        self.dir = tempfile.mkdtemp()
+        self.path = os.path.join(self.dir, "m.fvd")
+        fvd.create(self.path, SIZE, chunk_size=CS, block_size=4096)
+        self.img = fvd.open(self.path, "r+")
+        self.front = bytearray(SIZE)
+        self.snaps = {}
+        self.counter = 0
+
+    def teardown(self):
+        self.img.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    @rule(off=st.integers(0, SIZE - 1), n=st.integers(1, 2 * CS), seed=st.integers(0, 255))
+    def write(self, off, n, seed):
+        n = min(n, SIZE - off)
+        data = pat(seed, n)
+        self.img.write(off, data)
+        self.front[off:off + n] = data
+
+    @rule(vm=st.integers(0, 3))
+    def create(self, vm):
+        name = f"s{self.counter}"
+        self.counter += 1
+        self.img.create_snapshot(name, vm_state=pat(self.counter, vm * 1000))
+        self.snaps[name] = (bytes(self.front), pat(self.counter, vm * 1000))
+
+    @precondition(lambda self: self.snaps)
+    @rule(data=st.data())
+    def delete(self, data):
+        name = data.draw(st.sampled_from(sorted(self.snaps)))
+        self.img.delete_snapshot(name)
+        del self.snaps[name]
+
+    @precondition(lambda self: self.snaps)
+    @rule(data=st.data())
+    def revert(self, data):
+        name = data.draw(st.sampled_from(sorted(self.snaps)))
+        self.img.revert_to_snapshot(name)
+        self.front[:] = self.snaps[name][0]
+
+    @rule()
+    def reopen(self):
+        self.img.close()
+        r = fvd.check.check_path(self.path) if False else None
+        self.img = fvd.open(self.path, "r+")
+        assert self.img.check().ok
+
+    @rule()
+    def crash_and_reopen(self):
+        self.img.flush()
+        self.img._crash()
+        self.img = fvd.open(self.path, "r+")
+
+    @invariant()
+    def contents(self):
+        assert self.img.read(0, SIZE) == bytes(self.front)
+        assert sorted(s.name for s in self.img.snapshots()) == sorted(self.snaps)
+        for name, (data, vm) in self.snaps.items():
+            with self.img.open_snapshot(name) as v:
+                assert v.read(0, SIZE) == data
+            assert self.img.read_vm_state(name) == vm
+        assert self.img.stats.refcount_updates >= 0
+
+
+def test_state_machine(impl):
+    SnapshotMachine.TestCase.settings = settings(
+        max_examples=25, stateful_step_count=15, deadline=None,
+        suppress_health_check=list(HealthCheck))
+    t = SnapshotMachine.TestCase("runTest")
+    t.runTest()
