@@ -81,7 +81,7 @@ class ClusterMixin:
             off, zero, _ = self._lookup(l1, l1_off, g)
             if off and not zero:
                 host = off + within
-                if run_len and run_host + run_len == host:
+                if run_len and run_host + run_len == host and run_pos + run_len == pos:
                     run_len += chunk
                 else:
                     if run_len:

@@ -291,7 +291,7 @@ class RefcountMixin:
             errors.append("refcount table entry with reserved bits set")
         refs.append((blocks[blocks != 0] >> np.uint64(cbits)).astype(np.int64))
         if self._snapshots:
-            area(self._snapshots_offset, len(self._snapshot_table_bytes()))
+            area(self._snapshots_offset, self._snap_table_len)
         trees = [(self._l1, self._l1_offset, True)]
         trees += [(self._snapshot_l1(s), s.l1_table_offset, False) for s in self._snapshots]
         for l1, l1_off, active in trees:
