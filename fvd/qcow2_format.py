@@ -272,7 +272,7 @@ def parse_snapshot_table(path, raw, count, default_size, version):
                                   vm_state_size=vm_size, l1_table_offset=r.l1_table_offset,
                                   l1_size=r.l1_size, vm_clock_nsec=r.vm_clock_nsec,
                                   date_sec=r.date_sec, date_nsec=r.date_nsec, extra=extra))
-    return snaps
+    return snaps, pos
 
 
 def build_snapshot_table(snaps):
