@@ -47,6 +47,8 @@ def _full_pwrite(fd, view, offset):
 
 def _byte_view(buf, writable):
     mv = memoryview(buf)
+    if mv.format == "B" and mv.ndim == 1 and mv.contiguous and not (writable and mv.readonly):
+        return mv
     if not mv.contiguous:
         raise ValueError("buffer must be contiguous")
     mv = mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv
@@ -105,9 +107,23 @@ class ChunkMap:
             yield run_pos, run_len, run_host
 
     def readinto(self, offset, buf):
-        mv = _byte_view(buf, True)
+        mv = memoryview(buf)
+        if mv.format != "B" or mv.ndim != 1 or mv.readonly or not mv.contiguous:
+            mv = _byte_view(buf, True)
         length = len(mv)
-        self._check_range(offset, length)
+        if offset < 0 or offset + length > self.size:
+            self._check_range(offset, length)
+        shift = self.shift
+        if length and offset >> shift == (offset + length - 1) >> shift:
+            # Common case, inside one chunk: one lookup, one pread.
+            e = int(self.table[offset >> shift])
+            if e < ZERO_CHUNK:
+                host = self.data_offset + (e << shift) + (offset & (self.chunk_size - 1))
+                if os.preadv(self.fd, [mv], host) < length:
+                    _full_pread(self.fd, mv, host)
+                self.stats.data_reads += 1
+                self.stats.data_bytes_read += length
+                return length
         for pos, n, host in self._runs(offset, length):
             piece = mv[pos:pos + n]
             if host is None:

@@ -150,6 +150,9 @@ class Image:
             self._release()
             raise
         self._closed = False
+        if self._base is None:
+            # Reads go straight to the fast path: no Python frame of ours per read.
+            self.readinto = self._map.readinto
 
     # ----- open -----------------------------------------------------------------
     def _load(self, chain, copy_on_read):
@@ -500,6 +503,7 @@ class Image:
                 self._checkpoint(clean=True)
         finally:
             self._closed = True
+            self.__dict__.pop("readinto", None)
             self._release()
 
     def _release(self):
@@ -512,6 +516,7 @@ class Image:
     def _crash(self):
         """Tests only: drop the handle as a crash would, without flushing anything."""
         self._closed = True
+        self.__dict__.pop("readinto", None)
         self._release()
 
     def __enter__(self):
