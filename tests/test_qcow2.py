@@ -4,7 +4,6 @@ refcounts, snapshots, exact I/O counts, corrupt and unsupported input.
 Every test runs against both implementations through the `impl` fixture (tests/conftest.py
 provides it; a local stand-in is defined below only when it does not).
 """
-import errno
 import os
 import re
 from pathlib import Path
@@ -132,7 +131,7 @@ OPS = st.lists(st.tuples(st.sampled_from(["w", "w", "w", "z", "snap", "del", "re
                          st.integers(0, 255)), min_size=1, max_size=14)
 
 
-@settings(max_examples=25, deadline=None,
+@settings(max_examples=40, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=OPS, cluster_size=st.sampled_from([512, 4096]),
        cache=st.sampled_from(["writeback", "writethrough"]), lazy=st.booleans())
@@ -299,21 +298,30 @@ def test_cost_overwrite_of_owned_cluster(path, impl, cache, flushes):
 
 
 def test_cost_new_l2_table_writethrough(path, impl):
-    img, before = _prepared(path, "writethrough")
-    with img:
-        img.write(600 * MiB // 10, b"c" * 4096)    # 60 MiB: second L2 table (512 MiB each)?
-        d = delta(img, before)
-    # 60 MiB is still inside the first L2 table at 64 KiB clusters: plain allocation
-    assert (d["data_writes"], d["metadata_writes"], d["flushes"]) == (1, 2, 2)
-    qcow2.create(path, 2 << 30, overwrite=True)
+    qcow2.create(path, 2 << 30)
     with qcow2.open(path, "r+", cache="writethrough") as img:
         before = img.stats.as_dict()
-        img.write(1 << 30, b"c" * 4096)            # L2 table 2 does not exist yet
+        img.write(1 << 30, b"c" * 4096)            # its L2 table (512 MiB each) is new
         d = delta(img, before)
     # l2_allocate: refblock+flush, L2+flush, L1 entry (8 B)+flush; then data, refblock+flush,
     # L2+flush
     assert (d["data_writes"], d["metadata_writes"], d["flushes"]) == (1, 5, 5)
     assert d["metadata_bytes_written"] == 4 * 65536 + 8
+    assert d["refcount_updates"] == 2
+
+
+@pytest.mark.parametrize("cluster_size", [512, 65536, 2 * MiB])
+def test_cost_scales_with_cluster_size(path, impl, cluster_size):
+    """Metadata is written in whole clusters: 2 MiB clusters write 4 MiB per allocation."""
+    qcow2.create(path, 8 * MiB, cluster_size=cluster_size)
+    with qcow2.open(path, "r+") as img:
+        img.write(0, b"x")
+    with qcow2.open(path, "r+", cache="writethrough") as img:
+        before = img.stats.as_dict()
+        img.write(2 * cluster_size, b"a" * 512)
+        d = delta(img, before)
+    assert (d["data_writes"], d["metadata_writes"], d["flushes"]) == (1, 2, 2)
+    assert d["metadata_bytes_written"] == 2 * cluster_size
 
 
 def test_cost_lazy_refcounts(path, impl):
