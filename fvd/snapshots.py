@@ -379,11 +379,7 @@ def _write_runs(img, bufs):
         off, group = bufs[i][0], [bufs[i][1]]
         end = off + len(bufs[i][1])
         j = i + 1
-        cs = img.chunk_size
-        while j < len(bufs) and bufs[j][0] == fmt.round_up(end, cs):
-            pad = bufs[j][0] - end
-            if pad:
-                group.append(bytes(pad))
+        while j < len(bufs) and bufs[j][0] == end:         # no zero padding is written
             group.append(bufs[j][1])
             end = bufs[j][0] + len(bufs[j][1])
             j += 1
