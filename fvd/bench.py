@@ -19,6 +19,8 @@ from . import bench_impls as impls
 from . import bench_workloads as wl
 
 DEFAULT_IMPLS = impls.NAMES
+# the python twin runs only the core rows of issue 2 (it is the fallback, not a contender)
+PY_ROWS = ("alloc4k-wt", "read4k", "seqread1m", "seqwrite1m")
 
 # rows of the table, in order: (key, title)
 def row_titles(scale):
@@ -148,41 +150,47 @@ def run_all(scale, names, workdir, keys=None, progress=True):
     """Every (workload, implementation) cell -> list of Result."""
     contenders = [impls.BY_NAME[n] for n in names]
     want = (lambda k: True) if not keys else (lambda k: any(k.startswith(p) for p in keys))
-    results = []
+    results, errors = [], []
     previous = _impl.IMPLEMENTATION
     jobs = []
     for w in wl.io_workloads(scale):
         if want(w.key):
             for c in contenders:
-                jobs.append((w.title, c, lambda w=w, c=c: [
+                if c.name == "fvd-py" and not w.key.startswith(PY_ROWS):
+                    continue
+                jobs.append((w.title, w.key, c, lambda w=w, c=c: [
                     wl.measure_io(w, c, workdir, scale.repeat) if c.python else
                     _qemu().measure_io_qemu(w, c, workdir, scale.repeat)]))
     for k in scale.snapshots:
         if want(f"snap-create-x{k}") or want(f"snap-delete-x{k}"):
             for c in contenders:
-                jobs.append((f"snapshots x{k}", c, lambda k=k, c=c: (
+                jobs.append((f"snapshots x{k}", f"snap-create-x{k}", c, lambda k=k, c=c: (
                     wl.measure_snapshots(c, workdir, k, scale.snap_data_ops) if c.python else
                     _qemu().measure_snapshots_qemu(c, workdir, k, scale.snap_data_ops))))
     if want("open"):
         for c in contenders:
             if c.python:
-                jobs.append(("open", c, lambda c=c: [wl.measure_open(
+                jobs.append(("open", "open", c, lambda c=c: [wl.measure_open(
                     c, workdir, scale.open_ops)]))
     if want("metadata"):
         for c in contenders:
-            jobs.append(("metadata/TiB", c, lambda c=c: [wl.measure_metadata(c, workdir)]))
+            jobs.append(("metadata/TiB", "metadata/TiB", c, lambda c=c: [wl.measure_metadata(c, workdir)]))
     if want("translate"):
         for c in contenders:
             if c.name in ("fvd", "fvd-py"):
-                jobs.append(("translate", c, lambda c=c: [wl.measure_translate(c, scale)]))
+                jobs.append(("translate", "translate", c, lambda c=c: [wl.measure_translate(c, scale)]))
     try:
-        for i, (title, c, job) in enumerate(jobs, 1):
+        for i, (title, key, c, job) in enumerate(jobs, 1):
             t0 = time.perf_counter()
             try:
                 out = job()
-            except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+            except Exception as e:
                 # one broken cell must not lose the whole table; the note says why
-                out = [wl.Result(title, c.name, None, "", note=f"error: {e}")]
+                out = [wl.Result(key, c.name, None, "",
+                                 note=f"error: {type(e).__name__}: {e}")]
+                errors.append(out[0])
+                _progress(True, f"fvd bench: {c.name} failed on {title}: "
+                                f"{type(e).__name__}: {e}")
             results.extend(out)
             shown = ", ".join(_fmt_value(r) if r.value is not None else "n/a" for r in out)
             _progress(progress, f"[{i}/{len(jobs)}] {title}: {c.name} {shown} "
@@ -207,7 +215,7 @@ def advantage(fvd_result, other):
     return other.value / fvd_result.value
 
 
-def _counts_cell(r):
+def _counts_cell(r, kind="write"):
     c = r.counts if r else None
     if not c:
         return ""
@@ -217,7 +225,7 @@ def _counts_cell(r):
 
     def b(x):
         for div, suf in ((1 << 20, "M"), (1 << 10, "K")):
-            if x >= div:
+            if x >= div * 0.995:
                 return f"{x / div:.3g}{suf}"
         return f"{x:.0f}"
     parts = []
@@ -240,38 +248,43 @@ def index(results):
     return {(r.workload, r.impl): r for r in results}
 
 
-def text_table(results, scale, names, info, workdir):
+def text_table(results, scale, names, info, workdir, quick=False):
     idx = index(results)
     rows = [(k, t) for k, t in row_titles(scale) if any((k, n) in idx for n in names)]
     cols = [n for n in names if any((k, n) in idx for k, _ in rows)]
     lw = max([len(t) for _, t in rows] + [20]) + 2
-    cw = max(15, max((len(_counts_cell(r)) for r in results), default=0) + 1)
+    cells = {}
+    for key, _ in rows:
+        f = idx.get((key, "fvd"))
+        for n in cols:
+            r = idx.get((key, n))
+            cell = _fmt_value(r)
+            a = advantage(f, r) if n != "fvd" else None
+            if a is not None:
+                cell += f" {a:.2f}x"
+            cells[key, n] = (cell, _counts_cell(r))
+    cw = {n: max([len(n)] + [max(len(v), len(c)) for (k, m), (v, c) in cells.items()
+                             if m == n]) + 2 for n in cols}
     out = []
-    out.append(f"fvd bench{' --quick' if scale.repeat == 1 and scale.ops <= 256 else ''}: "
+    out.append(f"fvd bench{' --quick' if quick else ''}: "
                f"fvd {info['fvd']} ({info['fvd_implementation']}), {info['nproc']} CPUs, "
                f"{info['cpu']}, {info['filesystem'] or workdir}")
-    out.append(f"8 GiB sparse images; {scale.ops} random 4K ops, {scale.seq_mib} x 1 MiB "
-               f"sequential; wt = writethrough, wb/N = writeback + flush every N writes; "
-               f"median of {scale.repeat}")
+    out.append(f"8 GiB sparse images; {scale.ops} random 4K writes, {scale.reads} 4K reads, "
+               f"{scale.seq_mib} MiB sequential in 1 MiB ops; wt = writethrough, wb/N = writeback + flush every N writes; "
+               f"median of {scale.repeat} (reads: best of 5 passes)")
     out.append("cells: value and FVD's advantage (x>1: FVD better); 2nd line: I/O per op "
                "(w writes/bytes, f flushes, m metadata writes, rc refcount updates, "
                "fa fallocate, r reads/bytes)")
     out.append("")
-    out.append("workload".ljust(lw) + "".join(n.ljust(cw) for n in cols))
-    out.append("-" * (lw + cw * len(cols)))
+    out.append("workload".ljust(lw) + "".join(n.ljust(cw[n]) for n in cols))
+    out.append("-" * (lw + sum(cw.values())))
     for key, title in rows:
-        f = idx.get((key, "fvd"))
         line = title.ljust(lw)
         cline = "  I/O per op".ljust(lw)
         for n in cols:
-            r = idx.get((key, n))
-            cell = _fmt_value(r)
-            if n != "fvd":
-                a = advantage(f, r)
-                if a is not None:
-                    cell += f" {a:.2f}x"
-            line += cell.ljust(cw)
-            cline += _counts_cell(r).ljust(cw)
+            v, c = cells[key, n]
+            line += v.ljust(cw[n])
+            cline += c.ljust(cw[n])
         out.append(line.rstrip())
         if cline.strip() != "I/O per op":
             out.append(cline.rstrip())
@@ -419,12 +432,15 @@ def run(args):
         json.dump(doc, sys.stdout, indent=2, default=list)
         print()
     else:
-        print(text_table(results, scale, names, info, parent))
+        print(text_table(results, scale, names, info, parent, getattr(args, "quick", False)))
         print(f"\n(total {elapsed:.1f} s)")
+    failed = [r for r in results if r.note.startswith("error:")]
     if getattr(args, "plot", None):
         plot(results, names, scale, args.plot)
         print(f"fvd bench: wrote {args.plot}", file=sys.stderr)
-    return 0
+    if args.output == "json":
+        failed = [r for r in results if r.note.startswith("error:")]
+    return 1 if failed else 0
 
 
 def main(argv=None):
