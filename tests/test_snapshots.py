@@ -123,7 +123,7 @@ def test_delete_frees_chunks_that_are_reused_before_growing(path):
 
 
 def test_many_snapshots(path):
-    n = 300
+    n = 200
     with fvd.open(path, "r+") as img:
         for i in range(n):
             img.write((i * 4099) % (SIZE - 8), i.to_bytes(8, "little"))
@@ -286,20 +286,21 @@ def test_view_while_front_is_written_and_busy_delete(path):
         errors = []
 
         def writer():
-            i = 0
-            while not stop.is_set():
+            for i in range(300):
                 img.write((i * 7919) % (SIZE - 64), b"W" * 64)
-                i += 1
+            stop.set()
 
         t = threading.Thread(target=writer)
         t.start()
+        reads = 0
         try:
-            for _ in range(50):
+            while not stop.is_set() or reads < 3:
+                reads += 1
                 if view.read(0, SIZE) != pat(1, SIZE):
                     errors.append("view changed")
         finally:
-            stop.set()
             t.join()
+        assert img.read(0, 64) == b"W" * 64
         assert not errors
         with pytest.raises(snap.SnapshotBusyError):
             img.delete_snapshot("s")
