@@ -23,6 +23,8 @@ MiB = 1 << 20
 
 def _disabled(config):
     try:
+        if config.getoption("benchmark_only") or config.getoption("benchmark_enable"):
+            return False
         return bool(config.getoption("benchmark_disable"))
     except (ValueError, AttributeError):
         return True

@@ -219,7 +219,14 @@ class BaseLayer:
         if offset >= bend:
             return img._map.readinto(offset, mv)
         bs = self.bs
-        b0, b1 = offset // bs, (bend - 1) // bs + 1
+        b0 = offset // bs
+        if end == bend and (end - 1) // bs == b0:       # inside one block of the base
+            if self.bitmap.fresh[b0 >> 3] >> (b0 & 7) & 1:
+                return img._map.readinto(offset, mv)
+            if not self.copy_on_read:
+                self._base_read(offset, mv)
+                return length
+        b1 = (bend - 1) // bs + 1
         flags = self.bitmap.fresh_bits(b0, b1)
         if flags.all():
             return img._map.readinto(offset, mv)
