@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -66,6 +67,8 @@ def add_arguments(parser):
     parser.add_argument("--workload", metavar="KEY,...",
                         help="only these rows (prefix match on the row key, e.g. alloc,read4k)")
     parser.add_argument("--no-qemu", action="store_true", help="skip the QEMU columns")
+    parser.add_argument("--load", metavar="FILE.json",
+                        help="print (or --plot) a run saved with --output=json; measures nothing")
     parser.add_argument("--dir", metavar="DIR",
                         help="where to put temporary images (default: the current directory;"
                              " use the disk you want measured)")
@@ -153,14 +156,18 @@ def run_all(scale, names, workdir, keys=None, progress=True):
     results, errors = [], []
     previous = _impl.IMPLEMENTATION
     jobs = []
-    for w in wl.io_workloads(scale):
-        if want(w.key):
-            for c in contenders:
-                if c.name == "fvd-py" and not w.key.startswith(PY_ROWS):
-                    continue
-                jobs.append((w.title, w.key, c, lambda w=w, c=c: [
-                    wl.measure_io(w, c, workdir, scale.repeat) if c.python else
-                    _qemu().measure_io_qemu(w, c, workdir, scale.repeat)]))
+    # Repetitions are interleaved (round 1 of every cell, then round 2...) so that a slow
+    # spell of a shared disk hits every implementation alike; medians are merged below.
+    for rep in range(scale.repeat):
+        tag = f" (round {rep + 1}/{scale.repeat})" if scale.repeat > 1 else ""
+        for w in wl.io_workloads(scale):
+            if want(w.key):
+                for c in contenders:
+                    if c.name == "fvd-py" and not w.key.startswith(PY_ROWS):
+                        continue
+                    jobs.append((w.title + tag, w.key, c, lambda w=w, c=c, rep=rep: [
+                        wl.measure_io(w, c, workdir, 1) if c.python else
+                        _qemu().measure_io_qemu(w, c, workdir, 1, counts=rep == 0)]))
     for k in scale.snapshots:
         if want(f"snap-create-x{k}") or want(f"snap-delete-x{k}"):
             for c in contenders:
@@ -197,7 +204,33 @@ def run_all(scale, names, workdir, keys=None, progress=True):
                                 f"({time.perf_counter() - t0:.1f}s)")
     finally:
         _impl.select(previous)
-    return results
+    return merge_rounds(results)
+
+
+def merge_rounds(results):
+    """One Result per (workload, implementation): median value and time over the rounds,
+    I/O counts from the round that has them."""
+    groups = {}
+    for r in results:
+        groups.setdefault((r.workload, r.impl), []).append(r)
+    merged = []
+    for rs in groups.values():
+        if len(rs) == 1:
+            merged.append(rs[0])
+            continue
+        ok = [r for r in rs if r.value is not None]
+        if not ok:
+            merged.append(rs[0])
+            continue
+        first = ok[0]
+        counts = next((r.counts for r in ok if r.counts), {})
+        merged.append(wl.Result(first.workload, first.impl,
+                                statistics.median(r.value for r in ok), first.unit,
+                                first.higher_is_better, first.ops,
+                                statistics.median(r.seconds for r in ok), counts,
+                                (first.note + "; " if first.note else "") +
+                                f"median of {len(ok)} rounds"))
+    return merged
 
 
 def _qemu():
@@ -381,6 +414,36 @@ def plot(results, names, scale, path):
     plt.close(fig)
 
 
+def load(path):
+    """(results, scale, names, info, seconds) of a run saved with --output=json."""
+    with open(path) as f:
+        doc = json.load(f)
+    results = [wl.Result(r["workload"], r["impl"], r["value"], r["unit"],
+                         r["higher_is_better"], r["ops"], r["seconds"], r["counts_per_op"],
+                         r["note"]) for r in doc["results"]]
+    sc = dict(doc["scale"])
+    sc["snapshots"] = tuple(sc.get("snapshots", ()))
+    return results, wl.Scale(**sc), doc["implementations"], doc["machine"], doc["seconds"]
+
+
+def _show_saved(args):
+    try:
+        results, scale, names, info, elapsed = load(args.load)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        print(f"fvd bench: {args.load}: cannot load a saved run ({e})", file=sys.stderr)
+        return 1
+    if args.output == "json":
+        with open(args.load) as f:
+            sys.stdout.write(f.read())
+    else:
+        print(text_table(results, scale, names, info, info.get("filesystem", ""),
+                         getattr(args, "quick", False)))
+        print(f"\n(total {elapsed:.1f} s)")
+    if getattr(args, "plot", None):
+        plot(results, names, scale, args.plot)
+    return 0
+
+
 def run(args):
     """`fvd bench`; returns the exit code."""
     if getattr(args, "plot", None):
@@ -390,6 +453,8 @@ def run(args):
             print("fvd bench: --plot needs matplotlib (pip install 'fvd[plot]')",
                   file=sys.stderr)
             return 1
+    if getattr(args, "load", None):
+        return _show_saved(args)
     names = DEFAULT_IMPLS
     if getattr(args, "impl", None):
         names = [n.strip() for n in args.impl.split(",") if n.strip()]
