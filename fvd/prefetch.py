@@ -145,9 +145,7 @@ def progress_bar(stream=None, width=40):
         filled = int(width * pct / 100)
         text = f"\r[{'#' * filled}{'.' * (width - filled)}] {pct:6.2f}% ({done}/{total} bytes)"
         if text != state["last"]:
-            stream.write(text)
-            if done >= total:
-                stream.write("\n")
+            stream.write(text)          # the caller ends the line when done
             stream.flush()
             state["last"] = text
 

@@ -175,4 +175,4 @@ def test_progress_bar():
     show(50, 100)
     show(100, 100)
     text = out.getvalue()
-    assert "50.00%" in text and "100.00%" in text and text.endswith("\n")
+    assert "50.00%" in text and "100.00%" in text and text.count("\r") == 3
