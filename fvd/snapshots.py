@@ -589,7 +589,8 @@ class SnapshotView:
             self.stats.metadata_bytes_read += len(raw)
             if len(raw) != 4 * img._nchunks or zlib.crc32(raw) != entry.table_crc:
                 raise CorruptImageError(img.path, entry.table_offset,
-                                        f"snapshot {entry.name!r}: bad lookup table")
+                                        f"snapshot {entry.name!r}: lookup table checksum "
+                                        f"mismatch or truncated")
             self._table = np.frombuffer(raw, dtype="<u4").astype(np.uint32)
             self._map = img._impl.ChunkMap(self._fd, self._table,
                                            np.ones(0, dtype=np.uint8), self.chunk_size,

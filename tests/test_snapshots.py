@@ -257,10 +257,48 @@ def test_snapshot_table_outside_the_file(path):
     with pytest.raises(fvd.CorruptImageError) as e:
         fvd.open(path)
     assert path in str(e.value) and str(fmt.FIELD_OFFSET["snapshot_table_offset"]) in str(e.value)
-    r = fvd.check.check_path(path) if hasattr(fvd, "check") else None
     from fvd.check import check_path
     r = check_path(path)
     assert r.corruptions >= 1
+
+
+def test_damaged_snapshot_metadata_is_reported(path):
+    with fvd.open(path, "r+") as img:
+        img.write(0, b"data")
+        img.create_snapshot("s", vm_state=b"state" * 100)
+        toff = img._header["snapshot_table_offset"]
+        entry = img._snapshots.entries[0]
+    with open(path, "r+b") as f:                    # flip a byte of the vm_state
+        f.seek(entry.vm_offset + 3)
+        f.write(b"X")
+    with fvd.open(path) as img:
+        with pytest.raises(fvd.CorruptImageError, match="vm_state checksum"):
+            img.read_vm_state("s")
+    with open(path, "r+b") as f:                    # flip a byte of the snapshot's table
+        f.seek(entry.table_offset)
+        f.write(b"\x07")
+    with fvd.open(path) as img:
+        with pytest.raises(fvd.CorruptImageError, match="lookup table checksum"):
+            img.open_snapshot("s")
+        assert img.check().corruptions >= 1
+    with open(path, "r+b") as f:                    # and of the snapshot table itself
+        f.seek(toff + 40)
+        f.write(b"\xff")
+    with pytest.raises(fvd.CorruptImageError) as e:
+        fvd.open(path)
+    assert path in str(e.value) and str(toff) in str(e.value)
+
+
+def test_snapshots_of_an_image_with_a_base_are_refused(tmp_path):
+    base = str(tmp_path / "base.raw")
+    with open(base, "wb") as f:
+        f.truncate(SIZE)
+    p = str(tmp_path / "over.fvd")
+    fvd.create(p, SIZE, chunk_size=CS, base=base, base_format="raw")
+    with fvd.open(p, "r+") as img:
+        with pytest.raises(fvd.UnsupportedFeatureError):
+            img.create_snapshot("s")
+        assert img.snapshots() == []
 
 
 def test_refcount_overflow_is_refused(path, monkeypatch):
@@ -518,7 +556,6 @@ class SnapshotMachine(RuleBasedStateMachine):
     @rule()
     def reopen(self):
         self.img.close()
-        r = fvd.check.check_path(self.path) if False else None
         self.img = fvd.open(self.path, "r+")
         assert self.img.check().ok
 
