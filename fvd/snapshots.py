@@ -23,7 +23,7 @@ import numpy as np
 
 from . import format as fmt
 from . import journal
-from .allocator import front_usage, runs
+from .allocator import front_usage
 from .errors import CorruptImageError, FvdError
 
 TABLE_MAGIC = 0x53445646            # "FVDS" little-endian
