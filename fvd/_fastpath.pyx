@@ -9,6 +9,7 @@ fvd/_purepath.py is the pure-Python twin and must behave byte for byte the same.
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE
 from libc.errno cimport errno, EINTR
 from libc.stdint cimport uint8_t, uint32_t, int64_t
+from libc.stdlib cimport malloc, free
 from libc.string cimport memset
 from posix.types cimport off_t
 
@@ -27,6 +28,7 @@ cdef extern from "<sys/uio.h>" nogil:
 cdef uint32_t ZERO_CHUNK = 0xFFFFFFFEu
 cdef enum:
     MAX_IOV = 64
+    SYS_IOV_MAX = 1024          # iovecs per pwritev call (Linux UIO_MAXIOV)
 
 STAT_FIELDS = ("data_reads", "data_bytes_read", "data_writes", "data_bytes_written",
                "metadata_reads", "metadata_bytes_read", "metadata_writes",
@@ -78,6 +80,96 @@ cdef int full_pwrite(int fd, const char *buf, size_t n, long long host) noexcept
         n -= put
         host += put
     return 0
+
+
+cdef int full_pwritev(int fd, iovec *iov, int count, long long total,
+                      long long host) noexcept nogil:
+    """pwritev until `total` bytes are out (iov is consumed). 0 or errno."""
+    cdef int first = 0
+    cdef long long done = 0
+    cdef ssize_t put
+    while done < total:
+        put = pwritev(fd, &iov[first], min(count - first, SYS_IOV_MAX), host + done)
+        if put < 0:
+            if errno == EINTR:
+                continue
+            return errno
+        done += put
+        while first < count and <size_t>put >= iov[first].iov_len:
+            put -= iov[first].iov_len
+            first += 1
+        if first < count:
+            iov[first].iov_base = <char *>iov[first].iov_base + put
+            iov[first].iov_len -= put
+    return 0
+
+
+cdef long long host_readinto(int fd, Stats st, long long host, object buf) except -1:
+    """One data read of a whole writable buffer at a host offset (zeros past EOF)."""
+    cdef Py_buffer view
+    cdef int err
+    PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE | PyBUF_WRITABLE)
+    try:
+        with nogil:
+            err = full_pread(fd, <char *>view.buf, view.len, host)
+        if err:
+            raise OSError(err, "read failed")
+        st.data_reads += 1
+        st.data_bytes_read += view.len
+        return view.len
+    finally:
+        PyBuffer_Release(&view)
+
+
+cdef long long host_pwritev(int fd, Stats st, long long host, object buffers,
+                            Py_ssize_t limit) except -1:
+    """One data write of the buffers at a host offset (memory-adjacent ones share an
+    iovec). At most `limit` buffers (-1: any number)."""
+    cdef Py_buffer stack_views[MAX_IOV]
+    cdef iovec stack_iov[MAX_IOV]
+    cdef Py_buffer *views = stack_views
+    cdef iovec *iov = stack_iov
+    cdef Py_ssize_t nbuf = len(buffers)
+    cdef int count = 0, niov = 0, i, err
+    cdef long long total = 0
+    if limit >= 0 and nbuf > limit:
+        raise ValueError("too many buffers")
+    if nbuf > MAX_IOV:
+        views = <Py_buffer *>malloc(nbuf * sizeof(Py_buffer))
+        iov = <iovec *>malloc(nbuf * sizeof(iovec))
+        if views == NULL or iov == NULL:
+            free(views)
+            free(iov)
+            raise MemoryError()
+    try:
+        for b in buffers:
+            if count == nbuf:
+                raise ValueError("buffer list changed size")
+            PyObject_GetBuffer(b, &views[count], PyBUF_SIMPLE)
+            count += 1
+            if views[count - 1].len == 0:
+                continue
+            if niov and <char *>iov[niov - 1].iov_base + iov[niov - 1].iov_len == \
+                    <char *>views[count - 1].buf:
+                iov[niov - 1].iov_len += views[count - 1].len
+            else:
+                iov[niov].iov_base = views[count - 1].buf
+                iov[niov].iov_len = views[count - 1].len
+                niov += 1
+            total += views[count - 1].len
+        with nogil:
+            err = full_pwritev(fd, iov, niov, total, host)
+        if err:
+            raise OSError(err, "write failed")
+        st.data_writes += 1
+        st.data_bytes_written += total
+        return total
+    finally:
+        for i in range(count):
+            PyBuffer_Release(&views[i])
+        if views != stack_views:
+            free(views)
+            free(iov)
 
 
 cdef inline long long host_of(uint32_t e, int shift, long long data_offset,
@@ -254,57 +346,10 @@ cdef class ChunkMap:
 
     def pwritev(self, long long host_offset, buffers):
         """One data write of several buffers at a host offset (copy-on-write merges)."""
-        cdef Py_buffer views[MAX_IOV]
-        cdef iovec iov[MAX_IOV]
-        cdef int count = 0, i, first = 0
-        cdef long long total = 0, done = 0
-        cdef ssize_t put
-        if len(buffers) > MAX_IOV:
-            raise ValueError("too many buffers")
-        try:
-            for b in buffers:
-                PyObject_GetBuffer(b, &views[count], PyBUF_SIMPLE)
-                iov[count].iov_base = views[count].buf
-                iov[count].iov_len = views[count].len
-                total += views[count].len
-                count += 1
-            with nogil:
-                while done < total:
-                    put = pwritev(self.fd, &iov[first], count - first, host_offset + done)
-                    if put < 0:
-                        if errno == EINTR:
-                            continue
-                        break
-                    done += put
-                    while first < count and <size_t>put >= iov[first].iov_len:
-                        put -= iov[first].iov_len
-                        first += 1
-                    if first < count:
-                        iov[first].iov_base = <char *>iov[first].iov_base + put
-                        iov[first].iov_len -= put
-            if done < total:
-                raise OSError(errno, "write failed")
-            self.st.data_writes += 1
-            self.st.data_bytes_written += total
-            return total
-        finally:
-            for i in range(count):
-                PyBuffer_Release(&views[i])
+        return host_pwritev(self.fd, self.st, host_offset, buffers, MAX_IOV)
 
     def pread_host(self, long long host_offset, buf):
-        cdef Py_buffer view
-        cdef int err
-        PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE | PyBUF_WRITABLE)
-        try:
-            with nogil:
-                err = full_pread(self.fd, <char *>view.buf, view.len, host_offset)
-            if err:
-                raise OSError(err, "read failed")
-            self.st.data_reads += 1
-            self.st.data_bytes_read += view.len
-            return view.len
-        finally:
-            PyBuffer_Release(&view)
+        return host_readinto(self.fd, self.st, host_offset, buf)
 
     def translate(self, const int64_t[::1] vchunks, int64_t[::1] out):
         """Batch translation: host offsets of chunk starts (-1 where no data)."""
@@ -313,3 +358,23 @@ cdef class ChunkMap:
             for i in range(n):
                 out[i] = host_of(self.tab[vchunks[i]], self.shift, self.data_offset, 0)
         return n
+
+
+cdef class HostFile:
+    """Data I/O at host offsets with exact accounting, shared by the FVD chunk map and the
+    QCOW2 baseline: one readinto / pwritev = one data read / write in `stats`."""
+    cdef public int fd
+    cdef public object stats
+    cdef Stats st
+
+    def __init__(self, int fd, Stats stats):
+        self.fd = fd
+        self.stats = self.st = stats
+
+    def readinto(self, long long host_offset, buf):
+        """Fill a writable contiguous buffer from host_offset (zeros past end of file)."""
+        return host_readinto(self.fd, self.st, host_offset, buf)
+
+    def pwritev(self, long long host_offset, buffers):
+        """One data write of the buffers, back to back, at host_offset."""
+        return host_pwritev(self.fd, self.st, host_offset, buffers, -1)

@@ -6,6 +6,8 @@ import os
 
 UNALLOCATED = 0xFFFFFFFF
 ZERO_CHUNK = 0xFFFFFFFE
+MAX_IOV = 64
+SYS_IOV_MAX = 1024          # iovecs per pwritev call (Linux UIO_MAXIOV)
 
 STAT_FIELDS = ("data_reads", "data_bytes_read", "data_writes", "data_bytes_written",
                "metadata_reads", "metadata_bytes_read", "metadata_writes",
@@ -168,21 +170,12 @@ class ChunkMap:
 
     def pwritev(self, host_offset, buffers):
         """One data write of several buffers at a host offset (copy-on-write merges)."""
-        views = [_byte_view(b, False) for b in buffers]
-        total = sum(len(v) for v in views)
-        done = 0
-        while done < total:
-            done += os.pwritev(self.fd, _skip(views, done), host_offset + done)
-        self.stats.data_writes += 1
-        self.stats.data_bytes_written += total
-        return total
+        if len(buffers) > MAX_IOV:
+            raise ValueError("too many buffers")
+        return _host_pwritev(self.fd, self.stats, host_offset, buffers)
 
     def pread_host(self, host_offset, buf):
-        mv = _byte_view(buf, True)
-        _full_pread(self.fd, mv, host_offset)
-        self.stats.data_reads += 1
-        self.stats.data_bytes_read += len(mv)
-        return len(mv)
+        return _host_readinto(self.fd, self.stats, host_offset, buf)
 
     def translate(self, vchunks, out):
         """Batch translation: host offsets of chunk starts (-1 where no data)."""
@@ -191,6 +184,55 @@ class ChunkMap:
             e = int(table[vchunks[i]])
             out[i] = -1 if e >= ZERO_CHUNK else base + (e << shift)
         return len(out)
+
+
+def _host_readinto(fd, stats, host_offset, buf):
+    """One data read of a whole writable buffer at a host offset (zeros past EOF)."""
+    mv = _byte_view(buf, True)
+    n = len(mv)
+    if os.preadv(fd, [mv], host_offset) < n:
+        _full_pread(fd, mv, host_offset)
+    stats.data_reads += 1
+    stats.data_bytes_read += n
+    return n
+
+
+def _host_pwritev(fd, stats, host_offset, buffers):
+    """One data write of the buffers, back to back, at a host offset."""
+    views = [_byte_view(b, False) for b in buffers]
+    total = sum(len(v) for v in views)
+    done = 0
+    while done < total:
+        done += os.pwritev(fd, _skip(views, done)[:SYS_IOV_MAX], host_offset + done)
+    stats.data_writes += 1
+    stats.data_bytes_written += total
+    return total
+
+
+class HostFile:
+    """Data I/O at host offsets with exact accounting, shared by the FVD chunk map and the
+    QCOW2 baseline: one readinto / pwritev = one data read / write in `stats`."""
+
+    def __init__(self, fd, stats):
+        self.fd = fd
+        self.stats = stats
+
+    def readinto(self, host_offset, buf):
+        """Fill a writable contiguous buffer from host_offset (zeros past end of file)."""
+        mv = memoryview(buf)
+        if mv.format != "B" or mv.ndim != 1 or mv.readonly or not mv.contiguous:
+            mv = _byte_view(buf, True)
+        n = len(mv)
+        if os.preadv(self.fd, [mv], host_offset) < n:
+            _full_pread(self.fd, mv, host_offset)
+        stats = self.stats
+        stats.data_reads += 1
+        stats.data_bytes_read += n
+        return n
+
+    def pwritev(self, host_offset, buffers):
+        """One data write of the buffers, back to back, at host_offset."""
+        return _host_pwritev(self.fd, self.stats, host_offset, buffers)
 
 
 def _skip(views, n):
