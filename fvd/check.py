@@ -3,7 +3,6 @@ import os
 
 import numpy as np
 
-from . import format as fmt
 from .allocator import runs
 from .fileio import has_data
 from .image import CheckResult, Image

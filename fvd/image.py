@@ -17,7 +17,7 @@ from . import _impl
 from . import format as fmt
 from .allocator import ChunkAllocator, front_usage
 from .errors import CorruptImageError, FvdError
-from .fileio import has_data, lock_for_writing, punch_hole
+from .fileio import lock_for_writing, punch_hole
 from .journal import (REC_BITMAP, REC_DATA_CRC, REC_TABLE, Journal, read_transactions,
                       table_records)
 

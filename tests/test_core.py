@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 import fvd
-from fvd import format as fmt
 
 from .helpers import pattern
 

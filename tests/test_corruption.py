@@ -9,7 +9,6 @@ from hypothesis import strategies as st
 
 import fvd
 from fvd import format as fmt
-from fvd.journal import SECTOR
 
 MiB = 1 << 20
 

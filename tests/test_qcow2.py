@@ -5,7 +5,6 @@ Every test runs against both implementations through the `impl` fixture (tests/c
 provides it; a local stand-in is defined below only when it does not).
 """
 import os
-import re
 from pathlib import Path
 
 import numpy as np
@@ -14,25 +13,6 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from fvd import _impl, qcow2
 from fvd.errors import CorruptImageError, UnsupportedFeatureError
-
-
-def _conftest_has_impl():
-    p = Path(__file__).with_name("conftest.py")
-    return p.exists() and re.search(r"def impl\b", p.read_text()) is not None
-
-
-if not _conftest_has_impl():
-    @pytest.fixture(name="impl", params=["cython", "python"], autouse=True)
-    def _impl_fixture(request):
-        name = request.param
-        if name not in _impl.MODULES:
-            if os.environ.get("FVD_REQUIRE_CYTHON") == "1":
-                pytest.fail("the compiled fast path fvd._fastpath is not built")
-            pytest.skip("compiled fast path not built")
-        previous = _impl.IMPLEMENTATION
-        _impl.select(name)
-        yield name
-        _impl.select(previous)
 
 
 KiB, MiB = 1 << 10, 1 << 20

@@ -6,38 +6,17 @@ Skips when qemu-img is missing, except under CI=true, where that is a failure.
 """
 import json
 import os
-import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
-from fvd import _impl, qcow2
+from fvd import qcow2
 
 pytestmark = pytest.mark.interop
 
 KiB, MiB = 1 << 10, 1 << 20
 QEMU_IMG, QEMU_IO = shutil.which("qemu-img"), shutil.which("qemu-io")
-
-
-def _conftest_has_impl():
-    p = Path(__file__).with_name("conftest.py")
-    return p.exists() and re.search(r"def impl\b", p.read_text()) is not None
-
-
-if not _conftest_has_impl():
-    @pytest.fixture(name="impl", params=["cython", "python"], autouse=True)
-    def _impl_fixture(request):
-        name = request.param
-        if name not in _impl.MODULES:
-            if os.environ.get("FVD_REQUIRE_CYTHON") == "1":
-                pytest.fail("the compiled fast path fvd._fastpath is not built")
-            pytest.skip("compiled fast path not built")
-        previous = _impl.IMPLEMENTATION
-        _impl.select(name)
-        yield name
-        _impl.select(previous)
 
 
 @pytest.fixture(autouse=True)
