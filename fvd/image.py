@@ -399,18 +399,18 @@ class Image:
                              f"(size {self.size})")
         if self._base is not None:
             return self._base.write(offset, mv)
-        changes, extra = self._prepare_chunks(offset, length)
-        if self._map.write(offset, mv) < 0:
-            raise AssertionError("chunks not writable after allocation")  # a bug, never data loss
-        self._log(changes, extra)
+        with self._lock:        # allocation and the journal are shared by all writers
+            changes, extra = self._prepare_chunks(offset, length)
+            if self._map.write(offset, mv) < 0:
+                raise AssertionError("chunks not writable after allocation")  # a bug
+            self._log(changes, extra)
         return length
 
-    def _prepare_chunks(self, offset, length, keep=None):
+    def _prepare_chunks(self, offset, length):
         """Map every chunk under the range to a writable physical chunk.
 
         Returns (table changes, extra journal records). A chunk a snapshot holds is
-        copied (its bytes outside the write) into a fresh chunk first. `keep(v, new)`
-        lets the base layer fill a fresh chunk.
+        copied (its bytes outside the write) into a fresh chunk first.
         """
         changes, extra = {}, []
         if length == 0:
