@@ -371,9 +371,25 @@ cdef class HostFile:
         self.fd = fd
         self.stats = self.st = stats
 
-    def readinto(self, long long host_offset, buf):
-        """Fill a writable contiguous buffer from host_offset (zeros past end of file)."""
-        return host_readinto(self.fd, self.st, host_offset, buf)
+    def readinto(self, long long host_offset, buf, long long limit=-1):
+        """Fill a writable contiguous buffer from host_offset (zeros past end of file).
+        With limit >= 0, only a buffer of 1..limit bytes is read; otherwise nothing is
+        done or counted and -1 returned (callers mapping one extent try this first)."""
+        cdef Py_buffer view
+        cdef int err
+        PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE | PyBUF_WRITABLE)
+        try:
+            if limit >= 0 and (view.len == 0 or view.len > limit):
+                return -1
+            with nogil:
+                err = full_pread(self.fd, <char *>view.buf, view.len, host_offset)
+            if err:
+                raise OSError(err, "read failed")
+            self.st.data_reads += 1
+            self.st.data_bytes_read += view.len
+            return view.len
+        finally:
+            PyBuffer_Release(&view)
 
     def pwritev(self, long long host_offset, buffers):
         """One data write of the buffers, back to back, at host_offset."""

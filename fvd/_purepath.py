@@ -217,12 +217,16 @@ class HostFile:
         self.fd = fd
         self.stats = stats
 
-    def readinto(self, host_offset, buf):
-        """Fill a writable contiguous buffer from host_offset (zeros past end of file)."""
+    def readinto(self, host_offset, buf, limit=-1):
+        """Fill a writable contiguous buffer from host_offset (zeros past end of file).
+        With limit >= 0, only a buffer of 1..limit bytes is read; otherwise nothing is
+        done or counted and -1 returned (callers mapping one extent try this first)."""
         mv = memoryview(buf)
         if mv.format != "B" or mv.ndim != 1 or mv.readonly or not mv.contiguous:
             mv = _byte_view(buf, True)
         n = len(mv)
+        if limit >= 0 and (n == 0 or n > limit):
+            return -1
         if os.preadv(self.fd, [mv], host_offset) < n:
             _full_pread(self.fd, mv, host_offset)
         stats = self.stats

@@ -100,10 +100,12 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
         self.path = str(path)
         self.read_only = mode == "r"
         self.cache = cache
-        self.stats = _impl.new_stats()
+        impl = _impl.module()
+        self.stats = impl.Stats()
         self._closed = True
         self.fd = _os.open(path, _os.O_RDONLY if self.read_only else _os.O_RDWR)
         self._closed = False
+        self._hf = impl.HostFile(self.fd, self.stats)     # guest data I/O, as FVD's
         try:
             self._load(_creating)
         except BaseException:
@@ -138,6 +140,8 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
         self._reftable = np.frombuffer(bytes(rtraw), dtype=">u8").copy()
         self._rb, self._rb_dirty, self._deferred, self._free_idx = {}, set(), [], 0
         self._l2, self._l2_dirty, self._snap_l1 = {}, set(), {}
+        self._fast_l2 = {}
+        self._cmask = self._cs - 1
         self._load_snapshots(h.nb_snapshots, h.snapshots_offset)
         self._lazy = False
         if not self.read_only:
@@ -201,6 +205,7 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
         self._meta_write(OFF_L1_SIZE, n.to_bytes(4, "big") + off.to_bytes(8, "big"))
         self._sync()
         self._l1, self._l1_offset = l1, off
+        self._fast_l2.clear()
         if old_n:
             nold = max(1, -(-8 * old_n // self._cs))
             self._update_refcounts(np.arange(nold) + (old_off >> self._cbits), -1)
@@ -229,25 +234,13 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
         self._unsynced = True
         self._file_size = max(self._file_size, off + len(mv))
 
+    # Guest data goes through the same HostFile primitive (and Stats) as FVD's chunk
+    # map: one call = one counted pread / pwritev; only the metadata policy differs.
     def _data_readinto(self, host, view):
-        done, n = 0, len(view)
-        while done < n:
-            got = _os.preadv(self.fd, [view[done:]], host + done)
-            if got == 0:
-                view[done:] = bytes(n - done)
-                break
-            done += got
-        self.stats.data_reads += 1
-        self.stats.data_bytes_read += n
+        self._hf.readinto(host, view)
 
     def _data_writev(self, host, bufs):
-        views = [memoryview(b).cast("B") for b in bufs]
-        total = sum(len(v) for v in views)
-        done = 0
-        while done < total:
-            done += _os.pwritev(self.fd, _skip(views, done), host + done)
-        self.stats.data_writes += 1
-        self.stats.data_bytes_written += total
+        total = self._hf.pwritev(host, bufs)
         self._unsynced = True
         self._file_size = max(self._file_size, host + total)
 
@@ -282,6 +275,25 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
 
     def readinto(self, offset, buf):
         """Fill any writable contiguous buffer with guest data from `offset`."""
+        # Fast path: inside one allocated cluster whose L2 table is cached: one lookup in
+        # the native-endian read table, one HostFile.readinto bounded to that cluster.
+        if type(offset) is int and offset >= 0 and not self._closed:
+            cidx = offset >> self._cbits
+            table = self._fast_l2.get(cidx >> self._l2bits)
+            if table is None and offset < self.size:
+                table = self._build_fast_l2(cidx >> self._l2bits)
+            if table is not None:
+                host = table[cidx & self._l2mask]
+                if host:
+                    within = offset & self._cmask
+                    room = min(self._cs - within, self.size - offset)
+                    if room > 0:
+                        try:
+                            n = self._hf.readinto(host + within, buf, room)
+                        except (BufferError, TypeError, ValueError):
+                            n = -1          # odd buffer: the checks below report it
+                        if n >= 0:
+                            return n
         self._check_open()
         mv = _byte_view(buf, writable=True)
         self._check_range(offset, len(mv))
@@ -427,13 +439,3 @@ def _byte_view(buf, writable):
         raise TypeError("buffer is read-only")
     return mv
 
-
-def _skip(views, n):
-    out = []
-    for v in views:
-        if n >= len(v):
-            n -= len(v)
-            continue
-        out.append(v[n:])
-        n = 0
-    return out

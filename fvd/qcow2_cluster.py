@@ -4,7 +4,14 @@ extents (cf. QEMU block/qcow2-cluster.c).
 L2 tables are cached whole ('>u8' numpy arrays keyed by host offset) and written back
 whole, one pwrite per dirty table. The cache is unbounded (QEMU's default L2 cache also
 covers the whole disk for images up to 256 GiB at 64 KiB clusters).
+
+Reads inside one cluster use a read table per active L1 index (`_fast_l2`): a native
+uint64 array.array holding the host cluster offset where the L2 entry is a plain,
+valid data cluster and 0 where the general path must decide (unallocated, zero flag,
+compressed, reserved bits, out of range). Every change to an active mapping updates or
+drops it: `_write_span`, `_zero_clusters`, `_l2_for_write`, `_resize_l1`.
 """
+from array import array
 from collections import namedtuple
 
 import numpy as np
@@ -68,6 +75,22 @@ class ClusterMixin:
         return off, zero, l2_off
 
     # ------------------------------------------------------------------ read
+    def _build_fast_l2(self, i):
+        """The read table of active L1 index i (see module doc), or None when the L1
+        entry maps no table. Raises what the general lookup would for this table."""
+        if i >= len(self._l1):
+            return None
+        l2_off = self._l2_offset(self._l1, i, self._l1_offset)
+        if not l2_off:
+            return None
+        l2u = self._l2_peek(l2_off).astype(np.uint64)
+        offs = l2u & np.uint64(OFFSET_MASK)
+        plain = (l2u & np.uint64(~(OFFSET_MASK | OFLAG_COPIED) & (2**64 - 1))) == 0
+        ok = plain & (offs % np.uint64(self._cs) == 0) & (offs < np.uint64(self._file_size))
+        table = array("Q", np.where(ok, offs, np.uint64(0)).astype(np.uint64).tobytes())
+        self._fast_l2[i] = table
+        return table
+
     def _read_tree(self, l1, l1_off, offset, mv):
         """Fill mv with guest bytes from `offset` through the tree under `l1`,
         one pread per run of physically contiguous clusters."""
@@ -106,6 +129,7 @@ class ClusterMixin:
         old = self._l2_offset(self._l1, i, self._l1_offset)
         if old and e & OFLAG_COPIED:
             return old, self._l2_peek(old)
+        self._fast_l2.pop(i, None)
         new = self._alloc_cluster()
         self._flush_refcount_cache()
         table = self._l2_peek(old).copy() if old else np.zeros(self._cs // 8, dtype=">u8")
@@ -126,8 +150,8 @@ class ClusterMixin:
         pwritev per physically contiguous run, COW head/tail merged in), then the L2
         entries change in the cache and the replaced clusters are freed once the L2
         change is stable."""
-        cs = self._cs
-        l2_off, l2 = self._l2_for_write(g >> (self._cbits + self._l2bits))
+        cs, i = self._cs, g >> (self._cbits + self._l2bits)
+        l2_off, l2 = self._l2_for_write(i)
         segments, updates, pos = [], [], 0
         while pos < len(mv):
             gg = g + pos
@@ -168,8 +192,12 @@ class ClusterMixin:
             pos += chunk
         for host, bufs, _ in segments:
             self._data_writev(host, [b for b in bufs if len(b)])
+        fast = self._fast_l2.get(i)
         for j, entry, old in updates:
             l2[j] = entry
+            if fast is not None:
+                host = entry & OFFSET_MASK
+                fast[j] = host if host < self._file_size else 0
             if old:
                 self._defer_free(old)
         if updates:
@@ -187,6 +215,7 @@ class ClusterMixin:
         if not (old[first:first + count].astype(np.uint64) & np.uint64(OFFSET_MASK)).any():
             return                          # nothing allocated there
         l2_off, l2 = self._l2_for_write(i)
+        self._fast_l2.pop(i, None)
         for j in range(first, first + count):
             off, _ = self._decode(int(l2[j]), l2_off, j)
             if off:
