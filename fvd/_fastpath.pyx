@@ -179,8 +179,78 @@ cdef inline long long host_of(uint32_t e, int shift, long long data_offset,
     return data_offset + ((<long long>e) << shift) + within
 
 
+cdef struct BaseView:
+    const uint8_t *bits         # fresh (reads) or stale (writes) bitmap; NULL: no base
+    long long bend
+    int bshift
+    int fd
+
+
+cdef inline bint bit_at(const uint8_t *arr, long long b) noexcept nogil:
+    return (arr[b >> 3] >> (b & 7)) & 1
+
+
+cdef bint stale_ok(const BaseView *bv, long long offset, long long length) noexcept nogil:
+    """Every block under the range below bend durably in the image (stale bit set)."""
+    cdef long long b, last, stop
+    if bv.bits == NULL or length == 0 or offset >= bv.bend:
+        return True
+    stop = offset + length
+    if stop > bv.bend:
+        stop = bv.bend
+    b = offset >> bv.bshift
+    last = (stop - 1) >> bv.bshift
+    while b <= last:
+        if (b & 7) == 0 and b + 7 <= last:
+            if bv.bits[b >> 3] != 0xFF:
+                return False
+            b += 8
+            continue
+        if not bit_at(bv.bits, b):
+            return False
+        b += 1
+    return True
+
+
+cdef long long base_segment(const BaseView *bv, long long pos, long long end,
+                            bint *image) noexcept nogil:
+    """End of the run of [pos, end) answered by one layer; image[0]: which one. Image runs
+    reaching bend continue to end (past the base is the image)."""
+    cdef long long b, stop, lim
+    cdef bint bit
+    if pos >= bv.bend:
+        image[0] = True
+        return end
+    lim = end if end < bv.bend else bv.bend
+    b = pos >> bv.bshift
+    bit = bit_at(bv.bits, b)
+    image[0] = bit
+    b += 1
+    while True:
+        stop = b << bv.bshift
+        if stop >= lim:
+            break
+        if (b & 7) == 0 and ((b + 8) << bv.bshift) <= lim and \
+                bv.bits[b >> 3] == (0xFF if bit else 0):
+            b += 8
+            continue
+        if bit_at(bv.bits, b) != bit:
+            return stop
+        b += 1
+    if bit and lim == bv.bend:
+        return end
+    return lim
+
+
 cdef class ChunkMap:
-    """Translates virtual offsets through the one-level table and does the data I/O."""
+    """Translates virtual offsets through the one-level table and does the data I/O.
+
+    With a base image (set_base): the ``stale`` bitmap gates write() (every touched block
+    below ``bend`` must be durably in the image, else -1), and for a raw base opened
+    without copy-on-read (``base_fd`` >= 0) readinto() also answers the blocks still in
+    the base, from the base file: one pread (one stats.base_reads) per contiguous base
+    run, exactly as fvd.base.BaseLayer.readinto splits a read.
+    """
     cdef public int fd
     cdef public object table, frozen, stats
     cdef uint32_t[::1] tab
@@ -188,6 +258,13 @@ cdef class ChunkMap:
     cdef Stats st
     cdef public long long chunk_size, data_offset, size
     cdef int shift
+    # base image (set_base); bend == 0: no base
+    cdef public object fresh, stale
+    cdef uint8_t[::1] fresh_v, stale_v
+    cdef public long long block_size, bend
+    cdef public int base_fd
+    cdef int bshift
+    cdef readonly int base_users     # readinto calls inside the base fd right now
 
     def __init__(self, int fd, table, frozen, long long chunk_size, long long data_offset,
                  long long size, Stats stats):
@@ -199,6 +276,32 @@ cdef class ChunkMap:
         self.stats = self.st = stats
         self.set_table(table)
         self.set_frozen(frozen)
+        self.set_base(None, None, 0, 0, -1)
+
+    def set_base(self, fresh, stale, long long block_size, long long bend, int base_fd=-1):
+        """Bitmap views for a base image: ``fresh`` decides reads, ``stale`` fast writes
+        (uint8 arrays, block b = bit b % 8 of byte b // 8). Bytes at or past ``bend``
+        belong to the image. ``base_fd`` >= 0: a raw base read here; -1: reads stay
+        image-only (the Python layer splits them). ``set_base(None, None, 0, 0)``: no base.
+        The arrays are viewed, not copied: call again when Python replaces them."""
+        if bend > 0 and (fresh is None or stale is None or block_size <= 0 or
+                         block_size & (block_size - 1)):
+            raise ValueError("a base needs both bitmaps and a power-of-two block size")
+        if bend <= 0:
+            fresh = stale = None
+            bend, block_size, base_fd = 0, 0, -1
+        if bend > 0:
+            nbits = -(-bend // block_size)
+            if len(fresh) * 8 < nbits or len(stale) * 8 < nbits:
+                raise ValueError("bitmap shorter than the base")
+            self.fresh_v = fresh
+            self.stale_v = stale
+        else:
+            self.fresh_v = None
+            self.stale_v = None
+        self.fresh, self.stale = fresh, stale
+        self.block_size, self.bend, self.base_fd = block_size, bend, base_fd
+        self.bshift = block_size.bit_length() - 1 if block_size > 0 else 0
 
     def set_table(self, table):
         self.table = table
@@ -265,6 +368,42 @@ cdef class ChunkMap:
                 return False        # held by a snapshot: copy on write
         return True
 
+    cdef int read_based(self, BaseView *bv, char *buf, long long offset, long long length,
+                        long long *calls) noexcept nogil:
+        """Fill buf, image runs through the table, base runs from the base fd. calls[0:2]
+        data reads/bytes, calls[2:4] base reads/bytes (counted once read)."""
+        cdef long long pos = offset, stop, end = offset + length
+        cdef bint image
+        cdef int err
+        while pos < end:
+            stop = base_segment(bv, pos, end, &image)
+            if image:
+                err = self.read_runs(buf + (pos - offset), pos, stop - pos, calls)
+            else:
+                err = full_pread(bv.fd, buf + (pos - offset), stop - pos, pos)
+                if not err:
+                    calls[2] += 1
+                    calls[3] += stop - pos
+            if err:
+                return err
+            pos = stop
+        return 0
+
+    cdef object base_view(self, BaseView *bv, bint stale):
+        """Capture the base fields (with the GIL: set_base may run in another thread once
+        it is released); returns the bitmap array, to be kept alive meanwhile."""
+        bv.bend = self.bend
+        bv.bshift = self.bshift
+        bv.fd = self.base_fd
+        bv.bits = NULL
+        if self.bend == 0:
+            return None
+        if stale:
+            bv.bits = &self.stale_v[0]
+            return self.stale
+        bv.bits = &self.fresh_v[0]
+        return self.fresh
+
     cdef int write_runs(self, const char *buf, long long offset, long long length,
                         long long *calls) noexcept nogil:
         cdef long long cs = self.chunk_size, pos = 0, n, within, host
@@ -296,16 +435,29 @@ cdef class ChunkMap:
 
     def readinto(self, long long offset, buf):
         cdef Py_buffer view
-        cdef long long calls[2]
+        cdef long long calls[4]
         cdef int err
+        cdef BaseView bv
+        cdef object keep = None
         PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE | PyBUF_WRITABLE)
         try:
             self.check_range(offset, view.len)
-            calls[0] = calls[1] = 0
-            with nogil:
-                err = self.read_runs(<char *>view.buf, offset, view.len, calls)
+            calls[0] = calls[1] = calls[2] = calls[3] = 0
+            if self.base_fd >= 0 and offset < self.bend:
+                keep = self.base_view(&bv, False)
+                self.base_users += 1
+                try:
+                    with nogil:
+                        err = self.read_based(&bv, <char *>view.buf, offset, view.len, calls)
+                finally:
+                    self.base_users -= 1
+            else:
+                with nogil:
+                    err = self.read_runs(<char *>view.buf, offset, view.len, calls)
             self.st.data_reads += calls[0]
             self.st.data_bytes_read += calls[1]
+            self.st.base_reads += calls[2]
+            self.st.base_bytes_read += calls[3]
             if err:
                 raise OSError(err, "read failed")
             return view.len
@@ -317,17 +469,20 @@ cdef class ChunkMap:
         return self.all_writable(offset, length)
 
     def write(self, long long offset, data):
-        """Write into allocated, unshared chunks; returns -1 (nothing written) otherwise."""
+        """Write into allocated, unshared chunks whose touched blocks are durably out of
+        the base (stale bits); returns -1 (nothing written) otherwise."""
         cdef Py_buffer view
         cdef long long calls[2]
         cdef int err = 0
         cdef bint ok
+        cdef BaseView bv
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         try:
             self.check_range(offset, view.len)
             calls[0] = calls[1] = 0
+            keep = self.base_view(&bv, True)
             with nogil:
-                ok = self.all_writable(offset, view.len)
+                ok = stale_ok(&bv, offset, view.len) and self.all_writable(offset, view.len)
                 if ok:
                     err = self.write_runs(<const char *>view.buf, offset, view.len, calls)
             self.st.data_writes += calls[0]

@@ -59,8 +59,19 @@ def _byte_view(buf, writable):
     return mv
 
 
+def _bit(arr, b):
+    return int(arr[b >> 3]) >> (b & 7) & 1
+
+
 class ChunkMap:
-    """Translates virtual offsets through the one-level table and does the data I/O."""
+    """Translates virtual offsets through the one-level table and does the data I/O.
+
+    With a base image (set_base): the ``stale`` bitmap gates write() (every touched block
+    below ``bend`` must be durably in the image, else -1), and for a raw base opened
+    without copy-on-read (``base_fd`` >= 0) readinto() also answers the blocks still in
+    the base, from the base file: one pread (one stats.base_reads) per contiguous base
+    run, exactly as fvd.base.BaseLayer.readinto splits a read.
+    """
 
     def __init__(self, fd, table, frozen, chunk_size, data_offset, size, stats):
         self.fd = fd
@@ -71,6 +82,100 @@ class ChunkMap:
         self.data_offset = data_offset
         self.size = size
         self.stats = stats
+        self._users = []        # one item per readinto inside the base fd (append/pop: atomic)
+        self.set_base(None, None, 0, 0, -1)
+
+    @property
+    def base_users(self):
+        """readinto calls inside the base fd right now."""
+        return len(self._users)
+
+    def set_base(self, fresh, stale, block_size, bend, base_fd=-1):
+        """Bitmap views for a base image: ``fresh`` decides reads, ``stale`` fast writes
+        (uint8 arrays, block b = bit b % 8 of byte b // 8). Bytes at or past ``bend``
+        belong to the image. ``base_fd`` >= 0: a raw base read here; -1: reads stay
+        image-only (the Python layer splits them). ``set_base(None, None, 0, 0)``: no base.
+        The arrays are viewed, not copied: call again when Python replaces them."""
+        if bend > 0 and (fresh is None or stale is None or block_size <= 0 or
+                         block_size & (block_size - 1)):
+            raise ValueError("a base needs both bitmaps and a power-of-two block size")
+        if bend <= 0:
+            fresh = stale = None
+            bend, block_size, base_fd = 0, 0, -1
+        else:
+            nbits = -(-bend // block_size)
+            if len(fresh) * 8 < nbits or len(stale) * 8 < nbits:
+                raise ValueError("bitmap shorter than the base")
+        self.fresh, self.stale = fresh, stale
+        self.block_size, self.bend, self.base_fd = block_size, bend, base_fd
+        self.bshift = block_size.bit_length() - 1 if block_size > 0 else 0
+        # read once by readinto/write: a set_base in another thread swaps it whole
+        self._bv = (fresh, stale, self.bshift, bend, base_fd)
+
+    def _stale_ok(self, offset, length):
+        """Every block under the range below bend durably in the image (stale bit set)."""
+        _, arr, sh, bend, _ = self._bv
+        if arr is None or bend == 0 or length == 0 or offset >= bend:
+            return True
+        b, last = offset >> sh, (min(offset + length, bend) - 1) >> sh
+        while b <= last:
+            if b & 7 == 0 and b + 7 <= last:
+                if arr[b >> 3] != 0xFF:
+                    return False
+                b += 8
+                continue
+            if not _bit(arr, b):
+                return False
+            b += 1
+        return True
+
+    @staticmethod
+    def _segment(arr, sh, bend, pos, end):
+        """(stop, image): the run of [pos, end) answered by one layer. Image runs
+        reaching bend continue to end (past the base is the image)."""
+        if pos >= bend:
+            return end, True
+        lim = min(end, bend)
+        b = pos >> sh
+        bit = _bit(arr, b)
+        full = 0xFF if bit else 0
+        b += 1
+        while True:
+            stop = b << sh
+            if stop >= lim:
+                break
+            if b & 7 == 0 and (b + 8) << sh <= lim and arr[b >> 3] == full:
+                b += 8
+                continue
+            if _bit(arr, b) != bit:
+                return stop, bool(bit)
+            b += 1
+        return (end if bit and lim == bend else lim), bool(bit)
+
+    def _read_based(self, offset, mv, fresh, bshift, bend, base_fd):
+        """Base fields passed in: set_base may run in another thread meanwhile."""
+        pos, end = offset, offset + len(mv)
+        b = offset >> bshift
+        if end <= bend and (end - 1) >> bshift == b:
+            # Common case, inside one block below the base end: one bit, one pread.
+            if int(fresh[b >> 3]) >> (b & 7) & 1:
+                return self._read_image(offset, mv)
+            if os.preadv(base_fd, [mv], offset) < len(mv):
+                _full_pread(base_fd, mv, offset)
+            self.stats.base_reads += 1
+            self.stats.base_bytes_read += len(mv)
+            return len(mv)
+        while pos < end:
+            stop, image = self._segment(fresh, bshift, bend, pos, end)
+            piece = mv[pos - offset:stop - offset]
+            if image:
+                self._read_image(pos, piece)
+            else:
+                _full_pread(base_fd, piece, pos)
+                self.stats.base_reads += 1
+                self.stats.base_bytes_read += stop - pos
+            pos = stop
+        return len(mv)
 
     def set_frozen(self, frozen):
         self.frozen = frozen
@@ -115,6 +220,17 @@ class ChunkMap:
         length = len(mv)
         if offset < 0 or offset + length > self.size:
             self._check_range(offset, length)
+        fresh, _, bshift, bend, base_fd = self._bv
+        if base_fd >= 0 and offset < bend:
+            self._users.append(1)
+            try:
+                return self._read_based(offset, mv, fresh, bshift, bend, base_fd)
+            finally:
+                self._users.pop()
+        return self._read_image(offset, mv)
+
+    def _read_image(self, offset, mv):
+        length = len(mv)
         shift = self.shift
         if length and offset >> shift == (offset + length - 1) >> shift:
             # Common case, inside one chunk: one lookup, one pread.
@@ -148,11 +264,12 @@ class ChunkMap:
         return not self.frozen[held].any()
 
     def write(self, offset, data):
-        """Write into allocated, unshared chunks; returns -1 (nothing written) otherwise."""
+        """Write into allocated, unshared chunks whose touched blocks are durably out of
+        the base (stale bits); returns -1 (nothing written) otherwise."""
         mv = _byte_view(data, False)
         length = len(mv)
         self._check_range(offset, length)
-        if not self.writable(offset, length):
+        if not (self._stale_ok(offset, length) and self.writable(offset, length)):
             return -1
         for pos, n, host in self._runs(offset, length):
             _full_pwrite(self.fd, mv[pos:pos + n], host)

@@ -11,8 +11,19 @@ bitmap or the journal: the slow write path here, copy-on-read stores, prefetch s
 write_zeroes and flush. Reads and fast-path writes (every touched block already durable
 in the image) take no lock: a bit is set only after its data is written, and a block
 whose bit is set is never written by copy-on-read or prefetch again.
+
+Fast path (BaseLayer.attach_map): the image's ChunkMap views both bitmaps. Its write()
+refuses (-1) a write touching a block whose ``stale`` bit is clear, so Image.write needs
+no Python check. With a raw base and no copy-on-read its readinto() also splits reads by
+``fresh`` bits and reads base runs from the base fd itself (Image.readinto is bound to
+it), with the same runs and stats as BaseLayer.readinto. A read racing a prefetch or
+copy-on-read store is still right: a store copies the base's bytes into the image before
+the bit is set, so whichever source the read picks holds the same bytes. When the layer
+goes (prefetch done, close) the map is detached first and the base fd is closed only once
+no read is inside it (ChunkMap.base_users).
 """
 import os
+import time
 import zlib
 
 from . import format as fmt
@@ -197,6 +208,22 @@ class BaseLayer:
         self.base_size = img._header["base_size"]
         self.bend = min(self.base_size, img.size)      # bytes below this may be in the base
         self.guard = None       # (start, end, epoch, next_seq): last tx checked by data crc
+        # reads served whole by the compiled fast path (ChunkMap.readinto)
+        self.fast_read = isinstance(backend, RawBase) and not copy_on_read
+
+    def attach_map(self):
+        """Give the image's ChunkMap the bitmaps (and a raw base's fd): see module doc."""
+        self.img._map.set_base(self.bitmap.fresh, self.bitmap.stale, self.bs, self.bend,
+                               self.backend.fd if self.fast_read else -1)
+
+    def detach_map(self):
+        """The map stops using the base; returns once no read is inside the base fd."""
+        m = getattr(self.img, "_map", None)
+        if m is None:
+            return
+        m.set_base(None, None, 0, 0, -1)
+        while m.base_users:
+            time.sleep(0.0001)
 
     # ----- reads ------------------------------------------------------------------------
     def _base_read(self, offset, mv):
@@ -294,7 +321,9 @@ class BaseLayer:
     # ----- writes -----------------------------------------------------------------------
     def fast_ok(self, offset, data):
         """True when a guest write may skip the bitmap: every touched block is durably
-        in the image (or past the base). Called by Image.write on every write."""
+        in the image (or past the base). Image.write calls it only while a crc-checked
+        transaction may need sealing (``guard``); otherwise ChunkMap.write checks the
+        same stale bits itself."""
         if offset < 0:
             return False
         if offset < self.bend:
@@ -466,6 +495,7 @@ class BaseLayer:
         pass
 
     def close(self):
+        self.detach_map()
         if self.backend is not None:
             self.backend.close()
             self.backend = None

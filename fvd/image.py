@@ -150,8 +150,9 @@ class Image:
             self._release()
             raise
         self._closed = False
-        if self._base is None:
-            # Reads go straight to the fast path: no Python frame of ours per read.
+        if self._base is None or self._base.fast_read:
+            # Reads go straight to the fast path: no Python frame of ours per read (with
+            # a raw base it reads the base runs itself; see fvd.base).
             self.readinto = self._map.readinto
 
     # ----- open -----------------------------------------------------------------
@@ -173,6 +174,8 @@ class Image:
         self._validate_table(file_size)
         self._map = self._impl.ChunkMap(self._fd, self._table, self._frozen, self.chunk_size,
                                         h["data_offset"], self.size, self.stats)
+        if self._base is not None:
+            self._base.attach_map()
         self._journal = Journal(self._fd, h["journal_offset"], h["journal_size"],
                                 h["journal_epoch"], self.stats)
         self._alloc = ChunkAllocator(self._in_use(), self._punch_chunks)
@@ -373,16 +376,18 @@ class Image:
         """Fill `buffer` from `offset`; returns the number of bytes read."""
         if self._closed:
             self._check_open()
-        if self._base is None:
+        base = self._base
+        if base is None or base.fast_read:
             return self._map.readinto(offset, buffer)
-        return self._base.readinto(offset, buffer)
+        return base.readinto(offset, buffer)
 
     def write(self, offset, data):
         """Write any bytes-like object at any offset; returns the number of bytes."""
         if self.read_only or self._closed:
             self._check_writable()
-        if self._base is None or self._base.fast_ok(offset, data):
-            n = self._map.write(offset, data)
+        base = self._base
+        if base is None or base.guard is None or base.fast_ok(offset, data):
+            n = self._map.write(offset, data)   # checks the base's stale bits itself
         else:
             n = -1
         if n < 0:
