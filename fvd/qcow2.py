@@ -141,7 +141,8 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
         self._rb, self._rb_dirty, self._deferred, self._free_idx = {}, set(), [], 0
         self._l2, self._l2_dirty, self._snap_l1 = {}, set(), {}
         self._fast_l2 = {}
-        self._cmask = self._cs - 1
+        self._fast_read = (self._cbits, self._l2bits, self._l2mask, self._cs, self.size,
+                           self._fast_l2, self._hf.readinto)
         self._load_snapshots(h.nb_snapshots, h.snapshots_offset)
         self._lazy = False
         if not self.read_only:
@@ -278,18 +279,21 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
         # Fast path: inside one allocated cluster whose L2 table is cached: one lookup in
         # the native-endian read table, one HostFile.readinto bounded to that cluster.
         if type(offset) is int and offset >= 0 and not self._closed:
-            cidx = offset >> self._cbits
-            table = self._fast_l2.get(cidx >> self._l2bits)
-            if table is None and offset < self.size:
-                table = self._build_fast_l2(cidx >> self._l2bits)
+            cbits, l2bits, l2mask, cs, size, tables, hread = self._fast_read
+            cidx = offset >> cbits
+            table = tables.get(cidx >> l2bits)
+            if table is None and offset < size:
+                table = self._build_fast_l2(cidx >> l2bits)
             if table is not None:
-                host = table[cidx & self._l2mask]
+                host = table[cidx & l2mask]
                 if host:
-                    within = offset & self._cmask
-                    room = min(self._cs - within, self.size - offset)
+                    within = offset & (cs - 1)
+                    room = cs - within
+                    if offset + room > size:
+                        room = size - offset
                     if room > 0:
                         try:
-                            n = self._hf.readinto(host + within, buf, room)
+                            n = hread(host + within, buf, room)
                         except (BufferError, TypeError, ValueError):
                             n = -1          # odd buffer: the checks below report it
                         if n >= 0:
