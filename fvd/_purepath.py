@@ -214,26 +214,41 @@ class ChunkMap:
             yield run_pos, run_len, run_host
 
     def readinto(self, offset, buf):
-        mv = memoryview(buf)
-        if mv.format != "B" or mv.ndim != 1 or mv.readonly or not mv.contiguous:
-            mv = _byte_view(buf, True)
+        if type(buf) is bytearray:      # the common case, without a memoryview
+            mv = buf
+        else:
+            mv = memoryview(buf)
+            if mv.format != "B" or mv.ndim != 1 or mv.readonly or not mv.contiguous:
+                mv = _byte_view(buf, True)
         length = len(mv)
         if offset < 0 or offset + length > self.size:
             self._check_range(offset, length)
-        fresh, _, bshift, bend, base_fd = self._bv
-        if base_fd >= 0 and offset < bend:
+        bv = self._bv
+        if bv[4] >= 0 and offset < bv[3]:
+            fresh, _, bshift, bend, base_fd = bv
             self._users.append(1)
             try:
-                return self._read_based(offset, mv, fresh, bshift, bend, base_fd)
+                return self._read_based(offset, memoryview(mv), fresh, bshift, bend, base_fd)
             finally:
                 self._users.pop()
-        return self._read_image(offset, mv)
+        shift = self.shift
+        if length and offset >> shift == (offset + length - 1) >> shift:
+            # Common case, inside one chunk: one lookup, one pread.
+            e = self.table.item(offset >> shift)
+            if e < ZERO_CHUNK:
+                host = self.data_offset + (e << shift) + (offset & (self.chunk_size - 1))
+                if os.preadv(self.fd, [mv], host) < length:
+                    _full_pread(self.fd, mv, host)
+                stats = self.stats
+                stats.data_reads += 1
+                stats.data_bytes_read += length
+                return length
+        return self._read_image(offset, memoryview(mv))
 
     def _read_image(self, offset, mv):
         length = len(mv)
         shift = self.shift
         if length and offset >> shift == (offset + length - 1) >> shift:
-            # Common case, inside one chunk: one lookup, one pread.
             e = int(self.table[offset >> shift])
             if e < ZERO_CHUNK:
                 host = self.data_offset + (e << shift) + (offset & (self.chunk_size - 1))
