@@ -281,11 +281,26 @@ class ChunkMap:
     def write(self, offset, data):
         """Write into allocated, unshared chunks whose touched blocks are durably out of
         the base (stale bits); returns -1 (nothing written) otherwise."""
-        mv = _byte_view(data, False)
+        mv = data if type(data) is bytes else _byte_view(data, False)
         length = len(mv)
-        self._check_range(offset, length)
+        if offset < 0 or offset + length > self.size:
+            self._check_range(offset, length)
+        shift = self.shift
+        if (length and offset >> shift == (offset + length - 1) >> shift
+                and self._bv[4] < 0 and self._bv[3] == 0):
+            # Common case, inside one chunk of an image without a base: one lookup.
+            e = self.table.item(offset >> shift)
+            if e >= ZERO_CHUNK or (e < len(self.frozen) and self.frozen[e]):
+                return -1
+            _full_pwrite(self.fd, mv, self.data_offset + (e << shift) +
+                         (offset & (self.chunk_size - 1)))
+            stats = self.stats
+            stats.data_writes += 1
+            stats.data_bytes_written += length
+            return length
         if not (self._stale_ok(offset, length) and self.writable(offset, length)):
             return -1
+        mv = memoryview(mv)
         for pos, n, host in self._runs(offset, length):
             _full_pwrite(self.fd, mv[pos:pos + n], host)
             self.stats.data_writes += 1
