@@ -11,23 +11,10 @@ import os
 import shutil
 
 from . import _impl
-from ._purepath import STAT_FIELDS
 
 
 class Unavailable(Exception):
     """This contender cannot run this workload (missing module, missing tool...)."""
-
-
-class RawStats:
-    """Counters for a plain file, named like `img.stats` so deltas compare directly."""
-    __slots__ = STAT_FIELDS
-
-    def __init__(self):
-        for name in STAT_FIELDS:
-            setattr(self, name, 0)
-
-    def as_dict(self):
-        return {name: getattr(self, name) for name in STAT_FIELDS}
 
 
 class RawFile:
@@ -36,7 +23,7 @@ class RawFile:
     def __init__(self, path, cache):
         self._fd = os.open(path, os.O_RDWR)
         self._writethrough = cache == "writethrough"
-        self.stats = RawStats()
+        self.stats = _impl.new_stats()   # the same counters as img.stats
         self.size = os.fstat(self._fd).st_size
 
     def write(self, offset, data):

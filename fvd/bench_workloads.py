@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import _impl
-from .bench_impls import BY_NAME, Unavailable
+from .bench_impls import Unavailable
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 DISK = 8 * GiB
