@@ -40,6 +40,16 @@ def lock_for_writing(fd, path):
         raise ImageLockedError(f"{path}: image is open for writing elsewhere") from None
 
 
+def writer_active(fd):
+    """True when a writer holds the image's lock (a shared lock cannot be had)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return False
+
+
 def has_data(fd, offset, length):
     """True when the range holds allocated file blocks (SEEK_DATA)."""
     try:

@@ -8,6 +8,7 @@ Order of metadata writes (docs/format.md, "Crash consistency"):
 import errno
 import os
 import threading
+import time
 import zlib
 from dataclasses import dataclass
 
@@ -16,8 +17,8 @@ import numpy as np
 from . import _impl
 from . import format as fmt
 from .allocator import ChunkAllocator, front_usage
-from .errors import CorruptImageError, FvdError
-from .fileio import lock_for_writing, punch_hole
+from .errors import CorruptImageError, FvdError, ImageLockedError
+from .fileio import lock_for_writing, punch_hole, writer_active
 from .journal import (REC_BITMAP, REC_DATA_CRC, REC_TABLE, Journal, read_transactions,
                       table_records)
 
@@ -145,7 +146,9 @@ class Image:
         try:
             if not self.read_only:
                 lock_for_writing(self._fd, self.path)
-            self._load(_chain, copy_on_read)
+                self._load(_chain, copy_on_read)
+            else:
+                self._load_beside_writer(_chain, copy_on_read)
         except BaseException:
             self._release()
             raise
@@ -156,6 +159,23 @@ class Image:
             self.readinto = self._map.readinto
 
     # ----- open -----------------------------------------------------------------
+    def _load_beside_writer(self, chain, copy_on_read, attempts=5):
+        """A reader may race a writer's journal append or checkpoint: retry, and if the
+        image still looks damaged while a writer holds it, say so clearly."""
+        for attempt in range(attempts):
+            try:
+                return self._load(chain, copy_on_read)
+            except CorruptImageError:
+                if not writer_active(self._fd):
+                    raise
+                if self._base is not None:
+                    self._base.close()
+                    self._base = None
+                self.stats = self._impl.Stats()
+                time.sleep(0.01 * (attempt + 1))
+        raise ImageLockedError(f"{self.path}: image is being written by another handle and "
+                               f"no consistent view could be read; retry later")
+
     def _load(self, chain, copy_on_read):
         file_size = os.fstat(self._fd).st_size
         raw = os.pread(self._fd, fmt.HEADER_SIZE, 0)
