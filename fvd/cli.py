@@ -95,7 +95,7 @@ def _base_size(path, base_format):
 
 def cmd_info(args):
     from .image import open as open_image
-    with open_image(args.image) as img:
+    with open_image(args.image, force_share=args.force_share) as img:
         info = img.info()
     lines = [f"image: {info['filename']}", "file format: fvd",
              f"virtual size: {human(info['virtual-size'])} ({info['virtual-size']} bytes)",
@@ -143,7 +143,7 @@ def cmd_check(args):
 
 def cmd_map(args):
     from .image import open as open_image
-    with open_image(args.image) as img:
+    with open_image(args.image, force_share=args.force_share) as img:
         extents = [e.as_dict() for e in img.extents()]
     if args.output == "json":
         print(json.dumps(extents, indent=None).replace("}, {", "},\n{"))
@@ -169,7 +169,7 @@ def _snapshot_table(snaps):
 def cmd_snapshot(args):
     from .image import open as open_image
     if args.list:
-        with open_image(args.image) as img:
+        with open_image(args.image, force_share=args.force_share) as img:
             snaps = [s.as_dict() for s in img.snapshots()]
         emit(args, snaps, _snapshot_table(snaps))
         return 0
@@ -222,6 +222,8 @@ def build_parser():
 
     i = sub.add_parser("info", help="show header facts, allocation and snapshots")
     i.add_argument("--output", choices=["human", "json"], default="human")
+    i.add_argument("-U", "--force-share", action="store_true",
+                   help="open even while another handle writes it (best-effort view)")
     i.add_argument("image")
     i.set_defaults(func=cmd_info)
 
@@ -233,6 +235,8 @@ def build_parser():
 
     m = sub.add_parser("map", help="show the allocation map (as qemu-img map)")
     m.add_argument("--output", choices=["human", "json"], default="human")
+    m.add_argument("-U", "--force-share", action="store_true",
+                   help="open even while another handle writes it (best-effort view)")
     m.add_argument("image")
     m.set_defaults(func=cmd_map)
 
@@ -243,6 +247,8 @@ def build_parser():
     g.add_argument("-d", dest="delete", metavar="NAME", help="delete a snapshot")
     g.add_argument("-a", dest="apply", metavar="NAME", help="revert to a snapshot")
     s.add_argument("--output", choices=["human", "json"], default="human")
+    s.add_argument("-U", "--force-share", action="store_true",
+                   help="open even while another handle writes it (best-effort view)")
     s.add_argument("image")
     s.set_defaults(func=cmd_snapshot)
 

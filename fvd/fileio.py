@@ -31,13 +31,18 @@ def punch_hole(fd, offset, length):
         offset += n
 
 
-def lock_for_writing(fd, path):
-    """An exclusive lock on the open file description: a second writer in this or any
-    other process fails at once with ImageLockedError."""
+def lock_image(fd, path, exclusive):
+    """QEMU's discipline on the open file description: one writer and no readers, or any
+    number of readers. A conflicting open fails at once with ImageLockedError."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise ImageLockedError(f"{path}: image is open for writing elsewhere") from None
+        if exclusive:
+            raise ImageLockedError(f"{path}: image is in use elsewhere (open for writing or "
+                                   f"reading)") from None
+        raise ImageLockedError(f"{path}: image is open for writing elsewhere (force_share=True"
+                               f", or -U on the command line, gives a best-effort view)") \
+            from None
 
 
 def writer_active(fd):

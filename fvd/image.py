@@ -18,7 +18,7 @@ from . import _impl
 from . import format as fmt
 from .allocator import ChunkAllocator, front_usage
 from .errors import CorruptImageError, FvdError, ImageLockedError
-from .fileio import lock_for_writing, punch_hole, writer_active
+from .fileio import lock_image, punch_hole, writer_active
 from .journal import (REC_BITMAP, REC_DATA_CRC, REC_TABLE, Journal, read_transactions,
                       table_records)
 
@@ -125,9 +125,11 @@ class Image:
     """An open FVD image. Use `fvd.open()` to get one."""
 
     def __init__(self, path, mode="r", *, cache="writeback", copy_on_read=False,
-                 _for_check=False, _chain=()):
+                 force_share=False, _for_check=False, _chain=()):
         if mode not in ("r", "r+"):
             raise ValueError(f"mode must be 'r' or 'r+', not {mode!r}")
+        if force_share and mode != "r":
+            raise ValueError("force_share is for read-only opens")
         self.path = os.fspath(path)
         self.read_only = mode == "r"
         self._writethrough = _parse_cache(cache)
@@ -144,8 +146,8 @@ class Image:
         self._dirty_since_checkpoint = False
         self._fd = os.open(self.path, os.O_RDONLY if self.read_only else os.O_RDWR)
         try:
-            if not self.read_only:
-                lock_for_writing(self._fd, self.path)
+            if not force_share:
+                lock_image(self._fd, self.path, exclusive=not self.read_only)
                 self._load(_chain, copy_on_read)
             else:
                 self._load_beside_writer(_chain, copy_on_read)
@@ -160,8 +162,8 @@ class Image:
 
     # ----- open -----------------------------------------------------------------
     def _load_beside_writer(self, chain, copy_on_read, attempts=5):
-        """A reader may race a writer's journal append or checkpoint: retry, and if the
-        image still looks damaged while a writer holds it, say so clearly."""
+        """force_share: a reader may race a writer's journal append or checkpoint: retry,
+        and if the image still looks damaged while a writer holds it, say so clearly."""
         for attempt in range(attempts):
             try:
                 return self._load(chain, copy_on_read)
@@ -613,6 +615,12 @@ class Image:
         return prefetch(self, progress, **options)
 
 
-def open(path, mode="r", *, cache="writeback", copy_on_read=False):
-    """Open an FVD image; mode "r" or "r+"."""
-    return Image(path, mode, cache=cache, copy_on_read=copy_on_read)
+def open(path, mode="r", *, cache="writeback", copy_on_read=False, force_share=False):
+    """Open an FVD image; mode "r" or "r+".
+
+    Locking follows QEMU: a writer excludes every other handle, readers share. With
+    `force_share=True` a reader opens beside a writer and sees the image as of the
+    writer's last flush (best effort, like `qemu-img -U`): chunks the writer frees and
+    reuses after this open may show the writer's newer data.
+    """
+    return Image(path, mode, cache=cache, copy_on_read=copy_on_read, force_share=force_share)

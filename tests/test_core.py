@@ -254,8 +254,14 @@ def test_second_writer_is_locked_out(path):
         p.start()
         p.join(30)
         assert q.get(timeout=5) == "ImageLockedError"
-        with fvd.open(path) as reader:           # readers are allowed
+        with pytest.raises(fvd.ImageLockedError):
+            fvd.open(path)                       # readers too, as with qemu-img
+        with fvd.open(path, force_share=True) as reader:     # unless they insist
             assert reader.read(0, 1) == b"\0"
+    with fvd.open(path) as r1, fvd.open(path) as r2:          # readers share
+        assert r1.read(0, 1) == r2.read(0, 1)
+        with pytest.raises(fvd.ImageLockedError):
+            fvd.open(path, "r+")
     with fvd.open(path, "r+"):
         pass
 
@@ -295,3 +301,53 @@ def test_check_finds_and_repairs_leaks(path):
     r = check_path(path, repair=True)
     assert r.leaks == 0 and r.leaks_fixed >= 1
     assert check_path(path).ok
+
+
+def test_reader_beside_a_writer_gets_a_view_or_a_clear_error(path, monkeypatch):
+    fvd.create(path, 4 * MiB)
+    with fvd.open(path, "r+"):
+        def damaged(self, *args):
+            raise fvd.CorruptImageError(self.path, 0, "simulated torn read")
+        monkeypatch.setattr(fvd.Image, "_load", damaged)
+        with pytest.raises(fvd.ImageLockedError):
+            fvd.open(path, force_share=True)
+    with pytest.raises(fvd.CorruptImageError):       # no writer: damage is damage
+        fvd.open(path, force_share=True)
+
+
+def test_readers_racing_a_writer_never_see_data_from_elsewhere(path):
+    """A writer rewrites its 16 blocks over and over and flushes (small journal, so
+    checkpoints too); force_share readers opening meanwhile get ImageLockedError, or read
+    in block i only bytes written to block i (or zeros); nothing else. The writer never
+    frees chunks here: a freed and reused chunk is the documented limit of force_share."""
+    import threading
+    fvd.create(path, 1 * MiB, chunk_size=64 * KiB, journal_size=64 * KiB)
+    stop = threading.Event()
+    errors = []
+
+    def writer():
+        with fvd.open(path, "r+") as img:
+            g = 1
+            while not stop.is_set() and g < 400:
+                for i in range(16):
+                    img.write(i * 64 * KiB, bytes([(i + 16 * g) % 256]) * 4096)
+                img.flush()
+                g += 1
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        for _ in range(40):
+            try:
+                with fvd.open(path, force_share=True) as img:
+                    for i in range(16):
+                        got = np.frombuffer(img.read(i * 64 * KiB, 4096), dtype=np.uint8)
+                        bad = got[(got != 0) & (got % 16 != i)]
+                        if len(bad):
+                            errors.append((i, bad[:4].tolist()))
+            except fvd.ImageLockedError:
+                pass
+    finally:
+        stop.set()
+        t.join()
+    assert not errors
