@@ -161,7 +161,7 @@ def _snapshot_table(snaps):
     for s in snaps:
         created = s.get("created")
         created = created.strftime("%Y-%m-%d %H:%M:%S") if hasattr(created, "strftime") \
-            else str(created)
+            else str(created)[:19].replace("T", " ")
         rows.append(f"{s['id']:<6}{s['name']:<24}{human(s['vm_state_size']):>12}  {created:<20}")
     return "\n".join(rows)
 
@@ -280,7 +280,7 @@ def main(argv=None):
         msg = str(e)
         if isinstance(e, OSError) and not isinstance(e, FvdError):
             msg = f"{e.filename or name}: {e.strerror or e}"
-        elif isinstance(e, KeyError):
+        elif isinstance(e, KeyError) and not isinstance(e, FvdError):
             msg = f"{name}: {e.args[0] if e.args else e}"
         print(f"fvd {args.command}: {msg}", file=sys.stderr)
         return 1
