@@ -56,9 +56,6 @@ class ChunkAllocator:
         for i in indexes:
             heapq.heappush(self.free, i)
 
-    def free_count(self):
-        return len(self.free) + len(self.pending)
-
 
 def runs(sorted_indexes):
     """(first, count) runs of consecutive integers."""

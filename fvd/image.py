@@ -16,7 +16,7 @@ import numpy as np
 
 from . import _impl
 from . import format as fmt
-from .allocator import ChunkAllocator, front_usage
+from .allocator import ChunkAllocator, front_usage, runs
 from .errors import CorruptImageError, FvdError, ImageLockedError
 from .fileio import lock_image, punch_hole, writer_active
 from .journal import (REC_BITMAP, REC_DATA_CRC, REC_TABLE, Journal, read_transactions,
@@ -320,7 +320,6 @@ class Image:
     def _scrub_free_chunks(self):
         """Chunks a crash left half-allocated: punch free ones, cut the file's tail."""
         free = sorted(self._alloc.free)
-        from .allocator import runs
         for first, count in runs(free):
             self._punch_chunks(first, count)
         end = self._header["data_offset"] + self._alloc.end * self.chunk_size

@@ -83,10 +83,6 @@ class Journal:
         self.stats = stats
         self.next_seq = 0
 
-    @property
-    def empty(self):
-        return self.next_seq == 0
-
     def fits(self, nbytes):
         return (self.next_seq * SECTOR + nbytes) <= self.size
 
