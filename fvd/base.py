@@ -504,21 +504,29 @@ class BaseLayer:
         check_bitmap(img, result, repair)
 
 
+def marked_unallocated(bits, nblocks, table, chunk_size, block_size):
+    """Virtual chunks that are UNALLOCATED in `table` but have a bit set in `bits`."""
+    import numpy as np
+    from .bitmap import get_bits
+    if nblocks == 0:
+        return np.zeros(0, dtype=np.int64)
+    per = chunk_size // block_size
+    nch = -(-nblocks // per)
+    padded = np.zeros(nch * per, dtype=bool)
+    padded[:nblocks] = get_bits(bits, 0, nblocks)
+    marked = padded.reshape(nch, per).any(axis=1)
+    unalloc = table[:nch] == fmt.UNALLOCATED
+    return np.flatnonzero(marked[:len(unalloc)] & unalloc)
+
+
 def check_bitmap(img, result, repair):
     """A block marked in the image inside an unallocated chunk reads zeros, not the base."""
-    import numpy as np
     bm = img._bitmap
     if bm is None or bm.nblocks == 0:
         return
     cs, bs = img.chunk_size, img.block_size
     per = cs // bs
-    flags = bm.fresh_bits(0, bm.nblocks)
-    nch = -(-bm.nblocks // per)
-    padded = np.zeros(nch * per, dtype=bool)
-    padded[:bm.nblocks] = flags
-    marked = padded.reshape(nch, per).any(axis=1)
-    unalloc = img._table[:nch] == fmt.UNALLOCATED
-    bad = np.flatnonzero(marked[:len(unalloc)] & unalloc)
+    bad = marked_unallocated(bm.fresh, bm.nblocks, img._table, cs, bs)
     for v in bad.tolist():
         result.corruptions += 1
         result.messages.append(f"ERROR: bitmap marks blocks of unallocated chunk {v} as in "

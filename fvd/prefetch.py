@@ -15,6 +15,11 @@
   checkpointed are read from the base again, and the next prefetch skips what is present.
 * At the end: flush, checkpoint (data synced, then the all-ones bitmap written), then the
   header gets BASE_FLAG_PREFETCHED and the base is closed: the image no longer needs it.
+  Unless a snapshot still reads the base (its bitmap copy has a clear bit below the base
+  end): then only the front is complete and the base stays attached; a prefetch after
+  the last such snapshot is deleted finishes the job.
+* Blocks in chunks a snapshot holds (frozen) are stored like a guest write would: the
+  chunk is first copied to a new one (Image._prepare_chunks), never written in place.
 """
 import random
 import sys
@@ -129,6 +134,10 @@ def _finish(img, layer, nb):
             return          # a block could not be stored (image closing): try again later
         img._dirty_since_checkpoint = True
         img._checkpoint(clean=False)
+        if img._snapshots is not None and img._snapshots.entries:
+            from .snapshots import snapshots_need_base
+            if snapshots_need_base(img):
+                return      # the front is complete, but a snapshot still reads the base
         img._write_header(base_flags=img._header["base_flags"] | fmt.BASE_FLAG_PREFETCHED)
         img._sync()
         img._base = None

@@ -10,6 +10,11 @@ All snapshot metadata (snapshot table, refcount table, each snapshot's lookup ta
 vm_state) lives in chunks of the data area and is written copy-on-write: new metadata goes
 to freshly allocated chunks, is synced, and one header write + sync commits it. Only then
 are the chunks nothing refers to any more released (hole-punched).
+
+With a base image each snapshot also keeps a copy of the durable (stale) bitmap (entry
+extra data: bitmap_offset, bitmap_crc). Views read the base for its clear bits, revert
+restores it with the table, and prefetch keeps the base attached while some snapshot's
+copy still has a clear bit below the base end (snapshots_need_base).
 """
 import heapq
 import os
@@ -24,13 +29,15 @@ import numpy as np
 from . import format as fmt
 from . import journal
 from .allocator import front_usage
+from .bitmap import get_bits
 from .errors import CorruptImageError, FvdError
 
 TABLE_MAGIC = 0x53445646            # "FVDS" little-endian
 TABLE_HEAD = struct.Struct("<IIIIQQ")   # magic crc nb refcount_crc revert_id revert_epoch
 ENTRY = struct.Struct("<QQQQIHHQQII")   # id created_ns virtual_size table_offset table_crc
-#                                         name_size reserved vm_off vm_size vm_crc reserved
-assert TABLE_HEAD.size == 32 and ENTRY.size == 64
+#                                         name_size extra_size vm_off vm_size vm_crc reserved
+EXTRA_BITMAP = struct.Struct("<QII")    # bitmap_offset bitmap_crc reserved (images with a base)
+assert TABLE_HEAD.size == 32 and ENTRY.size == 64 and EXTRA_BITMAP.size == 16
 REFCOUNT_MAX = 0xFFFF               # refcounts are uint16
 MAX_NAME = 255
 
@@ -74,6 +81,8 @@ class _Entry:
     vm_offset: int
     vm_size: int
     vm_crc: int
+    bitmap_offset: int = 0      # copy of the base bitmap (images with a base), else 0
+    bitmap_crc: int = 0
 
     def info(self):
         created = datetime.fromtimestamp(self.created_ns / 1e9, tz=timezone.utc)
@@ -84,12 +93,22 @@ def _pad8(n):
     return (n + 7) & ~7
 
 
+def _extra_size(e):
+    return EXTRA_BITMAP.size if e.bitmap_offset else 0
+
+
+def entry_size(e):
+    return ENTRY.size + _extra_size(e) + _pad8(len(e.name.encode("utf-8")))
+
+
 def encode_table(entries, refcount_crc, revert_id=0, revert_epoch=0):
     body = bytearray()
     for e in entries:
         name = e.name.encode("utf-8")
         body += ENTRY.pack(e.id, e.created_ns, e.size, e.table_offset, e.table_crc,
-                           len(name), 0, e.vm_offset, e.vm_size, e.vm_crc, 0)
+                           len(name), _extra_size(e), e.vm_offset, e.vm_size, e.vm_crc, 0)
+        if e.bitmap_offset:
+            body += EXTRA_BITMAP.pack(e.bitmap_offset, e.bitmap_crc, 0)
         body += name.ljust(_pad8(len(name)), b"\0")
     raw = bytearray(TABLE_HEAD.pack(TABLE_MAGIC, 0, len(entries), refcount_crc,
                                     revert_id, revert_epoch)) + body
@@ -133,6 +152,8 @@ class SnapshotState:
         """(first, count) runs of the chunks that hold an entry's lookup table + vm_state."""
         cs, d = img.chunk_size, img._header["data_offset"]
         out = [((e.table_offset - d) // cs, -(-4 * img._nchunks // cs))]
+        if e.bitmap_offset:
+            out.append(((e.bitmap_offset - d) // cs, -(-img._header["bitmap_size"] // cs)))
         if e.vm_size:
             out.append(((e.vm_offset - d) // cs, -(-e.vm_size // cs)))
         return out
@@ -234,9 +255,15 @@ def attach_snapshots(img):
         where = toff + pos
         if pos + ENTRY.size > len(raw):
             return bad(where, "snapshot table entry overruns the table")
-        (sid, created, size, t_off, t_crc, nlen, _r, vm_off, vm_size, vm_crc,
+        (sid, created, size, t_off, t_crc, nlen, xsize, vm_off, vm_size, vm_crc,
          _r2) = ENTRY.unpack_from(raw, pos)
         pos += ENTRY.size
+        if xsize % 8 or pos + xsize > len(raw):
+            return bad(where + 38, f"snapshot extra data size {xsize} out of range")
+        bm_off = bm_crc = 0
+        if xsize >= EXTRA_BITMAP.size:
+            bm_off, bm_crc, _r3 = EXTRA_BITMAP.unpack_from(raw, pos)
+        pos += xsize            # extra data past the fields known here is skipped
         if nlen == 0 or pos + nlen > len(raw):
             return bad(where, "snapshot name size out of range")
         try:
@@ -256,8 +283,16 @@ def attach_snapshots(img):
                                    f"the file ({file_size} bytes)")
         if size != img.size:
             return bad(where + 16, f"snapshot {name!r}: size {size} differs from the image")
+        if h["base_format"] != fmt.BASE_NONE:
+            bsize = h["bitmap_size"]
+            if not (bm_off >= d and (bm_off - d) % cs == 0 and bm_off + bsize <= file_size):
+                return bad(where + 64, f"snapshot {name!r}: bitmap at {bm_off} is missing or "
+                                       f"outside the data area or the file ({file_size} "
+                                       f"bytes)")
+        else:
+            bm_off = bm_crc = 0         # no base: a bitmap copy means nothing
         st.entries.append(_Entry(sid, created, size, t_off, t_crc, name, vm_off, vm_size,
-                                 vm_crc))
+                                 vm_crc, bm_off, bm_crc))
     nphys = max(0, -(-(file_size - d) // cs))
     if len(st.refcount) > nphys and st.refcount[nphys:].any():
         return bad(roff, "refcount table counts chunks past the end of the file")
@@ -267,6 +302,10 @@ def attach_snapshots(img):
         if not target:
             return bad(toff, f"pending revert to unknown snapshot id {revert_id}")
         img._table = read_snapshot_table(img, target[0])
+        if img._bitmap is not None:     # ... and its bitmap is the front's bitmap
+            bits = read_snapshot_bitmap(img, target[0])
+            img._bitmap.fresh[:] = bits
+            img._bitmap.stale[:] = bits
     _set_frozen(img, st, install=False)
 
 
@@ -287,6 +326,31 @@ def read_snapshot_table(img, e):
     return np.frombuffer(raw, dtype="<u4").astype(np.uint32)
 
 
+def read_snapshot_bitmap(img, e):
+    """The snapshot's copy of the base bitmap (uint8 array, bitmap_size bytes)."""
+    raw = img._read_meta(e.bitmap_offset, img._header["bitmap_size"])
+    if zlib.crc32(raw) != e.bitmap_crc:
+        raise CorruptImageError(img.path, e.bitmap_offset,
+                                f"snapshot {e.name!r}: bitmap checksum mismatch")
+    return np.frombuffer(raw, dtype=np.uint8).copy()
+
+
+def _needs_base(img, bits):
+    """True when a bitmap has a clear bit below the end of the base (min(base, size))."""
+    bend = min(img._header["base_size"], img.size)
+    nb = -(-bend // img.block_size)
+    return bool(nb) and not get_bits(bits, 0, nb).all()
+
+
+def snapshots_need_base(img):
+    """True when some snapshot still reads blocks from the base (prefetch must then keep
+    the base attached). Reads each snapshot's bitmap (one read each)."""
+    st = img._snapshots
+    if st is None or img._bitmap is None:
+        return False
+    return any(_needs_base(img, read_snapshot_bitmap(img, e)) for e in st.entries)
+
+
 def _state(img):
     img._check_open()
     if img._snapshots is None:
@@ -298,10 +362,6 @@ def _state(img):
 
 def _writable_state(img):
     img._check_writable()
-    if img._base is not None:
-        from .errors import UnsupportedFeatureError
-        raise UnsupportedFeatureError(f"{img.path}: internal snapshots of an image with a "
-                                      f"base image are not supported")
     return _state(img)
 
 
@@ -319,8 +379,7 @@ def _commit(img, st, entries, refcount, extra=(), revert=(0, 0), refcount_chunks
     # entries need the offsets of the extra regions: allocate first, encode after
     sizes = []
     if entries:
-        tsize = TABLE_HEAD.size + sum(ENTRY.size + _pad8(len(e.name.encode()))
-                                      for e in entries)
+        tsize = TABLE_HEAD.size + sum(entry_size(e) for e in entries)
         sizes.append(tsize)
         if refcount_chunks is None:
             sizes.append(len(rc_raw))
@@ -430,8 +489,17 @@ def _release_runs(img, run_list):
 
 # ----- operations ---------------------------------------------------------------------
 def create_snapshot(img, name, vm_state=b""):
-    """A read-only snapshot of the current contents; returns its SnapshotInfo."""
+    """A read-only snapshot of the current contents; returns its SnapshotInfo.
+
+    With a base image the snapshot also gets a copy of the durable (stale) bitmap. The
+    image lock is held throughout, so a prefetch or copy-on-read store in another thread
+    cannot change the table or the bitmap between the flush and the copy."""
     st = _writable_state(img)
+    with img._lock:
+        return _create(img, st, name, vm_state)
+
+
+def _create(img, st, name, vm_state):
     check_name(name)
     if any(e.name == name for e in st.entries):
         raise ValueError(f"{img.path}: a snapshot named {name!r} already exists")
@@ -454,10 +522,19 @@ def create_snapshot(img, name, vm_state=b""):
     entry = _Entry(img._header["next_snapshot_id"], time.time_ns(), img.size, 0,
                    zlib.crc32(tbytes), name, 0, len(vm), zlib.crc32(vm) if len(vm) else 0)
     entries = st.entries + [entry]
-    extra = [(len(tbytes), tbytes), (len(vm), vm)]
+    extra = [(len(tbytes), tbytes)]
+    if img._bitmap is not None:
+        # the bits that are durable now (flush above): soft bits name data that is also
+        # in the base, so the snapshot reads those blocks from the base
+        bits = img._bitmap.stale.tobytes()
+        entry.bitmap_crc = zlib.crc32(bits)
+        extra.append((len(bits), bits))
+    extra.append((len(vm), vm))
     layout = _commit(img, st, entries, refcount, extra)
     entry.table_offset = layout[3][0]
-    entry.vm_offset = layout[3][1] if len(vm) else 0
+    if img._bitmap is not None:
+        entry.bitmap_offset = layout[3][1]
+    entry.vm_offset = layout[3][-1] if len(vm) else 0
     h, tch, rch, old = _write_and_commit(img, st, entries, refcount, layout, extra,
                                          (0, 0), None)
     img._write_header(next_snapshot_id=entry.id + 1, **h)
@@ -480,6 +557,11 @@ def list_snapshots(img):
 def delete_snapshot(img, name):
     """Drop a snapshot; chunks nothing else holds become free (reused before growing)."""
     st = _writable_state(img)
+    with img._lock:
+        _delete(img, st, name)
+
+
+def _delete(img, st, name):
     e = st.find(name, img.path)
     if st.views.get(e.id):
         raise SnapshotBusyError(f"{img.path}: snapshot {name!r} is open (open_snapshot); "
@@ -523,11 +605,23 @@ def revert_to_snapshot(img, name):
 
     Crash atomicity: checkpoint (empty journal at epoch E), then commit a snapshot table
     carrying "revert to id at epoch E" (open applies it while the epoch is still E), then
-    checkpoint the new table in place, which moves the epoch past E and voids the marker."""
+    checkpoint the new table in place, which moves the epoch past E and voids the marker.
+    With a base image the snapshot's bitmap replaces the front's in the same steps (it is
+    written by the checkpoint; an open under the marker reads the snapshot's copy)."""
     st = _writable_state(img)
+    with img._lock:
+        _revert(img, st, name)
+
+
+def _revert(img, st, name):
     e = st.find(name, img.path)
     img.flush()
     new_table = read_snapshot_table(img, e)
+    new_bits = read_snapshot_bitmap(img, e) if img._bitmap is not None else None
+    if new_bits is not None and img._base is None and _needs_base(img, new_bits):
+        raise CorruptImageError(img.path, e.bitmap_offset,
+                                f"snapshot {name!r} reads the base image, but the image "
+                                f"is marked prefetched")
     old_table = img._table.copy()
     img._dirty_since_checkpoint = True
     img._checkpoint(clean=False)                    # journal empty at the current epoch
@@ -539,6 +633,9 @@ def revert_to_snapshot(img, name):
     img._sync()                                     # commit point
     st.table_chunks = tch
     img._table[:] = new_table
+    if new_bits is not None:
+        img._bitmap.fresh[:] = new_bits         # in place: the chunk map views them
+        img._bitmap.stale[:] = new_bits
     img._dirty_since_checkpoint = True
     img._checkpoint(clean=False)                    # table in place, epoch E+1
     _release_runs(img, old)
@@ -566,7 +663,11 @@ def read_vm_state(img, name):
 
 # ----- read-only views ------------------------------------------------------------------
 class SnapshotView:
-    """A read-only view of one snapshot, with its own read-only file descriptor."""
+    """A read-only view of one snapshot, with its own read-only file descriptor.
+
+    With a base image: blocks whose bit is clear in the snapshot's bitmap (below the end
+    of the base) read from the base, through the view's own read-only open of it (so the
+    view outlives the image handle's base layer); the rest as for the front."""
 
     read_only = True
     _base = None
@@ -596,11 +697,41 @@ class SnapshotView:
                                            np.ones(0, dtype=np.uint8), self.chunk_size,
                                            self._header["data_offset"], self.size,
                                            self.stats)
+            if img._bitmap is not None:
+                self._attach_base(img, entry)
         except BaseException:
+            if self._base is not None:
+                self._base.close()
             os.close(self._fd)
             raise
         self._state.views[self._id] = self._state.views.get(self._id, 0) + 1
         self._closed = False
+
+    def _attach_base(self, img, entry):
+        from .base import BaseLayer, _open_backend
+        from .bitmap import Bitmap
+        h = img._header
+        raw = os.pread(self._fd, h["bitmap_size"], entry.bitmap_offset)
+        self.stats.metadata_reads += 1
+        self.stats.metadata_bytes_read += len(raw)
+        if len(raw) != h["bitmap_size"] or zlib.crc32(raw) != entry.bitmap_crc:
+            raise CorruptImageError(img.path, entry.bitmap_offset,
+                                    f"snapshot {entry.name!r}: bitmap checksum mismatch "
+                                    f"or truncated")
+        bits = np.frombuffer(raw, dtype=np.uint8)
+        if not _needs_base(img, bits):
+            return                      # every block is in the image: no base needed
+        self._bitmap = Bitmap(raw, -(-h["base_size"] // self.block_size), 0)
+        self._header["base_size"] = h["base_size"]
+        path = h["_base_path"]
+        backend = _open_backend(path, h["base_format"], (os.path.realpath(img.path),))
+        if backend.size != h["base_size"]:
+            backend.close()
+            from .errors import BaseImageError
+            raise BaseImageError(f"{path}: base image size changed from {h['base_size']} "
+                                 f"to {backend.size} bytes")
+        self._base = BaseLayer(self, backend, path, False)
+        self._base.attach_map()
 
     def _check_open(self):
         if self._closed:
@@ -608,6 +739,8 @@ class SnapshotView:
 
     def readinto(self, offset, buffer):
         self._check_open()
+        if self._base is not None and not self._base.fast_read:
+            return self._base.readinto(offset, buffer)
         return self._map.readinto(offset, buffer)
 
     def read(self, offset, length):
@@ -627,6 +760,9 @@ class SnapshotView:
         if self._closed:
             return
         self._closed = True
+        if self._base is not None:
+            self._base.close()
+            self._base = None
         os.close(self._fd)
         left = self._state.views.get(self._id, 1) - 1
         if left:
@@ -668,6 +804,25 @@ def store_refcounts(img, st, refcount):
 
 
 # ----- check -------------------------------------------------------------------------------
+def _check_snapshot_bitmap(img, e, table, result):
+    """The snapshot's bitmap copy: checksum, and no bit set in a chunk its table leaves
+    unallocated (the view would read zeros there instead of the base). Not repaired: the
+    snapshot is read-only; delete it or revert and repair the front."""
+    from .base import marked_unallocated
+    try:
+        bits = read_snapshot_bitmap(img, e)
+    except CorruptImageError as err:
+        result.corruptions += 1
+        result.messages.append(f"ERROR {err}")
+        return
+    nblocks = -(-img._header["base_size"] // img.block_size)
+    bad = marked_unallocated(bits, nblocks, table, img.chunk_size, img.block_size)
+    for v in bad.tolist()[:10]:
+        result.messages.append(f"ERROR snapshot {e.name!r}: bitmap marks blocks of "
+                               f"unallocated chunk {v} as in the image")
+    result.corruptions += len(bad)
+
+
 def _check(st, img, result, repair):
     """Recompute refcounts from every snapshot table; find leaks and double use."""
     cs, d = img.chunk_size, img._header["data_offset"]
@@ -700,6 +855,8 @@ def _check(st, img, result, repair):
             result.corruptions += 1
             result.messages.append(f"ERROR snapshot {e.name!r} maps one chunk twice")
         np.add.at(counted, held, 1)
+        if e.bitmap_offset:
+            _check_snapshot_bitmap(img, e, t, result)
     meta_hit = np.flatnonzero((counted > 0) & (owner == 1))
     if len(meta_hit):
         result.corruptions += len(meta_hit)

@@ -289,18 +289,6 @@ def test_damaged_snapshot_metadata_is_reported(path):
     assert path in str(e.value) and str(toff) in str(e.value)
 
 
-def test_snapshots_of_an_image_with_a_base_are_refused(tmp_path):
-    base = str(tmp_path / "base.raw")
-    with open(base, "wb") as f:
-        f.truncate(SIZE)
-    p = str(tmp_path / "over.fvd")
-    fvd.create(p, SIZE, chunk_size=CS, base=base, base_format="raw")
-    with fvd.open(p, "r+") as img:
-        with pytest.raises(fvd.UnsupportedFeatureError):
-            img.create_snapshot("s")
-        assert img.snapshots() == []
-
-
 def test_refcount_overflow_is_refused(path, monkeypatch):
     monkeypatch.setattr(snap, "REFCOUNT_MAX", 3)
     with fvd.open(path, "r+") as img:
