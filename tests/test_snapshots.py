@@ -478,20 +478,27 @@ def test_crash_at_every_write_of_an_operation(path, monkeypatch, op, tmp_path):
         rec.undo()
         after = model_of(img)
         img._crash()
+    assert_every_cut_is_before_or_after(pre, rec.ops, before, after, model_of,
+                                        str(tmp_path / "cut.fvd"))
+
+
+def assert_every_cut_is_before_or_after(pre, ops, before, after, model, cut):
+    """Apply each prefix of an operation's recorded writes to a copy of the image taken
+    before it: every cut must open (read-write, then read-only) as exactly the state
+    before or after the operation, and check clean; both states must occur."""
     assert before != after
-    assert len(rec.ops) >= 3
-    cut = str(tmp_path / "cut.fvd")
+    assert len(ops) >= 3
     seen = set()
-    for k in range(len(rec.ops) + 1):
+    for k in range(len(ops) + 1):
         shutil.copyfile(pre, cut)
-        apply_ops(cut, rec.ops[:k])
+        apply_ops(cut, ops[:k])
         with fvd.open(cut, "r+") as img:
-            state = model_of(img)
-            assert state in (before, after), f"cut after {k} of {len(rec.ops)} writes"
+            state = model(img)
+            assert state in (before, after), f"cut after {k} of {len(ops)} writes"
             seen.add(state == after)
             assert_clean(img)
         with fvd.open(cut) as img:
-            assert model_of(img) == state
+            assert model(img) == state
             assert_clean(img)
     assert seen == {False, True}
 

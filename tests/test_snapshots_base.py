@@ -17,7 +17,8 @@ import fvd
 from fvd import format as fmt
 from fvd import snapshots as snap
 
-from .test_snapshots import WriteRecorder, apply_ops, assert_clean, delta, pat
+from .test_snapshots import (WriteRecorder, assert_clean, assert_every_cut_is_before_or_after,
+                             delta, pat)
 
 CS = 64 * 1024
 BLOCK = 4096
@@ -356,22 +357,8 @@ def test_crash_at_every_write_over_a_base(tmp_path, monkeypatch, op):
         rec.undo()
         after = _model(img)
         img._crash()
-    assert before != after
-    assert len(rec.ops) >= 3
-    cut = os.path.join(tmp, "cut.fvd")
-    seen = set()
-    for k in range(len(rec.ops) + 1):
-        shutil.copyfile(pre, cut)
-        apply_ops(cut, rec.ops[:k])
-        with fvd.open(cut, "r+") as img:
-            state = _model(img)
-            assert state in (before, after), f"cut after {k} of {len(rec.ops)} writes"
-            seen.add(state == after)
-            assert_clean(img)
-        with fvd.open(cut) as img:
-            assert _model(img) == state
-            assert_clean(img)
-    assert seen == {False, True}
+    assert_every_cut_is_before_or_after(pre, rec.ops, before, after, _model,
+                                        os.path.join(tmp, "cut.fvd"))
 
 
 # ----- hypothesis state machine -------------------------------------------------------------------
