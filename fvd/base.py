@@ -180,6 +180,16 @@ def attach_base(img, chain, copy_on_read):
     img._bitmap = Bitmap(raw, nblocks, h["bitmap_offset"])
     if h["base_flags"] & fmt.BASE_FLAG_PREFETCHED:
         return
+    try:
+        _attach_backend(img, chain, copy_on_read, resolved)
+    except BaseImageError as e:
+        if not img._for_check:
+            raise
+        img._notes.append(f"base image not opened ({e}); the image was checked alone")
+
+
+def _attach_backend(img, chain, copy_on_read, resolved):
+    h = img._header
     me = os.path.realpath(img.path)
     chain = tuple(chain) + (me,)
     real = os.path.realpath(resolved)
@@ -499,9 +509,6 @@ class BaseLayer:
         if self.backend is not None:
             self.backend.close()
             self.backend = None
-
-    def check(self, img, result, repair):
-        check_bitmap(img, result, repair)
 
 
 def marked_unallocated(bits, nblocks, table, chunk_size, block_size):

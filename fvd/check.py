@@ -4,7 +4,9 @@ import os
 import numpy as np
 
 from .allocator import runs
+from .base import check_bitmap
 from .fileio import has_data
+from .format import BASE_FLAG_PREFETCHED
 from .image import CheckResult, Image
 
 
@@ -23,8 +25,9 @@ def check_image(img, repair=False):
     _check_leaks(img, result, repair)
     if img._snapshots is not None:
         img._snapshots.check(img, result, repair)
-    if img._base is not None:
-        img._base.check(img, result, repair)
+    if img._bitmap is not None and not img._header["base_flags"] & BASE_FLAG_PREFETCHED:
+        check_bitmap(img, result, repair)     # needs the bitmap, not the base itself
+    result.messages.extend(img._notes)
     return result
 
 
@@ -35,11 +38,9 @@ def _check_leaks(img, result, repair):
     used = img._in_use()
     file_size = os.fstat(img._fd).st_size
     nfile = max(0, -(-(file_size - data_offset) // cs))
-    leaked = [i for i in range(min(nfile, len(used)), nfile)]
-    for i in np.flatnonzero(~used[:nfile]):
-        if has_data(img._fd, data_offset + int(i) * cs, cs):
-            leaked.append(int(i))
-    leaked = sorted(set(leaked))
+    unused = np.flatnonzero(~used[:nfile]).tolist() + list(range(len(used), nfile))
+    # A free chunk is a hole (punched when freed); one that still holds data is a leak.
+    leaked = [i for i in unused if has_data(img._fd, data_offset + i * cs, cs)]
     for first, count in runs(leaked):
         result.messages.append(f"Leaked chunks {first}..{first + count - 1} "
                                f"(host offset {data_offset + first * cs})")

@@ -137,6 +137,7 @@ class Image:
         self._impl = _impl.module()
         self.stats = self._impl.Stats()
         self._problems = []
+        self._notes = []            # check mode: what could not be checked, and why
         self._for_check = _for_check
         self._base = None
         self._snapshots = None
@@ -489,7 +490,9 @@ class Image:
 
     def _unmap_chunks(self, first, last):
         """Whole chunks [first, last) read as zeros from now on."""
-        marker = fmt.ZERO_CHUNK if self._base is not None else fmt.UNALLOCATED
+        # With a base (even one no longer opened after prefetch) unmapped chunks become
+        # ZERO: an UNALLOCATED chunk would fall through to the base.
+        marker = fmt.ZERO_CHUNK if self._bitmap is not None else fmt.UNALLOCATED
         changes = {}
         for v in range(first, last):
             e = int(self._table[v])

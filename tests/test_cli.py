@@ -126,3 +126,17 @@ def test_installed_entry_point(tmp_path):
     r = subprocess.run([sys.executable, "-m", "fvd.cli", "info", "--output=json", str(img)],
                        capture_output=True, text=True)
     assert json.loads(r.stdout)["virtual-size"] == MiB
+
+
+def test_check_an_image_whose_base_is_gone(tmp_path, capsys):
+    base = tmp_path / "golden.raw"
+    base.write_bytes(os.urandom(2 * MiB))
+    img = tmp_path / "vm.fvd"
+    fvd.create(img, 2 * MiB, base=str(base), base_format="raw")
+    with fvd.open(img, "r+") as f:
+        f.write(100, b"mine")
+    base.unlink()
+    with pytest.raises(fvd.BaseImageError):
+        fvd.open(img)
+    code, out, _ = run(capsys, "check", img)
+    assert code == 0 and "checked alone" in out
