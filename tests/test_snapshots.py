@@ -573,7 +573,8 @@ class SnapshotMachine(RuleBasedStateMachine):
 
 def test_state_machine(impl):
     SnapshotMachine.TestCase.settings = settings(
-        max_examples=25, stateful_step_count=15, deadline=None,
+        max_examples=int(os.environ.get("FVD_SNAPSHOT_EXAMPLES", "25")),
+        stateful_step_count=15, deadline=None,
         suppress_health_check=list(HealthCheck))
     t = SnapshotMachine.TestCase("runTest")
     t.runTest()
