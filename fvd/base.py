@@ -217,7 +217,6 @@ class BaseLayer:
         self.bitmap = img._bitmap
         self.base_size = img._header["base_size"]
         self.bend = min(self.base_size, img.size)      # bytes below this may be in the base
-        self.guard = None       # (start, end, epoch, next_seq): last tx checked by data crc
         # reads served whole by the compiled fast path (ChunkMap.readinto)
         self.fast_read = isinstance(backend, RawBase) and not copy_on_read
 
@@ -310,6 +309,7 @@ class BaseLayer:
         with img._lock:
             if img._closed or img._base is not self:
                 return 0
+            img._seal_overlapping(start, len(data))
             b0 = start // bs
             b1 = -(-(start + len(data)) // bs)
             flags = self.bitmap.fresh_bits(b0, b1)
@@ -329,52 +329,6 @@ class BaseLayer:
         return written
 
     # ----- writes -----------------------------------------------------------------------
-    def fast_ok(self, offset, data):
-        """True when a guest write may skip the bitmap: every touched block is durably
-        in the image (or past the base). Image.write calls it only while a crc-checked
-        transaction may need sealing (``guard``); otherwise ChunkMap.write checks the
-        same stale bits itself."""
-        if offset < 0:
-            return False
-        if offset < self.bend:
-            n = len(data) if isinstance(data, (bytes, bytearray)) else memoryview(data).nbytes
-            if n:
-                bs = self.bs
-                last = min(offset + n, self.bend) - 1
-                b0, b1 = offset // bs, last // bs + 1
-                arr = self.bitmap.stale
-                if b1 - b0 == 1:
-                    if not arr[b0 >> 3] >> (b0 & 7) & 1:
-                        return False
-                elif not self.bitmap.stale_bits(b0, b1).all():
-                    return False
-        if self.guard is not None:
-            self._seal_if_overlapping(offset, data)
-        return True
-
-    def _guard_live(self):
-        g = self.guard
-        j = self.img._journal
-        return g is not None and g[2] == j.epoch and g[3] == j.next_seq
-
-    def _seal_if_overlapping(self, offset, data):
-        """A fast write over the data a crc-checked journal transaction describes: append an
-        empty transaction first (durably), so replay stops checking that crc."""
-        img = self.img
-        if not img._writethrough:
-            self.guard = None
-            return
-        n = memoryview(data).nbytes
-        with img._lock:
-            if not self._guard_live():
-                self.guard = None
-                return
-            g = self.guard
-            if offset < g[1] and offset + n > g[0]:
-                img._journal.append([])
-                img._sync()
-                self.guard = None
-
     def write(self, offset, mv):
         with self.img._lock:
             return self._write_locked(offset, mv)
@@ -413,6 +367,7 @@ class BaseLayer:
                 if te > end:
                     tail = bytearray(te - end)
                     self._base_read(end, memoryview(tail))
+        img._seal_overlapping(hs, te - hs)     # head and tail may be rewritten too
         records = list(extra)
         want_crc = bits is not None and img._writethrough
         crcs = self._write_pieces(hs, [p for p in (head, mv, tail) if len(p)], want_crc)
@@ -422,12 +377,12 @@ class BaseLayer:
             records.extend(crcs)
         if changes or records:
             img._log(changes, records)
-            if want_crc:
-                j = img._journal
-                self.guard = (hs, te, j.epoch, j.next_seq)
+            if want_crc or (extra and img._writethrough):
+                lo, hi, cs = hs, te, img.chunk_size
+                if extra:       # a snapshot-held chunk was copied: crcs over whole chunks
+                    lo, hi = hs // cs * cs, -(-te // cs) * cs
+                img._guard_crc(lo, hi)
         elif img._writethrough:
-            if self.guard is not None:
-                self._seal_if_overlapping(offset, mv)
             img._sync()
         return length
 

@@ -138,6 +138,7 @@ class Image:
         self.stats = self._impl.Stats()
         self._problems = []
         self._notes = []            # check mode: what could not be checked, and why
+        self._crc_guard = None      # see _guard_crc
         self._for_check = _for_check
         self._base = None
         self._snapshots = None
@@ -407,16 +408,35 @@ class Image:
         """Write any bytes-like object at any offset; returns the number of bytes."""
         if self.read_only or self._closed:
             self._check_writable()
-        base = self._base
-        if base is None or base.guard is None or base.fast_ok(offset, data):
-            n = self._map.write(offset, data)   # checks the base's stale bits itself
-        else:
-            n = -1
+        if self._crc_guard is not None:
+            self._seal_overlapping(offset, memoryview(data).nbytes)
+        n = self._map.write(offset, data)       # checks the base's stale bits itself
         if n < 0:
             n = self._write_slow(offset, memoryview(data).cast("B"))
         elif self._writethrough:
             self._sync()
         return n
+
+    def _guard_crc(self, vstart, vend):
+        """The transaction just journaled carries DATA_CRC records for data under
+        [vstart, vend): while it is the journal's last, replay checks those crcs."""
+        j = self._journal
+        self._crc_guard = (vstart, vend, j.epoch, j.next_seq)
+
+    def _seal_overlapping(self, offset, length):
+        """Before data a crc-checked last transaction covers changes, seal it: an empty
+        transaction, flushed, so replay never checks a crc the data no longer has (that
+        would drop an acknowledged transaction)."""
+        with self._lock:
+            g = self._crc_guard
+            if g is None:
+                return
+            j = self._journal
+            if (g[2], g[3]) != (j.epoch, j.next_seq):
+                self._crc_guard = None          # no longer the last transaction
+            elif offset < g[1] and offset + length > g[0]:
+                self._crc_guard = None
+                self._commit_metadata([])
 
     def _write_slow(self, offset, mv):
         """A write that needs chunks allocated, copied from a snapshot, or the base."""
@@ -431,6 +451,9 @@ class Image:
             if self._map.write(offset, mv) < 0:
                 raise AssertionError("chunks not writable after allocation")  # a bug
             self._log(changes, extra)
+            if extra and self._writethrough:        # copies from a snapshot, crc-checked
+                cs = self.chunk_size
+                self._guard_crc(offset // cs * cs, -(-(offset + length) // cs) * cs)
         return length
 
     def _prepare_chunks(self, offset, length):

@@ -126,7 +126,7 @@ def test_fast_write_checks_stale_bits(over_raw):
         assert delta(img, before) == {}
         img.write(8192, b"a" * 10)          # slow path: copy-on-write of the block
         model[8192:8202] = b"a" * 10
-        img._base.guard = None              # leave the sealing case aside
+        img._crc_guard = None               # leave the sealing case aside
         before = img.stats.as_dict()
         img.write(8192 + 100, b"b" * 100)   # present and durable: fast, no base read
         model[8292:8392] = b"b" * 100
