@@ -273,16 +273,21 @@ class IoCase:
         return counts
 
     def cleanup(self):
-        if self.handle is not None:
-            try:
-                self.handle.close()
-            except Exception:
-                pass
-            self.handle = None
+        _discard(self)
+
+
+def _discard(run):
+    """Close a run's handle (if still open) and remove its image file."""
+    if run.handle is not None:
         try:
-            os.unlink(self.path)
-        except FileNotFoundError:
+            run.handle.close()
+        except Exception:
             pass
+        run.handle = None
+    try:
+        os.unlink(run.path)
+    except FileNotFoundError:
+        pass
 
 
 def measure_io(workload, contender, workdir, repeat=1):
@@ -404,16 +409,7 @@ class SnapshotCase:
         return c
 
     def cleanup(self):
-        if self.handle is not None:
-            try:
-                self.handle.close()
-            except Exception:
-                pass
-            self.handle = None
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        _discard(self)
 
 
 def measure_snapshots(contender, workdir, count, data_ops):

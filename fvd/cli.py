@@ -202,6 +202,11 @@ def cmd_bench(args):
 
 
 # ----- parser -----------------------------------------------------------------
+def _force_share_option(parser):
+    parser.add_argument("-U", "--force-share", action="store_true",
+                        help="open even while another handle writes it (best-effort view)")
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="fvd", description="Create, inspect and benchmark FVD "
                                 "copy-on-write disk images.")
@@ -222,8 +227,7 @@ def build_parser():
 
     i = sub.add_parser("info", help="show header facts, allocation and snapshots")
     i.add_argument("--output", choices=["human", "json"], default="human")
-    i.add_argument("-U", "--force-share", action="store_true",
-                   help="open even while another handle writes it (best-effort view)")
+    _force_share_option(i)
     i.add_argument("image")
     i.set_defaults(func=cmd_info)
 
@@ -235,8 +239,7 @@ def build_parser():
 
     m = sub.add_parser("map", help="show the allocation map (as qemu-img map)")
     m.add_argument("--output", choices=["human", "json"], default="human")
-    m.add_argument("-U", "--force-share", action="store_true",
-                   help="open even while another handle writes it (best-effort view)")
+    _force_share_option(m)
     m.add_argument("image")
     m.set_defaults(func=cmd_map)
 
@@ -247,8 +250,7 @@ def build_parser():
     g.add_argument("-d", dest="delete", metavar="NAME", help="delete a snapshot")
     g.add_argument("-a", dest="apply", metavar="NAME", help="revert to a snapshot")
     s.add_argument("--output", choices=["human", "json"], default="human")
-    s.add_argument("-U", "--force-share", action="store_true",
-                   help="open even while another handle writes it (best-effort view)")
+    _force_share_option(s)
     s.add_argument("image")
     s.set_defaults(func=cmd_snapshot)
 
