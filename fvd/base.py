@@ -377,11 +377,6 @@ class BaseLayer:
             records.extend(crcs)
         if changes or records:
             img._log(changes, records)
-            if want_crc or (extra and img._writethrough):
-                lo, hi, cs = hs, te, img.chunk_size
-                if extra:       # a snapshot-held chunk was copied: crcs over whole chunks
-                    lo, hi = hs // cs * cs, -(-te // cs) * cs
-                img._guard_crc(lo, hi)
         elif img._writethrough:
             img._sync()
         return length

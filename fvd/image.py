@@ -19,8 +19,8 @@ from . import format as fmt
 from .allocator import ChunkAllocator, front_usage, runs
 from .errors import CorruptImageError, FvdError, ImageLockedError
 from .fileio import lock_image, punch_hole, writer_active
-from .journal import (REC_BITMAP, REC_DATA_CRC, REC_TABLE, Journal, read_transactions,
-                      table_records)
+from .journal import (RECORD_HEAD, REC_BITMAP, REC_DATA_CRC, REC_TABLE, Journal,
+                      read_transactions, table_records)
 
 
 class ReadOnlyImageError(FvdError, OSError):
@@ -65,6 +65,17 @@ class CheckResult:
         return {"corruptions": self.corruptions, "leaks": self.leaks,
                 "leaks_fixed": self.leaks_fixed, "corruptions_fixed": self.corruptions_fixed,
                 "ok": self.ok, "messages": list(self.messages or [])}
+
+
+def crc_guard(records, journal):
+    """(host ranges, epoch, next_seq) of the DATA_CRC records of the transaction just
+    appended, or None: while it stays the journal's last, replay checks those crcs."""
+    ranges = []
+    for rec in records:
+        rtype, count, start = RECORD_HEAD.unpack_from(rec)
+        if rtype == REC_DATA_CRC:
+            ranges.append((start, start + count))
+    return (ranges, journal.epoch, journal.next_seq) if ranges else None
 
 
 def _parse_cache(cache):
@@ -138,7 +149,7 @@ class Image:
         self.stats = self._impl.Stats()
         self._problems = []
         self._notes = []            # check mode: what could not be checked, and why
-        self._crc_guard = None      # see _guard_crc
+        self._crc_guard = None      # see crc_guard() and _seal_overlapping
         self._for_check = _for_check
         self._base = None
         self._snapshots = None
@@ -367,8 +378,10 @@ class Image:
         """Make records durable after the data they describe (journal or checkpoint)."""
         self._dirty_since_checkpoint = True
         if not self._journal.append(records):
+            self._crc_guard = None
             self._checkpoint(clean=False)
             return
+        self._crc_guard = crc_guard(records, self._journal)
         self._sync()
         self._alloc.commit_frees()
 
@@ -417,26 +430,35 @@ class Image:
             self._sync()
         return n
 
-    def _guard_crc(self, vstart, vend):
-        """The transaction just journaled carries DATA_CRC records for data under
-        [vstart, vend): while it is the journal's last, replay checks those crcs."""
-        j = self._journal
-        self._crc_guard = (vstart, vend, j.epoch, j.next_seq)
-
     def _seal_overlapping(self, offset, length):
-        """Before data a crc-checked last transaction covers changes, seal it: an empty
-        transaction, flushed, so replay never checks a crc the data no longer has (that
-        would drop an acknowledged transaction)."""
+        """Before data that the crc-checked last transaction covers changes, seal it: an
+        empty transaction, flushed, so replay never checks a crc the data no longer has
+        (that would drop an acknowledged transaction). Virtual range in, host ranges
+        compared: a range remapped since then no longer touches the covered bytes."""
         with self._lock:
             g = self._crc_guard
             if g is None:
                 return
+            ranges, epoch, seq = g
             j = self._journal
-            if (g[2], g[3]) != (j.epoch, j.next_seq):
+            if (epoch, seq) != (j.epoch, j.next_seq):
                 self._crc_guard = None          # no longer the last transaction
-            elif offset < g[1] and offset + length > g[0]:
-                self._crc_guard = None
-                self._commit_metadata([])
+                return
+            if any(a < hb and ha < b for a, b in self._host_ranges(offset, length)
+                   for ha, hb in ranges):
+                self._commit_metadata([])       # clears the guard: no crc records
+
+    def _host_ranges(self, offset, length):
+        """Host byte ranges of the allocated chunks under a virtual range."""
+        cs, d = self.chunk_size, self._header["data_offset"]
+        pos, end = max(offset, 0), min(offset + length, self.size)
+        while pos < end:
+            v = pos // cs
+            stop = min(end, (v + 1) * cs)
+            e = int(self._table[v])
+            if e < fmt.ZERO_CHUNK:
+                yield d + e * cs + pos % cs, d + e * cs + (stop - 1) % cs + 1
+            pos = stop
 
     def _write_slow(self, offset, mv):
         """A write that needs chunks allocated, copied from a snapshot, or the base."""
@@ -451,9 +473,6 @@ class Image:
             if self._map.write(offset, mv) < 0:
                 raise AssertionError("chunks not writable after allocation")  # a bug
             self._log(changes, extra)
-            if extra and self._writethrough:        # copies from a snapshot, crc-checked
-                cs = self.chunk_size
-                self._guard_crc(offset // cs * cs, -(-(offset + length) // cs) * cs)
         return length
 
     def _prepare_chunks(self, offset, length):

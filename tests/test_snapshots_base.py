@@ -489,3 +489,20 @@ def test_state_machine_over_a_base(impl, kind, cache):
         deadline=None, suppress_health_check=list(HealthCheck))
     t = machine.TestCase("runTest")
     t.runTest()
+
+
+def test_copy_on_read_copy_then_guest_write_survives_a_crash():
+    """Found by the state machine: a copy-on-read store copies a snapshot-held chunk
+    (crc-checked transaction); a guest write then changes copied bytes; the transaction
+    must be sealed first or replay drops it and the guest write is lost."""
+    machine = type("M", (BaseSnapshotMachine,), {"kind": "raw", "cache": "writethrough"})()
+    try:
+        machine.write(off=0, n=1)
+        machine.create(vm=0)
+        machine.crash_and_reopen(cor=True)
+        machine.contents()              # stores base blocks: copies the held chunk
+        machine.write(off=0, n=1)
+        machine.crash_and_reopen(cor=False)
+        machine.contents()
+    finally:
+        machine.teardown()
