@@ -9,8 +9,7 @@ import os
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition,
-                                 rule, run_state_machine_as_test)
+from hypothesis.stateful import RuleBasedStateMachine, initialize, rule, run_state_machine_as_test
 
 import fvd
 
@@ -91,11 +90,6 @@ def make_machine(path, recorder, cache):
                         assert b[j] in (new[j], old[j]), f"byte {i + j} from elsewhere"
             self.model[:] = got
             self.durable[:] = got
-
-        @precondition(lambda self: hasattr(self, "img"))
-        @invariant()
-        def check_is_clean(self):
-            pass
 
         def teardown(self):
             if hasattr(self, "img"):
