@@ -31,6 +31,7 @@ from . import journal
 from .bitmap import Bitmap, runs
 from .errors import BaseImageError, CorruptImageError, FvdError, UnsupportedFeatureError
 from .image import Extent
+from .nbd_client import is_nbd_uri
 
 QCOW2_MAGIC = b"QFI\xfb"
 FVD_MAGIC = fmt.MAGIC.to_bytes(4, "little")
@@ -82,8 +83,34 @@ class ImageBase:
         self.img.close()
 
 
+class NbdBase:
+    """A raw base that is an NBD export (the name is its URI; see fvd.nbd_client)."""
+
+    def __init__(self, uri):
+        from .nbd_client import NbdClient
+        self.path = uri
+        try:
+            self.client = NbdClient(uri)
+        except ValueError as e:
+            raise BaseImageError(str(e)) from None
+        self.size = self.client.size
+
+    def readinto(self, offset, mv):
+        return self.client.readinto(offset, mv)
+
+    def extents(self, offset, length):
+        yield Extent(offset, length, 0, True, False, True, None)
+
+    def close(self):
+        self.client.close()
+
+
 def _open_backend(path, base_format, chain):
     try:
+        if is_nbd_uri(path):
+            if base_format != fmt.BASE_RAW:
+                raise BaseImageError(f"{path}: an NBD base is read as raw (-F raw)")
+            return NbdBase(path)
         if base_format == fmt.BASE_RAW:
             return RawBase(path)
         if base_format == fmt.BASE_FVD:
@@ -123,7 +150,7 @@ def _check_name(base):
 
 
 def _resolve(image_path, name):
-    if os.path.isabs(name):
+    if os.path.isabs(name) or is_nbd_uri(name):       # a URI is never a relative path
         return name
     return os.path.join(os.path.dirname(os.path.abspath(image_path)), name)
 
@@ -143,9 +170,12 @@ def describe_new_base(path, base, base_format, size):
     """(base name bytes, header fields) for fvd.create(..., base=...)."""
     name, raw = _check_name(base)
     resolved = _resolve(path, name)
-    if not os.path.exists(resolved):
+    if is_nbd_uri(resolved):
+        base_format = base_format or "raw"
+    elif not os.path.exists(resolved):
         raise BaseImageError(f"{resolved}: base image does not exist")
-    if os.path.realpath(resolved) == os.path.realpath(os.fspath(path)):
+    if not is_nbd_uri(resolved) and \
+            os.path.realpath(resolved) == os.path.realpath(os.fspath(path)):
         raise BaseImageError(f"{resolved}: an image cannot be its own base")
     if base_format is None:
         try:
@@ -192,11 +222,11 @@ def _attach_backend(img, chain, copy_on_read, resolved):
     h = img._header
     me = os.path.realpath(img.path)
     chain = tuple(chain) + (me,)
-    real = os.path.realpath(resolved)
+    real = resolved if is_nbd_uri(resolved) else os.path.realpath(resolved)
     if real in chain:
         raise BaseImageError(f"{resolved}: base image loop (it is {img.path} itself or "
                              f"one of its own bases)")
-    if not os.path.exists(resolved):
+    if not is_nbd_uri(resolved) and not os.path.exists(resolved):
         raise BaseImageError(f"{resolved}: base image of {img.path} does not exist")
     backend = _open_backend(resolved, h["base_format"], chain)
     if backend.size != h["base_size"]:
