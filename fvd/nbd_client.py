@@ -19,10 +19,11 @@ prefetch read in flight on another connection. Any socket error closes that conn
 and raises `BaseImageError` naming the URI; the next read connects again, so a base whose
 server comes back is used again.
 """
+from __future__ import annotations
+
 import socket
 import struct
 import threading
-from typing import List, Optional, Tuple
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from .errors import BaseImageError
@@ -48,10 +49,10 @@ def is_nbd_uri(name) -> bool:
     return isinstance(name, str) and name.startswith(SCHEMES)
 
 
-def parse_uri(uri: str) -> Tuple[str, object, str]:
+def parse_uri(uri: str) -> tuple[str, object, str]:
     """("unix", path, export) or ("tcp", (host, port), export); ValueError when invalid."""
     parts = urlsplit(uri)
-    export = unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
+    export = unquote(parts.path.removeprefix("/"))
     query = parse_qs(parts.query)
     if parts.scheme == "nbd+unix":
         sock = query.get("socket", [None])[0]
@@ -72,7 +73,7 @@ def parse_uri(uri: str) -> Tuple[str, object, str]:
 class _Connection:
     """One negotiated connection in the transmission phase."""
 
-    def __init__(self, uri: str, timeout: Optional[float]):
+    def __init__(self, uri: str, timeout: float | None):
         kind, where, export = parse_uri(uri)
         if kind == "unix":
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -106,7 +107,7 @@ class _Connection:
                 raise ConnectionError("server closed the connection")
             got += n
 
-    def _handshake(self, export: bytes) -> Tuple[int, int]:
+    def _handshake(self, export: bytes) -> tuple[int, int]:
         magic, opt_magic, hflags = struct.unpack(">QQH", self._recv(18))
         if magic != NBD_MAGIC or opt_magic != IHAVEOPT:
             raise ConnectionError("not a newstyle NBD server")
@@ -119,7 +120,7 @@ class _Connection:
         self._send_option(OPT_GO, data)
         size = flags = None
         while True:
-            opt, rtype, payload = self._option_reply()
+            _opt, rtype, payload = self._option_reply()
             if rtype == REP_ACK:
                 break
             if rtype == REP_INFO and len(payload) >= 12 and \
@@ -138,13 +139,13 @@ class _Connection:
     def _send_option(self, option: int, data: bytes) -> None:
         self.sock.sendall(struct.pack(">QII", IHAVEOPT, option, len(data)) + data)
 
-    def _option_reply(self) -> Tuple[int, int, bytes]:
+    def _option_reply(self) -> tuple[int, int, bytes]:
         magic, opt, rtype, length = struct.unpack(">QIII", self._recv(20))
         if magic != OPT_REPLY_MAGIC:
             raise ConnectionError("bad option reply magic")
         return opt, rtype, self._recv(length) if length else b""
 
-    def _export_name(self, export: bytes, no_zeroes: bool) -> Tuple[int, int]:
+    def _export_name(self, export: bytes, no_zeroes: bool) -> tuple[int, int]:
         self._send_option(OPT_EXPORT_NAME, export)
         size, flags = struct.unpack(">QH", self._recv(10))
         if not no_zeroes:
@@ -183,12 +184,12 @@ class NbdClient:
     """Read-only access to an NBD export, safe from any thread (a connection pool)."""
 
     def __init__(self, uri: str, *, max_connections: int = 4,
-                 timeout: Optional[float] = 60.0):
+                 timeout: float | None = 60.0):
         parse_uri(uri)
         self.uri = uri
         self.timeout = timeout
         self.max_connections = max_connections
-        self._idle: List[_Connection] = []
+        self._idle: list[_Connection] = []
         self._count = 0
         self._closed = False
         self._cond = threading.Condition()

@@ -109,7 +109,7 @@ class _Handle:
         self.readonly = readonly
 
 
-def open(readonly):      # noqa: A001 - the name nbdkit calls
+def open(readonly):
     return _Handle(readonly or _params["readonly"])
 
 

@@ -7,13 +7,14 @@ ABI tag, e.g. cpython-311-x86_64-linux-gnu), so our site-packages are passed to 
 Otherwise they cannot be (binary modules of another Python version), and the plugin runs
 the pure-Python twin with whatever numpy/construct that interpreter has.
 """
+from __future__ import annotations
+
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import sysconfig
-from typing import List, Optional, Sequence
 
 from .errors import FvdError
 
@@ -24,11 +25,11 @@ class ServeError(FvdError):
     """nbdkit or its Python plugin is missing or cannot serve the image."""
 
 
-def nbdkit_python_version(nbdkit: str = "nbdkit") -> Optional[str]:
+def nbdkit_python_version(nbdkit: str = "nbdkit") -> str | None:
     """'3.11' for the Python embedded in nbdkit's python plugin, None if unavailable."""
     try:
-        out = subprocess.run([nbdkit, "python", "--dump-plugin"], capture_output=True,
-                             text=True, timeout=30).stdout
+        out = subprocess.run([nbdkit, "python", "--dump-plugin"], check=False,
+                             capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     for line in out.splitlines():
@@ -37,7 +38,7 @@ def nbdkit_python_version(nbdkit: str = "nbdkit") -> Optional[str]:
     return None
 
 
-def python_path() -> List[str]:
+def python_path() -> list[str]:
     """This interpreter's sys.path without its standard library (the embedded Python has
     its own): site-packages, the package's parent directory, PYTHONPATH entries."""
     stdlib = {os.path.realpath(sysconfig.get_paths()[k]) for k in ("stdlib", "platstdlib")}
@@ -54,11 +55,11 @@ def python_path() -> List[str]:
     return out
 
 
-def build_command(image: str, *, snapshot: Optional[str] = None, readonly: bool = False,
-                  socket: Optional[str] = None, port: Optional[int] = None,
-                  bind: Optional[str] = None, shared: Optional[int] = None,
+def build_command(image: str, *, snapshot: str | None = None, readonly: bool = False,
+                  socket: str | None = None, port: int | None = None,
+                  bind: str | None = None, shared: int | None = None,
                   image_format: str = "fvd", force_share: bool = False,
-                  nbdkit: str = "nbdkit") -> List[str]:
+                  nbdkit: str = "nbdkit") -> list[str]:
     """The nbdkit command line that serves `image` (in the foreground)."""
     if (socket is None) == (port is None):
         raise ValueError("give exactly one of a unix socket path or a TCP port")
@@ -105,7 +106,7 @@ def plugin_environment(nbdkit: str = "nbdkit") -> dict:
     return env
 
 
-def preflight(image: str, snapshot: Optional[str], readonly: bool, image_format: str,
+def preflight(image: str, snapshot: str | None, readonly: bool, image_format: str,
               force_share: bool) -> None:
     """Open the image as the plugin will, so a locked image or a missing snapshot is a
     one-line error here instead of a traceback from inside nbdkit."""
@@ -154,7 +155,7 @@ def serve(image: str, *, nbdkit: str = "nbdkit", **options) -> int:
             proc.wait()
 
 
-def describe(socket: Optional[str], port: Optional[int], bind: Optional[str]) -> str:
+def describe(socket: str | None, port: int | None, bind: str | None) -> str:
     """The NBD URI clients use."""
     if socket is not None:
         return f"nbd+unix:///?socket={os.path.abspath(socket)}"
