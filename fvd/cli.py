@@ -203,11 +203,9 @@ def cmd_prefetch(args):
 
 
 def cmd_serve(args):
-    from .serve import describe, serve
+    from .serve import serve
     if (args.socket is None) == (args.port is None):
         raise UsageError("give exactly one of --socket PATH or --port N")
-    print(f"fvd serve: {args.image} at {describe(args.socket, args.port, args.bind)}",
-          file=sys.stderr, flush=True)
     return serve(args.image, snapshot=args.snapshot, readonly=args.readonly,
                  socket=args.socket, port=args.port, bind=args.bind, shared=args.shared,
                  image_format=args.fmt or _probe(args.image), force_share=args.force_share)
