@@ -133,9 +133,8 @@ def serve(image: str, *, nbdkit: str = "nbdkit", **options) -> int:
     image_format = options.get("image_format", "fvd")
     preflight(image, options.get("snapshot"), options.get("readonly", False), image_format,
               options.get("force_share", False))
-    print(f"fvd serve: {image} at {describe(options.get('socket'), options.get('port'),
-                                            options.get('bind'))}", file=sys.stderr,
-          flush=True)
+    where = describe(options.get("socket"), options.get("port"), options.get("bind"))
+    print(f"fvd serve: {image} at {where}", file=sys.stderr, flush=True)
     cmd = build_command(image, nbdkit=exe, **options)
     env = plugin_environment(exe) if image_format != "raw" else dict(os.environ)
     proc = subprocess.Popen(cmd, env=env)
