@@ -382,7 +382,7 @@ class BaseLayer:
                     hs = b0 * bs
                 if not stale[-1]:
                     te = max(end, min(b1 * bs, self.bend))
-        changes, extra = img._prepare_chunks(hs, te - hs)
+        # Base reads first: if the base fails (an NBD server gone), nothing is allocated.
         if hs < offset or te > end:
             if hs < offset and te > end and te - hs - length <= CROSS_READ_LIMIT \
                     and te - hs <= 2 * CROSS_READ_LIMIT:
@@ -397,6 +397,7 @@ class BaseLayer:
                 if te > end:
                     tail = bytearray(te - end)
                     self._base_read(end, memoryview(tail))
+        changes, extra = img._prepare_chunks(hs, te - hs)
         img._seal_overlapping(hs, te - hs)     # head and tail may be rewritten too
         records = list(extra)
         want_crc = bits is not None and img._writethrough
