@@ -135,6 +135,9 @@ def serve(image: str, *, nbdkit: str = "nbdkit", **options) -> int:
               options.get("force_share", False))
     where = describe(options.get("socket"), options.get("port"), options.get("bind"))
     print(f"fvd serve: {image} at {where}", file=sys.stderr, flush=True)
+    sock = options.get("socket")
+    if sock is not None:
+        _remove_stale_socket(sock)
     cmd = build_command(image, nbdkit=exe, **options)
     env = plugin_environment(exe) if image_format != "raw" else dict(os.environ)
     proc = subprocess.Popen(cmd, env=env)
@@ -155,6 +158,28 @@ def serve(image: str, *, nbdkit: str = "nbdkit", **options) -> int:
         if proc.poll() is None:
             proc.terminate()
             proc.wait()
+        if sock is not None:
+            _remove_stale_socket(sock)      # nbdkit leaves its socket file behind
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Unlink a unix socket nobody listens on (left by a server that has exited)."""
+    import socket
+    import stat
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            return
+    except FileNotFoundError:
+        return
+    with socket.socket(socket.AF_UNIX) as s:
+        try:
+            s.connect(path)
+            return                          # a live server: nbdkit will say so
+        except ConnectionRefusedError:
+            pass
+        except OSError:
+            return
+    os.unlink(path)
 
 
 def describe(socket: str | None, port: int | None, bind: str | None) -> str:

@@ -77,6 +77,7 @@ def test_readonly_unix_socket_qemu_img_and_nbdinfo(tmp_path, impl):
     finally:
         rc, _, err = srv.stop()
     assert rc == 0, err
+    assert not (tmp_path / "s.sock").exists()        # nbdkit leaves it; fvd serve does not
     with fvd.open(image) as img:
         assert img.read(0, SIZE) == expect
 
