@@ -32,6 +32,7 @@ import threading
 import time
 
 MiB = 1 << 20
+MODES = ("none", "paced", "unpaced", "paced-1conn", "unpaced-1conn")
 SERVE = [sys.executable, "-m", "fvd.cli", "serve"]
 
 
@@ -177,7 +178,8 @@ def _foreground(img, lo: int, hi: int, count: int, gap: float, out: list,
 
 def prefetch_case(workdir: str, raw: str, uri: str, mode: str, reads: int,
                   link_bytes_s: float) -> dict:
-    """mode: 'none' (foreground only), 'paced' or 'unpaced' prefetch beside it."""
+    """mode: 'none' (foreground only), 'paced' or 'unpaced' prefetch beside it; '-1conn':
+    the NBD client limited to one connection."""
     import fvd
     size = os.path.getsize(raw)
     image = os.path.join(workdir, f"top-{mode}.fvd")
@@ -187,6 +189,10 @@ def prefetch_case(workdir: str, raw: str, uri: str, mode: str, reads: int,
     stop = threading.Event()
     result = {"mode": mode}
     with fvd.open(image, "r+") as img:
+        if mode.endswith("-1conn"):
+            # what one shared connection with a lock would give: reads queue behind
+            # the prefetch read in flight
+            img._base.backend.client.max_connections = 1
         # foreground reads the last quarter; prefetch starts at the front
         fg = threading.Thread(target=_foreground, args=(img, size * 3 // 4, size, reads,
                                                         0.01, lat, stop))
@@ -197,9 +203,9 @@ def prefetch_case(workdir: str, raw: str, uri: str, mode: str, reads: int,
             if done >= 0.7 * total:
                 stop.set()
 
-        if mode == "paced":
+        if mode.startswith("paced"):
             img.prefetch(progress, step=256 * 1024, max_rate=link_bytes_s / 2, min_rate=0)
-        elif mode == "unpaced":
+        elif mode.startswith("unpaced"):
             img.prefetch(progress, step=4 * MiB, min_rate=0, max_rate=None)
         if mode != "none":
             result["prefetch_seconds"] = time.perf_counter() - t0
@@ -222,7 +228,7 @@ def prefetch_rows(workdir: str, size: int, reads: int, rate: str = "40M",
     rows = []
     sock = os.path.join(workdir, "slow.sock")
     with slow_base(raw, sock, rate, delay_ms) as srv:
-        for mode in ("none", "paced", "unpaced"):
+        for mode in MODES:
             row = prefetch_case(workdir, raw, srv.uri, mode, reads, link)
             row.update({"base_size": size, "rate": rate, "delay_ms": delay_ms})
             rows.append(row)
@@ -266,7 +272,7 @@ def main(argv=None) -> int:
         extra = "" if r["mode"] == "none" else \
             (f"  prefetch {r['prefetch_seconds']:.1f} s, "
              f"complete={r['prefetch_complete']}")
-        print(f"prefetch {r['mode']:<8} foreground 4K: median {r['median_ms']:.2f} ms, "
+        print(f"prefetch {r['mode']:<14} foreground 4K: median {r['median_ms']:.2f} ms, "
               f"p90 {r['p90_ms']:.2f} ms ({r['reads']} reads){extra}")
     return 0
 
