@@ -11,24 +11,32 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NEEDED = ("nbdkit", "nbdinfo", "nbdcopy", "qemu-img", "qemu-io", "qemu-nbd")
+SYSTEM_PYTHON = "/usr/bin/python3"     # python3-libnbd (`nbdsh`) lives there only
 
 
 def need_nbd_tools():
     """Skip without the tools; under CI=true that is a failure (.ci/run installs them)."""
     missing = [t for t in NEEDED if shutil.which(t) is None]
-    if not missing and _python_plugin():
+    if not _python_plugin():
+        missing.append("nbdkit python plugin")
+    if not os.path.exists(SYSTEM_PYTHON) or subprocess.run(
+            [SYSTEM_PYTHON, "-c", "import nbd"], capture_output=True, check=False).returncode:
+        missing.append("python3-libnbd")
+    if not missing:
         return
-    reason = (f"NBD tools missing: {', '.join(missing) or 'nbdkit python plugin'} (apt-get "
-              f"install nbdkit nbdkit-plugin-python libnbd-bin qemu-utils)")
+    reason = (f"NBD tools missing: {', '.join(missing)} (apt-get "
+              f"install nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd qemu-utils)")
     if os.environ.get("CI") == "true":
         pytest.fail(reason + " - required when CI=true")
     pytest.skip(reason)
 
 
 def _python_plugin():
-    r = subprocess.run(["nbdkit", "python", "--dump-plugin"], capture_output=True, text=True,
-                       check=False)
-    return r.returncode == 0
+    try:
+        return subprocess.run(["nbdkit", "python", "--dump-plugin"], capture_output=True,
+                              check=False).returncode == 0
+    except OSError:
+        return False
 
 
 def free_port():

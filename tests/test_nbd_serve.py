@@ -1,13 +1,14 @@
 """`fvd serve`: real nbdkit with fvd's plugin, real clients (qemu-img, qemu-io, nbdinfo,
 nbdcopy), on a unix socket and on TCP 127.0.0.1. Skips without the tools, except under
 CI=true, where that is a failure."""
+import errno
 import os
 
 import pytest
 
 import fvd
 
-from .nbd_helpers import free_port, fvd_serve, need_nbd_tools, run
+from .nbd_helpers import SYSTEM_PYTHON, free_port, fvd_serve, need_nbd_tools, run
 
 pytestmark = pytest.mark.interop
 KiB, MiB = 1 << 10, 1 << 20
@@ -134,12 +135,29 @@ def test_trim_and_fast_zero(tmp_path, impl):
         # discard of whole chunks unmaps them; nbdinfo then shows a zero run there
         run("qemu-io", "-f", "raw", "-c", "discard 1M 1M", srv.uri)
         assert (1 * MiB, 1 * MiB, 3) in nbd_map(srv.uri)
+        # fast zero: whole chunks succeed, a partial chunk holding data is ENOTSUP
+        # nbdsh runs on the system Python (python3-libnbd), not on the one PATH finds first
+        r = run(SYSTEM_PYTHON, "-m", "nbd", "-u", srv.uri, "-c", FAST_ZERO)
+        assert r.stdout.split() in (["ok", "ENOTSUP"], ["ok", str(errno.ENOTSUP)]), r.stdout
     finally:
         srv.stop()
     with fvd.open(image) as img:
         assert img.read(1 * MiB, MiB) == bytes(MiB)
         assert img.read(0, MiB) == b"\x55" * MiB
+        assert img.read(3 * MiB, 128 * KiB) == bytes(128 * KiB)
+        assert img.read(4 * MiB + 100, 4096) == b"\x55" * 4096
         assert img.check().ok
+
+
+FAST_ZERO = """
+h.zero(128 * 1024, 3 << 20, nbd.CMD_FLAG_FAST_ZERO)
+print("ok")
+try:
+    h.zero(4096, (4 << 20) + 100, nbd.CMD_FLAG_FAST_ZERO)
+    print("zeroed")
+except nbd.Error as e:
+    print(e.errno)
+"""
 
 
 def test_snapshot_is_served_read_only(tmp_path, impl):
