@@ -7,6 +7,8 @@ import os
 import pytest
 
 import fvd
+from fvd.nbd_client import NbdClient
+from fvd.serve import python_path
 
 from .nbd_helpers import SYSTEM_PYTHON, free_port, fvd_serve, need_nbd_tools, run
 
@@ -201,3 +203,28 @@ def test_missing_snapshot_is_one_line(tmp_path, impl):
     r = run("python", "-m", "fvd.cli", "serve", "-l", "nope", "--socket", tmp_path / "s",
             image, ok=(1,), cwd=os.path.dirname(os.path.dirname(__file__)))
     assert r.stderr.count("\n") == 1 and "nope" in r.stderr
+
+
+def test_shared_limits_clients(tmp_path, impl):
+    image = tmp_path / "a.fvd"
+    fvd.create(image, SIZE)
+    srv = fvd_serve(image, impl, "-r", "--shared", "1", socket_path=tmp_path / "s.sock")
+    try:
+        first = NbdClient(srv.uri, max_connections=1)
+        run("nbdinfo", "--size", srv.uri, ok=(1,))           # a second client is refused
+        first.close()
+        for _ in range(100):                                  # the server sees it leave
+            if run("nbdinfo", "--size", srv.uri, ok=(0, 1)).returncode == 0:
+                break
+        else:
+            raise AssertionError("the slot was not freed")
+    finally:
+        srv.stop()
+
+
+def test_plugin_path_leaves_out_our_standard_library():
+    import sysconfig
+    paths = python_path()
+    assert os.path.dirname(os.path.dirname(fvd.__file__)) == paths[0]
+    assert sysconfig.get_paths()["stdlib"] not in paths
+    assert any(os.path.isdir(os.path.join(p, "numpy")) for p in paths)
