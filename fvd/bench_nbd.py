@@ -51,7 +51,7 @@ def _wait(proc: subprocess.Popen, sock: str, timeout: float = 60) -> None:
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited {proc.returncode}: {proc.args}: "
-                               f"{proc.stderr.read() if proc.stderr else ''}")
+                               f"{proc.stderr.read() if proc.stderr else ''!s}")
         try:
             with socket.socket(socket.AF_UNIX) as s:
                 s.connect(sock)
@@ -112,12 +112,11 @@ def servers(images: dict, workdir: str, impl: str = "cython"):
 
 def seq_copy(uri: str, repeat: int = 3) -> float:
     """Best wall time of `nbdcopy URI null:` in seconds."""
-    best = None
+    best = float("inf")
     for _ in range(repeat):
         t0 = time.perf_counter()
         subprocess.run(["nbdcopy", uri, "null:"], check=True)
-        dt = time.perf_counter() - t0
-        best = dt if best is None else min(best, dt)
+        best = min(best, time.perf_counter() - t0)
     return best
 
 
@@ -187,7 +186,7 @@ def prefetch_case(workdir: str, raw: str, uri: str, mode: str, reads: int,
                overwrite=True)
     lat: list = []
     stop = threading.Event()
-    result = {"mode": mode}
+    result: dict[str, object] = {"mode": mode}
     with fvd.open(image, "r+") as img:
         if mode.endswith("-1conn"):
             # what one shared connection with a lock would give: reads queue behind

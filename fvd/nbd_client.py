@@ -24,6 +24,7 @@ from __future__ import annotations
 import socket
 import struct
 import threading
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from .errors import BaseImageError
@@ -49,7 +50,7 @@ def is_nbd_uri(name) -> bool:
     return isinstance(name, str) and name.startswith(SCHEMES)
 
 
-def parse_uri(uri: str) -> tuple[str, object, str]:
+def parse_uri(uri: str) -> tuple[str, Any, str]:
     """("unix", path, export) or ("tcp", (host, port), export); ValueError when invalid."""
     parts = urlsplit(uri)
     export = unquote(parts.path.removeprefix("/"))
@@ -132,7 +133,7 @@ class _Connection:
                 msg = payload.decode("utf-8", "replace") or f"error {rtype & 0x7FFFFFFF}"
                 raise ConnectionError(f"export {export.decode(errors='replace')!r} "
                                       f"refused: {msg}")
-        if size is None:
+        if size is None or flags is None:
             raise ConnectionError("server sent no export size")
         return size, flags
 
