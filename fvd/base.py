@@ -99,7 +99,8 @@ class NbdBase:
         return self.client.readinto(offset, mv)
 
     def extents(self, offset, length):
-        yield Extent(offset, length, 0, True, False, True, None)
+        for start, n, zero, data in self.client.extents(offset, length):
+            yield Extent(start, n, 0, True, zero, data, None)
 
     def close(self):
         self.client.close()

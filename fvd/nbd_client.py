@@ -35,11 +35,19 @@ OPT_REPLY_MAGIC = 0x3E889045565A9
 REQUEST_MAGIC = 0x25609513
 SIMPLE_REPLY_MAGIC = 0x67446698
 FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES = 1, 2
+STRUCTURED_REPLY_MAGIC = 0x668E33EF
 OPT_EXPORT_NAME, OPT_ABORT, OPT_GO = 1, 2, 7
-REP_ACK, REP_INFO = 1, 3
+OPT_STRUCTURED_REPLY, OPT_SET_META_CONTEXT = 8, 10
+REP_ACK, REP_INFO, REP_META_CONTEXT = 1, 3, 4
 REP_ERR_UNSUP = (1 << 31) | 1
 INFO_EXPORT = 0
-CMD_READ, CMD_DISC = 0, 2
+CMD_READ, CMD_DISC, CMD_BLOCK_STATUS = 0, 2, 7
+REPLY_FLAG_DONE = 1
+REPLY_NONE, REPLY_OFFSET_DATA, REPLY_OFFSET_HOLE, REPLY_BLOCK_STATUS = 0, 1, 2, 5
+REPLY_ERROR_BIT = 1 << 15
+STATE_HOLE, STATE_ZERO = 1, 2
+BASE_ALLOCATION = b"base:allocation"
+MAX_STATUS = 1 << 30
 DEFAULT_PORT = 10809
 MAX_REQUEST = 4 << 20           # below every server's limit (qemu-nbd: 32 MiB)
 SCHEMES = ("nbd://", "nbd+unix://")
@@ -117,6 +125,7 @@ class _Connection:
         no_zeroes = bool(hflags & FLAG_NO_ZEROES)
         self.sock.sendall(struct.pack(">I", FLAG_FIXED_NEWSTYLE |
                                       (FLAG_NO_ZEROES if no_zeroes else 0)))
+        self._negotiate_block_status(export)
         data = struct.pack(">I", len(export)) + export + struct.pack(">H", 0)
         self._send_option(OPT_GO, data)
         size = flags = None
@@ -137,6 +146,34 @@ class _Connection:
             raise ConnectionError("server sent no export size")
         return size, flags
 
+    def _negotiate_block_status(self, export: bytes) -> None:
+        """Structured replies and the base:allocation context, when the server has them
+        (self.context stays None otherwise: reads still work, extents say "data")."""
+        self.structured = False
+        self.context: int | None = None
+        self._send_option(OPT_STRUCTURED_REPLY, b"")
+        if not self._option_acked():
+            return
+        self.structured = True
+        data = (struct.pack(">I", len(export)) + export + struct.pack(">I", 1) +
+                struct.pack(">I", len(BASE_ALLOCATION)) + BASE_ALLOCATION)
+        self._send_option(OPT_SET_META_CONTEXT, data)
+        while True:
+            _opt, rtype, payload = self._option_reply()
+            if rtype == REP_META_CONTEXT and len(payload) >= 4 and \
+                    payload[4:] == BASE_ALLOCATION:
+                self.context = struct.unpack_from(">I", payload)[0]
+            elif rtype == REP_ACK or rtype & (1 << 31):
+                return
+
+    def _option_acked(self) -> bool:
+        while True:
+            _opt, rtype, _payload = self._option_reply()
+            if rtype == REP_ACK:
+                return True
+            if rtype & (1 << 31):
+                return False
+
     def _send_option(self, option: int, data: bytes) -> None:
         self.sock.sendall(struct.pack(">QII", IHAVEOPT, option, len(data)) + data)
 
@@ -154,21 +191,84 @@ class _Connection:
         return size, flags
 
     # ----- transmission -----------------------------------------------------------------
+    def _request(self, cmd: int, offset: int, length: int) -> int:
+        self.cookie += 1
+        self.sock.sendall(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, cmd, self.cookie, offset,
+                                      length))
+        return self.cookie
+
     def readinto(self, offset: int, mv: memoryview) -> None:
         pos = 0
         while pos < len(mv):
             n = min(MAX_REQUEST, len(mv) - pos)
-            self.cookie += 1
-            self.sock.sendall(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_READ, self.cookie,
-                                          offset + pos, n))
-            magic, error, cookie = struct.unpack(">IIQ", self._recv(16))
-            if magic != SIMPLE_REPLY_MAGIC or cookie != self.cookie:
-                raise ConnectionError("unexpected reply from server")
-            if error:
-                raise OSError(error, f"server error {error} reading {n} bytes at "
-                                     f"{offset + pos}")
-            self._recv_into(mv[pos:pos + n])
+            cookie = self._request(CMD_READ, offset + pos, n)
+            self._reply(cookie, mv[pos:pos + n], offset + pos)
             pos += n
+
+    def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """[(length, NBD_STATE_* flags)] from offset, covering at most `length` bytes."""
+        if self.context is None:
+            return [(length, 0)]
+        cookie = self._request(CMD_BLOCK_STATUS, offset, min(length, MAX_STATUS))
+        found: list[tuple[int, int]] = []
+        self._reply(cookie, None, offset, found)
+        return found
+
+    def _reply(self, cookie: int, out: memoryview | None, base: int,
+               status: list | None = None) -> None:
+        """Read the whole reply to `cookie`: simple, or structured chunks until DONE.
+        Read data lands in `out` (which starts at virtual `base`); a hole is zero-filled."""
+        error = None
+        while True:
+            (magic,) = struct.unpack(">I", self._recv(4))
+            if magic == SIMPLE_REPLY_MAGIC:
+                err, got = struct.unpack(">IQ", self._recv(12))
+                self._check_cookie(got, cookie)
+                if err:
+                    raise OSError(err, f"server error {err}")
+                if out is not None:
+                    self._recv_into(out)
+                return
+            if magic != STRUCTURED_REPLY_MAGIC:
+                raise ConnectionError("unexpected reply from server")
+            flags, rtype, got, length = struct.unpack(">HHQI", self._recv(16))
+            self._check_cookie(got, cookie)
+            error = self._chunk(rtype, length, out, base, status) or error
+            if flags & REPLY_FLAG_DONE:
+                break
+        if error:
+            raise OSError(error[0], f"server error {error[0]}: {error[1]}")
+
+    def _chunk(self, rtype: int, length: int, out: memoryview | None, base: int,
+               status: list | None):
+        if rtype == REPLY_OFFSET_DATA and out is not None and length >= 8:
+            (off,) = struct.unpack(">Q", self._recv(8))
+            s = off - base
+            if s < 0 or s + length - 8 > len(out):
+                raise ConnectionError("read reply outside the request")
+            self._recv_into(out[s:s + length - 8])
+        elif rtype == REPLY_OFFSET_HOLE and out is not None and length == 12:
+            off, size = struct.unpack(">QI", self._recv(12))
+            s = off - base
+            if s < 0 or s + size > len(out):
+                raise ConnectionError("hole reply outside the request")
+            out[s:s + size] = bytes(size)
+        elif rtype == REPLY_BLOCK_STATUS and status is not None and length >= 4:
+            payload = self._recv(length)
+            if struct.unpack_from(">I", payload)[0] == self.context:
+                status.extend(struct.iter_unpack(">II", payload[4:4 + (length - 4) // 8 * 8]))
+        elif rtype & REPLY_ERROR_BIT:
+            payload = self._recv(length)
+            err = struct.unpack_from(">I", payload)[0] if length >= 4 else 5
+            msg = payload[6:].decode("utf-8", "replace") if length >= 6 else ""
+            return (err or 5, msg)
+        elif length:
+            self._recv(length)          # a chunk type we did not ask for: skip it
+        return None
+
+    def _check_cookie(self, got: int, want: int) -> None:
+        if got != want:
+            raise ConnectionError(f"reply for request {got}, expected {want}")
 
     def close(self) -> None:
         try:
@@ -254,6 +354,35 @@ class NbdClient:
             raise
         self._put(conn)
         return len(mv)
+
+    def extents(self, offset: int, length: int):
+        """(start, length, zero, data) runs of base:allocation covering the range exactly;
+        all data when the server has no block status."""
+        pos, end = offset, offset + length
+        while pos < end:
+            conn = self._take()
+            try:
+                found = conn.block_status(pos, end - pos)
+            except (OSError, struct.error) as e:
+                conn.sock.close()
+                self._drop()
+                raise BaseImageError(f"{self.uri}: NBD block status at {pos} failed: "
+                                     f"{e}") from e
+            except BaseException:
+                conn.sock.close()
+                self._drop()
+                raise
+            self._put(conn)
+            start = pos
+            for n, flags in found:
+                n = min(n, end - pos)
+                if n <= 0:
+                    break
+                yield pos, n, bool(flags & STATE_ZERO), not flags & STATE_HOLE
+                pos += n
+            if pos == start:                # no progress: say "data", never loop
+                yield pos, end - pos, False, True
+                pos = end
 
     def close(self) -> None:
         with self._cond:

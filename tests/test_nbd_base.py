@@ -191,3 +191,30 @@ def test_nbdinfo_agrees_on_size(tmp_path, base_raw, impl):
         assert int(out) == NbdClient(srv.uri).size == len(data)
     finally:
         srv.stop()
+
+
+@pytest.mark.parametrize("server", ["nbdkit", "qemu-nbd"])
+def test_sparse_base_extents_and_reads(tmp_path, server, impl):
+    """Block status (base:allocation) gives the base's holes to `extents()`; reads of
+    holes (structured replies: OFFSET_HOLE chunks) come back as zeros."""
+    raw = tmp_path / "sparse.raw"
+    data = os.urandom(MiB)
+    with open(raw, "wb") as f:
+        f.truncate(SIZE)
+        f.write(data)
+        f.seek(3 * MiB)
+        f.write(data[:64 * KiB])
+    expect = open(raw, "rb").read()
+    srv = nbdkit_file(raw, tmp_path / "k.sock") if server == "nbdkit" else \
+        qemu_nbd(tmp_path, raw)
+    try:
+        image = tmp_path / "top.fvd"
+        fvd.create(image, SIZE, base=srv.uri, base_format="raw")
+        with fvd.open(image) as img:
+            assert img.read(0, SIZE) == expect
+            runs = [(e.start, e.length, e.data, e.zero, e.depth) for e in img.extents()]
+        assert runs == [(0, MiB, True, False, 1), (MiB, 2 * MiB, False, True, 1),
+                        (3 * MiB, 64 * KiB, True, False, 1),
+                        (3 * MiB + 64 * KiB, SIZE - 3 * MiB - 64 * KiB, False, True, 1)]
+    finally:
+        srv.stop()
