@@ -48,6 +48,7 @@ REPLY_ERROR_BIT = 1 << 15
 STATE_HOLE, STATE_ZERO = 1, 2
 BASE_ALLOCATION = b"base:allocation"
 MAX_STATUS = 1 << 30
+SPARSE_READ_MIN = 1 << 20       # reads this large ask block status first
 DEFAULT_PORT = 10809
 MAX_REQUEST = 4 << 20           # below every server's limit (qemu-nbd: 32 MiB)
 SCHEMES = ("nbd://", "nbd+unix://")
@@ -296,6 +297,7 @@ class NbdClient:
         self._cond = threading.Condition()
         conn = self._connect()
         self.size = conn.size
+        self.block_status = conn.context is not None
         self._count = 1
         self._put(conn)
 
@@ -335,24 +337,40 @@ class NbdClient:
             self._count -= 1
             self._cond.notify()
 
-    def readinto(self, offset: int, buffer) -> int:
-        mv = memoryview(buffer).cast("B")
-        if offset < 0 or offset + len(mv) > self.size:
-            raise ValueError(f"{self.uri}: read [{offset}, {offset + len(mv)}) outside the "
-                             f"export (size {self.size})")
+    def _call(self, what: str, fn):
+        """fn(connection) on a pooled connection; a failed connection is dropped."""
         conn = self._take()
         try:
-            conn.readinto(offset, mv)
+            result = fn(conn)
         except (OSError, struct.error) as e:
             conn.sock.close()
             self._drop()
-            raise BaseImageError(f"{self.uri}: NBD read of {len(mv)} bytes at {offset} "
-                                 f"failed: {e}") from e
+            raise BaseImageError(f"{self.uri}: NBD {what} failed: {e}") from e
         except BaseException:
             conn.sock.close()       # a half-read reply leaves the stream unusable
             self._drop()
             raise
         self._put(conn)
+        return result
+
+    def readinto(self, offset: int, buffer) -> int:
+        """Fill `buffer` from `offset`. A large read first asks block status and reads
+        only what is not known to be zero (nbdkit's file plugin, unlike qemu-nbd, sends
+        holes as data), so prefetch of a sparse base does not move its zeros."""
+        mv = memoryview(buffer).cast("B")
+        if offset < 0 or offset + len(mv) > self.size:
+            raise ValueError(f"{self.uri}: read [{offset}, {offset + len(mv)}) outside the "
+                             f"export (size {self.size})")
+        runs = [(offset, len(mv), False)]
+        if len(mv) >= SPARSE_READ_MIN and self.block_status:
+            runs = _data_runs(self.extents(offset, len(mv)))
+        for start, n, zero in runs:
+            piece = mv[start - offset:start - offset + n]
+            if zero:
+                piece[:] = bytes(n)
+            else:
+                self._call(f"read of {n} bytes at {start}",
+                           lambda c, s=start, p=piece: c.readinto(s, p))
         return len(mv)
 
     def extents(self, offset: int, length: int):
@@ -360,19 +378,8 @@ class NbdClient:
         all data when the server has no block status."""
         pos, end = offset, offset + length
         while pos < end:
-            conn = self._take()
-            try:
-                found = conn.block_status(pos, end - pos)
-            except (OSError, struct.error) as e:
-                conn.sock.close()
-                self._drop()
-                raise BaseImageError(f"{self.uri}: NBD block status at {pos} failed: "
-                                     f"{e}") from e
-            except BaseException:
-                conn.sock.close()
-                self._drop()
-                raise
-            self._put(conn)
+            found = self._call(f"block status at {pos}",
+                               lambda c, p=pos: c.block_status(p, end - p))
             start = pos
             for n, flags in found:
                 n = min(n, end - pos)
@@ -392,3 +399,14 @@ class NbdClient:
             self._cond.notify_all()
         for conn in idle:
             conn.close()
+
+
+def _data_runs(extents) -> list[tuple[int, int, bool]]:
+    """(start, length, zero) runs: known-zero ranges apart, adjacent others merged."""
+    runs: list[tuple[int, int, bool]] = []
+    for start, n, zero, _data in extents:
+        if runs and runs[-1][2] == zero:
+            runs[-1] = (runs[-1][0], runs[-1][1] + n, zero)
+        else:
+            runs.append((start, n, zero))
+    return runs

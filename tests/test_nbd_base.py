@@ -218,3 +218,27 @@ def test_sparse_base_extents_and_reads(tmp_path, server, impl):
                         (3 * MiB + 64 * KiB, SIZE - 3 * MiB - 64 * KiB, False, True, 1)]
     finally:
         srv.stop()
+
+
+def test_prefetch_of_a_sparse_base_moves_only_its_data(tmp_path, impl):
+    """nbdkit's file plugin sends holes as data; a large base read asks block status
+    first and reads only what is not known to be zero (nbdkit's stats filter counts)."""
+    raw = tmp_path / "sparse.raw"
+    data = os.urandom(64 * KiB)
+    with open(raw, "wb") as f:
+        f.truncate(SIZE)
+        f.seek(2 * MiB)
+        f.write(data)
+    stats = tmp_path / "stats.txt"
+    srv = nbdkit_file(raw, tmp_path / "k.sock", ("stats", [f"statsfile={stats}"]))
+    image = tmp_path / "top.fvd"
+    try:
+        fvd.create(image, SIZE, base=srv.uri, base_format="raw")
+        with fvd.open(image, "r+") as img:
+            img.prefetch()
+    finally:
+        srv.stop()
+    read = next(line for line in stats.read_text().splitlines() if line.startswith("read:"))
+    assert "64.00 KiB" in read, read
+    with fvd.open(image) as img:
+        assert img.read(0, SIZE) == raw.read_bytes()
