@@ -204,7 +204,7 @@ def test_sparse_base_extents_and_reads(tmp_path, server, impl):
         f.write(data)
         f.seek(3 * MiB)
         f.write(data[:64 * KiB])
-    expect = open(raw, "rb").read()
+    expect = raw.read_bytes()
     srv = nbdkit_file(raw, tmp_path / "k.sock") if server == "nbdkit" else \
         qemu_nbd(tmp_path, raw)
     try:
