@@ -110,15 +110,27 @@ class ClusterMixin:
                     if run_len:
                         self._data_readinto(run_host, mv[run_pos:run_pos + run_len])
                     run_pos, run_len, run_host = pos, chunk, host
+            elif not off and not zero and self._backing is not None:
+                self._backing_read(g, mv[pos:pos + chunk])
             else:
                 mv[pos:pos + chunk] = self._zeros[:chunk]
             pos += chunk
         if run_len:
             self._data_readinto(run_host, mv[run_pos:run_pos + run_len])
 
+    def _backing_read(self, g, mv):
+        """Guest bytes of an unallocated range from the backing file (zeros past its
+        end, as QEMU reads them)."""
+        b = self._backing
+        n = max(0, min(len(mv), b.size - g))
+        if n:
+            b.readinto(g, mv[:n])
+        if n < len(mv):
+            mv[n:] = bytes(len(mv) - n)
+
     def _reads_zero(self, g):
         off, zero, _ = self._lookup(self._l1, self._l1_offset, g)
-        return zero or not off
+        return zero or not off and self._backing is None
 
     # ----------------------------------------------------------------- write
     def _l2_for_write(self, i):
@@ -178,6 +190,11 @@ class ClusterMixin:
                     self._data_readinto(off, memoryview(old))
                     host, bufs = new, [old[:within], piece, old[within + chunk:]]
                     self._cow_pending = True
+                elif not off and not zero and self._backing is not None:
+                    old = bytearray(cs)                      # copy on write from backing
+                    self._backing_read(gg - within, memoryview(old))
+                    host, bufs = new, [old[:within], piece, old[within + chunk:]]
+                    self._cow_pending = True
                 elif new >= eof:                             # fresh cluster, reads as zeros
                     host, bufs = new + within, [piece]
                 else:                                        # reused cluster: zero the rest
@@ -207,10 +224,12 @@ class ClusterMixin:
         """Whole clusters [start, end) inside one L2 table read as zeros afterwards: the
         v3 zero flag (0 in v2: there is no backing file), old clusters freed."""
         i = start >> (self._cbits + self._l2bits)
-        if not self._l2_offset(self._l1, i, self._l1_offset):
-            return                          # no L2 table: already reads as zeros
         first = (start >> self._cbits) & self._l2mask
         count = (end - start) >> self._cbits
+        if self._backing is not None:       # unallocated reads the backing: flag all
+            return self._zero_flag_clusters(i, first, count)
+        if not self._l2_offset(self._l1, i, self._l1_offset):
+            return                          # no L2 table: already reads as zeros
         old = self._l2_peek(self._l2_offset(self._l1, i, self._l1_offset))
         if not (old[first:first + count].astype(np.uint64) & np.uint64(OFFSET_MASK)).any():
             return                          # nothing allocated there
@@ -221,6 +240,22 @@ class ClusterMixin:
             if off:
                 l2[j] = OFLAG_ZERO if self._version == 3 else 0
                 self._defer_free(off)
+        self._l2_dirty.add(l2_off)
+
+    def _zero_flag_clusters(self, i, first, count):
+        """Over a backing file: every cluster gets the zero flag (v3 only)."""
+        if self._version != 3:
+            raise UnsupportedFeatureError(f"{self.path}: zeroing over a backing file needs "
+                                          "qcow2 v3")
+        l2_off, l2 = self._l2_for_write(i)
+        self._fast_l2.pop(i, None)
+        for j in range(first, first + count):
+            off, zero = self._decode(int(l2[j]), l2_off, j)
+            if off:
+                self._defer_free(off)
+            elif zero:
+                continue
+            l2[j] = OFLAG_ZERO
         self._l2_dirty.add(l2_off)
 
     # ------------------------------------------------------------- write-back
@@ -241,20 +276,50 @@ class ClusterMixin:
         self._apply_deferred()
 
     # ----------------------------------------------------------------- map
-    def _classify(self, g):
-        off, zero, _ = self._lookup(self._l1, self._l1_offset, g)
+    def _classify(self, g, l1=None, l1_off=None):
+        if l1 is None:
+            l1, l1_off = self._l1, self._l1_offset
+        off, zero, _ = self._lookup(l1, l1_off, g)
         if zero:
             return False, True, True, (off or None)
         if off:
             return True, False, True, off
         return False, True, False, None
 
-    def _extents(self, offset, length):
+    def _extents(self, offset, length, l1=None, l1_off=None):
+        if self._backing is None:
+            yield from self._own_extents(offset, length, l1, l1_off)
+            return
+        cur = None                  # unallocated runs: the backing file's, depth + 1
+        for e in self._own_extents(offset, length, l1, l1_off):
+            parts = [e] if e.present else self._backing_extents(e.start, e.length)
+            for p in parts:
+                if cur is not None and (cur.data, cur.zero, cur.depth, cur.present) == \
+                        (p.data, p.zero, p.depth, p.present) and cur.offset is None and \
+                        p.offset is None:
+                    cur = cur._replace(length=cur.length + p.length)
+                    continue
+                if cur is not None:
+                    yield cur
+                cur = p
+        if cur is not None:
+            yield cur
+
+    def _backing_extents(self, start, length):
+        b = self._backing
+        inside = max(0, min(length, b.size - start))
+        if inside:
+            for x in b.extents(start, inside):
+                yield Extent(x.start, x.length, x.data, x.zero, x.depth + 1, None, True)
+        if inside < length:
+            yield Extent(start + inside, length - inside, False, True, 1, None, True)
+
+    def _own_extents(self, offset, length, l1, l1_off):
         cs, pos, end, cur = self._cs, offset, offset + length, None
         while pos < end:
             within = pos & (cs - 1)
             chunk = min(cs - within, end - pos)
-            data, zero, present, host = self._classify(pos)
+            data, zero, present, host = self._classify(pos, l1, l1_off)
             if host is not None:
                 host += within
             if (cur is not None and (cur.data, cur.zero, cur.present) == (data, zero, present)
