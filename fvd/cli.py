@@ -1,6 +1,7 @@
 """The `fvd` command line, modelled on qemu-img."""
 import argparse
 import json
+import os
 import sys
 
 from . import format as fmt
@@ -94,106 +95,152 @@ def _base_size(path, base_format):
 
 
 def cmd_info(args):
-    from .image import open as open_image
-    with open_image(args.image, force_share=args.force_share) as img:
-        info = img.info()
-    lines = [f"image: {info['filename']}", "file format: fvd",
-             f"virtual size: {human(info['virtual-size'])} ({info['virtual-size']} bytes)",
-             f"disk size: {human(info['actual-size'])}",
-             f"chunk size: {info['chunk-size']}", f"block size: {info['block-size']}",
-             f"allocated chunks: {info['allocated-chunks']}",
-             f"clean shutdown: {'yes' if info['clean-shutdown'] else 'no'}"]
-    if "backing-filename" in info:
-        lines.append(f"backing file: {info['backing-filename']}")
-        lines.append(f"backing file format: {info['backing-filename-format']}")
-        lines.append(f"base prefetched: {'yes' if info['base-prefetched'] else 'no'}")
-        for depth, layer in enumerate(info.get("backing-chain", []), 1):
-            lines.append(f"  chain[{depth}]: {layer}")
-    if info.get("snapshots"):
-        lines.append("Snapshot list:")
-        lines.append(_snapshot_table(info["snapshots"]))
-    emit(args, info, "\n".join(lines))
+    from .cliutil import chain_infos, info_text
+    infos = chain_infos(args.image, args.fmt, args.force_share, args.backing_chain)
+    if args.output == "json":
+        print(json.dumps(infos if args.backing_chain else infos[0], indent=4))
+    else:
+        print("\n\n".join(info_text(i, _snapshot_table) for i in infos))
     return 0
 
 
 def cmd_check(args):
-    from .check import check_path
+    """Exit codes as qemu-img check: 0 clean, 1 could not run, 2 corruptions, 3 leaks."""
+    from . import cliutil
+    from .imageio import resolve_format
+    fmt_name = resolve_format(args.image, args.fmt)
+    progress = cliutil.qemu_progress() if args.progress else None
+    if progress:
+        progress(0, 1)
     try:
-        result = check_path(args.image, repair=args.repair is not None)
+        result, facts = cliutil.check_image_path(args.image, fmt_name, args.repair is not None,
+                                                 args.force_share)
     except FvdError as e:
-        if getattr(args, "output", "human") == "json":
-            print(json.dumps({"filename": args.image, "corruptions": 1, "leaks": 0,
-                              "ok": False, "messages": [str(e)]}, indent=2))
-        else:
-            print(f"ERROR: {e}")
+        if not cliutil.is_corrupt(e):
+            raise                       # locked, unsupported...: the check could not run
+        if progress:
+            cliutil.progress_done()
+        emit(args, cliutil.corrupt_check_json(args.image, fmt_name, e), f"ERROR: {e}")
         return 2
-    data = dict(result.as_dict(), filename=args.image)
+    if progress:
+        progress(1, 1)
+        cliutil.progress_done()
+    data = cliutil.check_json(args.image, fmt_name, result, facts)
+    unit = "chunks" if fmt_name == "fvd" else "clusters"
     lines = list(result.messages or [])
     if result.ok:
         lines.append("No errors were found on the image.")
     else:
-        lines.append(f"{result.corruptions} errors were found on the image."
-                     if result.corruptions else
-                     f"{result.leaks} leaked chunks were found on the image.")
+        if result.corruptions:
+            lines.append(f"{result.corruptions} errors were found on the image.")
+        if result.leaks:
+            lines.append(f"{result.leaks} leaked {unit} were found on the image.")
     if result.leaks_fixed:
-        lines.append(f"{result.leaks_fixed} leaked chunks were repaired.")
+        lines.append(f"{result.leaks_fixed} leaked {unit} were repaired.")
+    if result.corruptions_fixed:
+        lines.append(f"{result.corruptions_fixed} corruptions were repaired.")
+    lines.append(f"{facts['allocated-clusters']}/{facts['total-clusters']} allocated {unit}.")
+    lines.append(f"Image end offset: {facts['image-end-offset']}")
     emit(args, data, "\n".join(lines))
     return 2 if result.corruptions else 3 if result.leaks else 0
 
 
 def cmd_map(args):
-    from .image import open as open_image
-    with open_image(args.image, force_share=args.force_share) as img:
-        extents = [e.as_dict() for e in img.extents()]
+    from .cliutil import extent_dict, open_args
+    with open_args(args) as img:
+        extents = [extent_dict(e) for e in img.extents()]
     if args.output == "json":
         print(json.dumps(extents, indent=None).replace("}, {", "},\n{"))
         return 0
     print(f"{'Offset':<20}{'Length':<20}{'Mapped to':<20}File")
     for e in extents:
-        if e["data"]:
+        if e["data"] and "offset" in e:
             print(f"{e['start']:#<20x}{e['length']:#<20x}{e.get('offset', 0):#<20x}"
                   f"{args.image}".replace("#", " "))
     return 0
 
 
 def _snapshot_table(snaps):
-    rows = [f"{'ID':<6}{'TAG':<24}{'VM SIZE':>12}  {'DATE':<20}"]
+    import datetime
+    rows = [f"{'ID':<6}{'TAG':<24}{'VM SIZE':>12}  {'DATE':<20}{'VM CLOCK':>16}"]
     for s in snaps:
-        created = s.get("created")
-        created = created.strftime("%Y-%m-%d %H:%M:%S") if hasattr(created, "strftime") \
-            else str(created)[:19].replace("T", " ")
-        rows.append(f"{s['id']:<6}{s['name']:<24}{human(s['vm_state_size']):>12}  {created:<20}")
+        created = datetime.datetime.fromtimestamp(s["date-sec"], datetime.timezone.utc)
+        clock = s["vm-clock-sec"]
+        clock = f"{clock // 3600:04d}:{clock // 60 % 60:02d}:{clock % 60:02d}." \
+                f"{s['vm-clock-nsec'] // 10**6:03d}"
+        rows.append(f"{s['id']:<6}{s['name']:<24}{human(s['vm-state-size']):>12}  "
+                    f"{created.strftime('%Y-%m-%d %H:%M:%S'):<20}{clock:>16}")
     return "\n".join(rows)
 
 
+def _snapshot_dicts(img):
+    from .info import fvd_snapshot_dicts, snapshot_dict
+    if hasattr(img, "_snapshot_l1"):            # qcow2
+        return [snapshot_dict(s.id, s.name, s.vm_state_size,
+                              s.date_sec * 10**9 + s.date_nsec, s.vm_clock_nsec)
+                for s in img.snapshots()]
+    return fvd_snapshot_dicts(img)
+
+
 def cmd_snapshot(args):
-    from .image import open as open_image
+    from .cliutil import open_args
+    from .imageio import resolve_format
+    if resolve_format(args.image, args.fmt) == "raw":
+        raise UsageError(f"{args.image}: raw images have no internal snapshots")
     if args.list:
-        with open_image(args.image, force_share=args.force_share) as img:
-            snaps = [s.as_dict() for s in img.snapshots()]
+        with open_args(args) as img:
+            snaps = _snapshot_dicts(img)
         emit(args, snaps, _snapshot_table(snaps))
         return 0
-    with open_image(args.image, "r+") as img:
+    with open_args(args, "r+") as img:
         if args.create:
             img.create_snapshot(args.create)
         elif args.delete:
             img.delete_snapshot(args.delete)
         elif args.apply:
+            if not hasattr(img, "revert_to_snapshot"):
+                raise UsageError(f"{args.image}: applying a snapshot is only supported "
+                                 f"for fvd images")
             img.revert_to_snapshot(args.apply)
     return 0
 
 
 def cmd_prefetch(args):
+    from .cliutil import progress_done, qemu_progress
     from .image import open as open_image
-    progress = None
-    if args.progress:
-        from .base import progress_bar
-        progress = progress_bar(sys.stderr)
+    from .imageio import resolve_format
+    if resolve_format(args.image, args.fmt) != "fvd":
+        raise UsageError(f"{args.image}: prefetch needs an fvd image with a base")
+    progress = qemu_progress() if args.progress else None
     with open_image(args.image, "r+") as img:
         img.prefetch(progress)
-    if args.progress:
-        sys.stderr.write("\n")
+    if progress:
+        progress_done()
     return 0
+
+
+def cmd_convert(args):
+    from .cliutil import progress_done, qemu_progress
+    from .convert import convert
+    opts = parse_options(args.options)
+    progress = qemu_progress() if args.progress else None
+    convert(args.src, args.dst, src_format=args.fmt, dst_format=args.out_format,
+            snapshot=_snapshot_name(args.snapshot), since=args.since, backing=args.backing,
+            backing_format=args.backing_format, progress=progress,
+            force_share=args.force_share, **opts)
+    if progress:
+        progress_done()
+    return 0
+
+
+def _snapshot_name(text):
+    """-l NAME, or qemu-img's -l snapshot.name=NAME / snapshot.id=ID."""
+    if text is None:
+        return None
+    for prefix in ("snapshot.name=", "snapshot.id="):
+        if text.startswith(prefix):
+            return text[len(prefix):]
+    return text
 
 
 def cmd_bench(args):
@@ -207,9 +254,29 @@ def _force_share_option(parser):
                         help="open even while another handle writes it (best-effort view)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors exit 1 (as qemu-img), not argparse's 2: 2 means "corruptions"."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+# Commands that take no -f (every other command gets `-f fvd|qcow2|raw`, see below).
+NO_FORMAT_OPTION = {"bench", "create"}
+
+
+def _add_format_options(sub):
+    """-f FMT on every command that opens an image (probed by magic when absent)."""
+    from .imageio import FORMATS
+    for name, parser in sub.choices.items():
+        if name not in NO_FORMAT_OPTION and "-f" not in parser._option_string_actions:
+            parser.add_argument("-f", dest="fmt", choices=FORMATS,
+                                help="image format (default: probed; fvd and qcow2 by magic)")
+
+
 def build_parser():
-    p = argparse.ArgumentParser(prog="fvd", description="Create, inspect and benchmark FVD "
-                                "copy-on-write disk images.")
+    p = _Parser(prog="fvd", description="Create, inspect, convert and benchmark FVD "
+                "copy-on-write disk images.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -227,6 +294,7 @@ def build_parser():
 
     i = sub.add_parser("info", help="show header facts, allocation and snapshots")
     i.add_argument("--output", choices=["human", "json"], default="human")
+    i.add_argument("--backing-chain", action="store_true", help="also every base below")
     _force_share_option(i)
     i.add_argument("image")
     i.set_defaults(func=cmd_info)
@@ -234,6 +302,8 @@ def build_parser():
     k = sub.add_parser("check", help="check consistency (exit 0 clean, 2 corrupt, 3 leaks)")
     k.add_argument("-r", dest="repair", choices=["leaks", "all"], help="repair")
     k.add_argument("--output", choices=["human", "json"], default="human")
+    k.add_argument("-p", dest="progress", action="store_true", help="show progress")
+    _force_share_option(k)
     k.add_argument("image")
     k.set_defaults(func=cmd_check)
 
@@ -259,6 +329,26 @@ def build_parser():
     f.add_argument("image")
     f.set_defaults(func=cmd_prefetch)
 
+    v = sub.add_parser("convert", help="convert, export or back up an image (as qemu-img "
+                       "convert); --since S -B PREV writes an incremental backup")
+    v.add_argument("-O", dest="out_format", default="fvd", choices=["fvd", "raw", "qcow2"],
+                   help="output format (default fvd)")
+    v.add_argument("-l", dest="snapshot", metavar="SNAPSHOT",
+                   help="convert this internal snapshot (NAME or snapshot.name=NAME)")
+    v.add_argument("--since", metavar="SNAPSHOT",
+                   help="copy only what changed since this snapshot (needs -B)")
+    v.add_argument("-B", dest="backing", metavar="BACKING",
+                   help="the output's backing file (relative to the output's directory)")
+    v.add_argument("-F", dest="backing_format", choices=["fvd", "raw", "qcow2"],
+                   help="backing file format")
+    v.add_argument("-o", dest="options", metavar="OPTS",
+                   help="fvd: chunk_size=,block_size=; qcow2: cluster_size=,lazy_refcounts=")
+    v.add_argument("-p", dest="progress", action="store_true", help="show progress")
+    _force_share_option(v)
+    v.add_argument("src")
+    v.add_argument("dst")
+    v.set_defaults(func=cmd_convert)
+
     b = sub.add_parser("bench", help="FVD against the QCOW2 baseline, raw and QEMU")
     try:
         from . import bench
@@ -266,29 +356,44 @@ def build_parser():
     except ImportError:
         pass
     b.set_defaults(func=cmd_bench)
+    _add_format_options(sub)
     return p
 
 
 def main(argv=None):
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as e:
+        print(f"fvd: {e}", file=sys.stderr)
+        return 1
     try:
         return args.func(args)
     except UsageError as e:
         print(f"fvd {args.command}: {e}", file=sys.stderr)
         return 1
-    except (FvdError, OSError, ValueError, KeyError) as e:
-        name = getattr(args, "image", None)
-        msg = str(e)
-        if isinstance(e, OSError) and not isinstance(e, FvdError):
-            msg = f"{e.filename or name}: {e.strerror or e}"
-        elif isinstance(e, KeyError) and not isinstance(e, FvdError):
-            msg = f"{name}: {e.args[0] if e.args else e}"
-        print(f"fvd {args.command}: {msg}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("fvd: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:      # noqa: BLE001 - one line, never a traceback
+        if os.environ.get("FVD_DEBUG") == "1":
+            raise
+        print(f"fvd {args.command}: {_error_line(args, e)}", file=sys.stderr)
+        return 1
+
+
+def _error_line(args, e):
+    """One line naming the file and the problem."""
+    name = getattr(args, "image", None) or getattr(args, "src", None)
+    if isinstance(e, FvdError):
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+    if isinstance(e, OSError):
+        return f"{e.filename or name}: {e.strerror or e}"
+    if isinstance(e, KeyError):
+        return f"{name}: {e.args[0] if e.args else e}"
+    if isinstance(e, ValueError):
+        return str(e).splitlines()[0] if str(e) else "invalid value"
+    return f"{name}: {type(e).__name__}: {e}".splitlines()[0]
 
 
 if __name__ == "__main__":

@@ -45,7 +45,8 @@ def resolve_format(path, given=None) -> str:
     if seen == "raw":
         raise WrongFormatError(f"{path}: not a {given} image (no {given} magic; "
                                f"use -f raw for a raw file)")
-    raise WrongFormatError(f"{path}: is a {seen} image; use -f {seen}")
+    article = "an" if seen == "fvd" else "a"
+    raise WrongFormatError(f"{path}: is {article} {seen} image; use -f {seen}")
 
 
 def open_image(path, format=None, mode="r", *, force_share=False):  # noqa: A002

@@ -174,7 +174,8 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
 
     _backing = None
 
-    def __init__(self, path, mode="r", cache="writeback", *, _creating=False, _chain=()):
+    def __init__(self, path, mode="r", cache="writeback", *, _creating=False, _chain=(),
+                 _skip_backing=False):
         if mode not in ("r", "r+"):
             raise ValueError(f"mode must be 'r' or 'r+', not {mode!r}")
         if cache not in ("writeback", "writethrough"):
@@ -190,7 +191,7 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
         self._hf = impl.HostFile(self.fd, self.stats)     # guest data I/O, as FVD's
         try:
             self._load(_creating)
-            if self._header.backing_file:
+            if self._header.backing_file and not _skip_backing:
                 self._backing = _open_backing(self, self._header.backing_file,
                                               self._header.backing_format,
                                               tuple(_chain) + (_os.path.realpath(path),))
