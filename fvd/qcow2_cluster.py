@@ -165,6 +165,7 @@ class ClusterMixin:
         cs, i = self._cs, g >> (self._cbits + self._l2bits)
         l2_off, l2 = self._l2_for_write(i)
         segments, updates, pos = [], [], 0
+        fresh = self._preallocate(g, len(mv), l2)
         while pos < len(mv):
             gg = g + pos
             within = gg & (cs - 1)
@@ -181,8 +182,11 @@ class ClusterMixin:
                 updates.append((j, off | OFLAG_COPIED, 0))
                 self._cow_pending = True
             else:
-                eof = self._file_size
-                new = self._alloc_cluster()
+                if fresh:
+                    eof, new = fresh.pop()
+                else:
+                    eof = self._file_size
+                    new = self._alloc_cluster()
                 if chunk == cs:
                     host, bufs = new, [piece]
                 elif off and not zero:                       # shared: copy on write
@@ -219,6 +223,22 @@ class ClusterMixin:
                 self._defer_free(old)
         if updates:
             self._l2_dirty.add(l2_off)
+
+    def _preallocate(self, g, length, l2):
+        """Clusters for a multi-cluster write allocated at once, as QEMU's
+        qcow2_alloc_clusters does for one request: [(eof before, offset)], popped in
+        order; [] when at most one cluster is needed."""
+        cs = self._cs
+        first = (g >> self._cbits) & self._l2mask
+        last = ((g + length - 1) >> self._cbits) & self._l2mask
+        entries = l2[first:last + 1].astype(np.uint64)
+        mine = (entries & np.uint64(OFLAG_COPIED)) != 0
+        need = int((~mine).sum())
+        if need < 2:
+            return []
+        eof = self._file_size
+        start = self._alloc_contiguous(need)
+        return [(eof, start + k * cs) for k in range(need - 1, -1, -1)]
 
     def _zero_clusters(self, start, end):
         """Whole clusters [start, end) inside one L2 table read as zeros afterwards: the
