@@ -29,6 +29,9 @@ def row_titles(scale):
     for k in scale.snapshots:
         rows.append((f"snap-create-x{k}", f"snapshot create, {k} snaps"))
         rows.append((f"snap-delete-x{k}", f"snapshot delete, {k} snaps"))
+    from .bench_convert import ROWS as CONVERT_ROWS
+    rows += [(key, f"{title} ({scale.convert_mib} MiB)")
+             for key, title, *_ in CONVERT_ROWS]
     rows += [("open", "open (r), allocated image"), ("metadata/TiB", "metadata per TiB"),
              ("translate", "translate chunk index")]
     return rows
@@ -174,6 +177,11 @@ def run_all(scale, names, workdir, keys=None, progress=True):
                 jobs.append((f"snapshots x{k}", f"snap-create-x{k}", c, lambda k=k, c=c: (
                     wl.measure_snapshots(c, workdir, k, scale.snap_data_ops) if c.python else
                     _qemu().measure_snapshots_qemu(c, workdir, k, scale.snap_data_ops))))
+    if want("convert") and "fvd" in names:
+        from .bench_convert import measure_convert
+        qemu = any(n.startswith("qemu-") for n in names)
+        jobs.append(("convert", "convert", impls.BY_NAME["fvd"], lambda: measure_convert(
+            workdir, scale.convert_mib, scale.repeat, qemu, keys)))
     if want("open"):
         for c in contenders:
             if c.python:
@@ -369,6 +377,10 @@ def targets(results):
     ratio("overwrite4k-wt", "fvd", "qcow2", 0.9, "FVD overwrite 4K wt within 10% of qcow2")
     ratio("read4k", "fvd", "qcow2", 0.9, "FVD read 4K within 10% of qcow2")
     ratio("alloc4k-wt", "qcow2", "qemu-qcow2", 0.5, "qcow2 baseline within 2x of QEMU qcow2")
+    from .bench_convert import ROWS as CONVERT_ROWS
+    for key, title, _s, _d, peer in CONVERT_ROWS:
+        what = "raw->qcow2" if peer == "qemu-qcow2" else "qcow2->raw"
+        ratio(key, "fvd", peer, 1.0, f"fvd {title[8:]} >= 1.0x qemu-img convert {what}")
     tr = idx.get(("translate", "fvd"))
     out.append({"target": "cython translation >= 50M lookups/s",
                 "measured": "n/a" if not (tr and tr.value) else f"{tr.value / 1e6:.0f}M/s",
