@@ -143,10 +143,20 @@ def cmd_check(args):
 
 def cmd_map(args):
     from .image import open as open_image
+    if args.until is not None and args.since is None:
+        raise UsageError("--until needs --since")
     with open_image(args.image, force_share=args.force_share) as img:
-        extents = [e.as_dict() for e in img.extents()]
+        if args.since is not None:      # changed extents (fvd.changed)
+            extents = [e.as_dict() for e in img.changed_extents(args.since, args.until)]
+        else:
+            extents = [e.as_dict() for e in img.extents()]
     if args.output == "json":
         print(json.dumps(extents, indent=None).replace("}, {", "},\n{"))
+        return 0
+    if args.since is not None:
+        print(f"{'Offset':<20}{'Length':<20}Changed to")
+        for e in extents:
+            print(f"{e['start']:<#20x}{e['length']:<#20x}{'zero' if e['zero'] else 'data'}")
         return 0
     print(f"{'Offset':<20}{'Length':<20}{'Mapped to':<20}File")
     for e in extents:
@@ -239,6 +249,8 @@ def build_parser():
 
     m = sub.add_parser("map", help="show the allocation map (as qemu-img map)")
     m.add_argument("--output", choices=["human", "json"], default="human")
+    m.add_argument("--since", metavar="SNAP", help="only ranges changed since snapshot SNAP")
+    m.add_argument("--until", metavar="SNAP", help="... up to snapshot SNAP (default: now)")
     _force_share_option(m)
     m.add_argument("image")
     m.set_defaults(func=cmd_map)

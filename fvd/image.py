@@ -625,6 +625,15 @@ class Image:
         from .extents import image_extents
         return image_extents(self, offset, length)
 
+    # Backup data path (fvd.changed, fvd.extents, fvd.fileview, fvd.checksum)
+    def changed_extents(self, since, until=None):
+        from .changed import changed_extents
+        return changed_extents(self, since, until)
+
+    def changed_extents_array(self, since, until=None):
+        from .changed import changed_extents_array
+        return changed_extents_array(self, since, until)
+
     def check(self, repair=False):
         from .check import check_image
         return check_image(self, repair)
