@@ -626,6 +626,10 @@ class Image:
         return image_extents(self, offset, length)
 
     # Backup data path (fvd.changed, fvd.extents, fvd.fileview, fvd.checksum)
+    def extents_array(self, offset=0, length=None):
+        from .extents import extents_array
+        return extents_array(self, offset, length)
+
     def changed_extents(self, since, until=None):
         from .changed import changed_extents
         return changed_extents(self, since, until)
