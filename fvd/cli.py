@@ -206,6 +206,25 @@ def cmd_prefetch(args):
     return 0
 
 
+def cmd_checksum(args):
+    from .image import open as open_image
+    progress = None
+    if args.progress:
+        from .base import progress_bar
+        progress = progress_bar(sys.stderr)
+    block_size = parse_size(args.block_size)
+    with open_image(args.image, force_share=args.force_share) as img:
+        if args.snapshot is not None:
+            with img.open_snapshot(args.snapshot) as view:
+                result = view.checksum(block_size, args.algorithm, progress=progress)
+        else:
+            result = img.checksum(block_size, args.algorithm, progress=progress)
+    if args.progress:
+        sys.stderr.write("\n")
+    emit(args, result, f"{result['checksum']}  {args.image}")
+    return 0
+
+
 def cmd_bench(args):
     from . import bench
     return bench.run(args)
@@ -270,6 +289,18 @@ def build_parser():
     f.add_argument("-p", dest="progress", action="store_true", help="show progress")
     f.add_argument("image")
     f.set_defaults(func=cmd_prefetch)
+
+    h = sub.add_parser("checksum", help="checksum of the guest data, equal to "
+                       "ovirt-imageio's (blkhash) of the same content in any format")
+    h.add_argument("-l", dest="snapshot", metavar="SNAPSHOT", help="checksum a snapshot")
+    h.add_argument("-p", dest="progress", action="store_true", help="show progress")
+    h.add_argument("--block-size", default="4M",
+                   help="blkhash block size (default 4M)")
+    h.add_argument("--algorithm", default="blake2b", help="hashlib algorithm (blake2b)")
+    h.add_argument("--output", choices=["human", "json"], default="human")
+    _force_share_option(h)
+    h.add_argument("image")
+    h.set_defaults(func=cmd_checksum)
 
     b = sub.add_parser("bench", help="FVD against the QCOW2 baseline, raw and QEMU")
     try:

@@ -626,6 +626,14 @@ class Image:
         return image_extents(self, offset, length)
 
     # Backup data path (fvd.changed, fvd.extents, fvd.fileview, fvd.checksum)
+    def as_file(self):
+        from .fileview import as_file
+        return as_file(self)
+
+    def checksum(self, block_size=4 << 20, algorithm="blake2b", progress=None, threads=None):
+        from .checksum import checksum
+        return checksum(self, block_size, algorithm, progress=progress, threads=threads)
+
     def extents_array(self, offset=0, length=None):
         from .extents import extents_array
         return extents_array(self, offset, length)
