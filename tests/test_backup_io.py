@@ -219,7 +219,12 @@ def test_vanished_base_is_a_base_image_error_and_nothing_changes(tmp_path):
         img.write(0, b"x")
         img.create_snapshot("s1")
     before = open(path, "rb").read()
-    os.unlink(base)
+    with fvd.open(path) as img:
+        os.unlink(base)
+        with pytest.raises(fvd.BaseImageError):
+            img.open_snapshot("s1")             # the view opens the base itself
+        assert img.changed_extents_array("s1").tolist() == []   # tables only
+        assert img.checksum()["checksum"]       # the image's own base handle still works
     with pytest.raises(fvd.BaseImageError):
         fvd.open(path)
     assert cli.main(["checksum", path]) == 1
