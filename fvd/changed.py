@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import os
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Optional
 
 import numpy as np
 
@@ -43,8 +43,8 @@ class State:
     """One point in time: a table (uint32 entries) and the bitmap bits that go with it
     (uint8 array, or None without a base)."""
     table: np.ndarray
-    bits: Optional[np.ndarray]
-    snapshot_id: Optional[int]      # None: the live front
+    bits: np.ndarray | None
+    snapshot_id: int | None      # None: the live front
 
 
 @dataclass
@@ -76,9 +76,9 @@ def snapshot_state(fd: int, path: str, entry, nchunks: int, bitmap_size: int) ->
     return State(table, bits, entry.id)
 
 
-def _resolve(owner, since: str, until: Optional[str]):
+def _resolve(owner, since: str, until: str | None):
     """(Geometry, older State, newer State) for an Image or a SnapshotView."""
-    from .snapshots import SnapshotView, SnapshotNotFoundError
+    from .snapshots import SnapshotNotFoundError, SnapshotView
     owner._check_open()
     for name, what in ((since, "since"), (until, "until")):
         if name is not None and not isinstance(name, str):
@@ -129,24 +129,28 @@ def compare(geo: Geometry, a: State, b: State) -> np.ndarray:
     sorted, adjacent ranges of equal flags merged."""
     cs = geo.chunk_size
     nchunks = -(-geo.size // cs)
-    ka, kb = _chunk_keys(a.table[:nchunks]), _chunk_keys(b.table[:nchunks])
-    # chunks wholly past the base end (or every chunk, without a base): chunk level
+    ta, tb = a.table[:nchunks], b.table[:nchunks]
+    # chunks that reach below the base end are compared block by block; the rest (every
+    # chunk, without a base) by their entries. Both come out sorted, the first before.
     nbase_chunks = -(-geo.bend // cs) if geo.bend else 0
-    starts, stops, zero = _chunk_runs(ka, kb, nbase_chunks, nchunks, cs, geo.size)
+    starts, stops, zero = _chunk_runs(ta, tb, nbase_chunks, cs, geo.size)
     if nbase_chunks:
+        ka, kb = _chunk_keys(ta[:nbase_chunks]), _chunk_keys(tb[:nbase_chunks])
         rs, re, rz = _refine_blocks(geo, ka, kb, a, b, nbase_chunks)
         starts, stops, zero = (np.concatenate([rs, starts]), np.concatenate([re, stops]),
                                np.concatenate([rz, zero]))
     return _merge(starts, stops, zero)
 
 
-def _chunk_runs(ka, kb, first, nchunks, cs, size):
-    """Ranges of chunks [first, nchunks) whose keys differ: (starts, stops, zero)."""
-    diff = ka[first:] != kb[first:]
-    idx = np.flatnonzero(diff) + first
-    starts = idx.astype(np.uint64) * np.uint64(cs)
+def _chunk_runs(ta, tb, first, cs, size):
+    """Chunks from `first` whose entries differ, ZERO and UNALLOCATED counting as equal
+    (both read zeros): (starts, stops, zero in the newer state)."""
+    ta, tb = ta[first:], tb[first:]
+    diff = (ta != tb) & ((ta < fmt.ZERO_CHUNK) | (tb < fmt.ZERO_CHUNK))
+    idx = np.flatnonzero(diff)
+    starts = (idx + first).astype(np.uint64) * np.uint64(cs)
     stops = np.minimum(starts + np.uint64(cs), np.uint64(size))
-    return starts, stops, kb[idx] == KEY_ZERO
+    return starts, stops, tb[idx] >= fmt.ZERO_CHUNK
 
 
 def _refine_blocks(geo, ka, kb, a, b, nbase_chunks):
@@ -162,8 +166,7 @@ def _refine_blocks(geo, ka, kb, a, b, nbase_chunks):
     bits_a[:nblocks] = _bits(a.bits, nblocks) if a.bits is not None else True
     bits_b[:nblocks] = _bits(b.bits, nblocks) if b.bits is not None else True
     ba, bb = bits_a.reshape(nbase_chunks, per), bits_b.reshape(nbase_chunks, per)
-    cand = np.flatnonzero((ka[:nbase_chunks] != kb[:nbase_chunks])
-                          | (ba != bb).any(axis=1))
+    cand = np.flatnonzero((ka != kb) | (ba != bb).any(axis=1))
     if not len(cand):
         e = np.zeros(0, dtype=np.uint64)
         return e, e, np.zeros(0, dtype=bool)
@@ -186,15 +189,16 @@ def _refine_blocks(geo, ka, kb, a, b, nbase_chunks):
 
 
 def _merge(starts, stops, zero) -> np.ndarray:
-    order = np.argsort(starts, kind="stable")
-    starts, stops, zero = starts[order], stops[order], zero[order]
+    """Sorted, disjoint ranges in; adjacent ones with equal flags joined."""
     n = len(starts)
     if n == 0:
         return np.zeros(0, dtype=CHANGED_DTYPE)
     brk = np.ones(n, dtype=bool)
     brk[1:] = (starts[1:] != stops[:-1]) | (zero[1:] != zero[:-1])
     first = np.flatnonzero(brk)
-    last = np.append(first[1:], n) - 1
+    last = np.empty_like(first)
+    last[:-1] = first[1:] - 1
+    last[-1] = n - 1
     out = np.empty(len(first), dtype=CHANGED_DTYPE)
     out["start"] = starts[first]
     out["length"] = stops[last] - starts[first]
@@ -203,14 +207,14 @@ def _merge(starts, stops, zero) -> np.ndarray:
 
 
 # ----- public entry points ----------------------------------------------------------------
-def changed_extents_array(owner, since: str, until: Optional[str] = None) -> np.ndarray:
+def changed_extents_array(owner, since: str, until: str | None = None) -> np.ndarray:
     """Ranges whose bytes may differ between snapshot `since` and `until` (or the live
     contents of `owner`): structured array (start, length, flags)."""
     geo, older, newer = _resolve(owner, since, until)
     return compare(geo, older, newer)
 
 
-def changed_extents(owner, since: str, until: Optional[str] = None) -> Iterator:
+def changed_extents(owner, since: str, until: str | None = None) -> Iterator:
     """The same as Extents (fvd.image.Extent): zero ranges have zero=True, data=False."""
     from .image import Extent
     arr = changed_extents_array(owner, since, until)
