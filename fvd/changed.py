@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -214,7 +213,7 @@ def changed_extents_array(owner, since: str, until: str | None = None) -> np.nda
     return compare(geo, older, newer)
 
 
-def changed_extents(owner, since: str, until: str | None = None) -> Iterator:
+def changed_extents(owner, since: str, until: str | None = None) -> list:
     """The same as Extents (fvd.image.Extent): zero ranges have zero=True, data=False."""
     from .image import Extent
     arr = changed_extents_array(owner, since, until)

@@ -8,12 +8,17 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition,
-                                 rule, run_state_machine_as_test)
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
 import fvd
 from fvd import cli
-from fvd import format as fmt
 from fvd.changed import FLAG_DATA, FLAG_ZERO
 from fvd.snapshots import SnapshotNotFoundError
 
@@ -237,9 +242,8 @@ def test_bad_input(path, tmp_path):
             with pytest.raises(ValueError, match="newer"):
                 v.changed_extents("s2")
     before = open(path, "rb").read()
-    with fvd.open(path) as img:
-        with pytest.raises(SnapshotNotFoundError):
-            img.changed_extents("nope")
+    with fvd.open(path) as img, pytest.raises(SnapshotNotFoundError):
+        img.changed_extents("nope")
     assert open(path, "rb").read() == before
 
 
