@@ -146,11 +146,21 @@ def cmd_check(args):
 
 
 def cmd_map(args):
-    from .cliutil import extent_dict, open_args
+    from .cliutil import changed_dicts, extent_dict, open_args
+    if args.until is not None and args.since is None:
+        raise UsageError("--until needs --since")
     with open_args(args) as img:
-        extents = [extent_dict(e) for e in img.extents()]
+        if args.since is not None:      # changed extents (fvd.changed, or qcow2 trees)
+            extents = changed_dicts(img, args.since, args.until)
+        else:
+            extents = [extent_dict(e) for e in img.extents()]
     if args.output == "json":
         print(json.dumps(extents, indent=None).replace("}, {", "},\n{"))
+        return 0
+    if args.since is not None:
+        print(f"{'Offset':<20}{'Length':<20}Changed to")
+        for e in extents:
+            print(f"{e['start']:<#20x}{e['length']:<#20x}{'zero' if e['zero'] else 'data'}")
         return 0
     print(f"{'Offset':<20}{'Length':<20}{'Mapped to':<20}File")
     for e in extents:
@@ -243,6 +253,25 @@ def _snapshot_name(text):
     return text
 
 
+def cmd_checksum(args):
+    from .checksum import checksum
+    from .cliutil import open_args, progress_done, qemu_progress
+    progress = qemu_progress() if args.progress else None
+    block_size = parse_size(args.block_size)
+    with open_args(args) as img:
+        if args.snapshot is not None:
+            if not hasattr(img, "open_snapshot"):
+                raise UsageError(f"{args.image}: raw images have no snapshots")
+            with img.open_snapshot(args.snapshot) as view:
+                result = checksum(view, block_size, args.algorithm, progress=progress)
+        else:
+            result = checksum(img, block_size, args.algorithm, progress=progress)
+    if progress:
+        progress_done()
+    emit(args, result, f"{result['checksum']}  {args.image}")
+    return 0
+
+
 def cmd_bench(args):
     from . import bench
     return bench.run(args)
@@ -309,6 +338,8 @@ def build_parser():
 
     m = sub.add_parser("map", help="show the allocation map (as qemu-img map)")
     m.add_argument("--output", choices=["human", "json"], default="human")
+    m.add_argument("--since", metavar="SNAP", help="only ranges changed since snapshot SNAP")
+    m.add_argument("--until", metavar="SNAP", help="... up to snapshot SNAP (default: now)")
     _force_share_option(m)
     m.add_argument("image")
     m.set_defaults(func=cmd_map)
@@ -348,6 +379,18 @@ def build_parser():
     v.add_argument("src")
     v.add_argument("dst")
     v.set_defaults(func=cmd_convert)
+
+    h = sub.add_parser("checksum", help="checksum of the guest data, equal to "
+                       "ovirt-imageio's (blkhash) of the same content in any format")
+    h.add_argument("-l", dest="snapshot", metavar="SNAPSHOT", help="checksum a snapshot")
+    h.add_argument("-p", dest="progress", action="store_true", help="show progress")
+    h.add_argument("--block-size", default="4M",
+                   help="blkhash block size (default 4M)")
+    h.add_argument("--algorithm", default="blake2b", help="hashlib algorithm (blake2b)")
+    h.add_argument("--output", choices=["human", "json"], default="human")
+    _force_share_option(h)
+    h.add_argument("image")
+    h.set_defaults(func=cmd_checksum)
 
     b = sub.add_parser("bench", help="FVD against the QCOW2 baseline, raw and QEMU")
     try:

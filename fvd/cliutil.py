@@ -185,3 +185,10 @@ def progress_done(stream=None):
     stream = stream or sys.stderr
     stream.write("\n")
     stream.flush()
+
+
+def changed_dicts(img, since, until=None):
+    """`map --since`: ranges changed between snapshots, as qemu-img map dicts."""
+    from .convert import changed_ranges
+    return [{"start": r.start, "length": r.length, "depth": 0, "present": True,
+             "zero": r.zero, "data": not r.zero} for r in changed_ranges(img, since, until)]

@@ -131,14 +131,19 @@ def _plan(img, view, since, until):
     """Ranges (start, length, zero) to write, sorted and covering what must change."""
     if since is None:
         return [Range(e.start, e.length, not e.data) for e in view.extents()]
+    return changed_ranges(img, since, until)
+
+
+def changed_ranges(img, since, until=None):
+    """Ranges (start, length, zero) whose bytes may differ between snapshot `since` and
+    `until` (or the live contents): fvd's changed_extents, or qcow2 tree comparison."""
     if hasattr(img, "changed_extents"):
         changed = img.changed_extents(since, until)
     elif hasattr(img, "_snapshot_l1"):
-        changed = qcow2_changed(img, since, until)
+        return qcow2_changed(img, since, until)
     else:
         raise ValueError(f"{img.path}: a raw image has no snapshots (since={since!r})")
-    return [Range(e.start, e.length, bool(e.zero) and not getattr(e, "data", False))
-            for e in changed]
+    return [Range(e.start, e.length, bool(e.zero) and not e.data) for e in changed]
 
 
 def qcow2_changed(q, since, until=None):

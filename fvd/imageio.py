@@ -109,9 +109,12 @@ class RawImage:
         self.size = os.lseek(self._fd, 0, os.SEEK_END)
         self._closed = False
 
-    def _check_range(self, offset, length):
+    def _check_open(self):
         if self._closed:
             raise ValueError(f"{self.path}: I/O on a closed image")
+
+    def _check_range(self, offset, length):
+        self._check_open()
         if offset < 0 or length < 0 or offset + length > self.size:
             raise ValueError(f"{self.path}: I/O range [{offset}, {offset + length}) outside "
                              f"the image (size {self.size})")
