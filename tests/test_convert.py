@@ -252,3 +252,92 @@ def test_qcow2_overlay_written_by_fvd(tmp_path):
         assert q.backing_file == "ov.qcow2" and q.read(0, SIZE) == ref
     fvd.convert(qov, tmp_path / "flat.fvd")
     assert_same(tmp_path, tmp_path / "flat.fvd", "fvd", write_ref(tmp_path, ref))
+
+
+def _restore_and_compare(tmp_path, newest, fmt, ref):
+    """Restore = convert of the newest overlay; the chain equals the snapshot."""
+    restored = tmp_path / "restored.raw"
+    if restored.exists():
+        restored.unlink()
+    if fmt == "qcow2":
+        qemu_img("check", newest)
+        qemu_img("compare", newest, ref)                    # qemu reads the chain itself
+        qemu_img("convert", "-O", "raw", newest, restored)
+    else:
+        fvd.convert(newest, restored, dst_format="raw")
+    qemu_img("compare", "-f", "raw", "-F", "raw", restored, ref)
+
+
+def _own_data(path, fmt):
+    """Bytes the overlay itself holds (depth 0 data extents)."""
+    opener = fvd.open if fmt == "fvd" else qcow2.open
+    with opener(str(path)) as img:
+        return [(e.start, e.length) for e in img.extents() if e.data and e.depth == 0]
+
+
+@pytest.mark.parametrize("fmt", ["fvd", "qcow2"])
+def test_incremental_backup_chain(tmp_path, fmt):
+    vm = tmp_path / "vm.fvd"
+    size = 8 * MiB
+    fvd.create(vm, size, chunk_size=64 * 1024, block_size=16384)
+    changes = [
+        lambda img: [img.write(i * MiB, pattern(i, 300000)) for i in range(8)],
+        lambda img: (img.write(MiB + 5000, b"a" * 10000), img.write_zeroes(3 * MiB, 65536),
+                     img.write(7 * MiB + 100, b"b" * 100)),
+        lambda img: (img.write_zeroes(0, MiB), img.write(2 * MiB, pattern(50, 200000))),
+        lambda img: (img.write_zeroes(4 * MiB, 2 * MiB), img.write(5 * MiB, b"c" * 4096),
+                     img.write_zeroes(MiB + 4096, 512)),
+    ]
+    ext = {"fvd": "fvd", "qcow2": "qcow2"}[fmt]
+    previous = None
+    for n, change in enumerate(changes):
+        with fvd.open(vm, "r+") as img:
+            change(img)
+            if n < 3:
+                img.create_snapshot(f"s{n}")
+        snap = f"s{n}" if n < 3 else None           # the last backup is of the live image
+        ref = tmp_path / f"ref{n}.raw"
+        fvd.convert(vm, ref, dst_format="raw", snapshot=snap)
+        out = tmp_path / f"backup{n}.{ext}"
+        if previous is None:
+            fvd.convert(vm, out, dst_format=fmt, snapshot=snap)
+        else:
+            fvd.convert(vm, out, dst_format=fmt, snapshot=snap, since=f"s{n - 1}",
+                        backing=previous.name, backing_format=fmt)
+            with fvd.open(vm) as img:
+                changed = img.changed_extents(f"s{n - 1}", snap)
+            grain = 65536
+            allowed = set()
+            for e in changed:
+                allowed.update(range(e.start // grain, -(-(e.start + e.length) // grain)))
+            own = _own_data(out, fmt)
+            held = {g for s, n_ in own for g in range(s // grain, -(-(s + n_) // grain))}
+            assert held <= allowed                      # only changed data
+            assert sum(n_ for _, n_ in own) < size // 4
+        _restore_and_compare(tmp_path, out, fmt, ref)
+        previous = out
+    info = qemu_img("info", "--backing-chain", previous).stdout if fmt == "qcow2" else ""
+    assert fmt == "fvd" or info.count("image:") == 4
+
+
+def test_incremental_from_qemu_snapshots_by_cli(tmp_path, capsys):
+    """A qcow2 written by QEMU: --since compares its snapshot trees; CLI end to end."""
+    from fvd.cli import main
+    src, _ = make_qemu_snapshot(tmp_path)           # snap1, then writes in the front
+    subprocess.run(["qemu-img", "snapshot", "-c", "snap2", str(src)], check=True)
+    subprocess.run(["qemu-io", "-c", "write -P 0x66 3M 64k", str(src)], check=True,
+                   capture_output=True)
+    full, inc = tmp_path / "full.fvd", tmp_path / "inc.fvd"
+    assert main(["convert", "-l", "snap1", str(src), str(full)]) == 0
+    assert main(["convert", "-f", "qcow2", "-l", "snap2", "--since", "snap1", "-B",
+                 "full.fvd", "-F", "fvd", str(src), str(inc)]) == 0
+    assert main(["map", "--since", "snap1", "--until", "snap2", "--output=json",
+                 str(src)]) == 0
+    import json
+    changed = json.loads(capsys.readouterr().out)
+    assert [(e["start"], e["length"], e["zero"]) for e in changed] == \
+        [(0, 128 * 1024, False), (MiB, MiB, True)]
+    ref = tmp_path / "snap2.raw"
+    qemu_img("convert", "-l", "snap2", "-O", "raw", src, ref)
+    assert_same(tmp_path, inc, "fvd", ref)
+    assert sum(n for _, n in _own_data(inc, "fvd")) <= 128 * 1024
