@@ -72,14 +72,14 @@ def measure_convert(workdir, mib, repeat=1, with_qemu=True, keys=None):
     if qemu:
         for peer, args in (("qemu-qcow2", ("-f", "raw", "-O", "qcow2", src["raw"], out)),
                            ("qemu-raw", ("-f", "qcow2", "-O", "raw", src["qcow2"], out))):
-            qemu_time[peer] = _timed(lambda: _qemu_img("convert", "-t", "writeback", *args),
+            qemu_time[peer] = _timed(lambda a=args: _qemu_img("convert", "-t", "writeback", *a),
                                      repeat, rm)
-            unsafe[peer] = _timed(lambda: _qemu_img("convert", *args), repeat, rm)
+            unsafe[peer] = _timed(lambda a=args: _qemu_img("convert", *a), repeat, rm)
             os.sync()           # what -t unsafe left dirty must not slow the next run
     for key, _title, sfmt, dfmt, peer in ROWS:
         if keys and not any(key.startswith(k) for k in keys):
             continue
-        t = _timed(lambda: convert(src[sfmt], out, src_format=sfmt, dst_format=dfmt),
+        t = _timed(lambda s=sfmt, d=dfmt: convert(src[s], out, src_format=s, dst_format=d),
                    repeat, rm)
         results.append(Result(key, "fvd", mib / t, "MiB/s", True, 1, t,
                               note=f"{mib} MiB, 30% data"))

@@ -418,7 +418,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("fvd: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:      # noqa: BLE001 - one line, never a traceback
+    except Exception as e:      # one line, never a traceback (FVD_DEBUG=1 re-raises)
         if os.environ.get("FVD_DEBUG") == "1":
             raise
         print(f"fvd {args.command}: {_error_line(args, e)}", file=sys.stderr)

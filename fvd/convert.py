@@ -15,10 +15,12 @@ or the live contents) are copied: an incremental backup over the previous backup
 The output is written to a hidden temporary file in DST's directory and renamed over
 DST at the end; a failed convert removes it. SRC is only ever opened read-only.
 """
+from __future__ import annotations
+
 import os
 import secrets
 from collections import namedtuple
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import numpy as np
 
@@ -35,10 +37,10 @@ DST_OPTIONS = {"fvd": ("chunk_size", "block_size", "journal_size"),
                "raw": ()}
 
 
-def convert(src, dst, *, src_format: Optional[str] = None, dst_format: str = "fvd",
-            snapshot: Optional[str] = None, since: Optional[str] = None,
-            backing=None, backing_format: Optional[str] = None,
-            progress: Optional[Callable[[int, int], None]] = None,
+def convert(src, dst, *, src_format: str | None = None, dst_format: str = "fvd",
+            snapshot: str | None = None, since: str | None = None,
+            backing=None, backing_format: str | None = None,
+            progress: Callable[[int, int], None] | None = None,
             force_share: bool = False, **options) -> None:
     """Convert `src` (fvd, qcow2 or raw; probed when src_format is None) into a new
     `dst` of `dst_format`, replacing any existing file at `dst` only on success.

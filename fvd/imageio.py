@@ -49,7 +49,7 @@ def resolve_format(path, given=None) -> str:
     raise WrongFormatError(f"{path}: is {article} {seen} image; use -f {seen}")
 
 
-def open_image(path, format=None, mode="r", *, force_share=False):  # noqa: A002
+def open_image(path, format=None, mode="r", *, force_share=False):
     """An open image of the given (or probed) format: fvd.Image, fvd.qcow2.Qcow2Image
     or RawImage. All have size, read, readinto, extents, close."""
     path = os.fspath(path)
@@ -159,7 +159,5 @@ class RawImage:
         self.close()
 
     def __del__(self):
-        try:
+        if not getattr(self, "_closed", True):
             self.close()
-        except Exception:
-            pass

@@ -41,7 +41,7 @@ def test_info_keys_match_qemu_img(tmp_path, capsys):
                    capture_output=True)
     subprocess.run(["qemu-img", "snapshot", "-c", "s1", str(q)], check=True)
     theirs = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(q)],
-                                       capture_output=True, text=True).stdout)
+                                       check=True, capture_output=True, text=True).stdout)
     code, out, _ = run(capsys, "info", "--output=json", q)
     ours = json.loads(out)
     assert code == 0 and QEMU_INFO_KEYS <= set(ours)
@@ -81,7 +81,7 @@ def test_backing_chain_and_missing_base(tmp_path, capsys):
     code, out, _ = run(capsys, "info", "--backing-chain", top)
     assert code == 0 and out.count("image: ") == 3
     base.unlink()
-    code, out, err = run(capsys, "info", "--output=json", mid)
+    code, out, _ = run(capsys, "info", "--output=json", mid)
     info = json.loads(out)
     assert code == 0 and info["backing-filename"] == "golden.raw"
     assert info["format-specific"]["data"]["backing-missing"]
