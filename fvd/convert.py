@@ -17,9 +17,12 @@ DST at the end; a failed convert removes it. SRC is only ever opened read-only.
 """
 from __future__ import annotations
 
+import collections
 import os
+import queue
 import secrets
 from collections import namedtuple
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 
 import numpy as np
@@ -29,6 +32,7 @@ from .imageio import FORMATS, open_image
 
 BUFFER = 4 * fmt.MiB          # one read and (at most) a few writes per buffer
 ZERO_GRAIN = 4096             # zero detection unit (qemu-img convert's default -S 4k)
+COPY_THREADS = min(2, os.cpu_count() or 1)     # best measured on 2 cores
 
 Range = namedtuple("Range", "start length zero")
 
@@ -243,6 +247,7 @@ def _open_output(path, dst_format, size, backing, backing_format, opts):
                      lazy_refcounts=opts.get("lazy_refcounts", False),
                      backing_file=backing, backing_format=backing_format)
         out = qcow2.open(path, "r+")
+        out.thread_safe_writes = False      # the baseline keeps one writer thread
         return out, out.cluster_size
     from .image import Image, create
     kwargs = {k: opts[k] for k in ("chunk_size", "block_size", "journal_size") if k in opts}
@@ -293,37 +298,71 @@ def _fsync_dir(folder):
 
 
 # ----- the copy loop ---------------------------------------------------------------------
-def _copy(view, out, ranges, overlay, progress, grain):
-    """Copy data ranges through one reused buffer; skip (or, in an overlay, zero) the
-    zero ranges and the all-zero grains found in the data."""
+def _copy(view, out, ranges, overlay, progress, grain, threads=COPY_THREADS):
+    """Copy the data ranges in BUFFER pieces on a few threads (reads, zero detection and
+    fvd/raw writes release the GIL), each with its own reused buffer; skip (or, in an
+    overlay, zero) the zero ranges and the all-zero grains found in the data. Writes to
+    a qcow2 output stay on this thread (fvd.qcow2 is not thread-safe); to fvd and raw
+    outputs the workers write themselves."""
     total = sum(r.length for r in ranges if not r.zero or overlay)
-    done = 0
+    state = {"done": 0}
     if progress is not None:
         progress(0, total)
-    buf = bytearray(BUFFER)
-    mv = memoryview(buf)
-    for r in ranges:
-        if r.zero:
-            if overlay:
-                out.write_zeroes(r.start, r.length)
-                done += r.length
-                if progress is not None:
-                    progress(done, total)
-            continue
-        pos, end = r.start, r.start + r.length
-        while pos < end:
-            n = min(BUFFER, end - pos)
-            view.readinto(pos, mv[:n])
-            _write_nonzero(out, pos, mv[:n], grain, overlay)
-            pos += n
-            done += n
-            if progress is not None:
-                progress(done, total)
+
+    def advance(n):
+        state["done"] += n
+        if progress is not None:
+            progress(state["done"], total)
+
+    workers_write = getattr(out, "thread_safe_writes", True)
+    free = queue.SimpleQueue()
+    for _ in range(2 * threads):
+        free.put(bytearray(BUFFER))
+
+    def piece(pos, n):
+        buf = free.get()
+        mv = memoryview(buf)[:n]
+        view.readinto(pos, mv)
+        runs = _nonzero_runs(mv, grain)
+        if workers_write:
+            _write_runs(out, pos, mv, runs, overlay)
+            free.put(buf)
+            return None
+        return buf, runs
+
+    pending = collections.deque()
+
+    def finish_one():
+        pos, n, fut = pending.popleft()
+        got = fut.result()
+        if got is not None:
+            buf, runs = got
+            _write_runs(out, pos, memoryview(buf)[:n], runs, overlay)
+            free.put(buf)
+        advance(n)
+
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fvd-convert") as pool:
+        try:
+            for r in ranges:
+                if r.zero:
+                    if overlay:
+                        out.write_zeroes(r.start, r.length)
+                        advance(r.length)
+                    continue
+                for pos in range(r.start, r.start + r.length, BUFFER):
+                    n = min(BUFFER, r.start + r.length - pos)
+                    while len(pending) >= 2 * threads:
+                        finish_one()
+                    pending.append((pos, n, pool.submit(piece, pos, n)))
+            while pending:
+                finish_one()
+        finally:
+            for _, _, fut in pending:
+                fut.cancel()
 
 
-def _write_nonzero(out, offset, mv, grain, overlay):
-    """Write the runs of grains holding a non-zero byte; zero runs are skipped, or
-    zeroed when the output is an overlay (its backing may hold data there)."""
+def _nonzero_runs(mv, grain):
+    """[(lo, hi, nonzero)] covering mv: runs of grains with and without a non-zero byte."""
     n = len(mv)
     whole = n // grain
     if whole:
@@ -335,16 +374,25 @@ def _write_nonzero(out, offset, mv, grain, overlay):
         tail = mv[whole * grain:]
         nz = np.append(nz, tail != bytes(len(tail)))
     if nz.all():
-        out.write(offset, mv)
-        return
+        return [(0, n, True)]
     edges = np.flatnonzero(np.diff(np.concatenate(([False], nz, [False])).astype(np.int8)))
-    starts, stops = edges[0::2].tolist(), edges[1::2].tolist()
-    prev = 0
-    for a, b in zip(starts, stops):
+    runs, prev = [], 0
+    for a, b in zip(edges[0::2].tolist(), edges[1::2].tolist()):
         lo, hi = a * grain, min(n, b * grain)
-        if overlay and lo > prev:
-            out.write_zeroes(offset + prev, lo - prev)
-        out.write(offset + lo, mv[lo:hi])
+        if lo > prev:
+            runs.append((prev, lo, False))
+        runs.append((lo, hi, True))
         prev = hi
-    if overlay and prev < n:
-        out.write_zeroes(offset + prev, n - prev)
+    if prev < n:
+        runs.append((prev, n, False))
+    return runs
+
+
+def _write_runs(out, offset, mv, runs, overlay):
+    """Write the non-zero runs; zero runs are skipped, or zeroed when the output is an
+    overlay (its backing may hold data there)."""
+    for lo, hi, nonzero in runs:
+        if nonzero:
+            out.write(offset + lo, mv[lo:hi])
+        elif overlay:
+            out.write_zeroes(offset + lo, hi - lo)
