@@ -315,8 +315,9 @@ class ClusterMixin:
             parts = [e] if e.present else self._backing_extents(e.start, e.length)
             for p in parts:
                 if cur is not None and (cur.data, cur.zero, cur.depth, cur.present) == \
-                        (p.data, p.zero, p.depth, p.present) and cur.offset is None and \
-                        p.offset is None:
+                        (p.data, p.zero, p.depth, p.present) and \
+                        (cur.offset is None) == (p.offset is None) and \
+                        (cur.offset is None or cur.offset + cur.length == p.offset):
                     cur = cur._replace(length=cur.length + p.length)
                     continue
                 if cur is not None:
@@ -330,9 +331,10 @@ class ClusterMixin:
         inside = max(0, min(length, b.size - start))
         if inside:
             for x in b.extents(start, inside):
-                yield Extent(x.start, x.length, x.data, x.zero, x.depth + 1, None, True)
+                yield Extent(x.start, x.length, x.data, x.zero, x.depth + 1, x.offset,
+                             x.present)
         if inside < length:
-            yield Extent(start + inside, length - inside, False, True, 1, None, True)
+            yield Extent(start + inside, length - inside, False, True, 1, None, False)
 
     def _own_extents(self, offset, length, l1, l1_off):
         cs, pos, end, cur = self._cs, offset, offset + length, None

@@ -218,3 +218,19 @@ def test_convert_command(tmp_path, capsys):
     back = tmp_path / "back.raw"
     assert run(capsys, "convert", "-O", "raw", "-l", "snapshot.name=before", img, back)[0] == 0
     assert back.read_bytes() == src.read_bytes()
+
+
+@needs_qemu
+def test_map_of_a_qemu_chain_equals_qemu_img_map(tmp_path, capsys):
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    subprocess.run(["qemu-img", "create", "-f", "qcow2", str(base), "8M"], check=True,
+                   capture_output=True)
+    subprocess.run(["qemu-img", "create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+                    str(top)], check=True, capture_output=True)
+    for target, cmd in ((base, "write -P 3 64k 64k"), (top, "write -P 4 1M 64k"),
+                        (top, "write -z 2M 64k")):
+        subprocess.run(["qemu-io", "-c", cmd, str(target)], check=True, capture_output=True)
+    theirs = json.loads(subprocess.run(["qemu-img", "map", "--output=json", str(top)],
+                                       check=True, capture_output=True, text=True).stdout)
+    code, out, _ = run(capsys, "map", "--output=json", top)
+    assert code == 0 and json.loads(out) == theirs
