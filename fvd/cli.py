@@ -59,6 +59,8 @@ def emit(args, data, text):
 
 # ----- commands ---------------------------------------------------------------
 def cmd_create(args):
+    if args.fmt != "fvd":
+        return _create_other(args)
     from .image import create
     opts = parse_options(args.options)
     kwargs = {}
@@ -81,8 +83,37 @@ def cmd_create(args):
     return 0
 
 
+def _create_other(args):
+    """create -f qcow2 (fvd.qcow2: -o cluster_size=,lazy_refcounts=; -b/-F) or -f raw."""
+    from .convert import _dst_options
+    opts = _dst_options(args.fmt, parse_options(args.options))
+    size = parse_size(args.size) if args.size else None
+    if size is None:
+        if not args.backing:
+            raise UsageError("an image size is required without a backing file")
+        from .base import _resolve
+        size = _base_size(_resolve(args.image, args.backing), args.backing_format)
+    if os.path.exists(args.image) and not args.force:
+        raise FileExistsError(17, "file exists (--force replaces it)", args.image)
+    if args.fmt == "raw":
+        if args.backing:
+            raise UsageError("a raw image cannot have a backing file")
+        with open(args.image, "wb") as f:
+            f.truncate(size)
+    else:
+        from . import qcow2
+        qcow2.create(args.image, -(-size // 512) * 512, overwrite=args.force,
+                     backing_file=args.backing, backing_format=args.backing_format,
+                     **opts)
+    print(f"Formatting '{args.image}', fmt={args.fmt} size={size}"
+          + (f" backing_file={args.backing}" if args.backing else ""))
+    return 0
+
+
 def _base_size(path, base_format):
-    import os
+    if base_format is None:
+        from .imageio import probe
+        base_format = probe(path)
     if base_format == "fvd":
         from .image import open as open_image
         with open_image(path) as b:
@@ -315,7 +346,9 @@ def build_parser():
                    help="base image format")
     c.add_argument("-o", dest="options", metavar="OPTS",
                    help="chunk_size=SIZE,block_size=SIZE,journal_size=SIZE")
-    c.add_argument("-f", dest="fmt", default="fvd", choices=["fvd"], help="image format")
+    c.add_argument("-f", dest="fmt", default="fvd", choices=["fvd", "qcow2", "raw"],
+                   help="image format (qcow2 through fvd.qcow2: -o cluster_size=,"
+                        "lazy_refcounts=)")
     c.add_argument("--force", action="store_true", help="overwrite an existing file")
     c.add_argument("image")
     c.add_argument("size", nargs="?", help="virtual size, e.g. 10G (default: base size)")

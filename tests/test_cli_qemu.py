@@ -234,3 +234,22 @@ def test_map_of_a_qemu_chain_equals_qemu_img_map(tmp_path, capsys):
                                        check=True, capture_output=True, text=True).stdout)
     code, out, _ = run(capsys, "map", "--output=json", top)
     assert code == 0 and json.loads(out) == theirs
+
+
+@needs_qemu
+def test_create_qcow2_and_raw(tmp_path, capsys):
+    base = tmp_path / "base.qcow2"
+    assert run(capsys, "create", "-f", "qcow2", "-o", "cluster_size=4K", base, "2M")[0] == 0
+    top = tmp_path / "top.qcow2"
+    assert run(capsys, "create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top)[0] == 0
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(top)],
+                                     check=True, capture_output=True, text=True).stdout)
+    assert info["virtual-size"] == 2 * MiB and info["backing-filename"] == "base.qcow2"
+    subprocess.run(["qemu-img", "check", str(top)], check=True, capture_output=True)
+    raw = tmp_path / "disk.raw"
+    assert run(capsys, "create", "-f", "raw", raw, "1M")[0] == 0
+    assert raw.stat().st_size == MiB
+    for argv in (["create", "-f", "raw", raw, "1M"], ["create", "-f", "raw", "-b", base,
+                 tmp_path / "r2.raw", "1M"],
+                 ["create", "-f", "qcow2", "-o", "chunk_size=1M", tmp_path / "x.qcow2", "1M"]):
+        assert one_line_error(*run(capsys, *argv)[::2]), argv
