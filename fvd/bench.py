@@ -402,8 +402,9 @@ def targets(results):
     ratio("read4k", "fvd", "qcow2", 0.9, "FVD read 4K within 10% of qcow2")
     ratio("alloc4k-wt", "qcow2", "qemu-qcow2", 0.5, "qcow2 baseline within 2x of QEMU qcow2")
     from .bench_convert import ROWS as CONVERT_ROWS
-    for key, title, _s, _d, peer in CONVERT_ROWS:
-        what = "raw->qcow2" if peer == "qemu-qcow2" else "qcow2->raw"
+    for key, title, _s, _d, peer, cache in CONVERT_ROWS:
+        what = ("-t writeback " if cache == "writeback" else "") + \
+            ("raw->qcow2" if peer == "qemu-qcow2" else "qcow2->raw")
         ratio(key, "fvd", peer, 1.0, f"fvd {title[8:]} >= 1.0x qemu-img convert {what}")
     tr = idx.get(("translate", "fvd"))
     out.append({"target": "cython translation >= 50M lookups/s",

@@ -268,7 +268,7 @@ def cmd_convert(args):
     convert(args.src, args.dst, src_format=args.fmt, dst_format=args.out_format,
             snapshot=_snapshot_name(args.snapshot), since=args.since, backing=args.backing,
             backing_format=args.backing_format, progress=progress,
-            force_share=args.force_share, **opts)
+            force_share=args.force_share, cache=args.cache, **opts)
     if progress:
         progress_done()
     return 0
@@ -408,6 +408,9 @@ def build_parser():
     v.add_argument("-o", dest="options", metavar="OPTS",
                    help="fvd: chunk_size=,block_size=; qcow2: cluster_size=,lazy_refcounts=")
     v.add_argument("-p", dest="progress", action="store_true", help="show progress")
+    v.add_argument("-t", dest="cache", default="writeback", choices=["writeback", "unsafe"],
+                   help="writeback (default): DST is flushed before it is renamed into "
+                        "place; unsafe: no flush (qemu-img convert's default)")
     _force_share_option(v)
     v.add_argument("src")
     v.add_argument("dst")

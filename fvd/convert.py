@@ -45,7 +45,7 @@ def convert(src, dst, *, src_format: str | None = None, dst_format: str = "fvd",
             snapshot: str | None = None, since: str | None = None,
             backing=None, backing_format: str | None = None,
             progress: Callable[[int, int], None] | None = None,
-            force_share: bool = False, **options) -> None:
+            force_share: bool = False, cache: str = "writeback", **options) -> None:
     """Convert `src` (fvd, qcow2 or raw; probed when src_format is None) into a new
     `dst` of `dst_format`, replacing any existing file at `dst` only on success.
 
@@ -54,12 +54,17 @@ def convert(src, dst, *, src_format: str | None = None, dst_format: str = "fvd",
         `backing`, the previous backup, which the output uses as its base).
     options: fvd chunk_size/block_size/journal_size; qcow2 cluster_size/lazy_refcounts.
     progress(done_bytes, total_bytes) is called as the copy goes.
+    cache: "writeback" (default): the output is flushed before it is renamed into place;
+        "unsafe": nothing is flushed (qemu-img convert's default `-t unsafe`): faster,
+        but after a power cut DST may hold anything.
     """
     src, dst = os.fspath(src), os.fspath(dst)
     if dst_format not in FORMATS:
         raise ValueError(f"unknown output format {dst_format!r} (use one of "
                          f"{', '.join(FORMATS)})")
     opts = _dst_options(dst_format, options)
+    if cache not in ("writeback", "unsafe"):
+        raise ValueError(f"cache must be 'writeback' or 'unsafe', not {cache!r}")
     if since is not None and backing is None:
         raise ValueError("an incremental convert (since=) needs the previous backup as "
                          "backing file (-B)")
@@ -74,7 +79,7 @@ def convert(src, dst, *, src_format: str | None = None, dst_format: str = "fvd",
         try:
             ranges = _plan(img, view, since, snapshot)
             _write_output(view, dst, dst_format, ranges, backing, backing_format, opts,
-                          progress)
+                          progress, cache == "unsafe")
         finally:
             if view is not img:
                 view.close()
@@ -227,10 +232,13 @@ class _RawOutput:
         from .fileio import punch_hole
         punch_hole(self.fd, offset, length)
 
+    def _sync(self):
+        os.fsync(self.fd)
+
     def close(self):
         if self.fd >= 0:
             try:
-                os.fsync(self.fd)
+                self._sync()
             finally:
                 os.close(self.fd)
                 self.fd = -1
@@ -263,12 +271,15 @@ def _temp_name(dst):
     return os.path.join(folder, f".{name}.convert-{os.getpid()}-{secrets.token_hex(4)}")
 
 
-def _write_output(view, dst, dst_format, ranges, backing, backing_format, opts, progress):
+def _write_output(view, dst, dst_format, ranges, backing, backing_format, opts, progress,
+                  unsafe=False):
     tmp = _temp_name(dst)
     created = False
     try:
         out, grain = _open_output(tmp, dst_format, view.size, backing, backing_format, opts)
         created = True
+        if unsafe:
+            out._sync = _no_sync        # every flush of the output goes through _sync
         try:
             overlay = backing is not None
             if overlay:
@@ -279,7 +290,8 @@ def _write_output(view, dst, dst_format, ranges, backing, backing_format, opts, 
             out.close()
         os.rename(tmp, dst)
         created = False
-        _fsync_dir(os.path.dirname(os.path.abspath(dst)))
+        if not unsafe:
+            _fsync_dir(os.path.dirname(os.path.abspath(dst)))
     except BaseException:
         if created or os.path.exists(tmp):
             try:
@@ -287,6 +299,10 @@ def _write_output(view, dst, dst_format, ranges, backing, backing_format, opts, 
             except OSError:
                 pass
         raise
+
+
+def _no_sync():
+    """cache="unsafe": the output's flushes are skipped."""
 
 
 def _fsync_dir(folder):

@@ -210,7 +210,7 @@ def test_convert_command(tmp_path, capsys):
     assert code == 0 and err.endswith("(100.00/100%)\r\n")
     subprocess.run(["qemu-img", "compare", str(q), str(src)], check=True, capture_output=True)
     img = tmp_path / "out.fvd"
-    assert run(capsys, "convert", "-o", "chunk_size=256K", q, img)[0] == 0
+    assert run(capsys, "convert", "-t", "unsafe", "-o", "chunk_size=256K", q, img)[0] == 0
     with fvd.open(img, "r+") as f:
         assert f.chunk_size == 256 * 1024
         f.create_snapshot("before")

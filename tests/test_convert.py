@@ -181,6 +181,11 @@ def test_options(tmp_path):
         with pytest.raises(ValueError):
             fvd.convert(src, tmp_path / "bad.out", dst_format=fmt, **bad)
         assert not (tmp_path / "bad.out").exists()
+    for fmt in ("fvd", "raw", "qcow2"):                # qemu-img's -t unsafe: no flush
+        fvd.convert(src, tmp_path / f"u.{fmt}", dst_format=fmt, cache="unsafe")
+        assert_same(tmp_path, tmp_path / f"u.{fmt}", fmt, write_ref(tmp_path, ref))
+    with pytest.raises(ValueError):
+        fvd.convert(src, tmp_path / "x.raw", cache="none")
     with pytest.raises(ValueError):
         fvd.convert(src, tmp_path / "x.raw", dst_format="vmdk")
     with pytest.raises(ValueError):
