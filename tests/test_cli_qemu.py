@@ -152,8 +152,8 @@ def test_format_option_and_probe(tmp_path, capsys):
     assert one_line_error(*run(capsys, "info", "-f", "vmdk", raw)[::2])
 
 
-ALL_COMMANDS = [["info"], ["check"], ["map"], ["snapshot", "-l"], ["prefetch"],
-                ["convert", "-O", "raw", "{img}", "{out}"]]
+ALL_COMMANDS = [["info"], ["check"], ["map"], ["map", "--since", "s"], ["snapshot", "-l"],
+                ["prefetch"], ["checksum"], ["convert", "-O", "raw", "{img}", "{out}"]]
 
 
 def _argv(cmd, img, out):
@@ -191,7 +191,11 @@ def test_every_command_fails_in_one_line(tmp_path, capsys):
                  ["convert", "--since", "nosuchsnap", "-B", locked, locked, out],
                  ["convert", "-O", "vmdk", locked, out], ["convert", locked, folder],
                  ["convert", locked, tmp_path / "nodir" / "x.fvd"],
-                 ["snapshot", "-d", "nosuchsnap", locked], [], ["frobnicate"]):
+                 ["snapshot", "-d", "nosuchsnap", locked], [], ["frobnicate"],
+                 ["checksum", "--block-size", "1000", locked],
+                 ["checksum", "--block-size", "lots", locked],
+                 ["checksum", "--algorithm", "md17", locked],
+                 ["checksum", "-l", "nosuchsnap", locked]):
         code, _, err = run(capsys, *argv)
         assert one_line_error(code, err), (argv, err)
     assert not out.exists()
