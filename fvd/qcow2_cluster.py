@@ -337,22 +337,82 @@ class ClusterMixin:
             yield Extent(start + inside, length - inside, False, True, 1, None, False)
 
     def _own_extents(self, offset, length, l1, l1_off):
-        cs, pos, end, cur = self._cs, offset, offset + length, None
+        if l1 is None:
+            l1, l1_off = self._l1, self._l1_offset
+        cur = None
+        for seg in self._segments(offset, offset + length, l1, l1_off):
+            if (cur is not None and (cur.data, cur.zero, cur.present) ==
+                    (seg.data, seg.zero, seg.present)
+                    and ((cur.offset is None and seg.offset is None) or
+                         (cur.offset is not None and seg.offset is not None and
+                          cur.offset + cur.length == seg.offset))):
+                cur = cur._replace(length=cur.length + seg.length)
+            else:
+                if cur is not None:
+                    yield cur
+                cur = seg
+        if cur is not None:
+            yield cur
+
+    def _segments(self, start, end, l1, l1_off):
+        """Extents of [start, end), one L2 table at a time: its entries are classified
+        with numpy; a table holding anything unusual (compressed, reserved bits, bad
+        offsets) goes through the per-cluster lookup, which raises what it should."""
+        cover = self._cs << self._l2bits
+        pos = start
+        while pos < end:
+            stop = min(end, (pos // cover + 1) * cover)
+            fast = self._table_segments(pos, stop, l1, l1_off)
+            yield from (fast if fast is not None else self._cluster_segments(pos, stop, l1,
+                                                                              l1_off))
+            pos = stop
+
+    def _table_segments(self, pos, stop, l1, l1_off):
+        cs, cbits = self._cs, self._cbits
+        i = pos >> (cbits + self._l2bits)
+        if i >= len(l1) or not self._l2_offset(l1, i, l1_off):
+            return [Extent(pos, stop - pos, False, True, 0, None, False)]
+        first = (pos >> cbits) & self._l2mask
+        last = ((stop - 1) >> cbits) & self._l2mask
+        e = self._l2_peek(self._l2_offset(l1, i, l1_off))[first:last + 1].astype(np.uint64)
+        if (e & np.uint64(OFLAG_COMPRESSED | L2E_STD_RESERVED_MASK)).any():
+            return None
+        off = e & np.uint64(OFFSET_MASK)
+        zero = (e & np.uint64(OFLAG_ZERO)) != 0
+        if (zero.any() and self._version == 2) or \
+                ((off != 0) & ((off % np.uint64(cs) != 0) |
+                               (off >= np.uint64(self._file_size)))).any():
+            return None
+        alloc = off != 0
+        data = alloc & ~zero
+        present = alloc | zero
+        host = off.astype(np.int64)
+        # A run breaks where the class changes or the host clusters stop following.
+        n = len(e)
+        brk = np.ones(n, dtype=bool)
+        if n > 1:
+            same = (data[1:] == data[:-1]) & (zero[1:] == zero[:-1]) & \
+                (present[1:] == present[:-1]) & (alloc[1:] == alloc[:-1]) & \
+                (~alloc[1:] | (host[1:] == host[:-1] + cs))
+            brk[1:] = ~same
+        heads = np.flatnonzero(brk).tolist() + [n]
+        base = (pos >> cbits) << cbits
+        out = []
+        for a, b in zip(heads[:-1], heads[1:]):
+            s = max(pos, base + a * cs)
+            t = min(stop, base + b * cs)
+            h = int(host[a]) + (s - (base + a * cs)) if alloc[a] else None
+            out.append(Extent(s, t - s, bool(data[a]), bool(zero[a]) or not alloc[a], 0, h,
+                              bool(present[a])))
+        return out
+
+    def _cluster_segments(self, pos, end, l1, l1_off):
+        cs = self._cs
         while pos < end:
             within = pos & (cs - 1)
             chunk = min(cs - within, end - pos)
             data, zero, present, host = self._classify(pos, l1, l1_off)
             if host is not None:
                 host += within
-            if (cur is not None and (cur.data, cur.zero, cur.present) == (data, zero, present)
-                    and ((cur.offset is None and host is None) or
-                         (cur.offset is not None and host is not None and
-                          cur.offset + cur.length == host))):
-                cur = cur._replace(length=cur.length + chunk)
-            else:
-                if cur is not None:
-                    yield cur
-                cur = Extent(pos, chunk, data, zero, 0, host, present)
+            yield Extent(pos, chunk, data, zero, 0, host, present)
             pos += chunk
-        if cur is not None:
-            yield cur
