@@ -73,26 +73,29 @@ def measure_convert(workdir, mib, repeat=1, with_qemu=True, keys=None):
         rm()
         os.sync()
 
-    results = []
-    qemu = with_qemu and shutil.which("qemu-img") is not None
-    qemu_time = {}
-    if qemu:
+    cells = {}                  # name -> (run, cleanup); rounds interleave every cell
+    if with_qemu and shutil.which("qemu-img") is not None:
         for peer, args in (("qemu-qcow2", ("-f", "raw", "-O", "qcow2", src["raw"], out)),
                            ("qemu-raw", ("-f", "qcow2", "-O", "raw", src["qcow2"], out))):
-            qemu_time[peer, "writeback"] = _timed(
-                lambda a=args: _qemu_img("convert", "-t", "writeback", *a), repeat, rm)
-            qemu_time[peer, "unsafe"] = _timed(
-                lambda a=args: _qemu_img("convert", *a), repeat, rm_synced)
-    for key, _title, sfmt, dfmt, peer, cache in ROWS:
-        if keys and not any(key.startswith(k) for k in keys):
-            continue
-        t = _timed(lambda s=sfmt, d=dfmt, c=cache: convert(
-            src[s], out, src_format=s, dst_format=d, cache=c), repeat,
+            cells[peer, "writeback"] = (
+                lambda a=args: _qemu_img("convert", "-t", "writeback", *a), rm)
+            cells[peer, "unsafe"] = (lambda a=args: _qemu_img("convert", *a), rm_synced)
+    rows = [r for r in ROWS if not keys or any(r[0].startswith(k) for k in keys)]
+    for key, _title, sfmt, dfmt, _peer, cache in rows:
+        cells[key] = (lambda s=sfmt, d=dfmt, c=cache: convert(
+            src[s], out, src_format=s, dst_format=d, cache=c),
             rm if cache == "writeback" else rm_synced)
-        results.append(Result(key, "fvd", mib / t, "MiB/s", True, 1, t,
+    times = {name: [] for name in cells}
+    for _ in range(repeat):     # round 1 of every cell, then round 2...: noise hits all
+        for name, (fn, cleanup) in cells.items():
+            times[name].append(_timed(fn, 1, cleanup))
+    t = {name: statistics.median(v) for name, v in times.items()}
+    results = []
+    for key, _title, _s, _d, peer, cache in rows:
+        results.append(Result(key, "fvd", mib / t[key], "MiB/s", True, 1, t[key],
                               note=f"{mib} MiB, 30% data, -t {cache}"))
-        if (peer, cache) in qemu_time:
-            q = qemu_time[peer, cache]
+        if (peer, cache) in t:
+            q = t[peer, cache]
             flag = "-t writeback " if cache == "writeback" else ""
             results.append(Result(key, peer, mib / q, "MiB/s", True, 1, q,
                                   note=f"qemu-img convert {flag}{QEMU_WHAT[peer]}"))
