@@ -72,7 +72,7 @@ def convert(src, dst, *, src_format: str | None = None, dst_format: str = "fvd",
         raise ValueError("a raw output cannot have a backing file")
     if backing_format is not None and backing is None:
         raise ValueError("a backing format (-F) needs a backing file (-B)")
-    _check_paths(src, dst)
+    _check_paths(src, dst, backing)
     img = open_image(src, src_format, force_share=force_share)
     try:
         view = img.open_snapshot(snapshot) if snapshot is not None else img
@@ -127,7 +127,11 @@ def _bool_option(key, value):
     raise ValueError(f"{key} must be on or off, not {value!r}")
 
 
-def _check_paths(src, dst):
+def _check_paths(src, dst, backing=None):
+    if backing is not None:
+        from .base import _resolve
+        if os.path.realpath(_resolve(dst, os.fspath(backing))) == os.path.realpath(dst):
+            raise ValueError(f"{dst}: the output would replace its own backing file")
     if os.path.isdir(dst):
         raise IsADirectoryError(21, "is a directory", dst)
     folder = os.path.dirname(os.path.abspath(dst))

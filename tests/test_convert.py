@@ -192,6 +192,9 @@ def test_options(tmp_path):
         fvd.convert(src, tmp_path / "x.raw", since="s1")           # needs -B
     with pytest.raises(ValueError):
         fvd.convert(src, src, dst_format="raw")                     # onto itself
+    with pytest.raises(ValueError):                                 # onto its backing
+        fvd.convert(src, tmp_path / "a.fvd", backing="a.fvd")
+    assert (tmp_path / "a.fvd").exists()
 
 
 def test_failed_convert_leaves_no_output(tmp_path):
