@@ -192,6 +192,7 @@ def test_equal_entries_report_nothing_and_zero_ranges_are_flagged(path):
         assert [(e.start, e.length, e.zero, e.data) for e in ext] == [
             (CS, CS, False, True), (2 * CS, CS, True, False), (6 * CS, CS, False, True)]
         assert type(ext[0]) is type(next(iter(img.extents())))
+        assert len(ext) == 3 and ext[1:][0] == ext[1] and (ext.array == arr).all()
         img.create_snapshot("s2")
         assert img.changed_extents_array("s1", "s2").tolist() == arr.tolist()
         assert img.changed_extents_array("s2").tolist() == []
