@@ -31,6 +31,7 @@ from . import journal
 from .bitmap import Bitmap, runs
 from .errors import BaseImageError, CorruptImageError, FvdError, UnsupportedFeatureError
 from .image import Extent
+from .nbd_client import is_nbd_uri
 
 QCOW2_MAGIC = b"QFI\xfb"
 FVD_MAGIC = fmt.MAGIC.to_bytes(4, "little")
@@ -113,8 +114,35 @@ def raw_extents(fd, start, end):
         pos = stop
 
 
+class NbdBase:
+    """A raw base that is an NBD export (the name is its URI; see fvd.nbd_client)."""
+
+    def __init__(self, uri):
+        from .nbd_client import NbdClient
+        self.path = uri
+        try:
+            self.client = NbdClient(uri)
+        except ValueError as e:
+            raise BaseImageError(str(e)) from None
+        self.size = self.client.size
+
+    def readinto(self, offset, mv):
+        return self.client.readinto(offset, mv)
+
+    def extents(self, offset, length):
+        for start, n, zero, data in self.client.extents(offset, length):
+            yield Extent(start, n, 0, True, zero, data, None)
+
+    def close(self):
+        self.client.close()
+
+
 def _open_backend(path, base_format, chain):
     try:
+        if is_nbd_uri(path):
+            if base_format != fmt.BASE_RAW:
+                raise BaseImageError(f"{path}: an NBD base is read as raw (-F raw)")
+            return NbdBase(path)
         if base_format == fmt.BASE_RAW:
             return RawBase(path)
         if base_format == fmt.BASE_FVD:
@@ -154,7 +182,7 @@ def _check_name(base):
 
 
 def _resolve(image_path, name):
-    if os.path.isabs(name):
+    if os.path.isabs(name) or is_nbd_uri(name):       # a URI is never a relative path
         return name
     return os.path.join(os.path.dirname(os.path.abspath(image_path)), name)
 
@@ -174,9 +202,12 @@ def describe_new_base(path, base, base_format, size):
     """(base name bytes, header fields) for fvd.create(..., base=...)."""
     name, raw = _check_name(base)
     resolved = _resolve(path, name)
-    if not os.path.exists(resolved):
+    if is_nbd_uri(resolved):
+        base_format = base_format or "raw"
+    elif not os.path.exists(resolved):
         raise BaseImageError(f"{resolved}: base image does not exist")
-    if os.path.realpath(resolved) == os.path.realpath(os.fspath(path)):
+    if not is_nbd_uri(resolved) and \
+            os.path.realpath(resolved) == os.path.realpath(os.fspath(path)):
         raise BaseImageError(f"{resolved}: an image cannot be its own base")
     if base_format is None:
         try:
@@ -223,11 +254,11 @@ def _attach_backend(img, chain, copy_on_read, resolved):
     h = img._header
     me = os.path.realpath(img.path)
     chain = tuple(chain) + (me,)
-    real = os.path.realpath(resolved)
+    real = resolved if is_nbd_uri(resolved) else os.path.realpath(resolved)
     if real in chain:
         raise BaseImageError(f"{resolved}: base image loop (it is {img.path} itself or "
                              f"one of its own bases)")
-    if not os.path.exists(resolved):
+    if not is_nbd_uri(resolved) and not os.path.exists(resolved):
         raise BaseImageError(f"{resolved}: base image of {img.path} does not exist")
     backend = _open_backend(resolved, h["base_format"], chain)
     if backend.size != h["base_size"]:
@@ -383,7 +414,7 @@ class BaseLayer:
                     hs = b0 * bs
                 if not stale[-1]:
                     te = max(end, min(b1 * bs, self.bend))
-        changes, extra = img._prepare_chunks(hs, te - hs)
+        # Base reads first: if the base fails (an NBD server gone), nothing is allocated.
         if hs < offset or te > end:
             if hs < offset and te > end and te - hs - length <= CROSS_READ_LIMIT \
                     and te - hs <= 2 * CROSS_READ_LIMIT:
@@ -398,6 +429,7 @@ class BaseLayer:
                 if te > end:
                     tail = bytearray(te - end)
                     self._base_read(end, memoryview(tail))
+        changes, extra = img._prepare_chunks(hs, te - hs)
         img._seal_overlapping(hs, te - hs)     # head and tail may be rewritten too
         records = list(extra)
         want_crc = bits is not None and img._writethrough
