@@ -147,8 +147,8 @@ def _chunk_runs(ta, tb, first, cs, size):
     """Chunks from `first` whose entries differ, ZERO and UNALLOCATED counting as equal
     (both read zeros): (starts, stops, zero in the newer state)."""
     ta, tb = ta[first:], tb[first:]
-    diff = (ta != tb) & ((ta < fmt.ZERO_CHUNK) | (tb < fmt.ZERO_CHUNK))
-    idx = np.flatnonzero(diff)
+    idx = np.flatnonzero(ta != tb)              # one pass; the rest is per changed chunk
+    idx = idx[(ta[idx] < fmt.ZERO_CHUNK) | (tb[idx] < fmt.ZERO_CHUNK)]
     starts = (idx + first).astype(np.uint64) * np.uint64(cs)
     stops = np.minimum(starts + np.uint64(cs), np.uint64(size))
     return starts, stops, tb[idx] >= fmt.ZERO_CHUNK
