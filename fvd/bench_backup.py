@@ -109,6 +109,7 @@ def table_compare_ms(nchunks: int = 1 << 20, fraction: float = 0.1, repeat: int 
     """The comparison alone (fvd.changed.compare, no table reads) on tables shaped like
     the bench image's: every chunk allocated, `fraction` of them moved to new chunks."""
     import numpy as np
+
     from .changed import Geometry, State, compare
     a = np.arange(nchunks, dtype=np.uint32)
     b = a.copy()
