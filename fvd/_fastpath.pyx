@@ -310,6 +310,14 @@ cdef class ChunkMap:
         self.users[p] += 1
         return p
 
+    def enter(self):
+        """Register a caller that pairs bitmap bits with table entries itself (the base
+        layer's Python reads); returns the token for leave()."""
+        return self.users_enter()
+
+    def leave(self, int token):
+        self.users[token & 1] -= 1
+
     def try_advance(self):
         """Advance the epoch when no call registered two epochs ago is still in flight.
         Returns True when it advanced."""

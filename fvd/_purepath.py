@@ -100,12 +100,17 @@ class ChunkMap:
         self.closed = False
         self.error = None
 
-    def _enter(self):
+    def enter(self):
+        """Register a caller that pairs bitmap bits with table entries itself (the base
+        layer's Python reads); returns the token for leave()."""
         if self.closed:
             raise ValueError("I/O on a closed image")
-        users = self._inflight[self.epoch & 1]
-        users.append(None)
-        return users
+        p = self.epoch & 1
+        self._inflight[p].append(None)
+        return p
+
+    def leave(self, token):
+        self._inflight[token & 1].pop()
 
     def try_advance(self):
         """Advance the epoch when no call registered two epochs ago is still in flight.
@@ -248,13 +253,13 @@ class ChunkMap:
             yield run_pos, run_len, run_host
 
     def readinto(self, offset, buf):
-        users = self._enter()
+        p = self.enter()
         try:
             return self._readinto(offset, buf)
         except OSError as e:
             raise _io_error(self.error, e.errno, "read failed") from None
         finally:
-            users.pop()
+            self._inflight[p].pop()
 
     def _readinto(self, offset, buf):
         if type(buf) is bytearray:      # the common case, without a memoryview
@@ -324,13 +329,13 @@ class ChunkMap:
     def write(self, offset, data):
         """Write into allocated, unshared chunks whose touched blocks are durably out of
         the base (stale bits); returns -1 (nothing written) otherwise."""
-        users = self._enter()
+        p = self.enter()
         try:
             return self._write(offset, data)
         except OSError as e:
             raise _io_error(self.error, e.errno, "write failed") from None
         finally:
-            users.pop()
+            self._inflight[p].pop()
 
     def _write(self, offset, data):
         mv = data if type(data) is bytes else _byte_view(data, False)

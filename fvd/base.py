@@ -242,6 +242,22 @@ class BaseLayer:
         st.base_bytes_read += len(mv)
 
     def readinto(self, offset, buffer):
+        """Answer from the image and the base; copy-on-read stores what it read from the
+        base afterwards. The bits and table entries are read while registered with the
+        chunk map (a revert's grace periods wait for it), the store outside (it takes
+        the image lock, which a revert holds while it waits)."""
+        stores = []
+        m = self.img._map
+        token = m.enter()
+        try:
+            n = self._readinto(offset, buffer, stores)
+        finally:
+            m.leave(token)
+        for start, data in stores:
+            self.store(start, data)
+        return n
+
+    def _readinto(self, offset, buffer, stores):
         img = self.img
         mv = memoryview(buffer)
         if mv.ndim != 1 or mv.format != "B":
@@ -283,20 +299,21 @@ class BaseLayer:
             if present:
                 img._map.readinto(s, mv[s - offset:e - offset])
             elif self.copy_on_read:
-                self._read_and_store(s, e, mv[s - offset:e - offset])
+                stores.append(self._read_for_store(s, e, mv[s - offset:e - offset]))
             else:
                 self._base_read(s, mv[s - offset:e - offset])
         return length
 
-    def _read_and_store(self, s, e, out):
-        """Copy-on-read: read whole blocks once, answer, then store them into the image."""
+    def _read_for_store(self, s, e, out):
+        """Copy-on-read: read whole blocks once and answer; returns (start, data) for
+        the caller to store into the image."""
         bs = self.bs
         ws, we = s // bs * bs, min(-(-e // bs) * bs, self.bend)
         buf = bytearray(we - ws)
         bmv = memoryview(buf)
         self._base_read(ws, bmv)
         out[:] = bmv[s - ws:e - ws]
-        self.store(ws, bmv)
+        return ws, bmv
 
     def store(self, start, data):
         """Soft write of base data at block-aligned `start` into blocks still in the base.

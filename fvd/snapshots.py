@@ -684,10 +684,7 @@ def _revert(img, st, name):
         raise
     st.table_chunks = tch                           # memory follows the written header
     img._sync()                                     # commit point
-    img._table[:] = new_table
-    if new_bits is not None:
-        img._bitmap.fresh[:] = new_bits         # in place: the chunk map views them
-        img._bitmap.stale[:] = new_bits
+    _swap_front(img, new_table, new_bits)
     img._dirty_since_checkpoint = True
     img._checkpoint(clean=False)                    # table in place, epoch E+1
     _release_runs(img, old)
@@ -699,6 +696,24 @@ def _revert(img, st, name):
     if len(cand):
         img._alloc.release_now(int(i) for i in cand)
     _trim_tail(img)
+
+
+def _swap_front(img, new_table, new_bits):
+    """Install the reverted table and bitmap, in place (the chunk map views them), in an
+    order lock-free readers can follow: a reader pairs a bit (base or image) with a table
+    entry, so bits leaving go first (those blocks read the base, which the new front
+    reads too), then the table, then the bits arriving, each step after the readers that
+    saw the previous state have finished (a grace period of the chunk map)."""
+    bm = img._bitmap
+    if new_bits is not None:
+        np.bitwise_and(bm.fresh, new_bits, out=bm.fresh)
+        np.bitwise_and(bm.stale, new_bits, out=bm.stale)
+        img._alloc.quiesce(time.sleep)      # no reader still acts on a cleared bit
+    img._table[:] = new_table
+    if new_bits is not None:
+        img._alloc.quiesce(time.sleep)      # no reader still holds an old entry
+        bm.fresh[:] = new_bits
+        bm.stale[:] = new_bits
 
 
 def read_vm_state(img, name):
