@@ -3,7 +3,7 @@ versions that could legally be there while writers, write_zeroes, flushes, snaps
 create/delete/revert, snapshot views and prefetch over a base run in other threads;
 then the image is reopened, compared with the model and checked.
 
-FVD_STRESS_SECONDS sets the seconds per configuration (default 4; 2 configurations x 2
+FVD_STRESS_SECONDS sets the seconds per configuration (default 3; 2 configurations x 2
 implementations in CI). A soak run:
 
     FVD_STRESS_SECONDS=300 python -m pytest -q -s tests/test_stress.py
@@ -14,7 +14,7 @@ import pytest
 
 from .stress import Stress
 
-SECONDS = float(os.environ.get("FVD_STRESS_SECONDS", "4"))
+SECONDS = float(os.environ.get("FVD_STRESS_SECONDS", "3"))
 
 
 @pytest.mark.parametrize("cache,copy_on_read", [("writeback", False),
