@@ -7,8 +7,9 @@ import random
 import pytest
 
 import fvd
-from .faults import (block, injected, limit_file_size, run_child, small_tmpfs,
-                          strace_usable)
+
+from .faults import (INJECT_SYSCALLS, block, injected, limit_file_size, run_child,
+                     small_tmpfs, strace_usable)
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -124,9 +125,14 @@ def _eio_child(path, cache, op, then_close):
     for i in range(12, 14):
         img.write(i * MiB, block(3, i, W))      # writeback: not yet durable
     error = None
-    with injected("EIO"):
+    with injected("EIO", "pread64,preadv,preadv2" if op in ("read", "view") else INJECT_SYSCALLS):
         try:
-            if op == "write":
+            if op == "read":
+                img.read(4096, 3 * MiB)
+            elif op == "view":
+                with img.open_snapshot("before") as view:
+                    view.read(4096, 3 * MiB)
+            elif op == "write":
                 img.write(20 * MiB + 512, block(4, 20, 3 * MiB))
             elif op == "write_zeroes":
                 img.write_zeroes(0, 2 * MiB)
@@ -159,6 +165,8 @@ def _eio_child(path, cache, op, then_close):
     ("snapshot", "writeback", True),
     ("prefetch", "writethrough", False),
     ("close", "writeback", False),
+    ("read", "writeback", True),
+    ("view", "writethrough", False),
 ])
 def test_eio(tmp_path, op, cache, then_close):
     path = _prepared(tmp_path, base=op == "prefetch")
