@@ -219,6 +219,7 @@ class BaseLayer:
         self.bend = min(self.base_size, img.size)      # bytes below this may be in the base
         # reads served whole by the compiled fast path (ChunkMap.readinto)
         self.fast_read = isinstance(backend, RawBase) and not copy_on_read
+        self.closing = False
 
     def attach_map(self):
         """Give the image's ChunkMap the bitmaps (and a raw base's fd): see module doc."""
@@ -250,6 +251,8 @@ class BaseLayer:
         m = self.img._map
         token = m.enter()
         try:
+            if self.closing:            # prefetch done or closing: the image answers
+                return m.readinto(offset, buffer)
             n = self._readinto(offset, buffer, stores)
         finally:
             m.leave(token)
@@ -499,7 +502,13 @@ class BaseLayer:
         pass
 
     def close(self):
+        """Detach; the backend closes once no read that may use it is in flight."""
+        self.closing = True
         self.detach_map()
+        m = getattr(self.img, "_map", None)
+        if m is not None:
+            from .image import drain_map
+            drain_map(m)
         if self.backend is not None:
             self.backend.close()
             self.backend = None
