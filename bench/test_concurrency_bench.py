@@ -9,6 +9,7 @@ benchmark's extra_info ("read_throughput_kept"). No timed assertion: --benchmark
 runs it once as a smoke test.
 """
 import random
+import statistics
 import threading
 import time
 
@@ -69,31 +70,32 @@ def run_case(path, nreads, with_writer):
 
 
 @pytest.mark.parametrize("impl", ["cython", "python"])
-def test_reads_beside_allocating_writes(benchmark, impl, tmp_path, pytestconfig):
+def test_reads_beside_allocating_writes(benchmark, impl, tmp_path):
     if impl not in _impl.MODULES:
         pytest.skip("compiled fast path not built")
     _impl.select(impl)
-    try:
-        disabled = pytestconfig.getoption("benchmark_disable")
-    except ValueError:
-        disabled = True
+    disabled = benchmark.disabled
     n = 500 if disabled else READS_PER_THREAD
+    rounds = 1 if disabled else 7
     path = _image(tmp_path)
-    alone = min(run_case(path, n, False)[0] for _ in range(3))
     benchmark.group = "concurrency-reads-beside-writes"
-    result = {"t": [], "writes": 0}
+    pairs, writes = [], []
 
-    def target():           # timed by the benchmark with open and close; reads alone below
-        t, result["writes"] = run_case(path, n, True)
-        result["t"].append(t)
+    def target():
+        # alone and beside the writer back to back, so machine noise hits both alike
+        alone = run_case(path, n, False)[0]
+        busy, w = run_case(path, n, True)
+        pairs.append((alone, busy))
+        writes.append(w)
 
-    benchmark.pedantic(target, rounds=3)
-    busy = min(result["t"])
-    kept = alone / busy
+    benchmark.pedantic(target, rounds=rounds)
+    kept = statistics.median(a / b for a, b in pairs)
+    alone = statistics.median(a for a, _ in pairs)
+    busy = statistics.median(b for _, b in pairs)
     benchmark.extra_info.update({
         "implementation": impl, "reads": 2 * n, "reads_per_s_alone": 2 * n / alone,
         "reads_per_s_with_writer": 2 * n / busy, "read_throughput_kept": kept,
-        "writes_during_last_round": result["writes"]})
+        "writes_per_round": statistics.median(writes)})
     print(f"\n{impl}: {2 * n / alone:,.0f} reads/s alone, {2 * n / busy:,.0f} reads/s "
-          f"beside allocating writethrough writes ({result['writes']} writes): "
-          f"{100 * kept:.0f}% kept")
+          f"beside allocating writethrough writes ({statistics.median(writes):.0f} writes "
+          f"per round): {100 * kept:.0f}% kept (median of {len(pairs)} paired rounds)")
