@@ -340,8 +340,9 @@ class ChunkMap:
         entries = self.table[first:last + 1]
         if (entries >= ZERO_CHUNK).any():
             return False
-        held = entries[entries < len(self.frozen)]
-        return not self.frozen[held].any()
+        frozen = self.frozen
+        held = entries[entries < len(frozen)]
+        return not frozen[held].any()
 
     def write(self, offset, data):
         """Write into allocated, unshared chunks whose touched blocks are durably out of
@@ -364,7 +365,8 @@ class ChunkMap:
                 and self._bv[4] < 0 and self._bv[3] == 0):
             # Common case, inside one chunk of an image without a base: one lookup.
             e = self.table.item(offset >> shift)
-            if e >= ZERO_CHUNK or (e < len(self.frozen) and self.frozen[e]):
+            frozen = self.frozen
+            if e >= ZERO_CHUNK or (e < len(frozen) and frozen[e]):
                 return -1
             _full_pwrite(self.fd, mv, self.data_offset + (e << shift) +
                          (offset & (self.chunk_size - 1)))
