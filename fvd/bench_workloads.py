@@ -120,6 +120,26 @@ class IoWorkload:
     unit: str = "ops/s"
     needs_snapshots: bool = False
 
+    def stride(self):
+        """(start, step, count, passes) when the offsets are one arithmetic progression,
+        possibly repeated whole (read passes): `qemu-img bench` can then run the loop
+        inside QEMU. None otherwise (random offsets go through qemu-io)."""
+        offs = self.offsets
+        if not offs:
+            return None
+        step = offs[1] - offs[0] if len(offs) > 1 else MiB
+        n = len(offs)
+        for k in range(1, n):
+            if offs[k] == offs[0]:
+                n = k
+                break
+        if step <= 0 or len(offs) % n:
+            return None
+        one = [offs[0] + i * step for i in range(n)]
+        if offs != one * (len(offs) // n) or one[-1] + self.length > self.size:
+            return None
+        return offs[0], step, n, len(offs) // n
+
     @property
     def mode(self):
         return "wt" if self.cache == "writethrough" else f"wb/{self.flush_every}"
@@ -141,12 +161,17 @@ def random_offsets(n, size=DISK, seed=1):
     return [c * MiB + rng.randrange(MiB // (4 * KiB)) * 4 * KiB for c in chunks]
 
 
+def strided_offsets(n, size=DISK, step=MiB):
+    """n offsets one `step` apart: one 4 KiB op per 1 MiB chunk, each allocating on first
+    write, and expressible as `qemu-img bench -o 0 -S 1M` so QEMU runs the loop itself."""
+    return [i * step for i in range(min(n, size // step))]
+
+
 def io_workloads(scale):
-    offs = random_offsets(scale.ops)
-    shuffled = list(offs)
-    random.Random(2).shuffle(shuffled)
+    offs = strided_offsets(scale.ops)
     rng = random.Random(3)
     reads = [rng.choice(offs) for _ in range(scale.reads)]
+    strided_reads = offs * max(1, scale.reads // len(offs))
     seq = [i * MiB for i in range(scale.seq_mib)]
     fe = scale.flush_every
     w = []
@@ -157,16 +182,18 @@ def io_workloads(scale):
     for cache, every in (("writethrough", 0), ("writeback", fe)):
         tag = "wt" if every == 0 else f"wb/{every}"
         w.append(IoWorkload(f"overwrite4k-{tag}", f"overwrite 4K random {tag}", "write",
-                            4 * KiB, shuffled, cache, every, pre_offsets=offs))
+                            4 * KiB, offs, cache, every, pre_offsets=offs))
     w.append(IoWorkload("read4k", "read 4K random (cached)", "read", 4 * KiB, reads,
                         "writeback", 0, pre_offsets=offs))
+    w.append(IoWorkload("read4k-strided", "read 4K strided 1M (cached)", "read", 4 * KiB,
+                        strided_reads, "writeback", 0, pre_offsets=offs))
     w.append(IoWorkload(f"seqwrite1m-wb/{fe}", f"write 1M sequential wb/{fe}", "write", MiB,
                         seq, "writeback", fe, unit="MiB/s"))
     w.append(IoWorkload("seqread1m", "read 1M sequential (cached)", "read", MiB,
                         seq * scale.read_passes,
                         "writeback", 0, pre_offsets=seq, pre_length=MiB, unit="MiB/s"))
     w.append(IoWorkload("cow4k-wt", "1st write after snapshot wt", "write", 4 * KiB,
-                        shuffled, "writethrough", 0, pre_offsets=offs, snapshot=True,
+                        offs, "writethrough", 0, pre_offsets=offs, snapshot=True,
                         needs_snapshots=True))
     return w
 
