@@ -128,7 +128,9 @@ def create(path, size, *, chunk_size=fmt.MiB, block_size=64 * fmt.KiB, base=None
     except BaseException as e:
         os.close(fd)
         os.unlink(path)
-        raise io_error(path, e, "create") from None
+        if isinstance(e, OSError):
+            raise io_error(path, e, "create") from None
+        raise
     os.close(fd)
 
 
@@ -167,7 +169,9 @@ class Image:
                 self._load_beside_writer(_chain, copy_on_read)
         except BaseException as e:
             self._release()
-            raise io_error(self.path, e, "open") from None
+            if isinstance(e, OSError):
+                raise io_error(self.path, e, "open") from None
+            raise
         self._closed = False
         if self._base is None or self._base.fast_read:
             # Reads go straight to the fast path: no Python frame of ours per read (with

@@ -18,8 +18,8 @@ copy still has a clear bit below the base end (snapshots_need_base).
 """
 import heapq
 import os
-import threading
 import struct
+import threading
 import time
 import zlib
 from dataclasses import dataclass
