@@ -135,6 +135,8 @@ def cmd_check(args):
         lines.append(f"{result.corruptions} errors were found on the image."
                      if result.corruptions else
                      f"{result.leaks} leaked chunks were found on the image.")
+    if result.corruptions_fixed:
+        lines.append(f"{result.corruptions_fixed} errors were repaired.")
     if result.leaks_fixed:
         lines.append(f"{result.leaks_fixed} leaked chunks were repaired.")
     emit(args, data, "\n".join(lines))
