@@ -960,7 +960,8 @@ def _check(st, img, result, repair):
     lost = list(st.dropped)
     if st.broken:
         result.messages.append(f"ERROR snapshot metadata unusable ({st.broken})")
-    nphys = max(len(st.refcount), img._alloc.end, 1)
+    nfile = -(-(os.fstat(img._fd).st_size - d) // cs)      # tables are bounded by the file
+    nphys = max(len(st.refcount), img._alloc.end, nfile, 1)
     owner = np.zeros(nphys, dtype=np.int8)          # 1 = snapshot metadata
     for a, n in st.metadata_runs(img):
         owner[a:a + n] = 1              # disjoint and inside the file: checked at open
