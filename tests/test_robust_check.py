@@ -7,7 +7,6 @@ import struct
 import zlib
 from contextlib import contextmanager
 
-import numpy as np
 import pytest
 
 import fvd
