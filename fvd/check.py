@@ -82,7 +82,10 @@ def _repair_front(img, result):
                                    f"{new}")
         img._dirty_since_checkpoint = True
         img._checkpoint(clean=False)
-    img._problems, img._relocate = [], set()
+    if img._lost:
+        result.messages.append(f"Repair: {img._lost} chunks that pointed past the end of the "
+                               f"file now read as zeros (their data is lost)")
+    img._problems, img._relocate, img._lost = [], set(), 0
 
 
 def _verify_reopen(path, result):

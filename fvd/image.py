@@ -207,6 +207,7 @@ class Image:
         self.block_size = h["block_size"]
         self._nchunks = -(-self.size // self.chunk_size)
         self._relocate = set()      # check mode: virtual chunks repair copies to a new chunk
+        self._lost = 0              # check mode: chunks past the end of the file
         self._table = self._read_table(file_size)
         self._frozen = np.zeros(0, dtype=np.uint8)
         self._load_features(chain, copy_on_read)
@@ -280,6 +281,7 @@ class Image:
                            "more table entries point past the end of the file (data lost)")
         if len(bad):        # only reached in check mode: those chunks read as zeros now
             t[bad] = fmt.ZERO_CHUNK if self._bitmap is not None else fmt.UNALLOCATED
+            self._lost = len(bad)
         counts = front_usage(t, 0)
         shared = np.flatnonzero(counts > 1)
         if len(shared):

@@ -932,8 +932,8 @@ def store_refcounts(img, st, refcount):
 # ----- check -------------------------------------------------------------------------------
 def _check_snapshot_bitmap(img, e, table, result):
     """The snapshot's bitmap copy: checksum, and no bit set in a chunk its table leaves
-    unallocated (the view would read zeros there instead of the base). Not repaired: the
-    snapshot is read-only; delete it or revert and repair the front."""
+    unallocated (the view would read zeros there instead of the base). Returns True when
+    clean; repair deletes the snapshot otherwise (it is read-only)."""
     from .base import marked_unallocated
     try:
         bits = read_snapshot_bitmap(img, e)
