@@ -1,5 +1,6 @@
 """FVD against the qcow2 baseline (refcount-on-write and lazy refcounts), a plain file and
-QEMU's qemu-io, on every I/O workload of `fvd bench`; one group per workload.
+QEMU (`qemu-img bench` where the offsets have a fixed step, else qemu-io), on every I/O
+workload of `fvd bench`; one group per workload.
 
     pytest bench/test_compare_bench.py --benchmark-only --benchmark-group-by=group
 Per-operation I/O counts (writes, bytes, flushes, metadata writes, refcount updates) are in

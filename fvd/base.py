@@ -32,6 +32,7 @@ from . import journal
 from .bitmap import Bitmap, runs
 from .errors import BaseImageError, CorruptImageError, FvdError, UnsupportedFeatureError
 from .image import Extent
+from .nbd_client import is_nbd_uri
 
 QCOW2_MAGIC = b"QFI\xfb"
 FVD_MAGIC = fmt.MAGIC.to_bytes(4, "little")
@@ -65,7 +66,9 @@ class RawBase:
         return len(mv)
 
     def extents(self, offset, length):
-        yield Extent(offset, length, 0, True, False, True, offset)
+        """Data and holes (SEEK_DATA/SEEK_HOLE), as `qemu-img map` reports a raw file."""
+        for s, e, data in raw_extents(self.fd, offset, offset + length):
+            yield Extent(s, e - s, 0, True, not data, data, s)
 
     def close(self):
         if self.fd >= 0:
@@ -113,8 +116,62 @@ def _check_base_file(path, base_format):
         raise BaseImageError(f"{path}: base image is not a regular file")
 
 
+class NbdBase:
+    """A raw base that is an NBD export (the name is its URI; see fvd.nbd_client)."""
+
+    def __init__(self, uri):
+        from .nbd_client import NbdClient
+        self.path = uri
+        try:
+            self.client = NbdClient(uri)
+        except ValueError as e:
+            raise BaseImageError(str(e)) from None
+        self.size = self.client.size
+
+    def readinto(self, offset, mv):
+        return self.client.readinto(offset, mv)
+
+    def extents(self, offset, length):
+        for start, n, zero, data in self.client.extents(offset, length):
+            yield Extent(start, n, 0, True, zero, data, None)
+
+    def close(self):
+        self.client.close()
+def raw_extents(fd, start, end):
+    """(start, end, is_data) runs of a file's [start, end): holes found with SEEK_HOLE
+    and SEEK_DATA; bytes past the end of the file are a hole. Without SEEK_DATA support
+    everything is data."""
+    size = os.fstat(fd).st_size
+    pos = start
+    while pos < end:
+        if pos >= size:
+            yield pos, end, False
+            return
+        try:
+            hole = os.lseek(fd, pos, os.SEEK_HOLE)
+        except OSError:
+            yield pos, end, True
+            return
+        if hole > pos:
+            stop = min(hole, end)
+            yield pos, stop, True
+            pos = stop
+            continue
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:             # ENXIO: only a hole up to the end of the file
+            data = size
+        stop = min(data, end)
+        yield pos, stop, False
+        pos = stop
+
+
 def _open_backend(path, base_format, chain):
     try:
+        if is_nbd_uri(path):
+            if base_format != fmt.BASE_RAW:
+                raise BaseImageError(f"{path}: an NBD base is read as raw (-F raw)")
+            return NbdBase(path)
         _check_base_file(path, base_format)
         if base_format == fmt.BASE_RAW:
             return RawBase(path)
@@ -155,7 +212,7 @@ def _check_name(base):
 
 
 def _resolve(image_path, name):
-    if os.path.isabs(name):
+    if os.path.isabs(name) or is_nbd_uri(name):       # a URI is never a relative path
         return name
     return os.path.join(os.path.dirname(os.path.abspath(image_path)), name)
 
@@ -175,11 +232,15 @@ def describe_new_base(path, base, base_format, size):
     """(base name bytes, header fields) for fvd.create(..., base=...)."""
     name, raw = _check_name(base)
     resolved = _resolve(path, name)
-    if not os.path.exists(resolved):
+    if is_nbd_uri(resolved):
+        base_format = base_format or "raw"
+    elif not os.path.exists(resolved):
         raise BaseImageError(f"{resolved}: base image does not exist")
-    if os.path.realpath(resolved) == os.path.realpath(os.fspath(path)):
+    if not is_nbd_uri(resolved) and \
+            os.path.realpath(resolved) == os.path.realpath(os.fspath(path)):
         raise BaseImageError(f"{resolved}: an image cannot be its own base")
-    _check_base_file(resolved, fmt.BASE_RAW)        # before detect_format opens it
+    if not is_nbd_uri(resolved):
+        _check_base_file(resolved, fmt.BASE_RAW)    # before detect_format opens it
     if base_format is None:
         try:
             base_format = detect_format(resolved)
@@ -225,11 +286,11 @@ def _attach_backend(img, chain, copy_on_read, resolved):
     h = img._header
     me = os.path.realpath(img.path)
     chain = tuple(chain) + (me,)
-    real = os.path.realpath(resolved)
+    real = resolved if is_nbd_uri(resolved) else os.path.realpath(resolved)
     if real in chain:
         raise BaseImageError(f"{resolved}: base image loop (it is {img.path} itself or "
                              f"one of its own bases)")
-    if not os.path.exists(resolved):
+    if not is_nbd_uri(resolved) and not os.path.exists(resolved):
         raise BaseImageError(f"{resolved}: base image of {img.path} does not exist")
     backend = _open_backend(resolved, h["base_format"], chain)
     if backend.size != h["base_size"]:
@@ -385,7 +446,7 @@ class BaseLayer:
                     hs = b0 * bs
                 if not stale[-1]:
                     te = max(end, min(b1 * bs, self.bend))
-        changes, extra = img._prepare_chunks(hs, te - hs)
+        # Base reads first: if the base fails (an NBD server gone), nothing is allocated.
         if hs < offset or te > end:
             if hs < offset and te > end and te - hs - length <= CROSS_READ_LIMIT \
                     and te - hs <= 2 * CROSS_READ_LIMIT:
@@ -400,6 +461,7 @@ class BaseLayer:
                 if te > end:
                     tail = bytearray(te - end)
                     self._base_read(end, memoryview(tail))
+        changes, extra = img._prepare_chunks(hs, te - hs)
         img._seal_overlapping(hs, te - hs)     # head and tail may be rewritten too
         records = list(extra)
         want_crc = bits is not None and img._writethrough

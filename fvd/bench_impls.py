@@ -160,14 +160,15 @@ class RawContender(Contender):
 
 
 class QemuContender(Contender):
-    """QEMU itself: qemu-io on a real qcow2 or raw file (see fvd.bench_qemu)."""
+    """QEMU itself on a real qcow2 or raw file: `qemu-img bench` where the workload's
+    offsets have a fixed step, else qemu-io (see fvd.bench_qemu)."""
     python = False
 
     def __init__(self, fmt, lazy=False):
         self.fmt = fmt
         self.lazy = lazy
         self.name = "qemu-" + fmt + ("-lazy" if lazy else "")
-        self.label = f"QEMU qemu-io {fmt}" + (" lazy_refcounts" if lazy else "")
+        self.label = f"QEMU {fmt}" + (" lazy_refcounts" if lazy else "")
 
     def available(self):
         for tool in ("qemu-io", "qemu-img"):

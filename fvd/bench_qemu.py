@@ -1,6 +1,11 @@
-"""Run the benchmark workloads through QEMU itself (qemu-io / qemu-img) for reference.
+"""Run the benchmark workloads through QEMU itself (qemu-img bench / qemu-io) for reference.
 
-Time: wall time of one qemu-io process running the whole command script, minus the
+Workloads whose offsets are one arithmetic progression (`IoWorkload.stride()`) run in
+`qemu-img bench`: the I/O loop runs inside QEMU and QEMU's own "Run completed in" time
+is used, so nothing outside the loop is charged to QEMU. Random offsets cannot be given
+to `qemu-img bench`; those workloads use qemu-io, timed as follows.
+
+qemu-io time: wall time of one qemu-io process running the whole command script, minus the
 median wall time of the same process with an empty script on the same image (process
 start, image open and close). I/O counts: the same run repeated on a fresh image under
 `strace -f`, minus the empty-script run under strace, divided by the number of ops.
@@ -28,7 +33,7 @@ _LINE = re.compile(r"^(?:\[pid\s+\d+\]\s+|\d+\s+)?(?:<\.\.\. (\w+) resumed>|(\w+
 _RET = re.compile(r"\)\s+=\s+(-?\d+)")
 
 
-def _run(cmd, stdin_text=None, check=True):
+def run_tool(cmd, stdin_text=None, check=True):
     p = subprocess.run(cmd, input=stdin_text, text=True, stdout=subprocess.DEVNULL,
                        stderr=subprocess.PIPE)
     if check and p.returncode != 0:
@@ -43,7 +48,7 @@ def create_image(contender, path, size):
             f.truncate(size)
         return
     opts = "cluster_size=65536" + (",lazy_refcounts=on" if contender.lazy else "")
-    _run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", opts, path, str(size)])
+    run_tool(["qemu-img", "create", "-q", "-f", "qcow2", "-o", opts, path, str(size)])
 
 
 def script(workload, offsets=None, kind=None, length=None, flush_every=None, pattern=None):
@@ -70,20 +75,20 @@ def qemu_io_cmd(contender, path, cache):
     return ["qemu-io", "-f", contender.fmt, "-t", cache, path]
 
 
-def _prepare(workload, contender, path):
+def prepare(workload, contender, path):
     create_image(contender, path, workload.size)
     if workload.pre_offsets:
-        _run(qemu_io_cmd(contender, path, "writeback"),
+        run_tool(qemu_io_cmd(contender, path, "writeback"),
              script(workload, workload.pre_offsets, "write", workload.pre_length, 0, PATTERN))
     if workload.snapshot:
         if contender.fmt != "qcow2":
             raise Unavailable("raw files have no snapshots")
-        _run(["qemu-img", "snapshot", "-c", "bench", path])
+        run_tool(["qemu-img", "snapshot", "-c", "bench", path])
 
 
 def _timed(cmd, text):
     t0 = time.perf_counter()
-    _run(cmd, text)
+    run_tool(cmd, text)
     return time.perf_counter() - t0
 
 
@@ -91,7 +96,7 @@ def strace_counts(cmd, text, workdir):
     """{syscall: [calls, bytes]} for one run under strace -f."""
     out = os.path.join(workdir, f"strace-{os.getpid()}.txt")
     try:
-        _run(["strace", "-f", "-qq", "-e", "trace=" + ",".join(TRACED), "-o", out] + cmd,
+        run_tool(["strace", "-f", "-qq", "-e", "trace=" + ",".join(TRACED), "-o", out] + cmd,
              text)
         counts = {}
         with open(out) as f:
@@ -123,10 +128,75 @@ def summarise(run, base, ops):
     return {k: v / ops for k, v in c.items()}
 
 
+_COMPLETED = re.compile(r"Run completed in ([0-9.]+) seconds")
+
+
+def bench_cmd(workload, contender, path, count=None):
+    """`qemu-img bench` running the workload's whole progression inside QEMU."""
+    start, step, n, _ = workload.stride()
+    cmd = ["qemu-img", "bench", "-f", contender.fmt, "-t", workload.cache, "-d", "1",
+           "-c", str(n if count is None else count), "-s", str(workload.length),
+           "-S", str(step), "-o", str(start)]
+    if workload.kind == "write":
+        cmd += ["-w", f"--pattern={PATTERN ^ 0xFF}"]
+        if workload.flush_every:
+            cmd.append(f"--flush-interval={workload.flush_every}")
+    return cmd + [path]
+
+
+def bench_seconds(cmd):
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    m = _COMPLETED.search(p.stdout)
+    if p.returncode != 0 or not m:
+        raise RuntimeError(f"qemu-img bench failed ({p.returncode}): "
+                           f"{(p.stderr or p.stdout).strip()[:300]}")
+    return float(m.group(1))
+
+
+def measure_io_qemu_bench(workload, contender, workdir, repeat=1, counts=True):
+    """The workload through `qemu-img bench` (QEMU's in-process loop)."""
+    _, _, n, passes = workload.stride()
+    path = os.path.join(workdir, f"qbench-{contender.name}-{os.getpid()}.img")
+    cmd = bench_cmd(workload, contender, path)
+    try:
+        times = []
+        for _ in range(repeat):
+            prepare(workload, contender, path)
+            if workload.kind == "read":
+                bench_seconds(cmd)             # "cached": one untimed pass
+            times.append(sum(bench_seconds(cmd) for _ in range(passes)))
+        per_op = {}
+        note = "qemu-img bench: QEMU's in-process loop, its own timing"
+        if counts and shutil.which("strace"):
+            prepare(workload, contender, path)
+            b = strace_counts(bench_cmd(workload, contender, path, 0), None, workdir)
+            r = strace_counts(cmd, None, workdir)
+            per_op = summarise(r, b, n)
+        elif counts:
+            note += "; strace not found, no I/O counts"
+    except Unavailable as e:
+        return Result(workload.key, contender.name, None, workload.unit, note=str(e))
+    finally:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+    t = statistics.median(times)
+    ops = n * passes
+    if t <= 0:
+        return Result(workload.key, contender.name, None, workload.unit, True, ops, t, per_op,
+                      note + "; below its timer's resolution")
+    value = ops / t if workload.unit == "ops/s" else ops * workload.length / (1 << 20) / t
+    return Result(workload.key, contender.name, value, workload.unit, True, ops, t, per_op,
+                  note)
+
+
 def measure_io_qemu(workload, contender, workdir, repeat=1, counts=True):
     reason = contender.available()
     if reason:
         return Result(workload.key, contender.name, None, workload.unit, note=reason)
+    if workload.stride() is not None:
+        return measure_io_qemu_bench(workload, contender, workdir, repeat, counts)
     path = os.path.join(workdir, f"qemu-{contender.name}-{os.getpid()}.img")
     cmd = qemu_io_cmd(contender, path, workload.cache)
     # reads are too cheap to see past process-start noise in one pass: repeat the list
@@ -139,13 +209,13 @@ def measure_io_qemu(workload, contender, workdir, repeat=1, counts=True):
     try:
         times = []
         for _ in range(repeat):
-            _prepare(workload, contender, path)
+            prepare(workload, contender, path)
             base = statistics.median(_timed(cmd, "") for _ in range(3))
             times.append(_timed(cmd, text) - base)
         per_op = {}
-        note = "time minus an empty qemu-io run"
+        note = "qemu-io, one command per I/O: time minus an empty qemu-io run"
         if counts and shutil.which("strace"):
-            _prepare(workload, contender, path)
+            prepare(workload, contender, path)
             b = strace_counts(cmd, "", workdir)
             one = script(workload)      # one pass is enough for exact counts
             r = strace_counts(cmd, one, workdir)
@@ -181,7 +251,7 @@ def measure_snapshots_qemu(contender, workdir, count, data_ops):
     try:
         create_image(contender, path, 8 << 30)
         offs = random_offsets(data_ops)
-        _run(["qemu-io", "-f", "qcow2", "-t", "writeback", path],
+        run_tool(["qemu-io", "-f", "qcow2", "-t", "writeback", path],
              "\n".join(f"write -q -P {PATTERN:#x} {o} 4096" for o in offs) + "\n")
         base = statistics.median(
             _timed(["qemu-img", "snapshot", "-l", path], None) for _ in range(3))

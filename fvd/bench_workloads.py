@@ -85,11 +85,13 @@ class Scale:
     open_ops: int = 2048         # allocated chunks when timing open
     repeat: int = 3
     flush_every: int = 16
+    convert_mib: int = 1024      # virtual size of the convert rows' image (30% data)
 
     @classmethod
     def quick(cls):
         return cls(ops=128, reads=4096, seq_mib=64, translate=1 << 20, translate_py=1 << 16,
-                   snapshots=(1, 20), snap_data_ops=64, open_ops=512, repeat=1)
+                   snapshots=(1, 20), snap_data_ops=64, open_ops=512, repeat=1,
+                   convert_mib=128)
 
     def scaled(self, factor):
         """Every count multiplied by factor (at least 1): FVD_BENCH_SCALE for CI."""
@@ -100,7 +102,8 @@ class Scale:
                      translate_py=s(self.translate_py),
                      snapshots=tuple(sorted({s(k) for k in self.snapshots})),
                      snap_data_ops=s(self.snap_data_ops), open_ops=s(self.open_ops),
-                     repeat=self.repeat, flush_every=self.flush_every)
+                     repeat=self.repeat, flush_every=self.flush_every,
+                     convert_mib=s(self.convert_mib))
 
 
 # ----- I/O workloads -------------------------------------------------------------------
@@ -119,6 +122,26 @@ class IoWorkload:
     size: int = DISK
     unit: str = "ops/s"
     needs_snapshots: bool = False
+
+    def stride(self):
+        """(start, step, count, passes) when the offsets are one arithmetic progression,
+        possibly repeated whole (read passes): `qemu-img bench` can then run the loop
+        inside QEMU. None otherwise (random offsets go through qemu-io)."""
+        offs = self.offsets
+        if not offs:
+            return None
+        step = offs[1] - offs[0] if len(offs) > 1 else MiB
+        n = len(offs)
+        for k in range(1, n):
+            if offs[k] == offs[0]:
+                n = k
+                break
+        if step <= 0 or len(offs) % n:
+            return None
+        one = [offs[0] + i * step for i in range(n)]
+        if offs != one * (len(offs) // n) or one[-1] + self.length > self.size:
+            return None
+        return offs[0], step, n, len(offs) // n
 
     @property
     def mode(self):
@@ -141,12 +164,17 @@ def random_offsets(n, size=DISK, seed=1):
     return [c * MiB + rng.randrange(MiB // (4 * KiB)) * 4 * KiB for c in chunks]
 
 
+def strided_offsets(n, size=DISK, step=MiB):
+    """n offsets one `step` apart: one 4 KiB op per 1 MiB chunk, each allocating on first
+    write, and expressible as `qemu-img bench -o 0 -S 1M` so QEMU runs the loop itself."""
+    return [i * step for i in range(min(n, size // step))]
+
+
 def io_workloads(scale):
-    offs = random_offsets(scale.ops)
-    shuffled = list(offs)
-    random.Random(2).shuffle(shuffled)
+    offs = strided_offsets(scale.ops)
     rng = random.Random(3)
     reads = [rng.choice(offs) for _ in range(scale.reads)]
+    strided_reads = offs * max(1, scale.reads // len(offs))
     seq = [i * MiB for i in range(scale.seq_mib)]
     fe = scale.flush_every
     w = []
@@ -157,16 +185,18 @@ def io_workloads(scale):
     for cache, every in (("writethrough", 0), ("writeback", fe)):
         tag = "wt" if every == 0 else f"wb/{every}"
         w.append(IoWorkload(f"overwrite4k-{tag}", f"overwrite 4K random {tag}", "write",
-                            4 * KiB, shuffled, cache, every, pre_offsets=offs))
+                            4 * KiB, offs, cache, every, pre_offsets=offs))
     w.append(IoWorkload("read4k", "read 4K random (cached)", "read", 4 * KiB, reads,
                         "writeback", 0, pre_offsets=offs))
+    w.append(IoWorkload("read4k-strided", "read 4K strided 1M (cached)", "read", 4 * KiB,
+                        strided_reads, "writeback", 0, pre_offsets=offs))
     w.append(IoWorkload(f"seqwrite1m-wb/{fe}", f"write 1M sequential wb/{fe}", "write", MiB,
                         seq, "writeback", fe, unit="MiB/s"))
     w.append(IoWorkload("seqread1m", "read 1M sequential (cached)", "read", MiB,
                         seq * scale.read_passes,
                         "writeback", 0, pre_offsets=seq, pre_length=MiB, unit="MiB/s"))
     w.append(IoWorkload("cow4k-wt", "1st write after snapshot wt", "write", 4 * KiB,
-                        shuffled, "writethrough", 0, pre_offsets=offs, snapshot=True,
+                        offs, "writethrough", 0, pre_offsets=offs, snapshot=True,
                         needs_snapshots=True))
     return w
 
