@@ -487,6 +487,7 @@ def run_fuzz(kind, cases, seed=0, timeout=CASE_TIMEOUT, batch=None, env=None):
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env=env)
         current, last = nxt, time.monotonic()
+        started = False         # building the templates is not part of a case's time
         stop = nxt + n
         buf = ""
         while True:
@@ -497,12 +498,13 @@ def run_fuzz(kind, cases, seed=0, timeout=CASE_TIMEOUT, batch=None, env=None):
                     break
                 if line.startswith("START "):
                     current, last = int(line.split()[1]), time.monotonic()
+                    started = True
                 elif line.startswith("OK "):
                     nxt = int(line.split()[1]) + 1
                 elif line.startswith("FAIL "):
                     failures.append(json.loads(line[5:]))
                     nxt = failures[-1]["case"] + 1
-            elif time.monotonic() - last > timeout:
+            elif time.monotonic() - last > (timeout if started else 6 * timeout):
                 proc.kill()
                 failures.append({"case": current, "error": f"hang: no result in {timeout} s"})
                 nxt = current + 1
