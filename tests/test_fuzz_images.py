@@ -12,7 +12,7 @@ import pytest
 
 from .fuzzlib import run_fuzz
 
-CASES = {"fvd": 300, "qcow2": 200}
+CASES = {"fvd": 400, "qcow2": 250}
 
 
 @pytest.mark.parametrize("kind", ["fvd", "qcow2"])
