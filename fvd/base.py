@@ -23,6 +23,7 @@ goes (prefetch done, close) the map is detached first and the base fd is closed 
 no read is inside it (ChunkMap.base_users).
 """
 import os
+import stat
 import time
 import zlib
 
@@ -44,8 +45,15 @@ class RawBase:
 
     def __init__(self, path):
         self.path = path
-        self.fd = os.open(path, os.O_RDONLY)
-        self.size = os.fstat(self.fd).st_size
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; fstat then refuses it
+        self.fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            st = os.fstat(self.fd)
+            _need_regular(path, st)
+            self.size = st.st_size if stat.S_ISREG(st.st_mode) else _device_size(self.fd)
+        except BaseException:
+            os.close(self.fd)
+            raise
 
     def readinto(self, offset, mv):
         done = 0
@@ -83,6 +91,29 @@ class ImageBase:
 
     def close(self):
         self.img.close()
+
+
+def _need_regular(path, st):
+    """A base is a regular file (or, raw only, a block device): a FIFO would block
+    every open and read, a directory fails later with a confusing error."""
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise BaseImageError(f"{path}: base image is {kind}")
+
+
+def _device_size(fd):
+    return os.lseek(fd, 0, os.SEEK_END)
+
+
+def _check_base_file(path, base_format):
+    """stat before any blocking open; image formats need a regular file."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise BaseImageError(f"{path}: cannot open base image: {e.strerror}") from e
+    _need_regular(path, st)
+    if base_format != fmt.BASE_RAW and not stat.S_ISREG(st.st_mode):
+        raise BaseImageError(f"{path}: base image is not a regular file")
 
 
 class NbdBase:
@@ -141,6 +172,7 @@ def _open_backend(path, base_format, chain):
             if base_format != fmt.BASE_RAW:
                 raise BaseImageError(f"{path}: an NBD base is read as raw (-F raw)")
             return NbdBase(path)
+        _check_base_file(path, base_format)
         if base_format == fmt.BASE_RAW:
             return RawBase(path)
         if base_format == fmt.BASE_FVD:
@@ -207,6 +239,8 @@ def describe_new_base(path, base, base_format, size):
     if not is_nbd_uri(resolved) and \
             os.path.realpath(resolved) == os.path.realpath(os.fspath(path)):
         raise BaseImageError(f"{resolved}: an image cannot be its own base")
+    if not is_nbd_uri(resolved):
+        _check_base_file(resolved, fmt.BASE_RAW)    # before detect_format opens it
     if base_format is None:
         try:
             base_format = detect_format(resolved)

@@ -240,11 +240,11 @@ def cmd_snapshot(args):
         emit(args, snaps, _snapshot_table(snaps))
         return 0
     with open_args(args, "r+") as img:
-        if args.create:
+        if args.create is not None:     # "" is a name (refused), not a missing option
             img.create_snapshot(args.create)
-        elif args.delete:
+        elif args.delete is not None:
             img.delete_snapshot(args.delete)
-        elif args.apply:
+        elif args.apply is not None:
             if not hasattr(img, "revert_to_snapshot"):
                 raise UsageError(f"{args.image}: applying a snapshot is only supported "
                                  f"for fvd images")

@@ -128,6 +128,9 @@ def check_image_path(path, fmt, repair, force_share):
         facts = {"image-end-offset": img._header["data_offset"] +
                  img._alloc.end * img.chunk_size,
                  "total-clusters": img._nchunks, "allocated-clusters": img.allocated_chunks}
+    if repair:
+        from .check import _verify_reopen
+        _verify_reopen(path, result)        # success only if it reopens and checks clean
     return result, facts
 
 

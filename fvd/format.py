@@ -41,6 +41,9 @@ MAX_TABLE_ENTRIES = 1 << 31
 MAX_BASE_NAME = 4095
 DEFAULT_JOURNAL = 16 * MiB
 MIN_JOURNAL = 64 * KiB
+# A read-write open refuses journal_epoch >= MAX_WRITABLE_EPOCH: every checkpoint adds 1,
+# and 2^63 checkpoints leave room below 2^64 that no real image ever reaches.
+MAX_WRITABLE_EPOCH = 1 << 63
 
 Header = Struct(
     "magic" / Const(MAGIC, Int32ul),
@@ -177,6 +180,11 @@ def validate_header(h, path, file_size):
         need(off >= HEADER_REGION and off % 512 == 0, off_field, f"{off_field} {off} is invalid")
         need(off + size <= h["data_offset"], off_field,
              f"{off_field} region overlaps the data area")
+    # regions may not share bytes: a table write would land in the bitmap or the journal
+    spans = sorted((h[o], h[o] + h[n], o) for o, n in regions)
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+        need(end <= start, second, f"{second.replace('_offset', '')} region overlaps the "
+                                   f"{first.replace('_offset', '')} region")
     need(h["data_offset"] % ALIGN == 0, "data_offset", "data offset not aligned")
     need(h["data_offset"] <= file_size, "data_offset",
          f"file is truncated: {file_size} bytes, data area starts at {h['data_offset']}")

@@ -20,7 +20,7 @@ from .allocator import ChunkAllocator, front_usage, runs
 from .errors import CorruptImageError, FvdError, ImageIOError, ImageLockedError, io_error
 from .fileio import full_pwrite, lock_image, punch_hole, writer_active
 from .journal import (RECORD_HEAD, REC_BITMAP, REC_DATA_CRC, REC_TABLE, Journal,
-                      read_transactions, table_records)
+                      range_crc, read_transactions, table_records)
 
 
 class ReadOnlyImageError(FvdError, OSError):
@@ -203,10 +203,16 @@ class Image:
         self.stats.metadata_bytes_read += len(raw)
         self._header = fmt.parse_header(raw, self.path, file_size)
         h = self._header
+        if not self.read_only and h["journal_epoch"] >= fmt.MAX_WRITABLE_EPOCH:
+            raise CorruptImageError(self.path, fmt.FIELD_OFFSET["journal_epoch"],
+                                    f"journal epoch {h['journal_epoch']} is too large for a "
+                                    f"read-write open (limit {fmt.MAX_WRITABLE_EPOCH - 1})")
         self.size = h["virtual_size"]
         self.chunk_size = h["chunk_size"]
         self.block_size = h["block_size"]
         self._nchunks = -(-self.size // self.chunk_size)
+        self._relocate = set()      # check mode: virtual chunks repair copies to a new chunk
+        self._lost = 0              # check mode: chunks past the end of the file
         self._table = self._read_table(file_size)
         self._frozen = np.zeros(0, dtype=np.uint8)
         self._load_features(chain, copy_on_read)
@@ -220,7 +226,14 @@ class Image:
         self._journal = Journal(self._fd, h["journal_offset"], h["journal_size"],
                                 h["journal_epoch"], self.stats)
         self._alloc = ChunkAllocator(self._in_use(), self._punch_chunks, self._map)
-        if not self.read_only:
+        if self.read_only:
+            return
+        if self._for_check:
+            # repair decides what to write; nothing is scrubbed before it looked
+            self._write_header(clean_shutdown=0)
+            self._sync()
+            self._dirty_since_checkpoint = bool(replayed or not h["clean_shutdown"])
+        else:
             self._start_writing(replayed or not h["clean_shutdown"])
 
     def _load_features(self, chain, copy_on_read):
@@ -252,66 +265,112 @@ class Image:
             self._problem(h["table_offset"], "lookup table checksum mismatch")
         return np.frombuffer(raw, dtype="<u4").astype(np.uint32)
 
-    def _problem(self, offset, what):
-        """A corruption: raise, unless check() is collecting them."""
+    def _problem(self, offset, what, count=1):
+        """A corruption: raise, unless check() is collecting them (`count` problems that
+        one message stands for)."""
         if not self._for_check:
             raise CorruptImageError(self.path, offset, what)
-        self._problems.append((offset, what))
+        self._problems.append((offset, what, count))
 
     def _validate_table(self, file_size):
-        """Every entry must point inside the file and no two chunks may share one."""
+        """Every entry must point inside the file, no two chunks may share one, and none
+        may point into snapshot metadata. In check mode every problem is counted; entries
+        past the end read as zeros from then on, shared ones are copied by repair."""
         t = self._table
+        toff = self._header["table_offset"]
         data_offset = self._header["data_offset"]
         max_valid = max(0, -(-(file_size - data_offset) // self.chunk_size))
         allocated = t < fmt.ZERO_CHUNK
         bad = np.flatnonzero(allocated & (t >= max_valid))
-        for v in bad[:10]:
-            self._problem(self._header["table_offset"] + 4 * int(v),
-                          f"table entry {int(t[v])} of chunk {int(v)} points past the end "
-                          f"of the file")
-        if len(bad):
-            t[bad] = fmt.UNALLOCATED            # only reached in check mode
+        self._problem_list(bad, lambda v: (toff + 4 * v, f"table entry {int(t[v])} of chunk {v}"
+                                                         f" points past the end of the file"),
+                           "more table entries point past the end of the file (data lost)")
+        if len(bad):        # only reached in check mode: those chunks read as zeros now
+            t[bad] = fmt.ZERO_CHUNK if self._bitmap is not None else fmt.UNALLOCATED
+            self._lost = len(bad)
         counts = front_usage(t, 0)
         shared = np.flatnonzero(counts > 1)
-        for p in shared[:10]:
-            vs = np.flatnonzero(t == p)
-            self._problem(self._header["table_offset"] + 4 * int(vs[1]),
-                          f"chunks {int(vs[0])} and {int(vs[1])} share physical chunk {int(p)}")
+        if len(shared):
+            order = np.argsort(t, kind="stable")
+            st = t[order]
+            dup = order[1:][(st[1:] == st[:-1]) & (st[1:] < fmt.ZERO_CHUNK)]
+            dup.sort()
+            self._problem_list(dup, lambda v: (toff + 4 * v, f"chunk {v} shares physical "
+                                                             f"chunk {int(t[v])} with another"),
+                               "more chunks share a physical chunk")
+            self._relocate.update(dup.tolist())
+        if self._snapshots is not None:
+            meta = self._snapshots.meta_mask(max_valid)
+            hit = np.flatnonzero(allocated & (t < len(meta)))
+            hit = hit[meta[t[hit]]]
+            self._problem_list(hit, lambda v: (toff + 4 * v, f"table entry {int(t[v])} of "
+                                                             f"chunk {v} points into snapshot "
+                                                             f"metadata"),
+                               "more table entries point into snapshot metadata")
+            self._relocate.update(hit.tolist())
+
+    def _problem_list(self, where, describe, rest, shown=10):
+        """One problem per index (the first `shown` spelled out), all counted."""
+        for v in where[:shown].tolist():
+            self._problem(*describe(v))
+        if len(where) > shown:
+            off, _ = describe(int(where[shown]))
+            self._problem(off, f"{len(where) - shown} {rest}", len(where) - shown)
 
     def _replay(self, file_size):
         """Apply the journal's committed transactions to the in-memory table and bitmap."""
         h = self._header
         count = 0
-        txs = list(read_transactions(self._fd, self.path, h["journal_offset"],
-                                     h["journal_size"], h["journal_epoch"]))
+        txs = []
+        try:
+            for tx in read_transactions(self._fd, self.path, h["journal_offset"],
+                                        h["journal_size"], h["journal_epoch"]):
+                txs.append(tx)
+        except CorruptImageError as e:
+            if not self._for_check:
+                raise
+            self._problem(e.offset, f"{e.what}: the journal is replayed up to there "
+                                    f"(later records are lost)")
         for i, tx in enumerate(txs):
             if self._apply_transaction(tx, file_size, last=i == len(txs) - 1):
                 count += 1
         return count
 
+    def _bad_record(self, what):
+        """A journal record that no writer produces: refuse (check mode: drop its
+        transaction)."""
+        self._problem(self._header["journal_offset"], what)
+        return False
+
     def _apply_transaction(self, tx, file_size, last=True):
         h = self._header
         data_offset, cs = h["data_offset"], self.chunk_size
+        data_end = data_offset + fmt.MAX_PHYS_CHUNKS * cs
         for rtype, count, start, payload in tx:
             if rtype == REC_TABLE and start + count > self._nchunks:
-                raise CorruptImageError(self.path, h["journal_offset"],
-                                        f"journal table record for chunks {start}..{start + count}"
-                                        f" is out of range")
+                return self._bad_record(f"journal table record for chunks {start}.."
+                                        f"{start + count} is out of range")
             if rtype == REC_BITMAP and (self._bitmap is None or
                                         start + count > self._bitmap.nblocks):
-                raise CorruptImageError(self.path, h["journal_offset"],
-                                        "journal bitmap record out of range")
+                return self._bad_record("journal bitmap record out of range")
             if rtype == REC_TABLE:
                 for e in payload:
+                    if fmt.MAX_PHYS_CHUNKS <= e < fmt.ZERO_CHUNK:
+                        return self._bad_record(f"journal table record holds the invalid "
+                                                f"entry {e:#x}")
                     if e < fmt.ZERO_CHUNK and data_offset + e * cs >= file_size:
                         return False        # its data never reached the disk: torn write
-            if rtype == REC_DATA_CRC and last:
-                # Only the last transaction can be torn: each earlier one was followed by
-                # a flush before the next was appended, and its data may since have been
-                # overwritten legitimately.
-                got = os.pread(self._fd, count, start)
-                if len(got) < count or zlib.crc32(got) != payload:
-                    return False
+            if rtype == REC_DATA_CRC:
+                if not (data_offset <= start and start + count <= data_end):
+                    return self._bad_record(f"journal data-crc record [{start}, "
+                                            f"{start + count}) is outside the data area")
+                if last:
+                    # Only the last transaction can be torn: each earlier one was followed
+                    # by a flush before the next was appended, and its data may since have
+                    # been overwritten legitimately.
+                    if start + count > file_size or \
+                            range_crc(self._fd, start, count) != payload:
+                        return False
         for rtype, count, start, payload in tx:
             if rtype == REC_TABLE:
                 self._table[start:start + count] = payload

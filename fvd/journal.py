@@ -125,6 +125,20 @@ def read_transactions(fd, path, offset, size, epoch):
             return
 
 
+def range_crc(fd, offset, length, piece=1 << 20):
+    """crc32 of `length` bytes at `offset`, read in bounded pieces; None when the file
+    ends first (the bytes never reached the disk)."""
+    crc = 0
+    done = 0
+    while done < length:
+        data = os.pread(fd, min(piece, length - done), offset + done)
+        if not data:
+            return None
+        crc = zlib.crc32(data, crc)
+        done += len(data)
+    return crc
+
+
 def _valid_sector(sector, epoch, seq, path, where):
     if len(sector) < SECTOR:
         return None
@@ -157,6 +171,8 @@ def _records(sector, nrec, path, where):
         elif rtype == REC_BITMAP:
             out.append((rtype, count, start, None))
         elif rtype == REC_DATA_CRC:
+            if pos + 4 > SECTOR:
+                raise CorruptImageError(path, where + pos, "data-crc record overruns its sector")
             out.append((rtype, count, start, struct.unpack_from("<I", sector, pos)[0]))
             pos += 4
         else:

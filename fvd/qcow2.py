@@ -26,7 +26,8 @@ from .errors import BaseImageError, CorruptImageError, UnsupportedFeatureError
 from .qcow2_cluster import ClusterMixin, Extent
 from .qcow2_format import (COMPAT_LAZY_REFCOUNTS, EXT_BITMAPS, INCOMPAT_CORRUPT,
                            INCOMPAT_DIRTY, L1E_RESERVED_MASK, MAX_CLUSTER_BITS,
-                           MIN_CLUSTER_BITS, OFF_INCOMPAT, OFF_L1_SIZE, OFFSET_MASK, Header,
+                           MIN_CLUSTER_BITS, OFF_INCOMPAT, OFF_L1_SIZE, OFFSET_MASK,
+                           REFT_OFFSET_MASK, Header,
                            SnapshotInfo, build_header, parse_header)
 from .qcow2_refcount import RefcountMixin
 from .qcow2_snapshot import SnapshotMixin
@@ -231,6 +232,7 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
         self._fast_read = (self._cbits, self._l2bits, self._l2mask, self._cs, self.size,
                            self._fast_l2, self._hf.readinto)
         self._load_snapshots(h.nb_snapshots, h.snapshots_offset)
+        self._check_overlaps()
         self._lazy = False
         if not self.read_only:
             self._open_for_writing(h)
@@ -250,6 +252,71 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
             raise CorruptImageError(self.path, l1_off + 8 * i, f"L1 entry {i} points to "
                                     f"{int(offs[i]):#x}: unaligned or past the end of the file")
 
+    def _check_overlaps(self):
+        """Metadata areas may not share clusters, and no active L2 table or refcount
+        block may live in one: a write there would land in the L1 or refcount table."""
+        cs, cb = self._cs, self._cbits
+        areas = [(0, cs, 0, "header"),
+                 (self._l1_offset, 8 * len(self._l1), 40, "L1 table"),
+                 (self._rt_offset, self._rt_clusters * cs, 48, "refcount table")]
+        if self._snapshots:
+            areas.append((self._snapshots_offset, self._snap_table_len, 64, "snapshot table"))
+        taken = {}
+        for off, n, field, what in areas:
+            for c in range(off >> cb, -(-(off + n) // cs) if n else off >> cb):
+                if c in taken:
+                    raise CorruptImageError(self.path, field, f"{what} overlaps the "
+                                            f"{taken[c]} (cluster {c})")
+                taken[c] = what
+        meta = np.fromiter(taken, dtype=np.int64)
+        rt = self._reftable.astype(np.uint64) & np.uint64(REFT_OFFSET_MASK)
+        hit = np.flatnonzero(np.isin((rt >> np.uint64(cb)).astype(np.int64), meta) & (rt != 0))
+        if hit.size:
+            i = int(hit[0])
+            raise CorruptImageError(self.path, self._rt_offset + 8 * i, f"refcount block {i} "
+                                    f"lies in {taken[int(rt[i]) >> cb]}")
+        blocks = (rt[rt != 0] >> np.uint64(cb)).astype(np.int64)
+        uniq, cnt = np.unique(blocks, return_counts=True)
+        if (cnt > 1).any():
+            raise CorruptImageError(self.path, self._rt_offset, f"two refcount table entries "
+                                    f"share the refcount block at cluster "
+                                    f"{int(uniq[cnt > 1][0])}")
+        l1 = self._l1.astype(np.uint64) & np.uint64(OFFSET_MASK)
+        l2c = (l1 >> np.uint64(cb)).astype(np.int64)
+        hit = np.flatnonzero((np.isin(l2c, meta) | np.isin(l2c, blocks)) & (l1 != 0))
+        if hit.size:
+            i = int(hit[0])
+            raise CorruptImageError(self.path, self._l1_offset + 8 * i, f"L1 entry {i} points "
+                                    f"into metadata (cluster {int(l2c[i])})")
+        uniq, cnt = np.unique(l2c[l1 != 0], return_counts=True)
+        if (cnt > 1).any():
+            raise CorruptImageError(self.path, self._l1_offset, f"two L1 entries share the L2 "
+                                    f"table at cluster {int(uniq[cnt > 1][0])}")
+
+    def _metadata_refcounts_ok(self):
+        """Before a writer trusts the refcounts: every metadata cluster (header, tables,
+        refcount blocks, L2 tables) must count at least 1, or the allocator would hand
+        it out for data. Costs refcount-block reads only, no L2 reads."""
+        cs, cb = self._cs, self._cbits
+        clusters = [np.arange(0, 1), np.arange(self._rt_offset >> cb,
+                                               (self._rt_offset >> cb) + self._rt_clusters)]
+        areas = [(self._l1_offset, 8 * len(self._l1))]
+        if self._snapshots:
+            areas.append((self._snapshots_offset, self._snap_table_len))
+            areas += [(s.l1_table_offset, 8 * s.l1_size) for s in self._snapshots]
+        for off, n in areas:
+            if n:
+                clusters.append(np.arange(off >> cb, -(-(off + n) // cs)))
+        rt = self._reftable.astype(np.uint64) & np.uint64(REFT_OFFSET_MASK)
+        clusters.append((rt[rt != 0] >> np.uint64(cb)).astype(np.int64))
+        l1 = self._l1.astype(np.uint64) & np.uint64(OFFSET_MASK)
+        clusters.append((l1[l1 != 0] >> np.uint64(cb)).astype(np.int64))
+        c = np.unique(np.concatenate(clusters).astype(np.int64))
+        zero = c[self._refcounts_of(c) == 0]
+        if zero.size:
+            raise CorruptImageError(self.path, int(zero[0]) << cb, f"metadata cluster "
+                                    f"{int(zero[0])} has refcount 0 (run check -r all)")
+
     def _open_for_writing(self, h):
         if self._incompat & INCOMPAT_CORRUPT:
             raise CorruptImageError(self.path, OFF_INCOMPAT, "image is marked corrupt; "
@@ -261,6 +328,11 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
             self._meta_write(88, bytes(8))            # bits we do not maintain are cleared
             self._sync()
         self._lazy = bool(self._compat & COMPAT_LAZY_REFCOUNTS)
+        if not self._incompat & INCOMPAT_DIRTY:
+            try:
+                self._metadata_refcounts_ok()
+            except CorruptImageError as e:
+                self._suspect = e         # writes refuse until check(repair=True) fixed it
         if self._incompat & INCOMPAT_DIRTY:
             self._rebuild_refcounts()                 # as QEMU does after a crash
             self._fix_copied()
@@ -342,10 +414,14 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
         if self._closed:
             raise ValueError(f"{self.path}: I/O on a closed image")
 
+    _suspect = None             # a CorruptImageError that makes writing unsafe
+
     def _check_writable(self):
         self._check_open()
         if self.read_only:
             raise OSError(errno.EBADF, f"{self.path}: image is open read-only")
+        if self._suspect is not None:
+            raise self._suspect
 
     def _check_range(self, offset, length):
         if not isinstance(offset, int) or not isinstance(length, int):
@@ -510,8 +586,8 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
         """Compare refcounts with what the metadata implies, as `qemu-img check` does.
         With repair=True, rebuild refcounts and COPIED flags, then check again."""
         self._check_open()
-        if repair:
-            self._check_writable()
+        if repair and self.read_only:
+            raise OSError(errno.EBADF, f"{self.path}: image is open read-only")
         if not self.read_only:
             self.flush()
         counts, errors = self._compute_refcounts()
@@ -520,8 +596,9 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
         result = CheckResult(corruptions=len(errors) + int((stored < counts).sum()) + copied,
                              leaks=int((stored > counts).sum()), copied_errors=copied,
                              messages=tuple(errors))
-        if repair and not result.ok:
+        if repair and (not result.ok or self._suspect is not None):
             self._rebuild_refcounts()
+            self._suspect = None
             self._fix_copied()
             self.flush()
             after = self.check()

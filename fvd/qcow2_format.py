@@ -195,7 +195,9 @@ def parse_header(path, raw, file_size, creating=False):
         what = ", ".join(names.get(1 << b, f"bit {b}") for b in range(64) if unknown >> b & 1)
         raise UnsupportedFeatureError(f"{path}: unsupported incompatible feature(s): {what}")
     if h.refcount_order != 4:
-        raise UnsupportedFeatureError(f"{path}: refcount width {1 << h.refcount_order} bits "
+        width = f"{1 << h.refcount_order} bits" if h.refcount_order < 64 else \
+            f"order {h.refcount_order}"         # never build a 2^(2^32)-bit integer
+        raise UnsupportedFeatureError(f"{path}: refcount width {width} "
                                       "(only 16-bit refcounts are supported)")
     _validate_tables(path, h, file_size, creating)
     h.extensions = parse_extensions(path, raw, h)

@@ -296,14 +296,24 @@ class RefcountMixin:
         trees += [(self._snapshot_l1(s), s.l1_table_offset, False) for s in self._snapshots]
         for l1, l1_off, active in trees:
             area(l1_off, len(l1) * 8)
+        # header, refcount and L1 tables, refcount blocks, snapshot table: a cluster of
+        # these that anything else also uses is an overlap, which a refcount cannot fix
+        exclusive = np.concatenate(refs)
+        for l1, l1_off, active in trees:
             self._count_tree(l1, active, refs, errors)
         allrefs = np.concatenate(refs) if refs else np.zeros(0, dtype=np.int64)
-        top = int(allrefs.max()) + 1 if allrefs.size else 0
-        counts = np.zeros(max(nclusters, top), dtype=np.int64)
+        # bounded by the file, never by what an entry names: a reference past the end
+        # is an error, not an array index
+        beyond = allrefs[(allrefs >= nclusters) | (allrefs < 0)]
+        allrefs = allrefs[(allrefs < nclusters) & (allrefs >= 0)]
+        counts = np.zeros(nclusters, dtype=np.int64)
         np.add.at(counts, allrefs, 1)
-        beyond = allrefs[allrefs >= nclusters]
         if beyond.size:
-            errors.append(f"{beyond.size} reference(s) past the end of the file")
+            errors.extend([f"reference past the end of the file "
+                           f"(cluster {int(beyond[0])})"] * int(beyond.size))
+        excl = np.unique(exclusive[(exclusive >= 0) & (exclusive < nclusters)])
+        for c in excl[counts[excl] > 1].tolist():
+            errors.append(f"metadata cluster {c} is also used by other metadata or data")
         return counts, errors
 
     def _count_tree(self, l1, active, refs, errors):

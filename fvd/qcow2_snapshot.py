@@ -44,6 +44,12 @@ class SnapshotMixin:
                     s.l1_table_offset + 8 * s.l1_size > self._file_size:
                 raise CorruptImageError(self.path, offset, f"snapshot {s.id}: L1 table "
                                         f"{s.l1_table_offset:#x} unaligned or past the end")
+            cover = self._cs << self._l2bits
+            room = max(0, s.l1_size * cover - self._vm_state_offset())
+            if s.vm_state_size > min(room, self._file_size):
+                raise CorruptImageError(self.path, offset, f"snapshot {s.id}: vm_state size "
+                                        f"{s.vm_state_size} exceeds what its L1 table maps "
+                                        f"or the file holds")
         self._snapshots, self._snap_table_len = snaps, end
 
     def _snapshot_l1(self, s):

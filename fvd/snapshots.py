@@ -141,6 +141,9 @@ class SnapshotState:
         self.refcount_chunks = (0, 0)               # (first, count) of the refcount table
         self.views = {}                             # snapshot id -> number of open views
         self.views_lock = threading.Lock()          # views close without the image lock
+        self.broken = None      # check mode: why the snapshot table is unusable
+        self.dropped = []       # check mode: names of damaged entries left out
+        self.rewrite = False    # check mode: the revert marker must be cleared
 
     # ----- layout helpers --------------------------------------------------------
     def find(self, name, path):
@@ -165,6 +168,15 @@ class SnapshotState:
         for e in self.entries:
             out.extend(self.entry_chunks(img, e))
         return out
+
+    def meta_mask(self, n):
+        """Bool array (at least n long) of the chunks holding snapshot metadata."""
+        meta = self.metadata_runs(self._img)
+        need = max([n] + [a + k for a, k in meta])
+        mask = np.zeros(need, dtype=bool)
+        for a, k in meta:
+            mask[a:a + k] = True
+        return mask
 
     # ----- hooks from Image -----------------------------------------------------------
     def mark_used(self, used):
@@ -211,104 +223,179 @@ class SnapshotState:
 
 # ----- open --------------------------------------------------------------------------
 def attach_snapshots(img):
-    """Read the snapshot table and the refcount table (never the snapshots' tables)."""
+    """Read the snapshot table and the refcount table (never the snapshots' tables) and
+    cross-check every range they name against the file and each other.
+
+    In check mode a damaged table leaves `st.broken` set (no snapshot is usable; repair
+    drops them all), a damaged entry is left out and named in `st.dropped` (repair
+    removes it), and an invalid revert marker sets `st.rewrite` (repair clears it)."""
     h = img._header
     st = SnapshotState()
     st._img = img
     img._snapshots = st
     file_size = os.fstat(img._fd).st_size
     cs, d = img.chunk_size, h["data_offset"]
+    nphys = max(0, -(-(file_size - d) // cs))
     toff, tsize = h["snapshot_table_offset"], h["snapshot_table_size"]
     roff, rsize = h["refcount_table_offset"], h["refcount_table_size"]
     fo = fmt.FIELD_OFFSET
 
-    def bad(offset, what):
-        img._problem(offset, what)
+    def broken(offset, what):
+        img._problem(offset, what + " (repair drops every snapshot)")
+        st.broken = what
 
     if not (toff >= d and (toff - d) % cs == 0 and tsize >= TABLE_HEAD.size
             and toff + tsize <= file_size):
-        return bad(fo["snapshot_table_offset"],
-                   f"snapshot table [{toff}, {toff + tsize}) is outside the data area "
-                   f"or the file ({file_size} bytes)")
+        return broken(fo["snapshot_table_offset"],
+                      f"snapshot table [{toff}, {toff + tsize}) is outside the data area "
+                      f"or the file ({file_size} bytes)")
     if rsize and not (roff >= d and (roff - d) % cs == 0 and rsize % 2 == 0
                       and roff + rsize <= file_size):
-        return bad(fo["refcount_table_offset"],
-                   f"refcount table [{roff}, {roff + rsize}) is outside the data area "
-                   f"or the file ({file_size} bytes)")
+        return broken(fo["refcount_table_offset"],
+                      f"refcount table [{roff}, {roff + rsize}) is outside the data area "
+                      f"or the file ({file_size} bytes)")
     raw = img._read_meta(toff, tsize)
     magic, crc, nb, rc_crc, revert_id, revert_epoch = TABLE_HEAD.unpack_from(raw)
     check = bytearray(raw)
     check[4:8] = b"\0\0\0\0"
     if magic != TABLE_MAGIC or zlib.crc32(check) != crc:
-        return bad(toff, "snapshot table magic or checksum mismatch")
+        return broken(toff, "snapshot table magic or checksum mismatch")
     if nb != h["nb_snapshots"]:
-        return bad(fo["nb_snapshots"], f"header says {h['nb_snapshots']} snapshots, "
-                                       f"the snapshot table holds {nb}")
+        return broken(fo["nb_snapshots"], f"header says {h['nb_snapshots']} snapshots, "
+                                          f"the snapshot table holds {nb}")
+    table_chunks = ((toff - d) // cs, -(-tsize // cs))
+    rc_chunks = ((roff - d) // cs, -(-rsize // cs)) if rsize else (0, 0)
+    if rsize and _overlap(table_chunks, rc_chunks):
+        return broken(fo["refcount_table_offset"], "refcount table overlaps the snapshot table")
     rc_raw = img._read_meta(roff, rsize) if rsize else b""
     if zlib.crc32(rc_raw) != rc_crc:
-        return bad(roff, "refcount table checksum mismatch")
-    st.refcount = np.frombuffer(rc_raw, dtype="<u2").astype(np.uint16)
-    st.table_chunks = ((toff - d) // cs, -(-tsize // cs))
-    st.refcount_chunks = ((roff - d) // cs, -(-rsize // cs)) if rsize else (0, 0)
+        return broken(roff, "refcount table checksum mismatch")
+    refcount = np.frombuffer(rc_raw, dtype="<u2").astype(np.uint16)
+    if len(refcount) > nphys and refcount[nphys:].any():
+        return broken(roff, "refcount table counts chunks past the end of the file")
+    owner = np.zeros(nphys, dtype=bool)            # chunks of snapshot metadata so far
+    for first, n in (table_chunks, rc_chunks):
+        owner[first:first + n] = True
+    entries = _parse_entries(img, st, raw, nb, file_size, owner)
+    if entries is None:
+        return
+    st.entries, st.refcount = entries, refcount
+    st.table_chunks, st.refcount_chunks = table_chunks, rc_chunks
+    held_meta = np.flatnonzero((refcount[:nphys] > 0) & owner[:len(refcount)])
+    if len(held_meta):
+        img._problem(roff + 2 * int(held_meta[0]), f"refcount table counts snapshot metadata "
+                                                   f"chunk {int(held_meta[0])}", len(held_meta))
+    _apply_revert_marker(img, st, revert_id, revert_epoch)
+    _set_frozen(img, st, install=False)
+
+
+def _overlap(r1, r2):
+    return r1[1] and r2[1] and r1[0] < r2[0] + r2[1] and r2[0] < r1[0] + r1[1]
+
+
+def _parse_entries(img, st, raw, nb, file_size, owner):
+    """The entries of a snapshot table, every range bounded by the file and disjoint
+    from the other metadata (`owner` marks it); None when the table is unusable."""
+    h = img._header
+    cs, d = img.chunk_size, h["data_offset"]
+    toff = h["snapshot_table_offset"]
     pos = TABLE_HEAD.size
     tbytes = 4 * img._nchunks
-    names = set()
+    names, entries = set(), []
+
+    def broken(offset, what):
+        img._problem(offset, what + " (repair drops every snapshot)")
+        st.broken = what
+
+    def inside(off, size):
+        return off >= d and (off - d) % cs == 0 and off + size <= file_size
+
     for _ in range(nb):
         where = toff + pos
         if pos + ENTRY.size > len(raw):
-            return bad(where, "snapshot table entry overruns the table")
+            return broken(where, "snapshot table entry overruns the table")
         (sid, created, size, t_off, t_crc, nlen, xsize, vm_off, vm_size, vm_crc,
          _r2) = ENTRY.unpack_from(raw, pos)
         pos += ENTRY.size
         if xsize % 8 or pos + xsize > len(raw):
-            return bad(where + 38, f"snapshot extra data size {xsize} out of range")
+            return broken(where + 38, f"snapshot extra data size {xsize} out of range")
         bm_off = bm_crc = 0
         if xsize >= EXTRA_BITMAP.size:
             bm_off, bm_crc, _r3 = EXTRA_BITMAP.unpack_from(raw, pos)
         pos += xsize            # extra data past the fields known here is skipped
         if nlen == 0 or pos + nlen > len(raw):
-            return bad(where, "snapshot name size out of range")
-        try:
-            name = raw[pos:pos + nlen].decode("utf-8")
-        except UnicodeDecodeError:
-            return bad(where, "snapshot name is not UTF-8")
+            return broken(where, "snapshot name size out of range")
+        name_raw = raw[pos:pos + nlen]
         pos += _pad8(nlen)
-        if name in names or sid >= h["next_snapshot_id"]:
-            return bad(where, f"snapshot {name!r}: duplicate name or id {sid} out of range")
-        names.add(name)
-        if not (t_off >= d and (t_off - d) % cs == 0 and t_off + tbytes <= file_size):
-            return bad(where + 24, f"snapshot {name!r}: lookup table at {t_off} is outside "
-                                   f"the data area or the file ({file_size} bytes)")
-        if vm_size and not (vm_off >= d and (vm_off - d) % cs == 0
-                            and vm_off + vm_size <= file_size):
-            return bad(where + 40, f"snapshot {name!r}: vm_state at {vm_off} is outside "
-                                   f"the file ({file_size} bytes)")
-        if size != img.size:
-            return bad(where + 16, f"snapshot {name!r}: size {size} differs from the image")
-        if h["base_format"] != fmt.BASE_NONE:
-            bsize = h["bitmap_size"]
-            if not (bm_off >= d and (bm_off - d) % cs == 0 and bm_off + bsize <= file_size):
-                return bad(where + 64, f"snapshot {name!r}: bitmap at {bm_off} is missing or "
-                                       f"outside the data area or the file ({file_size} "
-                                       f"bytes)")
-        else:
+        problem = None
+        try:
+            name = name_raw.decode("utf-8")
+        except UnicodeDecodeError:
+            name, problem = repr(name_raw), (where, "snapshot name is not UTF-8")
+        if h["base_format"] == fmt.BASE_NONE:
             bm_off = bm_crc = 0         # no base: a bitmap copy means nothing
-        st.entries.append(_Entry(sid, created, size, t_off, t_crc, name, vm_off, vm_size,
-                                 vm_crc, bm_off, bm_crc))
-    nphys = max(0, -(-(file_size - d) // cs))
-    if len(st.refcount) > nphys and st.refcount[nphys:].any():
-        return bad(roff, "refcount table counts chunks past the end of the file")
-    if revert_id and revert_epoch == h["journal_epoch"]:
-        # A revert committed but not yet checkpointed: the front is that snapshot's table.
-        target = [e for e in st.entries if e.id == revert_id]
+        runs = [(t_off, tbytes, where + 24, "lookup table")]
+        if h["base_format"] != fmt.BASE_NONE:
+            runs.append((bm_off, h["bitmap_size"], where + 64, "bitmap"))
+        if vm_size:
+            runs.append((vm_off, vm_size, where + 40, "vm_state"))
+        if problem is None and (name in names or sid >= h["next_snapshot_id"]
+                                or any(sid == e.id for e in entries)):
+            problem = (where, f"snapshot {name!r}: duplicate name or id {sid} out of range")
+        if problem is None and size != img.size:
+            problem = (where + 16, f"snapshot {name!r}: size {size} differs from the image")
+        for off, n, field, what in runs:
+            if problem is None and not inside(off, n):
+                problem = (field, f"snapshot {name!r}: {what} at {off} is outside the data "
+                                  f"area or the file ({file_size} bytes)")
+            elif problem is None:
+                first, count = (off - d) // cs, -(-n // cs)
+                if owner[first:first + count].any():
+                    problem = (field, f"snapshot {name!r}: {what} at {off} overlaps other "
+                                      f"snapshot metadata")
+        if problem is not None:
+            img._problem(problem[0], problem[1] + " (repair deletes the snapshot)")
+            st.dropped.append(name)
+            continue
+        for off, n, _, _ in runs:
+            owner[(off - d) // cs:(off - d) // cs + -(-n // cs)] = True
+        names.add(name)
+        entries.append(_Entry(sid, created, size, t_off, t_crc, name, vm_off, vm_size,
+                              vm_crc, bm_off, bm_crc))
+    return entries
+
+
+def _apply_revert_marker(img, st, revert_id, revert_epoch):
+    """docs/format.md section 8: a marker holds at exactly the epoch it was written in;
+    an older one was voided by the checkpoint after it, a newer one cannot exist."""
+    h = img._header
+    if not revert_id:
+        return
+    where = h["snapshot_table_offset"] + 16
+    if revert_epoch > h["journal_epoch"]:
+        img._problem(where, f"revert marker for epoch {revert_epoch} is newer than the "
+                            f"journal epoch {h['journal_epoch']} (repair clears it)")
+        st.rewrite = True
+        return
+    if revert_epoch != h["journal_epoch"]:
+        return
+    # A revert committed but not yet checkpointed: the front is that snapshot's table.
+    target = [e for e in st.entries if e.id == revert_id]
+    try:
         if not target:
-            return bad(toff, f"pending revert to unknown snapshot id {revert_id}")
-        img._table = read_snapshot_table(img, target[0])
-        if img._bitmap is not None:     # ... and its bitmap is the front's bitmap
-            bits = read_snapshot_bitmap(img, target[0])
-            img._bitmap.fresh[:] = bits
-            img._bitmap.stale[:] = bits
-    _set_frozen(img, st, install=False)
+            raise CorruptImageError(img.path, where,
+                                    f"pending revert to unknown snapshot id {revert_id}")
+        table = read_snapshot_table(img, target[0])
+        bits = read_snapshot_bitmap(img, target[0]) if img._bitmap is not None else None
+    except CorruptImageError as e:
+        img._problem(e.offset, f"{e.what}; the pending revert cannot be applied "
+                               f"(repair clears it: the image stays as before the revert)")
+        st.rewrite = True
+        return
+    img._table = table
+    if bits is not None:        # ... and its bitmap is the front's bitmap
+        img._bitmap.fresh[:] = bits
+        img._bitmap.stale[:] = bits
 
 
 def _set_frozen(img, st, install=True):
@@ -321,11 +408,47 @@ def _set_frozen(img, st, install=True):
 
 
 def read_snapshot_table(img, e):
+    """The snapshot's lookup table, checksum and entries validated (CorruptImageError)."""
     raw = img._read_meta(e.table_offset, 4 * img._nchunks)
     if zlib.crc32(raw) != e.table_crc:
         raise CorruptImageError(img.path, e.table_offset,
                                 f"snapshot {e.name!r}: lookup table checksum mismatch")
-    return np.frombuffer(raw, dtype="<u4").astype(np.uint32)
+    table = np.frombuffer(raw, dtype="<u4").astype(np.uint32)
+    problems = lookup_table_problems(img, e, table)
+    if problems:
+        raise CorruptImageError(img.path, problems[0][0], problems[0][1])
+    return table
+
+
+def lookup_table_problems(img, e, table):
+    """[(offset, what, count)] of a snapshot's lookup table: entries past the end of the
+    file, into snapshot metadata, or mapping one chunk twice."""
+    st = img._snapshots
+    d, cs = img._header["data_offset"], img.chunk_size
+    nphys = max(0, -(-(os.fstat(img._fd).st_size - d) // cs))
+    out = []
+    alloc = np.flatnonzero(table < fmt.ZERO_CHUNK)
+    held = table[alloc]
+    past = alloc[held >= nphys]
+    if len(past):
+        v = int(past[0])
+        out.append((e.table_offset + 4 * v, f"snapshot {e.name!r}: entry {int(table[v])} of "
+                                            f"chunk {v} points past the end of the file",
+                    len(past)))
+    ok = alloc[held < nphys]
+    meta = st.meta_mask(nphys) if st is not None else np.zeros(0, dtype=bool)
+    inmeta = ok[meta[table[ok]]] if len(meta) else ok[:0]
+    if len(inmeta):
+        v = int(inmeta[0])
+        out.append((e.table_offset + 4 * v, f"snapshot {e.name!r}: entry {int(table[v])} of "
+                                            f"chunk {v} points into snapshot metadata",
+                    len(inmeta)))
+    vals = np.sort(table[ok])
+    ndup = int(np.count_nonzero(vals[1:] == vals[:-1]))
+    if ndup:
+        out.append((e.table_offset, f"snapshot {e.name!r} maps one physical chunk from "
+                                    f"several virtual chunks", ndup))
+    return out
 
 
 def read_snapshot_bitmap(img, e):
@@ -768,6 +891,9 @@ class SnapshotView:
                                         f"snapshot {entry.name!r}: lookup table checksum "
                                         f"mismatch or truncated")
             self._table = np.frombuffer(raw, dtype="<u4").astype(np.uint32)
+            problems = lookup_table_problems(img, entry, self._table)
+            if problems:
+                raise CorruptImageError(img.path, problems[0][0], problems[0][1])
             self._map = img._impl.ChunkMap(self._fd, self._table,
                                            np.ones(0, dtype=np.uint8), self.chunk_size,
                                            self._header["data_offset"], self.size,
@@ -910,66 +1036,68 @@ def store_refcounts(img, st, refcount):
 # ----- check -------------------------------------------------------------------------------
 def _check_snapshot_bitmap(img, e, table, result):
     """The snapshot's bitmap copy: checksum, and no bit set in a chunk its table leaves
-    unallocated (the view would read zeros there instead of the base). Not repaired: the
-    snapshot is read-only; delete it or revert and repair the front."""
+    unallocated (the view would read zeros there instead of the base). Returns True when
+    clean; repair deletes the snapshot otherwise (it is read-only)."""
     from .base import marked_unallocated
     try:
         bits = read_snapshot_bitmap(img, e)
     except CorruptImageError as err:
         result.corruptions += 1
         result.messages.append(f"ERROR {err}")
-        return
+        return False
     nblocks = -(-img._header["base_size"] // img.block_size)
     bad = marked_unallocated(bits, nblocks, table, img.chunk_size, img.block_size)
     for v in bad.tolist()[:10]:
         result.messages.append(f"ERROR snapshot {e.name!r}: bitmap marks blocks of "
                                f"unallocated chunk {v} as in the image")
     result.corruptions += len(bad)
+    return not len(bad)
 
 
 def _check(st, img, result, repair):
-    """Recompute refcounts from every snapshot table; find leaks and double use."""
-    cs, d = img.chunk_size, img._header["data_offset"]
-    nphys = max(len(st.refcount), img._alloc.end, 1)
+    """Recompute refcounts from every snapshot table; find leaks and double use.
+
+    With repair, damaged snapshots are deleted (reported as lost), the refcount table is
+    rewritten from what the remaining snapshots hold, and an invalid revert marker is
+    cleared; all in one copy-on-write commit."""
+    d, cs = img._header["data_offset"], img.chunk_size
+    lost = list(st.dropped)
+    if st.broken:
+        result.messages.append(f"ERROR snapshot metadata unusable ({st.broken})")
+    nfile = -(-(os.fstat(img._fd).st_size - d) // cs)      # tables are bounded by the file
+    nphys = max(len(st.refcount), img._alloc.end, nfile, 1)
     owner = np.zeros(nphys, dtype=np.int8)          # 1 = snapshot metadata
     for a, n in st.metadata_runs(img):
-        if a + n > len(owner):
-            owner = np.concatenate([owner, np.zeros(a + n - len(owner), np.int8)])
-        if owner[a:a + n].any():
-            result.corruptions += 1
-            result.messages.append(f"ERROR snapshot metadata chunks {a}..{a + n - 1} "
-                                   f"overlap other metadata")
-        owner[a:a + n] = 1
+        owner[a:a + n] = 1              # disjoint and inside the file: checked at open
     counted = np.zeros(len(owner), dtype=np.int64)
+    keep = []
     for e in st.entries:
         try:
             t = read_snapshot_table(img, e)
         except CorruptImageError as err:
-            result.corruptions += 1
-            result.messages.append(f"ERROR {err}")
+            t = None
+            if err.what.endswith("checksum mismatch"):
+                problems = [(err.offset, err.what, 1)]
+            else:
+                raw = np.frombuffer(img._read_meta(e.table_offset, 4 * img._nchunks),
+                                    dtype="<u4").astype(np.uint32)
+                problems = lookup_table_problems(img, e, raw)
+            for off, what, n in problems:
+                result.corruptions += n
+                result.messages.append(f"ERROR at offset {off}: {what}")
+        if t is not None and e.bitmap_offset and not _check_snapshot_bitmap(img, e, t,
+                                                                             result):
+            t = None
+        if t is None:
+            lost.append(e.name)
             continue
+        keep.append(e)
         held = t[t < fmt.ZERO_CHUNK].astype(np.int64)
-        if len(held) and int(held.max()) >= len(counted):
-            bad = held[held >= len(counted)]
-            result.corruptions += len(bad)
-            result.messages.append(f"ERROR snapshot {e.name!r} points past the end of the "
-                                   f"data area (chunk {int(bad[0])})")
-            held = held[held < len(counted)]
-        if len(np.unique(held)) != len(held):
-            result.corruptions += 1
-            result.messages.append(f"ERROR snapshot {e.name!r} maps one chunk twice")
         np.add.at(counted, held, 1)
-        if e.bitmap_offset:
-            _check_snapshot_bitmap(img, e, t, result)
-    meta_hit = np.flatnonzero((counted > 0) & (owner == 1))
-    if len(meta_hit):
-        result.corruptions += len(meta_hit)
-        result.messages.append(f"ERROR snapshot data chunks overlap snapshot metadata "
-                               f"(chunk {int(meta_hit[0])})")
     front = img._table[img._table < fmt.ZERO_CHUNK].astype(np.int64)
     fm = front[front < len(owner)]
     fm = fm[owner[fm] == 1]
-    if len(fm):
+    if len(fm) and not img._for_check:     # check mode counted them at open
         result.corruptions += len(fm)
         result.messages.append(f"ERROR the lookup table points into snapshot metadata "
                                f"(chunk {int(fm[0])})")
@@ -985,18 +1113,26 @@ def _check(st, img, result, repair):
         result.messages.append(f"Leaked chunk {int(p)} refcount={int(stored[p])} "
                                f"reference={int(counted[p])}")
     result.leaks += len(over)
-    if repair and (len(under) or len(over)) and not img.read_only:
-        fixed = counted.clip(0, REFCOUNT_MAX).astype(np.uint16)
-        nz = np.flatnonzero(fixed)
-        fixed = fixed[:int(nz[-1]) + 1 if len(nz) else 0]
-        img.flush()
-        store_refcounts(img, st, fixed)
-        img.stats.refcount_updates += int(len(under) + len(over))
-        usage = front_usage(img._table, len(stored))
-        gone = [int(p) for p in over if counted[p] == 0 and usage[p] == 0 and owner[p] == 0]
-        if gone:
-            img._alloc.release_now(gone)
-        result.leaks -= len(over)
-        result.leaks_fixed += len(over)
-        result.corruptions -= len(under)
-        result.corruptions_fixed += len(under)
+    if st.rewrite:
+        result.messages.append("ERROR the revert marker is invalid")
+    changed = len(under) or len(over) or lost or st.rewrite or st.broken
+    if not (repair and changed) or img.read_only:
+        return
+    if lost:
+        result.messages.append(f"Repair deletes damaged snapshot(s) {sorted(set(lost))} "
+                               f"(their contents are lost)")
+    if st.broken:
+        result.messages.append("Repair drops the unusable snapshot table: every snapshot is "
+                               "lost")
+    fixed = counted.clip(0, REFCOUNT_MAX).astype(np.uint16)
+    nz = np.flatnonzero(fixed)
+    fixed = fixed[:int(nz[-1]) + 1 if len(nz) else 0]
+    img.flush()
+    st.entries = keep
+    store_refcounts(img, st, fixed)
+    st.dropped, st.rewrite, st.broken = [], False, None
+    img.stats.refcount_updates += int(len(under) + len(over))
+    usage = front_usage(img._table, len(stored))
+    gone = [int(p) for p in over if counted[p] == 0 and usage[p] == 0 and owner[p] == 0]
+    if gone:
+        img._alloc.release_now(gone)
