@@ -25,6 +25,11 @@ def _segments(img, start, end):
             host = data_offset + e * cs + pos % cs
             if img._base is not None:
                 yield from img._base.segments_in_chunk(pos, stop, host)
+            elif getattr(img, "_partial", None) is not None and \
+                    img._partial.slot_of(v) is not None:     # runs of N and its source
+                for s, t, h in img._partial.host_runs(img._partial.slot_of(v), e, pos, stop,
+                                                      v * cs, data_offset):
+                    yield Extent(s, t - s, 0, True, False, True, h)
             else:
                 yield Extent(pos, stop - pos, 0, True, False, True, host)
         elif e == fmt.ZERO_CHUNK:

@@ -19,8 +19,8 @@ from . import format as fmt
 from .allocator import ChunkAllocator, front_usage, runs
 from .errors import CorruptImageError, FvdError, ImageLockedError
 from .fileio import lock_image, punch_hole, writer_active
-from .journal import (RECORD_HEAD, REC_BITMAP, REC_DATA_CRC, REC_TABLE, Journal,
-                      read_transactions, table_records)
+from .journal import (RECORD_HEAD, REC_BITMAP, REC_DATA_CRC, REC_GRANULE, REC_TABLE,
+                      Journal, read_transactions, table_records)
 
 
 class ReadOnlyImageError(FvdError, OSError):
@@ -153,6 +153,7 @@ class Image:
         self._for_check = _for_check
         self._base = None
         self._snapshots = None
+        self._partial = None        # fvd.granular.PartialState (images without a base)
         self._lock = threading.RLock()   # table/bitmap/journal changes (fvd.base)
         self._pending = {}          # virtual chunk -> entry, not yet in the journal
         self._pending_bits = []     # (first_block, count) bitmap records not yet journaled
@@ -211,6 +212,8 @@ class Image:
                                         h["data_offset"], self.size, self.stats)
         if self._base is not None:
             self._base.attach_map()
+        if self._partial is not None:
+            self._partial.install(self._map)
         self._journal = Journal(self._fd, h["journal_offset"], h["journal_size"],
                                 h["journal_epoch"], self.stats)
         self._alloc = ChunkAllocator(self._in_use(), self._punch_chunks)
@@ -224,8 +227,9 @@ class Image:
         if h["base_format"] != fmt.BASE_NONE:
             from .base import attach_base
             attach_base(self, chain, copy_on_read)
-        elif copy_on_read:
-            pass            # nothing to copy from: a no-op, as in QEMU
+        else:
+            from .granular import attach_partial
+            attach_partial(self)    # copy_on_read without a base: a no-op, as in QEMU
         if h["nb_snapshots"] or h["snapshot_table_offset"]:
             from .snapshots import attach_snapshots
             attach_snapshots(self)
@@ -271,6 +275,8 @@ class Image:
             vs = np.flatnonzero(t == p)
             self._problem(self._header["table_offset"] + 4 * int(vs[1]),
                           f"chunks {int(vs[0])} and {int(vs[1])} share physical chunk {int(p)}")
+        if self._partial is not None:
+            self._partial.validate(self)
 
     def _replay(self, file_size):
         """Apply the journal's committed transactions to the in-memory table and bitmap."""
@@ -295,6 +301,12 @@ class Image:
                                         start + count > self._bitmap.nblocks):
                 raise CorruptImageError(self.path, h["journal_offset"],
                                         "journal bitmap record out of range")
+            if rtype == REC_GRANULE and (self._partial is None or count == 0 or
+                                         start % self._partial.gpc + count >
+                                         self._partial.gpc or
+                                         start // self._partial.gpc >= self._nchunks):
+                raise CorruptImageError(self.path, h["journal_offset"],
+                                        "journal granule record out of range")
             if rtype == REC_TABLE:
                 for e in payload:
                     if e < fmt.ZERO_CHUNK and data_offset + e * cs >= file_size:
@@ -309,8 +321,12 @@ class Image:
         for rtype, count, start, payload in tx:
             if rtype == REC_TABLE:
                 self._table[start:start + count] = payload
+                if self._partial is not None:
+                    self._partial.forget(start, count)
             elif rtype == REC_BITMAP:
                 self._bitmap.set_range(start, count)
+            elif rtype == REC_GRANULE:
+                self._partial.replay(self._table, start, count, payload)
         return True
 
     def _in_use(self):
@@ -318,6 +334,8 @@ class Image:
         used = front_usage(self._table, nphys) > 0
         if self._snapshots is not None:
             used = self._snapshots.mark_used(used)
+        if self._partial is not None:
+            used = self._partial.mark_used(used)
         return used
 
     def _start_writing(self, unclean):
@@ -350,7 +368,16 @@ class Image:
         self.stats.flushes += 1
 
     def _write_header(self, **changes):
-        self._header.update(changes)
+        h = self._header
+        h.update(changes)
+        # Partial chunks may exist (or appear without another header write): refuse older
+        # readers. Snapshots alone make first writes into held chunks partial.
+        if self._partial is not None and (self._partial.active or h["partial_map_offset"]
+                                          or h["incompatible_features"]
+                                          & fmt.INCOMPAT_SNAPSHOTS):
+            h["incompatible_features"] |= fmt.INCOMPAT_PARTIAL
+        else:
+            h["incompatible_features"] &= ~fmt.INCOMPAT_PARTIAL
         self._write_meta(0, fmt.build_header(self._header))
 
     def _punch_chunks(self, first, count):
@@ -367,9 +394,13 @@ class Image:
             h["table_crc"] = zlib.crc32(table)
             if self._bitmap is not None:
                 h["bitmap_crc"] = self._bitmap.write(self)
+            if self._partial is not None:
+                self._partial.write_map(self)
             self._sync()
         self._write_header(journal_epoch=h["journal_epoch"] + 1, clean_shutdown=int(clean))
         self._sync()
+        if self._partial is not None:
+            self._partial.after_checkpoint(self)
         self._journal.restart(h["journal_epoch"])
         self._dirty_since_checkpoint = False
         self._alloc.commit_frees()
@@ -469,6 +500,8 @@ class Image:
         if self._base is not None:
             return self._base.write(offset, mv)
         with self._lock:        # allocation and the journal are shared by all writers
+            if self._partial is not None and self._partial.takes(self, offset, length):
+                return self._partial.write(self, offset, mv)     # fvd.granular
             changes, extra = self._prepare_chunks(offset, length)
             if self._map.write(offset, mv) < 0:
                 raise AssertionError("chunks not writable after allocation")  # a bug
@@ -542,6 +575,10 @@ class Image:
                 continue
             if e < fmt.ZERO_CHUNK and not self._is_frozen(e):
                 self._alloc.release(e)
+            if self._partial is not None:
+                source = self._partial.drop(v)
+                if source is not None and not self._is_frozen(source):
+                    self._alloc.release(source)
             self._table[v] = marker
             changes[v] = marker
         if changes:

@@ -302,6 +302,8 @@ def attach_snapshots(img):
         if not target:
             return bad(toff, f"pending revert to unknown snapshot id {revert_id}")
         img._table = read_snapshot_table(img, target[0])
+        if img._partial is not None:
+            img._partial.clear()        # the old front's partial chunks went with it
         if img._bitmap is not None:     # ... and its bitmap is the front's bitmap
             bits = read_snapshot_bitmap(img, target[0])
             img._bitmap.fresh[:] = bits
@@ -505,6 +507,8 @@ def _create(img, st, name, vm_state):
         raise ValueError(f"{img.path}: a snapshot named {name!r} already exists")
     vm = memoryview(vm_state).cast("B")
     img.flush()
+    if img._partial is not None:
+        img._partial.complete_all(img)      # snapshots hold whole chunks (fvd.granular)
     table = img._table
     entries_mask = table < fmt.ZERO_CHUNK
     held = table[entries_mask]
@@ -581,6 +585,9 @@ def _delete(img, st, name):
     entries = [x for x in st.entries if x is not e]
     dropped = held[rc[held] == 0]
     front = front_usage(img._table, len(rc))
+    if img._partial is not None:            # a partial chunk's source stays (fvd.granular)
+        sources = img._partial.sources()
+        front[sources[sources < len(front)]] += 1
     freed = dropped[front[dropped] == 0] if len(dropped) else dropped
     # trim the refcount table past its last nonzero entry
     nz = np.flatnonzero(rc)
@@ -632,6 +639,10 @@ def _revert(img, st, name):
     img._write_header(**h)
     img._sync()                                     # commit point
     st.table_chunks = tch
+    old_sources = np.zeros(0, dtype=np.int64)
+    if img._partial is not None:            # the old front's partial chunks go with it
+        old_sources = img._partial.sources()
+        img._partial.clear()
     img._table[:] = new_table
     if new_bits is not None:
         img._bitmap.fresh[:] = new_bits         # in place: the chunk map views them
@@ -641,7 +652,7 @@ def _revert(img, st, name):
     _release_runs(img, old)
     # chunks only the old front used (not frozen: every entry of new_table is frozen)
     mask = old_table < fmt.ZERO_CHUNK
-    cand = old_table[mask]
+    cand = np.concatenate([old_table[mask].astype(np.int64), old_sources])
     fz = img._frozen
     cand = cand[(cand >= len(fz)) | (fz[np.minimum(cand, len(fz) - 1)] == 0)]
     if len(cand):
