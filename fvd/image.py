@@ -387,6 +387,11 @@ class Image:
     def _checkpoint(self, clean):
         """Write the whole table (and bitmap), then a header with a new journal epoch."""
         h = self._header
+        if clean and self._dirty_since_checkpoint and self._partial is not None and (
+                self._partial.active or h["partial_map_offset"]):
+            # the partial map moves and its old chunks are punched after the header: do
+            # that under a header marked unclean, so a crash there opens with a scrub
+            self._checkpoint(clean=False)
         self._sync()
         if self._dirty_since_checkpoint:
             table = self._table.astype("<u4").tobytes()
