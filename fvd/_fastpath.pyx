@@ -7,7 +7,7 @@ ranges whose chunks are physically contiguous into one pread/pwrite.
 fvd/_purepath.py is the pure-Python twin and must behave byte for byte the same.
 """
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE
-from libc.errno cimport errno, EINTR
+from libc.errno cimport errno, EINTR, EIO
 from libc.stdint cimport uint8_t, uint32_t, int64_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset
@@ -77,6 +77,8 @@ cdef int full_pwrite(int fd, const char *buf, size_t n, long long host) noexcept
             if errno == EINTR:
                 continue
             return errno
+        if put == 0:
+            return EIO          # no progress: never spin
         buf += put
         n -= put
         host += put
@@ -95,6 +97,8 @@ cdef int full_pwritev(int fd, iovec *iov, int count, long long total,
             if errno == EINTR:
                 continue
             return errno
+        if put == 0:
+            return EIO          # no progress: never spin
         done += put
         while first < count and <size_t>put >= iov[first].iov_len:
             put -= iov[first].iov_len
@@ -105,7 +109,16 @@ cdef int full_pwritev(int fd, iovec *iov, int count, long long total,
     return 0
 
 
-cdef long long host_readinto(int fd, Stats st, long long host, object buf) except -1:
+cdef object io_error(object factory, int err, str what):
+    """The exception for a failed data I/O: `factory(errno, what)` when the owner set
+    one (fvd.Image names its file), else a plain OSError."""
+    if factory is None:
+        return OSError(err, what)
+    return factory(err, what)
+
+
+cdef long long host_readinto(int fd, Stats st, long long host, object buf,
+                             object factory=None) except -1:
     """One data read of a whole writable buffer at a host offset (zeros past EOF)."""
     cdef Py_buffer view
     cdef int err
@@ -114,7 +127,7 @@ cdef long long host_readinto(int fd, Stats st, long long host, object buf) excep
         with nogil:
             err = full_pread(fd, <char *>view.buf, view.len, host)
         if err:
-            raise OSError(err, "read failed")
+            raise io_error(factory, err, "read failed")
         st.data_reads += 1
         st.data_bytes_read += view.len
         return view.len
@@ -123,7 +136,7 @@ cdef long long host_readinto(int fd, Stats st, long long host, object buf) excep
 
 
 cdef long long host_pwritev(int fd, Stats st, long long host, object buffers,
-                            Py_ssize_t limit) except -1:
+                            Py_ssize_t limit, object factory=None) except -1:
     """One data write of the buffers at a host offset (memory-adjacent ones share an
     iovec). At most `limit` buffers (-1: any number)."""
     cdef Py_buffer stack_views[MAX_IOV]
@@ -161,7 +174,7 @@ cdef long long host_pwritev(int fd, Stats st, long long host, object buffers,
         with nogil:
             err = full_pwritev(fd, iov, niov, total, host)
         if err:
-            raise OSError(err, "write failed")
+            raise io_error(factory, err, "write failed")
         st.data_writes += 1
         st.data_bytes_written += total
         return total
@@ -301,6 +314,11 @@ cdef class ChunkMap:
     # partial chunks (set_partial); the arrays are kept alive by fvd.granular
     cdef PartView pv
     cdef public object partial
+    # Grace periods (see users_enter): readinto/write calls in flight, by epoch parity
+    cdef long long users[2]
+    cdef public long long epoch
+    cdef public bint closed         # set by the owner's close: new calls raise ValueError
+    cdef public object error        # factory(errno, what) -> exception, or None
 
     def __init__(self, int fd, table, frozen, long long chunk_size, long long data_offset,
                  long long size, Stats stats):
@@ -314,6 +332,40 @@ cdef class ChunkMap:
         self.set_frozen(frozen)
         self.set_base(None, None, 0, 0, -1)
         self.set_partial(None, None, None, 0)
+        self.users[0] = self.users[1] = 0
+        self.epoch = 0
+        self.closed = False
+        self.error = None
+
+    cdef int users_enter(self) except -1:
+        """Register a call that translates through the table (with the GIL held). A
+        physical chunk released at epoch E is reused only once the epoch reached E + 2
+        (try_advance), so no call that may still hold its old entry is in flight."""
+        if self.closed:
+            raise ValueError("I/O on a closed image")
+        cdef int p = self.epoch & 1
+        self.users[p] += 1
+        return p
+
+    def enter(self):
+        """Register a caller that pairs bitmap bits with table entries itself (the base
+        layer's Python reads); returns the token for leave()."""
+        return self.users_enter()
+
+    def leave(self, int token):
+        self.users[token & 1] -= 1
+
+    def try_advance(self):
+        """Advance the epoch when no call registered two epochs ago is still in flight.
+        Returns True when it advanced."""
+        if self.users[(self.epoch + 1) & 1]:
+            return False
+        self.epoch += 1
+        return True
+
+    @property
+    def users_in_flight(self):
+        return self.users[0] + self.users[1]
 
     def set_partial(self, slot, src, bits, long long granule_size):
         """View the partial-chunk arrays of fvd.granular (uint32 slot per virtual chunk,
@@ -416,7 +468,8 @@ cdef class ChunkMap:
         calls[1] += n
         return full_pread(self.fd, buf, n, host)
 
-    cdef bint all_writable(self, long long offset, long long length) noexcept nogil:
+    cdef bint all_writable(self, uint8_t[::1] frz, long long offset,
+                           long long length) noexcept nogil:
         cdef long long v, first, last
         cdef uint32_t e
         if length == 0:
@@ -427,7 +480,7 @@ cdef class ChunkMap:
             e = self.tab[v]
             if e >= ZERO_CHUNK:
                 return False
-            if e < <uint32_t>self.frz.shape[0] and self.frz[e]:
+            if e < <uint32_t>frz.shape[0] and frz[e]:
                 return False        # held by a snapshot: copy on write
         return True
 
@@ -503,7 +556,12 @@ cdef class ChunkMap:
         cdef BaseView bv
         cdef object keep = None
         cdef PartView pv = self.pv      # copied with the GIL: set_partial may run meanwhile
-        PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE | PyBUF_WRITABLE)
+        cdef int p = self.users_enter()
+        try:
+            PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE | PyBUF_WRITABLE)
+        except BaseException:
+            self.users[p] -= 1
+            raise
         try:
             self.check_range(offset, view.len)
             calls[0] = calls[1] = calls[2] = calls[3] = 0
@@ -524,9 +582,10 @@ cdef class ChunkMap:
             self.st.base_reads += calls[2]
             self.st.base_bytes_read += calls[3]
             if err:
-                raise OSError(err, "read failed")
+                raise io_error(self.error, err, "read failed")
             return view.len
         finally:
+            self.users[p] -= 1
             PyBuffer_Release(&view)
 
     cdef bint granules_written(self, const PartView *pv, long long offset,
@@ -560,7 +619,8 @@ cdef class ChunkMap:
         """True when every chunk under the range is allocated and not held by a snapshot,
         and every granule it touches in a partial chunk is written."""
         cdef PartView pv = self.pv
-        return self.all_writable(offset, length) and self.granules_written(&pv, offset, length)
+        return self.all_writable(self.frz, offset, length) and \
+            self.granules_written(&pv, offset, length)
 
     def write(self, long long offset, data):
         """Write into allocated, unshared chunks whose touched blocks are durably out of
@@ -570,24 +630,31 @@ cdef class ChunkMap:
         cdef int err = 0
         cdef bint ok
         cdef BaseView bv
+        cdef uint8_t[::1] frz = self.frz    # held here: set_frozen may swap it meanwhile
         cdef PartView pv = self.pv
-        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        cdef int p = self.users_enter()
+        try:
+            PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        except BaseException:
+            self.users[p] -= 1
+            raise
         try:
             self.check_range(offset, view.len)
             calls[0] = calls[1] = 0
             keep = self.base_view(&bv, True)
             with nogil:
                 ok = stale_ok(&bv, offset, view.len) and \
-                    self.all_writable(offset, view.len) and \
+                    self.all_writable(frz, offset, view.len) and \
                     self.granules_written(&pv, offset, view.len)
                 if ok:
                     err = self.write_runs(<const char *>view.buf, offset, view.len, calls)
             self.st.data_writes += calls[0]
             self.st.data_bytes_written += calls[1]
             if err:
-                raise OSError(err, "write failed")
+                raise io_error(self.error, err, "write failed")
             return view.len if ok else -1
         finally:
+            self.users[p] -= 1
             PyBuffer_Release(&view)
 
     def host_offset(self, long long offset):
@@ -598,10 +665,10 @@ cdef class ChunkMap:
 
     def pwritev(self, long long host_offset, buffers):
         """One data write of several buffers at a host offset (copy-on-write merges)."""
-        return host_pwritev(self.fd, self.st, host_offset, buffers, MAX_IOV)
+        return host_pwritev(self.fd, self.st, host_offset, buffers, MAX_IOV, self.error)
 
     def pread_host(self, long long host_offset, buf):
-        return host_readinto(self.fd, self.st, host_offset, buf)
+        return host_readinto(self.fd, self.st, host_offset, buf, self.error)
 
     def translate(self, const int64_t[::1] vchunks, int64_t[::1] out):
         """Batch translation: host offsets of chunk starts (-1 where no data)."""

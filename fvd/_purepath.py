@@ -2,6 +2,7 @@
 
 Selected with FVD_PURE_PYTHON=1 or when the extension is not built.
 """
+import errno
 import os
 
 UNALLOCATED = 0xFFFFFFFF
@@ -45,7 +46,15 @@ def _full_pread(fd, view, offset):
 def _full_pwrite(fd, view, offset):
     done = 0
     while done < len(view):
-        done += os.pwrite(fd, view[done:], offset + done)
+        n = os.pwrite(fd, view[done:], offset + done)
+        if n == 0:
+            raise OSError(errno.EIO, "write failed")     # no progress: never spin
+        done += n
+
+
+def _io_error(factory, err, what):
+    """The exception for a failed data I/O (see fvd._fastpath.io_error)."""
+    return OSError(err, what) if factory is None else factory(err, what)
 
 
 def _byte_view(buf, writable):
@@ -100,6 +109,37 @@ class ChunkMap:
         self._users = []        # one item per readinto inside the base fd (append/pop: atomic)
         self.set_base(None, None, 0, 0, -1)
         self.set_partial(None, None, None, 0)
+        # Grace periods (fvd._fastpath.ChunkMap.users_enter): calls in flight by epoch
+        # parity, one list item each (append/pop are atomic under the GIL)
+        self._inflight = ([], [])
+        self.epoch = 0
+        self.closed = False
+        self.error = None
+
+    def enter(self):
+        """Register a caller that pairs bitmap bits with table entries itself (the base
+        layer's Python reads); returns the token for leave()."""
+        if self.closed:
+            raise ValueError("I/O on a closed image")
+        p = self.epoch & 1
+        self._inflight[p].append(None)
+        return p
+
+    def leave(self, token):
+        self._inflight[token & 1].pop()
+
+    def try_advance(self):
+        """Advance the epoch when no call registered two epochs ago is still in flight.
+        Returns True when it advanced."""
+        if self._inflight[(self.epoch + 1) & 1]:
+            return False
+        self.epoch += 1
+        return True
+
+    @property
+    def users_in_flight(self):
+        return len(self._inflight[0]) + len(self._inflight[1])
+
 
     def set_partial(self, slot, src, bits, granule_size):
         """View the partial-chunk arrays of fvd.granular (uint32 slot per virtual chunk,
@@ -273,6 +313,15 @@ class ChunkMap:
             yield run_pos, run_len, run_host
 
     def readinto(self, offset, buf):
+        p = self.enter()
+        try:
+            return self._readinto(offset, buf)
+        except OSError as e:
+            raise _io_error(self.error, e.errno, "read failed") from None
+        finally:
+            self._inflight[p].pop()
+
+    def _readinto(self, offset, buf):
         if type(buf) is bytearray:      # the common case, without a memoryview
             mv = buf
         else:
@@ -345,6 +394,15 @@ class ChunkMap:
     def write(self, offset, data):
         """Write into allocated, unshared chunks whose touched blocks are durably out of
         the base (stale bits); returns -1 (nothing written) otherwise."""
+        p = self.enter()
+        try:
+            return self._write(offset, data)
+        except OSError as e:
+            raise _io_error(self.error, e.errno, "write failed") from None
+        finally:
+            self._inflight[p].pop()
+
+    def _write(self, offset, data):
         mv = data if type(data) is bytes else _byte_view(data, False)
         length = len(mv)
         if offset < 0 or offset + length > self.size:
@@ -386,10 +444,10 @@ class ChunkMap:
         """One data write of several buffers at a host offset (copy-on-write merges)."""
         if len(buffers) > MAX_IOV:
             raise ValueError("too many buffers")
-        return _host_pwritev(self.fd, self.stats, host_offset, buffers)
+        return _host_pwritev(self.fd, self.stats, host_offset, buffers, self.error)
 
     def pread_host(self, host_offset, buf):
-        return _host_readinto(self.fd, self.stats, host_offset, buf)
+        return _host_readinto(self.fd, self.stats, host_offset, buf, self.error)
 
     def translate(self, vchunks, out):
         """Batch translation: host offsets of chunk starts (-1 where no data)."""
@@ -400,24 +458,33 @@ class ChunkMap:
         return len(out)
 
 
-def _host_readinto(fd, stats, host_offset, buf):
+def _host_readinto(fd, stats, host_offset, buf, factory=None):
     """One data read of a whole writable buffer at a host offset (zeros past EOF)."""
     mv = _byte_view(buf, True)
     n = len(mv)
-    if os.preadv(fd, [mv], host_offset) < n:
-        _full_pread(fd, mv, host_offset)
+    try:
+        if os.preadv(fd, [mv], host_offset) < n:
+            _full_pread(fd, mv, host_offset)
+    except OSError as e:
+        raise _io_error(factory, e.errno, "read failed") from None
     stats.data_reads += 1
     stats.data_bytes_read += n
     return n
 
 
-def _host_pwritev(fd, stats, host_offset, buffers):
+def _host_pwritev(fd, stats, host_offset, buffers, factory=None):
     """One data write of the buffers, back to back, at a host offset."""
     views = [_byte_view(b, False) for b in buffers]
     total = sum(len(v) for v in views)
     done = 0
     while done < total:
-        done += os.pwritev(fd, _skip(views, done)[:SYS_IOV_MAX], host_offset + done)
+        try:
+            n = os.pwritev(fd, _skip(views, done)[:SYS_IOV_MAX], host_offset + done)
+        except OSError as e:
+            raise _io_error(factory, e.errno, "write failed") from None
+        if n == 0:
+            raise _io_error(factory, errno.EIO, "write failed")   # no progress
+        done += n
     stats.data_writes += 1
     stats.data_bytes_written += total
     return total

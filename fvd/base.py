@@ -242,6 +242,22 @@ class BaseLayer:
         st.base_bytes_read += len(mv)
 
     def readinto(self, offset, buffer):
+        """Answer from the image and the base; copy-on-read stores what it read from the
+        base afterwards. The bits and table entries are read while registered with the
+        chunk map (a revert's grace periods wait for it), the store outside (it takes
+        the image lock, which a revert holds while it waits)."""
+        stores = []
+        m = self.img._map
+        token = m.enter()
+        try:
+            n = self._readinto(offset, buffer, stores)
+        finally:
+            m.leave(token)
+        for start, data in stores:
+            self.store(start, data)
+        return n
+
+    def _readinto(self, offset, buffer, stores):
         img = self.img
         mv = memoryview(buffer)
         if mv.ndim != 1 or mv.format != "B":
@@ -283,20 +299,21 @@ class BaseLayer:
             if present:
                 img._map.readinto(s, mv[s - offset:e - offset])
             elif self.copy_on_read:
-                self._read_and_store(s, e, mv[s - offset:e - offset])
+                stores.append(self._read_for_store(s, e, mv[s - offset:e - offset]))
             else:
                 self._base_read(s, mv[s - offset:e - offset])
         return length
 
-    def _read_and_store(self, s, e, out):
-        """Copy-on-read: read whole blocks once, answer, then store them into the image."""
+    def _read_for_store(self, s, e, out):
+        """Copy-on-read: read whole blocks once and answer; returns (start, data) for
+        the caller to store into the image."""
         bs = self.bs
         ws, we = s // bs * bs, min(-(-e // bs) * bs, self.bend)
         buf = bytearray(we - ws)
         bmv = memoryview(buf)
         self._base_read(ws, bmv)
         out[:] = bmv[s - ws:e - ws]
-        self.store(ws, bmv)
+        return ws, bmv
 
     def store(self, start, data):
         """Soft write of base data at block-aligned `start` into blocks still in the base.
@@ -313,24 +330,31 @@ class BaseLayer:
             b0 = start // bs
             b1 = -(-(start + len(data)) // bs)
             flags = self.bitmap.fresh_bits(b0, b1)
-            changes, extra = {}, []
-            for a, b, present in runs(flags):
-                if present:
-                    continue
-                s, e = (b0 + a) * bs, min((b0 + b) * bs, start + len(data))
-                c, x = img._prepare_chunks(s, e - s)
-                changes.update(c)
-                extra.extend(x)
-                self._write_pieces(s, [data[s - start:e - start]], False)
-                self.bitmap.set_soft(b0 + a, b - a)
-                written += e - s
-            if changes or extra:
-                img._log(changes, extra)
+            changes, extra, bits = {}, [], []
+            try:
+                for a, b, present in runs(flags):
+                    if present:
+                        continue
+                    s, e = (b0 + a) * bs, min((b0 + b) * bs, start + len(data))
+                    img._prepare_chunks(s, e - s, changes, extra)
+                    self._write_pieces(s, [data[s - start:e - start]], False, changes)
+                    bits.append((b0 + a, b - a))
+                    written += e - s
+            except BaseException:
+                img._abandon(changes)
+                raise
+
+            def set_bits():         # after the table: a reader that sees a bit finds the data
+                for first, count in bits:
+                    self.bitmap.set_soft(first, count)
+
+            img._apply(changes, extra, set_bits)
         return written
 
     # ----- writes -----------------------------------------------------------------------
     def write(self, offset, mv):
         with self.img._lock:
+            self.img._check_open()
             return self._write_locked(offset, mv)
 
     def _write_locked(self, offset, mv):
@@ -341,7 +365,6 @@ class BaseLayer:
             return 0
         bs = self.bs
         hs, te = offset, end
-        head = tail = b""
         bits = None
         if offset < self.bend:
             b0, b1 = offset // bs, (min(end, self.bend) - 1) // bs + 1
@@ -353,8 +376,32 @@ class BaseLayer:
                 if not stale[-1]:
                     te = max(end, min(b1 * bs, self.bend))
         changes, extra = img._prepare_chunks(hs, te - hs)
+        try:
+            records = self._write_planned(offset, mv, hs, te, bits, changes, extra)
+        except BaseException:
+            img._abandon(changes)
+            raise
+
+        def set_bits():             # after the table: a reader that sees a bit finds the data
+            if bits is not None:
+                self.bitmap.set_range(*bits)
+
+        if changes or records:
+            img._apply(changes, records, set_bits)
+        else:
+            set_bits()
+            if img._writethrough:
+                img._sync()
+        return length
+
+    def _write_planned(self, offset, mv, hs, te, bits, changes, extra):
+        """Write the guest data and the base's head/tail bytes to the planned chunks;
+        returns the journal records of the write."""
+        img = self.img
+        end = offset + len(mv)
+        head = tail = b""
         if hs < offset or te > end:
-            if hs < offset and te > end and te - hs - length <= CROSS_READ_LIMIT \
+            if hs < offset and te > end and te - hs - len(mv) <= CROSS_READ_LIMIT \
                     and te - hs <= 2 * CROSS_READ_LIMIT:
                 both = bytearray(te - hs)
                 self._base_read(hs, memoryview(both))
@@ -367,23 +414,20 @@ class BaseLayer:
                 if te > end:
                     tail = bytearray(te - end)
                     self._base_read(end, memoryview(tail))
-        img._seal_overlapping(hs, te - hs)     # head and tail may be rewritten too
+        img._seal_overlapping(hs, te - hs, changes)    # head and tail may be rewritten too
         records = list(extra)
         want_crc = bits is not None and img._writethrough
-        crcs = self._write_pieces(hs, [p for p in (head, mv, tail) if len(p)], want_crc)
+        crcs = self._write_pieces(hs, [p for p in (head, mv, tail) if len(p)], want_crc,
+                                  changes)
         if bits is not None:
-            self.bitmap.set_range(*bits)
             records.append(journal.bitmap_record(*bits))
             records.extend(crcs)
-        if changes or records:
-            img._log(changes, records)
-        elif img._writethrough:
-            img._sync()
-        return length
+        return records
 
-    def _write_pieces(self, start, pieces, want_crc):
-        """Write the concatenation of `pieces` at virtual `start` (chunks allocated): one
-        data write per physical chunk run. Returns data-crc records when asked."""
+    def _write_pieces(self, start, pieces, want_crc, plan):
+        """Write the concatenation of `pieces` at virtual `start` (chunks allocated in
+        the table or in `plan`): one data write per physical chunk run. Returns data-crc
+        records when asked."""
         img = self.img
         cs = img.chunk_size
         total = sum(len(p) for p in pieces)
@@ -394,9 +438,9 @@ class BaseLayer:
                  for p in pieces]
         while pos < end:
             seg_end = min(end, (pos // cs + 1) * cs)
-            host = img._map.host_offset(pos)
+            host = img._host_of(pos, plan)
             # extend across physically contiguous chunks
-            while seg_end < end and img._map.host_offset(seg_end) == host + (seg_end - pos):
+            while seg_end < end and img._host_of(seg_end, plan) == host + (seg_end - pos):
                 seg_end = min(end, seg_end + cs)
             bufs = _slice(views, pos - start, seg_end - start)
             img._map.pwritev(host, bufs)

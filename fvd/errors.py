@@ -1,4 +1,5 @@
 """The exceptions fvd raises on purpose. Every one derives from FvdError."""
+import os
 
 
 class FvdError(Exception):
@@ -26,3 +27,21 @@ class UnsupportedFeatureError(FvdError):
 
 class BaseImageError(FvdError):
     """The base image is missing, unreadable, of the wrong size, or forms a loop."""
+
+
+class ImageIOError(FvdError, OSError):
+    """An I/O error of the host file (disk full, file too large, EIO...): names the file,
+    what failed and why; ``errno`` is the host's error number."""
+
+    def __init__(self, path, err, what):
+        OSError.__init__(self, err, f"{what}: {os.strerror(err)}", str(path))
+
+    def __str__(self):
+        return f"{self.filename}: {self.strerror}"
+
+
+def io_error(path, exc, what):
+    """`exc` (an OSError) as an ImageIOError naming `path`; FvdErrors pass unchanged."""
+    if isinstance(exc, FvdError) or not isinstance(exc, OSError) or exc.errno is None:
+        return exc
+    return ImageIOError(path, exc.errno, what)

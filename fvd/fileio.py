@@ -31,6 +31,17 @@ def punch_hole(fd, offset, length):
         offset += n
 
 
+def full_pwrite(fd, data, offset):
+    """pwrite all of `data`: a short write is continued, never silently dropped."""
+    mv = memoryview(data).cast("B")
+    done = 0
+    while done < len(mv):
+        n = os.pwrite(fd, mv[done:], offset + done)
+        if n == 0:
+            raise OSError(errno.EIO, "write made no progress")
+        done += n
+
+
 def lock_image(fd, path, exclusive):
     """QEMU's discipline on the open file description: one writer and no readers, or any
     number of readers. A conflicting open fails at once with ImageLockedError."""

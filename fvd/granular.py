@@ -305,9 +305,11 @@ class PartialState:
 
     def write(self, img, offset, mv):
         """A write touching partial or frozen chunks (img._lock held): chunk by chunk,
-        one journal transaction for all."""
+        one journal transaction for all. As everywhere (Image._apply), data goes to the
+        chunks first and table entries and granule bits are published after the records
+        are durable (writethrough) or queued (writeback)."""
         cs = self.chunk_size
-        changes, records = {}, []
+        plan, records, afters, slots = {}, [], [], []
         end = offset + len(mv)
         pos = offset
         try:
@@ -318,22 +320,33 @@ class PartialState:
                 e = int(img._table[v])
                 k = self.slot_of(v)
                 if k is not None:
-                    self._write_partial(img, v, k, e, pos, piece, records)
+                    self._write_partial(img, v, k, e, pos, piece, records, afters)
                 elif e < fmt.ZERO_CHUNK and img._is_frozen(e):
-                    self._first_write(img, v, e, pos, piece, changes, records)
+                    self._first_write(img, v, e, pos, piece, plan, records, slots)
                 else:
-                    c, x = img._prepare_chunks(pos, stop - pos)
-                    changes.update(c)
-                    records.extend(x)
-                    if img._map.write(pos, piece) < 0:
-                        raise AssertionError("chunk not writable after allocation")  # a bug
+                    img._prepare_chunks(pos, stop - pos, plan, records)
+                    img._write_planned(pos, piece, plan)
                 pos = stop
-        finally:
-            if changes or records:
-                img._log(changes, records)
-            elif img._writethrough:
+        except BaseException:
+            self._unpublish(img, slots)
+            img._abandon(plan)
+            raise
+        if not (plan or records):
+            if img._writethrough:
                 img._sync()
+            return len(mv)
+        try:
+            img._apply(plan, records, lambda: [f() for f in afters])
+        except BaseException:
+            self._unpublish(img, slots)
+            raise
         return len(mv)
+
+    def _unpublish(self, img, slots):
+        """Slots of first writes whose table entry was never published."""
+        for v, k in slots:
+            if self.slot_of(v) == k and int(img._table[v]) == int(self.src[k]):
+                self.drop(v)
 
     def _span(self, v, pos, n):
         w0 = pos - v * self.chunk_size
@@ -372,29 +385,28 @@ class PartialState:
                 n += len(p)
             records.append(data_crc_record(host, n, crc))
 
-    def _first_write(self, img, v, source, pos, piece, changes, records):
+    def _first_write(self, img, v, source, pos, piece, plan, records, slots):
+        """New chunk for held chunk `source`: only the touched granules are written. The
+        slot goes live before the table entry: while the table still maps the source,
+        every granule reads the source whatever its bit."""
         w0, w1, g0, g1 = self._span(v, pos, len(piece))
         head, tail = self._edges(img, source, w0, w1, g0, g1, w0 % self.gsize != 0,
                                  w1 % self.gsize != 0)
         new = img._alloc.allocate()
-        try:
-            img._grow_frozen(new)
-            self._put(img, new, w0 - len(head), (head, piece, tail), records)
-        except BaseException:
-            img._alloc.release(new)        # never published: nothing points at it
-            raise
-        changes[v] = new
-        whole = g0 == 0 and g1 >= self.gpc
-        if not whole:
-            k = self.new_slot(v, source)
-            self.set_granules(k, g0, g1)
-            whole = self.complete(k)
-            if not whole:
-                self.publish(v, k)          # slot before table: readers see a pair
-                records.append(granule_record(v * self.gpc + g0, g1 - g0, new, source))
-        img._table[v] = new
+        plan[v] = new                       # abandoned with the plan on failure
+        img._grow_frozen(new)
+        self._put(img, new, w0 - len(head), (head, piece, tail), records)
+        if g0 == 0 and g1 >= self.gpc:
+            return                          # the whole chunk is written: not partial
+        k = self.new_slot(v, source)
+        self.set_granules(k, g0, g1)
+        if self.complete(k):
+            return                          # the rest lies past the end of the image
+        self.publish(v, k)
+        slots.append((v, k))
+        records.append(granule_record(v * self.gpc + g0, g1 - g0, new, source))
 
-    def _write_partial(self, img, v, k, chunk, pos, piece, records):
+    def _write_partial(self, img, v, k, chunk, pos, piece, records, afters):
         w0, w1, g0, g1 = self._span(v, pos, len(piece))
         fl = self.flags(k)
         if fl[g0:g1].all():
@@ -407,10 +419,15 @@ class PartialState:
                                  w1 % gs and not fl[g1 - 1])
         self._put(img, chunk, w0 - len(head), (head, piece, tail), records)
         records.append(granule_record(v * self.gpc + g0, g1 - g0, chunk, source))
+        afters.append(lambda: self._granules_done(img, v, k, g0, g1))
+
+    def _granules_done(self, img, v, k, g0, g1):
+        """Published: the granules read from the chunk; a complete chunk leaves its source."""
+        if self.slot_of(v) != k:
+            return
         self.set_granules(k, g0, g1)
         if self.complete(k):
-            self.drop(v)
-            self._release_source(img, source)
+            self._release_source(img, self.drop(v))
 
     def _release_source(self, img, source):
         if not img._is_frozen(source):
@@ -419,28 +436,54 @@ class PartialState:
     # ----- completion (create_snapshot) ----------------------------------------------------
     def complete_all(self, img):
         """Copy every unwritten granule from its source (snapshots never hold a pair).
-        Data first and synced, then the chunks leave the partial state, then one
-        journal transaction; a crash before it leaves them partial over equal bytes."""
+        The copies are synced, then journaled; the chunks leave the partial state once
+        that is durable. A crash before leaves them partial over equal bytes."""
         todo = self.entries()
         if not todo:
             return
         cs, gs, d = self.chunk_size, self.gsize, img._header["data_offset"]
-        records, sources = [], []
+        records = []
         for v, k in todo:
             chunk, source = int(img._table[v]), int(self.src[k])
             for a, b, mine in runs(self.flags(k)):
-                if mine:
-                    continue
-                buf = self._read_src(img, source, a * gs, b * gs)
-                img._map.pwritev(d + chunk * cs + a * gs, [buf])
-                records.append(granule_record(v * self.gpc + a, b - a, chunk, source))
+                if not mine:
+                    buf = self._read_src(img, source, a * gs, b * gs)
+                    img._map.pwritev(d + chunk * cs + a * gs, [buf])
+                    records.append(granule_record(v * self.gpc + a, b - a, chunk, source))
         img._sync()
+        done = []
+
+        def publish():
+            if not done:
+                done.append(True)
+                for v, k in todo:
+                    self.set_granules(k, 0, self.gpc)
+                    self._release_source(img, self.drop(v))
+
+        img._commit_metadata(records, publish)
+        publish()
+
+    def detach(self, img):
+        """Revert: the front's partial chunks go. Readers may still pair a chunk with its
+        slot, so each is completed in place first (its own copy: nothing is journaled,
+        the chunk is about to be released), then the slots are cleared once no reader
+        still acts on a clear bit. Returns the sources."""
+        sources = self.sources()
+        todo = self.entries()
+        if not todo:
+            return sources
+        cs, gs, d = self.chunk_size, self.gsize, img._header["data_offset"]
         for v, k in todo:
-            sources.append(self.drop(v))
-        for s in sources:
-            self._release_source(img, s)
-        img._dirty_since_checkpoint = True
-        img._commit_metadata(records)
+            chunk, source = int(img._table[v]), int(self.src[k])
+            for a, b, mine in runs(self.flags(k)):
+                if not mine:
+                    buf = self._read_src(img, source, a * gs, b * gs)
+                    img._map.pwritev(d + chunk * cs + a * gs, [buf])
+            self.set_granules(k, 0, self.gpc)
+        import time
+        img._alloc.quiesce(time.sleep)
+        self.clear()
+        return sources
 
 
 def attach_partial(img):

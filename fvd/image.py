@@ -17,8 +17,8 @@ import numpy as np
 from . import _impl
 from . import format as fmt
 from .allocator import ChunkAllocator, front_usage, runs
-from .errors import CorruptImageError, FvdError, ImageLockedError
-from .fileio import lock_image, punch_hole, writer_active
+from .errors import CorruptImageError, FvdError, ImageIOError, ImageLockedError, io_error
+from .fileio import full_pwrite, lock_image, punch_hole, writer_active
 from .journal import (RECORD_HEAD, REC_BITMAP, REC_DATA_CRC, REC_GRANULE, REC_TABLE,
                       Journal, read_transactions, table_records)
 
@@ -158,6 +158,7 @@ class Image:
         self._pending = {}          # virtual chunk -> entry, not yet in the journal
         self._pending_bits = []     # (first_block, count) bitmap records not yet journaled
         self._dirty_since_checkpoint = False
+        self._journal_broken = False    # a journal write failed: commit by checkpoint next
         self._fd = os.open(self.path, os.O_RDONLY if self.read_only else os.O_RDWR)
         try:
             if not force_share:
@@ -210,13 +211,14 @@ class Image:
         self._validate_table(file_size)
         self._map = self._impl.ChunkMap(self._fd, self._table, self._frozen, self.chunk_size,
                                         h["data_offset"], self.size, self.stats)
+        self._map.error = self._io_error
         if self._base is not None:
             self._base.attach_map()
         if self._partial is not None:
             self._partial.install(self._map)
         self._journal = Journal(self._fd, h["journal_offset"], h["journal_size"],
                                 h["journal_epoch"], self.stats)
-        self._alloc = ChunkAllocator(self._in_use(), self._punch_chunks)
+        self._alloc = ChunkAllocator(self._in_use(), self._punch_chunks, self._map)
         if not self.read_only:
             self._start_writing(replayed or not h["clean_shutdown"])
 
@@ -359,7 +361,7 @@ class Image:
 
     # ----- metadata writes ------------------------------------------------------
     def _write_meta(self, offset, data):
-        os.pwrite(self._fd, data, offset)
+        full_pwrite(self._fd, data, offset)
         self.stats.metadata_writes += 1
         self.stats.metadata_bytes_written += len(data)
 
@@ -386,6 +388,15 @@ class Image:
 
     def _checkpoint(self, clean):
         """Write the whole table (and bitmap), then a header with a new journal epoch."""
+        try:
+            self._checkpoint_steps(clean)
+        except BaseException:
+            self._journal_broken = True     # the header may name a newer epoch: redo it
+            raise
+        self._journal_broken = False
+        self._alloc.commit_frees()
+
+    def _checkpoint_steps(self, clean):
         h = self._header
         if clean and self._dirty_since_checkpoint and self._partial is not None and (
                 self._partial.active or h["partial_map_offset"]):
@@ -408,18 +419,82 @@ class Image:
             self._partial.after_checkpoint(self)
         self._journal.restart(h["journal_epoch"])
         self._dirty_since_checkpoint = False
-        self._alloc.commit_frees()
 
-    def _commit_metadata(self, records):
-        """Make records durable after the data they describe (journal or checkpoint)."""
+    def _commit_metadata(self, records, publish=None):
+        """Make records durable after the data they describe (journal or checkpoint).
+
+        `publish()` (if given) puts the records' changes into the in-memory table and
+        bitmap; it runs before a checkpoint, which writes those. After a failed journal
+        write the next commit is a checkpoint: a new epoch voids whatever part of the
+        failed transaction reached the disk."""
         self._dirty_since_checkpoint = True
-        if not self._journal.append(records):
+        appended = False
+        if not self._journal_broken:
+            try:
+                appended = self._journal.append(records)
+                if appended:
+                    self._crc_guard = crc_guard(records, self._journal)
+                    self._sync()
+            except BaseException:
+                self._journal_broken = True
+                self._crc_guard = None
+                raise
+        if not appended:
             self._crc_guard = None
+            if publish is not None:
+                publish()
             self._checkpoint(clean=False)
             return
-        self._crc_guard = crc_guard(records, self._journal)
-        self._sync()
         self._alloc.commit_frees()
+
+    def _apply(self, changes, extra=(), after=None):
+        """Planned table changes (data already in their chunks): durable per the cache
+        mode, then visible to readers (the table, then `after()`: bitmap bits)."""
+        done = []
+
+        def publish():
+            if not done:
+                self._publish(changes)
+                if after is not None:
+                    after()
+                done.append(True)
+
+        if self._writethrough:
+            try:
+                self._commit_metadata(table_records(changes) + list(extra), publish)
+            except BaseException:
+                if not done:
+                    # maybe in a torn journal transaction: reusable after the next commit
+                    for e in changes.values():
+                        self._alloc.release(e)
+                raise
+        else:
+            self._pending.update(changes)
+            self._pending_bits.extend(extra)
+        publish()
+
+    def _publish(self, changes):
+        t = self._table
+        for v, e in changes.items():
+            t[v] = e
+
+    def _abandon(self, changes):
+        """Undo the allocations of a failed write: nothing points at them yet."""
+        self._abandon_chunks(list(changes.values()))
+
+    def _abandon_chunks(self, indexes):
+        if not indexes:
+            return
+        self._alloc.abandon(indexes)
+        end = self._header["data_offset"] + self._alloc.end * self.chunk_size
+        try:
+            if os.fstat(self._fd).st_size > end and not self._alloc.retired:
+                os.ftruncate(self._fd, end)
+        except OSError:
+            pass                # a leak at most
+
+    def _io_error(self, err, what):
+        return ImageIOError(self.path, err, what)
 
     def _log(self, changes, extra=()):
         """Record table changes (and extra records) per the cache mode."""
@@ -451,22 +526,28 @@ class Image:
         base = self._base
         if base is None or base.fast_read:
             return self._map.readinto(offset, buffer)
-        return base.readinto(offset, buffer)
+        try:
+            return base.readinto(offset, buffer)
+        except OSError as e:
+            raise io_error(self.path, e, "read") from None
 
     def write(self, offset, data):
         """Write any bytes-like object at any offset; returns the number of bytes."""
         if self.read_only or self._closed:
             self._check_writable()
-        if self._crc_guard is not None:
-            self._seal_overlapping(offset, memoryview(data).nbytes)
-        n = self._map.write(offset, data)       # checks the base's stale bits itself
-        if n < 0:
-            n = self._write_slow(offset, memoryview(data).cast("B"))
-        elif self._writethrough:
-            self._sync()
+        try:
+            if self._crc_guard is not None:
+                self._seal_overlapping(offset, memoryview(data).nbytes)
+            n = self._map.write(offset, data)       # checks the base's stale bits itself
+            if n < 0:
+                n = self._write_slow(offset, memoryview(data).cast("B"))
+            elif self._writethrough:
+                self._sync()
+        except OSError as e:
+            raise io_error(self.path, e, "write") from None
         return n
 
-    def _seal_overlapping(self, offset, length):
+    def _seal_overlapping(self, offset, length, plan=None):
         """Before data that the crc-checked last transaction covers changes, seal it: an
         empty transaction, flushed, so replay never checks a crc the data no longer has
         (that would drop an acknowledged transaction). Virtual range in, host ranges
@@ -480,18 +561,19 @@ class Image:
             if (epoch, seq) != (j.epoch, j.next_seq):
                 self._crc_guard = None          # no longer the last transaction
                 return
-            if any(a < hb and ha < b for a, b in self._host_ranges(offset, length)
+            if any(a < hb and ha < b for a, b in self._host_ranges(offset, length, plan)
                    for ha, hb in ranges):
                 self._commit_metadata([])       # clears the guard: no crc records
 
-    def _host_ranges(self, offset, length):
-        """Host byte ranges of the allocated chunks under a virtual range."""
+    def _host_ranges(self, offset, length, plan=None):
+        """Host byte ranges of the allocated chunks under a virtual range (`plan`: chunk
+        -> entry changes not yet in the table)."""
         cs, d = self.chunk_size, self._header["data_offset"]
         pos, end = max(offset, 0), min(offset + length, self.size)
         while pos < end:
             v = pos // cs
             stop = min(end, (v + 1) * cs)
-            e = int(self._table[v])
+            e = plan[v] if plan and v in plan else int(self._table[v])
             if e < fmt.ZERO_CHUNK:
                 yield d + e * cs + pos % cs, d + e * cs + (stop - 1) % cs + 1
             pos = stop
@@ -505,35 +587,71 @@ class Image:
         if self._base is not None:
             return self._base.write(offset, mv)
         with self._lock:        # allocation and the journal are shared by all writers
+            self._check_open()
             if self._partial is not None and self._partial.takes(self, offset, length):
                 return self._partial.write(self, offset, mv)     # fvd.granular
             changes, extra = self._prepare_chunks(offset, length)
-            if self._map.write(offset, mv) < 0:
-                raise AssertionError("chunks not writable after allocation")  # a bug
-            self._log(changes, extra)
+            try:
+                self._write_planned(offset, mv, changes)
+            except BaseException:
+                self._abandon(changes)
+                raise
+            self._apply(changes, extra)
         return length
 
-    def _prepare_chunks(self, offset, length):
-        """Map every chunk under the range to a writable physical chunk.
+    def _prepare_chunks(self, offset, length, changes=None, extra=None):
+        """Plan a writable physical chunk for every chunk under the range.
 
-        Returns (table changes, extra journal records). A chunk a snapshot holds is
-        copied (its bytes outside the write) into a fresh chunk first.
+        Returns (table changes, extra journal records), added to the given ones. A chunk
+        a snapshot holds is copied (its bytes outside the write) into a fresh chunk first.
+        Nothing is published: the caller writes the data to the planned chunks, then
+        `_apply`s the changes, so no reader sees a chunk before its data (or `_abandon`s
+        them on failure). Chunks already in `changes` are taken as planned.
         """
-        changes, extra = {}, []
+        changes = {} if changes is None else changes
+        extra = [] if extra is None else extra
         if length == 0:
             return changes, extra
         first, last = offset // self.chunk_size, (offset + length - 1) // self.chunk_size
-        for v in range(first, last + 1):
-            e = int(self._table[v])
-            if e < fmt.ZERO_CHUNK and not self._is_frozen(e):
-                continue
-            new = self._alloc.allocate()
-            self._grow_frozen(new)
-            if e < fmt.ZERO_CHUNK:
-                extra.extend(self._snapshots.copy_chunk(self, v, e, new, offset, length))
-            self._table[v] = new
-            changes[v] = new
+        mine = {}
+        try:
+            for v in range(first, last + 1):
+                if v in changes:
+                    continue
+                e = int(self._table[v])
+                if e < fmt.ZERO_CHUNK and not self._is_frozen(e):
+                    continue
+                new = self._alloc.allocate()
+                mine[v] = new
+                self._grow_frozen(new)
+                if e < fmt.ZERO_CHUNK:
+                    extra.extend(self._snapshots.copy_chunk(self, v, e, new, offset, length))
+        except BaseException:
+            self._abandon(mine)
+            raise
+        changes.update(mine)
         return changes, extra
+
+    def _host_of(self, pos, plan):
+        """Host offset of virtual `pos` in an allocated chunk, planned or in the table."""
+        cs = self.chunk_size
+        v = pos // cs
+        e = plan.get(v)
+        if e is None:
+            e = int(self._table[v])
+        return self._header["data_offset"] + e * cs + pos % cs
+
+    def _write_planned(self, offset, mv, plan):
+        """Write `mv` at virtual `offset` through the table with `plan` applied: one data
+        write per physically contiguous run, as ChunkMap.write splits it."""
+        cs, end, pos = self.chunk_size, offset + len(mv), offset
+        while pos < end:
+            host = self._host_of(pos, plan)
+            stop = min(end, (pos // cs + 1) * cs)
+            while stop < end and self._host_of(stop, plan) == host + (stop - pos):
+                stop = min(end, stop + cs)
+            self._map.pwritev(host, [mv[pos - offset:stop - offset]])
+            pos = stop
 
     def _is_frozen(self, e):
         return e < len(self._frozen) and self._frozen[e]
@@ -549,6 +667,12 @@ class Image:
     def write_zeroes(self, offset, length):
         """Make the range read as zeros; whole chunks are unmapped, not written."""
         self._check_writable()
+        try:
+            self._write_zeroes(offset, length)
+        except OSError as e:
+            raise io_error(self.path, e, "write_zeroes") from None
+
+    def _write_zeroes(self, offset, length):
         if offset < 0 or length < 0 or offset + length > self.size:
             raise ValueError(f"range [{offset}, {offset + length}) outside the image "
                              f"(size {self.size})")
@@ -562,6 +686,7 @@ class Image:
         first, last = head_end // cs, tail_start // cs
         if last > first:
             with self._lock:
+                self._check_open()
                 self._unmap_chunks(first, last)
 
     def _chunk_has_content(self, offset):
@@ -595,29 +720,54 @@ class Image:
         self._check_open()
         if self.read_only:
             return
-        with self._lock:
-            if self._pending or self._pending_bits:
-                records = table_records(self._pending) + list(self._pending_bits)
-                self._pending, self._pending_bits = {}, []
-                self._sync()                    # data before the records that point at it
-                self._commit_metadata(records)
-            else:
-                self._sync()
+        try:
+            with self._lock:
+                self._check_open()
+                self._flush_locked()
+        except OSError as e:
+            raise io_error(self.path, e, "flush") from None
+
+    def _flush_locked(self):
+        if not (self._pending or self._pending_bits or self._journal_broken):
+            self._sync()
+            return
+        pending, bits = self._pending, self._pending_bits
+        records = table_records(pending) + list(bits)
+        self._pending, self._pending_bits = {}, []
+        try:
+            self._sync()                    # data before the records that point at it
+            self._commit_metadata(records)
+        except BaseException:
+            self._pending, self._pending_bits = pending, bits     # the next flush retries
+            raise
 
     # ----- lifecycle -------------------------------------------------------------
     def close(self):
-        if self._closed:
-            return
-        try:
-            if not self.read_only:
-                self.flush()
-                if self._base is not None:
-                    self._base.before_close()
-                self._checkpoint(clean=True)
-        finally:
-            self._closed = True
-            self.__dict__.pop("readinto", None)
-            self._release()
+        """Flush, checkpoint and release the file. Safe while other threads use the
+        image: calls already inside finish first, later ones raise ValueError."""
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                if not self.read_only:
+                    self._flush_locked()
+                    if self._base is not None:
+                        self._base.before_close()
+                    self._checkpoint(clean=True)
+            except OSError as e:
+                raise io_error(self.path, e, "close") from None
+            finally:
+                self._closed = True
+                self.__dict__.pop("readinto", None)
+                self._drain()
+                self._release()
+
+    def _drain(self):
+        """No new call enters the chunk map; wait for those inside (fd still open)."""
+        m = self.__dict__.get("_map")
+        if m is not None:
+            m.closed = True
+            drain_map(m)
 
     def _release(self):
         if self._base is not None:
@@ -669,12 +819,18 @@ class Image:
 
     def check(self, repair=False):
         from .check import check_image
-        return check_image(self, repair)
+        with self._lock:        # a consistent table, and released chunks reclaimed first
+            if not self._closed:
+                self._alloc.quiesce(time.sleep)
+            return check_image(self, repair)
 
     # Snapshot API (fvd.snapshots implements it)
     def create_snapshot(self, name, vm_state=b""):
         from .snapshots import create_snapshot
-        return create_snapshot(self, name, vm_state)
+        try:
+            return create_snapshot(self, name, vm_state)
+        except OSError as e:
+            raise io_error(self.path, e, "snapshot create") from None
 
     def snapshots(self):
         from .snapshots import list_snapshots
@@ -682,11 +838,17 @@ class Image:
 
     def delete_snapshot(self, name):
         from .snapshots import delete_snapshot
-        return delete_snapshot(self, name)
+        try:
+            return delete_snapshot(self, name)
+        except OSError as e:
+            raise io_error(self.path, e, "snapshot delete") from None
 
     def revert_to_snapshot(self, name):
         from .snapshots import revert_to_snapshot
-        return revert_to_snapshot(self, name)
+        try:
+            return revert_to_snapshot(self, name)
+        except OSError as e:
+            raise io_error(self.path, e, "snapshot revert") from None
 
     def open_snapshot(self, name):
         from .snapshots import open_snapshot
@@ -698,7 +860,18 @@ class Image:
 
     def prefetch(self, progress=None, **options):
         from .base import prefetch
-        return prefetch(self, progress, **options)
+        try:
+            return prefetch(self, progress, **options)
+        except OSError as e:
+            raise io_error(self.path, e, "prefetch") from None
+
+
+def drain_map(m, sleep=time.sleep):
+    """Wait until no call that entered chunk map `m` before now is still inside it."""
+    target = m.epoch + 2
+    while m.epoch < target:
+        if not m.try_advance():
+            sleep(0.0001)
 
 
 def open(path, mode="r", *, cache="writeback", copy_on_read=False, force_share=False):

@@ -11,6 +11,7 @@ import struct
 import zlib
 
 from .errors import CorruptImageError
+from .fileio import full_pwrite
 
 SECTOR = 512
 SECTOR_MAGIC = 0x4A445646                       # "FVDJ"
@@ -99,7 +100,7 @@ class Journal:
         data = pack_transaction(records, self.epoch, self.next_seq)
         if not self.fits(len(data)):
             return False
-        os.pwrite(self.fd, data, self.offset + self.next_seq * SECTOR)
+        full_pwrite(self.fd, data, self.offset + self.next_seq * SECTOR)
         self.next_seq += len(data) // SECTOR
         self.stats.metadata_writes += 1
         self.stats.metadata_bytes_written += len(data)

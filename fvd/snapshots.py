@@ -18,6 +18,7 @@ copy still has a clear bit below the base end (snapshots_need_base).
 """
 import heapq
 import os
+import threading
 import struct
 import time
 import zlib
@@ -139,6 +140,7 @@ class SnapshotState:
         self.table_chunks = (0, 0)                  # (first, count) of the snapshot table
         self.refcount_chunks = (0, 0)               # (first, count) of the refcount table
         self.views = {}                             # snapshot id -> number of open views
+        self.views_lock = threading.Lock()          # views close without the image lock
 
     # ----- layout helpers --------------------------------------------------------
     def find(self, name, path):
@@ -469,10 +471,11 @@ def _skip(bufs, n):
 def _trim_tail(img):
     """Give free chunks at the end of the data area back to the file system."""
     alloc = img._alloc
+    alloc.reclaim()
     used = np.flatnonzero(img._in_use())
     last = int(used[-1]) + 1 if len(used) else 0
-    if last >= alloc.end or alloc.pending:
-        return
+    if last >= alloc.end or alloc.pending or alloc.retired:
+        return          # (a retired chunk may still be read: cut the tail later)
     alloc.free = [i for i in alloc.free if i < last]
     heapq.heapify(alloc.free)
     alloc.end = last
@@ -498,7 +501,36 @@ def create_snapshot(img, name, vm_state=b""):
     cannot change the table or the bitmap between the flush and the copy."""
     st = _writable_state(img)
     with img._lock:
-        return _create(img, st, name, vm_state)
+        img._check_open()
+        _freeze_front(img)
+        try:
+            return _create(img, st, name, vm_state)
+        finally:
+            _set_frozen(img, st)            # the committed refcounts (or the old ones)
+
+
+def _freeze_front(img):
+    """Point in time: every chunk the front maps is frozen, then the fast-path writes
+    that saw one unfrozen are waited for. From here on a write to the front copies (slow
+    path, behind the image lock), so the snapshot's chunks hold what was acknowledged
+    before the snapshot began (or during it, never after it returned)."""
+    t = img._table
+    held = t[t < fmt.ZERO_CHUNK]
+    n = max(len(img._frozen), int(held.max()) + 1 if len(held) else 0, 1024)
+    frozen = np.zeros(n, dtype=np.uint8)
+    frozen[:len(img._frozen)] = img._frozen
+    frozen[held] = 1
+    img._frozen = frozen
+    img._map.set_frozen(frozen)
+    img._alloc.quiesce(time.sleep)
+
+
+def _undo_commit(img, saved_header, layout):
+    """A snapshot commit failed before its header was written: forget its chunks."""
+    img._header.clear()
+    img._header.update(saved_header)
+    first, nch = layout[0], layout[1]
+    img._abandon_chunks(list(range(first, first + sum(nch))))
 
 
 def _create(img, st, name, vm_state):
@@ -534,19 +566,26 @@ def _create(img, st, name, vm_state):
         entry.bitmap_crc = zlib.crc32(bits)
         extra.append((len(bits), bits))
     extra.append((len(vm), vm))
+    saved = dict(img._header)
     layout = _commit(img, st, entries, refcount, extra)
     entry.table_offset = layout[3][0]
     if img._bitmap is not None:
         entry.bitmap_offset = layout[3][1]
     entry.vm_offset = layout[3][-1] if len(vm) else 0
-    h, tch, rch, old = _write_and_commit(img, st, entries, refcount, layout, extra,
-                                         (0, 0), None)
-    img._write_header(next_snapshot_id=entry.id + 1, **h)
-    img._sync()                                     # commit point
+    try:
+        h, tch, rch, old = _write_and_commit(img, st, entries, refcount, layout, extra,
+                                             (0, 0), None)
+        img._write_header(next_snapshot_id=entry.id + 1, **h)
+    except BaseException:
+        _undo_commit(img, saved, layout)
+        raise
+    # The header is written: from here on memory follows it, even if the sync fails
+    # (then the old metadata chunks are kept: a leak at most, never a reuse).
     st.entries, st.refcount = entries, refcount
     st.table_chunks, st.refcount_chunks = tch, rch
     img.stats.refcount_updates += int(len(held))
     _set_frozen(img, st)
+    img._sync()                                     # commit point
     _release_runs(img, old)
     _trim_tail(img)
     return entry.info()
@@ -562,6 +601,7 @@ def delete_snapshot(img, name):
     """Drop a snapshot; chunks nothing else holds become free (reused before growing)."""
     st = _writable_state(img)
     with img._lock:
+        img._check_open()
         _delete(img, st, name)
 
 
@@ -592,15 +632,21 @@ def _delete(img, st, name):
     # trim the refcount table past its last nonzero entry
     nz = np.flatnonzero(rc)
     refcount = rc[:int(nz[-1]) + 1 if len(nz) else 0].astype(np.uint16)
+    saved = dict(img._header)
     layout = _commit(img, st, entries, refcount)
-    h, tch, rch, old = _write_and_commit(img, st, entries, refcount, layout, [], (0, 0), None)
-    img._write_header(**h)
-    img._sync()                                     # commit point
+    try:
+        h, tch, rch, old = _write_and_commit(img, st, entries, refcount, layout, [], (0, 0),
+                                             None)
+        img._write_header(**h)
+    except BaseException:
+        _undo_commit(img, saved, layout)
+        raise
     old = old + st.entry_chunks(img, e)
-    st.entries, st.refcount = entries, refcount
+    st.entries, st.refcount = entries, refcount     # memory follows the written header
     st.table_chunks, st.refcount_chunks = tch, rch
     img.stats.refcount_updates += int(len(held))
     _set_frozen(img, st)
+    img._sync()                                     # commit point
     _release_runs(img, old)
     if len(freed):
         img._alloc.release_now(int(i) for i in np.unique(freed))
@@ -617,6 +663,7 @@ def revert_to_snapshot(img, name):
     written by the checkpoint; an open under the marker reads the snapshot's copy)."""
     st = _writable_state(img)
     with img._lock:
+        img._check_open()
         _revert(img, st, name)
 
 
@@ -633,20 +680,21 @@ def _revert(img, st, name):
     img._dirty_since_checkpoint = True
     img._checkpoint(clean=False)                    # journal empty at the current epoch
     epoch = img._header["journal_epoch"]
+    saved = dict(img._header)
     layout = _commit(img, st, st.entries, st.refcount, refcount_chunks=st.refcount_chunks)
-    h, tch, rch, old = _write_and_commit(img, st, st.entries, st.refcount, layout, [],
-                                         (e.id, epoch), st.refcount_chunks)
-    img._write_header(**h)
+    try:
+        h, tch, _, old = _write_and_commit(img, st, st.entries, st.refcount, layout, [],
+                                           (e.id, epoch), st.refcount_chunks)
+        img._write_header(**h)
+    except BaseException:
+        _undo_commit(img, saved, layout)
+        raise
+    st.table_chunks = tch                           # memory follows the written header
     img._sync()                                     # commit point
-    st.table_chunks = tch
     old_sources = np.zeros(0, dtype=np.int64)
     if img._partial is not None:            # the old front's partial chunks go with it
-        old_sources = img._partial.sources()
-        img._partial.clear()
-    img._table[:] = new_table
-    if new_bits is not None:
-        img._bitmap.fresh[:] = new_bits         # in place: the chunk map views them
-        img._bitmap.stale[:] = new_bits
+        old_sources = img._partial.detach(img)
+    _swap_front(img, new_table, new_bits)
     img._dirty_since_checkpoint = True
     img._checkpoint(clean=False)                    # table in place, epoch E+1
     _release_runs(img, old)
@@ -660,8 +708,32 @@ def _revert(img, st, name):
     _trim_tail(img)
 
 
+def _swap_front(img, new_table, new_bits):
+    """Install the reverted table and bitmap, in place (the chunk map views them), in an
+    order lock-free readers can follow: a reader pairs a bit (base or image) with a table
+    entry, so bits leaving go first (those blocks read the base, which the new front
+    reads too), then the table, then the bits arriving, each step after the readers that
+    saw the previous state have finished (a grace period of the chunk map)."""
+    bm = img._bitmap
+    if new_bits is not None:
+        np.bitwise_and(bm.fresh, new_bits, out=bm.fresh)
+        np.bitwise_and(bm.stale, new_bits, out=bm.stale)
+        img._alloc.quiesce(time.sleep)      # no reader still acts on a cleared bit
+    img._table[:] = new_table
+    if new_bits is not None:
+        img._alloc.quiesce(time.sleep)      # no reader still holds an old entry
+        bm.fresh[:] = new_bits
+        bm.stale[:] = new_bits
+
+
 def read_vm_state(img, name):
     st = _state(img)
+    with img._lock:         # a concurrent delete may not free the chunks meanwhile
+        return _read_vm_state(img, st, name)
+
+
+def _read_vm_state(img, st, name):
+    img._check_open()
     e = st.find(name, img.path)
     if not e.vm_size:
         return b""
@@ -715,7 +787,8 @@ class SnapshotView:
                 self._base.close()
             os.close(self._fd)
             raise
-        self._state.views[self._id] = self._state.views.get(self._id, 0) + 1
+        with self._state.views_lock:
+            self._state.views[self._id] = self._state.views.get(self._id, 0) + 1
         self._closed = False
 
     def _attach_base(self, img, entry):
@@ -771,15 +844,19 @@ class SnapshotView:
         if self._closed:
             return
         self._closed = True
+        from .image import drain_map
+        self._map.closed = True
+        drain_map(self._map)            # reads already inside finish on the open fd
         if self._base is not None:
             self._base.close()
             self._base = None
         os.close(self._fd)
-        left = self._state.views.get(self._id, 1) - 1
-        if left:
-            self._state.views[self._id] = left
-        else:
-            self._state.views.pop(self._id, None)
+        with self._state.views_lock:
+            left = self._state.views.get(self._id, 1) - 1
+            if left:
+                self._state.views[self._id] = left
+            else:
+                self._state.views.pop(self._id, None)
 
     def __enter__(self):
         return self
@@ -799,7 +876,9 @@ class SnapshotView:
 
 def open_snapshot(img, name):
     st = _state(img)
-    return SnapshotView(img, st.find(name, img.path))
+    with img._lock:         # no delete between finding the entry and counting the view
+        img._check_open()
+        return SnapshotView(img, st.find(name, img.path))
 
 
 def store_refcounts(img, st, refcount):
