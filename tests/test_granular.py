@@ -2,6 +2,7 @@
 partial chunks in both implementations, lifecycle (create, delete, revert, write_zeroes,
 reopen), the feature bit, check, crash cutting of every new write path and a state
 machine with snapshots and power cuts."""
+import functools
 import os
 import shutil
 import threading
@@ -17,7 +18,10 @@ import fvd
 from fvd import _impl
 from fvd import format as fmt
 
-from .helpers import DurableRecorder, pattern
+from .helpers import DurableRecorder
+from .helpers import pattern as _pattern
+
+pattern = functools.lru_cache(maxsize=64)(_pattern)     # 4 MiB patterns are slow to build
 from .test_snapshots import WriteRecorder
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -37,10 +41,10 @@ def path(tmp_path):
     return p
 
 
-def held_image(path, cache="writethrough"):
-    """An image whose 4 chunks are full of pattern(1) and held by snapshot 's'."""
+def held_image(path, cache="writethrough", size=SIZE):
+    """An image whose chunks are full of pattern(1) and held by snapshot 's'."""
     img = fvd.open(path, "r+", cache=cache)
-    img.write(0, pattern(1, SIZE))
+    img.write(0, pattern(1, size))
     img.create_snapshot("s")
     return img
 
@@ -167,10 +171,12 @@ def test_readers_never_see_unwritten_bytes_while_chunks_go_partial(path):
     stop = threading.Event()
     bad = []
 
+    span = 2 * CS
+
     def reader():
         while not stop.is_set():
-            got = img.read(0, SIZE)
-            for i in range(0, SIZE, G):
+            got = img.read(0, span)
+            for i in range(0, span, G):
                 b = got[i:i + G]
                 if b != old[i:i + G] and b != b"N" * G:
                     bad.append(i)
@@ -180,7 +186,7 @@ def test_readers_never_see_unwritten_bytes_while_chunks_go_partial(path):
     for t in threads:
         t.start()
     try:
-        for i in range(0, SIZE, 3 * G):
+        for i in range(0, span, 5 * G):
             img.write(i, b"N" * G)
     finally:
         stop.set()
@@ -322,18 +328,23 @@ def apply_ops(path, ops):
                 punch_hole(f.fileno(), a, b)
 
 
+SCS = 64 * KiB                              # crash cuts: small chunks, small journal
+SSIZE = 4 * SCS
+
+
 def model_of(img):
     views = []
     for s in img.snapshots():
         with img.open_snapshot(s.name) as v:
-            views.append((s.name, v.read(0, SIZE)))
-    return img.read(0, SIZE), tuple(views)
+            views.append((s.name, v.read(0, SSIZE)))
+    return img.read(0, SSIZE), tuple(views)
 
 
 def prepare(path):
-    with held_image(path, "writeback") as img:
+    fvd.create(path, SSIZE, chunk_size=SCS, journal_size=64 * KiB, overwrite=True)
+    with held_image(path, "writeback", SSIZE) as img:
         img.write(2 * G + 7, b"p" * 30)                 # chunk 0 partial
-        img.write(CS + 9 * G, b"q" * G)                 # chunk 1 partial
+        img.write(SCS + 9 * G, b"q" * G)                # chunk 1 partial
 
 
 def _close_after(fn):
@@ -345,11 +356,12 @@ def _close_after(fn):
 
 WRITE_OPS = {"first-write-wt", "first-write-wb", "new-granule", "complete", "zeroes"}
 CRASH_OPS = {
-    "first-write-wt": ("writethrough", _close_after(lambda i: i.write(2 * CS + G, b"A" * G))),
-    "first-write-wb": ("writeback", _close_after(lambda i: i.write(2 * CS + 5, b"A" * 9000))),
-    "new-granule": ("writethrough", _close_after(lambda i: i.write(CS + 3 * G + 1, b"B" * 10))),
-    "complete": ("writethrough", _close_after(lambda i: i.write(0, b"C" * CS))),
-    "zeroes": ("writethrough", _close_after(lambda i: i.write_zeroes(CS, CS))),
+    "first-write-wt": ("writethrough", _close_after(lambda i: i.write(2 * SCS + G, b"A" * G))),
+    "first-write-wb": ("writeback", _close_after(lambda i: i.write(2 * SCS + 5, b"A" * 9000))),
+    "new-granule": ("writethrough",
+                    _close_after(lambda i: i.write(SCS + 3 * G + 1, b"B" * 10))),
+    "complete": ("writethrough", _close_after(lambda i: i.write(0, b"C" * SCS))),
+    "zeroes": ("writethrough", _close_after(lambda i: i.write_zeroes(SCS, SCS))),
     "create": ("writeback", lambda i: i.create_snapshot("t")),
     "delete": ("writeback", lambda i: i.delete_snapshot("s")),
     "revert": ("writeback", lambda i: i.revert_to_snapshot("s")),
@@ -515,5 +527,5 @@ def test_state_machine_with_snapshots_and_power_cuts(tmp_path, monkeypatch, cach
     path = str(tmp_path / "m.fvd")
     recorder = DurableRecorder(monkeypatch, path)
     run_state_machine_as_test(make_machine(path, recorder, cache), settings=settings(
-        max_examples=int(os.environ.get("FVD_GRANULAR_EXAMPLES", "15")),
+        max_examples=int(os.environ.get("FVD_GRANULAR_EXAMPLES", "8")),
         stateful_step_count=25, deadline=None, suppress_health_check=list(HealthCheck)))
