@@ -25,6 +25,9 @@ def check_image(img, repair=False):
     _check_leaks(img, result, repair)
     if img._snapshots is not None:
         img._snapshots.check(img, result, repair)
+    if img._partial is not None:
+        from .granular import check_partial
+        check_partial(img, result)
     if img._bitmap is not None and not img._header["base_flags"] & BASE_FLAG_PREFETCHED:
         check_bitmap(img, result, repair)     # needs the bitmap, not the base itself
     result.messages.extend(img._notes)

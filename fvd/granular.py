@@ -33,7 +33,6 @@ import numpy as np
 
 from . import format as fmt
 from .bitmap import runs
-from .errors import CorruptImageError
 from .journal import data_crc_record, granule_record
 
 NONE = 0xFFFFFFFF
@@ -274,7 +273,7 @@ class PartialState:
             return
         t = img._table
         seen = {}
-        mapped = set(int(x) for x in t[t < fmt.ZERO_CHUNK])
+        mapped = {int(x) for x in t[t < fmt.ZERO_CHUNK]}
         h = img._header
         where = h["partial_map_offset"]
         nphys = -(-(os.fstat(img._fd).st_size - h["data_offset"]) // self.chunk_size)
@@ -508,15 +507,23 @@ def attach_partial(img):
 
 
 def check_partial(img, result):
-    """Problems of the partial map are collected at open (validate); nothing more here."""
+    """A partial chunk must be the front's own (never held by a snapshot: the front would
+    write into a snapshot's chunk) and its source must not be snapshot metadata. Found
+    problems are not repaired (the bytes of the unwritten granules are only in S)."""
     st = img._partial
-    if st is None or not st.active:
+    if not st.active:
         return
+    meta = np.zeros(0, dtype=bool)
+    if img._snapshots is not None:
+        meta = img._snapshots.mark_used(np.zeros(0, dtype=bool))
+        rc = img._snapshots.refcount
+        meta[:len(rc)] &= rc == 0           # only the metadata runs
     for v, k in st.entries():
-        if int(img._table[v]) >= fmt.ZERO_CHUNK:
+        e, s = int(img._table[v]), int(st.src[k])
+        if e >= fmt.ZERO_CHUNK or img._is_frozen(e) or (s < len(meta) and meta[s]):
             result.corruptions += 1
-            result.messages.append(f"ERROR partial chunk {v} is not mapped")
+            result.messages.append(f"ERROR partial chunk {v} (chunk {e}, source {s}) is "
+                                   f"unmapped, held by a snapshot, or reads snapshot "
+                                   f"metadata")
 
 
-def corrupt(img, offset, what):
-    raise CorruptImageError(img.path, offset, what)

@@ -17,10 +17,24 @@ import numpy as np
 from . import _impl
 from . import format as fmt
 from .allocator import ChunkAllocator, front_usage, runs
-from .errors import CorruptImageError, FvdError, ImageIOError, ImageLockedError, io_error
+from .errors import (
+    CorruptImageError,
+    FvdError,
+    ImageIOError,
+    ImageLockedError,
+    io_error,
+)
 from .fileio import full_pwrite, lock_image, punch_hole, writer_active
-from .journal import (RECORD_HEAD, REC_BITMAP, REC_DATA_CRC, REC_GRANULE, REC_TABLE,
-                      Journal, read_transactions, table_records)
+from .journal import (
+    REC_BITMAP,
+    REC_DATA_CRC,
+    REC_GRANULE,
+    REC_TABLE,
+    RECORD_HEAD,
+    Journal,
+    read_transactions,
+    table_records,
+)
 
 
 class ReadOnlyImageError(FvdError, OSError):

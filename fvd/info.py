@@ -34,6 +34,8 @@ def image_info(img):
         chain = getattr(img._base, "chain_info", None)
         if chain:
             info["backing-chain"] = chain()
+    if img._partial is not None and img._partial.active:
+        info["partial-chunks"] = img._partial.active      # granular copy-on-write
     if img._snapshots is not None:
         info["snapshots"] = [s.as_dict() for s in img.snapshots()]
     return info

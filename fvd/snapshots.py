@@ -18,8 +18,8 @@ copy still has a clear bit below the base end (snapshots_need_base).
 """
 import heapq
 import os
-import threading
 import struct
+import threading
 import time
 import zlib
 from dataclasses import dataclass
@@ -583,7 +583,7 @@ def _create(img, st, name, vm_state):
     # (then the old metadata chunks are kept: a leak at most, never a reuse).
     st.entries, st.refcount = entries, refcount
     st.table_chunks, st.refcount_chunks = tch, rch
-    img.stats.refcount_updates += int(len(held))
+    img.stats.refcount_updates += len(held)
     _set_frozen(img, st)
     img._sync()                                     # commit point
     _release_runs(img, old)
@@ -644,7 +644,7 @@ def _delete(img, st, name):
     old = old + st.entry_chunks(img, e)
     st.entries, st.refcount = entries, refcount     # memory follows the written header
     st.table_chunks, st.refcount_chunks = tch, rch
-    img.stats.refcount_updates += int(len(held))
+    img.stats.refcount_updates += len(held)
     _set_frozen(img, st)
     img._sync()                                     # commit point
     _release_runs(img, old)
