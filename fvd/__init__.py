@@ -6,8 +6,8 @@
         img.write(0, b"hello")
 """
 from . import _impl
-from .errors import (BaseImageError, CorruptImageError, FvdError, ImageLockedError,
-                     UnsupportedFeatureError)
+from .errors import (BaseImageError, CorruptImageError, FvdError, ImageIOError,
+                     ImageLockedError, UnsupportedFeatureError)
 from .image import CheckResult, Extent, Image, ReadOnlyImageError, create, open
 
 __version__ = "0.1.0"
@@ -22,4 +22,4 @@ def __getattr__(name):
 
 __all__ = ["create", "open", "Image", "Extent", "CheckResult", "IMPLEMENTATION", "FvdError",
            "CorruptImageError", "ImageLockedError", "UnsupportedFeatureError",
-           "BaseImageError", "ReadOnlyImageError"]
+           "BaseImageError", "ReadOnlyImageError", "ImageIOError"]

@@ -630,9 +630,12 @@ cdef class ChunkMap:
         cdef int err = 0
         cdef bint ok
         cdef BaseView bv
-        cdef uint8_t[::1] frz = self.frz    # held here: set_frozen may swap it meanwhile
+        cdef uint8_t[::1] frz
         cdef PartView pv = self.pv
         cdef int p = self.users_enter()
+        # Read only once registered: a snapshot create swaps in a frozen array, then waits
+        # for the writes registered before it. Held here: the swap may free the old one.
+        frz = self.frz
         try:
             PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         except BaseException:

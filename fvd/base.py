@@ -31,6 +31,7 @@ from . import journal
 from .bitmap import Bitmap, runs
 from .errors import BaseImageError, CorruptImageError, FvdError, UnsupportedFeatureError
 from .image import Extent
+from .nbd_client import is_nbd_uri
 
 QCOW2_MAGIC = b"QFI\xfb"
 FVD_MAGIC = fmt.MAGIC.to_bytes(4, "little")
@@ -82,8 +83,35 @@ class ImageBase:
         self.img.close()
 
 
+class NbdBase:
+    """A raw base that is an NBD export (the name is its URI; see fvd.nbd_client)."""
+
+    def __init__(self, uri):
+        from .nbd_client import NbdClient
+        self.path = uri
+        try:
+            self.client = NbdClient(uri)
+        except ValueError as e:
+            raise BaseImageError(str(e)) from None
+        self.size = self.client.size
+
+    def readinto(self, offset, mv):
+        return self.client.readinto(offset, mv)
+
+    def extents(self, offset, length):
+        for start, n, zero, data in self.client.extents(offset, length):
+            yield Extent(start, n, 0, True, zero, data, None)
+
+    def close(self):
+        self.client.close()
+
+
 def _open_backend(path, base_format, chain):
     try:
+        if is_nbd_uri(path):
+            if base_format != fmt.BASE_RAW:
+                raise BaseImageError(f"{path}: an NBD base is read as raw (-F raw)")
+            return NbdBase(path)
         if base_format == fmt.BASE_RAW:
             return RawBase(path)
         if base_format == fmt.BASE_FVD:
@@ -123,7 +151,7 @@ def _check_name(base):
 
 
 def _resolve(image_path, name):
-    if os.path.isabs(name):
+    if os.path.isabs(name) or is_nbd_uri(name):       # a URI is never a relative path
         return name
     return os.path.join(os.path.dirname(os.path.abspath(image_path)), name)
 
@@ -143,9 +171,12 @@ def describe_new_base(path, base, base_format, size):
     """(base name bytes, header fields) for fvd.create(..., base=...)."""
     name, raw = _check_name(base)
     resolved = _resolve(path, name)
-    if not os.path.exists(resolved):
+    if is_nbd_uri(resolved):
+        base_format = base_format or "raw"
+    elif not os.path.exists(resolved):
         raise BaseImageError(f"{resolved}: base image does not exist")
-    if os.path.realpath(resolved) == os.path.realpath(os.fspath(path)):
+    if not is_nbd_uri(resolved) and \
+            os.path.realpath(resolved) == os.path.realpath(os.fspath(path)):
         raise BaseImageError(f"{resolved}: an image cannot be its own base")
     if base_format is None:
         try:
@@ -192,11 +223,11 @@ def _attach_backend(img, chain, copy_on_read, resolved):
     h = img._header
     me = os.path.realpath(img.path)
     chain = tuple(chain) + (me,)
-    real = os.path.realpath(resolved)
+    real = resolved if is_nbd_uri(resolved) else os.path.realpath(resolved)
     if real in chain:
         raise BaseImageError(f"{resolved}: base image loop (it is {img.path} itself or "
                              f"one of its own bases)")
-    if not os.path.exists(resolved):
+    if not is_nbd_uri(resolved) and not os.path.exists(resolved):
         raise BaseImageError(f"{resolved}: base image of {img.path} does not exist")
     backend = _open_backend(resolved, h["base_format"], chain)
     if backend.size != h["base_size"]:
@@ -219,6 +250,7 @@ class BaseLayer:
         self.bend = min(self.base_size, img.size)      # bytes below this may be in the base
         # reads served whole by the compiled fast path (ChunkMap.readinto)
         self.fast_read = isinstance(backend, RawBase) and not copy_on_read
+        self.closing = False
 
     def attach_map(self):
         """Give the image's ChunkMap the bitmaps (and a raw base's fd): see module doc."""
@@ -250,6 +282,8 @@ class BaseLayer:
         m = self.img._map
         token = m.enter()
         try:
+            if self.closing:            # prefetch done or closing: the image answers
+                return m.readinto(offset, buffer)
             n = self._readinto(offset, buffer, stores)
         finally:
             m.leave(token)
@@ -375,12 +409,20 @@ class BaseLayer:
                     hs = b0 * bs
                 if not stale[-1]:
                     te = max(end, min(b1 * bs, self.bend))
-        changes, extra = img._prepare_chunks(hs, te - hs)
+        head, tail = self._head_tail(offset, end, hs, te)   # base reads first: if the base
+        changes, extra = img._prepare_chunks(hs, te - hs)   # fails, nothing is allocated
         try:
-            records = self._write_planned(offset, mv, hs, te, bits, changes, extra)
+            img._seal_overlapping(hs, te - hs, changes)     # head and tail may be rewritten
+            records = list(extra)
+            want_crc = bits is not None and img._writethrough
+            crcs = self._write_pieces(hs, [p for p in (head, mv, tail) if len(p)], want_crc,
+                                      changes)
         except BaseException:
             img._abandon(changes)
             raise
+        if bits is not None:
+            records.append(journal.bitmap_record(*bits))
+            records.extend(crcs)
 
         def set_bits():             # after the table: a reader that sees a bit finds the data
             if bits is not None:
@@ -394,14 +436,12 @@ class BaseLayer:
                 img._sync()
         return length
 
-    def _write_planned(self, offset, mv, hs, te, bits, changes, extra):
-        """Write the guest data and the base's head/tail bytes to the planned chunks;
-        returns the journal records of the write."""
-        img = self.img
-        end = offset + len(mv)
+    def _head_tail(self, offset, end, hs, te):
+        """The base's bytes of [hs, offset) and [end, te) (blocks the write covers only in
+        part); one read when they are close."""
         head = tail = b""
         if hs < offset or te > end:
-            if hs < offset and te > end and te - hs - len(mv) <= CROSS_READ_LIMIT \
+            if hs < offset and te > end and te - hs - (end - offset) <= CROSS_READ_LIMIT \
                     and te - hs <= 2 * CROSS_READ_LIMIT:
                 both = bytearray(te - hs)
                 self._base_read(hs, memoryview(both))
@@ -414,15 +454,7 @@ class BaseLayer:
                 if te > end:
                     tail = bytearray(te - end)
                     self._base_read(end, memoryview(tail))
-        img._seal_overlapping(hs, te - hs, changes)    # head and tail may be rewritten too
-        records = list(extra)
-        want_crc = bits is not None and img._writethrough
-        crcs = self._write_pieces(hs, [p for p in (head, mv, tail) if len(p)], want_crc,
-                                  changes)
-        if bits is not None:
-            records.append(journal.bitmap_record(*bits))
-            records.extend(crcs)
-        return records
+        return head, tail
 
     def _write_pieces(self, start, pieces, want_crc, plan):
         """Write the concatenation of `pieces` at virtual `start` (chunks allocated in
@@ -499,7 +531,13 @@ class BaseLayer:
         pass
 
     def close(self):
+        """Detach; the backend closes once no read that may use it is in flight."""
+        self.closing = True
         self.detach_map()
+        m = getattr(self.img, "_map", None)
+        if m is not None:
+            from .image import drain_map
+            drain_map(m)
         if self.backend is not None:
             self.backend.close()
             self.backend = None

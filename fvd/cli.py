@@ -82,6 +82,12 @@ def cmd_create(args):
 
 def _base_size(path, base_format):
     import os
+    from .nbd_client import is_nbd_uri
+    if is_nbd_uri(path):
+        from .nbd_client import NbdClient
+        client = NbdClient(path, max_connections=1)
+        client.close()
+        return client.size
     if base_format == "fvd":
         from .image import open as open_image
         with open_image(path) as b:
@@ -196,6 +202,20 @@ def cmd_prefetch(args):
     return 0
 
 
+def cmd_serve(args):
+    from .serve import serve
+    if (args.socket is None) == (args.port is None):
+        raise UsageError("give exactly one of --socket PATH or --port N")
+    return serve(args.image, snapshot=args.snapshot, readonly=args.readonly,
+                 socket=args.socket, port=args.port, bind=args.bind, shared=args.shared,
+                 image_format=args.fmt or _probe(args.image), force_share=args.force_share)
+
+
+def _probe(path):
+    from .base import detect_format
+    return detect_format(path)
+
+
 def cmd_bench(args):
     from . import bench
     return bench.run(args)
@@ -258,6 +278,20 @@ def build_parser():
     f.add_argument("-p", dest="progress", action="store_true", help="show progress")
     f.add_argument("image")
     f.set_defaults(func=cmd_prefetch)
+
+    v = sub.add_parser("serve", help="export the image over NBD (nbdkit), in the foreground")
+    v.add_argument("-l", dest="snapshot", metavar="SNAPSHOT", help="serve a snapshot "
+                   "(read-only)")
+    v.add_argument("-r", "--read-only", dest="readonly", action="store_true",
+                   help="read-only export")
+    v.add_argument("--socket", metavar="PATH", help="listen on a unix socket")
+    v.add_argument("--port", type=int, metavar="N", help="listen on a TCP port")
+    v.add_argument("--bind", metavar="ADDR", help="TCP address to listen on (default all)")
+    v.add_argument("--shared", type=int, metavar="N", help="at most N clients at once")
+    v.add_argument("-f", dest="fmt", choices=["fvd", "qcow2", "raw"], help="image format")
+    _force_share_option(v)
+    v.add_argument("image")
+    v.set_defaults(func=cmd_serve)
 
     b = sub.add_parser("bench", help="FVD against the QCOW2 baseline, raw and QEMU")
     try:

@@ -139,10 +139,10 @@ def create(path, size, *, chunk_size=fmt.MiB, block_size=64 * fmt.KiB, base=None
         os.pwrite(fd, table, header["table_offset"])
         os.ftruncate(fd, header["data_offset"])
         os.fsync(fd)
-    except BaseException:
+    except BaseException as e:
         os.close(fd)
         os.unlink(path)
-        raise
+        raise io_error(path, e, "create") from None
     os.close(fd)
 
 
@@ -180,9 +180,9 @@ class Image:
                 self._load(_chain, copy_on_read)
             else:
                 self._load_beside_writer(_chain, copy_on_read)
-        except BaseException:
+        except BaseException as e:
             self._release()
-            raise
+            raise io_error(self.path, e, "open") from None
         self._closed = False
         if self._base is None or self._base.fast_read:
             # Reads go straight to the fast path: no Python frame of ours per read (with
@@ -866,11 +866,17 @@ class Image:
 
     def open_snapshot(self, name):
         from .snapshots import open_snapshot
-        return open_snapshot(self, name)
+        try:
+            return open_snapshot(self, name)
+        except OSError as e:
+            raise io_error(self.path, e, "snapshot open") from None
 
     def read_vm_state(self, name):
         from .snapshots import read_vm_state
-        return read_vm_state(self, name)
+        try:
+            return read_vm_state(self, name)
+        except OSError as e:
+            raise io_error(self.path, e, "read vm_state") from None
 
     def prefetch(self, progress=None, **options):
         from .base import prefetch

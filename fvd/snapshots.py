@@ -780,6 +780,7 @@ class SnapshotView:
                                            np.ones(0, dtype=np.uint8), self.chunk_size,
                                            self._header["data_offset"], self.size,
                                            self.stats)
+            self._map.error = img._io_error
             if img._bitmap is not None:
                 self._attach_base(img, entry)
         except BaseException:

@@ -28,7 +28,7 @@ def run_child(fn, *args, timeout=120):
         code = 0
         try:
             out = {"ok": fn(*args)}
-        except BaseException:
+        except BaseException:  # noqa: BLE001
             out = {"error": traceback.format_exc()}
             code = 1
         try:

@@ -14,7 +14,6 @@ import functools
 import random
 import struct
 import threading
-import time
 
 import fvd
 
@@ -33,8 +32,7 @@ def unit_bytes(version, unit):
 
 def make_base(path, nunits):
     with open(path, "wb") as f:
-        for u in range(nunits):
-            f.write(unit_bytes(0, u))
+        f.writelines(unit_bytes(0, u) for u in range(nunits))
 
 
 class RWLock:
@@ -146,7 +144,7 @@ class Stress:
     def _guard(self, fn, *args):
         try:
             fn(*args)
-        except BaseException as e:      # reported by run()
+        except BaseException as e:  # noqa: BLE001  # reported by run()
             import traceback
             self.errors.append(f"{fn.__name__}: {e!r}\n{traceback.format_exc()}")
             self.stop.set()

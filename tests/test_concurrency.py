@@ -146,7 +146,7 @@ def test_close_while_threads_read_and_write(tmp_path):
                     img.write((i * 69632) % (8 * MiB - 4096), b"y" * 4096)
         except ValueError:
             return
-        except BaseException as e:      # anything else is a bug
+        except BaseException as e:  # noqa: BLE001  # anything else is a bug
             errors.append(repr(e))
 
     threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]

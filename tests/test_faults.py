@@ -7,8 +7,16 @@ import random
 import pytest
 
 import fvd
-from .faults import (block, injected, limit_file_size, run_child, small_tmpfs,
-                          strace_usable)
+
+from .faults import (
+    INJECT_SYSCALLS,
+    block,
+    injected,
+    limit_file_size,
+    run_child,
+    small_tmpfs,
+    strace_usable,
+)
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -104,12 +112,11 @@ def _prepared(tmp_path, base=False):
     if base:
         bpath = str(tmp_path / "base.raw")
         with open(bpath, "wb") as f:
-            for i in range(16):
-                f.write(block(99, i, MiB))
+            f.writelines(block(99, i, MiB) for i in range(16))
         kw = {"base": bpath, "base_format": "raw"}
     fvd.create(path, 32 * MiB, **kw)
     with fvd.open(path, "r+") as img:
-        for i in range(0, 8):
+        for i in range(8):
             img.write(i * MiB + 4096, block(1, i, W))
         img.create_snapshot("before")
     return path
@@ -124,9 +131,14 @@ def _eio_child(path, cache, op, then_close):
     for i in range(12, 14):
         img.write(i * MiB, block(3, i, W))      # writeback: not yet durable
     error = None
-    with injected("EIO"):
+    with injected("EIO", "pread64,preadv,preadv2" if op in ("read", "view") else INJECT_SYSCALLS):
         try:
-            if op == "write":
+            if op == "read":
+                img.read(4096, 3 * MiB)
+            elif op == "view":
+                with img.open_snapshot("before") as view:
+                    view.read(4096, 3 * MiB)
+            elif op == "write":
                 img.write(20 * MiB + 512, block(4, 20, 3 * MiB))
             elif op == "write_zeroes":
                 img.write_zeroes(0, 2 * MiB)
@@ -159,6 +171,8 @@ def _eio_child(path, cache, op, then_close):
     ("snapshot", "writeback", True),
     ("prefetch", "writethrough", False),
     ("close", "writeback", False),
+    ("read", "writeback", True),
+    ("view", "writethrough", False),
 ])
 def test_eio(tmp_path, op, cache, then_close):
     path = _prepared(tmp_path, base=op == "prefetch")
@@ -168,7 +182,7 @@ def test_eio(tmp_path, op, cache, then_close):
     assert err["type"] == "ImageIOError" and err["errno"] == errno.EIO, err
     assert err["filename"] == path and path in err["str"], err
     with fvd.open(path, "r+") as img:
-        for i in range(0, 8):
+        for i in range(8):
             if op == "write_zeroes" and i < 2:
                 continue            # the failed write_zeroes may or may not have happened
             assert img.read(i * MiB + 4096, W) == block(1, i, W)
@@ -178,7 +192,7 @@ def test_eio(tmp_path, op, cache, then_close):
             for i in range(12, 14):
                 assert img.read(i * MiB, W) == block(3, i, W)
         with img.open_snapshot("before") as view:
-            for i in range(0, 8):
+            for i in range(8):
                 assert view.read(i * MiB + 4096, W) == block(1, i, W)
         res = img.check()
         assert res.corruptions == 0, res.messages

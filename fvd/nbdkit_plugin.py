@@ -1,0 +1,233 @@
+"""nbdkit Python plugin serving an FVD (or qcow2) image over NBD.
+
+    nbdkit python /path/to/fvd/nbdkit_plugin.py file=IMAGE [snapshot=NAME] [readonly=true]
+        [force_share=true] [format=fvd|qcow2] [pythonpath=DIR:DIR...]
+
+`fvd serve` builds this command line. nbdkit embeds its own Python (Debian's
+/usr/bin/python3), not the interpreter fvd was installed into, so `fvd` and its
+dependencies (numpy, construct) must be put on that interpreter's sys.path: the package's
+own parent directory is added automatically, anything else comes from `pythonpath=` (or the
+environment variable FVD_NBDKIT_PYTHONPATH), prepended to sys.path before fvd is imported.
+
+One image handle per nbdkit process, opened in get_ready (so a locked image fails at
+start-up, before the socket exists) and shared by every connection: fvd.Image calls are
+safe from any thread, so the plugin uses nbdkit's parallel thread model. A qcow2 image
+(fvd.qcow2 makes no such promise) is served with its calls serialised by a lock.
+"""
+import errno
+import os
+import sys
+import threading
+
+import nbdkit
+
+API_VERSION = 2
+
+_params = {"file": None, "snapshot": None, "readonly": False, "force_share": False,
+           "format": "fvd"}
+_state = {"image": None, "parent": None, "lock": None}
+
+
+def _truthy(value):
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def _extend_path(paths):
+    for p in reversed([p for p in paths.split(os.pathsep) if p]):
+        if p not in sys.path:
+            sys.path.insert(0, p)
+
+
+# The package this file belongs to, then whatever the launcher asked for.
+_extend_path(os.environ.get("FVD_NBDKIT_PYTHONPATH", ""))
+_extend_path(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def config(key, value):
+    if key == "file":
+        _params["file"] = os.path.abspath(value)
+    elif key == "snapshot":
+        _params["snapshot"] = value
+    elif key in ("readonly", "force_share"):
+        _params[key] = _truthy(value)
+    elif key == "format":
+        if value not in ("fvd", "qcow2"):
+            raise ValueError(f"format must be fvd or qcow2, not {value!r}")
+        _params["format"] = value
+    elif key == "pythonpath":
+        _extend_path(value)
+    else:
+        raise ValueError(f"unknown parameter {key!r} (file, snapshot, readonly, "
+                         f"force_share, format, pythonpath)")
+
+
+def config_complete():
+    if not _params["file"]:
+        raise ValueError("file=IMAGE is required")
+    if _params["snapshot"] is not None:
+        _params["readonly"] = True          # a snapshot is read-only by nature
+
+
+def thread_model():
+    return nbdkit.THREAD_MODEL_PARALLEL
+
+
+def get_ready():
+    try:
+        import fvd
+    except ImportError as e:
+        raise RuntimeError(f"cannot import fvd in nbdkit's Python {sys.version.split()[0]} "
+                           f"({e}); pass pythonpath=DIR with fvd, numpy and construct") from e
+    path = _params["file"]
+    mode = "r" if _params["readonly"] else "r+"
+    if _params["format"] == "qcow2":
+        from fvd import qcow2
+        _state["image"] = qcow2.open(path, mode)
+        _state["lock"] = threading.Lock()
+        return
+    img = fvd.open(path, mode, force_share=_params["force_share"] and mode == "r")
+    if _params["snapshot"] is not None:
+        _state["parent"] = img
+        img = img.open_snapshot(_params["snapshot"])
+    _state["image"] = img
+    nbdkit.debug(f"fvd: serving {path} ({mode}, {fvd.IMPLEMENTATION})")
+
+
+def cleanup():
+    for key in ("image", "parent"):
+        img = _state[key]
+        _state[key] = None
+        if img is not None:
+            img.close()
+
+
+# ----- per connection --------------------------------------------------------------------
+class _Handle:
+    __slots__ = ("readonly",)
+
+    def __init__(self, readonly):
+        self.readonly = readonly
+
+
+def open(readonly):
+    return _Handle(readonly or _params["readonly"])
+
+
+def _call(fn, *args):
+    """Run fn(*args), serialised for images without a thread contract (qcow2)."""
+    lock = _state["lock"]
+    try:
+        if lock is None:
+            return fn(*args)
+        with lock:
+            return fn(*args)
+    except OSError as e:
+        nbdkit.set_error(e.errno or errno.EIO)
+        raise
+    except ValueError:
+        nbdkit.set_error(errno.EINVAL)
+        raise
+
+
+def get_size(h):
+    return _state["image"].size
+
+
+def can_write(h):
+    return not _params["readonly"]
+
+
+def can_flush(h):
+    return True
+
+
+def can_trim(h):
+    return not _params["readonly"]
+
+
+def can_zero(h):
+    return not _params["readonly"]
+
+
+def can_fast_zero(h):
+    return not _params["readonly"] and _params["format"] == "fvd"
+
+
+def can_fua(h):
+    return nbdkit.FUA_EMULATE       # nbdkit follows a FUA write with flush()
+
+
+def can_extents(h):
+    return True
+
+
+def can_multi_conn(h):
+    # Every connection shares one image handle, so a flush on any connection makes every
+    # completed write durable and all connections see the same bytes: safe for read-only
+    # and read-write exports alike.
+    return True
+
+
+def can_cache(h):
+    return nbdkit.CACHE_NONE
+
+
+def block_size(h):
+    return (1, 4096, 32 << 20)      # any alignment works; 4 KiB avoids read-modify-write
+
+
+def pread(h, buf, offset, flags):
+    _call(_state["image"].readinto, offset, buf)
+
+
+def pwrite(h, buf, offset, flags):
+    _call(_state["image"].write, offset, buf)
+
+
+def flush(h, flags):
+    _call(_state["image"].flush)
+
+
+def zero(h, count, offset, flags):
+    img = _state["image"]
+    if flags & nbdkit.FLAG_FAST_ZERO and not _fast_zero_possible(img, offset, count):
+        nbdkit.set_error(errno.ENOTSUP)
+        raise OSError(errno.ENOTSUP, "zeroing this range would write data")
+    _call(img.write_zeroes, offset, count)
+
+
+def _fast_zero_possible(img, offset, count):
+    """Whole chunks are unmapped (no data written); a partial chunk is fast only when it
+    holds nothing yet (see Image.write_zeroes)."""
+    cs = getattr(img, "chunk_size", None)
+    if cs is None:
+        return False
+    end = offset + count
+    head_end = min(end, -(-offset // cs) * cs)
+    tail_start = max(head_end, end // cs * cs)
+    return not any(stop > start and img._chunk_has_content(start)
+                   for start, stop in ((offset, head_end), (tail_start, end)))
+
+
+def trim(h, count, offset, flags):
+    # Trimmed bytes may read as anything: unmap the whole chunks inside, leave the rest.
+    img = _state["image"]
+    cs = getattr(img, "chunk_size", None) or getattr(img, "cluster_size", 65536)
+    start, end = -(-offset // cs) * cs, (offset + count) // cs * cs
+    if end > start:
+        _call(img.write_zeroes, start, end - start)
+
+
+def extents(h, count, offset, flags):
+    """base:allocation: a hole is not data in the image (or its base); zero reads zeros."""
+    img = _state["image"]
+    out = []
+    for e in _call(lambda: list(img.extents(offset, count))):
+        kind = (0 if e.data else nbdkit.EXTENT_HOLE) | (nbdkit.EXTENT_ZERO if e.zero else 0)
+        if out and out[-1][2] == kind:
+            out[-1] = (out[-1][0], out[-1][1] + e.length, kind)
+        else:
+            out.append((e.start, e.length, kind))
+        if flags & nbdkit.FLAG_REQ_ONE:
+            break
+    return out

@@ -1,0 +1,190 @@
+"""`fvd serve`: export an image over NBD with nbdkit and fvd's plugin (fvd.nbdkit_plugin).
+
+nbdkit runs in the foreground until SIGTERM/SIGINT, which are passed on to it. nbdkit's
+Python plugin embeds the interpreter nbdkit was built with; when its major.minor version
+equals ours, numpy and the compiled fast path of this installation load there too (same
+ABI tag, e.g. cpython-311-x86_64-linux-gnu), so our site-packages are passed to it.
+Otherwise they cannot be (binary modules of another Python version), and the plugin runs
+the pure-Python twin with whatever numpy/construct that interpreter has.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+
+from .errors import FvdError
+
+PLUGIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "nbdkit_plugin.py")
+
+
+class ServeError(FvdError):
+    """nbdkit or its Python plugin is missing or cannot serve the image."""
+
+
+def nbdkit_python_version(nbdkit: str = "nbdkit") -> str | None:
+    """'3.11' for the Python embedded in nbdkit's python plugin, None if unavailable."""
+    try:
+        out = subprocess.run([nbdkit, "python", "--dump-plugin"], check=False,
+                             capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in out.splitlines():
+        if line.startswith("python_version="):
+            return ".".join(line.split("=", 1)[1].split(".")[:2])
+    return None
+
+
+def python_path() -> list[str]:
+    """This interpreter's sys.path without its standard library (the embedded Python has
+    its own): site-packages, the package's parent directory, PYTHONPATH entries."""
+    stdlib = {os.path.realpath(sysconfig.get_paths()[k]) for k in ("stdlib", "platstdlib")}
+    out = [os.path.dirname(os.path.dirname(PLUGIN))]
+    for p in sys.path:
+        if not p or not os.path.isdir(p):
+            continue
+        real = os.path.realpath(p)
+        if real in stdlib or any(real.startswith(s + os.sep) and "site-packages" not in real
+                                 for s in stdlib):
+            continue
+        if p not in out:
+            out.append(p)
+    return out
+
+
+def build_command(image: str, *, snapshot: str | None = None, readonly: bool = False,
+                  socket: str | None = None, port: int | None = None,
+                  bind: str | None = None, shared: int | None = None,
+                  image_format: str = "fvd", force_share: bool = False,
+                  nbdkit: str = "nbdkit") -> list[str]:
+    """The nbdkit command line that serves `image` (in the foreground)."""
+    if (socket is None) == (port is None):
+        raise ValueError("give exactly one of a unix socket path or a TCP port")
+    cmd = [nbdkit, "--foreground", "--exit-with-parent"]
+    if socket is not None:
+        cmd += ["--unix", socket]
+    else:
+        cmd += ["--port", str(port)]
+        if bind:
+            cmd += ["--ipaddr", bind]
+    if readonly or snapshot is not None:
+        cmd.append("--readonly")
+    if shared:
+        cmd += ["--filter=limit"]
+    image = os.path.abspath(image)
+    if image_format == "raw":
+        cmd += ["file", f"file={image}"]
+    else:
+        cmd += ["python", PLUGIN, f"file={image}", f"format={image_format}"]
+        if snapshot is not None:
+            cmd.append(f"snapshot={snapshot}")
+        if readonly or snapshot is not None:
+            cmd.append("readonly=true")
+        if force_share:
+            cmd.append("force_share=true")
+    if shared:
+        cmd.append(f"limit={shared}")
+    return cmd
+
+
+def plugin_environment(nbdkit: str = "nbdkit") -> dict:
+    """Environment for nbdkit: our site-packages when its Python matches ours."""
+    env = dict(os.environ)
+    embedded = nbdkit_python_version(nbdkit)
+    ours = f"{sys.version_info.major}.{sys.version_info.minor}"
+    if embedded == ours:
+        env["FVD_NBDKIT_PYTHONPATH"] = os.pathsep.join(python_path())
+    else:
+        print(f"fvd serve: nbdkit embeds Python {embedded}, fvd runs on {ours}: binary "
+              f"modules cannot be shared, using the pure-Python twin and that Python's "
+              f"numpy/construct", file=sys.stderr)
+        env["FVD_NBDKIT_PYTHONPATH"] = os.path.dirname(os.path.dirname(PLUGIN))
+        env["FVD_PURE_PYTHON"] = "1"
+    return env
+
+
+def preflight(image: str, snapshot: str | None, readonly: bool, image_format: str,
+              force_share: bool) -> None:
+    """Open the image as the plugin will, so a locked image or a missing snapshot is a
+    one-line error here instead of a traceback from inside nbdkit."""
+    if image_format == "raw":
+        with open(image, "rb"):
+            return
+    mode = "r" if readonly or snapshot is not None else "r+"
+    if image_format == "qcow2":
+        from . import qcow2
+        qcow2.open(image, mode).close()
+        return
+    from .image import open as open_image
+    with open_image(image, mode, force_share=force_share and mode == "r") as img:
+        if snapshot is not None:
+            img.open_snapshot(snapshot).close()
+
+
+def serve(image: str, *, nbdkit: str = "nbdkit", **options) -> int:
+    """Run nbdkit serving `image` until it exits; returns its exit status."""
+    exe = shutil.which(nbdkit)
+    if exe is None:
+        raise ServeError(f"{image}: cannot serve: nbdkit is not installed "
+                         f"(apt-get install nbdkit nbdkit-plugin-python)")
+    image_format = options.get("image_format", "fvd")
+    preflight(image, options.get("snapshot"), options.get("readonly", False), image_format,
+              options.get("force_share", False))
+    where = describe(options.get("socket"), options.get("port"), options.get("bind"))
+    print(f"fvd serve: {image} at {where}", file=sys.stderr, flush=True)
+    sock = options.get("socket")
+    if sock is not None:
+        _remove_stale_socket(sock)
+    cmd = build_command(image, nbdkit=exe, **options)
+    env = plugin_environment(exe) if image_format != "raw" else dict(os.environ)
+    proc = subprocess.Popen(cmd, env=env)
+
+    def forward(signum, frame):
+        proc.send_signal(signum)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while True:
+            try:
+                return proc.wait()
+            except InterruptedError:
+                continue
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait()
+        if sock is not None:
+            _remove_stale_socket(sock)      # nbdkit leaves its socket file behind
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Unlink a unix socket nobody listens on (left by a server that has exited)."""
+    import socket
+    import stat
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            return
+    except FileNotFoundError:
+        return
+    with socket.socket(socket.AF_UNIX) as s:
+        try:
+            s.connect(path)
+            return                          # a live server: nbdkit will say so
+        except ConnectionRefusedError:
+            pass
+        except OSError:
+            return
+    os.unlink(path)
+
+
+def describe(socket: str | None, port: int | None, bind: str | None) -> str:
+    """The NBD URI clients use."""
+    if socket is not None:
+        return f"nbd+unix:///?socket={os.path.abspath(socket)}"
+    return f"nbd://{bind or 'localhost'}:{port}/"
+
