@@ -555,8 +555,11 @@ cdef class ChunkMap:
         cdef int err
         cdef BaseView bv
         cdef object keep = None
-        cdef PartView pv = self.pv      # copied with the GIL: set_partial may run meanwhile
+        cdef PartView pv
         cdef int p = self.users_enter()
+        # Copied once registered (with the GIL): fvd.granular waits for the calls
+        # registered before it installs grown arrays and before it uses them.
+        pv = self.pv
         try:
             PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE | PyBUF_WRITABLE)
         except BaseException:
@@ -631,11 +634,12 @@ cdef class ChunkMap:
         cdef bint ok
         cdef BaseView bv
         cdef uint8_t[::1] frz
-        cdef PartView pv = self.pv
+        cdef PartView pv
         cdef int p = self.users_enter()
         # Read only once registered: a snapshot create swaps in a frozen array, then waits
         # for the writes registered before it. Held here: the swap may free the old one.
         frz = self.frz
+        pv = self.pv                    # likewise (fvd.granular grows its arrays so)
         try:
             PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         except BaseException:

@@ -321,8 +321,10 @@ class ChunkMap:
             if type(buf) is bytearray and self._bv[4] < 0:
                 # Common case, inside one chunk, no base fd: one lookup, one pread.
                 length, shift = len(buf), self.shift
+                pv = self._pv
                 if (length and offset >= 0 and offset + length <= self.size
-                        and offset >> shift == (offset + length - 1) >> shift):
+                        and offset >> shift == (offset + length - 1) >> shift
+                        and (pv is None or pv[0][offset >> shift] == NO_SLOT)):
                     e = self.table.item(offset >> shift)
                     if e < ZERO_CHUNK:
                         host = self.data_offset + (e << shift) + (offset & (self.chunk_size - 1))

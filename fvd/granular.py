@@ -65,15 +65,24 @@ class PartialState:
         self.old_run = (0, 0)                           # released after the next header
         self._keep = []                                 # arrays lock-free readers may view
         self.cmap = None
+        self.wait = None                                # grace period of the chunk map
 
     # ----- in-memory structure ------------------------------------------------------
-    def install(self, cmap):
+    def install(self, cmap, wait=None):
+        """Let the chunk map view the arrays; `wait()` returns once every call registered
+        with the map before it has finished (Image: the allocator's quiesce)."""
         self.cmap = cmap
+        self.wait = wait
         cmap.set_partial(self.slot, self.src, self.bits, self.gsize)
 
     def _reinstall(self):
+        """New (grown) arrays: a call in flight may still view the old ones, which hold
+        no slot numbered past their end; so wait for those calls before any such slot is
+        published (a slot index past a viewed array would read outside it)."""
         if self.cmap is not None:
             self.cmap.set_partial(self.slot, self.src, self.bits, self.gsize)
+            if self.wait is not None:
+                self.wait()
 
     def slot_of(self, v):
         if len(self.slot) == 0:

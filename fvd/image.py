@@ -229,7 +229,7 @@ class Image:
         if self._base is not None:
             self._base.attach_map()
         if self._partial is not None:
-            self._partial.install(self._map)
+            self._partial.install(self._map, lambda: self._alloc.quiesce(time.sleep))
         self._journal = Journal(self._fd, h["journal_offset"], h["journal_size"],
                                 h["journal_epoch"], self.stats)
         self._alloc = ChunkAllocator(self._in_use(), self._punch_chunks, self._map)
