@@ -97,7 +97,11 @@ def test_sigkill_granular_copy_on_write(tmp_path):
         if inflight is not None:
             _apply(inflight, after_state, after_snaps)
         where = f"round {rnd} seed {seed}, in flight {inflight}"
-        with fvd.open(path, "r+") as img:
+        try:
+            img = fvd.open(path, "r+")
+        except fvd.FvdError as e:
+            raise AssertionError(f"{where}: {e}") from e
+        with img:
             legal = [{state[u], after_state[u]} for u in range(NUNITS)]
             _check_content(img.read(0, NUNITS * UNIT), legal, where)
             names = {s.name for s in img.snapshots()}
