@@ -9,6 +9,7 @@ from . import _impl
 from .errors import (BaseImageError, CorruptImageError, FvdError, ImageIOError,
                      ImageLockedError, UnsupportedFeatureError)
 from .image import CheckResult, Extent, Image, ReadOnlyImageError, create, open
+from .convert import convert
 
 __version__ = "0.1.0"
 
@@ -22,4 +23,4 @@ def __getattr__(name):
 
 __all__ = ["create", "open", "Image", "Extent", "CheckResult", "IMPLEMENTATION", "FvdError",
            "CorruptImageError", "ImageLockedError", "UnsupportedFeatureError",
-           "BaseImageError", "ReadOnlyImageError", "ImageIOError"]
+           "BaseImageError", "ReadOnlyImageError", "ImageIOError", "convert"]

@@ -58,7 +58,9 @@ class RawBase:
         return len(mv)
 
     def extents(self, offset, length):
-        yield Extent(offset, length, 0, True, False, True, offset)
+        """Data and holes (SEEK_DATA/SEEK_HOLE), as `qemu-img map` reports a raw file."""
+        for s, e, data in raw_extents(self.fd, offset, offset + length):
+            yield Extent(s, e - s, 0, True, not data, data, s)
 
     def close(self):
         if self.fd >= 0:
@@ -104,6 +106,33 @@ class NbdBase:
 
     def close(self):
         self.client.close()
+def raw_extents(fd, start, end):
+    """(start, end, is_data) runs of a file's [start, end): holes found with SEEK_HOLE
+    and SEEK_DATA; bytes past the end of the file are a hole. Without SEEK_DATA support
+    everything is data."""
+    size = os.fstat(fd).st_size
+    pos = start
+    while pos < end:
+        if pos >= size:
+            yield pos, end, False
+            return
+        try:
+            hole = os.lseek(fd, pos, os.SEEK_HOLE)
+        except OSError:
+            yield pos, end, True
+            return
+        if hole > pos:
+            stop = min(hole, end)
+            yield pos, stop, True
+            pos = stop
+            continue
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:             # ENXIO: only a hole up to the end of the file
+            data = size
+        stop = min(data, end)
+        yield pos, stop, False
+        pos = stop
 
 
 def _open_backend(path, base_format, chain):

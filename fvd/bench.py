@@ -29,9 +29,13 @@ def row_titles(scale):
     for k in scale.snapshots:
         rows.append((f"snap-create-x{k}", f"snapshot create, {k} snaps"))
         rows.append((f"snap-delete-x{k}", f"snapshot delete, {k} snaps"))
+    from .bench_convert import ROWS as CONVERT_ROWS
+    rows += [(key, f"{title} ({scale.convert_mib} MiB)")
+             for key, title, *_ in CONVERT_ROWS]
     rows += [("open", "open (r), allocated image"), ("metadata/TiB", "metadata per TiB"),
              ("translate", "translate chunk index")]
-    return rows
+    from .bench_backup import rows as backup_rows
+    return rows + backup_rows()
 
 
 def parse_size(text):
@@ -174,6 +178,11 @@ def run_all(scale, names, workdir, keys=None, progress=True):
                 jobs.append((f"snapshots x{k}", f"snap-create-x{k}", c, lambda k=k, c=c: (
                     wl.measure_snapshots(c, workdir, k, scale.snap_data_ops) if c.python else
                     _qemu().measure_snapshots_qemu(c, workdir, k, scale.snap_data_ops))))
+    if want("convert") and "fvd" in names:
+        from .bench_convert import measure_convert
+        qemu = any(n.startswith("qemu-") for n in names)
+        jobs.append(("convert", "convert", impls.BY_NAME["fvd"], lambda: measure_convert(
+            workdir, scale.convert_mib, scale.repeat, qemu, keys)))
     if want("open"):
         for c in contenders:
             if c.python:
@@ -186,6 +195,7 @@ def run_all(scale, names, workdir, keys=None, progress=True):
         for c in contenders:
             if c.name in ("fvd", "fvd-py"):
                 jobs.append(("translate", "translate", c, lambda c=c: [wl.measure_translate(c, scale)]))
+    jobs += _backup_jobs(scale, names, workdir, want)
     try:
         for i, (title, key, c, job) in enumerate(jobs, 1):
             t0 = time.perf_counter()
@@ -205,6 +215,28 @@ def run_all(scale, names, workdir, keys=None, progress=True):
     finally:
         _impl.select(previous)
     return merge_rounds(results)
+
+
+def _backup_jobs(scale, names, workdir, want):
+    """Rows of the backup data path (fvd.bench_backup): fvd only, and ovirt-imageio's
+    checksum in the raw column."""
+    from . import bench_backup as bb
+    if "fvd" not in names:
+        return []
+    fvd_c = impls.BY_NAME["fvd"]
+    sz = bb.sizes(scale.ops < wl.Scale().ops)     # --quick: smaller images
+    show = lambda msg: _progress(True, msg)      # noqa: E731
+    jobs = []
+    if want("changed-extents"):
+        jobs.append(("changed extents", "changed-extents", fvd_c,
+                     lambda: bb.measure_changed(sz["changed"], sz["repeat"], show)))
+    if want("sparse-extents"):
+        jobs.append(("sparse extents", "sparse-extents", fvd_c,
+                     lambda: bb.measure_sparse_extents(sz["sparse"], sz["repeat"])))
+    if want("checksum"):
+        jobs.append(("checksum", "checksum", fvd_c,
+                     lambda: bb.measure_checksum(workdir, sz["checksum"], sz["repeat"])))
+    return jobs
 
 
 def merge_rounds(results):
@@ -375,6 +407,11 @@ def targets(results):
     ratio("overwrite4k-wt", "fvd", "qcow2", 0.9, "FVD overwrite 4K wt within 10% of qcow2")
     ratio("read4k", "fvd", "qcow2", 0.9, "FVD read 4K within 10% of qcow2")
     ratio("alloc4k-wt", "qcow2", "qemu-qcow2", 0.5, "qcow2 baseline within 2x of QEMU qcow2")
+    from .bench_convert import ROWS as CONVERT_ROWS
+    for key, title, _s, _d, peer, cache in CONVERT_ROWS:
+        what = ("-t writeback " if cache == "writeback" else "") + \
+            ("raw->qcow2" if peer == "qemu-qcow2" else "qcow2->raw")
+        ratio(key, "fvd", peer, 1.0, f"fvd {title[8:]} >= 1.0x qemu-img convert {what}")
     tr = idx.get(("translate", "fvd"))
     out.append({"target": "cython translation >= 50M lookups/s",
                 "measured": "n/a" if not (tr and tr.value) else f"{tr.value / 1e6:.0f}M/s",
@@ -388,6 +425,14 @@ def targets(results):
     key = next((r.workload for r in results if r.workload.startswith("seqwrite1m")),
                "seqwrite1m")
     ratio(key, "fvd", "raw", 0.9, "FVD sequential 1M write >= 0.9x plain file")
+    for k, text in (("changed-extents", "changed extents, 10% of chunks rewritten < 50 ms"),
+                    ("sparse-extents", "extents_array of a huge sparse image < 50 ms")):
+        r = idx.get((k, "fvd"))
+        v = r.value if r else None
+        out.append({"target": text, "measured": "n/a" if v is None else f"{v:.1f} ms",
+                    "value": v, "status": "n/a" if v is None else
+                    ("met" if v < 50 else "MISS")})
+    ratio("checksum", "fvd", "raw", 1.0, "checksum >= 1.0x ovirt-imageio's of the raw file")
     return out
 
 

@@ -85,11 +85,13 @@ class Scale:
     open_ops: int = 2048         # allocated chunks when timing open
     repeat: int = 3
     flush_every: int = 16
+    convert_mib: int = 1024      # virtual size of the convert rows' image (30% data)
 
     @classmethod
     def quick(cls):
         return cls(ops=128, reads=4096, seq_mib=64, translate=1 << 20, translate_py=1 << 16,
-                   snapshots=(1, 20), snap_data_ops=64, open_ops=512, repeat=1)
+                   snapshots=(1, 20), snap_data_ops=64, open_ops=512, repeat=1,
+                   convert_mib=128)
 
     def scaled(self, factor):
         """Every count multiplied by factor (at least 1): FVD_BENCH_SCALE for CI."""
@@ -100,7 +102,8 @@ class Scale:
                      translate_py=s(self.translate_py),
                      snapshots=tuple(sorted({s(k) for k in self.snapshots})),
                      snap_data_ops=s(self.snap_data_ops), open_ops=s(self.open_ops),
-                     repeat=self.repeat, flush_every=self.flush_every)
+                     repeat=self.repeat, flush_every=self.flush_every,
+                     convert_mib=s(self.convert_mib))
 
 
 # ----- I/O workloads -------------------------------------------------------------------

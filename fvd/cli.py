@@ -1,6 +1,7 @@
 """The `fvd` command line, modelled on qemu-img."""
 import argparse
 import json
+import os
 import sys
 
 from . import format as fmt
@@ -58,6 +59,8 @@ def emit(args, data, text):
 
 # ----- commands ---------------------------------------------------------------
 def cmd_create(args):
+    if args.fmt != "fvd":
+        return _create_other(args)
     from .image import create
     opts = parse_options(args.options)
     kwargs = {}
@@ -80,14 +83,43 @@ def cmd_create(args):
     return 0
 
 
+def _create_other(args):
+    """create -f qcow2 (fvd.qcow2: -o cluster_size=,lazy_refcounts=; -b/-F) or -f raw."""
+    from .convert import _dst_options
+    opts = _dst_options(args.fmt, parse_options(args.options))
+    size = parse_size(args.size) if args.size else None
+    if size is None:
+        if not args.backing:
+            raise UsageError("an image size is required without a backing file")
+        from .base import _resolve
+        size = _base_size(_resolve(args.image, args.backing), args.backing_format)
+    if os.path.exists(args.image) and not args.force:
+        raise FileExistsError(17, "file exists (--force replaces it)", args.image)
+    if args.fmt == "raw":
+        if args.backing:
+            raise UsageError("a raw image cannot have a backing file")
+        with open(args.image, "wb") as f:
+            f.truncate(size)
+    else:
+        from . import qcow2
+        qcow2.create(args.image, -(-size // 512) * 512, overwrite=args.force,
+                     backing_file=args.backing, backing_format=args.backing_format,
+                     **opts)
+    print(f"Formatting '{args.image}', fmt={args.fmt} size={size}"
+          + (f" backing_file={args.backing}" if args.backing else ""))
+    return 0
+
+
 def _base_size(path, base_format):
-    import os
     from .nbd_client import is_nbd_uri
     if is_nbd_uri(path):
         from .nbd_client import NbdClient
         client = NbdClient(path, max_connections=1)
         client.close()
         return client.size
+    if base_format is None:
+        from .imageio import probe
+        base_format = probe(path)
     if base_format == "fvd":
         from .image import open as open_image
         with open_image(path) as b:
@@ -100,120 +132,192 @@ def _base_size(path, base_format):
 
 
 def cmd_info(args):
-    from .image import open as open_image
-    with open_image(args.image, force_share=args.force_share) as img:
-        info = img.info()
-    lines = [f"image: {info['filename']}", "file format: fvd",
-             f"virtual size: {human(info['virtual-size'])} ({info['virtual-size']} bytes)",
-             f"disk size: {human(info['actual-size'])}",
-             f"chunk size: {info['chunk-size']}", f"block size: {info['block-size']}",
-             f"allocated chunks: {info['allocated-chunks']}",
-             f"clean shutdown: {'yes' if info['clean-shutdown'] else 'no'}"]
-    if "backing-filename" in info:
-        lines.append(f"backing file: {info['backing-filename']}")
-        lines.append(f"backing file format: {info['backing-filename-format']}")
-        lines.append(f"base prefetched: {'yes' if info['base-prefetched'] else 'no'}")
-        for depth, layer in enumerate(info.get("backing-chain", []), 1):
-            lines.append(f"  chain[{depth}]: {layer}")
-    if info.get("snapshots"):
-        lines.append("Snapshot list:")
-        lines.append(_snapshot_table(info["snapshots"]))
-    emit(args, info, "\n".join(lines))
+    from .cliutil import chain_infos, info_text
+    infos = chain_infos(args.image, args.fmt, args.force_share, args.backing_chain)
+    if args.output == "json":
+        print(json.dumps(infos if args.backing_chain else infos[0], indent=4))
+    else:
+        print("\n\n".join(info_text(i, _snapshot_table) for i in infos))
     return 0
 
 
 def cmd_check(args):
-    from .check import check_path
+    """Exit codes as qemu-img check: 0 clean, 1 could not run, 2 corruptions, 3 leaks."""
+    from . import cliutil
+    from .imageio import resolve_format
+    fmt_name = resolve_format(args.image, args.fmt)
+    progress = cliutil.qemu_progress() if args.progress else None
+    if progress:
+        progress(0, 1)
     try:
-        result = check_path(args.image, repair=args.repair is not None)
+        result, facts = cliutil.check_image_path(args.image, fmt_name, args.repair is not None,
+                                                 args.force_share)
     except FvdError as e:
-        if getattr(args, "output", "human") == "json":
-            print(json.dumps({"filename": args.image, "corruptions": 1, "leaks": 0,
-                              "ok": False, "messages": [str(e)]}, indent=2))
-        else:
-            print(f"ERROR: {e}")
+        if not cliutil.is_corrupt(e):
+            raise                       # locked, unsupported...: the check could not run
+        if progress:
+            cliutil.progress_done()
+        emit(args, cliutil.corrupt_check_json(args.image, fmt_name, e), f"ERROR: {e}")
         return 2
-    data = dict(result.as_dict(), filename=args.image)
+    if progress:
+        progress(1, 1)
+        cliutil.progress_done()
+    data = cliutil.check_json(args.image, fmt_name, result, facts)
+    unit = "chunks" if fmt_name == "fvd" else "clusters"
     lines = list(result.messages or [])
     if result.ok:
         lines.append("No errors were found on the image.")
     else:
-        lines.append(f"{result.corruptions} errors were found on the image."
-                     if result.corruptions else
-                     f"{result.leaks} leaked chunks were found on the image.")
+        if result.corruptions:
+            lines.append(f"{result.corruptions} errors were found on the image.")
+        if result.leaks:
+            lines.append(f"{result.leaks} leaked {unit} were found on the image.")
     if result.leaks_fixed:
-        lines.append(f"{result.leaks_fixed} leaked chunks were repaired.")
+        lines.append(f"{result.leaks_fixed} leaked {unit} were repaired.")
+    if result.corruptions_fixed:
+        lines.append(f"{result.corruptions_fixed} corruptions were repaired.")
+    lines.append(f"{facts['allocated-clusters']}/{facts['total-clusters']} allocated {unit}.")
+    lines.append(f"Image end offset: {facts['image-end-offset']}")
     emit(args, data, "\n".join(lines))
     return 2 if result.corruptions else 3 if result.leaks else 0
 
 
 def cmd_map(args):
-    from .image import open as open_image
-    with open_image(args.image, force_share=args.force_share) as img:
-        extents = [e.as_dict() for e in img.extents()]
+    from .cliutil import changed_dicts, extent_dict, open_args
+    if args.until is not None and args.since is None:
+        raise UsageError("--until needs --since")
+    with open_args(args) as img:
+        if args.since is not None:      # changed extents (fvd.changed, or qcow2 trees)
+            extents = changed_dicts(img, args.since, args.until)
+        else:
+            extents = [extent_dict(e) for e in img.extents()]
     if args.output == "json":
         print(json.dumps(extents, indent=None).replace("}, {", "},\n{"))
         return 0
+    if args.since is not None:
+        print(f"{'Offset':<20}{'Length':<20}Changed to")
+        for e in extents:
+            print(f"{e['start']:<#20x}{e['length']:<#20x}{'zero' if e['zero'] else 'data'}")
+        return 0
     print(f"{'Offset':<20}{'Length':<20}{'Mapped to':<20}File")
     for e in extents:
-        if e["data"]:
+        if e["data"] and "offset" in e:
             print(f"{e['start']:#<20x}{e['length']:#<20x}{e.get('offset', 0):#<20x}"
                   f"{args.image}".replace("#", " "))
     return 0
 
 
 def _snapshot_table(snaps):
-    rows = [f"{'ID':<6}{'TAG':<24}{'VM SIZE':>12}  {'DATE':<20}"]
+    import datetime
+    rows = [f"{'ID':<6}{'TAG':<24}{'VM SIZE':>12}  {'DATE':<20}{'VM CLOCK':>16}"]
     for s in snaps:
-        created = s.get("created")
-        created = created.strftime("%Y-%m-%d %H:%M:%S") if hasattr(created, "strftime") \
-            else str(created)[:19].replace("T", " ")
-        rows.append(f"{s['id']:<6}{s['name']:<24}{human(s['vm_state_size']):>12}  {created:<20}")
+        created = datetime.datetime.fromtimestamp(s["date-sec"], datetime.timezone.utc)
+        clock = s["vm-clock-sec"]
+        clock = f"{clock // 3600:04d}:{clock // 60 % 60:02d}:{clock % 60:02d}." \
+                f"{s['vm-clock-nsec'] // 10**6:03d}"
+        rows.append(f"{s['id']:<6}{s['name']:<24}{human(s['vm-state-size']):>12}  "
+                    f"{created.strftime('%Y-%m-%d %H:%M:%S'):<20}{clock:>16}")
     return "\n".join(rows)
 
 
+def _snapshot_dicts(img):
+    from .info import fvd_snapshot_dicts, snapshot_dict
+    if hasattr(img, "_snapshot_l1"):            # qcow2
+        return [snapshot_dict(s.id, s.name, s.vm_state_size,
+                              s.date_sec * 10**9 + s.date_nsec, s.vm_clock_nsec)
+                for s in img.snapshots()]
+    return fvd_snapshot_dicts(img)
+
+
 def cmd_snapshot(args):
-    from .image import open as open_image
+    from .cliutil import open_args
+    from .imageio import resolve_format
+    if resolve_format(args.image, args.fmt) == "raw":
+        raise UsageError(f"{args.image}: raw images have no internal snapshots")
     if args.list:
-        with open_image(args.image, force_share=args.force_share) as img:
-            snaps = [s.as_dict() for s in img.snapshots()]
+        with open_args(args) as img:
+            snaps = _snapshot_dicts(img)
         emit(args, snaps, _snapshot_table(snaps))
         return 0
-    with open_image(args.image, "r+") as img:
+    with open_args(args, "r+") as img:
         if args.create:
             img.create_snapshot(args.create)
         elif args.delete:
             img.delete_snapshot(args.delete)
         elif args.apply:
+            if not hasattr(img, "revert_to_snapshot"):
+                raise UsageError(f"{args.image}: applying a snapshot is only supported "
+                                 f"for fvd images")
             img.revert_to_snapshot(args.apply)
     return 0
 
 
 def cmd_prefetch(args):
+    from .cliutil import progress_done, qemu_progress
     from .image import open as open_image
-    progress = None
-    if args.progress:
-        from .base import progress_bar
-        progress = progress_bar(sys.stderr)
+    from .imageio import resolve_format
+    if resolve_format(args.image, args.fmt) != "fvd":
+        raise UsageError(f"{args.image}: prefetch needs an fvd image with a base")
+    progress = qemu_progress() if args.progress else None
     with open_image(args.image, "r+") as img:
         img.prefetch(progress)
-    if args.progress:
-        sys.stderr.write("\n")
+    if progress:
+        progress_done()
+    return 0
+
+
+def cmd_convert(args):
+    from .cliutil import progress_done, qemu_progress
+    from .convert import convert
+    opts = parse_options(args.options)
+    progress = qemu_progress() if args.progress else None
+    convert(args.src, args.dst, src_format=args.fmt, dst_format=args.out_format,
+            snapshot=_snapshot_name(args.snapshot), since=args.since, backing=args.backing,
+            backing_format=args.backing_format, progress=progress,
+            force_share=args.force_share, cache=args.cache, **opts)
+    if progress:
+        progress_done()
+    return 0
+
+
+def _snapshot_name(text):
+    """-l NAME, or qemu-img's -l snapshot.name=NAME / snapshot.id=ID."""
+    if text is None:
+        return None
+    for prefix in ("snapshot.name=", "snapshot.id="):
+        if text.startswith(prefix):
+            return text[len(prefix):]
+    return text
+
+
+def cmd_checksum(args):
+    from .checksum import checksum
+    from .cliutil import open_args, progress_done, qemu_progress
+    progress = qemu_progress() if args.progress else None
+    block_size = parse_size(args.block_size)
+    with open_args(args) as img:
+        if args.snapshot is not None:
+            if not hasattr(img, "open_snapshot"):
+                raise UsageError(f"{args.image}: raw images have no snapshots")
+            with img.open_snapshot(args.snapshot) as view:
+                result = checksum(view, block_size, args.algorithm, progress=progress)
+        else:
+            result = checksum(img, block_size, args.algorithm, progress=progress)
+    if progress:
+        progress_done()
+    emit(args, result, f"{result['checksum']}  {args.image}")
     return 0
 
 
 def cmd_serve(args):
+    from .imageio import resolve_format
     from .serve import serve
     if (args.socket is None) == (args.port is None):
         raise UsageError("give exactly one of --socket PATH or --port N")
     return serve(args.image, snapshot=args.snapshot, readonly=args.readonly,
                  socket=args.socket, port=args.port, bind=args.bind, shared=args.shared,
-                 image_format=args.fmt or _probe(args.image), force_share=args.force_share)
-
-
-def _probe(path):
-    from .base import detect_format
-    return detect_format(path)
+                 image_format=resolve_format(args.image, args.fmt),
+                 force_share=args.force_share)
 
 
 def cmd_bench(args):
@@ -227,9 +331,29 @@ def _force_share_option(parser):
                         help="open even while another handle writes it (best-effort view)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors exit 1 (as qemu-img), not argparse's 2: 2 means "corruptions"."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+# Commands that take no -f (every other command gets `-f fvd|qcow2|raw`, see below).
+NO_FORMAT_OPTION = {"bench", "create"}
+
+
+def _add_format_options(sub):
+    """-f FMT on every command that opens an image (probed by magic when absent)."""
+    from .imageio import FORMATS
+    for name, parser in sub.choices.items():
+        if name not in NO_FORMAT_OPTION and "-f" not in parser._option_string_actions:
+            parser.add_argument("-f", dest="fmt", choices=FORMATS,
+                                help="image format (default: probed; fvd and qcow2 by magic)")
+
+
 def build_parser():
-    p = argparse.ArgumentParser(prog="fvd", description="Create, inspect and benchmark FVD "
-                                "copy-on-write disk images.")
+    p = _Parser(prog="fvd", description="Create, inspect, convert and benchmark FVD "
+                "copy-on-write disk images.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -239,7 +363,9 @@ def build_parser():
                    help="base image format")
     c.add_argument("-o", dest="options", metavar="OPTS",
                    help="chunk_size=SIZE,block_size=SIZE,journal_size=SIZE")
-    c.add_argument("-f", dest="fmt", default="fvd", choices=["fvd"], help="image format")
+    c.add_argument("-f", dest="fmt", default="fvd", choices=["fvd", "qcow2", "raw"],
+                   help="image format (qcow2 through fvd.qcow2: -o cluster_size=,"
+                        "lazy_refcounts=)")
     c.add_argument("--force", action="store_true", help="overwrite an existing file")
     c.add_argument("image")
     c.add_argument("size", nargs="?", help="virtual size, e.g. 10G (default: base size)")
@@ -247,6 +373,7 @@ def build_parser():
 
     i = sub.add_parser("info", help="show header facts, allocation and snapshots")
     i.add_argument("--output", choices=["human", "json"], default="human")
+    i.add_argument("--backing-chain", action="store_true", help="also every base below")
     _force_share_option(i)
     i.add_argument("image")
     i.set_defaults(func=cmd_info)
@@ -254,11 +381,15 @@ def build_parser():
     k = sub.add_parser("check", help="check consistency (exit 0 clean, 2 corrupt, 3 leaks)")
     k.add_argument("-r", dest="repair", choices=["leaks", "all"], help="repair")
     k.add_argument("--output", choices=["human", "json"], default="human")
+    k.add_argument("-p", dest="progress", action="store_true", help="show progress")
+    _force_share_option(k)
     k.add_argument("image")
     k.set_defaults(func=cmd_check)
 
     m = sub.add_parser("map", help="show the allocation map (as qemu-img map)")
     m.add_argument("--output", choices=["human", "json"], default="human")
+    m.add_argument("--since", metavar="SNAP", help="only ranges changed since snapshot SNAP")
+    m.add_argument("--until", metavar="SNAP", help="... up to snapshot SNAP (default: now)")
     _force_share_option(m)
     m.add_argument("image")
     m.set_defaults(func=cmd_map)
@@ -288,10 +419,44 @@ def build_parser():
     v.add_argument("--port", type=int, metavar="N", help="listen on a TCP port")
     v.add_argument("--bind", metavar="ADDR", help="TCP address to listen on (default all)")
     v.add_argument("--shared", type=int, metavar="N", help="at most N clients at once")
-    v.add_argument("-f", dest="fmt", choices=["fvd", "qcow2", "raw"], help="image format")
     _force_share_option(v)
     v.add_argument("image")
     v.set_defaults(func=cmd_serve)
+
+    v = sub.add_parser("convert", help="convert, export or back up an image (as qemu-img "
+                       "convert); --since S -B PREV writes an incremental backup")
+    v.add_argument("-O", dest="out_format", default="fvd", choices=["fvd", "raw", "qcow2"],
+                   help="output format (default fvd)")
+    v.add_argument("-l", dest="snapshot", metavar="SNAPSHOT",
+                   help="convert this internal snapshot (NAME or snapshot.name=NAME)")
+    v.add_argument("--since", metavar="SNAPSHOT",
+                   help="copy only what changed since this snapshot (needs -B)")
+    v.add_argument("-B", dest="backing", metavar="BACKING",
+                   help="the output's backing file (relative to the output's directory)")
+    v.add_argument("-F", dest="backing_format", choices=["fvd", "raw", "qcow2"],
+                   help="backing file format")
+    v.add_argument("-o", dest="options", metavar="OPTS",
+                   help="fvd: chunk_size=,block_size=; qcow2: cluster_size=,lazy_refcounts=")
+    v.add_argument("-p", dest="progress", action="store_true", help="show progress")
+    v.add_argument("-t", dest="cache", default="writeback", choices=["writeback", "unsafe"],
+                   help="writeback (default): DST is flushed before it is renamed into "
+                        "place; unsafe: no flush (qemu-img convert's default)")
+    _force_share_option(v)
+    v.add_argument("src")
+    v.add_argument("dst")
+    v.set_defaults(func=cmd_convert)
+
+    h = sub.add_parser("checksum", help="checksum of the guest data, equal to "
+                       "ovirt-imageio's (blkhash) of the same content in any format")
+    h.add_argument("-l", dest="snapshot", metavar="SNAPSHOT", help="checksum a snapshot")
+    h.add_argument("-p", dest="progress", action="store_true", help="show progress")
+    h.add_argument("--block-size", default="4M",
+                   help="blkhash block size (default 4M)")
+    h.add_argument("--algorithm", default="blake2b", help="hashlib algorithm (blake2b)")
+    h.add_argument("--output", choices=["human", "json"], default="human")
+    _force_share_option(h)
+    h.add_argument("image")
+    h.set_defaults(func=cmd_checksum)
 
     b = sub.add_parser("bench", help="FVD against the QCOW2 baseline, raw and QEMU")
     try:
@@ -300,29 +465,44 @@ def build_parser():
     except ImportError:
         pass
     b.set_defaults(func=cmd_bench)
+    _add_format_options(sub)
     return p
 
 
 def main(argv=None):
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as e:
+        print(f"fvd: {e}", file=sys.stderr)
+        return 1
     try:
         return args.func(args)
     except UsageError as e:
         print(f"fvd {args.command}: {e}", file=sys.stderr)
         return 1
-    except (FvdError, OSError, ValueError, KeyError) as e:
-        name = getattr(args, "image", None)
-        msg = str(e)
-        if isinstance(e, OSError) and not isinstance(e, FvdError):
-            msg = f"{e.filename or name}: {e.strerror or e}"
-        elif isinstance(e, KeyError) and not isinstance(e, FvdError):
-            msg = f"{name}: {e.args[0] if e.args else e}"
-        print(f"fvd {args.command}: {msg}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("fvd: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:      # one line, never a traceback (FVD_DEBUG=1 re-raises)
+        if os.environ.get("FVD_DEBUG") == "1":
+            raise
+        print(f"fvd {args.command}: {_error_line(args, e)}", file=sys.stderr)
+        return 1
+
+
+def _error_line(args, e):
+    """One line naming the file and the problem."""
+    name = getattr(args, "image", None) or getattr(args, "src", None)
+    if isinstance(e, FvdError):
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+    if isinstance(e, OSError):
+        return f"{e.filename or name}: {e.strerror or e}"
+    if isinstance(e, KeyError):
+        return f"{name}: {e.args[0] if e.args else e}"
+    if isinstance(e, ValueError):
+        return str(e).splitlines()[0] if str(e) else "invalid value"
+    return f"{name}: {type(e).__name__}: {e}".splitlines()[0]
 
 
 if __name__ == "__main__":

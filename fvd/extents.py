@@ -1,44 +1,124 @@
-"""Allocation map of an image: the runs `qemu-img map --output=json` would report."""
+"""Allocation map of an image: the runs `qemu-img map --output=json` would report.
+
+The table is cut into runs vectorised (one numpy pass finds the entries that are not
+UNALLOCATED; the runs are built from those), so the cost grows with the number of runs,
+not with the virtual size. Runs below the end of a base image are split by the bitmap
+(partially written chunks follow their blocks) and, where they read the base, by the
+base's own extents (a raw base reports its holes, found with SEEK_DATA/SEEK_HOLE).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
 from . import format as fmt
 from .image import Extent
 
+EXTENT_DTYPE = np.dtype([("start", "<u8"), ("length", "<u8"), ("flags", "<u4"),
+                         ("depth", "<u4"), ("offset", "<i8")])
+FLAG_DATA = 1       # holds data (qemu-img map "data")
+FLAG_ZERO = 2       # reads as zeros ("zero")
+FLAG_PRESENT = 4    # the chain holds it ("present"); not set for unallocated ranges
 
-def image_extents(img, offset=0, length=None):
-    """Iterate Extents covering [offset, offset+length) exactly, equal neighbours merged."""
+
+def _check_range(img, offset, length):
     img._check_open()
     if length is None:
         length = img.size - offset
     if offset < 0 or length < 0 or offset + length > img.size:
         raise ValueError(f"range [{offset}, {offset + length}) outside the image")
+    return length
+
+
+def image_extents(img, offset=0, length=None) -> Iterator[Extent]:
+    """Iterate Extents covering [offset, offset+length) exactly, equal neighbours merged."""
+    length = _check_range(img, offset, length)
     return _merge(_segments(img, offset, offset + length))
 
 
+def extents_array(img, offset: int = 0, length: int | None = None) -> np.ndarray:
+    """The same extents as a numpy structured array (EXTENT_DTYPE); offset -1 = none."""
+    rows = [(e.start, e.length,
+             (FLAG_DATA if e.data else 0) | (FLAG_ZERO if e.zero else 0)
+             | (FLAG_PRESENT if e.present else 0),
+             e.depth, -1 if e.offset is None else e.offset)
+            for e in (image_extents(img, offset, length) if hasattr(img, "_table")
+                      else img.extents(offset, length))]      # qcow2, raw (fvd.imageio)
+    return np.array(rows, dtype=EXTENT_DTYPE)
+
+
+def table_runs(table, first, last):
+    """Runs of chunks [first, last): (first chunk, end chunk, entry of the first chunk).
+    A run is UNALLOCATED chunks, ZERO chunks, or allocated chunks whose physical chunks
+    follow each other."""
+    t = table[first:last]
+    idx = np.flatnonzero(t != fmt.UNALLOCATED)
+    vals = t[idx]
+    n = len(idx)
+    if n:
+        alloc = vals < fmt.ZERO_CHUNK
+        same = np.zeros(n, dtype=bool)
+        same[1:] = ((idx[1:] == idx[:-1] + 1)
+                    & (((vals[1:] == fmt.ZERO_CHUNK) & (vals[:-1] == fmt.ZERO_CHUNK))
+                       | (alloc[1:] & alloc[:-1]
+                          & (vals[1:].astype(np.int64) == vals[:-1].astype(np.int64) + 1))))
+        heads = np.flatnonzero(~same)
+        tails = np.append(heads[1:], n) - 1
+        starts = (idx[heads] + first).tolist()
+        ends = (idx[tails] + first + 1).tolist()
+        entries = vals[heads].tolist()
+    else:
+        starts, ends, entries = [], [], []
+    pos = first
+    for s, e, v in zip(starts, ends, entries):
+        if s > pos:
+            yield pos, s, fmt.UNALLOCATED
+        yield s, e, v
+        pos = e
+    if pos < last:
+        yield pos, last, fmt.UNALLOCATED
+
+
 def _segments(img, start, end):
+    if end <= start:
+        return
     cs = img.chunk_size
     data_offset = img._header["data_offset"]
-    pos = start
-    while pos < end:
-        v = pos // cs
-        stop = min(end, (v + 1) * cs)
-        e = int(img._table[v])
+    base = img._base
+    for c0, c1, e in table_runs(img._table, start // cs, (end - 1) // cs + 1):
+        pos, stop = max(start, c0 * cs), min(end, c1 * cs)
         if e < fmt.ZERO_CHUNK:
-            host = data_offset + e * cs + pos % cs
-            if img._base is not None:
-                yield from img._base.segments_in_chunk(pos, stop, host)
-            elif getattr(img, "_partial", None) is not None and \
-                    img._partial.slot_of(v) is not None:     # runs of N and its source
-                for s, t, h in img._partial.host_runs(img._partial.slot_of(v), e, pos, stop,
-                                                      v * cs, data_offset):
-                    yield Extent(s, t - s, 0, True, False, True, h)
+            host = data_offset + e * cs + pos - c0 * cs
+            if base is not None:
+                yield from base.segments_in_chunk(pos, stop, host)
+            elif getattr(img, "_partial", None) is not None and img._partial.active:
+                yield from _partial_segments(img, pos, stop, c0, e, data_offset)
             else:
                 yield Extent(pos, stop - pos, 0, True, False, True, host)
         elif e == fmt.ZERO_CHUNK:
             yield Extent(pos, stop - pos, 0, True, True, False, None)
-        elif img._base is not None:
-            yield from img._base.segments_below(pos, stop)
+        elif base is not None:
+            yield from base.segments_below(pos, stop)
         else:
             yield Extent(pos, stop - pos, 0, False, True, False, None)
-        pos = stop
+
+
+def _partial_segments(img, pos, stop, c0, e0, data_offset):
+    """A run of allocated chunks (chunk c0 maps e0, the next ones follow) in which some
+    chunks may be partial (fvd.granular): those split by their granule bits."""
+    cs, st = img.chunk_size, img._partial
+    while pos < stop:
+        v = pos // cs
+        end = min(stop, (v + 1) * cs)
+        e = e0 + (v - c0)
+        k = st.slot_of(v)
+        if k is None:
+            yield Extent(pos, end - pos, 0, True, False, True, data_offset + e * cs + pos - v * cs)
+        else:
+            for s, t, h in st.host_runs(k, e, pos, end, v * cs, data_offset):
+                yield Extent(s, t - s, 0, True, False, True, h)
+        pos = end
 
 
 def _merge(segments):

@@ -142,7 +142,9 @@ def create(path, size, *, chunk_size=fmt.MiB, block_size=64 * fmt.KiB, base=None
     except BaseException as e:
         os.close(fd)
         os.unlink(path)
-        raise io_error(path, e, "create") from None
+        if isinstance(e, OSError):
+            raise io_error(path, e, "create") from None
+        raise
     os.close(fd)
 
 
@@ -182,7 +184,9 @@ class Image:
                 self._load_beside_writer(_chain, copy_on_read)
         except BaseException as e:
             self._release()
-            raise io_error(self.path, e, "open") from None
+            if isinstance(e, OSError):
+                raise io_error(self.path, e, "open") from None
+            raise
         self._closed = False
         if self._base is None or self._base.fast_read:
             # Reads go straight to the fast path: no Python frame of ours per read (with
@@ -830,6 +834,27 @@ class Image:
     def extents(self, offset=0, length=None):
         from .extents import image_extents
         return image_extents(self, offset, length)
+
+    # Backup data path (fvd.changed, fvd.extents, fvd.fileview, fvd.checksum)
+    def as_file(self):
+        from .fileview import as_file
+        return as_file(self)
+
+    def checksum(self, block_size=4 << 20, algorithm="blake2b", progress=None, threads=None):
+        from .checksum import checksum
+        return checksum(self, block_size, algorithm, progress=progress, threads=threads)
+
+    def extents_array(self, offset=0, length=None):
+        from .extents import extents_array
+        return extents_array(self, offset, length)
+
+    def changed_extents(self, since, until=None):
+        from .changed import changed_extents
+        return changed_extents(self, since, until)
+
+    def changed_extents_array(self, since, until=None):
+        from .changed import changed_extents_array
+        return changed_extents_array(self, since, until)
 
     def check(self, repair=False):
         from .check import check_image

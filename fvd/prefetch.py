@@ -21,6 +21,7 @@
 * Blocks in chunks a snapshot holds (frozen) are stored like a guest write would: the
   chunk is first copied to a new one (Image._prepare_chunks), never written in place.
 """
+import bisect
 import random
 import sys
 import time
@@ -28,7 +29,7 @@ import time
 import numpy as np
 
 from . import format as fmt
-from .bitmap import get_bits
+from .bitmap import get_bits, runs
 
 DEFAULT_STEP = 4 * fmt.MiB
 DEFAULT_MIN_RATE = 5120 * 1024
@@ -95,6 +96,8 @@ def prefetch(img, progress=None, *, step=DEFAULT_STEP, min_rate=DEFAULT_MIN_RATE
     nb = -(-bend // bs)
     bitmap = layer.bitmap
     step_blocks = max(1, step // bs)
+    holes = _base_holes(layer, bend)
+    _zero_hole_chunks(img, layer, holes, nb)
     done = _present_bytes(get_bits(bitmap.fresh, 0, nb), 0, bs, bend) if nb else 0
     total = bend
     if progress is not None:
@@ -114,7 +117,7 @@ def prefetch(img, progress=None, *, step=DEFAULT_STEP, min_rate=DEFAULT_MIN_RATE
         a, z = pos + int(absent[0]), pos + int(absent[-1]) + 1
         s, e = a * bs, min(z * bs, bend)
         piece = view[:e - s]
-        layer._base_read(s, piece)
+        _read_skipping_holes(layer, holes, s, piece)
         copied += layer.store(s, piece)
         done += (e - s) - _present_bytes(flags[a - pos:z - pos], a, bs, bend)
         if progress is not None:
@@ -125,6 +128,57 @@ def prefetch(img, progress=None, *, step=DEFAULT_STEP, min_rate=DEFAULT_MIN_RATE
     if progress is not None:
         progress(total, total)
     return copied
+
+
+def _base_holes(layer, bend):
+    """Sorted (start, end) ranges below `bend` where the base reads zeros (a raw base's
+    holes, an image base's zero extents): prefetch never reads them."""
+    try:
+        return [(x.start, x.start + x.length) for x in layer.backend.extents(0, bend)
+                if x.zero]
+    except (OSError, NotImplementedError):
+        return []
+
+
+def _zero_hole_chunks(img, layer, holes, nb):
+    """Whole chunks that read the base and lie in a base hole become ZERO chunks (the
+    bits set, as write_zeroes does): nothing to read, nothing to write."""
+    cs, bs = img.chunk_size, img.block_size
+    per = cs // bs
+    for hs, he in holes:
+        c0 = -(-hs // cs)
+        c1 = (he // cs) if he < layer.bend else -(-he // cs)
+        if c1 <= c0:
+            continue
+        with img._lock:
+            if img._closed or img._base is not layer:
+                return
+            absent = img._table[c0:c1] == fmt.UNALLOCATED
+            b0, b1 = c0 * per, min(c1 * per, nb)
+            bits = np.zeros((c1 - c0) * per, dtype=bool)
+            bits[:b1 - b0] = get_bits(layer.bitmap.fresh, b0, b1)
+            absent &= ~bits.reshape(c1 - c0, per).any(axis=1)
+            for a, b, ok in runs(absent):
+                if ok:
+                    img._unmap_chunks(c0 + a, c0 + b)
+
+
+def _read_skipping_holes(layer, holes, start, piece):
+    """Fill `piece` (virtual `start`) from the base; base holes are zero-filled, not read."""
+    end = start + len(piece)
+    pos = start
+    i = bisect.bisect_right(holes, (start, end)) - 1
+    i = max(i, 0)
+    while pos < end:
+        while i < len(holes) and holes[i][1] <= pos:
+            i += 1
+        if i < len(holes) and holes[i][0] <= pos:
+            stop = min(end, holes[i][1])
+            piece[pos - start:stop - start] = bytes(stop - pos)
+        else:
+            stop = min(end, holes[i][0]) if i < len(holes) else end
+            layer._base_read(pos, piece[pos - start:stop - start])
+        pos = stop
 
 
 def _finish(img, layer, nb):

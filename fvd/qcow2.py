@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _impl
-from .errors import CorruptImageError, UnsupportedFeatureError
+from .errors import BaseImageError, CorruptImageError, UnsupportedFeatureError
 from .qcow2_cluster import ClusterMixin, Extent
 from .qcow2_format import (COMPAT_LAZY_REFCOUNTS, EXT_BITMAPS, INCOMPAT_CORRUPT,
                            INCOMPAT_DIRTY, L1E_RESERVED_MASK, MAX_CLUSTER_BITS,
@@ -48,11 +48,15 @@ class CheckResult:
         return self.corruptions == 0 and self.leaks == 0
 
 
-def create(path, size, *, cluster_size=65536, lazy_refcounts=False, overwrite=False):
-    """Create an empty qcow2 v3 image (16-bit refcounts, no backing file).
+def create(path, size, *, cluster_size=65536, lazy_refcounts=False, overwrite=False,
+           backing_file=None, backing_format=None):
+    """Create an empty qcow2 v3 image (16-bit refcounts).
 
     Layout as `qemu-img create`: header, refcount table, one refcount block, L1 table.
-    Refuses to replace an existing file unless overwrite=True (FileExistsError)."""
+    Refuses to replace an existing file unless overwrite=True (FileExistsError).
+    `backing_file` (stored as given; a relative name is relative to the image's
+    directory) and `backing_format` ("qcow2", "raw" or "fvd"; probed when None) make an
+    overlay whose unallocated clusters read from the backing file."""
     if not isinstance(size, int) or size < 0:
         raise ValueError(f"size must be a non-negative integer, not {size!r}")
     if size % 512:
@@ -61,7 +65,8 @@ def create(path, size, *, cluster_size=65536, lazy_refcounts=False, overwrite=Fa
             not (1 << MIN_CLUSTER_BITS) <= cluster_size <= (1 << MAX_CLUSTER_BITS)):
         raise ValueError(f"cluster_size must be a power of two in 512..2M, not {cluster_size}")
     cs, cbits = cluster_size, cluster_size.bit_length() - 1
-    h = Header(version=3, cluster_bits=cbits, size=size, l1_size=0, l1_table_offset=0,
+    backing_file, backing_format = _new_backing(path, backing_file, backing_format)
+    h = Header(backing_file=backing_file, backing_format=backing_format,version=3, cluster_bits=cbits, size=size, l1_size=0, l1_table_offset=0,
                refcount_table_offset=cs, refcount_table_clusters=1, nb_snapshots=0,
                snapshots_offset=0,
                compatible_features=COMPAT_LAZY_REFCOUNTS if lazy_refcounts else 0)
@@ -84,6 +89,81 @@ def create(path, size, *, cluster_size=65536, lazy_refcounts=False, overwrite=Fa
         img.close()
 
 
+def _new_backing(path, backing_file, backing_format):
+    """(name, format) to store for a new overlay; the backing file must exist."""
+    if backing_file is None:
+        if backing_format is not None:
+            raise ValueError("backing_format given without backing_file")
+        return "", ""
+    from .base import _resolve, detect_format
+    name = _os.fspath(backing_file)
+    resolved = _resolve(path, name)
+    if not _os.path.exists(resolved):
+        raise BaseImageError(f"{resolved}: backing file does not exist")
+    if backing_format is None:
+        backing_format = detect_format(resolved)
+    if backing_format not in BACKING_FORMATS:
+        raise ValueError(f"backing_format must be one of {BACKING_FORMATS}, "
+                         f"not {backing_format!r}")
+    return name, backing_format
+
+
+BACKING_FORMATS = ("qcow2", "raw", "fvd")
+
+
+class _RawBacking:
+    """A raw backing file: reads past its end are zeros."""
+
+    def __init__(self, path):
+        self.path = path
+        self.fd = _os.open(path, _os.O_RDONLY)
+        self.size = _os.fstat(self.fd).st_size
+
+    def readinto(self, offset, buf):
+        mv = memoryview(buf).cast("B")
+        done = 0
+        while done < len(mv):
+            n = _os.preadv(self.fd, [mv[done:]], offset + done)
+            if n <= 0:
+                mv[done:] = bytes(len(mv) - done)
+                break
+            done += n
+        return len(mv)
+
+    def extents(self, offset, length):
+        from .imageio import raw_extents
+        return raw_extents(self.fd, offset, length)
+
+    def close(self):
+        if self.fd >= 0:
+            _os.close(self.fd)
+            self.fd = -1
+
+
+def _open_backing(img, name, fmt, chain):
+    """The backing file of `img`, opened read-only (its own chain included)."""
+    from .base import _resolve, detect_format
+    path = _resolve(img.path, name)
+    real = _os.path.realpath(path)
+    if real in chain:
+        raise BaseImageError(f"{path}: backing file loop (through {img.path})")
+    try:
+        fmt = fmt or detect_format(path)
+        if fmt == "raw":
+            return _RawBacking(path)
+        if fmt == "qcow2":
+            return Qcow2Image(path, "r", _chain=chain + (real,))
+        if fmt == "fvd":
+            from .image import Image
+            return Image(path, "r", _chain=chain + (real,))
+    except (OSError, CorruptImageError, UnsupportedFeatureError) as e:
+        if isinstance(e, BaseImageError):
+            raise
+        raise BaseImageError(f"{path}: cannot open backing file of {img.path}: "
+                             f"{getattr(e, 'strerror', None) or e}") from e
+    raise BaseImageError(f"{img.path}: unknown backing format {fmt!r}")
+
+
 def open(path, mode="r", *, cache="writeback"):     # noqa: A001 - mirrors fvd.open
     """Open a qcow2 image; mode "r" or "r+", cache "writeback" or "writethrough"."""
     return Qcow2Image(path, mode, cache)
@@ -92,7 +172,10 @@ def open(path, mode="r", *, cache="writeback"):     # noqa: A001 - mirrors fvd.o
 class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
     """An open qcow2 image. See the module docstring."""
 
-    def __init__(self, path, mode="r", cache="writeback", *, _creating=False):
+    _backing = None
+
+    def __init__(self, path, mode="r", cache="writeback", *, _creating=False, _chain=(),
+                 _skip_backing=False):
         if mode not in ("r", "r+"):
             raise ValueError(f"mode must be 'r' or 'r+', not {mode!r}")
         if cache not in ("writeback", "writethrough"):
@@ -108,6 +191,10 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
         self._hf = impl.HostFile(self.fd, self.stats)     # guest data I/O, as FVD's
         try:
             self._load(_creating)
+            if self._header.backing_file and not _skip_backing:
+                self._backing = _open_backing(self, self._header.backing_file,
+                                              self._header.backing_format,
+                                              tuple(_chain) + (_os.path.realpath(path),))
         except BaseException:
             _os.close(self.fd)
             self._closed = True
@@ -365,6 +452,17 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
         finally:
             _os.close(self.fd)
             self._closed = True
+            if self._backing is not None:
+                self._backing.close()
+
+    @property
+    def backing_file(self):
+        """The backing file name as stored in the header, or None."""
+        return self._header.backing_file or None
+
+    @property
+    def backing_format(self):
+        return self._header.backing_format or None
 
     def _abandon(self):
         """Close the file without the clean-shutdown path (tests: simulated crash)."""

@@ -110,15 +110,27 @@ class ClusterMixin:
                     if run_len:
                         self._data_readinto(run_host, mv[run_pos:run_pos + run_len])
                     run_pos, run_len, run_host = pos, chunk, host
+            elif not off and not zero and self._backing is not None:
+                self._backing_read(g, mv[pos:pos + chunk])
             else:
                 mv[pos:pos + chunk] = self._zeros[:chunk]
             pos += chunk
         if run_len:
             self._data_readinto(run_host, mv[run_pos:run_pos + run_len])
 
+    def _backing_read(self, g, mv):
+        """Guest bytes of an unallocated range from the backing file (zeros past its
+        end, as QEMU reads them)."""
+        b = self._backing
+        n = max(0, min(len(mv), b.size - g))
+        if n:
+            b.readinto(g, mv[:n])
+        if n < len(mv):
+            mv[n:] = bytes(len(mv) - n)
+
     def _reads_zero(self, g):
         off, zero, _ = self._lookup(self._l1, self._l1_offset, g)
-        return zero or not off
+        return zero or not off and self._backing is None
 
     # ----------------------------------------------------------------- write
     def _l2_for_write(self, i):
@@ -153,6 +165,7 @@ class ClusterMixin:
         cs, i = self._cs, g >> (self._cbits + self._l2bits)
         l2_off, l2 = self._l2_for_write(i)
         segments, updates, pos = [], [], 0
+        fresh = self._preallocate(g, len(mv), l2)
         while pos < len(mv):
             gg = g + pos
             within = gg & (cs - 1)
@@ -169,13 +182,21 @@ class ClusterMixin:
                 updates.append((j, off | OFLAG_COPIED, 0))
                 self._cow_pending = True
             else:
-                eof = self._file_size
-                new = self._alloc_cluster()
+                if fresh:
+                    eof, new = fresh.pop()
+                else:
+                    eof = self._file_size
+                    new = self._alloc_cluster()
                 if chunk == cs:
                     host, bufs = new, [piece]
                 elif off and not zero:                       # shared: copy on write
                     old = bytearray(cs)
                     self._data_readinto(off, memoryview(old))
+                    host, bufs = new, [old[:within], piece, old[within + chunk:]]
+                    self._cow_pending = True
+                elif not off and not zero and self._backing is not None:
+                    old = bytearray(cs)                      # copy on write from backing
+                    self._backing_read(gg - within, memoryview(old))
                     host, bufs = new, [old[:within], piece, old[within + chunk:]]
                     self._cow_pending = True
                 elif new >= eof:                             # fresh cluster, reads as zeros
@@ -203,14 +224,32 @@ class ClusterMixin:
         if updates:
             self._l2_dirty.add(l2_off)
 
+    def _preallocate(self, g, length, l2):
+        """Clusters for a multi-cluster write allocated at once, as QEMU's
+        qcow2_alloc_clusters does for one request: [(eof before, offset)], popped in
+        order; [] when at most one cluster is needed."""
+        cs = self._cs
+        first = (g >> self._cbits) & self._l2mask
+        last = ((g + length - 1) >> self._cbits) & self._l2mask
+        entries = l2[first:last + 1].astype(np.uint64)
+        mine = (entries & np.uint64(OFLAG_COPIED)) != 0
+        need = int((~mine).sum())
+        if need < 2:
+            return []
+        eof = self._file_size
+        start = self._alloc_contiguous(need)
+        return [(eof, start + k * cs) for k in range(need - 1, -1, -1)]
+
     def _zero_clusters(self, start, end):
         """Whole clusters [start, end) inside one L2 table read as zeros afterwards: the
         v3 zero flag (0 in v2: there is no backing file), old clusters freed."""
         i = start >> (self._cbits + self._l2bits)
-        if not self._l2_offset(self._l1, i, self._l1_offset):
-            return                          # no L2 table: already reads as zeros
         first = (start >> self._cbits) & self._l2mask
         count = (end - start) >> self._cbits
+        if self._backing is not None:       # unallocated reads the backing: flag all
+            return self._zero_flag_clusters(i, first, count)
+        if not self._l2_offset(self._l1, i, self._l1_offset):
+            return                          # no L2 table: already reads as zeros
         old = self._l2_peek(self._l2_offset(self._l1, i, self._l1_offset))
         if not (old[first:first + count].astype(np.uint64) & np.uint64(OFFSET_MASK)).any():
             return                          # nothing allocated there
@@ -221,6 +260,22 @@ class ClusterMixin:
             if off:
                 l2[j] = OFLAG_ZERO if self._version == 3 else 0
                 self._defer_free(off)
+        self._l2_dirty.add(l2_off)
+
+    def _zero_flag_clusters(self, i, first, count):
+        """Over a backing file: every cluster gets the zero flag (v3 only)."""
+        if self._version != 3:
+            raise UnsupportedFeatureError(f"{self.path}: zeroing over a backing file needs "
+                                          "qcow2 v3")
+        l2_off, l2 = self._l2_for_write(i)
+        self._fast_l2.pop(i, None)
+        for j in range(first, first + count):
+            off, zero = self._decode(int(l2[j]), l2_off, j)
+            if off:
+                self._defer_free(off)
+            elif zero:
+                continue
+            l2[j] = OFLAG_ZERO
         self._l2_dirty.add(l2_off)
 
     # ------------------------------------------------------------- write-back
@@ -241,31 +296,123 @@ class ClusterMixin:
         self._apply_deferred()
 
     # ----------------------------------------------------------------- map
-    def _classify(self, g):
-        off, zero, _ = self._lookup(self._l1, self._l1_offset, g)
+    def _classify(self, g, l1=None, l1_off=None):
+        if l1 is None:
+            l1, l1_off = self._l1, self._l1_offset
+        off, zero, _ = self._lookup(l1, l1_off, g)
         if zero:
             return False, True, True, (off or None)
         if off:
             return True, False, True, off
         return False, True, False, None
 
-    def _extents(self, offset, length):
-        cs, pos, end, cur = self._cs, offset, offset + length, None
-        while pos < end:
-            within = pos & (cs - 1)
-            chunk = min(cs - within, end - pos)
-            data, zero, present, host = self._classify(pos)
-            if host is not None:
-                host += within
-            if (cur is not None and (cur.data, cur.zero, cur.present) == (data, zero, present)
-                    and ((cur.offset is None and host is None) or
-                         (cur.offset is not None and host is not None and
-                          cur.offset + cur.length == host))):
-                cur = cur._replace(length=cur.length + chunk)
+    def _extents(self, offset, length, l1=None, l1_off=None):
+        if self._backing is None:
+            yield from self._own_extents(offset, length, l1, l1_off)
+            return
+        cur = None                  # unallocated runs: the backing file's, depth + 1
+        for e in self._own_extents(offset, length, l1, l1_off):
+            parts = [e] if e.present else self._backing_extents(e.start, e.length)
+            for p in parts:
+                if cur is not None and (cur.data, cur.zero, cur.depth, cur.present) == \
+                        (p.data, p.zero, p.depth, p.present) and \
+                        (cur.offset is None) == (p.offset is None) and \
+                        (cur.offset is None or cur.offset + cur.length == p.offset):
+                    cur = cur._replace(length=cur.length + p.length)
+                    continue
+                if cur is not None:
+                    yield cur
+                cur = p
+        if cur is not None:
+            yield cur
+
+    def _backing_extents(self, start, length):
+        b = self._backing
+        inside = max(0, min(length, b.size - start))
+        if inside:
+            for x in b.extents(start, inside):
+                yield Extent(x.start, x.length, x.data, x.zero, x.depth + 1, x.offset,
+                             x.present)
+        if inside < length:
+            yield Extent(start + inside, length - inside, False, True, 1, None, False)
+
+    def _own_extents(self, offset, length, l1, l1_off):
+        if l1 is None:
+            l1, l1_off = self._l1, self._l1_offset
+        cur = None
+        for seg in self._segments(offset, offset + length, l1, l1_off):
+            if (cur is not None and (cur.data, cur.zero, cur.present) ==
+                    (seg.data, seg.zero, seg.present)
+                    and ((cur.offset is None and seg.offset is None) or
+                         (cur.offset is not None and seg.offset is not None and
+                          cur.offset + cur.length == seg.offset))):
+                cur = cur._replace(length=cur.length + seg.length)
             else:
                 if cur is not None:
                     yield cur
-                cur = Extent(pos, chunk, data, zero, 0, host, present)
-            pos += chunk
+                cur = seg
         if cur is not None:
             yield cur
+
+    def _segments(self, start, end, l1, l1_off):
+        """Extents of [start, end), one L2 table at a time: its entries are classified
+        with numpy; a table holding anything unusual (compressed, reserved bits, bad
+        offsets) goes through the per-cluster lookup, which raises what it should."""
+        cover = self._cs << self._l2bits
+        pos = start
+        while pos < end:
+            stop = min(end, (pos // cover + 1) * cover)
+            fast = self._table_segments(pos, stop, l1, l1_off)
+            yield from (fast if fast is not None else self._cluster_segments(pos, stop, l1,
+                                                                              l1_off))
+            pos = stop
+
+    def _table_segments(self, pos, stop, l1, l1_off):
+        cs, cbits = self._cs, self._cbits
+        i = pos >> (cbits + self._l2bits)
+        if i >= len(l1) or not self._l2_offset(l1, i, l1_off):
+            return [Extent(pos, stop - pos, False, True, 0, None, False)]
+        first = (pos >> cbits) & self._l2mask
+        last = ((stop - 1) >> cbits) & self._l2mask
+        e = self._l2_peek(self._l2_offset(l1, i, l1_off))[first:last + 1].astype(np.uint64)
+        if (e & np.uint64(OFLAG_COMPRESSED | L2E_STD_RESERVED_MASK)).any():
+            return None
+        off = e & np.uint64(OFFSET_MASK)
+        zero = (e & np.uint64(OFLAG_ZERO)) != 0
+        if (zero.any() and self._version == 2) or \
+                ((off != 0) & ((off % np.uint64(cs) != 0) |
+                               (off >= np.uint64(self._file_size)))).any():
+            return None
+        alloc = off != 0
+        data = alloc & ~zero
+        present = alloc | zero
+        host = off.astype(np.int64)
+        # A run breaks where the class changes or the host clusters stop following.
+        n = len(e)
+        brk = np.ones(n, dtype=bool)
+        if n > 1:
+            same = (data[1:] == data[:-1]) & (zero[1:] == zero[:-1]) & \
+                (present[1:] == present[:-1]) & (alloc[1:] == alloc[:-1]) & \
+                (~alloc[1:] | (host[1:] == host[:-1] + cs))
+            brk[1:] = ~same
+        heads = np.flatnonzero(brk).tolist() + [n]
+        base = (pos >> cbits) << cbits
+        out = []
+        for a, b in zip(heads[:-1], heads[1:]):
+            s = max(pos, base + a * cs)
+            t = min(stop, base + b * cs)
+            h = int(host[a]) + (s - (base + a * cs)) if alloc[a] else None
+            out.append(Extent(s, t - s, bool(data[a]), bool(zero[a]) or not alloc[a], 0, h,
+                              bool(present[a])))
+        return out
+
+    def _cluster_segments(self, pos, end, l1, l1_off):
+        cs = self._cs
+        while pos < end:
+            within = pos & (cs - 1)
+            chunk = min(cs - within, end - pos)
+            data, zero, present, host = self._classify(pos, l1, l1_off)
+            if host is not None:
+                host += within
+            yield Extent(pos, chunk, data, zero, 0, host, present)
+            pos += chunk

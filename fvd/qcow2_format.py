@@ -108,16 +108,37 @@ class Header:
     refcount_order: int = 4
     header_length: int = V3_HEADER_LENGTH
     extensions: list = field(default_factory=list)     # [(type, bytes)] as found
+    backing_file: str = ""          # as stored (relative to the image's directory)
+    backing_format: str = ""        # from the 0xE2792ACA extension, "" when absent
 
     @property
     def cluster_size(self):
         return 1 << self.cluster_bits
 
 
+MAX_BACKING_NAME = 1023          # QEMU's limit
+
+
 def build_header(h):
-    """Header bytes (no extensions: the zero bytes after it are the end marker)."""
+    """Header bytes; with a backing file also the backing-format extension, the end
+    marker and the backing file name (QEMU's layout: name right after the extensions).
+    Without one, the zero bytes after the header are the end marker."""
+    name = h.backing_file.encode()
+    tail = b""
+    if name:
+        if len(name) > MAX_BACKING_NAME:
+            raise ValueError(f"backing file name longer than {MAX_BACKING_NAME} bytes")
+        fmt = h.backing_format.encode()
+        if fmt:
+            tail += ExtensionHeader.build(dict(type=EXT_BACKING_FORMAT, length=len(fmt)))
+            tail += fmt + bytes(-len(fmt) % 8)
+        tail += bytes(8)                                   # end of extensions
+    name_off = h.header_length + len(tail) if name else 0
+    if name_off + len(name) > h.cluster_size:
+        raise ValueError("backing file name does not fit in the header cluster")
     out = HeaderV2.build(dict(
-        magic=MAGIC, version=h.version, backing_file_offset=0, backing_file_size=0,
+        magic=MAGIC, version=h.version, backing_file_offset=name_off,
+        backing_file_size=len(name),
         cluster_bits=h.cluster_bits, size=h.size, crypt_method=0, l1_size=h.l1_size,
         l1_table_offset=h.l1_table_offset, refcount_table_offset=h.refcount_table_offset,
         refcount_table_clusters=h.refcount_table_clusters, nb_snapshots=h.nb_snapshots,
@@ -127,7 +148,8 @@ def build_header(h):
         compatible_features=h.compatible_features,
         autoclear_features=h.autoclear_features,
         refcount_order=h.refcount_order, header_length=h.header_length))
-    return out + bytes(h.header_length - len(out))   # compression type 0 + padding
+    out += bytes(h.header_length - len(out))          # compression type 0 + padding
+    return out + tail + name
 
 
 def parse_header(path, raw, file_size, creating=False):
@@ -165,8 +187,7 @@ def parse_header(path, raw, file_size, creating=False):
     if v2.crypt_method:
         raise UnsupportedFeatureError(f"{path}: encrypted qcow2 images are not supported")
     if v2.backing_file_offset:
-        raise UnsupportedFeatureError(f"{path}: qcow2 backing files are not supported "
-                                      "by the baseline")
+        h.backing_file = _backing_name(path, raw, v2, cs)
     unknown = h.incompatible_features & ~(INCOMPAT_DIRTY | INCOMPAT_CORRUPT)
     if unknown:
         names = {INCOMPAT_DATA_FILE: "external data file", INCOMPAT_COMPRESSION:
@@ -178,7 +199,18 @@ def parse_header(path, raw, file_size, creating=False):
                                       "(only 16-bit refcounts are supported)")
     _validate_tables(path, h, file_size, creating)
     h.extensions = parse_extensions(path, raw, h)
+    for t, data in h.extensions:
+        if t == EXT_BACKING_FORMAT:
+            h.backing_format = data.decode("utf-8", "replace")
     return h
+
+
+def _backing_name(path, raw, v2, cs):
+    off, size = v2.backing_file_offset, v2.backing_file_size
+    if size == 0 or size > MAX_BACKING_NAME or off + size > cs or off + size > len(raw):
+        raise CorruptImageError(path, 8, f"backing file name at {off:#x} (+{size}) is "
+                                "empty, too long or outside the header cluster")
+    return bytes(raw[off:off + size]).decode("utf-8", "surrogateescape")
 
 
 def _validate_tables(path, h, file_size, creating=False):

@@ -78,6 +78,12 @@ class SnapshotMixin:
                         memoryview(buf))
         return bytes(buf)
 
+    def open_snapshot(self, name):
+        """A read-only view of snapshot `name` (read, readinto, extents), valid while
+        this image stays open and the snapshot is not deleted."""
+        self._check_open()
+        return Qcow2SnapshotView(self, self._find_snapshot(name))
+
     def create_snapshot(self, name, vm_state=b""):
         """Internal snapshot of the current contents, QEMU's way (see module doc)."""
         self._check_writable()
@@ -216,3 +222,57 @@ def _to_datetime(info):
     import datetime
     return datetime.datetime.fromtimestamp(info.date_sec + info.date_nsec / 1e9,
                                            tz=datetime.timezone.utc)
+
+
+class Qcow2SnapshotView:
+    """Read-only view of one internal snapshot: reads walk the snapshot's L1 table;
+    unallocated clusters read from the backing file, as for the active tree."""
+
+    read_only = True
+
+    def __init__(self, img, info):
+        self._img = img
+        self.path = img.path
+        self.name = info.name
+        self.size = info.size
+        self.cluster_size = img.cluster_size
+        self.stats = img.stats
+        self._l1 = img._snapshot_l1(info)
+        self._l1_off = info.l1_table_offset
+        self._closed = False
+
+    def _check_open(self):
+        if self._closed or self._img._closed:
+            raise ValueError(f"{self.path}: I/O on a closed snapshot view")
+
+    def readinto(self, offset, buf):
+        self._check_open()
+        mv = memoryview(buf).cast("B")
+        if offset < 0 or offset + len(mv) > self.size:
+            raise ValueError(f"{self.path}: I/O range [{offset}, {offset + len(mv)}) outside "
+                             f"the snapshot (size {self.size})")
+        self._img._read_tree(self._l1, self._l1_off, offset, mv)
+        return len(mv)
+
+    def read(self, offset, length):
+        buf = bytearray(length)
+        self.readinto(offset, buf)
+        return bytes(buf)
+
+    def extents(self, offset=0, length=None):
+        self._check_open()
+        if length is None:
+            length = self.size - offset
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise ValueError(f"{self.path}: range [{offset}, {offset + length}) outside the "
+                             f"snapshot (size {self.size})")
+        return self._img._extents(offset, length, self._l1, self._l1_off)
+
+    def close(self):
+        self._closed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

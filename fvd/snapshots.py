@@ -762,6 +762,8 @@ class SnapshotView:
         self.chunk_size = img.chunk_size
         self.block_size = img.block_size
         self._header = {"data_offset": img._header["data_offset"]}
+        self._facts = {k: img._header.get(k, 0) for k in ("base_format", "bitmap_size",
+                                                          "base_size")}
         self._closed = True
         self._state = img._snapshots
         self._id = entry.id
@@ -840,6 +842,27 @@ class SnapshotView:
     def extents(self, offset=0, length=None):
         from .extents import image_extents
         return image_extents(self, offset, length)
+
+    # Backup data path (fvd.changed, fvd.extents, fvd.fileview, fvd.checksum)
+    def as_file(self):
+        from .fileview import as_file
+        return as_file(self)
+
+    def checksum(self, block_size=4 << 20, algorithm="blake2b", progress=None, threads=None):
+        from .checksum import checksum
+        return checksum(self, block_size, algorithm, progress=progress, threads=threads)
+
+    def extents_array(self, offset=0, length=None):
+        from .extents import extents_array
+        return extents_array(self, offset, length)
+
+    def changed_extents(self, since, until=None):
+        from .changed import changed_extents
+        return changed_extents(self, since, until)
+
+    def changed_extents_array(self, since, until=None):
+        from .changed import changed_extents_array
+        return changed_extents_array(self, since, until)
 
     def close(self):
         if self._closed:

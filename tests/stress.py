@@ -24,7 +24,7 @@ STRIPE = 32                 # units per writer stripe (two 64 KiB chunks)
 ZERO_UNIT = bytes(UNIT)
 
 
-@functools.lru_cache(maxsize=1 << 16)
+@functools.lru_cache(maxsize=1 << 13)
 def unit_bytes(version, unit):
     return b"".join(struct.pack("<QQ", version, unit * SPU + i) * (SECTOR // 16)
                     for i in range(SPU))

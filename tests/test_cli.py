@@ -96,7 +96,7 @@ def test_base_and_prefetch_commands(tmp_path, capsys):
     extents = json.loads(run(capsys, "map", "--output=json", img)[1])
     assert {e["depth"] for e in extents} == {1}
     code, _, err = run(capsys, "prefetch", "-p", img)
-    assert code == 0 and "100.00%" in err
+    assert code == 0 and "(100.00/100%)" in err
     assert json.loads(run(capsys, "info", "--output=json", img)[1])["base-prefetched"]
     expected = base.read_bytes()
     base.rename(tmp_path / "gone.raw")

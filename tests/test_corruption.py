@@ -179,10 +179,12 @@ def test_cli_reports_one_line(path, capsys):
     from fvd.cli import main
     with open(path, "wb") as f:
         f.write(b"garbage" * 100)
-    assert main(["info", path]) == 1
+    assert main(["info", "-f", "fvd", path]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and path in err and "Traceback" not in err
-    assert main(["check", path]) == 2
+    assert main(["info", path]) == 0                # probed: no magic, so raw (as qemu-img)
+    assert "file format: raw" in capsys.readouterr().out
+    assert main(["check", path]) == 1               # not an image: the check cannot run
 
 
 @settings(max_examples=int(os.environ.get("FVD_FUZZ_EXAMPLES", "150")), deadline=None,

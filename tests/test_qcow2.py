@@ -513,7 +513,8 @@ def test_bad_l2_entry(path, impl):
     (72, (1 << 4).to_bytes(8, "big"), UnsupportedFeatureError),    # extended L2
     (72, (1 << 2).to_bytes(8, "big"), UnsupportedFeatureError),    # external data file
     (32, (1).to_bytes(4, "big"), UnsupportedFeatureError),         # encryption
-    (8, (200).to_bytes(8, "big"), UnsupportedFeatureError),        # backing file
+    (8, (200).to_bytes(8, "big"), CorruptImageError),              # backing name size 0
+    (12, (5000).to_bytes(4, "big"), CorruptImageError),            # backing name at 5000
     (96, (3).to_bytes(4, "big"), UnsupportedFeatureError),         # 8-bit refcounts
     (20, (30).to_bytes(4, "big"), CorruptImageError),              # cluster_bits
     (36, (0).to_bytes(4, "big"), CorruptImageError),               # L1 too small

@@ -1,0 +1,75 @@
+"""Backup data path (pytest-benchmark): changed extents between two snapshots of a fully
+allocated image, extents_array of a huge sparse image, checksum beside ovirt-imageio.
+
+    python -m pytest bench/test_backup_bench.py --benchmark-only --benchmark-group-by=group
+
+Full size (benchmarks enabled): 1 TiB with every 1 MiB chunk allocated (built once into
+FVD_BENCH_CACHE, see fvd.bench_backup), 16 TiB sparse, 256 MiB checksummed. Under
+--benchmark-disable (CI smoke test): 1 GiB, 1 TiB, 16 MiB. No timed asserts.
+"""
+import os
+import random
+
+import pytest
+
+import fvd
+from fvd import bench_backup as bb
+
+MiB, GiB, TiB = 1 << 20, 1 << 30, 1 << 40
+
+
+def _disabled(config):
+    try:
+        return bool(config.getoption("benchmark_disable"))
+    except (ValueError, AttributeError):
+        return True
+
+
+@pytest.fixture(scope="module")
+def sizes(pytestconfig):
+    if _disabled(pytestconfig):
+        return {"changed": GiB, "sparse": TiB, "checksum": 16 * MiB}
+    return {"changed": TiB, "sparse": 16 * TiB, "checksum": 256 * MiB}
+
+
+def test_changed_extents_two_snapshots(benchmark, sizes):
+    benchmark.group = "backup: changed extents"
+    path = bb.changed_image(sizes["changed"])
+    with fvd.open(path) as img:
+        arr = benchmark(img.changed_extents_array, "s1", "s2")
+        nchunks = sizes["changed"] // MiB
+        # 10% of the chunks, some adjacent ones merged into one range
+        assert 0 < len(arr) <= nchunks // 10
+        assert int(arr["length"].sum()) == (nchunks // 10) * MiB
+        benchmark.extra_info.update(size=sizes["changed"], ranges=len(arr))
+
+
+def test_extents_array_huge_sparse(benchmark, sizes):
+    benchmark.group = "backup: extents of a huge sparse image"
+    path = bb.sparse_image(sizes["sparse"])
+    with fvd.open(path) as img:
+        arr = benchmark(img.extents_array)
+        assert int(arr["length"].sum()) == sizes["sparse"]
+        benchmark.extra_info.update(size=sizes["sparse"], extents=len(arr))
+
+
+@pytest.mark.parametrize("who", ["fvd", "ovirt-imageio"])
+def test_checksum(benchmark, sizes, tmp_path, who):
+    benchmark.group = "backup: checksum"
+    n = sizes["checksum"]
+    data = random.Random(1).randbytes(n)
+    if who == "fvd":
+        path = str(tmp_path / "img.fvd")
+        fvd.create(path, n)
+        with fvd.open(path, "r+") as img:
+            img.write(0, data)
+        with fvd.open(path) as img:
+            result = benchmark(img.checksum)
+    else:
+        client = pytest.importorskip("ovirt_imageio.client")
+        path = str(tmp_path / "img.raw")
+        with open(path, "wb") as f:
+            f.write(data)
+        result = benchmark(client.checksum, path)
+    benchmark.extra_info.update(bytes=n, checksum=result["checksum"])
+    os.unlink(path)

@@ -1,0 +1,418 @@
+"""`fvd convert`: copy a disk image between fvd, qcow2 and raw (imports, exports,
+full and incremental backups), as `qemu-img convert` does.
+
+What is copied: the source's data extents (its map), read in large buffers; all-zero
+4 KiB grains inside them are detected and not written (qemu-img's default `-S 4k`), so
+the output stays sparse. Unallocated and zero ranges are never read.
+
+Overlays (`backing=`): the output reads through its backing file where nothing was
+written, so zero ranges must be written as zeros (write_zeroes) rather than skipped, and
+every range is widened to the output's allocation grain (qcow2 cluster, fvd block) and
+read from the source, so no partial grain is ever left to copy-on-write.
+With `since=S` only the ranges that changed between snapshot S and the source (`-l T`,
+or the live contents) are copied: an incremental backup over the previous backup.
+
+The output is written to a hidden temporary file in DST's directory and renamed over
+DST at the end; a failed convert removes it. SRC is only ever opened read-only.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import queue
+import secrets
+from collections import namedtuple
+from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+
+import numpy as np
+
+from . import format as fmt
+from .imageio import FORMATS, open_image
+
+BUFFER = fmt.MiB              # per piece: 1 read, few writes; stays in the CPU cache
+ZERO_GRAIN = 4096             # zero detection unit (qemu-img convert's default -S 4k)
+COPY_THREADS = min(2, os.cpu_count() or 1)     # best measured on 2 cores
+
+Range = namedtuple("Range", "start length zero")
+
+DST_OPTIONS = {"fvd": ("chunk_size", "block_size", "journal_size"),
+               "qcow2": ("cluster_size", "lazy_refcounts"),
+               "raw": ()}
+
+
+def convert(src, dst, *, src_format: str | None = None, dst_format: str = "fvd",
+            snapshot: str | None = None, since: str | None = None,
+            backing=None, backing_format: str | None = None,
+            progress: Callable[[int, int], None] | None = None,
+            force_share: bool = False, cache: str = "writeback", **options) -> None:
+    """Convert `src` (fvd, qcow2 or raw; probed when src_format is None) into a new
+    `dst` of `dst_format`, replacing any existing file at `dst` only on success.
+
+    snapshot: read this internal snapshot of src instead of its current contents.
+    since: copy only what changed between snapshot `since` and the source (needs
+        `backing`, the previous backup, which the output uses as its base).
+    options: fvd chunk_size/block_size/journal_size; qcow2 cluster_size/lazy_refcounts.
+    progress(done_bytes, total_bytes) is called as the copy goes.
+    cache: "writeback" (default): the output is flushed before it is renamed into place;
+        "unsafe": nothing is flushed (qemu-img convert's default `-t unsafe`): faster,
+        but after a power cut DST may hold anything.
+    """
+    src, dst = os.fspath(src), os.fspath(dst)
+    if dst_format not in FORMATS:
+        raise ValueError(f"unknown output format {dst_format!r} (use one of "
+                         f"{', '.join(FORMATS)})")
+    opts = _dst_options(dst_format, options)
+    if cache not in ("writeback", "unsafe"):
+        raise ValueError(f"cache must be 'writeback' or 'unsafe', not {cache!r}")
+    if since is not None and backing is None:
+        raise ValueError("an incremental convert (since=) needs the previous backup as "
+                         "backing file (-B)")
+    if backing is not None and dst_format == "raw":
+        raise ValueError("a raw output cannot have a backing file")
+    if backing_format is not None and backing is None:
+        raise ValueError("a backing format (-F) needs a backing file (-B)")
+    _check_paths(src, dst, backing)
+    img = open_image(src, src_format, force_share=force_share)
+    try:
+        view = img.open_snapshot(snapshot) if snapshot is not None else img
+        try:
+            ranges = _plan(img, view, since, snapshot)
+            _write_output(view, dst, dst_format, ranges, backing, backing_format, opts,
+                          progress, cache == "unsafe")
+        finally:
+            if view is not img:
+                view.close()
+    finally:
+        img.close()
+
+
+# ----- arguments ----------------------------------------------------------------------
+def _dst_options(dst_format, options):
+    allowed = DST_OPTIONS[dst_format]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        hint = f" ({dst_format} takes {', '.join(allowed)})" if allowed else ""
+        raise ValueError(f"unknown option(s) for {dst_format} output: "
+                         f"{', '.join(unknown)}{hint}")
+    out = {}
+    for key, value in options.items():
+        if key == "lazy_refcounts":
+            out[key] = _bool_option(key, value)
+        else:
+            out[key] = _size_option(key, value)
+    return out
+
+
+def _size_option(key, value):
+    if isinstance(value, str):
+        from .cli import UsageError, parse_size
+        try:
+            return parse_size(value)
+        except UsageError as e:
+            raise ValueError(f"{key}: {e}") from None
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{key} must be a positive size, not {value!r}")
+    return value
+
+
+def _bool_option(key, value):
+    if isinstance(value, bool):
+        return value
+    text = str(value).lower()
+    if text in ("on", "true", "yes", "1"):
+        return True
+    if text in ("off", "false", "no", "0"):
+        return False
+    raise ValueError(f"{key} must be on or off, not {value!r}")
+
+
+def _check_paths(src, dst, backing=None):
+    if backing is not None:
+        from .base import _resolve
+        if os.path.realpath(_resolve(dst, os.fspath(backing))) == os.path.realpath(dst):
+            raise ValueError(f"{dst}: the output would replace its own backing file")
+    if os.path.isdir(dst):
+        raise IsADirectoryError(21, "is a directory", dst)
+    folder = os.path.dirname(os.path.abspath(dst))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(2, "directory does not exist", dst)
+    if os.path.exists(dst) and os.path.samefile(src, dst):
+        raise ValueError(f"{dst}: the output would replace the source")
+
+
+# ----- what to copy --------------------------------------------------------------------
+def _plan(img, view, since, until):
+    """Ranges (start, length, zero) to write, sorted and covering what must change."""
+    if since is None:
+        return [Range(e.start, e.length, not e.data) for e in view.extents()]
+    return changed_ranges(img, since, until)
+
+
+def changed_ranges(img, since, until=None):
+    """Ranges (start, length, zero) whose bytes may differ between snapshot `since` and
+    `until` (or the live contents): fvd's changed_extents, or qcow2 tree comparison."""
+    if hasattr(img, "changed_extents"):
+        changed = img.changed_extents(since, until)
+    elif hasattr(img, "_snapshot_l1"):
+        return qcow2_changed(img, since, until)
+    else:
+        raise ValueError(f"{img.path}: a raw image has no snapshots (since={since!r})")
+    return [Range(e.start, e.length, bool(e.zero) and not e.data) for e in changed]
+
+
+def qcow2_changed(q, since, until=None):
+    """Clusters of qcow2 image `q` whose mapping differs between snapshot `since` and
+    `until` (a snapshot, or the active tree). A cluster mapped to the same host cluster
+    in both trees holds the same bytes: a cluster a snapshot references is never written
+    in place (copy on write)."""
+    from .qcow2_format import OFFSET_MASK, OFLAG_ZERO
+    old = q._find_snapshot(since)
+    old_l1 = q._snapshot_l1(old)
+    if until is None:
+        new_l1, size = q._l1, q.size
+    else:
+        info = q._find_snapshot(until)
+        new_l1, size = q._snapshot_l1(info), info.size
+    cs, per = q._cs, q._cs // 8
+    key = np.uint64(OFFSET_MASK | OFLAG_ZERO)
+    none = np.zeros(per, dtype=np.uint64)
+    out = []
+    for i in range(-(-size // (cs * per))):
+        a = int(old_l1[i]) & OFFSET_MASK if i < len(old_l1) else 0
+        b = int(new_l1[i]) & OFFSET_MASK if i < len(new_l1) else 0
+        if a == b and a:
+            continue                    # the same L2 table: nothing changed below it
+        la = q._l2_peek(a).astype(np.uint64) & key if a else none
+        lb = q._l2_peek(b).astype(np.uint64) & key if b else none
+        diff = np.flatnonzero(la != lb)
+        if not diff.size:
+            continue
+        zero = (lb[diff] & np.uint64(OFLAG_ZERO)).astype(bool) | \
+            ((lb[diff] == 0) & (q._backing is None))
+        for j, z in zip(diff.tolist(), zero.tolist()):
+            start = (i * per + j) * cs
+            if start >= size:
+                break
+            length = min(cs, size - start)
+            if out and out[-1].start + out[-1].length == start and out[-1].zero == z:
+                out[-1] = Range(out[-1].start, out[-1].length + length, z)
+            else:
+                out.append(Range(start, length, z))
+    return out
+
+
+def _widen(ranges, grain, size):
+    """Ranges aligned to `grain` (clipped to size), overlapping ones merged; a merged
+    range is zero only if every part was."""
+    out = []
+    for r in sorted(ranges):
+        a = r.start // grain * grain
+        b = min(size, -(-(r.start + r.length) // grain) * grain)
+        if out and a <= out[-1].start + out[-1].length:
+            last = out[-1]
+            end = max(last.start + last.length, b)
+            out[-1] = Range(last.start, end - last.start, last.zero and r.zero)
+        else:
+            out.append(Range(a, b - a, r.zero))
+    return out
+
+
+# ----- outputs ---------------------------------------------------------------------------
+class _RawOutput:
+    grain = 512
+
+    def __init__(self, path, size):
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        self.path = path
+        os.ftruncate(self.fd, size)
+
+    def write(self, offset, mv):
+        done = 0
+        while done < len(mv):
+            done += os.pwrite(self.fd, mv[done:], offset + done)
+
+    def write_zeroes(self, offset, length):
+        from .fileio import punch_hole
+        punch_hole(self.fd, offset, length)
+
+    def _sync(self):
+        os.fsync(self.fd)
+
+    def close(self):
+        if self.fd >= 0:
+            try:
+                self._sync()
+            finally:
+                os.close(self.fd)
+                self.fd = -1
+
+
+def _open_output(path, dst_format, size, backing, backing_format, opts):
+    """(writer, allocation grain) of a new output file at `path`."""
+    if dst_format == "raw":
+        out = _RawOutput(path, size)
+        return out, out.grain
+    if dst_format == "qcow2":
+        from . import qcow2
+        qcow2.create(path, -(-size // 512) * 512, cluster_size=opts.get("cluster_size", 65536),
+                     lazy_refcounts=opts.get("lazy_refcounts", False),
+                     backing_file=backing, backing_format=backing_format)
+        out = qcow2.open(path, "r+")
+        out.thread_safe_writes = False      # the baseline keeps one writer thread
+        return out, out.cluster_size
+    from .image import Image, create
+    kwargs = {k: opts[k] for k in ("chunk_size", "block_size", "journal_size") if k in opts}
+    if backing is not None:
+        kwargs.update(base=backing, base_format=backing_format)
+    create(path, size, **kwargs)
+    out = Image(path, "r+")
+    return out, out.block_size
+
+
+def _temp_name(dst):
+    folder, name = os.path.split(os.path.abspath(dst))
+    return os.path.join(folder, f".{name}.convert-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _write_output(view, dst, dst_format, ranges, backing, backing_format, opts, progress,
+                  unsafe=False):
+    tmp = _temp_name(dst)
+    created = False
+    try:
+        out, grain = _open_output(tmp, dst_format, view.size, backing, backing_format, opts)
+        created = True
+        if unsafe:
+            out._sync = _no_sync        # every flush of the output goes through _sync
+        try:
+            overlay = backing is not None
+            if overlay:
+                ranges = _widen(ranges, grain, view.size)
+            _copy(view, out, ranges, overlay, progress,
+                  max(ZERO_GRAIN, grain) if overlay else ZERO_GRAIN)
+        finally:
+            out.close()
+        os.rename(tmp, dst)
+        created = False
+        if not unsafe:
+            _fsync_dir(os.path.dirname(os.path.abspath(dst)))
+    except BaseException:
+        if created or os.path.exists(tmp):
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        raise
+
+
+def _no_sync():
+    """cache="unsafe": the output's flushes are skipped."""
+
+
+def _fsync_dir(folder):
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ----- the copy loop ---------------------------------------------------------------------
+def _copy(view, out, ranges, overlay, progress, grain, threads=COPY_THREADS):
+    """Copy the data ranges in BUFFER pieces on a few threads (reads, zero detection and
+    fvd/raw writes release the GIL), each with its own reused buffer; skip (or, in an
+    overlay, zero) the zero ranges and the all-zero grains found in the data. Writes to
+    a qcow2 output stay on this thread (fvd.qcow2 is not thread-safe); to fvd and raw
+    outputs the workers write themselves."""
+    total = sum(r.length for r in ranges if not r.zero or overlay)
+    state = {"done": 0}
+    if progress is not None:
+        progress(0, total)
+
+    def advance(n):
+        state["done"] += n
+        if progress is not None:
+            progress(state["done"], total)
+
+    workers_write = getattr(out, "thread_safe_writes", True)
+    free = queue.SimpleQueue()
+    for _ in range(2 * threads):
+        free.put(bytearray(BUFFER))
+
+    def piece(pos, n):
+        buf = free.get()
+        mv = memoryview(buf)[:n]
+        view.readinto(pos, mv)
+        runs = _nonzero_runs(mv, grain)
+        if workers_write:
+            _write_runs(out, pos, mv, runs, overlay)
+            free.put(buf)
+            return None
+        return buf, runs
+
+    pending = collections.deque()
+
+    def finish_one():
+        pos, n, fut = pending.popleft()
+        got = fut.result()
+        if got is not None:
+            buf, runs = got
+            _write_runs(out, pos, memoryview(buf)[:n], runs, overlay)
+            free.put(buf)
+        advance(n)
+
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fvd-convert") as pool:
+        try:
+            for r in ranges:
+                if r.zero:
+                    if overlay:
+                        out.write_zeroes(r.start, r.length)
+                        advance(r.length)
+                    continue
+                for pos in range(r.start, r.start + r.length, BUFFER):
+                    n = min(BUFFER, r.start + r.length - pos)
+                    while len(pending) >= 2 * threads:
+                        finish_one()
+                    pending.append((pos, n, pool.submit(piece, pos, n)))
+            while pending:
+                finish_one()
+        finally:
+            for _, _, fut in pending:
+                fut.cancel()
+
+
+def _nonzero_runs(mv, grain):
+    """[(lo, hi, nonzero)] covering mv: runs of grains with and without a non-zero byte."""
+    n = len(mv)
+    whole = n // grain
+    if whole:
+        words = np.frombuffer(mv[:whole * grain], dtype=np.uint64)
+        nz = words.reshape(whole, grain // 8).any(axis=1)
+    else:
+        nz = np.zeros(0, dtype=bool)
+    if whole * grain < n:
+        tail = mv[whole * grain:]
+        nz = np.append(nz, tail != bytes(len(tail)))
+    if nz.all():
+        return [(0, n, True)]
+    edges = np.flatnonzero(np.diff(np.concatenate(([False], nz, [False])).astype(np.int8)))
+    runs, prev = [], 0
+    for a, b in zip(edges[0::2].tolist(), edges[1::2].tolist()):
+        lo, hi = a * grain, min(n, b * grain)
+        if lo > prev:
+            runs.append((prev, lo, False))
+        runs.append((lo, hi, True))
+        prev = hi
+    if prev < n:
+        runs.append((prev, n, False))
+    return runs
+
+
+def _write_runs(out, offset, mv, runs, overlay):
+    """Write the non-zero runs; zero runs are skipped, or zeroed when the output is an
+    overlay (its backing may hold data there)."""
+    for lo, hi, nonzero in runs:
+        if nonzero:
+            out.write(offset + lo, mv[lo:hi])
+        elif overlay:
+            out.write_zeroes(offset + lo, hi - lo)

@@ -1,0 +1,163 @@
+"""Opening a disk image of any supported format (fvd, qcow2, raw) by name or by probe.
+
+`fvd convert` and the command line (`-f fvd|qcow2|raw`) use this: fvd and qcow2 files
+are recognised by their magic; a file with neither is raw, but only when no format was
+given for a top-level image (a base is never probed as raw by fvd itself).
+"""
+import errno
+import os
+
+from . import format as fmt
+from .errors import FvdError
+
+FORMATS = ("fvd", "qcow2", "raw")
+QCOW2_MAGIC = b"QFI\xfb"
+FVD_MAGIC = fmt.MAGIC.to_bytes(4, "little")
+
+
+class WrongFormatError(FvdError, ValueError):
+    """The file is not an image of the format asked for (the message says what it is)."""
+
+
+def probe(path) -> str:
+    """'fvd' or 'qcow2' by magic, else 'raw'. Raises OSError for unreadable paths."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        magic = os.pread(fd, 4, 0)
+    finally:
+        os.close(fd)
+    if magic == FVD_MAGIC:
+        return "fvd"
+    if magic == QCOW2_MAGIC:
+        return "qcow2"
+    return "raw"
+
+
+def resolve_format(path, given=None) -> str:
+    """The format to open `path` with: the one given (checked against the magic), or the
+    probed one. A raw file asked for as fvd/qcow2 (or the other way round) is an error
+    that says what the file looks like."""
+    if given is not None and given not in FORMATS:
+        raise ValueError(f"unknown format {given!r} (use one of {', '.join(FORMATS)})")
+    seen = probe(path)
+    if given is None or given == seen or given == "raw":
+        return given or seen
+    if seen == "raw":
+        raise WrongFormatError(f"{path}: not a {given} image (no {given} magic; "
+                               f"use -f raw for a raw file)")
+    article = "an" if seen == "fvd" else "a"
+    raise WrongFormatError(f"{path}: is {article} {seen} image; use -f {seen}")
+
+
+def open_image(path, format=None, mode="r", *, force_share=False):
+    """An open image of the given (or probed) format: fvd.Image, fvd.qcow2.Qcow2Image
+    or RawImage. All have size, read, readinto, extents, close."""
+    path = os.fspath(path)
+    f = resolve_format(path, format)
+    if f == "fvd":
+        from .image import Image
+        return Image(path, mode, force_share=force_share)
+    if f == "qcow2":
+        from . import qcow2
+        return qcow2.open(path, mode)
+    return RawImage(path, mode)
+
+
+def raw_extents(fd, offset, length):
+    """Data and hole runs of a file by SEEK_DATA/SEEK_HOLE (qemu-img map's view of a raw
+    file: data extents at depth 0, holes zero). Past EOF counts as a hole."""
+    from .image import Extent
+    end = offset + length
+    eof = os.fstat(fd).st_size
+    pos = offset
+    while pos < end:
+        if pos >= eof:
+            yield Extent(pos, end - pos, 0, True, True, False, None)
+            return
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno != errno.ENXIO:
+                raise
+            data = eof
+        data = min(data, end)
+        if data > pos:
+            yield Extent(pos, data - pos, 0, True, True, False, None)
+            pos = data
+            continue
+        hole = min(os.lseek(fd, pos, os.SEEK_HOLE), end)
+        yield Extent(pos, hole - pos, 0, True, False, True, pos)
+        pos = hole
+
+
+class RawImage:
+    """A raw file seen as an image: size is the file size."""
+
+    format = "raw"
+    base = None
+
+    def __init__(self, path, mode="r"):
+        if mode not in ("r", "r+"):
+            raise ValueError(f"mode must be 'r' or 'r+', not {mode!r}")
+        self.path = os.fspath(path)
+        self.read_only = mode == "r"
+        self._fd = os.open(self.path, os.O_RDONLY if self.read_only else os.O_RDWR)
+        st = os.fstat(self._fd)
+        if not (st.st_mode & 0o170000 in (0o100000, 0o060000)):
+            os.close(self._fd)
+            raise OSError(errno.EINVAL, "not a regular file or block device", self.path)
+        self.size = os.lseek(self._fd, 0, os.SEEK_END)
+        self._closed = False
+
+    def _check_open(self):
+        if self._closed:
+            raise ValueError(f"{self.path}: I/O on a closed image")
+
+    def _check_range(self, offset, length):
+        self._check_open()
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise ValueError(f"{self.path}: I/O range [{offset}, {offset + length}) outside "
+                             f"the image (size {self.size})")
+
+    def readinto(self, offset, buf):
+        mv = memoryview(buf).cast("B")
+        self._check_range(offset, len(mv))
+        done = 0
+        while done < len(mv):
+            n = os.preadv(self._fd, [mv[done:]], offset + done)
+            if n <= 0:
+                mv[done:] = bytes(len(mv) - done)
+                break
+            done += n
+        return len(mv)
+
+    def read(self, offset, length):
+        buf = bytearray(length)
+        self.readinto(offset, buf)
+        return bytes(buf)
+
+    def extents(self, offset=0, length=None):
+        if length is None:
+            length = self.size - offset
+        self._check_range(offset, length)
+        return raw_extents(self._fd, offset, length)
+
+    def info(self):
+        st = os.fstat(self._fd)
+        return {"filename": self.path, "format": "raw", "virtual-size": self.size,
+                "actual-size": st.st_blocks * 512, "dirty-flag": False}
+
+    def close(self):
+        if not self._closed:
+            self._closed = True
+            os.close(self._fd)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        if not getattr(self, "_closed", True):
+            self.close()
