@@ -43,6 +43,16 @@ def _median_ms(fn, repeat):
     return statistics.median(times) * 1e3
 
 
+def _median_cpu_ms(fn, repeat):
+    """CPU time of this process (less sensitive than wall time to a busy machine)."""
+    times = []
+    for _ in range(repeat):
+        t0 = time.process_time()
+        fn()
+        times.append(time.process_time() - t0)
+    return statistics.median(times) * 1e3
+
+
 # ----- changed extents ------------------------------------------------------------------
 def changed_image(size: int, chunk_size: int = MiB, fraction: float = 0.1,
                   progress=None) -> str:
@@ -66,9 +76,9 @@ def changed_image(size: int, chunk_size: int = MiB, fraction: float = 0.1,
     with open_image(tmp, "r+") as img:
         for v in range(n):
             img.write(v * chunk_size, b"\x01")
-            if v % 65536 == 65535:
+            if v % 16384 == 16383:         # bounded dirty data per flush
                 img.flush()
-                if progress:
+                if progress and v % 65536 == 65535:
                     progress(f"building {path}: {v + 1}/{n} chunks")
         img.create_snapshot("s1")
         # a rewrite that does not copy the old chunk: unmap it, then write (new chunk)
@@ -87,11 +97,26 @@ def measure_changed(size: int, repeat: int = 7, progress=None) -> list:
         ms = _median_ms(lambda: img.changed_extents_array("s1", "s2"), repeat)
         ms_list = _median_ms(lambda: img.changed_extents("s1", "s2"), max(3, repeat // 2))
         ms_front = _median_ms(lambda: img.changed_extents_array("s1"), repeat)
+        cpu = _median_cpu_ms(lambda: img.changed_extents_array("s1", "s2"), repeat)
     nchunks = size // MiB
     note = (f"{size // GiB} GiB, {nchunks} chunks all allocated, 10% rewritten between "
-            f"s1 and s2: {len(arr)} ranges; as Extent list {ms_list:.0f} ms; s1..front "
-            f"{ms_front:.0f} ms")
+            f"s1 and s2: {len(arr)} ranges; changed_extents() {ms_list:.0f} ms; s1..front "
+            f"{ms_front:.0f} ms; CPU time {cpu:.1f} ms")
     return [Result("changed-extents", "fvd", ms, "ms", False, 1, ms / 1e3, {}, note)]
+
+
+def table_compare_ms(nchunks: int = 1 << 20, fraction: float = 0.1, repeat: int = 7) -> float:
+    """The comparison alone (fvd.changed.compare, no table reads) on tables shaped like
+    the bench image's: every chunk allocated, `fraction` of them moved to new chunks."""
+    import numpy as np
+
+    from .changed import Geometry, State, compare
+    a = np.arange(nchunks, dtype=np.uint32)
+    b = a.copy()
+    moved = np.random.default_rng(1).choice(nchunks, int(nchunks * fraction), replace=False)
+    b[np.sort(moved)] = np.arange(nchunks, nchunks + len(moved), dtype=np.uint32)
+    geo = Geometry(nchunks * MiB, MiB, 64 * KiB, 0)
+    return _median_ms(lambda: compare(geo, State(a, None, 1), State(b, None, 2)), repeat)
 
 
 # ----- extents of a huge sparse image --------------------------------------------------
@@ -117,8 +142,9 @@ def measure_sparse_extents(size: int, repeat: int = 7) -> list:
         arr = img.extents_array()
         ms = _median_ms(img.extents_array, repeat)
         ms_iter = _median_ms(lambda: list(img.extents()), repeat)
+        cpu = _median_cpu_ms(img.extents_array, repeat)
     note = (f"{size // TiB} TiB sparse, 1,000 writes: {len(arr)} extents; "
-            f"list(extents()) {ms_iter:.0f} ms")
+            f"list(extents()) {ms_iter:.0f} ms; CPU time {cpu:.1f} ms")
     return [Result("sparse-extents", "fvd", ms, "ms", False, 1, ms / 1e3, {}, note)]
 
 

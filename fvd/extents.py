@@ -39,6 +39,11 @@ def image_extents(img, offset=0, length=None) -> Iterator[Extent]:
 
 def extents_array(img, offset: int = 0, length: int | None = None) -> np.ndarray:
     """The same extents as a numpy structured array (EXTENT_DTYPE); offset -1 = none."""
+    if img._base is None:
+        length = _check_range(img, offset, length)
+        if length == 0:
+            return np.zeros(0, dtype=EXTENT_DTYPE)
+        return _array_no_base(img, offset, offset + length)
     rows = [(e.start, e.length,
              (FLAG_DATA if e.data else 0) | (FLAG_ZERO if e.zero else 0)
              | (FLAG_PRESENT if e.present else 0),
@@ -48,10 +53,11 @@ def extents_array(img, offset: int = 0, length: int | None = None) -> np.ndarray
     return np.array(rows, dtype=EXTENT_DTYPE)
 
 
-def table_runs(table, first, last):
-    """Runs of chunks [first, last): (first chunk, end chunk, entry of the first chunk).
-    A run is UNALLOCATED chunks, ZERO chunks, or allocated chunks whose physical chunks
-    follow each other."""
+def run_arrays(table, first, last):
+    """Runs of chunks [first, last) as arrays (first chunk, end chunk, entry of the first
+    chunk). A run is UNALLOCATED chunks, ZERO chunks, or allocated chunks whose physical
+    chunks follow each other; runs of the first two kinds never touch one of their own
+    kind, so with no base each run is exactly one extent."""
     t = table[first:last]
     idx = np.flatnonzero(t != fmt.UNALLOCATED)
     vals = t[idx]
@@ -65,19 +71,45 @@ def table_runs(table, first, last):
                           & (vals[1:].astype(np.int64) == vals[:-1].astype(np.int64) + 1))))
         heads = np.flatnonzero(~same)
         tails = np.append(heads[1:], n) - 1
-        starts = (idx[heads] + first).tolist()
-        ends = (idx[tails] + first + 1).tolist()
-        entries = vals[heads].tolist()
+        starts = idx[heads].astype(np.int64) + first
+        ends = idx[tails].astype(np.int64) + first + 1
+        entries = vals[heads].astype(np.int64)
     else:
-        starts, ends, entries = [], [], []
-    pos = first
-    for s, e, v in zip(starts, ends, entries):
-        if s > pos:
-            yield pos, s, fmt.UNALLOCATED
-        yield s, e, v
-        pos = e
-    if pos < last:
-        yield pos, last, fmt.UNALLOCATED
+        starts = ends = entries = np.zeros(0, dtype=np.int64)
+    # the UNALLOCATED gaps before, between and after those runs
+    prev_end = np.concatenate([[first], ends])
+    next_start = np.concatenate([starts, [last]])
+    gap = next_start > prev_end
+    gs, ge = prev_end[gap], next_start[gap]
+    all_s = np.concatenate([starts, gs])
+    order = np.argsort(all_s, kind="stable")
+    return (all_s[order], np.concatenate([ends, ge])[order],
+            np.concatenate([entries, np.full(len(gs), fmt.UNALLOCATED, np.int64)])[order])
+
+
+def table_runs(table, first, last):
+    """The runs of `run_arrays` as (first chunk, end chunk, entry) tuples."""
+    s, e, v = run_arrays(table, first, last)
+    return zip(s.tolist(), e.tolist(), v.tolist())
+
+
+def _array_no_base(img, start, end):
+    """extents_array of an image without a base: one row per table run, no Python
+    objects (the runs already are the merged extents)."""
+    cs, d = img.chunk_size, img._header["data_offset"]
+    c0, c1, ent = run_arrays(img._table, start // cs, (end - 1) // cs + 1)
+    lo = np.maximum(c0 * cs, start)
+    hi = np.minimum(c1 * cs, end)
+    alloc = ent < fmt.ZERO_CHUNK
+    out = np.empty(len(c0), dtype=EXTENT_DTYPE)
+    out["start"] = lo
+    out["length"] = hi - lo
+    out["flags"] = np.where(alloc, FLAG_DATA | FLAG_PRESENT,
+                            np.where(ent == fmt.ZERO_CHUNK, FLAG_ZERO | FLAG_PRESENT,
+                                     FLAG_ZERO))
+    out["depth"] = 0
+    out["offset"] = np.where(alloc, d + ent * cs + (lo - c0 * cs), -1)
+    return out
 
 
 def _segments(img, start, end):
