@@ -171,6 +171,22 @@ def test_extents_split_partial_chunks(path):
         assert all(e.data for e in ext)
 
 
+def test_extents_of_runs_of_partial_chunks_and_changed_extents(path):
+    with held_image(path) as img:
+        img.write(CS + G, b"x" * G)
+        img.write(2 * CS + 3 * G, b"y" * G)
+        ext = [(e.start, e.length) for e in img.extents()]
+        assert (CS + G, G) in ext and (2 * CS + 3 * G, G) in ext
+        assert sum(n for _, n in ext) == SIZE
+        assert img._partial.active == 2
+        # changed since the snapshot: whole chunks (table entries differ), never less
+        changed = img.changed_extents("s")
+        covered = set()
+        for e in changed:
+            covered.update(range(e.start // G, (e.start + e.length) // G))
+        assert {(CS + G) // G, (2 * CS + 3 * G) // G} <= covered
+
+
 def test_readers_never_see_unwritten_bytes_while_chunks_go_partial(path):
     img = held_image(path)
     old = pattern(1, SIZE)
