@@ -39,7 +39,8 @@ def image_extents(img, offset=0, length=None) -> Iterator[Extent]:
 
 def extents_array(img, offset: int = 0, length: int | None = None) -> np.ndarray:
     """The same extents as a numpy structured array (EXTENT_DTYPE); offset -1 = none."""
-    if img._base is None:
+    part = getattr(img, "_partial", None)
+    if img._base is None and (part is None or not part.active):   # partial chunks split
         length = _check_range(img, offset, length)
         if length == 0:
             return np.zeros(0, dtype=EXTENT_DTYPE)

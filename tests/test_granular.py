@@ -179,6 +179,9 @@ def test_extents_of_runs_of_partial_chunks_and_changed_extents(path):
         assert (CS + G, G) in ext and (2 * CS + 3 * G, G) in ext
         assert sum(n for _, n in ext) == SIZE
         assert img._partial.active == 2
+        arr = img.extents_array()
+        assert [(int(r["start"]), int(r["length"]), int(r["offset"])) for r in arr] == \
+            [(e.start, e.length, e.offset) for e in img.extents()]
         # changed since the snapshot: whole chunks (table entries differ), never less
         changed = img.changed_extents("s")
         covered = set()
