@@ -100,6 +100,93 @@ def test_first_write_after_snapshot(benchmark, full_image):
         img.delete_snapshot("base")
 
 
+def test_first_aligned_write_after_snapshot(benchmark, full_image):
+    """Granular copy-on-write: 4 KiB aligned, writethrough; nothing copied."""
+    with fvd.open(full_image, "r+", cache="writethrough") as img:
+        img.create_snapshot("base")
+        offs = iter(range(0, BIG, CS))
+
+        def write():
+            img.write(next(offs) + 8 * KiB, b"x" * 4096)
+
+        benchmark.pedantic(write, rounds=50, iterations=1)
+        s0 = img.stats.as_dict()
+        write()
+        first = delta(s0, img.stats.as_dict())
+        benchmark.extra_info.update({f"first_write_{k}": v for k, v in first.items()})
+        assert first == {"data_writes": 1, "data_bytes_written": 4096, "metadata_writes": 1,
+                         "metadata_bytes_written": 512, "flushes": 1, "journal_records": 3}
+        img.delete_snapshot("base")
+
+
+def test_random_4k_writes_after_snapshot_bytes_per_guest_byte(benchmark, full_image):
+    """Bytes written (data + metadata) per guest byte: 4 KiB random writes, writeback,
+    flushed every 16 writes, after a snapshot (issue 12: <= 1.2, was ~128)."""
+    import random
+    rnd = random.Random(7)
+    with fvd.open(full_image, "r+") as img:
+        img.create_snapshot("base")
+        n = [0]
+        s0 = img.stats.as_dict()
+
+        def write():
+            img.write(rnd.randrange(BIG // 4096) * 4096, b"r" * 4096)
+            n[0] += 1
+            if n[0] % 16 == 0:
+                img.flush()
+
+        benchmark.pedantic(write, rounds=256, iterations=1)
+        img.flush()
+        d = delta(s0, img.stats.as_dict())
+        ratio = (d.get("data_bytes_written", 0) + d.get("metadata_bytes_written", 0)) / (
+            n[0] * 4096)
+        benchmark.extra_info["bytes_written_per_guest_byte"] = round(ratio, 3)
+        assert ratio <= 1.2
+        img.delete_snapshot("base")
+
+
+@pytest.fixture(scope="module")
+def partial_image(tmp_path_factory):
+    """256 MiB fully written, a snapshot, then one 4 KiB write into every other granule
+    of each chunk: every chunk partial, reads alternate between its two layers."""
+    path = str(tmp_path_factory.mktemp("partial") / "p.fvd")
+    size = 256 * MiB
+    fvd.create(path, size, chunk_size=CS)
+    with fvd.open(path, "r+") as img:
+        img.write(0, b"\xa5" * size)
+        img.create_snapshot("s")
+        for off in range(0, size, 8 * KiB):
+            img.write(off, b"\x5a" * 4096)
+        assert img._partial.active == size // CS
+    return path, size
+
+
+@pytest.mark.parametrize("layout", ["unshared", "partial"])
+def test_read4k_random_partial_vs_unshared(benchmark, partial_image, layout, tmp_path):
+    """4 KiB random reads (cached) over partial chunks vs. a plain image (>= 0.9x)."""
+    import random
+    path, size = partial_image
+    if layout == "unshared":
+        path = str(tmp_path / "u.fvd")
+        fvd.create(path, size, chunk_size=CS)
+        with fvd.open(path, "r+") as img:
+            img.write(0, b"\xa5" * size)
+    rnd = random.Random(3)
+    offs = [rnd.randrange(size // 4096) * 4096 for _ in range(4096)]
+    buf = bytearray(4096)
+    with fvd.open(path) as img:
+        for o in offs:
+            img.readinto(o, buf)            # warm the page cache
+
+        def run():
+            readinto = img.readinto
+            for o in offs:
+                readinto(o, buf)
+
+        benchmark.group = "read4k-partial"
+        benchmark.pedantic(run, rounds=5, iterations=1)
+
+
 @pytest.fixture(scope="module")
 def thousand(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("snap1000") / "k.fvd")

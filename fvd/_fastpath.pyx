@@ -26,6 +26,7 @@ cdef extern from "<sys/uio.h>" nogil:
     ssize_t pwritev(int fd, const iovec *iov, int iovcnt, off_t offset)
 
 cdef uint32_t ZERO_CHUNK = 0xFFFFFFFEu
+cdef uint32_t NO_SLOT = 0xFFFFFFFFu
 cdef enum:
     MAX_IOV = 64
     SYS_IOV_MAX = 1024          # iovecs per pwritev call (Linux UIO_MAXIOV)
@@ -203,6 +204,38 @@ cdef inline bint bit_at(const uint8_t *arr, long long b) noexcept nogil:
     return (arr[b >> 3] >> (b & 7)) & 1
 
 
+cdef struct PartView:
+    # partial chunks (fvd.granular): slot per virtual chunk, source and bit row per slot
+    const uint32_t *slot        # NULL: no partial chunk
+    long long nslot
+    const uint32_t *src
+    const uint8_t *bits
+    long long gbytes
+    int gshift
+
+
+cdef inline long long granule_run(const PartView *pv, uint32_t k, long long within,
+                                  long long n, uint32_t *e) noexcept nogil:
+    """Length of the run from `within` (at most n bytes) that one layer of partial chunk
+    slot k answers; e[0] becomes the source chunk where the granules are unwritten."""
+    cdef const uint8_t *row = pv.bits + <long long>k * pv.gbytes
+    cdef long long g = within >> pv.gshift, stop = within + n, gend
+    cdef bint b = bit_at(row, g)
+    if not b:
+        e[0] = pv.src[k]
+    g += 1
+    while (g << pv.gshift) < stop and bit_at(row, g) == b:
+        g += 1
+    gend = g << pv.gshift
+    return (gend if gend < stop else stop) - within
+
+
+cdef inline uint32_t slot_of(const PartView *pv, long long v) noexcept nogil:
+    if pv.slot == NULL or v >= pv.nslot:
+        return NO_SLOT
+    return pv.slot[v]
+
+
 cdef bint stale_ok(const BaseView *bv, long long offset, long long length) noexcept nogil:
     """Every block under the range below bend durably in the image (stale bit set)."""
     cdef long long b, last, stop
@@ -278,6 +311,9 @@ cdef class ChunkMap:
     cdef public int base_fd
     cdef int bshift
     cdef readonly int base_users     # readinto calls inside the base fd right now
+    # partial chunks (set_partial); the arrays are kept alive by fvd.granular
+    cdef PartView pv
+    cdef public object partial
     # Grace periods (see users_enter): readinto/write calls in flight, by epoch parity
     cdef long long users[2]
     cdef public long long epoch
@@ -295,6 +331,7 @@ cdef class ChunkMap:
         self.set_table(table)
         self.set_frozen(frozen)
         self.set_base(None, None, 0, 0, -1)
+        self.set_partial(None, None, None, 0)
         self.users[0] = self.users[1] = 0
         self.epoch = 0
         self.closed = False
@@ -329,6 +366,25 @@ cdef class ChunkMap:
     @property
     def users_in_flight(self):
         return self.users[0] + self.users[1]
+
+    def set_partial(self, slot, src, bits, long long granule_size):
+        """View the partial-chunk arrays of fvd.granular (uint32 slot per virtual chunk,
+        NONE = 0xFFFFFFFF; uint32 source and a bit row per slot). The caller keeps every
+        array it ever passed alive: calls in flight read them without the GIL."""
+        cdef uint32_t[::1] sv, cv
+        cdef uint8_t[::1] bv
+        self.pv.slot = NULL
+        self.pv.nslot = 0
+        self.partial = (slot, src, bits)
+        if slot is None or len(slot) == 0 or len(src) == 0:
+            return
+        sv, cv, bv = slot, src, bits
+        self.pv.gshift = granule_size.bit_length() - 1
+        self.pv.gbytes = -(-(self.chunk_size >> self.pv.gshift) // 8)
+        self.pv.src = &cv[0]
+        self.pv.bits = &bv[0]
+        self.pv.nslot = len(slot)
+        self.pv.slot = &sv[0]
 
     def set_base(self, fresh, stale, long long block_size, long long bend, int base_fd=-1):
         """Bitmap views for a base image: ``fresh`` decides reads, ``stale`` fast writes
@@ -369,19 +425,26 @@ cdef class ChunkMap:
                              f"(size {self.size})")
         return 0
 
-    cdef int read_runs(self, char *buf, long long offset, long long length,
-                       long long *calls) noexcept nogil:
-        """Fill buf from the image; unallocated and zero chunks read as zeros."""
-        cdef long long cs = self.chunk_size, pos = 0, n, within, host
+    cdef int read_runs(self, const PartView *pv, char *buf, long long offset,
+                       long long length, long long *calls) noexcept nogil:
+        """Fill buf from the image; unallocated and zero chunks read as zeros; partial
+        chunks split into runs by their granule bits."""
+        cdef long long cs = self.chunk_size, pos = 0, n, within, host, v
         cdef long long run_pos = 0, run_len = 0, run_host = -2
         cdef int err
+        cdef uint32_t e, k
         while pos < length:
             within = (offset + pos) & (cs - 1)
             n = cs - within
             if n > length - pos:
                 n = length - pos
-            host = host_of(self.tab[(offset + pos) >> self.shift], self.shift,
-                           self.data_offset, within)
+            v = (offset + pos) >> self.shift
+            e = self.tab[v]
+            if pv.slot != NULL and e < ZERO_CHUNK:
+                k = slot_of(pv, v)
+                if k != NO_SLOT:
+                    n = granule_run(pv, k, within, n, &e)
+            host = host_of(e, self.shift, self.data_offset, within)
             if run_len and ((host < 0 and run_host < 0) or
                             (host >= 0 and run_host >= 0 and run_host + run_len == host)):
                 run_len += n
@@ -421,8 +484,8 @@ cdef class ChunkMap:
                 return False        # held by a snapshot: copy on write
         return True
 
-    cdef int read_based(self, BaseView *bv, char *buf, long long offset, long long length,
-                        long long *calls) noexcept nogil:
+    cdef int read_based(self, BaseView *bv, const PartView *pv, char *buf, long long offset,
+                        long long length, long long *calls) noexcept nogil:
         """Fill buf, image runs through the table, base runs from the base fd. calls[0:2]
         data reads/bytes, calls[2:4] base reads/bytes (counted once read)."""
         cdef long long pos = offset, stop, end = offset + length
@@ -431,7 +494,7 @@ cdef class ChunkMap:
         while pos < end:
             stop = base_segment(bv, pos, end, &image)
             if image:
-                err = self.read_runs(buf + (pos - offset), pos, stop - pos, calls)
+                err = self.read_runs(pv, buf + (pos - offset), pos, stop - pos, calls)
             else:
                 err = full_pread(bv.fd, buf + (pos - offset), stop - pos, pos)
                 if not err:
@@ -492,7 +555,11 @@ cdef class ChunkMap:
         cdef int err
         cdef BaseView bv
         cdef object keep = None
+        cdef PartView pv
         cdef int p = self.users_enter()
+        # Copied once registered (with the GIL): fvd.granular waits for the calls
+        # registered before it installs grown arrays and before it uses them.
+        pv = self.pv
         try:
             PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE | PyBUF_WRITABLE)
         except BaseException:
@@ -506,12 +573,13 @@ cdef class ChunkMap:
                 self.base_users += 1
                 try:
                     with nogil:
-                        err = self.read_based(&bv, <char *>view.buf, offset, view.len, calls)
+                        err = self.read_based(&bv, &pv, <char *>view.buf, offset, view.len,
+                                              calls)
                 finally:
                     self.base_users -= 1
             else:
                 with nogil:
-                    err = self.read_runs(<char *>view.buf, offset, view.len, calls)
+                    err = self.read_runs(&pv, <char *>view.buf, offset, view.len, calls)
             self.st.data_reads += calls[0]
             self.st.data_bytes_read += calls[1]
             self.st.base_reads += calls[2]
@@ -523,9 +591,39 @@ cdef class ChunkMap:
             self.users[p] -= 1
             PyBuffer_Release(&view)
 
+    cdef bint granules_written(self, const PartView *pv, long long offset,
+                               long long length) noexcept nogil:
+        """Every granule under the range of a partial chunk is written (else the write
+        must copy head / tail from the source and record its granules: slow path)."""
+        cdef long long pos = offset, end = offset + length, stop, v, g, g1, base
+        cdef uint32_t k
+        cdef const uint8_t *row
+        if pv.slot == NULL or length == 0:
+            return True
+        while pos < end:
+            v = pos >> self.shift
+            base = v << self.shift
+            stop = base + self.chunk_size
+            if stop > end:
+                stop = end
+            k = slot_of(pv, v)
+            if k != NO_SLOT:
+                row = pv.bits + <long long>k * pv.gbytes
+                g = (pos - base) >> pv.gshift
+                g1 = (stop - base - 1) >> pv.gshift
+                while g <= g1:
+                    if not bit_at(row, g):
+                        return False
+                    g += 1
+            pos = stop
+        return True
+
     def writable(self, long long offset, long long length):
-        """True when every chunk under the range is allocated and not held by a snapshot."""
-        return self.all_writable(self.frz, offset, length)
+        """True when every chunk under the range is allocated and not held by a snapshot,
+        and every granule it touches in a partial chunk is written."""
+        cdef PartView pv = self.pv
+        return self.all_writable(self.frz, offset, length) and \
+            self.granules_written(&pv, offset, length)
 
     def write(self, long long offset, data):
         """Write into allocated, unshared chunks whose touched blocks are durably out of
@@ -536,10 +634,12 @@ cdef class ChunkMap:
         cdef bint ok
         cdef BaseView bv
         cdef uint8_t[::1] frz
+        cdef PartView pv
         cdef int p = self.users_enter()
         # Read only once registered: a snapshot create swaps in a frozen array, then waits
         # for the writes registered before it. Held here: the swap may free the old one.
         frz = self.frz
+        pv = self.pv                    # likewise (fvd.granular grows its arrays so)
         try:
             PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         except BaseException:
@@ -551,7 +651,8 @@ cdef class ChunkMap:
             keep = self.base_view(&bv, True)
             with nogil:
                 ok = stale_ok(&bv, offset, view.len) and \
-                    self.all_writable(frz, offset, view.len)
+                    self.all_writable(frz, offset, view.len) and \
+                    self.granules_written(&pv, offset, view.len)
                 if ok:
                     err = self.write_runs(<const char *>view.buf, offset, view.len, calls)
             self.st.data_writes += calls[0]

@@ -7,6 +7,7 @@ import os
 
 UNALLOCATED = 0xFFFFFFFF
 ZERO_CHUNK = 0xFFFFFFFE
+NO_SLOT = 0xFFFFFFFF
 MAX_IOV = 64
 SYS_IOV_MAX = 1024          # iovecs per pwritev call (Linux UIO_MAXIOV)
 
@@ -72,6 +73,20 @@ def _bit(arr, b):
     return int(arr[b >> 3]) >> (b & 7) & 1
 
 
+def _granule_run(pv, k, within, n):
+    """(run length, written) of the run from `within` (at most n bytes) that one layer
+    of partial chunk slot k answers (fvd._fastpath.granule_run)."""
+    _, _, bits, gshift, gbytes = pv
+    base = k * gbytes
+    g = within >> gshift
+    stop = within + n
+    b = int(bits[base + (g >> 3)]) >> (g & 7) & 1
+    g += 1
+    while (g << gshift) < stop and (int(bits[base + (g >> 3)]) >> (g & 7) & 1) == b:
+        g += 1
+    return min(g << gshift, stop) - within, b
+
+
 class ChunkMap:
     """Translates virtual offsets through the one-level table and does the data I/O.
 
@@ -93,6 +108,7 @@ class ChunkMap:
         self.stats = stats
         self._users = []        # one item per readinto inside the base fd (append/pop: atomic)
         self.set_base(None, None, 0, 0, -1)
+        self.set_partial(None, None, None, 0)
         # Grace periods (fvd._fastpath.ChunkMap.users_enter): calls in flight by epoch
         # parity, one list item each (append/pop are atomic under the GIL)
         self._inflight = ([], [])
@@ -123,6 +139,43 @@ class ChunkMap:
     @property
     def users_in_flight(self):
         return len(self._inflight[0]) + len(self._inflight[1])
+
+
+    def set_partial(self, slot, src, bits, granule_size):
+        """View the partial-chunk arrays of fvd.granular (uint32 slot per virtual chunk,
+        NONE = 0xFFFFFFFF; uint32 source and a bit row per slot)."""
+        self.partial = (slot, src, bits)
+        if slot is None or len(slot) == 0 or len(src) == 0:
+            self._pv = None
+            return
+        gshift = granule_size.bit_length() - 1
+        self._pv = (slot, src, bits, gshift, -(-(self.chunk_size >> gshift) // 8))
+
+    def _partial_slot(self, pv, v):
+        """Slot of virtual chunk v, or -1 (pv captured once per call)."""
+        if pv is None:
+            return -1
+        k = int(pv[0][v])
+        return -1 if k == NO_SLOT else k
+
+    def _granules_written(self, pv, offset, length):
+        if pv is None or length == 0:
+            return True
+        shift, cs = self.shift, self.chunk_size
+        pos, end = offset, offset + length
+        _, _, bits, gshift, gbytes = pv
+        while pos < end:
+            v = pos >> shift
+            base = v << shift
+            stop = min(base + cs, end)
+            k = self._partial_slot(pv, v)
+            if k >= 0:
+                row = k * gbytes
+                for g in range((pos - base) >> gshift, ((stop - base - 1) >> gshift) + 1):
+                    if not int(bits[row + (g >> 3)]) >> (g & 7) & 1:
+                        return False
+            pos = stop
+        return True
 
     @property
     def base_users(self):
@@ -227,8 +280,9 @@ class ChunkMap:
             raise ValueError(f"I/O range [{offset}, {offset + length}) outside the image "
                              f"(size {self.size})")
 
-    def _runs(self, offset, length):
-        """Yield (buffer_pos, length, host_offset or None) runs, coalescing contiguous hosts."""
+    def _runs(self, offset, length, pv=None):
+        """Yield (buffer_pos, length, host_offset or None) runs, coalescing contiguous hosts
+        (partial chunks split by their granule bits)."""
         cs, shift = self.chunk_size, self.shift
         run_pos = run_len = 0
         run_host = None
@@ -239,6 +293,12 @@ class ChunkMap:
             within = voff & (cs - 1)
             n = min(cs - within, length - pos)
             e = int(self.table[v])
+            if pv is not None and e < ZERO_CHUNK:
+                k = self._partial_slot(pv, v)
+                if k >= 0:
+                    n, mine = _granule_run(pv, k, within, n)
+                    if not mine:
+                        e = int(pv[1][k])
             host = None if e >= ZERO_CHUNK else self.data_offset + (e << shift) + within
             if run_len and ((host is None and run_host is None) or
                             (host is not None and run_host is not None and
@@ -261,8 +321,10 @@ class ChunkMap:
             if type(buf) is bytearray and self._bv[4] < 0:
                 # Common case, inside one chunk, no base fd: one lookup, one pread.
                 length, shift = len(buf), self.shift
+                pv = self._pv
                 if (length and offset >= 0 and offset + length <= self.size
-                        and offset >> shift == (offset + length - 1) >> shift):
+                        and offset >> shift == (offset + length - 1) >> shift
+                        and (pv is None or pv[0][offset >> shift] == NO_SLOT)):
                     e = self.table.item(offset >> shift)
                     if e < ZERO_CHUNK:
                         host = self.data_offset + (e << shift) + (offset & (self.chunk_size - 1))
@@ -297,7 +359,9 @@ class ChunkMap:
             finally:
                 self._users.pop()
         shift = self.shift
-        if length and offset >> shift == (offset + length - 1) >> shift:
+        pv = self._pv
+        if length and offset >> shift == (offset + length - 1) >> shift and (
+                pv is None or pv[0][offset >> shift] == NO_SLOT):
             # Common case, inside one chunk: one lookup, one pread.
             e = self.table.item(offset >> shift)
             if e < ZERO_CHUNK:
@@ -308,12 +372,13 @@ class ChunkMap:
                 stats.data_reads += 1
                 stats.data_bytes_read += length
                 return length
-        return self._read_image(offset, memoryview(mv))
+        return self._read_image(offset, memoryview(mv), pv)
 
-    def _read_image(self, offset, mv):
+    def _read_image(self, offset, mv, pv=None):
         length = len(mv)
         shift = self.shift
-        if length and offset >> shift == (offset + length - 1) >> shift:
+        if length and offset >> shift == (offset + length - 1) >> shift and (
+                pv is None or pv[0][offset >> shift] == NO_SLOT):
             e = int(self.table[offset >> shift])
             if e < ZERO_CHUNK:
                 host = self.data_offset + (e << shift) + (offset & (self.chunk_size - 1))
@@ -322,7 +387,7 @@ class ChunkMap:
                 self.stats.data_reads += 1
                 self.stats.data_bytes_read += length
                 return length
-        for pos, n, host in self._runs(offset, length):
+        for pos, n, host in self._runs(offset, length, pv):
             piece = mv[pos:pos + n]
             if host is None:
                 piece[:] = bytes(n)
@@ -333,7 +398,8 @@ class ChunkMap:
         return length
 
     def writable(self, offset, length):
-        """True when every chunk under the range is allocated and not held by a snapshot."""
+        """True when every chunk under the range is allocated and not held by a snapshot,
+        and every granule it touches in a partial chunk is written."""
         if length == 0:
             return True
         first, last = offset >> self.shift, (offset + length - 1) >> self.shift
@@ -342,7 +408,7 @@ class ChunkMap:
             return False
         frozen = self.frozen
         held = entries[entries < len(frozen)]
-        return not frozen[held].any()
+        return not frozen[held].any() and self._granules_written(self._pv, offset, length)
 
     def write(self, offset, data):
         """Write into allocated, unshared chunks whose touched blocks are durably out of
@@ -367,6 +433,9 @@ class ChunkMap:
             e = self.table.item(offset >> shift)
             frozen = self.frozen
             if e >= ZERO_CHUNK or (e < len(frozen) and frozen[e]):
+                return -1
+            pv = self._pv
+            if pv is not None and not self._granules_written(pv, offset, length):
                 return -1
             _full_pwrite(self.fd, mv, self.data_offset + (e << shift) +
                          (offset & (self.chunk_size - 1)))

@@ -51,6 +51,9 @@ def _scan(img, repair):
         result.messages.append(f"ERROR at offset {offset}: {what}")
     if img._snapshots is not None:
         img._snapshots.check(img, result, repair)
+    if img._partial is not None:
+        from .granular import check_partial
+        check_partial(img, result)
     if repair:
         _repair_front(img, result)
     _check_leaks(img, result, repair)

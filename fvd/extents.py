@@ -39,7 +39,8 @@ def image_extents(img, offset=0, length=None) -> Iterator[Extent]:
 
 def extents_array(img, offset: int = 0, length: int | None = None) -> np.ndarray:
     """The same extents as a numpy structured array (EXTENT_DTYPE); offset -1 = none."""
-    if img._base is None:
+    part = getattr(img, "_partial", None)
+    if img._base is None and (part is None or not part.active):   # partial chunks split
         length = _check_range(img, offset, length)
         if length == 0:
             return np.zeros(0, dtype=EXTENT_DTYPE)
@@ -124,6 +125,8 @@ def _segments(img, start, end):
             host = data_offset + e * cs + pos - c0 * cs
             if base is not None:
                 yield from base.segments_in_chunk(pos, stop, host)
+            elif getattr(img, "_partial", None) is not None and img._partial.active:
+                yield from _partial_segments(img, pos, stop, c0, e, data_offset)
             else:
                 yield Extent(pos, stop - pos, 0, True, False, True, host)
         elif e == fmt.ZERO_CHUNK:
@@ -132,6 +135,23 @@ def _segments(img, start, end):
             yield from base.segments_below(pos, stop)
         else:
             yield Extent(pos, stop - pos, 0, False, True, False, None)
+
+
+def _partial_segments(img, pos, stop, c0, e0, data_offset):
+    """A run of allocated chunks (chunk c0 maps e0, the next ones follow) in which some
+    chunks may be partial (fvd.granular): those split by their granule bits."""
+    cs, st = img.chunk_size, img._partial
+    while pos < stop:
+        v = pos // cs
+        end = min(stop, (v + 1) * cs)
+        e = e0 + (v - c0)
+        k = st.slot_of(v)
+        if k is None:
+            yield Extent(pos, end - pos, 0, True, False, True, data_offset + e * cs + pos - v * cs)
+        else:
+            for s, t, h in st.host_runs(k, e, pos, end, v * cs, data_offset):
+                yield Extent(s, t - s, 0, True, False, True, h)
+        pos = end
 
 
 def _merge(segments):

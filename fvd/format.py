@@ -25,7 +25,8 @@ MAX_PHYS_CHUNKS = 0xFFFFFFF0    # physical indexes are below this
 # Incompatible features: a reader that does not know a bit must refuse the image.
 INCOMPAT_BASE = 1 << 0          # unwritten blocks come from a base image
 INCOMPAT_SNAPSHOTS = 1 << 1     # chunks may be shared with snapshots (copy on write)
-KNOWN_INCOMPAT = INCOMPAT_BASE | INCOMPAT_SNAPSHOTS
+INCOMPAT_PARTIAL = 1 << 2       # partly copied chunks may exist (fvd.granular)
+KNOWN_INCOMPAT = INCOMPAT_BASE | INCOMPAT_SNAPSHOTS | INCOMPAT_PARTIAL
 KNOWN_COMPAT = 0
 
 # Base formats.
@@ -36,6 +37,8 @@ BASE_FLAG_PREFETCHED = 1 << 0   # every base block is in the image; the base is 
 
 MIN_CHUNK, MAX_CHUNK = 64 * KiB, 256 * MiB
 MIN_BLOCK = 512
+MIN_GRANULE = 512
+DEFAULT_GRANULE = 4096          # granular copy-on-write: a 4 KiB-aligned write copies nothing
 MAX_VIRTUAL_SIZE = 1 << 56
 MAX_TABLE_ENTRIES = 1 << 31
 MAX_BASE_NAME = 4095
@@ -78,7 +81,11 @@ Header = Struct(
     "next_snapshot_id" / Int64ul,
     "table_crc" / Int32ul,
     "bitmap_crc" / Int32ul,
-    Padding(HEADER_SIZE - 200),
+    "partial_map_offset" / Int64ul,
+    "partial_map_size" / Int64ul,
+    "partial_map_crc" / Int32ul,
+    "granule_size" / Int32ul,
+    Padding(HEADER_SIZE - 224),
 )
 assert Header.sizeof() == HEADER_SIZE
 
@@ -186,6 +193,16 @@ def validate_header(h, path, file_size):
         need(end <= start, second, f"{second.replace('_offset', '')} region overlaps the "
                                    f"{first.replace('_offset', '')} region")
     need(h["data_offset"] % ALIGN == 0, "data_offset", "data offset not aligned")
+    gs = h["granule_size"]
+    need(gs == 0 or (is_power_of_two(gs) and MIN_GRANULE <= gs <= cs and cs // gs <= 65536),
+         "granule_size", f"granule size {gs} is not a power of two in [{MIN_GRANULE}, "
+                         f"chunk size] with at most 65536 granules per chunk")
+    po, ps = h["partial_map_offset"], h["partial_map_size"]
+    need((po == 0) == (ps == 0), "partial_map_offset", "partial map offset and size disagree")
+    need(po == 0 or (po >= h["data_offset"] and (po - h["data_offset"]) % cs == 0
+                     and po + ps <= file_size and gs),
+         "partial_map_offset", f"partial map [{po}, {po + ps}) is outside the data area "
+                               f"or the file ({file_size} bytes)")
     need(h["data_offset"] <= file_size, "data_offset",
          f"file is truncated: {file_size} bytes, data area starts at {h['data_offset']}")
 

@@ -17,10 +17,25 @@ import numpy as np
 from . import _impl
 from . import format as fmt
 from .allocator import ChunkAllocator, front_usage, runs
-from .errors import CorruptImageError, FvdError, ImageIOError, ImageLockedError, io_error
+from .errors import (
+    CorruptImageError,
+    FvdError,
+    ImageIOError,
+    ImageLockedError,
+    io_error,
+)
 from .fileio import full_pwrite, lock_image, punch_hole, writer_active
-from .journal import (RECORD_HEAD, REC_BITMAP, REC_DATA_CRC, REC_TABLE, Journal,
-                      range_crc, read_transactions, table_records)
+from .journal import (
+    REC_BITMAP,
+    REC_DATA_CRC,
+    REC_GRANULE,
+    REC_TABLE,
+    RECORD_HEAD,
+    Journal,
+    range_crc,
+    read_transactions,
+    table_records,
+)
 
 
 class ReadOnlyImageError(FvdError, OSError):
@@ -155,6 +170,7 @@ class Image:
         self._for_check = _for_check
         self._base = None
         self._snapshots = None
+        self._partial = None        # fvd.granular.PartialState (images without a base)
         self._lock = threading.RLock()   # table/bitmap/journal changes (fvd.base)
         self._pending = {}          # virtual chunk -> entry, not yet in the journal
         self._pending_bits = []     # (first_block, count) bitmap records not yet journaled
@@ -223,6 +239,8 @@ class Image:
         self._map.error = self._io_error
         if self._base is not None:
             self._base.attach_map()
+        if self._partial is not None:
+            self._partial.install(self._map, lambda: self._alloc.quiesce(time.sleep))
         self._journal = Journal(self._fd, h["journal_offset"], h["journal_size"],
                                 h["journal_epoch"], self.stats)
         self._alloc = ChunkAllocator(self._in_use(), self._punch_chunks, self._map)
@@ -243,8 +261,9 @@ class Image:
         if h["base_format"] != fmt.BASE_NONE:
             from .base import attach_base
             attach_base(self, chain, copy_on_read)
-        elif copy_on_read:
-            pass            # nothing to copy from: a no-op, as in QEMU
+        else:
+            from .granular import attach_partial
+            attach_partial(self)    # copy_on_read without a base: a no-op, as in QEMU
         if h["nb_snapshots"] or h["snapshot_table_offset"]:
             from .snapshots import attach_snapshots
             attach_snapshots(self)
@@ -308,6 +327,8 @@ class Image:
                                                              f"metadata"),
                                "more table entries point into snapshot metadata")
             self._relocate.update(hit.tolist())
+        if self._partial is not None:
+            self._partial.validate(self)
 
     def _problem_list(self, where, describe, rest, shown=10):
         """One problem per index (the first `shown` spelled out), all counted."""
@@ -353,6 +374,11 @@ class Image:
             if rtype == REC_BITMAP and (self._bitmap is None or
                                         start + count > self._bitmap.nblocks):
                 return self._bad_record("journal bitmap record out of range")
+            if rtype == REC_GRANULE and (self._partial is None or count == 0 or
+                                         start % self._partial.gpc + count >
+                                         self._partial.gpc or
+                                         start // self._partial.gpc >= self._nchunks):
+                return self._bad_record("journal granule record out of range")
             if rtype == REC_TABLE:
                 for e in payload:
                     if fmt.MAX_PHYS_CHUNKS <= e < fmt.ZERO_CHUNK:
@@ -374,8 +400,12 @@ class Image:
         for rtype, count, start, payload in tx:
             if rtype == REC_TABLE:
                 self._table[start:start + count] = payload
+                if self._partial is not None:
+                    self._partial.forget(start, count)
             elif rtype == REC_BITMAP:
                 self._bitmap.set_range(start, count)
+            elif rtype == REC_GRANULE:
+                self._partial.replay(self._table, start, count, payload)
         return True
 
     def _in_use(self):
@@ -383,6 +413,8 @@ class Image:
         used = front_usage(self._table, nphys) > 0
         if self._snapshots is not None:
             used = self._snapshots.mark_used(used)
+        if self._partial is not None:
+            used = self._partial.mark_used(used)
         return used
 
     def _start_writing(self, unclean):
@@ -415,7 +447,16 @@ class Image:
         self.stats.flushes += 1
 
     def _write_header(self, **changes):
-        self._header.update(changes)
+        h = self._header
+        h.update(changes)
+        # Partial chunks may exist (or appear without another header write): refuse older
+        # readers. Snapshots alone make first writes into held chunks partial.
+        if self._partial is not None and (self._partial.active or h["partial_map_offset"]
+                                          or h["incompatible_features"]
+                                          & fmt.INCOMPAT_SNAPSHOTS):
+            h["incompatible_features"] |= fmt.INCOMPAT_PARTIAL
+        else:
+            h["incompatible_features"] &= ~fmt.INCOMPAT_PARTIAL
         self._write_meta(0, fmt.build_header(self._header))
 
     def _punch_chunks(self, first, count):
@@ -434,6 +475,11 @@ class Image:
 
     def _checkpoint_steps(self, clean):
         h = self._header
+        if clean and self._dirty_since_checkpoint and self._partial is not None and (
+                self._partial.active or h["partial_map_offset"]):
+            # the partial map moves and its old chunks are punched after the header: do
+            # that under a header marked unclean, so a crash there opens with a scrub
+            self._checkpoint(clean=False)
         self._sync()
         if self._dirty_since_checkpoint:
             table = self._table.astype("<u4").tobytes()
@@ -441,9 +487,13 @@ class Image:
             h["table_crc"] = zlib.crc32(table)
             if self._bitmap is not None:
                 h["bitmap_crc"] = self._bitmap.write(self)
+            if self._partial is not None:
+                self._partial.write_map(self)
             self._sync()
         self._write_header(journal_epoch=h["journal_epoch"] + 1, clean_shutdown=int(clean))
         self._sync()
+        if self._partial is not None:
+            self._partial.after_checkpoint(self)
         self._journal.restart(h["journal_epoch"])
         self._dirty_since_checkpoint = False
 
@@ -615,6 +665,8 @@ class Image:
             return self._base.write(offset, mv)
         with self._lock:        # allocation and the journal are shared by all writers
             self._check_open()
+            if self._partial is not None and self._partial.takes(self, offset, length):
+                return self._partial.write(self, offset, mv)     # fvd.granular
             changes, extra = self._prepare_chunks(offset, length)
             try:
                 self._write_planned(offset, mv, changes)
@@ -730,6 +782,10 @@ class Image:
                 continue
             if e < fmt.ZERO_CHUNK and not self._is_frozen(e):
                 self._alloc.release(e)
+            if self._partial is not None:
+                source = self._partial.drop(v)
+                if source is not None and not self._is_frozen(source):
+                    self._alloc.release(source)
             self._table[v] = marker
             changes[v] = marker
         if changes:

@@ -55,6 +55,8 @@ def image_info(img):
         chain = getattr(img._base, "chain_info", None)
         if chain:
             data["backing-chain"] = chain()
+    if getattr(img, "_partial", None) is not None and img._partial.active:
+        data["partial-chunks"] = img._partial.active      # granular copy-on-write
     snaps = fvd_snapshot_dicts(img)
     if snaps:
         info["snapshots"] = snaps

@@ -18,7 +18,8 @@ SECTOR_MAGIC = 0x4A445646                       # "FVDJ"
 SECTOR_HEAD = struct.Struct("<IIQQHHI")         # magic crc epoch seq tx_remaining nrec rsvd
 RECORD_HEAD = struct.Struct("<IIQ")             # type count start
 PAYLOAD = SECTOR - SECTOR_HEAD.size
-REC_TABLE, REC_BITMAP, REC_DATA_CRC = 1, 2, 3
+REC_TABLE, REC_BITMAP, REC_DATA_CRC, REC_GRANULE = 1, 2, 3, 4
+GRANULE_PAYLOAD = struct.Struct("<II")         # front chunk, source chunk
 TABLE_ENTRIES_PER_SECTOR = (PAYLOAD - RECORD_HEAD.size) // 4
 
 
@@ -52,6 +53,13 @@ def data_crc_record(host_offset, length, crc):
     """Record naming data the transaction depends on: replay drops the transaction if the
     bytes at host_offset do not have this crc32 (the data write did not reach the disk)."""
     return RECORD_HEAD.pack(REC_DATA_CRC, length, host_offset) + struct.pack("<I", crc)
+
+
+def granule_record(first_granule, count, chunk, source):
+    """Record setting `count` granule bits from global granule `first_granule` (all in
+    one virtual chunk) of partial chunk `chunk`, whose unset granules read `source`."""
+    return RECORD_HEAD.pack(REC_GRANULE, count, first_granule) + GRANULE_PAYLOAD.pack(
+        chunk, source)
 
 
 def pack_transaction(records, epoch, first_seq):
@@ -175,6 +183,11 @@ def _records(sector, nrec, path, where):
                 raise CorruptImageError(path, where + pos, "data-crc record overruns its sector")
             out.append((rtype, count, start, struct.unpack_from("<I", sector, pos)[0]))
             pos += 4
+        elif rtype == REC_GRANULE:
+            if pos + GRANULE_PAYLOAD.size > SECTOR:
+                raise CorruptImageError(path, where + pos, "granule record overruns its sector")
+            out.append((rtype, count, start, GRANULE_PAYLOAD.unpack_from(sector, pos)))
+            pos += GRANULE_PAYLOAD.size
         else:
             raise CorruptImageError(path, where + pos - RECORD_HEAD.size,
                                     f"unknown journal record type {rtype}")

@@ -393,6 +393,8 @@ def _apply_revert_marker(img, st, revert_id, revert_epoch):
         st.rewrite = True
         return
     img._table = table
+    if img._partial is not None:
+        img._partial.clear()        # the old front's partial chunks went with it
     if bits is not None:        # ... and its bitmap is the front's bitmap
         img._bitmap.fresh[:] = bits
         img._bitmap.stale[:] = bits
@@ -660,6 +662,8 @@ def _create(img, st, name, vm_state):
         raise ValueError(f"{img.path}: a snapshot named {name!r} already exists")
     vm = memoryview(vm_state).cast("B")
     img.flush()
+    if img._partial is not None:
+        img._partial.complete_all(img)      # snapshots hold whole chunks (fvd.granular)
     table = img._table
     entries_mask = table < fmt.ZERO_CHUNK
     held = table[entries_mask]
@@ -702,7 +706,7 @@ def _create(img, st, name, vm_state):
     # (then the old metadata chunks are kept: a leak at most, never a reuse).
     st.entries, st.refcount = entries, refcount
     st.table_chunks, st.refcount_chunks = tch, rch
-    img.stats.refcount_updates += int(len(held))
+    img.stats.refcount_updates += len(held)
     _set_frozen(img, st)
     img._sync()                                     # commit point
     _release_runs(img, old)
@@ -744,6 +748,9 @@ def _delete(img, st, name):
     entries = [x for x in st.entries if x is not e]
     dropped = held[rc[held] == 0]
     front = front_usage(img._table, len(rc))
+    if img._partial is not None:            # a partial chunk's source stays (fvd.granular)
+        sources = img._partial.sources()
+        front[sources[sources < len(front)]] += 1
     freed = dropped[front[dropped] == 0] if len(dropped) else dropped
     # trim the refcount table past its last nonzero entry
     nz = np.flatnonzero(rc)
@@ -760,7 +767,7 @@ def _delete(img, st, name):
     old = old + st.entry_chunks(img, e)
     st.entries, st.refcount = entries, refcount     # memory follows the written header
     st.table_chunks, st.refcount_chunks = tch, rch
-    img.stats.refcount_updates += int(len(held))
+    img.stats.refcount_updates += len(held)
     _set_frozen(img, st)
     img._sync()                                     # commit point
     _release_runs(img, old)
@@ -807,13 +814,16 @@ def _revert(img, st, name):
         raise
     st.table_chunks = tch                           # memory follows the written header
     img._sync()                                     # commit point
+    old_sources = np.zeros(0, dtype=np.int64)
+    if img._partial is not None:            # the old front's partial chunks go with it
+        old_sources = img._partial.detach(img)
     _swap_front(img, new_table, new_bits)
     img._dirty_since_checkpoint = True
     img._checkpoint(clean=False)                    # table in place, epoch E+1
     _release_runs(img, old)
     # chunks only the old front used (not frozen: every entry of new_table is frozen)
     mask = old_table < fmt.ZERO_CHUNK
-    cand = old_table[mask]
+    cand = np.concatenate([old_table[mask].astype(np.int64), old_sources])
     fz = img._frozen
     cand = cand[(cand >= len(fz)) | (fz[np.minimum(cand, len(fz) - 1)] == 0)]
     if len(cand):

@@ -172,8 +172,13 @@ def _naive_extents(img):
             pos, stop = v * cs, min(img.size, (v + 1) * cs)
             e = int(img._table[v])
             if e < fmt.ZERO_CHUNK:
+                part = getattr(img, "_partial", None)
                 if img._base is not None:
                     yield from img._base.segments_in_chunk(pos, stop, d + e * cs)
+                elif part is not None and part.slot_of(v) is not None:
+                    # a partial chunk (granular copy-on-write): runs of it and its source
+                    for s, t, h in part.host_runs(part.slot_of(v), e, pos, stop, pos, d):
+                        yield Extent(s, t - s, 0, True, False, True, h)
                 else:
                     yield Extent(pos, stop - pos, 0, True, False, True, d + e * cs)
             elif e == fmt.ZERO_CHUNK:

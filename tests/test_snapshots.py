@@ -172,51 +172,60 @@ def test_write_costs_do_not_depend_on_snapshot_count(tmp_path, cache):
             assert img.stats.refcount_updates == nsnap * 2     # no write touched it
             results[nsnap] = costs
     assert results[1] == results[100]
-    # the second write stays inside the first one's bytes, not the copied ones: no seal
-    assert results[0][1:] == results[1][1:]
-    for k in ("metadata_writes", "metadata_bytes_written", "flushes", "refcount_updates"):
-        assert [c[k] for c in results[0][2:]] == [c[k] for c in results[100][2:]]
+    assert results[0][2:] == results[1][2:]
     zero = dict.fromkeys(keys, 0)
     if cache == "writethrough":
-        # copy-on-write: one journal sector (table entry + 2 data crc records), one flush
+        # granular copy-on-write: the written 4 KiB granule only (its head and tail copied
+        # from the held chunk), one journal sector (table entry, granule record, data crc)
         assert results[100][0] == {**zero, "metadata_writes": 1, "metadata_bytes_written": 512,
-                                   "flushes": 1, "journal_records": 3, "data_writes": 2,
-                                   "data_bytes_written": CS + 100}
-        assert results[100][1] == {**zero, "flushes": 1, "data_writes": 1,
-                                   "data_bytes_written": 50}
+                                   "flushes": 1, "journal_records": 3, "data_writes": 1,
+                                   "data_bytes_written": 4096}
+        # the second write lands inside the crc-checked granule: the transaction is sealed
+        assert results[100][1] == {**zero, "metadata_writes": 1, "metadata_bytes_written": 512,
+                                   "flushes": 2, "data_writes": 1, "data_bytes_written": 50}
         assert results[100][2] == {**zero, "metadata_writes": 1, "metadata_bytes_written": 512,
                                    "flushes": 1, "journal_records": 1, "data_writes": 1,
                                    "data_bytes_written": 4096}
     else:
-        # writeback: flush() = data flush, one journal sector, one flush
+        # writeback: flush() = data flush, one journal sector (table + granule), one flush
+        assert results[0][1:] == results[1][1:]
         assert results[100][0] == {**zero, "metadata_writes": 1, "metadata_bytes_written": 512,
-                                   "flushes": 2, "journal_records": 1, "data_writes": 2,
-                                   "data_bytes_written": CS + 100}
+                                   "flushes": 2, "journal_records": 2, "data_writes": 1,
+                                   "data_bytes_written": 4096}
         assert results[100][1] == {**zero, "flushes": 1, "data_writes": 1,
                                    "data_bytes_written": 50}
     assert results[100][3] == results[0][3] == {**zero, "flushes": 1, "data_writes": 1,
                                                 "data_bytes_written": 10}
 
 
-def test_first_write_after_snapshot_copies_once(path):
+def test_first_write_after_snapshot_copies_granule_edges_only(path):
     with fvd.open(path, "r+", cache="writethrough") as img:
         img.write(0, pat(1, CS))
         img.create_snapshot("s")
         s0 = img.stats.as_dict()
         img.write(100, b"y" * 100)
         d = delta(s0, img.stats.as_dict())
-        # one read of the old chunk, one copy write, the guest write, one journal sector
-        assert d == {"data_reads": 1, "data_bytes_read": CS, "data_writes": 2,
-                     "data_bytes_written": CS + 100, "metadata_writes": 1,
+        # head and tail of the 4 KiB granule in one read, one data write of the granule,
+        # one journal sector (table entry, granule record, data crc)
+        assert d == {"data_reads": 1, "data_bytes_read": 4096, "data_writes": 1,
+                     "data_bytes_written": 4096, "metadata_writes": 1,
                      "metadata_bytes_written": 512, "flushes": 1, "journal_records": 3}
         s0 = img.stats.as_dict()
-        img.write(0, b"z" * CS)                 # already the front's own chunk
+        img.write(0, b"z" * CS)                 # already the front's own (partial) chunk
         d = delta(s0, img.stats.as_dict())
-        # ...but it overwrites the crc-checked copy: the copy's transaction is sealed first
+        # it overwrites the crc-checked granule: that transaction is sealed first; the
+        # chunk is then complete (granule record + data crc)
+        assert d == {"data_writes": 1, "data_bytes_written": CS, "flushes": 2,
+                     "metadata_writes": 2, "metadata_bytes_written": 1024,
+                     "journal_records": 2}
+        assert img._partial.active == 0
+        s0 = img.stats.as_dict()
+        img.write(0, b"w" * CS)                 # seals the completing transaction once
+        d = delta(s0, img.stats.as_dict())
         assert d == {"data_writes": 1, "data_bytes_written": CS, "flushes": 2,
                      "metadata_writes": 1, "metadata_bytes_written": 512}
         s0 = img.stats.as_dict()
-        img.write(0, b"w" * CS)
+        img.write(0, b"w" * CS)                 # an unshared chunk from now on
         d = delta(s0, img.stats.as_dict())
         assert d == {"data_writes": 1, "data_bytes_written": CS, "flushes": 1}
         with img.open_snapshot("s") as v:
@@ -601,21 +610,20 @@ def test_overwrite_after_copy_on_write_survives_a_power_cut(tmp_path, monkeypatc
     img = fvd.open(path, "r+", cache="writethrough")
     img.write(0, b"A" * MiB)
     img.create_snapshot("s1")
-    img.write(0, b"B" * 4096)                       # copies the chunk: crc-checked tx
+    img.write(0, b"B" * 100)                        # copies granule edges: crc-checked tx
     before = img.stats.as_dict()
-    img.write(8192, b"C" * 4096)                    # lands inside the copied bytes
+    img.write(1000, b"C" * 1000)                    # lands inside the copied bytes
     d = delta(before, img.stats.as_dict())
     assert (d.get("data_writes"), d.get("metadata_writes"), d.get("flushes")) == (1, 1, 2)
     before = img.stats.as_dict()
-    img.write(16384, b"D" * 4096)
+    img.write(3000, b"D" * 1000)
     d = delta(before, img.stats.as_dict())
     assert (d.get("data_writes"), d.get("metadata_writes", 0), d.get("flushes")) == (1, 0, 1)
     img._crash()
     recorder.power_cut()
     with fvd.open(path) as img:
-        assert img.read(0, 4096) == b"B" * 4096
-        assert img.read(8192, 4096) == b"C" * 4096
-        assert img.read(16384, 4096) == b"D" * 4096
-        assert img.read(4096, 4096) == b"A" * 4096
+        assert img.read(0, 4096) == (b"B" * 100 + b"A" * 900 + b"C" * 1000 + b"A" * 1000
+                                     + b"D" * 1000 + b"A" * 96)
+        assert img.read(4096, MiB - 4096) == b"A" * (MiB - 4096)
         with img.open_snapshot("s1") as snap:
             assert snap.read(0, MiB) == b"A" * MiB

@@ -1,0 +1,556 @@
+"""Block-granular copy-on-write after snapshots (fvd.granular): exact costs, reads of
+partial chunks in both implementations, lifecycle (create, delete, revert, write_zeroes,
+reopen), the feature bit, check, crash cutting of every new write path and a state
+machine with snapshots and power cuts."""
+import functools
+import os
+import shutil
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+
+import fvd
+from fvd import _impl
+from fvd import format as fmt
+
+from .helpers import DurableRecorder
+from .helpers import pattern as _pattern
+
+pattern = functools.lru_cache(maxsize=64)(_pattern)     # 4 MiB patterns are slow to build
+from .test_snapshots import WriteRecorder
+
+KiB, MiB = 1 << 10, 1 << 20
+CS = MiB
+G = 4 * KiB
+SIZE = 4 * MiB
+
+
+def delta(before, after):
+    return {k: after[k] - before[k] for k in after if after[k] != before[k]}
+
+
+@pytest.fixture
+def path(tmp_path):
+    p = str(tmp_path / "g.fvd")
+    fvd.create(p, SIZE)
+    return p
+
+
+def held_image(path, cache="writethrough", size=SIZE):
+    """An image whose chunks are full of pattern(1) and held by snapshot 's'."""
+    img = fvd.open(path, "r+", cache=cache)
+    img.write(0, pattern(1, size))
+    img.create_snapshot("s")
+    return img
+
+
+def assert_clean(img):
+    r = img.check()
+    assert r.ok, r.messages
+
+
+# ----- costs ------------------------------------------------------------------------------
+def test_first_aligned_write_into_held_chunk_costs(path):
+    with held_image(path) as img:
+        s0 = img.stats.as_dict()
+        img.write(CS + 8 * G, b"x" * G)
+        d = delta(s0, img.stats.as_dict())
+        # 1 data write of 4 KiB, 1 journal sector (table, granule, data crc), 1 flush,
+        # nothing read or copied, no refcount touched
+        assert d == {"data_writes": 1, "data_bytes_written": G, "metadata_writes": 1,
+                     "metadata_bytes_written": 512, "flushes": 1, "journal_records": 3}
+        # a new granule of the same chunk: as an unshared chunk + one metadata write
+        s0 = img.stats.as_dict()
+        img.write(CS + 20 * G, b"y" * G)
+        d = delta(s0, img.stats.as_dict())
+        assert d == {"data_writes": 1, "data_bytes_written": G, "metadata_writes": 1,
+                     "metadata_bytes_written": 512, "flushes": 1, "journal_records": 2}
+        # a granule written before (not the last transaction's): exactly an unshared chunk
+        s0 = img.stats.as_dict()
+        img.write(CS + 8 * G + 100, b"z" * 1000)
+        d = delta(s0, img.stats.as_dict())
+        assert d == {"data_writes": 1, "data_bytes_written": 1000, "flushes": 1}
+        assert img.stats.refcount_updates == 4          # the snapshot's, none by writes
+        expect = bytearray(pattern(1, SIZE))
+        expect[CS + 8 * G:CS + 9 * G] = b"x" * G
+        expect[CS + 20 * G:CS + 21 * G] = b"y" * G
+        expect[CS + 8 * G + 100:CS + 8 * G + 1100] = b"z" * 1000
+        assert img.read(0, SIZE) == expect
+        with img.open_snapshot("s") as v:
+            assert v.read(0, SIZE) == pattern(1, SIZE)
+        assert_clean(img)
+
+
+def test_first_write_costs_writeback(path):
+    with held_image(path, "writeback") as img:
+        img.flush()
+        s0 = img.stats.as_dict()
+        img.write(0, b"x" * G)
+        img.write(5 * G, b"y" * G)
+        img.flush()
+        d = delta(s0, img.stats.as_dict())
+        # no crc records in writeback: flush() syncs the data before the journal
+        assert d == {"data_writes": 2, "data_bytes_written": 2 * G, "metadata_writes": 1,
+                     "metadata_bytes_written": 512, "flushes": 2, "journal_records": 3}
+
+
+def test_unaligned_write_copies_granule_edges(path):
+    with held_image(path) as img:
+        s0 = img.stats.as_dict()
+        img.write(G - 10, b"q" * 20)            # crosses granules 0 and 1: head + tail
+        d = delta(s0, img.stats.as_dict())
+        assert d["data_reads"] == 2 and d["data_bytes_read"] == 2 * G - 20
+        assert d["data_writes"] == 1 and d["data_bytes_written"] == 2 * G
+        assert img.read(0, 2 * G) == pattern(1, G - 10) + b"q" * 20 + pattern(1, 2 * G)[G + 10:]
+
+
+def test_bytes_written_per_guest_byte_after_snapshot(path):
+    import random
+    rnd = random.Random(5)
+    with held_image(path, "writeback") as img:
+        img.flush()
+        s0 = img.stats.as_dict()
+        for _ in range(200):
+            img.write(rnd.randrange(SIZE // G) * G, b"r" * G)
+        img.flush()
+        d = delta(s0, img.stats.as_dict())
+        total = d["data_bytes_written"] + d["metadata_bytes_written"]
+        assert total / (200 * G) <= 1.2
+
+
+# ----- reads: both implementations, byte for byte, stats too ---------------------------------
+def test_reads_of_partial_chunks_identical_in_both_implementations(path):
+    import random
+    with held_image(path) as img:
+        for off, n in ((0, G), (3 * G + 5, 100), (10 * G, 3 * G), (CS - G, 2 * G),
+                       (2 * CS + 7 * G, 1)):
+            img.write(off, pattern(off & 0xFF, n))
+        img.write(3 * CS, pattern(9, CS))       # a whole chunk: complete at once
+        model = img.read(0, SIZE)
+    rnd = random.Random(1)
+    ranges = [(0, G), (0, SIZE), (G - 1, 2), (CS - 1, G + 2)]
+    ranges += [(rnd.randrange(SIZE - 1), rnd.randrange(1, 3 * G)) for _ in range(200)]
+    seen = {}
+    for name in _impl.MODULES:
+        _impl.select(name)
+        with fvd.open(path) as img:
+            assert img._partial.active == 3
+            out = []
+            for off, n in ranges:
+                n = min(n, SIZE - off)
+                s0 = img.stats.as_dict()
+                got = img.read(off, n)
+                assert got == model[off:off + n], (name, off, n)
+                out.append(delta(s0, img.stats.as_dict()))
+            buf = bytearray(2 * G)
+            img.readinto(G - 7, memoryview(buf))
+            assert bytes(buf) == model[G - 7:3 * G - 7]
+            seen[name] = out
+    assert len(set(map(str, seen.values()))) == 1
+    # a 4 KiB read inside one granule is one pread, whichever layer holds it
+    assert seen[next(iter(seen))][0] == {"data_reads": 1, "data_bytes_read": G}
+
+
+def test_extents_split_partial_chunks(path):
+    with held_image(path) as img:
+        img.write(G, b"x" * G)
+        ext = list(img.extents(0, CS))
+        assert [(e.start, e.length) for e in ext] == [(0, G), (G, G), (2 * G, CS - 2 * G)]
+        assert ext[0].offset + 2 * G == ext[2].offset       # both in the held chunk
+        assert all(e.data for e in ext)
+
+
+def test_extents_of_runs_of_partial_chunks_and_changed_extents(path):
+    with held_image(path) as img:
+        img.write(CS + G, b"x" * G)
+        img.write(2 * CS + 3 * G, b"y" * G)
+        ext = [(e.start, e.length) for e in img.extents()]
+        assert (CS + G, G) in ext and (2 * CS + 3 * G, G) in ext
+        assert sum(n for _, n in ext) == SIZE
+        assert img._partial.active == 2
+        arr = img.extents_array()
+        assert [(int(r["start"]), int(r["length"]), int(r["offset"])) for r in arr] == \
+            [(e.start, e.length, e.offset) for e in img.extents()]
+        # changed since the snapshot: whole chunks (table entries differ), never less
+        changed = img.changed_extents("s")
+        covered = set()
+        for e in changed:
+            covered.update(range(e.start // G, (e.start + e.length) // G))
+        assert {(CS + G) // G, (2 * CS + 3 * G) // G} <= covered
+
+
+def test_readers_never_see_unwritten_bytes_while_chunks_go_partial(path):
+    img = held_image(path)
+    old = pattern(1, SIZE)
+    stop = threading.Event()
+    bad = []
+
+    span = 2 * CS
+
+    def reader():
+        while not stop.is_set():
+            got = img.read(0, span)
+            for i in range(0, span, G):
+                b = got[i:i + G]
+                if b != old[i:i + G] and b != b"N" * G:
+                    bad.append(i)
+                    return
+
+    threads = [threading.Thread(target=reader) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        for i in range(0, span, 5 * G):
+            img.write(i, b"N" * G)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not bad
+    img.close()
+
+
+# ----- lifecycle -----------------------------------------------------------------------------
+def test_partial_chunks_survive_close_and_crash(path):
+    with held_image(path) as img:
+        img.write(5 * G, b"a" * G)
+        img.write(CS + 100, b"b" * 50)
+        expect = img.read(0, SIZE)
+    with fvd.open(path) as img:
+        assert img._partial.active == 2 and img._header["partial_map_offset"]
+        assert img.read(0, SIZE) == expect
+        assert_clean(img)
+    img = fvd.open(path, "r+", cache="writethrough")
+    img.write(7 * G, b"c" * G)
+    img.write(2 * CS, b"d" * G)
+    expect = img.read(0, SIZE)
+    img._crash()
+    with fvd.open(path, "r+") as img:          # replay on top of the checkpointed map
+        assert img._partial.active == 3
+        assert img.read(0, SIZE) == expect
+        assert_clean(img)
+
+
+def test_create_completes_partial_chunks(path):
+    with held_image(path) as img:
+        img.write(5 * G, b"a" * G)
+        s0 = img.stats.as_dict()
+        img.create_snapshot("t")
+        d = delta(s0, img.stats.as_dict())
+        assert img._partial.active == 0
+        assert d["data_bytes_written"] == CS - G        # the unwritten granules, once
+        expect = img.read(0, SIZE)
+        img.write(6 * G, b"b" * G)                      # partial again, over the new copy
+        with img.open_snapshot("t") as v:
+            assert v.read(0, SIZE) == expect
+        assert_clean(img)
+
+
+def test_delete_keeps_the_source_until_the_chunk_is_complete(path):
+    with held_image(path) as img:
+        img.write(G, b"a" * G)
+        source = int(img._partial.src[img._partial.slot_of(0)])
+        img.delete_snapshot("s")
+        assert img._header["incompatible_features"] & fmt.INCOMPAT_PARTIAL
+        expect = img.read(0, SIZE)
+        assert img._in_use()[source]
+        assert_clean(img)
+    with fvd.open(path, "r+") as img:
+        assert img.read(0, SIZE) == expect
+        assert img._header["incompatible_features"] & fmt.INCOMPAT_PARTIAL
+        img.write(0, b"z" * CS)                         # complete: the source goes
+        assert img._partial.active == 0
+        img.flush()
+        assert not img._in_use()[source] if source < len(img._in_use()) else True
+        assert_clean(img)
+    with fvd.open(path) as img:
+        # no snapshot and no partial chunk: older readers may open it again
+        assert not img._header["incompatible_features"] & fmt.INCOMPAT_PARTIAL
+        assert img.read(0, CS) == b"z" * CS
+        assert_clean(img)
+
+
+def test_revert_and_write_zeroes_drop_partial_chunks(path):
+    with held_image(path) as img:
+        img.write(G, b"a" * G)
+        img.write(CS + G, b"b" * G)
+        img.write_zeroes(CS, CS)                       # whole partial chunk
+        assert img._partial.active == 1
+        assert img.read(CS, CS) == bytes(CS)
+        img.revert_to_snapshot("s")
+        assert img._partial.active == 0
+        assert img.read(0, SIZE) == pattern(1, SIZE)
+        assert_clean(img)
+    with fvd.open(path) as img:
+        assert img.read(0, SIZE) == pattern(1, SIZE)
+        assert img._header["partial_map_offset"] == 0
+        assert_clean(img)
+
+
+def test_older_readers_refuse_partial_chunks(path, monkeypatch):
+    with held_image(path) as img:
+        img.write(0, b"a" * G)
+    monkeypatch.setattr(fmt, "KNOWN_INCOMPAT", fmt.INCOMPAT_BASE | fmt.INCOMPAT_SNAPSHOTS)
+    with pytest.raises(fvd.UnsupportedFeatureError):
+        fvd.open(path)
+
+
+def test_check_reports_a_damaged_partial_map(path):
+    with held_image(path) as img:
+        img.write(0, b"a" * G)
+        off = None
+    with fvd.open(path) as img:
+        off = img._header["partial_map_offset"]
+    with open(path, "r+b") as f:
+        f.seek(off + 20)
+        f.write(b"\xff")
+    with pytest.raises(fvd.CorruptImageError):
+        fvd.open(path)
+    from fvd.check import check_path
+    assert check_path(path).corruptions >= 1
+
+
+def test_images_with_a_base_keep_whole_chunk_copies(tmp_path):
+    base = str(tmp_path / "base.raw")
+    with open(base, "wb") as f:
+        f.write(pattern(3, SIZE))
+    p = str(tmp_path / "over.fvd")
+    fvd.create(p, SIZE, base=base, base_format="raw")
+    with fvd.open(p, "r+", cache="writethrough") as img:
+        img.write(0, pattern(4, CS))
+        img.create_snapshot("s")
+        s0 = img.stats.as_dict()
+        img.write(G, b"x" * G)
+        d = delta(s0, img.stats.as_dict())
+        assert d["data_bytes_written"] == CS + G        # the chunk copy, then the write
+        assert img._partial is None
+        assert_clean(img)
+
+
+# ----- crash cutting -----------------------------------------------------------------------------
+def apply_ops(path, ops):
+    """Replay recorded writes; hole punches are real punches (a punched chunk must not
+    look like a leak)."""
+    from fvd.fileio import punch_hole
+    with open(path, "r+b") as f:
+        for kind, a, b in ops:
+            if kind == "w":
+                os.pwrite(f.fileno(), b, a)
+            elif kind == "t":
+                os.ftruncate(f.fileno(), a)
+            else:
+                punch_hole(f.fileno(), a, b)
+
+
+SCS = 64 * KiB                              # crash cuts: small chunks, small journal
+SSIZE = 4 * SCS
+
+
+def model_of(img):
+    views = []
+    for s in img.snapshots():
+        with img.open_snapshot(s.name) as v:
+            views.append((s.name, v.read(0, SSIZE)))
+    return img.read(0, SSIZE), tuple(views)
+
+
+def prepare(path):
+    fvd.create(path, SSIZE, chunk_size=SCS, journal_size=64 * KiB, overwrite=True)
+    with held_image(path, "writeback", SSIZE) as img:
+        img.write(2 * G + 7, b"p" * 30)                 # chunk 0 partial
+        img.write(SCS + 9 * G, b"q" * G)                # chunk 1 partial
+
+
+def _close_after(fn):
+    def op(img):
+        fn(img)
+        img.close()
+    return op
+
+
+WRITE_OPS = {"first-write-wt", "first-write-wb", "new-granule", "complete", "zeroes"}
+CRASH_OPS = {
+    "first-write-wt": ("writethrough", _close_after(lambda i: i.write(2 * SCS + G, b"A" * G))),
+    "first-write-wb": ("writeback", _close_after(lambda i: i.write(2 * SCS + 5, b"A" * 9000))),
+    "new-granule": ("writethrough",
+                    _close_after(lambda i: i.write(SCS + 3 * G + 1, b"B" * 10))),
+    "complete": ("writethrough", _close_after(lambda i: i.write(0, b"C" * SCS))),
+    "zeroes": ("writethrough", _close_after(lambda i: i.write_zeroes(SCS, SCS))),
+    "create": ("writeback", lambda i: i.create_snapshot("t")),
+    "delete": ("writeback", lambda i: i.delete_snapshot("s")),
+    "revert": ("writeback", lambda i: i.revert_to_snapshot("s")),
+    "checkpoint": ("writeback", lambda i: i.close()),
+}
+
+
+@pytest.mark.parametrize("op", sorted(CRASH_OPS))
+def test_crash_at_every_write(path, monkeypatch, op, tmp_path):
+    """Every prefix of the operation's writes opens as the state before or after it."""
+    prepare(path)
+    cache, fn = CRASH_OPS[op]
+    # the recorder sees os.pwrite / os.pwritev only, so the operation runs on the pure
+    # Python path (the compiled one writes data from C); the cuts are read with `impl`
+    was = _impl.IMPLEMENTATION
+    _impl.select("python")
+    img = fvd.open(path, "r+", cache=cache)
+    before = model_of(img)
+    pre = str(tmp_path / "pre.fvd")
+    shutil.copyfile(path, pre)
+    rec = WriteRecorder(monkeypatch, path)
+    fn(img)
+    rec.undo()
+    _impl.select(was)
+    if img._closed:
+        img = fvd.open(path)
+    after = model_of(img)
+    img.close()
+    if op == "checkpoint":
+        assert before == after
+    else:
+        assert before != after
+    cut = str(tmp_path / "cut.fvd")
+    seen = set()
+    for k in range(len(rec.ops) + 1):
+        shutil.copyfile(pre, cut)
+        apply_ops(cut, rec.ops[:k])
+        with fvd.open(cut, "r+") as c:
+            state = model_of(c)
+            if op in WRITE_OPS and state not in (before, after):
+                # a guest write is not atomic (neither in an unshared chunk): every byte
+                # must read its old or its new contents, snapshots stay exact
+                assert state[1] == before[1] == after[1]
+                front = np.frombuffer(state[0], np.uint8)
+                old = np.frombuffer(before[0], np.uint8)
+                new = np.frombuffer(after[0], np.uint8)
+                assert ((front == old) | (front == new)).all(), f"cut {k}: bytes from elsewhere"
+            else:
+                assert state in (before, after), f"cut after {k} of {len(rec.ops)} writes"
+            seen.add(state == after)
+            assert_clean(c)
+        with fvd.open(cut) as c:
+            assert model_of(c) == state
+            assert_clean(c)
+    assert True in seen
+
+
+# ----- state machine: snapshots, partial chunks, power cuts ------------------------------------
+MSIZE = 4 * 64 * KiB + 3 * KiB              # 5 chunks of 64 KiB, the last one short
+
+
+def make_machine(path, recorder, cache):
+    class GranularMachine(RuleBasedStateMachine):
+        @initialize()
+        def setup(self):
+            if os.path.exists(path):
+                os.unlink(path)
+            fvd.create(path, MSIZE, chunk_size=64 * KiB, journal_size=64 * KiB)
+            recorder.snapshot_now()
+            self.img = fvd.open(path, "r+", cache=cache)
+            self.model = bytearray(MSIZE)
+            self.durable = bytearray(MSIZE)
+            self.snaps = {}
+            self.seed = 0
+            self.n = 0
+
+        def _ack(self):
+            if cache == "writethrough":
+                self.durable[:] = self.model
+
+        @rule(g=st.integers(0, MSIZE // G), k=st.integers(1, 20), skew=st.integers(0, 9))
+        def write(self, g, k, skew):
+            off = min(g * G + (skew * 700 if skew > 6 else 0), MSIZE - 1)
+            n = min(k * G - (skew * 300 if skew > 7 else 0), MSIZE - off)
+            self.seed += 1
+            data = pattern(self.seed, n)
+            self.img.write(off, data)
+            self.model[off:off + n] = data
+            self._ack()
+
+        @rule(g=st.integers(0, MSIZE // G), k=st.integers(1, 40))
+        def zeroes(self, g, k):
+            off = min(g * G, MSIZE - 1)
+            n = min(k * G, MSIZE - off)
+            self.img.write_zeroes(off, n)
+            self.model[off:off + n] = bytes(n)
+            self._ack()
+
+        @rule()
+        def create(self):
+            self.n += 1
+            name = f"s{self.n}"
+            self.img.create_snapshot(name)
+            self.snaps[name] = bytes(self.model)
+            self.durable[:] = self.model
+
+        @precondition(lambda self: self.snaps)
+        @rule(data=st.data())
+        def delete(self, data):
+            name = data.draw(st.sampled_from(sorted(self.snaps)))
+            self.img.delete_snapshot(name)
+            del self.snaps[name]
+            self.durable[:] = self.model
+
+        @precondition(lambda self: self.snaps)
+        @rule(data=st.data())
+        def revert(self, data):
+            name = data.draw(st.sampled_from(sorted(self.snaps)))
+            self.img.revert_to_snapshot(name)
+            self.model[:] = self.snaps[name]
+            self.durable[:] = self.model
+
+        @rule()
+        def flush(self):
+            self.img.flush()
+            self.durable[:] = self.model
+
+        @rule()
+        def reopen(self):
+            self.img.close()
+            self.img = fvd.open(path, "r+", cache=cache)
+            self.durable[:] = self.model
+
+        @rule()
+        def power_cut(self):
+            self.img._crash()
+            recorder.power_cut()
+            self.img = fvd.open(path, "r+", cache=cache)
+            self.model[:] = self.durable
+
+        @invariant()
+        def contents(self):
+            if not hasattr(self, "img"):
+                return
+            assert self.img.read(0, MSIZE) == self.model
+            for name, data in self.snaps.items():
+                with self.img.open_snapshot(name) as v:
+                    assert v.read(0, MSIZE) == data
+
+        def teardown(self):
+            if hasattr(self, "img"):
+                self.img.close()
+                with fvd.open(path) as img:
+                    assert img.read(0, MSIZE) == self.model
+                    result = img.check()
+                    assert result.ok, result.messages
+
+    return GranularMachine
+
+
+@pytest.mark.parametrize("cache", ["writeback", "writethrough"])
+def test_state_machine_with_snapshots_and_power_cuts(tmp_path, monkeypatch, cache):
+    path = str(tmp_path / "m.fvd")
+    recorder = DurableRecorder(monkeypatch, path)
+    run_state_machine_as_test(make_machine(path, recorder, cache), settings=settings(
+        max_examples=int(os.environ.get("FVD_GRANULAR_EXAMPLES", "8")),
+        stateful_step_count=25, deadline=None, suppress_health_check=list(HealthCheck)))
