@@ -7,11 +7,10 @@ Per-operation I/O counts (writes, bytes, flushes, metadata writes, refcount upda
 each benchmark's extra_info (`--benchmark-json=out.json`).
 """
 import pytest
+from conftest import contender, run_io_benchmark, workload
 
 from fvd import bench_impls as impls
 from fvd import bench_workloads as wl
-
-from conftest import contender, run_io_benchmark, workload
 
 IMPLS = ["fvd", "qcow2", "qcow2-lazy", "raw", "qemu-qcow2", "qemu-qcow2-lazy", "qemu-raw"]
 KEYS = ["alloc4k-wt", "alloc4k-wb", "overwrite4k-wt", "overwrite4k-wb", "read4k",

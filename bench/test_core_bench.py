@@ -6,10 +6,9 @@ Groups put FVD (cython), its python twin and the plain file side by side:
 No timed assertions: the ratios are reported by `fvd bench` and docs/benchmarks.md.
 """
 import pytest
+from conftest import contender, run_io_benchmark, workload
 
 from fvd import bench_workloads as wl
-
-from conftest import contender, run_io_benchmark, workload
 
 CORE = ["fvd", "fvd-py", "raw"]
 

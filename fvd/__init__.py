@@ -6,10 +6,16 @@
         img.write(0, b"hello")
 """
 from . import _impl
-from .errors import (BaseImageError, CorruptImageError, FvdError, ImageIOError,
-                     ImageLockedError, UnsupportedFeatureError)
-from .image import CheckResult, Extent, Image, ReadOnlyImageError, create, open
 from .convert import convert
+from .errors import (
+    BaseImageError,
+    CorruptImageError,
+    FvdError,
+    ImageIOError,
+    ImageLockedError,
+    UnsupportedFeatureError,
+)
+from .image import CheckResult, Extent, Image, ReadOnlyImageError, create, open
 
 __version__ = "0.1.0"
 

@@ -609,6 +609,7 @@ class BaseLayer:
 def marked_unallocated(bits, nblocks, table, chunk_size, block_size):
     """Virtual chunks that are UNALLOCATED in `table` but have a bit set in `bits`."""
     import numpy as np
+
     from .bitmap import get_bits
     if nblocks == 0:
         return np.zeros(0, dtype=np.int64)

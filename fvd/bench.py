@@ -190,11 +190,13 @@ def run_all(scale, names, workdir, keys=None, progress=True):
                     c, workdir, scale.open_ops)]))
     if want("metadata"):
         for c in contenders:
-            jobs.append(("metadata/TiB", "metadata/TiB", c, lambda c=c: [wl.measure_metadata(c, workdir)]))
+            jobs.append(("metadata/TiB", "metadata/TiB", c,
+                         lambda c=c: [wl.measure_metadata(c, workdir)]))
     if want("translate"):
         for c in contenders:
             if c.name in ("fvd", "fvd-py"):
-                jobs.append(("translate", "translate", c, lambda c=c: [wl.measure_translate(c, scale)]))
+                jobs.append(("translate", "translate", c,
+                             lambda c=c: [wl.measure_translate(c, scale)]))
     jobs += _backup_jobs(scale, names, workdir, want)
     try:
         for i, (title, key, c, job) in enumerate(jobs, 1):
@@ -335,7 +337,8 @@ def text_table(results, scale, names, info, workdir, quick=False):
                f"fvd {info['fvd']} ({info['fvd_implementation']}), {info['nproc']} CPUs, "
                f"{info['cpu']}, {info['filesystem'] or workdir}")
     out.append(f"8 GiB sparse images; {scale.ops} random 4K writes, {scale.reads} 4K reads, "
-               f"{scale.seq_mib} MiB sequential in 1 MiB ops; wt = writethrough, wb/N = writeback + flush every N writes; "
+               f"{scale.seq_mib} MiB sequential in 1 MiB ops; wt = writethrough, "
+               f"wb/N = writeback + flush every N writes; "
                f"median of {scale.repeat} (reads: best of 5 passes)")
     out.append("cells: value and FVD's advantage (x>1: FVD better); 2nd line: I/O per op "
                "(w writes/bytes, f flushes, m metadata writes, rc refcount updates, "

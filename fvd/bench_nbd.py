@@ -50,8 +50,8 @@ def _wait(proc: subprocess.Popen, sock: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited {proc.returncode}: {proc.args}: "
-                               f"{proc.stderr.read() if proc.stderr else ''!s}")
+            raise RuntimeError(f"server exited {proc.returncode}: {proc.args!r}: "
+                               f"{proc.stderr.read() if proc.stderr else ''!r}")
         try:
             with socket.socket(socket.AF_UNIX) as s:
                 s.connect(sock)

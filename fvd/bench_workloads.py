@@ -11,6 +11,7 @@ import random
 import statistics
 import time
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 
@@ -116,7 +117,7 @@ class IoWorkload:
     offsets: list
     cache: str = "writethrough"
     flush_every: int = 0       # writeback: flush every N writes (and once at the end)
-    pre_offsets: list = ()     # written (untimed) before, `pre_length` each
+    pre_offsets: Sequence[int] = ()     # written (untimed) before, `pre_length` each
     pre_length: int = 4 * KiB
     snapshot: bool = False     # take a snapshot after the pre writes
     size: int = DISK

@@ -25,7 +25,8 @@ def parse_size(text):
     try:
         value = float(number) if "." in number else int(number)
     except ValueError:
-        raise UsageError(f"invalid size {text!r} (use a number with an optional K, M, G or T)")
+        raise UsageError(f"invalid size {text!r} (use a number with an optional K, M, G or T)"
+                         ) from None
     size = int(value * SUFFIXES[unit])
     if size < 0:
         raise UsageError(f"invalid size {text!r}: negative")

@@ -22,8 +22,8 @@ import os
 import queue
 import secrets
 from collections import namedtuple
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 

@@ -11,6 +11,7 @@ import threading
 import time
 import zlib
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -70,7 +71,7 @@ class CheckResult:
     leaks: int = 0
     leaks_fixed: int = 0
     corruptions_fixed: int = 0
-    messages: list = None
+    messages: Optional[list] = None
 
     @property
     def ok(self):

@@ -103,7 +103,7 @@ class RawImage:
         self.read_only = mode == "r"
         self._fd = os.open(self.path, os.O_RDONLY if self.read_only else os.O_RDWR)
         st = os.fstat(self._fd)
-        if not (st.st_mode & 0o170000 in (0o100000, 0o060000)):
+        if st.st_mode & 0o170000 not in (0o100000, 0o060000):
             os.close(self._fd)
             raise OSError(errno.EINVAL, "not a regular file or block device", self.path)
         self.size = os.lseek(self._fd, 0, os.SEEK_END)

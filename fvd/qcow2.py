@@ -24,11 +24,23 @@ import numpy as np
 from . import _impl
 from .errors import BaseImageError, CorruptImageError, UnsupportedFeatureError
 from .qcow2_cluster import ClusterMixin, Extent
-from .qcow2_format import (COMPAT_LAZY_REFCOUNTS, EXT_BITMAPS, INCOMPAT_CORRUPT,
-                           INCOMPAT_DIRTY, L1E_RESERVED_MASK, MAX_CLUSTER_BITS,
-                           MIN_CLUSTER_BITS, OFF_INCOMPAT, OFF_L1_SIZE, OFFSET_MASK,
-                           REFT_OFFSET_MASK, Header,
-                           SnapshotInfo, build_header, parse_header)
+from .qcow2_format import (
+    COMPAT_LAZY_REFCOUNTS,
+    EXT_BITMAPS,
+    INCOMPAT_CORRUPT,
+    INCOMPAT_DIRTY,
+    L1E_RESERVED_MASK,
+    MAX_CLUSTER_BITS,
+    MIN_CLUSTER_BITS,
+    OFF_INCOMPAT,
+    OFF_L1_SIZE,
+    OFFSET_MASK,
+    REFT_OFFSET_MASK,
+    Header,
+    SnapshotInfo,
+    build_header,
+    parse_header,
+)
 from .qcow2_refcount import RefcountMixin
 from .qcow2_snapshot import SnapshotMixin
 
@@ -67,7 +79,8 @@ def create(path, size, *, cluster_size=65536, lazy_refcounts=False, overwrite=Fa
         raise ValueError(f"cluster_size must be a power of two in 512..2M, not {cluster_size}")
     cs, cbits = cluster_size, cluster_size.bit_length() - 1
     backing_file, backing_format = _new_backing(path, backing_file, backing_format)
-    h = Header(backing_file=backing_file, backing_format=backing_format,version=3, cluster_bits=cbits, size=size, l1_size=0, l1_table_offset=0,
+    h = Header(backing_file=backing_file, backing_format=backing_format, version=3,
+               cluster_bits=cbits, size=size, l1_size=0, l1_table_offset=0,
                refcount_table_offset=cs, refcount_table_clusters=1, nb_snapshots=0,
                snapshots_offset=0,
                compatible_features=COMPAT_LAZY_REFCOUNTS if lazy_refcounts else 0)

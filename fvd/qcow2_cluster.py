@@ -17,8 +17,14 @@ from collections import namedtuple
 import numpy as np
 
 from .errors import CorruptImageError, UnsupportedFeatureError
-from .qcow2_format import (L1E_RESERVED_MASK, L2E_STD_RESERVED_MASK, OFFSET_MASK,
-                           OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO)
+from .qcow2_format import (
+    L1E_RESERVED_MASK,
+    L2E_STD_RESERVED_MASK,
+    OFFSET_MASK,
+    OFLAG_COMPRESSED,
+    OFLAG_COPIED,
+    OFLAG_ZERO,
+)
 
 Extent = namedtuple("Extent", "start length data zero depth offset present")
 

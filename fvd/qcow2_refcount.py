@@ -12,9 +12,16 @@ import os
 import numpy as np
 
 from .errors import CorruptImageError
-from .qcow2_format import (OFF_REFTABLE, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED,
-                           REFT_OFFSET_MASK, REFT_RESERVED_MASK, L1E_RESERVED_MASK,
-                           L2E_STD_RESERVED_MASK)
+from .qcow2_format import (
+    L1E_RESERVED_MASK,
+    L2E_STD_RESERVED_MASK,
+    OFF_REFTABLE,
+    OFFSET_MASK,
+    OFLAG_COMPRESSED,
+    OFLAG_COPIED,
+    REFT_OFFSET_MASK,
+    REFT_RESERVED_MASK,
+)
 
 MAX_REFCOUNT = 0xFFFF
 
@@ -294,12 +301,12 @@ class RefcountMixin:
             area(self._snapshots_offset, self._snap_table_len)
         trees = [(self._l1, self._l1_offset, True)]
         trees += [(self._snapshot_l1(s), s.l1_table_offset, False) for s in self._snapshots]
-        for l1, l1_off, active in trees:
+        for l1, l1_off, _active in trees:
             area(l1_off, len(l1) * 8)
         # header, refcount and L1 tables, refcount blocks, snapshot table: a cluster of
         # these that anything else also uses is an overlap, which a refcount cannot fix
         exclusive = np.concatenate(refs)
-        for l1, l1_off, active in trees:
+        for l1, _l1_off, active in trees:
             self._count_tree(l1, active, refs, errors)
         allrefs = np.concatenate(refs) if refs else np.zeros(0, dtype=np.int64)
         # bounded by the file, never by what an entry names: a reference past the end

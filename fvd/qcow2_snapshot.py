@@ -16,8 +16,15 @@ import time
 import numpy as np
 
 from .errors import CorruptImageError
-from .qcow2_format import (OFF_SNAPSHOTS, OFFSET_MASK, OFLAG_COPIED, SnapshotInfo,
-                           build_snapshot_table, parse_snapshot_table, snapshot_extra)
+from .qcow2_format import (
+    OFF_SNAPSHOTS,
+    OFFSET_MASK,
+    OFLAG_COPIED,
+    SnapshotInfo,
+    build_snapshot_table,
+    parse_snapshot_table,
+    snapshot_extra,
+)
 
 
 class SnapshotMixin:

@@ -358,7 +358,7 @@ def run_fvd_case(path):
         with fvd.open(path, "r+") as img:
             _use_fvd(img)
             for s in img.snapshots()[:1]:
-                _attempt(lambda: img.revert_to_snapshot(s.name))
+                _attempt(lambda s=s: img.revert_to_snapshot(s.name))
             img.write(CS - 100, b"\xab" * 300)
             img.write(17 * CS, b"\xcd" * 5000)
             img.write_zeroes(8 * CS, CS)

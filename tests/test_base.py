@@ -380,7 +380,8 @@ def make_base_machine(tmp, recorder, path, cache, base_kind):
                 self.base_path = mid
             else:
                 self.base_path = raw
-            fvd.create(path, SIZE, base="m/" + os.path.basename(self.base_path), base_format=base_kind,
+            fvd.create(path, SIZE, base="m/" + os.path.basename(self.base_path),
+                       base_format=base_kind,
                        block_size=BLOCK, chunk_size=CHUNK, journal_size=64 * KiB)
             recorder.snapshot_now()
             self.cor = cor

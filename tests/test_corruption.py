@@ -162,7 +162,7 @@ def test_journal_bit_flip_is_caught(path):
 
 def test_journal_record_out_of_range(path):
     h = make_image(path, crash=True)
-    from fvd.journal import pack_transaction, _table_record
+    from fvd.journal import _table_record, pack_transaction
     bad = pack_transaction([_table_record(10_000, [1])], h["journal_epoch"], 0)
     patch(path, h["journal_offset"], bad)
     err = expect_corrupt(path)

@@ -26,9 +26,9 @@ from fvd import format as fmt
 
 from .helpers import DurableRecorder
 from .helpers import pattern as _pattern
+from .test_snapshots import WriteRecorder
 
 pattern = functools.lru_cache(maxsize=64)(_pattern)     # 4 MiB patterns are slow to build
-from .test_snapshots import WriteRecorder
 
 KiB, MiB = 1 << 10, 1 << 20
 CS = MiB

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fvd import _impl, qcow2
 from fvd.errors import CorruptImageError, UnsupportedFeatureError
-
 
 KiB, MiB = 1 << 10, 1 << 20
 

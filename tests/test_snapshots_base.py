@@ -17,8 +17,13 @@ import fvd
 from fvd import format as fmt
 from fvd import snapshots as snap
 
-from .test_snapshots import (WriteRecorder, assert_clean, assert_every_cut_is_before_or_after,
-                             delta, pat)
+from .test_snapshots import (
+    WriteRecorder,
+    assert_clean,
+    assert_every_cut_is_before_or_after,
+    delta,
+    pat,
+)
 
 CS = 64 * 1024
 BLOCK = 4096
