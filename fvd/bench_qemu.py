@@ -153,50 +153,74 @@ def bench_seconds(cmd):
     return float(m.group(1))
 
 
-def measure_io_qemu_bench(workload, contender, workdir, repeat=1, counts=True):
-    """The workload through `qemu-img bench` (QEMU's in-process loop)."""
-    _, _, n, passes = workload.stride()
-    path = os.path.join(workdir, f"qbench-{contender.name}-{os.getpid()}.img")
-    cmd = bench_cmd(workload, contender, path)
+def _rounds(workload, contender, path, workdir, repeat, one_round, empty_run, counted_run,
+            counted_ops, counts, note):
+    """`repeat` timed rounds on fresh images, then exact I/O counts: `counted_run` minus
+    `empty_run` (each a (cmd, stdin text)) under strace. -> (times, per_op, note)."""
     try:
         times = []
         for _ in range(repeat):
             prepare(workload, contender, path)
-            if workload.kind == "read":
-                bench_seconds(cmd)             # "cached": one untimed pass
-            times.append(sum(bench_seconds(cmd) for _ in range(passes)))
+            times.append(one_round())
         per_op = {}
-        note = "qemu-img bench: QEMU's in-process loop, its own timing"
         if counts and shutil.which("strace"):
             prepare(workload, contender, path)
-            b = strace_counts(bench_cmd(workload, contender, path, 0), None, workdir)
-            r = strace_counts(cmd, None, workdir)
-            per_op = summarise(r, b, n)
+            b = strace_counts(*empty_run, workdir)
+            r = strace_counts(*counted_run, workdir)
+            per_op = summarise(r, b, counted_ops)
         elif counts:
             note += "; strace not found, no I/O counts"
-    except Unavailable as e:
-        return Result(workload.key, contender.name, None, workload.unit, note=str(e))
+        return times, per_op, note
     finally:
         try:
             os.unlink(path)
         except FileNotFoundError:
             pass
+
+
+def _io_result(workload, contender, times, ops, per_op, note):
     t = statistics.median(times)
-    ops = n * passes
     if t <= 0:
         return Result(workload.key, contender.name, None, workload.unit, True, ops, t, per_op,
-                      note + "; below its timer's resolution")
+                      note + "; below the timer's resolution or process-start noise")
     value = ops / t if workload.unit == "ops/s" else ops * workload.length / (1 << 20) / t
     return Result(workload.key, contender.name, value, workload.unit, True, ops, t, per_op,
                   note)
 
 
+def measure_io_qemu_bench(workload, contender, workdir, repeat=1, counts=True):
+    """The workload through `qemu-img bench` (QEMU's in-process loop)."""
+    _, _, n, passes = workload.stride()
+    path = os.path.join(workdir, f"qbench-{contender.name}-{os.getpid()}.img")
+    cmd = bench_cmd(workload, contender, path)
+
+    def one_round():
+        if workload.kind == "read":
+            bench_seconds(cmd)             # "cached": one untimed pass
+        return sum(bench_seconds(cmd) for _ in range(passes))
+
+    times, per_op, note = _rounds(workload, contender, path, workdir, repeat, one_round,
+                                  (bench_cmd(workload, contender, path, 0), None),
+                                  (cmd, None), n, counts,
+                                  "qemu-img bench: QEMU's in-process loop, its own timing")
+    return _io_result(workload, contender, times, n * passes, per_op, note)
+
+
 def measure_io_qemu(workload, contender, workdir, repeat=1, counts=True):
+    """One Result: through `qemu-img bench` where the offsets have a fixed step, else
+    through qemu-io; a workload QEMU cannot run (snapshots of raw) gets its reason."""
     reason = contender.available()
     if reason:
         return Result(workload.key, contender.name, None, workload.unit, note=reason)
-    if workload.stride() is not None:
-        return measure_io_qemu_bench(workload, contender, workdir, repeat, counts)
+    measure = measure_io_qemu_bench if workload.stride() is not None else _measure_qemu_io
+    try:
+        return measure(workload, contender, workdir, repeat, counts)
+    except Unavailable as e:
+        return Result(workload.key, contender.name, None, workload.unit, note=str(e))
+
+
+def _measure_qemu_io(workload, contender, workdir, repeat=1, counts=True):
+    """The workload as a qemu-io command script."""
     path = os.path.join(workdir, f"qemu-{contender.name}-{os.getpid()}.img")
     cmd = qemu_io_cmd(contender, path, workload.cache)
     # reads are too cheap to see past process-start noise in one pass: repeat the list
@@ -205,39 +229,19 @@ def measure_io_qemu(workload, contender, workdir, repeat=1, counts=True):
     if workload.kind == "read":
         reps = max(1, min(-(-MIN_READ_OPS // n), -(-MIN_READ_BYTES // (n * workload.length))))
     text = script(workload) * reps
-    ops = len(workload.offsets) * reps
-    try:
-        times = []
-        for _ in range(repeat):
-            prepare(workload, contender, path)
-            base = statistics.median(_timed(cmd, "") for _ in range(3))
-            times.append(_timed(cmd, text) - base)
-        per_op = {}
-        note = "qemu-io, one command per I/O: time minus an empty qemu-io run"
-        if counts and shutil.which("strace"):
-            prepare(workload, contender, path)
-            b = strace_counts(cmd, "", workdir)
-            one = script(workload)      # one pass is enough for exact counts
-            r = strace_counts(cmd, one, workdir)
-            per_op = summarise(r, b, len(workload.offsets))
-        elif counts:
-            note += "; strace not found, no I/O counts"
-    except Unavailable as e:
-        return Result(workload.key, contender.name, None, workload.unit, note=str(e))
-    finally:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-    t = statistics.median(times)
+
+    def one_round():
+        base = statistics.median(_timed(cmd, "") for _ in range(3))
+        return _timed(cmd, text) - base
+
+    # one pass of the script is enough for exact counts
+    times, per_op, note = _rounds(workload, contender, path, workdir, repeat, one_round,
+                                  (cmd, ""), (cmd, script(workload)), n, counts,
+                                  "qemu-io, one command per I/O: time minus an empty "
+                                  "qemu-io run")
     if reps > 1:
-        note += f"; the {len(workload.offsets)} reads repeated {reps} times"
-    if t <= 0:
-        return Result(workload.key, contender.name, None, workload.unit, True, ops, t, per_op,
-                      note + "; below process-start noise")
-    value = ops / t if workload.unit == "ops/s" else ops * workload.length / (1 << 20) / t
-    return Result(workload.key, contender.name, value, workload.unit, True, ops, t,
-                  per_op, note)
+        note += f"; the {n} reads repeated {reps} times"
+    return _io_result(workload, contender, times, n * reps, per_op, note)
 
 
 def measure_snapshots_qemu(contender, workdir, count, data_ops):

@@ -18,6 +18,7 @@ import numpy as np
 from . import _impl
 from . import format as fmt
 from .allocator import ChunkAllocator, front_usage, runs
+from .diskops import DiskOps
 from .errors import (
     CorruptImageError,
     FvdError,
@@ -150,7 +151,7 @@ def create(path, size, *, chunk_size=fmt.MiB, block_size=64 * fmt.KiB, base=None
     os.close(fd)
 
 
-class Image:
+class Image(DiskOps):
     """An open FVD image. Use `fvd.open()` to get one."""
 
     def __init__(self, path, mode="r", *, cache="writeback", copy_on_read=False,
@@ -890,31 +891,6 @@ class Image:
         """Header facts and allocation, as `fvd info --output=json` shows them."""
         from .info import image_info
         return image_info(self)
-
-    def extents(self, offset=0, length=None):
-        from .extents import image_extents
-        return image_extents(self, offset, length)
-
-    # Backup data path (fvd.changed, fvd.extents, fvd.fileview, fvd.checksum)
-    def as_file(self):
-        from .fileview import as_file
-        return as_file(self)
-
-    def checksum(self, block_size=4 << 20, algorithm="blake2b", progress=None, threads=None):
-        from .checksum import checksum
-        return checksum(self, block_size, algorithm, progress=progress, threads=threads)
-
-    def extents_array(self, offset=0, length=None):
-        from .extents import extents_array
-        return extents_array(self, offset, length)
-
-    def changed_extents(self, since, until=None):
-        from .changed import changed_extents
-        return changed_extents(self, since, until)
-
-    def changed_extents_array(self, since, until=None):
-        from .changed import changed_extents_array
-        return changed_extents_array(self, since, until)
 
     def check(self, repair=False):
         from .check import check_image

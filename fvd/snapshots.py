@@ -31,6 +31,7 @@ from . import format as fmt
 from . import journal
 from .allocator import front_usage
 from .bitmap import get_bits
+from .diskops import DiskOps
 from .errors import CorruptImageError, FvdError
 
 TABLE_MAGIC = 0x53445646            # "FVDS" little-endian
@@ -868,7 +869,7 @@ def _read_vm_state(img, st, name):
 
 
 # ----- read-only views ------------------------------------------------------------------
-class SnapshotView:
+class SnapshotView(DiskOps):
     """A read-only view of one snapshot, with its own read-only file descriptor.
 
     With a base image: blocks whose bit is clear in the snapshot's bitmap (below the end
@@ -964,31 +965,6 @@ class SnapshotView:
     def write(self, offset, data):
         from .image import ReadOnlyImageError
         raise ReadOnlyImageError(self.path)
-
-    def extents(self, offset=0, length=None):
-        from .extents import image_extents
-        return image_extents(self, offset, length)
-
-    # Backup data path (fvd.changed, fvd.extents, fvd.fileview, fvd.checksum)
-    def as_file(self):
-        from .fileview import as_file
-        return as_file(self)
-
-    def checksum(self, block_size=4 << 20, algorithm="blake2b", progress=None, threads=None):
-        from .checksum import checksum
-        return checksum(self, block_size, algorithm, progress=progress, threads=threads)
-
-    def extents_array(self, offset=0, length=None):
-        from .extents import extents_array
-        return extents_array(self, offset, length)
-
-    def changed_extents(self, since, until=None):
-        from .changed import changed_extents
-        return changed_extents(self, since, until)
-
-    def changed_extents_array(self, since, until=None):
-        from .changed import changed_extents_array
-        return changed_extents_array(self, since, until)
 
     def close(self):
         if self._closed:
