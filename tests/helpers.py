@@ -1,6 +1,9 @@
 """Shared test helpers: durable-state recording for simulated crashes."""
+import json
 import os
 import shutil
+import signal
+import time
 
 
 class DurableRecorder:
@@ -38,3 +41,22 @@ class DurableRecorder:
 def pattern(seed, length):
     """Deterministic non-trivial bytes."""
     return bytes((seed * 131 + i * 7 + (i >> 8)) & 0xFF for i in range(length))
+
+
+def run_and_kill(child, delay, *args):
+    """Fork; the child runs child(*args, write_fd) and reports JSON lines ending in "]"
+    through a pipe; SIGKILL it after `delay` seconds; return the lines it got out."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            child(*args, w)
+        finally:
+            os._exit(1)
+    os.close(w)
+    time.sleep(delay)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    with os.fdopen(r) as f:
+        return [json.loads(x) for x in f.read().splitlines() if x.endswith("]")]

@@ -11,11 +11,10 @@ FVD_GRANULAR_SIGKILL_ROUNDS sets the rounds (default 2); a soak:
 import json
 import os
 import random
-import signal
-import time
 
 import fvd
 
+from .helpers import run_and_kill
 from .stress import UNIT, unit_bytes
 from .test_sigkill import _apply, _check_content, _replay
 
@@ -64,23 +63,6 @@ def _child(path, seed, w):
         say("A")
 
 
-def _run_and_kill(path, seed, delay):
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(r)
-        try:
-            _child(path, seed, w)
-        finally:
-            os._exit(1)
-    os.close(w)
-    time.sleep(delay)
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-    with os.fdopen(r) as f:
-        return [json.loads(x) for x in f.read().splitlines() if x.endswith("]")]
-
-
 def test_sigkill_granular_copy_on_write(tmp_path):
     rng = random.Random(int.from_bytes(os.urandom(4), "little"))
     for rnd in range(ROUNDS):
@@ -90,7 +72,7 @@ def test_sigkill_granular_copy_on_write(tmp_path):
             img.write(0, b"".join(unit_bytes(0, u) for u in range(NUNITS)))
             img.create_snapshot("s-initial")
         seed = rng.randrange(1 << 30)
-        lines = _run_and_kill(path, seed, rng.uniform(0.05, 0.8))
+        lines = run_and_kill(_child, rng.uniform(0.05, 0.8), path, seed)
         # the initial snapshot, taken before the child started, as its first operation
         state, inflight, snaps = _replay([["B", "create", "s-initial"], ["A"]] + lines)
         after_state, after_snaps = list(state), dict(snaps)

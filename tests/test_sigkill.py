@@ -12,11 +12,10 @@ implementation (default 3); a soak run:
 import json
 import os
 import random
-import signal
-import time
 
 import fvd
 
+from .helpers import run_and_kill
 from .stress import UNIT, Model, make_base, unit_bytes
 
 KiB = 1 << 10
@@ -67,24 +66,6 @@ def _child(path, seed, w):
             say("B", "prefetch")
             img.prefetch(step=64 * KiB, min_rate=0)
         say("A")
-
-
-def _run_and_kill(path, seed, delay):
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(r)
-        try:
-            _child(path, seed, w)
-        finally:
-            os._exit(1)
-    os.close(w)
-    time.sleep(delay)
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-    with os.fdopen(r) as f:
-        lines = [json.loads(x) for x in f.read().splitlines() if x.endswith("]")]
-    return lines
 
 
 def _replay(lines):
@@ -138,7 +119,7 @@ def test_sigkill_mixed_workload(tmp_path):
         fvd.create(path, NUNITS * UNIT, chunk_size=64 * KiB, block_size=16 * KiB,
                    base=base, base_format="raw")
         seed = rng.randrange(1 << 30)
-        lines = _run_and_kill(path, seed, rng.uniform(0.05, 0.8))
+        lines = run_and_kill(_child, rng.uniform(0.05, 0.8), path, seed)
         state, inflight, snaps = _replay(lines)
         after_state, after_snaps = list(state), dict(snaps)
         if inflight is not None:
