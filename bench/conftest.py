@@ -20,16 +20,27 @@ from fvd import bench_impls as impls
 from fvd import bench_workloads as wl
 
 
-def _disabled(config):
+def _smoke_run(config):
+    """True for the default run (pyproject adds --benchmark-disable: every benchmark runs
+    once, small, as a smoke test); False when --benchmark-enable/--benchmark-only asks
+    for real measurements."""
     try:
+        if config.getoption("benchmark_only") or config.getoption("benchmark_enable"):
+            return False
         return bool(config.getoption("benchmark_disable"))
     except (ValueError, AttributeError):
         return True
 
 
 @pytest.fixture(scope="session")
-def scale(pytestconfig):
-    default = "0.25" if _disabled(pytestconfig) else "1"
+def smoke(pytestconfig):
+    """Whether this is a smoke run (small sizes) rather than a measurement."""
+    return _smoke_run(pytestconfig)
+
+
+@pytest.fixture(scope="session")
+def scale(smoke):
+    default = "0.25" if smoke else "1"
     factor = float(os.environ.get("FVD_BENCH_SCALE", default))
     return wl.Scale.quick().scaled(factor)
 

@@ -18,16 +18,11 @@ from fvd import bench_backup as bb
 MiB, GiB, TiB = 1 << 20, 1 << 30, 1 << 40
 
 
-def _disabled(config):
-    try:
-        return bool(config.getoption("benchmark_disable"))
-    except (ValueError, AttributeError):
-        return True
 
 
 @pytest.fixture(scope="module")
-def sizes(pytestconfig):
-    if _disabled(pytestconfig):
+def sizes(smoke):
+    if smoke:
         return {"changed": GiB, "sparse": TiB, "checksum": 16 * MiB}
     return {"changed": TiB, "sparse": 16 * TiB, "checksum": 256 * MiB}
 

@@ -21,23 +21,16 @@ from fvd import _impl
 MiB = 1 << 20
 
 
-def _disabled(config):
-    try:
-        if config.getoption("benchmark_only") or config.getoption("benchmark_enable"):
-            return False
-        return bool(config.getoption("benchmark_disable"))
-    except (ValueError, AttributeError):
-        return True
 
 
-def _mb(config, name, default):
+def _mb(smoke, name, default):
     mb = int(os.environ.get(name, default))
-    return min(16, max(1, mb // 4)) if _disabled(config) else mb
+    return min(16, max(1, mb // 4)) if smoke else mb
 
 
 @pytest.fixture(scope="module")
-def base_file(tmp_path_factory, pytestconfig):
-    size = _mb(pytestconfig, "FVD_BASE_READ_MB", 64) * MiB
+def base_file(tmp_path_factory, smoke):
+    size = _mb(smoke, "FVD_BASE_READ_MB", 64) * MiB
     d = tmp_path_factory.mktemp("basebench")
     path = str(d / "base.raw")
     with open(path, "wb") as f:
@@ -116,8 +109,8 @@ def test_base_read_rand4k(benchmark, who, image_over_base):
 
 
 @pytest.fixture(scope="module")
-def big_base(tmp_path_factory, pytestconfig):
-    size = _mb(pytestconfig, "FVD_PREFETCH_MB", 256) * MiB
+def big_base(tmp_path_factory, smoke):
+    size = _mb(smoke, "FVD_PREFETCH_MB", 256) * MiB
     d = tmp_path_factory.mktemp("prefetchbench")
     path = str(d / "big.raw")
     with open(path, "wb") as f:

@@ -19,22 +19,15 @@ from fvd import bench_nbd as bn
 MiB = 1 << 20
 
 
-def _smoke(config):
-    try:
-        if config.getoption("benchmark_only") or config.getoption("benchmark_enable"):
-            return False
-        return bool(config.getoption("benchmark_disable"))
-    except (ValueError, AttributeError):
-        return True
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory, pytestconfig):
+def images(tmp_path_factory, smoke):
     try:
         bn.require("nbdkit", "nbdcopy", "qemu-nbd", "qemu-img")
     except bn.Unavailable as e:
         pytest.skip(str(e))
-    mb = 8 if _smoke(pytestconfig) else int(os.environ.get("FVD_NBD_BENCH_MB", "256"))
+    mb = 8 if smoke else int(os.environ.get("FVD_NBD_BENCH_MB", "256"))
     d = str(tmp_path_factory.mktemp("nbdbench"))
     return d, bn.make_images(d, mb * MiB)
 
@@ -50,10 +43,10 @@ def test_nbdcopy_sequential(benchmark, images, server):
 
 
 @pytest.mark.parametrize("server", ["fvd serve", "qemu-nbd"])
-def test_random_4k_reads(benchmark, images, server, pytestconfig):
+def test_random_4k_reads(benchmark, images, server, smoke):
     d, imgs = images
     start = dict(bn.servers(imgs, d))[server]
-    count = 50 if _smoke(pytestconfig) else 2000
+    count = 50 if smoke else 2000
     benchmark.group = "nbd-read4k"
     lat = []
     with start() as srv:
@@ -63,12 +56,11 @@ def test_random_4k_reads(benchmark, images, server, pytestconfig):
                                  "median_us": statistics.median(lat) * 1e6})
 
 
-def test_prefetch_over_slow_link(benchmark, tmp_path, pytestconfig):
+def test_prefetch_over_slow_link(benchmark, tmp_path, smoke):
     try:
         bn.require("nbdkit")
     except bn.Unavailable as e:
         pytest.skip(str(e))
-    smoke = _smoke(pytestconfig)
     mb = 4 if smoke else int(os.environ.get("FVD_NBD_LINK_MB", "32"))
     reads = 20 if smoke else 200
     benchmark.group = "nbd-prefetch-slow-link"

@@ -42,6 +42,19 @@ def full_pwrite(fd, data, offset):
         done += n
 
 
+def pread_fill(fd, mv, offset):
+    """Fill memoryview `mv` from `offset`; bytes past the end of the file read as zeros
+    (a raw file shorter than its virtual size)."""
+    done = 0
+    while done < len(mv):
+        n = os.preadv(fd, [mv[done:]], offset + done)
+        if n <= 0:
+            mv[done:] = bytes(len(mv) - done)
+            break
+        done += n
+    return len(mv)
+
+
 def lock_image(fd, path, exclusive):
     """QEMU's discipline on the open file description: one writer and no readers, or any
     number of readers. A conflicting open fails at once with ImageLockedError."""

@@ -9,6 +9,7 @@ import os
 
 from . import format as fmt
 from .errors import FvdError
+from .fileio import pread_fill
 
 FORMATS = ("fvd", "qcow2", "raw")
 QCOW2_MAGIC = b"QFI\xfb"
@@ -122,14 +123,7 @@ class RawImage:
     def readinto(self, offset, buf):
         mv = memoryview(buf).cast("B")
         self._check_range(offset, len(mv))
-        done = 0
-        while done < len(mv):
-            n = os.preadv(self._fd, [mv[done:]], offset + done)
-            if n <= 0:
-                mv[done:] = bytes(len(mv) - done)
-                break
-            done += n
-        return len(mv)
+        return pread_fill(self._fd, mv, offset)
 
     def read(self, offset, length):
         buf = bytearray(length)

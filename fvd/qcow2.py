@@ -23,6 +23,7 @@ import numpy as np
 
 from . import _impl
 from .errors import BaseImageError, CorruptImageError, UnsupportedFeatureError
+from .fileio import pread_fill
 from .qcow2_cluster import ClusterMixin, Extent
 from .qcow2_format import (
     COMPAT_LAZY_REFCOUNTS,
@@ -134,15 +135,7 @@ class _RawBacking:
         self.size = _os.fstat(self.fd).st_size
 
     def readinto(self, offset, buf):
-        mv = memoryview(buf).cast("B")
-        done = 0
-        while done < len(mv):
-            n = _os.preadv(self.fd, [mv[done:]], offset + done)
-            if n <= 0:
-                mv[done:] = bytes(len(mv) - done)
-                break
-            done += n
-        return len(mv)
+        return pread_fill(self.fd, memoryview(buf).cast("B"), offset)
 
     def extents(self, offset, length):
         from .imageio import raw_extents
