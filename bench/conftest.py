@@ -8,6 +8,7 @@ fast smoke test in CI. FVD_BENCH_ROUNDS sets rounds per benchmark (default 3).
     FVD_BENCH_SCALE=8 pytest bench/ --benchmark-only                  # fvd bench's full size
     pytest bench/ --benchmark-disable                                 # CI smoke test
 """
+
 import os
 import statistics
 import subprocess
@@ -73,10 +74,18 @@ def workload(scale, key):
 
 
 def _record(benchmark, w, c, counts):
-    benchmark.extra_info.update({
-        "implementation": c.name, "fvd_backend": _impl.IMPLEMENTATION, "workload": w.key,
-        "ops_per_round": len(w.offsets), "op_bytes": w.length, "cache": w.cache,
-        "flush_every": w.flush_every, "counts_per_op": counts})
+    benchmark.extra_info.update(
+        {
+            "implementation": c.name,
+            "fvd_backend": _impl.IMPLEMENTATION,
+            "workload": w.key,
+            "ops_per_round": len(w.offsets),
+            "op_bytes": w.length,
+            "cache": w.cache,
+            "flush_every": w.flush_every,
+            "counts_per_op": counts,
+        }
+    )
 
 
 def run_io_benchmark(benchmark, w, c, tmpdir, rounds):
@@ -108,7 +117,7 @@ def run_io_benchmark(benchmark, w, c, tmpdir, rounds):
 
     try:
         ops = benchmark.pedantic(target, setup=setup, teardown=teardown, rounds=rounds)
-        for case in cases:             # --benchmark-disable skips teardown
+        for case in cases:  # --benchmark-disable skips teardown
             if case.handle is not None:
                 teardown(case)
     finally:
@@ -123,6 +132,7 @@ def run_qemu_benchmark(benchmark, w, c, tmpdir, rounds):
     """QEMU on the same workload: `qemu-img bench` (QEMU's own loop) where the offsets have
     a fixed step, else qemu-io over the same command script (process start recorded)."""
     from fvd import bench_qemu as bq
+
     path = os.path.join(str(tmpdir), f"qemu-{c.name}.img")
 
     def setup():
@@ -135,23 +145,28 @@ def run_qemu_benchmark(benchmark, w, c, tmpdir, rounds):
         cmd = bq.bench_cmd(w, c, path)
         passes = w.stride()[3]
         loop = []
-        benchmark.pedantic(lambda: loop.append(sum(bq.bench_seconds(cmd)
-                                                   for _ in range(passes))),
-                           setup=setup, rounds=rounds)
+        benchmark.pedantic(
+            lambda: loop.append(sum(bq.bench_seconds(cmd) for _ in range(passes))),
+            setup=setup,
+            rounds=rounds,
+        )
         _record(benchmark, w, c, {})
         benchmark.extra_info["qemu_loop_seconds"] = statistics.median(loop)
-        benchmark.extra_info["note"] = ("qemu-img bench; time includes process start, "
-                                        "qemu_loop_seconds is QEMU's own timing")
+        benchmark.extra_info["note"] = (
+            "qemu-img bench; time includes process start, qemu_loop_seconds is QEMU's own timing"
+        )
         return
     cmd = bq.qemu_io_cmd(c, path, w.cache)
     text = bq.script(w)
-    benchmark.pedantic(bq.run_tool, args=(), kwargs=None, setup=lambda: (setup() or
-                       ((cmd, text), {})), rounds=rounds)
+    benchmark.pedantic(
+        bq.run_tool, args=(), kwargs=None, setup=lambda: setup() or ((cmd, text), {}), rounds=rounds
+    )
     start = []
     for _ in range(3):
         t0 = time.perf_counter()
-        subprocess.run(cmd, input="", text=True, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL)
+        subprocess.run(
+            cmd, input="", text=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         start.append(time.perf_counter() - t0)
     _record(benchmark, w, c, {})
     benchmark.extra_info["empty_run_seconds"] = statistics.median(start)

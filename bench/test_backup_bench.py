@@ -7,6 +7,7 @@ Full size (benchmarks enabled): 1 TiB with every 1 MiB chunk allocated (built on
 FVD_BENCH_CACHE, see fvd.bench_backup), 16 TiB sparse, 256 MiB checksummed. Under
 --benchmark-disable (CI smoke test): 1 GiB, 1 TiB, 16 MiB. No timed asserts.
 """
+
 import os
 import random
 
@@ -16,8 +17,6 @@ import fvd
 from fvd import bench_backup as bb
 
 MiB, GiB, TiB = 1 << 20, 1 << 30, 1 << 40
-
-
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ Sizes: FVD_BASE_READ_MB (default 64) for the read groups, FVD_PREFETCH_MB (defau
 for prefetch; a quarter (at most 16 MiB) under --benchmark-disable, the CI smoke test.
 No timed assertions.
 """
+
 import os
 import random
 import shutil
@@ -19,8 +20,6 @@ import fvd
 from fvd import _impl
 
 MiB = 1 << 20
-
-
 
 
 def _mb(smoke, name, default):
@@ -85,7 +84,7 @@ def test_base_read_seq1m(benchmark, who, image_over_base):
         _select(who.split("-")[1])
         with fvd.open(path) as img:
             benchmark(_seq_image, img, size, buf)
-            assert img.stats.data_reads == 0        # everything came from the base
+            assert img.stats.data_reads == 0  # everything came from the base
     benchmark.extra_info.update({"bytes_per_round": size})
 
 
@@ -142,7 +141,7 @@ def test_base_prefetch(benchmark, who, big_base, tmp_path):
 
     def run_cp(p):
         subprocess.run(["cp", base, p], check=True)
-        fd = os.open(p, os.O_RDONLY)        # prefetch ends durable: so does the copy
+        fd = os.open(p, os.O_RDONLY)  # prefetch ends durable: so does the copy
         os.fsync(fd)
         os.close(fd)
 

@@ -6,6 +6,7 @@ workload of `fvd bench`; one group per workload.
 Per-operation I/O counts (writes, bytes, flushes, metadata writes, refcount updates) are in
 each benchmark's extra_info (`--benchmark-json=out.json`).
 """
+
 import pytest
 from conftest import contender, run_io_benchmark, workload
 
@@ -13,8 +14,16 @@ from fvd import bench_impls as impls
 from fvd import bench_workloads as wl
 
 IMPLS = ["fvd", "qcow2", "qcow2-lazy", "raw", "qemu-qcow2", "qemu-qcow2-lazy", "qemu-raw"]
-KEYS = ["alloc4k-wt", "alloc4k-wb", "overwrite4k-wt", "overwrite4k-wb", "read4k",
-        "seqwrite1m-wb", "seqread1m", "cow4k-wt"]
+KEYS = [
+    "alloc4k-wt",
+    "alloc4k-wb",
+    "overwrite4k-wt",
+    "overwrite4k-wb",
+    "read4k",
+    "seqwrite1m-wb",
+    "seqread1m",
+    "cow4k-wt",
+]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -58,8 +67,9 @@ def test_snapshots(benchmark, what, impl, scale, tmp_path):
     try:
         n = benchmark.pedantic(target, setup=setup, rounds=1)
         assert n == count
-        benchmark.extra_info.update({"implementation": impl, "snapshots": count,
-                                     "counts_per_op": cases[-1].counts()})
+        benchmark.extra_info.update(
+            {"implementation": impl, "snapshots": count, "counts_per_op": cases[-1].counts()}
+        )
     finally:
         for case in cases:
             case.cleanup()

@@ -8,6 +8,7 @@ prints reads/s of both cases and their ratio (target >= 70%); the ratio is also 
 benchmark's extra_info ("read_throughput_kept"). No timed assertion: --benchmark-disable
 runs it once as a smoke test.
 """
+
 import random
 import statistics
 import threading
@@ -43,7 +44,7 @@ def _reads(img, n, seed):
 def _writer(img, stop, done):
     off = DATA
     while not stop.is_set():
-        img.write(off, b"w" * 4096)         # a new chunk each time: allocating
+        img.write(off, b"w" * 4096)  # a new chunk each time: allocating
         off += MiB
         done[0] += 1
 
@@ -92,10 +93,18 @@ def test_reads_beside_allocating_writes(benchmark, impl, tmp_path):
     kept = statistics.median(a / b for a, b in pairs)
     alone = statistics.median(a for a, _ in pairs)
     busy = statistics.median(b for _, b in pairs)
-    benchmark.extra_info.update({
-        "implementation": impl, "reads": 2 * n, "reads_per_s_alone": 2 * n / alone,
-        "reads_per_s_with_writer": 2 * n / busy, "read_throughput_kept": kept,
-        "writes_per_round": statistics.median(writes)})
-    print(f"\n{impl}: {2 * n / alone:,.0f} reads/s alone, {2 * n / busy:,.0f} reads/s "
-          f"beside allocating writethrough writes ({statistics.median(writes):.0f} writes "
-          f"per round): {100 * kept:.0f}% kept (median of {len(pairs)} paired rounds)")
+    benchmark.extra_info.update(
+        {
+            "implementation": impl,
+            "reads": 2 * n,
+            "reads_per_s_alone": 2 * n / alone,
+            "reads_per_s_with_writer": 2 * n / busy,
+            "read_throughput_kept": kept,
+            "writes_per_round": statistics.median(writes),
+        }
+    )
+    print(
+        f"\n{impl}: {2 * n / alone:,.0f} reads/s alone, {2 * n / busy:,.0f} reads/s "
+        f"beside allocating writethrough writes ({statistics.median(writes):.0f} writes "
+        f"per round): {100 * kept:.0f}% kept (median of {len(pairs)} paired rounds)"
+    )

@@ -4,6 +4,7 @@ image with 30% random data, imported and exported. Size: scale.convert_mib (128 
 
     pytest bench/test_convert_bench.py --benchmark-only --benchmark-group-by=group
 """
+
 import os
 import shutil
 import subprocess
@@ -35,18 +36,39 @@ def _bench(benchmark, tmp_path, fn):
     assert os.path.exists(out)
 
 
-@pytest.mark.parametrize("src_fmt,dst_fmt", [("raw", "fvd"), ("qcow2", "fvd"),
-                                             ("fvd", "raw"), ("fvd", "qcow2")])
+@pytest.mark.parametrize(
+    "src_fmt,dst_fmt", [("raw", "fvd"), ("qcow2", "fvd"), ("fvd", "raw"), ("fvd", "qcow2")]
+)
 def test_fvd_convert(benchmark, tmp_path, sources, src_fmt, dst_fmt):
     benchmark.group = "convert-import" if dst_fmt == "fvd" else "convert-export"
-    _bench(benchmark, tmp_path, lambda out: convert(sources[src_fmt], out,
-                                                   src_format=src_fmt, dst_format=dst_fmt))
+    _bench(
+        benchmark,
+        tmp_path,
+        lambda out: convert(sources[src_fmt], out, src_format=src_fmt, dst_format=dst_fmt),
+    )
 
 
 @pytest.mark.skipif(shutil.which("qemu-img") is None, reason="needs qemu-img")
 @pytest.mark.parametrize("src_fmt,dst_fmt", [("raw", "qcow2"), ("qcow2", "raw")])
 def test_qemu_img_convert(benchmark, tmp_path, sources, src_fmt, dst_fmt):
     benchmark.group = "convert-import" if src_fmt == "raw" else "convert-export"
-    _bench(benchmark, tmp_path, lambda out: subprocess.run(
-        ["qemu-img", "convert", "-t", "writeback", "-f", src_fmt, "-O", dst_fmt,
-         sources[src_fmt], out], check=True, capture_output=True))
+    _bench(
+        benchmark,
+        tmp_path,
+        lambda out: subprocess.run(
+            [
+                "qemu-img",
+                "convert",
+                "-t",
+                "writeback",
+                "-f",
+                src_fmt,
+                "-O",
+                dst_fmt,
+                sources[src_fmt],
+                out,
+            ],
+            check=True,
+            capture_output=True,
+        ),
+    )

@@ -5,6 +5,7 @@ Groups put FVD (cython), its python twin and the plain file side by side:
     pytest bench/test_core_bench.py --benchmark-only --benchmark-group-by=group
 No timed assertions: the ratios are reported by `fvd bench` and docs/benchmarks.md.
 """
+
 import pytest
 from conftest import contender, run_io_benchmark, workload
 

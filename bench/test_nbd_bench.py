@@ -9,6 +9,7 @@ Sizes: FVD_NBD_BENCH_MB (default 256) for the copy, FVD_NBD_LINK_MB (default 32)
 base behind the slow link; 8 MiB and 4 MiB under --benchmark-disable (CI smoke). Figures
 are recorded in extra_info; no timed assertions (prefetch completion is checked).
 """
+
 import os
 import statistics
 
@@ -17,8 +18,6 @@ import pytest
 from fvd import bench_nbd as bn
 
 MiB = 1 << 20
-
-
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +49,12 @@ def test_random_4k_reads(benchmark, images, server, smoke):
     benchmark.group = "nbd-read4k"
     lat = []
     with start() as srv:
-        benchmark.pedantic(lambda: lat.extend(bn.random_reads(srv.uri, imgs["size"], count)),
-                           rounds=1)
-    benchmark.extra_info.update({"server": server, "reads": len(lat),
-                                 "median_us": statistics.median(lat) * 1e6})
+        benchmark.pedantic(
+            lambda: lat.extend(bn.random_reads(srv.uri, imgs["size"], count)), rounds=1
+        )
+    benchmark.extra_info.update(
+        {"server": server, "reads": len(lat), "median_us": statistics.median(lat) * 1e6}
+    )
 
 
 def test_prefetch_over_slow_link(benchmark, tmp_path, smoke):
@@ -64,8 +65,12 @@ def test_prefetch_over_slow_link(benchmark, tmp_path, smoke):
     mb = 4 if smoke else int(os.environ.get("FVD_NBD_LINK_MB", "32"))
     reads = 20 if smoke else 200
     benchmark.group = "nbd-prefetch-slow-link"
-    rows = benchmark.pedantic(bn.prefetch_rows, args=(str(tmp_path), mb * MiB, reads),
-                              kwargs={"rate": "40M" if not smoke else "400M"}, rounds=1)
+    rows = benchmark.pedantic(
+        bn.prefetch_rows,
+        args=(str(tmp_path), mb * MiB, reads),
+        kwargs={"rate": "40M" if not smoke else "400M"},
+        rounds=1,
+    )
     for r in rows:
         benchmark.extra_info[r["mode"]] = r
         if r["mode"] != "none":

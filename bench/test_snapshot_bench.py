@@ -5,6 +5,7 @@ open with 1,000 snapshots, and the I/O of the first write after a snapshot.
 
 No timed asserts: the numbers go to the report, the I/O counts to extra_info.
 """
+
 import pytest
 
 import fvd
@@ -34,8 +35,8 @@ def full_image(tmp_path_factory):
 
 def test_create_snapshot_64g_full(benchmark, full_image):
     with fvd.open(full_image, "r+") as img:
-        counter = iter(range(10 ** 6))
-        img.create_snapshot("keep")             # every chunk already held once
+        counter = iter(range(10**6))
+        img.create_snapshot("keep")  # every chunk already held once
 
         def setup():
             for s in img.snapshots():
@@ -57,9 +58,9 @@ def test_create_snapshot_64g_full(benchmark, full_image):
 
 def test_delete_snapshot_64g_full(benchmark, full_image):
     with fvd.open(full_image, "r+") as img:
-        counter = iter(range(10 ** 6))
+        counter = iter(range(10**6))
         names = []
-        img.create_snapshot("keep")             # tables are rewritten, not dropped
+        img.create_snapshot("keep")  # tables are rewritten, not dropped
 
         def setup():
             names.append(f"d{next(counter)}")
@@ -114,8 +115,14 @@ def test_first_aligned_write_after_snapshot(benchmark, full_image):
         write()
         first = delta(s0, img.stats.as_dict())
         benchmark.extra_info.update({f"first_write_{k}": v for k, v in first.items()})
-        assert first == {"data_writes": 1, "data_bytes_written": 4096, "metadata_writes": 1,
-                         "metadata_bytes_written": 512, "flushes": 1, "journal_records": 3}
+        assert first == {
+            "data_writes": 1,
+            "data_bytes_written": 4096,
+            "metadata_writes": 1,
+            "metadata_bytes_written": 512,
+            "flushes": 1,
+            "journal_records": 3,
+        }
         img.delete_snapshot("base")
 
 
@@ -123,6 +130,7 @@ def test_random_4k_writes_after_snapshot_bytes_per_guest_byte(benchmark, full_im
     """Bytes written (data + metadata) per guest byte: 4 KiB random writes, writeback,
     flushed every 16 writes, after a snapshot (issue 12: <= 1.2, was ~128)."""
     import random
+
     rnd = random.Random(7)
     with fvd.open(full_image, "r+") as img:
         img.create_snapshot("base")
@@ -139,7 +147,8 @@ def test_random_4k_writes_after_snapshot_bytes_per_guest_byte(benchmark, full_im
         img.flush()
         d = delta(s0, img.stats.as_dict())
         ratio = (d.get("data_bytes_written", 0) + d.get("metadata_bytes_written", 0)) / (
-            n[0] * 4096)
+            n[0] * 4096
+        )
         benchmark.extra_info["bytes_written_per_guest_byte"] = round(ratio, 3)
         assert ratio <= 1.2
         img.delete_snapshot("base")
@@ -165,6 +174,7 @@ def partial_image(tmp_path_factory):
 def test_read4k_random_partial_vs_unshared(benchmark, partial_image, layout, tmp_path):
     """4 KiB random reads (cached) over partial chunks vs. a plain image (>= 0.9x)."""
     import random
+
     path, size = partial_image
     if layout == "unshared":
         path = str(tmp_path / "u.fvd")
@@ -176,7 +186,7 @@ def test_read4k_random_partial_vs_unshared(benchmark, partial_image, layout, tmp
     buf = bytearray(4096)
     with fvd.open(path) as img:
         for o in offs:
-            img.readinto(o, buf)            # warm the page cache
+            img.readinto(o, buf)  # warm the page cache
 
         def run():
             readinto = img.readinto

@@ -1,10 +1,11 @@
 """fvd: the FVD ("Fast Virtual Disk") copy-on-write image format.
 
-    import fvd
-    fvd.create("disk.fvd", 8 << 30)
-    with fvd.open("disk.fvd", "r+") as img:
-        img.write(0, b"hello")
+import fvd
+fvd.create("disk.fvd", 8 << 30)
+with fvd.open("disk.fvd", "r+") as img:
+    img.write(0, b"hello")
 """
+
 from . import _impl
 from .convert import convert
 from .errors import (
@@ -27,6 +28,19 @@ def __getattr__(name):
     raise AttributeError(f"module 'fvd' has no attribute {name!r}")
 
 
-__all__ = ["create", "open", "Image", "Extent", "CheckResult", "IMPLEMENTATION", "FvdError",
-           "CorruptImageError", "ImageLockedError", "UnsupportedFeatureError",
-           "BaseImageError", "ReadOnlyImageError", "ImageIOError", "convert"]
+__all__ = [
+    "create",
+    "open",
+    "Image",
+    "Extent",
+    "CheckResult",
+    "IMPLEMENTATION",
+    "FvdError",
+    "CorruptImageError",
+    "ImageLockedError",
+    "UnsupportedFeatureError",
+    "BaseImageError",
+    "ReadOnlyImageError",
+    "ImageIOError",
+    "convert",
+]

@@ -3,13 +3,14 @@
 FVD_PURE_PYTHON=1 selects the twin; so does a missing extension. Tests switch with
 `select()` to run every case against both.
 """
+
 import os
 
 from . import _purepath
 
 try:
     from . import _fastpath
-except ImportError:          # not built: the twin serves
+except ImportError:  # not built: the twin serves
     _fastpath = None
 
 MODULES = {"python": _purepath}

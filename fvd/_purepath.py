@@ -2,6 +2,7 @@
 
 Selected with FVD_PURE_PYTHON=1 or when the extension is not built.
 """
+
 import errno
 import os
 
@@ -9,16 +10,28 @@ UNALLOCATED = 0xFFFFFFFF
 ZERO_CHUNK = 0xFFFFFFFE
 NO_SLOT = 0xFFFFFFFF
 MAX_IOV = 64
-SYS_IOV_MAX = 1024          # iovecs per pwritev call (Linux UIO_MAXIOV)
+SYS_IOV_MAX = 1024  # iovecs per pwritev call (Linux UIO_MAXIOV)
 
-STAT_FIELDS = ("data_reads", "data_bytes_read", "data_writes", "data_bytes_written",
-               "metadata_reads", "metadata_bytes_read", "metadata_writes",
-               "metadata_bytes_written", "flushes", "journal_records", "refcount_updates",
-               "base_reads", "base_bytes_read")
+STAT_FIELDS = (
+    "data_reads",
+    "data_bytes_read",
+    "data_writes",
+    "data_bytes_written",
+    "metadata_reads",
+    "metadata_bytes_read",
+    "metadata_writes",
+    "metadata_bytes_written",
+    "flushes",
+    "journal_records",
+    "refcount_updates",
+    "base_reads",
+    "base_bytes_read",
+)
 
 
 class Stats:
     """Exact I/O counters since open."""
+
     __slots__ = STAT_FIELDS
 
     def __init__(self):
@@ -48,7 +61,7 @@ def _full_pwrite(fd, view, offset):
     while done < len(view):
         n = os.pwrite(fd, view[done:], offset + done)
         if n == 0:
-            raise OSError(errno.EIO, "write failed")     # no progress: never spin
+            raise OSError(errno.EIO, "write failed")  # no progress: never spin
         done += n
 
 
@@ -106,7 +119,7 @@ class ChunkMap:
         self.data_offset = data_offset
         self.size = size
         self.stats = stats
-        self._users = []        # one item per readinto inside the base fd (append/pop: atomic)
+        self._users = []  # one item per readinto inside the base fd (append/pop: atomic)
         self.set_base(None, None, 0, 0, -1)
         self.set_partial(None, None, None, 0)
         # Grace periods (fvd._fastpath.ChunkMap.users_enter): calls in flight by epoch
@@ -139,7 +152,6 @@ class ChunkMap:
     @property
     def users_in_flight(self):
         return len(self._inflight[0]) + len(self._inflight[1])
-
 
     def set_partial(self, slot, src, bits, granule_size):
         """View the partial-chunk arrays of fvd.granular (uint32 slot per virtual chunk,
@@ -188,8 +200,9 @@ class ChunkMap:
         belong to the image. ``base_fd`` >= 0: a raw base read here; -1: reads stay
         image-only (the Python layer splits them). ``set_base(None, None, 0, 0)``: no base.
         The arrays are viewed, not copied: call again when Python replaces them."""
-        if bend > 0 and (fresh is None or stale is None or block_size <= 0 or
-                         block_size & (block_size - 1)):
+        if bend > 0 and (
+            fresh is None or stale is None or block_size <= 0 or block_size & (block_size - 1)
+        ):
             raise ValueError("a base needs both bitmaps and a power-of-two block size")
         if bend <= 0:
             fresh = stale = None
@@ -259,7 +272,7 @@ class ChunkMap:
             return len(mv)
         while pos < end:
             stop, image = self._segment(fresh, bshift, bend, pos, end)
-            piece = mv[pos - offset:stop - offset]
+            piece = mv[pos - offset : stop - offset]
             if image:
                 self._read_image(pos, piece)
             else:
@@ -277,8 +290,9 @@ class ChunkMap:
 
     def _check_range(self, offset, length):
         if offset < 0 or length < 0 or offset + length > self.size:
-            raise ValueError(f"I/O range [{offset}, {offset + length}) outside the image "
-                             f"(size {self.size})")
+            raise ValueError(
+                f"I/O range [{offset}, {offset + length}) outside the image (size {self.size})"
+            )
 
     def _runs(self, offset, length, pv=None):
         """Yield (buffer_pos, length, host_offset or None) runs, coalescing contiguous hosts
@@ -300,9 +314,10 @@ class ChunkMap:
                     if not mine:
                         e = int(pv[1][k])
             host = None if e >= ZERO_CHUNK else self.data_offset + (e << shift) + within
-            if run_len and ((host is None and run_host is None) or
-                            (host is not None and run_host is not None and
-                             run_host + run_len == host)):
+            if run_len and (
+                (host is None and run_host is None)
+                or (host is not None and run_host is not None and run_host + run_len == host)
+            ):
                 run_len += n
             else:
                 if run_len:
@@ -316,15 +331,19 @@ class ChunkMap:
         if self.closed:
             raise ValueError("I/O on a closed image")
         users = self._inflight[self.epoch & 1]
-        users.append(None)              # registered, as enter() does (inlined: hot path)
+        users.append(None)  # registered, as enter() does (inlined: hot path)
         try:
             if type(buf) is bytearray and self._bv[4] < 0:
                 # Common case, inside one chunk, no base fd: one lookup, one pread.
                 length, shift = len(buf), self.shift
                 pv = self._pv
-                if (length and offset >= 0 and offset + length <= self.size
-                        and offset >> shift == (offset + length - 1) >> shift
-                        and (pv is None or pv[0][offset >> shift] == NO_SLOT)):
+                if (
+                    length
+                    and offset >= 0
+                    and offset + length <= self.size
+                    and offset >> shift == (offset + length - 1) >> shift
+                    and (pv is None or pv[0][offset >> shift] == NO_SLOT)
+                ):
                     e = self.table.item(offset >> shift)
                     if e < ZERO_CHUNK:
                         host = self.data_offset + (e << shift) + (offset & (self.chunk_size - 1))
@@ -341,7 +360,7 @@ class ChunkMap:
             users.pop()
 
     def _readinto(self, offset, buf):
-        if type(buf) is bytearray:      # the common case, without a memoryview
+        if type(buf) is bytearray:  # the common case, without a memoryview
             mv = buf
         else:
             mv = memoryview(buf)
@@ -360,8 +379,11 @@ class ChunkMap:
                 self._users.pop()
         shift = self.shift
         pv = self._pv
-        if length and offset >> shift == (offset + length - 1) >> shift and (
-                pv is None or pv[0][offset >> shift] == NO_SLOT):
+        if (
+            length
+            and offset >> shift == (offset + length - 1) >> shift
+            and (pv is None or pv[0][offset >> shift] == NO_SLOT)
+        ):
             # Common case, inside one chunk: one lookup, one pread.
             e = self.table.item(offset >> shift)
             if e < ZERO_CHUNK:
@@ -377,8 +399,11 @@ class ChunkMap:
     def _read_image(self, offset, mv, pv=None):
         length = len(mv)
         shift = self.shift
-        if length and offset >> shift == (offset + length - 1) >> shift and (
-                pv is None or pv[0][offset >> shift] == NO_SLOT):
+        if (
+            length
+            and offset >> shift == (offset + length - 1) >> shift
+            and (pv is None or pv[0][offset >> shift] == NO_SLOT)
+        ):
             e = int(self.table[offset >> shift])
             if e < ZERO_CHUNK:
                 host = self.data_offset + (e << shift) + (offset & (self.chunk_size - 1))
@@ -388,7 +413,7 @@ class ChunkMap:
                 self.stats.data_bytes_read += length
                 return length
         for pos, n, host in self._runs(offset, length, pv):
-            piece = mv[pos:pos + n]
+            piece = mv[pos : pos + n]
             if host is None:
                 piece[:] = bytes(n)
             else:
@@ -403,7 +428,7 @@ class ChunkMap:
         if length == 0:
             return True
         first, last = offset >> self.shift, (offset + length - 1) >> self.shift
-        entries = self.table[first:last + 1]
+        entries = self.table[first : last + 1]
         if (entries >= ZERO_CHUNK).any():
             return False
         frozen = self.frozen
@@ -427,8 +452,12 @@ class ChunkMap:
         if offset < 0 or offset + length > self.size:
             self._check_range(offset, length)
         shift = self.shift
-        if (length and offset >> shift == (offset + length - 1) >> shift
-                and self._bv[4] < 0 and self._bv[3] == 0):
+        if (
+            length
+            and offset >> shift == (offset + length - 1) >> shift
+            and self._bv[4] < 0
+            and self._bv[3] == 0
+        ):
             # Common case, inside one chunk of an image without a base: one lookup.
             e = self.table.item(offset >> shift)
             frozen = self.frozen
@@ -437,8 +466,9 @@ class ChunkMap:
             pv = self._pv
             if pv is not None and not self._granules_written(pv, offset, length):
                 return -1
-            _full_pwrite(self.fd, mv, self.data_offset + (e << shift) +
-                         (offset & (self.chunk_size - 1)))
+            _full_pwrite(
+                self.fd, mv, self.data_offset + (e << shift) + (offset & (self.chunk_size - 1))
+            )
             stats = self.stats
             stats.data_writes += 1
             stats.data_bytes_written += length
@@ -447,7 +477,7 @@ class ChunkMap:
             return -1
         mv = memoryview(mv)
         for pos, n, host in self._runs(offset, length):
-            _full_pwrite(self.fd, mv[pos:pos + n], host)
+            _full_pwrite(self.fd, mv[pos : pos + n], host)
             self.stats.data_writes += 1
             self.stats.data_bytes_written += n
         return length
@@ -503,7 +533,7 @@ def _host_pwritev(fd, stats, host_offset, buffers, factory=None):
         except OSError as e:
             raise _io_error(factory, e.errno, "write failed") from None
         if n == 0:
-            raise _io_error(factory, errno.EIO, "write failed")   # no progress
+            raise _io_error(factory, errno.EIO, "write failed")  # no progress
         done += n
     stats.data_writes += 1
     stats.data_bytes_written += total

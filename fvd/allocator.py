@@ -13,6 +13,7 @@ punched and reused only once the epoch has advanced twice (ChunkMap.try_advance:
 that started before the release is still in flight). Otherwise a reader could read, or a
 fast write land in, the chunk after another virtual chunk reused it.
 """
+
 import heapq
 
 import numpy as np
@@ -26,9 +27,9 @@ class ChunkAllocator:
         `grace`: the chunk map whose epoch gates reuse (None: reuse at once)."""
         used = np.flatnonzero(in_use)
         self.end = int(used[-1]) + 1 if len(used) else 0
-        self.free = np.flatnonzero(~in_use[:self.end]).tolist()    # sorted: a valid heap
+        self.free = np.flatnonzero(~in_use[: self.end]).tolist()  # sorted: a valid heap
         self.pending = []
-        self.retired = []           # (epoch, index): released, not yet reusable
+        self.retired = []  # (epoch, index): released, not yet reusable
         self.punch = punch
         self.grace = grace
 
@@ -74,7 +75,7 @@ class ChunkAllocator:
         try:
             self._give_back(rest)
         except OSError:
-            pass                # cannot punch: leaked (check -r leaks reclaims them)
+            pass  # cannot punch: leaked (check -r leaks reclaims them)
 
     def _retire(self, indexes):
         if not indexes:
@@ -97,7 +98,7 @@ class ChunkAllocator:
             try:
                 self._give_back(ready)
             except BaseException:
-                self.retired.extend((0, i) for i in ready)      # punch again next time
+                self.retired.extend((0, i) for i in ready)  # punch again next time
                 raise
 
     def quiesce(self, sleep):

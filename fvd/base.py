@@ -22,6 +22,7 @@ the bit is set, so whichever source the read picks holds the same bytes. When th
 goes (prefetch done, close) the map is detached first and the base fd is closed only once
 no read is inside it (ChunkMap.base_users).
 """
+
 import os
 import stat
 import time
@@ -36,7 +37,7 @@ from .nbd_client import is_nbd_uri
 
 QCOW2_MAGIC = b"QFI\xfb"
 FVD_MAGIC = fmt.MAGIC.to_bytes(4, "little")
-CROSS_READ_LIMIT = 256 * 1024   # head and tail further apart are read separately
+CROSS_READ_LIMIT = 256 * 1024  # head and tail further apart are read separately
 
 
 # ----- base backends ------------------------------------------------------------------
@@ -121,6 +122,7 @@ class NbdBase:
 
     def __init__(self, uri):
         from .nbd_client import NbdClient
+
         self.path = uri
         try:
             self.client = NbdClient(uri)
@@ -137,6 +139,8 @@ class NbdBase:
 
     def close(self):
         self.client.close()
+
+
 def raw_extents(fd, start, end):
     """(start, end, is_data) runs of a file's [start, end): holes found with SEEK_HOLE
     and SEEK_DATA; bytes past the end of the file are a hole. Without SEEK_DATA support
@@ -159,7 +163,7 @@ def raw_extents(fd, start, end):
             continue
         try:
             data = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError:             # ENXIO: only a hole up to the end of the file
+        except OSError:  # ENXIO: only a hole up to the end of the file
             data = size
         stop = min(data, end)
         yield pos, stop, False
@@ -177,13 +181,15 @@ def _open_backend(path, base_format, chain):
             return RawBase(path)
         if base_format == fmt.BASE_FVD:
             from .image import Image
+
             return ImageBase(Image(path, "r", _chain=chain))
         if base_format == fmt.BASE_QCOW2:
             try:
                 from . import qcow2
             except ImportError as e:
-                raise BaseImageError(f"{path}: qcow2 base images need fvd.qcow2, which is "
-                                     f"not available ({e})") from e
+                raise BaseImageError(
+                    f"{path}: qcow2 base images need fvd.qcow2, which is not available ({e})"
+                ) from e
             return ImageBase(qcow2.open(path, "r"))
     except BaseImageError:
         raise
@@ -206,13 +212,14 @@ def _check_name(base):
     except UnicodeError as e:
         raise BaseImageError(f"{name!r}: base image path cannot be encoded: {e}") from None
     if len(raw) > fmt.MAX_BASE_NAME:
-        raise BaseImageError(f"{name[:60]}...: base image path longer than "
-                             f"{fmt.MAX_BASE_NAME} bytes")
+        raise BaseImageError(
+            f"{name[:60]}...: base image path longer than {fmt.MAX_BASE_NAME} bytes"
+        )
     return name, raw
 
 
 def _resolve(image_path, name):
-    if os.path.isabs(name) or is_nbd_uri(name):       # a URI is never a relative path
+    if os.path.isabs(name) or is_nbd_uri(name):  # a URI is never a relative path
         return name
     return os.path.join(os.path.dirname(os.path.abspath(image_path)), name)
 
@@ -236,19 +243,19 @@ def describe_new_base(path, base, base_format, size):
         base_format = base_format or "raw"
     elif not os.path.exists(resolved):
         raise BaseImageError(f"{resolved}: base image does not exist")
-    if not is_nbd_uri(resolved) and \
-            os.path.realpath(resolved) == os.path.realpath(os.fspath(path)):
+    if not is_nbd_uri(resolved) and os.path.realpath(resolved) == os.path.realpath(os.fspath(path)):
         raise BaseImageError(f"{resolved}: an image cannot be its own base")
     if not is_nbd_uri(resolved):
-        _check_base_file(resolved, fmt.BASE_RAW)    # before detect_format opens it
+        _check_base_file(resolved, fmt.BASE_RAW)  # before detect_format opens it
     if base_format is None:
         try:
             base_format = detect_format(resolved)
         except OSError as e:
             raise BaseImageError(f"{resolved}: base image unreadable: {e}") from e
     if base_format not in fmt.BASE_FORMATS:
-        raise ValueError(f"base_format must be one of {sorted(fmt.BASE_FORMATS)}, "
-                         f"not {base_format!r}")
+        raise ValueError(
+            f"base_format must be one of {sorted(fmt.BASE_FORMATS)}, not {base_format!r}"
+        )
     code = fmt.BASE_FORMATS[base_format]
     backend = _open_backend(resolved, code, (os.path.realpath(os.fspath(path)),))
     try:
@@ -257,8 +264,11 @@ def describe_new_base(path, base, base_format, size):
         backend.close()
     if base_size <= 0:
         raise BaseImageError(f"{resolved}: base image is empty")
-    return raw, {"base_format": code, "base_size": base_size,
-                 "incompatible_features": fmt.INCOMPAT_BASE}
+    return raw, {
+        "base_format": code,
+        "base_size": base_size,
+        "incompatible_features": fmt.INCOMPAT_BASE,
+    }
 
 
 def attach_base(img, chain, copy_on_read):
@@ -288,15 +298,17 @@ def _attach_backend(img, chain, copy_on_read, resolved):
     chain = tuple(chain) + (me,)
     real = resolved if is_nbd_uri(resolved) else os.path.realpath(resolved)
     if real in chain:
-        raise BaseImageError(f"{resolved}: base image loop (it is {img.path} itself or "
-                             f"one of its own bases)")
+        raise BaseImageError(
+            f"{resolved}: base image loop (it is {img.path} itself or one of its own bases)"
+        )
     if not is_nbd_uri(resolved) and not os.path.exists(resolved):
         raise BaseImageError(f"{resolved}: base image of {img.path} does not exist")
     backend = _open_backend(resolved, h["base_format"], chain)
     if backend.size != h["base_size"]:
         backend.close()
-        raise BaseImageError(f"{resolved}: base image size changed from {h['base_size']} "
-                             f"to {backend.size} bytes")
+        raise BaseImageError(
+            f"{resolved}: base image size changed from {h['base_size']} to {backend.size} bytes"
+        )
     img._base = BaseLayer(img, backend, resolved, copy_on_read and not img.read_only)
 
 
@@ -310,15 +322,20 @@ class BaseLayer:
         self.bs = img.block_size
         self.bitmap = img._bitmap
         self.base_size = img._header["base_size"]
-        self.bend = min(self.base_size, img.size)      # bytes below this may be in the base
+        self.bend = min(self.base_size, img.size)  # bytes below this may be in the base
         # reads served whole by the compiled fast path (ChunkMap.readinto)
         self.fast_read = isinstance(backend, RawBase) and not copy_on_read
         self.closing = False
 
     def attach_map(self):
         """Give the image's ChunkMap the bitmaps (and a raw base's fd): see module doc."""
-        self.img._map.set_base(self.bitmap.fresh, self.bitmap.stale, self.bs, self.bend,
-                               self.backend.fd if self.fast_read else -1)
+        self.img._map.set_base(
+            self.bitmap.fresh,
+            self.bitmap.stale,
+            self.bs,
+            self.bend,
+            self.backend.fd if self.fast_read else -1,
+        )
 
     def detach_map(self):
         """The map stops using the base; returns once no read is inside the base fd."""
@@ -345,7 +362,7 @@ class BaseLayer:
         m = self.img._map
         token = m.enter()
         try:
-            if self.closing:            # prefetch done or closing: the image answers
+            if self.closing:  # prefetch done or closing: the image answers
                 return m.readinto(offset, buffer)
             n = self._readinto(offset, buffer, stores)
         finally:
@@ -362,14 +379,13 @@ class BaseLayer:
         length = len(mv)
         end = offset + length
         if offset < 0 or end > img.size:
-            raise ValueError(f"I/O range [{offset}, {end}) outside the image "
-                             f"(size {img.size})")
+            raise ValueError(f"I/O range [{offset}, {end}) outside the image (size {img.size})")
         bend = min(end, self.bend)
         if offset >= bend:
             return img._map.readinto(offset, mv)
         bs = self.bs
         b0 = offset // bs
-        if end == bend and (end - 1) // bs == b0:       # inside one block of the base
+        if end == bend and (end - 1) // bs == b0:  # inside one block of the base
             if self.bitmap.fresh[b0 >> 3] >> (b0 & 7) & 1:
                 return img._map.readinto(offset, mv)
             if not self.copy_on_read:
@@ -394,11 +410,11 @@ class BaseLayer:
                 merged.append(p)
         for s, e, present in merged:
             if present:
-                img._map.readinto(s, mv[s - offset:e - offset])
+                img._map.readinto(s, mv[s - offset : e - offset])
             elif self.copy_on_read:
-                stores.append(self._read_for_store(s, e, mv[s - offset:e - offset]))
+                stores.append(self._read_for_store(s, e, mv[s - offset : e - offset]))
             else:
-                self._base_read(s, mv[s - offset:e - offset])
+                self._base_read(s, mv[s - offset : e - offset])
         return length
 
     def _read_for_store(self, s, e, out):
@@ -409,7 +425,7 @@ class BaseLayer:
         buf = bytearray(we - ws)
         bmv = memoryview(buf)
         self._base_read(ws, bmv)
-        out[:] = bmv[s - ws:e - ws]
+        out[:] = bmv[s - ws : e - ws]
         return ws, bmv
 
     def store(self, start, data):
@@ -434,14 +450,14 @@ class BaseLayer:
                         continue
                     s, e = (b0 + a) * bs, min((b0 + b) * bs, start + len(data))
                     img._prepare_chunks(s, e - s, changes, extra)
-                    self._write_pieces(s, [data[s - start:e - start]], False, changes)
+                    self._write_pieces(s, [data[s - start : e - start]], False, changes)
                     bits.append((b0 + a, b - a))
                     written += e - s
             except BaseException:
                 img._abandon(changes)
                 raise
 
-            def set_bits():         # after the table: a reader that sees a bit finds the data
+            def set_bits():  # after the table: a reader that sees a bit finds the data
                 for first, count in bits:
                     self.bitmap.set_soft(first, count)
 
@@ -472,14 +488,15 @@ class BaseLayer:
                     hs = b0 * bs
                 if not stale[-1]:
                     te = max(end, min(b1 * bs, self.bend))
-        head, tail = self._head_tail(offset, end, hs, te)   # base reads first: if the base
-        changes, extra = img._prepare_chunks(hs, te - hs)   # fails, nothing is allocated
+        head, tail = self._head_tail(offset, end, hs, te)  # base reads first: if the base
+        changes, extra = img._prepare_chunks(hs, te - hs)  # fails, nothing is allocated
         try:
-            img._seal_overlapping(hs, te - hs, changes)     # head and tail may be rewritten
+            img._seal_overlapping(hs, te - hs, changes)  # head and tail may be rewritten
             records = list(extra)
             want_crc = bits is not None and img._writethrough
-            crcs = self._write_pieces(hs, [p for p in (head, mv, tail) if len(p)], want_crc,
-                                      changes)
+            crcs = self._write_pieces(
+                hs, [p for p in (head, mv, tail) if len(p)], want_crc, changes
+            )
         except BaseException:
             img._abandon(changes)
             raise
@@ -487,7 +504,7 @@ class BaseLayer:
             records.append(journal.bitmap_record(*bits))
             records.extend(crcs)
 
-        def set_bits():             # after the table: a reader that sees a bit finds the data
+        def set_bits():  # after the table: a reader that sees a bit finds the data
             if bits is not None:
                 self.bitmap.set_range(*bits)
 
@@ -504,12 +521,16 @@ class BaseLayer:
         part); one read when they are close."""
         head = tail = b""
         if hs < offset or te > end:
-            if hs < offset and te > end and te - hs - (end - offset) <= CROSS_READ_LIMIT \
-                    and te - hs <= 2 * CROSS_READ_LIMIT:
+            if (
+                hs < offset
+                and te > end
+                and te - hs - (end - offset) <= CROSS_READ_LIMIT
+                and te - hs <= 2 * CROSS_READ_LIMIT
+            ):
                 both = bytearray(te - hs)
                 self._base_read(hs, memoryview(both))
                 bm = memoryview(both)
-                head, tail = bm[:offset - hs], bm[end - hs:]
+                head, tail = bm[: offset - hs], bm[end - hs :]
             else:
                 if hs < offset:
                     head = bytearray(offset - hs)
@@ -529,8 +550,7 @@ class BaseLayer:
         end = start + total
         records = []
         pos = start
-        views = [memoryview(p).cast("B") if not isinstance(p, memoryview) else p
-                 for p in pieces]
+        views = [memoryview(p).cast("B") if not isinstance(p, memoryview) else p for p in pieces]
         while pos < end:
             seg_end = min(end, (pos // cs + 1) * cs)
             host = img._host_of(pos, plan)
@@ -600,6 +620,7 @@ class BaseLayer:
         m = getattr(self.img, "_map", None)
         if m is not None:
             from .image import drain_map
+
             drain_map(m)
         if self.backend is not None:
             self.backend.close()
@@ -611,6 +632,7 @@ def marked_unallocated(bits, nblocks, table, chunk_size, block_size):
     import numpy as np
 
     from .bitmap import get_bits
+
     if nblocks == 0:
         return np.zeros(0, dtype=np.int64)
     per = chunk_size // block_size
@@ -619,7 +641,7 @@ def marked_unallocated(bits, nblocks, table, chunk_size, block_size):
     padded[:nblocks] = get_bits(bits, 0, nblocks)
     marked = padded.reshape(nch, per).any(axis=1)
     unalloc = table[:nch] == fmt.UNALLOCATED
-    return np.flatnonzero(marked[:len(unalloc)] & unalloc)
+    return np.flatnonzero(marked[: len(unalloc)] & unalloc)
 
 
 def check_bitmap(img, result, repair):
@@ -632,8 +654,10 @@ def check_bitmap(img, result, repair):
     bad = marked_unallocated(bm.fresh, bm.nblocks, img._table, cs, bs)
     for v in bad.tolist():
         result.corruptions += 1
-        result.messages.append(f"ERROR: bitmap marks blocks of unallocated chunk {v} as in "
-                               f"the image (they would read zeros instead of the base)")
+        result.messages.append(
+            f"ERROR: bitmap marks blocks of unallocated chunk {v} as in "
+            f"the image (they would read zeros instead of the base)"
+        )
         if repair and not img.read_only:
             first = v * per
             bm.clear_range(first, min(per, bm.nblocks - first))
@@ -652,16 +676,18 @@ def _slice(views, a, b):
         n = len(v)
         lo, hi = max(a, pos), min(b, pos + n)
         if hi > lo:
-            out.append(v[lo - pos:hi - pos])
+            out.append(v[lo - pos : hi - pos])
         pos += n
     return out
 
 
 def prefetch(img, progress=None, **options):
     from .prefetch import prefetch as run
+
     return run(img, progress, **options)
 
 
 def progress_bar(stream=None, width=40):
     from .prefetch import progress_bar as pb
+
     return pb(stream, width)

@@ -4,6 +4,7 @@ The CLI calls `add_arguments(parser)` on its `bench` subparser and `run(args) ->
 Workloads live in fvd.bench_workloads (shared with the pytest-benchmark suite in bench/),
 contenders in fvd.bench_impls, the QEMU runner in fvd.bench_qemu.
 """
+
 import argparse
 import json
 import os
@@ -23,6 +24,7 @@ DEFAULT_IMPLS = impls.NAMES
 # the python twin runs only the core rows of issue 2 (it is the fallback, not a contender)
 PY_ROWS = ("alloc4k-wt", "read4k", "seqread1m", "seqwrite1m")
 
+
 # rows of the table, in order: (key, title)
 def row_titles(scale):
     rows = [(w.key, w.title) for w in wl.io_workloads(scale)]
@@ -30,11 +32,15 @@ def row_titles(scale):
         rows.append((f"snap-create-x{k}", f"snapshot create, {k} snaps"))
         rows.append((f"snap-delete-x{k}", f"snapshot delete, {k} snaps"))
     from .bench_convert import ROWS as CONVERT_ROWS
-    rows += [(key, f"{title} ({scale.convert_mib} MiB)")
-             for key, title, *_ in CONVERT_ROWS]
-    rows += [("open", "open (r), allocated image"), ("metadata/TiB", "metadata per TiB"),
-             ("translate", "translate chunk index")]
+
+    rows += [(key, f"{title} ({scale.convert_mib} MiB)") for key, title, *_ in CONVERT_ROWS]
+    rows += [
+        ("open", "open (r), allocated image"),
+        ("metadata/TiB", "metadata per TiB"),
+        ("translate", "translate chunk index"),
+    ]
     from .bench_backup import rows as backup_rows
+
     return rows + backup_rows()
 
 
@@ -43,39 +49,71 @@ def parse_size(text):
     mult = 1
     for i, suffix in enumerate("KMGT", 1):
         if text.endswith(suffix):
-            text, mult = text[:-1], 1024 ** i
+            text, mult = text[:-1], 1024**i
             break
     return int(float(text) * mult)
 
 
 def add_arguments(parser):
     """Add the `fvd bench` options to an argparse (sub)parser."""
-    parser.add_argument("--quick", action="store_true",
-                        help="small sizes, one repetition: finishes in well under a minute")
-    parser.add_argument("--output", choices=("text", "json"), default="text",
-                        help="text table (default) or machine-readable JSON")
-    parser.add_argument("--plot", metavar="FILE.png",
-                        help="also draw a bar chart (needs matplotlib: pip install 'fvd[plot]')")
-    parser.add_argument("--ops", type=int, help="random 4 KiB operations per workload "
-                        "(default 2048, quick 256)")
-    parser.add_argument("--size", metavar="BYTES", help="sequential I/O volume, 1 MiB ops "
-                        "(suffixes K M G; default 256M, quick 64M)")
-    parser.add_argument("--flush-every", type=int, metavar="N",
-                        help="writeback rows flush every N writes (default 16)")
-    parser.add_argument("--repeat", type=int, help="fresh runs per cell; the median is shown "
-                        "(default 3, quick 1)")
-    parser.add_argument("--snapshots", metavar="K,K...",
-                        help="snapshot counts to time (default 1,100,1000; quick 1,20)")
-    parser.add_argument("--impl", metavar="NAME,...",
-                        help="implementations (columns): " + ",".join(DEFAULT_IMPLS))
-    parser.add_argument("--workload", metavar="KEY,...",
-                        help="only these rows (prefix match on the row key, e.g. alloc,read4k)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="small sizes, one repetition: finishes in well under a minute",
+    )
+    parser.add_argument(
+        "--output",
+        choices=("text", "json"),
+        default="text",
+        help="text table (default) or machine-readable JSON",
+    )
+    parser.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="also draw a bar chart (needs matplotlib: pip install 'fvd[plot]')",
+    )
+    parser.add_argument(
+        "--ops", type=int, help="random 4 KiB operations per workload (default 2048, quick 256)"
+    )
+    parser.add_argument(
+        "--size",
+        metavar="BYTES",
+        help="sequential I/O volume, 1 MiB ops (suffixes K M G; default 256M, quick 64M)",
+    )
+    parser.add_argument(
+        "--flush-every",
+        type=int,
+        metavar="N",
+        help="writeback rows flush every N writes (default 16)",
+    )
+    parser.add_argument(
+        "--repeat", type=int, help="fresh runs per cell; the median is shown (default 3, quick 1)"
+    )
+    parser.add_argument(
+        "--snapshots",
+        metavar="K,K...",
+        help="snapshot counts to time (default 1,100,1000; quick 1,20)",
+    )
+    parser.add_argument(
+        "--impl", metavar="NAME,...", help="implementations (columns): " + ",".join(DEFAULT_IMPLS)
+    )
+    parser.add_argument(
+        "--workload",
+        metavar="KEY,...",
+        help="only these rows (prefix match on the row key, e.g. alloc,read4k)",
+    )
     parser.add_argument("--no-qemu", action="store_true", help="skip the QEMU columns")
-    parser.add_argument("--load", metavar="FILE.json",
-                        help="print (or --plot) a run saved with --output=json; measures nothing")
-    parser.add_argument("--dir", metavar="DIR",
-                        help="where to put temporary images (default: the current directory;"
-                             " use the disk you want measured)")
+    parser.add_argument(
+        "--load",
+        metavar="FILE.json",
+        help="print (or --plot) a run saved with --output=json; measures nothing",
+    )
+    parser.add_argument(
+        "--dir",
+        metavar="DIR",
+        help="where to put temporary images (default: the current directory;"
+        " use the disk you want measured)",
+    )
     return parser
 
 
@@ -119,14 +157,23 @@ def machine_info(workdir):
     qemu = ""
     if shutil.which("qemu-img"):
         try:
-            qemu = subprocess.run(["qemu-img", "--version"], capture_output=True,
-                                  text=True).stdout.splitlines()[0]
+            qemu = subprocess.run(
+                ["qemu-img", "--version"], capture_output=True, text=True
+            ).stdout.splitlines()[0]
         except (OSError, IndexError):
             pass
     import fvd
-    return {"nproc": os.cpu_count(), "cpu": cpu, "filesystem": fs, "kernel": platform.release(),
-            "python": platform.python_version(), "fvd": fvd.__version__,
-            "fvd_implementation": _impl.IMPLEMENTATION, "qemu": qemu}
+
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "filesystem": fs,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "fvd": fvd.__version__,
+        "fvd_implementation": _impl.IMPLEMENTATION,
+        "qemu": qemu,
+    }
 
 
 # ----- running -------------------------------------------------------------------------
@@ -169,34 +216,62 @@ def run_all(scale, names, workdir, keys=None, progress=True):
                 for c in contenders:
                     if c.name == "fvd-py" and not w.key.startswith(PY_ROWS):
                         continue
-                    jobs.append((w.title + tag, w.key, c, lambda w=w, c=c, rep=rep: [
-                        wl.measure_io(w, c, workdir, 1) if c.python else
-                        _qemu().measure_io_qemu(w, c, workdir, 1, counts=rep == 0)]))
+                    jobs.append(
+                        (
+                            w.title + tag,
+                            w.key,
+                            c,
+                            lambda w=w, c=c, rep=rep: [
+                                wl.measure_io(w, c, workdir, 1)
+                                if c.python
+                                else _qemu().measure_io_qemu(w, c, workdir, 1, counts=rep == 0)
+                            ],
+                        )
+                    )
     for k in scale.snapshots:
         if want(f"snap-create-x{k}") or want(f"snap-delete-x{k}"):
             for c in contenders:
-                jobs.append((f"snapshots x{k}", f"snap-create-x{k}", c, lambda k=k, c=c: (
-                    wl.measure_snapshots(c, workdir, k, scale.snap_data_ops) if c.python else
-                    _qemu().measure_snapshots_qemu(c, workdir, k, scale.snap_data_ops))))
+                jobs.append(
+                    (
+                        f"snapshots x{k}",
+                        f"snap-create-x{k}",
+                        c,
+                        lambda k=k, c=c: (
+                            wl.measure_snapshots(c, workdir, k, scale.snap_data_ops)
+                            if c.python
+                            else _qemu().measure_snapshots_qemu(c, workdir, k, scale.snap_data_ops)
+                        ),
+                    )
+                )
     if want("convert") and "fvd" in names:
         from .bench_convert import measure_convert
+
         qemu = any(n.startswith("qemu-") for n in names)
-        jobs.append(("convert", "convert", impls.BY_NAME["fvd"], lambda: measure_convert(
-            workdir, scale.convert_mib, scale.repeat, qemu, keys)))
+        jobs.append(
+            (
+                "convert",
+                "convert",
+                impls.BY_NAME["fvd"],
+                lambda: measure_convert(workdir, scale.convert_mib, scale.repeat, qemu, keys),
+            )
+        )
     if want("open"):
         for c in contenders:
             if c.python:
-                jobs.append(("open", "open", c, lambda c=c: [wl.measure_open(
-                    c, workdir, scale.open_ops)]))
+                jobs.append(
+                    ("open", "open", c, lambda c=c: [wl.measure_open(c, workdir, scale.open_ops)])
+                )
     if want("metadata"):
         for c in contenders:
-            jobs.append(("metadata/TiB", "metadata/TiB", c,
-                         lambda c=c: [wl.measure_metadata(c, workdir)]))
+            jobs.append(
+                ("metadata/TiB", "metadata/TiB", c, lambda c=c: [wl.measure_metadata(c, workdir)])
+            )
     if want("translate"):
         for c in contenders:
             if c.name in ("fvd", "fvd-py"):
-                jobs.append(("translate", "translate", c,
-                             lambda c=c: [wl.measure_translate(c, scale)]))
+                jobs.append(
+                    ("translate", "translate", c, lambda c=c: [wl.measure_translate(c, scale)])
+                )
     jobs += _backup_jobs(scale, names, workdir, want)
     try:
         for i, (title, key, c, job) in enumerate(jobs, 1):
@@ -205,15 +280,15 @@ def run_all(scale, names, workdir, keys=None, progress=True):
                 out = job()
             except Exception as e:
                 # one broken cell must not lose the whole table; the note says why
-                out = [wl.Result(key, c.name, None, "",
-                                 note=f"error: {type(e).__name__}: {e}")]
+                out = [wl.Result(key, c.name, None, "", note=f"error: {type(e).__name__}: {e}")]
                 errors.append(out[0])
-                _progress(True, f"fvd bench: {c.name} failed on {title}: "
-                                f"{type(e).__name__}: {e}")
+                _progress(True, f"fvd bench: {c.name} failed on {title}: {type(e).__name__}: {e}")
             results.extend(out)
             shown = ", ".join(_fmt_value(r) if r.value is not None else "n/a" for r in out)
-            _progress(progress, f"[{i}/{len(jobs)}] {title}: {c.name} {shown} "
-                                f"({time.perf_counter() - t0:.1f}s)")
+            _progress(
+                progress,
+                f"[{i}/{len(jobs)}] {title}: {c.name} {shown} ({time.perf_counter() - t0:.1f}s)",
+            )
     finally:
         _impl.select(previous)
     return merge_rounds(results)
@@ -223,21 +298,40 @@ def _backup_jobs(scale, names, workdir, want):
     """Rows of the backup data path (fvd.bench_backup): fvd only, and ovirt-imageio's
     checksum in the raw column."""
     from . import bench_backup as bb
+
     if "fvd" not in names:
         return []
     fvd_c = impls.BY_NAME["fvd"]
-    sz = bb.sizes(scale.ops < wl.Scale().ops)     # --quick: smaller images
-    show = lambda msg: _progress(True, msg)      # noqa: E731
+    sz = bb.sizes(scale.ops < wl.Scale().ops)  # --quick: smaller images
+    show = lambda msg: _progress(True, msg)  # noqa: E731
     jobs = []
     if want("changed-extents"):
-        jobs.append(("changed extents", "changed-extents", fvd_c,
-                     lambda: bb.measure_changed(sz["changed"], sz["repeat"], show)))
+        jobs.append(
+            (
+                "changed extents",
+                "changed-extents",
+                fvd_c,
+                lambda: bb.measure_changed(sz["changed"], sz["repeat"], show),
+            )
+        )
     if want("sparse-extents"):
-        jobs.append(("sparse extents", "sparse-extents", fvd_c,
-                     lambda: bb.measure_sparse_extents(sz["sparse"], sz["repeat"])))
+        jobs.append(
+            (
+                "sparse extents",
+                "sparse-extents",
+                fvd_c,
+                lambda: bb.measure_sparse_extents(sz["sparse"], sz["repeat"]),
+            )
+        )
     if want("checksum"):
-        jobs.append(("checksum", "checksum", fvd_c,
-                     lambda: bb.measure_checksum(workdir, sz["checksum"], sz["repeat"])))
+        jobs.append(
+            (
+                "checksum",
+                "checksum",
+                fvd_c,
+                lambda: bb.measure_checksum(workdir, sz["checksum"], sz["repeat"]),
+            )
+        )
     return jobs
 
 
@@ -258,17 +352,25 @@ def merge_rounds(results):
             continue
         first = ok[0]
         counts = next((r.counts for r in ok if r.counts), {})
-        merged.append(wl.Result(first.workload, first.impl,
-                                statistics.median(r.value for r in ok), first.unit,
-                                first.higher_is_better, first.ops,
-                                statistics.median(r.seconds for r in ok), counts,
-                                (first.note + "; " if first.note else "") +
-                                f"median of {len(ok)} rounds"))
+        merged.append(
+            wl.Result(
+                first.workload,
+                first.impl,
+                statistics.median(r.value for r in ok),
+                first.unit,
+                first.higher_is_better,
+                first.ops,
+                statistics.median(r.seconds for r in ok),
+                counts,
+                (first.note + "; " if first.note else "") + f"median of {len(ok)} rounds",
+            )
+        )
     return merged
 
 
 def _qemu():
     from . import bench_qemu
+
     return bench_qemu
 
 
@@ -295,6 +397,7 @@ def _counts_cell(r, kind="write"):
             if x >= div * 0.995:
                 return f"{x / div:.3g}{suf}"
         return f"{x:.0f}"
+
     parts = []
     if c.get("writes"):
         parts.append(f"w{n(c['writes'])}/{b(c['bytes_written'])}")
@@ -330,19 +433,27 @@ def text_table(results, scale, names, info, workdir, quick=False):
             if a is not None:
                 cell += f" {a:.2f}x"
             cells[key, n] = (cell, _counts_cell(r))
-    cw = {n: max([len(n)] + [max(len(v), len(c)) for (k, m), (v, c) in cells.items()
-                             if m == n]) + 2 for n in cols}
+    cw = {
+        n: max([len(n)] + [max(len(v), len(c)) for (k, m), (v, c) in cells.items() if m == n]) + 2
+        for n in cols
+    }
     out = []
-    out.append(f"fvd bench{' --quick' if quick else ''}: "
-               f"fvd {info['fvd']} ({info['fvd_implementation']}), {info['nproc']} CPUs, "
-               f"{info['cpu']}, {info['filesystem'] or workdir}")
-    out.append(f"8 GiB sparse images; {scale.ops} random 4K writes, {scale.reads} 4K reads, "
-               f"{scale.seq_mib} MiB sequential in 1 MiB ops; wt = writethrough, "
-               f"wb/N = writeback + flush every N writes; "
-               f"median of {scale.repeat} (reads: best of 5 passes)")
-    out.append("cells: value and FVD's advantage (x>1: FVD better); 2nd line: I/O per op "
-               "(w writes/bytes, f flushes, m metadata writes, rc refcount updates, "
-               "fa fallocate, r reads/bytes)")
+    out.append(
+        f"fvd bench{' --quick' if quick else ''}: "
+        f"fvd {info['fvd']} ({info['fvd_implementation']}), {info['nproc']} CPUs, "
+        f"{info['cpu']}, {info['filesystem'] or workdir}"
+    )
+    out.append(
+        f"8 GiB sparse images; {scale.ops} random 4K writes, {scale.reads} 4K reads, "
+        f"{scale.seq_mib} MiB sequential in 1 MiB ops; wt = writethrough, "
+        f"wb/N = writeback + flush every N writes; "
+        f"median of {scale.repeat} (reads: best of 5 passes)"
+    )
+    out.append(
+        "cells: value and FVD's advantage (x>1: FVD better); 2nd line: I/O per op "
+        "(w writes/bytes, f flushes, m metadata writes, rc refcount updates, "
+        "fa fallocate, r reads/bytes)"
+    )
     out.append("")
     out.append("workload".ljust(lw) + "".join(n.ljust(cw[n]) for n in cols))
     out.append("-" * (lw + sum(cw.values())))
@@ -382,9 +493,14 @@ def targets(results):
         x = None
         if ra and rb and ra.value and rb.value:
             x = ra.value / rb.value if ra.higher_is_better else rb.value / ra.value
-        out.append({"target": text, "measured": "n/a" if x is None else f"{x:.2f}x",
-                    "value": x, "status": "n/a" if x is None else
-                    ("met" if x >= minimum else "MISS")})
+        out.append(
+            {
+                "target": text,
+                "measured": "n/a" if x is None else f"{x:.2f}x",
+                "value": x,
+                "status": "n/a" if x is None else ("met" if x >= minimum else "MISS"),
+            }
+        )
 
     f = idx.get(("alloc4k-wt", "fvd"))
     q = idx.get(("alloc4k-wt", "qcow2"))
@@ -392,60 +508,94 @@ def targets(results):
         ok = f.counts["metadata_writes"] <= 1 and f.counts["flushes"] <= 1
         extra = ""
         if q and q.counts:
-            extra = (f" (qcow2 baseline: {q.counts['metadata_writes']:.3g} metadata writes, "
-                     f"{q.counts['flushes']:.3g} flushes)")
-        out.append({"target": "FVD alloc 4K wt: <=1 metadata write and <=1 flush per write",
-                    "measured": f"{f.counts['metadata_writes']:.3g} metadata writes, "
-                                f"{f.counts['flushes']:.3g} flushes{extra}",
-                    "value": None, "status": "met" if ok else "MISS"})
+            extra = (
+                f" (qcow2 baseline: {q.counts['metadata_writes']:.3g} metadata writes, "
+                f"{q.counts['flushes']:.3g} flushes)"
+            )
+        out.append(
+            {
+                "target": "FVD alloc 4K wt: <=1 metadata write and <=1 flush per write",
+                "measured": f"{f.counts['metadata_writes']:.3g} metadata writes, "
+                f"{f.counts['flushes']:.3g} flushes{extra}",
+                "value": None,
+                "status": "met" if ok else "MISS",
+            }
+        )
     ratio("alloc4k-wt", "fvd", "qcow2", 1.5, "FVD alloc 4K wt >= 1.5x qcow2 baseline")
-    ratio("alloc4k-wt", "fvd", "qemu-qcow2", 1.8,
-          "FVD alloc 4K wt >= 1.8x QEMU qcow2 (qemu-img bench)")
-    ratio("alloc4k-wt", "fvd", "qemu-qcow2-lazy", 1.3,
-          "FVD alloc 4K wt >= 1.3x QEMU qcow2 lazy_refcounts (qemu-img bench)")
+    ratio(
+        "alloc4k-wt",
+        "fvd",
+        "qemu-qcow2",
+        1.8,
+        "FVD alloc 4K wt >= 1.8x QEMU qcow2 (qemu-img bench)",
+    )
+    ratio(
+        "alloc4k-wt",
+        "fvd",
+        "qemu-qcow2-lazy",
+        1.3,
+        "FVD alloc 4K wt >= 1.3x QEMU qcow2 lazy_refcounts (qemu-img bench)",
+    )
     ratio("cow4k-wt", "fvd", "qcow2", 1.5, "FVD 1st write after snapshot wt >= 1.5x qcow2 baseline")
-    ratio("cow4k-wt", "fvd", "qemu-qcow2", 1.3,
-          "FVD 1st write after snapshot wt >= 1.3x QEMU qcow2 (qemu-img bench)")
+    ratio(
+        "cow4k-wt",
+        "fvd",
+        "qemu-qcow2",
+        1.3,
+        "FVD 1st write after snapshot wt >= 1.3x QEMU qcow2 (qemu-img bench)",
+    )
     ratio("alloc4k-wt", "fvd", "raw", 0.8, "FVD alloc 4K wt >= 0.8x raw pwrite+fdatasync")
     ratio("overwrite4k-wt", "fvd", "qcow2", 0.9, "FVD overwrite 4K wt within 10% of qcow2")
     ratio("read4k", "fvd", "qcow2", 0.9, "FVD read 4K within 10% of qcow2")
     ratio("alloc4k-wt", "qcow2", "qemu-qcow2", 0.5, "qcow2 baseline within 2x of QEMU qcow2")
     from .bench_convert import ROWS as CONVERT_ROWS
+
     for key, title, _s, _d, peer, cache in CONVERT_ROWS:
-        what = ("-t writeback " if cache == "writeback" else "") + \
-            ("raw->qcow2" if peer == "qemu-qcow2" else "qcow2->raw")
+        what = ("-t writeback " if cache == "writeback" else "") + (
+            "raw->qcow2" if peer == "qemu-qcow2" else "qcow2->raw"
+        )
         ratio(key, "fvd", peer, 1.0, f"fvd {title[8:]} >= 1.0x qemu-img convert {what}")
     tr = idx.get(("translate", "fvd"))
-    out.append({"target": "cython translation >= 50M lookups/s",
-                "measured": "n/a" if not (tr and tr.value) else f"{tr.value / 1e6:.0f}M/s",
-                "value": tr.value if tr else None,
-                "status": "n/a" if not (tr and tr.value) else
-                ("met" if tr.value >= 50e6 else "MISS")})
+    out.append(
+        {
+            "target": "cython translation >= 50M lookups/s",
+            "measured": "n/a" if not (tr and tr.value) else f"{tr.value / 1e6:.0f}M/s",
+            "value": tr.value if tr else None,
+            "status": "n/a" if not (tr and tr.value) else ("met" if tr.value >= 50e6 else "MISS"),
+        }
+    )
     ratio("translate", "fvd", "fvd-py", 10, "cython translation >= 10x python twin")
     ratio("read4k", "fvd", "raw", 0.9, "cython readinto 4K >= 0.9x os.preadv")
     ratio("read4k", "fvd-py", "raw", 0.5, "python twin readinto 4K >= 0.5x os.preadv")
     ratio("seqread1m", "fvd", "raw", 0.9, "FVD sequential 1M read >= 0.9x plain file")
-    key = next((r.workload for r in results if r.workload.startswith("seqwrite1m")),
-               "seqwrite1m")
+    key = next((r.workload for r in results if r.workload.startswith("seqwrite1m")), "seqwrite1m")
     ratio(key, "fvd", "raw", 0.9, "FVD sequential 1M write >= 0.9x plain file")
-    for k, text in (("changed-extents", "changed extents, 10% of chunks rewritten < 50 ms"),
-                    ("sparse-extents", "extents_array of a huge sparse image < 50 ms")):
+    for k, text in (
+        ("changed-extents", "changed extents, 10% of chunks rewritten < 50 ms"),
+        ("sparse-extents", "extents_array of a huge sparse image < 50 ms"),
+    ):
         r = idx.get((k, "fvd"))
         v = r.value if r else None
-        out.append({"target": text, "measured": "n/a" if v is None else f"{v:.1f} ms",
-                    "value": v, "status": "n/a" if v is None else
-                    ("met" if v < 50 else "MISS")})
+        out.append(
+            {
+                "target": text,
+                "measured": "n/a" if v is None else f"{v:.1f} ms",
+                "value": v,
+                "status": "n/a" if v is None else ("met" if v < 50 else "MISS"),
+            }
+        )
     ratio("checksum", "fvd", "raw", 1.0, "checksum >= 1.0x ovirt-imageio's of the raw file")
     return out
 
 
 def plot(results, names, scale, path):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     idx = index(results)
-    rows = [(k, t) for k, t in row_titles(scale)
-            if idx.get((k, "fvd")) and idx[(k, "fvd")].value]
+    rows = [(k, t) for k, t in row_titles(scale) if idx.get((k, "fvd")) and idx[(k, "fvd")].value]
     cols = [n for n in names if any(idx.get((k, n)) and idx[(k, n)].value for k, _ in rows)]
     fig, ax = plt.subplots(figsize=(max(8, len(rows) * 0.9), 5))
     width = 0.8 / max(len(cols), 1)
@@ -454,7 +604,7 @@ def plot(results, names, scale, path):
         for k, _ in rows:
             r, f = idx.get((k, n)), idx[(k, "fvd")]
             a = advantage(f, r) if n != "fvd" else 1.0
-            ys.append(1 / a if a else 0)   # relative performance, FVD = 1
+            ys.append(1 / a if a else 0)  # relative performance, FVD = 1
         ax.bar([i + j * width for i in range(len(rows))], ys, width, label=n)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))])
     ax.set_xticklabels([t for _, t in rows], rotation=45, ha="right", fontsize=8)
@@ -472,9 +622,20 @@ def load(path):
     """(results, scale, names, info, seconds) of a run saved with --output=json."""
     with open(path) as f:
         doc = json.load(f)
-    results = [wl.Result(r["workload"], r["impl"], r["value"], r["unit"],
-                         r["higher_is_better"], r["ops"], r["seconds"], r["counts_per_op"],
-                         r["note"]) for r in doc["results"]]
+    results = [
+        wl.Result(
+            r["workload"],
+            r["impl"],
+            r["value"],
+            r["unit"],
+            r["higher_is_better"],
+            r["ops"],
+            r["seconds"],
+            r["counts_per_op"],
+            r["note"],
+        )
+        for r in doc["results"]
+    ]
     sc = dict(doc["scale"])
     sc["snapshots"] = tuple(sc.get("snapshots", ()))
     return results, wl.Scale(**sc), doc["implementations"], doc["machine"], doc["seconds"]
@@ -490,8 +651,16 @@ def _show_saved(args):
         with open(args.load) as f:
             sys.stdout.write(f.read())
     else:
-        print(text_table(results, scale, names, info, info.get("filesystem", ""),
-                         getattr(args, "quick", False)))
+        print(
+            text_table(
+                results,
+                scale,
+                names,
+                info,
+                info.get("filesystem", ""),
+                getattr(args, "quick", False),
+            )
+        )
         print(f"\n(total {elapsed:.1f} s)")
     if getattr(args, "plot", None):
         plot(results, names, scale, args.plot)
@@ -504,8 +673,7 @@ def run(args):
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            print("fvd bench: --plot needs matplotlib (pip install 'fvd[plot]')",
-                  file=sys.stderr)
+            print("fvd bench: --plot needs matplotlib (pip install 'fvd[plot]')", file=sys.stderr)
             return 1
     if getattr(args, "load", None):
         return _show_saved(args)
@@ -514,8 +682,11 @@ def run(args):
         names = [n.strip() for n in args.impl.split(",") if n.strip()]
         bad = [n for n in names if n not in impls.BY_NAME]
         if bad:
-            print(f"fvd bench: unknown implementation {bad[0]!r} (choose from "
-                  f"{', '.join(DEFAULT_IMPLS)})", file=sys.stderr)
+            print(
+                f"fvd bench: unknown implementation {bad[0]!r} (choose from "
+                f"{', '.join(DEFAULT_IMPLS)})",
+                file=sys.stderr,
+            )
             return 2
         if "fvd" not in names:
             names = ["fvd"] + names
@@ -545,9 +716,14 @@ def run(args):
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     if args.output == "json":
-        doc = {"machine": info, "scale": vars(scale), "implementations": names,
-               "seconds": elapsed, "results": [r.as_dict() for r in results],
-               "targets": targets(results)}
+        doc = {
+            "machine": info,
+            "scale": vars(scale),
+            "implementations": names,
+            "seconds": elapsed,
+            "results": [r.as_dict() for r in results],
+            "targets": targets(results),
+        }
         json.dump(doc, sys.stdout, indent=2, default=list)
         print()
     else:

@@ -10,6 +10,7 @@ The fully allocated image takes a minute or two to build (one 1-byte write per c
 the file stays sparse: about 4 KiB of disk per chunk). It is built once and kept in a
 cache directory (FVD_BENCH_CACHE, default $TMPDIR/fvd-bench-cache) for later runs.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,8 +29,7 @@ CACHE_VERSION = 1
 
 
 def cache_dir() -> str:
-    d = os.environ.get("FVD_BENCH_CACHE") or os.path.join(tempfile.gettempdir(),
-                                                           "fvd-bench-cache")
+    d = os.environ.get("FVD_BENCH_CACHE") or os.path.join(tempfile.gettempdir(), "fvd-bench-cache")
     os.makedirs(d, exist_ok=True)
     return d
 
@@ -54,19 +54,17 @@ def _median_cpu_ms(fn, repeat):
 
 
 # ----- changed extents ------------------------------------------------------------------
-def changed_image(size: int, chunk_size: int = MiB, fraction: float = 0.1,
-                  progress=None) -> str:
+def changed_image(size: int, chunk_size: int = MiB, fraction: float = 0.1, progress=None) -> str:
     """An image whose every chunk is allocated, snapshot s1, `fraction` of the chunks
     rewritten (each gets a new physical chunk), snapshot s2. Cached across runs."""
-    path = os.path.join(cache_dir(), f"changed-v{CACHE_VERSION}-{size}-{chunk_size}-"
-                                     f"{fraction}.fvd")
+    path = os.path.join(cache_dir(), f"changed-v{CACHE_VERSION}-{size}-{chunk_size}-{fraction}.fvd")
     if os.path.exists(path):
         try:
             with open_image(path) as img:
                 if [s.name for s in img.snapshots()] == ["s1", "s2"]:
                     return path
         except (FvdError, OSError):
-            pass                        # a damaged cache entry: build it again
+            pass  # a damaged cache entry: build it again
         os.unlink(path)
     tmp = path + ".building"
     if os.path.exists(tmp):
@@ -76,7 +74,7 @@ def changed_image(size: int, chunk_size: int = MiB, fraction: float = 0.1,
     with open_image(tmp, "r+") as img:
         for v in range(n):
             img.write(v * chunk_size, b"\x01")
-            if v % 16384 == 16383:         # bounded dirty data per flush
+            if v % 16384 == 16383:  # bounded dirty data per flush
                 img.flush()
                 if progress and v % 65536 == 65535:
                     progress(f"building {path}: {v + 1}/{n} chunks")
@@ -99,9 +97,11 @@ def measure_changed(size: int, repeat: int = 7, progress=None) -> list:
         ms_front = _median_ms(lambda: img.changed_extents_array("s1"), repeat)
         cpu = _median_cpu_ms(lambda: img.changed_extents_array("s1", "s2"), repeat)
     nchunks = size // MiB
-    note = (f"{size // GiB} GiB, {nchunks} chunks all allocated, 10% rewritten between "
-            f"s1 and s2: {len(arr)} ranges; changed_extents() {ms_list:.0f} ms; s1..front "
-            f"{ms_front:.0f} ms; CPU time {cpu:.1f} ms")
+    note = (
+        f"{size // GiB} GiB, {nchunks} chunks all allocated, 10% rewritten between "
+        f"s1 and s2: {len(arr)} ranges; changed_extents() {ms_list:.0f} ms; s1..front "
+        f"{ms_front:.0f} ms; CPU time {cpu:.1f} ms"
+    )
     return [Result("changed-extents", "fvd", ms, "ms", False, 1, ms / 1e3, {}, note)]
 
 
@@ -111,6 +111,7 @@ def table_compare_ms(nchunks: int = 1 << 20, fraction: float = 0.1, repeat: int 
     import numpy as np
 
     from .changed import Geometry, State, compare
+
     a = np.arange(nchunks, dtype=np.uint32)
     b = a.copy()
     moved = np.random.default_rng(1).choice(nchunks, int(nchunks * fraction), replace=False)
@@ -143,8 +144,10 @@ def measure_sparse_extents(size: int, repeat: int = 7) -> list:
         ms = _median_ms(img.extents_array, repeat)
         ms_iter = _median_ms(lambda: list(img.extents()), repeat)
         cpu = _median_cpu_ms(img.extents_array, repeat)
-    note = (f"{size // TiB} TiB sparse, 1,000 writes: {len(arr)} extents; "
-            f"list(extents()) {ms_iter:.0f} ms; CPU time {cpu:.1f} ms")
+    note = (
+        f"{size // TiB} TiB sparse, 1,000 writes: {len(arr)} extents; "
+        f"list(extents()) {ms_iter:.0f} ms; CPU time {cpu:.1f} ms"
+    )
     return [Result("sparse-extents", "fvd", ms, "ms", False, 1, ms / 1e3, {}, note)]
 
 
@@ -167,22 +170,50 @@ def measure_checksum(workdir: str, nbytes: int, repeat: int = 3) -> list:
         with open_image(path) as img:
             ours = img.checksum()
             ms = _median_ms(img.checksum, repeat)
-        out.append(Result("checksum", "fvd", mib / (ms / 1e3), "MiB/s", True, 1, ms / 1e3,
-                          {}, f"{mib:.0f} MiB of data, blake2b, 4 MiB blocks, "
-                              f"{min(4, os.cpu_count() or 1)} threads"))
+        out.append(
+            Result(
+                "checksum",
+                "fvd",
+                mib / (ms / 1e3),
+                "MiB/s",
+                True,
+                1,
+                ms / 1e3,
+                {},
+                f"{mib:.0f} MiB of data, blake2b, 4 MiB blocks, "
+                f"{min(4, os.cpu_count() or 1)} threads",
+            )
+        )
         try:
             from ovirt_imageio import client
         except ImportError:
-            out.append(Result("checksum", "raw", None, "MiB/s", note="ovirt-imageio is not "
-                              "installed (pip install ovirt-imageio)"))
+            out.append(
+                Result(
+                    "checksum",
+                    "raw",
+                    None,
+                    "MiB/s",
+                    note="ovirt-imageio is not installed (pip install ovirt-imageio)",
+                )
+            )
             return out
         theirs = client.checksum(raw)
         if theirs != ours:
             raise AssertionError(f"checksums differ: fvd {ours} ovirt-imageio {theirs}")
         ms = _median_ms(lambda: client.checksum(raw), repeat)
-        out.append(Result("checksum", "raw", mib / (ms / 1e3), "MiB/s", True, 1, ms / 1e3,
-                          {}, "ovirt-imageio client.checksum() of the raw file "
-                              "(qemu-nbd); equal checksums"))
+        out.append(
+            Result(
+                "checksum",
+                "raw",
+                mib / (ms / 1e3),
+                "MiB/s",
+                True,
+                1,
+                ms / 1e3,
+                {},
+                "ovirt-imageio client.checksum() of the raw file (qemu-nbd); equal checksums",
+            )
+        )
     finally:
         for p in (raw, path):
             if os.path.exists(p):
@@ -191,13 +222,14 @@ def measure_checksum(workdir: str, nbytes: int, repeat: int = 3) -> list:
 
 
 def rows() -> list:
-    return [("changed-extents", "changed extents s1..s2 (1T; quick 16G)"),
-            ("sparse-extents", "extents_array (16T sparse; quick 1T)"),
-            ("checksum", "checksum (raw column: ovirt-imageio)")]
+    return [
+        ("changed-extents", "changed extents s1..s2 (1T; quick 16G)"),
+        ("sparse-extents", "extents_array (16T sparse; quick 1T)"),
+        ("checksum", "checksum (raw column: ovirt-imageio)"),
+    ]
 
 
 def sizes(quick: bool) -> dict:
     if quick:
         return {"changed": 16 * GiB, "sparse": TiB, "checksum": 64 * MiB, "repeat": 3}
     return {"changed": TiB, "sparse": 16 * TiB, "checksum": 512 * MiB, "repeat": 7}
-

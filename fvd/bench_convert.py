@@ -9,6 +9,7 @@ qemu-img runs with `-t writeback` (it flushes at exit). The `-t unsafe` rows com
 modes that flush nothing: `fvd convert -t unsafe` against qemu-img convert's own default
 (`-t unsafe`); the page cache is synced between their runs, outside the timing.
 """
+
 import os
 import random
 import shutil
@@ -18,13 +19,25 @@ import time
 
 from .bench_workloads import MiB, Result
 
-PAIRS = [("raw", "fvd", "qemu-qcow2"), ("qcow2", "fvd", "qemu-qcow2"),
-         ("fvd", "raw", "qemu-raw"), ("fvd", "qcow2", "qemu-raw")]
+PAIRS = [
+    ("raw", "fvd", "qemu-qcow2"),
+    ("qcow2", "fvd", "qemu-qcow2"),
+    ("fvd", "raw", "qemu-raw"),
+    ("fvd", "qcow2", "qemu-raw"),
+]
 # (key, title, source format, output format, qemu column, cache mode)
-ROWS = [(f"convert-{s}-{d}" + ("" if cache == "writeback" else "-unsafe"),
-         f"convert {s} -> {d}" + ("" if cache == "writeback" else ", -t unsafe"),
-         s, d, peer, cache)
-        for cache in ("writeback", "unsafe") for s, d, peer in PAIRS]
+ROWS = [
+    (
+        f"convert-{s}-{d}" + ("" if cache == "writeback" else "-unsafe"),
+        f"convert {s} -> {d}" + ("" if cache == "writeback" else ", -t unsafe"),
+        s,
+        d,
+        peer,
+        cache,
+    )
+    for cache in ("writeback", "unsafe")
+    for s, d, peer in PAIRS
+]
 QEMU_WHAT = {"qemu-qcow2": "raw->qcow2", "qemu-raw": "qcow2->raw"}
 DATA_FRACTION = 0.3
 
@@ -56,10 +69,14 @@ def _qemu_img(*args):
 def measure_convert(workdir, mib, repeat=1, with_qemu=True, keys=None):
     """Results (MiB/s of virtual disk) of every convert row, fvd and qemu-img."""
     from .convert import convert
+
     d = os.path.join(workdir, "convert")
     os.makedirs(d, exist_ok=True)
-    src = {"raw": os.path.join(d, "src.raw"), "fvd": os.path.join(d, "src.fvd"),
-           "qcow2": os.path.join(d, "src.qcow2")}
+    src = {
+        "raw": os.path.join(d, "src.raw"),
+        "fvd": os.path.join(d, "src.fvd"),
+        "qcow2": os.path.join(d, "src.qcow2"),
+    }
     make_source(src["raw"], mib)
     convert(src["raw"], src["fvd"])
     convert(src["raw"], src["qcow2"], dst_format="qcow2")
@@ -69,36 +86,63 @@ def measure_convert(workdir, mib, repeat=1, with_qemu=True, keys=None):
         if os.path.exists(out):
             os.unlink(out)
 
-    def rm_synced():            # -t unsafe leaves dirty pages: not the next run's cost
+    def rm_synced():  # -t unsafe leaves dirty pages: not the next run's cost
         rm()
         os.sync()
 
-    cells = {}                  # name -> (run, cleanup); rounds interleave every cell
+    cells = {}  # name -> (run, cleanup); rounds interleave every cell
     if with_qemu and shutil.which("qemu-img") is not None:
-        for peer, args in (("qemu-qcow2", ("-f", "raw", "-O", "qcow2", src["raw"], out)),
-                           ("qemu-raw", ("-f", "qcow2", "-O", "raw", src["qcow2"], out))):
+        for peer, args in (
+            ("qemu-qcow2", ("-f", "raw", "-O", "qcow2", src["raw"], out)),
+            ("qemu-raw", ("-f", "qcow2", "-O", "raw", src["qcow2"], out)),
+        ):
             cells[peer, "writeback"] = (
-                lambda a=args: _qemu_img("convert", "-t", "writeback", *a), rm)
+                lambda a=args: _qemu_img("convert", "-t", "writeback", *a),
+                rm,
+            )
             cells[peer, "unsafe"] = (lambda a=args: _qemu_img("convert", *a), rm_synced)
     rows = [r for r in ROWS if not keys or any(r[0].startswith(k) for k in keys)]
     for key, _title, sfmt, dfmt, _peer, cache in rows:
-        cells[key] = (lambda s=sfmt, d=dfmt, c=cache: convert(
-            src[s], out, src_format=s, dst_format=d, cache=c),
-            rm if cache == "writeback" else rm_synced)
+        cells[key] = (
+            lambda s=sfmt, d=dfmt, c=cache: convert(
+                src[s], out, src_format=s, dst_format=d, cache=c
+            ),
+            rm if cache == "writeback" else rm_synced,
+        )
     times = {name: [] for name in cells}
-    for _ in range(repeat):     # round 1 of every cell, then round 2...: noise hits all
+    for _ in range(repeat):  # round 1 of every cell, then round 2...: noise hits all
         for name, (fn, cleanup) in cells.items():
             times[name].append(_timed(fn, 1, cleanup))
     t = {name: statistics.median(v) for name, v in times.items()}
     results = []
     for key, _title, _s, _d, peer, cache in rows:
-        results.append(Result(key, "fvd", mib / t[key], "MiB/s", True, 1, t[key],
-                              note=f"{mib} MiB, 30% data, -t {cache}"))
+        results.append(
+            Result(
+                key,
+                "fvd",
+                mib / t[key],
+                "MiB/s",
+                True,
+                1,
+                t[key],
+                note=f"{mib} MiB, 30% data, -t {cache}",
+            )
+        )
         if (peer, cache) in t:
             q = t[peer, cache]
             flag = "-t writeback " if cache == "writeback" else ""
-            results.append(Result(key, peer, mib / q, "MiB/s", True, 1, q,
-                                  note=f"qemu-img convert {flag}{QEMU_WHAT[peer]}"))
+            results.append(
+                Result(
+                    key,
+                    peer,
+                    mib / q,
+                    "MiB/s",
+                    True,
+                    1,
+                    q,
+                    note=f"qemu-img convert {flag}{QEMU_WHAT[peer]}",
+                )
+            )
     rm()
     shutil.rmtree(d, ignore_errors=True)
     return results

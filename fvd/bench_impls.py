@@ -7,6 +7,7 @@ delete_snapshot where the format has them). `fvd.bench_workloads` drives them; t
 Implementations that are not there yet (fvd.qcow2, FVD snapshots) are reported as
 unavailable with a reason, never as a crash.
 """
+
 import os
 import shutil
 
@@ -23,7 +24,7 @@ class RawFile:
     def __init__(self, path, cache):
         self._fd = os.open(path, os.O_RDWR)
         self._writethrough = cache == "writethrough"
-        self.stats = _impl.new_stats()   # the same counters as img.stats
+        self.stats = _impl.new_stats()  # the same counters as img.stats
         self.size = os.fstat(self._fd).st_size
 
     def write(self, offset, data):
@@ -60,9 +61,10 @@ class RawFile:
 
 class Contender:
     """One implementation: how to create an image and open it with a cache mode."""
+
     name = ""
     label = ""
-    python = False      # runs in this process (False: QEMU via subprocess)
+    python = False  # runs in this process (False: QEMU via subprocess)
 
     def available(self):
         """None when usable, otherwise the reason it is not."""
@@ -96,15 +98,18 @@ class FvdContender(Contender):
 
     def create(self, path, size):
         import fvd
+
         fvd.create(path, size, overwrite=True)
 
     def open(self, path, cache):
         import fvd
+
         self._select()
         return fvd.open(path, "r+", cache=cache)
 
     def open_read_only(self, path):
         import fvd
+
         self._select()
         return fvd.open(path, "r")
 
@@ -136,8 +141,9 @@ class Qcow2Contender(Contender):
         return None
 
     def create(self, path, size):
-        qcow2_module().create(path, size, cluster_size=65536, lazy_refcounts=self.lazy,
-                              overwrite=True)
+        qcow2_module().create(
+            path, size, cluster_size=65536, lazy_refcounts=self.lazy, overwrite=True
+        )
 
     def open(self, path, cache):
         return qcow2_module().open(path, "r+", cache=cache)
@@ -162,6 +168,7 @@ class RawContender(Contender):
 class QemuContender(Contender):
     """QEMU itself on a real qcow2 or raw file: `qemu-img bench` where the workload's
     offsets have a fixed step, else qemu-io (see fvd.bench_qemu)."""
+
     python = False
 
     def __init__(self, fmt, lazy=False):
@@ -177,8 +184,15 @@ class QemuContender(Contender):
         return None
 
 
-ALL = [FvdContender("cython"), FvdContender("python"), Qcow2Contender(False),
-       Qcow2Contender(True), RawContender(), QemuContender("qcow2"),
-       QemuContender("qcow2", lazy=True), QemuContender("raw")]
+ALL = [
+    FvdContender("cython"),
+    FvdContender("python"),
+    Qcow2Contender(False),
+    Qcow2Contender(True),
+    RawContender(),
+    QemuContender("qcow2"),
+    QemuContender("qcow2", lazy=True),
+    QemuContender("raw"),
+]
 BY_NAME = {c.name: c for c in ALL}
 NAMES = [c.name for c in ALL]

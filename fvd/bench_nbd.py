@@ -15,6 +15,7 @@
 
 bench/test_nbd_bench.py runs the same functions under pytest-benchmark (tiny in CI).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,10 @@ def _wait(proc: subprocess.Popen, sock: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited {proc.returncode}: {proc.args!r}: "
-                               f"{proc.stderr.read() if proc.stderr else ''!r}")
+            raise RuntimeError(
+                f"server exited {proc.returncode}: {proc.args!r}: "
+                f"{proc.stderr.read() if proc.stderr else ''!r}"
+            )
         try:
             with socket.socket(socket.AF_UNIX) as s:
                 s.connect(sock)
@@ -64,9 +67,14 @@ def _wait(proc: subprocess.Popen, sock: str, timeout: float = 60) -> None:
 class _Server:
     def __init__(self, args: list, sock: str, env: dict | None = None):
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        self.proc = subprocess.Popen([str(a) for a in args], cwd=root, env=env,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     text=True)
+        self.proc = subprocess.Popen(
+            [str(a) for a in args],
+            cwd=root,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         self.sock = sock
         self.uri = f"nbd+unix:///?socket={sock}"
         _wait(self.proc, sock)
@@ -83,6 +91,7 @@ class _Server:
 def make_images(workdir: str, size: int) -> dict:
     """The same random data as raw, FVD and qcow2 files."""
     import fvd
+
     raw = os.path.join(workdir, "data.raw")
     image = os.path.join(workdir, "data.fvd")
     qcow = os.path.join(workdir, "data.qcow2")
@@ -106,8 +115,12 @@ def servers(images: dict, workdir: str, impl: str = "cython"):
     s1 = os.path.join(workdir, "fvd.sock")
     s2 = os.path.join(workdir, "qemu.sock")
     yield "fvd serve", lambda: _Server(SERVE + ["-r", "--socket", s1, images["fvd"]], s1, env)
-    yield "qemu-nbd", lambda: _Server(["qemu-nbd", "-r", "-f", "qcow2", "-e", "16", "-k", s2,
-                                       "-t", images["qcow2"]], s2)
+    yield (
+        "qemu-nbd",
+        lambda: _Server(
+            ["qemu-nbd", "-r", "-f", "qcow2", "-e", "16", "-k", s2, "-t", images["qcow2"]], s2
+        ),
+    )
 
 
 def seq_copy(uri: str, repeat: int = 3) -> float:
@@ -123,6 +136,7 @@ def seq_copy(uri: str, repeat: int = 3) -> float:
 def random_reads(uri: str, size: int, count: int, seed: int = 7) -> list:
     """Latency (s) of each of `count` random 4 KiB reads, one at a time."""
     from .nbd_client import NbdClient
+
     client = NbdClient(uri, max_connections=1)
     rng = random.Random(seed)
     buf = bytearray(4096)
@@ -138,8 +152,7 @@ def random_reads(uri: str, size: int, count: int, seed: int = 7) -> list:
     return lat
 
 
-def serve_rows(workdir: str, size: int, reads: int, repeat: int = 3,
-               impl: str = "cython") -> list:
+def serve_rows(workdir: str, size: int, reads: int, repeat: int = 3, impl: str = "cython") -> list:
     require("nbdkit", "nbdcopy", "qemu-nbd", "qemu-img")
     images = make_images(workdir, size)
     rows = []
@@ -147,22 +160,42 @@ def serve_rows(workdir: str, size: int, reads: int, repeat: int = 3,
         with start() as srv:
             seconds = seq_copy(srv.uri, repeat)
             lat = random_reads(srv.uri, size, reads)
-        rows.append({"server": name, "size": size, "copy_seconds": seconds,
-                     "copy_mib_s": size / MiB / seconds,
-                     "read4k_median_us": statistics.median(lat) * 1e6,
-                     "read4k_per_s": len(lat) / sum(lat)})
+        rows.append(
+            {
+                "server": name,
+                "size": size,
+                "copy_seconds": seconds,
+                "copy_mib_s": size / MiB / seconds,
+                "read4k_median_us": statistics.median(lat) * 1e6,
+                "read4k_per_s": len(lat) / sum(lat),
+            }
+        )
     return rows
 
 
 # ----- prefetch over a slow link ------------------------------------------------------------
 def slow_base(raw: str, sock: str, rate: str, delay_ms: int) -> _Server:
-    return _Server(["nbdkit", "--foreground", "--exit-with-parent", "--unix", sock,
-                    "--filter=rate", "--filter=delay", "file", raw, f"rate={rate}",
-                    f"delay-read={delay_ms}ms"], sock)
+    return _Server(
+        [
+            "nbdkit",
+            "--foreground",
+            "--exit-with-parent",
+            "--unix",
+            sock,
+            "--filter=rate",
+            "--filter=delay",
+            "file",
+            raw,
+            f"rate={rate}",
+            f"delay-read={delay_ms}ms",
+        ],
+        sock,
+    )
 
 
-def _foreground(img, lo: int, hi: int, count: int, gap: float, out: list,
-                stop: threading.Event) -> None:
+def _foreground(
+    img, lo: int, hi: int, count: int, gap: float, out: list, stop: threading.Event
+) -> None:
     rng = random.Random(3)
     buf = bytearray(4096)
     for _ in range(count):
@@ -175,15 +208,16 @@ def _foreground(img, lo: int, hi: int, count: int, gap: float, out: list,
         time.sleep(gap)
 
 
-def prefetch_case(workdir: str, raw: str, uri: str, mode: str, reads: int,
-                  link_bytes_s: float) -> dict:
+def prefetch_case(
+    workdir: str, raw: str, uri: str, mode: str, reads: int, link_bytes_s: float
+) -> dict:
     """mode: 'none' (foreground only), 'paced' or 'unpaced' prefetch beside it; '-1conn':
     the NBD client limited to one connection."""
     import fvd
+
     size = os.path.getsize(raw)
     image = os.path.join(workdir, f"top-{mode}.fvd")
-    fvd.create(image, size, base=uri, base_format="raw", block_size=64 * 1024,
-               overwrite=True)
+    fvd.create(image, size, base=uri, base_format="raw", block_size=64 * 1024, overwrite=True)
     lat: list = []
     stop = threading.Event()
     result: dict[str, object] = {"mode": mode}
@@ -193,10 +227,12 @@ def prefetch_case(workdir: str, raw: str, uri: str, mode: str, reads: int,
             # the prefetch read in flight
             img._base.backend.client.max_connections = 1
         # foreground reads the last quarter; prefetch starts at the front
-        fg = threading.Thread(target=_foreground, args=(img, size * 3 // 4, size, reads,
-                                                        0.01, lat, stop))
+        fg = threading.Thread(
+            target=_foreground, args=(img, size * 3 // 4, size, reads, 0.01, lat, stop)
+        )
         t0 = time.perf_counter()
         fg.start()
+
         def progress(done, total):
             # past 70% prefetch nears the blocks the foreground reads: stop measuring
             if done >= 0.7 * total:
@@ -211,13 +247,19 @@ def prefetch_case(workdir: str, raw: str, uri: str, mode: str, reads: int,
             result["prefetch_complete"] = img._base is None
         fg.join()
         stop.set()
-    result.update({"reads": len(lat), "median_ms": statistics.median(lat) * 1e3,
-                   "p90_ms": sorted(lat)[int(len(lat) * 0.9)] * 1e3})
+    result.update(
+        {
+            "reads": len(lat),
+            "median_ms": statistics.median(lat) * 1e3,
+            "p90_ms": sorted(lat)[int(len(lat) * 0.9)] * 1e3,
+        }
+    )
     return result
 
 
-def prefetch_rows(workdir: str, size: int, reads: int, rate: str = "40M",
-                  delay_ms: int = 5) -> list:
+def prefetch_rows(
+    workdir: str, size: int, reads: int, rate: str = "40M", delay_ms: int = 5
+) -> list:
     require("nbdkit")
     raw = os.path.join(workdir, "base.raw")
     rng = random.Random(5)
@@ -240,8 +282,11 @@ def _bits(rate: str) -> float:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fvd.bench_nbd", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m fvd.bench_nbd",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--size-mb", type=int, default=1024, help="image size for serve rows")
     p.add_argument("--reads", type=int, default=2000, help="random 4 KiB reads per server")
     p.add_argument("--link-mb", type=int, default=64, help="base size for prefetch rows")
@@ -258,21 +303,28 @@ def main(argv=None) -> int:
         if "serve" not in args.skip:
             out["serve"] = serve_rows(d, args.size_mb * MiB, args.reads, args.repeat)
         if "prefetch" not in args.skip:
-            out["prefetch"] = prefetch_rows(d, args.link_mb * MiB, args.fg_reads, args.rate,
-                                            args.delay_ms)
+            out["prefetch"] = prefetch_rows(
+                d, args.link_mb * MiB, args.fg_reads, args.rate, args.delay_ms
+            )
     if args.output == "json":
         print(json.dumps(out, indent=2))
         return 0
     for r in out.get("serve", []):
-        print(f"{r['server']:<10} copy {r['size'] // MiB} MiB: {r['copy_seconds']:.3f} s "
-              f"({r['copy_mib_s']:.0f} MiB/s)   4K random read: median "
-              f"{r['read4k_median_us']:.0f} us, {r['read4k_per_s']:.0f}/s")
+        print(
+            f"{r['server']:<10} copy {r['size'] // MiB} MiB: {r['copy_seconds']:.3f} s "
+            f"({r['copy_mib_s']:.0f} MiB/s)   4K random read: median "
+            f"{r['read4k_median_us']:.0f} us, {r['read4k_per_s']:.0f}/s"
+        )
     for r in out.get("prefetch", []):
-        extra = "" if r["mode"] == "none" else \
-            (f"  prefetch {r['prefetch_seconds']:.1f} s, "
-             f"complete={r['prefetch_complete']}")
-        print(f"prefetch {r['mode']:<14} foreground 4K: median {r['median_ms']:.2f} ms, "
-              f"p90 {r['p90_ms']:.2f} ms ({r['reads']} reads){extra}")
+        extra = (
+            ""
+            if r["mode"] == "none"
+            else (f"  prefetch {r['prefetch_seconds']:.1f} s, complete={r['prefetch_complete']}")
+        )
+        print(
+            f"prefetch {r['mode']:<14} foreground 4K: median {r['median_ms']:.2f} ms, "
+            f"p90 {r['p90_ms']:.2f} ms ({r['reads']} reads){extra}"
+        )
     return 0
 
 

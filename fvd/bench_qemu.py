@@ -10,6 +10,7 @@ median wall time of the same process with an empty script on the same image (pro
 start, image open and close). I/O counts: the same run repeated on a fresh image under
 `strace -f`, minus the empty-script run under strace, divided by the number of ops.
 """
+
 import json
 import os
 import re
@@ -34,11 +35,13 @@ _RET = re.compile(r"\)\s+=\s+(-?\d+)")
 
 
 def run_tool(cmd, stdin_text=None, check=True):
-    p = subprocess.run(cmd, input=stdin_text, text=True, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.PIPE)
+    p = subprocess.run(
+        cmd, input=stdin_text, text=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     if check and p.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:3])}... failed ({p.returncode}): "
-                           f"{p.stderr.strip()[:300]}")
+        raise RuntimeError(
+            f"{' '.join(cmd[:3])}... failed ({p.returncode}): {p.stderr.strip()[:300]}"
+        )
     return p
 
 
@@ -78,8 +81,10 @@ def qemu_io_cmd(contender, path, cache):
 def prepare(workload, contender, path):
     create_image(contender, path, workload.size)
     if workload.pre_offsets:
-        run_tool(qemu_io_cmd(contender, path, "writeback"),
-             script(workload, workload.pre_offsets, "write", workload.pre_length, 0, PATTERN))
+        run_tool(
+            qemu_io_cmd(contender, path, "writeback"),
+            script(workload, workload.pre_offsets, "write", workload.pre_length, 0, PATTERN),
+        )
     if workload.snapshot:
         if contender.fmt != "qcow2":
             raise Unavailable("raw files have no snapshots")
@@ -96,8 +101,7 @@ def strace_counts(cmd, text, workdir):
     """{syscall: [calls, bytes]} for one run under strace -f."""
     out = os.path.join(workdir, f"strace-{os.getpid()}.txt")
     try:
-        run_tool(["strace", "-f", "-qq", "-e", "trace=" + ",".join(TRACED), "-o", out] + cmd,
-             text)
+        run_tool(["strace", "-f", "-qq", "-e", "trace=" + ",".join(TRACED), "-o", out] + cmd, text)
         counts = {}
         with open(out) as f:
             for line in f:
@@ -122,9 +126,15 @@ def strace_counts(cmd, text, workdir):
 def summarise(run, base, ops):
     def total(names, i):
         return sum(run.get(n, [0, 0])[i] - base.get(n, [0, 0])[i] for n in names)
-    c = {"writes": total(WRITE_CALLS, 0), "bytes_written": total(WRITE_CALLS, 1),
-         "flushes": total(SYNC_CALLS, 0), "reads": total(READ_CALLS, 0),
-         "bytes_read": total(READ_CALLS, 1), "fallocates": total(("fallocate",), 0)}
+
+    c = {
+        "writes": total(WRITE_CALLS, 0),
+        "bytes_written": total(WRITE_CALLS, 1),
+        "flushes": total(SYNC_CALLS, 0),
+        "reads": total(READ_CALLS, 0),
+        "bytes_read": total(READ_CALLS, 1),
+        "fallocates": total(("fallocate",), 0),
+    }
     return {k: v / ops for k, v in c.items()}
 
 
@@ -134,9 +144,24 @@ _COMPLETED = re.compile(r"Run completed in ([0-9.]+) seconds")
 def bench_cmd(workload, contender, path, count=None):
     """`qemu-img bench` running the workload's whole progression inside QEMU."""
     start, step, n, _ = workload.stride()
-    cmd = ["qemu-img", "bench", "-f", contender.fmt, "-t", workload.cache, "-d", "1",
-           "-c", str(n if count is None else count), "-s", str(workload.length),
-           "-S", str(step), "-o", str(start)]
+    cmd = [
+        "qemu-img",
+        "bench",
+        "-f",
+        contender.fmt,
+        "-t",
+        workload.cache,
+        "-d",
+        "1",
+        "-c",
+        str(n if count is None else count),
+        "-s",
+        str(workload.length),
+        "-S",
+        str(step),
+        "-o",
+        str(start),
+    ]
     if workload.kind == "write":
         cmd += ["-w", f"--pattern={PATTERN ^ 0xFF}"]
         if workload.flush_every:
@@ -148,13 +173,25 @@ def bench_seconds(cmd):
     p = subprocess.run(cmd, capture_output=True, text=True)
     m = _COMPLETED.search(p.stdout)
     if p.returncode != 0 or not m:
-        raise RuntimeError(f"qemu-img bench failed ({p.returncode}): "
-                           f"{(p.stderr or p.stdout).strip()[:300]}")
+        raise RuntimeError(
+            f"qemu-img bench failed ({p.returncode}): {(p.stderr or p.stdout).strip()[:300]}"
+        )
     return float(m.group(1))
 
 
-def _rounds(workload, contender, path, workdir, repeat, one_round, empty_run, counted_run,
-            counted_ops, counts, note):
+def _rounds(
+    workload,
+    contender,
+    path,
+    workdir,
+    repeat,
+    one_round,
+    empty_run,
+    counted_run,
+    counted_ops,
+    counts,
+    note,
+):
     """`repeat` timed rounds on fresh images, then exact I/O counts: `counted_run` minus
     `empty_run` (each a (cmd, stdin text)) under strace. -> (times, per_op, note)."""
     try:
@@ -181,11 +218,19 @@ def _rounds(workload, contender, path, workdir, repeat, one_round, empty_run, co
 def _io_result(workload, contender, times, ops, per_op, note):
     t = statistics.median(times)
     if t <= 0:
-        return Result(workload.key, contender.name, None, workload.unit, True, ops, t, per_op,
-                      note + "; below the timer's resolution or process-start noise")
+        return Result(
+            workload.key,
+            contender.name,
+            None,
+            workload.unit,
+            True,
+            ops,
+            t,
+            per_op,
+            note + "; below the timer's resolution or process-start noise",
+        )
     value = ops / t if workload.unit == "ops/s" else ops * workload.length / (1 << 20) / t
-    return Result(workload.key, contender.name, value, workload.unit, True, ops, t, per_op,
-                  note)
+    return Result(workload.key, contender.name, value, workload.unit, True, ops, t, per_op, note)
 
 
 def measure_io_qemu_bench(workload, contender, workdir, repeat=1, counts=True):
@@ -196,13 +241,22 @@ def measure_io_qemu_bench(workload, contender, workdir, repeat=1, counts=True):
 
     def one_round():
         if workload.kind == "read":
-            bench_seconds(cmd)             # "cached": one untimed pass
+            bench_seconds(cmd)  # "cached": one untimed pass
         return sum(bench_seconds(cmd) for _ in range(passes))
 
-    times, per_op, note = _rounds(workload, contender, path, workdir, repeat, one_round,
-                                  (bench_cmd(workload, contender, path, 0), None),
-                                  (cmd, None), n, counts,
-                                  "qemu-img bench: QEMU's in-process loop, its own timing")
+    times, per_op, note = _rounds(
+        workload,
+        contender,
+        path,
+        workdir,
+        repeat,
+        one_round,
+        (bench_cmd(workload, contender, path, 0), None),
+        (cmd, None),
+        n,
+        counts,
+        "qemu-img bench: QEMU's in-process loop, its own timing",
+    )
     return _io_result(workload, contender, times, n * passes, per_op, note)
 
 
@@ -235,10 +289,19 @@ def _measure_qemu_io(workload, contender, workdir, repeat=1, counts=True):
         return _timed(cmd, text) - base
 
     # one pass of the script is enough for exact counts
-    times, per_op, note = _rounds(workload, contender, path, workdir, repeat, one_round,
-                                  (cmd, ""), (cmd, script(workload)), n, counts,
-                                  "qemu-io, one command per I/O: time minus an empty "
-                                  "qemu-io run")
+    times, per_op, note = _rounds(
+        workload,
+        contender,
+        path,
+        workdir,
+        repeat,
+        one_round,
+        (cmd, ""),
+        (cmd, script(workload)),
+        n,
+        counts,
+        "qemu-io, one command per I/O: time minus an empty qemu-io run",
+    )
     if reps > 1:
         note += f"; the {n} reads repeated {reps} times"
     return _io_result(workload, contender, times, n * reps, per_op, note)
@@ -247,43 +310,67 @@ def _measure_qemu_io(workload, contender, workdir, repeat=1, counts=True):
 def measure_snapshots_qemu(contender, workdir, count, data_ops):
     """ms per `qemu-img snapshot -c` / `-d`, minus a `qemu-img snapshot -l` run."""
     kc, kd = f"snap-create-x{count}", f"snap-delete-x{count}"
-    reason = contender.available() or (None if contender.fmt == "qcow2"
-                                       else "raw files have no snapshots")
+    reason = contender.available() or (
+        None if contender.fmt == "qcow2" else "raw files have no snapshots"
+    )
     if reason:
         return [Result(k, contender.name, None, "ms", False, note=reason) for k in (kc, kd)]
     path = os.path.join(workdir, f"qsnap-{contender.name}-{os.getpid()}.img")
     try:
         create_image(contender, path, 8 << 30)
         offs = random_offsets(data_ops)
-        run_tool(["qemu-io", "-f", "qcow2", "-t", "writeback", path],
-             "\n".join(f"write -q -P {PATTERN:#x} {o} 4096" for o in offs) + "\n")
+        run_tool(
+            ["qemu-io", "-f", "qcow2", "-t", "writeback", path],
+            "\n".join(f"write -q -P {PATTERN:#x} {o} 4096" for o in offs) + "\n",
+        )
         base = statistics.median(
-            _timed(["qemu-img", "snapshot", "-l", path], None) for _ in range(3))
-        tc = sum(_timed(["qemu-img", "snapshot", "-c", f"s{i}", path], None) - base
-                 for i in range(count))
-        td = sum(_timed(["qemu-img", "snapshot", "-d", f"s{i}", path], None) - base
-                 for i in range(count))
+            _timed(["qemu-img", "snapshot", "-l", path], None) for _ in range(3)
+        )
+        tc = sum(
+            _timed(["qemu-img", "snapshot", "-c", f"s{i}", path], None) - base for i in range(count)
+        )
+        td = sum(
+            _timed(["qemu-img", "snapshot", "-d", f"s{i}", path], None) - base for i in range(count)
+        )
     finally:
         try:
             os.unlink(path)
         except FileNotFoundError:
             pass
     note = "one qemu-img process per snapshot, minus a `snapshot -l` run"
-    return [Result(kc, contender.name, max(tc, 0) / count * 1e3, "ms", False, count, tc,
-                   {}, note),
-            Result(kd, contender.name, max(td, 0) / count * 1e3, "ms", False, count, td,
-                   {}, note)]
+    return [
+        Result(kc, contender.name, max(tc, 0) / count * 1e3, "ms", False, count, tc, {}, note),
+        Result(kd, contender.name, max(td, 0) / count * 1e3, "ms", False, count, td, {}, note),
+    ]
 
 
 def qemu_measure_metadata(key, name, virtual):
     """qcow2 metadata for a fully allocated image, from `qemu-img measure`."""
     if shutil.which("qemu-img") is None:
         return Result(key, name, None, "MiB", False, note="qemu-img is not on PATH")
-    p = subprocess.run(["qemu-img", "measure", "--output=json", "--size", str(virtual),
-                        "-O", "qcow2", "-o", "cluster_size=65536"],
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        [
+            "qemu-img",
+            "measure",
+            "--output=json",
+            "--size",
+            str(virtual),
+            "-O",
+            "qcow2",
+            "-o",
+            "cluster_size=65536",
+        ],
+        capture_output=True,
+        text=True,
+    )
     if p.returncode != 0:
         return Result(key, name, None, "MiB", False, note=p.stderr.strip()[:200])
     full = json.loads(p.stdout)["fully-allocated"]
-    return Result(key, name, (full - virtual) / (1 << 20), "MiB", False,
-                  note="qemu-img measure: fully-allocated minus virtual size")
+    return Result(
+        key,
+        name,
+        (full - virtual) / (1 << 20),
+        "MiB",
+        False,
+        note="qemu-img measure: fully-allocated minus virtual size",
+    )

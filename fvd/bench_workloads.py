@@ -6,6 +6,7 @@ before the timed part). `IoCase` runs it against an in-process contender in thre
 `benchmark.pedantic(setup=..., target=...)` wants. `fvd.bench_qemu` runs the same
 description through qemu-io.
 """
+
 import os
 import random
 import statistics
@@ -21,11 +22,19 @@ from .bench_impls import Unavailable
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 DISK = 8 * GiB
 PATTERN = 0xAB
-READ_PASSES = 5         # in-process read workloads: best of this many passes
+READ_PASSES = 5  # in-process read workloads: best of this many passes
 
 # per-operation counters reported beside every time (keys of img.stats, summed sensibly)
-COUNT_KEYS = ("writes", "bytes_written", "metadata_writes", "flushes", "refcount_updates",
-              "journal_records", "reads", "bytes_read")
+COUNT_KEYS = (
+    "writes",
+    "bytes_written",
+    "metadata_writes",
+    "flushes",
+    "refcount_updates",
+    "journal_records",
+    "reads",
+    "bytes_read",
+)
 
 
 def per_op_counts(before, after, ops):
@@ -46,9 +55,17 @@ def per_op_counts(before, after, ops):
 
 def stats_dict(stats):
     d = stats.as_dict() if hasattr(stats, "as_dict") else dict(vars(stats))
-    for k in ("data_reads", "data_bytes_read", "data_writes", "data_bytes_written",
-              "metadata_reads", "metadata_bytes_read", "metadata_writes",
-              "metadata_bytes_written", "flushes"):
+    for k in (
+        "data_reads",
+        "data_bytes_read",
+        "data_writes",
+        "data_bytes_written",
+        "metadata_reads",
+        "metadata_bytes_read",
+        "metadata_writes",
+        "metadata_bytes_written",
+        "flushes",
+    ):
         d.setdefault(k, 0)
     return d
 
@@ -57,54 +74,80 @@ def stats_dict(stats):
 class Result:
     workload: str
     impl: str
-    value: object            # float, or None when not measured
+    value: object  # float, or None when not measured
     unit: str
     higher_is_better: bool = True
     ops: int = 0
     seconds: float = 0.0
-    counts: dict = field(default_factory=dict)     # per operation
+    counts: dict = field(default_factory=dict)  # per operation
     note: str = ""
 
     def as_dict(self):
-        return {"workload": self.workload, "impl": self.impl, "value": self.value,
-                "unit": self.unit, "higher_is_better": self.higher_is_better,
-                "ops": self.ops, "seconds": self.seconds, "counts_per_op": self.counts,
-                "note": self.note}
+        return {
+            "workload": self.workload,
+            "impl": self.impl,
+            "value": self.value,
+            "unit": self.unit,
+            "higher_is_better": self.higher_is_better,
+            "ops": self.ops,
+            "seconds": self.seconds,
+            "counts_per_op": self.counts,
+            "note": self.note,
+        }
 
 
 @dataclass
 class Scale:
     """Sizes of a run. `quick` keeps `fvd bench --quick` well under a minute."""
-    ops: int = 2048              # random 4 KiB operations (writes)
-    reads: int = 16384           # random 4 KiB reads (cheap: many more)
-    read_passes: int = 4         # sequential 1 MiB reads: passes over the data
-    seq_mib: int = 256           # MiB for sequential 1 MiB I/O
-    translate: int = 1 << 20     # lookups for the translation rate (cython)
+
+    ops: int = 2048  # random 4 KiB operations (writes)
+    reads: int = 16384  # random 4 KiB reads (cheap: many more)
+    read_passes: int = 4  # sequential 1 MiB reads: passes over the data
+    seq_mib: int = 256  # MiB for sequential 1 MiB I/O
+    translate: int = 1 << 20  # lookups for the translation rate (cython)
     translate_py: int = 1 << 18  # lookups for the python twin
     snapshots: tuple = (1, 100, 1000)
-    snap_data_ops: int = 256     # allocated 4 KiB writes under the snapshots
-    open_ops: int = 2048         # allocated chunks when timing open
+    snap_data_ops: int = 256  # allocated 4 KiB writes under the snapshots
+    open_ops: int = 2048  # allocated chunks when timing open
     repeat: int = 3
     flush_every: int = 16
-    convert_mib: int = 1024      # virtual size of the convert rows' image (30% data)
+    convert_mib: int = 1024  # virtual size of the convert rows' image (30% data)
 
     @classmethod
     def quick(cls):
-        return cls(ops=128, reads=4096, seq_mib=64, translate=1 << 20, translate_py=1 << 16,
-                   snapshots=(1, 20), snap_data_ops=64, open_ops=512, repeat=1,
-                   convert_mib=128)
+        return cls(
+            ops=128,
+            reads=4096,
+            seq_mib=64,
+            translate=1 << 20,
+            translate_py=1 << 16,
+            snapshots=(1, 20),
+            snap_data_ops=64,
+            open_ops=512,
+            repeat=1,
+            convert_mib=128,
+        )
 
     def scaled(self, factor):
         """Every count multiplied by factor (at least 1): FVD_BENCH_SCALE for CI."""
+
         def s(n):
             return max(1, int(n * factor))
-        return Scale(ops=s(self.ops), reads=s(self.reads), read_passes=self.read_passes,
-                     seq_mib=s(self.seq_mib), translate=s(self.translate),
-                     translate_py=s(self.translate_py),
-                     snapshots=tuple(sorted({s(k) for k in self.snapshots})),
-                     snap_data_ops=s(self.snap_data_ops), open_ops=s(self.open_ops),
-                     repeat=self.repeat, flush_every=self.flush_every,
-                     convert_mib=s(self.convert_mib))
+
+        return Scale(
+            ops=s(self.ops),
+            reads=s(self.reads),
+            read_passes=self.read_passes,
+            seq_mib=s(self.seq_mib),
+            translate=s(self.translate),
+            translate_py=s(self.translate_py),
+            snapshots=tuple(sorted({s(k) for k in self.snapshots})),
+            snap_data_ops=s(self.snap_data_ops),
+            open_ops=s(self.open_ops),
+            repeat=self.repeat,
+            flush_every=self.flush_every,
+            convert_mib=s(self.convert_mib),
+        )
 
 
 # ----- I/O workloads -------------------------------------------------------------------
@@ -112,14 +155,14 @@ class Scale:
 class IoWorkload:
     key: str
     title: str
-    kind: str                  # "write" or "read"
+    kind: str  # "write" or "read"
     length: int
     offsets: list
     cache: str = "writethrough"
-    flush_every: int = 0       # writeback: flush every N writes (and once at the end)
-    pre_offsets: Sequence[int] = ()     # written (untimed) before, `pre_length` each
+    flush_every: int = 0  # writeback: flush every N writes (and once at the end)
+    pre_offsets: Sequence[int] = ()  # written (untimed) before, `pre_length` each
     pre_length: int = 4 * KiB
-    snapshot: bool = False     # take a snapshot after the pre writes
+    snapshot: bool = False  # take a snapshot after the pre writes
     size: int = DISK
     unit: str = "ops/s"
     needs_snapshots: bool = False
@@ -181,24 +224,89 @@ def io_workloads(scale):
     w = []
     for cache, every in (("writethrough", 0), ("writeback", fe)):
         tag = "wt" if every == 0 else f"wb/{every}"
-        w.append(IoWorkload(f"alloc4k-{tag}", f"alloc 4K random {tag}", "write", 4 * KiB,
-                            offs, cache, every))
+        w.append(
+            IoWorkload(
+                f"alloc4k-{tag}", f"alloc 4K random {tag}", "write", 4 * KiB, offs, cache, every
+            )
+        )
     for cache, every in (("writethrough", 0), ("writeback", fe)):
         tag = "wt" if every == 0 else f"wb/{every}"
-        w.append(IoWorkload(f"overwrite4k-{tag}", f"overwrite 4K random {tag}", "write",
-                            4 * KiB, offs, cache, every, pre_offsets=offs))
-    w.append(IoWorkload("read4k", "read 4K random (cached)", "read", 4 * KiB, reads,
-                        "writeback", 0, pre_offsets=offs))
-    w.append(IoWorkload("read4k-strided", "read 4K strided 1M (cached)", "read", 4 * KiB,
-                        strided_reads, "writeback", 0, pre_offsets=offs))
-    w.append(IoWorkload(f"seqwrite1m-wb/{fe}", f"write 1M sequential wb/{fe}", "write", MiB,
-                        seq, "writeback", fe, unit="MiB/s"))
-    w.append(IoWorkload("seqread1m", "read 1M sequential (cached)", "read", MiB,
-                        seq * scale.read_passes,
-                        "writeback", 0, pre_offsets=seq, pre_length=MiB, unit="MiB/s"))
-    w.append(IoWorkload("cow4k-wt", "1st write after snapshot wt", "write", 4 * KiB,
-                        offs, "writethrough", 0, pre_offsets=offs, snapshot=True,
-                        needs_snapshots=True))
+        w.append(
+            IoWorkload(
+                f"overwrite4k-{tag}",
+                f"overwrite 4K random {tag}",
+                "write",
+                4 * KiB,
+                offs,
+                cache,
+                every,
+                pre_offsets=offs,
+            )
+        )
+    w.append(
+        IoWorkload(
+            "read4k",
+            "read 4K random (cached)",
+            "read",
+            4 * KiB,
+            reads,
+            "writeback",
+            0,
+            pre_offsets=offs,
+        )
+    )
+    w.append(
+        IoWorkload(
+            "read4k-strided",
+            "read 4K strided 1M (cached)",
+            "read",
+            4 * KiB,
+            strided_reads,
+            "writeback",
+            0,
+            pre_offsets=offs,
+        )
+    )
+    w.append(
+        IoWorkload(
+            f"seqwrite1m-wb/{fe}",
+            f"write 1M sequential wb/{fe}",
+            "write",
+            MiB,
+            seq,
+            "writeback",
+            fe,
+            unit="MiB/s",
+        )
+    )
+    w.append(
+        IoWorkload(
+            "seqread1m",
+            "read 1M sequential (cached)",
+            "read",
+            MiB,
+            seq * scale.read_passes,
+            "writeback",
+            0,
+            pre_offsets=seq,
+            pre_length=MiB,
+            unit="MiB/s",
+        )
+    )
+    w.append(
+        IoWorkload(
+            "cow4k-wt",
+            "1st write after snapshot wt",
+            "write",
+            4 * KiB,
+            offs,
+            "writethrough",
+            0,
+            pre_offsets=offs,
+            snapshot=True,
+            needs_snapshots=True,
+        )
+    )
     return w
 
 
@@ -247,7 +355,7 @@ class IoCase:
             finally:
                 h.close()
         self.handle = c.open(self.path, w.cache)
-        if w.kind == "read":            # "cached": one untimed pass warms the page cache
+        if w.kind == "read":  # "cached": one untimed pass warms the page cache
             buf = bytearray(w.length)
             for off in sorted(set(w.offsets)):
                 self.handle.readinto(off, buf)
@@ -348,8 +456,16 @@ def measure_io(workload, contender, workdir, repeat=1):
             case.cleanup()
             raise
     t = statistics.median(times)
-    return Result(workload.key, contender.name, workload.value(t), workload.unit, True,
-                  len(workload.offsets), t, counts)
+    return Result(
+        workload.key,
+        contender.name,
+        workload.value(t),
+        workload.unit,
+        True,
+        len(workload.offsets),
+        t,
+        counts,
+    )
 
 
 # ----- translation rate (core target of issue 2) -----------------------------------------
@@ -386,8 +502,7 @@ def measure_translate(contender, scale):
         best = t if best is None else min(best, t)
     if not check_translation(cmap, vchunks, out):
         raise AssertionError(f"{impl} translate gave wrong host offsets")
-    return Result("translate", contender.name, lookups / best, "lookups/s", True, lookups,
-                  best, {})
+    return Result("translate", contender.name, lookups / best, "lookups/s", True, lookups, best, {})
 
 
 # ----- snapshots ------------------------------------------------------------------------
@@ -461,8 +576,10 @@ def measure_snapshots(contender, workdir, count, data_ops):
         return [Result(k, contender.name, None, "ms", False, note=str(e)) for k in (kc, kd)]
     finally:
         case.cleanup()
-    return [Result(kc, contender.name, tc / count * 1e3, "ms", False, count, tc, cc),
-            Result(kd, contender.name, td / count * 1e3, "ms", False, count, td, cd)]
+    return [
+        Result(kc, contender.name, tc / count * 1e3, "ms", False, count, tc, cc),
+        Result(kd, contender.name, td / count * 1e3, "ms", False, count, td, cd),
+    ]
 
 
 # ----- open time ------------------------------------------------------------------------
@@ -491,8 +608,17 @@ def measure_open(contender, workdir, data_ops, repeat=5):
         except FileNotFoundError:
             pass
     t = statistics.median(times)
-    return Result(key, contender.name, t * 1e3, "ms", False, 1, t, counts,
-                  note=f"{data_ops} chunks/clusters allocated")
+    return Result(
+        key,
+        contender.name,
+        t * 1e3,
+        "ms",
+        False,
+        1,
+        t,
+        counts,
+        note=f"{data_ops} chunks/clusters allocated",
+    )
 
 
 # ----- metadata size --------------------------------------------------------------------
@@ -525,6 +651,7 @@ def measure_metadata(contender, workdir):
         return Result(key, name, None, "MiB", False, note=reason)
     if name in ("fvd", "fvd-py"):
         import fvd
+
         path = os.path.join(workdir, f"meta-{os.getpid()}.fvd")
         fvd.create(path, TiB, overwrite=True)
         try:
@@ -534,15 +661,28 @@ def measure_metadata(contender, workdir):
         finally:
             os.unlink(path)
         assert table == fvd_metadata_formula(TiB)
-        return Result(key, name, data_offset / MiB, "MiB", False,
-                      note=f"table {table / MiB:.0f} MiB + header/journal; "
-                           f"whole metadata area before data_offset")
+        return Result(
+            key,
+            name,
+            data_offset / MiB,
+            "MiB",
+            False,
+            note=f"table {table / MiB:.0f} MiB + header/journal; "
+            f"whole metadata area before data_offset",
+        )
     if name in ("qcow2", "qcow2-lazy"):
-        return Result(key, name, qcow2_metadata_formula(TiB) / MiB, "MiB", False,
-                      note="formula: L1 + L2 (8 B/64 KiB cluster) + 16-bit refcounts")
+        return Result(
+            key,
+            name,
+            qcow2_metadata_formula(TiB) / MiB,
+            "MiB",
+            False,
+            note="formula: L1 + L2 (8 B/64 KiB cluster) + 16-bit refcounts",
+        )
     if name in ("raw", "qemu-raw"):
         return Result(key, name, 0.0, "MiB", False)
     if name.startswith("qemu-qcow2"):
         from .bench_qemu import qemu_measure_metadata
+
         return qemu_measure_metadata(key, name, TiB)
     return Result(key, name, None, "MiB", False)

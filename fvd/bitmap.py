@@ -15,6 +15,7 @@ Two in-memory copies, as in FVD 2011:
 The whole bitmap is written only at a checkpoint, which syncs the data first, so a bit
 on disk never names data that could still be lost.
 """
+
 import zlib
 
 import numpy as np
@@ -31,15 +32,15 @@ def set_bits(arr, first, count):
         return
     arr[i0] |= (0xFF << (first & 7)) & 0xFF
     if i1 > i0 + 1:
-        arr[i0 + 1:i1] = 0xFF
+        arr[i0 + 1 : i1] = 0xFF
     arr[i1] |= (1 << (((end - 1) & 7) + 1)) - 1
 
 
 def get_bits(arr, first, end):
     """Bool array of the bits [first, end)."""
-    raw = np.unpackbits(arr[first >> 3:((end - 1) >> 3) + 1], bitorder="little")
+    raw = np.unpackbits(arr[first >> 3 : ((end - 1) >> 3) + 1], bitorder="little")
     skip = first & 7
-    return raw[skip:skip + end - first].view(bool)
+    return raw[skip : skip + end - first].view(bool)
 
 
 def all_set(arr, first, end):

@@ -18,6 +18,7 @@ the finest granularity the format records (``Granularity``): chunks, refined to 
 where a base bitmap is involved. A finer per-chunk state (issue 12: per-granule bitmaps
 for partly copied chunks) plugs in as another refinement step of ``_refine``.
 """
+
 from __future__ import annotations
 
 import os
@@ -31,21 +32,22 @@ from . import format as fmt
 from .errors import CorruptImageError
 from .image import Extent
 
-KEY_ZERO = np.uint64(1 << 40)       # reads as zeros
-KEY_BASE = np.uint64(1 << 41)       # reads from the base image
+KEY_ZERO = np.uint64(1 << 40)  # reads as zeros
+KEY_BASE = np.uint64(1 << 41)  # reads from the base image
 
 CHANGED_DTYPE = np.dtype([("start", "<u8"), ("length", "<u8"), ("flags", "<u4")])
-FLAG_DATA = 1       # the range holds (possibly) nonzero data in the newer state
-FLAG_ZERO = 2       # the range reads as zeros in the newer state: a backup may skip it
+FLAG_DATA = 1  # the range holds (possibly) nonzero data in the newer state
+FLAG_ZERO = 2  # the range reads as zeros in the newer state: a backup may skip it
 
 
 @dataclass
 class State:
     """One point in time: a table (uint32 entries) and the bitmap bits that go with it
     (uint8 array, or None without a base)."""
+
     table: np.ndarray
     bits: np.ndarray | None
-    snapshot_id: int | None      # None: the live front
+    snapshot_id: int | None  # None: the live front
 
 
 @dataclass
@@ -53,7 +55,7 @@ class Geometry:
     size: int
     chunk_size: int
     block_size: int
-    bend: int           # bytes below this may come from the base (0 without a base)
+    bend: int  # bytes below this may come from the base (0 without a base)
 
 
 # ----- reading states ------------------------------------------------------------------
@@ -66,13 +68,25 @@ def _pread(fd: int, path: str, length: int, offset: int, crc: int, what: str) ->
 
 def snapshot_state(fd: int, path: str, entry, nchunks: int, bitmap_size: int) -> State:
     """Read a snapshot's lookup table (and bitmap copy) through `fd`."""
-    raw = _pread(fd, path, 4 * nchunks, entry.table_offset, entry.table_crc,
-                 f"snapshot {entry.name!r}: lookup table")
+    raw = _pread(
+        fd,
+        path,
+        4 * nchunks,
+        entry.table_offset,
+        entry.table_crc,
+        f"snapshot {entry.name!r}: lookup table",
+    )
     table = np.frombuffer(raw, dtype="<u4")
     bits = None
     if entry.bitmap_offset and bitmap_size:
-        braw = _pread(fd, path, bitmap_size, entry.bitmap_offset, entry.bitmap_crc,
-                      f"snapshot {entry.name!r}: bitmap")
+        braw = _pread(
+            fd,
+            path,
+            bitmap_size,
+            entry.bitmap_offset,
+            entry.bitmap_crc,
+            f"snapshot {entry.name!r}: bitmap",
+        )
         bits = np.frombuffer(braw, dtype=np.uint8)
     return State(table, bits, entry.id)
 
@@ -80,11 +94,11 @@ def snapshot_state(fd: int, path: str, entry, nchunks: int, bitmap_size: int) ->
 def _resolve(owner, since: str, until: str | None):
     """(Geometry, older State, newer State) for an Image or a SnapshotView."""
     from .snapshots import SnapshotNotFoundError, SnapshotView
+
     owner._check_open()
     for name, what in ((since, "since"), (until, "until")):
         if name is not None and not isinstance(name, str):
-            raise ValueError(f"{what} must be a snapshot name (str), not "
-                             f"{type(name).__name__}")
+            raise ValueError(f"{what} must be a snapshot name (str), not {type(name).__name__}")
     if isinstance(owner, SnapshotView):
         st, img_hdr, fd = owner._state, owner._facts, owner._fd
     else:
@@ -103,11 +117,15 @@ def _resolve(owner, since: str, until: str | None):
     if e_until is not None:
         newer = snapshot_state(fd, owner.path, e_until, nchunks, bsize)
     else:
-        with owner._lock:           # one point in time: no write changes the table now
+        with owner._lock:  # one point in time: no write changes the table now
             bits = owner._bitmap.stale.copy() if owner._bitmap is not None else None
             newer = State(owner._table.copy(), bits, None)
-    geo = Geometry(owner.size, owner.chunk_size, owner.block_size,
-                   min(img_hdr.get("base_size", 0), owner.size) if bsize else 0)
+    geo = Geometry(
+        owner.size,
+        owner.chunk_size,
+        owner.block_size,
+        min(img_hdr.get("base_size", 0), owner.size) if bsize else 0,
+    )
     return geo, older, newer
 
 
@@ -138,8 +156,11 @@ def compare(geo: Geometry, a: State, b: State) -> np.ndarray:
     if nbase_chunks:
         ka, kb = _chunk_keys(ta[:nbase_chunks]), _chunk_keys(tb[:nbase_chunks])
         rs, re, rz = _refine_blocks(geo, ka, kb, a, b, nbase_chunks)
-        starts, stops, zero = (np.concatenate([rs, starts]), np.concatenate([re, stops]),
-                               np.concatenate([rz, zero]))
+        starts, stops, zero = (
+            np.concatenate([rs, starts]),
+            np.concatenate([re, stops]),
+            np.concatenate([rz, zero]),
+        )
     return _merge(starts, stops, zero)
 
 
@@ -147,7 +168,7 @@ def _chunk_runs(ta, tb, first, cs, size):
     """Chunks from `first` whose entries differ, ZERO and UNALLOCATED counting as equal
     (both read zeros): (starts, stops, zero in the newer state)."""
     ta, tb = ta[first:], tb[first:]
-    idx = np.flatnonzero(ta != tb)              # one pass; the rest is per changed chunk
+    idx = np.flatnonzero(ta != tb)  # one pass; the rest is per changed chunk
     idx = idx[(ta[idx] < fmt.ZERO_CHUNK) | (tb[idx] < fmt.ZERO_CHUNK)]
     starts = (idx + first).astype(np.uint64) * np.uint64(cs)
     stops = np.minimum(starts + np.uint64(cs), np.uint64(size))
@@ -162,7 +183,7 @@ def _refine_blocks(geo, ka, kb, a, b, nbase_chunks):
     per = cs // bs
     nblocks = -(-geo.bend // bs)
     padded = nbase_chunks * per
-    bits_a = np.ones(padded, dtype=bool)     # blocks past the base end: in the image
+    bits_a = np.ones(padded, dtype=bool)  # blocks past the base end: in the image
     bits_b = np.ones(padded, dtype=bool)
     bits_a[:nblocks] = _bits(a.bits, nblocks) if a.bits is not None else True
     bits_b[:nblocks] = _bits(b.bits, nblocks) if b.bits is not None else True
@@ -180,10 +201,9 @@ def _refine_blocks(geo, ka, kb, a, b, nbase_chunks):
         last = (nblocks - 1) % per
         if ka[nbase_chunks - 1] != kb[nbase_chunks - 1]:
             changed[row, last] = True
-            changed[row, last + 1:] = True
+            changed[row, last + 1 :] = True
     rows, cols = np.nonzero(changed)
-    starts = (cand[rows].astype(np.uint64) * np.uint64(cs)
-              + cols.astype(np.uint64) * np.uint64(bs))
+    starts = cand[rows].astype(np.uint64) * np.uint64(cs) + cols.astype(np.uint64) * np.uint64(bs)
     stops = np.minimum(starts + np.uint64(bs), np.uint64(geo.size))
     keep = starts < stops
     return starts[keep], stops[keep], (keys_b[rows, cols] == KEY_ZERO)[keep]

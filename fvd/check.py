@@ -6,6 +6,7 @@ can, then the image is checked again, so the result reports what is still wrong:
 repaired file the way `fvd.open` does; a repair never reports success on an image that
 then fails to open or to check clean (docs/format.md, "Validation, check and repair").
 """
+
 import os
 
 import numpy as np
@@ -53,12 +54,13 @@ def _scan(img, repair):
         img._snapshots.check(img, result, repair)
     if img._partial is not None:
         from .granular import check_partial
+
         check_partial(img, result)
     if repair:
         _repair_front(img, result)
     _check_leaks(img, result, repair)
     if img._bitmap is not None and not img._header["base_flags"] & BASE_FLAG_PREFETCHED:
-        check_bitmap(img, result, repair)     # needs the bitmap, not the base itself
+        check_bitmap(img, result, repair)  # needs the bitmap, not the base itself
     result.messages.extend(img._notes)
     return result
 
@@ -81,13 +83,14 @@ def _repair_front(img, result):
             data = os.pread(img._fd, cs, d + old * cs)
             os.pwrite(img._fd, data.ljust(cs, b"\0"), d + new * cs)
             img._table[v] = new
-            result.messages.append(f"Repair copies chunk {v} from physical chunk {old} to "
-                                   f"{new}")
+            result.messages.append(f"Repair copies chunk {v} from physical chunk {old} to {new}")
         img._dirty_since_checkpoint = True
         img._checkpoint(clean=False)
     if img._lost:
-        result.messages.append(f"Repair: {img._lost} chunks that pointed past the end of the "
-                               f"file now read as zeros (their data is lost)")
+        result.messages.append(
+            f"Repair: {img._lost} chunks that pointed past the end of the "
+            f"file now read as zeros (their data is lost)"
+        )
     img._problems, img._relocate, img._lost = [], set(), 0
 
 
@@ -98,7 +101,7 @@ def _verify_reopen(path, result):
             with Image(path, "r") as img:
                 after = check_image(img)
         except BaseImageError:
-            with Image(path, "r", _for_check=True) as img:     # the base alone is missing
+            with Image(path, "r", _for_check=True) as img:  # the base alone is missing
                 after = check_image(img)
     except FvdError as e:
         result.corruptions = max(result.corruptions, 1)
@@ -123,8 +126,9 @@ def _check_leaks(img, result, repair):
     # A free chunk is a hole (punched when freed); one that still holds data is a leak.
     leaked = [i for i in unused if has_data(img._fd, data_offset + i * cs, cs)]
     for first, count in runs(leaked)[:10]:
-        result.messages.append(f"Leaked chunks {first}..{first + count - 1} "
-                               f"(host offset {data_offset + first * cs})")
+        result.messages.append(
+            f"Leaked chunks {first}..{first + count - 1} (host offset {data_offset + first * cs})"
+        )
     result.leaks += len(leaked)
     if repair and leaked and not img.read_only:
         end = data_offset + img._alloc.end * cs

@@ -11,6 +11,7 @@ Here blocks that the extent map says read as zeros (ZERO and unallocated chunks,
 holes) are never read. Data blocks are read and hashed on a pool of threads (reads and
 hashlib release the GIL); their digests are fed to the outer hash in block order.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -33,8 +34,9 @@ DIGEST_SIZE = 32
 def _hash_factory(algorithm: str):
     if not isinstance(algorithm, str) or algorithm not in hashlib.algorithms_available:
         known = sorted(a for a in hashlib.algorithms_guaranteed if not a.startswith("shake"))
-        raise ValueError(f"unknown checksum algorithm {algorithm!r} (choose from "
-                         f"{', '.join(known)})")
+        raise ValueError(
+            f"unknown checksum algorithm {algorithm!r} (choose from {', '.join(known)})"
+        )
     try:
         func = getattr(hashlib, algorithm)
     except AttributeError:
@@ -43,7 +45,7 @@ def _hash_factory(algorithm: str):
         func = partial(func, digest_size=DIGEST_SIZE)
     try:
         func().digest()
-    except TypeError as e:              # shake_*: needs a length ovirt-imageio never gives
+    except TypeError as e:  # shake_*: needs a length ovirt-imageio never gives
         raise ValueError(f"checksum algorithm {algorithm!r} is not supported: {e}") from None
     return func
 
@@ -55,19 +57,29 @@ def data_blocks(arr: np.ndarray, size: int, block_size: int) -> np.ndarray:
     data = arr[(arr["flags"] & FLAG_ZERO) == 0]
     if len(data):
         first = (data["start"] // np.uint64(block_size)).astype(np.int64)
-        last = ((data["start"] + data["length"] - np.uint64(1))
-                // np.uint64(block_size)).astype(np.int64)
+        last = ((data["start"] + data["length"] - np.uint64(1)) // np.uint64(block_size)).astype(
+            np.int64
+        )
         np.add.at(marks, first, 1)
         np.add.at(marks, last + 1, -1)
     return np.cumsum(marks[:nblocks]) > 0
 
 
-def checksum(owner, block_size: int = BLOCK_SIZE, algorithm: str = ALGORITHM, *,
-             progress: Callable[[int, int], None] | None = None,
-             threads: int | None = None) -> dict:
+def checksum(
+    owner,
+    block_size: int = BLOCK_SIZE,
+    algorithm: str = ALGORITHM,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+    threads: int | None = None,
+) -> dict:
     """{"algorithm", "block_size", "checksum"} of the virtual disk of `owner`."""
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0 \
-            or block_size % 4096:
+    if (
+        isinstance(block_size, bool)
+        or not isinstance(block_size, int)
+        or block_size <= 0
+        or block_size % 4096
+    ):
         raise ValueError(f"block_size must be a positive multiple of 4096, not {block_size!r}")
     func = _hash_factory(algorithm)
     if threads is None:
@@ -90,7 +102,7 @@ def checksum(owner, block_size: int = BLOCK_SIZE, algorithm: str = ALGORITHM, *,
         view = memoryview(buf)[:n]
         owner.readinto(start, view)
         if n == block_size and buf == zero_block:
-            return zero_digest           # data that happens to be zeros: same digest
+            return zero_digest  # data that happens to be zeros: same digest
         return func(view).digest()
 
     zero_block = bytes(block_size)
@@ -134,13 +146,13 @@ def _feed_zeros(outer, func, zero_digest, a, b, block_size, size, progress):
     """Blocks [a, b) read as zeros: their digests, without reading or hashing them."""
     full_end = min(b, size // block_size)
     k = a
-    while k < full_end:                 # batched: a 16 TiB hole is 4 Mi digests
+    while k < full_end:  # batched: a 16 TiB hole is 4 Mi digests
         n = min(full_end - k, 1 << 16)
         outer.update(zero_digest * n)
         k += n
         if progress is not None:
             progress(k * block_size, size)
-    if k < b:                           # the short last block
+    if k < b:  # the short last block
         outer.update(func(bytes(size - k * block_size)).digest())
         if progress is not None:
             progress(size, size)

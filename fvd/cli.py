@@ -1,4 +1,5 @@
 """The `fvd` command line, modelled on qemu-img."""
+
 import argparse
 import json
 import os
@@ -7,8 +8,15 @@ import sys
 from . import format as fmt
 from .errors import FvdError
 
-SUFFIXES = {"": 1, "B": 1, "K": fmt.KiB, "M": fmt.MiB, "G": fmt.GiB, "T": fmt.TiB,
-            "P": fmt.TiB << 10}
+SUFFIXES = {
+    "": 1,
+    "B": 1,
+    "K": fmt.KiB,
+    "M": fmt.MiB,
+    "G": fmt.GiB,
+    "T": fmt.TiB,
+    "P": fmt.TiB << 10,
+}
 
 
 class UsageError(Exception):
@@ -25,8 +33,9 @@ def parse_size(text):
     try:
         value = float(number) if "." in number else int(number)
     except ValueError:
-        raise UsageError(f"invalid size {text!r} (use a number with an optional K, M, G or T)"
-                         ) from None
+        raise UsageError(
+            f"invalid size {text!r} (use a number with an optional K, M, G or T)"
+        ) from None
     size = int(value * SUFFIXES[unit])
     if size < 0:
         raise UsageError(f"invalid size {text!r}: negative")
@@ -63,6 +72,7 @@ def cmd_create(args):
     if args.fmt != "fvd":
         return _create_other(args)
     from .image import create
+
     opts = parse_options(args.options)
     kwargs = {}
     for key in ("chunk_size", "block_size", "journal_size"):
@@ -79,20 +89,24 @@ def cmd_create(args):
             raise UsageError("an image size is required without a base image")
         size = _base_size(args.backing, args.backing_format)
     create(args.image, size, overwrite=args.force, **kwargs)
-    print(f"Formatting '{args.image}', fmt=fvd size={size}"
-          + (f" backing_file={args.backing}" if args.backing else ""))
+    print(
+        f"Formatting '{args.image}', fmt=fvd size={size}"
+        + (f" backing_file={args.backing}" if args.backing else "")
+    )
     return 0
 
 
 def _create_other(args):
     """create -f qcow2 (fvd.qcow2: -o cluster_size=,lazy_refcounts=; -b/-F) or -f raw."""
     from .convert import _dst_options
+
     opts = _dst_options(args.fmt, parse_options(args.options))
     size = parse_size(args.size) if args.size else None
     if size is None:
         if not args.backing:
             raise UsageError("an image size is required without a backing file")
         from .base import _resolve
+
         size = _base_size(_resolve(args.image, args.backing), args.backing_format)
     if os.path.exists(args.image) and not args.force:
         raise FileExistsError(17, "file exists (--force replaces it)", args.image)
@@ -103,30 +117,43 @@ def _create_other(args):
             f.truncate(size)
     else:
         from . import qcow2
-        qcow2.create(args.image, -(-size // 512) * 512, overwrite=args.force,
-                     backing_file=args.backing, backing_format=args.backing_format,
-                     **opts)
-    print(f"Formatting '{args.image}', fmt={args.fmt} size={size}"
-          + (f" backing_file={args.backing}" if args.backing else ""))
+
+        qcow2.create(
+            args.image,
+            -(-size // 512) * 512,
+            overwrite=args.force,
+            backing_file=args.backing,
+            backing_format=args.backing_format,
+            **opts,
+        )
+    print(
+        f"Formatting '{args.image}', fmt={args.fmt} size={size}"
+        + (f" backing_file={args.backing}" if args.backing else "")
+    )
     return 0
 
 
 def _base_size(path, base_format):
     from .nbd_client import is_nbd_uri
+
     if is_nbd_uri(path):
         from .nbd_client import NbdClient
+
         client = NbdClient(path, max_connections=1)
         client.close()
         return client.size
     if base_format is None:
         from .imageio import probe
+
         base_format = probe(path)
     if base_format == "fvd":
         from .image import open as open_image
+
         with open_image(path) as b:
             return b.size
     if base_format == "qcow2":
         from . import qcow2
+
         with qcow2.open(path) as b:
             return b.size
     return os.stat(path).st_size
@@ -134,6 +161,7 @@ def _base_size(path, base_format):
 
 def cmd_info(args):
     from .cliutil import chain_infos, info_text
+
     infos = chain_infos(args.image, args.fmt, args.force_share, args.backing_chain)
     if args.output == "json":
         print(json.dumps(infos if args.backing_chain else infos[0], indent=4))
@@ -146,16 +174,18 @@ def cmd_check(args):
     """Exit codes as qemu-img check: 0 clean, 1 could not run, 2 corruptions, 3 leaks."""
     from . import cliutil
     from .imageio import resolve_format
+
     fmt_name = resolve_format(args.image, args.fmt)
     progress = cliutil.qemu_progress() if args.progress else None
     if progress:
         progress(0, 1)
     try:
-        result, facts = cliutil.check_image_path(args.image, fmt_name, args.repair is not None,
-                                                 args.force_share)
+        result, facts = cliutil.check_image_path(
+            args.image, fmt_name, args.repair is not None, args.force_share
+        )
     except FvdError as e:
         if not cliutil.is_corrupt(e):
-            raise                       # locked, unsupported...: the check could not run
+            raise  # locked, unsupported...: the check could not run
         if progress:
             cliutil.progress_done()
         emit(args, cliutil.corrupt_check_json(args.image, fmt_name, e), f"ERROR: {e}")
@@ -185,10 +215,11 @@ def cmd_check(args):
 
 def cmd_map(args):
     from .cliutil import changed_dicts, extent_dict, open_args
+
     if args.until is not None and args.since is None:
         raise UsageError("--until needs --since")
     with open_args(args) as img:
-        if args.since is not None:      # changed extents (fvd.changed, or qcow2 trees)
+        if args.since is not None:  # changed extents (fvd.changed, or qcow2 trees)
             extents = changed_dicts(img, args.since, args.until)
         else:
             extents = [extent_dict(e) for e in img.extents()]
@@ -203,36 +234,48 @@ def cmd_map(args):
     print(f"{'Offset':<20}{'Length':<20}{'Mapped to':<20}File")
     for e in extents:
         if e["data"] and "offset" in e:
-            print(f"{e['start']:#<20x}{e['length']:#<20x}{e.get('offset', 0):#<20x}"
-                  f"{args.image}".replace("#", " "))
+            print(
+                f"{e['start']:#<20x}{e['length']:#<20x}{e.get('offset', 0):#<20x}"
+                f"{args.image}".replace("#", " ")
+            )
     return 0
 
 
 def _snapshot_table(snaps):
     import datetime
+
     rows = [f"{'ID':<6}{'TAG':<24}{'VM SIZE':>12}  {'DATE':<20}{'VM CLOCK':>16}"]
     for s in snaps:
         created = datetime.datetime.fromtimestamp(s["date-sec"], datetime.timezone.utc)
         clock = s["vm-clock-sec"]
-        clock = f"{clock // 3600:04d}:{clock // 60 % 60:02d}:{clock % 60:02d}." \
-                f"{s['vm-clock-nsec'] // 10**6:03d}"
-        rows.append(f"{s['id']:<6}{s['name']:<24}{human(s['vm-state-size']):>12}  "
-                    f"{created.strftime('%Y-%m-%d %H:%M:%S'):<20}{clock:>16}")
+        clock = (
+            f"{clock // 3600:04d}:{clock // 60 % 60:02d}:{clock % 60:02d}."
+            f"{s['vm-clock-nsec'] // 10**6:03d}"
+        )
+        rows.append(
+            f"{s['id']:<6}{s['name']:<24}{human(s['vm-state-size']):>12}  "
+            f"{created.strftime('%Y-%m-%d %H:%M:%S'):<20}{clock:>16}"
+        )
     return "\n".join(rows)
 
 
 def _snapshot_dicts(img):
     from .info import fvd_snapshot_dicts, snapshot_dict
-    if hasattr(img, "_snapshot_l1"):            # qcow2
-        return [snapshot_dict(s.id, s.name, s.vm_state_size,
-                              s.date_sec * 10**9 + s.date_nsec, s.vm_clock_nsec)
-                for s in img.snapshots()]
+
+    if hasattr(img, "_snapshot_l1"):  # qcow2
+        return [
+            snapshot_dict(
+                s.id, s.name, s.vm_state_size, s.date_sec * 10**9 + s.date_nsec, s.vm_clock_nsec
+            )
+            for s in img.snapshots()
+        ]
     return fvd_snapshot_dicts(img)
 
 
 def cmd_snapshot(args):
     from .cliutil import open_args
     from .imageio import resolve_format
+
     if resolve_format(args.image, args.fmt) == "raw":
         raise UsageError(f"{args.image}: raw images have no internal snapshots")
     if args.list:
@@ -241,14 +284,15 @@ def cmd_snapshot(args):
         emit(args, snaps, _snapshot_table(snaps))
         return 0
     with open_args(args, "r+") as img:
-        if args.create is not None:     # "" is a name (refused), not a missing option
+        if args.create is not None:  # "" is a name (refused), not a missing option
             img.create_snapshot(args.create)
         elif args.delete is not None:
             img.delete_snapshot(args.delete)
         elif args.apply is not None:
             if not hasattr(img, "revert_to_snapshot"):
-                raise UsageError(f"{args.image}: applying a snapshot is only supported "
-                                 f"for fvd images")
+                raise UsageError(
+                    f"{args.image}: applying a snapshot is only supported for fvd images"
+                )
             img.revert_to_snapshot(args.apply)
     return 0
 
@@ -257,6 +301,7 @@ def cmd_prefetch(args):
     from .cliutil import progress_done, qemu_progress
     from .image import open as open_image
     from .imageio import resolve_format
+
     if resolve_format(args.image, args.fmt) != "fvd":
         raise UsageError(f"{args.image}: prefetch needs an fvd image with a base")
     progress = qemu_progress() if args.progress else None
@@ -270,12 +315,23 @@ def cmd_prefetch(args):
 def cmd_convert(args):
     from .cliutil import progress_done, qemu_progress
     from .convert import convert
+
     opts = parse_options(args.options)
     progress = qemu_progress() if args.progress else None
-    convert(args.src, args.dst, src_format=args.fmt, dst_format=args.out_format,
-            snapshot=_snapshot_name(args.snapshot), since=args.since, backing=args.backing,
-            backing_format=args.backing_format, progress=progress,
-            force_share=args.force_share, cache=args.cache, **opts)
+    convert(
+        args.src,
+        args.dst,
+        src_format=args.fmt,
+        dst_format=args.out_format,
+        snapshot=_snapshot_name(args.snapshot),
+        since=args.since,
+        backing=args.backing,
+        backing_format=args.backing_format,
+        progress=progress,
+        force_share=args.force_share,
+        cache=args.cache,
+        **opts,
+    )
     if progress:
         progress_done()
     return 0
@@ -287,13 +343,14 @@ def _snapshot_name(text):
         return None
     for prefix in ("snapshot.name=", "snapshot.id="):
         if text.startswith(prefix):
-            return text[len(prefix):]
+            return text[len(prefix) :]
     return text
 
 
 def cmd_checksum(args):
     from .checksum import checksum
     from .cliutil import open_args, progress_done, qemu_progress
+
     progress = qemu_progress() if args.progress else None
     block_size = parse_size(args.block_size)
     with open_args(args) as img:
@@ -313,23 +370,36 @@ def cmd_checksum(args):
 def cmd_serve(args):
     from .imageio import resolve_format
     from .serve import serve
+
     if (args.socket is None) == (args.port is None):
         raise UsageError("give exactly one of --socket PATH or --port N")
-    return serve(args.image, snapshot=args.snapshot, readonly=args.readonly,
-                 socket=args.socket, port=args.port, bind=args.bind, shared=args.shared,
-                 image_format=resolve_format(args.image, args.fmt),
-                 force_share=args.force_share)
+    return serve(
+        args.image,
+        snapshot=args.snapshot,
+        readonly=args.readonly,
+        socket=args.socket,
+        port=args.port,
+        bind=args.bind,
+        shared=args.shared,
+        image_format=resolve_format(args.image, args.fmt),
+        force_share=args.force_share,
+    )
 
 
 def cmd_bench(args):
     from . import bench
+
     return bench.run(args)
 
 
 # ----- parser -----------------------------------------------------------------
 def _force_share_option(parser):
-    parser.add_argument("-U", "--force-share", action="store_true",
-                        help="open even while another handle writes it (best-effort view)")
+    parser.add_argument(
+        "-U",
+        "--force-share",
+        action="store_true",
+        help="open even while another handle writes it (best-effort view)",
+    )
 
 
 class _Parser(argparse.ArgumentParser):
@@ -346,27 +416,43 @@ NO_FORMAT_OPTION = {"bench", "create"}
 def _add_format_options(sub):
     """-f FMT on every command that opens an image (probed by magic when absent)."""
     from .imageio import FORMATS
+
     for name, parser in sub.choices.items():
         if name not in NO_FORMAT_OPTION and "-f" not in parser._option_string_actions:
-            parser.add_argument("-f", dest="fmt", choices=FORMATS,
-                                help="image format (default: probed; fvd and qcow2 by magic)")
+            parser.add_argument(
+                "-f",
+                dest="fmt",
+                choices=FORMATS,
+                help="image format (default: probed; fvd and qcow2 by magic)",
+            )
 
 
 def build_parser():
-    p = _Parser(prog="fvd", description="Create, inspect, convert and benchmark FVD "
-                "copy-on-write disk images.")
+    p = _Parser(
+        prog="fvd",
+        description="Create, inspect, convert and benchmark FVD copy-on-write disk images.",
+    )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
     c = sub.add_parser("create", help="create a new image")
     c.add_argument("-b", dest="backing", metavar="BASE", help="base (backing) image")
-    c.add_argument("-F", dest="backing_format", choices=sorted(fmt.BASE_FORMATS),
-                   help="base image format")
-    c.add_argument("-o", dest="options", metavar="OPTS",
-                   help="chunk_size=SIZE,block_size=SIZE,journal_size=SIZE")
-    c.add_argument("-f", dest="fmt", default="fvd", choices=["fvd", "qcow2", "raw"],
-                   help="image format (qcow2 through fvd.qcow2: -o cluster_size=,"
-                        "lazy_refcounts=)")
+    c.add_argument(
+        "-F", dest="backing_format", choices=sorted(fmt.BASE_FORMATS), help="base image format"
+    )
+    c.add_argument(
+        "-o",
+        dest="options",
+        metavar="OPTS",
+        help="chunk_size=SIZE,block_size=SIZE,journal_size=SIZE",
+    )
+    c.add_argument(
+        "-f",
+        dest="fmt",
+        default="fvd",
+        choices=["fvd", "qcow2", "raw"],
+        help="image format (qcow2 through fvd.qcow2: -o cluster_size=,lazy_refcounts=)",
+    )
     c.add_argument("--force", action="store_true", help="overwrite an existing file")
     c.add_argument("image")
     c.add_argument("size", nargs="?", help="virtual size, e.g. 10G (default: base size)")
@@ -412,10 +498,10 @@ def build_parser():
     f.set_defaults(func=cmd_prefetch)
 
     v = sub.add_parser("serve", help="export the image over NBD (nbdkit), in the foreground")
-    v.add_argument("-l", dest="snapshot", metavar="SNAPSHOT", help="serve a snapshot "
-                   "(read-only)")
-    v.add_argument("-r", "--read-only", dest="readonly", action="store_true",
-                   help="read-only export")
+    v.add_argument("-l", dest="snapshot", metavar="SNAPSHOT", help="serve a snapshot (read-only)")
+    v.add_argument(
+        "-r", "--read-only", dest="readonly", action="store_true", help="read-only export"
+    )
     v.add_argument("--socket", metavar="PATH", help="listen on a unix socket")
     v.add_argument("--port", type=int, metavar="N", help="listen on a TCP port")
     v.add_argument("--bind", metavar="ADDR", help="TCP address to listen on (default all)")
@@ -424,35 +510,64 @@ def build_parser():
     v.add_argument("image")
     v.set_defaults(func=cmd_serve)
 
-    v = sub.add_parser("convert", help="convert, export or back up an image (as qemu-img "
-                       "convert); --since S -B PREV writes an incremental backup")
-    v.add_argument("-O", dest="out_format", default="fvd", choices=["fvd", "raw", "qcow2"],
-                   help="output format (default fvd)")
-    v.add_argument("-l", dest="snapshot", metavar="SNAPSHOT",
-                   help="convert this internal snapshot (NAME or snapshot.name=NAME)")
-    v.add_argument("--since", metavar="SNAPSHOT",
-                   help="copy only what changed since this snapshot (needs -B)")
-    v.add_argument("-B", dest="backing", metavar="BACKING",
-                   help="the output's backing file (relative to the output's directory)")
-    v.add_argument("-F", dest="backing_format", choices=["fvd", "raw", "qcow2"],
-                   help="backing file format")
-    v.add_argument("-o", dest="options", metavar="OPTS",
-                   help="fvd: chunk_size=,block_size=; qcow2: cluster_size=,lazy_refcounts=")
+    v = sub.add_parser(
+        "convert",
+        help="convert, export or back up an image (as qemu-img "
+        "convert); --since S -B PREV writes an incremental backup",
+    )
+    v.add_argument(
+        "-O",
+        dest="out_format",
+        default="fvd",
+        choices=["fvd", "raw", "qcow2"],
+        help="output format (default fvd)",
+    )
+    v.add_argument(
+        "-l",
+        dest="snapshot",
+        metavar="SNAPSHOT",
+        help="convert this internal snapshot (NAME or snapshot.name=NAME)",
+    )
+    v.add_argument(
+        "--since", metavar="SNAPSHOT", help="copy only what changed since this snapshot (needs -B)"
+    )
+    v.add_argument(
+        "-B",
+        dest="backing",
+        metavar="BACKING",
+        help="the output's backing file (relative to the output's directory)",
+    )
+    v.add_argument(
+        "-F", dest="backing_format", choices=["fvd", "raw", "qcow2"], help="backing file format"
+    )
+    v.add_argument(
+        "-o",
+        dest="options",
+        metavar="OPTS",
+        help="fvd: chunk_size=,block_size=; qcow2: cluster_size=,lazy_refcounts=",
+    )
     v.add_argument("-p", dest="progress", action="store_true", help="show progress")
-    v.add_argument("-t", dest="cache", default="writeback", choices=["writeback", "unsafe"],
-                   help="writeback (default): DST is flushed before it is renamed into "
-                        "place; unsafe: no flush (qemu-img convert's default)")
+    v.add_argument(
+        "-t",
+        dest="cache",
+        default="writeback",
+        choices=["writeback", "unsafe"],
+        help="writeback (default): DST is flushed before it is renamed into "
+        "place; unsafe: no flush (qemu-img convert's default)",
+    )
     _force_share_option(v)
     v.add_argument("src")
     v.add_argument("dst")
     v.set_defaults(func=cmd_convert)
 
-    h = sub.add_parser("checksum", help="checksum of the guest data, equal to "
-                       "ovirt-imageio's (blkhash) of the same content in any format")
+    h = sub.add_parser(
+        "checksum",
+        help="checksum of the guest data, equal to "
+        "ovirt-imageio's (blkhash) of the same content in any format",
+    )
     h.add_argument("-l", dest="snapshot", metavar="SNAPSHOT", help="checksum a snapshot")
     h.add_argument("-p", dest="progress", action="store_true", help="show progress")
-    h.add_argument("--block-size", default="4M",
-                   help="blkhash block size (default 4M)")
+    h.add_argument("--block-size", default="4M", help="blkhash block size (default 4M)")
     h.add_argument("--algorithm", default="blake2b", help="hashlib algorithm (blake2b)")
     h.add_argument("--output", choices=["human", "json"], default="human")
     _force_share_option(h)
@@ -462,6 +577,7 @@ def build_parser():
     b = sub.add_parser("bench", help="FVD against the QCOW2 baseline, raw and QEMU")
     try:
         from . import bench
+
         bench.add_arguments(b)
     except ImportError:
         pass
@@ -485,7 +601,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("fvd: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:      # one line, never a traceback (FVD_DEBUG=1 re-raises)
+    except Exception as e:  # one line, never a traceback (FVD_DEBUG=1 re-raises)
         if os.environ.get("FVD_DEBUG") == "1":
             raise
         print(f"fvd {args.command}: {_error_line(args, e)}", file=sys.stderr)

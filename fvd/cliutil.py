@@ -1,6 +1,7 @@
 """Helpers of the `fvd` command line that make it behave like qemu-img: opening an
 image by `-f` (or probe), info of every layer of a chain, check facts, and qemu-img's
 progress output."""
+
 import os
 import sys
 
@@ -10,14 +11,24 @@ from .imageio import open_image, resolve_format
 
 def open_args(args, mode="r", image=None):
     """The image named by args (args.image), in the format of -f (probed when absent)."""
-    return open_image(image or args.image, getattr(args, "fmt", None), mode,
-                      force_share=getattr(args, "force_share", False))
+    return open_image(
+        image or args.image,
+        getattr(args, "fmt", None),
+        mode,
+        force_share=getattr(args, "force_share", False),
+    )
 
 
 def extent_dict(e):
     """An extent in `qemu-img map --output=json` form, whatever image it came from."""
-    d = {"start": e.start, "length": e.length, "depth": e.depth, "present": e.present,
-         "zero": e.zero, "data": e.data}
+    d = {
+        "start": e.start,
+        "length": e.length,
+        "depth": e.depth,
+        "present": e.present,
+        "zero": e.zero,
+        "data": e.data,
+    }
     if e.offset is not None:
         d["offset"] = e.offset
     return d
@@ -30,6 +41,7 @@ def layer_info(path, fmt=None, force_share=False):
     f = resolve_format(path, fmt)
     if f == "fvd":
         from .image import Image
+
         try:
             with Image(path, "r", force_share=force_share) as img:
                 return img.info()
@@ -40,6 +52,7 @@ def layer_info(path, fmt=None, force_share=False):
     if f == "qcow2":
         from . import qcow2
         from .info import qcow2_info
+
         try:
             with qcow2.open(path) as q:
                 return qcow2_info(q)
@@ -47,6 +60,7 @@ def layer_info(path, fmt=None, force_share=False):
             with qcow2.Qcow2Image(path, "r", _skip_backing=True) as q:
                 return _mark_missing(qcow2_info(q), e)
     from .imageio import RawImage
+
     with RawImage(path) as r:
         return r.info()
 
@@ -73,7 +87,7 @@ def chain_infos(path, fmt=None, force_share=False, whole_chain=False):
             break
         path = info["full-backing-filename"]
         fmt = info.get("backing-filename-format") or None
-        force_share = True          # lower layers are read-only bases
+        force_share = True  # lower layers are read-only bases
     return infos
 
 
@@ -86,9 +100,12 @@ def human(n):
 
 def info_text(info, snapshot_table):
     """`qemu-img info` human output, with fvd's facts listed as format-specific."""
-    lines = [f"image: {info['filename']}", f"file format: {info['format']}",
-             f"virtual size: {human(info['virtual-size'])} ({info['virtual-size']} bytes)",
-             f"disk size: {human(info['actual-size'])}"]
+    lines = [
+        f"image: {info['filename']}",
+        f"file format: {info['format']}",
+        f"virtual size: {human(info['virtual-size'])} ({info['virtual-size']} bytes)",
+        f"disk size: {human(info['actual-size'])}",
+    ]
     if "cluster-size" in info:
         lines.append(f"cluster_size: {info['cluster-size']}")
     data = info.get("format-specific", {}).get("data", {})
@@ -122,15 +139,19 @@ def check_image_path(path, fmt, repair, force_share):
         return _check_qcow2(path, repair)
     from .check import check_image
     from .image import Image
+
     mode = "r+" if repair else "r"
     with Image(path, mode, force_share=force_share, _for_check=True) as img:
         result = check_image(img, repair)
-        facts = {"image-end-offset": img._header["data_offset"] +
-                 img._alloc.end * img.chunk_size,
-                 "total-clusters": img._nchunks, "allocated-clusters": img.allocated_chunks}
+        facts = {
+            "image-end-offset": img._header["data_offset"] + img._alloc.end * img.chunk_size,
+            "total-clusters": img._nchunks,
+            "allocated-clusters": img.allocated_chunks,
+        }
     if repair:
         from .check import _verify_reopen
-        _verify_reopen(path, result)        # success only if it reopens and checks clean
+
+        _verify_reopen(path, result)  # success only if it reopens and checks clean
     return result, facts
 
 
@@ -138,29 +159,49 @@ def _check_qcow2(path, repair):
     import numpy as np
 
     from . import qcow2
+
     with qcow2.open(path, "r+" if repair else "r") as q:
         result = q.check(repair)
-        allocated = sum(-(-e.length // q.cluster_size) for e in q.extents()
-                        if e.data and e.depth == 0)
-        facts = {"image-end-offset": q._end_cluster() * q.cluster_size,
-                 "total-clusters": int(np.ceil(q.size / q.cluster_size)),
-                 "allocated-clusters": allocated}
+        allocated = sum(
+            -(-e.length // q.cluster_size) for e in q.extents() if e.data and e.depth == 0
+        )
+        facts = {
+            "image-end-offset": q._end_cluster() * q.cluster_size,
+            "total-clusters": int(np.ceil(q.size / q.cluster_size)),
+            "allocated-clusters": allocated,
+        }
     result.messages = list(result.messages)
     return result, facts
 
 
 def check_json(path, fmt, result, facts):
-    return {"filename": path, "format": fmt, "check-errors": 0,
-            "corruptions": result.corruptions, "leaks": result.leaks,
-            "corruptions-fixed": result.corruptions_fixed, "leaks-fixed": result.leaks_fixed,
-            **facts, "ok": result.ok, "messages": list(result.messages or [])}
+    return {
+        "filename": path,
+        "format": fmt,
+        "check-errors": 0,
+        "corruptions": result.corruptions,
+        "leaks": result.leaks,
+        "corruptions-fixed": result.corruptions_fixed,
+        "leaks-fixed": result.leaks_fixed,
+        **facts,
+        "ok": result.ok,
+        "messages": list(result.messages or []),
+    }
 
 
 def corrupt_check_json(path, fmt, error):
     """A check of an image too damaged to open: one corruption, no cluster counts."""
-    return {"filename": path, "format": fmt, "check-errors": 0, "corruptions": 1,
-            "leaks": 0, "corruptions-fixed": 0, "leaks-fixed": 0, "ok": False,
-            "messages": [str(error)]}
+    return {
+        "filename": path,
+        "format": fmt,
+        "check-errors": 0,
+        "corruptions": 1,
+        "leaks": 0,
+        "corruptions-fixed": 0,
+        "leaks-fixed": 0,
+        "ok": False,
+        "messages": [str(error)],
+    }
 
 
 def is_corrupt(error):
@@ -193,5 +234,15 @@ def progress_done(stream=None):
 def changed_dicts(img, since, until=None):
     """`map --since`: ranges changed between snapshots, as qemu-img map dicts."""
     from .convert import changed_ranges
-    return [{"start": r.start, "length": r.length, "depth": 0, "present": True,
-             "zero": r.zero, "data": not r.zero} for r in changed_ranges(img, since, until)]
+
+    return [
+        {
+            "start": r.start,
+            "length": r.length,
+            "depth": 0,
+            "present": True,
+            "zero": r.zero,
+            "data": not r.zero,
+        }
+        for r in changed_ranges(img, since, until)
+    ]

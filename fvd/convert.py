@@ -15,6 +15,7 @@ or the live contents) are copied: an incremental backup over the previous backup
 The output is written to a hidden temporary file in DST's directory and renamed over
 DST at the end; a failed convert removes it. SRC is only ever opened read-only.
 """
+
 from __future__ import annotations
 
 import collections
@@ -30,22 +31,34 @@ import numpy as np
 from . import format as fmt
 from .imageio import FORMATS, open_image
 
-BUFFER = fmt.MiB              # per piece: 1 read, few writes; stays in the CPU cache
-ZERO_GRAIN = 4096             # zero detection unit (qemu-img convert's default -S 4k)
-COPY_THREADS = min(2, os.cpu_count() or 1)     # best measured on 2 cores
+BUFFER = fmt.MiB  # per piece: 1 read, few writes; stays in the CPU cache
+ZERO_GRAIN = 4096  # zero detection unit (qemu-img convert's default -S 4k)
+COPY_THREADS = min(2, os.cpu_count() or 1)  # best measured on 2 cores
 
 Range = namedtuple("Range", "start length zero")
 
-DST_OPTIONS = {"fvd": ("chunk_size", "block_size", "journal_size"),
-               "qcow2": ("cluster_size", "lazy_refcounts"),
-               "raw": ()}
+DST_OPTIONS = {
+    "fvd": ("chunk_size", "block_size", "journal_size"),
+    "qcow2": ("cluster_size", "lazy_refcounts"),
+    "raw": (),
+}
 
 
-def convert(src, dst, *, src_format: str | None = None, dst_format: str = "fvd",
-            snapshot: str | None = None, since: str | None = None,
-            backing=None, backing_format: str | None = None,
-            progress: Callable[[int, int], None] | None = None,
-            force_share: bool = False, cache: str = "writeback", **options) -> None:
+def convert(
+    src,
+    dst,
+    *,
+    src_format: str | None = None,
+    dst_format: str = "fvd",
+    snapshot: str | None = None,
+    since: str | None = None,
+    backing=None,
+    backing_format: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    force_share: bool = False,
+    cache: str = "writeback",
+    **options,
+) -> None:
     """Convert `src` (fvd, qcow2 or raw; probed when src_format is None) into a new
     `dst` of `dst_format`, replacing any existing file at `dst` only on success.
 
@@ -60,14 +73,14 @@ def convert(src, dst, *, src_format: str | None = None, dst_format: str = "fvd",
     """
     src, dst = os.fspath(src), os.fspath(dst)
     if dst_format not in FORMATS:
-        raise ValueError(f"unknown output format {dst_format!r} (use one of "
-                         f"{', '.join(FORMATS)})")
+        raise ValueError(f"unknown output format {dst_format!r} (use one of {', '.join(FORMATS)})")
     opts = _dst_options(dst_format, options)
     if cache not in ("writeback", "unsafe"):
         raise ValueError(f"cache must be 'writeback' or 'unsafe', not {cache!r}")
     if since is not None and backing is None:
-        raise ValueError("an incremental convert (since=) needs the previous backup as "
-                         "backing file (-B)")
+        raise ValueError(
+            "an incremental convert (since=) needs the previous backup as backing file (-B)"
+        )
     if backing is not None and dst_format == "raw":
         raise ValueError("a raw output cannot have a backing file")
     if backing_format is not None and backing is None:
@@ -78,8 +91,17 @@ def convert(src, dst, *, src_format: str | None = None, dst_format: str = "fvd",
         view = img.open_snapshot(snapshot) if snapshot is not None else img
         try:
             ranges = _plan(img, view, since, snapshot)
-            _write_output(view, dst, dst_format, ranges, backing, backing_format, opts,
-                          progress, cache == "unsafe")
+            _write_output(
+                view,
+                dst,
+                dst_format,
+                ranges,
+                backing,
+                backing_format,
+                opts,
+                progress,
+                cache == "unsafe",
+            )
         finally:
             if view is not img:
                 view.close()
@@ -93,8 +115,7 @@ def _dst_options(dst_format, options):
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         hint = f" ({dst_format} takes {', '.join(allowed)})" if allowed else ""
-        raise ValueError(f"unknown option(s) for {dst_format} output: "
-                         f"{', '.join(unknown)}{hint}")
+        raise ValueError(f"unknown option(s) for {dst_format} output: {', '.join(unknown)}{hint}")
     out = {}
     for key, value in options.items():
         if key == "lazy_refcounts":
@@ -107,6 +128,7 @@ def _dst_options(dst_format, options):
 def _size_option(key, value):
     if isinstance(value, str):
         from .cli import UsageError, parse_size
+
         try:
             return parse_size(value)
         except UsageError as e:
@@ -130,6 +152,7 @@ def _bool_option(key, value):
 def _check_paths(src, dst, backing=None):
     if backing is not None:
         from .base import _resolve
+
         if os.path.realpath(_resolve(dst, os.fspath(backing))) == os.path.realpath(dst):
             raise ValueError(f"{dst}: the output would replace its own backing file")
     if os.path.isdir(dst):
@@ -167,6 +190,7 @@ def qcow2_changed(q, since, until=None):
     in both trees holds the same bytes: a cluster a snapshot references is never written
     in place (copy on write)."""
     from .qcow2_format import OFFSET_MASK, OFLAG_ZERO
+
     old = q._find_snapshot(since)
     old_l1 = q._snapshot_l1(old)
     if until is None:
@@ -182,14 +206,15 @@ def qcow2_changed(q, since, until=None):
         a = int(old_l1[i]) & OFFSET_MASK if i < len(old_l1) else 0
         b = int(new_l1[i]) & OFFSET_MASK if i < len(new_l1) else 0
         if a == b and a:
-            continue                    # the same L2 table: nothing changed below it
+            continue  # the same L2 table: nothing changed below it
         la = q._l2_peek(a).astype(np.uint64) & key if a else none
         lb = q._l2_peek(b).astype(np.uint64) & key if b else none
         diff = np.flatnonzero(la != lb)
         if not diff.size:
             continue
-        zero = (lb[diff] & np.uint64(OFLAG_ZERO)).astype(bool) | \
-            ((lb[diff] == 0) & (q._backing is None))
+        zero = (lb[diff] & np.uint64(OFLAG_ZERO)).astype(bool) | (
+            (lb[diff] == 0) & (q._backing is None)
+        )
         for j, z in zip(diff.tolist(), zero.tolist()):
             start = (i * per + j) * cs
             if start >= size:
@@ -234,6 +259,7 @@ class _RawOutput:
 
     def write_zeroes(self, offset, length):
         from .fileio import punch_hole
+
         punch_hole(self.fd, offset, length)
 
     def _sync(self):
@@ -255,13 +281,20 @@ def _open_output(path, dst_format, size, backing, backing_format, opts):
         return out, out.grain
     if dst_format == "qcow2":
         from . import qcow2
-        qcow2.create(path, -(-size // 512) * 512, cluster_size=opts.get("cluster_size", 65536),
-                     lazy_refcounts=opts.get("lazy_refcounts", False),
-                     backing_file=backing, backing_format=backing_format)
+
+        qcow2.create(
+            path,
+            -(-size // 512) * 512,
+            cluster_size=opts.get("cluster_size", 65536),
+            lazy_refcounts=opts.get("lazy_refcounts", False),
+            backing_file=backing,
+            backing_format=backing_format,
+        )
         out = qcow2.open(path, "r+")
-        out.thread_safe_writes = False      # the baseline keeps one writer thread
+        out.thread_safe_writes = False  # the baseline keeps one writer thread
         return out, out.cluster_size
     from .image import Image, create
+
     kwargs = {k: opts[k] for k in ("chunk_size", "block_size", "journal_size") if k in opts}
     if backing is not None:
         kwargs.update(base=backing, base_format=backing_format)
@@ -275,21 +308,28 @@ def _temp_name(dst):
     return os.path.join(folder, f".{name}.convert-{os.getpid()}-{secrets.token_hex(4)}")
 
 
-def _write_output(view, dst, dst_format, ranges, backing, backing_format, opts, progress,
-                  unsafe=False):
+def _write_output(
+    view, dst, dst_format, ranges, backing, backing_format, opts, progress, unsafe=False
+):
     tmp = _temp_name(dst)
     created = False
     try:
         out, grain = _open_output(tmp, dst_format, view.size, backing, backing_format, opts)
         created = True
         if unsafe:
-            out._sync = _no_sync        # every flush of the output goes through _sync
+            out._sync = _no_sync  # every flush of the output goes through _sync
         try:
             overlay = backing is not None
             if overlay:
                 ranges = _widen(ranges, grain, view.size)
-            _copy(view, out, ranges, overlay, progress,
-                  max(ZERO_GRAIN, grain) if overlay else ZERO_GRAIN)
+            _copy(
+                view,
+                out,
+                ranges,
+                overlay,
+                progress,
+                max(ZERO_GRAIN, grain) if overlay else ZERO_GRAIN,
+            )
         finally:
             out.close()
         os.rename(tmp, dst)
@@ -386,12 +426,12 @@ def _nonzero_runs(mv, grain):
     n = len(mv)
     whole = n // grain
     if whole:
-        words = np.frombuffer(mv[:whole * grain], dtype=np.uint64)
+        words = np.frombuffer(mv[: whole * grain], dtype=np.uint64)
         nz = words.reshape(whole, grain // 8).any(axis=1)
     else:
         nz = np.zeros(0, dtype=bool)
     if whole * grain < n:
-        tail = mv[whole * grain:]
+        tail = mv[whole * grain :]
         nz = np.append(nz, tail != bytes(len(tail)))
     if nz.all():
         return [(0, n, True)]

@@ -1,4 +1,5 @@
 """The exceptions fvd raises on purpose. Every one derives from FvdError."""
+
 import os
 
 

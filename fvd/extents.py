@@ -6,6 +6,7 @@ not with the virtual size. Runs below the end of a base image are split by the b
 (partially written chunks follow their blocks) and, where they read the base, by the
 base's own extents (a raw base reports its holes, found with SEEK_DATA/SEEK_HOLE).
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -15,11 +16,12 @@ import numpy as np
 from . import format as fmt
 from .image import Extent
 
-EXTENT_DTYPE = np.dtype([("start", "<u8"), ("length", "<u8"), ("flags", "<u4"),
-                         ("depth", "<u4"), ("offset", "<i8")])
-FLAG_DATA = 1       # holds data (qemu-img map "data")
-FLAG_ZERO = 2       # reads as zeros ("zero")
-FLAG_PRESENT = 4    # the chain holds it ("present"); not set for unallocated ranges
+EXTENT_DTYPE = np.dtype(
+    [("start", "<u8"), ("length", "<u8"), ("flags", "<u4"), ("depth", "<u4"), ("offset", "<i8")]
+)
+FLAG_DATA = 1  # holds data (qemu-img map "data")
+FLAG_ZERO = 2  # reads as zeros ("zero")
+FLAG_PRESENT = 4  # the chain holds it ("present"); not set for unallocated ranges
 
 
 def _check_range(img, offset, length):
@@ -40,17 +42,27 @@ def image_extents(img, offset=0, length=None) -> Iterator[Extent]:
 def extents_array(img, offset: int = 0, length: int | None = None) -> np.ndarray:
     """The same extents as a numpy structured array (EXTENT_DTYPE); offset -1 = none."""
     part = getattr(img, "_partial", None)
-    if img._base is None and (part is None or not part.active):   # partial chunks split
+    if img._base is None and (part is None or not part.active):  # partial chunks split
         length = _check_range(img, offset, length)
         if length == 0:
             return np.zeros(0, dtype=EXTENT_DTYPE)
         return _array_no_base(img, offset, offset + length)
-    rows = [(e.start, e.length,
-             (FLAG_DATA if e.data else 0) | (FLAG_ZERO if e.zero else 0)
-             | (FLAG_PRESENT if e.present else 0),
-             e.depth, -1 if e.offset is None else e.offset)
-            for e in (image_extents(img, offset, length) if hasattr(img, "_table")
-                      else img.extents(offset, length))]      # qcow2, raw (fvd.imageio)
+    rows = [
+        (
+            e.start,
+            e.length,
+            (FLAG_DATA if e.data else 0)
+            | (FLAG_ZERO if e.zero else 0)
+            | (FLAG_PRESENT if e.present else 0),
+            e.depth,
+            -1 if e.offset is None else e.offset,
+        )
+        for e in (
+            image_extents(img, offset, length)
+            if hasattr(img, "_table")
+            else img.extents(offset, length)
+        )
+    ]  # qcow2, raw (fvd.imageio)
     return np.array(rows, dtype=EXTENT_DTYPE)
 
 
@@ -66,10 +78,14 @@ def run_arrays(table, first, last):
     if n:
         alloc = vals < fmt.ZERO_CHUNK
         same = np.zeros(n, dtype=bool)
-        same[1:] = ((idx[1:] == idx[:-1] + 1)
-                    & (((vals[1:] == fmt.ZERO_CHUNK) & (vals[:-1] == fmt.ZERO_CHUNK))
-                       | (alloc[1:] & alloc[:-1]
-                          & (vals[1:].astype(np.int64) == vals[:-1].astype(np.int64) + 1))))
+        same[1:] = (idx[1:] == idx[:-1] + 1) & (
+            ((vals[1:] == fmt.ZERO_CHUNK) & (vals[:-1] == fmt.ZERO_CHUNK))
+            | (
+                alloc[1:]
+                & alloc[:-1]
+                & (vals[1:].astype(np.int64) == vals[:-1].astype(np.int64) + 1)
+            )
+        )
         heads = np.flatnonzero(~same)
         tails = np.append(heads[1:], n) - 1
         starts = idx[heads].astype(np.int64) + first
@@ -84,8 +100,11 @@ def run_arrays(table, first, last):
     gs, ge = prev_end[gap], next_start[gap]
     all_s = np.concatenate([starts, gs])
     order = np.argsort(all_s, kind="stable")
-    return (all_s[order], np.concatenate([ends, ge])[order],
-            np.concatenate([entries, np.full(len(gs), fmt.UNALLOCATED, np.int64)])[order])
+    return (
+        all_s[order],
+        np.concatenate([ends, ge])[order],
+        np.concatenate([entries, np.full(len(gs), fmt.UNALLOCATED, np.int64)])[order],
+    )
 
 
 def table_runs(table, first, last):
@@ -105,9 +124,11 @@ def _array_no_base(img, start, end):
     out = np.empty(len(c0), dtype=EXTENT_DTYPE)
     out["start"] = lo
     out["length"] = hi - lo
-    out["flags"] = np.where(alloc, FLAG_DATA | FLAG_PRESENT,
-                            np.where(ent == fmt.ZERO_CHUNK, FLAG_ZERO | FLAG_PRESENT,
-                                     FLAG_ZERO))
+    out["flags"] = np.where(
+        alloc,
+        FLAG_DATA | FLAG_PRESENT,
+        np.where(ent == fmt.ZERO_CHUNK, FLAG_ZERO | FLAG_PRESENT, FLAG_ZERO),
+    )
     out["depth"] = 0
     out["offset"] = np.where(alloc, d + ent * cs + (lo - c0 * cs), -1)
     return out
@@ -158,8 +179,15 @@ def _merge(segments):
     cur = None
     for seg in segments:
         if cur is not None and _joins(cur, seg):
-            cur = Extent(cur.start, cur.length + seg.length, cur.depth, cur.present, cur.zero,
-                         cur.data, cur.offset)
+            cur = Extent(
+                cur.start,
+                cur.length + seg.length,
+                cur.depth,
+                cur.present,
+                cur.zero,
+                cur.data,
+                cur.offset,
+            )
             continue
         if cur is not None:
             yield cur

@@ -1,4 +1,5 @@
 """File-level helpers used at open, close and free time (never per guest I/O)."""
+
 import ctypes
 import ctypes.util
 import errno
@@ -62,11 +63,13 @@ def lock_image(fd, path, exclusive):
         fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
     except BlockingIOError:
         if exclusive:
-            raise ImageLockedError(f"{path}: image is in use elsewhere (open for writing or "
-                                   f"reading)") from None
-        raise ImageLockedError(f"{path}: image is open for writing elsewhere (force_share=True"
-                               f", or -U on the command line, gives a best-effort view)") \
-            from None
+            raise ImageLockedError(
+                f"{path}: image is in use elsewhere (open for writing or reading)"
+            ) from None
+        raise ImageLockedError(
+            f"{path}: image is open for writing elsewhere (force_share=True"
+            f", or -U on the command line, gives a best-effort view)"
+        ) from None
 
 
 def writer_active(fd):

@@ -5,6 +5,7 @@ and `tarfile.addfile` work on it. The position is the view's own (several views 
 image do not share it); reads and writes go to the image's positional calls, which are
 safe from any thread. Closing the view does not close the image.
 """
+
 from __future__ import annotations
 
 import io
@@ -20,7 +21,7 @@ class ImageFile(io.RawIOBase):
         owner._check_open()
         self._owner = owner
         self._pos = 0
-        self._lock = threading.Lock()       # position updates from several threads
+        self._lock = threading.Lock()  # position updates from several threads
         self.name = getattr(owner, "path", None)
 
     # ----- capabilities ---------------------------------------------------------------
@@ -92,8 +93,12 @@ class ImageFile(io.RawIOBase):
         with self._lock:
             pos = self._pos
             if pos + len(mv) > self._owner.size:
-                raise OSError(28, os.strerror(28) + f": write past the end of the image "
-                                  f"(size {self._owner.size})", self.name)
+                raise OSError(
+                    28,
+                    os.strerror(28) + f": write past the end of the image "
+                    f"(size {self._owner.size})",
+                    self.name,
+                )
             n = self._owner.write(pos, mv)
             self._pos = pos + n
         return n

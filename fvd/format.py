@@ -3,29 +3,30 @@
 `construct` parses and builds the header and journal-sector headers at open,
 checkpoint and close; nothing here runs per guest I/O.
 """
+
 import zlib
 
 from construct import Const, Int32ul, Int64ul, Padding, Struct
 
 from .errors import CorruptImageError, UnsupportedFeatureError
 
-MAGIC = 0x5143F5A9              # on disk: A9 F5 43 51 (the 2011 FVD magic)
+MAGIC = 0x5143F5A9  # on disk: A9 F5 43 51 (the 2011 FVD magic)
 VERSION = 2
-HEADER_SIZE = 512               # bytes covered by the header checksum (one sector: atomic)
-HEADER_REGION = 4096            # the header region; the rest is reserved zeros
-ALIGN = 4096                    # every region starts on a 4 KiB boundary
+HEADER_SIZE = 512  # bytes covered by the header checksum (one sector: atomic)
+HEADER_REGION = 4096  # the header region; the rest is reserved zeros
+ALIGN = 4096  # every region starts on a 4 KiB boundary
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 
 # Lookup-table entries (uint32 physical chunk index, little-endian).
-UNALLOCATED = 0xFFFFFFFF        # reads from the base image (or zeros without one)
-ZERO_CHUNK = 0xFFFFFFFE         # reads as zeros, never from the base
-MAX_PHYS_CHUNKS = 0xFFFFFFF0    # physical indexes are below this
+UNALLOCATED = 0xFFFFFFFF  # reads from the base image (or zeros without one)
+ZERO_CHUNK = 0xFFFFFFFE  # reads as zeros, never from the base
+MAX_PHYS_CHUNKS = 0xFFFFFFF0  # physical indexes are below this
 
 # Incompatible features: a reader that does not know a bit must refuse the image.
-INCOMPAT_BASE = 1 << 0          # unwritten blocks come from a base image
-INCOMPAT_SNAPSHOTS = 1 << 1     # chunks may be shared with snapshots (copy on write)
-INCOMPAT_PARTIAL = 1 << 2       # partly copied chunks may exist (fvd.granular)
+INCOMPAT_BASE = 1 << 0  # unwritten blocks come from a base image
+INCOMPAT_SNAPSHOTS = 1 << 1  # chunks may be shared with snapshots (copy on write)
+INCOMPAT_PARTIAL = 1 << 2  # partly copied chunks may exist (fvd.granular)
 KNOWN_INCOMPAT = INCOMPAT_BASE | INCOMPAT_SNAPSHOTS | INCOMPAT_PARTIAL
 KNOWN_COMPAT = 0
 
@@ -33,12 +34,12 @@ KNOWN_COMPAT = 0
 BASE_NONE, BASE_RAW, BASE_FVD, BASE_QCOW2 = 0, 1, 2, 3
 BASE_FORMATS = {"raw": BASE_RAW, "fvd": BASE_FVD, "qcow2": BASE_QCOW2}
 BASE_FORMAT_NAMES = {v: k for k, v in BASE_FORMATS.items()}
-BASE_FLAG_PREFETCHED = 1 << 0   # every base block is in the image; the base is not opened
+BASE_FLAG_PREFETCHED = 1 << 0  # every base block is in the image; the base is not opened
 
 MIN_CHUNK, MAX_CHUNK = 64 * KiB, 256 * MiB
 MIN_BLOCK = 512
 MIN_GRANULE = 512
-DEFAULT_GRANULE = 4096          # granular copy-on-write: a 4 KiB-aligned write copies nothing
+DEFAULT_GRANULE = 4096  # granular copy-on-write: a 4 KiB-aligned write copies nothing
 MAX_VIRTUAL_SIZE = 1 << 56
 MAX_TABLE_ENTRIES = 1 << 31
 MAX_BASE_NAME = 4095
@@ -125,8 +126,9 @@ def parse_header(raw, path, file_size):
         raise CorruptImageError(path, 0, "bad magic: not an FVD image")
     version = int.from_bytes(raw[4:8], "little")
     if version != VERSION:
-        raise UnsupportedFeatureError(f"{path}: FVD version {version} is not supported "
-                                      f"(this code reads version {VERSION})")
+        raise UnsupportedFeatureError(
+            f"{path}: FVD version {version} is not supported (this code reads version {VERSION})"
+        )
     stored = int.from_bytes(raw[CRC_FIELD], "little")
     if stored != header_crc(raw):
         raise CorruptImageError(path, 12, "header checksum mismatch")
@@ -155,56 +157,93 @@ for _sc in Header.subcons:
 
 def validate_header(h, path, file_size):
     """Check sizes and regions so later code can trust them."""
+
     def need(cond, field, what):
         _need(cond, path, FIELD_OFFSET[field], what)
 
     need(h["header_size"] == HEADER_SIZE, "header_size", "bad header size")
     cs, bs, vs = h["chunk_size"], h["block_size"], h["virtual_size"]
-    need(is_power_of_two(cs) and MIN_CHUNK <= cs <= MAX_CHUNK, "chunk_size",
-         f"chunk size {cs} is not a power of two in [{MIN_CHUNK}, {MAX_CHUNK}]")
-    need(is_power_of_two(bs) and MIN_BLOCK <= bs <= cs, "block_size",
-         f"block size {bs} is not a power of two in [{MIN_BLOCK}, chunk size]")
+    need(
+        is_power_of_two(cs) and MIN_CHUNK <= cs <= MAX_CHUNK,
+        "chunk_size",
+        f"chunk size {cs} is not a power of two in [{MIN_CHUNK}, {MAX_CHUNK}]",
+    )
+    need(
+        is_power_of_two(bs) and MIN_BLOCK <= bs <= cs,
+        "block_size",
+        f"block size {bs} is not a power of two in [{MIN_BLOCK}, chunk size]",
+    )
     need(0 < vs <= MAX_VIRTUAL_SIZE, "virtual_size", f"virtual size {vs} out of range")
     nchunks = -(-vs // cs)
     need(nchunks <= MAX_TABLE_ENTRIES, "virtual_size", "too many chunks")
     need(h["table_size"] >= 4 * nchunks, "table_size", "table region smaller than the table")
-    need(h["base_format"] in (BASE_NONE, BASE_RAW, BASE_FVD, BASE_QCOW2), "base_format",
-         f"unknown base format {h['base_format']}")
+    need(
+        h["base_format"] in (BASE_NONE, BASE_RAW, BASE_FVD, BASE_QCOW2),
+        "base_format",
+        f"unknown base format {h['base_format']}",
+    )
     has_base = h["base_format"] != BASE_NONE
-    need(has_base == bool(h["incompatible_features"] & INCOMPAT_BASE), "incompatible_features",
-         "base feature bit does not match the base format")
+    need(
+        has_base == bool(h["incompatible_features"] & INCOMPAT_BASE),
+        "incompatible_features",
+        "base feature bit does not match the base format",
+    )
     if has_base:
         need(0 < h["base_name_size"] <= MAX_BASE_NAME, "base_name_size", "bad base name size")
-        need(h["bitmap_size"] * 8 * bs >= h["base_size"], "bitmap_size",
-             "bitmap too small for the base size")
-    need(h["journal_size"] >= MIN_JOURNAL and h["journal_size"] % 512 == 0, "journal_size",
-         "bad journal size")
+        need(
+            h["bitmap_size"] * 8 * bs >= h["base_size"],
+            "bitmap_size",
+            "bitmap too small for the base size",
+        )
+    need(
+        h["journal_size"] >= MIN_JOURNAL and h["journal_size"] % 512 == 0,
+        "journal_size",
+        "bad journal size",
+    )
     regions = [("table_offset", "table_size"), ("journal_offset", "journal_size")]
     if has_base:
         regions += [("base_name_offset", "base_name_size"), ("bitmap_offset", "bitmap_size")]
     for off_field, size_field in regions:
         off, size = h[off_field], h[size_field]
         need(off >= HEADER_REGION and off % 512 == 0, off_field, f"{off_field} {off} is invalid")
-        need(off + size <= h["data_offset"], off_field,
-             f"{off_field} region overlaps the data area")
+        need(
+            off + size <= h["data_offset"], off_field, f"{off_field} region overlaps the data area"
+        )
     # regions may not share bytes: a table write would land in the bitmap or the journal
     spans = sorted((h[o], h[o] + h[n], o) for o, n in regions)
     for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
-        need(end <= start, second, f"{second.replace('_offset', '')} region overlaps the "
-                                   f"{first.replace('_offset', '')} region")
+        need(
+            end <= start,
+            second,
+            f"{second.replace('_offset', '')} region overlaps the "
+            f"{first.replace('_offset', '')} region",
+        )
     need(h["data_offset"] % ALIGN == 0, "data_offset", "data offset not aligned")
     gs = h["granule_size"]
-    need(gs == 0 or (is_power_of_two(gs) and MIN_GRANULE <= gs <= cs and cs // gs <= 65536),
-         "granule_size", f"granule size {gs} is not a power of two in [{MIN_GRANULE}, "
-                         f"chunk size] with at most 65536 granules per chunk")
+    need(
+        gs == 0 or (is_power_of_two(gs) and MIN_GRANULE <= gs <= cs and cs // gs <= 65536),
+        "granule_size",
+        f"granule size {gs} is not a power of two in [{MIN_GRANULE}, "
+        f"chunk size] with at most 65536 granules per chunk",
+    )
     po, ps = h["partial_map_offset"], h["partial_map_size"]
     need((po == 0) == (ps == 0), "partial_map_offset", "partial map offset and size disagree")
-    need(po == 0 or (po >= h["data_offset"] and (po - h["data_offset"]) % cs == 0
-                     and po + ps <= file_size and gs),
-         "partial_map_offset", f"partial map [{po}, {po + ps}) is outside the data area "
-                               f"or the file ({file_size} bytes)")
-    need(h["data_offset"] <= file_size, "data_offset",
-         f"file is truncated: {file_size} bytes, data area starts at {h['data_offset']}")
+    need(
+        po == 0
+        or (
+            po >= h["data_offset"]
+            and (po - h["data_offset"]) % cs == 0
+            and po + ps <= file_size
+            and gs
+        ),
+        "partial_map_offset",
+        f"partial map [{po}, {po + ps}) is outside the data area or the file ({file_size} bytes)",
+    )
+    need(
+        h["data_offset"] <= file_size,
+        "data_offset",
+        f"file is truncated: {file_size} bytes, data area starts at {h['data_offset']}",
+    )
 
 
 def layout(size, chunk_size, block_size, base_size=0, base_name_size=0, journal_size=None):

@@ -25,6 +25,7 @@ Lifecycle:
     area, the header points at it (fields partial_map_*), the old map is released.
 Images with a base keep the whole-chunk copy (a chunk there also has base bitmap bits).
 """
+
 import os
 import struct
 import zlib
@@ -36,9 +37,9 @@ from .bitmap import runs
 from .journal import data_crc_record, granule_record
 
 NONE = 0xFFFFFFFF
-MAP_MAGIC = 0x50445646                  # "FVDP" little-endian
-MAP_HEAD = struct.Struct("<IIII")       # magic count granule_size reserved
-ENTRY_HEAD = struct.Struct("<II")       # virtual chunk, source chunk
+MAP_MAGIC = 0x50445646  # "FVDP" little-endian
+MAP_HEAD = struct.Struct("<IIII")  # magic count granule_size reserved
+ENTRY_HEAD = struct.Struct("<II")  # virtual chunk, source chunk
 
 
 def _pad8(n):
@@ -56,16 +57,16 @@ class PartialState:
         self.gshift = granule.bit_length() - 1
         self.gpc = chunk_size // granule
         self.gbytes = -(-self.gpc // 8)
-        self.slot = np.zeros(0, dtype=np.uint32)        # full size on first use
+        self.slot = np.zeros(0, dtype=np.uint32)  # full size on first use
         self.src = np.zeros(0, dtype=np.uint32)
         self.bits = np.zeros(0, dtype=np.uint8)
-        self.used = 0                                   # slots handed out (append-only)
-        self.active = 0                                 # partial chunks now
-        self.map_run = (0, 0)                           # (first, count) of the on-disk map
-        self.old_run = (0, 0)                           # released after the next header
-        self._keep = []                                 # arrays lock-free readers may view
+        self.used = 0  # slots handed out (append-only)
+        self.active = 0  # partial chunks now
+        self.map_run = (0, 0)  # (first, count) of the on-disk map
+        self.old_run = (0, 0)  # released after the next header
+        self._keep = []  # arrays lock-free readers may view
         self.cmap = None
-        self.wait = None                                # grace period of the chunk map
+        self.wait = None  # grace period of the chunk map
 
     # ----- in-memory structure ------------------------------------------------------
     def install(self, cmap, wait=None):
@@ -100,9 +101,9 @@ class PartialState:
             cap = max(64, 2 * len(self.src))
             src = np.zeros(cap, dtype=np.uint32)
             bits = np.zeros(cap * self.gbytes, dtype=np.uint8)
-            src[:len(self.src)] = self.src
-            bits[:len(self.bits)] = self.bits
-            self._keep.append((self.src, self.bits))    # in-flight readers may view them
+            src[: len(self.src)] = self.src
+            bits[: len(self.bits)] = self.bits
+            self._keep.append((self.src, self.bits))  # in-flight readers may view them
             self.src, self.bits = src, bits
             changed = True
         k = self.used
@@ -119,11 +120,12 @@ class PartialState:
         return k
 
     def row(self, k):
-        return self.bits[k * self.gbytes:(k + 1) * self.gbytes]
+        return self.bits[k * self.gbytes : (k + 1) * self.gbytes]
 
     @staticmethod
     def _set(row, g0, g1):
         from .bitmap import set_bits
+
         set_bits(row, g0, g1 - g0)
 
     def set_granules(self, k, g0, g1):
@@ -131,7 +133,7 @@ class PartialState:
 
     def flags(self, k):
         """bool array of the slot's granule bits."""
-        return np.unpackbits(self.row(k), bitorder="little")[:self.gpc].view(bool)
+        return np.unpackbits(self.row(k), bitorder="little")[: self.gpc].view(bool)
 
     def complete(self, k):
         return bool(self.flags(k).all())
@@ -178,7 +180,7 @@ class PartialState:
             need = int(idx.max()) + 1
             if need > len(used):
                 grown = np.zeros(need, dtype=bool)
-                grown[:len(used)] = used
+                grown[: len(used)] = used
                 used = grown
             used[idx] = True
         return used
@@ -200,14 +202,14 @@ class PartialState:
     def forget(self, first, count):
         """A TABLE record remapped chunks [first, first+count): no longer partial."""
         if self.active:
-            for v in np.flatnonzero(self.slot[first:first + count] != NONE):
+            for v in np.flatnonzero(self.slot[first : first + count] != NONE):
                 self.drop(first + int(v))
 
     def replay(self, table, start, count, payload):
         chunk, source = payload
         v = start // self.gpc
         if int(table[v]) != chunk:
-            return              # the chunk was remapped later in the same window
+            return  # the chunk was remapped later in the same window
         k = self.slot_of(v)
         if k is None or int(self.src[k]) != source:
             if k is not None:
@@ -231,16 +233,16 @@ class PartialState:
     def load(self, img, raw, where):
         magic, count, gsize, _r = MAP_HEAD.unpack_from(raw)
         esize = ENTRY_HEAD.size + _pad8(self.gbytes)
-        if magic != MAP_MAGIC or gsize != self.gsize or \
-                len(raw) != MAP_HEAD.size + count * esize:
+        if magic != MAP_MAGIC or gsize != self.gsize or len(raw) != MAP_HEAD.size + count * esize:
             img._problem(where, "partial map magic, granule size or length mismatch")
             return
         pos = MAP_HEAD.size
         for _ in range(count):
             v, source = ENTRY_HEAD.unpack_from(raw, pos)
             if v >= self.nchunks or source >= fmt.MAX_PHYS_CHUNKS or self.slot_of(v) is not None:
-                img._problem(where + pos, f"partial map entry for chunk {v} is out of range "
-                                          f"or repeated")
+                img._problem(
+                    where + pos, f"partial map entry for chunk {v} is out of range or repeated"
+                )
                 pos += esize
                 continue
             k = self.new_slot(v, source)
@@ -262,8 +264,12 @@ class PartialState:
             off = h["data_offset"] + first * self.chunk_size
             img._write_meta(off, raw)
             self.map_run = (first, n)
-            h.update(partial_map_offset=off, partial_map_size=len(raw),
-                     partial_map_crc=zlib.crc32(raw), granule_size=self.gsize)
+            h.update(
+                partial_map_offset=off,
+                partial_map_size=len(raw),
+                partial_map_crc=zlib.crc32(raw),
+                granule_size=self.gsize,
+            )
         else:
             self.map_run = (0, 0)
             h.update(partial_map_offset=0, partial_map_size=0, partial_map_crc=0)
@@ -290,8 +296,11 @@ class PartialState:
             s = int(self.src[k])
             e = int(t[v])
             if e >= fmt.ZERO_CHUNK or s in mapped or s in seen or s >= nphys:
-                img._problem(where, f"partial chunk {v} (entry {e}) has a bad source chunk "
-                                    f"{s} (unmapped, shared, or past the end of the file)")
+                img._problem(
+                    where,
+                    f"partial chunk {v} (entry {e}) has a bad source chunk "
+                    f"{s} (unmapped, shared, or past the end of the file)",
+                )
                 self.drop(v)
                 continue
             seen[s] = v
@@ -324,7 +333,7 @@ class PartialState:
             while pos < end:
                 v = pos // cs
                 stop = min(end, (v + 1) * cs)
-                piece = mv[pos - offset:stop - offset]
+                piece = mv[pos - offset : stop - offset]
                 e = int(img._table[v])
                 k = self.slot_of(v)
                 if k is not None:
@@ -374,7 +383,7 @@ class PartialState:
         head = tail = b""
         if need_head and need_tail and g1 - g0 == 1:
             both = self._read_src(img, source, a, b)
-            return memoryview(both)[:w0 - a], memoryview(both)[w1 - a:]
+            return memoryview(both)[: w0 - a], memoryview(both)[w1 - a :]
         if need_head and w0 > a:
             head = self._read_src(img, source, a, w0)
         if need_tail and b > w1:
@@ -398,18 +407,19 @@ class PartialState:
         slot goes live before the table entry: while the table still maps the source,
         every granule reads the source whatever its bit."""
         w0, w1, g0, g1 = self._span(v, pos, len(piece))
-        head, tail = self._edges(img, source, w0, w1, g0, g1, w0 % self.gsize != 0,
-                                 w1 % self.gsize != 0)
+        head, tail = self._edges(
+            img, source, w0, w1, g0, g1, w0 % self.gsize != 0, w1 % self.gsize != 0
+        )
         new = img._alloc.allocate()
-        plan[v] = new                       # abandoned with the plan on failure
+        plan[v] = new  # abandoned with the plan on failure
         img._grow_frozen(new)
         self._put(img, new, w0 - len(head), (head, piece, tail), records)
         if g0 == 0 and g1 >= self.gpc:
-            return                          # the whole chunk is written: not partial
+            return  # the whole chunk is written: not partial
         k = self.new_slot(v, source)
         self.set_granules(k, g0, g1)
         if self.complete(k):
-            return                          # the rest lies past the end of the image
+            return  # the rest lies past the end of the image
         self.publish(v, k)
         slots.append((v, k))
         records.append(granule_record(v * self.gpc + g0, g1 - g0, new, source))
@@ -418,13 +428,13 @@ class PartialState:
         w0, w1, g0, g1 = self._span(v, pos, len(piece))
         fl = self.flags(k)
         if fl[g0:g1].all():
-            img._map.pwritev(img._header["data_offset"] + chunk * self.chunk_size + w0,
-                             [piece])
+            img._map.pwritev(img._header["data_offset"] + chunk * self.chunk_size + w0, [piece])
             return
         source = int(self.src[k])
         gs = self.gsize
-        head, tail = self._edges(img, source, w0, w1, g0, g1, w0 % gs and not fl[g0],
-                                 w1 % gs and not fl[g1 - 1])
+        head, tail = self._edges(
+            img, source, w0, w1, g0, g1, w0 % gs and not fl[g0], w1 % gs and not fl[g1 - 1]
+        )
         self._put(img, chunk, w0 - len(head), (head, piece, tail), records)
         records.append(granule_record(v * self.gpc + g0, g1 - g0, chunk, source))
         afters.append(lambda: self._granules_done(img, v, k, g0, g1))
@@ -439,7 +449,7 @@ class PartialState:
 
     def _release_source(self, img, source):
         if not img._is_frozen(source):
-            img._alloc.release(source)      # only the front used it (its snapshot is gone)
+            img._alloc.release(source)  # only the front used it (its snapshot is gone)
 
     # ----- completion (create_snapshot) ----------------------------------------------------
     def complete_all(self, img):
@@ -489,6 +499,7 @@ class PartialState:
                     img._map.pwritev(d + chunk * cs + a * gs, [buf])
             self.set_granules(k, 0, self.gpc)
         import time
+
         img._alloc.quiesce(time.sleep)
         self.clear()
         return sources
@@ -497,8 +508,9 @@ class PartialState:
 def attach_partial(img):
     """Open hook for images without a base: the partial map, if the header has one."""
     h = img._header
-    st = PartialState(img._nchunks, img.chunk_size, img.size,
-                      h["granule_size"] or fmt.DEFAULT_GRANULE)
+    st = PartialState(
+        img._nchunks, img.chunk_size, img.size, h["granule_size"] or fmt.DEFAULT_GRANULE
+    )
     img._partial = st
     off, size = h["partial_map_offset"], h["partial_map_size"]
     if not off:
@@ -526,13 +538,13 @@ def check_partial(img, result):
     if img._snapshots is not None:
         meta = img._snapshots.mark_used(np.zeros(0, dtype=bool))
         rc = img._snapshots.refcount
-        meta[:len(rc)] &= rc == 0           # only the metadata runs
+        meta[: len(rc)] &= rc == 0  # only the metadata runs
     for v, k in st.entries():
         e, s = int(img._table[v]), int(st.src[k])
         if e >= fmt.ZERO_CHUNK or img._is_frozen(e) or (s < len(meta) and meta[s]):
             result.corruptions += 1
-            result.messages.append(f"ERROR partial chunk {v} (chunk {e}, source {s}) is "
-                                   f"unmapped, held by a snapshot, or reads snapshot "
-                                   f"metadata")
-
-
+            result.messages.append(
+                f"ERROR partial chunk {v} (chunk {e}, source {s}) is "
+                f"unmapped, held by a snapshot, or reads snapshot "
+                f"metadata"
+            )

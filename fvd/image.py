@@ -5,6 +5,7 @@ Order of metadata writes (docs/format.md, "Crash consistency"):
   guest data  ->  flush -> journal transactions -> flush      (writeback, at flush())
   checkpoint: flush -> table (+bitmap) -> flush -> header(epoch+1) -> flush
 """
+
 import errno
 import os
 import threading
@@ -50,17 +51,24 @@ class ReadOnlyImageError(FvdError, OSError):
 @dataclass(frozen=True)
 class Extent:
     """One run of `Image.extents()`, in the vocabulary of `qemu-img map --output=json`."""
+
     start: int
     length: int
     depth: int
     present: bool
     zero: bool
     data: bool
-    offset: object      # host offset, or None
+    offset: object  # host offset, or None
 
     def as_dict(self):
-        d = {"start": self.start, "length": self.length, "depth": self.depth,
-             "present": self.present, "zero": self.zero, "data": self.data}
+        d = {
+            "start": self.start,
+            "length": self.length,
+            "depth": self.depth,
+            "present": self.present,
+            "zero": self.zero,
+            "data": self.data,
+        }
         if self.offset is not None:
             d["offset"] = self.offset
         return d
@@ -79,9 +87,14 @@ class CheckResult:
         return self.corruptions == 0 and self.leaks == 0
 
     def as_dict(self):
-        return {"corruptions": self.corruptions, "leaks": self.leaks,
-                "leaks_fixed": self.leaks_fixed, "corruptions_fixed": self.corruptions_fixed,
-                "ok": self.ok, "messages": list(self.messages or [])}
+        return {
+            "corruptions": self.corruptions,
+            "leaks": self.leaks,
+            "leaks_fixed": self.leaks_fixed,
+            "corruptions_fixed": self.corruptions_fixed,
+            "ok": self.ok,
+            "messages": list(self.messages or []),
+        }
 
 
 def crc_guard(records, journal):
@@ -101,33 +114,56 @@ def _parse_cache(cache):
     return cache == "writethrough"
 
 
-def create(path, size, *, chunk_size=fmt.MiB, block_size=64 * fmt.KiB, base=None,
-           base_format=None, compact=True, journal_size=None, overwrite=False):
+def create(
+    path,
+    size,
+    *,
+    chunk_size=fmt.MiB,
+    block_size=64 * fmt.KiB,
+    base=None,
+    base_format=None,
+    compact=True,
+    journal_size=None,
+    overwrite=False,
+):
     """Create a new, empty image file (see `fvd.base` for images over a base)."""
     size = int(size)
     if not 0 < size <= fmt.MAX_VIRTUAL_SIZE:
         raise ValueError(f"image size must be in (0, {fmt.MAX_VIRTUAL_SIZE}], not {size}")
     if not (fmt.is_power_of_two(chunk_size) and fmt.MIN_CHUNK <= chunk_size <= fmt.MAX_CHUNK):
-        raise ValueError(f"chunk_size must be a power of two in [{fmt.MIN_CHUNK}, "
-                         f"{fmt.MAX_CHUNK}], not {chunk_size}")
+        raise ValueError(
+            f"chunk_size must be a power of two in [{fmt.MIN_CHUNK}, "
+            f"{fmt.MAX_CHUNK}], not {chunk_size}"
+        )
     if not (fmt.is_power_of_two(block_size) and fmt.MIN_BLOCK <= block_size <= chunk_size):
-        raise ValueError(f"block_size must be a power of two in [{fmt.MIN_BLOCK}, chunk_size],"
-                         f" not {block_size}")
+        raise ValueError(
+            f"block_size must be a power of two in [{fmt.MIN_BLOCK}, chunk_size], not {block_size}"
+        )
     if not compact:
         raise ValueError("only compact images (one-level lookup table) are supported")
     if -(-size // chunk_size) > fmt.MAX_TABLE_ENTRIES:
         raise ValueError("image too large for this chunk size")
     if journal_size is not None and journal_size < fmt.MIN_JOURNAL:
         raise ValueError(f"journal_size must be at least {fmt.MIN_JOURNAL}")
-    header = {"virtual_size": size, "chunk_size": chunk_size, "block_size": block_size,
-              "clean_shutdown": 1, "journal_epoch": 1, "next_snapshot_id": 1}
+    header = {
+        "virtual_size": size,
+        "chunk_size": chunk_size,
+        "block_size": block_size,
+        "clean_shutdown": 1,
+        "journal_epoch": 1,
+        "next_snapshot_id": 1,
+    }
     base_name = b""
     if base is not None:
         from .base import describe_new_base
+
         base_name, base_fields = describe_new_base(path, base, base_format, size)
         header.update(base_fields)
-    header.update(fmt.layout(size, chunk_size, block_size, header.get("base_size", 0),
-                             len(base_name), journal_size))
+    header.update(
+        fmt.layout(
+            size, chunk_size, block_size, header.get("base_size", 0), len(base_name), journal_size
+        )
+    )
     nchunks = -(-size // chunk_size)
     table = np.full(nchunks, fmt.UNALLOCATED, dtype="<u4").tobytes()
     header["table_crc"] = zlib.crc32(table)
@@ -154,8 +190,17 @@ def create(path, size, *, chunk_size=fmt.MiB, block_size=64 * fmt.KiB, base=None
 class Image(DiskOps):
     """An open FVD image. Use `fvd.open()` to get one."""
 
-    def __init__(self, path, mode="r", *, cache="writeback", copy_on_read=False,
-                 force_share=False, _for_check=False, _chain=()):
+    def __init__(
+        self,
+        path,
+        mode="r",
+        *,
+        cache="writeback",
+        copy_on_read=False,
+        force_share=False,
+        _for_check=False,
+        _chain=(),
+    ):
         if mode not in ("r", "r+"):
             raise ValueError(f"mode must be 'r' or 'r+', not {mode!r}")
         if force_share and mode != "r":
@@ -167,17 +212,17 @@ class Image(DiskOps):
         self._impl = _impl.module()
         self.stats = self._impl.Stats()
         self._problems = []
-        self._notes = []            # check mode: what could not be checked, and why
-        self._crc_guard = None      # see crc_guard() and _seal_overlapping
+        self._notes = []  # check mode: what could not be checked, and why
+        self._crc_guard = None  # see crc_guard() and _seal_overlapping
         self._for_check = _for_check
         self._base = None
         self._snapshots = None
-        self._partial = None        # fvd.granular.PartialState (images without a base)
-        self._lock = threading.RLock()   # table/bitmap/journal changes (fvd.base)
-        self._pending = {}          # virtual chunk -> entry, not yet in the journal
-        self._pending_bits = []     # (first_block, count) bitmap records not yet journaled
+        self._partial = None  # fvd.granular.PartialState (images without a base)
+        self._lock = threading.RLock()  # table/bitmap/journal changes (fvd.base)
+        self._pending = {}  # virtual chunk -> entry, not yet in the journal
+        self._pending_bits = []  # (first_block, count) bitmap records not yet journaled
         self._dirty_since_checkpoint = False
-        self._journal_broken = False    # a journal write failed: commit by checkpoint next
+        self._journal_broken = False  # a journal write failed: commit by checkpoint next
         self._fd = os.open(self.path, os.O_RDONLY if self.read_only else os.O_RDWR)
         try:
             if not force_share:
@@ -211,8 +256,10 @@ class Image(DiskOps):
                     self._base = None
                 self.stats = self._impl.Stats()
                 time.sleep(0.01 * (attempt + 1))
-        raise ImageLockedError(f"{self.path}: image is being written by another handle and "
-                               f"no consistent view could be read; retry later")
+        raise ImageLockedError(
+            f"{self.path}: image is being written by another handle and "
+            f"no consistent view could be read; retry later"
+        )
 
     def _load(self, chain, copy_on_read):
         file_size = os.fstat(self._fd).st_size
@@ -222,29 +269,40 @@ class Image(DiskOps):
         self._header = fmt.parse_header(raw, self.path, file_size)
         h = self._header
         if not self.read_only and h["journal_epoch"] >= fmt.MAX_WRITABLE_EPOCH:
-            raise CorruptImageError(self.path, fmt.FIELD_OFFSET["journal_epoch"],
-                                    f"journal epoch {h['journal_epoch']} is too large for a "
-                                    f"read-write open (limit {fmt.MAX_WRITABLE_EPOCH - 1})")
+            raise CorruptImageError(
+                self.path,
+                fmt.FIELD_OFFSET["journal_epoch"],
+                f"journal epoch {h['journal_epoch']} is too large for a "
+                f"read-write open (limit {fmt.MAX_WRITABLE_EPOCH - 1})",
+            )
         self.size = h["virtual_size"]
         self.chunk_size = h["chunk_size"]
         self.block_size = h["block_size"]
         self._nchunks = -(-self.size // self.chunk_size)
-        self._relocate = set()      # check mode: virtual chunks repair copies to a new chunk
-        self._lost = 0              # check mode: chunks past the end of the file
+        self._relocate = set()  # check mode: virtual chunks repair copies to a new chunk
+        self._lost = 0  # check mode: chunks past the end of the file
         self._table = self._read_table(file_size)
         self._frozen = np.zeros(0, dtype=np.uint8)
         self._load_features(chain, copy_on_read)
         replayed = self._replay(file_size) if not h["clean_shutdown"] else 0
         self._validate_table(file_size)
-        self._map = self._impl.ChunkMap(self._fd, self._table, self._frozen, self.chunk_size,
-                                        h["data_offset"], self.size, self.stats)
+        self._map = self._impl.ChunkMap(
+            self._fd,
+            self._table,
+            self._frozen,
+            self.chunk_size,
+            h["data_offset"],
+            self.size,
+            self.stats,
+        )
         self._map.error = self._io_error
         if self._base is not None:
             self._base.attach_map()
         if self._partial is not None:
             self._partial.install(self._map, lambda: self._alloc.quiesce(time.sleep))
-        self._journal = Journal(self._fd, h["journal_offset"], h["journal_size"],
-                                h["journal_epoch"], self.stats)
+        self._journal = Journal(
+            self._fd, h["journal_offset"], h["journal_size"], h["journal_epoch"], self.stats
+        )
         self._alloc = ChunkAllocator(self._in_use(), self._punch_chunks, self._map)
         if self.read_only:
             return
@@ -262,12 +320,15 @@ class Image(DiskOps):
         self._bitmap = None
         if h["base_format"] != fmt.BASE_NONE:
             from .base import attach_base
+
             attach_base(self, chain, copy_on_read)
         else:
             from .granular import attach_partial
-            attach_partial(self)    # copy_on_read without a base: a no-op, as in QEMU
+
+            attach_partial(self)  # copy_on_read without a base: a no-op, as in QEMU
         if h["nb_snapshots"] or h["snapshot_table_offset"]:
             from .snapshots import attach_snapshots
+
             attach_snapshots(self)
 
     def _read_meta(self, offset, length):
@@ -275,8 +336,9 @@ class Image(DiskOps):
         self.stats.metadata_reads += 1
         self.stats.metadata_bytes_read += len(data)
         if len(data) < length:
-            raise CorruptImageError(self.path, offset + len(data),
-                                    "file is truncated inside a metadata region")
+            raise CorruptImageError(
+                self.path, offset + len(data), "file is truncated inside a metadata region"
+            )
         return data
 
     def _read_table(self, file_size):
@@ -303,10 +365,15 @@ class Image(DiskOps):
         max_valid = max(0, -(-(file_size - data_offset) // self.chunk_size))
         allocated = t < fmt.ZERO_CHUNK
         bad = np.flatnonzero(allocated & (t >= max_valid))
-        self._problem_list(bad, lambda v: (toff + 4 * v, f"table entry {int(t[v])} of chunk {v}"
-                                                         f" points past the end of the file"),
-                           "more table entries point past the end of the file (data lost)")
-        if len(bad):        # only reached in check mode: those chunks read as zeros now
+        self._problem_list(
+            bad,
+            lambda v: (
+                toff + 4 * v,
+                f"table entry {int(t[v])} of chunk {v} points past the end of the file",
+            ),
+            "more table entries point past the end of the file (data lost)",
+        )
+        if len(bad):  # only reached in check mode: those chunks read as zeros now
             t[bad] = fmt.ZERO_CHUNK if self._bitmap is not None else fmt.UNALLOCATED
             self._lost = len(bad)
         counts = front_usage(t, 0)
@@ -316,18 +383,27 @@ class Image(DiskOps):
             st = t[order]
             dup = order[1:][(st[1:] == st[:-1]) & (st[1:] < fmt.ZERO_CHUNK)]
             dup.sort()
-            self._problem_list(dup, lambda v: (toff + 4 * v, f"chunk {v} shares physical "
-                                                             f"chunk {int(t[v])} with another"),
-                               "more chunks share a physical chunk")
+            self._problem_list(
+                dup,
+                lambda v: (
+                    toff + 4 * v,
+                    f"chunk {v} shares physical chunk {int(t[v])} with another",
+                ),
+                "more chunks share a physical chunk",
+            )
             self._relocate.update(dup.tolist())
         if self._snapshots is not None:
             meta = self._snapshots.meta_mask(max_valid)
             hit = np.flatnonzero(allocated & (t < len(meta)))
             hit = hit[meta[t[hit]]]
-            self._problem_list(hit, lambda v: (toff + 4 * v, f"table entry {int(t[v])} of "
-                                                             f"chunk {v} points into snapshot "
-                                                             f"metadata"),
-                               "more table entries point into snapshot metadata")
+            self._problem_list(
+                hit,
+                lambda v: (
+                    toff + 4 * v,
+                    f"table entry {int(t[v])} of chunk {v} points into snapshot metadata",
+                ),
+                "more table entries point into snapshot metadata",
+            )
             self._relocate.update(hit.tolist())
         if self._partial is not None:
             self._partial.validate(self)
@@ -346,14 +422,16 @@ class Image(DiskOps):
         count = 0
         txs = []
         try:
-            for tx in read_transactions(self._fd, self.path, h["journal_offset"],
-                                        h["journal_size"], h["journal_epoch"]):
+            for tx in read_transactions(
+                self._fd, self.path, h["journal_offset"], h["journal_size"], h["journal_epoch"]
+            ):
                 txs.append(tx)
         except CorruptImageError as e:
             if not self._for_check:
                 raise
-            self._problem(e.offset, f"{e.what}: the journal is replayed up to there "
-                                    f"(later records are lost)")
+            self._problem(
+                e.offset, f"{e.what}: the journal is replayed up to there (later records are lost)"
+            )
         for i, tx in enumerate(txs):
             if self._apply_transaction(tx, file_size, last=i == len(txs) - 1):
                 count += 1
@@ -371,37 +449,43 @@ class Image(DiskOps):
         data_end = data_offset + fmt.MAX_PHYS_CHUNKS * cs
         for rtype, count, start, payload in tx:
             if rtype == REC_TABLE and start + count > self._nchunks:
-                return self._bad_record(f"journal table record for chunks {start}.."
-                                        f"{start + count} is out of range")
-            if rtype == REC_BITMAP and (self._bitmap is None or
-                                        start + count > self._bitmap.nblocks):
+                return self._bad_record(
+                    f"journal table record for chunks {start}..{start + count} is out of range"
+                )
+            if rtype == REC_BITMAP and (
+                self._bitmap is None or start + count > self._bitmap.nblocks
+            ):
                 return self._bad_record("journal bitmap record out of range")
-            if rtype == REC_GRANULE and (self._partial is None or count == 0 or
-                                         start % self._partial.gpc + count >
-                                         self._partial.gpc or
-                                         start // self._partial.gpc >= self._nchunks):
+            if rtype == REC_GRANULE and (
+                self._partial is None
+                or count == 0
+                or start % self._partial.gpc + count > self._partial.gpc
+                or start // self._partial.gpc >= self._nchunks
+            ):
                 return self._bad_record("journal granule record out of range")
             if rtype == REC_TABLE:
                 for e in payload:
                     if fmt.MAX_PHYS_CHUNKS <= e < fmt.ZERO_CHUNK:
-                        return self._bad_record(f"journal table record holds the invalid "
-                                                f"entry {e:#x}")
+                        return self._bad_record(
+                            f"journal table record holds the invalid entry {e:#x}"
+                        )
                     if e < fmt.ZERO_CHUNK and data_offset + e * cs >= file_size:
-                        return False        # its data never reached the disk: torn write
+                        return False  # its data never reached the disk: torn write
             if rtype == REC_DATA_CRC:
                 if not (data_offset <= start and start + count <= data_end):
-                    return self._bad_record(f"journal data-crc record [{start}, "
-                                            f"{start + count}) is outside the data area")
+                    return self._bad_record(
+                        f"journal data-crc record [{start}, "
+                        f"{start + count}) is outside the data area"
+                    )
                 if last:
                     # Only the last transaction can be torn: each earlier one was followed
                     # by a flush before the next was appended, and its data may since have
                     # been overwritten legitimately.
-                    if start + count > file_size or \
-                            range_crc(self._fd, start, count) != payload:
+                    if start + count > file_size or range_crc(self._fd, start, count) != payload:
                         return False
         for rtype, count, start, payload in tx:
             if rtype == REC_TABLE:
-                self._table[start:start + count] = payload
+                self._table[start : start + count] = payload
                 if self._partial is not None:
                     self._partial.forget(start, count)
             elif rtype == REC_BITMAP:
@@ -453,9 +537,11 @@ class Image(DiskOps):
         h.update(changes)
         # Partial chunks may exist (or appear without another header write): refuse older
         # readers. Snapshots alone make first writes into held chunks partial.
-        if self._partial is not None and (self._partial.active or h["partial_map_offset"]
-                                          or h["incompatible_features"]
-                                          & fmt.INCOMPAT_SNAPSHOTS):
+        if self._partial is not None and (
+            self._partial.active
+            or h["partial_map_offset"]
+            or h["incompatible_features"] & fmt.INCOMPAT_SNAPSHOTS
+        ):
             h["incompatible_features"] |= fmt.INCOMPAT_PARTIAL
         else:
             h["incompatible_features"] &= ~fmt.INCOMPAT_PARTIAL
@@ -470,15 +556,19 @@ class Image(DiskOps):
         try:
             self._checkpoint_steps(clean)
         except BaseException:
-            self._journal_broken = True     # the header may name a newer epoch: redo it
+            self._journal_broken = True  # the header may name a newer epoch: redo it
             raise
         self._journal_broken = False
         self._alloc.commit_frees()
 
     def _checkpoint_steps(self, clean):
         h = self._header
-        if clean and self._dirty_since_checkpoint and self._partial is not None and (
-                self._partial.active or h["partial_map_offset"]):
+        if (
+            clean
+            and self._dirty_since_checkpoint
+            and self._partial is not None
+            and (self._partial.active or h["partial_map_offset"])
+        ):
             # the partial map moves and its old chunks are punched after the header: do
             # that under a header marked unclean, so a crash there opens with a scrub
             self._checkpoint(clean=False)
@@ -570,7 +660,7 @@ class Image(DiskOps):
             if os.fstat(self._fd).st_size > end and not self._alloc.retired:
                 os.ftruncate(self._fd, end)
         except OSError:
-            pass                # a leak at most
+            pass  # a leak at most
 
     def _io_error(self, err, what):
         return ImageIOError(self.path, err, what)
@@ -617,7 +707,7 @@ class Image(DiskOps):
         try:
             if self._crc_guard is not None:
                 self._seal_overlapping(offset, memoryview(data).nbytes)
-            n = self._map.write(offset, data)       # checks the base's stale bits itself
+            n = self._map.write(offset, data)  # checks the base's stale bits itself
             if n < 0:
                 n = self._write_slow(offset, memoryview(data).cast("B"))
             elif self._writethrough:
@@ -638,11 +728,14 @@ class Image(DiskOps):
             ranges, epoch, seq = g
             j = self._journal
             if (epoch, seq) != (j.epoch, j.next_seq):
-                self._crc_guard = None          # no longer the last transaction
+                self._crc_guard = None  # no longer the last transaction
                 return
-            if any(a < hb and ha < b for a, b in self._host_ranges(offset, length, plan)
-                   for ha, hb in ranges):
-                self._commit_metadata([])       # clears the guard: no crc records
+            if any(
+                a < hb and ha < b
+                for a, b in self._host_ranges(offset, length, plan)
+                for ha, hb in ranges
+            ):
+                self._commit_metadata([])  # clears the guard: no crc records
 
     def _host_ranges(self, offset, length, plan=None):
         """Host byte ranges of the allocated chunks under a virtual range (`plan`: chunk
@@ -661,14 +754,15 @@ class Image(DiskOps):
         """A write that needs chunks allocated, copied from a snapshot, or the base."""
         length = len(mv)
         if offset < 0 or offset + length > self.size:
-            raise ValueError(f"I/O range [{offset}, {offset + length}) outside the image "
-                             f"(size {self.size})")
+            raise ValueError(
+                f"I/O range [{offset}, {offset + length}) outside the image (size {self.size})"
+            )
         if self._base is not None:
             return self._base.write(offset, mv)
-        with self._lock:        # allocation and the journal are shared by all writers
+        with self._lock:  # allocation and the journal are shared by all writers
             self._check_open()
             if self._partial is not None and self._partial.takes(self, offset, length):
-                return self._partial.write(self, offset, mv)     # fvd.granular
+                return self._partial.write(self, offset, mv)  # fvd.granular
             changes, extra = self._prepare_chunks(offset, length)
             try:
                 self._write_planned(offset, mv, changes)
@@ -729,7 +823,7 @@ class Image(DiskOps):
             stop = min(end, (pos // cs + 1) * cs)
             while stop < end and self._host_of(stop, plan) == host + (stop - pos):
                 stop = min(end, stop + cs)
-            self._map.pwritev(host, [mv[pos - offset:stop - offset]])
+            self._map.pwritev(host, [mv[pos - offset : stop - offset]])
             pos = stop
 
     def _is_frozen(self, e):
@@ -739,7 +833,7 @@ class Image(DiskOps):
         """Keep the frozen array covering every physical chunk index."""
         if index >= len(self._frozen):
             grown = np.zeros(max(2 * len(self._frozen), index + 1, 1024), dtype=np.uint8)
-            grown[:len(self._frozen)] = self._frozen
+            grown[: len(self._frozen)] = self._frozen
             self._frozen = grown
             self._map.set_frozen(grown)
 
@@ -753,8 +847,9 @@ class Image(DiskOps):
 
     def _write_zeroes(self, offset, length):
         if offset < 0 or length < 0 or offset + length > self.size:
-            raise ValueError(f"range [{offset}, {offset + length}) outside the image "
-                             f"(size {self.size})")
+            raise ValueError(
+                f"range [{offset}, {offset + length}) outside the image (size {self.size})"
+            )
         cs = self.chunk_size
         end = offset + length
         head_end = min(end, -(-offset // cs) * cs)
@@ -814,10 +909,10 @@ class Image(DiskOps):
         records = table_records(pending) + list(bits)
         self._pending, self._pending_bits = {}, []
         try:
-            self._sync()                    # data before the records that point at it
+            self._sync()  # data before the records that point at it
             self._commit_metadata(records)
         except BaseException:
-            self._pending, self._pending_bits = pending, bits     # the next flush retries
+            self._pending, self._pending_bits = pending, bits  # the next flush retries
             raise
 
     # ----- lifecycle -------------------------------------------------------------
@@ -852,7 +947,7 @@ class Image(DiskOps):
         if self._base is not None:
             self._base.close()
         if self._fd >= 0:
-            os.close(self._fd)      # also drops the flock
+            os.close(self._fd)  # also drops the flock
             self._fd = -1
 
     def _crash(self):
@@ -890,11 +985,13 @@ class Image(DiskOps):
     def info(self):
         """Header facts and allocation, as `fvd info --output=json` shows them."""
         from .info import image_info
+
         return image_info(self)
 
     def check(self, repair=False):
         from .check import check_image
-        with self._lock:        # a consistent table, and released chunks reclaimed first
+
+        with self._lock:  # a consistent table, and released chunks reclaimed first
             if not self._closed:
                 self._alloc.quiesce(time.sleep)
             return check_image(self, repair)
@@ -902,6 +999,7 @@ class Image(DiskOps):
     # Snapshot API (fvd.snapshots implements it)
     def create_snapshot(self, name, vm_state=b""):
         from .snapshots import create_snapshot
+
         try:
             return create_snapshot(self, name, vm_state)
         except OSError as e:
@@ -909,10 +1007,12 @@ class Image(DiskOps):
 
     def snapshots(self):
         from .snapshots import list_snapshots
+
         return list_snapshots(self)
 
     def delete_snapshot(self, name):
         from .snapshots import delete_snapshot
+
         try:
             return delete_snapshot(self, name)
         except OSError as e:
@@ -920,6 +1020,7 @@ class Image(DiskOps):
 
     def revert_to_snapshot(self, name):
         from .snapshots import revert_to_snapshot
+
         try:
             return revert_to_snapshot(self, name)
         except OSError as e:
@@ -927,6 +1028,7 @@ class Image(DiskOps):
 
     def open_snapshot(self, name):
         from .snapshots import open_snapshot
+
         try:
             return open_snapshot(self, name)
         except OSError as e:
@@ -934,6 +1036,7 @@ class Image(DiskOps):
 
     def read_vm_state(self, name):
         from .snapshots import read_vm_state
+
         try:
             return read_vm_state(self, name)
         except OSError as e:
@@ -941,6 +1044,7 @@ class Image(DiskOps):
 
     def prefetch(self, progress=None, **options):
         from .base import prefetch
+
         try:
             return prefetch(self, progress, **options)
         except OSError as e:

@@ -4,6 +4,7 @@
 are recognised by their magic; a file with neither is raw, but only when no format was
 given for a top-level image (a base is never probed as raw by fvd itself).
 """
+
 import errno
 import os
 
@@ -44,8 +45,9 @@ def resolve_format(path, given=None) -> str:
     if given is None or given == seen or given == "raw":
         return given or seen
     if seen == "raw":
-        raise WrongFormatError(f"{path}: not a {given} image (no {given} magic; "
-                               f"use -f raw for a raw file)")
+        raise WrongFormatError(
+            f"{path}: not a {given} image (no {given} magic; use -f raw for a raw file)"
+        )
     article = "an" if seen == "fvd" else "a"
     raise WrongFormatError(f"{path}: is {article} {seen} image; use -f {seen}")
 
@@ -57,9 +59,11 @@ def open_image(path, format=None, mode="r", *, force_share=False):
     f = resolve_format(path, format)
     if f == "fvd":
         from .image import Image
+
         return Image(path, mode, force_share=force_share)
     if f == "qcow2":
         from . import qcow2
+
         return qcow2.open(path, mode)
     return RawImage(path, mode)
 
@@ -68,6 +72,7 @@ def raw_extents(fd, offset, length):
     """Data and hole runs of a file by SEEK_DATA/SEEK_HOLE (qemu-img map's view of a raw
     file: data extents at depth 0, holes zero). Past EOF counts as a hole."""
     from .image import Extent
+
     end = offset + length
     eof = os.fstat(fd).st_size
     pos = offset
@@ -117,8 +122,10 @@ class RawImage:
     def _check_range(self, offset, length):
         self._check_open()
         if offset < 0 or length < 0 or offset + length > self.size:
-            raise ValueError(f"{self.path}: I/O range [{offset}, {offset + length}) outside "
-                             f"the image (size {self.size})")
+            raise ValueError(
+                f"{self.path}: I/O range [{offset}, {offset + length}) outside "
+                f"the image (size {self.size})"
+            )
 
     def readinto(self, offset, buf):
         mv = memoryview(buf).cast("B")
@@ -138,8 +145,13 @@ class RawImage:
 
     def info(self):
         st = os.fstat(self._fd)
-        return {"filename": self.path, "format": "raw", "virtual-size": self.size,
-                "actual-size": st.st_blocks * 512, "dirty-flag": False}
+        return {
+            "filename": self.path,
+            "format": "raw",
+            "virtual-size": self.size,
+            "actual-size": st.st_blocks * 512,
+            "dirty-flag": False,
+        }
 
     def close(self):
         if not self._closed:

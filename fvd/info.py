@@ -1,5 +1,6 @@
 """Header facts and allocation of an open image (`fvd info`), with qemu-img's key names
 (`qemu-img info --output=json`) and fvd's own facts under "format-specific"."""
+
 import os
 
 from . import _impl
@@ -8,16 +9,21 @@ from . import format as fmt
 
 def snapshot_dict(sid, name, vm_state_size, date_ns, vm_clock_ns=0):
     """One snapshot as `qemu-img info --output=json` lists it."""
-    return {"id": str(sid), "name": name, "vm-state-size": vm_state_size,
-            "date-sec": date_ns // 10**9, "date-nsec": date_ns % 10**9,
-            "vm-clock-sec": vm_clock_ns // 10**9, "vm-clock-nsec": vm_clock_ns % 10**9}
+    return {
+        "id": str(sid),
+        "name": name,
+        "vm-state-size": vm_state_size,
+        "date-sec": date_ns // 10**9,
+        "date-nsec": date_ns % 10**9,
+        "vm-clock-sec": vm_clock_ns // 10**9,
+        "vm-clock-nsec": vm_clock_ns % 10**9,
+    }
 
 
 def fvd_snapshot_dicts(img):
     if img._snapshots is None:
         return []
-    return [snapshot_dict(e.id, e.name, e.vm_size, e.created_ns)
-            for e in img._snapshots.entries]
+    return [snapshot_dict(e.id, e.name, e.vm_size, e.created_ns) for e in img._snapshots.entries]
 
 
 def image_info(img):
@@ -56,7 +62,7 @@ def image_info(img):
         if chain:
             data["backing-chain"] = chain()
     if getattr(img, "_partial", None) is not None and img._partial.active:
-        data["partial-chunks"] = img._partial.active      # granular copy-on-write
+        data["partial-chunks"] = img._partial.active  # granular copy-on-write
     snaps = fvd_snapshot_dicts(img)
     if snaps:
         info["snapshots"] = snaps
@@ -70,21 +76,38 @@ def image_info(img):
 def qcow2_info(q):
     """`qemu-img info` of a qcow2 image opened with fvd.qcow2."""
     st = os.fstat(q.fd)
-    info = {"filename": q.path, "format": "qcow2", "virtual-size": q.size,
-            "actual-size": st.st_blocks * 512, "cluster-size": q.cluster_size,
-            "dirty-flag": q.dirty}
+    info = {
+        "filename": q.path,
+        "format": "qcow2",
+        "virtual-size": q.size,
+        "actual-size": st.st_blocks * 512,
+        "cluster-size": q.cluster_size,
+        "dirty-flag": q.dirty,
+    }
     if q.backing_file:
         from .base import _resolve
+
         info["backing-filename"] = q.backing_file
         info["full-backing-filename"] = _resolve(q.path, q.backing_file)
         if q.backing_format:
             info["backing-filename-format"] = q.backing_format
-    snaps = [snapshot_dict(s.id, s.name, s.vm_state_size, s.date_sec * 10**9 + s.date_nsec,
-                           s.vm_clock_nsec) for s in q.snapshots()]
+    snaps = [
+        snapshot_dict(
+            s.id, s.name, s.vm_state_size, s.date_sec * 10**9 + s.date_nsec, s.vm_clock_nsec
+        )
+        for s in q.snapshots()
+    ]
     if snaps:
         info["snapshots"] = snaps
     v3 = q._version == 3
-    info["format-specific"] = {"type": "qcow2", "data": {
-        "compat": "1.1" if v3 else "0.10", "lazy-refcounts": q.lazy_refcounts,
-        "refcount-bits": 16, "corrupt": bool(q._incompat & 2), "extended-l2": False}}
+    info["format-specific"] = {
+        "type": "qcow2",
+        "data": {
+            "compat": "1.1" if v3 else "0.10",
+            "lazy-refcounts": q.lazy_refcounts,
+            "refcount-bits": 16,
+            "corrupt": bool(q._incompat & 2),
+            "extended-l2": False,
+        },
+    }
     return info

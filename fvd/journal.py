@@ -6,6 +6,7 @@ crc32, so a sector left over from an earlier epoch, or never written, ends the r
 Records of one transaction (one guest write) are applied together or not at all.
 Sector and record layouts are in docs/format.md ("Journal").
 """
+
 import os
 import struct
 import zlib
@@ -14,12 +15,12 @@ from .errors import CorruptImageError
 from .fileio import full_pwrite
 
 SECTOR = 512
-SECTOR_MAGIC = 0x4A445646                       # "FVDJ"
-SECTOR_HEAD = struct.Struct("<IIQQHHI")         # magic crc epoch seq tx_remaining nrec rsvd
-RECORD_HEAD = struct.Struct("<IIQ")             # type count start
+SECTOR_MAGIC = 0x4A445646  # "FVDJ"
+SECTOR_HEAD = struct.Struct("<IIQQHHI")  # magic crc epoch seq tx_remaining nrec rsvd
+RECORD_HEAD = struct.Struct("<IIQ")  # type count start
 PAYLOAD = SECTOR - SECTOR_HEAD.size
 REC_TABLE, REC_BITMAP, REC_DATA_CRC, REC_GRANULE = 1, 2, 3, 4
-GRANULE_PAYLOAD = struct.Struct("<II")         # front chunk, source chunk
+GRANULE_PAYLOAD = struct.Struct("<II")  # front chunk, source chunk
 TABLE_ENTRIES_PER_SECTOR = (PAYLOAD - RECORD_HEAD.size) // 4
 
 
@@ -41,7 +42,8 @@ def table_records(changes):
 
 def _table_record(first, entries):
     return RECORD_HEAD.pack(REC_TABLE, len(entries), first) + struct.pack(
-        f"<{len(entries)}I", *entries)
+        f"<{len(entries)}I", *entries
+    )
 
 
 def bitmap_record(first_block, count):
@@ -58,8 +60,7 @@ def data_crc_record(host_offset, length, crc):
 def granule_record(first_granule, count, chunk, source):
     """Record setting `count` granule bits from global granule `first_granule` (all in
     one virtual chunk) of partial chunk `chunk`, whose unset granules read `source`."""
-    return RECORD_HEAD.pack(REC_GRANULE, count, first_granule) + GRANULE_PAYLOAD.pack(
-        chunk, source)
+    return RECORD_HEAD.pack(REC_GRANULE, count, first_granule) + GRANULE_PAYLOAD.pack(chunk, source)
 
 
 def pack_transaction(records, epoch, first_seq):
@@ -75,8 +76,12 @@ def pack_transaction(records, epoch, first_seq):
     out = bytearray()
     for i, group in enumerate(groups):
         body = b"".join(group)
-        sector = bytearray(SECTOR_HEAD.pack(SECTOR_MAGIC, 0, epoch, first_seq + i,
-                                            len(groups) - 1 - i, len(group), 0) + body)
+        sector = bytearray(
+            SECTOR_HEAD.pack(
+                SECTOR_MAGIC, 0, epoch, first_seq + i, len(groups) - 1 - i, len(group), 0
+            )
+            + body
+        )
         sector.extend(bytes(SECTOR - len(sector)))
         sector[4:8] = zlib.crc32(sector).to_bytes(4, "little")
         out += sector
@@ -120,7 +125,7 @@ def read_transactions(fd, path, offset, size, epoch):
     while seq * SECTOR < size:
         raw = os.pread(fd, min(chunk, size - seq * SECTOR), offset + seq * SECTOR)
         for pos in range(0, len(raw) - SECTOR + 1, SECTOR):
-            sector = raw[pos:pos + SECTOR]
+            sector = raw[pos : pos + SECTOR]
             head = _valid_sector(sector, epoch, seq, path, offset + seq * SECTOR)
             if head is None:
                 return
@@ -153,7 +158,7 @@ def _valid_sector(sector, epoch, seq, path, where):
     head = SECTOR_HEAD.unpack_from(sector)
     magic, crc, s_epoch, s_seq = head[:4]
     if magic != SECTOR_MAGIC or s_epoch != epoch or s_seq != seq:
-        return None                 # never written in this epoch: the end of the journal
+        return None  # never written in this epoch: the end of the journal
     check = bytearray(sector)
     check[4:8] = b"\0\0\0\0"
     if zlib.crc32(check) != crc:
@@ -189,6 +194,7 @@ def _records(sector, nrec, path, where):
             out.append((rtype, count, start, GRANULE_PAYLOAD.unpack_from(sector, pos)))
             pos += GRANULE_PAYLOAD.size
         else:
-            raise CorruptImageError(path, where + pos - RECORD_HEAD.size,
-                                    f"unknown journal record type {rtype}")
+            raise CorruptImageError(
+                path, where + pos - RECORD_HEAD.size, f"unknown journal record type {rtype}"
+            )
     return out

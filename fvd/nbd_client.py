@@ -19,6 +19,7 @@ prefetch read in flight on another connection. Any socket error closes that conn
 and raises `BaseImageError` naming the URI; the next read connects again, so a base whose
 server comes back is used again.
 """
+
 from __future__ import annotations
 
 import socket
@@ -29,8 +30,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from .errors import BaseImageError
 
-NBD_MAGIC = 0x4E42444D41474943              # "NBDMAGIC"
-IHAVEOPT = 0x49484156454F5054              # "IHAVEOPT"
+NBD_MAGIC = 0x4E42444D41474943  # "NBDMAGIC"
+IHAVEOPT = 0x49484156454F5054  # "IHAVEOPT"
 OPT_REPLY_MAGIC = 0x3E889045565A9
 REQUEST_MAGIC = 0x25609513
 SIMPLE_REPLY_MAGIC = 0x67446698
@@ -48,9 +49,9 @@ REPLY_ERROR_BIT = 1 << 15
 STATE_HOLE, STATE_ZERO = 1, 2
 BASE_ALLOCATION = b"base:allocation"
 MAX_STATUS = 1 << 30
-SPARSE_READ_MIN = 1 << 20       # reads this large ask block status first
+SPARSE_READ_MIN = 1 << 20  # reads this large ask block status first
 DEFAULT_PORT = 10809
-MAX_REQUEST = 4 << 20           # below every server's limit (qemu-nbd: 32 MiB)
+MAX_REQUEST = 4 << 20  # below every server's limit (qemu-nbd: 32 MiB)
 SCHEMES = ("nbd://", "nbd+unix://")
 
 
@@ -124,8 +125,9 @@ class _Connection:
         if not hflags & FLAG_FIXED_NEWSTYLE:
             raise ConnectionError("server does not speak fixed newstyle NBD")
         no_zeroes = bool(hflags & FLAG_NO_ZEROES)
-        self.sock.sendall(struct.pack(">I", FLAG_FIXED_NEWSTYLE |
-                                      (FLAG_NO_ZEROES if no_zeroes else 0)))
+        self.sock.sendall(
+            struct.pack(">I", FLAG_FIXED_NEWSTYLE | (FLAG_NO_ZEROES if no_zeroes else 0))
+        )
         self._negotiate_block_status(export)
         data = struct.pack(">I", len(export)) + export + struct.pack(">H", 0)
         self._send_option(OPT_GO, data)
@@ -134,15 +136,17 @@ class _Connection:
             _opt, rtype, payload = self._option_reply()
             if rtype == REP_ACK:
                 break
-            if rtype == REP_INFO and len(payload) >= 12 and \
-                    struct.unpack_from(">H", payload)[0] == INFO_EXPORT:
+            if (
+                rtype == REP_INFO
+                and len(payload) >= 12
+                and struct.unpack_from(">H", payload)[0] == INFO_EXPORT
+            ):
                 size, flags = struct.unpack_from(">QH", payload, 2)
             elif rtype == REP_ERR_UNSUP:
                 return self._export_name(export, no_zeroes)
             elif rtype & (1 << 31):
                 msg = payload.decode("utf-8", "replace") or f"error {rtype & 0x7FFFFFFF}"
-                raise ConnectionError(f"export {export.decode(errors='replace')!r} "
-                                      f"refused: {msg}")
+                raise ConnectionError(f"export {export.decode(errors='replace')!r} refused: {msg}")
         if size is None or flags is None:
             raise ConnectionError("server sent no export size")
         return size, flags
@@ -156,13 +160,17 @@ class _Connection:
         if not self._option_acked():
             return
         self.structured = True
-        data = (struct.pack(">I", len(export)) + export + struct.pack(">I", 1) +
-                struct.pack(">I", len(BASE_ALLOCATION)) + BASE_ALLOCATION)
+        data = (
+            struct.pack(">I", len(export))
+            + export
+            + struct.pack(">I", 1)
+            + struct.pack(">I", len(BASE_ALLOCATION))
+            + BASE_ALLOCATION
+        )
         self._send_option(OPT_SET_META_CONTEXT, data)
         while True:
             _opt, rtype, payload = self._option_reply()
-            if rtype == REP_META_CONTEXT and len(payload) >= 4 and \
-                    payload[4:] == BASE_ALLOCATION:
+            if rtype == REP_META_CONTEXT and len(payload) >= 4 and payload[4:] == BASE_ALLOCATION:
                 self.context = struct.unpack_from(">I", payload)[0]
             elif rtype == REP_ACK or rtype & (1 << 31):
                 return
@@ -194,8 +202,9 @@ class _Connection:
     # ----- transmission -----------------------------------------------------------------
     def _request(self, cmd: int, offset: int, length: int) -> int:
         self.cookie += 1
-        self.sock.sendall(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, cmd, self.cookie, offset,
-                                      length))
+        self.sock.sendall(
+            struct.pack(">IHHQQI", REQUEST_MAGIC, 0, cmd, self.cookie, offset, length)
+        )
         return self.cookie
 
     def readinto(self, offset: int, mv: memoryview) -> None:
@@ -203,7 +212,7 @@ class _Connection:
         while pos < len(mv):
             n = min(MAX_REQUEST, len(mv) - pos)
             cookie = self._request(CMD_READ, offset + pos, n)
-            self._reply(cookie, mv[pos:pos + n], offset + pos)
+            self._reply(cookie, mv[pos : pos + n], offset + pos)
             pos += n
 
     def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
@@ -215,8 +224,9 @@ class _Connection:
         self._reply(cookie, None, offset, found)
         return found
 
-    def _reply(self, cookie: int, out: memoryview | None, base: int,
-               status: list | None = None) -> None:
+    def _reply(
+        self, cookie: int, out: memoryview | None, base: int, status: list | None = None
+    ) -> None:
         """Read the whole reply to `cookie`: simple, or structured chunks until DONE.
         Read data lands in `out` (which starts at virtual `base`); a hole is zero-filled."""
         error = None
@@ -240,31 +250,32 @@ class _Connection:
         if error:
             raise OSError(error[0], f"server error {error[0]}: {error[1]}")
 
-    def _chunk(self, rtype: int, length: int, out: memoryview | None, base: int,
-               status: list | None):
+    def _chunk(
+        self, rtype: int, length: int, out: memoryview | None, base: int, status: list | None
+    ):
         if rtype == REPLY_OFFSET_DATA and out is not None and length >= 8:
             (off,) = struct.unpack(">Q", self._recv(8))
             s = off - base
             if s < 0 or s + length - 8 > len(out):
                 raise ConnectionError("read reply outside the request")
-            self._recv_into(out[s:s + length - 8])
+            self._recv_into(out[s : s + length - 8])
         elif rtype == REPLY_OFFSET_HOLE and out is not None and length == 12:
             off, size = struct.unpack(">QI", self._recv(12))
             s = off - base
             if s < 0 or s + size > len(out):
                 raise ConnectionError("hole reply outside the request")
-            out[s:s + size] = bytes(size)
+            out[s : s + size] = bytes(size)
         elif rtype == REPLY_BLOCK_STATUS and status is not None and length >= 4:
             payload = self._recv(length)
             if struct.unpack_from(">I", payload)[0] == self.context:
-                status.extend(struct.iter_unpack(">II", payload[4:4 + (length - 4) // 8 * 8]))
+                status.extend(struct.iter_unpack(">II", payload[4 : 4 + (length - 4) // 8 * 8]))
         elif rtype & REPLY_ERROR_BIT:
             payload = self._recv(length)
             err = struct.unpack_from(">I", payload)[0] if length >= 4 else 5
             msg = payload[6:].decode("utf-8", "replace") if length >= 6 else ""
             return (err or 5, msg)
         elif length:
-            self._recv(length)          # a chunk type we did not ask for: skip it
+            self._recv(length)  # a chunk type we did not ask for: skip it
         return None
 
     def _check_cookie(self, got: int, want: int) -> None:
@@ -274,8 +285,7 @@ class _Connection:
     def close(self) -> None:
         try:
             self.cookie += 1
-            self.sock.sendall(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_DISC, self.cookie,
-                                          0, 0))
+            self.sock.sendall(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_DISC, self.cookie, 0, 0))
         except OSError:
             pass
         finally:
@@ -285,8 +295,7 @@ class _Connection:
 class NbdClient:
     """Read-only access to an NBD export, safe from any thread (a connection pool)."""
 
-    def __init__(self, uri: str, *, max_connections: int = 4,
-                 timeout: float | None = 60.0):
+    def __init__(self, uri: str, *, max_connections: int = 4, timeout: float | None = 60.0):
         parse_uri(uri)
         self.uri = uri
         self.timeout = timeout
@@ -347,7 +356,7 @@ class NbdClient:
             self._drop()
             raise BaseImageError(f"{self.uri}: NBD {what} failed: {e}") from e
         except BaseException:
-            conn.sock.close()       # a half-read reply leaves the stream unusable
+            conn.sock.close()  # a half-read reply leaves the stream unusable
             self._drop()
             raise
         self._put(conn)
@@ -359,18 +368,21 @@ class NbdClient:
         holes as data), so prefetch of a sparse base does not move its zeros."""
         mv = memoryview(buffer).cast("B")
         if offset < 0 or offset + len(mv) > self.size:
-            raise ValueError(f"{self.uri}: read [{offset}, {offset + len(mv)}) outside the "
-                             f"export (size {self.size})")
+            raise ValueError(
+                f"{self.uri}: read [{offset}, {offset + len(mv)}) outside the "
+                f"export (size {self.size})"
+            )
         runs = [(offset, len(mv), False)]
         if len(mv) >= SPARSE_READ_MIN and self.block_status:
             runs = _data_runs(self.extents(offset, len(mv)))
         for start, n, zero in runs:
-            piece = mv[start - offset:start - offset + n]
+            piece = mv[start - offset : start - offset + n]
             if zero:
                 piece[:] = bytes(n)
             else:
-                self._call(f"read of {n} bytes at {start}",
-                           lambda c, s=start, p=piece: c.readinto(s, p))
+                self._call(
+                    f"read of {n} bytes at {start}", lambda c, s=start, p=piece: c.readinto(s, p)
+                )
         return len(mv)
 
     def extents(self, offset: int, length: int):
@@ -378,8 +390,9 @@ class NbdClient:
         all data when the server has no block status."""
         pos, end = offset, offset + length
         while pos < end:
-            found = self._call(f"block status at {pos}",
-                               lambda c, p=pos: c.block_status(p, end - p))
+            found = self._call(
+                f"block status at {pos}", lambda c, p=pos: c.block_status(p, end - p)
+            )
             start = pos
             for n, flags in found:
                 n = min(n, end - pos)
@@ -387,7 +400,7 @@ class NbdClient:
                     break
                 yield pos, n, bool(flags & STATE_ZERO), not flags & STATE_HOLE
                 pos += n
-            if pos == start:                # no progress: say "data", never loop
+            if pos == start:  # no progress: say "data", never loop
                 yield pos, end - pos, False, True
                 pos = end
 

@@ -14,6 +14,7 @@ start-up, before the socket exists) and shared by every connection: fvd.Image ca
 safe from any thread, so the plugin uses nbdkit's parallel thread model. A qcow2 image
 (fvd.qcow2 makes no such promise) is served with its calls serialised by a lock.
 """
+
 import errno
 import os
 import sys
@@ -23,8 +24,7 @@ import nbdkit
 
 API_VERSION = 2
 
-_params = {"file": None, "snapshot": None, "readonly": False, "force_share": False,
-           "format": "fvd"}
+_params = {"file": None, "snapshot": None, "readonly": False, "force_share": False, "format": "fvd"}
 _state = {"image": None, "parent": None, "lock": None}
 
 
@@ -57,15 +57,16 @@ def config(key, value):
     elif key == "pythonpath":
         _extend_path(value)
     else:
-        raise ValueError(f"unknown parameter {key!r} (file, snapshot, readonly, "
-                         f"force_share, format, pythonpath)")
+        raise ValueError(
+            f"unknown parameter {key!r} (file, snapshot, readonly, force_share, format, pythonpath)"
+        )
 
 
 def config_complete():
     if not _params["file"]:
         raise ValueError("file=IMAGE is required")
     if _params["snapshot"] is not None:
-        _params["readonly"] = True          # a snapshot is read-only by nature
+        _params["readonly"] = True  # a snapshot is read-only by nature
 
 
 def thread_model():
@@ -76,12 +77,15 @@ def get_ready():
     try:
         import fvd
     except ImportError as e:
-        raise RuntimeError(f"cannot import fvd in nbdkit's Python {sys.version.split()[0]} "
-                           f"({e}); pass pythonpath=DIR with fvd, numpy and construct") from e
+        raise RuntimeError(
+            f"cannot import fvd in nbdkit's Python {sys.version.split()[0]} "
+            f"({e}); pass pythonpath=DIR with fvd, numpy and construct"
+        ) from e
     path = _params["file"]
     mode = "r" if _params["readonly"] else "r+"
     if _params["format"] == "qcow2":
         from fvd import qcow2
+
         _state["image"] = qcow2.open(path, mode)
         _state["lock"] = threading.Lock()
         return
@@ -154,7 +158,7 @@ def can_fast_zero(h):
 
 
 def can_fua(h):
-    return nbdkit.FUA_EMULATE       # nbdkit follows a FUA write with flush()
+    return nbdkit.FUA_EMULATE  # nbdkit follows a FUA write with flush()
 
 
 def can_extents(h):
@@ -173,7 +177,7 @@ def can_cache(h):
 
 
 def block_size(h):
-    return (1, 4096, 32 << 20)      # any alignment works; 4 KiB avoids read-modify-write
+    return (1, 4096, 32 << 20)  # any alignment works; 4 KiB avoids read-modify-write
 
 
 def pread(h, buf, offset, flags):
@@ -205,8 +209,10 @@ def _fast_zero_possible(img, offset, count):
     end = offset + count
     head_end = min(end, -(-offset // cs) * cs)
     tail_start = max(head_end, end // cs * cs)
-    return not any(stop > start and img._chunk_has_content(start)
-                   for start, stop in ((offset, head_end), (tail_start, end)))
+    return not any(
+        stop > start and img._chunk_has_content(start)
+        for start, stop in ((offset, head_end), (tail_start, end))
+    )
 
 
 def trim(h, count, offset, flags):

@@ -21,6 +21,7 @@
 * Blocks in chunks a snapshot holds (frozen) are stored like a guest write would: the
   chunk is first copied to a new one (Image._prepare_chunks), never written in place.
 """
+
 import bisect
 import random
 import sys
@@ -36,8 +37,17 @@ DEFAULT_MIN_RATE = 5120 * 1024
 
 
 class Pacer:
-    def __init__(self, min_rate=DEFAULT_MIN_RATE, max_rate=None, alpha=0.8, window=0.1,
-                 throttle_time=30.0, rng=None, sleep=time.sleep, clock=time.monotonic):
+    def __init__(
+        self,
+        min_rate=DEFAULT_MIN_RATE,
+        max_rate=None,
+        alpha=0.8,
+        window=0.1,
+        throttle_time=30.0,
+        rng=None,
+        sleep=time.sleep,
+        clock=time.monotonic,
+    ):
         self.min_rate, self.max_rate = min_rate, max_rate
         self.alpha, self.window, self.throttle_time = alpha, window, throttle_time
         self.rng = rng or random.Random()
@@ -61,8 +71,9 @@ class Pacer:
         if elapsed < self.window:
             return
         sample = self.nbytes / elapsed
-        self.ewma = sample if self.ewma is None else (self.alpha * self.ewma +
-                                                      (1 - self.alpha) * sample)
+        self.ewma = (
+            sample if self.ewma is None else (self.alpha * self.ewma + (1 - self.alpha) * sample)
+        )
         if self.min_rate and self.ewma < self.min_rate and self.rng.random() < 0.5:
             self.pauses += 1
             self.sleep(self.rng.uniform(0, self.throttle_time))
@@ -79,9 +90,19 @@ def _present_bytes(flags, first_block, bs, bend):
     return n
 
 
-def prefetch(img, progress=None, *, step=DEFAULT_STEP, min_rate=DEFAULT_MIN_RATE,
-             max_rate=None, alpha=0.8, window=0.1, throttle_time=30.0, rng=None,
-             sleep=time.sleep):
+def prefetch(
+    img,
+    progress=None,
+    *,
+    step=DEFAULT_STEP,
+    min_rate=DEFAULT_MIN_RATE,
+    max_rate=None,
+    alpha=0.8,
+    window=0.1,
+    throttle_time=30.0,
+    rng=None,
+    sleep=time.sleep,
+):
     """Copy the base into the image; returns the number of bytes copied by this call."""
     img._check_writable()
     h = img._header
@@ -116,10 +137,10 @@ def prefetch(img, progress=None, *, step=DEFAULT_STEP, min_rate=DEFAULT_MIN_RATE
             continue
         a, z = pos + int(absent[0]), pos + int(absent[-1]) + 1
         s, e = a * bs, min(z * bs, bend)
-        piece = view[:e - s]
+        piece = view[: e - s]
         _read_skipping_holes(layer, holes, s, piece)
         copied += layer.store(s, piece)
-        done += (e - s) - _present_bytes(flags[a - pos:z - pos], a, bs, bend)
+        done += (e - s) - _present_bytes(flags[a - pos : z - pos], a, bs, bend)
         if progress is not None:
             progress(min(done, total), total)
         pacer.account(e - s)
@@ -134,8 +155,7 @@ def _base_holes(layer, bend):
     """Sorted (start, end) ranges below `bend` where the base reads zeros (a raw base's
     holes, an image base's zero extents): prefetch never reads them."""
     try:
-        return [(x.start, x.start + x.length) for x in layer.backend.extents(0, bend)
-                if x.zero]
+        return [(x.start, x.start + x.length) for x in layer.backend.extents(0, bend) if x.zero]
     except (OSError, NotImplementedError):
         return []
 
@@ -156,7 +176,7 @@ def _zero_hole_chunks(img, layer, holes, nb):
             absent = img._table[c0:c1] == fmt.UNALLOCATED
             b0, b1 = c0 * per, min(c1 * per, nb)
             bits = np.zeros((c1 - c0) * per, dtype=bool)
-            bits[:b1 - b0] = get_bits(layer.bitmap.fresh, b0, b1)
+            bits[: b1 - b0] = get_bits(layer.bitmap.fresh, b0, b1)
             absent &= ~bits.reshape(c1 - c0, per).any(axis=1)
             for a, b, ok in runs(absent):
                 if ok:
@@ -174,10 +194,10 @@ def _read_skipping_holes(layer, holes, start, piece):
             i += 1
         if i < len(holes) and holes[i][0] <= pos:
             stop = min(end, holes[i][1])
-            piece[pos - start:stop - start] = bytes(stop - pos)
+            piece[pos - start : stop - start] = bytes(stop - pos)
         else:
             stop = min(end, holes[i][0]) if i < len(holes) else end
-            layer._base_read(pos, piece[pos - start:stop - start])
+            layer._base_read(pos, piece[pos - start : stop - start])
         pos = stop
 
 
@@ -185,13 +205,14 @@ def _finish(img, layer, nb):
     img.flush()
     with img._lock:
         if nb and not get_bits(layer.bitmap.fresh, 0, nb).all():
-            return          # a block could not be stored (image closing): try again later
+            return  # a block could not be stored (image closing): try again later
         img._dirty_since_checkpoint = True
         img._checkpoint(clean=False)
         if img._snapshots is not None and img._snapshots.entries:
             from .snapshots import snapshots_need_base
+
             if snapshots_need_base(img):
-                return      # the front is complete, but a snapshot still reads the base
+                return  # the front is complete, but a snapshot still reads the base
         img._write_header(base_flags=img._header["base_flags"] | fmt.BASE_FLAG_PREFETCHED)
         img._sync()
         img._base = None
@@ -208,7 +229,7 @@ def progress_bar(stream=None, width=40):
         filled = int(width * pct / 100)
         text = f"\r[{'#' * filled}{'.' * (width - filled)}] {pct:6.2f}% ({done}/{total} bytes)"
         if text != state["last"]:
-            stream.write(text)          # the caller ends the line when done
+            stream.write(text)  # the caller ends the line when done
             stream.flush()
             state["last"] = text
 

@@ -15,6 +15,7 @@ Split by concern like QEMU's block/qcow2-*.c: qcow2_format (header, snapshot tab
 qcow2_refcount (refcounts, allocation, check/rebuild), qcow2_cluster (mapping, I/O),
 qcow2_snapshot (internal snapshots).
 """
+
 import errno
 import os as _os
 from dataclasses import dataclass
@@ -62,8 +63,16 @@ class CheckResult:
         return self.corruptions == 0 and self.leaks == 0
 
 
-def create(path, size, *, cluster_size=65536, lazy_refcounts=False, overwrite=False,
-           backing_file=None, backing_format=None):
+def create(
+    path,
+    size,
+    *,
+    cluster_size=65536,
+    lazy_refcounts=False,
+    overwrite=False,
+    backing_file=None,
+    backing_format=None,
+):
     """Create an empty qcow2 v3 image (16-bit refcounts).
 
     Layout as `qemu-img create`: header, refcount table, one refcount block, L1 table.
@@ -75,24 +84,36 @@ def create(path, size, *, cluster_size=65536, lazy_refcounts=False, overwrite=Fa
         raise ValueError(f"size must be a non-negative integer, not {size!r}")
     if size % 512:
         raise ValueError(f"size {size} is not a multiple of 512")
-    if (not isinstance(cluster_size, int) or cluster_size & (cluster_size - 1) or
-            not (1 << MIN_CLUSTER_BITS) <= cluster_size <= (1 << MAX_CLUSTER_BITS)):
+    if (
+        not isinstance(cluster_size, int)
+        or cluster_size & (cluster_size - 1)
+        or not (1 << MIN_CLUSTER_BITS) <= cluster_size <= (1 << MAX_CLUSTER_BITS)
+    ):
         raise ValueError(f"cluster_size must be a power of two in 512..2M, not {cluster_size}")
     cs, cbits = cluster_size, cluster_size.bit_length() - 1
     backing_file, backing_format = _new_backing(path, backing_file, backing_format)
-    h = Header(backing_file=backing_file, backing_format=backing_format, version=3,
-               cluster_bits=cbits, size=size, l1_size=0, l1_table_offset=0,
-               refcount_table_offset=cs, refcount_table_clusters=1, nb_snapshots=0,
-               snapshots_offset=0,
-               compatible_features=COMPAT_LAZY_REFCOUNTS if lazy_refcounts else 0)
+    h = Header(
+        backing_file=backing_file,
+        backing_format=backing_format,
+        version=3,
+        cluster_bits=cbits,
+        size=size,
+        l1_size=0,
+        l1_table_offset=0,
+        refcount_table_offset=cs,
+        refcount_table_clusters=1,
+        nb_snapshots=0,
+        snapshots_offset=0,
+        compatible_features=COMPAT_LAZY_REFCOUNTS if lazy_refcounts else 0,
+    )
     flags = _os.O_RDWR | _os.O_CREAT | (_os.O_TRUNC if overwrite else _os.O_EXCL)
     fd = _os.open(path, flags, 0o644)
     try:
         image = bytearray(3 * cs)
         hdr = build_header(h)
-        image[:len(hdr)] = hdr
-        image[cs:cs + 8] = (2 * cs).to_bytes(8, "big")               # reftable[0] -> block
-        image[2 * cs:2 * cs + 6] = b"\x00\x01" * 3                    # clusters 0, 1, 2
+        image[: len(hdr)] = hdr
+        image[cs : cs + 8] = (2 * cs).to_bytes(8, "big")  # reftable[0] -> block
+        image[2 * cs : 2 * cs + 6] = b"\x00\x01" * 3  # clusters 0, 1, 2
         _os.pwrite(fd, bytes(image), 0)
         _os.fdatasync(fd)
     finally:
@@ -111,6 +132,7 @@ def _new_backing(path, backing_file, backing_format):
             raise ValueError("backing_format given without backing_file")
         return "", ""
     from .base import _resolve, detect_format
+
     name = _os.fspath(backing_file)
     resolved = _resolve(path, name)
     if not _os.path.exists(resolved):
@@ -118,8 +140,7 @@ def _new_backing(path, backing_file, backing_format):
     if backing_format is None:
         backing_format = detect_format(resolved)
     if backing_format not in BACKING_FORMATS:
-        raise ValueError(f"backing_format must be one of {BACKING_FORMATS}, "
-                         f"not {backing_format!r}")
+        raise ValueError(f"backing_format must be one of {BACKING_FORMATS}, not {backing_format!r}")
     return name, backing_format
 
 
@@ -139,6 +160,7 @@ class _RawBacking:
 
     def extents(self, offset, length):
         from .imageio import raw_extents
+
         return raw_extents(self.fd, offset, length)
 
     def close(self):
@@ -150,6 +172,7 @@ class _RawBacking:
 def _open_backing(img, name, fmt, chain):
     """The backing file of `img`, opened read-only (its own chain included)."""
     from .base import _resolve, detect_format
+
     path = _resolve(img.path, name)
     real = _os.path.realpath(path)
     if real in chain:
@@ -162,16 +185,18 @@ def _open_backing(img, name, fmt, chain):
             return Qcow2Image(path, "r", _chain=chain + (real,))
         if fmt == "fvd":
             from .image import Image
+
             return Image(path, "r", _chain=chain + (real,))
     except (OSError, CorruptImageError, UnsupportedFeatureError) as e:
         if isinstance(e, BaseImageError):
             raise
-        raise BaseImageError(f"{path}: cannot open backing file of {img.path}: "
-                             f"{getattr(e, 'strerror', None) or e}") from e
+        raise BaseImageError(
+            f"{path}: cannot open backing file of {img.path}: {getattr(e, 'strerror', None) or e}"
+        ) from e
     raise BaseImageError(f"{img.path}: unknown backing format {fmt!r}")
 
 
-def open(path, mode="r", *, cache="writeback"):     # noqa: A001 - mirrors fvd.open
+def open(path, mode="r", *, cache="writeback"):  # noqa: A001 - mirrors fvd.open
     """Open a qcow2 image; mode "r" or "r+", cache "writeback" or "writethrough"."""
     return Qcow2Image(path, mode, cache)
 
@@ -181,8 +206,9 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
 
     _backing = None
 
-    def __init__(self, path, mode="r", cache="writeback", *, _creating=False, _chain=(),
-                 _skip_backing=False):
+    def __init__(
+        self, path, mode="r", cache="writeback", *, _creating=False, _chain=(), _skip_backing=False
+    ):
         if mode not in ("r", "r+"):
             raise ValueError(f"mode must be 'r' or 'r+', not {mode!r}")
         if cache not in ("writeback", "writethrough"):
@@ -195,13 +221,16 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
         self._closed = True
         self.fd = _os.open(path, _os.O_RDONLY if self.read_only else _os.O_RDWR)
         self._closed = False
-        self._hf = impl.HostFile(self.fd, self.stats)     # guest data I/O, as FVD's
+        self._hf = impl.HostFile(self.fd, self.stats)  # guest data I/O, as FVD's
         try:
             self._load(_creating)
             if self._header.backing_file and not _skip_backing:
-                self._backing = _open_backing(self, self._header.backing_file,
-                                              self._header.backing_format,
-                                              tuple(_chain) + (_os.path.realpath(path),))
+                self._backing = _open_backing(
+                    self,
+                    self._header.backing_file,
+                    self._header.backing_format,
+                    tuple(_chain) + (_os.path.realpath(path),),
+                )
         except BaseException:
             _os.close(self.fd)
             self._closed = True
@@ -235,8 +264,15 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
         self._rb, self._rb_dirty, self._deferred, self._free_idx = {}, set(), [], 0
         self._l2, self._l2_dirty, self._snap_l1 = {}, set(), {}
         self._fast_l2 = {}
-        self._fast_read = (self._cbits, self._l2bits, self._l2mask, self._cs, self.size,
-                           self._fast_l2, self._hf.readinto)
+        self._fast_read = (
+            self._cbits,
+            self._l2bits,
+            self._l2mask,
+            self._cs,
+            self.size,
+            self._fast_l2,
+            self._hf.readinto,
+        )
         self._load_snapshots(h.nb_snapshots, h.snapshots_offset)
         self._check_overlaps()
         self._lazy = False
@@ -247,65 +283,88 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
         l1u = l1.astype(np.uint64)
         bad = np.flatnonzero(l1u & np.uint64(L1E_RESERVED_MASK))
         if bad.size:
-            raise CorruptImageError(self.path, l1_off + 8 * int(bad[0]),
-                                    "L1 entry has reserved bits set")
+            raise CorruptImageError(
+                self.path, l1_off + 8 * int(bad[0]), "L1 entry has reserved bits set"
+            )
         offs = l1u & np.uint64(OFFSET_MASK)
-        bad = np.flatnonzero((offs % np.uint64(self._cs) != 0) |
-                             (offs + np.uint64(self._cs) > np.uint64(self._file_size)) &
-                             (offs != 0))
+        bad = np.flatnonzero(
+            (offs % np.uint64(self._cs) != 0)
+            | (offs + np.uint64(self._cs) > np.uint64(self._file_size)) & (offs != 0)
+        )
         if bad.size:
             i = int(bad[0])
-            raise CorruptImageError(self.path, l1_off + 8 * i, f"L1 entry {i} points to "
-                                    f"{int(offs[i]):#x}: unaligned or past the end of the file")
+            raise CorruptImageError(
+                self.path,
+                l1_off + 8 * i,
+                f"L1 entry {i} points to {int(offs[i]):#x}: unaligned or past the end of the file",
+            )
 
     def _check_overlaps(self):
         """Metadata areas may not share clusters, and no active L2 table or refcount
         block may live in one: a write there would land in the L1 or refcount table."""
         cs, cb = self._cs, self._cbits
-        areas = [(0, cs, 0, "header"),
-                 (self._l1_offset, 8 * len(self._l1), 40, "L1 table"),
-                 (self._rt_offset, self._rt_clusters * cs, 48, "refcount table")]
+        areas = [
+            (0, cs, 0, "header"),
+            (self._l1_offset, 8 * len(self._l1), 40, "L1 table"),
+            (self._rt_offset, self._rt_clusters * cs, 48, "refcount table"),
+        ]
         if self._snapshots:
             areas.append((self._snapshots_offset, self._snap_table_len, 64, "snapshot table"))
         taken = {}
         for off, n, field, what in areas:
             for c in range(off >> cb, -(-(off + n) // cs) if n else off >> cb):
                 if c in taken:
-                    raise CorruptImageError(self.path, field, f"{what} overlaps the "
-                                            f"{taken[c]} (cluster {c})")
+                    raise CorruptImageError(
+                        self.path, field, f"{what} overlaps the {taken[c]} (cluster {c})"
+                    )
                 taken[c] = what
         meta = np.fromiter(taken, dtype=np.int64)
         rt = self._reftable.astype(np.uint64) & np.uint64(REFT_OFFSET_MASK)
         hit = np.flatnonzero(np.isin((rt >> np.uint64(cb)).astype(np.int64), meta) & (rt != 0))
         if hit.size:
             i = int(hit[0])
-            raise CorruptImageError(self.path, self._rt_offset + 8 * i, f"refcount block {i} "
-                                    f"lies in {taken[int(rt[i]) >> cb]}")
+            raise CorruptImageError(
+                self.path,
+                self._rt_offset + 8 * i,
+                f"refcount block {i} lies in {taken[int(rt[i]) >> cb]}",
+            )
         blocks = (rt[rt != 0] >> np.uint64(cb)).astype(np.int64)
         uniq, cnt = np.unique(blocks, return_counts=True)
         if (cnt > 1).any():
-            raise CorruptImageError(self.path, self._rt_offset, f"two refcount table entries "
-                                    f"share the refcount block at cluster "
-                                    f"{int(uniq[cnt > 1][0])}")
+            raise CorruptImageError(
+                self.path,
+                self._rt_offset,
+                f"two refcount table entries "
+                f"share the refcount block at cluster "
+                f"{int(uniq[cnt > 1][0])}",
+            )
         l1 = self._l1.astype(np.uint64) & np.uint64(OFFSET_MASK)
         l2c = (l1 >> np.uint64(cb)).astype(np.int64)
         hit = np.flatnonzero((np.isin(l2c, meta) | np.isin(l2c, blocks)) & (l1 != 0))
         if hit.size:
             i = int(hit[0])
-            raise CorruptImageError(self.path, self._l1_offset + 8 * i, f"L1 entry {i} points "
-                                    f"into metadata (cluster {int(l2c[i])})")
+            raise CorruptImageError(
+                self.path,
+                self._l1_offset + 8 * i,
+                f"L1 entry {i} points into metadata (cluster {int(l2c[i])})",
+            )
         uniq, cnt = np.unique(l2c[l1 != 0], return_counts=True)
         if (cnt > 1).any():
-            raise CorruptImageError(self.path, self._l1_offset, f"two L1 entries share the L2 "
-                                    f"table at cluster {int(uniq[cnt > 1][0])}")
+            raise CorruptImageError(
+                self.path,
+                self._l1_offset,
+                f"two L1 entries share the L2 table at cluster {int(uniq[cnt > 1][0])}",
+            )
 
     def _metadata_refcounts_ok(self):
         """Before a writer trusts the refcounts: every metadata cluster (header, tables,
         refcount blocks, L2 tables) must count at least 1, or the allocator would hand
         it out for data. Costs refcount-block reads only, no L2 reads."""
         cs, cb = self._cs, self._cbits
-        clusters = [np.arange(0, 1), np.arange(self._rt_offset >> cb,
-                                               (self._rt_offset >> cb) + self._rt_clusters)]
+        clusters = [
+            np.arange(0, 1),
+            np.arange(self._rt_offset >> cb, (self._rt_offset >> cb) + self._rt_clusters),
+        ]
         areas = [(self._l1_offset, 8 * len(self._l1))]
         if self._snapshots:
             areas.append((self._snapshots_offset, self._snap_table_len))
@@ -320,27 +379,32 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
         c = np.unique(np.concatenate(clusters).astype(np.int64))
         zero = c[self._refcounts_of(c) == 0]
         if zero.size:
-            raise CorruptImageError(self.path, int(zero[0]) << cb, f"metadata cluster "
-                                    f"{int(zero[0])} has refcount 0 (run check -r all)")
+            raise CorruptImageError(
+                self.path,
+                int(zero[0]) << cb,
+                f"metadata cluster {int(zero[0])} has refcount 0 (run check -r all)",
+            )
 
     def _open_for_writing(self, h):
         if self._incompat & INCOMPAT_CORRUPT:
-            raise CorruptImageError(self.path, OFF_INCOMPAT, "image is marked corrupt; "
-                                    "open it read-only")
+            raise CorruptImageError(
+                self.path, OFF_INCOMPAT, "image is marked corrupt; open it read-only"
+            )
         if any(t == EXT_BITMAPS for t, _ in h.extensions):
-            raise UnsupportedFeatureError(f"{self.path}: persistent bitmaps are not supported "
-                                          "for writing")
+            raise UnsupportedFeatureError(
+                f"{self.path}: persistent bitmaps are not supported for writing"
+            )
         if h.autoclear_features:
-            self._meta_write(88, bytes(8))            # bits we do not maintain are cleared
+            self._meta_write(88, bytes(8))  # bits we do not maintain are cleared
             self._sync()
         self._lazy = bool(self._compat & COMPAT_LAZY_REFCOUNTS)
         if not self._incompat & INCOMPAT_DIRTY:
             try:
                 self._metadata_refcounts_ok()
             except CorruptImageError as e:
-                self._suspect = e         # writes refuse until check(repair=True) fixed it
+                self._suspect = e  # writes refuse until check(repair=True) fixed it
         if self._incompat & INCOMPAT_DIRTY:
-            self._rebuild_refcounts()                 # as QEMU does after a crash
+            self._rebuild_refcounts()  # as QEMU does after a crash
             self._fix_copied()
             if not self._lazy:
                 self._set_incompat(self._incompat & ~INCOMPAT_DIRTY)
@@ -384,8 +448,9 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
         while done < n:
             got = _os.preadv(self.fd, [mv[done:]], off + done)
             if got == 0:
-                raise CorruptImageError(self.path, off + done, "metadata past the end of the "
-                                        "file (truncated)")
+                raise CorruptImageError(
+                    self.path, off + done, "metadata past the end of the file (truncated)"
+                )
             done += got
         self.stats.metadata_reads += 1
         self.stats.metadata_bytes_read += n
@@ -420,7 +485,7 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
         if self._closed:
             raise ValueError(f"{self.path}: I/O on a closed image")
 
-    _suspect = None             # a CorruptImageError that makes writing unsafe
+    _suspect = None  # a CorruptImageError that makes writing unsafe
 
     def _check_writable(self):
         self._check_open()
@@ -433,8 +498,10 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
         if not isinstance(offset, int) or not isinstance(length, int):
             raise TypeError("offset and length must be integers")
         if offset < 0 or length < 0 or offset + length > self.size:
-            raise ValueError(f"{self.path}: I/O range [{offset}, {offset + length}) outside "
-                             f"the image (size {self.size})")
+            raise ValueError(
+                f"{self.path}: I/O range [{offset}, {offset + length}) outside "
+                f"the image (size {self.size})"
+            )
 
     # ------------------------------------------------------------- public I/O
     def read(self, offset, length):
@@ -464,7 +531,7 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
                         try:
                             n = hread(host + within, buf, room)
                         except (BufferError, TypeError, ValueError):
-                            n = -1          # odd buffer: the checks below report it
+                            n = -1  # odd buffer: the checks below report it
                         if n >= 0:
                             return n
         self._check_open()
@@ -482,7 +549,7 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
         while pos < len(mv):
             g = offset + pos
             span = min(len(mv) - pos, cover - g % cover)
-            self._write_span(g, mv[pos:pos + span])
+            self._write_span(g, mv[pos : pos + span])
             pos += span
         if self.cache == "writethrough" and len(mv):
             self.flush()
@@ -503,7 +570,7 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
                 pos = span_end
             else:
                 if not self._reads_zero(pos):
-                    self._write_span(pos, self._zeros[:cend - pos])
+                    self._write_span(pos, self._zeros[: cend - pos])
                 pos = cend
         if self.cache == "writethrough" and length:
             self.flush()
@@ -599,9 +666,12 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
         counts, errors = self._compute_refcounts()
         stored = self._stored_refcounts(len(counts))
         copied = self._copied_errors()
-        result = CheckResult(corruptions=len(errors) + int((stored < counts).sum()) + copied,
-                             leaks=int((stored > counts).sum()), copied_errors=copied,
-                             messages=tuple(errors))
+        result = CheckResult(
+            corruptions=len(errors) + int((stored < counts).sum()) + copied,
+            leaks=int((stored > counts).sum()),
+            copied_errors=copied,
+            messages=tuple(errors),
+        )
         if repair and (not result.ok or self._suspect is not None):
             self._rebuild_refcounts()
             self._suspect = None
@@ -623,4 +693,3 @@ def _byte_view(buf, writable):
     if writable and mv.readonly:
         raise TypeError("buffer is read-only")
     return mv
-

@@ -11,6 +11,7 @@ valid data cluster and 0 where the general path must decide (unallocated, zero f
 compressed, reserved bits, out of range). Every change to an active mapping updates or
 drops it: `_write_span`, `_zero_clusters`, `_l2_for_write`, `_resize_l1`.
 """
+
 from array import array
 from collections import namedtuple
 
@@ -38,8 +39,9 @@ class ClusterMixin:
         arr = self._l2.get(off)
         if arr is None:
             if off % self._cs or off + self._cs > self._file_size:
-                raise CorruptImageError(self.path, off, "L2 table offset invalid or past the "
-                                        "end of the file")
+                raise CorruptImageError(
+                    self.path, off, "L2 table offset invalid or past the end of the file"
+                )
             arr = np.frombuffer(self._meta_read(off, self._cs), dtype=">u8").copy()
             self._l2[off] = arr
         return arr
@@ -50,8 +52,9 @@ class ClusterMixin:
             raise CorruptImageError(self.path, l1_off + 8 * i, "L1 entry has reserved bits set")
         off = e & OFFSET_MASK
         if off and (off % self._cs or off + self._cs > self._file_size):
-            raise CorruptImageError(self.path, l1_off + 8 * i,
-                                    f"L1 entry points to {off:#x}: unaligned or past the end")
+            raise CorruptImageError(
+                self.path, l1_off + 8 * i, f"L1 entry points to {off:#x}: unaligned or past the end"
+            )
         return off
 
     def _decode(self, e, l2_off, j):
@@ -64,8 +67,9 @@ class ClusterMixin:
         if zero and self._version == 2:
             raise CorruptImageError(self.path, l2_off + 8 * j, "zero cluster in a v2 image")
         if off and (off % self._cs or off >= self._file_size):
-            raise CorruptImageError(self.path, l2_off + 8 * j,
-                                    f"data cluster {off:#x} unaligned or past the end")
+            raise CorruptImageError(
+                self.path, l2_off + 8 * j, f"data cluster {off:#x} unaligned or past the end"
+            )
         return off, zero
 
     def _lookup(self, l1, l1_off, g):
@@ -114,15 +118,15 @@ class ClusterMixin:
                     run_len += chunk
                 else:
                     if run_len:
-                        self._data_readinto(run_host, mv[run_pos:run_pos + run_len])
+                        self._data_readinto(run_host, mv[run_pos : run_pos + run_len])
                     run_pos, run_len, run_host = pos, chunk, host
             elif not off and not zero and self._backing is not None:
-                self._backing_read(g, mv[pos:pos + chunk])
+                self._backing_read(g, mv[pos : pos + chunk])
             else:
-                mv[pos:pos + chunk] = self._zeros[:chunk]
+                mv[pos : pos + chunk] = self._zeros[:chunk]
             pos += chunk
         if run_len:
-            self._data_readinto(run_host, mv[run_pos:run_pos + run_len])
+            self._data_readinto(run_host, mv[run_pos : run_pos + run_len])
 
     def _backing_read(self, g, mv):
         """Guest bytes of an unallocated range from the backing file (zeros past its
@@ -155,7 +159,7 @@ class ClusterMixin:
         self._l2_dirty.add(new)
         self._flush_l2_cache()
         self._l1[i] = new | OFLAG_COPIED
-        self._meta_write(self._l1_offset + 8 * i, self._l1[i:i + 1].tobytes())
+        self._meta_write(self._l1_offset + 8 * i, self._l1[i : i + 1].tobytes())
         self._sync()
         if old:
             self._update_refcounts([old >> self._cbits], -1)
@@ -179,11 +183,11 @@ class ClusterMixin:
             j = (gg >> self._cbits) & self._l2mask
             e = int(l2[j])
             off, zero = self._decode(e, l2_off, j)
-            piece = mv[pos:pos + chunk]
+            piece = mv[pos : pos + chunk]
             tail = cs - within - chunk
-            if off and e & OFLAG_COPIED and not zero:        # ours: overwrite in place
+            if off and e & OFLAG_COPIED and not zero:  # ours: overwrite in place
                 host, bufs = off + within, [piece]
-            elif off and e & OFLAG_COPIED:                   # preallocated zero cluster
+            elif off and e & OFLAG_COPIED:  # preallocated zero cluster
                 host, bufs = off, [self._zeros[:within], piece, self._zeros[:tail]]
                 updates.append((j, off | OFLAG_COPIED, 0))
                 self._cow_pending = True
@@ -195,19 +199,19 @@ class ClusterMixin:
                     new = self._alloc_cluster()
                 if chunk == cs:
                     host, bufs = new, [piece]
-                elif off and not zero:                       # shared: copy on write
+                elif off and not zero:  # shared: copy on write
                     old = bytearray(cs)
                     self._data_readinto(off, memoryview(old))
-                    host, bufs = new, [old[:within], piece, old[within + chunk:]]
+                    host, bufs = new, [old[:within], piece, old[within + chunk :]]
                     self._cow_pending = True
                 elif not off and not zero and self._backing is not None:
-                    old = bytearray(cs)                      # copy on write from backing
+                    old = bytearray(cs)  # copy on write from backing
                     self._backing_read(gg - within, memoryview(old))
-                    host, bufs = new, [old[:within], piece, old[within + chunk:]]
+                    host, bufs = new, [old[:within], piece, old[within + chunk :]]
                     self._cow_pending = True
-                elif new >= eof:                             # fresh cluster, reads as zeros
+                elif new >= eof:  # fresh cluster, reads as zeros
                     host, bufs = new + within, [piece]
-                else:                                        # reused cluster: zero the rest
+                else:  # reused cluster: zero the rest
                     host, bufs = new, [self._zeros[:within], piece, self._zeros[:tail]]
                 updates.append((j, new | OFLAG_COPIED, off))
             size = sum(len(b) for b in bufs)
@@ -237,7 +241,7 @@ class ClusterMixin:
         cs = self._cs
         first = (g >> self._cbits) & self._l2mask
         last = ((g + length - 1) >> self._cbits) & self._l2mask
-        entries = l2[first:last + 1].astype(np.uint64)
+        entries = l2[first : last + 1].astype(np.uint64)
         mine = (entries & np.uint64(OFLAG_COPIED)) != 0
         need = int((~mine).sum())
         if need < 2:
@@ -252,13 +256,13 @@ class ClusterMixin:
         i = start >> (self._cbits + self._l2bits)
         first = (start >> self._cbits) & self._l2mask
         count = (end - start) >> self._cbits
-        if self._backing is not None:       # unallocated reads the backing: flag all
+        if self._backing is not None:  # unallocated reads the backing: flag all
             return self._zero_flag_clusters(i, first, count)
         if not self._l2_offset(self._l1, i, self._l1_offset):
-            return                          # no L2 table: already reads as zeros
+            return  # no L2 table: already reads as zeros
         old = self._l2_peek(self._l2_offset(self._l1, i, self._l1_offset))
-        if not (old[first:first + count].astype(np.uint64) & np.uint64(OFFSET_MASK)).any():
-            return                          # nothing allocated there
+        if not (old[first : first + count].astype(np.uint64) & np.uint64(OFFSET_MASK)).any():
+            return  # nothing allocated there
         l2_off, l2 = self._l2_for_write(i)
         self._fast_l2.pop(i, None)
         for j in range(first, first + count):
@@ -271,8 +275,9 @@ class ClusterMixin:
     def _zero_flag_clusters(self, i, first, count):
         """Over a backing file: every cluster gets the zero flag (v3 only)."""
         if self._version != 3:
-            raise UnsupportedFeatureError(f"{self.path}: zeroing over a backing file needs "
-                                          "qcow2 v3")
+            raise UnsupportedFeatureError(
+                f"{self.path}: zeroing over a backing file needs qcow2 v3"
+            )
         l2_off, l2 = self._l2_for_write(i)
         self._fast_l2.pop(i, None)
         for j in range(first, first + count):
@@ -316,14 +321,17 @@ class ClusterMixin:
         if self._backing is None:
             yield from self._own_extents(offset, length, l1, l1_off)
             return
-        cur = None                  # unallocated runs: the backing file's, depth + 1
+        cur = None  # unallocated runs: the backing file's, depth + 1
         for e in self._own_extents(offset, length, l1, l1_off):
             parts = [e] if e.present else self._backing_extents(e.start, e.length)
             for p in parts:
-                if cur is not None and (cur.data, cur.zero, cur.depth, cur.present) == \
-                        (p.data, p.zero, p.depth, p.present) and \
-                        (cur.offset is None) == (p.offset is None) and \
-                        (cur.offset is None or cur.offset + cur.length == p.offset):
+                if (
+                    cur is not None
+                    and (cur.data, cur.zero, cur.depth, cur.present)
+                    == (p.data, p.zero, p.depth, p.present)
+                    and (cur.offset is None) == (p.offset is None)
+                    and (cur.offset is None or cur.offset + cur.length == p.offset)
+                ):
                     cur = cur._replace(length=cur.length + p.length)
                     continue
                 if cur is not None:
@@ -337,8 +345,7 @@ class ClusterMixin:
         inside = max(0, min(length, b.size - start))
         if inside:
             for x in b.extents(start, inside):
-                yield Extent(x.start, x.length, x.data, x.zero, x.depth + 1, x.offset,
-                             x.present)
+                yield Extent(x.start, x.length, x.data, x.zero, x.depth + 1, x.offset, x.present)
         if inside < length:
             yield Extent(start + inside, length - inside, False, True, 1, None, False)
 
@@ -347,11 +354,18 @@ class ClusterMixin:
             l1, l1_off = self._l1, self._l1_offset
         cur = None
         for seg in self._segments(offset, offset + length, l1, l1_off):
-            if (cur is not None and (cur.data, cur.zero, cur.present) ==
-                    (seg.data, seg.zero, seg.present)
-                    and ((cur.offset is None and seg.offset is None) or
-                         (cur.offset is not None and seg.offset is not None and
-                          cur.offset + cur.length == seg.offset))):
+            if (
+                cur is not None
+                and (cur.data, cur.zero, cur.present) == (seg.data, seg.zero, seg.present)
+                and (
+                    (cur.offset is None and seg.offset is None)
+                    or (
+                        cur.offset is not None
+                        and seg.offset is not None
+                        and cur.offset + cur.length == seg.offset
+                    )
+                )
+            ):
                 cur = cur._replace(length=cur.length + seg.length)
             else:
                 if cur is not None:
@@ -369,8 +383,7 @@ class ClusterMixin:
         while pos < end:
             stop = min(end, (pos // cover + 1) * cover)
             fast = self._table_segments(pos, stop, l1, l1_off)
-            yield from (fast if fast is not None else self._cluster_segments(pos, stop, l1,
-                                                                              l1_off))
+            yield from (fast if fast is not None else self._cluster_segments(pos, stop, l1, l1_off))
             pos = stop
 
     def _table_segments(self, pos, stop, l1, l1_off):
@@ -380,14 +393,14 @@ class ClusterMixin:
             return [Extent(pos, stop - pos, False, True, 0, None, False)]
         first = (pos >> cbits) & self._l2mask
         last = ((stop - 1) >> cbits) & self._l2mask
-        e = self._l2_peek(self._l2_offset(l1, i, l1_off))[first:last + 1].astype(np.uint64)
+        e = self._l2_peek(self._l2_offset(l1, i, l1_off))[first : last + 1].astype(np.uint64)
         if (e & np.uint64(OFLAG_COMPRESSED | L2E_STD_RESERVED_MASK)).any():
             return None
         off = e & np.uint64(OFFSET_MASK)
         zero = (e & np.uint64(OFLAG_ZERO)) != 0
-        if (zero.any() and self._version == 2) or \
-                ((off != 0) & ((off % np.uint64(cs) != 0) |
-                               (off >= np.uint64(self._file_size)))).any():
+        if (zero.any() and self._version == 2) or (
+            (off != 0) & ((off % np.uint64(cs) != 0) | (off >= np.uint64(self._file_size)))
+        ).any():
             return None
         alloc = off != 0
         data = alloc & ~zero
@@ -397,9 +410,13 @@ class ClusterMixin:
         n = len(e)
         brk = np.ones(n, dtype=bool)
         if n > 1:
-            same = (data[1:] == data[:-1]) & (zero[1:] == zero[:-1]) & \
-                (present[1:] == present[:-1]) & (alloc[1:] == alloc[:-1]) & \
-                (~alloc[1:] | (host[1:] == host[:-1] + cs))
+            same = (
+                (data[1:] == data[:-1])
+                & (zero[1:] == zero[:-1])
+                & (present[1:] == present[:-1])
+                & (alloc[1:] == alloc[:-1])
+                & (~alloc[1:] | (host[1:] == host[:-1] + cs))
+            )
             brk[1:] = ~same
         heads = np.flatnonzero(brk).tolist() + [n]
         base = (pos >> cbits) << cbits
@@ -408,8 +425,11 @@ class ClusterMixin:
             s = max(pos, base + a * cs)
             t = min(stop, base + b * cs)
             h = int(host[a]) + (s - (base + a * cs)) if alloc[a] else None
-            out.append(Extent(s, t - s, bool(data[a]), bool(zero[a]) or not alloc[a], 0, h,
-                              bool(present[a])))
+            out.append(
+                Extent(
+                    s, t - s, bool(data[a]), bool(zero[a]) or not alloc[a], 0, h, bool(present[a])
+                )
+            )
         return out
 
     def _cluster_segments(self, pos, end, l1, l1_off):

@@ -4,6 +4,7 @@
 happens at open, close and snapshot create/delete, never per guest I/O.  Per-I/O
 metadata (L1, L2 tables, refcount blocks) lives in numpy arrays with '>u8' / '>u2' dtypes.
 """
+
 import datetime
 from dataclasses import dataclass, field
 
@@ -13,8 +14,8 @@ from .errors import CorruptImageError, UnsupportedFeatureError
 
 MAGIC = b"QFI\xfb"
 MIN_CLUSTER_BITS, MAX_CLUSTER_BITS = 9, 21
-V3_HEADER_LENGTH = 112            # what QEMU 7.2 writes (104 + compression type + padding)
-MAX_L1_BYTES = 32 << 20           # QCOW_MAX_L1_SIZE
+V3_HEADER_LENGTH = 112  # what QEMU 7.2 writes (104 + compression type + padding)
+MAX_L1_BYTES = 32 << 20  # QCOW_MAX_L1_SIZE
 MAX_SNAPSHOTS = 65536
 MAX_SNAPSHOT_EXTRA = 1024
 
@@ -37,9 +38,9 @@ INCOMPAT_EXTL2 = 1 << 4
 COMPAT_LAZY_REFCOUNTS = 1 << 0
 
 # Header field offsets used for small in-place updates (as QEMU does them).
-OFF_L1_SIZE = 36                  # l1_size (u32) + l1_table_offset (u64): 12 bytes
-OFF_REFTABLE = 48                 # refcount_table_offset (u64) + clusters (u32): 12 bytes
-OFF_SNAPSHOTS = 60                # nb_snapshots (u32) + snapshots_offset (u64): 12 bytes
+OFF_L1_SIZE = 36  # l1_size (u32) + l1_table_offset (u64): 12 bytes
+OFF_REFTABLE = 48  # refcount_table_offset (u64) + clusters (u32): 12 bytes
+OFF_SNAPSHOTS = 60  # nb_snapshots (u32) + snapshots_offset (u64): 12 bytes
 OFF_INCOMPAT = 72
 
 EXT_END = 0x00000000
@@ -87,8 +88,7 @@ SnapshotRecord = Struct(
     "extra_data_size" / Int32ub,
 )
 SNAPSHOT_RECORD_SIZE = 40
-SnapshotExtra = Struct("vm_state_size_large" / Int64ub, "disk_size" / Int64ub,
-                       "icount" / Int64ub)
+SnapshotExtra = Struct("vm_state_size_large" / Int64ub, "disk_size" / Int64ub, "icount" / Int64ub)
 
 
 @dataclass
@@ -107,16 +107,16 @@ class Header:
     autoclear_features: int = 0
     refcount_order: int = 4
     header_length: int = V3_HEADER_LENGTH
-    extensions: list = field(default_factory=list)     # [(type, bytes)] as found
-    backing_file: str = ""          # as stored (relative to the image's directory)
-    backing_format: str = ""        # from the 0xE2792ACA extension, "" when absent
+    extensions: list = field(default_factory=list)  # [(type, bytes)] as found
+    backing_file: str = ""  # as stored (relative to the image's directory)
+    backing_format: str = ""  # from the 0xE2792ACA extension, "" when absent
 
     @property
     def cluster_size(self):
         return 1 << self.cluster_bits
 
 
-MAX_BACKING_NAME = 1023          # QEMU's limit
+MAX_BACKING_NAME = 1023  # QEMU's limit
 
 
 def build_header(h):
@@ -132,23 +132,37 @@ def build_header(h):
         if fmt:
             tail += ExtensionHeader.build(dict(type=EXT_BACKING_FORMAT, length=len(fmt)))
             tail += fmt + bytes(-len(fmt) % 8)
-        tail += bytes(8)                                   # end of extensions
+        tail += bytes(8)  # end of extensions
     name_off = h.header_length + len(tail) if name else 0
     if name_off + len(name) > h.cluster_size:
         raise ValueError("backing file name does not fit in the header cluster")
-    out = HeaderV2.build(dict(
-        magic=MAGIC, version=h.version, backing_file_offset=name_off,
-        backing_file_size=len(name),
-        cluster_bits=h.cluster_bits, size=h.size, crypt_method=0, l1_size=h.l1_size,
-        l1_table_offset=h.l1_table_offset, refcount_table_offset=h.refcount_table_offset,
-        refcount_table_clusters=h.refcount_table_clusters, nb_snapshots=h.nb_snapshots,
-        snapshots_offset=h.snapshots_offset))
-    out += HeaderV3Tail.build(dict(
-        incompatible_features=h.incompatible_features,
-        compatible_features=h.compatible_features,
-        autoclear_features=h.autoclear_features,
-        refcount_order=h.refcount_order, header_length=h.header_length))
-    out += bytes(h.header_length - len(out))          # compression type 0 + padding
+    out = HeaderV2.build(
+        dict(
+            magic=MAGIC,
+            version=h.version,
+            backing_file_offset=name_off,
+            backing_file_size=len(name),
+            cluster_bits=h.cluster_bits,
+            size=h.size,
+            crypt_method=0,
+            l1_size=h.l1_size,
+            l1_table_offset=h.l1_table_offset,
+            refcount_table_offset=h.refcount_table_offset,
+            refcount_table_clusters=h.refcount_table_clusters,
+            nb_snapshots=h.nb_snapshots,
+            snapshots_offset=h.snapshots_offset,
+        )
+    )
+    out += HeaderV3Tail.build(
+        dict(
+            incompatible_features=h.incompatible_features,
+            compatible_features=h.compatible_features,
+            autoclear_features=h.autoclear_features,
+            refcount_order=h.refcount_order,
+            header_length=h.header_length,
+        )
+    )
+    out += bytes(h.header_length - len(out))  # compression type 0 + padding
     return out + tail + name
 
 
@@ -163,12 +177,18 @@ def parse_header(path, raw, file_size, creating=False):
         raise UnsupportedFeatureError(f"{path}: qcow2 version {v2.version} is not supported")
     if not MIN_CLUSTER_BITS <= v2.cluster_bits <= MAX_CLUSTER_BITS:
         raise CorruptImageError(path, 20, f"cluster_bits {v2.cluster_bits} out of range 9..21")
-    h = Header(version=v2.version, cluster_bits=v2.cluster_bits, size=v2.size,
-               l1_size=v2.l1_size, l1_table_offset=v2.l1_table_offset,
-               refcount_table_offset=v2.refcount_table_offset,
-               refcount_table_clusters=v2.refcount_table_clusters,
-               nb_snapshots=v2.nb_snapshots, snapshots_offset=v2.snapshots_offset,
-               header_length=72)
+    h = Header(
+        version=v2.version,
+        cluster_bits=v2.cluster_bits,
+        size=v2.size,
+        l1_size=v2.l1_size,
+        l1_table_offset=v2.l1_table_offset,
+        refcount_table_offset=v2.refcount_table_offset,
+        refcount_table_clusters=v2.refcount_table_clusters,
+        nb_snapshots=v2.nb_snapshots,
+        snapshots_offset=v2.snapshots_offset,
+        header_length=72,
+    )
     cs = h.cluster_size
     if v2.version == 3:
         if len(raw) < 104:
@@ -190,15 +210,22 @@ def parse_header(path, raw, file_size, creating=False):
         h.backing_file = _backing_name(path, raw, v2, cs)
     unknown = h.incompatible_features & ~(INCOMPAT_DIRTY | INCOMPAT_CORRUPT)
     if unknown:
-        names = {INCOMPAT_DATA_FILE: "external data file", INCOMPAT_COMPRESSION:
-                 "compression type", INCOMPAT_EXTL2: "extended L2 entries"}
+        names = {
+            INCOMPAT_DATA_FILE: "external data file",
+            INCOMPAT_COMPRESSION: "compression type",
+            INCOMPAT_EXTL2: "extended L2 entries",
+        }
         what = ", ".join(names.get(1 << b, f"bit {b}") for b in range(64) if unknown >> b & 1)
         raise UnsupportedFeatureError(f"{path}: unsupported incompatible feature(s): {what}")
     if h.refcount_order != 4:
-        width = f"{1 << h.refcount_order} bits" if h.refcount_order < 64 else \
-            f"order {h.refcount_order}"         # never build a 2^(2^32)-bit integer
-        raise UnsupportedFeatureError(f"{path}: refcount width {width} "
-                                      "(only 16-bit refcounts are supported)")
+        width = (
+            f"{1 << h.refcount_order} bits"
+            if h.refcount_order < 64
+            else f"order {h.refcount_order}"
+        )  # never build a 2^(2^32)-bit integer
+        raise UnsupportedFeatureError(
+            f"{path}: refcount width {width} (only 16-bit refcounts are supported)"
+        )
     _validate_tables(path, h, file_size, creating)
     h.extensions = parse_extensions(path, raw, h)
     for t, data in h.extensions:
@@ -210,9 +237,13 @@ def parse_header(path, raw, file_size, creating=False):
 def _backing_name(path, raw, v2, cs):
     off, size = v2.backing_file_offset, v2.backing_file_size
     if size == 0 or size > MAX_BACKING_NAME or off + size > cs or off + size > len(raw):
-        raise CorruptImageError(path, 8, f"backing file name at {off:#x} (+{size}) is "
-                                "empty, too long or outside the header cluster")
-    return bytes(raw[off:off + size]).decode("utf-8", "surrogateescape")
+        raise CorruptImageError(
+            path,
+            8,
+            f"backing file name at {off:#x} (+{size}) is "
+            "empty, too long or outside the header cluster",
+        )
+    return bytes(raw[off : off + size]).decode("utf-8", "surrogateescape")
 
 
 def _validate_tables(path, h, file_size, creating=False):
@@ -226,21 +257,39 @@ def _validate_tables(path, h, file_size, creating=False):
     _check_area(path, h.l1_table_offset, h.l1_size * 8, cs, file_size, 40, "L1 table")
     if h.refcount_table_clusters == 0:
         raise CorruptImageError(path, 56, "image has no refcount table")
-    _check_area(path, h.refcount_table_offset, h.refcount_table_clusters * cs, cs,
-                file_size, 48, "refcount table")
+    _check_area(
+        path,
+        h.refcount_table_offset,
+        h.refcount_table_clusters * cs,
+        cs,
+        file_size,
+        48,
+        "refcount table",
+    )
     if h.nb_snapshots > MAX_SNAPSHOTS:
         raise CorruptImageError(path, 60, f"too many snapshots ({h.nb_snapshots})")
     if h.nb_snapshots:
-        _check_area(path, h.snapshots_offset, SNAPSHOT_RECORD_SIZE * h.nb_snapshots, cs,
-                    file_size, 64, "snapshot table")
+        _check_area(
+            path,
+            h.snapshots_offset,
+            SNAPSHOT_RECORD_SIZE * h.nb_snapshots,
+            cs,
+            file_size,
+            64,
+            "snapshot table",
+        )
 
 
 def _check_area(path, offset, length, cs, file_size, field_off, what):
     if length and (offset % cs or offset == 0):
         raise CorruptImageError(path, field_off, f"{what} offset {offset:#x} not cluster aligned")
     if length and offset + length > file_size:
-        raise CorruptImageError(path, offset, f"{what} [{offset:#x}, +{length}) lies past the "
-                                f"end of the file ({file_size}): truncated")
+        raise CorruptImageError(
+            path,
+            offset,
+            f"{what} [{offset:#x}, +{length}) lies past the "
+            f"end of the file ({file_size}): truncated",
+        )
 
 
 def parse_extensions(path, raw, h):
@@ -249,12 +298,12 @@ def parse_extensions(path, raw, h):
         return []
     exts, pos, end = [], h.header_length, min(len(raw), h.cluster_size)
     while pos + 8 <= end:
-        e = ExtensionHeader.parse(raw[pos:pos + 8])
+        e = ExtensionHeader.parse(raw[pos : pos + 8])
         if e.type == EXT_END:
             break
         if pos + 8 + e.length > end:
             raise CorruptImageError(path, pos, f"header extension {e.type:#x} overruns cluster 0")
-        exts.append((e.type, bytes(raw[pos + 8:pos + 8 + e.length])))
+        exts.append((e.type, bytes(raw[pos + 8 : pos + 8 + e.length])))
         pos += 8 + (e.length + 7) // 8 * 8
     return exts
 
@@ -262,6 +311,7 @@ def parse_extensions(path, raw, h):
 @dataclass
 class SnapshotInfo:
     """One internal snapshot as listed by `Qcow2Image.snapshots()`."""
+
     id: str
     name: str
     created: datetime.datetime
@@ -280,18 +330,18 @@ def parse_snapshot_table(path, raw, count, default_size, version):
     for _ in range(count):
         if pos + SNAPSHOT_RECORD_SIZE > len(raw):
             raise CorruptImageError(path, pos, "snapshot table truncated")
-        r = SnapshotRecord.parse(raw[pos:pos + SNAPSHOT_RECORD_SIZE])
+        r = SnapshotRecord.parse(raw[pos : pos + SNAPSHOT_RECORD_SIZE])
         pos += SNAPSHOT_RECORD_SIZE
         if r.extra_data_size > MAX_SNAPSHOT_EXTRA:
             raise CorruptImageError(path, pos, "snapshot extra data too large")
         end = pos + r.extra_data_size + r.id_str_size + r.name_size
         if end > len(raw):
             raise CorruptImageError(path, pos, "snapshot table entry truncated")
-        extra = bytes(raw[pos:pos + r.extra_data_size])
+        extra = bytes(raw[pos : pos + r.extra_data_size])
         pos += r.extra_data_size
-        sid = bytes(raw[pos:pos + r.id_str_size]).decode("utf-8", "replace")
+        sid = bytes(raw[pos : pos + r.id_str_size]).decode("utf-8", "replace")
         pos += r.id_str_size
-        name = bytes(raw[pos:pos + r.name_size]).decode("utf-8", "replace")
+        name = bytes(raw[pos : pos + r.name_size]).decode("utf-8", "replace")
         pos = (pos + r.name_size + 7) // 8 * 8
         if version == 3 and len(extra) < 16:
             raise CorruptImageError(path, pos, f"snapshot table entry {sid} is incomplete")
@@ -300,12 +350,24 @@ def parse_snapshot_table(path, raw, count, default_size, version):
             vm_size = int.from_bytes(extra[:8], "big")
         if len(extra) >= 16:
             disk_size = int.from_bytes(extra[8:16], "big")
-        created = datetime.datetime.fromtimestamp(r.date_sec + r.date_nsec / 1e9,
-                                                  tz=datetime.timezone.utc)
-        snaps.append(SnapshotInfo(id=sid, name=name, created=created, size=disk_size,
-                                  vm_state_size=vm_size, l1_table_offset=r.l1_table_offset,
-                                  l1_size=r.l1_size, vm_clock_nsec=r.vm_clock_nsec,
-                                  date_sec=r.date_sec, date_nsec=r.date_nsec, extra=extra))
+        created = datetime.datetime.fromtimestamp(
+            r.date_sec + r.date_nsec / 1e9, tz=datetime.timezone.utc
+        )
+        snaps.append(
+            SnapshotInfo(
+                id=sid,
+                name=name,
+                created=created,
+                size=disk_size,
+                vm_state_size=vm_size,
+                l1_table_offset=r.l1_table_offset,
+                l1_size=r.l1_size,
+                vm_clock_nsec=r.vm_clock_nsec,
+                date_sec=r.date_sec,
+                date_nsec=r.date_nsec,
+                extra=extra,
+            )
+        )
     return snaps, pos
 
 
@@ -313,16 +375,25 @@ def build_snapshot_table(snaps):
     out = bytearray()
     for s in snaps:
         sid, name = s.id.encode(), s.name.encode()
-        out += SnapshotRecord.build(dict(
-            l1_table_offset=s.l1_table_offset, l1_size=s.l1_size, id_str_size=len(sid),
-            name_size=len(name), date_sec=s.date_sec, date_nsec=s.date_nsec,
-            vm_clock_nsec=s.vm_clock_nsec, vm_state_size=min(s.vm_state_size, 0xFFFFFFFF),
-            extra_data_size=len(s.extra)))
+        out += SnapshotRecord.build(
+            dict(
+                l1_table_offset=s.l1_table_offset,
+                l1_size=s.l1_size,
+                id_str_size=len(sid),
+                name_size=len(name),
+                date_sec=s.date_sec,
+                date_nsec=s.date_nsec,
+                vm_clock_nsec=s.vm_clock_nsec,
+                vm_state_size=min(s.vm_state_size, 0xFFFFFFFF),
+                extra_data_size=len(s.extra),
+            )
+        )
         out += s.extra + sid + name
         out += bytes(-len(out) % 8)
     return bytes(out)
 
 
 def snapshot_extra(vm_state_size, disk_size):
-    return SnapshotExtra.build(dict(vm_state_size_large=vm_state_size, disk_size=disk_size,
-                                    icount=0xFFFFFFFFFFFFFFFF))
+    return SnapshotExtra.build(
+        dict(vm_state_size_large=vm_state_size, disk_size=disk_size, icount=0xFFFFFFFFFFFFFFFF)
+    )

@@ -7,6 +7,7 @@ allocation order. A new refcount block is placed inside the range it covers (it 
 itself). Decrements caused by replacing an L2 entry are deferred until that L2 change is
 stable ("L2 entry stable before the refcount decrement it causes").
 """
+
 import os
 
 import numpy as np
@@ -42,14 +43,18 @@ class RefcountMixin:
             return None
         e = int(self._reftable[b])
         if e & REFT_RESERVED_MASK:
-            raise CorruptImageError(self.path, self._rt_offset + 8 * b,
-                                    "refcount table entry has reserved bits set")
+            raise CorruptImageError(
+                self.path, self._rt_offset + 8 * b, "refcount table entry has reserved bits set"
+            )
         off = e & REFT_OFFSET_MASK
         if off == 0:
             return None
         if off % self._cs or off + self._cs > self._file_size:
-            raise CorruptImageError(self.path, self._rt_offset + 8 * b,
-                                    f"refcount block offset {off:#x} invalid or past the end")
+            raise CorruptImageError(
+                self.path,
+                self._rt_offset + 8 * b,
+                f"refcount block offset {off:#x} invalid or past the end",
+            )
         arr = np.frombuffer(self._meta_read(off, self._cs), dtype=">u2").copy()
         self._rb[b] = arr
         return arr
@@ -82,8 +87,9 @@ class RefcountMixin:
             new = arr.astype(np.int64)
             np.add.at(new, idx, delta)
             if new.min() < 0 or new.max() > MAX_REFCOUNT:
-                raise CorruptImageError(self.path, None, "refcount underflow/overflow in block "
-                                        f"{b}")
+                raise CorruptImageError(
+                    self.path, None, f"refcount underflow/overflow in block {b}"
+                )
             arr[:] = new
             self._rb_dirty.add(b)
             if not self._refblock_placed(b):
@@ -93,7 +99,7 @@ class RefcountMixin:
             self._free_idx = min(self._free_idx, int(clusters.min()))
             freed = clusters[self._refcounts_of(clusters) == 0]
             for c in freed.tolist():
-                self._l2.pop(c << self._cbits, None)      # a freed L2 table leaves the cache
+                self._l2.pop(c << self._cbits, None)  # a freed L2 table leaves the cache
                 self._l2_dirty.discard(c << self._cbits)
 
     def _defer_free(self, host_offset):
@@ -114,7 +120,7 @@ class RefcountMixin:
             arr = self._refblock(idx >> rbits)
             if arr is None:
                 return idx
-            free = np.flatnonzero(arr[idx & mask:] == 0)
+            free = np.flatnonzero(arr[idx & mask :] == 0)
             if free.size:
                 return idx + int(free[0])
             idx = ((idx >> rbits) + 1) << rbits
@@ -138,8 +144,11 @@ class RefcountMixin:
         rbits = self._cbits - 1
         while True:
             start = self._find_free_run(n)
-            missing = [b for b in range(start >> rbits, ((start + n - 1) >> rbits) + 1)
-                       if not self._refblock_placed(b)]
+            missing = [
+                b
+                for b in range(start >> rbits, ((start + n - 1) >> rbits) + 1)
+                if not self._refblock_placed(b)
+            ]
             if missing:
                 # a block is needed to count these clusters: place it, then search again
                 self._place_refblock(missing[0])
@@ -203,7 +212,7 @@ class RefcountMixin:
         self._rb_dirty.discard(b)
         self._sync()
         self._reftable[b] = off
-        self._meta_write(self._rt_offset + 8 * b, self._reftable[b:b + 1].tobytes())
+        self._meta_write(self._rt_offset + 8 * b, self._reftable[b : b + 1].tobytes())
         self._sync()
 
     def _grow_reftable(self, min_entries):
@@ -217,24 +226,27 @@ class RefcountMixin:
             end = start + nblocks + tab_clusters
             need = max(min_entries, ((end - 1) >> rbits) + 1)
             want = -(-(need * 3 // 2) * 8 // cs)
-            missing = [b for b in range(start >> rbits, ((end - 1) >> rbits) + 1)
-                       if not self._refblock_placed(b)]
+            missing = [
+                b
+                for b in range(start >> rbits, ((end - 1) >> rbits) + 1)
+                if not self._refblock_placed(b)
+            ]
             if want <= tab_clusters and len(missing) == nblocks:
                 break
             tab_clusters, nblocks = max(tab_clusters, want), len(missing)
         table = np.zeros(tab_clusters * cs // 8, dtype=">u8")
-        table[:len(self._reftable)] = self._reftable
+        table[: len(self._reftable)] = self._reftable
         for i, b in enumerate(missing):
             table[b] = (start + i) << self._cbits
             if b not in self._rb:
                 self._rb[b] = np.zeros(self._rb_entries(), dtype=">u2")
             self._rb_dirty.add(b)
         old_off, old_clusters = self._rt_offset, self._rt_clusters
-        self._reftable = table                     # the new blocks count as placed now
+        self._reftable = table  # the new blocks count as placed now
         self._update_refcounts(np.arange(start, end), +1)
         self._extend_file(end << self._cbits)
         self._flush_l2_cache()
-        for b in sorted(self._rb_dirty):           # the new blocks (all of them when lazy)
+        for b in sorted(self._rb_dirty):  # the new blocks (all of them when lazy)
             if not self._lazy and b not in missing:
                 continue
             self._meta_write(int(table[b]) & REFT_OFFSET_MASK, self._rb[b].tobytes())
@@ -316,8 +328,10 @@ class RefcountMixin:
         counts = np.zeros(nclusters, dtype=np.int64)
         np.add.at(counts, allrefs, 1)
         if beyond.size:
-            errors.extend([f"reference past the end of the file "
-                           f"(cluster {int(beyond[0])})"] * int(beyond.size))
+            errors.extend(
+                [f"reference past the end of the file (cluster {int(beyond[0])})"]
+                * int(beyond.size)
+            )
         excl = np.unique(exclusive[(exclusive >= 0) & (exclusive < nclusters)])
         for c in excl[counts[excl] > 1].tolist():
             errors.append(f"metadata cluster {c} is also used by other metadata or data")
@@ -383,7 +397,7 @@ class RefcountMixin:
             if arr is not None:
                 lo = b << rbits
                 hi = min(n, lo + len(arr))
-                out[lo:hi] = arr[:hi - lo]
+                out[lo:hi] = arr[: hi - lo]
         return out
 
     def _rebuild_refcounts(self):
@@ -397,9 +411,9 @@ class RefcountMixin:
         per = 1 << (self._cbits - 1)
         self._rb, self._rb_dirty, unplaced = {}, set(), []
         for b in range(max(-(-len(counts) // per), len(self._reftable))):
-            seg = counts[b * per:(b + 1) * per]
+            seg = counts[b * per : (b + 1) * per]
             arr = np.zeros(per, dtype=">u2")
-            arr[:len(seg)] = seg
+            arr[: len(seg)] = seg
             if self._refblock_placed(b):
                 self._rb[b] = arr
                 self._rb_dirty.add(b)

@@ -10,6 +10,7 @@ switched with one synchronous 12-byte write; the old table is freed.
 Delete: the snapshot table is rewritten without the entry, then the snapshot's tree is
 unreferenced (refcount -1), its L1 freed, and COPIED recomputed in the active tree.
 """
+
 import copy
 import time
 
@@ -47,16 +48,26 @@ class SnapshotMixin:
                     raise
                 want = min(avail, want * 4)
         for s in snaps:
-            if s.l1_table_offset % self._cs or (s.l1_size and s.l1_table_offset == 0) or \
-                    s.l1_table_offset + 8 * s.l1_size > self._file_size:
-                raise CorruptImageError(self.path, offset, f"snapshot {s.id}: L1 table "
-                                        f"{s.l1_table_offset:#x} unaligned or past the end")
+            if (
+                s.l1_table_offset % self._cs
+                or (s.l1_size and s.l1_table_offset == 0)
+                or s.l1_table_offset + 8 * s.l1_size > self._file_size
+            ):
+                raise CorruptImageError(
+                    self.path,
+                    offset,
+                    f"snapshot {s.id}: L1 table {s.l1_table_offset:#x} unaligned or past the end",
+                )
             cover = self._cs << self._l2bits
             room = max(0, s.l1_size * cover - self._vm_state_offset())
             if s.vm_state_size > min(room, self._file_size):
-                raise CorruptImageError(self.path, offset, f"snapshot {s.id}: vm_state size "
-                                        f"{s.vm_state_size} exceeds what its L1 table maps "
-                                        f"or the file holds")
+                raise CorruptImageError(
+                    self.path,
+                    offset,
+                    f"snapshot {s.id}: vm_state size "
+                    f"{s.vm_state_size} exceeds what its L1 table maps "
+                    f"or the file holds",
+                )
         self._snapshots, self._snap_table_len = snaps, end
 
     def _snapshot_l1(self, s):
@@ -87,8 +98,9 @@ class SnapshotMixin:
         self._check_open()
         s = self._find_snapshot(name)
         buf = bytearray(s.vm_state_size)
-        self._read_tree(self._snapshot_l1(s), s.l1_table_offset, self._vm_state_offset(),
-                        memoryview(buf))
+        self._read_tree(
+            self._snapshot_l1(s), s.l1_table_offset, self._vm_state_offset(), memoryview(buf)
+        )
         return bytes(buf)
 
     def open_snapshot(self, name):
@@ -118,10 +130,18 @@ class SnapshotMixin:
         self._fix_copied()
         now = time.time_ns()
         ids = [int(s.id) for s in self._snapshots if s.id.isdigit()]
-        info = SnapshotInfo(id=str(max(ids, default=0) + 1), name=name, created=None,
-                            size=self.size, vm_state_size=len(vm), l1_table_offset=l1_off,
-                            l1_size=len(snap_l1), date_sec=now // 10**9,
-                            date_nsec=now % 10**9, extra=snapshot_extra(len(vm), self.size))
+        info = SnapshotInfo(
+            id=str(max(ids, default=0) + 1),
+            name=name,
+            created=None,
+            size=self.size,
+            vm_state_size=len(vm),
+            l1_table_offset=l1_off,
+            l1_size=len(snap_l1),
+            date_sec=now // 10**9,
+            date_nsec=now % 10**9,
+            extra=snapshot_extra(len(vm), self.size),
+        )
         info.created = _to_datetime(info)
         self._snap_l1[l1_off] = snap_l1
         self._write_snapshot_table(self._snapshots + [info])
@@ -155,14 +175,14 @@ class SnapshotMixin:
         cs, per_table = self._cs, self._cs << self._l2bits
         entries = []
         for t in range(0, len(vm), per_table):
-            part = vm[t:t + per_table]
+            part = vm[t : t + per_table]
             l2_off = self._alloc_cluster()
             table = np.zeros(cs // 8, dtype=">u8")
             run_host, run = -1, []
             for j, p in enumerate(range(0, len(part), cs)):
                 host = self._alloc_cluster()
                 table[j] = host | OFLAG_COPIED
-                piece = part[p:p + cs]
+                piece = part[p : p + cs]
                 if run and run_host + sum(len(x) for x in run) == host:
                     run.append(piece)
                 else:
@@ -222,7 +242,7 @@ class SnapshotMixin:
         if snaps:
             off = self._alloc_contiguous(-(-len(raw) // self._cs))
             self._meta_write(off, raw)
-            self.flush()                   # the new table and its refcounts are stable
+            self.flush()  # the new table and its refcounts are stable
         self._meta_write(OFF_SNAPSHOTS, len(snaps).to_bytes(4, "big") + off.to_bytes(8, "big"))
         self._sync()
         self._snapshots, self._snapshots_offset, self._snap_table_len = snaps, off, len(raw)
@@ -233,8 +253,10 @@ class SnapshotMixin:
 
 def _to_datetime(info):
     import datetime
-    return datetime.datetime.fromtimestamp(info.date_sec + info.date_nsec / 1e9,
-                                           tz=datetime.timezone.utc)
+
+    return datetime.datetime.fromtimestamp(
+        info.date_sec + info.date_nsec / 1e9, tz=datetime.timezone.utc
+    )
 
 
 class Qcow2SnapshotView:
@@ -262,8 +284,10 @@ class Qcow2SnapshotView:
         self._check_open()
         mv = memoryview(buf).cast("B")
         if offset < 0 or offset + len(mv) > self.size:
-            raise ValueError(f"{self.path}: I/O range [{offset}, {offset + len(mv)}) outside "
-                             f"the snapshot (size {self.size})")
+            raise ValueError(
+                f"{self.path}: I/O range [{offset}, {offset + len(mv)}) outside "
+                f"the snapshot (size {self.size})"
+            )
         self._img._read_tree(self._l1, self._l1_off, offset, mv)
         return len(mv)
 
@@ -277,8 +301,10 @@ class Qcow2SnapshotView:
         if length is None:
             length = self.size - offset
         if offset < 0 or length < 0 or offset + length > self.size:
-            raise ValueError(f"{self.path}: range [{offset}, {offset + length}) outside the "
-                             f"snapshot (size {self.size})")
+            raise ValueError(
+                f"{self.path}: range [{offset}, {offset + length}) outside the "
+                f"snapshot (size {self.size})"
+            )
         return self._img._extents(offset, length, self._l1, self._l1_off)
 
     def close(self):

@@ -7,6 +7,7 @@ ABI tag, e.g. cpython-311-x86_64-linux-gnu), so our site-packages are passed to 
 Otherwise they cannot be (binary modules of another Python version), and the plugin runs
 the pure-Python twin with whatever numpy/construct that interpreter has.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,8 +29,13 @@ class ServeError(FvdError):
 def nbdkit_python_version(nbdkit: str = "nbdkit") -> str | None:
     """'3.11' for the Python embedded in nbdkit's python plugin, None if unavailable."""
     try:
-        out = subprocess.run([nbdkit, "python", "--dump-plugin"], check=False,
-                             capture_output=True, text=True, timeout=30).stdout
+        out = subprocess.run(
+            [nbdkit, "python", "--dump-plugin"],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     for line in out.splitlines():
@@ -47,19 +53,28 @@ def python_path() -> list[str]:
         if not p or not os.path.isdir(p):
             continue
         real = os.path.realpath(p)
-        if real in stdlib or any(real.startswith(s + os.sep) and "site-packages" not in real
-                                 for s in stdlib):
+        if real in stdlib or any(
+            real.startswith(s + os.sep) and "site-packages" not in real for s in stdlib
+        ):
             continue
         if p not in out:
             out.append(p)
     return out
 
 
-def build_command(image: str, *, snapshot: str | None = None, readonly: bool = False,
-                  socket: str | None = None, port: int | None = None,
-                  bind: str | None = None, shared: int | None = None,
-                  image_format: str = "fvd", force_share: bool = False,
-                  nbdkit: str = "nbdkit") -> list[str]:
+def build_command(
+    image: str,
+    *,
+    snapshot: str | None = None,
+    readonly: bool = False,
+    socket: str | None = None,
+    port: int | None = None,
+    bind: str | None = None,
+    shared: int | None = None,
+    image_format: str = "fvd",
+    force_share: bool = False,
+    nbdkit: str = "nbdkit",
+) -> list[str]:
     """The nbdkit command line that serves `image` (in the foreground)."""
     if (socket is None) == (port is None):
         raise ValueError("give exactly one of a unix socket path or a TCP port")
@@ -98,16 +113,20 @@ def plugin_environment(nbdkit: str = "nbdkit") -> dict:
     if embedded == ours:
         env["FVD_NBDKIT_PYTHONPATH"] = os.pathsep.join(python_path())
     else:
-        print(f"fvd serve: nbdkit embeds Python {embedded}, fvd runs on {ours}: binary "
-              f"modules cannot be shared, using the pure-Python twin and that Python's "
-              f"numpy/construct", file=sys.stderr)
+        print(
+            f"fvd serve: nbdkit embeds Python {embedded}, fvd runs on {ours}: binary "
+            f"modules cannot be shared, using the pure-Python twin and that Python's "
+            f"numpy/construct",
+            file=sys.stderr,
+        )
         env["FVD_NBDKIT_PYTHONPATH"] = os.path.dirname(os.path.dirname(PLUGIN))
         env["FVD_PURE_PYTHON"] = "1"
     return env
 
 
-def preflight(image: str, snapshot: str | None, readonly: bool, image_format: str,
-              force_share: bool) -> None:
+def preflight(
+    image: str, snapshot: str | None, readonly: bool, image_format: str, force_share: bool
+) -> None:
     """Open the image as the plugin will, so a locked image or a missing snapshot is a
     one-line error here instead of a traceback from inside nbdkit."""
     if image_format == "raw":
@@ -116,9 +135,11 @@ def preflight(image: str, snapshot: str | None, readonly: bool, image_format: st
     mode = "r" if readonly or snapshot is not None else "r+"
     if image_format == "qcow2":
         from . import qcow2
+
         qcow2.open(image, mode).close()
         return
     from .image import open as open_image
+
     with open_image(image, mode, force_share=force_share and mode == "r") as img:
         if snapshot is not None:
             img.open_snapshot(snapshot).close()
@@ -128,11 +149,18 @@ def serve(image: str, *, nbdkit: str = "nbdkit", **options) -> int:
     """Run nbdkit serving `image` until it exits; returns its exit status."""
     exe = shutil.which(nbdkit)
     if exe is None:
-        raise ServeError(f"{image}: cannot serve: nbdkit is not installed "
-                         f"(apt-get install nbdkit nbdkit-plugin-python)")
+        raise ServeError(
+            f"{image}: cannot serve: nbdkit is not installed "
+            f"(apt-get install nbdkit nbdkit-plugin-python)"
+        )
     image_format = options.get("image_format", "fvd")
-    preflight(image, options.get("snapshot"), options.get("readonly", False), image_format,
-              options.get("force_share", False))
+    preflight(
+        image,
+        options.get("snapshot"),
+        options.get("readonly", False),
+        image_format,
+        options.get("force_share", False),
+    )
     where = describe(options.get("socket"), options.get("port"), options.get("bind"))
     print(f"fvd serve: {image} at {where}", file=sys.stderr, flush=True)
     sock = options.get("socket")
@@ -159,13 +187,14 @@ def serve(image: str, *, nbdkit: str = "nbdkit", **options) -> int:
             proc.terminate()
             proc.wait()
         if sock is not None:
-            _remove_stale_socket(sock)      # nbdkit leaves its socket file behind
+            _remove_stale_socket(sock)  # nbdkit leaves its socket file behind
 
 
 def _remove_stale_socket(path: str) -> None:
     """Unlink a unix socket nobody listens on (left by a server that has exited)."""
     import socket
     import stat
+
     try:
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
             return
@@ -174,7 +203,7 @@ def _remove_stale_socket(path: str) -> None:
     with socket.socket(socket.AF_UNIX) as s:
         try:
             s.connect(path)
-            return                          # a live server: nbdkit will say so
+            return  # a live server: nbdkit will say so
         except ConnectionRefusedError:
             pass
         except OSError:
@@ -187,4 +216,3 @@ def describe(socket: str | None, port: int | None, bind: str | None) -> str:
     if socket is not None:
         return f"nbd+unix:///?socket={os.path.abspath(socket)}"
     return f"nbd://{bind or 'localhost'}:{port}/"
-

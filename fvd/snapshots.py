@@ -16,6 +16,7 @@ extra data: bitmap_offset, bitmap_crc). Views read the base for its clear bits, 
 restores it with the table, and prefetch keeps the base attached while some snapshot's
 copy still has a clear bit below the base end (snapshots_need_base).
 """
+
 import heapq
 import os
 import struct
@@ -34,13 +35,13 @@ from .bitmap import get_bits
 from .diskops import DiskOps
 from .errors import CorruptImageError, FvdError
 
-TABLE_MAGIC = 0x53445646            # "FVDS" little-endian
-TABLE_HEAD = struct.Struct("<IIIIQQ")   # magic crc nb refcount_crc revert_id revert_epoch
-ENTRY = struct.Struct("<QQQQIHHQQII")   # id created_ns virtual_size table_offset table_crc
+TABLE_MAGIC = 0x53445646  # "FVDS" little-endian
+TABLE_HEAD = struct.Struct("<IIIIQQ")  # magic crc nb refcount_crc revert_id revert_epoch
+ENTRY = struct.Struct("<QQQQIHHQQII")  # id created_ns virtual_size table_offset table_crc
 #                                         name_size extra_size vm_off vm_size vm_crc reserved
-EXTRA_BITMAP = struct.Struct("<QII")    # bitmap_offset bitmap_crc reserved (images with a base)
+EXTRA_BITMAP = struct.Struct("<QII")  # bitmap_offset bitmap_crc reserved (images with a base)
 assert TABLE_HEAD.size == 32 and ENTRY.size == 64 and EXTRA_BITMAP.size == 16
-REFCOUNT_MAX = 0xFFFF               # refcounts are uint16
+REFCOUNT_MAX = 0xFFFF  # refcounts are uint16
 MAX_NAME = 255
 
 
@@ -68,8 +69,13 @@ class SnapshotInfo:
     vm_state_size: int
 
     def as_dict(self):
-        return {"name": self.name, "id": self.id, "created": self.created.isoformat(),
-                "size": self.size, "vm_state_size": self.vm_state_size}
+        return {
+            "name": self.name,
+            "id": self.id,
+            "created": self.created.isoformat(),
+            "size": self.size,
+            "vm_state_size": self.vm_state_size,
+        }
 
 
 @dataclass
@@ -83,7 +89,7 @@ class _Entry:
     vm_offset: int
     vm_size: int
     vm_crc: int
-    bitmap_offset: int = 0      # copy of the base bitmap (images with a base), else 0
+    bitmap_offset: int = 0  # copy of the base bitmap (images with a base), else 0
     bitmap_crc: int = 0
 
     def info(self):
@@ -107,13 +113,28 @@ def encode_table(entries, refcount_crc, revert_id=0, revert_epoch=0):
     body = bytearray()
     for e in entries:
         name = e.name.encode("utf-8")
-        body += ENTRY.pack(e.id, e.created_ns, e.size, e.table_offset, e.table_crc,
-                           len(name), _extra_size(e), e.vm_offset, e.vm_size, e.vm_crc, 0)
+        body += ENTRY.pack(
+            e.id,
+            e.created_ns,
+            e.size,
+            e.table_offset,
+            e.table_crc,
+            len(name),
+            _extra_size(e),
+            e.vm_offset,
+            e.vm_size,
+            e.vm_crc,
+            0,
+        )
         if e.bitmap_offset:
             body += EXTRA_BITMAP.pack(e.bitmap_offset, e.bitmap_crc, 0)
         body += name.ljust(_pad8(len(name)), b"\0")
-    raw = bytearray(TABLE_HEAD.pack(TABLE_MAGIC, 0, len(entries), refcount_crc,
-                                    revert_id, revert_epoch)) + body
+    raw = (
+        bytearray(
+            TABLE_HEAD.pack(TABLE_MAGIC, 0, len(entries), refcount_crc, revert_id, revert_epoch)
+        )
+        + body
+    )
     raw[4:8] = zlib.crc32(raw).to_bytes(4, "little")
     return bytes(raw)
 
@@ -136,15 +157,15 @@ class SnapshotState:
     """Snapshot table, refcounts and open views of one image (in memory)."""
 
     def __init__(self):
-        self.entries = []                           # in id order
+        self.entries = []  # in id order
         self.refcount = np.zeros(0, dtype=np.uint16)
-        self.table_chunks = (0, 0)                  # (first, count) of the snapshot table
-        self.refcount_chunks = (0, 0)               # (first, count) of the refcount table
-        self.views = {}                             # snapshot id -> number of open views
-        self.views_lock = threading.Lock()          # views close without the image lock
-        self.broken = None      # check mode: why the snapshot table is unusable
-        self.dropped = []       # check mode: names of damaged entries left out
-        self.rewrite = False    # check mode: the revert marker must be cleared
+        self.table_chunks = (0, 0)  # (first, count) of the snapshot table
+        self.refcount_chunks = (0, 0)  # (first, count) of the refcount table
+        self.views = {}  # snapshot id -> number of open views
+        self.views_lock = threading.Lock()  # views close without the image lock
+        self.broken = None  # check mode: why the snapshot table is unusable
+        self.dropped = []  # check mode: names of damaged entries left out
+        self.rewrite = False  # check mode: the revert marker must be cleared
 
     # ----- layout helpers --------------------------------------------------------
     def find(self, name, path):
@@ -176,7 +197,7 @@ class SnapshotState:
         need = max([n] + [a + k for a, k in meta])
         mask = np.zeros(need, dtype=bool)
         for a, k in meta:
-            mask[a:a + k] = True
+            mask[a : a + k] = True
         return mask
 
     # ----- hooks from Image -----------------------------------------------------------
@@ -187,11 +208,11 @@ class SnapshotState:
         need = max([len(rc)] + [a + n for a, n in meta])
         if need > len(used):
             grown = np.zeros(need, dtype=bool)
-            grown[:len(used)] = used
+            grown[: len(used)] = used
             used = grown
-        used[:len(rc)] |= rc > 0
+        used[: len(rc)] |= rc > 0
         for a, n in meta:
-            used[a:a + n] = True
+            used[a : a + n] = True
         return used
 
     def copy_chunk(self, img, v, old, new, offset, length):
@@ -214,8 +235,7 @@ class SnapshotState:
         mv = memoryview(buf)
         for a, b in ((0, w0), (w1, cs)):
             if b > a:
-                out.append(journal.data_crc_record(dst + a, b - a,
-                                                   zlib.crc32(mv[a - lo:b - lo])))
+                out.append(journal.data_crc_record(dst + a, b - a, zlib.crc32(mv[a - lo : b - lo])))
         return out
 
     def check(self, img, result, repair):
@@ -245,16 +265,25 @@ def attach_snapshots(img):
         img._problem(offset, what + " (repair drops every snapshot)")
         st.broken = what
 
-    if not (toff >= d and (toff - d) % cs == 0 and tsize >= TABLE_HEAD.size
-            and toff + tsize <= file_size):
-        return broken(fo["snapshot_table_offset"],
-                      f"snapshot table [{toff}, {toff + tsize}) is outside the data area "
-                      f"or the file ({file_size} bytes)")
-    if rsize and not (roff >= d and (roff - d) % cs == 0 and rsize % 2 == 0
-                      and roff + rsize <= file_size):
-        return broken(fo["refcount_table_offset"],
-                      f"refcount table [{roff}, {roff + rsize}) is outside the data area "
-                      f"or the file ({file_size} bytes)")
+    if not (
+        toff >= d
+        and (toff - d) % cs == 0
+        and tsize >= TABLE_HEAD.size
+        and toff + tsize <= file_size
+    ):
+        return broken(
+            fo["snapshot_table_offset"],
+            f"snapshot table [{toff}, {toff + tsize}) is outside the data area "
+            f"or the file ({file_size} bytes)",
+        )
+    if rsize and not (
+        roff >= d and (roff - d) % cs == 0 and rsize % 2 == 0 and roff + rsize <= file_size
+    ):
+        return broken(
+            fo["refcount_table_offset"],
+            f"refcount table [{roff}, {roff + rsize}) is outside the data area "
+            f"or the file ({file_size} bytes)",
+        )
     raw = img._read_meta(toff, tsize)
     magic, crc, nb, rc_crc, revert_id, revert_epoch = TABLE_HEAD.unpack_from(raw)
     check = bytearray(raw)
@@ -262,8 +291,10 @@ def attach_snapshots(img):
     if magic != TABLE_MAGIC or zlib.crc32(check) != crc:
         return broken(toff, "snapshot table magic or checksum mismatch")
     if nb != h["nb_snapshots"]:
-        return broken(fo["nb_snapshots"], f"header says {h['nb_snapshots']} snapshots, "
-                                          f"the snapshot table holds {nb}")
+        return broken(
+            fo["nb_snapshots"],
+            f"header says {h['nb_snapshots']} snapshots, the snapshot table holds {nb}",
+        )
     table_chunks = ((toff - d) // cs, -(-tsize // cs))
     rc_chunks = ((roff - d) // cs, -(-rsize // cs)) if rsize else (0, 0)
     if rsize and _overlap(table_chunks, rc_chunks):
@@ -274,18 +305,21 @@ def attach_snapshots(img):
     refcount = np.frombuffer(rc_raw, dtype="<u2").astype(np.uint16)
     if len(refcount) > nphys and refcount[nphys:].any():
         return broken(roff, "refcount table counts chunks past the end of the file")
-    owner = np.zeros(nphys, dtype=bool)            # chunks of snapshot metadata so far
+    owner = np.zeros(nphys, dtype=bool)  # chunks of snapshot metadata so far
     for first, n in (table_chunks, rc_chunks):
-        owner[first:first + n] = True
+        owner[first : first + n] = True
     entries = _parse_entries(img, st, raw, nb, file_size, owner)
     if entries is None:
         return
     st.entries, st.refcount = entries, refcount
     st.table_chunks, st.refcount_chunks = table_chunks, rc_chunks
-    held_meta = np.flatnonzero((refcount[:nphys] > 0) & owner[:len(refcount)])
+    held_meta = np.flatnonzero((refcount[:nphys] > 0) & owner[: len(refcount)])
     if len(held_meta):
-        img._problem(roff + 2 * int(held_meta[0]), f"refcount table counts snapshot metadata "
-                                                   f"chunk {int(held_meta[0])}", len(held_meta))
+        img._problem(
+            roff + 2 * int(held_meta[0]),
+            f"refcount table counts snapshot metadata chunk {int(held_meta[0])}",
+            len(held_meta),
+        )
     _apply_revert_marker(img, st, revert_id, revert_epoch)
     _set_frozen(img, st, install=False)
 
@@ -315,18 +349,19 @@ def _parse_entries(img, st, raw, nb, file_size, owner):
         where = toff + pos
         if pos + ENTRY.size > len(raw):
             return broken(where, "snapshot table entry overruns the table")
-        (sid, created, size, t_off, t_crc, nlen, xsize, vm_off, vm_size, vm_crc,
-         _r2) = ENTRY.unpack_from(raw, pos)
+        (sid, created, size, t_off, t_crc, nlen, xsize, vm_off, vm_size, vm_crc, _r2) = (
+            ENTRY.unpack_from(raw, pos)
+        )
         pos += ENTRY.size
         if xsize % 8 or pos + xsize > len(raw):
             return broken(where + 38, f"snapshot extra data size {xsize} out of range")
         bm_off = bm_crc = 0
         if xsize >= EXTRA_BITMAP.size:
             bm_off, bm_crc, _r3 = EXTRA_BITMAP.unpack_from(raw, pos)
-        pos += xsize            # extra data past the fields known here is skipped
+        pos += xsize  # extra data past the fields known here is skipped
         if nlen == 0 or pos + nlen > len(raw):
             return broken(where, "snapshot name size out of range")
-        name_raw = raw[pos:pos + nlen]
+        name_raw = raw[pos : pos + nlen]
         pos += _pad8(nlen)
         problem = None
         try:
@@ -334,35 +369,42 @@ def _parse_entries(img, st, raw, nb, file_size, owner):
         except UnicodeDecodeError:
             name, problem = repr(name_raw), (where, "snapshot name is not UTF-8")
         if h["base_format"] == fmt.BASE_NONE:
-            bm_off = bm_crc = 0         # no base: a bitmap copy means nothing
+            bm_off = bm_crc = 0  # no base: a bitmap copy means nothing
         runs = [(t_off, tbytes, where + 24, "lookup table")]
         if h["base_format"] != fmt.BASE_NONE:
             runs.append((bm_off, h["bitmap_size"], where + 64, "bitmap"))
         if vm_size:
             runs.append((vm_off, vm_size, where + 40, "vm_state"))
-        if problem is None and (name in names or sid >= h["next_snapshot_id"]
-                                or any(sid == e.id for e in entries)):
+        if problem is None and (
+            name in names or sid >= h["next_snapshot_id"] or any(sid == e.id for e in entries)
+        ):
             problem = (where, f"snapshot {name!r}: duplicate name or id {sid} out of range")
         if problem is None and size != img.size:
             problem = (where + 16, f"snapshot {name!r}: size {size} differs from the image")
         for off, n, field, what in runs:
             if problem is None and not inside(off, n):
-                problem = (field, f"snapshot {name!r}: {what} at {off} is outside the data "
-                                  f"area or the file ({file_size} bytes)")
+                problem = (
+                    field,
+                    f"snapshot {name!r}: {what} at {off} is outside the data "
+                    f"area or the file ({file_size} bytes)",
+                )
             elif problem is None:
                 first, count = (off - d) // cs, -(-n // cs)
-                if owner[first:first + count].any():
-                    problem = (field, f"snapshot {name!r}: {what} at {off} overlaps other "
-                                      f"snapshot metadata")
+                if owner[first : first + count].any():
+                    problem = (
+                        field,
+                        f"snapshot {name!r}: {what} at {off} overlaps other snapshot metadata",
+                    )
         if problem is not None:
             img._problem(problem[0], problem[1] + " (repair deletes the snapshot)")
             st.dropped.append(name)
             continue
         for off, n, _, _ in runs:
-            owner[(off - d) // cs:(off - d) // cs + -(-n // cs)] = True
+            owner[(off - d) // cs : (off - d) // cs + -(-n // cs)] = True
         names.add(name)
-        entries.append(_Entry(sid, created, size, t_off, t_crc, name, vm_off, vm_size,
-                              vm_crc, bm_off, bm_crc))
+        entries.append(
+            _Entry(sid, created, size, t_off, t_crc, name, vm_off, vm_size, vm_crc, bm_off, bm_crc)
+        )
     return entries
 
 
@@ -374,8 +416,11 @@ def _apply_revert_marker(img, st, revert_id, revert_epoch):
         return
     where = h["snapshot_table_offset"] + 16
     if revert_epoch > h["journal_epoch"]:
-        img._problem(where, f"revert marker for epoch {revert_epoch} is newer than the "
-                            f"journal epoch {h['journal_epoch']} (repair clears it)")
+        img._problem(
+            where,
+            f"revert marker for epoch {revert_epoch} is newer than the "
+            f"journal epoch {h['journal_epoch']} (repair clears it)",
+        )
         st.rewrite = True
         return
     if revert_epoch != h["journal_epoch"]:
@@ -384,19 +429,23 @@ def _apply_revert_marker(img, st, revert_id, revert_epoch):
     target = [e for e in st.entries if e.id == revert_id]
     try:
         if not target:
-            raise CorruptImageError(img.path, where,
-                                    f"pending revert to unknown snapshot id {revert_id}")
+            raise CorruptImageError(
+                img.path, where, f"pending revert to unknown snapshot id {revert_id}"
+            )
         table = read_snapshot_table(img, target[0])
         bits = read_snapshot_bitmap(img, target[0]) if img._bitmap is not None else None
     except CorruptImageError as e:
-        img._problem(e.offset, f"{e.what}; the pending revert cannot be applied "
-                               f"(repair clears it: the image stays as before the revert)")
+        img._problem(
+            e.offset,
+            f"{e.what}; the pending revert cannot be applied "
+            f"(repair clears it: the image stays as before the revert)",
+        )
         st.rewrite = True
         return
     img._table = table
     if img._partial is not None:
-        img._partial.clear()        # the old front's partial chunks went with it
-    if bits is not None:        # ... and its bitmap is the front's bitmap
+        img._partial.clear()  # the old front's partial chunks went with it
+    if bits is not None:  # ... and its bitmap is the front's bitmap
         img._bitmap.fresh[:] = bits
         img._bitmap.stale[:] = bits
 
@@ -404,7 +453,7 @@ def _apply_revert_marker(img, st, revert_id, revert_epoch):
 def _set_frozen(img, st, install=True):
     n = max(len(st.refcount), len(img._frozen), 1024)
     frozen = np.zeros(n, dtype=np.uint8)
-    frozen[:len(st.refcount)] = st.refcount > 0
+    frozen[: len(st.refcount)] = st.refcount > 0
     img._frozen = frozen
     if install:
         img._map.set_frozen(frozen)
@@ -414,8 +463,9 @@ def read_snapshot_table(img, e):
     """The snapshot's lookup table, checksum and entries validated (CorruptImageError)."""
     raw = img._read_meta(e.table_offset, 4 * img._nchunks)
     if zlib.crc32(raw) != e.table_crc:
-        raise CorruptImageError(img.path, e.table_offset,
-                                f"snapshot {e.name!r}: lookup table checksum mismatch")
+        raise CorruptImageError(
+            img.path, e.table_offset, f"snapshot {e.name!r}: lookup table checksum mismatch"
+        )
     table = np.frombuffer(raw, dtype="<u4").astype(np.uint32)
     problems = lookup_table_problems(img, e, table)
     if problems:
@@ -435,22 +485,37 @@ def lookup_table_problems(img, e, table):
     past = alloc[held >= nphys]
     if len(past):
         v = int(past[0])
-        out.append((e.table_offset + 4 * v, f"snapshot {e.name!r}: entry {int(table[v])} of "
-                                            f"chunk {v} points past the end of the file",
-                    len(past)))
+        out.append(
+            (
+                e.table_offset + 4 * v,
+                f"snapshot {e.name!r}: entry {int(table[v])} of "
+                f"chunk {v} points past the end of the file",
+                len(past),
+            )
+        )
     ok = alloc[held < nphys]
     meta = st.meta_mask(nphys) if st is not None else np.zeros(0, dtype=bool)
     inmeta = ok[meta[table[ok]]] if len(meta) else ok[:0]
     if len(inmeta):
         v = int(inmeta[0])
-        out.append((e.table_offset + 4 * v, f"snapshot {e.name!r}: entry {int(table[v])} of "
-                                            f"chunk {v} points into snapshot metadata",
-                    len(inmeta)))
+        out.append(
+            (
+                e.table_offset + 4 * v,
+                f"snapshot {e.name!r}: entry {int(table[v])} of "
+                f"chunk {v} points into snapshot metadata",
+                len(inmeta),
+            )
+        )
     vals = np.sort(table[ok])
     ndup = int(np.count_nonzero(vals[1:] == vals[:-1]))
     if ndup:
-        out.append((e.table_offset, f"snapshot {e.name!r} maps one physical chunk from "
-                                    f"several virtual chunks", ndup))
+        out.append(
+            (
+                e.table_offset,
+                f"snapshot {e.name!r} maps one physical chunk from several virtual chunks",
+                ndup,
+            )
+        )
     return out
 
 
@@ -458,8 +523,9 @@ def read_snapshot_bitmap(img, e):
     """The snapshot's copy of the base bitmap (uint8 array, bitmap_size bytes)."""
     raw = img._read_meta(e.bitmap_offset, img._header["bitmap_size"])
     if zlib.crc32(raw) != e.bitmap_crc:
-        raise CorruptImageError(img.path, e.bitmap_offset,
-                                f"snapshot {e.name!r}: bitmap checksum mismatch")
+        raise CorruptImageError(
+            img.path, e.bitmap_offset, f"snapshot {e.name!r}: bitmap checksum mismatch"
+        )
     return np.frombuffer(raw, dtype=np.uint8).copy()
 
 
@@ -519,7 +585,7 @@ def _commit(img, st, entries, refcount, extra=(), revert=(0, 0), refcount_chunks
     for k in nch:
         offs.append(d + p * cs)
         p += k
-    extra_offs = offs[len(offs) - len(extra):] if extra else []
+    extra_offs = offs[len(offs) - len(extra) :] if extra else []
     return first, nch, offs, extra_offs, rc_raw, rc_crc
 
 
@@ -543,17 +609,24 @@ def _write_and_commit(img, st, entries, refcount, layout, extra, revert, refcoun
             old_runs = [r for r in old_runs if r != refcount_chunks]
         bufs += [(o, b) for o, (n, b) in zip(extra_offs, extra) if b is not None and n]
         _write_runs(img, bufs)
-        h.update(snapshot_table_offset=offs[0], snapshot_table_size=len(table),
-                 nb_snapshots=len(entries), refcount_table_offset=roff,
-                 refcount_table_size=len(rc_raw),
-                 incompatible_features=img._header["incompatible_features"]
-                 | fmt.INCOMPAT_SNAPSHOTS)
+        h.update(
+            snapshot_table_offset=offs[0],
+            snapshot_table_size=len(table),
+            nb_snapshots=len(entries),
+            refcount_table_offset=roff,
+            refcount_table_size=len(rc_raw),
+            incompatible_features=img._header["incompatible_features"] | fmt.INCOMPAT_SNAPSHOTS,
+        )
     else:
         new_table_chunks = new_rc_chunks = (0, 0)
-        h.update(snapshot_table_offset=0, snapshot_table_size=0, nb_snapshots=0,
-                 refcount_table_offset=0, refcount_table_size=0,
-                 incompatible_features=img._header["incompatible_features"]
-                 & ~fmt.INCOMPAT_SNAPSHOTS)
+        h.update(
+            snapshot_table_offset=0,
+            snapshot_table_size=0,
+            nb_snapshots=0,
+            refcount_table_offset=0,
+            refcount_table_size=0,
+            incompatible_features=img._header["incompatible_features"] & ~fmt.INCOMPAT_SNAPSHOTS,
+        )
     img._sync()
     return h, new_table_chunks, new_rc_chunks, old_runs
 
@@ -566,7 +639,7 @@ def _write_runs(img, bufs):
         off, group = bufs[i][0], [bufs[i][1]]
         end = off + len(bufs[i][1])
         j = i + 1
-        while j < len(bufs) and bufs[j][0] == end:         # no zero padding is written
+        while j < len(bufs) and bufs[j][0] == end:  # no zero padding is written
             group.append(bufs[j][1])
             end = bufs[j][0] + len(bufs[j][1])
             j += 1
@@ -599,7 +672,7 @@ def _trim_tail(img):
     used = np.flatnonzero(img._in_use())
     last = int(used[-1]) + 1 if len(used) else 0
     if last >= alloc.end or alloc.pending or alloc.retired:
-        return          # (a retired chunk may still be read: cut the tail later)
+        return  # (a retired chunk may still be read: cut the tail later)
     alloc.free = [i for i in alloc.free if i < last]
     heapq.heapify(alloc.free)
     alloc.end = last
@@ -630,7 +703,7 @@ def create_snapshot(img, name, vm_state=b""):
         try:
             return _create(img, st, name, vm_state)
         finally:
-            _set_frozen(img, st)            # the committed refcounts (or the old ones)
+            _set_frozen(img, st)  # the committed refcounts (or the old ones)
 
 
 def _freeze_front(img):
@@ -642,7 +715,7 @@ def _freeze_front(img):
     held = t[t < fmt.ZERO_CHUNK]
     n = max(len(img._frozen), int(held.max()) + 1 if len(held) else 0, 1024)
     frozen = np.zeros(n, dtype=np.uint8)
-    frozen[:len(img._frozen)] = img._frozen
+    frozen[: len(img._frozen)] = img._frozen
     frozen[held] = 1
     img._frozen = frozen
     img._map.set_frozen(frozen)
@@ -664,23 +737,34 @@ def _create(img, st, name, vm_state):
     vm = memoryview(vm_state).cast("B")
     img.flush()
     if img._partial is not None:
-        img._partial.complete_all(img)      # snapshots hold whole chunks (fvd.granular)
+        img._partial.complete_all(img)  # snapshots hold whole chunks (fvd.granular)
     table = img._table
     entries_mask = table < fmt.ZERO_CHUNK
     held = table[entries_mask]
     n = max(len(st.refcount), int(held.max()) + 1 if len(held) else 0)
     rc = np.zeros(n, dtype=np.uint32)
-    rc[:len(st.refcount)] = st.refcount
+    rc[: len(st.refcount)] = st.refcount
     # the front never maps one physical chunk twice, so each held chunk gains exactly 1
     rc[held] += 1
     if len(held) and rc[held].max() > REFCOUNT_MAX:
         bad = int(held[np.argmax(rc[held])])
-        raise RefcountOverflowError(f"{img.path}: chunk {bad} is already held by "
-                                    f"{REFCOUNT_MAX} snapshots; delete some snapshots first")
+        raise RefcountOverflowError(
+            f"{img.path}: chunk {bad} is already held by "
+            f"{REFCOUNT_MAX} snapshots; delete some snapshots first"
+        )
     refcount = rc.astype(np.uint16)
     tbytes = table.astype("<u4").tobytes()
-    entry = _Entry(img._header["next_snapshot_id"], time.time_ns(), img.size, 0,
-                   zlib.crc32(tbytes), name, 0, len(vm), zlib.crc32(vm) if len(vm) else 0)
+    entry = _Entry(
+        img._header["next_snapshot_id"],
+        time.time_ns(),
+        img.size,
+        0,
+        zlib.crc32(tbytes),
+        name,
+        0,
+        len(vm),
+        zlib.crc32(vm) if len(vm) else 0,
+    )
     entries = st.entries + [entry]
     extra = [(len(tbytes), tbytes)]
     if img._bitmap is not None:
@@ -697,8 +781,9 @@ def _create(img, st, name, vm_state):
         entry.bitmap_offset = layout[3][1]
     entry.vm_offset = layout[3][-1] if len(vm) else 0
     try:
-        h, tch, rch, old = _write_and_commit(img, st, entries, refcount, layout, extra,
-                                             (0, 0), None)
+        h, tch, rch, old = _write_and_commit(
+            img, st, entries, refcount, layout, extra, (0, 0), None
+        )
         img._write_header(next_snapshot_id=entry.id + 1, **h)
     except BaseException:
         _undo_commit(img, saved, layout)
@@ -709,7 +794,7 @@ def _create(img, st, name, vm_state):
     st.table_chunks, st.refcount_chunks = tch, rch
     img.stats.refcount_updates += len(held)
     _set_frozen(img, st)
-    img._sync()                                     # commit point
+    img._sync()  # commit point
     _release_runs(img, old)
     _trim_tail(img)
     return entry.info()
@@ -732,45 +817,49 @@ def delete_snapshot(img, name):
 def _delete(img, st, name):
     e = st.find(name, img.path)
     if st.views.get(e.id):
-        raise SnapshotBusyError(f"{img.path}: snapshot {name!r} is open (open_snapshot); "
-                                f"close its views before deleting it")
-    img.flush()                     # the durable front table is the in-memory one
+        raise SnapshotBusyError(
+            f"{img.path}: snapshot {name!r} is open (open_snapshot); "
+            f"close its views before deleting it"
+        )
+    img.flush()  # the durable front table is the in-memory one
     stable = read_snapshot_table(img, e)
     held = stable[stable < fmt.ZERO_CHUNK]
     if len(held) and int(held.max()) >= len(st.refcount):
-        raise CorruptImageError(img.path, e.table_offset,
-                                f"snapshot {name!r} holds chunks past the refcount table")
+        raise CorruptImageError(
+            img.path, e.table_offset, f"snapshot {name!r} holds chunks past the refcount table"
+        )
     rc = st.refcount.astype(np.int32)
     if len(held) and (rc[held] <= 0).any():
-        raise CorruptImageError(img.path, img._header["refcount_table_offset"],
-                                f"snapshot {name!r} holds chunks whose refcount is 0 "
-                                f"(run check -r all)")
+        raise CorruptImageError(
+            img.path,
+            img._header["refcount_table_offset"],
+            f"snapshot {name!r} holds chunks whose refcount is 0 (run check -r all)",
+        )
     rc[held] -= 1
     entries = [x for x in st.entries if x is not e]
     dropped = held[rc[held] == 0]
     front = front_usage(img._table, len(rc))
-    if img._partial is not None:            # a partial chunk's source stays (fvd.granular)
+    if img._partial is not None:  # a partial chunk's source stays (fvd.granular)
         sources = img._partial.sources()
         front[sources[sources < len(front)]] += 1
     freed = dropped[front[dropped] == 0] if len(dropped) else dropped
     # trim the refcount table past its last nonzero entry
     nz = np.flatnonzero(rc)
-    refcount = rc[:int(nz[-1]) + 1 if len(nz) else 0].astype(np.uint16)
+    refcount = rc[: int(nz[-1]) + 1 if len(nz) else 0].astype(np.uint16)
     saved = dict(img._header)
     layout = _commit(img, st, entries, refcount)
     try:
-        h, tch, rch, old = _write_and_commit(img, st, entries, refcount, layout, [], (0, 0),
-                                             None)
+        h, tch, rch, old = _write_and_commit(img, st, entries, refcount, layout, [], (0, 0), None)
         img._write_header(**h)
     except BaseException:
         _undo_commit(img, saved, layout)
         raise
     old = old + st.entry_chunks(img, e)
-    st.entries, st.refcount = entries, refcount     # memory follows the written header
+    st.entries, st.refcount = entries, refcount  # memory follows the written header
     st.table_chunks, st.refcount_chunks = tch, rch
     img.stats.refcount_updates += len(held)
     _set_frozen(img, st)
-    img._sync()                                     # commit point
+    img._sync()  # commit point
     _release_runs(img, old)
     if len(freed):
         img._alloc.release_now(int(i) for i in np.unique(freed))
@@ -797,30 +886,33 @@ def _revert(img, st, name):
     new_table = read_snapshot_table(img, e)
     new_bits = read_snapshot_bitmap(img, e) if img._bitmap is not None else None
     if new_bits is not None and img._base is None and _needs_base(img, new_bits):
-        raise CorruptImageError(img.path, e.bitmap_offset,
-                                f"snapshot {name!r} reads the base image, but the image "
-                                f"is marked prefetched")
+        raise CorruptImageError(
+            img.path,
+            e.bitmap_offset,
+            f"snapshot {name!r} reads the base image, but the image is marked prefetched",
+        )
     old_table = img._table.copy()
     img._dirty_since_checkpoint = True
-    img._checkpoint(clean=False)                    # journal empty at the current epoch
+    img._checkpoint(clean=False)  # journal empty at the current epoch
     epoch = img._header["journal_epoch"]
     saved = dict(img._header)
     layout = _commit(img, st, st.entries, st.refcount, refcount_chunks=st.refcount_chunks)
     try:
-        h, tch, _, old = _write_and_commit(img, st, st.entries, st.refcount, layout, [],
-                                           (e.id, epoch), st.refcount_chunks)
+        h, tch, _, old = _write_and_commit(
+            img, st, st.entries, st.refcount, layout, [], (e.id, epoch), st.refcount_chunks
+        )
         img._write_header(**h)
     except BaseException:
         _undo_commit(img, saved, layout)
         raise
-    st.table_chunks = tch                           # memory follows the written header
-    img._sync()                                     # commit point
+    st.table_chunks = tch  # memory follows the written header
+    img._sync()  # commit point
     old_sources = np.zeros(0, dtype=np.int64)
-    if img._partial is not None:            # the old front's partial chunks go with it
+    if img._partial is not None:  # the old front's partial chunks go with it
         old_sources = img._partial.detach(img)
     _swap_front(img, new_table, new_bits)
     img._dirty_since_checkpoint = True
-    img._checkpoint(clean=False)                    # table in place, epoch E+1
+    img._checkpoint(clean=False)  # table in place, epoch E+1
     _release_runs(img, old)
     # chunks only the old front used (not frozen: every entry of new_table is frozen)
     mask = old_table < fmt.ZERO_CHUNK
@@ -842,17 +934,17 @@ def _swap_front(img, new_table, new_bits):
     if new_bits is not None:
         np.bitwise_and(bm.fresh, new_bits, out=bm.fresh)
         np.bitwise_and(bm.stale, new_bits, out=bm.stale)
-        img._alloc.quiesce(time.sleep)      # no reader still acts on a cleared bit
+        img._alloc.quiesce(time.sleep)  # no reader still acts on a cleared bit
     img._table[:] = new_table
     if new_bits is not None:
-        img._alloc.quiesce(time.sleep)      # no reader still holds an old entry
+        img._alloc.quiesce(time.sleep)  # no reader still holds an old entry
         bm.fresh[:] = new_bits
         bm.stale[:] = new_bits
 
 
 def read_vm_state(img, name):
     st = _state(img)
-    with img._lock:         # a concurrent delete may not free the chunks meanwhile
+    with img._lock:  # a concurrent delete may not free the chunks meanwhile
         return _read_vm_state(img, st, name)
 
 
@@ -863,8 +955,9 @@ def _read_vm_state(img, st, name):
         return b""
     data = img._read_meta(e.vm_offset, e.vm_size)
     if zlib.crc32(data) != e.vm_crc:
-        raise CorruptImageError(img.path, e.vm_offset,
-                                f"snapshot {name!r}: vm_state checksum mismatch")
+        raise CorruptImageError(
+            img.path, e.vm_offset, f"snapshot {name!r}: vm_state checksum mismatch"
+        )
     return data
 
 
@@ -886,8 +979,9 @@ class SnapshotView(DiskOps):
         self.chunk_size = img.chunk_size
         self.block_size = img.block_size
         self._header = {"data_offset": img._header["data_offset"]}
-        self._facts = {k: img._header.get(k, 0) for k in ("base_format", "bitmap_size",
-                                                          "base_size")}
+        self._facts = {
+            k: img._header.get(k, 0) for k in ("base_format", "bitmap_size", "base_size")
+        }
         self._closed = True
         self._state = img._snapshots
         self._id = entry.id
@@ -898,17 +992,24 @@ class SnapshotView(DiskOps):
             self.stats.metadata_reads += 1
             self.stats.metadata_bytes_read += len(raw)
             if len(raw) != 4 * img._nchunks or zlib.crc32(raw) != entry.table_crc:
-                raise CorruptImageError(img.path, entry.table_offset,
-                                        f"snapshot {entry.name!r}: lookup table checksum "
-                                        f"mismatch or truncated")
+                raise CorruptImageError(
+                    img.path,
+                    entry.table_offset,
+                    f"snapshot {entry.name!r}: lookup table checksum mismatch or truncated",
+                )
             self._table = np.frombuffer(raw, dtype="<u4").astype(np.uint32)
             problems = lookup_table_problems(img, entry, self._table)
             if problems:
                 raise CorruptImageError(img.path, problems[0][0], problems[0][1])
-            self._map = img._impl.ChunkMap(self._fd, self._table,
-                                           np.ones(0, dtype=np.uint8), self.chunk_size,
-                                           self._header["data_offset"], self.size,
-                                           self.stats)
+            self._map = img._impl.ChunkMap(
+                self._fd,
+                self._table,
+                np.ones(0, dtype=np.uint8),
+                self.chunk_size,
+                self._header["data_offset"],
+                self.size,
+                self.stats,
+            )
             self._map.error = img._io_error
             if img._bitmap is not None:
                 self._attach_base(img, entry)
@@ -924,17 +1025,20 @@ class SnapshotView(DiskOps):
     def _attach_base(self, img, entry):
         from .base import BaseLayer, _open_backend
         from .bitmap import Bitmap
+
         h = img._header
         raw = os.pread(self._fd, h["bitmap_size"], entry.bitmap_offset)
         self.stats.metadata_reads += 1
         self.stats.metadata_bytes_read += len(raw)
         if len(raw) != h["bitmap_size"] or zlib.crc32(raw) != entry.bitmap_crc:
-            raise CorruptImageError(img.path, entry.bitmap_offset,
-                                    f"snapshot {entry.name!r}: bitmap checksum mismatch "
-                                    f"or truncated")
+            raise CorruptImageError(
+                img.path,
+                entry.bitmap_offset,
+                f"snapshot {entry.name!r}: bitmap checksum mismatch or truncated",
+            )
         bits = np.frombuffer(raw, dtype=np.uint8)
         if not _needs_base(img, bits):
-            return                      # every block is in the image: no base needed
+            return  # every block is in the image: no base needed
         self._bitmap = Bitmap(raw, -(-h["base_size"] // self.block_size), 0)
         self._header["base_size"] = h["base_size"]
         path = h["_base_path"]
@@ -942,8 +1046,10 @@ class SnapshotView(DiskOps):
         if backend.size != h["base_size"]:
             backend.close()
             from .errors import BaseImageError
-            raise BaseImageError(f"{path}: base image size changed from {h['base_size']} "
-                                 f"to {backend.size} bytes")
+
+            raise BaseImageError(
+                f"{path}: base image size changed from {h['base_size']} to {backend.size} bytes"
+            )
         self._base = BaseLayer(self, backend, path, False)
         self._base.attach_map()
 
@@ -964,6 +1070,7 @@ class SnapshotView(DiskOps):
 
     def write(self, offset, data):
         from .image import ReadOnlyImageError
+
         raise ReadOnlyImageError(self.path)
 
     def close(self):
@@ -971,8 +1078,9 @@ class SnapshotView(DiskOps):
             return
         self._closed = True
         from .image import drain_map
+
         self._map.closed = True
-        drain_map(self._map)            # reads already inside finish on the open fd
+        drain_map(self._map)  # reads already inside finish on the open fd
         if self._base is not None:
             self._base.close()
             self._base = None
@@ -1002,7 +1110,7 @@ class SnapshotView(DiskOps):
 
 def open_snapshot(img, name):
     st = _state(img)
-    with img._lock:         # no delete between finding the entry and counting the view
+    with img._lock:  # no delete between finding the entry and counting the view
         img._check_open()
         return SnapshotView(img, st.find(name, img.path))
 
@@ -1010,10 +1118,9 @@ def open_snapshot(img, name):
 def store_refcounts(img, st, refcount):
     """Commit a new refcount table (and snapshot table) copy-on-write; repair helper."""
     layout = _commit(img, st, st.entries, refcount)
-    h, tch, rch, old = _write_and_commit(img, st, st.entries, refcount, layout, [],
-                                         (0, 0), None)
+    h, tch, rch, old = _write_and_commit(img, st, st.entries, refcount, layout, [], (0, 0), None)
     img._write_header(**h)
-    img._sync()                                     # commit point
+    img._sync()  # commit point
     st.refcount, st.table_chunks, st.refcount_chunks = refcount, tch, rch
     _set_frozen(img, st)
     _release_runs(img, old)
@@ -1025,6 +1132,7 @@ def _check_snapshot_bitmap(img, e, table, result):
     unallocated (the view would read zeros there instead of the base). Returns True when
     clean; repair deletes the snapshot otherwise (it is read-only)."""
     from .base import marked_unallocated
+
     try:
         bits = read_snapshot_bitmap(img, e)
     except CorruptImageError as err:
@@ -1034,8 +1142,10 @@ def _check_snapshot_bitmap(img, e, table, result):
     nblocks = -(-img._header["base_size"] // img.block_size)
     bad = marked_unallocated(bits, nblocks, table, img.chunk_size, img.block_size)
     for v in bad.tolist()[:10]:
-        result.messages.append(f"ERROR snapshot {e.name!r}: bitmap marks blocks of "
-                               f"unallocated chunk {v} as in the image")
+        result.messages.append(
+            f"ERROR snapshot {e.name!r}: bitmap marks blocks of "
+            f"unallocated chunk {v} as in the image"
+        )
     result.corruptions += len(bad)
     return not len(bad)
 
@@ -1050,11 +1160,11 @@ def _check(st, img, result, repair):
     lost = list(st.dropped)
     if st.broken:
         result.messages.append(f"ERROR snapshot metadata unusable ({st.broken})")
-    nfile = -(-(os.fstat(img._fd).st_size - d) // cs)      # tables are bounded by the file
+    nfile = -(-(os.fstat(img._fd).st_size - d) // cs)  # tables are bounded by the file
     nphys = max(len(st.refcount), img._alloc.end, nfile, 1)
-    owner = np.zeros(nphys, dtype=np.int8)          # 1 = snapshot metadata
+    owner = np.zeros(nphys, dtype=np.int8)  # 1 = snapshot metadata
     for a, n in st.metadata_runs(img):
-        owner[a:a + n] = 1              # disjoint and inside the file: checked at open
+        owner[a : a + n] = 1  # disjoint and inside the file: checked at open
     counted = np.zeros(len(owner), dtype=np.int64)
     keep = []
     for e in st.entries:
@@ -1065,14 +1175,14 @@ def _check(st, img, result, repair):
             if err.what.endswith("checksum mismatch"):
                 problems = [(err.offset, err.what, 1)]
             else:
-                raw = np.frombuffer(img._read_meta(e.table_offset, 4 * img._nchunks),
-                                    dtype="<u4").astype(np.uint32)
+                raw = np.frombuffer(
+                    img._read_meta(e.table_offset, 4 * img._nchunks), dtype="<u4"
+                ).astype(np.uint32)
                 problems = lookup_table_problems(img, e, raw)
             for off, what, n in problems:
                 result.corruptions += n
                 result.messages.append(f"ERROR at offset {off}: {what}")
-        if t is not None and e.bitmap_offset and not _check_snapshot_bitmap(img, e, t,
-                                                                             result):
+        if t is not None and e.bitmap_offset and not _check_snapshot_bitmap(img, e, t, result):
             t = None
         if t is None:
             lost.append(e.name)
@@ -1083,21 +1193,25 @@ def _check(st, img, result, repair):
     front = img._table[img._table < fmt.ZERO_CHUNK].astype(np.int64)
     fm = front[front < len(owner)]
     fm = fm[owner[fm] == 1]
-    if len(fm) and not img._for_check:     # check mode counted them at open
+    if len(fm) and not img._for_check:  # check mode counted them at open
         result.corruptions += len(fm)
-        result.messages.append(f"ERROR the lookup table points into snapshot metadata "
-                               f"(chunk {int(fm[0])})")
+        result.messages.append(
+            f"ERROR the lookup table points into snapshot metadata (chunk {int(fm[0])})"
+        )
     stored = np.zeros(len(counted), dtype=np.int64)
-    stored[:len(st.refcount)] = st.refcount[:len(counted)]
+    stored[: len(st.refcount)] = st.refcount[: len(counted)]
     under = np.flatnonzero(stored < counted)
     over = np.flatnonzero(stored > counted)
     for p in under[:10]:
-        result.messages.append(f"ERROR chunk {int(p)} refcount={int(stored[p])} "
-                               f"reference={int(counted[p])} (host offset {d + int(p) * cs})")
+        result.messages.append(
+            f"ERROR chunk {int(p)} refcount={int(stored[p])} "
+            f"reference={int(counted[p])} (host offset {d + int(p) * cs})"
+        )
     result.corruptions += len(under)
     for p in over[:10]:
-        result.messages.append(f"Leaked chunk {int(p)} refcount={int(stored[p])} "
-                               f"reference={int(counted[p])}")
+        result.messages.append(
+            f"Leaked chunk {int(p)} refcount={int(stored[p])} reference={int(counted[p])}"
+        )
     result.leaks += len(over)
     if st.rewrite:
         result.messages.append("ERROR the revert marker is invalid")
@@ -1105,14 +1219,14 @@ def _check(st, img, result, repair):
     if not (repair and changed) or img.read_only:
         return
     if lost:
-        result.messages.append(f"Repair deletes damaged snapshot(s) {sorted(set(lost))} "
-                               f"(their contents are lost)")
+        result.messages.append(
+            f"Repair deletes damaged snapshot(s) {sorted(set(lost))} (their contents are lost)"
+        )
     if st.broken:
-        result.messages.append("Repair drops the unusable snapshot table: every snapshot is "
-                               "lost")
+        result.messages.append("Repair drops the unusable snapshot table: every snapshot is lost")
     fixed = counted.clip(0, REFCOUNT_MAX).astype(np.uint16)
     nz = np.flatnonzero(fixed)
-    fixed = fixed[:int(nz[-1]) + 1 if len(nz) else 0]
+    fixed = fixed[: int(nz[-1]) + 1 if len(nz) else 0]
     img.flush()
     st.entries = keep
     store_refcounts(img, st, fixed)

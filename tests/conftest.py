@@ -1,4 +1,5 @@
 """Every test runs against both implementations through the `impl` fixture."""
+
 import os
 
 import pytest

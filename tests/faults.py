@@ -1,5 +1,6 @@
 """Fault injection helpers for tests: a forked child under RLIMIT_FSIZE, syscall errors
 injected into the running process by strace, a small tmpfs."""
+
 import json
 import os
 import resource
@@ -64,9 +65,22 @@ def strace_usable():
     if exe is None:
         return False
     try:
-        p = subprocess.run([exe, "-qq", "-o", "/dev/null", "-e", "trace=fdatasync", "-e",
-                            "inject=fdatasync:error=EIO", "true"], capture_output=True,
-                           timeout=30, check=False)
+        p = subprocess.run(
+            [
+                exe,
+                "-qq",
+                "-o",
+                "/dev/null",
+                "-e",
+                "trace=fdatasync",
+                "-e",
+                "inject=fdatasync:error=EIO",
+                "true",
+            ],
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
     return p.returncode == 0
@@ -82,20 +96,32 @@ def injected(err="EIO", syscalls=INJECT_SYSCALLS):
     me = os.getpid()
     with tempfile.TemporaryFile() as log:
         # (only traced syscalls can be injected; the trace itself goes nowhere)
-        tracer = subprocess.Popen(["strace", "-qq", "-o", "/dev/null", "-p", str(me),
-                                   "-e", f"trace={syscalls}",
-                                   "-e", f"inject={syscalls}:error={err}"],
-                                  stdout=log, stderr=log)
+        tracer = subprocess.Popen(
+            [
+                "strace",
+                "-qq",
+                "-o",
+                "/dev/null",
+                "-p",
+                str(me),
+                "-e",
+                f"trace={syscalls}",
+                "-e",
+                f"inject={syscalls}:error={err}",
+            ],
+            stdout=log,
+            stderr=log,
+        )
         try:
             deadline = time.monotonic() + 20
             while _tracer_pid() == 0:
                 if time.monotonic() > deadline or tracer.poll() is not None:
                     raise RuntimeError("strace could not attach")
                 time.sleep(0.01)
-            time.sleep(0.2)         # attached: let it finish setting up
+            time.sleep(0.2)  # attached: let it finish setting up
             yield
         finally:
-            tracer.send_signal(signal.SIGTERM)      # strace detaches on SIGTERM
+            tracer.send_signal(signal.SIGTERM)  # strace detaches on SIGTERM
             tracer.wait(30)
             while _tracer_pid() != 0:
                 time.sleep(0.01)
@@ -114,8 +140,11 @@ def small_tmpfs(size="40m"):
     """A tmpfs of `size` (root and a kernel that allows it), else None."""
     d = tempfile.mkdtemp(prefix="fvd-tmpfs-")
     try:
-        p = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", d],
-                           capture_output=True, check=False)
+        p = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", d],
+            capture_output=True,
+            check=False,
+        )
     except OSError:
         p = None
     if p is None or p.returncode != 0:

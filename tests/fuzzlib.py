@@ -12,6 +12,7 @@ open and check clean, a hang or a memory blow-up is a failure.
 Cases run in child processes (`python -m tests.fuzzlib worker ...`) under RLIMIT_AS with a
 per-case watchdog in the parent (`run_fuzz`).
 """
+
 import json
 import os
 import random
@@ -31,15 +32,38 @@ CS = 64 * KiB
 CASE_TIMEOUT = 10.0
 MEMORY_LIMIT = 3 << 30
 
-INTERESTING = [0, 1, 2, 7, 8, 511, 512, 4096, 65535, 65536, 1 << 20, (1 << 31) - 1, 1 << 31,
-               (1 << 32) - 1, 1 << 32, (1 << 62), (1 << 63) - 1, 1 << 63, (1 << 64) - 1,
-               0xFFFFFFEF, 0xFFFFFFF0, 0xFFFFFFFE, 0xFFFFFFFF]
+INTERESTING = [
+    0,
+    1,
+    2,
+    7,
+    8,
+    511,
+    512,
+    4096,
+    65535,
+    65536,
+    1 << 20,
+    (1 << 31) - 1,
+    1 << 31,
+    (1 << 32) - 1,
+    1 << 32,
+    (1 << 62),
+    (1 << 63) - 1,
+    1 << 63,
+    (1 << 64) - 1,
+    0xFFFFFFEF,
+    0xFFFFFFF0,
+    0xFFFFFFFE,
+    0xFFFFFFFF,
+]
 
 
 # ----- templates ---------------------------------------------------------------------------
 def build_templates(workdir):
     import fvd
     import fvd.qcow2
+
     out = {}
     rng = random.Random(1)
     base = os.path.join(workdir, "base.raw")
@@ -61,7 +85,7 @@ def build_templates(workdir):
         img.write(5 * CS, b"\x88" * 5000)
         img.write(CS + 10, b"\x99" * 10)
         img.flush()
-        img._crash()                        # unclean: the journal holds records
+        img._crash()  # unclean: the journal holds records
         out[kind] = path
     q = os.path.join(workdir, "img.qcow2")
     fvd.qcow2.create(q, 24 * CS, cluster_size=CS)
@@ -101,19 +125,21 @@ def _value(rng, old, others=()):
 
 def _header(data):
     from fvd import format as fmt
-    h = dict(fmt.Header.parse(bytes(data[:fmt.HEADER_SIZE])))
+
+    h = dict(fmt.Header.parse(bytes(data[: fmt.HEADER_SIZE])))
     h.pop("_io", None)
     return h
 
 
 def _reseal_header(data):
     from fvd import format as fmt
-    data[12:16] = fmt.header_crc(data[:fmt.HEADER_SIZE]).to_bytes(4, "little")
+
+    data[12:16] = fmt.header_crc(data[: fmt.HEADER_SIZE]).to_bytes(4, "little")
 
 
 def _reseal_table_crc(data, h):
     nch = -(-h["virtual_size"] // h["chunk_size"])
-    raw = data[h["table_offset"]:h["table_offset"] + 4 * nch]
+    raw = data[h["table_offset"] : h["table_offset"] + 4 * nch]
     _put(data, 192, "<I", zlib.crc32(raw))
     _reseal_header(data)
 
@@ -121,6 +147,7 @@ def _reseal_table_crc(data, h):
 def _snap_entries(data, h):
     """[(entry offset, table_offset, vm_offset, vm_size, extra_size)] parsed leniently."""
     from fvd import snapshots as snap
+
     toff, tsize = h["snapshot_table_offset"], h["snapshot_table_size"]
     if not toff or toff + tsize > len(data) or tsize < 32:
         return []
@@ -139,7 +166,7 @@ def _reseal_snapshot_table(data, h):
     toff, tsize = h["snapshot_table_offset"], h["snapshot_table_size"]
     if not toff or toff + tsize > len(data) or tsize < 32:
         return
-    raw = bytearray(data[toff:toff + tsize])
+    raw = bytearray(data[toff : toff + tsize])
     raw[4:8] = b"\0\0\0\0"
     _put(data, toff + 4, "<I", zlib.crc32(raw))
 
@@ -149,18 +176,36 @@ def mutate_fvd(rng, data):
     short description."""
     from fvd import format as fmt
     from fvd import journal as jr
+
     h = _header(data)
     nch = -(-h["virtual_size"] // h["chunk_size"])
     d, cs = h["data_offset"], h["chunk_size"]
     nphys = max(1, (len(data) - d) // cs)
-    what = rng.choice(["header", "header", "journal", "journal", "table", "snaptable",
-                       "lookup", "refcount", "vmstate", "bytes", "truncate", "marker"])
+    what = rng.choice(
+        [
+            "header",
+            "header",
+            "journal",
+            "journal",
+            "table",
+            "snaptable",
+            "lookup",
+            "refcount",
+            "vmstate",
+            "bytes",
+            "truncate",
+            "marker",
+        ]
+    )
     if what == "header":
         names = [n for n in fmt.FIELD_OFFSET if n not in ("magic", "header_crc")]
         name = rng.choice(names)
         off = fmt.FIELD_OFFSET[name]
-        width = "<Q" if fmt.Header.subcons[[s.name for s in fmt.Header.subcons].index(name)]\
-            .sizeof() == 8 else "<I"
+        width = (
+            "<Q"
+            if fmt.Header.subcons[[s.name for s in fmt.Header.subcons].index(name)].sizeof() == 8
+            else "<I"
+        )
         others = [v for k, v in h.items() if isinstance(v, int)]
         _put(data, off, width, _value(rng, h[name], others))
         _reseal_header(data)
@@ -172,45 +217,63 @@ def mutate_fvd(rng, data):
             if t == jr.REC_TABLE:
                 n = rng.randint(1, 8)
                 start = rng.choice([0, rng.randrange(nch), nch - 1, nch, _value(rng, 0)])
-                ents = [rng.choice([rng.randrange(nphys + 3), 0xFFFFFFFF, 0xFFFFFFFE,
-                                    _value(rng, 0)]) & 0xFFFFFFFF for _ in range(n)]
-                recs.append(jr.RECORD_HEAD.pack(t, n, start & (2**64 - 1))
-                            + struct.pack(f"<{n}I", *ents))
+                ents = [
+                    rng.choice([rng.randrange(nphys + 3), 0xFFFFFFFF, 0xFFFFFFFE, _value(rng, 0)])
+                    & 0xFFFFFFFF
+                    for _ in range(n)
+                ]
+                recs.append(
+                    jr.RECORD_HEAD.pack(t, n, start & (2**64 - 1)) + struct.pack(f"<{n}I", *ents)
+                )
             elif t == jr.REC_DATA_CRC:
                 start = rng.choice([d, d + rng.randrange(nphys) * cs, _value(rng, d)])
                 count = rng.choice([cs, 4096, _value(rng, cs)]) & 0xFFFFFFFF
-                body = bytes(data[start:start + count]) if start + count <= len(data) else b""
+                body = bytes(data[start : start + count]) if start + count <= len(data) else b""
                 crc = zlib.crc32(body) if rng.random() < 0.5 else rng.getrandbits(32)
-                recs.append(jr.RECORD_HEAD.pack(t, count, start & (2**64 - 1))
-                            + struct.pack("<I", crc))
+                recs.append(
+                    jr.RECORD_HEAD.pack(t, count, start & (2**64 - 1)) + struct.pack("<I", crc)
+                )
             else:
-                recs.append(jr.RECORD_HEAD.pack(t, _value(rng, 1) & 0xFFFFFFFF,
-                                                _value(rng, 0) & (2**64 - 1)))
-        body = b"".join(recs)[:jr.PAYLOAD]
+                recs.append(
+                    jr.RECORD_HEAD.pack(
+                        t, _value(rng, 1) & 0xFFFFFFFF, _value(rng, 0) & (2**64 - 1)
+                    )
+                )
+        body = b"".join(recs)[: jr.PAYLOAD]
         nrec = len(recs) if rng.random() < 0.8 else _value(rng, len(recs)) & 0xFFFF
         seq = rng.choice([0, 0, 0, 1])
-        sector = bytearray(jr.SECTOR_HEAD.pack(jr.SECTOR_MAGIC, 0, h["journal_epoch"], seq,
-                                               rng.choice([0, 0, 1]), nrec, 0) + body)
+        sector = bytearray(
+            jr.SECTOR_HEAD.pack(
+                jr.SECTOR_MAGIC, 0, h["journal_epoch"], seq, rng.choice([0, 0, 1]), nrec, 0
+            )
+            + body
+        )
         sector.extend(bytes(512 - len(sector)))
         sector[4:8] = zlib.crc32(sector).to_bytes(4, "little")
         at = h["journal_offset"] + 512 * seq
-        data[at:at + 512] = sector
-        _put(data, 48, "<I", 0)             # unclean: replay it
+        data[at : at + 512] = sector
+        _put(data, 48, "<I", 0)  # unclean: replay it
         _reseal_header(data)
         return "journal"
     if what == "table":
         for _ in range(rng.randint(1, 3)):
             v = rng.randrange(nch)
             cur = _u(data, h["table_offset"] + 4 * v, "<I")
-            _put(data, h["table_offset"] + 4 * v, "<I",
-                 rng.choice([rng.randrange(nphys + 2), _value(rng, cur)]))
+            _put(
+                data,
+                h["table_offset"] + 4 * v,
+                "<I",
+                rng.choice([rng.randrange(nphys + 2), _value(rng, cur)]),
+            )
         _reseal_table_crc(data, h)
         return "table"
     entries = _snap_entries(data, h)
     toff = h["snapshot_table_offset"]
     if what == "snaptable" and toff:
-        off = toff + rng.choice([8, 12, 16, 24] + [e[0] - toff + o for e in entries
-                                                  for o in (0, 16, 24, 36, 38, 40, 48, 64)])
+        off = toff + rng.choice(
+            [8, 12, 16, 24]
+            + [e[0] - toff + o for e in entries for o in (0, 16, 24, 36, 38, 40, 48, 64)]
+        )
         width = rng.choice(["<I", "<Q", "<H"])
         _put(data, off, width, _value(rng, 0, [e[1] for e in entries]))
         _reseal_snapshot_table(data, h)
@@ -219,18 +282,16 @@ def mutate_fvd(rng, data):
         e = rng.choice(entries)
         for _ in range(rng.randint(1, 3)):
             v = rng.randrange(nch)
-            _put(data, e[1] + 4 * v, "<I", rng.choice([rng.randrange(nphys + 2),
-                                                      _value(rng, 0)]))
-        raw = data[e[1]:e[1] + 4 * nch]
+            _put(data, e[1] + 4 * v, "<I", rng.choice([rng.randrange(nphys + 2), _value(rng, 0)]))
+        raw = data[e[1] : e[1] + 4 * nch]
         _put(data, e[0] + 32, "<I", zlib.crc32(raw))
         _reseal_snapshot_table(data, h)
         return "snapshot lookup table"
     if what == "refcount" and toff and h["refcount_table_size"]:
         roff, rsize = h["refcount_table_offset"], h["refcount_table_size"]
         for _ in range(rng.randint(1, 3)):
-            _put(data, roff + 2 * rng.randrange(rsize // 2), "<H",
-                 rng.choice([0, 1, 2, 0xFFFF]))
-        _put(data, toff + 12, "<I", zlib.crc32(data[roff:roff + rsize]))
+            _put(data, roff + 2 * rng.randrange(rsize // 2), "<H", rng.choice([0, 1, 2, 0xFFFF]))
+        _put(data, toff + 12, "<I", zlib.crc32(data[roff : roff + rsize]))
         _reseal_snapshot_table(data, h)
         return "refcount table"
     if what == "vmstate" and entries:
@@ -245,7 +306,7 @@ def mutate_fvd(rng, data):
         _reseal_snapshot_table(data, h)
         return "revert marker"
     if what == "truncate":
-        del data[rng.randrange(d, len(data) + 1):]
+        del data[rng.randrange(d, len(data) + 1) :]
         return "truncate"
     hot = [0, h["table_offset"], h["journal_offset"]] + [e[1] for e in entries]
     for _ in range(rng.randint(1, 4)):
@@ -258,19 +319,35 @@ def mutate_fvd(rng, data):
 
 # ----- qcow2 mutations -----------------------------------------------------------------------
 def mutate_qcow2(rng, data):
-    be = lambda w: ">" + w     # noqa: E731
+    be = lambda w: ">" + w  # noqa: E731
     cs = 1 << _u(data, 20, ">I")
     l1_off, l1_n = _u(data, 40, ">Q"), min(_u(data, 36, ">I"), len(data) // 8)
     rt_off = _u(data, 48, ">Q")
     snap_off = _u(data, 64, ">Q")
     nclus = max(1, len(data) // cs)
-    what = rng.choice(["header", "l1", "l2", "reftable", "refblock", "snapshot", "bytes",
-                       "truncate"])
+    what = rng.choice(
+        ["header", "l1", "l2", "reftable", "refblock", "snapshot", "bytes", "truncate"]
+    )
     offsets = [l1_off, rt_off, snap_off, 0, cs * rng.randrange(nclus + 2)]
     if what == "header":
-        off, w = rng.choice([(8, "Q"), (20, "I"), (24, "Q"), (36, "I"), (40, "Q"), (48, "Q"),
-                             (56, "I"), (60, "I"), (64, "Q"), (72, "Q"), (80, "Q"), (88, "Q"),
-                             (96, "I"), (100, "I")])
+        off, w = rng.choice(
+            [
+                (8, "Q"),
+                (20, "I"),
+                (24, "Q"),
+                (36, "I"),
+                (40, "Q"),
+                (48, "Q"),
+                (56, "I"),
+                (60, "I"),
+                (64, "Q"),
+                (72, "Q"),
+                (80, "Q"),
+                (88, "Q"),
+                (96, "I"),
+                (100, "I"),
+            ]
+        )
         _put(data, off, be(w), _value(rng, 0, offsets))
         return f"header {off}"
     if what == "l1" and l1_n:
@@ -278,31 +355,50 @@ def mutate_qcow2(rng, data):
         _put(data, l1_off + 8 * i, ">Q", rng.choice(offsets) | rng.choice([0, 1 << 63]))
         return "l1"
     if what == "l2":
-        l1e = [_u(data, l1_off + 8 * i, ">Q") & 0x00FFFFFFFFFFFE00 for i in range(l1_n)
-               if l1_off + 8 * i + 8 <= len(data)]
+        l1e = [
+            _u(data, l1_off + 8 * i, ">Q") & 0x00FFFFFFFFFFFE00
+            for i in range(l1_n)
+            if l1_off + 8 * i + 8 <= len(data)
+        ]
         l1e = [x for x in l1e if x and x + cs <= len(data)]
         if l1e:
             t = rng.choice(l1e)
             j = rng.randrange(cs // 8)
-            _put(data, t + 8 * j, ">Q", rng.choice(offsets + [_value(rng, 0)])
-                 | rng.choice([0, 1 << 63, 1, 1 << 62]))
+            _put(
+                data,
+                t + 8 * j,
+                ">Q",
+                rng.choice(offsets + [_value(rng, 0)]) | rng.choice([0, 1 << 63, 1, 1 << 62]),
+            )
         return "l2"
     if what == "reftable":
-        _put(data, rt_off + 8 * rng.randrange(4), ">Q",
-             rng.choice(offsets + [1 << 55, _value(rng, 0)]))
+        _put(
+            data,
+            rt_off + 8 * rng.randrange(4),
+            ">Q",
+            rng.choice(offsets + [1 << 55, _value(rng, 0)]),
+        )
         return "reftable"
     if what == "refblock":
         rb = _u(data, rt_off, ">Q") if rt_off + 8 <= len(data) else 0
         if rb and rb + cs <= len(data):
-            _put(data, rb + 2 * rng.randrange(min(cs // 2, nclus + 4)), ">H",
-                 rng.choice([0, 1, 2, 0xFFFF]))
+            _put(
+                data,
+                rb + 2 * rng.randrange(min(cs // 2, nclus + 4)),
+                ">H",
+                rng.choice([0, 1, 2, 0xFFFF]),
+            )
         return "refblock"
     if what == "snapshot" and snap_off:
-        _put(data, snap_off + rng.choice([0, 8, 12, 14, 32, 36, 40, 48]),
-             rng.choice([">Q", ">I", ">H"]), _value(rng, 0, offsets))
+        _put(
+            data,
+            snap_off + rng.choice([0, 8, 12, 14, 32, 36, 40, 48]),
+            rng.choice([">Q", ">I", ">H"]),
+            _value(rng, 0, offsets),
+        )
         return "snapshot"
     if what == "truncate":
-        del data[rng.randrange(cs, len(data) + 1):]
+        del data[rng.randrange(cs, len(data) + 1) :]
         return "truncate"
     for _ in range(rng.randint(1, 4)):
         at = min(rng.choice([0, l1_off, rt_off, snap_off]) + rng.randrange(256), len(data) - 1)
@@ -317,6 +413,7 @@ class Violation(Exception):
 
 def _allowed(e):
     import fvd
+
     return isinstance(e, (fvd.FvdError, ValueError))
 
 
@@ -334,11 +431,13 @@ def _use_fvd(img):
     img.read(0, img.size)
     list(img.extents())
     for s in img.snapshots():
+
         def view(name=s.name):
             with img.open_snapshot(name) as v:
                 v.read(0, v.size)
                 list(v.extents())
             img.read_vm_state(name)
+
         _attempt(view)
 
 
@@ -350,6 +449,7 @@ def run_fvd_case(path):
         with fvd.open(path) as img:
             _use_fvd(img)
             img.check()
+
     _attempt(read_only)
     saved = path + ".orig"
     shutil.copyfile(path, saved)
@@ -366,6 +466,7 @@ def run_fvd_case(path):
             _use_fvd(img)
             if img.read(17 * CS, 5000) != b"\xcd" * 5000:
                 raise Violation("a write acknowledged before close is lost after reopen")
+
     _attempt(read_write)
     shutil.copyfile(saved, path)
     _attempt(lambda: check_path(path))
@@ -404,6 +505,7 @@ def run_qcow2_case(path):
     def read_only():
         with q.open(path) as img:
             use(img)
+
     _attempt(read_only)
     saved = path + ".orig"
     shutil.copyfile(path, saved)
@@ -419,12 +521,14 @@ def run_qcow2_case(path):
             use(img)
             if img.read(17 * CS, 5000) != b"\xcd" * 5000:
                 raise Violation("a write acknowledged before close is lost after reopen")
+
     _attempt(read_write)
     shutil.copyfile(saved, path)
 
     def repair():
         with q.open(path, "r+") as img:
             return img.check(repair=True)
+
     result = _attempt(repair)
     if result is not None and result.ok:
         try:
@@ -441,8 +545,7 @@ def run_qcow2_case(path):
 def worker(kind, seed, start, count):
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
     # tmpfs when there is one: the cases fdatasync a lot and test no durability
-    work = tempfile.mkdtemp(prefix="fvdfuzz", dir="/dev/shm" if os.path.isdir("/dev/shm")
-                            else None)
+    work = tempfile.mkdtemp(prefix="fvdfuzz", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
     try:
         templates = build_templates(work)
         names = ["plain", "base"] if kind == "fvd" else ["qcow2"]
@@ -455,7 +558,7 @@ def worker(kind, seed, start, count):
             for _ in range(rng.choice([1, 1, 1, 2, 3])):
                 try:
                     whats.append((mutate_fvd if kind == "fvd" else mutate_qcow2)(rng, data))
-                except Exception:       # a mutation that does not apply to this image
+                except Exception:  # a mutation that does not apply to this image
                     whats.append("skipped")
             path = os.path.join(work, f"case.{'fvd' if kind == 'fvd' else 'qcow2'}")
             for p in (path, path + ".orig"):
@@ -466,11 +569,21 @@ def worker(kind, seed, start, count):
             try:
                 (run_fvd_case if kind == "fvd" else run_qcow2_case)(path)
                 print(f"OK {i}", flush=True)
-            except BaseException as e:          # noqa: B036 - every escape is a finding
+            except BaseException as e:  # noqa: B036 - every escape is a finding
                 tb = traceback.format_exc(limit=-6)
-                print("FAIL " + json.dumps({"case": i, "template": name, "mutations": whats,
-                                            "error": repr(e)[:300], "traceback": tb}),
-                      flush=True)
+                print(
+                    "FAIL "
+                    + json.dumps(
+                        {
+                            "case": i,
+                            "template": name,
+                            "mutations": whats,
+                            "error": repr(e)[:300],
+                            "traceback": tb,
+                        }
+                    ),
+                    flush=True,
+                )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -482,12 +595,16 @@ def run_fuzz(kind, cases, seed=0, timeout=CASE_TIMEOUT, batch=None, env=None):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     while nxt < end:
         n = end - nxt if batch is None else min(batch, end - nxt)
-        proc = subprocess.Popen([sys.executable, "-m", "tests.fuzzlib", "worker", kind,
-                                 str(seed), str(nxt), str(n)], cwd=root,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env=env)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.fuzzlib", "worker", kind, str(seed), str(nxt), str(n)],
+            cwd=root,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         current, last = nxt, time.monotonic()
-        started = False         # building the templates is not part of a case's time
+        started = False  # building the templates is not part of a case's time
         stop = nxt + n
         buf = ""
         while True:
@@ -513,13 +630,19 @@ def run_fuzz(kind, cases, seed=0, timeout=CASE_TIMEOUT, batch=None, env=None):
         buf = proc.stderr.read()
         if failures and failures[-1]["case"] == current and "hang" in failures[-1]["error"]:
             continue
-        if nxt <= current and nxt < stop:       # the child died inside a case
-            failures.append({"case": current, "error": f"child died (exit {proc.returncode})",
-                             "stderr": buf[-2000:]})
+        if nxt <= current and nxt < stop:  # the child died inside a case
+            failures.append(
+                {
+                    "case": current,
+                    "error": f"child died (exit {proc.returncode})",
+                    "stderr": buf[-2000:],
+                }
+            )
             nxt = current + 1
         elif nxt < stop and proc.returncode:
-            failures.append({"case": nxt, "error": f"child exit {proc.returncode}",
-                             "stderr": buf[-2000:]})
+            failures.append(
+                {"case": nxt, "error": f"child exit {proc.returncode}", "stderr": buf[-2000:]}
+            )
             nxt += 1
     return failures
 
@@ -527,9 +650,10 @@ def run_fuzz(kind, cases, seed=0, timeout=CASE_TIMEOUT, batch=None, env=None):
 if __name__ == "__main__":
     if sys.argv[1] == "worker":
         worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
-    else:       # python -m tests.fuzzlib fvd|qcow2 CASES [SEED]
-        fails = run_fuzz(sys.argv[1], int(sys.argv[2]),
-                         int(sys.argv[3]) if len(sys.argv) > 3 else 0)
+    else:  # python -m tests.fuzzlib fvd|qcow2 CASES [SEED]
+        fails = run_fuzz(
+            sys.argv[1], int(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 0
+        )
         for f in fails:
             print(json.dumps(f))
         print(f"{sys.argv[1]}: {sys.argv[2]} cases, {len(fails)} failures")

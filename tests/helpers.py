@@ -1,4 +1,5 @@
 """Shared test helpers: durable-state recording for simulated crashes."""
+
 import json
 import os
 import shutil

@@ -1,4 +1,5 @@
 """Start and stop real NBD servers (fvd serve / nbdkit / qemu-nbd) for the tests."""
+
 import os
 import shutil
 import signal
@@ -11,7 +12,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NEEDED = ("nbdkit", "nbdinfo", "nbdcopy", "qemu-img", "qemu-io", "qemu-nbd")
-SYSTEM_PYTHON = "/usr/bin/python3"     # python3-libnbd (`nbdsh`) lives there only
+SYSTEM_PYTHON = "/usr/bin/python3"  # python3-libnbd (`nbdsh`) lives there only
 
 
 def need_nbd_tools():
@@ -19,13 +20,19 @@ def need_nbd_tools():
     missing = [t for t in NEEDED if shutil.which(t) is None]
     if not _python_plugin():
         missing.append("nbdkit python plugin")
-    if not os.path.exists(SYSTEM_PYTHON) or subprocess.run(
-            [SYSTEM_PYTHON, "-c", "import nbd"], capture_output=True, check=False).returncode:
+    if (
+        not os.path.exists(SYSTEM_PYTHON)
+        or subprocess.run(
+            [SYSTEM_PYTHON, "-c", "import nbd"], capture_output=True, check=False
+        ).returncode
+    ):
         missing.append("python3-libnbd")
     if not missing:
         return
-    reason = (f"NBD tools missing: {', '.join(missing)} (apt-get "
-              f"install nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd qemu-utils)")
+    reason = (
+        f"NBD tools missing: {', '.join(missing)} (apt-get "
+        f"install nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd qemu-utils)"
+    )
     if os.environ.get("CI") == "true":
         pytest.fail(reason + " - required when CI=true")
     pytest.skip(reason)
@@ -33,8 +40,12 @@ def need_nbd_tools():
 
 def _python_plugin():
     try:
-        return subprocess.run(["nbdkit", "python", "--dump-plugin"], capture_output=True,
-                              check=False).returncode == 0
+        return (
+            subprocess.run(
+                ["nbdkit", "python", "--dump-plugin"], capture_output=True, check=False
+            ).returncode
+            == 0
+        )
     except OSError:
         return False
 
@@ -46,8 +57,7 @@ def free_port():
 
 
 def run(*args, ok=(0,), **kw):
-    r = subprocess.run([str(a) for a in args], capture_output=True, text=True, check=False,
-                       **kw)
+    r = subprocess.run([str(a) for a in args], capture_output=True, text=True, check=False, **kw)
     assert r.returncode in ok, f"{args}: exit {r.returncode}\n{r.stdout}\n{r.stderr}"
     return r
 
@@ -78,16 +88,20 @@ class Server:
     def __init__(self, args, uri, socket_path=None, port=None, env=None):
         self.args, self.uri = [str(a) for a in args], uri
         self.socket_path, self.port = socket_path, port
-        self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, cwd=ROOT, env=env)
+        self.proc = subprocess.Popen(
+            self.args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env
+        )
         wait_listening(self.proc, socket_path, port)
 
     def stop(self, sig=signal.SIGTERM):
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         out, err = self.proc.communicate(timeout=60)
-        if self.socket_path is not None and os.path.exists(self.socket_path) and \
-                sig == signal.SIGKILL:
+        if (
+            self.socket_path is not None
+            and os.path.exists(self.socket_path)
+            and sig == signal.SIGKILL
+        ):
             os.unlink(self.socket_path)
         return self.proc.returncode, out, err
 

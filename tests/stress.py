@@ -10,6 +10,7 @@ any version from lo on: older ones were overwritten by a write acknowledged befo
 read began. Each data sector carries (version, sector number) repeated, so a sector
 from another place, another version or nobody (zeros that no write_zeroes made) fails.
 """
+
 import functools
 import random
 import struct
@@ -20,14 +21,15 @@ import fvd
 KiB, MiB = 1 << 10, 1 << 20
 SECTOR, UNIT = 512, 4096
 SPU = UNIT // SECTOR
-STRIPE = 32                 # units per writer stripe (two 64 KiB chunks)
+STRIPE = 32  # units per writer stripe (two 64 KiB chunks)
 ZERO_UNIT = bytes(UNIT)
 
 
 @functools.lru_cache(maxsize=1 << 13)
 def unit_bytes(version, unit):
-    return b"".join(struct.pack("<QQ", version, unit * SPU + i) * (SECTOR // 16)
-                    for i in range(SPU))
+    return b"".join(
+        struct.pack("<QQ", version, unit * SPU + i) * (SECTOR // 16) for i in range(SPU)
+    )
 
 
 def make_base(path, nunits):
@@ -103,10 +105,9 @@ class Model:
         for v in legal:
             if data == self.content(v, u):
                 return True
-        for i in range(SPU):                    # torn between versions: per sector
-            sec = data[i * SECTOR:(i + 1) * SECTOR]
-            if not any(sec == self.content(v, u)[i * SECTOR:(i + 1) * SECTOR]
-                       for v in legal):
+        for i in range(SPU):  # torn between versions: per sector
+            sec = data[i * SECTOR : (i + 1) * SECTOR]
+            if not any(sec == self.content(v, u)[i * SECTOR : (i + 1) * SECTOR] for v in legal):
                 return False
         return True
 
@@ -118,16 +119,28 @@ class Model:
 
 
 class Stress:
-    def __init__(self, path, base, seconds, *, cache="writeback", copy_on_read=False,
-                 readers=2, writers=2, seed=0, units=2048):
+    def __init__(
+        self,
+        path,
+        base,
+        seconds,
+        *,
+        cache="writeback",
+        copy_on_read=False,
+        readers=2,
+        writers=2,
+        seed=0,
+        units=2048,
+    ):
         self.path, self.base, self.seconds = path, base, seconds
         self.nunits = units
         self.size = units * UNIT
         self.rng = random.Random(seed)
         self.nreaders, self.nwriters = readers, writers
         make_base(base, units)
-        fvd.create(path, self.size, chunk_size=64 * KiB, block_size=16 * KiB, base=base,
-                   base_format="raw")
+        fvd.create(
+            path, self.size, chunk_size=64 * KiB, block_size=16 * KiB, base=base, base_format="raw"
+        )
         self.img = fvd.open(path, "r+", cache=cache, copy_on_read=copy_on_read)
         self.model = Model(units)
         self.rw = RWLock()
@@ -136,9 +149,17 @@ class Stress:
         self.reads_checked = 0
         self.sectors_checked = 0
         self.wrong = 0
-        self.counts = {"writes": 0, "zeroes": 0, "flushes": 0, "snapshots": 0,
-                       "deletes": 0, "reverts": 0, "view_reads": 0, "prefetches": 0}
-        self.snaps = {}             # name -> {unit: version}
+        self.counts = {
+            "writes": 0,
+            "zeroes": 0,
+            "flushes": 0,
+            "snapshots": 0,
+            "deletes": 0,
+            "reverts": 0,
+            "view_reads": 0,
+            "prefetches": 0,
+        }
+        self.snaps = {}  # name -> {unit: version}
 
     # ----- threads ---------------------------------------------------------------------
     def _guard(self, fn, *args):
@@ -146,6 +167,7 @@ class Stress:
             fn(*args)
         except BaseException as e:  # noqa: BLE001  # reported by run()
             import traceback
+
             self.errors.append(f"{fn.__name__}: {e!r}\n{traceback.format_exc()}")
             self.stop.set()
 
@@ -169,8 +191,7 @@ class Stress:
                 else:
                     vs = [m.new_version() for _ in units]
                     m.begin(units, vs)
-                    img.write(first * UNIT, b"".join(unit_bytes(v, u)
-                                                     for v, u in zip(vs, units)))
+                    img.write(first * UNIT, b"".join(unit_bytes(v, u) for v, u in zip(vs, units)))
                     self.counts["writes"] += 1
                 m.done(units)
             finally:
@@ -185,13 +206,15 @@ class Stress:
             lo = [m.floor[u] for u in range(first, first + count)]
             data = img.read(first * UNIT, count * UNIT)
             for i, u in enumerate(range(first, first + count)):
-                unit = data[i * UNIT:(i + 1) * UNIT]
-                legal = m.hist[u][lo[i]:]
+                unit = data[i * UNIT : (i + 1) * UNIT]
+                legal = m.hist[u][lo[i] :]
                 if not m.unit_ok(u, unit, legal):
                     self.wrong += 1
-                    self.errors.append(f"reader {k}: unit {u} holds bytes no legal version "
-                                       f"has (legal {legal[:8]}..., first 16 bytes "
-                                       f"{unit[:16].hex()})")
+                    self.errors.append(
+                        f"reader {k}: unit {u} holds bytes no legal version "
+                        f"has (legal {legal[:8]}..., first 16 bytes "
+                        f"{unit[:16].hex()})"
+                    )
                     self.stop.set()
             self.reads_checked += 1
             self.sectors_checked += count * SPU
@@ -219,7 +242,7 @@ class Stress:
             self.counts["snapshots"] += 1
             self.snaps[name] = self._read_view(name, lo, hi)
             for other in rng.sample(sorted(self.snaps), min(2, len(self.snaps))):
-                self._read_view(other)              # views stay what they were
+                self._read_view(other)  # views stay what they were
             if len(self.snaps) > 3:
                 old = min(self.snaps, key=lambda n: int(n[1:]))
                 img.delete_snapshot(old)
@@ -236,22 +259,24 @@ class Stress:
         self.counts["view_reads"] += 1
         state = {}
         for u in range(self.nunits):
-            unit = data[u * UNIT:(u + 1) * UNIT]
+            unit = data[u * UNIT : (u + 1) * UNIT]
             if lo is None:
                 ok = unit == m.content(self.snaps[name][u], u)
             else:
-                v = m.uniform_version(u, unit, m.hist[u][lo[u]:hi[u]])
+                v = m.uniform_version(u, unit, m.hist[u][lo[u] : hi[u]])
                 ok = v is not None
                 state[u] = v
             if not ok:
                 self.wrong += 1
-                raise AssertionError(f"snapshot {name}: unit {u} is not a point-in-time "
-                                     f"version (first 16 bytes {unit[:16].hex()})")
+                raise AssertionError(
+                    f"snapshot {name}: unit {u} is not a point-in-time "
+                    f"version (first 16 bytes {unit[:16].hex()})"
+                )
         return state
 
     def _revert(self, name):
         m, state = self.model, self.snaps[name]
-        self.rw.acquire_excl()                      # writers pause, readers go on
+        self.rw.acquire_excl()  # writers pause, readers go on
         try:
             units = list(range(self.nunits))
             m.begin(units, [state[u] for u in units])
@@ -263,12 +288,18 @@ class Stress:
 
     # ----- run -------------------------------------------------------------------------
     def run(self):
-        threads = [threading.Thread(target=self._guard, args=(self.writer, k))
-                   for k in range(self.nwriters)]
-        threads += [threading.Thread(target=self._guard, args=(self.reader, k))
-                    for k in range(self.nreaders)]
-        threads += [threading.Thread(target=self._guard, args=(f,))
-                    for f in (self.flusher, self.snapshotter, self.prefetcher)]
+        threads = [
+            threading.Thread(target=self._guard, args=(self.writer, k))
+            for k in range(self.nwriters)
+        ]
+        threads += [
+            threading.Thread(target=self._guard, args=(self.reader, k))
+            for k in range(self.nreaders)
+        ]
+        threads += [
+            threading.Thread(target=self._guard, args=(f,))
+            for f in (self.flusher, self.snapshotter, self.prefetcher)
+        ]
         for t in threads:
             t.start()
         self.stop.wait(self.seconds)
@@ -287,19 +318,22 @@ class Stress:
         with fvd.open(self.path, "r") as img:
             data = img.read(0, self.size)
             for u in range(self.nunits):
-                if data[u * UNIT:(u + 1) * UNIT] != m.content(m.expected(u), u):
+                if data[u * UNIT : (u + 1) * UNIT] != m.content(m.expected(u), u):
                     raise AssertionError(f"after reopen unit {u} is not its last version")
             for name in self.snaps:
                 with img.open_snapshot(name) as view:
                     vdata = view.read(0, self.size)
                 for u in range(self.nunits):
-                    if vdata[u * UNIT:(u + 1) * UNIT] != m.content(self.snaps[name][u], u):
-                        raise AssertionError(f"after reopen snapshot {name} unit {u} "
-                                             f"changed")
+                    if vdata[u * UNIT : (u + 1) * UNIT] != m.content(self.snaps[name][u], u):
+                        raise AssertionError(f"after reopen snapshot {name} unit {u} changed")
             res = img.check()
             if not res.ok:
                 raise AssertionError(f"check after the stress run: {res.messages}")
 
     def report(self):
-        return dict(self.counts, reads_checked=self.reads_checked,
-                    sectors_checked=self.sectors_checked, wrong=self.wrong)
+        return dict(
+            self.counts,
+            reads_checked=self.reads_checked,
+            sectors_checked=self.sectors_checked,
+            wrong=self.wrong,
+        )

@@ -1,5 +1,6 @@
 """File-like views (fvd.fileview) and blkhash checksums (fvd.checksum) compared with
 ovirt-imageio itself; bad input and a vanished base."""
+
 import hashlib
 import io
 import json
@@ -17,11 +18,13 @@ from fvd.checksum import checksum as compute_checksum
 from fvd.snapshots import SnapshotNotFoundError
 
 MiB = 1 << 20
-SIZE = 21 * MiB + 12288             # not a multiple of the 4 MiB checksum block
+SIZE = 21 * MiB + 12288  # not a multiple of the 4 MiB checksum block
 
 ovirt_client = pytest.importorskip("ovirt_imageio.client")
-need_qemu = pytest.mark.skipif(not shutil.which("qemu-nbd") or not shutil.which("qemu-img"),
-                               reason="ovirt-imageio reads images through qemu-nbd")
+need_qemu = pytest.mark.skipif(
+    not shutil.which("qemu-nbd") or not shutil.which("qemu-img"),
+    reason="ovirt-imageio reads images through qemu-nbd",
+)
 _OVIRT = {}
 
 
@@ -36,8 +39,9 @@ def ovirt_checksum(tmp_path, content, fmt="raw", **kw):
         path = raw
         if fmt == "qcow2":
             path = str(tmp_path / "ref.qcow2")
-            subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", raw,
-                            path], check=True)
+            subprocess.run(
+                ["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", raw, path], check=True
+            )
         _OVIRT[key] = ovirt_client.checksum(path, **kw)
     return _OVIRT[key]
 
@@ -49,10 +53,10 @@ def fill(img):
     for off, n in ((0, 4096), (3 * MiB + 100, 2 * MiB), (9 * MiB, MiB), (SIZE - 5000, 5000)):
         data = rng.randbytes(n)
         img.write(off, data)
-        want[off:off + n] = data
-    img.write(13 * MiB, bytes(MiB))                 # allocated zeros
+        want[off : off + n] = data
+    img.write(13 * MiB, bytes(MiB))  # allocated zeros
     img.write_zeroes(9 * MiB + 4096, 8192)
-    want[9 * MiB + 4096:9 * MiB + 12288] = bytes(8192)
+    want[9 * MiB + 4096 : 9 * MiB + 12288] = bytes(8192)
     return bytes(want)
 
 
@@ -75,17 +79,18 @@ def test_as_file_with_the_standard_library(image, tmp_path):
         with io.BufferedReader(raw, 1 << 16) as buf:
             assert buf.read(10) == content[:10]
             buf.seek(3 * MiB + 90)
-            assert buf.read(20) == content[3 * MiB + 90:3 * MiB + 110]
+            assert buf.read(20) == content[3 * MiB + 90 : 3 * MiB + 110]
             assert buf.seek(-100, io.SEEK_END) == SIZE - 100
             assert buf.read() == content[-100:]
-            assert buf.read(5) == b""                   # end of the disk
+            assert buf.read(5) == b""  # end of the disk
         with img.as_file() as f:
             out = io.BytesIO()
             shutil.copyfileobj(f, out, 1 << 20)
             assert out.getvalue() == content
             f.seek(0)
-            assert hashlib.file_digest(f, "sha256").hexdigest() == \
-                hashlib.sha256(content).hexdigest()
+            assert (
+                hashlib.file_digest(f, "sha256").hexdigest() == hashlib.sha256(content).hexdigest()
+            )
             f.seek(0)
             tar = str(tmp_path / "disk.tar")
             with tarfile.open(tar, "w") as t:
@@ -98,12 +103,12 @@ def test_as_file_with_the_standard_library(image, tmp_path):
                 f.write(b"x")
             with pytest.raises(ValueError):
                 f.seek(-1)
-        assert raw.closed                               # BufferedReader closed it
+        assert raw.closed  # BufferedReader closed it
         raw = img.as_file()
         raw.close()
         with pytest.raises(ValueError):
             raw.read(1)
-        assert img.read(0, 4) == content[:4]            # the image stays open
+        assert img.read(0, 4) == content[:4]  # the image stays open
 
 
 def test_as_file_writes_on_r_plus_and_snapshot_views(image):
@@ -118,7 +123,7 @@ def test_as_file_writes_on_r_plus_and_snapshot_views(image):
             f.flush()
             f.seek(SIZE - 2)
             with pytest.raises(OSError):
-                f.write(b"abc")                     # past the end of the disk
+                f.write(b"abc")  # past the end of the disk
         assert img.read(MiB, 5) == b"hello"
         with img.open_snapshot("s") as v, v.as_file() as f:
             assert not f.writable()
@@ -149,7 +154,7 @@ def test_checksum_equals_ovirt_imageio_raw_and_qcow2(image, tmp_path):
 def test_checksum_of_snapshots_and_a_base(tmp_path):
     base = str(tmp_path / "base.raw")
     rng = random.Random(9)
-    with open(base, "wb") as f:                   # 90% hole, some data
+    with open(base, "wb") as f:  # 90% hole, some data
         f.truncate(SIZE)
         f.seek(6 * MiB)
         f.write(rng.randbytes(MiB + 77))
@@ -169,7 +174,7 @@ def test_checksum_of_snapshots_and_a_base(tmp_path):
         front = img.checksum()
         read = img.stats.base_bytes_read - before
         front_content = img.read(0, SIZE)
-    assert snap_content[:6 * MiB] == base_content[:6 * MiB]
+    assert snap_content[: 6 * MiB] == base_content[: 6 * MiB]
     assert snap == ovirt_checksum(tmp_path, snap_content)
     assert front == ovirt_checksum(tmp_path, front_content)
     assert snap != front
@@ -222,9 +227,9 @@ def test_vanished_base_is_a_base_image_error_and_nothing_changes(tmp_path):
     with fvd.open(path) as img:
         os.unlink(base)
         with pytest.raises(fvd.BaseImageError):
-            img.open_snapshot("s1")             # the view opens the base itself
-        assert img.changed_extents_array("s1").tolist() == []   # tables only
-        assert img.checksum()["checksum"]       # the image's own base handle still works
+            img.open_snapshot("s1")  # the view opens the base itself
+        assert img.changed_extents_array("s1").tolist() == []  # tables only
+        assert img.checksum()["checksum"]  # the image's own base handle still works
     with pytest.raises(fvd.BaseImageError):
         fvd.open(path)
     assert cli.main(["checksum", path]) == 1

@@ -1,4 +1,5 @@
 """Base images: copy-on-write, copy-on-read, chains, extents, bad input, crash safety."""
+
 import os
 import random
 import threading
@@ -59,9 +60,9 @@ def test_first_write_into_base_block_writethrough(tmp_path, raw_base):
         d = delta(img, before)
         assert d.get("base_reads", 0) == 0 and d["data_writes"] == 1
         assert d.get("metadata_writes", 0) == 0 and d["flushes"] == 1
-        data[64 * KiB + 4096:64 * KiB + 8192] = b"x" * 4096
-        data[80 * KiB:84 * KiB] = b"y" * 4096
-        data[96 * KiB:100 * KiB] = b"z" * 4096
+        data[64 * KiB + 4096 : 64 * KiB + 8192] = b"x" * 4096
+        data[80 * KiB : 84 * KiB] = b"y" * 4096
+        data[96 * KiB : 100 * KiB] = b"z" * 4096
         assert img.read(0, len(data)) == data
     with fvd.open(path) as img:
         assert img.read(0, len(data)) == data
@@ -84,7 +85,7 @@ def test_first_write_into_base_block_writeback(tmp_path, raw_base):
         d = delta(img, before)
         assert d["metadata_writes"] == 1 and d["flushes"] == 2
         data[3:13] = b"x" * 10
-        assert img.read(0, 64 * KiB) == data[:64 * KiB]
+        assert img.read(0, 64 * KiB) == data[: 64 * KiB]
 
 
 def test_reads_merge_runs(tmp_path, raw_base):
@@ -94,11 +95,11 @@ def test_reads_merge_runs(tmp_path, raw_base):
     with fvd.open(path, "r+") as img:
         for off in (5000, 20000, 40000):
             img.write(off, b"w" * 100)
-            data[off:off + 100] = b"w" * 100
+            data[off : off + 100] = b"w" * 100
         before = img.stats.as_dict()
-        assert img.read(0, 64 * KiB) == data[:64 * KiB]
+        assert img.read(0, 64 * KiB) == data[: 64 * KiB]
         d = delta(img, before)
-        assert d["base_reads"] == 4          # one per contiguous base run
+        assert d["base_reads"] == 4  # one per contiguous base run
         # a read fully past the base end reads zeros and never touches the base
         before = img.stats.as_dict()
         assert img.read(3 * MiB + 5000, 1000) == bytes(1000)
@@ -112,7 +113,7 @@ def test_write_zeroes_over_base(tmp_path, raw_base):
     model = bytearray(data) + bytearray(4 * MiB - len(data))
     with fvd.open(path, "r+", cache="writethrough") as img:
         img.write_zeroes(100, 2 * MiB + 7)
-        model[100:2 * MiB + 107] = bytes(2 * MiB + 7)
+        model[100 : 2 * MiB + 107] = bytes(2 * MiB + 7)
         assert img.read(0, 4 * MiB) == model
         ext = list(img.extents())
         assert any(e.zero and e.depth == 0 and e.present for e in ext)
@@ -131,7 +132,7 @@ def test_torn_cow_write_reads_base_again(tmp_path, raw_base):
     img.write(200 * KiB, b"n" * 10)
     host = img._map.host_offset(192 * KiB)
     img._crash()
-    with open(path, "r+b") as f:            # the data write never landed
+    with open(path, "r+b") as f:  # the data write never landed
         f.seek(host)
         f.write(bytes(64 * KiB))
     with fvd.open(path, "r+") as img:
@@ -147,7 +148,7 @@ def test_overwrite_after_cow_then_crash(tmp_path, raw_base):
     img.write(200 * KiB, b"n" * 10)
     img.write(200 * KiB, b"m" * 10)
     img._crash()
-    data[200 * KiB:200 * KiB + 10] = b"m" * 10
+    data[200 * KiB : 200 * KiB + 10] = b"m" * 10
     with fvd.open(path, "r+") as img:
         assert img.read(0, len(data)) == data
 
@@ -159,9 +160,9 @@ def test_copy_on_read(tmp_path, raw_base, cache):
     path = str(tmp_path / "a.fvd")
     fvd.create(path, 4 * MiB, base=base, base_format="raw")
     with fvd.open(path, "r+", cache=cache, copy_on_read=True) as img:
-        assert img.read(1000, 300 * KiB) == data[1000:1000 + 300 * KiB]
+        assert img.read(1000, 300 * KiB) == data[1000 : 1000 + 300 * KiB]
         before = img.stats.as_dict()
-        assert img.read(1000, 300 * KiB) == data[1000:1000 + 300 * KiB]
+        assert img.read(1000, 300 * KiB) == data[1000 : 1000 + 300 * KiB]
         assert delta(img, before).get("base_reads", 0) == 0
         # a guest write into a block copy-on-read filled still journals its bit
         img.write(5000, b"q" * 5)
@@ -197,12 +198,12 @@ def test_two_level_chain_extents(tmp_path):
     fvd.create(mid, 2 * MiB, base="r.raw", base_format="raw")
     with fvd.open(mid, "r+") as img:
         img.write(1 * MiB, b"M" * (64 * KiB))
-        data[1 * MiB:1 * MiB + 64 * KiB] = b"M" * (64 * KiB)
-    fvd.create(top, 3 * MiB, base="mid.fvd")            # format detected: fvd
+        data[1 * MiB : 1 * MiB + 64 * KiB] = b"M" * (64 * KiB)
+    fvd.create(top, 3 * MiB, base="mid.fvd")  # format detected: fvd
     with fvd.open(top, "r+") as img:
         assert img.base == mid
         img.write(0, b"T" * (64 * KiB))
-        data[0:64 * KiB] = b"T" * (64 * KiB)
+        data[0 : 64 * KiB] = b"T" * (64 * KiB)
     with fvd.open(top) as img:
         assert img.read(0, 2 * MiB) == data
         assert img.read(2 * MiB, MiB) == bytes(MiB)
@@ -248,8 +249,7 @@ def test_qcow2_base(tmp_path):
 # ----- bad input -------------------------------------------------------------------------
 def test_missing_base_at_create(tmp_path):
     with pytest.raises(fvd.BaseImageError, match="nope.raw"):
-        fvd.create(str(tmp_path / "a.fvd"), MiB, base=str(tmp_path / "nope.raw"),
-                   base_format="raw")
+        fvd.create(str(tmp_path / "a.fvd"), MiB, base=str(tmp_path / "nope.raw"), base_format="raw")
     assert not os.path.exists(tmp_path / "a.fvd")
 
 
@@ -287,11 +287,11 @@ def test_loop_through_chain(tmp_path, raw_base):
     a, b, c = (str(tmp_path / n) for n in ("a.fvd", "b.fvd", "c.fvd"))
     fvd.create(a, 4 * MiB, base=base, base_format="raw")
     fvd.create(b, 4 * MiB, base=a, base_format="fvd")
-    with pytest.raises(fvd.BaseImageError, match="loop"):      # refused at create
+    with pytest.raises(fvd.BaseImageError, match="loop"):  # refused at create
         fvd.create(a, 4 * MiB, base=b, base_format="fvd", overwrite=True)
     fvd.create(c, 4 * MiB)
     fvd.create(a, 4 * MiB, base="c.fvd", base_format="fvd", overwrite=True)
-    os.replace(b, c)                        # now a -> c (the old b) -> a
+    os.replace(b, c)  # now a -> c (the old b) -> a
     with pytest.raises(fvd.BaseImageError, match="loop"):
         fvd.open(a)
     with pytest.raises(fvd.BaseImageError, match="loop"):
@@ -334,9 +334,10 @@ def test_check_finds_bit_in_unallocated_chunk(tmp_path, raw_base):
     path = str(tmp_path / "a.fvd")
     fvd.create(path, 4 * MiB, base=base, base_format="raw")
     with fvd.open(path, "r+") as img:
-        img._bitmap.set_range(20, 1)        # chunk 1 (1 MiB chunks, 64 KiB blocks)
+        img._bitmap.set_range(20, 1)  # chunk 1 (1 MiB chunks, 64 KiB blocks)
         img._dirty_since_checkpoint = True
     from fvd.check import check_path
+
     result = check_path(path)
     assert result.corruptions == 1
     result = check_path(path, repair=True)
@@ -369,25 +370,37 @@ def make_base_machine(tmp, recorder, path, cache, base_kind):
             base_content = make_raw(raw, BASE_SIZE, seed)
             if base_kind == "fvd":
                 mid = os.path.join(tmp, "b.fvd")
-                fvd.create(mid, BASE_SIZE + 5000, base=raw, base_format="raw",
-                           block_size=4096, chunk_size=64 * KiB)
+                fvd.create(
+                    mid,
+                    BASE_SIZE + 5000,
+                    base=raw,
+                    base_format="raw",
+                    block_size=4096,
+                    chunk_size=64 * KiB,
+                )
                 with fvd.open(mid, "r+") as m:
                     m.write(300 * KiB + 7, b"mid" * 1000)
-                    base_content[300 * KiB + 7:300 * KiB + 3007] = b"mid" * 1000
+                    base_content[300 * KiB + 7 : 300 * KiB + 3007] = b"mid" * 1000
                     m.write(BASE_SIZE, b"E" * 100)
                 base_content += bytearray(5000)
-                base_content[BASE_SIZE:BASE_SIZE + 100] = b"E" * 100
+                base_content[BASE_SIZE : BASE_SIZE + 100] = b"E" * 100
                 self.base_path = mid
             else:
                 self.base_path = raw
-            fvd.create(path, SIZE, base="m/" + os.path.basename(self.base_path),
-                       base_format=base_kind,
-                       block_size=BLOCK, chunk_size=CHUNK, journal_size=64 * KiB)
+            fvd.create(
+                path,
+                SIZE,
+                base="m/" + os.path.basename(self.base_path),
+                base_format=base_kind,
+                block_size=BLOCK,
+                chunk_size=CHUNK,
+                journal_size=64 * KiB,
+            )
             recorder.snapshot_now()
             self.cor = cor
             self.img = fvd.open(path, "r+", cache=cache, copy_on_read=cor)
             self.model = bytearray(SIZE)
-            self.model[:len(base_content)] = base_content
+            self.model[: len(base_content)] = base_content
             self.durable = bytearray(self.model)
             self.seed = seed * 1000
 
@@ -401,20 +414,20 @@ def make_base_machine(tmp, recorder, path, cache, base_kind):
             self.seed += 1
             data = pattern(self.seed, n)
             self.img.write(off, data)
-            self.model[off:off + n] = data
+            self.model[off : off + n] = data
             self._ack()
 
         @rule(off=st.integers(0, SIZE - 1), n=st.integers(1, 400 * KiB))
         def zeroes(self, off, n):
             n = min(n, SIZE - off)
             self.img.write_zeroes(off, n)
-            self.model[off:off + n] = bytes(n)
+            self.model[off : off + n] = bytes(n)
             self._ack()
 
         @rule(off=st.integers(0, SIZE - 1), n=st.integers(0, 300 * KiB))
         def read(self, off, n):
             n = min(n, SIZE - off)
-            assert self.img.read(off, n) == self.model[off:off + n]
+            assert self.img.read(off, n) == self.model[off : off + n]
 
         @rule()
         def flush(self):
@@ -444,8 +457,11 @@ def make_base_machine(tmp, recorder, path, cache, base_kind):
             self.model[:] = got
             self.durable[:] = got
 
-        @rule(writes=st.lists(st.tuples(st.integers(0, SIZE - 1), st.integers(1, 40 * KiB)),
-                              max_size=6))
+        @rule(
+            writes=st.lists(
+                st.tuples(st.integers(0, SIZE - 1), st.integers(1, 40 * KiB)), max_size=6
+            )
+        )
         def prefetch_with_writer(self, writes):
             todo = []
             for off, n in writes:
@@ -462,7 +478,7 @@ def make_base_machine(tmp, recorder, path, cache, base_kind):
             self.img.prefetch(step=32 * KiB, min_rate=0)
             t.join()
             for off, data in todo:
-                self.model[off:off + len(data)] = data
+                self.model[off : off + len(data)] = data
             self._ack()
             assert self.img._base is None
             assert self.img.read(0, SIZE) == self.model
@@ -507,14 +523,22 @@ def make_base_machine(tmp, recorder, path, cache, base_kind):
     return BaseMachine
 
 
-@pytest.mark.parametrize("cache,base_kind", [("writeback", "raw"), ("writethrough", "raw"),
-                                             ("writeback", "fvd"), ("writethrough", "fvd")])
+@pytest.mark.parametrize(
+    "cache,base_kind",
+    [("writeback", "raw"), ("writethrough", "raw"), ("writeback", "fvd"), ("writethrough", "fvd")],
+)
 def test_base_against_model(tmp_path, monkeypatch, cache, base_kind):
     tmp = str(tmp_path / "m")
     os.mkdir(tmp)
     path = str(tmp_path / "img.fvd")
     recorder = DurableRecorder(monkeypatch, path)
     machine = make_base_machine(tmp, recorder, path, cache, base_kind)
-    run_state_machine_as_test(machine, settings=settings(
-        max_examples=int(os.environ.get("FVD_BASE_EXAMPLES", "5")), stateful_step_count=15,
-        deadline=None, suppress_health_check=list(HealthCheck)))
+    run_state_machine_as_test(
+        machine,
+        settings=settings(
+            max_examples=int(os.environ.get("FVD_BASE_EXAMPLES", "5")),
+            stateful_step_count=15,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+        ),
+    )

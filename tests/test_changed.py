@@ -1,5 +1,6 @@
 """Changed extents between snapshots (fvd.changed): never a missed change, nothing for
 chunks with equal entries, zero flags, bad input; CLI `map --since/--until`."""
+
 import json
 import os
 import random
@@ -25,7 +26,7 @@ from fvd.snapshots import SnapshotNotFoundError
 CS = 64 * 1024
 BLOCK = 4096
 SIZE = 8 * CS
-BASE_SIZE = 5 * CS + 3000           # not block aligned; the image is larger than the base
+BASE_SIZE = 5 * CS + 3000  # not block aligned; the image is larger than the base
 
 
 def covered(arr, size):
@@ -33,9 +34,9 @@ def covered(arr, size):
     changed = np.zeros(size, dtype=bool)
     zero = np.zeros(size, dtype=bool)
     for s, n, f in arr.tolist():
-        changed[s:s + n] = True
+        changed[s : s + n] = True
         if f & FLAG_ZERO:
-            zero[s:s + n] = True
+            zero[s : s + n] = True
     return changed, zero
 
 
@@ -69,6 +70,7 @@ class ChangedMachine(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
         import tempfile
+
         self.dir = tempfile.mkdtemp()
         self.path = os.path.join(self.dir, "img.fvd")
         self.img = None
@@ -89,6 +91,7 @@ class ChangedMachine(RuleBasedStateMachine):
         if self.img is not None:
             self.img.close()
         import shutil
+
         shutil.rmtree(self.dir, ignore_errors=True)
 
     @rule(off=st.integers(0, SIZE - 1), n=st.integers(1, 3 * BLOCK), seed=st.integers(0, 255))
@@ -164,12 +167,12 @@ class ChangedMachine(RuleBasedStateMachine):
                 arr = v.changed_extents_array(since)
                 assert_sound(arr, contents[since], contents[self.names[-1]], SIZE)
 
-
     def only_differing_entries(self, arr, since):
         """Without a base: a reported chunk has entries that differ and do not both read
         zeros (ZERO and UNALLOCATED are the same bytes)."""
         from fvd import format as fmt
         from fvd.snapshots import read_snapshot_table
+
         old = read_snapshot_table(self.img, self.img._snapshots.find(since, ""))
         new = self.img._table
         for s, n, _f in arr.tolist():
@@ -180,9 +183,15 @@ class ChangedMachine(RuleBasedStateMachine):
 
 def test_state_machine(impl):
     n = int(os.environ.get("FVD_CHANGED_EXAMPLES", "25"))
-    run_state_machine_as_test(ChangedMachine, settings=settings(
-        max_examples=n, stateful_step_count=14, deadline=None,
-        suppress_health_check=list(HealthCheck)))
+    run_state_machine_as_test(
+        ChangedMachine,
+        settings=settings(
+            max_examples=n,
+            stateful_step_count=14,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+        ),
+    )
 
 
 # ----- exact behaviour ----------------------------------------------------------------------
@@ -198,15 +207,21 @@ def test_equal_entries_report_nothing_and_zero_ranges_are_flagged(path):
         img.write(0, b"a" * (3 * CS))
         img.create_snapshot("s1")
         assert img.changed_extents_array("s1").tolist() == []
-        img.write(CS + 5, b"b")                   # chunk 1 copied: changed
-        img.write_zeroes(2 * CS, CS)              # chunk 2 unmapped: zero
-        img.write(6 * CS, b"c")                   # chunk 6 new
+        img.write(CS + 5, b"b")  # chunk 1 copied: changed
+        img.write_zeroes(2 * CS, CS)  # chunk 2 unmapped: zero
+        img.write(6 * CS, b"c")  # chunk 6 new
         arr = img.changed_extents_array("s1")
-        assert arr.tolist() == [(CS, CS, FLAG_DATA), (2 * CS, CS, FLAG_ZERO),
-                                (6 * CS, CS, FLAG_DATA)]
+        assert arr.tolist() == [
+            (CS, CS, FLAG_DATA),
+            (2 * CS, CS, FLAG_ZERO),
+            (6 * CS, CS, FLAG_DATA),
+        ]
         ext = img.changed_extents("s1")
         assert [(e.start, e.length, e.zero, e.data) for e in ext] == [
-            (CS, CS, False, True), (2 * CS, CS, True, False), (6 * CS, CS, False, True)]
+            (CS, CS, False, True),
+            (2 * CS, CS, True, False),
+            (6 * CS, CS, False, True),
+        ]
         assert type(ext[0]) is type(next(iter(img.extents())))
         assert len(ext) == 3 and ext[1:][0] == ext[1] and (ext.array == arr).all()
         img.create_snapshot("s2")
@@ -214,14 +229,14 @@ def test_equal_entries_report_nothing_and_zero_ranges_are_flagged(path):
         assert img.changed_extents_array("s2").tolist() == []
         with img.open_snapshot("s2") as v:
             assert v.changed_extents_array("s1").tolist() == arr.tolist()
-            img.write(7 * CS, b"d")               # the view's contents stay s2's
+            img.write(7 * CS, b"d")  # the view's contents stay s2's
             assert v.changed_extents_array("s1").tolist() == arr.tolist()
 
 
 def test_unallocated_and_zero_chunks_compare_equal(path):
     with fvd.open(path, "r+") as img:
         img.create_snapshot("s1")
-        img.write_zeroes(0, 2 * CS)              # UNALLOCATED -> stays zero-reading
+        img.write_zeroes(0, 2 * CS)  # UNALLOCATED -> stays zero-reading
         assert img.changed_extents_array("s1").tolist() == []
 
 
@@ -230,15 +245,15 @@ def test_base_bitmap_gives_block_granularity(tmp_path):
     p = str(tmp_path / "img.fvd")
     fvd.create(p, SIZE, chunk_size=CS, block_size=BLOCK, base=base, base_format="raw")
     with fvd.open(p, "r+") as img:
-        img.write(10, b"x")                       # block 0 of chunk 0 from the base
+        img.write(10, b"x")  # block 0 of chunk 0 from the base
         img.create_snapshot("s1")
-        img.write(BLOCK * 3 + 1, b"y")            # chunk 0 is frozen: copied, block 3 set
+        img.write(BLOCK * 3 + 1, b"y")  # chunk 0 is frozen: copied, block 3 set
         arr = img.changed_extents_array("s1")
         # block 0 moved to the new chunk, block 3 left the base; the other blocks still
         # read the base in both states
         assert arr.tolist() == [(0, BLOCK, FLAG_DATA), (3 * BLOCK, BLOCK, FLAG_DATA)]
     with fvd.open(p, "r+", copy_on_read=True) as img:
-        img.read(0, CS)                           # soft bits: same bytes as the base
+        img.read(0, CS)  # soft bits: same bytes as the base
         assert img.changed_extents_array("s1").tolist() == arr.tolist()
 
 
@@ -274,12 +289,12 @@ def test_cli_map_since_until(path, capsys):
     assert json.loads(capsys.readouterr().out) == []
     assert cli.main(["map", "--since", "s1", "--until", "s2", "--output=json", path]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out == [{"start": CS, "length": CS, "depth": 0, "present": True, "zero": False,
-                    "data": True}]
+    assert out == [
+        {"start": CS, "length": CS, "depth": 0, "present": True, "zero": False, "data": True}
+    ]
     assert cli.main(["map", "--since", "s1", "--until", "s2", path]) == 0
     assert f"{CS:#x}" in capsys.readouterr().out
     assert cli.main(["map", "--since", "nope", path]) == 1
     assert "nope" in capsys.readouterr().err
     assert cli.main(["map", "--until", "s2", path]) == 1
     assert "--since" in capsys.readouterr().err
-

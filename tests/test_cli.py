@@ -1,5 +1,6 @@
 """The `fvd` command line end to end, as a user runs it (in-process `main` and one
 subprocess run of the installed entry point)."""
+
 import json
 import os
 import subprocess
@@ -19,8 +20,17 @@ def run(capsys, *argv):
     return code, out, err
 
 
-@pytest.mark.parametrize("text,value", [("512", 512), ("64K", 65536), ("1.5G", 3 << 29),
-                                        ("2T", 2 << 40), ("10M", 10 * MiB), ("4kib", 4096)])
+@pytest.mark.parametrize(
+    "text,value",
+    [
+        ("512", 512),
+        ("64K", 65536),
+        ("1.5G", 3 << 29),
+        ("2T", 2 << 40),
+        ("10M", 10 * MiB),
+        ("4kib", 4096),
+    ],
+)
 def test_sizes(text, value):
     assert parse_size(text) == value
 
@@ -51,13 +61,13 @@ def test_check_exit_codes(tmp_path, capsys):
     with fvd.open(img, "r+") as f:
         f.write(0, b"y" * 4096)
         data_offset = f._header["data_offset"]
-    with open(img, "r+b") as f:                     # data nobody maps: a leak
+    with open(img, "r+b") as f:  # data nobody maps: a leak
         f.seek(data_offset + 5 * MiB)
         f.write(b"z" * 4096)
     assert run(capsys, "check", img)[0] == 3
     assert run(capsys, "check", "-r", "all", img)[0] == 0
     assert run(capsys, "check", img)[0] == 0
-    with open(img, "r+b") as f:                     # a damaged header: corruption
+    with open(img, "r+b") as f:  # a damaged header: corruption
         f.seek(40)
         f.write(b"\xff")
     code, out, _ = run(capsys, "check", img)
@@ -105,9 +115,12 @@ def test_base_and_prefetch_commands(tmp_path, capsys):
 
 
 def test_errors_are_one_line(tmp_path, capsys):
-    for argv in (["info", tmp_path / "missing.fvd"], ["create", tmp_path / "x.fvd", "10Q"],
-                 ["create", "-o", "chunk_size=3M", tmp_path / "x.fvd", "1G"],
-                 ["create", "-b", tmp_path / "nothere", "-F", "raw", tmp_path / "y.fvd", "1G"]):
+    for argv in (
+        ["info", tmp_path / "missing.fvd"],
+        ["create", tmp_path / "x.fvd", "10Q"],
+        ["create", "-o", "chunk_size=3M", tmp_path / "x.fvd", "1G"],
+        ["create", "-b", tmp_path / "nothere", "-F", "raw", tmp_path / "y.fvd", "1G"],
+    ):
         code, _, err = run(capsys, *argv)
         assert code == 1 and err.count("\n") == 1 and "Traceback" not in err
     img = tmp_path / "locked.fvd"
@@ -120,11 +133,15 @@ def test_errors_are_one_line(tmp_path, capsys):
 
 def test_installed_entry_point(tmp_path):
     img = tmp_path / "e.fvd"
-    r = subprocess.run([sys.executable, "-m", "fvd.cli", "create", str(img), "1M"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "fvd.cli", "create", str(img), "1M"], capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stderr
-    r = subprocess.run([sys.executable, "-m", "fvd.cli", "info", "--output=json", str(img)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "fvd.cli", "info", "--output=json", str(img)],
+        capture_output=True,
+        text=True,
+    )
     assert json.loads(r.stdout)["virtual-size"] == MiB
 
 

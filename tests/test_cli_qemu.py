@@ -1,5 +1,6 @@
 """The command line as a drop-in for qemu-img: key names, exit codes, -f, one-line
 errors for every command, convert (with qemu-img compare as the oracle)."""
+
 import json
 import os
 import shutil
@@ -25,23 +26,53 @@ def one_line_error(code, err):
     return code == 1 and err.count("\n") == 1 and "Traceback" not in err
 
 
-QEMU_INFO_KEYS = {"filename", "format", "virtual-size", "actual-size", "cluster-size",
-                  "dirty-flag", "format-specific"}
-QEMU_SNAPSHOT_KEYS = {"id", "name", "vm-state-size", "date-sec", "date-nsec", "vm-clock-sec",
-                      "vm-clock-nsec"}
-QEMU_CHECK_KEYS = {"filename", "format", "check-errors", "corruptions", "leaks",
-                   "corruptions-fixed", "leaks-fixed", "image-end-offset", "total-clusters",
-                   "allocated-clusters"}
+QEMU_INFO_KEYS = {
+    "filename",
+    "format",
+    "virtual-size",
+    "actual-size",
+    "cluster-size",
+    "dirty-flag",
+    "format-specific",
+}
+QEMU_SNAPSHOT_KEYS = {
+    "id",
+    "name",
+    "vm-state-size",
+    "date-sec",
+    "date-nsec",
+    "vm-clock-sec",
+    "vm-clock-nsec",
+}
+QEMU_CHECK_KEYS = {
+    "filename",
+    "format",
+    "check-errors",
+    "corruptions",
+    "leaks",
+    "corruptions-fixed",
+    "leaks-fixed",
+    "image-end-offset",
+    "total-clusters",
+    "allocated-clusters",
+}
 
 
 @needs_qemu
 def test_info_keys_match_qemu_img(tmp_path, capsys):
     q = tmp_path / "q.qcow2"
-    subprocess.run(["qemu-img", "create", "-f", "qcow2", str(q), "4M"], check=True,
-                   capture_output=True)
+    subprocess.run(
+        ["qemu-img", "create", "-f", "qcow2", str(q), "4M"], check=True, capture_output=True
+    )
     subprocess.run(["qemu-img", "snapshot", "-c", "s1", str(q)], check=True)
-    theirs = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(q)],
-                                       check=True, capture_output=True, text=True).stdout)
+    theirs = json.loads(
+        subprocess.run(
+            ["qemu-img", "info", "--output=json", str(q)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    )
     code, out, _ = run(capsys, "info", "--output=json", q)
     ours = json.loads(out)
     assert code == 0 and QEMU_INFO_KEYS <= set(ours)
@@ -111,7 +142,7 @@ def test_check_json_and_exit_codes(tmp_path, capsys):
     code, out, err = run(capsys, "check", "-p", "-r", "leaks", "--output=json", img)
     assert code == 0 and json.loads(out)["leaks-fixed"] == 1 and "(100.00/100%)" in err
     with fvd.open(img, "r+"):
-        code, _, err = run(capsys, "check", img)            # locked: could not run
+        code, _, err = run(capsys, "check", img)  # locked: could not run
         assert one_line_error(code, err)
         assert run(capsys, "check", "-U", img)[0] == 0
     q = tmp_path / "c.qcow2"
@@ -120,8 +151,13 @@ def test_check_json_and_exit_codes(tmp_path, capsys):
     assert code == 0 and json.loads(out)["format"] == "qcow2"
     junk = tmp_path / "junk"
     junk.write_bytes(b"hello" * 100)
-    for argv in (["check", junk], ["check", "-f", "fvd", junk], ["check", "--bogus", img],
-                 ["check", "-r", "everything", img], ["check"]):
+    for argv in (
+        ["check", junk],
+        ["check", "-f", "fvd", junk],
+        ["check", "--bogus", img],
+        ["check", "-r", "everything", img],
+        ["check"],
+    ):
         assert one_line_error(*run(capsys, *argv)[::2]), argv
 
 
@@ -152,8 +188,16 @@ def test_format_option_and_probe(tmp_path, capsys):
     assert one_line_error(*run(capsys, "info", "-f", "vmdk", raw)[::2])
 
 
-ALL_COMMANDS = [["info"], ["check"], ["map"], ["map", "--since", "s"], ["snapshot", "-l"],
-                ["prefetch"], ["checksum"], ["convert", "-O", "raw", "{img}", "{out}"]]
+ALL_COMMANDS = [
+    ["info"],
+    ["check"],
+    ["map"],
+    ["map", "--since", "s"],
+    ["snapshot", "-l"],
+    ["prefetch"],
+    ["checksum"],
+    ["convert", "-O", "raw", "{img}", "{out}"],
+]
 
 
 def _argv(cmd, img, out):
@@ -171,7 +215,7 @@ def test_every_command_fails_in_one_line(tmp_path, capsys):
     unreadable = tmp_path / "secret.fvd"
     fvd.create(unreadable, MiB)
     os.chmod(unreadable, 0)
-    if os.geteuid() != 0:           # root reads anything
+    if os.geteuid() != 0:  # root reads anything
         bad.append(unreadable)
     for cmd in ALL_COMMANDS:
         for target in bad:
@@ -182,20 +226,26 @@ def test_every_command_fails_in_one_line(tmp_path, capsys):
             assert one_line_error(code, err), (cmd, err)
         code, _, err = run(capsys, *cmd[:1], "--no-such-option", locked)
         assert one_line_error(code, err), (cmd, err)
-    for argv in (["create", tmp_path / "n.fvd", "12X"], ["create", tmp_path / "n.fvd", "-5M"],
-                 ["create", "-o", "chunk_size=3M", tmp_path / "n.fvd", "1G"],
-                 ["convert", "-o", "cluster_size=3K", "-O", "qcow2", locked, out],
-                 ["convert", "-o", "nonsense=1", locked, out],
-                 ["convert", "-o", "chunk_size", locked, out],
-                 ["convert", "-l", "nosuchsnap", locked, out],
-                 ["convert", "--since", "nosuchsnap", "-B", locked, locked, out],
-                 ["convert", "-O", "vmdk", locked, out], ["convert", locked, folder],
-                 ["convert", locked, tmp_path / "nodir" / "x.fvd"],
-                 ["snapshot", "-d", "nosuchsnap", locked], [], ["frobnicate"],
-                 ["checksum", "--block-size", "1000", locked],
-                 ["checksum", "--block-size", "lots", locked],
-                 ["checksum", "--algorithm", "md17", locked],
-                 ["checksum", "-l", "nosuchsnap", locked]):
+    for argv in (
+        ["create", tmp_path / "n.fvd", "12X"],
+        ["create", tmp_path / "n.fvd", "-5M"],
+        ["create", "-o", "chunk_size=3M", tmp_path / "n.fvd", "1G"],
+        ["convert", "-o", "cluster_size=3K", "-O", "qcow2", locked, out],
+        ["convert", "-o", "nonsense=1", locked, out],
+        ["convert", "-o", "chunk_size", locked, out],
+        ["convert", "-l", "nosuchsnap", locked, out],
+        ["convert", "--since", "nosuchsnap", "-B", locked, locked, out],
+        ["convert", "-O", "vmdk", locked, out],
+        ["convert", locked, folder],
+        ["convert", locked, tmp_path / "nodir" / "x.fvd"],
+        ["snapshot", "-d", "nosuchsnap", locked],
+        [],
+        ["frobnicate"],
+        ["checksum", "--block-size", "1000", locked],
+        ["checksum", "--block-size", "lots", locked],
+        ["checksum", "--algorithm", "md17", locked],
+        ["checksum", "-l", "nosuchsnap", locked],
+    ):
         code, _, err = run(capsys, *argv)
         assert one_line_error(code, err), (argv, err)
     assert not out.exists()
@@ -209,8 +259,19 @@ def test_convert_command(tmp_path, capsys):
         f.seek(MiB)
         f.write(os.urandom(300000))
     q = tmp_path / "out.qcow2"
-    code, _, err = run(capsys, "convert", "-p", "-f", "raw", "-O", "qcow2", "-o",
-                       "cluster_size=64K,lazy_refcounts=on", src, q)
+    code, _, err = run(
+        capsys,
+        "convert",
+        "-p",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "-o",
+        "cluster_size=64K,lazy_refcounts=on",
+        src,
+        q,
+    )
     assert code == 0 and err.endswith("(100.00/100%)\r\n")
     subprocess.run(["qemu-img", "compare", str(q), str(src)], check=True, capture_output=True)
     img = tmp_path / "out.fvd"
@@ -227,15 +288,28 @@ def test_convert_command(tmp_path, capsys):
 @needs_qemu
 def test_map_of_a_qemu_chain_equals_qemu_img_map(tmp_path, capsys):
     base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
-    subprocess.run(["qemu-img", "create", "-f", "qcow2", str(base), "8M"], check=True,
-                   capture_output=True)
-    subprocess.run(["qemu-img", "create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
-                    str(top)], check=True, capture_output=True)
-    for target, cmd in ((base, "write -P 3 64k 64k"), (top, "write -P 4 1M 64k"),
-                        (top, "write -z 2M 64k")):
+    subprocess.run(
+        ["qemu-img", "create", "-f", "qcow2", str(base), "8M"], check=True, capture_output=True
+    )
+    subprocess.run(
+        ["qemu-img", "create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", str(top)],
+        check=True,
+        capture_output=True,
+    )
+    for target, cmd in (
+        (base, "write -P 3 64k 64k"),
+        (top, "write -P 4 1M 64k"),
+        (top, "write -z 2M 64k"),
+    ):
         subprocess.run(["qemu-io", "-c", cmd, str(target)], check=True, capture_output=True)
-    theirs = json.loads(subprocess.run(["qemu-img", "map", "--output=json", str(top)],
-                                       check=True, capture_output=True, text=True).stdout)
+    theirs = json.loads(
+        subprocess.run(
+            ["qemu-img", "map", "--output=json", str(top)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    )
     code, out, _ = run(capsys, "map", "--output=json", top)
     assert code == 0 and json.loads(out) == theirs
 
@@ -246,14 +320,22 @@ def test_create_qcow2_and_raw(tmp_path, capsys):
     assert run(capsys, "create", "-f", "qcow2", "-o", "cluster_size=4K", base, "2M")[0] == 0
     top = tmp_path / "top.qcow2"
     assert run(capsys, "create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top)[0] == 0
-    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(top)],
-                                     check=True, capture_output=True, text=True).stdout)
+    info = json.loads(
+        subprocess.run(
+            ["qemu-img", "info", "--output=json", str(top)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    )
     assert info["virtual-size"] == 2 * MiB and info["backing-filename"] == "base.qcow2"
     subprocess.run(["qemu-img", "check", str(top)], check=True, capture_output=True)
     raw = tmp_path / "disk.raw"
     assert run(capsys, "create", "-f", "raw", raw, "1M")[0] == 0
     assert raw.stat().st_size == MiB
-    for argv in (["create", "-f", "raw", raw, "1M"], ["create", "-f", "raw", "-b", base,
-                 tmp_path / "r2.raw", "1M"],
-                 ["create", "-f", "qcow2", "-o", "chunk_size=1M", tmp_path / "x.qcow2", "1M"]):
+    for argv in (
+        ["create", "-f", "raw", raw, "1M"],
+        ["create", "-f", "raw", "-b", base, tmp_path / "r2.raw", "1M"],
+        ["create", "-f", "qcow2", "-o", "chunk_size=1M", tmp_path / "x.qcow2", "1M"],
+    ):
         assert one_line_error(*run(capsys, *argv)[::2]), argv

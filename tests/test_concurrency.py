@@ -1,5 +1,6 @@
 """Threads (issue 8): a read never returns bytes nobody wrote; snapshots are points in
 time; close while other threads work. See also tests/test_stress.py."""
+
 import struct
 import threading
 
@@ -16,7 +17,7 @@ def _reader(img, offset, length, good, stop, seen):
         try:
             data = img.read(offset, length)
         except ValueError:
-            return              # closed under us: allowed
+            return  # closed under us: allowed
         seen["reads"] += 1
         if data not in good:
             seen["bad"] += 1
@@ -32,9 +33,9 @@ def test_reader_never_sees_zeros_while_snapshot_and_write(tmp_path):
     stop, seen = threading.Event(), {"reads": 0, "bad": 0}
     with fvd.open(path, "r+") as img:
         img.write(0, data)
-        t = threading.Thread(target=_reader,
-                             args=(img, 32 * MiB - 4 * KiB, 4 * KiB, {data[:4 * KiB]}, stop,
-                                   seen))
+        t = threading.Thread(
+            target=_reader, args=(img, 32 * MiB - 4 * KiB, 4 * KiB, {data[: 4 * KiB]}, stop, seen)
+        )
         t.start()
         try:
             for _ in range(6):
@@ -59,13 +60,12 @@ def test_freed_chunk_reused_never_shows_through(tmp_path, cache):
     stop, seen = threading.Event(), {"reads": 0, "bad": 0}
     with fvd.open(path, "r+", cache=cache) as img:
         img.write(0, a)
-        readers = [threading.Thread(target=_reader, args=(img, 0, cs, {a, bytes(cs)}, stop,
-                                                          seen))]
+        readers = [threading.Thread(target=_reader, args=(img, 0, cs, {a, bytes(cs)}, stop, seen))]
         for t in readers:
             t.start()
         try:
             for i in range(60):
-                img.write_zeroes(0, cs)         # frees the chunk ...
+                img.write_zeroes(0, cs)  # frees the chunk ...
                 img.flush()
                 img.write((1 + i % 60) * cs, b)  # ... which another chunk may reuse
                 img.write(0, a)
@@ -113,7 +113,7 @@ def test_snapshot_is_a_point_in_time_under_fast_writes(tmp_path):
                 first = view.read(0, 2 * cs)
                 views.append((view, first))
                 for k in range(2):
-                    chunk = first[k * cs:(k + 1) * cs]
+                    chunk = first[k * cs : (k + 1) * cs]
                     n = struct.unpack_from("<Q", chunk)[0]
                     assert chunk == struct.pack("<Q", n) * (cs // 8), "torn chunk"
                     assert before[k] <= n <= after[k] + 1, (before[k], n, after[k])

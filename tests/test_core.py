@@ -1,4 +1,5 @@
 """Core engine: create/open, I/O at any alignment, stats counts, journal, locking."""
+
 import multiprocessing
 import os
 
@@ -26,6 +27,7 @@ def test_compiled_module_is_loaded_in_ci():
     if os.environ.get("CI") != "true" and os.environ.get("FVD_REQUIRE_CYTHON") != "1":
         pytest.skip("only enforced in CI")
     from fvd import _fastpath
+
     assert _fastpath.__file__.endswith(".so")
     assert "cython" in fvd._impl.MODULES
 
@@ -39,10 +41,19 @@ def test_create_refuses_to_overwrite(path):
         assert img.size == 20 * MiB
 
 
-@pytest.mark.parametrize("kwargs", [dict(size=-1), dict(size=0), dict(chunk_size=3 * MiB),
-                                    dict(chunk_size=4 * KiB), dict(block_size=100),
-                                    dict(block_size=2 * MiB), dict(size=1 << 60),
-                                    dict(journal_size=512)])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(size=-1),
+        dict(size=0),
+        dict(chunk_size=3 * MiB),
+        dict(chunk_size=4 * KiB),
+        dict(block_size=100),
+        dict(block_size=2 * MiB),
+        dict(size=1 << 60),
+        dict(journal_size=512),
+    ],
+)
 def test_create_rejects_bad_arguments(path, kwargs):
     args = dict(size=10 * MiB)
     args.update(kwargs)
@@ -71,16 +82,16 @@ def test_unaligned_and_chunk_spanning_io(path, cache):
             n = int(rng.integers(1, min(300 * KiB, 8 * MiB - off) + 1))
             data = pattern(i, n)
             assert img.write(off, data) == n
-            model[off:off + n] = data
+            model[off : off + n] = data
         assert img.read(0, 8 * MiB) == model
     with fvd.open(path) as img:
         assert img.read(0, 8 * MiB) == model
         buf = np.zeros(100 * KiB + 3, dtype=np.uint8)
         assert img.readinto(65 * KiB - 5, buf) == len(buf)
-        assert buf.tobytes() == model[65 * KiB - 5:165 * KiB - 2]
+        assert buf.tobytes() == model[65 * KiB - 5 : 165 * KiB - 2]
         mv = memoryview(bytearray(70 * KiB))
         img.readinto(1, mv)
-        assert mv.tobytes() == model[1:70 * KiB + 1]
+        assert mv.tobytes() == model[1 : 70 * KiB + 1]
 
 
 def test_offsets_past_4gib(path):
@@ -151,7 +162,7 @@ def test_allocating_write_costs_writethrough(path):
         assert d["metadata_writes"] <= 1 and d["flushes"] == 1
         assert d["refcount_updates"] == 0
         before = img.stats.as_dict()
-        img.write(5 * MiB + 64 * KiB, b"b" * 4096)       # same chunk: already allocated
+        img.write(5 * MiB + 64 * KiB, b"b" * 4096)  # same chunk: already allocated
         d = delta(img, before)
         assert d["data_writes"] == 1 and d["metadata_writes"] == 0 and d["flushes"] == 1
 
@@ -179,7 +190,7 @@ def test_writeback_defers_metadata_to_flush(path):
 def test_large_write_is_one_syscall_when_contiguous(path):
     fvd.create(path, 64 * MiB)
     with fvd.open(path, "r+") as img:
-        img.write(0, bytes(8 * MiB))             # allocates chunks 0..7 contiguously
+        img.write(0, bytes(8 * MiB))  # allocates chunks 0..7 contiguously
         before = img.stats.as_dict()
         img.write(0, b"z" * (8 * MiB))
         buf = bytearray(8 * MiB)
@@ -205,9 +216,9 @@ def test_write_zeroes_frees_whole_chunks_and_reuses_them(path):
         assert img.read(100, 512 * KiB) == bytes(512 * KiB)
         assert img.read(100 + 512 * KiB, 10) == b"\xff" * 10
         used = img.allocated_chunks
-        img.flush()                                  # frees become reusable
+        img.flush()  # frees become reusable
         img.write(8 * MiB, b"q" * (256 * KiB))
-        assert img._alloc.end == 16                  # reused, did not grow
+        assert img._alloc.end == 16  # reused, did not grow
         assert img.allocated_chunks == used + 4
     with fvd.open(path) as img:
         assert img.read(100, 512 * KiB) == bytes(512 * KiB)
@@ -221,7 +232,7 @@ def test_crash_replays_journal(path):
     img.write(3 * MiB, b"persist")
     img.flush()
     img._crash()
-    with fvd.open(path) as ro:                   # a reader replays in memory
+    with fvd.open(path) as ro:  # a reader replays in memory
         assert ro.read(3 * MiB, 7) == b"persist"
     with fvd.open(path, "r+") as img:
         assert img.read(3 * MiB, 7) == b"persist"
@@ -234,7 +245,7 @@ def test_crash_replays_journal(path):
 def test_journal_wraps_around(path):
     fvd.create(path, 256 * MiB, chunk_size=64 * KiB, journal_size=64 * KiB)
     with fvd.open(path, "r+", cache="writethrough") as img:
-        for i in range(400):                     # 400 allocations, 128 journal sectors
+        for i in range(400):  # 400 allocations, 128 journal sectors
             img.write(i * 64 * KiB + i, pattern(i, 100))
         assert img._header["journal_epoch"] > 2
         img._crash()
@@ -255,10 +266,10 @@ def test_second_writer_is_locked_out(path):
         p.join(30)
         assert q.get(timeout=5) == "ImageLockedError"
         with pytest.raises(fvd.ImageLockedError):
-            fvd.open(path)                       # readers too, as with qemu-img
-        with fvd.open(path, force_share=True) as reader:     # unless they insist
+            fvd.open(path)  # readers too, as with qemu-img
+        with fvd.open(path, force_share=True) as reader:  # unless they insist
             assert reader.read(0, 1) == b"\0"
-    with fvd.open(path) as r1, fvd.open(path) as r2:          # readers share
+    with fvd.open(path) as r1, fvd.open(path) as r2:  # readers share
         assert r1.read(0, 1) == r2.read(0, 1)
         with pytest.raises(fvd.ImageLockedError):
             fvd.open(path, "r+")
@@ -281,7 +292,10 @@ def test_extents_merge_and_cover(path):
         img.write_zeroes(0, 0)
         ext = list(img.extents())
         assert [(e.start, e.length, e.data) for e in ext] == [
-            (0, MiB, False), (MiB, 2 * MiB, True), (3 * MiB, 5 * MiB, False)]
+            (0, MiB, False),
+            (MiB, 2 * MiB, True),
+            (3 * MiB, 5 * MiB, False),
+        ]
         assert sum(e.length for e in img.extents(100, 3 * MiB)) == 3 * MiB
         assert ext[1].offset == img._header["data_offset"]
 
@@ -291,13 +305,14 @@ def test_check_finds_and_repairs_leaks(path):
     with fvd.open(path, "r+") as img:
         img.write(0, b"x" * MiB)
         data_offset = img._header["data_offset"]
-    with open(path, "r+b") as f:                 # a chunk with data nobody maps
+    with open(path, "r+b") as f:  # a chunk with data nobody maps
         f.seek(data_offset + 3 * MiB)
         f.write(b"leak" * 1000)
     with fvd.open(path) as img:
         r = img.check()
         assert r.leaks >= 1 and r.corruptions == 0 and not r.ok
     from fvd.check import check_path
+
     r = check_path(path, repair=True)
     assert r.leaks == 0 and r.leaks_fixed >= 1
     assert check_path(path).ok
@@ -306,12 +321,14 @@ def test_check_finds_and_repairs_leaks(path):
 def test_reader_beside_a_writer_gets_a_view_or_a_clear_error(path, monkeypatch):
     fvd.create(path, 4 * MiB)
     with fvd.open(path, "r+"):
+
         def damaged(self, *args):
             raise fvd.CorruptImageError(self.path, 0, "simulated torn read")
+
         monkeypatch.setattr(fvd.Image, "_load", damaged)
         with pytest.raises(fvd.ImageLockedError):
             fvd.open(path, force_share=True)
-    with pytest.raises(fvd.CorruptImageError):       # no writer: damage is damage
+    with pytest.raises(fvd.CorruptImageError):  # no writer: damage is damage
         fvd.open(path, force_share=True)
 
 
@@ -321,6 +338,7 @@ def test_readers_racing_a_writer_never_see_data_from_elsewhere(path):
     in block i only bytes written to block i (or zeros); nothing else. The writer never
     frees chunks here: a freed and reused chunk is the documented limit of force_share."""
     import threading
+
     fvd.create(path, 1 * MiB, chunk_size=64 * KiB, journal_size=64 * KiB)
     stop = threading.Event()
     errors = []

@@ -1,4 +1,5 @@
 """Bad input: every damaged image gives a clear FvdError naming file and offset."""
+
 import os
 import struct
 
@@ -88,12 +89,22 @@ def rewrite_header(path, **changes):
     patch(path, 0, fmt.build_header(h))
 
 
-@pytest.mark.parametrize("changes", [
-    dict(chunk_size=3 * MiB), dict(chunk_size=0), dict(block_size=1 << 30),
-    dict(virtual_size=0), dict(virtual_size=1 << 62), dict(table_size=4),
-    dict(journal_offset=10), dict(data_offset=1 << 50), dict(table_offset=1 << 40),
-    dict(journal_size=100), dict(base_format=9),
-])
+@pytest.mark.parametrize(
+    "changes",
+    [
+        dict(chunk_size=3 * MiB),
+        dict(chunk_size=0),
+        dict(block_size=1 << 30),
+        dict(virtual_size=0),
+        dict(virtual_size=1 << 62),
+        dict(table_size=4),
+        dict(journal_offset=10),
+        dict(data_offset=1 << 50),
+        dict(table_offset=1 << 40),
+        dict(journal_size=100),
+        dict(base_format=9),
+    ],
+)
 def test_header_fields_out_of_range(path, changes):
     make_image(path)
     rewrite_header(path, **changes)
@@ -121,7 +132,7 @@ def test_table_bit_flip_is_caught(path):
     h = make_image(path)
     with open(path, "r+b") as f:
         f.seek(h["table_offset"] + 4 * 16)
-        f.write(struct.pack("<I", 0x00100000))      # points far past the end of the file
+        f.write(struct.pack("<I", 0x00100000))  # points far past the end of the file
     expect_corrupt(path)
 
 
@@ -145,6 +156,7 @@ def test_two_chunks_sharing_a_physical_chunk(path):
     rewrite_header(path, table_crc=__import__("zlib").crc32(raw))
     expect_corrupt(path)
     from fvd.check import check_path
+
     result = check_path(path)
     assert result.corruptions >= 1 and not result.ok
 
@@ -163,6 +175,7 @@ def test_journal_bit_flip_is_caught(path):
 def test_journal_record_out_of_range(path):
     h = make_image(path, crash=True)
     from fvd.journal import _table_record, pack_transaction
+
     bad = pack_transaction([_table_record(10_000, [1])], h["journal_epoch"], 0)
     patch(path, h["journal_offset"], bad)
     err = expect_corrupt(path)
@@ -177,18 +190,22 @@ def test_truncated_data_area(path):
 
 def test_cli_reports_one_line(path, capsys):
     from fvd.cli import main
+
     with open(path, "wb") as f:
         f.write(b"garbage" * 100)
     assert main(["info", "-f", "fvd", path]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and path in err and "Traceback" not in err
-    assert main(["info", path]) == 0                # probed: no magic, so raw (as qemu-img)
+    assert main(["info", path]) == 0  # probed: no magic, so raw (as qemu-img)
     assert "file format: raw" in capsys.readouterr().out
-    assert main(["check", path]) == 1               # not an image: the check cannot run
+    assert main(["check", path]) == 1  # not an image: the check cannot run
 
 
-@settings(max_examples=int(os.environ.get("FVD_FUZZ_EXAMPLES", "150")), deadline=None,
-          suppress_health_check=list(HealthCheck))
+@settings(
+    max_examples=int(os.environ.get("FVD_FUZZ_EXAMPLES", "150")),
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+)
 @given(data=st.data())
 def test_fuzz_open_path(tmp_path_factory, data):
     """Corrupt random bytes of the metadata: open either fails cleanly or reads sanely."""
@@ -198,10 +215,19 @@ def test_fuzz_open_path(tmp_path_factory, data):
     size = os.path.getsize(path)
     limit = min(size, h["data_offset"])
     hot = [0, h["table_offset"], h["journal_offset"]]
-    edits = data.draw(st.lists(st.tuples(
-        st.one_of(st.sampled_from(hot).flatmap(lambda b: st.integers(b, b + 600)),
-                  st.integers(0, limit - 1)),
-        st.binary(min_size=1, max_size=8)), min_size=1, max_size=6))
+    edits = data.draw(
+        st.lists(
+            st.tuples(
+                st.one_of(
+                    st.sampled_from(hot).flatmap(lambda b: st.integers(b, b + 600)),
+                    st.integers(0, limit - 1),
+                ),
+                st.binary(min_size=1, max_size=8),
+            ),
+            min_size=1,
+            max_size=6,
+        )
+    )
     for off, blob in edits:
         patch(path, min(off, limit - len(blob)), blob)
     if data.draw(st.booleans()):

@@ -1,6 +1,7 @@
 """Exact extents (fvd.extents): a raw base's holes as `qemu-img map` reports them for a
 qcow2 overlay, bitmap-granular partial chunks, extents_array, runs instead of chunks;
 prefetch skips base holes."""
+
 import json
 import os
 import random
@@ -28,20 +29,23 @@ def sparse_base(path, size, data_at):
 
 
 def strip_offsets(extents):
-    return [{k: v for k, v in e.items() if not (k == "offset" and e["depth"] == 0)}
-            for e in extents]
+    return [
+        {k: v for k, v in e.items() if not (k == "offset" and e["depth"] == 0)} for e in extents
+    ]
 
 
-@pytest.mark.skipif(not shutil.which("qemu-img") or not shutil.which("qemu-io"),
-                    reason="qemu-img/qemu-io not installed")
+@pytest.mark.skipif(
+    not shutil.which("qemu-img") or not shutil.which("qemu-io"),
+    reason="qemu-img/qemu-io not installed",
+)
 def test_map_over_raw_base_matches_qemu_img_map_of_a_qcow2_overlay(tmp_path):
-    base = sparse_base(str(tmp_path / "base.raw"), 16 * MiB, [2 * MiB, 7 * MiB + 8192,
-                                                                 15 * MiB])
+    base = sparse_base(str(tmp_path / "base.raw"), 16 * MiB, [2 * MiB, 7 * MiB + 8192, 15 * MiB])
     img = str(tmp_path / "img.fvd")
     qc = str(tmp_path / "img.qcow2")
     fvd.create(img, 16 * MiB, base=base, base_format="raw", block_size=BLOCK)
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", qc],
-                   check=True)
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", qc], check=True
+    )
     writes = [(0, 4096), (3 * MiB + 5000, 70000), (7 * MiB, 100)]  # partial chunks
     with fvd.open(img, "r+") as f:
         for off, n in writes:
@@ -50,12 +54,18 @@ def test_map_over_raw_base_matches_qemu_img_map_of_a_qcow2_overlay(tmp_path):
         ours = [e.as_dict() for e in f.extents()]
         arr = f.extents_array()
     for off, n in writes:
-        subprocess.run(["qemu-io", "-c", f"write -P 1 {off} {n}", qc], check=True,
-                       capture_output=True)
-    subprocess.run(["qemu-io", "-c", f"write -z {10 * MiB} {2 * MiB}", qc], check=True,
-                   capture_output=True)
-    theirs = json.loads(subprocess.run(["qemu-img", "map", "--output=json", qc], check=True,
-                                       capture_output=True, text=True).stdout)
+        subprocess.run(
+            ["qemu-io", "-c", f"write -P 1 {off} {n}", qc], check=True, capture_output=True
+        )
+    subprocess.run(
+        ["qemu-io", "-c", f"write -z {10 * MiB} {2 * MiB}", qc], check=True, capture_output=True
+    )
+    theirs = json.loads(
+        subprocess.run(
+            ["qemu-img", "map", "--output=json", qc], check=True, capture_output=True, text=True
+        ).stdout
+    )
+
     # qemu reports its zero clusters as present, unallocated-in-chain as depth 1 holes;
     # compare the guest-visible classification (start, length, data, zero, depth>0)
     def classify(ext):
@@ -67,6 +77,7 @@ def test_map_over_raw_base_matches_qemu_img_map_of_a_qcow2_overlay(tmp_path):
             else:
                 out.append((e["start"], e["length"], key))
         return out
+
     assert classify(ours) == classify(theirs)
     assert arr.dtype == EXTENT_DTYPE
     assert arr["start"].tolist() == [e["start"] for e in ours]
@@ -80,12 +91,14 @@ def test_partial_chunks_follow_the_bitmap_and_holes_are_zero(tmp_path):
     img = str(tmp_path / "img.fvd")
     fvd.create(img, 4 * MiB, base=base, base_format="raw", block_size=BLOCK)
     with fvd.open(img, "r+") as f:
-        f.write(MiB + 10, b"x")                  # one block of chunk 1 in the image
+        f.write(MiB + 10, b"x")  # one block of chunk 1 in the image
         ext = list(f.extents())
         got = [(e.start, e.length, e.depth, e.data, e.zero) for e in ext]
-    assert got == [(0, MiB, 1, False, True),
-                   (MiB, BLOCK, 0, True, False),
-                   (MiB + BLOCK, 4 * MiB - MiB - BLOCK, 1, False, True)]
+    assert got == [
+        (0, MiB, 1, False, True),
+        (MiB, BLOCK, 0, True, False),
+        (MiB + BLOCK, 4 * MiB - MiB - BLOCK, 1, False, True),
+    ]
     # the base's 4 KiB of data at 1 MiB is covered by the image block: no depth 1 data
 
 
@@ -95,7 +108,7 @@ def test_extents_array_flags_and_snapshot_views(tmp_path):
     with fvd.open(img, "r+") as f:
         f.write(3 * MiB, b"a" * MiB)
         f.write_zeroes(8 * MiB, 2 * MiB)
-        f.write(8 * MiB, b"b")                       # ZERO chunk reallocated
+        f.write(8 * MiB, b"b")  # ZERO chunk reallocated
         f.write_zeroes(9 * MiB, MiB)
         arr = f.extents_array()
         ext = list(f.extents())
@@ -145,10 +158,10 @@ def test_prefetch_skips_base_holes(tmp_path):
     with open(base, "rb") as b:
         expect = b.read()
     with fvd.open(img, "r+") as f:
-        f.write(21 * MiB + 7, b"w")                  # a guest write in a hole chunk
+        f.write(21 * MiB + 7, b"w")  # a guest write in a hole chunk
         f.prefetch()
         read = f.stats.base_bytes_read
-        assert f.base is not None and f._base is None      # prefetched: base detached
+        assert f.base is not None and f._base is None  # prefetched: base detached
     # each data spot costs at most one 4 MiB prefetch step around it; the holes nothing
     assert read <= 5 * BLOCK + BLOCK, read
     os.unlink(base)
@@ -165,6 +178,7 @@ def _naive_extents(img):
     from fvd import format as fmt
     from fvd.extents import _merge
     from fvd.image import Extent
+
     cs, d = img.chunk_size, img._header["data_offset"]
 
     def segs():
@@ -187,6 +201,7 @@ def _naive_extents(img):
                 yield from img._base.segments_below(pos, stop)
             else:
                 yield Extent(pos, stop - pos, 0, False, True, False, None)
+
     return list(_merge(segs()))
 
 
@@ -196,8 +211,10 @@ def test_runs_equal_the_per_chunk_reference(tmp_path, with_base):
     size = 64 * cs + 777
     kw = {}
     if with_base:
-        kw = {"base": sparse_base(str(tmp_path / "b.raw"), 40 * cs + 5,
-                                  [0, 7 * cs, 30 * cs + 4096]), "base_format": "raw"}
+        kw = {
+            "base": sparse_base(str(tmp_path / "b.raw"), 40 * cs + 5, [0, 7 * cs, 30 * cs + 4096]),
+            "base_format": "raw",
+        }
     img_path = str(tmp_path / "img.fvd")
     fvd.create(img_path, size, chunk_size=cs, block_size=4096, **kw)
     rng = random.Random(11)
@@ -210,5 +227,5 @@ def test_runs_equal_the_per_chunk_reference(tmp_path, with_base):
             else:
                 f.write(off, b"q" * n)
             if rng.random() < 0.2:
-                f.create_snapshot(f"s{_}")              # frozen chunks get copied
+                f.create_snapshot(f"s{_}")  # frozen chunks get copied
             assert list(f.extents()) == _naive_extents(f)

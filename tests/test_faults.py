@@ -1,5 +1,6 @@
 """Disk full and I/O errors: a clear error naming the file, nothing acknowledged lost, the
 image reopens and checks without corruption (leaks at most)."""
+
 import errno
 import os
 import random
@@ -40,11 +41,15 @@ def _fill_until_error(path, cache, seed, flush_every=8, limit=None):
             elif tag % flush_every == flush_every - 1:
                 img.flush()
                 durable = dict(acked)
-        except OSError as e:       # ImageIOError is one (old code: a bare OSError)
+        except OSError as e:  # ImageIOError is one (old code: a bare OSError)
             failed = off
-            error = {"type": type(e).__name__, "errno": getattr(e, "errno", None),
-                     "filename": getattr(e, "filename", None), "str": str(e),
-                     "oserror": isinstance(e, OSError)}
+            error = {
+                "type": type(e).__name__,
+                "errno": getattr(e, "errno", None),
+                "filename": getattr(e, "filename", None),
+                "str": str(e),
+                "oserror": isinstance(e, OSError),
+            }
             break
     closed = None
     try:
@@ -54,8 +59,7 @@ def _fill_until_error(path, cache, seed, flush_every=8, limit=None):
         closed = str(e)
     expect = acked if closed is True else durable
     expect = {off: tag for off, tag in expect.items() if off != failed}
-    return {"error": error, "closed": closed, "expect": sorted(expect.items()),
-            "failed": failed}
+    return {"error": error, "closed": closed, "expect": sorted(expect.items()), "failed": failed}
 
 
 def _verify(path, seed, result):
@@ -64,7 +68,7 @@ def _verify(path, seed, result):
             assert img.read(off, W) == block(seed, tag, W), f"write at {off} lost"
         res = img.check()
         assert res.corruptions == 0, res.messages
-    with fvd.open(path, "r+") as img:           # and once more after a clean close
+    with fvd.open(path, "r+") as img:  # and once more after a clean close
         assert img.check().corruptions == 0
 
 
@@ -102,8 +106,9 @@ def test_enospc_on_small_tmpfs(cache):
 
 
 # ----- EIO injected into the running process (strace) ------------------------------
-needs_strace = pytest.mark.skipif(not strace_usable(),
-                                  reason="strace with fault injection not usable here")
+needs_strace = pytest.mark.skipif(
+    not strace_usable(), reason="strace with fault injection not usable here"
+)
 
 
 def _prepared(tmp_path, base=False):
@@ -127,9 +132,9 @@ def _eio_child(path, cache, op, then_close):
     img = fvd.open(path, "r+", cache=cache)
     for i in range(8, 12):
         img.write(i * MiB + 4096, block(2, i, W))
-    img.flush()                                 # everything up to here is acknowledged
+    img.flush()  # everything up to here is acknowledged
     for i in range(12, 14):
-        img.write(i * MiB, block(3, i, W))      # writeback: not yet durable
+        img.write(i * MiB, block(3, i, W))  # writeback: not yet durable
     error = None
     with injected("EIO", "pread64,preadv,preadv2" if op in ("read", "view") else INJECT_SYSCALLS):
         try:
@@ -151,8 +156,12 @@ def _eio_child(path, cache, op, then_close):
             elif op == "close":
                 img.close()
         except fvd.FvdError as e:
-            error = {"type": type(e).__name__, "errno": getattr(e, "errno", None),
-                     "filename": getattr(e, "filename", None), "str": str(e)}
+            error = {
+                "type": type(e).__name__,
+                "errno": getattr(e, "errno", None),
+                "filename": getattr(e, "filename", None),
+                "str": str(e),
+            }
     closed = False
     if then_close and op != "close":
         img.close()
@@ -163,17 +172,20 @@ def _eio_child(path, cache, op, then_close):
 
 
 @needs_strace
-@pytest.mark.parametrize("op,cache,then_close", [
-    ("write", "writethrough", False),
-    ("write", "writeback", True),
-    ("write_zeroes", "writethrough", True),
-    ("flush", "writeback", False),
-    ("snapshot", "writeback", True),
-    ("prefetch", "writethrough", False),
-    ("close", "writeback", False),
-    ("read", "writeback", True),
-    ("view", "writethrough", False),
-])
+@pytest.mark.parametrize(
+    "op,cache,then_close",
+    [
+        ("write", "writethrough", False),
+        ("write", "writeback", True),
+        ("write_zeroes", "writethrough", True),
+        ("flush", "writeback", False),
+        ("snapshot", "writeback", True),
+        ("prefetch", "writethrough", False),
+        ("close", "writeback", False),
+        ("read", "writeback", True),
+        ("view", "writethrough", False),
+    ],
+)
 def test_eio(tmp_path, op, cache, then_close):
     path = _prepared(tmp_path, base=op == "prefetch")
     result = run_child(_eio_child, path, cache, op, then_close)
@@ -184,7 +196,7 @@ def test_eio(tmp_path, op, cache, then_close):
     with fvd.open(path, "r+") as img:
         for i in range(8):
             if op == "write_zeroes" and i < 2:
-                continue            # the failed write_zeroes may or may not have happened
+                continue  # the failed write_zeroes may or may not have happened
             assert img.read(i * MiB + 4096, W) == block(1, i, W)
         for i in range(8, 12):
             assert img.read(i * MiB + 4096, W) == block(2, i, W)

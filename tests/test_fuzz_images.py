@@ -5,6 +5,7 @@ FVD_FUZZ_CASES (cases per kind and implementation) and optionally FVD_FUZZ_SEED:
 
     FVD_FUZZ_CASES=50000 FVD_FUZZ_SEED=$RANDOM python -m pytest -q tests/test_fuzz_images.py
 """
+
 import json
 import os
 
@@ -25,6 +26,8 @@ def test_fuzz_images(kind, impl):
         env["FVD_PURE_PYTHON"] = "1"
     failures = run_fuzz(kind, cases, seed=seed, env=env)
     report = "\n".join(json.dumps(f)[:2000] for f in failures[:5])
-    assert not failures, (f"{len(failures)} of {cases} {kind} cases failed (seed {seed}; "
-                          f"reproduce with python -m tests.fuzzlib worker {kind} {seed} "
-                          f"CASE 1):\n{report}")
+    assert not failures, (
+        f"{len(failures)} of {cases} {kind} cases failed (seed {seed}; "
+        f"reproduce with python -m tests.fuzzlib worker {kind} {seed} "
+        f"CASE 1):\n{report}"
+    )

@@ -2,6 +2,7 @@
 partial chunks in both implementations, lifecycle (create, delete, revert, write_zeroes,
 reopen), the feature bit, check, crash cutting of every new write path and a state
 machine with snapshots and power cuts."""
+
 import functools
 import os
 import shutil
@@ -28,7 +29,7 @@ from .helpers import DurableRecorder
 from .helpers import pattern as _pattern
 from .test_snapshots import WriteRecorder
 
-pattern = functools.lru_cache(maxsize=64)(_pattern)     # 4 MiB patterns are slow to build
+pattern = functools.lru_cache(maxsize=64)(_pattern)  # 4 MiB patterns are slow to build
 
 KiB, MiB = 1 << 10, 1 << 20
 CS = MiB
@@ -68,24 +69,36 @@ def test_first_aligned_write_into_held_chunk_costs(path):
         d = delta(s0, img.stats.as_dict())
         # 1 data write of 4 KiB, 1 journal sector (table, granule, data crc), 1 flush,
         # nothing read or copied, no refcount touched
-        assert d == {"data_writes": 1, "data_bytes_written": G, "metadata_writes": 1,
-                     "metadata_bytes_written": 512, "flushes": 1, "journal_records": 3}
+        assert d == {
+            "data_writes": 1,
+            "data_bytes_written": G,
+            "metadata_writes": 1,
+            "metadata_bytes_written": 512,
+            "flushes": 1,
+            "journal_records": 3,
+        }
         # a new granule of the same chunk: as an unshared chunk + one metadata write
         s0 = img.stats.as_dict()
         img.write(CS + 20 * G, b"y" * G)
         d = delta(s0, img.stats.as_dict())
-        assert d == {"data_writes": 1, "data_bytes_written": G, "metadata_writes": 1,
-                     "metadata_bytes_written": 512, "flushes": 1, "journal_records": 2}
+        assert d == {
+            "data_writes": 1,
+            "data_bytes_written": G,
+            "metadata_writes": 1,
+            "metadata_bytes_written": 512,
+            "flushes": 1,
+            "journal_records": 2,
+        }
         # a granule written before (not the last transaction's): exactly an unshared chunk
         s0 = img.stats.as_dict()
         img.write(CS + 8 * G + 100, b"z" * 1000)
         d = delta(s0, img.stats.as_dict())
         assert d == {"data_writes": 1, "data_bytes_written": 1000, "flushes": 1}
-        assert img.stats.refcount_updates == 4          # the snapshot's, none by writes
+        assert img.stats.refcount_updates == 4  # the snapshot's, none by writes
         expect = bytearray(pattern(1, SIZE))
-        expect[CS + 8 * G:CS + 9 * G] = b"x" * G
-        expect[CS + 20 * G:CS + 21 * G] = b"y" * G
-        expect[CS + 8 * G + 100:CS + 8 * G + 1100] = b"z" * 1000
+        expect[CS + 8 * G : CS + 9 * G] = b"x" * G
+        expect[CS + 20 * G : CS + 21 * G] = b"y" * G
+        expect[CS + 8 * G + 100 : CS + 8 * G + 1100] = b"z" * 1000
         assert img.read(0, SIZE) == expect
         with img.open_snapshot("s") as v:
             assert v.read(0, SIZE) == pattern(1, SIZE)
@@ -101,22 +114,29 @@ def test_first_write_costs_writeback(path):
         img.flush()
         d = delta(s0, img.stats.as_dict())
         # no crc records in writeback: flush() syncs the data before the journal
-        assert d == {"data_writes": 2, "data_bytes_written": 2 * G, "metadata_writes": 1,
-                     "metadata_bytes_written": 512, "flushes": 2, "journal_records": 3}
+        assert d == {
+            "data_writes": 2,
+            "data_bytes_written": 2 * G,
+            "metadata_writes": 1,
+            "metadata_bytes_written": 512,
+            "flushes": 2,
+            "journal_records": 3,
+        }
 
 
 def test_unaligned_write_copies_granule_edges(path):
     with held_image(path) as img:
         s0 = img.stats.as_dict()
-        img.write(G - 10, b"q" * 20)            # crosses granules 0 and 1: head + tail
+        img.write(G - 10, b"q" * 20)  # crosses granules 0 and 1: head + tail
         d = delta(s0, img.stats.as_dict())
         assert d["data_reads"] == 2 and d["data_bytes_read"] == 2 * G - 20
         assert d["data_writes"] == 1 and d["data_bytes_written"] == 2 * G
-        assert img.read(0, 2 * G) == pattern(1, G - 10) + b"q" * 20 + pattern(1, 2 * G)[G + 10:]
+        assert img.read(0, 2 * G) == pattern(1, G - 10) + b"q" * 20 + pattern(1, 2 * G)[G + 10 :]
 
 
 def test_bytes_written_per_guest_byte_after_snapshot(path):
     import random
+
     rnd = random.Random(5)
     with held_image(path, "writeback") as img:
         img.flush()
@@ -132,11 +152,17 @@ def test_bytes_written_per_guest_byte_after_snapshot(path):
 # ----- reads: both implementations, byte for byte, stats too ---------------------------------
 def test_reads_of_partial_chunks_identical_in_both_implementations(path):
     import random
+
     with held_image(path) as img:
-        for off, n in ((0, G), (3 * G + 5, 100), (10 * G, 3 * G), (CS - G, 2 * G),
-                       (2 * CS + 7 * G, 1)):
+        for off, n in (
+            (0, G),
+            (3 * G + 5, 100),
+            (10 * G, 3 * G),
+            (CS - G, 2 * G),
+            (2 * CS + 7 * G, 1),
+        ):
             img.write(off, pattern(off & 0xFF, n))
-        img.write(3 * CS, pattern(9, CS))       # a whole chunk: complete at once
+        img.write(3 * CS, pattern(9, CS))  # a whole chunk: complete at once
         model = img.read(0, SIZE)
     rnd = random.Random(1)
     ranges = [(0, G), (0, SIZE), (G - 1, 2), (CS - 1, G + 2)]
@@ -151,11 +177,11 @@ def test_reads_of_partial_chunks_identical_in_both_implementations(path):
                 n = min(n, SIZE - off)
                 s0 = img.stats.as_dict()
                 got = img.read(off, n)
-                assert got == model[off:off + n], (name, off, n)
+                assert got == model[off : off + n], (name, off, n)
                 out.append(delta(s0, img.stats.as_dict()))
             buf = bytearray(2 * G)
             img.readinto(G - 7, memoryview(buf))
-            assert bytes(buf) == model[G - 7:3 * G - 7]
+            assert bytes(buf) == model[G - 7 : 3 * G - 7]
             seen[name] = out
     assert len(set(map(str, seen.values()))) == 1
     # a 4 KiB read inside one granule is one pread, whichever layer holds it
@@ -167,7 +193,7 @@ def test_extents_split_partial_chunks(path):
         img.write(G, b"x" * G)
         ext = list(img.extents(0, CS))
         assert [(e.start, e.length) for e in ext] == [(0, G), (G, G), (2 * G, CS - 2 * G)]
-        assert ext[0].offset + 2 * G == ext[2].offset       # both in the held chunk
+        assert ext[0].offset + 2 * G == ext[2].offset  # both in the held chunk
         assert all(e.data for e in ext)
 
 
@@ -180,8 +206,9 @@ def test_extents_of_runs_of_partial_chunks_and_changed_extents(path):
         assert sum(n for _, n in ext) == SIZE
         assert img._partial.active == 2
         arr = img.extents_array()
-        assert [(int(r["start"]), int(r["length"]), int(r["offset"])) for r in arr] == \
-            [(e.start, e.length, e.offset) for e in img.extents()]
+        assert [(int(r["start"]), int(r["length"]), int(r["offset"])) for r in arr] == [
+            (e.start, e.length, e.offset) for e in img.extents()
+        ]
         # changed since the snapshot: whole chunks (table entries differ), never less
         changed = img.changed_extents("s")
         covered = set()
@@ -202,8 +229,8 @@ def test_readers_never_see_unwritten_bytes_while_chunks_go_partial(path):
         while not stop.is_set():
             got = img.read(0, span)
             for i in range(0, span, G):
-                b = got[i:i + G]
-                if b != old[i:i + G] and b != b"N" * G:
+                b = got[i : i + G]
+                if b != old[i : i + G] and b != b"N" * G:
                     bad.append(i)
                     return
 
@@ -236,7 +263,7 @@ def test_partial_chunks_survive_close_and_crash(path):
     img.write(2 * CS, b"d" * G)
     expect = img.read(0, SIZE)
     img._crash()
-    with fvd.open(path, "r+") as img:          # replay on top of the checkpointed map
+    with fvd.open(path, "r+") as img:  # replay on top of the checkpointed map
         assert img._partial.active == 3
         assert img.read(0, SIZE) == expect
         assert_clean(img)
@@ -249,9 +276,9 @@ def test_create_completes_partial_chunks(path):
         img.create_snapshot("t")
         d = delta(s0, img.stats.as_dict())
         assert img._partial.active == 0
-        assert d["data_bytes_written"] == CS - G        # the unwritten granules, once
+        assert d["data_bytes_written"] == CS - G  # the unwritten granules, once
         expect = img.read(0, SIZE)
-        img.write(6 * G, b"b" * G)                      # partial again, over the new copy
+        img.write(6 * G, b"b" * G)  # partial again, over the new copy
         with img.open_snapshot("t") as v:
             assert v.read(0, SIZE) == expect
         assert_clean(img)
@@ -269,7 +296,7 @@ def test_delete_keeps_the_source_until_the_chunk_is_complete(path):
     with fvd.open(path, "r+") as img:
         assert img.read(0, SIZE) == expect
         assert img._header["incompatible_features"] & fmt.INCOMPAT_PARTIAL
-        img.write(0, b"z" * CS)                         # complete: the source goes
+        img.write(0, b"z" * CS)  # complete: the source goes
         assert img._partial.active == 0
         img.flush()
         assert not img._in_use()[source] if source < len(img._in_use()) else True
@@ -285,7 +312,7 @@ def test_revert_and_write_zeroes_drop_partial_chunks(path):
     with held_image(path) as img:
         img.write(G, b"a" * G)
         img.write(CS + G, b"b" * G)
-        img.write_zeroes(CS, CS)                       # whole partial chunk
+        img.write_zeroes(CS, CS)  # whole partial chunk
         assert img._partial.active == 1
         assert img.read(CS, CS) == bytes(CS)
         img.revert_to_snapshot("s")
@@ -318,6 +345,7 @@ def test_check_reports_a_damaged_partial_map(path):
     with pytest.raises(fvd.CorruptImageError):
         fvd.open(path)
     from fvd.check import check_path
+
     assert check_path(path).corruptions >= 1
 
 
@@ -333,7 +361,7 @@ def test_images_with_a_base_keep_whole_chunk_copies(tmp_path):
         s0 = img.stats.as_dict()
         img.write(G, b"x" * G)
         d = delta(s0, img.stats.as_dict())
-        assert d["data_bytes_written"] == CS + G        # the chunk copy, then the write
+        assert d["data_bytes_written"] == CS + G  # the chunk copy, then the write
         assert img._partial is None
         assert_clean(img)
 
@@ -343,6 +371,7 @@ def apply_ops(path, ops):
     """Replay recorded writes; hole punches are real punches (a punched chunk must not
     look like a leak)."""
     from fvd.fileio import punch_hole
+
     with open(path, "r+b") as f:
         for kind, a, b in ops:
             if kind == "w":
@@ -353,7 +382,7 @@ def apply_ops(path, ops):
                 punch_hole(f.fileno(), a, b)
 
 
-SCS = 64 * KiB                              # crash cuts: small chunks, small journal
+SCS = 64 * KiB  # crash cuts: small chunks, small journal
 SSIZE = 4 * SCS
 
 
@@ -368,14 +397,15 @@ def model_of(img):
 def prepare(path):
     fvd.create(path, SSIZE, chunk_size=SCS, journal_size=64 * KiB, overwrite=True)
     with held_image(path, "writeback", SSIZE) as img:
-        img.write(2 * G + 7, b"p" * 30)                 # chunk 0 partial
-        img.write(SCS + 9 * G, b"q" * G)                # chunk 1 partial
+        img.write(2 * G + 7, b"p" * 30)  # chunk 0 partial
+        img.write(SCS + 9 * G, b"q" * G)  # chunk 1 partial
 
 
 def _close_after(fn):
     def op(img):
         fn(img)
         img.close()
+
     return op
 
 
@@ -383,8 +413,7 @@ WRITE_OPS = {"first-write-wt", "first-write-wb", "new-granule", "complete", "zer
 CRASH_OPS = {
     "first-write-wt": ("writethrough", _close_after(lambda i: i.write(2 * SCS + G, b"A" * G))),
     "first-write-wb": ("writeback", _close_after(lambda i: i.write(2 * SCS + 5, b"A" * 9000))),
-    "new-granule": ("writethrough",
-                    _close_after(lambda i: i.write(SCS + 3 * G + 1, b"B" * 10))),
+    "new-granule": ("writethrough", _close_after(lambda i: i.write(SCS + 3 * G + 1, b"B" * 10))),
     "complete": ("writethrough", _close_after(lambda i: i.write(0, b"C" * SCS))),
     "zeroes": ("writethrough", _close_after(lambda i: i.write_zeroes(SCS, SCS))),
     "create": ("writeback", lambda i: i.create_snapshot("t")),
@@ -445,7 +474,7 @@ def test_crash_at_every_write(path, monkeypatch, op, tmp_path):
 
 
 # ----- state machine: snapshots, partial chunks, power cuts ------------------------------------
-MSIZE = 4 * 64 * KiB + 3 * KiB              # 5 chunks of 64 KiB, the last one short
+MSIZE = 4 * 64 * KiB + 3 * KiB  # 5 chunks of 64 KiB, the last one short
 
 
 def make_machine(path, recorder, cache):
@@ -474,7 +503,7 @@ def make_machine(path, recorder, cache):
             self.seed += 1
             data = pattern(self.seed, n)
             self.img.write(off, data)
-            self.model[off:off + n] = data
+            self.model[off : off + n] = data
             self._ack()
 
         @rule(g=st.integers(0, MSIZE // G), k=st.integers(1, 40))
@@ -482,7 +511,7 @@ def make_machine(path, recorder, cache):
             off = min(g * G, MSIZE - 1)
             n = min(k * G, MSIZE - off)
             self.img.write_zeroes(off, n)
-            self.model[off:off + n] = bytes(n)
+            self.model[off : off + n] = bytes(n)
             self._ack()
 
         @rule()
@@ -551,6 +580,12 @@ def make_machine(path, recorder, cache):
 def test_state_machine_with_snapshots_and_power_cuts(tmp_path, monkeypatch, cache):
     path = str(tmp_path / "m.fvd")
     recorder = DurableRecorder(monkeypatch, path)
-    run_state_machine_as_test(make_machine(path, recorder, cache), settings=settings(
-        max_examples=int(os.environ.get("FVD_GRANULAR_EXAMPLES", "8")),
-        stateful_step_count=25, deadline=None, suppress_health_check=list(HealthCheck)))
+    run_state_machine_as_test(
+        make_machine(path, recorder, cache),
+        settings=settings(
+            max_examples=int(os.environ.get("FVD_GRANULAR_EXAMPLES", "8")),
+            stateful_step_count=25,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+        ),
+    )

@@ -8,6 +8,7 @@ FVD_GRANULAR_SIGKILL_ROUNDS sets the rounds (default 2); a soak:
 
     FVD_GRANULAR_SIGKILL_ROUNDS=200 python -m pytest -q tests/test_granular_sigkill.py
 """
+
 import json
 import os
 import random
@@ -20,7 +21,7 @@ from .test_sigkill import _apply, _check_content, _replay
 
 KiB = 1 << 10
 ROUNDS = int(os.environ.get("FVD_GRANULAR_SIGKILL_ROUNDS", "2"))
-NUNITS = 1024                           # 4 MiB image, 64 KiB chunks, 4 KiB granules
+NUNITS = 1024  # 4 MiB image, 64 KiB chunks, 4 KiB granules
 
 
 def _child(path, seed, w):
@@ -38,8 +39,9 @@ def _child(path, seed, w):
             count = rng.choice([1, 1, 1, 2, 3, 16, 40])
             count = min(count, NUNITS - first)
             say("B", "write", first, count, version)
-            img.write(first * UNIT, b"".join(unit_bytes(version + i, first + i)
-                                             for i in range(count)))
+            img.write(
+                first * UNIT, b"".join(unit_bytes(version + i, first + i) for i in range(count))
+            )
             version += count
         elif r < 0.76:
             first = rng.randrange(NUNITS)
@@ -68,7 +70,7 @@ def test_sigkill_granular_copy_on_write(tmp_path):
     for rnd in range(ROUNDS):
         path = str(tmp_path / f"g{rnd}.fvd")
         fvd.create(path, NUNITS * UNIT, chunk_size=64 * KiB)
-        with fvd.open(path, "r+") as img:          # version 0 everywhere, all held
+        with fvd.open(path, "r+") as img:  # version 0 everywhere, all held
             img.write(0, b"".join(unit_bytes(0, u) for u in range(NUNITS)))
             img.create_snapshot("s-initial")
         seed = rng.randrange(1 << 30)
@@ -93,7 +95,10 @@ def test_sigkill_granular_copy_on_write(tmp_path):
             for name in names:
                 want = snaps.get(name) or after_snaps[name]
                 with img.open_snapshot(name) as view:
-                    _check_content(view.read(0, NUNITS * UNIT),
-                                   [{want[u]} for u in range(NUNITS)], f"{where} {name}")
+                    _check_content(
+                        view.read(0, NUNITS * UNIT),
+                        [{want[u]} for u in range(NUNITS)],
+                        f"{where} {name}",
+                    )
             res = img.check()
             assert res.ok, (where, res.messages)

@@ -1,5 +1,6 @@
 """The compiled fast path and its pure-Python twin expose the same names and signatures
 (the twin must be a drop-in: `fvd._impl` swaps one for the other)."""
+
 import inspect
 import types
 
@@ -22,8 +23,9 @@ def public_api(module):
 
 
 def methods(cls):
-    return {n: getattr(cls, n) for n in dir(cls)
-            if not n.startswith("_") and callable(getattr(cls, n))}
+    return {
+        n: getattr(cls, n) for n in dir(cls) if not n.startswith("_") and callable(getattr(cls, n))
+    }
 
 
 def signature(fn):

@@ -4,6 +4,7 @@ Steps: writes and zeroes at any alignment, reads, flush, reopen, and two kinds o
 a power cut that drops every write since the last flush (the file is put back to its
 state at the last fdatasync) and a process crash that keeps the page cache.
 """
+
 import os
 
 import pytest
@@ -16,7 +17,7 @@ import fvd
 from .helpers import DurableRecorder, pattern
 
 KiB = 1 << 10
-SIZE = 2 * 1024 * KiB + 3 * KiB            # not a multiple of the chunk size
+SIZE = 2 * 1024 * KiB + 3 * KiB  # not a multiple of the chunk size
 CHUNK = 64 * KiB
 
 
@@ -29,8 +30,8 @@ def make_machine(path, recorder, cache):
             fvd.create(path, SIZE, chunk_size=CHUNK, journal_size=64 * KiB)
             recorder.snapshot_now()
             self.img = fvd.open(path, "r+", cache=cache)
-            self.model = bytearray(SIZE)        # what reads must return now
-            self.durable = bytearray(SIZE)      # what survives a power cut
+            self.model = bytearray(SIZE)  # what reads must return now
+            self.durable = bytearray(SIZE)  # what survives a power cut
             self.seed = 0
 
         def _acknowledged(self):
@@ -43,20 +44,20 @@ def make_machine(path, recorder, cache):
             self.seed += 1
             data = pattern(self.seed, n)
             self.img.write(off, data)
-            self.model[off:off + n] = data
+            self.model[off : off + n] = data
             self._acknowledged()
 
         @rule(off=st.integers(0, SIZE - 1), n=st.integers(1, 400 * KiB))
         def zeroes(self, off, n):
             n = min(n, SIZE - off)
             self.img.write_zeroes(off, n)
-            self.model[off:off + n] = bytes(n)
+            self.model[off : off + n] = bytes(n)
             self._acknowledged()
 
         @rule(off=st.integers(0, SIZE - 1), n=st.integers(0, 300 * KiB))
         def read(self, off, n):
             n = min(n, SIZE - off)
-            assert self.img.read(off, n) == self.model[off:off + n]
+            assert self.img.read(off, n) == self.model[off : off + n]
 
         @rule()
         def flush(self):
@@ -84,7 +85,11 @@ def make_machine(path, recorder, cache):
             self.img = fvd.open(path, "r+", cache=cache)
             got = self.img.read(0, SIZE)
             for i in range(0, SIZE, 4096):
-                new, old, b = self.model[i:i + 4096], self.durable[i:i + 4096], got[i:i + 4096]
+                new, old, b = (
+                    self.model[i : i + 4096],
+                    self.durable[i : i + 4096],
+                    got[i : i + 4096],
+                )
                 if b != new and b != old:
                     for j in range(len(b)):
                         assert b[j] in (new[j], old[j]), f"byte {i + j} from elsewhere"
@@ -107,6 +112,12 @@ def test_image_against_model(tmp_path, monkeypatch, cache):
     path = str(tmp_path / "model.fvd")
     recorder = DurableRecorder(monkeypatch, path)
     machine = make_machine(path, recorder, cache)
-    run_state_machine_as_test(machine, settings=settings(
-        max_examples=int(os.environ.get("FVD_MODEL_EXAMPLES", "25")), stateful_step_count=30,
-        deadline=None, suppress_health_check=list(HealthCheck)))
+    run_state_machine_as_test(
+        machine,
+        settings=settings(
+            max_examples=int(os.environ.get("FVD_MODEL_EXAMPLES", "25")),
+            stateful_step_count=30,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+        ),
+    )

@@ -1,5 +1,6 @@
 """Base images that are NBD exports (fvd.nbd_client), served by real nbdkit and qemu-nbd.
 Skips without the tools, except under CI=true, where that is a failure."""
+
 import os
 import signal
 import subprocess
@@ -23,7 +24,7 @@ def _tools():
 
 @pytest.fixture
 def base_raw(tmp_path):
-    data = os.urandom(SIZE - 5000)      # not a multiple of the block size
+    data = os.urandom(SIZE - 5000)  # not a multiple of the block size
     path = tmp_path / "base.raw"
     path.write_bytes(data)
     return path, data
@@ -34,8 +35,11 @@ def qemu_nbd(tmp_path, raw):
     qcow = tmp_path / "base.qcow2"
     run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, qcow)
     sock = tmp_path / "q.sock"
-    return Server(["qemu-nbd", "-r", "-f", "qcow2", "-x", "disk", "-k", sock, "-t", qcow],
-                  f"nbd+unix:///disk?socket={sock}", sock)
+    return Server(
+        ["qemu-nbd", "-r", "-f", "qcow2", "-x", "disk", "-k", sock, "-t", qcow],
+        f"nbd+unix:///disk?socket={sock}",
+        sock,
+    )
 
 
 def test_uri_parsing():
@@ -51,17 +55,16 @@ def test_uri_parsing():
 @pytest.mark.parametrize("server", ["nbdkit", "qemu-nbd"])
 def test_reads_copy_on_read_and_prefetch(tmp_path, base_raw, server, impl):
     raw, data = base_raw
-    srv = nbdkit_file(raw, tmp_path / "k.sock") if server == "nbdkit" else \
-        qemu_nbd(tmp_path, raw)
+    srv = nbdkit_file(raw, tmp_path / "k.sock") if server == "nbdkit" else qemu_nbd(tmp_path, raw)
     image = tmp_path / "sub" / "top.fvd"
     image.parent.mkdir()
     try:
         fvd.create(image, SIZE, base=srv.uri, base_format="raw", block_size=4 * KiB)
         with fvd.open(image, "r+", copy_on_read=True) as img:
-            assert img.base == srv.uri          # stored as given, never resolved
+            assert img.base == srv.uri  # stored as given, never resolved
             img.write(100 * KiB + 7, b"w" * 9000)
             expect = bytearray(data + bytes(5000))
-            expect[100 * KiB + 7:100 * KiB + 9007] = b"w" * 9000
+            expect[100 * KiB + 7 : 100 * KiB + 9007] = b"w" * 9000
             assert img.read(0, SIZE) == expect
             assert img.read(SIZE - 6000, 6000) == expect[-6000:]
             img.prefetch()
@@ -79,8 +82,11 @@ def test_reads_copy_on_read_and_prefetch(tmp_path, base_raw, server, impl):
 def test_tcp_uri_against_nbdkit(tmp_path, base_raw, impl):
     raw, data = base_raw
     port = free_port()
-    srv = Server(["nbdkit", "-f", "--exit-with-parent", "-i", "127.0.0.1", "-p", port,
-                  "file", raw], f"nbd://127.0.0.1:{port}/", port=port)
+    srv = Server(
+        ["nbdkit", "-f", "--exit-with-parent", "-i", "127.0.0.1", "-p", port, "file", raw],
+        f"nbd://127.0.0.1:{port}/",
+        port=port,
+    )
     try:
         image = tmp_path / "top.fvd"
         fvd.create(image, SIZE, base=srv.uri, base_format="raw")
@@ -98,8 +104,18 @@ def test_cli_create_takes_the_size_from_the_export(tmp_path, base_raw, impl):
     srv = nbdkit_file(raw, tmp_path / "k.sock")
     try:
         image = tmp_path / "top.fvd"
-        run("python", "-m", "fvd.cli", "create", "-b", srv.uri, "-F", "raw", image,
-            cwd=os.path.dirname(os.path.dirname(__file__)))
+        run(
+            "python",
+            "-m",
+            "fvd.cli",
+            "create",
+            "-b",
+            srv.uri,
+            "-F",
+            "raw",
+            image,
+            cwd=os.path.dirname(os.path.dirname(__file__)),
+        )
         with fvd.open(image) as img:
             assert img.size == len(data) and img.read(0, 4096) == data[:4096]
     finally:
@@ -109,8 +125,12 @@ def test_cli_create_takes_the_size_from_the_export(tmp_path, base_raw, impl):
 def test_unknown_export_and_missing_server(tmp_path, base_raw, impl):
     raw, _ = base_raw
     with pytest.raises(fvd.BaseImageError, match="nbd\\+unix:///x\\?socket="):
-        fvd.create(tmp_path / "a.fvd", SIZE, base=f"nbd+unix:///x?socket={tmp_path}/none",
-                   base_format="raw")
+        fvd.create(
+            tmp_path / "a.fvd",
+            SIZE,
+            base=f"nbd+unix:///x?socket={tmp_path}/none",
+            base_format="raw",
+        )
     with pytest.raises(fvd.BaseImageError, match="raw"):
         fvd.create(tmp_path / "a.fvd", SIZE, base="nbd://127.0.0.1/x", base_format="fvd")
     srv = qemu_nbd(tmp_path, raw)
@@ -130,24 +150,24 @@ def test_server_gone_mid_use_then_back(tmp_path, base_raw, impl):
     fvd.create(image, SIZE, base=srv.uri, base_format="raw", block_size=4 * KiB)
     expect = bytearray(data + bytes(5000))
     with fvd.open(image, "r+", copy_on_read=True) as img:
-        assert img.read(0, 64 * KiB) == expect[:64 * KiB]          # copied on read
-        img.write(1 * MiB, b"x" * 4096)                           # whole block: no base read
-        expect[1 * MiB:1 * MiB + 4096] = b"x" * 4096
+        assert img.read(0, 64 * KiB) == expect[: 64 * KiB]  # copied on read
+        img.write(1 * MiB, b"x" * 4096)  # whole block: no base read
+        expect[1 * MiB : 1 * MiB + 4096] = b"x" * 4096
         srv.stop(signal.SIGKILL)
         with pytest.raises(fvd.BaseImageError, match=f"socket={sock}"):
             img.read(2 * MiB, 4096)
         with pytest.raises(fvd.BaseImageError, match=f"socket={sock}"):
             img.prefetch()
         with pytest.raises(fvd.BaseImageError):
-            img.write(3 * MiB + 100, b"y" * 10)                   # needs the block's head
+            img.write(3 * MiB + 100, b"y" * 10)  # needs the block's head
         # what the image holds still reads
-        assert img.read(0, 64 * KiB) == expect[:64 * KiB]
-        assert img.read(1 * MiB, 4096) == expect[1 * MiB:1 * MiB + 4096]
+        assert img.read(0, 64 * KiB) == expect[: 64 * KiB]
+        assert img.read(1 * MiB, 4096) == expect[1 * MiB : 1 * MiB + 4096]
     srv = nbdkit_file(raw, sock)
     try:
         with fvd.open(image, "r+") as img:
             assert img.check().ok
-            img.prefetch()                                        # resumes
+            img.prefetch()  # resumes
             assert img.read(0, SIZE) == expect
         srv.stop()
         with fvd.open(image) as img:
@@ -158,6 +178,7 @@ def test_server_gone_mid_use_then_back(tmp_path, base_raw, impl):
 
 def test_concurrent_readers_share_the_pool(tmp_path, base_raw, impl):
     import threading
+
     raw, data = base_raw
     srv = nbdkit_file(raw, tmp_path / "k.sock")
     try:
@@ -165,13 +186,15 @@ def test_concurrent_readers_share_the_pool(tmp_path, base_raw, impl):
         fvd.create(image, SIZE, base=srv.uri, base_format="raw", block_size=4 * KiB)
         errors = []
         with fvd.open(image, "r+", copy_on_read=True) as img:
+
             def reader(seed):
                 try:
                     for i in range(40):
                         off = (seed * 7919 + i * 104729) % (len(data) - 20000)
-                        assert img.read(off, 20000) == data[off:off + 20000]
-                except Exception as e:          # noqa: BLE001 - reported below
+                        assert img.read(off, 20000) == data[off : off + 20000]
+                except Exception as e:  # noqa: BLE001 - reported below
                     errors.append(e)
+
             threads = [threading.Thread(target=reader, args=(s,)) for s in range(6)]
             for t in threads:
                 t.start()
@@ -186,8 +209,9 @@ def test_nbdinfo_agrees_on_size(tmp_path, base_raw, impl):
     raw, data = base_raw
     srv = nbdkit_file(raw, tmp_path / "k.sock")
     try:
-        out = subprocess.run(["nbdinfo", "--size", srv.uri], capture_output=True, text=True,
-                             check=True).stdout
+        out = subprocess.run(
+            ["nbdinfo", "--size", srv.uri], capture_output=True, text=True, check=True
+        ).stdout
         assert int(out) == NbdClient(srv.uri).size == len(data)
     finally:
         srv.stop()
@@ -203,19 +227,21 @@ def test_sparse_base_extents_and_reads(tmp_path, server, impl):
         f.truncate(SIZE)
         f.write(data)
         f.seek(3 * MiB)
-        f.write(data[:64 * KiB])
+        f.write(data[: 64 * KiB])
     expect = raw.read_bytes()
-    srv = nbdkit_file(raw, tmp_path / "k.sock") if server == "nbdkit" else \
-        qemu_nbd(tmp_path, raw)
+    srv = nbdkit_file(raw, tmp_path / "k.sock") if server == "nbdkit" else qemu_nbd(tmp_path, raw)
     try:
         image = tmp_path / "top.fvd"
         fvd.create(image, SIZE, base=srv.uri, base_format="raw")
         with fvd.open(image) as img:
             assert img.read(0, SIZE) == expect
             runs = [(e.start, e.length, e.data, e.zero, e.depth) for e in img.extents()]
-        assert runs == [(0, MiB, True, False, 1), (MiB, 2 * MiB, False, True, 1),
-                        (3 * MiB, 64 * KiB, True, False, 1),
-                        (3 * MiB + 64 * KiB, SIZE - 3 * MiB - 64 * KiB, False, True, 1)]
+        assert runs == [
+            (0, MiB, True, False, 1),
+            (MiB, 2 * MiB, False, True, 1),
+            (3 * MiB, 64 * KiB, True, False, 1),
+            (3 * MiB + 64 * KiB, SIZE - 3 * MiB - 64 * KiB, False, True, 1),
+        ]
     finally:
         srv.stop()
 

@@ -1,6 +1,7 @@
 """`fvd serve`: real nbdkit with fvd's plugin, real clients (qemu-img, qemu-io, nbdinfo,
 nbdcopy), on a unix socket and on TCP 127.0.0.1. Skips without the tools, except under
 CI=true, where that is a failure."""
+
 import errno
 import os
 
@@ -27,13 +28,17 @@ def fill(path):
     fvd.create(path, SIZE, chunk_size=64 * KiB, block_size=4 * KiB)
     expect = bytearray(SIZE)
     with fvd.open(path, "r+") as img:
-        for off, n, seed in ((0, 100 * KiB, 1), (1 * MiB + 123, 5000, 2),
-                             (3 * MiB, 256 * KiB, 3), (SIZE - 4 * KiB, 4 * KiB, 4)):
+        for off, n, seed in (
+            (0, 100 * KiB, 1),
+            (1 * MiB + 123, 5000, 2),
+            (3 * MiB, 256 * KiB, 3),
+            (SIZE - 4 * KiB, 4 * KiB, 4),
+        ):
             data = bytes((seed * 37 + i * 11 + (i >> 7)) & 0xFF for i in range(n))
             img.write(off, data)
-            expect[off:off + n] = data
+            expect[off : off + n] = data
         img.write_zeroes(3 * MiB + 64 * KiB, 64 * KiB)
-        expect[3 * MiB + 64 * KiB:3 * MiB + 128 * KiB] = bytes(64 * KiB)
+        expect[3 * MiB + 64 * KiB : 3 * MiB + 128 * KiB] = bytes(64 * KiB)
     return bytes(expect)
 
 
@@ -80,7 +85,7 @@ def test_readonly_unix_socket_qemu_img_and_nbdinfo(tmp_path, impl):
     finally:
         rc, _, err = srv.stop()
     assert rc == 0, err
-    assert not (tmp_path / "s.sock").exists()        # nbdkit leaves it; fvd serve does not
+    assert not (tmp_path / "s.sock").exists()  # nbdkit leaves it; fvd serve does not
     with fvd.open(image) as img:
         assert img.read(0, SIZE) == expect
 
@@ -90,7 +95,7 @@ def test_tcp_nbdcopy_to_and_from_the_export(tmp_path, impl):
     fvd.create(image, SIZE)
     src = tmp_path / "src.raw"
     data = bytearray(os.urandom(SIZE))
-    data[2 * MiB:4 * MiB] = bytes(2 * MiB)       # nbdcopy zeroes it (sparse)
+    data[2 * MiB : 4 * MiB] = bytes(2 * MiB)  # nbdcopy zeroes it (sparse)
     src.write_bytes(data)
     srv = fvd_serve(image, impl, port=free_port())
     try:
@@ -111,14 +116,26 @@ def test_qemu_io_writes_read_back_after_stop(tmp_path, impl):
     expect = bytearray(fill(image))
     srv = fvd_serve(image, impl, socket_path=tmp_path / "s.sock")
     try:
-        run("qemu-io", "-f", "raw", "-c", "write -P 0xab 4095 70000",
-            "-c", "write -z 1M 1M", "-c", "write -z -u 5M 64k", "-c", "flush", srv.uri)
-        expect[4095:4095 + 70000] = b"\xab" * 70000
-        expect[1 * MiB:2 * MiB] = bytes(MiB)
-        expect[5 * MiB:5 * MiB + 64 * KiB] = bytes(64 * KiB)
+        run(
+            "qemu-io",
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0xab 4095 70000",
+            "-c",
+            "write -z 1M 1M",
+            "-c",
+            "write -z -u 5M 64k",
+            "-c",
+            "flush",
+            srv.uri,
+        )
+        expect[4095 : 4095 + 70000] = b"\xab" * 70000
+        expect[1 * MiB : 2 * MiB] = bytes(MiB)
+        expect[5 * MiB : 5 * MiB + 64 * KiB] = bytes(64 * KiB)
         r = run("qemu-io", "-f", "raw", "-c", "read -P 0xab 4095 70000", srv.uri)
         assert "Pattern verification failed" not in r.stdout
-        assert nbd_map(srv.uri)[0][2] == 0       # data at 0
+        assert nbd_map(srv.uri)[0][2] == 0  # data at 0
     finally:
         rc, _, err = srv.stop()
     assert rc == 0, err
@@ -185,8 +202,18 @@ def test_write_lock_and_force_share(tmp_path, impl):
     raw.write_bytes(expect)
     srv = fvd_serve(image, impl, socket_path=tmp_path / "rw.sock")
     try:
-        r = run("python", "-m", "fvd.cli", "serve", "-r", "--socket", tmp_path / "ro.sock",
-                image, ok=(1,), cwd=os.path.dirname(os.path.dirname(__file__)))
+        r = run(
+            "python",
+            "-m",
+            "fvd.cli",
+            "serve",
+            "-r",
+            "--socket",
+            tmp_path / "ro.sock",
+            image,
+            ok=(1,),
+            cwd=os.path.dirname(os.path.dirname(__file__)),
+        )
         assert "a.fvd" in r.stderr and "writing" in r.stderr and "Traceback" not in r.stderr
         ro = fvd_serve(image, impl, "-r", "-U", socket_path=tmp_path / "ro.sock")
         try:
@@ -200,8 +227,19 @@ def test_write_lock_and_force_share(tmp_path, impl):
 def test_missing_snapshot_is_one_line(tmp_path, impl):
     image = tmp_path / "a.fvd"
     fvd.create(image, SIZE)
-    r = run("python", "-m", "fvd.cli", "serve", "-l", "nope", "--socket", tmp_path / "s",
-            image, ok=(1,), cwd=os.path.dirname(os.path.dirname(__file__)))
+    r = run(
+        "python",
+        "-m",
+        "fvd.cli",
+        "serve",
+        "-l",
+        "nope",
+        "--socket",
+        tmp_path / "s",
+        image,
+        ok=(1,),
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
     assert r.stderr.count("\n") == 1 and "nope" in r.stderr
 
 
@@ -211,9 +249,9 @@ def test_shared_limits_clients(tmp_path, impl):
     srv = fvd_serve(image, impl, "-r", "--shared", "1", socket_path=tmp_path / "s.sock")
     try:
         first = NbdClient(srv.uri, max_connections=1)
-        run("nbdinfo", "--size", srv.uri, ok=(1,))           # a second client is refused
+        run("nbdinfo", "--size", srv.uri, ok=(1,))  # a second client is refused
         first.close()
-        for _ in range(100):                                  # the server sees it leave
+        for _ in range(100):  # the server sees it leave
             if run("nbdinfo", "--size", srv.uri, ok=(0, 1)).returncode == 0:
                 break
         else:
@@ -224,6 +262,7 @@ def test_shared_limits_clients(tmp_path, impl):
 
 def test_plugin_path_leaves_out_our_standard_library():
     import sysconfig
+
     paths = python_path()
     assert os.path.dirname(os.path.dirname(fvd.__file__)) == paths[0]
     assert sysconfig.get_paths()["stdlib"] not in paths

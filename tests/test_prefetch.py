@@ -1,4 +1,5 @@
 """Prefetch: copies the base into the image, paced, resumable, safe beside guest I/O."""
+
 import io
 import os
 import random
@@ -34,8 +35,8 @@ def test_prefetch_then_base_not_needed(tmp_path):
         assert img._base is None
         assert img.read(0, len(model)) == model
         before = img.stats.as_dict()
-        img.write(2 * MiB + 5, b"fast")             # no bitmap, no base: the fast path
-        model[2 * MiB + 5:2 * MiB + 9] = b"fast"
+        img.write(2 * MiB + 5, b"fast")  # no bitmap, no base: the fast path
+        model[2 * MiB + 5 : 2 * MiB + 9] = b"fast"
         assert img.stats.data_writes - before["data_writes"] == 1
         assert img.stats.metadata_writes == before["metadata_writes"]
     assert seen[-1][0] == seen[-1][1] == 3 * MiB + 777
@@ -45,7 +46,7 @@ def test_prefetch_then_base_not_needed(tmp_path):
         assert img._header["base_flags"] & fmt.BASE_FLAG_PREFETCHED
         assert img.read(0, len(model)) == model
         assert img.check().ok
-        assert img.prefetch(min_rate=0) == 0        # nothing left to do
+        assert img.prefetch(min_rate=0) == 0  # nothing left to do
 
 
 @pytest.mark.parametrize("cache", ["writeback", "writethrough"])
@@ -58,6 +59,7 @@ def test_prefetch_with_concurrent_writers(tmp_path, cache):
         n = min(rng.randrange(1, 50 * KiB), len(model) - off)
         writes.append((off, bytes([i + 1]) * n))
     with fvd.open(path, "r+", cache=cache) as img:
+
         def writer():
             for off, data in writes:
                 img.write(off, data)
@@ -70,7 +72,7 @@ def test_prefetch_with_concurrent_writers(tmp_path, cache):
         for t in threads:
             t.join()
         for off, data in writes:
-            model[off:off + len(data)] = data
+            model[off : off + len(data)] = data
         assert img.read(0, len(model)) == model
     os.rename(base, base + ".gone")
     with fvd.open(path) as img:
@@ -91,7 +93,7 @@ def test_interrupted_prefetch_resumes(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         img.prefetch(stop, step=256 * KiB, min_rate=0)
     img.flush()
-    img._crash()            # bits of the copied blocks were soft: lost, the base is read
+    img._crash()  # bits of the copied blocks were soft: lost, the base is read
     with fvd.open(path, "r+") as img:
         assert img.read(0, len(model)) == model
         copied = img.prefetch(step=256 * KiB, min_rate=0)
@@ -117,7 +119,7 @@ def test_resume_after_clean_close_skips_copied_blocks(tmp_path):
 
         with pytest.raises(KeyboardInterrupt):
             img.prefetch(stop, step=1 * MiB, min_rate=0)
-    with fvd.open(path, "r+") as img:        # clean close wrote the bitmap (data synced)
+    with fvd.open(path, "r+") as img:  # clean close wrote the bitmap (data synced)
         first = []
         img.prefetch(lambda d, t: first.append(d), min_rate=0)
         assert first[0] >= 1 * MiB
@@ -142,15 +144,14 @@ def test_pacer_backs_off_below_floor():
         slept.append(t)
         now[0] += t
 
-    p = Pacer(min_rate=10 * MiB, rng=random.Random(1), sleep=sleep, clock=clock,
-              throttle_time=2.0)
-    for _ in range(40):          # 1 MiB/s: far below the floor
+    p = Pacer(min_rate=10 * MiB, rng=random.Random(1), sleep=sleep, clock=clock, throttle_time=2.0)
+    for _ in range(40):  # 1 MiB/s: far below the floor
         now[0] += 0.1
         p.account(100 * KiB)
     assert p.pauses > 5 and all(0 <= t <= 2.0 for t in slept)
     p = Pacer(min_rate=1 * MiB, rng=random.Random(1), sleep=sleep, clock=clock)
     slept.clear()
-    for _ in range(40):          # 100 MiB/s: no pause
+    for _ in range(40):  # 100 MiB/s: no pause
         now[0] += 0.01
         p.account(1 * MiB)
     assert p.pauses == 0 and not slept

@@ -4,6 +4,7 @@ refcounts, snapshots, exact I/O counts, corrupt and unsupported input.
 Every test runs against both implementations through the `impl` fixture (tests/conftest.py
 provides it; a local stand-in is defined below only when it does not).
 """
+
 import os
 from pathlib import Path
 
@@ -56,10 +57,16 @@ def test_create_refuses_existing_file(path, impl):
         assert img.size == 2 * MiB
 
 
-@pytest.mark.parametrize("kwargs", [dict(size=-1), dict(size=1000),
-                                    dict(size=MiB, cluster_size=256),
-                                    dict(size=MiB, cluster_size=3 * 4096),
-                                    dict(size=MiB, cluster_size=4 * MiB)])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(size=-1),
+        dict(size=1000),
+        dict(size=MiB, cluster_size=256),
+        dict(size=MiB, cluster_size=3 * 4096),
+        dict(size=MiB, cluster_size=4 * MiB),
+    ],
+)
 def test_create_bad_arguments(path, impl, kwargs):
     with pytest.raises(ValueError):
         qcow2.create(path, **kwargs)
@@ -81,7 +88,7 @@ def test_bad_io_arguments(path, impl):
             img.write_zeroes(0, 512)
         with pytest.raises(OSError):
             img.create_snapshot("s")
-    img.close()                               # idempotent
+    img.close()  # idempotent
     with pytest.raises(ValueError):
         img.read(0, 1)
     with pytest.raises(ValueError):
@@ -95,7 +102,7 @@ def test_readinto_any_buffer(path, impl):
     data = pattern(20000, 1)
     with qcow2.open(path, "r+") as img:
         img.write(3000, data)
-        arr = np.zeros(5000, dtype=np.uint32)        # 20000 bytes, not a byte format
+        arr = np.zeros(5000, dtype=np.uint32)  # 20000 bytes, not a byte format
         assert img.readinto(3000, arr) == 20000
         assert arr.tobytes() == data
         ba = bytearray(100)
@@ -106,15 +113,27 @@ def test_readinto_any_buffer(path, impl):
 
 
 # ------------------------------------------------------------ model round trip
-OPS = st.lists(st.tuples(st.sampled_from(["w", "w", "w", "z", "snap", "del", "reopen"]),
-                         st.integers(0, 255 * KiB), st.integers(1, 40 * KiB),
-                         st.integers(0, 255)), min_size=1, max_size=14)
+OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["w", "w", "w", "z", "snap", "del", "reopen"]),
+        st.integers(0, 255 * KiB),
+        st.integers(1, 40 * KiB),
+        st.integers(0, 255),
+    ),
+    min_size=1,
+    max_size=14,
+)
 
 
-@settings(max_examples=40, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(ops=OPS, cluster_size=st.sampled_from([512, 4096]),
-       cache=st.sampled_from(["writeback", "writethrough"]), lazy=st.booleans())
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    ops=OPS,
+    cluster_size=st.sampled_from([512, 4096]),
+    cache=st.sampled_from(["writeback", "writethrough"]),
+    lazy=st.booleans(),
+)
 def test_random_ops_match_model(tmp_path, impl, ops, cluster_size, cache, lazy):
     """Arbitrary-alignment writes, zero writes, snapshots and reopen against a bytearray;
     512 B / 4 KiB clusters cross L2 tables (32 KiB / 2 MiB) and refcount blocks often."""
@@ -129,10 +148,10 @@ def test_random_ops_match_model(tmp_path, impl, ops, cluster_size, cache, lazy):
             if kind == "w":
                 data = pattern(n, seed)
                 img.write(off, data)
-                model[off:off + n] = data
+                model[off : off + n] = data
             elif kind == "z":
                 img.write_zeroes(off, n)
-                model[off:off + n] = bytes(n)
+                model[off : off + n] = bytes(n)
             elif kind == "snap":
                 name = f"s{len(snaps)}-{seed}"
                 if name not in snaps:
@@ -166,7 +185,7 @@ def test_write_across_l2_and_refblock_boundaries(path, impl):
     with qcow2.open(path, "r+") as img:
         img.write(32 * KiB - 1000, data)
         assert img.read(32 * KiB - 1000, len(data)) == data
-        assert img.stats.data_writes >= 10        # one pwrite per L2 span at most
+        assert img.stats.data_writes >= 10  # one pwrite per L2 span at most
         assert img.check().ok
     with qcow2.open(path) as img:
         assert img.read(32 * KiB - 1000, len(data)) == data
@@ -197,14 +216,14 @@ def test_write_zeroes_uses_zero_flag(path, impl):
     qcow2.create(path, MiB, cluster_size=4096)
     with qcow2.open(path, "r+") as img:
         img.write(0, b"\xff" * 64 * KiB)
-        img.write_zeroes(4096 + 100, 3 * 4096)     # partial, 2 whole clusters, partial
+        img.write_zeroes(4096 + 100, 3 * 4096)  # partial, 2 whole clusters, partial
         expect = bytearray(b"\xff" * 64 * KiB)
-        expect[4096 + 100:4 * 4096 + 100] = bytes(3 * 4096)
+        expect[4096 + 100 : 4 * 4096 + 100] = bytes(3 * 4096)
         assert img.read(0, 64 * KiB) == bytes(expect)
         ext = [e for e in img.extents(0, 64 * KiB)]
         zero = [e for e in ext if e.zero and e.present]
         assert zero == [qcow2.Extent(8192, 8192, False, True, 0, None, True)]
-        assert img.check().ok                      # the two clusters were freed
+        assert img.check().ok  # the two clusters were freed
         # zeroing what is unallocated costs nothing
         before = img.stats.as_dict()
         img.write_zeroes(512 * KiB, 64 * KiB)
@@ -216,7 +235,7 @@ def test_write_zeroes_uses_zero_flag(path, impl):
 def test_extents_merge_and_cover(path, impl):
     qcow2.create(path, MiB, cluster_size=4096)
     with qcow2.open(path, "r+") as img:
-        img.write(0, bytes(3 * 4096))              # three contiguous host clusters
+        img.write(0, bytes(3 * 4096))  # three contiguous host clusters
         img.write(10 * 4096, b"x")
         ext = list(img.extents())
         assert sum(e.length for e in ext) == MiB
@@ -225,8 +244,9 @@ def test_extents_merge_and_cover(path, impl):
         assert ext[2].data and ext[2].length == 4096
         for a, b in zip(ext, ext[1:]):
             assert a.start + a.length == b.start
-        assert list(img.extents(100, 50)) == [ext[0]._replace(start=100, length=50,
-                                                             offset=ext[0].offset + 100)]
+        assert list(img.extents(100, 50)) == [
+            ext[0]._replace(start=100, length=50, offset=ext[0].offset + 100)
+        ]
 
 
 # -------------------------------------------------------------- exact costs
@@ -246,7 +266,7 @@ def test_cost_writethrough_allocating_write(path, impl):
         d = delta(img, before)
         assert (d["data_writes"], d["metadata_writes"], d["flushes"]) == (1, 2, 2)
         assert d["data_bytes_written"] == 4096
-        assert d["metadata_bytes_written"] == 2 * 65536   # refcount block + L2 table
+        assert d["metadata_bytes_written"] == 2 * 65536  # refcount block + L2 table
         assert d["refcount_updates"] == 1
 
 
@@ -271,7 +291,7 @@ def test_cost_writeback_allocating_write_and_flush(path, impl):
 def test_cost_overwrite_of_owned_cluster(path, impl, cache, flushes):
     img, before = _prepared(path, cache)
     with img:
-        img.write(100, b"b" * 1000)                # COPIED cluster: in place
+        img.write(100, b"b" * 1000)  # COPIED cluster: in place
         d = delta(img, before)
         assert (d["data_writes"], d["metadata_writes"], d["flushes"]) == (1, 0, flushes)
         assert d["refcount_updates"] == 0
@@ -281,7 +301,7 @@ def test_cost_new_l2_table_writethrough(path, impl):
     qcow2.create(path, 2 << 30)
     with qcow2.open(path, "r+", cache="writethrough") as img:
         before = img.stats.as_dict()
-        img.write(1 << 30, b"c" * 4096)            # its L2 table (512 MiB each) is new
+        img.write(1 << 30, b"c" * 4096)  # its L2 table (512 MiB each) is new
         d = delta(img, before)
     # l2_allocate: refblock+flush, L2+flush, L1 entry (8 B)+flush; then data, refblock+flush,
     # L2+flush
@@ -314,9 +334,9 @@ def test_cost_lazy_refcounts(path, impl):
     img.write(7 * 65536, b"a" * 4096)
     d = delta(img, before)
     assert (d["data_writes"], d["metadata_writes"], d["flushes"]) == (1, 1, 1)
-    assert d["metadata_bytes_written"] == 65536       # the L2 table only
+    assert d["metadata_bytes_written"] == 65536  # the L2 table only
     before = img.stats.as_dict()
-    img.close()                                       # refcount block, then the dirty bit
+    img.close()  # refcount block, then the dirty bit
     d = delta(img, before)
     assert (d["metadata_writes"], d["flushes"]) == (2, 2)
     with qcow2.open(path) as img:
@@ -351,8 +371,7 @@ def test_snapshots_create_read_delete(path, impl):
     with qcow2.open(path, "r+") as img:
         img.write(0, b"1" * 100 * KiB)
         info = img.create_snapshot("first", vm_state=b"VM" * 5000)
-        assert (info.name, info.id, info.size, info.vm_state_size) == ("first", "1", 4 * MiB,
-                                                                       10000)
+        assert (info.name, info.id, info.size, info.vm_state_size) == ("first", "1", 4 * MiB, 10000)
         img.write(50 * KiB, b"2" * 100 * KiB)
         img.create_snapshot("second")
         with pytest.raises(ValueError):
@@ -369,7 +388,7 @@ def test_snapshots_create_read_delete(path, impl):
         img.delete_snapshot("first")
         assert img.check().ok
         img.write(0, b"3" * 4096)
-        img.delete_snapshot("2")                   # by id
+        img.delete_snapshot("2")  # by id
         assert img.snapshots() == []
         assert img.check().ok
         assert img.read(0, 8192) == b"3" * 4096 + b"1" * 4096
@@ -383,10 +402,10 @@ def test_snapshot_shares_then_frees(path, impl):
         img.create_snapshot("s")
         assert img._refcount((int(img._l1[0]) & 0x00FFFFFFFFFFFE00) >> 12) == 2
         assert img._refcount(next(img.extents()).offset >> 12) == 2
-        img.write(0, b"b" * 40960)                 # every shared cluster copied
-        img.delete_snapshot("s")                   # the old ones are freed again
+        img.write(0, b"b" * 40960)  # every shared cluster copied
+        img.delete_snapshot("s")  # the old ones are freed again
         assert img.check().ok
-        img.write(100 * KiB, b"c" * 40960)         # and reused first-fit
+        img.write(100 * KiB, b"c" * 40960)  # and reused first-fit
         assert img._end_cluster() <= used + 30
 
 
@@ -396,11 +415,11 @@ def test_lazy_refcounts_crash_and_repair(path, impl):
     img = qcow2.open(path, "r+", cache="writethrough")
     img.write(0, b"p" * 10000)
     img.write(3 * MiB, b"q" * 5000)
-    img._abandon()                                 # no clean shutdown: refcounts stale
+    img._abandon()  # no clean shutdown: refcounts stale
     with qcow2.open(path) as ro:
         assert ro.dirty
         assert not ro.check().ok
-    with qcow2.open(path, "r+") as img:            # rebuilds, as QEMU does
+    with qcow2.open(path, "r+") as img:  # rebuilds, as QEMU does
         assert img.check().ok
         assert img.read(0, 10000) == b"p" * 10000
         assert img.read(3 * MiB, 5000) == b"q" * 5000
@@ -412,7 +431,7 @@ def test_check_finds_and_repairs_leak(path, impl):
     qcow2.create(path, MiB, cluster_size=4096)
     with qcow2.open(path, "r+") as img:
         img.write(0, b"z" * 8192)
-        img._alloc_cluster()                       # referenced by nothing: a leak
+        img._alloc_cluster()  # referenced by nothing: a leak
         r = img.check()
         assert (r.corruptions, r.leaks, r.ok) == (0, 1, False)
         r = img.check(repair=True)
@@ -426,7 +445,7 @@ def test_check_finds_missing_refcount(path, impl):
     with qcow2.open(path, "r+") as img:
         img.write(0, b"z" * 4096)
         host = next(img.extents()).offset
-    with open(path, "r+b") as f:                   # refcount block is cluster 2
+    with open(path, "r+b") as f:  # refcount block is cluster 2
         f.seek(2 * 4096 + 2 * (host // 4096))
         f.write(b"\x00\x00")
     with qcow2.open(path) as img:
@@ -480,8 +499,8 @@ def test_truncated(path, impl, keep):
 def test_flipped_l1_entry(path, impl, bit):
     l1_off = _image_with_data(path)
     raw = bytearray(Path(path).read_bytes())
-    e = int.from_bytes(raw[l1_off:l1_off + 8], "big") ^ (1 << bit)
-    raw[l1_off:l1_off + 8] = e.to_bytes(8, "big")
+    e = int.from_bytes(raw[l1_off : l1_off + 8], "big") ^ (1 << bit)
+    raw[l1_off : l1_off + 8] = e.to_bytes(8, "big")
     Path(path).write_bytes(bytes(raw))
     with pytest.raises(CorruptImageError) as exc:
         qcow2.open(path)
@@ -491,9 +510,9 @@ def test_flipped_l1_entry(path, impl, bit):
 def test_bad_l2_entry(path, impl):
     l1_off = _image_with_data(path)
     raw = Path(path).read_bytes()
-    l2_off = int.from_bytes(raw[l1_off:l1_off + 8], "big") & 0x00FFFFFFFFFFFE00
-    e = int.from_bytes(raw[l2_off:l2_off + 8], "big")
-    _patch(path, l2_off, (e | 0x100).to_bytes(8, "big"))     # reserved bit
+    l2_off = int.from_bytes(raw[l1_off : l1_off + 8], "big") & 0x00FFFFFFFFFFFE00
+    e = int.from_bytes(raw[l2_off : l2_off + 8], "big")
+    _patch(path, l2_off, (e | 0x100).to_bytes(8, "big"))  # reserved bit
     with qcow2.open(path) as img:
         with pytest.raises(CorruptImageError):
             img.read(0, 10)
@@ -501,26 +520,29 @@ def test_bad_l2_entry(path, impl):
     with qcow2.open(path) as img:
         with pytest.raises(CorruptImageError):
             img.read(0, 10)
-    _patch(path, l2_off, (e | 1 << 62).to_bytes(8, "big"))   # compressed
+    _patch(path, l2_off, (e | 1 << 62).to_bytes(8, "big"))  # compressed
     with qcow2.open(path) as img:
         with pytest.raises(UnsupportedFeatureError):
             img.read(0, 10)
 
 
-@pytest.mark.parametrize("offset,value,error", [
-    (4, (4).to_bytes(4, "big"), UnsupportedFeatureError),          # version 4
-    (72, (1 << 5).to_bytes(8, "big"), UnsupportedFeatureError),    # unknown incompatible
-    (72, (1 << 4).to_bytes(8, "big"), UnsupportedFeatureError),    # extended L2
-    (72, (1 << 2).to_bytes(8, "big"), UnsupportedFeatureError),    # external data file
-    (32, (1).to_bytes(4, "big"), UnsupportedFeatureError),         # encryption
-    (8, (200).to_bytes(8, "big"), CorruptImageError),              # backing name size 0
-    (12, (5000).to_bytes(4, "big"), CorruptImageError),            # backing name at 5000
-    (96, (3).to_bytes(4, "big"), UnsupportedFeatureError),         # 8-bit refcounts
-    (20, (30).to_bytes(4, "big"), CorruptImageError),              # cluster_bits
-    (36, (0).to_bytes(4, "big"), CorruptImageError),               # L1 too small
-    (56, (0).to_bytes(4, "big"), CorruptImageError),               # no refcount table
-    (40, (12345).to_bytes(8, "big"), CorruptImageError),           # unaligned L1
-])
+@pytest.mark.parametrize(
+    "offset,value,error",
+    [
+        (4, (4).to_bytes(4, "big"), UnsupportedFeatureError),  # version 4
+        (72, (1 << 5).to_bytes(8, "big"), UnsupportedFeatureError),  # unknown incompatible
+        (72, (1 << 4).to_bytes(8, "big"), UnsupportedFeatureError),  # extended L2
+        (72, (1 << 2).to_bytes(8, "big"), UnsupportedFeatureError),  # external data file
+        (32, (1).to_bytes(4, "big"), UnsupportedFeatureError),  # encryption
+        (8, (200).to_bytes(8, "big"), CorruptImageError),  # backing name size 0
+        (12, (5000).to_bytes(4, "big"), CorruptImageError),  # backing name at 5000
+        (96, (3).to_bytes(4, "big"), UnsupportedFeatureError),  # 8-bit refcounts
+        (20, (30).to_bytes(4, "big"), CorruptImageError),  # cluster_bits
+        (36, (0).to_bytes(4, "big"), CorruptImageError),  # L1 too small
+        (56, (0).to_bytes(4, "big"), CorruptImageError),  # no refcount table
+        (40, (12345).to_bytes(8, "big"), CorruptImageError),  # unaligned L1
+    ],
+)
 def test_bad_header_fields(path, impl, offset, value, error):
     _image_with_data(path)
     _patch(path, offset, value)

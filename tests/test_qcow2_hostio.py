@@ -1,5 +1,6 @@
 """The shared data I/O primitive (`HostFile`) and the QCOW2 baseline's one-cluster read
 path through it. Both implementations via the autouse `impl` fixture."""
+
 import os
 
 import numpy as np
@@ -29,13 +30,12 @@ def test_hostfile_readinto_and_pwritev(hostfile):
     assert hf.pwritev(10, [b"ab", b"", memoryview(b"xcde")[1:], bytearray(b"fg")]) == 7
     assert os.pread(fd, 100, 0) == bytes(10) + b"abcdefg"
     buf = bytearray(12)
-    assert hf.readinto(8, buf) == 12                  # past the end: zeros
+    assert hf.readinto(8, buf) == 12  # past the end: zeros
     assert bytes(buf) == b"\0\0abcdefg\0\0\0"
-    arr = np.zeros(2, dtype=np.uint32)                # any writable contiguous buffer
+    arr = np.zeros(2, dtype=np.uint32)  # any writable contiguous buffer
     assert hf.readinto(10, arr) == 8 and arr.tobytes() == b"abcdefg\0"
     s = hf.stats
-    assert (s.data_reads, s.data_bytes_read, s.data_writes, s.data_bytes_written) == \
-        (2, 20, 1, 7)
+    assert (s.data_reads, s.data_bytes_read, s.data_writes, s.data_bytes_written) == (2, 20, 1, 7)
     with pytest.raises((TypeError, BufferError)):
         hf.readinto(0, b"immutable")
 
@@ -44,8 +44,8 @@ def test_hostfile_readinto_limit(hostfile):
     hf, fd = hostfile
     os.pwrite(fd, b"0123456789", 0)
     buf = bytearray(4)
-    assert hf.readinto(2, buf, 3) == -1 and buf == bytes(4)      # too long: untouched
-    assert hf.readinto(2, bytearray(0), 3) == -1                 # empty: not a read
+    assert hf.readinto(2, buf, 3) == -1 and buf == bytes(4)  # too long: untouched
+    assert hf.readinto(2, bytearray(0), 3) == -1  # empty: not a read
     assert hf.readinto(2, buf, 4) == 4 and buf == b"2345"
     assert hf.stats.data_reads == 1
 
@@ -55,8 +55,8 @@ def test_hostfile_pwritev_many_buffers_is_one_write(hostfile, count):
     hf, fd = hostfile
     data = pattern(count, 3)
     mv = memoryview(data)
-    pieces = [mv[i:i + 1] for i in range(count)]                 # adjacent in memory
-    scattered = [bytes(mv[i:i + 1]) for i in range(count)]       # not adjacent
+    pieces = [mv[i : i + 1] for i in range(count)]  # adjacent in memory
+    scattered = [bytes(mv[i : i + 1]) for i in range(count)]  # not adjacent
     assert hf.pwritev(0, pieces) == count
     assert hf.pwritev(count, scattered) == count
     assert os.pread(fd, 2 * count, 0) == data + data
@@ -65,8 +65,9 @@ def test_hostfile_pwritev_many_buffers_is_one_write(hostfile, count):
 
 def test_chunkmap_pwritev_limit_unchanged(impl):
     mod = _impl.module()
-    cmap = mod.ChunkMap(-1, np.zeros(1, dtype=np.uint32), np.zeros(0, dtype=np.uint8),
-                        MiB, 0, MiB, mod.Stats())
+    cmap = mod.ChunkMap(
+        -1, np.zeros(1, dtype=np.uint32), np.zeros(0, dtype=np.uint8), MiB, 0, MiB, mod.Stats()
+    )
     with pytest.raises(ValueError):
         cmap.pwritev(0, [b"x"] * 65)
 
@@ -85,14 +86,14 @@ def test_qcow2_one_cluster_read_is_one_data_read(tmp_path, impl):
         after = img.stats.as_dict()
         assert after["data_reads"] - before["data_reads"] == 1
         assert after["data_bytes_read"] - before["data_bytes_read"] == 4096
-        assert img.read(3 * MiB, 4096) == bytes(4096)            # unallocated: no I/O
+        assert img.read(3 * MiB, 4096) == bytes(4096)  # unallocated: no I/O
         assert img.stats.data_reads == after["data_reads"]
         with pytest.raises(TypeError):
-            img.readinto(65536, b"immutable")                    # allocated, read-only
+            img.readinto(65536, b"immutable")  # allocated, read-only
         with pytest.raises(ValueError):
             img.readinto(4 * MiB - 10, bytearray(11))
     with pytest.raises(ValueError):
-        img.readinto(65536, bytearray(10))                       # closed
+        img.readinto(65536, bytearray(10))  # closed
 
 
 def test_qcow2_read_past_unaligned_size(tmp_path, impl):
@@ -109,15 +110,26 @@ def test_qcow2_read_past_unaligned_size(tmp_path, impl):
         assert img.readinto(size, bytearray(0)) == 0
 
 
-READ_OPS = st.lists(st.tuples(st.sampled_from(["w", "w", "z", "snap", "del", "reopen"]),
-                              st.integers(0, 255 * KiB), st.integers(1, 20 * KiB),
-                              st.integers(0, 255)), min_size=1, max_size=12)
+READ_OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["w", "w", "z", "snap", "del", "reopen"]),
+        st.integers(0, 255 * KiB),
+        st.integers(1, 20 * KiB),
+        st.integers(0, 255),
+    ),
+    min_size=1,
+    max_size=12,
+)
 
 
-@settings(max_examples=60, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(ops=READ_OPS, cluster_size=st.sampled_from([512, 4096, 65536]),
-       probes=st.lists(st.integers(0, 256 * KiB - 1), min_size=8, max_size=8))
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    ops=READ_OPS,
+    cluster_size=st.sampled_from([512, 4096, 65536]),
+    probes=st.lists(st.integers(0, 256 * KiB - 1), min_size=8, max_size=8),
+)
 def test_qcow2_small_reads_follow_every_change(tmp_path, impl, ops, cluster_size, probes):
     """Reads inside one cluster (the fast path) after writes, zero writes, snapshot
     create / delete (COW) and reopen agree with a bytearray model."""
@@ -130,9 +142,9 @@ def test_qcow2_small_reads_follow_every_change(tmp_path, impl, ops, cluster_size
     def probe():
         for q in probes:
             n = min(cluster_size - q % cluster_size, 700)
-            assert img.read(q, n) == model[q:q + n]
+            assert img.read(q, n) == model[q : q + n]
             buf = bytearray(n)
-            assert img.readinto(q, buf) == n and buf == model[q:q + n]
+            assert img.readinto(q, buf) == n and buf == model[q : q + n]
 
     try:
         probe()
@@ -140,10 +152,10 @@ def test_qcow2_small_reads_follow_every_change(tmp_path, impl, ops, cluster_size
             n = min(n, size - off)
             if kind == "w":
                 img.write(off, pattern(n, seed))
-                model[off:off + n] = pattern(n, seed)
+                model[off : off + n] = pattern(n, seed)
             elif kind == "z":
                 img.write_zeroes(off, n)
-                model[off:off + n] = bytes(n)
+                model[off : off + n] = bytes(n)
             elif kind == "snap":
                 made += 1
                 snaps.append(f"s{made}")
@@ -153,7 +165,7 @@ def test_qcow2_small_reads_follow_every_change(tmp_path, impl, ops, cluster_size
             elif kind == "reopen":
                 img.close()
                 img = qcow2.open(p, "r+")
-            probes += [off, off + n - 1]     # where mappings changed: re-read them later
+            probes += [off, off + n - 1]  # where mappings changed: re-read them later
             probe()
         assert img.read(0, size) == bytes(model)
         assert img.check().ok
@@ -171,11 +183,11 @@ def test_qcow2_read_after_cow_of_a_read_cluster(tmp_path, impl, cluster_size):
     with qcow2.open(p, "r+") as img:
         img.write(0, pattern(4 * cs, 1))
         img.create_snapshot("s")
-        img.write(0, b"new0")                          # L2 table copied on write
-        assert img.read(cs, 4) == pattern(4 * cs, 1)[cs:cs + 4]
-        img.write(cs, b"new1")                         # data cluster copied on write
+        img.write(0, b"new0")  # L2 table copied on write
+        assert img.read(cs, 4) == pattern(4 * cs, 1)[cs : cs + 4]
+        img.write(cs, b"new1")  # data cluster copied on write
         assert img.read(cs, 4) == b"new1"
-        assert img.read(cs + 4, 4) == pattern(4 * cs, 1)[cs + 4:cs + 8]
+        assert img.read(cs + 4, 4) == pattern(4 * cs, 1)[cs + 4 : cs + 8]
         img.write_zeroes(2 * cs, cs)
         assert img.read(2 * cs + 100, 8) == bytes(8)
         img.write(2 * cs + 100, b"again")

@@ -4,6 +4,7 @@ Images the baseline writes must pass `qemu-img check` (exit 0) and compare equal
 file holding the expected contents; images QEMU writes must read back byte-exact.
 Skips when qemu-img is missing, except under CI=true, where that is a failure.
 """
+
 import json
 import os
 import shutil
@@ -59,14 +60,19 @@ def pattern(n, seed):
 def fill(img, size, seed):
     """A fixed mix of unaligned writes, zero writes and a snapshot-free overwrite."""
     model = bytearray(size)
-    writes = [(0, 5000), (70 * KiB - 3, 9000), (size // 2 + 123, 130 * KiB),
-              (size - 4097, 4097), (300 * KiB, 1)]
+    writes = [
+        (0, 5000),
+        (70 * KiB - 3, 9000),
+        (size // 2 + 123, 130 * KiB),
+        (size - 4097, 4097),
+        (300 * KiB, 1),
+    ]
     for i, (off, n) in enumerate(writes):
         data = pattern(n, seed + i)
         img.write(off, data)
-        model[off:off + n] = data
+        model[off : off + n] = data
     img.write_zeroes(size // 2 + 64 * KiB, 64 * KiB)
-    model[size // 2 + 64 * KiB:size // 2 + 128 * KiB] = bytes(64 * KiB)
+    model[size // 2 + 64 * KiB : size // 2 + 128 * KiB] = bytes(64 * KiB)
     img.write(2000, b"over")
     model[2000:2004] = b"over"
     return model
@@ -107,12 +113,12 @@ def test_lazy_refcounts_crash_then_repair(tmp_path, impl):
     qcow2.create(str(path), 4 * MiB, cluster_size=65536, lazy_refcounts=True)
     img = qcow2.open(str(path), "r+", cache="writethrough")
     model = fill(img, 4 * MiB, 9)
-    img._abandon()                                  # simulated crash: no clean shutdown
+    img._abandon()  # simulated crash: no clean shutdown
     meta = json.loads(run(QEMU_IMG, "info", "-U", "--output=json", str(path)).stdout)
     assert meta.get("dirty-flag") is True
     r = run(QEMU_IMG, "check", str(path), ok=(0, 2, 3))
-    assert r.returncode != 0                        # refcounts really are stale
-    with qcow2.open(str(path), "r+") as img:        # repaired on open, as QEMU does
+    assert r.returncode != 0  # refcounts really are stale
+    with qcow2.open(str(path), "r+") as img:  # repaired on open, as QEMU does
         assert img.read(0, 4 * MiB) == bytes(model)
     qemu_check(path)
     qemu_compare(path, model, tmp_path)
@@ -132,15 +138,14 @@ def test_snapshots_visible_to_qemu(tmp_path, impl):
         img.create_snapshot("gamma")
         img.delete_snapshot("beta")
         img.write(1 * MiB, b"late" * 100)
-        second[MiB:MiB + 400] = b"late" * 100
+        second[MiB : MiB + 400] = b"late" * 100
     qemu_check(path)
     qemu_compare(path, second, tmp_path)
     listing = run(QEMU_IMG, "snapshot", "-l", str(path)).stdout
     assert "alpha" in listing and "gamma" in listing and "beta" not in listing
     assert "9.77 KiB" in listing or "10000" in listing or "9.8" in listing
     snap_raw = tmp_path / "alpha.raw"
-    run(QEMU_IMG, "convert", "-O", "raw", "-l", "snapshot.name=alpha", str(path),
-        str(snap_raw))
+    run(QEMU_IMG, "convert", "-O", "raw", "-l", "snapshot.name=alpha", str(path), str(snap_raw))
     assert snap_raw.read_bytes() == bytes(first)
     with qcow2.open(str(path), "r+") as img:
         img.delete_snapshot("alpha")
@@ -170,11 +175,12 @@ def test_map_matches_qemu(tmp_path, impl):
         img.write(5 * 65536, b"y" * 65536)
         img.write(8 * 65536, b"z" * 65536 * 3)
         img.write_zeroes(9 * 65536, 65536)
-        ours = [(e.start, e.length, e.data, e.zero, e.present, e.offset)
-                for e in img.extents()]
+        ours = [(e.start, e.length, e.data, e.zero, e.present, e.offset) for e in img.extents()]
     theirs = json.loads(run(QEMU_IMG, "map", "--output=json", str(path)).stdout)
-    theirs = [(e["start"], e["length"], e["data"], e["zero"], e["present"], e.get("offset"))
-              for e in theirs]
+    theirs = [
+        (e["start"], e["length"], e["data"], e["zero"], e["present"], e.get("offset"))
+        for e in theirs
+    ]
     assert ours == theirs
 
 
@@ -186,14 +192,26 @@ def qemu_io(path, *cmds):
     run(*args, str(path))
 
 
-@pytest.mark.parametrize("opts", ["cluster_size=65536", "cluster_size=4096",
-                                  "cluster_size=512", "cluster_size=65536,lazy_refcounts=on",
-                                  "compat=0.10"])
+@pytest.mark.parametrize(
+    "opts",
+    [
+        "cluster_size=65536",
+        "cluster_size=4096",
+        "cluster_size=512",
+        "cluster_size=65536,lazy_refcounts=on",
+        "compat=0.10",
+    ],
+)
 def test_qemu_written_images_read_exactly(tmp_path, impl, opts):
     path = tmp_path / "q.qcow2"
     run(QEMU_IMG, "create", "-q", "-f", "qcow2", "-o", opts, str(path), "4M")
-    qemu_io(path, "write -P 0xab 0 64k", "write -P 0xcd 100k 7k",
-            "write -P 0x11 1000k 300k", "write -z 1100k 64k")
+    qemu_io(
+        path,
+        "write -P 0xab 0 64k",
+        "write -P 0xcd 100k 7k",
+        "write -P 0x11 1000k 300k",
+        "write -z 1100k 64k",
+    )
     run(QEMU_IMG, "snapshot", "-c", "snap1", str(path))
     qemu_io(path, "write -P 0xef 4k 4k", "write -P 0x22 3M 65k")
     raw = tmp_path / "q.raw"
@@ -210,7 +228,7 @@ def test_qemu_written_images_read_exactly(tmp_path, impl, opts):
         img.create_snapshot("mine")
         img.delete_snapshot("snap1")
         img.write(3 * MiB + 10, b"more")
-        expected[3 * MiB + 10:3 * MiB + 14] = b"more"
+        expected[3 * MiB + 10 : 3 * MiB + 14] = b"more"
     qemu_check(path)
     qemu_compare(path, expected, tmp_path)
     listing = run(QEMU_IMG, "snapshot", "-l", str(path)).stdout

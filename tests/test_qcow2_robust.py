@@ -1,5 +1,6 @@
 """Issue 8, bug 12: fvd.qcow2 bounds every offset by the file, refuses metadata overlaps,
 and a repair that reports success leaves an image that opens and checks clean."""
+
 import struct
 
 import pytest
@@ -40,7 +41,7 @@ def layout(path):
 
 def test_check_memory_bounded_by_file_size(image):
     rt = layout(image)["reftable"]
-    patch(image, rt + 8, struct.pack(">Q", 1 << 55))     # a refcount block far away
+    patch(image, rt + 8, struct.pack(">Q", 1 << 55))  # a refcount block far away
     with q.open(image) as img:
         result = img.check()
     assert result.corruptions >= 1 and not result.ok
@@ -68,10 +69,10 @@ def test_metadata_with_refcount_zero_refuses_writes_until_repaired(image):
     block = be64(image, rt)
     l1 = layout(image)["l1"]
     l2 = be64(image, l1) & 0x00FFFFFFFFFFFE00
-    patch(image, block + 2 * (l2 // CS), b"\0\0")       # the active L2 table counts 0
+    patch(image, block + 2 * (l2 // CS), b"\0\0")  # the active L2 table counts 0
     with q.open(image, "r+") as img:
         with pytest.raises(fvd.CorruptImageError):
-            img.write(10 * CS, b"x" * CS)           # would allocate over the L2 table
+            img.write(10 * CS, b"x" * CS)  # would allocate over the L2 table
         result = img.check(repair=True)
         assert result.ok and result.corruptions_fixed >= 1
         img.write(10 * CS, b"x" * CS)

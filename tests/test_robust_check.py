@@ -1,6 +1,7 @@
 """Issue 8, bugs 3-11: every offset and length read from disk is bounded and cross-checked
 before use (open refuses with CorruptImageError), check counts every problem, and a repair
 that reports success leaves an image that opens and checks clean."""
+
 import os
 import signal
 import struct
@@ -112,8 +113,10 @@ class Blocked(Exception):
 @contextmanager
 def deadline(seconds):
     """Turn a blocking system call into a test failure instead of a hang."""
+
     def fire(*_):
         raise Blocked("blocked in a system call")
+
     old = signal.signal(signal.SIGALRM, fire)
     signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
@@ -151,8 +154,15 @@ def test_truncated_overlay_loses_data_as_zeros_not_base(tmp_path):
     with open(base, "wb") as f:
         f.write(b"\xbb" * (16 * CS))
     path = str(tmp_path / "img.fvd")
-    fvd.create(path, 16 * CS, chunk_size=CS, block_size=4096, journal_size=64 * KiB,
-               base=base, base_format="raw")
+    fvd.create(
+        path,
+        16 * CS,
+        chunk_size=CS,
+        block_size=4096,
+        journal_size=64 * KiB,
+        base=base,
+        base_format="raw",
+    )
     with fvd.open(path, "r+") as img:
         for i in range(16):
             img.write(i * CS, bytes([i + 1]) * CS)
@@ -162,7 +172,7 @@ def test_truncated_overlay_loses_data_as_zeros_not_base(tmp_path):
     assert_repaired(path)
     with fvd.open(path) as img:
         assert img.read(3 * CS, 1) == b"\x04"
-        assert img.read(9 * CS, CS) == bytes(CS)        # lost: zeros, never the old base
+        assert img.read(9 * CS, CS) == bytes(CS)  # lost: zeros, never the old base
 
 
 def test_shared_chunks_are_counted_and_copied(path):
@@ -187,8 +197,8 @@ def damage_journal_sector(path):
         img.write(12 * CS, b"x" * 100)
         img.flush()
         img._crash()
-    sector = bytearray(open(path, "rb").read()[h["journal_offset"]:][:512])
-    sector[60] ^= 1             # a written sector with a bad crc: damage
+    sector = bytearray(open(path, "rb").read()[h["journal_offset"] :][:512])
+    sector[60] ^= 1  # a written sector with a bad crc: damage
     patch(path, h["journal_offset"], bytes(sector))
 
 
@@ -211,17 +221,24 @@ def damage_refcount(path):
         img.create_snapshot("s")
         h = img._header
         roff, rsize = h["refcount_table_offset"], h["refcount_table_size"]
-    rc = bytearray(open(path, "rb").read()[roff:roff + rsize])
-    rc[0:2] = b"\0\0"          # too low: the front could overwrite the snapshot's chunk
+    rc = bytearray(open(path, "rb").read()[roff : roff + rsize])
+    rc[0:2] = b"\0\0"  # too low: the front could overwrite the snapshot's chunk
     patch(path, roff, bytes(rc))
     h = read_header(path)
     patch(path, h["snapshot_table_offset"] + 12, struct.pack("<I", zlib.crc32(bytes(rc))))
     reseal_snapshot_table(path)
 
 
-@pytest.mark.parametrize("damage", [damage_table_crc, damage_journal_sector,
-                                    damage_snapshot_table, damage_snapshot_lookup,
-                                    damage_refcount])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        damage_table_crc,
+        damage_journal_sector,
+        damage_snapshot_table,
+        damage_snapshot_lookup,
+        damage_refcount,
+    ],
+)
 def test_every_kind_of_damage_is_repaired(path, damage):
     make_image(path)
     damage(path)
@@ -233,8 +250,12 @@ def test_every_kind_of_damage_is_repaired(path, damage):
 # ----- 4: hostile journal records ------------------------------------------------------
 def raw_sector(records, epoch, seq=0, nrec=None):
     body = b"".join(records)
-    sector = bytearray(jr.SECTOR_HEAD.pack(jr.SECTOR_MAGIC, 0, epoch, seq, 0,
-                                           len(records) if nrec is None else nrec, 0) + body)
+    sector = bytearray(
+        jr.SECTOR_HEAD.pack(
+            jr.SECTOR_MAGIC, 0, epoch, seq, 0, len(records) if nrec is None else nrec, 0
+        )
+        + body
+    )
     sector.extend(bytes(512 - len(sector)))
     sector[4:8] = zlib.crc32(sector).to_bytes(4, "little")
     return bytes(sector)
@@ -252,7 +273,7 @@ def unclean(path):
 def hostile_records(h):
     d = h["data_offset"]
     crc = jr.RECORD_HEAD.pack(jr.REC_DATA_CRC, 4096, d)
-    filler = jr._table_record(0, [0] * 112)         # 464 bytes: the crc head ends at 512
+    filler = jr._table_record(0, [0] * 112)  # 464 bytes: the crc head ends at 512
     return {
         "head at the sector end": [filler, crc],
         "offset >= 2^63": [jr.data_crc_record(1 << 63, 4096, 0)],
@@ -309,7 +330,7 @@ def test_snapshot_table_entry_into_metadata_or_twice(path):
         img.create_snapshot("s")
         meta = img._snapshots.table_chunks[0]
     set_snapshot_table_entry(path, 0, 10, meta)
-    set_snapshot_table_entry(path, 0, 11, 0)        # chunk 0 twice
+    set_snapshot_table_entry(path, 0, 11, 0)  # chunk 0 twice
     with fvd.open(path) as img:
         with pytest.raises(fvd.CorruptImageError):
             img.open_snapshot("s")
@@ -332,7 +353,7 @@ def test_front_entry_into_snapshot_metadata_refused_and_repaired(path):
     assert check_path(path).corruptions == 1
     assert_repaired(path)
     with fvd.open(path, "r+") as img:
-        img.write(20 * CS, b"\xee" * CS)        # must not land in the snapshot table
+        img.write(20 * CS, b"\xee" * CS)  # must not land in the snapshot table
     with fvd.open(path) as img:
         with img.open_snapshot("s") as view:
             assert view.read(0, 5000) == b"\x01" * 5000
@@ -345,8 +366,15 @@ def test_overlapping_regions_refused_and_repair_is_honest(tmp_path):
     with open(base, "wb") as f:
         f.write(b"\xbb" * (16 * CS))
     path = str(tmp_path / "img.fvd")
-    fvd.create(path, 16 * CS, chunk_size=CS, block_size=4096, journal_size=64 * KiB,
-               base=base, base_format="raw")
+    fvd.create(
+        path,
+        16 * CS,
+        chunk_size=CS,
+        block_size=4096,
+        journal_size=64 * KiB,
+        base=base,
+        base_format="raw",
+    )
     with fvd.open(path, "r+") as img:
         img.write(0, b"x" * 100)
         img._crash()
@@ -374,8 +402,7 @@ def test_revert_marker_from_the_future_is_refused(path):
         img.write(0, b"\x77" * 100)
     h = read_header(path)
     sid = snapshot_entries(path)[0][1].id
-    patch(path, h["snapshot_table_offset"] + 16,
-          struct.pack("<QQ", sid, h["journal_epoch"] + 1))
+    patch(path, h["snapshot_table_offset"] + 16, struct.pack("<QQ", sid, h["journal_epoch"] + 1))
     reseal_snapshot_table(path)
     for mode in ("r", "r+"):
         with pytest.raises(fvd.CorruptImageError):
@@ -396,8 +423,7 @@ def test_stale_revert_marker_is_ignored(path):
         img.write(0, b"\x77" * 100)
     h = read_header(path)
     sid = snapshot_entries(path)[0][1].id
-    patch(path, h["snapshot_table_offset"] + 16,
-          struct.pack("<QQ", sid, h["journal_epoch"] - 1))
+    patch(path, h["snapshot_table_offset"] + 16, struct.pack("<QQ", sid, h["journal_epoch"] - 1))
     reseal_snapshot_table(path)
     assert check_path(path).ok
     with fvd.open(path, "r+"):

@@ -9,6 +9,7 @@ implementation (default 3); a soak run:
 
     FVD_SIGKILL_ROUNDS=200 python -m pytest -q tests/test_sigkill.py
 """
+
 import json
 import os
 import random
@@ -20,7 +21,7 @@ from .stress import UNIT, Model, make_base, unit_bytes
 
 KiB = 1 << 10
 ROUNDS = int(os.environ.get("FVD_SIGKILL_ROUNDS", "3"))
-NUNITS = 1024                           # 4 MiB image
+NUNITS = 1024  # 4 MiB image
 
 
 def _child(path, seed, w):
@@ -37,8 +38,9 @@ def _child(path, seed, w):
             first = rng.randrange(NUNITS)
             count = rng.randint(1, min(48, NUNITS - first))
             say("B", "write", first, count, version)
-            img.write(first * UNIT, b"".join(unit_bytes(version + i, first + i)
-                                             for i in range(count)))
+            img.write(
+                first * UNIT, b"".join(unit_bytes(version + i, first + i) for i in range(count))
+            )
             version += count
         elif r < 0.7:
             first = rng.randrange(NUNITS)
@@ -70,7 +72,7 @@ def _child(path, seed, w):
 
 def _replay(lines):
     """(state before the op in flight, that op or None, snapshots) of the model."""
-    state = [0] * NUNITS            # version per unit; 0 = the base; -1 = zeros
+    state = [0] * NUNITS  # version per unit; 0 = the base; -1 = zeros
     snaps = {}
     ops, cur = [], None
     for rec in lines:
@@ -92,7 +94,7 @@ def _apply(op, state, snaps):
             state[first + i] = version + i
     elif kind == "zero":
         first, count = op[1:]
-        state[first:first + count] = [-1] * count
+        state[first : first + count] = [-1] * count
     elif kind == "create":
         snaps[op[1]] = list(state)
     elif kind == "delete":
@@ -105,9 +107,10 @@ def _check_content(data, legal_by_unit, what):
     m = Model(NUNITS)
     m.zero.add(-1)
     for u in range(NUNITS):
-        unit = data[u * UNIT:(u + 1) * UNIT]
-        assert m.unit_ok(u, unit, sorted(legal_by_unit[u])), \
+        unit = data[u * UNIT : (u + 1) * UNIT]
+        assert m.unit_ok(u, unit, sorted(legal_by_unit[u])), (
             f"{what}: unit {u} holds none of the versions {legal_by_unit[u]}"
+        )
 
 
 def test_sigkill_mixed_workload(tmp_path):
@@ -116,8 +119,14 @@ def test_sigkill_mixed_workload(tmp_path):
         path = str(tmp_path / f"k{rnd}.fvd")
         base = str(tmp_path / f"b{rnd}.raw")
         make_base(base, NUNITS)
-        fvd.create(path, NUNITS * UNIT, chunk_size=64 * KiB, block_size=16 * KiB,
-                   base=base, base_format="raw")
+        fvd.create(
+            path,
+            NUNITS * UNIT,
+            chunk_size=64 * KiB,
+            block_size=16 * KiB,
+            base=base,
+            base_format="raw",
+        )
         seed = rng.randrange(1 << 30)
         lines = run_and_kill(_child, rng.uniform(0.05, 0.8), path, seed)
         state, inflight, snaps = _replay(lines)
@@ -133,9 +142,12 @@ def test_sigkill_mixed_workload(tmp_path):
             may = set(snaps) | set(after_snaps)
             assert must <= names <= may, (where, names, must, may)
             for name in names:
-                want = (snaps.get(name) or after_snaps[name])
+                want = snaps.get(name) or after_snaps[name]
                 with img.open_snapshot(name) as view:
-                    _check_content(view.read(0, NUNITS * UNIT),
-                                   [{want[u]} for u in range(NUNITS)], f"{where} {name}")
+                    _check_content(
+                        view.read(0, NUNITS * UNIT),
+                        [{want[u]} for u in range(NUNITS)],
+                        f"{where} {name}",
+                    )
             res = img.check()
             assert res.ok, (where, res.messages)

@@ -1,4 +1,5 @@
 """Internal snapshots (fvd.snapshots): semantics, costs, bad input, crash cutting, check."""
+
 import os
 import shutil
 import threading
@@ -109,12 +110,12 @@ def test_delete_frees_chunks_that_are_reused_before_growing(path):
     with fvd.open(path, "r+") as img:
         img.write(0, pat(1, 4 * CS))
         img.create_snapshot("a")
-        img.write(0, pat(2, 4 * CS))            # 4 copies: a holds the old 4 chunks
+        img.write(0, pat(2, 4 * CS))  # 4 copies: a holds the old 4 chunks
         used_before = int(img._in_use().sum())
         img.delete_snapshot("a")
         assert int(img._in_use().sum()) <= used_before - 4
         end = img._alloc.end
-        img.write(4 * CS, pat(3, 4 * CS))       # new chunks come from the freed ones
+        img.write(4 * CS, pat(3, 4 * CS))  # new chunks come from the freed ones
         assert img._alloc.end == end
         assert img.read(0, 8 * CS) == pat(2, 4 * CS) + pat(3, 4 * CS)
         assert_clean(img)
@@ -131,7 +132,7 @@ def test_many_snapshots(path):
         assert_clean(img)
     with fvd.open(path, "r+") as img:
         s = img.stats.as_dict()
-        assert s["metadata_reads"] <= 4          # header, table, snapshot table, refcounts
+        assert s["metadata_reads"] <= 4  # header, table, snapshot table, refcounts
         assert len(img.snapshots()) == n
         for i in (0, 150, n - 1):
             with img.open_snapshot(f"snap-{i}") as v:
@@ -147,8 +148,15 @@ def test_many_snapshots(path):
 # ----- cost of writes: the refcount table is never touched -----------------------------------
 @pytest.mark.parametrize("cache", ["writethrough", "writeback"])
 def test_write_costs_do_not_depend_on_snapshot_count(tmp_path, cache):
-    keys = ("metadata_writes", "metadata_bytes_written", "flushes", "refcount_updates",
-            "journal_records", "data_writes", "data_bytes_written")
+    keys = (
+        "metadata_writes",
+        "metadata_bytes_written",
+        "flushes",
+        "refcount_updates",
+        "journal_records",
+        "data_writes",
+        "data_bytes_written",
+    )
     results = {}
     for nsnap in (0, 1, 100):
         p = str(tmp_path / f"n{nsnap}.fvd")
@@ -158,7 +166,7 @@ def test_write_costs_do_not_depend_on_snapshot_count(tmp_path, cache):
             for i in range(nsnap):
                 img.create_snapshot(f"s{i}")
             img.flush()
-            assert img.stats.refcount_updates == nsnap * 2     # 2 chunks per snapshot
+            assert img.stats.refcount_updates == nsnap * 2  # 2 chunks per snapshot
             costs = []
             # first write into a held chunk (copy-on-write when snapshots exist), a second
             # write there, an allocating write, an overwrite of the front's own chunk
@@ -169,7 +177,7 @@ def test_write_costs_do_not_depend_on_snapshot_count(tmp_path, cache):
                     img.flush()
                 d = delta(s0, img.stats.as_dict())
                 costs.append({k: d.get(k, 0) for k in keys})
-            assert img.stats.refcount_updates == nsnap * 2     # no write touched it
+            assert img.stats.refcount_updates == nsnap * 2  # no write touched it
             results[nsnap] = costs
     assert results[1] == results[100]
     assert results[0][2:] == results[1][2:]
@@ -177,25 +185,51 @@ def test_write_costs_do_not_depend_on_snapshot_count(tmp_path, cache):
     if cache == "writethrough":
         # granular copy-on-write: the written 4 KiB granule only (its head and tail copied
         # from the held chunk), one journal sector (table entry, granule record, data crc)
-        assert results[100][0] == {**zero, "metadata_writes": 1, "metadata_bytes_written": 512,
-                                   "flushes": 1, "journal_records": 3, "data_writes": 1,
-                                   "data_bytes_written": 4096}
+        assert results[100][0] == {
+            **zero,
+            "metadata_writes": 1,
+            "metadata_bytes_written": 512,
+            "flushes": 1,
+            "journal_records": 3,
+            "data_writes": 1,
+            "data_bytes_written": 4096,
+        }
         # the second write lands inside the crc-checked granule: the transaction is sealed
-        assert results[100][1] == {**zero, "metadata_writes": 1, "metadata_bytes_written": 512,
-                                   "flushes": 2, "data_writes": 1, "data_bytes_written": 50}
-        assert results[100][2] == {**zero, "metadata_writes": 1, "metadata_bytes_written": 512,
-                                   "flushes": 1, "journal_records": 1, "data_writes": 1,
-                                   "data_bytes_written": 4096}
+        assert results[100][1] == {
+            **zero,
+            "metadata_writes": 1,
+            "metadata_bytes_written": 512,
+            "flushes": 2,
+            "data_writes": 1,
+            "data_bytes_written": 50,
+        }
+        assert results[100][2] == {
+            **zero,
+            "metadata_writes": 1,
+            "metadata_bytes_written": 512,
+            "flushes": 1,
+            "journal_records": 1,
+            "data_writes": 1,
+            "data_bytes_written": 4096,
+        }
     else:
         # writeback: flush() = data flush, one journal sector (table + granule), one flush
         assert results[0][1:] == results[1][1:]
-        assert results[100][0] == {**zero, "metadata_writes": 1, "metadata_bytes_written": 512,
-                                   "flushes": 2, "journal_records": 2, "data_writes": 1,
-                                   "data_bytes_written": 4096}
-        assert results[100][1] == {**zero, "flushes": 1, "data_writes": 1,
-                                   "data_bytes_written": 50}
-    assert results[100][3] == results[0][3] == {**zero, "flushes": 1, "data_writes": 1,
-                                                "data_bytes_written": 10}
+        assert results[100][0] == {
+            **zero,
+            "metadata_writes": 1,
+            "metadata_bytes_written": 512,
+            "flushes": 2,
+            "journal_records": 2,
+            "data_writes": 1,
+            "data_bytes_written": 4096,
+        }
+        assert results[100][1] == {**zero, "flushes": 1, "data_writes": 1, "data_bytes_written": 50}
+    assert (
+        results[100][3]
+        == results[0][3]
+        == {**zero, "flushes": 1, "data_writes": 1, "data_bytes_written": 10}
+    )
 
 
 def test_first_write_after_snapshot_copies_granule_edges_only(path):
@@ -207,25 +241,42 @@ def test_first_write_after_snapshot_copies_granule_edges_only(path):
         d = delta(s0, img.stats.as_dict())
         # head and tail of the 4 KiB granule in one read, one data write of the granule,
         # one journal sector (table entry, granule record, data crc)
-        assert d == {"data_reads": 1, "data_bytes_read": 4096, "data_writes": 1,
-                     "data_bytes_written": 4096, "metadata_writes": 1,
-                     "metadata_bytes_written": 512, "flushes": 1, "journal_records": 3}
+        assert d == {
+            "data_reads": 1,
+            "data_bytes_read": 4096,
+            "data_writes": 1,
+            "data_bytes_written": 4096,
+            "metadata_writes": 1,
+            "metadata_bytes_written": 512,
+            "flushes": 1,
+            "journal_records": 3,
+        }
         s0 = img.stats.as_dict()
-        img.write(0, b"z" * CS)                 # already the front's own (partial) chunk
+        img.write(0, b"z" * CS)  # already the front's own (partial) chunk
         d = delta(s0, img.stats.as_dict())
         # it overwrites the crc-checked granule: that transaction is sealed first; the
         # chunk is then complete (granule record + data crc)
-        assert d == {"data_writes": 1, "data_bytes_written": CS, "flushes": 2,
-                     "metadata_writes": 2, "metadata_bytes_written": 1024,
-                     "journal_records": 2}
+        assert d == {
+            "data_writes": 1,
+            "data_bytes_written": CS,
+            "flushes": 2,
+            "metadata_writes": 2,
+            "metadata_bytes_written": 1024,
+            "journal_records": 2,
+        }
         assert img._partial.active == 0
         s0 = img.stats.as_dict()
-        img.write(0, b"w" * CS)                 # seals the completing transaction once
+        img.write(0, b"w" * CS)  # seals the completing transaction once
         d = delta(s0, img.stats.as_dict())
-        assert d == {"data_writes": 1, "data_bytes_written": CS, "flushes": 2,
-                     "metadata_writes": 1, "metadata_bytes_written": 512}
+        assert d == {
+            "data_writes": 1,
+            "data_bytes_written": CS,
+            "flushes": 2,
+            "metadata_writes": 1,
+            "metadata_bytes_written": 512,
+        }
         s0 = img.stats.as_dict()
-        img.write(0, b"w" * CS)                 # an unshared chunk from now on
+        img.write(0, b"w" * CS)  # an unshared chunk from now on
         d = delta(s0, img.stats.as_dict())
         assert d == {"data_writes": 1, "data_bytes_written": CS, "flushes": 1}
         with img.open_snapshot("s") as v:
@@ -250,8 +301,12 @@ def test_non_str_name_and_duplicates_and_unknown(path):
         img.create_snapshot("é" * 127)
         with pytest.raises(ValueError, match="already exists"):
             img.create_snapshot("x" * 255)
-        for fn in (img.delete_snapshot, img.revert_to_snapshot, img.open_snapshot,
-                   img.read_vm_state):
+        for fn in (
+            img.delete_snapshot,
+            img.revert_to_snapshot,
+            img.open_snapshot,
+            img.read_vm_state,
+        ):
             with pytest.raises(snap.SnapshotNotFoundError) as e:
                 fn("nope")
             assert isinstance(e.value, fvd.FvdError) and isinstance(e.value, KeyError)
@@ -275,6 +330,7 @@ def test_snapshot_table_outside_the_file(path):
         fvd.open(path)
     assert path in str(e.value) and str(fmt.FIELD_OFFSET["snapshot_table_offset"]) in str(e.value)
     from fvd.check import check_path
+
     r = check_path(path)
     assert r.corruptions >= 1
 
@@ -285,20 +341,20 @@ def test_damaged_snapshot_metadata_is_reported(path):
         img.create_snapshot("s", vm_state=b"state" * 100)
         toff = img._header["snapshot_table_offset"]
         entry = img._snapshots.entries[0]
-    with open(path, "r+b") as f:                    # flip a byte of the vm_state
+    with open(path, "r+b") as f:  # flip a byte of the vm_state
         f.seek(entry.vm_offset + 3)
         f.write(b"X")
     with fvd.open(path) as img:
         with pytest.raises(fvd.CorruptImageError, match="vm_state checksum"):
             img.read_vm_state("s")
-    with open(path, "r+b") as f:                    # flip a byte of the snapshot's table
+    with open(path, "r+b") as f:  # flip a byte of the snapshot's table
         f.seek(entry.table_offset)
         f.write(b"\x07")
     with fvd.open(path) as img:
         with pytest.raises(fvd.CorruptImageError, match="lookup table checksum"):
             img.open_snapshot("s")
         assert img.check().corruptions >= 1
-    with open(path, "r+b") as f:                    # and of the snapshot table itself
+    with open(path, "r+b") as f:  # and of the snapshot table itself
         f.seek(toff + 40)
         f.write(b"\xff")
     with pytest.raises(fvd.CorruptImageError) as e:
@@ -315,7 +371,7 @@ def test_refcount_overflow_is_refused(path, monkeypatch):
         with pytest.raises(snap.RefcountOverflowError, match="held by 3 snapshots"):
             img.create_snapshot("s3")
         assert len(img.snapshots()) == 3
-        img.write(0, b"b")                      # the front now has its own copy
+        img.write(0, b"b")  # the front now has its own copy
         img.create_snapshot("s3")
         assert_clean(img)
 
@@ -403,6 +459,7 @@ class WriteRecorder:
         self.path = path
         real_pwrite, real_pwritev, real_trunc = os.pwrite, os.pwritev, os.ftruncate
         import fvd.image as image_mod
+
         real_punch = image_mod.punch_hole
         rec = self
 
@@ -452,9 +509,11 @@ def apply_ops(path, ops):
 
 
 def model_of(img):
-    return (img.read(0, SIZE),
-            tuple((s.name, s.id, s.vm_state_size) for s in img.snapshots()),
-            tuple(_view_bytes(img, s.name) for s in img.snapshots()))
+    return (
+        img.read(0, SIZE),
+        tuple((s.name, s.id, s.vm_state_size) for s in img.snapshots()),
+        tuple(_view_bytes(img, s.name) for s in img.snapshots()),
+    )
 
 
 def _view_bytes(img, name):
@@ -485,7 +544,7 @@ def test_crash_at_every_write_of_an_operation(path, monkeypatch, op, tmp_path):
     with fvd.open(path, "r+", cache="writeback") as img:
         if op == "delete_last":
             img.delete_snapshot("s1")
-        img.write(7 * CS, b"unflushed")         # flushed by the operation itself
+        img.write(7 * CS, b"unflushed")  # flushed by the operation itself
         img.flush()
         before = model_of(img)
         pre = str(tmp_path / "pre.fvd")
@@ -495,8 +554,9 @@ def test_crash_at_every_write_of_an_operation(path, monkeypatch, op, tmp_path):
         rec.undo()
         after = model_of(img)
         img._crash()
-    assert_every_cut_is_before_or_after(pre, rec.ops, before, after, model_of,
-                                        str(tmp_path / "cut.fvd"))
+    assert_every_cut_is_before_or_after(
+        pre, rec.ops, before, after, model_of, str(tmp_path / "cut.fvd")
+    )
 
 
 def assert_every_cut_is_before_or_after(pre, ops, before, after, model, cut):
@@ -525,6 +585,7 @@ class SnapshotMachine(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
         import tempfile
+
         self.dir = tempfile.mkdtemp()
         self.path = os.path.join(self.dir, "m.fvd")
         fvd.create(self.path, SIZE, chunk_size=CS, block_size=4096)
@@ -542,7 +603,7 @@ class SnapshotMachine(RuleBasedStateMachine):
         n = min(n, SIZE - off)
         data = pat(seed, n)
         self.img.write(off, data)
-        self.front[off:off + n] = data
+        self.front[off : off + n] = data
 
     @rule(vm=st.integers(0, 3))
     def create(self, vm):
@@ -591,8 +652,10 @@ class SnapshotMachine(RuleBasedStateMachine):
 def test_state_machine(impl):
     SnapshotMachine.TestCase.settings = settings(
         max_examples=int(os.environ.get("FVD_SNAPSHOT_EXAMPLES", "25")),
-        stateful_step_count=15, deadline=None,
-        suppress_health_check=list(HealthCheck))
+        stateful_step_count=15,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+    )
     t = SnapshotMachine.TestCase("runTest")
     t.runTest()
 
@@ -603,6 +666,7 @@ def test_overwrite_after_copy_on_write_survives_a_power_cut(tmp_path, monkeypatc
     that transaction first, or a power cut would make replay drop it and lose both the
     copy and every acknowledged write after it."""
     from .helpers import DurableRecorder
+
     MiB = 1 << 20
     path = str(tmp_path / "cow.fvd")
     fvd.create(path, 4 * MiB)
@@ -610,9 +674,9 @@ def test_overwrite_after_copy_on_write_survives_a_power_cut(tmp_path, monkeypatc
     img = fvd.open(path, "r+", cache="writethrough")
     img.write(0, b"A" * MiB)
     img.create_snapshot("s1")
-    img.write(0, b"B" * 100)                        # copies granule edges: crc-checked tx
+    img.write(0, b"B" * 100)  # copies granule edges: crc-checked tx
     before = img.stats.as_dict()
-    img.write(1000, b"C" * 1000)                    # lands inside the copied bytes
+    img.write(1000, b"C" * 1000)  # lands inside the copied bytes
     d = delta(before, img.stats.as_dict())
     assert (d.get("data_writes"), d.get("metadata_writes"), d.get("flushes")) == (1, 1, 2)
     before = img.stats.as_dict()
@@ -622,8 +686,9 @@ def test_overwrite_after_copy_on_write_survives_a_power_cut(tmp_path, monkeypatc
     img._crash()
     recorder.power_cut()
     with fvd.open(path) as img:
-        assert img.read(0, 4096) == (b"B" * 100 + b"A" * 900 + b"C" * 1000 + b"A" * 1000
-                                     + b"D" * 1000 + b"A" * 96)
+        assert img.read(0, 4096) == (
+            b"B" * 100 + b"A" * 900 + b"C" * 1000 + b"A" * 1000 + b"D" * 1000 + b"A" * 96
+        )
         assert img.read(4096, MiB - 4096) == b"A" * (MiB - 4096)
         with img.open_snapshot("s1") as snap:
             assert snap.read(0, MiB) == b"A" * MiB

@@ -1,6 +1,7 @@
 """Internal snapshots of an image with a base image (docs/format.md 7 and 8): each snapshot
 keeps a copy of the bitmap, views read the base for its clear bits, revert restores the
 bitmap, stores never touch frozen chunks, prefetch keeps a base snapshots still need."""
+
 import os
 import random
 import shutil
@@ -28,7 +29,7 @@ from .test_snapshots import (
 CS = 64 * 1024
 BLOCK = 4096
 SIZE = 8 * CS
-BASE_SIZE = 5 * CS + 3000           # not block aligned; the image is larger than the base
+BASE_SIZE = 5 * CS + 3000  # not block aligned; the image is larger than the base
 
 
 def make_base(tmp, kind, seed=1):
@@ -42,11 +43,11 @@ def make_base(tmp, kind, seed=1):
     path = os.path.join(tmp, "base.fvd")
     fvd.create(path, BASE_SIZE, chunk_size=CS, block_size=BLOCK)
     content = bytearray(BASE_SIZE)
-    with fvd.open(path, "r+") as b:            # chunks 0, 2, 4 hold data, 1 and 3 are holes
+    with fvd.open(path, "r+") as b:  # chunks 0, 2, 4 hold data, 1 and 3 are holes
         for c in (0, 2, 4):
             n = min(CS, BASE_SIZE - c * CS)
-            b.write(c * CS, data[c * CS:c * CS + n])
-            content[c * CS:c * CS + n] = data[c * CS:c * CS + n]
+            b.write(c * CS, data[c * CS : c * CS + n])
+            content[c * CS : c * CS + n] = data[c * CS : c * CS + n]
     os.unlink(raw)
     return path, content
 
@@ -54,8 +55,15 @@ def make_base(tmp, kind, seed=1):
 def make_image(tmp, kind, **kw):
     base, content = make_base(tmp, kind)
     path = os.path.join(tmp, "img.fvd")
-    fvd.create(path, SIZE, chunk_size=CS, block_size=BLOCK, base=os.path.basename(base),
-               base_format=kind, **kw)
+    fvd.create(
+        path,
+        SIZE,
+        chunk_size=CS,
+        block_size=BLOCK,
+        base=os.path.basename(base),
+        base_format=kind,
+        **kw,
+    )
     model = bytearray(SIZE)
     model[:BASE_SIZE] = content
     return path, base, model
@@ -91,36 +99,36 @@ def test_snapshot_revert_and_views_over_a_base(tmp_path, kind):
     path, base, model = make_image(str(tmp_path), kind)
     snaps = {}
     with fvd.open(path, "r+") as img:
-        img.write(100, b"a" * 50)                  # block 0 in the image, the rest in the base
-        img.write(BASE_SIZE - 10, b"edge" * 10)    # across the end of the base
+        img.write(100, b"a" * 50)  # block 0 in the image, the rest in the base
+        img.write(BASE_SIZE - 10, b"edge" * 10)  # across the end of the base
         model[100:150] = b"a" * 50
-        model[BASE_SIZE - 10:BASE_SIZE + 30] = b"edge" * 10
+        model[BASE_SIZE - 10 : BASE_SIZE + 30] = b"edge" * 10
         img.create_snapshot("s1", vm_state=b"vm")
         snaps["s1"] = bytes(model)
         e = img._snapshots.entries[0]
         assert e.bitmap_offset and e.bitmap_offset % CS == img._header["data_offset"] % CS
         # copy-on-write of a frozen chunk, for a block that is still in the base
         img.write(5 * BLOCK + 3, b"b" * 10)
-        model[5 * BLOCK + 3:5 * BLOCK + 13] = b"b" * 10
-        img.write(3 * CS, b"c" * CS)               # a chunk not in the snapshot at all
-        model[3 * CS:4 * CS] = b"c" * CS
+        model[5 * BLOCK + 3 : 5 * BLOCK + 13] = b"b" * 10
+        img.write(3 * CS, b"c" * CS)  # a chunk not in the snapshot at all
+        model[3 * CS : 4 * CS] = b"c" * CS
         img.create_snapshot("s2")
         snaps["s2"] = bytes(model)
         img.write_zeroes(0, 2 * CS)
-        model[:2 * CS] = bytes(2 * CS)
+        model[: 2 * CS] = bytes(2 * CS)
         assert img.read(0, SIZE) == model
         assert views_of(img) == snaps
         with img.open_snapshot("s1") as v:
             ext = list(v.extents())
             assert sum(x.length for x in ext) == SIZE
-            assert any(x.depth == 1 for x in ext)   # runs read from the base
+            assert any(x.depth == 1 for x in ext)  # runs read from the base
         assert_clean(img)
         img.revert_to_snapshot("s1")
         assert img.read(0, SIZE) == snaps["s1"]
         assert views_of(img) == snaps
-        img.write(6 * BLOCK, b"after")              # after revert: block 6 reads the base again
+        img.write(6 * BLOCK, b"after")  # after revert: block 6 reads the base again
         model[:] = snaps["s1"]
-        model[6 * BLOCK:6 * BLOCK + 5] = b"after"
+        model[6 * BLOCK : 6 * BLOCK + 5] = b"after"
         assert img.read(0, SIZE) == model
         assert_clean(img)
     with fvd.open(path, "r+") as img:
@@ -143,11 +151,11 @@ def test_view_outlives_the_image_handle(tmp_path, kind):
     path, base, model = make_image(str(tmp_path), kind)
     img = fvd.open(path, "r+")
     img.write(CS + 7, b"x" * 9)
-    model[CS + 7:CS + 16] = b"x" * 9
+    model[CS + 7 : CS + 16] = b"x" * 9
     img.create_snapshot("s")
     v = img.open_snapshot("s")
     img.close()
-    assert v.read(0, SIZE) == model             # its own read-only open of the base
+    assert v.read(0, SIZE) == model  # its own read-only open of the base
     v.close()
 
 
@@ -155,18 +163,18 @@ def test_view_outlives_the_image_handle(tmp_path, kind):
 def test_stores_never_write_into_frozen_chunks(tmp_path, kind, cache):
     path, base, model = make_image(str(tmp_path), kind)
     with fvd.open(path, "r+", cache=cache) as img:
-        for c in range(5):                          # one block of each base chunk
+        for c in range(5):  # one block of each base chunk
             img.write(c * CS + BLOCK, b"w" * 100)
-            model[c * CS + BLOCK:c * CS + BLOCK + 100] = b"w" * 100
+            model[c * CS + BLOCK : c * CS + BLOCK + 100] = b"w" * 100
         img.create_snapshot("s")
         snap_model = bytes(model)
         held = frozen_bytes(img)
         assert len(held) == 5
     with fvd.open(path, "r+", cache=cache, copy_on_read=True) as img:
-        assert img.read(0, SIZE) == model           # copy-on-read stores into frozen chunks
+        assert img.read(0, SIZE) == model  # copy-on-read stores into frozen chunks
         assert frozen_bytes(img) == held
-        img.write(2 * CS + 3 * BLOCK + 1, b"g" * 5)   # a guest copy-on-write from the base
-        model[2 * CS + 3 * BLOCK + 1:2 * CS + 3 * BLOCK + 6] = b"g" * 5
+        img.write(2 * CS + 3 * BLOCK + 1, b"g" * 5)  # a guest copy-on-write from the base
+        model[2 * CS + 3 * BLOCK + 1 : 2 * CS + 3 * BLOCK + 6] = b"g" * 5
         assert frozen_bytes(img) == held
         img.prefetch(min_rate=0, step=2 * BLOCK)
         assert frozen_bytes(img) == held
@@ -181,16 +189,16 @@ def test_prefetch_keeps_the_base_while_a_snapshot_needs_it(tmp_path, kind):
     with fvd.open(path, "r+") as img:
         img.write(0, b"z" * 10)
         model[:10] = b"z" * 10
-        img.create_snapshot("old")                  # reads most blocks from the base
+        img.create_snapshot("old")  # reads most blocks from the base
         old = bytes(model)
         assert img.prefetch(min_rate=0) > 0
         assert img._base is not None
         assert not img._header["base_flags"] & fmt.BASE_FLAG_PREFETCHED
-        assert img._bitmap.stale_bits(0, img._bitmap.nblocks).all()   # the front is complete
-        img.create_snapshot("full")                 # never needs the base
+        assert img._bitmap.stale_bits(0, img._bitmap.nblocks).all()  # the front is complete
+        img.create_snapshot("full")  # never needs the base
         s0 = img.stats.as_dict()
-        img.write(4 * CS + 5, b"fast")              # fast path: block durably in the image
-        model[4 * CS + 5:4 * CS + 9] = b"fast"
+        img.write(4 * CS + 5, b"fast")  # fast path: block durably in the image
+        model[4 * CS + 5 : 4 * CS + 9] = b"fast"
         d = delta(s0, img.stats.as_dict())
         assert d.get("base_reads", 0) == 0 and d.get("metadata_writes", 0) == 0
         assert img.read(0, SIZE) == model
@@ -200,7 +208,7 @@ def test_prefetch_keeps_the_base_while_a_snapshot_needs_it(tmp_path, kind):
         with img.open_snapshot("old") as v:
             assert v.read(0, SIZE) == old
         img.delete_snapshot("old")
-        assert img.prefetch(min_rate=0) == 0        # nothing to copy, now it completes
+        assert img.prefetch(min_rate=0) == 0  # nothing to copy, now it completes
         assert img._base is None
         assert img._header["base_flags"] & fmt.BASE_FLAG_PREFETCHED
     os.rename(base, base + ".gone")
@@ -217,8 +225,16 @@ def test_prefetch_keeps_the_base_while_a_snapshot_needs_it(tmp_path, kind):
 def test_write_costs_with_snapshots_over_a_base(tmp_path, cache):
     """Writes into the front's own chunks cost the same with and without snapshots, and
     no write touches the refcount table."""
-    keys = ("metadata_writes", "metadata_bytes_written", "flushes", "refcount_updates",
-            "journal_records", "data_writes", "data_bytes_written", "base_reads")
+    keys = (
+        "metadata_writes",
+        "metadata_bytes_written",
+        "flushes",
+        "refcount_updates",
+        "journal_records",
+        "data_writes",
+        "data_bytes_written",
+        "base_reads",
+    )
     results = {}
     for nsnap in (0, 3):
         tmp = str(tmp_path / f"n{nsnap}")
@@ -228,7 +244,7 @@ def test_write_costs_with_snapshots_over_a_base(tmp_path, cache):
             img.write(0, pat(1, 2 * CS))
             for i in range(nsnap):
                 img.create_snapshot(f"s{i}")
-            img.write(0, pat(2, 2 * CS))            # the front's own copies now
+            img.write(0, pat(2, 2 * CS))  # the front's own copies now
             img.flush()
             rc = img.stats.refcount_updates
             assert rc == nsnap * 2
@@ -264,8 +280,8 @@ def _rewrite_entry_bitmap(path, mutate, fix_crc=True):
         if fix_crc:
             f.seek(toff)
             table = bytearray(f.read(tsize))
-            pos = snap.TABLE_HEAD.size + snap.ENTRY.size + 8     # bitmap_crc of entry 0
-            table[pos:pos + 4] = struct.pack("<I", zlib.crc32(bits))
+            pos = snap.TABLE_HEAD.size + snap.ENTRY.size + 8  # bitmap_crc of entry 0
+            table[pos : pos + 4] = struct.pack("<I", zlib.crc32(bits))
             table[4:8] = b"\0\0\0\0"
             table[4:8] = struct.pack("<I", zlib.crc32(table))
             f.seek(toff)
@@ -279,7 +295,7 @@ def test_check_verifies_snapshot_bitmaps(tmp_path):
         img.create_snapshot("s")
         assert_clean(img)
 
-    def set_chunk3(bits):                       # chunk 3 is unallocated in the snapshot
+    def set_chunk3(bits):  # chunk 3 is unallocated in the snapshot
         bits[3 * CS // BLOCK // 8] |= 1
 
     _rewrite_entry_bitmap(path, set_chunk3)
@@ -316,15 +332,18 @@ def test_entry_format_is_as_documented(tmp_path):
         bits = f.read(h["bitmap_size"])
     assert len(raw) == 32 + 64 + 16 + 8
     ent = raw[32:]
-    assert struct.unpack_from("<HH", ent, 36) == (3, 16)           # name_size, extra_size
+    assert struct.unpack_from("<HH", ent, 36) == (3, 16)  # name_size, extra_size
     assert struct.unpack_from("<QII", ent, 64) == (e.bitmap_offset, zlib.crc32(bits), 0)
     assert ent[80:88] == b"abc\0\0\0\0\0"
 
 
 # ----- crash cutting ----------------------------------------------------------------------------
 def _model(img):
-    return (img.read(0, SIZE), tuple(s.name for s in img.snapshots()),
-            tuple(sorted(views_of(img).items())))
+    return (
+        img.read(0, SIZE),
+        tuple(s.name for s in img.snapshots()),
+        tuple(sorted(views_of(img).items())),
+    )
 
 
 def _prepare(path, model):
@@ -351,7 +370,7 @@ def test_crash_at_every_write_over_a_base(tmp_path, monkeypatch, op):
     path, base, model = make_image(tmp, "raw")
     _prepare(path, model)
     with fvd.open(path, "r+", copy_on_read=True) as img:
-        img.read(4 * CS, CS)                        # soft bits, not in the stale bitmap
+        img.read(4 * CS, CS)  # soft bits, not in the stale bitmap
         img.write(2 * BLOCK + 1, b"unflushed")
         img.flush()
         before = _model(img)
@@ -362,8 +381,9 @@ def test_crash_at_every_write_over_a_base(tmp_path, monkeypatch, op):
         rec.undo()
         after = _model(img)
         img._crash()
-    assert_every_cut_is_before_or_after(pre, rec.ops, before, after, _model,
-                                        os.path.join(tmp, "cut.fvd"))
+    assert_every_cut_is_before_or_after(
+        pre, rec.ops, before, after, _model, os.path.join(tmp, "cut.fvd")
+    )
 
 
 # ----- hypothesis state machine -------------------------------------------------------------------
@@ -374,6 +394,7 @@ class BaseSnapshotMachine(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
         import tempfile
+
         self.dir = tempfile.mkdtemp()
         self.path, self.base, base_model = make_image(self.dir, self.kind)
         self.cor = False
@@ -396,18 +417,18 @@ class BaseSnapshotMachine(RuleBasedStateMachine):
         self.seed += 1
         data = pat(self.seed, n)
         self.img.write(off, data)
-        self.front[off:off + n] = data
+        self.front[off : off + n] = data
 
     @rule(off=st.integers(0, SIZE - 1), n=st.integers(1, 3 * CS))
     def zeroes(self, off, n):
         n = min(n, SIZE - off)
         self.img.write_zeroes(off, n)
-        self.front[off:off + n] = bytes(n)
+        self.front[off : off + n] = bytes(n)
 
     @rule(off=st.integers(0, SIZE - 1), n=st.integers(1, 2 * CS))
-    def read(self, off, n):             # with copy-on-read this stores base blocks
+    def read(self, off, n):  # with copy-on-read this stores base blocks
         n = min(n, SIZE - off)
-        assert self.img.read(off, n) == self.front[off:off + n]
+        assert self.img.read(off, n) == self.front[off : off + n]
 
     @rule(vm=st.integers(0, 2))
     def create(self, vm):
@@ -439,8 +460,9 @@ class BaseSnapshotMachine(RuleBasedStateMachine):
         self.img.prefetch(min_rate=0, step=step)
         assert self.img.stats.refcount_updates == r0
         after = frozen_bytes(self.img) if self.img._snapshots is not None else {}
-        assert {p: b for p, b in after.items() if p in held} == \
-            {p: b for p, b in held.items() if p in after}
+        assert {p: b for p, b in after.items() if p in held} == {
+            p: b for p, b in held.items() if p in after
+        }
         assert self.img.read(0, SIZE) == self.front
         if self.img._base is None:
             # completed: no snapshot may need the base any more
@@ -456,7 +478,7 @@ class BaseSnapshotMachine(RuleBasedStateMachine):
             finally:
                 os.rename(moved, self.base)
         else:
-            assert self.snaps          # only a snapshot keeps the base attached
+            assert self.snaps  # only a snapshot keeps the base attached
 
     @rule(cor=st.booleans())
     def reopen(self, cor):
@@ -485,13 +507,18 @@ class BaseSnapshotMachine(RuleBasedStateMachine):
         self._check_views()
 
 
-@pytest.mark.parametrize("kind,cache", [("raw", "writeback"), ("fvd", "writethrough"),
-                                        ("raw", "writethrough"), ("fvd", "writeback")])
+@pytest.mark.parametrize(
+    "kind,cache",
+    [("raw", "writeback"), ("fvd", "writethrough"), ("raw", "writethrough"), ("fvd", "writeback")],
+)
 def test_state_machine_over_a_base(impl, kind, cache):
     machine = type("M", (BaseSnapshotMachine,), {"kind": kind, "cache": cache})
     machine.TestCase.settings = settings(
-        max_examples=int(os.environ.get("FVD_BASE_EXAMPLES", "8")), stateful_step_count=15,
-        deadline=None, suppress_health_check=list(HealthCheck))
+        max_examples=int(os.environ.get("FVD_BASE_EXAMPLES", "8")),
+        stateful_step_count=15,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+    )
     t = machine.TestCase("runTest")
     t.runTest()
 
@@ -505,7 +532,7 @@ def test_copy_on_read_copy_then_guest_write_survives_a_crash():
         machine.write(off=0, n=1)
         machine.create(vm=0)
         machine.crash_and_reopen(cor=True)
-        machine.contents()              # stores base blocks: copies the held chunk
+        machine.contents()  # stores base blocks: copies the held chunk
         machine.write(off=0, n=1)
         machine.crash_and_reopen(cor=False)
         machine.contents()

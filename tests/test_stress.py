@@ -8,6 +8,7 @@ implementations in CI). A soak run:
 
     FVD_STRESS_SECONDS=300 python -m pytest -q -s tests/test_stress.py
 """
+
 import os
 
 import pytest
@@ -17,11 +18,16 @@ from .stress import Stress
 SECONDS = float(os.environ.get("FVD_STRESS_SECONDS", "3"))
 
 
-@pytest.mark.parametrize("cache,copy_on_read", [("writeback", False),
-                                                ("writethrough", True)])
+@pytest.mark.parametrize("cache,copy_on_read", [("writeback", False), ("writethrough", True)])
 def test_stress(tmp_path, impl, cache, copy_on_read):
-    s = Stress(str(tmp_path / "stress.fvd"), str(tmp_path / "base.raw"), SECONDS,
-               cache=cache, copy_on_read=copy_on_read, seed=hash((impl, cache)) & 0xFFFF)
+    s = Stress(
+        str(tmp_path / "stress.fvd"),
+        str(tmp_path / "base.raw"),
+        SECONDS,
+        cache=cache,
+        copy_on_read=copy_on_read,
+        seed=hash((impl, cache)) & 0xFFFF,
+    )
     report = s.run()
     print(f"\nstress {impl} {cache} copy_on_read={copy_on_read}: {report}")
     assert report["wrong"] == 0
