@@ -17,8 +17,8 @@ import time
 import pytest
 
 from fvd import _impl
-from fvd import bench_impls as impls
-from fvd import bench_workloads as wl
+from fvd.bench import impls
+from fvd.bench import workloads as wl
 
 
 def _smoke_run(config):
@@ -131,7 +131,7 @@ def run_io_benchmark(benchmark, w, c, tmpdir, rounds):
 def run_qemu_benchmark(benchmark, w, c, tmpdir, rounds):
     """QEMU on the same workload: `qemu-img bench` (QEMU's own loop) where the offsets have
     a fixed step, else qemu-io over the same command script (process start recorded)."""
-    from fvd import bench_qemu as bq
+    from fvd.bench import qemu as bq
 
     path = os.path.join(str(tmpdir), f"qemu-{c.name}.img")
 

@@ -14,7 +14,7 @@ import random
 import pytest
 
 import fvd
-from fvd import bench_backup as bb
+from fvd.bench import backup as bb
 
 MiB, GiB, TiB = 1 << 20, 1 << 30, 1 << 40
 

@@ -10,8 +10,8 @@ each benchmark's extra_info (`--benchmark-json=out.json`).
 import pytest
 from conftest import contender, run_io_benchmark, workload
 
-from fvd import bench_impls as impls
-from fvd import bench_workloads as wl
+from fvd.bench import impls
+from fvd.bench import workloads as wl
 
 IMPLS = ["fvd", "qcow2", "qcow2-lazy", "raw", "qemu-qcow2", "qemu-qcow2-lazy", "qemu-raw"]
 KEYS = [

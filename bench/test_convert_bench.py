@@ -12,7 +12,7 @@ import subprocess
 import pytest
 
 from fvd import convert
-from fvd.bench_convert import make_source
+from fvd.bench.convert import make_source
 
 
 @pytest.fixture(scope="module")

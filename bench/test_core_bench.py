@@ -9,7 +9,7 @@ No timed assertions: the ratios are reported by `fvd bench` and docs/benchmarks.
 import pytest
 from conftest import contender, run_io_benchmark, workload
 
-from fvd import bench_workloads as wl
+from fvd.bench import workloads as wl
 
 CORE = ["fvd", "fvd-py", "raw"]
 

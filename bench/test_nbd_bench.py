@@ -15,7 +15,7 @@ import statistics
 
 import pytest
 
-from fvd import bench_nbd as bn
+from fvd.bench import nbd as bn
 
 MiB = 1 << 20
 

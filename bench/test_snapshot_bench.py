@@ -166,7 +166,7 @@ def partial_image(tmp_path_factory):
         img.create_snapshot("s")
         for off in range(0, size, 8 * KiB):
             img.write(off, b"\x5a" * 4096)
-        assert img._partial.active == size // CS
+        assert img._core.partial.active == size // CS
     return path, size
 
 

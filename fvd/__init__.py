@@ -4,19 +4,31 @@ import fvd
 fvd.create("disk.fvd", 8 << 30)
 with fvd.open("disk.fvd", "r+") as img:
     img.write(0, b"hello")
+
+Layers (docs/architecture.md): errors/units/types -> on-disk records and the native fast
+path -> image core and fvd.qcow2 -> features -> operations -> the Image facade -> convert
+-> CLI, bench, serve.
 """
 
-from . import _impl
-from .convert import convert
-from .errors import (
+from fvd import _impl
+from fvd import qcow2 as qcow2
+from fvd.convert import convert
+from fvd.errors import (
     BaseImageError,
     CorruptImageError,
     FvdError,
     ImageIOError,
     ImageLockedError,
+    ReadOnlyImageError,
+    RefcountOverflowError,
+    ServeError,
+    SnapshotBusyError,
+    SnapshotNotFoundError,
     UnsupportedFeatureError,
+    WrongFormatError,
 )
-from .image import CheckResult, Extent, Image, ReadOnlyImageError, create, open
+from fvd.image import Image, SnapshotImage, create, open
+from fvd.types import CheckResult, Extent, SnapshotInfo
 
 __version__ = "0.1.0"
 
@@ -31,9 +43,12 @@ def __getattr__(name):
 __all__ = [
     "create",
     "open",
+    "convert",
     "Image",
+    "SnapshotImage",
     "Extent",
     "CheckResult",
+    "SnapshotInfo",
     "IMPLEMENTATION",
     "FvdError",
     "CorruptImageError",
@@ -42,5 +57,9 @@ __all__ = [
     "BaseImageError",
     "ReadOnlyImageError",
     "ImageIOError",
-    "convert",
+    "SnapshotNotFoundError",
+    "SnapshotBusyError",
+    "RefcountOverflowError",
+    "ServeError",
+    "WrongFormatError",
 ]

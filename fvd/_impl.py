@@ -4,16 +4,21 @@ FVD_PURE_PYTHON=1 selects the twin; so does a missing extension. Tests switch wi
 `select()` to run every case against both.
 """
 
+import importlib
 import os
+from types import ModuleType
+from typing import Any, Optional
 
-from . import _purepath
+from fvd import _purepath
 
+_fastpath: Optional[ModuleType]
 try:
-    from . import _fastpath
+    # by name: the compiled module is optional (import-linter sees no Python source)
+    _fastpath = importlib.import_module("fvd._fastpath")
 except ImportError:  # not built: the twin serves
     _fastpath = None
 
-MODULES = {"python": _purepath}
+MODULES: dict[str, Any] = {"python": _purepath}
 if _fastpath is not None:
     MODULES["cython"] = _fastpath
 
@@ -23,7 +28,7 @@ else:
     IMPLEMENTATION = "cython"
 
 
-def select(name):
+def select(name: str) -> None:
     """Use `name` ("cython" or "python") for images opened from now on."""
     global IMPLEMENTATION
     if name not in MODULES:
@@ -31,9 +36,9 @@ def select(name):
     IMPLEMENTATION = name
 
 
-def module():
+def module() -> Any:
     return MODULES[IMPLEMENTATION]
 
 
-def new_stats():
+def new_stats() -> Any:
     return module().Stats()

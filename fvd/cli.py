@@ -5,18 +5,28 @@ import json
 import os
 import sys
 
-from . import format as fmt
-from .errors import FvdError
-
-SUFFIXES = {
-    "": 1,
-    "B": 1,
-    "K": fmt.KiB,
-    "M": fmt.MiB,
-    "G": fmt.GiB,
-    "T": fmt.TiB,
-    "P": fmt.TiB << 10,
-}
+from fvd import cliutil, qcow2, units
+from fvd.bench import runner as bench
+from fvd.cliutil import (
+    chain_infos,
+    changed_dicts,
+    extent_dict,
+    info_text,
+    open_args,
+    progress_done,
+    qemu_progress,
+)
+from fvd.convert import _dst_options, convert
+from fvd.errors import FvdError
+from fvd.fileio import resolve_relative
+from fvd.image import create
+from fvd.image import open as open_image
+from fvd.imageio import FORMATS, probe, resolve_format
+from fvd.nbd_client import NbdClient, is_nbd_uri
+from fvd.ondisk import format as fmt
+from fvd.ops.checksum import checksum
+from fvd.ops.info import snapshot_dict
+from fvd.serve import serve
 
 
 class UsageError(Exception):
@@ -24,22 +34,11 @@ class UsageError(Exception):
 
 
 def parse_size(text):
-    """qemu-img style sizes: 512, 64K, 1.5G, 2T (powers of 1024)."""
-    t = text.strip().upper()
-    if t.endswith("IB"):
-        t = t[:-2]
-    unit = t[-1:] if t[-1:] in SUFFIXES and not t[-1:].isdigit() else ""
-    number = t[:-1] if unit else t
+    """qemu-img style sizes (fvd.units.parse_size); a bad one is a usage error."""
     try:
-        value = float(number) if "." in number else int(number)
-    except ValueError:
-        raise UsageError(
-            f"invalid size {text!r} (use a number with an optional K, M, G or T)"
-        ) from None
-    size = int(value * SUFFIXES[unit])
-    if size < 0:
-        raise UsageError(f"invalid size {text!r}: negative")
-    return size
+        return units.parse_size(text)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def parse_options(text):
@@ -71,7 +70,6 @@ def emit(args, data, text):
 def cmd_create(args):
     if args.fmt != "fvd":
         return _create_other(args)
-    from .image import create
 
     opts = parse_options(args.options)
     kwargs = {}
@@ -98,16 +96,14 @@ def cmd_create(args):
 
 def _create_other(args):
     """create -f qcow2 (fvd.qcow2: -o cluster_size=,lazy_refcounts=; -b/-F) or -f raw."""
-    from .convert import _dst_options
 
     opts = _dst_options(args.fmt, parse_options(args.options))
     size = parse_size(args.size) if args.size else None
     if size is None:
         if not args.backing:
             raise UsageError("an image size is required without a backing file")
-        from .base import _resolve
 
-        size = _base_size(_resolve(args.image, args.backing), args.backing_format)
+        size = _base_size(resolve_relative(args.image, args.backing), args.backing_format)
     if os.path.exists(args.image) and not args.force:
         raise FileExistsError(17, "file exists (--force replaces it)", args.image)
     if args.fmt == "raw":
@@ -116,8 +112,6 @@ def _create_other(args):
         with open(args.image, "wb") as f:
             f.truncate(size)
     else:
-        from . import qcow2
-
         qcow2.create(
             args.image,
             -(-size // 512) * 512,
@@ -134,33 +128,23 @@ def _create_other(args):
 
 
 def _base_size(path, base_format):
-    from .nbd_client import is_nbd_uri
 
     if is_nbd_uri(path):
-        from .nbd_client import NbdClient
-
         client = NbdClient(path, max_connections=1)
         client.close()
         return client.size
     if base_format is None:
-        from .imageio import probe
-
         base_format = probe(path)
     if base_format == "fvd":
-        from .image import open as open_image
-
         with open_image(path) as b:
             return b.size
     if base_format == "qcow2":
-        from . import qcow2
-
         with qcow2.open(path) as b:
             return b.size
     return os.stat(path).st_size
 
 
 def cmd_info(args):
-    from .cliutil import chain_infos, info_text
 
     infos = chain_infos(args.image, args.fmt, args.force_share, args.backing_chain)
     if args.output == "json":
@@ -172,8 +156,6 @@ def cmd_info(args):
 
 def cmd_check(args):
     """Exit codes as qemu-img check: 0 clean, 1 could not run, 2 corruptions, 3 leaks."""
-    from . import cliutil
-    from .imageio import resolve_format
 
     fmt_name = resolve_format(args.image, args.fmt)
     progress = cliutil.qemu_progress() if args.progress else None
@@ -214,7 +196,6 @@ def cmd_check(args):
 
 
 def cmd_map(args):
-    from .cliutil import changed_dicts, extent_dict, open_args
 
     if args.until is not None and args.since is None:
         raise UsageError("--until needs --since")
@@ -260,7 +241,6 @@ def _snapshot_table(snaps):
 
 
 def _snapshot_dicts(img):
-    from .info import fvd_snapshot_dicts, snapshot_dict
 
     if hasattr(img, "_snapshot_l1"):  # qcow2
         return [
@@ -269,12 +249,10 @@ def _snapshot_dicts(img):
             )
             for s in img.snapshots()
         ]
-    return fvd_snapshot_dicts(img)
+    return img.info().get("snapshots", [])
 
 
 def cmd_snapshot(args):
-    from .cliutil import open_args
-    from .imageio import resolve_format
 
     if resolve_format(args.image, args.fmt) == "raw":
         raise UsageError(f"{args.image}: raw images have no internal snapshots")
@@ -298,9 +276,6 @@ def cmd_snapshot(args):
 
 
 def cmd_prefetch(args):
-    from .cliutil import progress_done, qemu_progress
-    from .image import open as open_image
-    from .imageio import resolve_format
 
     if resolve_format(args.image, args.fmt) != "fvd":
         raise UsageError(f"{args.image}: prefetch needs an fvd image with a base")
@@ -313,8 +288,6 @@ def cmd_prefetch(args):
 
 
 def cmd_convert(args):
-    from .cliutil import progress_done, qemu_progress
-    from .convert import convert
 
     opts = parse_options(args.options)
     progress = qemu_progress() if args.progress else None
@@ -348,8 +321,6 @@ def _snapshot_name(text):
 
 
 def cmd_checksum(args):
-    from .checksum import checksum
-    from .cliutil import open_args, progress_done, qemu_progress
 
     progress = qemu_progress() if args.progress else None
     block_size = parse_size(args.block_size)
@@ -368,8 +339,6 @@ def cmd_checksum(args):
 
 
 def cmd_serve(args):
-    from .imageio import resolve_format
-    from .serve import serve
 
     if (args.socket is None) == (args.port is None):
         raise UsageError("give exactly one of --socket PATH or --port N")
@@ -387,7 +356,6 @@ def cmd_serve(args):
 
 
 def cmd_bench(args):
-    from . import bench
 
     return bench.run(args)
 
@@ -415,7 +383,6 @@ NO_FORMAT_OPTION = {"bench", "create"}
 
 def _add_format_options(sub):
     """-f FMT on every command that opens an image (probed by magic when absent)."""
-    from .imageio import FORMATS
 
     for name, parser in sub.choices.items():
         if name not in NO_FORMAT_OPTION and "-f" not in parser._option_string_actions:
@@ -576,8 +543,6 @@ def build_parser():
 
     b = sub.add_parser("bench", help="FVD against the QCOW2 baseline, raw and QEMU")
     try:
-        from . import bench
-
         bench.add_arguments(b)
     except ImportError:
         pass

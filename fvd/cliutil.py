@@ -5,8 +5,14 @@ progress output."""
 import os
 import sys
 
-from .errors import BaseImageError, CorruptImageError, FvdError
-from .imageio import open_image, resolve_format
+import numpy as np
+
+from fvd import qcow2
+from fvd.convert import changed_ranges
+from fvd.errors import BaseImageError, CorruptImageError, FvdError
+from fvd.image import Image, verify_reopen
+from fvd.imageio import RawImage, open_image, resolve_format
+from fvd.ops.info import qcow2_info
 
 
 def open_args(args, mode="r", image=None):
@@ -40,8 +46,6 @@ def layer_info(path, fmt=None, force_share=False):
     with "backing-missing": true under format-specific."""
     f = resolve_format(path, fmt)
     if f == "fvd":
-        from .image import Image
-
         try:
             with Image(path, "r", force_share=force_share) as img:
                 return img.info()
@@ -50,16 +54,12 @@ def layer_info(path, fmt=None, force_share=False):
                 info = img.info()
             return _mark_missing(info, e)
     if f == "qcow2":
-        from . import qcow2
-        from .info import qcow2_info
-
         try:
             with qcow2.open(path) as q:
                 return qcow2_info(q)
         except BaseImageError as e:
             with qcow2.Qcow2Image(path, "r", _skip_backing=True) as q:
                 return _mark_missing(qcow2_info(q), e)
-    from .imageio import RawImage
 
     with RawImage(path) as r:
         return r.info()
@@ -137,28 +137,21 @@ def check_image_path(path, fmt, repair, force_share):
         raise FvdError(f"{path}: raw images cannot be checked (no metadata)")
     if f == "qcow2":
         return _check_qcow2(path, repair)
-    from .check import check_image
-    from .image import Image
-
     mode = "r+" if repair else "r"
     with Image(path, mode, force_share=force_share, _for_check=True) as img:
-        result = check_image(img, repair)
+        result = img.check(repair)
+        info = img.info()
         facts = {
-            "image-end-offset": img._header["data_offset"] + img._alloc.end * img.chunk_size,
-            "total-clusters": img._nchunks,
-            "allocated-clusters": img.allocated_chunks,
+            "image-end-offset": info["image-end-offset"],
+            "total-clusters": info["total-chunks"],
+            "allocated-clusters": info["allocated-chunks"],
         }
     if repair:
-        from .check import _verify_reopen
-
-        _verify_reopen(path, result)  # success only if it reopens and checks clean
+        verify_reopen(path, result)  # success only if it reopens and checks clean
     return result, facts
 
 
 def _check_qcow2(path, repair):
-    import numpy as np
-
-    from . import qcow2
 
     with qcow2.open(path, "r+" if repair else "r") as q:
         result = q.check(repair)
@@ -233,7 +226,6 @@ def progress_done(stream=None):
 
 def changed_dicts(img, since, until=None):
     """`map --since`: ranges changed between snapshots, as qemu-img map dicts."""
-    from .convert import changed_ranges
 
     return [
         {

@@ -28,10 +28,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from . import format as fmt
-from .imageio import FORMATS, open_image
+from fvd import qcow2
+from fvd.fileio import punch_hole, resolve_relative
+from fvd.image import Image, create
+from fvd.imageio import FORMATS, open_image
+from fvd.qcow2.format import OFFSET_MASK, OFLAG_ZERO
+from fvd.units import MiB, parse_size
 
-BUFFER = fmt.MiB  # per piece: 1 read, few writes; stays in the CPU cache
+BUFFER = MiB  # per piece: 1 read, few writes; stays in the CPU cache
 ZERO_GRAIN = 4096  # zero detection unit (qemu-img convert's default -S 4k)
 COPY_THREADS = min(2, os.cpu_count() or 1)  # best measured on 2 cores
 
@@ -127,11 +131,9 @@ def _dst_options(dst_format, options):
 
 def _size_option(key, value):
     if isinstance(value, str):
-        from .cli import UsageError, parse_size
-
         try:
             return parse_size(value)
-        except UsageError as e:
+        except ValueError as e:
             raise ValueError(f"{key}: {e}") from None
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{key} must be a positive size, not {value!r}")
@@ -151,9 +153,7 @@ def _bool_option(key, value):
 
 def _check_paths(src, dst, backing=None):
     if backing is not None:
-        from .base import _resolve
-
-        if os.path.realpath(_resolve(dst, os.fspath(backing))) == os.path.realpath(dst):
+        if os.path.realpath(resolve_relative(dst, os.fspath(backing))) == os.path.realpath(dst):
             raise ValueError(f"{dst}: the output would replace its own backing file")
     if os.path.isdir(dst):
         raise IsADirectoryError(21, "is a directory", dst)
@@ -189,7 +189,6 @@ def qcow2_changed(q, since, until=None):
     `until` (a snapshot, or the active tree). A cluster mapped to the same host cluster
     in both trees holds the same bytes: a cluster a snapshot references is never written
     in place (copy on write)."""
-    from .qcow2_format import OFFSET_MASK, OFLAG_ZERO
 
     old = q._find_snapshot(since)
     old_l1 = q._snapshot_l1(old)
@@ -247,7 +246,8 @@ def _widen(ranges, grain, size):
 class _RawOutput:
     grain = 512
 
-    def __init__(self, path, size):
+    def __init__(self, path, size, unsafe=False):
+        self.unsafe = unsafe
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         self.path = path
         os.ftruncate(self.fd, size)
@@ -258,12 +258,11 @@ class _RawOutput:
             done += os.pwrite(self.fd, mv[done:], offset + done)
 
     def write_zeroes(self, offset, length):
-        from .fileio import punch_hole
-
         punch_hole(self.fd, offset, length)
 
     def _sync(self):
-        os.fsync(self.fd)
+        if not self.unsafe:
+            os.fsync(self.fd)
 
     def close(self):
         if self.fd >= 0:
@@ -274,14 +273,12 @@ class _RawOutput:
                 self.fd = -1
 
 
-def _open_output(path, dst_format, size, backing, backing_format, opts):
+def _open_output(path, dst_format, size, backing, backing_format, opts, cache="writeback"):
     """(writer, allocation grain) of a new output file at `path`."""
     if dst_format == "raw":
-        out = _RawOutput(path, size)
+        out = _RawOutput(path, size, unsafe=cache == "unsafe")
         return out, out.grain
     if dst_format == "qcow2":
-        from . import qcow2
-
         qcow2.create(
             path,
             -(-size // 512) * 512,
@@ -290,16 +287,14 @@ def _open_output(path, dst_format, size, backing, backing_format, opts):
             backing_file=backing,
             backing_format=backing_format,
         )
-        out = qcow2.open(path, "r+")
+        out = qcow2.open(path, "r+", cache=cache)
         out.thread_safe_writes = False  # the baseline keeps one writer thread
         return out, out.cluster_size
-    from .image import Image, create
-
     kwargs = {k: opts[k] for k in ("chunk_size", "block_size", "journal_size") if k in opts}
     if backing is not None:
         kwargs.update(base=backing, base_format=backing_format)
     create(path, size, **kwargs)
-    out = Image(path, "r+")
+    out = Image(path, "r+", cache=cache)
     return out, out.block_size
 
 
@@ -314,10 +309,9 @@ def _write_output(
     tmp = _temp_name(dst)
     created = False
     try:
-        out, grain = _open_output(tmp, dst_format, view.size, backing, backing_format, opts)
+        cache = "unsafe" if unsafe else "writeback"
+        out, grain = _open_output(tmp, dst_format, view.size, backing, backing_format, opts, cache)
         created = True
-        if unsafe:
-            out._sync = _no_sync  # every flush of the output goes through _sync
         try:
             overlay = backing is not None
             if overlay:
@@ -343,10 +337,6 @@ def _write_output(
             except OSError:
                 pass
         raise
-
-
-def _no_sync():
-    """cache="unsafe": the output's flushes are skipped."""
 
 
 def _fsync_dir(folder):

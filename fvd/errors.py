@@ -1,5 +1,6 @@
 """The exceptions fvd raises on purpose. Every one derives from FvdError."""
 
+import errno
 import os
 
 
@@ -46,3 +47,33 @@ def io_error(path, exc, what):
     if isinstance(exc, FvdError) or not isinstance(exc, OSError) or exc.errno is None:
         return exc
     return ImageIOError(path, exc.errno, what)
+
+
+class ReadOnlyImageError(FvdError, OSError):
+    """A write on an image opened read-only."""
+
+    def __init__(self, path):
+        OSError.__init__(self, errno.EBADF, "image is open read-only", str(path))
+
+
+class SnapshotNotFoundError(FvdError, KeyError):
+    """No snapshot of that name."""
+
+    def __str__(self):
+        return str(self.args[0]) if self.args else ""
+
+
+class SnapshotBusyError(FvdError):
+    """The snapshot cannot be deleted while a view of it (open_snapshot) is open."""
+
+
+class RefcountOverflowError(FvdError):
+    """A chunk would be held by more than 65535 snapshots."""
+
+
+class ServeError(FvdError):
+    """nbdkit or its Python plugin is missing or cannot serve the image."""
+
+
+class WrongFormatError(FvdError, ValueError):
+    """The file is not an image of the format asked for (the message says what it is)."""

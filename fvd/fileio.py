@@ -6,7 +6,10 @@ import errno
 import fcntl
 import os
 
-from .errors import ImageLockedError
+from fvd.errors import ImageLockedError
+from fvd.nbd_client import is_nbd_uri
+from fvd.ondisk import format as fmt
+from fvd.types import Extent
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -91,3 +94,51 @@ def has_data(fd, offset, length):
             return False
         raise
     return pos < offset + length
+
+
+QCOW2_MAGIC = b"QFI\xfb"
+FVD_MAGIC = fmt.MAGIC.to_bytes(4, "little")
+
+
+def resolve_relative(image_path, name):
+    """A base or backing name as stored in `image_path`: relative to its directory."""
+    if os.path.isabs(name) or is_nbd_uri(name):  # a URI is never a relative path
+        return name
+    return os.path.join(os.path.dirname(os.path.abspath(image_path)), name)
+
+
+def detect_format(path):
+    """'fvd' or 'qcow2' by magic, else 'raw' (used only when no format is given)."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == FVD_MAGIC:
+        return "fvd"
+    if magic == QCOW2_MAGIC:
+        return "qcow2"
+    return "raw"
+
+
+def raw_extents(fd, offset, length):
+    """Data and hole runs of a file by SEEK_DATA/SEEK_HOLE (qemu-img map's view of a raw
+    file: data extents at depth 0, holes zero). Past EOF counts as a hole."""
+    end = offset + length
+    eof = os.fstat(fd).st_size
+    pos = offset
+    while pos < end:
+        if pos >= eof:
+            yield Extent(pos, end - pos, 0, True, True, False, None)
+            return
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno != errno.ENXIO:
+                raise
+            data = eof
+        data = min(data, end)
+        if data > pos:
+            yield Extent(pos, data - pos, 0, True, True, False, None)
+            pos = data
+            continue
+        hole = min(os.lseek(fd, pos, os.SEEK_HOLE), end)
+        yield Extent(pos, hole - pos, 0, True, False, True, pos)
+        pos = hole

@@ -8,17 +8,15 @@ given for a top-level image (a base is never probed as raw by fvd itself).
 import errno
 import os
 
-from . import format as fmt
-from .errors import FvdError
-from .fileio import pread_fill
+from fvd import qcow2
+from fvd.errors import WrongFormatError
+from fvd.fileio import pread_fill, raw_extents
+from fvd.image import Image
+from fvd.ondisk import format as fmt
 
 FORMATS = ("fvd", "qcow2", "raw")
 QCOW2_MAGIC = b"QFI\xfb"
 FVD_MAGIC = fmt.MAGIC.to_bytes(4, "little")
-
-
-class WrongFormatError(FvdError, ValueError):
-    """The file is not an image of the format asked for (the message says what it is)."""
 
 
 def probe(path) -> str:
@@ -58,42 +56,10 @@ def open_image(path, format=None, mode="r", *, force_share=False):
     path = os.fspath(path)
     f = resolve_format(path, format)
     if f == "fvd":
-        from .image import Image
-
         return Image(path, mode, force_share=force_share)
     if f == "qcow2":
-        from . import qcow2
-
         return qcow2.open(path, mode)
     return RawImage(path, mode)
-
-
-def raw_extents(fd, offset, length):
-    """Data and hole runs of a file by SEEK_DATA/SEEK_HOLE (qemu-img map's view of a raw
-    file: data extents at depth 0, holes zero). Past EOF counts as a hole."""
-    from .image import Extent
-
-    end = offset + length
-    eof = os.fstat(fd).st_size
-    pos = offset
-    while pos < end:
-        if pos >= eof:
-            yield Extent(pos, end - pos, 0, True, True, False, None)
-            return
-        try:
-            data = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno != errno.ENXIO:
-                raise
-            data = eof
-        data = min(data, end)
-        if data > pos:
-            yield Extent(pos, data - pos, 0, True, True, False, None)
-            pos = data
-            continue
-        hole = min(os.lseek(fd, pos, os.SEEK_HOLE), end)
-        yield Extent(pos, hole - pos, 0, True, False, True, pos)
-        pos = hole
 
 
 class RawImage:

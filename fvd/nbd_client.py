@@ -22,13 +22,14 @@ server comes back is used again.
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import threading
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from .errors import BaseImageError
+from fvd.errors import BaseImageError
 
 NBD_MAGIC = 0x4E42444D41474943  # "NBDMAGIC"
 IHAVEOPT = 0x49484156454F5054  # "IHAVEOPT"
@@ -295,11 +296,15 @@ class _Connection:
 class NbdClient:
     """Read-only access to an NBD export, safe from any thread (a connection pool)."""
 
-    def __init__(self, uri: str, *, max_connections: int = 4, timeout: float | None = 60.0):
+    def __init__(
+        self, uri: str, *, max_connections: int | None = None, timeout: float | None = 60.0
+    ):
         parse_uri(uri)
         self.uri = uri
         self.timeout = timeout
-        self.max_connections = max_connections
+        if max_connections is None:  # FVD_NBD_CONNECTIONS: the pool size of NBD bases
+            max_connections = int(os.environ.get("FVD_NBD_CONNECTIONS", "4"))
+        self.max_connections = max(1, max_connections)
         self._idle: list[_Connection] = []
         self._count = 0
         self._closed = False

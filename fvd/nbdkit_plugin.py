@@ -210,9 +210,14 @@ def _fast_zero_possible(img, offset, count):
     head_end = min(end, -(-offset // cs) * cs)
     tail_start = max(head_end, end // cs * cs)
     return not any(
-        stop > start and img._chunk_has_content(start)
+        stop > start and _chunk_has_content(img, start // cs * cs, cs)
         for start, stop in ((offset, head_end), (tail_start, end))
     )
+
+
+def _chunk_has_content(img, start, cs):
+    """Anything but zeros may be in the chunk at `start` (mapped, or read from a base)."""
+    return any(e.data for e in img.extents(start, min(cs, img.size - start)))
 
 
 def trim(h, count, offset, flags):

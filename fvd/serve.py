@@ -17,13 +17,11 @@ import subprocess
 import sys
 import sysconfig
 
-from .errors import FvdError
+from fvd import qcow2
+from fvd.errors import ServeError
+from fvd.image import open as open_image
 
 PLUGIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "nbdkit_plugin.py")
-
-
-class ServeError(FvdError):
-    """nbdkit or its Python plugin is missing or cannot serve the image."""
 
 
 def nbdkit_python_version(nbdkit: str = "nbdkit") -> str | None:
@@ -134,11 +132,8 @@ def preflight(
             return
     mode = "r" if readonly or snapshot is not None else "r+"
     if image_format == "qcow2":
-        from . import qcow2
-
         qcow2.open(image, mode).close()
         return
-    from .image import open as open_image
 
     with open_image(image, mode, force_share=force_share and mode == "r") as img:
         if snapshot is not None:

@@ -124,7 +124,7 @@ def _value(rng, old, others=()):
 
 
 def _header(data):
-    from fvd import format as fmt
+    from fvd.ondisk import format as fmt
 
     h = dict(fmt.Header.parse(bytes(data[: fmt.HEADER_SIZE])))
     h.pop("_io", None)
@@ -132,7 +132,7 @@ def _header(data):
 
 
 def _reseal_header(data):
-    from fvd import format as fmt
+    from fvd.ondisk import format as fmt
 
     data[12:16] = fmt.header_crc(data[: fmt.HEADER_SIZE]).to_bytes(4, "little")
 
@@ -146,7 +146,7 @@ def _reseal_table_crc(data, h):
 
 def _snap_entries(data, h):
     """[(entry offset, table_offset, vm_offset, vm_size, extra_size)] parsed leniently."""
-    from fvd import snapshots as snap
+    from fvd.features import snapshots as snap
 
     toff, tsize = h["snapshot_table_offset"], h["snapshot_table_size"]
     if not toff or toff + tsize > len(data) or tsize < 32:
@@ -174,8 +174,8 @@ def _reseal_snapshot_table(data, h):
 def mutate_fvd(rng, data):
     """One structure-aware mutation of an fvd image (bytearray, in place); returns a
     short description."""
-    from fvd import format as fmt
-    from fvd import journal as jr
+    from fvd.core import journal as jr
+    from fvd.ondisk import format as fmt
 
     h = _header(data)
     nch = -(-h["virtual_size"] // h["chunk_size"])
@@ -443,7 +443,7 @@ def _use_fvd(img):
 
 def run_fvd_case(path):
     import fvd
-    from fvd.check import check_path
+    from fvd.image import check_file as check_path
 
     def read_only():
         with fvd.open(path) as img:

@@ -14,8 +14,8 @@ import pytest
 
 import fvd
 from fvd import cli
-from fvd.checksum import checksum as compute_checksum
-from fvd.snapshots import SnapshotNotFoundError
+from fvd.features.snapshots import SnapshotNotFoundError
+from fvd.ops.checksum import checksum as compute_checksum
 
 MiB = 1 << 20
 SIZE = 21 * MiB + 12288  # not a multiple of the 4 MiB checksum block

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, rule, run_state_machine_as_test
 
 import fvd
-from fvd import format as fmt
+from fvd.ondisk import format as fmt
 
 from .helpers import DurableRecorder, pattern
 
@@ -130,7 +130,7 @@ def test_torn_cow_write_reads_base_again(tmp_path, raw_base):
     fvd.create(path, 4 * MiB, base=base, base_format="raw")
     img = fvd.open(path, "r+", cache="writethrough")
     img.write(200 * KiB, b"n" * 10)
-    host = img._map.host_offset(192 * KiB)
+    host = img._core.chunk_map.host_offset(192 * KiB)
     img._crash()
     with open(path, "r+b") as f:  # the data write never landed
         f.seek(host)
@@ -334,9 +334,9 @@ def test_check_finds_bit_in_unallocated_chunk(tmp_path, raw_base):
     path = str(tmp_path / "a.fvd")
     fvd.create(path, 4 * MiB, base=base, base_format="raw")
     with fvd.open(path, "r+") as img:
-        img._bitmap.set_range(20, 1)  # chunk 1 (1 MiB chunks, 64 KiB blocks)
-        img._dirty_since_checkpoint = True
-    from fvd.check import check_path
+        img._core.bitmap.set_range(20, 1)  # chunk 1 (1 MiB chunks, 64 KiB blocks)
+        img._core.dirty_since_checkpoint = True
+    from fvd.image import check_file as check_path
 
     result = check_path(path)
     assert result.corruptions == 1
@@ -480,7 +480,7 @@ def make_base_machine(tmp, recorder, path, cache, base_kind):
             for off, data in todo:
                 self.model[off : off + len(data)] = data
             self._ack()
-            assert self.img._base is None
+            assert self.img._core.base_layer is None
             assert self.img.read(0, SIZE) == self.model
             moved = self.base_path + ".away"
             os.rename(self.base_path, moved)

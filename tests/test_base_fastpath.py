@@ -32,7 +32,7 @@ def _python_read(img, off, n):
     """The Python layer's answer (what Image.readinto did before the fast path)."""
     buf = bytearray(n)
     before = img.stats.as_dict()
-    img._base.readinto(off, buf)
+    img._core.base_layer.readinto(off, buf)
     return bytes(buf), delta(img, before)
 
 
@@ -64,11 +64,11 @@ def _populate(img, model):
 def test_reads_bound_to_fast_path(over_raw):
     path, base, model = over_raw
     with fvd.open(path, "r+") as img:
-        assert img.readinto == img._map.readinto
-        assert img._map.base_fd >= 0 and img._map.bend == BASE_SIZE
+        assert img.readinto == img._core.chunk_map.readinto
+        assert img._core.chunk_map.base_fd >= 0 and img._core.chunk_map.bend == BASE_SIZE
     with fvd.open(path, "r+", copy_on_read=True) as img:
         assert "readinto" not in img.__dict__  # copy-on-read: Python layer
-        assert img._map.base_fd == -1 and img._map.bend == BASE_SIZE
+        assert img._core.chunk_map.base_fd == -1 and img._core.chunk_map.bend == BASE_SIZE
 
 
 def test_read_spanning_image_base_and_past_end(over_raw):
@@ -103,7 +103,7 @@ def test_read_spanning_image_base_and_past_end(over_raw):
         got, d = _fast_read(img, 0, SIZE)
         assert d["base_reads"] == 6 and d["base_bytes_read"] > 0
     with fvd.open(path) as img:  # read-only open: same path
-        assert img.readinto == img._map.readinto
+        assert img.readinto == img._core.chunk_map.readinto
         assert img.read(0, SIZE) == model
 
 
@@ -113,7 +113,7 @@ def test_random_bitmaps_fast_equals_python(over_raw, impl):
     path, base, model = over_raw
     rng = random.Random(5)
     with fvd.open(path) as img:
-        fresh = img._bitmap.fresh
+        fresh = img._core.bitmap.fresh
         nbytes = -(-BASE_SIZE // 4096 // 8)
         for trial in range(40):
             kind = trial % 4
@@ -138,30 +138,30 @@ def test_fast_write_checks_stale_bits(over_raw):
     with fvd.open(path, "r+", cache="writethrough") as img:
         # a block still in the base: the map refuses, nothing written
         before = img.stats.as_dict()
-        assert img._map.write(8192, b"a" * 10) == -1
+        assert img._core.chunk_map.write(8192, b"a" * 10) == -1
         assert delta(img, before) == {}
         img.write(8192, b"a" * 10)  # slow path: copy-on-write of the block
         model[8192:8202] = b"a" * 10
-        img._crc_guard = None  # leave the sealing case aside
+        img._core.crc_guard = None  # leave the sealing case aside
         before = img.stats.as_dict()
         img.write(8192 + 100, b"b" * 100)  # present and durable: fast, no base read
         model[8292:8392] = b"b" * 100
         d = delta(img, before)
         assert d == {"data_writes": 1, "data_bytes_written": 100, "flushes": 1}
         # spanning a present and an absent block: refused by the map, slow path writes
-        assert img._map.write(8192 + 4000, b"c" * 200) == -1
+        assert img._core.chunk_map.write(8192 + 4000, b"c" * 200) == -1
         img.write(8192 + 4000, b"c" * 200)
         model[8192 + 4000 : 8192 + 4200] = b"c" * 200
         # past the base end (allocated by an earlier write): fast
         img.write(BASE_SIZE + 100, b"e" * 10)
         model[BASE_SIZE + 100 : BASE_SIZE + 110] = b"e" * 10
-        assert img._map.write(BASE_SIZE + 200, b"f" * 10) == 10
+        assert img._core.chunk_map.write(BASE_SIZE + 200, b"f" * 10) == 10
         model[BASE_SIZE + 200 : BASE_SIZE + 210] = b"f" * 10
         assert img.read(0, SIZE) == model
     with fvd.open(path, "r+", copy_on_read=True) as img:
         # a block copy-on-read filled (fresh bit only) still goes through the slow path
         img.read(200 * KiB, 4096)
-        assert img._map.write(200 * KiB, b"g") == -1
+        assert img._core.chunk_map.write(200 * KiB, b"g") == -1
         img.write(200 * KiB, b"g")
         model[200 * KiB] = ord("g")
         assert img.read(0, SIZE) == model
@@ -176,7 +176,11 @@ def test_prefetch_detaches_base(over_raw):
         _populate(img, model)
         bound = img.readinto
         img.prefetch(min_rate=0)
-        assert img._base is None and img._map.bend == 0 and img._map.base_fd == -1
+        assert (
+            img._core.base_layer is None
+            and img._core.chunk_map.bend == 0
+            and img._core.chunk_map.base_fd == -1
+        )
         assert img.readinto == bound
         before = img.stats.as_dict()
         assert img.read(0, SIZE) == model
@@ -223,19 +227,19 @@ def test_reads_racing_prefetch(over_raw):
             for t in threads:
                 t.join()
         assert not errors, errors[:3]
-        assert img._base is None and img._map.base_users == 0
+        assert img._core.base_layer is None and img._core.chunk_map.base_users == 0
         assert img.read(0, SIZE) == model
 
 
 def test_set_base_validation(over_raw):
     path, base, model = over_raw
     with fvd.open(path) as img:
-        m = img._map
+        m = img._core.chunk_map
         short = np.zeros(2, np.uint8)
         with pytest.raises(ValueError):
             m.set_base(short, short, 4096, BASE_SIZE, -1)
         with pytest.raises(ValueError):
-            m.set_base(img._bitmap.fresh, img._bitmap.stale, 3000, BASE_SIZE, -1)
+            m.set_base(img._core.bitmap.fresh, img._core.bitmap.stale, 3000, BASE_SIZE, -1)
         assert m.bend == BASE_SIZE  # unchanged by the refusals
 
 
@@ -247,7 +251,7 @@ def test_fvd_base_keeps_python_layer(tmp_path):
     top = str(tmp_path / "top.fvd")
     fvd.create(top, 2 * MiB, base=mid, base_format="fvd", block_size=4096, chunk_size=64 * KiB)
     with fvd.open(top, "r+") as img:
-        assert "readinto" not in img.__dict__ and img._map.base_fd == -1
+        assert "readinto" not in img.__dict__ and img._core.chunk_map.base_fd == -1
         img.write(10000, b"x" * 10)
         data[10000:10010] = b"x" * 10
         assert img.read(0, 1 * MiB) == data

@@ -20,8 +20,8 @@ from hypothesis.stateful import (
 
 import fvd
 from fvd import cli
-from fvd.changed import FLAG_DATA, FLAG_ZERO
-from fvd.snapshots import SnapshotNotFoundError
+from fvd.features.snapshots import SnapshotNotFoundError
+from fvd.ops.changed import FLAG_DATA, FLAG_ZERO
 
 CS = 64 * 1024
 BLOCK = 4096
@@ -170,11 +170,11 @@ class ChangedMachine(RuleBasedStateMachine):
     def only_differing_entries(self, arr, since):
         """Without a base: a reported chunk has entries that differ and do not both read
         zeros (ZERO and UNALLOCATED are the same bytes)."""
-        from fvd import format as fmt
-        from fvd.snapshots import read_snapshot_table
+        from fvd.features.snapshots import read_snapshot_table
+        from fvd.ondisk import format as fmt
 
-        old = read_snapshot_table(self.img, self.img._snapshots.find(since, ""))
-        new = self.img._table
+        old = read_snapshot_table(self.img._core, self.img._core.snapshot_state.find(since, ""))
+        new = self.img._core.table
         for s, n, _f in arr.tolist():
             for v in range(s // CS, -(-(s + n) // CS)):
                 a, b = int(old[v]), int(new[v])

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import fvd
+from fvd.core.image import ImageCore
 
 from .helpers import pattern
 
@@ -218,7 +219,7 @@ def test_write_zeroes_frees_whole_chunks_and_reuses_them(path):
         used = img.allocated_chunks
         img.flush()  # frees become reusable
         img.write(8 * MiB, b"q" * (256 * KiB))
-        assert img._alloc.end == 16  # reused, did not grow
+        assert img._core.allocator.end == 16  # reused, did not grow
         assert img.allocated_chunks == used + 4
     with fvd.open(path) as img:
         assert img.read(100, 512 * KiB) == bytes(512 * KiB)
@@ -236,9 +237,9 @@ def test_crash_replays_journal(path):
         assert ro.read(3 * MiB, 7) == b"persist"
     with fvd.open(path, "r+") as img:
         assert img.read(3 * MiB, 7) == b"persist"
-        assert img._header["clean_shutdown"] == 0
+        assert img._core.header["clean_shutdown"] == 0
     with fvd.open(path) as img:
-        assert img._header["clean_shutdown"] == 1
+        assert img._core.header["clean_shutdown"] == 1
         assert img.read(3 * MiB, 7) == b"persist"
 
 
@@ -247,7 +248,7 @@ def test_journal_wraps_around(path):
     with fvd.open(path, "r+", cache="writethrough") as img:
         for i in range(400):  # 400 allocations, 128 journal sectors
             img.write(i * 64 * KiB + i, pattern(i, 100))
-        assert img._header["journal_epoch"] > 2
+        assert img._core.header["journal_epoch"] > 2
         img._crash()
     with fvd.open(path) as img:
         for i in range(400):
@@ -297,21 +298,21 @@ def test_extents_merge_and_cover(path):
             (3 * MiB, 5 * MiB, False),
         ]
         assert sum(e.length for e in img.extents(100, 3 * MiB)) == 3 * MiB
-        assert ext[1].offset == img._header["data_offset"]
+        assert ext[1].offset == img._core.header["data_offset"]
 
 
 def test_check_finds_and_repairs_leaks(path):
     fvd.create(path, 8 * MiB)
     with fvd.open(path, "r+") as img:
         img.write(0, b"x" * MiB)
-        data_offset = img._header["data_offset"]
+        data_offset = img._core.header["data_offset"]
     with open(path, "r+b") as f:  # a chunk with data nobody maps
         f.seek(data_offset + 3 * MiB)
         f.write(b"leak" * 1000)
     with fvd.open(path) as img:
         r = img.check()
         assert r.leaks >= 1 and r.corruptions == 0 and not r.ok
-    from fvd.check import check_path
+    from fvd.image import check_file as check_path
 
     r = check_path(path, repair=True)
     assert r.leaks == 0 and r.leaks_fixed >= 1
@@ -325,7 +326,7 @@ def test_reader_beside_a_writer_gets_a_view_or_a_clear_error(path, monkeypatch):
         def damaged(self, *args):
             raise fvd.CorruptImageError(self.path, 0, "simulated torn read")
 
-        monkeypatch.setattr(fvd.Image, "_load", damaged)
+        monkeypatch.setattr(ImageCore, "_load", damaged)
         with pytest.raises(fvd.ImageLockedError):
             fvd.open(path, force_share=True)
     with pytest.raises(fvd.CorruptImageError):  # no writer: damage is damage

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fvd
-from fvd import format as fmt
+from fvd.ondisk import format as fmt
 
 MiB = 1 << 20
 
@@ -20,12 +20,12 @@ def make_image(path, cache="writeback", crash=False):
     for i in range(8):
         img.write(i * 1024 * 1024 + 100, bytes([i + 1]) * 70000)
     img.flush()
-    header = dict(img._header)
+    header = dict(img._core.header)
     if crash:
         img._crash()
     else:
         img.close()
-        header = dict(fvd.open(path)._header)
+        header = dict(fvd.open(path)._core.header)
     return header
 
 
@@ -155,7 +155,7 @@ def test_two_chunks_sharing_a_physical_chunk(path):
     patch(path, h["table_offset"], raw)
     rewrite_header(path, table_crc=__import__("zlib").crc32(raw))
     expect_corrupt(path)
-    from fvd.check import check_path
+    from fvd.image import check_file as check_path
 
     result = check_path(path)
     assert result.corruptions >= 1 and not result.ok
@@ -174,7 +174,7 @@ def test_journal_bit_flip_is_caught(path):
 
 def test_journal_record_out_of_range(path):
     h = make_image(path, crash=True)
-    from fvd.journal import _table_record, pack_transaction
+    from fvd.core.journal import _table_record, pack_transaction
 
     bad = pack_transaction([_table_record(10_000, [1])], h["journal_epoch"], 0)
     patch(path, h["journal_offset"], bad)

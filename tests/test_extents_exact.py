@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import fvd
-from fvd.extents import EXTENT_DTYPE, FLAG_DATA, FLAG_PRESENT, FLAG_ZERO
+from fvd.ops.extents import EXTENT_DTYPE, FLAG_DATA, FLAG_PRESENT, FLAG_ZERO
 
 MiB = 1 << 20
 BLOCK = 64 * 1024
@@ -161,7 +161,7 @@ def test_prefetch_skips_base_holes(tmp_path):
         f.write(21 * MiB + 7, b"w")  # a guest write in a hole chunk
         f.prefetch()
         read = f.stats.base_bytes_read
-        assert f.base is not None and f._base is None  # prefetched: base detached
+        assert f.base is not None and f._core.base_layer is None  # prefetched: base detached
     # each data spot costs at most one 4 MiB prefetch step around it; the holes nothing
     assert read <= 5 * BLOCK + BLOCK, read
     os.unlink(base)
@@ -175,20 +175,20 @@ def test_prefetch_skips_base_holes(tmp_path):
 
 def _naive_extents(img):
     """Per-chunk reference (the implementation before runs were vectorised)."""
-    from fvd import format as fmt
-    from fvd.extents import _merge
-    from fvd.image import Extent
+    from fvd.ondisk import format as fmt
+    from fvd.ops.extents import _merge
+    from fvd.types import Extent
 
-    cs, d = img.chunk_size, img._header["data_offset"]
+    cs, d = img.chunk_size, img._core.header["data_offset"]
 
     def segs():
         for v in range(-(-img.size // cs)):
             pos, stop = v * cs, min(img.size, (v + 1) * cs)
-            e = int(img._table[v])
+            e = int(img._core.table[v])
             if e < fmt.ZERO_CHUNK:
-                part = getattr(img, "_partial", None)
-                if img._base is not None:
-                    yield from img._base.segments_in_chunk(pos, stop, d + e * cs)
+                part = img._core.partial
+                if img._core.base_layer is not None:
+                    yield from img._core.base_layer.segments_in_chunk(pos, stop, d + e * cs)
                 elif part is not None and part.slot_of(v) is not None:
                     # a partial chunk (granular copy-on-write): runs of it and its source
                     for s, t, h in part.host_runs(part.slot_of(v), e, pos, stop, pos, d):
@@ -197,8 +197,8 @@ def _naive_extents(img):
                     yield Extent(pos, stop - pos, 0, True, False, True, d + e * cs)
             elif e == fmt.ZERO_CHUNK:
                 yield Extent(pos, stop - pos, 0, True, True, False, None)
-            elif img._base is not None:
-                yield from img._base.segments_below(pos, stop)
+            elif img._core.base_layer is not None:
+                yield from img._core.base_layer.segments_below(pos, stop)
             else:
                 yield Extent(pos, stop - pos, 0, False, True, False, None)
 

@@ -23,7 +23,7 @@ from hypothesis.stateful import (
 
 import fvd
 from fvd import _impl
-from fvd import format as fmt
+from fvd.ondisk import format as fmt
 
 from .helpers import DurableRecorder
 from .helpers import pattern as _pattern
@@ -171,7 +171,7 @@ def test_reads_of_partial_chunks_identical_in_both_implementations(path):
     for name in _impl.MODULES:
         _impl.select(name)
         with fvd.open(path) as img:
-            assert img._partial.active == 3
+            assert img._core.partial.active == 3
             out = []
             for off, n in ranges:
                 n = min(n, SIZE - off)
@@ -204,7 +204,7 @@ def test_extents_of_runs_of_partial_chunks_and_changed_extents(path):
         ext = [(e.start, e.length) for e in img.extents()]
         assert (CS + G, G) in ext and (2 * CS + 3 * G, G) in ext
         assert sum(n for _, n in ext) == SIZE
-        assert img._partial.active == 2
+        assert img._core.partial.active == 2
         arr = img.extents_array()
         assert [(int(r["start"]), int(r["length"]), int(r["offset"])) for r in arr] == [
             (e.start, e.length, e.offset) for e in img.extents()
@@ -255,7 +255,7 @@ def test_partial_chunks_survive_close_and_crash(path):
         img.write(CS + 100, b"b" * 50)
         expect = img.read(0, SIZE)
     with fvd.open(path) as img:
-        assert img._partial.active == 2 and img._header["partial_map_offset"]
+        assert img._core.partial.active == 2 and img._core.header["partial_map_offset"]
         assert img.read(0, SIZE) == expect
         assert_clean(img)
     img = fvd.open(path, "r+", cache="writethrough")
@@ -264,7 +264,7 @@ def test_partial_chunks_survive_close_and_crash(path):
     expect = img.read(0, SIZE)
     img._crash()
     with fvd.open(path, "r+") as img:  # replay on top of the checkpointed map
-        assert img._partial.active == 3
+        assert img._core.partial.active == 3
         assert img.read(0, SIZE) == expect
         assert_clean(img)
 
@@ -275,7 +275,7 @@ def test_create_completes_partial_chunks(path):
         s0 = img.stats.as_dict()
         img.create_snapshot("t")
         d = delta(s0, img.stats.as_dict())
-        assert img._partial.active == 0
+        assert img._core.partial.active == 0
         assert d["data_bytes_written"] == CS - G  # the unwritten granules, once
         expect = img.read(0, SIZE)
         img.write(6 * G, b"b" * G)  # partial again, over the new copy
@@ -287,23 +287,23 @@ def test_create_completes_partial_chunks(path):
 def test_delete_keeps_the_source_until_the_chunk_is_complete(path):
     with held_image(path) as img:
         img.write(G, b"a" * G)
-        source = int(img._partial.src[img._partial.slot_of(0)])
+        source = int(img._core.partial.src[img._core.partial.slot_of(0)])
         img.delete_snapshot("s")
-        assert img._header["incompatible_features"] & fmt.INCOMPAT_PARTIAL
+        assert img._core.header["incompatible_features"] & fmt.INCOMPAT_PARTIAL
         expect = img.read(0, SIZE)
-        assert img._in_use()[source]
+        assert img._core.in_use()[source]
         assert_clean(img)
     with fvd.open(path, "r+") as img:
         assert img.read(0, SIZE) == expect
-        assert img._header["incompatible_features"] & fmt.INCOMPAT_PARTIAL
+        assert img._core.header["incompatible_features"] & fmt.INCOMPAT_PARTIAL
         img.write(0, b"z" * CS)  # complete: the source goes
-        assert img._partial.active == 0
+        assert img._core.partial.active == 0
         img.flush()
-        assert not img._in_use()[source] if source < len(img._in_use()) else True
+        assert not img._core.in_use()[source] if source < len(img._core.in_use()) else True
         assert_clean(img)
     with fvd.open(path) as img:
         # no snapshot and no partial chunk: older readers may open it again
-        assert not img._header["incompatible_features"] & fmt.INCOMPAT_PARTIAL
+        assert not img._core.header["incompatible_features"] & fmt.INCOMPAT_PARTIAL
         assert img.read(0, CS) == b"z" * CS
         assert_clean(img)
 
@@ -313,15 +313,15 @@ def test_revert_and_write_zeroes_drop_partial_chunks(path):
         img.write(G, b"a" * G)
         img.write(CS + G, b"b" * G)
         img.write_zeroes(CS, CS)  # whole partial chunk
-        assert img._partial.active == 1
+        assert img._core.partial.active == 1
         assert img.read(CS, CS) == bytes(CS)
         img.revert_to_snapshot("s")
-        assert img._partial.active == 0
+        assert img._core.partial.active == 0
         assert img.read(0, SIZE) == pattern(1, SIZE)
         assert_clean(img)
     with fvd.open(path) as img:
         assert img.read(0, SIZE) == pattern(1, SIZE)
-        assert img._header["partial_map_offset"] == 0
+        assert img._core.header["partial_map_offset"] == 0
         assert_clean(img)
 
 
@@ -338,13 +338,13 @@ def test_check_reports_a_damaged_partial_map(path):
         img.write(0, b"a" * G)
         off = None
     with fvd.open(path) as img:
-        off = img._header["partial_map_offset"]
+        off = img._core.header["partial_map_offset"]
     with open(path, "r+b") as f:
         f.seek(off + 20)
         f.write(b"\xff")
     with pytest.raises(fvd.CorruptImageError):
         fvd.open(path)
-    from fvd.check import check_path
+    from fvd.image import check_file as check_path
 
     assert check_path(path).corruptions >= 1
 
@@ -362,7 +362,7 @@ def test_images_with_a_base_keep_whole_chunk_copies(tmp_path):
         img.write(G, b"x" * G)
         d = delta(s0, img.stats.as_dict())
         assert d["data_bytes_written"] == CS + G  # the chunk copy, then the write
-        assert img._partial is None
+        assert img._core.partial is None
         assert_clean(img)
 
 
@@ -440,7 +440,7 @@ def test_crash_at_every_write(path, monkeypatch, op, tmp_path):
     fn(img)
     rec.undo()
     _impl.select(was)
-    if img._closed:
+    if img._core.closed:
         img = fvd.open(path)
     after = model_of(img)
     img.close()

@@ -8,8 +8,8 @@ import threading
 import pytest
 
 import fvd
-from fvd import format as fmt
-from fvd.prefetch import Pacer, progress_bar
+from fvd.features.prefetch import Pacer, progress_bar
+from fvd.ondisk import format as fmt
 
 KiB, MiB = 1 << 10, 1 << 20
 
@@ -32,7 +32,7 @@ def test_prefetch_then_base_not_needed(tmp_path):
         img.write(1000, b"a" * 100)
         model[1000:1100] = b"a" * 100
         img.prefetch(lambda d, t: seen.append((d, t)), min_rate=0)
-        assert img._base is None
+        assert img._core.base_layer is None
         assert img.read(0, len(model)) == model
         before = img.stats.as_dict()
         img.write(2 * MiB + 5, b"fast")  # no bitmap, no base: the fast path
@@ -43,7 +43,7 @@ def test_prefetch_then_base_not_needed(tmp_path):
     assert all(a[0] <= b[0] for a, b in zip(seen, seen[1:]))
     os.rename(base, base + ".gone")
     with fvd.open(path, "r+") as img:
-        assert img._header["base_flags"] & fmt.BASE_FLAG_PREFETCHED
+        assert img._core.header["base_flags"] & fmt.BASE_FLAG_PREFETCHED
         assert img.read(0, len(model)) == model
         assert img.check().ok
         assert img.prefetch(min_rate=0) == 0  # nothing left to do

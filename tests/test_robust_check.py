@@ -11,11 +11,11 @@ from contextlib import contextmanager
 import pytest
 
 import fvd
-from fvd import format as fmt
-from fvd import journal as jr
-from fvd import snapshots as snap
-from fvd.check import check_path
 from fvd.cli import main
+from fvd.core import journal as jr
+from fvd.features import snapshots as snap
+from fvd.image import check_file as check_path
+from fvd.ondisk import format as fmt
 
 KiB, MiB = 1 << 10, 1 << 20
 CS = 64 * KiB
@@ -55,10 +55,10 @@ def set_table_entry(path, v, value):
 def snapshot_entries(path):
     """[(entry offset in the file, _Entry)] of the snapshot table."""
     with fvd.open(path) as img:
-        h = img._header
+        h = img._core.header
         toff = h["snapshot_table_offset"]
         out, pos = [], toff + snap.TABLE_HEAD.size
-        for e in img._snapshots.entries:
+        for e in img._core.snapshot_state.entries:
             out.append((pos, e))
             pos += snap.entry_size(e)
     return out
@@ -219,7 +219,7 @@ def damage_snapshot_lookup(path):
 def damage_refcount(path):
     with fvd.open(path, "r+") as img:
         img.create_snapshot("s")
-        h = img._header
+        h = img._core.header
         roff, rsize = h["refcount_table_offset"], h["refcount_table_size"]
     rc = bytearray(open(path, "rb").read()[roff : roff + rsize])
     rc[0:2] = b"\0\0"  # too low: the front could overwrite the snapshot's chunk
@@ -328,7 +328,7 @@ def test_snapshot_table_entry_into_metadata_or_twice(path):
     make_image(path)
     with fvd.open(path, "r+") as img:
         img.create_snapshot("s")
-        meta = img._snapshots.table_chunks[0]
+        meta = img._core.snapshot_state.table_chunks[0]
     set_snapshot_table_entry(path, 0, 10, meta)
     set_snapshot_table_entry(path, 0, 11, 0)  # chunk 0 twice
     with fvd.open(path) as img:
@@ -343,8 +343,8 @@ def test_front_entry_into_snapshot_metadata_refused_and_repaired(path):
     make_image(path)
     with fvd.open(path, "r+") as img:
         img.create_snapshot("s")
-        meta = img._snapshots.table_chunks[0]
-        toff = img._header["table_offset"]
+        meta = img._core.snapshot_state.table_chunks[0]
+        toff = img._core.header["table_offset"]
     set_table_entry(path, 20, meta)
     for mode in ("r", "r+"):
         with pytest.raises(fvd.CorruptImageError) as info:

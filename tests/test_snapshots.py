@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import fvd
-from fvd import format as fmt
-from fvd import snapshots as snap
+from fvd.features import snapshots as snap
+from fvd.ondisk import format as fmt
 
 CS = 64 * 1024
 SIZE = 8 * CS
@@ -64,7 +64,7 @@ def test_create_list_read_views_and_vm_state(path):
         assert_clean(img)
     with fvd.open(path) as img:
         assert [s.name for s in img.snapshots()] == ["s1", "s2"]
-        assert img._header["incompatible_features"] & fmt.INCOMPAT_SNAPSHOTS
+        assert img._core.header["incompatible_features"] & fmt.INCOMPAT_SNAPSHOTS
         with img.open_snapshot("s2") as v:
             assert v.read(CS - 3, 10) == b"X" * 10
         assert img.read_vm_state("s1") == pat(9, 3 * CS + 17)
@@ -101,7 +101,7 @@ def test_revert_keeps_children_s1_s2_s3_revert_s1_write_s4(path):
         assert img.read(0, SIZE) == states["s3"]
         assert_clean(img)
     with fvd.open(path) as img:
-        assert not img._header["incompatible_features"] & fmt.INCOMPAT_SNAPSHOTS
+        assert not img._core.header["incompatible_features"] & fmt.INCOMPAT_SNAPSHOTS
         assert img.read(0, SIZE) == states["s3"]
         assert_clean(img)
 
@@ -111,12 +111,12 @@ def test_delete_frees_chunks_that_are_reused_before_growing(path):
         img.write(0, pat(1, 4 * CS))
         img.create_snapshot("a")
         img.write(0, pat(2, 4 * CS))  # 4 copies: a holds the old 4 chunks
-        used_before = int(img._in_use().sum())
+        used_before = int(img._core.in_use().sum())
         img.delete_snapshot("a")
-        assert int(img._in_use().sum()) <= used_before - 4
-        end = img._alloc.end
+        assert int(img._core.in_use().sum()) <= used_before - 4
+        end = img._core.allocator.end
         img.write(4 * CS, pat(3, 4 * CS))  # new chunks come from the freed ones
-        assert img._alloc.end == end
+        assert img._core.allocator.end == end
         assert img.read(0, 8 * CS) == pat(2, 4 * CS) + pat(3, 4 * CS)
         assert_clean(img)
     with fvd.open(path) as img:
@@ -264,7 +264,7 @@ def test_first_write_after_snapshot_copies_granule_edges_only(path):
             "metadata_bytes_written": 1024,
             "journal_records": 2,
         }
-        assert img._partial.active == 0
+        assert img._core.partial.active == 0
         s0 = img.stats.as_dict()
         img.write(0, b"w" * CS)  # seals the completing transaction once
         d = delta(s0, img.stats.as_dict())
@@ -329,7 +329,7 @@ def test_snapshot_table_outside_the_file(path):
     with pytest.raises(fvd.CorruptImageError) as e:
         fvd.open(path)
     assert path in str(e.value) and str(fmt.FIELD_OFFSET["snapshot_table_offset"]) in str(e.value)
-    from fvd.check import check_path
+    from fvd.image import check_file as check_path
 
     r = check_path(path)
     assert r.corruptions >= 1
@@ -339,8 +339,8 @@ def test_damaged_snapshot_metadata_is_reported(path):
     with fvd.open(path, "r+") as img:
         img.write(0, b"data")
         img.create_snapshot("s", vm_state=b"state" * 100)
-        toff = img._header["snapshot_table_offset"]
-        entry = img._snapshots.entries[0]
+        toff = img._core.header["snapshot_table_offset"]
+        entry = img._core.snapshot_state.entries[0]
     with open(path, "r+b") as f:  # flip a byte of the vm_state
         f.seek(entry.vm_offset + 3)
         f.write(b"X")
@@ -415,14 +415,14 @@ def test_check_finds_and_repairs_refcount_errors(path):
     with fvd.open(path, "r+") as img:
         img.write(0, pat(1, 2 * CS))
         img.create_snapshot("s")
-        st = img._snapshots
+        st = img._core.snapshot_state
         # a leak: count a chunk no snapshot holds; the front's own chunk stays in use
         rc = st.refcount.copy()
-        extra = img._alloc.allocate()
-        img._grow_frozen(extra)
+        extra = img._core.allocator.allocate()
+        img._core.grow_frozen(extra)
         rc = np.concatenate([rc, np.zeros(max(0, extra + 1 - len(rc)), np.uint16)])
         rc[extra] = 1
-        snap.store_refcounts(img, st, rc)
+        snap.store_refcounts(img._core, st, rc)
     with fvd.open(path, "r+") as img:
         r = img.check()
         assert r.leaks == 1 and r.corruptions == 0, r.messages
@@ -438,10 +438,10 @@ def test_check_finds_undercounted_chunk(path):
     with fvd.open(path, "r+") as img:
         img.write(0, pat(1, 2 * CS))
         img.create_snapshot("s")
-        st = img._snapshots
+        st = img._core.snapshot_state
         rc = st.refcount.copy()
         rc[int(np.flatnonzero(rc)[0])] = 0
-        snap.store_refcounts(img, st, rc)
+        snap.store_refcounts(img._core, st, rc)
     with fvd.open(path, "r+") as img:
         r = img.check()
         assert r.corruptions == 1, r.messages
@@ -458,7 +458,7 @@ class WriteRecorder:
         self.ops = []
         self.path = path
         real_pwrite, real_pwritev, real_trunc = os.pwrite, os.pwritev, os.ftruncate
-        import fvd.image as image_mod
+        import fvd.core.image as image_mod
 
         real_punch = image_mod.punch_hole
         rec = self

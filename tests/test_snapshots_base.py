@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import fvd
-from fvd import format as fmt
-from fvd import snapshots as snap
+from fvd.features import snapshots as snap
+from fvd.ondisk import format as fmt
 
 from .test_snapshots import (
     WriteRecorder,
@@ -79,8 +79,8 @@ def views_of(img):
 
 def frozen_bytes(img):
     """Raw bytes of every chunk a snapshot holds, read from the file."""
-    held = np.flatnonzero(img._snapshots.refcount)
-    d = img._header["data_offset"]
+    held = np.flatnonzero(img._core.snapshot_state.refcount)
+    d = img._core.header["data_offset"]
     with open(img.path, "rb") as f:
         out = {}
         for p in held.tolist():
@@ -105,8 +105,8 @@ def test_snapshot_revert_and_views_over_a_base(tmp_path, kind):
         model[BASE_SIZE - 10 : BASE_SIZE + 30] = b"edge" * 10
         img.create_snapshot("s1", vm_state=b"vm")
         snaps["s1"] = bytes(model)
-        e = img._snapshots.entries[0]
-        assert e.bitmap_offset and e.bitmap_offset % CS == img._header["data_offset"] % CS
+        e = img._core.snapshot_state.entries[0]
+        assert e.bitmap_offset and e.bitmap_offset % CS == img._core.header["data_offset"] % CS
         # copy-on-write of a frozen chunk, for a block that is still in the base
         img.write(5 * BLOCK + 3, b"b" * 10)
         model[5 * BLOCK + 3 : 5 * BLOCK + 13] = b"b" * 10
@@ -142,7 +142,7 @@ def test_snapshot_revert_and_views_over_a_base(tmp_path, kind):
         assert img.read(0, SIZE) == snaps["s2"]
         assert_clean(img)
     with fvd.open(path) as img:
-        assert not img._header["incompatible_features"] & fmt.INCOMPAT_SNAPSHOTS
+        assert not img._core.header["incompatible_features"] & fmt.INCOMPAT_SNAPSHOTS
         assert img.read(0, SIZE) == snaps["s2"]
         assert_clean(img)
 
@@ -192,9 +192,11 @@ def test_prefetch_keeps_the_base_while_a_snapshot_needs_it(tmp_path, kind):
         img.create_snapshot("old")  # reads most blocks from the base
         old = bytes(model)
         assert img.prefetch(min_rate=0) > 0
-        assert img._base is not None
-        assert not img._header["base_flags"] & fmt.BASE_FLAG_PREFETCHED
-        assert img._bitmap.stale_bits(0, img._bitmap.nblocks).all()  # the front is complete
+        assert img._core.base_layer is not None
+        assert not img._core.header["base_flags"] & fmt.BASE_FLAG_PREFETCHED
+        assert img._core.bitmap.stale_bits(
+            0, img._core.bitmap.nblocks
+        ).all()  # the front is complete
         img.create_snapshot("full")  # never needs the base
         s0 = img.stats.as_dict()
         img.write(4 * CS + 5, b"fast")  # fast path: block durably in the image
@@ -204,13 +206,13 @@ def test_prefetch_keeps_the_base_while_a_snapshot_needs_it(tmp_path, kind):
         assert img.read(0, SIZE) == model
         assert_clean(img)
     with fvd.open(path, "r+") as img:
-        assert img._base is not None
+        assert img._core.base_layer is not None
         with img.open_snapshot("old") as v:
             assert v.read(0, SIZE) == old
         img.delete_snapshot("old")
         assert img.prefetch(min_rate=0) == 0  # nothing to copy, now it completes
-        assert img._base is None
-        assert img._header["base_flags"] & fmt.BASE_FLAG_PREFETCHED
+        assert img._core.base_layer is None
+        assert img._core.header["base_flags"] & fmt.BASE_FLAG_PREFETCHED
     os.rename(base, base + ".gone")
     with fvd.open(path, "r+") as img:
         assert img.read(0, SIZE) == model
@@ -268,9 +270,12 @@ def test_write_costs_with_snapshots_over_a_base(tmp_path, cache):
 def _rewrite_entry_bitmap(path, mutate, fix_crc=True):
     """Change the first snapshot's bitmap copy on disk (optionally keeping its crc valid)."""
     with fvd.open(path) as img:
-        e = img._snapshots.entries[0]
-        toff, tsize = img._header["snapshot_table_offset"], img._header["snapshot_table_size"]
-        bsize = img._header["bitmap_size"]
+        e = img._core.snapshot_state.entries[0]
+        toff, tsize = (
+            img._core.header["snapshot_table_offset"],
+            img._core.header["snapshot_table_size"],
+        )
+        bsize = img._core.header["bitmap_size"]
     with open(path, "r+b") as f:
         f.seek(e.bitmap_offset)
         bits = bytearray(f.read(bsize))
@@ -323,8 +328,8 @@ def test_entry_format_is_as_documented(tmp_path):
     path, base, model = make_image(str(tmp_path), "raw")
     with fvd.open(path, "r+") as img:
         img.create_snapshot("abc")
-        h = img._header
-        e = img._snapshots.entries[0]
+        h = img._core.header
+        e = img._core.snapshot_state.entries[0]
     with open(path, "rb") as f:
         f.seek(h["snapshot_table_offset"])
         raw = f.read(h["snapshot_table_size"])
@@ -455,18 +460,18 @@ class BaseSnapshotMachine(RuleBasedStateMachine):
 
     @rule(step=st.sampled_from([BLOCK, 3 * BLOCK, CS]))
     def prefetch(self, step):
-        held = frozen_bytes(self.img) if self.img._snapshots is not None else {}
+        held = frozen_bytes(self.img) if self.img._core.snapshot_state is not None else {}
         r0 = self.img.stats.refcount_updates
         self.img.prefetch(min_rate=0, step=step)
         assert self.img.stats.refcount_updates == r0
-        after = frozen_bytes(self.img) if self.img._snapshots is not None else {}
+        after = frozen_bytes(self.img) if self.img._core.snapshot_state is not None else {}
         assert {p: b for p, b in after.items() if p in held} == {
             p: b for p, b in held.items() if p in after
         }
         assert self.img.read(0, SIZE) == self.front
-        if self.img._base is None:
+        if self.img._core.base_layer is None:
             # completed: no snapshot may need the base any more
-            assert self.img._header["base_flags"] & fmt.BASE_FLAG_PREFETCHED
+            assert self.img._core.header["base_flags"] & fmt.BASE_FLAG_PREFETCHED
             moved = self.base + ".away"
             os.rename(self.base, moved)
             try:

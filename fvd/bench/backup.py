@@ -1,0 +1,235 @@
+"""Backup data path rows of `fvd bench` (and bench/test_backup_bench.py):
+
+* changed extents between two snapshots of a fully allocated image (1 TiB, 1 MiB chunks,
+  10% of the chunks rewritten between the snapshots; --quick: 16 GiB);
+* extents of a 16 TiB sparse image with 1,000 extents (--quick: 1 TiB);
+* checksum throughput beside ovirt-imageio's `client.checksum()` of the same data as a
+  raw file (ovirt-imageio reads it through qemu-nbd).
+
+The fully allocated image takes a minute or two to build (one 1-byte write per chunk, so
+the file stays sparse: about 4 KiB of disk per chunk). It is built once and kept in a
+cache directory (FVD_BENCH_CACHE, default $TMPDIR/fvd-bench-cache) for later runs.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import statistics
+import tempfile
+import time
+
+import numpy as np
+
+from fvd.bench.workloads import Result
+from fvd.errors import FvdError
+from fvd.image import create
+from fvd.image import open as open_image
+from fvd.ops.changed import Geometry, State, compare
+from fvd.units import GiB, KiB, MiB, TiB
+
+CACHE_VERSION = 1
+
+
+def cache_dir() -> str:
+    d = os.environ.get("FVD_BENCH_CACHE") or os.path.join(tempfile.gettempdir(), "fvd-bench-cache")
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+def _median_ms(fn, repeat):
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def _median_cpu_ms(fn, repeat):
+    """CPU time of this process (less sensitive than wall time to a busy machine)."""
+    times = []
+    for _ in range(repeat):
+        t0 = time.process_time()
+        fn()
+        times.append(time.process_time() - t0)
+    return statistics.median(times) * 1e3
+
+
+# ----- changed extents ------------------------------------------------------------------
+def changed_image(size: int, chunk_size: int = MiB, fraction: float = 0.1, progress=None) -> str:
+    """An image whose every chunk is allocated, snapshot s1, `fraction` of the chunks
+    rewritten (each gets a new physical chunk), snapshot s2. Cached across runs."""
+    path = os.path.join(cache_dir(), f"changed-v{CACHE_VERSION}-{size}-{chunk_size}-{fraction}.fvd")
+    if os.path.exists(path):
+        try:
+            with open_image(path) as img:
+                if [s.name for s in img.snapshots()] == ["s1", "s2"]:
+                    return path
+        except (FvdError, OSError):
+            pass  # a damaged cache entry: build it again
+        os.unlink(path)
+    tmp = path + ".building"
+    if os.path.exists(tmp):
+        os.unlink(tmp)
+    n = size // chunk_size
+    create(tmp, size, chunk_size=chunk_size)
+    with open_image(tmp, "r+") as img:
+        for v in range(n):
+            img.write(v * chunk_size, b"\x01")
+            if v % 16384 == 16383:  # bounded dirty data per flush
+                img.flush()
+                if progress and v % 65536 == 65535:
+                    progress(f"building {path}: {v + 1}/{n} chunks")
+        img.create_snapshot("s1")
+        # a rewrite that does not copy the old chunk: unmap it, then write (new chunk)
+        for v in sorted(random.Random(1).sample(range(n), int(n * fraction))):
+            img.write_zeroes(v * chunk_size, chunk_size)
+            img.write(v * chunk_size, b"\x02")
+        img.create_snapshot("s2")
+    os.rename(tmp, path)
+    return path
+
+
+def measure_changed(size: int, repeat: int = 7, progress=None) -> list:
+    path = changed_image(size, progress=progress)
+    with open_image(path) as img:
+        arr = img.changed_extents_array("s1", "s2")
+        ms = _median_ms(lambda: img.changed_extents_array("s1", "s2"), repeat)
+        ms_list = _median_ms(lambda: img.changed_extents("s1", "s2"), max(3, repeat // 2))
+        ms_front = _median_ms(lambda: img.changed_extents_array("s1"), repeat)
+        cpu = _median_cpu_ms(lambda: img.changed_extents_array("s1", "s2"), repeat)
+    nchunks = size // MiB
+    note = (
+        f"{size // GiB} GiB, {nchunks} chunks all allocated, 10% rewritten between "
+        f"s1 and s2: {len(arr)} ranges; changed_extents() {ms_list:.0f} ms; s1..front "
+        f"{ms_front:.0f} ms; CPU time {cpu:.1f} ms"
+    )
+    return [Result("changed-extents", "fvd", ms, "ms", False, 1, ms / 1e3, {}, note)]
+
+
+def table_compare_ms(nchunks: int = 1 << 20, fraction: float = 0.1, repeat: int = 7) -> float:
+    """The comparison alone (fvd.changed.compare, no table reads) on tables shaped like
+    the bench image's: every chunk allocated, `fraction` of them moved to new chunks."""
+
+    a = np.arange(nchunks, dtype=np.uint32)
+    b = a.copy()
+    moved = np.random.default_rng(1).choice(nchunks, int(nchunks * fraction), replace=False)
+    b[np.sort(moved)] = np.arange(nchunks, nchunks + len(moved), dtype=np.uint32)
+    geo = Geometry(nchunks * MiB, MiB, 64 * KiB, 0)
+    return _median_ms(lambda: compare(geo, State(a, None, 1), State(b, None, 2)), repeat)
+
+
+# ----- extents of a huge sparse image --------------------------------------------------
+def sparse_image(size: int, nwrites: int = 1000) -> str:
+    path = os.path.join(cache_dir(), f"sparse-v{CACHE_VERSION}-{size}-{nwrites}.fvd")
+    if os.path.exists(path):
+        return path
+    tmp = path + ".building"
+    if os.path.exists(tmp):
+        os.unlink(tmp)
+    create(tmp, size)
+    rng = random.Random(2)
+    with open_image(tmp, "r+") as img:
+        for c in rng.sample(range(size // MiB), nwrites):
+            img.write(c * MiB + rng.randrange(MiB - 4096), b"\x03" * 4096)
+    os.rename(tmp, path)
+    return path
+
+
+def measure_sparse_extents(size: int, repeat: int = 7) -> list:
+    path = sparse_image(size)
+    with open_image(path) as img:
+        arr = img.extents_array()
+        ms = _median_ms(img.extents_array, repeat)
+        ms_iter = _median_ms(lambda: list(img.extents()), repeat)
+        cpu = _median_cpu_ms(img.extents_array, repeat)
+    note = (
+        f"{size // TiB} TiB sparse, 1,000 writes: {len(arr)} extents; "
+        f"list(extents()) {ms_iter:.0f} ms; CPU time {cpu:.1f} ms"
+    )
+    return [Result("sparse-extents", "fvd", ms, "ms", False, 1, ms / 1e3, {}, note)]
+
+
+# ----- checksum ---------------------------------------------------------------------------
+def measure_checksum(workdir: str, nbytes: int, repeat: int = 3) -> list:
+    """MiB/s of img.checksum() and of ovirt-imageio's client.checksum() of the same data
+    as a raw file (page cache warm for both)."""
+    raw = os.path.join(workdir, f"checksum-{os.getpid()}.raw")
+    path = os.path.join(workdir, f"checksum-{os.getpid()}.fvd")
+    out = []
+    try:
+        create(path, nbytes)
+        rng = random.Random(4)
+        with open_image(path, "r+") as img, open(raw, "wb") as f:
+            for off in range(0, nbytes, 4 * MiB):
+                data = rng.randbytes(min(4 * MiB, nbytes - off))
+                img.write(off, data)
+                f.write(data)
+        mib = nbytes / MiB
+        with open_image(path) as img:
+            ours = img.checksum()
+            ms = _median_ms(img.checksum, repeat)
+        out.append(
+            Result(
+                "checksum",
+                "fvd",
+                mib / (ms / 1e3),
+                "MiB/s",
+                True,
+                1,
+                ms / 1e3,
+                {},
+                f"{mib:.0f} MiB of data, blake2b, 4 MiB blocks, "
+                f"{min(4, os.cpu_count() or 1)} threads",
+            )
+        )
+        try:
+            from ovirt_imageio import client
+        except ImportError:
+            out.append(
+                Result(
+                    "checksum",
+                    "raw",
+                    None,
+                    "MiB/s",
+                    note="ovirt-imageio is not installed (pip install ovirt-imageio)",
+                )
+            )
+            return out
+        theirs = client.checksum(raw)
+        if theirs != ours:
+            raise AssertionError(f"checksums differ: fvd {ours} ovirt-imageio {theirs}")
+        ms = _median_ms(lambda: client.checksum(raw), repeat)
+        out.append(
+            Result(
+                "checksum",
+                "raw",
+                mib / (ms / 1e3),
+                "MiB/s",
+                True,
+                1,
+                ms / 1e3,
+                {},
+                "ovirt-imageio client.checksum() of the raw file (qemu-nbd); equal checksums",
+            )
+        )
+    finally:
+        for p in (raw, path):
+            if os.path.exists(p):
+                os.unlink(p)
+    return out
+
+
+def rows() -> list:
+    return [
+        ("changed-extents", "changed extents s1..s2 (1T; quick 16G)"),
+        ("sparse-extents", "extents_array (16T sparse; quick 1T)"),
+        ("checksum", "checksum (raw column: ovirt-imageio)"),
+    ]
+
+
+def sizes(quick: bool) -> dict:
+    if quick:
+        return {"changed": 16 * GiB, "sparse": TiB, "checksum": 64 * MiB, "repeat": 3}
+    return {"changed": TiB, "sparse": 16 * TiB, "checksum": 512 * MiB, "repeat": 7}

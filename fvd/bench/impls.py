@@ -1,0 +1,190 @@
+"""Benchmark contenders: one adapter per implementation, all with the same surface.
+
+Every adapter has write / readinto / flush / close / stats (and create_snapshot /
+delete_snapshot where the format has them). `fvd.bench_workloads` drives them; the
+`fvd bench` command and the pytest-benchmark suite in bench/ both use these.
+
+Implementations that are not there yet (fvd.qcow2, FVD snapshots) are reported as
+unavailable with a reason, never as a crash.
+"""
+
+import os
+import shutil
+
+import fvd
+from fvd import _impl, qcow2
+
+
+class Unavailable(Exception):
+    """This contender cannot run this workload (missing module, missing tool...)."""
+
+
+class RawFile:
+    """A plain (sparse) file through os.pwrite / os.preadv / os.fdatasync."""
+
+    def __init__(self, path, cache):
+        self._fd = os.open(path, os.O_RDWR)
+        self._writethrough = cache == "writethrough"
+        self.stats = _impl.new_stats()  # the same counters as img.stats
+        self.size = os.fstat(self._fd).st_size
+
+    def write(self, offset, data):
+        n = os.pwrite(self._fd, data, offset)
+        st = self.stats
+        st.data_writes += 1
+        st.data_bytes_written += n
+        if self._writethrough:
+            os.fdatasync(self._fd)
+            st.flushes += 1
+        return n
+
+    def readinto(self, offset, buf):
+        n = os.preadv(self._fd, [buf], offset)
+        st = self.stats
+        st.data_reads += 1
+        st.data_bytes_read += n
+        return n
+
+    def flush(self):
+        os.fdatasync(self._fd)
+        self.stats.flushes += 1
+
+    def close(self):
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def create_snapshot(self, name):
+        raise Unavailable("raw files have no snapshots")
+
+    delete_snapshot = create_snapshot
+
+
+class Contender:
+    """One implementation: how to create an image and open it with a cache mode."""
+
+    name = ""
+    label = ""
+    python = False  # runs in this process (False: QEMU via subprocess)
+
+    def available(self):
+        """None when usable, otherwise the reason it is not."""
+        return None
+
+    def create(self, path, size):
+        raise NotImplementedError
+
+    def open(self, path, cache):
+        raise NotImplementedError
+
+    def open_read_only(self, path):
+        return self.open(path, "writeback")
+
+
+class FvdContender(Contender):
+    python = True
+
+    def __init__(self, implementation="cython"):
+        self.implementation = implementation
+        self.name = "fvd" if implementation == "cython" else "fvd-py"
+        self.label = f"FVD ({implementation})"
+
+    def available(self):
+        if self.implementation not in _impl.MODULES:
+            return f"the {self.implementation} fast path is not built"
+        return None
+
+    def _select(self):
+        _impl.select(self.implementation)
+
+    def create(self, path, size):
+
+        fvd.create(path, size, overwrite=True)
+
+    def open(self, path, cache):
+
+        self._select()
+        return fvd.open(path, "r+", cache=cache)
+
+    def open_read_only(self, path):
+
+        self._select()
+        return fvd.open(path, "r")
+
+
+def qcow2_module():
+    """fvd.qcow2 (the baseline contender)."""
+    return qcow2
+
+
+class Qcow2Contender(Contender):
+    python = True
+
+    def __init__(self, lazy):
+        self.lazy = lazy
+        self.name = "qcow2-lazy" if lazy else "qcow2"
+        self.label = "qcow2 baseline" + (" (lazy refcounts)" if lazy else "")
+
+    def available(self):
+        try:
+            qcow2_module()
+        except Unavailable as e:
+            return str(e)
+        return None
+
+    def create(self, path, size):
+        qcow2_module().create(
+            path, size, cluster_size=65536, lazy_refcounts=self.lazy, overwrite=True
+        )
+
+    def open(self, path, cache):
+        return qcow2_module().open(path, "r+", cache=cache)
+
+    def open_read_only(self, path):
+        return qcow2_module().open(path, "r")
+
+
+class RawContender(Contender):
+    name = "raw"
+    label = "raw file (pwrite/preadv)"
+    python = True
+
+    def create(self, path, size):
+        with open(path, "wb") as f:
+            f.truncate(size)
+
+    def open(self, path, cache):
+        return RawFile(path, cache)
+
+
+class QemuContender(Contender):
+    """QEMU itself on a real qcow2 or raw file: `qemu-img bench` where the workload's
+    offsets have a fixed step, else qemu-io (see fvd.bench_qemu)."""
+
+    python = False
+
+    def __init__(self, fmt, lazy=False):
+        self.fmt = fmt
+        self.lazy = lazy
+        self.name = "qemu-" + fmt + ("-lazy" if lazy else "")
+        self.label = f"QEMU {fmt}" + (" lazy_refcounts" if lazy else "")
+
+    def available(self):
+        for tool in ("qemu-io", "qemu-img"):
+            if shutil.which(tool) is None:
+                return f"{tool} is not on PATH"
+        return None
+
+
+ALL = [
+    FvdContender("cython"),
+    FvdContender("python"),
+    Qcow2Contender(False),
+    Qcow2Contender(True),
+    RawContender(),
+    QemuContender("qcow2"),
+    QemuContender("qcow2", lazy=True),
+    QemuContender("raw"),
+]
+BY_NAME = {c.name: c for c in ALL}
+NAMES = [c.name for c in ALL]

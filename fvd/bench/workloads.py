@@ -1,0 +1,624 @@
+"""Benchmark workloads: one definition of each, shared by `fvd bench` and bench/ (pytest).
+
+A workload is a plain description (offsets, lengths, cache mode, flush policy, what to do
+before the timed part). `IoCase` runs it against an in-process contender in three steps
+-- setup (untimed), run (timed), finish (I/O counts, cleanup) -- which is exactly the shape
+`benchmark.pedantic(setup=..., target=...)` wants. `fvd.bench_qemu` runs the same
+description through qemu-io.
+"""
+
+import os
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from fvd import _impl
+from fvd.bench.impls import Unavailable
+from fvd.units import GiB, KiB, MiB
+
+DISK = 8 * GiB
+PATTERN = 0xAB
+READ_PASSES = 5  # in-process read workloads: best of this many passes
+
+# per-operation counters reported beside every time (keys of img.stats, summed sensibly)
+COUNT_KEYS = (
+    "writes",
+    "bytes_written",
+    "metadata_writes",
+    "flushes",
+    "refcount_updates",
+    "journal_records",
+    "reads",
+    "bytes_read",
+)
+
+
+def per_op_counts(before, after, ops):
+    """Stats deltas divided by ops, with writes = data + metadata writes."""
+    d = {k: after[k] - before[k] for k in after}
+    total = {
+        "writes": d["data_writes"] + d["metadata_writes"],
+        "bytes_written": d["data_bytes_written"] + d["metadata_bytes_written"],
+        "metadata_writes": d["metadata_writes"],
+        "flushes": d["flushes"],
+        "refcount_updates": d.get("refcount_updates", 0),
+        "journal_records": d.get("journal_records", 0),
+        "reads": d["data_reads"] + d["metadata_reads"],
+        "bytes_read": d["data_bytes_read"] + d["metadata_bytes_read"],
+    }
+    return {k: (v / ops if ops else 0.0) for k, v in total.items()}
+
+
+def stats_dict(stats):
+    d = stats.as_dict() if hasattr(stats, "as_dict") else dict(vars(stats))
+    for k in (
+        "data_reads",
+        "data_bytes_read",
+        "data_writes",
+        "data_bytes_written",
+        "metadata_reads",
+        "metadata_bytes_read",
+        "metadata_writes",
+        "metadata_bytes_written",
+        "flushes",
+    ):
+        d.setdefault(k, 0)
+    return d
+
+
+@dataclass
+class Result:
+    workload: str
+    impl: str
+    value: object  # float, or None when not measured
+    unit: str
+    higher_is_better: bool = True
+    ops: int = 0
+    seconds: float = 0.0
+    counts: dict = field(default_factory=dict)  # per operation
+    note: str = ""
+
+    def as_dict(self):
+        return {
+            "workload": self.workload,
+            "impl": self.impl,
+            "value": self.value,
+            "unit": self.unit,
+            "higher_is_better": self.higher_is_better,
+            "ops": self.ops,
+            "seconds": self.seconds,
+            "counts_per_op": self.counts,
+            "note": self.note,
+        }
+
+
+@dataclass
+class Scale:
+    """Sizes of a run. `quick` keeps `fvd bench --quick` well under a minute."""
+
+    ops: int = 2048  # random 4 KiB operations (writes)
+    reads: int = 16384  # random 4 KiB reads (cheap: many more)
+    read_passes: int = 4  # sequential 1 MiB reads: passes over the data
+    seq_mib: int = 256  # MiB for sequential 1 MiB I/O
+    translate: int = 1 << 20  # lookups for the translation rate (cython)
+    translate_py: int = 1 << 18  # lookups for the python twin
+    snapshots: tuple = (1, 100, 1000)
+    snap_data_ops: int = 256  # allocated 4 KiB writes under the snapshots
+    open_ops: int = 2048  # allocated chunks when timing open
+    repeat: int = 3
+    flush_every: int = 16
+    convert_mib: int = 1024  # virtual size of the convert rows' image (30% data)
+
+    @classmethod
+    def quick(cls):
+        return cls(
+            ops=128,
+            reads=4096,
+            seq_mib=64,
+            translate=1 << 20,
+            translate_py=1 << 16,
+            snapshots=(1, 20),
+            snap_data_ops=64,
+            open_ops=512,
+            repeat=1,
+            convert_mib=128,
+        )
+
+    def scaled(self, factor):
+        """Every count multiplied by factor (at least 1): FVD_BENCH_SCALE for CI."""
+
+        def s(n):
+            return max(1, int(n * factor))
+
+        return Scale(
+            ops=s(self.ops),
+            reads=s(self.reads),
+            read_passes=self.read_passes,
+            seq_mib=s(self.seq_mib),
+            translate=s(self.translate),
+            translate_py=s(self.translate_py),
+            snapshots=tuple(sorted({s(k) for k in self.snapshots})),
+            snap_data_ops=s(self.snap_data_ops),
+            open_ops=s(self.open_ops),
+            repeat=self.repeat,
+            flush_every=self.flush_every,
+            convert_mib=s(self.convert_mib),
+        )
+
+
+# ----- I/O workloads -------------------------------------------------------------------
+@dataclass
+class IoWorkload:
+    key: str
+    title: str
+    kind: str  # "write" or "read"
+    length: int
+    offsets: list
+    cache: str = "writethrough"
+    flush_every: int = 0  # writeback: flush every N writes (and once at the end)
+    pre_offsets: Sequence[int] = ()  # written (untimed) before, `pre_length` each
+    pre_length: int = 4 * KiB
+    snapshot: bool = False  # take a snapshot after the pre writes
+    size: int = DISK
+    unit: str = "ops/s"
+    needs_snapshots: bool = False
+
+    def stride(self):
+        """(start, step, count, passes) when the offsets are one arithmetic progression,
+        possibly repeated whole (read passes): `qemu-img bench` can then run the loop
+        inside QEMU. None otherwise (random offsets go through qemu-io)."""
+        offs = self.offsets
+        if not offs:
+            return None
+        step = offs[1] - offs[0] if len(offs) > 1 else MiB
+        n = len(offs)
+        for k in range(1, n):
+            if offs[k] == offs[0]:
+                n = k
+                break
+        if step <= 0 or len(offs) % n:
+            return None
+        one = [offs[0] + i * step for i in range(n)]
+        if offs != one * (len(offs) // n) or one[-1] + self.length > self.size:
+            return None
+        return offs[0], step, n, len(offs) // n
+
+    @property
+    def mode(self):
+        return "wt" if self.cache == "writethrough" else f"wb/{self.flush_every}"
+
+    def value(self, seconds):
+        n = len(self.offsets)
+        if seconds <= 0:
+            return None
+        if self.unit == "MiB/s":
+            return n * self.length / MiB / seconds
+        return n / seconds
+
+
+def random_offsets(n, size=DISK, seed=1):
+    """n random 4 KiB-aligned offsets, each in a different 1 MiB chunk (so: allocating)."""
+    rng = random.Random(seed)
+    n = min(n, size // MiB)
+    chunks = rng.sample(range(size // MiB), n)
+    return [c * MiB + rng.randrange(MiB // (4 * KiB)) * 4 * KiB for c in chunks]
+
+
+def strided_offsets(n, size=DISK, step=MiB):
+    """n offsets one `step` apart: one 4 KiB op per 1 MiB chunk, each allocating on first
+    write, and expressible as `qemu-img bench -o 0 -S 1M` so QEMU runs the loop itself."""
+    return [i * step for i in range(min(n, size // step))]
+
+
+def io_workloads(scale):
+    offs = strided_offsets(scale.ops)
+    rng = random.Random(3)
+    reads = [rng.choice(offs) for _ in range(scale.reads)]
+    strided_reads = offs * max(1, scale.reads // len(offs))
+    seq = [i * MiB for i in range(scale.seq_mib)]
+    fe = scale.flush_every
+    w = []
+    for cache, every in (("writethrough", 0), ("writeback", fe)):
+        tag = "wt" if every == 0 else f"wb/{every}"
+        w.append(
+            IoWorkload(
+                f"alloc4k-{tag}", f"alloc 4K random {tag}", "write", 4 * KiB, offs, cache, every
+            )
+        )
+    for cache, every in (("writethrough", 0), ("writeback", fe)):
+        tag = "wt" if every == 0 else f"wb/{every}"
+        w.append(
+            IoWorkload(
+                f"overwrite4k-{tag}",
+                f"overwrite 4K random {tag}",
+                "write",
+                4 * KiB,
+                offs,
+                cache,
+                every,
+                pre_offsets=offs,
+            )
+        )
+    w.append(
+        IoWorkload(
+            "read4k",
+            "read 4K random (cached)",
+            "read",
+            4 * KiB,
+            reads,
+            "writeback",
+            0,
+            pre_offsets=offs,
+        )
+    )
+    w.append(
+        IoWorkload(
+            "read4k-strided",
+            "read 4K strided 1M (cached)",
+            "read",
+            4 * KiB,
+            strided_reads,
+            "writeback",
+            0,
+            pre_offsets=offs,
+        )
+    )
+    w.append(
+        IoWorkload(
+            f"seqwrite1m-wb/{fe}",
+            f"write 1M sequential wb/{fe}",
+            "write",
+            MiB,
+            seq,
+            "writeback",
+            fe,
+            unit="MiB/s",
+        )
+    )
+    w.append(
+        IoWorkload(
+            "seqread1m",
+            "read 1M sequential (cached)",
+            "read",
+            MiB,
+            seq * scale.read_passes,
+            "writeback",
+            0,
+            pre_offsets=seq,
+            pre_length=MiB,
+            unit="MiB/s",
+        )
+    )
+    w.append(
+        IoWorkload(
+            "cow4k-wt",
+            "1st write after snapshot wt",
+            "write",
+            4 * KiB,
+            offs,
+            "writethrough",
+            0,
+            pre_offsets=offs,
+            snapshot=True,
+            needs_snapshots=True,
+        )
+    )
+    return w
+
+
+def _fill(handle, offsets, length):
+    data = bytes([PATTERN]) * length
+    for off in offsets:
+        handle.write(off, data)
+    handle.flush()
+
+
+def snapshot_error(e):
+    """Map 'snapshots not written yet' to Unavailable; re-raise real errors."""
+    if isinstance(e, (ImportError, NotImplementedError, AttributeError)):
+        return Unavailable(f"snapshots not available ({type(e).__name__}: {e})")
+    return None
+
+
+class IoCase:
+    """One fresh run of an I/O workload against an in-process contender."""
+
+    def __init__(self, workload, contender, workdir):
+        self.w = workload
+        self.c = contender
+        self.path = os.path.join(workdir, f"bench-{contender.name}-{os.getpid()}-{id(self)}.img")
+        self.handle = None
+
+    def setup(self):
+        """Create the image, do the untimed part, open it for the timed part."""
+        w, c = self.w, self.c
+        reason = c.available()
+        if reason:
+            raise Unavailable(reason)
+        c.create(self.path, w.size)
+        if w.pre_offsets or w.snapshot:
+            h = c.open(self.path, "writeback")
+            try:
+                _fill(h, w.pre_offsets, w.pre_length)
+                if w.snapshot:
+                    try:
+                        h.create_snapshot("bench")
+                    except Exception as e:
+                        err = snapshot_error(e)
+                        if err is None:
+                            raise
+                        raise err from None
+            finally:
+                h.close()
+        self.handle = c.open(self.path, w.cache)
+        if w.kind == "read":  # "cached": one untimed pass warms the page cache
+            buf = bytearray(w.length)
+            for off in sorted(set(w.offsets)):
+                self.handle.readinto(off, buf)
+        self.data = bytes([PATTERN ^ 0xFF]) * w.length
+        self.buf = bytearray(w.length)
+        self.before = stats_dict(self.handle.stats)
+        return self
+
+    def run(self):
+        """The timed part; returns the number of operations."""
+        w, h = self.w, self.handle
+        offs = w.offsets
+        if w.kind == "read":
+            buf, readinto = self.buf, h.readinto
+            for off in offs:
+                readinto(off, buf)
+        else:
+            data, write = self.data, h.write
+            n = w.flush_every
+            if n:
+                flush = h.flush
+                i = 0
+                for off in offs:
+                    write(off, data)
+                    i += 1
+                    if i == n:
+                        flush()
+                        i = 0
+                flush()
+            else:
+                for off in offs:
+                    write(off, data)
+        return len(offs)
+
+    def verify(self):
+        """After run(): the data the workload wrote (or read) is what it should be."""
+        if not self.w.offsets:
+            return True
+        if self.w.kind == "read":
+            return self.buf == bytes([PATTERN]) * self.w.length
+        buf = bytearray(self.w.length)
+        self.handle.readinto(self.w.offsets[-1], buf)
+        return buf == self.data
+
+    def finish(self):
+        """Per-op I/O counts of the timed part; closes and removes the image."""
+        counts = {}
+        if self.handle is not None:
+            after = stats_dict(self.handle.stats)
+            counts = per_op_counts(self.before, after, len(self.w.offsets))
+            self.handle.close()
+            self.handle = None
+        self.cleanup()
+        return counts
+
+    def cleanup(self):
+        _discard(self)
+
+
+def _discard(run):
+    """Close a run's handle (if still open) and remove its image file."""
+    if run.handle is not None:
+        try:
+            run.handle.close()
+        except Exception:
+            pass
+        run.handle = None
+    try:
+        os.unlink(run.path)
+    except FileNotFoundError:
+        pass
+
+
+def measure_io(workload, contender, workdir, repeat=1):
+    """Median of `repeat` fresh runs -> Result."""
+    times, counts = [], None
+    for _ in range(repeat):
+        case = IoCase(workload, contender, workdir)
+        try:
+            case.setup()
+            # reads leave no state behind: best of several passes on one image
+            passes = READ_PASSES if workload.kind == "read" else 1
+            best = None
+            for _ in range(passes):
+                t0 = time.perf_counter()
+                case.run()
+                t = time.perf_counter() - t0
+                best = t if best is None else min(best, t)
+            times.append(best)
+            c = case.finish()
+            if passes > 1:
+                c = {k: v / passes for k, v in c.items()}
+            counts = counts or c
+        except Unavailable as e:
+            case.cleanup()
+            return Result(workload.key, contender.name, None, workload.unit, note=str(e))
+        except BaseException:
+            case.cleanup()
+            raise
+    t = statistics.median(times)
+    return Result(
+        workload.key,
+        contender.name,
+        workload.value(t),
+        workload.unit,
+        True,
+        len(workload.offsets),
+        t,
+        counts,
+    )
+
+
+# ----- translation rate (core target of issue 2) -----------------------------------------
+def translate_case(implementation, lookups, nchunks=8192, seed=4):
+    """A ChunkMap over a fully allocated table and `lookups` random chunk indexes."""
+    mod = _impl.MODULES.get(implementation)
+    if mod is None:
+        raise Unavailable(f"the {implementation} fast path is not built")
+    table = np.random.default_rng(seed).permutation(nchunks).astype(np.uint32)
+    frozen = np.zeros(nchunks, dtype=np.uint8)
+    cmap = mod.ChunkMap(-1, table, frozen, MiB, 1 << 16, nchunks * MiB, mod.Stats())
+    vchunks = np.random.default_rng(seed + 1).integers(0, nchunks, lookups, dtype=np.int64)
+    out = np.empty(lookups, dtype=np.int64)
+    return cmap, vchunks, out
+
+
+def check_translation(cmap, vchunks, out):
+    expect = cmap.data_offset + cmap.table[vchunks].astype(np.int64) * cmap.chunk_size
+    return bool(np.array_equal(out, expect))
+
+
+def measure_translate(contender, scale):
+    impl = "cython" if contender.name == "fvd" else "python"
+    lookups = scale.translate if impl == "cython" else scale.translate_py
+    try:
+        cmap, vchunks, out = translate_case(impl, lookups)
+    except Unavailable as e:
+        return Result("translate", contender.name, None, "lookups/s", note=str(e))
+    best = None
+    for _ in range(max(scale.repeat, 3) if impl == "cython" else scale.repeat):
+        t0 = time.perf_counter()
+        cmap.translate(vchunks, out)
+        t = time.perf_counter() - t0
+        best = t if best is None else min(best, t)
+    if not check_translation(cmap, vchunks, out):
+        raise AssertionError(f"{impl} translate gave wrong host offsets")
+    return Result("translate", contender.name, lookups / best, "lookups/s", True, lookups, best, {})
+
+
+# ----- snapshots ------------------------------------------------------------------------
+class SnapshotCase:
+    """An image with data; the timed parts create then delete `count` snapshots."""
+
+    def __init__(self, contender, workdir, count, data_ops):
+        self.c = contender
+        self.count = count
+        self.data_ops = data_ops
+        self.path = os.path.join(workdir, f"snap-{contender.name}-{os.getpid()}-{id(self)}.img")
+        self.handle = None
+
+    def setup(self):
+        reason = self.c.available()
+        if reason:
+            raise Unavailable(reason)
+        if self.c.name == "raw":
+            raise Unavailable("raw files have no snapshots")
+        self.c.create(self.path, DISK)
+        self.handle = self.c.open(self.path, "writethrough")
+        _fill(self.handle, random_offsets(self.data_ops), 4 * KiB)
+        if not hasattr(self.handle, "create_snapshot"):
+            raise Unavailable("no create_snapshot")
+        self.before = stats_dict(self.handle.stats)
+        return self
+
+    def create_all(self):
+        cs = self.handle.create_snapshot
+        try:
+            for i in range(self.count):
+                cs(f"s{i}")
+        except Exception as e:
+            err = snapshot_error(e)
+            if err is None:
+                raise
+            raise err from None
+        return self.count
+
+    def delete_all(self):
+        ds = self.handle.delete_snapshot
+        for i in range(self.count):
+            ds(f"s{i}")
+        return self.count
+
+    def counts(self):
+        after = stats_dict(self.handle.stats)
+        c = per_op_counts(self.before, after, self.count)
+        self.before = after
+        return c
+
+    def cleanup(self):
+        _discard(self)
+
+
+def measure_snapshots(contender, workdir, count, data_ops):
+    """Two Results: ms per create and ms per delete with `count` snapshots."""
+    kc, kd = f"snap-create-x{count}", f"snap-delete-x{count}"
+    case = SnapshotCase(contender, workdir, count, data_ops)
+    try:
+        case.setup()
+        t0 = time.perf_counter()
+        case.create_all()
+        tc = time.perf_counter() - t0
+        cc = case.counts()
+        t0 = time.perf_counter()
+        case.delete_all()
+        td = time.perf_counter() - t0
+        cd = case.counts()
+    except Unavailable as e:
+        return [Result(k, contender.name, None, "ms", False, note=str(e)) for k in (kc, kd)]
+    finally:
+        case.cleanup()
+    return [
+        Result(kc, contender.name, tc / count * 1e3, "ms", False, count, tc, cc),
+        Result(kd, contender.name, td / count * 1e3, "ms", False, count, td, cd),
+    ]
+
+
+# ----- open time ------------------------------------------------------------------------
+def measure_open(contender, workdir, data_ops, repeat=5):
+    key = "open"
+    reason = contender.available()
+    if reason:
+        return Result(key, contender.name, None, "ms", False, note=reason)
+    path = os.path.join(workdir, f"open-{contender.name}-{os.getpid()}.img")
+    try:
+        contender.create(path, DISK)
+        h = contender.open(path, "writeback")
+        _fill(h, random_offsets(data_ops), 4 * KiB)
+        h.close()
+        times, counts = [], {}
+        for _ in range(max(repeat, 3)):
+            t0 = time.perf_counter()
+            h = contender.open_read_only(path)
+            times.append(time.perf_counter() - t0)
+            after = stats_dict(h.stats)
+            counts = per_op_counts({k: 0 for k in after}, after, 1)
+            h.close()
+    finally:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+    t = statistics.median(times)
+    return Result(
+        key,
+        contender.name,
+        t * 1e3,
+        "ms",
+        False,
+        1,
+        t,
+        counts,
+        note=f"{data_ops} chunks/clusters allocated",
+    )
+
+
+# ----- metadata size --------------------------------------------------------------------

@@ -1,0 +1,97 @@
+"""The interfaces between the image core and what sits on it (layer 3).
+
+The core calls its features only through these methods (features install themselves in
+the core's slots `base_layer`, `bitmap`, `snapshot_state`, `partial` while it opens), and
+the operations of `fvd.ops` read an image or a snapshot view only through `MappedDisk`.
+Nothing here imports a feature: the dependency points down.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Optional, Protocol
+
+import numpy as np
+
+Record = Any  # a packed journal record (fvd.core.journal)
+
+
+class MappedDisk(Protocol):
+    """What the read-side operations need: a lookup table over a data area, and where
+    unallocated chunks read from. `fvd.core.image.ImageCore` and
+    `fvd.features.snapshots.SnapshotView` implement it."""
+
+    path: str
+    size: int
+    chunk_size: int
+    block_size: int
+    fd: int
+    header: dict[str, Any]  # at least "data_offset"
+    table: np.ndarray  # virtual chunk -> physical chunk / UNALLOCATED / ZERO_CHUNK
+    base_layer: Optional[BaseHook]
+    bitmap: Any  # fvd.core.bitmap.Bitmap of a base image, or None
+    partial: Optional[PartialHook]
+    closed: bool
+
+    def check_open(self) -> None: ...
+
+    def readinto(self, offset: int, buffer: Any) -> int: ...
+
+
+class BaseHook(Protocol):
+    """A base image under the core (fvd.features.base.BaseLayer)."""
+
+    fast_read: bool  # the fast path reads the base itself (raw base)
+
+    def attach_map(self) -> None: ...
+
+    def readinto(self, offset: int, buffer: Any) -> int: ...
+
+    def write(self, offset: int, data: memoryview) -> int: ...
+
+    def zero_bits(self, first: int, last: int) -> list[Record]: ...
+
+    def before_close(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class SnapshotHook(Protocol):
+    """Internal snapshots (fvd.features.snapshots.SnapshotState)."""
+
+    def meta_mask(self, nphys: int) -> np.ndarray: ...
+
+    def mark_used(self, used: np.ndarray) -> np.ndarray: ...
+
+    def copy_chunk(
+        self, img: Any, v: int, source: int, new: int, offset: int, length: int
+    ) -> Iterable[Record]: ...
+
+
+class PartialHook(Protocol):
+    """Partly copied chunks after snapshots (fvd.features.granular.PartialState)."""
+
+    active: int
+    gpc: int  # granules per chunk
+
+    def install(self, chunk_map: Any, quiesce: Callable[[], None]) -> None: ...
+
+    def validate(self, img: Any) -> None: ...
+
+    def takes(self, img: Any, offset: int, length: int) -> bool: ...
+
+    def write(self, img: Any, offset: int, data: memoryview) -> int: ...
+
+    def forget(self, start: int, count: int) -> None: ...
+
+    def replay(self, table: np.ndarray, start: int, count: int, payload: Any) -> None: ...
+
+    def mark_used(self, used: np.ndarray) -> np.ndarray: ...
+
+    def drop(self, v: int) -> Optional[int]: ...
+
+    def write_map(self, img: Any) -> None: ...
+
+    def after_checkpoint(self, img: Any) -> None: ...
+
+
+Attach = Callable[[Any, tuple, bool], None]  # attach(core, chain, copy_on_read)

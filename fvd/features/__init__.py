@@ -1,0 +1,2 @@
+"""Layer 4: features over the image core: base images (copy-on-write, copy-on-read,
+prefetch), internal snapshots and snapshot views, partial chunks after snapshots."""

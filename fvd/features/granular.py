@@ -1,0 +1,550 @@
+"""Block-granular copy-on-write after snapshots (docs/format.md, "Partial chunks").
+
+The front's first write into a chunk a snapshot holds (frozen) allocates a new chunk N and
+writes only the granules the write touches (4 KiB each by default; head and tail of a
+granule the write covers only in part are copied from the held chunk). Until every
+granule of N is written, the held chunk S is N's private base: granule g of the virtual
+chunk reads from N when its bit is set, else from S. Such a chunk is *partial*.
+
+In memory, per image: ``slot`` (uint32 per virtual chunk, NONE or a slot index) and per
+slot the source chunk (``src``) and a bitmap row (``bits``). The chunk maps of both
+implementations view these arrays (ChunkMap.set_partial) and split reads by the bits on
+the fast path. Slots are handed out append-only and arrays only grow (old ones are kept)
+while the image is open, so a lock-free reader never sees a slot reused under it.
+
+Lifecycle:
+  * first write into a frozen chunk: new slot, data into N, then publish (slot, then table);
+    journal TABLE + GRANULE (+ DATA_CRC in writethrough) records in one transaction;
+  * a write into unwritten granules of a partial chunk: data, bits, one GRANULE record;
+  * all granules written: the chunk is complete, the slot goes, S is released unless a
+    snapshot still holds it;
+  * create_snapshot completes every partial chunk first (snapshots never hold a pair);
+  * write_zeroes of the whole chunk, revert: the partial state is dropped;
+  * delete_snapshot never frees a chunk that is a partial chunk's source;
+  * checkpoint: the whole partial map is written copy-on-write to new chunks of the data
+    area, the header points at it (fields partial_map_*), the old map is released.
+Images with a base keep the whole-chunk copy (a chunk there also has base bitmap bits).
+"""
+
+import os
+import struct
+import zlib
+
+import numpy as np
+
+from fvd.core.bitmap import set_bits
+from fvd.core.journal import data_crc_record, granule_record
+from fvd.ondisk import format as fmt
+from fvd.units import flag_runs
+
+NONE = 0xFFFFFFFF
+MAP_MAGIC = 0x50445646  # "FVDP" little-endian
+MAP_HEAD = struct.Struct("<IIII")  # magic count granule_size reserved
+ENTRY_HEAD = struct.Struct("<II")  # virtual chunk, source chunk
+
+
+def _pad8(n):
+    return (n + 7) & ~7
+
+
+class PartialState:
+    """The front's partial chunks (see module doc)."""
+
+    def __init__(self, nchunks, chunk_size, size, granule=fmt.DEFAULT_GRANULE):
+        self.nchunks = nchunks
+        self.chunk_size = chunk_size
+        self.size = size
+        self.gsize = granule
+        self.gshift = granule.bit_length() - 1
+        self.gpc = chunk_size // granule
+        self.gbytes = -(-self.gpc // 8)
+        self.slot = np.zeros(0, dtype=np.uint32)  # full size on first use
+        self.src = np.zeros(0, dtype=np.uint32)
+        self.bits = np.zeros(0, dtype=np.uint8)
+        self.used = 0  # slots handed out (append-only)
+        self.active = 0  # partial chunks now
+        self.map_run = (0, 0)  # (first, count) of the on-disk map
+        self.old_run = (0, 0)  # released after the next header
+        self._keep = []  # arrays lock-free readers may view
+        self.cmap = None
+        self.wait = None  # grace period of the chunk map
+
+    # ----- in-memory structure ------------------------------------------------------
+    def install(self, cmap, wait=None):
+        """Let the chunk map view the arrays; `wait()` returns once every call registered
+        with the map before it has finished (Image: the allocator's quiesce)."""
+        self.cmap = cmap
+        self.wait = wait
+        cmap.set_partial(self.slot, self.src, self.bits, self.gsize)
+
+    def _reinstall(self):
+        """New (grown) arrays: a call in flight may still view the old ones, which hold
+        no slot numbered past their end; so wait for those calls before any such slot is
+        published (a slot index past a viewed array would read outside it)."""
+        if self.cmap is not None:
+            self.cmap.set_partial(self.slot, self.src, self.bits, self.gsize)
+            if self.wait is not None:
+                self.wait()
+
+    def slot_of(self, v):
+        if len(self.slot) == 0:
+            return None
+        k = int(self.slot[v])
+        return None if k == NONE else k
+
+    def new_slot(self, v, source):
+        """A slot for virtual chunk v with all bits clear (not yet published)."""
+        changed = False
+        if len(self.slot) == 0:
+            self.slot = np.full(self.nchunks, NONE, dtype=np.uint32)
+            changed = True
+        if self.used >= len(self.src):
+            cap = max(64, 2 * len(self.src))
+            src = np.zeros(cap, dtype=np.uint32)
+            bits = np.zeros(cap * self.gbytes, dtype=np.uint8)
+            src[: len(self.src)] = self.src
+            bits[: len(self.bits)] = self.bits
+            self._keep.append((self.src, self.bits))  # in-flight readers may view them
+            self.src, self.bits = src, bits
+            changed = True
+        k = self.used
+        self.used += 1
+        self.src[k] = source
+        row = self.row(k)
+        row[:] = 0
+        # granules past the end of the image are never read: count them as written
+        end_g = -(-(self.size - v * self.chunk_size) // self.gsize)
+        if end_g < self.gpc:
+            self._set(row, end_g, self.gpc)
+        if changed:
+            self._reinstall()
+        return k
+
+    def row(self, k):
+        return self.bits[k * self.gbytes : (k + 1) * self.gbytes]
+
+    @staticmethod
+    def _set(row, g0, g1):
+
+        set_bits(row, g0, g1 - g0)
+
+    def set_granules(self, k, g0, g1):
+        self._set(self.row(k), g0, g1)
+
+    def flags(self, k):
+        """bool array of the slot's granule bits."""
+        return np.unpackbits(self.row(k), bitorder="little")[: self.gpc].view(bool)
+
+    def complete(self, k):
+        return bool(self.flags(k).all())
+
+    def publish(self, v, k):
+        self.slot[v] = k
+        self.active += 1
+
+    def drop(self, v):
+        """v is no longer partial; returns its source chunk (or None)."""
+        k = self.slot_of(v)
+        if k is None:
+            return None
+        self.slot[v] = NONE
+        self.active -= 1
+        return int(self.src[k])
+
+    def entries(self):
+        """[(virtual chunk, slot)] of the partial chunks, in chunk order."""
+        if not self.active:
+            return []
+        vs = np.flatnonzero(self.slot != NONE)
+        return [(int(v), int(self.slot[v])) for v in vs]
+
+    def sources(self):
+        if not self.active:
+            return np.zeros(0, dtype=np.int64)
+        return self.src[self.slot[self.slot != NONE]].astype(np.int64)
+
+    def clear(self):
+        """Forget every partial chunk (revert, or a pending revert at open)."""
+        if self.active:
+            self.slot[:] = NONE
+            self.active = 0
+
+    def mark_used(self, used):
+        """Sources and the on-disk map are in use."""
+        extra = [self.sources()]
+        for a, n in (self.map_run, self.old_run):
+            if n:
+                extra.append(np.arange(a, a + n))
+        idx = np.concatenate(extra)
+        if len(idx):
+            need = int(idx.max()) + 1
+            if need > len(used):
+                grown = np.zeros(need, dtype=bool)
+                grown[: len(used)] = used
+                used = grown
+            used[idx] = True
+        return used
+
+    # ----- runs for extents ------------------------------------------------------------
+    def host_runs(self, k, entry, start, stop, chunk_start, data_offset):
+        """(s, e, host) runs of [start, stop) inside partial chunk (entry, slot k)."""
+        cs, gs = self.chunk_size, self.gsize
+        fl = self.flags(k)
+        g0 = (start - chunk_start) // gs
+        g1 = -(-(stop - chunk_start) // gs)
+        for a, b, mine in flag_runs(fl[g0:g1]):
+            s = max(start, chunk_start + (g0 + a) * gs)
+            e = min(stop, chunk_start + (g0 + b) * gs)
+            p = entry if mine else int(self.src[k])
+            yield s, e, data_offset + p * cs + (s - chunk_start)
+
+    # ----- replay ----------------------------------------------------------------------
+    def forget(self, first, count):
+        """A TABLE record remapped chunks [first, first+count): no longer partial."""
+        if self.active:
+            for v in np.flatnonzero(self.slot[first : first + count] != NONE):
+                self.drop(first + int(v))
+
+    def replay(self, table, start, count, payload):
+        chunk, source = payload
+        v = start // self.gpc
+        if int(table[v]) != chunk:
+            return  # the chunk was remapped later in the same window
+        k = self.slot_of(v)
+        if k is None or int(self.src[k]) != source:
+            if k is not None:
+                self.drop(v)
+            k = self.new_slot(v, source)
+            self.publish(v, k)
+        g0 = start % self.gpc
+        self.set_granules(k, g0, g0 + count)
+        if self.complete(k):
+            self.drop(v)
+
+    # ----- on-disk map -----------------------------------------------------------------
+    def encode(self):
+        body = bytearray(MAP_HEAD.pack(MAP_MAGIC, self.active, self.gsize, 0))
+        pad = _pad8(self.gbytes) - self.gbytes
+        for v, k in self.entries():
+            body += ENTRY_HEAD.pack(v, int(self.src[k]))
+            body += self.row(k).tobytes() + bytes(pad)
+        return bytes(body)
+
+    def load(self, img, raw, where):
+        magic, count, gsize, _r = MAP_HEAD.unpack_from(raw)
+        esize = ENTRY_HEAD.size + _pad8(self.gbytes)
+        if magic != MAP_MAGIC or gsize != self.gsize or len(raw) != MAP_HEAD.size + count * esize:
+            img.problem(where, "partial map magic, granule size or length mismatch")
+            return
+        pos = MAP_HEAD.size
+        for _ in range(count):
+            v, source = ENTRY_HEAD.unpack_from(raw, pos)
+            if v >= self.nchunks or source >= fmt.MAX_PHYS_CHUNKS or self.slot_of(v) is not None:
+                img.problem(
+                    where + pos, f"partial map entry for chunk {v} is out of range or repeated"
+                )
+                pos += esize
+                continue
+            k = self.new_slot(v, source)
+            self.row(k)[:] = np.frombuffer(raw, np.uint8, self.gbytes, pos + ENTRY_HEAD.size)
+            self.publish(v, k)
+            pos += esize
+
+    def write_map(self, img):
+        """Checkpoint: the map goes to new chunks (the header write commits it)."""
+        h = img.header
+        if not self.active and not h["partial_map_offset"]:
+            return
+        self.old_run = self.map_run
+        if self.active:
+            raw = self.encode()
+            n = -(-len(raw) // self.chunk_size)
+            first = img.allocator.allocate_run(n)
+            img.grow_frozen(first + n)
+            off = h["data_offset"] + first * self.chunk_size
+            img.write_meta(off, raw)
+            self.map_run = (first, n)
+            h.update(
+                partial_map_offset=off,
+                partial_map_size=len(raw),
+                partial_map_crc=zlib.crc32(raw),
+                granule_size=self.gsize,
+            )
+        else:
+            self.map_run = (0, 0)
+            h.update(partial_map_offset=0, partial_map_size=0, partial_map_crc=0)
+
+    def after_checkpoint(self, img):
+        a, n = self.old_run
+        self.old_run = (0, 0)
+        if n:
+            img.allocator.release_now(range(a, a + n))
+
+    # ----- check -------------------------------------------------------------------------
+    def validate(self, img):
+        """After replay: every partial chunk maps an allocated chunk, its source lies in
+        the file, is not mapped by the front and backs only this chunk."""
+        if not self.active:
+            return
+        t = img.table
+        seen = {}
+        mapped = {int(x) for x in t[t < fmt.ZERO_CHUNK]}
+        h = img.header
+        where = h["partial_map_offset"]
+        nphys = -(-(os.fstat(img.fd).st_size - h["data_offset"]) // self.chunk_size)
+        for v, k in self.entries():
+            s = int(self.src[k])
+            e = int(t[v])
+            if e >= fmt.ZERO_CHUNK or s in mapped or s in seen or s >= nphys:
+                img.problem(
+                    where,
+                    f"partial chunk {v} (entry {e}) has a bad source chunk "
+                    f"{s} (unmapped, shared, or past the end of the file)",
+                )
+                self.drop(v)
+                continue
+            seen[s] = v
+
+    # ----- the write path ---------------------------------------------------------------
+    def takes(self, img, offset, length):
+        """True when a chunk under the range is partial or frozen (granular COW)."""
+        snaps = img.snapshot_state
+        if not self.active and (snaps is None or not snaps.entries) or length == 0:
+            return False
+        cs = self.chunk_size
+        for v in range(offset // cs, (offset + length - 1) // cs + 1):
+            if self.slot_of(v) is not None:
+                return True
+            e = int(img.table[v])
+            if e < fmt.ZERO_CHUNK and img.is_frozen(e):
+                return True
+        return False
+
+    def write(self, img, offset, mv):
+        """A write touching partial or frozen chunks (img.lock held): chunk by chunk,
+        one journal transaction for all. As everywhere (Image._apply), data goes to the
+        chunks first and table entries and granule bits are published after the records
+        are durable (writethrough) or queued (writeback)."""
+        cs = self.chunk_size
+        plan, records, afters, slots = {}, [], [], []
+        end = offset + len(mv)
+        pos = offset
+        try:
+            while pos < end:
+                v = pos // cs
+                stop = min(end, (v + 1) * cs)
+                piece = mv[pos - offset : stop - offset]
+                e = int(img.table[v])
+                k = self.slot_of(v)
+                if k is not None:
+                    self._write_partial(img, v, k, e, pos, piece, records, afters)
+                elif e < fmt.ZERO_CHUNK and img.is_frozen(e):
+                    self._first_write(img, v, e, pos, piece, plan, records, slots)
+                else:
+                    img.prepare_chunks(pos, stop - pos, plan, records)
+                    img.write_planned(pos, piece, plan)
+                pos = stop
+        except BaseException:
+            self._unpublish(img, slots)
+            img.abandon(plan)
+            raise
+        if not (plan or records):
+            if img.writethrough:
+                img.sync()
+            return len(mv)
+        try:
+            img.apply(plan, records, lambda: [f() for f in afters])
+        except BaseException:
+            self._unpublish(img, slots)
+            raise
+        return len(mv)
+
+    def _unpublish(self, img, slots):
+        """Slots of first writes whose table entry was never published."""
+        for v, k in slots:
+            if self.slot_of(v) == k and int(img.table[v]) == int(self.src[k]):
+                self.drop(v)
+
+    def _span(self, v, pos, n):
+        w0 = pos - v * self.chunk_size
+        w1 = w0 + n
+        return w0, w1, w0 >> self.gshift, -(-w1 // self.gsize)
+
+    def _read_src(self, img, source, lo, hi):
+        buf = bytearray(hi - lo)
+        img.chunk_map.pread_host(img.header["data_offset"] + source * self.chunk_size + lo, buf)
+        return buf
+
+    def _edges(self, img, source, w0, w1, g0, g1, need_head, need_tail):
+        """Head [g0*gs, w0) and tail [w1, g1*gs) copied from the source (one read when
+        both lie in one granule)."""
+        gs = self.gsize
+        a, b = g0 * gs, g1 * gs
+        head = tail = b""
+        if need_head and need_tail and g1 - g0 == 1:
+            both = self._read_src(img, source, a, b)
+            return memoryview(both)[: w0 - a], memoryview(both)[w1 - a :]
+        if need_head and w0 > a:
+            head = self._read_src(img, source, a, w0)
+        if need_tail and b > w1:
+            tail = self._read_src(img, source, w1, b)
+        return head, tail
+
+    def _put(self, img, chunk, lo, pieces, records):
+        """One data write of pieces at chunk-relative lo; DATA_CRC in writethrough (replay
+        must not trust the records if these bytes did not reach the disk)."""
+        host = img.header["data_offset"] + chunk * self.chunk_size + lo
+        img.chunk_map.pwritev(host, [p for p in pieces if len(p)])
+        if img.writethrough:
+            crc, n = 0, 0
+            for p in pieces:
+                crc = zlib.crc32(p, crc)
+                n += len(p)
+            records.append(data_crc_record(host, n, crc))
+
+    def _first_write(self, img, v, source, pos, piece, plan, records, slots):
+        """New chunk for held chunk `source`: only the touched granules are written. The
+        slot goes live before the table entry: while the table still maps the source,
+        every granule reads the source whatever its bit."""
+        w0, w1, g0, g1 = self._span(v, pos, len(piece))
+        head, tail = self._edges(
+            img, source, w0, w1, g0, g1, w0 % self.gsize != 0, w1 % self.gsize != 0
+        )
+        new = img.allocator.allocate()
+        plan[v] = new  # abandoned with the plan on failure
+        img.grow_frozen(new)
+        self._put(img, new, w0 - len(head), (head, piece, tail), records)
+        if g0 == 0 and g1 >= self.gpc:
+            return  # the whole chunk is written: not partial
+        k = self.new_slot(v, source)
+        self.set_granules(k, g0, g1)
+        if self.complete(k):
+            return  # the rest lies past the end of the image
+        self.publish(v, k)
+        slots.append((v, k))
+        records.append(granule_record(v * self.gpc + g0, g1 - g0, new, source))
+
+    def _write_partial(self, img, v, k, chunk, pos, piece, records, afters):
+        w0, w1, g0, g1 = self._span(v, pos, len(piece))
+        fl = self.flags(k)
+        if fl[g0:g1].all():
+            img.chunk_map.pwritev(img.header["data_offset"] + chunk * self.chunk_size + w0, [piece])
+            return
+        source = int(self.src[k])
+        gs = self.gsize
+        head, tail = self._edges(
+            img, source, w0, w1, g0, g1, w0 % gs and not fl[g0], w1 % gs and not fl[g1 - 1]
+        )
+        self._put(img, chunk, w0 - len(head), (head, piece, tail), records)
+        records.append(granule_record(v * self.gpc + g0, g1 - g0, chunk, source))
+        afters.append(lambda: self._granules_done(img, v, k, g0, g1))
+
+    def _granules_done(self, img, v, k, g0, g1):
+        """Published: the granules read from the chunk; a complete chunk leaves its source."""
+        if self.slot_of(v) != k:
+            return
+        self.set_granules(k, g0, g1)
+        if self.complete(k):
+            self._release_source(img, self.drop(v))
+
+    def _release_source(self, img, source):
+        if not img.is_frozen(source):
+            img.allocator.release(source)  # only the front used it (its snapshot is gone)
+
+    # ----- completion (create_snapshot) ----------------------------------------------------
+    def complete_all(self, img):
+        """Copy every unwritten granule from its source (snapshots never hold a pair).
+        The copies are synced, then journaled; the chunks leave the partial state once
+        that is durable. A crash before leaves them partial over equal bytes."""
+        todo = self.entries()
+        if not todo:
+            return
+        cs, gs, d = self.chunk_size, self.gsize, img.header["data_offset"]
+        records = []
+        for v, k in todo:
+            chunk, source = int(img.table[v]), int(self.src[k])
+            for a, b, mine in flag_runs(self.flags(k)):
+                if not mine:
+                    buf = self._read_src(img, source, a * gs, b * gs)
+                    img.chunk_map.pwritev(d + chunk * cs + a * gs, [buf])
+                    records.append(granule_record(v * self.gpc + a, b - a, chunk, source))
+        img.sync()
+        done = []
+
+        def publish():
+            if not done:
+                done.append(True)
+                for v, k in todo:
+                    self.set_granules(k, 0, self.gpc)
+                    self._release_source(img, self.drop(v))
+
+        img.commit_metadata(records, publish)
+        publish()
+
+    def detach(self, img):
+        """Revert: the front's partial chunks go. Readers may still pair a chunk with its
+        slot, so each is completed in place first (its own copy: nothing is journaled,
+        the chunk is about to be released), then the slots are cleared once no reader
+        still acts on a clear bit. Returns the sources."""
+        sources = self.sources()
+        todo = self.entries()
+        if not todo:
+            return sources
+        cs, gs, d = self.chunk_size, self.gsize, img.header["data_offset"]
+        for v, k in todo:
+            chunk, source = int(img.table[v]), int(self.src[k])
+            for a, b, mine in flag_runs(self.flags(k)):
+                if not mine:
+                    buf = self._read_src(img, source, a * gs, b * gs)
+                    img.chunk_map.pwritev(d + chunk * cs + a * gs, [buf])
+            self.set_granules(k, 0, self.gpc)
+        import time
+
+        img.allocator.quiesce(time.sleep)
+        self.clear()
+        return sources
+
+
+def attach_partial(img):
+    """Open hook for images without a base: the partial map, if the header has one."""
+    h = img.header
+    st = PartialState(
+        img.nchunks, img.chunk_size, img.size, h["granule_size"] or fmt.DEFAULT_GRANULE
+    )
+    img.partial = st
+    off, size = h["partial_map_offset"], h["partial_map_size"]
+    if not off:
+        return
+    raw = img.read_meta(off, size)
+    if zlib.crc32(raw) != h["partial_map_crc"]:
+        img.problem(off, "partial map checksum mismatch")
+        return
+    if size < MAP_HEAD.size:
+        img.problem(off, "partial map too short")
+        return
+    cs, d = img.chunk_size, h["data_offset"]
+    st.map_run = ((off - d) // cs, -(-size // cs))
+    st.load(img, raw, off)
+
+
+def check_partial(img, result):
+    """A partial chunk must be the front's own (never held by a snapshot: the front would
+    write into a snapshot's chunk) and its source must not be snapshot metadata. Found
+    problems are not repaired (the bytes of the unwritten granules are only in S)."""
+    st = img.partial
+    if not st.active:
+        return
+    meta = np.zeros(0, dtype=bool)
+    if img.snapshot_state is not None:
+        meta = img.snapshot_state.mark_used(np.zeros(0, dtype=bool))
+        rc = img.snapshot_state.refcount
+        meta[: len(rc)] &= rc == 0  # only the metadata runs
+    for v, k in st.entries():
+        e, s = int(img.table[v]), int(st.src[k])
+        if e >= fmt.ZERO_CHUNK or img.is_frozen(e) or (s < len(meta) and meta[s]):
+            result.corruptions += 1
+            result.messages.append(
+                f"ERROR partial chunk {v} (chunk {e}, source {s}) is "
+                f"unmapped, held by a snapshot, or reads snapshot "
+                f"metadata"
+            )

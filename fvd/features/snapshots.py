@@ -1,0 +1,1205 @@
+"""Internal snapshots: read-only copies of the lookup table plus a refcount table that
+counts only the chunks read-only snapshots hold (docs/format.md, "Snapshots").
+
+The writeable front is tracked by its one-level table and the journal alone: the
+refcount table is read at open, written at snapshot create / delete / repair, and never
+touched by guest writes. A chunk with refcount > 0 is *frozen*: the front copies it to a
+fresh chunk on its first write there (`copy_chunk`).
+
+All snapshot metadata (snapshot table, refcount table, each snapshot's lookup table and
+vm_state) lives in chunks of the data area and is written copy-on-write: new metadata goes
+to freshly allocated chunks, is synced, and one header write + sync commits it. Only then
+are the chunks nothing refers to any more released (hole-punched).
+
+With a base image each snapshot also keeps a copy of the durable (stale) bitmap (entry
+extra data: bitmap_offset, bitmap_crc). Views read the base for its clear bits, revert
+restores it with the table, and prefetch keeps the base attached while some snapshot's
+copy still has a clear bit below the base end (snapshots_need_base).
+"""
+
+import heapq
+import os
+import struct
+import threading
+import time
+import zlib
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import numpy as np
+
+from fvd.core import journal
+from fvd.core.allocator import front_usage
+from fvd.core.bitmap import Bitmap, get_bits
+from fvd.core.image import drain_map
+from fvd.errors import (
+    BaseImageError,
+    CorruptImageError,
+    ReadOnlyImageError,
+    RefcountOverflowError,
+    SnapshotBusyError,
+    SnapshotNotFoundError,
+)
+from fvd.features.base import BaseLayer, _open_backend, marked_unallocated
+from fvd.ondisk import format as fmt
+from fvd.types import SnapshotInfo
+
+TABLE_MAGIC = 0x53445646  # "FVDS" little-endian
+TABLE_HEAD = struct.Struct("<IIIIQQ")  # magic crc nb refcount_crc revert_id revert_epoch
+ENTRY = struct.Struct("<QQQQIHHQQII")  # id created_ns virtual_size table_offset table_crc
+#                                         name_size extra_size vm_off vm_size vm_crc reserved
+EXTRA_BITMAP = struct.Struct("<QII")  # bitmap_offset bitmap_crc reserved (images with a base)
+assert TABLE_HEAD.size == 32 and ENTRY.size == 64 and EXTRA_BITMAP.size == 16
+REFCOUNT_MAX = 0xFFFF  # refcounts are uint16
+MAX_NAME = 255
+
+
+@dataclass
+class _Entry:
+    id: int
+    created_ns: int
+    size: int
+    table_offset: int
+    table_crc: int
+    name: str
+    vm_offset: int
+    vm_size: int
+    vm_crc: int
+    bitmap_offset: int = 0  # copy of the base bitmap (images with a base), else 0
+    bitmap_crc: int = 0
+
+    def info(self):
+        created = datetime.fromtimestamp(self.created_ns / 1e9, tz=timezone.utc)
+        return SnapshotInfo(self.name, self.id, created, self.size, self.vm_size)
+
+
+def _pad8(n):
+    return (n + 7) & ~7
+
+
+def _extra_size(e):
+    return EXTRA_BITMAP.size if e.bitmap_offset else 0
+
+
+def entry_size(e):
+    return ENTRY.size + _extra_size(e) + _pad8(len(e.name.encode("utf-8")))
+
+
+def encode_table(entries, refcount_crc, revert_id=0, revert_epoch=0):
+    body = bytearray()
+    for e in entries:
+        name = e.name.encode("utf-8")
+        body += ENTRY.pack(
+            e.id,
+            e.created_ns,
+            e.size,
+            e.table_offset,
+            e.table_crc,
+            len(name),
+            _extra_size(e),
+            e.vm_offset,
+            e.vm_size,
+            e.vm_crc,
+            0,
+        )
+        if e.bitmap_offset:
+            body += EXTRA_BITMAP.pack(e.bitmap_offset, e.bitmap_crc, 0)
+        body += name.ljust(_pad8(len(name)), b"\0")
+    raw = (
+        bytearray(
+            TABLE_HEAD.pack(TABLE_MAGIC, 0, len(entries), refcount_crc, revert_id, revert_epoch)
+        )
+        + body
+    )
+    raw[4:8] = zlib.crc32(raw).to_bytes(4, "little")
+    return bytes(raw)
+
+
+def check_name(name):
+    if not isinstance(name, str):
+        raise ValueError(f"snapshot name must be a str, not {type(name).__name__}")
+    try:
+        raw = name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"snapshot name {name!r} is not valid UTF-8") from None
+    if not 1 <= len(raw) <= MAX_NAME:
+        raise ValueError(f"snapshot name must be 1..{MAX_NAME} UTF-8 bytes, not {len(raw)}")
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise ValueError(f"snapshot name {name!r} contains control characters")
+    return name
+
+
+class SnapshotState:
+    """Snapshot table, refcounts and open views of one image (in memory)."""
+
+    def __init__(self):
+        self.entries = []  # in id order
+        self.refcount = np.zeros(0, dtype=np.uint16)
+        self.table_chunks = (0, 0)  # (first, count) of the snapshot table
+        self.refcount_chunks = (0, 0)  # (first, count) of the refcount table
+        self.views = {}  # snapshot id -> number of open views
+        self.views_lock = threading.Lock()  # views close without the image lock
+        self.broken = None  # check mode: why the snapshot table is unusable
+        self.dropped = []  # check mode: names of damaged entries left out
+        self.rewrite = False  # check mode: the revert marker must be cleared
+
+    # ----- layout helpers --------------------------------------------------------
+    def find(self, name, path):
+        for e in self.entries:
+            if e.name == name:
+                return e
+        raise SnapshotNotFoundError(f"{path}: no snapshot named {name!r}")
+
+    @staticmethod
+    def entry_chunks(img, e):
+        """(first, count) runs of the chunks that hold an entry's lookup table + vm_state."""
+        cs, d = img.chunk_size, img.header["data_offset"]
+        out = [((e.table_offset - d) // cs, -(-4 * img.nchunks // cs))]
+        if e.bitmap_offset:
+            out.append(((e.bitmap_offset - d) // cs, -(-img.header["bitmap_size"] // cs)))
+        if e.vm_size:
+            out.append(((e.vm_offset - d) // cs, -(-e.vm_size // cs)))
+        return out
+
+    def metadata_runs(self, img):
+        out = [r for r in (self.table_chunks, self.refcount_chunks) if r[1]]
+        for e in self.entries:
+            out.extend(self.entry_chunks(img, e))
+        return out
+
+    def meta_mask(self, n):
+        """Bool array (at least n long) of the chunks holding snapshot metadata."""
+        meta = self.metadata_runs(self._img)
+        need = max([n] + [a + k for a, k in meta])
+        mask = np.zeros(need, dtype=bool)
+        for a, k in meta:
+            mask[a : a + k] = True
+        return mask
+
+    # ----- hooks from Image -----------------------------------------------------------
+    def mark_used(self, used):
+        img = self._img
+        rc = self.refcount
+        meta = self.metadata_runs(img)
+        need = max([len(rc)] + [a + n for a, n in meta])
+        if need > len(used):
+            grown = np.zeros(need, dtype=bool)
+            grown[: len(used)] = used
+            used = grown
+        used[: len(rc)] |= rc > 0
+        for a, n in meta:
+            used[a : a + n] = True
+        return used
+
+    def copy_chunk(self, img, v, old, new, offset, length):
+        """Copy the bytes of frozen chunk `old` the write does not cover into `new`."""
+        cs = img.chunk_size
+        vstart = v * cs
+        w0 = max(offset, vstart) - vstart
+        w1 = min(offset + length, vstart + cs) - vstart
+        if w0 == 0 and w1 >= cs:
+            return []
+        d = img.header["data_offset"]
+        src, dst = d + old * cs, d + new * cs
+        lo, hi = (0 if w0 > 0 else w1), (cs if w1 < cs else w0)
+        buf = bytearray(hi - lo)
+        img.chunk_map.pread_host(src + lo, buf)
+        img.chunk_map.pwritev(dst + lo, [buf])
+        if not img.writethrough:
+            return []
+        out = []
+        mv = memoryview(buf)
+        for a, b in ((0, w0), (w1, cs)):
+            if b > a:
+                out.append(journal.data_crc_record(dst + a, b - a, zlib.crc32(mv[a - lo : b - lo])))
+        return out
+
+    def check(self, img, result, repair):
+        _check(self, img, result, repair)
+
+
+# ----- open --------------------------------------------------------------------------
+def attach_snapshots(img):
+    """Read the snapshot table and the refcount table (never the snapshots' tables) and
+    cross-check every range they name against the file and each other.
+
+    In check mode a damaged table leaves `st.broken` set (no snapshot is usable; repair
+    drops them all), a damaged entry is left out and named in `st.dropped` (repair
+    removes it), and an invalid revert marker sets `st.rewrite` (repair clears it)."""
+    h = img.header
+    st = SnapshotState()
+    st._img = img
+    img.snapshot_state = st
+    file_size = os.fstat(img.fd).st_size
+    cs, d = img.chunk_size, h["data_offset"]
+    nphys = max(0, -(-(file_size - d) // cs))
+    toff, tsize = h["snapshot_table_offset"], h["snapshot_table_size"]
+    roff, rsize = h["refcount_table_offset"], h["refcount_table_size"]
+    fo = fmt.FIELD_OFFSET
+
+    def broken(offset, what):
+        img.problem(offset, what + " (repair drops every snapshot)")
+        st.broken = what
+
+    if not (
+        toff >= d
+        and (toff - d) % cs == 0
+        and tsize >= TABLE_HEAD.size
+        and toff + tsize <= file_size
+    ):
+        return broken(
+            fo["snapshot_table_offset"],
+            f"snapshot table [{toff}, {toff + tsize}) is outside the data area "
+            f"or the file ({file_size} bytes)",
+        )
+    if rsize and not (
+        roff >= d and (roff - d) % cs == 0 and rsize % 2 == 0 and roff + rsize <= file_size
+    ):
+        return broken(
+            fo["refcount_table_offset"],
+            f"refcount table [{roff}, {roff + rsize}) is outside the data area "
+            f"or the file ({file_size} bytes)",
+        )
+    raw = img.read_meta(toff, tsize)
+    magic, crc, nb, rc_crc, revert_id, revert_epoch = TABLE_HEAD.unpack_from(raw)
+    check = bytearray(raw)
+    check[4:8] = b"\0\0\0\0"
+    if magic != TABLE_MAGIC or zlib.crc32(check) != crc:
+        return broken(toff, "snapshot table magic or checksum mismatch")
+    if nb != h["nb_snapshots"]:
+        return broken(
+            fo["nb_snapshots"],
+            f"header says {h['nb_snapshots']} snapshots, the snapshot table holds {nb}",
+        )
+    table_chunks = ((toff - d) // cs, -(-tsize // cs))
+    rc_chunks = ((roff - d) // cs, -(-rsize // cs)) if rsize else (0, 0)
+    if rsize and _overlap(table_chunks, rc_chunks):
+        return broken(fo["refcount_table_offset"], "refcount table overlaps the snapshot table")
+    rc_raw = img.read_meta(roff, rsize) if rsize else b""
+    if zlib.crc32(rc_raw) != rc_crc:
+        return broken(roff, "refcount table checksum mismatch")
+    refcount = np.frombuffer(rc_raw, dtype="<u2").astype(np.uint16)
+    if len(refcount) > nphys and refcount[nphys:].any():
+        return broken(roff, "refcount table counts chunks past the end of the file")
+    owner = np.zeros(nphys, dtype=bool)  # chunks of snapshot metadata so far
+    for first, n in (table_chunks, rc_chunks):
+        owner[first : first + n] = True
+    entries = _parse_entries(img, st, raw, nb, file_size, owner)
+    if entries is None:
+        return
+    st.entries, st.refcount = entries, refcount
+    st.table_chunks, st.refcount_chunks = table_chunks, rc_chunks
+    held_meta = np.flatnonzero((refcount[:nphys] > 0) & owner[: len(refcount)])
+    if len(held_meta):
+        img.problem(
+            roff + 2 * int(held_meta[0]),
+            f"refcount table counts snapshot metadata chunk {int(held_meta[0])}",
+            len(held_meta),
+        )
+    _apply_revert_marker(img, st, revert_id, revert_epoch)
+    _set_frozen(img, st, install=False)
+
+
+def _overlap(r1, r2):
+    return r1[1] and r2[1] and r1[0] < r2[0] + r2[1] and r2[0] < r1[0] + r1[1]
+
+
+def _parse_entries(img, st, raw, nb, file_size, owner):
+    """The entries of a snapshot table, every range bounded by the file and disjoint
+    from the other metadata (`owner` marks it); None when the table is unusable."""
+    h = img.header
+    cs, d = img.chunk_size, h["data_offset"]
+    toff = h["snapshot_table_offset"]
+    pos = TABLE_HEAD.size
+    tbytes = 4 * img.nchunks
+    names, entries = set(), []
+
+    def broken(offset, what):
+        img.problem(offset, what + " (repair drops every snapshot)")
+        st.broken = what
+
+    def inside(off, size):
+        return off >= d and (off - d) % cs == 0 and off + size <= file_size
+
+    for _ in range(nb):
+        where = toff + pos
+        if pos + ENTRY.size > len(raw):
+            return broken(where, "snapshot table entry overruns the table")
+        (sid, created, size, t_off, t_crc, nlen, xsize, vm_off, vm_size, vm_crc, _r2) = (
+            ENTRY.unpack_from(raw, pos)
+        )
+        pos += ENTRY.size
+        if xsize % 8 or pos + xsize > len(raw):
+            return broken(where + 38, f"snapshot extra data size {xsize} out of range")
+        bm_off = bm_crc = 0
+        if xsize >= EXTRA_BITMAP.size:
+            bm_off, bm_crc, _r3 = EXTRA_BITMAP.unpack_from(raw, pos)
+        pos += xsize  # extra data past the fields known here is skipped
+        if nlen == 0 or pos + nlen > len(raw):
+            return broken(where, "snapshot name size out of range")
+        name_raw = raw[pos : pos + nlen]
+        pos += _pad8(nlen)
+        problem = None
+        try:
+            name = name_raw.decode("utf-8")
+        except UnicodeDecodeError:
+            name, problem = repr(name_raw), (where, "snapshot name is not UTF-8")
+        if h["base_format"] == fmt.BASE_NONE:
+            bm_off = bm_crc = 0  # no base: a bitmap copy means nothing
+        runs = [(t_off, tbytes, where + 24, "lookup table")]
+        if h["base_format"] != fmt.BASE_NONE:
+            runs.append((bm_off, h["bitmap_size"], where + 64, "bitmap"))
+        if vm_size:
+            runs.append((vm_off, vm_size, where + 40, "vm_state"))
+        if problem is None and (
+            name in names or sid >= h["next_snapshot_id"] or any(sid == e.id for e in entries)
+        ):
+            problem = (where, f"snapshot {name!r}: duplicate name or id {sid} out of range")
+        if problem is None and size != img.size:
+            problem = (where + 16, f"snapshot {name!r}: size {size} differs from the image")
+        for off, n, field, what in runs:
+            if problem is None and not inside(off, n):
+                problem = (
+                    field,
+                    f"snapshot {name!r}: {what} at {off} is outside the data "
+                    f"area or the file ({file_size} bytes)",
+                )
+            elif problem is None:
+                first, count = (off - d) // cs, -(-n // cs)
+                if owner[first : first + count].any():
+                    problem = (
+                        field,
+                        f"snapshot {name!r}: {what} at {off} overlaps other snapshot metadata",
+                    )
+        if problem is not None:
+            img.problem(problem[0], problem[1] + " (repair deletes the snapshot)")
+            st.dropped.append(name)
+            continue
+        for off, n, _, _ in runs:
+            owner[(off - d) // cs : (off - d) // cs + -(-n // cs)] = True
+        names.add(name)
+        entries.append(
+            _Entry(sid, created, size, t_off, t_crc, name, vm_off, vm_size, vm_crc, bm_off, bm_crc)
+        )
+    return entries
+
+
+def _apply_revert_marker(img, st, revert_id, revert_epoch):
+    """docs/format.md section 8: a marker holds at exactly the epoch it was written in;
+    an older one was voided by the checkpoint after it, a newer one cannot exist."""
+    h = img.header
+    if not revert_id:
+        return
+    where = h["snapshot_table_offset"] + 16
+    if revert_epoch > h["journal_epoch"]:
+        img.problem(
+            where,
+            f"revert marker for epoch {revert_epoch} is newer than the "
+            f"journal epoch {h['journal_epoch']} (repair clears it)",
+        )
+        st.rewrite = True
+        return
+    if revert_epoch != h["journal_epoch"]:
+        return
+    # A revert committed but not yet checkpointed: the front is that snapshot's table.
+    target = [e for e in st.entries if e.id == revert_id]
+    try:
+        if not target:
+            raise CorruptImageError(
+                img.path, where, f"pending revert to unknown snapshot id {revert_id}"
+            )
+        table = read_snapshot_table(img, target[0])
+        bits = read_snapshot_bitmap(img, target[0]) if img.bitmap is not None else None
+    except CorruptImageError as e:
+        img.problem(
+            e.offset,
+            f"{e.what}; the pending revert cannot be applied "
+            f"(repair clears it: the image stays as before the revert)",
+        )
+        st.rewrite = True
+        return
+    img.table = table
+    if img.partial is not None:
+        img.partial.clear()  # the old front's partial chunks went with it
+    if bits is not None:  # ... and its bitmap is the front's bitmap
+        img.bitmap.fresh[:] = bits
+        img.bitmap.stale[:] = bits
+
+
+def _set_frozen(img, st, install=True):
+    n = max(len(st.refcount), len(img.frozen), 1024)
+    frozen = np.zeros(n, dtype=np.uint8)
+    frozen[: len(st.refcount)] = st.refcount > 0
+    img.frozen = frozen
+    if install:
+        img.chunk_map.set_frozen(frozen)
+
+
+def read_snapshot_table(img, e):
+    """The snapshot's lookup table, checksum and entries validated (CorruptImageError)."""
+    raw = img.read_meta(e.table_offset, 4 * img.nchunks)
+    if zlib.crc32(raw) != e.table_crc:
+        raise CorruptImageError(
+            img.path, e.table_offset, f"snapshot {e.name!r}: lookup table checksum mismatch"
+        )
+    table = np.frombuffer(raw, dtype="<u4").astype(np.uint32)
+    problems = lookup_table_problems(img, e, table)
+    if problems:
+        raise CorruptImageError(img.path, problems[0][0], problems[0][1])
+    return table
+
+
+def lookup_table_problems(img, e, table):
+    """[(offset, what, count)] of a snapshot's lookup table: entries past the end of the
+    file, into snapshot metadata, or mapping one chunk twice."""
+    st = img.snapshot_state
+    d, cs = img.header["data_offset"], img.chunk_size
+    nphys = max(0, -(-(os.fstat(img.fd).st_size - d) // cs))
+    out = []
+    alloc = np.flatnonzero(table < fmt.ZERO_CHUNK)
+    held = table[alloc]
+    past = alloc[held >= nphys]
+    if len(past):
+        v = int(past[0])
+        out.append(
+            (
+                e.table_offset + 4 * v,
+                f"snapshot {e.name!r}: entry {int(table[v])} of "
+                f"chunk {v} points past the end of the file",
+                len(past),
+            )
+        )
+    ok = alloc[held < nphys]
+    meta = st.meta_mask(nphys) if st is not None else np.zeros(0, dtype=bool)
+    inmeta = ok[meta[table[ok]]] if len(meta) else ok[:0]
+    if len(inmeta):
+        v = int(inmeta[0])
+        out.append(
+            (
+                e.table_offset + 4 * v,
+                f"snapshot {e.name!r}: entry {int(table[v])} of "
+                f"chunk {v} points into snapshot metadata",
+                len(inmeta),
+            )
+        )
+    vals = np.sort(table[ok])
+    ndup = int(np.count_nonzero(vals[1:] == vals[:-1]))
+    if ndup:
+        out.append(
+            (
+                e.table_offset,
+                f"snapshot {e.name!r} maps one physical chunk from several virtual chunks",
+                ndup,
+            )
+        )
+    return out
+
+
+def read_snapshot_bitmap(img, e):
+    """The snapshot's copy of the base bitmap (uint8 array, bitmap_size bytes)."""
+    raw = img.read_meta(e.bitmap_offset, img.header["bitmap_size"])
+    if zlib.crc32(raw) != e.bitmap_crc:
+        raise CorruptImageError(
+            img.path, e.bitmap_offset, f"snapshot {e.name!r}: bitmap checksum mismatch"
+        )
+    return np.frombuffer(raw, dtype=np.uint8).copy()
+
+
+def _needs_base(img, bits):
+    """True when a bitmap has a clear bit below the end of the base (min(base, size))."""
+    bend = min(img.header["base_size"], img.size)
+    nb = -(-bend // img.block_size)
+    return bool(nb) and not get_bits(bits, 0, nb).all()
+
+
+def snapshots_need_base(img):
+    """True when some snapshot still reads blocks from the base (prefetch must then keep
+    the base attached). Reads each snapshot's bitmap (one read each)."""
+    st = img.snapshot_state
+    if st is None or img.bitmap is None:
+        return False
+    return any(_needs_base(img, read_snapshot_bitmap(img, e)) for e in st.entries)
+
+
+def _state(img):
+    img.check_open()
+    if img.snapshot_state is None:
+        st = SnapshotState()
+        st._img = img
+        img.snapshot_state = st
+    return img.snapshot_state
+
+
+def _writable_state(img):
+    img.check_writable()
+    return _state(img)
+
+
+# ----- commit ------------------------------------------------------------------------
+def _commit(img, st, entries, refcount, extra=(), revert=(0, 0), refcount_chunks=None):
+    """Write a new snapshot table (+ refcount table unless reused) and extra chunk contents
+    to fresh contiguous chunks, sync, then commit with one header write + sync.
+
+    `extra` is a list of (nbytes, buffer-or-None) regions appended in order (each rounded up
+    to whole chunks); returns the host offsets of the extra regions. Old table chunks are
+    released once the header no longer points at them."""
+    cs, d = img.chunk_size, img.header["data_offset"]
+    rc_raw = refcount.astype("<u2").tobytes() if len(entries) else b""
+    rc_crc = zlib.crc32(rc_raw)
+    # entries need the offsets of the extra regions: allocate first, encode after
+    sizes = []
+    if entries:
+        tsize = TABLE_HEAD.size + sum(entry_size(e) for e in entries)
+        sizes.append(tsize)
+        if refcount_chunks is None:
+            sizes.append(len(rc_raw))
+    sizes.extend(n for n, _ in extra)
+    nch = [-(-n // cs) for n in sizes]
+    first = img.allocator.allocate_run(sum(nch)) if sum(nch) else 0
+    img.grow_frozen(first + sum(nch))
+    offs, p = [], first
+    for k in nch:
+        offs.append(d + p * cs)
+        p += k
+    extra_offs = offs[len(offs) - len(extra) :] if extra else []
+    return first, nch, offs, extra_offs, rc_raw, rc_crc
+
+
+def _write_and_commit(img, st, entries, refcount, layout, extra, revert, refcount_chunks):
+    first, nch, offs, extra_offs, rc_raw, rc_crc = layout
+    cs, d = img.chunk_size, img.header["data_offset"]
+    old_runs = [r for r in (st.table_chunks, st.refcount_chunks) if r[1]]
+    h = {}
+    if entries:
+        table = encode_table(entries, rc_crc, *revert)
+        bufs = [(offs[0], table)]
+        new_table_chunks = (first, nch[0])
+        if refcount_chunks is None:
+            if rc_raw:
+                bufs.append((offs[1], rc_raw))
+            new_rc_chunks = (first + nch[0], nch[1]) if rc_raw else (0, 0)
+            roff = offs[1] if rc_raw else 0
+        else:
+            new_rc_chunks = refcount_chunks
+            roff = d + refcount_chunks[0] * cs if refcount_chunks[1] else 0
+            old_runs = [r for r in old_runs if r != refcount_chunks]
+        bufs += [(o, b) for o, (n, b) in zip(extra_offs, extra) if b is not None and n]
+        _write_runs(img, bufs)
+        h.update(
+            snapshot_table_offset=offs[0],
+            snapshot_table_size=len(table),
+            nb_snapshots=len(entries),
+            refcount_table_offset=roff,
+            refcount_table_size=len(rc_raw),
+            incompatible_features=img.header["incompatible_features"] | fmt.INCOMPAT_SNAPSHOTS,
+        )
+    else:
+        new_table_chunks = new_rc_chunks = (0, 0)
+        h.update(
+            snapshot_table_offset=0,
+            snapshot_table_size=0,
+            nb_snapshots=0,
+            refcount_table_offset=0,
+            refcount_table_size=0,
+            incompatible_features=img.header["incompatible_features"] & ~fmt.INCOMPAT_SNAPSHOTS,
+        )
+    img.sync()
+    return h, new_table_chunks, new_rc_chunks, old_runs
+
+
+def _write_runs(img, bufs):
+    """Write (offset, bytes) regions; adjacent ones go out as one pwritev."""
+    bufs = sorted(bufs, key=lambda t: t[0])
+    i = 0
+    while i < len(bufs):
+        off, group = bufs[i][0], [bufs[i][1]]
+        end = off + len(bufs[i][1])
+        j = i + 1
+        while j < len(bufs) and bufs[j][0] == end:  # no zero padding is written
+            group.append(bufs[j][1])
+            end = bufs[j][0] + len(bufs[j][1])
+            j += 1
+        total = sum(len(b) for b in group)
+        done = 0
+        while done < total:
+            views = _skip(group, done)
+            done += os.pwritev(img.fd, views, off + done)
+        img.stats.metadata_writes += 1
+        img.stats.metadata_bytes_written += total
+        i = j
+
+
+def _skip(bufs, n):
+    out = []
+    for b in bufs:
+        mv = memoryview(b).cast("B")
+        if n >= len(mv):
+            n -= len(mv)
+            continue
+        out.append(mv[n:])
+        n = 0
+    return out
+
+
+def _trim_tail(img):
+    """Give free chunks at the end of the data area back to the file system."""
+    alloc = img.allocator
+    alloc.reclaim()
+    used = np.flatnonzero(img.in_use())
+    last = int(used[-1]) + 1 if len(used) else 0
+    if last >= alloc.end or alloc.pending or alloc.retired:
+        return  # (a retired chunk may still be read: cut the tail later)
+    alloc.free = [i for i in alloc.free if i < last]
+    heapq.heapify(alloc.free)
+    alloc.end = last
+    end = img.header["data_offset"] + last * img.chunk_size
+    if os.fstat(img.fd).st_size > end:
+        os.ftruncate(img.fd, end)
+
+
+def _release_runs(img, run_list):
+    idx = []
+    for a, n in run_list:
+        idx.extend(range(a, a + n))
+    if idx:
+        img.allocator.release_now(idx)
+
+
+# ----- operations ---------------------------------------------------------------------
+def create_snapshot(img, name, vm_state=b""):
+    """A read-only snapshot of the current contents; returns its SnapshotInfo.
+
+    With a base image the snapshot also gets a copy of the durable (stale) bitmap. The
+    image lock is held throughout, so a prefetch or copy-on-read store in another thread
+    cannot change the table or the bitmap between the flush and the copy."""
+    st = _writable_state(img)
+    with img.lock:
+        img.check_open()
+        _freeze_front(img)
+        try:
+            return _create(img, st, name, vm_state)
+        finally:
+            _set_frozen(img, st)  # the committed refcounts (or the old ones)
+
+
+def _freeze_front(img):
+    """Point in time: every chunk the front maps is frozen, then the fast-path writes
+    that saw one unfrozen are waited for. From here on a write to the front copies (slow
+    path, behind the image lock), so the snapshot's chunks hold what was acknowledged
+    before the snapshot began (or during it, never after it returned)."""
+    t = img.table
+    held = t[t < fmt.ZERO_CHUNK]
+    n = max(len(img.frozen), int(held.max()) + 1 if len(held) else 0, 1024)
+    frozen = np.zeros(n, dtype=np.uint8)
+    frozen[: len(img.frozen)] = img.frozen
+    frozen[held] = 1
+    img.frozen = frozen
+    img.chunk_map.set_frozen(frozen)
+    img.allocator.quiesce(time.sleep)
+
+
+def _undo_commit(img, saved_header, layout):
+    """A snapshot commit failed before its header was written: forget its chunks."""
+    img.header.clear()
+    img.header.update(saved_header)
+    first, nch = layout[0], layout[1]
+    img.abandon_chunks(list(range(first, first + sum(nch))))
+
+
+def _create(img, st, name, vm_state):
+    check_name(name)
+    if any(e.name == name for e in st.entries):
+        raise ValueError(f"{img.path}: a snapshot named {name!r} already exists")
+    vm = memoryview(vm_state).cast("B")
+    img.flush()
+    if img.partial is not None:
+        img.partial.complete_all(img)  # snapshots hold whole chunks (fvd.granular)
+    table = img.table
+    entries_mask = table < fmt.ZERO_CHUNK
+    held = table[entries_mask]
+    n = max(len(st.refcount), int(held.max()) + 1 if len(held) else 0)
+    rc = np.zeros(n, dtype=np.uint32)
+    rc[: len(st.refcount)] = st.refcount
+    # the front never maps one physical chunk twice, so each held chunk gains exactly 1
+    rc[held] += 1
+    if len(held) and rc[held].max() > REFCOUNT_MAX:
+        bad = int(held[np.argmax(rc[held])])
+        raise RefcountOverflowError(
+            f"{img.path}: chunk {bad} is already held by "
+            f"{REFCOUNT_MAX} snapshots; delete some snapshots first"
+        )
+    refcount = rc.astype(np.uint16)
+    tbytes = table.astype("<u4").tobytes()
+    entry = _Entry(
+        img.header["next_snapshot_id"],
+        time.time_ns(),
+        img.size,
+        0,
+        zlib.crc32(tbytes),
+        name,
+        0,
+        len(vm),
+        zlib.crc32(vm) if len(vm) else 0,
+    )
+    entries = st.entries + [entry]
+    extra = [(len(tbytes), tbytes)]
+    if img.bitmap is not None:
+        # the bits that are durable now (flush above): soft bits name data that is also
+        # in the base, so the snapshot reads those blocks from the base
+        bits = img.bitmap.stale.tobytes()
+        entry.bitmap_crc = zlib.crc32(bits)
+        extra.append((len(bits), bits))
+    extra.append((len(vm), vm))
+    saved = dict(img.header)
+    layout = _commit(img, st, entries, refcount, extra)
+    entry.table_offset = layout[3][0]
+    if img.bitmap is not None:
+        entry.bitmap_offset = layout[3][1]
+    entry.vm_offset = layout[3][-1] if len(vm) else 0
+    try:
+        h, tch, rch, old = _write_and_commit(
+            img, st, entries, refcount, layout, extra, (0, 0), None
+        )
+        img.write_header(next_snapshot_id=entry.id + 1, **h)
+    except BaseException:
+        _undo_commit(img, saved, layout)
+        raise
+    # The header is written: from here on memory follows it, even if the sync fails
+    # (then the old metadata chunks are kept: a leak at most, never a reuse).
+    st.entries, st.refcount = entries, refcount
+    st.table_chunks, st.refcount_chunks = tch, rch
+    img.stats.refcount_updates += len(held)
+    _set_frozen(img, st)
+    img.sync()  # commit point
+    _release_runs(img, old)
+    _trim_tail(img)
+    return entry.info()
+
+
+def list_snapshots(img):
+    img.check_open()
+    st = img.snapshot_state
+    return [e.info() for e in st.entries] if st is not None else []
+
+
+def delete_snapshot(img, name):
+    """Drop a snapshot; chunks nothing else holds become free (reused before growing)."""
+    st = _writable_state(img)
+    with img.lock:
+        img.check_open()
+        _delete(img, st, name)
+
+
+def _delete(img, st, name):
+    e = st.find(name, img.path)
+    if st.views.get(e.id):
+        raise SnapshotBusyError(
+            f"{img.path}: snapshot {name!r} is open (open_snapshot); "
+            f"close its views before deleting it"
+        )
+    img.flush()  # the durable front table is the in-memory one
+    stable = read_snapshot_table(img, e)
+    held = stable[stable < fmt.ZERO_CHUNK]
+    if len(held) and int(held.max()) >= len(st.refcount):
+        raise CorruptImageError(
+            img.path, e.table_offset, f"snapshot {name!r} holds chunks past the refcount table"
+        )
+    rc = st.refcount.astype(np.int32)
+    if len(held) and (rc[held] <= 0).any():
+        raise CorruptImageError(
+            img.path,
+            img.header["refcount_table_offset"],
+            f"snapshot {name!r} holds chunks whose refcount is 0 (run check -r all)",
+        )
+    rc[held] -= 1
+    entries = [x for x in st.entries if x is not e]
+    dropped = held[rc[held] == 0]
+    front = front_usage(img.table, len(rc))
+    if img.partial is not None:  # a partial chunk's source stays (fvd.granular)
+        sources = img.partial.sources()
+        front[sources[sources < len(front)]] += 1
+    freed = dropped[front[dropped] == 0] if len(dropped) else dropped
+    # trim the refcount table past its last nonzero entry
+    nz = np.flatnonzero(rc)
+    refcount = rc[: int(nz[-1]) + 1 if len(nz) else 0].astype(np.uint16)
+    saved = dict(img.header)
+    layout = _commit(img, st, entries, refcount)
+    try:
+        h, tch, rch, old = _write_and_commit(img, st, entries, refcount, layout, [], (0, 0), None)
+        img.write_header(**h)
+    except BaseException:
+        _undo_commit(img, saved, layout)
+        raise
+    old = old + st.entry_chunks(img, e)
+    st.entries, st.refcount = entries, refcount  # memory follows the written header
+    st.table_chunks, st.refcount_chunks = tch, rch
+    img.stats.refcount_updates += len(held)
+    _set_frozen(img, st)
+    img.sync()  # commit point
+    _release_runs(img, old)
+    if len(freed):
+        img.allocator.release_now(int(i) for i in np.unique(freed))
+    _trim_tail(img)
+
+
+def revert_to_snapshot(img, name):
+    """The front becomes the snapshot's contents; the snapshot and all others stay.
+
+    Crash atomicity: checkpoint (empty journal at epoch E), then commit a snapshot table
+    carrying "revert to id at epoch E" (open applies it while the epoch is still E), then
+    checkpoint the new table in place, which moves the epoch past E and voids the marker.
+    With a base image the snapshot's bitmap replaces the front's in the same steps (it is
+    written by the checkpoint; an open under the marker reads the snapshot's copy)."""
+    st = _writable_state(img)
+    with img.lock:
+        img.check_open()
+        _revert(img, st, name)
+
+
+def _revert(img, st, name):
+    e = st.find(name, img.path)
+    img.flush()
+    new_table = read_snapshot_table(img, e)
+    new_bits = read_snapshot_bitmap(img, e) if img.bitmap is not None else None
+    if new_bits is not None and img.base_layer is None and _needs_base(img, new_bits):
+        raise CorruptImageError(
+            img.path,
+            e.bitmap_offset,
+            f"snapshot {name!r} reads the base image, but the image is marked prefetched",
+        )
+    old_table = img.table.copy()
+    img.dirty_since_checkpoint = True
+    img.checkpoint(clean=False)  # journal empty at the current epoch
+    epoch = img.header["journal_epoch"]
+    saved = dict(img.header)
+    layout = _commit(img, st, st.entries, st.refcount, refcount_chunks=st.refcount_chunks)
+    try:
+        h, tch, _, old = _write_and_commit(
+            img, st, st.entries, st.refcount, layout, [], (e.id, epoch), st.refcount_chunks
+        )
+        img.write_header(**h)
+    except BaseException:
+        _undo_commit(img, saved, layout)
+        raise
+    st.table_chunks = tch  # memory follows the written header
+    img.sync()  # commit point
+    old_sources = np.zeros(0, dtype=np.int64)
+    if img.partial is not None:  # the old front's partial chunks go with it
+        old_sources = img.partial.detach(img)
+    _swap_front(img, new_table, new_bits)
+    img.dirty_since_checkpoint = True
+    img.checkpoint(clean=False)  # table in place, epoch E+1
+    _release_runs(img, old)
+    # chunks only the old front used (not frozen: every entry of new_table is frozen)
+    mask = old_table < fmt.ZERO_CHUNK
+    cand = np.concatenate([old_table[mask].astype(np.int64), old_sources])
+    fz = img.frozen
+    cand = cand[(cand >= len(fz)) | (fz[np.minimum(cand, len(fz) - 1)] == 0)]
+    if len(cand):
+        img.allocator.release_now(int(i) for i in cand)
+    _trim_tail(img)
+
+
+def _swap_front(img, new_table, new_bits):
+    """Install the reverted table and bitmap, in place (the chunk map views them), in an
+    order lock-free readers can follow: a reader pairs a bit (base or image) with a table
+    entry, so bits leaving go first (those blocks read the base, which the new front
+    reads too), then the table, then the bits arriving, each step after the readers that
+    saw the previous state have finished (a grace period of the chunk map)."""
+    bm = img.bitmap
+    if new_bits is not None:
+        np.bitwise_and(bm.fresh, new_bits, out=bm.fresh)
+        np.bitwise_and(bm.stale, new_bits, out=bm.stale)
+        img.allocator.quiesce(time.sleep)  # no reader still acts on a cleared bit
+    img.table[:] = new_table
+    if new_bits is not None:
+        img.allocator.quiesce(time.sleep)  # no reader still holds an old entry
+        bm.fresh[:] = new_bits
+        bm.stale[:] = new_bits
+
+
+def read_vm_state(img, name):
+    st = _state(img)
+    with img.lock:  # a concurrent delete may not free the chunks meanwhile
+        return _read_vm_state(img, st, name)
+
+
+def _read_vm_state(img, st, name):
+    img.check_open()
+    e = st.find(name, img.path)
+    if not e.vm_size:
+        return b""
+    data = img.read_meta(e.vm_offset, e.vm_size)
+    if zlib.crc32(data) != e.vm_crc:
+        raise CorruptImageError(
+            img.path, e.vm_offset, f"snapshot {name!r}: vm_state checksum mismatch"
+        )
+    return data
+
+
+# ----- read-only views ------------------------------------------------------------------
+class SnapshotView:
+    """A read-only view of one snapshot, with its own read-only file descriptor.
+
+    With a base image: blocks whose bit is clear in the snapshot's bitmap (below the end
+    of the base) read from the base, through the view's own read-only open of it (so the
+    view outlives the image handle's base layer); the rest as for the front."""
+
+    read_only = True
+    base_layer = None
+    partial = None
+
+    def __init__(self, img, entry):
+        self.path = img.path
+        self.name = entry.name
+        self.size = img.size
+        self.chunk_size = img.chunk_size
+        self.block_size = img.block_size
+        self.header = {"data_offset": img.header["data_offset"]}
+        self.facts = {k: img.header.get(k, 0) for k in ("base_format", "bitmap_size", "base_size")}
+        self.closed = True
+        self.state = img.snapshot_state
+        self.snapshot_id = entry.id
+        self.stats = img.impl.Stats()
+        self.fd = os.open(img.path, os.O_RDONLY)
+        try:
+            raw = os.pread(self.fd, 4 * img.nchunks, entry.table_offset)
+            self.stats.metadata_reads += 1
+            self.stats.metadata_bytes_read += len(raw)
+            if len(raw) != 4 * img.nchunks or zlib.crc32(raw) != entry.table_crc:
+                raise CorruptImageError(
+                    img.path,
+                    entry.table_offset,
+                    f"snapshot {entry.name!r}: lookup table checksum mismatch or truncated",
+                )
+            self.table = np.frombuffer(raw, dtype="<u4").astype(np.uint32)
+            problems = lookup_table_problems(img, entry, self.table)
+            if problems:
+                raise CorruptImageError(img.path, problems[0][0], problems[0][1])
+            self.chunk_map = img.impl.ChunkMap(
+                self.fd,
+                self.table,
+                np.ones(0, dtype=np.uint8),
+                self.chunk_size,
+                self.header["data_offset"],
+                self.size,
+                self.stats,
+            )
+            self.chunk_map.error = img.io_error
+            if img.bitmap is not None:
+                self._attach_base(img, entry)
+        except BaseException:
+            if self.base_layer is not None:
+                self.base_layer.close()
+            os.close(self.fd)
+            raise
+        with self.state.views_lock:
+            self.state.views[self.snapshot_id] = self.state.views.get(self.snapshot_id, 0) + 1
+        self.closed = False
+
+    def _attach_base(self, img, entry):
+
+        h = img.header
+        raw = os.pread(self.fd, h["bitmap_size"], entry.bitmap_offset)
+        self.stats.metadata_reads += 1
+        self.stats.metadata_bytes_read += len(raw)
+        if len(raw) != h["bitmap_size"] or zlib.crc32(raw) != entry.bitmap_crc:
+            raise CorruptImageError(
+                img.path,
+                entry.bitmap_offset,
+                f"snapshot {entry.name!r}: bitmap checksum mismatch or truncated",
+            )
+        bits = np.frombuffer(raw, dtype=np.uint8)
+        if not _needs_base(img, bits):
+            return  # every block is in the image: no base needed
+        self.bitmap = Bitmap(raw, -(-h["base_size"] // self.block_size), 0)
+        self.header["base_size"] = h["base_size"]
+        path = h["_base_path"]
+        backend = _open_backend(path, h["base_format"], (os.path.realpath(img.path),))
+        if backend.size != h["base_size"]:
+            backend.close()
+
+            raise BaseImageError(
+                f"{path}: base image size changed from {h['base_size']} to {backend.size} bytes"
+            )
+        self.base_layer = BaseLayer(self, backend, path, False)
+        self.base_layer.attach_map()
+
+    def check_open(self):
+        if self.closed:
+            raise ValueError(f"{self.path}: I/O on a closed snapshot view")
+
+    def readinto(self, offset, buffer):
+        self.check_open()
+        if self.base_layer is not None and not self.base_layer.fast_read:
+            return self.base_layer.readinto(offset, buffer)
+        return self.chunk_map.readinto(offset, buffer)
+
+    def read(self, offset, length):
+        buf = bytearray(length)
+        self.readinto(offset, buf)
+        return bytes(buf)
+
+    def write(self, offset, data):
+        raise ReadOnlyImageError(self.path)
+
+    def close(self):
+        if self.closed:
+            return
+        self.closed = True
+        self.chunk_map.closed = True
+        drain_map(self.chunk_map)  # reads already inside finish on the open fd
+        if self.base_layer is not None:
+            self.base_layer.close()
+            self.base_layer = None
+        os.close(self.fd)
+        with self.state.views_lock:
+            left = self.state.views.get(self.snapshot_id, 1) - 1
+            if left:
+                self.state.views[self.snapshot_id] = left
+            else:
+                self.state.views.pop(self.snapshot_id, None)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self):
+        return f"<fvd snapshot view {self.path!r} {self.name!r}>"
+
+
+def open_snapshot(img, name):
+    st = _state(img)
+    with img.lock:  # no delete between finding the entry and counting the view
+        img.check_open()
+        return SnapshotView(img, st.find(name, img.path))
+
+
+def store_refcounts(img, st, refcount):
+    """Commit a new refcount table (and snapshot table) copy-on-write; repair helper."""
+    layout = _commit(img, st, st.entries, refcount)
+    h, tch, rch, old = _write_and_commit(img, st, st.entries, refcount, layout, [], (0, 0), None)
+    img.write_header(**h)
+    img.sync()  # commit point
+    st.refcount, st.table_chunks, st.refcount_chunks = refcount, tch, rch
+    _set_frozen(img, st)
+    _release_runs(img, old)
+
+
+# ----- check -------------------------------------------------------------------------------
+def _check_snapshot_bitmap(img, e, table, result):
+    """The snapshot's bitmap copy: checksum, and no bit set in a chunk its table leaves
+    unallocated (the view would read zeros there instead of the base). Returns True when
+    clean; repair deletes the snapshot otherwise (it is read-only)."""
+
+    try:
+        bits = read_snapshot_bitmap(img, e)
+    except CorruptImageError as err:
+        result.corruptions += 1
+        result.messages.append(f"ERROR {err}")
+        return False
+    nblocks = -(-img.header["base_size"] // img.block_size)
+    bad = marked_unallocated(bits, nblocks, table, img.chunk_size, img.block_size)
+    for v in bad.tolist()[:10]:
+        result.messages.append(
+            f"ERROR snapshot {e.name!r}: bitmap marks blocks of "
+            f"unallocated chunk {v} as in the image"
+        )
+    result.corruptions += len(bad)
+    return not len(bad)
+
+
+def _check(st, img, result, repair):
+    """Recompute refcounts from every snapshot table; find leaks and double use.
+
+    With repair, damaged snapshots are deleted (reported as lost), the refcount table is
+    rewritten from what the remaining snapshots hold, and an invalid revert marker is
+    cleared; all in one copy-on-write commit."""
+    d, cs = img.header["data_offset"], img.chunk_size
+    lost = list(st.dropped)
+    if st.broken:
+        result.messages.append(f"ERROR snapshot metadata unusable ({st.broken})")
+    nfile = -(-(os.fstat(img.fd).st_size - d) // cs)  # tables are bounded by the file
+    nphys = max(len(st.refcount), img.allocator.end, nfile, 1)
+    owner = np.zeros(nphys, dtype=np.int8)  # 1 = snapshot metadata
+    for a, n in st.metadata_runs(img):
+        owner[a : a + n] = 1  # disjoint and inside the file: checked at open
+    counted = np.zeros(len(owner), dtype=np.int64)
+    keep = []
+    for e in st.entries:
+        try:
+            t = read_snapshot_table(img, e)
+        except CorruptImageError as err:
+            t = None
+            if err.what.endswith("checksum mismatch"):
+                problems = [(err.offset, err.what, 1)]
+            else:
+                raw = np.frombuffer(
+                    img.read_meta(e.table_offset, 4 * img.nchunks), dtype="<u4"
+                ).astype(np.uint32)
+                problems = lookup_table_problems(img, e, raw)
+            for off, what, n in problems:
+                result.corruptions += n
+                result.messages.append(f"ERROR at offset {off}: {what}")
+        if t is not None and e.bitmap_offset and not _check_snapshot_bitmap(img, e, t, result):
+            t = None
+        if t is None:
+            lost.append(e.name)
+            continue
+        keep.append(e)
+        held = t[t < fmt.ZERO_CHUNK].astype(np.int64)
+        np.add.at(counted, held, 1)
+    front = img.table[img.table < fmt.ZERO_CHUNK].astype(np.int64)
+    fm = front[front < len(owner)]
+    fm = fm[owner[fm] == 1]
+    if len(fm) and not img.for_check:  # check mode counted them at open
+        result.corruptions += len(fm)
+        result.messages.append(
+            f"ERROR the lookup table points into snapshot metadata (chunk {int(fm[0])})"
+        )
+    stored = np.zeros(len(counted), dtype=np.int64)
+    stored[: len(st.refcount)] = st.refcount[: len(counted)]
+    under = np.flatnonzero(stored < counted)
+    over = np.flatnonzero(stored > counted)
+    for p in under[:10]:
+        result.messages.append(
+            f"ERROR chunk {int(p)} refcount={int(stored[p])} "
+            f"reference={int(counted[p])} (host offset {d + int(p) * cs})"
+        )
+    result.corruptions += len(under)
+    for p in over[:10]:
+        result.messages.append(
+            f"Leaked chunk {int(p)} refcount={int(stored[p])} reference={int(counted[p])}"
+        )
+    result.leaks += len(over)
+    if st.rewrite:
+        result.messages.append("ERROR the revert marker is invalid")
+    changed = len(under) or len(over) or lost or st.rewrite or st.broken
+    if not (repair and changed) or img.read_only:
+        return
+    if lost:
+        result.messages.append(
+            f"Repair deletes damaged snapshot(s) {sorted(set(lost))} (their contents are lost)"
+        )
+    if st.broken:
+        result.messages.append("Repair drops the unusable snapshot table: every snapshot is lost")
+    fixed = counted.clip(0, REFCOUNT_MAX).astype(np.uint16)
+    nz = np.flatnonzero(fixed)
+    fixed = fixed[: int(nz[-1]) + 1 if len(nz) else 0]
+    img.flush()
+    st.entries = keep
+    store_refcounts(img, st, fixed)
+    st.dropped, st.rewrite, st.broken = [], False, None
+    img.stats.refcount_updates += int(len(under) + len(over))
+    usage = front_usage(img.table, len(stored))
+    gone = [int(p) for p in over if counted[p] == 0 and usage[p] == 0 and owner[p] == 0]
+    if gone:
+        img.allocator.release_now(gone)

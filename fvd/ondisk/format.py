@@ -1,0 +1,270 @@
+"""On-disk layout of an FVD image (docs/format.md is the specification).
+
+`construct` parses and builds the header and journal-sector headers at open,
+checkpoint and close; nothing here runs per guest I/O.
+"""
+
+import zlib
+
+from construct import Const, Int32ul, Int64ul, Padding, Struct
+
+from fvd.errors import CorruptImageError, UnsupportedFeatureError
+from fvd.units import KiB, MiB
+
+MAGIC = 0x5143F5A9  # on disk: A9 F5 43 51 (the 2011 FVD magic)
+VERSION = 2
+HEADER_SIZE = 512  # bytes covered by the header checksum (one sector: atomic)
+HEADER_REGION = 4096  # the header region; the rest is reserved zeros
+ALIGN = 4096  # every region starts on a 4 KiB boundary
+
+
+# Lookup-table entries (uint32 physical chunk index, little-endian).
+UNALLOCATED = 0xFFFFFFFF  # reads from the base image (or zeros without one)
+ZERO_CHUNK = 0xFFFFFFFE  # reads as zeros, never from the base
+MAX_PHYS_CHUNKS = 0xFFFFFFF0  # physical indexes are below this
+
+# Incompatible features: a reader that does not know a bit must refuse the image.
+INCOMPAT_BASE = 1 << 0  # unwritten blocks come from a base image
+INCOMPAT_SNAPSHOTS = 1 << 1  # chunks may be shared with snapshots (copy on write)
+INCOMPAT_PARTIAL = 1 << 2  # partly copied chunks may exist (fvd.granular)
+KNOWN_INCOMPAT = INCOMPAT_BASE | INCOMPAT_SNAPSHOTS | INCOMPAT_PARTIAL
+KNOWN_COMPAT = 0
+
+# Base formats.
+BASE_NONE, BASE_RAW, BASE_FVD, BASE_QCOW2 = 0, 1, 2, 3
+BASE_FORMATS = {"raw": BASE_RAW, "fvd": BASE_FVD, "qcow2": BASE_QCOW2}
+BASE_FORMAT_NAMES = {v: k for k, v in BASE_FORMATS.items()}
+BASE_FLAG_PREFETCHED = 1 << 0  # every base block is in the image; the base is not opened
+
+MIN_CHUNK, MAX_CHUNK = 64 * KiB, 256 * MiB
+MIN_BLOCK = 512
+MIN_GRANULE = 512
+DEFAULT_GRANULE = 4096  # granular copy-on-write: a 4 KiB-aligned write copies nothing
+MAX_VIRTUAL_SIZE = 1 << 56
+MAX_TABLE_ENTRIES = 1 << 31
+MAX_BASE_NAME = 4095
+DEFAULT_JOURNAL = 16 * MiB
+MIN_JOURNAL = 64 * KiB
+# A read-write open refuses journal_epoch >= MAX_WRITABLE_EPOCH: every checkpoint adds 1,
+# and 2^63 checkpoints leave room below 2^64 that no real image ever reaches.
+MAX_WRITABLE_EPOCH = 1 << 63
+
+Header = Struct(
+    "magic" / Const(MAGIC, Int32ul),
+    "version" / Int32ul,
+    "header_size" / Int32ul,
+    "header_crc" / Int32ul,
+    "incompatible_features" / Int64ul,
+    "compatible_features" / Int64ul,
+    "virtual_size" / Int64ul,
+    "chunk_size" / Int32ul,
+    "block_size" / Int32ul,
+    "clean_shutdown" / Int32ul,
+    "base_format" / Int32ul,
+    "base_name_offset" / Int64ul,
+    "base_name_size" / Int32ul,
+    "base_flags" / Int32ul,
+    "base_size" / Int64ul,
+    "bitmap_offset" / Int64ul,
+    "bitmap_size" / Int64ul,
+    "table_offset" / Int64ul,
+    "table_size" / Int64ul,
+    "journal_offset" / Int64ul,
+    "journal_size" / Int64ul,
+    "journal_epoch" / Int64ul,
+    "snapshot_table_offset" / Int64ul,
+    "snapshot_table_size" / Int64ul,
+    "nb_snapshots" / Int32ul,
+    "reserved0" / Int32ul,
+    "refcount_table_offset" / Int64ul,
+    "refcount_table_size" / Int64ul,
+    "data_offset" / Int64ul,
+    "next_snapshot_id" / Int64ul,
+    "table_crc" / Int32ul,
+    "bitmap_crc" / Int32ul,
+    "partial_map_offset" / Int64ul,
+    "partial_map_size" / Int64ul,
+    "partial_map_crc" / Int32ul,
+    "granule_size" / Int32ul,
+    Padding(HEADER_SIZE - 224),
+)
+assert Header.sizeof() == HEADER_SIZE
+
+CRC_FIELD = slice(12, 16)
+
+
+def round_up(n, align):
+    return (n + align - 1) // align * align
+
+
+def is_power_of_two(n):
+    return n > 0 and n & (n - 1) == 0
+
+
+def header_crc(raw):
+    """crc32 of the header bytes with the checksum field read as zero."""
+    raw = bytearray(raw[:HEADER_SIZE])
+    raw[CRC_FIELD] = b"\0\0\0\0"
+    return zlib.crc32(raw)
+
+
+def build_header(fields):
+    """Serialise a header dict (any field may be missing: it becomes 0) with its checksum."""
+    values = {f.name: 0 for f in Header.subcons if f.name and f.name != "magic"}
+    values.update({k: v for k, v in fields.items() if k in values})
+    values.update(version=VERSION, header_size=HEADER_SIZE, header_crc=0)
+    raw = bytearray(Header.build(values))
+    raw[CRC_FIELD] = header_crc(raw).to_bytes(4, "little")
+    return bytes(raw)
+
+
+def parse_header(raw, path, file_size):
+    """Parse and validate a header; raises CorruptImageError / UnsupportedFeatureError."""
+    if len(raw) < HEADER_SIZE:
+        raise CorruptImageError(path, 0, f"file is {len(raw)} bytes, shorter than a header")
+    if int.from_bytes(raw[0:4], "little") != MAGIC:
+        raise CorruptImageError(path, 0, "bad magic: not an FVD image")
+    version = int.from_bytes(raw[4:8], "little")
+    if version != VERSION:
+        raise UnsupportedFeatureError(
+            f"{path}: FVD version {version} is not supported (this code reads version {VERSION})"
+        )
+    stored = int.from_bytes(raw[CRC_FIELD], "little")
+    if stored != header_crc(raw):
+        raise CorruptImageError(path, 12, "header checksum mismatch")
+    h = dict(Header.parse(raw[:HEADER_SIZE]))
+    h.pop("_io", None)
+    unknown = h["incompatible_features"] & ~KNOWN_INCOMPAT
+    if unknown:
+        raise UnsupportedFeatureError(f"{path}: unknown incompatible feature bits {unknown:#x}")
+    validate_header(h, path, file_size)
+    return h
+
+
+def _need(cond, path, offset, what):
+    if not cond:
+        raise CorruptImageError(path, offset, what)
+
+
+# Byte offset of each header field, for error messages.
+FIELD_OFFSET = {}
+_off = 0
+for _sc in Header.subcons:
+    if _sc.name:
+        FIELD_OFFSET[_sc.name] = _off
+    _off += _sc.sizeof()
+
+
+def validate_header(h, path, file_size):
+    """Check sizes and regions so later code can trust them."""
+
+    def need(cond, field, what):
+        _need(cond, path, FIELD_OFFSET[field], what)
+
+    need(h["header_size"] == HEADER_SIZE, "header_size", "bad header size")
+    cs, bs, vs = h["chunk_size"], h["block_size"], h["virtual_size"]
+    need(
+        is_power_of_two(cs) and MIN_CHUNK <= cs <= MAX_CHUNK,
+        "chunk_size",
+        f"chunk size {cs} is not a power of two in [{MIN_CHUNK}, {MAX_CHUNK}]",
+    )
+    need(
+        is_power_of_two(bs) and MIN_BLOCK <= bs <= cs,
+        "block_size",
+        f"block size {bs} is not a power of two in [{MIN_BLOCK}, chunk size]",
+    )
+    need(0 < vs <= MAX_VIRTUAL_SIZE, "virtual_size", f"virtual size {vs} out of range")
+    nchunks = -(-vs // cs)
+    need(nchunks <= MAX_TABLE_ENTRIES, "virtual_size", "too many chunks")
+    need(h["table_size"] >= 4 * nchunks, "table_size", "table region smaller than the table")
+    need(
+        h["base_format"] in (BASE_NONE, BASE_RAW, BASE_FVD, BASE_QCOW2),
+        "base_format",
+        f"unknown base format {h['base_format']}",
+    )
+    has_base = h["base_format"] != BASE_NONE
+    need(
+        has_base == bool(h["incompatible_features"] & INCOMPAT_BASE),
+        "incompatible_features",
+        "base feature bit does not match the base format",
+    )
+    if has_base:
+        need(0 < h["base_name_size"] <= MAX_BASE_NAME, "base_name_size", "bad base name size")
+        need(
+            h["bitmap_size"] * 8 * bs >= h["base_size"],
+            "bitmap_size",
+            "bitmap too small for the base size",
+        )
+    need(
+        h["journal_size"] >= MIN_JOURNAL and h["journal_size"] % 512 == 0,
+        "journal_size",
+        "bad journal size",
+    )
+    regions = [("table_offset", "table_size"), ("journal_offset", "journal_size")]
+    if has_base:
+        regions += [("base_name_offset", "base_name_size"), ("bitmap_offset", "bitmap_size")]
+    for off_field, size_field in regions:
+        off, size = h[off_field], h[size_field]
+        need(off >= HEADER_REGION and off % 512 == 0, off_field, f"{off_field} {off} is invalid")
+        need(
+            off + size <= h["data_offset"], off_field, f"{off_field} region overlaps the data area"
+        )
+    # regions may not share bytes: a table write would land in the bitmap or the journal
+    spans = sorted((h[o], h[o] + h[n], o) for o, n in regions)
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+        need(
+            end <= start,
+            second,
+            f"{second.replace('_offset', '')} region overlaps the "
+            f"{first.replace('_offset', '')} region",
+        )
+    need(h["data_offset"] % ALIGN == 0, "data_offset", "data offset not aligned")
+    gs = h["granule_size"]
+    need(
+        gs == 0 or (is_power_of_two(gs) and MIN_GRANULE <= gs <= cs and cs // gs <= 65536),
+        "granule_size",
+        f"granule size {gs} is not a power of two in [{MIN_GRANULE}, "
+        f"chunk size] with at most 65536 granules per chunk",
+    )
+    po, ps = h["partial_map_offset"], h["partial_map_size"]
+    need((po == 0) == (ps == 0), "partial_map_offset", "partial map offset and size disagree")
+    need(
+        po == 0
+        or (
+            po >= h["data_offset"]
+            and (po - h["data_offset"]) % cs == 0
+            and po + ps <= file_size
+            and gs
+        ),
+        "partial_map_offset",
+        f"partial map [{po}, {po + ps}) is outside the data area or the file ({file_size} bytes)",
+    )
+    need(
+        h["data_offset"] <= file_size,
+        "data_offset",
+        f"file is truncated: {file_size} bytes, data area starts at {h['data_offset']}",
+    )
+
+
+def layout(size, chunk_size, block_size, base_size=0, base_name_size=0, journal_size=None):
+    """Region offsets and sizes for a new image; returns header fields."""
+    nchunks = -(-size // chunk_size)
+    pos = HEADER_REGION
+    fields = {}
+    if base_name_size:
+        fields.update(base_name_offset=pos, base_name_size=base_name_size)
+        pos += round_up(base_name_size, ALIGN)
+        nblocks = -(-base_size // block_size)
+        bitmap_size = round_up(-(-nblocks // 8), ALIGN)
+        fields.update(bitmap_offset=pos, bitmap_size=bitmap_size, base_size=base_size)
+        pos += bitmap_size
+    table_size = round_up(4 * nchunks, ALIGN)
+    fields.update(table_offset=pos, table_size=table_size)
+    pos += table_size
+    if journal_size is None:
+        journal_size = DEFAULT_JOURNAL
+    journal_size = round_up(journal_size, 512)
+    fields.update(journal_offset=pos, journal_size=journal_size)
+    pos += journal_size
+    fields["data_offset"] = round_up(pos, min(chunk_size, MiB))
+    return fields

@@ -1,0 +1,2 @@
+"""Layer 5: operations over an open image or snapshot view: check and repair, extents,
+changed extents, info, checksum, file view."""

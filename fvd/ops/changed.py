@@ -1,0 +1,273 @@
+"""Changed-block tracking from the lookup tables: which ranges may differ between two
+points in time (a snapshot, or the live front). No data is read.
+
+A *state* is a lookup table plus, with a base image, the bitmap that goes with it (the
+snapshot's copy, or the front's durable ``stale`` bits: a block whose bit is only soft
+holds the base's bytes, so it is the same as reading the base).
+
+Where byte x of a state comes from (docs/format.md, sections 7 and 8), as a *source key*:
+
+* below the base end with the block's bit clear: the base (``KEY_BASE``), which never
+  changes;
+* otherwise the chunk's entry: physical chunk p (``p``: a chunk a snapshot holds is
+  frozen, so two states mapping p read the same bytes there), or zeros (``KEY_ZERO`` for
+  ZERO and UNALLOCATED entries).
+
+Two states may differ at x exactly when their keys at x differ. The comparison runs at
+the finest granularity the format records (``Granularity``): chunks, refined to blocks
+where a base bitmap is involved. A finer per-chunk state (issue 12: per-granule bitmaps
+for partly copied chunks) plugs in as another refinement step of ``_refine``.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from fvd.errors import CorruptImageError
+from fvd.features.snapshots import SnapshotNotFoundError, SnapshotView
+from fvd.ondisk import format as fmt
+from fvd.types import Extent
+
+KEY_ZERO = np.uint64(1 << 40)  # reads as zeros
+KEY_BASE = np.uint64(1 << 41)  # reads from the base image
+
+CHANGED_DTYPE = np.dtype([("start", "<u8"), ("length", "<u8"), ("flags", "<u4")])
+FLAG_DATA = 1  # the range holds (possibly) nonzero data in the newer state
+FLAG_ZERO = 2  # the range reads as zeros in the newer state: a backup may skip it
+
+
+@dataclass
+class State:
+    """One point in time: a table (uint32 entries) and the bitmap bits that go with it
+    (uint8 array, or None without a base)."""
+
+    table: np.ndarray
+    bits: np.ndarray | None
+    snapshot_id: int | None  # None: the live front
+
+
+@dataclass
+class Geometry:
+    size: int
+    chunk_size: int
+    block_size: int
+    bend: int  # bytes below this may come from the base (0 without a base)
+
+
+# ----- reading states ------------------------------------------------------------------
+def _pread(fd: int, path: str, length: int, offset: int, crc: int, what: str) -> bytes:
+    raw = os.pread(fd, length, offset)
+    if len(raw) != length or zlib.crc32(raw) != crc:
+        raise CorruptImageError(path, offset, f"{what}: checksum mismatch or truncated")
+    return raw
+
+
+def snapshot_state(fd: int, path: str, entry, nchunks: int, bitmap_size: int) -> State:
+    """Read a snapshot's lookup table (and bitmap copy) through `fd`."""
+    raw = _pread(
+        fd,
+        path,
+        4 * nchunks,
+        entry.table_offset,
+        entry.table_crc,
+        f"snapshot {entry.name!r}: lookup table",
+    )
+    table = np.frombuffer(raw, dtype="<u4")
+    bits = None
+    if entry.bitmap_offset and bitmap_size:
+        braw = _pread(
+            fd,
+            path,
+            bitmap_size,
+            entry.bitmap_offset,
+            entry.bitmap_crc,
+            f"snapshot {entry.name!r}: bitmap",
+        )
+        bits = np.frombuffer(braw, dtype=np.uint8)
+    return State(table, bits, entry.id)
+
+
+def _resolve(owner, since: str, until: str | None):
+    """(Geometry, older State, newer State) for an Image or a SnapshotView."""
+
+    owner.check_open()
+    for name, what in ((since, "since"), (until, "until")):
+        if name is not None and not isinstance(name, str):
+            raise ValueError(f"{what} must be a snapshot name (str), not {type(name).__name__}")
+    if isinstance(owner, SnapshotView):
+        st, img_hdr, fd = owner.state, owner.facts, owner.fd
+    else:
+        st, img_hdr, fd = owner.snapshot_state, owner.header, owner.fd
+    if st is None or not st.entries:
+        raise SnapshotNotFoundError(f"{owner.path}: no snapshot named {since!r}")
+    nchunks = -(-owner.size // owner.chunk_size)
+    bsize = img_hdr.get("bitmap_size", 0) if img_hdr.get("base_format") else 0
+    e_since = st.find(since, owner.path)
+    e_until = st.find(until, owner.path) if until is not None else None
+    if e_until is None and isinstance(owner, SnapshotView):
+        e_until = next(e for e in st.entries if e.id == owner.snapshot_id)
+    if e_until is not None and e_since.id > e_until.id:
+        raise ValueError(f"{owner.path}: snapshot {since!r} is newer than {e_until.name!r}")
+    older = snapshot_state(fd, owner.path, e_since, nchunks, bsize)
+    if e_until is not None:
+        newer = snapshot_state(fd, owner.path, e_until, nchunks, bsize)
+    else:
+        with owner.lock:  # one point in time: no write changes the table now
+            bits = owner.bitmap.stale.copy() if owner.bitmap is not None else None
+            newer = State(owner.table.copy(), bits, None)
+    geo = Geometry(
+        owner.size,
+        owner.chunk_size,
+        owner.block_size,
+        min(img_hdr.get("base_size", 0), owner.size) if bsize else 0,
+    )
+    return geo, older, newer
+
+
+# ----- the comparison -------------------------------------------------------------------
+def _chunk_keys(table: np.ndarray) -> np.ndarray:
+    """Source key per chunk, ignoring the base: p, or KEY_ZERO."""
+    t = table.astype(np.uint64)
+    return np.where(t < fmt.ZERO_CHUNK, t, KEY_ZERO)
+
+
+def _bits(bits: np.ndarray, nblocks: int) -> np.ndarray:
+    out = np.unpackbits(bits, bitorder="little")[:nblocks].view(bool)
+    if len(out) < nblocks:
+        out = np.concatenate([out, np.zeros(nblocks - len(out), dtype=bool)])
+    return out
+
+
+def compare(geo: Geometry, a: State, b: State) -> np.ndarray:
+    """Changed ranges between state a (older) and b (newer) as a CHANGED_DTYPE array,
+    sorted, adjacent ranges of equal flags merged."""
+    cs = geo.chunk_size
+    nchunks = -(-geo.size // cs)
+    ta, tb = a.table[:nchunks], b.table[:nchunks]
+    # chunks that reach below the base end are compared block by block; the rest (every
+    # chunk, without a base) by their entries. Both come out sorted, the first before.
+    nbase_chunks = -(-geo.bend // cs) if geo.bend else 0
+    starts, stops, zero = _chunk_runs(ta, tb, nbase_chunks, cs, geo.size)
+    if nbase_chunks:
+        ka, kb = _chunk_keys(ta[:nbase_chunks]), _chunk_keys(tb[:nbase_chunks])
+        rs, re, rz = _refine_blocks(geo, ka, kb, a, b, nbase_chunks)
+        starts, stops, zero = (
+            np.concatenate([rs, starts]),
+            np.concatenate([re, stops]),
+            np.concatenate([rz, zero]),
+        )
+    return _merge(starts, stops, zero)
+
+
+def _chunk_runs(ta, tb, first, cs, size):
+    """Chunks from `first` whose entries differ, ZERO and UNALLOCATED counting as equal
+    (both read zeros): (starts, stops, zero in the newer state)."""
+    ta, tb = ta[first:], tb[first:]
+    idx = np.flatnonzero(ta != tb)  # one pass; the rest is per changed chunk
+    idx = idx[(ta[idx] < fmt.ZERO_CHUNK) | (tb[idx] < fmt.ZERO_CHUNK)]
+    starts = (idx + first).astype(np.uint64) * np.uint64(cs)
+    stops = np.minimum(starts + np.uint64(cs), np.uint64(size))
+    return starts, stops, tb[idx] >= fmt.ZERO_CHUNK
+
+
+def _refine_blocks(geo, ka, kb, a, b, nbase_chunks):
+    """Chunks that reach below the base end, compared block by block: the key of a block
+    is KEY_BASE where its bit is clear, else its chunk's key. Only chunks where the
+    entries or some bit differ are expanded."""
+    cs, bs = geo.chunk_size, geo.block_size
+    per = cs // bs
+    nblocks = -(-geo.bend // bs)
+    padded = nbase_chunks * per
+    bits_a = np.ones(padded, dtype=bool)  # blocks past the base end: in the image
+    bits_b = np.ones(padded, dtype=bool)
+    bits_a[:nblocks] = _bits(a.bits, nblocks) if a.bits is not None else True
+    bits_b[:nblocks] = _bits(b.bits, nblocks) if b.bits is not None else True
+    ba, bb = bits_a.reshape(nbase_chunks, per), bits_b.reshape(nbase_chunks, per)
+    cand = np.flatnonzero((ka != kb) | (ba != bb).any(axis=1))
+    if not len(cand):
+        e = np.zeros(0, dtype=np.uint64)
+        return e, e, np.zeros(0, dtype=bool)
+    keys_a = np.where(ba[cand], ka[cand][:, None], KEY_BASE)
+    keys_b = np.where(bb[cand], kb[cand][:, None], KEY_BASE)
+    changed = keys_a != keys_b
+    if nblocks % per and nbase_chunks - 1 in cand:
+        # the block the base ends in reads the image past bend, even with its bit clear
+        row = int(np.searchsorted(cand, nbase_chunks - 1))
+        last = (nblocks - 1) % per
+        if ka[nbase_chunks - 1] != kb[nbase_chunks - 1]:
+            changed[row, last] = True
+            changed[row, last + 1 :] = True
+    rows, cols = np.nonzero(changed)
+    starts = cand[rows].astype(np.uint64) * np.uint64(cs) + cols.astype(np.uint64) * np.uint64(bs)
+    stops = np.minimum(starts + np.uint64(bs), np.uint64(geo.size))
+    keep = starts < stops
+    return starts[keep], stops[keep], (keys_b[rows, cols] == KEY_ZERO)[keep]
+
+
+def _merge(starts, stops, zero) -> np.ndarray:
+    """Sorted, disjoint ranges in; adjacent ones with equal flags joined."""
+    n = len(starts)
+    if n == 0:
+        return np.zeros(0, dtype=CHANGED_DTYPE)
+    brk = np.ones(n, dtype=bool)
+    brk[1:] = (starts[1:] != stops[:-1]) | (zero[1:] != zero[:-1])
+    first = np.flatnonzero(brk)
+    last = np.empty_like(first)
+    last[:-1] = first[1:] - 1
+    last[-1] = n - 1
+    out = np.empty(len(first), dtype=CHANGED_DTYPE)
+    out["start"] = starts[first]
+    out["length"] = stops[last] - starts[first]
+    out["flags"] = np.where(zero[first], FLAG_ZERO, FLAG_DATA)
+    return out
+
+
+# ----- public entry points ----------------------------------------------------------------
+def changed_extents_array(owner, since: str, until: str | None = None) -> np.ndarray:
+    """Ranges whose bytes may differ between snapshot `since` and `until` (or the live
+    contents of `owner`): structured array (start, length, flags)."""
+    geo, older, newer = _resolve(owner, since, until)
+    return compare(geo, older, newer)
+
+
+class ChangedExtents(Sequence):
+    """The changed ranges as Extents (fvd.image.Extent: zero ranges have zero=True,
+    data=False; depth 0, offset None), made on access from `array` (CHANGED_DTYPE), so a
+    million ranges cost nothing until they are looked at."""
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = array
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return ChangedExtents(self.array[i])
+        start, length, flags = self.array[i].tolist()
+        zero = bool(flags & FLAG_ZERO)
+        return Extent(start, length, 0, True, zero, not zero, None)
+
+    def __iter__(self) -> Iterator:
+        starts, lengths = self.array["start"].tolist(), self.array["length"].tolist()
+        zeros = (self.array["flags"] & FLAG_ZERO).astype(bool).tolist()
+        for s, n, z in zip(starts, lengths, zeros):
+            yield Extent(s, n, 0, True, z, not z, None)
+
+    def __eq__(self, other):
+        if isinstance(other, ChangedExtents):
+            return np.array_equal(self.array, other.array)
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return f"<ChangedExtents: {len(self)} ranges, {int(self.array['length'].sum())} bytes>"
+
+
+def changed_extents(owner, since: str, until: str | None = None) -> ChangedExtents:
+    """The ranges of `changed_extents_array` as a sequence of Extents."""
+    return ChangedExtents(changed_extents_array(owner, since, until))

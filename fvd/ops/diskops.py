@@ -1,0 +1,56 @@
+"""Read-side operations shared by `fvd.Image` and snapshot views (`fvd.SnapshotImage`):
+extents, the backup data path (changed extents, file view, checksums). Each lives in its
+own module; this mixin only gives both classes the same methods.
+
+A class using it provides `_mapped()`: the object the operations read the mapping from
+(an `fvd.core.image.ImageCore` or an `fvd.features.snapshots.SnapshotView`, both
+`fvd.core.hooks.MappedDisk`s)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from fvd.core.hooks import MappedDisk
+from fvd.ops import changed, checksum, extents, fileview
+from fvd.types import Extent
+
+
+class DiskOps:
+    """Mixed into `fvd.image.Image` and `fvd.image.SnapshotImage`."""
+
+    def _mapped(self) -> MappedDisk:
+        raise NotImplementedError
+
+    def extents(self, offset: int = 0, length: Optional[int] = None) -> Any:
+        """Extents covering the range exactly (qemu-img map's vocabulary), merged."""
+        return extents.image_extents(self._mapped(), offset, length)
+
+    def extents_array(self, offset: int = 0, length: Optional[int] = None) -> np.ndarray:
+        """The same extents as a numpy structured array (fvd.ops.extents.EXTENT_DTYPE)."""
+        return extents.extents_array(self._mapped(), offset, length)
+
+    def changed_extents(self, since: str, until: Optional[str] = None) -> Any:
+        """Extents whose bytes may differ between snapshot `since` and `until` (or now)."""
+        return changed.changed_extents(self._mapped(), since, until)
+
+    def changed_extents_array(self, since: str, until: Optional[str] = None) -> np.ndarray:
+        return changed.changed_extents_array(self._mapped(), since, until)
+
+    def as_file(self) -> fileview.ImageFile:
+        """An io.RawIOBase over the virtual disk."""
+        return fileview.as_file(self)
+
+    def checksum(
+        self,
+        block_size: int = 4 << 20,
+        algorithm: str = "blake2b",
+        progress: Optional[Callable[[int, int], None]] = None,
+        threads: Optional[int] = None,
+    ) -> dict[str, Any]:
+        """ovirt-imageio's checksum of the virtual disk."""
+        return checksum.checksum(self, block_size, algorithm, progress=progress, threads=threads)
+
+
+__all__ = ["DiskOps", "Extent"]

@@ -1,0 +1,89 @@
+"""Result types shared by fvd images, snapshot views and the qcow2 baseline (layer 1).
+
+One type per concept, so `fvd.Image` and `fvd.qcow2.Qcow2Image` give the same results.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Optional
+
+
+@dataclass(frozen=True)
+class Extent:
+    """One run of `extents()`, in the vocabulary of `qemu-img map --output=json`."""
+
+    start: int
+    length: int
+    depth: int
+    present: bool
+    zero: bool
+    data: bool
+    offset: Optional[int]  # host offset, or None
+
+    def as_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "start": self.start,
+            "length": self.length,
+            "depth": self.depth,
+            "present": self.present,
+            "zero": self.zero,
+            "data": self.data,
+        }
+        if self.offset is not None:
+            d["offset"] = self.offset
+        return d
+
+
+@dataclass
+class CheckResult:
+    """What `check()` found (and, with repair, fixed). `ok`: nothing left to fix."""
+
+    corruptions: int = 0
+    leaks: int = 0
+    leaks_fixed: int = 0
+    corruptions_fixed: int = 0
+    messages: Optional[list[str]] = None
+    copied_errors: int = 0  # qcow2: clusters whose COPIED flag disagrees with refcounts
+
+    @property
+    def ok(self) -> bool:
+        return self.corruptions == 0 and self.leaks == 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "corruptions": self.corruptions,
+            "leaks": self.leaks,
+            "leaks_fixed": self.leaks_fixed,
+            "corruptions_fixed": self.corruptions_fixed,
+            "ok": self.ok,
+            "messages": list(self.messages or []),
+        }
+
+
+@dataclass
+class SnapshotInfo:
+    """One internal snapshot as `snapshots()` lists it (fvd: `id` is an int; qcow2: the
+    id string QEMU stores; the qcow2 fields after `vm_state_size` are qcow2's own)."""
+
+    name: str
+    id: Any
+    created: datetime
+    size: int
+    vm_state_size: int
+    l1_table_offset: int = 0
+    l1_size: int = 0
+    vm_clock_nsec: int = 0
+    date_sec: int = 0
+    date_nsec: int = 0
+    extra: bytes = field(default=b"", repr=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "id": self.id,
+            "created": self.created.isoformat(),
+            "size": self.size,
+            "vm_state_size": self.vm_state_size,
+        }
