@@ -1,4 +1,4 @@
-"""pytest-benchmark suite: the same workloads as `fvd bench` (fvd.bench_workloads).
+"""pytest-benchmark suite: the same workloads as `fvd bench` (fvd.bench.workloads).
 
 Sizes: FVD_BENCH_SCALE multiplies the `fvd bench --quick` sizes (256 random 4 KiB ops,
 64 MiB sequential). Default 1, or 0.25 under --benchmark-disable so the suite runs as a

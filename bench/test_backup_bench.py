@@ -4,7 +4,7 @@ allocated image, extents_array of a huge sparse image, checksum beside ovirt-ima
     python -m pytest bench/test_backup_bench.py --benchmark-only --benchmark-group-by=group
 
 Full size (benchmarks enabled): 1 TiB with every 1 MiB chunk allocated (built once into
-FVD_BENCH_CACHE, see fvd.bench_backup), 16 TiB sparse, 256 MiB checksummed. Under
+FVD_BENCH_CACHE, see fvd.bench.backup), 16 TiB sparse, 256 MiB checksummed. Under
 --benchmark-disable (CI smoke test): 1 GiB, 1 TiB, 16 MiB. No timed asserts.
 """
 

@@ -1,9 +1,9 @@
-"""NBD rows (fvd.bench_nbd): `fvd serve` vs qemu-nbd (nbdcopy sequential copy, 4 KiB random
+"""NBD rows (fvd.bench.nbd): `fvd serve` vs qemu-nbd (nbdcopy sequential copy, 4 KiB random
 reads) and prefetch over a rate-limited, delayed link beside a foreground reader.
 
     pytest bench/test_nbd_bench.py --benchmark-only --benchmark-group-by=group
     FVD_NBD_BENCH_MB=1024 pytest bench/test_nbd_bench.py --benchmark-only   # 1 GiB copy
-    python -m fvd.bench_nbd                                                 # the table
+    python -m fvd.bench.nbd                                                 # the table
 
 Sizes: FVD_NBD_BENCH_MB (default 256) for the copy, FVD_NBD_LINK_MB (default 32) for the
 base behind the slow link; 8 MiB and 4 MiB under --benchmark-disable (CI smoke). Figures

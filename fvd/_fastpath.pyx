@@ -205,7 +205,7 @@ cdef inline bint bit_at(const uint8_t *arr, long long b) noexcept nogil:
 
 
 cdef struct PartView:
-    # partial chunks (fvd.granular): slot per virtual chunk, source and bit row per slot
+    # partial chunks (fvd.features.granular): slot per virtual chunk, source and bit row per slot
     const uint32_t *slot        # NULL: no partial chunk
     long long nslot
     const uint32_t *src
@@ -295,7 +295,7 @@ cdef class ChunkMap:
     below ``bend`` must be durably in the image, else -1), and for a raw base opened
     without copy-on-read (``base_fd`` >= 0) readinto() also answers the blocks still in
     the base, from the base file: one pread (one stats.base_reads) per contiguous base
-    run, exactly as fvd.base.BaseLayer.readinto splits a read.
+    run, exactly as fvd.features.base.BaseLayer.readinto splits a read.
     """
     cdef public int fd
     cdef public object table, frozen, stats
@@ -311,7 +311,7 @@ cdef class ChunkMap:
     cdef public int base_fd
     cdef int bshift
     cdef readonly int base_users     # readinto calls inside the base fd right now
-    # partial chunks (set_partial); the arrays are kept alive by fvd.granular
+    # partial chunks (set_partial); the arrays are kept alive by fvd.features.granular
     cdef PartView pv
     cdef public object partial
     # Grace periods (see users_enter): readinto/write calls in flight, by epoch parity
@@ -368,7 +368,7 @@ cdef class ChunkMap:
         return self.users[0] + self.users[1]
 
     def set_partial(self, slot, src, bits, long long granule_size):
-        """View the partial-chunk arrays of fvd.granular (uint32 slot per virtual chunk,
+        """View the partial-chunk arrays of fvd.features.granular (uint32 slot per virtual chunk,
         NONE = 0xFFFFFFFF; uint32 source and a bit row per slot). The caller keeps every
         array it ever passed alive: calls in flight read them without the GIL."""
         cdef uint32_t[::1] sv, cv
@@ -557,7 +557,7 @@ cdef class ChunkMap:
         cdef object keep = None
         cdef PartView pv
         cdef int p = self.users_enter()
-        # Copied once registered (with the GIL): fvd.granular waits for the calls
+        # Copied once registered (with the GIL): fvd.features.granular waits for the calls
         # registered before it installs grown arrays and before it uses them.
         pv = self.pv
         try:
@@ -639,7 +639,7 @@ cdef class ChunkMap:
         # Read only once registered: a snapshot create swaps in a frozen array, then waits
         # for the writes registered before it. Held here: the swap may free the old one.
         frz = self.frz
-        pv = self.pv                    # likewise (fvd.granular grows its arrays so)
+        pv = self.pv                    # likewise (fvd.features.granular grows its arrays so)
         try:
             PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         except BaseException:

@@ -107,7 +107,7 @@ class ChunkMap:
     below ``bend`` must be durably in the image, else -1), and for a raw base opened
     without copy-on-read (``base_fd`` >= 0) readinto() also answers the blocks still in
     the base, from the base file: one pread (one stats.base_reads) per contiguous base
-    run, exactly as fvd.base.BaseLayer.readinto splits a read.
+    run, exactly as fvd.features.base.BaseLayer.readinto splits a read.
     """
 
     def __init__(self, fd, table, frozen, chunk_size, data_offset, size, stats):
@@ -154,7 +154,7 @@ class ChunkMap:
         return len(self._inflight[0]) + len(self._inflight[1])
 
     def set_partial(self, slot, src, bits, granule_size):
-        """View the partial-chunk arrays of fvd.granular (uint32 slot per virtual chunk,
+        """View the partial-chunk arrays of fvd.features.granular (uint32 slot per virtual chunk,
         NONE = 0xFFFFFFFF; uint32 source and a bit row per slot)."""
         self.partial = (slot, src, bits)
         if slot is None or len(slot) == 0 or len(src) == 0:

@@ -1,6 +1,7 @@
 """The `fvd` command line, modelled on qemu-img."""
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -200,7 +201,7 @@ def cmd_map(args):
     if args.until is not None and args.since is None:
         raise UsageError("--until needs --since")
     with open_args(args) as img:
-        if args.since is not None:  # changed extents (fvd.changed, or qcow2 trees)
+        if args.since is not None:  # changed extents (fvd.ops.changed, or qcow2 trees)
             extents = changed_dicts(img, args.since, args.until)
         else:
             extents = [extent_dict(e) for e in img.extents()]
@@ -385,7 +386,9 @@ def _add_format_options(sub):
     """-f FMT on every command that opens an image (probed by magic when absent)."""
 
     for name, parser in sub.choices.items():
-        if name not in NO_FORMAT_OPTION and "-f" not in parser._option_string_actions:
+        if name in NO_FORMAT_OPTION:
+            continue
+        with contextlib.suppress(argparse.ArgumentError):  # the command has its own -f
             parser.add_argument(
                 "-f",
                 dest="fmt",

@@ -159,7 +159,7 @@ def _check_qcow2(path, repair):
             -(-e.length // q.cluster_size) for e in q.extents() if e.data and e.depth == 0
         )
         facts = {
-            "image-end-offset": q._end_cluster() * q.cluster_size,
+            "image-end-offset": q.image_end_offset,
             "total-clusters": int(np.ceil(q.size / q.cluster_size)),
             "allocated-clusters": allocated,
         }

@@ -32,7 +32,6 @@ from fvd import qcow2
 from fvd.fileio import punch_hole, resolve_relative
 from fvd.image import Image, create
 from fvd.imageio import FORMATS, open_image
-from fvd.qcow2.format import OFFSET_MASK, OFLAG_ZERO
 from fvd.units import MiB, parse_size
 
 BUFFER = MiB  # per piece: 1 read, few writes; stays in the CPU cache
@@ -178,52 +177,10 @@ def changed_ranges(img, since, until=None):
     if hasattr(img, "changed_extents"):
         changed = img.changed_extents(since, until)
     elif hasattr(img, "_snapshot_l1"):
-        return qcow2_changed(img, since, until)
+        return [Range(*r) for r in img.changed_ranges(since, until)]
     else:
         raise ValueError(f"{img.path}: a raw image has no snapshots (since={since!r})")
     return [Range(e.start, e.length, bool(e.zero) and not e.data) for e in changed]
-
-
-def qcow2_changed(q, since, until=None):
-    """Clusters of qcow2 image `q` whose mapping differs between snapshot `since` and
-    `until` (a snapshot, or the active tree). A cluster mapped to the same host cluster
-    in both trees holds the same bytes: a cluster a snapshot references is never written
-    in place (copy on write)."""
-
-    old = q._find_snapshot(since)
-    old_l1 = q._snapshot_l1(old)
-    if until is None:
-        new_l1, size = q._l1, q.size
-    else:
-        info = q._find_snapshot(until)
-        new_l1, size = q._snapshot_l1(info), info.size
-    cs, per = q._cs, q._cs // 8
-    key = np.uint64(OFFSET_MASK | OFLAG_ZERO)
-    none = np.zeros(per, dtype=np.uint64)
-    out = []
-    for i in range(-(-size // (cs * per))):
-        a = int(old_l1[i]) & OFFSET_MASK if i < len(old_l1) else 0
-        b = int(new_l1[i]) & OFFSET_MASK if i < len(new_l1) else 0
-        if a == b and a:
-            continue  # the same L2 table: nothing changed below it
-        la = q._l2_peek(a).astype(np.uint64) & key if a else none
-        lb = q._l2_peek(b).astype(np.uint64) & key if b else none
-        diff = np.flatnonzero(la != lb)
-        if not diff.size:
-            continue
-        zero = (lb[diff] & np.uint64(OFLAG_ZERO)).astype(bool) | (
-            (lb[diff] == 0) & (q._backing is None)
-        )
-        for j, z in zip(diff.tolist(), zero.tolist()):
-            start = (i * per + j) * cs
-            if start >= size:
-                break
-            length = min(cs, size - start)
-            if out and out[-1].start + out[-1].length == start and out[-1].zero == z:
-                out[-1] = Range(out[-1].start, out[-1].length + length, z)
-            else:
-                out.append(Range(start, length, z))
-    return out
 
 
 def _widen(ranges, grain, size):

@@ -1,4 +1,4 @@
-"""File-like views (fvd.fileview) and blkhash checksums (fvd.checksum) compared with
+"""File-like views (fvd.ops.fileview) and blkhash checksums (fvd.ops.checksum) compared with
 ovirt-imageio itself; bad input and a vanished base."""
 
 import hashlib

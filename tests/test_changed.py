@@ -1,4 +1,4 @@
-"""Changed extents between snapshots (fvd.changed): never a missed change, nothing for
+"""Changed extents between snapshots (fvd.ops.changed): never a missed change, nothing for
 chunks with equal entries, zero flags, bad input; CLI `map --since/--until`."""
 
 import json

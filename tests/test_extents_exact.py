@@ -1,4 +1,4 @@
-"""Exact extents (fvd.extents): a raw base's holes as `qemu-img map` reports them for a
+"""Exact extents (fvd.ops.extents): a raw base's holes as `qemu-img map` reports them for a
 qcow2 overlay, bitmap-granular partial chunks, extents_array, runs instead of chunks;
 prefetch skips base holes."""
 

@@ -1,4 +1,4 @@
-"""Block-granular copy-on-write after snapshots (fvd.granular): exact costs, reads of
+"""Block-granular copy-on-write after snapshots (fvd.features.granular): exact costs, reads of
 partial chunks in both implementations, lifecycle (create, delete, revert, write_zeroes,
 reopen), the feature bit, check, crash cutting of every new write path and a state
 machine with snapshots and power cuts."""

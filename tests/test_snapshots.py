@@ -1,4 +1,4 @@
-"""Internal snapshots (fvd.snapshots): semantics, costs, bad input, crash cutting, check."""
+"""Internal snapshots (fvd.features.snapshots): semantics, costs, bad input, crash cutting, check."""
 
 import os
 import shutil

@@ -109,7 +109,7 @@ def measure_changed(size: int, repeat: int = 7, progress=None) -> list:
 
 
 def table_compare_ms(nchunks: int = 1 << 20, fraction: float = 0.1, repeat: int = 7) -> float:
-    """The comparison alone (fvd.changed.compare, no table reads) on tables shaped like
+    """The comparison alone (fvd.ops.changed.compare, no table reads) on tables shaped like
     the bench image's: every chunk allocated, `fraction` of them moved to new chunks."""
 
     a = np.arange(nchunks, dtype=np.uint32)

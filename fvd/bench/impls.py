@@ -1,7 +1,7 @@
 """Benchmark contenders: one adapter per implementation, all with the same surface.
 
 Every adapter has write / readinto / flush / close / stats (and create_snapshot /
-delete_snapshot where the format has them). `fvd.bench_workloads` drives them; the
+delete_snapshot where the format has them). `fvd.bench.workloads` drives them; the
 `fvd bench` command and the pytest-benchmark suite in bench/ both use these.
 
 Implementations that are not there yet (fvd.qcow2, FVD snapshots) are reported as
@@ -159,7 +159,7 @@ class RawContender(Contender):
 
 class QemuContender(Contender):
     """QEMU itself on a real qcow2 or raw file: `qemu-img bench` where the workload's
-    offsets have a fixed step, else qemu-io (see fvd.bench_qemu)."""
+    offsets have a fixed step, else qemu-io (see fvd.bench.qemu)."""
 
     python = False
 

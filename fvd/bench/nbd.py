@@ -1,6 +1,6 @@
 """NBD benchmarks: `fvd serve` against qemu-nbd, and prefetch over a slow link.
 
-    python -m fvd.bench_nbd [--size-mb 1024] [--reads 2000] [--link-mb 64] [--dir DIR]
+    python -m fvd.bench.nbd [--size-mb 1024] [--reads 2000] [--link-mb 64] [--dir DIR]
 
 1. Sequential copy of the whole image out of the server with `nbdcopy URI null:`:
    `fvd serve -r` of an FVD image against `qemu-nbd -r -f qcow2` of the same data
@@ -282,7 +282,7 @@ def _bits(rate: str) -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m fvd.bench_nbd",
+        prog="python -m fvd.bench.nbd",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

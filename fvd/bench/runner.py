@@ -1,8 +1,8 @@
 """`fvd bench`: FVD against the qcow2 baseline, a plain file and QEMU, in one table.
 
 The CLI calls `add_arguments(parser)` on its `bench` subparser and `run(args) -> int`.
-Workloads live in fvd.bench_workloads (shared with the pytest-benchmark suite in bench/),
-contenders in fvd.bench_impls, the QEMU runner in fvd.bench_qemu.
+Workloads live in fvd.bench.workloads (shared with the pytest-benchmark suite in bench/),
+contenders in fvd.bench.impls, the QEMU runner in fvd.bench.qemu.
 """
 
 import argparse
@@ -292,7 +292,7 @@ def run_all(scale, names, workdir, keys=None, progress=True):
 
 
 def _backup_jobs(scale, names, workdir, want):
-    """Rows of the backup data path (fvd.bench_backup): fvd only, and ovirt-imageio's
+    """Rows of the backup data path (fvd.bench.backup): fvd only, and ovirt-imageio's
     checksum in the raw column."""
 
     if "fvd" not in names:

@@ -3,7 +3,7 @@
 A workload is a plain description (offsets, lengths, cache mode, flush policy, what to do
 before the timed part). `IoCase` runs it against an in-process contender in three steps
 -- setup (untimed), run (timed), finish (I/O counts, cleanup) -- which is exactly the shape
-`benchmark.pedantic(setup=..., target=...)` wants. `fvd.bench_qemu` runs the same
+`benchmark.pedantic(setup=..., target=...)` wants. `fvd.bench.qemu` runs the same
 description through qemu-io.
 """
 

@@ -102,8 +102,8 @@ class ImageCore:
         self.for_check = for_check
         self.base_layer = None
         self.snapshot_state = None
-        self.partial = None  # fvd.granular.PartialState (images without a base)
-        self.lock = threading.RLock()  # table/bitmap/journal changes (fvd.base)
+        self.partial = None  # fvd.features.granular.PartialState (images without a base)
+        self.lock = threading.RLock()  # table/bitmap/journal changes (fvd.features.base)
         self._pending = {}  # virtual chunk -> entry, not yet in the journal
         self._pending_bits = []  # (first_block, count) bitmap records not yet journaled
         self.dirty_since_checkpoint = False
@@ -123,7 +123,7 @@ class ImageCore:
         self.closed = False
         if self.base_layer is None or self.base_layer.fast_read:
             # Reads go straight to the fast path: no Python frame of ours per read (with
-            # a raw base it reads the base runs itself; see fvd.base).
+            # a raw base it reads the base runs itself; see fvd.features.base).
             self.readinto = self.chunk_map.readinto
 
     # ----- open -----------------------------------------------------------------
@@ -636,7 +636,7 @@ class ImageCore:
         with self.lock:  # allocation and the journal are shared by all writers
             self.check_open()
             if self.partial is not None and self.partial.takes(self, offset, length):
-                return self.partial.write(self, offset, mv)  # fvd.granular
+                return self.partial.write(self, offset, mv)  # fvd.features.granular
             changes, extra = self.prepare_chunks(offset, length)
             try:
                 self.write_planned(offset, mv, changes)

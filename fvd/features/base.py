@@ -1,5 +1,5 @@
 """Base images: copy-on-write, copy-on-read and the open/create hooks (docs/format.md,
-"Base images"). Prefetch lives in fvd.prefetch.
+"Base images"). Prefetch lives in fvd.features.prefetch.
 
 Which layer holds a byte x of the image:
   * x >= base_size: the image (the base ends there).
@@ -325,7 +325,7 @@ class BaseLayer:
             time.sleep(0.0001)
 
     # ----- reads ------------------------------------------------------------------------
-    def _base_read(self, offset, mv):
+    def base_read(self, offset, mv):
         self.backend.readinto(offset, mv)
         st = self.img.stats
         st.base_reads += 1
@@ -367,7 +367,7 @@ class BaseLayer:
             if self.bitmap.fresh[b0 >> 3] >> (b0 & 7) & 1:
                 return img.chunk_map.readinto(offset, mv)
             if not self.copy_on_read:
-                self._base_read(offset, mv)
+                self.base_read(offset, mv)
                 return length
         b1 = (bend - 1) // bs + 1
         flags = self.bitmap.fresh_bits(b0, b1)
@@ -392,7 +392,7 @@ class BaseLayer:
             elif self.copy_on_read:
                 stores.append(self._read_for_store(s, e, mv[s - offset : e - offset]))
             else:
-                self._base_read(s, mv[s - offset : e - offset])
+                self.base_read(s, mv[s - offset : e - offset])
         return length
 
     def _read_for_store(self, s, e, out):
@@ -402,7 +402,7 @@ class BaseLayer:
         ws, we = s // bs * bs, min(-(-e // bs) * bs, self.bend)
         buf = bytearray(we - ws)
         bmv = memoryview(buf)
-        self._base_read(ws, bmv)
+        self.base_read(ws, bmv)
         out[:] = bmv[s - ws : e - ws]
         return ws, bmv
 
@@ -506,16 +506,16 @@ class BaseLayer:
                 and te - hs <= 2 * CROSS_READ_LIMIT
             ):
                 both = bytearray(te - hs)
-                self._base_read(hs, memoryview(both))
+                self.base_read(hs, memoryview(both))
                 bm = memoryview(both)
                 head, tail = bm[: offset - hs], bm[end - hs :]
             else:
                 if hs < offset:
                     head = bytearray(offset - hs)
-                    self._base_read(hs, memoryview(head))
+                    self.base_read(hs, memoryview(head))
                 if te > end:
                     tail = bytearray(te - end)
-                    self._base_read(end, memoryview(tail))
+                    self.base_read(end, memoryview(tail))
         return head, tail
 
     def _write_pieces(self, start, pieces, want_crc, plan):

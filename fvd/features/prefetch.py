@@ -3,7 +3,7 @@
 
 * Reads the base in large sequential pieces (``step``, default 4 MiB) covering the next
   blocks still in the base; each piece is stored with the copy-on-read "soft write"
-  (fvd.base.BaseLayer.store): under the image lock, only blocks still in the base are
+  (fvd.features.base.BaseLayer.store): under the image lock, only blocks still in the base are
   written, chunk allocation is journaled, bits go to the in-memory bitmap only. A guest
   write that raced ahead wins: its block is present, so prefetch skips it.
 * Paced: throughput is measured over windows of at least ``window`` seconds (0.1) and
@@ -199,7 +199,7 @@ def _read_skipping_holes(layer, holes, start, piece):
             piece[pos - start : stop - start] = bytes(stop - pos)
         else:
             stop = min(end, holes[i][0]) if i < len(holes) else end
-            layer._base_read(pos, piece[pos - start : stop - start])
+            layer.base_read(pos, piece[pos - start : stop - start])
         pos = stop
 
 

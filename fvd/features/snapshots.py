@@ -25,12 +25,14 @@ import time
 import zlib
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import Any, Optional
 
 import numpy as np
 
 from fvd.core import journal
 from fvd.core.allocator import front_usage
 from fvd.core.bitmap import Bitmap, get_bits
+from fvd.core.hooks import BaseHook, PartialHook
 from fvd.core.image import drain_map
 from fvd.errors import (
     BaseImageError,
@@ -169,7 +171,7 @@ class SnapshotState:
 
     def meta_mask(self, n):
         """Bool array (at least n long) of the chunks holding snapshot metadata."""
-        meta = self.metadata_runs(self._img)
+        meta = self.metadata_runs(self.img)
         need = max([n] + [a + k for a, k in meta])
         mask = np.zeros(need, dtype=bool)
         for a, k in meta:
@@ -178,7 +180,7 @@ class SnapshotState:
 
     # ----- hooks from Image -----------------------------------------------------------
     def mark_used(self, used):
-        img = self._img
+        img = self.img
         rc = self.refcount
         meta = self.metadata_runs(img)
         need = max([len(rc)] + [a + n for a, n in meta])
@@ -228,7 +230,7 @@ def attach_snapshots(img):
     removes it), and an invalid revert marker sets `st.rewrite` (repair clears it)."""
     h = img.header
     st = SnapshotState()
-    st._img = img
+    st.img = img
     img.snapshot_state = st
     file_size = os.fstat(img.fd).st_size
     cs, d = img.chunk_size, h["data_offset"]
@@ -525,7 +527,7 @@ def _state(img):
     img.check_open()
     if img.snapshot_state is None:
         st = SnapshotState()
-        st._img = img
+        st.img = img
         img.snapshot_state = st
     return img.snapshot_state
 
@@ -713,7 +715,7 @@ def _create(img, st, name, vm_state):
     vm = memoryview(vm_state).cast("B")
     img.flush()
     if img.partial is not None:
-        img.partial.complete_all(img)  # snapshots hold whole chunks (fvd.granular)
+        img.partial.complete_all(img)  # snapshots hold whole chunks (fvd.features.granular)
     table = img.table
     entries_mask = table < fmt.ZERO_CHUNK
     held = table[entries_mask]
@@ -815,7 +817,7 @@ def _delete(img, st, name):
     entries = [x for x in st.entries if x is not e]
     dropped = held[rc[held] == 0]
     front = front_usage(img.table, len(rc))
-    if img.partial is not None:  # a partial chunk's source stays (fvd.granular)
+    if img.partial is not None:  # a partial chunk's source stays (fvd.features.granular)
         sources = img.partial.sources()
         front[sources[sources < len(front)]] += 1
     freed = dropped[front[dropped] == 0] if len(dropped) else dropped
@@ -946,8 +948,9 @@ class SnapshotView:
     view outlives the image handle's base layer); the rest as for the front."""
 
     read_only = True
-    base_layer = None
-    partial = None
+    base_layer: Optional[BaseHook] = None
+    partial: Optional[PartialHook] = None
+    bitmap: Any = None
 
     def __init__(self, img, entry):
         self.path = img.path

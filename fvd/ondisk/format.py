@@ -26,7 +26,7 @@ MAX_PHYS_CHUNKS = 0xFFFFFFF0  # physical indexes are below this
 # Incompatible features: a reader that does not know a bit must refuse the image.
 INCOMPAT_BASE = 1 << 0  # unwritten blocks come from a base image
 INCOMPAT_SNAPSHOTS = 1 << 1  # chunks may be shared with snapshots (copy on write)
-INCOMPAT_PARTIAL = 1 << 2  # partly copied chunks may exist (fvd.granular)
+INCOMPAT_PARTIAL = 1 << 2  # partly copied chunks may exist (fvd.features.granular)
 KNOWN_INCOMPAT = INCOMPAT_BASE | INCOMPAT_SNAPSHOTS | INCOMPAT_PARTIAL
 KNOWN_COMPAT = 0
 

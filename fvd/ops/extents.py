@@ -160,7 +160,7 @@ def _segments(img, start, end):
 
 def _partial_segments(img, pos, stop, c0, e0, data_offset):
     """A run of allocated chunks (chunk c0 maps e0, the next ones follow) in which some
-    chunks may be partial (fvd.granular): those split by their granule bits."""
+    chunks may be partial (fvd.features.granular): those split by their granule bits."""
     cs, st = img.chunk_size, img.partial
     while pos < stop:
         v = pos // cs

@@ -117,7 +117,7 @@ class ImageFile(io.RawIOBase):
         raise io.UnsupportedOperation("an image view has no file descriptor")
 
     def __repr__(self) -> str:
-        return f"<fvd.fileview.ImageFile {self.name!r} pos={self._pos}>"
+        return f"<fvd.ops.fileview.ImageFile {self.name!r} pos={self._pos}>"
 
 
 def as_file(owner) -> ImageFile:

@@ -104,14 +104,14 @@ def qcow2_info(q):
     ]
     if snaps:
         info["snapshots"] = snaps
-    v3 = q._version == 3
+    v3 = q.version == 3
     info["format-specific"] = {
         "type": "qcow2",
         "data": {
             "compat": "1.1" if v3 else "0.10",
             "lazy-refcounts": q.lazy_refcounts,
             "refcount-bits": 16,
-            "corrupt": bool(q._incompat & 2),
+            "corrupt": bool(q.incompatible_features & 2),
             "extended-l2": False,
         },
     }

@@ -623,6 +623,20 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
 
     # ------------------------------------------------------------- map / check
     @property
+    def version(self):
+        """qcow2 version: 2 (compat 0.10) or 3 (compat 1.1)."""
+        return self._version
+
+    @property
+    def incompatible_features(self):
+        return self._incompat
+
+    @property
+    def image_end_offset(self):
+        """End of the last cluster in use (qemu-img check's image-end-offset)."""
+        return self._end_cluster() * self.cluster_size
+
+    @property
     def lazy_refcounts(self):
         return bool(self._compat & COMPAT_LAZY_REFCOUNTS)
 

@@ -21,6 +21,7 @@ from fvd.qcow2.format import (
     OFF_SNAPSHOTS,
     OFFSET_MASK,
     OFLAG_COPIED,
+    OFLAG_ZERO,
     SnapshotInfo,
     build_snapshot_table,
     parse_snapshot_table,
@@ -257,6 +258,47 @@ def _to_datetime(info):
     return datetime.datetime.fromtimestamp(
         info.date_sec + info.date_nsec / 1e9, tz=datetime.timezone.utc
     )
+
+    def changed_ranges(self, since, until=None):
+        """(start, length, zero) runs of clusters whose mapping differs between snapshot `since` and
+        `until` (a snapshot, or the active tree). A cluster mapped to the same host cluster
+        in both trees holds the same bytes: a cluster a snapshot references is never written
+        in place (copy on write)."""
+
+        old = self._find_snapshot(since)
+        old_l1 = self._snapshot_l1(old)
+        if until is None:
+            new_l1, size = self._l1, self.size
+        else:
+            info = self._find_snapshot(until)
+            new_l1, size = self._snapshot_l1(info), info.size
+        cs, per = self._cs, self._cs // 8
+        key = np.uint64(OFFSET_MASK | OFLAG_ZERO)
+        none = np.zeros(per, dtype=np.uint64)
+        out = []
+        for i in range(-(-size // (cs * per))):
+            a = int(old_l1[i]) & OFFSET_MASK if i < len(old_l1) else 0
+            b = int(new_l1[i]) & OFFSET_MASK if i < len(new_l1) else 0
+            if a == b and a:
+                continue  # the same L2 table: nothing changed below it
+            la = self._l2_peek(a).astype(np.uint64) & key if a else none
+            lb = self._l2_peek(b).astype(np.uint64) & key if b else none
+            diff = np.flatnonzero(la != lb)
+            if not diff.size:
+                continue
+            zero = (lb[diff] & np.uint64(OFLAG_ZERO)).astype(bool) | (
+                (lb[diff] == 0) & (self._backing is None)
+            )
+            for j, z in zip(diff.tolist(), zero.tolist()):
+                start = (i * per + j) * cs
+                if start >= size:
+                    break
+                length = min(cs, size - start)
+                if out and out[-1][0] + out[-1][1] == start and out[-1][2] == z:
+                    out[-1] = (out[-1][0], out[-1][1] + length, z)
+                else:
+                    out.append((start, length, z))
+        return out
 
 
 class Qcow2SnapshotView:

@@ -1,0 +1,156 @@
+"""The package keeps its architecture (docs/architecture.md): layers (checked by
+import-linter in CI and here), no import cycles, function-level imports only for
+optional dependencies, no reaching into another package's underscored state, every
+exception in fvd.errors and exported from fvd, the documented layers equal to the
+enforced ones."""
+
+import ast
+import pathlib
+import re
+import sys
+
+import pytest
+
+import fvd
+import fvd.errors
+
+ROOT = pathlib.Path(fvd.__file__).parent
+DOCS = ROOT.parent / "docs" / "architecture.md"
+PYPROJECT = ROOT.parent / "pyproject.toml"
+
+# nbdkit loads the plugin as a script and its `nbdkit` module exists only there: it
+# imports fvd inside functions, after arranging sys.path (see the module docstring).
+LAZY_IMPORTS_ALLOWED = {"nbdkit_plugin.py"}
+# Exceptions that never leave their module: argparse usage errors, skipped bench rows.
+INTERNAL_EXCEPTIONS = {
+    ("cli.py", "UsageError"),
+    ("bench/impls.py", "Unavailable"),
+    ("bench/nbd.py", "Unavailable"),
+}
+
+
+def sources():
+    return sorted(p for p in ROOT.rglob("*.py") if "build" not in p.parts)
+
+
+def rel(p):
+    return p.relative_to(ROOT).as_posix()
+
+
+def test_no_import_cycles():
+    grimp = pytest.importorskip("grimp")
+    graph = grimp.build_graph("fvd")
+    mods = sorted(m for m in graph.modules if m != "fvd")
+    edges = {m: {d for d in graph.find_modules_directly_imported_by(m) if d != "fvd"} for m in mods}
+    # Tarjan's strongly connected components: any component of two or more is a cycle
+    index, low, stack, on, cycles, counter = {}, {}, [], set(), [], [0]
+    sys.setrecursionlimit(10000)
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in edges.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                cycles.append(sorted(comp))
+
+    for m in mods:
+        if m not in index:
+            visit(m)
+    assert cycles == []
+
+
+def test_function_level_imports_only_for_optional_dependencies():
+    found = []
+    for p in sources():
+        if rel(p) in LAZY_IMPORTS_ALLOWED:
+            continue
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and node.col_offset > 0:
+                mod = node.module if isinstance(node, ast.ImportFrom) else node.names[0].name
+                if getattr(node, "level", 0) or (mod or "").split(".")[0] in ("fvd", "numpy", "construct"):
+                    found.append(f"{rel(p)}:{node.lineno}")
+    assert found == []
+
+
+def _package(p):
+    """Private names may be shared inside a subpackage (fvd.qcow2.*), else one module."""
+    parts = p.relative_to(ROOT).parts
+    return parts[0] if len(parts) > 1 else rel(p)
+
+
+def test_no_reaching_into_another_packages_private_state():
+    defined = {}
+    for p in sources():
+        names = defined.setdefault(_package(p), set())
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                names.add(node.name)
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+                names.add(node.attr)
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                names.add(node.id)
+    found = []
+    for p in sources():
+        mine = defined[_package(p)]
+        for node in ast.walk(ast.parse(p.read_text())):
+            if not isinstance(node, ast.Attribute):
+                continue
+            a = node.attr
+            if not a.startswith("_") or a.startswith("__") or a in mine:
+                continue
+            if isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"):
+                continue
+            found.append(f"{rel(p)}:{node.lineno}: {ast.unparse(node)}")
+    assert found == []
+
+
+def test_every_exception_lives_in_errors_and_is_exported():
+    found = []
+    for p in sources():
+        if rel(p) == "errors.py":
+            continue
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ClassDef) and any(
+                re.search(r"(Error|Exception)$", ast.unparse(b)) for b in node.bases
+            ):
+                if (rel(p), node.name) not in INTERNAL_EXCEPTIONS:
+                    found.append(f"{rel(p)}: {node.name}")
+    assert found == []
+    errors = {
+        n
+        for n, v in vars(fvd.errors).items()
+        if isinstance(v, type) and issubclass(v, fvd.errors.FvdError)
+    }
+    assert errors <= set(fvd.__all__)
+    assert all(getattr(fvd, n) is getattr(fvd.errors, n) for n in errors)
+
+
+def _contract_layers():
+    text = PYPROJECT.read_text()
+    block = text.split('name = "fvd layers"', 1)[1].split("]\n", 1)[0]
+    return [
+        [m.strip() for m in line.split("|")]
+        for line in re.findall(r'"([^"]+)"', block.split("layers = [", 1)[1])
+    ]
+
+
+def test_the_documented_layers_are_the_enforced_ones():
+    doc = DOCS.read_text()
+    table = re.findall(r"^\| *(\d+[a-z]?) *\| *([^|]+)\|", doc, re.M)
+    documented = [[m.strip().strip("`") for m in mods.split(",")] for _, mods in table]
+    assert documented == _contract_layers()
