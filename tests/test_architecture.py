@@ -82,7 +82,11 @@ def test_function_level_imports_only_for_optional_dependencies():
         for node in ast.walk(ast.parse(p.read_text())):
             if isinstance(node, (ast.Import, ast.ImportFrom)) and node.col_offset > 0:
                 mod = node.module if isinstance(node, ast.ImportFrom) else node.names[0].name
-                if getattr(node, "level", 0) or (mod or "").split(".")[0] in ("fvd", "numpy", "construct"):
+                if getattr(node, "level", 0) or (mod or "").split(".")[0] in (
+                    "fvd",
+                    "numpy",
+                    "construct",
+                ):
                     found.append(f"{rel(p)}:{node.lineno}")
     assert found == []
 
