@@ -1,4 +1,5 @@
-"""Internal snapshots (fvd.features.snapshots): semantics, costs, bad input, crash cutting, check."""
+"""Internal snapshots (fvd.features.snapshots): semantics, costs, bad input, crash cuts,
+check."""
 
 import os
 import shutil
