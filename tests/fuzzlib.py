@@ -27,7 +27,7 @@ import time
 import traceback
 import zlib
 
-KiB, MiB = 1 << 10, 1 << 20
+KiB, MiB = 1 << 10, 1 << 20  # fvd is imported only in the child processes
 CS = 64 * KiB
 CASE_TIMEOUT = 10.0
 MEMORY_LIMIT = 3 << 30

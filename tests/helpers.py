@@ -2,9 +2,16 @@
 
 import json
 import os
+import random
 import shutil
 import signal
 import time
+
+import fvd
+
+from .stress import UNIT, Model
+
+NUNITS = 1024  # the SIGKILL tests' 4 MiB image, in UNITs
 
 
 class DurableRecorder:
@@ -61,3 +68,149 @@ def run_and_kill(child, delay, *args):
     os.waitpid(pid, 0)
     with os.fdopen(r) as f:
         return [json.loads(x) for x in f.read().splitlines() if x.endswith("]")]
+
+
+def make_raw(path, size, seed=1):
+    data = random.Random(seed).randbytes(size)
+    with open(path, "wb") as f:
+        f.write(data)
+    return bytearray(data)
+
+
+def stats_delta(img, before):
+    after = img.stats.as_dict()
+    return {k: after[k] - before[k] for k in after if after[k] != before[k]}
+
+
+def pat(seed, n):
+    return bytes((seed * 37 + i * 11 + (i >> 9)) & 0xFF for i in range(n))
+
+
+def counts_delta(before, after):
+    return {k: after[k] - before[k] for k in after if after[k] != before[k]}
+
+
+def assert_clean(img):
+    r = img.check()
+    assert r.ok, r.messages
+
+
+class WriteRecorder:
+    """Records every write-like call the library makes on the image during an operation."""
+
+    def __init__(self, monkeypatch, path):
+        self.ops = []
+        self.path = path
+        real_pwrite, real_pwritev, real_trunc = os.pwrite, os.pwritev, os.ftruncate
+        import fvd.core.image as image_mod
+
+        real_punch = image_mod.punch_hole
+        rec = self
+
+        def mine(fd):
+            return os.path.samestat(os.fstat(fd), os.stat(rec.path))
+
+        def pwrite(fd, data, off):
+            if mine(fd):
+                rec.ops.append(("w", off, bytes(data)))
+            return real_pwrite(fd, data, off)
+
+        def pwritev(fd, bufs, off):
+            if mine(fd):
+                rec.ops.append(("w", off, b"".join(bytes(b) for b in bufs)))
+            return real_pwritev(fd, bufs, off)
+
+        def ftruncate(fd, n):
+            if mine(fd):
+                rec.ops.append(("t", n, None))
+            return real_trunc(fd, n)
+
+        def punch(fd, off, n):
+            if mine(fd):
+                rec.ops.append(("p", off, n))
+            return real_punch(fd, off, n)
+
+        monkeypatch.setattr(os, "pwrite", pwrite)
+        monkeypatch.setattr(os, "pwritev", pwritev)
+        monkeypatch.setattr(os, "ftruncate", ftruncate)
+        monkeypatch.setattr(image_mod, "punch_hole", punch)
+        self.undo = monkeypatch.undo
+
+
+def assert_every_cut_is_before_or_after(pre, ops, before, after, model, cut):
+    """Apply each prefix of an operation's recorded writes to a copy of the image taken
+    before it: every cut must open (read-write, then read-only) as exactly the state
+    before or after the operation, and check clean; both states must occur."""
+    assert before != after
+    assert len(ops) >= 3
+    seen = set()
+    for k in range(len(ops) + 1):
+        shutil.copyfile(pre, cut)
+        apply_ops(cut, ops[:k])
+        with fvd.open(cut, "r+") as img:
+            state = model(img)
+            assert state in (before, after), f"cut after {k} of {len(ops)} writes"
+            seen.add(state == after)
+            assert_clean(img)
+        with fvd.open(cut) as img:
+            assert model(img) == state
+            assert_clean(img)
+    assert seen == {False, True}
+
+
+def replay_log(lines):
+    """(state before the op in flight, that op or None, snapshots) of the model."""
+    state = [0] * NUNITS  # version per unit; 0 = the base; -1 = zeros
+    snaps = {}
+    ops, cur = [], None
+    for rec in lines:
+        if rec[0] == "B":
+            cur = rec[1:]
+        elif cur is not None:
+            ops.append(cur)
+            cur = None
+    for op in ops:
+        apply_op(op, state, snaps)
+    return state, cur, snaps
+
+
+def apply_op(op, state, snaps):
+    kind = op[0]
+    if kind == "write":
+        first, count, version = op[1:]
+        for i in range(count):
+            state[first + i] = version + i
+    elif kind == "zero":
+        first, count = op[1:]
+        state[first : first + count] = [-1] * count
+    elif kind == "create":
+        snaps[op[1]] = list(state)
+    elif kind == "delete":
+        del snaps[op[1]]
+    elif kind == "revert":
+        state[:] = snaps[op[1]]
+
+
+def check_content(data, legal_by_unit, what):
+    m = Model(NUNITS)
+    m.zero.add(-1)
+    for u in range(NUNITS):
+        unit = data[u * UNIT : (u + 1) * UNIT]
+        assert m.unit_ok(u, unit, sorted(legal_by_unit[u])), (
+            f"{what}: unit {u} holds none of the versions {legal_by_unit[u]}"
+        )
+
+
+def apply_ops(path, ops):
+    with open(path, "r+b") as f:
+        for kind, a, b in ops:
+            if kind == "w":
+                f.seek(a)
+                f.write(b)
+            elif kind == "t":
+                f.truncate(a)
+            else:
+                size = os.fstat(f.fileno()).st_size
+                n = max(0, min(b, size - a))
+                f.seek(a)
+                f.write(bytes(n))

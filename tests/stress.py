@@ -17,8 +17,8 @@ import struct
 import threading
 
 import fvd
+from fvd.units import KiB
 
-KiB, MiB = 1 << 10, 1 << 20
 SECTOR, UNIT = 512, 4096
 SPU = UNIT // SECTOR
 STRIPE = 32  # units per writer stripe (two 64 KiB chunks)

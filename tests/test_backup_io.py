@@ -16,8 +16,8 @@ import fvd
 from fvd import cli
 from fvd.features.snapshots import SnapshotNotFoundError
 from fvd.ops.checksum import checksum as compute_checksum
+from fvd.units import MiB
 
-MiB = 1 << 20
 SIZE = 21 * MiB + 12288  # not a multiple of the 4 MiB checksum block
 
 ovirt_client = pytest.importorskip("ovirt_imageio.client")

@@ -1,7 +1,6 @@
 """Base images: copy-on-write, copy-on-read, chains, extents, bad input, crash safety."""
 
 import os
-import random
 import threading
 
 import numpy as np
@@ -12,22 +11,9 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, rule, run_sta
 
 import fvd
 from fvd.ondisk import format as fmt
+from fvd.units import KiB, MiB
 
-from .helpers import DurableRecorder, pattern
-
-KiB, MiB = 1 << 10, 1 << 20
-
-
-def make_raw(path, size, seed=1):
-    data = random.Random(seed).randbytes(size)
-    with open(path, "wb") as f:
-        f.write(data)
-    return bytearray(data)
-
-
-def delta(img, before):
-    after = img.stats.as_dict()
-    return {k: after[k] - before[k] for k in after if after[k] != before[k]}
+from .helpers import DurableRecorder, make_raw, pattern, stats_delta
 
 
 @pytest.fixture
@@ -45,7 +31,7 @@ def test_first_write_into_base_block_writethrough(tmp_path, raw_base):
     with fvd.open(path, "r+", cache="writethrough") as img:
         before = img.stats.as_dict()
         img.write(64 * KiB + 4096, b"x" * 4096)
-        d = delta(img, before)
+        d = stats_delta(img, before)
         assert d["base_reads"] == 1
         assert d["data_writes"] == 1
         assert d.get("metadata_writes", 0) <= 1
@@ -53,11 +39,11 @@ def test_first_write_into_base_block_writethrough(tmp_path, raw_base):
         # a second write inside the same (now present) block: no base read, fast path
         before = img.stats.as_dict()
         img.write(64 * KiB + 16 * KiB, b"y" * 4096)
-        d = delta(img, before)
+        d = stats_delta(img, before)
         assert d.get("base_reads", 0) == 0 and d["data_writes"] == 1
         before = img.stats.as_dict()
         img.write(64 * KiB + 32 * KiB, b"z" * 4096)
-        d = delta(img, before)
+        d = stats_delta(img, before)
         assert d.get("base_reads", 0) == 0 and d["data_writes"] == 1
         assert d.get("metadata_writes", 0) == 0 and d["flushes"] == 1
         data[64 * KiB + 4096 : 64 * KiB + 8192] = b"x" * 4096
@@ -77,12 +63,12 @@ def test_first_write_into_base_block_writeback(tmp_path, raw_base):
     with fvd.open(path, "r+") as img:
         before = img.stats.as_dict()
         img.write(3, b"x" * 10)
-        d = delta(img, before)
+        d = stats_delta(img, before)
         assert d["base_reads"] == 1 and d["data_writes"] == 1
         assert d.get("metadata_writes", 0) == 0 and d.get("flushes", 0) == 0
         before = img.stats.as_dict()
         img.flush()
-        d = delta(img, before)
+        d = stats_delta(img, before)
         assert d["metadata_writes"] == 1 and d["flushes"] == 2
         data[3:13] = b"x" * 10
         assert img.read(0, 64 * KiB) == data[: 64 * KiB]
@@ -98,12 +84,12 @@ def test_reads_merge_runs(tmp_path, raw_base):
             data[off : off + 100] = b"w" * 100
         before = img.stats.as_dict()
         assert img.read(0, 64 * KiB) == data[: 64 * KiB]
-        d = delta(img, before)
+        d = stats_delta(img, before)
         assert d["base_reads"] == 4  # one per contiguous base run
         # a read fully past the base end reads zeros and never touches the base
         before = img.stats.as_dict()
         assert img.read(3 * MiB + 5000, 1000) == bytes(1000)
-        assert delta(img, before).get("base_reads", 0) == 0
+        assert stats_delta(img, before).get("base_reads", 0) == 0
 
 
 def test_write_zeroes_over_base(tmp_path, raw_base):
@@ -163,7 +149,7 @@ def test_copy_on_read(tmp_path, raw_base, cache):
         assert img.read(1000, 300 * KiB) == data[1000 : 1000 + 300 * KiB]
         before = img.stats.as_dict()
         assert img.read(1000, 300 * KiB) == data[1000 : 1000 + 300 * KiB]
-        assert delta(img, before).get("base_reads", 0) == 0
+        assert stats_delta(img, before).get("base_reads", 0) == 0
         # a guest write into a block copy-on-read filled still journals its bit
         img.write(5000, b"q" * 5)
         data[5000:5005] = b"q" * 5

@@ -10,8 +10,7 @@ import pytest
 
 import fvd
 from fvd.cli import main, parse_size
-
-MiB = 1 << 20
+from fvd.units import MiB
 
 
 def run(capsys, *argv):

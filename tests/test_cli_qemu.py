@@ -11,8 +11,8 @@ import pytest
 import fvd
 from fvd import qcow2
 from fvd.cli import main
+from fvd.units import MiB
 
-MiB = 1 << 20
 needs_qemu = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="needs qemu-img")
 
 

@@ -7,8 +7,7 @@ import threading
 import pytest
 
 import fvd
-
-KiB, MiB = 1 << 10, 1 << 20
+from fvd.units import KiB, MiB
 
 
 def _reader(img, offset, length, good, stop, seen):

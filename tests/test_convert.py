@@ -13,8 +13,8 @@ import pytest
 
 import fvd
 from fvd import qcow2
+from fvd.units import MiB
 
-MiB = 1 << 20
 SIZE = 6 * MiB
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="needs qemu-img")

@@ -8,10 +8,9 @@ import pytest
 
 import fvd
 from fvd.core.image import ImageCore
+from fvd.units import GiB, KiB, MiB
 
 from .helpers import pattern
-
-KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
 
 @pytest.fixture

@@ -10,8 +10,7 @@ from hypothesis import strategies as st
 
 import fvd
 from fvd.ondisk import format as fmt
-
-MiB = 1 << 20
+from fvd.units import MiB
 
 
 def make_image(path, cache="writeback", crash=False):

@@ -13,8 +13,8 @@ import pytest
 
 import fvd
 from fvd.ops.extents import EXTENT_DTYPE, FLAG_DATA, FLAG_PRESENT, FLAG_ZERO
+from fvd.units import MiB
 
-MiB = 1 << 20
 BLOCK = 64 * 1024
 
 

@@ -8,6 +8,7 @@ import random
 import pytest
 
 import fvd
+from fvd.units import KiB, MiB
 
 from .faults import (
     INJECT_SYSCALLS,
@@ -19,8 +20,6 @@ from .faults import (
     strace_usable,
 )
 
-MiB = 1 << 20
-KiB = 1 << 10
 W = 64 * KiB
 
 

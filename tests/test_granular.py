@@ -24,14 +24,13 @@ from hypothesis.stateful import (
 import fvd
 from fvd import _impl
 from fvd.ondisk import format as fmt
+from fvd.units import KiB, MiB
 
-from .helpers import DurableRecorder
+from .helpers import DurableRecorder, WriteRecorder
 from .helpers import pattern as _pattern
-from .test_snapshots import WriteRecorder
 
 pattern = functools.lru_cache(maxsize=64)(_pattern)  # 4 MiB patterns are slow to build
 
-KiB, MiB = 1 << 10, 1 << 20
 CS = MiB
 G = 4 * KiB
 SIZE = 4 * MiB

@@ -14,12 +14,14 @@ import os
 import random
 
 import fvd
+from fvd.units import KiB
 
+from .helpers import apply_op as _apply
+from .helpers import check_content as _check_content
+from .helpers import replay_log as _replay
 from .helpers import run_and_kill
 from .stress import UNIT, unit_bytes
-from .test_sigkill import _apply, _check_content, _replay
 
-KiB = 1 << 10
 ROUNDS = int(os.environ.get("FVD_GRANULAR_SIGKILL_ROUNDS", "2"))
 NUNITS = 1024  # 4 MiB image, 64 KiB chunks, 4 KiB granules
 

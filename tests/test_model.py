@@ -13,10 +13,10 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, rule, run_state_machine_as_test
 
 import fvd
+from fvd.units import KiB
 
 from .helpers import DurableRecorder, pattern
 
-KiB = 1 << 10
 SIZE = 2 * 1024 * KiB + 3 * KiB  # not a multiple of the chunk size
 CHUNK = 64 * KiB
 

@@ -9,11 +9,11 @@ import pytest
 
 import fvd
 from fvd.nbd_client import NbdClient, is_nbd_uri, parse_uri
+from fvd.units import KiB, MiB
 
 from .nbd_helpers import Server, free_port, nbdkit_file, need_nbd_tools, run
 
 pytestmark = pytest.mark.interop
-KiB, MiB = 1 << 10, 1 << 20
 SIZE = 4 * MiB
 
 

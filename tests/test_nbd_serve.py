@@ -10,11 +10,11 @@ import pytest
 import fvd
 from fvd.nbd_client import NbdClient
 from fvd.serve import python_path
+from fvd.units import KiB, MiB
 
 from .nbd_helpers import SYSTEM_PYTHON, free_port, fvd_serve, need_nbd_tools, run
 
 pytestmark = pytest.mark.interop
-KiB, MiB = 1 << 10, 1 << 20
 SIZE = 8 * MiB
 
 

@@ -10,8 +10,7 @@ import pytest
 import fvd
 from fvd.features.prefetch import Pacer, progress_bar
 from fvd.ondisk import format as fmt
-
-KiB, MiB = 1 << 10, 1 << 20
+from fvd.units import KiB, MiB
 
 
 def setup_image(tmp_path, base_size=3 * MiB + 777, size=4 * MiB, **kw):

@@ -17,8 +17,7 @@ from hypothesis import strategies as st
 from fvd import _impl, qcow2
 from fvd.errors import CorruptImageError, UnsupportedFeatureError
 from fvd.types import Extent
-
-KiB, MiB = 1 << 10, 1 << 20
+from fvd.units import KiB, MiB
 
 
 def delta(img, before):

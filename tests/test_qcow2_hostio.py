@@ -9,8 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fvd import _impl, qcow2
-
-KiB, MiB = 1 << 10, 1 << 20
+from fvd.units import KiB, MiB
 
 
 def pattern(n, seed):

@@ -13,10 +13,10 @@ import subprocess
 import pytest
 
 from fvd import qcow2
+from fvd.units import KiB, MiB
 
 pytestmark = pytest.mark.interop
 
-KiB, MiB = 1 << 10, 1 << 20
 QEMU_IMG, QEMU_IO = shutil.which("qemu-img"), shutil.which("qemu-io")
 
 

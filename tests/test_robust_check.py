@@ -16,8 +16,8 @@ from fvd.core import journal as jr
 from fvd.features import snapshots as snap
 from fvd.image import check_file as check_path
 from fvd.ondisk import format as fmt
+from fvd.units import KiB, MiB
 
-KiB, MiB = 1 << 10, 1 << 20
 CS = 64 * KiB
 
 

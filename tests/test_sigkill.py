@@ -15,13 +15,12 @@ import os
 import random
 
 import fvd
+from fvd.units import KiB
 
-from .helpers import run_and_kill
-from .stress import UNIT, Model, make_base, unit_bytes
+from .helpers import NUNITS, apply_op, check_content, replay_log, run_and_kill
+from .stress import UNIT, make_base, unit_bytes
 
-KiB = 1 << 10
 ROUNDS = int(os.environ.get("FVD_SIGKILL_ROUNDS", "3"))
-NUNITS = 1024  # 4 MiB image
 
 
 def _child(path, seed, w):
@@ -70,49 +69,6 @@ def _child(path, seed, w):
         say("A")
 
 
-def _replay(lines):
-    """(state before the op in flight, that op or None, snapshots) of the model."""
-    state = [0] * NUNITS  # version per unit; 0 = the base; -1 = zeros
-    snaps = {}
-    ops, cur = [], None
-    for rec in lines:
-        if rec[0] == "B":
-            cur = rec[1:]
-        elif cur is not None:
-            ops.append(cur)
-            cur = None
-    for op in ops:
-        _apply(op, state, snaps)
-    return state, cur, snaps
-
-
-def _apply(op, state, snaps):
-    kind = op[0]
-    if kind == "write":
-        first, count, version = op[1:]
-        for i in range(count):
-            state[first + i] = version + i
-    elif kind == "zero":
-        first, count = op[1:]
-        state[first : first + count] = [-1] * count
-    elif kind == "create":
-        snaps[op[1]] = list(state)
-    elif kind == "delete":
-        del snaps[op[1]]
-    elif kind == "revert":
-        state[:] = snaps[op[1]]
-
-
-def _check_content(data, legal_by_unit, what):
-    m = Model(NUNITS)
-    m.zero.add(-1)
-    for u in range(NUNITS):
-        unit = data[u * UNIT : (u + 1) * UNIT]
-        assert m.unit_ok(u, unit, sorted(legal_by_unit[u])), (
-            f"{what}: unit {u} holds none of the versions {legal_by_unit[u]}"
-        )
-
-
 def test_sigkill_mixed_workload(tmp_path):
     rng = random.Random(int.from_bytes(os.urandom(4), "little"))
     for rnd in range(ROUNDS):
@@ -129,14 +85,14 @@ def test_sigkill_mixed_workload(tmp_path):
         )
         seed = rng.randrange(1 << 30)
         lines = run_and_kill(_child, rng.uniform(0.05, 0.8), path, seed)
-        state, inflight, snaps = _replay(lines)
+        state, inflight, snaps = replay_log(lines)
         after_state, after_snaps = list(state), dict(snaps)
         if inflight is not None:
-            _apply(inflight, after_state, after_snaps)
+            apply_op(inflight, after_state, after_snaps)
         where = f"round {rnd} seed {seed}, in flight {inflight}"
         with fvd.open(path, "r+") as img:
             legal = [{state[u], after_state[u]} for u in range(NUNITS)]
-            _check_content(img.read(0, NUNITS * UNIT), legal, where)
+            check_content(img.read(0, NUNITS * UNIT), legal, where)
             names = {s.name for s in img.snapshots()}
             must = set(snaps) & set(after_snaps)
             may = set(snaps) | set(after_snaps)
@@ -144,7 +100,7 @@ def test_sigkill_mixed_workload(tmp_path):
             for name in names:
                 want = snaps.get(name) or after_snaps[name]
                 with img.open_snapshot(name) as view:
-                    _check_content(
+                    check_content(
                         view.read(0, NUNITS * UNIT),
                         [{want[u]} for u in range(NUNITS)],
                         f"{where} {name}",

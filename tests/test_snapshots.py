@@ -15,6 +15,14 @@ import fvd
 from fvd.features import snapshots as snap
 from fvd.ondisk import format as fmt
 
+from .helpers import (
+    WriteRecorder,
+    assert_clean,
+    assert_every_cut_is_before_or_after,
+    counts_delta,
+    pat,
+)
+
 CS = 64 * 1024
 SIZE = 8 * CS
 
@@ -24,19 +32,6 @@ def path(tmp_path):
     p = str(tmp_path / "s.fvd")
     fvd.create(p, SIZE, chunk_size=CS, block_size=4096)
     return p
-
-
-def pat(seed, n):
-    return bytes((seed * 37 + i * 11 + (i >> 9)) & 0xFF for i in range(n))
-
-
-def delta(before, after):
-    return {k: after[k] - before[k] for k in after if after[k] != before[k]}
-
-
-def assert_clean(img):
-    r = img.check()
-    assert r.ok, r.messages
 
 
 # ----- semantics --------------------------------------------------------------------------
@@ -176,7 +171,7 @@ def test_write_costs_do_not_depend_on_snapshot_count(tmp_path, cache):
                 img.write(off, pat(off, n))
                 if cache == "writeback":
                     img.flush()
-                d = delta(s0, img.stats.as_dict())
+                d = counts_delta(s0, img.stats.as_dict())
                 costs.append({k: d.get(k, 0) for k in keys})
             assert img.stats.refcount_updates == nsnap * 2  # no write touched it
             results[nsnap] = costs
@@ -239,7 +234,7 @@ def test_first_write_after_snapshot_copies_granule_edges_only(path):
         img.create_snapshot("s")
         s0 = img.stats.as_dict()
         img.write(100, b"y" * 100)
-        d = delta(s0, img.stats.as_dict())
+        d = counts_delta(s0, img.stats.as_dict())
         # head and tail of the 4 KiB granule in one read, one data write of the granule,
         # one journal sector (table entry, granule record, data crc)
         assert d == {
@@ -254,7 +249,7 @@ def test_first_write_after_snapshot_copies_granule_edges_only(path):
         }
         s0 = img.stats.as_dict()
         img.write(0, b"z" * CS)  # already the front's own (partial) chunk
-        d = delta(s0, img.stats.as_dict())
+        d = counts_delta(s0, img.stats.as_dict())
         # it overwrites the crc-checked granule: that transaction is sealed first; the
         # chunk is then complete (granule record + data crc)
         assert d == {
@@ -268,7 +263,7 @@ def test_first_write_after_snapshot_copies_granule_edges_only(path):
         assert img._core.partial.active == 0
         s0 = img.stats.as_dict()
         img.write(0, b"w" * CS)  # seals the completing transaction once
-        d = delta(s0, img.stats.as_dict())
+        d = counts_delta(s0, img.stats.as_dict())
         assert d == {
             "data_writes": 1,
             "data_bytes_written": CS,
@@ -278,7 +273,7 @@ def test_first_write_after_snapshot_copies_granule_edges_only(path):
         }
         s0 = img.stats.as_dict()
         img.write(0, b"w" * CS)  # an unshared chunk from now on
-        d = delta(s0, img.stats.as_dict())
+        d = counts_delta(s0, img.stats.as_dict())
         assert d == {"data_writes": 1, "data_bytes_written": CS, "flushes": 1}
         with img.open_snapshot("s") as v:
             assert v.read(0, CS) == pat(1, CS)
@@ -452,61 +447,6 @@ def test_check_finds_undercounted_chunk(path):
 
 
 # ----- crash cutting ----------------------------------------------------------------------------
-class WriteRecorder:
-    """Records every write-like call the library makes on the image during an operation."""
-
-    def __init__(self, monkeypatch, path):
-        self.ops = []
-        self.path = path
-        real_pwrite, real_pwritev, real_trunc = os.pwrite, os.pwritev, os.ftruncate
-        import fvd.core.image as image_mod
-
-        real_punch = image_mod.punch_hole
-        rec = self
-
-        def mine(fd):
-            return os.path.samestat(os.fstat(fd), os.stat(rec.path))
-
-        def pwrite(fd, data, off):
-            if mine(fd):
-                rec.ops.append(("w", off, bytes(data)))
-            return real_pwrite(fd, data, off)
-
-        def pwritev(fd, bufs, off):
-            if mine(fd):
-                rec.ops.append(("w", off, b"".join(bytes(b) for b in bufs)))
-            return real_pwritev(fd, bufs, off)
-
-        def ftruncate(fd, n):
-            if mine(fd):
-                rec.ops.append(("t", n, None))
-            return real_trunc(fd, n)
-
-        def punch(fd, off, n):
-            if mine(fd):
-                rec.ops.append(("p", off, n))
-            return real_punch(fd, off, n)
-
-        monkeypatch.setattr(os, "pwrite", pwrite)
-        monkeypatch.setattr(os, "pwritev", pwritev)
-        monkeypatch.setattr(os, "ftruncate", ftruncate)
-        monkeypatch.setattr(image_mod, "punch_hole", punch)
-        self.undo = monkeypatch.undo
-
-
-def apply_ops(path, ops):
-    with open(path, "r+b") as f:
-        for kind, a, b in ops:
-            if kind == "w":
-                f.seek(a)
-                f.write(b)
-            elif kind == "t":
-                f.truncate(a)
-            else:
-                size = os.fstat(f.fileno()).st_size
-                n = max(0, min(b, size - a))
-                f.seek(a)
-                f.write(bytes(n))
 
 
 def model_of(img):
@@ -558,27 +498,6 @@ def test_crash_at_every_write_of_an_operation(path, monkeypatch, op, tmp_path):
     assert_every_cut_is_before_or_after(
         pre, rec.ops, before, after, model_of, str(tmp_path / "cut.fvd")
     )
-
-
-def assert_every_cut_is_before_or_after(pre, ops, before, after, model, cut):
-    """Apply each prefix of an operation's recorded writes to a copy of the image taken
-    before it: every cut must open (read-write, then read-only) as exactly the state
-    before or after the operation, and check clean; both states must occur."""
-    assert before != after
-    assert len(ops) >= 3
-    seen = set()
-    for k in range(len(ops) + 1):
-        shutil.copyfile(pre, cut)
-        apply_ops(cut, ops[:k])
-        with fvd.open(cut, "r+") as img:
-            state = model(img)
-            assert state in (before, after), f"cut after {k} of {len(ops)} writes"
-            seen.add(state == after)
-            assert_clean(img)
-        with fvd.open(cut) as img:
-            assert model(img) == state
-            assert_clean(img)
-    assert seen == {False, True}
 
 
 # ----- hypothesis state machine -----------------------------------------------------------
@@ -678,11 +597,11 @@ def test_overwrite_after_copy_on_write_survives_a_power_cut(tmp_path, monkeypatc
     img.write(0, b"B" * 100)  # copies granule edges: crc-checked tx
     before = img.stats.as_dict()
     img.write(1000, b"C" * 1000)  # lands inside the copied bytes
-    d = delta(before, img.stats.as_dict())
+    d = counts_delta(before, img.stats.as_dict())
     assert (d.get("data_writes"), d.get("metadata_writes"), d.get("flushes")) == (1, 1, 2)
     before = img.stats.as_dict()
     img.write(3000, b"D" * 1000)
-    d = delta(before, img.stats.as_dict())
+    d = counts_delta(before, img.stats.as_dict())
     assert (d.get("data_writes"), d.get("metadata_writes", 0), d.get("flushes")) == (1, 0, 1)
     img._crash()
     recorder.power_cut()
