@@ -1,4 +1,4 @@
-"""Concurrency stress engine (tests/test_stress.py): writer, reader, flush, snapshot,
+"""Concurrency stress engine (tests/core/test_stress.py): writer, reader, flush, snapshot,
 view, revert and prefetch threads on one image; every read is checked sector by sector
 against the versions that could legally be there.
 

@@ -13,7 +13,7 @@ import fvd
 from fvd.ondisk import format as fmt
 from fvd.units import KiB, MiB
 
-from .helpers import DurableRecorder, make_raw, pattern, stats_delta
+from ..helpers import DurableRecorder, make_raw, pattern, stats_delta
 
 
 @pytest.fixture

@@ -6,14 +6,14 @@ then the image is reopened, compared with the model and checked.
 FVD_STRESS_SECONDS sets the seconds per configuration (default 3; 2 configurations x 2
 implementations in CI). A soak run:
 
-    FVD_STRESS_SECONDS=300 python -m pytest -q -s tests/test_stress.py
+    FVD_STRESS_SECONDS=300 python -m pytest -q -s tests/core/test_stress.py
 """
 
 import os
 
 import pytest
 
-from .stress import Stress
+from ..stress import Stress
 
 SECONDS = float(os.environ.get("FVD_STRESS_SECONDS", "3"))
 

@@ -18,13 +18,13 @@ import fvd
 from fvd.features import snapshots as snap
 from fvd.ondisk import format as fmt
 
-from .helpers import (
+from ..helpers import (
     WriteRecorder,
     assert_clean,
     assert_every_cut_is_before_or_after,
     pat,
 )
-from .helpers import counts_delta as delta
+from ..helpers import counts_delta as delta
 
 CS = 64 * 1024
 BLOCK = 4096

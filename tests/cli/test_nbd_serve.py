@@ -12,7 +12,7 @@ from fvd.nbd_client import NbdClient
 from fvd.serve import python_path
 from fvd.units import KiB, MiB
 
-from .nbd_helpers import SYSTEM_PYTHON, free_port, fvd_serve, need_nbd_tools, run
+from ..nbd_helpers import SYSTEM_PYTHON, free_port, fvd_serve, need_nbd_tools, run
 
 pytestmark = pytest.mark.interop
 SIZE = 8 * MiB
@@ -212,7 +212,7 @@ def test_write_lock_and_force_share(tmp_path, impl):
             tmp_path / "ro.sock",
             image,
             ok=(1,),
-            cwd=os.path.dirname(os.path.dirname(__file__)),
+            cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
         )
         assert "a.fvd" in r.stderr and "writing" in r.stderr and "Traceback" not in r.stderr
         ro = fvd_serve(image, impl, "-r", "-U", socket_path=tmp_path / "ro.sock")
@@ -238,7 +238,7 @@ def test_missing_snapshot_is_one_line(tmp_path, impl):
         tmp_path / "s",
         image,
         ok=(1,),
-        cwd=os.path.dirname(os.path.dirname(__file__)),
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
     )
     assert r.stderr.count("\n") == 1 and "nope" in r.stderr
 

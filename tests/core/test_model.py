@@ -15,7 +15,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, rule, run_sta
 import fvd
 from fvd.units import KiB
 
-from .helpers import DurableRecorder, pattern
+from ..helpers import DurableRecorder, pattern
 
 SIZE = 2 * 1024 * KiB + 3 * KiB  # not a multiple of the chunk size
 CHUNK = 64 * KiB

@@ -26,8 +26,8 @@ from fvd import _impl
 from fvd.ondisk import format as fmt
 from fvd.units import KiB, MiB
 
-from .helpers import DurableRecorder, WriteRecorder
-from .helpers import pattern as _pattern
+from ..helpers import DurableRecorder, WriteRecorder
+from ..helpers import pattern as _pattern
 
 pattern = functools.lru_cache(maxsize=64)(_pattern)  # 4 MiB patterns are slow to build
 

@@ -6,7 +6,7 @@ the one in flight is all-or-nothing per sector, views are exact and check() is c
 
 FVD_GRANULAR_SIGKILL_ROUNDS sets the rounds (default 2); a soak:
 
-    FVD_GRANULAR_SIGKILL_ROUNDS=200 python -m pytest -q tests/test_granular_sigkill.py
+    FVD_GRANULAR_SIGKILL_ROUNDS=200 python -m pytest -q tests/features/test_granular_sigkill.py
 """
 
 import json
@@ -16,11 +16,11 @@ import random
 import fvd
 from fvd.units import KiB
 
-from .helpers import apply_op as _apply
-from .helpers import check_content as _check_content
-from .helpers import replay_log as _replay
-from .helpers import run_and_kill
-from .stress import UNIT, unit_bytes
+from ..helpers import apply_op as _apply
+from ..helpers import check_content as _check_content
+from ..helpers import replay_log as _replay
+from ..helpers import run_and_kill
+from ..stress import UNIT, unit_bytes
 
 ROUNDS = int(os.environ.get("FVD_GRANULAR_SIGKILL_ROUNDS", "2"))
 NUNITS = 1024  # 4 MiB image, 64 KiB chunks, 4 KiB granules

@@ -11,7 +11,7 @@ import fvd
 from fvd.nbd_client import NbdClient, is_nbd_uri, parse_uri
 from fvd.units import KiB, MiB
 
-from .nbd_helpers import Server, free_port, nbdkit_file, need_nbd_tools, run
+from ..nbd_helpers import Server, free_port, nbdkit_file, need_nbd_tools, run
 
 pytestmark = pytest.mark.interop
 SIZE = 4 * MiB
@@ -114,7 +114,7 @@ def test_cli_create_takes_the_size_from_the_export(tmp_path, base_raw, impl):
             "-F",
             "raw",
             image,
-            cwd=os.path.dirname(os.path.dirname(__file__)),
+            cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
         )
         with fvd.open(image) as img:
             assert img.size == len(data) and img.read(0, 4096) == data[:4096]

@@ -12,8 +12,8 @@ import pytest
 import fvd
 from fvd.units import KiB, MiB
 
-from .helpers import make_raw
-from .helpers import stats_delta as delta
+from ..helpers import make_raw
+from ..helpers import stats_delta as delta
 
 BASE_SIZE = 3 * MiB + 5000  # last base block is cut by the base end
 SIZE = 4 * MiB

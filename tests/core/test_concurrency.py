@@ -1,5 +1,5 @@
 """Threads (issue 8): a read never returns bytes nobody wrote; snapshots are points in
-time; close while other threads work. See also tests/test_stress.py."""
+time; close while other threads work. See also tests/core/test_stress.py."""
 
 import struct
 import threading

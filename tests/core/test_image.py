@@ -10,7 +10,7 @@ import fvd
 from fvd.core.image import ImageCore
 from fvd.units import GiB, KiB, MiB
 
-from .helpers import pattern
+from ..helpers import pattern
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ The child (writethrough, over a raw base) reports each operation through a pipe 
 acknowledged operations on a model. FVD_SIGKILL_ROUNDS sets the rounds per
 implementation (default 3); a soak run:
 
-    FVD_SIGKILL_ROUNDS=200 python -m pytest -q tests/test_sigkill.py
+    FVD_SIGKILL_ROUNDS=200 python -m pytest -q tests/core/test_sigkill.py
 """
 
 import json
@@ -17,8 +17,8 @@ import random
 import fvd
 from fvd.units import KiB
 
-from .helpers import NUNITS, apply_op, check_content, replay_log, run_and_kill
-from .stress import UNIT, make_base, unit_bytes
+from ..helpers import NUNITS, apply_op, check_content, replay_log, run_and_kill
+from ..stress import UNIT, make_base, unit_bytes
 
 ROUNDS = int(os.environ.get("FVD_SIGKILL_ROUNDS", "3"))
 

@@ -10,7 +10,7 @@ import pytest
 import fvd
 from fvd.units import KiB, MiB
 
-from .faults import (
+from ..faults import (
     INJECT_SYSCALLS,
     block,
     injected,

@@ -15,7 +15,7 @@ import fvd
 from fvd.features import snapshots as snap
 from fvd.ondisk import format as fmt
 
-from .helpers import (
+from ..helpers import (
     WriteRecorder,
     assert_clean,
     assert_every_cut_is_before_or_after,
@@ -585,7 +585,7 @@ def test_overwrite_after_copy_on_write_survives_a_power_cut(tmp_path, monkeypatc
     replay checks on the last transaction. A later write into the copied range must seal
     that transaction first, or a power cut would make replay drop it and lose both the
     copy and every acknowledged write after it."""
-    from .helpers import DurableRecorder
+    from ..helpers import DurableRecorder
 
     MiB = 1 << 20
     path = str(tmp_path / "cow.fvd")
