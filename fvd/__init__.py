@@ -33,7 +33,7 @@ from fvd.types import CheckResult, Extent, SnapshotInfo
 __version__ = "0.1.0"
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> str:
     # IMPLEMENTATION follows fvd._impl.select() so tests can switch it.
     if name == "IMPLEMENTATION":
         return _impl.IMPLEMENTATION

@@ -2,6 +2,7 @@
 
 import errno
 import os
+from typing import Optional
 
 
 class FvdError(Exception):
@@ -11,7 +12,7 @@ class FvdError(Exception):
 class CorruptImageError(FvdError):
     """The file is not a valid image; the message names the file and the offset."""
 
-    def __init__(self, path, offset, what):
+    def __init__(self, path: object, offset: Optional[int], what: str) -> None:
         self.path = str(path)
         self.offset = offset
         self.what = what
@@ -35,14 +36,14 @@ class ImageIOError(FvdError, OSError):
     """An I/O error of the host file (disk full, file too large, EIO...): names the file,
     what failed and why; ``errno`` is the host's error number."""
 
-    def __init__(self, path, err, what):
+    def __init__(self, path: object, err: int, what: str) -> None:
         OSError.__init__(self, err, f"{what}: {os.strerror(err)}", str(path))
 
-    def __str__(self):
+    def __str__(self) -> str:
         return f"{self.filename}: {self.strerror}"
 
 
-def io_error(path, exc, what):
+def io_error(path: object, exc: BaseException, what: str) -> BaseException:
     """`exc` (an OSError) as an ImageIOError naming `path`; FvdErrors pass unchanged."""
     if isinstance(exc, FvdError) or not isinstance(exc, OSError) or exc.errno is None:
         return exc
@@ -52,14 +53,14 @@ def io_error(path, exc, what):
 class ReadOnlyImageError(FvdError, OSError):
     """A write on an image opened read-only."""
 
-    def __init__(self, path):
+    def __init__(self, path: object) -> None:
         OSError.__init__(self, errno.EBADF, "image is open read-only", str(path))
 
 
 class SnapshotNotFoundError(FvdError, KeyError):
     """No snapshot of that name."""
 
-    def __str__(self):
+    def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
 
 

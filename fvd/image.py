@@ -31,7 +31,7 @@ from fvd.types import CheckResult, SnapshotInfo
 from fvd.units import KiB, MiB
 
 
-def attach_features(core: ImageCore, chain: tuple, copy_on_read: bool) -> None:
+def attach_features(core: ImageCore, chain: tuple[str, ...], copy_on_read: bool) -> None:
     """The feature slots of `core`, as its header asks (called while it opens)."""
     h = core.header
     if h["base_format"] != fmt.BASE_NONE:
@@ -43,12 +43,12 @@ def attach_features(core: ImageCore, chain: tuple, copy_on_read: bool) -> None:
 
 
 def create(
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     size: int,
     *,
     chunk_size: int = MiB,
     block_size: int = 64 * KiB,
-    base: Optional[str | os.PathLike] = None,
+    base: Optional[str | os.PathLike[str]] = None,
     base_format: Optional[str] = None,
     compact: bool = True,
     journal_size: Optional[int] = None,
@@ -99,7 +99,7 @@ def create(
     _write_new_image(os.fspath(path), header, base_name, overwrite)
 
 
-def _write_new_image(path: str, header: dict, base_name: bytes, overwrite: bool) -> None:
+def _write_new_image(path: str, header: dict[str, Any], base_name: bytes, overwrite: bool) -> None:
     """Header, base name and an empty table, then fsync: the file is an image or absent."""
     nchunks = -(-header["virtual_size"] // header["chunk_size"])
     table = np.full(nchunks, fmt.UNALLOCATED, dtype="<u4").tobytes()
@@ -128,14 +128,14 @@ class Image(DiskOps):
 
     def __init__(
         self,
-        path: str | os.PathLike,
+        path: str | os.PathLike[str],
         mode: str = "r",
         *,
         cache: str = "writeback",
         copy_on_read: bool = False,
         force_share: bool = False,
         _for_check: bool = False,
-        _chain: tuple = (),
+        _chain: tuple[str, ...] = (),
     ) -> None:
         core = ImageCore(
             path,
@@ -213,13 +213,14 @@ class Image(DiskOps):
     @property
     def base(self) -> Optional[str]:
         """Path (or NBD URI) of the base image, or None."""
-        return self._core.header.get("_base_path")
+        path = self._core.header.get("_base_path")
+        return None if path is None else str(path)
 
     @property
     def allocated_chunks(self) -> int:
         return int(np.count_nonzero(self._core.table < fmt.ZERO_CHUNK))
 
-    def info(self) -> dict:
+    def info(self) -> dict[str, Any]:
         """Header facts and allocation, as `fvd info --output=json` shows them."""
         return image_info(self._core)
 
@@ -256,7 +257,9 @@ class Image(DiskOps):
             return snap.read_vm_state(self._core, name)
 
     # ----- base image (fvd.features.prefetch) ------------------------------------------
-    def prefetch(self, progress: Optional[Callable[[int, int], None]] = None, **options: Any):
+    def prefetch(
+        self, progress: Optional[Callable[[int, int], None]] = None, **options: Any
+    ) -> Any:
         """Copy every block still in the base into the image (see fvd.features.prefetch)."""
         with self._io("prefetch"):
             return prefetch_feature.prefetch(self._core, progress, **options)
@@ -327,7 +330,7 @@ class SnapshotImage(DiskOps):
 
 
 def open(  # noqa: A001 - the public name of the contract
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     mode: str = "r",
     *,
     cache: str = "writeback",
@@ -344,7 +347,7 @@ def open(  # noqa: A001 - the public name of the contract
     return Image(path, mode, cache=cache, copy_on_read=copy_on_read, force_share=force_share)
 
 
-def check_file(path: str | os.PathLike, repair: bool = False) -> CheckResult:
+def check_file(path: str | os.PathLike[str], repair: bool = False) -> CheckResult:
     """Open `path` in check mode (corruptions are collected, not raised) and check it;
     with repair, the result is ok only if the repaired file reopens and checks clean."""
     with Image(path, "r+" if repair else "r", _for_check=True) as img:

@@ -94,4 +94,4 @@ class PartialHook(Protocol):
     def after_checkpoint(self, img: Any) -> None: ...
 
 
-Attach = Callable[[Any, tuple, bool], None]  # attach(core, chain, copy_on_read)
+Attach = Callable[[Any, tuple[str, ...], bool], None]  # attach(core, chain, copy_on_read)

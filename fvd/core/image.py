@@ -15,11 +15,13 @@ import os
 import threading
 import time
 import zlib
+from typing import Any, Optional
 
 import numpy as np
 
 from fvd import _impl
 from fvd.core.allocator import ChunkAllocator, front_usage
+from fvd.core.hooks import Attach, BaseHook, PartialHook, SnapshotHook
 from fvd.core.journal import (
     REC_BITMAP,
     REC_DATA_CRC,
@@ -74,16 +76,16 @@ class ImageCore:
 
     def __init__(
         self,
-        path,
-        mode="r",
+        path: "str | os.PathLike[str]",
+        mode: str = "r",
         *,
-        cache="writeback",
-        copy_on_read=False,
-        force_share=False,
-        for_check=False,
-        chain=(),
-        attach=None,
-    ):
+        cache: str = "writeback",
+        copy_on_read: bool = False,
+        force_share: bool = False,
+        for_check: bool = False,
+        chain: tuple[str, ...] = (),
+        attach: Optional[Attach] = None,
+    ) -> None:
         if mode not in ("r", "r+"):
             raise ValueError(f"mode must be 'r' or 'r+', not {mode!r}")
         if force_share and mode != "r":
@@ -93,22 +95,28 @@ class ImageCore:
         self.writethrough = _parse_cache(cache)
         self.unsafe = cache == "unsafe"
         self._attach = attach
-        self.closed = True
+        self.closed: bool = True
         self.impl = _impl.module()
         self.stats = self.impl.Stats()
-        self.problems = []
-        self.notes = []  # check mode: what could not be checked, and why
-        self.crc_guard = None  # see crc_guard() and _seal_overlapping
+        self.problems: list[tuple[int, str, int]] = []
+        self.notes: list[str] = []  # check mode: what could not be checked, and why
+        self.crc_guard: Any = None  # see crc_guard() and _seal_overlapping
         self.for_check = for_check
-        self.base_layer = None
-        self.snapshot_state = None
-        self.partial = None  # fvd.features.granular.PartialState (images without a base)
+        self.base_layer: Optional[BaseHook] = None
+        self.snapshot_state: Optional[SnapshotHook] = None
+        self.bitmap: Any = None
+        self.partial: Optional[PartialHook] = (
+            None  # fvd.features.granular.PartialState (images without a base)
+        )
         self.lock = threading.RLock()  # table/bitmap/journal changes (fvd.features.base)
-        self._pending = {}  # virtual chunk -> entry, not yet in the journal
-        self._pending_bits = []  # (first_block, count) bitmap records not yet journaled
+        self._pending: dict[int, int] = {}  # virtual chunk -> entry, not yet in the journal
+        self._pending_bits: list[Any] = []  # (first_block, count) bitmap records not yet journaled
         self.dirty_since_checkpoint = False
         self._journal_broken = False  # a journal write failed: commit by checkpoint next
-        self.fd = os.open(self.path, os.O_RDONLY if self.read_only else os.O_RDWR)
+        self.size = self.chunk_size = self.block_size = self.nchunks = 0
+        self.header: dict[str, Any] = {}
+        self.table: np.ndarray = np.zeros(0, dtype=np.uint32)
+        self.fd: int = os.open(self.path, os.O_RDONLY if self.read_only else os.O_RDWR)
         try:
             if not force_share:
                 lock_image(self.fd, self.path, exclusive=not self.read_only)
@@ -124,7 +132,7 @@ class ImageCore:
         if self.base_layer is None or self.base_layer.fast_read:
             # Reads go straight to the fast path: no Python frame of ours per read (with
             # a raw base it reads the base runs itself; see fvd.features.base).
-            self.readinto = self.chunk_map.readinto
+            self.readinto = self.chunk_map.readinto  # type: ignore[method-assign]
 
     # ----- open -----------------------------------------------------------------
     def _load_beside_writer(self, chain, copy_on_read, attempts=5):
@@ -557,12 +565,12 @@ class ImageCore:
         if self.read_only:
             raise ReadOnlyImageError(self.path)
 
-    def read(self, offset, length):
+    def read(self, offset: int, length: int) -> bytes:
         buf = bytearray(length)
         self.readinto(offset, buf)
         return bytes(buf)
 
-    def readinto(self, offset, buffer):
+    def readinto(self, offset: int, buffer: Any) -> int:
         """Fill `buffer` from `offset`; returns the number of bytes read."""
         if self.closed:
             self.check_open()
@@ -574,7 +582,7 @@ class ImageCore:
         except OSError as e:
             raise io_error(self.path, e, "read") from None
 
-    def write(self, offset, data):
+    def write(self, offset: int, data: Any) -> int:
         """Write any bytes-like object at any offset; returns the number of bytes."""
         if self.read_only or self.closed:
             self.check_writable()

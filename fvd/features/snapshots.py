@@ -668,7 +668,7 @@ def _release_runs(img, run_list):
 
 
 # ----- operations ---------------------------------------------------------------------
-def create_snapshot(img, name, vm_state=b""):
+def create_snapshot(img: Any, name: str, vm_state: bytes = b"") -> SnapshotInfo:
     """A read-only snapshot of the current contents; returns its SnapshotInfo.
 
     With a base image the snapshot also gets a copy of the durable (stale) bitmap. The
@@ -778,7 +778,7 @@ def _create(img, st, name, vm_state):
     return entry.info()
 
 
-def list_snapshots(img):
+def list_snapshots(img: Any) -> list[SnapshotInfo]:
     img.check_open()
     st = img.snapshot_state
     return [e.info() for e in st.entries] if st is not None else []
@@ -920,7 +920,7 @@ def _swap_front(img, new_table, new_bits):
         bm.stale[:] = new_bits
 
 
-def read_vm_state(img, name):
+def read_vm_state(img: Any, name: str) -> bytes:
     st = _state(img)
     with img.lock:  # a concurrent delete may not free the chunks meanwhile
         return _read_vm_state(img, st, name)
@@ -952,7 +952,7 @@ class SnapshotView:
     partial: Optional[PartialHook] = None
     bitmap: Any = None
 
-    def __init__(self, img, entry):
+    def __init__(self, img: Any, entry: Any) -> None:
         self.path = img.path
         self.name = entry.name
         self.size = img.size
@@ -960,7 +960,7 @@ class SnapshotView:
         self.block_size = img.block_size
         self.header = {"data_offset": img.header["data_offset"]}
         self.facts = {k: img.header.get(k, 0) for k in ("base_format", "bitmap_size", "base_size")}
-        self.closed = True
+        self.closed: bool = True
         self.state = img.snapshot_state
         self.snapshot_id = entry.id
         self.stats = img.impl.Stats()
@@ -1032,18 +1032,18 @@ class SnapshotView:
         if self.closed:
             raise ValueError(f"{self.path}: I/O on a closed snapshot view")
 
-    def readinto(self, offset, buffer):
+    def readinto(self, offset: int, buffer: Any) -> int:
         self.check_open()
         if self.base_layer is not None and not self.base_layer.fast_read:
             return self.base_layer.readinto(offset, buffer)
         return self.chunk_map.readinto(offset, buffer)
 
-    def read(self, offset, length):
+    def read(self, offset: int, length: int) -> bytes:
         buf = bytearray(length)
         self.readinto(offset, buf)
         return bytes(buf)
 
-    def write(self, offset, data):
+    def write(self, offset: int, data: Any) -> int:
         raise ReadOnlyImageError(self.path)
 
     def close(self):

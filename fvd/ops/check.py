@@ -8,6 +8,7 @@ then fails to open or to check clean (docs/format.md, "Validation, check and rep
 """
 
 import os
+from typing import Any
 
 import numpy as np
 
@@ -19,7 +20,7 @@ from fvd.types import CheckResult
 from fvd.units import index_runs
 
 
-def check_image(img, repair=False):
+def check_image(img: Any, repair: bool = False) -> CheckResult:
     img.check_open()
     repair = repair and not img.read_only
     result = _scan(img, repair)

@@ -2,6 +2,7 @@
 (`qemu-img info --output=json`) and fvd's own facts under "format-specific"."""
 
 import os
+from typing import Any
 
 import numpy as np
 
@@ -31,7 +32,7 @@ def fvd_snapshot_dicts(img):
     ]
 
 
-def image_info(img):
+def image_info(img: Any) -> dict[str, Any]:
     h = img.header
     st = os.fstat(img.fd)
     data = {

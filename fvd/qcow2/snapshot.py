@@ -251,14 +251,6 @@ class SnapshotMixin:
             n = -(-old_len // self._cs)
             self._update_refcounts(np.arange(n) + (old_off >> self._cbits), -1)
 
-
-def _to_datetime(info):
-    import datetime
-
-    return datetime.datetime.fromtimestamp(
-        info.date_sec + info.date_nsec / 1e9, tz=datetime.timezone.utc
-    )
-
     def changed_ranges(self, since, until=None):
         """(start, length, zero) runs of clusters whose mapping differs between snapshot `since` and
         `until` (a snapshot, or the active tree). A cluster mapped to the same host cluster
@@ -299,6 +291,14 @@ def _to_datetime(info):
                 else:
                     out.append((start, length, z))
         return out
+
+
+def _to_datetime(info):
+    import datetime
+
+    return datetime.datetime.fromtimestamp(
+        info.date_sec + info.date_nsec / 1e9, tz=datetime.timezone.utc
+    )
 
 
 class Qcow2SnapshotView:
