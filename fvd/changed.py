@@ -151,7 +151,9 @@ def _front_partial(ps) -> Partial | None:
     """A copy of the front's partial chunks (PartialState; the image lock is held)."""
     if ps is None or not ps.active:
         return None
-    chunks = np.flatnonzero(ps.slot != 0xFFFFFFFF)
+    from .granular import NONE
+
+    chunks = np.flatnonzero(ps.slot != NONE)
     slots = ps.slot[chunks].astype(np.int64)
     rows = ps.bits[: ps.used * ps.gbytes].reshape(-1, ps.gbytes)[slots]
     return Partial(chunks, ps.src[slots].copy(), rows, ps.gsize)
@@ -252,17 +254,15 @@ def _refine_granules(geo, ta, tb, part, starts, stops, zero):
     first, last = _run_edges(words.view("<u8"))
     width = words.shape[1] * 8  # bits per row, a power of two
     shift = width.bit_length() - 1
-    p_starts, p_stops = w_starts, w_stops
+    p = (w_starts, w_stops, np.zeros(len(w_starts), dtype=bool))
     if len(first):
         chunk_start = v[first >> shift].astype(np.uint64) * np.uint64(cs)
         g_starts = chunk_start + (first & (width - 1)).astype(np.uint64) * np.uint64(gs)
         g_stops = chunk_start + ((last & (width - 1)) + 1).astype(np.uint64) * np.uint64(gs)
         g_stops = np.minimum(g_stops, np.uint64(geo.size))
         live = g_starts < g_stops  # granules past the end of the image count as set
-        p_starts, p_stops, _ = _merge_sorted(
-            (w_starts, w_stops, w_starts), (g_starts[live], g_stops[live], g_starts[live])
-        )
-    p = (p_starts, p_stops, np.zeros(len(p_starts), dtype=bool))
+        g = (g_starts[live], g_stops[live], np.zeros(int(live.sum()), dtype=bool))
+        p = _merge_sorted(p, g)
     return _merge_sorted((starts, stops, zero), p)
 
 

@@ -605,6 +605,14 @@ class SnapshotMachine(RuleBasedStateMachine):
         self.img.write(off, data)
         self.front[off : off + n] = data
 
+    @rule(off=st.integers(0, SIZE - 1), n=st.integers(1, 2 * CS))
+    def write_zeroes(self, off, n):
+        """Freed chunks: with deletes, the file is cut below chunks the journal may
+        still name, and freed chunks are reused (crash_and_reopen replays)."""
+        n = min(n, SIZE - off)
+        self.img.write_zeroes(off, n)
+        self.front[off : off + n] = bytes(n)
+
     @rule(vm=st.integers(0, 3))
     def create(self, vm):
         name = f"s{self.counter}"
