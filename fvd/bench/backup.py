@@ -25,7 +25,7 @@ from fvd.bench.workloads import Result
 from fvd.errors import FvdError
 from fvd.image import create
 from fvd.image import open as open_image
-from fvd.ops.changed import Geometry, State, compare
+from fvd.ops.changed import Geometry, Partial, State, compare
 from fvd.units import GiB, KiB, MiB, TiB
 
 CACHE_VERSION = 1
@@ -108,16 +108,28 @@ def measure_changed(size: int, repeat: int = 7, progress=None) -> list:
     return [Result("changed-extents", "fvd", ms, "ms", False, 1, ms / 1e3, {}, note)]
 
 
-def table_compare_ms(nchunks: int = 1 << 20, fraction: float = 0.1, repeat: int = 7) -> float:
+def table_compare_ms(
+    nchunks: int = 1 << 20, fraction: float = 0.1, repeat: int = 7, granules: int = 0
+) -> float:
     """The comparison alone (fvd.ops.changed.compare, no table reads) on tables shaped like
-    the bench image's: every chunk allocated, `fraction` of them moved to new chunks."""
+    the bench image's: every chunk allocated, `fraction` of them moved to new chunks.
+    With `granules`, the moved chunks are the front's partial chunks over the old ones
+    (granular copy-on-write) with that many random 4 KiB granules written each."""
 
+    rng = np.random.default_rng(1)
     a = np.arange(nchunks, dtype=np.uint32)
     b = a.copy()
-    moved = np.random.default_rng(1).choice(nchunks, int(nchunks * fraction), replace=False)
-    b[np.sort(moved)] = np.arange(nchunks, nchunks + len(moved), dtype=np.uint32)
+    moved = np.sort(rng.choice(nchunks, int(nchunks * fraction), replace=False))
+    b[moved] = np.arange(nchunks, nchunks + len(moved), dtype=np.uint32)
     geo = Geometry(nchunks * MiB, MiB, 64 * KiB, 0)
-    return _median_ms(lambda: compare(geo, State(a, None, 1), State(b, None, 2)), repeat)
+    newer = State(b, None, 2)
+    if granules:
+        rows = np.zeros((len(moved), MiB // (32 * KiB)), dtype=np.uint8)  # 256 granules
+        for _ in range(granules):
+            g = rng.integers(0, 256, len(moved))
+            rows[np.arange(len(moved)), g // 8] |= (1 << (g % 8)).astype(np.uint8)
+        newer = State(b, None, None, Partial(moved, a[moved], rows, 4 * KiB))
+    return _median_ms(lambda: compare(geo, State(a, None, 1), newer), repeat)
 
 
 # ----- extents of a huge sparse image --------------------------------------------------

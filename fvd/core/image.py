@@ -349,8 +349,12 @@ class ImageCore:
                         return self._bad_record(
                             f"journal table record holds the invalid entry {e:#x}"
                         )
-                    if e < fmt.ZERO_CHUNK and data_offset + e * cs >= file_size:
-                        return False  # its data never reached the disk: torn write
+                    if e < fmt.ZERO_CHUNK and last and data_offset + e * cs >= file_size:
+                        # its data never reached the disk: torn write. Only the last
+                        # transaction can be torn; an earlier one's chunk past the end
+                        # was freed later and the file cut back (a later record remaps
+                        # it), and dropping that transaction would lose its other records
+                        return False
             if rtype == REC_DATA_CRC:
                 if not (data_offset <= start and start + count <= data_end):
                     return self._bad_record(

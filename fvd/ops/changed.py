@@ -13,10 +13,15 @@ Where byte x of a state comes from (docs/format.md, sections 7 and 8), as a *sou
   frozen, so two states mapping p read the same bytes there), or zeros (``KEY_ZERO`` for
   ZERO and UNALLOCATED entries).
 
+* in a partial chunk of the front (docs/format.md, section 10; images without a base):
+  granule g's key is the chunk's entry N when its bit is set, else its source chunk S.
+
 Two states may differ at x exactly when their keys at x differ. The comparison runs at
-the finest granularity the format records (``Granularity``): chunks, refined to blocks
-where a base bitmap is involved. A finer per-chunk state (issue 12: per-granule bitmaps
-for partly copied chunks) plugs in as another refinement step of ``_refine``.
+the finest granularity the format records: chunks, refined to blocks where a base bitmap
+is involved (``_refine_blocks``) and to granules in the front's partial chunks
+(``_refine_granules``). Snapshots hold whole chunks only (create_snapshot completes the
+partial chunks first, and no record of which granules it copied is kept), so between two
+snapshots a chunk the front had partly rewritten is reported whole.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fvd.errors import CorruptImageError
+from fvd.features.granular import NONE
 from fvd.features.snapshots import SnapshotNotFoundError, SnapshotView
 from fvd.ondisk import format as fmt
 from fvd.types import Extent
@@ -49,6 +55,19 @@ class State:
     table: np.ndarray
     bits: np.ndarray | None
     snapshot_id: int | None  # None: the live front
+    partial: Partial | None = None  # the front's partial chunks
+
+
+@dataclass
+class Partial:
+    """Partial chunks of a state (fvd.features.granular): virtual chunk numbers (sorted), their
+    source chunks, and their granule bit rows (uint8, one row of ceil(gpc / 8) bytes per
+    chunk, granule g = bit g % 8 of byte g // 8)."""
+
+    chunks: np.ndarray
+    sources: np.ndarray
+    rows: np.ndarray
+    granule_size: int
 
 
 @dataclass
@@ -119,7 +138,7 @@ def _resolve(owner, since: str, until: str | None):
     else:
         with owner.lock:  # one point in time: no write changes the table now
             bits = owner.bitmap.stale.copy() if owner.bitmap is not None else None
-            newer = State(owner.table.copy(), bits, None)
+            newer = State(owner.table.copy(), bits, None, _front_partial(owner.partial))
     geo = Geometry(
         owner.size,
         owner.chunk_size,
@@ -127,6 +146,17 @@ def _resolve(owner, since: str, until: str | None):
         min(img_hdr.get("base_size", 0), owner.size) if bsize else 0,
     )
     return geo, older, newer
+
+
+def _front_partial(ps) -> Partial | None:
+    """A copy of the front's partial chunks (PartialState; the image lock is held)."""
+    if ps is None or not ps.active:
+        return None
+
+    chunks = np.flatnonzero(ps.slot != NONE)
+    slots = ps.slot[chunks].astype(np.int64)
+    rows = ps.bits[: ps.used * ps.gbytes].reshape(-1, ps.gbytes)[slots]
+    return Partial(chunks, ps.src[slots].copy(), rows, ps.gsize)
 
 
 # ----- the comparison -------------------------------------------------------------------
@@ -153,6 +183,12 @@ def compare(geo: Geometry, a: State, b: State) -> np.ndarray:
     # chunk, without a base) by their entries. Both come out sorted, the first before.
     nbase_chunks = -(-geo.bend // cs) if geo.bend else 0
     starts, stops, zero = _chunk_runs(ta, tb, nbase_chunks, cs, geo.size)
+    if a.partial is not None:
+        raise ValueError("the older state is a snapshot: it has no partial chunks")
+    if b.partial is not None and len(b.partial.chunks):
+        if nbase_chunks:
+            raise ValueError("partial chunks in an image with a base")
+        starts, stops, zero = _refine_granules(geo, ta, tb, b.partial, starts, stops, zero)
     if nbase_chunks:
         ka, kb = _chunk_keys(ta[:nbase_chunks]), _chunk_keys(tb[:nbase_chunks])
         rs, re, rz = _refine_blocks(geo, ka, kb, a, b, nbase_chunks)
@@ -173,6 +209,130 @@ def _chunk_runs(ta, tb, first, cs, size):
     starts = (idx + first).astype(np.uint64) * np.uint64(cs)
     stops = np.minimum(starts + np.uint64(cs), np.uint64(size))
     return starts, stops, tb[idx] >= fmt.ZERO_CHUNK
+
+
+def _refine_granules(geo, ta, tb, part, starts, stops, zero):
+    """Replace the whole-chunk ranges of the newer state's partial chunks by the granules
+    whose keys differ: a set bit reads the chunk's entry N, a clear one its source S, and
+    the older state reads its entry's key K for the whole chunk (snapshots hold whole
+    chunks). So per chunk: N != K and S != K, the whole chunk; only one of them, the set
+    (or the clear) granules; neither, nothing. Vectorised over the partial chunks, the
+    64-bit words of their bit rows and the runs found (never per granule). N and S are
+    physical chunks: these ranges are never zeros in the newer state."""
+    cs, gs = geo.chunk_size, part.granule_size
+    gpc = cs // gs
+    v = part.chunks.astype(np.int64)
+    entry = tb[v]
+    src, rows = part.sources, part.rows
+    ok = entry < fmt.ZERO_CHUNK  # a partial chunk maps its own chunk N (else: not partial)
+    if not ok.all():
+        v, entry, src, rows = v[ok], entry[ok], src[ok], rows[ok]
+    k = _chunk_keys(ta[v])
+    n_diff = entry.astype(np.uint64) != k
+    s_diff = src.astype(np.uint64) != k
+    # the partial chunks' whole-chunk ranges go; the other chunks' ranges stay
+    is_partial = np.zeros(len(ta), dtype=bool)
+    is_partial[v] = True
+    keep = ~is_partial[(starts // np.uint64(cs)).astype(np.int64)]
+    starts, stops, zero = starts[keep], stops[keep], zero[keep]
+    w_starts = v[n_diff & s_diff].astype(np.uint64) * np.uint64(cs)
+    w_stops = np.minimum(w_starts + np.uint64(cs), np.uint64(geo.size))
+    # granule runs of the chunks where only one of N, S differs from K: the set bits, or
+    # the clear ones (rows inverted)
+    one = n_diff != s_diff
+    if not one.all():
+        v, n_diff, rows = v[one], n_diff[one], rows[one]
+    nbytes = rows.shape[1]
+    if nbytes % 8 or gpc % 8 or not n_diff.all():
+        # pad rows to whole 64-bit words, invert those whose clear bits differ
+        words = np.zeros((len(rows), -(-nbytes // 8) * 8), dtype=np.uint8)
+        words[:, :nbytes] = rows ^ np.where(n_diff, 0, 0xFF).astype(np.uint8)[:, None]
+        if gpc % 8:  # bits past the last granule of a row are padding
+            words[:, nbytes - 1] &= np.uint8((1 << (gpc % 8)) - 1)
+    else:  # the usual case: the older state maps the sources; the set bits differ
+        words = np.ascontiguousarray(rows)
+    first, last = _run_edges(words.view("<u8"))
+    width = words.shape[1] * 8  # bits per row, a power of two
+    shift = width.bit_length() - 1
+    p = (w_starts, w_stops, np.zeros(len(w_starts), dtype=bool))
+    if len(first):
+        chunk_start = v[first >> shift].astype(np.uint64) * np.uint64(cs)
+        g_starts = chunk_start + (first & (width - 1)).astype(np.uint64) * np.uint64(gs)
+        g_stops = chunk_start + ((last & (width - 1)) + 1).astype(np.uint64) * np.uint64(gs)
+        g_stops = np.minimum(g_stops, np.uint64(geo.size))
+        live = g_starts < g_stops  # granules past the end of the image count as set
+        g = (g_starts[live], g_stops[live], np.zeros(int(live.sum()), dtype=bool))
+        p = _merge_sorted(p, g)
+    return _merge_sorted((starts, stops, zero), p)
+
+
+def _run_edges(words):
+    """Runs of set bits in each row of a 2-d uint64 array (bit b of word w of a row is
+    bit 64 * w + b of the row; runs do not cross rows): (first bits, last bits) as bit
+    numbers over the flattened array, sorted. One pass over the words to find the
+    nonzero ones; the rest is per nonzero word and per run, never per bit."""
+    per_row = words.shape[1]  # a power of two: rows hold ceil(gpc / 8) bytes, padded
+    flat = words.reshape(-1)
+    idx = np.flatnonzero(flat)
+    x = flat[idx]
+    top = np.uint64(63)
+    prev = nxt = np.zeros(len(idx), dtype=np.uint64)
+    if per_row > 1:
+        # the neighbour words' adjacent bits carry a run across a word edge in a row
+        col = idx & (per_row - 1)
+        prev = np.where(col != 0, flat[idx - 1] >> top, prev)
+        nxt_i = np.minimum(idx + 1, len(flat) - 1)
+        nxt = np.where(col != per_row - 1, flat[nxt_i] << top, nxt)
+    starts = x & ~((x << np.uint64(1)) | prev)
+    ends = x & ~((x >> np.uint64(1)) | nxt)
+    return _bit_numbers(idx, starts), _bit_numbers(idx, ends)
+
+
+def _bit_numbers(idx, words):
+    """Sorted numbers (64 * idx + bit) of the set bits of uint64 `words` (idx: their
+    word numbers, sorted): one pass per set bit of the fullest word, each over the words
+    that still have bits left; set bit j of a word (from its lowest) goes to the word's
+    offset + j."""
+    nz = words != 0
+    idx, w = idx[nz], words[nz]
+    at = np.arange(len(idx))  # which of the nonzero words
+    parts = []
+    while len(w):
+        low = w & (~w + np.uint64(1))  # the lowest set bit
+        # a power of two converts to float64 exactly: its exponent is the bit number
+        bit = (low.astype(np.float64).view(np.int64) >> 52) - 1023
+        parts.append((at, idx[at] * 64 + bit))
+        w = w ^ low
+        left = w != 0
+        at, w = at[left], w[left]
+    if not parts:
+        return np.zeros(0, dtype=np.int64)
+    if len(parts) == 1:
+        return parts[0][1]
+    count = np.zeros(len(idx), dtype=np.int64)
+    for a, _ in parts:
+        count[a] += 1
+    offset = np.cumsum(count) - count
+    out = np.empty(int(count.sum()), dtype=np.int64)
+    for j, (a, bits) in enumerate(parts):
+        out[offset[a] + j] = bits
+    return out
+
+
+def _merge_sorted(x, y):
+    """Two sorted lists of disjoint (starts, stops, zero) ranges as one sorted list."""
+    if not len(y[0]):
+        return x
+    if not len(x[0]):
+        return y
+    pos_x = np.arange(len(x[0])) + np.searchsorted(y[0], x[0], "left")
+    pos_y = np.arange(len(y[0])) + np.searchsorted(x[0], y[0], "right")
+    out = []
+    for a, b in zip(x, y):
+        m = np.empty(len(a) + len(b), dtype=a.dtype)
+        m[pos_x], m[pos_y] = a, b
+        out.append(m)
+    return tuple(out)
 
 
 def _refine_blocks(geo, ka, kb, a, b, nbase_chunks):

@@ -525,6 +525,14 @@ class SnapshotMachine(RuleBasedStateMachine):
         self.img.write(off, data)
         self.front[off : off + n] = data
 
+    @rule(off=st.integers(0, SIZE - 1), n=st.integers(1, 2 * CS))
+    def write_zeroes(self, off, n):
+        """Freed chunks: with deletes, the file is cut below chunks the journal may
+        still name, and freed chunks are reused (crash_and_reopen replays)."""
+        n = min(n, SIZE - off)
+        self.img.write_zeroes(off, n)
+        self.front[off : off + n] = bytes(n)
+
     @rule(vm=st.integers(0, 3))
     def create(self, vm):
         name = f"s{self.counter}"
@@ -612,3 +620,30 @@ def test_overwrite_after_copy_on_write_survives_a_power_cut(tmp_path, monkeypatc
         assert img.read(4096, MiB - 4096) == b"A" * (MiB - 4096)
         with img.open_snapshot("s1") as snap:
             assert snap.read(0, MiB) == b"A" * MiB
+
+
+@pytest.mark.parametrize("cache", ["writethrough", "writeback"])
+def test_replay_after_the_file_was_cut_below_a_journaled_chunk(path, cache):
+    """A transaction maps chunks u and v; v's chunk X is freed later (write_zeroes) and a
+    snapshot delete cuts the file below X and frees u's old chunk P, which the next write
+    reuses. Replay after a crash must still apply the first transaction (X past the end
+    of the file is not a torn write there: a flush followed it), else u falls back to P
+    and two chunks share it ("chunk 3 shares physical chunk 1", the rare SIGKILL
+    failure)."""
+    with fvd.open(path, "r+") as img:
+        img.write(0, pat(1, 2 * CS))  # chunks 0, 1 -> P0, P1 (checkpointed at close)
+    img = fvd.open(path, "r+", cache=cache)
+    img.create_snapshot("s1")
+    img.write(CS, pat(2, 2 * CS))  # one transaction: chunk 1 leaves P1, chunk 2 new (X)
+    img.flush()
+    x = int(img._core.table[2])
+    img.write_zeroes(2 * CS, CS)  # X freed
+    img.delete_snapshot("s1")  # P1 freed; the file is cut below X
+    assert os.path.getsize(path) <= img._core.header["data_offset"] + x * CS
+    img.write(3 * CS, pat(3, CS))  # reuses P1
+    img.flush()
+    want = img.read(0, SIZE)
+    img._crash()
+    with fvd.open(path, "r+") as img:
+        assert img.read(0, SIZE) == want
+        assert_clean(img)

@@ -20,8 +20,9 @@ from hypothesis.stateful import (
 
 import fvd
 from fvd import cli
-from fvd.features.snapshots import SnapshotNotFoundError
-from fvd.ops.changed import FLAG_DATA, FLAG_ZERO
+from fvd.features.snapshots import SnapshotNotFoundError, read_snapshot_table
+from fvd.ondisk import format as fmt
+from fvd.ops.changed import FLAG_DATA, FLAG_ZERO, Geometry, Partial, State, compare
 
 CS = 64 * 1024
 BLOCK = 4096
@@ -55,6 +56,44 @@ def assert_sound(arr, older, newer, size):
     assert set(arr["flags"].tolist()) <= {FLAG_DATA, FLAG_ZERO}
 
 
+def granule_keys(img, name):
+    """Without a base: the source key of every granule of a state, computed granule by
+    granule (the reference for fvd.ops.changed): a snapshot's chunk entry, or in the front's
+    partial chunks the chunk's entry N where the granule's bit is set, else its source S.
+    Keys: a physical chunk number, or -1 for zeros (ZERO and UNALLOCATED)."""
+
+    if name is None:
+        table, part = img._core.table, img._core.partial
+    else:
+        table, part = read_snapshot_table(img._core, img._core.snapshot_state.find(name, "")), None
+    gs = part.gsize if part is not None else fmt.DEFAULT_GRANULE
+    gpc = img.chunk_size // gs
+    keys = []
+    for v in range(-(-img.size // img.chunk_size)):
+        e = int(table[v])
+        k = part.slot_of(v) if part is not None else None
+        flags = part.flags(k) if k is not None else None
+        for g in range(gpc):
+            key = e if e < fmt.ZERO_CHUNK else -1
+            if flags is not None and e < fmt.ZERO_CHUNK and not flags[g]:
+                key = int(part.src[k])
+            keys.append(key)
+    return np.array(keys), gs
+
+
+def assert_exact(arr, img, since, until):
+    """Without a base, fvd.ops.changed reports exactly the granules whose source keys differ
+    (whole chunks between snapshots: they hold whole chunks), and flags exactly those that
+    read zeros in the newer state."""
+    older, gs = granule_keys(img, since)
+    newer, _ = granule_keys(img, until)
+    want = np.repeat(older != newer, gs)[: img.size]
+    want_zero = np.repeat((older != newer) & (newer == -1), gs)[: img.size]
+    changed, zero = covered(arr, img.size)
+    assert np.array_equal(changed, want), (since, until, arr.tolist())
+    assert np.array_equal(zero, want_zero), (since, until, arr.tolist())
+
+
 def make_base(tmp):
     data = random.Random(7).randbytes(BASE_SIZE)
     path = os.path.join(tmp, "base.raw")
@@ -77,6 +116,9 @@ class ChangedMachine(RuleBasedStateMachine):
 
     @initialize(with_base=st.booleans(), writethrough=st.booleans())
     def setup(self, with_base, writethrough):
+        self.start(with_base, writethrough)
+
+    def start(self, with_base, writethrough):
         self.with_base = with_base
         self.cache = "writethrough" if writethrough else "writeback"
         kw = {}
@@ -98,6 +140,13 @@ class ChangedMachine(RuleBasedStateMachine):
     def write(self, off, n, seed):
         n = min(n, SIZE - off)
         self.img.write(off, bytes([seed | 1]) * n)
+
+    @precondition(lambda self: self.names)
+    @rule(g=st.integers(0, SIZE // BLOCK - 1), k=st.integers(1, 3), seed=st.integers(0, 255))
+    def write_granules(self, g, k, seed):
+        """Aligned granules after a snapshot: chunks go (and stay) partial."""
+        n = min(k * BLOCK, SIZE - g * BLOCK)
+        self.img.write(g * BLOCK, bytes([seed | 1]) * n)
 
     @rule(off=st.integers(0, SIZE - 1), n=st.integers(1, 2 * CS))
     def write_zeroes(self, off, n):
@@ -157,34 +206,35 @@ class ChangedMachine(RuleBasedStateMachine):
             arr = img.changed_extents_array(since)
             assert_sound(arr, contents[since], front, SIZE)
             if not self.with_base:
-                self.only_differing_entries(arr, since)
+                assert_exact(arr, img, since, None)
             for until in self.names[i:]:
                 arr = img.changed_extents_array(since, until)
                 assert_sound(arr, contents[since], contents[until], SIZE)
+                if not self.with_base:
+                    assert_exact(arr, img, since, until)
                 if since == until:
                     assert len(arr) == 0
             with img.open_snapshot(self.names[-1]) as v:
                 arr = v.changed_extents_array(since)
                 assert_sound(arr, contents[since], contents[self.names[-1]], SIZE)
 
-    def only_differing_entries(self, arr, since):
-        """Without a base: a reported chunk has entries that differ and do not both read
-        zeros (ZERO and UNALLOCATED are the same bytes)."""
-        from fvd.features.snapshots import read_snapshot_table
-        from fvd.ondisk import format as fmt
 
-        old = read_snapshot_table(self.img._core, self.img._core.snapshot_state.find(since, ""))
-        new = self.img._core.table
-        for s, n, _f in arr.tolist():
-            for v in range(s // CS, -(-(s + n) // CS)):
-                a, b = int(old[v]), int(new[v])
-                assert a != b and min(a, b) < fmt.ZERO_CHUNK, (v, a, b)
+class PartialChunkMachine(ChangedMachine):
+    """No base, every chunk written, then a snapshot: from the start, a write into a
+    chunk the snapshot holds makes a partial chunk (granular copy-on-write)."""
+
+    @initialize(writethrough=st.booleans())
+    def setup(self, writethrough):
+        self.start(False, writethrough)
+        self.img.write(0, random.Random(3).randbytes(SIZE))
+        self.snapshot()
 
 
-def test_state_machine(impl):
+@pytest.mark.parametrize("machine", [ChangedMachine, PartialChunkMachine])
+def test_state_machine(impl, machine):
     n = int(os.environ.get("FVD_CHANGED_EXAMPLES", "25"))
     run_state_machine_as_test(
-        ChangedMachine,
+        machine,
         settings=settings(
             max_examples=n,
             stateful_step_count=14,
@@ -207,7 +257,7 @@ def test_equal_entries_report_nothing_and_zero_ranges_are_flagged(path):
         img.write(0, b"a" * (3 * CS))
         img.create_snapshot("s1")
         assert img.changed_extents_array("s1").tolist() == []
-        img.write(CS + 5, b"b")  # chunk 1 copied: changed
+        img.write(CS, b"b" * CS)  # chunk 1 rewritten whole (not partial): changed
         img.write_zeroes(2 * CS, CS)  # chunk 2 unmapped: zero
         img.write(6 * CS, b"c")  # chunk 6 new
         arr = img.changed_extents_array("s1")
@@ -298,3 +348,203 @@ def test_cli_map_since_until(path, capsys):
     assert "nope" in capsys.readouterr().err
     assert cli.main(["map", "--until", "s2", path]) == 1
     assert "--since" in capsys.readouterr().err
+
+
+# ----- partial chunks: granule precision ------------------------------------------------
+G = 4096  # granule size fvd writes
+
+
+def test_a_write_into_a_held_chunk_is_reported_at_granule_precision(path):
+    """Snapshot, then 4 KiB into a fully written chunk: exactly that granule, not the
+    chunk; an unaligned write: the granules it touches; adjacent granules merge."""
+    with fvd.open(path, "r+") as img:
+        img.write(0, b"a" * SIZE)
+        img.create_snapshot("s1")
+        img.write(CS + 3 * G, b"b" * G)
+        assert img._core.partial.active == 1
+        assert img.changed_extents_array("s1").tolist() == [(CS + 3 * G, G, FLAG_DATA)]
+        img.write(CS + 4 * G + 100, b"c" * 10)  # granule 4, next to granule 3
+        img.write(5 * CS - 10, b"d" * 20)  # last granule of chunk 4, first of chunk 5
+        img.write(7 * CS + 9 * G + 1, b"e" * (2 * G))  # granules 9..11 of chunk 7
+        assert img.changed_extents_array("s1").tolist() == [
+            (CS + 3 * G, 2 * G, FLAG_DATA),
+            (5 * CS - G, 2 * G, FLAG_DATA),
+            (7 * CS + 9 * G, 3 * G, FLAG_DATA),
+        ]
+        ext = img.changed_extents("s1")
+        assert [(e.start, e.length, e.data, e.zero) for e in ext][0] == (
+            CS + 3 * G,
+            2 * G,
+            True,
+            False,
+        )
+
+
+def test_granules_after_reopen_crash_and_with_writeback(path):
+    """The partial state from the map (after close) and from the journal (after a crash)
+    gives the same granules; writeback reports what reads see before a flush."""
+    want = [(2 * CS + G, G, FLAG_DATA), (3 * CS, 2 * G, FLAG_DATA)]
+    with fvd.open(path, "r+", cache="writeback") as img:
+        img.write(0, b"a" * SIZE)
+        img.create_snapshot("s1")
+        img.write(2 * CS + G, b"b" * G)
+        img.write(3 * CS, b"b" * (2 * G))
+        assert img.changed_extents_array("s1").tolist() == want
+    with fvd.open(path, "r+", cache="writethrough") as img:
+        assert img._core.partial.active == 2
+        assert img.changed_extents_array("s1").tolist() == want
+        img.write(3 * CS + 5 * G, b"c" * G)
+        img._crash()
+    with fvd.open(path) as img:
+        assert img.changed_extents_array("s1").tolist() == want + [(3 * CS + 5 * G, G, FLAG_DATA)]
+
+
+def test_two_snapshots_and_writes_between_them(path):
+    """s1; write A; s2 (completes the partial chunk: its copy holds whole chunks); write
+    B into the same chunk. Since s2: B's granule; since s1: the chunk whole (its
+    unwritten granules read s2's chunk, which differs from s1's); s1..s2: whole chunks,
+    the format keeps no record of which granules create_snapshot copied. A chunk both
+    snapshots hold, written after s2: its granules, since either."""
+    with fvd.open(path, "r+") as img:
+        img.write(0, b"a" * SIZE)
+        img.create_snapshot("s1")
+        img.write(CS + 2 * G, b"A" * G)
+        img.create_snapshot("s2")
+        assert img._core.partial.active == 0
+        assert img.changed_extents_array("s2").tolist() == []
+        assert img.changed_extents_array("s1", "s2").tolist() == [(CS, CS, FLAG_DATA)]
+        img.write(CS + 5 * G, b"B" * G)
+        img.write(4 * CS + 7 * G, b"C" * G)  # chunk 4: held by s1 and s2 alike
+        assert img.changed_extents_array("s2").tolist() == [
+            (CS + 5 * G, G, FLAG_DATA),
+            (4 * CS + 7 * G, G, FLAG_DATA),
+        ]
+        assert img.changed_extents_array("s1").tolist() == [
+            (CS, CS, FLAG_DATA),
+            (4 * CS + 7 * G, G, FLAG_DATA),
+        ]
+        with img.open_snapshot("s2") as v:  # a view compares two snapshots
+            assert v.changed_extents_array("s1").tolist() == [(CS, CS, FLAG_DATA)]
+        img.delete_snapshot("s2")  # chunk 1's source stays (partial): same answer
+        assert img.changed_extents_array("s1").tolist() == [
+            (CS, CS, FLAG_DATA),
+            (4 * CS + 7 * G, G, FLAG_DATA),
+        ]
+        img.revert_to_snapshot("s1")
+        assert img.changed_extents_array("s1").tolist() == []
+
+
+def test_completion_zeroes_and_the_end_of_the_image(tmp_path):
+    """A partial chunk whose every granule was written is an ordinary chunk (reported
+    whole); zeroes written into granules are data (they are in the new chunk), a whole
+    chunk zeroed is a zero range; the last chunk's granules stop at the image's end."""
+    size = 3 * CS + 5000  # the last chunk has 2 granules, the second one short
+    p = str(tmp_path / "img.fvd")
+    fvd.create(p, size, chunk_size=CS)
+    with fvd.open(p, "r+") as img:
+        img.write(0, b"a" * size)
+        img.create_snapshot("s1")
+        img.write(3 * CS + G + 8, b"z" * 8)  # only the short granule
+        assert img.changed_extents_array("s1").tolist() == [(3 * CS + G, 5000 - G, FLAG_DATA)]
+        img.write_zeroes(G, 2 * G)  # granules of chunk 0: written (zeros) into the new chunk
+        img.write(CS, b"x" * (CS - G))
+        img.write(2 * CS - G, b"y" * G)  # chunk 1 now complete: not partial
+        img.write_zeroes(2 * CS, CS)  # chunk 2 unmapped
+        assert img._core.partial.active == 2
+        assert img.changed_extents_array("s1").tolist() == [
+            (G, 2 * G, FLAG_DATA),
+            (CS, CS, FLAG_DATA),
+            (2 * CS, CS, FLAG_ZERO),
+            (3 * CS + G, 5000 - G, FLAG_DATA),
+        ]
+
+
+def test_many_partial_chunks_match_the_reference(tmp_path):
+    """Thousands of partial chunks (the vectorised path), random granules, with chunks
+    rewritten whole, zeroed and new among them: exactly the reference's granules."""
+    import random
+
+    rng = random.Random(5)
+    n = 4096
+    p = str(tmp_path / "img.fvd")
+    fvd.create(p, n * CS, chunk_size=CS)
+    with fvd.open(p, "r+") as img:
+        for v in range(0, n, 2):
+            img.write(v * CS, b"a" * CS)
+        img.create_snapshot("s1")
+        for _ in range(3 * n):
+            off = rng.randrange(n * CS - 3 * G)
+            img.write(off, b"b" * rng.randint(1, 3 * G))
+        for v in rng.sample(range(n), 50):
+            img.write_zeroes(v * CS, CS)
+        for v in rng.sample(range(n), 50):
+            img.write(v * CS, b"c" * CS)
+        assert img._core.partial.active > n // 4
+        arr = img.changed_extents_array("s1")
+        assert_exact(arr, img, "s1", None)
+        assert len(arr) > n // 4
+
+
+def test_cli_map_since_reports_granules(path, capsys):
+    with fvd.open(path, "r+") as img:
+        img.write(0, b"a" * SIZE)
+        img.create_snapshot("s1")
+        img.write(CS + G, b"x" * 10)
+    assert cli.main(["map", "--since", "s1", "--output=json", path]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out == [
+        {"start": CS + G, "length": G, "depth": 0, "present": True, "zero": False, "data": True}
+    ]
+
+
+@pytest.mark.parametrize(
+    "chunk_size,granule", [(CS, CS), (CS, 16384), (CS, 4096), (1 << 20, 4096), (256 << 10, 512)]
+)
+def test_granule_refinement_matches_a_per_granule_reference(chunk_size, granule):
+    """fvd.ops.changed.compare on random tables and partial chunks (sources equal to the
+    older entry or not, entries equal to it, zero entries, rows of any width, an image
+    end inside a granule) against keys computed granule by granule."""
+
+    rng = np.random.default_rng(chunk_size + granule)
+    gpc = chunk_size // granule
+    gbytes = -(-gpc // 8)
+    for _ in range(20):
+        n = int(rng.integers(1, 200))
+        size = n * chunk_size - int(rng.integers(0, chunk_size))
+        older = rng.choice(np.array([5, 6, 7, 8, fmt.ZERO_CHUNK, fmt.UNALLOCATED], np.uint32), n)
+        newer = older.copy()
+        change = rng.random(n) < 0.5
+        newer[change] = rng.choice(np.array([5, 9, 10, fmt.ZERO_CHUNK], np.uint32), n)[change]
+        vs = np.flatnonzero(rng.random(n) < 0.6)
+        same = (rng.random(len(vs)) < 0.7) & (older[vs] < fmt.ZERO_CHUNK)
+        sources = np.where(same, older[vs], rng.integers(5, 12, len(vs))).astype(np.uint32)
+        rows = rng.integers(0, 256, (len(vs), gbytes), dtype=np.uint8)
+        sparse = rng.random(len(vs)) < 0.5
+        rows[sparse] &= rng.integers(0, 256, (int(sparse.sum()), gbytes), dtype=np.uint8)
+        geo = Geometry(size, chunk_size, 4096, 0)
+        a = State(older, None, 1)
+        b = State(newer, None, None, Partial(vs, sources, rows, granule))
+        arr = compare(geo, a, b)
+        # the reference, granule by granule
+        bits = np.unpackbits(rows, axis=1, bitorder="little")[:, :gpc].astype(bool)
+        keys_a = older.astype(np.int64)
+        keys_a[older >= fmt.ZERO_CHUNK] = -1
+        keys_b = newer.astype(np.int64)
+        keys_b[newer >= fmt.ZERO_CHUNK] = -1
+        keys_a, keys_b = np.repeat(keys_a, gpc), np.repeat(keys_b, gpc)
+        for i, v in enumerate(vs.tolist()):
+            if newer[v] < fmt.ZERO_CHUNK:
+                keys_b[v * gpc : (v + 1) * gpc][~bits[i]] = int(sources[i])
+        ngran = -(-size // granule)
+        want = (keys_a != keys_b)[:ngran]
+        want_zero = want & (keys_b[:ngran] == -1)
+        got = np.zeros(ngran, dtype=bool)
+        got_zero = np.zeros(ngran, dtype=bool)
+        for s, length, f in arr.tolist():
+            assert s % granule == 0 and ((s + length) % granule == 0 or s + length == size)
+            got[s // granule : -(-(s + length) // granule)] = True
+            got_zero[s // granule : -(-(s + length) // granule)] = bool(f & FLAG_ZERO)
+        assert np.array_equal(got, want)
+        assert np.array_equal(got_zero, want_zero)
+        ends = arr["start"] + arr["length"]
+        assert (arr["start"][1:] >= ends[:-1]).all() and (arr["length"] > 0).all()
