@@ -36,7 +36,7 @@ from .image import Extent
 from .nbd_client import is_nbd_uri
 
 QCOW2_MAGIC = b"QFI\xfb"
-FVD_MAGIC = fmt.MAGIC.to_bytes(4, "little")
+FVD_MAGIC = fmt.MAGIC_BYTES
 CROSS_READ_LIMIT = 256 * 1024  # head and tail further apart are read separately
 
 

@@ -165,7 +165,7 @@ def create(
         )
     )
     nchunks = -(-size // chunk_size)
-    table = np.full(nchunks, fmt.UNALLOCATED, dtype="<u4").tobytes()
+    table = np.full(nchunks, fmt.UNALLOCATED, dtype=fmt.TABLE_DTYPE).tobytes()
     header["table_crc"] = zlib.crc32(table)
     bitmap = bytes(header.get("bitmap_size", 0))
     header["bitmap_crc"] = zlib.crc32(bitmap)
@@ -346,7 +346,7 @@ class Image(DiskOps):
         raw = self._read_meta(h["table_offset"], 4 * self._nchunks)
         if h["clean_shutdown"] and zlib.crc32(raw) != h["table_crc"]:
             self._problem(h["table_offset"], "lookup table checksum mismatch")
-        return np.frombuffer(raw, dtype="<u4").astype(np.uint32)
+        return np.frombuffer(raw, dtype=fmt.TABLE_DTYPE).astype(np.uint32)
 
     def _problem(self, offset, what, count=1):
         """A corruption: raise, unless check() is collecting them (`count` problems that
@@ -574,7 +574,7 @@ class Image(DiskOps):
             self._checkpoint(clean=False)
         self._sync()
         if self._dirty_since_checkpoint:
-            table = self._table.astype("<u4").tobytes()
+            table = self._table.astype(fmt.TABLE_DTYPE).tobytes()
             self._write_meta(h["table_offset"], table)
             h["table_crc"] = zlib.crc32(table)
             if self._bitmap is not None:

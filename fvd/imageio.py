@@ -14,7 +14,7 @@ from .fileio import pread_fill
 
 FORMATS = ("fvd", "qcow2", "raw")
 QCOW2_MAGIC = b"QFI\xfb"
-FVD_MAGIC = fmt.MAGIC.to_bytes(4, "little")
+FVD_MAGIC = fmt.MAGIC_BYTES
 
 
 class WrongFormatError(FvdError, ValueError):
