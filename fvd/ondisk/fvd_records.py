@@ -96,9 +96,6 @@ MAX_PHYS_CHUNKS = 0xFFFFFFF0  # physical chunk indexes are below this
 LookupTable = GreedyRange(TableEntry)
 TABLE_DTYPE = dtype_of(TableEntry)  # numpy arrays of lookup tables: '<u4'
 
-# ----- 7. Bitmap, 10. partial-map bit rows: bit b is bit b % 8 of byte b // 8 ----------------
-BIT_ORDER = "little"  # numpy's name for least significant bit first
-
 # ----- 4. Journal: 512-byte self-checking sectors ---------------------------------------------
 JOURNAL_MAGIC = 0x4A445646  # "FVDJ"
 JournalSectorHead = Struct(
