@@ -56,7 +56,7 @@ def _parts(con: Any) -> list[tuple[str | None, str, str]]:
             inner = inner.subcon
         if isinstance(inner, FormatField):
             out.append((name, inner.fmtstr[0], inner.fmtstr[1:]))
-        elif isinstance(inner, Padded) and isinstance(inner.subcon, Pass):
+        elif isinstance(inner, Padded) and inner.subcon is Pass:  # Padding(n)
             if not isinstance(inner.length, int):
                 raise TypeError(f"padding of variable length in {con!r}")
             out.append((None, "", f"{inner.length}x"))
