@@ -11,7 +11,7 @@ from . import _purepath
 try:
     from . import _fastpath
 except ImportError:  # not built: the twin serves
-    _fastpath = None
+    _fastpath = None  # type: ignore[assignment]  # (fvd/_fastpath.pyi types the module)
 
 MODULES = {"python": _purepath}
 if _fastpath is not None:
