@@ -1,10 +1,14 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+# cython: binding=True, embedsignature=True, embedsignature.format=python
 """Compiled fast path: lookup-table translation and data I/O with the GIL released.
 
 The lookup table is a numpy uint32 array owned by the Image and viewed here through a
 typed memoryview; the loops below run in `noexcept nogil` code and coalesce virtual
 ranges whose chunks are physically contiguous into one pread/pwrite.
 fvd/_purepath.py is the pure-Python twin and must behave byte for byte the same.
+fvd/_fastpath.pyi types this module; tests/test_impl_parity.py checks that the three agree
+(binding=True makes methods introspectable, embedsignature puts each __init__'s signature
+at the head of its docstring, which inspect cannot read from a cdef class otherwise).
 """
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE
 from libc.errno cimport errno, EINTR, EIO
@@ -14,6 +18,8 @@ from libc.string cimport memset
 from posix.types cimport off_t
 
 import numpy as np
+
+__all__ = ["STAT_FIELDS", "Stats", "ChunkMap", "HostFile"]
 
 cdef extern from "<unistd.h>" nogil:
     ssize_t pread(int fd, void *buf, size_t count, off_t offset)
@@ -43,6 +49,9 @@ cdef class Stats:
     cdef public long long metadata_reads, metadata_bytes_read, metadata_writes
     cdef public long long metadata_bytes_written, flushes, journal_records, refcount_updates
     cdef public long long base_reads, base_bytes_read
+
+    def __init__(self):
+        """Every counter starts at 0."""
 
     def as_dict(self):
         return {name: getattr(self, name) for name in STAT_FIELDS}
@@ -322,6 +331,8 @@ cdef class ChunkMap:
 
     def __init__(self, int fd, table, frozen, long long chunk_size, long long data_offset,
                  long long size, Stats stats):
+        """A map over `table` (uint32 per virtual chunk) and `frozen` (uint8 per physical
+        chunk) of the image file `fd`; no base, no partial chunks until set_*."""
         self.fd = fd
         self.chunk_size = chunk_size
         self.shift = chunk_size.bit_length() - 1
@@ -694,6 +705,7 @@ cdef class HostFile:
     cdef Stats st
 
     def __init__(self, int fd, Stats stats):
+        """Data I/O on `fd`, counted in `stats`."""
         self.fd = fd
         self.stats = self.st = stats
 

@@ -6,6 +6,9 @@ Selected with FVD_PURE_PYTHON=1 or when the extension is not built.
 import errno
 import os
 
+# The public surface, as fvd._fastpath's; the constants below mirror its C-level ones.
+__all__ = ["STAT_FIELDS", "Stats", "ChunkMap", "HostFile"]
+
 UNALLOCATED = 0xFFFFFFFF
 ZERO_CHUNK = 0xFFFFFFFE
 NO_SLOT = 0xFFFFFFFF

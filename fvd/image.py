@@ -102,7 +102,7 @@ def create(
 def _write_new_image(path: str, header: dict[str, Any], base_name: bytes, overwrite: bool) -> None:
     """Header, base name and an empty table, then fsync: the file is an image or absent."""
     nchunks = -(-header["virtual_size"] // header["chunk_size"])
-    table = np.full(nchunks, fmt.UNALLOCATED, dtype="<u4").tobytes()
+    table = np.full(nchunks, fmt.UNALLOCATED, dtype=fmt.TABLE_DTYPE).tobytes()
     header["table_crc"] = zlib.crc32(table)
     header["bitmap_crc"] = zlib.crc32(bytes(header.get("bitmap_size", 0)))
     flags = os.O_RDWR | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)

@@ -16,7 +16,7 @@ from fvd.ondisk import format as fmt
 
 FORMATS = ("fvd", "qcow2", "raw")
 QCOW2_MAGIC = b"QFI\xfb"
-FVD_MAGIC = fmt.MAGIC.to_bytes(4, "little")
+FVD_MAGIC = fmt.MAGIC_BYTES
 
 
 def probe(path) -> str:

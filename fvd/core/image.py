@@ -228,7 +228,7 @@ class ImageCore:
         raw = self.read_meta(h["table_offset"], 4 * self.nchunks)
         if h["clean_shutdown"] and zlib.crc32(raw) != h["table_crc"]:
             self.problem(h["table_offset"], "lookup table checksum mismatch")
-        return np.frombuffer(raw, dtype="<u4").astype(np.uint32)
+        return np.frombuffer(raw, dtype=fmt.TABLE_DTYPE).astype(np.uint32)
 
     def problem(self, offset, what, count=1):
         """A corruption: raise, unless check() is collecting them (`count` problems that
@@ -460,7 +460,7 @@ class ImageCore:
             self.checkpoint(clean=False)
         self.sync()
         if self.dirty_since_checkpoint:
-            table = self.table.astype("<u4").tobytes()
+            table = self.table.astype(fmt.TABLE_DTYPE).tobytes()
             self.write_meta(h["table_offset"], table)
             h["table_crc"] = zlib.crc32(table)
             if self.bitmap is not None:

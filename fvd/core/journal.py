@@ -4,24 +4,27 @@ A journal write is one or more 512-byte sectors appended at the next free positi
 Each sector carries the journal epoch (from the header), its own sequence number and a
 crc32, so a sector left over from an earlier epoch, or never written, ends the replay.
 Records of one transaction (one guest write) are applied together or not at all.
-Sector and record layouts are in docs/format.md ("Journal").
+Sector and record layouts are in docs/format.md ("Journal") and declared in
+fvd.ondisk.fvd_records; the struct twins derived there pack them here.
 """
 
 import os
-import struct
 import zlib
 
 from fvd.errors import CorruptImageError
 from fvd.fileio import full_pwrite
+from fvd.ondisk import fvd_records as fr
+from fvd.ondisk.fvd_records import REC_BITMAP, REC_DATA_CRC, REC_GRANULE, REC_TABLE, SECTOR
+from fvd.ondisk.structs import array_struct, span_struct
 
-SECTOR = 512
-SECTOR_MAGIC = 0x4A445646  # "FVDJ"
-SECTOR_HEAD = struct.Struct("<IIQQHHI")  # magic crc epoch seq tx_remaining nrec rsvd
-RECORD_HEAD = struct.Struct("<IIQ")  # type count start
+SECTOR_MAGIC = fr.JOURNAL_MAGIC
+SECTOR_HEAD = fr.S_JOURNAL_SECTOR_HEAD  # magic crc epoch seq tx_remaining nrecords reserved
+RECORD_HEAD = fr.S_JOURNAL_RECORD_HEAD  # type count start
+GRANULE_PAYLOAD = fr.S_GRANULE  # front_chunk source_chunk
+DATA_CRC_PAYLOAD = fr.S_DATA_CRC  # crc
+_OFF_CRC, _S_CRC = span_struct(fr.JournalSectorHead, "crc", "crc")
 PAYLOAD = SECTOR - SECTOR_HEAD.size
-REC_TABLE, REC_BITMAP, REC_DATA_CRC, REC_GRANULE = 1, 2, 3, 4
-GRANULE_PAYLOAD = struct.Struct("<II")  # front chunk, source chunk
-TABLE_ENTRIES_PER_SECTOR = (PAYLOAD - RECORD_HEAD.size) // 4
+TABLE_ENTRIES_PER_SECTOR = (PAYLOAD - RECORD_HEAD.size) // fr.S_TABLE_ENTRY.size
 
 
 def table_records(changes):
@@ -41,9 +44,9 @@ def table_records(changes):
 
 
 def _table_record(first, entries):
-    return RECORD_HEAD.pack(REC_TABLE, len(entries), first) + struct.pack(
-        f"<{len(entries)}I", *entries
-    )
+    return RECORD_HEAD.pack(REC_TABLE, len(entries), first) + array_struct(
+        fr.TableEntry, len(entries)
+    ).pack(*entries)
 
 
 def bitmap_record(first_block, count):
@@ -54,7 +57,7 @@ def bitmap_record(first_block, count):
 def data_crc_record(host_offset, length, crc):
     """Record naming data the transaction depends on: replay drops the transaction if the
     bytes at host_offset do not have this crc32 (the data write did not reach the disk)."""
-    return RECORD_HEAD.pack(REC_DATA_CRC, length, host_offset) + struct.pack("<I", crc)
+    return RECORD_HEAD.pack(REC_DATA_CRC, length, host_offset) + DATA_CRC_PAYLOAD.pack(crc)
 
 
 def granule_record(first_granule, count, chunk, source):
@@ -83,7 +86,7 @@ def pack_transaction(records, epoch, first_seq):
             + body
         )
         sector.extend(bytes(SECTOR - len(sector)))
-        sector[4:8] = zlib.crc32(sector).to_bytes(4, "little")
+        _S_CRC.pack_into(sector, _OFF_CRC, zlib.crc32(sector))
         out += sector
     return bytes(out)
 
@@ -160,7 +163,7 @@ def _valid_sector(sector, epoch, seq, path, where):
     if magic != SECTOR_MAGIC or s_epoch != epoch or s_seq != seq:
         return None  # never written in this epoch: the end of the journal
     check = bytearray(sector)
-    check[4:8] = b"\0\0\0\0"
+    _S_CRC.pack_into(check, _OFF_CRC, 0)
     if zlib.crc32(check) != crc:
         # Sector writes are atomic, so a written sector with a bad crc is damage, not a crash.
         raise CorruptImageError(path, where, "journal sector checksum mismatch")
@@ -176,18 +179,20 @@ def _records(sector, nrec, path, where):
         rtype, count, start = RECORD_HEAD.unpack_from(sector, pos)
         pos += RECORD_HEAD.size
         if rtype == REC_TABLE:
-            end = pos + 4 * count
+            end = pos + fr.S_TABLE_ENTRY.size * count
             if end > SECTOR:
                 raise CorruptImageError(path, where + pos, "table record overruns its sector")
-            out.append((rtype, count, start, struct.unpack_from(f"<{count}I", sector, pos)))
+            out.append(
+                (rtype, count, start, array_struct(fr.TableEntry, count).unpack_from(sector, pos))
+            )
             pos = end
         elif rtype == REC_BITMAP:
             out.append((rtype, count, start, None))
         elif rtype == REC_DATA_CRC:
-            if pos + 4 > SECTOR:
+            if pos + DATA_CRC_PAYLOAD.size > SECTOR:
                 raise CorruptImageError(path, where + pos, "data-crc record overruns its sector")
-            out.append((rtype, count, start, struct.unpack_from("<I", sector, pos)[0]))
-            pos += 4
+            out.append((rtype, count, start, DATA_CRC_PAYLOAD.unpack_from(sector, pos)[0]))
+            pos += DATA_CRC_PAYLOAD.size
         elif rtype == REC_GRANULE:
             if pos + GRANULE_PAYLOAD.size > SECTOR:
                 raise CorruptImageError(path, where + pos, "granule record overruns its sector")

@@ -27,7 +27,6 @@ Images with a base keep the whole-chunk copy (a chunk there also has base bitmap
 """
 
 import os
-import struct
 import zlib
 
 import numpy as np
@@ -35,12 +34,13 @@ import numpy as np
 from fvd.core.bitmap import set_bits
 from fvd.core.journal import data_crc_record, granule_record
 from fvd.ondisk import format as fmt
+from fvd.ondisk import fvd_records as fr
 from fvd.units import flag_runs
 
 NONE = 0xFFFFFFFF
-MAP_MAGIC = 0x50445646  # "FVDP" little-endian
-MAP_HEAD = struct.Struct("<IIII")  # magic count granule_size reserved
-ENTRY_HEAD = struct.Struct("<II")  # virtual chunk, source chunk
+MAP_MAGIC = fr.PARTIAL_MAP_MAGIC
+MAP_HEAD = fr.S_PARTIAL_MAP_HEAD  # magic count granule_size reserved
+ENTRY_HEAD = fr.S_PARTIAL_MAP_ENTRY_HEAD  # virtual_chunk source_chunk, then the bit row
 
 
 def _pad8(n):

@@ -19,7 +19,6 @@ copy still has a clear bit below the base end (snapshots_need_base).
 
 import heapq
 import os
-import struct
 import threading
 import time
 import zlib
@@ -44,15 +43,19 @@ from fvd.errors import (
 )
 from fvd.features.base import BaseLayer, _open_backend, marked_unallocated
 from fvd.ondisk import format as fmt
+from fvd.ondisk import fvd_records as fr
+from fvd.ondisk.fvd_records import REFCOUNT_DTYPE, REFCOUNT_MAX, TABLE_DTYPE
+from fvd.ondisk.structs import span_struct
 from fvd.types import SnapshotInfo
 
-TABLE_MAGIC = 0x53445646  # "FVDS" little-endian
-TABLE_HEAD = struct.Struct("<IIIIQQ")  # magic crc nb refcount_crc revert_id revert_epoch
-ENTRY = struct.Struct("<QQQQIHHQQII")  # id created_ns virtual_size table_offset table_crc
-#                                         name_size extra_size vm_off vm_size vm_crc reserved
-EXTRA_BITMAP = struct.Struct("<QII")  # bitmap_offset bitmap_crc reserved (images with a base)
+TABLE_MAGIC = fr.SNAPSHOT_TABLE_MAGIC
+TABLE_HEAD = fr.S_SNAPSHOT_TABLE_HEAD  # magic crc nb_snapshots refcount_crc revert_id revert_epoch
+ENTRY = fr.S_SNAPSHOT_ENTRY_HEAD  # id created_ns virtual_size table_offset table_crc name_size
+#                                   extra_size vm_state_offset vm_state_size vm_state_crc reserved
+EXTRA_BITMAP = fr.S_SNAPSHOT_EXTRA_BITMAP  # bitmap_offset bitmap_crc reserved (with a base)
 assert TABLE_HEAD.size == 32 and ENTRY.size == 64 and EXTRA_BITMAP.size == 16
-REFCOUNT_MAX = 0xFFFF  # refcounts are uint16
+_OFF_CRC, _S_CRC = span_struct(fr.SnapshotTableHead, "crc", "crc")
+_EOFF = fr.SNAPSHOT_ENTRY_OFFSET  # field offsets in an entry, for error messages
 MAX_NAME = 255
 
 
@@ -113,7 +116,7 @@ def encode_table(entries, refcount_crc, revert_id=0, revert_epoch=0):
         )
         + body
     )
-    raw[4:8] = zlib.crc32(raw).to_bytes(4, "little")
+    _S_CRC.pack_into(raw, _OFF_CRC, zlib.crc32(raw))
     return bytes(raw)
 
 
@@ -265,7 +268,7 @@ def attach_snapshots(img):
     raw = img.read_meta(toff, tsize)
     magic, crc, nb, rc_crc, revert_id, revert_epoch = TABLE_HEAD.unpack_from(raw)
     check = bytearray(raw)
-    check[4:8] = b"\0\0\0\0"
+    _S_CRC.pack_into(check, _OFF_CRC, 0)
     if magic != TABLE_MAGIC or zlib.crc32(check) != crc:
         return broken(toff, "snapshot table magic or checksum mismatch")
     if nb != h["nb_snapshots"]:
@@ -280,7 +283,7 @@ def attach_snapshots(img):
     rc_raw = img.read_meta(roff, rsize) if rsize else b""
     if zlib.crc32(rc_raw) != rc_crc:
         return broken(roff, "refcount table checksum mismatch")
-    refcount = np.frombuffer(rc_raw, dtype="<u2").astype(np.uint16)
+    refcount = np.frombuffer(rc_raw, dtype=REFCOUNT_DTYPE).astype(np.uint16)
     if len(refcount) > nphys and refcount[nphys:].any():
         return broken(roff, "refcount table counts chunks past the end of the file")
     owner = np.zeros(nphys, dtype=bool)  # chunks of snapshot metadata so far
@@ -332,7 +335,9 @@ def _parse_entries(img, st, raw, nb, file_size, owner):
         )
         pos += ENTRY.size
         if xsize % 8 or pos + xsize > len(raw):
-            return broken(where + 38, f"snapshot extra data size {xsize} out of range")
+            return broken(
+                where + _EOFF["extra_size"], f"snapshot extra data size {xsize} out of range"
+            )
         bm_off = bm_crc = 0
         if xsize >= EXTRA_BITMAP.size:
             bm_off, bm_crc, _r3 = EXTRA_BITMAP.unpack_from(raw, pos)
@@ -348,11 +353,11 @@ def _parse_entries(img, st, raw, nb, file_size, owner):
             name, problem = repr(name_raw), (where, "snapshot name is not UTF-8")
         if h["base_format"] == fmt.BASE_NONE:
             bm_off = bm_crc = 0  # no base: a bitmap copy means nothing
-        runs = [(t_off, tbytes, where + 24, "lookup table")]
+        runs = [(t_off, tbytes, where + _EOFF["table_offset"], "lookup table")]
         if h["base_format"] != fmt.BASE_NONE:
-            runs.append((bm_off, h["bitmap_size"], where + 64, "bitmap"))
+            runs.append((bm_off, h["bitmap_size"], where + _EOFF["extra"], "bitmap"))
         if vm_size:
-            runs.append((vm_off, vm_size, where + 40, "vm_state"))
+            runs.append((vm_off, vm_size, where + _EOFF["vm_state_offset"], "vm_state"))
         if problem is None and (
             name in names or sid >= h["next_snapshot_id"] or any(sid == e.id for e in entries)
         ):
@@ -444,7 +449,7 @@ def read_snapshot_table(img, e):
         raise CorruptImageError(
             img.path, e.table_offset, f"snapshot {e.name!r}: lookup table checksum mismatch"
         )
-    table = np.frombuffer(raw, dtype="<u4").astype(np.uint32)
+    table = np.frombuffer(raw, dtype=TABLE_DTYPE).astype(np.uint32)
     problems = lookup_table_problems(img, e, table)
     if problems:
         raise CorruptImageError(img.path, problems[0][0], problems[0][1])
@@ -546,7 +551,7 @@ def _commit(img, st, entries, refcount, extra=(), revert=(0, 0), refcount_chunks
     to whole chunks); returns the host offsets of the extra regions. Old table chunks are
     released once the header no longer points at them."""
     cs, d = img.chunk_size, img.header["data_offset"]
-    rc_raw = refcount.astype("<u2").tobytes() if len(entries) else b""
+    rc_raw = refcount.astype(REFCOUNT_DTYPE).tobytes() if len(entries) else b""
     rc_crc = zlib.crc32(rc_raw)
     # entries need the offsets of the extra regions: allocate first, encode after
     sizes = []
@@ -731,7 +736,7 @@ def _create(img, st, name, vm_state):
             f"{REFCOUNT_MAX} snapshots; delete some snapshots first"
         )
     refcount = rc.astype(np.uint16)
-    tbytes = table.astype("<u4").tobytes()
+    tbytes = table.astype(TABLE_DTYPE).tobytes()
     entry = _Entry(
         img.header["next_snapshot_id"],
         time.time_ns(),
@@ -975,7 +980,7 @@ class SnapshotView:
                     entry.table_offset,
                     f"snapshot {entry.name!r}: lookup table checksum mismatch or truncated",
                 )
-            self.table = np.frombuffer(raw, dtype="<u4").astype(np.uint32)
+            self.table = np.frombuffer(raw, dtype=TABLE_DTYPE).astype(np.uint32)
             problems = lookup_table_problems(img, entry, self.table)
             if problems:
                 raise CorruptImageError(img.path, problems[0][0], problems[0][1])
@@ -1146,7 +1151,7 @@ def _check(st, img, result, repair):
                 problems = [(err.offset, err.what, 1)]
             else:
                 raw = np.frombuffer(
-                    img.read_meta(e.table_offset, 4 * img.nchunks), dtype="<u4"
+                    img.read_meta(e.table_offset, 4 * img.nchunks), dtype=TABLE_DTYPE
                 ).astype(np.uint32)
                 problems = lookup_table_problems(img, e, raw)
             for off, what, n in problems:

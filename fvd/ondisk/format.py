@@ -1,40 +1,45 @@
 """On-disk layout of an FVD image (docs/format.md is the specification).
 
-`construct` parses and builds the header and journal-sector headers at open,
-checkpoint and close; nothing here runs per guest I/O.
+The header record is declared in fvd.ondisk.fvd_records; this module builds, parses and
+validates it at open, checkpoint and close (nothing here runs per guest I/O) and lays
+out the regions of a new image.
 """
 
 import zlib
 
-from construct import Const, Int32ul, Int64ul, Padding, Struct
-
 from fvd.errors import CorruptImageError, UnsupportedFeatureError
+from fvd.ondisk.fvd_records import (  # noqa: F401 (re-exported: the format's vocabulary)
+    BASE_FLAG_PREFETCHED,
+    BASE_FVD,
+    BASE_NONE,
+    BASE_QCOW2,
+    BASE_RAW,
+    HEADER_OFFSET,
+    HEADER_REGION,
+    HEADER_SIZE,
+    INCOMPAT_BASE,
+    INCOMPAT_PARTIAL,
+    INCOMPAT_SNAPSHOTS,
+    MAGIC,
+    MAGIC_BYTES,
+    MAX_PHYS_CHUNKS,
+    TABLE_DTYPE,
+    UNALLOCATED,
+    VERSION,
+    ZERO_CHUNK,
+    Header,
+)
+from fvd.ondisk.structs import span_struct
 from fvd.units import KiB, MiB
 
-MAGIC = 0x5143F5A9  # on disk: A9 F5 43 51 (the 2011 FVD magic)
-VERSION = 2
-HEADER_SIZE = 512  # bytes covered by the header checksum (one sector: atomic)
-HEADER_REGION = 4096  # the header region; the rest is reserved zeros
 ALIGN = 4096  # every region starts on a 4 KiB boundary
 
 
-# Lookup-table entries (uint32 physical chunk index, little-endian).
-UNALLOCATED = 0xFFFFFFFF  # reads from the base image (or zeros without one)
-ZERO_CHUNK = 0xFFFFFFFE  # reads as zeros, never from the base
-MAX_PHYS_CHUNKS = 0xFFFFFFF0  # physical indexes are below this
-
-# Incompatible features: a reader that does not know a bit must refuse the image.
-INCOMPAT_BASE = 1 << 0  # unwritten blocks come from a base image
-INCOMPAT_SNAPSHOTS = 1 << 1  # chunks may be shared with snapshots (copy on write)
-INCOMPAT_PARTIAL = 1 << 2  # partly copied chunks may exist (fvd.features.granular)
 KNOWN_INCOMPAT = INCOMPAT_BASE | INCOMPAT_SNAPSHOTS | INCOMPAT_PARTIAL
 KNOWN_COMPAT = 0
 
-# Base formats.
-BASE_NONE, BASE_RAW, BASE_FVD, BASE_QCOW2 = 0, 1, 2, 3
 BASE_FORMATS = {"raw": BASE_RAW, "fvd": BASE_FVD, "qcow2": BASE_QCOW2}
 BASE_FORMAT_NAMES = {v: k for k, v in BASE_FORMATS.items()}
-BASE_FLAG_PREFETCHED = 1 << 0  # every base block is in the image; the base is not opened
 
 MIN_CHUNK, MAX_CHUNK = 64 * KiB, 256 * MiB
 MIN_BLOCK = 512
@@ -49,48 +54,12 @@ MIN_JOURNAL = 64 * KiB
 # and 2^63 checkpoints leave room below 2^64 that no real image ever reaches.
 MAX_WRITABLE_EPOCH = 1 << 63
 
-Header = Struct(
-    "magic" / Const(MAGIC, Int32ul),
-    "version" / Int32ul,
-    "header_size" / Int32ul,
-    "header_crc" / Int32ul,
-    "incompatible_features" / Int64ul,
-    "compatible_features" / Int64ul,
-    "virtual_size" / Int64ul,
-    "chunk_size" / Int32ul,
-    "block_size" / Int32ul,
-    "clean_shutdown" / Int32ul,
-    "base_format" / Int32ul,
-    "base_name_offset" / Int64ul,
-    "base_name_size" / Int32ul,
-    "base_flags" / Int32ul,
-    "base_size" / Int64ul,
-    "bitmap_offset" / Int64ul,
-    "bitmap_size" / Int64ul,
-    "table_offset" / Int64ul,
-    "table_size" / Int64ul,
-    "journal_offset" / Int64ul,
-    "journal_size" / Int64ul,
-    "journal_epoch" / Int64ul,
-    "snapshot_table_offset" / Int64ul,
-    "snapshot_table_size" / Int64ul,
-    "nb_snapshots" / Int32ul,
-    "reserved0" / Int32ul,
-    "refcount_table_offset" / Int64ul,
-    "refcount_table_size" / Int64ul,
-    "data_offset" / Int64ul,
-    "next_snapshot_id" / Int64ul,
-    "table_crc" / Int32ul,
-    "bitmap_crc" / Int32ul,
-    "partial_map_offset" / Int64ul,
-    "partial_map_size" / Int64ul,
-    "partial_map_crc" / Int32ul,
-    "granule_size" / Int32ul,
-    Padding(HEADER_SIZE - 224),
-)
 assert Header.sizeof() == HEADER_SIZE
 
-CRC_FIELD = slice(12, 16)
+# magic, version, header_size, header_crc: checked before the whole header is parsed
+_S_PREFIX = span_struct(Header, "magic", "header_crc")[1]
+_OFF_CRC, _S_CRC = span_struct(Header, "header_crc", "header_crc")
+CRC_FIELD = slice(_OFF_CRC, _OFF_CRC + _S_CRC.size)
 
 
 def round_up(n, align):
@@ -104,7 +73,7 @@ def is_power_of_two(n):
 def header_crc(raw):
     """crc32 of the header bytes with the checksum field read as zero."""
     raw = bytearray(raw[:HEADER_SIZE])
-    raw[CRC_FIELD] = b"\0\0\0\0"
+    _S_CRC.pack_into(raw, _OFF_CRC, 0)
     return zlib.crc32(raw)
 
 
@@ -114,7 +83,7 @@ def build_header(fields):
     values.update({k: v for k, v in fields.items() if k in values})
     values.update(version=VERSION, header_size=HEADER_SIZE, header_crc=0)
     raw = bytearray(Header.build(values))
-    raw[CRC_FIELD] = header_crc(raw).to_bytes(4, "little")
+    _S_CRC.pack_into(raw, _OFF_CRC, header_crc(raw))
     return bytes(raw)
 
 
@@ -122,16 +91,15 @@ def parse_header(raw, path, file_size):
     """Parse and validate a header; raises CorruptImageError / UnsupportedFeatureError."""
     if len(raw) < HEADER_SIZE:
         raise CorruptImageError(path, 0, f"file is {len(raw)} bytes, shorter than a header")
-    if int.from_bytes(raw[0:4], "little") != MAGIC:
+    magic, version, _size, stored = _S_PREFIX.unpack_from(raw)
+    if magic != MAGIC:
         raise CorruptImageError(path, 0, "bad magic: not an FVD image")
-    version = int.from_bytes(raw[4:8], "little")
     if version != VERSION:
         raise UnsupportedFeatureError(
             f"{path}: FVD version {version} is not supported (this code reads version {VERSION})"
         )
-    stored = int.from_bytes(raw[CRC_FIELD], "little")
     if stored != header_crc(raw):
-        raise CorruptImageError(path, 12, "header checksum mismatch")
+        raise CorruptImageError(path, _OFF_CRC, "header checksum mismatch")
     h = dict(Header.parse(raw[:HEADER_SIZE]))
     h.pop("_io", None)
     unknown = h["incompatible_features"] & ~KNOWN_INCOMPAT
@@ -147,12 +115,7 @@ def _need(cond, path, offset, what):
 
 
 # Byte offset of each header field, for error messages.
-FIELD_OFFSET = {}
-_off = 0
-for _sc in Header.subcons:
-    if _sc.name:
-        FIELD_OFFSET[_sc.name] = _off
-    _off += _sc.sizeof()
+FIELD_OFFSET = HEADER_OFFSET
 
 
 def validate_header(h, path, file_size):

@@ -96,7 +96,7 @@ def snapshot_state(fd: int, path: str, entry, nchunks: int, bitmap_size: int) ->
         entry.table_crc,
         f"snapshot {entry.name!r}: lookup table",
     )
-    table = np.frombuffer(raw, dtype="<u4")
+    table = np.frombuffer(raw, dtype=fmt.TABLE_DTYPE)
     bits = None
     if entry.bitmap_offset and bitmap_size:
         braw = _pread(

@@ -20,6 +20,7 @@ import numpy as np
 from fvd.errors import CorruptImageError, UnsupportedFeatureError
 from fvd.qcow2.format import (
     L1E_RESERVED_MASK,
+    L2_DTYPE,
     L2E_STD_RESERVED_MASK,
     OFFSET_MASK,
     OFLAG_COMPRESSED,
@@ -41,7 +42,7 @@ class ClusterMixin:
                 raise CorruptImageError(
                     self.path, off, "L2 table offset invalid or past the end of the file"
                 )
-            arr = np.frombuffer(self._meta_read(off, self._cs), dtype=">u8").copy()
+            arr = np.frombuffer(self._meta_read(off, self._cs), dtype=L2_DTYPE).copy()
             self._l2[off] = arr
         return arr
 
@@ -153,7 +154,7 @@ class ClusterMixin:
         self._fast_l2.pop(i, None)
         new = self._alloc_cluster()
         self._flush_refcount_cache()
-        table = self._l2_peek(old).copy() if old else np.zeros(self._cs // 8, dtype=">u8")
+        table = self._l2_peek(old).copy() if old else np.zeros(self._cs // 8, dtype=L2_DTYPE)
         self._l2[new] = table
         self._l2_dirty.add(new)
         self._flush_l2_cache()

@@ -1,95 +1,75 @@
-"""qcow2 v2/v3 on-disk structures for the QCOW2 baseline (big-endian throughout).
+"""qcow2 v2/v3 header and snapshot table for the QCOW2 baseline (big-endian throughout).
 
-`construct` parses and builds the header and the snapshot-table records; that only
-happens at open, close and snapshot create/delete, never per guest I/O.  Per-I/O
-metadata (L1, L2 tables, refcount blocks) lives in numpy arrays with '>u8' / '>u2' dtypes.
+The records are declared in fvd.ondisk.qcow2_records; this module builds, parses and
+validates them, which only happens at open, close and snapshot create/delete, never per
+guest I/O. Per-I/O metadata (L1, L2 tables, refcount blocks) lives in numpy arrays of
+the entry dtypes declared there.
 """
 
 import datetime
 from dataclasses import dataclass, field
 
-from construct import Bytes, Int16ub, Int32ub, Int64ub, Struct
-
 from fvd.errors import CorruptImageError, UnsupportedFeatureError
+from fvd.ondisk.qcow2_records import (  # noqa: F401 (re-exported: the baseline's vocabulary)
+    COMPAT_LAZY_REFCOUNTS,
+    EXT_BACKING_FORMAT,
+    EXT_BITMAPS,
+    EXT_CRYPTO,
+    EXT_DATA_FILE,
+    EXT_END,
+    EXT_FEATURE_TABLE,
+    HEADER_OFFSET,
+    INCOMPAT_COMPRESSION,
+    INCOMPAT_CORRUPT,
+    INCOMPAT_DATA_FILE,
+    INCOMPAT_DIRTY,
+    INCOMPAT_EXTL2,
+    L1_DTYPE,
+    L1E_RESERVED_MASK,
+    L2_DTYPE,
+    L2E_STD_RESERVED_MASK,
+    MAGIC,
+    OFF_CLUSTER_BITS,
+    OFF_INCOMPAT,
+    OFF_L1_SIZE,
+    OFF_REFTABLE,
+    OFF_SNAPSHOTS,
+    OFFSET_MASK,
+    OFLAG_COMPRESSED,
+    OFLAG_COPIED,
+    OFLAG_ZERO,
+    REFBLOCK_DTYPE,
+    REFT_OFFSET_MASK,
+    REFT_RESERVED_MASK,
+    REFTABLE_DTYPE,
+    S_CLUSTER_BITS,
+    S_INCOMPAT_UPDATE,
+    S_L1_UPDATE,
+    S_REFBLOCK_ENTRY,
+    S_REFTABLE_ENTRY,
+    S_REFTABLE_UPDATE,
+    S_SNAPSHOT_EXTRA_FIELD,
+    S_SNAPSHOTS_UPDATE,
+    SNAPSHOT_EXTRA_OFFSET,
+    SNAPSHOT_RECORD_SIZE,
+    V2_HEADER_LENGTH,
+    V3_HEADER_LENGTH,
+    V3_MIN_HEADER_LENGTH,
+    BackingFormatExtension,
+    EndOfExtensions,
+    ExtensionHeader,
+    HeaderV2,
+    HeaderV3Tail,
+    SnapshotExtra,
+    SnapshotRecord,
+)
 from fvd.types import SnapshotInfo
 
-MAGIC = b"QFI\xfb"
 MIN_CLUSTER_BITS, MAX_CLUSTER_BITS = 9, 21
-V3_HEADER_LENGTH = 112  # what QEMU 7.2 writes (104 + compression type + padding)
 MAX_L1_BYTES = 32 << 20  # QCOW_MAX_L1_SIZE
 MAX_SNAPSHOTS = 65536
 MAX_SNAPSHOT_EXTRA = 1024
-
-# L1 / L2 / refcount-table entry bits (qcow2.rst; same values as QEMU's block/qcow2.h).
-OFLAG_COPIED = 1 << 63
-OFLAG_COMPRESSED = 1 << 62
-OFLAG_ZERO = 1
-OFFSET_MASK = 0x00FFFFFFFFFFFE00
-L1E_RESERVED_MASK = 0x7F000000000001FF
-L2E_STD_RESERVED_MASK = 0x3F000000000001FE
-REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
-REFT_RESERVED_MASK = 0x1FF
-
-# Feature bits (plain ints).
-INCOMPAT_DIRTY = 1 << 0
-INCOMPAT_CORRUPT = 1 << 1
-INCOMPAT_DATA_FILE = 1 << 2
-INCOMPAT_COMPRESSION = 1 << 3
-INCOMPAT_EXTL2 = 1 << 4
-COMPAT_LAZY_REFCOUNTS = 1 << 0
-
-# Header field offsets used for small in-place updates (as QEMU does them).
-OFF_L1_SIZE = 36  # l1_size (u32) + l1_table_offset (u64): 12 bytes
-OFF_REFTABLE = 48  # refcount_table_offset (u64) + clusters (u32): 12 bytes
-OFF_SNAPSHOTS = 60  # nb_snapshots (u32) + snapshots_offset (u64): 12 bytes
-OFF_INCOMPAT = 72
-
-EXT_END = 0x00000000
-EXT_BACKING_FORMAT = 0xE2792ACA
-EXT_FEATURE_TABLE = 0x6803F857
-EXT_BITMAPS = 0x23852875
-EXT_CRYPTO = 0x0537BE77
-EXT_DATA_FILE = 0x44415441
-
-HeaderV2 = Struct(
-    "magic" / Bytes(4),
-    "version" / Int32ub,
-    "backing_file_offset" / Int64ub,
-    "backing_file_size" / Int32ub,
-    "cluster_bits" / Int32ub,
-    "size" / Int64ub,
-    "crypt_method" / Int32ub,
-    "l1_size" / Int32ub,
-    "l1_table_offset" / Int64ub,
-    "refcount_table_offset" / Int64ub,
-    "refcount_table_clusters" / Int32ub,
-    "nb_snapshots" / Int32ub,
-    "snapshots_offset" / Int64ub,
-)
-
-HeaderV3Tail = Struct(
-    "incompatible_features" / Int64ub,
-    "compatible_features" / Int64ub,
-    "autoclear_features" / Int64ub,
-    "refcount_order" / Int32ub,
-    "header_length" / Int32ub,
-)
-
-ExtensionHeader = Struct("type" / Int32ub, "length" / Int32ub)
-
-SnapshotRecord = Struct(
-    "l1_table_offset" / Int64ub,
-    "l1_size" / Int32ub,
-    "id_str_size" / Int16ub,
-    "name_size" / Int16ub,
-    "date_sec" / Int32ub,
-    "date_nsec" / Int32ub,
-    "vm_clock_nsec" / Int64ub,
-    "vm_state_size" / Int32ub,
-    "extra_data_size" / Int32ub,
-)
-SNAPSHOT_RECORD_SIZE = 40
-SnapshotExtra = Struct("vm_state_size_large" / Int64ub, "disk_size" / Int64ub, "icount" / Int64ub)
+_OFF = HEADER_OFFSET  # header field offsets, for error messages
 
 
 @dataclass
@@ -131,9 +111,8 @@ def build_header(h):
             raise ValueError(f"backing file name longer than {MAX_BACKING_NAME} bytes")
         fmt = h.backing_format.encode()
         if fmt:
-            tail += ExtensionHeader.build(dict(type=EXT_BACKING_FORMAT, length=len(fmt)))
-            tail += fmt + bytes(-len(fmt) % 8)
-        tail += bytes(8)  # end of extensions
+            tail += BackingFormatExtension.build(dict(length=len(fmt), backing_format=fmt))
+        tail += EndOfExtensions.build({})
     name_off = h.header_length + len(tail) if name else 0
     if name_off + len(name) > h.cluster_size:
         raise ValueError("backing file name does not fit in the header cluster")
@@ -169,15 +148,17 @@ def build_header(h):
 
 def parse_header(path, raw, file_size, creating=False):
     """Parse and validate cluster 0 (`raw` holds at least its first bytes)."""
-    if len(raw) < 72:
+    if len(raw) < V2_HEADER_LENGTH:
         raise CorruptImageError(path, 0, "file too short for a qcow2 header (truncated)")
     if raw[:4] != MAGIC:
         raise CorruptImageError(path, 0, f"bad magic {bytes(raw[:4])!r}, not a qcow2 image")
-    v2 = HeaderV2.parse(raw[:72])
+    v2 = HeaderV2.parse(raw[:V2_HEADER_LENGTH])
     if v2.version not in (2, 3):
         raise UnsupportedFeatureError(f"{path}: qcow2 version {v2.version} is not supported")
     if not MIN_CLUSTER_BITS <= v2.cluster_bits <= MAX_CLUSTER_BITS:
-        raise CorruptImageError(path, 20, f"cluster_bits {v2.cluster_bits} out of range 9..21")
+        raise CorruptImageError(
+            path, _OFF["cluster_bits"], f"cluster_bits {v2.cluster_bits} out of range 9..21"
+        )
     h = Header(
         version=v2.version,
         cluster_bits=v2.cluster_bits,
@@ -188,23 +169,26 @@ def parse_header(path, raw, file_size, creating=False):
         refcount_table_clusters=v2.refcount_table_clusters,
         nb_snapshots=v2.nb_snapshots,
         snapshots_offset=v2.snapshots_offset,
-        header_length=72,
+        header_length=V2_HEADER_LENGTH,
     )
     cs = h.cluster_size
     if v2.version == 3:
-        if len(raw) < 104:
-            raise CorruptImageError(path, 72, "v3 header truncated")
-        t = HeaderV3Tail.parse(raw[72:104])
+        if len(raw) < V3_MIN_HEADER_LENGTH:
+            raise CorruptImageError(path, V2_HEADER_LENGTH, "v3 header truncated")
+        t = HeaderV3Tail.parse(raw[V2_HEADER_LENGTH:V3_MIN_HEADER_LENGTH])
         h.incompatible_features = t.incompatible_features
         h.compatible_features = t.compatible_features
         h.autoclear_features = t.autoclear_features
         h.refcount_order = t.refcount_order
         h.header_length = t.header_length
-        if h.header_length < 104 or h.header_length % 8 or h.header_length > cs:
-            raise CorruptImageError(path, 100, f"bad header_length {h.header_length}")
-        if h.header_length > 104 and len(raw) > 104 and raw[104] != 0:
+        if h.header_length < V3_MIN_HEADER_LENGTH or h.header_length % 8 or h.header_length > cs:
+            raise CorruptImageError(
+                path, _OFF["header_length"], f"bad header_length {h.header_length}"
+            )
+        ct = _OFF["compression_type"]
+        if h.header_length > ct and len(raw) > ct and raw[ct] != 0:
             if not h.incompatible_features & INCOMPAT_COMPRESSION:
-                raise CorruptImageError(path, 104, "compression_type set without its feature bit")
+                raise CorruptImageError(path, ct, "compression_type set without its feature bit")
     if v2.crypt_method:
         raise UnsupportedFeatureError(f"{path}: encrypted qcow2 images are not supported")
     if v2.backing_file_offset:
@@ -240,7 +224,7 @@ def _backing_name(path, raw, v2, cs):
     if size == 0 or size > MAX_BACKING_NAME or off + size > cs or off + size > len(raw):
         raise CorruptImageError(
             path,
-            8,
+            _OFF["backing_file_offset"],
             f"backing file name at {off:#x} (+{size}) is "
             "empty, too long or outside the header cluster",
         )
@@ -252,23 +236,31 @@ def _validate_tables(path, h, file_size, creating=False):
     l2_cover = cs * (cs // 8)
     need = -(-h.size // l2_cover)
     if h.l1_size < need and not creating:
-        raise CorruptImageError(path, 36, f"L1 table too small: {h.l1_size} < {need} entries")
+        raise CorruptImageError(
+            path, _OFF["l1_size"], f"L1 table too small: {h.l1_size} < {need} entries"
+        )
     if h.l1_size * 8 > MAX_L1_BYTES:
-        raise CorruptImageError(path, 36, f"L1 table too large ({h.l1_size} entries)")
-    _check_area(path, h.l1_table_offset, h.l1_size * 8, cs, file_size, 40, "L1 table")
+        raise CorruptImageError(path, _OFF["l1_size"], f"L1 table too large ({h.l1_size} entries)")
+    _check_area(
+        path, h.l1_table_offset, h.l1_size * 8, cs, file_size, _OFF["l1_table_offset"], "L1 table"
+    )
     if h.refcount_table_clusters == 0:
-        raise CorruptImageError(path, 56, "image has no refcount table")
+        raise CorruptImageError(
+            path, _OFF["refcount_table_clusters"], "image has no refcount table"
+        )
     _check_area(
         path,
         h.refcount_table_offset,
         h.refcount_table_clusters * cs,
         cs,
         file_size,
-        48,
+        _OFF["refcount_table_offset"],
         "refcount table",
     )
     if h.nb_snapshots > MAX_SNAPSHOTS:
-        raise CorruptImageError(path, 60, f"too many snapshots ({h.nb_snapshots})")
+        raise CorruptImageError(
+            path, _OFF["nb_snapshots"], f"too many snapshots ({h.nb_snapshots})"
+        )
     if h.nb_snapshots:
         _check_area(
             path,
@@ -276,7 +268,7 @@ def _validate_tables(path, h, file_size, creating=False):
             SNAPSHOT_RECORD_SIZE * h.nb_snapshots,
             cs,
             file_size,
-            64,
+            _OFF["snapshots_offset"],
             "snapshot table",
         )
 
@@ -329,11 +321,8 @@ def parse_snapshot_table(path, raw, count, default_size, version):
         pos = (pos + r.name_size + 7) // 8 * 8
         if version == 3 and len(extra) < 16:
             raise CorruptImageError(path, pos, f"snapshot table entry {sid} is incomplete")
-        vm_size, disk_size = r.vm_state_size, default_size
-        if len(extra) >= 8:
-            vm_size = int.from_bytes(extra[:8], "big")
-        if len(extra) >= 16:
-            disk_size = int.from_bytes(extra[8:16], "big")
+        vm_size = _extra_field(extra, "vm_state_size_large", r.vm_state_size)
+        disk_size = _extra_field(extra, "disk_size", default_size)
         created = datetime.datetime.fromtimestamp(
             r.date_sec + r.date_nsec / 1e9, tz=datetime.timezone.utc
         )
@@ -353,6 +342,14 @@ def parse_snapshot_table(path, raw, count, default_size, version):
             )
         )
     return snaps, pos
+
+
+def _extra_field(extra, name, default):
+    """A u64 field of a snapshot's extra data, or `default` when the extra data ends first."""
+    off = SNAPSHOT_EXTRA_OFFSET[name]
+    if len(extra) < off + S_SNAPSHOT_EXTRA_FIELD.size:
+        return default
+    return S_SNAPSHOT_EXTRA_FIELD.unpack_from(extra, off)[0]
 
 
 def build_snapshot_table(snaps):

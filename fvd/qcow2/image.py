@@ -30,13 +30,22 @@ from fvd.qcow2.format import (
     EXT_BITMAPS,
     INCOMPAT_CORRUPT,
     INCOMPAT_DIRTY,
+    L1_DTYPE,
     L1E_RESERVED_MASK,
+    MAGIC,
     MAX_CLUSTER_BITS,
     MIN_CLUSTER_BITS,
+    OFF_CLUSTER_BITS,
     OFF_INCOMPAT,
     OFF_L1_SIZE,
     OFFSET_MASK,
     REFT_OFFSET_MASK,
+    REFTABLE_DTYPE,
+    S_CLUSTER_BITS,
+    S_INCOMPAT_UPDATE,
+    S_L1_UPDATE,
+    S_REFBLOCK_ENTRY,
+    S_REFTABLE_ENTRY,
     Header,
     build_header,
     parse_header,
@@ -97,8 +106,9 @@ def create(
         image = bytearray(3 * cs)
         hdr = build_header(h)
         image[: len(hdr)] = hdr
-        image[cs : cs + 8] = (2 * cs).to_bytes(8, "big")  # reftable[0] -> block
-        image[2 * cs : 2 * cs + 6] = b"\x00\x01" * 3  # clusters 0, 1, 2
+        S_REFTABLE_ENTRY.pack_into(image, cs, 2 * cs)  # reftable[0] -> block
+        one = S_REFBLOCK_ENTRY.pack(1)
+        image[2 * cs : 2 * cs + 3 * len(one)] = one * 3  # clusters 0, 1, 2
         _os.pwrite(fd, bytes(image), 0)
         _os.fdatasync(fd)
     finally:
@@ -224,8 +234,8 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
         self._unsynced = self._cow_pending = False
         head = min(self._file_size, 1 << MAX_CLUSTER_BITS)
         raw = self._meta_read(0, min(head, 4096)) if head else b""
-        if len(raw) >= 24 and raw[:4] == b"QFI\xfb":
-            cbits = int.from_bytes(raw[20:24], "big")
+        if len(raw) >= OFF_CLUSTER_BITS + S_CLUSTER_BITS.size and raw[:4] == MAGIC:
+            cbits = S_CLUSTER_BITS.unpack_from(raw, OFF_CLUSTER_BITS)[0]
             if MIN_CLUSTER_BITS <= cbits <= MAX_CLUSTER_BITS and (1 << cbits) > len(raw):
                 raw += self._meta_read(len(raw), min(head, 1 << cbits) - len(raw))
         h = parse_header(self.path, bytes(raw), self._file_size, creating=creating)
@@ -238,11 +248,11 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
         self._incompat, self._compat = h.incompatible_features, h.compatible_features
         self._l1_offset = h.l1_table_offset
         l1raw = self._meta_read(h.l1_table_offset, 8 * h.l1_size) if h.l1_size else b""
-        self._l1 = np.frombuffer(bytes(l1raw), dtype=">u8").copy()
+        self._l1 = np.frombuffer(bytes(l1raw), dtype=L1_DTYPE).copy()
         self._check_l1(self._l1, h.l1_table_offset)
         self._rt_offset, self._rt_clusters = h.refcount_table_offset, h.refcount_table_clusters
         rtraw = self._meta_read(self._rt_offset, self._rt_clusters * self._cs)
-        self._reftable = np.frombuffer(bytes(rtraw), dtype=">u8").copy()
+        self._reftable = np.frombuffer(bytes(rtraw), dtype=REFTABLE_DTYPE).copy()
         self._rb, self._rb_dirty, self._deferred, self._free_idx = {}, set(), [], 0
         self._l2, self._l2_dirty, self._snap_l1 = {}, set(), {}
         self._fast_l2 = {}
@@ -396,7 +406,7 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
     def _set_incompat(self, bits):
         if self._version == 2:
             return
-        self._meta_write(OFF_INCOMPAT, bits.to_bytes(8, "big"))
+        self._meta_write(OFF_INCOMPAT, S_INCOMPAT_UPDATE.pack(bits))
         self._sync()
         self._incompat = bits
 
@@ -406,7 +416,7 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
         old_off, old_n = self._l1_offset, len(self._l1)
         if n == old_n:
             return
-        l1 = np.zeros(n, dtype=">u8")
+        l1 = np.zeros(n, dtype=L1_DTYPE)
         k = min(n, old_n)
         l1[:k] = self._l1[:k]
         off = self._alloc_contiguous(max(1, -(-8 * n // self._cs))) if n else 0
@@ -414,7 +424,7 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
         if n:
             self._meta_write(off, l1.tobytes())
             self._sync()
-        self._meta_write(OFF_L1_SIZE, n.to_bytes(4, "big") + off.to_bytes(8, "big"))
+        self._meta_write(OFF_L1_SIZE, S_L1_UPDATE.pack(n, off))
         self._sync()
         self._l1, self._l1_offset = l1, off
         self._fast_l2.clear()

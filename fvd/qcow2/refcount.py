@@ -20,8 +20,11 @@ from fvd.qcow2.format import (
     OFFSET_MASK,
     OFLAG_COMPRESSED,
     OFLAG_COPIED,
+    REFBLOCK_DTYPE,
     REFT_OFFSET_MASK,
     REFT_RESERVED_MASK,
+    REFTABLE_DTYPE,
+    S_REFTABLE_UPDATE,
 )
 
 MAX_REFCOUNT = 0xFFFF
@@ -55,7 +58,7 @@ class RefcountMixin:
                 self._rt_offset + 8 * b,
                 f"refcount block offset {off:#x} invalid or past the end",
             )
-        arr = np.frombuffer(self._meta_read(off, self._cs), dtype=">u2").copy()
+        arr = np.frombuffer(self._meta_read(off, self._cs), dtype=REFBLOCK_DTYPE).copy()
         self._rb[b] = arr
         return arr
 
@@ -83,7 +86,7 @@ class RefcountMixin:
             if arr is None:
                 if delta < 0:
                     raise CorruptImageError(self.path, None, "freeing a cluster with refcount 0")
-                arr = self._rb[b] = np.zeros(self._rb_entries(), dtype=">u2")
+                arr = self._rb[b] = np.zeros(self._rb_entries(), dtype=REFBLOCK_DTYPE)
             new = arr.astype(np.int64)
             np.add.at(new, idx, delta)
             if new.min() < 0 or new.max() > MAX_REFCOUNT:
@@ -190,7 +193,7 @@ class RefcountMixin:
         rbits = self._cbits - 1
         arr = self._rb.get(b)
         if arr is None:
-            arr = self._rb[b] = np.zeros(self._rb_entries(), dtype=">u2")
+            arr = self._rb[b] = np.zeros(self._rb_entries(), dtype=REFBLOCK_DTYPE)
         if at is None:
             at = self._first_free()
             while (at >> rbits) != b and not self._refblock_placed(at >> rbits):
@@ -234,12 +237,12 @@ class RefcountMixin:
             if want <= tab_clusters and len(missing) == nblocks:
                 break
             tab_clusters, nblocks = max(tab_clusters, want), len(missing)
-        table = np.zeros(tab_clusters * cs // 8, dtype=">u8")
+        table = np.zeros(tab_clusters * cs // 8, dtype=REFTABLE_DTYPE)
         table[: len(self._reftable)] = self._reftable
         for i, b in enumerate(missing):
             table[b] = (start + i) << self._cbits
             if b not in self._rb:
-                self._rb[b] = np.zeros(self._rb_entries(), dtype=">u2")
+                self._rb[b] = np.zeros(self._rb_entries(), dtype=REFBLOCK_DTYPE)
             self._rb_dirty.add(b)
         old_off, old_clusters = self._rt_offset, self._rt_clusters
         self._reftable = table  # the new blocks count as placed now
@@ -255,7 +258,7 @@ class RefcountMixin:
         self._meta_write(tab_off, table.tobytes())
         self._sync()
         self._rt_offset, self._rt_clusters = tab_off, tab_clusters
-        self._meta_write(OFF_REFTABLE, tab_off.to_bytes(8, "big") + tab_clusters.to_bytes(4, "big"))
+        self._meta_write(OFF_REFTABLE, S_REFTABLE_UPDATE.pack(tab_off, tab_clusters))
         self._sync()
         self._update_refcounts(np.arange(old_clusters) + (old_off >> self._cbits), -1)
 
@@ -412,7 +415,7 @@ class RefcountMixin:
         self._rb, self._rb_dirty, unplaced = {}, set(), []
         for b in range(max(-(-len(counts) // per), len(self._reftable))):
             seg = counts[b * per : (b + 1) * per]
-            arr = np.zeros(per, dtype=">u2")
+            arr = np.zeros(per, dtype=REFBLOCK_DTYPE)
             arr[: len(seg)] = seg
             if self._refblock_placed(b):
                 self._rb[b] = arr

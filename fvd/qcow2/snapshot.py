@@ -18,10 +18,13 @@ import numpy as np
 
 from fvd.errors import CorruptImageError
 from fvd.qcow2.format import (
+    L1_DTYPE,
+    L2_DTYPE,
     OFF_SNAPSHOTS,
     OFFSET_MASK,
     OFLAG_COPIED,
     OFLAG_ZERO,
+    S_SNAPSHOTS_UPDATE,
     SnapshotInfo,
     build_snapshot_table,
     parse_snapshot_table,
@@ -75,7 +78,7 @@ class SnapshotMixin:
         l1 = self._snap_l1.get(s.l1_table_offset)
         if l1 is None:
             raw = self._meta_read(s.l1_table_offset, 8 * s.l1_size) if s.l1_size else b""
-            l1 = np.frombuffer(bytes(raw), dtype=">u8").copy()
+            l1 = np.frombuffer(bytes(raw), dtype=L1_DTYPE).copy()
             self._snap_l1[s.l1_table_offset] = l1
         return l1
 
@@ -121,7 +124,7 @@ class SnapshotMixin:
         self.flush()
         n_disk = self._l1_disk_entries()
         vm_entries = self._write_vm_state(vm)
-        snap_l1 = np.zeros(n_disk + len(vm_entries), dtype=">u8")
+        snap_l1 = np.zeros(n_disk + len(vm_entries), dtype=L1_DTYPE)
         snap_l1[:n_disk] = self._l1[:n_disk]
         snap_l1[n_disk:] = vm_entries
         raw = snap_l1.tobytes()
@@ -178,7 +181,7 @@ class SnapshotMixin:
         for t in range(0, len(vm), per_table):
             part = vm[t : t + per_table]
             l2_off = self._alloc_cluster()
-            table = np.zeros(cs // 8, dtype=">u8")
+            table = np.zeros(cs // 8, dtype=L2_DTYPE)
             run_host, run = -1, []
             for j, p in enumerate(range(0, len(part), cs)):
                 host = self._alloc_cluster()
@@ -244,7 +247,7 @@ class SnapshotMixin:
             off = self._alloc_contiguous(-(-len(raw) // self._cs))
             self._meta_write(off, raw)
             self.flush()  # the new table and its refcounts are stable
-        self._meta_write(OFF_SNAPSHOTS, len(snaps).to_bytes(4, "big") + off.to_bytes(8, "big"))
+        self._meta_write(OFF_SNAPSHOTS, S_SNAPSHOTS_UPDATE.pack(len(snaps), off))
         self._sync()
         self._snapshots, self._snapshots_offset, self._snap_table_len = snaps, off, len(raw)
         if old_len:

@@ -1,8 +1,13 @@
 """The compiled fast path and its pure-Python twin expose the same names and signatures
 (the twin must be a drop-in: `fvd._impl` swaps one for the other)."""
 
+import ast
 import inspect
+import os
+import subprocess
+import sys
 import types
+from pathlib import Path
 
 import pytest
 
@@ -29,7 +34,8 @@ def methods(cls):
 
 
 def signature(fn):
-    return str(inspect.signature(fn)).replace("self, ", "").replace("(self)", "()")
+    sig = fn if isinstance(fn, inspect.Signature) else inspect.signature(fn)
+    return str(sig).replace("self, ", "").replace("(self)", "()")
 
 
 def test_same_public_classes_and_functions():
@@ -51,3 +57,210 @@ def test_same_methods_and_signatures(name):
 def test_same_stat_fields():
     assert list(_fastpath.STAT_FIELDS) == list(_purepath.STAT_FIELDS)
     assert sorted(_fastpath.Stats().as_dict()) == sorted(_purepath.Stats().as_dict())
+
+
+# ----- the typed surface: fvd/_fastpath.pyi -----------------------------------------------
+
+STUB = Path(_purepath.__file__).with_name("_fastpath.pyi")
+# annotations of the compiled signatures (embedsignature) that name a Python type
+PY_TYPES = {"int", "float", "bool", "str", "bytes", "Stats", "ChunkMap", "HostFile"}
+
+
+def stub_module():
+    return ast.parse(STUB.read_text(), filename=str(STUB))
+
+
+def stub_names(body):
+    """{name: node} of the classes, functions and variables a stub body declares."""
+    out = {}
+    for node in body:
+        if isinstance(node, (ast.ClassDef, ast.FunctionDef)):
+            out[node.name] = node
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            out[node.target.id] = node
+        elif isinstance(node, ast.Assign):
+            out.update({t.id: node for t in node.targets if isinstance(t, ast.Name)})
+    return out
+
+
+def stub_public():
+    return {n: node for n, node in stub_names(stub_module().body).items() if n[0] != "_"}
+
+
+def stub_all():
+    return ast.literal_eval(stub_names(stub_module().body)["__all__"].value)
+
+
+def is_property(fn):
+    return any(isinstance(d, ast.Name) and d.id == "property" for d in fn.decorator_list)
+
+
+def ast_signature(fn):
+    """The signature an ast.FunctionDef declares, without annotations, as `signature`
+    prints one (names, kinds, order, defaults)."""
+    a, P = fn.args, inspect.Parameter
+    params = []
+    positional = a.posonlyargs + a.args
+    defaults = [P.empty] * (len(positional) - len(a.defaults)) + [
+        ast.literal_eval(d) for d in a.defaults
+    ]
+    for i, (arg, default) in enumerate(zip(positional, defaults)):
+        kind = P.POSITIONAL_ONLY if i < len(a.posonlyargs) else P.POSITIONAL_OR_KEYWORD
+        params.append(P(arg.arg, kind, default=default))
+    if a.vararg:
+        params.append(P(a.vararg.arg, P.VAR_POSITIONAL))
+    for arg, d in zip(a.kwonlyargs, a.kw_defaults):
+        params.append(
+            P(arg.arg, P.KEYWORD_ONLY, default=P.empty if d is None else ast.literal_eval(d))
+        )
+    if a.kwarg:
+        params.append(P(a.kwarg.arg, P.VAR_KEYWORD))
+    return signature(inspect.Signature(params))
+
+
+def embedded(fn):
+    """The def a compiled function's docstring starts with (Cython embedsignature)."""
+    first = (fn.__doc__ or "").split("\n", 1)[0]
+    name = fn.__name__
+    assert first.startswith(name + "("), f"no embedded signature on {fn!r}: {first!r}"
+    return ast.parse(f"def {first}: pass").body[0]
+
+
+def stub_class(name):
+    return {n: node for n, node in stub_names(stub_public()[name].body).items()}
+
+
+def test_same_all_in_compiled_twin_and_stub():
+    assert list(_fastpath.__all__) == list(_purepath.__all__) == stub_all()
+
+
+def test_stub_declares_every_public_name():
+    """The stub declares exactly what the compiled module exports (its imports aside),
+    and the twin has nothing else public but module imports and int constants that
+    mirror the compiled module's C-level ones."""
+    names = set(stub_all())
+    compiled = {n for n, v in vars(_fastpath).items() if n[0] != "_" and not inspect.ismodule(v)}
+    assert compiled == names
+    assert set(stub_public()) == names
+    twin = {n for n, v in vars(_purepath).items() if n[0] != "_" and not inspect.ismodule(v)}
+    assert names <= twin
+    assert all(type(getattr(_purepath, n)) is int for n in twin - names), twin - names
+
+
+@pytest.mark.parametrize("cls", ["Stats", "ChunkMap", "HostFile"])
+def test_stub_methods_and_signatures(cls):
+    """Methods: same names and same signatures (parameter names, kinds, order, defaults)
+    in the compiled module, the twin and the stub; constructors included (the compiled
+    one's from its embedded signature)."""
+    compiled, twin, stub = getattr(_fastpath, cls), getattr(_purepath, cls), stub_class(cls)
+    stub_methods = {
+        n: f for n, f in stub.items() if isinstance(f, ast.FunctionDef) and not is_property(f)
+    }
+    stub_methods.pop("__init__")
+    assert sorted(stub_methods) == sorted(methods(compiled)) == sorted(methods(twin))
+    for m, fn in stub_methods.items():
+        assert ast_signature(fn) == signature(getattr(compiled, m)), f"{cls}.{m}"
+        assert ast_signature(fn) == signature(getattr(twin, m)), f"{cls}.{m}"
+    init = stub["__init__"]
+    assert ast_signature(init) == signature(twin.__init__)
+    assert ast_signature(init) == ast_signature(embedded(compiled.__init__))
+
+
+@pytest.mark.parametrize("cls", ["Stats", "ChunkMap", "HostFile"])
+def test_stub_types_match_the_compiled_ones(cls):
+    """Where a compiled parameter is typed (int, Stats ...), the stub names that type."""
+    compiled, stub = getattr(_fastpath, cls), stub_class(cls)
+    checked = 0
+    for name, fn in stub.items():
+        if not isinstance(fn, ast.FunctionDef) or is_property(fn):
+            continue
+        real = embedded(getattr(compiled, name))
+        declared = {a.arg: a.annotation for a in fn.args.args}
+        for arg in real.args.args:
+            if arg.annotation is None or ast.unparse(arg.annotation) not in PY_TYPES:
+                continue
+            assert ast.unparse(declared[arg.arg]) == ast.unparse(arg.annotation), (name, arg.arg)
+            checked += 1
+    assert checked or cls == "Stats"
+
+
+def instances(tmp_path):
+    """One instance of each class from both implementations, built alike."""
+    import numpy as np
+
+    fd = os.open(tmp_path / "img", os.O_RDWR | os.O_CREAT, 0o600)
+    out = []
+    for mod in (_fastpath, _purepath):
+        st = mod.Stats()
+        table = np.full(4, 0xFFFFFFFF, dtype=np.uint32)
+        cmap = mod.ChunkMap(fd, table, np.zeros(0, np.uint8), 1 << 16, 0, 4 << 16, st)
+        out.append({"Stats": st, "ChunkMap": cmap, "HostFile": mod.HostFile(fd, st)})
+    return fd, out
+
+
+@pytest.mark.parametrize("cls", ["Stats", "ChunkMap", "HostFile"])
+def test_stub_attributes(cls, tmp_path):
+    """Every attribute and property the stub declares exists on instances of both
+    implementations with the declared type (for int, bool and the module's classes), and
+    the compiled class has no public attribute the stub lacks."""
+    stub = stub_class(cls)
+    attrs = {
+        n: ast.unparse(node.annotation)
+        for n, node in stub.items()
+        if isinstance(node, ast.AnnAssign)
+    }
+    attrs.update(
+        {
+            n: ast.unparse(f.returns)
+            for n, f in stub.items()
+            if isinstance(f, ast.FunctionDef) and is_property(f)
+        }
+    )
+    compiled = getattr(_fastpath, cls)
+    data = {n for n in dir(compiled) if n[0] != "_" and not callable(getattr(compiled, n))}
+    assert data == set(attrs)
+    fd, both = instances(tmp_path)
+    try:
+        for objs, mod in zip(both, (_fastpath, _purepath)):
+            obj = objs[cls]
+            for name, ann in attrs.items():
+                value = getattr(obj, name)  # AttributeError: not there
+                if ann in ("int", "bool"):
+                    assert type(value) is {"int": int, "bool": bool}[ann], (mod, name, value)
+                elif ann in ("Stats", "ChunkMap", "HostFile"):
+                    assert isinstance(value, getattr(mod, ann)), (mod, name)
+    finally:
+        os.close(fd)
+
+
+def test_stats_fields_in_stub():
+    stub = stub_class("Stats")
+    assert [n for n, v in stub.items() if isinstance(v, ast.AnnAssign)] == list(
+        _purepath.STAT_FIELDS
+    )
+
+
+def test_stubtest_agrees(impl, tmp_path):
+    """mypy's stubtest checks the stub against the built module itself."""
+    if impl != "cython":
+        pytest.skip("one run is enough: stubtest checks the compiled module")
+    pytest.importorskip("mypy.stubtest")
+    allow = tmp_path / "allowlist"
+    allow.write_text("fvd._fastpath.*.__reduce_cython__\nfvd._fastpath.*.__setstate_cython__\n")
+    root = Path(_purepath.__file__).parents[1]
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mypy.stubtest",
+            "--mypy-config-file",
+            str(root / "pyproject.toml"),
+            "--allowlist",
+            str(allow),
+            "fvd._fastpath",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=root,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr

@@ -1,0 +1,227 @@
+"""Every on-disk record of an FVD image, declared once with construct.
+
+docs/format.md is the specification; the field names here are its field names, and each
+layout table there carries an ``<!-- ondisk: Name -->`` marker naming the declaration
+below (tests/ondisk/test_records.py checks offsets, types and names against the tables). All
+integers are little-endian.
+
+Code that packs or parses a record per I/O (a journal sector on every writethrough
+allocation) uses the `struct.Struct` derived from the declaration (`S_*` below, made by
+fvd.ondisk.structs.struct_of): same bytes, struct's speed, one declaration.
+"""
+
+from construct import (
+    Array,
+    Bytes,
+    Const,
+    Error,
+    GreedyRange,
+    Int16ul,
+    Int32ul,
+    Int64ul,
+    Padded,
+    Padding,
+    Pass,
+    Struct,
+    Switch,
+    this,
+)
+
+from fvd.ondisk.structs import dtype_of, offsets, struct_of
+
+SECTOR = 512
+
+# ----- 2. Header (offset 0, one checksummed sector) ---------------------------------------
+MAGIC = 0x5143F5A9  # on disk: A9 F5 43 51 (the 2011 FVD magic)
+VERSION = 2
+HEADER_SIZE = 512  # bytes covered by the header checksum (one sector: atomic)
+HEADER_REGION = 4096  # the header region; the rest is reserved zeros
+MAGIC_BYTES = Int32ul.build(MAGIC)  # what a format probe looks for at offset 0
+
+# incompatible_features: a reader that does not know a bit must refuse the image
+INCOMPAT_BASE = 1 << 0  # unwritten blocks come from a base image
+INCOMPAT_SNAPSHOTS = 1 << 1  # chunks may be shared with snapshots (copy on write)
+INCOMPAT_PARTIAL = 1 << 2  # partly copied chunks may exist (fvd.granular)
+# base_format
+BASE_NONE, BASE_RAW, BASE_FVD, BASE_QCOW2 = 0, 1, 2, 3
+# base_flags
+BASE_FLAG_PREFETCHED = 1 << 0  # every base block is in the image; the base is not opened
+
+Header = Struct(
+    "magic" / Const(MAGIC, Int32ul),
+    "version" / Int32ul,
+    "header_size" / Int32ul,
+    "header_crc" / Int32ul,
+    "incompatible_features" / Int64ul,
+    "compatible_features" / Int64ul,
+    "virtual_size" / Int64ul,
+    "chunk_size" / Int32ul,
+    "block_size" / Int32ul,
+    "clean_shutdown" / Int32ul,
+    "base_format" / Int32ul,
+    "base_name_offset" / Int64ul,
+    "base_name_size" / Int32ul,
+    "base_flags" / Int32ul,
+    "base_size" / Int64ul,
+    "bitmap_offset" / Int64ul,
+    "bitmap_size" / Int64ul,
+    "table_offset" / Int64ul,
+    "table_size" / Int64ul,
+    "journal_offset" / Int64ul,
+    "journal_size" / Int64ul,
+    "journal_epoch" / Int64ul,
+    "snapshot_table_offset" / Int64ul,
+    "snapshot_table_size" / Int64ul,
+    "nb_snapshots" / Int32ul,
+    "reserved" / Int32ul,
+    "refcount_table_offset" / Int64ul,
+    "refcount_table_size" / Int64ul,
+    "data_offset" / Int64ul,
+    "next_snapshot_id" / Int64ul,
+    "table_crc" / Int32ul,
+    "bitmap_crc" / Int32ul,
+    "partial_map_offset" / Int64ul,
+    "partial_map_size" / Int64ul,
+    "partial_map_crc" / Int32ul,
+    "granule_size" / Int32ul,
+    Padding(HEADER_SIZE - 224),  # reserved zeros
+)
+HEADER_OFFSET = offsets(Header)  # byte offset of each field (error messages name it)
+
+# ----- 3. Lookup table: one entry per virtual chunk -----------------------------------------
+TableEntry = Int32ul
+UNALLOCATED = 0xFFFFFFFF  # reads from the base image (or zeros without one)
+ZERO_CHUNK = 0xFFFFFFFE  # reads as zeros, never from the base
+MAX_PHYS_CHUNKS = 0xFFFFFFF0  # physical chunk indexes are below this
+LookupTable = GreedyRange(TableEntry)
+TABLE_DTYPE = dtype_of(TableEntry)  # numpy arrays of lookup tables: '<u4'
+
+# ----- 4. Journal: 512-byte self-checking sectors ---------------------------------------------
+JOURNAL_MAGIC = 0x4A445646  # "FVDJ"
+JournalSectorHead = Struct(
+    "magic" / Const(JOURNAL_MAGIC, Int32ul),
+    "crc" / Int32ul,  # crc32 of the sector with this field read as 0
+    "epoch" / Int64ul,
+    "seq" / Int64ul,
+    "tx_remaining" / Int16ul,
+    "nrecords" / Int16ul,
+    "reserved" / Int32ul,
+)
+JournalRecordHead = Struct("type" / Int32ul, "count" / Int32ul, "start" / Int64ul)
+
+REC_TABLE, REC_BITMAP, REC_DATA_CRC, REC_GRANULE = 1, 2, 3, 4
+TablePayload = Array(this.count, TableEntry)  # `count` lookup-table entries
+BitmapPayload = Pass  # none: bits start .. start + count - 1 become 1
+DataCrcPayload = Struct("crc" / Int32ul)
+GranulePayload = Struct("front_chunk" / Int32ul, "source_chunk" / Int32ul)
+JOURNAL_RECORDS = {
+    REC_TABLE: ("TABLE", TablePayload),
+    REC_BITMAP: ("BITMAP", BitmapPayload),
+    REC_DATA_CRC: ("DATA_CRC", DataCrcPayload),
+    REC_GRANULE: ("GRANULE", GranulePayload),
+}
+JournalRecord = Struct(
+    *JournalRecordHead.subcons,
+    "payload" / Switch(this.type, {t: p for t, (_, p) in JOURNAL_RECORDS.items()}, default=Error),
+)
+# A whole sector, records included, zero-padded (the crc is computed by fvd.journal).
+JournalSector = Padded(
+    SECTOR, Struct(*JournalSectorHead.subcons, "records" / Array(this.nrecords, JournalRecord))
+)
+
+# ----- 8. Snapshots --------------------------------------------------------------------------
+SNAPSHOT_TABLE_MAGIC = 0x53445646  # "FVDS"
+SnapshotTableHead = Struct(
+    "magic" / Const(SNAPSHOT_TABLE_MAGIC, Int32ul),
+    "crc" / Int32ul,  # crc32 of the whole table with this field read as 0
+    "nb_snapshots" / Int32ul,
+    "refcount_crc" / Int32ul,
+    "revert_id" / Int64ul,
+    "revert_epoch" / Int64ul,
+)
+SnapshotEntryHead = Struct(
+    "id" / Int64ul,
+    "created_ns" / Int64ul,
+    "virtual_size" / Int64ul,
+    "table_offset" / Int64ul,
+    "table_crc" / Int32ul,
+    "name_size" / Int16ul,
+    "extra_size" / Int16ul,
+    "vm_state_offset" / Int64ul,
+    "vm_state_size" / Int64ul,
+    "vm_state_crc" / Int32ul,
+    "reserved" / Int32ul,
+)
+# Extra data of an entry in an image with a base (the first 16 extra bytes).
+SnapshotExtraBitmap = Struct(
+    "bitmap_offset" / Int64ul, "bitmap_crc" / Int32ul, "reserved" / Int32ul
+)
+SnapshotEntry = Struct(
+    *SnapshotEntryHead.subcons,
+    "extra" / Bytes(this.extra_size),
+    "name" / Bytes(this.name_size),
+    Padding(lambda ctx: -ctx.name_size % 8),
+)
+SNAPSHOT_TABLE_HEAD_OFFSET = offsets(SnapshotTableHead)
+SNAPSHOT_ENTRY_OFFSET = offsets(SnapshotEntry)  # up to `extra` (the first variable field)
+SNAPSHOT_EXTRA_BITMAP_OFFSET = offsets(SnapshotExtraBitmap)  # from the start of extra
+SnapshotTable = Struct(
+    *SnapshotTableHead.subcons, "entries" / Array(this.nb_snapshots, SnapshotEntry)
+)
+
+RefcountEntry = Int16ul  # refcount table: one per physical chunk, cut after the last nonzero
+REFCOUNT_MAX = 0xFFFF
+RefcountTable = GreedyRange(RefcountEntry)
+REFCOUNT_DTYPE = dtype_of(RefcountEntry)  # '<u2'
+
+# ----- 10. Partial map ----------------------------------------------------------------------
+PARTIAL_MAP_MAGIC = 0x50445646  # "FVDP"
+PartialMapHead = Struct(
+    "magic" / Const(PARTIAL_MAP_MAGIC, Int32ul),
+    "count" / Int32ul,
+    "granule_size" / Int32ul,
+    "reserved" / Int32ul,
+)
+PartialMapEntryHead = Struct("virtual_chunk" / Int32ul, "source_chunk" / Int32ul)
+# An entry with its bit row; parse / build with row_bytes=partial_row_bytes(...).
+PartialMapEntry = Struct(
+    *PartialMapEntryHead.subcons,
+    "bits" / Bytes(this._params.row_bytes),
+    Padding(lambda ctx: -ctx._params.row_bytes % 8),
+)
+PartialMap = Struct(*PartialMapHead.subcons, "entries" / Array(this.count, PartialMapEntry))
+
+
+def partial_row_bytes(chunk_size: int, granule_size: int) -> int:
+    """Bytes of one bit row of the partial map: ceil(granules per chunk / 8)."""
+    return -(-(chunk_size // granule_size) // 8)
+
+
+# ----- struct twins for the code that packs / parses these per I/O --------------------------
+S_JOURNAL_SECTOR_HEAD = struct_of(JournalSectorHead)
+S_JOURNAL_RECORD_HEAD = struct_of(JournalRecordHead)
+S_TABLE_ENTRY = struct_of(TableEntry)
+S_DATA_CRC = struct_of(DataCrcPayload)
+S_GRANULE = struct_of(GranulePayload)
+S_SNAPSHOT_TABLE_HEAD = struct_of(SnapshotTableHead)
+S_SNAPSHOT_ENTRY_HEAD = struct_of(SnapshotEntryHead)
+S_SNAPSHOT_EXTRA_BITMAP = struct_of(SnapshotExtraBitmap)
+S_PARTIAL_MAP_HEAD = struct_of(PartialMapHead)
+S_PARTIAL_MAP_ENTRY_HEAD = struct_of(PartialMapEntryHead)
+
+# The records docs/format.md lays out, by the name its <!-- ondisk: ... --> markers use.
+RECORDS = {
+    "Header": Header,
+    "TableEntry": TableEntry,
+    "JournalSectorHead": JournalSectorHead,
+    "JournalRecordHead": JournalRecordHead,
+    "TablePayload": TablePayload,
+    "DataCrcPayload": DataCrcPayload,
+    "GranulePayload": GranulePayload,
+    "SnapshotTableHead": SnapshotTableHead,
+    "SnapshotEntry": SnapshotEntry,
+    "SnapshotExtraBitmap": SnapshotExtraBitmap,
+    "RefcountEntry": RefcountEntry,
+    "PartialMapHead": PartialMapHead,
+    "PartialMapEntry": PartialMapEntry,
+}
