@@ -20,6 +20,21 @@ from fvd.types import Extent
 class DiskOps:
     """Mixed into `fvd.image.Image` and `fvd.image.SnapshotImage`."""
 
+    # What the class provides besides `_mapped()`, so that it is an `fvd.types.DiskView`.
+    path: str
+    size: int
+    read_only: bool
+
+    @property
+    def closed(self) -> bool:
+        raise NotImplementedError
+
+    def readinto(self, offset: int, buffer: Any) -> int:
+        raise NotImplementedError
+
+    def write(self, offset: int, data: Any) -> int:
+        raise NotImplementedError
+
     def _mapped(self) -> MappedDisk:
         raise NotImplementedError
 

@@ -668,7 +668,7 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
             corruptions=len(errors) + int((stored < counts).sum()) + copied,
             leaks=int((stored > counts).sum()),
             copied_errors=copied,
-            messages=tuple(errors),
+            messages=list(errors),
         )
         if repair and (not result.ok or self._suspect is not None):
             self._rebuild_refcounts()
