@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Iterator
 from fvd.errors import ImageLockedError
 from fvd.nbd_client import is_nbd_uri
 from fvd.ondisk import format as fmt
-from fvd.types import Extent
+from fvd.types import Extent, StrPath
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -106,14 +106,14 @@ QCOW2_MAGIC = b"QFI\xfb"
 FVD_MAGIC = fmt.MAGIC.to_bytes(4, "little")
 
 
-def resolve_relative(image_path: str, name: str) -> str:
+def resolve_relative(image_path: StrPath, name: str) -> str:
     """A base or backing name as stored in `image_path`: relative to its directory."""
     if os.path.isabs(name) or is_nbd_uri(name):  # a URI is never a relative path
         return name
     return os.path.join(os.path.dirname(os.path.abspath(image_path)), name)
 
 
-def detect_format(path: str) -> str:
+def detect_format(path: StrPath) -> str:
     """'fvd' or 'qcow2' by magic, else 'raw' (used only when no format is given)."""
     with open(path, "rb") as f:
         magic = f.read(4)

@@ -6,11 +6,14 @@ and `DiskView`, the duck type of an open disk that the byte-level operations rea
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Optional, Protocol
+from typing import Any, Optional, Protocol, Union
 
 import numpy as np
+
+StrPath = Union[str, "os.PathLike[str]"]  # a file name as open() takes it
 
 
 @dataclass(frozen=True)
