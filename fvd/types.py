@@ -1,7 +1,7 @@
 """Result types shared by fvd images, snapshot views and the qcow2 baseline (layer 1).
 
 One type per concept, so `fvd.Image` and `fvd.qcow2.Qcow2Image` give the same results;
-and `DiskView`, the duck type of an open disk that the byte-level operations read.
+and the duck types of open disks that operations take (`DiskView`, `DiskReader`).
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Optional, Protocol, Union
+from typing import Any, Iterable, Optional, Protocol, Union
 
 import numpy as np
 
@@ -116,3 +116,17 @@ class DiskView(Protocol):
     def write(self, offset: int, data: Any) -> int: ...
 
     def extents_array(self, offset: int = 0, length: Optional[int] = None) -> np.ndarray: ...
+
+
+class DiskReader(Protocol):
+    """A disk to copy from (`fvd.convert`): `fvd.Image`, `fvd.SnapshotImage`,
+    `fvd.qcow2.Qcow2Image` and its snapshot views, `fvd.imageio.RawImage`."""
+
+    @property
+    def size(self) -> int: ...
+
+    def readinto(self, offset: int, buffer: Any) -> int: ...
+
+    def extents(self, offset: int = 0, length: Optional[int] = None) -> Iterable[Extent]: ...
+
+    def close(self) -> None: ...

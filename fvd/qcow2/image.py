@@ -201,6 +201,7 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
     size: int  # virtual size in bytes
     cluster_size: int
     stats: Any  # fvd._impl Stats: the I/O counters
+    thread_safe_writes = False  # writes from one thread at a time (fvd.convert's writer)
     _version: int
     _incompat: int
     _compat: int
