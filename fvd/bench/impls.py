@@ -13,10 +13,13 @@ from __future__ import annotations
 import os
 import shutil
 from types import ModuleType
-from typing import Any, NoReturn, Optional, Protocol
+from typing import TYPE_CHECKING, Any, NoReturn, Optional, Protocol
 
 import fvd
 from fvd import _impl, qcow2
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 
 class Handle(Protocol):
@@ -51,7 +54,7 @@ class RawFile:
         self.stats = _impl.new_stats()  # the same counters as img.stats
         self.size = os.fstat(self._fd).st_size
 
-    def write(self, offset: int, data: Any) -> int:
+    def write(self, offset: int, data: Buffer) -> int:
         n = os.pwrite(self._fd, data, offset)
         st = self.stats
         st.data_writes += 1
@@ -61,7 +64,7 @@ class RawFile:
             st.flushes += 1
         return n
 
-    def readinto(self, offset: int, buf: Any) -> int:
+    def readinto(self, offset: int, buf: Buffer) -> int:
         n = os.preadv(self._fd, [buf], offset)
         st = self.stats
         st.data_reads += 1

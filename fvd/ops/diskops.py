@@ -8,7 +8,7 @@ A class using it provides `_mapped()`: the object the operations read the mappin
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
@@ -38,7 +38,7 @@ class DiskOps:
     def _mapped(self) -> MappedDisk:
         raise NotImplementedError
 
-    def extents(self, offset: int = 0, length: Optional[int] = None) -> Any:
+    def extents(self, offset: int = 0, length: Optional[int] = None) -> Iterator[Extent]:
         """Extents covering the range exactly (qemu-img map's vocabulary), merged."""
         return extents.image_extents(self._mapped(), offset, length)
 
