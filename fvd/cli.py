@@ -1,10 +1,14 @@
 """The `fvd` command line, modelled on qemu-img."""
 
+from __future__ import annotations
+
 import argparse
 import contextlib
 import json
 import os
 import sys
+from collections.abc import Mapping
+from typing import Any, NoReturn, Optional
 
 from fvd import cliutil, qcow2, units
 from fvd.bench import runner as bench
@@ -20,9 +24,9 @@ from fvd.cliutil import (
 from fvd.convert import _dst_options, convert
 from fvd.errors import FvdError
 from fvd.fileio import resolve_relative
-from fvd.image import create
+from fvd.image import Image, create
 from fvd.image import open as open_image
-from fvd.imageio import FORMATS, probe, resolve_format
+from fvd.imageio import FORMATS, AnyImage, RawImage, probe, resolve_format
 from fvd.nbd_client import NbdClient, is_nbd_uri
 from fvd.ondisk import format as fmt
 from fvd.ops.checksum import checksum
@@ -34,7 +38,7 @@ class UsageError(Exception):
     pass
 
 
-def parse_size(text):
+def parse_size(text: str) -> int:
     """qemu-img style sizes (fvd.units.parse_size); a bad one is a usage error."""
     try:
         return units.parse_size(text)
@@ -42,7 +46,7 @@ def parse_size(text):
         raise UsageError(str(e)) from None
 
 
-def parse_options(text):
+def parse_options(text: Optional[str]) -> dict[str, str]:
     """-o key=value,key=value"""
     out = {}
     for item in filter(None, (text or "").split(",")):
@@ -53,14 +57,15 @@ def parse_options(text):
     return out
 
 
-def human(n):
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if abs(n) < 1024 or unit == "PiB":
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024:
             return f"{n:.3g} {unit}" if unit != "B" else f"{n} B"
         n /= 1024
+    return f"{n:.3g} PiB"
 
 
-def emit(args, data, text):
+def emit(args: argparse.Namespace, data: object, text: str) -> None:
     if getattr(args, "output", "human") == "json":
         print(json.dumps(data, indent=2, default=str))
     else:
@@ -68,12 +73,12 @@ def emit(args, data, text):
 
 
 # ----- commands ---------------------------------------------------------------
-def cmd_create(args):
+def cmd_create(args: argparse.Namespace) -> int:
     if args.fmt != "fvd":
         return _create_other(args)
 
     opts = parse_options(args.options)
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     for key in ("chunk_size", "block_size", "journal_size"):
         if key in opts:
             kwargs[key] = parse_size(opts.pop(key))
@@ -95,7 +100,7 @@ def cmd_create(args):
     return 0
 
 
-def _create_other(args):
+def _create_other(args: argparse.Namespace) -> int:
     """create -f qcow2 (fvd.qcow2: -o cluster_size=,lazy_refcounts=; -b/-F) or -f raw."""
 
     opts = _dst_options(args.fmt, parse_options(args.options))
@@ -128,7 +133,7 @@ def _create_other(args):
     return 0
 
 
-def _base_size(path, base_format):
+def _base_size(path: str, base_format: Optional[str]) -> int:
 
     if is_nbd_uri(path):
         client = NbdClient(path, max_connections=1)
@@ -145,7 +150,7 @@ def _base_size(path, base_format):
     return os.stat(path).st_size
 
 
-def cmd_info(args):
+def cmd_info(args: argparse.Namespace) -> int:
 
     infos = chain_infos(args.image, args.fmt, args.force_share, args.backing_chain)
     if args.output == "json":
@@ -155,7 +160,7 @@ def cmd_info(args):
     return 0
 
 
-def cmd_check(args):
+def cmd_check(args: argparse.Namespace) -> int:
     """Exit codes as qemu-img check: 0 clean, 1 could not run, 2 corruptions, 3 leaks."""
 
     fmt_name = resolve_format(args.image, args.fmt)
@@ -196,7 +201,7 @@ def cmd_check(args):
     return 2 if result.corruptions else 3 if result.leaks else 0
 
 
-def cmd_map(args):
+def cmd_map(args: argparse.Namespace) -> int:
 
     if args.until is not None and args.since is None:
         raise UsageError("--until needs --since")
@@ -223,7 +228,7 @@ def cmd_map(args):
     return 0
 
 
-def _snapshot_table(snaps):
+def _snapshot_table(snaps: list[dict[str, Any]]) -> str:
     import datetime
 
     rows = [f"{'ID':<6}{'TAG':<24}{'VM SIZE':>12}  {'DATE':<20}{'VM CLOCK':>16}"]
@@ -241,19 +246,20 @@ def _snapshot_table(snaps):
     return "\n".join(rows)
 
 
-def _snapshot_dicts(img):
+def _snapshot_dicts(img: AnyImage) -> list[dict[str, Any]]:
 
-    if hasattr(img, "_snapshot_l1"):  # qcow2
+    if isinstance(img, qcow2.Qcow2Image):
         return [
             snapshot_dict(
                 s.id, s.name, s.vm_state_size, s.date_sec * 10**9 + s.date_nsec, s.vm_clock_nsec
             )
             for s in img.snapshots()
         ]
-    return img.info().get("snapshots", [])
+    snaps: list[dict[str, Any]] = img.info().get("snapshots", [])
+    return snaps
 
 
-def cmd_snapshot(args):
+def cmd_snapshot(args: argparse.Namespace) -> int:
 
     if resolve_format(args.image, args.fmt) == "raw":
         raise UsageError(f"{args.image}: raw images have no internal snapshots")
@@ -263,12 +269,13 @@ def cmd_snapshot(args):
         emit(args, snaps, _snapshot_table(snaps))
         return 0
     with open_args(args, "r+") as img:
+        assert not isinstance(img, RawImage)  # refused above
         if args.create is not None:  # "" is a name (refused), not a missing option
             img.create_snapshot(args.create)
         elif args.delete is not None:
             img.delete_snapshot(args.delete)
         elif args.apply is not None:
-            if not hasattr(img, "revert_to_snapshot"):
+            if not isinstance(img, Image):
                 raise UsageError(
                     f"{args.image}: applying a snapshot is only supported for fvd images"
                 )
@@ -276,7 +283,7 @@ def cmd_snapshot(args):
     return 0
 
 
-def cmd_prefetch(args):
+def cmd_prefetch(args: argparse.Namespace) -> int:
 
     if resolve_format(args.image, args.fmt) != "fvd":
         raise UsageError(f"{args.image}: prefetch needs an fvd image with a base")
@@ -288,7 +295,7 @@ def cmd_prefetch(args):
     return 0
 
 
-def cmd_convert(args):
+def cmd_convert(args: argparse.Namespace) -> int:
 
     opts = parse_options(args.options)
     progress = qemu_progress() if args.progress else None
@@ -311,7 +318,7 @@ def cmd_convert(args):
     return 0
 
 
-def _snapshot_name(text):
+def _snapshot_name(text: Optional[str]) -> Optional[str]:
     """-l NAME, or qemu-img's -l snapshot.name=NAME / snapshot.id=ID."""
     if text is None:
         return None
@@ -321,7 +328,7 @@ def _snapshot_name(text):
     return text
 
 
-def cmd_checksum(args):
+def cmd_checksum(args: argparse.Namespace) -> int:
 
     progress = qemu_progress() if args.progress else None
     block_size = parse_size(args.block_size)
@@ -332,14 +339,15 @@ def cmd_checksum(args):
             with img.open_snapshot(args.snapshot) as view:
                 result = checksum(view, block_size, args.algorithm, progress=progress)
         else:
-            result = checksum(img, block_size, args.algorithm, progress=progress)
+            # qcow2 and raw images are no DiskView (no `closed`, no `extents_array`): fails
+            result = checksum(img, block_size, args.algorithm, progress=progress)  # type: ignore[arg-type]
     if progress:
         progress_done()
     emit(args, result, f"{result['checksum']}  {args.image}")
     return 0
 
 
-def cmd_serve(args):
+def cmd_serve(args: argparse.Namespace) -> int:
 
     if (args.socket is None) == (args.port is None):
         raise UsageError("give exactly one of --socket PATH or --port N")
@@ -356,13 +364,13 @@ def cmd_serve(args):
     )
 
 
-def cmd_bench(args):
+def cmd_bench(args: argparse.Namespace) -> int:
 
     return bench.run(args)
 
 
 # ----- parser -----------------------------------------------------------------
-def _force_share_option(parser):
+def _force_share_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-U",
         "--force-share",
@@ -374,7 +382,7 @@ def _force_share_option(parser):
 class _Parser(argparse.ArgumentParser):
     """Usage errors exit 1 (as qemu-img), not argparse's 2: 2 means "corruptions"."""
 
-    def error(self, message):
+    def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
@@ -382,10 +390,10 @@ class _Parser(argparse.ArgumentParser):
 NO_FORMAT_OPTION = {"bench", "create"}
 
 
-def _add_format_options(sub):
+def _add_format_options(parsers: Mapping[str, argparse.ArgumentParser]) -> None:
     """-f FMT on every command that opens an image (probed by magic when absent)."""
 
-    for name, parser in sub.choices.items():
+    for name, parser in parsers.items():
         if name in NO_FORMAT_OPTION:
             continue
         with contextlib.suppress(argparse.ArgumentError):  # the command has its own -f
@@ -397,7 +405,7 @@ def _add_format_options(sub):
             )
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="fvd",
         description="Create, inspect, convert and benchmark FVD copy-on-write disk images.",
@@ -550,11 +558,11 @@ def build_parser():
     except ImportError:
         pass
     b.set_defaults(func=cmd_bench)
-    _add_format_options(sub)
+    _add_format_options(sub.choices)
     return p
 
 
-def main(argv=None):
+def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -562,7 +570,8 @@ def main(argv=None):
         print(f"fvd: {e}", file=sys.stderr)
         return 1
     try:
-        return args.func(args)
+        code: int = args.func(args)
+        return code
     except UsageError as e:
         print(f"fvd {args.command}: {e}", file=sys.stderr)
         return 1
@@ -576,7 +585,7 @@ def main(argv=None):
         return 1
 
 
-def _error_line(args, e):
+def _error_line(args: argparse.Namespace, e: BaseException) -> str:
     """One line naming the file and the problem."""
     name = getattr(args, "image", None) or getattr(args, "src", None)
     if isinstance(e, FvdError):

@@ -2,8 +2,12 @@
 image by `-f` (or probe), info of every layer of a chain, check facts, and qemu-img's
 progress output."""
 
+from __future__ import annotations
+
+import argparse
 import os
 import sys
+from typing import Any, Callable, Optional, TextIO
 
 import numpy as np
 
@@ -11,11 +15,14 @@ from fvd import qcow2
 from fvd.convert import changed_ranges
 from fvd.errors import BaseImageError, CorruptImageError, FvdError
 from fvd.image import Image, verify_reopen
-from fvd.imageio import RawImage, open_image, resolve_format
+from fvd.imageio import AnyImage, RawImage, open_image, resolve_format
 from fvd.ops.info import qcow2_info
+from fvd.types import CheckResult, Extent
+
+Info = dict[str, Any]  # `qemu-img info --output=json` of one image
 
 
-def open_args(args, mode="r", image=None):
+def open_args(args: argparse.Namespace, mode: str = "r", image: Optional[str] = None) -> AnyImage:
     """The image named by args (args.image), in the format of -f (probed when absent)."""
     return open_image(
         image or args.image,
@@ -25,7 +32,7 @@ def open_args(args, mode="r", image=None):
     )
 
 
-def extent_dict(e):
+def extent_dict(e: Extent) -> dict[str, Any]:
     """An extent in `qemu-img map --output=json` form, whatever image it came from."""
     d = {
         "start": e.start,
@@ -41,7 +48,7 @@ def extent_dict(e):
 
 
 # ----- info --------------------------------------------------------------------------
-def layer_info(path, fmt=None, force_share=False):
+def layer_info(path: str, fmt: Optional[str] = None, force_share: bool = False) -> Info:
     """qemu-img info of one image. An image whose base is missing still gets its info,
     with "backing-missing": true under format-specific."""
     f = resolve_format(path, fmt)
@@ -65,16 +72,19 @@ def layer_info(path, fmt=None, force_share=False):
         return r.info()
 
 
-def _mark_missing(info, error):
+def _mark_missing(info: Info, error: BaseException) -> Info:
     data = info.setdefault("format-specific", {"type": info["format"], "data": {}})["data"]
     data["backing-missing"] = True
     data["backing-error"] = str(error)
     return info
 
 
-def chain_infos(path, fmt=None, force_share=False, whole_chain=False):
+def chain_infos(
+    path: str, fmt: Optional[str] = None, force_share: bool = False, whole_chain: bool = False
+) -> list[Info]:
     """[info of the image] or, with whole_chain, the infos of it and every base below."""
-    infos, seen = [], set()
+    infos: list[Info] = []
+    seen: set[str] = set()
     while path is not None:
         real = os.path.realpath(path)
         if real in seen:
@@ -91,14 +101,15 @@ def chain_infos(path, fmt=None, force_share=False, whole_chain=False):
     return infos
 
 
-def human(n):
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if abs(n) < 1024 or unit == "PiB":
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024:
             return f"{n:.3g} {unit}" if unit != "B" else f"{n} B"
         n /= 1024
+    return f"{n:.3g} PiB"
 
 
-def info_text(info, snapshot_table):
+def info_text(info: Info, snapshot_table: Callable[[list[dict[str, Any]]], str]) -> str:
     """`qemu-img info` human output, with fvd's facts listed as format-specific."""
     lines = [
         f"image: {info['filename']}",
@@ -129,7 +140,9 @@ def info_text(info, snapshot_table):
 
 
 # ----- check ---------------------------------------------------------------------------
-def check_image_path(path, fmt, repair, force_share):
+def check_image_path(
+    path: str, fmt: Optional[str], repair: bool, force_share: bool
+) -> tuple[CheckResult, dict[str, int]]:
     """(result, facts) of a check; facts are qemu-img check's cluster counts. Raises
     when the check cannot run at all (locked, not an image, I/O error)."""
     f = resolve_format(path, fmt)
@@ -151,7 +164,7 @@ def check_image_path(path, fmt, repair, force_share):
     return result, facts
 
 
-def _check_qcow2(path, repair):
+def _check_qcow2(path: str, repair: bool) -> tuple[CheckResult, dict[str, int]]:
 
     with qcow2.open(path, "r+" if repair else "r") as q:
         result = q.check(repair)
@@ -167,7 +180,7 @@ def _check_qcow2(path, repair):
     return result, facts
 
 
-def check_json(path, fmt, result, facts):
+def check_json(path: str, fmt: str, result: CheckResult, facts: dict[str, int]) -> dict[str, Any]:
     return {
         "filename": path,
         "format": fmt,
@@ -182,7 +195,7 @@ def check_json(path, fmt, result, facts):
     }
 
 
-def corrupt_check_json(path, fmt, error):
+def corrupt_check_json(path: str, fmt: str, error: BaseException) -> dict[str, Any]:
     """A check of an image too damaged to open: one corruption, no cluster counts."""
     return {
         "filename": path,
@@ -197,18 +210,18 @@ def corrupt_check_json(path, fmt, error):
     }
 
 
-def is_corrupt(error):
+def is_corrupt(error: BaseException) -> bool:
     return isinstance(error, CorruptImageError)
 
 
 # ----- progress ---------------------------------------------------------------------------
-def qemu_progress(stream=None):
+def qemu_progress(stream: Optional[TextIO] = None) -> Callable[[int, int], None]:
     """A progress(done, total) callback printing qemu-img's "    (12.34/100%)" lines
     (carriage return, no newline: call progress_done() at the end)."""
     stream = stream or sys.stderr
     state = {"last": -1.0}
 
-    def show(done, total):
+    def show(done: int, total: int) -> None:
         pct = 100.0 if total <= 0 else min(100.0, 100.0 * done / total)
         if pct - state["last"] >= 1.0 or (pct == 100.0 and state["last"] != 100.0):
             state["last"] = pct
@@ -218,13 +231,13 @@ def qemu_progress(stream=None):
     return show
 
 
-def progress_done(stream=None):
+def progress_done(stream: Optional[TextIO] = None) -> None:
     stream = stream or sys.stderr
     stream.write("\n")
     stream.flush()
 
 
-def changed_dicts(img, since, until=None):
+def changed_dicts(img: AnyImage, since: str, until: Optional[str] = None) -> list[dict[str, Any]]:
     """`map --since`: ranges changed between snapshots, as qemu-img map dicts."""
 
     return [

@@ -22,23 +22,33 @@ import collections
 import os
 import queue
 import secrets
-from collections import namedtuple
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, NamedTuple, Optional, Union
 
 import numpy as np
 
 from fvd import qcow2
 from fvd.fileio import punch_hole, resolve_relative
 from fvd.image import Image, create
-from fvd.imageio import FORMATS, open_image
+from fvd.imageio import FORMATS, AnyImage, RawImage, open_image
+from fvd.qcow2 import Qcow2Image
+from fvd.types import DiskReader, StrPath
 from fvd.units import MiB, parse_size
 
 BUFFER = MiB  # per piece: 1 read, few writes; stays in the CPU cache
 ZERO_GRAIN = 4096  # zero detection unit (qemu-img convert's default -S 4k)
 COPY_THREADS = min(2, os.cpu_count() or 1)  # best measured on 2 cores
 
-Range = namedtuple("Range", "start length zero")
+
+class Range(NamedTuple):
+    start: int
+    length: int
+    zero: bool
+
+
+Run = tuple[int, int, bool]  # (lo, hi, nonzero) inside a buffer
+Progress = Optional[Callable[[int, int], None]]
 
 DST_OPTIONS = {
     "fvd": ("chunk_size", "block_size", "journal_size"),
@@ -48,19 +58,19 @@ DST_OPTIONS = {
 
 
 def convert(
-    src,
-    dst,
+    src: StrPath,
+    dst: StrPath,
     *,
     src_format: str | None = None,
     dst_format: str = "fvd",
     snapshot: str | None = None,
     since: str | None = None,
-    backing=None,
+    backing: StrPath | None = None,
     backing_format: str | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress = None,
     force_share: bool = False,
     cache: str = "writeback",
-    **options,
+    **options: object,
 ) -> None:
     """Convert `src` (fvd, qcow2 or raw; probed when src_format is None) into a new
     `dst` of `dst_format`, replacing any existing file at `dst` only on success.
@@ -91,7 +101,11 @@ def convert(
     _check_paths(src, dst, backing)
     img = open_image(src, src_format, force_share=force_share)
     try:
-        view = img.open_snapshot(snapshot) if snapshot is not None else img
+        view: DiskReader = img
+        if snapshot is not None:
+            if isinstance(img, RawImage):
+                raise ValueError(f"{src}: a raw image has no snapshots (snapshot={snapshot!r})")
+            view = img.open_snapshot(snapshot)
         try:
             ranges = _plan(img, view, since, snapshot)
             _write_output(
@@ -113,13 +127,13 @@ def convert(
 
 
 # ----- arguments ----------------------------------------------------------------------
-def _dst_options(dst_format, options):
+def _dst_options(dst_format: str, options: Mapping[str, object]) -> dict[str, Any]:
     allowed = DST_OPTIONS[dst_format]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         hint = f" ({dst_format} takes {', '.join(allowed)})" if allowed else ""
         raise ValueError(f"unknown option(s) for {dst_format} output: {', '.join(unknown)}{hint}")
-    out = {}
+    out: dict[str, Any] = {}  # sizes (int), lazy_refcounts (bool)
     for key, value in options.items():
         if key == "lazy_refcounts":
             out[key] = _bool_option(key, value)
@@ -128,7 +142,7 @@ def _dst_options(dst_format, options):
     return out
 
 
-def _size_option(key, value):
+def _size_option(key: str, value: object) -> int:
     if isinstance(value, str):
         try:
             return parse_size(value)
@@ -139,7 +153,7 @@ def _size_option(key, value):
     return value
 
 
-def _bool_option(key, value):
+def _bool_option(key: str, value: object) -> bool:
     if isinstance(value, bool):
         return value
     text = str(value).lower()
@@ -150,7 +164,7 @@ def _bool_option(key, value):
     raise ValueError(f"{key} must be on or off, not {value!r}")
 
 
-def _check_paths(src, dst, backing=None):
+def _check_paths(src: str, dst: str, backing: StrPath | None = None) -> None:
     if backing is not None:
         if os.path.realpath(resolve_relative(dst, os.fspath(backing))) == os.path.realpath(dst):
             raise ValueError(f"{dst}: the output would replace its own backing file")
@@ -164,29 +178,29 @@ def _check_paths(src, dst, backing=None):
 
 
 # ----- what to copy --------------------------------------------------------------------
-def _plan(img, view, since, until):
+def _plan(img: AnyImage, view: DiskReader, since: str | None, until: str | None) -> list[Range]:
     """Ranges (start, length, zero) to write, sorted and covering what must change."""
     if since is None:
         return [Range(e.start, e.length, not e.data) for e in view.extents()]
     return changed_ranges(img, since, until)
 
 
-def changed_ranges(img, since, until=None):
+def changed_ranges(img: AnyImage, since: str, until: str | None = None) -> list[Range]:
     """Ranges (start, length, zero) whose bytes may differ between snapshot `since` and
     `until` (or the live contents): fvd's changed_extents, or qcow2 tree comparison."""
     if hasattr(img, "changed_extents"):
         changed = img.changed_extents(since, until)
-    elif hasattr(img, "_snapshot_l1"):
+    elif isinstance(img, Qcow2Image):
         return [Range(*r) for r in img.changed_ranges(since, until)]
     else:
         raise ValueError(f"{img.path}: a raw image has no snapshots (since={since!r})")
     return [Range(e.start, e.length, bool(e.zero) and not e.data) for e in changed]
 
 
-def _widen(ranges, grain, size):
+def _widen(ranges: Iterable[Range], grain: int, size: int) -> list[Range]:
     """Ranges aligned to `grain` (clipped to size), overlapping ones merged; a merged
     range is zero only if every part was."""
-    out = []
+    out: list[Range] = []
     for r in sorted(ranges):
         a = r.start // grain * grain
         b = min(size, -(-(r.start + r.length) // grain) * grain)
@@ -203,25 +217,25 @@ def _widen(ranges, grain, size):
 class _RawOutput:
     grain = 512
 
-    def __init__(self, path, size, unsafe=False):
+    def __init__(self, path: str, size: int, unsafe: bool = False) -> None:
         self.unsafe = unsafe
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         self.path = path
         os.ftruncate(self.fd, size)
 
-    def write(self, offset, mv):
+    def write(self, offset: int, mv: memoryview) -> None:
         done = 0
         while done < len(mv):
             done += os.pwrite(self.fd, mv[done:], offset + done)
 
-    def write_zeroes(self, offset, length):
+    def write_zeroes(self, offset: int, length: int) -> None:
         punch_hole(self.fd, offset, length)
 
-    def _sync(self):
+    def _sync(self) -> None:
         if not self.unsafe:
             os.fsync(self.fd)
 
-    def close(self):
+    def close(self) -> None:
         if self.fd >= 0:
             try:
                 self._sync()
@@ -230,11 +244,23 @@ class _RawOutput:
                 self.fd = -1
 
 
-def _open_output(path, dst_format, size, backing, backing_format, opts, cache="writeback"):
+# The writer `_open_output` gives.
+Output = Union[_RawOutput, Qcow2Image, Image]
+
+
+def _open_output(
+    path: str,
+    dst_format: str,
+    size: int,
+    backing: StrPath | None,
+    backing_format: str | None,
+    opts: dict[str, Any],
+    cache: str = "writeback",
+) -> tuple[Output, int]:
     """(writer, allocation grain) of a new output file at `path`."""
     if dst_format == "raw":
-        out = _RawOutput(path, size, unsafe=cache == "unsafe")
-        return out, out.grain
+        raw = _RawOutput(path, size, unsafe=cache == "unsafe")
+        return raw, raw.grain
     if dst_format == "qcow2":
         qcow2.create(
             path,
@@ -244,25 +270,34 @@ def _open_output(path, dst_format, size, backing, backing_format, opts, cache="w
             backing_file=backing,
             backing_format=backing_format,
         )
-        out = qcow2.open(path, "r+", cache=cache)
-        out.thread_safe_writes = False  # the baseline keeps one writer thread
-        return out, out.cluster_size
-    kwargs = {k: opts[k] for k in ("chunk_size", "block_size", "journal_size") if k in opts}
+        q = qcow2.open(path, "r+", cache=cache)
+        return q, q.cluster_size  # q.thread_safe_writes is False: one writer thread
+    kwargs: dict[str, Any] = {
+        k: opts[k] for k in ("chunk_size", "block_size", "journal_size") if k in opts
+    }
     if backing is not None:
         kwargs.update(base=backing, base_format=backing_format)
     create(path, size, **kwargs)
-    out = Image(path, "r+", cache=cache)
-    return out, out.block_size
+    image = Image(path, "r+", cache=cache)
+    return image, image.block_size
 
 
-def _temp_name(dst):
+def _temp_name(dst: str) -> str:
     folder, name = os.path.split(os.path.abspath(dst))
     return os.path.join(folder, f".{name}.convert-{os.getpid()}-{secrets.token_hex(4)}")
 
 
 def _write_output(
-    view, dst, dst_format, ranges, backing, backing_format, opts, progress, unsafe=False
-):
+    view: DiskReader,
+    dst: str,
+    dst_format: str,
+    ranges: list[Range],
+    backing: StrPath | None,
+    backing_format: str | None,
+    opts: dict[str, Any],
+    progress: Progress,
+    unsafe: bool = False,
+) -> None:
     tmp = _temp_name(dst)
     created = False
     try:
@@ -296,7 +331,7 @@ def _write_output(
         raise
 
 
-def _fsync_dir(folder):
+def _fsync_dir(folder: str) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -305,7 +340,15 @@ def _fsync_dir(folder):
 
 
 # ----- the copy loop ---------------------------------------------------------------------
-def _copy(view, out, ranges, overlay, progress, grain, threads=COPY_THREADS):
+def _copy(
+    view: DiskReader,
+    out: Output,
+    ranges: list[Range],
+    overlay: bool,
+    progress: Progress,
+    grain: int,
+    threads: int = COPY_THREADS,
+) -> None:
     """Copy the data ranges in BUFFER pieces on a few threads (reads, zero detection and
     fvd/raw writes release the GIL), each with its own reused buffer; skip (or, in an
     overlay, zero) the zero ranges and the all-zero grains found in the data. Writes to
@@ -316,17 +359,17 @@ def _copy(view, out, ranges, overlay, progress, grain, threads=COPY_THREADS):
     if progress is not None:
         progress(0, total)
 
-    def advance(n):
+    def advance(n: int) -> None:
         state["done"] += n
         if progress is not None:
             progress(state["done"], total)
 
     workers_write = getattr(out, "thread_safe_writes", True)
-    free = queue.SimpleQueue()
+    free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
     for _ in range(2 * threads):
         free.put(bytearray(BUFFER))
 
-    def piece(pos, n):
+    def piece(pos: int, n: int) -> Optional[tuple[bytearray, list[Run]]]:
         buf = free.get()
         mv = memoryview(buf)[:n]
         view.readinto(pos, mv)
@@ -337,9 +380,11 @@ def _copy(view, out, ranges, overlay, progress, grain, threads=COPY_THREADS):
             return None
         return buf, runs
 
-    pending = collections.deque()
+    pending: collections.deque[tuple[int, int, Future[Optional[tuple[bytearray, list[Run]]]]]] = (
+        collections.deque()
+    )
 
-    def finish_one():
+    def finish_one() -> None:
         pos, n, fut = pending.popleft()
         got = fut.result()
         if got is not None:
@@ -368,7 +413,7 @@ def _copy(view, out, ranges, overlay, progress, grain, threads=COPY_THREADS):
                 fut.cancel()
 
 
-def _nonzero_runs(mv, grain):
+def _nonzero_runs(mv: memoryview, grain: int) -> list[Run]:
     """[(lo, hi, nonzero)] covering mv: runs of grains with and without a non-zero byte."""
     n = len(mv)
     whole = n // grain
@@ -383,7 +428,8 @@ def _nonzero_runs(mv, grain):
     if nz.all():
         return [(0, n, True)]
     edges = np.flatnonzero(np.diff(np.concatenate(([False], nz, [False])).astype(np.int8)))
-    runs, prev = [], 0
+    runs: list[Run] = []
+    prev = 0
     for a, b in zip(edges[0::2].tolist(), edges[1::2].tolist()):
         lo, hi = a * grain, min(n, b * grain)
         if lo > prev:
@@ -395,7 +441,7 @@ def _nonzero_runs(mv, grain):
     return runs
 
 
-def _write_runs(out, offset, mv, runs, overlay):
+def _write_runs(out: Output, offset: int, mv: memoryview, runs: list[Run], overlay: bool) -> None:
     """Write the non-zero runs; zero runs are skipped, or zeroed when the output is an
     overlay (its backing may hold data there)."""
     for lo, hi, nonzero in runs:

@@ -1,15 +1,21 @@
 """File-level helpers used at open, close and free time (never per guest I/O)."""
 
+from __future__ import annotations
+
 import ctypes
 import ctypes.util
 import errno
 import fcntl
 import os
+from typing import TYPE_CHECKING, Iterator
 
 from fvd.errors import ImageLockedError
 from fvd.nbd_client import is_nbd_uri
 from fvd.ondisk import format as fmt
-from fvd.types import Extent
+from fvd.types import Extent, StrPath
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -17,7 +23,7 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
 
 
-def punch_hole(fd, offset, length):
+def punch_hole(fd: int, offset: int, length: int) -> None:
     """Make the range read as zeros and free its blocks; writes zeros where unsupported."""
     if length <= 0:
         return
@@ -35,7 +41,7 @@ def punch_hole(fd, offset, length):
         offset += n
 
 
-def full_pwrite(fd, data, offset):
+def full_pwrite(fd: int, data: Buffer, offset: int) -> None:
     """pwrite all of `data`: a short write is continued, never silently dropped."""
     mv = memoryview(data).cast("B")
     done = 0
@@ -46,7 +52,7 @@ def full_pwrite(fd, data, offset):
         done += n
 
 
-def pread_fill(fd, mv, offset):
+def pread_fill(fd: int, mv: memoryview, offset: int) -> int:
     """Fill memoryview `mv` from `offset`; bytes past the end of the file read as zeros
     (a raw file shorter than its virtual size)."""
     done = 0
@@ -59,7 +65,7 @@ def pread_fill(fd, mv, offset):
     return len(mv)
 
 
-def lock_image(fd, path, exclusive):
+def lock_image(fd: int, path: str, exclusive: bool) -> None:
     """QEMU's discipline on the open file description: one writer and no readers, or any
     number of readers. A conflicting open fails at once with ImageLockedError."""
     try:
@@ -75,7 +81,7 @@ def lock_image(fd, path, exclusive):
         ) from None
 
 
-def writer_active(fd):
+def writer_active(fd: int) -> bool:
     """True when a writer holds the image's lock (a shared lock cannot be had)."""
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -85,7 +91,7 @@ def writer_active(fd):
     return False
 
 
-def has_data(fd, offset, length):
+def has_data(fd: int, offset: int, length: int) -> bool:
     """True when the range holds allocated file blocks (SEEK_DATA)."""
     try:
         pos = os.lseek(fd, offset, os.SEEK_DATA)
@@ -100,14 +106,14 @@ QCOW2_MAGIC = b"QFI\xfb"
 FVD_MAGIC = fmt.MAGIC.to_bytes(4, "little")
 
 
-def resolve_relative(image_path, name):
+def resolve_relative(image_path: StrPath, name: str) -> str:
     """A base or backing name as stored in `image_path`: relative to its directory."""
     if os.path.isabs(name) or is_nbd_uri(name):  # a URI is never a relative path
         return name
     return os.path.join(os.path.dirname(os.path.abspath(image_path)), name)
 
 
-def detect_format(path):
+def detect_format(path: StrPath) -> str:
     """'fvd' or 'qcow2' by magic, else 'raw' (used only when no format is given)."""
     with open(path, "rb") as f:
         magic = f.read(4)
@@ -118,7 +124,7 @@ def detect_format(path):
     return "raw"
 
 
-def raw_extents(fd, offset, length):
+def raw_extents(fd: int, offset: int, length: int) -> Iterator[Extent]:
     """Data and hole runs of a file by SEEK_DATA/SEEK_HOLE (qemu-img map's view of a raw
     file: data extents at depth 0, holes zero). Past EOF counts as a hole."""
     end = offset + length

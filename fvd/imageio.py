@@ -5,21 +5,29 @@ are recognised by their magic; a file with neither is raw, but only when no form
 given for a top-level image (a base is never probed as raw by fvd itself).
 """
 
+from __future__ import annotations
+
 import errno
 import os
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Union
 
 from fvd import qcow2
 from fvd.errors import WrongFormatError
 from fvd.fileio import pread_fill, raw_extents
 from fvd.image import Image
 from fvd.ondisk import format as fmt
+from fvd.qcow2 import Qcow2Image
+from fvd.types import Extent, StrPath
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 FORMATS = ("fvd", "qcow2", "raw")
 QCOW2_MAGIC = b"QFI\xfb"
 FVD_MAGIC = fmt.MAGIC_BYTES
 
 
-def probe(path) -> str:
+def probe(path: StrPath) -> str:
     """'fvd' or 'qcow2' by magic, else 'raw'. Raises OSError for unreadable paths."""
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -33,7 +41,7 @@ def probe(path) -> str:
     return "raw"
 
 
-def resolve_format(path, given=None) -> str:
+def resolve_format(path: StrPath, given: Optional[str] = None) -> str:
     """The format to open `path` with: the one given (checked against the magic), or the
     probed one. A raw file asked for as fvd/qcow2 (or the other way round) is an error
     that says what the file looks like."""
@@ -50,7 +58,9 @@ def resolve_format(path, given=None) -> str:
     raise WrongFormatError(f"{path}: is {article} {seen} image; use -f {seen}")
 
 
-def open_image(path, format=None, mode="r", *, force_share=False):
+def open_image(
+    path: StrPath, format: Optional[str] = None, mode: str = "r", *, force_share: bool = False
+) -> AnyImage:
     """An open image of the given (or probed) format: fvd.Image, fvd.qcow2.Qcow2Image
     or RawImage. All have size, read, readinto, extents, close."""
     path = os.fspath(path)
@@ -66,9 +76,9 @@ class RawImage:
     """A raw file seen as an image: size is the file size."""
 
     format = "raw"
-    base = None
+    base: Optional[str] = None
 
-    def __init__(self, path, mode="r"):
+    def __init__(self, path: StrPath, mode: str = "r") -> None:
         if mode not in ("r", "r+"):
             raise ValueError(f"mode must be 'r' or 'r+', not {mode!r}")
         self.path = os.fspath(path)
@@ -81,11 +91,11 @@ class RawImage:
         self.size = os.lseek(self._fd, 0, os.SEEK_END)
         self._closed = False
 
-    def _check_open(self):
+    def _check_open(self) -> None:
         if self._closed:
             raise ValueError(f"{self.path}: I/O on a closed image")
 
-    def _check_range(self, offset, length):
+    def _check_range(self, offset: int, length: int) -> None:
         self._check_open()
         if offset < 0 or length < 0 or offset + length > self.size:
             raise ValueError(
@@ -93,23 +103,23 @@ class RawImage:
                 f"the image (size {self.size})"
             )
 
-    def readinto(self, offset, buf):
+    def readinto(self, offset: int, buf: Buffer) -> int:
         mv = memoryview(buf).cast("B")
         self._check_range(offset, len(mv))
         return pread_fill(self._fd, mv, offset)
 
-    def read(self, offset, length):
+    def read(self, offset: int, length: int) -> bytes:
         buf = bytearray(length)
         self.readinto(offset, buf)
         return bytes(buf)
 
-    def extents(self, offset=0, length=None):
+    def extents(self, offset: int = 0, length: Optional[int] = None) -> Iterator[Extent]:
         if length is None:
             length = self.size - offset
         self._check_range(offset, length)
         return raw_extents(self._fd, offset, length)
 
-    def info(self):
+    def info(self) -> dict[str, Any]:
         st = os.fstat(self._fd)
         return {
             "filename": self.path,
@@ -119,17 +129,21 @@ class RawImage:
             "dirty-flag": False,
         }
 
-    def close(self):
+    def close(self) -> None:
         if not self._closed:
             self._closed = True
             os.close(self._fd)
 
-    def __enter__(self):
+    def __enter__(self) -> RawImage:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __del__(self):
+    def __del__(self) -> None:
         if not getattr(self, "_closed", True):
             self.close()
+
+
+# What `open_image` returns: all have path, size, read, readinto, extents, info, close.
+AnyImage = Union[Image, Qcow2Image, RawImage]

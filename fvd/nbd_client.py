@@ -22,14 +22,20 @@ server comes back is used again.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import struct
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from fvd.errors import BaseImageError
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
+T = TypeVar("T")
 
 NBD_MAGIC = 0x4E42444D41474943  # "NBDMAGIC"
 IHAVEOPT = 0x49484156454F5054  # "IHAVEOPT"
@@ -56,7 +62,7 @@ MAX_REQUEST = 4 << 20  # below every server's limit (qemu-nbd: 32 MiB)
 SCHEMES = ("nbd://", "nbd+unix://")
 
 
-def is_nbd_uri(name) -> bool:
+def is_nbd_uri(name: object) -> bool:
     """True for an NBD URI (never a file path, whatever files exist)."""
     return isinstance(name, str) and name.startswith(SCHEMES)
 
@@ -85,7 +91,7 @@ def parse_uri(uri: str) -> tuple[str, Any, str]:
 class _Connection:
     """One negotiated connection in the transmission phase."""
 
-    def __init__(self, uri: str, timeout: float | None):
+    def __init__(self, uri: str, timeout: float | None) -> None:
         kind, where, export = parse_uri(uri)
         if kind == "unix":
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -226,7 +232,11 @@ class _Connection:
         return found
 
     def _reply(
-        self, cookie: int, out: memoryview | None, base: int, status: list | None = None
+        self,
+        cookie: int,
+        out: memoryview | None,
+        base: int,
+        status: list[tuple[int, int]] | None = None,
     ) -> None:
         """Read the whole reply to `cookie`: simple, or structured chunks until DONE.
         Read data lands in `out` (which starts at virtual `base`); a hole is zero-filled."""
@@ -252,8 +262,13 @@ class _Connection:
             raise OSError(error[0], f"server error {error[0]}: {error[1]}")
 
     def _chunk(
-        self, rtype: int, length: int, out: memoryview | None, base: int, status: list | None
-    ):
+        self,
+        rtype: int,
+        length: int,
+        out: memoryview | None,
+        base: int,
+        status: list[tuple[int, int]] | None,
+    ) -> tuple[int, str] | None:
         if rtype == REPLY_OFFSET_DATA and out is not None and length >= 8:
             (off,) = struct.unpack(">Q", self._recv(8))
             s = off - base
@@ -298,7 +313,7 @@ class NbdClient:
 
     def __init__(
         self, uri: str, *, max_connections: int | None = None, timeout: float | None = 60.0
-    ):
+    ) -> None:
         parse_uri(uri)
         self.uri = uri
         self.timeout = timeout
@@ -351,7 +366,7 @@ class NbdClient:
             self._count -= 1
             self._cond.notify()
 
-    def _call(self, what: str, fn):
+    def _call(self, what: str, fn: Callable[[_Connection], T]) -> T:
         """fn(connection) on a pooled connection; a failed connection is dropped."""
         conn = self._take()
         try:
@@ -367,7 +382,7 @@ class NbdClient:
         self._put(conn)
         return result
 
-    def readinto(self, offset: int, buffer) -> int:
+    def readinto(self, offset: int, buffer: Buffer) -> int:
         """Fill `buffer` from `offset`. A large read first asks block status and reads
         only what is not known to be zero (nbdkit's file plugin, unlike qemu-nbd, sends
         holes as data), so prefetch of a sparse base does not move its zeros."""
@@ -386,17 +401,19 @@ class NbdClient:
                 piece[:] = bytes(n)
             else:
                 self._call(
-                    f"read of {n} bytes at {start}", lambda c, s=start, p=piece: c.readinto(s, p)
+                    f"read of {n} bytes at {start}",
+                    functools.partial(_Connection.readinto, offset=start, mv=piece),
                 )
         return len(mv)
 
-    def extents(self, offset: int, length: int):
+    def extents(self, offset: int, length: int) -> Iterator[tuple[int, int, bool, bool]]:
         """(start, length, zero, data) runs of base:allocation covering the range exactly;
         all data when the server has no block status."""
         pos, end = offset, offset + length
         while pos < end:
             found = self._call(
-                f"block status at {pos}", lambda c, p=pos: c.block_status(p, end - p)
+                f"block status at {pos}",
+                functools.partial(_Connection.block_status, offset=pos, length=end - pos),
             )
             start = pos
             for n, flags in found:
@@ -419,7 +436,7 @@ class NbdClient:
             conn.close()
 
 
-def _data_runs(extents) -> list[tuple[int, int, bool]]:
+def _data_runs(extents: Iterable[tuple[int, int, bool, bool]]) -> list[tuple[int, int, bool]]:
     """(start, length, zero) runs: known-zero ranges apart, adjacent others merged."""
     runs: list[tuple[int, int, bool]] = []
     for start, n, zero, _data in extents:

@@ -16,6 +16,8 @@ import signal
 import subprocess
 import sys
 import sysconfig
+from types import FrameType
+from typing import Any, Optional
 
 from fvd import qcow2
 from fvd.errors import ServeError
@@ -103,7 +105,7 @@ def build_command(
     return cmd
 
 
-def plugin_environment(nbdkit: str = "nbdkit") -> dict:
+def plugin_environment(nbdkit: str = "nbdkit") -> dict[str, str]:
     """Environment for nbdkit: our site-packages when its Python matches ours."""
     env = dict(os.environ)
     embedded = nbdkit_python_version(nbdkit)
@@ -140,7 +142,7 @@ def preflight(
             img.open_snapshot(snapshot).close()
 
 
-def serve(image: str, *, nbdkit: str = "nbdkit", **options) -> int:
+def serve(image: str, *, nbdkit: str = "nbdkit", **options: Any) -> int:
     """Run nbdkit serving `image` until it exits; returns its exit status."""
     exe = shutil.which(nbdkit)
     if exe is None:
@@ -165,7 +167,7 @@ def serve(image: str, *, nbdkit: str = "nbdkit", **options) -> int:
     env = plugin_environment(exe) if image_format != "raw" else dict(os.environ)
     proc = subprocess.Popen(cmd, env=env)
 
-    def forward(signum, frame):
+    def forward(signum: int, frame: Optional[FrameType]) -> None:
         proc.send_signal(signum)
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}

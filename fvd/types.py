@@ -1,13 +1,19 @@
 """Result types shared by fvd images, snapshot views and the qcow2 baseline (layer 1).
 
-One type per concept, so `fvd.Image` and `fvd.qcow2.Qcow2Image` give the same results.
+One type per concept, so `fvd.Image` and `fvd.qcow2.Qcow2Image` give the same results;
+and the duck types of open disks that operations take (`DiskView`, `DiskReader`).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Optional
+from typing import Any, Iterable, Optional, Protocol, Union
+
+import numpy as np
+
+StrPath = Union[str, "os.PathLike[str]"]  # a file name as open() takes it
 
 
 @dataclass(frozen=True)
@@ -44,7 +50,7 @@ class CheckResult:
     leaks: int = 0
     leaks_fixed: int = 0
     corruptions_fixed: int = 0
-    messages: Optional[list[str]] = None
+    messages: list[str] = field(default_factory=list)
     copied_errors: int = 0  # qcow2: clusters whose COPIED flag disagrees with refcounts
 
     @property
@@ -87,3 +93,40 @@ class SnapshotInfo:
             "size": self.size,
             "vm_state_size": self.vm_state_size,
         }
+
+
+class DiskView(Protocol):
+    """An open virtual disk as the byte-level operations see it (`fvd.ops.fileview`,
+    `fvd.ops.checksum`): `fvd.Image` and `fvd.SnapshotImage`."""
+
+    @property
+    def path(self) -> str: ...
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def read_only(self) -> bool: ...
+
+    @property
+    def closed(self) -> bool: ...
+
+    def readinto(self, offset: int, buffer: Any) -> int: ...
+
+    def write(self, offset: int, data: Any) -> int: ...
+
+    def extents_array(self, offset: int = 0, length: Optional[int] = None) -> np.ndarray: ...
+
+
+class DiskReader(Protocol):
+    """A disk to copy from (`fvd.convert`): `fvd.Image`, `fvd.SnapshotImage`,
+    `fvd.qcow2.Qcow2Image` and its snapshot views, `fvd.imageio.RawImage`."""
+
+    @property
+    def size(self) -> int: ...
+
+    def readinto(self, offset: int, buffer: Any) -> int: ...
+
+    def extents(self, offset: int = 0, length: Optional[int] = None) -> Iterable[Extent]: ...
+
+    def close(self) -> None: ...

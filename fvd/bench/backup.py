@@ -18,6 +18,7 @@ import random
 import statistics
 import tempfile
 import time
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -30,6 +31,8 @@ from fvd.units import GiB, KiB, MiB, TiB
 
 CACHE_VERSION = 1
 
+Show = Optional[Callable[[str], None]]  # progress messages
+
 
 def cache_dir() -> str:
     d = os.environ.get("FVD_BENCH_CACHE") or os.path.join(tempfile.gettempdir(), "fvd-bench-cache")
@@ -37,7 +40,7 @@ def cache_dir() -> str:
     return d
 
 
-def _median_ms(fn, repeat):
+def _median_ms(fn: Callable[[], object], repeat: int) -> float:
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
@@ -46,7 +49,7 @@ def _median_ms(fn, repeat):
     return statistics.median(times) * 1e3
 
 
-def _median_cpu_ms(fn, repeat):
+def _median_cpu_ms(fn: Callable[[], object], repeat: int) -> float:
     """CPU time of this process (less sensitive than wall time to a busy machine)."""
     times = []
     for _ in range(repeat):
@@ -57,7 +60,9 @@ def _median_cpu_ms(fn, repeat):
 
 
 # ----- changed extents ------------------------------------------------------------------
-def changed_image(size: int, chunk_size: int = MiB, fraction: float = 0.1, progress=None) -> str:
+def changed_image(
+    size: int, chunk_size: int = MiB, fraction: float = 0.1, progress: Show = None
+) -> str:
     """An image whose every chunk is allocated, snapshot s1, `fraction` of the chunks
     rewritten (each gets a new physical chunk), snapshot s2. Cached across runs."""
     path = os.path.join(cache_dir(), f"changed-v{CACHE_VERSION}-{size}-{chunk_size}-{fraction}.fvd")
@@ -91,7 +96,7 @@ def changed_image(size: int, chunk_size: int = MiB, fraction: float = 0.1, progr
     return path
 
 
-def measure_changed(size: int, repeat: int = 7, progress=None) -> list:
+def measure_changed(size: int, repeat: int = 7, progress: Show = None) -> list[Result]:
     path = changed_image(size, progress=progress)
     with open_image(path) as img:
         arr = img.changed_extents_array("s1", "s2")
@@ -149,7 +154,7 @@ def sparse_image(size: int, nwrites: int = 1000) -> str:
     return path
 
 
-def measure_sparse_extents(size: int, repeat: int = 7) -> list:
+def measure_sparse_extents(size: int, repeat: int = 7) -> list[Result]:
     path = sparse_image(size)
     with open_image(path) as img:
         arr = img.extents_array()
@@ -164,7 +169,7 @@ def measure_sparse_extents(size: int, repeat: int = 7) -> list:
 
 
 # ----- checksum ---------------------------------------------------------------------------
-def measure_checksum(workdir: str, nbytes: int, repeat: int = 3) -> list:
+def measure_checksum(workdir: str, nbytes: int, repeat: int = 3) -> list[Result]:
     """MiB/s of img.checksum() and of ovirt-imageio's client.checksum() of the same data
     as a raw file (page cache warm for both)."""
     raw = os.path.join(workdir, f"checksum-{os.getpid()}.raw")
@@ -233,7 +238,7 @@ def measure_checksum(workdir: str, nbytes: int, repeat: int = 3) -> list:
     return out
 
 
-def rows() -> list:
+def rows() -> list[tuple[str, str]]:
     return [
         ("changed-extents", "changed extents s1..s2 (1T; quick 16G)"),
         ("sparse-extents", "extents_array (16T sparse; quick 1T)"),
@@ -241,7 +246,7 @@ def rows() -> list:
     ]
 
 
-def sizes(quick: bool) -> dict:
+def sizes(quick: bool) -> dict[str, int]:
     if quick:
         return {"changed": 16 * GiB, "sparse": TiB, "checksum": 64 * MiB, "repeat": 3}
     return {"changed": TiB, "sparse": 16 * TiB, "checksum": 512 * MiB, "repeat": 7}

@@ -10,12 +10,16 @@ modes that flush nothing: `fvd convert -t unsafe` against qemu-img convert's own
 (`-t unsafe`); the page cache is synced between their runs, outside the timing.
 """
 
+from __future__ import annotations
+
+import functools
 import os
 import random
 import shutil
 import statistics
 import subprocess
 import time
+from typing import Callable, Optional, Sequence, Union
 
 from fvd.bench.workloads import MiB, Result
 from fvd.convert import convert
@@ -43,7 +47,7 @@ QEMU_WHAT = {"qemu-qcow2": "raw->qcow2", "qemu-raw": "qcow2->raw"}
 DATA_FRACTION = 0.3
 
 
-def make_source(path, mib, seed=11):
+def make_source(path: str, mib: int, seed: int = 11) -> None:
     """A sparse raw file of `mib` MiB, 30% of its MiBs random data."""
     rng = random.Random(seed)
     with open(path, "wb") as f:
@@ -53,7 +57,7 @@ def make_source(path, mib, seed=11):
             f.write(os.urandom(MiB))
 
 
-def _timed(fn, repeat, cleanup):
+def _timed(fn: Callable[[], object], repeat: int, cleanup: Callable[[], object]) -> float:
     times = []
     for _ in range(repeat):
         cleanup()
@@ -63,11 +67,17 @@ def _timed(fn, repeat, cleanup):
     return statistics.median(times)
 
 
-def _qemu_img(*args):
+def _qemu_img(*args: object) -> None:
     subprocess.run(["qemu-img", *map(str, args)], check=True, capture_output=True)
 
 
-def measure_convert(workdir, mib, repeat=1, with_qemu=True, keys=None):
+def measure_convert(
+    workdir: str,
+    mib: int,
+    repeat: int = 1,
+    with_qemu: bool = True,
+    keys: Optional[Sequence[str]] = None,
+) -> list[Result]:
     """Results (MiB/s of virtual disk) of every convert row, fvd and qemu-img."""
 
     d = os.path.join(workdir, "convert")
@@ -82,34 +92,35 @@ def measure_convert(workdir, mib, repeat=1, with_qemu=True, keys=None):
     convert(src["raw"], src["qcow2"], dst_format="qcow2")
     out = os.path.join(d, "out")
 
-    def rm():
+    def rm() -> None:
         if os.path.exists(out):
             os.unlink(out)
 
-    def rm_synced():  # -t unsafe leaves dirty pages: not the next run's cost
+    def rm_synced() -> None:  # -t unsafe leaves dirty pages: not the next run's cost
         rm()
         os.sync()
 
-    cells = {}  # name -> (run, cleanup); rounds interleave every cell
+    # name -> (run, cleanup); rounds interleave every cell
+    cells: dict[Union[str, tuple[str, str]], tuple[Callable[[], object], Callable[[], None]]] = {}
     if with_qemu and shutil.which("qemu-img") is not None:
         for peer, args in (
             ("qemu-qcow2", ("-f", "raw", "-O", "qcow2", src["raw"], out)),
             ("qemu-raw", ("-f", "qcow2", "-O", "raw", src["qcow2"], out)),
         ):
             cells[peer, "writeback"] = (
-                lambda a=args: _qemu_img("convert", "-t", "writeback", *a),
+                functools.partial(_qemu_img, "convert", "-t", "writeback", *args),
                 rm,
             )
-            cells[peer, "unsafe"] = (lambda a=args: _qemu_img("convert", *a), rm_synced)
+            cells[peer, "unsafe"] = (functools.partial(_qemu_img, "convert", *args), rm_synced)
     rows = [r for r in ROWS if not keys or any(r[0].startswith(k) for k in keys)]
     for key, _title, sfmt, dfmt, _peer, cache in rows:
         cells[key] = (
-            lambda s=sfmt, d=dfmt, c=cache: convert(
-                src[s], out, src_format=s, dst_format=d, cache=c
+            functools.partial(
+                convert, src[sfmt], out, src_format=sfmt, dst_format=dfmt, cache=cache
             ),
             rm if cache == "writeback" else rm_synced,
         )
-    times = {name: [] for name in cells}
+    times: dict[Union[str, tuple[str, str]], list[float]] = {name: [] for name in cells}
     for _ in range(repeat):  # round 1 of every cell, then round 2...: noise hits all
         for name, (fn, cleanup) in cells.items():
             times[name].append(_timed(fn, 1, cleanup))

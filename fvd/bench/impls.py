@@ -8,11 +8,37 @@ Implementations that are not there yet (fvd.qcow2, FVD snapshots) are reported a
 unavailable with a reason, never as a crash.
 """
 
+from __future__ import annotations
+
 import os
 import shutil
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, NoReturn, Optional, Protocol
 
 import fvd
 from fvd import _impl, qcow2
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
+
+class Handle(Protocol):
+    """An open image of a contender: `fvd.Image`, `fvd.qcow2.Qcow2Image`, `RawFile`."""
+
+    @property
+    def stats(self) -> Any: ...  # fvd._impl Stats, or an object with the same counters
+
+    def write(self, offset: int, data: Any) -> int: ...
+
+    def readinto(self, offset: int, buffer: Any) -> int: ...
+
+    def flush(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def create_snapshot(self, name: str) -> object: ...
+
+    def delete_snapshot(self, name: str) -> object: ...
 
 
 class Unavailable(Exception):
@@ -22,13 +48,13 @@ class Unavailable(Exception):
 class RawFile:
     """A plain (sparse) file through os.pwrite / os.preadv / os.fdatasync."""
 
-    def __init__(self, path, cache):
+    def __init__(self, path: str, cache: str) -> None:
         self._fd = os.open(path, os.O_RDWR)
         self._writethrough = cache == "writethrough"
         self.stats = _impl.new_stats()  # the same counters as img.stats
         self.size = os.fstat(self._fd).st_size
 
-    def write(self, offset, data):
+    def write(self, offset: int, data: Buffer) -> int:
         n = os.pwrite(self._fd, data, offset)
         st = self.stats
         st.data_writes += 1
@@ -38,23 +64,23 @@ class RawFile:
             st.flushes += 1
         return n
 
-    def readinto(self, offset, buf):
+    def readinto(self, offset: int, buf: Buffer) -> int:
         n = os.preadv(self._fd, [buf], offset)
         st = self.stats
         st.data_reads += 1
         st.data_bytes_read += n
         return n
 
-    def flush(self):
+    def flush(self) -> None:
         os.fdatasync(self._fd)
         self.stats.flushes += 1
 
-    def close(self):
+    def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
 
-    def create_snapshot(self, name):
+    def create_snapshot(self, name: str) -> NoReturn:
         raise Unavailable("raw files have no snapshots")
 
     delete_snapshot = create_snapshot
@@ -67,52 +93,52 @@ class Contender:
     label = ""
     python = False  # runs in this process (False: QEMU via subprocess)
 
-    def available(self):
+    def available(self) -> Optional[str]:
         """None when usable, otherwise the reason it is not."""
         return None
 
-    def create(self, path, size):
+    def create(self, path: str, size: int) -> None:
         raise NotImplementedError
 
-    def open(self, path, cache):
+    def open(self, path: str, cache: str) -> Handle:
         raise NotImplementedError
 
-    def open_read_only(self, path):
+    def open_read_only(self, path: str) -> Handle:
         return self.open(path, "writeback")
 
 
 class FvdContender(Contender):
     python = True
 
-    def __init__(self, implementation="cython"):
+    def __init__(self, implementation: str = "cython") -> None:
         self.implementation = implementation
         self.name = "fvd" if implementation == "cython" else "fvd-py"
         self.label = f"FVD ({implementation})"
 
-    def available(self):
+    def available(self) -> Optional[str]:
         if self.implementation not in _impl.MODULES:
             return f"the {self.implementation} fast path is not built"
         return None
 
-    def _select(self):
+    def _select(self) -> None:
         _impl.select(self.implementation)
 
-    def create(self, path, size):
+    def create(self, path: str, size: int) -> None:
 
         fvd.create(path, size, overwrite=True)
 
-    def open(self, path, cache):
+    def open(self, path: str, cache: str) -> Handle:
 
         self._select()
         return fvd.open(path, "r+", cache=cache)
 
-    def open_read_only(self, path):
+    def open_read_only(self, path: str) -> Handle:
 
         self._select()
         return fvd.open(path, "r")
 
 
-def qcow2_module():
+def qcow2_module() -> ModuleType:
     """fvd.qcow2 (the baseline contender)."""
     return qcow2
 
@@ -120,28 +146,30 @@ def qcow2_module():
 class Qcow2Contender(Contender):
     python = True
 
-    def __init__(self, lazy):
+    def __init__(self, lazy: bool) -> None:
         self.lazy = lazy
         self.name = "qcow2-lazy" if lazy else "qcow2"
         self.label = "qcow2 baseline" + (" (lazy refcounts)" if lazy else "")
 
-    def available(self):
+    def available(self) -> Optional[str]:
         try:
             qcow2_module()
         except Unavailable as e:
             return str(e)
         return None
 
-    def create(self, path, size):
+    def create(self, path: str, size: int) -> None:
         qcow2_module().create(
             path, size, cluster_size=65536, lazy_refcounts=self.lazy, overwrite=True
         )
 
-    def open(self, path, cache):
-        return qcow2_module().open(path, "r+", cache=cache)
+    def open(self, path: str, cache: str) -> Handle:
+        handle: Handle = qcow2_module().open(path, "r+", cache=cache)
+        return handle
 
-    def open_read_only(self, path):
-        return qcow2_module().open(path, "r")
+    def open_read_only(self, path: str) -> Handle:
+        handle: Handle = qcow2_module().open(path, "r")
+        return handle
 
 
 class RawContender(Contender):
@@ -149,11 +177,11 @@ class RawContender(Contender):
     label = "raw file (pwrite/preadv)"
     python = True
 
-    def create(self, path, size):
+    def create(self, path: str, size: int) -> None:
         with open(path, "wb") as f:
             f.truncate(size)
 
-    def open(self, path, cache):
+    def open(self, path: str, cache: str) -> Handle:
         return RawFile(path, cache)
 
 
@@ -163,20 +191,20 @@ class QemuContender(Contender):
 
     python = False
 
-    def __init__(self, fmt, lazy=False):
+    def __init__(self, fmt: str, lazy: bool = False) -> None:
         self.fmt = fmt
         self.lazy = lazy
         self.name = "qemu-" + fmt + ("-lazy" if lazy else "")
         self.label = f"QEMU {fmt}" + (" lazy_refcounts" if lazy else "")
 
-    def available(self):
+    def available(self) -> Optional[str]:
         for tool in ("qemu-io", "qemu-img"):
             if shutil.which(tool) is None:
                 return f"{tool} is not on PATH"
         return None
 
 
-ALL = [
+ALL: list[Contender] = [
     FvdContender("cython"),
     FvdContender("python"),
     Qcow2Contender(False),

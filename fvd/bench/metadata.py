@@ -3,12 +3,13 @@
 import os
 
 import fvd
+from fvd.bench.impls import Contender
 from fvd.bench.qemu import qemu_measure_metadata
 from fvd.bench.workloads import Result
 from fvd.units import MiB, TiB
 
 
-def qcow2_metadata_formula(virtual, cluster=65536, refcount_bits=16):
+def qcow2_metadata_formula(virtual: int, cluster: int = 65536, refcount_bits: int = 16) -> int:
     """Bytes of qcow2 metadata for a fully allocated image (header, L1, L2, refcounts)."""
     clusters = -(-virtual // cluster)
     l2_entries = cluster // 8
@@ -23,12 +24,12 @@ def qcow2_metadata_formula(virtual, cluster=65536, refcount_bits=16):
     return cluster + l1 + l2 + blocks * cluster + table
 
 
-def fvd_metadata_formula(virtual, chunk=MiB):
+def fvd_metadata_formula(virtual: int, chunk: int = MiB) -> int:
     """The FVD lookup table: 4 bytes per chunk."""
     return 4 * -(-virtual // chunk)
 
 
-def measure_metadata(contender, workdir):
+def measure_metadata(contender: Contender, workdir: str) -> Result:
     """Metadata bytes per TiB of virtual disk, in MiB (computed, checked where possible)."""
     key = "metadata/TiB"
     name = contender.name

@@ -31,8 +31,10 @@ import sys
 import tempfile
 import threading
 import time
+from typing import Any, Callable, Iterator, Optional
 
 import fvd
+from fvd.image import Image
 from fvd.nbd_client import NbdClient
 from fvd.units import MiB
 
@@ -50,7 +52,7 @@ def require(*tools: str) -> None:
         raise Unavailable(f"not installed: {', '.join(missing)}")
 
 
-def _wait(proc: subprocess.Popen, sock: str, timeout: float = 60) -> None:
+def _wait(proc: subprocess.Popen[str], sock: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -68,7 +70,7 @@ def _wait(proc: subprocess.Popen, sock: str, timeout: float = 60) -> None:
 
 
 class _Server:
-    def __init__(self, args: list, sock: str, env: dict | None = None):
+    def __init__(self, args: list[object], sock: str, env: dict[str, str] | None = None) -> None:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         self.proc = subprocess.Popen(
             [str(a) for a in args],
@@ -82,16 +84,16 @@ class _Server:
         self.uri = f"nbd+unix:///?socket={sock}"
         _wait(self.proc, sock)
 
-    def __enter__(self):
+    def __enter__(self) -> _Server:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(timeout=60)
 
 
-def make_images(workdir: str, size: int) -> dict:
+def make_images(workdir: str, size: int) -> dict[str, Any]:
     """The same random data as raw, FVD and qcow2 files."""
 
     raw = os.path.join(workdir, "data.raw")
@@ -108,7 +110,9 @@ def make_images(workdir: str, size: int) -> dict:
     return {"raw": raw, "fvd": image, "qcow2": qcow, "size": size}
 
 
-def servers(images: dict, workdir: str, impl: str = "cython"):
+def servers(
+    images: dict[str, Any], workdir: str, impl: str = "cython"
+) -> Iterator[tuple[str, Callable[[], _Server]]]:
     """(name, server) pairs: fvd serve of the FVD image, qemu-nbd of the qcow2 image."""
     env = dict(os.environ)
     env.pop("FVD_PURE_PYTHON", None)
@@ -135,7 +139,7 @@ def seq_copy(uri: str, repeat: int = 3) -> float:
     return best
 
 
-def random_reads(uri: str, size: int, count: int, seed: int = 7) -> list:
+def random_reads(uri: str, size: int, count: int, seed: int = 7) -> list[float]:
     """Latency (s) of each of `count` random 4 KiB reads, one at a time."""
 
     client = NbdClient(uri, max_connections=1)
@@ -153,7 +157,9 @@ def random_reads(uri: str, size: int, count: int, seed: int = 7) -> list:
     return lat
 
 
-def serve_rows(workdir: str, size: int, reads: int, repeat: int = 3, impl: str = "cython") -> list:
+def serve_rows(
+    workdir: str, size: int, reads: int, repeat: int = 3, impl: str = "cython"
+) -> list[dict[str, Any]]:
     require("nbdkit", "nbdcopy", "qemu-nbd", "qemu-img")
     images = make_images(workdir, size)
     rows = []
@@ -195,7 +201,7 @@ def slow_base(raw: str, sock: str, rate: str, delay_ms: int) -> _Server:
 
 
 def _foreground(
-    img, lo: int, hi: int, count: int, gap: float, out: list, stop: threading.Event
+    img: Image, lo: int, hi: int, count: int, gap: float, out: list[float], stop: threading.Event
 ) -> None:
     rng = random.Random(3)
     buf = bytearray(4096)
@@ -211,14 +217,14 @@ def _foreground(
 
 def prefetch_case(
     workdir: str, raw: str, uri: str, mode: str, reads: int, link_bytes_s: float
-) -> dict:
+) -> dict[str, object]:
     """mode: 'none' (foreground only), 'paced' or 'unpaced' prefetch beside it; '-1conn':
     the NBD client limited to one connection."""
 
     size = os.path.getsize(raw)
     image = os.path.join(workdir, f"top-{mode}.fvd")
     fvd.create(image, size, base=uri, base_format="raw", block_size=64 * 1024, overwrite=True)
-    lat: list = []
+    lat: list[float] = []
     stop = threading.Event()
     result: dict[str, object] = {"mode": mode}
     # "-1conn": what one shared connection with a lock would give: reads queue behind
@@ -232,7 +238,7 @@ def prefetch_case(
         t0 = time.perf_counter()
         fg.start()
 
-        def progress(done, total):
+        def progress(done: int, total: int) -> None:
             # past 70% prefetch nears the blocks the foreground reads: stop measuring
             if done >= 0.7 * total:
                 stop.set()
@@ -258,7 +264,7 @@ def prefetch_case(
 
 def prefetch_rows(
     workdir: str, size: int, reads: int, rate: str = "40M", delay_ms: int = 5
-) -> list:
+) -> list[dict[str, object]]:
     require("nbdkit")
     raw = os.path.join(workdir, "base.raw")
     rng = random.Random(5)
@@ -280,7 +286,7 @@ def _bits(rate: str) -> float:
     return float(rate[:-1]) * mult[rate[-1]] if rate[-1] in mult else float(rate)
 
 
-def main(argv=None) -> int:
+def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m fvd.bench.nbd",
         description=__doc__,
@@ -298,7 +304,7 @@ def main(argv=None) -> int:
     p.add_argument("--skip", choices=("serve", "prefetch"), action="append", default=[])
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(dir=args.dir) as d:
-        out = {}
+        out: dict[str, list[dict[str, Any]]] = {}
         if "serve" not in args.skip:
             out["serve"] = serve_rows(d, args.size_mb * MiB, args.reads, args.repeat)
         if "prefetch" not in args.skip:

@@ -11,6 +11,8 @@ start, image open and close). I/O counts: the same run repeated on a fresh image
 `strace -f`, minus the empty-script run under strace, divided by the number of ops.
 """
 
+from __future__ import annotations
+
 import json
 import os
 import re
@@ -18,9 +20,10 @@ import shutil
 import statistics
 import subprocess
 import time
+from typing import Callable, Optional, Sequence
 
-from fvd.bench.impls import Unavailable
-from fvd.bench.workloads import PATTERN, Result, random_offsets
+from fvd.bench.impls import QemuContender, Unavailable
+from fvd.bench.workloads import PATTERN, IoWorkload, Result, random_offsets
 
 WRITE_CALLS = ("pwrite64", "pwritev", "pwritev2")
 READ_CALLS = ("pread64", "preadv", "preadv2")
@@ -33,8 +36,13 @@ MIN_READ_BYTES = 1 << 30
 _LINE = re.compile(r"^(?:\[pid\s+\d+\]\s+|\d+\s+)?(?:<\.\.\. (\w+) resumed>|(\w+)\()")
 _RET = re.compile(r"\)\s+=\s+(-?\d+)")
 
+Syscalls = dict[str, list[int]]  # syscall -> [calls, bytes]
+Run = tuple[list[str], Optional[str]]  # (command, stdin text)
 
-def run_tool(cmd, stdin_text=None, check=True):
+
+def run_tool(
+    cmd: list[str], stdin_text: Optional[str] = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
     p = subprocess.run(
         cmd, input=stdin_text, text=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
@@ -45,7 +53,7 @@ def run_tool(cmd, stdin_text=None, check=True):
     return p
 
 
-def create_image(contender, path, size):
+def create_image(contender: QemuContender, path: str, size: int) -> None:
     if contender.fmt == "raw":
         with open(path, "wb") as f:
             f.truncate(size)
@@ -54,7 +62,14 @@ def create_image(contender, path, size):
     run_tool(["qemu-img", "create", "-q", "-f", "qcow2", "-o", opts, path, str(size)])
 
 
-def script(workload, offsets=None, kind=None, length=None, flush_every=None, pattern=None):
+def script(
+    workload: IoWorkload,
+    offsets: Optional[Sequence[int]] = None,
+    kind: Optional[str] = None,
+    length: Optional[int] = None,
+    flush_every: Optional[int] = None,
+    pattern: Optional[int] = None,
+) -> str:
     """qemu-io commands, one per line."""
     offsets = workload.offsets if offsets is None else offsets
     kind = kind or workload.kind
@@ -74,11 +89,11 @@ def script(workload, offsets=None, kind=None, length=None, flush_every=None, pat
     return "\n".join(lines) + "\n"
 
 
-def qemu_io_cmd(contender, path, cache):
+def qemu_io_cmd(contender: QemuContender, path: str, cache: str) -> list[str]:
     return ["qemu-io", "-f", contender.fmt, "-t", cache, path]
 
 
-def prepare(workload, contender, path):
+def prepare(workload: IoWorkload, contender: QemuContender, path: str) -> None:
     create_image(contender, path, workload.size)
     if workload.pre_offsets:
         run_tool(
@@ -91,18 +106,18 @@ def prepare(workload, contender, path):
         run_tool(["qemu-img", "snapshot", "-c", "bench", path])
 
 
-def _timed(cmd, text):
+def _timed(cmd: list[str], text: Optional[str]) -> float:
     t0 = time.perf_counter()
     run_tool(cmd, text)
     return time.perf_counter() - t0
 
 
-def strace_counts(cmd, text, workdir):
+def strace_counts(cmd: list[str], text: Optional[str], workdir: str) -> Syscalls:
     """{syscall: [calls, bytes]} for one run under strace -f."""
     out = os.path.join(workdir, f"strace-{os.getpid()}.txt")
     try:
         run_tool(["strace", "-f", "-qq", "-e", "trace=" + ",".join(TRACED), "-o", out] + cmd, text)
-        counts = {}
+        counts: Syscalls = {}
         with open(out) as f:
             for line in f:
                 if "unfinished" in line:
@@ -123,8 +138,8 @@ def strace_counts(cmd, text, workdir):
             pass
 
 
-def summarise(run, base, ops):
-    def total(names, i):
+def summarise(run: Syscalls, base: Syscalls, ops: int) -> dict[str, float]:
+    def total(names: Sequence[str], i: int) -> int:
         return sum(run.get(n, [0, 0])[i] - base.get(n, [0, 0])[i] for n in names)
 
     c = {
@@ -141,9 +156,13 @@ def summarise(run, base, ops):
 _COMPLETED = re.compile(r"Run completed in ([0-9.]+) seconds")
 
 
-def bench_cmd(workload, contender, path, count=None):
+def bench_cmd(
+    workload: IoWorkload, contender: QemuContender, path: str, count: Optional[int] = None
+) -> list[str]:
     """`qemu-img bench` running the workload's whole progression inside QEMU."""
-    start, step, n, _ = workload.stride()
+    stride = workload.stride()
+    assert stride is not None  # only workloads with a stride run here
+    start, step, n, _ = stride
     cmd = [
         "qemu-img",
         "bench",
@@ -169,7 +188,7 @@ def bench_cmd(workload, contender, path, count=None):
     return cmd + [path]
 
 
-def bench_seconds(cmd):
+def bench_seconds(cmd: list[str]) -> float:
     p = subprocess.run(cmd, capture_output=True, text=True)
     m = _COMPLETED.search(p.stdout)
     if p.returncode != 0 or not m:
@@ -180,18 +199,18 @@ def bench_seconds(cmd):
 
 
 def _rounds(
-    workload,
-    contender,
-    path,
-    workdir,
-    repeat,
-    one_round,
-    empty_run,
-    counted_run,
-    counted_ops,
-    counts,
-    note,
-):
+    workload: IoWorkload,
+    contender: QemuContender,
+    path: str,
+    workdir: str,
+    repeat: int,
+    one_round: Callable[[], float],
+    empty_run: Run,
+    counted_run: Run,
+    counted_ops: int,
+    counts: bool,
+    note: str,
+) -> tuple[list[float], dict[str, float], str]:
     """`repeat` timed rounds on fresh images, then exact I/O counts: `counted_run` minus
     `empty_run` (each a (cmd, stdin text)) under strace. -> (times, per_op, note)."""
     try:
@@ -215,7 +234,14 @@ def _rounds(
             pass
 
 
-def _io_result(workload, contender, times, ops, per_op, note):
+def _io_result(
+    workload: IoWorkload,
+    contender: QemuContender,
+    times: list[float],
+    ops: int,
+    per_op: dict[str, float],
+    note: str,
+) -> Result:
     t = statistics.median(times)
     if t <= 0:
         return Result(
@@ -233,13 +259,21 @@ def _io_result(workload, contender, times, ops, per_op, note):
     return Result(workload.key, contender.name, value, workload.unit, True, ops, t, per_op, note)
 
 
-def measure_io_qemu_bench(workload, contender, workdir, repeat=1, counts=True):
+def measure_io_qemu_bench(
+    workload: IoWorkload,
+    contender: QemuContender,
+    workdir: str,
+    repeat: int = 1,
+    counts: bool = True,
+) -> Result:
     """The workload through `qemu-img bench` (QEMU's in-process loop)."""
-    _, _, n, passes = workload.stride()
+    stride = workload.stride()
+    assert stride is not None  # only workloads with a stride run here
+    _, _, n, passes = stride
     path = os.path.join(workdir, f"qbench-{contender.name}-{os.getpid()}.img")
     cmd = bench_cmd(workload, contender, path)
 
-    def one_round():
+    def one_round() -> float:
         if workload.kind == "read":
             bench_seconds(cmd)  # "cached": one untimed pass
         return sum(bench_seconds(cmd) for _ in range(passes))
@@ -260,7 +294,13 @@ def measure_io_qemu_bench(workload, contender, workdir, repeat=1, counts=True):
     return _io_result(workload, contender, times, n * passes, per_op, note)
 
 
-def measure_io_qemu(workload, contender, workdir, repeat=1, counts=True):
+def measure_io_qemu(
+    workload: IoWorkload,
+    contender: QemuContender,
+    workdir: str,
+    repeat: int = 1,
+    counts: bool = True,
+) -> Result:
     """One Result: through `qemu-img bench` where the offsets have a fixed step, else
     through qemu-io; a workload QEMU cannot run (snapshots of raw) gets its reason."""
     reason = contender.available()
@@ -273,7 +313,13 @@ def measure_io_qemu(workload, contender, workdir, repeat=1, counts=True):
         return Result(workload.key, contender.name, None, workload.unit, note=str(e))
 
 
-def _measure_qemu_io(workload, contender, workdir, repeat=1, counts=True):
+def _measure_qemu_io(
+    workload: IoWorkload,
+    contender: QemuContender,
+    workdir: str,
+    repeat: int = 1,
+    counts: bool = True,
+) -> Result:
     """The workload as a qemu-io command script."""
     path = os.path.join(workdir, f"qemu-{contender.name}-{os.getpid()}.img")
     cmd = qemu_io_cmd(contender, path, workload.cache)
@@ -284,7 +330,7 @@ def _measure_qemu_io(workload, contender, workdir, repeat=1, counts=True):
         reps = max(1, min(-(-MIN_READ_OPS // n), -(-MIN_READ_BYTES // (n * workload.length))))
     text = script(workload) * reps
 
-    def one_round():
+    def one_round() -> float:
         base = statistics.median(_timed(cmd, "") for _ in range(3))
         return _timed(cmd, text) - base
 
@@ -307,7 +353,9 @@ def _measure_qemu_io(workload, contender, workdir, repeat=1, counts=True):
     return _io_result(workload, contender, times, n * reps, per_op, note)
 
 
-def measure_snapshots_qemu(contender, workdir, count, data_ops):
+def measure_snapshots_qemu(
+    contender: QemuContender, workdir: str, count: int, data_ops: int
+) -> list[Result]:
     """ms per `qemu-img snapshot -c` / `-d`, minus a `qemu-img snapshot -l` run."""
     kc, kd = f"snap-create-x{count}", f"snap-delete-x{count}"
     reason = contender.available() or (
@@ -344,7 +392,7 @@ def measure_snapshots_qemu(contender, workdir, count, data_ops):
     ]
 
 
-def qemu_measure_metadata(key, name, virtual):
+def qemu_measure_metadata(key: str, name: str, virtual: int) -> Result:
     """qcow2 metadata for a fully allocated image, from `qemu-img measure`."""
     if shutil.which("qemu-img") is None:
         return Result(key, name, None, "MiB", False, note="qemu-img is not on PATH")

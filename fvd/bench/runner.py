@@ -5,7 +5,10 @@ Workloads live in fvd.bench.workloads (shared with the pytest-benchmark suite in
 contenders in fvd.bench.impls, the QEMU runner in fvd.bench.qemu.
 """
 
+from __future__ import annotations
+
 import argparse
+import functools
 import json
 import os
 import platform
@@ -15,6 +18,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from types import ModuleType
+from typing import Any, Callable, Optional, Sequence
 
 import fvd
 from fvd import _impl
@@ -31,9 +36,14 @@ DEFAULT_IMPLS = impls.NAMES
 # the python twin runs only the core rows of issue 2 (it is the fallback, not a contender)
 PY_ROWS = ("alloc4k-wt", "read4k", "seqread1m", "seqwrite1m")
 
+# a cell to measure: (progress title, row key, contender, measure -> its Results)
+Job = tuple[str, str, impls.Contender, Callable[[], list[wl.Result]]]
+Want = Callable[[str], bool]  # is this row key wanted
+Target = dict[str, Any]  # one of the issue's targets: target, measured, value, status
+
 
 # rows of the table, in order: (key, title)
-def row_titles(scale):
+def row_titles(scale: wl.Scale) -> list[tuple[str, str]]:
     rows = [(w.key, w.title) for w in wl.io_workloads(scale)]
     for k in scale.snapshots:
         rows.append((f"snap-create-x{k}", f"snapshot create, {k} snaps"))
@@ -49,7 +59,7 @@ def row_titles(scale):
     return rows + backup_rows()
 
 
-def add_arguments(parser):
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the `fvd bench` options to an argparse (sub)parser."""
     parser.add_argument(
         "--quick",
@@ -112,7 +122,7 @@ def add_arguments(parser):
     return parser
 
 
-def scale_from_args(args):
+def scale_from_args(args: argparse.Namespace) -> wl.Scale:
     scale = wl.Scale.quick() if getattr(args, "quick", False) else wl.Scale()
     if getattr(args, "ops", None):
         scale.ops = args.ops
@@ -128,7 +138,7 @@ def scale_from_args(args):
 
 
 # ----- machine description --------------------------------------------------------------
-def machine_info(workdir):
+def machine_info(workdir: str) -> dict[str, Any]:
     cpu = ""
     try:
         with open("/proc/cpuinfo") as f:
@@ -171,12 +181,12 @@ def machine_info(workdir):
 
 
 # ----- running -------------------------------------------------------------------------
-def _progress(enabled, msg):
+def _progress(enabled: bool, msg: str) -> None:
     if enabled:
         print(msg, file=sys.stderr, flush=True)
 
 
-def _fmt_value(r):
+def _fmt_value(r: Optional[wl.Result]) -> str:
     if r is None or r.value is None:
         return "-"
     v = r.value
@@ -194,13 +204,19 @@ def _fmt_value(r):
     return f"{v:.3g}"
 
 
-def run_all(scale, names, workdir, keys=None, progress=True):
+def run_all(
+    scale: wl.Scale,
+    names: Sequence[str],
+    workdir: str,
+    keys: Optional[Sequence[str]] = None,
+    progress: bool = True,
+) -> list[wl.Result]:
     """Every (workload, implementation) cell -> list of Result."""
     contenders = [impls.BY_NAME[n] for n in names]
     want = (lambda k: True) if not keys else (lambda k: any(k.startswith(p) for p in keys))
     results, errors = [], []
     previous = _impl.IMPLEMENTATION
-    jobs = []
+    jobs: list[Job] = []
     # Repetitions are interleaved (round 1 of every cell, then round 2...) so that a slow
     # spell of a shared disk hits every implementation alike; medians are merged below.
     for rep in range(scale.repeat):
@@ -215,11 +231,7 @@ def run_all(scale, names, workdir, keys=None, progress=True):
                             w.title + tag,
                             w.key,
                             c,
-                            lambda w=w, c=c, rep=rep: [
-                                wl.measure_io(w, c, workdir, 1)
-                                if c.python
-                                else _qemu().measure_io_qemu(w, c, workdir, 1, counts=rep == 0)
-                            ],
+                            functools.partial(_io_cell, w, c, workdir, rep),
                         )
                     )
     for k in scale.snapshots:
@@ -230,11 +242,7 @@ def run_all(scale, names, workdir, keys=None, progress=True):
                         f"snapshots x{k}",
                         f"snap-create-x{k}",
                         c,
-                        lambda k=k, c=c: (
-                            wl.measure_snapshots(c, workdir, k, scale.snap_data_ops)
-                            if c.python
-                            else _qemu().measure_snapshots_qemu(c, workdir, k, scale.snap_data_ops)
-                        ),
+                        functools.partial(_snapshot_cell, c, workdir, k, scale.snap_data_ops),
                     )
                 )
     if want("convert") and "fvd" in names:
@@ -251,7 +259,14 @@ def run_all(scale, names, workdir, keys=None, progress=True):
         for c in contenders:
             if c.python:
                 jobs.append(
-                    ("open", "open", c, lambda c=c: [wl.measure_open(c, workdir, scale.open_ops)])
+                    (
+                        "open",
+                        "open",
+                        c,
+                        functools.partial(
+                            lambda c: [wl.measure_open(c, workdir, scale.open_ops)], c
+                        ),
+                    )
                 )
     if want("metadata"):
         for c in contenders:
@@ -260,14 +275,19 @@ def run_all(scale, names, workdir, keys=None, progress=True):
                     "metadata/TiB",
                     "metadata/TiB",
                     c,
-                    lambda c=c: [metadata.measure_metadata(c, workdir)],
+                    functools.partial(lambda c: [metadata.measure_metadata(c, workdir)], c),
                 )
             )
     if want("translate"):
         for c in contenders:
             if c.name in ("fvd", "fvd-py"):
                 jobs.append(
-                    ("translate", "translate", c, lambda c=c: [wl.measure_translate(c, scale)])
+                    (
+                        "translate",
+                        "translate",
+                        c,
+                        functools.partial(lambda c: [wl.measure_translate(c, scale)], c),
+                    )
                 )
     jobs += _backup_jobs(scale, names, workdir, want)
     try:
@@ -291,7 +311,22 @@ def run_all(scale, names, workdir, keys=None, progress=True):
     return merge_rounds(results)
 
 
-def _backup_jobs(scale, names, workdir, want):
+def _io_cell(w: wl.IoWorkload, c: impls.Contender, workdir: str, rep: int) -> list[wl.Result]:
+    """One round of an I/O row: in this process, or through QEMU (I/O counted in round 1)."""
+    if c.python:
+        return [wl.measure_io(w, c, workdir, 1)]
+    result: wl.Result = _qemu().measure_io_qemu(w, c, workdir, 1, counts=rep == 0)
+    return [result]
+
+
+def _snapshot_cell(c: impls.Contender, workdir: str, count: int, data_ops: int) -> list[wl.Result]:
+    if c.python:
+        return wl.measure_snapshots(c, workdir, count, data_ops)
+    results: list[wl.Result] = _qemu().measure_snapshots_qemu(c, workdir, count, data_ops)
+    return results
+
+
+def _backup_jobs(scale: wl.Scale, names: Sequence[str], workdir: str, want: Want) -> list[Job]:
     """Rows of the backup data path (fvd.bench.backup): fvd only, and ovirt-imageio's
     checksum in the raw column."""
 
@@ -300,7 +335,7 @@ def _backup_jobs(scale, names, workdir, want):
     fvd_c = impls.BY_NAME["fvd"]
     sz = bb.sizes(scale.ops < wl.Scale().ops)  # --quick: smaller images
     show = lambda msg: _progress(True, msg)  # noqa: E731
-    jobs = []
+    jobs: list[Job] = []
     if want("changed-extents"):
         jobs.append(
             (
@@ -331,10 +366,10 @@ def _backup_jobs(scale, names, workdir, want):
     return jobs
 
 
-def merge_rounds(results):
+def merge_rounds(results: list[wl.Result]) -> list[wl.Result]:
     """One Result per (workload, implementation): median value and time over the rounds,
     I/O counts from the round that has them."""
-    groups = {}
+    groups: dict[tuple[str, str], list[wl.Result]] = {}
     for r in results:
         groups.setdefault((r.workload, r.impl), []).append(r)
     merged = []
@@ -352,7 +387,7 @@ def merge_rounds(results):
             wl.Result(
                 first.workload,
                 first.impl,
-                statistics.median(r.value for r in ok),
+                statistics.median(r.value for r in ok if r.value is not None),
                 first.unit,
                 first.higher_is_better,
                 first.ops,
@@ -364,13 +399,13 @@ def merge_rounds(results):
     return merged
 
 
-def _qemu():
+def _qemu() -> ModuleType:
 
     return bench_qemu
 
 
 # ----- reporting -----------------------------------------------------------------------
-def advantage(fvd_result, other):
+def advantage(fvd_result: Optional[wl.Result], other: Optional[wl.Result]) -> Optional[float]:
     """How many times better FVD is than `other` (>1: FVD better)."""
     if fvd_result is None or other is None or not fvd_result.value or not other.value:
         return None
@@ -379,15 +414,15 @@ def advantage(fvd_result, other):
     return other.value / fvd_result.value
 
 
-def _counts_cell(r, kind="write"):
+def _counts_cell(r: Optional[wl.Result], kind: str = "write") -> str:
     c = r.counts if r else None
     if not c:
         return ""
 
-    def n(x):
+    def n(x: float) -> str:
         return f"{x:.3g}"
 
-    def b(x):
+    def b(x: float) -> str:
         for div, suf in ((1 << 20, "M"), (1 << 10, "K")):
             if x >= div * 0.995:
                 return f"{x / div:.3g}{suf}"
@@ -409,11 +444,18 @@ def _counts_cell(r, kind="write"):
     return " ".join(parts)
 
 
-def index(results):
+def index(results: list[wl.Result]) -> dict[tuple[str, str], wl.Result]:
     return {(r.workload, r.impl): r for r in results}
 
 
-def text_table(results, scale, names, info, workdir, quick=False):
+def text_table(
+    results: list[wl.Result],
+    scale: wl.Scale,
+    names: Sequence[str],
+    info: dict[str, Any],
+    workdir: str,
+    quick: bool = False,
+) -> str:
     idx = index(results)
     rows = [(k, t) for k, t in row_titles(scale) if any((k, n) in idx for n in names)]
     cols = [n for n in names if any((k, n) in idx for k, _ in rows)]
@@ -462,7 +504,7 @@ def text_table(results, scale, names, info, workdir, quick=False):
         out.append(line.rstrip())
         if cline.strip() != "I/O per op":
             out.append(cline.rstrip())
-    notes = {}
+    notes: dict[str, set[str]] = {}
     for r in results:
         if r.value is None and r.note:
             notes.setdefault(r.note, set()).add(r.impl)
@@ -478,12 +520,12 @@ def text_table(results, scale, names, info, workdir, quick=False):
     return "\n".join(out)
 
 
-def targets(results):
+def targets(results: list[wl.Result]) -> list[Target]:
     """The issue's targets, each with its measured ratio and met / MISS / n/a."""
     idx = index(results)
-    out = []
+    out: list[Target] = []
 
-    def ratio(key, a, b, minimum, text):
+    def ratio(key: str, a: str, b: str, minimum: float, text: str) -> None:
         ra, rb = idx.get((key, a)), idx.get((key, b))
         x = None
         if ra and rb and ra.value and rb.value:
@@ -582,7 +624,7 @@ def targets(results):
     return out
 
 
-def plot(results, names, scale, path):
+def plot(results: list[wl.Result], names: Sequence[str], scale: wl.Scale, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -612,7 +654,7 @@ def plot(results, names, scale, path):
     plt.close(fig)
 
 
-def load(path):
+def load(path: str) -> tuple[list[wl.Result], wl.Scale, list[str], dict[str, Any], float]:
     """(results, scale, names, info, seconds) of a run saved with --output=json."""
     with open(path) as f:
         doc = json.load(f)
@@ -635,7 +677,7 @@ def load(path):
     return results, wl.Scale(**sc), doc["implementations"], doc["machine"], doc["seconds"]
 
 
-def _show_saved(args):
+def _show_saved(args: argparse.Namespace) -> int:
     try:
         results, scale, names, info, elapsed = load(args.load)
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -661,7 +703,7 @@ def _show_saved(args):
     return 0
 
 
-def run(args):
+def run(args: argparse.Namespace) -> int:
     """`fvd bench`; returns the exit code."""
     if getattr(args, "plot", None):
         try:
@@ -732,7 +774,7 @@ def run(args):
     return 1 if failed else 0
 
 
-def main(argv=None):
+def main(argv: Optional[list[str]] = None) -> int:
     """Standalone entry point: python -m fvd.bench."""
     parser = add_arguments(argparse.ArgumentParser(prog="fvd bench"))
     return run(parser.parse_args(argv))

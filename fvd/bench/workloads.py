@@ -7,17 +7,19 @@ before the timed part). `IoCase` runs it against an in-process contender in thre
 description through qemu-io.
 """
 
+from __future__ import annotations
+
 import os
 import random
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
 from fvd import _impl
-from fvd.bench.impls import Unavailable
+from fvd.bench.impls import Contender, Handle, Unavailable
 from fvd.units import GiB, KiB, MiB
 
 DISK = 8 * GiB
@@ -25,6 +27,8 @@ PATTERN = 0xAB
 READ_PASSES = 5  # in-process read workloads: best of this many passes
 
 # per-operation counters reported beside every time (keys of img.stats, summed sensibly)
+Counts = dict[str, Union[int, float]]  # img.stats as a dict (or deltas of one)
+
 COUNT_KEYS = (
     "writes",
     "bytes_written",
@@ -37,7 +41,7 @@ COUNT_KEYS = (
 )
 
 
-def per_op_counts(before, after, ops):
+def per_op_counts(before: Counts, after: Counts, ops: int) -> dict[str, float]:
     """Stats deltas divided by ops, with writes = data + metadata writes."""
     d = {k: after[k] - before[k] for k in after}
     total = {
@@ -53,8 +57,8 @@ def per_op_counts(before, after, ops):
     return {k: (v / ops if ops else 0.0) for k, v in total.items()}
 
 
-def stats_dict(stats):
-    d = stats.as_dict() if hasattr(stats, "as_dict") else dict(vars(stats))
+def stats_dict(stats: Any) -> Counts:
+    d: Counts = stats.as_dict() if hasattr(stats, "as_dict") else dict(vars(stats))
     for k in (
         "data_reads",
         "data_bytes_read",
@@ -74,15 +78,15 @@ def stats_dict(stats):
 class Result:
     workload: str
     impl: str
-    value: object  # float, or None when not measured
+    value: Optional[float]  # None when not measured
     unit: str
     higher_is_better: bool = True
     ops: int = 0
     seconds: float = 0.0
-    counts: dict = field(default_factory=dict)  # per operation
+    counts: dict[str, float] = field(default_factory=dict)  # per operation
     note: str = ""
 
-    def as_dict(self):
+    def as_dict(self) -> dict[str, Any]:
         return {
             "workload": self.workload,
             "impl": self.impl,
@@ -106,7 +110,7 @@ class Scale:
     seq_mib: int = 256  # MiB for sequential 1 MiB I/O
     translate: int = 1 << 20  # lookups for the translation rate (cython)
     translate_py: int = 1 << 18  # lookups for the python twin
-    snapshots: tuple = (1, 100, 1000)
+    snapshots: tuple[int, ...] = (1, 100, 1000)
     snap_data_ops: int = 256  # allocated 4 KiB writes under the snapshots
     open_ops: int = 2048  # allocated chunks when timing open
     repeat: int = 3
@@ -114,7 +118,7 @@ class Scale:
     convert_mib: int = 1024  # virtual size of the convert rows' image (30% data)
 
     @classmethod
-    def quick(cls):
+    def quick(cls) -> Scale:
         return cls(
             ops=128,
             reads=4096,
@@ -128,10 +132,10 @@ class Scale:
             convert_mib=128,
         )
 
-    def scaled(self, factor):
+    def scaled(self, factor: float) -> Scale:
         """Every count multiplied by factor (at least 1): FVD_BENCH_SCALE for CI."""
 
-        def s(n):
+        def s(n: float) -> int:
             return max(1, int(n * factor))
 
         return Scale(
@@ -157,7 +161,7 @@ class IoWorkload:
     title: str
     kind: str  # "write" or "read"
     length: int
-    offsets: list
+    offsets: list[int]
     cache: str = "writethrough"
     flush_every: int = 0  # writeback: flush every N writes (and once at the end)
     pre_offsets: Sequence[int] = ()  # written (untimed) before, `pre_length` each
@@ -167,7 +171,7 @@ class IoWorkload:
     unit: str = "ops/s"
     needs_snapshots: bool = False
 
-    def stride(self):
+    def stride(self) -> Optional[tuple[int, int, int, int]]:
         """(start, step, count, passes) when the offsets are one arithmetic progression,
         possibly repeated whole (read passes): `qemu-img bench` can then run the loop
         inside QEMU. None otherwise (random offsets go through qemu-io)."""
@@ -188,10 +192,10 @@ class IoWorkload:
         return offs[0], step, n, len(offs) // n
 
     @property
-    def mode(self):
+    def mode(self) -> str:
         return "wt" if self.cache == "writethrough" else f"wb/{self.flush_every}"
 
-    def value(self, seconds):
+    def value(self, seconds: float) -> Optional[float]:
         n = len(self.offsets)
         if seconds <= 0:
             return None
@@ -200,7 +204,7 @@ class IoWorkload:
         return n / seconds
 
 
-def random_offsets(n, size=DISK, seed=1):
+def random_offsets(n: int, size: int = DISK, seed: int = 1) -> list[int]:
     """n random 4 KiB-aligned offsets, each in a different 1 MiB chunk (so: allocating)."""
     rng = random.Random(seed)
     n = min(n, size // MiB)
@@ -208,13 +212,13 @@ def random_offsets(n, size=DISK, seed=1):
     return [c * MiB + rng.randrange(MiB // (4 * KiB)) * 4 * KiB for c in chunks]
 
 
-def strided_offsets(n, size=DISK, step=MiB):
+def strided_offsets(n: int, size: int = DISK, step: int = MiB) -> list[int]:
     """n offsets one `step` apart: one 4 KiB op per 1 MiB chunk, each allocating on first
     write, and expressible as `qemu-img bench -o 0 -S 1M` so QEMU runs the loop itself."""
     return [i * step for i in range(min(n, size // step))]
 
 
-def io_workloads(scale):
+def io_workloads(scale: Scale) -> list[IoWorkload]:
     offs = strided_offsets(scale.ops)
     rng = random.Random(3)
     reads = [rng.choice(offs) for _ in range(scale.reads)]
@@ -310,14 +314,14 @@ def io_workloads(scale):
     return w
 
 
-def _fill(handle, offsets, length):
+def _fill(handle: Handle, offsets: Sequence[int], length: int) -> None:
     data = bytes([PATTERN]) * length
     for off in offsets:
         handle.write(off, data)
     handle.flush()
 
 
-def snapshot_error(e):
+def snapshot_error(e: BaseException) -> Optional[Unavailable]:
     """Map 'snapshots not written yet' to Unavailable; re-raise real errors."""
     if isinstance(e, (ImportError, NotImplementedError, AttributeError)):
         return Unavailable(f"snapshots not available ({type(e).__name__}: {e})")
@@ -327,13 +331,13 @@ def snapshot_error(e):
 class IoCase:
     """One fresh run of an I/O workload against an in-process contender."""
 
-    def __init__(self, workload, contender, workdir):
+    def __init__(self, workload: IoWorkload, contender: Contender, workdir: str) -> None:
         self.w = workload
         self.c = contender
         self.path = os.path.join(workdir, f"bench-{contender.name}-{os.getpid()}-{id(self)}.img")
-        self.handle = None
+        self.handle: Optional[Handle] = None
 
-    def setup(self):
+    def setup(self) -> IoCase:
         """Create the image, do the untimed part, open it for the timed part."""
         w, c = self.w, self.c
         reason = c.available()
@@ -364,9 +368,10 @@ class IoCase:
         self.before = stats_dict(self.handle.stats)
         return self
 
-    def run(self):
+    def run(self) -> int:
         """The timed part; returns the number of operations."""
         w, h = self.w, self.handle
+        assert h is not None  # opened by setup()
         offs = w.offsets
         if w.kind == "read":
             buf, readinto = self.buf, h.readinto
@@ -390,17 +395,18 @@ class IoCase:
                     write(off, data)
         return len(offs)
 
-    def verify(self):
+    def verify(self) -> bool:
         """After run(): the data the workload wrote (or read) is what it should be."""
         if not self.w.offsets:
             return True
         if self.w.kind == "read":
             return self.buf == bytes([PATTERN]) * self.w.length
         buf = bytearray(self.w.length)
+        assert self.handle is not None  # opened by setup()
         self.handle.readinto(self.w.offsets[-1], buf)
         return buf == self.data
 
-    def finish(self):
+    def finish(self) -> dict[str, float]:
         """Per-op I/O counts of the timed part; closes and removes the image."""
         counts = {}
         if self.handle is not None:
@@ -411,11 +417,11 @@ class IoCase:
         self.cleanup()
         return counts
 
-    def cleanup(self):
+    def cleanup(self) -> None:
         _discard(self)
 
 
-def _discard(run):
+def _discard(run: Union[IoCase, SnapshotCase]) -> None:
     """Close a run's handle (if still open) and remove its image file."""
     if run.handle is not None:
         try:
@@ -429,9 +435,10 @@ def _discard(run):
         pass
 
 
-def measure_io(workload, contender, workdir, repeat=1):
+def measure_io(workload: IoWorkload, contender: Contender, workdir: str, repeat: int = 1) -> Result:
     """Median of `repeat` fresh runs -> Result."""
-    times, counts = [], None
+    times: list[float] = []
+    counts: dict[str, float] = {}
     for _ in range(repeat):
         case = IoCase(workload, contender, workdir)
         try:
@@ -444,6 +451,7 @@ def measure_io(workload, contender, workdir, repeat=1):
                 case.run()
                 t = time.perf_counter() - t0
                 best = t if best is None else min(best, t)
+            assert best is not None  # passes >= 1
             times.append(best)
             c = case.finish()
             if passes > 1:
@@ -469,7 +477,9 @@ def measure_io(workload, contender, workdir, repeat=1):
 
 
 # ----- translation rate (core target of issue 2) -----------------------------------------
-def translate_case(implementation, lookups, nchunks=8192, seed=4):
+def translate_case(
+    implementation: str, lookups: int, nchunks: int = 8192, seed: int = 4
+) -> tuple[Any, np.ndarray, np.ndarray]:
     """A ChunkMap over a fully allocated table and `lookups` random chunk indexes."""
     mod = _impl.MODULES.get(implementation)
     if mod is None:
@@ -482,12 +492,12 @@ def translate_case(implementation, lookups, nchunks=8192, seed=4):
     return cmap, vchunks, out
 
 
-def check_translation(cmap, vchunks, out):
+def check_translation(cmap: Any, vchunks: np.ndarray, out: np.ndarray) -> bool:
     expect = cmap.data_offset + cmap.table[vchunks].astype(np.int64) * cmap.chunk_size
     return bool(np.array_equal(out, expect))
 
 
-def measure_translate(contender, scale):
+def measure_translate(contender: Contender, scale: Scale) -> Result:
     impl = "cython" if contender.name == "fvd" else "python"
     lookups = scale.translate if impl == "cython" else scale.translate_py
     try:
@@ -500,6 +510,7 @@ def measure_translate(contender, scale):
         cmap.translate(vchunks, out)
         t = time.perf_counter() - t0
         best = t if best is None else min(best, t)
+    assert best is not None  # at least one round
     if not check_translation(cmap, vchunks, out):
         raise AssertionError(f"{impl} translate gave wrong host offsets")
     return Result("translate", contender.name, lookups / best, "lookups/s", True, lookups, best, {})
@@ -509,14 +520,14 @@ def measure_translate(contender, scale):
 class SnapshotCase:
     """An image with data; the timed parts create then delete `count` snapshots."""
 
-    def __init__(self, contender, workdir, count, data_ops):
+    def __init__(self, contender: Contender, workdir: str, count: int, data_ops: int) -> None:
         self.c = contender
         self.count = count
         self.data_ops = data_ops
         self.path = os.path.join(workdir, f"snap-{contender.name}-{os.getpid()}-{id(self)}.img")
-        self.handle = None
+        self.handle: Optional[Handle] = None
 
-    def setup(self):
+    def setup(self) -> SnapshotCase:
         reason = self.c.available()
         if reason:
             raise Unavailable(reason)
@@ -530,7 +541,8 @@ class SnapshotCase:
         self.before = stats_dict(self.handle.stats)
         return self
 
-    def create_all(self):
+    def create_all(self) -> int:
+        assert self.handle is not None  # opened by setup()
         cs = self.handle.create_snapshot
         try:
             for i in range(self.count):
@@ -542,23 +554,27 @@ class SnapshotCase:
             raise err from None
         return self.count
 
-    def delete_all(self):
+    def delete_all(self) -> int:
+        assert self.handle is not None  # opened by setup()
         ds = self.handle.delete_snapshot
         for i in range(self.count):
             ds(f"s{i}")
         return self.count
 
-    def counts(self):
+    def counts(self) -> dict[str, float]:
+        assert self.handle is not None  # opened by setup()
         after = stats_dict(self.handle.stats)
         c = per_op_counts(self.before, after, self.count)
         self.before = after
         return c
 
-    def cleanup(self):
+    def cleanup(self) -> None:
         _discard(self)
 
 
-def measure_snapshots(contender, workdir, count, data_ops):
+def measure_snapshots(
+    contender: Contender, workdir: str, count: int, data_ops: int
+) -> list[Result]:
     """Two Results: ms per create and ms per delete with `count` snapshots."""
     kc, kd = f"snap-create-x{count}", f"snap-delete-x{count}"
     case = SnapshotCase(contender, workdir, count, data_ops)
@@ -583,7 +599,7 @@ def measure_snapshots(contender, workdir, count, data_ops):
 
 
 # ----- open time ------------------------------------------------------------------------
-def measure_open(contender, workdir, data_ops, repeat=5):
+def measure_open(contender: Contender, workdir: str, data_ops: int, repeat: int = 5) -> Result:
     key = "open"
     reason = contender.available()
     if reason:

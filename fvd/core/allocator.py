@@ -14,7 +14,10 @@ that started before the release is still in flight). Otherwise a reader could re
 fast write land in, the chunk after another virtual chunk reused it.
 """
 
+from __future__ import annotations
+
 import heapq
+from typing import Callable, Iterable, Optional, Protocol
 
 import numpy as np
 
@@ -22,19 +25,33 @@ from fvd.ondisk.format import MAX_PHYS_CHUNKS, ZERO_CHUNK
 from fvd.units import index_runs
 
 
+class Grace(Protocol):
+    """The chunk map's epoch counter (fvd._impl ChunkMap) that gates reuse."""
+
+    @property
+    def epoch(self) -> int: ...
+
+    def try_advance(self) -> bool: ...
+
+
 class ChunkAllocator:
-    def __init__(self, in_use, punch, grace=None):
+    def __init__(
+        self,
+        in_use: np.ndarray,
+        punch: Callable[[int, int], object],
+        grace: Optional[Grace] = None,
+    ) -> None:
         """`in_use`: bool array over physical chunks; `punch(first, count)` zeroes chunks;
         `grace`: the chunk map whose epoch gates reuse (None: reuse at once)."""
         used = np.flatnonzero(in_use)
         self.end = int(used[-1]) + 1 if len(used) else 0
         self.free = np.flatnonzero(~in_use[: self.end]).tolist()  # sorted: a valid heap
-        self.pending = []
-        self.retired = []  # (epoch, index): released, not yet reusable
+        self.pending: list[int] = []
+        self.retired: list[tuple[int, int]] = []  # (epoch, index): released, not yet reusable
         self.punch = punch
         self.grace = grace
 
-    def allocate(self):
+    def allocate(self) -> int:
         if self.retired:
             self.reclaim()
         if self.free:
@@ -44,7 +61,7 @@ class ChunkAllocator:
         self.end += 1
         return self.end - 1
 
-    def allocate_run(self, count):
+    def allocate_run(self, count: int) -> int:
         """`count` contiguous chunks at the end of the data area (snapshot metadata)."""
         first = self.end
         if first + count > MAX_PHYS_CHUNKS:
@@ -52,19 +69,19 @@ class ChunkAllocator:
         self.end += count
         return first
 
-    def release(self, index):
+    def release(self, index: int) -> None:
         """The chunk is no longer used; reusable after the next durable journal write."""
         self.pending.append(index)
 
-    def release_now(self, indexes):
+    def release_now(self, indexes: Iterable[int]) -> None:
         """Chunks whose release is already durable (e.g. after a header commit)."""
         self._retire(list(indexes))
 
-    def commit_frees(self):
+    def commit_frees(self) -> None:
         pending, self.pending = self.pending, []
         self._retire(pending)
 
-    def abandon(self, indexes):
+    def abandon(self, indexes: Iterable[int]) -> None:
         """Chunks allocated for an operation that failed before anything pointed at them:
         free again at once (the tail is given back to the end of the data area)."""
         rest = []
@@ -78,14 +95,14 @@ class ChunkAllocator:
         except OSError:
             pass  # cannot punch: leaked (check -r leaks reclaims them)
 
-    def _retire(self, indexes):
+    def _retire(self, indexes: list[int]) -> None:
         if not indexes:
             return
         epoch = self.grace.epoch if self.grace is not None else 0
         self.retired.extend((epoch, i) for i in indexes)
         self.reclaim()
 
-    def reclaim(self):
+    def reclaim(self) -> None:
         """Free the retired chunks no call in flight can still reach."""
         if self.grace is None:
             ready, self.retired = [i for _, i in self.retired], []
@@ -102,7 +119,7 @@ class ChunkAllocator:
                 self.retired.extend((0, i) for i in ready)  # punch again next time
                 raise
 
-    def quiesce(self, sleep):
+    def quiesce(self, sleep: Callable[[float], object]) -> None:
         """Wait until no call that started before now is in flight; free what retired."""
         g = self.grace
         if g is not None:
@@ -112,14 +129,14 @@ class ChunkAllocator:
                     sleep(0.0001)
         self.reclaim()
 
-    def _give_back(self, indexes):
+    def _give_back(self, indexes: list[int]) -> None:
         for first, count in index_runs(sorted(indexes)):
             self.punch(first, count)
         for i in indexes:
             heapq.heappush(self.free, i)
 
 
-def front_usage(table, nphys):
+def front_usage(table: np.ndarray, nphys: int) -> np.ndarray:
     """How many virtual chunks of the front point at each physical chunk."""
     entries = table[table < ZERO_CHUNK]
     return np.bincount(entries, minlength=nphys)

@@ -16,12 +16,24 @@ The whole bitmap is written only at a checkpoint, which syncs the data first, so
 on disk never names data that could still be lost.
 """
 
+from __future__ import annotations
+
 import zlib
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
-def set_bits(arr, first, count):
+
+class MetaWriter(Protocol):
+    """Where the bitmap region is written (fvd.core.image.ImageCore)."""
+
+    def write_meta(self, offset: int, data: bytes) -> object: ...
+
+
+def set_bits(arr: np.ndarray, first: int, count: int) -> None:
     """Set `count` bits from bit `first` in the uint8 array."""
     if count <= 0:
         return
@@ -36,51 +48,51 @@ def set_bits(arr, first, count):
     arr[i1] |= (1 << (((end - 1) & 7) + 1)) - 1
 
 
-def get_bits(arr, first, end):
+def get_bits(arr: np.ndarray, first: int, end: int) -> np.ndarray:
     """Bool array of the bits [first, end)."""
     raw = np.unpackbits(arr[first >> 3 : ((end - 1) >> 3) + 1], bitorder="little")
     skip = first & 7
     return raw[skip : skip + end - first].view(bool)
 
 
-def all_set(arr, first, end):
+def all_set(arr: np.ndarray, first: int, end: int) -> bool:
     if end - first == 1:
         return bool(arr[first >> 3] >> (first & 7) & 1)
     return bool(get_bits(arr, first, end).all())
 
 
 class Bitmap:
-    def __init__(self, raw, nblocks, offset):
+    def __init__(self, raw: Buffer, nblocks: int, offset: int) -> None:
         self.offset = offset
         self.nblocks = nblocks
         self.fresh = np.frombuffer(bytes(raw), dtype=np.uint8).copy()
         self.stale = self.fresh.copy()
 
     # Called by journal replay and by guest writes: durable bits.
-    def set_range(self, first_block, count):
+    def set_range(self, first_block: int, count: int) -> None:
         set_bits(self.fresh, first_block, count)
         set_bits(self.stale, first_block, count)
 
-    def set_soft(self, first_block, count):
+    def set_soft(self, first_block: int, count: int) -> None:
         """Copy-on-read / prefetch: in memory only, lost (harmlessly) in a crash."""
         set_bits(self.fresh, first_block, count)
 
-    def clear_range(self, first_block, count):
+    def clear_range(self, first_block: int, count: int) -> None:
         """Repair only: the blocks read from the base again."""
         for arr in (self.fresh, self.stale):
             for b in range(first_block, first_block + count):
                 arr[b >> 3] &= ~(1 << (b & 7)) & 0xFF
 
-    def fresh_bits(self, first, end):
+    def fresh_bits(self, first: int, end: int) -> np.ndarray:
         return get_bits(self.fresh, first, end)
 
-    def stale_bits(self, first, end):
+    def stale_bits(self, first: int, end: int) -> np.ndarray:
         return get_bits(self.stale, first, end)
 
-    def count_present(self):
+    def count_present(self) -> int:
         return int(np.count_nonzero(get_bits(self.fresh, 0, self.nblocks))) if self.nblocks else 0
 
-    def write(self, img):
+    def write(self, img: MetaWriter) -> int:
         """Write the whole region (the caller synced the data first); returns its crc32."""
         self.stale[:] = self.fresh
         data = self.fresh.tobytes()

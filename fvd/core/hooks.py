@@ -8,9 +8,11 @@ Nothing here imports a feature: the dependency points down.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional, Protocol
+from typing import Any, Callable, Iterable, Iterator, Optional, Protocol
 
 import numpy as np
+
+from fvd.types import CheckResult, Extent
 
 Record = Any  # a packed journal record (fvd.core.journal)
 
@@ -50,6 +52,11 @@ class BaseHook(Protocol):
 
     def zero_bits(self, first: int, last: int) -> list[Record]: ...
 
+    # fvd.ops.extents: extents of a run the table maps to `host`, or leaves unallocated
+    def segments_in_chunk(self, start: int, stop: int, host: int) -> Iterator[Extent]: ...
+
+    def segments_below(self, start: int, stop: int) -> Iterator[Extent]: ...
+
     def before_close(self) -> None: ...
 
     def close(self) -> None: ...
@@ -58,6 +65,8 @@ class BaseHook(Protocol):
 class SnapshotHook(Protocol):
     """Internal snapshots (fvd.features.snapshots.SnapshotState)."""
 
+    entries: list[Any]  # fvd.features.snapshots._Entry, in id order (fvd.ops.info)
+
     def meta_mask(self, nphys: int) -> np.ndarray: ...
 
     def mark_used(self, used: np.ndarray) -> np.ndarray: ...
@@ -65,6 +74,8 @@ class SnapshotHook(Protocol):
     def copy_chunk(
         self, img: Any, v: int, source: int, new: int, offset: int, length: int
     ) -> Iterable[Record]: ...
+
+    def check(self, img: Any, result: CheckResult, repair: bool) -> None: ...
 
 
 class PartialHook(Protocol):
@@ -82,6 +93,13 @@ class PartialHook(Protocol):
     def write(self, img: Any, offset: int, data: memoryview) -> int: ...
 
     def forget(self, start: int, count: int) -> None: ...
+
+    # fvd.ops.extents: the slot of a partial virtual chunk, and its (start, end, host) runs
+    def slot_of(self, v: int) -> Optional[int]: ...
+
+    def host_runs(
+        self, k: int, entry: int, start: int, stop: int, chunk_start: int, data_offset: int
+    ) -> Iterator[tuple[int, int, int]]: ...
 
     def replay(self, table: np.ndarray, start: int, count: int, payload: Any) -> None: ...
 

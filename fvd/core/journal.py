@@ -10,6 +10,7 @@ fvd.ondisk.fvd_records; the struct twins derived there pack them here.
 
 import os
 import zlib
+from typing import Any, Iterable, Iterator, Optional
 
 from fvd.errors import CorruptImageError
 from fvd.fileio import full_pwrite
@@ -27,10 +28,11 @@ PAYLOAD = SECTOR - SECTOR_HEAD.size
 TABLE_ENTRIES_PER_SECTOR = (PAYLOAD - RECORD_HEAD.size) // fr.S_TABLE_ENTRY.size
 
 
-def table_records(changes):
+def table_records(changes: dict[int, int]) -> list[bytes]:
     """Records setting table entries; `changes` maps virtual chunk -> new entry."""
     out = []
-    run_start, run = None, []
+    run_start = 0  # set by the first entry of each run
+    run: list[int] = []
     for v in sorted(changes):
         if run and (v != run_start + len(run) or len(run) == TABLE_ENTRIES_PER_SECTOR):
             out.append(_table_record(run_start, run))
@@ -43,32 +45,34 @@ def table_records(changes):
     return out
 
 
-def _table_record(first, entries):
+def _table_record(first: int, entries: list[int]) -> bytes:
     return RECORD_HEAD.pack(REC_TABLE, len(entries), first) + array_struct(
         fr.TableEntry, len(entries)
     ).pack(*entries)
 
 
-def bitmap_record(first_block, count):
+def bitmap_record(first_block: int, count: int) -> bytes:
     """Record setting `count` bitmap bits from `first_block` (blocks now in the image)."""
     return RECORD_HEAD.pack(REC_BITMAP, count, first_block)
 
 
-def data_crc_record(host_offset, length, crc):
+def data_crc_record(host_offset: int, length: int, crc: int) -> bytes:
     """Record naming data the transaction depends on: replay drops the transaction if the
     bytes at host_offset do not have this crc32 (the data write did not reach the disk)."""
     return RECORD_HEAD.pack(REC_DATA_CRC, length, host_offset) + DATA_CRC_PAYLOAD.pack(crc)
 
 
-def granule_record(first_granule, count, chunk, source):
+def granule_record(first_granule: int, count: int, chunk: int, source: int) -> bytes:
     """Record setting `count` granule bits from global granule `first_granule` (all in
     one virtual chunk) of partial chunk `chunk`, whose unset granules read `source`."""
     return RECORD_HEAD.pack(REC_GRANULE, count, first_granule) + GRANULE_PAYLOAD.pack(chunk, source)
 
 
-def pack_transaction(records, epoch, first_seq):
+def pack_transaction(records: Iterable[bytes], epoch: int, first_seq: int) -> bytes:
     """Pack records into sectors; the sectors of one transaction count down to 0."""
-    groups, cur, used = [], [], 0
+    groups: list[list[bytes]] = []
+    cur: list[bytes] = []
+    used = 0
     for rec in records:
         if used + len(rec) > PAYLOAD:
             groups.append(cur)
@@ -94,16 +98,16 @@ def pack_transaction(records, epoch, first_seq):
 class Journal:
     """Appends transactions to the journal region; the owner checkpoints when full."""
 
-    def __init__(self, fd, offset, size, epoch, stats):
+    def __init__(self, fd: int, offset: int, size: int, epoch: int, stats: Any) -> None:
         self.fd, self.offset, self.size = fd, offset, size
         self.epoch = epoch
         self.stats = stats
         self.next_seq = 0
 
-    def fits(self, nbytes):
+    def fits(self, nbytes: int) -> bool:
         return (self.next_seq * SECTOR + nbytes) <= self.size
 
-    def append(self, records):
+    def append(self, records: list[bytes]) -> bool:
         """Write the records as one transaction (one write); False if it does not fit."""
         data = pack_transaction(records, self.epoch, self.next_seq)
         if not self.fits(len(data)):
@@ -115,12 +119,14 @@ class Journal:
         self.stats.journal_records += len(records)
         return True
 
-    def restart(self, epoch):
+    def restart(self, epoch: int) -> None:
         self.epoch = epoch
         self.next_seq = 0
 
 
-def read_transactions(fd, path, offset, size, epoch):
+def read_transactions(
+    fd: int, path: str, offset: int, size: int, epoch: int
+) -> Iterator[list[tuple[int, int, int, Any]]]:
     """Yield the committed transactions (lists of (type, count, start, payload)) in order."""
     pending = []
     seq = 0
@@ -141,7 +147,7 @@ def read_transactions(fd, path, offset, size, epoch):
             return
 
 
-def range_crc(fd, offset, length, piece=1 << 20):
+def range_crc(fd: int, offset: int, length: int, piece: int = 1 << 20) -> Optional[int]:
     """crc32 of `length` bytes at `offset`, read in bounded pieces; None when the file
     ends first (the bytes never reached the disk)."""
     crc = 0
@@ -155,7 +161,9 @@ def range_crc(fd, offset, length, piece=1 << 20):
     return crc
 
 
-def _valid_sector(sector, epoch, seq, path, where):
+def _valid_sector(
+    sector: bytes, epoch: int, seq: int, path: str, where: int
+) -> Optional[tuple[int, ...]]:
     if len(sector) < SECTOR:
         return None
     head = SECTOR_HEAD.unpack_from(sector)
@@ -170,9 +178,9 @@ def _valid_sector(sector, epoch, seq, path, where):
     return head
 
 
-def _records(sector, nrec, path, where):
+def _records(sector: bytes, nrec: int, path: str, where: int) -> list[tuple[int, int, int, Any]]:
     pos = SECTOR_HEAD.size
-    out = []
+    out: list[tuple[int, int, int, Any]] = []
     for _ in range(nrec):
         if pos + RECORD_HEAD.size > SECTOR:
             raise CorruptImageError(path, where + pos, "journal record overruns its sector")

@@ -8,10 +8,10 @@ then fails to open or to check clean (docs/format.md, "Validation, check and rep
 """
 
 import os
-from typing import Any
 
 import numpy as np
 
+from fvd.core.image import ImageCore
 from fvd.features.base import check_bitmap
 from fvd.features.granular import check_partial
 from fvd.fileio import has_data
@@ -20,7 +20,7 @@ from fvd.types import CheckResult
 from fvd.units import index_runs
 
 
-def check_image(img: Any, repair: bool = False) -> CheckResult:
+def check_image(img: ImageCore, repair: bool = False) -> CheckResult:
     img.check_open()
     repair = repair and not img.read_only
     result = _scan(img, repair)
@@ -37,7 +37,7 @@ def check_image(img: Any, repair: bool = False) -> CheckResult:
     return after
 
 
-def _scan(img, repair):
+def _scan(img: ImageCore, repair: bool) -> CheckResult:
     result = CheckResult(messages=[])
     for offset, what, count in img.problems:
         result.corruptions += count
@@ -55,7 +55,7 @@ def _scan(img, repair):
     return result
 
 
-def _repair_front(img, result):
+def _repair_front(img: ImageCore, result: CheckResult) -> None:
     """Check-mode problems of the front: entries past the end already read as zeros in
     memory; chunks shared with another entry or with snapshot metadata get a copy of
     their bytes in a new chunk; then a checkpoint writes table, bitmap and header
@@ -84,14 +84,14 @@ def _repair_front(img, result):
     img.problems, img.relocate, img.lost = [], set(), 0
 
 
-def reopen_failed(result, error):
+def reopen_failed(result: CheckResult, error: BaseException) -> None:
     """A repaired image that does not open: not ok, whatever the repair counted."""
     result.corruptions = max(result.corruptions, 1)
     result.corruptions_fixed = 0
     result.messages.append(f"ERROR the repaired image does not open: {error}")
 
 
-def merge_reopen(result, after):
+def merge_reopen(result: CheckResult, after: CheckResult) -> None:
     """What a check of the reopened, repaired image still finds counts against it."""
     if after.corruptions > result.corruptions or after.leaks > result.leaks:
         result.messages.append("ERROR the repaired image does not check clean:")
@@ -100,7 +100,7 @@ def merge_reopen(result, after):
         result.leaks = max(result.leaks, after.leaks)
 
 
-def _check_leaks(img, result, repair):
+def _check_leaks(img: ImageCore, result: CheckResult, repair: bool) -> None:
     """Unused chunks that still hold data, and file space past the last used chunk."""
     cs = img.chunk_size
     data_offset = img.header["data_offset"]

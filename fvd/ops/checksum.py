@@ -19,27 +19,47 @@ import os
 import threading
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
+from typing import TYPE_CHECKING, Any, Optional, Protocol
 
 import numpy as np
 
 from fvd.ops.extents import FLAG_ZERO
+from fvd.types import DiskView
 from fvd.units import flag_runs
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
+Progress = Optional[Callable[[int, int], None]]
+
+
+class Hash(Protocol):
+    """A hashlib object."""
+
+    def update(self, data: Buffer, /) -> None: ...
+
+    def digest(self) -> bytes: ...
+
+    def hexdigest(self) -> str: ...
+
+
+HashFactory = Callable[..., Hash]  # (data=b"") -> Hash
 
 BLOCK_SIZE = 4 << 20
 ALGORITHM = "blake2b"
 DIGEST_SIZE = 32
 
 
-def _hash_factory(algorithm: str):
+def _hash_factory(algorithm: str) -> HashFactory:
     if not isinstance(algorithm, str) or algorithm not in hashlib.algorithms_available:
         known = sorted(a for a in hashlib.algorithms_guaranteed if not a.startswith("shake"))
         raise ValueError(
             f"unknown checksum algorithm {algorithm!r} (choose from {', '.join(known)})"
         )
     try:
-        func = getattr(hashlib, algorithm)
+        func: HashFactory = getattr(hashlib, algorithm)
     except AttributeError:
         func = partial(hashlib.new, algorithm)
     if algorithm.startswith("blake2"):
@@ -67,13 +87,13 @@ def data_blocks(arr: np.ndarray, size: int, block_size: int) -> np.ndarray:
 
 
 def checksum(
-    owner,
+    owner: DiskView,
     block_size: int = BLOCK_SIZE,
     algorithm: str = ALGORITHM,
     *,
     progress: Callable[[int, int], None] | None = None,
     threads: int | None = None,
-) -> dict:
+) -> dict[str, Any]:
     """{"algorithm", "block_size", "checksum"} of the virtual disk of `owner`."""
     if (
         isinstance(block_size, bool)
@@ -111,7 +131,7 @@ def checksum(
     if progress is not None:
         progress(0, size)
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fvd-checksum") as pool:
-        pending: deque = deque()
+        pending: deque[tuple[int, Future[bytes]]] = deque()
         for a, b, data in flag_runs(is_data):
             if not data:
                 while pending:
@@ -127,14 +147,25 @@ def checksum(
     return {"algorithm": algorithm, "block_size": block_size, "checksum": outer.hexdigest()}
 
 
-def _feed(outer, item, block_size, size, progress):
+def _feed(
+    outer: Hash, item: tuple[int, Future[bytes]], block_size: int, size: int, progress: Progress
+) -> None:
     k, future = item
     outer.update(future.result())
     if progress is not None:
         progress(min(size, (k + 1) * block_size), size)
 
 
-def _feed_zeros(outer, func, zero_digest, a, b, block_size, size, progress):
+def _feed_zeros(
+    outer: Hash,
+    func: HashFactory,
+    zero_digest: bytes,
+    a: int,
+    b: int,
+    block_size: int,
+    size: int,
+    progress: Progress,
+) -> None:
     """Blocks [a, b) read as zeros: their digests, without reading or hashing them."""
     full_end = min(b, size // block_size)
     k = a

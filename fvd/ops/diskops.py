@@ -8,7 +8,7 @@ A class using it provides `_mapped()`: the object the operations read the mappin
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
@@ -20,10 +20,25 @@ from fvd.types import Extent
 class DiskOps:
     """Mixed into `fvd.image.Image` and `fvd.image.SnapshotImage`."""
 
+    # What the class provides besides `_mapped()`, so that it is an `fvd.types.DiskView`.
+    path: str
+    size: int
+    read_only: bool
+
+    @property
+    def closed(self) -> bool:
+        raise NotImplementedError
+
+    def readinto(self, offset: int, buffer: Any) -> int:
+        raise NotImplementedError
+
+    def write(self, offset: int, data: Any) -> int:
+        raise NotImplementedError
+
     def _mapped(self) -> MappedDisk:
         raise NotImplementedError
 
-    def extents(self, offset: int = 0, length: Optional[int] = None) -> Any:
+    def extents(self, offset: int = 0, length: Optional[int] = None) -> Iterator[Extent]:
         """Extents covering the range exactly (qemu-img map's vocabulary), merged."""
         return extents.image_extents(self._mapped(), offset, length)
 

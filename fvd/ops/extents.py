@@ -9,10 +9,12 @@ base's own extents (a raw base reports its holes, found with SEEK_DATA/SEEK_HOLE
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from typing import Optional
 
 import numpy as np
 
+from fvd.core.hooks import MappedDisk
 from fvd.ondisk import format as fmt
 from fvd.types import Extent
 
@@ -24,7 +26,7 @@ FLAG_ZERO = 2  # reads as zeros ("zero")
 FLAG_PRESENT = 4  # the chain holds it ("present"); not set for unallocated ranges
 
 
-def _check_range(img, offset, length):
+def _check_range(img: MappedDisk, offset: int, length: Optional[int]) -> int:
     img.check_open()
     if length is None:
         length = img.size - offset
@@ -33,13 +35,15 @@ def _check_range(img, offset, length):
     return length
 
 
-def image_extents(img, offset=0, length=None) -> Iterator[Extent]:
+def image_extents(
+    img: MappedDisk, offset: int = 0, length: Optional[int] = None
+) -> Iterator[Extent]:
     """Iterate Extents covering [offset, offset+length) exactly, equal neighbours merged."""
     length = _check_range(img, offset, length)
     return _merge(_segments(img, offset, offset + length))
 
 
-def extents_array(img, offset: int = 0, length: int | None = None) -> np.ndarray:
+def extents_array(img: MappedDisk, offset: int = 0, length: int | None = None) -> np.ndarray:
     """The same extents as a numpy structured array (EXTENT_DTYPE); offset -1 = none."""
     part = getattr(img, "partial", None)
     if img.base_layer is None and (part is None or not part.active):  # partial chunks split
@@ -57,16 +61,14 @@ def extents_array(img, offset: int = 0, length: int | None = None) -> np.ndarray
             e.depth,
             -1 if e.offset is None else e.offset,
         )
-        for e in (
-            image_extents(img, offset, length)
-            if hasattr(img, "table")
-            else img.extents(offset, length)
-        )
-    ]  # qcow2, raw (fvd.imageio)
+        for e in image_extents(img, offset, length)
+    ]
     return np.array(rows, dtype=EXTENT_DTYPE)
 
 
-def run_arrays(table, first, last):
+def run_arrays(
+    table: np.ndarray, first: int, last: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Runs of chunks [first, last) as arrays (first chunk, end chunk, entry of the first
     chunk). A run is UNALLOCATED chunks, ZERO chunks, or allocated chunks whose physical
     chunks follow each other; runs of the first two kinds never touch one of their own
@@ -107,13 +109,13 @@ def run_arrays(table, first, last):
     )
 
 
-def table_runs(table, first, last):
+def table_runs(table: np.ndarray, first: int, last: int) -> Iterator[tuple[int, int, int]]:
     """The runs of `run_arrays` as (first chunk, end chunk, entry) tuples."""
     s, e, v = run_arrays(table, first, last)
     return zip(s.tolist(), e.tolist(), v.tolist())
 
 
-def _array_no_base(img, start, end):
+def _array_no_base(img: MappedDisk, start: int, end: int) -> np.ndarray:
     """extents_array of an image without a base: one row per table run, no Python
     objects (the runs already are the merged extents)."""
     cs, d = img.chunk_size, img.header["data_offset"]
@@ -134,7 +136,7 @@ def _array_no_base(img, start, end):
     return out
 
 
-def _segments(img, start, end):
+def _segments(img: MappedDisk, start: int, end: int) -> Iterator[Extent]:
     if end <= start:
         return
     cs = img.chunk_size
@@ -146,7 +148,7 @@ def _segments(img, start, end):
             host = data_offset + e * cs + pos - c0 * cs
             if base is not None:
                 yield from base.segments_in_chunk(pos, stop, host)
-            elif getattr(img, "partial", None) is not None and img.partial.active:
+            elif img.partial is not None and img.partial.active:
                 yield from _partial_segments(img, pos, stop, c0, e, data_offset)
             else:
                 yield Extent(pos, stop - pos, 0, True, False, True, host)
@@ -158,10 +160,13 @@ def _segments(img, start, end):
             yield Extent(pos, stop - pos, 0, False, True, False, None)
 
 
-def _partial_segments(img, pos, stop, c0, e0, data_offset):
+def _partial_segments(
+    img: MappedDisk, pos: int, stop: int, c0: int, e0: int, data_offset: int
+) -> Iterator[Extent]:
     """A run of allocated chunks (chunk c0 maps e0, the next ones follow) in which some
     chunks may be partial (fvd.features.granular): those split by their granule bits."""
     cs, st = img.chunk_size, img.partial
+    assert st is not None  # the caller saw active partial chunks
     while pos < stop:
         v = pos // cs
         end = min(stop, (v + 1) * cs)
@@ -175,7 +180,7 @@ def _partial_segments(img, pos, stop, c0, e0, data_offset):
         pos = end
 
 
-def _merge(segments):
+def _merge(segments: Iterable[Extent]) -> Iterator[Extent]:
     cur = None
     for seg in segments:
         if cur is not None and _joins(cur, seg):
@@ -196,7 +201,7 @@ def _merge(segments):
         yield cur
 
 
-def _joins(a, b):
+def _joins(a: Extent, b: Extent) -> bool:
     if (a.depth, a.present, a.zero, a.data) != (b.depth, b.present, b.zero, b.data):
         return False
     if (a.offset is None) != (b.offset is None):

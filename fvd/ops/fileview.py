@@ -11,19 +11,29 @@ from __future__ import annotations
 import io
 import os
 import threading
+from typing import TYPE_CHECKING, Optional, Protocol, cast
+
+from fvd.types import DiskView
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
+
+class _Flushable(Protocol):
+    def flush(self) -> None: ...
 
 
 class ImageFile(io.RawIOBase):
     """Raw, seekable byte stream over the virtual disk of `owner`."""
 
-    def __init__(self, owner) -> None:
+    def __init__(self, owner: DiskView) -> None:
         super().__init__()
         if owner.closed:
             raise ValueError(f"{owner.path}: I/O on a closed image")
         self._owner = owner
         self._pos = 0
         self._lock = threading.Lock()  # position updates from several threads
-        self.name = getattr(owner, "path", None)
+        self.name: Optional[str] = getattr(owner, "path", None)
 
     # ----- capabilities ---------------------------------------------------------------
     def readable(self) -> bool:
@@ -64,7 +74,7 @@ class ImageFile(io.RawIOBase):
         return self._pos
 
     # ----- I/O ------------------------------------------------------------------------
-    def readinto(self, buffer) -> int:
+    def readinto(self, buffer: Buffer) -> int:
         self._checkClosed()
         mv = memoryview(buffer)
         if mv.ndim != 1 or mv.format != "B":
@@ -84,7 +94,7 @@ class ImageFile(io.RawIOBase):
         got = self.readinto(buf)
         return bytes(buf[:got])
 
-    def write(self, data) -> int:
+    def write(self, data: Buffer) -> int:
         self._checkClosed()
         if self._owner.read_only:
             raise io.UnsupportedOperation(f"{self.name}: image is open read-only")
@@ -108,9 +118,9 @@ class ImageFile(io.RawIOBase):
         if self.closed or self._owner.closed:
             return
         if not self._owner.read_only:
-            self._owner.flush()
+            cast(_Flushable, self._owner).flush()  # a writable owner is an fvd.Image
 
-    def truncate(self, size=None):
+    def truncate(self, size: Optional[int] = None) -> int:
         raise io.UnsupportedOperation("a virtual disk has a fixed size")
 
     def fileno(self) -> int:
@@ -120,5 +130,5 @@ class ImageFile(io.RawIOBase):
         return f"<fvd.ops.fileview.ImageFile {self.name!r} pos={self._pos}>"
 
 
-def as_file(owner) -> ImageFile:
+def as_file(owner: DiskView) -> ImageFile:
     return ImageFile(owner)

@@ -7,11 +7,15 @@ from typing import Any
 import numpy as np
 
 from fvd import _impl
+from fvd.core.image import ImageCore
 from fvd.fileio import resolve_relative
 from fvd.ondisk import format as fmt
+from fvd.qcow2.image import Qcow2Image
 
 
-def snapshot_dict(sid, name, vm_state_size, date_ns, vm_clock_ns=0):
+def snapshot_dict(
+    sid: object, name: str, vm_state_size: int, date_ns: int, vm_clock_ns: int = 0
+) -> dict[str, Any]:
     """One snapshot as `qemu-img info --output=json` lists it."""
     return {
         "id": str(sid),
@@ -24,7 +28,7 @@ def snapshot_dict(sid, name, vm_state_size, date_ns, vm_clock_ns=0):
     }
 
 
-def fvd_snapshot_dicts(img):
+def fvd_snapshot_dicts(img: ImageCore) -> list[dict[str, Any]]:
     if img.snapshot_state is None:
         return []
     return [
@@ -32,7 +36,7 @@ def fvd_snapshot_dicts(img):
     ]
 
 
-def image_info(img: Any) -> dict[str, Any]:
+def image_info(img: ImageCore) -> dict[str, Any]:
     h = img.header
     st = os.fstat(img.fd)
     data = {
@@ -81,7 +85,7 @@ def image_info(img: Any) -> dict[str, Any]:
     return info
 
 
-def qcow2_info(q):
+def qcow2_info(q: Qcow2Image) -> dict[str, Any]:
     """`qemu-img info` of a qcow2 image opened with fvd.qcow2."""
     st = os.fstat(q.fd)
     info = {

@@ -16,8 +16,11 @@ qcow2_refcount (refcounts, allocation, check/rebuild), qcow2_cluster (mapping, I
 qcow2_snapshot (internal snapshots).
 """
 
+from __future__ import annotations
+
 import errno
 import os as _os
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import numpy as np
 
@@ -52,21 +55,24 @@ from fvd.qcow2.format import (
 )
 from fvd.qcow2.refcount import RefcountMixin
 from fvd.qcow2.snapshot import SnapshotMixin
-from fvd.types import CheckResult
+from fvd.types import CheckResult, Extent, StrPath
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 __all__ = ["create", "open", "Qcow2Image"]
 
 
 def create(
-    path,
-    size,
+    path: StrPath,
+    size: int,
     *,
-    cluster_size=65536,
-    lazy_refcounts=False,
-    overwrite=False,
-    backing_file=None,
-    backing_format=None,
-):
+    cluster_size: int = 65536,
+    lazy_refcounts: bool = False,
+    overwrite: bool = False,
+    backing_file: Optional[StrPath] = None,
+    backing_format: Optional[str] = None,
+) -> None:
     """Create an empty qcow2 v3 image (16-bit refcounts).
 
     Layout as `qemu-img create`: header, refcount table, one refcount block, L1 table.
@@ -120,7 +126,9 @@ def create(
         img.close()
 
 
-def _new_backing(path, backing_file, backing_format):
+def _new_backing(
+    path: StrPath, backing_file: Optional[StrPath], backing_format: Optional[str]
+) -> tuple[str, str]:
     """(name, format) to store for a new overlay; the backing file must exist."""
     if backing_file is None:
         if backing_format is not None:
@@ -185,7 +193,9 @@ def _open_backing(img, name, fmt, chain):
     raise BaseImageError(f"{img.path}: unknown backing format {fmt!r}")
 
 
-def open(path, mode="r", *, cache="writeback"):  # noqa: A001 - mirrors fvd.open
+def open(  # noqa: A001 - mirrors fvd.open
+    path: StrPath, mode: str = "r", *, cache: str = "writeback"
+) -> Qcow2Image:
     """Open a qcow2 image; mode "r" or "r+", cache "writeback", "writethrough" or "unsafe"
     (never flushed, as qemu-img's -t unsafe)."""
     return Qcow2Image(path, mode, cache)
@@ -194,11 +204,29 @@ def open(path, mode="r", *, cache="writeback"):  # noqa: A001 - mirrors fvd.open
 class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
     """An open qcow2 image. See the module docstring."""
 
+    path: str
+    read_only: bool
+    cache: str  # "writeback", "writethrough" or "unsafe"
+    fd: int
+    size: int  # virtual size in bytes
+    cluster_size: int
+    stats: Any  # fvd._impl Stats: the I/O counters
+    thread_safe_writes = False  # writes from one thread at a time (fvd.convert's writer)
+    _version: int
+    _incompat: int
+    _compat: int
     _backing = None
 
     def __init__(
-        self, path, mode="r", cache="writeback", *, _creating=False, _chain=(), _skip_backing=False
-    ):
+        self,
+        path: StrPath,
+        mode: str = "r",
+        cache: str = "writeback",
+        *,
+        _creating: bool = False,
+        _chain: tuple[str, ...] = (),
+        _skip_backing: bool = False,
+    ) -> None:
         if mode not in ("r", "r+"):
             raise ValueError(f"mode must be 'r' or 'r+', not {mode!r}")
         if cache not in ("writeback", "writethrough", "unsafe"):
@@ -498,13 +526,13 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
             )
 
     # ------------------------------------------------------------- public I/O
-    def read(self, offset, length):
+    def read(self, offset: int, length: int) -> bytes:
         buf = bytearray(length if isinstance(length, int) and length > 0 else 0)
         self._check_range(offset, length)
         self.readinto(offset, buf)
         return bytes(buf)
 
-    def readinto(self, offset, buf):
+    def readinto(self, offset: int, buf: Buffer) -> int:
         """Fill any writable contiguous buffer with guest data from `offset`."""
         # Fast path: inside one allocated cluster whose L2 table is cached: one lookup in
         # the native-endian read table, one HostFile.readinto bounded to that cluster.
@@ -523,7 +551,7 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
                         room = size - offset
                     if room > 0:
                         try:
-                            n = hread(host + within, buf, room)
+                            n: int = hread(host + within, buf, room)
                         except (BufferError, TypeError, ValueError):
                             n = -1  # odd buffer: the checks below report it
                         if n >= 0:
@@ -534,7 +562,7 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
         self._read_tree(self._l1, self._l1_offset, offset, mv)
         return len(mv)
 
-    def write(self, offset, data):
+    def write(self, offset: int, data: Buffer) -> int:
         """Write any bytes-like object at any offset; returns the byte count."""
         self._check_writable()
         mv = _byte_view(data, writable=False)
@@ -549,7 +577,7 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
             self.flush()
         return len(mv)
 
-    def write_zeroes(self, offset, length):
+    def write_zeroes(self, offset: int, length: int) -> None:
         """Make [offset, offset+length) read as zeros: whole clusters get the v3 zero flag
         (their clusters are freed), partial clusters are written with zeros."""
         self._check_writable()
@@ -569,7 +597,7 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
         if self.cache == "writethrough" and length:
             self.flush()
 
-    def flush(self):
+    def flush(self) -> None:
         """Everything written before is durable when this returns: dirty refcount blocks
         (not with lazy refcounts), flush, dirty L2 tables, flush, deferred frees."""
         self._check_open()
@@ -581,7 +609,7 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
         if self._unsynced:
             self._sync()
 
-    def close(self):
+    def close(self) -> None:
         """Clean shutdown (idempotent): flush; with lazy refcounts also write the refcount
         blocks and clear the dirty bit."""
         if self._closed:
@@ -599,12 +627,12 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
                 self._backing.close()
 
     @property
-    def backing_file(self):
+    def backing_file(self) -> Optional[str]:
         """The backing file name as stored in the header, or None."""
         return self._header.backing_file or None
 
     @property
-    def backing_format(self):
+    def backing_format(self) -> Optional[str]:
         return self._header.backing_format or None
 
     def _abandon(self):
@@ -613,13 +641,13 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
             _os.close(self.fd)
             self._closed = True
 
-    def __enter__(self):
+    def __enter__(self) -> Qcow2Image:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __del__(self):
+    def __del__(self) -> None:
         if not getattr(self, "_closed", True):
             try:
                 _os.close(self.fd)
@@ -627,43 +655,45 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
                 pass
             self._closed = True
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         state = "closed" if self._closed else ("r" if self.read_only else "r+")
         return f"<Qcow2Image {self.path!r} size={self.size} cluster={self._cs} {state}>"
 
     # ------------------------------------------------------------- map / check
     @property
-    def version(self):
+    def version(self) -> int:
         """qcow2 version: 2 (compat 0.10) or 3 (compat 1.1)."""
         return self._version
 
     @property
-    def incompatible_features(self):
+    def incompatible_features(self) -> int:
         return self._incompat
 
     @property
-    def image_end_offset(self):
+    def image_end_offset(self) -> int:
         """End of the last cluster in use (qemu-img check's image-end-offset)."""
-        return self._end_cluster() * self.cluster_size
+        end: int = self._end_cluster()
+        return end * self.cluster_size
 
     @property
-    def lazy_refcounts(self):
+    def lazy_refcounts(self) -> bool:
         return bool(self._compat & COMPAT_LAZY_REFCOUNTS)
 
     @property
-    def dirty(self):
+    def dirty(self) -> bool:
         return bool(self._incompat & INCOMPAT_DIRTY)
 
-    def extents(self, offset=0, length=None):
+    def extents(self, offset: int = 0, length: Optional[int] = None) -> Iterator[Extent]:
         """Extents (start, length, data, zero, depth, offset, present) covering the
         range, adjacent equal ones merged: the vocabulary of `qemu-img map`."""
         self._check_open()
         if length is None:
             length = self.size - offset
         self._check_range(offset, length)
-        return self._extents(offset, length)
+        extents: Iterator[Extent] = self._extents(offset, length)
+        return extents
 
-    def check(self, repair=False):
+    def check(self, repair: bool = False) -> CheckResult:
         """Compare refcounts with what the metadata implies, as `qemu-img check` does.
         With repair=True, rebuild refcounts and COPIED flags, then check again."""
         self._check_open()
@@ -678,7 +708,7 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
             corruptions=len(errors) + int((stored < counts).sum()) + copied,
             leaks=int((stored > counts).sum()),
             copied_errors=copied,
-            messages=tuple(errors),
+            messages=list(errors),
         )
         if repair and (not result.ok or self._suspect is not None):
             self._rebuild_refcounts()
