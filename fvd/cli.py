@@ -340,7 +340,7 @@ def cmd_checksum(args: argparse.Namespace) -> int:
                 result = checksum(view, block_size, args.algorithm, progress=progress)
         else:
             # qcow2 and raw images are no DiskView (no `closed`, no `extents_array`): fails
-            result = checksum(img, block_size, args.algorithm, progress=progress)  # type: ignore[arg-type]
+            result = checksum(img, block_size, args.algorithm, progress=progress)
     if progress:
         progress_done()
     emit(args, result, f"{result['checksum']}  {args.image}")

@@ -11,13 +11,15 @@ import errno
 import os
 from typing import TYPE_CHECKING, Any, Iterator, Optional, Union
 
+import numpy as np
+
 from fvd import qcow2
 from fvd.errors import WrongFormatError
 from fvd.fileio import pread_fill, raw_extents
 from fvd.image import Image
 from fvd.ondisk import format as fmt
 from fvd.qcow2 import Qcow2Image
-from fvd.types import Extent, StrPath
+from fvd.types import Extent, StrPath, extents_to_array
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -90,6 +92,14 @@ class RawImage:
             raise OSError(errno.EINVAL, "not a regular file or block device", self.path)
         self.size = os.lseek(self._fd, 0, os.SEEK_END)
         self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def extents_array(self, offset: int = 0, length: Optional[int] = None) -> np.ndarray:
+        """extents() as an EXTENT_DTYPE array (fvd.types)."""
+        return extents_to_array(self.extents(offset, length))
 
     def _check_open(self) -> None:
         if self._closed:

@@ -95,9 +95,9 @@ class SnapshotInfo:
         }
 
 
-class DiskView(Protocol):
-    """An open virtual disk as the byte-level operations see it (`fvd.ops.fileview`,
-    `fvd.ops.checksum`): `fvd.Image` and `fvd.SnapshotImage`."""
+class DiskSource(Protocol):
+    """An open virtual disk that `fvd.ops.checksum` reads: any format (`fvd.Image`,
+    `fvd.SnapshotImage`, `fvd.qcow2.Qcow2Image` and its snapshot views, raw files)."""
 
     @property
     def path(self) -> str: ...
@@ -106,16 +106,21 @@ class DiskView(Protocol):
     def size(self) -> int: ...
 
     @property
-    def read_only(self) -> bool: ...
-
-    @property
     def closed(self) -> bool: ...
 
     def readinto(self, offset: int, buffer: Any) -> int: ...
 
-    def write(self, offset: int, data: Any) -> int: ...
-
     def extents_array(self, offset: int = 0, length: Optional[int] = None) -> np.ndarray: ...
+
+
+class DiskView(DiskSource, Protocol):
+    """An open virtual disk as `fvd.ops.fileview` sees it: `fvd.Image` and
+    `fvd.SnapshotImage` (readable, and writable unless read-only)."""
+
+    @property
+    def read_only(self) -> bool: ...
+
+    def write(self, offset: int, data: Any) -> int: ...
 
 
 class DiskReader(Protocol):
@@ -130,3 +135,29 @@ class DiskReader(Protocol):
     def extents(self, offset: int = 0, length: Optional[int] = None) -> Iterable[Extent]: ...
 
     def close(self) -> None: ...
+
+
+# extents_array(): one row per extent; offset -1 = none
+EXTENT_DTYPE = np.dtype(
+    [("start", "<u8"), ("length", "<u8"), ("flags", "<u4"), ("depth", "<u4"), ("offset", "<i8")]
+)
+FLAG_DATA = 1  # holds data (qemu-img map "data")
+FLAG_ZERO = 2  # reads as zeros ("zero")
+FLAG_PRESENT = 4  # the chain holds it ("present"); not set for unallocated ranges
+
+
+def extents_to_array(extents: Iterable[Extent]) -> np.ndarray:
+    """Extents as an EXTENT_DTYPE array (images whose extents are not tables: qcow2, raw)."""
+    rows = [
+        (
+            e.start,
+            e.length,
+            (FLAG_DATA if e.data else 0)
+            | (FLAG_ZERO if e.zero else 0)
+            | (FLAG_PRESENT if e.present else 0),
+            e.depth,
+            -1 if e.offset is None else e.offset,
+        )
+        for e in extents
+    ]
+    return np.array(rows, dtype=EXTENT_DTYPE)

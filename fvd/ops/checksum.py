@@ -25,8 +25,7 @@ from typing import TYPE_CHECKING, Any, Optional, Protocol
 
 import numpy as np
 
-from fvd.ops.extents import FLAG_ZERO
-from fvd.types import DiskView
+from fvd.types import FLAG_ZERO, DiskSource
 from fvd.units import flag_runs
 
 if TYPE_CHECKING:
@@ -87,7 +86,7 @@ def data_blocks(arr: np.ndarray, size: int, block_size: int) -> np.ndarray:
 
 
 def checksum(
-    owner: DiskView,
+    owner: DiskSource,
     block_size: int = BLOCK_SIZE,
     algorithm: str = ALGORITHM,
     *,

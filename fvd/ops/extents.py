@@ -16,14 +16,7 @@ import numpy as np
 
 from fvd.core.hooks import MappedDisk
 from fvd.ondisk import format as fmt
-from fvd.types import Extent
-
-EXTENT_DTYPE = np.dtype(
-    [("start", "<u8"), ("length", "<u8"), ("flags", "<u4"), ("depth", "<u4"), ("offset", "<i8")]
-)
-FLAG_DATA = 1  # holds data (qemu-img map "data")
-FLAG_ZERO = 2  # reads as zeros ("zero")
-FLAG_PRESENT = 4  # the chain holds it ("present"); not set for unallocated ranges
+from fvd.types import EXTENT_DTYPE, FLAG_DATA, FLAG_PRESENT, FLAG_ZERO, Extent, extents_to_array
 
 
 def _check_range(img: MappedDisk, offset: int, length: Optional[int]) -> int:
@@ -51,19 +44,7 @@ def extents_array(img: MappedDisk, offset: int = 0, length: int | None = None) -
         if length == 0:
             return np.zeros(0, dtype=EXTENT_DTYPE)
         return _array_no_base(img, offset, offset + length)
-    rows = [
-        (
-            e.start,
-            e.length,
-            (FLAG_DATA if e.data else 0)
-            | (FLAG_ZERO if e.zero else 0)
-            | (FLAG_PRESENT if e.present else 0),
-            e.depth,
-            -1 if e.offset is None else e.offset,
-        )
-        for e in image_extents(img, offset, length)
-    ]
-    return np.array(rows, dtype=EXTENT_DTYPE)
+    return extents_to_array(image_extents(img, offset, length))
 
 
 def run_arrays(

@@ -55,7 +55,7 @@ from fvd.qcow2.format import (
 )
 from fvd.qcow2.refcount import RefcountMixin
 from fvd.qcow2.snapshot import SnapshotMixin
-from fvd.types import CheckResult, Extent, StrPath
+from fvd.types import CheckResult, Extent, StrPath, extents_to_array
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -660,6 +660,14 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
         return f"<Qcow2Image {self.path!r} size={self.size} cluster={self._cs} {state}>"
 
     # ------------------------------------------------------------- map / check
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def extents_array(self, offset: int = 0, length: Optional[int] = None) -> np.ndarray:
+        """extents() as an EXTENT_DTYPE array (fvd.types)."""
+        return extents_to_array(self.extents(offset, length))
+
     @property
     def version(self) -> int:
         """qcow2 version: 2 (compat 0.10) or 3 (compat 1.1)."""

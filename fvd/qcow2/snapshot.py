@@ -13,6 +13,7 @@ unreferenced (refcount -1), its L1 freed, and COPIED recomputed in the active tr
 
 import copy
 import time
+from typing import Optional
 
 import numpy as np
 
@@ -30,6 +31,7 @@ from fvd.qcow2.format import (
     parse_snapshot_table,
     snapshot_extra,
 )
+from fvd.types import extents_to_array
 
 
 class SnapshotMixin:
@@ -324,6 +326,14 @@ class Qcow2SnapshotView:
     def _check_open(self):
         if self._closed or self._img._closed:
             raise ValueError(f"{self.path}: I/O on a closed snapshot view")
+
+    @property
+    def closed(self) -> bool:
+        return self._closed or self._img.closed
+
+    def extents_array(self, offset: int = 0, length: Optional[int] = None) -> np.ndarray:
+        """extents() as an EXTENT_DTYPE array (fvd.types)."""
+        return extents_to_array(self.extents(offset, length))
 
     def readinto(self, offset, buf):
         self._check_open()

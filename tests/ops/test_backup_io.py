@@ -151,6 +151,29 @@ def test_checksum_equals_ovirt_imageio_raw_and_qcow2(image, tmp_path):
 
 
 @need_qemu
+def test_checksum_cli_of_qcow2_raw_and_qcow2_snapshots(tmp_path, capsys):
+    """`fvd checksum` takes every format (-f probed), and a qcow2 snapshot (-l): equal to
+    ovirt-imageio's checksum of the same content."""
+    from ovirt_imageio.client import checksum as ovirt
+
+    q, r = str(tmp_path / "a.qcow2"), str(tmp_path / "r.raw")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", q, "8M"], check=True)
+    subprocess.run(["qemu-io", "-c", "write -P 7 1M 64k", q], check=True, capture_output=True)
+    subprocess.run(["qemu-img", "snapshot", "-c", "s", q], check=True)
+    subprocess.run(["qemu-io", "-c", "write -P 9 3M 4k", q], check=True, capture_output=True)
+    with open(r, "wb") as f:
+        f.truncate(4 * MiB)
+        f.seek(MiB)
+        f.write(b"x" * 5000)
+    snap = str(tmp_path / "s.raw")
+    subprocess.run(["qemu-img", "convert", "-l", "s", "-O", "raw", q, snap], check=True)
+    for args, source in (([q], q), ([r], r), (["-l", "s", q], snap)):
+        assert cli.main(["checksum", "--output=json", *args]) == 0
+        got = json.loads(capsys.readouterr().out)
+        assert got["checksum"] == ovirt(source)["checksum"], args
+
+
+@need_qemu
 def test_checksum_of_snapshots_and_a_base(tmp_path):
     base = str(tmp_path / "base.raw")
     rng = random.Random(9)

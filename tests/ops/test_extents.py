@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import fvd
-from fvd.ops.extents import EXTENT_DTYPE, FLAG_DATA, FLAG_PRESENT, FLAG_ZERO
+from fvd.types import EXTENT_DTYPE, FLAG_DATA, FLAG_PRESENT, FLAG_ZERO
 from fvd.units import MiB
 
 BLOCK = 64 * 1024
