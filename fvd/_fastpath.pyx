@@ -720,3 +720,33 @@ cdef class HostFile:
     def pwritev(self, long long host_offset, buffers):
         """One data write of the buffers, back to back, at host_offset."""
         return host_pwritev(self.fd, self.st, host_offset, buffers, -1)
+
+
+def held_mask(const uint32_t[::1] table, Py_ssize_t n, Py_ssize_t cap=-1):
+    """(mask, count) for snapshot bookkeeping (fvd.snapshots): a uint8 array,
+    max(n, largest mapped entry + 1) long, that is 1 at each physical chunk the lookup
+    table maps, and how many entries map one. With cap >= 0 and an entry at or past cap,
+    the mask is None (nothing that large is allocated). Two passes without the GIL in
+    place of numpy's scatter through a converted index array."""
+    cdef Py_ssize_t i, nt = table.shape[0], count = 0
+    cdef uint32_t e
+    cdef long long top = 0
+    cdef uint8_t[::1] m
+    with nogil:
+        for i in range(nt):
+            e = table[i]
+            if e < ZERO_CHUNK:
+                count += 1
+                if e >= top:
+                    top = <long long>e + 1
+    if cap >= 0 and top > cap:
+        return None, count
+    mask = np.zeros(max(n, top), dtype=np.uint8)
+    if count:
+        m = mask
+        with nogil:
+            for i in range(nt):
+                e = table[i]
+                if e < ZERO_CHUNK:
+                    m[e] = 1
+    return mask, count

@@ -22,7 +22,7 @@ from hypothesis.stateful import (
 )
 
 import fvd
-from fvd import _impl
+from fvd import _impl, snapshots
 from fvd import format as fmt
 
 from .helpers import DurableRecorder
@@ -564,6 +564,10 @@ def make_machine(path, recorder, cache):
             for name, data in self.snaps.items():
                 with self.img.open_snapshot(name) as v:
                     assert v.read(0, MSIZE) == data
+            used = np.flatnonzero(self.img._in_use())  # the tail trim's shortcut agrees
+            assert snapshots._in_use_end(self.img, 1 << 40) == (
+                int(used[-1]) + 1 if len(used) else 0
+            )
 
         def teardown(self):
             if hasattr(self, "img"):

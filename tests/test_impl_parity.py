@@ -4,6 +4,7 @@
 import inspect
 import types
 
+import numpy as np
 import pytest
 
 from fvd import _purepath
@@ -51,3 +52,25 @@ def test_same_methods_and_signatures(name):
 def test_same_stat_fields():
     assert list(_fastpath.STAT_FIELDS) == list(_purepath.STAT_FIELDS)
     assert sorted(_fastpath.Stats().as_dict()) == sorted(_purepath.Stats().as_dict())
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_same_held_mask(seed):
+    """held_mask (snapshot bookkeeping): the same mask and count from both, the cap
+    refusing a table with an entry at or past it."""
+    rnd = np.random.default_rng(seed)
+    n = int(rnd.integers(0, 3000))
+    table = rnd.permutation(5000)[:n].astype(np.uint32)
+    hole = rnd.random(n) < 0.3
+    table[hole] = rnd.choice([0xFFFFFFFE, 0xFFFFFFFF], int(hole.sum()))
+    top = int(table[~hole].max()) + 1 if (~hole).any() else 0
+    for args in ((table, 0), (table, 6000), (table, 10, top), (table, 10, max(top - 1, 0))):
+        (mc, cc), (mt, ct) = _fastpath.held_mask(*args), _purepath.held_mask(*args)
+        assert cc == ct == n - int(hole.sum())
+        if mt is None:
+            assert mc is None and len(args) == 3 and top > args[2]
+            continue
+        assert mc.dtype == mt.dtype == np.uint8
+        assert len(mc) == len(mt) == max(args[1], top)
+        assert np.array_equal(mc, mt)
+        assert np.array_equal(np.flatnonzero(mt), np.unique(table[~hole]))
