@@ -729,24 +729,26 @@ def held_mask(const uint32_t[::1] table, Py_ssize_t n, Py_ssize_t cap=-1):
     the mask is None (nothing that large is allocated). Two passes without the GIL in
     place of numpy's scatter through a converted index array."""
     cdef Py_ssize_t i, nt = table.shape[0], count = 0
-    cdef uint32_t e
+    cdef const uint32_t *t = &table[0] if nt else NULL
+    cdef uint32_t e, zero = ZERO_CHUNK    # locals: the byte stores below alias globals
     cdef long long top = 0
-    cdef uint8_t[::1] m
+    cdef uint8_t *m
     with nogil:
         for i in range(nt):
-            e = table[i]
-            if e < ZERO_CHUNK:
+            e = t[i]
+            if e < zero:
                 count += 1
                 if e >= top:
                     top = <long long>e + 1
     if cap >= 0 and top > cap:
         return None, count
     mask = np.zeros(max(n, top), dtype=np.uint8)
+    cdef uint8_t[::1] mv = mask
     if count:
-        m = mask
+        m = &mv[0]
         with nogil:
             for i in range(nt):
-                e = table[i]
-                if e < ZERO_CHUNK:
+                e = t[i]
+                if e < zero:
                     m[e] = 1
     return mask, count
