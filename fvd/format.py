@@ -4,9 +4,10 @@
 checkpoint and close; nothing here runs per guest I/O.
 """
 
+import struct
 import zlib
 
-from construct import Const, Int32ul, Int64ul, Padding, Struct
+from construct import Const, FormatField, Int32ul, Int64ul, Padded, Padding, Renamed, Struct
 
 from .errors import CorruptImageError, UnsupportedFeatureError
 
@@ -90,6 +91,30 @@ Header = Struct(
 )
 assert Header.sizeof() == HEADER_SIZE
 
+
+def _header_packer():
+    """(struct.Struct, field names) laid out as Header: build_header runs at every header
+    write (snapshot operations, checkpoints), where construct's interpreter costs ~0.15 ms
+    a call. FormatField builds with struct.pack as well, so the bytes are the same."""
+    codes, names = ["<"], []
+    for sc in Header.subcons:
+        inner = sc.subcon if isinstance(sc, Renamed) else sc
+        if isinstance(inner, Const):
+            inner = inner.subcon
+        if isinstance(inner, FormatField):
+            codes.append(inner.fmtstr[1:])
+            names.append(sc.name)
+        elif isinstance(inner, Padded):
+            codes.append(f"{inner.sizeof()}x")
+        else:
+            raise TypeError(f"header field {sc!r} has no struct equivalent")
+    packer = struct.Struct("".join(codes))
+    assert packer.size == HEADER_SIZE
+    return packer, tuple(names)
+
+
+_HEADER_PACKER, _HEADER_NAMES = _header_packer()
+
 CRC_FIELD = slice(12, 16)
 
 
@@ -110,10 +135,8 @@ def header_crc(raw):
 
 def build_header(fields):
     """Serialise a header dict (any field may be missing: it becomes 0) with its checksum."""
-    values = {f.name: 0 for f in Header.subcons if f.name and f.name != "magic"}
-    values.update({k: v for k, v in fields.items() if k in values})
-    values.update(version=VERSION, header_size=HEADER_SIZE, header_crc=0)
-    raw = bytearray(Header.build(values))
+    values = dict(fields, magic=MAGIC, version=VERSION, header_size=HEADER_SIZE, header_crc=0)
+    raw = bytearray(_HEADER_PACKER.pack(*[values.get(n, 0) for n in _HEADER_NAMES]))
     raw[CRC_FIELD] = header_crc(raw).to_bytes(4, "little")
     return bytes(raw)
 
