@@ -774,12 +774,21 @@ def create_snapshot(img, name, vm_state=b""):
             raise
 
 
+def _front_held(img, n):
+    """held_mask of the front's table. It maps allocated chunks only, all below the
+    allocator's end: with that cap the mask is built in one pass (two if it is not so)."""
+    mask, count = img._impl.held_mask(img._table, n, img._alloc.end)
+    if mask is None:
+        mask, count = img._impl.held_mask(img._table, n)
+    return mask, count
+
+
 def _freeze_front(img):
     """Point in time: every chunk the front maps is frozen, then the fast-path writes
     that saw one unfrozen are waited for. From here on a write to the front copies (slow
     path, behind the image lock), so the snapshot's chunks hold what was acknowledged
     before the snapshot began (or during it, never after it returned)."""
-    mask, _ = img._impl.held_mask(img._table, 0)
+    mask, _ = _front_held(img, 0)
     n = max(len(img._frozen), len(mask), 1024)
     frozen = np.zeros(n, dtype=np.uint8)
     frozen[: len(img._frozen)] = img._frozen
@@ -806,7 +815,7 @@ def _create(img, st, name, vm_state):
     if img._partial is not None:
         img._partial.complete_all(img)  # snapshots hold whole chunks (fvd.granular)
     table = img._table
-    mask, nheld = img._impl.held_mask(table, len(st.refcount))
+    mask, nheld = _front_held(img, len(st.refcount))
     rc = np.zeros(len(mask), dtype=np.uint32)
     rc[: len(st.refcount)] = st.refcount
     # the front never maps one physical chunk twice, so each held chunk gains exactly 1

@@ -64,7 +64,8 @@ def test_same_held_mask(seed):
     hole = rnd.random(n) < 0.3
     table[hole] = rnd.choice([0xFFFFFFFE, 0xFFFFFFFF], int(hole.sum()))
     top = int(table[~hole].max()) + 1 if (~hole).any() else 0
-    for args in ((table, 0), (table, 6000), (table, 10, top), (table, 10, max(top - 1, 0))):
+    caps = ((table, 10, top), (table, 10, max(top - 1, 0)), (table, 0, top + 999))
+    for args in ((table, 0), (table, 6000), *caps):
         (mc, cc), (mt, ct) = _fastpath.held_mask(*args), _purepath.held_mask(*args)
         assert cc == ct == n - int(hole.sum())
         if mt is None:
