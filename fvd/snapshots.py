@@ -597,7 +597,7 @@ def _commit(img, st, entries, refcount, extra=(), revert=(0, 0), refcount_chunks
     to whole chunks); returns the host offsets of the extra regions. Old table chunks are
     released once the header no longer points at them."""
     cs, d = img.chunk_size, img._header["data_offset"]
-    rc_raw = refcount.astype("<u2").tobytes() if len(entries) else b""
+    rc_raw = refcount.astype("<u2", copy=False).tobytes() if len(entries) else b""
     rc_crc = zlib.crc32(rc_raw)
     # entries need the offsets of the extra regions: allocate first, encode after
     sizes = []
