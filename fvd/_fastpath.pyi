@@ -9,7 +9,7 @@ import numpy.typing as npt
 from _typeshed import ReadableBuffer, WriteableBuffer
 from typing_extensions import disjoint_base
 
-__all__ = ["STAT_FIELDS", "Stats", "ChunkMap", "HostFile"]
+__all__ = ["STAT_FIELDS", "Stats", "ChunkMap", "HostFile", "held_mask"]
 
 STAT_FIELDS: tuple[str, ...]
 
@@ -107,3 +107,7 @@ class HostFile:
     def __init__(self, fd: int, stats: Stats) -> None: ...
     def readinto(self, host_offset: int, buf: WriteableBuffer, limit: int = -1) -> int: ...
     def pwritev(self, host_offset: int, buffers: Sequence[ReadableBuffer]) -> int: ...
+
+def held_mask(
+    table: npt.NDArray[np.uint32], n: int, cap: int = -1
+) -> tuple[npt.NDArray[np.uint8] | None, int]: ...

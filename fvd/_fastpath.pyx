@@ -19,7 +19,7 @@ from posix.types cimport off_t
 
 import numpy as np
 
-__all__ = ["STAT_FIELDS", "Stats", "ChunkMap", "HostFile"]
+__all__ = ["STAT_FIELDS", "Stats", "ChunkMap", "HostFile", "held_mask"]
 
 cdef extern from "<unistd.h>" nogil:
     ssize_t pread(int fd, void *buf, size_t count, off_t offset)
@@ -732,3 +732,55 @@ cdef class HostFile:
     def pwritev(self, long long host_offset, buffers):
         """One data write of the buffers, back to back, at host_offset."""
         return host_pwritev(self.fd, self.st, host_offset, buffers, -1)
+
+
+def held_mask(const uint32_t[::1] table, Py_ssize_t n, Py_ssize_t cap=-1):
+    """(mask, count) for snapshot bookkeeping (fvd.snapshots): a uint8 array,
+    max(n, largest mapped entry + 1) long, that is 1 at each physical chunk the lookup
+    table maps, and how many entries map one. With cap >= 0 and an entry at or past cap,
+    the mask is None (nothing that large is allocated). Without the GIL, in place of
+    numpy's scatter through a converted index array: one pass with a cap (the mask can
+    be allocated first), two without."""
+    cdef Py_ssize_t i, nt = table.shape[0], count = 0
+    cdef const uint32_t *t = &table[0] if nt else NULL
+    cdef uint32_t e, zero = ZERO_CHUNK    # locals: the byte stores below alias globals
+    cdef long long top = 0, lim = cap
+    cdef uint8_t *m = NULL
+    cdef uint8_t[::1] mv
+    cdef bint over = False
+    if cap >= 0:
+        mask = np.zeros(max(n, cap), dtype=np.uint8)
+        if len(mask):
+            mv = mask
+            m = &mv[0]
+        with nogil:
+            for i in range(nt):
+                e = t[i]
+                if e < zero:
+                    count += 1
+                    if e >= lim:
+                        over = True
+                    elif not over:
+                        m[e] = 1
+                        if e >= top:
+                            top = <long long>e + 1
+        if over:
+            return None, count
+        return mask[:max(n, top)], count
+    with nogil:
+        for i in range(nt):
+            e = t[i]
+            if e < zero:
+                count += 1
+                if e >= top:
+                    top = <long long>e + 1
+    mask = np.zeros(max(n, top), dtype=np.uint8)
+    if count:
+        mv = mask
+        m = &mv[0]
+        with nogil:
+            for i in range(nt):
+                e = t[i]
+                if e < zero:
+                    m[e] = 1
+    return mask, count

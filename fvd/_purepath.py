@@ -6,8 +6,10 @@ Selected with FVD_PURE_PYTHON=1 or when the extension is not built.
 import errno
 import os
 
+import numpy as np
+
 # The public surface, as fvd._fastpath's; the constants below mirror its C-level ones.
-__all__ = ["STAT_FIELDS", "Stats", "ChunkMap", "HostFile"]
+__all__ = ["STAT_FIELDS", "Stats", "ChunkMap", "HostFile", "held_mask"]
 
 UNALLOCATED = 0xFFFFFFFF
 ZERO_CHUNK = 0xFFFFFFFE
@@ -583,3 +585,20 @@ def _skip(views, n):
         out.append(v[n:])
         n = 0
     return out
+
+
+def held_mask(table, n, cap=-1):
+    """(mask, count) for snapshot bookkeeping (fvd.snapshots): a uint8 array,
+    max(n, largest mapped entry + 1) long, that is 1 at each physical chunk the lookup
+    table maps, and how many entries map one. With cap >= 0 and an entry at or past cap,
+    the mask is None (nothing that large is allocated)."""
+    valid = table < ZERO_CHUNK
+    count = int(np.count_nonzero(valid))
+    top = int(table.max(where=valid, initial=0)) + 1 if count else 0
+    if cap >= 0 and top > cap:
+        return None, count
+    n = max(n, top)
+    mask = np.zeros(n + 1, dtype=np.uint8)
+    if count:
+        mask[np.minimum(table, n)] = 1  # unmapped entries land on the spare slot n
+    return mask[:n], count

@@ -444,16 +444,26 @@ def _set_frozen(img, st, install=True):
 
 def read_snapshot_table(img, e):
     """The snapshot's lookup table, checksum and entries validated (CorruptImageError)."""
+    return _read_snapshot_table(img, e)[0]
+
+
+def _read_snapshot_table(img, e):
+    """read_snapshot_table, plus the held_mask (mask, count) of the validated table."""
     raw = img.read_meta(e.table_offset, 4 * img.nchunks)
     if zlib.crc32(raw) != e.table_crc:
         raise CorruptImageError(
             img.path, e.table_offset, f"snapshot {e.name!r}: lookup table checksum mismatch"
         )
     table = np.frombuffer(raw, dtype=TABLE_DTYPE).astype(np.uint32)
+    d, cs = img.header["data_offset"], img.chunk_size
+    nphys = max(0, -(-(os.fstat(img.fd).st_size - d) // cs))
+    ok = _held_ok(img, table, nphys)
+    if ok is not None:
+        return table, ok[0], ok[1]
     problems = lookup_table_problems(img, e, table)
     if problems:
         raise CorruptImageError(img.path, problems[0][0], problems[0][1])
-    return table
+    raise AssertionError("lookup table check disagrees with itself")  # pragma: no cover
 
 
 def lookup_table_problems(img, e, table):
@@ -462,6 +472,8 @@ def lookup_table_problems(img, e, table):
     st = img.snapshot_state
     d, cs = img.header["data_offset"], img.chunk_size
     nphys = max(0, -(-(os.fstat(img.fd).st_size - d) // cs))
+    if _held_ok(img, table, nphys) is not None:
+        return []
     out = []
     alloc = np.flatnonzero(table < fmt.ZERO_CHUNK)
     held = table[alloc]
@@ -500,6 +512,23 @@ def lookup_table_problems(img, e, table):
             )
         )
     return out
+
+
+def _held_ok(img, table, nphys):
+    """(mask, count) of the chunk map's held_mask (1 at each physical chunk the table
+    maps) when lookup_table_problems finds nothing: every entry inside the file, none in
+    snapshot metadata, no chunk mapped twice. Else None."""
+    mask, count = img.impl.held_mask(table, nphys, nphys)
+    if mask is None:
+        return None  # an entry points past the end of the file
+    if int(np.count_nonzero(mask)) != count:
+        return None  # a chunk mapped twice
+    st = img.snapshot_state
+    if st is not None and count:
+        meta = st.meta_mask(nphys)
+        if np.logical_and(mask, meta[:nphys]).any():
+            return None
+    return mask, count
 
 
 def read_snapshot_bitmap(img, e):
@@ -551,7 +580,7 @@ def _commit(img, st, entries, refcount, extra=(), revert=(0, 0), refcount_chunks
     to whole chunks); returns the host offsets of the extra regions. Old table chunks are
     released once the header no longer points at them."""
     cs, d = img.chunk_size, img.header["data_offset"]
-    rc_raw = refcount.astype(REFCOUNT_DTYPE).tobytes() if len(entries) else b""
+    rc_raw = refcount.astype(REFCOUNT_DTYPE, copy=False).tobytes() if len(entries) else b""
     rc_crc = zlib.crc32(rc_raw)
     # entries need the offsets of the extra regions: allocate first, encode after
     sizes = []
@@ -652,16 +681,54 @@ def _trim_tail(img):
     """Give free chunks at the end of the data area back to the file system."""
     alloc = img.allocator
     alloc.reclaim()
-    used = np.flatnonzero(img.in_use())
-    last = int(used[-1]) + 1 if len(used) else 0
-    if last >= alloc.end or alloc.pending or alloc.retired:
+    if alloc.pending or alloc.retired:
         return  # (a retired chunk may still be read: cut the tail later)
+    last = _in_use_end(img, alloc.end)
+    if last >= alloc.end:
+        return
     alloc.free = [i for i in alloc.free if i < last]
     heapq.heapify(alloc.free)
     alloc.end = last
     end = img.header["data_offset"] + last * img.chunk_size
     if os.fstat(img.fd).st_size > end:
         os.ftruncate(img.fd, end)
+
+
+def _in_use_end(img, end):
+    """1 + the last chunk in use, as from img.in_use() (0: none), or some value >= end
+    once that is known: the front's table is scanned only when the snapshot metadata,
+    the refcounts and the partial chunks end before `end` (no whole-table bincount)."""
+    last = 0
+    st = img.snapshot_state
+    if st is not None:  # as SnapshotState.mark_used: metadata runs, refcount > 0
+        last = max([a + n for a, n in st.metadata_runs(img) if n] + [0])
+        rc = st.refcount
+        if len(rc) > last and rc[-1]:
+            last = len(rc)  # the usual case: delete trims the table past its last count
+        elif len(rc) > last:
+            nz = np.flatnonzero(rc[last:])
+            last += int(nz[-1]) + 1 if len(nz) else 0
+    if img.partial is not None:  # its sources and map chunks, as PartialState.mark_used
+        last = max(last, len(img.partial.mark_used(np.zeros(0, dtype=bool))))
+    if last >= end:
+        return last
+    t = img.table
+    valid = t < fmt.ZERO_CHUNK
+    if valid.any():
+        last = max(last, int(t.max(where=valid, initial=0)) + 1)
+    return last
+
+
+def _flush_tables(img):
+    """Step 1 of create and delete (docs/format.md, "Atomic commit order"): pending table
+    records (writeback) are journaled and synced now, so the front's durable table is the
+    in-memory one. Without any it already is, and the sync of the new metadata before
+    the commit header (step 4 / 3) makes the data written since durable: one fdatasync
+    fewer, same order."""
+    if img._pending or img._pending_bits or img._journal_broken:
+        img.flush()
+    else:
+        img.check_open()
 
 
 def _release_runs(img, run_list):
@@ -685,8 +752,18 @@ def create_snapshot(img: Any, name: str, vm_state: bytes = b"") -> SnapshotInfo:
         _freeze_front(img)
         try:
             return _create(img, st, name, vm_state)
-        finally:
-            _set_frozen(img, st)  # the committed refcounts (or the old ones)
+        except BaseException:
+            _set_frozen(img, st)  # the old refcounts (or the committed ones)
+            raise
+
+
+def _front_held(img, n):
+    """held_mask of the front's table. It maps allocated chunks only, all below the
+    allocator's end: with that cap the mask is built in one pass (two if it is not so)."""
+    mask, count = img.impl.held_mask(img.table, n, img.allocator.end)
+    if mask is None:
+        mask, count = img.impl.held_mask(img.table, n)
+    return mask, count
 
 
 def _freeze_front(img):
@@ -694,12 +771,11 @@ def _freeze_front(img):
     that saw one unfrozen are waited for. From here on a write to the front copies (slow
     path, behind the image lock), so the snapshot's chunks hold what was acknowledged
     before the snapshot began (or during it, never after it returned)."""
-    t = img.table
-    held = t[t < fmt.ZERO_CHUNK]
-    n = max(len(img.frozen), int(held.max()) + 1 if len(held) else 0, 1024)
+    mask, _ = _front_held(img, 0)
+    n = max(len(img.frozen), len(mask), 1024)
     frozen = np.zeros(n, dtype=np.uint8)
     frozen[: len(img.frozen)] = img.frozen
-    frozen[held] = 1
+    frozen[: len(mask)] |= mask
     img.frozen = frozen
     img.chunk_map.set_frozen(frozen)
     img.allocator.quiesce(time.sleep)
@@ -718,25 +794,25 @@ def _create(img, st, name, vm_state):
     if any(e.name == name for e in st.entries):
         raise ValueError(f"{img.path}: a snapshot named {name!r} already exists")
     vm = memoryview(vm_state).cast("B")
-    img.flush()
+    _flush_tables(img)
     if img.partial is not None:
-        img.partial.complete_all(img)  # snapshots hold whole chunks (fvd.features.granular)
+        img.partial.complete_all(img)  # snapshots hold whole chunks (fvd.granular)
     table = img.table
-    entries_mask = table < fmt.ZERO_CHUNK
-    held = table[entries_mask]
-    n = max(len(st.refcount), int(held.max()) + 1 if len(held) else 0)
-    rc = np.zeros(n, dtype=np.uint32)
+    mask, nheld = _front_held(img, len(st.refcount))
+    rc = np.zeros(len(mask), dtype=np.uint32)
     rc[: len(st.refcount)] = st.refcount
     # the front never maps one physical chunk twice, so each held chunk gains exactly 1
-    rc[held] += 1
-    if len(held) and rc[held].max() > REFCOUNT_MAX:
+    rc += mask
+    # only held chunks gained: any count past the maximum is one of theirs
+    if nheld and int(rc.max()) > REFCOUNT_MAX:
+        held = table[table < fmt.ZERO_CHUNK]
         bad = int(held[np.argmax(rc[held])])
         raise RefcountOverflowError(
             f"{img.path}: chunk {bad} is already held by "
             f"{REFCOUNT_MAX} snapshots; delete some snapshots first"
         )
     refcount = rc.astype(np.uint16)
-    tbytes = table.astype(TABLE_DTYPE).tobytes()
+    tbytes = table.astype(TABLE_DTYPE, copy=False).tobytes()  # one copy, not two
     entry = _Entry(
         img.header["next_snapshot_id"],
         time.time_ns(),
@@ -775,7 +851,7 @@ def _create(img, st, name, vm_state):
     # (then the old metadata chunks are kept: a leak at most, never a reuse).
     st.entries, st.refcount = entries, refcount
     st.table_chunks, st.refcount_chunks = tch, rch
-    img.stats.refcount_updates += len(held)
+    img.stats.refcount_updates += nheld
     _set_frozen(img, st)
     img.sync()  # commit point
     _release_runs(img, old)
@@ -804,31 +880,38 @@ def _delete(img, st, name):
             f"{img.path}: snapshot {name!r} is open (open_snapshot); "
             f"close its views before deleting it"
         )
-    img.flush()  # the durable front table is the in-memory one
-    stable = read_snapshot_table(img, e)
-    held = stable[stable < fmt.ZERO_CHUNK]
-    if len(held) and int(held.max()) >= len(st.refcount):
+    _flush_tables(img)  # the durable front table is the in-memory one
+    stable, mask, nheld = _read_snapshot_table(img, e)
+    # mask: 1 at each chunk the snapshot holds (validated: no chunk twice)
+    if mask[len(st.refcount) :].any():
         raise CorruptImageError(
             img.path, e.table_offset, f"snapshot {name!r} holds chunks past the refcount table"
         )
     rc = st.refcount.astype(np.int32)
-    if len(held) and (rc[held] <= 0).any():
+    held = np.zeros(len(rc), dtype=np.int32)
+    held[: len(mask)] = mask[: len(rc)]
+    if nheld and np.logical_and(held, rc == 0).any():
         raise CorruptImageError(
             img.path,
             img.header["refcount_table_offset"],
             f"snapshot {name!r} holds chunks whose refcount is 0 (run check -r all)",
         )
-    rc[held] -= 1
+    rc -= held
     entries = [x for x in st.entries if x is not e]
-    dropped = held[rc[held] == 0]
-    front = front_usage(img.table, len(rc))
-    if img.partial is not None:  # a partial chunk's source stays (fvd.features.granular)
-        sources = img.partial.sources()
-        front[sources[sources < len(front)]] += 1
-    freed = dropped[front[dropped] == 0] if len(dropped) else dropped
+    dropped = np.flatnonzero(np.logical_and(held, rc == 0))
+    freed = dropped
+    if len(dropped):  # the front's usage matters only for chunks no snapshot holds now
+        front = front_usage(img.table, len(rc))
+        if img.partial is not None:  # a partial chunk's source stays (fvd.granular)
+            sources = img.partial.sources()
+            front[sources[sources < len(front)]] += 1
+        freed = dropped[front[dropped] == 0]
     # trim the refcount table past its last nonzero entry
-    nz = np.flatnonzero(rc)
-    refcount = rc[: int(nz[-1]) + 1 if len(nz) else 0].astype(np.uint16)
+    if len(rc) and rc[-1]:
+        refcount = rc.astype(np.uint16)  # nothing to trim (no scan for the last count)
+    else:
+        nz = np.flatnonzero(rc)
+        refcount = rc[: int(nz[-1]) + 1 if len(nz) else 0].astype(np.uint16)
     saved = dict(img.header)
     layout = _commit(img, st, entries, refcount)
     try:
@@ -840,7 +923,7 @@ def _delete(img, st, name):
     old = old + st.entry_chunks(img, e)
     st.entries, st.refcount = entries, refcount  # memory follows the written header
     st.table_chunks, st.refcount_chunks = tch, rch
-    img.stats.refcount_updates += len(held)
+    img.stats.refcount_updates += nheld
     _set_frozen(img, st)
     img.sync()  # commit point
     _release_runs(img, old)

@@ -29,7 +29,7 @@ from fvd.ondisk.fvd_records import (  # noqa: F401 (re-exported: the format's vo
     ZERO_CHUNK,
     Header,
 )
-from fvd.ondisk.structs import span_struct
+from fvd.ondisk.structs import field_names, span_struct, struct_of
 from fvd.units import KiB, MiB
 
 ALIGN = 4096  # every region starts on a 4 KiB boundary
@@ -60,6 +60,8 @@ assert Header.sizeof() == HEADER_SIZE
 _S_PREFIX = span_struct(Header, "magic", "header_crc")[1]
 _OFF_CRC, _S_CRC = span_struct(Header, "header_crc", "header_crc")
 CRC_FIELD = slice(_OFF_CRC, _OFF_CRC + _S_CRC.size)
+_HEADER_STRUCT = struct_of(Header)
+_HEADER_NAMES = field_names(Header)
 
 
 def round_up(n, align):
@@ -79,10 +81,10 @@ def header_crc(raw):
 
 def build_header(fields):
     """Serialise a header dict (any field may be missing: it becomes 0) with its checksum."""
-    values = {f.name: 0 for f in Header.subcons if f.name and f.name != "magic"}
-    values.update({k: v for k, v in fields.items() if k in values})
-    values.update(version=VERSION, header_size=HEADER_SIZE, header_crc=0)
-    raw = bytearray(Header.build(values))
+    # the struct twin of Header: a header is written at every checkpoint and snapshot
+    # operation, where construct's interpreter costs ~0.15 ms a call (same bytes)
+    values = dict(fields, magic=MAGIC, version=VERSION, header_size=HEADER_SIZE, header_crc=0)
+    raw = bytearray(_HEADER_STRUCT.pack(*[values.get(n, 0) for n in _HEADER_NAMES]))
     _S_CRC.pack_into(raw, _OFF_CRC, header_crc(raw))
     return bytes(raw)
 

@@ -23,6 +23,7 @@ from hypothesis.stateful import (
 
 import fvd
 from fvd import _impl
+from fvd.features import snapshots
 from fvd.ondisk import format as fmt
 from fvd.units import KiB, MiB
 
@@ -563,6 +564,10 @@ def make_machine(path, recorder, cache):
             for name, data in self.snaps.items():
                 with self.img.open_snapshot(name) as v:
                     assert v.read(0, MSIZE) == data
+            used = np.flatnonzero(self.img._core.in_use())  # the tail trim's shortcut agrees
+            assert snapshots._in_use_end(self.img._core, 1 << 40) == (
+                int(used[-1]) + 1 if len(used) else 0
+            )
 
         def teardown(self):
             if hasattr(self, "img"):

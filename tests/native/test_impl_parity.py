@@ -9,6 +9,7 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fvd import _purepath
@@ -264,3 +265,26 @@ def test_stubtest_agrees(impl, tmp_path):
         cwd=root,
     )
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_same_held_mask(seed):
+    """held_mask (snapshot bookkeeping): the same mask and count from both, the cap
+    refusing a table with an entry at or past it."""
+    rnd = np.random.default_rng(seed)
+    n = int(rnd.integers(0, 3000))
+    table = rnd.permutation(5000)[:n].astype(np.uint32)
+    hole = rnd.random(n) < 0.3
+    table[hole] = rnd.choice([0xFFFFFFFE, 0xFFFFFFFF], int(hole.sum()))
+    top = int(table[~hole].max()) + 1 if (~hole).any() else 0
+    caps = ((table, 10, top), (table, 10, max(top - 1, 0)), (table, 0, top + 999))
+    for args in ((table, 0), (table, 6000), *caps):
+        (mc, cc), (mt, ct) = _fastpath.held_mask(*args), _purepath.held_mask(*args)
+        assert cc == ct == n - int(hole.sum())
+        if mt is None:
+            assert mc is None and len(args) == 3 and top > args[2]
+            continue
+        assert mc.dtype == mt.dtype == np.uint8
+        assert len(mc) == len(mt) == max(args[1], top)
+        assert np.array_equal(mc, mt)
+        assert np.array_equal(np.flatnonzero(mt), np.unique(table[~hole]))

@@ -338,6 +338,33 @@ def test_snapshot_table_entry_into_metadata_or_twice(path):
     assert_repaired(path)
 
 
+def test_delete_refuses_chunks_the_refcounts_do_not_count(path):
+    """delete_snapshot cross-checks the snapshot's table with the refcount table: a chunk
+    it maps past the end of that table, or counted 0 there, is refused and nothing
+    changes (the chunk would otherwise be freed while the front still maps it)."""
+    make_image(path)
+    with fvd.open(path, "r+") as img:
+        img.create_snapshot("s1")
+        old_tables = img._core.snapshot_state.table_chunks[0]
+        img.write(8 * CS, b"x")  # a chunk of the front's own
+        own = int(img._core.table[8])
+    with fvd.open(path, "r+") as img:
+        assert own >= len(img._core.snapshot_state.refcount)
+    set_snapshot_table_entry(path, 0, 9, own)
+    with fvd.open(path, "r+") as img:
+        with pytest.raises(fvd.CorruptImageError, match="past the refcount table"):
+            img.delete_snapshot("s1")
+        img.create_snapshot("s2")  # s1's first tables are free now, counted 0
+        assert img._core.snapshot_state.refcount[old_tables] == 0
+        assert old_tables < own < len(img._core.snapshot_state.refcount)
+    set_snapshot_table_entry(path, 0, 9, old_tables)
+    with fvd.open(path, "r+") as img:
+        with pytest.raises(fvd.CorruptImageError, match="refcount is 0"):
+            img.delete_snapshot("s1")
+        assert [s.name for s in img.snapshots()] == ["s1", "s2"]
+        assert img.read(0, 1) == b"\x01" and img.read(8 * CS, 1) == b"x"
+
+
 # ----- 6: a front entry into snapshot metadata --------------------------------------------
 def test_front_entry_into_snapshot_metadata_refused_and_repaired(path):
     make_image(path)
