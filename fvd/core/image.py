@@ -775,6 +775,11 @@ class ImageCore:
             extra = self.base_layer.zero_bits(first, last) if self.base_layer is not None else []
             self._log(changes, extra)
 
+    @property
+    def metadata_pending(self) -> bool:
+        """Table or bitmap records not yet journaled (writeback), or a journal to redo."""
+        return bool(self._pending or self._pending_bits or self._journal_broken)
+
     def flush(self):
         """Everything written before is durable when this returns."""
         self.check_open()

@@ -725,7 +725,7 @@ def _flush_tables(img):
     in-memory one. Without any it already is, and the sync of the new metadata before
     the commit header (step 4 / 3) makes the data written since durable: one fdatasync
     fewer, same order."""
-    if img._pending or img._pending_bits or img._journal_broken:
+    if img.metadata_pending:
         img.flush()
     else:
         img.check_open()
