@@ -124,27 +124,37 @@ def detect_format(path: StrPath) -> str:
     return "raw"
 
 
-def raw_extents(fd: int, offset: int, length: int) -> Iterator[Extent]:
-    """Data and hole runs of a file by SEEK_DATA/SEEK_HOLE (qemu-img map's view of a raw
-    file: data extents at depth 0, holes zero). Past EOF counts as a hole."""
-    end = offset + length
-    eof = os.fstat(fd).st_size
-    pos = offset
+def data_runs(fd: int, start: int, end: int) -> Iterator[tuple[int, int, bool]]:
+    """(start, end, is_data) runs of a file's [start, end): holes found with SEEK_HOLE
+    and SEEK_DATA; bytes past the end of the file are a hole. Without SEEK_DATA support
+    everything is data."""
+    size = os.fstat(fd).st_size
+    pos = start
     while pos < end:
-        if pos >= eof:
-            yield Extent(pos, end - pos, 0, True, True, False, None)
+        if pos >= size:
+            yield pos, end, False
             return
         try:
-            data = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno != errno.ENXIO:
-                raise
-            data = eof
-        data = min(data, end)
-        if data > pos:
-            yield Extent(pos, data - pos, 0, True, True, False, None)
-            pos = data
+            hole = os.lseek(fd, pos, os.SEEK_HOLE)
+        except OSError:
+            yield pos, end, True
+            return
+        if hole > pos:
+            stop = min(hole, end)
+            yield pos, stop, True
+            pos = stop
             continue
-        hole = min(os.lseek(fd, pos, os.SEEK_HOLE), end)
-        yield Extent(pos, hole - pos, 0, True, False, True, pos)
-        pos = hole
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:  # ENXIO: only a hole up to the end of the file
+            data = size
+        stop = min(data, end)
+        yield pos, stop, False
+        pos = stop
+
+
+def raw_extents(fd: int, offset: int, length: int) -> Iterator[Extent]:
+    """Data and hole runs of a file (qemu-img map's view of a raw file: data extents at
+    depth 0, holes zero). Past EOF counts as a hole."""
+    for s, e, data in data_runs(fd, offset, offset + length):
+        yield Extent(s, e - s, 0, True, not data, data, s if data else None)

@@ -35,7 +35,7 @@ from fvd.core import journal
 from fvd.core.bitmap import Bitmap, get_bits
 from fvd.core.image import drain_map
 from fvd.errors import BaseImageError, CorruptImageError, FvdError, UnsupportedFeatureError
-from fvd.fileio import detect_format, resolve_relative
+from fvd.fileio import data_runs, detect_format, resolve_relative
 from fvd.nbd_client import NbdClient, is_nbd_uri
 from fvd.ondisk import format as fmt
 from fvd.types import Extent
@@ -72,7 +72,7 @@ class RawBase:
 
     def extents(self, offset, length):
         """Data and holes (SEEK_DATA/SEEK_HOLE), as `qemu-img map` reports a raw file."""
-        for s, e, data in _file_runs(self.fd, offset, offset + length):
+        for s, e, data in data_runs(self.fd, offset, offset + length):
             yield Extent(s, e - s, 0, True, not data, data, s)
 
     def close(self):
@@ -142,35 +142,6 @@ class NbdBase:
 
     def close(self):
         self.client.close()
-
-
-def _file_runs(fd, start, end):
-    """(start, end, is_data) runs of a file's [start, end): holes found with SEEK_HOLE
-    and SEEK_DATA; bytes past the end of the file are a hole. Without SEEK_DATA support
-    everything is data."""
-    size = os.fstat(fd).st_size
-    pos = start
-    while pos < end:
-        if pos >= size:
-            yield pos, end, False
-            return
-        try:
-            hole = os.lseek(fd, pos, os.SEEK_HOLE)
-        except OSError:
-            yield pos, end, True
-            return
-        if hole > pos:
-            stop = min(hole, end)
-            yield pos, stop, True
-            pos = stop
-            continue
-        try:
-            data = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError:  # ENXIO: only a hole up to the end of the file
-            data = size
-        stop = min(data, end)
-        yield pos, stop, False
-        pos = stop
 
 
 def _open_backend(path, base_format, chain):
