@@ -505,6 +505,61 @@ class PartialState:
         return sources
 
 
+class RecordError(ValueError):
+    """An encoded partial map or granule record that does not decode, or does not fit its
+    snapshot's lookup table: `pos` is the byte offset of the problem inside the record."""
+
+    def __init__(self, pos, what):
+        super().__init__(what)
+        self.pos = pos
+        self.what = what
+
+
+def decode_map(raw, nchunks, chunk_size, granule):
+    """(chunks, sources, rows) of an encoded partial map or granule record (the layout of
+    docs/format.md section 10), decoded without a loop over the entries: chunks (int64,
+    strictly increasing, each < nchunks), their sources (uint32, < MAX_PHYS_CHUNKS) and
+    their bit rows (uint8, ceil(gpc / 8) bytes each). RecordError otherwise."""
+    if len(raw) < MAP_HEAD.size:
+        raise RecordError(0, f"{len(raw)} bytes, shorter than its head")
+    magic, count, gsize, _r = MAP_HEAD.unpack_from(raw)
+    gbytes = fr.partial_row_bytes(chunk_size, granule)
+    esize = ENTRY_HEAD.size + _pad8(gbytes)
+    if magic != MAP_MAGIC or gsize != granule:
+        raise RecordError(0, f"magic {magic:#x} or granule size {gsize} is not {granule}")
+    if len(raw) != MAP_HEAD.size + count * esize:
+        raise RecordError(4, f"{count} entries do not fill {len(raw)} bytes")
+    body = np.frombuffer(raw, np.uint8, count * esize, MAP_HEAD.size).reshape(count, esize)
+    head = np.ascontiguousarray(body[:, : ENTRY_HEAD.size]).view("<u4")
+    chunks = head[:, 0].astype(np.int64)
+    sources = head[:, 1].astype(np.uint32)
+    bad = (chunks >= nchunks) | (sources >= fmt.MAX_PHYS_CHUNKS)
+    bad[1:] |= chunks[1:] <= chunks[:-1]
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise RecordError(
+            MAP_HEAD.size + i * esize,
+            f"entry {i} (chunk {int(chunks[i])}, source {int(sources[i])}) is out of "
+            f"range or out of order",
+        )
+    rows = np.ascontiguousarray(body[:, ENTRY_HEAD.size : ENTRY_HEAD.size + gbytes])
+    return chunks, sources, rows
+
+
+def check_record_table(chunks, sources, table, gbytes):
+    """A snapshot's granule record against the snapshot's lookup table: every entry's
+    chunk maps a physical chunk N other than its source (RecordError naming the entry)."""
+    t = table[chunks]
+    bad = (t >= fmt.ZERO_CHUNK) | (t == sources)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise RecordError(
+            MAP_HEAD.size + i * (ENTRY_HEAD.size + _pad8(gbytes)),
+            f"entry {i} (chunk {int(chunks[i])}, source {int(sources[i])}) does not fit "
+            f"the lookup table (entry {int(t[i])})",
+        )
+
+
 def attach_partial(img):
     """Open hook for images without a base: the partial map, if the header has one."""
     h = img.header

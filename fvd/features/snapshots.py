@@ -42,6 +42,7 @@ from fvd.errors import (
     SnapshotNotFoundError,
 )
 from fvd.features.base import BaseLayer, _open_backend, marked_unallocated
+from fvd.features.granular import RecordError, check_record_table, decode_map
 from fvd.ondisk import format as fmt
 from fvd.ondisk import fvd_records as fr
 from fvd.ondisk.fvd_records import REFCOUNT_DTYPE, REFCOUNT_MAX, TABLE_DTYPE
@@ -53,7 +54,9 @@ TABLE_HEAD = fr.S_SNAPSHOT_TABLE_HEAD  # magic crc nb_snapshots refcount_crc rev
 ENTRY = fr.S_SNAPSHOT_ENTRY_HEAD  # id created_ns virtual_size table_offset table_crc name_size
 #                                   extra_size vm_state_offset vm_state_size vm_state_crc reserved
 EXTRA_BITMAP = fr.S_SNAPSHOT_EXTRA_BITMAP  # bitmap_offset bitmap_crc reserved (with a base)
+EXTRA_GRANULES = fr.S_SNAPSHOT_EXTRA_GRANULES  # granules_offset _size _crc reserved (no base)
 assert TABLE_HEAD.size == 32 and ENTRY.size == 64 and EXTRA_BITMAP.size == 16
+assert EXTRA_GRANULES.size == 24
 _OFF_CRC, _S_CRC = span_struct(fr.SnapshotTableHead, "crc", "crc")
 _EOFF = fr.SNAPSHOT_ENTRY_OFFSET  # field offsets in an entry, for error messages
 MAX_NAME = 255
@@ -72,6 +75,10 @@ class _Entry:
     vm_crc: int
     bitmap_offset: int = 0  # copy of the base bitmap (images with a base), else 0
     bitmap_crc: int = 0
+    granules_offset: int = 0  # granule record (images without a base), else 0
+    granules_size: int = 0
+    granules_crc: int = 0
+    granules_bad: Optional[tuple[int, str]] = None  # (offset, why) of a record not usable
 
     def info(self):
         created = datetime.fromtimestamp(self.created_ns / 1e9, tz=timezone.utc)
@@ -83,7 +90,9 @@ def _pad8(n):
 
 
 def _extra_size(e):
-    return EXTRA_BITMAP.size if e.bitmap_offset else 0
+    if e.bitmap_offset:
+        return EXTRA_BITMAP.size
+    return EXTRA_GRANULES.size if e.granules_offset else 0
 
 
 def entry_size(e):
@@ -109,6 +118,8 @@ def encode_table(entries, refcount_crc, revert_id=0, revert_epoch=0):
         )
         if e.bitmap_offset:
             body += EXTRA_BITMAP.pack(e.bitmap_offset, e.bitmap_crc, 0)
+        elif e.granules_offset:
+            body += EXTRA_GRANULES.pack(e.granules_offset, e.granules_size, e.granules_crc, 0)
         body += name.ljust(_pad8(len(name)), b"\0")
     raw = (
         bytearray(
@@ -164,6 +175,8 @@ class SnapshotState:
             out.append(((e.bitmap_offset - d) // cs, -(-img.header["bitmap_size"] // cs)))
         if e.vm_size:
             out.append(((e.vm_offset - d) // cs, -(-e.vm_size // cs)))
+        if e.granules_offset:
+            out.append(((e.granules_offset - d) // cs, -(-e.granules_size // cs)))
         return out
 
     def metadata_runs(self, img):
@@ -182,6 +195,34 @@ class SnapshotState:
         return mask
 
     # ----- hooks from Image -----------------------------------------------------------
+    def drop_busy_records(self, img):
+        """At open, after replay: a granule record whose chunks the front's table or the
+        partial chunks (sources, map) use is left unused, for check() to report. An fvd
+        that does not know granule records sees their chunks as free and may have
+        written there; the image still opens, its changed extents are coarser there."""
+        with_rec = [e for e in self.entries if e.granules_offset]
+        if not with_rec:
+            return
+        d, cs = img.header["data_offset"], img.chunk_size
+        runs = [((e.granules_offset - d) // cs, -(-e.granules_size // cs)) for e in with_rec]
+        mask = np.zeros(max(a + n for a, n in runs), dtype=bool)
+        for a, n in runs:
+            mask[a : a + n] = True
+        t = img.table
+        busy = np.zeros(len(mask), dtype=bool)
+        front = t[t < len(mask)]
+        busy[front[mask[front]]] = True
+        if img.partial is not None:
+            busy = img.partial.mark_used(busy)
+        for e, (a, n) in zip(with_rec, runs):
+            if busy[a : a + n].any():
+                e.granules_bad = (
+                    e.granules_offset,
+                    f"snapshot {e.name!r}: the chunks of its granule record are in use by "
+                    f"the front (written by an fvd that does not know granule records?)",
+                )
+                e.granules_offset = e.granules_size = e.granules_crc = 0
+
     def mark_used(self, used):
         img = self.img
         rc = self.refcount
@@ -338,9 +379,11 @@ def _parse_entries(img, st, raw, nb, file_size, owner):
             return broken(
                 where + _EOFF["extra_size"], f"snapshot extra data size {xsize} out of range"
             )
-        bm_off = bm_crc = 0
+        bm_off = bm_crc = g_off = g_size = g_crc = 0
         if xsize >= EXTRA_BITMAP.size:
             bm_off, bm_crc, _r3 = EXTRA_BITMAP.unpack_from(raw, pos)
+        if xsize >= EXTRA_GRANULES.size and h["base_format"] == fmt.BASE_NONE:
+            g_off, g_size, g_crc, _r4 = EXTRA_GRANULES.unpack_from(raw, pos)
         pos += xsize  # extra data past the fields known here is skipped
         if nlen == 0 or pos + nlen > len(raw):
             return broken(where, "snapshot name size out of range")
@@ -385,9 +428,27 @@ def _parse_entries(img, st, raw, nb, file_size, owner):
         for off, n, _, _ in runs:
             owner[(off - d) // cs : (off - d) // cs + -(-n // cs)] = True
         names.add(name)
-        entries.append(
-            _Entry(sid, created, size, t_off, t_crc, name, vm_off, vm_size, vm_crc, bm_off, bm_crc)
-        )
+        e = _Entry(sid, created, size, t_off, t_crc, name, vm_off, vm_size, vm_crc, bm_off, bm_crc)
+        if g_off:
+            # the granule record is optional: one that does not fit is left unused (and
+            # unowned), for check() to report and repair to drop; the snapshot stays
+            first, count = (g_off - d) // cs, -(-g_size // cs)
+            if not (inside(g_off, g_size) and g_size >= fr.PartialMapHead.sizeof()):
+                e.granules_bad = (
+                    where + _EOFF["extra"],
+                    f"snapshot {name!r}: granule record [{g_off}, {g_off + g_size}) is "
+                    f"outside the data area or the file ({file_size} bytes)",
+                )
+            elif owner[first : first + count].any():
+                e.granules_bad = (
+                    where + _EOFF["extra"],
+                    f"snapshot {name!r}: granule record at {g_off} overlaps other "
+                    f"snapshot metadata",
+                )
+            else:
+                owner[first : first + count] = True
+                e.granules_offset, e.granules_size, e.granules_crc = g_off, g_size, g_crc
+        entries.append(e)
     return entries
 
 
@@ -539,6 +600,54 @@ def read_snapshot_bitmap(img, e):
             img.path, e.bitmap_offset, f"snapshot {e.name!r}: bitmap checksum mismatch"
         )
     return np.frombuffer(raw, dtype=np.uint8).copy()
+
+
+def granule_record(fd, path, e, table, chunk_size, granule):
+    """The snapshot's granule record as (chunks, sources, rows) (fvd.features.granular
+    .decode_map), read through `fd`, its crc checked and its entries matched against the
+    snapshot's lookup table `table`; None when the snapshot has none. CorruptImageError
+    naming the offset otherwise."""
+    if e.granules_bad:
+        raise CorruptImageError(path, *e.granules_bad)
+    if not e.granules_offset:
+        return None
+    raw = os.pread(fd, e.granules_size, e.granules_offset)
+    if len(raw) != e.granules_size or zlib.crc32(raw) != e.granules_crc:
+        raise CorruptImageError(
+            path,
+            e.granules_offset,
+            f"snapshot {e.name!r}: granule record checksum mismatch or truncated",
+        )
+    try:
+        chunks, sources, rows = decode_map(raw, len(table), chunk_size, granule)
+        check_record_table(chunks, sources, table, rows.shape[1])
+    except RecordError as err:
+        raise CorruptImageError(
+            path, e.granules_offset + err.pos, f"snapshot {e.name!r}: granule record: {err.what}"
+        ) from None
+    return chunks, sources, rows
+
+
+def _record_problem(img, e, table):
+    """Why the snapshot's granule record is not usable (check), or None. Besides what
+    granule_record checks, no source may be a chunk the snapshot's table maps (a source
+    was the front's private base, never mapped by the front)."""
+    granule = img.header["granule_size"] or fmt.DEFAULT_GRANULE
+    try:
+        rec = granule_record(img.fd, img.path, e, table, img.chunk_size, granule)
+    except CorruptImageError as err:
+        return str(err)
+    img.stats.metadata_reads += 1
+    img.stats.metadata_bytes_read += e.granules_size
+    sources = rec[1]
+    bad = np.flatnonzero(np.isin(sources, table[table < fmt.ZERO_CHUNK]))
+    if len(bad):
+        i = int(bad[0])
+        return (
+            f"{img.path}: snapshot {e.name!r}: granule record entry {i} names source "
+            f"{int(sources[i])}, which the snapshot's table maps"
+        )
+    return None
 
 
 def _needs_base(img, bits):
@@ -795,7 +904,12 @@ def _create(img, st, name, vm_state):
         raise ValueError(f"{img.path}: a snapshot named {name!r} already exists")
     vm = memoryview(vm_state).cast("B")
     _flush_tables(img)
+    granules = b""
     if img.partial is not None:
+        if img.partial.active:
+            # before completion: which granules the front wrote, and over which sources
+            # (the snapshot's granule record, for changed extents between snapshots)
+            granules = img.partial.encode()
         img.partial.complete_all(img)  # snapshots hold whole chunks (fvd.granular)
     table = img.table
     mask, nheld = _front_held(img, len(st.refcount))
@@ -832,13 +946,19 @@ def _create(img, st, name, vm_state):
         bits = img.bitmap.stale.tobytes()
         entry.bitmap_crc = zlib.crc32(bits)
         extra.append((len(bits), bits))
+    if granules:
+        entry.granules_size, entry.granules_crc = len(granules), zlib.crc32(granules)
+        extra.append((len(granules), granules))
     extra.append((len(vm), vm))
     saved = dict(img.header)
     layout = _commit(img, st, entries, refcount, extra)
-    entry.table_offset = layout[3][0]
+    offs = iter(layout[3])
+    entry.table_offset = next(offs)
     if img.bitmap is not None:
-        entry.bitmap_offset = layout[3][1]
-    entry.vm_offset = layout[3][-1] if len(vm) else 0
+        entry.bitmap_offset = next(offs)
+    if granules:
+        entry.granules_offset = next(offs)
+    entry.vm_offset = next(offs) if len(vm) else 0
     try:
         h, tch, rch, old = _write_and_commit(
             img, st, entries, refcount, layout, extra, (0, 0), None
@@ -1047,7 +1167,10 @@ class SnapshotView:
         self.chunk_size = img.chunk_size
         self.block_size = img.block_size
         self.header = {"data_offset": img.header["data_offset"]}
-        self.facts = {k: img.header.get(k, 0) for k in ("base_format", "bitmap_size", "base_size")}
+        self.facts = {
+            k: img.header.get(k, 0)
+            for k in ("base_format", "bitmap_size", "base_size", "granule_size")
+        }
         self.closed: bool = True
         self.state = img.snapshot_state
         self.snapshot_id = entry.id
@@ -1224,7 +1347,7 @@ def _check(st, img, result, repair):
     for a, n in st.metadata_runs(img):
         owner[a : a + n] = 1  # disjoint and inside the file: checked at open
     counted = np.zeros(len(owner), dtype=np.int64)
-    keep = []
+    keep, bad_records = [], []
     for e in st.entries:
         try:
             t = read_snapshot_table(img, e)
@@ -1246,6 +1369,12 @@ def _check(st, img, result, repair):
             lost.append(e.name)
             continue
         keep.append(e)
+        if e.granules_offset or e.granules_bad:
+            why = _record_problem(img, e, t)
+            if why is not None:
+                result.corruptions += 1
+                result.messages.append(f"ERROR {why} (repair drops the record)")
+                bad_records.append(e)
         held = t[t < fmt.ZERO_CHUNK].astype(np.int64)
         np.add.at(counted, held, 1)
     front = img.table[img.table < fmt.ZERO_CHUNK].astype(np.int64)
@@ -1273,7 +1402,7 @@ def _check(st, img, result, repair):
     result.leaks += len(over)
     if st.rewrite:
         result.messages.append("ERROR the revert marker is invalid")
-    changed = len(under) or len(over) or lost or st.rewrite or st.broken
+    changed = len(under) or len(over) or lost or st.rewrite or st.broken or bad_records
     if not (repair and changed) or img.read_only:
         return
     if lost:
@@ -1285,9 +1414,19 @@ def _check(st, img, result, repair):
     fixed = counted.clip(0, REFCOUNT_MAX).astype(np.uint16)
     nz = np.flatnonzero(fixed)
     fixed = fixed[: int(nz[-1]) + 1 if len(nz) else 0]
+    # a bad granule record goes (the snapshot stays; changed extents are coarser there)
+    records = []
+    for e in bad_records:
+        result.messages.append(f"Repair drops the granule record of snapshot {e.name!r}")
+        if e.granules_offset:
+            cs = img.chunk_size
+            records.append(((e.granules_offset - d) // cs, -(-e.granules_size // cs)))
+        e.granules_offset = e.granules_size = e.granules_crc = 0
+        e.granules_bad = None
     img.flush()
     st.entries = keep
     store_refcounts(img, st, fixed)
+    _release_runs(img, records)
     st.dropped, st.rewrite, st.broken = [], False, None
     img.stats.refcount_updates += int(len(under) + len(over))
     usage = front_usage(img.table, len(stored))

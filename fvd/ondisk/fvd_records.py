@@ -156,6 +156,14 @@ SnapshotEntryHead = Struct(
 SnapshotExtraBitmap = Struct(
     "bitmap_offset" / Int64ul, "bitmap_crc" / Int32ul, "reserved" / Int32ul
 )
+# Extra data of an entry in an image without a base: where its granule record lies (the
+# partial chunks the front had when the snapshot was taken, encoded as a PartialMap).
+SnapshotExtraGranules = Struct(
+    "granules_offset" / Int64ul,
+    "granules_size" / Int64ul,
+    "granules_crc" / Int32ul,
+    "reserved" / Int32ul,
+)
 SnapshotEntry = Struct(
     *SnapshotEntryHead.subcons,
     "extra" / Bytes(this.extra_size),
@@ -165,6 +173,7 @@ SnapshotEntry = Struct(
 SNAPSHOT_TABLE_HEAD_OFFSET = offsets(SnapshotTableHead)
 SNAPSHOT_ENTRY_OFFSET = offsets(SnapshotEntry)  # up to `extra` (the first variable field)
 SNAPSHOT_EXTRA_BITMAP_OFFSET = offsets(SnapshotExtraBitmap)  # from the start of extra
+SNAPSHOT_EXTRA_GRANULES_OFFSET = offsets(SnapshotExtraGranules)  # from the start of extra
 SnapshotTable = Struct(
     *SnapshotTableHead.subcons, "entries" / Array(this.nb_snapshots, SnapshotEntry)
 )
@@ -206,6 +215,7 @@ S_GRANULE = struct_of(GranulePayload)
 S_SNAPSHOT_TABLE_HEAD = struct_of(SnapshotTableHead)
 S_SNAPSHOT_ENTRY_HEAD = struct_of(SnapshotEntryHead)
 S_SNAPSHOT_EXTRA_BITMAP = struct_of(SnapshotExtraBitmap)
+S_SNAPSHOT_EXTRA_GRANULES = struct_of(SnapshotExtraGranules)
 S_PARTIAL_MAP_HEAD = struct_of(PartialMapHead)
 S_PARTIAL_MAP_ENTRY_HEAD = struct_of(PartialMapEntryHead)
 
@@ -221,6 +231,7 @@ RECORDS = {
     "SnapshotTableHead": SnapshotTableHead,
     "SnapshotEntry": SnapshotEntry,
     "SnapshotExtraBitmap": SnapshotExtraBitmap,
+    "SnapshotExtraGranules": SnapshotExtraGranules,
     "RefcountEntry": RefcountEntry,
     "PartialMapHead": PartialMapHead,
     "PartialMapEntry": PartialMapEntry,

@@ -18,10 +18,14 @@ Where byte x of a state comes from (docs/format.md, sections 7 and 8), as a *sou
 
 Two states may differ at x exactly when their keys at x differ. The comparison runs at
 the finest granularity the format records: chunks, refined to blocks where a base bitmap
-is involved (``_refine_blocks``) and to granules in the front's partial chunks
-(``_refine_granules``). Snapshots hold whole chunks only (create_snapshot completes the
-partial chunks first, and no record of which granules it copied is kept), so between two
-snapshots a chunk the front had partly rewritten is reported whole.
+is involved (``_refine_blocks``) and to granules where the newer state says which
+granules of a chunk were written over which source (``_walk``): the front's partial
+chunks, and a snapshot's granule record (docs/format.md, "Granule records": the partial
+chunks the front had when the snapshot was taken; the snapshot holds them completed, so
+their other granules hold the bytes of the source). Between a snapshot and a later state
+the states in between are walked in id order; each step contributes the granules its
+newer state's record names over the older state's chunk, or the whole chunk, and the
+union is reported (exact for adjacent states).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import numpy as np
 
 from fvd.errors import CorruptImageError
 from fvd.features.granular import NONE
-from fvd.features.snapshots import SnapshotNotFoundError, SnapshotView
+from fvd.features.snapshots import SnapshotNotFoundError, SnapshotView, granule_record
 from fvd.ondisk import format as fmt
 from fvd.types import Extent
 
@@ -56,13 +60,14 @@ class State:
     bits: np.ndarray | None
     snapshot_id: int | None  # None: the live front
     partial: Partial | None = None  # the front's partial chunks
+    record: Partial | None = None  # a snapshot's granule record (its table maps N)
 
 
 @dataclass
 class Partial:
-    """Partial chunks of a state (fvd.features.granular): virtual chunk numbers (sorted), their
-    source chunks, and their granule bit rows (uint8, one row of ceil(gpc / 8) bytes per
-    chunk, granule g = bit g % 8 of byte g // 8)."""
+    """Partial chunks of a state (fvd.features.granular), or a snapshot's granule record:
+    virtual chunk numbers (sorted), their source chunks, and their granule bit rows (uint8,
+    one row of ceil(gpc / 8) bytes per chunk, granule g = bit g % 8 of byte g // 8)."""
 
     chunks: np.ndarray
     sources: np.ndarray
@@ -112,7 +117,11 @@ def snapshot_state(fd: int, path: str, entry, nchunks: int, bitmap_size: int) ->
 
 
 def _resolve(owner, since: str, until: str | None):
-    """(Geometry, older State, newer State) for an Image or a SnapshotView."""
+    """(Geometry, States) for an Image or a SnapshotView: snapshot `since`, the states
+    between whose granule records the comparison needs (each with the state before it,
+    which its record's sources refer to), and `until` (a snapshot, or the live front).
+    States without a record between two others are left out: comparing across them at
+    chunk level is exact, so only the records' tables (and records) are read."""
 
     owner.check_open()
     for name, what in ((since, "since"), (until, "until")):
@@ -126,26 +135,49 @@ def _resolve(owner, since: str, until: str | None):
         raise SnapshotNotFoundError(f"{owner.path}: no snapshot named {since!r}")
     nchunks = -(-owner.size // owner.chunk_size)
     bsize = img_hdr.get("bitmap_size", 0) if img_hdr.get("base_format") else 0
+    granule = img_hdr.get("granule_size") or fmt.DEFAULT_GRANULE
     e_since = st.find(since, owner.path)
     e_until = st.find(until, owner.path) if until is not None else None
     if e_until is None and isinstance(owner, SnapshotView):
         e_until = next(e for e in st.entries if e.id == owner.snapshot_id)
     if e_until is not None and e_since.id > e_until.id:
         raise ValueError(f"{owner.path}: snapshot {since!r} is newer than {e_until.name!r}")
-    older = snapshot_state(fd, owner.path, e_since, nchunks, bsize)
-    if e_until is not None:
-        newer = snapshot_state(fd, owner.path, e_until, nchunks, bsize)
-    else:
-        with owner.lock:  # one point in time: no write changes the table now
-            bits = owner.bitmap.stale.copy() if owner.bitmap is not None else None
-            newer = State(owner.table.copy(), bits, None, _front_partial(owner.partial))
+    # the chain since .. until in id order; None stands for the front
+    last = e_until.id if e_until is not None else None
+    chain: list = [e_since]
+    if e_until is not e_since:
+        chain += [e for e in st.entries if e_since.id < e.id and (last is None or e.id < last)]
+        chain.append(e_until)
+    front_rec = e_until is None and owner.partial is not None and owner.partial.active
+    rec = [False] + [
+        front_rec if e is None else bool(e.granules_offset or e.granules_bad) for e in chain[1:]
+    ]
+    keep = {0, len(chain) - 1}
+    for j in range(1, len(chain)):
+        if rec[j]:
+            keep.update((j - 1, j))
+    states = []
+    for j in sorted(keep):
+        e = chain[j]
+        if e is None:
+            with owner.lock:  # one point in time: no write changes the table now
+                bits = owner.bitmap.stale.copy() if owner.bitmap is not None else None
+                states.append(State(owner.table.copy(), bits, None, _front_partial(owner.partial)))
+            continue
+        state = snapshot_state(fd, owner.path, e, nchunks, bsize)
+        if j and rec[j]:
+            chunks, sources, rows = granule_record(
+                fd, owner.path, e, state.table, owner.chunk_size, granule
+            )
+            state.record = Partial(chunks, sources, rows, granule)
+        states.append(state)
     geo = Geometry(
         owner.size,
         owner.chunk_size,
         owner.block_size,
         min(img_hdr.get("base_size", 0), owner.size) if bsize else 0,
     )
-    return geo, older, newer
+    return geo, states
 
 
 def _front_partial(ps) -> Partial | None:
@@ -176,19 +208,29 @@ def _bits(bits: np.ndarray, nblocks: int) -> np.ndarray:
 def compare(geo: Geometry, a: State, b: State) -> np.ndarray:
     """Changed ranges between state a (older) and b (newer) as a CHANGED_DTYPE array,
     sorted, adjacent ranges of equal flags merged."""
+    return compare_chain(geo, [a, b])
+
+
+def compare_chain(geo: Geometry, states: Sequence[State]) -> np.ndarray:
+    """Changed ranges between states[0] (the oldest) and states[-1] (the newest) through
+    the states between them, in id order (see _walk); as `compare`."""
+    a, b = states[0], states[-1]
     cs = geo.chunk_size
     nchunks = -(-geo.size // cs)
     ta, tb = a.table[:nchunks], b.table[:nchunks]
     # chunks that reach below the base end are compared block by block; the rest (every
     # chunk, without a base) by their entries. Both come out sorted, the first before.
     nbase_chunks = -(-geo.bend // cs) if geo.bend else 0
-    starts, stops, zero = _chunk_runs(ta, tb, nbase_chunks, cs, geo.size)
     if a.partial is not None:
         raise ValueError("the older state is a snapshot: it has no partial chunks")
-    if b.partial is not None and len(b.partial.chunks):
+    if any(s.partial is not None for s in states[:-1]):
+        raise ValueError("only the newest state can be the front")
+    if any(_granular(s) for s in states[1:]):
         if nbase_chunks:
             raise ValueError("partial chunks in an image with a base")
-        starts, stops, zero = _refine_granules(geo, ta, tb, b.partial, starts, stops, zero)
+        starts, stops, zero = _walk(geo, [s.table[:nchunks] for s in states], states)
+    else:
+        starts, stops, zero = _chunk_runs(ta, tb, nbase_chunks, cs, geo.size)
     if nbase_chunks:
         ka, kb = _chunk_keys(ta[:nbase_chunks]), _chunk_keys(tb[:nbase_chunks])
         rs, re, rz = _refine_blocks(geo, ka, kb, a, b, nbase_chunks)
@@ -200,70 +242,147 @@ def compare(geo: Geometry, a: State, b: State) -> np.ndarray:
     return _merge(starts, stops, zero)
 
 
-def _chunk_runs(ta, tb, first, cs, size):
+def _granular(s: State) -> bool:
+    g = s.partial if s.partial is not None else s.record
+    return g is not None and len(g.chunks) > 0
+
+
+def _changed_chunks(ta, tb, first):
     """Chunks from `first` whose entries differ, ZERO and UNALLOCATED counting as equal
-    (both read zeros): (starts, stops, zero in the newer state)."""
+    (both read zeros), as sorted int64 chunk numbers."""
     ta, tb = ta[first:], tb[first:]
     idx = np.flatnonzero(ta != tb)  # one pass; the rest is per changed chunk
-    idx = idx[(ta[idx] < fmt.ZERO_CHUNK) | (tb[idx] < fmt.ZERO_CHUNK)]
-    starts = (idx + first).astype(np.uint64) * np.uint64(cs)
+    return idx[(ta[idx] < fmt.ZERO_CHUNK) | (tb[idx] < fmt.ZERO_CHUNK)] + first
+
+
+def _chunk_runs(ta, tb, first, cs, size):
+    """Chunks from `first` whose entries differ: (starts, stops, zero in the newer state)."""
+    idx = _changed_chunks(ta, tb, first)
+    starts = idx.astype(np.uint64) * np.uint64(cs)
     stops = np.minimum(starts + np.uint64(cs), np.uint64(size))
     return starts, stops, tb[idx] >= fmt.ZERO_CHUNK
 
 
-def _refine_granules(geo, ta, tb, part, starts, stops, zero):
-    """Replace the whole-chunk ranges of the newer state's partial chunks by the granules
-    whose keys differ: a set bit reads the chunk's entry N, a clear one its source S, and
-    the older state reads its entry's key K for the whole chunk (snapshots hold whole
-    chunks). So per chunk: N != K and S != K, the whole chunk; only one of them, the set
-    (or the clear) granules; neither, nothing. Vectorised over the partial chunks, the
-    64-bit words of their bit rows and the runs found (never per granule). N and S are
-    physical chunks: these ranges are never zeros in the newer state."""
-    cs, gs = geo.chunk_size, part.granule_size
+def _walk(geo, tables, states):
+    """Chunks whose keys differ between the first and the last state (and the front's
+    partial chunks), refined to granules by the states' records, step by step in id
+    order. Step j (state j-1 to state j) over chunk v, K its key in state j-1:
+
+    * K equals v's key in state j: nothing;
+    * state j is a snapshot whose granule record has v with source K: the granules of
+      its bit row (state j maps N, which holds the bytes of K but for those granules);
+    * state j is the front and v one of its partial chunks (granule g reads N when its
+      bit is set, else S): N != K and S != K, the whole chunk; only one of them, the set
+      (or the clear) granules; neither, nothing;
+    * else the whole chunk.
+
+    The union over the steps is reported: a chunk some step contributes whole is whole,
+    the others are the OR of their rows. Vectorised over the candidate chunks per step,
+    and over the 64-bit words of the rows and the runs found (never per granule). Flags:
+    zero where the newest state's chunk reads zeros."""
+    cs = geo.chunk_size
+    ta, tb = tables[0], tables[-1]
+    cand = _changed_chunks(ta, tb, 0)
+    front = states[-1].partial
+    if front is not None and len(front.chunks):
+        pv = front.chunks.astype(np.int64)
+        cand = np.union1d(cand, pv[tb[pv] < fmt.ZERO_CHUNK])  # N is a physical chunk
+    gs = next(s.partial or s.record for s in states[1:] if _granular(s)).granule_size
     gpc = cs // gs
-    v = part.chunks.astype(np.int64)
-    entry = tb[v]
-    src, rows = part.sources, part.rows
-    ok = entry < fmt.ZERO_CHUNK  # a partial chunk maps its own chunk N (else: not partial)
-    if not ok.all():
-        v, entry, src, rows = v[ok], entry[ok], src[ok], rows[ok]
-    k = _chunk_keys(ta[v])
-    n_diff = entry.astype(np.uint64) != k
-    s_diff = src.astype(np.uint64) != k
-    # the partial chunks' whole-chunk ranges go; the other chunks' ranges stay
-    is_partial = np.zeros(len(ta), dtype=bool)
-    is_partial[v] = True
-    keep = ~is_partial[(starts // np.uint64(cs)).astype(np.int64)]
-    starts, stops, zero = starts[keep], stops[keep], zero[keep]
-    w_starts = v[n_diff & s_diff].astype(np.uint64) * np.uint64(cs)
-    w_stops = np.minimum(w_starts + np.uint64(cs), np.uint64(geo.size))
-    # granule runs of the chunks where only one of N, S differs from K: the set bits, or
-    # the clear ones (rows inverted)
-    one = n_diff != s_diff
-    if not one.all():
-        v, n_diff, rows = v[one], n_diff[one], rows[one]
-    nbytes = rows.shape[1]
-    if nbytes % 8 or gpc % 8 or not n_diff.all():
-        # pad rows to whole 64-bit words, invert those whose clear bits differ
-        words = np.zeros((len(rows), -(-nbytes // 8) * 8), dtype=np.uint8)
-        words[:, :nbytes] = rows ^ np.where(n_diff, 0, 0xFF).astype(np.uint8)[:, None]
-        if gpc % 8:  # bits past the last granule of a row are padding
-            words[:, nbytes - 1] &= np.uint8((1 << (gpc % 8)) - 1)
-    else:  # the usual case: the older state maps the sources; the set bits differ
-        words = np.ascontiguousarray(rows)
-    first, last = _run_edges(words.view("<u8"))
-    width = words.shape[1] * 8  # bits per row, a power of two
+    whole = np.zeros(len(cand), dtype=bool)
+    parts = []  # (positions in cand, rows of the granules that differ, padded)
+    kp = _chunk_keys(ta[cand])
+    for s, t in zip(states[1:], tables[1:]):
+        kc = _chunk_keys(t[cand])
+        diff = kp != kc
+        g = s.partial if s.partial is not None else s.record
+        if g is not None and len(g.chunks) and len(cand):
+            if g.granule_size != gs:
+                raise ValueError("states with different granule sizes")
+            loc, i = _locate(cand, g.chunks)
+            k, n = kp[loc], kc[loc]
+            src = g.sources[i].astype(np.uint64)
+            if s.partial is not None:
+                phys = n < KEY_ZERO  # else not partial: the whole-chunk rule
+                loc, i, k, n, src = loc[phys], i[phys], k[phys], n[phys], src[phys]
+                n_diff, s_diff = n != k, src != k
+                whole[loc[n_diff & s_diff]] = True
+                one = n_diff != s_diff
+                parts.append((loc[one], _rows(g.rows[i[one]], gpc, ~n_diff[one])))
+                diff[loc] = False
+            else:
+                use = diff[loc] & (src == k) & (n < KEY_ZERO)
+                parts.append((loc[use], _rows(g.rows[i[use]], gpc, None)))
+                diff[loc[use]] = False
+        whole |= diff
+        kp = kc
+    v = cand[whole]
+    w_starts = v.astype(np.uint64) * np.uint64(cs)
+    w = (
+        w_starts,
+        np.minimum(w_starts + np.uint64(cs), np.uint64(geo.size)),
+        tb[v] >= fmt.ZERO_CHUNK,
+    )
+    pos, rows = _union_rows(parts)
+    keep = ~whole[pos]
+    pos, rows = pos[keep], rows[keep]
+    if not len(pos):
+        return w
+    vr = cand[pos]
+    first, last = _run_edges(rows.view("<u8"))
+    width = rows.shape[1] * 8  # bits per row, a power of two
     shift = width.bit_length() - 1
-    p = (w_starts, w_stops, np.zeros(len(w_starts), dtype=bool))
-    if len(first):
-        chunk_start = v[first >> shift].astype(np.uint64) * np.uint64(cs)
-        g_starts = chunk_start + (first & (width - 1)).astype(np.uint64) * np.uint64(gs)
-        g_stops = chunk_start + ((last & (width - 1)) + 1).astype(np.uint64) * np.uint64(gs)
-        g_stops = np.minimum(g_stops, np.uint64(geo.size))
-        live = g_starts < g_stops  # granules past the end of the image count as set
-        g = (g_starts[live], g_stops[live], np.zeros(int(live.sum()), dtype=bool))
-        p = _merge_sorted(p, g)
-    return _merge_sorted((starts, stops, zero), p)
+    if not len(first):
+        return w
+    cv = vr[first >> shift]
+    chunk_start = cv.astype(np.uint64) * np.uint64(cs)
+    g_starts = chunk_start + (first & (width - 1)).astype(np.uint64) * np.uint64(gs)
+    g_stops = chunk_start + ((last & (width - 1)) + 1).astype(np.uint64) * np.uint64(gs)
+    g_stops = np.minimum(g_stops, np.uint64(geo.size))
+    live = g_starts < g_stops  # granules past the end of the image count as set
+    g = (g_starts[live], g_stops[live], tb[cv[live]] >= fmt.ZERO_CHUNK)
+    return _merge_sorted(w, g)
+
+
+def _locate(cand, chunks):
+    """(positions in sorted `cand`, indexes in `chunks`) of the chunks that are in cand."""
+    chunks = chunks.astype(np.int64)
+    loc = np.searchsorted(cand, chunks)
+    hit = loc < len(cand)
+    hit[hit] = cand[loc[hit]] == chunks[hit]
+    return loc[hit], np.flatnonzero(hit)
+
+
+def _rows(rows, gpc, invert):
+    """Bit rows padded to whole 64-bit words (bits past the chunk's last granule clear),
+    each inverted where `invert` is set (the clear granules differ)."""
+    nbytes = rows.shape[1]
+    width = -(-nbytes // 8) * 8
+    if width == nbytes and invert is None and gpc % 8 == 0:
+        return np.ascontiguousarray(rows)  # the usual case: no copy
+    out = np.zeros((len(rows), width), dtype=np.uint8)
+    if invert is None:
+        out[:, :nbytes] = rows
+    else:
+        out[:, :nbytes] = rows ^ np.where(invert, 0xFF, 0).astype(np.uint8)[:, None]
+    if gpc % 8:  # bits past the last granule of a row are padding
+        out[:, nbytes - 1] &= np.uint8((1 << (gpc % 8)) - 1)
+    return out
+
+
+def _union_rows(parts):
+    """The steps' (positions, rows) as one sorted list, rows of one position ORed."""
+    parts = [(p, r) for p, r in parts if len(p)]
+    if not parts:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, 8), dtype=np.uint8)
+    if len(parts) == 1:
+        return parts[0]  # positions come sorted and distinct from one step
+    pos = np.concatenate([p for p, _ in parts])
+    rows = np.concatenate([r for _, r in parts])
+    order = np.argsort(pos, kind="stable")
+    pos, rows = pos[order], rows[order]
+    first = np.flatnonzero(np.concatenate([[True], pos[1:] != pos[:-1]]))
+    return pos[first], np.bitwise_or.reduceat(rows, first, axis=0)
 
 
 def _run_edges(words):
@@ -391,8 +510,8 @@ def _merge(starts, stops, zero) -> np.ndarray:
 def changed_extents_array(owner, since: str, until: str | None = None) -> np.ndarray:
     """Ranges whose bytes may differ between snapshot `since` and `until` (or the live
     contents of `owner`): structured array (start, length, flags)."""
-    geo, older, newer = _resolve(owner, since, until)
-    return compare(geo, older, newer)
+    geo, states = _resolve(owner, since, until)
+    return compare_chain(geo, states)
 
 
 class ChangedExtents(Sequence):

@@ -22,10 +22,12 @@ import fvd
 from fvd import cli
 from fvd.features.snapshots import SnapshotNotFoundError, read_snapshot_table
 from fvd.ondisk import format as fmt
+from fvd.ondisk import fvd_records as fr
 from fvd.ops.changed import FLAG_DATA, FLAG_ZERO, Geometry, Partial, State, compare
 
 CS = 64 * 1024
 BLOCK = 4096
+G = 4096  # granule size fvd writes
 SIZE = 8 * CS
 BASE_SIZE = 5 * CS + 3000  # not block aligned; the image is larger than the base
 
@@ -56,42 +58,174 @@ def assert_sound(arr, older, newer, size):
     assert set(arr["flags"].tolist()) <= {FLAG_DATA, FLAG_ZERO}
 
 
-def granule_keys(img, name):
-    """Without a base: the source key of every granule of a state, computed granule by
-    granule (the reference for fvd.ops.changed): a snapshot's chunk entry, or in the front's
-    partial chunks the chunk's entry N where the granule's bit is set, else its source S.
-    Keys: a physical chunk number, or -1 for zeros (ZERO and UNALLOCATED)."""
+def _key(e):
+    return int(e) if e < fmt.ZERO_CHUNK else -1  # a physical chunk, or -1 for zeros
 
-    if name is None:
-        table, part = img._core.table, img._core.partial
-    else:
-        table, part = read_snapshot_table(img._core, img._core.snapshot_state.find(name, "")), None
-    gs = part.gsize if part is not None else fmt.DEFAULT_GRANULE
-    gpc = img.chunk_size // gs
-    keys = []
-    for v in range(-(-img.size // img.chunk_size)):
-        e = int(table[v])
-        k = part.slot_of(v) if part is not None else None
-        flags = part.flags(k) if k is not None else None
-        for g in range(gpc):
-            key = e if e < fmt.ZERO_CHUNK else -1
-            if flags is not None and e < fmt.ZERO_CHUNK and not flags[g]:
-                key = int(part.src[k])
-            keys.append(key)
-    return np.array(keys), gs
+
+def _state(img, e):
+    """(table, {v: (source, granule flags)}, is the front) of a snapshot entry (its
+    granule record decoded with the construct declaration, not fvd's decoder) or of the
+    front (None: its partial chunks)."""
+    core = img._core
+    gpc = img.chunk_size // (core.header["granule_size"] or fmt.DEFAULT_GRANULE)
+    rec = {}
+    if e is None:
+        part = core.partial
+        if part is not None:
+            rec = {v: (int(part.src[k]), part.flags(k).copy()) for v, k in part.entries()}
+        return core.table.copy(), rec, True
+    table = read_snapshot_table(core, e)
+    if e.granules_offset:
+        raw = os.pread(core.fd, e.granules_size, e.granules_offset)
+        m = fr.PartialMap.parse(raw, row_bytes=fr.partial_row_bytes(img.chunk_size, G))
+        for ent in m.entries:
+            bits = np.unpackbits(np.frombuffer(ent.bits, np.uint8), bitorder="little")
+            rec[ent.virtual_chunk] = (ent.source_chunk, bits[:gpc].astype(bool))
+    return table, rec, False
+
+
+def walk_reference(img, since, until):
+    """Granule by granule, the changed granules fvd.ops.changed reports (docs/format.md,
+    "Changed extents between snapshots"): the chain since .. until in id order, reduced
+    to the endpoints and each state with a record plus the one before it; over the chunks
+    whose keys differ between the endpoints (and the front's partial chunks), per step a
+    key comparison per granule with the front's partial chunks, a snapshot record's set
+    bits where its source is the older key, else the whole chunk where the keys differ.
+    Returns (changed, zero) bool arrays of shape (nchunks, gpc)."""
+    core = img._core
+    entries = sorted(core.snapshot_state.entries, key=lambda e: e.id)
+    first = next(e for e in entries if e.name == since)
+    last = next(e for e in entries if e.name == until) if until is not None else None
+    chain = [first]
+    if last is not first:
+        chain += [e for e in entries if first.id < e.id and (last is None or e.id < last.id)]
+        chain.append(last)
+    has = [False] + [
+        (e is None and core.partial is not None and core.partial.active > 0)
+        or (e is not None and e.granules_offset > 0)
+        for e in chain[1:]
+    ]
+    keep = {0, len(chain) - 1}
+    for j in range(1, len(chain)):
+        if has[j]:
+            keep |= {j - 1, j}
+    states = [_state(img, chain[j]) for j in sorted(keep)]
+    nchunks = -(-img.size // img.chunk_size)
+    gpc = img.chunk_size // (core.header["granule_size"] or fmt.DEFAULT_GRANULE)
+    changed = np.zeros((nchunks, gpc), dtype=bool)
+    first_t, (last_t, last_rec, last_front) = states[0][0], states[-1]
+    # only chunks whose keys differ between since and until (or the front's partial
+    # chunks) can have changed: the walk refines them
+    cand = [
+        v
+        for v in range(nchunks)
+        if _key(first_t[v]) != _key(last_t[v])
+        or (last_front and v in last_rec and _key(last_t[v]) != -1)
+    ]
+    for (ta, _, _), (tb, rec, is_front) in zip(states, states[1:]):
+        for v in cand:
+            ka, kb = _key(ta[v]), _key(tb[v])
+            if is_front and v in rec and kb != -1:
+                source, flags = rec[v]
+                changed[v] |= np.where(flags, kb, source) != ka
+            elif ka == kb:
+                continue
+            elif not is_front and v in rec and rec[v][0] == ka and kb != -1:
+                changed[v] |= rec[v][1]
+            else:
+                changed[v] = True
+    newest = np.array([_key(x) for x in states[-1][0][:nchunks]])
+    return changed, changed & (newest == -1)[:, None]
 
 
 def assert_exact(arr, img, since, until):
-    """Without a base, fvd.ops.changed reports exactly the granules whose source keys differ
-    (whole chunks between snapshots: they hold whole chunks), and flags exactly those that
-    read zeros in the newer state."""
-    older, gs = granule_keys(img, since)
-    newer, _ = granule_keys(img, until)
-    want = np.repeat(older != newer, gs)[: img.size]
-    want_zero = np.repeat((older != newer) & (newer == -1), gs)[: img.size]
-    changed, zero = covered(arr, img.size)
-    assert np.array_equal(changed, want), (since, until, arr.tolist())
-    assert np.array_equal(zero, want_zero), (since, until, arr.tolist())
+    """Without a base, fvd.ops.changed reports exactly the reference's granules, and flags
+    exactly those that read zeros in the newer state."""
+    changed, zero = walk_reference(img, since, until)
+    gs = img.chunk_size // changed.shape[1]
+    want = np.repeat(changed.ravel(), gs)[: img.size]
+    want_zero = np.repeat(zero.ravel(), gs)[: img.size]
+    got, got_zero = covered(arr, img.size)
+    assert np.array_equal(got, want), (since, until, arr.tolist())
+    assert np.array_equal(got_zero, want_zero), (since, until, arr.tolist())
+
+
+class WrittenModel:
+    """What the guest did, granule by granule (black box): which chunks are allocated,
+    and per interval between snapshots which granules writes touched and which chunks
+    were zeroed whole. Between adjacent states with nothing but writes, zeroes and
+    clean reopens between them, changed extents are exactly: a chunk the older state
+    held, the touched granules (the whole chunk once zeroed whole); a chunk it did not
+    hold, the whole chunk if the newer state holds one."""
+
+    def __init__(self, nchunks, gpc):
+        self.nchunks, self.gpc = nchunks, gpc
+        self.alloc = np.zeros(nchunks, dtype=bool)
+        self.snaps = {}  # name -> alloc when taken
+        self.ended = {}  # name -> the interval that ended with it
+        self.begin()
+
+    def begin(self):
+        self.cur = {
+            "held": self.alloc.copy(),
+            "touched": np.zeros((self.nchunks, self.gpc), dtype=bool),
+            "reset": np.zeros(self.nchunks, dtype=bool),
+            "clean": True,
+        }
+
+    def _touch(self, off, n):
+        gs = SIZE // self.nchunks // self.gpc
+        for g in range(off // gs, -(-(off + n) // gs)):
+            self.cur["touched"][g // self.gpc, g % self.gpc] = True
+
+    def write(self, off, n):
+        self._touch(off, n)
+        cs = SIZE // self.nchunks
+        self.alloc[off // cs : -(-(off + n) // cs)] = True
+
+    def zeroes(self, off, n):
+        cs = SIZE // self.nchunks
+        end = off + n
+        head_end = min(end, -(-off // cs) * cs)
+        tail_start = max(head_end, end // cs * cs)
+        for a, b in ((off, head_end), (tail_start, end)):
+            if b > a and self.alloc[a // cs]:
+                self._touch(a, b - a)
+        self.alloc[head_end // cs : tail_start // cs] = False
+        self.cur["reset"][head_end // cs : tail_start // cs] = True
+
+    def snapshot(self, name):
+        self.snaps[name] = self.alloc.copy()
+        self.ended[name] = self.cur
+        self.begin()
+
+    def revert(self, name):
+        self.alloc = self.snaps[name].copy()
+        self.cur["clean"] = False
+
+    def delete(self, names, i):
+        """names: the snapshots in order, before `i` is removed."""
+        name = names[i]
+        del self.snaps[name]
+        del self.ended[name]
+        if i + 1 < len(names):
+            self.ended[names[i + 1]]["clean"] = False
+        else:
+            self.cur["clean"] = False
+
+    def unclean(self):
+        self.cur["clean"] = False
+
+    def expected(self, name):
+        """(changed, zero) per granule between the snapshot before `name` (or before the
+        front when name is None) and it; None when the interval was not clean."""
+        iv = self.cur if name is None else self.ended[name]
+        if not iv["clean"]:
+            return None
+        end = self.alloc if name is None else self.snaps[name]
+        whole = np.where(iv["held"], iv["reset"], end)
+        changed = iv["touched"] & iv["held"][:, None] | whole[:, None]
+        return changed, changed & ~end[:, None]
 
 
 def make_base(tmp):
@@ -104,7 +238,10 @@ def make_base(tmp):
 
 class ChangedMachine(RuleBasedStateMachine):
     """Writes, zeroes, snapshots, reverts, reopens and crashes; after each step every
-    pair (snapshot, later snapshot or front) is compared byte by byte."""
+    pair (snapshot, later snapshot or front) is compared byte by byte (never a missed
+    change), without a base against the granule-by-granule reference, and between
+    adjacent states with only writes between them against the model of what was written
+    (granule precise, also between two snapshots: their granule records)."""
 
     def __init__(self):
         super().__init__()
@@ -128,6 +265,7 @@ class ChangedMachine(RuleBasedStateMachine):
         self.img = fvd.open(self.path, "r+", cache=self.cache)
         self.names = []
         self.counter = 0
+        self.model = WrittenModel(SIZE // CS, CS // G)
 
     def teardown(self):
         if self.img is not None:
@@ -140,6 +278,7 @@ class ChangedMachine(RuleBasedStateMachine):
     def write(self, off, n, seed):
         n = min(n, SIZE - off)
         self.img.write(off, bytes([seed | 1]) * n)
+        self.model.write(off, n)
 
     @precondition(lambda self: self.names)
     @rule(g=st.integers(0, SIZE // BLOCK - 1), k=st.integers(1, 3), seed=st.integers(0, 255))
@@ -147,10 +286,12 @@ class ChangedMachine(RuleBasedStateMachine):
         """Aligned granules after a snapshot: chunks go (and stay) partial."""
         n = min(k * BLOCK, SIZE - g * BLOCK)
         self.img.write(g * BLOCK, bytes([seed | 1]) * n)
+        self.model.write(g * BLOCK, n)
 
     @rule(off=st.integers(0, SIZE - 1), n=st.integers(1, 2 * CS))
     def write_zeroes(self, off, n):
         self.img.write_zeroes(off, min(n, SIZE - off))
+        self.model.zeroes(off, min(n, SIZE - off))
 
     @rule(off=st.integers(0, SIZE - 1), n=st.integers(1, CS))
     def read_copy_on_read(self, off, n):
@@ -166,15 +307,18 @@ class ChangedMachine(RuleBasedStateMachine):
         name = f"s{self.counter}"
         self.img.create_snapshot(name)
         self.names.append(name)
+        self.model.snapshot(name)
 
     @precondition(lambda self: self.names)
     @rule(i=st.integers(0, 3))
     def revert(self, i):
         self.img.revert_to_snapshot(self.names[i % len(self.names)])
+        self.model.revert(self.names[i % len(self.names)])
 
     @precondition(lambda self: len(self.names) > 1)
     @rule(i=st.integers(0, 3))
     def delete(self, i):
+        self.model.delete(self.names, i % len(self.names))
         self.img.delete_snapshot(self.names.pop(i % len(self.names)))
 
     @rule()
@@ -186,6 +330,9 @@ class ChangedMachine(RuleBasedStateMachine):
     def crash_reopen(self):
         self.img._crash()
         self.img = fvd.open(self.path, "r+", cache=self.cache)
+        # unflushed writes may be gone: the model of this interval is not exact
+        self.model.unclean()
+        self.model.alloc = self.img._core.table < fmt.ZERO_CHUNK
 
     @rule()
     def prefetch(self):
@@ -202,21 +349,34 @@ class ChangedMachine(RuleBasedStateMachine):
             with img.open_snapshot(name) as v:
                 contents[name] = v.read(0, SIZE)
         front = img.read(0, SIZE)
+        later = self.names[1:] + [None]
         for i, since in enumerate(self.names):
             arr = img.changed_extents_array(since)
             assert_sound(arr, contents[since], front, SIZE)
             if not self.with_base:
                 assert_exact(arr, img, since, None)
+                self.assert_model(arr, later[i], i + 1 == len(self.names))
             for until in self.names[i:]:
                 arr = img.changed_extents_array(since, until)
                 assert_sound(arr, contents[since], contents[until], SIZE)
                 if not self.with_base:
                     assert_exact(arr, img, since, until)
+                    self.assert_model(arr, until, until == later[i])
                 if since == until:
                     assert len(arr) == 0
             with img.open_snapshot(self.names[-1]) as v:
                 arr = v.changed_extents_array(since)
                 assert_sound(arr, contents[since], contents[self.names[-1]], SIZE)
+
+    def assert_model(self, arr, until, adjacent):
+        """Adjacent states (until: the state right after since, None for the front),
+        nothing but writes between them: exactly the model's granules."""
+        want = self.model.expected(until) if adjacent else None
+        if want is None:
+            return
+        changed, zero = covered(arr, SIZE)
+        assert np.array_equal(changed, np.repeat(want[0].ravel(), G)), (until, arr.tolist())
+        assert np.array_equal(zero, np.repeat(want[1].ravel(), G)), (until, arr.tolist())
 
 
 class PartialChunkMachine(ChangedMachine):
@@ -227,6 +387,7 @@ class PartialChunkMachine(ChangedMachine):
     def setup(self, writethrough):
         self.start(False, writethrough)
         self.img.write(0, random.Random(3).randbytes(SIZE))
+        self.model.write(0, SIZE)
         self.snapshot()
 
 
@@ -351,7 +512,6 @@ def test_cli_map_since_until(path, capsys):
 
 
 # ----- partial chunks: granule precision ------------------------------------------------
-G = 4096  # granule size fvd writes
 
 
 def test_a_write_into_a_held_chunk_is_reported_at_granule_precision(path):
@@ -400,11 +560,12 @@ def test_granules_after_reopen_crash_and_with_writeback(path):
 
 
 def test_two_snapshots_and_writes_between_them(path):
-    """s1; write A; s2 (completes the partial chunk: its copy holds whole chunks); write
-    B into the same chunk. Since s2: B's granule; since s1: the chunk whole (its
-    unwritten granules read s2's chunk, which differs from s1's); s1..s2: whole chunks,
-    the format keeps no record of which granules create_snapshot copied. A chunk both
-    snapshots hold, written after s2: its granules, since either."""
+    """s1; write A; s2 (completes the partial chunk, and its granule record says which
+    granule the front wrote); write B into the same chunk. Since s2: B's granule;
+    s1..s2: A's granule (the record); since s1: A's and B's (the walk s1, s2, front). A
+    chunk both snapshots hold, written after s2: its granules, since either. Once s2 is
+    deleted, its record goes with it: chunk 1 since s1 is whole again (its source was
+    s2's copy)."""
     with fvd.open(path, "r+") as img:
         img.write(0, b"a" * SIZE)
         img.create_snapshot("s1")
@@ -412,7 +573,7 @@ def test_two_snapshots_and_writes_between_them(path):
         img.create_snapshot("s2")
         assert img._core.partial.active == 0
         assert img.changed_extents_array("s2").tolist() == []
-        assert img.changed_extents_array("s1", "s2").tolist() == [(CS, CS, FLAG_DATA)]
+        assert img.changed_extents_array("s1", "s2").tolist() == [(CS + 2 * G, G, FLAG_DATA)]
         img.write(CS + 5 * G, b"B" * G)
         img.write(4 * CS + 7 * G, b"C" * G)  # chunk 4: held by s1 and s2 alike
         assert img.changed_extents_array("s2").tolist() == [
@@ -420,12 +581,13 @@ def test_two_snapshots_and_writes_between_them(path):
             (4 * CS + 7 * G, G, FLAG_DATA),
         ]
         assert img.changed_extents_array("s1").tolist() == [
-            (CS, CS, FLAG_DATA),
+            (CS + 2 * G, G, FLAG_DATA),
+            (CS + 5 * G, G, FLAG_DATA),
             (4 * CS + 7 * G, G, FLAG_DATA),
         ]
         with img.open_snapshot("s2") as v:  # a view compares two snapshots
-            assert v.changed_extents_array("s1").tolist() == [(CS, CS, FLAG_DATA)]
-        img.delete_snapshot("s2")  # chunk 1's source stays (partial): same answer
+            assert v.changed_extents_array("s1").tolist() == [(CS + 2 * G, G, FLAG_DATA)]
+        img.delete_snapshot("s2")  # chunk 1's source stays (partial); s2's record goes
         assert img.changed_extents_array("s1").tolist() == [
             (CS, CS, FLAG_DATA),
             (4 * CS + 7 * G, G, FLAG_DATA),
