@@ -1,10 +1,11 @@
 """Structure-aware fuzzing of fvd and fvd.qcow2 images (issue 8).
 
-Templates are valid images with data, snapshots (with vm_state) and, for fvd, a base and
-an unclean journal. Each case copies a template, applies a few structure-aware mutations
-(header fields, journal sectors with valid checksums but hostile contents, lookup tables,
-snapshot and refcount tables, vm_state; checksums recomputed after each), then runs every
-operation a user could: open r / r+, read everything, extents, check, snapshot views,
+Templates are valid images with data, snapshots (with vm_state; without a base, a snapshot
+with a granule record) and, for fvd, a base and an unclean journal. Each case copies a
+template, applies a few structure-aware mutations (header fields, journal sectors with
+valid checksums but hostile contents, lookup tables, snapshot and refcount tables,
+vm_state, granule records; checksums recomputed after each), then runs every operation a
+user could: open r / r+, read everything, extents, changed extents, check, snapshot views,
 check(repair=True) + reopen + check, a write + reopen. Allowed outcomes: success, FvdError or
 ValueError. Anything else, a repair that claims success on an image that does not then
 open and check clean, a hang or a memory blow-up is a failure.
@@ -192,6 +193,8 @@ def mutate_fvd(rng, data):
             "lookup",
             "refcount",
             "vmstate",
+            "granules",
+            "granules",
             "bytes",
             "truncate",
             "marker",
@@ -272,7 +275,7 @@ def mutate_fvd(rng, data):
     if what == "snaptable" and toff:
         off = toff + rng.choice(
             [8, 12, 16, 24]
-            + [e[0] - toff + o for e in entries for o in (0, 16, 24, 36, 38, 40, 48, 64)]
+            + [e[0] - toff + o for e in entries for o in (0, 16, 24, 36, 38, 40, 48, 64, 72, 80)]
         )
         width = rng.choice(["<I", "<Q", "<H"])
         _put(data, off, width, _value(rng, 0, [e[1] for e in entries]))
@@ -299,6 +302,24 @@ def mutate_fvd(rng, data):
         _put(data, e[0] + rng.choice([40, 48]), "<Q", _value(rng, e[3], [e[1], e[2]]))
         _reseal_snapshot_table(data, h)
         return "vm_state"
+    records = [e for e in entries if e[4] >= 24 and not h["base_format"]]
+    if what == "granules" and records:
+        e = rng.choice(records)
+        g_off, g_size = _u(data, e[0] + 64, "<Q"), _u(data, e[0] + 72, "<Q")
+        if rng.random() < 0.4:  # the extra data: offset, size, crc
+            field, width = rng.choice([(64, "<Q"), (72, "<Q"), (80, "<I")])
+            old = _u(data, e[0] + field, width)
+            _put(data, e[0] + field, width, _value(rng, old, [e[1], e[2], g_off, g_size]))
+        elif g_off + g_size <= len(data):  # the record: head, entries, bits
+            for _ in range(rng.randint(1, 3)):
+                at = g_off + rng.randrange(max(1, g_size))
+                width = rng.choice(["<I", "<B", "<H"])
+                _put(data, at, width, _value(rng, 0, [nch, nch - 1, nphys, 4096, 8192]))
+            if rng.random() < 0.8:  # a record whose crc matches: its contents are checked
+                crc = zlib.crc32(bytes(data[g_off : g_off + g_size]))
+                _put(data, e[0] + 80, "<I", crc)
+        _reseal_snapshot_table(data, h)
+        return "granule record"
     if what == "marker" and toff:
         sid = _u(data, entries[0][0], "<Q") if entries else 1
         _put(data, toff + 16, "<Q", rng.choice([sid, 0, 99]))
@@ -427,9 +448,17 @@ def _attempt(fn):
         raise
 
 
+def _changed(img):
+    names = [s.name for s in sorted(img.snapshots(), key=lambda s: s.id)]
+    for since in names[:1]:
+        for until in names[1:] + [None]:
+            img.changed_extents_array(since, until)
+
+
 def _use_fvd(img):
     img.read(0, img.size)
     list(img.extents())
+    _attempt(lambda: _changed(img))
     for s in img.snapshots():
 
         def view(name=s.name):
@@ -476,6 +505,7 @@ def run_fvd_case(path):
             again = check_path(path)
             with fvd.open(path, "r+") as img:
                 _use_fvd(img)
+                _changed(img)  # a repaired image has no bad granule record left
                 img.write(0, b"x" * min(10, img.size))
         except fvd.CorruptImageError as e:
             # an epoch near 2^63 (a hostile header) reaches the documented write limit

@@ -146,7 +146,8 @@ def _resolve(owner, since: str, until: str | None):
     last = e_until.id if e_until is not None else None
     chain: list = [e_since]
     if e_until is not e_since:
-        chain += [e for e in st.entries if e_since.id < e.id and (last is None or e.id < last)]
+        between = [e for e in st.entries if e_since.id < e.id and (last is None or e.id < last)]
+        chain += sorted(between, key=lambda e: e.id)
         chain.append(e_until)
     front_rec = e_until is None and owner.partial is not None and owner.partial.active
     rec = [False] + [
