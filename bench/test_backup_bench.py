@@ -38,6 +38,19 @@ def test_changed_extents_two_snapshots(benchmark, sizes):
         benchmark.extra_info.update(size=sizes["changed"], ranges=len(arr))
 
 
+def test_changed_extents_two_snapshots_with_granule_records(benchmark, smoke):
+    """10% of the chunks partly rewritten (4 random 4 KiB granules each) between s1 and
+    s2: s2's granule record makes the ranges granules, not chunks."""
+    benchmark.group = "backup: changed extents"
+    size = GiB if smoke else 16 * GiB
+    path = bb.granule_image(size)
+    with fvd.open(path) as img:
+        arr = benchmark(img.changed_extents_array, "s1", "s2")
+        nchunks = size // MiB
+        assert int(arr["length"].sum()) <= (nchunks // 10) * 4 * 4096
+        benchmark.extra_info.update(size=size, ranges=len(arr))
+
+
 def test_extents_array_huge_sparse(benchmark, sizes):
     benchmark.group = "backup: extents of a huge sparse image"
     path = bb.sparse_image(sizes["sparse"])

@@ -96,6 +96,46 @@ def changed_image(
     return path
 
 
+def granule_image(
+    size: int, chunk_size: int = MiB, fraction: float = 0.1, granules: int = 4
+) -> str:
+    """As changed_image, but the rewrites between s1 and s2 are `granules` random 4 KiB
+    writes into `fraction` of the chunks (partial chunks: s2 gets a granule record).
+    Cached across runs. Create s2 copies the unwritten granules, so the file holds about
+    size * fraction bytes of data."""
+    name = f"granules-v{CACHE_VERSION}-{size}-{chunk_size}-{fraction}-{granules}.fvd"
+    path = os.path.join(cache_dir(), name)
+    if os.path.exists(path):
+        try:
+            with open_image(path) as img:
+                if [s.name for s in img.snapshots()] == ["s1", "s2"]:
+                    return path
+        except (FvdError, OSError):
+            pass
+        os.unlink(path)
+    tmp = path + ".building"
+    if os.path.exists(tmp):
+        os.unlink(tmp)
+    n = size // chunk_size
+    create(tmp, size, chunk_size=chunk_size)
+    rng = random.Random(3)
+    with open_image(tmp, "r+", cache="writeback") as img:
+        for v in range(n):
+            img.write(v * chunk_size, b"\x01")
+            if v % 16384 == 16383:
+                img.flush()
+        img.create_snapshot("s1")
+        gpc = chunk_size // (4 * KiB)
+        for i, v in enumerate(sorted(rng.sample(range(n), int(n * fraction)))):
+            for g in rng.sample(range(gpc), granules):
+                img.write(v * chunk_size + g * 4 * KiB, b"\x02" * (4 * KiB))
+            if i % 4096 == 4095:
+                img.flush()
+        img.create_snapshot("s2")
+    os.rename(tmp, path)
+    return path
+
+
 def measure_changed(size: int, repeat: int = 7, progress: Show = None) -> list[Result]:
     path = changed_image(size, progress=progress)
     with open_image(path) as img:
