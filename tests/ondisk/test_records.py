@@ -16,7 +16,7 @@ import fvd
 from fvd import qcow2
 from fvd.core import journal
 from fvd.features import snapshots
-from fvd.features.granular import PartialState
+from fvd.features.granular import PartialState, RecordError, decode_map
 from fvd.ondisk import format as fmt
 from fvd.ondisk import fvd_records as fr
 from fvd.ondisk import qcow2_records as qr
@@ -131,6 +131,7 @@ def test_helpers():
         (fr.SnapshotTableHead, 32),
         (fr.SnapshotEntryHead, 64),
         (fr.SnapshotExtraBitmap, 16),
+        (fr.SnapshotExtraGranules, 24),
         (fr.PartialMapHead, 16),
         (fr.PartialMapEntryHead, 8),
         (fr.TableEntry, 4),
@@ -401,6 +402,55 @@ def test_snapshot_entry_with_bitmap_extra():
     extra = fr.SnapshotExtraBitmap.parse(parsed.extra)
     assert (extra.bitmap_offset, extra.bitmap_crc, extra.reserved) == (7 * MiB, 0xCAFEF00D, 0)
     assert len(raw) == 32 + snapshots.entry_size(e) == 32 + 64 + 16 + 16
+
+
+def test_snapshot_entry_with_granules_extra():
+    """An image without a base: 24 bytes of extra data naming the granule record, laid
+    out as SnapshotExtraGranules (section 8), parsed back by the reader."""
+    e = entry("g", granules_offset=7 * MiB, granules_size=56, granules_crc=0xCAFEF00D)
+    raw = snapshots.encode_table([e], refcount_crc=0)
+    parsed = fr.SnapshotTable.parse(raw).entries[0]
+    assert parsed.extra_size == 24 and parsed.name == b"g"
+    assert parsed.extra == bytes.fromhex(
+        "0000700000000000"  # granules_offset 7 MiB
+        "3800000000000000"  # granules_size 56
+        "0df0feca"  # granules_crc
+        "00000000"  # reserved
+    )
+    extra = fr.SnapshotExtraGranules.parse(parsed.extra)
+    assert (extra.granules_offset, extra.granules_size, extra.granules_crc) == (
+        7 * MiB,
+        56,
+        0xCAFEF00D,
+    )
+    assert fr.SnapshotExtraGranules.build(extra) == parsed.extra
+    assert len(raw) == 32 + snapshots.entry_size(e) == 32 + 64 + 24 + 8
+    assert snapshots.EXTRA_GRANULES is fr.S_SNAPSHOT_EXTRA_GRANULES
+
+
+def test_granule_record_round_trip():
+    """A granule record is a partial map (PartialState.encode); decode_map reads back what
+    the PartialMap declaration builds, and refuses what does not fit."""
+    st = PartialState(nchunks=8, chunk_size=MiB, size=8 * MiB)
+    for v, source, (g0, g1) in ((1, 30, (4, 5)), (6, 31, (0, 200))):
+        k = st.new_slot(v, source)
+        st.set_granules(k, g0, g1)
+        st.publish(v, k)
+    raw = st.encode()
+    row = fr.partial_row_bytes(MiB, 4096)
+    m = fr.PartialMap.parse(raw, row_bytes=row)
+    chunks, sources, rows = decode_map(raw, 8, MiB, 4096)
+    assert chunks.tolist() == [e.virtual_chunk for e in m.entries] == [1, 6]
+    assert sources.tolist() == [e.source_chunk for e in m.entries] == [30, 31]
+    assert [r.tobytes() for r in rows] == [e.bits for e in m.entries]
+    assert fr.PartialMap.build(m, row_bytes=row) == raw
+    for bad in (raw[:-8], raw[:12], b"X" + raw[1:]):
+        with pytest.raises(RecordError):
+            decode_map(bad, 8, MiB, 4096)
+    with pytest.raises(RecordError):
+        decode_map(raw, 6, MiB, 4096)  # chunk 6 past the end of a 6-chunk image
+    with pytest.raises(RecordError):
+        decode_map(raw, 8, MiB, 8192)  # another granule size
 
 
 def test_snapshot_table_in_a_file(tmp_path):
