@@ -12,6 +12,7 @@ unreferenced (refcount -1), its L1 freed, and COPIED recomputed in the active tr
 """
 
 import copy
+import datetime
 import time
 from typing import Optional
 
@@ -299,8 +300,6 @@ class SnapshotMixin:
 
 
 def _to_datetime(info):
-    import datetime
-
     return datetime.datetime.fromtimestamp(
         info.date_sec + info.date_nsec / 1e9, tz=datetime.timezone.utc
     )
