@@ -155,6 +155,58 @@ def test_random_4k_writes_after_snapshot_bytes_per_guest_byte(benchmark, full_im
 
 
 @pytest.fixture(scope="module")
+def cycle_images(tmp_path_factory):
+    """1 GiB, 1 MiB chunks: "data" has every byte written (random), "sparse" 4 KiB per
+    chunk (the rest holes, as on a thin guest disk)."""
+    import os
+
+    paths = {}
+    for layout in ("data", "sparse"):
+        path = str(tmp_path_factory.mktemp("cycle") / f"{layout}.fvd")
+        fvd.create(path, GiB, chunk_size=CS)
+        with fvd.open(path, "r+") as img:
+            for v in range(GiB // CS):
+                img.write(v * CS, os.urandom(CS) if layout == "data" else b"\xa5" * 4096)
+        paths[layout] = path
+    return paths
+
+
+@pytest.mark.parametrize("source", ["data", "sparse"])
+def test_snapshot_cycle_create_after_random_writes(benchmark, cycle_images, source):
+    """One nightly cycle: snapshot, 256 random 4 KiB writes (writeback, flushed), then the
+    next snapshot, which completes the partial chunks (docs/format.md section 10). Timed:
+    that create. extra_info: bytes written per guest byte over the whole cycle, writes
+    plus create (the earlier row counts the writes only)."""
+    import random
+
+    with fvd.open(cycle_images[source], "r+", cache="writeback") as img:
+        img.create_snapshot("night0")
+        rnd = random.Random(11)
+        counts = []
+
+        def setup():
+            if any(s.name == "night1" for s in img.snapshots()):
+                img.delete_snapshot("night1")
+                img.revert_to_snapshot("night0")
+            s0 = img.stats.as_dict()
+            for _ in range(256):
+                img.write(rnd.randrange(GiB // 4096) * 4096, b"w" * 4096)
+            img.flush()
+            counts.append(s0)
+
+        def create():
+            img.create_snapshot("night1")
+
+        benchmark.pedantic(create, setup=setup, rounds=5, iterations=1)
+        d = delta(counts[-1], img.stats.as_dict())
+        written = d.get("data_bytes_written", 0) + d.get("metadata_bytes_written", 0)
+        benchmark.extra_info["cycle_bytes_written_per_guest_byte"] = round(
+            written / (256 * 4096), 2
+        )
+        benchmark.extra_info.update({f"cycle_{k}": v for k, v in d.items()})
+
+
+@pytest.fixture(scope="module")
 def partial_image(tmp_path_factory):
     """256 MiB fully written, a snapshot, then one 4 KiB write into every other granule
     of each chunk: every chunk partial, reads alternate between its two layers."""
@@ -230,6 +282,42 @@ def test_read4k_random_partial_vs_unshared(benchmark, partial_image, layout, cac
                 fn()
                 times[key].append((time.perf_counter() - t) * 1e3)
         benchmark.extra_info.update({k: round(statistics.median(v), 3) for k, v in times.items()})
+
+
+@pytest.mark.parametrize("written", ["one-write", "4k-pieces"])
+def test_read4k_random_plain_file_page_cache_control(benchmark, written, tmp_path):
+    """Control for the row above, without fvd: 4,096 cached random 4 KiB `preadv`s over a
+    256 MiB plain file written in one call (large folios) or one 4 KiB `pwrite` at a time
+    (4 KiB folios, like the granules of partial chunks). The ratio between these two is
+    the kernel's, and bounds what the "as-written" row can show."""
+    import os
+    import random
+
+    size = 256 * MiB
+    path = str(tmp_path / "plain.raw")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if written == "one-write":
+            os.pwrite(fd, b"\xa5" * size, 0)
+        else:
+            page = b"\xa5" * 4096
+            for off in range(0, size, 4096):
+                os.pwrite(fd, page, off)
+        rnd = random.Random(3)
+        offs = [rnd.randrange(size // 4096) * 4096 for _ in range(4096)]
+        bufs = [bytearray(4096)]
+        for o in offs:
+            os.preadv(fd, bufs, o)
+
+        def run():
+            preadv = os.preadv
+            for o in offs:
+                preadv(fd, bufs, o)
+
+        benchmark.group = "read4k-partial-as-written"
+        benchmark.pedantic(run, rounds=20, iterations=1)
+    finally:
+        os.close(fd)
 
 
 def host_offset(img, offset):

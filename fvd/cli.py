@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import json
 import os
 import sys
@@ -229,8 +230,6 @@ def cmd_map(args: argparse.Namespace) -> int:
 
 
 def _snapshot_table(snaps: list[dict[str, Any]]) -> str:
-    import datetime
-
     rows = [f"{'ID':<6}{'TAG':<24}{'VM SIZE':>12}  {'DATE':<20}{'VM CLOCK':>16}"]
     for s in snaps:
         created = datetime.datetime.fromtimestamp(s["date-sec"], datetime.timezone.utc)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
+import stat
 import subprocess
 import sys
 import sysconfig
@@ -189,9 +191,6 @@ def serve(image: str, *, nbdkit: str = "nbdkit", **options: Any) -> int:
 
 def _remove_stale_socket(path: str) -> None:
     """Unlink a unix socket nobody listens on (left by a server that has exited)."""
-    import socket
-    import stat
-
     try:
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
             return

@@ -27,12 +27,15 @@ Images with a base keep the whole-chunk copy (a chunk there also has base bitmap
 """
 
 import os
+import time
 import zlib
 
 import numpy as np
 
 from fvd.core.bitmap import set_bits
 from fvd.core.journal import data_crc_record, granule_record
+from fvd.errors import io_error
+from fvd.fileio import data_runs, punch_hole
 from fvd.ondisk import format as fmt
 from fvd.ondisk import fvd_records as fr
 from fvd.units import flag_runs
@@ -459,14 +462,13 @@ class PartialState:
         todo = self.entries()
         if not todo:
             return
-        cs, gs, d = self.chunk_size, self.gsize, img.header["data_offset"]
+        gs = self.gsize
         records = []
         for v, k in todo:
             chunk, source = int(img.table[v]), int(self.src[k])
             for a, b, mine in flag_runs(self.flags(k)):
                 if not mine:
-                    buf = self._read_src(img, source, a * gs, b * gs)
-                    img.chunk_map.pwritev(d + chunk * cs + a * gs, [buf])
+                    self._copy_run(img, source, chunk, a * gs, b * gs)
                     records.append(granule_record(v * self.gpc + a, b - a, chunk, source))
         img.sync()
         done = []
@@ -481,6 +483,23 @@ class PartialState:
         img.commit_metadata(records, publish)
         publish()
 
+    def _copy_run(self, img, source, chunk, lo, hi):
+        """Chunk-relative [lo, hi) of the source into the chunk: the source's data runs are
+        copied, its holes punched (a sparse guest disk costs no data writes there; the
+        punch also clears whatever a torn write left under clear bits)."""
+        d, cs = img.header["data_offset"], self.chunk_size
+        src, dst = d + source * cs, d + chunk * cs
+        for a, b, is_data in data_runs(img.fd, src + lo, src + hi):
+            if is_data:
+                buf = bytearray(b - a)
+                img.chunk_map.pread_host(a, buf)
+                img.chunk_map.pwritev(dst + a - src, [buf])
+            else:
+                try:
+                    punch_hole(img.fd, dst + a - src, b - a)
+                except OSError as e:
+                    raise io_error(img.path, e, "punch hole") from e
+
     def detach(self, img):
         """Revert: the front's partial chunks go. Readers may still pair a chunk with its
         slot, so each is completed in place first (its own copy: nothing is journaled,
@@ -490,16 +509,13 @@ class PartialState:
         todo = self.entries()
         if not todo:
             return sources
-        cs, gs, d = self.chunk_size, self.gsize, img.header["data_offset"]
+        gs = self.gsize
         for v, k in todo:
             chunk, source = int(img.table[v]), int(self.src[k])
             for a, b, mine in flag_runs(self.flags(k)):
                 if not mine:
-                    buf = self._read_src(img, source, a * gs, b * gs)
-                    img.chunk_map.pwritev(d + chunk * cs + a * gs, [buf])
+                    self._copy_run(img, source, chunk, a * gs, b * gs)
             self.set_granules(k, 0, self.gpc)
-        import time
-
         img.allocator.quiesce(time.sleep)
         self.clear()
         return sources

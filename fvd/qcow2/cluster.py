@@ -12,8 +12,11 @@ compressed, reserved bits, out of range). Every change to an active mapping upda
 drops it: `_write_span`, `_zero_clusters`, `_l2_for_write`, `_resize_l1`.
 """
 
+from __future__ import annotations
+
 from array import array
 from dataclasses import replace
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -27,14 +30,15 @@ from fvd.qcow2.format import (
     OFLAG_COPIED,
     OFLAG_ZERO,
 )
+from fvd.qcow2.state import Chunk, Qcow2State, Table
 from fvd.types import Extent
 
 
-class ClusterMixin:
+class ClusterMixin(Qcow2State):
     """Mixed into Qcow2Image."""
 
     # ------------------------------------------------------------ L1 / L2
-    def _l2_peek(self, off):
+    def _l2_peek(self, off: int) -> Table:
         """The L2 table at host offset `off` (cached; one metadata read on a miss)."""
         arr = self._l2.get(off)
         if arr is None:
@@ -46,7 +50,7 @@ class ClusterMixin:
             self._l2[off] = arr
         return arr
 
-    def _l2_offset(self, l1, i, l1_off):
+    def _l2_offset(self, l1: Table, i: int, l1_off: int) -> int:
         e = int(l1[i])
         if e & L1E_RESERVED_MASK:
             raise CorruptImageError(self.path, l1_off + 8 * i, "L1 entry has reserved bits set")
@@ -57,7 +61,7 @@ class ClusterMixin:
             )
         return off
 
-    def _decode(self, e, l2_off, j):
+    def _decode(self, e: int, l2_off: int, j: int) -> tuple[int, int]:
         """(host cluster offset or 0, zero flag) of an L2 entry, validated."""
         if e & OFLAG_COMPRESSED:
             raise UnsupportedFeatureError(f"{self.path}: compressed clusters are not supported")
@@ -72,7 +76,7 @@ class ClusterMixin:
             )
         return off, zero
 
-    def _lookup(self, l1, l1_off, g):
+    def _lookup(self, l1: Table, l1_off: int, g: int) -> tuple[int, int, int]:
         """(host cluster offset or 0, zero flag, l2 table offset) for guest offset g."""
         cidx = g >> self._cbits
         i, j = cidx >> self._l2bits, cidx & self._l2mask
@@ -85,7 +89,7 @@ class ClusterMixin:
         return off, zero, l2_off
 
     # ------------------------------------------------------------------ read
-    def _build_fast_l2(self, i):
+    def _build_fast_l2(self, i: int) -> Optional[array[int]]:
         """The read table of active L1 index i (see module doc), or None when the L1
         entry maps no table. Raises what the general lookup would for this table."""
         if i >= len(self._l1):
@@ -101,7 +105,7 @@ class ClusterMixin:
         self._fast_l2[i] = table
         return table
 
-    def _read_tree(self, l1, l1_off, offset, mv):
+    def _read_tree(self, l1: Table, l1_off: int, offset: int, mv: memoryview) -> None:
         """Fill mv with guest bytes from `offset` through the tree under `l1`,
         one pread per run of physically contiguous clusters."""
         cs, n, pos = self._cs, len(mv), 0
@@ -128,22 +132,23 @@ class ClusterMixin:
         if run_len:
             self._data_readinto(run_host, mv[run_pos : run_pos + run_len])
 
-    def _backing_read(self, g, mv):
+    def _backing_read(self, g: int, mv: memoryview) -> None:
         """Guest bytes of an unallocated range from the backing file (zeros past its
         end, as QEMU reads them)."""
         b = self._backing
+        assert b is not None  # callers read the backing file only when there is one
         n = max(0, min(len(mv), b.size - g))
         if n:
             b.readinto(g, mv[:n])
         if n < len(mv):
             mv[n:] = bytes(len(mv) - n)
 
-    def _reads_zero(self, g):
+    def _reads_zero(self, g: int) -> bool:
         off, zero, _ = self._lookup(self._l1, self._l1_offset, g)
-        return zero or not off and self._backing is None
+        return bool(zero) or not off and self._backing is None
 
     # ----------------------------------------------------------------- write
-    def _l2_for_write(self, i):
+    def _l2_for_write(self, i: int) -> tuple[int, Table]:
         """(offset, table) of the active L2 table i, allocated or copied so that it is
         ours alone (refcount 1). QEMU's l2_allocate: refblock write + flush, L2 write +
         flush, L1 entry write (8 bytes) + flush, then the old shared table is unreferenced."""
@@ -165,7 +170,7 @@ class ClusterMixin:
             self._update_refcounts([old >> self._cbits], -1)
         return new, table
 
-    def _write_span(self, g, mv):
+    def _write_span(self, g: int, mv: memoryview) -> None:
         """Write mv at guest offset g; the range lies inside one L2 table.
 
         Allocating and COW clusters get fresh host clusters; data goes out first (one
@@ -174,7 +179,10 @@ class ClusterMixin:
         change is stable."""
         cs, i = self._cs, g >> (self._cbits + self._l2bits)
         l2_off, l2 = self._l2_for_write(i)
-        segments, updates, pos = [], [], 0
+        segments: list[tuple[int, list[Chunk]]] = []  # (host, buffers): contiguous runs
+        updates: list[tuple[int, int, int]] = []  # (L2 index, new entry, old host offset)
+        seg_end, pos = -1, 0  # host end of the last run
+        bufs: list[Chunk]
         fresh = self._preallocate(g, len(mv), l2)
         while pos < len(mv):
             gg = g + pos
@@ -214,27 +222,26 @@ class ClusterMixin:
                 else:  # reused cluster: zero the rest
                     host, bufs = new, [self._zeros[:within], piece, self._zeros[:tail]]
                 updates.append((j, new | OFLAG_COPIED, off))
-            size = sum(len(b) for b in bufs)
-            if segments and segments[-1][0] + segments[-1][2] == host:
+            if segments and seg_end == host:
                 segments[-1][1].extend(bufs)
-                segments[-1][2] += size
             else:
-                segments.append([host, bufs, size])
+                segments.append((host, bufs))
+            seg_end = host + sum(len(b) for b in bufs)
             pos += chunk
-        for host, bufs, _ in segments:
+        for host, bufs in segments:
             self._data_writev(host, [b for b in bufs if len(b)])
         fast = self._fast_l2.get(i)
-        for j, entry, old in updates:
+        for j, entry, old_host in updates:
             l2[j] = entry
             if fast is not None:
                 host = entry & OFFSET_MASK
                 fast[j] = host if host < self._file_size else 0
-            if old:
-                self._defer_free(old)
+            if old_host:
+                self._defer_free(old_host)
         if updates:
             self._l2_dirty.add(l2_off)
 
-    def _preallocate(self, g, length, l2):
+    def _preallocate(self, g: int, length: int, l2: Table) -> list[tuple[int, int]]:
         """Clusters for a multi-cluster write allocated at once, as QEMU's
         qcow2_alloc_clusters does for one request: [(eof before, offset)], popped in
         order; [] when at most one cluster is needed."""
@@ -250,7 +257,7 @@ class ClusterMixin:
         start = self._alloc_contiguous(need)
         return [(eof, start + k * cs) for k in range(need - 1, -1, -1)]
 
-    def _zero_clusters(self, start, end):
+    def _zero_clusters(self, start: int, end: int) -> None:
         """Whole clusters [start, end) inside one L2 table read as zeros afterwards: the
         v3 zero flag (0 in v2: there is no backing file), old clusters freed."""
         i = start >> (self._cbits + self._l2bits)
@@ -272,7 +279,7 @@ class ClusterMixin:
                 self._defer_free(off)
         self._l2_dirty.add(l2_off)
 
-    def _zero_flag_clusters(self, i, first, count):
+    def _zero_flag_clusters(self, i: int, first: int, count: int) -> None:
         """Over a backing file: every cluster gets the zero flag (v3 only)."""
         if self._version != 3:
             raise UnsupportedFeatureError(
@@ -290,7 +297,7 @@ class ClusterMixin:
         self._l2_dirty.add(l2_off)
 
     # ------------------------------------------------------------- write-back
-    def _flush_l2_cache(self):
+    def _flush_l2_cache(self) -> None:
         """Write dirty L2 tables with QEMU's dependencies: refcount blocks first (unless
         lazy), COW data flushed first; then the deferred frees become refcount changes."""
         if self._l2_dirty:
@@ -307,8 +314,10 @@ class ClusterMixin:
         self._apply_deferred()
 
     # ----------------------------------------------------------------- map
-    def _classify(self, g, l1=None, l1_off=None):
-        if l1 is None:
+    def _classify(
+        self, g: int, l1: Optional[Table] = None, l1_off: Optional[int] = None
+    ) -> tuple[bool, bool, bool, Optional[int]]:
+        if l1 is None or l1_off is None:
             l1, l1_off = self._l1, self._l1_offset
         off, zero, _ = self._lookup(l1, l1_off, g)
         if zero:
@@ -317,7 +326,9 @@ class ClusterMixin:
             return True, False, True, off
         return False, True, False, None
 
-    def _extents(self, offset, length, l1=None, l1_off=None):
+    def _extents(
+        self, offset: int, length: int, l1: Optional[Table] = None, l1_off: Optional[int] = None
+    ) -> Iterator[Extent]:
         if self._backing is None:
             yield from self._own_extents(offset, length, l1, l1_off)
             return
@@ -340,8 +351,9 @@ class ClusterMixin:
         if cur is not None:
             yield cur
 
-    def _backing_extents(self, start, length):
+    def _backing_extents(self, start: int, length: int) -> Iterator[Extent]:
         b = self._backing
+        assert b is not None  # called for unallocated runs of an overlay only
         inside = max(0, min(length, b.size - start))
         if inside:
             for x in b.extents(start, inside):
@@ -349,8 +361,10 @@ class ClusterMixin:
         if inside < length:
             yield Extent(start + inside, length - inside, 1, False, True, False, None)
 
-    def _own_extents(self, offset, length, l1, l1_off):
-        if l1 is None:
+    def _own_extents(
+        self, offset: int, length: int, l1: Optional[Table], l1_off: Optional[int]
+    ) -> Iterator[Extent]:
+        if l1 is None or l1_off is None:
             l1, l1_off = self._l1, self._l1_offset
         cur = None
         for seg in self._segments(offset, offset + length, l1, l1_off):
@@ -374,7 +388,7 @@ class ClusterMixin:
         if cur is not None:
             yield cur
 
-    def _segments(self, start, end, l1, l1_off):
+    def _segments(self, start: int, end: int, l1: Table, l1_off: int) -> Iterator[Extent]:
         """Extents of [start, end), one L2 table at a time: its entries are classified
         with numpy; a table holding anything unusual (compressed, reserved bits, bad
         offsets) goes through the per-cluster lookup, which raises what it should."""
@@ -386,7 +400,9 @@ class ClusterMixin:
             yield from (fast if fast is not None else self._cluster_segments(pos, stop, l1, l1_off))
             pos = stop
 
-    def _table_segments(self, pos, stop, l1, l1_off):
+    def _table_segments(
+        self, pos: int, stop: int, l1: Table, l1_off: int
+    ) -> Optional[list[Extent]]:
         cs, cbits = self._cs, self._cbits
         i = pos >> (cbits + self._l2bits)
         if i >= len(l1) or not self._l2_offset(l1, i, l1_off):
@@ -432,7 +448,7 @@ class ClusterMixin:
             )
         return out
 
-    def _cluster_segments(self, pos, end, l1, l1_off):
+    def _cluster_segments(self, pos: int, end: int, l1: Table, l1_off: int) -> Iterator[Extent]:
         cs = self._cs
         while pos < end:
             within = pos & (cs - 1)

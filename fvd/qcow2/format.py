@@ -6,8 +6,11 @@ guest I/O. Per-I/O metadata (L1, L2 tables, refcount blocks) lives in numpy arra
 the entry dtypes declared there.
 """
 
+from __future__ import annotations
+
 import datetime
 from dataclasses import dataclass, field
+from typing import Any, Sequence, Union
 
 from fvd.errors import CorruptImageError, UnsupportedFeatureError
 from fvd.ondisk.qcow2_records import (  # noqa: F401 (re-exported: the baseline's vocabulary)
@@ -88,19 +91,19 @@ class Header:
     autoclear_features: int = 0
     refcount_order: int = 4
     header_length: int = V3_HEADER_LENGTH
-    extensions: list = field(default_factory=list)  # [(type, bytes)] as found
+    extensions: list[tuple[int, bytes]] = field(default_factory=list)  # [(type, data)] as found
     backing_file: str = ""  # as stored (relative to the image's directory)
     backing_format: str = ""  # from the 0xE2792ACA extension, "" when absent
 
     @property
-    def cluster_size(self):
+    def cluster_size(self) -> int:
         return 1 << self.cluster_bits
 
 
 MAX_BACKING_NAME = 1023  # QEMU's limit
 
 
-def build_header(h):
+def build_header(h: Header) -> bytes:
     """Header bytes; with a backing file also the backing-format extension, the end
     marker and the backing file name (QEMU's layout: name right after the extensions).
     Without one, the zero bytes after the header are the end marker."""
@@ -116,7 +119,7 @@ def build_header(h):
     name_off = h.header_length + len(tail) if name else 0
     if name_off + len(name) > h.cluster_size:
         raise ValueError("backing file name does not fit in the header cluster")
-    out = HeaderV2.build(
+    out: bytes = HeaderV2.build(  # construct is untyped: its build() gives Any
         dict(
             magic=MAGIC,
             version=h.version,
@@ -146,7 +149,7 @@ def build_header(h):
     return out + tail + name
 
 
-def parse_header(path, raw, file_size, creating=False):
+def parse_header(path: str, raw: bytes, file_size: int, creating: bool = False) -> Header:
     """Parse and validate cluster 0 (`raw` holds at least its first bytes)."""
     if len(raw) < V2_HEADER_LENGTH:
         raise CorruptImageError(path, 0, "file too short for a qcow2 header (truncated)")
@@ -219,7 +222,7 @@ def parse_header(path, raw, file_size, creating=False):
     return h
 
 
-def _backing_name(path, raw, v2, cs):
+def _backing_name(path: str, raw: bytes, v2: Any, cs: int) -> str:
     off, size = v2.backing_file_offset, v2.backing_file_size
     if size == 0 or size > MAX_BACKING_NAME or off + size > cs or off + size > len(raw):
         raise CorruptImageError(
@@ -231,7 +234,7 @@ def _backing_name(path, raw, v2, cs):
     return bytes(raw[off : off + size]).decode("utf-8", "surrogateescape")
 
 
-def _validate_tables(path, h, file_size, creating=False):
+def _validate_tables(path: str, h: Header, file_size: int, creating: bool = False) -> None:
     cs = h.cluster_size
     l2_cover = cs * (cs // 8)
     need = -(-h.size // l2_cover)
@@ -273,7 +276,9 @@ def _validate_tables(path, h, file_size, creating=False):
         )
 
 
-def _check_area(path, offset, length, cs, file_size, field_off, what):
+def _check_area(
+    path: str, offset: int, length: int, cs: int, file_size: int, field_off: int, what: str
+) -> None:
     if length and (offset % cs or offset == 0):
         raise CorruptImageError(path, field_off, f"{what} offset {offset:#x} not cluster aligned")
     if length and offset + length > file_size:
@@ -285,7 +290,7 @@ def _check_area(path, offset, length, cs, file_size, field_off, what):
         )
 
 
-def parse_extensions(path, raw, h):
+def parse_extensions(path: str, raw: bytes, h: Header) -> list[tuple[int, bytes]]:
     """The header extensions as (type, data) pairs, in file order."""
     if h.version == 2:
         return []
@@ -301,7 +306,9 @@ def parse_extensions(path, raw, h):
     return exts
 
 
-def parse_snapshot_table(path, raw, count, default_size, version):
+def parse_snapshot_table(
+    path: str, raw: Union[bytes, bytearray], count: int, default_size: int, version: int
+) -> tuple[list[SnapshotInfo], int]:
     snaps, pos = [], 0
     for _ in range(count):
         if pos + SNAPSHOT_RECORD_SIZE > len(raw):
@@ -344,15 +351,16 @@ def parse_snapshot_table(path, raw, count, default_size, version):
     return snaps, pos
 
 
-def _extra_field(extra, name, default):
+def _extra_field(extra: bytes, name: str, default: int) -> int:
     """A u64 field of a snapshot's extra data, or `default` when the extra data ends first."""
     off = SNAPSHOT_EXTRA_OFFSET[name]
     if len(extra) < off + S_SNAPSHOT_EXTRA_FIELD.size:
         return default
-    return S_SNAPSHOT_EXTRA_FIELD.unpack_from(extra, off)[0]
+    value: int = S_SNAPSHOT_EXTRA_FIELD.unpack_from(extra, off)[0]
+    return value
 
 
-def build_snapshot_table(snaps):
+def build_snapshot_table(snaps: Sequence[SnapshotInfo]) -> bytes:
     out = bytearray()
     for s in snaps:
         sid, name = s.id.encode(), s.name.encode()
@@ -374,7 +382,8 @@ def build_snapshot_table(snaps):
     return bytes(out)
 
 
-def snapshot_extra(vm_state_size, disk_size):
-    return SnapshotExtra.build(
+def snapshot_extra(vm_state_size: int, disk_size: int) -> bytes:
+    extra: bytes = SnapshotExtra.build(
         dict(vm_state_size_large=vm_state_size, disk_size=disk_size, icount=0xFFFFFFFFFFFFFFFF)
     )
+    return extra

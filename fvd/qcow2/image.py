@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import errno
 import os as _os
-from typing import TYPE_CHECKING, Any, Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -55,6 +55,7 @@ from fvd.qcow2.format import (
 )
 from fvd.qcow2.refcount import RefcountMixin
 from fvd.qcow2.snapshot import SnapshotMixin
+from fvd.qcow2.state import Backing, Chunk, Table
 from fvd.types import CheckResult, Extent, StrPath, extents_to_array
 
 if TYPE_CHECKING:
@@ -152,24 +153,24 @@ BACKING_FORMATS = ("qcow2", "raw", "fvd")
 class _RawBacking:
     """A raw backing file: reads past its end are zeros."""
 
-    def __init__(self, path):
+    def __init__(self, path: str) -> None:
         self.path = path
         self.fd = _os.open(path, _os.O_RDONLY)
         self.size = _os.fstat(self.fd).st_size
 
-    def readinto(self, offset, buf):
+    def readinto(self, offset: int, buf: Buffer) -> int:
         return pread_fill(self.fd, memoryview(buf).cast("B"), offset)
 
-    def extents(self, offset, length):
+    def extents(self, offset: int, length: int) -> Iterator[Extent]:
         return raw_extents(self.fd, offset, length)
 
-    def close(self):
+    def close(self) -> None:
         if self.fd >= 0:
             _os.close(self.fd)
             self.fd = -1
 
 
-def _open_backing(img, name, fmt, chain):
+def _open_backing(img: Qcow2Image, name: str, fmt: str, chain: tuple[str, ...]) -> Backing:
     """The backing file of `img`, opened read-only (its own chain included)."""
 
     path = resolve_relative(img.path, name)
@@ -183,7 +184,8 @@ def _open_backing(img, name, fmt, chain):
         if fmt == "qcow2":
             return Qcow2Image(path, "r", _chain=chain + (real,))
         if fmt == "fvd":
-            return registry.open_image("fvd", path, "r", _chain=chain + (real,))
+            image: Backing = registry.open_image("fvd", path, "r", _chain=chain + (real,))
+            return image
     except (OSError, CorruptImageError, UnsupportedFeatureError) as e:
         if isinstance(e, BaseImageError):
             raise
@@ -202,20 +204,11 @@ def open(  # noqa: A001 - mirrors fvd.open
 
 
 class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
-    """An open qcow2 image. See the module docstring."""
+    """An open qcow2 image. See the module docstring; its attributes (path, read_only,
+    cache, fd, size, cluster_size, stats and the private state) are declared in
+    fvd.qcow2.state.Qcow2State."""
 
-    path: str
-    read_only: bool
-    cache: str  # "writeback", "writethrough" or "unsafe"
-    fd: int
-    size: int  # virtual size in bytes
-    cluster_size: int
-    stats: Any  # fvd._impl Stats: the I/O counters
     thread_safe_writes = False  # writes from one thread at a time (fvd.convert's writer)
-    _version: int
-    _incompat: int
-    _compat: int
-    _backing = None
 
     def __init__(
         self,
@@ -257,7 +250,7 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
             raise
 
     # ------------------------------------------------------------- opening
-    def _load(self, creating):
+    def _load(self, creating: bool) -> None:
         self._file_size = _os.fstat(self.fd).st_size
         self._unsynced = self._cow_pending = False
         head = min(self._file_size, 1 << MAX_CLUSTER_BITS)
@@ -299,7 +292,7 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
         if not self.read_only:
             self._open_for_writing(h)
 
-    def _check_l1(self, l1, l1_off):
+    def _check_l1(self, l1: Table, l1_off: int) -> None:
         l1u = l1.astype(np.uint64)
         bad = np.flatnonzero(l1u & np.uint64(L1E_RESERVED_MASK))
         if bad.size:
@@ -319,7 +312,7 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
                 f"L1 entry {i} points to {int(offs[i]):#x}: unaligned or past the end of the file",
             )
 
-    def _check_overlaps(self):
+    def _check_overlaps(self) -> None:
         """Metadata areas may not share clusters, and no active L2 table or refcount
         block may live in one: a write there would land in the L1 or refcount table."""
         cs, cb = self._cs, self._cbits
@@ -330,7 +323,7 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
         ]
         if self._snapshots:
             areas.append((self._snapshots_offset, self._snap_table_len, 64, "snapshot table"))
-        taken = {}
+        taken: dict[int, str] = {}  # cluster -> the area in it
         for off, n, field, what in areas:
             for c in range(off >> cb, -(-(off + n) // cs) if n else off >> cb):
                 if c in taken:
@@ -376,7 +369,7 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
                 f"two L1 entries share the L2 table at cluster {int(uniq[cnt > 1][0])}",
             )
 
-    def _metadata_refcounts_ok(self):
+    def _metadata_refcounts_ok(self) -> None:
         """Before a writer trusts the refcounts: every metadata cluster (header, tables,
         refcount blocks, L2 tables) must count at least 1, or the allocator would hand
         it out for data. Costs refcount-block reads only, no L2 reads."""
@@ -405,7 +398,7 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
                 f"metadata cluster {int(zero[0])} has refcount 0 (run check -r all)",
             )
 
-    def _open_for_writing(self, h):
+    def _open_for_writing(self, h: Header) -> None:
         if self._incompat & INCOMPAT_CORRUPT:
             raise CorruptImageError(
                 self.path, OFF_INCOMPAT, "image is marked corrupt; open it read-only"
@@ -431,14 +424,14 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
         elif self._lazy:
             self._set_incompat(self._incompat | INCOMPAT_DIRTY)
 
-    def _set_incompat(self, bits):
+    def _set_incompat(self, bits: int) -> None:
         if self._version == 2:
             return
         self._meta_write(OFF_INCOMPAT, S_INCOMPAT_UPDATE.pack(bits))
         self._sync()
         self._incompat = bits
 
-    def _resize_l1(self, n):
+    def _resize_l1(self, n: int) -> None:
         """Give the active L1 table n entries: new table written + flushed, then one
         synchronous 12-byte header write (l1_size, l1_table_offset), old table freed."""
         old_off, old_n = self._l1_offset, len(self._l1)
@@ -462,7 +455,7 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
         self.flush()
 
     # ------------------------------------------------------------ raw I/O
-    def _meta_read(self, off, n):
+    def _meta_read(self, off: int, n: int) -> bytearray:
         buf = bytearray(n)
         mv, done = memoryview(buf), 0
         while done < n:
@@ -476,7 +469,7 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
         self.stats.metadata_bytes_read += n
         return buf
 
-    def _meta_write(self, off, data):
+    def _meta_write(self, off: int, data: Buffer) -> None:
         mv, done = memoryview(data), 0
         while done < len(mv):
             done += _os.pwrite(self.fd, mv[done:], off + done)
@@ -487,15 +480,15 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
 
     # Guest data goes through the same HostFile primitive (and Stats) as FVD's chunk
     # map: one call = one counted pread / pwritev; only the metadata policy differs.
-    def _data_readinto(self, host, view):
+    def _data_readinto(self, host: int, view: memoryview) -> None:
         self._hf.readinto(host, view)
 
-    def _data_writev(self, host, bufs):
+    def _data_writev(self, host: int, bufs: Sequence[Chunk]) -> None:
         total = self._hf.pwritev(host, bufs)
         self._unsynced = True
         self._file_size = max(self._file_size, host + total)
 
-    def _sync(self):
+    def _sync(self) -> None:
         if self.cache == "unsafe":
             return
         _os.fdatasync(self.fd)
@@ -503,20 +496,18 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
         self._unsynced = self._cow_pending = False
 
     # ------------------------------------------------------------- checks
-    def _check_open(self):
+    def _check_open(self) -> None:
         if self._closed:
             raise ValueError(f"{self.path}: I/O on a closed image")
 
-    _suspect = None  # a CorruptImageError that makes writing unsafe
-
-    def _check_writable(self):
+    def _check_writable(self) -> None:
         self._check_open()
         if self.read_only:
             raise OSError(errno.EBADF, f"{self.path}: image is open read-only")
         if self._suspect is not None:
             raise self._suspect
 
-    def _check_range(self, offset, length):
+    def _check_range(self, offset: int, length: int) -> None:
         if not isinstance(offset, int) or not isinstance(length, int):
             raise TypeError("offset and length must be integers")
         if offset < 0 or length < 0 or offset + length > self.size:
@@ -635,7 +626,7 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
     def backing_format(self) -> Optional[str]:
         return self._header.backing_format or None
 
-    def _abandon(self):
+    def _abandon(self) -> None:
         """Close the file without the clean-shutdown path (tests: simulated crash)."""
         if not self._closed:
             _os.close(self.fd)
@@ -730,7 +721,7 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
         return result
 
 
-def _byte_view(buf, writable):
+def _byte_view(buf: Buffer, writable: bool) -> memoryview:
     mv = memoryview(buf)
     if not mv.contiguous:
         raise ValueError("buffer must be contiguous")

@@ -8,9 +8,13 @@ itself). Decrements caused by replacing an L2 entry are deferred until that L2 c
 stable ("L2 entry stable before the refcount decrement it causes").
 """
 
+from __future__ import annotations
+
 import os
+from typing import Optional
 
 import numpy as np
+import numpy.typing as npt
 
 from fvd.errors import CorruptImageError
 from fvd.qcow2.format import (
@@ -26,18 +30,19 @@ from fvd.qcow2.format import (
     REFTABLE_DTYPE,
     S_REFTABLE_UPDATE,
 )
+from fvd.qcow2.state import Clusters, Qcow2State, RefBlock, Table
 
 MAX_REFCOUNT = 0xFFFF
 
 
-class RefcountMixin:
+class RefcountMixin(Qcow2State):
     """Mixed into Qcow2Image; uses its I/O helpers (_meta_read, _meta_write, _sync)."""
 
     # ----------------------------------------------------------------- lookup
-    def _rb_entries(self):
+    def _rb_entries(self) -> int:
         return self._cs // 2
 
-    def _refblock(self, b):
+    def _refblock(self, b: int) -> Optional[RefBlock]:
         """The cached refcount block `b` (loading it), or None when it is not allocated."""
         arr = self._rb.get(b)
         if arr is not None:
@@ -62,16 +67,16 @@ class RefcountMixin:
         self._rb[b] = arr
         return arr
 
-    def _refblock_placed(self, b):
+    def _refblock_placed(self, b: int) -> bool:
         return b < len(self._reftable) and int(self._reftable[b]) & REFT_OFFSET_MASK != 0
 
-    def _refcount(self, idx):
+    def _refcount(self, idx: int) -> int:
         rbits = self._cbits - 1
         arr = self._refblock(idx >> rbits)
         return 0 if arr is None else int(arr[idx & ((1 << rbits) - 1)])
 
     # ------------------------------------------------------------- updating
-    def _update_refcounts(self, clusters, delta):
+    def _update_refcounts(self, clusters: Clusters, delta: int) -> None:
         """Add `delta` to the refcount of every cluster index in `clusters` (with repeats)."""
         clusters = np.asarray(clusters, dtype=np.int64)
         if clusters.size == 0:
@@ -105,17 +110,17 @@ class RefcountMixin:
                 self._l2.pop(c << self._cbits, None)  # a freed L2 table leaves the cache
                 self._l2_dirty.discard(c << self._cbits)
 
-    def _defer_free(self, host_offset):
+    def _defer_free(self, host_offset: int) -> None:
         """Free a cluster once the L2 change that dropped it is stable."""
         self._deferred.append(host_offset >> self._cbits)
 
-    def _apply_deferred(self):
+    def _apply_deferred(self) -> None:
         if self._deferred:
             done, self._deferred = self._deferred, []
             self._update_refcounts(done, -1)
 
     # ------------------------------------------------------------- allocation
-    def _first_free(self, start=None):
+    def _first_free(self, start: Optional[int] = None) -> int:
         idx = self._free_idx if start is None else start
         rbits = self._cbits - 1
         mask = (1 << rbits) - 1
@@ -128,7 +133,7 @@ class RefcountMixin:
                 return idx + int(free[0])
             idx = ((idx >> rbits) + 1) << rbits
 
-    def _alloc_cluster(self):
+    def _alloc_cluster(self) -> int:
         """Allocate one host cluster (refcount 0 -> 1); returns its byte offset."""
         while True:
             idx = self._first_free()
@@ -140,7 +145,7 @@ class RefcountMixin:
             self._extend_file((idx + 1) << self._cbits)
             return idx << self._cbits
 
-    def _alloc_contiguous(self, n):
+    def _alloc_contiguous(self, n: int) -> int:
         """Allocate n contiguous clusters (L1 copies, snapshot tables); returns the offset."""
         if n == 1:
             return self._alloc_cluster()
@@ -162,7 +167,7 @@ class RefcountMixin:
             self._extend_file((start + n) << self._cbits)
             return start << self._cbits
 
-    def _find_free_run(self, n):
+    def _find_free_run(self, n: int) -> int:
         start = self._first_free()
         while True:
             run = 0
@@ -172,14 +177,14 @@ class RefcountMixin:
                 return start
             start = self._first_free(start + run + 1)
 
-    def _extend_file(self, end):
+    def _extend_file(self, end: int) -> None:
         """Make the file cover a newly allocated cluster (QEMU uses fallocate here)."""
         if end > self._file_size:
             os.ftruncate(self.fd, end)
             self._file_size = end
 
     # ------------------------------------------------ new refcount blocks / table
-    def _place_refblock(self, b, at=None):
+    def _place_refblock(self, b: int, at: Optional[int] = None) -> None:
         """Give refcount block `b` a home, write it and hook it into the refcount table.
 
         With `at` inside the range of `b` the block counts itself (QEMU's preference).
@@ -218,7 +223,7 @@ class RefcountMixin:
         self._meta_write(self._rt_offset + 8 * b, self._reftable[b : b + 1].tobytes())
         self._sync()
 
-    def _grow_reftable(self, min_entries):
+    def _grow_reftable(self, min_entries: int) -> None:
         """Write a bigger refcount table (and the blocks covering it) past the end of the
         file, switch the header to it with one synchronous 12-byte write, free the old one.
         The table is made 50% bigger than needed, as QEMU does."""
@@ -262,7 +267,7 @@ class RefcountMixin:
         self._sync()
         self._update_refcounts(np.arange(old_clusters) + (old_off >> self._cbits), -1)
 
-    def _end_cluster(self):
+    def _end_cluster(self) -> int:
         """First cluster index past every allocated cluster (and the end of the file)."""
         rbits = self._cbits - 1
         end = -(-self._file_size // self._cs)
@@ -280,7 +285,7 @@ class RefcountMixin:
         return end
 
     # ------------------------------------------------------------ write-back
-    def _flush_refcount_cache(self):
+    def _flush_refcount_cache(self) -> None:
         """Write every dirty refcount block (whole cluster each), then flush."""
         todo = sorted(b for b in self._rb_dirty if self._refblock_placed(b))
         if not todo:
@@ -292,7 +297,7 @@ class RefcountMixin:
         self._sync()
 
     # ------------------------------------------------- computing from metadata
-    def _compute_refcounts(self):
+    def _compute_refcounts(self) -> tuple[npt.NDArray[np.int64], list[str]]:
         """Refcounts implied by the metadata, as qemu-img check computes them.
 
         Returns (counts array indexed by cluster, list of corruption messages).
@@ -301,7 +306,7 @@ class RefcountMixin:
         nclusters = max(-(-self._file_size // cs), 1)
         refs, errors = [], []
 
-        def area(off, length):
+        def area(off: int, length: int) -> None:
             if length:
                 refs.append(np.arange(off >> cbits, -(-(off + length) // cs), dtype=np.int64))
 
@@ -340,7 +345,9 @@ class RefcountMixin:
             errors.append(f"metadata cluster {c} is also used by other metadata or data")
         return counts, errors
 
-    def _count_tree(self, l1, active, refs, errors):
+    def _count_tree(
+        self, l1: Table, active: bool, refs: list[npt.NDArray[np.int64]], errors: list[str]
+    ) -> None:
         l1u = l1.astype(np.uint64)
         if (l1u & np.uint64(L1E_RESERVED_MASK)).any():
             errors.append("L1 entry with reserved bits set")
@@ -361,7 +368,7 @@ class RefcountMixin:
                 errors.append(f"unaligned data cluster in L2 table {l2_off:#x}")
             refs.append((offs >> np.uint64(self._cbits)).astype(np.int64))
 
-    def _copied_errors(self):
+    def _copied_errors(self) -> int:
         """Active entries whose COPIED flag disagrees with refcount == 1."""
         bad = 0
         copied = np.uint64(OFLAG_COPIED)
@@ -379,7 +386,7 @@ class RefcountMixin:
             bad += int(((l2[idx] & copied != 0) != (rc == 1)).sum())
         return bad
 
-    def _refcounts_of(self, clusters):
+    def _refcounts_of(self, clusters: Clusters) -> npt.NDArray[np.int64]:
         """Vectorised refcount lookup for an array of cluster indexes."""
         clusters = np.asarray(clusters, dtype=np.int64)
         out = np.zeros(clusters.size, dtype=np.int64)
@@ -392,7 +399,7 @@ class RefcountMixin:
                 out[sel] = arr[clusters[sel] & ((1 << rbits) - 1)]
         return out
 
-    def _stored_refcounts(self, n):
+    def _stored_refcounts(self, n: int) -> npt.NDArray[np.int64]:
         rbits = self._cbits - 1
         out = np.zeros(n, dtype=np.int64)
         for b in range(-(-n // (1 << rbits))):
@@ -403,7 +410,7 @@ class RefcountMixin:
                 out[lo:hi] = arr[: hi - lo]
         return out
 
-    def _rebuild_refcounts(self):
+    def _rebuild_refcounts(self) -> None:
         """Replace every refcount with what the metadata implies (repair / dirty open)."""
         self._deferred = []
         counts, errors = self._compute_refcounts()

@@ -11,9 +11,12 @@ Delete: the snapshot table is rewritten without the entry, then the snapshot's t
 unreferenced (refcount -1), its L1 freed, and COPIED recomputed in the active tree.
 """
 
+from __future__ import annotations
+
 import copy
+import datetime
 import time
-from typing import Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import numpy as np
 
@@ -31,14 +34,18 @@ from fvd.qcow2.format import (
     parse_snapshot_table,
     snapshot_extra,
 )
-from fvd.types import extents_to_array
+from fvd.qcow2.state import Qcow2State, Table
+from fvd.types import Extent, extents_to_array
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 
-class SnapshotMixin:
+class SnapshotMixin(Qcow2State):
     """Mixed into Qcow2Image."""
 
     # ----------------------------------------------------------- loading
-    def _load_snapshots(self, nb, offset):
+    def _load_snapshots(self, nb: int, offset: int) -> None:
         self._snapshots, self._snapshots_offset, self._snap_table_len = [], offset, 0
         if not nb:
             return
@@ -76,7 +83,7 @@ class SnapshotMixin:
                 )
         self._snapshots, self._snap_table_len = snaps, end
 
-    def _snapshot_l1(self, s):
+    def _snapshot_l1(self, s: SnapshotInfo) -> Table:
         l1 = self._snap_l1.get(s.l1_table_offset)
         if l1 is None:
             raw = self._meta_read(s.l1_table_offset, 8 * s.l1_size) if s.l1_size else b""
@@ -84,7 +91,7 @@ class SnapshotMixin:
             self._snap_l1[s.l1_table_offset] = l1
         return l1
 
-    def _find_snapshot(self, name):
+    def _find_snapshot(self, name: str) -> SnapshotInfo:
         for s in self._snapshots:
             if s.name == name:
                 return s
@@ -94,12 +101,12 @@ class SnapshotMixin:
         raise ValueError(f"{self.path}: no snapshot named {name!r}")
 
     # ------------------------------------------------------------ public
-    def snapshots(self):
+    def snapshots(self) -> list[SnapshotInfo]:
         """Infos (name, id, created, size, vm_state_size) in table order."""
         self._check_open()
         return [copy.copy(s) for s in self._snapshots]
 
-    def read_vm_state(self, name):
+    def read_vm_state(self, name: str) -> bytes:
         """The vm_state stored with snapshot `name`."""
         self._check_open()
         s = self._find_snapshot(name)
@@ -109,13 +116,13 @@ class SnapshotMixin:
         )
         return bytes(buf)
 
-    def open_snapshot(self, name):
+    def open_snapshot(self, name: str) -> Qcow2SnapshotView:
         """A read-only view of snapshot `name` (read, readinto, extents), valid while
         this image stays open and the snapshot is not deleted."""
         self._check_open()
         return Qcow2SnapshotView(self, self._find_snapshot(name))
 
-    def create_snapshot(self, name, vm_state=b""):
+    def create_snapshot(self, name: str, vm_state: Buffer = b"") -> SnapshotInfo:
         """Internal snapshot of the current contents, QEMU's way (see module doc)."""
         self._check_writable()
         if not isinstance(name, str) or not name:
@@ -135,26 +142,26 @@ class SnapshotMixin:
         self._tree_refcount(self._l1[:n_disk], +1)
         self._fix_copied()
         now = time.time_ns()
+        date_sec, date_nsec = now // 10**9, now % 10**9
         ids = [int(s.id) for s in self._snapshots if s.id.isdigit()]
         info = SnapshotInfo(
             id=str(max(ids, default=0) + 1),
             name=name,
-            created=None,
+            created=_to_datetime(date_sec, date_nsec),
             size=self.size,
             vm_state_size=len(vm),
             l1_table_offset=l1_off,
             l1_size=len(snap_l1),
-            date_sec=now // 10**9,
-            date_nsec=now % 10**9,
+            date_sec=date_sec,
+            date_nsec=date_nsec,
             extra=snapshot_extra(len(vm), self.size),
         )
-        info.created = _to_datetime(info)
         self._snap_l1[l1_off] = snap_l1
         self._write_snapshot_table(self._snapshots + [info])
         self.flush()
         return copy.copy(info)
 
-    def delete_snapshot(self, name):
+    def delete_snapshot(self, name: str) -> None:
         """Delete a snapshot and free what only it used."""
         self._check_writable()
         s = self._find_snapshot(name)
@@ -169,17 +176,18 @@ class SnapshotMixin:
         self.flush()
 
     # ------------------------------------------------------------ helpers
-    def _l1_disk_entries(self):
+    def _l1_disk_entries(self) -> int:
         cover = self._cs << self._l2bits
         return -(-self.size // cover)
 
-    def _vm_state_offset(self):
+    def _vm_state_offset(self) -> int:
         return self._l1_disk_entries() * (self._cs << self._l2bits)
 
-    def _write_vm_state(self, vm):
+    def _write_vm_state(self, vm: memoryview) -> list[int]:
         """Write the VM state into new L2 tables + clusters; returns their L1 entries."""
         cs, per_table = self._cs, self._cs << self._l2bits
         entries = []
+        run: list[memoryview]  # pieces of one physically contiguous run
         for t in range(0, len(vm), per_table):
             part = vm[t : t + per_table]
             l2_off = self._alloc_cluster()
@@ -201,7 +209,7 @@ class SnapshotMixin:
             entries.append(l2_off | OFLAG_COPIED)
         return entries
 
-    def _tree_refcount(self, l1, delta):
+    def _tree_refcount(self, l1: Table, delta: int) -> None:
         """Refcount += delta for every L2 table under l1 and every cluster they map."""
         clusters = []
         l1u = l1.astype(np.uint64) & np.uint64(OFFSET_MASK)
@@ -213,7 +221,7 @@ class SnapshotMixin:
         if clusters:
             self._update_refcounts(np.concatenate(clusters), delta)
 
-    def _fix_copied(self):
+    def _fix_copied(self) -> None:
         """Set COPIED exactly where refcount == 1 in the active L1 and L2 tables; flush
         refcounts and L2 tables, then rewrite the L1 table synchronously if it changed."""
         l1_changed = False
@@ -241,7 +249,7 @@ class SnapshotMixin:
             self._meta_write(self._l1_offset, self._l1.tobytes())
             self._sync()
 
-    def _write_snapshot_table(self, snaps):
+    def _write_snapshot_table(self, snaps: list[SnapshotInfo]) -> None:
         raw = build_snapshot_table(snaps)
         old_off, old_len = self._snapshots_offset, self._snap_table_len
         off = 0
@@ -256,7 +264,9 @@ class SnapshotMixin:
             n = -(-old_len // self._cs)
             self._update_refcounts(np.arange(n) + (old_off >> self._cbits), -1)
 
-    def changed_ranges(self, since, until=None):
+    def changed_ranges(
+        self, since: str, until: Optional[str] = None
+    ) -> list[tuple[int, int, bool]]:
         """(start, length, zero) runs of clusters whose mapping differs between snapshot `since` and
         `until` (a snapshot, or the active tree). A cluster mapped to the same host cluster
         in both trees holds the same bytes: a cluster a snapshot references is never written
@@ -272,7 +282,7 @@ class SnapshotMixin:
         cs, per = self._cs, self._cs // 8
         key = np.uint64(OFFSET_MASK | OFLAG_ZERO)
         none = np.zeros(per, dtype=np.uint64)
-        out = []
+        out: list[tuple[int, int, bool]] = []
         for i in range(-(-size // (cs * per))):
             a = int(old_l1[i]) & OFFSET_MASK if i < len(old_l1) else 0
             b = int(new_l1[i]) & OFFSET_MASK if i < len(new_l1) else 0
@@ -298,12 +308,8 @@ class SnapshotMixin:
         return out
 
 
-def _to_datetime(info):
-    import datetime
-
-    return datetime.datetime.fromtimestamp(
-        info.date_sec + info.date_nsec / 1e9, tz=datetime.timezone.utc
-    )
+def _to_datetime(date_sec: int, date_nsec: int) -> datetime.datetime:
+    return datetime.datetime.fromtimestamp(date_sec + date_nsec / 1e9, tz=datetime.timezone.utc)
 
 
 class Qcow2SnapshotView:
@@ -312,7 +318,7 @@ class Qcow2SnapshotView:
 
     read_only = True
 
-    def __init__(self, img, info):
+    def __init__(self, img: Qcow2State, info: SnapshotInfo) -> None:
         self._img = img
         self.path = img.path
         self.name = info.name
@@ -323,7 +329,7 @@ class Qcow2SnapshotView:
         self._l1_off = info.l1_table_offset
         self._closed = False
 
-    def _check_open(self):
+    def _check_open(self) -> None:
         if self._closed or self._img._closed:
             raise ValueError(f"{self.path}: I/O on a closed snapshot view")
 
@@ -335,7 +341,7 @@ class Qcow2SnapshotView:
         """extents() as an EXTENT_DTYPE array (fvd.types)."""
         return extents_to_array(self.extents(offset, length))
 
-    def readinto(self, offset, buf):
+    def readinto(self, offset: int, buf: Buffer) -> int:
         self._check_open()
         mv = memoryview(buf).cast("B")
         if offset < 0 or offset + len(mv) > self.size:
@@ -346,12 +352,12 @@ class Qcow2SnapshotView:
         self._img._read_tree(self._l1, self._l1_off, offset, mv)
         return len(mv)
 
-    def read(self, offset, length):
+    def read(self, offset: int, length: int) -> bytes:
         buf = bytearray(length)
         self.readinto(offset, buf)
         return bytes(buf)
 
-    def extents(self, offset=0, length=None):
+    def extents(self, offset: int = 0, length: Optional[int] = None) -> Iterator[Extent]:
         self._check_open()
         if length is None:
             length = self.size - offset
@@ -362,11 +368,11 @@ class Qcow2SnapshotView:
             )
         return self._img._extents(offset, length, self._l1, self._l1_off)
 
-    def close(self):
+    def close(self) -> None:
         self._closed = True
 
-    def __enter__(self):
+    def __enter__(self) -> Qcow2SnapshotView:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()

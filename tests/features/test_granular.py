@@ -285,6 +285,32 @@ def test_create_completes_partial_chunks(path):
         assert_clean(img)
 
 
+def test_create_copies_only_the_sources_data(path):
+    """Completion copies the source's data runs and punches its holes: over a sparse
+    held chunk it writes only the data there is; a torn write's bytes under clear bits
+    (never read while the chunk is partial) are gone once the granules are filled."""
+    with fvd.open(path, "r+", cache="writethrough") as img:
+        img.write(3 * G, b"d" * (2 * G))  # chunk 0: granules 3, 4 hold data, the rest holes
+        img.create_snapshot("s")
+        img.write(10 * G, b"a" * G)  # partial: its source is mostly holes
+        chunk = int(img._core.table[0])
+        torn = img._core.header["data_offset"] + chunk * CS + 20 * G
+        os.pwrite(img._core.fd, b"T" * G, torn)  # as if a write never journaled
+        expect = img.read(0, SIZE)
+        assert expect[20 * G : 21 * G] == bytes(G)
+        s0 = img.stats.as_dict()
+        img.create_snapshot("t")
+        d = delta(s0, img.stats.as_dict())
+        assert img._core.partial.active == 0
+        assert d["data_bytes_written"] == 2 * G  # the source's two data granules only
+        assert img.read(0, SIZE) == expect
+        with img.open_snapshot("t") as v:
+            assert v.read(0, SIZE) == expect
+        assert_clean(img)
+    with fvd.open(path) as img:
+        assert img.read(0, SIZE) == expect
+
+
 def test_delete_keeps_the_source_until_the_chunk_is_complete(path):
     with held_image(path) as img:
         img.write(G, b"a" * G)
