@@ -34,7 +34,7 @@ import numpy as np
 
 from fvd.core.bitmap import set_bits
 from fvd.core.journal import data_crc_record, granule_record
-from fvd.errors import io_error
+from fvd.errors import CorruptImageError, io_error
 from fvd.fileio import data_runs, punch_hole
 from fvd.ondisk import format as fmt
 from fvd.ondisk import fvd_records as fr
@@ -521,30 +521,23 @@ class PartialState:
         return sources
 
 
-class RecordError(ValueError):
-    """An encoded partial map or granule record that does not decode, or does not fit its
-    snapshot's lookup table: `pos` is the byte offset of the problem inside the record."""
-
-    def __init__(self, pos, what):
-        super().__init__(what)
-        self.pos = pos
-        self.what = what
-
-
-def decode_map(raw, nchunks, chunk_size, granule):
+def decode_map(raw, nchunks, chunk_size, granule, path, offset):
     """(chunks, sources, rows) of an encoded partial map or granule record (the layout of
-    docs/format.md section 10), decoded without a loop over the entries: chunks (int64,
-    strictly increasing, each < nchunks), their sources (uint32, < MAX_PHYS_CHUNKS) and
-    their bit rows (uint8, ceil(gpc / 8) bytes each). RecordError otherwise."""
+    docs/format.md section 10) read from host `offset` of `path`, decoded without a loop
+    over the entries: chunks (int64, strictly increasing, each < nchunks), their sources
+    (uint32, < MAX_PHYS_CHUNKS) and their bit rows (uint8, ceil(gpc / 8) bytes each).
+    CorruptImageError naming the offset of the problem otherwise."""
     if len(raw) < MAP_HEAD.size:
-        raise RecordError(0, f"{len(raw)} bytes, shorter than its head")
+        raise CorruptImageError(path, offset, f"{len(raw)} bytes, shorter than its head")
     magic, count, gsize, _r = MAP_HEAD.unpack_from(raw)
     gbytes = fr.partial_row_bytes(chunk_size, granule)
     esize = ENTRY_HEAD.size + _pad8(gbytes)
     if magic != MAP_MAGIC or gsize != granule:
-        raise RecordError(0, f"magic {magic:#x} or granule size {gsize} is not {granule}")
+        raise CorruptImageError(
+            path, offset, f"magic {magic:#x} or granule size {gsize} is not {granule}"
+        )
     if len(raw) != MAP_HEAD.size + count * esize:
-        raise RecordError(4, f"{count} entries do not fill {len(raw)} bytes")
+        raise CorruptImageError(path, offset + 4, f"{count} entries do not fill {len(raw)} bytes")
     body = np.frombuffer(raw, np.uint8, count * esize, MAP_HEAD.size).reshape(count, esize)
     head = np.ascontiguousarray(body[:, : ENTRY_HEAD.size]).view("<u4")
     chunks = head[:, 0].astype(np.int64)
@@ -553,8 +546,9 @@ def decode_map(raw, nchunks, chunk_size, granule):
     bad[1:] |= chunks[1:] <= chunks[:-1]
     if bad.any():
         i = int(np.argmax(bad))
-        raise RecordError(
-            MAP_HEAD.size + i * esize,
+        raise CorruptImageError(
+            path,
+            offset + MAP_HEAD.size + i * esize,
             f"entry {i} (chunk {int(chunks[i])}, source {int(sources[i])}) is out of "
             f"range or out of order",
         )
@@ -562,15 +556,17 @@ def decode_map(raw, nchunks, chunk_size, granule):
     return chunks, sources, rows
 
 
-def check_record_table(chunks, sources, table, gbytes):
-    """A snapshot's granule record against the snapshot's lookup table: every entry's
-    chunk maps a physical chunk N other than its source (RecordError naming the entry)."""
+def check_record_table(chunks, sources, rows, table, path, offset):
+    """A snapshot's granule record (at host `offset`) against the snapshot's lookup table:
+    every entry's chunk maps a physical chunk N other than its source (CorruptImageError
+    naming the entry otherwise)."""
     t = table[chunks]
     bad = (t >= fmt.ZERO_CHUNK) | (t == sources)
     if bad.any():
         i = int(np.argmax(bad))
-        raise RecordError(
-            MAP_HEAD.size + i * (ENTRY_HEAD.size + _pad8(gbytes)),
+        raise CorruptImageError(
+            path,
+            offset + MAP_HEAD.size + i * (ENTRY_HEAD.size + _pad8(rows.shape[1])),
             f"entry {i} (chunk {int(chunks[i])}, source {int(sources[i])}) does not fit "
             f"the lookup table (entry {int(t[i])})",
         )

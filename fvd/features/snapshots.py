@@ -42,7 +42,7 @@ from fvd.errors import (
     SnapshotNotFoundError,
 )
 from fvd.features.base import BaseLayer, _open_backend, marked_unallocated
-from fvd.features.granular import RecordError, check_record_table, decode_map
+from fvd.features.granular import check_record_table, decode_map
 from fvd.ondisk import format as fmt
 from fvd.ondisk import fvd_records as fr
 from fvd.ondisk.fvd_records import REFCOUNT_DTYPE, REFCOUNT_MAX, TABLE_DTYPE
@@ -618,13 +618,13 @@ def granule_record(fd, path, e, table, chunk_size, granule):
             e.granules_offset,
             f"snapshot {e.name!r}: granule record checksum mismatch or truncated",
         )
+    off = e.granules_offset
     try:
-        chunks, sources, rows = decode_map(raw, len(table), chunk_size, granule)
-        check_record_table(chunks, sources, table, rows.shape[1])
-    except RecordError as err:
-        raise CorruptImageError(
-            path, e.granules_offset + err.pos, f"snapshot {e.name!r}: granule record: {err.what}"
-        ) from None
+        chunks, sources, rows = decode_map(raw, len(table), chunk_size, granule, path, off)
+        check_record_table(chunks, sources, rows, table, path, off)
+    except CorruptImageError as err:  # name the snapshot
+        what = f"snapshot {e.name!r}: granule record: {err.what}"
+        raise CorruptImageError(path, err.offset, what) from None
     return chunks, sources, rows
 
 

@@ -16,7 +16,7 @@ import fvd
 from fvd import qcow2
 from fvd.core import journal
 from fvd.features import snapshots
-from fvd.features.granular import PartialState, RecordError, decode_map
+from fvd.features.granular import PartialState, decode_map
 from fvd.ondisk import format as fmt
 from fvd.ondisk import fvd_records as fr
 from fvd.ondisk import qcow2_records as qr
@@ -439,18 +439,20 @@ def test_granule_record_round_trip():
     raw = st.encode()
     row = fr.partial_row_bytes(MiB, 4096)
     m = fr.PartialMap.parse(raw, row_bytes=row)
-    chunks, sources, rows = decode_map(raw, 8, MiB, 4096)
+    chunks, sources, rows = decode_map(raw, 8, MiB, 4096, "rec", 0)
     assert chunks.tolist() == [e.virtual_chunk for e in m.entries] == [1, 6]
     assert sources.tolist() == [e.source_chunk for e in m.entries] == [30, 31]
     assert [r.tobytes() for r in rows] == [e.bits for e in m.entries]
     assert fr.PartialMap.build(m, row_bytes=row) == raw
-    for bad in (raw[:-8], raw[:12], b"X" + raw[1:]):
-        with pytest.raises(RecordError):
-            decode_map(bad, 8, MiB, 4096)
-    with pytest.raises(RecordError):
-        decode_map(raw, 6, MiB, 4096)  # chunk 6 past the end of a 6-chunk image
-    with pytest.raises(RecordError):
-        decode_map(raw, 8, MiB, 8192)  # another granule size
+    for bad, at in ((raw[:-8], 4), (raw[:12], 0), (b"X" + raw[1:], 0)):
+        with pytest.raises(fvd.CorruptImageError) as err:
+            decode_map(bad, 8, MiB, 4096, "rec", 1000)
+        assert err.value.offset == 1000 + at and err.value.path == "rec"
+    with pytest.raises(fvd.CorruptImageError) as err:
+        decode_map(raw, 6, MiB, 4096, "rec", 0)  # chunk 6 past the end of a 6-chunk image
+    assert err.value.offset == 16 + 40  # the second entry
+    with pytest.raises(fvd.CorruptImageError):
+        decode_map(raw, 8, MiB, 8192, "rec", 0)  # another granule size
 
 
 def test_snapshot_table_in_a_file(tmp_path):
