@@ -275,7 +275,6 @@ class ImageCore:
             )
             self.relocate.update(dup.tolist())
         if self.snapshot_state is not None:
-            self.snapshot_state.drop_busy_records(self)
             meta = self.snapshot_state.meta_mask(max_valid)
             hit = np.flatnonzero(allocated & (t < len(meta)))
             hit = hit[meta[t[hit]]]

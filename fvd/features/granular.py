@@ -123,6 +123,24 @@ class PartialState:
             self._reinstall()
         return k
 
+    def load_record(self, chunks, sources, rows):
+        """Take a decoded granule record (decode_map) as the partial chunks, all at once:
+        a snapshot view's, or the front's after a revert (no slot may exist yet)."""
+        assert self.active == 0
+        n = len(chunks)
+        if not n:
+            return
+        self._keep.append((self.src, self.bits))
+        self.slot = np.full(self.nchunks, NONE, dtype=np.uint32)
+        cap = max(64, n)
+        self.src = np.zeros(cap, dtype=np.uint32)
+        self.src[:n] = sources
+        self.bits = np.zeros(cap * self.gbytes, dtype=np.uint8)
+        self.bits[: n * self.gbytes] = rows.reshape(-1)
+        self.slot[np.asarray(chunks, dtype=np.int64)] = np.arange(n, dtype=np.uint32)
+        self.used = self.active = n
+        self._reinstall()
+
     def row(self, k):
         return self.bits[k * self.gbytes : (k + 1) * self.gbytes]
 
@@ -339,7 +357,9 @@ class PartialState:
                 piece = mv[pos - offset : stop - offset]
                 e = int(img.table[v])
                 k = self.slot_of(v)
-                if k is not None:
+                if k is not None and img.is_frozen(e):
+                    self._copy_forward(img, v, k, e, pos, piece, plan, records, afters)
+                elif k is not None:
                     self._write_partial(img, v, k, e, pos, piece, records, afters)
                 elif e < fmt.ZERO_CHUNK and img.is_frozen(e):
                     self._first_write(img, v, e, pos, piece, plan, records, slots)
@@ -442,6 +462,37 @@ class PartialState:
         records.append(granule_record(v * self.gpc + g0, g1 - g0, chunk, source))
         afters.append(lambda: self._granules_done(img, v, k, g0, g1))
 
+    def _copy_forward(self, img, v, k, held, pos, piece, plan, records, afters):
+        """First write into a partial chunk a snapshot holds (its N `held` is frozen, its
+        source S too): a new chunk takes the written granules of `held` the write does
+        not cover (copied), then the write; S stays the source of the same slot. The
+        journal restates every bit of the chunk (a TABLE record ends a partial state at
+        replay). Published as a first write: the table entry after the records, then the
+        new bits (until then the new granules read S, the old contents)."""
+        w0, w1, g0, g1 = self._span(v, pos, len(piece))
+        gs, source = self.gsize, int(self.src[k])
+        fl = self.flags(k)
+        new = img.allocator.allocate()
+        plan[v] = new  # abandoned with the plan on failure
+        img.grow_frozen(new)
+        carried = fl.copy()
+        carried[g0:g1] = False
+        for a, b, mine in flag_runs(carried):
+            if mine:
+                self._put(img, new, a * gs, (self._read_src(img, held, a * gs, b * gs),), records)
+        head = tail = b""
+        if w0 % gs:
+            head = self._read_src(img, held if fl[g0] else source, g0 * gs, w0)
+        if w1 % gs:
+            tail = self._read_src(img, held if fl[g1 - 1] else source, w1, g1 * gs)
+        self._put(img, new, w0 - len(head), (head, piece, tail), records)
+        written = fl.copy()
+        written[g0:g1] = True
+        for a, b, mine in flag_runs(written):
+            if mine:
+                records.append(granule_record(v * self.gpc + a, b - a, new, source))
+        afters.append(lambda: self._granules_done(img, v, k, g0, g1))
+
     def _granules_done(self, img, v, k, g0, g1):
         """Published: the granules read from the chunk; a complete chunk leaves its source."""
         if self.slot_of(v) != k:
@@ -454,35 +505,7 @@ class PartialState:
         if not img.is_frozen(source):
             img.allocator.release(source)  # only the front used it (its snapshot is gone)
 
-    # ----- completion (create_snapshot) ----------------------------------------------------
-    def complete_all(self, img):
-        """Copy every unwritten granule from its source (snapshots never hold a pair).
-        The copies are synced, then journaled; the chunks leave the partial state once
-        that is durable. A crash before leaves them partial over equal bytes."""
-        todo = self.entries()
-        if not todo:
-            return
-        gs = self.gsize
-        records = []
-        for v, k in todo:
-            chunk, source = int(img.table[v]), int(self.src[k])
-            for a, b, mine in flag_runs(self.flags(k)):
-                if not mine:
-                    self._copy_run(img, source, chunk, a * gs, b * gs)
-                    records.append(granule_record(v * self.gpc + a, b - a, chunk, source))
-        img.sync()
-        done = []
-
-        def publish():
-            if not done:
-                done.append(True)
-                for v, k in todo:
-                    self.set_granules(k, 0, self.gpc)
-                    self._release_source(img, self.drop(v))
-
-        img.commit_metadata(records, publish)
-        publish()
-
+    # ----- completion (revert) ----------------------------------------------------------
     def _copy_run(self, img, source, chunk, lo, hi):
         """Chunk-relative [lo, hi) of the source into the chunk: the source's data runs are
         copied, its holes punched (a sparse guest disk costs no data writes there; the
@@ -502,23 +525,53 @@ class PartialState:
 
     def detach(self, img):
         """Revert: the front's partial chunks go. Readers may still pair a chunk with its
-        slot, so each is completed in place first (its own copy: nothing is journaled,
-        the chunk is about to be released), then the slots are cleared once no reader
-        still acts on a clear bit. Returns the sources."""
+        slot, so each is completed first, then the slots are cleared once no reader still
+        acts on a clear bit. A chunk only the front holds is completed in place (nothing
+        is journaled: it is about to be released); one a snapshot holds is copied whole
+        into a new chunk the table maps before the bits are set. Returns (the sources,
+        those new chunks), for the caller to release."""
         sources = self.sources()
         todo = self.entries()
+        temps = []
         if not todo:
-            return sources
+            return sources, temps
         gs = self.gsize
         for v, k in todo:
             chunk, source = int(img.table[v]), int(self.src[k])
+            target = chunk
+            if img.is_frozen(chunk):
+                target = img.allocator.allocate()
+                img.grow_frozen(target)
+                temps.append(target)
             for a, b, mine in flag_runs(self.flags(k)):
                 if not mine:
-                    self._copy_run(img, source, chunk, a * gs, b * gs)
+                    self._copy_run(img, source, target, a * gs, b * gs)
+                elif target != chunk:
+                    self._copy_run(img, chunk, target, a * gs, b * gs)
+            img.table[v] = target  # (target, old bits) reads as before; then all bits
             self.set_granules(k, 0, self.gpc)
         img.allocator.quiesce(time.sleep)
         self.clear()
-        return sources
+        return sources, temps
+
+    def complete_record(self, img, table, record):
+        """Revert to a snapshot with partial chunks: a copy of its table in which each
+        of them maps a new whole chunk of the front, holding the snapshot's bytes (its
+        chunk's written granules, its source's others). Lock-free readers can switch to
+        whole chunks in one step; a pair cannot be installed under them atomically. An
+        open under the revert marker takes the pairs themselves instead (no readers)."""
+        chunks, sources, rows = record
+        table = table.copy()
+        gs = self.gsize
+        for i, v in enumerate(chunks.tolist()):
+            held, source = int(table[v]), int(sources[i])
+            new = img.allocator.allocate()
+            img.grow_frozen(new)
+            fl = np.unpackbits(rows[i], bitorder="little")[: self.gpc].view(bool)
+            for a, b, mine in flag_runs(fl):
+                self._copy_run(img, held if mine else source, new, a * gs, b * gs)
+            table[v] = new
+        return table
 
 
 def decode_map(raw, nchunks, chunk_size, granule, path, offset):
@@ -556,19 +609,26 @@ def decode_map(raw, nchunks, chunk_size, granule, path, offset):
     return chunks, sources, rows
 
 
-def check_record_table(chunks, sources, rows, table, path, offset):
+def check_record_table(chunks, sources, rows, table, path, offset, nphys=fmt.MAX_PHYS_CHUNKS):
     """A snapshot's granule record (at host `offset`) against the snapshot's lookup table:
-    every entry's chunk maps a physical chunk N other than its source (CorruptImageError
+    every entry's chunk maps a physical chunk N; its source lies below nphys (inside the
+    file), is not a chunk the table maps and backs no other entry (CorruptImageError
     naming the entry otherwise)."""
     t = table[chunks]
-    bad = (t >= fmt.ZERO_CHUNK) | (t == sources)
+    bad = (t >= fmt.ZERO_CHUNK) | (sources >= nphys)
+    bad |= np.isin(sources, table[table < fmt.ZERO_CHUNK])
+    if len(sources) > 1:
+        order = np.argsort(sources, kind="stable")
+        dup = np.zeros(len(sources), dtype=bool)
+        dup[order[1:]] = sources[order[1:]] == sources[order[:-1]]
+        bad |= dup
     if bad.any():
         i = int(np.argmax(bad))
         raise CorruptImageError(
             path,
             offset + MAP_HEAD.size + i * (ENTRY_HEAD.size + _pad8(rows.shape[1])),
             f"entry {i} (chunk {int(chunks[i])}, source {int(sources[i])}) does not fit "
-            f"the lookup table (entry {int(t[i])})",
+            f"the lookup table (entry {int(t[i])}) or the file, or repeats a source",
         )
 
 
@@ -595,9 +655,10 @@ def attach_partial(img):
 
 
 def check_partial(img, result):
-    """A partial chunk must be the front's own (never held by a snapshot: the front would
-    write into a snapshot's chunk) and its source must not be snapshot metadata. Found
-    problems are not repaired (the bytes of the unwritten granules are only in S)."""
+    """A partial chunk must map a chunk N (which a snapshot may hold too: the front's next
+    write into it copies forward) other than its source, and its source must not be
+    snapshot metadata. Found problems are not repaired (the bytes of the unwritten
+    granules are only in S)."""
     st = img.partial
     if not st.active:
         return
@@ -608,10 +669,9 @@ def check_partial(img, result):
         meta[: len(rc)] &= rc == 0  # only the metadata runs
     for v, k in st.entries():
         e, s = int(img.table[v]), int(st.src[k])
-        if e >= fmt.ZERO_CHUNK or img.is_frozen(e) or (s < len(meta) and meta[s]):
+        if e >= fmt.ZERO_CHUNK or e == s or (s < len(meta) and meta[s]):
             result.corruptions += 1
             result.messages.append(
-                f"ERROR partial chunk {v} (chunk {e}, source {s}) is "
-                f"unmapped, held by a snapshot, or reads snapshot "
-                f"metadata"
+                f"ERROR partial chunk {v} (chunk {e}, source {s}) is unmapped, "
+                f"its own source, or reads snapshot metadata"
             )

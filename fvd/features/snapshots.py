@@ -42,7 +42,7 @@ from fvd.errors import (
     SnapshotNotFoundError,
 )
 from fvd.features.base import BaseLayer, _open_backend, marked_unallocated
-from fvd.features.granular import check_record_table, decode_map
+from fvd.features.granular import PartialState, check_record_table, decode_map
 from fvd.ondisk import format as fmt
 from fvd.ondisk import fvd_records as fr
 from fvd.ondisk.fvd_records import REFCOUNT_DTYPE, REFCOUNT_MAX, TABLE_DTYPE
@@ -195,34 +195,6 @@ class SnapshotState:
         return mask
 
     # ----- hooks from Image -----------------------------------------------------------
-    def drop_busy_records(self, img):
-        """At open, after replay: a granule record whose chunks the front's table or the
-        partial chunks (sources, map) use is left unused, for check() to report. An fvd
-        that does not know granule records sees their chunks as free and may have
-        written there; the image still opens, its changed extents are coarser there."""
-        with_rec = [e for e in self.entries if e.granules_offset]
-        if not with_rec:
-            return
-        d, cs = img.header["data_offset"], img.chunk_size
-        runs = [((e.granules_offset - d) // cs, -(-e.granules_size // cs)) for e in with_rec]
-        mask = np.zeros(max(a + n for a, n in runs), dtype=bool)
-        for a, n in runs:
-            mask[a : a + n] = True
-        t = img.table
-        busy = np.zeros(len(mask), dtype=bool)
-        front = t[t < len(mask)]
-        busy[front[mask[front]]] = True
-        if img.partial is not None:
-            busy = img.partial.mark_used(busy)
-        for e, (a, n) in zip(with_rec, runs):
-            if busy[a : a + n].any():
-                e.granules_bad = (
-                    e.granules_offset,
-                    f"snapshot {e.name!r}: the chunks of its granule record are in use by "
-                    f"the front (written by an fvd that does not know granule records?)",
-                )
-                e.granules_offset = e.granules_size = e.granules_crc = 0
-
     def mark_used(self, used):
         img = self.img
         rc = self.refcount
@@ -477,6 +449,7 @@ def _apply_revert_marker(img, st, revert_id, revert_epoch):
                 img.path, where, f"pending revert to unknown snapshot id {revert_id}"
             )
         table = read_snapshot_table(img, target[0])
+        record = snapshot_record(img, target[0], table)
         bits = read_snapshot_bitmap(img, target[0]) if img.bitmap is not None else None
     except CorruptImageError as e:
         img.problem(
@@ -489,6 +462,8 @@ def _apply_revert_marker(img, st, revert_id, revert_epoch):
     img.table = table
     if img.partial is not None:
         img.partial.clear()  # the old front's partial chunks went with it
+        if record is not None:  # ... and the snapshot's are the front's now
+            img.partial.load_record(*record)
     if bits is not None:  # ... and its bitmap is the front's bitmap
         img.bitmap.fresh[:] = bits
         img.bitmap.stale[:] = bits
@@ -602,7 +577,7 @@ def read_snapshot_bitmap(img, e):
     return np.frombuffer(raw, dtype=np.uint8).copy()
 
 
-def granule_record(fd, path, e, table, chunk_size, granule):
+def granule_record(fd, path, e, table, chunk_size, granule, data_offset):
     """The snapshot's granule record as (chunks, sources, rows) (fvd.features.granular
     .decode_map), read through `fd`, its crc checked and its entries matched against the
     snapshot's lookup table `table`; None when the snapshot has none. CorruptImageError
@@ -621,33 +596,24 @@ def granule_record(fd, path, e, table, chunk_size, granule):
     off = e.granules_offset
     try:
         chunks, sources, rows = decode_map(raw, len(table), chunk_size, granule, path, off)
-        check_record_table(chunks, sources, rows, table, path, off)
+        nphys = max(0, -(-(os.fstat(fd).st_size - data_offset) // chunk_size))
+        check_record_table(chunks, sources, rows, table, path, off, nphys)
     except CorruptImageError as err:  # name the snapshot
         what = f"snapshot {e.name!r}: granule record: {err.what}"
         raise CorruptImageError(path, err.offset, what) from None
     return chunks, sources, rows
 
 
-def _record_problem(img, e, table):
-    """Why the snapshot's granule record is not usable (check), or None. Besides what
-    granule_record checks, no source may be a chunk the snapshot's table maps (a source
-    was the front's private base, never mapped by the front)."""
+def snapshot_record(img, e, table):
+    """granule_record of an open image's snapshot (None without one), counted in stats."""
+    if not (e.granules_offset or e.granules_bad):
+        return None
     granule = img.header["granule_size"] or fmt.DEFAULT_GRANULE
-    try:
-        rec = granule_record(img.fd, img.path, e, table, img.chunk_size, granule)
-    except CorruptImageError as err:
-        return str(err)
+    d = img.header["data_offset"]
+    rec = granule_record(img.fd, img.path, e, table, img.chunk_size, granule, d)
     img.stats.metadata_reads += 1
     img.stats.metadata_bytes_read += e.granules_size
-    sources = rec[1]
-    bad = np.flatnonzero(np.isin(sources, table[table < fmt.ZERO_CHUNK]))
-    if len(bad):
-        i = int(bad[0])
-        return (
-            f"{img.path}: snapshot {e.name!r}: granule record entry {i} names source "
-            f"{int(sources[i])}, which the snapshot's table maps"
-        )
-    return None
+    return rec
 
 
 def _needs_base(img, bits):
@@ -736,7 +702,9 @@ def _write_and_commit(img, st, entries, refcount, layout, extra, revert, refcoun
             nb_snapshots=len(entries),
             refcount_table_offset=roff,
             refcount_table_size=len(rc_raw),
-            incompatible_features=img.header["incompatible_features"] | fmt.INCOMPAT_SNAPSHOTS,
+            incompatible_features=_pairs_bit(
+                img.header["incompatible_features"] | fmt.INCOMPAT_SNAPSHOTS, entries
+            ),
         )
     else:
         new_table_chunks = new_rc_chunks = (0, 0)
@@ -746,10 +714,19 @@ def _write_and_commit(img, st, entries, refcount, layout, extra, revert, refcoun
             nb_snapshots=0,
             refcount_table_offset=0,
             refcount_table_size=0,
-            incompatible_features=img.header["incompatible_features"] & ~fmt.INCOMPAT_SNAPSHOTS,
+            incompatible_features=img.header["incompatible_features"]
+            & ~(fmt.INCOMPAT_SNAPSHOTS | fmt.INCOMPAT_SNAPSHOT_PARTIAL),
         )
     img.sync()
     return h, new_table_chunks, new_rc_chunks, old_runs
+
+
+def _pairs_bit(features, entries):
+    """INCOMPAT_SNAPSHOT_PARTIAL while a snapshot holds partial chunks (a granule record):
+    a reader that does not know it would read such a snapshot's chunks whole."""
+    if any(e.granules_offset for e in entries):
+        return features | fmt.INCOMPAT_SNAPSHOT_PARTIAL
+    return features & ~fmt.INCOMPAT_SNAPSHOT_PARTIAL
 
 
 def _write_runs(img, bufs):
@@ -867,12 +844,27 @@ def create_snapshot(img: Any, name: str, vm_state: bytes = b"") -> SnapshotInfo:
 
 
 def _front_held(img, n):
-    """held_mask of the front's table. It maps allocated chunks only, all below the
-    allocator's end: with that cap the mask is built in one pass (two if it is not so)."""
+    """held_mask of the front's table, plus the sources of its partial chunks (a snapshot
+    holds those too). The table maps allocated chunks only, all below the allocator's
+    end: with that cap the mask is built in one pass (two if it is not so). A source is
+    never mapped by the table, so each held chunk counts once."""
     mask, count = img.impl.held_mask(img.table, n, img.allocator.end)
     if mask is None:
         mask, count = img.impl.held_mask(img.table, n)
-    return mask, count
+    return _add_sources(mask, count, img.partial.sources() if img.partial is not None else ())
+
+
+def _add_sources(mask, count, sources):
+    """mask (uint8 per physical chunk) with the partial chunks' sources added."""
+    if len(sources) == 0:
+        return mask, count
+    need = int(np.max(sources)) + 1
+    if need > len(mask):
+        grown = np.zeros(need, dtype=mask.dtype)
+        grown[: len(mask)] = mask
+        mask = grown
+    mask[np.asarray(sources, dtype=np.int64)] += 1
+    return mask, count + len(sources)
 
 
 def _freeze_front(img):
@@ -904,13 +896,9 @@ def _create(img, st, name, vm_state):
         raise ValueError(f"{img.path}: a snapshot named {name!r} already exists")
     vm = memoryview(vm_state).cast("B")
     _flush_tables(img)
-    granules = b""
-    if img.partial is not None:
-        if img.partial.active:
-            # before completion: which granules the front wrote, and over which sources
-            # (the snapshot's granule record, for changed extents between snapshots)
-            granules = img.partial.encode()
-        img.partial.complete_all(img)  # snapshots hold whole chunks (fvd.granular)
+    # the snapshot holds the front's partial chunks as they are: its granule record
+    # names each one's source and written granules (nothing is copied)
+    granules = img.partial.encode() if img.partial is not None and img.partial.active else b""
     table = img.table
     mask, nheld = _front_held(img, len(st.refcount))
     rc = np.zeros(len(mask), dtype=np.uint32)
@@ -919,8 +907,7 @@ def _create(img, st, name, vm_state):
     rc += mask
     # only held chunks gained: any count past the maximum is one of theirs
     if nheld and int(rc.max()) > REFCOUNT_MAX:
-        held = table[table < fmt.ZERO_CHUNK]
-        bad = int(held[np.argmax(rc[held])])
+        bad = int(np.argmax(rc))
         raise RefcountOverflowError(
             f"{img.path}: chunk {bad} is already held by "
             f"{REFCOUNT_MAX} snapshots; delete some snapshots first"
@@ -1002,6 +989,9 @@ def _delete(img, st, name):
         )
     _flush_tables(img)  # the durable front table is the in-memory one
     stable, mask, nheld = _read_snapshot_table(img, e)
+    rec = snapshot_record(img, e, stable)
+    if rec is not None:  # the sources of its partial chunks are held too
+        mask, nheld = _add_sources(mask, nheld, rec[1])
     # mask: 1 at each chunk the snapshot holds (validated: no chunk twice)
     if mask[len(st.refcount) :].any():
         raise CorruptImageError(
@@ -1070,6 +1060,7 @@ def _revert(img, st, name):
     e = st.find(name, img.path)
     img.flush()
     new_table = read_snapshot_table(img, e)
+    record = snapshot_record(img, e, new_table)
     new_bits = read_snapshot_bitmap(img, e) if img.bitmap is not None else None
     if new_bits is not None and img.base_layer is None and _needs_base(img, new_bits):
         raise CorruptImageError(
@@ -1094,15 +1085,20 @@ def _revert(img, st, name):
     st.table_chunks = tch  # memory follows the written header
     img.sync()  # commit point
     old_sources = np.zeros(0, dtype=np.int64)
+    temps = []
     if img.partial is not None:  # the old front's partial chunks go with it
-        old_sources = img.partial.detach(img)
+        old_sources, temps = img.partial.detach(img)
+        if record is not None and len(record[0]):
+            new_table = img.partial.complete_record(img, new_table, record)
     _swap_front(img, new_table, new_bits)
     img.dirty_since_checkpoint = True
     img.checkpoint(clean=False)  # table in place, epoch E+1
     _release_runs(img, old)
     # chunks only the old front used (not frozen: every entry of new_table is frozen)
     mask = old_table < fmt.ZERO_CHUNK
-    cand = np.concatenate([old_table[mask].astype(np.int64), old_sources])
+    cand = np.concatenate(
+        [old_table[mask].astype(np.int64), old_sources, np.asarray(temps, dtype=np.int64)]
+    )
     fz = img.frozen
     cand = cand[(cand >= len(fz)) | (fz[np.minimum(cand, len(fz) - 1)] == 0)]
     if len(cand):
@@ -1202,6 +1198,7 @@ class SnapshotView:
             self.chunk_map.error = img.io_error
             if img.bitmap is not None:
                 self._attach_base(img, entry)
+            self._attach_partial(img, entry)
         except BaseException:
             if self.base_layer is not None:
                 self.base_layer.close()
@@ -1210,6 +1207,28 @@ class SnapshotView:
         with self.state.views_lock:
             self.state.views[self.snapshot_id] = self.state.views.get(self.snapshot_id, 0) + 1
         self.closed = False
+
+    def _attach_partial(self, img, entry):
+        """The snapshot's partial chunks (its granule record): reads split by their bits
+        on the fast path, as the front's do."""
+        if not (entry.granules_offset or entry.granules_bad):
+            return
+        granule = img.header["granule_size"] or fmt.DEFAULT_GRANULE
+        chunks, sources, rows = granule_record(
+            self.fd,
+            img.path,
+            entry,
+            self.table,
+            self.chunk_size,
+            granule,
+            self.header["data_offset"],
+        )
+        self.stats.metadata_reads += 1
+        self.stats.metadata_bytes_read += entry.granules_size
+        ps = PartialState(img.nchunks, self.chunk_size, self.size, granule)
+        ps.install(self.chunk_map)
+        ps.load_record(chunks, sources, rows)
+        self.partial = ps
 
     def _attach_base(self, img, entry):
 
@@ -1347,7 +1366,7 @@ def _check(st, img, result, repair):
     for a, n in st.metadata_runs(img):
         owner[a : a + n] = 1  # disjoint and inside the file: checked at open
     counted = np.zeros(len(owner), dtype=np.int64)
-    keep, bad_records = [], []
+    keep = []
     for e in st.entries:
         try:
             t = read_snapshot_table(img, e)
@@ -1368,15 +1387,19 @@ def _check(st, img, result, repair):
         if t is None:
             lost.append(e.name)
             continue
+        try:
+            record = snapshot_record(img, e, t)
+        except CorruptImageError as err:
+            # the snapshot's partial chunks cannot be read without it
+            result.corruptions += 1
+            result.messages.append(f"ERROR {err}")
+            lost.append(e.name)
+            continue
         keep.append(e)
-        if e.granules_offset or e.granules_bad:
-            why = _record_problem(img, e, t)
-            if why is not None:
-                result.corruptions += 1
-                result.messages.append(f"ERROR {why} (repair drops the record)")
-                bad_records.append(e)
         held = t[t < fmt.ZERO_CHUNK].astype(np.int64)
         np.add.at(counted, held, 1)
+        if record is not None:  # its partial chunks' sources are held too
+            np.add.at(counted, record[1].astype(np.int64), 1)
     front = img.table[img.table < fmt.ZERO_CHUNK].astype(np.int64)
     fm = front[front < len(owner)]
     fm = fm[owner[fm] == 1]
@@ -1402,7 +1425,7 @@ def _check(st, img, result, repair):
     result.leaks += len(over)
     if st.rewrite:
         result.messages.append("ERROR the revert marker is invalid")
-    changed = len(under) or len(over) or lost or st.rewrite or st.broken or bad_records
+    changed = len(under) or len(over) or lost or st.rewrite or st.broken
     if not (repair and changed) or img.read_only:
         return
     if lost:
@@ -1414,22 +1437,15 @@ def _check(st, img, result, repair):
     fixed = counted.clip(0, REFCOUNT_MAX).astype(np.uint16)
     nz = np.flatnonzero(fixed)
     fixed = fixed[: int(nz[-1]) + 1 if len(nz) else 0]
-    # a bad granule record goes (the snapshot stays; changed extents are coarser there)
-    records = []
-    for e in bad_records:
-        result.messages.append(f"Repair drops the granule record of snapshot {e.name!r}")
-        if e.granules_offset:
-            cs = img.chunk_size
-            records.append(((e.granules_offset - d) // cs, -(-e.granules_size // cs)))
-        e.granules_offset = e.granules_size = e.granules_crc = 0
-        e.granules_bad = None
     img.flush()
     st.entries = keep
     store_refcounts(img, st, fixed)
-    _release_runs(img, records)
     st.dropped, st.rewrite, st.broken = [], False, None
     img.stats.refcount_updates += int(len(under) + len(over))
     usage = front_usage(img.table, len(stored))
+    if img.partial is not None:  # the front's partial chunks' sources are in use
+        src = img.partial.sources()
+        usage[src[src < len(usage)]] += 1
     gone = [int(p) for p in over if counted[p] == 0 and usage[p] == 0 and owner[p] == 0]
     if gone:
         img.allocator.release_now(gone)

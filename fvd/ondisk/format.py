@@ -19,6 +19,7 @@ from fvd.ondisk.fvd_records import (  # noqa: F401 (re-exported: the format's vo
     HEADER_SIZE,
     INCOMPAT_BASE,
     INCOMPAT_PARTIAL,
+    INCOMPAT_SNAPSHOT_PARTIAL,
     INCOMPAT_SNAPSHOTS,
     MAGIC,
     MAGIC_BYTES,
@@ -35,7 +36,7 @@ from fvd.units import KiB, MiB
 ALIGN = 4096  # every region starts on a 4 KiB boundary
 
 
-KNOWN_INCOMPAT = INCOMPAT_BASE | INCOMPAT_SNAPSHOTS | INCOMPAT_PARTIAL
+KNOWN_INCOMPAT = INCOMPAT_BASE | INCOMPAT_SNAPSHOTS | INCOMPAT_PARTIAL | INCOMPAT_SNAPSHOT_PARTIAL
 KNOWN_COMPAT = 0
 
 BASE_FORMATS = {"raw": BASE_RAW, "fvd": BASE_FVD, "qcow2": BASE_QCOW2}

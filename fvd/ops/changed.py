@@ -136,39 +136,28 @@ def _resolve(owner, since: str, until: str | None):
     nchunks = -(-owner.size // owner.chunk_size)
     bsize = img_hdr.get("bitmap_size", 0) if img_hdr.get("base_format") else 0
     granule = img_hdr.get("granule_size") or fmt.DEFAULT_GRANULE
+    data_offset = owner.header["data_offset"]
     e_since = st.find(since, owner.path)
     e_until = st.find(until, owner.path) if until is not None else None
     if e_until is None and isinstance(owner, SnapshotView):
         e_until = next(e for e in st.entries if e.id == owner.snapshot_id)
     if e_until is not None and e_since.id > e_until.id:
         raise ValueError(f"{owner.path}: snapshot {since!r} is newer than {e_until.name!r}")
-    # the chain since .. until in id order; None stands for the front
-    last = e_until.id if e_until is not None else None
-    chain: list = [e_since]
-    if e_until is not e_since:
-        between = [e for e in st.entries if e_since.id < e.id and (last is None or e.id < last)]
-        chain += sorted(between, key=lambda e: e.id)
-        chain.append(e_until)
-    front_rec = e_until is None and owner.partial is not None and owner.partial.active
-    rec = [False] + [
-        front_rec if e is None else bool(e.granules_offset or e.granules_bad) for e in chain[1:]
-    ]
-    keep = {0, len(chain) - 1}
-    for j in range(1, len(chain)):
-        if rec[j]:
-            keep.update((j - 1, j))
+    # granule records are exact (a snapshot holds its partial chunks as they are), so the
+    # two states alone say where their sources differ: no state between them is read.
+    # None stands for the front.
+    chain: list = [e_since] if e_until is e_since else [e_since, e_until]
     states = []
-    for j in sorted(keep):
-        e = chain[j]
+    for e in chain:
         if e is None:
             with owner.lock:  # one point in time: no write changes the table now
                 bits = owner.bitmap.stale.copy() if owner.bitmap is not None else None
                 states.append(State(owner.table.copy(), bits, None, _front_partial(owner.partial)))
             continue
         state = snapshot_state(fd, owner.path, e, nchunks, bsize)
-        if j and rec[j]:
+        if e.granules_offset or e.granules_bad:
             chunks, sources, rows = granule_record(
-                fd, owner.path, e, state.table, owner.chunk_size, granule
+                fd, owner.path, e, state.table, owner.chunk_size, granule, data_offset
             )
             state.record = Partial(chunks, sources, rows, granule)
         states.append(state)
@@ -226,7 +215,7 @@ def compare_chain(geo: Geometry, states: Sequence[State]) -> np.ndarray:
         raise ValueError("the older state is a snapshot: it has no partial chunks")
     if any(s.partial is not None for s in states[:-1]):
         raise ValueError("only the newest state can be the front")
-    if any(_granular(s) for s in states[1:]):
+    if any(_granular(s) for s in states):
         if nbase_chunks:
             raise ValueError("partial chunks in an image with a base")
         starts, stops, zero = _walk(geo, [s.table[:nchunks] for s in states], states)
@@ -288,35 +277,37 @@ def _walk(geo, tables, states):
     if front is not None and len(front.chunks):
         pv = front.chunks.astype(np.int64)
         cand = np.union1d(cand, pv[tb[pv] < fmt.ZERO_CHUNK])  # N is a physical chunk
-    gs = next(s.partial or s.record for s in states[1:] if _granular(s)).granule_size
+    gs = next(s.partial or s.record for s in states if _granular(s)).granule_size
     gpc = cs // gs
+    nbytes = -(-gpc // 8)
+    width = -(-nbytes // 8) * 8  # row bytes padded to whole 64-bit words
+    valid = _rows(np.full((1, nbytes), 0xFF, dtype=np.uint8), gpc, None)[0]
     whole = np.zeros(len(cand), dtype=bool)
     parts = []  # (positions in cand, rows of the granules that differ, padded)
     kp = _chunk_keys(ta[cand])
+    hp, sp, bp = _layers(states[0], cand, kp, gs, gpc, width)
     for s, t in zip(states[1:], tables[1:]):
         kc = _chunk_keys(t[cand])
-        diff = kp != kc
-        g = s.partial if s.partial is not None else s.record
-        if g is not None and len(g.chunks) and len(cand):
-            if g.granule_size != gs:
-                raise ValueError("states with different granule sizes")
-            loc, i = _locate(cand, g.chunks)
-            k, n = kp[loc], kc[loc]
-            src = g.sources[i].astype(np.uint64)
-            if s.partial is not None:
-                phys = n < KEY_ZERO  # else not partial: the whole-chunk rule
-                loc, i, k, n, src = loc[phys], i[phys], k[phys], n[phys], src[phys]
-                n_diff, s_diff = n != k, src != k
-                whole[loc[n_diff & s_diff]] = True
-                one = n_diff != s_diff
-                parts.append((loc[one], _rows(g.rows[i[one]], gpc, ~n_diff[one])))
-                diff[loc] = False
-            else:
-                use = diff[loc] & (src == k) & (n < KEY_ZERO)
-                parts.append((loc[use], _rows(g.rows[i[use]], gpc, None)))
-                diff[loc[use]] = False
-        whole |= diff
-        kp = kc
+        hc, sc, bc = _layers(s, cand, kc, gs, gpc, width)
+        plain = ~(hp | hc)
+        whole |= plain & (kp != kc)
+        idx = np.flatnonzero(~plain)
+        if len(idx):
+            # granule g reads N where its bit is set, else S (a whole chunk: S = N, no
+            # bits); it differs where the two states' sources for g differ
+            def m(d):
+                return np.where(d, 0xFF, 0).astype(np.uint8)[:, None]
+
+            n_p, s_p, n_c, s_c = kp[idx], sp[idx], kc[idx], sc[idx]
+            rp, rc = bp[idx], bc[idx]
+            rows = (
+                (rc & rp & m(n_c != n_p))
+                | (rc & ~rp & m(n_c != s_p))
+                | (~rc & rp & m(s_c != n_p))
+                | (~rc & ~rp & m(s_c != s_p))
+            ) & valid
+            parts.append((idx, rows))
+        kp, hp, sp, bp = kc, hc, sc, bc
     v = cand[whole]
     w_starts = v.astype(np.uint64) * np.uint64(cs)
     w = (
@@ -343,6 +334,25 @@ def _walk(geo, tables, states):
     live = g_starts < g_stops  # granules past the end of the image count as set
     g = (g_starts[live], g_stops[live], tb[cv[live]] >= fmt.ZERO_CHUNK)
     return _merge_sorted(w, g)
+
+
+def _layers(s: State, cand, keys, gs, gpc, width):
+    """(partial?, source keys, padded bit rows) of state s over the chunks `cand`: a
+    chunk without partial state has source = its own key and no bits."""
+    has = np.zeros(len(cand), dtype=bool)
+    src = keys.copy()
+    rows = np.zeros((len(cand), width), dtype=np.uint8)
+    g = s.partial if s.partial is not None else s.record
+    if g is not None and len(g.chunks) and len(cand):
+        if g.granule_size != gs:
+            raise ValueError("states with different granule sizes")
+        loc, i = _locate(cand, g.chunks)
+        phys = keys[loc] < KEY_ZERO  # a zeroed chunk is no longer partial
+        loc, i = loc[phys], i[phys]
+        has[loc] = True
+        src[loc] = g.sources[i].astype(np.uint64)
+        rows[loc] = _rows(g.rows[i], gpc, None)
+    return has, src, rows
 
 
 def _locate(cand, chunks):

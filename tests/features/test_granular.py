@@ -5,7 +5,6 @@ machine with snapshots and power cuts."""
 
 import functools
 import os
-import shutil
 import threading
 
 import numpy as np
@@ -27,7 +26,7 @@ from fvd.features import snapshots
 from fvd.ondisk import format as fmt
 from fvd.units import KiB, MiB
 
-from ..helpers import DurableRecorder, WriteRecorder
+from ..helpers import DurableRecorder, WriteRecorder, copy_sparse
 from ..helpers import pattern as _pattern
 from ..ops.test_changed import assert_sound
 
@@ -270,25 +269,50 @@ def test_partial_chunks_survive_close_and_crash(path):
         assert_clean(img)
 
 
-def test_create_completes_partial_chunks(path):
+def test_create_holds_partial_chunks_and_the_next_write_copies_forward(path):
+    """create_snapshot copies nothing: the new snapshot holds the partial chunk as it is
+    (its granule record: N, S, bits; feature bit 3). The front's next write into it
+    copies forward: a new chunk takes N's written granules the write does not cover,
+    then the write; S stays the source."""
     with held_image(path) as img:
         img.write(5 * G, b"a" * G)
         s0 = img.stats.as_dict()
         img.create_snapshot("t")
         d = delta(s0, img.stats.as_dict())
-        assert img._core.partial.active == 0
-        assert d["data_bytes_written"] == CS - G  # the unwritten granules, once
+        assert img._core.partial.active == 1
+        assert "data_writes" not in d and "data_reads" not in d
+        assert img._core.header["incompatible_features"] & fmt.INCOMPAT_SNAPSHOT_PARTIAL
         expect = img.read(0, SIZE)
-        img.write(6 * G, b"b" * G)  # partial again, over the new copy
+        with img.open_snapshot("t") as v:
+            assert v.read(0, SIZE) == expect
+        s0 = img.stats.as_dict()
+        img.write(6 * G, b"b" * G)
+        d = delta(s0, img.stats.as_dict())
+        assert img.stats.refcount_updates == (SIZE // CS) * 2 + 1  # the creates only
+        # granule 5 carried (1 read, 1 write), then the guest's 4 KiB
+        assert (d["data_reads"], d["data_bytes_read"]) == (1, G)
+        assert (d["data_writes"], d["data_bytes_written"]) == (2, 2 * G)
+        assert img._core.partial.active == 1
+        assert img.read(5 * G, 2 * G) == b"a" * G + b"b" * G
         with img.open_snapshot("t") as v:
             assert v.read(0, SIZE) == expect
         assert_clean(img)
+    with fvd.open(path) as img:
+        with img.open_snapshot("t") as v:
+            assert v.read(0, SIZE) == expect
+        assert_clean(img)
+    with fvd.open(path, "r+") as img:
+        img.delete_snapshot("t")  # its record goes: bit 3 with it
+        assert not img._core.header["incompatible_features"] & fmt.INCOMPAT_SNAPSHOT_PARTIAL
+        assert img._core.header["incompatible_features"] & fmt.INCOMPAT_PARTIAL
+        assert_clean(img)
 
 
-def test_create_copies_only_the_sources_data(path):
-    """Completion copies the source's data runs and punches its holes: over a sparse
-    held chunk it writes only the data there is; a torn write's bytes under clear bits
-    (never read while the chunk is partial) are gone once the granules are filled."""
+def test_revert_copies_only_the_sources_data(path):
+    """Revert to a snapshot holding a partial chunk gives the front a whole chunk: the
+    record's written granules from N, the others from the source's data runs, its holes
+    punched (a sparse source costs only its data; a torn write's bytes under clear bits,
+    never read while the chunk is partial, are not carried)."""
     with fvd.open(path, "r+", cache="writethrough") as img:
         img.write(3 * G, b"d" * (2 * G))  # chunk 0: granules 3, 4 hold data, the rest holes
         img.create_snapshot("s")
@@ -298,17 +322,20 @@ def test_create_copies_only_the_sources_data(path):
         os.pwrite(img._core.fd, b"T" * G, torn)  # as if a write never journaled
         expect = img.read(0, SIZE)
         assert expect[20 * G : 21 * G] == bytes(G)
-        s0 = img.stats.as_dict()
         img.create_snapshot("t")
+        img.write(0, b"z" * SIZE)  # the front rewritten whole
+        s0 = img.stats.as_dict()
+        img.revert_to_snapshot("t")
         d = delta(s0, img.stats.as_dict())
         assert img._core.partial.active == 0
-        assert d["data_bytes_written"] == 2 * G  # the source's two data granules only
+        assert d["data_bytes_written"] == 3 * G  # N's granule 10, the source's 3 and 4
         assert img.read(0, SIZE) == expect
         with img.open_snapshot("t") as v:
             assert v.read(0, SIZE) == expect
         assert_clean(img)
     with fvd.open(path) as img:
         assert img.read(0, SIZE) == expect
+        assert_clean(img)
 
 
 def test_delete_keeps_the_source_until_the_chunk_is_complete(path):
@@ -421,11 +448,18 @@ def model_of(img):
     return img.read(0, SSIZE), tuple(views)
 
 
-def prepare(path):
+def prepare(path, hold=False):
+    """s holds every chunk; chunks 0 and 1 partial; with `hold`, snapshot p holds them
+    as they are (its granule record), then the front copies chunk 0 forward and starts
+    chunk 2 (chunk 1 stays as p holds it)."""
     fvd.create(path, SSIZE, chunk_size=SCS, journal_size=64 * KiB, overwrite=True)
     with held_image(path, "writeback", SSIZE) as img:
         img.write(2 * G + 7, b"p" * 30)  # chunk 0 partial
         img.write(SCS + 9 * G, b"q" * G)  # chunk 1 partial
+        if hold:
+            img.create_snapshot("p")
+            img.write(5, b"x" * 3)
+            img.write(2 * SCS + 3 * G, b"r" * G)
 
 
 def _close_after(fn):
@@ -436,7 +470,15 @@ def _close_after(fn):
     return op
 
 
-WRITE_OPS = {"first-write-wt", "first-write-wb", "new-granule", "complete", "zeroes"}
+WRITE_OPS = {
+    "first-write-wt",
+    "first-write-wb",
+    "new-granule",
+    "complete",
+    "zeroes",
+    "copy-forward",
+    "copy-forward-wt",
+}
 CRASH_OPS = {
     "first-write-wt": ("writethrough", _close_after(lambda i: i.write(2 * SCS + G, b"A" * G))),
     "first-write-wb": ("writeback", _close_after(lambda i: i.write(2 * SCS + 5, b"A" * 9000))),
@@ -447,13 +489,21 @@ CRASH_OPS = {
     "delete": ("writeback", lambda i: i.delete_snapshot("s")),
     "revert": ("writeback", lambda i: i.revert_to_snapshot("s")),
     "checkpoint": ("writeback", lambda i: i.close()),
+    # p holds the partial chunks (prepare(hold=True))
+    "copy-forward": ("writeback", _close_after(lambda i: i.write(SCS + 4 * G + 3, b"F" * G))),
+    "copy-forward-wt": ("writethrough", _close_after(lambda i: i.write(SCS + 9 * G, b"F" * G))),
+    "delete-record": ("writeback", lambda i: i.delete_snapshot("p")),
+    "revert-record": ("writeback", lambda i: i.revert_to_snapshot("p")),
+    "revert-over-record": ("writeback", lambda i: i.revert_to_snapshot("s")),
 }
+HOLD_OPS = {"copy-forward", "copy-forward-wt", "delete-record", "revert-record"}
+HOLD_OPS.add("revert-over-record")
 
 
 @pytest.mark.parametrize("op", sorted(CRASH_OPS))
 def test_crash_at_every_write(path, monkeypatch, op, tmp_path):
     """Every prefix of the operation's writes opens as the state before or after it."""
-    prepare(path)
+    prepare(path, hold=op in HOLD_OPS)
     cache, fn = CRASH_OPS[op]
     # the recorder sees os.pwrite / os.pwritev only, so the operation runs on the pure
     # Python path (the compiled one writes data from C); the cuts are read with `impl`
@@ -462,7 +512,7 @@ def test_crash_at_every_write(path, monkeypatch, op, tmp_path):
     img = fvd.open(path, "r+", cache=cache)
     before = model_of(img)
     pre = str(tmp_path / "pre.fvd")
-    shutil.copyfile(path, pre)
+    copy_sparse(path, pre)
     rec = WriteRecorder(monkeypatch, path)
     fn(img)
     rec.undo()
@@ -478,7 +528,7 @@ def test_crash_at_every_write(path, monkeypatch, op, tmp_path):
     cut = str(tmp_path / "cut.fvd")
     seen = set()
     for k in range(len(rec.ops) + 1):
-        shutil.copyfile(pre, cut)
+        copy_sparse(pre, cut)
         apply_ops(cut, rec.ops[:k])
         with fvd.open(cut, "r+") as c:
             state = model_of(c)
