@@ -338,9 +338,14 @@ CHUNK = 128 * KiB
 BASE_SIZE = 700 * KiB + 123
 
 
-def _old_or_new(got, new, old):
+def _old_or_new(got, new, old, between=()):
+    """Each byte reads the durable state, the newest one or (writeback: unflushed writes
+    may reach the file in any subset) one of the states acknowledged in between."""
     g, n, o = (np.frombuffer(bytes(x), dtype=np.uint8) for x in (got, new, old))
-    bad = np.flatnonzero((g != n) & (g != o))
+    ok = (g == n) | (g == o)
+    for state in between:
+        ok |= g == np.frombuffer(bytes(state), dtype=np.uint8)
+    bad = np.flatnonzero(~ok)
     assert not len(bad), f"byte {int(bad[0])} is neither old nor new"
 
 
@@ -388,11 +393,18 @@ def make_base_machine(tmp, recorder, path, cache, base_kind):
             self.model = bytearray(SIZE)
             self.model[: len(base_content)] = base_content
             self.durable = bytearray(self.model)
+            self.between = []  # writeback: states acknowledged since the last flush
             self.seed = seed * 1000
 
         def _ack(self):
             if cache == "writethrough":
                 self.durable[:] = self.model
+            else:
+                self.between.append(bytes(self.model))
+
+        def _durable_now(self):
+            self.durable[:] = self.model
+            self.between = []
 
         @rule(off=st.integers(0, SIZE - 1), n=st.integers(1, 300 * KiB))
         def write(self, off, n):
@@ -418,13 +430,13 @@ def make_base_machine(tmp, recorder, path, cache, base_kind):
         @rule()
         def flush(self):
             self.img.flush()
-            self.durable[:] = self.model
+            self._durable_now()
 
         @rule(cor=st.booleans())
         def reopen(self, cor):
             self.img.close()
             self.img = fvd.open(path, "r+", cache=cache, copy_on_read=cor)
-            self.durable[:] = self.model
+            self._durable_now()
 
         @rule()
         def power_cut(self):
@@ -433,15 +445,16 @@ def make_base_machine(tmp, recorder, path, cache, base_kind):
             self.img = fvd.open(path, "r+", cache=cache, copy_on_read=self.cor)
             assert self.img.read(0, SIZE) == self.durable
             self.model[:] = self.durable
+            self.between = []
 
         @rule()
         def process_crash(self):
             self.img._crash()
             self.img = fvd.open(path, "r+", cache=cache, copy_on_read=self.cor)
             got = self.img.read(0, SIZE)
-            _old_or_new(got, self.model, self.durable)
+            _old_or_new(got, self.model, self.durable, self.between)
             self.model[:] = got
-            self.durable[:] = got
+            self._durable_now()
 
         @rule(
             writes=st.lists(
@@ -473,7 +486,7 @@ def make_base_machine(tmp, recorder, path, cache, base_kind):
             try:
                 self.img.close()
                 self.img = fvd.open(path, "r+", cache=cache)
-                self.durable[:] = self.model
+                self._durable_now()
                 assert self.img.read(0, SIZE) == self.model
             finally:
                 os.rename(moved, self.base_path)
@@ -494,9 +507,9 @@ def make_base_machine(tmp, recorder, path, cache, base_kind):
             self.img._crash()
             self.img = fvd.open(path, "r+", cache=cache, copy_on_read=self.cor)
             got = self.img.read(0, SIZE)
-            _old_or_new(got, self.model, self.durable)
+            _old_or_new(got, self.model, self.durable, self.between)
             self.model[:] = got
-            self.durable[:] = got
+            self._durable_now()
 
         def teardown(self):
             if hasattr(self, "img"):
