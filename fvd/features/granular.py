@@ -18,8 +18,12 @@ Lifecycle:
   * a write into unwritten granules of a partial chunk: data, bits, one GRANULE record;
   * all granules written: the chunk is complete, the slot goes, S is released unless a
     snapshot still holds it;
-  * create_snapshot completes every partial chunk first (snapshots never hold a pair);
-  * write_zeroes of the whole chunk, revert: the partial state is dropped;
+  * create_snapshot copies nothing: the snapshot holds each partial chunk as the pair
+    (N, S), its granule record; refcounts count N and S, so both are frozen;
+  * a write into a partial chunk whose N is frozen copies forward: a new chunk takes N's
+    written granules the write does not cover, then the write; S stays the source;
+  * write_zeroes of the whole chunk, revert: the partial state is dropped (revert to a
+    snapshot with a record gives the front whole chunks: complete_record);
   * delete_snapshot never frees a chunk that is a partial chunk's source;
   * checkpoint: the whole partial map is written copy-on-write to new chunks of the data
     area, the header points at it (fields partial_map_*), the old map is released.

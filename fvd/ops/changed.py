@@ -13,19 +13,15 @@ Where byte x of a state comes from (docs/format.md, sections 7 and 8), as a *sou
   frozen, so two states mapping p read the same bytes there), or zeros (``KEY_ZERO`` for
   ZERO and UNALLOCATED entries).
 
-* in a partial chunk of the front (docs/format.md, section 10; images without a base):
-  granule g's key is the chunk's entry N when its bit is set, else its source chunk S.
+* in a partial chunk (docs/format.md, section 10; images without a base), of the front
+  or held by a snapshot (its granule record): granule g's key is the chunk's entry N
+  when its bit is set, else its source chunk S.
 
 Two states may differ at x exactly when their keys at x differ. The comparison runs at
 the finest granularity the format records: chunks, refined to blocks where a base bitmap
-is involved (``_refine_blocks``) and to granules where the newer state says which
-granules of a chunk were written over which source (``_walk``): the front's partial
-chunks, and a snapshot's granule record (docs/format.md, "Granule records": the partial
-chunks the front had when the snapshot was taken; the snapshot holds them completed, so
-their other granules hold the bytes of the source). Between a snapshot and a later state
-the states in between are walked in id order; each step contributes the granules its
-newer state's record names over the older state's chunk, or the whole chunk, and the
-union is reported (exact for adjacent states).
+is involved (``_refine_blocks``) and to granules where either state has partial chunks
+(``_walk``). Only the two states are read: a record is exact, so no state between them
+matters.
 """
 
 from __future__ import annotations
@@ -202,8 +198,8 @@ def compare(geo: Geometry, a: State, b: State) -> np.ndarray:
 
 
 def compare_chain(geo: Geometry, states: Sequence[State]) -> np.ndarray:
-    """Changed ranges between states[0] (the oldest) and states[-1] (the newest) through
-    the states between them, in id order (see _walk); as `compare`."""
+    """Changed ranges between states[0] (the oldest) and states[-1] (the newest), through
+    any states passed between them in id order (see _walk); as `compare`."""
     a, b = states[0], states[-1]
     cs = geo.chunk_size
     nchunks = -(-geo.size // cs)
@@ -255,21 +251,13 @@ def _chunk_runs(ta, tb, first, cs, size):
 
 def _walk(geo, tables, states):
     """Chunks whose keys differ between the first and the last state (and the front's
-    partial chunks), refined to granules by the states' records, step by step in id
-    order. Step j (state j-1 to state j) over chunk v, K its key in state j-1:
-
-    * K equals v's key in state j: nothing;
-    * state j is a snapshot whose granule record has v with source K: the granules of
-      its bit row (state j maps N, which holds the bytes of K but for those granules);
-    * state j is the front and v one of its partial chunks (granule g reads N when its
-      bit is set, else S): N != K and S != K, the whole chunk; only one of them, the set
-      (or the clear) granules; neither, nothing;
-    * else the whole chunk.
-
-    The union over the steps is reported: a chunk some step contributes whole is whole,
-    the others are the OR of their rows. Vectorised over the candidate chunks per step,
-    and over the 64-bit words of the rows and the runs found (never per granule). Flags:
-    zero where the newest state's chunk reads zeros."""
+    partial chunks), refined to granules: per step between consecutive states (callers
+    pass the two endpoints), granule g of chunk v has in each state the key N where its
+    bit is set and S elsewhere (a chunk without partial state: its entry everywhere); the
+    granules whose keys differ are reported, a chunk with no partial state in either
+    state whole when its keys differ. The union over the steps is reported. Vectorised
+    over the candidate chunks and the 64-bit words of the rows and the runs found (never
+    per granule). Flags: zero where the newest state's chunk reads zeros."""
     cs = geo.chunk_size
     ta, tb = tables[0], tables[-1]
     cand = _changed_chunks(ta, tb, 0)
