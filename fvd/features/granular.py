@@ -495,7 +495,14 @@ class PartialState:
         for a, b, mine in flag_runs(written):
             if mine:
                 records.append(granule_record(v * self.gpc + a, b - a, new, source))
-        afters.append(lambda: self._granules_done(img, v, k, g0, g1))
+        afters.append(lambda: self._forward_done(img, v, k, g0, g1))
+
+    def _forward_done(self, img, v, k, g0, g1):
+        """Published N2 in the table: once no reader still holds N from before (N's bytes
+        under the new bits are not the chunk's), the new bits."""
+        if self.wait is not None:
+            self.wait()
+        self._granules_done(img, v, k, g0, g1)
 
     def _granules_done(self, img, v, k, g0, g1):
         """Published: the granules read from the chunk; a complete chunk leaves its source."""
@@ -552,7 +559,12 @@ class PartialState:
                     self._copy_run(img, source, target, a * gs, b * gs)
                 elif target != chunk:
                     self._copy_run(img, chunk, target, a * gs, b * gs)
-            img.table[v] = target  # (target, old bits) reads as before; then all bits
+            img.table[v] = target  # (target, old bits) reads as before
+        if temps:
+            # a reader that took a held N from the table before it changed must be done
+            # before the bits are set: N's bytes under clear bits are not the chunk's
+            img.allocator.quiesce(time.sleep)
+        for _, k in todo:
             self.set_granules(k, 0, self.gpc)
         img.allocator.quiesce(time.sleep)
         self.clear()
