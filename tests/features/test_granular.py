@@ -316,6 +316,38 @@ def test_copy_forward_sets_the_new_bits_after_a_grace_period(path):
     img.close()
 
 
+def test_revert_completes_held_partial_chunks_after_a_grace_period(path):
+    """Revert while a snapshot holds the front's partial chunk: the chunk is completed
+    into a new chunk the table maps, and its bits are set only once a reader that took
+    the held N from the table before is done."""
+    img = held_image(path)
+    img.write(0, b"N" * G)
+    img.create_snapshot("t")
+    core = img._core
+    held = int(core.table[0])
+    slot = core.partial.slot_of(0)
+    token = core.chunk_map.enter()  # a reader in flight since before the revert
+    reverter = threading.Thread(target=img.revert_to_snapshot, args=("s",))
+    reverter.start()
+    try:
+        for _ in range(2000):
+            if int(core.table[0]) != held:
+                break
+            reverter.join(0.005)
+        assert int(core.table[0]) != held  # the completed copy is mapped ...
+        reverter.join(0.2)
+        assert reverter.is_alive()
+        assert not core.partial.flags(slot)[1:].any()  # ... the bits wait for the reader
+    finally:
+        core.chunk_map.leave(token)
+        reverter.join()
+    assert img.read(0, SIZE) == pattern(1, SIZE)
+    with img.open_snapshot("t") as v:
+        assert v.read(0, G) == b"N" * G
+    assert_clean(img)
+    img.close()
+
+
 # ----- lifecycle -----------------------------------------------------------------------------
 def test_partial_chunks_survive_close_and_crash(path):
     with held_image(path) as img:
