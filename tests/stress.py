@@ -228,10 +228,13 @@ class Stress:
                 legal = m.hist[u][lo[i] :]
                 if not m.unit_ok(u, unit, legal, word_tears=True):
                     self.wrong += 1
+                    records = [
+                        struct.unpack("<QQ", unit[i * SECTOR : i * SECTOR + 16]) for i in range(SPU)
+                    ]
                     self.errors.append(
-                        f"reader {k}: unit {u} holds bytes no legal version "
-                        f"has (legal {legal[:8]}..., first 16 bytes "
-                        f"{unit[:16].hex()})"
+                        f"reader {k}: unit {u} holds bytes no legal version has, per "
+                        f"8-byte word (legal {[(v, v in m.zero) for v in legal[:8]]}..., "
+                        f"(version, sector) at each sector's start {records})"
                     )
                     self.stop.set()
             self.reads_checked += 1
