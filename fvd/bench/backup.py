@@ -60,23 +60,31 @@ def _median_cpu_ms(fn: Callable[[], object], repeat: int) -> float:
 
 
 # ----- changed extents ------------------------------------------------------------------
+def _cached_pair(path: str) -> bool:
+    """True when `path` is a cached image with snapshots s1 and s2; a damaged entry, and
+    a leftover `.building` file, are removed so the caller builds it again."""
+    if os.path.exists(path + ".building"):
+        os.unlink(path + ".building")
+    if os.path.exists(path):
+        try:
+            with open_image(path) as img:
+                if [s.name for s in img.snapshots()] == ["s1", "s2"]:
+                    return True
+        except (FvdError, OSError):
+            pass
+        os.unlink(path)
+    return False
+
+
 def changed_image(
     size: int, chunk_size: int = MiB, fraction: float = 0.1, progress: Show = None
 ) -> str:
     """An image whose every chunk is allocated, snapshot s1, `fraction` of the chunks
     rewritten (each gets a new physical chunk), snapshot s2. Cached across runs."""
     path = os.path.join(cache_dir(), f"changed-v{CACHE_VERSION}-{size}-{chunk_size}-{fraction}.fvd")
-    if os.path.exists(path):
-        try:
-            with open_image(path) as img:
-                if [s.name for s in img.snapshots()] == ["s1", "s2"]:
-                    return path
-        except (FvdError, OSError):
-            pass  # a damaged cache entry: build it again
-        os.unlink(path)
+    if _cached_pair(path):
+        return path
     tmp = path + ".building"
-    if os.path.exists(tmp):
-        os.unlink(tmp)
     n = size // chunk_size
     create(tmp, size, chunk_size=chunk_size)
     with open_image(tmp, "r+") as img:
@@ -101,21 +109,13 @@ def granule_image(
 ) -> str:
     """As changed_image, but the rewrites between s1 and s2 are `granules` random 4 KiB
     writes into `fraction` of the chunks (partial chunks: s2 gets a granule record).
-    Cached across runs. Create s2 copies the unwritten granules, so the file holds about
-    size * fraction bytes of data."""
+    Cached across runs. s2 holds the partial chunks as they are (nothing is copied), so
+    the rewrites add only `granules` * 4 KiB per rewritten chunk."""
     name = f"granules-v{CACHE_VERSION}-{size}-{chunk_size}-{fraction}-{granules}.fvd"
     path = os.path.join(cache_dir(), name)
-    if os.path.exists(path):
-        try:
-            with open_image(path) as img:
-                if [s.name for s in img.snapshots()] == ["s1", "s2"]:
-                    return path
-        except (FvdError, OSError):
-            pass
-        os.unlink(path)
+    if _cached_pair(path):
+        return path
     tmp = path + ".building"
-    if os.path.exists(tmp):
-        os.unlink(tmp)
     n = size // chunk_size
     create(tmp, size, chunk_size=chunk_size)
     rng = random.Random(3)

@@ -546,7 +546,6 @@ class PartialState:
         temps = []
         if not todo:
             return sources, temps
-        gs = self.gsize
         for v, k in todo:
             chunk, source = int(img.table[v]), int(self.src[k])
             target = chunk
@@ -554,11 +553,7 @@ class PartialState:
                 target = img.allocator.allocate()
                 img.grow_frozen(target)
                 temps.append(target)
-            for a, b, mine in flag_runs(self.flags(k)):
-                if not mine:
-                    self._copy_run(img, source, target, a * gs, b * gs)
-                elif target != chunk:
-                    self._copy_run(img, chunk, target, a * gs, b * gs)
+            self._complete_into(img, self.flags(k), chunk, source, target)
             img.table[v] = target  # (target, old bits) reads as before
         if temps:
             # a reader that took a held N from the table before it changed must be done
@@ -578,16 +573,22 @@ class PartialState:
         open under the revert marker takes the pairs themselves instead (no readers)."""
         chunks, sources, rows = record
         table = table.copy()
-        gs = self.gsize
         for i, v in enumerate(chunks.tolist()):
-            held, source = int(table[v]), int(sources[i])
             new = img.allocator.allocate()
             img.grow_frozen(new)
             fl = np.unpackbits(rows[i], bitorder="little")[: self.gpc].view(bool)
-            for a, b, mine in flag_runs(fl):
-                self._copy_run(img, held if mine else source, new, a * gs, b * gs)
+            self._complete_into(img, fl, int(table[v]), int(sources[i]), new)
             table[v] = new
         return table
+
+    def _complete_into(self, img, flags, chunk, source, target):
+        """The whole chunk into `target`: written granules (set flags) from `chunk`, the
+        others from `source`; runs already in place (target is chunk) are left alone."""
+        gs = self.gsize
+        for a, b, mine in flag_runs(flags):
+            origin = chunk if mine else source
+            if origin != target:
+                self._copy_run(img, origin, target, a * gs, b * gs)
 
 
 def decode_map(raw, nchunks, chunk_size, granule, path, offset):

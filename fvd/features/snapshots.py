@@ -1088,7 +1088,7 @@ def _revert(img, st, name):
     temps = []
     if img.partial is not None:  # the old front's partial chunks go with it
         old_sources, temps = img.partial.detach(img)
-        if record is not None and len(record[0]):
+        if record is not None:
             new_table = img.partial.complete_record(img, new_table, record)
     _swap_front(img, new_table, new_bits)
     img.dirty_since_checkpoint = True

@@ -283,16 +283,13 @@ def _walk(geo, tables, states):
         if len(idx):
             # granule g reads N where its bit is set, else S (a whole chunk: S = N, no
             # bits); it differs where the two states' sources for g differ
-            def m(d):
-                return np.where(d, 0xFF, 0).astype(np.uint8)[:, None]
-
             n_p, s_p, n_c, s_c = kp[idx], sp[idx], kc[idx], sc[idx]
             rp, rc = bp[idx], bc[idx]
             rows = (
-                (rc & rp & m(n_c != n_p))
-                | (rc & ~rp & m(n_c != s_p))
-                | (~rc & rp & m(s_c != n_p))
-                | (~rc & ~rp & m(s_c != s_p))
+                (rc & rp & _byte_mask(n_c != n_p))
+                | (rc & ~rp & _byte_mask(n_c != s_p))
+                | (~rc & rp & _byte_mask(s_c != n_p))
+                | (~rc & ~rp & _byte_mask(s_c != s_p))
             ) & valid
             parts.append((idx, rows))
         kp, hp, sp, bp = kc, hc, sc, bc
@@ -322,6 +319,11 @@ def _walk(geo, tables, states):
     live = g_starts < g_stops  # granules past the end of the image count as set
     g = (g_starts[live], g_stops[live], tb[cv[live]] >= fmt.ZERO_CHUNK)
     return _merge_sorted(w, g)
+
+
+def _byte_mask(differ):
+    """Per chunk, a column of 0xFF where `differ` holds, else 0 (ANDed with bit rows)."""
+    return np.where(differ, 0xFF, 0).astype(np.uint8)[:, None]
 
 
 def _layers(s: State, cand, keys, gs, gpc, width):

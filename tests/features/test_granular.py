@@ -217,20 +217,18 @@ def test_extents_of_runs_of_partial_chunks_and_changed_extents(path):
         assert {(CS + G) // G, (2 * CS + 3 * G) // G} == covered
 
 
-def test_readers_never_see_unwritten_bytes_while_chunks_go_partial(path):
-    img = held_image(path)
-    old = pattern(1, SIZE)
+def read_while_writing(img, span, legal, write):
+    """Two threads read [0, span) while `write()` runs: the first 4 KiB granule (offset)
+    that holds neither its bytes in `legal` nor b"M"s / b"N"s, or None."""
     stop = threading.Event()
     bad = []
-
-    span = 2 * CS
 
     def reader():
         while not stop.is_set():
             got = img.read(0, span)
             for i in range(0, span, G):
                 b = got[i : i + G]
-                if b != old[i : i + G] and b != b"N" * G:
+                if b != legal[i : i + G] and b not in (b"M" * G, b"N" * G):
                     bad.append(i)
                     return
 
@@ -238,13 +236,23 @@ def test_readers_never_see_unwritten_bytes_while_chunks_go_partial(path):
     for t in threads:
         t.start()
     try:
-        for i in range(0, span, 5 * G):
-            img.write(i, b"N" * G)
+        write()
     finally:
         stop.set()
         for t in threads:
             t.join()
-    assert not bad
+    return bad[0] if bad else None
+
+
+def test_readers_never_see_unwritten_bytes_while_chunks_go_partial(path):
+    img = held_image(path)
+    span = 2 * CS
+
+    def write():
+        for i in range(0, span, 5 * G):
+            img.write(i, b"N" * G)
+
+    assert read_while_writing(img, span, pattern(1, SIZE), write) is None
     img.close()
 
 
@@ -258,56 +266,51 @@ def test_readers_never_see_unwritten_bytes_while_chunks_copy_forward(path):
         img.write(i, b"N" * G)
     img.create_snapshot("t")
     before = img.read(0, span)
-    stop = threading.Event()
-    bad = []
 
-    def reader():
-        while not stop.is_set():
-            got = img.read(0, span)
-            for i in range(0, span, G):
-                b = got[i : i + G]
-                if b != before[i : i + G] and b != b"M" * G:
-                    bad.append(i)
-                    return
-
-    threads = [threading.Thread(target=reader) for _ in range(2)]
-    for t in threads:
-        t.start()
-    try:
+    def write():
         for i in range(2 * G, span, 5 * G):
             img.write(i, b"M" * G)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join()
-    assert not bad
+
+    assert read_while_writing(img, span, before, write) is None
     with img.open_snapshot("t") as v:
         assert v.read(0, span) == before
     assert_clean(img)
     img.close()
 
 
-def test_copy_forward_sets_the_new_bits_after_a_grace_period(path):
-    """A reader that took the held chunk N from the table before the write published N2
-    must be done before the new bits are set (N's bytes there are not the chunk's): the
-    write waits for it, deterministically here (a registered call in flight)."""
+def held_partial_chunk_and_a_reader(path):
+    """Chunk 0 partial (granule 0 written) and held by snapshot t, and a reader
+    registered with the chunk map (in flight): (image, N, reader's token)."""
     img = held_image(path)
     img.write(0, b"N" * G)
     img.create_snapshot("t")
     core = img._core
-    held = int(core.table[0])
-    token = core.chunk_map.enter()  # a reader in flight since before the write
+    return img, int(core.table[0]), core.chunk_map.enter()
+
+
+def wait_until_remapped(core, held, thread):
+    """Until chunk 0 no longer maps `held` (the thread published its new chunk), then
+    a moment more: the thread must still be waiting for the registered reader."""
+    for _ in range(2000):
+        if int(core.table[0]) != held:
+            break
+        thread.join(0.005)
+    assert int(core.table[0]) != held
+    thread.join(0.2)
+    assert thread.is_alive()
+
+
+def test_copy_forward_sets_the_new_bits_after_a_grace_period(path):
+    """A reader that took the held chunk N from the table before the write published N2
+    must be done before the new bits are set (N's bytes there are not the chunk's): the
+    write waits for it, deterministically here (a registered call in flight)."""
+    img, held, token = held_partial_chunk_and_a_reader(path)
+    core = img._core
     writer = threading.Thread(target=img.write, args=(3 * G, b"M" * G))
     writer.start()
     try:
-        for _ in range(2000):
-            if int(core.table[0]) != held:
-                break
-            writer.join(0.005)
-        assert int(core.table[0]) != held  # N2 is published ...
-        writer.join(0.2)
-        assert writer.is_alive()  # ... but the bits wait for the reader
-        assert not core.partial.flags(core.partial.slot_of(0))[3]
+        wait_until_remapped(core, held, writer)  # N2 is published ...
+        assert not core.partial.flags(core.partial.slot_of(0))[3]  # ... the bit waits
     finally:
         core.chunk_map.leave(token)
         writer.join()
@@ -320,23 +323,13 @@ def test_revert_completes_held_partial_chunks_after_a_grace_period(path):
     """Revert while a snapshot holds the front's partial chunk: the chunk is completed
     into a new chunk the table maps, and its bits are set only once a reader that took
     the held N from the table before is done."""
-    img = held_image(path)
-    img.write(0, b"N" * G)
-    img.create_snapshot("t")
+    img, held, token = held_partial_chunk_and_a_reader(path)
     core = img._core
-    held = int(core.table[0])
     slot = core.partial.slot_of(0)
-    token = core.chunk_map.enter()  # a reader in flight since before the revert
     reverter = threading.Thread(target=img.revert_to_snapshot, args=("s",))
     reverter.start()
     try:
-        for _ in range(2000):
-            if int(core.table[0]) != held:
-                break
-            reverter.join(0.005)
-        assert int(core.table[0]) != held  # the completed copy is mapped ...
-        reverter.join(0.2)
-        assert reverter.is_alive()
+        wait_until_remapped(core, held, reverter)  # the completed copy is mapped ...
         assert not core.partial.flags(slot)[1:].any()  # ... the bits wait for the reader
     finally:
         core.chunk_map.leave(token)

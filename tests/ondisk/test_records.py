@@ -431,12 +431,7 @@ def test_snapshot_entry_with_granules_extra():
 def test_granule_record_round_trip():
     """A granule record is a partial map (PartialState.encode); decode_map reads back what
     the PartialMap declaration builds, and refuses what does not fit."""
-    st = PartialState(nchunks=8, chunk_size=MiB, size=8 * MiB)
-    for v, source, (g0, g1) in ((1, 30, (4, 5)), (6, 31, (0, 200))):
-        k = st.new_slot(v, source)
-        st.set_granules(k, g0, g1)
-        st.publish(v, k)
-    raw = st.encode()
+    raw = encoded_partial_state(((1, 30, (4, 5)), (6, 31, (0, 200))))
     row = fr.partial_row_bytes(MiB, 4096)
     m = fr.PartialMap.parse(raw, row_bytes=row)
     chunks, sources, rows = decode_map(raw, 8, MiB, 4096, "rec", 0)
@@ -498,14 +493,19 @@ def test_snapshot_table_in_a_file(tmp_path):
     assert snapshots.encode_table(entries, t.refcount_crc) == raw
 
 
-def test_partial_map_encoding():
-    """PartialState.encode lays out what PartialMap declares, and parses back."""
+def encoded_partial_state(entries):
+    """PartialState.encode of 1 MiB chunks with (virtual chunk, source, (g0, g1)) each."""
     st = PartialState(nchunks=8, chunk_size=MiB, size=8 * MiB)
-    for v, source, (g0, g1) in ((2, 40, (0, 3)), (5, 41, (10, 256))):
+    for v, source, (g0, g1) in entries:
         k = st.new_slot(v, source)
         st.set_granules(k, g0, g1)
         st.publish(v, k)
-    raw = st.encode()
+    return st.encode()
+
+
+def test_partial_map_encoding():
+    """PartialState.encode lays out what PartialMap declares, and parses back."""
+    raw = encoded_partial_state(((2, 40, (0, 3)), (5, 41, (10, 256))))
     row = fr.partial_row_bytes(MiB, 4096)
     m = fr.PartialMap.parse(raw, row_bytes=row)
     assert (m.magic, m.count, m.granule_size, m.reserved) == (fr.PARTIAL_MAP_MAGIC, 2, 4096, 0)
