@@ -42,14 +42,45 @@ def qemu_nbd(tmp_path, raw):
     )
 
 
+def _parts(uri):
+    u = parse_uri(uri)
+    return u.kind, u.where, u.export
+
+
 def test_uri_parsing():
-    assert parse_uri("nbd+unix:///disk?socket=/run/a.sock") == ("unix", "/run/a.sock", "disk")
-    assert parse_uri("nbd://127.0.0.1/") == ("tcp", ("127.0.0.1", 10809), "")
-    assert parse_uri("nbd://h:99/a%20b") == ("tcp", ("h", 99), "a b")
-    for bad in ("nbd+unix:///x", "nbd:///x", "http://h/x"):
+    assert _parts("nbd+unix:///disk?socket=/run/a.sock") == ("unix", "/run/a.sock", "disk")
+    assert _parts("nbd://127.0.0.1/") == ("tcp", ("127.0.0.1", 10809), "")
+    assert _parts("nbd://h:99/a%20b") == ("tcp", ("h", 99), "a b")
+    assert _parts("nbds://h/x") == ("tcp", ("h", 10809), "x")
+    assert _parts("nbds+unix:///?socket=/s") == ("unix", "/s", "")
+    u = parse_uri("nbds://h/x?tls-certificates=/c&tls-verify-peer=0&tls-hostname=n&timeout=2.5")
+    assert (u.tls, u.tls_certificates, u.tls_verify_peer, u.tls_hostname) == (
+        True,
+        "/c",
+        False,
+        "n",
+    )
+    assert (u.timeout, u.connect_timeout) == (2.5, 30.0)
+    assert parse_uri("nbd://h/x?connect-timeout=7").connect_timeout == 7
+    assert not parse_uri("nbd://h/").tls
+    for bad in (
+        "nbd+unix:///x",
+        "nbd:///x",
+        "http://h/x",
+        "nbd://h/x?tls-certificates=/c",  # TLS parameters need nbds
+        "nbd://h/x?timeout=0",
+        "nbd://h/x?timeout=abc",
+        "nbd://h/x?connect-timeout=-1",
+        "nbd://h/x?timeuot=5",  # unknown parameters are diagnosed (NBD URI standard)
+        "nbd://h/x?timeout=1&timeout=2",
+        "nbds://h/x?tls-verify-peer=maybe",
+        "nbd://h/x?socket=/s",
+        "nbd://h/" + "x" * 5000,
+    ):
         with pytest.raises(ValueError):
             parse_uri(bad)
-    assert is_nbd_uri("nbd://h/x") and not is_nbd_uri("nbd.raw")
+    assert is_nbd_uri("nbd://h/x") and is_nbd_uri("nbds+unix:///?socket=s")
+    assert not is_nbd_uri("nbd.raw")
 
 
 @pytest.mark.parametrize("server", ["nbdkit", "qemu-nbd"])
