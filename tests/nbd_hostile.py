@@ -122,11 +122,13 @@ FAULTS = {
 
 
 class Fault:
-    def __init__(self, site, kind, nth):
-        self.site, self.kind, self.nth = site, kind, nth
+    """`kind` at the `nth` occurrence of `site` (and every later one with `every`)."""
+
+    def __init__(self, site, kind, nth=0, every=False):
+        self.site, self.kind, self.nth, self.every = site, kind, nth, every
 
     def __repr__(self):
-        return f"Fault({self.site}, {self.kind}, {self.nth})"
+        return f"Fault({self.site}, {self.kind}, {self.nth}{', every' if self.every else ''})"
 
 
 class Closed(Exception):
@@ -137,9 +139,22 @@ class HostileServer:
     """Serves `export` (bytes) on unix socket `path`; `fault` fires once, at the n-th
     occurrence of its site (counted over all connections), unless `honest()` was called."""
 
-    def __init__(self, path, export, seed, fault=None, structured=True, meta=True, go=True):
+    def __init__(
+        self,
+        path,
+        export,
+        seed=0,
+        fault=None,
+        structured=True,
+        meta=True,
+        go=True,
+        pace=None,
+        descriptors=None,
+    ):
         self.path, self.export, self.fault = path, export, fault
         self.structured, self.meta, self.go = structured, meta, go
+        self.pace = pace  # seconds between 16 KiB pieces of every reply: a slow link
+        self.descriptors = descriptors  # None, "ones" or "alternating": 1-byte descriptors
         self.rng = random.Random(seed)
         self.zero_runs = [m.span() for m in re.finditer(rb"\x00{512,}", export)]
         self.lock = threading.Lock()
@@ -214,12 +229,18 @@ class HostileServer:
             n = self.counts.get(site, 0)
             self.counts[site] = n + 1
             f = self.fault
-            if self.enabled and f and f.site == site and f.nth == n and not self.fired:
+            if self.enabled and f and f.site == site and (f.nth == n or f.every and n > f.nth):
                 self.fired = True
                 return f.kind
         return None
 
     def _send(self, c, data, state):
+        if self.pace is not None:
+            for i in range(0, len(data), 16384):
+                if self.stopping.wait(self.pace):
+                    raise Closed()
+                c.sendall(data[i : i + 16384])
+            return
         if not state["trickle"]:
             c.sendall(data)
             return
@@ -528,8 +549,14 @@ class HostileServer:
         kind = self._fires("status")
         if kind and self._status_fault(c, st, cookie, off, n, kind):
             return
-        desc = self._descriptors(off, n)
-        payload = struct.pack(">I", CONTEXT_ID) + b"".join(struct.pack(">II", *d) for d in desc)
+        if self.descriptors:  # as many 1-byte descriptors as the request allows
+            pattern = (1, 0, 1, 0) if self.descriptors == "ones" else (1, 0, 1, 3)
+            payload = struct.pack(">I", CONTEXT_ID) + struct.pack(">IIII", *pattern) * (n // 2)
+            payload += struct.pack(">II", 1, 0) * (n % 2)
+        else:
+            desc = self._descriptors(off, n)
+            payload = struct.pack(">I", CONTEXT_ID)
+            payload += b"".join(struct.pack(">II", *d) for d in desc)
         if self.rng.random() < 0.5:
             self._chunk(c, st, DONE, STATUS, cookie, payload)
         else:
