@@ -4,6 +4,7 @@ so replies never need reordering; each request has its own deadline (Wire.start)
 from __future__ import annotations
 
 import struct
+from typing import TYPE_CHECKING
 
 from fvd.nbd_client import handshake, replies
 from fvd.nbd_client.protocol import (
@@ -16,10 +17,19 @@ from fvd.nbd_client.protocol import (
 )
 from fvd.nbd_client.uri import NbdUri
 
+if TYPE_CHECKING:
+    import ssl
+
 
 class Connection:
-    def __init__(self, u: NbdUri, connect_timeout: float, timeout: float) -> None:
-        self.wire, neg = handshake.connect(u, connect_timeout)
+    def __init__(
+        self,
+        u: NbdUri,
+        connect_timeout: float,
+        timeout: float,
+        tls_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.wire, neg = handshake.connect(u, connect_timeout, tls_context)
         self.size, self.flags = neg.size, neg.flags
         self.structured, self.context = neg.structured, neg.context
         self.timeout = timeout

@@ -10,7 +10,7 @@ import socket
 import struct
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from fvd.errors import BaseImageError
 from fvd.nbd_client import tls
@@ -42,6 +42,9 @@ from fvd.nbd_client.protocol import (
 from fvd.nbd_client.uri import NbdUri
 from fvd.nbd_client.wire import Wire
 
+if TYPE_CHECKING:
+    import ssl
+
 
 @dataclass
 class Negotiated:
@@ -51,14 +54,17 @@ class Negotiated:
     context: int | None  # the base:allocation context id, when the server has one
 
 
-def connect(u: NbdUri, connect_timeout: float) -> tuple[Wire, Negotiated]:
-    """A connection in the transmission phase, or BaseImageError naming the URI."""
+def connect(
+    u: NbdUri, connect_timeout: float, tls_context: ssl.SSLContext | None = None
+) -> tuple[Wire, Negotiated]:
+    """A connection in the transmission phase, or BaseImageError naming the URI;
+    `tls_context` (tls.client_context) for nbds:// URIs."""
     started = time.monotonic()
     wire = Wire(_open_socket(u, connect_timeout), u.uri)
     wire.start("handshake", connect_timeout)
     wire.deadline = started + connect_timeout  # the connect counts too
     try:
-        return wire, _negotiate(wire, u)
+        return wire, _negotiate(wire, u, tls_context)
     except BaseException:
         wire.close()
         raise
@@ -86,7 +92,7 @@ def _open_socket(u: NbdUri, timeout: float) -> socket.socket:
         raise BaseImageError(f"{u.uri}: cannot connect to NBD server: {e}") from e
 
 
-def _negotiate(wire: Wire, u: NbdUri) -> Negotiated:
+def _negotiate(wire: Wire, u: NbdUri, tls_context: ssl.SSLContext | None) -> Negotiated:
     magic, opt_magic, hflags = struct.unpack(">QQH", wire.recv(18))
     if magic != NBD_MAGIC:
         wire.fail("not an NBD server (no NBDMAGIC)")
@@ -95,7 +101,7 @@ def _negotiate(wire: Wire, u: NbdUri) -> Negotiated:
     no_zeroes = bool(hflags & FLAG_NO_ZEROES)
     wire.send(struct.pack(">I", FLAG_FIXED_NEWSTYLE | (FLAG_NO_ZEROES if no_zeroes else 0)))
     if u.tls:
-        _starttls(wire, u)
+        _starttls(wire, u, tls_context or tls.client_context(u))
     export = u.export.encode()
     structured = _acked(wire, OPT_STRUCTURED_REPLY, b"")
     context = _meta_context(wire, export) if structured else None
@@ -105,10 +111,9 @@ def _negotiate(wire: Wire, u: NbdUri) -> Negotiated:
     return Negotiated(size, flags, structured, context)
 
 
-def _starttls(wire: Wire, u: NbdUri) -> None:
+def _starttls(wire: Wire, u: NbdUri, ctx: ssl.SSLContext) -> None:
     import ssl  # only for TLS: nbdkit's embedded Python (fvd serve) may not load it
 
-    ctx = tls.client_context(u)
     _send_option(wire, OPT_STARTTLS, b"")
     for rtype, payload in _replies(wire, OPT_STARTTLS, allow_tls_reqd=True):
         if rtype == REP_ACK:

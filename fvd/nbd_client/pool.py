@@ -14,6 +14,7 @@ import threading
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, TypeVar
 
 from fvd.errors import BaseImageError
+from fvd.nbd_client import tls
 from fvd.nbd_client.connection import Connection
 from fvd.nbd_client.protocol import SPARSE_READ_MIN, STATE_HOLE, STATE_ZERO
 from fvd.nbd_client.uri import parse_uri
@@ -44,6 +45,8 @@ class NbdClient:
         if max_connections is None:  # FVD_NBD_CONNECTIONS: the pool size of NBD bases
             max_connections = int(os.environ.get("FVD_NBD_CONNECTIONS", "4"))
         self.max_connections = max(1, max_connections)
+        # built once, before any connection: unusable TLS settings fail without a server
+        self._tls = tls.client_context(self.parsed) if self.parsed.tls else None
         self._idle: list[Connection] = []
         self._count = 0
         self._closed = False
@@ -55,7 +58,7 @@ class NbdClient:
         self._put(conn)
 
     def _connect(self) -> Connection:
-        return Connection(self.parsed, self.connect_timeout, self.timeout)
+        return Connection(self.parsed, self.connect_timeout, self.timeout, self._tls)
 
     def _take(self) -> Connection:
         with self._cond:
