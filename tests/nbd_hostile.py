@@ -19,7 +19,7 @@ again, each image reads back the export exactly and checks clean (nothing wrong 
 stored). `run_sessions` runs sessions in child processes under RLIMIT_AS with a
 watchdog, as tests/fuzzlib.py does for images:
 
-    python -m tests.nbd_hostile SESSIONS [SEED]
+    [FVD_WIRE_JOBS=3] python -m tests.nbd_hostile SESSIONS [SEED]
 """
 
 import functools
@@ -48,7 +48,11 @@ NONE, DATA, HOLE, STATUS = 0, 1, 2, 5
 ERROR, ERROR_OFFSET = (1 << 15) | 1, (1 << 15) | 2
 DONE = 1
 CONTEXT_ID = 7
-TIMEOUT = 0.25  # the client's deadlines in the fuzz (connect-timeout and timeout)
+# The client's deadlines in the fuzz (connect-timeout and timeout): short where the fault
+# makes the server go quiet, long otherwise (an honest server on a loaded machine must
+# not be taken for a stalling one)
+TIMEOUT, RELAXED = 0.25, 10.0
+SLOW_FAULTS = ("stall", "trickle", "no_done")
 MEMORY_LIMIT = 2 << 30
 SESSION_TIMEOUT = 30.0
 
@@ -119,6 +123,9 @@ FAULTS = {
         "no_done",
     ],
 }
+
+
+CHUNK_FAULTS = FAULTS["read"][: FAULTS["read"].index("cookie")]
 
 
 class Fault:
@@ -443,6 +450,15 @@ class HostileServer:
 
     def _read_fault(self, c, st, cookie, off, n, kind):
         """Send a faulty reply; True when it replaced the honest one."""
+        if kind in CHUNK_FAULTS:
+            self._chunk_fault(c, st, cookie, off, n, kind)
+        else:
+            return self._framing_fault(c, st, cookie, off, n, kind)
+        self._stall_after_fault()
+        return True
+
+    def _chunk_fault(self, c, st, cookie, off, n, kind):
+        """Malformed content and error chunks."""
         data = self.export[off : off + n]
         half = max(1, n // 2)
         ch = lambda flags, t, p, length=None: self._chunk(c, st, flags, t, cookie, p, length)  # noqa: E731
@@ -478,7 +494,12 @@ class HostileServer:
             ch(DONE, ERROR, struct.pack(">IH", 5, 10) + b"0123456789", length=0xFFFFFFF0)
         elif kind == "error_msglen":
             ch(DONE, ERROR, struct.pack(">IH", 5, 60000) + b"short")
-        elif kind == "cookie":
+
+    def _framing_fault(self, c, st, cookie, off, n, kind):
+        """Wrong cookies, magics, reply kinds, stalls, trickles, hang-ups."""
+        data = self.export[off : off + n]
+        ch = lambda flags, t, p, length=None: self._chunk(c, st, flags, t, cookie, p, length)  # noqa: E731
+        if kind == "cookie":
             self._chunk(c, st, DONE, DATA, cookie + 1, struct.pack(">Q", off) + data)
         elif kind == "simple":
             self._send(c, struct.pack(">IIQ", SIMPLE, 0, cookie) + data, st)
@@ -774,9 +795,10 @@ def run_session(seed, workdir):
     if os.path.exists(path):
         os.unlink(path)
     server = HostileServer(path, export, rng.random(), fault, **habits)
-    uri = f"{server.uri}&connect-timeout={TIMEOUT}&timeout={TIMEOUT}"
+    timeout = TIMEOUT if fault and fault.kind in SLOW_FAULTS else RELAXED
+    uri = f"{server.uri}&connect-timeout={timeout}&timeout={timeout}"
     # one deadline trip at most (one fault), plus the payload allowance and slack
-    limit = 2 * TIMEOUT + len(export) / (64 * 1024) + 5.0
+    limit = 2 * timeout + len(export) / (64 * 1024) + 5.0
     try:
         if rng.random() < 0.5:
             errors = _client_ops(rng, server, export, uri, limit)
@@ -807,22 +829,28 @@ def worker(seed, start, count):
         shutil.rmtree(work, ignore_errors=True)
 
 
-def run_sessions(count, seed=0, timeout=SESSION_TIMEOUT, env=None):
-    """Run `count` sessions in child processes; returns the failures (dicts)."""
+def run_sessions(count, seed=0, timeout=SESSION_TIMEOUT, env=None, jobs=1):
+    """Run `count` sessions in `jobs` child processes at a time (contiguous ranges; the
+    sessions mostly wait on short deadlines); returns the failures (dicts)."""
     failures = []
-    nxt = 0
+    bounds = [count * j // jobs for j in range(jobs + 1)]
+    threads = [
+        threading.Thread(target=_run_range, args=(a, b, seed, timeout, env, failures))
+        for a, b in zip(bounds, bounds[1:])
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sorted(failures, key=lambda f: f["session"])
+
+
+def _run_range(nxt, end, seed, timeout, env, failures):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    while nxt < count:
+    while nxt < end:
+        cmd = ["worker", str(seed), str(nxt), str(end - nxt)]
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tests.nbd_hostile",
-                "worker",
-                str(seed),
-                str(nxt),
-                str(count - nxt),
-            ],
+            [sys.executable, "-m", "tests.nbd_hostile", *cmd],
             cwd=root,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -830,6 +858,7 @@ def run_sessions(count, seed=0, timeout=SESSION_TIMEOUT, env=None):
             env=env,
         )
         current, last = nxt, time.monotonic()
+        died = True
         while True:
             r, _, _ = select.select([proc.stdout], [], [], 0.5)
             if r:
@@ -846,20 +875,14 @@ def run_sessions(count, seed=0, timeout=SESSION_TIMEOUT, env=None):
             elif time.monotonic() - last > timeout:
                 proc.kill()
                 failures.append({"session": current, "error": f"hang: no result in {timeout} s"})
-                nxt = current + 1
+                nxt, died = current + 1, False
                 break
         proc.wait()
         err = proc.stderr.read()
-        if nxt <= current < count and not (failures and failures[-1]["session"] == current):
-            failures.append(
-                {
-                    "session": current,
-                    "error": f"child died ({proc.returncode})",
-                    "stderr": err[-2000:],
-                }
-            )
+        if died and nxt <= current < end:
+            error = f"child died ({proc.returncode})"
+            failures.append({"session": current, "error": error, "stderr": err[-2000:]})
             nxt = current + 1
-    return failures
 
 
 if __name__ == "__main__":
@@ -868,7 +891,8 @@ if __name__ == "__main__":
     else:  # python -m tests.nbd_hostile SESSIONS [SEED]
         n = int(sys.argv[1])
         t0 = time.monotonic()
-        fails = run_sessions(n, sys.argv[2] if len(sys.argv) > 2 else 0)
+        jobs = int(os.environ.get("FVD_WIRE_JOBS", "1"))
+        fails = run_sessions(n, sys.argv[2] if len(sys.argv) > 2 else 0, jobs=jobs)
         for f in fails:
             print(json.dumps(f))
         print(f"wire fuzz: {n} sessions, {len(fails)} failures, {time.monotonic() - t0:.0f} s")
