@@ -18,11 +18,12 @@ from such a reply may be used (the caller drops the connection and reports no da
 
 from __future__ import annotations
 
+import array
 import errno
 import os
+import re
 import struct
-
-import numpy as np
+import sys
 
 from fvd.nbd_client.protocol import (
     MAX_STATUS_RUNS,
@@ -162,9 +163,15 @@ def read_reply(wire: Wire, cookie: int, structured: bool, offset: int, out: memo
             return
 
 
+_LOW_BITS = bytes(i & STATE_MASK for i in range(256))
+_RUN = re.compile(rb"(.)\1*", re.S)
+
+
 class StatusRuns:
     """Block status descriptors merged as they arrive into (length, flags) runs of the
-    flags fvd uses, validated, clipped to the request, at most MAX_STATUS_RUNS of them."""
+    flags fvd uses, validated, clipped to the request, at most MAX_STATUS_RUNS of them.
+    The work per piece is C-speed scans plus one step per run: the flags' low bytes
+    (big-endian: every 8th byte) masked by bytes.translate, runs found by a regex."""
 
     def __init__(self, wire: Wire, length: int) -> None:
         self.wire, self.length = wire, length
@@ -175,20 +182,19 @@ class StatusRuns:
     def add(self, piece: bytes) -> None:
         if self.full:
             return
-        d = np.frombuffer(piece, dtype=">u4").reshape(-1, 2)
-        lengths = d[:, 0].astype(np.int64)
-        if not lengths.all():
+        words = array.array("I", piece)
+        if sys.byteorder == "little":
+            words.byteswap()
+        lengths = words[0::2]
+        if 0 in lengths:
             self.wire.fail("block status descriptor of length 0")
-        ends = np.cumsum(lengths) + self.pos
-        starts = ends - lengths
-        if starts[-1] >= self.length:
+        if self.pos + sum(lengths[:-1]) >= self.length:
             self.wire.fail(f"block status descriptors past the {self.length} bytes requested")
-        lengths = np.minimum(ends, self.length) - starts
-        flags = d[:, 1] & STATE_MASK
-        heads = np.concatenate(([0], np.flatnonzero(flags[1:] != flags[:-1]) + 1))
-        sums = np.add.reduceat(lengths, heads)
-        for n, f in zip(sums.tolist(), flags[heads].tolist()):
-            self._append(int(n), int(f))
+        past = max(0, self.pos + sum(lengths) - self.length)  # only the last may reach past
+        flags = piece[7::8].translate(_LOW_BITS)
+        for m in _RUN.finditer(flags):
+            n = sum(lengths[m.start() : m.end()]) - (past if m.end() == len(flags) else 0)
+            self._append(n, flags[m.start()])
             if self.full:
                 return
 

@@ -9,13 +9,17 @@ libnbd). The server's name is checked against ``tls-hostname``, else the URI's h
 unix socket URI without ``tls-hostname`` has no name to check, so only the chain is
 verified (libnbd does the same).
 
-PSK (``tls-psk-file``) needs ``SSLContext.set_psk_client_callback``, which Python's ssl
-gained in 3.13; this client refuses PSK with a clear error instead of half supporting it.
+PSK (``tls-psk-file=FILE``, nbdkit's and libnbd's format: lines ``USERNAME:HEXKEY``)
+needs ``SSLContext.set_psk_client_callback``, which Python's ssl gained in 3.13: there the
+key of ``tls-username`` (else the URI's user, ``nbds://alice@host/``, else the login name,
+as libnbd) is used and no certificate is involved; on older Pythons a PSK URI is refused
+with an error saying so.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from typing import TYPE_CHECKING
 
 from fvd.errors import BaseImageError
@@ -29,14 +33,11 @@ def client_context(u: NbdUri) -> ssl.SSLContext:
     """The context for u (BaseImageError naming the URI for unusable settings)."""
     import ssl
 
-    if u.tls_psk_file is not None or u.tls_username is not None:
-        raise BaseImageError(
-            f"{u.uri}: TLS with a pre-shared key (tls-psk-file) is not supported by fvd's NBD "
-            f"client: Python's ssl module has no PSK client support before 3.13 "
-            f"(SSLContext.set_psk_client_callback); use X.509 certificates (tls-certificates)"
-        )
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2  # the NBD spec's floor
+    if u.tls_psk_file is not None:
+        _use_psk(ctx, u)
+        return ctx
     try:
         _load(ctx, u)
     except (OSError, ssl.SSLError) as e:
@@ -47,6 +48,45 @@ def client_context(u: NbdUri) -> ssl.SSLContext:
     elif server_hostname(u) is None:
         ctx.check_hostname = False  # the chain is still verified (CERT_REQUIRED)
     return ctx
+
+
+MAX_PSK_FILE = 1 << 20
+
+
+def _use_psk(ctx: ssl.SSLContext, u: NbdUri) -> None:
+    import getpass
+    import ssl
+
+    if not hasattr(ctx, "set_psk_client_callback"):
+        raise BaseImageError(
+            f"{u.uri}: TLS with a pre-shared key (tls-psk-file) needs Python 3.13 or later "
+            f"(SSLContext.set_psk_client_callback); this is Python "
+            f"{sys.version_info.major}.{sys.version_info.minor}: use X.509 certificates "
+            f"(tls-certificates) or a newer Python"
+        )
+    user = u.tls_username or u.user or getpass.getuser()
+    key = _psk_key(u, user)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # the key authenticates both ends
+    ctx.set_ciphers("PSK")  # TLS 1.2; TLS 1.3 suites are not affected
+    ctx.set_psk_client_callback(lambda _hint: (user, key))
+
+
+def _psk_key(u: NbdUri, user: str) -> bytes:
+    assert u.tls_psk_file is not None
+    try:
+        with open(u.tls_psk_file, "rb") as f:
+            text = f.read(MAX_PSK_FILE).decode("utf-8", "replace")
+    except OSError as e:
+        raise BaseImageError(f"{u.uri}: tls-psk-file: {e}") from e
+    for line in text.splitlines():
+        name, _, hexkey = line.strip().partition(":")
+        if name == user:
+            try:
+                return bytes.fromhex(hexkey)
+            except ValueError:
+                break
+    raise BaseImageError(f"{u.uri}: tls-psk-file {u.tls_psk_file}: no valid key for {user!r}")
 
 
 def _load(ctx: ssl.SSLContext, u: NbdUri) -> None:

@@ -49,6 +49,7 @@ class NbdUri:
     tls_hostname: str | None = None
     tls_psk_file: str | None = None
     tls_username: str | None = None
+    user: str | None = None  # the URI's userinfo: the PSK user by default
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     timeout: float = DEFAULT_TIMEOUT
 
@@ -74,7 +75,7 @@ def parse_uri(uri: str) -> NbdUri:
     where: Union[str, tuple[str, int]]
     if scheme.endswith("+unix"):
         sock = query.get("socket")
-        if parts.netloc or not sock:
+        if parts.hostname or parts.port or not sock:
             raise ValueError(f"{uri}: a unix socket URI is {scheme}:///EXPORT?socket=PATH")
         kind, where = "unix", sock
     else:
@@ -96,6 +97,7 @@ def parse_uri(uri: str) -> NbdUri:
         tls_hostname=query.get("tls-hostname"),
         tls_psk_file=query.get("tls-psk-file"),
         tls_username=query.get("tls-username"),
+        user=unquote(parts.username) if parts.username else None,
         connect_timeout=_seconds(uri, query, "connect-timeout", DEFAULT_CONNECT_TIMEOUT),
         timeout=_seconds(uri, query, "timeout", DEFAULT_TIMEOUT),
     )

@@ -2,15 +2,19 @@
 (--tls=require), X.509 certificates made at test time with the openssl CLI, on 127.0.0.1
 and a unix socket only."""
 
+import glob
+import hashlib
 import os
+import shutil
 import subprocess
+import sys
 
 import pytest
 
 import fvd
 from fvd.nbd_client import NbdClient
 
-from ..nbd_helpers import Server, free_port, need_nbd_tools
+from ..nbd_helpers import ROOT, Server, free_port, need_nbd_tools
 
 pytestmark = pytest.mark.interop
 SIZE = 1 << 20
@@ -195,8 +199,79 @@ def test_client_certificate_when_the_server_verifies_peers(base_raw, certs):
         srv.stop()
 
 
-def test_psk_is_refused_clearly(tmp_path):
+PSK_CLIENT = """
+import hashlib, sys
+from fvd.nbd_client import NbdClient
+c = NbdClient(sys.argv[1])
+buf = bytearray(c.size)
+c.readinto(0, buf)
+c.close()
+print(hashlib.sha256(buf).hexdigest())
+"""
+
+
+def _psk_python():
+    """A Python with SSLContext.set_psk_client_callback (3.13+), or None."""
+    candidates = [sys.executable, shutil.which("python3.13"), shutil.which("python3.14")]
+    candidates += sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.1[3-9]*/bin/python3")))
+    for exe in filter(None, candidates):
+        probe = "import ssl; ssl.SSLContext.set_psk_client_callback"
+        if subprocess.run([exe, "-c", probe], capture_output=True, check=False).returncode == 0:
+            return exe
+    return None
+
+
+def _client_alone(tmp_path):
+    """fvd.nbd_client with just what it imports from fvd (errors, units' sizes), for a
+    Python without fvd's dependencies installed."""
+    pkg = tmp_path / "alone" / "fvd"
+    shutil.copytree(os.path.join(ROOT, "fvd", "nbd_client"), pkg / "nbd_client")
+    shutil.copy(os.path.join(ROOT, "fvd", "errors.py"), pkg / "errors.py")
+    (pkg / "units.py").write_text("KiB = 1 << 10\nMiB = 1 << 20\n")
+    (pkg / "__init__.py").write_text("")
+    return str(pkg.parent)
+
+
+def test_psk(tmp_path, base_raw):
+    """nbdkit --tls-psk: on Python 3.13+ the client reads the export with the key of
+    tls-username (or the URI's user); before 3.13 a PSK URI is refused clearly."""
+    need_nbd_tools()
+    raw, data = base_raw
     psk = tmp_path / "keys.psk"
-    psk.write_text("alice:0123456789abcdef0123456789abcdef\n")
-    with pytest.raises(fvd.BaseImageError, match="pre-shared key.*3.13"):
-        NbdClient(f"nbds://127.0.0.1:1/?tls-psk-file={psk}&connect-timeout=5")
+    psk.write_text(f"bob:{os.urandom(16).hex()}\nalice:{os.urandom(32).hex()}\n")
+    sock = tmp_path / "p.sock"
+    srv = Server(
+        ["nbdkit", "-f", "--exit-with-parent", "--tls=require", f"--tls-psk={psk}",
+         "--unix", sock, "file", raw],
+        f"nbds+unix:///?socket={sock}&tls-psk-file={psk}",
+        socket_path=sock,
+    )  # fmt: skip
+    try:
+        if sys.version_info < (3, 13):
+            with pytest.raises(fvd.BaseImageError, match="pre-shared key.*needs Python 3.13"):
+                NbdClient(srv.uri + "&tls-username=alice")
+        exe = _psk_python()
+        if exe is None:
+            pytest.skip("no Python 3.13+ to try PSK with")
+        env = dict(os.environ, PYTHONPATH=_client_alone(tmp_path))
+        want = hashlib.sha256(data).hexdigest()
+        for uri in (
+            srv.uri + "&tls-username=alice",
+            srv.uri.replace("nbds+unix://", "nbds+unix://alice@"),
+        ):
+            r = subprocess.run(
+                [exe, "-c", PSK_CLIENT, uri],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=60,
+                cwd=tmp_path,
+            )
+            assert r.stdout.strip() == want, r.stderr
+        r = subprocess.run(
+            [exe, "-c", PSK_CLIENT, srv.uri + "&tls-username=carol"],
+            capture_output=True, text=True, env=env, timeout=60, cwd=tmp_path,
+        )  # fmt: skip
+        assert "BaseImageError" in r.stderr and "no valid key for 'carol'" in r.stderr
+    finally:
+        srv.stop()
