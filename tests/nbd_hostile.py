@@ -776,12 +776,27 @@ def _image_ops(rng, server, export, uri, workdir, limit):
     _, err = _timed(limit * 4, f"image {op}", use)
     errors += [err] if err else []
     server.honest()
-    with fvd.open(path) as img:
-        if img.read(0, size) != export:
-            raise Violation(f"after {op} the image holds wrong data")
-        if not img.check().ok:
-            raise Violation(f"after {op} the image does not check clean")
+    _verify_image(path, export, op)
     return errors
+
+
+def _verify_image(path, export, op, attempts=3):
+    """With the server honest, the image reads back the export and checks clean. The
+    image's URI may carry the fuzz's 0.25 s deadlines, which an honest server on a loaded
+    machine can miss: a missed deadline here is retried (deadlines are tested above)."""
+    import fvd
+
+    for attempt in range(attempts):
+        try:
+            with fvd.open(path) as img:
+                if img.read(0, len(export)) != export:
+                    raise Violation(f"after {op} the image holds wrong data")
+                if not img.check().ok:
+                    raise Violation(f"after {op} the image does not check clean")
+            return
+        except fvd.BaseImageError as e:
+            if "deadline" not in str(e) or attempt == attempts - 1:
+                raise
 
 
 def run_session(seed, workdir):
@@ -790,6 +805,8 @@ def run_session(seed, workdir):
     export = make_export(rng)
     site = rng.choice(["hello", "option", "read", "read", "status", "status", None])
     fault = Fault(site, rng.choice(FAULTS[site]), rng.choice([0, 0, 1, 2, 4])) if site else None
+    if fault and fault.kind in SLOW_FAULTS:
+        fault.nth = min(fault.nth, 1)  # short deadlines: let the fault fire
     habits = dict(structured=rng.random() < 0.85, meta=rng.random() < 0.85, go=rng.random() < 0.9)
     path = os.path.join(workdir, "s.sock")
     if os.path.exists(path):
@@ -806,7 +823,10 @@ def run_session(seed, workdir):
             errors = _image_ops(rng, server, export, uri, workdir, limit)
     finally:
         server.stop()
-    if errors and not server.fired:
+    # an unfired slow fault leaves 0.25 s deadlines on an honest server: missing them
+    # under load is not a refusal
+    missed = timeout == TIMEOUT and all("deadline" in str(e) for e in errors)
+    if errors and not server.fired and not missed:
         raise Violation(f"an honest server was refused: {errors[0]}")
     return f"{fault} {habits} size={len(export)} fired={server.fired} errors={len(errors)}"
 

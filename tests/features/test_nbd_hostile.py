@@ -204,6 +204,8 @@ def test_peer_lengths_are_bounded(tmp_path, site, kind, op, expect):
 @pytest.mark.parametrize("kind", ["size_huge", "size_2_63"])
 def test_export_claiming_more_than_2_63_bytes(hostile, tmp_path, kind):
     srv = hostile(fault=Fault("option", kind, nth=2, every=True))  # the NBD_OPT_GO reply
+    with pytest.raises(fvd.BaseImageError, match="more than 2.63 - 1"):
+        NbdClient(srv.uri + T)
     r = subprocess.run(
         [sys.executable, "-m", "fvd.cli", "create", "-b", srv.uri, "-F", "raw", tmp_path / "a.fvd"],
         capture_output=True,
