@@ -7,7 +7,7 @@ answers as an honest but awkward server would: reads split into chunks of random
 sometimes out of order, zero ranges as hole chunks, DONE on the last chunk or on a
 separate NONE, block status split into many descriptors with unknown flag bits, fewer
 descriptors than asked or a final one reaching past the request. A `Fault` makes the
-n-th occurrence of one site ("hello", "option", "read", "status") misbehave in one
+n-th occurrence of one site ("hello", "option", "go", "read", "status") misbehave in one
 scripted way (see FAULTS).
 
 `run_session(seed)` generates a session (export, server habits, one fault or none, the
@@ -125,6 +125,7 @@ FAULTS = {
 }
 
 
+FAULTS["go"] = FAULTS["option"]
 CHUNK_FAULTS = FAULTS["read"][: FAULTS["read"].index("cookie")]
 
 
@@ -306,6 +307,8 @@ class HostileServer:
     def _option(self, c, st, opt, data):
         """Answer one option; True when the transmission phase starts."""
         kind = self._fires("option")
+        if opt == OPT_GO:  # "go": NBD_OPT_GO's replies only
+            kind = self._fires("go") or kind
         if kind and self._option_fault(c, st, opt, kind):
             return False
         if opt == OPT_SR:
@@ -803,7 +806,7 @@ def run_session(seed, workdir):
     """One generated session; returns a description. Violation on a broken rule."""
     rng = random.Random(seed)
     export = make_export(rng)
-    site = rng.choice(["hello", "option", "read", "read", "status", "status", None])
+    site = rng.choice(["hello", "option", "go", "read", "read", "status", "status", None])
     fault = Fault(site, rng.choice(FAULTS[site]), rng.choice([0, 0, 1, 2, 4])) if site else None
     if fault and fault.kind in SLOW_FAULTS:
         fault.nth = min(fault.nth, 1)  # short deadlines: let the fault fire

@@ -203,7 +203,7 @@ def test_peer_lengths_are_bounded(tmp_path, site, kind, op, expect):
 
 @pytest.mark.parametrize("kind", ["size_huge", "size_2_63"])
 def test_export_claiming_more_than_2_63_bytes(hostile, tmp_path, kind):
-    srv = hostile(fault=Fault("option", kind, nth=2, every=True))  # the NBD_OPT_GO reply
+    srv = hostile(fault=Fault("go", kind, every=True))
     with pytest.raises(fvd.BaseImageError, match="more than 2.63 - 1"):
         NbdClient(srv.uri + T)
     r = subprocess.run(
@@ -225,7 +225,7 @@ def test_export_claiming_more_than_2_63_bytes(hostile, tmp_path, kind):
         ("hello", "trickle"),  # one byte every 50 ms: each recv makes progress
         ("option", "stall"),
         ("option", "trickle"),
-        ("option", "endless_info"),  # as the third option's (NBD_OPT_GO) replies: below
+        ("go", "endless_info"),
         ("read", "stall"),
         ("read", "trickle"),
         ("read", "no_done"),  # all the data, then nothing
@@ -234,7 +234,7 @@ def test_export_claiming_more_than_2_63_bytes(hostile, tmp_path, kind):
     ],
 )
 def test_deadlines(hostile, site, kind):
-    srv = hostile(fault=Fault(site, kind, nth=2 if kind == "endless_info" else 0))
+    srv = hostile(fault=Fault(site, kind))
     uri = srv.uri + "&connect-timeout=0.5&timeout=0.5"
 
     def use():
