@@ -11,6 +11,7 @@ from fvd.nbd_client.protocol import (
     CMD_BLOCK_STATUS,
     CMD_DISC,
     CMD_READ,
+    MAX_CREDIT,
     MAX_REQUEST,
     MAX_STATUS,
     REQUEST_MAGIC,
@@ -37,7 +38,7 @@ class Connection:
 
     def _request(self, cmd: int, offset: int, length: int, what: str) -> int:
         self.cookie += 1
-        self.wire.start(what, self.timeout)
+        self.wire.start(what, self.timeout, MAX_CREDIT)
         self.wire.send(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, cmd, self.cookie, offset, length))
         return self.cookie
 

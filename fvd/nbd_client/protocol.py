@@ -61,4 +61,5 @@ DEFAULT_PORT = 10809
 DEFAULT_CONNECT_TIMEOUT = 30.0  # connect + TLS + handshake, seconds
 DEFAULT_TIMEOUT = 30.0  # per request, plus MIN_RATE's allowance for its payload
 MIN_RATE = 64 * KiB  # bytes/s: each payload byte received adds 1/MIN_RATE s to the deadline
+MAX_CREDIT = MAX_REQUEST  # ... for at most this many bytes: a request ends within timeout + 64 s
 MAX_TIMEOUT = 24 * 3600.0

@@ -24,6 +24,7 @@ import os
 import re
 import struct
 import sys
+from typing import NoReturn
 
 from fvd.nbd_client.protocol import (
     MAX_STATUS_RUNS,
@@ -65,13 +66,13 @@ class Chunk:
         return bool(self.flags & REPLY_FLAG_DONE)
 
 
-def server_error(wire: Wire, code: int, message: str = "") -> None:
+def server_error(wire: Wire, code: int, message: str = "") -> NoReturn:
     name = errno.errorcode.get(code, f"error {code}")
     text = f"{name}: {os.strerror(code)}" if code in errno.errorcode else name
     wire.fail(f"the server answered {text}" + (f" ({message})" if message else ""))
 
 
-def error_chunk(wire: Wire, c: Chunk) -> None:
+def error_chunk(wire: Wire, c: Chunk) -> NoReturn:
     """Raise for an error chunk (known or not: bit 15 set means the reply failed)."""
     fixed = 14 if c.type == REPLY_ERROR_OFFSET else 6
     if c.length < fixed:

@@ -25,13 +25,16 @@ class Wire:
         self.what = "handshake"
         self.limit = math.inf
         self.deadline = math.inf
+        self.credit = 0  # payload bytes that may still extend the deadline
 
-    def start(self, what: str, seconds: float) -> None:
+    def start(self, what: str, seconds: float, credit: int = 0) -> None:
         """A new operation (`what` names it in errors) that must end within `seconds`,
-        plus 1/MIN_RATE s per payload byte received (see recv_into)."""
+        plus 1/MIN_RATE s per payload byte received, for at most `credit` bytes (see
+        recv_into): it ends within seconds + credit / MIN_RATE whatever the peer does."""
         self.what = what
         self.limit = seconds
         self.deadline = time.monotonic() + seconds
+        self.credit = credit
 
     def fail(self, problem: str) -> NoReturn:
         raise BaseImageError(f"{self.uri}: NBD {self.what}: {problem}")
@@ -44,9 +47,9 @@ class Wire:
 
     def _expired(self) -> NoReturn:
         self.fail(
-            f"no complete answer within the deadline ({self.limit:g} s plus 1 s per "
-            f"{MIN_RATE // 1024} KiB received; see the URI's timeout parameters); "
-            f"connection dropped"
+            f"no complete answer within the deadline ({self.limit:g} s, plus 1 s per "
+            f"{MIN_RATE // 1024} KiB of payload received; see the URI's timeout "
+            f"parameters); connection dropped"
         )
 
     def recv_into(self, mv: memoryview, payload: bool = False) -> None:
@@ -64,8 +67,10 @@ class Wire:
             if n == 0:
                 self.fail("the server closed the connection")
             got += n
-            if payload:
-                self.deadline += n / MIN_RATE
+            if payload and self.credit:
+                k = min(n, self.credit)
+                self.credit -= k
+                self.deadline += k / MIN_RATE
 
     def recv(self, n: int, payload: bool = False) -> bytes:
         buf = bytearray(n)
@@ -73,11 +78,11 @@ class Wire:
         return bytes(buf)
 
     def skip(self, n: int) -> None:
-        """Read and drop `n` bytes (bounded by the caller) in pieces."""
+        """Read and drop `n` payload bytes (bounded by the caller) in pieces."""
         scratch = memoryview(bytearray(min(n, STATUS_PIECE)))
         while n:
             k = min(n, len(scratch))
-            self.recv_into(scratch[:k])
+            self.recv_into(scratch[:k], payload=True)
             n -= k
 
     def send(self, data: bytes) -> None:
