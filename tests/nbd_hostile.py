@@ -743,7 +743,7 @@ def _concurrent(rng, client, export, limit):
     return [err for err, _ in results if err]
 
 
-def _image_ops(rng, server, export, uri, workdir, limit):
+def _image_ops(rng, server, export, uri, workdir, limit, ops):
     """An fvd image over the export: copy-on-read reads, prefetch, map; then, with the
     server honest, everything stored must be the export's data."""
     import fvd
@@ -761,6 +761,7 @@ def _image_ops(rng, server, export, uri, workdir, limit):
     if err:
         return errors
     op = rng.choice(["cor", "prefetch", "map", "cor"])
+    ops.append(op)
 
     def use():
         with fvd.open(path, "r+", copy_on_read=(op == "cor")) as img:
@@ -810,6 +811,9 @@ def run_session(seed, workdir):
     fault = Fault(site, rng.choice(FAULTS[site]), rng.choice([0, 0, 1, 2, 4])) if site else None
     if fault and fault.kind in SLOW_FAULTS:
         fault.nth = min(fault.nth, 1)  # short deadlines: let the fault fire
+    on_image = rng.random() < 0.5
+    if fault and on_image and site in ("hello", "go", "option"):
+        fault.nth += 3 if site == "option" else 1  # mostly past create's connection
     habits = dict(structured=rng.random() < 0.85, meta=rng.random() < 0.85, go=rng.random() < 0.9)
     path = os.path.join(workdir, "s.sock")
     if os.path.exists(path):
@@ -820,10 +824,12 @@ def run_session(seed, workdir):
     # one deadline trip at most (one fault), plus the payload allowance and slack
     limit = 2 * timeout + len(export) / (64 * 1024) + 5.0
     try:
-        if rng.random() < 0.5:
+        if not on_image:
+            ops = ["client"]
             errors = _client_ops(rng, server, export, uri, limit)
         else:
-            errors = _image_ops(rng, server, export, uri, workdir, limit)
+            ops = ["image"]
+            errors = _image_ops(rng, server, export, uri, workdir, limit, ops)
     finally:
         server.stop()
     # an unfired slow fault leaves 0.25 s deadlines on an honest server: missing them
@@ -831,7 +837,10 @@ def run_session(seed, workdir):
     missed = timeout == TIMEOUT and all("deadline" in str(e) for e in errors)
     if errors and not server.fired and not missed:
         raise Violation(f"an honest server was refused: {errors[0]}")
-    return f"{fault} {habits} size={len(export)} fired={server.fired} errors={len(errors)}"
+    return (
+        f"ops={'/'.join(ops)} {fault} {habits} size={len(export)} fired={server.fired} "
+        f"errors={len(errors)}"
+    )
 
 
 # ----- child process and runner ----------------------------------------------------------------
