@@ -112,8 +112,6 @@ def _negotiate(wire: Wire, u: NbdUri, tls_context: ssl.SSLContext | None) -> Neg
 
 
 def _starttls(wire: Wire, u: NbdUri, ctx: ssl.SSLContext) -> None:
-    import ssl  # only for TLS: nbdkit's embedded Python (fvd serve) may not load it
-
     _send_option(wire, OPT_STARTTLS, b"")
     for rtype, payload in _replies(wire, OPT_STARTTLS, allow_tls_reqd=True):
         if rtype == REP_ACK:
@@ -121,25 +119,7 @@ def _starttls(wire: Wire, u: NbdUri, ctx: ssl.SSLContext) -> None:
         if rtype & REP_ERROR_BIT:
             wire.fail(f"the server does not offer TLS ({_error_text(rtype, payload)})")
         wire.fail(f"unexpected reply type {rtype} to NBD_OPT_STARTTLS")
-    wire.what = "TLS handshake"
-    try:
-        sock = ctx.wrap_socket(
-            wire.sock, server_hostname=tls.server_hostname(u), do_handshake_on_connect=False
-        )
-    except (OSError, ValueError) as e:
-        wire.fail(f"cannot start TLS: {e}")
-    wire.sock = sock
-    sock.settimeout(wire.remaining())
-    try:
-        sock.do_handshake()
-    except ssl.SSLCertVerificationError as e:
-        wire.fail(f"the server's certificate is not accepted: {e.verify_message}")
-    except TimeoutError:
-        wire.remaining()
-        wire.fail("TLS handshake timed out")
-    except OSError as e:
-        wire.fail(f"TLS handshake failed: {e}")
-    wire.what = "handshake"
+    tls.start(wire, u, ctx)
 
 
 def _send_option(wire: Wire, option: int, data: bytes) -> None:

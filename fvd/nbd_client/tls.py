@@ -18,21 +18,28 @@ with an error saying so.
 
 from __future__ import annotations
 
+import getpass
 import os
 import sys
-from typing import TYPE_CHECKING
+from typing import Optional
 
 from fvd.errors import BaseImageError
 from fvd.nbd_client.uri import NbdUri
+from fvd.nbd_client.wire import Wire
 
-if TYPE_CHECKING:  # ssl is imported when TLS is used: nbdkit's embedded Python may lack it
+try:
     import ssl
+
+    SSL_ERROR: Optional[str] = None
+except ImportError as e:  # nbdkit's embedded Python (fvd serve imports fvd) may not load
+    ssl = None  # type: ignore[assignment]  # this interpreter's _ssl: TLS is unused there
+    SSL_ERROR = str(e)
 
 
 def client_context(u: NbdUri) -> ssl.SSLContext:
     """The context for u (BaseImageError naming the URI for unusable settings)."""
-    import ssl
-
+    if ssl is None:
+        raise BaseImageError(f"{u.uri}: TLS is not available: {SSL_ERROR}")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2  # the NBD spec's floor
     if u.tls_psk_file is not None:
@@ -54,9 +61,6 @@ MAX_PSK_FILE = 1 << 20
 
 
 def _use_psk(ctx: ssl.SSLContext, u: NbdUri) -> None:
-    import getpass
-    import ssl
-
     if not hasattr(ctx, "set_psk_client_callback"):
         raise BaseImageError(
             f"{u.uri}: TLS with a pre-shared key (tls-psk-file) needs Python 3.13 or later "
@@ -90,8 +94,6 @@ def _psk_key(u: NbdUri, user: str) -> bytes:
 
 
 def _load(ctx: ssl.SSLContext, u: NbdUri) -> None:
-    import ssl
-
     d = u.tls_certificates
     if d is None:
         ctx.load_default_certs()
@@ -115,3 +117,27 @@ def server_hostname(u: NbdUri) -> str | None:
     if u.kind == "tcp" and isinstance(u.where, tuple):
         return u.where[0]
     return None
+
+
+def start(wire: Wire, u: NbdUri, ctx: ssl.SSLContext) -> None:
+    """The TLS handshake on wire's socket (after NBD_OPT_STARTTLS was acknowledged),
+    within the handshake's deadline; wire goes on over TLS."""
+    wire.what = "TLS handshake"
+    try:
+        sock = ctx.wrap_socket(
+            wire.sock, server_hostname=server_hostname(u), do_handshake_on_connect=False
+        )
+    except (OSError, ValueError) as e:
+        wire.fail(f"cannot start TLS: {e}")
+    wire.sock = sock
+    sock.settimeout(wire.remaining())
+    try:
+        sock.do_handshake()
+    except ssl.SSLCertVerificationError as e:
+        wire.fail(f"the server's certificate is not accepted: {e.verify_message}")
+    except TimeoutError:
+        wire.remaining()
+        wire.fail("TLS handshake timed out")
+    except OSError as e:
+        wire.fail(f"TLS handshake failed: {e}")
+    wire.what = "handshake"
