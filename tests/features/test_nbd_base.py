@@ -299,3 +299,22 @@ def test_prefetch_of_a_sparse_base_moves_only_its_data(tmp_path, impl):
     assert "64.00 KiB" in read, read
     with fvd.open(image) as img:
         assert img.read(0, SIZE) == raw.read_bytes()
+
+
+def test_request_deadline_against_a_slow_nbdkit(tmp_path, base_raw, impl):
+    """nbdkit's delay filter holds every read 2 s: with timeout=0.5 in the URI the read
+    fails with BaseImageError naming the deadline; with timeout=10 it completes."""
+    raw, data = base_raw
+    srv = nbdkit_file(raw, tmp_path / "k.sock", ("delay", ["rdelay=2"]))
+    try:
+        client = NbdClient(srv.uri + "&timeout=0.5")
+        with pytest.raises(fvd.BaseImageError, match="read of 4096 bytes at 0: .*deadline"):
+            client.readinto(0, bytearray(4096))
+        client.close()
+        client = NbdClient(srv.uri + "&timeout=10")
+        buf = bytearray(4096)
+        client.readinto(0, buf)
+        assert buf == data[:4096]
+        client.close()
+    finally:
+        srv.stop()
