@@ -784,10 +784,11 @@ def _image_ops(rng, server, export, uri, workdir, limit, ops):
     return errors
 
 
-def _verify_image(path, export, op, attempts=3):
+def _verify_image(path, export, op, attempts=10):
     """With the server honest, the image reads back the export and checks clean. The
     image's URI may carry the fuzz's 0.25 s deadlines, which an honest server on a loaded
-    machine can miss: a missed deadline here is retried (deadlines are tested above)."""
+    machine can miss (seen once in 10,000 sessions with 3 attempts): a missed deadline
+    here is retried (deadlines are what the sessions test, not this check)."""
     import fvd
 
     for attempt in range(attempts):
@@ -801,6 +802,7 @@ def _verify_image(path, export, op, attempts=3):
         except fvd.BaseImageError as e:
             if "deadline" not in str(e) or attempt == attempts - 1:
                 raise
+            time.sleep(0.2)
 
 
 def run_session(seed, workdir):
