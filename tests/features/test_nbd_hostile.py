@@ -27,7 +27,9 @@ from ..nbd_hostile import Fault, HostileServer, run_sessions
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SIZE = 256 * 1024
-T = "&connect-timeout=1&timeout=1"  # short deadlines: a stalled test ends in a second
+# Deadlines for tests where no deadline should trip (faults that fail at once): long
+# enough for a loaded machine, short enough that a stall ends the test soon.
+T = "&connect-timeout=10&timeout=10"
 WATCHDOG = 30.0  # a test waits no longer than this for a client call (then it failed)
 
 
@@ -265,7 +267,7 @@ def test_a_slow_but_steady_transfer_completes(hostile):
     deadline, which each payload byte extends (1 s per 64 KiB)."""
     export = random.Random(1).randbytes(1 << 20)
     srv = hostile(export=export, pace=0.05)
-    client = NbdClient(srv.uri + T)
+    client = NbdClient(srv.uri + "&connect-timeout=30&timeout=1")
     buf = bytearray(len(export))
     within_watchdog(lambda: client.readinto(0, buf))
     assert buf == export
