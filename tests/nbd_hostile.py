@@ -53,7 +53,7 @@ CONTEXT_ID = 7
 # not be taken for a stalling one)
 TIMEOUT, RELAXED = 0.25, 10.0
 SLOW_FAULTS = ("stall", "trickle", "no_done")
-MEMORY_LIMIT = 2 << 30
+MEMORY_LIMIT = 1 << 30  # a worker needs about 600 MiB of address space
 SESSION_TIMEOUT = 30.0
 
 FAULTS = {
