@@ -14,7 +14,7 @@ import numpy as np
 
 from fvd import qcow2
 from fvd.errors import WrongFormatError
-from fvd.fileio import detect_format, open_disk_file, pread_fill, raw_extents
+from fvd.fileio import AnyPolicy, detect_format, open_disk_file, pread_fill, raw_extents
 from fvd.image import Image
 from fvd.ondisk import format as fmt
 from fvd.qcow2 import Qcow2Image
@@ -52,16 +52,22 @@ def resolve_format(path: StrPath, given: Optional[str] = None) -> str:
 
 
 def open_image(
-    path: StrPath, format: Optional[str] = None, mode: str = "r", *, force_share: bool = False
+    path: StrPath,
+    format: Optional[str] = None,
+    mode: str = "r",
+    *,
+    force_share: bool = False,
+    backing: AnyPolicy = "any",
 ) -> AnyImage:
     """An open image of the given (or probed) format: fvd.Image, fvd.qcow2.Qcow2Image
-    or RawImage. All have size, read, readinto, extents, close."""
+    or RawImage. All have size, read, readinto, extents, close. A file given as "raw"
+    is raw whatever its magic; `backing` is the backing policy of its chain."""
     path = os.fspath(path)
     f = resolve_format(path, format)
     if f == "fvd":
-        return Image(path, mode, force_share=force_share)
+        return Image(path, mode, force_share=force_share, backing=backing)
     if f == "qcow2":
-        return qcow2.open(path, mode)
+        return qcow2.open(path, mode, backing=backing)
     return RawImage(path, mode)
 
 

@@ -80,6 +80,7 @@ def create(
     overwrite: bool = False,
     backing_file: Optional[StrPath] = None,
     backing_format: Optional[str] = None,
+    backing: AnyPolicy = "any",
 ) -> None:
     """Create an empty qcow2 v3 image (16-bit refcounts).
 
@@ -87,7 +88,8 @@ def create(
     Refuses to replace an existing file unless overwrite=True (FileExistsError).
     `backing_file` (stored as given; a relative name is relative to the image's
     directory) and `backing_format` ("qcow2", "raw" or "fvd"; probed when None) make an
-    overlay whose unallocated clusters read from the backing file."""
+    overlay whose unallocated clusters read from the backing file (opened, with its
+    chain, as the backing policy `backing` allows: "any", "same-dir" or "none")."""
     if not isinstance(size, int) or size < 0:
         raise ValueError(f"size must be a non-negative integer, not {size!r}")
     if size % 512:
@@ -99,7 +101,8 @@ def create(
     ):
         raise ValueError(f"cluster_size must be a power of two in 512..2M, not {cluster_size}")
     cs, cbits = cluster_size, cluster_size.bit_length() - 1
-    backing_file, backing_format = _new_backing(path, backing_file, backing_format)
+    policy = BackingPolicy.of(backing, path)
+    backing_file, backing_format = _new_backing(path, backing_file, backing_format, policy)
     h = Header(
         backing_file=backing_file,
         backing_format=backing_format,
@@ -127,7 +130,7 @@ def create(
         _os.fdatasync(fd)
     finally:
         _os.close(fd)
-    img = Qcow2Image(path, "r+", "writeback", _creating=True)
+    img = Qcow2Image(path, "r+", "writeback", _creating=True, backing=policy)
     try:
         img._resize_l1(-(-size // (cs * (cs // 8))))
     finally:
@@ -135,7 +138,10 @@ def create(
 
 
 def _new_backing(
-    path: StrPath, backing_file: Optional[StrPath], backing_format: Optional[str]
+    path: StrPath,
+    backing_file: Optional[StrPath],
+    backing_format: Optional[str],
+    policy: BackingPolicy,
 ) -> tuple[str, str]:
     """(name, format) to store for a new overlay; the backing file must exist."""
     if backing_file is None:
@@ -145,6 +151,7 @@ def _new_backing(
 
     name = _os.fspath(backing_file)
     resolved = resolve_relative(path, name)
+    policy.admit(_os.fspath(path), resolved)
     if not _os.path.exists(resolved):
         raise BaseImageError(f"{resolved}: backing file does not exist")
     if backing_format is None:
