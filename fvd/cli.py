@@ -175,7 +175,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         progress(0, 1)
     try:
         result, facts = cliutil.check_image_path(
-            args.image, fmt_name, args.repair is not None, args.force_share
+            args.image, fmt_name, args.repair is not None, args.force_share, args.backing_policy
         )
     except FvdError as e:
         if not cliutil.is_corrupt(e):
@@ -367,6 +367,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         image_format=resolve_format(args.image, args.fmt),
         force_share=args.force_share,
         backing=args.backing_policy,
+        tls_certificates=args.tls_certificates,
+        tls_psk=args.tls_psk,
+        insecure=args.insecure,
     )
 
 
@@ -503,7 +506,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     v.add_argument("--socket", metavar="PATH", help="listen on a unix socket")
     v.add_argument("--port", type=int, metavar="N", help="listen on a TCP port")
-    v.add_argument("--bind", metavar="ADDR", help="TCP address to listen on (default all)")
+    v.add_argument(
+        "--bind", metavar="ADDR", help="TCP address to listen on (default localhost only)"
+    )
+    v.add_argument(
+        "--tls-certificates",
+        metavar="DIR",
+        help="require TLS with X.509 certificates (DIR holds ca-cert.pem, "
+        "server-cert.pem, server-key.pem)",
+    )
+    v.add_argument(
+        "--tls-psk", metavar="FILE", help="require TLS with pre-shared keys (username:hexkey)"
+    )
+    v.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a read-write TCP export without TLS (anyone reaching the port can write)",
+    )
     v.add_argument("--shared", type=int, metavar="N", help="at most N clients at once")
     _force_share_option(v)
     v.add_argument("image")

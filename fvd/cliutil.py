@@ -168,7 +168,7 @@ def info_text(info: Info, snapshot_table: Callable[[list[dict[str, Any]]], str])
 
 # ----- check ---------------------------------------------------------------------------
 def check_image_path(
-    path: str, fmt: Optional[str], repair: bool, force_share: bool
+    path: str, fmt: Optional[str], repair: bool, force_share: bool, backing: AnyPolicy = "any"
 ) -> tuple[CheckResult, dict[str, int]]:
     """(result, facts) of a check; facts are qemu-img check's cluster counts. Raises
     when the check cannot run at all (locked, not an image, I/O error)."""
@@ -176,9 +176,9 @@ def check_image_path(
     if f == "raw":
         raise FvdError(f"{path}: raw images cannot be checked (no metadata)")
     if f == "qcow2":
-        return _check_qcow2(path, repair)
+        return _check_qcow2(path, repair, backing)
     mode = "r+" if repair else "r"
-    with Image(path, mode, force_share=force_share, _for_check=True) as img:
+    with Image(path, mode, force_share=force_share, backing=backing, _for_check=True) as img:
         result = img.check(repair)
         info = img.info()
         facts = {
@@ -191,9 +191,8 @@ def check_image_path(
     return result, facts
 
 
-def _check_qcow2(path: str, repair: bool) -> tuple[CheckResult, dict[str, int]]:
-
-    with qcow2.open(path, "r+" if repair else "r") as q:
+def _check_qcow2(path: str, repair: bool, backing: AnyPolicy) -> tuple[CheckResult, dict[str, int]]:
+    with qcow2.open(path, "r+" if repair else "r", backing=backing) as q:
         result = q.check(repair)
         allocated = sum(
             -(-e.length // q.cluster_size) for e in q.extents() if e.data and e.depth == 0
