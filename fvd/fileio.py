@@ -204,7 +204,8 @@ class BackingPolicy:
             raise BaseImageError(f"{image_path}: backing file {resolved} refused (--backing=none)")
         if is_nbd_uri(resolved):
             raise BaseImageError(
-                f"{image_path}: NBD backing {resolved} refused (--backing=same-dir)"
+                f"{image_path}: NBD backing {resolved} refused: not a file beside the "
+                f"image (--backing=same-dir)"
             )
         self._inside(image_path, resolved, os.path.realpath(resolved))
 
@@ -221,9 +222,10 @@ class BackingPolicy:
 
     def _inside(self, image_path: str, resolved: str, real: str) -> None:
         if os.path.dirname(real) != self.directory:
+            where = "" if real == resolved else f" (really {real})"
             raise BaseImageError(
-                f"{image_path}: backing file {resolved} is outside {self.directory} "
-                f"(--backing=same-dir)"
+                f"{image_path}: backing file {resolved}{where} refused: outside "
+                f"{self.directory} (--backing=same-dir)"
             )
 
 

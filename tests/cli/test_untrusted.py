@@ -138,15 +138,15 @@ def test_policy_keeps_the_secret_out(tmp_path, capsys, hostile, policy, name):
         dst = out / f"x.{fmt}"
         code, _, err = run(capsys, "convert", f"--backing={policy}", "-O", fmt, imgs / name, dst)
         assert code == 1 and one_line(err), err
-        assert str(secret) in err and f"--backing={policy}" in err
+        assert "/secret" in err and "refused" in err and f"--backing={policy}" in err
         assert not dst.exists()
     assert leaked(out) is None and os.listdir(out) == []
     for cmd in (["checksum"], ["map", "--output=json"], ["snapshot", "-l"], ["check"]):
         code, stdout, err = run(capsys, *cmd, f"--backing={policy}", imgs / name)
-        assert code == 1 and one_line(err) and str(secret) in err, (cmd, err)
+        assert code == 1 and one_line(err) and "secret" in err and "refused" in err, (cmd, err)
     with pytest.raises(fvd.BaseImageError, match="refused"):
         qcow2.open(imgs / name, backing=policy)
-    with pytest.raises(fvd.BaseImageError, match="refused|outside"):
+    with pytest.raises(fvd.BaseImageError, match="refused"):
         fvd.convert(imgs / name, out / "lib.raw", dst_format="raw", backing_policy=policy)
     assert leaked(out) is None
 
