@@ -65,10 +65,11 @@ def layer_info(path: str, fmt: Optional[str] = None, force_share: bool = False) 
         return r.info()
 
 
-def _mark(info: Info, key: str, error: BaseException) -> None:
+def _mark(info: Info, flag: str, error: BaseException) -> None:
+    """`flag` ("backing-missing" or "backing-refused") and why, under format-specific."""
     data = info.setdefault("format-specific", {"type": info["format"], "data": {}})["data"]
-    data[key] = True
-    data[key.replace("-missing", "-error").replace("-refused", "-error")] = str(error)
+    data[flag] = True
+    data["backing-error"] = str(error)
 
 
 CHAIN_KEYS = (

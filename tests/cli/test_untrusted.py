@@ -253,6 +253,8 @@ def test_raw_named_raw_stays_raw(tmp_path, capsys, hostile):
             assert img.size == len(disk) and img.read(0, len(disk)) == disk
     code, out, _ = run(capsys, "info", "-f", "raw", "--output=json", raw)
     assert json.loads(out)["format"] == "raw" and json.loads(out)["virtual-size"] == len(disk)
+    code, out, _ = run(capsys, "map", "-f", "raw", "--output=json", raw)
+    assert code == 0 and all(e["depth"] == 0 for e in json.loads(out))
     code, out, _ = run(capsys, "checksum", "-f", "raw", "--output=json", raw)
     assert json.loads(out) == json.loads(
         run(capsys, "checksum", "--output=json", tmp_path / "copy.fvd")[1]
