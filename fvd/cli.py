@@ -24,10 +24,11 @@ from fvd.cliutil import (
 )
 from fvd.convert import _dst_options, convert
 from fvd.errors import FvdError
-from fvd.fileio import resolve_relative
+from fvd.fileio import BACKING_POLICIES, BackingPolicy, resolve_relative
 from fvd.image import Image, create
 from fvd.image import open as open_image
-from fvd.imageio import FORMATS, AnyImage, RawImage, probe, resolve_format
+from fvd.imageio import FORMATS, AnyImage, RawImage, resolve_format
+from fvd.imageio import open_image as open_any
 from fvd.nbd_client import NbdClient, is_nbd_uri
 from fvd.ondisk import format as fmt
 from fvd.ops.checksum import checksum
@@ -75,6 +76,11 @@ def emit(args: argparse.Namespace, data: object, text: str) -> None:
 
 # ----- commands ---------------------------------------------------------------
 def cmd_create(args: argparse.Namespace) -> int:
+    if args.backing and not args.backing_format:
+        raise UsageError(
+            "-b BASE needs -F FMT (the base's format, raw, fvd or qcow2): a probed base "
+            "may not be what it seems (as qemu-img since 6.1)"
+        )
     if args.fmt != "fvd":
         return _create_other(args)
 
@@ -92,8 +98,8 @@ def cmd_create(args: argparse.Namespace) -> int:
     if size is None:
         if not args.backing:
             raise UsageError("an image size is required without a base image")
-        size = _base_size(args.backing, args.backing_format)
-    create(args.image, size, overwrite=args.force, **kwargs)
+        size = _base_size(args)
+    create(args.image, size, overwrite=args.force, backing=args.backing_policy, **kwargs)
     print(
         f"Formatting '{args.image}', fmt=fvd size={size}"
         + (f" backing_file={args.backing}" if args.backing else "")
@@ -109,8 +115,7 @@ def _create_other(args: argparse.Namespace) -> int:
     if size is None:
         if not args.backing:
             raise UsageError("an image size is required without a backing file")
-
-        size = _base_size(resolve_relative(args.image, args.backing), args.backing_format)
+        size = _base_size(args)
     if os.path.exists(args.image) and not args.force:
         raise FileExistsError(17, "file exists (--force replaces it)", args.image)
     if args.fmt == "raw":
@@ -125,6 +130,7 @@ def _create_other(args: argparse.Namespace) -> int:
             overwrite=args.force,
             backing_file=args.backing,
             backing_format=args.backing_format,
+            backing=args.backing_policy,
             **opts,
         )
     print(
@@ -134,26 +140,25 @@ def _create_other(args: argparse.Namespace) -> int:
     return 0
 
 
-def _base_size(path: str, base_format: Optional[str]) -> int:
-
+def _base_size(args: argparse.Namespace) -> int:
+    """The size of the base `-b` names (relative to the new image's directory), opened
+    as the backing policy allows."""
+    path = resolve_relative(args.image, args.backing)
+    policy = BackingPolicy.of(args.backing_policy, args.image)
+    policy.admit(args.image, path)
     if is_nbd_uri(path):
         client = NbdClient(path, max_connections=1)
         client.close()
         return client.size
-    if base_format is None:
-        base_format = probe(path)
-    if base_format == "fvd":
-        with open_image(path) as b:
-            return b.size
-    if base_format == "qcow2":
-        with qcow2.open(path) as b:
-            return b.size
-    return os.stat(path).st_size
+    with open_any(path, args.backing_format, backing=policy) as b:
+        return b.size
 
 
 def cmd_info(args: argparse.Namespace) -> int:
 
-    infos = chain_infos(args.image, args.fmt, args.force_share, args.backing_chain)
+    infos = chain_infos(
+        args.image, args.fmt, args.force_share, args.backing_chain, args.backing_policy
+    )
     if args.output == "json":
         print(json.dumps(infos if args.backing_chain else infos[0], indent=4))
     else:
@@ -170,7 +175,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         progress(0, 1)
     try:
         result, facts = cliutil.check_image_path(
-            args.image, fmt_name, args.repair is not None, args.force_share
+            args.image, fmt_name, args.repair is not None, args.force_share, args.backing_policy
         )
     except FvdError as e:
         if not cliutil.is_corrupt(e):
@@ -287,7 +292,7 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
     if resolve_format(args.image, args.fmt) != "fvd":
         raise UsageError(f"{args.image}: prefetch needs an fvd image with a base")
     progress = qemu_progress() if args.progress else None
-    with open_image(args.image, "r+") as img:
+    with open_image(args.image, "r+", backing=args.backing_policy) as img:
         img.prefetch(progress)
     if progress:
         progress_done()
@@ -310,6 +315,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         progress=progress,
         force_share=args.force_share,
         cache=args.cache,
+        backing_policy=args.backing_policy,
         **opts,
     )
     if progress:
@@ -360,6 +366,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         shared=args.shared,
         image_format=resolve_format(args.image, args.fmt),
         force_share=args.force_share,
+        backing=args.backing_policy,
+        tls_certificates=args.tls_certificates,
+        tls_psk=args.tls_psk,
+        insecure=args.insecure,
     )
 
 
@@ -402,6 +412,21 @@ def _add_format_options(parsers: Mapping[str, argparse.ArgumentParser]) -> None:
                 choices=FORMATS,
                 help="image format (default: probed; fvd and qcow2 by magic)",
             )
+
+
+def _add_backing_options(parsers: Mapping[str, argparse.ArgumentParser]) -> None:
+    """--backing=any|same-dir|none on every command that opens an image."""
+    for name, parser in parsers.items():
+        if name == "bench":
+            continue
+        parser.add_argument(
+            "--backing",
+            dest="backing_policy",
+            choices=BACKING_POLICIES,
+            default="any",
+            help="backing files the image's chain may use: any (default), same-dir (only "
+            "files in the image's own directory), none (untrusted images: refuse any)",
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -481,7 +506,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     v.add_argument("--socket", metavar="PATH", help="listen on a unix socket")
     v.add_argument("--port", type=int, metavar="N", help="listen on a TCP port")
-    v.add_argument("--bind", metavar="ADDR", help="TCP address to listen on (default all)")
+    v.add_argument(
+        "--bind", metavar="ADDR", help="TCP address to listen on (default localhost only)"
+    )
+    v.add_argument(
+        "--tls-certificates",
+        metavar="DIR",
+        help="require TLS with X.509 certificates (DIR holds ca-cert.pem, "
+        "server-cert.pem, server-key.pem)",
+    )
+    v.add_argument(
+        "--tls-psk", metavar="FILE", help="require TLS with pre-shared keys (username:hexkey)"
+    )
+    v.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a read-write TCP export without TLS (anyone reaching the port can write)",
+    )
     v.add_argument("--shared", type=int, metavar="N", help="at most N clients at once")
     _force_share_option(v)
     v.add_argument("image")
@@ -558,6 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     b.set_defaults(func=cmd_bench)
     _add_format_options(sub.choices)
+    _add_backing_options(sub.choices)
     return p
 
 

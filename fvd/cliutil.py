@@ -14,8 +14,10 @@ import numpy as np
 from fvd import qcow2
 from fvd.convert import changed_ranges
 from fvd.errors import BaseImageError, CorruptImageError, FvdError
+from fvd.fileio import AnyPolicy, BackingPolicy
 from fvd.image import Image, verify_reopen
 from fvd.imageio import AnyImage, RawImage, open_image, resolve_format
+from fvd.nbd_client import is_nbd_uri
 from fvd.ops.info import qcow2_info
 from fvd.types import CheckResult, Extent
 
@@ -29,6 +31,7 @@ def open_args(args: argparse.Namespace, mode: str = "r", image: Optional[str] = 
         getattr(args, "fmt", None),
         mode,
         force_share=getattr(args, "force_share", False),
+        backing=getattr(args, "backing_policy", "any"),
     )
 
 
@@ -49,56 +52,81 @@ def extent_dict(e: Extent) -> dict[str, Any]:
 
 # ----- info --------------------------------------------------------------------------
 def layer_info(path: str, fmt: Optional[str] = None, force_share: bool = False) -> Info:
-    """qemu-img info of one image. An image whose base is missing still gets its info,
-    with "backing-missing": true under format-specific."""
+    """qemu-img info of one image, opened alone: its backing file is never opened (the
+    chain is walked by chain_infos, as the backing policy allows)."""
     f = resolve_format(path, fmt)
     if f == "fvd":
-        try:
-            with Image(path, "r", force_share=force_share) as img:
-                return img.info()
-        except BaseImageError as e:
-            with Image(path, "r", force_share=force_share, _for_check=True) as img:
-                info = img.info()
-            return _mark_missing(info, e)
+        with Image(path, "r", force_share=force_share, _skip_base=True) as img:
+            return img.info()
     if f == "qcow2":
-        try:
-            with qcow2.open(path) as q:
-                return qcow2_info(q)
-        except BaseImageError as e:
-            with qcow2.Qcow2Image(path, "r", _skip_backing=True) as q:
-                return _mark_missing(qcow2_info(q), e)
-
+        with qcow2.Qcow2Image(path, "r", _skip_backing=True) as q:
+            return qcow2_info(q)
     with RawImage(path) as r:
         return r.info()
 
 
-def _mark_missing(info: Info, error: BaseException) -> Info:
+def _mark(info: Info, flag: str, error: BaseException) -> None:
+    """`flag` ("backing-missing" or "backing-refused") and why, under format-specific."""
     data = info.setdefault("format-specific", {"type": info["format"], "data": {}})["data"]
-    data["backing-missing"] = True
+    data[flag] = True
     data["backing-error"] = str(error)
-    return info
+
+
+CHAIN_KEYS = (
+    "filename",
+    "format",
+    "virtual-size",
+    "backing-filename",
+    "full-backing-filename",
+    "backing-filename-format",
+)
 
 
 def chain_infos(
-    path: str, fmt: Optional[str] = None, force_share: bool = False, whole_chain: bool = False
+    path: str,
+    fmt: Optional[str] = None,
+    force_share: bool = False,
+    whole_chain: bool = False,
+    backing: AnyPolicy = "any",
 ) -> list[Info]:
-    """[info of the image] or, with whole_chain, the infos of it and every base below."""
+    """[info of the image] or, with whole_chain, the infos of it and every base below.
+    Each layer is opened alone, header only, and only if the backing policy allows it
+    (nothing is read through a chain to describe it); the first info also lists the
+    chain's names under "backing-chain". A layer whose backing file is refused or
+    missing says so ("backing-refused" / "backing-missing" under format-specific)."""
+    policy = BackingPolicy.of(backing, path)
     infos: list[Info] = []
     seen: set[str] = set()
-    while path is not None:
-        real = os.path.realpath(path)
-        if real in seen:
-            raise BaseImageError(f"{path}: backing chain loop")
-        seen.add(real)
-        info = layer_info(path, fmt, force_share)
+    while True:
+        seen.add(os.path.realpath(path))
+        info = layer_info(path, fmt, force_share) if not infos else _lower_layer(path, fmt)
         infos.append(info)
-        missing = info.get("format-specific", {}).get("data", {}).get("backing-missing")
-        if not whole_chain or missing or "full-backing-filename" not in info:
+        nxt = info.get("full-backing-filename")
+        if nxt is None:
             break
-        path = info["full-backing-filename"]
+        try:
+            policy.admit(path, nxt)
+        except BaseImageError as e:
+            _mark(info, "backing-refused", e)
+            break
+        if is_nbd_uri(nxt) or info.get("base-prefetched"):
+            break  # an NBD export has no header to show; a prefetched base is not read
+        if os.path.realpath(nxt) in seen:
+            raise BaseImageError(f"{nxt}: backing chain loop")
         fmt = info.get("backing-filename-format") or None
-        force_share = True  # lower layers are read-only bases
-    return infos
+        path = nxt
+    if len(infos) > 1 and "error" in infos[-1]:
+        _mark(infos[-2], "backing-missing", infos.pop()["error"])
+    infos[0]["backing-chain"] = [{k: i[k] for k in CHAIN_KEYS if k in i} for i in infos]
+    return infos if whole_chain else infos[:1]
+
+
+def _lower_layer(path: str, fmt: Optional[str]) -> Info:
+    """A base's info (read-only, beside any writer), or {"error": why it cannot be had}."""
+    try:
+        return layer_info(path, fmt, force_share=True)
+    except (OSError, FvdError) as e:
+        return {"error": BaseImageError(f"{path}: cannot open backing file: {e}")}
 
 
 def human(n: float) -> str:
@@ -141,7 +169,7 @@ def info_text(info: Info, snapshot_table: Callable[[list[dict[str, Any]]], str])
 
 # ----- check ---------------------------------------------------------------------------
 def check_image_path(
-    path: str, fmt: Optional[str], repair: bool, force_share: bool
+    path: str, fmt: Optional[str], repair: bool, force_share: bool, backing: AnyPolicy = "any"
 ) -> tuple[CheckResult, dict[str, int]]:
     """(result, facts) of a check; facts are qemu-img check's cluster counts. Raises
     when the check cannot run at all (locked, not an image, I/O error)."""
@@ -149,9 +177,9 @@ def check_image_path(
     if f == "raw":
         raise FvdError(f"{path}: raw images cannot be checked (no metadata)")
     if f == "qcow2":
-        return _check_qcow2(path, repair)
+        return _check_qcow2(path, repair, backing)
     mode = "r+" if repair else "r"
-    with Image(path, mode, force_share=force_share, _for_check=True) as img:
+    with Image(path, mode, force_share=force_share, backing=backing, _for_check=True) as img:
         result = img.check(repair)
         info = img.info()
         facts = {
@@ -164,9 +192,8 @@ def check_image_path(
     return result, facts
 
 
-def _check_qcow2(path: str, repair: bool) -> tuple[CheckResult, dict[str, int]]:
-
-    with qcow2.open(path, "r+" if repair else "r") as q:
+def _check_qcow2(path: str, repair: bool, backing: AnyPolicy) -> tuple[CheckResult, dict[str, int]]:
+    with qcow2.open(path, "r+" if repair else "r", backing=backing) as q:
         result = q.check(repair)
         allocated = sum(
             -(-e.length // q.cluster_size) for e in q.extents() if e.data and e.depth == 0

@@ -19,9 +19,14 @@ DST at the end; a failed convert removes it. SRC is only ever opened read-only.
 from __future__ import annotations
 
 import collections
+import errno
+import fcntl
 import os
 import queue
+import re
 import secrets
+import stat
+import struct
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, NamedTuple, Optional, Union
@@ -29,7 +34,8 @@ from typing import Any, NamedTuple, Optional, Union
 import numpy as np
 
 from fvd import qcow2
-from fvd.fileio import punch_hole, resolve_relative
+from fvd.errors import FvdError, ImageIOError
+from fvd.fileio import AnyPolicy, punch_hole, resolve_relative
 from fvd.image import Image, create
 from fvd.imageio import FORMATS, AnyImage, RawImage, open_image
 from fvd.qcow2 import Qcow2Image
@@ -70,6 +76,7 @@ def convert(
     progress: Progress = None,
     force_share: bool = False,
     cache: str = "writeback",
+    backing_policy: AnyPolicy = "any",
     **options: object,
 ) -> None:
     """Convert `src` (fvd, qcow2 or raw; probed when src_format is None) into a new
@@ -83,6 +90,10 @@ def convert(
     cache: "writeback" (default): the output is flushed before it is renamed into place;
         "unsafe": nothing is flushed (qemu-img convert's default `-t unsafe`): faster,
         but after a power cut DST may hold anything.
+    backing_policy: which backing files the source's chain may use, "any" (default),
+        "same-dir" or "none" (`--backing`; `backing=` is the output's backing file).
+        A source given as src_format="raw" is raw whatever its first bytes say.
+    Errors of the output name `dst` (not its hidden temporary file, nor the source).
     """
     src, dst = os.fspath(src), os.fspath(dst)
     if dst_format not in FORMATS:
@@ -99,7 +110,7 @@ def convert(
     if backing_format is not None and backing is None:
         raise ValueError("a backing format (-F) needs a backing file (-B)")
     _check_paths(src, dst, backing)
-    img = open_image(src, src_format, force_share=force_share)
+    img = open_image(src, src_format, force_share=force_share, backing=backing_policy)
     try:
         view: DiskReader = img
         if snapshot is not None:
@@ -219,7 +230,7 @@ class _RawOutput:
 
     def __init__(self, path: str, size: int, unsafe: bool = False) -> None:
         self.unsafe = unsafe
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        self.fd = os.open(path, os.O_RDWR | os.O_TRUNC)  # created by _claim_temp
         self.path = path
         os.ftruncate(self.fd, size)
 
@@ -269,6 +280,7 @@ def _open_output(
             lazy_refcounts=opts.get("lazy_refcounts", False),
             backing_file=backing,
             backing_format=backing_format,
+            overwrite=True,  # the empty file _claim_temp made
         )
         q = qcow2.open(path, "r+", cache=cache)
         return q, q.cluster_size  # q.thread_safe_writes is False: one writer thread
@@ -277,14 +289,99 @@ def _open_output(
     }
     if backing is not None:
         kwargs.update(base=backing, base_format=backing_format)
-    create(path, size, **kwargs)
+    create(path, size, overwrite=True, **kwargs)  # over the empty file _claim_temp made
     image = Image(path, "r+", cache=cache)
     return image, image.block_size
 
 
-def _temp_name(dst: str) -> str:
+# ----- the hidden temporary output ------------------------------------------------------
+# `.NAME.convert-PID-HEX` beside DST, write-locked (an OFD lock, independent of the
+# image's own flock) by the convert writing it for as long as it runs. A later convert
+# to the same DST removes those nobody holds: their convert was killed.
+_F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", None)
+
+
+def _ofd_lock(fd: int) -> bool:
+    """Write-lock the whole file on this open file description; False if another holds
+    it. Without OFD locks (not Linux) every file counts as unlocked."""
+    if _F_OFD_SETLK is None:
+        return True
+    try:
+        fcntl.fcntl(fd, _F_OFD_SETLK, struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
+    except OSError as e:
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
+
+
+def _claim_temp(dst: str) -> tuple[str, int]:
+    """(name, fd) of a new hidden temp file beside dst, already locked when its name
+    appears: made unnamed (O_TMPFILE), locked, then linked in."""
     folder, name = os.path.split(os.path.abspath(dst))
-    return os.path.join(folder, f".{name}.convert-{os.getpid()}-{secrets.token_hex(4)}")
+    tmp = os.path.join(folder, f".{name}.convert-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        fd = os.open(folder, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o644)
+    except (AttributeError, OSError):  # no O_TMPFILE here: named, then locked
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        _ofd_lock(fd)
+        return tmp, fd
+    try:
+        _ofd_lock(fd)
+        folder_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:  # linkat(..., AT_SYMLINK_FOLLOW): a dir fd makes os.link use linkat
+            os.link(f"/proc/self/fd/{fd}", os.path.basename(tmp), dst_dir_fd=folder_fd)
+        finally:
+            os.close(folder_fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    return tmp, fd
+
+
+def remove_stale_temps(dst: str) -> list[str]:
+    """Remove DST's hidden temp files left by killed converts (nobody holds their lock);
+    returns their paths. A running convert's temp file is never touched."""
+    folder, name = os.path.split(os.path.abspath(dst))
+    pattern = re.compile(rf"\.{re.escape(name)}\.convert-\d+-[0-9a-f]+\Z")
+    removed = []
+    for entry in os.listdir(folder):
+        if pattern.match(entry) and _remove_if_unheld(os.path.join(folder, entry)):
+            removed.append(os.path.join(folder, entry))
+    return removed
+
+
+def _remove_if_unheld(path: str) -> bool:
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False  # gone meanwhile, a symlink, or not ours to open
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode) or not _ofd_lock(fd):
+            return False
+        os.unlink(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+class _OutputErrors:
+    """An OSError of the output (its temporary file) names DST, the file the user asked
+    for, and never the source."""
+
+    def __init__(self, dst: str) -> None:
+        self.dst = dst
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, tp: Any, e: Any, tb: Any) -> None:
+        if isinstance(e, OSError) and e.errno is not None:
+            raise ImageIOError(self.dst, e.errno, "write failed") from e
+        if isinstance(e, FvdError) and not isinstance(e, OSError):
+            return None
 
 
 def _write_output(
@@ -298,37 +395,37 @@ def _write_output(
     progress: Progress,
     unsafe: bool = False,
 ) -> None:
-    tmp = _temp_name(dst)
-    created = False
+    remove_stale_temps(dst)
+    errors = _OutputErrors(dst)
+    with errors:
+        tmp, lock_fd = _claim_temp(dst)
     try:
         cache = "unsafe" if unsafe else "writeback"
-        out, grain = _open_output(tmp, dst_format, view.size, backing, backing_format, opts, cache)
-        created = True
+        with errors:
+            out, grain = _open_output(
+                tmp, dst_format, view.size, backing, backing_format, opts, cache
+            )
         try:
             overlay = backing is not None
             if overlay:
                 ranges = _widen(ranges, grain, view.size)
-            _copy(
-                view,
-                out,
-                ranges,
-                overlay,
-                progress,
-                max(ZERO_GRAIN, grain) if overlay else ZERO_GRAIN,
-            )
+            zero_grain = max(ZERO_GRAIN, grain) if overlay else ZERO_GRAIN
+            _copy(view, out, ranges, overlay, progress, zero_grain, errors)
         finally:
-            out.close()
-        os.rename(tmp, dst)
-        created = False
-        if not unsafe:
-            _fsync_dir(os.path.dirname(os.path.abspath(dst)))
-    except BaseException:
-        if created or os.path.exists(tmp):
+            with errors:
+                out.close()
+        with errors:
+            os.rename(tmp, dst)
+            tmp = ""
+            if not unsafe:
+                _fsync_dir(os.path.dirname(os.path.abspath(dst)))
+    finally:
+        if tmp:
             try:
                 os.unlink(tmp)
             except OSError:
                 pass
-        raise
+        os.close(lock_fd)
 
 
 def _fsync_dir(folder: str) -> None:
@@ -347,6 +444,7 @@ def _copy(
     overlay: bool,
     progress: Progress,
     grain: int,
+    errors: _OutputErrors,
     threads: int = COPY_THREADS,
 ) -> None:
     """Copy the data ranges in BUFFER pieces on a few threads (reads, zero detection and
@@ -375,7 +473,8 @@ def _copy(
         view.readinto(pos, mv)
         runs = _nonzero_runs(mv, grain)
         if workers_write:
-            _write_runs(out, pos, mv, runs, overlay)
+            with errors:
+                _write_runs(out, pos, mv, runs, overlay)
             free.put(buf)
             return None
         return buf, runs
@@ -389,7 +488,8 @@ def _copy(
         got = fut.result()
         if got is not None:
             buf, runs = got
-            _write_runs(out, pos, memoryview(buf)[:n], runs, overlay)
+            with errors:
+                _write_runs(out, pos, memoryview(buf)[:n], runs, overlay)
             free.put(buf)
         advance(n)
 
@@ -398,7 +498,8 @@ def _copy(
             for r in ranges:
                 if r.zero:
                     if overlay:
-                        out.write_zeroes(r.start, r.length)
+                        with errors:
+                            out.write_zeroes(r.start, r.length)
                         advance(r.length)
                     continue
                 for pos in range(r.start, r.start + r.length, BUFFER):

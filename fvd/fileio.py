@@ -7,9 +7,12 @@ import ctypes.util
 import errno
 import fcntl
 import os
-from typing import TYPE_CHECKING, Iterator
+import stat
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Union
 
-from fvd.errors import ImageLockedError
+from fvd import registry
+from fvd.errors import BaseImageError, FvdError, ImageIOError, ImageLockedError
 from fvd.nbd_client import is_nbd_uri
 from fvd.ondisk import format as fmt
 from fvd.types import Extent, StrPath
@@ -114,14 +117,188 @@ def resolve_relative(image_path: StrPath, name: str) -> str:
 
 
 def detect_format(path: StrPath) -> str:
-    """'fvd' or 'qcow2' by magic, else 'raw' (used only when no format is given)."""
-    with open(path, "rb") as f:
-        magic = f.read(4)
+    """'fvd' or 'qcow2' by magic, else 'raw' (used only when no format is given). Never
+    blocks: a FIFO or other special file is refused (OSError/ImageIOError)."""
+    fd = open_disk_file(os.fspath(path))
+    try:
+        return format_of_magic(os.pread(fd, 4, 0))
+    finally:
+        os.close(fd)
+
+
+def format_of_magic(magic: bytes) -> str:
     if magic == FVD_MAGIC:
         return "fvd"
     if magic == QCOW2_MAGIC:
         return "qcow2"
     return "raw"
+
+
+# ----- opening image and backing files ------------------------------------------------------
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def open_disk_file(path: str, writable: bool = False, *, backing_of: Optional[str] = None) -> int:
+    """Open an image (or, with `backing_of`, a backing file of that image) without ever
+    blocking: O_NONBLOCK, so a FIFO cannot stall the open, then fstat refuses everything
+    but a regular file or a block device. Block devices are accepted: opening one never
+    waits for a peer and it has a fixed size. Errors name the file: BaseImageError for a
+    backing file, ImageIOError (EINVAL) for an image."""
+    flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_NONBLOCK | os.O_NOCTTY
+    fd = os.open(path, flags | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            what = f"{_kind(mode)}, not a regular file or block device"
+            if backing_of is not None:
+                raise BaseImageError(f"{path}: backing file of {backing_of} is {what}")
+            raise ImageIOError(path, errno.EINVAL, f"{what}, cannot be an image")
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+BACKING_POLICIES = ("any", "same-dir", "none")
+
+
+@dataclass(frozen=True)
+class BackingPolicy:
+    """Which backing files an image may use, along its whole chain (README, "Untrusted
+    images"): "any" (as qemu-img), "same-dir" (only files in the top image's directory,
+    symlinks and `..` resolved; no NBD) or "none" (no backing file at all)."""
+
+    mode: str = "any"
+    directory: Optional[str] = None  # same-dir: the top image's directory, resolved
+
+    @classmethod
+    def of(cls, backing: Union[str, BackingPolicy], image_path: StrPath) -> BackingPolicy:
+        """The policy for an image opened at `image_path` (a policy passes unchanged)."""
+        if isinstance(backing, BackingPolicy):
+            return backing
+        if backing not in BACKING_POLICIES:
+            raise ValueError(
+                f"backing must be one of {', '.join(BACKING_POLICIES)}, not {backing!r}"
+            )
+        if backing != "same-dir":
+            return cls(backing)
+        folder = os.path.dirname(os.path.abspath(os.fspath(image_path)))
+        return cls(backing, os.path.realpath(folder))
+
+    def admit(self, image_path: str, resolved: str) -> None:
+        """Refuse, by name and before anything is opened, a backing file the policy does
+        not allow (BaseImageError naming both files)."""
+        if self.mode == "any":
+            return
+        if self.mode == "none":
+            raise BaseImageError(f"{image_path}: backing file {resolved} refused (--backing=none)")
+        if is_nbd_uri(resolved):
+            raise BaseImageError(
+                f"{image_path}: NBD backing {resolved} refused: not a file beside the "
+                f"image (--backing=same-dir)"
+            )
+        self._inside(image_path, resolved, os.path.realpath(resolved))
+
+    def confirm(self, fd: int, image_path: str, resolved: str) -> None:
+        """The file really opened (`fd`) obeys the policy too: a name swapped between
+        admit() and the open is caught here, before anything is read through it."""
+        if self.mode != "same-dir":
+            return
+        try:
+            real = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            real = os.path.realpath(resolved)
+        self._inside(image_path, resolved, real)
+
+    def _inside(self, image_path: str, resolved: str, real: str) -> None:
+        if os.path.dirname(real) != self.directory:
+            where = "" if real == resolved else f" (really {real})"
+            raise BaseImageError(
+                f"{image_path}: backing file {resolved}{where} refused: outside "
+                f"{self.directory} (--backing=same-dir)"
+            )
+
+
+AnyPolicy = Union[str, BackingPolicy]
+
+
+class RawFile:
+    """A raw backing file opened by open_backing: `fd`, `size`, reads past its end
+    are zeros."""
+
+    def __init__(self, path: str, fd: int) -> None:
+        self.path, self.fd = path, fd
+        self.size = os.lseek(fd, 0, os.SEEK_END)
+
+    def readinto(self, offset: int, buf: Buffer) -> int:
+        return pread_fill(self.fd, memoryview(buf).cast("B"), offset)
+
+    def extents(self, offset: int, length: int) -> Iterator[Extent]:
+        return raw_extents(self.fd, offset, length)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def open_backing(
+    image_path: str,
+    resolved: str,
+    fmt: Optional[str],
+    chain: tuple[str, ...],
+    policy: BackingPolicy,
+) -> Any:
+    """The backing file `resolved` of `image_path`, opened read-only: a RawFile for
+    "raw", or an fvd/qcow2 image (through fvd.registry, its own chain under the same
+    policy); `fmt` None probes the magic of the opened file. The one opener of fvd's
+    bases and qcow2's backing files: the policy is asked first, the open never blocks,
+    only regular files and block devices are used, and the file really opened is
+    checked against the policy. `chain` holds the real paths above (loops refused).
+    Every error is a BaseImageError naming the file."""
+    policy.admit(image_path, resolved)
+    real = os.path.realpath(resolved)
+    if real in chain:
+        raise BaseImageError(
+            f"{resolved}: backing file loop (it is {image_path} itself or one of its bases)"
+        )
+    try:
+        fd = open_disk_file(resolved, backing_of=image_path)
+    except OSError as e:
+        raise BaseImageError(
+            f"{resolved}: cannot open backing file of {image_path}: {e.strerror or e}"
+        ) from e
+    try:
+        policy.confirm(fd, image_path, resolved)
+        fmt = fmt or format_of_magic(os.pread(fd, 4, 0))
+        if fmt == "raw":
+            return RawFile(resolved, fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    os.close(fd)
+    try:
+        image = registry.open_image(fmt, resolved, "r", _chain=chain + (real,), backing=policy)
+    except BaseImageError:
+        raise
+    except (OSError, FvdError) as e:
+        raise BaseImageError(f"{resolved}: cannot open backing file of {image_path}: {e}") from e
+    try:
+        policy.confirm(image.fd, image_path, resolved)
+    except BaseException:
+        image.close()
+        raise
+    return image
 
 
 def data_runs(fd: int, start: int, end: int) -> Iterator[tuple[int, int, bool]]:

@@ -23,6 +23,7 @@ from fvd.features import base as base_feature
 from fvd.features import prefetch as prefetch_feature
 from fvd.features import snapshots as snap
 from fvd.features.granular import attach_partial
+from fvd.fileio import AnyPolicy, BackingPolicy
 from fvd.ondisk import format as fmt
 from fvd.ops import check as check_ops
 from fvd.ops.diskops import DiskOps
@@ -30,12 +31,21 @@ from fvd.ops.info import image_info
 from fvd.types import CheckResult, SnapshotInfo
 from fvd.units import KiB, MiB
 
+ANY_BACKING = BackingPolicy("any")
 
-def attach_features(core: ImageCore, chain: tuple[str, ...], copy_on_read: bool) -> None:
-    """The feature slots of `core`, as its header asks (called while it opens)."""
+
+def attach_features(
+    core: ImageCore,
+    chain: tuple[str, ...],
+    copy_on_read: bool,
+    policy: BackingPolicy = ANY_BACKING,
+    skip_base: bool = False,
+) -> None:
+    """The feature slots of `core`, as its header asks (called while it opens); the base
+    as `policy` allows it (not at all with `skip_base`)."""
     h = core.header
     if h["base_format"] != fmt.BASE_NONE:
-        base_feature.attach_base(core, chain, copy_on_read)
+        base_feature.attach_base(core, chain, copy_on_read, policy, skip_base)
     else:
         attach_partial(core)  # copy_on_read without a base: a no-op, as in QEMU
     if h["nb_snapshots"] or h["snapshot_table_offset"]:
@@ -53,9 +63,12 @@ def create(
     compact: bool = True,
     journal_size: Optional[int] = None,
     overwrite: bool = False,
+    backing: AnyPolicy = "any",
 ) -> None:
     """Create a new, empty image file, optionally over a base image (raw, fvd, qcow2 or
-    an NBD URI)."""
+    an NBD URI). Without `base_format` the base's magic decides (fvd, qcow2, else raw):
+    give it for a base you do not trust (`fvd create -b` requires -F). `backing`: which
+    base files the new image's chain may use ("any", "same-dir", "none")."""
     size = int(size)
     if not 0 < size <= fmt.MAX_VIRTUAL_SIZE:
         raise ValueError(f"image size must be in (0, {fmt.MAX_VIRTUAL_SIZE}], not {size}")
@@ -84,7 +97,9 @@ def create(
     }
     base_name = b""
     if base is not None:
-        base_name, base_fields = base_feature.describe_new_base(path, base, base_format, size)
+        base_name, base_fields = base_feature.describe_new_base(
+            path, base, base_format, size, backing
+        )
         header.update(base_fields)
     header.update(
         fmt.layout(
@@ -134,9 +149,16 @@ class Image(DiskOps):
         cache: str = "writeback",
         copy_on_read: bool = False,
         force_share: bool = False,
+        backing: AnyPolicy = "any",
         _for_check: bool = False,
         _chain: tuple[str, ...] = (),
+        _skip_base: bool = False,
     ) -> None:
+        policy = BackingPolicy.of(backing, path)
+
+        def attach(core: ImageCore, chain: tuple[str, ...], copy_on_read: bool) -> None:
+            attach_features(core, chain, copy_on_read, policy, _skip_base)
+
         core = ImageCore(
             path,
             mode,
@@ -145,7 +167,7 @@ class Image(DiskOps):
             force_share=force_share,
             for_check=_for_check,
             chain=_chain,
-            attach=attach_features,
+            attach=attach,
         )
         self._core = core
         self.path: str = core.path
@@ -210,6 +232,11 @@ class Image(DiskOps):
         return repr(self._core)
 
     # ----- introspection ---------------------------------------------------------------
+    @property
+    def fd(self) -> int:
+        """The image file's descriptor (read-only use: fstat, identity checks)."""
+        return int(self._core.fd)
+
     @property
     def base(self) -> Optional[str]:
         """Path (or NBD URI) of the base image, or None."""
@@ -336,15 +363,27 @@ def open(  # noqa: A001 - the public name of the contract
     cache: str = "writeback",
     copy_on_read: bool = False,
     force_share: bool = False,
+    backing: AnyPolicy = "any",
 ) -> Image:
     """Open an FVD image; mode "r" or "r+".
+
+    `backing` says which base images its chain may use: "any" (default, as qemu-img),
+    "same-dir" (only files in the image's own directory, symlinks and `..` resolved;
+    no NBD) or "none" (an image with a base is refused). BaseImageError otherwise.
 
     Locking follows QEMU: a writer excludes every other handle, readers share. With
     `force_share=True` a reader opens beside a writer and sees the image as of the
     writer's last flush (best effort, like `qemu-img -U`): chunks the writer frees and
     reuses after this open may show the writer's newer data.
     """
-    return Image(path, mode, cache=cache, copy_on_read=copy_on_read, force_share=force_share)
+    return Image(
+        path,
+        mode,
+        cache=cache,
+        copy_on_read=copy_on_read,
+        force_share=force_share,
+        backing=backing,
+    )
 
 
 def check_file(path: str | os.PathLike[str], repair: bool = False) -> CheckResult:

@@ -7,7 +7,6 @@ given for a top-level image (a base is never probed as raw by fvd itself).
 
 from __future__ import annotations
 
-import errno
 import os
 from typing import TYPE_CHECKING, Any, Iterator, Optional, Union
 
@@ -15,7 +14,7 @@ import numpy as np
 
 from fvd import qcow2
 from fvd.errors import WrongFormatError
-from fvd.fileio import pread_fill, raw_extents
+from fvd.fileio import AnyPolicy, detect_format, open_disk_file, pread_fill, raw_extents
 from fvd.image import Image
 from fvd.ondisk import format as fmt
 from fvd.qcow2 import Qcow2Image
@@ -30,17 +29,9 @@ FVD_MAGIC = fmt.MAGIC_BYTES
 
 
 def probe(path: StrPath) -> str:
-    """'fvd' or 'qcow2' by magic, else 'raw'. Raises OSError for unreadable paths."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        magic = os.pread(fd, 4, 0)
-    finally:
-        os.close(fd)
-    if magic == FVD_MAGIC:
-        return "fvd"
-    if magic == QCOW2_MAGIC:
-        return "qcow2"
-    return "raw"
+    """'fvd' or 'qcow2' by magic, else 'raw'. Raises OSError for unreadable paths and
+    for anything but a regular file or a block device (never blocks on a FIFO)."""
+    return detect_format(path)
 
 
 def resolve_format(path: StrPath, given: Optional[str] = None) -> str:
@@ -61,16 +52,22 @@ def resolve_format(path: StrPath, given: Optional[str] = None) -> str:
 
 
 def open_image(
-    path: StrPath, format: Optional[str] = None, mode: str = "r", *, force_share: bool = False
+    path: StrPath,
+    format: Optional[str] = None,
+    mode: str = "r",
+    *,
+    force_share: bool = False,
+    backing: AnyPolicy = "any",
 ) -> AnyImage:
     """An open image of the given (or probed) format: fvd.Image, fvd.qcow2.Qcow2Image
-    or RawImage. All have size, read, readinto, extents, close."""
+    or RawImage. All have size, read, readinto, extents, close. A file given as "raw"
+    is raw whatever its magic; `backing` is the backing policy of its chain."""
     path = os.fspath(path)
     f = resolve_format(path, format)
     if f == "fvd":
-        return Image(path, mode, force_share=force_share)
+        return Image(path, mode, force_share=force_share, backing=backing)
     if f == "qcow2":
-        return qcow2.open(path, mode)
+        return qcow2.open(path, mode, backing=backing)
     return RawImage(path, mode)
 
 
@@ -85,11 +82,7 @@ class RawImage:
             raise ValueError(f"mode must be 'r' or 'r+', not {mode!r}")
         self.path = os.fspath(path)
         self.read_only = mode == "r"
-        self._fd = os.open(self.path, os.O_RDONLY if self.read_only else os.O_RDWR)
-        st = os.fstat(self._fd)
-        if st.st_mode & 0o170000 not in (0o100000, 0o060000):
-            os.close(self._fd)
-            raise OSError(errno.EINVAL, "not a regular file or block device", self.path)
+        self._fd = open_disk_file(self.path, not self.read_only)
         self.size = os.lseek(self._fd, 0, os.SEEK_END)
         self._closed = False
 

@@ -1,7 +1,8 @@
 """nbdkit Python plugin serving an FVD (or qcow2) image over NBD.
 
     nbdkit python /path/to/fvd/nbdkit_plugin.py file=IMAGE [snapshot=NAME] [readonly=true]
-        [force_share=true] [format=fvd|qcow2] [pythonpath=DIR:DIR...]
+        [force_share=true] [format=fvd|qcow2] [backing=any|same-dir|none]
+        [pythonpath=DIR:DIR...]
 
 `fvd serve` builds this command line. nbdkit embeds its own Python (Debian's
 /usr/bin/python3), not the interpreter fvd was installed into, so `fvd` and its
@@ -24,7 +25,14 @@ import nbdkit
 
 API_VERSION = 2
 
-_params = {"file": None, "snapshot": None, "readonly": False, "force_share": False, "format": "fvd"}
+_params = {
+    "file": None,
+    "snapshot": None,
+    "readonly": False,
+    "force_share": False,
+    "format": "fvd",
+    "backing": "any",
+}
 _state = {"image": None, "parent": None, "lock": None}
 
 
@@ -54,11 +62,16 @@ def config(key, value):
         if value not in ("fvd", "qcow2"):
             raise ValueError(f"format must be fvd or qcow2, not {value!r}")
         _params["format"] = value
+    elif key == "backing":
+        if value not in ("any", "same-dir", "none"):
+            raise ValueError(f"backing must be any, same-dir or none, not {value!r}")
+        _params["backing"] = value
     elif key == "pythonpath":
         _extend_path(value)
     else:
         raise ValueError(
-            f"unknown parameter {key!r} (file, snapshot, readonly, force_share, format, pythonpath)"
+            f"unknown parameter {key!r} (file, snapshot, readonly, force_share, format, "
+            f"backing, pythonpath)"
         )
 
 
@@ -86,10 +99,15 @@ def get_ready():
     if _params["format"] == "qcow2":
         from fvd import qcow2
 
-        _state["image"] = qcow2.open(path, mode)
+        _state["image"] = qcow2.open(path, mode, backing=_params["backing"])
         _state["lock"] = threading.Lock()
         return
-    img = fvd.open(path, mode, force_share=_params["force_share"] and mode == "r")
+    img = fvd.open(
+        path,
+        mode,
+        force_share=_params["force_share"] and mode == "r",
+        backing=_params["backing"],
+    )
     if _params["snapshot"] is not None:
         _state["parent"] = img
         img = img.open_snapshot(_params["snapshot"])

@@ -24,6 +24,7 @@ from typing import Any, Optional
 from fvd import qcow2
 from fvd.errors import ServeError
 from fvd.image import open as open_image
+from fvd.imageio import RawImage
 
 PLUGIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "nbdkit_plugin.py")
 
@@ -75,18 +76,22 @@ def build_command(
     shared: int | None = None,
     image_format: str = "fvd",
     force_share: bool = False,
+    backing: str = "any",
+    tls_certificates: str | None = None,
+    tls_psk: str | None = None,
+    insecure: bool = False,
     nbdkit: str = "nbdkit",
 ) -> list[str]:
-    """The nbdkit command line that serves `image` (in the foreground)."""
+    """The nbdkit command line that serves `image` (in the foreground). TCP listens on
+    `bind` (default localhost only); with TLS configured, clients must use it."""
     if (socket is None) == (port is None):
         raise ValueError("give exactly one of a unix socket path or a TCP port")
     cmd = [nbdkit, "--foreground", "--exit-with-parent"]
     if socket is not None:
         cmd += ["--unix", socket]
     else:
-        cmd += ["--port", str(port)]
-        if bind:
-            cmd += ["--ipaddr", bind]
+        cmd += ["--port", str(port), "--ipaddr", bind or DEFAULT_BIND]
+    cmd += tls_options(tls_certificates, tls_psk)
     if readonly or snapshot is not None:
         cmd.append("--readonly")
     if shared:
@@ -102,9 +107,45 @@ def build_command(
             cmd.append("readonly=true")
         if force_share:
             cmd.append("force_share=true")
+        if backing != "any":
+            cmd.append(f"backing={backing}")
     if shared:
         cmd.append(f"limit={shared}")
     return cmd
+
+
+DEFAULT_BIND = "localhost"
+
+
+def tls_options(certificates: str | None, psk: str | None) -> list[str]:
+    """nbdkit's TLS options: X.509 (a directory with ca-cert.pem, server-cert.pem and
+    server-key.pem) or a PSK file (psktool's `username:hexkey` lines); TLS is then
+    required of every client."""
+    if certificates is not None and psk is not None:
+        raise ServeError("give one of --tls-certificates DIR or --tls-psk FILE, not both")
+    if certificates is not None:
+        if not os.path.isdir(certificates):
+            raise ServeError(f"{certificates}: --tls-certificates needs a directory")
+        return ["--tls=require", f"--tls-certificates={os.path.abspath(certificates)}"]
+    if psk is not None:
+        if not os.path.isfile(psk):
+            raise ServeError(f"{psk}: --tls-psk needs a PSK file (username:hexkey lines)")
+        return ["--tls=require", f"--tls-psk={os.path.abspath(psk)}"]
+    return []
+
+
+def check_exposure(image: str, options: dict[str, Any]) -> None:
+    """A read-write TCP export without TLS lets anyone who reaches the port write the
+    disk: refused unless `insecure` says so."""
+    tcp = options.get("port") is not None
+    writable = not options.get("readonly") and options.get("snapshot") is None
+    tls = options.get("tls_certificates") is not None or options.get("tls_psk") is not None
+    if tcp and writable and not tls and not options.get("insecure"):
+        raise ServeError(
+            f"{image}: a read-write TCP export without TLS lets anyone who reaches the "
+            f"port write the disk: give --tls-certificates DIR or --tls-psk FILE, -r, "
+            f"or --insecure"
+        )
 
 
 def plugin_environment(nbdkit: str = "nbdkit") -> dict[str, str]:
@@ -127,19 +168,25 @@ def plugin_environment(nbdkit: str = "nbdkit") -> dict[str, str]:
 
 
 def preflight(
-    image: str, snapshot: str | None, readonly: bool, image_format: str, force_share: bool
+    image: str,
+    snapshot: str | None,
+    readonly: bool,
+    image_format: str,
+    force_share: bool,
+    backing: str = "any",
 ) -> None:
-    """Open the image as the plugin will, so a locked image or a missing snapshot is a
-    one-line error here instead of a traceback from inside nbdkit."""
+    """Open the image as the plugin will, so a locked image, a missing snapshot or a
+    backing file the policy refuses is a one-line error here instead of a traceback
+    from inside nbdkit."""
     if image_format == "raw":
-        with open(image, "rb"):
-            return
+        RawImage(image).close()
+        return
     mode = "r" if readonly or snapshot is not None else "r+"
     if image_format == "qcow2":
-        qcow2.open(image, mode).close()
+        qcow2.open(image, mode, backing=backing).close()
         return
 
-    with open_image(image, mode, force_share=force_share and mode == "r") as img:
+    with open_image(image, mode, force_share=force_share and mode == "r", backing=backing) as img:
         if snapshot is not None:
             img.open_snapshot(snapshot).close()
 
@@ -153,14 +200,18 @@ def serve(image: str, *, nbdkit: str = "nbdkit", **options: Any) -> int:
             f"(apt-get install nbdkit nbdkit-plugin-python)"
         )
     image_format = options.get("image_format", "fvd")
+    check_exposure(image, options)
+    tls_options(options.get("tls_certificates"), options.get("tls_psk"))
     preflight(
         image,
         options.get("snapshot"),
         options.get("readonly", False),
         image_format,
         options.get("force_share", False),
+        options.get("backing", "any"),
     )
-    where = describe(options.get("socket"), options.get("port"), options.get("bind"))
+    tls = options.get("tls_certificates") or options.get("tls_psk")
+    where = describe(options.get("socket"), options.get("port"), options.get("bind"), bool(tls))
     print(f"fvd serve: {image} at {where}", file=sys.stderr, flush=True)
     sock = options.get("socket")
     if sock is not None:
@@ -207,8 +258,9 @@ def _remove_stale_socket(path: str) -> None:
     os.unlink(path)
 
 
-def describe(socket: str | None, port: int | None, bind: str | None) -> str:
-    """The NBD URI clients use."""
+def describe(socket: str | None, port: int | None, bind: str | None, tls: bool = False) -> str:
+    """The NBD URI clients use (nbds: TLS required)."""
+    scheme = "nbds" if tls else "nbd"
     if socket is not None:
-        return f"nbd+unix:///?socket={os.path.abspath(socket)}"
-    return f"nbd://{bind or 'localhost'}:{port}/"
+        return f"{scheme}+unix:///?socket={os.path.abspath(socket)}"
+    return f"{scheme}://{bind or DEFAULT_BIND}:{port}/"

@@ -40,7 +40,7 @@ from fvd.errors import (
     ReadOnlyImageError,
     io_error,
 )
-from fvd.fileio import full_pwrite, lock_image, punch_hole, writer_active
+from fvd.fileio import full_pwrite, lock_image, open_disk_file, punch_hole, writer_active
 from fvd.ondisk import format as fmt
 from fvd.units import index_runs
 
@@ -116,7 +116,7 @@ class ImageCore:
         self.size = self.chunk_size = self.block_size = self.nchunks = 0
         self.header: dict[str, Any] = {}
         self.table: np.ndarray = np.zeros(0, dtype=np.uint32)
-        self.fd: int = os.open(self.path, os.O_RDONLY if self.read_only else os.O_RDWR)
+        self.fd: int = open_disk_file(self.path, not self.read_only)  # never blocks (FIFO)
         try:
             if not force_share:
                 lock_image(self.fd, self.path, exclusive=not self.read_only)

@@ -24,18 +24,24 @@ no read is inside it (ChunkMap.base_users).
 """
 
 import os
-import stat
 import time
 import zlib
 
 import numpy as np
 
-from fvd import qcow2, registry
 from fvd.core import journal
 from fvd.core.bitmap import Bitmap, get_bits
 from fvd.core.image import drain_map
-from fvd.errors import BaseImageError, CorruptImageError, FvdError, UnsupportedFeatureError
-from fvd.fileio import data_runs, detect_format, resolve_relative
+from fvd.errors import BaseImageError
+from fvd.fileio import (
+    BackingPolicy,
+    RawFile,
+    data_runs,
+    detect_format,
+    open_backing,
+    pread_fill,
+    resolve_relative,
+)
 from fvd.nbd_client import NbdClient, is_nbd_uri
 from fvd.ondisk import format as fmt
 from fvd.types import Extent
@@ -46,29 +52,17 @@ CROSS_READ_LIMIT = 256 * 1024  # head and tail further apart are read separately
 
 # ----- base backends ------------------------------------------------------------------
 class RawBase:
-    """A raw file (or anything readable with pread). Never probed for magic."""
+    """A raw base (fvd.fileio.RawFile: a regular file or a block device). Never probed
+    for magic."""
 
-    def __init__(self, path):
-        self.path = path
-        # O_NONBLOCK: opening a FIFO must not wait for a writer; fstat then refuses it
-        self.fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        try:
-            st = os.fstat(self.fd)
-            _need_regular(path, st)
-            self.size = st.st_size if stat.S_ISREG(st.st_mode) else _device_size(self.fd)
-        except BaseException:
-            os.close(self.fd)
-            raise
+    def __init__(self, raw):
+        self.raw = raw
+        self.path = raw.path
+        self.fd = raw.fd
+        self.size = raw.size
 
     def readinto(self, offset, mv):
-        done = 0
-        while done < len(mv):
-            n = os.preadv(self.fd, [mv[done:]], offset + done)
-            if n == 0:
-                mv[done:] = bytes(len(mv) - done)
-                break
-            done += n
-        return len(mv)
+        return pread_fill(self.fd, mv, offset)
 
     def extents(self, offset, length):
         """Data and holes (SEEK_DATA/SEEK_HOLE), as `qemu-img map` reports a raw file."""
@@ -76,9 +70,8 @@ class RawBase:
             yield Extent(s, e - s, 0, True, not data, data, s)
 
     def close(self):
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        self.raw.close()
+        self.fd = -1
 
 
 class ImageBase:
@@ -96,29 +89,6 @@ class ImageBase:
 
     def close(self):
         self.img.close()
-
-
-def _need_regular(path, st):
-    """A base is a regular file (or, raw only, a block device): a FIFO would block
-    every open and read, a directory fails later with a confusing error."""
-    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
-        raise BaseImageError(f"{path}: base image is {kind}")
-
-
-def _device_size(fd):
-    return os.lseek(fd, 0, os.SEEK_END)
-
-
-def _check_base_file(path, base_format):
-    """stat before any blocking open; image formats need a regular file."""
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        raise BaseImageError(f"{path}: cannot open base image: {e.strerror}") from e
-    _need_regular(path, st)
-    if base_format != fmt.BASE_RAW and not stat.S_ISREG(st.st_mode):
-        raise BaseImageError(f"{path}: base image is not a regular file")
 
 
 class NbdBase:
@@ -144,24 +114,22 @@ class NbdBase:
         self.client.close()
 
 
-def _open_backend(path, base_format, chain):
-    try:
-        if is_nbd_uri(path):
-            if base_format != fmt.BASE_RAW:
-                raise BaseImageError(f"{path}: an NBD base is read as raw (-F raw)")
-            return NbdBase(path)
-        _check_base_file(path, base_format)
-        if base_format == fmt.BASE_RAW:
-            return RawBase(path)
-        if base_format == fmt.BASE_FVD:
-            return ImageBase(registry.open_image("fvd", path, "r", _chain=chain))
-        if base_format == fmt.BASE_QCOW2:
-            return ImageBase(qcow2.open(path, "r"))
-    except BaseImageError:
-        raise
-    except (OSError, CorruptImageError, UnsupportedFeatureError, FvdError) as e:
-        raise BaseImageError(f"{path}: cannot open base image: {e}") from e
-    raise BaseImageError(f"{path}: unknown base format {base_format}")
+def _open_backend(image_path, path, base_format, chain, policy):
+    """The base `path` of `image_path` through the one backing-file opener
+    (fvd.fileio.open_backing: policy, no blocking open, regular files and block
+    devices only); an NBD URI after the policy allows it."""
+    if base_format not in fmt.BASE_FORMAT_NAMES or base_format == fmt.BASE_NONE:
+        raise BaseImageError(f"{path}: unknown base format {base_format}")
+    name = fmt.BASE_FORMAT_NAMES[base_format]
+    if is_nbd_uri(path):
+        policy.admit(image_path, path)
+        if base_format != fmt.BASE_RAW:
+            raise BaseImageError(f"{path}: an NBD base is read as raw (-F raw)")
+        return NbdBase(path)
+    backend = open_backing(image_path, path, name, chain, policy)
+    if isinstance(backend, RawFile):
+        return RawBase(backend)
+    return ImageBase(backend)
 
 
 # ----- create / open hooks ---------------------------------------------------------------
@@ -184,29 +152,28 @@ def _check_name(base):
     return name, raw
 
 
-def describe_new_base(path, base, base_format, size):
-    """(base name bytes, header fields) for fvd.create(..., base=...)."""
+def describe_new_base(path, base, base_format, size, policy="any"):
+    """(base name bytes, header fields) for fvd.create(..., base=...). Without
+    `base_format` the base's magic decides (fvd, qcow2, else raw)."""
     name, raw = _check_name(base)
+    path = os.fspath(path)
+    policy = BackingPolicy.of(policy, path)
     resolved = resolve_relative(path, name)
+    policy.admit(path, resolved)
     if is_nbd_uri(resolved):
         base_format = base_format or "raw"
     elif not os.path.exists(resolved):
         raise BaseImageError(f"{resolved}: base image does not exist")
-    if not is_nbd_uri(resolved) and os.path.realpath(resolved) == os.path.realpath(os.fspath(path)):
+    elif os.path.realpath(resolved) == os.path.realpath(path):
         raise BaseImageError(f"{resolved}: an image cannot be its own base")
-    if not is_nbd_uri(resolved):
-        _check_base_file(resolved, fmt.BASE_RAW)  # before detect_format opens it
-    if base_format is None:
-        try:
-            base_format = detect_format(resolved)
-        except OSError as e:
-            raise BaseImageError(f"{resolved}: base image unreadable: {e}") from e
+    elif base_format is None:
+        base_format = _probe_base(path, resolved)
     if base_format not in fmt.BASE_FORMATS:
         raise ValueError(
             f"base_format must be one of {sorted(fmt.BASE_FORMATS)}, not {base_format!r}"
         )
     code = fmt.BASE_FORMATS[base_format]
-    backend = _open_backend(resolved, code, (os.path.realpath(os.fspath(path)),))
+    backend = _open_backend(path, resolved, code, (os.path.realpath(path),), policy)
     try:
         base_size = backend.size
     finally:
@@ -220,8 +187,18 @@ def describe_new_base(path, base, base_format, size):
     }
 
 
-def attach_base(img, chain, copy_on_read):
-    """Open hook: bitmap always; the base itself unless prefetch finished."""
+def _probe_base(path, resolved):
+    try:
+        return detect_format(resolved)
+    except BaseImageError:
+        raise
+    except OSError as e:
+        raise BaseImageError(f"{resolved}: base image of {path} unreadable: {e}") from e
+
+
+def attach_base(img, chain, copy_on_read, policy, skip=False):
+    """Open hook: bitmap always; the base itself unless prefetch finished (or `skip`:
+    header facts only, nothing of the base opened)."""
     h = img.header
     name = os.fsdecode(img.read_meta(h["base_name_offset"], h["base_name_size"]))
     resolved = resolve_relative(img.path, name)
@@ -231,28 +208,23 @@ def attach_base(img, chain, copy_on_read):
         img.problem(h["bitmap_offset"], "base bitmap checksum mismatch")
     nblocks = -(-h["base_size"] // img.block_size)
     img.bitmap = Bitmap(raw, nblocks, h["bitmap_offset"])
-    if h["base_flags"] & fmt.BASE_FLAG_PREFETCHED:
+    if h["base_flags"] & fmt.BASE_FLAG_PREFETCHED or skip:
         return
     try:
-        _attach_backend(img, chain, copy_on_read, resolved)
+        _attach_backend(img, chain, copy_on_read, resolved, policy)
     except BaseImageError as e:
         if not img.for_check:
             raise
         img.notes.append(f"base image not opened ({e}); the image was checked alone")
 
 
-def _attach_backend(img, chain, copy_on_read, resolved):
+def _attach_backend(img, chain, copy_on_read, resolved, policy):
     h = img.header
-    me = os.path.realpath(img.path)
-    chain = tuple(chain) + (me,)
-    real = resolved if is_nbd_uri(resolved) else os.path.realpath(resolved)
-    if real in chain:
-        raise BaseImageError(
-            f"{resolved}: base image loop (it is {img.path} itself or one of its own bases)"
-        )
-    if not is_nbd_uri(resolved) and not os.path.exists(resolved):
+    policy.admit(img.path, resolved)
+    if not is_nbd_uri(resolved) and not os.path.lexists(resolved):
         raise BaseImageError(f"{resolved}: base image of {img.path} does not exist")
-    backend = _open_backend(resolved, h["base_format"], chain)
+    chain = tuple(chain) + (os.path.realpath(img.path),)
+    backend = _open_backend(img.path, resolved, h["base_format"], chain, policy)
     if backend.size != h["base_size"]:
         backend.close()
         raise BaseImageError(

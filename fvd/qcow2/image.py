@@ -26,7 +26,14 @@ import numpy as np
 
 from fvd import _impl, registry
 from fvd.errors import BaseImageError, CorruptImageError, UnsupportedFeatureError
-from fvd.fileio import detect_format, pread_fill, raw_extents, resolve_relative
+from fvd.fileio import (
+    AnyPolicy,
+    BackingPolicy,
+    detect_format,
+    open_backing,
+    open_disk_file,
+    resolve_relative,
+)
 from fvd.qcow2.cluster import ClusterMixin
 from fvd.qcow2.format import (
     COMPAT_LAZY_REFCOUNTS,
@@ -73,6 +80,7 @@ def create(
     overwrite: bool = False,
     backing_file: Optional[StrPath] = None,
     backing_format: Optional[str] = None,
+    backing: AnyPolicy = "any",
 ) -> None:
     """Create an empty qcow2 v3 image (16-bit refcounts).
 
@@ -80,7 +88,8 @@ def create(
     Refuses to replace an existing file unless overwrite=True (FileExistsError).
     `backing_file` (stored as given; a relative name is relative to the image's
     directory) and `backing_format` ("qcow2", "raw" or "fvd"; probed when None) make an
-    overlay whose unallocated clusters read from the backing file."""
+    overlay whose unallocated clusters read from the backing file (opened, with its
+    chain, as the backing policy `backing` allows: "any", "same-dir" or "none")."""
     if not isinstance(size, int) or size < 0:
         raise ValueError(f"size must be a non-negative integer, not {size!r}")
     if size % 512:
@@ -92,7 +101,8 @@ def create(
     ):
         raise ValueError(f"cluster_size must be a power of two in 512..2M, not {cluster_size}")
     cs, cbits = cluster_size, cluster_size.bit_length() - 1
-    backing_file, backing_format = _new_backing(path, backing_file, backing_format)
+    policy = BackingPolicy.of(backing, path)
+    backing_file, backing_format = _new_backing(path, backing_file, backing_format, policy)
     h = Header(
         backing_file=backing_file,
         backing_format=backing_format,
@@ -120,7 +130,7 @@ def create(
         _os.fdatasync(fd)
     finally:
         _os.close(fd)
-    img = Qcow2Image(path, "r+", "writeback", _creating=True)
+    img = Qcow2Image(path, "r+", "writeback", _creating=True, backing=policy)
     try:
         img._resize_l1(-(-size // (cs * (cs // 8))))
     finally:
@@ -128,7 +138,10 @@ def create(
 
 
 def _new_backing(
-    path: StrPath, backing_file: Optional[StrPath], backing_format: Optional[str]
+    path: StrPath,
+    backing_file: Optional[StrPath],
+    backing_format: Optional[str],
+    policy: BackingPolicy,
 ) -> tuple[str, str]:
     """(name, format) to store for a new overlay; the backing file must exist."""
     if backing_file is None:
@@ -138,6 +151,7 @@ def _new_backing(
 
     name = _os.fspath(backing_file)
     resolved = resolve_relative(path, name)
+    policy.admit(_os.fspath(path), resolved)
     if not _os.path.exists(resolved):
         raise BaseImageError(f"{resolved}: backing file does not exist")
     if backing_format is None:
@@ -150,57 +164,24 @@ def _new_backing(
 BACKING_FORMATS = ("qcow2", "raw", "fvd")
 
 
-class _RawBacking:
-    """A raw backing file: reads past its end are zeros."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.fd = _os.open(path, _os.O_RDONLY)
-        self.size = _os.fstat(self.fd).st_size
-
-    def readinto(self, offset: int, buf: Buffer) -> int:
-        return pread_fill(self.fd, memoryview(buf).cast("B"), offset)
-
-    def extents(self, offset: int, length: int) -> Iterator[Extent]:
-        return raw_extents(self.fd, offset, length)
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            _os.close(self.fd)
-            self.fd = -1
-
-
-def _open_backing(img: Qcow2Image, name: str, fmt: str, chain: tuple[str, ...]) -> Backing:
-    """The backing file of `img`, opened read-only (its own chain included)."""
-
-    path = resolve_relative(img.path, name)
-    real = _os.path.realpath(path)
-    if real in chain:
-        raise BaseImageError(f"{path}: backing file loop (through {img.path})")
-    try:
-        fmt = fmt or detect_format(path)
-        if fmt == "raw":
-            return _RawBacking(path)
-        if fmt == "qcow2":
-            return Qcow2Image(path, "r", _chain=chain + (real,))
-        if fmt == "fvd":
-            image: Backing = registry.open_image("fvd", path, "r", _chain=chain + (real,))
-            return image
-    except (OSError, CorruptImageError, UnsupportedFeatureError) as e:
-        if isinstance(e, BaseImageError):
-            raise
-        raise BaseImageError(
-            f"{path}: cannot open backing file of {img.path}: {getattr(e, 'strerror', None) or e}"
-        ) from e
-    raise BaseImageError(f"{img.path}: unknown backing format {fmt!r}")
+def _open_backing(
+    img: Qcow2Image, name: str, fmt: str, chain: tuple[str, ...], policy: BackingPolicy
+) -> Backing:
+    """The backing file of `img`, opened read-only (its own chain included) by the
+    opener fvd's base images use too (fvd.fileio.open_backing)."""
+    backing: Backing = open_backing(
+        img.path, resolve_relative(img.path, name), fmt or None, chain, policy
+    )
+    return backing
 
 
 def open(  # noqa: A001 - mirrors fvd.open
-    path: StrPath, mode: str = "r", *, cache: str = "writeback"
+    path: StrPath, mode: str = "r", *, cache: str = "writeback", backing: AnyPolicy = "any"
 ) -> Qcow2Image:
     """Open a qcow2 image; mode "r" or "r+", cache "writeback", "writethrough" or "unsafe"
-    (never flushed, as qemu-img's -t unsafe)."""
-    return Qcow2Image(path, mode, cache)
+    (never flushed, as qemu-img's -t unsafe). `backing`: which backing files the chain
+    may use, "any", "same-dir" or "none" (fvd.fileio.BackingPolicy)."""
+    return Qcow2Image(path, mode, cache, backing=backing)
 
 
 class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
@@ -219,6 +200,7 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
         _creating: bool = False,
         _chain: tuple[str, ...] = (),
         _skip_backing: bool = False,
+        backing: AnyPolicy = "any",
     ) -> None:
         if mode not in ("r", "r+"):
             raise ValueError(f"mode must be 'r' or 'r+', not {mode!r}")
@@ -232,7 +214,8 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
         impl = _impl.module()
         self.stats = impl.Stats()
         self._closed = True
-        self.fd = _os.open(path, _os.O_RDONLY if self.read_only else _os.O_RDWR)
+        policy = BackingPolicy.of(backing, self.path)
+        self.fd = open_disk_file(self.path, not self.read_only)
         self._closed = False
         self._hf = impl.HostFile(self.fd, self.stats)  # guest data I/O, as FVD's
         try:
@@ -243,6 +226,7 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
                     self._header.backing_file,
                     self._header.backing_format,
                     tuple(_chain) + (_os.path.realpath(path),),
+                    policy,
                 )
         except BaseException:
             _os.close(self.fd)

@@ -42,7 +42,7 @@ Chunk = Union[bytes, bytearray, memoryview]
 
 
 class Backing(Protocol):
-    """A backing file as the qcow2 code reads it: a raw file (image._RawBacking), a
+    """A backing file as the qcow2 code reads it: a raw file (fvd.fileio.RawFile), a
     Qcow2Image or an fvd image, each opened read-only."""
 
     @property

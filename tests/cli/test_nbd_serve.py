@@ -97,7 +97,7 @@ def test_tcp_nbdcopy_to_and_from_the_export(tmp_path, impl):
     data = bytearray(os.urandom(SIZE))
     data[2 * MiB : 4 * MiB] = bytes(2 * MiB)  # nbdcopy zeroes it (sparse)
     src.write_bytes(data)
-    srv = fvd_serve(image, impl, port=free_port())
+    srv = fvd_serve(image, impl, "--insecure", port=free_port())
     try:
         run("nbdcopy", src, srv.uri)
         back = tmp_path / "back.raw"
