@@ -360,6 +360,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         shared=args.shared,
         image_format=resolve_format(args.image, args.fmt),
         force_share=args.force_share,
+        control=args.control,
     )
 
 
@@ -483,6 +484,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--port", type=int, metavar="N", help="listen on a TCP port")
     v.add_argument("--bind", metavar="ADDR", help="TCP address to listen on (default all)")
     v.add_argument("--shared", type=int, metavar="N", help="at most N clients at once")
+    v.add_argument(
+        "--control",
+        metavar="PATH",
+        help="control socket (unix, 0600; default IMAGE.ctl for a read-write fvd export)",
+    )
     _force_share_option(v)
     v.add_argument("image")
     v.set_defaults(func=cmd_serve)

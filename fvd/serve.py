@@ -22,6 +22,7 @@ from types import FrameType
 from typing import Any, Optional
 
 from fvd import qcow2
+from fvd.control import default_control_path
 from fvd.errors import ServeError
 from fvd.image import open as open_image
 
@@ -75,6 +76,7 @@ def build_command(
     shared: int | None = None,
     image_format: str = "fvd",
     force_share: bool = False,
+    control: str | None = None,
     nbdkit: str = "nbdkit",
 ) -> list[str]:
     """The nbdkit command line that serves `image` (in the foreground)."""
@@ -102,6 +104,9 @@ def build_command(
             cmd.append("readonly=true")
         if force_share:
             cmd.append("force_share=true")
+        if control is not None:
+            cmd.append(f"control={os.path.abspath(control)}")
+        cmd.append(f"uri={describe(socket, port, bind)}")
     if shared:
         cmd.append(f"limit={shared}")
     return cmd
@@ -153,6 +158,7 @@ def serve(image: str, *, nbdkit: str = "nbdkit", **options: Any) -> int:
             f"(apt-get install nbdkit nbdkit-plugin-python)"
         )
     image_format = options.get("image_format", "fvd")
+    options["control"] = control_path(image, image_format, options)
     preflight(
         image,
         options.get("snapshot"),
@@ -162,6 +168,8 @@ def serve(image: str, *, nbdkit: str = "nbdkit", **options: Any) -> int:
     )
     where = describe(options.get("socket"), options.get("port"), options.get("bind"))
     print(f"fvd serve: {image} at {where}", file=sys.stderr, flush=True)
+    if options["control"] is not None:
+        print(f"fvd serve: control socket {options['control']}", file=sys.stderr, flush=True)
     sock = options.get("socket")
     if sock is not None:
         _remove_stale_socket(sock)
@@ -185,8 +193,24 @@ def serve(image: str, *, nbdkit: str = "nbdkit", **options: Any) -> int:
         if proc.poll() is None:
             proc.terminate()
             proc.wait()
-        if sock is not None:
-            _remove_stale_socket(sock)  # nbdkit leaves its socket file behind
+        for path in (sock, options["control"]):
+            if path is not None:
+                _remove_stale_socket(path)  # nbdkit leaves its socket file behind
+
+
+def control_path(image: str, image_format: str, options: dict[str, Any]) -> str | None:
+    """The control socket: --control PATH, else IMAGE.ctl for a read-write fvd export
+    (a read-only one shares the image with other readers and needs none)."""
+    given = options.get("control")
+    if image_format != "fvd":
+        if given is not None:
+            raise ServeError(f"{image}: --control needs an fvd image, not {image_format}")
+        return None
+    if given is not None:
+        return os.path.abspath(given)
+    if options.get("readonly") or options.get("snapshot") is not None:
+        return None
+    return default_control_path(image)
 
 
 def _remove_stale_socket(path: str) -> None:
