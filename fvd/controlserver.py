@@ -131,7 +131,7 @@ class ControlServer:
         self.image = image
         self.exports = exports
         self.read_only = read_only
-        self._stop = stop
+        self._on_stop = stop
         self.max_clients = max_clients
         self.idle_timeout = idle_timeout
         self.max_request = max_request
@@ -253,7 +253,7 @@ class ControlServer:
             reply = {"return": {} if result is None else result}
         if "id" in request:
             reply["id"] = request["id"]
-        after = self._stop if "return" in reply and request["execute"] == "stop" else None
+        after = self._on_stop if "return" in reply and request["execute"] == "stop" else None
         return reply, after
 
     def _parse(self, request: object) -> tuple[str, dict[str, Any]]:

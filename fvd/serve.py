@@ -201,7 +201,7 @@ def serve(image: str, *, nbdkit: str = "nbdkit", **options: Any) -> int:
 def control_path(image: str, image_format: str, options: dict[str, Any]) -> str | None:
     """The control socket: --control PATH, else IMAGE.ctl for a read-write fvd export
     (a read-only one shares the image with other readers and needs none)."""
-    given = options.get("control")
+    given: str | None = options.get("control")
     if image_format != "fvd":
         if given is not None:
             raise ServeError(f"{image}: --control needs an fvd image, not {image_format}")
