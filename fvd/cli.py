@@ -350,7 +350,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
         _convert_local(args, opts, progress)
     except ImageLockedError as e:
         snapshot = _snapshot_name(args.snapshot)
-        if snapshot is None and find_server(args.src) is not None:
+        if snapshot is None:
+            if find_server(args.src) is None:
+                raise
             raise FvdError(
                 f"{e}; to copy an image that fvd serve holds, take a snapshot "
                 f"(fvd snapshot -c NAME) and convert that (-l NAME)"
