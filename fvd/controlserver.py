@@ -22,7 +22,7 @@ import socket
 import stat
 import threading
 from collections import Counter
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, TypeVar, Union
 
 from fvd.control import (
     MAX_REQUEST,
@@ -41,6 +41,7 @@ MAX_CLIENTS = 8
 _REQUEST_SHAPE = 'a request is {"execute": COMMAND, "arguments": {...}, "id": ANY}'
 IDLE_TIMEOUT = 60.0
 Reply = dict[str, Any]
+T = TypeVar("T")
 
 
 class Exports:
@@ -50,6 +51,7 @@ class Exports:
 
     def __init__(self, image: Image, base_uri: Optional[str], default_read_only: bool) -> None:
         self.image = image
+        self.gate = WriteGate()  # NBD writes to "" pass it; snapshot-create closes it
         self.base_uri = base_uri
         self.default_read_only = default_read_only
         self._readers: Counter[str] = Counter()
@@ -90,6 +92,45 @@ class Exports:
     def readers(self, name: str) -> int:
         with self._lock:
             return self._readers[name]
+
+
+class WriteGate:
+    """NBD writes pass the gate together; a snapshot create closes it: it waits for the
+    writes inside to leave and holds new ones at the gate until the snapshot is taken.
+    So a write is entirely before or entirely after the snapshot, even one that spans
+    chunks (fvd's own point in time is per block)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._inside = 0
+        self._closed = False
+
+    def enter(self) -> None:
+        with self._cond:
+            while self._closed:
+                self._cond.wait()
+            self._inside += 1
+
+    def leave(self) -> None:
+        with self._cond:
+            self._inside -= 1
+            if self._inside == 0 and self._closed:
+                self._cond.notify_all()
+
+    def run_closed(self, fn: Callable[[], T]) -> T:
+        """fn() with no write inside and none let in; one closer at a time."""
+        with self._cond:
+            while self._closed:
+                self._cond.wait()
+            self._closed = True
+            while self._inside:
+                self._cond.wait()
+        try:
+            return fn()
+        finally:
+            with self._cond:
+                self._closed = False
+                self._cond.notify_all()
 
 
 # command -> (method name, {argument: (type, required)})
@@ -290,7 +331,8 @@ class ControlServer:
 
     def _snapshot_create(self, name: str) -> dict[str, Any]:
         self._writable("create a snapshot")
-        return snapshot_dict(self.image.create_snapshot(name))
+        info = self.exports.gate.run_closed(lambda: self.image.create_snapshot(name))
+        return snapshot_dict(info)
 
     def _snapshot_delete(self, name: str) -> None:
         self._writable("delete a snapshot")

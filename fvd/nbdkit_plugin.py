@@ -261,8 +261,22 @@ def pread(h, buf, offset, flags):
     _call(h.image.readinto, offset, buf)
 
 
+def _gated(fn, *args):
+    """A write through the gate of fvd.controlserver.WriteGate: entirely before or
+    entirely after a snapshot taken through the control socket."""
+    exports = _state["exports"]
+    if exports is None:
+        return _call(fn, *args)
+    gate = exports.gate
+    gate.enter()
+    try:
+        return _call(fn, *args)
+    finally:
+        gate.leave()
+
+
 def pwrite(h, buf, offset, flags):
-    _call(h.image.write, offset, buf)
+    _gated(h.image.write, offset, buf)
 
 
 def flush(h, flags):
@@ -275,7 +289,7 @@ def zero(h, count, offset, flags):
     if flags & nbdkit.FLAG_FAST_ZERO and not _fast_zero_possible(img, offset, count):
         nbdkit.set_error(errno.ENOTSUP)
         raise OSError(errno.ENOTSUP, "zeroing this range would write data")
-    _call(img.write_zeroes, offset, count)
+    _gated(img.write_zeroes, offset, count)
 
 
 def _fast_zero_possible(img, offset, count):
@@ -304,7 +318,7 @@ def trim(h, count, offset, flags):
     cs = getattr(img, "chunk_size", None) or getattr(img, "cluster_size", 65536)
     start, end = -(-offset // cs) * cs, (offset + count) // cs * cs
     if end > start:
-        _call(img.write_zeroes, start, end - start)
+        _gated(img.write_zeroes, start, end - start)
 
 
 def extents(h, count, offset, flags):
