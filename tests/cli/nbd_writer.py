@@ -12,7 +12,7 @@ acknowledged request, with CLOCK_MONOTONIC times (shared by every process):
     U slot version fua t_send           a write sent but never acknowledged (server gone)
     F t_send t_ack                      an acknowledged flush
 
-Exits 0 when the server goes away (the crash test kills it).
+Prints "ready" once connected. Exits 0 when the server goes away (the crash test kills it).
 """
 
 import random
@@ -32,6 +32,7 @@ def main():
     rng = random.Random(int(seed))
     h = nbd.NBD()
     h.connect_uri(uri)
+    print("ready", flush=True)
     versions = {}
     with open(log_path, "w") as log:
         try:
