@@ -2,6 +2,7 @@
 
     nbdkit python /path/to/fvd/nbdkit_plugin.py file=IMAGE [snapshot=NAME] [readonly=true]
         [force_share=true] [format=fvd|qcow2] [pythonpath=DIR:DIR...]
+        [control=PATH|none] [uri=NBD-URI]
 
 `fvd serve` builds this command line. nbdkit embeds its own Python (Debian's
 /usr/bin/python3), not the interpreter fvd was installed into, so `fvd` and its
@@ -16,8 +17,9 @@ safe from any thread, so the plugin uses nbdkit's parallel thread model. A qcow2
 
 Exports (fvd images): "" is the image (or the snapshot given with snapshot=); every
 snapshot is also a read-only export of its own name, with one view per connection.
-`control=PATH` opens the control socket (fvd.controlserver) in this process: bound in
-get_ready, served by a thread started in after_fork (threads do not survive nbdkit's
+The control socket (fvd.controlserver) lives in this process: `control=PATH`, by default
+IMAGE.ctl for a read-write fvd image (`control=none`: no socket). It is bound in
+get_ready and served by a thread started in after_fork (threads do not survive nbdkit's
 fork into the background). `uri=` is the NBD URI of the default export, which the
 control channel reports so clients can find the snapshot exports.
 """
@@ -37,7 +39,7 @@ _params = {
     "readonly": False,
     "force_share": False,
     "format": "fvd",
-    "control": None,
+    "control": "default",
     "uri": None,
 }
 _state = {"image": None, "parent": None, "lock": None, "exports": None, "control": None}
@@ -72,7 +74,7 @@ def config(key, value):
     elif key == "pythonpath":
         _extend_path(value)
     elif key == "control":
-        _params["control"] = os.path.abspath(value)
+        _params["control"] = None if value in ("", "none") else os.path.abspath(value)
     elif key == "uri":
         _params["uri"] = value
     else:
@@ -87,6 +89,8 @@ def config_complete():
         raise ValueError("file=IMAGE is required")
     if _params["snapshot"] is not None:
         _params["readonly"] = True  # a snapshot is read-only by nature
+    if _params["control"] == "default" and _params["format"] != "fvd":
+        _params["control"] = None
     if _params["control"] is not None and _params["format"] != "fvd":
         raise ValueError("control= needs an fvd image (format=fvd)")
 
@@ -124,12 +128,16 @@ def _start_exports(img):
     """The snapshot exports, and the control socket when asked for (bound now, so a bad
     path fails before nbdkit serves; its thread starts in after_fork)."""
     from fvd import controlserver
+    from fvd.control import default_control_path
 
     exports = controlserver.Exports(img, _params["uri"], _params["readonly"])
     _state["exports"] = exports
-    if _params["control"] is not None:
+    path = _params["control"]
+    if path == "default":  # IMAGE.ctl when writable: what `fvd snapshot` and friends look for
+        path = None if _params["readonly"] else default_control_path(_params["file"])
+    if path is not None:
         server = controlserver.ControlServer(
-            _params["control"], img, exports, read_only=_params["readonly"], stop=nbdkit.shutdown
+            path, img, exports, read_only=_params["readonly"], stop=nbdkit.shutdown
         )
         server.bind()
         _state["control"] = server

@@ -104,8 +104,7 @@ def build_command(
             cmd.append("readonly=true")
         if force_share:
             cmd.append("force_share=true")
-        if control is not None:
-            cmd.append(f"control={os.path.abspath(control)}")
+        cmd.append(f"control={'none' if control is None else os.path.abspath(control)}")
         cmd.append(f"uri={describe(socket, port, bind)}")
     if shared:
         cmd.append(f"limit={shared}")

@@ -25,9 +25,10 @@ from fvd.control import MAX_REQUEST, default_control_path
 from fvd.imageio import RawImage
 from fvd.nbd_client import NbdClient
 from fvd.ops.checksum import checksum
+from fvd.serve import PLUGIN, plugin_environment
 from fvd.units import KiB, MiB
 
-from ..nbd_helpers import ROOT, SYSTEM_PYTHON, fvd_serve, need_nbd_tools, run
+from ..nbd_helpers import ROOT, SYSTEM_PYTHON, free_port, fvd_serve, need_nbd_tools, run
 
 pytestmark = pytest.mark.interop
 WRITER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "nbd_writer.py")
@@ -526,3 +527,91 @@ def test_three_live_incremental_backups_through_the_cli(tmp_path, impl):
         assert view.read(0, view.size) == restored.read_bytes()
     for i in (1, 2, 3):
         run("qemu-img", "check", tmp_path / f"backup{i}.qcow2")
+
+
+# ----- the CLI on a served image, over TCP -----------------------------------------------------
+def test_cli_commands_through_the_server_over_tcp(tmp_path, impl):
+    if impl == "python":
+        pytest.skip("one run: the CLI path does not depend on the fast path")
+    image = tmp_path / "vm.fvd"
+    fvd.create(image, 4 * MiB, chunk_size=CHUNK)
+    with fvd.open(image, "r+") as img:
+        img.write(0, b"x" * 100 * KiB)
+        img.create_snapshot("s1")
+    port = free_port()
+    srv = fvd_serve(image, impl, port=port)
+    try:
+        run("qemu-io", "-f", "raw", "-c", "write -P 7 1M 64k", srv.uri)
+        cli("snapshot", "-c", "s2", image)
+        info = json.loads(cli("info", "--output=json", image).stdout)
+        assert info["filename"] == str(image) and [s["name"] for s in info["snapshots"]] == [
+            "s1",
+            "s2",
+        ]
+        changed = json.loads(cli("map", "--output=json", "--since", "s1", image).stdout)
+        assert [(c["start"], c["length"], c["data"]) for c in changed] == [(MiB, CHUNK, True)]
+        r = cli("checksum", "-l", "s2", "--output=json", image)
+        assert "held by fvd serve" in r.stderr
+        with fvd.connect(image) as client:
+            assert json.loads(r.stdout) == client.checksum("s2")
+        assert "No errors" in cli("check", image).stdout
+        r = cli("snapshot", "-a", "s1", image, ok=(1,))
+        assert "stop the server" in r.stderr and r.stderr.count("\n") == 1
+        r = cli("convert", image, tmp_path / "x.fvd", ok=(1,))
+        assert "-l NAME" in r.stderr and r.stderr.count("\n") == 1
+        cli("convert", "-O", "raw", "-l", "s2", image, tmp_path / "s2.raw")
+        run("qemu-img", "compare", "-f", "raw", "-F", "raw", tmp_path / "s2.raw", export_tcp(port))
+        with fvd.connect(image) as client:
+            uris = {e["name"]: e["uri"] for e in client.exports()}
+            assert uris["s2"] == export_tcp(port)
+            client.stop()
+        assert srv.proc.wait(timeout=60) == 0
+    finally:
+        srv.stop()
+    assert not os.path.exists(default_control_path(image))
+
+
+def export_tcp(port, name="s2"):
+    return f"nbd://127.0.0.1:{port}/{name}"
+
+
+def test_plugin_run_by_nbdkit_in_the_background(tmp_path, impl):
+    """nbdkit forks into the background: the control thread starts after the fork."""
+    if impl == "python":
+        pytest.skip("one run: the control thread does not depend on the fast path")
+    image = tmp_path / "vm.fvd"
+    fvd.create(image, 2 * MiB)
+    sock, pidfile = tmp_path / "nbd.sock", tmp_path / "nbdkit.pid"
+    uri = f"nbd+unix:///?socket={sock}"
+    env = plugin_environment()
+    subprocess.run(
+        ["nbdkit", "-U", sock, "-P", pidfile, "python", PLUGIN, f"file={image}", f"uri={uri}"],
+        check=True,
+        env=env,
+    )
+    try:
+        wait_until(lambda: os.path.exists(default_control_path(image)))
+        r = cli("snapshot", "-c", "s1", image)
+        assert "held by fvd serve" in r.stderr
+        with fvd.connect(image) as client:
+            assert [e["name"] for e in client.exports()] == ["", "s1"]
+            client.stop()
+        wait_until(lambda: not os.path.exists(pidfile) or not _alive(_pid(pidfile)))
+    finally:
+        if os.path.exists(pidfile) and _alive(_pid(pidfile)):
+            os.kill(_pid(pidfile), signal.SIGTERM)
+    wait_until(lambda: not os.path.exists(default_control_path(image)))
+    with fvd.open(image) as img:
+        assert [s.name for s in img.snapshots()] == ["s1"]
+
+
+def _pid(pidfile):
+    return int(open(pidfile).read().strip() or 0)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
