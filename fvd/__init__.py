@@ -13,7 +13,7 @@ path -> image core and fvd.qcow2 -> features -> operations -> the Image facade -
 from fvd import _impl
 from fvd import qcow2 as qcow2
 from fvd.control import ControlClient, connect
-from fvd.convert import convert
+from fvd.convert import convert, convert_served
 from fvd.errors import (
     BaseImageError,
     ControlError,
@@ -47,6 +47,7 @@ __all__ = [
     "open",
     "convert",
     "connect",
+    "convert_served",
     "ControlClient",
     "Image",
     "SnapshotImage",
