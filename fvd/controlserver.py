@@ -281,7 +281,7 @@ class ControlServer:
         """The reply to one request line, and what to run after sending it (stop)."""
         try:
             request = json.loads(line)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:  # RecursionError: nested too deep
             return _error_reply(ControlError("ParseError", f"request is not JSON: {e}")), None
         if not isinstance(request, dict):
             return _error_reply(ControlError("InvalidRequest", _REQUEST_SHAPE)), None

@@ -125,3 +125,18 @@ def test_write_gate_holds_writes_on_one_side():
     gate.leave()
     t.join(30)
     assert result == ["snap"] and later_entered.wait(30)
+
+
+def test_bad_requests_get_error_replies(server):
+    srv, _ = server
+    for line, cls in (
+        (b"[" * 30000 + b"]" * 30000, "ParseError"),  # nested deeper than json recurses
+        (b"\xff\xfe", "ParseError"),
+        (b'"just a string"', "InvalidRequest"),
+        (b'{"execute": 1}', "InvalidRequest"),
+        (b'{"execute": "checksum", "arguments": {"block-size": true}}', "InvalidArgument"),
+        (b'{"execute": "checksum", "arguments": []}', "InvalidArgument"),
+        (b'{"execute": "checksum", "arguments": {"snapshot": "none"}}', "SnapshotNotFound"),
+    ):
+        reply, after = srv.handle(line)
+        assert reply["error"]["class"] == cls and after is None, (line[:40], reply)
