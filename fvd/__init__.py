@@ -12,9 +12,11 @@ path -> image core and fvd.qcow2 -> features -> operations -> the Image facade -
 
 from fvd import _impl
 from fvd import qcow2 as qcow2
-from fvd.convert import convert
+from fvd.control import ControlClient, connect
+from fvd.convert import convert, convert_served
 from fvd.errors import (
     BaseImageError,
+    ControlError,
     CorruptImageError,
     FvdError,
     ImageIOError,
@@ -44,6 +46,9 @@ __all__ = [
     "create",
     "open",
     "convert",
+    "connect",
+    "convert_served",
+    "ControlClient",
     "Image",
     "SnapshotImage",
     "Extent",
@@ -62,4 +67,5 @@ __all__ = [
     "RefcountOverflowError",
     "ServeError",
     "WrongFormatError",
+    "ControlError",
 ]

@@ -22,8 +22,9 @@ from fvd.cliutil import (
     progress_done,
     qemu_progress,
 )
-from fvd.convert import _dst_options, convert
-from fvd.errors import FvdError
+from fvd.control import find_server
+from fvd.convert import _dst_options, convert, convert_served
+from fvd.errors import FvdError, ImageLockedError
 from fvd.fileio import BACKING_POLICIES, BackingPolicy, resolve_relative
 from fvd.image import Image, create
 from fvd.image import open as open_image
@@ -156,14 +157,31 @@ def _base_size(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
 
-    infos = chain_infos(
-        args.image, args.fmt, args.force_share, args.backing_chain, args.backing_policy
-    )
+    try:
+        infos = chain_infos(
+            args.image, args.fmt, args.force_share, args.backing_chain, args.backing_policy
+        )
+    except ImageLockedError as e:
+        infos = _served_infos(args, e)
     if args.output == "json":
         print(json.dumps(infos if args.backing_chain else infos[0], indent=4))
     else:
         print("\n\n".join(info_text(i, _snapshot_table) for i in infos))
     return 0
+
+
+def _served_infos(args: argparse.Namespace, error: ImageLockedError) -> list[dict[str, Any]]:
+    """info of an image held by fvd serve (through its control socket), and with
+    --backing-chain the bases below, opened here (they are read-only)."""
+    with cliutil.served(args.image, error, "info") as client:
+        info = client.info()
+    info["filename"] = args.image
+    infos = [info]
+    if args.backing_chain and "full-backing-filename" in info:
+        infos += chain_infos(
+            info["full-backing-filename"], info.get("backing-filename-format"), True, True
+        )
+    return infos
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -177,6 +195,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         result, facts = cliutil.check_image_path(
             args.image, fmt_name, args.repair is not None, args.force_share, args.backing_policy
         )
+    except ImageLockedError as e:
+        if args.repair is not None:
+            raise
+        result, facts = cliutil.served_check(args.image, e)
     except FvdError as e:
         if not cliutil.is_corrupt(e):
             raise  # locked, unsupported...: the check could not run
@@ -211,11 +233,18 @@ def cmd_map(args: argparse.Namespace) -> int:
 
     if args.until is not None and args.since is None:
         raise UsageError("--until needs --since")
-    with open_args(args) as img:
-        if args.since is not None:  # changed extents (fvd.ops.changed, or qcow2 trees)
-            extents = changed_dicts(img, args.since, args.until)
-        else:
-            extents = [extent_dict(e) for e in img.extents()]
+    try:
+        with open_args(args) as img:
+            if args.since is not None:  # changed extents (fvd.ops.changed, or qcow2 trees)
+                extents = changed_dicts(img, args.since, args.until)
+            else:
+                extents = [extent_dict(e) for e in img.extents()]
+    except ImageLockedError as locked:
+        if args.since is None:
+            raise
+        with cliutil.served(args.image, locked, "map") as client:
+            changed = client.changed_extents(args.since, args.until)
+        extents = [cliutil.change_dict(c.start, c.length, c.zero) for c in changed]
     if args.output == "json":
         print(json.dumps(extents, indent=None).replace("}, {", "},\n{"))
         return 0
@@ -267,6 +296,25 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 
     if resolve_format(args.image, args.fmt) == "raw":
         raise UsageError(f"{args.image}: raw images have no internal snapshots")
+    try:
+        return _snapshot_command(args)
+    except ImageLockedError as e:
+        if args.apply is not None:
+            if find_server(args.image) is not None:
+                raise FvdError(f"{e}: fvd serve holds it; stop the server to revert") from None
+            raise
+        with cliutil.served(args.image, e, "snapshot") as client:
+            if args.list:
+                snaps = client.info().get("snapshots", [])
+                emit(args, snaps, _snapshot_table(snaps))
+            elif args.create is not None:
+                client.create_snapshot(args.create)
+            else:
+                client.delete_snapshot(args.delete)
+        return 0
+
+
+def _snapshot_command(args: argparse.Namespace) -> int:
     if args.list:
         with open_args(args) as img:
             snaps = _snapshot_dicts(img)
@@ -303,6 +351,36 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     opts = parse_options(args.options)
     progress = qemu_progress() if args.progress else None
+    try:
+        _convert_local(args, opts, progress)
+    except ImageLockedError as e:
+        snapshot = _snapshot_name(args.snapshot)
+        if snapshot is None:
+            if find_server(args.src) is None:
+                raise
+            raise FvdError(
+                f"{e}; to copy an image that fvd serve holds, take a snapshot "
+                f"(fvd snapshot -c NAME) and convert that (-l NAME)"
+            ) from None
+        with cliutil.served(args.src, e, "convert") as client:
+            convert_served(
+                client,
+                args.dst,
+                snapshot=snapshot,
+                since=args.since,
+                dst_format=args.out_format,
+                backing=args.backing,
+                backing_format=args.backing_format,
+                progress=progress,
+                cache=args.cache,
+                **opts,
+            )
+    if progress:
+        progress_done()
+    return 0
+
+
+def _convert_local(args: argparse.Namespace, opts: dict[str, str], progress: Optional[Any]) -> None:
     convert(
         args.src,
         args.dst,
@@ -318,9 +396,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
         backing_policy=args.backing_policy,
         **opts,
     )
-    if progress:
-        progress_done()
-    return 0
 
 
 def _snapshot_name(text: Optional[str]) -> Optional[str]:
@@ -337,6 +412,20 @@ def cmd_checksum(args: argparse.Namespace) -> int:
 
     progress = qemu_progress() if args.progress else None
     block_size = parse_size(args.block_size)
+    try:
+        result = _checksum_local(args, block_size, progress)
+    except ImageLockedError as e:
+        with cliutil.served(args.image, e, "checksum") as client:
+            result = client.checksum(args.snapshot, block_size, args.algorithm)
+    if progress:
+        progress_done()
+    emit(args, result, f"{result['checksum']}  {args.image}")
+    return 0
+
+
+def _checksum_local(
+    args: argparse.Namespace, block_size: int, progress: Optional[Any]
+) -> dict[str, Any]:
     with open_args(args) as img:
         if args.snapshot is not None:
             if not hasattr(img, "open_snapshot"):
@@ -346,10 +435,7 @@ def cmd_checksum(args: argparse.Namespace) -> int:
         else:
             # qcow2 and raw images are no DiskView (no `closed`, no `extents_array`): fails
             result = checksum(img, block_size, args.algorithm, progress=progress)
-    if progress:
-        progress_done()
-    emit(args, result, f"{result['checksum']}  {args.image}")
-    return 0
+    return result
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -370,6 +456,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tls_certificates=args.tls_certificates,
         tls_psk=args.tls_psk,
         insecure=args.insecure,
+        control=args.control,
     )
 
 
@@ -524,6 +611,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="allow a read-write TCP export without TLS (anyone reaching the port can write)",
     )
     v.add_argument("--shared", type=int, metavar="N", help="at most N clients at once")
+    v.add_argument(
+        "--control",
+        metavar="PATH",
+        help="control socket (unix, 0600; default IMAGE.ctl for a read-write fvd export)",
+    )
     _force_share_option(v)
     v.add_argument("image")
     v.set_defaults(func=cmd_serve)

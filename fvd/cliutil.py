@@ -12,8 +12,9 @@ from typing import Any, Callable, Optional, TextIO
 import numpy as np
 
 from fvd import qcow2
+from fvd.control import ControlClient, find_server
 from fvd.convert import changed_ranges
-from fvd.errors import BaseImageError, CorruptImageError, FvdError
+from fvd.errors import BaseImageError, CorruptImageError, FvdError, ImageLockedError
 from fvd.fileio import AnyPolicy, BackingPolicy
 from fvd.image import Image, verify_reopen
 from fvd.imageio import AnyImage, RawImage, open_image, resolve_format
@@ -266,15 +267,46 @@ def progress_done(stream: Optional[TextIO] = None) -> None:
 
 def changed_dicts(img: AnyImage, since: str, until: Optional[str] = None) -> list[dict[str, Any]]:
     """`map --since`: ranges changed between snapshots, as qemu-img map dicts."""
+    return [change_dict(r.start, r.length, r.zero) for r in changed_ranges(img, since, until)]
 
-    return [
-        {
-            "start": r.start,
-            "length": r.length,
-            "depth": 0,
-            "present": True,
-            "zero": r.zero,
-            "data": not r.zero,
-        }
-        for r in changed_ranges(img, since, until)
-    ]
+
+def served_check(path: str, error: ImageLockedError) -> tuple[CheckResult, dict[str, int]]:
+    """A read-only check through the control socket of the fvd serve holding `path`."""
+    with served(path, error, "check") as client:
+        result = client.check()
+        info = client.info()
+    data = info["format-specific"]["data"]
+    facts = {
+        "image-end-offset": data["image-end-offset"],
+        "total-clusters": data["total-chunks"],
+        "allocated-clusters": data["allocated-chunks"],
+    }
+    return result, facts
+
+
+def change_dict(start: int, length: int, zero: bool) -> dict[str, Any]:
+    """One changed range as a qemu-img map dict."""
+    return {
+        "start": start,
+        "length": length,
+        "depth": 0,
+        "present": True,
+        "zero": zero,
+        "data": not zero,
+    }
+
+
+# ----- an image held by `fvd serve` ------------------------------------------------------
+def served(path: str, error: ImageLockedError, command: str) -> ControlClient:
+    """A client of the control socket of the `fvd serve` that holds `path` (after a
+    one-line note on stderr); re-raises `error` when no server listens there."""
+    sock = find_server(path)
+    if sock is None:
+        raise error
+    client = ControlClient(sock)
+    print(
+        f"fvd {command}: {path} is held by fvd serve: going through its control socket {sock}",
+        file=sys.stderr,
+        flush=True,
+    )
+    return client

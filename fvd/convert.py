@@ -34,6 +34,7 @@ from typing import Any, NamedTuple, Optional, Union
 import numpy as np
 
 from fvd import qcow2
+from fvd.control import ControlClient
 from fvd.errors import FvdError, ImageIOError
 from fvd.fileio import AnyPolicy, punch_hole, resolve_relative
 from fvd.image import Image, create
@@ -96,19 +97,7 @@ def convert(
     Errors of the output name `dst` (not its hidden temporary file, nor the source).
     """
     src, dst = os.fspath(src), os.fspath(dst)
-    if dst_format not in FORMATS:
-        raise ValueError(f"unknown output format {dst_format!r} (use one of {', '.join(FORMATS)})")
-    opts = _dst_options(dst_format, options)
-    if cache not in ("writeback", "unsafe"):
-        raise ValueError(f"cache must be 'writeback' or 'unsafe', not {cache!r}")
-    if since is not None and backing is None:
-        raise ValueError(
-            "an incremental convert (since=) needs the previous backup as backing file (-B)"
-        )
-    if backing is not None and dst_format == "raw":
-        raise ValueError("a raw output cannot have a backing file")
-    if backing_format is not None and backing is None:
-        raise ValueError("a backing format (-F) needs a backing file (-B)")
+    opts = _check_arguments(dst_format, options, cache, since, backing, backing_format)
     _check_paths(src, dst, backing)
     img = open_image(src, src_format, force_share=force_share, backing=backing_policy)
     try:
@@ -137,7 +126,71 @@ def convert(
         img.close()
 
 
+def convert_served(
+    client: ControlClient,
+    dst: StrPath,
+    *,
+    snapshot: str,
+    dst_format: str = "fvd",
+    since: str | None = None,
+    backing: StrPath | None = None,
+    backing_format: str | None = None,
+    progress: Progress = None,
+    cache: str = "writeback",
+    **options: object,
+) -> None:
+    """`convert()` of snapshot `snapshot` of an image that `fvd serve` holds (`client`:
+    `fvd.connect(image)`): the changed extents come from its control socket, the data
+    from the snapshot's NBD export, while the server keeps serving."""
+    dst = os.fspath(dst)
+    opts = _check_arguments(dst_format, options, cache, since, backing, backing_format)
+    _check_paths(client.image, dst, backing)
+    if since is not None:
+        changed = client.changed_extents(since, snapshot)
+    with client.open_export(snapshot) as view:
+        if since is None:
+            ranges = [Range(e.start, e.length, not e.data) for e in view.extents()]
+        else:
+            ranges = [Range(e.start, e.length, bool(e.zero) and not e.data) for e in changed]
+        _write_output(
+            view,
+            dst,
+            dst_format,
+            ranges,
+            backing,
+            backing_format,
+            opts,
+            progress,
+            cache == "unsafe",
+        )
+
+
 # ----- arguments ----------------------------------------------------------------------
+def _check_arguments(
+    dst_format: str,
+    options: Mapping[str, object],
+    cache: str,
+    since: str | None,
+    backing: StrPath | None,
+    backing_format: str | None,
+) -> dict[str, Any]:
+    """The output's options, once the arguments are known to fit together."""
+    if dst_format not in FORMATS:
+        raise ValueError(f"unknown output format {dst_format!r} (use one of {', '.join(FORMATS)})")
+    opts = _dst_options(dst_format, options)
+    if cache not in ("writeback", "unsafe"):
+        raise ValueError(f"cache must be 'writeback' or 'unsafe', not {cache!r}")
+    if since is not None and backing is None:
+        raise ValueError(
+            "an incremental convert (since=) needs the previous backup as backing file (-B)"
+        )
+    if backing is not None and dst_format == "raw":
+        raise ValueError("a raw output cannot have a backing file")
+    if backing_format is not None and backing is None:
+        raise ValueError("a backing format (-F) needs a backing file (-B)")
+    return opts
+
+
 def _dst_options(dst_format: str, options: Mapping[str, object]) -> dict[str, Any]:
     allowed = DST_OPTIONS[dst_format]
     unknown = sorted(set(options) - set(allowed))

@@ -76,5 +76,14 @@ class ServeError(FvdError):
     """nbdkit or its Python plugin is missing or cannot serve the image."""
 
 
+class ControlError(FvdError):
+    """The control socket of `fvd serve` refused a command or cannot be reached;
+    `error_class` is the protocol's error class (docs/nbd.md), e.g. "CommandNotFound"."""
+
+    def __init__(self, error_class: str, message: str) -> None:
+        super().__init__(message)
+        self.error_class = error_class
+
+
 class WrongFormatError(FvdError, ValueError):
     """The file is not an image of the format asked for (the message says what it is)."""

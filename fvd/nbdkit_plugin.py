@@ -2,7 +2,7 @@
 
     nbdkit python /path/to/fvd/nbdkit_plugin.py file=IMAGE [snapshot=NAME] [readonly=true]
         [force_share=true] [format=fvd|qcow2] [backing=any|same-dir|none]
-        [pythonpath=DIR:DIR...]
+        [pythonpath=DIR:DIR...] [control=PATH|none] [uri=NBD-URI]
 
 `fvd serve` builds this command line. nbdkit embeds its own Python (Debian's
 /usr/bin/python3), not the interpreter fvd was installed into, so `fvd` and its
@@ -14,6 +14,14 @@ One image handle per nbdkit process, opened in get_ready (so a locked image fail
 start-up, before the socket exists) and shared by every connection: fvd.Image calls are
 safe from any thread, so the plugin uses nbdkit's parallel thread model. A qcow2 image
 (fvd.qcow2 makes no such promise) is served with its calls serialised by a lock.
+
+Exports (fvd images): "" is the image (or the snapshot given with snapshot=); every
+snapshot is also a read-only export of its own name, with one view per connection.
+The control socket (fvd.controlserver) lives in this process: `control=PATH`, by default
+IMAGE.ctl for a read-write fvd image (`control=none`: no socket). It is bound in
+get_ready and served by a thread started in after_fork (threads do not survive nbdkit's
+fork into the background). `uri=` is the NBD URI of the default export, which the
+control channel reports so clients can find the snapshot exports.
 """
 
 import errno
@@ -32,8 +40,10 @@ _params = {
     "force_share": False,
     "format": "fvd",
     "backing": "any",
+    "control": "default",
+    "uri": None,
 }
-_state = {"image": None, "parent": None, "lock": None}
+_state = {"image": None, "parent": None, "lock": None, "exports": None, "control": None}
 
 
 def _truthy(value):
@@ -68,10 +78,14 @@ def config(key, value):
         _params["backing"] = value
     elif key == "pythonpath":
         _extend_path(value)
+    elif key == "control":
+        _params["control"] = None if value in ("", "none") else os.path.abspath(value)
+    elif key == "uri":
+        _params["uri"] = value
     else:
         raise ValueError(
             f"unknown parameter {key!r} (file, snapshot, readonly, force_share, format, "
-            f"backing, pythonpath)"
+            f"backing, pythonpath, control, uri)"
         )
 
 
@@ -80,6 +94,10 @@ def config_complete():
         raise ValueError("file=IMAGE is required")
     if _params["snapshot"] is not None:
         _params["readonly"] = True  # a snapshot is read-only by nature
+    if _params["control"] == "default" and _params["format"] != "fvd":
+        _params["control"] = None
+    if _params["control"] is not None and _params["format"] != "fvd":
+        raise ValueError("control= needs an fvd image (format=fvd)")
 
 
 def thread_model():
@@ -112,10 +130,39 @@ def get_ready():
         _state["parent"] = img
         img = img.open_snapshot(_params["snapshot"])
     _state["image"] = img
+    _start_exports(_state["parent"] or img)
     nbdkit.debug(f"fvd: serving {path} ({mode}, {fvd.IMPLEMENTATION})")
 
 
+def _start_exports(img):
+    """The snapshot exports, and the control socket when asked for (bound now, so a bad
+    path fails before nbdkit serves; its thread starts in after_fork)."""
+    from fvd import controlserver
+    from fvd.control import default_control_path
+
+    exports = controlserver.Exports(img, _params["uri"], _params["readonly"])
+    _state["exports"] = exports
+    path = _params["control"]
+    if path == "default":  # IMAGE.ctl when writable: what `fvd snapshot` and friends look for
+        path = None if _params["readonly"] else default_control_path(_params["file"])
+    if path is not None:
+        server = controlserver.ControlServer(
+            path, img, exports, read_only=_params["readonly"], stop=nbdkit.shutdown
+        )
+        server.bind()
+        _state["control"] = server
+
+
+def after_fork():
+    if _state["control"] is not None:
+        _state["control"].start()
+
+
 def cleanup():
+    server = _state["control"]
+    _state["control"] = None
+    if server is not None:
+        server.close()
     for key in ("image", "parent"):
         img = _state[key]
         _state[key] = None
@@ -125,14 +172,44 @@ def cleanup():
 
 # ----- per connection --------------------------------------------------------------------
 class _Handle:
-    __slots__ = ("readonly",)
+    __slots__ = ("readonly", "image", "view")
 
-    def __init__(self, readonly):
+    def __init__(self, readonly, image, view=None):
         self.readonly = readonly
+        self.image = image
+        self.view = view  # a snapshot export's own view, closed with the connection
+
+
+def list_exports(readonly, is_tls):
+    exports = _state["exports"]
+    if exports is None:
+        return [("", _params["file"])]
+    return exports.listing()
+
+
+def default_export(readonly, is_tls):
+    return ""
 
 
 def open(readonly):
-    return _Handle(readonly or _params["readonly"])
+    name = nbdkit.export_name()
+    if not name:
+        return _Handle(readonly or _params["readonly"], _state["image"])
+    exports = _state["exports"]
+    if exports is None:
+        nbdkit.set_error(errno.ENOENT)
+        raise KeyError(f"no export {name!r}: only fvd images export their snapshots")
+    try:
+        view = exports.open(name)
+    except KeyError:
+        nbdkit.set_error(errno.ENOENT)
+        raise
+    return _Handle(True, view, view)
+
+
+def close(h):
+    if h.view is not None:
+        _state["exports"].close(h.view)
 
 
 def _call(fn, *args):
@@ -152,11 +229,11 @@ def _call(fn, *args):
 
 
 def get_size(h):
-    return _state["image"].size
+    return h.image.size
 
 
 def can_write(h):
-    return not _params["readonly"]
+    return not h.readonly
 
 
 def can_flush(h):
@@ -164,15 +241,15 @@ def can_flush(h):
 
 
 def can_trim(h):
-    return not _params["readonly"]
+    return not h.readonly
 
 
 def can_zero(h):
-    return not _params["readonly"]
+    return not h.readonly
 
 
 def can_fast_zero(h):
-    return not _params["readonly"] and _params["format"] == "fvd"
+    return not h.readonly and _params["format"] == "fvd"
 
 
 def can_fua(h):
@@ -199,23 +276,38 @@ def block_size(h):
 
 
 def pread(h, buf, offset, flags):
-    _call(_state["image"].readinto, offset, buf)
+    _call(h.image.readinto, offset, buf)
+
+
+def _gated(fn, *args):
+    """A write through the gate of fvd.controlserver.WriteGate: entirely before or
+    entirely after a snapshot taken through the control socket."""
+    exports = _state["exports"]
+    if exports is None:
+        return _call(fn, *args)
+    gate = exports.gate
+    gate.enter()
+    try:
+        return _call(fn, *args)
+    finally:
+        gate.leave()
 
 
 def pwrite(h, buf, offset, flags):
-    _call(_state["image"].write, offset, buf)
+    _gated(h.image.write, offset, buf)
 
 
 def flush(h, flags):
-    _call(_state["image"].flush)
+    if hasattr(h.image, "flush"):  # a snapshot view never changes: nothing to flush
+        _call(h.image.flush)
 
 
 def zero(h, count, offset, flags):
-    img = _state["image"]
+    img = h.image
     if flags & nbdkit.FLAG_FAST_ZERO and not _fast_zero_possible(img, offset, count):
         nbdkit.set_error(errno.ENOTSUP)
         raise OSError(errno.ENOTSUP, "zeroing this range would write data")
-    _call(img.write_zeroes, offset, count)
+    _gated(img.write_zeroes, offset, count)
 
 
 def _fast_zero_possible(img, offset, count):
@@ -240,16 +332,16 @@ def _chunk_has_content(img, start, cs):
 
 def trim(h, count, offset, flags):
     # Trimmed bytes may read as anything: unmap the whole chunks inside, leave the rest.
-    img = _state["image"]
+    img = h.image
     cs = getattr(img, "chunk_size", None) or getattr(img, "cluster_size", 65536)
     start, end = -(-offset // cs) * cs, (offset + count) // cs * cs
     if end > start:
-        _call(img.write_zeroes, start, end - start)
+        _gated(img.write_zeroes, start, end - start)
 
 
 def extents(h, count, offset, flags):
     """base:allocation: a hole is not data in the image (or its base); zero reads zeros."""
-    img = _state["image"]
+    img = h.image
     out = []
     for e in _call(lambda: list(img.extents(offset, count))):
         kind = (0 if e.data else nbdkit.EXTENT_HOLE) | (nbdkit.EXTENT_ZERO if e.zero else 0)

@@ -22,6 +22,7 @@ from types import FrameType
 from typing import Any, Optional
 
 from fvd import qcow2
+from fvd.control import default_control_path
 from fvd.errors import ServeError
 from fvd.image import open as open_image
 from fvd.imageio import RawImage
@@ -80,6 +81,7 @@ def build_command(
     tls_certificates: str | None = None,
     tls_psk: str | None = None,
     insecure: bool = False,
+    control: str | None = None,
     nbdkit: str = "nbdkit",
 ) -> list[str]:
     """The nbdkit command line that serves `image` (in the foreground). TCP listens on
@@ -109,6 +111,8 @@ def build_command(
             cmd.append("force_share=true")
         if backing != "any":
             cmd.append(f"backing={backing}")
+        cmd.append(f"control={'none' if control is None else os.path.abspath(control)}")
+        cmd.append(f"uri={describe(socket, port, bind, bool(tls_certificates or tls_psk))}")
     if shared:
         cmd.append(f"limit={shared}")
     return cmd
@@ -202,6 +206,7 @@ def serve(image: str, *, nbdkit: str = "nbdkit", **options: Any) -> int:
     image_format = options.get("image_format", "fvd")
     check_exposure(image, options)
     tls_options(options.get("tls_certificates"), options.get("tls_psk"))
+    options["control"] = control_path(image, image_format, options)
     preflight(
         image,
         options.get("snapshot"),
@@ -213,6 +218,8 @@ def serve(image: str, *, nbdkit: str = "nbdkit", **options: Any) -> int:
     tls = options.get("tls_certificates") or options.get("tls_psk")
     where = describe(options.get("socket"), options.get("port"), options.get("bind"), bool(tls))
     print(f"fvd serve: {image} at {where}", file=sys.stderr, flush=True)
+    if options["control"] is not None:
+        print(f"fvd serve: control socket {options['control']}", file=sys.stderr, flush=True)
     sock = options.get("socket")
     if sock is not None:
         _remove_stale_socket(sock)
@@ -236,8 +243,24 @@ def serve(image: str, *, nbdkit: str = "nbdkit", **options: Any) -> int:
         if proc.poll() is None:
             proc.terminate()
             proc.wait()
-        if sock is not None:
-            _remove_stale_socket(sock)  # nbdkit leaves its socket file behind
+        for path in (sock, options["control"]):
+            if path is not None:
+                _remove_stale_socket(path)  # nbdkit leaves its socket file behind
+
+
+def control_path(image: str, image_format: str, options: dict[str, Any]) -> str | None:
+    """The control socket: --control PATH, else IMAGE.ctl for a read-write fvd export
+    (a read-only one shares the image with other readers and needs none)."""
+    given: str | None = options.get("control")
+    if image_format != "fvd":
+        if given is not None:
+            raise ServeError(f"{image}: --control needs an fvd image, not {image_format}")
+        return None
+    if given is not None:
+        return os.path.abspath(given)
+    if options.get("readonly") or options.get("snapshot") is not None:
+        return None
+    return default_control_path(image)
 
 
 def _remove_stale_socket(path: str) -> None:
