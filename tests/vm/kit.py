@@ -464,9 +464,10 @@ def run_on(
     *,
     timeout: float = 300.0,
     discard: bool = True,
+    env: dict[str, str] | None = None,
 ) -> BootResult:
-    """One boot whose /dev/vda is `image` through `backend`."""
-    with attach(backend, image, discard=discard) as drive:
+    """One boot whose /dev/vda is `image` through `backend` (`env`: the server's)."""
+    with attach(backend, image, discard=discard, env=env) as drive:
         return boot(kit, [drive], script, timeout=timeout, backend=backend)
 
 
