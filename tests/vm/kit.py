@@ -352,15 +352,21 @@ def server_command(backend: str, image: Path, sock: Path) -> list[str]:
     ]
 
 
+@dataclass
+class Disk:
+    drive: str  # QEMU's -drive value
+    server: subprocess.Popen[bytes] | None  # the NBD server serving it, if any
+
+
 @contextlib.contextmanager
 def attach(
     backend: str, image: Path, *, discard: bool = True, env: dict[str, str] | None = None
-) -> Iterator[str]:
-    """The QEMU `-drive` value for `image` through `backend`; a server runs meanwhile."""
+) -> Iterator[Disk]:
+    """The QEMU `-drive` for `image` through `backend`; its server runs meanwhile."""
     opts = ",if=virtio" + (",discard=unmap" if discard else "")
     if backend.endswith("-qemu"):
         # host page cache + fdatasync at guest flushes, as the NBD servers do
-        yield f"file={image},format={BACKEND_FORMAT[backend]},cache=writeback{opts}"
+        yield Disk(f"file={image},format={BACKEND_FORMAT[backend]},cache=writeback{opts}", None)
         return
     with tempfile.TemporaryDirectory(prefix="fvd-guest-") as tmp:
         sock, log = Path(tmp) / "nbd.sock", Path(tmp) / "server.log"
@@ -370,7 +376,7 @@ def attach(
             )
         try:
             _wait_socket(proc, sock, log)
-            yield f"file=nbd+unix:///?socket={sock},format=raw,cache=none{opts}"
+            yield Disk(f"file=nbd+unix:///?socket={sock},format=raw,cache=none{opts}", proc)
         finally:
             stop_server(proc)
 
@@ -412,14 +418,50 @@ def _initrd_with_script(kit: Kit, script: str, tmp: Path) -> Path:
     return initrd
 
 
-def boot(
-    kit: Kit, drives: Sequence[str], script: str, *, timeout: float = 300.0, backend: str = ""
-) -> BootResult:
-    """Boot, run `script` with busybox sh, power off; QEMU is killed whatever happens."""
+class RunningGuest:
+    """A booted QEMU whose console can be watched while the guest works."""
+
+    def __init__(self, kit: Kit, proc: subprocess.Popen[bytes], console: Path, backend: str):
+        self.kit, self.proc, self.console, self.backend = kit, proc, console, backend
+        self.start = time.monotonic()
+
+    def text(self) -> str:
+        return self.console.read_text(errors="replace")
+
+    def wait_for(self, pattern: str, count: int = 1, timeout: float = 300.0) -> str:
+        """Until `pattern` (a regex) appears `count` times on the console; the console."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.text()
+            if len(re.findall(pattern, text, re.M)) >= count:
+                return text
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise GuestKitError(f"{pattern!r} x{count} not seen; console:\n{self.text()}")
+
+    def finish(self, timeout: float) -> BootResult:
+        """Wait for the guest to power off, at most `timeout` s, then kill QEMU anyway."""
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.wait()
+        seconds = time.monotonic() - self.start
+        return parse_console(self.kit.accel, self.backend, self.text(), seconds)
+
+
+@contextlib.contextmanager
+def started(
+    kit: Kit, drives: Sequence[str], script: str, backend: str = ""
+) -> Iterator[RunningGuest]:
+    """QEMU running `script`; killed on the way out whatever happened."""
     with tempfile.TemporaryDirectory(prefix="fvd-guest-") as tmp:
         initrd = _initrd_with_script(kit, script, Path(tmp))
         console = Path(tmp) / "console.log"
-        start = time.monotonic()
         with open(console, "wb") as out:
             proc = subprocess.Popen(
                 qemu_command(kit, initrd, drives),
@@ -427,16 +469,21 @@ def boot(
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
+        guest = RunningGuest(kit, proc, console, backend)
         try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pass
+            yield guest
         finally:
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
-        seconds = time.monotonic() - start
-        return parse_console(kit.accel, backend, console.read_text(errors="replace"), seconds)
+
+
+def boot(
+    kit: Kit, drives: Sequence[str], script: str, *, timeout: float = 300.0, backend: str = ""
+) -> BootResult:
+    """Boot, run `script` with busybox sh, power off; QEMU is killed whatever happens."""
+    with started(kit, drives, script, backend) as guest:
+        return guest.finish(timeout)
 
 
 def parse_console(accel: str, backend: str, text: str, seconds: float) -> BootResult:
@@ -467,8 +514,8 @@ def run_on(
     env: dict[str, str] | None = None,
 ) -> BootResult:
     """One boot whose /dev/vda is `image` through `backend` (`env`: the server's)."""
-    with attach(backend, image, discard=discard, env=env) as drive:
-        return boot(kit, [drive], script, timeout=timeout, backend=backend)
+    with attach(backend, image, discard=discard, env=env) as disk:
+        return boot(kit, [disk.drive], script, timeout=timeout, backend=backend)
 
 
 # --- command line ---------------------------------------------------------------------
