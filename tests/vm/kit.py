@@ -293,20 +293,22 @@ def prepare() -> Kit:
 # --- images and disks -----------------------------------------------------------------
 
 
-def make_ext4(raw: Path, size: int, populate: Path | None = None) -> None:
-    """A raw file holding a fresh ext4 (inode tables written now: no lazy init in the guest)."""
+def make_ext4(
+    raw: Path, size: int, populate: Path | None = None, fs_size: int | None = None
+) -> None:
+    """A raw file of `size` bytes holding a fresh ext4 of `fs_size` (default: all of it).
+
+    Inode tables and the journal are written now, so the guest runs no lazy init."""
     with open(raw, "wb") as f:
         f.truncate(size)
-    args: list[str | Path] = [
-        "mkfs.ext4",
-        "-q",
-        "-F",
-        "-E",
-        "lazy_itable_init=0,lazy_journal_init=0",
-    ]
+    args: list[str | Path] = ["mkfs.ext4", "-q", "-F"]
+    args += ["-E", "lazy_itable_init=0,lazy_journal_init=0"]
     if populate is not None:
         args += ["-d", populate]
-    _run(*args, raw)
+    args.append(raw)
+    if fs_size is not None:
+        args.append(f"{fs_size // 1024}k")
+    _run(*args)
 
 
 def convert_raw(raw: Path, dst: Path, fmt: str) -> None:
