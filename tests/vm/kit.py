@@ -161,7 +161,7 @@ def kernel_package() -> str:
         raise GuestUnavailable(
             f"`apt-cache depends {KERNEL_META}` names no kernel (run `apt-get update`?)"
         )
-    return found[0]
+    return str(found[0])
 
 
 def fetch_kernel(cache: Path) -> Path:
