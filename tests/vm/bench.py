@@ -14,7 +14,7 @@ Boots are interleaved round-robin across the contenders (the first contender rot
 each round) and each figure is the median over the boots, so load from other users of
 the machine spreads over all contenders instead of landing on one.
 
-    python -m tests.vm.bench --boots 5 [--output=json]
+    python -m tests.vm.bench --boots 5 [--save run.json]   # --load run.json: the table again
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .kit import BACKEND_FORMAT, GuestKitError, Kit, convert_raw, make_ext4, prepare, run_on
 
@@ -71,6 +72,11 @@ class Samples:
 
     def median(self, backend: str, figure: str) -> float:
         return statistics.median(r[figure] for r in self.by_backend[backend])
+
+    def paired(self, a: str, b: str, figure: str) -> float:
+        """Median over rounds of a's figure divided by b's in the same round."""
+        pairs = zip(self.by_backend[a], self.by_backend[b])
+        return statistics.median(x[figure] / y[figure] for x, y in pairs)
 
 
 def make_template(workdir: Path, plan: Plan) -> Path:
@@ -127,15 +133,20 @@ def environment(kit: Kit) -> dict[str, object]:
 
 
 def table(samples: Samples, contenders: Sequence[str]) -> str:
-    """Medians per contender, and fvd's ratio to each (ops/s: higher is better)."""
+    """Medians per contender and fvd's ratio to each (ops/s: > 1 means fvd is faster):
+    the ratio of the medians, then the median of the per-round ratios (each round's
+    boots ran back to back, so they share that moment's load on the machine)."""
     head = "| figure (ops/s, median) | " + " | ".join(contenders) + " |"
     lines = [head, "|---" * (len(contenders) + 1) + "|"]
+    first = contenders[0]
     for figure in FIGURES:
-        medians = [samples.median(b, figure) for b in contenders]
-        fvd = medians[0]
-        cells = [
-            f"{m:.0f}" + ("" if i == 0 else f" ({fvd / m:.2f}x)") for i, m in enumerate(medians)
-        ]
+        cells = [f"{samples.median(first, figure):.0f}"]
+        for other in contenders[1:]:
+            m = samples.median(other, figure)
+            ratio = samples.median(first, figure) / m
+            cells.append(
+                f"{m:.0f} ({ratio:.2f}x; paired {samples.paired(first, other, figure):.2f}x)"
+            )
         lines.append(f"| {figure.replace('_ops_per_s', '')} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -148,30 +159,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--fsync-files", type=int, default=1000)
     p.add_argument("--nofsync-files", type=int, default=4000)
     p.add_argument("--contenders", default=",".join(CONTENDERS), help="fvd-serve first")
-    p.add_argument("--output", choices=("table", "json"), default="table")
+    p.add_argument("--save", type=Path, help="also write every sample as JSON here")
+    p.add_argument("--load", type=Path, help="print the table of a saved run, boot nothing")
     args = p.parse_args(argv)
-    contenders = args.contenders.split(",")
+    if args.load:
+        saved = json.loads(args.load.read_text())
+        report(saved, Samples(saved["samples"]))
+        return 0
     plan = Plan(args.size_gib << 30, args.sync_writes, args.fsync_files, args.nofsync_files)
     try:
         kit = prepare()
         env = environment(kit)
         start = time.monotonic()
-        samples = run_rounds(kit, plan, contenders, args.boots)
+        samples = run_rounds(kit, plan, args.contenders.split(","), args.boots)
     except GuestKitError as e:
         print(f"guest bench: {e}", file=sys.stderr)
         return 1
     env["seconds"] = round(time.monotonic() - start, 1)
     env["load_average_end"] = os.getloadavg()
-    if args.output == "json":
-        print(
-            json.dumps(
-                {"environment": env, "plan": plan.__dict__, "samples": samples.by_backend}, indent=1
-            )
-        )
-    else:
-        print(json.dumps(env))
-        print(table(samples, contenders))
+    run = {"environment": env, "plan": plan.__dict__, "samples": samples.by_backend}
+    if args.save:
+        args.save.write_text(json.dumps(run, indent=1))
+    report(run, samples)
     return 0
+
+
+def report(run: dict[str, Any], samples: Samples) -> None:
+    print(json.dumps(run["environment"]))
+    print(table(samples, list(samples.by_backend)))
 
 
 if __name__ == "__main__":
