@@ -44,6 +44,12 @@ _params = {
     "uri": None,
 }
 _state = {"image": None, "parent": None, "lock": None, "exports": None, "control": None}
+# Writes completed, and how many of them the last completed flush covered (QEMU's
+# write_gen / flushed_gen): a flush with nothing new to make durable returns at once.
+# QEMU's NBD client follows each O_DSYNC write with two flushes; the second one would
+# otherwise cost an fdatasync for nothing (qemu-nbd skips it the same way).
+_gen = {"written": 0, "flushed": 0}
+_gen_lock = threading.Lock()
 
 
 def _truthy(value):
@@ -293,13 +299,29 @@ def _gated(fn, *args):
         gate.leave()
 
 
+def _wrote():
+    """Counted after the call, before nbdkit replies, even when it failed part way."""
+    with _gen_lock:
+        _gen["written"] += 1
+
+
 def pwrite(h, buf, offset, flags):
-    _gated(h.image.write, offset, buf)
+    try:
+        _gated(h.image.write, offset, buf)
+    finally:
+        _wrote()
 
 
 def flush(h, flags):
-    if hasattr(h.image, "flush"):  # a snapshot view never changes: nothing to flush
-        _call(h.image.flush)
+    if not hasattr(h.image, "flush"):  # a snapshot view never changes: nothing to flush
+        return
+    with _gen_lock:
+        seen = _gen["written"]
+        if seen == _gen["flushed"]:
+            return  # every completed write is durable already
+    _call(h.image.flush)
+    with _gen_lock:
+        _gen["flushed"] = max(_gen["flushed"], seen)
 
 
 def zero(h, count, offset, flags):
@@ -307,7 +329,10 @@ def zero(h, count, offset, flags):
     if flags & nbdkit.FLAG_FAST_ZERO and not _fast_zero_possible(img, offset, count):
         nbdkit.set_error(errno.ENOTSUP)
         raise OSError(errno.ENOTSUP, "zeroing this range would write data")
-    _gated(img.write_zeroes, offset, count)
+    try:
+        _gated(img.write_zeroes, offset, count)
+    finally:
+        _wrote()
 
 
 def _fast_zero_possible(img, offset, count):
@@ -336,7 +361,10 @@ def trim(h, count, offset, flags):
     cs = getattr(img, "chunk_size", None) or getattr(img, "cluster_size", 65536)
     start, end = -(-offset // cs) * cs, (offset + count) // cs * cs
     if end > start:
-        _gated(img.write_zeroes, start, end - start)
+        try:
+            _gated(img.write_zeroes, start, end - start)
+        finally:
+            _wrote()
 
 
 def extents(h, count, offset, flags):

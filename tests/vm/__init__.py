@@ -1,0 +1,1 @@
+"""A real Linux guest (Debian cloud kernel under QEMU) on fvd images."""
