@@ -38,6 +38,7 @@ class Cell:
     measure: Measure
     repeat: bool = True  # False: round 0 only (not like-for-like, or exact)
     fixed: bool = False  # members always measured together (convert, checksum)
+    rows: set[str] = field(default_factory=set)  # row keys it measured (shared by copies)
 
     @property
     def impl(self) -> str:
@@ -61,11 +62,16 @@ class Context:
 
 
 def _qemu_io_round(
-    w: wl.IoWorkload, c: impls.QemuContender, workdir: str, rnd: int, members: Sequence[str]
+    w: wl.IoWorkload,
+    c: impls.QemuContender,
+    workdir: str,
+    counts: bool,
+    rnd: int,
+    members: Sequence[str],
 ) -> list[wl.Result]:
     """One round of an I/O row through QEMU (I/O counted in round 0). Random offsets run
     one qemu-io command per I/O: marked not like-for-like."""
-    result = bench_qemu.measure_io_qemu(w, c, workdir, 1, counts=rnd == 0)
+    result = bench_qemu.measure_io_qemu(w, c, workdir, 1, counts=counts and rnd == 0)
     result.like_for_like = w.stride() is not None
     return [result]
 
@@ -86,15 +92,20 @@ def io_cells(ctx: Context) -> list[Cell]:
         local = tuple(
             c.name
             for c in ctx.contenders()
-            if c.python and (c.name != "fvd-py" or w.key.startswith(PY_ROWS))
+            if c.python
+            and (c.name != "fvd-py" or w.key.startswith(PY_ROWS))
+            and not (w.snapshot and c.name == "raw")  # raw files have no snapshots
         )
         if local:
             measure = functools.partial(_paired_round, w, ctx.workdir)
             cells.append(Cell(w.key, w.title, local, measure))
         for c in ctx.contenders():
-            if isinstance(c, impls.QemuContender):
-                like = w.stride() is not None
-                measure = functools.partial(_qemu_io_round, w, c, ctx.workdir)
+            like = w.stride() is not None
+            if isinstance(c, impls.QemuContender) and (like or not ctx.scale.like_only):
+                if w.snapshot and c.fmt == "raw":
+                    continue  # raw files have no snapshots
+                counts = ctx.scale.qemu_counts
+                measure = functools.partial(_qemu_io_round, w, c, ctx.workdir, counts)
                 cells.append(Cell(w.key, w.title, (c.name,), measure, repeat=like))
     return cells
 

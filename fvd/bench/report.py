@@ -147,7 +147,7 @@ def summary_text(run: Run, width: int = 100, io: bool = False) -> str:
 
 def _not_met(judged: list[vd.Judged], width: int, room: int) -> list[str]:
     bad = [j for j in judged if j.status != stats.MET]
-    out = [f"  {j.status:<7} {j.target.text}: {j.measured}"[:width] for j in bad]
+    out = [f"  {j.status:<7} {j.measured:<22} {j.target.text}"[:width] for j in bad]
     if len(out) > room:
         keep = max(room - 1, 0)
         out = out[:keep] + [f"  ... {len(bad) - keep} more: --wide"]

@@ -17,6 +17,7 @@ import time
 from typing import Optional, Sequence
 
 from fvd import _impl
+from fvd.bench import table as tb
 from fvd.bench import verdicts
 from fvd.bench import workloads as wl
 from fvd.bench.cells import CELL_FACTORIES, Cell, Context
@@ -50,7 +51,6 @@ class Recorder:
     def __init__(self) -> None:
         self.rounds: dict[tuple[str, str], dict[int, wl.Result]] = {}
         self.errors: list[wl.Result] = []
-        self.rows_of: dict[int, set[str]] = {}  # id(cell) -> row keys it measured
         self.last_round = 0
 
     def add(self, rnd: int, results: list[wl.Result]) -> None:
@@ -105,7 +105,7 @@ def run_round(groups: Groups, rnd: int, rec: Recorder, progress: Progress) -> No
         for cell in cells[::-1] if rnd % 2 else cells:
             out = _run_cell(cell, rnd, progress)
             rec.errors += [r for r in out if r.note.startswith("error:")]
-            rec.rows_of.setdefault(id(cell), set()).update(r.workload for r in out)
+            cell.rows.update(r.workload for r in out)
             rec.add(rnd, out)
 
 
@@ -117,7 +117,7 @@ def later_groups(groups: Groups, rec: Recorder, names: Sequence[str]) -> Groups:
     for key, cells in groups.items():
         keep = []
         for c in cells:
-            wanted = set().union(*(need.get(r, set()) for r in rec.rows_of.get(id(c), ())))
+            wanted = set().union(*(need.get(r, set()) for r in c.rows))
             members = c.members if c.fixed else tuple(m for m in c.members if m in wanted)
             if c.repeat and members:
                 keep.append(dataclasses.replace(c, members=members))
@@ -131,6 +131,29 @@ def group(cells: list[Cell]) -> Groups:
     for c in cells:
         groups.setdefault(c.key, []).append(c)
     return groups
+
+
+def _targeted(groups: Groups, rec: Recorder) -> Groups:
+    """The groups with a row some target judges (they get the first rounds)."""
+    keys = list(dict.fromkeys(row for row, _ in rec.rounds))
+    judged = {tb.resolve_row(t, keys) for t in tb.all_targets()}
+    return {k: cs for k, cs in groups.items() if any(c.rows & judged for c in cs)}
+
+
+def more_rounds(
+    later: Groups, scale: wl.Scale, rec: Recorder, progress: Progress, t0: float
+) -> None:
+    """Rounds 2, 3...: rows with targets until `scale.repeat` rounds, then every row while
+    the budget lasts (a round is not started when the last one would overrun it)."""
+    first = _targeted(later, rec)
+    rnd, last = 1, 0.0
+    while rnd < max(scale.max_rounds, scale.repeat):
+        spent = time.perf_counter() - t0
+        if rnd >= scale.repeat and spent + last > scale.budget:
+            break
+        start = time.perf_counter()
+        run_round(first if rnd < scale.repeat else later, rnd, rec, progress)
+        last, rnd = time.perf_counter() - start, rnd + 1
 
 
 def run_all(
@@ -149,15 +172,7 @@ def run_all(
     previous = _impl.IMPLEMENTATION
     try:
         run_round(groups, 0, rec, progress)
-        later = later_groups(groups, rec, names)
-        rnd, last = 1, 0.0
-        while later and rnd < max(scale.max_rounds, scale.repeat):
-            spent = time.perf_counter() - t0
-            if rnd >= scale.repeat and spent + last > scale.budget:
-                break
-            start = time.perf_counter()
-            run_round(later, rnd, rec, progress)
-            last, rnd = time.perf_counter() - start, rnd + 1
+        more_rounds(later_groups(groups, rec, names), scale, rec, progress, t0)
     finally:
         _impl.select(previous)
         for close in ctx.closers:

@@ -97,10 +97,9 @@ TARGETS: list[Target] = [
 def convert_targets() -> list[Target]:
     """fvd convert >= 1.0x qemu-img convert, one per convert row."""
     out = []
-    for key, title, _s, _d, peer, cache in convert.ROWS:
-        flag = "-t writeback " if cache == "writeback" else ""
-        what = flag + convert.QEMU_WHAT[peer]
-        out.append(_r(key, f"fvd {title[8:]} >= 1.0x qemu-img convert {what}", 1.0, peer))
+    for key, title, _s, _d, peer, _cache in convert.ROWS:
+        what = convert.QEMU_WHAT[peer]
+        out.append(_r(key, f"fvd {title} >= 1.0x qemu-img ({what})", 1.0, peer))
     return out
 
 

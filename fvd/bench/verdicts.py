@@ -81,9 +81,12 @@ def judge(t: tb.Target, idx: Index, keys: list[str]) -> Judged:
         status = stats.verdict(s, t.limit, at_least=t.kind == tb.AT_LEAST)
     if s is None:
         return Judged(t, row, None, stats.NA, "n/a")
-    measured = _figure(s.median, t.unit)
-    if s.n > 1:
-        measured += f" [{_figure(s.low, t.unit)} - {_figure(s.high, t.unit)}]"
+    if t.unit == "x":
+        measured = s.text()
+    else:
+        measured = _figure(s.median, t.unit)
+        if s.n > 1:
+            measured += f" [{_figure(s.low, t.unit)}-{_figure(s.high, t.unit)}]"
     return Judged(t, row, s, status, measured)
 
 
