@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--quick",
         action="store_true",
         help="fewer operations per cell, the same targets, "
-        "rounds until about 45 s are used (under a minute)",
+        "rounds until about 40 s are used (under a minute)",
     )
     add(
         "--output",
@@ -57,11 +57,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="also draw the targets' ratios and spread "
         "(.png or .svg; needs matplotlib: pip install 'fvd[plot]')",
     )
-    add("--ops", type=int, help="random 4 KiB operations per cell (default 2048, quick 128)")
+    return _add_size_arguments(parser)
+
+
+def _add_size_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """What is measured, how much, how many rounds, where."""
+    add = parser.add_argument
+    add("--ops", type=int, help="random 4 KiB operations per cell (default 2048, quick 64)")
     add(
         "--size",
         metavar="BYTES",
-        help="sequential I/O volume, 1 MiB ops (suffixes K M G; default 256M, quick 64M)",
+        help="sequential I/O volume, 1 MiB ops (suffixes K M G; default 256M, quick 32M)",
     )
     add(
         "--flush-every",
@@ -79,12 +85,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--budget",
         type=float,
         metavar="SECONDS",
-        help="add rounds while the run has used less (default 0, quick 45)",
+        help="add rounds while the run has used less (default 0, quick 40)",
     )
     add(
         "--snapshots",
         metavar="K,K...",
-        help="snapshot counts to time (default 1,100,1000; quick 1,20)",
+        help="snapshot counts to time (default 1,100,1000; quick 1,10)",
     )
     add("--impl", metavar="NAME,...", help="implementations (columns): " + ",".join(DEFAULT_IMPLS))
     add(

@@ -98,17 +98,19 @@ def judge_all(results: list[Result]) -> list[Judged]:
 
 
 def strongest_peer(row: str, idx: Index, impls: list[str]) -> Optional[Result]:
-    """The best like-for-like figure among the row's peers (not fvd, not its twin)."""
-    best: Optional[Result] = None
-    for name in impls:
-        r = idx.get((row, name))
-        if name in OWN or r is None or r.value is None or not r.like_for_like:
-            continue
-        if best is None or best.value is None:
-            best = r
-        elif r.value > best.value if r.higher_is_better else r.value < best.value:
-            best = r
-    return best
+    """The best like-for-like figure among the row's peers (not fvd, not its twin), among
+    the peers measured in the most rounds (those the ratio can be paired with)."""
+    peers = [idx.get((row, n)) for n in impls if n not in OWN]
+    ok = [r for r in peers if r is not None and r.value is not None and r.like_for_like]
+    if not ok:
+        return None
+    most = max(_rounds(r) for r in ok)
+    ok = [r for r in ok if _rounds(r) == most]
+    return max(ok, key=lambda r: (r.value or 0.0) * (1 if r.higher_is_better else -1))
+
+
+def _rounds(r: Result) -> int:
+    return sum(v is not None for v in stats.samples(r))
 
 
 @dataclass

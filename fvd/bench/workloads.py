@@ -131,17 +131,17 @@ class Scale:
     @classmethod
     def quick(cls) -> Scale:
         return cls(
-            ops=128,
+            ops=64,
             reads=4096,
-            seq_mib=64,
+            seq_mib=32,
             translate=1 << 20,
             translate_py=1 << 16,
-            snapshots=(1, 20),
-            snap_data_ops=64,
-            open_ops=512,
+            snapshots=(1, 10),
+            snap_data_ops=32,
+            open_ops=256,
             repeat=3,
             convert_mib=128,
-            budget=45.0,
+            budget=40.0,
             like_only=True,
             qemu_counts=False,
         )
@@ -237,99 +237,55 @@ def strided_offsets(n: int, size: int = DISK, step: int = MiB) -> list[int]:
 
 
 def io_workloads(scale: Scale) -> list[IoWorkload]:
+    """The I/O rows, in table order (the keys are what targets and --workload name)."""
     offs = strided_offsets(scale.ops)
-    rng = random.Random(3)
-    reads = [rng.choice(offs) for _ in range(scale.reads)]
-    strided_reads = offs * max(1, scale.reads // len(offs))
-    seq = [i * MiB for i in range(scale.seq_mib)]
     fe = scale.flush_every
     w = []
-    for cache, every in (("writethrough", 0), ("writeback", fe)):
-        tag = "wt" if every == 0 else f"wb/{every}"
-        w.append(
-            IoWorkload(
-                f"alloc4k-{tag}", f"alloc 4K random {tag}", "write", 4 * KiB, offs, cache, every
+    for kind, pre in (("alloc", ()), ("overwrite", offs)):
+        for cache, every, tag in (("writethrough", 0, "wt"), ("writeback", fe, f"wb/{fe}")):
+            title = f"{kind} 4K random {tag}"
+            w.append(
+                IoWorkload(f"{kind}4k-{tag}", title, "write", 4 * KiB, offs, cache, every, pre)
             )
-        )
-    for cache, every in (("writethrough", 0), ("writeback", fe)):
-        tag = "wt" if every == 0 else f"wb/{every}"
-        w.append(
-            IoWorkload(
-                f"overwrite4k-{tag}",
-                f"overwrite 4K random {tag}",
-                "write",
-                4 * KiB,
-                offs,
-                cache,
-                every,
-                pre_offsets=offs,
-            )
-        )
-    w.append(
+    return w + _read_and_sequential(scale, offs) + [_cow_workload(offs)]
+
+
+def _read_and_sequential(scale: Scale, offs: list[int]) -> list[IoWorkload]:
+    rng = random.Random(3)
+    reads = [rng.choice(offs) for _ in range(scale.reads)]
+    strided = offs * max(1, scale.reads // len(offs))
+    seq = [i * MiB for i in range(scale.seq_mib)]
+    fe = scale.flush_every
+    wb = "writeback"
+    return [
+        IoWorkload("read4k", "read 4K random (cached)", "read", 4 * KiB, reads, wb, 0, offs),
         IoWorkload(
-            "read4k",
-            "read 4K random (cached)",
-            "read",
-            4 * KiB,
-            reads,
-            "writeback",
-            0,
-            pre_offsets=offs,
-        )
-    )
-    w.append(
+            "read4k-strided", "read 4K strided 1M (cached)", "read", 4 * KiB, strided, wb, 0, offs
+        ),
         IoWorkload(
-            "read4k-strided",
-            "read 4K strided 1M (cached)",
-            "read",
-            4 * KiB,
-            strided_reads,
-            "writeback",
-            0,
-            pre_offsets=offs,
-        )
-    )
-    w.append(
-        IoWorkload(
-            f"seqwrite1m-wb/{fe}",
-            f"write 1M sequential wb/{fe}",
-            "write",
-            MiB,
-            seq,
-            "writeback",
-            fe,
+            f"seqwrite1m-wb/{fe}", f"write 1M sequential wb/{fe}", "write", MiB, seq, wb, fe,
             unit="MiB/s",
-        )
-    )
-    w.append(
+        ),
         IoWorkload(
-            "seqread1m",
-            "read 1M sequential (cached)",
-            "read",
-            MiB,
-            seq * scale.read_passes,
-            "writeback",
-            0,
-            pre_offsets=seq,
-            pre_length=MiB,
-            unit="MiB/s",
-        )
+            "seqread1m", "read 1M sequential (cached)", "read", MiB, seq * scale.read_passes, wb,
+            0, pre_offsets=seq, pre_length=MiB, unit="MiB/s",
+        ),
+    ]  # fmt: skip
+
+
+def _cow_workload(offs: list[int]) -> IoWorkload:
+    return IoWorkload(
+        "cow4k-wt",
+        "1st write after snapshot wt",
+        "write",
+        4 * KiB,
+        offs,
+        "writethrough",
+        0,
+        pre_offsets=offs,
+        snapshot=True,
+        needs_snapshots=True,
     )
-    w.append(
-        IoWorkload(
-            "cow4k-wt",
-            "1st write after snapshot wt",
-            "write",
-            4 * KiB,
-            offs,
-            "writethrough",
-            0,
-            pre_offsets=offs,
-            snapshot=True,
-            needs_snapshots=True,
-        )
-    )
-    return w
 
 
 def _fill(handle: Handle, offsets: Sequence[int], length: int) -> None:
