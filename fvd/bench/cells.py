@@ -129,6 +129,10 @@ def snapshot_cells(ctx: Context) -> list[Cell]:
         if not (ctx.want(key) or ctx.want(f"snap-delete-x{k}")):
             continue
         for c in ctx.contenders():
+            if c.name == "raw" or c.name == "qemu-raw":
+                continue  # raw files have no snapshots
+            if not c.python and ctx.scale.like_only:
+                continue  # one qemu-img process per snapshot: not like-for-like
             measure = functools.partial(_snapshot_round, c, ctx.workdir, k, ctx.scale.snap_data_ops)
             cells.append(Cell(key, f"snapshots x{k}", (c.name,), measure, repeat=c.python))
     return cells

@@ -15,6 +15,7 @@ from fvd.bench import table as tb
 from fvd.bench.verdicts import Judged
 
 COLOURS = {stats.MET: "#2a9d3f", stats.MISSED: "#d1342f", stats.UNCLEAR: "#e69a17"}
+LOW, HIGH = 0.2, 20.0  # x range shown; margins beyond it sit at the edge (label says)
 
 
 MISSING = "fvd bench: --plot needs matplotlib (pip install 'fvd[plot]')"
@@ -33,8 +34,8 @@ def _lanes(judged: list[Judged]) -> list[tuple[Judged, float, float, float]]:
         s = j.spread
         if s is None or j.target.kind == tb.COUNTS:
             continue
-        ends = sorted((_margin(j, s.low), _margin(j, s.high)))
-        out.append((j, _margin(j, s.median), ends[0], ends[1]))
+        lo, mid, hi = sorted(_margin(j, v) for v in (s.low, s.median, s.high))
+        out.append((j, _clip(mid), _clip(lo), _clip(hi)))
     return out
 
 
@@ -45,6 +46,10 @@ def missing() -> Optional[str]:
     except ImportError:
         return MISSING
     return None
+
+
+def _clip(x: float) -> float:
+    return min(max(x, LOW), HIGH)
 
 
 def _pyplot() -> Any:
@@ -79,12 +84,10 @@ def plot(judged: list[Judged], path: str, title: str) -> None:
     ax.set_yticks(range(len(lanes)))
     ax.set_yticklabels([j.target.text for j, *_ in reversed(lanes)], fontsize=7)
     ax.set_ylim(-0.7, len(lanes) - 0.3)
-    lo = min([m for _, _, m, _ in lanes] + [0.5])
-    hi = max([m for *_, m in lanes] + [2.0])
-    ax.set_xlim(lo / 1.3, hi * 3)
+    ax.set_xlim(LOW / 1.1, HIGH * 4)
     ax.set_xlabel("measured ÷ target (log): right of the line = met; dot median, bar IQR")
     ax.set_title(title, fontsize=9)
     ax.grid(axis="x", which="both", alpha=0.2)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=72)
     plt.close(fig)

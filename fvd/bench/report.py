@@ -86,6 +86,14 @@ def _tally(judged: list[vd.Judged]) -> str:
     return f"targets: {', '.join(parts)} (of {len(judged)})"
 
 
+def headline(run: Run) -> str:
+    """One line for a plot's title: the command, the verdicts, the machine."""
+    i = run.info
+    return (
+        f"{run.command}: {_tally(run.judged)[9:]}; {i.get('nproc', '?')} CPUs, {run.seconds:.0f} s"
+    )
+
+
 def _header(run: Run, width: int) -> list[str]:
     i = run.info
     head = (

@@ -258,7 +258,7 @@ def run(args: argparse.Namespace) -> int:
         return 1 if where else 2
     print(render(the_run, args))
     if getattr(args, "plot", None):
-        plotting.plot(the_run.judged, args.plot, the_run.command)
+        plotting.plot(the_run.judged, args.plot, report.headline(the_run))
         print(f"fvd bench: wrote {args.plot}", file=sys.stderr)
     failed = [r for r in the_run.results if r.note.startswith("error:")]
     return 1 if failed else 0
