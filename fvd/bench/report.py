@@ -43,9 +43,8 @@ class Run:
         return vd.summarise(self.results, tb.row_titles(self.scale), self.names)
 
     def rounds(self) -> str:
-        """`3-9` paired rounds over the rows (or one number): fvd's rounds."""
-        mine = [r for r in self.results if r.impl == "fvd"]
-        ns = [s.n for s in (stats.spread(stats.samples(r)) for r in mine) if s]
+        """`3-9` paired rounds over the rows (or one number): the targets' rounds."""
+        ns = [j.spread.n for j in self.judged if j.spread and j.target.kind != tb.COUNTS]
         lo, hi = (min(ns), max(ns)) if ns else (0, 0)
         return str(hi) if lo == hi else f"{lo}-{hi}"
 
@@ -105,7 +104,20 @@ def _header(run: Run, width: int) -> list[str]:
         "fvd = compiled fast path. x = fvd's figure over the strongest peer's "
         "(>1: fvd better): median [IQR] of per-round ratios"
     )
-    return textwrap.wrap(head, width) + textwrap.wrap(legend, width)
+    return textwrap.wrap(head, width) + textwrap.wrap(legend, width) + _busy(run, width)
+
+
+def _busy(run: Run, width: int) -> list[str]:
+    """A warning when other work shared the CPUs (load average above their count)."""
+    loads = [x for x in (run.info.get("load"), run.info.get("load_end")) if x is not None]
+    cpus = run.info.get("nproc") or 1
+    if not loads or max(loads) <= cpus:
+        return []
+    text = (
+        f"busy machine: load average {max(loads):.1f} on {cpus} CPUs; verdicts "
+        "near their targets (fvd against QEMU above all) may not repeat"
+    )
+    return textwrap.wrap(text, width)
 
 
 def _fit(cols: list[list[str]], width: int) -> list[str]:

@@ -170,6 +170,7 @@ def machine_info(workdir: str) -> dict[str, Any]:
         "fvd": fvd.__version__,
         "fvd_implementation": _impl.IMPLEMENTATION,
         "qemu": qemu,
+        "load": os.getloadavg()[0],
     }
 
 
@@ -218,6 +219,7 @@ def _measure(args: argparse.Namespace) -> report.Run:
         t0 = time.perf_counter()
         results = rounds.run_all(scale, names, workdir, keys, Progress())
         elapsed = time.perf_counter() - t0
+        info["load_end"] = os.getloadavg()[0]
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return report.Run(results, scale, names, info, elapsed, command_line(args))

@@ -62,7 +62,7 @@ def _figure(value: float, unit: str) -> str:
     if unit == "/s":
         return f"{value / 1e6:.0f}M/s"
     if unit == " ms":
-        return f"{value:.1f} ms"
+        return f"{value:.3g} ms"
     return f"{value:.2f}{unit}"
 
 

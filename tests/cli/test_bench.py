@@ -267,3 +267,13 @@ def test_tiny_real_run(tmp_path, capsys):
     assert len(fvd_alloc["samples"]) == 2 and fvd_alloc["counts_per_op"]["flushes"] == 1
     assert {t["status"] for t in doc["targets"]} <= set(stats.VERDICTS)
     assert "round 2:" in err  # progress on stderr, one line per cell (not a terminal)
+
+
+def test_busy_machine_is_said_and_still_fits():
+    run = fake_run(0.3)
+    run.info.update(load=6.7, load_end=5.1)
+    text = report.summary_text(run, 100)
+    assert "busy machine: load average 6.7 on 2 CPUs" in text
+    _shape_ok(text, 100, report.MAX_LINES)
+    run.info.update(load=0.5, load_end=1.0)
+    assert "busy" not in report.summary_text(run, 100)
