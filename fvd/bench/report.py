@@ -239,7 +239,7 @@ def _md_summary(run: Run) -> list[str]:
             fmt_value(s.fvd),
             _peer_text(s),
             _ratio_text(s.ratio),
-            str(s.ratio.n if s.ratio else 0),
+            str(sum(v is not None for v in stats.samples(s.fvd))),
             s.tally() or "-",
         ]
         for s in run.rows()
