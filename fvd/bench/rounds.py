@@ -140,19 +140,31 @@ def _targeted(groups: Groups, rec: Recorder) -> Groups:
     return {k: cs for k, cs in groups.items() if any(c.rows & judged for c in cs)}
 
 
+def _this_round(rnd: int, scale: wl.Scale, first: Groups, later: Groups) -> Groups:
+    """Which rows round `rnd` runs: every row until its minimum is reached (rows with
+    targets: `repeat`; the others: `other_rounds`), then every row while time is left."""
+    others = scale.other_rounds or scale.repeat
+    if rnd < scale.repeat and rnd >= others:
+        return first
+    if rnd >= scale.repeat and rnd < others:
+        return {k: cs for k, cs in later.items() if k not in first}
+    return later
+
+
 def more_rounds(
     later: Groups, scale: wl.Scale, rec: Recorder, progress: Progress, t0: float
 ) -> None:
-    """Rounds 2, 3...: rows with targets until `scale.repeat` rounds, then every row while
-    the budget lasts (a round is not started when the last one would overrun it)."""
+    """Rounds 2, 3...: each row's minimum first (`_this_round`), then more while the
+    budget lasts (a round is not started when the last one says it would overrun)."""
     first = _targeted(later, rec)
+    least = max(scale.repeat, scale.other_rounds)
     rnd, last = 1, 0.0
-    while rnd < max(scale.max_rounds, scale.repeat):
+    while rnd < max(scale.max_rounds, least):
         spent = time.perf_counter() - t0
-        if rnd >= scale.repeat and spent + last > scale.budget:
+        if rnd >= least and spent + last > scale.budget:
             break
         start = time.perf_counter()
-        run_round(first if rnd < scale.repeat else later, rnd, rec, progress)
+        run_round(_this_round(rnd, scale, first, later), rnd, rec, progress)
         last, rnd = time.perf_counter() - start, rnd + 1
 
 

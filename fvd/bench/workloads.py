@@ -127,6 +127,7 @@ class Scale:
     max_rounds: int = 15
     like_only: bool = False  # leave out QEMU cells that cannot be like-for-like
     qemu_counts: bool = True  # count QEMU's I/O under strace (round 0)
+    other_rounds: int = 0  # rounds at least for rows without a target (0: `repeat`)
 
     @classmethod
     def quick(cls) -> Scale:
@@ -144,6 +145,7 @@ class Scale:
             budget=40.0,
             like_only=True,
             qemu_counts=False,
+            other_rounds=1,
         )
 
     def scaled(self, factor: float) -> Scale:
@@ -169,6 +171,7 @@ class Scale:
             max_rounds=self.max_rounds,
             like_only=self.like_only,
             qemu_counts=self.qemu_counts,
+            other_rounds=self.other_rounds,
         )
 
 

@@ -233,7 +233,7 @@ def _fake_cell(key, members, log, fixed=False):
     return Cell(key, key, tuple(members), measure, fixed=fixed)
 
 
-def test_rounds_alternate_and_keep_only_needed_members():
+def _three_rounds(scale):
     log = []
     groups = rounds.group(
         [
@@ -245,8 +245,12 @@ def test_rounds_alternate_and_keep_only_needed_members():
     rec = rounds.Recorder()
     rounds.run_round(groups, 0, rec, Progress(enabled=False))
     later = rounds.later_groups(groups, rec, NAMES)
-    scale = wl.Scale(repeat=3, budget=0)
     rounds.more_rounds(later, scale, rec, Progress(enabled=False), 0.0)
+    return log, rec
+
+
+def test_rounds_alternate_and_keep_only_needed_members():
+    log, rec = _three_rounds(wl.Scale(repeat=3, budget=0, other_rounds=1))
     # round 0: everything; rounds 1-2: rows with targets only, cells in reverse on odd rounds
     assert [r for r, _ in log].count(0) == 3 and len(log) == 7
     assert log[3] == (1, ("qemu-qcow2",))
@@ -277,3 +281,10 @@ def test_busy_machine_is_said_and_still_fits():
     _shape_ok(text, 100, report.MAX_LINES)
     run.info.update(load=0.5, load_end=1.0)
     assert "busy" not in report.summary_text(run, 100)
+
+
+def test_every_row_gets_the_minimum_rounds_by_default():
+    log, rec = _three_rounds(wl.Scale(repeat=3, budget=0))
+    merged = verdicts.index(rec.merged())
+    assert merged["alloc4k-wb/16", "fvd"].samples == [100.0, 101.0, 102.0]
+    assert merged["alloc4k-wb/16", "qcow2-lazy"].samples == [100.0, 101.0, 102.0]
