@@ -1,7 +1,7 @@
 """pytest-benchmark suite: the same workloads as `fvd bench` (fvd.bench.workloads).
 
-Sizes: FVD_BENCH_SCALE multiplies the `fvd bench --quick` sizes (256 random 4 KiB ops,
-64 MiB sequential). Default 1, or 0.25 under --benchmark-disable so the suite runs as a
+Sizes: FVD_BENCH_SCALE multiplies the `fvd bench --quick` sizes (64 random 4 KiB ops,
+32 MiB sequential). Default 1, or 0.25 under --benchmark-disable so the suite runs as a
 fast smoke test in CI. FVD_BENCH_ROUNDS sets rounds per benchmark (default 3).
 
     pytest bench/ --benchmark-only --benchmark-group-by=group        # measure

@@ -3,7 +3,8 @@
 Source: a sparse raw image with 30% of its MiBs random data (the rest holes). Imports
 (raw->fvd, qcow2->fvd) are compared with `qemu-img convert` raw->qcow2 (column
 qemu-qcow2), exports (fvd->raw, fvd->qcow2) with `qemu-img convert` qcow2->raw (column
-qemu-raw). Values are MiB of virtual disk per second, median of `repeat` runs, each
+qemu-raw). Values are MiB of virtual disk per second, one per round (`ConvertBench`;
+the runner takes the median of the rounds and of the per-round ratios), each run
 ending with the output durable: fvd convert syncs its output before the rename, and
 qemu-img runs with `-t writeback` (it flushes at exit). The `-t unsafe` rows compare the
 modes that flush nothing: `fvd convert -t unsafe` against qemu-img convert's own default
@@ -16,7 +17,6 @@ import functools
 import os
 import random
 import shutil
-import statistics
 import subprocess
 import time
 from typing import Callable, Optional, Sequence, Union
@@ -57,103 +57,86 @@ def make_source(path: str, mib: int, seed: int = 11) -> None:
             f.write(os.urandom(MiB))
 
 
-def _timed(fn: Callable[[], object], repeat: int, cleanup: Callable[[], object]) -> float:
-    times = []
-    for _ in range(repeat):
-        cleanup()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _timed(fn: Callable[[], object], cleanup: Callable[[], object]) -> float:
+    cleanup()
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def _qemu_img(*args: object) -> None:
     subprocess.run(["qemu-img", *map(str, args)], check=True, capture_output=True)
 
 
-def measure_convert(
-    workdir: str,
-    mib: int,
-    repeat: int = 1,
-    with_qemu: bool = True,
-    keys: Optional[Sequence[str]] = None,
-) -> list[Result]:
-    """Results (MiB/s of virtual disk) of every convert row, fvd and qemu-img."""
+Name = Union[str, tuple[str, str]]  # a row key (fvd), or (qemu column, cache mode)
 
-    d = os.path.join(workdir, "convert")
-    os.makedirs(d, exist_ok=True)
-    src = {
-        "raw": os.path.join(d, "src.raw"),
-        "fvd": os.path.join(d, "src.fvd"),
-        "qcow2": os.path.join(d, "src.qcow2"),
-    }
-    make_source(src["raw"], mib)
-    convert(src["raw"], src["fvd"])
-    convert(src["raw"], src["qcow2"], dst_format="qcow2")
-    out = os.path.join(d, "out")
 
-    def rm() -> None:
-        if os.path.exists(out):
-            os.unlink(out)
+class ConvertBench:
+    """The convert rows, one round at a time: sources made once, then every round runs
+    each fvd row right after (or, every other round, right before) its qemu-img peer."""
 
-    def rm_synced() -> None:  # -t unsafe leaves dirty pages: not the next run's cost
-        rm()
+    def __init__(
+        self, workdir: str, mib: int, with_qemu: bool = True, keys: Optional[Sequence[str]] = None
+    ) -> None:
+        self.dir = os.path.join(workdir, "convert")
+        self.mib = mib
+        self.with_qemu = with_qemu and shutil.which("qemu-img") is not None
+        self.rows = [r for r in ROWS if not keys or any(r[0].startswith(k) for k in keys)]
+        self.cells: dict[Name, tuple[Callable[[], object], Callable[[], None]]] = {}
+
+    def setup(self) -> None:
+        d = self.dir
+        os.makedirs(d, exist_ok=True)
+        src = {fmt: os.path.join(d, f"src.{fmt}") for fmt in ("raw", "fvd", "qcow2")}
+        make_source(src["raw"], self.mib)
+        convert(src["raw"], src["fvd"])
+        convert(src["raw"], src["qcow2"], dst_format="qcow2")
+        self.out = os.path.join(d, "out")
+        qemu_args = {
+            "qemu-qcow2": ("-f", "raw", "-O", "qcow2", src["raw"], self.out),
+            "qemu-raw": ("-f", "qcow2", "-O", "raw", src["qcow2"], self.out),
+        }
+        for key, _title, sfmt, dfmt, peer, cache in self.rows:
+            clean = self._rm if cache == "writeback" else self._rm_synced
+            if self.with_qemu and (peer, cache) not in self.cells:
+                flags = ("-t", "writeback") if cache == "writeback" else ()
+                run = functools.partial(_qemu_img, "convert", *flags, *qemu_args[peer])
+                self.cells[peer, cache] = (run, clean)
+            self.cells[key] = (
+                functools.partial(
+                    convert, src[sfmt], self.out, src_format=sfmt, dst_format=dfmt, cache=cache
+                ),
+                clean,
+            )
+
+    def _rm(self) -> None:
+        if os.path.exists(self.out):
+            os.unlink(self.out)
+
+    def _rm_synced(self) -> None:  # -t unsafe leaves dirty pages: not the next run's cost
+        self._rm()
         os.sync()
 
-    # name -> (run, cleanup); rounds interleave every cell
-    cells: dict[Union[str, tuple[str, str]], tuple[Callable[[], object], Callable[[], None]]] = {}
-    if with_qemu and shutil.which("qemu-img") is not None:
-        for peer, args in (
-            ("qemu-qcow2", ("-f", "raw", "-O", "qcow2", src["raw"], out)),
-            ("qemu-raw", ("-f", "qcow2", "-O", "raw", src["qcow2"], out)),
-        ):
-            cells[peer, "writeback"] = (
-                functools.partial(_qemu_img, "convert", "-t", "writeback", *args),
-                rm,
-            )
-            cells[peer, "unsafe"] = (functools.partial(_qemu_img, "convert", *args), rm_synced)
-    rows = [r for r in ROWS if not keys or any(r[0].startswith(k) for k in keys)]
-    for key, _title, sfmt, dfmt, _peer, cache in rows:
-        cells[key] = (
-            functools.partial(
-                convert, src[sfmt], out, src_format=sfmt, dst_format=dfmt, cache=cache
-            ),
-            rm if cache == "writeback" else rm_synced,
-        )
-    times: dict[Union[str, tuple[str, str]], list[float]] = {name: [] for name in cells}
-    for _ in range(repeat):  # round 1 of every cell, then round 2...: noise hits all
-        for name, (fn, cleanup) in cells.items():
-            times[name].append(_timed(fn, 1, cleanup))
-    t = {name: statistics.median(v) for name, v in times.items()}
-    results = []
-    for key, _title, _s, _d, peer, cache in rows:
-        results.append(
-            Result(
-                key,
-                "fvd",
-                mib / t[key],
-                "MiB/s",
-                True,
-                1,
-                t[key],
-                note=f"{mib} MiB, 30% data, -t {cache}",
-            )
-        )
-        if (peer, cache) in t:
-            q = t[peer, cache]
-            flag = "-t writeback " if cache == "writeback" else ""
+    def one_round(self, rnd: int, members: Sequence[str] = ()) -> list[Result]:
+        """Every cell once (order reversed on odd rounds) -> Results, MiB/s."""
+        if not self.cells:
+            self.setup()
+        names = list(self.cells)
+        t = {name: _timed(*self.cells[name]) for name in (names[::-1] if rnd % 2 else names)}
+        self._rm()
+        results = []
+        for key, _title, _s, _d, peer, cache in self.rows:
             results.append(
-                Result(
-                    key,
-                    peer,
-                    mib / q,
-                    "MiB/s",
-                    True,
-                    1,
-                    q,
-                    note=f"qemu-img convert {flag}{QEMU_WHAT[peer]}",
-                )
+                self._result(key, "fvd", t[key], f"{self.mib} MiB, 30% data, -t {cache}")
             )
-    rm()
-    shutil.rmtree(d, ignore_errors=True)
-    return results
+            if (peer, cache) in t:
+                flag = "-t writeback " if cache == "writeback" else ""
+                note = f"qemu-img convert {flag}{QEMU_WHAT[peer]}"
+                results.append(self._result(key, peer, t[peer, cache], note))
+        return results
+
+    def _result(self, key: str, impl: str, seconds: float, note: str) -> Result:
+        return Result(key, impl, self.mib / seconds, "MiB/s", True, 1, seconds, note=note)
+
+    def close(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -85,6 +85,9 @@ class Result:
     seconds: float = 0.0
     counts: dict[str, float] = field(default_factory=dict)  # per operation
     note: str = ""
+    # per-round values, index = round (None: not run that round); paired across a row
+    samples: list[Optional[float]] = field(default_factory=list)
+    like_for_like: bool = True  # False: QEMU one command per process (no verdicts)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -97,12 +100,16 @@ class Result:
             "seconds": self.seconds,
             "counts_per_op": self.counts,
             "note": self.note,
+            "samples": self.samples,
+            "rounds": sum(v is not None for v in self.samples),
+            "like_for_like": self.like_for_like,
         }
 
 
 @dataclass
 class Scale:
-    """Sizes of a run. `quick` keeps `fvd bench --quick` well under a minute."""
+    """Sizes of a run. `quick` keeps `fvd bench --quick` under a minute: fewer operations
+    per cell, the same targets, rounds added until `budget` seconds are used."""
 
     ops: int = 2048  # random 4 KiB operations (writes)
     reads: int = 16384  # random 4 KiB reads (cheap: many more)
@@ -113,23 +120,32 @@ class Scale:
     snapshots: tuple[int, ...] = (1, 100, 1000)
     snap_data_ops: int = 256  # allocated 4 KiB writes under the snapshots
     open_ops: int = 2048  # allocated chunks when timing open
-    repeat: int = 3
+    repeat: int = 5  # paired rounds at least (fvd and its peers alternate in each)
     flush_every: int = 16
     convert_mib: int = 1024  # virtual size of the convert rows' image (30% data)
+    budget: float = 0.0  # seconds: more rounds while the run has not used them up
+    max_rounds: int = 15
+    like_only: bool = False  # leave out QEMU cells that cannot be like-for-like
+    qemu_counts: bool = True  # count QEMU's I/O under strace (round 0)
+    other_rounds: int = 0  # rounds at least for rows without a target (0: `repeat`)
 
     @classmethod
     def quick(cls) -> Scale:
         return cls(
-            ops=128,
+            ops=64,
             reads=4096,
-            seq_mib=64,
+            seq_mib=32,
             translate=1 << 20,
             translate_py=1 << 16,
-            snapshots=(1, 20),
-            snap_data_ops=64,
-            open_ops=512,
-            repeat=1,
+            snapshots=(1, 10),
+            snap_data_ops=32,
+            open_ops=256,
+            repeat=3,
             convert_mib=128,
+            budget=40.0,
+            like_only=True,
+            qemu_counts=False,
+            other_rounds=1,
         )
 
     def scaled(self, factor: float) -> Scale:
@@ -151,6 +167,11 @@ class Scale:
             repeat=self.repeat,
             flush_every=self.flush_every,
             convert_mib=s(self.convert_mib),
+            budget=self.budget,
+            max_rounds=self.max_rounds,
+            like_only=self.like_only,
+            qemu_counts=self.qemu_counts,
+            other_rounds=self.other_rounds,
         )
 
 
@@ -219,99 +240,55 @@ def strided_offsets(n: int, size: int = DISK, step: int = MiB) -> list[int]:
 
 
 def io_workloads(scale: Scale) -> list[IoWorkload]:
+    """The I/O rows, in table order (the keys are what targets and --workload name)."""
     offs = strided_offsets(scale.ops)
-    rng = random.Random(3)
-    reads = [rng.choice(offs) for _ in range(scale.reads)]
-    strided_reads = offs * max(1, scale.reads // len(offs))
-    seq = [i * MiB for i in range(scale.seq_mib)]
     fe = scale.flush_every
     w = []
-    for cache, every in (("writethrough", 0), ("writeback", fe)):
-        tag = "wt" if every == 0 else f"wb/{every}"
-        w.append(
-            IoWorkload(
-                f"alloc4k-{tag}", f"alloc 4K random {tag}", "write", 4 * KiB, offs, cache, every
+    for kind, pre in (("alloc", ()), ("overwrite", offs)):
+        for cache, every, tag in (("writethrough", 0, "wt"), ("writeback", fe, f"wb/{fe}")):
+            title = f"{kind} 4K random {tag}"
+            w.append(
+                IoWorkload(f"{kind}4k-{tag}", title, "write", 4 * KiB, offs, cache, every, pre)
             )
-        )
-    for cache, every in (("writethrough", 0), ("writeback", fe)):
-        tag = "wt" if every == 0 else f"wb/{every}"
-        w.append(
-            IoWorkload(
-                f"overwrite4k-{tag}",
-                f"overwrite 4K random {tag}",
-                "write",
-                4 * KiB,
-                offs,
-                cache,
-                every,
-                pre_offsets=offs,
-            )
-        )
-    w.append(
+    return w + _read_and_sequential(scale, offs) + [_cow_workload(offs)]
+
+
+def _read_and_sequential(scale: Scale, offs: list[int]) -> list[IoWorkload]:
+    rng = random.Random(3)
+    reads = [rng.choice(offs) for _ in range(scale.reads)]
+    strided = offs * max(1, scale.reads // len(offs))
+    seq = [i * MiB for i in range(scale.seq_mib)]
+    fe = scale.flush_every
+    wb = "writeback"
+    return [
+        IoWorkload("read4k", "read 4K random (cached)", "read", 4 * KiB, reads, wb, 0, offs),
         IoWorkload(
-            "read4k",
-            "read 4K random (cached)",
-            "read",
-            4 * KiB,
-            reads,
-            "writeback",
-            0,
-            pre_offsets=offs,
-        )
-    )
-    w.append(
+            "read4k-strided", "read 4K strided 1M (cached)", "read", 4 * KiB, strided, wb, 0, offs
+        ),
         IoWorkload(
-            "read4k-strided",
-            "read 4K strided 1M (cached)",
-            "read",
-            4 * KiB,
-            strided_reads,
-            "writeback",
-            0,
-            pre_offsets=offs,
-        )
-    )
-    w.append(
-        IoWorkload(
-            f"seqwrite1m-wb/{fe}",
-            f"write 1M sequential wb/{fe}",
-            "write",
-            MiB,
-            seq,
-            "writeback",
-            fe,
+            f"seqwrite1m-wb/{fe}", f"write 1M sequential wb/{fe}", "write", MiB, seq, wb, fe,
             unit="MiB/s",
-        )
-    )
-    w.append(
+        ),
         IoWorkload(
-            "seqread1m",
-            "read 1M sequential (cached)",
-            "read",
-            MiB,
-            seq * scale.read_passes,
-            "writeback",
-            0,
-            pre_offsets=seq,
-            pre_length=MiB,
-            unit="MiB/s",
-        )
+            "seqread1m", "read 1M sequential (cached)", "read", MiB, seq * scale.read_passes, wb,
+            0, pre_offsets=seq, pre_length=MiB, unit="MiB/s",
+        ),
+    ]  # fmt: skip
+
+
+def _cow_workload(offs: list[int]) -> IoWorkload:
+    return IoWorkload(
+        "cow4k-wt",
+        "1st write after snapshot wt",
+        "write",
+        4 * KiB,
+        offs,
+        "writethrough",
+        0,
+        pre_offsets=offs,
+        snapshot=True,
+        needs_snapshots=True,
     )
-    w.append(
-        IoWorkload(
-            "cow4k-wt",
-            "1st write after snapshot wt",
-            "write",
-            4 * KiB,
-            offs,
-            "writethrough",
-            0,
-            pre_offsets=offs,
-            snapshot=True,
-            needs_snapshots=True,
-        )
-    )
-    return w
 
 
 def _fill(handle: Handle, offsets: Sequence[int], length: int) -> None:
@@ -395,6 +372,25 @@ class IoCase:
                     write(off, data)
         return len(offs)
 
+    def run_range(self, lo: int, hi: int) -> int:
+        """Operations lo..hi of the timed part (run() in slices: flushes fall where run()
+        puts them, every `flush_every` writes and once after the last)."""
+        w, h = self.w, self.handle
+        assert h is not None  # opened by setup()
+        if w.kind == "read":
+            buf, readinto = self.buf, h.readinto
+            for off in w.offsets[lo:hi]:
+                readinto(off, buf)
+            return hi - lo
+        data, write, n = self.data, h.write, w.flush_every
+        for i, off in enumerate(w.offsets[lo:hi], lo + 1):
+            write(off, data)
+            if n and i % n == 0:
+                h.flush()
+        if n and hi == len(w.offsets):
+            h.flush()
+        return hi - lo
+
     def verify(self) -> bool:
         """After run(): the data the workload wrote (or read) is what it should be."""
         if not self.w.offsets:
@@ -476,6 +472,64 @@ def measure_io(workload: IoWorkload, contender: Contender, workdir: str, repeat:
     )
 
 
+def slices(n: int, parts: int, multiple: int) -> list[tuple[int, int]]:
+    """About `parts` consecutive (lo, hi) ranges covering 0..n, bounds on `multiple`s."""
+    step = max(multiple, -(-n // parts // multiple) * multiple)
+    return [(lo, min(lo + step, n)) for lo in range(0, n, step)]
+
+
+def _timed_slices(cases: list[IoCase], passes: int) -> dict[str, float]:
+    """Seconds per contender: writes in slices taken in turn, reads as whole passes in
+    turn (best pass); the order rotates each time so no one always goes first."""
+    total = {case.c.name: 0.0 for case in cases}
+    best: dict[str, float] = {}
+    w = cases[0].w
+    parts = slices(len(w.offsets), 1 if w.kind == "read" else 8, w.flush_every or 1)
+    for p in range(passes):
+        for j, (lo, hi) in enumerate(parts):
+            k = (p + j) % len(cases)
+            for case in cases[k:] + cases[:k]:
+                t0 = time.perf_counter()
+                case.run_range(lo, hi)
+                total[case.c.name] += time.perf_counter() - t0
+        for name, t in total.items():
+            best[name] = min(best.get(name, t), t)
+            total[name] = 0.0
+    return best
+
+
+def measure_io_paired(
+    workload: IoWorkload, contenders: Sequence[Contender], workdir: str
+) -> list[Result]:
+    """One round of an I/O row for several in-process contenders at once, their
+    operations interleaved in slices so a slow spell of the disk hits all of them."""
+    cases, out = [], []
+    try:
+        for c in contenders:
+            case = IoCase(workload, c, workdir)
+            try:
+                cases.append(case.setup())
+            except Unavailable as e:
+                case.cleanup()
+                out.append(Result(workload.key, c.name, None, workload.unit, note=str(e)))
+        passes = READ_PASSES if workload.kind == "read" else 1
+        times = _timed_slices(cases, passes) if cases else {}
+        for case in cases:
+            t, counts = times[case.c.name], case.finish()
+            if passes > 1:
+                counts = {k: v / passes for k, v in counts.items()}
+            n = len(workload.offsets)
+            out.append(
+                Result(
+                    workload.key, case.c.name, workload.value(t), workload.unit, True, n, t, counts
+                )
+            )
+    finally:
+        for case in cases:
+            case.cleanup()
+    return out
+
+
 # ----- translation rate (core target of issue 2) -----------------------------------------
 def translate_case(
     implementation: str, lookups: int, nchunks: int = 8192, seed: int = 4
@@ -505,7 +559,7 @@ def measure_translate(contender: Contender, scale: Scale) -> Result:
     except Unavailable as e:
         return Result("translate", contender.name, None, "lookups/s", note=str(e))
     best = None
-    for _ in range(max(scale.repeat, 3) if impl == "cython" else scale.repeat):
+    for _ in range(3):  # best of 3 within a round
         t0 = time.perf_counter()
         cmap.translate(vchunks, out)
         t = time.perf_counter() - t0
@@ -534,8 +588,12 @@ class SnapshotCase:
         if self.c.name == "raw":
             raise Unavailable("raw files have no snapshots")
         self.c.create(self.path, DISK)
+        h = self.c.open(self.path, "writeback")  # the data is not what is timed
+        try:
+            _fill(h, random_offsets(self.data_ops), 4 * KiB)
+        finally:
+            h.close()
         self.handle = self.c.open(self.path, "writethrough")
-        _fill(self.handle, random_offsets(self.data_ops), 4 * KiB)
         if not hasattr(self.handle, "create_snapshot"):
             raise Unavailable("no create_snapshot")
         self.before = stats_dict(self.handle.stats)

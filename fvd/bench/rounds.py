@@ -1,0 +1,193 @@
+"""Run the cells of `fvd bench` in paired, interleaved rounds within a time budget.
+
+Round 0 runs every cell (the full matrix, with exact I/O counts). Later rounds run, per
+row, only the cells the verdicts and the default view need: fvd, both sides of the row's
+targets, and its strongest peer. In every round the cells of one row run back to back,
+in reverse order on odd rounds, so a slow minute of the shared disk (or whatever runs
+first) hits fvd and its peers alike; ratios are then taken round by round. Rounds are
+added until at least `scale.repeat` have run and the next one would overrun
+`scale.budget` seconds (or `scale.max_rounds` is reached).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from typing import Optional, Sequence
+
+from fvd import _impl
+from fvd.bench import table as tb
+from fvd.bench import verdicts
+from fvd.bench import workloads as wl
+from fvd.bench.cells import CELL_FACTORIES, Cell, Context
+from fvd.bench.progress import Progress
+
+Groups = dict[str, list[Cell]]  # row key -> its cells, in table order
+
+
+def fmt_value(r: Optional[wl.Result]) -> str:
+    """A figure in a few characters: 2.03K, 887M/s, 1.31ms."""
+    if r is None or r.value is None:
+        return "-"
+    v = r.value
+    if r.unit in ("ops/s", "lookups/s"):
+        for div, suf in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+            if v >= div:
+                return f"{v / div:.3g}{suf}"
+        return f"{v:.3g}"
+    if r.unit == "MiB/s":
+        return f"{v:.0f}M/s" if v >= 100 else f"{v:.3g}M/s"
+    if r.unit == "ms":
+        return f"{v:.3g}ms"
+    if r.unit == "MiB":
+        return f"{v:.4g}M"
+    return f"{v:.3g}"
+
+
+class Recorder:
+    """Per-round results, merged into one Result per (row, contender)."""
+
+    def __init__(self) -> None:
+        self.rounds: dict[tuple[str, str], dict[int, wl.Result]] = {}
+        self.errors: list[wl.Result] = []
+        self.last_round = 0
+
+    def add(self, rnd: int, results: list[wl.Result]) -> None:
+        self.last_round = max(self.last_round, rnd)
+        for r in results:
+            self.rounds.setdefault((r.workload, r.impl), {})[rnd] = r
+
+    def merged(self) -> list[wl.Result]:
+        return [self._merge(by_round) for by_round in self.rounds.values()]
+
+    def _merge(self, by_round: dict[int, wl.Result]) -> wl.Result:
+        first = by_round[min(by_round)]
+        ok = {i: r for i, r in by_round.items() if r.value is not None}
+        if not ok:
+            return first
+        samples = [ok[i].value if i in ok else None for i in range(self.last_round + 1)]
+        values = [v for v in samples if v is not None]
+        counts = next((r.counts for r in ok.values() if r.counts), {})
+        return wl.Result(
+            first.workload,
+            first.impl,
+            statistics.median(values),
+            first.unit,
+            first.higher_is_better,
+            first.ops,
+            statistics.median(r.seconds for r in ok.values()),
+            counts,
+            first.note,
+            samples,
+            first.like_for_like,
+        )
+
+
+def _run_cell(cell: Cell, rnd: int, progress: Progress) -> list[wl.Result]:
+    progress.update(f"round {rnd + 1}: {cell.title}: {cell.impl} ...")
+    t0 = time.perf_counter()
+    try:
+        out = cell.measure(rnd, cell.members)
+    except Exception as e:
+        # one broken cell must not lose the whole table; the note says why
+        why = f"{type(e).__name__}: {e}"
+        progress.message(f"fvd bench: {cell.impl} failed on {cell.title}: {why}")
+        return [wl.Result(cell.key, n, None, "", note=f"error: {why}") for n in cell.members]
+    shown = ", ".join(f"{r.impl} {fmt_value(r) if r.value is not None else 'n/a'}" for r in out)
+    took = time.perf_counter() - t0
+    progress.update(f"round {rnd + 1}: {cell.title}: {shown} ({took:.1f}s)")
+    return out
+
+
+def run_round(groups: Groups, rnd: int, rec: Recorder, progress: Progress) -> None:
+    for cells in groups.values():
+        for cell in cells[::-1] if rnd % 2 else cells:
+            out = _run_cell(cell, rnd, progress)
+            rec.errors += [r for r in out if r.note.startswith("error:")]
+            cell.rows.update(r.workload for r in out)
+            rec.add(rnd, out)
+
+
+def later_groups(groups: Groups, rec: Recorder, names: Sequence[str]) -> Groups:
+    """The cells that later rounds repeat, with only the members the row's targets and
+    its strongest peer need (fvd always)."""
+    need = verdicts.needed_peers(rec.merged(), list(names))
+    out: Groups = {}
+    for key, cells in groups.items():
+        keep = []
+        for c in cells:
+            wanted = set().union(*(need.get(r, set()) for r in c.rows))
+            members = c.members if c.fixed else tuple(m for m in c.members if m in wanted)
+            if c.repeat and members:
+                keep.append(dataclasses.replace(c, members=members))
+        if keep:
+            out[key] = keep
+    return out
+
+
+def group(cells: list[Cell]) -> Groups:
+    groups: Groups = {}
+    for c in cells:
+        groups.setdefault(c.key, []).append(c)
+    return groups
+
+
+def _targeted(groups: Groups, rec: Recorder) -> Groups:
+    """The groups with a row some target judges (they get the first rounds)."""
+    keys = list(dict.fromkeys(row for row, _ in rec.rounds))
+    judged = {tb.resolve_row(t, keys) for t in tb.all_targets()}
+    return {k: cs for k, cs in groups.items() if any(c.rows & judged for c in cs)}
+
+
+def _this_round(rnd: int, scale: wl.Scale, first: Groups, later: Groups) -> Groups:
+    """Which rows round `rnd` runs: every row until its minimum is reached (rows with
+    targets: `repeat`; the others: `other_rounds`), then every row while time is left."""
+    others = scale.other_rounds or scale.repeat
+    if rnd < scale.repeat and rnd >= others:
+        return first
+    if rnd >= scale.repeat and rnd < others:
+        return {k: cs for k, cs in later.items() if k not in first}
+    return later
+
+
+def more_rounds(
+    later: Groups, scale: wl.Scale, rec: Recorder, progress: Progress, t0: float
+) -> None:
+    """Rounds 2, 3...: each row's minimum first (`_this_round`), then more while the
+    budget lasts (a round is not started when the last one says it would overrun)."""
+    first = _targeted(later, rec)
+    least = max(scale.repeat, scale.other_rounds)
+    rnd, last = 1, 0.0
+    while rnd < max(scale.max_rounds, least):
+        spent = time.perf_counter() - t0
+        if rnd >= least and spent + last > scale.budget:
+            break
+        start = time.perf_counter()
+        run_round(_this_round(rnd, scale, first, later), rnd, rec, progress)
+        last, rnd = time.perf_counter() - start, rnd + 1
+
+
+def run_all(
+    scale: wl.Scale,
+    names: Sequence[str],
+    workdir: str,
+    keys: Optional[Sequence[str]] = None,
+    progress: Optional[Progress] = None,
+) -> list[wl.Result]:
+    """Every cell in paired rounds -> one merged Result per (row, contender)."""
+    progress = progress or Progress(enabled=False)
+    ctx = Context(scale, names, workdir, keys, show=progress.message)
+    groups = group([c for factory in CELL_FACTORIES for c in factory(ctx)])
+    rec = Recorder()
+    t0 = time.perf_counter()
+    previous = _impl.IMPLEMENTATION
+    try:
+        run_round(groups, 0, rec, progress)
+        more_rounds(later_groups(groups, rec, names), scale, rec, progress, t0)
+    finally:
+        _impl.select(previous)
+        for close in ctx.closers:
+            close()
+        progress.clear()
+    return rec.merged()

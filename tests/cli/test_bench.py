@@ -1,0 +1,290 @@
+"""`fvd bench`: verdicts from paired rounds, the reports (terminal, markdown, JSON), the
+progress line, the plot, and one tiny real run. Nothing here asserts a timing: the
+renderers are fed a made-up run, and the real run is checked for shape only."""
+
+import io
+import json
+import random
+
+import pytest
+
+from fvd.bench import impls, report, rounds, stats, verdicts
+from fvd.bench import table as tb
+from fvd.bench import workloads as wl
+from fvd.bench.cells import Cell
+from fvd.bench.progress import Progress
+from fvd.cli import main
+
+NAMES = list(impls.NAMES)
+UNITS = {"ms": False, "MiB": False}  # lower is better; everything else higher
+
+
+def _unit(key):
+    if key.startswith(("snap-", "open", "changed", "sparse")):
+        return "ms"
+    if key == "metadata/TiB":
+        return "MiB"
+    if key.startswith(("seq", "convert", "checksum")):
+        return "MiB/s"
+    return "lookups/s" if key == "translate" else "ops/s"
+
+
+def fake_run(quality=1.0, rounds_=5, seed=1):
+    """Every row x contender of a --quick run with per-round samples; fvd's figures are
+    `quality` times the peers' (so quality < 1 fails most targets)."""
+    rng = random.Random(seed)
+    scale = wl.Scale.quick()
+    results = []
+    for key, _title in tb.row_titles(scale):
+        unit = _unit(key)
+        higher = UNITS.get(unit, True)
+        for name in NAMES:
+            base = 123456.0 if name == "fvd" else rng.uniform(20000, 99999)
+            if not higher:  # times (ms), sizes (MiB)
+                base /= 2000.0
+            if name == "fvd":
+                base *= quality if higher else 1 / quality
+            samples = [base * rng.uniform(0.9, 1.1) for _ in range(rounds_)]
+            counts = {"writes": 2.0, "bytes_written": 4608.0, "flushes": 1.0}
+            counts["metadata_writes"] = 1.0
+            r = wl.Result(key, name, sorted(samples)[rounds_ // 2], unit, higher, 128, 0.1)
+            r.samples, r.counts = samples, counts
+            r.like_for_like = not (name.startswith("qemu-") and key == "read4k")
+            results.append(r)
+    info = {"fvd": "0.1.0", "fvd_implementation": "cython", "nproc": 2, "cpu": "a CPU"}
+    info["filesystem"] = "ext4 (/dev/vda on /)"
+    return report.Run(results, scale, NAMES, info, 41.5, "fvd bench --quick")
+
+
+def _shape_ok(text, width, lines):
+    rows = text.splitlines()
+    assert max(len(line) for line in rows) <= width, max(rows, key=len)
+    assert len(rows) <= lines
+
+
+@pytest.mark.parametrize("width", [100, 80])
+@pytest.mark.parametrize("quality", [3.0, 1.0, 0.3])
+def test_default_view_fits(width, quality):
+    run = fake_run(quality)
+    text = report.summary_text(run, width)
+    _shape_ok(text, width, report.MAX_LINES)
+    assert "alloc 4K random" in text and "targets:" in text
+    if quality < 1:
+        assert "missed" in text and "more: --wide" in text
+
+
+def test_default_view_io_lines():
+    text = report.summary_text(fake_run(), 100, io=True)
+    assert "I/O per op: fvd w2/4.5K f1 m1" in text
+    assert max(len(line) for line in text.splitlines()) <= 100
+
+
+def test_wide_view_has_every_column_and_target():
+    run = fake_run()
+    text = report.wide_text(run, io=True)
+    header = next(line for line in text.splitlines() if line.startswith("workload"))
+    assert all(n in header for n in NAMES)
+    for t in tb.all_targets():
+        assert t.text in text
+    assert report.STAR_NOTE in text  # QEMU random reads through qemu-io are marked
+
+
+def test_spread_and_verdicts():
+    s = stats.spread([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert (s.median, s.low, s.high, s.n) == (3.0, 2.0, 4.0, 5)
+    assert stats.verdict(s, 1.9) == stats.MET
+    assert stats.verdict(s, 3.0) == stats.UNCLEAR  # the IQR straddles the target
+    assert stats.verdict(s, 4.5) == stats.MISSED
+    # lower is better (times): must stay below the limit
+    assert stats.verdict(s, 4.5, at_least=False) == stats.MET
+    assert stats.verdict(s, 3.0, at_least=False) == stats.UNCLEAR
+    assert stats.verdict(s, 1.5, at_least=False) == stats.MISSED
+    assert stats.verdict(None, 1.0) == stats.NA
+    one = stats.spread([2.0, None])
+    assert one.n == 1 and stats.verdict(one, 2.0) == stats.MET and one.text() == "2.00x"
+
+
+def test_ratios_are_paired_by_round():
+    a = wl.Result("r", "fvd", 2.0, "ops/s", samples=[2.0, None, 8.0])
+    b = wl.Result("r", "raw", 2.0, "ops/s", samples=[1.0, 5.0, 2.0])
+    assert stats.paired_ratios(a, b) == [2.0, 4.0]  # round 2: fvd did not run
+    t1 = wl.Result("r", "fvd", 1.0, "ms", False, samples=[1.0, 2.0])
+    t2 = wl.Result("r", "qcow2", 3.0, "ms", False, samples=[3.0, 3.0])
+    assert stats.paired_ratios(t1, t2) == [3.0, 1.5]  # times: peer over fvd
+    once = wl.Result("r", "raw", 4.0, "MiB")  # measured once: paired with every round
+    assert stats.paired_ratios(a, once) == [0.5, 2.0]
+
+
+def test_targets_judged():
+    run = fake_run(3.0)
+    by_text = {j.target.text: j for j in run.judged}
+    counts = by_text["fvd alloc 4K wt: <= 1 metadata write and <= 1 flush per write"]
+    assert counts.status == stats.MET and "1 flushes" in counts.measured
+    assert by_text["fvd alloc 4K wt >= 1.5x qcow2 baseline"].status == stats.MET
+    slow = fake_run(0.1)
+    mine = [j for j in slow.judged if j.target.kind == tb.RATIO and j.target.impl == "fvd"]
+    assert {j.status for j in mine} == {stats.MISSED}
+    assert len(run.judged) == len(tb.all_targets())
+
+
+def test_strongest_peer_skips_own_and_unlike():
+    run = fake_run()
+    idx = verdicts.index(run.results)
+    best = verdicts.strongest_peer("read4k", idx, NAMES)
+    assert best.impl not in ("fvd", "fvd-py") and best.like_for_like
+
+
+def _md_tables(text):
+    tables, cur = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            cur.append(line)
+        elif cur:
+            tables.append(cur)
+            cur = []
+    return tables
+
+
+def test_markdown_tables():
+    run = fake_run()
+    text = report.markdown(run)
+    tables = _md_tables(text)
+    assert len(tables) == 4  # summary, targets, matrix, I/O per op
+    for t in tables:
+        cells = {line.count("|") for line in t}
+        assert len(cells) == 1, t  # every line has as many cells as its header
+        assert set(t[1]) <= {"|", "-"}
+    assert "`fvd bench --quick`" in text
+    for j in run.judged:
+        assert f"| {j.target.text} | {j.measured} |" in text
+
+
+def test_json_keeps_old_keys_and_round_trips():
+    run = fake_run()
+    doc = json.loads(json.dumps(report.json_doc(run), default=list))
+    assert {"machine", "scale", "implementations", "seconds", "results", "targets"} <= set(doc)
+    r = doc["results"][0]
+    old = {"workload", "impl", "value", "unit", "higher_is_better", "ops", "seconds"}
+    assert old | {"counts_per_op", "note", "samples", "rounds", "like_for_like"} <= set(r)
+    t = doc["targets"][0]
+    assert {"target", "measured", "value", "status", "low", "high", "rounds"} <= set(t)
+    assert {row["row"] for row in doc["rows"]} >= {"alloc4k-wt", "checksum"}
+    again = report.from_json(doc)
+    assert report.summary_text(again, 100) == report.summary_text(run, 100)
+
+
+def test_json_of_an_earlier_version_loads():
+    doc = json.loads(json.dumps(report.json_doc(fake_run()), default=list))
+    for r in doc["results"]:
+        for key in ("samples", "rounds", "like_for_like"):
+            del r[key]
+    for key in ("rows", "command"):
+        del doc[key]
+    text = report.summary_text(report.from_json(doc), 100)
+    assert "alloc 4K random wt" in text
+
+
+def test_progress_in_place_on_a_terminal():
+    out = io.StringIO()
+    p = Progress(out, tty=True)
+    p.update("round 1: alloc: fvd ...")
+    p.update("round 1: alloc: fvd 2.1K")
+    p.message("fvd bench: something failed")
+    p.update("x")
+    p.clear()
+    text = out.getvalue()
+    assert text.count("\n") == 1 and text.count("\r") >= 4
+    assert text.endswith("\r")  # the line is cleared at the end
+
+
+def test_progress_plain_lines_otherwise():
+    out = io.StringIO()
+    p = Progress(out)  # StringIO is no terminal
+    p.update("round 1: alloc: fvd ...")
+    p.update("round 1: alloc: fvd 2.1K")
+    p.clear()
+    assert out.getvalue() == "round 1: alloc: fvd ...\nround 1: alloc: fvd 2.1K\n"
+
+
+@pytest.mark.parametrize("ext,magic", [("png", b"\x89PNG"), ("svg", b"<?xml")])
+def test_plot_written(tmp_path, ext, magic):
+    pytest.importorskip("matplotlib")
+    from fvd.bench import plot
+
+    path = tmp_path / f"bench.{ext}"
+    plot.plot(fake_run(1.2).judged, str(path), "fvd bench --quick")
+    assert path.read_bytes().startswith(magic)
+
+
+def test_plot_without_matplotlib_is_one_line(monkeypatch, capsys, tmp_path):
+    from fvd.bench import plot
+
+    monkeypatch.setattr(plot, "missing", lambda: plot.MISSING)
+    assert main(["bench", "--plot", str(tmp_path / "x.png")]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == plot.MISSING and not (tmp_path / "x.png").exists()
+
+
+def _fake_cell(key, members, log, fixed=False):
+    def measure(rnd, who):
+        log.append((rnd, tuple(who)))
+        return [wl.Result(key, n, 100.0 + rnd, "ops/s") for n in who]
+
+    return Cell(key, key, tuple(members), measure, fixed=fixed)
+
+
+def _three_rounds(scale):
+    log = []
+    groups = rounds.group(
+        [
+            _fake_cell("alloc4k-wt", ["fvd", "fvd-py", "qcow2", "raw"], log),
+            _fake_cell("alloc4k-wt", ["qemu-qcow2"], log),
+            _fake_cell("alloc4k-wb/16", ["fvd", "qcow2-lazy"], log),
+        ]
+    )
+    rec = rounds.Recorder()
+    rounds.run_round(groups, 0, rec, Progress(enabled=False))
+    later = rounds.later_groups(groups, rec, NAMES)
+    rounds.more_rounds(later, scale, rec, Progress(enabled=False), 0.0)
+    return log, rec
+
+
+def test_rounds_alternate_and_keep_only_needed_members():
+    log, rec = _three_rounds(wl.Scale(repeat=3, budget=0, other_rounds=1))
+    # round 0: everything; rounds 1-2: rows with targets only, cells in reverse on odd rounds
+    assert [r for r, _ in log].count(0) == 3 and len(log) == 7
+    assert log[3] == (1, ("qemu-qcow2",))
+    assert set(log[4][1]) == {"fvd", "qcow2", "raw"}  # the twin has no alloc target vs raw
+    merged = verdicts.index(rec.merged())
+    assert merged["alloc4k-wt", "fvd"].samples == [100.0, 101.0, 102.0]
+    assert merged["alloc4k-wt", "fvd-py"].samples == [100.0, None, None]
+
+
+def test_tiny_real_run(tmp_path, capsys):
+    """A real run, in-process contenders, a few ops: every part wired end to end."""
+    argv = ["bench", "--workload", "alloc4k-wt,translate", "--no-qemu", "--ops", "8"]
+    argv += ["--repeat", "2", "--budget", "0", "--dir", str(tmp_path)]
+    assert main(argv + ["--output", "json"]) == 0
+    out, err = capsys.readouterr()
+    doc = json.loads(out)
+    fvd_alloc = next(r for r in doc["results"] if r["impl"] == "fvd" and r["rounds"])
+    assert len(fvd_alloc["samples"]) == 2 and fvd_alloc["counts_per_op"]["flushes"] == 1
+    assert {t["status"] for t in doc["targets"]} <= set(stats.VERDICTS)
+    assert "round 2:" in err  # progress on stderr, one line per cell (not a terminal)
+
+
+def test_busy_machine_is_said_and_still_fits():
+    run = fake_run(0.3)
+    run.info.update(load=6.7, load_end=5.1)
+    text = report.summary_text(run, 100)
+    assert "busy machine: load average 6.7 on 2 CPUs" in text
+    _shape_ok(text, 100, report.MAX_LINES)
+    run.info.update(load=0.5, load_end=1.0)
+    assert "busy" not in report.summary_text(run, 100)
+
+
+def test_every_row_gets_the_minimum_rounds_by_default():
+    log, rec = _three_rounds(wl.Scale(repeat=3, budget=0))
+    merged = verdicts.index(rec.merged())
+    assert merged["alloc4k-wb/16", "fvd"].samples == [100.0, 101.0, 102.0]
+    assert merged["alloc4k-wb/16", "qcow2-lazy"].samples == [100.0, 101.0, 102.0]
