@@ -12,9 +12,11 @@ path -> image core and fvd.qcow2 -> features -> operations -> the Image facade -
 
 from fvd import _impl
 from fvd import qcow2 as qcow2
+from fvd.chain import commit, compare, measure, rebase
 from fvd.convert import convert
 from fvd.errors import (
     BaseImageError,
+    ChainError,
     CorruptImageError,
     FvdError,
     ImageIOError,
@@ -28,7 +30,7 @@ from fvd.errors import (
     WrongFormatError,
 )
 from fvd.image import Image, SnapshotImage, create, open
-from fvd.types import CheckResult, Extent, SnapshotInfo
+from fvd.types import CheckResult, ConvertResult, Extent, SnapshotInfo
 
 __version__ = "0.1.0"
 
@@ -44,6 +46,12 @@ __all__ = [
     "create",
     "open",
     "convert",
+    "commit",
+    "rebase",
+    "compare",
+    "measure",
+    "ConvertResult",
+    "ChainError",
     "Image",
     "SnapshotImage",
     "Extent",

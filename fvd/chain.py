@@ -20,7 +20,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import numpy as np
 
@@ -202,12 +202,7 @@ def _copy_plan(
 
 
 def _grow(out: AnyImage, size: int) -> None:
-    if isinstance(out, RawImage):
-        raise ChainError(f"{out.path}: raw backing file is smaller than the top; grow it first")
-    if isinstance(out, Qcow2Image):
-        out.resize(-(-size // 512) * 512)
-    else:
-        out.resize(size)
+    out.resize(-(-size // 512) * 512 if isinstance(out, Qcow2Image) else size)
 
 
 def _copy_extent(fd: int, e: Extent, out: AnyImage, buf: bytearray, tally: _Tally) -> None:
@@ -568,26 +563,5 @@ def resize(
     image: StrPath, size: int, *, shrink: bool = False, image_format: Optional[str] = None
 ) -> None:
     """Resize an image file of any format (raw: truncate, refusing to cut data)."""
-    path = os.fspath(image)
-    img: Union[Image, Qcow2Image, RawImage]
-    with open_image(path, image_format, "r+") as img:
-        if isinstance(img, RawImage):
-            _resize_raw(img, size, shrink)
-        else:
-            img.resize(size, shrink=shrink)
-
-
-def _resize_raw(img: RawImage, size: int, shrink: bool) -> None:
-    if size < img.size:
-        if not shrink:
-            raise ChainError(f"{img.path}: shrinking needs --shrink")
-        buf = bytearray(BUFFER)
-        for e in img.extents(size, img.size - size):
-            if e.data and _first_nonzero(img, e.start, e.start + e.length, buf) is not None:
-                raise ChainError(f"{img.path}: data past the new size {size}; not shrunk")
-    fd = os.open(img.path, os.O_RDWR)
-    try:
-        os.ftruncate(fd, size)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with open_image(os.fspath(image), image_format, "r+") as img:
+        img.resize(size, shrink=shrink)

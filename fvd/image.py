@@ -25,8 +25,8 @@ from fvd.features import snapshots as snap
 from fvd.features.granular import attach_partial
 from fvd.ondisk import format as fmt
 from fvd.ops import check as check_ops
-from fvd.ops.diskops import DiskOps
 from fvd.ops import reshape
+from fvd.ops.diskops import DiskOps
 from fvd.ops.info import image_info
 from fvd.types import CheckResult, SnapshotInfo
 from fvd.units import KiB, MiB
@@ -149,7 +149,7 @@ class Image(DiskOps):
             attach=attach_features,
         )
         self._core = core
-        self._reopen = dict(cache=cache, copy_on_read=copy_on_read)
+        self._reopen_cache, self._reopen_cor = cache, copy_on_read
         self.path: str = core.path
         self.read_only: bool = core.read_only
         self.stats = core.stats
@@ -243,7 +243,9 @@ class Image(DiskOps):
         try:
             reshape.resize_file(self.path, size)
         finally:
-            Image.__init__(self, self.path, "r+", **self._reopen)
+            Image.__init__(
+                self, self.path, "r+", cache=self._reopen_cache, copy_on_read=self._reopen_cor
+            )
 
     def _zero_cut(self, size: int) -> None:
         """Refuse unless [size, end) reads as zeros; then unmap it (whole chunks)."""

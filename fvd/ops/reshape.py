@@ -220,7 +220,7 @@ def _region_room(f: _Locked, offset: int) -> int:
     """Bytes from `offset` to the next region (or the data area)."""
     h = f.h
     starts = [h["table_offset"], h["journal_offset"], h["data_offset"], h["base_name_offset"]]
-    return min(s for s in starts if s > offset) - offset
+    return int(min(s for s in starts if s > offset)) - offset
 
 
 def _new_bitmap(f: _Locked, table: np.ndarray, base_size: int) -> tuple[Optional[bytes], int]:
