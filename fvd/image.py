@@ -256,7 +256,7 @@ class Image(DiskOps):
             for pos in range(e.start, e.start + e.length, MiB):
                 n = min(MiB, e.start + e.length - pos)
                 self.readinto(pos, memoryview(buf)[:n])
-                if any(buf[:n]):
+                if np.frombuffer(buf, dtype=np.uint8, count=n).any():
                     raise ChainError(
                         f"{self.path}: data at offset {pos} or after lies past the new size "
                         f"{size}; shrinking would lose it"

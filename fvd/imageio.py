@@ -159,7 +159,7 @@ class RawImage:
             for pos in range(e.start, e.start + e.length if e.data else e.start, len(buf)):
                 mv = memoryview(buf)[: min(len(buf), e.start + e.length - pos)]
                 self.readinto(pos, mv)
-                if any(mv):
+                if np.frombuffer(mv, dtype=np.uint8).any():
                     raise ChainError(
                         f"{self.path}: data at offset {pos} or after lies past the new size "
                         f"{size}; shrinking would lose it"

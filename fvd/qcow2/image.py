@@ -501,6 +501,7 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
         if size < old:
             if not shrink:
                 raise ChainError(f"{self.path}: shrinking needs shrink=True (--shrink)")
+            self._refuse_cut(size)
             self.write_zeroes(size, old - size)
         self.flush()
         cover = self._cs * (self._cs // 8)
@@ -515,6 +516,20 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
         if size > old and backing_size > old:
             self.write_zeroes(old, min(size, backing_size) - old)
             self.flush()
+
+    def _refuse_cut(self, size: int) -> None:
+        """A shrink cuts nothing but zeros: else ChainError naming the first data."""
+        buf = bytearray(1 << 20)
+        for e in self.extents(size, self.size - size):
+            end = e.start + e.length if e.data and not e.zero else e.start
+            for pos in range(e.start, end, len(buf)):
+                mv = memoryview(buf)[: min(len(buf), end - pos)]
+                self.readinto(pos, mv)
+                if np.frombuffer(mv, dtype=np.uint8).any():
+                    raise ChainError(
+                        f"{self.path}: data at offset {pos} or after lies past the new size "
+                        f"{size}; shrinking would lose it"
+                    )
 
     # ------------------------------------------------------------ raw I/O
     def _meta_read(self, off: int, n: int) -> bytearray:
