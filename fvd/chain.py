@@ -20,7 +20,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 
@@ -220,8 +220,8 @@ def _copy_extent(fd: int, e: Extent, out: AnyImage, buf: bytearray, tally: _Tall
 def _empty(top: Layer) -> None:
     """The top's ranges read its backing file again (crash-safe: see each format)."""
     if top.format == "fvd":
-        reshape.empty_front(top.path)
-        Image(top.path, "r+").close()  # the unclean open scrubs the unused chunks
+        if reshape.empty_front(top.path):
+            Image(top.path, "r+").close()  # the unclean open scrubs the unused chunks
         return
     with qcow2.open(top.path) as q:  # a fresh overlay renamed over the old one
         backing, bfmt, cs = q.backing_file, q.backing_format, q.cluster_size
@@ -305,7 +305,7 @@ def _copy_differences(
                 img.readinto(pos, old)
                 _read_padded(new, pos, nw)
                 tally.read += 2 * n
-                if old != nw:
+                if not _same(old_buf, new_buf, n):
                     _store(img, pos, old, tally)
                 done += n
                 if progress is not None:
@@ -384,80 +384,145 @@ def compare_images(
             if strict:
                 return Comparison(False, "Strict mode: Image size mismatch!")
             warnings.append("Warning: Image size mismatch!")
-        common = min(ia.size, ib.size)
-        bufs = (bytearray(BUFFER), bytearray(BUFFER))
-        for s, e, fa, fb in _paired(ia, ib, common):
-            if strict and fa != fb:
-                return Comparison(
-                    False, f"Strict mode: Offset {s} block status mismatch!", warnings
-                )
-            bad = _compare_range(ia, ib, s, e, fa, fb, bufs)
-            if bad is not None:
-                return Comparison(False, f"Content mismatch at offset {bad}!", warnings)
-        longer = ia if ia.size > ib.size else ib
-        for ext in longer.extents(common, longer.size - common) if longer.size > common else []:
-            if ext.data and not ext.zero:
-                bad = _first_nonzero(longer, ext.start, ext.start + ext.length, bufs[0])
-                if bad is not None:
-                    return Comparison(False, f"Content mismatch at offset {bad}!", warnings)
+        with _LayerReader(ia) as ra, _LayerReader(ib) as rb:
+            verdict = _compare_common(ra, rb, min(ia.size, ib.size), strict)
+            if verdict is None:
+                longer = ra if ia.size > ib.size else rb
+                verdict = _compare_tail(longer, min(ia.size, ib.size))
+        if verdict is not None:
+            return Comparison(False, verdict, warnings)
         return Comparison(True, "Images are identical.", warnings)
 
 
-Flags = tuple[bool, bool, bool]  # present, zero, data
+class _LayerReader:
+    """Reads an image's data extents straight from the file of the layer that holds
+    them (one pread per piece, at the extent's host offset), so a chain costs no
+    per-cluster lookups; anything without an offset goes through the image."""
+
+    def __init__(self, img: AnyImage) -> None:
+        self.img = img
+        self.fds: list[int] = []
+        layers = [Layer(img.path, img.format if isinstance(img, RawImage) else "")]
+        if not isinstance(img, RawImage):
+            layers = _layers_of_open(img)
+        for layer in layers:
+            self.fds.append(os.open(layer.path, os.O_RDONLY))
+
+    def __enter__(self) -> _LayerReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for fd in self.fds:
+            os.close(fd)
+
+    def extents(self, start: int, length: int) -> Iterator[Extent]:
+        return iter(self.img.extents(start, length)) if length else iter(())
+
+    def read(self, e: Extent, pos: int, mv: memoryview) -> None:
+        if e.offset is None or not e.data or e.depth >= len(self.fds):
+            self.img.readinto(pos, mv)
+        else:
+            pread_fill(self.fds[e.depth], mv, e.offset + pos - e.start)
 
 
-def _flags(img: AnyImage, size: int) -> Iterator[tuple[int, int, Flags]]:
-    for e in img.extents(0, size) if size else []:
-        yield e.start, e.start + e.length, (e.present, e.zero, e.data and not e.zero)
+def _layers_of_open(img: Union[Image, Qcow2Image]) -> list[Layer]:
+    """The files of an open image's chain, top first (as its extents' depths count)."""
+    layers = [Layer(img.path, "")]
+    below = backing_of(img)
+    while below is not None:
+        layers.append(below)
+        if below.format == "raw":
+            break
+        with open_image(below.path, below.format) as lower:
+            below = backing_of(lower)
+    return layers
 
 
-def _paired(ia: AnyImage, ib: AnyImage, size: int) -> Iterator[tuple[int, int, Flags, Flags]]:
-    """[start, end) pieces where neither map changes, with both maps' flags."""
-    xa, xb = _flags(ia, size), _flags(ib, size)
-    a = next(xa, None)
-    b = next(xb, None)
+Piece = tuple[int, int, Extent, Extent]  # start, end, and the extent of each side there
+
+
+def _paired(ra: _LayerReader, rb: _LayerReader, size: int) -> Iterator[Piece]:
+    """[start, end) pieces where neither map changes, with both sides' extents."""
+    xa, xb = ra.extents(0, size), rb.extents(0, size)
+    a, b = next(xa, None), next(xb, None)
     pos = 0
     while a is not None and b is not None and pos < size:
-        end = min(a[1], b[1])
-        yield pos, end, a[2], b[2]
+        end = min(a.start + a.length, b.start + b.length)
+        yield pos, end, a, b
         pos = end
-        if a[1] == end:
+        if a.start + a.length == end:
             a = next(xa, None)
-        if b[1] == end:
+        if b.start + b.length == end:
             b = next(xb, None)
 
 
+def _status(e: Extent) -> tuple[bool, bool, bool]:
+    return e.present, e.zero, e.data and not e.zero
+
+
+def _compare_common(ra: _LayerReader, rb: _LayerReader, size: int, strict: bool) -> Optional[str]:
+    bufs = (bytearray(BUFFER), bytearray(BUFFER))
+    for s, e, xa, xb in _paired(ra, rb, size):
+        if strict and _status(xa) != _status(xb):
+            return f"Strict mode: Offset {s} block status mismatch!"
+        bad = _compare_range(ra, rb, s, e, xa, xb, bufs)
+        if bad is not None:
+            return f"Content mismatch at offset {bad}!"
+    return None
+
+
+def _compare_tail(longer: _LayerReader, common: int) -> Optional[str]:
+    """The part only the longer image has must read as zeros."""
+    buf = bytearray(BUFFER)
+    for ext in longer.extents(common, longer.img.size - common):
+        if ext.data and not ext.zero:
+            bad = _first_nonzero(longer, ext, ext.start, ext.start + ext.length, buf)
+            if bad is not None:
+                return f"Content mismatch at offset {bad}!"
+    return None
+
+
 def _compare_range(
-    ia: AnyImage,
-    ib: AnyImage,
+    ra: _LayerReader,
+    rb: _LayerReader,
     s: int,
     e: int,
-    fa: Flags,
-    fb: Flags,
+    xa: Extent,
+    xb: Extent,
     bufs: tuple[bytearray, bytearray],
 ) -> Optional[int]:
     """The first differing sector's offset in [s, e), or None."""
-    da, db = fa[2], fb[2]
+    da, db = _status(xa)[2], _status(xb)[2]
     if not da and not db:
         return None
     if da != db:
-        return _first_nonzero(ia if da else ib, s, e, bufs[0])
+        return (
+            _first_nonzero(ra, xa, s, e, bufs[0]) if da else _first_nonzero(rb, xb, s, e, bufs[0])
+        )
     for pos in range(s, e, BUFFER):
         n = min(BUFFER, e - pos)
         ma, mb = memoryview(bufs[0])[:n], memoryview(bufs[1])[:n]
-        ia.readinto(pos, ma)
-        ib.readinto(pos, mb)
-        if ma != mb:
+        ra.read(xa, pos, ma)
+        rb.read(xb, pos, mb)
+        if not _same(bufs[0], bufs[1], n):
             x = np.frombuffer(ma, dtype=np.uint8) != np.frombuffer(mb, dtype=np.uint8)
             return pos + int(np.argmax(x)) // SECTOR * SECTOR
     return None
 
 
-def _first_nonzero(img: AnyImage, s: int, e: int, buf: bytearray) -> Optional[int]:
+def _same(a: bytearray, b: bytearray, n: int) -> bool:
+    """The first n bytes equal: bytearray comparison is a memcmp (a memoryview's is
+    element by element, ~300x slower)."""
+    if n == len(a) == len(b):
+        return a == b
+    return a[:n] == b[:n]
+
+
+def _first_nonzero(r: _LayerReader, ext: Extent, s: int, e: int, buf: bytearray) -> Optional[int]:
     for pos in range(s, e, BUFFER):
         n = min(BUFFER, e - pos)
         mv = memoryview(buf)[:n]
-        img.readinto(pos, mv)
+        r.read(ext, pos, mv)
         arr = np.frombuffer(mv, dtype=np.uint8)
         if arr.any():
             return pos + int(np.argmax(arr != 0)) // SECTOR * SECTOR

@@ -151,21 +151,34 @@ def _room_for_table(f: _Locked, need: int) -> dict[str, Any]:
 
 
 # ----- emptying the front (commit) ------------------------------------------------------
-def empty_front(path: str) -> None:
+def empty_front(path: str) -> bool:
     """Every chunk of a closed overlay's front reads from its base again: header marked
-    unclean, bitmap cleared, table cleared. Each step reads the same data (the base holds
-    what the front held: commit wrote it there first); the next read-write open scrubs
-    the chunks no longer used and writes a clean header."""
+    unclean, bitmap cleared, table cleared (each step reads the same data: the base holds
+    what the front held, commit wrote it there first). Without snapshots every chunk is
+    then free: the data area is cut off and a clean header commits. With snapshots the
+    chunks they hold stay; returns True: the caller's next read-write open scrubs the
+    rest and writes the clean header."""
     with _Locked(path) as f:
         h = f.h
         if h["base_format"] == fmt.BASE_NONE:
             raise ChainError(f"{path}: has no base image; emptying it would lose its data")
         f.commit(clean_shutdown=0, base_flags=h["base_flags"] & ~fmt.BASE_FLAG_PREFETCHED)
-        f.write(h["bitmap_offset"], bytes(h["bitmap_size"]))
+        bitmap = bytes(h["bitmap_size"])
+        f.write(h["bitmap_offset"], bitmap)
         f.sync()  # bits first: a cleared chunk under a set bit would read zeros
         table = np.full(f.nchunks, fmt.UNALLOCATED, dtype=fmt.TABLE_DTYPE).tobytes()
         f.write(h["table_offset"], table)
         f.sync()
+        if h["nb_snapshots"] or h["snapshot_table_offset"] or h["partial_map_offset"]:
+            return True
+        os.ftruncate(f.fd, h["data_offset"])
+        f.commit(
+            clean_shutdown=1,
+            table_crc=zlib.crc32(table),
+            bitmap_crc=zlib.crc32(bitmap),
+            journal_epoch=h["journal_epoch"] + 1,
+        )
+        return False
 
 
 # ----- a new base (rebase) --------------------------------------------------------------

@@ -96,10 +96,23 @@ def test_emptying_the_top_is_crash_safe(tmp_path, monkeypatch):
     b, t = overlay(tmp_path, 4 * MiB)
     chain.commit(t, drop=True)  # the base holds the top's data now; the top is intact
 
+    assert_cuts(tmp_path, monkeypatch, t, lambda: reshape.empty_front(t))
+    with fvd.open(t) as img:
+        assert img.allocated_chunks == 0
+
+
+def test_emptying_a_top_with_snapshots_is_crash_safe(tmp_path, monkeypatch):
+    b, t = overlay(tmp_path, 4 * MiB)
+    with fvd.open(t, "r+") as img:
+        img.create_snapshot("kept")
+    chain.commit(t, drop=True)
+
     def empty():
-        reshape.empty_front(t)
+        assert reshape.empty_front(t)  # the snapshot's chunks stay: scrubbed at open
         fvd.open(t, "r+").close()
 
     assert_cuts(tmp_path, monkeypatch, t, empty)
     with fvd.open(t) as img:
         assert img.allocated_chunks == 0
+        with img.open_snapshot("kept") as view:
+            assert view.read(100_000, 5000) == pat(2, 5000)
