@@ -511,11 +511,15 @@ def _compare_range(
 
 
 def _same(a: bytearray, b: bytearray, n: int) -> bool:
-    """The first n bytes equal: bytearray comparison is a memcmp (a memoryview's is
-    element by element, ~300x slower)."""
+    """The first n bytes equal. A whole bytearray compares with memcmp; a part through
+    numpy views in 8-byte words (a memoryview compares byte by byte, ~300x slower, and
+    slicing copies)."""
     if n == len(a) == len(b):
         return a == b
-    return a[:n] == b[:n]
+    dtype = np.uint64 if n % 8 == 0 else np.uint8
+    count = n // np.dtype(dtype).itemsize
+    x = np.frombuffer(a, dtype=dtype, count=count)
+    return bool(np.array_equal(x, np.frombuffer(b, dtype=dtype, count=count)))
 
 
 def _first_nonzero(r: _LayerReader, ext: Extent, s: int, e: int, buf: bytearray) -> Optional[int]:
