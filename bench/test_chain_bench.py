@@ -98,3 +98,52 @@ def test_qemu_img_compare(benchmark, chains, rounds):
     benchmark.extra_info["command"] = "qemu-img compare (qcow2 chain vs qcow2)"
     a, b = chains["qcow2"][1], chains["copy"]
     benchmark.pedantic(_qemu, args=("qemu-img", "compare", "-q", a, b), rounds=rounds)
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "fvd"])
+def test_retention(benchmark, tmp_path, scale, fmt):
+    """README's retention example: full + 3 nightly incrementals (400 random 4 KiB pages
+    a night over scale.convert_mib MiB of data); drop the oldest incremental with
+    `commit -d` + `rebase -u`. extra_info has the bytes the commit rewrote and, beside
+    them, the size of a new full backup (what rewriting the chain writes)."""
+    benchmark.group = "retention: commit the oldest incremental"
+    rng = random.Random(7)
+    size = scale.convert_mib << 20
+    vm, d = str(tmp_path / "vm.fvd"), tmp_path
+    fvd.create(vm, 2 * size)
+    with fvd.open(vm, "r+") as img:
+        for i in range(size >> 20):
+            img.write(i << 20, rng.randbytes(1 << 20))
+        img.create_snapshot("n1")
+    fvd.convert(vm, str(d / f"full.{fmt}"), dst_format=fmt, snapshot="n1")
+    prev = f"full.{fmt}"
+    for night in (2, 3, 4):
+        with fvd.open(vm, "r+") as img:
+            for _ in range(400):
+                img.write(rng.randrange(size // 4096) * 4096, rng.randbytes(4096))
+            img.create_snapshot(f"n{night}")
+        out = f"inc{night}.{fmt}"
+        fvd.convert(vm, str(d / out), dst_format=fmt, snapshot=f"n{night}",
+                    since=f"n{night - 1}", backing=prev, backing_format=fmt)  # fmt: skip
+        prev = out
+    expected = str(d / "expected.raw")
+    fvd.convert(str(d / f"inc4.{fmt}"), expected, dst_format="raw")
+    results = []
+
+    def drop_oldest():
+        results.append(fvd.commit(str(d / f"inc2.{fmt}"), drop=True))
+        fvd.rebase(str(d / f"inc3.{fmt}"), f"full.{fmt}", backing_format=fmt, unsafe=True)
+        os.unlink(d / f"inc2.{fmt}")
+
+    benchmark.pedantic(drop_oldest, rounds=1, iterations=1)
+    assert chain.compare(str(d / f"inc4.{fmt}"), expected)
+    full = fvd.measure(str(d / f"inc4.{fmt}"), out_format=fmt)
+    benchmark.extra_info.update(
+        command=f"fvd commit -d inc2.{fmt} && fvd rebase -u -b full.{fmt} inc3.{fmt}",
+        bytes_written=results[0].bytes_written,
+        extents=results[0].extents,
+        new_full_backup_bytes=full["required"],
+    )
+    r = results[0]
+    print(f"\n{fmt}: commit rewrote {r.bytes_written} bytes in {r.extents} extents "
+          f"({r.seconds:.3f} s); a new full backup needs {full['required']}")  # fmt: skip
