@@ -146,11 +146,11 @@ def commit(
     finally:
         for fd in fds:
             os.close(fd)
-    if grown and chain[0].format == "fvd" and depth == 1:
-        # the top records its base's size: the grown base is still its base
-        target = chain[1]
+    above, target = chain[depth - 1], chain[depth]
+    if grown and above.format == "fvd":
+        # an fvd overlay records its base's size: the grown base is still its base
         reshape.set_base(
-            chain[0].path, os.fsencode(target.stored_name), fmt.BASE_FORMATS[target.format], size
+            above.path, os.fsencode(target.stored_name), fmt.BASE_FORMATS[target.format], size
         )
     if empty:
         _empty(chain[0])
@@ -275,8 +275,9 @@ def rebase(
     if not os.path.exists(resolved):
         raise ChainError(f"{resolved}: backing file does not exist")
     bfmt = resolve_format(resolved, backing_format)
-    if os.path.realpath(resolved) in {os.path.realpath(x.path) for x in [Layer(path, fmt_name)]}:
-        raise ChainError(f"{resolved}: an image cannot be its own backing file")
+    me = os.path.realpath(path)
+    if any(os.path.realpath(layer.path) == me for layer in chain_of(resolved, bfmt)):
+        raise ChainError(f"{resolved}: would make {path} its own backing file (a loop)")
     with open_image(resolved, bfmt) as new:
         new_size = new.size
         if not unsafe:

@@ -333,6 +333,8 @@ def test_rebase_refuses(tmp_path):
     b, m, t = fvd_chain(tmp_path)
     with pytest.raises(ChainError, match="does not exist"):
         chain.rebase(t, "missing.raw")
+    with pytest.raises(ChainError, match="a loop"):
+        chain.rebase(m, "t.fvd", unsafe=True)
     p = str(tmp_path / "plain.fvd")
     fvd.create(p, SIZE)
     with pytest.raises(ChainError, match="has no base image"):
