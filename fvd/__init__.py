@@ -12,10 +12,12 @@ path -> image core and fvd.qcow2 -> features -> operations -> the Image facade -
 
 from fvd import _impl
 from fvd import qcow2 as qcow2
+from fvd.chain import commit, compare, measure, rebase
 from fvd.control import ControlClient, connect
 from fvd.convert import convert, convert_served
 from fvd.errors import (
     BaseImageError,
+    ChainError,
     ControlError,
     CorruptImageError,
     FvdError,
@@ -30,7 +32,7 @@ from fvd.errors import (
     WrongFormatError,
 )
 from fvd.image import Image, SnapshotImage, create, open
-from fvd.types import CheckResult, Extent, SnapshotInfo
+from fvd.types import CheckResult, ConvertResult, Extent, SnapshotInfo
 
 __version__ = "0.1.0"
 
@@ -49,6 +51,12 @@ __all__ = [
     "connect",
     "convert_served",
     "ControlClient",
+    "commit",
+    "rebase",
+    "compare",
+    "measure",
+    "ConvertResult",
+    "ChainError",
     "Image",
     "SnapshotImage",
     "Extent",

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any, NoReturn, Optional
 
-from fvd import cliutil, qcow2, units
+from fvd import chain, cliutil, qcow2, units
 from fvd.bench import runner as bench
 from fvd.cliutil import (
     chain_infos,
@@ -465,6 +465,127 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench.run(args)
 
 
+# ----- chain operations (fvd.chain) -------------------------------------------
+def cmd_commit(args: argparse.Namespace) -> int:
+    progress = qemu_progress() if args.progress else None
+    chain.commit(args.image, base=args.base, progress=progress, drop=args.drop, top_format=args.fmt)
+    if progress:
+        progress_done()
+    print("Image committed.")
+    return 0
+
+
+def cmd_rebase(args: argparse.Namespace) -> int:
+    if not args.backing:
+        raise UsageError("-b BACKING is required (removing the backing file is not supported)")
+    progress = qemu_progress() if args.progress else None
+    chain.rebase(
+        args.image,
+        args.backing,
+        backing_format=args.backing_format,
+        unsafe=args.unsafe,
+        progress=progress,
+        image_format=args.fmt,
+    )
+    if progress:
+        progress_done()
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Exit 0 identical, 1 different, 2 error (as qemu-img compare)."""
+    try:
+        result = chain.compare_images(
+            args.image_a, args.image_b, strict=args.strict, a_format=args.fmt, b_format=args.fmt_b
+        )
+    except Exception as e:
+        if os.environ.get("FVD_DEBUG") == "1":
+            raise
+        print(f"fvd compare: {_error_line(args, e)}", file=sys.stderr)
+        return 2
+    for line in result.warnings:
+        print(line)
+    print(result.message)
+    return 0 if result.identical else 1
+
+
+def cmd_measure(args: argparse.Namespace) -> int:
+    opts = {k: parse_size(v) for k, v in parse_options(args.options).items()}
+    allowed = {"qcow2": {"cluster_size"}, "fvd": {"chunk_size", "block_size"}, "raw": set()}
+    unknown = set(opts) - allowed[args.out_format]
+    if unknown:
+        raise UsageError(f"unknown option(s) for {args.out_format}: {', '.join(sorted(unknown))}")
+    result: dict[str, int] = chain.measure(
+        args.image,
+        out_format=args.out_format,
+        snapshot=_snapshot_name(args.snapshot),
+        since=args.since,
+        image_format=args.fmt,
+        **opts,
+    )
+    if args.out_format == "qcow2" and resolve_format(args.image, args.fmt) == "qcow2":
+        result = {"bitmaps": 0, **result}  # qemu-img shows it when both sides have bitmaps
+    text = f"required size: {result['required']}\nfully allocated size: {result['fully-allocated']}"
+    if "bitmaps" in result:
+        text += f"\nbitmaps size: {result['bitmaps']}"
+    emit(args, result, text)
+    return 0
+
+
+def cmd_resize(args: argparse.Namespace) -> int:
+    text = args.size
+    with open_args(args) as img:
+        current = img.size
+    if text[:1] in "+-":
+        delta = parse_size(text[1:])
+        size = current + delta if text[0] == "+" else current - delta
+    else:
+        size = parse_size(text)
+    chain.resize(args.image, size, shrink=args.shrink, image_format=args.fmt)
+    print("Image resized.")
+    return 0
+
+
+def _add_chain_parsers(sub: Any) -> None:
+    """commit, rebase, compare, measure, resize: qemu-img's names and options."""
+    c = sub.add_parser("commit", help="merge an overlay into its backing file (qemu-img commit)")
+    c.add_argument("-b", dest="base", metavar="BASE", help="commit into this deeper backing file")
+    c.add_argument("-d", dest="drop", action="store_true", help="do not empty the top image")
+    c.add_argument("-p", dest="progress", action="store_true", help="show progress")
+    c.add_argument("image", metavar="TOP")
+    c.set_defaults(func=cmd_commit)
+
+    r = sub.add_parser("rebase", help="change the backing file (qemu-img rebase)")
+    r.add_argument("-b", dest="backing", required=True, metavar="BACKING", help="new backing")
+    r.add_argument("-F", dest="backing_format", choices=FORMATS, help="new backing's format")
+    r.add_argument("-u", dest="unsafe", action="store_true", help="header only, copy nothing")
+    r.add_argument("-p", dest="progress", action="store_true", help="show progress")
+    r.add_argument("image")
+    r.set_defaults(func=cmd_rebase)
+
+    m = sub.add_parser("compare", help="compare two images (exit 0 same, 1 different, 2 error)")
+    m.add_argument("-F", dest="fmt_b", choices=FORMATS, help="format of the second image")
+    m.add_argument("-s", dest="strict", action="store_true", help="sizes and allocation too")
+    m.add_argument("image_a", metavar="A")
+    m.add_argument("image_b", metavar="B")
+    m.set_defaults(func=cmd_compare)
+
+    e = sub.add_parser("measure", help="bytes a conversion needs (qemu-img measure)")
+    e.add_argument("-O", dest="out_format", default="qcow2", choices=FORMATS, help="output")
+    e.add_argument("-o", dest="options", metavar="OPTS", help="cluster_size= / chunk_size=")
+    e.add_argument("-l", dest="snapshot", metavar="SNAPSHOT", help="measure a snapshot")
+    e.add_argument("--since", metavar="SNAPSHOT", help="measure the incremental since it")
+    e.add_argument("--output", choices=["human", "json"], default="human")
+    e.add_argument("image")
+    e.set_defaults(func=cmd_measure)
+
+    z = sub.add_parser("resize", help="grow (or with --shrink cut unused space off) an image")
+    z.add_argument("--shrink", action="store_true", help="allow a smaller size")
+    z.add_argument("image")
+    z.add_argument("size", help="new size, or +SIZE / -SIZE")
+    z.set_defaults(func=cmd_resize)
+
+
 # ----- parser -----------------------------------------------------------------
 def _force_share_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -690,6 +811,7 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:
         pass
     b.set_defaults(func=cmd_bench)
+    _add_chain_parsers(sub)
     _add_format_options(sub.choices)
     _add_backing_options(sub.choices)
     return p

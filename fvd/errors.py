@@ -87,3 +87,8 @@ class ControlError(FvdError):
 
 class WrongFormatError(FvdError, ValueError):
     """The file is not an image of the format asked for (the message says what it is)."""
+
+
+class ChainError(FvdError, ValueError):
+    """A chain operation (commit, rebase, resize) cannot be done as asked: a shrink over
+    data, an image with internal snapshots, a layout without room; the message says which."""

@@ -18,7 +18,7 @@ import numpy as np
 
 from fvd import registry
 from fvd.core.image import ImageCore
-from fvd.errors import BaseImageError, FvdError, io_error
+from fvd.errors import BaseImageError, ChainError, FvdError, ReadOnlyImageError, io_error
 from fvd.features import base as base_feature
 from fvd.features import prefetch as prefetch_feature
 from fvd.features import snapshots as snap
@@ -26,6 +26,7 @@ from fvd.features.granular import attach_partial
 from fvd.fileio import AnyPolicy, BackingPolicy
 from fvd.ondisk import format as fmt
 from fvd.ops import check as check_ops
+from fvd.ops import reshape
 from fvd.ops.diskops import DiskOps
 from fvd.ops.info import image_info
 from fvd.types import CheckResult, SnapshotInfo
@@ -170,6 +171,7 @@ class Image(DiskOps):
             attach=attach,
         )
         self._core = core
+        self._reopen_cache, self._reopen_cor = cache, copy_on_read
         self.path: str = core.path
         self.read_only: bool = core.read_only
         self.stats = core.stats
@@ -242,6 +244,52 @@ class Image(DiskOps):
         """Path (or NBD URI) of the base image, or None."""
         path = self._core.header.get("_base_path")
         return None if path is None else str(path)
+
+    @property
+    def base_size(self) -> Optional[int]:
+        """Size of the base image as recorded at create / rebase, or None without one."""
+        h = self._core.header
+        return None if h["base_format"] == fmt.BASE_NONE else int(h["base_size"])
+
+    def resize(self, size: int, *, shrink: bool = False) -> None:
+        """Give the image a new virtual size. Growing never moves data; the lookup table
+        grows in place or into the journal region (docs/format.md section 11). Shrinking
+        needs shrink=True and refuses when the cut part reads anything but zeros. Images
+        with internal snapshots are refused (as qemu-img does for qcow2). No other thread
+        may use the image meanwhile: the handle is closed and reopened."""
+        if self.read_only:
+            raise ReadOnlyImageError(self.path)
+        size = int(size)
+        if size < self.size:
+            if not shrink:
+                raise ChainError(f"{self.path}: shrinking needs shrink=True (--shrink)")
+            self._zero_cut(size)
+        if size == self.size:
+            return
+        self.close()
+        try:
+            reshape.resize_file(self.path, size)
+        finally:
+            Image.__init__(
+                self, self.path, "r+", cache=self._reopen_cache, copy_on_read=self._reopen_cor
+            )
+
+    def _zero_cut(self, size: int) -> None:
+        """Refuse unless [size, end) reads as zeros; then unmap it (whole chunks)."""
+        buf = bytearray(MiB)
+        for e in self.extents(size, self.size - size):
+            if not e.data:
+                continue
+            for pos in range(e.start, e.start + e.length, MiB):
+                n = min(MiB, e.start + e.length - pos)
+                self.readinto(pos, memoryview(buf)[:n])
+                if np.frombuffer(buf, dtype=np.uint8, count=n).any():
+                    raise ChainError(
+                        f"{self.path}: data at offset {pos} or after lies past the new size "
+                        f"{size}; shrinking would lose it"
+                    )
+        self.write_zeroes(size, self.size - size)
+        self.flush()
 
     @property
     def allocated_chunks(self) -> int:

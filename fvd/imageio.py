@@ -13,8 +13,16 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional, Union
 import numpy as np
 
 from fvd import qcow2
-from fvd.errors import WrongFormatError
-from fvd.fileio import AnyPolicy, detect_format, open_disk_file, pread_fill, raw_extents
+from fvd.errors import ChainError, ReadOnlyImageError, WrongFormatError
+from fvd.fileio import (
+    AnyPolicy,
+    detect_format,
+    full_pwrite,
+    open_disk_file,
+    pread_fill,
+    punch_hole,
+    raw_extents,
+)
 from fvd.image import Image
 from fvd.ondisk import format as fmt
 from fvd.qcow2 import Qcow2Image
@@ -115,6 +123,52 @@ class RawImage:
         buf = bytearray(length)
         self.readinto(offset, buf)
         return bytes(buf)
+
+    def write(self, offset: int, data: Buffer) -> int:
+        """Write at offset (inside the file's size); returns the byte count."""
+        mv = memoryview(data).cast("B")
+        self._check_range(offset, len(mv))
+        if self.read_only:
+            raise ReadOnlyImageError(self.path)
+        full_pwrite(self._fd, mv, offset)
+        return len(mv)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Make the range read as zeros (a hole where the file system can punch one)."""
+        self._check_range(offset, length)
+        if self.read_only:
+            raise ReadOnlyImageError(self.path)
+        punch_hole(self._fd, offset, length)
+
+    def resize(self, size: int, *, shrink: bool = False) -> None:
+        """Truncate or extend the file; a shrink needs shrink=True and refuses to cut
+        bytes that are not zeros."""
+        self._check_open()
+        if self.read_only:
+            raise ReadOnlyImageError(self.path)
+        if size < self.size:
+            if not shrink:
+                raise ChainError(f"{self.path}: shrinking needs shrink=True (--shrink)")
+            self._refuse_cut(size)
+        os.ftruncate(self._fd, size)
+        os.fsync(self._fd)
+        self.size = size
+
+    def _refuse_cut(self, size: int) -> None:
+        buf = bytearray(1 << 20)
+        for e in self.extents(size, self.size - size):
+            for pos in range(e.start, e.start + e.length if e.data else e.start, len(buf)):
+                mv = memoryview(buf)[: min(len(buf), e.start + e.length - pos)]
+                self.readinto(pos, mv)
+                if np.frombuffer(mv, dtype=np.uint8).any():
+                    raise ChainError(
+                        f"{self.path}: data at offset {pos} or after lies past the new size "
+                        f"{size}; shrinking would lose it"
+                    )
+
+    def flush(self) -> None:
+        if not self.read_only:
+            os.fsync(self._fd)
 
     def extents(self, offset: int = 0, length: Optional[int] = None) -> Iterator[Extent]:
         if length is None:

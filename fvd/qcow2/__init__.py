@@ -7,7 +7,7 @@ snapshot, extents and check API as `fvd.Image` (docs/qcow2-baseline.md). Modules
 `state` (the attributes and methods those parts share, declared for mypy).
 """
 
-from fvd.qcow2.image import BACKING_FORMATS, Qcow2Image, create, open
+from fvd.qcow2.image import BACKING_FORMATS, Qcow2Image, create, open, set_backing
 from fvd.types import Extent
 
-__all__ = ["BACKING_FORMATS", "Extent", "Qcow2Image", "create", "open"]
+__all__ = ["BACKING_FORMATS", "Extent", "Qcow2Image", "create", "open", "set_backing"]

@@ -19,13 +19,15 @@ qcow2_snapshot (internal snapshots).
 from __future__ import annotations
 
 import errno
+import fcntl
 import os as _os
+import struct
 from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
 import numpy as np
 
 from fvd import _impl, registry
-from fvd.errors import BaseImageError, CorruptImageError, UnsupportedFeatureError
+from fvd.errors import BaseImageError, ChainError, CorruptImageError, UnsupportedFeatureError
 from fvd.fileio import (
     AnyPolicy,
     BackingPolicy,
@@ -37,7 +39,10 @@ from fvd.fileio import (
 from fvd.qcow2.cluster import ClusterMixin
 from fvd.qcow2.format import (
     COMPAT_LAZY_REFCOUNTS,
+    EXT_BACKING_FORMAT,
     EXT_BITMAPS,
+    EXT_FEATURE_TABLE,
+    HEADER_OFFSET,
     INCOMPAT_CORRUPT,
     INCOMPAT_DIRTY,
     L1_DTYPE,
@@ -68,7 +73,9 @@ from fvd.types import CheckResult, Extent, StrPath, extents_to_array
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-__all__ = ["create", "open", "Qcow2Image"]
+__all__ = ["create", "open", "Qcow2Image", "set_backing"]
+
+S_SIZE = struct.Struct(">Q")  # the header's size field
 
 
 def create(
@@ -173,6 +180,31 @@ def _open_backing(
         img.path, resolve_relative(img.path, name), fmt or None, chain, policy
     )
     return backing
+
+
+def set_backing(path: StrPath, backing_file: str, backing_format: str) -> None:
+    """Point a closed qcow2 image at another backing file (qemu-img rebase's header
+    update): the header, backing-format extension and name are rewritten in one write
+    (atomic when they fit in one 512-byte sector, as with names up to ~350 bytes), then
+    synced. Other header extensions are dropped, as QEMU rewrites only those it knows."""
+    if backing_format not in BACKING_FORMATS:
+        raise ValueError(f"backing_format must be one of {BACKING_FORMATS}, not {backing_format!r}")
+    fd = _os.open(path, _os.O_RDWR)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ChainError(f"{path}: image is in use elsewhere") from None
+        size = _os.fstat(fd).st_size
+        h = parse_header(_os.fspath(path), _os.pread(fd, 1 << MAX_CLUSTER_BITS, 0), size)
+        if any(t not in (EXT_BACKING_FORMAT, EXT_FEATURE_TABLE) for t, _ in h.extensions):
+            raise UnsupportedFeatureError(f"{path}: header extensions fvd does not rewrite")
+        h.backing_file, h.backing_format = backing_file, backing_format
+        raw = build_header(h)
+        _os.pwrite(fd, raw + bytes(-len(raw) % 512), 0)
+        _os.fdatasync(fd)
+    finally:
+        _os.close(fd)
 
 
 def open(  # noqa: A001 - mirrors fvd.open
@@ -437,6 +469,51 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
             nold = max(1, -(-8 * old_n // self._cs))
             self._update_refcounts(np.arange(nold) + (old_off >> self._cbits), -1)
         self.flush()
+
+    def resize(self, size: int, *, shrink: bool = False) -> None:
+        """Grow (L1 first, then the 8-byte size field, each synced) or, with shrink=True,
+        cut bytes that read as zeros (zeroed first, so their clusters are freed). The
+        area a grow exposes reads zeros, also over a longer backing file (as QEMU)."""
+        self._check_writable()
+        if not isinstance(size, int) or size <= 0 or size % 512:
+            raise ChainError(f"{self.path}: qcow2 size must be a positive multiple of 512")
+        if self._snapshots:
+            raise ChainError(
+                f"{self.path}: cannot resize an image with internal snapshots; delete them first"
+            )
+        old = self.size
+        if size < old:
+            if not shrink:
+                raise ChainError(f"{self.path}: shrinking needs shrink=True (--shrink)")
+            self._refuse_cut(size)
+            self.write_zeroes(size, old - size)
+        self.flush()
+        cover = self._cs * (self._cs // 8)
+        if -(-size // cover) > len(self._l1):
+            self._resize_l1(-(-size // cover))
+        self._meta_write(HEADER_OFFSET["size"], S_SIZE.pack(size))
+        self._sync()
+        self._header.size = self.size = size
+        self._fast_read = self._fast_read[:4] + (size,) + self._fast_read[5:]
+        self._fast_l2.clear()
+        backing_size = self._backing.size if self._backing is not None else 0
+        if size > old and backing_size > old:
+            self.write_zeroes(old, min(size, backing_size) - old)
+            self.flush()
+
+    def _refuse_cut(self, size: int) -> None:
+        """A shrink cuts nothing but zeros: else ChainError naming the first data."""
+        buf = bytearray(1 << 20)
+        for e in self.extents(size, self.size - size):
+            end = e.start + e.length if e.data and not e.zero else e.start
+            for pos in range(e.start, end, len(buf)):
+                mv = memoryview(buf)[: min(len(buf), end - pos)]
+                self.readinto(pos, mv)
+                if np.frombuffer(mv, dtype=np.uint8).any():
+                    raise ChainError(
+                        f"{self.path}: data at offset {pos} or after lies past the new size "
+                        f"{size}; shrinking would lose it"
+                    )
 
     # ------------------------------------------------------------ raw I/O
     def _meta_read(self, off: int, n: int) -> bytearray:
