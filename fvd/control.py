@@ -114,13 +114,14 @@ class LineReader:
 
 def export_uri(base_uri: str, name: str) -> str:
     """The NBD URI of export `name` on the server whose default export is `base_uri`."""
-    kind, where, _ = parse_uri(base_uri)
+    uri = parse_uri(base_uri)
+    scheme = "nbds" if uri.tls else "nbd"
     path = quote(name, safe="")
-    if kind == "unix":
-        return f"nbd+unix:///{path}?socket={quote(str(where), safe='/')}"
-    host, port = where
+    if uri.kind == "unix":
+        return f"{scheme}+unix:///{path}?socket={quote(str(uri.where), safe='/')}"
+    host, port = uri.where
     host = f"[{host}]" if ":" in host else host
-    return f"nbd://{host}:{port}/{path}"
+    return f"{scheme}://{host}:{port}/{path}"
 
 
 def is_live_socket(path: str) -> bool:
