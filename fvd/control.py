@@ -119,6 +119,7 @@ def export_uri(base_uri: str, name: str) -> str:
     path = quote(name, safe="")
     if uri.kind == "unix":
         return f"{scheme}+unix:///{path}?socket={quote(str(uri.where), safe='/')}"
+    assert isinstance(uri.where, tuple)  # tcp: (host, port)
     host, port = uri.where
     host = f"[{host}]" if ":" in host else host
     return f"{scheme}://{host}:{port}/{path}"
