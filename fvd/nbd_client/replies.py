@@ -165,6 +165,7 @@ def read_reply(wire: Wire, cookie: int, structured: bool, offset: int, out: memo
 
 
 _LOW_BITS = bytes(i & STATE_MASK for i in range(256))
+_U32 = next(t for t in "IL" if array.array(t).itemsize == 4)
 _RUN = re.compile(rb"(.)\1*", re.S)
 
 
@@ -183,7 +184,7 @@ class StatusRuns:
     def add(self, piece: bytes) -> None:
         if self.full:
             return
-        words = array.array("I", piece)
+        words = array.array(_U32, piece)
         if sys.byteorder == "little":
             words.byteswap()
         lengths = words[0::2]

@@ -42,13 +42,13 @@ def client_context(u: NbdUri) -> ssl.SSLContext:
         raise BaseImageError(f"{u.uri}: TLS is not available: {SSL_ERROR}")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2  # the NBD spec's floor
-    if u.tls_psk_file is not None:
-        _use_psk(ctx, u)
-        return ctx
     try:
+        if u.tls_psk_file is not None:
+            _use_psk(ctx, u)
+            return ctx
         _load(ctx, u)
-    except (OSError, ssl.SSLError) as e:
-        raise BaseImageError(f"{u.uri}: cannot load TLS certificates: {e}") from e
+    except (OSError, KeyError, ssl.SSLError) as e:  # KeyError: getpass without a user
+        raise BaseImageError(f"{u.uri}: cannot set up TLS: {e}") from e
     if not u.tls_verify_peer:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
