@@ -15,7 +15,7 @@ from fvd import qcow2
 from fvd.control import ControlClient, find_server
 from fvd.convert import changed_ranges
 from fvd.errors import BaseImageError, CorruptImageError, FvdError, ImageLockedError
-from fvd.fileio import AnyPolicy, BackingPolicy
+from fvd.fileio import AnyPolicy, BackingPolicy, open_disk_file
 from fvd.image import Image, verify_reopen
 from fvd.imageio import AnyImage, RawImage, open_image, resolve_format
 from fvd.nbd_client import is_nbd_uri
@@ -100,7 +100,8 @@ def chain_infos(
     seen: set[str] = set()
     while True:
         seen.add(os.path.realpath(path))
-        info = layer_info(path, fmt, force_share) if not infos else _lower_layer(path, fmt)
+        upper = infos[-1]["filename"] if infos else None
+        info = layer_info(path, fmt, force_share) if upper is None else _lower(path, fmt, upper)
         infos.append(info)
         nxt = info.get("full-backing-filename")
         if nxt is None:
@@ -122,12 +123,15 @@ def chain_infos(
     return infos if whole_chain else infos[:1]
 
 
-def _lower_layer(path: str, fmt: Optional[str]) -> Info:
+def _lower(path: str, fmt: Optional[str], upper: str) -> Info:
     """A base's info (read-only, beside any writer), or {"error": why it cannot be had}."""
     try:
+        os.close(open_disk_file(path, backing_of=upper))  # special files: a clear error
         return layer_info(path, fmt, force_share=True)
+    except BaseImageError as e:
+        return {"error": e}
     except (OSError, FvdError) as e:
-        return {"error": BaseImageError(f"{path}: cannot open backing file: {e}")}
+        return {"error": BaseImageError(f"{path}: cannot open backing file of {upper}: {e}")}
 
 
 def human(n: float) -> str:

@@ -203,6 +203,7 @@ def attach_base(img, chain, copy_on_read, policy, skip=False):
     name = os.fsdecode(img.read_meta(h["base_name_offset"], h["base_name_size"]))
     resolved = resolve_relative(img.path, name)
     h["_base_path"] = resolved
+    h["_backing_policy"] = policy  # snapshot views open the base later (after prefetch)
     raw = img.read_meta(h["bitmap_offset"], h["bitmap_size"])
     if h["clean_shutdown"] and zlib.crc32(raw) != h["bitmap_crc"]:
         img.problem(h["bitmap_offset"], "base bitmap checksum mismatch")

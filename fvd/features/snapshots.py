@@ -1248,7 +1248,13 @@ class SnapshotView:
         self.bitmap = Bitmap(raw, -(-h["base_size"] // self.block_size), 0)
         self.header["base_size"] = h["base_size"]
         path = h["_base_path"]
-        backend = _open_backend(path, h["base_format"], (os.path.realpath(img.path),))
+        backend = _open_backend(
+            img.path,
+            path,
+            h["base_format"],
+            (os.path.realpath(img.path),),
+            h["_backing_policy"],
+        )
         if backend.size != h["base_size"]:
             backend.close()
 

@@ -226,6 +226,22 @@ def test_nbd_bases_are_refused_by_none_and_same_dir(tmp_path):
             )
 
 
+def test_same_dir_checks_the_file_really_opened(tmp_path):
+    """A name that passed the check but was swapped before the open is caught on the
+    opened descriptor."""
+    inside, outside = tmp_path / "imgs", tmp_path / "elsewhere"
+    inside.mkdir()
+    outside.mkdir()
+    (outside / "base.raw").write_bytes(bytes(4096))
+    policy = fvd.fileio.BackingPolicy.of("same-dir", inside / "top.qcow2")
+    fd = os.open(outside / "base.raw", os.O_RDONLY)
+    try:
+        with pytest.raises(fvd.BaseImageError, match="outside"):
+            policy.confirm(fd, str(inside / "top.qcow2"), str(inside / "base.raw"))
+    finally:
+        os.close(fd)
+
+
 def guest_disk_with_qcow2_header(tmp_path, secret):
     """A raw guest disk whose first sector is a qcow2 header naming a host file."""
     probe = tmp_path / "probe.qcow2"
