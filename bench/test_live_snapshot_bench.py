@@ -1,9 +1,10 @@
 """Snapshot create through `fvd serve`'s control socket (issue 21) beside the same create
 in-process (`Image.create_snapshot`) on an identical image: what the control channel and
 the write gate add. Each create follows a 64 KiB write and a flush (an NBD write by
-qemu-io for the served one, which flushes when it disconnects). NBD writes wait at the gate for the create's time.
+qemu-io for the served one, which flushes when it disconnects). NBD writes wait at the
+gate for the create's time.
 
-    pytest bench/test_live_snapshot_bench.py --benchmark-only -s
+    pytest -o addopts= -s bench/test_live_snapshot_bench.py --benchmark-only
 
 Sizes: a 64 GiB image with 256 MiB written (1 MiB chunks: 65536 table entries), 10
 creates each; a 64 MiB image with 8 MiB written and 3 creates under --benchmark-disable
