@@ -336,17 +336,20 @@ class ControlServer:
 
     def _snapshot_delete(self, name: str) -> None:
         self._writable("delete a snapshot")
-        busy = SnapshotBusyError(
-            f"{self.image.path}: snapshot {name!r} is exported and read by "
-            f"{self.exports.readers(name)} NBD connection(s), or being checksummed: "
-            f"it can be deleted once they disconnect"
-        )
         if self.exports.readers(name):
-            raise busy
+            raise self._busy(name)
         try:
             self.image.delete_snapshot(name)
-        except SnapshotBusyError:
-            raise busy from None
+        except SnapshotBusyError:  # a reader came meanwhile, or a checksum reads it
+            raise self._busy(name) from None
+
+    def _busy(self, name: str) -> SnapshotBusyError:
+        readers = self.exports.readers(name)
+        who = f"{readers} NBD connection(s) read its export" if readers else "a checksum reads it"
+        return SnapshotBusyError(
+            f"{self.image.path}: snapshot {name!r} is in use ({who}): "
+            f"it can be deleted once they disconnect"
+        )
 
     def _changed_extents(self, since: str, until: Optional[str] = None) -> list[dict[str, Any]]:
         return extent_dicts(self.image.changed_extents(since, until))

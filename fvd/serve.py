@@ -257,10 +257,14 @@ def control_path(image: str, image_format: str, options: dict[str, Any]) -> str 
             raise ServeError(f"{image}: --control needs an fvd image, not {image_format}")
         return None
     if given is not None:
-        return os.path.abspath(given)
-    if options.get("readonly") or options.get("snapshot") is not None:
+        path = os.path.abspath(given)
+    elif options.get("readonly") or options.get("snapshot") is not None:
         return None
-    return default_control_path(image)
+    else:
+        path = default_control_path(image)
+    if os.path.lexists(path) and not stat.S_ISSOCK(os.lstat(path).st_mode):
+        raise ServeError(f"{path}: exists and is not a socket: not replacing it (--control)")
+    return path
 
 
 def _remove_stale_socket(path: str) -> None:

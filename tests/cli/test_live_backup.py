@@ -147,6 +147,18 @@ def test_control_protocol(tmp_path, impl):
     assert not os.path.exists(ctl)
 
 
+def test_control_path_that_is_a_file_is_one_line(tmp_path, impl):
+    if impl == "python":
+        pytest.skip("the protocol does not depend on the fast path")
+    image = tmp_path / "vm.fvd"
+    fvd.create(image, MiB)
+    ctl = tmp_path / "vm.fvd.ctl"
+    ctl.write_text("mine")
+    r = cli("serve", "--socket", tmp_path / "nbd.sock", image, ok=(1,))
+    assert "not a socket" in r.stderr and r.stderr.count("\n") == 1
+    assert ctl.read_text() == "mine"
+
+
 def test_read_only_serve(tmp_path, impl):
     if impl == "python":
         pytest.skip("the protocol does not depend on the fast path")
@@ -526,6 +538,7 @@ def test_three_live_incremental_backups_through_the_cli(tmp_path, impl):
         assert view.read(0, view.size) == restored.read_bytes()
     for i in (1, 2, 3):
         run("qemu-img", "check", tmp_path / f"backup{i}.qcow2")
+    srv = fvd_serve(image, impl, "--insecure", port=port)
 
 
 # ----- the CLI on a served image, over TCP -----------------------------------------------------
