@@ -538,7 +538,6 @@ def test_three_live_incremental_backups_through_the_cli(tmp_path, impl):
         assert view.read(0, view.size) == restored.read_bytes()
     for i in (1, 2, 3):
         run("qemu-img", "check", tmp_path / f"backup{i}.qcow2")
-    srv = fvd_serve(image, impl, "--insecure", port=port)
 
 
 # ----- the CLI on a served image, over TCP -----------------------------------------------------
@@ -551,7 +550,7 @@ def test_cli_commands_through_the_server_over_tcp(tmp_path, impl):
         img.write(0, b"x" * 100 * KiB)
         img.create_snapshot("s1")
     port = free_port()
-    srv = fvd_serve(image, impl, port=port)
+    srv = fvd_serve(image, impl, "--insecure", port=port)
     try:
         run("qemu-io", "-f", "raw", "-c", "write -P 7 1M 64k", srv.uri)
         cli("snapshot", "-c", "s2", image)
