@@ -79,17 +79,17 @@ def _ratio_text(s: Optional[stats.Spread]) -> str:
     return "-" if s is None else s.text()
 
 
-def _tally(judged: list[vd.Judged]) -> str:
+def _tally(judged: list[vd.Judged], prefix: str = "targets: ") -> str:
     n = {v: sum(j.status == v for j in judged) for v in stats.VERDICTS}
     parts = [f"{n[v]} {v}" for v in stats.VERDICTS if n[v]]
-    return f"targets: {', '.join(parts)} (of {len(judged)})"
+    return f"{prefix}{', '.join(parts)} (of {len(judged)})"
 
 
 def headline(run: Run) -> str:
     """One line for a plot's title: the command, the verdicts, the machine."""
     i = run.info
     return (
-        f"{run.command}: {_tally(run.judged)[9:]}; {i.get('nproc', '?')} CPUs, {run.seconds:.0f} s"
+        f"{run.command}: {_tally(run.judged, '')}; {i.get('nproc', '?')} CPUs, {run.seconds:.0f} s"
     )
 
 
@@ -101,8 +101,7 @@ def _header(run: Run, width: int) -> list[str]:
         f"{run.rounds()} paired rounds per row"
     )
     legend = (
-        "fvd = compiled fast path. x = fvd's figure over the strongest peer's "
-        "(>1: fvd better): median [IQR] of per-round ratios"
+        "fvd: compiled fast path. x: fvd / strongest peer per round (>1: fvd better), median [IQR]"
     )
     return textwrap.wrap(head, width) + textwrap.wrap(legend, width) + _busy(run, width)
 
@@ -114,8 +113,8 @@ def _busy(run: Run, width: int) -> list[str]:
     if not loads or max(loads) <= cpus:
         return []
     text = (
-        f"busy machine: load average {max(loads):.1f} on {cpus} CPUs; verdicts "
-        "near their targets (fvd against QEMU above all) may not repeat"
+        f"busy machine (load {max(loads):.1f} on {cpus} CPUs): verdicts near a target, "
+        "above all vs QEMU, may not repeat"
     )
     return textwrap.wrap(text, width)
 

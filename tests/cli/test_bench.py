@@ -277,7 +277,7 @@ def test_busy_machine_is_said_and_still_fits():
     run = fake_run(0.3)
     run.info.update(load=6.7, load_end=5.1)
     text = report.summary_text(run, 100)
-    assert "busy machine: load average 6.7 on 2 CPUs" in text
+    assert "busy machine (load 6.7 on 2 CPUs)" in text
     _shape_ok(text, 100, report.MAX_LINES)
     run.info.update(load=0.5, load_end=1.0)
     assert "busy" not in report.summary_text(run, 100)
