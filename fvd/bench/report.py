@@ -333,6 +333,8 @@ def from_json(doc: dict[str, Any]) -> Run:
             r["note"],
             list(r.get("samples", [])),
             bool(r.get("like_for_like", True)),
+            None,
+            list(r.get("typical_samples", [])),
         )
         for r in doc["results"]
     ]

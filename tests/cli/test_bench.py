@@ -288,3 +288,20 @@ def test_every_row_gets_the_minimum_rounds_by_default():
     merged = verdicts.index(rec.merged())
     assert merged["alloc4k-wb/16", "fvd"].samples == [100.0, 101.0, 102.0]
     assert merged["alloc4k-wb/16", "qcow2-lazy"].samples == [100.0, 101.0, 102.0]
+
+
+def test_in_process_pairs_compare_typical_slices_qemu_whole_runs():
+    fvd = wl.Result("r", "fvd", 1.0, "ops/s", samples=[1.0, 1.0], typical_samples=[4.0, 6.0])
+    raw = wl.Result("r", "raw", 1.0, "ops/s", samples=[2.0, 2.0], typical_samples=[2.0, 2.0])
+    qemu = wl.Result("r", "qemu-qcow2", 1.0, "ops/s", samples=[0.5, 1.0])
+    assert stats.paired_ratios(fvd, raw) == [2.0, 3.0]  # both measured together: slices
+    assert stats.paired_ratios(fvd, qemu) == [2.0, 1.0]  # QEMU: whole runs on both sides
+
+
+def test_paired_round_gives_whole_and_typical_figures(tmp_path):
+    w = next(x for x in wl.io_workloads(wl.Scale(ops=16)) if x.key == "alloc4k-wt")
+    out = wl.measure_io_paired(w, [impls.BY_NAME["fvd"], impls.BY_NAME["raw"]], str(tmp_path))
+    assert [r.impl for r in out] == ["fvd", "raw"]
+    for r in out:
+        assert r.value > 0 and r.typical > 0 and r.counts["flushes"] == 1
+    assert list(tmp_path.iterdir()) == []  # images removed
