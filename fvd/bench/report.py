@@ -76,7 +76,9 @@ def counts_cell(r: Optional[wl.Result]) -> str:
 
 
 def _ratio_text(s: Optional[stats.Spread]) -> str:
-    return "-" if s is None else s.text()
+    if s is None:
+        return "-"
+    return s.text() if s.n > 1 else f"{s.median:.2f}x (1 round)"
 
 
 def _tally(judged: list[vd.Judged], prefix: str = "targets: ") -> str:
@@ -98,7 +100,7 @@ def _header(run: Run, width: int) -> list[str]:
     head = (
         f"{run.command}: fvd {i.get('fvd', '?')} ({i.get('fvd_implementation', '?')}), "
         f"{i.get('nproc', '?')} CPUs, {i.get('filesystem', '')}; {run.seconds:.0f} s, "
-        f"{run.rounds()} paired rounds per row"
+        f"{run.rounds()} paired rounds"
     )
     legend = (
         "fvd: compiled fast path. x: fvd / strongest peer per round (>1: fvd better), median [IQR]"
@@ -272,7 +274,7 @@ def markdown(run: Run, io: bool = True) -> str:
     i = run.info
     out = [
         f"Command: `{run.command}` ({run.seconds:.0f} s; {run.rounds()} paired rounds per "
-        f"row). fvd {i.get('fvd', '?')} ({i.get('fvd_implementation', '?')}), "
+        f"target). fvd {i.get('fvd', '?')} ({i.get('fvd_implementation', '?')}), "
         f"{i.get('nproc', '?')} CPUs, {i.get('cpu', '')}, {i.get('filesystem', '')}, "
         f"{i.get('qemu', '')}.",
         "",
