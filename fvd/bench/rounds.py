@@ -145,12 +145,16 @@ def _targeted(groups: Groups, rec: Recorder) -> Groups:
 
 def _this_round(rnd: int, scale: wl.Scale, first: Groups, later: Groups) -> Groups:
     """Which rows round `rnd` runs: every row until its minimum is reached (rows with
-    targets: `repeat`; the others: `other_rounds`), then every row while time is left."""
+    targets: `repeat`; the others: `other_rounds`), then, while time is left, the rows
+    with targets when the others have a minimum of their own (--quick: the verdicts get
+    the time), else every row."""
     others = scale.other_rounds or scale.repeat
     if rnd < scale.repeat and rnd >= others:
         return first
     if rnd >= scale.repeat and rnd < others:
         return {k: cs for k, cs in later.items() if k not in first}
+    if rnd >= scale.repeat and rnd >= others and scale.other_rounds:
+        return first
     return later
 
 

@@ -147,7 +147,7 @@ class Scale:
             open_ops=256,
             repeat=3,
             convert_mib=128,
-            budget=40.0,
+            budget=45.0,
             like_only=True,
             qemu_counts=False,
             other_rounds=1,
