@@ -100,12 +100,17 @@ def _header(run: Run, width: int) -> list[str]:
     head = (
         f"{run.command}: fvd {i.get('fvd', '?')} ({i.get('fvd_implementation', '?')}), "
         f"{i.get('nproc', '?')} CPUs, {i.get('filesystem', '')}; {run.seconds:.0f} s, "
-        f"{run.rounds()} paired rounds"
+        f"{_rounds_text(run)}"
     )
     legend = (
         "fvd: compiled fast path. x: fvd / strongest peer per round (>1: fvd better), median [IQR]"
     )
     return textwrap.wrap(head, width) + textwrap.wrap(legend, width) + _busy(run, width)
+
+
+def _rounds_text(run: Run) -> str:
+    n = run.rounds()
+    return f"{n} paired round" + ("" if n == "1" else "s")
 
 
 def _busy(run: Run, width: int) -> list[str]:
@@ -273,8 +278,8 @@ def markdown(run: Run, io: bool = True) -> str:
     """Summary, targets and full matrix as markdown tables, with the command and machine."""
     i = run.info
     out = [
-        f"Command: `{run.command}` ({run.seconds:.0f} s; {run.rounds()} paired rounds per "
-        f"target). fvd {i.get('fvd', '?')} ({i.get('fvd_implementation', '?')}), "
+        f"Command: `{run.command}` ({run.seconds:.0f} s; {_rounds_text(run)} per target). "
+        f"fvd {i.get('fvd', '?')} ({i.get('fvd_implementation', '?')}), "
         f"{i.get('nproc', '?')} CPUs, {i.get('cpu', '')}, {i.get('filesystem', '')}, "
         f"{i.get('qemu', '')}.",
         "",
