@@ -258,7 +258,8 @@ def run(args: argparse.Namespace) -> int:
         where = f"{args.load}: cannot load a saved run: " if getattr(args, "load", None) else ""
         print(f"fvd bench: {where}{e}", file=sys.stderr)
         return 1 if where else 2
-    print(render(the_run, args))
+    text = render(the_run, args)
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
     if getattr(args, "plot", None):
         plotting.plot(the_run.judged, args.plot, report.headline(the_run))
         print(f"fvd bench: wrote {args.plot}", file=sys.stderr)

@@ -305,3 +305,16 @@ def test_paired_round_gives_whole_and_typical_figures(tmp_path):
     for r in out:
         assert r.value > 0 and r.typical > 0 and r.counts["flushes"] == 1
     assert list(tmp_path.iterdir()) == []  # images removed
+
+
+def test_bad_options_and_saved_runs(tmp_path, capsys):
+    assert main(["bench", "--impl", "nope", "--dir", str(tmp_path)]) == 2
+    assert "unknown implementation 'nope'" in capsys.readouterr().err
+    bad = tmp_path / "x.json"
+    bad.write_text("not json")
+    assert main(["bench", "--load", str(bad)]) == 1
+    assert "cannot load a saved run" in capsys.readouterr().err
+    saved = tmp_path / "run.json"
+    saved.write_text(json.dumps(report.json_doc(fake_run()), default=list))
+    assert main(["bench", "--load", str(saved), "--output", "markdown"]) == 0
+    assert capsys.readouterr().out == report.markdown(fake_run())
