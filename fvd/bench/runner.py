@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import fvd
 from fvd import _impl
@@ -244,20 +244,31 @@ def render(run: report.Run, args: argparse.Namespace) -> str:
     return report.summary_text(run, width, io)
 
 
+def _obtain(args: argparse.Namespace) -> Union[report.Run, int]:
+    """The run to report, loaded (--load) or measured now; or the exit code of a failure
+    (said on stderr)."""
+    saved = getattr(args, "load", None)
+    try:
+        return load(saved) if saved else _measure(args)
+    except KeyboardInterrupt:
+        print("fvd bench: interrupted", file=sys.stderr)
+        return 130
+    except (OSError, KeyError, TypeError, ValueError) as e:
+        if not saved and isinstance(e, (KeyError, TypeError)):
+            raise  # a bug, not a bad option: keep the traceback
+        where = f"{saved}: cannot load a saved run: " if saved else ""
+        print(f"fvd bench: {where}{e}", file=sys.stderr)
+        return 1 if saved else 2
+
+
 def run(args: argparse.Namespace) -> int:
     """`fvd bench`; returns the exit code."""
     if getattr(args, "plot", None) and plotting.missing():
         print(plotting.MISSING, file=sys.stderr)
         return 1
-    try:
-        the_run = load(args.load) if getattr(args, "load", None) else _measure(args)
-    except KeyboardInterrupt:
-        print("fvd bench: interrupted", file=sys.stderr)
-        return 130
-    except (OSError, KeyError, TypeError, ValueError) as e:
-        where = f"{args.load}: cannot load a saved run: " if getattr(args, "load", None) else ""
-        print(f"fvd bench: {where}{e}", file=sys.stderr)
-        return 1 if where else 2
+    the_run = _obtain(args)
+    if isinstance(the_run, int):
+        return the_run
     text = render(the_run, args)
     sys.stdout.write(text if text.endswith("\n") else text + "\n")
     if getattr(args, "plot", None):
