@@ -76,20 +76,22 @@ def counts_cell(r: Optional[wl.Result]) -> str:
 
 
 def _ratio_text(s: Optional[stats.Spread]) -> str:
-    return "-" if s is None else s.text()
+    if s is None:
+        return "-"
+    return s.text() if s.n > 1 else f"{s.median:.2f}x (1 round)"
 
 
-def _tally(judged: list[vd.Judged]) -> str:
+def _tally(judged: list[vd.Judged], prefix: str = "targets: ") -> str:
     n = {v: sum(j.status == v for j in judged) for v in stats.VERDICTS}
     parts = [f"{n[v]} {v}" for v in stats.VERDICTS if n[v]]
-    return f"targets: {', '.join(parts)} (of {len(judged)})"
+    return f"{prefix}{', '.join(parts)} (of {len(judged)})"
 
 
 def headline(run: Run) -> str:
     """One line for a plot's title: the command, the verdicts, the machine."""
     i = run.info
     return (
-        f"{run.command}: {_tally(run.judged)[9:]}; {i.get('nproc', '?')} CPUs, {run.seconds:.0f} s"
+        f"{run.command}: {_tally(run.judged, '')}; {i.get('nproc', '?')} CPUs, {run.seconds:.0f} s"
     )
 
 
@@ -98,13 +100,17 @@ def _header(run: Run, width: int) -> list[str]:
     head = (
         f"{run.command}: fvd {i.get('fvd', '?')} ({i.get('fvd_implementation', '?')}), "
         f"{i.get('nproc', '?')} CPUs, {i.get('filesystem', '')}; {run.seconds:.0f} s, "
-        f"{run.rounds()} paired rounds per row"
+        f"{_rounds_text(run)}"
     )
     legend = (
-        "fvd = compiled fast path. x = fvd's figure over the strongest peer's "
-        "(>1: fvd better): median [IQR] of per-round ratios"
+        "fvd: compiled fast path. x: fvd / strongest peer per round (>1: fvd better), median [IQR]"
     )
     return textwrap.wrap(head, width) + textwrap.wrap(legend, width) + _busy(run, width)
+
+
+def _rounds_text(run: Run) -> str:
+    n = run.rounds()
+    return f"{n} paired round" + ("" if n == "1" else "s")
 
 
 def _busy(run: Run, width: int) -> list[str]:
@@ -114,8 +120,8 @@ def _busy(run: Run, width: int) -> list[str]:
     if not loads or max(loads) <= cpus:
         return []
     text = (
-        f"busy machine: load average {max(loads):.1f} on {cpus} CPUs; verdicts "
-        "near their targets (fvd against QEMU above all) may not repeat"
+        f"busy machine (load {max(loads):.1f} on {cpus} CPUs): verdicts near a target, "
+        "above all vs QEMU, may not repeat"
     )
     return textwrap.wrap(text, width)
 
@@ -272,8 +278,8 @@ def markdown(run: Run, io: bool = True) -> str:
     """Summary, targets and full matrix as markdown tables, with the command and machine."""
     i = run.info
     out = [
-        f"Command: `{run.command}` ({run.seconds:.0f} s; {run.rounds()} paired rounds per "
-        f"row). fvd {i.get('fvd', '?')} ({i.get('fvd_implementation', '?')}), "
+        f"Command: `{run.command}` ({run.seconds:.0f} s; {_rounds_text(run)} per target). "
+        f"fvd {i.get('fvd', '?')} ({i.get('fvd_implementation', '?')}), "
         f"{i.get('nproc', '?')} CPUs, {i.get('cpu', '')}, {i.get('filesystem', '')}, "
         f"{i.get('qemu', '')}.",
         "",
@@ -334,6 +340,8 @@ def from_json(doc: dict[str, Any]) -> Run:
             r["note"],
             list(r.get("samples", [])),
             bool(r.get("like_for_like", True)),
+            None,
+            list(r.get("typical_samples", [])),
         )
         for r in doc["results"]
     ]

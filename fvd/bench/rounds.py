@@ -66,22 +66,25 @@ class Recorder:
         ok = {i: r for i, r in by_round.items() if r.value is not None}
         if not ok:
             return first
-        samples = [ok[i].value if i in ok else None for i in range(self.last_round + 1)]
-        values = [v for v in samples if v is not None]
-        counts = next((r.counts for r in ok.values() if r.counts), {})
-        return wl.Result(
+        rounds = range(self.last_round + 1)
+        samples = [ok[i].value if i in ok else None for i in rounds]
+        typical = [ok[i].typical if i in ok else None for i in rounds]
+        merged = wl.Result(
             first.workload,
             first.impl,
-            statistics.median(values),
+            statistics.median(v for v in samples if v is not None),
             first.unit,
             first.higher_is_better,
             first.ops,
             statistics.median(r.seconds for r in ok.values()),
-            counts,
+            next((r.counts for r in ok.values() if r.counts), {}),
             first.note,
             samples,
             first.like_for_like,
         )
+        if any(v is not None for v in typical):
+            merged.typical_samples = typical
+        return merged
 
 
 def _run_cell(cell: Cell, rnd: int, progress: Progress) -> list[wl.Result]:
@@ -142,12 +145,16 @@ def _targeted(groups: Groups, rec: Recorder) -> Groups:
 
 def _this_round(rnd: int, scale: wl.Scale, first: Groups, later: Groups) -> Groups:
     """Which rows round `rnd` runs: every row until its minimum is reached (rows with
-    targets: `repeat`; the others: `other_rounds`), then every row while time is left."""
+    targets: `repeat`; the others: `other_rounds`), then, while time is left, the rows
+    with targets when the others have a minimum of their own (--quick: the verdicts get
+    the time), else every row."""
     others = scale.other_rounds or scale.repeat
     if rnd < scale.repeat and rnd >= others:
         return first
     if rnd >= scale.repeat and rnd < others:
         return {k: cs for k, cs in later.items() if k not in first}
+    if rnd >= scale.repeat and rnd >= others and scale.other_rounds:
+        return first
     return later
 
 

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import fvd
 from fvd import _impl
@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--quick",
         action="store_true",
         help="fewer operations per cell, the same targets, "
-        "rounds until about 40 s are used (under a minute)",
+        "rounds until about 45 s are used (under a minute)",
     )
     add(
         "--output",
@@ -85,7 +85,7 @@ def _add_size_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         "--budget",
         type=float,
         metavar="SECONDS",
-        help="add rounds while the run has used less (default 0, quick 40)",
+        help="add rounds while the run has used less (default 0, quick 45)",
     )
     add(
         "--snapshots",
@@ -244,21 +244,33 @@ def render(run: report.Run, args: argparse.Namespace) -> str:
     return report.summary_text(run, width, io)
 
 
+def _obtain(args: argparse.Namespace) -> Union[report.Run, int]:
+    """The run to report, loaded (--load) or measured now; or the exit code of a failure
+    (said on stderr)."""
+    saved = getattr(args, "load", None)
+    try:
+        return load(saved) if saved else _measure(args)
+    except KeyboardInterrupt:
+        print("fvd bench: interrupted", file=sys.stderr)
+        return 130
+    except (OSError, KeyError, TypeError, ValueError) as e:
+        if not saved and isinstance(e, (KeyError, TypeError)):
+            raise  # a bug, not a bad option: keep the traceback
+        where = f"{saved}: cannot load a saved run: " if saved else ""
+        print(f"fvd bench: {where}{e}", file=sys.stderr)
+        return 1 if saved else 2
+
+
 def run(args: argparse.Namespace) -> int:
     """`fvd bench`; returns the exit code."""
     if getattr(args, "plot", None) and plotting.missing():
         print(plotting.MISSING, file=sys.stderr)
         return 1
-    try:
-        the_run = load(args.load) if getattr(args, "load", None) else _measure(args)
-    except KeyboardInterrupt:
-        print("fvd bench: interrupted", file=sys.stderr)
-        return 130
-    except (OSError, KeyError, TypeError, ValueError) as e:
-        where = f"{args.load}: cannot load a saved run: " if getattr(args, "load", None) else ""
-        print(f"fvd bench: {where}{e}", file=sys.stderr)
-        return 1 if where else 2
-    print(render(the_run, args))
+    the_run = _obtain(args)
+    if isinstance(the_run, int):
+        return the_run
+    text = render(the_run, args)
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
     if getattr(args, "plot", None):
         plotting.plot(the_run.judged, args.plot, report.headline(the_run))
         print(f"fvd bench: wrote {args.plot}", file=sys.stderr)

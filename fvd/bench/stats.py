@@ -55,10 +55,14 @@ def samples(r: Optional[Result]) -> list[Optional[float]]:
 
 
 def paired_ratios(a: Optional[Result], b: Optional[Result]) -> list[float]:
-    """How many times better `a` is than `b`, round by round (rounds both ran)."""
+    """How many times better `a` is than `b`, round by round (rounds both ran). Two
+    in-process contenders measured together compare their typical (median slice)
+    figures; anything else compares whole-run figures."""
     if a is None or b is None:
         return []
     sa, sb = samples(a), samples(b)
+    if a.typical_samples and b.typical_samples:
+        sa, sb = list(a.typical_samples), list(b.typical_samples)
     # a side measured once (metadata size, a round-0-only cell) pairs with every round
     if len(sa) == 1:
         sa = sa * len(sb)

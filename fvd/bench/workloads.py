@@ -88,6 +88,10 @@ class Result:
     # per-round values, index = round (None: not run that round); paired across a row
     samples: list[Optional[float]] = field(default_factory=list)
     like_for_like: bool = True  # False: QEMU one command per process (no verdicts)
+    # in-process contenders measured together: the median slice's figure per round, a
+    # figure one disk stall cannot move; ratios between two such results use it
+    typical: Optional[float] = None
+    typical_samples: list[Optional[float]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -103,6 +107,7 @@ class Result:
             "samples": self.samples,
             "rounds": sum(v is not None for v in self.samples),
             "like_for_like": self.like_for_like,
+            "typical_samples": self.typical_samples,
         }
 
 
@@ -142,7 +147,7 @@ class Scale:
             open_ops=256,
             repeat=3,
             convert_mib=128,
-            budget=40.0,
+            budget=45.0,
             like_only=True,
             qemu_counts=False,
             other_rounds=1,
@@ -478,23 +483,29 @@ def slices(n: int, parts: int, multiple: int) -> list[tuple[int, int]]:
     return [(lo, min(lo + step, n)) for lo in range(0, n, step)]
 
 
-def _timed_slices(cases: list[IoCase], passes: int) -> dict[str, float]:
-    """Seconds per contender: writes in slices taken in turn, reads as whole passes in
-    turn (best pass); the order rotates each time so no one always goes first."""
-    total = {case.c.name: 0.0 for case in cases}
-    best: dict[str, float] = {}
+def _timed_slices(cases: list[IoCase], passes: int) -> dict[str, tuple[float, float]]:
+    """(seconds, typical seconds) per contender for the whole offset list. Writes run in
+    slices taken in turn: seconds is their sum, typical the median slice's seconds per op
+    times the ops (one stall of the shared disk during one slice does not move it).
+    Reads run as whole passes in turn: the best pass, both figures. The order rotates
+    each time so no one always goes first."""
     w = cases[0].w
-    parts = slices(len(w.offsets), 1 if w.kind == "read" else 8, w.flush_every or 1)
+    n = len(w.offsets)
+    parts = slices(n, 1 if w.kind == "read" else 8, w.flush_every or 1)
+    per_op: dict[str, list[float]] = {case.c.name: [] for case in cases}
+    best: dict[str, tuple[float, float]] = {}
     for p in range(passes):
         for j, (lo, hi) in enumerate(parts):
             k = (p + j) % len(cases)
             for case in cases[k:] + cases[:k]:
                 t0 = time.perf_counter()
                 case.run_range(lo, hi)
-                total[case.c.name] += time.perf_counter() - t0
-        for name, t in total.items():
-            best[name] = min(best.get(name, t), t)
-            total[name] = 0.0
+                per_op[case.c.name].append((time.perf_counter() - t0) / (hi - lo))
+        for name, times in per_op.items():
+            total = sum(t * (hi - lo) for t, (lo, hi) in zip(times, parts))
+            pair = (total, statistics.median(times) * n)
+            best[name] = min(best.get(name, pair), pair)
+            times.clear()
     return best
 
 
@@ -515,15 +526,15 @@ def measure_io_paired(
         passes = READ_PASSES if workload.kind == "read" else 1
         times = _timed_slices(cases, passes) if cases else {}
         for case in cases:
-            t, counts = times[case.c.name], case.finish()
+            (t, typical), counts = times[case.c.name], case.finish()
             if passes > 1:
                 counts = {k: v / passes for k, v in counts.items()}
             n = len(workload.offsets)
-            out.append(
-                Result(
-                    workload.key, case.c.name, workload.value(t), workload.unit, True, n, t, counts
-                )
+            r = Result(
+                workload.key, case.c.name, workload.value(t), workload.unit, True, n, t, counts
             )
+            r.typical = workload.value(typical)
+            out.append(r)
     finally:
         for case in cases:
             case.cleanup()

@@ -277,7 +277,7 @@ def test_busy_machine_is_said_and_still_fits():
     run = fake_run(0.3)
     run.info.update(load=6.7, load_end=5.1)
     text = report.summary_text(run, 100)
-    assert "busy machine: load average 6.7 on 2 CPUs" in text
+    assert "busy machine (load 6.7 on 2 CPUs)" in text
     _shape_ok(text, 100, report.MAX_LINES)
     run.info.update(load=0.5, load_end=1.0)
     assert "busy" not in report.summary_text(run, 100)
@@ -288,3 +288,33 @@ def test_every_row_gets_the_minimum_rounds_by_default():
     merged = verdicts.index(rec.merged())
     assert merged["alloc4k-wb/16", "fvd"].samples == [100.0, 101.0, 102.0]
     assert merged["alloc4k-wb/16", "qcow2-lazy"].samples == [100.0, 101.0, 102.0]
+
+
+def test_in_process_pairs_compare_typical_slices_qemu_whole_runs():
+    fvd = wl.Result("r", "fvd", 1.0, "ops/s", samples=[1.0, 1.0], typical_samples=[4.0, 6.0])
+    raw = wl.Result("r", "raw", 1.0, "ops/s", samples=[2.0, 2.0], typical_samples=[2.0, 2.0])
+    qemu = wl.Result("r", "qemu-qcow2", 1.0, "ops/s", samples=[0.5, 1.0])
+    assert stats.paired_ratios(fvd, raw) == [2.0, 3.0]  # both measured together: slices
+    assert stats.paired_ratios(fvd, qemu) == [2.0, 1.0]  # QEMU: whole runs on both sides
+
+
+def test_paired_round_gives_whole_and_typical_figures(tmp_path):
+    w = next(x for x in wl.io_workloads(wl.Scale(ops=16)) if x.key == "alloc4k-wt")
+    out = wl.measure_io_paired(w, [impls.BY_NAME["fvd"], impls.BY_NAME["raw"]], str(tmp_path))
+    assert [r.impl for r in out] == ["fvd", "raw"]
+    for r in out:
+        assert r.value > 0 and r.typical > 0 and r.counts["flushes"] == 1
+    assert list(tmp_path.iterdir()) == []  # images removed
+
+
+def test_bad_options_and_saved_runs(tmp_path, capsys):
+    assert main(["bench", "--impl", "nope", "--dir", str(tmp_path)]) == 2
+    assert "unknown implementation 'nope'" in capsys.readouterr().err
+    bad = tmp_path / "x.json"
+    bad.write_text("not json")
+    assert main(["bench", "--load", str(bad)]) == 1
+    assert "cannot load a saved run" in capsys.readouterr().err
+    saved = tmp_path / "run.json"
+    saved.write_text(json.dumps(report.json_doc(fake_run()), default=list))
+    assert main(["bench", "--load", str(saved), "--output", "markdown"]) == 0
+    assert capsys.readouterr().out == report.markdown(fake_run())
