@@ -14,7 +14,8 @@ Boots are interleaved round-robin across the contenders (the first contender rot
 each round) and each figure is the median over the boots, so load from other users of
 the machine spreads over all contenders instead of landing on one.
 
-    python -m tests.vm.bench --boots 5 [--save run.json]   # --load run.json: the table again
+    python -m tests.vm.bench --boots 5 [--save run.json]
+    python -m tests.vm.bench --load run.json [--load run2.json]   # the table, runs pooled
 """
 
 from __future__ import annotations
@@ -160,11 +161,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--nofsync-files", type=int, default=4000)
     p.add_argument("--contenders", default=",".join(CONTENDERS), help="fvd-serve first")
     p.add_argument("--save", type=Path, help="also write every sample as JSON here")
-    p.add_argument("--load", type=Path, help="print the table of a saved run, boot nothing")
+    p.add_argument(
+        "--load",
+        type=Path,
+        action="append",
+        help="print the table of saved runs (repeat to pool them), boot nothing",
+    )
     args = p.parse_args(argv)
     if args.load:
-        saved = json.loads(args.load.read_text())
-        report(saved, Samples(saved["samples"]))
+        pooled = Samples()
+        for path in args.load:
+            saved = json.loads(path.read_text())
+            print(json.dumps(saved["environment"]))
+            for backend, results in saved["samples"].items():
+                pooled.by_backend.setdefault(backend, []).extend(results)
+        print(table(pooled, list(pooled.by_backend)))
         return 0
     plan = Plan(args.size_gib << 30, args.sync_writes, args.fsync_files, args.nofsync_files)
     try:

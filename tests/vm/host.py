@@ -67,7 +67,7 @@ def assert_files(raw: Path, sums: dict[str, str], mount: str = "/mnt") -> None:
         assert file_sha256(raw, path[len(mount) :]) == digest, path
 
 
-def allocated_bytes(image: Path) -> int:
-    """Bytes the image itself holds data for (not its base)."""
+def allocated_bytes(image: Path, depth: int = 0) -> int:
+    """Bytes of data the image itself holds (depth 0), or its base (depth 1)."""
     with fvd.open(str(image)) as img:
-        return sum(e.length for e in img.extents() if e.data and e.depth == 0)
+        return sum(e.length for e in img.extents() if e.data and e.depth == depth)

@@ -177,7 +177,10 @@ def fetch_kernel(cache: Path) -> Path:
     if (target / "vmlinuz").exists():
         return target
     with tempfile.TemporaryDirectory(dir=_mkdir(cache)) as tmp:
-        _run("apt-get", "download", package, cwd=Path(tmp))
+        try:
+            _run("apt-get", "download", package, cwd=Path(tmp))
+        except GuestKitError as e:
+            raise GuestUnavailable(f"cannot download the kernel: {e}") from e
         deb = next(Path(tmp).glob("*.deb"))
         _run("dpkg-deb", "-x", deb, Path(tmp) / "root")
         staging = Path(tmp) / "kernel"
