@@ -282,6 +282,8 @@ def rebase(
         new_size = new.size
         if not unsafe:
             _copy_differences(path, fmt_name, new, progress, tally)
+        elif fmt_name == "fvd":
+            _keep_cut_block(path, new, tally)
     if fmt_name == "fvd":
         reshape.set_base(path, os.fsencode(backing), fmt.BASE_FORMATS[bfmt], new_size)
     else:
@@ -312,6 +314,27 @@ def _copy_differences(
                 if progress is not None:
                     progress(done, total)
         img.flush()
+
+
+def _keep_cut_block(path: str, new: AnyImage, tally: _Tally) -> None:
+    """-u on an fvd image whose old base ends inside a block whose head reads the base
+    and whose tail the image holds: past a longer new base the whole block would read
+    the new base. The block's head gets the new base's bytes (its tail stays) and so
+    becomes the image's, which is what -u means for both parts."""
+    with Image(path, "r+") as img:
+        old, bs = img.base_size or 0, img.block_size
+        if not old % bs or new.size <= old or old >= img.size:
+            return
+        start = old // bs * bs
+        end = min(start + bs, img.size)
+        parts = list(img.extents(start, end - start))
+        if parts[0].depth == 0 or not (parts[-1].depth == 0 and parts[-1].present):
+            return
+        head = memoryview(bytearray(old - start))
+        _read_padded(new, start, head)
+        img.write(start, head)
+        tally.written += len(head)
+        tally.extents += 1
 
 
 def _not_owned(img: AnyImage) -> Iterator[tuple[int, int]]:
