@@ -297,23 +297,68 @@ def _copy_differences(
     with open_image(path, fmt_name, "r+") as img:
         if isinstance(img, Image) and img.snapshots():
             raise ChainError(f"{path}: cannot rebase an image with internal snapshots")
-        ranges = list(_not_owned(img))
+        ranges = _candidates(img, new)
+        cut = _cut_block(img, new)
         total = sum(b - a for a, b in ranges)
         done = 0
-        old_buf, new_buf = bytearray(BUFFER), bytearray(BUFFER)
+        bufs = (bytearray(BUFFER), bytearray(BUFFER))
         for a, b in ranges:
-            for pos in range(a, b, BUFFER):
-                n = min(BUFFER, b - pos)
-                old, nw = memoryview(old_buf)[:n], memoryview(new_buf)[:n]
-                img.readinto(pos, old)
-                _read_padded(new, pos, nw)
-                tally.read += 2 * n
-                if not _same(old_buf, new_buf, n):
-                    _store(img, pos, old, tally)
+            step = b - a if (a, b) == cut else BUFFER  # the cut block in one piece
+            if step > BUFFER:
+                bufs = (bytearray(step), bytearray(step))
+            for pos in range(a, b, step):
+                n = min(step, b - pos)
+                _copy_if_different(img, new, pos, n, bufs, tally)
                 done += n
                 if progress is not None:
                     progress(done, total)
         img.flush()
+
+
+def _copy_if_different(
+    img: AnyImage, new: AnyImage, pos: int, n: int, bufs: tuple[bytearray, bytearray], tally: _Tally
+) -> None:
+    old, nw = memoryview(bufs[0])[:n], memoryview(bufs[1])[:n]
+    img.readinto(pos, old)
+    _read_padded(new, pos, nw)
+    tally.read += 2 * n
+    if not _same(bufs[0], bufs[1], n):
+        _store(img, pos, old, tally)
+
+
+Span = tuple[int, int]
+
+
+def _data_spans(img: AnyImage, size: int) -> list[Span]:
+    """[start, end) of the ranges that may read non-zero bytes, in order."""
+    if size <= 0:
+        return []
+    return [(e.start, e.start + e.length) for e in img.extents(0, size) if e.data and not e.zero]
+
+
+def _union(a: list[Span], b: list[Span]) -> list[Span]:
+    out: list[Span] = []
+    for s, e in sorted(a + b):
+        if out and s <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], e))
+        else:
+            out.append((s, e))
+    return out
+
+
+def _intersect(a: list[Span], b: list[Span]) -> list[Span]:
+    """Both sorted and disjoint: the parts in both."""
+    out: list[Span] = []
+    i = j = 0
+    while i < len(a) and j < len(b):
+        s, e = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        if s < e:
+            out.append((s, e))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
 
 
 def _keep_cut_block(path: str, new: AnyImage, tally: _Tally) -> None:
@@ -337,18 +382,41 @@ def _keep_cut_block(path: str, new: AnyImage, tally: _Tally) -> None:
         tally.extents += 1
 
 
-def _not_owned(img: AnyImage) -> Iterator[tuple[int, int]]:
-    """Ranges the image's own layer does not answer (they read the backing chain), plus,
-    for fvd, the tail of a base block cut by the old base's end (it follows the block)."""
-    base_end = img.base_size if isinstance(img, Image) else None
-    bs = img.block_size if isinstance(img, Image) else 0
+def _not_owned(img: AnyImage) -> Iterator[Span]:
+    """Ranges the image's own layer does not answer (they read the backing chain)."""
     for e in img.extents():
-        if e.depth == 0 and e.present:
-            continue
-        a, b = e.start, e.start + e.length
-        if base_end is not None and e.depth > 0 and b == base_end and base_end % bs:
-            b = min(img.size, -(-b // bs) * bs)
-        yield a, b
+        if not (e.depth == 0 and e.present):
+            yield e.start, e.start + e.length
+
+
+def _cut_block(img: AnyImage, new: AnyImage) -> Optional[Span]:
+    """fvd: the block the old base's end cuts, when its head reads the base and a longer
+    new base would cover its tail too (the block has one bit: then all of it reads the
+    new base). It is compared, and copied if it differs, whole and as one piece (a
+    write of the tail alone would set no bit)."""
+    if not isinstance(img, Image) or not img.base_size or not img.base_size % img.block_size:
+        return None
+    if new.size <= img.base_size:
+        return None
+    start = img.base_size // img.block_size * img.block_size
+    end = min(start + img.block_size, img.size)
+    if start >= img.size or next(iter(img.extents(start, end - start))).depth == 0:
+        return None
+    return start, end
+
+
+def _candidates(img: AnyImage, new: AnyImage) -> list[Span]:
+    """What safe rebase compares: not answered by the image itself, and non-zero on one
+    side at least (zeros on both sides are equal); the cut block whole and alone."""
+    data = _union(_data_spans(img, img.size), _data_spans(new, min(new.size, img.size)))
+    ranges = _intersect(_union(list(_not_owned(img)), []), data)
+    cut = _cut_block(img, new)
+    if cut is None:
+        return ranges
+    out: list[Span] = []
+    for s, e in ranges:
+        out += [(a, b) for a, b in ((s, min(e, cut[0])), (max(s, cut[1]), e)) if a < b]
+    return sorted(out + [cut])
 
 
 def _read_padded(img: AnyImage, pos: int, mv: memoryview) -> None:
