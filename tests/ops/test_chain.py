@@ -613,3 +613,16 @@ def test_random_unsafe_rebase(tmp_path, seed):
     else:
         with fvd.open(top) as img:
             assert img.check().ok
+
+
+def test_rebase_reads_no_holes(tmp_path):
+    a, b, t = (str(tmp_path / n) for n in ("a.fvd", "b.fvd", "t.fvd"))
+    for p, data in ((a, b"old"), (b, b"new")):
+        fvd.create(p, 1 << 40)
+        with fvd.open(p, "r+") as img:
+            img.write(1 << 39, data)
+    fvd.create(t, 1 << 40, base="a.fvd", base_format="fvd")
+    result = chain.rebase(t, "b.fvd", backing_format="fvd")
+    assert result.bytes_read == 2 * MiB  # the one data chunk, on both sides: 1 TiB not read
+    with fvd.open(t) as img:
+        assert img.read(1 << 39, 3) == b"old" and img.check().ok
