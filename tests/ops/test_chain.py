@@ -626,3 +626,13 @@ def test_rebase_reads_no_holes(tmp_path):
     assert result.bytes_read == 2 * MiB  # the one data chunk, on both sides: 1 TiB not read
     with fvd.open(t) as img:
         assert img.read(1 << 39, 3) == b"old" and img.check().ok
+
+
+def test_rebase_refuses_qcow2_v2(tmp_path):
+    b, m, t = qcow2_chain(tmp_path)
+    old = str(tmp_path / "old.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "compat=0.10", "-b", "m.qcow2", "-F", "qcow2",
+             old)  # fmt: skip
+    with pytest.raises(fvd.UnsupportedFeatureError, match="version 2"):
+        chain.rebase(old, "b.qcow2", backing_format="qcow2", unsafe=True)
+    assert qemu_img("check", old, check=False).returncode == 0
