@@ -2,7 +2,7 @@
 
 They work on fvd, qcow2 and raw images and any chain of them (an fvd overlay over a
 qcow2 backing file, and so on), and read only what the maps say holds data: holes are
-never read. Layer 7, beside convert (it uses convert's changed ranges for measure).
+never read. Layer 12, over convert (measure uses convert's changed ranges).
 
 * commit(top): the data the top (and, with base=, the layers between) holds is written
   into the backing file, then the top is emptied (qemu-img commit; -d keeps it).
@@ -30,6 +30,7 @@ from fvd.errors import ChainError
 from fvd.fileio import pread_fill, resolve_relative
 from fvd.image import Image
 from fvd.imageio import AnyImage, RawImage, open_image, probe, resolve_format
+from fvd.nbd_client import is_nbd_uri
 from fvd.ondisk import format as fmt
 from fvd.ops import reshape
 from fvd.qcow2 import Qcow2Image
@@ -83,6 +84,8 @@ def chain_of(path: StrPath, format: Optional[str] = None) -> list[Layer]:
             below = backing_of(img)
         if below is None:
             return layers
+        if is_nbd_uri(below.path):  # a remote raw base: the bottom, not a file
+            return layers + [Layer(below.path, "raw", below.stored_name)]
         real = os.path.realpath(below.path)
         if real in seen:
             raise ChainError(f"{below.path}: backing chain loops")
@@ -521,7 +524,7 @@ def _layers_of_open(img: Union[Image, Qcow2Image]) -> list[Layer]:
     """The files of an open image's chain, top first (as its extents' depths count)."""
     layers = [Layer(img.path, "")]
     below = backing_of(img)
-    while below is not None:
+    while below is not None and not is_nbd_uri(below.path):  # NBD: read through the image
         layers.append(below)
         if below.format == "raw":
             break
