@@ -137,6 +137,8 @@ def commit(
     if len(chain) < 2:
         raise ChainError(f"{top}: has no backing file to commit into")
     depth = 1 if base is None else _depth_of(chain, os.fspath(base))
+    if is_nbd_uri(chain[depth].path):
+        raise ChainError(f"{chain[depth].path}: cannot commit into an NBD export")
     empty = base is None and not drop
     fds = [_lock_shared(layer.path) for layer in chain[:depth]]
     try:

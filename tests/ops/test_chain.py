@@ -18,6 +18,7 @@ from fvd import chain, qcow2
 from fvd.errors import ChainError
 
 from ..helpers import pat
+from ..nbd_helpers import nbdkit_file, need_nbd_tools
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="needs qemu-img")
 
@@ -636,3 +637,30 @@ def test_rebase_refuses_qcow2_v2(tmp_path):
     with pytest.raises(fvd.UnsupportedFeatureError, match="version 2"):
         chain.rebase(old, "b.qcow2", backing_format="qcow2", unsafe=True)
     assert qemu_img("check", old, check=False).returncode == 0
+
+
+@pytest.mark.interop
+def test_compare_and_commit_over_an_nbd_base(tmp_path):
+    """An NBD base ends the chain of files: compare reads it through the image, and a
+    commit into the NBD export is refused with a clear error (it is read-only here)."""
+    need_nbd_tools()
+    raw = str(tmp_path / "base.raw")
+    with open(raw, "wb") as f:
+        f.write(pat(1, 2 * MiB))
+    srv = nbdkit_file(raw, tmp_path / "k.sock")
+    try:
+        t = str(tmp_path / "t.fvd")
+        fvd.create(t, 2 * MiB, base=srv.uri, base_format="raw", block_size=4096)
+        with fvd.open(t, "r+") as img:
+            img.write(5000, b"top")
+        expected = bytearray(pat(1, 2 * MiB))
+        expected[5000:5003] = b"top"
+        ref = str(tmp_path / "expected.raw")
+        with open(ref, "wb") as f:
+            f.write(expected)
+        assert chain.compare(t, ref) and chain.compare(ref, t)
+        assert chain.compare_images(t, raw).message == "Content mismatch at offset 4608!"
+        with pytest.raises(ChainError, match="cannot commit into an NBD export"):
+            chain.commit(t)
+    finally:
+        srv.stop()
