@@ -664,3 +664,30 @@ def test_compare_and_commit_over_an_nbd_base(tmp_path):
             chain.commit(t)
     finally:
         srv.stop()
+
+
+def test_repeated_rebases_alternate_two_name_slots(tmp_path):
+    b, m, t = fvd_chain(tmp_path)
+    ref = raw_of(t, tmp_path, "ref.raw")
+    journal = []
+    for i in range(5):
+        name = "b.fvd" if i % 2 == 0 else "./m.fvd"
+        chain.rebase(t, name, backing_format="fvd", unsafe=i % 2 == 1)
+        with fvd.open(t) as img:
+            info = img.info()
+            assert info["backing-filename"] == name and img.check().ok
+            journal.append(info["format-specific"]["data"]["journal-size"])
+    assert len(set(journal)) == 1  # the journal gave up at most one 4 KiB slot, once
+    assert_reads(t, ref, tmp_path)
+
+
+def test_resize_refuses_to_expose_a_longer_base(tmp_path):
+    b = str(tmp_path / "b.raw")
+    with open(b, "wb") as f:
+        f.write(pat(1, 2 * MiB))
+    t = str(tmp_path / "t.fvd")
+    fvd.create(t, MiB, base="b.raw", base_format="raw")
+    with fvd.open(t, "r+") as img:
+        with pytest.raises(ChainError, match="larger than the image"):
+            img.resize(4 * MiB)
+        assert img.size == MiB and img.read(0, 4) == pat(1, 4)
