@@ -27,6 +27,9 @@ Progress = Optional[Callable[[int, int], None]]
 
 @dataclass(frozen=True)
 class Layer:
+    """One file of a backing chain: its path (resolved), its format, and its name as the
+    layer above stores it (relative names stay relative when a header is rewritten)."""
+
     path: str
     format: str
     stored_name: str = ""  # the name the layer above stores for it
@@ -88,6 +91,8 @@ def lock_shared(path: str) -> int:
 
 @dataclass
 class Tally:
+    """What an operation read and wrote, for its ConvertResult."""
+
     start: float = field(default_factory=time.monotonic)
     read: int = 0
     written: int = 0
