@@ -272,7 +272,7 @@ def _zero_uncovered(
     for b in np.flatnonzero(bits[first:old_nb] == 0).tolist():
         block = first + b
         lo = max(block * bs, base_size)
-        hi = min((block + 1) * bs, h["virtual_size"])
+        hi = min((block + 1) * bs, h["virtual_size"], h["base_size"])  # past it: the image's
         entry = int(table[lo // cs])
         if hi > lo and entry < fmt.ZERO_CHUNK:
             f.write(h["data_offset"] + entry * cs + lo % cs, bytes(hi - lo))

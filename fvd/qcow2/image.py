@@ -197,6 +197,8 @@ def set_backing(path: StrPath, backing_file: str, backing_format: str) -> None:
             raise ChainError(f"{path}: image is in use elsewhere") from None
         size = _os.fstat(fd).st_size
         h = parse_header(_os.fspath(path), _os.pread(fd, 1 << MAX_CLUSTER_BITS, 0), size)
+        if h.version != 3:
+            raise UnsupportedFeatureError(f"{path}: qcow2 version {h.version}: rebase needs v3")
         if any(t not in (EXT_BACKING_FORMAT, EXT_FEATURE_TABLE) for t, _ in h.extensions):
             raise UnsupportedFeatureError(f"{path}: header extensions fvd does not rewrite")
         h.backing_file, h.backing_format = backing_file, backing_format

@@ -13,10 +13,12 @@ import subprocess
 import pytest
 
 import fvd
+import fvd.imageio
 from fvd import chain, qcow2
 from fvd.errors import ChainError
 
 from ..helpers import pat
+from ..nbd_helpers import nbdkit_file, need_nbd_tools
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="needs qemu-img")
 
@@ -46,15 +48,24 @@ def raw_of(path, tmp_path, name):
     return out
 
 
-def assert_reads(path, ref, tmp_path):
+def assert_reads(path, ref, tmp_path, prefix=False):
+    """`path` reads as the raw file `ref` (prefix: its first bytes do; the image may be
+    longer, as a base that was longer than the overlay committed into it)."""
     exported = raw_of(path, tmp_path, "export.raw")
+    if prefix:
+        assert os.path.getsize(exported) >= os.path.getsize(ref)
+        os.truncate(exported, os.path.getsize(ref))
     r = qemu_img("compare", "-f", "raw", "-F", "raw", exported, ref, check=False)
     assert r.returncode == 0, r.stdout + r.stderr
     os.unlink(exported)
 
 
 def assert_qcow2_clean(path):
-    r = qemu_img("check", "--output=json", path, check=False)
+    # the file alone (its backing file may be an fvd image, which QEMU cannot open)
+    alone = json.dumps(
+        {"driver": "qcow2", "backing": None, "file": {"driver": "file", "filename": str(path)}}
+    )
+    r = qemu_img("check", "--output=json", f"json:{alone}", check=False)
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -477,3 +488,206 @@ def test_resize_raw(tmp_path):
         chain.resize(p, 2048, shrink=True)
     chain.resize(p, 4096, shrink=True)
     assert os.path.getsize(p) == 4096
+
+
+# ----- random chains ----------------------------------------------------------------------
+def random_chain(tmp_path, seed):
+    """2..4 layers of random formats (the bottom may be raw), random data and zero
+    writes in each; returns the layer paths, bottom first, and the model of the top."""
+    import random
+
+    rng = random.Random(seed)
+    model = bytearray()
+    paths = []
+    for depth in range(rng.randint(2, 4)):
+        size = rng.choice([4 * MiB, 3 * MiB + 512 * rng.randrange(2048), 5 * MiB])
+        model = model[:size].ljust(size, b"\0")  # past a shorter backing file: zeros
+        kind = rng.choice(["fvd", "qcow2"] + (["raw"] if depth == 0 else []))
+        p = str(tmp_path / f"l{depth}.{kind}")
+        below = os.path.basename(paths[-1]) if paths else None
+        below_fmt = below.rsplit(".", 1)[1] if below else None
+        if kind == "raw":
+            with open(p, "wb") as f:
+                f.truncate(size)
+            img = fvd.imageio.RawImage(p, "r+")
+        elif kind == "fvd":
+            fvd.create(p, size, base=below, base_format=below_fmt, chunk_size=CS,
+                       block_size=rng.choice([4096, 16384]))  # fmt: skip
+            img = fvd.open(p, "r+")
+        else:
+            qcow2.create(p, size, cluster_size=rng.choice([4096, 65536]), backing_file=below,
+                         backing_format=below_fmt)  # fmt: skip
+            img = qcow2.open(p, "r+")
+        with img:
+            for _ in range(rng.randint(1, 12)):
+                off = rng.randrange(size)
+                n = min(size - off, rng.choice([512, 4096, 70_000, 300_000]))
+                if rng.random() < 0.25 and depth:
+                    img.write_zeroes(off, n)
+                    model[off : off + n] = bytes(n)
+                else:
+                    data = rng.randbytes(n)
+                    img.write(off, data)
+                    model[off : off + n] = data
+        paths.append(p)
+    return paths, bytes(model), rng
+
+
+@pytest.mark.parametrize("seed", range(int(os.environ.get("FVD_CHAIN_SEEDS", "6"))))
+def test_random_chains(tmp_path, seed):
+    paths, model, rng = random_chain(tmp_path, seed)
+    ref = str(tmp_path / "model.raw")
+    with open(ref, "wb") as f:
+        f.write(model)
+    top = paths[-1]
+    assert chain.compare(top, ref) and chain.compare(ref, top)
+    assert chain.compare(top, ref, strict=False)
+    # safe rebase straight onto the bottom keeps the contents
+    if len(paths) > 2:
+        bottom = os.path.basename(paths[0])
+        chain.rebase(top, bottom, backing_format=bottom.rsplit(".", 1)[1])
+        assert_reads(top, ref, tmp_path)
+        paths = [paths[0], top]
+    # commit into a random layer of the chain
+    depth = rng.randint(1, len(paths) - 1)
+    target = paths[-1 - depth]
+    chain.commit(top, base=None if depth == 1 else target)
+    assert_reads(target, ref, tmp_path, prefix=True)
+    assert_reads(top, ref, tmp_path)
+    for p in paths:
+        if p.endswith(".qcow2"):
+            assert_qcow2_clean(p)
+        elif p.endswith(".fvd"):
+            with fvd.open(p) as img:
+                assert img.check().ok
+
+
+def test_compare_partial_chunks_and_raw_bases(tmp_path):
+    p = str(tmp_path / "g.fvd")
+    fvd.create(p, 4 * MiB)
+    with fvd.open(p, "r+") as img:
+        img.write(0, pat(1, 4 * MiB))
+        img.create_snapshot("s")
+        img.write(5000, pat(2, 9000))  # partial chunks: granules split between chunks
+        img.write(3 * MiB + 4096, pat(3, 4096))
+    ref = raw_of(p, tmp_path, "g.raw")
+    assert chain.compare(p, ref)
+    changed = str(tmp_path / "changed.raw")
+    shutil.copyfile(ref, changed)
+    with open(changed, "r+b") as f:
+        f.seek(5000 + 4500)
+        f.write(b"?")
+    assert chain.compare_images(p, changed).message == "Content mismatch at offset 9216!"
+    t = str(tmp_path / "t.fvd")
+    fvd.create(t, 4 * MiB, base="g.raw", base_format="raw", block_size=4096)
+    with fvd.open(t, "r+") as img:
+        img.write(MiB + 100, b"over")
+    expected = bytearray(open(ref, "rb").read())
+    expected[MiB + 100 : MiB + 104] = b"over"
+    with open(changed, "wb") as f:
+        f.write(expected)
+    assert chain.compare(t, changed)
+
+
+@pytest.mark.parametrize("seed", range(int(os.environ.get("FVD_CHAIN_SEEDS", "6"))))
+def test_random_unsafe_rebase(tmp_path, seed):
+    """-u: what the image's own layer holds stays; every other byte reads the new
+    backing file (zeros past its end), as qemu-img rebase -u."""
+    paths, model, rng = random_chain(tmp_path, seed)
+    top = paths[-1]
+    with fvd.imageio.open_image(top) as img:
+        own = [e for e in img.extents() if e.depth == 0 and e.present]
+    new = str(tmp_path / "new.raw")
+    data = rng.randbytes(rng.choice([2 * MiB, 4 * MiB, 6 * MiB]))
+    with open(new, "wb") as f:
+        f.write(data)
+    chain.rebase(top, "new.raw", backing_format="raw", unsafe=True)
+    expected = bytearray(data[: len(model)].ljust(len(model), b"\0"))
+    for e in own:
+        expected[e.start : e.start + e.length] = model[e.start : e.start + e.length]
+    ref = str(tmp_path / "expected.raw")
+    with open(ref, "wb") as f:
+        f.write(expected)
+    assert_reads(top, ref, tmp_path)
+    if top.endswith(".qcow2"):
+        assert_qcow2_clean(top)
+    else:
+        with fvd.open(top) as img:
+            assert img.check().ok
+
+
+def test_rebase_reads_no_holes(tmp_path):
+    a, b, t = (str(tmp_path / n) for n in ("a.fvd", "b.fvd", "t.fvd"))
+    for p, data in ((a, b"old"), (b, b"new")):
+        fvd.create(p, 1 << 40)
+        with fvd.open(p, "r+") as img:
+            img.write(1 << 39, data)
+    fvd.create(t, 1 << 40, base="a.fvd", base_format="fvd")
+    result = chain.rebase(t, "b.fvd", backing_format="fvd")
+    assert result.bytes_read == 2 * MiB  # the one data chunk, on both sides: 1 TiB not read
+    with fvd.open(t) as img:
+        assert img.read(1 << 39, 3) == b"old" and img.check().ok
+
+
+def test_rebase_refuses_qcow2_v2(tmp_path):
+    b, m, t = qcow2_chain(tmp_path)
+    old = str(tmp_path / "old.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "compat=0.10", "-b", "m.qcow2", "-F", "qcow2",
+             old)  # fmt: skip
+    with pytest.raises(fvd.UnsupportedFeatureError, match="version 2"):
+        chain.rebase(old, "b.qcow2", backing_format="qcow2", unsafe=True)
+    assert qemu_img("check", old, check=False).returncode == 0
+
+
+@pytest.mark.interop
+def test_compare_and_commit_over_an_nbd_base(tmp_path):
+    """An NBD base ends the chain of files: compare reads it through the image, and a
+    commit into the NBD export is refused with a clear error (it is read-only here)."""
+    need_nbd_tools()
+    raw = str(tmp_path / "base.raw")
+    with open(raw, "wb") as f:
+        f.write(pat(1, 2 * MiB))
+    srv = nbdkit_file(raw, tmp_path / "k.sock")
+    try:
+        t = str(tmp_path / "t.fvd")
+        fvd.create(t, 2 * MiB, base=srv.uri, base_format="raw", block_size=4096)
+        with fvd.open(t, "r+") as img:
+            img.write(5000, b"top")
+        expected = bytearray(pat(1, 2 * MiB))
+        expected[5000:5003] = b"top"
+        ref = str(tmp_path / "expected.raw")
+        with open(ref, "wb") as f:
+            f.write(expected)
+        assert chain.compare(t, ref) and chain.compare(ref, t)
+        assert chain.compare_images(t, raw).message == "Content mismatch at offset 4608!"
+        with pytest.raises(ChainError, match="cannot commit into an NBD export"):
+            chain.commit(t)
+    finally:
+        srv.stop()
+
+
+def test_repeated_rebases_alternate_two_name_slots(tmp_path):
+    b, m, t = fvd_chain(tmp_path)
+    ref = raw_of(t, tmp_path, "ref.raw")
+    journal = []
+    for i in range(5):
+        name = "b.fvd" if i % 2 == 0 else "./m.fvd"
+        chain.rebase(t, name, backing_format="fvd", unsafe=i % 2 == 1)
+        with fvd.open(t) as img:
+            info = img.info()
+            assert info["backing-filename"] == name and img.check().ok
+            journal.append(info["format-specific"]["data"]["journal-size"])
+    assert len(set(journal)) == 1  # the journal gave up at most one 4 KiB slot, once
+    assert_reads(t, ref, tmp_path)
+
+
+def test_resize_refuses_to_expose_a_longer_base(tmp_path):
+    b = str(tmp_path / "b.raw")
+    with open(b, "wb") as f:
+        f.write(pat(1, 2 * MiB))
+    t = str(tmp_path / "t.fvd")
+    fvd.create(t, MiB, base="b.raw", base_format="raw")
+    with fvd.open(t, "r+") as img:
+        with pytest.raises(ChainError, match="larger than the image"):
+            img.resize(4 * MiB)
+        assert img.size == MiB and img.read(0, 4) == pat(1, 4)
