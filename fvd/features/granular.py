@@ -48,6 +48,7 @@ NONE = 0xFFFFFFFF
 MAP_MAGIC = fr.PARTIAL_MAP_MAGIC
 MAP_HEAD = fr.S_PARTIAL_MAP_HEAD  # magic count granule_size reserved
 ENTRY_HEAD = fr.S_PARTIAL_MAP_ENTRY_HEAD  # virtual_chunk source_chunk, then the bit row
+MAP_FLAG_PROVENANCE = fr.PARTIAL_MAP_FLAG_PROVENANCE  # a provenance section follows
 
 
 def _pad8(n):
@@ -68,6 +69,11 @@ class PartialState:
         self.slot = np.zeros(0, dtype=np.uint32)  # full size on first use
         self.src = np.zeros(0, dtype=np.uint32)
         self.bits = np.zeros(0, dtype=np.uint8)
+        # provenance (docs/format.md section 10, "Provenance"): per slot, the chunk its
+        # carried granules were copied from (NONE: none), and `wbits`, the written granules
+        # that are not carried (the fast path writes only there). Carried = bits & ~wbits.
+        self.cfrom = np.zeros(0, dtype=np.uint32)
+        self.wbits = np.zeros(0, dtype=np.uint8)
         self.used = 0  # slots handed out (append-only)
         self.active = 0  # partial chunks now
         self.map_run = (0, 0)  # (first, count) of the on-disk map
@@ -82,14 +88,14 @@ class PartialState:
         with the map before it has finished (Image: the allocator's quiesce)."""
         self.cmap = cmap
         self.wait = wait
-        cmap.set_partial(self.slot, self.src, self.bits, self.gsize)
+        cmap.set_partial(self.slot, self.src, self.bits, self.gsize, self.wbits)
 
     def _reinstall(self):
         """New (grown) arrays: a call in flight may still view the old ones, which hold
         no slot numbered past their end; so wait for those calls before any such slot is
         published (a slot index past a viewed array would read outside it)."""
         if self.cmap is not None:
-            self.cmap.set_partial(self.slot, self.src, self.bits, self.gsize)
+            self.cmap.set_partial(self.slot, self.src, self.bits, self.gsize, self.wbits)
             if self.wait is not None:
                 self.wait()
 
@@ -106,26 +112,39 @@ class PartialState:
             self.slot = np.full(self.nchunks, NONE, dtype=np.uint32)
             changed = True
         if self.used >= len(self.src):
-            cap = max(64, 2 * len(self.src))
-            src = np.zeros(cap, dtype=np.uint32)
-            bits = np.zeros(cap * self.gbytes, dtype=np.uint8)
-            src[: len(self.src)] = self.src
-            bits[: len(self.bits)] = self.bits
-            self._keep.append((self.src, self.bits))  # in-flight readers may view them
-            self.src, self.bits = src, bits
+            self._grow(max(64, 2 * len(self.src)))
             changed = True
         k = self.used
         self.used += 1
         self.src[k] = source
-        row = self.row(k)
-        row[:] = 0
-        # granules past the end of the image are never read: count them as written
-        end_g = -(-(self.size - v * self.chunk_size) // self.gsize)
-        if end_g < self.gpc:
-            self._set(row, end_g, self.gpc)
+        self.cfrom[k] = NONE
+        self.row(k)[:] = 0
+        self.wrow(k)[:] = 0
+        self._past_end(v, k)
         if changed:
             self._reinstall()
         return k
+
+    def _grow(self, cap):
+        """Arrays for `cap` slots (the old ones kept: in-flight readers may view them)."""
+        n = len(self.src)
+        self._keep.append((self.src, self.bits, self.wbits))
+        src = np.zeros(cap, dtype=np.uint32)
+        src[:n] = self.src
+        cfrom = np.full(cap, NONE, dtype=np.uint32)
+        cfrom[:n] = self.cfrom
+        bits = np.zeros(cap * self.gbytes, dtype=np.uint8)
+        bits[: len(self.bits)] = self.bits
+        wbits = np.zeros(cap * self.gbytes, dtype=np.uint8)
+        wbits[: len(self.wbits)] = self.wbits
+        self.src, self.cfrom, self.bits, self.wbits = src, cfrom, bits, wbits
+
+    def _past_end(self, v, k):
+        """Granules past the end of the image are never read: count them as written."""
+        end_g = -(-(self.size - v * self.chunk_size) // self.gsize)
+        if end_g < self.gpc:
+            self._set(self.row(k), end_g, self.gpc)
+            self._set(self.wrow(k), end_g, self.gpc)
 
     def load_record(self, chunks, sources, rows):
         """Take a decoded granule record (decode_map) as the partial chunks, all at once:
@@ -134,13 +153,14 @@ class PartialState:
         n = len(chunks)
         if not n:
             return
-        self._keep.append((self.src, self.bits))
+        self._keep.append((self.src, self.bits, self.wbits))
         self.slot = np.full(self.nchunks, NONE, dtype=np.uint32)
-        cap = max(64, n)
-        self.src = np.zeros(cap, dtype=np.uint32)
+        self.src = self.cfrom = np.zeros(0, dtype=np.uint32)
+        self.bits = self.wbits = np.zeros(0, dtype=np.uint8)
+        self._grow(max(64, n))
         self.src[:n] = sources
-        self.bits = np.zeros(cap * self.gbytes, dtype=np.uint8)
         self.bits[: n * self.gbytes] = rows.reshape(-1)
+        self.wbits[: n * self.gbytes] = rows.reshape(-1)  # no provenance: none carried
         self.slot[np.asarray(chunks, dtype=np.int64)] = np.arange(n, dtype=np.uint32)
         self.used = self.active = n
         self._reinstall()
@@ -148,13 +168,33 @@ class PartialState:
     def row(self, k):
         return self.bits[k * self.gbytes : (k + 1) * self.gbytes]
 
+    def wrow(self, k):
+        return self.wbits[k * self.gbytes : (k + 1) * self.gbytes]
+
     @staticmethod
     def _set(row, g0, g1):
 
         set_bits(row, g0, g1 - g0)
 
     def set_granules(self, k, g0, g1):
+        """Granules g0..g1-1 are written (bits first: wbits stays a subset of bits)."""
         self._set(self.row(k), g0, g1)
+        self._set(self.wrow(k), g0, g1)
+
+    def uncarry(self, k, g0, g1):
+        """Granules g0..g1-1 are about to be rewritten: they lose their provenance."""
+        self._set(self.wrow(k), g0, g1)
+
+    def carry(self, v, k, held):
+        """Copy-forward from `held` (before the new chunk is published): every written
+        granule but g0..g1-1 (the write's) now holds held's bytes; the write's granules and
+        those past the end are set in wbits when their bits are (set_granules)."""
+        wrow = self.wrow(k)
+        wrow[:] = 0
+        end_g = -(-(self.size - v * self.chunk_size) // self.gsize)
+        if end_g < self.gpc:
+            self._set(wrow, end_g, self.gpc)
+        self.cfrom[k] = held
 
     def flags(self, k):
         """bool array of the slot's granule bits."""
@@ -247,12 +287,30 @@ class PartialState:
             self.drop(v)
 
     # ----- on-disk map -----------------------------------------------------------------
-    def encode(self):
-        body = bytearray(MAP_HEAD.pack(MAP_MAGIC, self.active, self.gsize, 0))
-        pad = _pad8(self.gbytes) - self.gbytes
-        for v, k in self.entries():
+    def encode(self, provenance=False):
+        """The partial map (docs/format.md section 10); with `provenance` (a snapshot's
+        granule record), the provenance section after the entries when some granule is
+        carried (then head flag bit 0 is set; without carried granules the record is the
+        plain layout)."""
+        entries = self.entries()
+        pad = bytes(_pad8(self.gbytes) - self.gbytes)
+        prov = []
+        if provenance:
+            for _v, k in entries:
+                carried = self.row(k) & ~self.wrow(k)
+                origin = int(self.cfrom[k])
+                if origin == NONE or not carried.any():
+                    origin, carried = NONE, np.zeros_like(carried)
+                prov.append(ENTRY_HEAD.pack(origin, 0) + carried.tobytes() + pad)
+            if all(ENTRY_HEAD.unpack_from(p)[0] == NONE for p in prov):
+                prov = []
+        flags = MAP_FLAG_PROVENANCE if prov else 0
+        body = bytearray(MAP_HEAD.pack(MAP_MAGIC, self.active, self.gsize, flags))
+        for v, k in entries:
             body += ENTRY_HEAD.pack(v, int(self.src[k]))
-            body += self.row(k).tobytes() + bytes(pad)
+            body += self.row(k).tobytes() + pad
+        for p in prov:
+            body += p
         return bytes(body)
 
     def load(self, img, raw, where):
@@ -272,6 +330,7 @@ class PartialState:
                 continue
             k = self.new_slot(v, source)
             self.row(k)[:] = np.frombuffer(raw, np.uint8, self.gbytes, pos + ENTRY_HEAD.size)
+            self.wrow(k)[:] = self.row(k)  # the map holds no provenance
             self.publish(v, k)
             pos += esize
 
@@ -455,6 +514,7 @@ class PartialState:
         w0, w1, g0, g1 = self._span(v, pos, len(piece))
         fl = self.flags(k)
         if fl[g0:g1].all():
+            self.uncarry(k, g0, g1)  # before the bytes change: never a stale provenance
             img.chunk_map.pwritev(img.header["data_offset"] + chunk * self.chunk_size + w0, [piece])
             return
         source = int(self.src[k])
@@ -495,6 +555,9 @@ class PartialState:
         for a, b, mine in flag_runs(written):
             if mine:
                 records.append(granule_record(v * self.gpc + a, b - a, new, source))
+        # the copied granules hold held's bytes (while the table maps held, which is
+        # frozen, no fast write reads wbits of this slot): their provenance
+        self.carry(v, k, held)
         afters.append(lambda: self._forward_done(img, v, k, g0, g1))
 
     def _forward_done(self, img, v, k, g0, g1):
@@ -606,7 +669,8 @@ def decode_map(raw, nchunks, chunk_size, granule, path, offset):
         raise CorruptImageError(
             path, offset, f"magic {magic:#x} or granule size {gsize} is not {granule}"
         )
-    if len(raw) != MAP_HEAD.size + count * esize:
+    sections = 2 if MAP_HEAD.unpack_from(raw)[3] & MAP_FLAG_PROVENANCE else 1
+    if len(raw) != MAP_HEAD.size + sections * count * esize:
         raise CorruptImageError(path, offset + 4, f"{count} entries do not fill {len(raw)} bytes")
     body = np.frombuffer(raw, np.uint8, count * esize, MAP_HEAD.size).reshape(count, esize)
     head = np.ascontiguousarray(body[:, : ENTRY_HEAD.size]).view("<u4")
@@ -624,6 +688,34 @@ def decode_map(raw, nchunks, chunk_size, granule, path, offset):
         )
     rows = np.ascontiguousarray(body[:, ENTRY_HEAD.size : ENTRY_HEAD.size + gbytes])
     return chunks, sources, rows
+
+
+def decode_provenance(raw, count, chunk_size, granule, path, offset):
+    """(origins, carried rows) of a granule record's provenance section (docs/format.md
+    section 10, "Provenance"), or None when its head has no provenance flag: per entry,
+    the chunk its carried granules were copied from (uint32, NONE: none) and their bit
+    row (uint8, like the entries' rows). The caller has decoded the entries (decode_map),
+    which checked the length; CorruptImageError naming the offset otherwise."""
+    flags = MAP_HEAD.unpack_from(raw)[3]
+    if flags & ~MAP_FLAG_PROVENANCE:
+        raise CorruptImageError(path, offset + 12, f"unknown flags {flags:#x}")
+    if not flags:
+        return None
+    gbytes = fr.partial_row_bytes(chunk_size, granule)
+    esize = ENTRY_HEAD.size + _pad8(gbytes)
+    start = MAP_HEAD.size + count * esize
+    body = np.frombuffer(raw, np.uint8, count * esize, start).reshape(count, esize)
+    head = np.ascontiguousarray(body[:, : ENTRY_HEAD.size]).view("<u4")
+    origins = head[:, 0].astype(np.uint32)
+    bad = (origins >= fmt.MAX_PHYS_CHUNKS) & (origins != NONE)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise CorruptImageError(
+            path, offset + start + i * esize, f"provenance {i}: origin {int(origins[i])}"
+        )
+    rows = body[:, ENTRY_HEAD.size : ENTRY_HEAD.size + gbytes].copy()
+    rows[origins == NONE] = 0
+    return origins, rows
 
 
 def check_record_table(chunks, sources, rows, table, path, offset, nphys=fmt.MAX_PHYS_CHUNKS):

@@ -43,6 +43,7 @@ INCOMPAT_BASE = 1 << 0  # unwritten blocks come from a base image
 INCOMPAT_SNAPSHOTS = 1 << 1  # chunks may be shared with snapshots (copy on write)
 INCOMPAT_PARTIAL = 1 << 2  # partly copied chunks may exist (fvd.granular)
 INCOMPAT_SNAPSHOT_PARTIAL = 1 << 3  # snapshots hold partial chunks (granule records)
+INCOMPAT_PROVENANCE = 1 << 4  # granule records may carry a provenance section
 # base_format
 BASE_NONE, BASE_RAW, BASE_FVD, BASE_QCOW2 = 0, 1, 2, 3
 # base_flags
@@ -190,7 +191,15 @@ PartialMapHead = Struct(
     "magic" / Const(PARTIAL_MAP_MAGIC, Int32ul),
     "count" / Int32ul,
     "granule_size" / Int32ul,
+    "flags" / Int32ul,  # bit 0: a provenance section follows the entries (records only)
+)
+PARTIAL_MAP_FLAG_PROVENANCE = 1 << 0
+# One per entry, in the entries' order, after them (granule records with flag bit 0).
+ProvenanceEntry = Struct(
+    "origin_chunk" / Int32ul,
     "reserved" / Int32ul,
+    "carried" / Bytes(this._params.row_bytes),
+    Padding(lambda ctx: -ctx._params.row_bytes % 8),
 )
 PartialMapEntryHead = Struct("virtual_chunk" / Int32ul, "source_chunk" / Int32ul)
 # An entry with its bit row; parse / build with row_bytes=partial_row_bytes(...).
@@ -236,4 +245,5 @@ RECORDS = {
     "RefcountEntry": RefcountEntry,
     "PartialMapHead": PartialMapHead,
     "PartialMapEntry": PartialMapEntry,
+    "ProvenanceEntry": ProvenanceEntry,
 }

@@ -508,7 +508,7 @@ def test_partial_map_encoding():
     raw = encoded_partial_state(((2, 40, (0, 3)), (5, 41, (10, 256))))
     row = fr.partial_row_bytes(MiB, 4096)
     m = fr.PartialMap.parse(raw, row_bytes=row)
-    assert (m.magic, m.count, m.granule_size, m.reserved) == (fr.PARTIAL_MAP_MAGIC, 2, 4096, 0)
+    assert (m.magic, m.count, m.granule_size, m.flags) == (fr.PARTIAL_MAP_MAGIC, 2, 4096, 0)
     assert [(e.virtual_chunk, e.source_chunk) for e in m.entries] == [(2, 40), (5, 41)]
     assert m.entries[0].bits == b"\x07" + bytes(31)
     assert m.entries[1].bits == bytes([0, 0xFC]) + b"\xff" * 30
