@@ -12,8 +12,10 @@ path -> image core and fvd.qcow2 -> features -> operations -> the Image facade -
 
 from fvd import _impl
 from fvd import qcow2 as qcow2
+from fvd.backupinfo import BackupInfo, backup_info, check_backup_chain
 from fvd.convert import convert
 from fvd.errors import (
+    BackupChainError,
     BaseImageError,
     CorruptImageError,
     FvdError,
@@ -44,6 +46,10 @@ __all__ = [
     "create",
     "open",
     "convert",
+    "backup_info",
+    "check_backup_chain",
+    "BackupInfo",
+    "BackupChainError",
     "Image",
     "SnapshotImage",
     "Extent",

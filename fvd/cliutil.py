@@ -12,6 +12,7 @@ from typing import Any, Callable, Optional, TextIO
 import numpy as np
 
 from fvd import qcow2
+from fvd.backupinfo import backup_info
 from fvd.convert import changed_ranges
 from fvd.errors import BaseImageError, CorruptImageError, FvdError
 from fvd.image import Image, verify_reopen
@@ -49,8 +50,18 @@ def extent_dict(e: Extent) -> dict[str, Any]:
 
 # ----- info --------------------------------------------------------------------------
 def layer_info(path: str, fmt: Optional[str] = None, force_share: bool = False) -> Info:
-    """qemu-img info of one image. An image whose base is missing still gets its info,
-    with "backing-missing": true under format-specific."""
+    """qemu-img info of one image, with what it holds as a backup ("backup" under
+    format-specific, fvd.backupinfo). An image whose base is missing still gets its
+    info, with "backing-missing": true under format-specific."""
+    info = _layer_info(path, fmt, force_share)
+    held = backup_info(path, info["format"])
+    if held is not None:
+        data = info.setdefault("format-specific", {"type": info["format"], "data": {}})["data"]
+        data["backup"] = held.as_dict()
+    return info
+
+
+def _layer_info(path: str, fmt: Optional[str], force_share: bool) -> Info:
     f = resolve_format(path, fmt)
     if f == "fvd":
         try:
@@ -132,11 +143,21 @@ def info_text(info: Info, snapshot_table: Callable[[list[dict[str, Any]]], str])
         lines.append(snapshot_table(info["snapshots"]))
     if data:
         lines.append("Format specific information:")
-        for key, value in data.items():
-            if isinstance(value, bool):
-                value = "true" if value else "false"
-            lines.append(f"    {key.replace('-', ' ')}: {value}")
+        lines += _data_lines(data, "    ")
     return "\n".join(lines)
+
+
+def _data_lines(data: dict[str, Any], indent: str) -> list[str]:
+    lines = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            lines.append(f"{indent}{key.replace('-', ' ')}:")
+            lines += _data_lines(value, indent + "    ")
+            continue
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        lines.append(f"{indent}{key.replace('-', ' ')}: {value}")
+    return lines
 
 
 # ----- check ---------------------------------------------------------------------------

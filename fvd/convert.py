@@ -28,7 +28,7 @@ from typing import Any, NamedTuple, Optional, Union
 
 import numpy as np
 
-from fvd import qcow2
+from fvd import backupinfo, qcow2
 from fvd.fileio import punch_hole, resolve_relative
 from fvd.image import Image, create
 from fvd.imageio import FORMATS, AnyImage, RawImage, open_image
@@ -107,6 +107,7 @@ def convert(
                 raise ValueError(f"{src}: a raw image has no snapshots (snapshot={snapshot!r})")
             view = img.open_snapshot(snapshot)
         try:
+            holds = _backup_policy(img, src, dst, snapshot, since, backing, backing_format)
             ranges = _plan(img, view, since, snapshot)
             _write_output(
                 view,
@@ -118,12 +119,29 @@ def convert(
                 opts,
                 progress,
                 cache == "unsafe",
+                holds,
             )
         finally:
             if view is not img:
                 view.close()
     finally:
         img.close()
+
+
+def _backup_policy(
+    img: AnyImage,
+    src: str,
+    dst: str,
+    snapshot: str | None,
+    since: str | None,
+    backing: StrPath | None,
+    backing_format: str | None,
+) -> backupinfo.BackupInfo | None:
+    """Before anything is copied: what the output will hold (fvd.backupinfo), and for an
+    incremental convert the refusal (BackupChainError, "a full backup is needed") when
+    the backing file does not hold snapshot `since` of this image."""
+    base = backupinfo.resolve_backing(dst, backing)
+    return backupinfo.plan_backup(img, src, snapshot, since, base, backing_format)
 
 
 # ----- arguments ----------------------------------------------------------------------
@@ -297,6 +315,7 @@ def _write_output(
     opts: dict[str, Any],
     progress: Progress,
     unsafe: bool = False,
+    holds: backupinfo.BackupInfo | None = None,
 ) -> None:
     tmp = _temp_name(dst)
     created = False
@@ -318,8 +337,12 @@ def _write_output(
             )
         finally:
             out.close()
+        in_file = backupinfo.record_backup(tmp, dst_format, holds, unsafe)
+        backupinfo.drop_sidecar(dst)
         os.rename(tmp, dst)
         created = False
+        if not in_file:
+            backupinfo.write_sidecar(dst, holds, unsafe)
         if not unsafe:
             _fsync_dir(os.path.dirname(os.path.abspath(dst)))
     except BaseException:

@@ -76,5 +76,10 @@ class ServeError(FvdError):
     """nbdkit or its Python plugin is missing or cannot serve the image."""
 
 
+class BackupChainError(FvdError):
+    """An incremental backup's backing file does not hold the snapshot it starts from (of
+    the same image): a full backup is needed (docs/format.md section 11)."""
+
+
 class WrongFormatError(FvdError, ValueError):
     """The file is not an image of the format asked for (the message says what it is)."""

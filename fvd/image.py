@@ -81,6 +81,7 @@ def create(
         "clean_shutdown": 1,
         "journal_epoch": 1,
         "next_snapshot_id": 1,
+        "image_uuid": fmt.new_image_uuid(),
     }
     base_name = b""
     if base is not None:
@@ -215,6 +216,13 @@ class Image(DiskOps):
         """Path (or NBD URI) of the base image, or None."""
         path = self._core.header.get("_base_path")
         return None if path is None else str(path)
+
+    @property
+    def uuid(self) -> Optional[str]:
+        """The image's UUID (stable for its life: docs/format.md section 2), or None for
+        an image written by older fvd until its first read-write open gives it one."""
+        uuid: Optional[str] = fmt.image_uuid(self._core.header)
+        return uuid
 
     @property
     def allocated_chunks(self) -> int:

@@ -199,6 +199,8 @@ class ImageCore:
         self.allocator = ChunkAllocator(self.in_use(), self.punch_chunks, self.chunk_map)
         if self.read_only:
             return
+        if h["image_uuid"] == fmt.NO_UUID:
+            h["image_uuid"] = fmt.new_image_uuid()  # an older image: the header below keeps it
         if self.for_check:
             # repair decides what to write; nothing is scrubbed before it looked
             self.write_header(clean_shutdown=0)

@@ -86,9 +86,11 @@ class _Entry:
     granules_bad: Optional[tuple[int, str]] = None  # (offset, why) of a record not usable
     granules_provenance: bool = False  # its record, written by this open, has provenance
 
-    def info(self):
+    def info(self, header=None):
+        """The public SnapshotInfo; its uuid derives from the image header's UUID."""
         created = datetime.fromtimestamp(self.created_ns / 1e9, tz=timezone.utc)
-        return SnapshotInfo(self.name, self.id, created, self.size, self.vm_size)
+        suid = fmt.snapshot_uuid(header or {}, self.id, self.created_ns)
+        return SnapshotInfo(self.name, self.id, created, self.size, self.vm_size, uuid=suid)
 
 
 def _pad8(n):
@@ -981,13 +983,13 @@ def _create(img, st, name, vm_state):
     img.sync()  # commit point
     _release_runs(img, old)
     _trim_tail(img)
-    return entry.info()
+    return entry.info(img.header)
 
 
 def list_snapshots(img: Any) -> list[SnapshotInfo]:
     img.check_open()
     st = img.snapshot_state
-    return [e.info() for e in st.entries] if st is not None else []
+    return [e.info(img.header) for e in st.entries] if st is not None else []
 
 
 def delete_snapshot(img, name):
