@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import subprocess
+import uuid
 import zlib
 from pathlib import Path
 
@@ -200,7 +201,7 @@ HEADER_VECTOR = bytes.fromhex(
     "a9f54351"  # 0 magic
     "02000000"  # 4 version 2
     "00020000"  # 8 header_size 512
-    "9986f179"  # 12 header_crc
+    "a19302c0"  # 12 header_crc
     "0000000000000000"  # 16 incompatible_features
     "0000000000000000"  # 24 compatible_features
     "0000000400000000"  # 32 virtual_size 64 MiB
@@ -233,6 +234,7 @@ HEADER_VECTOR = bytes.fromhex(
     "0000000000000000"  # 208 partial_map_size
     "00000000"  # 216 partial_map_crc
     "00000000"  # 220 granule_size
+    "00112233445566778899aabbccddeeff"  # 224 image_uuid (fvd.create: a random one)
 ).ljust(512, b"\0")
 
 
@@ -251,7 +253,9 @@ def test_header_vector(tmp_path):
     fvd.create(str(path), 64 * MiB, chunk_size=MiB, block_size=64 * KiB, journal_size=64 * KiB)
     with open(path, "rb") as f:
         region = f.read(fmt.HEADER_REGION)
-    assert region[:512] == HEADER_VECTOR
+    made = header_dict(region[:512])
+    assert uuid.UUID(bytes=made["image_uuid"]).version == 4  # random, per image
+    assert region[:512] == fmt.build_header(dict(h, image_uuid=made["image_uuid"]))
     assert region[512:] == bytes(fmt.HEADER_REGION - 512)  # reserved zeros
 
 
