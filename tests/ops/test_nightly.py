@@ -3,7 +3,9 @@ Guarantee): constant churn, one snapshot a night, changed extents between consec
 snapshots report the granules written that night and no more (carried granules keep
 their provenance), night after night, and never miss a changed byte."""
 
+import os
 import random
+import zlib
 
 import numpy as np
 import pytest
@@ -119,3 +121,46 @@ def test_provenance_is_forgotten_by_a_reopen(tmp_path):
         img.write(9 * G, b"d" * G)
         img.create_snapshot("s3")
         assert img.changed_extents("s2", "s3").array.tolist() == [(9 * G, G, 1)]
+
+
+def test_a_bad_provenance_section_makes_the_record_bad(tmp_path):
+    """Unknown flag bits (or an origin out of range) in a granule record make it bad as
+    a bad crc does: changed extents over that snapshot raise, check reports it."""
+    path = str(tmp_path / "img.fvd")
+    fvd.create(path, SIZE)
+    with fvd.open(path, "r+") as img:
+        img.write(0, b"a" * MiB)
+        img.create_snapshot("s0")
+        img.write(3 * G, b"b" * G)
+        img.create_snapshot("s1")
+        img.write(7 * G, b"c" * G)
+        img.create_snapshot("s2")  # its record has a provenance section
+        e = img._core.snapshot_state.find("s2", path)
+        raw = bytearray(os.pread(img._core.fd, e.granules_size, e.granules_offset))
+    assert raw[12] == 1 and len(raw) == 16 + 2 * 40
+    raw[12] = 3  # an unknown flag
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.pwrite(fd, bytes(raw), e.granules_offset)
+    finally:
+        os.close(fd)
+    _fix_crc(path, "s2", zlib.crc32(raw))
+    with fvd.open(path) as img:
+        with pytest.raises(fvd.CorruptImageError, match="unknown flags"):
+            img.changed_extents("s1", "s2")
+        assert img.check().corruptions >= 1
+
+
+def _fix_crc(path, name, crc):
+    """Give snapshot `name`'s entry the record crc `crc` (snapshot table rewritten, its
+    own crc too): the record is then bad only by its content."""
+    from fvd.features import snapshots as snap
+
+    with fvd.open(path, "r+") as img:
+        core = img._core
+        st = core.snapshot_state
+        st.find(name, path).granules_crc = crc
+        h = core.header
+        raw = snap.encode_table(st.entries, zlib.crc32(st.refcount.astype("<u2").tobytes()))
+        os.pwrite(core.fd, raw, h["snapshot_table_offset"])
+        img._crash()
