@@ -77,6 +77,7 @@ class PartialState:
         self.used = 0  # slots handed out (append-only)
         self.active = 0  # partial chunks now
         self.map_run = (0, 0)  # (first, count) of the on-disk map
+        self.map_provenance = False  # the on-disk map has a provenance section
         self.old_run = (0, 0)  # released after the next header
         self._keep = []  # arrays lock-free readers may view
         self.cmap = None
@@ -314,11 +315,23 @@ class PartialState:
         return bytes(body)
 
     def load(self, img, raw, where):
-        magic, count, gsize, _r = MAP_HEAD.unpack_from(raw)
+        """The partial map read at open. Its provenance section is taken only after a
+        clean shutdown: then no write followed the checkpoint that wrote it; after a
+        crash a carried granule may have been written since (docs/format.md section 10,
+        "Provenance")."""
+        magic, count, gsize, flags = MAP_HEAD.unpack_from(raw)
         esize = ENTRY_HEAD.size + _pad8(self.gbytes)
-        if magic != MAP_MAGIC or gsize != self.gsize or len(raw) != MAP_HEAD.size + count * esize:
-            img.problem(where, "partial map magic, granule size or length mismatch")
+        sections = 2 if flags == MAP_FLAG_PROVENANCE else 1
+        if (
+            magic != MAP_MAGIC
+            or gsize != self.gsize
+            or flags & ~MAP_FLAG_PROVENANCE
+            or len(raw) != MAP_HEAD.size + sections * count * esize
+        ):
+            img.problem(where, "partial map magic, granule size, flags or length mismatch")
             return
+        trust = sections == 2 and img.header["clean_shutdown"] == 1
+        prov = MAP_HEAD.size + count * esize  # the provenance entry of entry 0
         pos = MAP_HEAD.size
         for _ in range(count):
             v, source = ENTRY_HEAD.unpack_from(raw, pos)
@@ -330,9 +343,15 @@ class PartialState:
                 continue
             k = self.new_slot(v, source)
             self.row(k)[:] = np.frombuffer(raw, np.uint8, self.gbytes, pos + ENTRY_HEAD.size)
-            self.wrow(k)[:] = self.row(k)  # the map holds no provenance
+            self.wrow(k)[:] = self.row(k)
+            origin = ENTRY_HEAD.unpack_from(raw, prov)[0] if trust else NONE
+            if origin < fmt.MAX_PHYS_CHUNKS:
+                carried = np.frombuffer(raw, np.uint8, self.gbytes, prov + ENTRY_HEAD.size)
+                self.wrow(k)[:] &= ~carried
+                self.cfrom[k] = origin
             self.publish(v, k)
             pos += esize
+            prov += esize
 
     def write_map(self, img):
         """Checkpoint: the map goes to new chunks (the header write commits it)."""
@@ -341,7 +360,8 @@ class PartialState:
             return
         self.old_run = self.map_run
         if self.active:
-            raw = self.encode()
+            raw = self.encode(provenance=True)
+            self.map_provenance = bool(raw[12] & MAP_FLAG_PROVENANCE)
             n = -(-len(raw) // self.chunk_size)
             first = img.allocator.allocate_run(n)
             img.grow_frozen(first + n)
@@ -356,6 +376,7 @@ class PartialState:
             )
         else:
             self.map_run = (0, 0)
+            self.map_provenance = False
             h.update(partial_map_offset=0, partial_map_size=0, partial_map_crc=0)
 
     def after_checkpoint(self, img):
@@ -760,6 +781,7 @@ def attach_partial(img):
         return
     cs, d = img.chunk_size, h["data_offset"]
     st.map_run = ((off - d) // cs, -(-size // cs))
+    st.map_provenance = bool(raw[12] & MAP_FLAG_PROVENANCE)
     st.load(img, raw, off)
 
 
