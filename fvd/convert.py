@@ -77,7 +77,10 @@ def convert(
 
     snapshot: read this internal snapshot of src instead of its current contents.
     since: copy only what changed between snapshot `since` and the source (needs
-        `backing`, the previous backup, which the output uses as its base).
+        `backing`, the previous backup, which the output uses as its base). Before
+        anything is copied, BackupChainError ("a full backup is needed") unless
+        `backing` holds snapshot `since` of this image (fvd.backupinfo); every output
+        records what it holds (fvd.backup_info).
     options: fvd chunk_size/block_size/journal_size; qcow2 cluster_size/lazy_refcounts.
     progress(done_bytes, total_bytes) is called as the copy goes.
     cache: "writeback" (default): the output is flushed before it is renamed into place;
