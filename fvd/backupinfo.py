@@ -115,11 +115,10 @@ def decode_record(raw: bytes, path: str, offset: int) -> Optional[BackupInfo]:
     if zlib.crc32(body) != crc:
         raise CorruptImageError(path, offset, "backup record: checksum mismatch")
     try:
-        names = bytes(raw[HEAD.size : HEAD.size + nsnap + nsince]).decode("utf-8")
+        snap_name = bytes(raw[HEAD.size : HEAD.size + nsnap]).decode("utf-8")
+        since_name = bytes(raw[HEAD.size + nsnap : HEAD.size + nsnap + nsince]).decode("utf-8")
     except UnicodeDecodeError:
         raise CorruptImageError(path, offset, "backup record: names are not UTF-8") from None
-    snap_name = bytes(raw[HEAD.size : HEAD.size + nsnap]).decode("utf-8")
-    since_name = names[len(snap_name) :]
     return BackupInfo(
         _uuid_text(img),
         snap_name or None,

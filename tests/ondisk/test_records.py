@@ -15,9 +15,10 @@ import pytest
 
 import fvd
 from fvd import qcow2
+from fvd.backupinfo import BackupInfo, decode_record, encode_record
 from fvd.core import journal
 from fvd.features import snapshots
-from fvd.features.granular import PartialState, decode_map
+from fvd.features.granular import PartialState, decode_map, decode_provenance
 from fvd.ondisk import format as fmt
 from fvd.ondisk import fvd_records as fr
 from fvd.ondisk import qcow2_records as qr
@@ -518,6 +519,48 @@ def test_partial_map_encoding():
     assert m.entries[1].bits == bytes([0, 0xFC]) + b"\xff" * 30
     assert len(raw) == 16 + 2 * 40
     assert fr.PartialMap.build(m, row_bytes=row) == raw
+
+
+def test_provenance_section_encoding():
+    """With carried granules, encode(provenance=True) sets flag bit 0 and appends one
+    ProvenanceEntry per entry (origin, carried row: bits & ~wbits); decode_provenance
+    reads them back. Without carried granules the record is the plain layout."""
+    st = PartialState(nchunks=8, chunk_size=MiB, size=8 * MiB)
+    for v, source in ((2, 40), (5, 41)):
+        k = st.new_slot(v, source)
+        st.set_granules(k, 0, 4)
+        st.publish(v, k)
+    assert st.encode(provenance=True) == st.encode()  # nothing carried
+    k = st.slot_of(5)
+    st.carry(5, k, 77)  # granules 0..3 were copied from chunk 77
+    st.set_granules(k, 9, 10)  # the copy-forward's own write
+    raw = st.encode(provenance=True)
+    row = fr.partial_row_bytes(MiB, 4096)
+    esize = fr.PartialMapEntry.sizeof(row_bytes=row)
+    assert fr.PartialMap.parse(raw, row_bytes=row).flags == fr.PARTIAL_MAP_FLAG_PROVENANCE
+    assert len(raw) == 16 + 2 * 2 * esize
+    first = fr.ProvenanceEntry.parse(raw[16 + 2 * esize :], row_bytes=row)
+    second = fr.ProvenanceEntry.parse(raw[16 + 3 * esize :], row_bytes=row)
+    assert (first.origin_chunk, first.carried) == (0xFFFFFFFF, bytes(32))
+    assert (second.origin_chunk, second.carried) == (77, b"\x0f" + bytes(31))
+    origins, carried = decode_provenance(raw, 2, MiB, 4096, "x", 0)
+    assert origins.tolist() == [0xFFFFFFFF, 77] and carried[1].tobytes() == b"\x0f" + bytes(31)
+
+
+def test_backup_record_encoding():
+    """fvd.backupinfo.encode_record lays out what BackupRecord declares, parses back and
+    round-trips through decode_record."""
+    ids = [str(uuid.UUID(int=n)) for n in (1, 2, 3)]
+    info = BackupInfo(ids[0], "nightly-2", ids[1], "nightly-1", ids[2])
+    raw = encode_record(info)
+    r = fr.BackupRecord.parse(raw)
+    assert (r.magic, r.size, r.version) == (fr.BACKUP_RECORD_MAGIC, len(raw), 1)
+    assert r.image_uuid == uuid.UUID(ids[0]).bytes and r.since_uuid == uuid.UUID(ids[2]).bytes
+    assert (r.snapshot_name, r.since_name) == (b"nightly-2", b"nightly-1")
+    assert len(raw) == 72 + 24 and raw[:4] == b"FVDB"
+    assert zlib.crc32(raw[:4] + bytes(4) + raw[8:]) == r.crc
+    assert decode_record(raw, "x", 0) == info
+    assert decode_record(bytes(100), "x", 0) is None  # zeros: no record
 
 
 # ----- qcow2: known byte vectors, cross-checked with fvd.qcow2 and qemu-img ---------------

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import fvd
+from fvd.features import snapshots as snap
 
 MiB = 1 << 20
 G = 4096
@@ -164,8 +165,6 @@ def test_a_bad_provenance_section_makes_the_record_bad(tmp_path):
 def _fix_crc(path, name, crc):
     """Give snapshot `name`'s entry the record crc `crc` (snapshot table rewritten, its
     own crc too): the record is then bad only by its content."""
-    from fvd.features import snapshots as snap
-
     with fvd.open(path, "r+") as img:
         core = img._core
         st = core.snapshot_state
