@@ -21,7 +21,10 @@ Lifecycle:
   * create_snapshot copies nothing: the snapshot holds each partial chunk as the pair
     (N, S), its granule record; refcounts count N and S, so both are frozen;
   * a write into a partial chunk whose N is frozen copies forward: a new chunk takes N's
-    written granules the write does not cover, then the write; S stays the source;
+    written granules the write does not cover, then the write; S stays the source; the
+    copied granules are *carried* from N (provenance: `cfrom`, and their `wbits` clear,
+    so the first write into one takes the slow path and drops it), which snapshot
+    records and the checkpoint's map keep, so changed extents do not report them again;
   * write_zeroes of the whole chunk, revert: the partial state is dropped (revert to a
     snapshot with a record gives the front whole chunks: complete_record);
   * delete_snapshot never frees a chunk that is a partial chunk's source;
@@ -46,7 +49,7 @@ from fvd.units import flag_runs
 
 NONE = 0xFFFFFFFF
 MAP_MAGIC = fr.PARTIAL_MAP_MAGIC
-MAP_HEAD = fr.S_PARTIAL_MAP_HEAD  # magic count granule_size reserved
+MAP_HEAD = fr.S_PARTIAL_MAP_HEAD  # magic count granule_size flags
 ENTRY_HEAD = fr.S_PARTIAL_MAP_ENTRY_HEAD  # virtual_chunk source_chunk, then the bit row
 MAP_FLAG_PROVENANCE = fr.PARTIAL_MAP_FLAG_PROVENANCE  # a provenance section follows
 
@@ -187,9 +190,10 @@ class PartialState:
         self._set(self.wrow(k), g0, g1)
 
     def carry(self, v, k, held):
-        """Copy-forward from `held` (before the new chunk is published): every written
-        granule but g0..g1-1 (the write's) now holds held's bytes; the write's granules and
-        those past the end are set in wbits when their bits are (set_granules)."""
+        """Copy-forward from `held` (before the new chunk is published): every granule
+        written before now holds held's bytes (carried: wbits clear, origin `held`); the
+        write's own granules get their wbits with their bits (set_granules). Granules
+        past the end of the image stay in wbits."""
         wrow = self.wrow(k)
         wrow[:] = 0
         end_g = -(-(self.size - v * self.chunk_size) // self.gsize)
@@ -340,6 +344,7 @@ class PartialState:
                     where + pos, f"partial map entry for chunk {v} is out of range or repeated"
                 )
                 pos += esize
+                prov += esize
                 continue
             k = self.new_slot(v, source)
             self.row(k)[:] = np.frombuffer(raw, np.uint8, self.gbytes, pos + ENTRY_HEAD.size)
