@@ -2,7 +2,8 @@
 written, then per night 400 random 4 KiB writes into those 48 MiB, `create_snapshot`,
 `changed_extents(previous, new)`, and (delete-old) `delete_snapshot(previous)`; 30
 nights (-reopen: the image closed and opened again every night). Printed and in
-extra_info: per night, reported bytes / written bytes (distinct 4 KiB pages). docs/format.md, "Changed extents between snapshots", states the guarantee.
+extra_info: per night, reported bytes / written bytes (distinct 4 KiB pages).
+docs/format.md, "Changed extents between snapshots", states the guarantee.
 
     python -m pytest bench/test_nightly_bench.py --benchmark-enable -s
 
