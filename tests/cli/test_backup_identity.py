@@ -233,3 +233,25 @@ def test_a_damaged_record_is_reported(vm, tmp_path, capsys):
         fvd.convert(vm, tmp_path / "x.fvd", snapshot="s2", since="s1", backing=full)
     with fvd.open(full) as img:  # the image itself still opens: the record is apart
         assert img.read(0, 4) == b"\x01" * 4
+
+
+def test_a_qcow2_source_is_identified_by_its_snapshots(tmp_path):
+    """A qcow2 image has no UUID: its snapshots are identified by what QEMU stores for
+    them (id, name, date, vm clock), so the chain rule holds for qcow2 sources too."""
+    src = str(tmp_path / "vm.qcow2")
+    fvd.qcow2.create(src, SIZE)
+    with fvd.qcow2.open(src, "r+") as q:
+        q.write(0, b"a" * 65536)
+        q.create_snapshot("s1")
+        q.write(MiB, b"b" * 65536)
+        q.create_snapshot("s2")
+    full = str(tmp_path / "full-s1.qcow2")
+    fvd.convert(src, full, dst_format="qcow2", snapshot="s1")
+    held = fvd.backup_info(full)
+    assert held.image_uuid is None and held.snapshot == "s1" and held.snapshot_uuid
+    inc = tmp_path / "inc.qcow2"
+    fvd.convert(src, inc, dst_format="qcow2", snapshot="s2", since="s1", backing=full)
+    full2 = str(tmp_path / "full-s2.qcow2")
+    fvd.convert(src, full2, dst_format="qcow2", snapshot="s2")
+    with pytest.raises(fvd.BackupChainError, match="a full backup is needed"):
+        fvd.convert(src, tmp_path / "bad.qcow2", dst_format="qcow2", since="s1", backing=full2)
