@@ -185,6 +185,10 @@ class PartialState:
         self._set(self.row(k), g0, g1)
         self._set(self.wrow(k), g0, g1)
 
+    def carries(self, k):
+        """Slot k has carried granules (with an origin)."""
+        return self.cfrom[k] != NONE and bool((self.row(k) & ~self.wrow(k)).any())
+
     def uncarry(self, k, g0, g1):
         """Granules g0..g1-1 are about to be rewritten: they lose their provenance."""
         self._set(self.wrow(k), g0, g1)
@@ -446,7 +450,9 @@ class PartialState:
                 piece = mv[pos - offset : stop - offset]
                 e = int(img.table[v])
                 k = self.slot_of(v)
-                if k is not None and img.is_frozen(e):
+                if k is not None and img.is_frozen(e) and self.complete(k):
+                    self._restart(img, v, e, pos, piece, plan, records, slots, afters)
+                elif k is not None and img.is_frozen(e):
                     self._copy_forward(img, v, k, e, pos, piece, plan, records, afters)
                 elif k is not None:
                     self._write_partial(img, v, k, e, pos, piece, records, afters)
@@ -586,6 +592,17 @@ class PartialState:
         self.carry(v, k, held)
         afters.append(lambda: self._forward_done(img, v, k, g0, g1))
 
+    def _restart(self, img, v, held, pos, piece, plan, records, slots, afters):
+        """First write into a complete chunk a snapshot holds (kept partial for the
+        provenance of its carried granules): `held` reads whole, so it becomes the source
+        of a new partial chunk, as in a first write (nothing is copied, and the granules
+        not written read `held`: unchanged against the snapshot, no provenance needed).
+        The old source leaves the front once the new entry is published. Every bit of
+        the old state is set, so readers read `held` with or without it."""
+        old = self.drop(v)
+        afters.append(lambda: self._release_source(img, old))
+        self._first_write(img, v, held, pos, piece, plan, records, slots)
+
     def _forward_done(self, img, v, k, g0, g1):
         """Published N2 in the table: once no reader still holds N from before (N's bytes
         under the new bits are not the chunk's), the new bits."""
@@ -594,11 +611,13 @@ class PartialState:
         self._granules_done(img, v, k, g0, g1)
 
     def _granules_done(self, img, v, k, g0, g1):
-        """Published: the granules read from the chunk; a complete chunk leaves its source."""
+        """Published: the granules read from the chunk; a complete chunk leaves its source,
+        unless it has carried granules: then it stays partial with every bit set, so
+        that the next snapshot records their provenance (_restart ends it)."""
         if self.slot_of(v) != k:
             return
         self.set_granules(k, g0, g1)
-        if self.complete(k):
+        if self.complete(k) and not self.carries(k):
             self._release_source(img, self.drop(v))
 
     def _release_source(self, img, source):

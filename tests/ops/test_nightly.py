@@ -190,3 +190,35 @@ def _fix_crc(path, name, crc):
         raw = snap.encode_table(st.entries, zlib.crc32(st.refcount.astype("<u2").tobytes()))
         os.pwrite(core.fd, raw, h["snapshot_table_offset"])
         img._crash()
+
+
+def test_a_chunk_completed_in_a_night_is_not_reported_whole(tmp_path):
+    """A partial chunk whose last granules are written while it has carried granules
+    stays partial (every bit set) so the next snapshot records their provenance; the
+    next write after that snapshot takes the held chunk whole as its source (a first
+    write: nothing copied). Both nights report only what was written."""
+    cs = 64 * 1024  # 16 granules
+    path = str(tmp_path / "img.fvd")
+    fvd.create(path, 4 * cs, chunk_size=cs)
+    with fvd.open(path, "r+") as img:
+        img.write(0, b"a" * cs)
+        img.create_snapshot("s0")
+        img.write(0, b"b" * 8 * G)  # granules 0..7
+        img.create_snapshot("s1")
+        img.write(8 * G, b"c" * 8 * G)  # copy-forward; 0..7 carried; every bit set
+        assert img._core.partial.active == 1
+        img.create_snapshot("s2")
+        assert img.changed_extents("s1", "s2").array.tolist() == [(8 * G, 8 * G, 1)]
+        before = img.stats.data_bytes_written
+        img.write(3 * G, b"d" * G)
+        assert img.stats.data_bytes_written - before == G  # nothing copied
+        img.create_snapshot("s3")
+        assert img.changed_extents("s2", "s3").array.tolist() == [(3 * G, G, 1)]
+        with img.open_snapshot("s3") as v:
+            assert v.read(0, cs) == b"b" * 3 * G + b"d" * G + b"b" * 4 * G + b"c" * 8 * G
+        img.delete_snapshot("s1")
+        img.delete_snapshot("s2")
+        assert img.check().ok
+    with fvd.open(path) as img:
+        assert img.read(0, cs) == b"b" * 3 * G + b"d" * G + b"b" * 4 * G + b"c" * 8 * G
+        assert img.check().ok
