@@ -21,9 +21,9 @@ Two states may differ at x exactly when their keys at x differ, except where the
 state *carries* granule x (provenance, docs/format.md section 10: a copy-forward copied
 its bytes from an origin chunk, untouched since) and its origin is the older state's key
 there: the older state holds that chunk, frozen since, so the bytes are equal.
-The comparison runs at the finest granularity the format records: chunks, refined to blocks where a base bitmap
-is involved (``_refine_blocks``) and to granules where either state has partial chunks
-(``_walk``). Only the two states are read: a record is exact, so no state between them
+The comparison runs at the finest granularity the format records: chunks, refined to
+blocks where a base bitmap is involved (``_refine_blocks``) and to granules where either
+state has partial chunks (``_walk``). Only the two states are read: a record is exact, so no state between them
 matters.
 """
 
