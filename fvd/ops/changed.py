@@ -23,8 +23,8 @@ its bytes from an origin chunk, untouched since) and its origin is the older sta
 there: the older state holds that chunk, frozen since, so the bytes are equal.
 The comparison runs at the finest granularity the format records: chunks, refined to
 blocks where a base bitmap is involved (``_refine_blocks``) and to granules where either
-state has partial chunks (``_walk``). Only the two states are read: a record is exact, so no state between them
-matters.
+state has partial chunks (``_walk``). Only the two states are read: a record is exact,
+so no state between them matters.
 """
 
 from __future__ import annotations
