@@ -12,7 +12,7 @@ path -> image core and fvd.qcow2 -> features -> operations -> the Image facade -
 
 from fvd import _impl
 from fvd import qcow2 as qcow2
-from fvd.backupinfo import BackupInfo, backup_info, check_backup_chain
+from fvd.backupinfo import BackupInfo, backup_info, check_backup_chain, verify_backup_chain
 from fvd.convert import convert
 from fvd.errors import (
     BackupChainError,
@@ -48,6 +48,7 @@ __all__ = [
     "convert",
     "backup_info",
     "check_backup_chain",
+    "verify_backup_chain",
     "BackupInfo",
     "BackupChainError",
     "Image",

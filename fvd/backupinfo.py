@@ -25,6 +25,7 @@ from typing import Any, Optional
 from fvd import qcow2
 from fvd.errors import BackupChainError, CorruptImageError, SnapshotNotFoundError
 from fvd.fileio import resolve_relative
+from fvd.image import Image
 from fvd.imageio import AnyImage, open_image, resolve_format
 from fvd.ondisk import fvd_records as fr
 from fvd.qcow2 import Qcow2Image
@@ -263,6 +264,60 @@ def check_backup_chain(
     held = backup_info(backing, backing_format)
     assert held is not None  # _check_base refused otherwise
     return held
+
+
+def verify_backup_chain(path: StrPath, format: Optional[str] = None) -> list[BackupInfo]:
+    """What each file of the backup chain ending in `path` holds, newest first, after
+    checking every link: each incremental's `since` snapshot is the one its backing file
+    holds, of the same image, down to a full backup. BackupChainError naming the broken
+    link otherwise (a file that records nothing, an incremental without its backing
+    file, a backing file that holds another snapshot or image)."""
+    out: list[BackupInfo] = []
+    seen: set[str] = set()
+    current: Optional[str] = os.fspath(path)
+    fmt = format
+    while current is not None:
+        real = os.path.realpath(current)
+        if real in seen:
+            raise BackupChainError(f"{current}: the backing chain loops")
+        seen.add(real)
+        info = backup_info(current, fmt)
+        if info is None:
+            raise BackupChainError(f"{current}: records no backup (not made by fvd convert)")
+        if (
+            out
+            and info.snapshot_uuid != out[-1].since_uuid
+            or (out and info.image_uuid != out[-1].image_uuid)
+        ):
+            raise BackupChainError(
+                f"{current}: holds {info.describe()}, but the backup above it was taken "
+                f"since snapshot {out[-1].since!r} ({out[-1].since_uuid}): the chain is broken"
+            )
+        out.append(info)
+        current, fmt = _backing_of(current, fmt)
+        if info.since_uuid is None:
+            return out  # a full backup ends the chain
+        if current is None:
+            raise BackupChainError(
+                f"{out[-1].describe()}: an incremental since {info.since!r} without a "
+                f"backing file: the chain is broken"
+            )
+    return out
+
+
+def _backing_of(path: str, format: Optional[str]) -> tuple[Optional[str], Optional[str]]:
+    """(path, format) of the backing file of an fvd or qcow2 file, or (None, None)."""
+    f = resolve_format(path, format)
+    if f == "qcow2":
+        with Qcow2Image(path, "r", _skip_backing=True) as q:
+            name, fmt = q.backing_file, q.backing_format
+        return (resolve_relative(path, name), fmt) if name else (None, None)
+    if f == "fvd":
+        with Image(path) as img:
+            info = img.info()
+        base = info.get("full-backing-filename")
+        return (base, info.get("backing-filename-format")) if base else (None, None)
+    return None, None
 
 
 # ----- writing the record -----------------------------------------------------------------

@@ -255,3 +255,16 @@ def test_a_qcow2_source_is_identified_by_its_snapshots(tmp_path):
     fvd.convert(src, full2, dst_format="qcow2", snapshot="s2")
     with pytest.raises(fvd.BackupChainError, match="a full backup is needed"):
         fvd.convert(src, tmp_path / "bad.qcow2", dst_format="qcow2", since="s1", backing=full2)
+
+
+@pytest.mark.parametrize("fmt_out", ["fvd", "qcow2"])
+def test_verify_backup_chain(vm, tmp_path, fmt_out):
+    """Every link of a chain: each incremental's since snapshot is what its backing file
+    holds, down to a full backup; a backing file replaced by another backup breaks it."""
+    full, inc2, inc3 = convert_chain(vm, tmp_path, fmt_out)
+    chain = fvd.verify_backup_chain(inc3)
+    assert [(i.snapshot, i.since) for i in chain] == [("s3", "s2"), ("s2", "s1"), ("s1", None)]
+    assert fvd.verify_backup_chain(full) == [fvd.backup_info(full)]
+    shutil.copy(full, inc2)  # inc3's backing file now holds s1, not s2
+    with pytest.raises(fvd.BackupChainError, match="the chain is broken"):
+        fvd.verify_backup_chain(inc3)
