@@ -12,10 +12,12 @@ path -> image core and fvd.qcow2 -> features -> operations -> the Image facade -
 
 from fvd import _impl
 from fvd import qcow2 as qcow2
+from fvd.backupinfo import BackupInfo, backup_info, check_backup_chain, verify_backup_chain
 from fvd.chain import commit, compare, measure, rebase
 from fvd.control import ControlClient, connect
 from fvd.convert import convert, convert_served
 from fvd.errors import (
+    BackupChainError,
     BaseImageError,
     ChainError,
     ControlError,
@@ -57,6 +59,11 @@ __all__ = [
     "measure",
     "ConvertResult",
     "ChainError",
+    "backup_info",
+    "check_backup_chain",
+    "verify_backup_chain",
+    "BackupInfo",
+    "BackupChainError",
     "Image",
     "SnapshotImage",
     "Extent",

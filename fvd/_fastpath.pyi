@@ -79,6 +79,7 @@ class ChunkMap:
         src: npt.NDArray[np.uint32] | None,
         bits: npt.NDArray[np.uint8] | None,
         granule_size: int,
+        wbits: npt.NDArray[np.uint8] | None = None,
     ) -> None: ...
     def set_base(
         self,

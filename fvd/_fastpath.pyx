@@ -219,6 +219,7 @@ cdef struct PartView:
     long long nslot
     const uint32_t *src
     const uint8_t *bits
+    const uint8_t *wbits        # granules a write may take on the fast path (subset of bits)
     long long gbytes
     int gshift
 
@@ -378,18 +379,23 @@ cdef class ChunkMap:
     def users_in_flight(self):
         return self.users[0] + self.users[1]
 
-    def set_partial(self, slot, src, bits, long long granule_size):
+    def set_partial(self, slot, src, bits, long long granule_size, wbits=None):
         """View the partial-chunk arrays of fvd.features.granular (uint32 slot per virtual chunk,
-        NONE = 0xFFFFFFFF; uint32 source and a bit row per slot). The caller keeps every
-        array it ever passed alive: calls in flight read them without the GIL."""
+        NONE = 0xFFFFFFFF; uint32 source and a bit row per slot). `wbits` (rows like
+        `bits`, a subset of them; default `bits`): the granules a write may go to without
+        the slow path (a carried granule's first write clears its provenance there). The
+        caller keeps every array it ever passed alive: calls in flight read them without
+        the GIL."""
         cdef uint32_t[::1] sv, cv
-        cdef uint8_t[::1] bv
+        cdef uint8_t[::1] bv, wv
         self.pv.slot = NULL
         self.pv.nslot = 0
         self.partial = (slot, src, bits)
         if slot is None or len(slot) == 0 or len(src) == 0:
             return
         sv, cv, bv = slot, src, bits
+        wv = bits if wbits is None else wbits
+        self.pv.wbits = &wv[0]
         self.pv.gshift = granule_size.bit_length() - 1
         self.pv.gbytes = -(-(self.chunk_size >> self.pv.gshift) // 8)
         self.pv.src = &cv[0]
@@ -604,8 +610,9 @@ cdef class ChunkMap:
 
     cdef bint granules_written(self, const PartView *pv, long long offset,
                                long long length) noexcept nogil:
-        """Every granule under the range of a partial chunk is written (else the write
-        must copy head / tail from the source and record its granules: slow path)."""
+        """Every granule under the range of a partial chunk is written and carries no
+        provenance (wbits; else the write must copy head / tail from the source and record
+        its granules, or forget the granule's provenance: slow path)."""
         cdef long long pos = offset, end = offset + length, stop, v, g, g1, base
         cdef uint32_t k
         cdef const uint8_t *row
@@ -619,7 +626,7 @@ cdef class ChunkMap:
                 stop = end
             k = slot_of(pv, v)
             if k != NO_SLOT:
-                row = pv.bits + <long long>k * pv.gbytes
+                row = pv.wbits + <long long>k * pv.gbytes
                 g = (pos - base) >> pv.gshift
                 g1 = (stop - base - 1) >> pv.gshift
                 while g <= g1:

@@ -94,7 +94,7 @@ def _bit(arr, b):
 def _granule_run(pv, k, within, n):
     """(run length, written) of the run from `within` (at most n bytes) that one layer
     of partial chunk slot k answers (fvd._fastpath.granule_run)."""
-    _, _, bits, gshift, gbytes = pv
+    _, _, bits, gshift, gbytes, _ = pv
     base = k * gbytes
     g = within >> gshift
     stop = within + n
@@ -158,15 +158,18 @@ class ChunkMap:
     def users_in_flight(self):
         return len(self._inflight[0]) + len(self._inflight[1])
 
-    def set_partial(self, slot, src, bits, granule_size):
+    def set_partial(self, slot, src, bits, granule_size, wbits=None):
         """View the partial-chunk arrays of fvd.features.granular (uint32 slot per virtual chunk,
-        NONE = 0xFFFFFFFF; uint32 source and a bit row per slot)."""
+        NONE = 0xFFFFFFFF; uint32 source and a bit row per slot). `wbits` (rows like
+        `bits`, a subset of them; default `bits`): the granules a write may go to without
+        the slow path (a carried granule's first write clears its provenance there)."""
         self.partial = (slot, src, bits)
         if slot is None or len(slot) == 0 or len(src) == 0:
             self._pv = None
             return
         gshift = granule_size.bit_length() - 1
-        self._pv = (slot, src, bits, gshift, -(-(self.chunk_size >> gshift) // 8))
+        wbits = bits if wbits is None else wbits
+        self._pv = (slot, src, bits, gshift, -(-(self.chunk_size >> gshift) // 8), wbits)
 
     def _partial_slot(self, pv, v):
         """Slot of virtual chunk v, or -1 (pv captured once per call)."""
@@ -180,7 +183,7 @@ class ChunkMap:
             return True
         shift, cs = self.shift, self.chunk_size
         pos, end = offset, offset + length
-        _, _, bits, gshift, gbytes = pv
+        _, _, _, gshift, gbytes, bits = pv
         while pos < end:
             v = pos >> shift
             base = v << shift

@@ -12,6 +12,7 @@ from typing import Any, Callable, Optional, TextIO
 import numpy as np
 
 from fvd import qcow2
+from fvd.backupinfo import backup_info
 from fvd.control import ControlClient, find_server
 from fvd.convert import changed_ranges
 from fvd.errors import BaseImageError, CorruptImageError, FvdError, ImageLockedError
@@ -54,7 +55,17 @@ def extent_dict(e: Extent) -> dict[str, Any]:
 # ----- info --------------------------------------------------------------------------
 def layer_info(path: str, fmt: Optional[str] = None, force_share: bool = False) -> Info:
     """qemu-img info of one image, opened alone: its backing file is never opened (the
-    chain is walked by chain_infos, as the backing policy allows)."""
+    chain is walked by chain_infos, as the backing policy allows); with what it holds as
+    a backup ("backup" under format-specific, fvd.backupinfo)."""
+    info = _layer_info(path, fmt, force_share)
+    held = backup_info(path, info["format"])
+    if held is not None:
+        data = info.setdefault("format-specific", {"type": info["format"], "data": {}})["data"]
+        data["backup"] = held.as_dict()
+    return info
+
+
+def _layer_info(path: str, fmt: Optional[str], force_share: bool) -> Info:
     f = resolve_format(path, fmt)
     if f == "fvd":
         with Image(path, "r", force_share=force_share, _skip_base=True) as img:
@@ -165,11 +176,21 @@ def info_text(info: Info, snapshot_table: Callable[[list[dict[str, Any]]], str])
         lines.append(snapshot_table(info["snapshots"]))
     if data:
         lines.append("Format specific information:")
-        for key, value in data.items():
-            if isinstance(value, bool):
-                value = "true" if value else "false"
-            lines.append(f"    {key.replace('-', ' ')}: {value}")
+        lines += _data_lines(data, "    ")
     return "\n".join(lines)
+
+
+def _data_lines(data: dict[str, Any], indent: str) -> list[str]:
+    lines = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            lines.append(f"{indent}{key.replace('-', ' ')}:")
+            lines += _data_lines(value, indent + "    ")
+            continue
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        lines.append(f"{indent}{key.replace('-', ' ')}: {value}")
+    return lines
 
 
 # ----- check ---------------------------------------------------------------------------

@@ -253,6 +253,13 @@ class ControlClient:
         result: dict[str, Any] = self.execute("query-info")
         return result
 
+    @property
+    def uuid(self) -> Optional[str]:
+        """The served image's UUID (as `Image.uuid`), from its info."""
+        data = self.info().get("format-specific", {}).get("data", {})
+        uuid = data.get("uuid")
+        return None if uuid is None else str(uuid)
+
     def check(self) -> CheckResult:
         """A read-only check of the served image."""
         r = self.execute("check")
@@ -308,13 +315,15 @@ def _error(error: object) -> FvdError:
 
 
 def snapshot_dict(info: SnapshotInfo) -> dict[str, Any]:
-    """A snapshot on the wire: name, id, created (ISO 8601), size, vm-state-size."""
+    """A snapshot on the wire: name, id, created (ISO 8601), size, vm-state-size, uuid
+    (the snapshot's identity, null for an image without a UUID)."""
     return {
         "name": info.name,
         "id": info.id,
         "created": info.created.isoformat(),
         "size": info.size,
         "vm-state-size": info.vm_state_size,
+        "uuid": info.uuid,
     }
 
 
@@ -322,7 +331,15 @@ def snapshot_info(d: dict[str, Any]) -> SnapshotInfo:
     created = datetime.fromisoformat(d["created"])
     if created.tzinfo is None:
         created = created.replace(tzinfo=timezone.utc)
-    return SnapshotInfo(d["name"], d["id"], created, int(d["size"]), int(d["vm-state-size"]))
+    uuid = d.get("uuid")
+    return SnapshotInfo(
+        d["name"],
+        d["id"],
+        created,
+        int(d["size"]),
+        int(d["vm-state-size"]),
+        uuid=None if uuid is None else str(uuid),
+    )
 
 
 def changed_extent(d: dict[str, Any]) -> Extent:

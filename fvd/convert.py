@@ -33,7 +33,7 @@ from typing import Any, NamedTuple, Optional, Union
 
 import numpy as np
 
-from fvd import qcow2
+from fvd import backupinfo, qcow2
 from fvd.control import ControlClient
 from fvd.errors import FvdError, ImageIOError
 from fvd.fileio import AnyPolicy, punch_hole, resolve_relative
@@ -85,7 +85,10 @@ def convert(
 
     snapshot: read this internal snapshot of src instead of its current contents.
     since: copy only what changed between snapshot `since` and the source (needs
-        `backing`, the previous backup, which the output uses as its base).
+        `backing`, the previous backup, which the output uses as its base). Before
+        anything is copied, BackupChainError ("a full backup is needed") unless
+        `backing` holds snapshot `since` of this image (fvd.backupinfo); every output
+        records what it holds (fvd.backup_info).
     options: fvd chunk_size/block_size/journal_size; qcow2 cluster_size/lazy_refcounts.
     progress(done_bytes, total_bytes) is called as the copy goes.
     cache: "writeback" (default): the output is flushed before it is renamed into place;
@@ -107,6 +110,7 @@ def convert(
                 raise ValueError(f"{src}: a raw image has no snapshots (snapshot={snapshot!r})")
             view = img.open_snapshot(snapshot)
         try:
+            holds = _backup_policy(img, src, dst, snapshot, since, backing, backing_format)
             ranges = _plan(img, view, since, snapshot)
             _write_output(
                 view,
@@ -118,6 +122,7 @@ def convert(
                 opts,
                 progress,
                 cache == "unsafe",
+                holds,
             )
         finally:
             if view is not img:
@@ -145,6 +150,8 @@ def convert_served(
     dst = os.fspath(dst)
     opts = _check_arguments(dst_format, options, cache, since, backing, backing_format)
     _check_paths(client.image, dst, backing)
+    # the same identity check as a local convert: the server's snapshots carry their UUIDs
+    holds = _backup_policy(client, client.image, dst, snapshot, since, backing, backing_format)
     if since is not None:
         changed = client.changed_extents(since, snapshot)
     with client.open_export(snapshot) as view:
@@ -162,7 +169,24 @@ def convert_served(
             opts,
             progress,
             cache == "unsafe",
+            holds,
         )
+
+
+def _backup_policy(
+    img: AnyImage | ControlClient,
+    src: str,
+    dst: str,
+    snapshot: str | None,
+    since: str | None,
+    backing: StrPath | None,
+    backing_format: str | None,
+) -> backupinfo.BackupInfo | None:
+    """Before anything is copied: what the output will hold (fvd.backupinfo), and for an
+    incremental convert the refusal (BackupChainError, "a full backup is needed") when
+    the backing file does not hold snapshot `since` of this image."""
+    base = backupinfo.resolve_backing(dst, backing)
+    return backupinfo.plan_backup(img, src, snapshot, since, base, backing_format)
 
 
 # ----- arguments ----------------------------------------------------------------------
@@ -447,6 +471,7 @@ def _write_output(
     opts: dict[str, Any],
     progress: Progress,
     unsafe: bool = False,
+    holds: backupinfo.BackupInfo | None = None,
 ) -> None:
     remove_stale_temps(dst)
     errors = _OutputErrors(dst)
@@ -468,8 +493,12 @@ def _write_output(
             with errors:
                 out.close()
         with errors:
+            in_file = backupinfo.record_backup(tmp, dst_format, holds, unsafe)
+            backupinfo.drop_sidecar(dst)
             os.rename(tmp, dst)
             tmp = ""
+            if not in_file:
+                backupinfo.write_sidecar(dst, holds, unsafe)
             if not unsafe:
                 _fsync_dir(os.path.dirname(os.path.abspath(dst)))
     finally:

@@ -85,6 +85,11 @@ class ControlError(FvdError):
         self.error_class = error_class
 
 
+class BackupChainError(FvdError):
+    """An incremental backup's backing file does not hold the snapshot it starts from (of
+    the same image): a full backup is needed (docs/format.md section 12)."""
+
+
 class WrongFormatError(FvdError, ValueError):
     """The file is not an image of the format asked for (the message says what it is)."""
 

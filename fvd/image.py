@@ -95,6 +95,7 @@ def create(
         "clean_shutdown": 1,
         "journal_epoch": 1,
         "next_snapshot_id": 1,
+        "image_uuid": fmt.new_image_uuid(),
     }
     base_name = b""
     if base is not None:
@@ -290,6 +291,13 @@ class Image(DiskOps):
                     )
         self.write_zeroes(size, self.size - size)
         self.flush()
+
+    @property
+    def uuid(self) -> Optional[str]:
+        """The image's UUID (stable for its life: docs/format.md section 2), or None for
+        an image written by older fvd until its first read-write open gives it one."""
+        uuid: Optional[str] = fmt.image_uuid(self._core.header)
+        return uuid
 
     @property
     def allocated_chunks(self) -> int:

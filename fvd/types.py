@@ -84,6 +84,9 @@ class SnapshotInfo:
     date_sec: int = 0
     date_nsec: int = 0
     extra: bytes = field(default=b"", repr=False)
+    # fvd: the snapshot's identity, never reused (docs/format.md section 8, "Snapshot
+    # identity"); None for qcow2 and for an fvd image that has no UUID yet
+    uuid: Optional[str] = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -92,6 +95,7 @@ class SnapshotInfo:
             "created": self.created.isoformat(),
             "size": self.size,
             "vm_state_size": self.vm_state_size,
+            "uuid": self.uuid,
         }
 
 

@@ -83,6 +83,7 @@ class PartialHook(Protocol):
 
     active: int
     gpc: int  # granules per chunk
+    map_provenance: bool  # the on-disk partial map has a provenance section
 
     def install(self, chunk_map: Any, quiesce: Callable[[], None]) -> None: ...
 

@@ -199,6 +199,8 @@ class ImageCore:
         self.allocator = ChunkAllocator(self.in_use(), self.punch_chunks, self.chunk_map)
         if self.read_only:
             return
+        if h["image_uuid"] == fmt.NO_UUID:
+            h["image_uuid"] = fmt.new_image_uuid()  # an older image: the header below keeps it
         if self.for_check:
             # repair decides what to write; nothing is scrubbed before it looked
             self.write_header(clean_shutdown=0)
@@ -431,6 +433,12 @@ class ImageCore:
             h["incompatible_features"] |= fmt.INCOMPAT_PARTIAL
         else:
             h["incompatible_features"] &= ~fmt.INCOMPAT_PARTIAL
+        # provenance: in the partial map, or in granule records (bit 3 with them; the
+        # snapshot commits keep bit 4 while records may have it)
+        if self.partial is not None and self.partial.map_provenance:
+            h["incompatible_features"] |= fmt.INCOMPAT_PROVENANCE
+        elif not h["incompatible_features"] & fmt.INCOMPAT_SNAPSHOT_PARTIAL:
+            h["incompatible_features"] &= ~fmt.INCOMPAT_PROVENANCE
         self.write_meta(0, fmt.build_header(self.header))
 
     def punch_chunks(self, first, count):

@@ -21,7 +21,10 @@ Lifecycle:
   * create_snapshot copies nothing: the snapshot holds each partial chunk as the pair
     (N, S), its granule record; refcounts count N and S, so both are frozen;
   * a write into a partial chunk whose N is frozen copies forward: a new chunk takes N's
-    written granules the write does not cover, then the write; S stays the source;
+    written granules the write does not cover, then the write; S stays the source; the
+    copied granules are *carried* from N (provenance: `cfrom`, and their `wbits` clear,
+    so the first write into one takes the slow path and drops it), which snapshot
+    records and the checkpoint's map keep, so changed extents do not report them again;
   * write_zeroes of the whole chunk, revert: the partial state is dropped (revert to a
     snapshot with a record gives the front whole chunks: complete_record);
   * delete_snapshot never frees a chunk that is a partial chunk's source;
@@ -46,8 +49,9 @@ from fvd.units import flag_runs
 
 NONE = 0xFFFFFFFF
 MAP_MAGIC = fr.PARTIAL_MAP_MAGIC
-MAP_HEAD = fr.S_PARTIAL_MAP_HEAD  # magic count granule_size reserved
+MAP_HEAD = fr.S_PARTIAL_MAP_HEAD  # magic count granule_size flags
 ENTRY_HEAD = fr.S_PARTIAL_MAP_ENTRY_HEAD  # virtual_chunk source_chunk, then the bit row
+MAP_FLAG_PROVENANCE = fr.PARTIAL_MAP_FLAG_PROVENANCE  # a provenance section follows
 
 
 def _pad8(n):
@@ -68,9 +72,15 @@ class PartialState:
         self.slot = np.zeros(0, dtype=np.uint32)  # full size on first use
         self.src = np.zeros(0, dtype=np.uint32)
         self.bits = np.zeros(0, dtype=np.uint8)
+        # provenance (docs/format.md section 10, "Provenance"): per slot, the chunk its
+        # carried granules were copied from (NONE: none), and `wbits`, the written granules
+        # that are not carried (the fast path writes only there). Carried = bits & ~wbits.
+        self.cfrom = np.zeros(0, dtype=np.uint32)
+        self.wbits = np.zeros(0, dtype=np.uint8)
         self.used = 0  # slots handed out (append-only)
         self.active = 0  # partial chunks now
         self.map_run = (0, 0)  # (first, count) of the on-disk map
+        self.map_provenance = False  # the on-disk map has a provenance section
         self.old_run = (0, 0)  # released after the next header
         self._keep = []  # arrays lock-free readers may view
         self.cmap = None
@@ -82,14 +92,14 @@ class PartialState:
         with the map before it has finished (Image: the allocator's quiesce)."""
         self.cmap = cmap
         self.wait = wait
-        cmap.set_partial(self.slot, self.src, self.bits, self.gsize)
+        cmap.set_partial(self.slot, self.src, self.bits, self.gsize, self.wbits)
 
     def _reinstall(self):
         """New (grown) arrays: a call in flight may still view the old ones, which hold
         no slot numbered past their end; so wait for those calls before any such slot is
         published (a slot index past a viewed array would read outside it)."""
         if self.cmap is not None:
-            self.cmap.set_partial(self.slot, self.src, self.bits, self.gsize)
+            self.cmap.set_partial(self.slot, self.src, self.bits, self.gsize, self.wbits)
             if self.wait is not None:
                 self.wait()
 
@@ -106,26 +116,39 @@ class PartialState:
             self.slot = np.full(self.nchunks, NONE, dtype=np.uint32)
             changed = True
         if self.used >= len(self.src):
-            cap = max(64, 2 * len(self.src))
-            src = np.zeros(cap, dtype=np.uint32)
-            bits = np.zeros(cap * self.gbytes, dtype=np.uint8)
-            src[: len(self.src)] = self.src
-            bits[: len(self.bits)] = self.bits
-            self._keep.append((self.src, self.bits))  # in-flight readers may view them
-            self.src, self.bits = src, bits
+            self._grow(max(64, 2 * len(self.src)))
             changed = True
         k = self.used
         self.used += 1
         self.src[k] = source
-        row = self.row(k)
-        row[:] = 0
-        # granules past the end of the image are never read: count them as written
-        end_g = -(-(self.size - v * self.chunk_size) // self.gsize)
-        if end_g < self.gpc:
-            self._set(row, end_g, self.gpc)
+        self.cfrom[k] = NONE
+        self.row(k)[:] = 0
+        self.wrow(k)[:] = 0
+        self._past_end(v, k)
         if changed:
             self._reinstall()
         return k
+
+    def _grow(self, cap):
+        """Arrays for `cap` slots (the old ones kept: in-flight readers may view them)."""
+        n = len(self.src)
+        self._keep.append((self.src, self.bits, self.wbits))
+        src = np.zeros(cap, dtype=np.uint32)
+        src[:n] = self.src
+        cfrom = np.full(cap, NONE, dtype=np.uint32)
+        cfrom[:n] = self.cfrom
+        bits = np.zeros(cap * self.gbytes, dtype=np.uint8)
+        bits[: len(self.bits)] = self.bits
+        wbits = np.zeros(cap * self.gbytes, dtype=np.uint8)
+        wbits[: len(self.wbits)] = self.wbits
+        self.src, self.cfrom, self.bits, self.wbits = src, cfrom, bits, wbits
+
+    def _past_end(self, v, k):
+        """Granules past the end of the image are never read: count them as written."""
+        end_g = -(-(self.size - v * self.chunk_size) // self.gsize)
+        if end_g < self.gpc:
+            self._set(self.row(k), end_g, self.gpc)
+            self._set(self.wrow(k), end_g, self.gpc)
 
     def load_record(self, chunks, sources, rows):
         """Take a decoded granule record (decode_map) as the partial chunks, all at once:
@@ -134,13 +157,14 @@ class PartialState:
         n = len(chunks)
         if not n:
             return
-        self._keep.append((self.src, self.bits))
+        self._keep.append((self.src, self.bits, self.wbits))
         self.slot = np.full(self.nchunks, NONE, dtype=np.uint32)
-        cap = max(64, n)
-        self.src = np.zeros(cap, dtype=np.uint32)
+        self.src = self.cfrom = np.zeros(0, dtype=np.uint32)
+        self.bits = self.wbits = np.zeros(0, dtype=np.uint8)
+        self._grow(max(64, n))
         self.src[:n] = sources
-        self.bits = np.zeros(cap * self.gbytes, dtype=np.uint8)
         self.bits[: n * self.gbytes] = rows.reshape(-1)
+        self.wbits[: n * self.gbytes] = rows.reshape(-1)  # no provenance: none carried
         self.slot[np.asarray(chunks, dtype=np.int64)] = np.arange(n, dtype=np.uint32)
         self.used = self.active = n
         self._reinstall()
@@ -148,13 +172,38 @@ class PartialState:
     def row(self, k):
         return self.bits[k * self.gbytes : (k + 1) * self.gbytes]
 
+    def wrow(self, k):
+        return self.wbits[k * self.gbytes : (k + 1) * self.gbytes]
+
     @staticmethod
     def _set(row, g0, g1):
 
         set_bits(row, g0, g1 - g0)
 
     def set_granules(self, k, g0, g1):
+        """Granules g0..g1-1 are written (bits first: wbits stays a subset of bits)."""
         self._set(self.row(k), g0, g1)
+        self._set(self.wrow(k), g0, g1)
+
+    def carries(self, k):
+        """Slot k has carried granules (with an origin)."""
+        return self.cfrom[k] != NONE and bool((self.row(k) & ~self.wrow(k)).any())
+
+    def uncarry(self, k, g0, g1):
+        """Granules g0..g1-1 are about to be rewritten: they lose their provenance."""
+        self._set(self.wrow(k), g0, g1)
+
+    def carry(self, v, k, held):
+        """Copy-forward from `held` (before the new chunk is published): every granule
+        written before now holds held's bytes (carried: wbits clear, origin `held`); the
+        write's own granules get their wbits with their bits (set_granules). Granules
+        past the end of the image stay in wbits."""
+        wrow = self.wrow(k)
+        wrow[:] = 0
+        end_g = -(-(self.size - v * self.chunk_size) // self.gsize)
+        if end_g < self.gpc:
+            self._set(wrow, end_g, self.gpc)
+        self.cfrom[k] = held
 
     def flags(self, k):
         """bool array of the slot's granule bits."""
@@ -247,20 +296,50 @@ class PartialState:
             self.drop(v)
 
     # ----- on-disk map -----------------------------------------------------------------
-    def encode(self):
-        body = bytearray(MAP_HEAD.pack(MAP_MAGIC, self.active, self.gsize, 0))
-        pad = _pad8(self.gbytes) - self.gbytes
-        for v, k in self.entries():
+    def encode(self, provenance=False):
+        """The partial map (docs/format.md section 10); with `provenance` (a snapshot's
+        granule record), the provenance section after the entries when some granule is
+        carried (then head flag bit 0 is set; without carried granules the record is the
+        plain layout)."""
+        entries = self.entries()
+        pad = bytes(_pad8(self.gbytes) - self.gbytes)
+        prov = []
+        if provenance:
+            for _v, k in entries:
+                carried = self.row(k) & ~self.wrow(k)
+                origin = int(self.cfrom[k])
+                if origin == NONE or not carried.any():
+                    origin, carried = NONE, np.zeros_like(carried)
+                prov.append(ENTRY_HEAD.pack(origin, 0) + carried.tobytes() + pad)
+            if all(ENTRY_HEAD.unpack_from(p)[0] == NONE for p in prov):
+                prov = []
+        flags = MAP_FLAG_PROVENANCE if prov else 0
+        body = bytearray(MAP_HEAD.pack(MAP_MAGIC, self.active, self.gsize, flags))
+        for v, k in entries:
             body += ENTRY_HEAD.pack(v, int(self.src[k]))
-            body += self.row(k).tobytes() + bytes(pad)
+            body += self.row(k).tobytes() + pad
+        for p in prov:
+            body += p
         return bytes(body)
 
     def load(self, img, raw, where):
-        magic, count, gsize, _r = MAP_HEAD.unpack_from(raw)
+        """The partial map read at open. Its provenance section is taken only after a
+        clean shutdown: then no write followed the checkpoint that wrote it; after a
+        crash a carried granule may have been written since (docs/format.md section 10,
+        "Provenance")."""
+        magic, count, gsize, flags = MAP_HEAD.unpack_from(raw)
         esize = ENTRY_HEAD.size + _pad8(self.gbytes)
-        if magic != MAP_MAGIC or gsize != self.gsize or len(raw) != MAP_HEAD.size + count * esize:
-            img.problem(where, "partial map magic, granule size or length mismatch")
+        sections = 2 if flags == MAP_FLAG_PROVENANCE else 1
+        if (
+            magic != MAP_MAGIC
+            or gsize != self.gsize
+            or flags & ~MAP_FLAG_PROVENANCE
+            or len(raw) != MAP_HEAD.size + sections * count * esize
+        ):
+            img.problem(where, "partial map magic, granule size, flags or length mismatch")
             return
+        trust = sections == 2 and img.header["clean_shutdown"] == 1
+        prov = MAP_HEAD.size + count * esize  # the provenance entry of entry 0
         pos = MAP_HEAD.size
         for _ in range(count):
             v, source = ENTRY_HEAD.unpack_from(raw, pos)
@@ -269,11 +348,19 @@ class PartialState:
                     where + pos, f"partial map entry for chunk {v} is out of range or repeated"
                 )
                 pos += esize
+                prov += esize
                 continue
             k = self.new_slot(v, source)
             self.row(k)[:] = np.frombuffer(raw, np.uint8, self.gbytes, pos + ENTRY_HEAD.size)
+            self.wrow(k)[:] = self.row(k)
+            origin = ENTRY_HEAD.unpack_from(raw, prov)[0] if trust else NONE
+            if origin < fmt.MAX_PHYS_CHUNKS:
+                carried = np.frombuffer(raw, np.uint8, self.gbytes, prov + ENTRY_HEAD.size)
+                self.wrow(k)[:] &= ~carried
+                self.cfrom[k] = origin
             self.publish(v, k)
             pos += esize
+            prov += esize
 
     def write_map(self, img):
         """Checkpoint: the map goes to new chunks (the header write commits it)."""
@@ -282,7 +369,8 @@ class PartialState:
             return
         self.old_run = self.map_run
         if self.active:
-            raw = self.encode()
+            raw = self.encode(provenance=True)
+            self.map_provenance = bool(raw[12] & MAP_FLAG_PROVENANCE)
             n = -(-len(raw) // self.chunk_size)
             first = img.allocator.allocate_run(n)
             img.grow_frozen(first + n)
@@ -297,6 +385,7 @@ class PartialState:
             )
         else:
             self.map_run = (0, 0)
+            self.map_provenance = False
             h.update(partial_map_offset=0, partial_map_size=0, partial_map_crc=0)
 
     def after_checkpoint(self, img):
@@ -361,7 +450,9 @@ class PartialState:
                 piece = mv[pos - offset : stop - offset]
                 e = int(img.table[v])
                 k = self.slot_of(v)
-                if k is not None and img.is_frozen(e):
+                if k is not None and img.is_frozen(e) and self.complete(k):
+                    self._restart(img, v, e, pos, piece, plan, records, slots, afters)
+                elif k is not None and img.is_frozen(e):
                     self._copy_forward(img, v, k, e, pos, piece, plan, records, afters)
                 elif k is not None:
                     self._write_partial(img, v, k, e, pos, piece, records, afters)
@@ -455,6 +546,7 @@ class PartialState:
         w0, w1, g0, g1 = self._span(v, pos, len(piece))
         fl = self.flags(k)
         if fl[g0:g1].all():
+            self.uncarry(k, g0, g1)  # before the bytes change: never a stale provenance
             img.chunk_map.pwritev(img.header["data_offset"] + chunk * self.chunk_size + w0, [piece])
             return
         source = int(self.src[k])
@@ -495,7 +587,21 @@ class PartialState:
         for a, b, mine in flag_runs(written):
             if mine:
                 records.append(granule_record(v * self.gpc + a, b - a, new, source))
+        # the copied granules hold held's bytes (while the table maps held, which is
+        # frozen, no fast write reads wbits of this slot): their provenance
+        self.carry(v, k, held)
         afters.append(lambda: self._forward_done(img, v, k, g0, g1))
+
+    def _restart(self, img, v, held, pos, piece, plan, records, slots, afters):
+        """First write into a complete chunk a snapshot holds (kept partial for the
+        provenance of its carried granules): `held` reads whole, so it becomes the source
+        of a new partial chunk, as in a first write (nothing is copied, and the granules
+        not written read `held`: unchanged against the snapshot, no provenance needed).
+        The old source leaves the front once the new entry is published. Every bit of
+        the old state is set, so readers read `held` with or without it."""
+        old = self.drop(v)
+        afters.append(lambda: self._release_source(img, old))
+        self._first_write(img, v, held, pos, piece, plan, records, slots)
 
     def _forward_done(self, img, v, k, g0, g1):
         """Published N2 in the table: once no reader still holds N from before (N's bytes
@@ -505,11 +611,13 @@ class PartialState:
         self._granules_done(img, v, k, g0, g1)
 
     def _granules_done(self, img, v, k, g0, g1):
-        """Published: the granules read from the chunk; a complete chunk leaves its source."""
+        """Published: the granules read from the chunk; a complete chunk leaves its source,
+        unless it has carried granules: then it stays partial with every bit set, so
+        that the next snapshot records their provenance (_restart ends it)."""
         if self.slot_of(v) != k:
             return
         self.set_granules(k, g0, g1)
-        if self.complete(k):
+        if self.complete(k) and not self.carries(k):
             self._release_source(img, self.drop(v))
 
     def _release_source(self, img, source):
@@ -606,7 +714,8 @@ def decode_map(raw, nchunks, chunk_size, granule, path, offset):
         raise CorruptImageError(
             path, offset, f"magic {magic:#x} or granule size {gsize} is not {granule}"
         )
-    if len(raw) != MAP_HEAD.size + count * esize:
+    sections = 2 if MAP_HEAD.unpack_from(raw)[3] & MAP_FLAG_PROVENANCE else 1
+    if len(raw) != MAP_HEAD.size + sections * count * esize:
         raise CorruptImageError(path, offset + 4, f"{count} entries do not fill {len(raw)} bytes")
     body = np.frombuffer(raw, np.uint8, count * esize, MAP_HEAD.size).reshape(count, esize)
     head = np.ascontiguousarray(body[:, : ENTRY_HEAD.size]).view("<u4")
@@ -624,6 +733,34 @@ def decode_map(raw, nchunks, chunk_size, granule, path, offset):
         )
     rows = np.ascontiguousarray(body[:, ENTRY_HEAD.size : ENTRY_HEAD.size + gbytes])
     return chunks, sources, rows
+
+
+def decode_provenance(raw, count, chunk_size, granule, path, offset):
+    """(origins, carried rows) of a granule record's provenance section (docs/format.md
+    section 10, "Provenance"), or None when its head has no provenance flag: per entry,
+    the chunk its carried granules were copied from (uint32, NONE: none) and their bit
+    row (uint8, like the entries' rows). The caller has decoded the entries (decode_map),
+    which checked the length; CorruptImageError naming the offset otherwise."""
+    flags = MAP_HEAD.unpack_from(raw)[3]
+    if flags & ~MAP_FLAG_PROVENANCE:
+        raise CorruptImageError(path, offset + 12, f"unknown flags {flags:#x}")
+    if not flags:
+        return None
+    gbytes = fr.partial_row_bytes(chunk_size, granule)
+    esize = ENTRY_HEAD.size + _pad8(gbytes)
+    start = MAP_HEAD.size + count * esize
+    body = np.frombuffer(raw, np.uint8, count * esize, start).reshape(count, esize)
+    head = np.ascontiguousarray(body[:, : ENTRY_HEAD.size]).view("<u4")
+    origins = head[:, 0].astype(np.uint32)
+    bad = (origins >= fmt.MAX_PHYS_CHUNKS) & (origins != NONE)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise CorruptImageError(
+            path, offset + start + i * esize, f"provenance {i}: origin {int(origins[i])}"
+        )
+    rows = body[:, ENTRY_HEAD.size : ENTRY_HEAD.size + gbytes].copy()
+    rows[origins == NONE] = 0
+    return origins, rows
 
 
 def check_record_table(chunks, sources, rows, table, path, offset, nphys=fmt.MAX_PHYS_CHUNKS):
@@ -668,6 +805,7 @@ def attach_partial(img):
         return
     cs, d = img.chunk_size, h["data_offset"]
     st.map_run = ((off - d) // cs, -(-size // cs))
+    st.map_provenance = bool(raw[12] & MAP_FLAG_PROVENANCE)
     st.load(img, raw, off)
 
 

@@ -42,7 +42,12 @@ from fvd.errors import (
     SnapshotNotFoundError,
 )
 from fvd.features.base import BaseLayer, _open_backend, marked_unallocated
-from fvd.features.granular import PartialState, check_record_table, decode_map
+from fvd.features.granular import (
+    PartialState,
+    check_record_table,
+    decode_map,
+    decode_provenance,
+)
 from fvd.ondisk import format as fmt
 from fvd.ondisk import fvd_records as fr
 from fvd.ondisk.fvd_records import REFCOUNT_DTYPE, REFCOUNT_MAX, TABLE_DTYPE
@@ -79,10 +84,13 @@ class _Entry:
     granules_size: int = 0
     granules_crc: int = 0
     granules_bad: Optional[tuple[int, str]] = None  # (offset, why) of a record not usable
+    granules_provenance: bool = False  # its record, written by this open, has provenance
 
-    def info(self):
+    def info(self, header=None):
+        """The public SnapshotInfo; its uuid derives from the image header's UUID."""
         created = datetime.fromtimestamp(self.created_ns / 1e9, tz=timezone.utc)
-        return SnapshotInfo(self.name, self.id, created, self.size, self.vm_size)
+        suid = fmt.snapshot_uuid(header or {}, self.id, self.created_ns)
+        return SnapshotInfo(self.name, self.id, created, self.size, self.vm_size, uuid=suid)
 
 
 def _pad8(n):
@@ -577,11 +585,12 @@ def read_snapshot_bitmap(img, e):
     return np.frombuffer(raw, dtype=np.uint8).copy()
 
 
-def granule_record(fd, path, e, table, chunk_size, granule, data_offset):
+def granule_record(fd, path, e, table, chunk_size, granule, data_offset, provenance=False):
     """The snapshot's granule record as (chunks, sources, rows) (fvd.features.granular
     .decode_map), read through `fd`, its crc checked and its entries matched against the
     snapshot's lookup table `table`; None when the snapshot has none. CorruptImageError
-    naming the offset otherwise."""
+    naming the offset otherwise. With `provenance`, a 4th item: decode_provenance's
+    (origins, carried rows), or None."""
     if e.granules_bad:
         raise CorruptImageError(path, *e.granules_bad)
     if not e.granules_offset:
@@ -598,9 +607,12 @@ def granule_record(fd, path, e, table, chunk_size, granule, data_offset):
         chunks, sources, rows = decode_map(raw, len(table), chunk_size, granule, path, off)
         nphys = max(0, -(-(os.fstat(fd).st_size - data_offset) // chunk_size))
         check_record_table(chunks, sources, rows, table, path, off, nphys)
+        prov = decode_provenance(raw, len(chunks), chunk_size, granule, path, off)
     except CorruptImageError as err:  # name the snapshot
         what = f"snapshot {e.name!r}: granule record: {err.what}"
         raise CorruptImageError(path, err.offset, what) from None
+    if provenance:
+        return chunks, sources, rows, prov
     return chunks, sources, rows
 
 
@@ -715,7 +727,7 @@ def _write_and_commit(img, st, entries, refcount, layout, extra, revert, refcoun
             refcount_table_offset=0,
             refcount_table_size=0,
             incompatible_features=img.header["incompatible_features"]
-            & ~(fmt.INCOMPAT_SNAPSHOTS | fmt.INCOMPAT_SNAPSHOT_PARTIAL),
+            & ~(fmt.INCOMPAT_SNAPSHOTS | fmt.INCOMPAT_SNAPSHOT_PARTIAL | fmt.INCOMPAT_PROVENANCE),
         )
     img.sync()
     return h, new_table_chunks, new_rc_chunks, old_runs
@@ -723,10 +735,15 @@ def _write_and_commit(img, st, entries, refcount, layout, extra, revert, refcoun
 
 def _pairs_bit(features, entries):
     """INCOMPAT_SNAPSHOT_PARTIAL while a snapshot holds partial chunks (a granule record):
-    a reader that does not know it would read such a snapshot's chunks whole."""
+    a reader that does not know it would read such a snapshot's chunks whole.
+    INCOMPAT_PROVENANCE once a record with a provenance section was written, until no
+    record is left (open does not read the records, so the bit is kept with them): a
+    reader that knows records but not provenance would take such a record for damage."""
     if any(e.granules_offset for e in entries):
+        if any(e.granules_provenance for e in entries):
+            features |= fmt.INCOMPAT_PROVENANCE
         return features | fmt.INCOMPAT_SNAPSHOT_PARTIAL
-    return features & ~fmt.INCOMPAT_SNAPSHOT_PARTIAL
+    return features & ~(fmt.INCOMPAT_SNAPSHOT_PARTIAL | fmt.INCOMPAT_PROVENANCE)
 
 
 def _write_runs(img, bufs):
@@ -898,7 +915,9 @@ def _create(img, st, name, vm_state):
     _flush_tables(img)
     # the snapshot holds the front's partial chunks as they are: its granule record
     # names each one's source and written granules (nothing is copied)
-    granules = img.partial.encode() if img.partial is not None and img.partial.active else b""
+    granules = b""
+    if img.partial is not None and img.partial.active:
+        granules = img.partial.encode(provenance=True)
     table = img.table
     mask, nheld = _front_held(img, len(st.refcount))
     rc = np.zeros(len(mask), dtype=np.uint32)
@@ -935,6 +954,7 @@ def _create(img, st, name, vm_state):
         extra.append((len(bits), bits))
     if granules:
         entry.granules_size, entry.granules_crc = len(granules), zlib.crc32(granules)
+        entry.granules_provenance = granules[12] & 1 == 1  # head flags: provenance
         extra.append((len(granules), granules))
     extra.append((len(vm), vm))
     saved = dict(img.header)
@@ -963,13 +983,13 @@ def _create(img, st, name, vm_state):
     img.sync()  # commit point
     _release_runs(img, old)
     _trim_tail(img)
-    return entry.info()
+    return entry.info(img.header)
 
 
 def list_snapshots(img: Any) -> list[SnapshotInfo]:
     img.check_open()
     st = img.snapshot_state
-    return [e.info() for e in st.entries] if st is not None else []
+    return [e.info(img.header) for e in st.entries] if st is not None else []
 
 
 def delete_snapshot(img, name):

@@ -5,6 +5,7 @@ validates it at open, checkpoint and close (nothing here runs per guest I/O) and
 out the regions of a new image.
 """
 
+import uuid
 import zlib
 
 from fvd.errors import CorruptImageError, UnsupportedFeatureError
@@ -19,6 +20,7 @@ from fvd.ondisk.fvd_records import (  # noqa: F401 (re-exported: the format's vo
     HEADER_SIZE,
     INCOMPAT_BASE,
     INCOMPAT_PARTIAL,
+    INCOMPAT_PROVENANCE,
     INCOMPAT_SNAPSHOT_PARTIAL,
     INCOMPAT_SNAPSHOTS,
     MAGIC,
@@ -34,9 +36,16 @@ from fvd.ondisk.structs import field_names, span_struct, struct_of
 from fvd.units import KiB, MiB
 
 ALIGN = 4096  # every region starts on a 4 KiB boundary
+NO_UUID = bytes(16)  # header image_uuid of an image written by fvd before uuids
 
 
-KNOWN_INCOMPAT = INCOMPAT_BASE | INCOMPAT_SNAPSHOTS | INCOMPAT_PARTIAL | INCOMPAT_SNAPSHOT_PARTIAL
+KNOWN_INCOMPAT = (
+    INCOMPAT_BASE
+    | INCOMPAT_SNAPSHOTS
+    | INCOMPAT_PARTIAL
+    | INCOMPAT_SNAPSHOT_PARTIAL
+    | INCOMPAT_PROVENANCE
+)
 KNOWN_COMPAT = 0
 
 BASE_FORMATS = {"raw": BASE_RAW, "fvd": BASE_FVD, "qcow2": BASE_QCOW2}
@@ -65,6 +74,26 @@ _HEADER_STRUCT = struct_of(Header)
 _HEADER_NAMES = field_names(Header)
 
 
+def image_uuid(h):
+    """The header's image UUID as a str, or None (an image written before uuids)."""
+    raw = h.get("image_uuid", NO_UUID)
+    return None if raw == NO_UUID else str(uuid.UUID(bytes=bytes(raw)))
+
+
+def snapshot_uuid(h, snapshot_id, created_ns):
+    """A snapshot's UUID (docs/format.md section 8, "Snapshot identity"): UUID version 5
+    of the image's UUID and the snapshot's id and creation time, which ids never reused
+    make unique; None while the image has no UUID."""
+    img = image_uuid(h)
+    if img is None:
+        return None
+    return str(uuid.uuid5(uuid.UUID(img), f"fvd-snapshot {snapshot_id} {created_ns}"))
+
+
+def new_image_uuid():
+    return uuid.uuid4().bytes
+
+
 def round_up(n, align):
     return (n + align - 1) // align * align
 
@@ -85,6 +114,7 @@ def build_header(fields):
     # the struct twin of Header: a header is written at every checkpoint and snapshot
     # operation, where construct's interpreter costs ~0.15 ms a call (same bytes)
     values = dict(fields, magic=MAGIC, version=VERSION, header_size=HEADER_SIZE, header_crc=0)
+    values.setdefault("image_uuid", NO_UUID)
     raw = bytearray(_HEADER_STRUCT.pack(*[values.get(n, 0) for n in _HEADER_NAMES]))
     _S_CRC.pack_into(raw, _OFF_CRC, header_crc(raw))
     return bytes(raw)

@@ -43,6 +43,7 @@ INCOMPAT_BASE = 1 << 0  # unwritten blocks come from a base image
 INCOMPAT_SNAPSHOTS = 1 << 1  # chunks may be shared with snapshots (copy on write)
 INCOMPAT_PARTIAL = 1 << 2  # partly copied chunks may exist (fvd.granular)
 INCOMPAT_SNAPSHOT_PARTIAL = 1 << 3  # snapshots hold partial chunks (granule records)
+INCOMPAT_PROVENANCE = 1 << 4  # granule records may carry a provenance section
 # base_format
 BASE_NONE, BASE_RAW, BASE_FVD, BASE_QCOW2 = 0, 1, 2, 3
 # base_flags
@@ -85,7 +86,8 @@ Header = Struct(
     "partial_map_size" / Int64ul,
     "partial_map_crc" / Int32ul,
     "granule_size" / Int32ul,
-    Padding(HEADER_SIZE - 224),  # reserved zeros
+    "image_uuid" / Bytes(16),  # RFC 4122 bytes; zeros: none yet (older images)
+    Padding(HEADER_SIZE - 240),  # reserved zeros
 )
 HEADER_OFFSET = offsets(Header)  # byte offset of each field (error messages name it)
 
@@ -190,7 +192,15 @@ PartialMapHead = Struct(
     "magic" / Const(PARTIAL_MAP_MAGIC, Int32ul),
     "count" / Int32ul,
     "granule_size" / Int32ul,
+    "flags" / Int32ul,  # bit 0: a provenance section follows the entries (records only)
+)
+PARTIAL_MAP_FLAG_PROVENANCE = 1 << 0
+# One per entry, in the entries' order, after them (granule records with flag bit 0).
+ProvenanceEntry = Struct(
+    "origin_chunk" / Int32ul,
     "reserved" / Int32ul,
+    "carried" / Bytes(this._params.row_bytes),
+    Padding(lambda ctx: -ctx._params.row_bytes % 8),
 )
 PartialMapEntryHead = Struct("virtual_chunk" / Int32ul, "source_chunk" / Int32ul)
 # An entry with its bit row; parse / build with row_bytes=partial_row_bytes(...).
@@ -200,6 +210,31 @@ PartialMapEntry = Struct(
     Padding(lambda ctx: -ctx._params.row_bytes % 8),
 )
 PartialMap = Struct(*PartialMapHead.subcons, "entries" / Array(this.count, PartialMapEntry))
+
+
+# ----- 11. Backup record -------------------------------------------------------------------
+BACKUP_RECORD_MAGIC = 0x42445646  # "FVDB"
+BACKUP_RECORD_OFFSET = 512  # in an fvd image: the header region after the header
+BACKUP_RECORD_VERSION = 1
+QCOW2_EXT_FVD_BACKUP = 0x46564442  # the same bytes as a qcow2 header extension ("FVDB")
+BackupRecordHead = Struct(
+    "magic" / Const(BACKUP_RECORD_MAGIC, Int32ul),
+    "crc" / Int32ul,  # crc32 of the `size` bytes with this field read as 0
+    "size" / Int32ul,
+    "version" / Int32ul,
+    "image_uuid" / Bytes(16),
+    "snapshot_uuid" / Bytes(16),
+    "since_uuid" / Bytes(16),
+    "snapshot_name_size" / Int16ul,
+    "since_name_size" / Int16ul,
+    "reserved" / Int32ul,
+)
+BackupRecord = Struct(
+    *BackupRecordHead.subcons,
+    "snapshot_name" / Bytes(this.snapshot_name_size),
+    "since_name" / Bytes(this.since_name_size),
+    Padding(lambda ctx: -(ctx.snapshot_name_size + ctx.since_name_size) % 8),
+)
 
 
 def partial_row_bytes(chunk_size: int, granule_size: int) -> int:
@@ -219,6 +254,7 @@ S_SNAPSHOT_EXTRA_BITMAP = struct_of(SnapshotExtraBitmap)
 S_SNAPSHOT_EXTRA_GRANULES = struct_of(SnapshotExtraGranules)
 S_PARTIAL_MAP_HEAD = struct_of(PartialMapHead)
 S_PARTIAL_MAP_ENTRY_HEAD = struct_of(PartialMapEntryHead)
+S_BACKUP_RECORD_HEAD = struct_of(BackupRecordHead)
 
 # The records docs/format.md lays out, by the name its <!-- ondisk: ... --> markers use.
 RECORDS = {
@@ -236,4 +272,6 @@ RECORDS = {
     "RefcountEntry": RefcountEntry,
     "PartialMapHead": PartialMapHead,
     "PartialMapEntry": PartialMapEntry,
+    "ProvenanceEntry": ProvenanceEntry,
+    "BackupRecord": BackupRecord,
 }

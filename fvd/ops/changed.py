@@ -17,11 +17,14 @@ Where byte x of a state comes from (docs/format.md, sections 7 and 8), as a *sou
   or held by a snapshot (its granule record): granule g's key is the chunk's entry N
   when its bit is set, else its source chunk S.
 
-Two states may differ at x exactly when their keys at x differ. The comparison runs at
-the finest granularity the format records: chunks, refined to blocks where a base bitmap
-is involved (``_refine_blocks``) and to granules where either state has partial chunks
-(``_walk``). Only the two states are read: a record is exact, so no state between them
-matters.
+Two states may differ at x exactly when their keys at x differ, except where the newer
+state *carries* granule x (provenance, docs/format.md section 10: a copy-forward copied
+its bytes from an origin chunk, untouched since) and its origin is the older state's key
+there: the older state holds that chunk, frozen since, so the bytes are equal.
+The comparison runs at the finest granularity the format records: chunks, refined to
+blocks where a base bitmap is involved (``_refine_blocks``) and to granules where either
+state has partial chunks (``_walk``). Only the two states are read: a record is exact,
+so no state between them matters.
 """
 
 from __future__ import annotations
@@ -69,6 +72,10 @@ class Partial:
     sources: np.ndarray
     rows: np.ndarray
     granule_size: int
+    # provenance (docs/format.md section 10): per chunk, the chunk its carried granules
+    # were copied from (NONE: none) and their rows (a subset of `rows`), or None
+    origins: np.ndarray | None = None
+    carried: np.ndarray | None = None
 
 
 @dataclass
@@ -152,10 +159,10 @@ def _resolve(owner, since: str, until: str | None):
             continue
         state = snapshot_state(fd, owner.path, e, nchunks, bsize)
         if e.granules_offset or e.granules_bad:
-            chunks, sources, rows = granule_record(
-                fd, owner.path, e, state.table, owner.chunk_size, granule, data_offset
+            chunks, sources, rows, prov = granule_record(
+                fd, owner.path, e, state.table, owner.chunk_size, granule, data_offset, True
             )
-            state.record = Partial(chunks, sources, rows, granule)
+            state.record = Partial(chunks, sources, rows, granule, *(prov or (None, None)))
         states.append(state)
     geo = Geometry(
         owner.size,
@@ -174,7 +181,11 @@ def _front_partial(ps) -> Partial | None:
     chunks = np.flatnonzero(ps.slot != NONE)
     slots = ps.slot[chunks].astype(np.int64)
     rows = ps.bits[: ps.used * ps.gbytes].reshape(-1, ps.gbytes)[slots]
-    return Partial(chunks, ps.src[slots].copy(), rows, ps.gsize)
+    wrows = ps.wbits[: ps.used * ps.gbytes].reshape(-1, ps.gbytes)[slots]
+    origins = ps.cfrom[slots].copy()
+    carried = rows & ~wrows
+    carried[origins == NONE] = 0
+    return Partial(chunks, ps.src[slots].copy(), rows, ps.gsize, origins, carried)
 
 
 # ----- the comparison -------------------------------------------------------------------
@@ -273,10 +284,10 @@ def _walk(geo, tables, states):
     whole = np.zeros(len(cand), dtype=bool)
     parts = []  # (positions in cand, rows of the granules that differ, padded)
     kp = _chunk_keys(ta[cand])
-    hp, sp, bp = _layers(states[0], cand, kp, gs, gpc, width)
+    hp, sp, bp, _, _ = _layers(states[0], cand, kp, gs, gpc, width)
     for s, t in zip(states[1:], tables[1:]):
         kc = _chunk_keys(t[cand])
-        hc, sc, bc = _layers(s, cand, kc, gs, gpc, width)
+        hc, sc, bc, oc, cc = _layers(s, cand, kc, gs, gpc, width)
         plain = ~(hp | hc)
         whole |= plain & (kp != kc)
         idx = np.flatnonzero(~plain)
@@ -291,7 +302,12 @@ def _walk(geo, tables, states):
                 | (~rc & rp & _byte_mask(s_c != n_p))
                 | (~rc & ~rp & _byte_mask(s_c != s_p))
             ) & valid
-            parts.append((idx, rows))
+            # a carried granule of the newer state holds the bytes its origin chunk had
+            # when they were copied; the older state reads that chunk there and holds it
+            # (frozen since), so the bytes are equal (docs/format.md section 10)
+            o_c, c_c = oc[idx], cc[idx]
+            same = (c_c & rp & _byte_mask(o_c == n_p)) | (c_c & ~rp & _byte_mask(o_c == s_p))
+            parts.append((idx, rows & ~same))
         kp, hp, sp, bp = kc, hc, sc, bc
     v = cand[whole]
     w_starts = v.astype(np.uint64) * np.uint64(cs)
@@ -327,11 +343,14 @@ def _byte_mask(differ):
 
 
 def _layers(s: State, cand, keys, gs, gpc, width):
-    """(partial?, source keys, padded bit rows) of state s over the chunks `cand`: a
-    chunk without partial state has source = its own key and no bits."""
+    """(partial?, source keys, padded bit rows, origin keys, padded carried rows) of state
+    s over the chunks `cand`: a chunk without partial state has source = its own key
+    and no bits; a chunk without provenance no carried bits."""
     has = np.zeros(len(cand), dtype=bool)
     src = keys.copy()
     rows = np.zeros((len(cand), width), dtype=np.uint8)
+    origins = np.full(len(cand), KEY_ZERO, dtype=np.uint64)  # never a chunk's key
+    carried = np.zeros((len(cand), width), dtype=np.uint8)
     g = s.partial if s.partial is not None else s.record
     if g is not None and len(g.chunks) and len(cand):
         if g.granule_size != gs:
@@ -342,7 +361,11 @@ def _layers(s: State, cand, keys, gs, gpc, width):
         has[loc] = True
         src[loc] = g.sources[i].astype(np.uint64)
         rows[loc] = _rows(g.rows[i], gpc, None)
-    return has, src, rows
+        if g.origins is not None and g.carried is not None:
+            known = g.origins[i] != NONE
+            origins[loc[known]] = g.origins[i][known].astype(np.uint64)
+            carried[loc] = _rows(g.rows[i] & g.carried[i], gpc, None)
+    return has, src, rows, origins, carried
 
 
 def _locate(cand, chunks):

@@ -29,10 +29,15 @@ def snapshot_dict(
 
 
 def fvd_snapshot_dicts(img: ImageCore) -> list[dict[str, Any]]:
+    """qemu-img's snapshot keys, and fvd's snapshot "uuid" (None without an image UUID)."""
     if img.snapshot_state is None:
         return []
     return [
-        snapshot_dict(e.id, e.name, e.vm_size, e.created_ns) for e in img.snapshot_state.entries
+        dict(
+            snapshot_dict(e.id, e.name, e.vm_size, e.created_ns),
+            uuid=fmt.snapshot_uuid(img.header, e.id, e.created_ns),
+        )
+        for e in img.snapshot_state.entries
     ]
 
 
@@ -40,6 +45,7 @@ def image_info(img: ImageCore) -> dict[str, Any]:
     h = img.header
     st = os.fstat(img.fd)
     data = {
+        "uuid": fmt.image_uuid(h),
         "version": h["version"],
         "chunk-size": img.chunk_size,
         "block-size": img.block_size,

@@ -60,6 +60,7 @@ from fvd.ondisk.qcow2_records import (  # noqa: F401 (re-exported: the baseline'
     V3_MIN_HEADER_LENGTH,
     BackingFormatExtension,
     EndOfExtensions,
+    Extension,
     ExtensionHeader,
     HeaderV2,
     HeaderV3Tail,
@@ -106,19 +107,25 @@ MAX_BACKING_NAME = 1023  # QEMU's limit
 def build_header(h: Header) -> bytes:
     """Header bytes; with a backing file also the backing-format extension, the end
     marker and the backing file name (QEMU's layout: name right after the extensions).
-    Without one, the zero bytes after the header are the end marker."""
+    Other extensions in `h.extensions` (types this code does not interpret, such as
+    fvd's backup record, docs/format.md section 12) are kept, before the end marker, as
+    QEMU keeps unknown ones. Without any, the zero bytes after the header are the end
+    marker."""
     name = h.backing_file.encode()
     tail = b""
-    if name:
-        if len(name) > MAX_BACKING_NAME:
-            raise ValueError(f"backing file name longer than {MAX_BACKING_NAME} bytes")
-        fmt = h.backing_format.encode()
-        if fmt:
-            tail += BackingFormatExtension.build(dict(length=len(fmt), backing_format=fmt))
+    if len(name) > MAX_BACKING_NAME:
+        raise ValueError(f"backing file name longer than {MAX_BACKING_NAME} bytes")
+    fmt = h.backing_format.encode()
+    if name and fmt:
+        tail += BackingFormatExtension.build(dict(length=len(fmt), backing_format=fmt))
+    for t, data in h.extensions:
+        if t not in (EXT_END, EXT_BACKING_FORMAT):
+            tail += Extension.build(dict(type=t, length=len(data), data=data))
+    if tail or name:
         tail += EndOfExtensions.build({})
     name_off = h.header_length + len(tail) if name else 0
-    if name_off + len(name) > h.cluster_size:
-        raise ValueError("backing file name does not fit in the header cluster")
+    if h.header_length + len(tail) + len(name) > h.cluster_size:
+        raise ValueError("header extensions and backing file name do not fit in cluster 0")
     out: bytes = HeaderV2.build(  # construct is untyped: its build() gives Any
         dict(
             magic=MAGIC,

@@ -689,6 +689,11 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
     def backing_format(self) -> Optional[str]:
         return self._header.backing_format or None
 
+    @property
+    def header_extensions(self) -> list[tuple[int, bytes]]:
+        """The header extensions as (type, data), in file order (the end marker left out)."""
+        return list(self._header.extensions)
+
     def _abandon(self) -> None:
         """Close the file without the clean-shutdown path (tests: simulated crash)."""
         if not self._closed:

@@ -91,7 +91,11 @@ def test_info_keys_match_qemu_img(tmp_path, capsys):
     assert info["format-specific"]["type"] == "fvd"
     assert info["format-specific"]["data"]["chunk-size"] == MiB
     snap = info["snapshots"][0]
-    assert set(snap) == QEMU_SNAPSHOT_KEYS and snap["id"] == "1" and snap["name"] == "snap"
+    # qemu-img's keys, plus fvd's snapshot uuid (docs/format.md section 8)
+    assert set(snap) == QEMU_SNAPSHOT_KEYS | {"uuid"} and snap["id"] == "1"
+    with fvd.open(img) as f:
+        assert snap["name"] == "snap" and snap["uuid"] == f.snapshots()[0].uuid
+        assert info["format-specific"]["data"]["uuid"] == f.uuid
     assert snap["vm-state-size"] == 100 and snap["date-sec"] > 1.6e9
     assert json.loads(run(capsys, "snapshot", "-l", "--output=json", img)[1]) == [snap]
 

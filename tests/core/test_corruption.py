@@ -57,11 +57,17 @@ def test_build_header_matches_construct(data):
     fields = {}
     for sc in fmt.Header.subcons:
         if sc.name and data.draw(st.booleans()):
+            if sc.name == "image_uuid":  # the one bytes field (missing: zeros)
+                fields[sc.name] = data.draw(st.binary(min_size=16, max_size=16))
+                continue
             bits = 8 * sc.sizeof()
             fields[sc.name] = data.draw(st.integers(0, (1 << bits) - 1))
     fields["unrelated"] = 7
     raw = fmt.build_header(fields)
     values = {sc.name: fields.get(sc.name, 0) for sc in fmt.Header.subcons if sc.name}
+    values.setdefault("image_uuid", fields.get("image_uuid", bytes(16)))
+    if values["image_uuid"] == 0:
+        values["image_uuid"] = bytes(16)
     values.update(version=fmt.VERSION, header_size=fmt.HEADER_SIZE, header_crc=0)
     del values["magic"]
     expect = bytearray(fmt.Header.build(values))

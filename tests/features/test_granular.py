@@ -541,10 +541,12 @@ def model_of(img):
     return img.read(0, SSIZE), tuple(views)
 
 
-def prepare(path, hold=False):
+def prepare(path, hold=False, complete=False):
     """s holds every chunk; chunks 0 and 1 partial; with `hold`, snapshot p holds them
     as they are (its granule record), then the front copies chunk 0 forward and starts
-    chunk 2 (chunk 1 stays as p holds it)."""
+    chunk 2 (chunk 1 stays as p holds it). With `complete` (and `hold`), the front then writes every
+    other granule of chunk 1 (copy-forward: granule 9 carried, the chunk complete and
+    kept partial for its provenance) and snapshot c holds it."""
     fvd.create(path, SSIZE, chunk_size=SCS, journal_size=64 * KiB, overwrite=True)
     with held_image(path, "writeback", SSIZE) as img:
         img.write(2 * G + 7, b"p" * 30)  # chunk 0 partial
@@ -553,6 +555,11 @@ def prepare(path, hold=False):
             img.create_snapshot("p")
             img.write(5, b"x" * 3)
             img.write(2 * SCS + 3 * G, b"r" * G)
+        if complete:
+            img.write(SCS, b"k" * 9 * G)
+            img.write(SCS + 10 * G, b"k" * (SCS - 10 * G))
+            assert img._core.partial.complete(img._core.partial.slot_of(1))
+            img.create_snapshot("c")
 
 
 def _close_after(fn):
@@ -571,6 +578,8 @@ WRITE_OPS = {
     "zeroes",
     "copy-forward",
     "copy-forward-wt",
+    "restart",
+    "restart-wt",
 }
 CRASH_OPS = {
     "first-write-wt": ("writethrough", _close_after(lambda i: i.write(2 * SCS + G, b"A" * G))),
@@ -585,6 +594,9 @@ CRASH_OPS = {
     # p holds the partial chunks (prepare(hold=True))
     "copy-forward": ("writeback", _close_after(lambda i: i.write(SCS + 4 * G + 3, b"F" * G))),
     "copy-forward-wt": ("writethrough", _close_after(lambda i: i.write(SCS + 9 * G, b"F" * G))),
+    # c holds chunk 1 complete with a carried granule (prepare(complete=True))
+    "restart": ("writeback", _close_after(lambda i: i.write(SCS + 3 * G + 5, b"R" * 9))),
+    "restart-wt": ("writethrough", _close_after(lambda i: i.write(SCS + 9 * G, b"R" * G))),
     "delete-record": ("writeback", lambda i: i.delete_snapshot("p")),
     "revert-record": ("writeback", lambda i: i.revert_to_snapshot("p")),
     "revert-over-record": ("writeback", lambda i: i.revert_to_snapshot("s")),
@@ -596,7 +608,8 @@ HOLD_OPS.add("revert-over-record")
 @pytest.mark.parametrize("op", sorted(CRASH_OPS))
 def test_crash_at_every_write(path, monkeypatch, op, tmp_path):
     """Every prefix of the operation's writes opens as the state before or after it."""
-    prepare(path, hold=op in HOLD_OPS)
+    restart = op.startswith("restart")
+    prepare(path, hold=op in HOLD_OPS or restart, complete=restart)
     cache, fn = CRASH_OPS[op]
     # the recorder sees os.pwrite / os.pwritev only, so the operation runs on the pure
     # Python path (the compiled one writes data from C); the cuts are read with `impl`

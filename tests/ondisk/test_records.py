@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import subprocess
+import uuid
 import zlib
 from pathlib import Path
 
@@ -14,9 +15,10 @@ import pytest
 
 import fvd
 from fvd import qcow2
+from fvd.backupinfo import BackupInfo, decode_record, encode_record
 from fvd.core import journal
 from fvd.features import snapshots
-from fvd.features.granular import PartialState, decode_map
+from fvd.features.granular import PartialState, decode_map, decode_provenance
 from fvd.ondisk import format as fmt
 from fvd.ondisk import fvd_records as fr
 from fvd.ondisk import qcow2_records as qr
@@ -200,7 +202,7 @@ HEADER_VECTOR = bytes.fromhex(
     "a9f54351"  # 0 magic
     "02000000"  # 4 version 2
     "00020000"  # 8 header_size 512
-    "9986f179"  # 12 header_crc
+    "a19302c0"  # 12 header_crc
     "0000000000000000"  # 16 incompatible_features
     "0000000000000000"  # 24 compatible_features
     "0000000400000000"  # 32 virtual_size 64 MiB
@@ -233,6 +235,7 @@ HEADER_VECTOR = bytes.fromhex(
     "0000000000000000"  # 208 partial_map_size
     "00000000"  # 216 partial_map_crc
     "00000000"  # 220 granule_size
+    "00112233445566778899aabbccddeeff"  # 224 image_uuid (fvd.create: a random one)
 ).ljust(512, b"\0")
 
 
@@ -251,7 +254,9 @@ def test_header_vector(tmp_path):
     fvd.create(str(path), 64 * MiB, chunk_size=MiB, block_size=64 * KiB, journal_size=64 * KiB)
     with open(path, "rb") as f:
         region = f.read(fmt.HEADER_REGION)
-    assert region[:512] == HEADER_VECTOR
+    made = header_dict(region[:512])
+    assert uuid.UUID(bytes=made["image_uuid"]).version == 4  # random, per image
+    assert region[:512] == fmt.build_header(dict(h, image_uuid=made["image_uuid"]))
     assert region[512:] == bytes(fmt.HEADER_REGION - 512)  # reserved zeros
 
 
@@ -508,12 +513,54 @@ def test_partial_map_encoding():
     raw = encoded_partial_state(((2, 40, (0, 3)), (5, 41, (10, 256))))
     row = fr.partial_row_bytes(MiB, 4096)
     m = fr.PartialMap.parse(raw, row_bytes=row)
-    assert (m.magic, m.count, m.granule_size, m.reserved) == (fr.PARTIAL_MAP_MAGIC, 2, 4096, 0)
+    assert (m.magic, m.count, m.granule_size, m.flags) == (fr.PARTIAL_MAP_MAGIC, 2, 4096, 0)
     assert [(e.virtual_chunk, e.source_chunk) for e in m.entries] == [(2, 40), (5, 41)]
     assert m.entries[0].bits == b"\x07" + bytes(31)
     assert m.entries[1].bits == bytes([0, 0xFC]) + b"\xff" * 30
     assert len(raw) == 16 + 2 * 40
     assert fr.PartialMap.build(m, row_bytes=row) == raw
+
+
+def test_provenance_section_encoding():
+    """With carried granules, encode(provenance=True) sets flag bit 0 and appends one
+    ProvenanceEntry per entry (origin, carried row: bits & ~wbits); decode_provenance
+    reads them back. Without carried granules the record is the plain layout."""
+    st = PartialState(nchunks=8, chunk_size=MiB, size=8 * MiB)
+    for v, source in ((2, 40), (5, 41)):
+        k = st.new_slot(v, source)
+        st.set_granules(k, 0, 4)
+        st.publish(v, k)
+    assert st.encode(provenance=True) == st.encode()  # nothing carried
+    k = st.slot_of(5)
+    st.carry(5, k, 77)  # granules 0..3 were copied from chunk 77
+    st.set_granules(k, 9, 10)  # the copy-forward's own write
+    raw = st.encode(provenance=True)
+    row = fr.partial_row_bytes(MiB, 4096)
+    esize = fr.PartialMapEntry.sizeof(row_bytes=row)
+    assert fr.PartialMap.parse(raw, row_bytes=row).flags == fr.PARTIAL_MAP_FLAG_PROVENANCE
+    assert len(raw) == 16 + 2 * 2 * esize
+    first = fr.ProvenanceEntry.parse(raw[16 + 2 * esize :], row_bytes=row)
+    second = fr.ProvenanceEntry.parse(raw[16 + 3 * esize :], row_bytes=row)
+    assert (first.origin_chunk, first.carried) == (0xFFFFFFFF, bytes(32))
+    assert (second.origin_chunk, second.carried) == (77, b"\x0f" + bytes(31))
+    origins, carried = decode_provenance(raw, 2, MiB, 4096, "x", 0)
+    assert origins.tolist() == [0xFFFFFFFF, 77] and carried[1].tobytes() == b"\x0f" + bytes(31)
+
+
+def test_backup_record_encoding():
+    """fvd.backupinfo.encode_record lays out what BackupRecord declares, parses back and
+    round-trips through decode_record."""
+    ids = [str(uuid.UUID(int=n)) for n in (1, 2, 3)]
+    info = BackupInfo(ids[0], "nightly-2", ids[1], "nightly-1", ids[2])
+    raw = encode_record(info)
+    r = fr.BackupRecord.parse(raw)
+    assert (r.magic, r.size, r.version) == (fr.BACKUP_RECORD_MAGIC, len(raw), 1)
+    assert r.image_uuid == uuid.UUID(ids[0]).bytes and r.since_uuid == uuid.UUID(ids[2]).bytes
+    assert (r.snapshot_name, r.since_name) == (b"nightly-2", b"nightly-1")
+    assert len(raw) == 72 + 24 and raw[:4] == b"FVDB"
+    assert zlib.crc32(raw[:4] + bytes(4) + raw[8:]) == r.crc
+    assert decode_record(raw, "x", 0) == info
+    assert decode_record(bytes(100), "x", 0) is None  # zeros: no record
 
 
 # ----- qcow2: known byte vectors, cross-checked with fvd.qcow2 and qemu-img ---------------
