@@ -39,9 +39,7 @@ from fvd.fileio import (
 from fvd.qcow2.cluster import ClusterMixin
 from fvd.qcow2.format import (
     COMPAT_LAZY_REFCOUNTS,
-    EXT_BACKING_FORMAT,
     EXT_BITMAPS,
-    EXT_FEATURE_TABLE,
     HEADER_OFFSET,
     INCOMPAT_CORRUPT,
     INCOMPAT_DIRTY,
@@ -186,7 +184,8 @@ def set_backing(path: StrPath, backing_file: str, backing_format: str) -> None:
     """Point a closed qcow2 image at another backing file (qemu-img rebase's header
     update): the header, backing-format extension and name are rewritten in one write
     (atomic when they fit in one 512-byte sector, as with names up to ~350 bytes), then
-    synced. Other header extensions are dropped, as QEMU rewrites only those it knows."""
+    synced. Other header extensions (fvd's backup record, the feature table) are kept
+    byte for byte, as QEMU keeps extensions it does not interpret."""
     if backing_format not in BACKING_FORMATS:
         raise ValueError(f"backing_format must be one of {BACKING_FORMATS}, not {backing_format!r}")
     fd = _os.open(path, _os.O_RDWR)
@@ -199,8 +198,6 @@ def set_backing(path: StrPath, backing_file: str, backing_format: str) -> None:
         h = parse_header(_os.fspath(path), _os.pread(fd, 1 << MAX_CLUSTER_BITS, 0), size)
         if h.version != 3:
             raise UnsupportedFeatureError(f"{path}: qcow2 version {h.version}: rebase needs v3")
-        if any(t not in (EXT_BACKING_FORMAT, EXT_FEATURE_TABLE) for t, _ in h.extensions):
-            raise UnsupportedFeatureError(f"{path}: header extensions fvd does not rewrite")
         h.backing_file, h.backing_format = backing_file, backing_format
         raw = build_header(h)
         _os.pwrite(fd, raw + bytes(-len(raw) % 512), 0)
