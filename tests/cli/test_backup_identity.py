@@ -140,6 +140,17 @@ def test_qcow2_backups_with_the_extension_stay_clean_for_qemu(vm, tmp_path):
     assert fvd.backup_info(inc3).since == "s2"
 
 
+def test_fvd_rebase_keeps_the_backup_record_of_a_qcow2_backup(vm, tmp_path):
+    full, inc2, inc3 = convert_chain(vm, tmp_path, "qcow2")
+    held = fvd.backup_info(inc3)
+    copy2 = str(tmp_path / "copy-s2.qcow2")
+    shutil.copy(inc2, copy2)
+    fvd.rebase(inc3, os.path.basename(copy2), backing_format="qcow2", unsafe=True)
+    assert fvd.backup_info(inc3) == held
+    with fvd.qcow2.open(inc3) as q:
+        assert q.check().ok
+
+
 def test_raw_backups_have_a_sidecar(vm, tmp_path):
     full = str(tmp_path / "full.raw")
     fvd.convert(vm, full, dst_format="raw", snapshot="s1")

@@ -525,6 +525,29 @@ def test_three_live_incremental_backups_through_the_cli(tmp_path, impl):
                 cli("snapshot", "-d", f"b{i - 1}", image)
             prev = backup
         assert writer.alive()
+        # through the server too, a backup of another snapshot is no base for an
+        # incremental: backup1 holds b1, not b3 (checked by snapshot UUIDs on the wire)
+        cli("snapshot", "-c", "b4", image)
+        wrong = cli(
+            "convert",
+            "-O",
+            "qcow2",
+            "-l",
+            "b4",
+            "--since",
+            "b3",
+            "-B",
+            "backup1.qcow2",
+            "-F",
+            "qcow2",
+            image,
+            tmp_path / "wrong.qcow2",
+            ok=(1,),
+        )
+        assert "a full backup is needed" in wrong.stderr
+        assert not (tmp_path / "wrong.qcow2").exists()
+        cli("snapshot", "-d", "b4", image)
+        assert fvd.backup_info(tmp_path / "backup3.qcow2").since == "b2"
         listed = json.loads(cli("snapshot", "-l", "--output=json", image).stdout)
         assert [s["name"] for s in listed] == ["b3"]
         check = cli("check", image)
