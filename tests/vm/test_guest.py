@@ -1,8 +1,8 @@
 """A real Linux guest (ext4, its journal, flushes, discard) on images fvd serves.
 
-Three TCG boots by default (a snapshot between two boots, a copy-on-write overlay);
-FVD_GUEST_FULL=1 adds the comparison backends, a discard-off contrast, a SIGKILL of
-the server mid-workload and the pure-Python server.
+Four TCG boots by default (a snapshot between two boots, a copy-on-write overlay, a
+SIGKILL of the server while the guest fsyncs); FVD_GUEST_FULL=1 adds the comparison
+backends, a discard-off contrast and the pure-Python server.
 """
 
 from __future__ import annotations
@@ -228,7 +228,6 @@ done
 FSYNCED = r"^[0-9a-f]{64}\s+/mnt/d/f\d+$"
 
 
-@full_only
 def test_server_sigkill_mid_workload_keeps_every_fsynced_file(
     kit: Kit, tmp_path: Path, impl: str
 ) -> None:
