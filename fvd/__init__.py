@@ -28,7 +28,7 @@ from fvd.errors import (
     WrongFormatError,
 )
 from fvd.image import Image, SnapshotImage, create, open
-from fvd.types import CheckResult, Extent, SnapshotInfo
+from fvd.types import CheckResult, ConvertResult, Extent, SnapshotInfo
 
 __version__ = "0.1.0"
 
@@ -48,6 +48,7 @@ __all__ = [
     "SnapshotImage",
     "Extent",
     "CheckResult",
+    "ConvertResult",
     "SnapshotInfo",
     "IMPLEMENTATION",
     "FvdError",

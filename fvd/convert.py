@@ -18,37 +18,22 @@ DST at the end; a failed convert removes it. SRC is only ever opened read-only.
 
 from __future__ import annotations
 
-import collections
 import os
-import queue
 import secrets
-from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, NamedTuple, Optional, Union
-
-import numpy as np
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any, Union
 
 from fvd import qcow2
+from fvd.copyloop import CopyCounts, Progress, Range, copy_ranges
 from fvd.fileio import punch_hole, resolve_relative
 from fvd.image import Image, create
 from fvd.imageio import FORMATS, AnyImage, RawImage, open_image
 from fvd.qcow2 import Qcow2Image
-from fvd.types import DiskReader, StrPath
-from fvd.units import MiB, parse_size
+from fvd.types import ConvertResult, DiskReader, StrPath
+from fvd.units import parse_size
 
-BUFFER = MiB  # per piece: 1 read, few writes; stays in the CPU cache
 ZERO_GRAIN = 4096  # zero detection unit (qemu-img convert's default -S 4k)
-COPY_THREADS = min(2, os.cpu_count() or 1)  # best measured on 2 cores
-
-
-class Range(NamedTuple):
-    start: int
-    length: int
-    zero: bool
-
-
-Run = tuple[int, int, bool]  # (lo, hi, nonzero) inside a buffer
-Progress = Optional[Callable[[int, int], None]]
 
 DST_OPTIONS = {
     "fvd": ("chunk_size", "block_size", "journal_size"),
@@ -71,7 +56,7 @@ def convert(
     force_share: bool = False,
     cache: str = "writeback",
     **options: object,
-) -> None:
+) -> ConvertResult:
     """Convert `src` (fvd, qcow2 or raw; probed when src_format is None) into a new
     `dst` of `dst_format`, replacing any existing file at `dst` only on success.
 
@@ -80,6 +65,8 @@ def convert(
         `backing`, the previous backup, which the output uses as its base).
     options: fvd chunk_size/block_size/journal_size; qcow2 cluster_size/lazy_refcounts.
     progress(done_bytes, total_bytes) is called as the copy goes.
+    Returns a ConvertResult: bytes read from src, data bytes written to dst, data
+    extents copied and zero ranges (adjacent ones merged), seconds taken.
     cache: "writeback" (default): the output is flushed before it is renamed into place;
         "unsafe": nothing is flushed (qemu-img convert's default `-t unsafe`): faster,
         but after a power cut DST may hold anything.
@@ -99,6 +86,7 @@ def convert(
     if backing_format is not None and backing is None:
         raise ValueError("a backing format (-F) needs a backing file (-B)")
     _check_paths(src, dst, backing)
+    started = time.monotonic()
     img = open_image(src, src_format, force_share=force_share)
     try:
         view: DiskReader = img
@@ -108,7 +96,7 @@ def convert(
             view = img.open_snapshot(snapshot)
         try:
             ranges = _plan(img, view, since, snapshot)
-            _write_output(
+            counts = _write_output(
                 view,
                 dst,
                 dst_format,
@@ -124,6 +112,13 @@ def convert(
                 view.close()
     finally:
         img.close()
+    return ConvertResult(
+        counts.bytes_read,
+        counts.bytes_written,
+        counts.extents,
+        counts.zero_ranges,
+        time.monotonic() - started,
+    )
 
 
 # ----- arguments ----------------------------------------------------------------------
@@ -297,7 +292,7 @@ def _write_output(
     opts: dict[str, Any],
     progress: Progress,
     unsafe: bool = False,
-) -> None:
+) -> CopyCounts:
     tmp = _temp_name(dst)
     created = False
     try:
@@ -308,13 +303,13 @@ def _write_output(
             overlay = backing is not None
             if overlay:
                 ranges = _widen(ranges, grain, view.size)
-            _copy(
+            counts = copy_ranges(
                 view,
                 out,
                 ranges,
-                overlay,
-                progress,
-                max(ZERO_GRAIN, grain) if overlay else ZERO_GRAIN,
+                overlay=overlay,
+                progress=progress,
+                grain=max(ZERO_GRAIN, grain) if overlay else ZERO_GRAIN,
             )
         finally:
             out.close()
@@ -322,6 +317,7 @@ def _write_output(
         created = False
         if not unsafe:
             _fsync_dir(os.path.dirname(os.path.abspath(dst)))
+        return counts
     except BaseException:
         if created or os.path.exists(tmp):
             try:
@@ -337,115 +333,3 @@ def _fsync_dir(folder: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-# ----- the copy loop ---------------------------------------------------------------------
-def _copy(
-    view: DiskReader,
-    out: Output,
-    ranges: list[Range],
-    overlay: bool,
-    progress: Progress,
-    grain: int,
-    threads: int = COPY_THREADS,
-) -> None:
-    """Copy the data ranges in BUFFER pieces on a few threads (reads, zero detection and
-    fvd/raw writes release the GIL), each with its own reused buffer; skip (or, in an
-    overlay, zero) the zero ranges and the all-zero grains found in the data. Writes to
-    a qcow2 output stay on this thread (fvd.qcow2 is not thread-safe); to fvd and raw
-    outputs the workers write themselves."""
-    total = sum(r.length for r in ranges if not r.zero or overlay)
-    state = {"done": 0}
-    if progress is not None:
-        progress(0, total)
-
-    def advance(n: int) -> None:
-        state["done"] += n
-        if progress is not None:
-            progress(state["done"], total)
-
-    workers_write = getattr(out, "thread_safe_writes", True)
-    free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
-    for _ in range(2 * threads):
-        free.put(bytearray(BUFFER))
-
-    def piece(pos: int, n: int) -> Optional[tuple[bytearray, list[Run]]]:
-        buf = free.get()
-        mv = memoryview(buf)[:n]
-        view.readinto(pos, mv)
-        runs = _nonzero_runs(mv, grain)
-        if workers_write:
-            _write_runs(out, pos, mv, runs, overlay)
-            free.put(buf)
-            return None
-        return buf, runs
-
-    pending: collections.deque[tuple[int, int, Future[Optional[tuple[bytearray, list[Run]]]]]] = (
-        collections.deque()
-    )
-
-    def finish_one() -> None:
-        pos, n, fut = pending.popleft()
-        got = fut.result()
-        if got is not None:
-            buf, runs = got
-            _write_runs(out, pos, memoryview(buf)[:n], runs, overlay)
-            free.put(buf)
-        advance(n)
-
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fvd-convert") as pool:
-        try:
-            for r in ranges:
-                if r.zero:
-                    if overlay:
-                        out.write_zeroes(r.start, r.length)
-                        advance(r.length)
-                    continue
-                for pos in range(r.start, r.start + r.length, BUFFER):
-                    n = min(BUFFER, r.start + r.length - pos)
-                    while len(pending) >= 2 * threads:
-                        finish_one()
-                    pending.append((pos, n, pool.submit(piece, pos, n)))
-            while pending:
-                finish_one()
-        finally:
-            for _, _, fut in pending:
-                fut.cancel()
-
-
-def _nonzero_runs(mv: memoryview, grain: int) -> list[Run]:
-    """[(lo, hi, nonzero)] covering mv: runs of grains with and without a non-zero byte."""
-    n = len(mv)
-    whole = n // grain
-    if whole:
-        words = np.frombuffer(mv[: whole * grain], dtype=np.uint64)
-        nz = words.reshape(whole, grain // 8).any(axis=1)
-    else:
-        nz = np.zeros(0, dtype=bool)
-    if whole * grain < n:
-        tail = mv[whole * grain :]
-        nz = np.append(nz, tail != bytes(len(tail)))
-    if nz.all():
-        return [(0, n, True)]
-    edges = np.flatnonzero(np.diff(np.concatenate(([False], nz, [False])).astype(np.int8)))
-    runs: list[Run] = []
-    prev = 0
-    for a, b in zip(edges[0::2].tolist(), edges[1::2].tolist()):
-        lo, hi = a * grain, min(n, b * grain)
-        if lo > prev:
-            runs.append((prev, lo, False))
-        runs.append((lo, hi, True))
-        prev = hi
-    if prev < n:
-        runs.append((prev, n, False))
-    return runs
-
-
-def _write_runs(out: Output, offset: int, mv: memoryview, runs: list[Run], overlay: bool) -> None:
-    """Write the non-zero runs; zero runs are skipped, or zeroed when the output is an
-    overlay (its backing may hold data there)."""
-    for lo, hi, nonzero in runs:
-        if nonzero:
-            out.write(offset + lo, mv[lo:hi])
-        elif overlay:
-            out.write_zeroes(offset + lo, hi - lo)

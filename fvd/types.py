@@ -95,6 +95,19 @@ class SnapshotInfo:
         }
 
 
+@dataclass(frozen=True)
+class ConvertResult:
+    """What `fvd.convert` (and `fvd.commit`/`fvd.rebase`) did: bytes read from the source,
+    bytes of data written to the output, data extents copied, zero ranges (known zero,
+    never read), wall-clock seconds."""
+
+    bytes_read: int
+    bytes_written: int
+    extents: int
+    zero_ranges: int
+    seconds: float
+
+
 class DiskSource(Protocol):
     """An open virtual disk that `fvd.ops.checksum` reads: any format (`fvd.Image`,
     `fvd.SnapshotImage`, `fvd.qcow2.Qcow2Image` and its snapshot views, raw files)."""

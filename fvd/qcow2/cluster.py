@@ -332,9 +332,13 @@ class ClusterMixin(Qcow2State):
         if self._backing is None:
             yield from self._own_extents(offset, length, l1, l1_off)
             return
-        cur = None  # unallocated runs: the backing file's, depth + 1
+        # Unallocated runs show the backing file's extents (depth + 1). The backing file is
+        # asked once for the whole range and swept alongside: one call per layer, not one
+        # per unallocated run (a deep chain of scattered overlays has thousands of them).
+        backing = _Sweep(self._backing_extents(offset, length))
+        cur = None
         for e in self._own_extents(offset, length, l1, l1_off):
-            parts = [e] if e.present else self._backing_extents(e.start, e.length)
+            parts = [e] if e.present else backing.take(e.start, e.length)
             for p in parts:
                 if (
                     cur is not None
@@ -458,3 +462,31 @@ class ClusterMixin(Qcow2State):
                 host += within
             yield Extent(pos, chunk, 0, present, zero, data, host)
             pos += chunk
+
+
+class _Sweep:
+    """Sorted extents covering a range, consumed left to right in clipped pieces."""
+
+    def __init__(self, extents: Iterator[Extent]) -> None:
+        self._it = extents
+        self._cur: Optional[Extent] = None
+
+    def take(self, start: int, length: int) -> list[Extent]:
+        """The extents covering [start, start + length), clipped to it."""
+        end, out = start + length, []
+        while True:
+            x = self._cur if self._cur is not None else next(self._it, None)
+            assert x is not None, "backing extents cover the whole range"
+            self._cur = x
+            x_end = x.start + x.length
+            if x_end <= start:
+                self._cur = None
+                continue
+            s, t = max(start, x.start), min(end, x_end)
+            shift = s - x.start
+            off = None if x.offset is None else x.offset + shift
+            out.append(Extent(s, t - s, x.depth, x.present, x.zero, x.data, off))
+            if x_end <= end:
+                self._cur = None
+            if t >= end:
+                return out
