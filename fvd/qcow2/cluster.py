@@ -33,6 +33,8 @@ from fvd.qcow2.format import (
 from fvd.qcow2.state import Chunk, Qcow2State, Table
 from fvd.types import Extent
 
+_NONE, _DATA, _BACKING, _ZEROS = range(4)  # runs of _read_tree
+
 
 class ClusterMixin(Qcow2State):
     """Mixed into Qcow2Image."""
@@ -106,31 +108,42 @@ class ClusterMixin(Qcow2State):
         return table
 
     def _read_tree(self, l1: Table, l1_off: int, offset: int, mv: memoryview) -> None:
-        """Fill mv with guest bytes from `offset` through the tree under `l1`,
-        one pread per run of physically contiguous clusters."""
+        """Fill mv with guest bytes from `offset` through the tree under `l1`: one pread
+        per run of physically contiguous clusters, one backing-file read per run of
+        unallocated clusters, one fill per run of zero clusters."""
         cs, n, pos = self._cs, len(mv), 0
-        run_pos = run_len = 0
-        run_host = -1
+        kind, run_pos, run_host = _NONE, 0, 0  # the open run: kind, start in mv, host
         while pos < n:
             g = offset + pos
-            within = g & (cs - 1)
-            chunk = min(cs - within, n - pos)
+            chunk = min(cs - (g & (cs - 1)), n - pos)
             off, zero, _ = self._lookup(l1, l1_off, g)
             if off and not zero:
-                host = off + within
-                if run_len and run_host + run_len == host and run_pos + run_len == pos:
-                    run_len += chunk
-                else:
-                    if run_len:
-                        self._data_readinto(run_host, mv[run_pos : run_pos + run_len])
-                    run_pos, run_len, run_host = pos, chunk, host
+                host = off + (g & (cs - 1))
+                if kind == _DATA and run_host + (pos - run_pos) == host:
+                    pos += chunk
+                    continue
+                new, new_host = _DATA, host
             elif not off and not zero and self._backing is not None:
-                self._backing_read(g, mv[pos : pos + chunk])
+                new, new_host = _BACKING, 0
             else:
-                mv[pos : pos + chunk] = self._zeros[:chunk]
+                new, new_host = _ZEROS, 0
+            if new != kind or new == _DATA:
+                self._finish_run(kind, offset, mv, run_pos, pos, run_host)
+                kind, run_pos, run_host = new, pos, new_host
             pos += chunk
-        if run_len:
-            self._data_readinto(run_host, mv[run_pos : run_pos + run_len])
+        self._finish_run(kind, offset, mv, run_pos, n, run_host)
+
+    def _finish_run(
+        self, kind: int, offset: int, mv: memoryview, lo: int, hi: int, host: int
+    ) -> None:
+        if hi <= lo:
+            return
+        if kind == _DATA:
+            self._data_readinto(host, mv[lo:hi])
+        elif kind == _BACKING:
+            self._backing_read(offset + lo, mv[lo:hi])
+        elif kind == _ZEROS:
+            mv[lo:hi] = bytes(hi - lo)
 
     def _backing_read(self, g: int, mv: memoryview) -> None:
         """Guest bytes of an unallocated range from the backing file (zeros past its
