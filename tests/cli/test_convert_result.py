@@ -12,7 +12,6 @@ import sys
 import pytest
 
 import fvd
-from fvd import qcow2
 from fvd.units import KiB, MiB
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="needs qemu-img")
