@@ -31,7 +31,7 @@ from fvd.image import Image, create
 from fvd.imageio import FORMATS, AnyImage, RawImage, open_image
 from fvd.qcow2 import Qcow2Image
 from fvd.types import ConvertResult, DiskReader, StrPath
-from fvd.units import parse_size
+from fvd.units import KiB, parse_size
 
 ZERO_GRAIN = 4096  # zero detection unit (qemu-img convert's default -S 4k)
 
@@ -272,9 +272,25 @@ def _open_output(
     }
     if backing is not None:
         kwargs.update(base=backing, base_format=backing_format)
+        kwargs = _overlay_geometry(kwargs)
     create(path, size, **kwargs)
     image = Image(path, "r+", cache=cache)
     return image, image.block_size
+
+
+OVERLAY_CHUNK = 64 * KiB  # an fvd overlay's chunk: its file grows by what changed
+OVERLAY_JOURNAL = 256 * KiB  # an overlay's journal (the default 16 MiB is sized for guests)
+
+
+def _overlay_geometry(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Chunk and journal sizes of an fvd overlay (an incremental backup) unless given:
+    64 KiB chunks and a 256 KiB journal, so the file's size (apparent and allocated)
+    follows the data it holds (the 64 KiB blocks that changed) plus its fixed regions,
+    instead of a 1 MiB chunk per scattered change and a 16 MiB journal."""
+    out = dict(kwargs)
+    out.setdefault("chunk_size", max(OVERLAY_CHUNK, out.get("block_size", 0)))
+    out.setdefault("journal_size", OVERLAY_JOURNAL)
+    return out
 
 
 def _temp_name(dst: str) -> str:
