@@ -24,12 +24,12 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any, Union
 
-from fvd import qcow2
 from fvd.copyloop import CopyCounts, Progress, Range, copy_ranges
 from fvd.fileio import punch_hole, resolve_relative
 from fvd.image import Image, create
 from fvd.imageio import FORMATS, AnyImage, RawImage, open_image
 from fvd.qcow2 import Qcow2Image
+from fvd.qcow2.fresh import FreshWriter
 from fvd.types import ConvertResult, DiskReader, StrPath
 from fvd.units import KiB, parse_size
 
@@ -240,7 +240,7 @@ class _RawOutput:
 
 
 # The writer `_open_output` gives.
-Output = Union[_RawOutput, Qcow2Image, Image]
+Output = Union[_RawOutput, FreshWriter, Image]
 
 
 def _open_output(
@@ -257,16 +257,16 @@ def _open_output(
         raw = _RawOutput(path, size, unsafe=cache == "unsafe")
         return raw, raw.grain
     if dst_format == "qcow2":
-        qcow2.create(
+        q = FreshWriter(  # laid out in one pass, metadata written at close
             path,
             -(-size // 512) * 512,
             cluster_size=opts.get("cluster_size", 65536),
             lazy_refcounts=opts.get("lazy_refcounts", False),
             backing_file=backing,
             backing_format=backing_format,
+            cache=cache,
         )
-        q = qcow2.open(path, "r+", cache=cache)
-        return q, q.cluster_size  # q.thread_safe_writes is False: one writer thread
+        return q, q.cs
     kwargs: dict[str, Any] = {
         k: opts[k] for k in ("chunk_size", "block_size", "journal_size") if k in opts
     }
