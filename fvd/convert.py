@@ -176,7 +176,10 @@ def _check_paths(src: str, dst: str, backing: StrPath | None = None) -> None:
 def _plan(img: AnyImage, view: DiskReader, since: str | None, until: str | None) -> list[Range]:
     """Ranges (start, length, zero) to write, sorted and covering what must change."""
     if since is None:
-        return [Range(e.start, e.length, not e.data) for e in view.extents()]
+        return [
+            Range(e.start, e.length, not e.data, e.depth, e.offset if e.data else None)
+            for e in view.extents()
+        ]
     return changed_ranges(img, since, until)
 
 
@@ -326,6 +329,7 @@ def _write_output(
                 overlay=overlay,
                 progress=progress,
                 grain=max(ZERO_GRAIN, grain) if overlay else ZERO_GRAIN,
+                layers=view.layer_readers() if isinstance(view, Qcow2Image) else (),
             )
         finally:
             out.close()

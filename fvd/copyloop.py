@@ -17,7 +17,7 @@ from __future__ import annotations
 import collections
 import os
 import queue
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Optional, Protocol
@@ -35,11 +35,16 @@ class Range(NamedTuple):
     start: int
     length: int
     zero: bool
+    depth: int = 0  # the chain layer holding the data (qemu-img map's depth) ...
+    host: Optional[int] = None  # ... and where in that layer's file, when known
 
 
 Run = tuple[int, int, bool]  # (lo, hi, nonzero) inside a buffer
-Segment = tuple[int, int, int]  # (guest offset, offset in the piece's buffer, length)
+# (guest offset, offset in the piece's buffer, length, depth, host offset or -1)
+Segment = tuple[int, int, int, int, int]
 Progress = Optional[Callable[[int, int], None]]
+# per chain depth: read(host offset, buffer) from that layer's file, or None
+LayerReader = Optional[Callable[[int, memoryview], object]]
 
 
 class Writer(Protocol):
@@ -60,15 +65,26 @@ class CopyCounts:
     zero_ranges: int = 0
 
 
-def merge_adjacent(ranges: Iterable[Range]) -> list[Range]:
+def merge_adjacent(ranges: Iterable[Range], keep_hosts: bool = False) -> list[Range]:
     """Sorted ranges with touching neighbours of the same kind merged (a chain's map
-    splits data where the layer changes; the copy does not care which layer it is)."""
+    splits data where the layer changes). With keep_hosts, data ranges merge only when
+    they continue in the same layer's file, so they can still be read from it."""
     out: list[Range] = []
     for r in ranges:
         if not r.length:
             continue
-        if out and out[-1].zero == r.zero and out[-1].start + out[-1].length == r.start:
-            out[-1] = Range(out[-1].start, out[-1].length + r.length, r.zero)
+        if not keep_hosts:
+            r = Range(r.start, r.length, r.zero)
+        last = out[-1] if out else None
+        if (
+            last is not None
+            and last.zero == r.zero
+            and last.start + last.length == r.start
+            and last.depth == r.depth
+            and (last.host is None) == (r.host is None)
+            and (last.host is None or last.host + last.length == r.host)
+        ):
+            out[-1] = last._replace(length=last.length + r.length)
         else:
             out.append(r)
     return out
@@ -85,7 +101,8 @@ def pieces(ranges: Iterable[Range], size: int = BUFFER) -> Iterator[list[Segment
         pos, end = r.start, r.start + r.length
         while pos < end:
             n = min(end - pos, size - used)
-            cur.append((pos, used, n))
+            host = -1 if r.host is None else r.host + (pos - r.start)
+            cur.append((pos, used, n, r.depth, host))
             used += n
             pos += n
             if used == size:
@@ -104,15 +121,19 @@ def copy_ranges(
     progress: Progress,
     grain: int,
     threads: int = COPY_THREADS,
+    layers: Sequence[LayerReader] = (),
 ) -> CopyCounts:
     """Copy `ranges` (sorted, not overlapping) of `view` into `out`; see the module doc.
-    Zero ranges are skipped, or written as zeros when `overlay`."""
-    ranges = merge_adjacent(ranges)
+    Zero ranges are skipped, or written as zeros when `overlay`. `layers`: readers of
+    the chain's files by depth; a data range with a host offset in a layer that has one
+    is read from that file directly, without the per-cluster lookups of `view`."""
+    merged = merge_adjacent(ranges)
     counts = CopyCounts(
-        bytes_read=sum(r.length for r in ranges if not r.zero),
-        extents=sum(1 for r in ranges if not r.zero),
-        zero_ranges=sum(1 for r in ranges if r.zero),
+        bytes_read=sum(r.length for r in merged if not r.zero),
+        extents=sum(1 for r in merged if not r.zero),
+        zero_ranges=sum(1 for r in merged if r.zero),
     )
+    ranges = merge_adjacent(ranges, keep_hosts=True) if layers else merged
     total = sum(r.length for r in ranges if not r.zero or overlay)
     tracker = _Tracker(progress, total)
     if overlay:
@@ -120,7 +141,7 @@ def copy_ranges(
             if r.zero:
                 out.write_zeroes(r.start, r.length)
                 tracker.advance(r.length)
-    loop = _Loop(view, out, overlay, grain, threads)
+    loop = _Loop(view, out, overlay, grain, threads, layers)
     counts.bytes_written = loop.run(pieces(ranges), tracker)
     return counts
 
@@ -144,9 +165,17 @@ PieceResult = tuple[bytearray, Optional[list[tuple[Segment, list[Run]]]], int, i
 class _Loop:
     """Reads (and, for thread-safe outputs, writes) pieces on a pool of threads."""
 
-    def __init__(self, view: DiskReader, out: Writer, overlay: bool, grain: int, threads: int):
+    def __init__(
+        self,
+        view: DiskReader,
+        out: Writer,
+        overlay: bool,
+        grain: int,
+        threads: int,
+        layers: Sequence[LayerReader] = (),
+    ):
         self.view, self.out, self.overlay, self.grain = view, out, overlay, grain
-        self.threads = threads
+        self.threads, self.layers = threads, list(layers)
         self.workers_write = getattr(out, "thread_safe_writes", True)
         self.free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
         for _ in range(2 * threads):
@@ -184,9 +213,13 @@ class _Loop:
         mv = memoryview(buf)
         found = []
         for seg in segs:
-            pos, lo, n = seg
+            pos, lo, n, depth, host = seg
             part = mv[lo : lo + n]
-            self.view.readinto(pos, part)
+            reader = self.layers[depth] if host >= 0 and depth < len(self.layers) else None
+            if reader is not None:
+                reader(host, part)
+            else:
+                self.view.readinto(pos, part)
             found.append((seg, nonzero_runs(part, self.grain)))
         length = sum(seg[2] for seg in segs)
         if self.workers_write:
@@ -195,7 +228,7 @@ class _Loop:
 
     def write_piece(self, mv: memoryview, found: list[tuple[Segment, list[Run]]]) -> int:
         written = 0
-        for (pos, lo, n), runs in found:
+        for (pos, lo, n, _, _), runs in found:
             written += write_runs(self.out, pos, mv[lo : lo + n], runs, self.overlay)
         return written
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import errno
 import os as _os
-from typing import TYPE_CHECKING, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -617,6 +617,23 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
             if self._backing is not None:
                 self._backing.close()
 
+    def layer_readers(self) -> list[Optional[Callable[[int, memoryview], int]]]:
+        """Per depth of the chain (0: this file, 1: its backing file ...), a function
+        read(host_offset, buffer) filling the buffer from that layer's file, at the
+        offsets `extents()` gives for data at that depth (zeros past the file's end);
+        None for a layer only its image can read (an fvd backing file), and nothing
+        past it. For copying a whole chain without per-cluster lookups."""
+        self._check_open()
+        out: list[Optional[Callable[[int, memoryview], int]]] = [_file_reader(self.fd)]
+        b = self._backing
+        if isinstance(b, Qcow2Image):
+            out += b.layer_readers()
+        elif isinstance(b, _RawBacking):
+            out.append(_file_reader(b.fd))
+        elif b is not None:
+            out.append(None)
+        return out
+
     @property
     def backing_file(self) -> Optional[str]:
         """The backing file name as stored in the header, or None."""
@@ -719,6 +736,13 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
             after.leaks_fixed = result.leaks - after.leaks
             return after
         return result
+
+
+def _file_reader(fd: int) -> Callable[[int, memoryview], int]:
+    def read(host: int, mv: memoryview) -> int:
+        return pread_fill(fd, mv, host)
+
+    return read
 
 
 def _byte_view(buf: Buffer, writable: bool) -> memoryview:
