@@ -84,7 +84,7 @@ def merge_adjacent(ranges: Iterable[Range], keep_hosts: bool = False) -> list[Ra
             and (last.host is None) == (r.host is None)
             and (last.host is None or last.host + last.length == r.host)
         ):
-            out[-1] = last._replace(length=last.length + r.length)
+            out[-1] = Range(last.start, last.length + r.length, r.zero, last.depth, last.host)
         else:
             out.append(r)
     return out
