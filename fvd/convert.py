@@ -30,7 +30,7 @@ from fvd.image import Image, create
 from fvd.imageio import FORMATS, AnyImage, RawImage, open_image
 from fvd.qcow2 import Qcow2Image
 from fvd.qcow2.fresh import FreshWriter
-from fvd.types import ConvertResult, DiskReader, StrPath
+from fvd.types import FLAG_DATA, ConvertResult, DiskReader, StrPath
 from fvd.units import KiB, parse_size
 
 ZERO_GRAIN = 4096  # zero detection unit (qemu-img convert's default -S 4k)
@@ -175,6 +175,11 @@ def _check_paths(src: str, dst: str, backing: StrPath | None = None) -> None:
 # ----- what to copy --------------------------------------------------------------------
 def _plan(img: AnyImage, view: DiskReader, since: str | None, until: str | None) -> list[Range]:
     """Ranges (start, length, zero) to write, sorted and covering what must change."""
+    if since is None and isinstance(view, Qcow2Image):  # a chain's map, in numpy
+        return [
+            Range(s, n, not f & FLAG_DATA, d, o if f & FLAG_DATA else None)
+            for s, n, f, d, o in view.extents_array().tolist()
+        ]
     if since is None:
         return [
             Range(e.start, e.length, not e.data, e.depth, e.offset if e.data else None)

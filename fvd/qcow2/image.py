@@ -27,6 +27,7 @@ import numpy as np
 from fvd import _impl, registry
 from fvd.errors import BaseImageError, CorruptImageError, UnsupportedFeatureError
 from fvd.fileio import detect_format, pread_fill, raw_extents, resolve_relative
+from fvd.qcow2.chainmap import chain_extents
 from fvd.qcow2.cluster import ClusterMixin
 from fvd.qcow2.format import (
     COMPAT_LAZY_REFCOUNTS,
@@ -673,7 +674,13 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
         return self._closed
 
     def extents_array(self, offset: int = 0, length: Optional[int] = None) -> np.ndarray:
-        """extents() as an EXTENT_DTYPE array (fvd.types)."""
+        """extents() as an EXTENT_DTYPE array (fvd.types). The whole of a qcow2 chain
+        is mapped with numpy, all layers at once (fvd.qcow2.chainmap)."""
+        self._check_open()
+        if offset == 0 and length in (None, self.size):
+            whole = chain_extents(self)
+            if whole is not None:
+                return whole
         return extents_to_array(self.extents(offset, length))
 
     @property
