@@ -1,11 +1,14 @@
 """Writing a new qcow2 file in one pass, as `qemu-img convert` lays out its output.
 
 `FreshWriter` is for a file nobody else sees until it is complete (`fvd convert` writes
-a temporary file and renames it into place): data clusters are handed out one after the
-other from the end of the file, the mapping is kept in memory, and the L2 tables,
-refcount blocks (and, when the one from `create` is too small, a new refcount table)
-are written once at `close()`, after the data. No per-cluster metadata writes, no
-refcount search, no flush until the end; writes may come from several threads.
+a temporary file and renames it into place). The layout is qemu-img create's (header,
+refcount table, refcount block, L1 table in clusters 0, 1, 2, 3..), but only the header
+is written at first; data clusters are handed out one after the other past the L1
+table, the mapping is kept in memory, and the L2 tables, L1 table, refcount blocks (and,
+when one table cluster cannot point at them all, a bigger refcount table) are written
+once at `close()`, after the data. No per-cluster metadata writes, no refcount search,
+no flush until the end (and none at all with cache="unsafe"); writes may come from
+several threads.
 
 Every cluster of the finished file is in use exactly once (header, refcount table and
 blocks, L1, L2 tables, data), so every refcount is 1 and every L1/L2 entry carries the
@@ -27,19 +30,22 @@ import numpy as np
 from fvd.errors import CorruptImageError
 from fvd.fileio import full_pwrite
 from fvd.qcow2.format import (
+    COMPAT_LAZY_REFCOUNTS,
     L1_DTYPE,
     L2_DTYPE,
+    MAX_CLUSTER_BITS,
+    MIN_CLUSTER_BITS,
     OFF_REFTABLE,
     OFFSET_MASK,
     OFLAG_COPIED,
     OFLAG_ZERO,
     REFBLOCK_DTYPE,
-    REFT_OFFSET_MASK,
     REFTABLE_DTYPE,
     S_REFTABLE_UPDATE,
-    parse_header,
+    Header,
+    build_header,
 )
-from fvd.qcow2.image import create
+from fvd.qcow2.image import _new_backing
 from fvd.types import StrPath
 
 
@@ -60,36 +66,55 @@ class FreshWriter:
         cache: str = "writeback",
     ) -> None:
         self.path = os.fspath(path)
-        create(
-            self.path,
-            size,
-            cluster_size=cluster_size,
-            lazy_refcounts=lazy_refcounts,
-            backing_file=backing_file,
-            backing_format=backing_format,
-        )
         self.size, self.unsafe = size, cache == "unsafe"
         self.overlay = backing_file is not None
-        self.fd = os.open(self.path, os.O_RDWR)
-        try:
-            self._load_layout()
-        except BaseException:
-            os.close(self.fd)
-            raise
+        self._closed = True
+        self.fd = self._write_header(cluster_size, lazy_refcounts, backing_file, backing_format)
         self._lock = threading.Lock()
         self._l2: dict[int, np.ndarray] = {}  # L1 index -> its L2 table (native uint64)
         self._closed = False
 
-    def _load_layout(self) -> None:
-        file_size = os.fstat(self.fd).st_size
-        h = parse_header(self.path, os.pread(self.fd, 4096, 0), file_size)
-        self.cbits, self.cs = h.cluster_bits, h.cluster_size
-        self.l2_entries = self.cs // 8
-        self.l1_offset, self.l1_size = h.l1_table_offset, h.l1_size
-        self.rt_offset, self.rt_clusters = h.refcount_table_offset, h.refcount_table_clusters
-        self.next = -(-file_size // self.cs)  # the next free cluster: all below are in use
-        first = int.from_bytes(os.pread(self.fd, 8, self.rt_offset), "big")
-        self.rb0 = first & REFT_OFFSET_MASK  # create()'s refcount block, counting cluster 0..
+    def _write_header(
+        self,
+        cs: int,
+        lazy_refcounts: bool,
+        backing_file: Optional[StrPath],
+        backing_format: Optional[str],
+    ) -> int:
+        """Create the file with its header: qemu-img create's layout (header, refcount
+        table, refcount block, L1 table), the rest written at close. Returns the fd."""
+        if self.size < 0 or self.size % 512:
+            raise ValueError(f"size must be a non-negative multiple of 512, not {self.size}")
+        if cs & (cs - 1) or not (1 << MIN_CLUSTER_BITS) <= cs <= (1 << MAX_CLUSTER_BITS):
+            raise ValueError(f"cluster_size must be a power of two in 512..2M, not {cs}")
+        name, fmt = _new_backing(self.path, backing_file, backing_format)
+        self.cs, self.cbits = cs, cs.bit_length() - 1
+        self.l2_entries = cs // 8
+        self.l1_size = -(-self.size // (cs * self.l2_entries))
+        self.l1_offset = 3 * cs if self.l1_size else 0
+        self.rt_offset, self.rt_clusters, self.rb0 = cs, 1, 2 * cs
+        self.next = 3 + -(-8 * self.l1_size // cs)  # the next free cluster
+        h = Header(
+            backing_file=name,
+            backing_format=fmt,
+            version=3,
+            cluster_bits=self.cbits,
+            size=self.size,
+            l1_size=self.l1_size,
+            l1_table_offset=self.l1_offset,
+            refcount_table_offset=self.rt_offset,
+            refcount_table_clusters=self.rt_clusters,
+            nb_snapshots=0,
+            snapshots_offset=0,
+            compatible_features=COMPAT_LAZY_REFCOUNTS if lazy_refcounts else 0,
+        )
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            full_pwrite(fd, build_header(h), 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     # ------------------------------------------------------------------ writing
     def write(self, offset: int, data: Any) -> int:
@@ -203,7 +228,7 @@ class FreshWriter:
         while True:
             blocks = -(-total // per_block)
             new_rt = 0 if blocks <= rt_capacity else -(-blocks * 8 // self.cs)
-            want = end + (blocks - 1) + new_rt  # block 0 is create()'s, already counted
+            want = end + (blocks - 1) + new_rt  # block 0 (cluster 2) is already counted
             if want == total:
                 return end, (end + blocks - 1) if new_rt else 0, total
             total = want
@@ -219,7 +244,7 @@ class FreshWriter:
         for b in range(1, blocks):
             reftable[b] = (rb_first + b - 1) << self.cbits
         if rt_first:
-            counts[self.rt_offset >> self.cbits] = 0  # create()'s table is let go
+            counts[self.rt_offset >> self.cbits] = 0  # the first table (cluster 1) is let go
         for b in range(blocks):
             block = counts[b * per_block : (b + 1) * per_block]
             full_pwrite(self.fd, block.tobytes(), int(reftable[b]))
