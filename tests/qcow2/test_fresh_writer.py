@@ -109,3 +109,22 @@ def test_refcount_table_outgrown(tmp_path):
     check_equal(tmp_path, path, data)
     info = qemu_img("info", path)
     assert "cluster_size: 512" in info
+
+
+def test_overlay_last_cluster_cut_short(tmp_path):
+    """A virtual size that ends inside a cluster: the last write of an overlay may end
+    there (fvd convert rounds a qcow2's size up to 512 bytes)."""
+    size = MiB + 64 * KiB + 1024
+    base = tmp_path / "base.raw"
+    base.write_bytes(os.urandom(size))
+    want = bytearray(base.read_bytes())
+    path = tmp_path / "top.qcow2"
+    w = FreshWriter(path, size, backing_file="base.raw", backing_format="raw")
+    tail = MiB + 64 * KiB
+    with pytest.raises(ValueError, match="whole clusters"):
+        w.write(tail, b"\x01" * 512)  # would hide the backing file's next 512 bytes
+    w.write(tail, b"\x01" * 1000)  # ends in the last sector: the rest is past the source
+    want[tail : tail + 1000] = b"\x01" * 1000
+    w.close()
+    with qcow2.open(path) as img:
+        assert img.read(tail, 1000) == bytes(want[tail : tail + 1000])
