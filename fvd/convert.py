@@ -14,6 +14,10 @@ or the live contents) are copied: an incremental backup over the previous backup
 
 The output is written to a hidden temporary file in DST's directory and renamed over
 DST at the end; a failed convert removes it. SRC is only ever opened read-only.
+
+This module decides what to copy and where (arguments, policy, the plan, the output);
+the copy loop itself is `fvd.copyloop`. A qcow2 output is laid out in one pass
+(`fvd.qcow2.fresh`); an fvd overlay gets a compact geometry (`_overlay_geometry`).
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ from fvd import qcow2
 from fvd.bench.workloads import MiB, Result
 from fvd.convert import convert
 
-# (source, output format, peer column, qemu-img source, qemu-img -f)
+# (source, output format, peer column, the source qemu-img reads: the same data)
 PAIRS = [
     ("raw", "fvd", "qemu-qcow2", "raw"),
     ("qcow2", "fvd", "qemu-qcow2", "qcow2"),
@@ -67,7 +67,7 @@ CHAIN_WRITES = 0.002  # each overlay: scattered 4 KiB writes over 0.2% of the 4 
 
 def make_source(path: str, mib: int, seed: int = 11) -> None:
     """A sparse raw file of `mib` MiB laid out like a used file system: data runs of
-    4 KiB .. 1 MiB over about 35% of it, one 4 KiB page in 16 of the data left zero."""
+    4 KiB .. 1 MiB over about 35% of it; every 16th page of a run is zero half the time."""
     rng = random.Random(seed)
     size = mib * MiB
     pages = size // 4096

@@ -115,7 +115,7 @@ class Scale:
     open_ops: int = 2048  # allocated chunks when timing open
     repeat: int = 3
     flush_every: int = 16
-    convert_mib: int = 1024  # virtual size of the convert rows' image (30% data)
+    convert_mib: int = 1024  # virtual size of the convert rows' image (~35% data)
 
     @classmethod
     def quick(cls) -> Scale:
