@@ -68,6 +68,7 @@ __all__ = [
     "SnapshotImage",
     "Extent",
     "CheckResult",
+    "ConvertResult",
     "SnapshotInfo",
     "IMPLEMENTATION",
     "FvdError",

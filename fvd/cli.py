@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import json
 import os
+import select
+import signal
 import sys
 from collections.abc import Mapping
 from typing import Any, NoReturn, Optional
@@ -35,6 +38,7 @@ from fvd.ondisk import format as fmt
 from fvd.ops.checksum import checksum
 from fvd.ops.info import snapshot_dict
 from fvd.serve import serve
+from fvd.types import ConvertResult
 
 
 class UsageError(Exception):
@@ -350,9 +354,12 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
 
     opts = parse_options(args.options)
-    progress = qemu_progress() if args.progress else None
+    as_json = args.output == "json"
+    progress = None
+    if args.progress:
+        progress = cliutil.json_progress("copying") if as_json else qemu_progress()
     try:
-        _convert_local(args, opts, progress)
+        result = _convert_local(args, opts, progress)
     except ImageLockedError as e:
         snapshot = _snapshot_name(args.snapshot)
         if snapshot is None:
@@ -363,7 +370,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
                 f"(fvd snapshot -c NAME) and convert that (-l NAME)"
             ) from None
         with cliutil.served(args.src, e, "convert") as client:
-            convert_served(
+            result = convert_served(
                 client,
                 args.dst,
                 snapshot=snapshot,
@@ -375,13 +382,17 @@ def cmd_convert(args: argparse.Namespace) -> int:
                 cache=args.cache,
                 **opts,
             )
-    if progress:
+    if progress and not as_json:
         progress_done()
+    if as_json:
+        print(json.dumps(dataclasses.asdict(result)), flush=True)
     return 0
 
 
-def _convert_local(args: argparse.Namespace, opts: dict[str, str], progress: Optional[Any]) -> None:
-    convert(
+def _convert_local(
+    args: argparse.Namespace, opts: dict[str, str], progress: Optional[Any]
+) -> ConvertResult:
+    return convert(
         args.src,
         args.dst,
         src_format=args.fmt,
@@ -786,6 +797,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="writeback (default): DST is flushed before it is renamed into "
         "place; unsafe: no flush (qemu-img convert's default)",
     )
+    v.add_argument(
+        "--output",
+        choices=["human", "json"],
+        default="human",
+        help="json: the result as one JSON object on stdout (with -p, one JSON object "
+        "per progress step before it)",
+    )
     _force_share_option(v)
     v.add_argument("src")
     v.add_argument("dst")
@@ -826,7 +844,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 1
     try:
         code: int = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
         return code
+    except BrokenPipeError as e:
+        if _stdout_broken():
+            return _stdout_closed()
+        print(f"fvd {args.command}: {_error_line(args, e)}", file=sys.stderr)
+        return 1
     except UsageError as e:
         print(f"fvd {args.command}: {e}", file=sys.stderr)
         return 1
@@ -838,6 +862,27 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise
         print(f"fvd {args.command}: {_error_line(args, e)}", file=sys.stderr)
         return 1
+
+
+def _stdout_broken() -> bool:
+    """Whether stdout is a pipe whose reader has gone (poll reports an error on it)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & select.POLLERR for _, ev in poller.poll(0))
+    except (OSError, ValueError):
+        return False
+
+
+def _stdout_closed() -> int:
+    """The reader of stdout went away (`fvd info ... | head -1`): not the image's fault,
+    so no message. Later writes (the interpreter's own flush at exit) go to /dev/null,
+    as the Python documentation recommends; the exit code is 141 (128 + SIGPIPE), what a
+    shell shows for a command that SIGPIPE ended."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + signal.SIGPIPE
 
 
 def _error_line(args: argparse.Namespace, e: BaseException) -> str:

@@ -1,12 +1,14 @@
 """Helpers of the `fvd` command line that make it behave like qemu-img: opening an
 image by `-f` (or probe), info of every layer of a chain, check facts, and qemu-img's
-progress output."""
+progress output (qemu-img's text, or ovirt-img's JSON lines)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import time
 from typing import Any, Callable, Optional, TextIO
 
 import numpy as np
@@ -279,6 +281,31 @@ def qemu_progress(stream: Optional[TextIO] = None) -> Callable[[int, int], None]
         if pct - state["last"] >= 1.0 or (pct == 100.0 and state["last"] != 100.0):
             state["last"] = pct
             stream.write(f"    ({pct:.2f}/100%)\r")
+            stream.flush()
+
+    return show
+
+
+def json_progress(description: str, stream: Optional[TextIO] = None) -> Callable[[int, int], None]:
+    """A progress(done, total) callback printing one JSON object per line, in whole
+    percent steps, with ovirt-img's keys: {"transferred": bytes done, "elapsed":
+    seconds, "description": what is done, "size": bytes in all, "percent": 0..100}."""
+    stream = stream or sys.stdout
+    start = time.monotonic()
+    state = {"last": -1}
+
+    def show(done: int, total: int) -> None:
+        pct = 100 if total <= 0 else min(100, 100 * done // total)
+        if pct > state["last"]:
+            state["last"] = pct
+            line = {
+                "transferred": done,
+                "elapsed": round(time.monotonic() - start, 6),
+                "description": description,
+                "size": total,
+                "percent": pct,
+            }
+            stream.write(json.dumps(line) + "\n")
             stream.flush()
 
     return show

@@ -14,48 +14,38 @@ or the live contents) are copied: an incremental backup over the previous backup
 
 The output is written to a hidden temporary file in DST's directory and renamed over
 DST at the end; a failed convert removes it. SRC is only ever opened read-only.
+
+This module decides what to copy and where (arguments, policy, the plan, the output);
+the copy loop itself is `fvd.copyloop`. A qcow2 output is laid out in one pass
+(`fvd.qcow2.fresh`); an fvd overlay gets a compact geometry (`_overlay_geometry`).
 """
 
 from __future__ import annotations
 
-import collections
 import errno
 import fcntl
 import os
-import queue
 import re
 import secrets
 import stat
 import struct
-from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, NamedTuple, Optional, Union
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any, Union
 
-import numpy as np
-
-from fvd import backupinfo, qcow2
+from fvd import backupinfo
 from fvd.control import ControlClient
+from fvd.copyloop import CopyCounts, Progress, Range, copy_ranges
 from fvd.errors import FvdError, ImageIOError
-from fvd.fileio import AnyPolicy, punch_hole, resolve_relative
+from fvd.fileio import BACKING_POLICIES, AnyPolicy, punch_hole, resolve_relative
 from fvd.image import Image, create
 from fvd.imageio import FORMATS, AnyImage, RawImage, open_image
 from fvd.qcow2 import Qcow2Image
-from fvd.types import DiskReader, StrPath
-from fvd.units import MiB, parse_size
+from fvd.qcow2.fresh import FreshWriter
+from fvd.types import FLAG_DATA, ConvertResult, DiskReader, StrPath
+from fvd.units import KiB, parse_size
 
-BUFFER = MiB  # per piece: 1 read, few writes; stays in the CPU cache
 ZERO_GRAIN = 4096  # zero detection unit (qemu-img convert's default -S 4k)
-COPY_THREADS = min(2, os.cpu_count() or 1)  # best measured on 2 cores
-
-
-class Range(NamedTuple):
-    start: int
-    length: int
-    zero: bool
-
-
-Run = tuple[int, int, bool]  # (lo, hi, nonzero) inside a buffer
-Progress = Optional[Callable[[int, int], None]]
 
 DST_OPTIONS = {
     "fvd": ("chunk_size", "block_size", "journal_size"),
@@ -79,7 +69,7 @@ def convert(
     cache: str = "writeback",
     backing_policy: AnyPolicy = "any",
     **options: object,
-) -> None:
+) -> ConvertResult:
     """Convert `src` (fvd, qcow2 or raw; probed when src_format is None) into a new
     `dst` of `dst_format`, replacing any existing file at `dst` only on success.
 
@@ -91,6 +81,8 @@ def convert(
         records what it holds (fvd.backup_info).
     options: fvd chunk_size/block_size/journal_size; qcow2 cluster_size/lazy_refcounts.
     progress(done_bytes, total_bytes) is called as the copy goes.
+    Returns a ConvertResult: bytes read from src, data bytes written to dst, data
+    extents copied and zero ranges (adjacent ones merged), seconds taken.
     cache: "writeback" (default): the output is flushed before it is renamed into place;
         "unsafe": nothing is flushed (qemu-img convert's default `-t unsafe`): faster,
         but after a power cut DST may hold anything.
@@ -100,8 +92,10 @@ def convert(
     Errors of the output name `dst` (not its hidden temporary file, nor the source).
     """
     src, dst = os.fspath(src), os.fspath(dst)
+    backing, backing_policy = _policy_word(dst, backing, backing_policy)
     opts = _check_arguments(dst_format, options, cache, since, backing, backing_format)
     _check_paths(src, dst, backing)
+    started = time.monotonic()
     img = open_image(src, src_format, force_share=force_share, backing=backing_policy)
     try:
         view: DiskReader = img
@@ -112,7 +106,7 @@ def convert(
         try:
             holds = _backup_policy(img, src, dst, snapshot, since, backing, backing_format)
             ranges = _plan(img, view, since, snapshot)
-            _write_output(
+            counts = _write_output(
                 view,
                 dst,
                 dst_format,
@@ -129,6 +123,29 @@ def convert(
                 view.close()
     finally:
         img.close()
+    return _result(counts, started)
+
+
+def _result(counts: CopyCounts, started: float) -> ConvertResult:
+    return ConvertResult(
+        counts.bytes_read,
+        counts.bytes_written,
+        counts.extents,
+        counts.zero_ranges,
+        time.monotonic() - started,
+    )
+
+
+def _policy_word(
+    dst: str, backing: StrPath | None, policy: AnyPolicy
+) -> tuple[StrPath | None, AnyPolicy]:
+    """`backing="none"|"same-dir"|"any"` names the source's backing policy (as for
+    fvd.open) unless a file of that name lies beside DST, where `-B` names are resolved:
+    then it is the output's backing file, as always."""
+    if isinstance(backing, str) and backing in BACKING_POLICIES and policy == "any":
+        if not os.path.lexists(resolve_relative(dst, backing)):
+            return None, backing
+    return backing, policy
 
 
 def convert_served(
@@ -143,7 +160,7 @@ def convert_served(
     progress: Progress = None,
     cache: str = "writeback",
     **options: object,
-) -> None:
+) -> ConvertResult:
     """`convert()` of snapshot `snapshot` of an image that `fvd serve` holds (`client`:
     `fvd.connect(image)`): the changed extents come from its control socket, the data
     from the snapshot's NBD export, while the server keeps serving."""
@@ -152,6 +169,7 @@ def convert_served(
     _check_paths(client.image, dst, backing)
     # the same identity check as a local convert: the server's snapshots carry their UUIDs
     holds = _backup_policy(client, client.image, dst, snapshot, since, backing, backing_format)
+    started = time.monotonic()
     if since is not None:
         changed = client.changed_extents(since, snapshot)
     with client.open_export(snapshot) as view:
@@ -159,7 +177,7 @@ def convert_served(
             ranges = [Range(e.start, e.length, not e.data) for e in view.extents()]
         else:
             ranges = [Range(e.start, e.length, bool(e.zero) and not e.data) for e in changed]
-        _write_output(
+        counts = _write_output(
             view,
             dst,
             dst_format,
@@ -171,6 +189,7 @@ def convert_served(
             cache == "unsafe",
             holds,
         )
+    return _result(counts, started)
 
 
 def _backup_policy(
@@ -268,8 +287,16 @@ def _check_paths(src: str, dst: str, backing: StrPath | None = None) -> None:
 # ----- what to copy --------------------------------------------------------------------
 def _plan(img: AnyImage, view: DiskReader, since: str | None, until: str | None) -> list[Range]:
     """Ranges (start, length, zero) to write, sorted and covering what must change."""
+    if since is None and isinstance(view, Qcow2Image):  # a chain's map, in numpy
+        return [
+            Range(s, n, not f & FLAG_DATA, d, o if f & FLAG_DATA else None)
+            for s, n, f, d, o in view.extents_array().tolist()
+        ]
     if since is None:
-        return [Range(e.start, e.length, not e.data) for e in view.extents()]
+        return [
+            Range(e.start, e.length, not e.data, e.depth, e.offset if e.data else None)
+            for e in view.extents()
+        ]
     return changed_ranges(img, since, until)
 
 
@@ -333,7 +360,7 @@ class _RawOutput:
 
 
 # The writer `_open_output` gives.
-Output = Union[_RawOutput, Qcow2Image, Image]
+Output = Union[_RawOutput, FreshWriter, Image]
 
 
 def _open_output(
@@ -350,25 +377,41 @@ def _open_output(
         raw = _RawOutput(path, size, unsafe=cache == "unsafe")
         return raw, raw.grain
     if dst_format == "qcow2":
-        qcow2.create(
+        q = FreshWriter(  # laid out in one pass, metadata written at close
             path,
             -(-size // 512) * 512,
             cluster_size=opts.get("cluster_size", 65536),
             lazy_refcounts=opts.get("lazy_refcounts", False),
             backing_file=backing,
             backing_format=backing_format,
+            cache=cache,
             overwrite=True,  # the empty file _claim_temp made
         )
-        q = qcow2.open(path, "r+", cache=cache)
-        return q, q.cluster_size  # q.thread_safe_writes is False: one writer thread
+        return q, q.cs
     kwargs: dict[str, Any] = {
         k: opts[k] for k in ("chunk_size", "block_size", "journal_size") if k in opts
     }
     if backing is not None:
         kwargs.update(base=backing, base_format=backing_format)
+        kwargs = _overlay_geometry(kwargs)
     create(path, size, overwrite=True, **kwargs)  # over the empty file _claim_temp made
     image = Image(path, "r+", cache=cache)
     return image, image.block_size
+
+
+OVERLAY_CHUNK = 64 * KiB  # an fvd overlay's chunk: its file grows by what changed
+OVERLAY_JOURNAL = 256 * KiB  # an overlay's journal (the default 16 MiB is sized for guests)
+
+
+def _overlay_geometry(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Chunk and journal sizes of an fvd overlay (an incremental backup) unless given:
+    64 KiB chunks and a 256 KiB journal, so the file's size (apparent and allocated)
+    follows the data it holds (the 64 KiB blocks that changed) plus its fixed regions,
+    instead of a 1 MiB chunk per scattered change and a 16 MiB journal."""
+    out = dict(kwargs)
+    out.setdefault("chunk_size", max(OVERLAY_CHUNK, out.get("block_size", 0)))
+    out.setdefault("journal_size", OVERLAY_JOURNAL)
+    return out
 
 
 # ----- the hidden temporary output ------------------------------------------------------
@@ -461,6 +504,23 @@ class _OutputErrors:
             return None
 
 
+class _NamedWriter:
+    """The output as the copy loop writes it, its OSErrors naming DST (reads of the
+    source keep their own errors)."""
+
+    def __init__(self, out: Output, errors: _OutputErrors) -> None:
+        self.out, self.errors = out, errors
+        self.thread_safe_writes = getattr(out, "thread_safe_writes", True)
+
+    def write(self, offset: int, data: Any) -> Any:
+        with self.errors:
+            return self.out.write(offset, data)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        with self.errors:
+            self.out.write_zeroes(offset, length)
+
+
 def _write_output(
     view: DiskReader,
     dst: str,
@@ -472,7 +532,7 @@ def _write_output(
     progress: Progress,
     unsafe: bool = False,
     holds: backupinfo.BackupInfo | None = None,
-) -> None:
+) -> CopyCounts:
     remove_stale_temps(dst)
     errors = _OutputErrors(dst)
     with errors:
@@ -487,8 +547,15 @@ def _write_output(
             overlay = backing is not None
             if overlay:
                 ranges = _widen(ranges, grain, view.size)
-            zero_grain = max(ZERO_GRAIN, grain) if overlay else ZERO_GRAIN
-            _copy(view, out, ranges, overlay, progress, zero_grain, errors)
+            counts = copy_ranges(
+                view,
+                _NamedWriter(out, errors),
+                ranges,
+                overlay=overlay,
+                progress=progress,
+                grain=max(ZERO_GRAIN, grain) if overlay else ZERO_GRAIN,
+                layers=view.layer_readers() if isinstance(view, Qcow2Image) else (),
+            )
         finally:
             with errors:
                 out.close()
@@ -501,6 +568,7 @@ def _write_output(
                 backupinfo.write_sidecar(dst, holds, unsafe)
             if not unsafe:
                 _fsync_dir(os.path.dirname(os.path.abspath(dst)))
+        return counts
     finally:
         if tmp:
             try:
@@ -516,119 +584,3 @@ def _fsync_dir(folder: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-# ----- the copy loop ---------------------------------------------------------------------
-def _copy(
-    view: DiskReader,
-    out: Output,
-    ranges: list[Range],
-    overlay: bool,
-    progress: Progress,
-    grain: int,
-    errors: _OutputErrors,
-    threads: int = COPY_THREADS,
-) -> None:
-    """Copy the data ranges in BUFFER pieces on a few threads (reads, zero detection and
-    fvd/raw writes release the GIL), each with its own reused buffer; skip (or, in an
-    overlay, zero) the zero ranges and the all-zero grains found in the data. Writes to
-    a qcow2 output stay on this thread (fvd.qcow2 is not thread-safe); to fvd and raw
-    outputs the workers write themselves."""
-    total = sum(r.length for r in ranges if not r.zero or overlay)
-    state = {"done": 0}
-    if progress is not None:
-        progress(0, total)
-
-    def advance(n: int) -> None:
-        state["done"] += n
-        if progress is not None:
-            progress(state["done"], total)
-
-    workers_write = getattr(out, "thread_safe_writes", True)
-    free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
-    for _ in range(2 * threads):
-        free.put(bytearray(BUFFER))
-
-    def piece(pos: int, n: int) -> Optional[tuple[bytearray, list[Run]]]:
-        buf = free.get()
-        mv = memoryview(buf)[:n]
-        view.readinto(pos, mv)
-        runs = _nonzero_runs(mv, grain)
-        if workers_write:
-            with errors:
-                _write_runs(out, pos, mv, runs, overlay)
-            free.put(buf)
-            return None
-        return buf, runs
-
-    pending: collections.deque[tuple[int, int, Future[Optional[tuple[bytearray, list[Run]]]]]] = (
-        collections.deque()
-    )
-
-    def finish_one() -> None:
-        pos, n, fut = pending.popleft()
-        got = fut.result()
-        if got is not None:
-            buf, runs = got
-            with errors:
-                _write_runs(out, pos, memoryview(buf)[:n], runs, overlay)
-            free.put(buf)
-        advance(n)
-
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fvd-convert") as pool:
-        try:
-            for r in ranges:
-                if r.zero:
-                    if overlay:
-                        with errors:
-                            out.write_zeroes(r.start, r.length)
-                        advance(r.length)
-                    continue
-                for pos in range(r.start, r.start + r.length, BUFFER):
-                    n = min(BUFFER, r.start + r.length - pos)
-                    while len(pending) >= 2 * threads:
-                        finish_one()
-                    pending.append((pos, n, pool.submit(piece, pos, n)))
-            while pending:
-                finish_one()
-        finally:
-            for _, _, fut in pending:
-                fut.cancel()
-
-
-def _nonzero_runs(mv: memoryview, grain: int) -> list[Run]:
-    """[(lo, hi, nonzero)] covering mv: runs of grains with and without a non-zero byte."""
-    n = len(mv)
-    whole = n // grain
-    if whole:
-        words = np.frombuffer(mv[: whole * grain], dtype=np.uint64)
-        nz = words.reshape(whole, grain // 8).any(axis=1)
-    else:
-        nz = np.zeros(0, dtype=bool)
-    if whole * grain < n:
-        tail = mv[whole * grain :]
-        nz = np.append(nz, tail != bytes(len(tail)))
-    if nz.all():
-        return [(0, n, True)]
-    edges = np.flatnonzero(np.diff(np.concatenate(([False], nz, [False])).astype(np.int8)))
-    runs: list[Run] = []
-    prev = 0
-    for a, b in zip(edges[0::2].tolist(), edges[1::2].tolist()):
-        lo, hi = a * grain, min(n, b * grain)
-        if lo > prev:
-            runs.append((prev, lo, False))
-        runs.append((lo, hi, True))
-        prev = hi
-    if prev < n:
-        runs.append((prev, n, False))
-    return runs
-
-
-def _write_runs(out: Output, offset: int, mv: memoryview, runs: list[Run], overlay: bool) -> None:
-    """Write the non-zero runs; zero runs are skipped, or zeroed when the output is an
-    overlay (its backing may hold data there)."""
-    for lo, hi, nonzero in runs:
-        if nonzero:
-            out.write(offset + lo, mv[lo:hi])
-        elif overlay:
-            out.write_zeroes(offset + lo, hi - lo)

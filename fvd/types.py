@@ -101,9 +101,9 @@ class SnapshotInfo:
 
 @dataclass(frozen=True)
 class ConvertResult:
-    """What `fvd.convert`, `fvd.commit` and `fvd.rebase` did: bytes read from the source,
-    bytes written to the output (data, not zeroed ranges), extents (data ranges) copied,
-    zero ranges written as zeros, and the wall-clock seconds taken."""
+    """What `fvd.convert` (and `fvd.commit`/`fvd.rebase`) did: bytes read from the source,
+    bytes of data written to the output, data extents copied, zero ranges (known zero,
+    never read), wall-clock seconds."""
 
     bytes_read: int
     bytes_written: int

@@ -127,7 +127,7 @@ class Scale:
     open_ops: int = 2048  # allocated chunks when timing open
     repeat: int = 5  # paired rounds at least (fvd and its peers alternate in each)
     flush_every: int = 16
-    convert_mib: int = 1024  # virtual size of the convert rows' image (30% data)
+    convert_mib: int = 1024  # virtual size of the convert rows' image (~35% data)
     budget: float = 0.0  # seconds: more rounds while the run has not used them up
     max_rounds: int = 15
     like_only: bool = False  # leave out QEMU cells that cannot be like-for-like

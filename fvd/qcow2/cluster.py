@@ -33,6 +33,8 @@ from fvd.qcow2.format import (
 from fvd.qcow2.state import Chunk, Qcow2State, Table
 from fvd.types import Extent
 
+_NONE, _DATA, _BACKING, _ZEROS = range(4)  # runs of _read_tree
+
 
 class ClusterMixin(Qcow2State):
     """Mixed into Qcow2Image."""
@@ -106,31 +108,42 @@ class ClusterMixin(Qcow2State):
         return table
 
     def _read_tree(self, l1: Table, l1_off: int, offset: int, mv: memoryview) -> None:
-        """Fill mv with guest bytes from `offset` through the tree under `l1`,
-        one pread per run of physically contiguous clusters."""
+        """Fill mv with guest bytes from `offset` through the tree under `l1`: one pread
+        per run of physically contiguous clusters, one backing-file read per run of
+        unallocated clusters, one fill per run of zero clusters."""
         cs, n, pos = self._cs, len(mv), 0
-        run_pos = run_len = 0
-        run_host = -1
+        kind, run_pos, run_host = _NONE, 0, 0  # the open run: kind, start in mv, host
         while pos < n:
             g = offset + pos
-            within = g & (cs - 1)
-            chunk = min(cs - within, n - pos)
+            chunk = min(cs - (g & (cs - 1)), n - pos)
             off, zero, _ = self._lookup(l1, l1_off, g)
             if off and not zero:
-                host = off + within
-                if run_len and run_host + run_len == host and run_pos + run_len == pos:
-                    run_len += chunk
-                else:
-                    if run_len:
-                        self._data_readinto(run_host, mv[run_pos : run_pos + run_len])
-                    run_pos, run_len, run_host = pos, chunk, host
+                host = off + (g & (cs - 1))
+                if kind == _DATA and run_host + (pos - run_pos) == host:
+                    pos += chunk
+                    continue
+                new, new_host = _DATA, host
             elif not off and not zero and self._backing is not None:
-                self._backing_read(g, mv[pos : pos + chunk])
+                new, new_host = _BACKING, 0
             else:
-                mv[pos : pos + chunk] = self._zeros[:chunk]
+                new, new_host = _ZEROS, 0
+            if new != kind or new == _DATA:
+                self._finish_run(kind, offset, mv, run_pos, pos, run_host)
+                kind, run_pos, run_host = new, pos, new_host
             pos += chunk
-        if run_len:
-            self._data_readinto(run_host, mv[run_pos : run_pos + run_len])
+        self._finish_run(kind, offset, mv, run_pos, n, run_host)
+
+    def _finish_run(
+        self, kind: int, offset: int, mv: memoryview, lo: int, hi: int, host: int
+    ) -> None:
+        if hi <= lo:
+            return
+        if kind == _DATA:
+            self._data_readinto(host, mv[lo:hi])
+        elif kind == _BACKING:
+            self._backing_read(offset + lo, mv[lo:hi])
+        elif kind == _ZEROS:
+            mv[lo:hi] = bytes(hi - lo)
 
     def _backing_read(self, g: int, mv: memoryview) -> None:
         """Guest bytes of an unallocated range from the backing file (zeros past its
@@ -332,9 +345,13 @@ class ClusterMixin(Qcow2State):
         if self._backing is None:
             yield from self._own_extents(offset, length, l1, l1_off)
             return
-        cur = None  # unallocated runs: the backing file's, depth + 1
+        # Unallocated runs show the backing file's extents (depth + 1). The backing file is
+        # asked once for the whole range and swept alongside: one call per layer, not one
+        # per unallocated run (a deep chain of scattered overlays has thousands of them).
+        backing = _Sweep(self._backing_extents(offset, length))
+        cur = None
         for e in self._own_extents(offset, length, l1, l1_off):
-            parts = [e] if e.present else self._backing_extents(e.start, e.length)
+            parts = [e] if e.present else backing.take(e.start, e.length)
             for p in parts:
                 if (
                     cur is not None
@@ -458,3 +475,31 @@ class ClusterMixin(Qcow2State):
                 host += within
             yield Extent(pos, chunk, 0, present, zero, data, host)
             pos += chunk
+
+
+class _Sweep:
+    """Sorted extents covering a range, consumed left to right in clipped pieces."""
+
+    def __init__(self, extents: Iterator[Extent]) -> None:
+        self._it = extents
+        self._cur: Optional[Extent] = None
+
+    def take(self, start: int, length: int) -> list[Extent]:
+        """The extents covering [start, start + length), clipped to it."""
+        end, out = start + length, []
+        while True:
+            x = self._cur if self._cur is not None else next(self._it, None)
+            assert x is not None, "backing extents cover the whole range"
+            self._cur = x
+            x_end = x.start + x.length
+            if x_end <= start:
+                self._cur = None
+                continue
+            s, t = max(start, x.start), min(end, x_end)
+            shift = s - x.start
+            off = None if x.offset is None else x.offset + shift
+            out.append(Extent(s, t - s, x.depth, x.present, x.zero, x.data, off))
+            if x_end <= end:
+                self._cur = None
+            if t >= end:
+                return out

@@ -22,7 +22,7 @@ import errno
 import fcntl
 import os as _os
 import struct
-from typing import TYPE_CHECKING, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -31,11 +31,14 @@ from fvd.errors import BaseImageError, ChainError, CorruptImageError, Unsupporte
 from fvd.fileio import (
     AnyPolicy,
     BackingPolicy,
+    RawFile,
     detect_format,
     open_backing,
     open_disk_file,
+    pread_fill,
     resolve_relative,
 )
+from fvd.qcow2.chainmap import chain_extents
 from fvd.qcow2.cluster import ClusterMixin
 from fvd.qcow2.format import (
     COMPAT_LAZY_REFCOUNTS,
@@ -677,6 +680,23 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
             if self._backing is not None:
                 self._backing.close()
 
+    def layer_readers(self) -> list[Optional[Callable[[int, memoryview], int]]]:
+        """Per depth of the chain (0: this file, 1: its backing file ...), a function
+        read(host_offset, buffer) filling the buffer from that layer's file, at the
+        offsets `extents()` gives for data at that depth (zeros past the file's end);
+        None for a layer only its image can read (an fvd backing file), and nothing
+        past it. For copying a whole chain without per-cluster lookups."""
+        self._check_open()
+        out: list[Optional[Callable[[int, memoryview], int]]] = [_file_reader(self.fd)]
+        b = self._backing
+        if isinstance(b, Qcow2Image):
+            out += b.layer_readers()
+        elif isinstance(b, RawFile):
+            out.append(_file_reader(b.fd))
+        elif b is not None:
+            out.append(None)
+        return out
+
     @property
     def backing_file(self) -> Optional[str]:
         """The backing file name as stored in the header, or None."""
@@ -721,7 +741,13 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
         return self._closed
 
     def extents_array(self, offset: int = 0, length: Optional[int] = None) -> np.ndarray:
-        """extents() as an EXTENT_DTYPE array (fvd.types)."""
+        """extents() as an EXTENT_DTYPE array (fvd.types). The whole of a qcow2 chain
+        is mapped with numpy, all layers at once (fvd.qcow2.chainmap)."""
+        self._check_open()
+        if offset == 0 and length in (None, self.size):
+            whole = chain_extents(self)
+            if whole is not None:
+                return whole
         return extents_to_array(self.extents(offset, length))
 
     @property
@@ -784,6 +810,13 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
             after.leaks_fixed = result.leaks - after.leaks
             return after
         return result
+
+
+def _file_reader(fd: int) -> Callable[[int, memoryview], int]:
+    def read(host: int, mv: memoryview) -> int:
+        return pread_fill(fd, mv, host)
+
+    return read
 
 
 def _byte_view(buf: Buffer, writable: bool) -> memoryview:
