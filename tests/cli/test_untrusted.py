@@ -151,6 +151,23 @@ def test_policy_keeps_the_secret_out(tmp_path, capsys, hostile, policy, name):
     assert leaked(out) is None
 
 
+@pytest.mark.parametrize("policy", ["none", "same-dir"])
+def test_convert_takes_the_contract_word_backing_as_the_policy(tmp_path, hostile, policy):
+    """api-contract: fvd.convert takes backing="none"|"same-dir"|"any" like fvd.open; it
+    names the source's policy unless such a file lies beside DST (then it is -B)."""
+    imgs, _ = hostile
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(fvd.BaseImageError, match="refused"):
+        fvd.convert(imgs / "rel.qcow2", out / "lib.raw", dst_format="raw", backing=policy)
+    assert leaked(out) is None and os.listdir(out) == []
+    # a file of that name beside DST keeps meaning the output's backing file
+    (out / policy).write_bytes(bytes(SIZE))
+    fvd.convert(imgs / "rel.qcow2", out / "x.qcow2", dst_format="qcow2", backing=policy)
+    with qcow2.open(out / "x.qcow2") as q:
+        assert q.backing_file == policy
+
+
 def test_policy_any_is_qemu_img_behaviour(tmp_path, capsys, hostile):
     imgs, _ = hostile
     dst = tmp_path / "x.raw"
