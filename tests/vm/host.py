@@ -71,3 +71,11 @@ def allocated_bytes(image: Path, depth: int = 0) -> int:
     """Bytes of data the image itself holds (depth 0), or its base (depth 1)."""
     with fvd.open(str(image)) as img:
         return sum(e.length for e in img.extents() if e.data and e.depth == depth)
+
+
+def list_dir(raw: Path, path: str) -> list[str]:
+    """The names in a directory of the ext4 in `raw` (debugfs `ls -p`), without . and .."""
+    r = run("debugfs", "-R", f"ls -p {path}", raw)
+    # one "/inode/mode/uid/gid/name/size/" line per entry
+    names = [line.split("/")[5] for line in r.stdout.decode().splitlines() if line.count("/") >= 6]
+    return [n for n in names if n not in (".", "..")]
