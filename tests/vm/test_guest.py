@@ -245,8 +245,7 @@ def test_server_sigkill_mid_workload_keeps_every_fsynced_file(
     assert len(fsynced) >= 30
     host.check_clean(image)  # the journal replays; nothing leaked or corrupt
     raw = host.export_raw(image, tmp_path / "after-kill.raw")
-    host.run("e2fsck", "-fy", raw, ok=(0, 1))  # recovers ext4's own journal (1: fixed)
-    host.e2fsck_clean(raw)
+    host.recover_like_a_crash(raw)  # ext4's own journal replays; nothing torn
     host.assert_files(raw, fsynced)
 
 
@@ -302,29 +301,12 @@ def take_live_snapshot(image: Path, name: str) -> None:
             server.create_snapshot(name)
 
 
-# What a crash leaves for e2fsck to fix after it replays the journal: the superblock's
-# free counts, which ext4 does not journal (the kernel recounts them at mount). A torn
-# point in time shows up as anything else (bitmap differences, bad entries, wrong links).
-CRASH_FIX = re.compile(
-    r"^Free (blocks|inodes) count wrong \(\d+, counted=\d+\)\.\nFix\? yes\n", re.M
-)
-
-
-def recover_like_a_crash(raw: Path) -> str:
-    """e2fsck -fy replays the journal and fixes only what a crash leaves; its output."""
-    r = host.run("e2fsck", "-fy", raw, ok=(0, 1))  # 1: it fixed something
-    out = r.stdout.decode(errors="replace")
-    assert "? yes" not in CRASH_FIX.sub("", out), f"not a crash state:\n{out}"
-    host.e2fsck_clean(raw)
-    return out
-
-
 def assert_crash_consistent(raw: Path, before: dict[str, str], final: dict[str, str]) -> None:
-    """`raw` is a crash state of the guest's ext4 (see recover_like_a_crash), every file
+    """`raw` is a crash state of the guest's ext4 (host.recover_like_a_crash), every file
     fsynced before the snapshot request reads back with its checksum, and so does every
     file older than the newest one the snapshot holds (the guest started a file only after
     the previous one and its directory were fsynced, so a point in time holds a prefix)."""
-    out = recover_like_a_crash(raw)
+    out = host.recover_like_a_crash(raw)
     present = {int(n[1:]) for n in host.list_dir(raw, "/d") if re.fullmatch(r"f\d+", n)}
     newest = max(present, default=0)
     older = {f"/mnt/d/f{k}": final[f"/mnt/d/f{k}"] for k in range(1, newest)}
