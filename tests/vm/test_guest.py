@@ -1,8 +1,9 @@
 """A real Linux guest (ext4, its journal, flushes, discard) on images fvd serves.
 
-Four TCG boots by default (a snapshot between two boots, a copy-on-write overlay, a
-SIGKILL of the server while the guest fsyncs); FVD_GUEST_FULL=1 adds the comparison
-backends, a discard-off contrast and the pure-Python server.
+Five TCG boots by default (a snapshot between two boots, a copy-on-write overlay, a
+SIGKILL of the server while the guest fsyncs, live snapshots through the control socket
+while the guest writes); FVD_GUEST_FULL=1 adds the comparison backends, a discard-off
+contrast and the pure-Python server.
 """
 
 from __future__ import annotations
