@@ -72,7 +72,11 @@ def file_sha256(raw: Path, path: str) -> str:
 
 
 def guest_sums(output: str, prefix: str) -> dict[str, str]:
-    """`sha256sum` lines the guest printed for files under `prefix`: {path: hexdigest}."""
+    """`sha256sum` lines the guest printed for files under `prefix`: {path: hexdigest}.
+
+    Only whole lines: QEMU writes the serial console byte by byte, so a console read
+    while the guest prints may end inside a line ("... /mnt/d/f1" of f12)."""
+    output = output[: output.rfind("\n") + 1]
     found = re.findall(rf"^([0-9a-f]{{64}})\s+({re.escape(prefix)}\S*)$", output, re.M)
     return {path: digest for digest, path in found}
 

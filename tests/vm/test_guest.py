@@ -335,7 +335,7 @@ def test_live_snapshots_while_the_guest_writes_are_crash_consistent(
                 before[name] = fsynced_so_far(guest.wait_for(FSYNCED, count=k * LIVE_STEP))
                 take_live_snapshot(image, name)
             # the guest goes on writing after the last snapshot, then stops
-            guest.wait_for(FSYNCED, count=len(before[name]) + LIVE_STEP)
+            guest.wait_for(FSYNCED, count=len(before[LIVE_SNAPSHOTS[-1]]) + LIVE_STEP)
             with open(flag, "r+b") as f:
                 f.write(b"stop\n")
             r = guest.finish(timeout=120)

@@ -50,6 +50,13 @@ def test_static_binary_detection(tmp_path: Path) -> None:
     assert not _is_static_elf(src)  # not an ELF file at all
 
 
+def test_checksums_only_from_whole_lines() -> None:
+    a, b = "a" * 64, "b" * 64
+    console = f"noise\n{a}  /mnt/d/f1\n{b}  /mnt/d/f1"  # f12's line, half printed
+    assert host.guest_sums(console, "/mnt/d/") == {"/mnt/d/f1": a}
+    assert host.guest_sums(console + "2\n", "/mnt/d/") == {"/mnt/d/f1": a, "/mnt/d/f12": b}
+
+
 @pytest.fixture
 def small_ext4(tmp_path: Path) -> Path:
     """A 32 MiB ext4 holding /d/f1 and /d/f2, made on the host."""
