@@ -64,6 +64,10 @@ umount /mnt
 """
 
 
+# The paper-sized run: a 2 GiB disk, 512 sync writes, 1,000 files with fsync, 4,000 without.
+PLAN = Plan(2 << 30, 512, 1000, 4000)
+
+
 @dataclass
 class Samples:
     by_backend: dict[str, list[dict[str, float]]] = field(default_factory=dict)
@@ -152,13 +156,26 @@ def table(samples: Samples, contenders: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def measure(plan: Plan, contenders: Sequence[str], boots: int) -> tuple[dict[str, Any], Samples]:
+    """A whole run: the kit prepared, `boots` interleaved rounds; the run as --save
+    writes it (environment, plan, samples) and its samples. Used by main() and by
+    bench/test_guest_bench.py."""
+    kit = prepare()
+    env = environment(kit)
+    start = time.monotonic()
+    samples = run_rounds(kit, plan, contenders, boots)
+    env["seconds"] = round(time.monotonic() - start, 1)
+    env["load_average_end"] = os.getloadavg()
+    return {"environment": env, "plan": plan.__dict__, "samples": samples.by_backend}, samples
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tests.vm.bench", description=__doc__.split("\n")[0])
     p.add_argument("--boots", type=int, default=3, help="boots per contender (medians)")
-    p.add_argument("--size-gib", type=int, default=2)
-    p.add_argument("--sync-writes", type=int, default=512)
-    p.add_argument("--fsync-files", type=int, default=1000)
-    p.add_argument("--nofsync-files", type=int, default=4000)
+    p.add_argument("--size-gib", type=int, default=PLAN.size >> 30)
+    p.add_argument("--sync-writes", type=int, default=PLAN.sync_writes)
+    p.add_argument("--fsync-files", type=int, default=PLAN.fsync_files)
+    p.add_argument("--nofsync-files", type=int, default=PLAN.nofsync_files)
     p.add_argument("--contenders", default=",".join(CONTENDERS), help="fvd-serve first")
     p.add_argument("--save", type=Path, help="also write every sample as JSON here")
     p.add_argument(
@@ -179,16 +196,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     plan = Plan(args.size_gib << 30, args.sync_writes, args.fsync_files, args.nofsync_files)
     try:
-        kit = prepare()
-        env = environment(kit)
-        start = time.monotonic()
-        samples = run_rounds(kit, plan, args.contenders.split(","), args.boots)
+        run, samples = measure(plan, args.contenders.split(","), args.boots)
     except GuestKitError as e:
         print(f"guest bench: {e}", file=sys.stderr)
         return 1
-    env["seconds"] = round(time.monotonic() - start, 1)
-    env["load_average_end"] = os.getloadavg()
-    run = {"environment": env, "plan": plan.__dict__, "samples": samples.by_backend}
     if args.save:
         args.save.write_text(json.dumps(run, indent=1))
     report(run, samples)

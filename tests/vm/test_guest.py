@@ -1,8 +1,9 @@
 """A real Linux guest (ext4, its journal, flushes, discard) on images fvd serves.
 
-Four TCG boots by default (a snapshot between two boots, a copy-on-write overlay, a
-SIGKILL of the server while the guest fsyncs); FVD_GUEST_FULL=1 adds the comparison
-backends, a discard-off contrast and the pure-Python server.
+Five TCG boots by default (a snapshot between two boots, a copy-on-write overlay, a
+SIGKILL of the server while the guest fsyncs, live snapshots through the control socket
+while the guest writes); FVD_GUEST_FULL=1 adds the comparison backends, a discard-off
+contrast and the pure-Python server.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import signal
 from pathlib import Path
 
 import pytest
+
+import fvd
 
 from . import host
 from .conftest import FULL
@@ -243,6 +246,107 @@ def test_server_sigkill_mid_workload_keeps_every_fsynced_file(
     assert len(fsynced) >= 30
     host.check_clean(image)  # the journal replays; nothing leaked or corrupt
     raw = host.export_raw(image, tmp_path / "after-kill.raw")
-    host.run("e2fsck", "-fy", raw, ok=(0, 1))  # recovers ext4's own journal (1: fixed)
-    host.e2fsck_clean(raw)
+    host.recover_like_a_crash(raw)  # ext4's own journal replays; nothing torn
     host.assert_files(raw, fsynced)
+
+
+# Files created one by one, each fsynced (with its directory) before the next one starts
+# and its checksum printed only then, until the host writes "stop" to /dev/vdb; meanwhile
+# a background writer keeps unsynced data, new files and deletes on their way to the
+# disk (writeback every 0.2 s, a journal commit every second), so the snapshots catch
+# ext4 mid-transaction.
+LIVE_LOOP = """set -e
+i=0
+while [ ! -b /dev/vdb ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
+mount -o commit=1 /dev/vda /mnt
+mkdir -p /mnt/d /mnt/bg
+sync /mnt
+echo 20 > /proc/sys/vm/dirty_writeback_centisecs
+echo 50 > /proc/sys/vm/dirty_expire_centisecs
+(
+    j=0
+    while [ ! -e /tmp/stop ]; do
+        j=$((j + 1))
+        dd if=/dev/urandom of=/mnt/bg/b$j bs=16k count=$((j % 8 + 1)) 2>/dev/null
+        rm -f /mnt/bg/b$((j - 4))
+    done
+) &
+i=0
+while [ "$(dd if=/dev/vdb bs=512 count=1 iflag=direct 2>/dev/null | head -n 1)" != stop ]; do
+    if [ $i -ge 3000 ]; then echo "FVD-ERROR the host never said stop"; exit 1; fi
+    i=$((i + 1))
+    dd if=/dev/urandom of=/mnt/d/f$i bs=1k count=$((i % 23 + 1)) 2>/dev/null
+    sync /mnt/d/f$i
+    sync /mnt/d
+    sha256sum /mnt/d/f$i
+done
+touch /tmp/stop
+wait
+umount /mnt
+"""
+LIVE_SNAPSHOTS = ("s1", "s2", "s3")
+LIVE_STEP = 15  # files fsynced between two snapshot requests
+
+
+def fsynced_so_far(console: str) -> dict[str, str]:
+    return host.guest_sums(console.replace("\r\n", "\n"), "/mnt/d/")
+
+
+def take_live_snapshot(image: Path, name: str) -> None:
+    """The first through the CLI (which finds the control socket), the rest through
+    fvd.connect: both are the control socket's snapshot-create."""
+    if name == LIVE_SNAPSHOTS[0]:
+        host.fvd_cli("snapshot", "-c", name, image)
+    else:
+        with fvd.connect(image) as server:
+            server.create_snapshot(name)
+
+
+def assert_crash_consistent(raw: Path, before: dict[str, str], final: dict[str, str]) -> None:
+    """`raw` is a crash state of the guest's ext4 (host.recover_like_a_crash), every file
+    fsynced before the snapshot request reads back with its checksum, and so does every
+    file older than the newest one the snapshot holds (the guest started a file only after
+    the previous one and its directory were fsynced, so a point in time holds a prefix)."""
+    out = host.recover_like_a_crash(raw)
+    present = {int(n[1:]) for n in host.list_dir(raw, "/d") if re.fullmatch(r"f\d+", n)}
+    newest = max(present, default=0)
+    older = {f"/mnt/d/f{k}": final[f"/mnt/d/f{k}"] for k in range(1, newest)}
+    assert set(before) <= set(older) | {f"/mnt/d/f{newest}"}, (sorted(before), newest)
+    host.assert_files(raw, {**older, **before})
+    recovered = "recovering journal" in out
+    print(
+        f"[{raw.stem}: {len(before)} files fsynced before the request, holds f1..f{newest}"
+        f"{', journal recovered' if recovered else ''}]"
+    )
+
+
+def test_live_snapshots_while_the_guest_writes_are_crash_consistent(
+    kit: Kit, tmp_path: Path, impl: str
+) -> None:
+    image = fresh_ext4(tmp_path, "fvd", 256 * MiB)
+    flag = tmp_path / "flag.raw"  # the guest's /dev/vdb: "stop" ends its loop
+    flag.write_bytes(b"go\n".ljust(4096, b"\n"))
+    before: dict[str, dict[str, str]] = {}
+    with attach("fvd-serve", image, env=serve_env(impl)) as disk:
+        drives = [disk.drive, f"file={flag},format=raw,if=virtio,readonly=on"]
+        with started(kit, drives, LIVE_LOOP, "fvd-serve") as guest:
+            for k, name in enumerate(LIVE_SNAPSHOTS, 1):
+                # what the guest reported fsynced before the request is sent
+                before[name] = fsynced_so_far(guest.wait_for(FSYNCED, count=k * LIVE_STEP))
+                take_live_snapshot(image, name)
+            # the guest goes on writing after the last snapshot, then stops
+            guest.wait_for(FSYNCED, count=len(before[LIVE_SNAPSHOTS[-1]]) + LIVE_STEP)
+            with open(flag, "r+b") as f:
+                f.write(b"stop\n")
+            r = guest.finish(timeout=120)
+    print(f"[fvd-serve, live snapshots, accel {r.accel}, {r.seconds:.1f} s]")
+    r.check()
+    final = fsynced_so_far(r.output)
+    host.check_clean(image)
+    for name in LIVE_SNAPSHOTS:
+        snap = host.export_raw(image, tmp_path / f"{name}.raw", snapshot=name)
+        assert_crash_consistent(snap, before[name], final)
+        snap.unlink()
+    live = host.export_raw(image, tmp_path / "live.raw")
+    host.e2fsck_clean(live)  # unmounted cleanly: nothing to recover
+    host.assert_files(live, final)
