@@ -28,6 +28,7 @@ from fvd.errors import (
     ServeError,
     SnapshotBusyError,
     SnapshotNotFoundError,
+    TablelessError,
     UnsupportedFeatureError,
     WrongFormatError,
 )
@@ -57,6 +58,7 @@ __all__ = [
     "measure",
     "ConvertResult",
     "ChainError",
+    "TablelessError",
     "Image",
     "SnapshotImage",
     "Extent",

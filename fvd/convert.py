@@ -58,7 +58,7 @@ Run = tuple[int, int, bool]  # (lo, hi, nonzero) inside a buffer
 Progress = Optional[Callable[[int, int], None]]
 
 DST_OPTIONS = {
-    "fvd": ("chunk_size", "block_size", "journal_size"),
+    "fvd": ("chunk_size", "block_size", "journal_size", "table"),
     "qcow2": ("cluster_size", "lazy_refcounts"),
     "raw": (),
 }
@@ -86,7 +86,7 @@ def convert(
     snapshot: read this internal snapshot of src instead of its current contents.
     since: copy only what changed between snapshot `since` and the source (needs
         `backing`, the previous backup, which the output uses as its base).
-    options: fvd chunk_size/block_size/journal_size; qcow2 cluster_size/lazy_refcounts.
+    options: fvd chunk_size/block_size/journal_size/table (False: table-less); qcow2 cluster_size/lazy_refcounts.
     progress(done_bytes, total_bytes) is called as the copy goes.
     cache: "writeback" (default): the output is flushed before it is renamed into place;
         "unsafe": nothing is flushed (qemu-img convert's default `-t unsafe`): faster,
@@ -199,7 +199,7 @@ def _dst_options(dst_format: str, options: Mapping[str, object]) -> dict[str, An
         raise ValueError(f"unknown option(s) for {dst_format} output: {', '.join(unknown)}{hint}")
     out: dict[str, Any] = {}  # sizes (int), lazy_refcounts (bool)
     for key, value in options.items():
-        if key == "lazy_refcounts":
+        if key in ("lazy_refcounts", "table"):
             out[key] = _bool_option(key, value)
         else:
             out[key] = _size_option(key, value)
@@ -338,7 +338,7 @@ def _open_output(
         q = qcow2.open(path, "r+", cache=cache)
         return q, q.cluster_size  # q.thread_safe_writes is False: one writer thread
     kwargs: dict[str, Any] = {
-        k: opts[k] for k in ("chunk_size", "block_size", "journal_size") if k in opts
+        k: opts[k] for k in ("chunk_size", "block_size", "journal_size", "table") if k in opts
     }
     if backing is not None:
         kwargs.update(base=backing, base_format=backing_format)

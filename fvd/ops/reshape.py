@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from fvd.core import tableless
 from fvd.errors import ChainError, CorruptImageError
 from fvd.fileio import full_pwrite, lock_image
 from fvd.ondisk import format as fmt
@@ -96,11 +97,28 @@ def resize_file(path: str, size: int) -> None:
                 f"{path}: the base ({base_size} bytes) is larger than the image; growing "
                 f"would expose base data: rebase or convert instead"
             )
+        if fmt.is_tableless(h):
+            _resize_tableless(f, size)
+            return
         table = f.table()
         if new_n <= old_n:
             _shrink(f, table, size, new_n)
         else:
             _grow(f, table, size, new_n)
+
+
+def _resize_tableless(f: _Locked, size: int) -> None:
+    """The file is the data area: it grows before the header commits the new size, and
+    is cut after a shrink commits (the caller checked the cut part reads zeros)."""
+    new_end = f.h["data_offset"] + size
+    if size > f.h["virtual_size"]:
+        os.ftruncate(f.fd, new_end)
+        f.sync()
+        f.commit(virtual_size=size)
+    else:
+        f.commit(virtual_size=size)
+        os.ftruncate(f.fd, new_end)
+        f.sync()
 
 
 def _shrink(f: _Locked, table: np.ndarray, size: int, new_n: int) -> None:
@@ -166,6 +184,15 @@ def empty_front(path: str) -> bool:
         bitmap = bytes(h["bitmap_size"])
         f.write(h["bitmap_offset"], bitmap)
         f.sync()  # bits first: a cleared chunk under a set bit would read zeros
+        if fmt.is_tableless(h):  # the data area becomes one hole
+            os.ftruncate(f.fd, h["data_offset"])
+            os.ftruncate(f.fd, tableless.data_end(h))
+            f.commit(
+                clean_shutdown=1,
+                bitmap_crc=zlib.crc32(bitmap),
+                journal_epoch=h["journal_epoch"] + 1,
+            )
+            return False
         table = np.full(f.nchunks, fmt.UNALLOCATED, dtype=fmt.TABLE_DTYPE).tobytes()
         f.write(h["table_offset"], table)
         f.sync()
@@ -197,6 +224,8 @@ def set_base(path: str, name: bytes, base_format: int, base_size: int) -> None:
                 f"{path}: has no base image (an fvd image gets its base region at create); "
                 f"convert it with -B instead"
             )
+        if fmt.is_tableless(h):
+            raise tableless.refuse(path, "a new base (rebase, commit -b)")
         f.refuse_snapshots("rebase")
         table = f.table()
         bits, bitmap_size = _new_bitmap(f, table, base_size)
