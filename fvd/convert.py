@@ -86,7 +86,8 @@ def convert(
     snapshot: read this internal snapshot of src instead of its current contents.
     since: copy only what changed between snapshot `since` and the source (needs
         `backing`, the previous backup, which the output uses as its base).
-    options: fvd chunk_size/block_size/journal_size/table (False: table-less); qcow2 cluster_size/lazy_refcounts.
+    options: fvd chunk_size/block_size/journal_size/table (False: table-less);
+        qcow2 cluster_size/lazy_refcounts.
     progress(done_bytes, total_bytes) is called as the copy goes.
     cache: "writeback" (default): the output is flushed before it is renamed into place;
         "unsafe": nothing is flushed (qemu-img convert's default `-t unsafe`): faster,

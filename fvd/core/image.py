@@ -20,8 +20,8 @@ from typing import Any, Optional
 import numpy as np
 
 from fvd import _impl
-from fvd.core.allocator import ChunkAllocator, front_usage
 from fvd.core import tableless
+from fvd.core.allocator import ChunkAllocator, front_usage
 from fvd.core.hooks import Attach, BaseHook, PartialHook, SnapshotHook
 from fvd.core.journal import (
     REC_BITMAP,
