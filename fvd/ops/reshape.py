@@ -55,6 +55,8 @@ class _Locked:
         return data
 
     def table(self) -> np.ndarray:
+        if fmt.is_tableless(self.h):  # every chunk at its own place: all "allocated"
+            return tableless.identity_table(self.nchunks)
         raw = self.read(self.h["table_offset"], 4 * self.nchunks)
         return np.frombuffer(raw, dtype=fmt.TABLE_DTYPE).astype(np.uint32)
 
@@ -224,8 +226,6 @@ def set_base(path: str, name: bytes, base_format: int, base_size: int) -> None:
                 f"{path}: has no base image (an fvd image gets its base region at create); "
                 f"convert it with -B instead"
             )
-        if fmt.is_tableless(h):
-            raise tableless.refuse(path, "a new base (rebase, commit -b)")
         f.refuse_snapshots("rebase")
         table = f.table()
         bits, bitmap_size = _new_bitmap(f, table, base_size)
@@ -313,7 +313,9 @@ def _name_slot(f: _Locked, name_size: int) -> dict[str, Any]:
     when no gap is there). Never the slot the header names."""
     h = f.h
     cur = h["base_name_offset"]
-    others = [h["bitmap_offset"], h["table_offset"], h["journal_offset"]]
+    others = [h["bitmap_offset"], h["journal_offset"]]
+    if h["table_offset"]:  # a table-less image has none
+        others.append(h["table_offset"])
     if cur != fmt.HEADER_REGION and min(others) >= fmt.HEADER_REGION + SLOT:
         return dict(base_name_offset=fmt.HEADER_REGION)
     end = h["journal_offset"] + h["journal_size"]
