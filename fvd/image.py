@@ -29,7 +29,7 @@ from fvd.ondisk import format as fmt
 from fvd.ops import check as check_ops
 from fvd.ops import reshape
 from fvd.ops.diskops import DiskOps
-from fvd.ops.info import image_info
+from fvd.ops.info import allocated_chunks, image_info
 from fvd.types import CheckResult, SnapshotInfo
 from fvd.units import KiB, MiB
 
@@ -316,7 +316,8 @@ class Image(DiskOps):
 
     @property
     def allocated_chunks(self) -> int:
-        return int(np.count_nonzero(self._core.table < fmt.ZERO_CHUNK))
+        """Chunks the table maps (table-less: chunks holding data in the file)."""
+        return allocated_chunks(self._core)
 
     def info(self) -> dict[str, Any]:
         """Header facts and allocation, as `fvd info --output=json` shows them."""

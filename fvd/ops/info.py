@@ -37,7 +37,7 @@ def fvd_snapshot_dicts(img: ImageCore) -> list[dict[str, Any]]:
     ]
 
 
-def _allocated_chunks(img: ImageCore) -> int:
+def allocated_chunks(img: ImageCore) -> int:
     """Chunks the table maps; of a table-less image, chunks holding data in the file."""
     if not img.tableless:
         return int(np.count_nonzero(img.table < fmt.ZERO_CHUNK))
@@ -60,7 +60,7 @@ def image_info(img: ImageCore) -> dict[str, Any]:
         "incompatible-features": h["incompatible_features"],
         "compatible-features": h["compatible_features"],
         "table": "off" if img.tableless else "on",
-        "allocated-chunks": _allocated_chunks(img),
+        "allocated-chunks": allocated_chunks(img),
         "total-chunks": img.nchunks,
         "image-end-offset": (
             tableless.data_end(h)
