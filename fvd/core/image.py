@@ -390,6 +390,8 @@ class ImageCore:
         return True
 
     def in_use(self):
+        if self.tableless:  # every chunk is its own: all in use, nothing to allocate
+            return np.ones(self.nchunks, dtype=bool)
         nphys = max(len(self.frozen), 1)
         used = front_usage(self.table, nphys) > 0
         if self.snapshot_state is not None:
