@@ -331,9 +331,12 @@ class Image(DiskOps):
             return check_ops.check_image(core, repair)
 
     # ----- snapshots (fvd.features.snapshots) ------------------------------------------
-    def create_snapshot(self, name: str, vm_state: bytes = b"") -> SnapshotInfo:
+    def _need_table(self, what: str) -> None:
         if self._core.tableless:
-            raise tableless.refuse(self.path, "a snapshot (create_snapshot)")
+            raise tableless.refuse(self.path, what)
+
+    def create_snapshot(self, name: str, vm_state: bytes = b"") -> SnapshotInfo:
+        self._need_table("a snapshot (create_snapshot)")
         with self._io("snapshot create"):
             return snap.create_snapshot(self._core, name, vm_state)
 
@@ -341,19 +344,23 @@ class Image(DiskOps):
         return snap.list_snapshots(self._core)
 
     def delete_snapshot(self, name: str) -> None:
+        self._need_table("delete_snapshot")
         with self._io("snapshot delete"):
             snap.delete_snapshot(self._core, name)
 
     def revert_to_snapshot(self, name: str) -> None:
+        self._need_table("revert_to_snapshot")
         with self._io("snapshot revert"):
             snap.revert_to_snapshot(self._core, name)
 
     def open_snapshot(self, name: str) -> SnapshotImage:
         """A read-only view of snapshot `name`, usable while the image keeps being written."""
+        self._need_table("open_snapshot")
         with self._io("snapshot open"):
             return SnapshotImage(snap.open_snapshot(self._core, name))
 
     def read_vm_state(self, name: str) -> bytes:
+        self._need_table("read_vm_state")
         with self._io("read vm_state"):
             return snap.read_vm_state(self._core, name)
 

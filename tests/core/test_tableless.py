@@ -218,6 +218,9 @@ def test_refusals_name_the_option(plain, tmp_path):
         assert isinstance(e.value, ValueError) and "\n" not in str(e.value)
         assert plain in str(e.value)
         assert img.snapshots() == []
+        for call in (img.delete_snapshot, img.revert_to_snapshot, img.open_snapshot):
+            with pytest.raises(fvd.TablelessError, match="table=off"):
+                call("s")
     with pytest.raises(ValueError, match="table must be True or False"):
         fvd.create(str(tmp_path / "x.fvd"), MiB, table="off")
 
