@@ -344,3 +344,26 @@ def _each_sector_before_or_after(state, before, after, where):
     for pos in range(0, n, 512):
         piece = state[pos : pos + 512]
         assert piece in (before[pos : pos + 512], after[pos : pos + 512]), f"{where} @{pos}"
+
+
+def test_rebase_and_commit_keep_what_the_image_reads(based, tmp_path):
+    path, want = based
+    with fvd.open(path, "r+") as img:
+        img.write(100 * KiB, pat(11, 300 * KiB))
+        img.write(3 * MiB + 70 * KiB, pat(12, 1000))
+        want = img.read(0, 4 * MiB)
+    other = str(tmp_path / "b2.raw")
+    make_raw(other, 5 * MiB, seed=5)
+    fvd.rebase(path, other, backing_format="raw")
+    with fvd.open(path) as img:
+        assert img.base == other and img.base_size == 5 * MiB
+        assert img.read(0, 4 * MiB) == want
+        assert_clean(img)
+    fvd.commit(path)
+    with open(other, "rb") as f:
+        assert f.read(4 * MiB) == want
+    with fvd.open(path) as img:
+        assert img.read(0, 4 * MiB) == want
+        assert not any(e.depth == 0 and e.data for e in img.extents())  # emptied
+        assert img.allocated_chunks == 0
+        assert_clean(img)
