@@ -30,6 +30,7 @@ from fvd.errors import (
     ServeError,
     SnapshotBusyError,
     SnapshotNotFoundError,
+    TablelessError,
     UnsupportedFeatureError,
     WrongFormatError,
 )
@@ -64,6 +65,7 @@ __all__ = [
     "verify_backup_chain",
     "BackupInfo",
     "BackupChainError",
+    "TablelessError",
     "Image",
     "SnapshotImage",
     "Extent",

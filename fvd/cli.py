@@ -94,6 +94,8 @@ def cmd_create(args: argparse.Namespace) -> int:
     for key in ("chunk_size", "block_size", "journal_size"):
         if key in opts:
             kwargs[key] = parse_size(opts.pop(key))
+    if "table" in opts:  # table=off: a table-less image
+        kwargs["table"] = _dst_options("fvd", {"table": opts.pop("table")})["table"]
     if opts:
         raise UsageError(f"unknown option(s): {', '.join(opts)}")
     if args.backing:
@@ -665,7 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-o",
         dest="options",
         metavar="OPTS",
-        help="chunk_size=SIZE,block_size=SIZE,journal_size=SIZE",
+        help="chunk_size=SIZE,block_size=SIZE,journal_size=SIZE,table=on|off",
     )
     c.add_argument(
         "-f",
@@ -786,7 +788,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-o",
         dest="options",
         metavar="OPTS",
-        help="fvd: chunk_size=,block_size=; qcow2: cluster_size=,lazy_refcounts=",
+        help="fvd: chunk_size=,block_size=,table=on|off; qcow2: cluster_size=,lazy_refcounts=",
     )
     v.add_argument("-p", dest="progress", action="store_true", help="show progress")
     v.add_argument(

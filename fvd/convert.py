@@ -48,7 +48,7 @@ from fvd.units import KiB, parse_size
 ZERO_GRAIN = 4096  # zero detection unit (qemu-img convert's default -S 4k)
 
 DST_OPTIONS = {
-    "fvd": ("chunk_size", "block_size", "journal_size"),
+    "fvd": ("chunk_size", "block_size", "journal_size", "table"),
     "qcow2": ("cluster_size", "lazy_refcounts"),
     "raw": (),
 }
@@ -79,7 +79,8 @@ def convert(
         anything is copied, BackupChainError ("a full backup is needed") unless
         `backing` holds snapshot `since` of this image (fvd.backupinfo); every output
         records what it holds (fvd.backup_info).
-    options: fvd chunk_size/block_size/journal_size; qcow2 cluster_size/lazy_refcounts.
+    options: fvd chunk_size/block_size/journal_size/table (False: table-less);
+        qcow2 cluster_size/lazy_refcounts.
     progress(done_bytes, total_bytes) is called as the copy goes.
     Returns a ConvertResult: bytes read from src, data bytes written to dst, data
     extents copied and zero ranges (adjacent ones merged), seconds taken.
@@ -242,7 +243,7 @@ def _dst_options(dst_format: str, options: Mapping[str, object]) -> dict[str, An
         raise ValueError(f"unknown option(s) for {dst_format} output: {', '.join(unknown)}{hint}")
     out: dict[str, Any] = {}  # sizes (int), lazy_refcounts (bool)
     for key, value in options.items():
-        if key == "lazy_refcounts":
+        if key in ("lazy_refcounts", "table"):
             out[key] = _bool_option(key, value)
         else:
             out[key] = _size_option(key, value)
@@ -389,7 +390,7 @@ def _open_output(
         )
         return q, q.cs
     kwargs: dict[str, Any] = {
-        k: opts[k] for k in ("chunk_size", "block_size", "journal_size") if k in opts
+        k: opts[k] for k in ("chunk_size", "block_size", "journal_size", "table") if k in opts
     }
     if backing is not None:
         kwargs.update(base=backing, base_format=backing_format)

@@ -97,3 +97,14 @@ class WrongFormatError(FvdError, ValueError):
 class ChainError(FvdError, ValueError):
     """A chain operation (commit, rebase, resize) cannot be done as asked: a shrink over
     data, an image with internal snapshots, a layout without room; the message says which."""
+
+
+class TablelessError(FvdError, ValueError):
+    """What needs the lookup table (snapshots, compact allocation, table-based changes of
+    the layout) asked of a table-less image (created with table=False / -o table=off)."""
+
+    def __init__(self, path: str, what: str) -> None:
+        super().__init__(
+            f"{path}: {what} needs the lookup table; the image was created with table=off"
+        )
+        self.path, self.what = path, what

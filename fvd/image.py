@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from fvd import registry
+from fvd.core import tableless
 from fvd.core.image import ImageCore
 from fvd.errors import BaseImageError, ChainError, FvdError, ReadOnlyImageError, io_error
 from fvd.features import base as base_feature
@@ -28,7 +29,7 @@ from fvd.ondisk import format as fmt
 from fvd.ops import check as check_ops
 from fvd.ops import reshape
 from fvd.ops.diskops import DiskOps
-from fvd.ops.info import image_info
+from fvd.ops.info import allocated_chunks, image_info
 from fvd.types import CheckResult, SnapshotInfo
 from fvd.units import KiB, MiB
 
@@ -47,7 +48,7 @@ def attach_features(
     h = core.header
     if h["base_format"] != fmt.BASE_NONE:
         base_feature.attach_base(core, chain, copy_on_read, policy, skip_base)
-    else:
+    elif not core.tableless:  # partial chunks come with snapshots: never table-less
         attach_partial(core)  # copy_on_read without a base: a no-op, as in QEMU
     if h["nb_snapshots"] or h["snapshot_table_offset"]:
         snap.attach_snapshots(core)
@@ -65,11 +66,14 @@ def create(
     journal_size: Optional[int] = None,
     overwrite: bool = False,
     backing: AnyPolicy = "any",
+    table: bool = True,
 ) -> None:
     """Create a new, empty image file, optionally over a base image (raw, fvd, qcow2 or
     an NBD URI). Without `base_format` the base's magic decides (fvd, qcow2, else raw):
     give it for a base you do not trust (`fvd create -b` requires -F). `backing`: which
-    base files the new image's chain may use ("any", "same-dir", "none")."""
+    base files the new image's chain may use ("any", "same-dir", "none"). `table=False`:
+    a table-less image (guest offset x at data_offset + x, the host file system
+    allocates; no snapshots), see fvd.core.tableless."""
     size = int(size)
     if not 0 < size <= fmt.MAX_VIRTUAL_SIZE:
         raise ValueError(f"image size must be in (0, {fmt.MAX_VIRTUAL_SIZE}], not {size}")
@@ -84,6 +88,8 @@ def create(
         )
     if not compact:
         raise ValueError("only compact images (one-level lookup table) are supported")
+    if not isinstance(table, bool):
+        raise ValueError(f"table must be True or False, not {table!r}")
     if -(-size // chunk_size) > fmt.MAX_TABLE_ENTRIES:
         raise ValueError("image too large for this chunk size")
     if journal_size is not None and journal_size < fmt.MIN_JOURNAL:
@@ -103,6 +109,11 @@ def create(
             path, base, base_format, size, backing
         )
         header.update(base_fields)
+    if not table:
+        header["incompatible_features"] = (
+            header.get("incompatible_features", 0) | fmt.INCOMPAT_TABLELESS
+        )
+        header["next_snapshot_id"] = 0
     header.update(
         fmt.layout(
             size,
@@ -111,16 +122,20 @@ def create(
             header.get("base_size", 0),
             len(base_name),
             journal_size,
+            table,
         )
     )
     _write_new_image(os.fspath(path), header, base_name, overwrite)
 
 
 def _write_new_image(path: str, header: dict[str, Any], base_name: bytes, overwrite: bool) -> None:
-    """Header, base name and an empty table, then fsync: the file is an image or absent."""
+    """Header, base name and an empty table (a table-less image: its data area, one
+    hole), then fsync: the file is an image or absent."""
     nchunks = -(-header["virtual_size"] // header["chunk_size"])
-    table = np.full(nchunks, fmt.UNALLOCATED, dtype=fmt.TABLE_DTYPE).tobytes()
-    header["table_crc"] = zlib.crc32(table)
+    has_table = not fmt.is_tableless(header)
+    table = np.full(nchunks if has_table else 0, fmt.UNALLOCATED, dtype=fmt.TABLE_DTYPE).tobytes()
+    if has_table:
+        header["table_crc"] = zlib.crc32(table)
     header["bitmap_crc"] = zlib.crc32(bytes(header.get("bitmap_size", 0)))
     flags = os.O_RDWR | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
     fd = os.open(path, flags, 0o644)
@@ -128,8 +143,11 @@ def _write_new_image(path: str, header: dict[str, Any], base_name: bytes, overwr
         os.pwrite(fd, fmt.build_header(header).ljust(fmt.HEADER_REGION, b"\0"), 0)
         if base_name:
             os.pwrite(fd, base_name, header["base_name_offset"])
-        os.pwrite(fd, table, header["table_offset"])
-        os.ftruncate(fd, header["data_offset"])
+        if has_table:
+            os.pwrite(fd, table, header["table_offset"])
+            os.ftruncate(fd, header["data_offset"])
+        else:
+            os.ftruncate(fd, tableless.data_end(header))
         os.fsync(fd)
     except BaseException as e:
         os.close(fd)
@@ -300,8 +318,14 @@ class Image(DiskOps):
         return uuid
 
     @property
+    def table(self) -> bool:
+        """False for a table-less image (created with table=False)."""
+        return not self._core.tableless
+
+    @property
     def allocated_chunks(self) -> int:
-        return int(np.count_nonzero(self._core.table < fmt.ZERO_CHUNK))
+        """Chunks the table maps (table-less: chunks holding data in the file)."""
+        return allocated_chunks(self._core)
 
     def info(self) -> dict[str, Any]:
         """Header facts and allocation, as `fvd info --output=json` shows them."""
@@ -315,7 +339,12 @@ class Image(DiskOps):
             return check_ops.check_image(core, repair)
 
     # ----- snapshots (fvd.features.snapshots) ------------------------------------------
+    def _need_table(self, what: str) -> None:
+        if self._core.tableless:
+            raise tableless.refuse(self.path, what)
+
     def create_snapshot(self, name: str, vm_state: bytes = b"") -> SnapshotInfo:
+        self._need_table("a snapshot (create_snapshot)")
         with self._io("snapshot create"):
             return snap.create_snapshot(self._core, name, vm_state)
 
@@ -323,19 +352,23 @@ class Image(DiskOps):
         return snap.list_snapshots(self._core)
 
     def delete_snapshot(self, name: str) -> None:
+        self._need_table("delete_snapshot")
         with self._io("snapshot delete"):
             snap.delete_snapshot(self._core, name)
 
     def revert_to_snapshot(self, name: str) -> None:
+        self._need_table("revert_to_snapshot")
         with self._io("snapshot revert"):
             snap.revert_to_snapshot(self._core, name)
 
     def open_snapshot(self, name: str) -> SnapshotImage:
         """A read-only view of snapshot `name`, usable while the image keeps being written."""
+        self._need_table("open_snapshot")
         with self._io("snapshot open"):
             return SnapshotImage(snap.open_snapshot(self._core, name))
 
     def read_vm_state(self, name: str) -> bytes:
+        self._need_table("read_vm_state")
         with self._io("read vm_state"):
             return snap.read_vm_state(self._core, name)
 

@@ -57,8 +57,10 @@ class Context:
     def want(self, key: str) -> bool:
         return not self.keys or any(key.startswith(p) for p in self.keys)
 
-    def contenders(self) -> list[impls.Contender]:
-        return [impls.BY_NAME[n] for n in self.names]
+    def contenders(self, key: str = "") -> list[impls.Contender]:
+        """The run's contenders for row `key` (without one: those that run every row)."""
+        out = [impls.BY_NAME[n] for n in self.names]
+        return [c for c in out if c.only_rows is None or (key and key.startswith(c.only_rows))]
 
 
 def _qemu_io_round(
@@ -91,7 +93,7 @@ def io_cells(ctx: Context) -> list[Cell]:
             continue
         local = tuple(
             c.name
-            for c in ctx.contenders()
+            for c in ctx.contenders(w.key)
             if c.python
             and (c.name != "fvd-py" or w.key.startswith(PY_ROWS))
             and not (w.snapshot and c.name == "raw")  # raw files have no snapshots

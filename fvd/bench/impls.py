@@ -92,6 +92,7 @@ class Contender:
     name = ""
     label = ""
     python = False  # runs in this process (False: QEMU via subprocess)
+    only_rows: Optional[tuple[str, ...]] = None  # row key prefixes it runs (None: all)
 
     def available(self) -> Optional[str]:
         """None when usable, otherwise the reason it is not."""
@@ -141,6 +142,20 @@ class FvdContender(Contender):
 def qcow2_module() -> ModuleType:
     """fvd.qcow2 (the baseline contender)."""
     return qcow2
+
+
+class TablelessContender(FvdContender):
+    """fvd with table=False (fvd.core.tableless): the host file system allocates."""
+
+    only_rows = ("alloc4k-wt",)  # the target row: later rounds measure only target rows
+
+    def __init__(self) -> None:
+        super().__init__("cython")
+        self.name = "fvd-tableless"
+        self.label = "FVD table-less (cython)"
+
+    def create(self, path: str, size: int) -> None:
+        fvd.create(path, size, overwrite=True, table=False)
 
 
 class Qcow2Contender(Contender):
@@ -207,6 +222,7 @@ class QemuContender(Contender):
 ALL: list[Contender] = [
     FvdContender("cython"),
     FvdContender("python"),
+    TablelessContender(),
     Qcow2Contender(False),
     Qcow2Contender(True),
     RawContender(),

@@ -65,6 +65,22 @@ TARGETS: list[Target] = [
     _r("cow4k-wt", "fvd 1st write after snapshot wt >= 1.5x qcow2 baseline", 1.5, "qcow2"),
     _r("cow4k-wt", "fvd 1st write after snapshot wt >= 1.3x QEMU qcow2", 1.3, "qemu-qcow2"),
     _r("alloc4k-wt", "fvd alloc 4K wt >= 0.8x raw pwrite+fdatasync", 0.8, "raw"),
+    _r(
+        "alloc4k-wt",
+        "alloc 4K wt, table-less vs raw pwrite+fdatasync >= 0.95x",
+        0.95,
+        "raw",
+        "fvd-tableless",
+    ),
+    Target(
+        "alloc4k-wt",
+        "table-less alloc 4K wt: no metadata write per write",
+        0,
+        impl="fvd-tableless",
+        kind=COUNTS,
+        counts=("metadata_writes",),
+        unit="",
+    ),
     _r("overwrite4k-wt", "fvd overwrite 4K wt within 10% of qcow2 baseline", 0.9, "qcow2"),
     _r("read4k", "fvd read 4K within 10% of qcow2 baseline", 0.9, "qcow2"),
     _r(
@@ -134,6 +150,7 @@ PEER_LABELS = {
 LEGEND = {
     "fvd": "fvd: compiled fast path (Cython)",
     "fvd-py": "fvd-py: pure-Python twin",
+    "fvd-tableless": "fvd-tableless: table=off, the host file system allocates",
     "qcow2": "qcow2: fvd.qcow2 baseline",
     "qcow2-lazy": "qcow2-lazy: same, lazy refcounts",
     "raw": "raw: plain file (pwrite/preadv)",

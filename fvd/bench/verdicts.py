@@ -14,7 +14,7 @@ from fvd.bench import table as tb
 from fvd.bench.workloads import Result
 
 Index = dict[tuple[str, str], Result]
-OWN = ("fvd", "fvd-py")  # fvd itself and its twin are never "the peer"
+OWN = ("fvd", "fvd-py", "fvd-tableless")  # fvd itself, its twin and modes: never "the peer"
 
 
 def index(results: list[Result]) -> Index:

@@ -20,6 +20,7 @@ from typing import Any, Optional
 import numpy as np
 
 from fvd import _impl
+from fvd.core import tableless
 from fvd.core.allocator import ChunkAllocator, front_usage
 from fvd.core.hooks import Attach, BaseHook, PartialHook, SnapshotHook
 from fvd.core.journal import (
@@ -114,6 +115,7 @@ class ImageCore:
         self.dirty_since_checkpoint = False
         self._journal_broken = False  # a journal write failed: commit by checkpoint next
         self.size = self.chunk_size = self.block_size = self.nchunks = 0
+        self.tableless = False  # fvd.core.tableless: no lookup table, identity mapping
         self.header: dict[str, Any] = {}
         self.table: np.ndarray = np.zeros(0, dtype=np.uint32)
         self.fd: int = open_disk_file(self.path, not self.read_only)  # never blocks (FIFO)
@@ -172,6 +174,7 @@ class ImageCore:
         self.chunk_size = h["chunk_size"]
         self.block_size = h["block_size"]
         self.nchunks = -(-self.size // self.chunk_size)
+        self.tableless = fmt.is_tableless(h)
         self.relocate = set()  # check mode: virtual chunks repair copies to a new chunk
         self.lost = 0  # check mode: chunks past the end of the file
         self.table = self._read_table(file_size)
@@ -227,6 +230,8 @@ class ImageCore:
 
     def _read_table(self, file_size):
         h = self.header
+        if self.tableless:
+            return tableless.identity_table(self.nchunks)
         raw = self.read_meta(h["table_offset"], 4 * self.nchunks)
         if h["clean_shutdown"] and zlib.crc32(raw) != h["table_crc"]:
             self.problem(h["table_offset"], "lookup table checksum mismatch")
@@ -243,6 +248,8 @@ class ImageCore:
         """Every entry must point inside the file, no two chunks may share one, and none
         may point into snapshot metadata. In check mode every problem is counted; entries
         past the end read as zeros from then on, shared ones are copied by repair."""
+        if self.tableless:
+            return  # the identity, built at open
         t = self.table
         toff = self.header["table_offset"]
         data_offset = self.header["data_offset"]
@@ -331,7 +338,11 @@ class ImageCore:
         h = self.header
         data_offset, cs = h["data_offset"], self.chunk_size
         data_end = data_offset + fmt.MAX_PHYS_CHUNKS * cs
+        if self.tableless:
+            data_end = tableless.data_end(h)
         for rtype, count, start, payload in tx:
+            if rtype in (REC_TABLE, REC_GRANULE) and self.tableless:
+                return self._bad_record("journal table record in a table-less image")
             if rtype == REC_TABLE and start + count > self.nchunks:
                 return self._bad_record(
                     f"journal table record for chunks {start}..{start + count} is out of range"
@@ -381,6 +392,8 @@ class ImageCore:
         return True
 
     def in_use(self):
+        if self.tableless:  # every chunk is its own: all in use, nothing to allocate
+            return np.ones(self.nchunks, dtype=bool)
         nphys = max(len(self.frozen), 1)
         used = front_usage(self.table, nphys) > 0
         if self.snapshot_state is not None:
@@ -441,6 +454,10 @@ class ImageCore:
             h["incompatible_features"] &= ~fmt.INCOMPAT_PROVENANCE
         self.write_meta(0, fmt.build_header(self.header))
 
+    def punch_range(self, offset, length):
+        """Guest range [offset, offset+length) of a table-less image reads as zeros."""
+        punch_hole(self.fd, self.header["data_offset"] + offset, length)
+
     def punch_chunks(self, first, count):
         off = self.header["data_offset"] + first * self.chunk_size
         punch_hole(self.fd, off, count * self.chunk_size)
@@ -468,9 +485,10 @@ class ImageCore:
             self.checkpoint(clean=False)
         self.sync()
         if self.dirty_since_checkpoint:
-            table = self.table.astype(fmt.TABLE_DTYPE).tobytes()
-            self.write_meta(h["table_offset"], table)
-            h["table_crc"] = zlib.crc32(table)
+            if not self.tableless:
+                table = self.table.astype(fmt.TABLE_DTYPE).tobytes()
+                self.write_meta(h["table_offset"], table)
+                h["table_crc"] = zlib.crc32(table)
             if self.bitmap is not None:
                 h["bitmap_crc"] = self.bitmap.write(self)
             if self.partial is not None:
@@ -522,6 +540,9 @@ class ImageCore:
                     after()
                 done.append(True)
 
+        if self.tableless and not changes and not extra:
+            publish()  # nothing to record (copy-on-read: soft bits)
+            return
         if self.writethrough:
             try:
                 self.commit_metadata(table_records(changes) + list(extra), publish)
@@ -735,6 +756,9 @@ class ImageCore:
         """Make the range read as zeros; whole chunks are unmapped, not written."""
         self.check_writable()
         try:
+            if self.tableless:
+                tableless.write_zeroes(self, offset, length)
+                return
             self._write_zeroes(offset, length)
         except OSError as e:
             raise io_error(self.path, e, "write_zeroes") from None

@@ -23,6 +23,7 @@ from fvd.ondisk.fvd_records import (  # noqa: F401 (re-exported: the format's vo
     INCOMPAT_PROVENANCE,
     INCOMPAT_SNAPSHOT_PARTIAL,
     INCOMPAT_SNAPSHOTS,
+    INCOMPAT_TABLELESS,
     MAGIC,
     MAGIC_BYTES,
     MAX_PHYS_CHUNKS,
@@ -45,6 +46,22 @@ KNOWN_INCOMPAT = (
     | INCOMPAT_PARTIAL
     | INCOMPAT_SNAPSHOT_PARTIAL
     | INCOMPAT_PROVENANCE
+    | INCOMPAT_TABLELESS
+)
+# what a table-less image may not have: every one of them lives in or beside the table
+TABLELESS_ZERO_FIELDS = (
+    "table_offset",
+    "table_size",
+    "table_crc",
+    "snapshot_table_offset",
+    "snapshot_table_size",
+    "nb_snapshots",
+    "refcount_table_offset",
+    "refcount_table_size",
+    "partial_map_offset",
+    "partial_map_size",
+    "partial_map_crc",
+    "granule_size",
 )
 KNOWN_COMPAT = 0
 
@@ -92,6 +109,11 @@ def snapshot_uuid(h, snapshot_id, created_ns):
 
 def new_image_uuid():
     return uuid.uuid4().bytes
+
+
+def is_tableless(h):
+    """A table-less image (docs/format.md, "Table-less images"): no lookup table."""
+    return bool(h.get("incompatible_features", 0) & INCOMPAT_TABLELESS)
 
 
 def round_up(n, align):
@@ -172,7 +194,11 @@ def validate_header(h, path, file_size):
     need(0 < vs <= MAX_VIRTUAL_SIZE, "virtual_size", f"virtual size {vs} out of range")
     nchunks = -(-vs // cs)
     need(nchunks <= MAX_TABLE_ENTRIES, "virtual_size", "too many chunks")
-    need(h["table_size"] >= 4 * nchunks, "table_size", "table region smaller than the table")
+    tableless = is_tableless(h)
+    if tableless:
+        _validate_tableless(h, need)
+    else:
+        need(h["table_size"] >= 4 * nchunks, "table_size", "table region smaller than the table")
     need(
         h["base_format"] in (BASE_NONE, BASE_RAW, BASE_FVD, BASE_QCOW2),
         "base_format",
@@ -196,7 +222,9 @@ def validate_header(h, path, file_size):
         "journal_size",
         "bad journal size",
     )
-    regions = [("table_offset", "table_size"), ("journal_offset", "journal_size")]
+    regions = [("journal_offset", "journal_size")]
+    if not tableless:
+        regions.append(("table_offset", "table_size"))
     if has_base:
         regions += [("base_name_offset", "base_name_size"), ("bitmap_offset", "bitmap_size")]
     for off_field, size_field in regions:
@@ -242,8 +270,23 @@ def validate_header(h, path, file_size):
     )
 
 
-def layout(size, chunk_size, block_size, base_size=0, base_name_size=0, journal_size=None):
-    """Region offsets and sizes for a new image; returns header fields."""
+def _validate_tableless(h, need):
+    """A table-less header: no table, snapshot or partial-map field, no bit of theirs."""
+    for name in TABLELESS_ZERO_FIELDS:
+        need(h[name] == 0, name, f"{name} must be 0 in a table-less image")
+    others = INCOMPAT_SNAPSHOTS | INCOMPAT_PARTIAL | INCOMPAT_SNAPSHOT_PARTIAL
+    need(
+        not h["incompatible_features"] & others,
+        "incompatible_features",
+        "a table-less image cannot hold snapshots or partial chunks",
+    )
+
+
+def layout(
+    size, chunk_size, block_size, base_size=0, base_name_size=0, journal_size=None, table=True
+):
+    """Region offsets and sizes for a new image (no table region with table=False);
+    returns header fields."""
     nchunks = -(-size // chunk_size)
     pos = HEADER_REGION
     fields = {}
@@ -254,9 +297,10 @@ def layout(size, chunk_size, block_size, base_size=0, base_name_size=0, journal_
         bitmap_size = round_up(-(-nblocks // 8), ALIGN)
         fields.update(bitmap_offset=pos, bitmap_size=bitmap_size, base_size=base_size)
         pos += bitmap_size
-    table_size = round_up(4 * nchunks, ALIGN)
-    fields.update(table_offset=pos, table_size=table_size)
-    pos += table_size
+    if table:
+        table_size = round_up(4 * nchunks, ALIGN)
+        fields.update(table_offset=pos, table_size=table_size)
+        pos += table_size
     if journal_size is None:
         journal_size = DEFAULT_JOURNAL
     journal_size = round_up(journal_size, 512)

@@ -44,6 +44,7 @@ INCOMPAT_SNAPSHOTS = 1 << 1  # chunks may be shared with snapshots (copy on writ
 INCOMPAT_PARTIAL = 1 << 2  # partly copied chunks may exist (fvd.granular)
 INCOMPAT_SNAPSHOT_PARTIAL = 1 << 3  # snapshots hold partial chunks (granule records)
 INCOMPAT_PROVENANCE = 1 << 4  # granule records may carry a provenance section
+INCOMPAT_TABLELESS = 1 << 5  # no lookup table: guest offset x at data_offset + x
 # base_format
 BASE_NONE, BASE_RAW, BASE_FVD, BASE_QCOW2 = 0, 1, 2, 3
 # base_flags

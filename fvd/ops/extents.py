@@ -15,6 +15,7 @@ from typing import Optional
 import numpy as np
 
 from fvd.core.hooks import MappedDisk
+from fvd.fileio import data_runs
 from fvd.ondisk import format as fmt
 from fvd.types import EXTENT_DTYPE, FLAG_DATA, FLAG_PRESENT, FLAG_ZERO, Extent, extents_to_array
 
@@ -39,6 +40,8 @@ def image_extents(
 def extents_array(img: MappedDisk, offset: int = 0, length: int | None = None) -> np.ndarray:
     """The same extents as a numpy structured array (EXTENT_DTYPE); offset -1 = none."""
     part = getattr(img, "partial", None)
+    if fmt.is_tableless(img.header):
+        return extents_to_array(image_extents(img, offset, length))
     if img.base_layer is None and (part is None or not part.active):  # partial chunks split
         length = _check_range(img, offset, length)
         if length == 0:
@@ -117,8 +120,29 @@ def _array_no_base(img: MappedDisk, start: int, end: int) -> np.ndarray:
     return out
 
 
+def _tableless_segments(img: MappedDisk, start: int, end: int) -> Iterator[Extent]:
+    """A table-less image: the file's data and holes (SEEK_DATA/SEEK_HOLE) at guest
+    offset + data_offset; below a base's end the bitmap splits them (a hole in a block
+    the image owns reads zeros, in one it does not, the base)."""
+    d, base = img.header["data_offset"], img.base_layer
+    for hs, he, is_data in data_runs(img.fd, d + start, d + end):
+        s, e = hs - d, he - d
+        if base is None:
+            yield Extent(s, e - s, 0, True, not is_data, is_data, hs if is_data else None)
+        elif is_data:
+            yield from base.segments_in_chunk(s, e, hs)
+        else:
+            for x in base.segments_below(s, e):
+                if x.depth == 0:  # the image's own hole: zeros, not the base
+                    x = Extent(x.start, x.length, 0, True, True, False, None)
+                yield x
+
+
 def _segments(img: MappedDisk, start: int, end: int) -> Iterator[Extent]:
     if end <= start:
+        return
+    if fmt.is_tableless(img.header):
+        yield from _tableless_segments(img, start, end)
         return
     cs = img.chunk_size
     data_offset = img.header["data_offset"]

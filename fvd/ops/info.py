@@ -7,8 +7,9 @@ from typing import Any
 import numpy as np
 
 from fvd import _impl
+from fvd.core import tableless
 from fvd.core.image import ImageCore
-from fvd.fileio import resolve_relative
+from fvd.fileio import data_runs, resolve_relative
 from fvd.ondisk import format as fmt
 from fvd.qcow2.image import Qcow2Image
 
@@ -41,6 +42,18 @@ def fvd_snapshot_dicts(img: ImageCore) -> list[dict[str, Any]]:
     ]
 
 
+def allocated_chunks(img: ImageCore) -> int:
+    """Chunks the table maps; of a table-less image, chunks holding data in the file."""
+    if not img.tableless:
+        return int(np.count_nonzero(img.table < fmt.ZERO_CHUNK))
+    cs, d = img.chunk_size, img.header["data_offset"]
+    held = np.zeros(img.nchunks, dtype=bool)
+    for s, e, is_data in data_runs(img.fd, d, tableless.data_end(img.header)):
+        if is_data:
+            held[(s - d) // cs : (e - 1 - d) // cs + 1] = True
+    return int(np.count_nonzero(held))
+
+
 def image_info(img: ImageCore) -> dict[str, Any]:
     h = img.header
     st = os.fstat(img.fd)
@@ -52,9 +65,14 @@ def image_info(img: ImageCore) -> dict[str, Any]:
         "clean-shutdown": bool(h["clean_shutdown"]),
         "incompatible-features": h["incompatible_features"],
         "compatible-features": h["compatible_features"],
-        "allocated-chunks": int(np.count_nonzero(img.table < fmt.ZERO_CHUNK)),
+        "table": "off" if img.tableless else "on",
+        "allocated-chunks": allocated_chunks(img),
         "total-chunks": img.nchunks,
-        "image-end-offset": h["data_offset"] + img.allocator.end * img.chunk_size,
+        "image-end-offset": (
+            tableless.data_end(h)
+            if img.tableless
+            else h["data_offset"] + img.allocator.end * img.chunk_size
+        ),
         "table-size": h["table_size"],
         "journal-size": h["journal_size"],
         "data-offset": h["data_offset"],

@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from fvd.core import tableless
 from fvd.errors import ChainError, CorruptImageError
 from fvd.fileio import full_pwrite, lock_image
 from fvd.ondisk import format as fmt
@@ -54,6 +55,8 @@ class _Locked:
         return data
 
     def table(self) -> np.ndarray:
+        if fmt.is_tableless(self.h):  # every chunk at its own place: all "allocated"
+            return tableless.identity_table(self.nchunks)
         raw = self.read(self.h["table_offset"], 4 * self.nchunks)
         return np.frombuffer(raw, dtype=fmt.TABLE_DTYPE).astype(np.uint32)
 
@@ -96,11 +99,28 @@ def resize_file(path: str, size: int) -> None:
                 f"{path}: the base ({base_size} bytes) is larger than the image; growing "
                 f"would expose base data: rebase or convert instead"
             )
+        if fmt.is_tableless(h):
+            _resize_tableless(f, size)
+            return
         table = f.table()
         if new_n <= old_n:
             _shrink(f, table, size, new_n)
         else:
             _grow(f, table, size, new_n)
+
+
+def _resize_tableless(f: _Locked, size: int) -> None:
+    """The file is the data area: it grows before the header commits the new size, and
+    is cut after a shrink commits (the caller checked the cut part reads zeros)."""
+    new_end = f.h["data_offset"] + size
+    if size > f.h["virtual_size"]:
+        os.ftruncate(f.fd, new_end)
+        f.sync()
+        f.commit(virtual_size=size)
+    else:
+        f.commit(virtual_size=size)
+        os.ftruncate(f.fd, new_end)
+        f.sync()
 
 
 def _shrink(f: _Locked, table: np.ndarray, size: int, new_n: int) -> None:
@@ -166,6 +186,15 @@ def empty_front(path: str) -> bool:
         bitmap = bytes(h["bitmap_size"])
         f.write(h["bitmap_offset"], bitmap)
         f.sync()  # bits first: a cleared chunk under a set bit would read zeros
+        if fmt.is_tableless(h):  # the data area becomes one hole
+            os.ftruncate(f.fd, h["data_offset"])
+            os.ftruncate(f.fd, tableless.data_end(h))
+            f.commit(
+                clean_shutdown=1,
+                bitmap_crc=zlib.crc32(bitmap),
+                journal_epoch=h["journal_epoch"] + 1,
+            )
+            return False
         table = np.full(f.nchunks, fmt.UNALLOCATED, dtype=fmt.TABLE_DTYPE).tobytes()
         f.write(h["table_offset"], table)
         f.sync()
@@ -284,7 +313,9 @@ def _name_slot(f: _Locked, name_size: int) -> dict[str, Any]:
     when no gap is there). Never the slot the header names."""
     h = f.h
     cur = h["base_name_offset"]
-    others = [h["bitmap_offset"], h["table_offset"], h["journal_offset"]]
+    others = [h["bitmap_offset"], h["journal_offset"]]
+    if h["table_offset"]:  # a table-less image has none
+        others.append(h["table_offset"])
     if cur != fmt.HEADER_REGION and min(others) >= fmt.HEADER_REGION + SLOT:
         return dict(base_name_offset=fmt.HEADER_REGION)
     end = h["journal_offset"] + h["journal_size"]

@@ -835,3 +835,17 @@ def test_every_record_is_in_the_spec():
     assert sorted(documented) == sorted(fr.RECORDS)
     assert journal.RECORD_HEAD is fr.S_JOURNAL_RECORD_HEAD  # the code uses these
     assert snapshots.ENTRY is fr.S_SNAPSHOT_ENTRY_HEAD
+
+
+def test_tableless_header_rules_match_the_spec():
+    """Section 13's table of fixed header values: its zero fields are exactly the ones
+    open checks, and bit 5 is INCOMPAT_TABLELESS."""
+    lines = spec_lines()
+    start = lines.index("## 13. Table-less images")
+    tables = [rows for i, rows in spec_tables() if i > start and is_layout(rows[0])]
+    rows = tables[0][1:]
+    zero = [r[2] for r in rows if r[3] == "0"]
+    assert sorted(zero) == sorted(fmt.TABLELESS_ZERO_FIELDS)
+    flags = next(r for r in rows if r[2] == "incompatible_features")
+    assert "bit 5" in flags[3] and f"{fmt.INCOMPAT_TABLELESS:#04x}" in flags[3]
+    assert fmt.INCOMPAT_TABLELESS == 1 << 5 and fmt.INCOMPAT_TABLELESS & fmt.KNOWN_INCOMPAT
