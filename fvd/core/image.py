@@ -40,7 +40,16 @@ from fvd.errors import (
     ReadOnlyImageError,
     io_error,
 )
-from fvd.fileio import full_pwrite, lock_image, open_disk_file, punch_hole, writer_active
+from fvd.fileio import (
+    file_size,
+    full_pwrite,
+    is_block_device,
+    lock_image,
+    open_disk_file,
+    punch_hole,
+    truncate_tail,
+    writer_active,
+)
 from fvd.ondisk import format as fmt
 from fvd.units import index_runs
 
@@ -117,6 +126,7 @@ class ImageCore:
         self.header: dict[str, Any] = {}
         self.table: np.ndarray = np.zeros(0, dtype=np.uint32)
         self.fd: int = open_disk_file(self.path, not self.read_only)  # never blocks (FIFO)
+        self.on_device = is_block_device(self.fd)  # docs/format.md, "Block devices"
         try:
             if not force_share:
                 lock_image(self.fd, self.path, exclusive=not self.read_only)
@@ -155,7 +165,7 @@ class ImageCore:
         )
 
     def _load(self, chain, copy_on_read):
-        file_size = os.fstat(self.fd).st_size
+        file_size = self.file_size()
         raw = os.pread(self.fd, fmt.HEADER_SIZE, 0)
         self.stats.metadata_reads += 1
         self.stats.metadata_bytes_read += len(raw)
@@ -196,7 +206,7 @@ class ImageCore:
         self.journal = Journal(
             self.fd, h["journal_offset"], h["journal_size"], h["journal_epoch"], self.stats
         )
-        self.allocator = ChunkAllocator(self.in_use(), self.punch_chunks, self.chunk_map)
+        self.allocator = self._new_allocator(file_size)
         if self.read_only:
             return
         if self.for_check:
@@ -206,6 +216,41 @@ class ImageCore:
             self.dirty_since_checkpoint = bool(replayed or not h["clean_shutdown"])
         else:
             self._start_writing(replayed or not h["clean_shutdown"])
+
+    def file_size(self):
+        """The image file's size; a block device's size (its st_size is 0)."""
+        return file_size(self.fd)
+
+    def _new_allocator(self, size):
+        """On a block device the device's size bounds the data area, and chunks past the
+        end are zeroed before use (the device holds old bytes there, not holes)."""
+        if not self.on_device:
+            return ChunkAllocator(self.in_use(), self.punch_chunks, self.chunk_map)
+        return ChunkAllocator(
+            self.in_use(),
+            self.punch_chunks,
+            self.chunk_map,
+            limit=self.device_chunks(size),
+            prepare=self._prepare_device_chunks,
+            full=f"block device full ({size} bytes)",
+        )
+
+    def device_chunks(self, size):
+        return max(0, (size - self.header["data_offset"]) // self.chunk_size)
+
+    def refresh_device_size(self):
+        """A grown block device (losetup -c, lvextend): more chunks may be allocated."""
+        if self.on_device and not self.read_only:
+            with self.lock:
+                size = self.file_size()
+                self.allocator.limit = max(self.allocator.end, self.device_chunks(size))
+                self.allocator.full = f"block device full ({size} bytes)"
+
+    def _prepare_device_chunks(self, first, count):
+        """Zero chunks past the end durably before any journal record can name them:
+        after a crash such a chunk reads zeros, never the device's old bytes."""
+        self.punch_chunks(first, count)
+        self.sync()
 
     def _load_features(self, chain, copy_on_read):
         """Base image, snapshots, partial chunks: the facade's `attach` installs them."""
@@ -402,9 +447,7 @@ class ImageCore:
         free = sorted(self.allocator.free)
         for first, count in index_runs(free):
             self.punch_chunks(first, count)
-        end = self.header["data_offset"] + self.allocator.end * self.chunk_size
-        if os.fstat(self.fd).st_size > end:
-            os.ftruncate(self.fd, end)
+        truncate_tail(self.fd, self.header["data_offset"] + self.allocator.end * self.chunk_size)
 
     # ----- metadata writes ------------------------------------------------------
     def write_meta(self, offset, data):
@@ -543,8 +586,8 @@ class ImageCore:
         self.allocator.abandon(indexes)
         end = self.header["data_offset"] + self.allocator.end * self.chunk_size
         try:
-            if os.fstat(self.fd).st_size > end and not self.allocator.retired:
-                os.ftruncate(self.fd, end)
+            if not self.allocator.retired:
+                truncate_tail(self.fd, end)
         except OSError:
             pass  # a leak at most
 

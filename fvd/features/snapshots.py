@@ -28,6 +28,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from fvd import fileio
 from fvd.core import journal
 from fvd.core.allocator import front_usage
 from fvd.core.bitmap import Bitmap, get_bits
@@ -248,7 +249,7 @@ def attach_snapshots(img):
     st = SnapshotState()
     st.img = img
     img.snapshot_state = st
-    file_size = os.fstat(img.fd).st_size
+    file_size = fileio.file_size(img.fd)
     cs, d = img.chunk_size, h["data_offset"]
     nphys = max(0, -(-(file_size - d) // cs))
     toff, tsize = h["snapshot_table_offset"], h["snapshot_table_size"]
@@ -492,7 +493,7 @@ def _read_snapshot_table(img, e):
         )
     table = np.frombuffer(raw, dtype=TABLE_DTYPE).astype(np.uint32)
     d, cs = img.header["data_offset"], img.chunk_size
-    nphys = max(0, -(-(os.fstat(img.fd).st_size - d) // cs))
+    nphys = max(0, -(-(fileio.file_size(img.fd) - d) // cs))
     ok = _held_ok(img, table, nphys)
     if ok is not None:
         return table, ok[0], ok[1]
@@ -507,7 +508,7 @@ def lookup_table_problems(img, e, table):
     file, into snapshot metadata, or mapping one chunk twice."""
     st = img.snapshot_state
     d, cs = img.header["data_offset"], img.chunk_size
-    nphys = max(0, -(-(os.fstat(img.fd).st_size - d) // cs))
+    nphys = max(0, -(-(fileio.file_size(img.fd) - d) // cs))
     if _held_ok(img, table, nphys) is not None:
         return []
     out = []
@@ -596,7 +597,7 @@ def granule_record(fd, path, e, table, chunk_size, granule, data_offset):
     off = e.granules_offset
     try:
         chunks, sources, rows = decode_map(raw, len(table), chunk_size, granule, path, off)
-        nphys = max(0, -(-(os.fstat(fd).st_size - data_offset) // chunk_size))
+        nphys = max(0, -(-(fileio.file_size(fd) - data_offset) // chunk_size))
         check_record_table(chunks, sources, rows, table, path, off, nphys)
     except CorruptImageError as err:  # name the snapshot
         what = f"snapshot {e.name!r}: granule record: {err.what}"
@@ -776,8 +777,7 @@ def _trim_tail(img):
     heapq.heapify(alloc.free)
     alloc.end = last
     end = img.header["data_offset"] + last * img.chunk_size
-    if os.fstat(img.fd).st_size > end:
-        os.ftruncate(img.fd, end)
+    fileio.truncate_tail(img.fd, end)
 
 
 def _in_use_end(img, end):
@@ -1366,7 +1366,7 @@ def _check(st, img, result, repair):
     lost = list(st.dropped)
     if st.broken:
         result.messages.append(f"ERROR snapshot metadata unusable ({st.broken})")
-    nfile = -(-(os.fstat(img.fd).st_size - d) // cs)  # tables are bounded by the file
+    nfile = -(-(fileio.file_size(img.fd) - d) // cs)  # tables are bounded by the file
     nphys = max(len(st.refcount), img.allocator.end, nfile, 1)
     owner = np.zeros(nphys, dtype=np.int8)  # 1 = snapshot metadata
     for a, n in st.metadata_runs(img):

@@ -15,7 +15,7 @@ from typing import Any, Optional
 import numpy as np
 
 from fvd.errors import ChainError, CorruptImageError
-from fvd.fileio import full_pwrite, lock_image
+from fvd.fileio import file_size, full_pwrite, lock_image, truncate_tail
 from fvd.ondisk import format as fmt
 
 SLOT = 4096  # a base name slot (names are at most 4095 bytes)
@@ -32,7 +32,7 @@ class _Locked:
         try:
             lock_image(self.fd, path, exclusive=True)
             raw = os.pread(self.fd, fmt.HEADER_SIZE, 0)
-            self.h: Header = fmt.parse_header(raw, path, os.fstat(self.fd).st_size)
+            self.h: Header = fmt.parse_header(raw, path, file_size(self.fd))
         except BaseException:
             os.close(self.fd)
             raise
@@ -171,7 +171,7 @@ def empty_front(path: str) -> bool:
         f.sync()
         if h["nb_snapshots"] or h["snapshot_table_offset"] or h["partial_map_offset"]:
             return True
-        os.ftruncate(f.fd, h["data_offset"])
+        truncate_tail(f.fd, h["data_offset"])
         f.commit(
             clean_shutdown=1,
             table_crc=zlib.crc32(table),
