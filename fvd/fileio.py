@@ -61,6 +61,14 @@ def truncate_tail(fd: int, end: int) -> None:
         os.ftruncate(fd, end)
 
 
+def extend_to(fd: int, end: int) -> None:
+    """A regular file reaches at least `end` (the new bytes: a hole). A block device
+    already has its size."""
+    st = os.fstat(fd)
+    if stat.S_ISREG(st.st_mode) and st.st_size < end:
+        os.ftruncate(fd, end)
+
+
 def _device_range_ioctl(fd: int, request: int, offset: int, length: int) -> bool:
     """BLKZEROOUT/BLKDISCARD over [offset, offset + length); False where the device
     (or its alignment) does not support it."""

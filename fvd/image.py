@@ -41,6 +41,7 @@ from fvd.fileio import (
     zero_device_range,
 )
 from fvd.ondisk import format as fmt
+from fvd.ondisk.sparse_table import crc32_zeros
 from fvd.ops import check as check_ops
 from fvd.ops import reshape
 from fvd.ops.diskops import DiskOps
@@ -134,11 +135,15 @@ def create(
 def _write_new_image(path: str, header: dict[str, Any], base_name: bytes, overwrite: bool) -> None:
     """Header, base name and an empty table, then fsync: the file is an image or absent."""
     nchunks = -(-header["virtual_size"] // header["chunk_size"])
-    table = np.full(nchunks, fmt.UNALLOCATED, dtype=fmt.TABLE_DTYPE).tobytes()
-    header["table_crc"] = zlib.crc32(table)
+    # a sparse table (docs/format.md, "Sparse tables"): all unallocated is all zeros,
+    # left as a hole in a file (zeroed on a device)
+    header["incompatible_features"] = (
+        header.get("incompatible_features", 0) | fmt.INCOMPAT_SPARSE_TABLE
+    )
+    header["table_crc"] = crc32_zeros(0, 4 * nchunks)
     header["bitmap_crc"] = zlib.crc32(bytes(header.get("bitmap_size", 0)))
     if is_block_device_path(path):
-        _write_new_image_on_device(path, header, base_name, table, overwrite)
+        _write_new_image_on_device(path, header, base_name, overwrite)
         return
     flags = os.O_RDWR | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
     fd = os.open(path, flags, 0o644)
@@ -146,8 +151,7 @@ def _write_new_image(path: str, header: dict[str, Any], base_name: bytes, overwr
         os.pwrite(fd, fmt.build_header(header).ljust(fmt.HEADER_REGION, b"\0"), 0)
         if base_name:
             os.pwrite(fd, base_name, header["base_name_offset"])
-        os.pwrite(fd, table, header["table_offset"])
-        os.ftruncate(fd, header["data_offset"])
+        os.ftruncate(fd, header["data_offset"])  # the table: a hole
         os.fsync(fd)
     except BaseException as e:
         os.close(fd)
@@ -159,11 +163,12 @@ def _write_new_image(path: str, header: dict[str, Any], base_name: bytes, overwr
 
 
 def _write_new_image_on_device(
-    path: str, header: dict[str, Any], base_name: bytes, table: bytes, overwrite: bool
+    path: str, header: dict[str, Any], base_name: bytes, overwrite: bool
 ) -> None:
     """An image on a block device (docs/format.md, "Block devices"): the metadata
-    regions are zeroed (a device does not read zeros), the table and base name written,
-    flushed, then the header. Opened O_EXCL: a mounted device is refused."""
+    regions are zeroed (a device does not read zeros: zeros are also the empty sparse
+    table), the base name written, flushed, then the header. Opened O_EXCL: a mounted
+    device is refused."""
     try:
         fd = os.open(path, os.O_RDWR | os.O_EXCL | os.O_CLOEXEC)
     except OSError as e:
@@ -184,7 +189,6 @@ def _write_new_image_on_device(
         zero_device_range(fd, 0, header["data_offset"])
         if base_name:
             full_pwrite(fd, base_name, header["base_name_offset"])
-        full_pwrite(fd, table, header["table_offset"])
         os.fsync(fd)
         full_pwrite(fd, fmt.build_header(header), 0)
         os.fsync(fd)

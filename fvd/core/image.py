@@ -20,6 +20,7 @@ from typing import Any, Optional
 import numpy as np
 
 from fvd import _impl
+from fvd.core import tablestore
 from fvd.core.allocator import ChunkAllocator, front_usage
 from fvd.core.hooks import Attach, BaseHook, PartialHook, SnapshotHook
 from fvd.core.journal import (
@@ -51,6 +52,7 @@ from fvd.fileio import (
     writer_active,
 )
 from fvd.ondisk import format as fmt
+from fvd.ondisk import sparse_table
 from fvd.units import index_runs
 
 
@@ -270,10 +272,17 @@ class ImageCore:
 
     def _read_table(self, file_size):
         h = self.header
-        raw = self.read_meta(h["table_offset"], 4 * self.nchunks)
-        if h["clean_shutdown"] and zlib.crc32(raw) != h["table_crc"]:
+        if sparse_table.is_sparse(h):
+            table, crc = tablestore.load(
+                self, h["table_offset"], self.nchunks, bool(h["clean_shutdown"])
+            )
+        else:
+            raw = self.read_meta(h["table_offset"], 4 * self.nchunks)
+            table = np.frombuffer(raw, dtype=fmt.TABLE_DTYPE).astype(np.uint32)
+            crc = zlib.crc32(raw) if h["clean_shutdown"] else 0
+        if h["clean_shutdown"] and crc != h["table_crc"]:
             self.problem(h["table_offset"], "lookup table checksum mismatch")
-        return np.frombuffer(raw, dtype=fmt.TABLE_DTYPE).astype(np.uint32)
+        return table
 
     def problem(self, offset, what, count=1):
         """A corruption: raise, unless check() is collecting them (`count` problems that
@@ -503,9 +512,12 @@ class ImageCore:
             self.checkpoint(clean=False)
         self.sync()
         if self.dirty_since_checkpoint:
-            table = self.table.astype(fmt.TABLE_DTYPE).tobytes()
-            self.write_meta(h["table_offset"], table)
-            h["table_crc"] = zlib.crc32(table)
+            if sparse_table.is_sparse(h):
+                h["table_crc"] = tablestore.store(self, h["table_offset"], self.table)
+            else:
+                table = self.table.astype(fmt.TABLE_DTYPE).tobytes()
+                self.write_meta(h["table_offset"], table)
+                h["table_crc"] = zlib.crc32(table)
             if self.bitmap is not None:
                 h["bitmap_crc"] = self.bitmap.write(self)
             if self.partial is not None:

@@ -29,7 +29,7 @@ from typing import Any, Optional
 import numpy as np
 
 from fvd import fileio
-from fvd.core import journal
+from fvd.core import journal, tablestore
 from fvd.core.allocator import front_usage
 from fvd.core.bitmap import Bitmap, get_bits
 from fvd.core.hooks import BaseHook, PartialHook
@@ -46,6 +46,7 @@ from fvd.features.base import BaseLayer, _open_backend, marked_unallocated
 from fvd.features.granular import PartialState, check_record_table, decode_map
 from fvd.ondisk import format as fmt
 from fvd.ondisk import fvd_records as fr
+from fvd.ondisk import sparse_table
 from fvd.ondisk.fvd_records import REFCOUNT_DTYPE, REFCOUNT_MAX, TABLE_DTYPE
 from fvd.ondisk.structs import span_struct
 from fvd.types import SnapshotInfo
@@ -491,7 +492,7 @@ def _read_snapshot_table(img, e):
         raise CorruptImageError(
             img.path, e.table_offset, f"snapshot {e.name!r}: lookup table checksum mismatch"
         )
-    table = np.frombuffer(raw, dtype=TABLE_DTYPE).astype(np.uint32)
+    table = sparse_table.decode(raw, sparse_table.is_sparse(img.header))
     d, cs = img.header["data_offset"], img.chunk_size
     nphys = max(0, -(-(fileio.file_size(img.fd) - d) // cs))
     ok = _held_ok(img, table, nphys)
@@ -695,7 +696,7 @@ def _write_and_commit(img, st, entries, refcount, layout, extra, revert, refcoun
             new_rc_chunks = refcount_chunks
             roff = d + refcount_chunks[0] * cs if refcount_chunks[1] else 0
             old_runs = [r for r in old_runs if r != refcount_chunks]
-        bufs += [(o, b) for o, (n, b) in zip(extra_offs, extra) if b is not None and n]
+        bufs += _extra_bufs(img, extra_offs, extra)
         _write_runs(img, bufs)
         h.update(
             snapshot_table_offset=offs[0],
@@ -728,6 +729,24 @@ def _pairs_bit(features, entries):
     if any(e.granules_offset for e in entries):
         return features | fmt.INCOMPAT_SNAPSHOT_PARTIAL
     return features & ~fmt.INCOMPAT_SNAPSHOT_PARTIAL
+
+
+class _Pieces(list):
+    """(offset, bytes) runs of an extra region whose other bytes are zeros."""
+
+
+def _extra_bufs(img, offs, extra):
+    """(host offset, bytes) writes of the extra regions; a _Pieces region is zeroed
+    first (a tail chunk given back may hold bytes), then only its pieces written."""
+    bufs = []
+    for o, (n, b) in zip(offs, extra):
+        if isinstance(b, _Pieces):
+            fileio.punch_hole(img.fd, o, n)
+            fileio.extend_to(img.fd, o + n)  # the region's zeros may be a hole to its end
+            bufs += [(o + rel, piece) for rel, piece in b]
+        elif b is not None and n:
+            bufs.append((o, b))
+    return bufs
 
 
 def _write_runs(img, bufs):
@@ -913,20 +932,26 @@ def _create(img, st, name, vm_state):
             f"{REFCOUNT_MAX} snapshots; delete some snapshots first"
         )
     refcount = rc.astype(np.uint16)
-    tbytes = table.astype(TABLE_DTYPE, copy=False).tobytes()  # one copy, not two
+    if sparse_table.is_sparse(img.header):
+        # only the non-zero units: the fresh chunks read as zeros (docs/format.md)
+        tpieces, tcrc = tablestore.pieces(table)
+        tstored: Any = (4 * len(table), _Pieces(tpieces))
+    else:
+        tbytes = table.astype(TABLE_DTYPE, copy=False).tobytes()  # one copy, not two
+        tstored, tcrc = (len(tbytes), tbytes), zlib.crc32(tbytes)
     entry = _Entry(
         img.header["next_snapshot_id"],
         time.time_ns(),
         img.size,
         0,
-        zlib.crc32(tbytes),
+        tcrc,
         name,
         0,
         len(vm),
         zlib.crc32(vm) if len(vm) else 0,
     )
     entries = st.entries + [entry]
-    extra = [(len(tbytes), tbytes)]
+    extra = [tstored]
     if img.bitmap is not None:
         # the bits that are durable now (flush above): soft bits name data that is also
         # in the base, so the snapshot reads those blocks from the base
@@ -1182,7 +1207,7 @@ class SnapshotView:
                     entry.table_offset,
                     f"snapshot {entry.name!r}: lookup table checksum mismatch or truncated",
                 )
-            self.table = np.frombuffer(raw, dtype=TABLE_DTYPE).astype(np.uint32)
+            self.table = sparse_table.decode(raw, sparse_table.is_sparse(img.header))
             problems = lookup_table_problems(img, entry, self.table)
             if problems:
                 raise CorruptImageError(img.path, problems[0][0], problems[0][1])
@@ -1381,9 +1406,10 @@ def _check(st, img, result, repair):
             if err.what.endswith("checksum mismatch"):
                 problems = [(err.offset, err.what, 1)]
             else:
-                raw = np.frombuffer(
-                    img.read_meta(e.table_offset, 4 * img.nchunks), dtype=TABLE_DTYPE
-                ).astype(np.uint32)
+                raw = sparse_table.decode(
+                    img.read_meta(e.table_offset, 4 * img.nchunks),
+                    sparse_table.is_sparse(img.header),
+                )
                 problems = lookup_table_problems(img, e, raw)
             for off, what, n in problems:
                 result.corruptions += n

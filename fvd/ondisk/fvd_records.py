@@ -43,6 +43,7 @@ INCOMPAT_BASE = 1 << 0  # unwritten blocks come from a base image
 INCOMPAT_SNAPSHOTS = 1 << 1  # chunks may be shared with snapshots (copy on write)
 INCOMPAT_PARTIAL = 1 << 2  # partly copied chunks may exist (fvd.granular)
 INCOMPAT_SNAPSHOT_PARTIAL = 1 << 3  # snapshots hold partial chunks (granule records)
+INCOMPAT_SPARSE_TABLE = 1 << 5  # lookup tables stored inverted: unallocated is zeros (a hole)
 # base_format
 BASE_NONE, BASE_RAW, BASE_FVD, BASE_QCOW2 = 0, 1, 2, 3
 # base_flags
