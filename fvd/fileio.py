@@ -94,6 +94,18 @@ def discard_device_range(fd: int, offset: int, length: int) -> bool:
     return length > 0 and _device_range_ioctl(fd, BLKDISCARD, offset, length)
 
 
+def reserve(fd: int, offset: int, length: int) -> None:
+    """Allocate file blocks for a range (fallocate, the file's size unchanged) so later
+    writes there cannot fail with ENOSPC; a no-op where unsupported or on a device."""
+    if length <= 0 or is_block_device(fd):
+        return
+    if _libc.fallocate(fd, _FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+        return
+    err = ctypes.get_errno()
+    if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+        raise OSError(err, os.strerror(err))
+
+
 def punch_hole(fd: int, offset: int, length: int) -> None:
     """Make the range read as zeros and free its blocks; writes zeros where unsupported.
     On a block device: BLKZEROOUT (fallback: zeros written)."""

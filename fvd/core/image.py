@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from fvd import _impl
+from fvd import _impl, fileio
 from fvd.core import tablestore
 from fvd.core.allocator import ChunkAllocator, front_usage
 from fvd.core.hooks import Attach, BaseHook, PartialHook, SnapshotHook
@@ -187,6 +187,7 @@ class ImageCore:
         self.relocate = set()  # check mode: virtual chunks repair copies to a new chunk
         self.lost = 0  # check mode: chunks past the end of the file
         self.table = self._read_table(file_size)
+        self._reserved = np.zeros(-(-self.nchunks // (sparse_table.RESERVE // 4)), dtype=bool)
         self.frozen = np.zeros(0, dtype=np.uint8)
         self._load_features(chain, copy_on_read)
         replayed = self._replay(file_size) if not h["clean_shutdown"] else 0
@@ -485,6 +486,18 @@ class ImageCore:
             h["incompatible_features"] &= ~fmt.INCOMPAT_PARTIAL
         self.write_meta(0, fmt.build_header(self.header))
 
+    def reserve_table(self, first, stop):
+        """Entries [first, stop) of a sparse table are about to be set: give their
+        table pages file blocks now, so that a full file system fails this write, never
+        a later checkpoint (or the next open's)."""
+        if not sparse_table.is_sparse(self.header) or self.on_device:
+            return
+        page = sparse_table.RESERVE // 4
+        todo = np.flatnonzero(~self._reserved[first // page : (stop - 1) // page + 1])
+        for i in (todo + first // page).tolist():
+            fileio.reserve(self.fd, self.header["table_offset"] + i * page * 4, page * 4)
+            self._reserved[i] = True
+
     def punch_chunks(self, first, count):
         off = self.header["data_offset"] + first * self.chunk_size
         punch_hole(self.fd, off, count * self.chunk_size)
@@ -735,6 +748,7 @@ class ImageCore:
                 e = int(self.table[v])
                 if e < fmt.ZERO_CHUNK and not self.is_frozen(e):
                     continue
+                self.reserve_table(v, v + 1)
                 new = self.allocator.allocate()
                 mine[v] = new
                 self.grow_frozen(new)
@@ -813,6 +827,8 @@ class ImageCore:
         # With a base (even one no longer opened after prefetch) unmapped chunks become
         # ZERO: an UNALLOCATED chunk would fall through to the base.
         marker = fmt.ZERO_CHUNK if self.bitmap is not None else fmt.UNALLOCATED
+        if marker != fmt.UNALLOCATED:
+            self.reserve_table(first, last)
         changes = {}
         for v in range(first, last):
             e = int(self.table[v])

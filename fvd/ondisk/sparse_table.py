@@ -15,6 +15,7 @@ from fvd.ondisk.fvd_records import INCOMPAT_SPARSE_TABLE, TABLE_DTYPE, UNALLOCAT
 
 UNIT = 512  # bytes: the granule in which a sparse table is compared and written
 UNIT_ENTRIES = UNIT // 4
+RESERVE = 4096  # bytes of table given file blocks at once (before entries are set)
 _CRC_POLY = 0xEDB88320
 
 
