@@ -487,12 +487,15 @@ def read_snapshot_table(img, e):
 
 def _read_snapshot_table(img, e):
     """read_snapshot_table, plus the held_mask (mask, count) of the validated table."""
-    raw = img.read_meta(e.table_offset, 4 * img.nchunks)
-    if zlib.crc32(raw) != e.table_crc:
+    if sparse_table.is_sparse(img.header):  # only its data runs are read
+        table, crc = tablestore.load(img, e.table_offset, img.nchunks, True)
+    else:
+        raw = img.read_meta(e.table_offset, 4 * img.nchunks)
+        table, crc = sparse_table.decode(raw, False), zlib.crc32(raw)
+    if crc != e.table_crc:
         raise CorruptImageError(
             img.path, e.table_offset, f"snapshot {e.name!r}: lookup table checksum mismatch"
         )
-    table = sparse_table.decode(raw, sparse_table.is_sparse(img.header))
     d, cs = img.header["data_offset"], img.chunk_size
     nphys = max(0, -(-(fileio.file_size(img.fd) - d) // cs))
     ok = _held_ok(img, table, nphys)
