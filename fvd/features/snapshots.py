@@ -1190,7 +1190,10 @@ class SnapshotView:
         self.size = img.size
         self.chunk_size = img.chunk_size
         self.block_size = img.block_size
-        self.header = {"data_offset": img.header["data_offset"]}
+        self.header = {
+            "data_offset": img.header["data_offset"],
+            "incompatible_features": img.header["incompatible_features"],  # table encoding
+        }
         self.facts = {
             k: img.header.get(k, 0)
             for k in ("base_format", "bitmap_size", "base_size", "granule_size")
