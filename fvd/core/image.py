@@ -300,8 +300,10 @@ class ImageCore:
         toff = self.header["table_offset"]
         data_offset = self.header["data_offset"]
         max_valid = max(0, -(-(file_size - data_offset) // self.chunk_size))
-        allocated = t < fmt.ZERO_CHUNK
-        bad = np.flatnonzero(allocated & (t >= max_valid))
+        # one pass over the table; the rest works on the allocated entries only (few in
+        # a sparse 16 TiB image)
+        idx = np.flatnonzero(t < fmt.ZERO_CHUNK)
+        bad = idx[t[idx] >= max_valid]
         self._problem_list(
             bad,
             lambda v: (
@@ -313,7 +315,8 @@ class ImageCore:
         if len(bad):  # only reached in check mode: those chunks read as zeros now
             t[bad] = fmt.ZERO_CHUNK if self.bitmap is not None else fmt.UNALLOCATED
             self.lost = len(bad)
-        counts = front_usage(t, 0)
+            idx = idx[t[idx] < fmt.ZERO_CHUNK]
+        counts = np.bincount(t[idx]) if len(idx) else np.zeros(0, dtype=np.int64)
         shared = np.flatnonzero(counts > 1)
         if len(shared):
             order = np.argsort(t, kind="stable")
@@ -331,7 +334,7 @@ class ImageCore:
             self.relocate.update(dup.tolist())
         if self.snapshot_state is not None:
             meta = self.snapshot_state.meta_mask(max_valid)
-            hit = np.flatnonzero(allocated & (t < len(meta)))
+            hit = idx[t[idx] < len(meta)]
             hit = hit[meta[t[hit]]]
             self._problem_list(
                 hit,
