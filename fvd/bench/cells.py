@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 from fvd.bench import backup as bb
-from fvd.bench import impls, metadata, scale
+from fvd.bench import impls, metadata, scale, table
 from fvd.bench import qemu as bench_qemu
 from fvd.bench import workloads as wl
 from fvd.bench.convert import ConvertBench
@@ -219,8 +219,8 @@ def _scale_round(workdir: str, qemu: bool, rnd: int, m: Sequence[str]) -> list[w
 
 def scale_cells(ctx: Context) -> list[Cell]:
     """16 TiB footprints (fvd.bench.scale): fvd and qemu-img in one cell per round."""
-    if not ctx.want("scale") or "fvd" not in ctx.names:
-        return []
+    if not table.opt_in(ctx.keys) or not ctx.want("scale") or "fvd" not in ctx.names:
+        return []  # opt-in: only `--workload scale` runs it
     qemu = any(n.startswith("qemu-") for n in ctx.names)
     members = ("fvd", "qemu-qcow2") if qemu else ("fvd",)
     m = functools.partial(_scale_round, ctx.workdir, qemu)

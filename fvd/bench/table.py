@@ -21,7 +21,7 @@ How to add a row
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 from fvd.bench import backup, convert
 from fvd.bench import scale as scale_rows
@@ -121,6 +121,15 @@ def convert_targets() -> list[Target]:
 def all_targets() -> list[Target]:
     """Every target, in the order the reports list them."""
     return TARGETS + convert_targets()
+
+
+# Rows only `--workload` names run (they take long: 16 TiB images, ~15 s a round).
+OPT_IN_PREFIXES = ("scale",)
+
+
+def opt_in(keys: Optional[Sequence[str]]) -> bool:
+    """The run's --workload keys ask for an opt-in row group."""
+    return bool(keys) and any(k.startswith(OPT_IN_PREFIXES) for k in keys or ())
 
 
 def row_titles(scale: wl.Scale) -> list[tuple[str, str]]:
