@@ -26,9 +26,9 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
 
 
-# Block device ioctls (linux/fs.h): _IO(0x12, 127), _IO(0x12, 119), _IOR(0x12, 114, u64)
+# Block device ioctls (linux/fs.h): _IO(0x12, 127), _IOR(0x12, 114, u64). Not BLKDISCARD:
+# a free chunk must read zeros, and what a discarded range reads is up to the device.
 BLKZEROOUT = 0x127F
-BLKDISCARD = 0x1277
 BLKGETSIZE64 = 0x80081272
 
 
@@ -70,8 +70,8 @@ def extend_to(fd: int, end: int) -> None:
 
 
 def _device_range_ioctl(fd: int, request: int, offset: int, length: int) -> bool:
-    """BLKZEROOUT/BLKDISCARD over [offset, offset + length); False where the device
-    (or its alignment) does not support it."""
+    """An ioctl over the byte range [offset, offset + length) (BLKZEROOUT); False where
+    the device (or its alignment) does not support it."""
     arg = offset.to_bytes(8, "little") + length.to_bytes(8, "little")
     try:
         fcntl.ioctl(fd, request, arg)
@@ -87,11 +87,6 @@ def zero_device_range(fd: int, offset: int, length: int) -> None:
     device punches its backing file), else zeros written."""
     if length > 0 and not _device_range_ioctl(fd, BLKZEROOUT, offset, length):
         _write_zeros(fd, offset, offset + length)
-
-
-def discard_device_range(fd: int, offset: int, length: int) -> bool:
-    """BLKDISCARD (a hint: what the range reads afterwards is up to the device)."""
-    return length > 0 and _device_range_ioctl(fd, BLKDISCARD, offset, length)
 
 
 def reserve(fd: int, offset: int, length: int) -> None:

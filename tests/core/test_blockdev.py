@@ -196,3 +196,20 @@ def test_cli_create_info_check_resize(loop):
     lo.grow(40 * MiB)
     cli("resize", lo.dev, "+0")
     cli("check", lo.dev)
+
+
+def test_snapshots_on_a_device(impl, loop):
+    lo = loop(fill=0x5A)
+    _create(lo.dev)
+    with fvd.open(lo.dev, "r+") as img:
+        img.write(0, b"1" * 8192)
+        img.create_snapshot("s")
+        img.write(0, b"2" * 4096)  # copy on write into a chunk from the device's tail
+        img.write(40 * MiB, b"3" * 100)
+    with fvd.open(lo.dev, "r+") as img:
+        with img.open_snapshot("s") as snap:
+            assert snap.read(0, 8192) == b"1" * 8192
+            assert snap.read(40 * MiB, 100) == bytes(100)
+        assert img.read(0, 8192) == b"2" * 4096 + b"1" * 4096
+        img.delete_snapshot("s")
+    _assert_clean(lo.dev)
