@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from fvd.bench import impls, report, rounds, stats, verdicts
+from fvd.bench import cells, impls, report, rounds, stats, verdicts
 from fvd.bench import table as tb
 from fvd.bench import workloads as wl
 from fvd.bench.cells import Cell
@@ -321,3 +321,14 @@ def test_bad_options_and_saved_runs(tmp_path, capsys):
     saved.write_text(json.dumps(report.json_doc(fake_run()), default=list))
     assert main(["bench", "--load", str(saved), "--output", "markdown"]) == 0
     assert capsys.readouterr().out == report.markdown(fake_run())
+
+
+def test_scale_rows_are_opt_in(tmp_path):
+    def ctx(keys):
+        return cells.Context(wl.Scale.quick(), ["fvd", "qemu-qcow2"], str(tmp_path), keys)
+
+    assert cells.scale_cells(ctx(None)) == []  # a plain run: not measured
+    assert cells.scale_cells(ctx(["alloc"])) == []
+    (cell,) = cells.scale_cells(ctx(["scale"]))
+    assert cell.members == ("fvd", "qemu-qcow2") and cell.fixed
+    assert {k for k, _ in tb.row_titles(wl.Scale.quick())} >= {"scale-open", "scale-check"}

@@ -213,3 +213,25 @@ def test_snapshots_on_a_device(impl, loop):
         assert img.read(0, 8192) == b"2" * 4096 + b"1" * 4096
         img.delete_snapshot("s")
     _assert_clean(lo.dev)
+
+
+@pytest.mark.parametrize("cache", ["writethrough", "writeback"])
+def test_crash_on_a_device_keeps_acknowledged_writes(impl, loop, cache):
+    """The handle dropped without a close: replay, scrub and checkpoint on a device
+    (no ftruncate there), every acknowledged write back, and free chunks zeroed."""
+    lo = loop(fill=0xEE)
+    _create(lo.dev)
+    img = fvd.open(lo.dev, "r+", cache=cache)
+    for v in range(6):
+        img.write(v * CHUNK + 512, bytes([v + 1]) * 4096)
+    img.write_zeroes(2 * CHUNK, CHUNK)
+    img.flush()  # acknowledged
+    img.write(9 * CHUNK, b"u" * 4096)  # writeback: maybe lost, never garbage
+    img._crash()
+    with fvd.open(lo.dev, "r+") as img:
+        for v in (0, 1, 3, 4, 5):
+            assert img.read(v * CHUNK + 512, 4096) == bytes([v + 1]) * 4096
+        assert img.read(2 * CHUNK, CHUNK) == bytes(CHUNK)
+        assert img.read(9 * CHUNK, 4096) in (b"u" * 4096, bytes(4096))
+        assert img.read(9 * CHUNK + 4096, 4096) == bytes(4096)
+    _assert_clean(lo.dev)
