@@ -47,6 +47,8 @@ def io_error(path: object, exc: BaseException, what: str) -> BaseException:
     """`exc` (an OSError) as an ImageIOError naming `path`; FvdErrors pass unchanged."""
     if isinstance(exc, FvdError) or not isinstance(exc, OSError) or exc.errno is None:
         return exc
+    if exc.errno == errno.ENOSPC and exc.strerror and exc.strerror != os.strerror(exc.errno):
+        what = f"{what} ({exc.strerror})"  # which space ran out: "block device full (...)"
     return ImageIOError(path, exc.errno, what)
 
 

@@ -26,9 +26,88 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
 
 
+# Block device ioctls (linux/fs.h): _IO(0x12, 127), _IOR(0x12, 114, u64). Not BLKDISCARD:
+# a free chunk must read zeros, and what a discarded range reads is up to the device.
+BLKZEROOUT = 0x127F
+BLKGETSIZE64 = 0x80081272
+
+
+def is_block_device(fd: int) -> bool:
+    return stat.S_ISBLK(os.fstat(fd).st_mode)
+
+
+def is_block_device_path(path: StrPath) -> bool:
+    """True when `path` names an existing block device (symlinks followed)."""
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def file_size(fd: int) -> int:
+    """Bytes in the file: st_size, or a block device's size (its st_size is 0)."""
+    st = os.fstat(fd)
+    if not stat.S_ISBLK(st.st_mode):
+        return st.st_size
+    raw = fcntl.ioctl(fd, BLKGETSIZE64, bytes(8))
+    return int.from_bytes(raw, "little")
+
+
+def truncate_tail(fd: int, end: int) -> None:
+    """Give the file's bytes past `end` back to the file system. A block device keeps
+    its size: nothing to do there (its free chunks are zeroed when freed)."""
+    st = os.fstat(fd)
+    if stat.S_ISREG(st.st_mode) and st.st_size > end:
+        os.ftruncate(fd, end)
+
+
+def extend_to(fd: int, end: int) -> None:
+    """A regular file reaches at least `end` (the new bytes: a hole). A block device
+    already has its size."""
+    st = os.fstat(fd)
+    if stat.S_ISREG(st.st_mode) and st.st_size < end:
+        os.ftruncate(fd, end)
+
+
+def _device_range_ioctl(fd: int, request: int, offset: int, length: int) -> bool:
+    """An ioctl over the byte range [offset, offset + length) (BLKZEROOUT); False where
+    the device (or its alignment) does not support it."""
+    arg = offset.to_bytes(8, "little") + length.to_bytes(8, "little")
+    try:
+        fcntl.ioctl(fd, request, arg)
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL, errno.ENOSYS):
+            return False
+        raise
+    return True
+
+
+def zero_device_range(fd: int, offset: int, length: int) -> None:
+    """A block device range reads as zeros: BLKZEROOUT (the kernel may unmap it, a loop
+    device punches its backing file), else zeros written."""
+    if length > 0 and not _device_range_ioctl(fd, BLKZEROOUT, offset, length):
+        _write_zeros(fd, offset, offset + length)
+
+
+def reserve(fd: int, offset: int, length: int) -> None:
+    """Allocate file blocks for a range (fallocate, the file's size unchanged) so later
+    writes there cannot fail with ENOSPC; a no-op where unsupported or on a device."""
+    if length <= 0 or is_block_device(fd):
+        return
+    if _libc.fallocate(fd, _FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+        return
+    err = ctypes.get_errno()
+    if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+        raise OSError(err, os.strerror(err))
+
+
 def punch_hole(fd: int, offset: int, length: int) -> None:
-    """Make the range read as zeros and free its blocks; writes zeros where unsupported."""
+    """Make the range read as zeros and free its blocks; writes zeros where unsupported.
+    On a block device: BLKZEROOUT (fallback: zeros written)."""
     if length <= 0:
+        return
+    if is_block_device(fd):
+        zero_device_range(fd, offset, length)
         return
     rc = _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
     if rc == 0:
@@ -36,11 +115,14 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
     err = ctypes.get_errno()
     if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
         raise OSError(err, os.strerror(err))
-    end = min(offset + length, os.fstat(fd).st_size)
+    _write_zeros(fd, offset, min(offset + length, file_size(fd)))
+
+
+def _write_zeros(fd: int, offset: int, end: int) -> None:
     zeros = bytes(1 << 20)
     while offset < end:
         n = min(len(zeros), end - offset)
-        os.pwrite(fd, zeros[:n], offset)
+        full_pwrite(fd, zeros[:n], offset)
         offset += n
 
 
@@ -305,7 +387,7 @@ def data_runs(fd: int, start: int, end: int) -> Iterator[tuple[int, int, bool]]:
     """(start, end, is_data) runs of a file's [start, end): holes found with SEEK_HOLE
     and SEEK_DATA; bytes past the end of the file are a hole. Without SEEK_DATA support
     everything is data."""
-    size = os.fstat(fd).st_size
+    size = file_size(fd)
     pos = start
     while pos < end:
         if pos >= size:

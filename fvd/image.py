@@ -9,6 +9,7 @@ the facade per I/O.
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 import zlib
@@ -19,13 +20,29 @@ import numpy as np
 from fvd import registry
 from fvd.core import tableless
 from fvd.core.image import ImageCore
-from fvd.errors import BaseImageError, ChainError, FvdError, ReadOnlyImageError, io_error
+from fvd.errors import (
+    BaseImageError,
+    ChainError,
+    FvdError,
+    ImageIOError,
+    ReadOnlyImageError,
+    io_error,
+)
 from fvd.features import base as base_feature
 from fvd.features import prefetch as prefetch_feature
 from fvd.features import snapshots as snap
 from fvd.features.granular import attach_partial
-from fvd.fileio import AnyPolicy, BackingPolicy
+from fvd.fileio import (
+    AnyPolicy,
+    BackingPolicy,
+    file_size,
+    format_of_magic,
+    full_pwrite,
+    is_block_device_path,
+    zero_device_range,
+)
 from fvd.ondisk import format as fmt
+from fvd.ondisk.sparse_table import crc32_zeros
 from fvd.ops import check as check_ops
 from fvd.ops import reshape
 from fvd.ops.diskops import DiskOps
@@ -133,10 +150,21 @@ def _write_new_image(path: str, header: dict[str, Any], base_name: bytes, overwr
     hole), then fsync: the file is an image or absent."""
     nchunks = -(-header["virtual_size"] // header["chunk_size"])
     has_table = not fmt.is_tableless(header)
-    table = np.full(nchunks if has_table else 0, fmt.UNALLOCATED, dtype=fmt.TABLE_DTYPE).tobytes()
     if has_table:
-        header["table_crc"] = zlib.crc32(table)
+        # a sparse table (docs/format.md, "Sparse tables"): all unallocated is all zeros,
+        # left as a hole in a file (zeroed on a device)
+        header["incompatible_features"] = (
+            header.get("incompatible_features", 0) | fmt.INCOMPAT_SPARSE_TABLE
+        )
+        header["table_crc"] = crc32_zeros(0, 4 * nchunks)
     header["bitmap_crc"] = zlib.crc32(bytes(header.get("bitmap_size", 0)))
+    if is_block_device_path(path):
+        if not has_table:
+            raise ValueError(
+                f"{path}: table-less images (table=off) on block devices are not supported"
+            )
+        _write_new_image_on_device(path, header, base_name, overwrite)
+        return
     flags = os.O_RDWR | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
     fd = os.open(path, flags, 0o644)
     try:
@@ -144,8 +172,7 @@ def _write_new_image(path: str, header: dict[str, Any], base_name: bytes, overwr
         if base_name:
             os.pwrite(fd, base_name, header["base_name_offset"])
         if has_table:
-            os.pwrite(fd, table, header["table_offset"])
-            os.ftruncate(fd, header["data_offset"])
+            os.ftruncate(fd, header["data_offset"])  # the table: a hole
         else:
             os.ftruncate(fd, tableless.data_end(header))
         os.fsync(fd)
@@ -156,6 +183,42 @@ def _write_new_image(path: str, header: dict[str, Any], base_name: bytes, overwr
             raise io_error(path, e, "create") from None
         raise
     os.close(fd)
+
+
+def _write_new_image_on_device(
+    path: str, header: dict[str, Any], base_name: bytes, overwrite: bool
+) -> None:
+    """An image on a block device (docs/format.md, "Block devices"): the metadata
+    regions are zeroed (a device does not read zeros: zeros are also the empty sparse
+    table), the base name written, flushed, then the header. Opened O_EXCL: a mounted
+    device is refused."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_EXCL | os.O_CLOEXEC)
+    except OSError as e:
+        raise io_error(path, e, "create") from None
+    try:
+        size = file_size(fd)
+        if size < header["data_offset"]:
+            raise ImageIOError(
+                path,
+                errno.ENOSPC,
+                f"create: block device of {size} bytes cannot hold the metadata "
+                f"({header['data_offset']} bytes)",
+            )
+        if not overwrite and format_of_magic(os.pread(fd, 4, 0)) != "raw":
+            raise ImageIOError(
+                path, errno.EEXIST, "create: the device holds an image (overwrite replaces it)"
+            )
+        zero_device_range(fd, 0, header["data_offset"])
+        if base_name:
+            full_pwrite(fd, base_name, header["base_name_offset"])
+        os.fsync(fd)
+        full_pwrite(fd, fmt.build_header(header), 0)
+        os.fsync(fd)
+    except OSError as e:
+        raise io_error(path, e, "create") from None
+    finally:
+        os.close(fd)
 
 
 class Image(DiskOps):
@@ -284,6 +347,7 @@ class Image(DiskOps):
                 raise ChainError(f"{self.path}: shrinking needs shrink=True (--shrink)")
             self._zero_cut(size)
         if size == self.size:
+            self._core.refresh_device_size()  # a grown block device: more room
             return
         self.close()
         try:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 from fvd.bench import backup as bb
-from fvd.bench import impls, metadata
+from fvd.bench import impls, metadata, scale, table
 from fvd.bench import qemu as bench_qemu
 from fvd.bench import workloads as wl
 from fvd.bench.convert import ConvertBench
@@ -215,10 +215,25 @@ def backup_cells(ctx: Context) -> list[Cell]:
     return cells
 
 
+def _scale_round(workdir: str, qemu: bool, rnd: int, m: Sequence[str]) -> list[wl.Result]:
+    return scale.measure_scale(workdir, qemu)
+
+
+def scale_cells(ctx: Context) -> list[Cell]:
+    """16 TiB footprints (fvd.bench.scale): fvd and qemu-img in one cell per round."""
+    if not table.opt_in(ctx.keys) or not ctx.want("scale") or "fvd" not in ctx.names:
+        return []  # opt-in: only `--workload scale` runs it
+    qemu = any(n.startswith("qemu-") for n in ctx.names)
+    members = ("fvd", "qemu-qcow2") if qemu else ("fvd",)
+    m = functools.partial(_scale_round, ctx.workdir, qemu)
+    return [Cell("scale", "16 TiB scale", members, m, fixed=True)]
+
+
 CELL_FACTORIES: list[Callable[[Context], list[Cell]]] = [
     io_cells,
     snapshot_cells,
     convert_cells,
     simple_cells,
     backup_cells,
+    scale_cells,
 ]

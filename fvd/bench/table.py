@@ -21,9 +21,10 @@ How to add a row
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 from fvd.bench import backup, convert
+from fvd.bench import scale as scale_rows
 from fvd.bench import workloads as wl
 
 RATIO, AT_LEAST, BELOW, COUNTS = "ratio", "at_least", "below", "counts"
@@ -107,6 +108,20 @@ TARGETS: list[Target] = [
         "sparse-extents", "extents_array of a huge sparse image < 50 ms", 50, kind=BELOW, unit=" ms"
     ),
     _r("checksum", "checksum >= 1.0x ovirt-imageio's of the raw file", 1.0, "raw"),
+    # issue 24, small footprints at 16 TiB (fvd.bench.scale)
+    Target("scale-create", "16 TiB create < 50 ms", 50, kind=BELOW, unit=" ms"),
+    Target("scale-empty-disk", "16 TiB empty image < 2 MiB on disk", 2, kind=BELOW, unit=" MiB"),
+    Target("scale-open", "16 TiB open < 100 ms", 100, kind=BELOW, unit=" ms"),
+    # table bytes (64 MiB at 16 TiB, 1 MiB chunks) + 32 MiB
+    Target("scale-open-rss", "16 TiB open adds <= 96 MiB RSS", 96, kind=BELOW, unit=" MiB"),
+    Target(
+        "scale-snapshot-bytes",
+        "16 TiB snapshot writes < 2 MiB metadata",
+        2,
+        kind=BELOW,
+        unit=" MiB",
+    ),
+    Target("scale-check", "16 TiB check < 300 ms", 300, kind=BELOW, unit=" ms"),
 ]
 
 
@@ -124,6 +139,15 @@ def all_targets() -> list[Target]:
     return TARGETS + convert_targets()
 
 
+# Rows only `--workload` names run (they take long: 16 TiB images, ~15 s a round).
+OPT_IN_PREFIXES = ("scale",)
+
+
+def opt_in(keys: Optional[Sequence[str]]) -> bool:
+    """The run's --workload keys ask for an opt-in row group."""
+    return bool(keys) and any(k.startswith(OPT_IN_PREFIXES) for k in keys or ())
+
+
 def row_titles(scale: wl.Scale) -> list[tuple[str, str]]:
     """(row key, title) of every row, in table order."""
     rows = [(w.key, w.title) for w in wl.io_workloads(scale)]
@@ -136,7 +160,7 @@ def row_titles(scale: wl.Scale) -> list[tuple[str, str]]:
         ("metadata/TiB", "metadata per TiB"),
         ("translate", "translate chunk index"),
     ]
-    return rows + backup.rows()
+    return rows + backup.rows() + scale_rows.ROWS
 
 
 # A peer shown under another name in one row group (the column is reused).

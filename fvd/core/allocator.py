@@ -16,6 +16,7 @@ fast write land in, the chunk after another virtual chunk reused it.
 
 from __future__ import annotations
 
+import errno
 import heapq
 from typing import Callable, Iterable, Optional, Protocol
 
@@ -34,17 +35,31 @@ class Grace(Protocol):
     def try_advance(self) -> bool: ...
 
 
+PREPARE_AHEAD = 16  # chunks zeroed at once past the end of the data area on a device
+
+
 class ChunkAllocator:
     def __init__(
         self,
         in_use: np.ndarray,
         punch: Callable[[int, int], object],
         grace: Optional[Grace] = None,
+        *,
+        limit: int = MAX_PHYS_CHUNKS,
+        prepare: Optional[Callable[[int, int], object]] = None,
+        full: str = "image full: no physical chunk index left",
     ) -> None:
         """`in_use`: bool array over physical chunks; `punch(first, count)` zeroes chunks;
-        `grace`: the chunk map whose epoch gates reuse (None: reuse at once)."""
+        `grace`: the chunk map whose epoch gates reuse (None: reuse at once). `limit`:
+        chunks that fit (a block device's size), past it allocation fails with ENOSPC
+        and the message `full`; `prepare(first, count)` makes chunks past the end read
+        as zeros before they are handed out (a block device holds old bytes there)."""
         used = np.flatnonzero(in_use)
         self.end = int(used[-1]) + 1 if len(used) else 0
+        self.limit = min(limit, MAX_PHYS_CHUNKS)
+        self.full = full
+        self.prepare = prepare
+        self.prepared = self.end  # chunks below are known to read as zeros when free
         self.free = np.flatnonzero(~in_use[: self.end]).tolist()  # sorted: a valid heap
         self.pending: list[int] = []
         self.retired: list[tuple[int, int]] = []  # (epoch, index): released, not yet reusable
@@ -56,16 +71,18 @@ class ChunkAllocator:
             self.reclaim()
         if self.free:
             return heapq.heappop(self.free)
-        if self.end >= MAX_PHYS_CHUNKS:
-            raise OSError(28, "image full: no physical chunk index left")
-        self.end += 1
-        return self.end - 1
+        return self.allocate_run(1)
 
     def allocate_run(self, count: int) -> int:
         """`count` contiguous chunks at the end of the data area (snapshot metadata)."""
         first = self.end
-        if first + count > MAX_PHYS_CHUNKS:
-            raise OSError(28, "image full: no physical chunk index left")
+        if first + count > self.limit:
+            raise OSError(errno.ENOSPC, self.full)
+        if self.prepare is not None and first + count > self.prepared:
+            start = max(first, self.prepared)
+            stop = min(self.limit, first + count + PREPARE_AHEAD)
+            self.prepare(start, stop - start)
+            self.prepared = stop
         self.end += count
         return first
 
@@ -90,6 +107,7 @@ class ChunkAllocator:
                 self.end -= 1
             else:
                 rest.append(i)
+        self.prepared = min(self.prepared, self.end)  # the given-back tail may hold data
         try:
             self._give_back(rest)
         except OSError:

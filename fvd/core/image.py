@@ -19,8 +19,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from fvd import _impl
-from fvd.core import tableless
+from fvd import _impl, fileio
+from fvd.core import tableless, tablestore
 from fvd.core.allocator import ChunkAllocator, front_usage
 from fvd.core.hooks import Attach, BaseHook, PartialHook, SnapshotHook
 from fvd.core.journal import (
@@ -41,8 +41,18 @@ from fvd.errors import (
     ReadOnlyImageError,
     io_error,
 )
-from fvd.fileio import full_pwrite, lock_image, open_disk_file, punch_hole, writer_active
+from fvd.fileio import (
+    file_size,
+    full_pwrite,
+    is_block_device,
+    lock_image,
+    open_disk_file,
+    punch_hole,
+    truncate_tail,
+    writer_active,
+)
 from fvd.ondisk import format as fmt
+from fvd.ondisk import sparse_table
 from fvd.units import index_runs
 
 
@@ -119,6 +129,7 @@ class ImageCore:
         self.header: dict[str, Any] = {}
         self.table: np.ndarray = np.zeros(0, dtype=np.uint32)
         self.fd: int = open_disk_file(self.path, not self.read_only)  # never blocks (FIFO)
+        self.on_device = is_block_device(self.fd)  # docs/format.md, "Block devices"
         try:
             if not force_share:
                 lock_image(self.fd, self.path, exclusive=not self.read_only)
@@ -157,7 +168,7 @@ class ImageCore:
         )
 
     def _load(self, chain, copy_on_read):
-        file_size = os.fstat(self.fd).st_size
+        file_size = self.file_size()
         raw = os.pread(self.fd, fmt.HEADER_SIZE, 0)
         self.stats.metadata_reads += 1
         self.stats.metadata_bytes_read += len(raw)
@@ -178,6 +189,7 @@ class ImageCore:
         self.relocate = set()  # check mode: virtual chunks repair copies to a new chunk
         self.lost = 0  # check mode: chunks past the end of the file
         self.table = self._read_table(file_size)
+        self._reserved = np.zeros(-(-self.nchunks // (sparse_table.RESERVE // 4)), dtype=bool)
         self.frozen = np.zeros(0, dtype=np.uint8)
         self._load_features(chain, copy_on_read)
         replayed = self._replay(file_size) if not h["clean_shutdown"] else 0
@@ -199,7 +211,7 @@ class ImageCore:
         self.journal = Journal(
             self.fd, h["journal_offset"], h["journal_size"], h["journal_epoch"], self.stats
         )
-        self.allocator = ChunkAllocator(self.in_use(), self.punch_chunks, self.chunk_map)
+        self.allocator = self._new_allocator(file_size)
         if self.read_only:
             return
         if h["image_uuid"] == fmt.NO_UUID:
@@ -211,6 +223,41 @@ class ImageCore:
             self.dirty_since_checkpoint = bool(replayed or not h["clean_shutdown"])
         else:
             self._start_writing(replayed or not h["clean_shutdown"])
+
+    def file_size(self):
+        """The image file's size; a block device's size (its st_size is 0)."""
+        return file_size(self.fd)
+
+    def _new_allocator(self, size):
+        """On a block device the device's size bounds the data area, and chunks past the
+        end are zeroed before use (the device holds old bytes there, not holes)."""
+        if not self.on_device:
+            return ChunkAllocator(self.in_use(), self.punch_chunks, self.chunk_map)
+        return ChunkAllocator(
+            self.in_use(),
+            self.punch_chunks,
+            self.chunk_map,
+            limit=self.device_chunks(size),
+            prepare=self._prepare_device_chunks,
+            full=f"block device full ({size} bytes)",
+        )
+
+    def device_chunks(self, size):
+        return max(0, (size - self.header["data_offset"]) // self.chunk_size)
+
+    def refresh_device_size(self):
+        """A grown block device (losetup -c, lvextend): more chunks may be allocated."""
+        if self.on_device and not self.read_only:
+            with self.lock:
+                size = self.file_size()
+                self.allocator.limit = max(self.allocator.end, self.device_chunks(size))
+                self.allocator.full = f"block device full ({size} bytes)"
+
+    def _prepare_device_chunks(self, first, count):
+        """Zero chunks past the end durably before any journal record can name them:
+        after a crash such a chunk reads zeros, never the device's old bytes."""
+        self.punch_chunks(first, count)
+        self.sync()
 
     def _load_features(self, chain, copy_on_read):
         """Base image, snapshots, partial chunks: the facade's `attach` installs them."""
@@ -232,10 +279,17 @@ class ImageCore:
         h = self.header
         if self.tableless:
             return tableless.identity_table(self.nchunks)
-        raw = self.read_meta(h["table_offset"], 4 * self.nchunks)
-        if h["clean_shutdown"] and zlib.crc32(raw) != h["table_crc"]:
+        if sparse_table.is_sparse(h):
+            table, crc = tablestore.load(
+                self, h["table_offset"], self.nchunks, bool(h["clean_shutdown"])
+            )
+        else:
+            raw = self.read_meta(h["table_offset"], 4 * self.nchunks)
+            table = np.frombuffer(raw, dtype=fmt.TABLE_DTYPE).astype(np.uint32)
+            crc = zlib.crc32(raw) if h["clean_shutdown"] else 0
+        if h["clean_shutdown"] and crc != h["table_crc"]:
             self.problem(h["table_offset"], "lookup table checksum mismatch")
-        return np.frombuffer(raw, dtype=fmt.TABLE_DTYPE).astype(np.uint32)
+        return table
 
     def problem(self, offset, what, count=1):
         """A corruption: raise, unless check() is collecting them (`count` problems that
@@ -254,8 +308,10 @@ class ImageCore:
         toff = self.header["table_offset"]
         data_offset = self.header["data_offset"]
         max_valid = max(0, -(-(file_size - data_offset) // self.chunk_size))
-        allocated = t < fmt.ZERO_CHUNK
-        bad = np.flatnonzero(allocated & (t >= max_valid))
+        # one pass over the table; the rest works on the allocated entries only (few in
+        # a sparse 16 TiB image)
+        idx = np.flatnonzero(t < fmt.ZERO_CHUNK)
+        bad = idx[t[idx] >= max_valid]
         self._problem_list(
             bad,
             lambda v: (
@@ -267,7 +323,8 @@ class ImageCore:
         if len(bad):  # only reached in check mode: those chunks read as zeros now
             t[bad] = fmt.ZERO_CHUNK if self.bitmap is not None else fmt.UNALLOCATED
             self.lost = len(bad)
-        counts = front_usage(t, 0)
+            idx = idx[t[idx] < fmt.ZERO_CHUNK]
+        counts = np.bincount(t[idx]) if len(idx) else np.zeros(0, dtype=np.int64)
         shared = np.flatnonzero(counts > 1)
         if len(shared):
             order = np.argsort(t, kind="stable")
@@ -285,7 +342,7 @@ class ImageCore:
             self.relocate.update(dup.tolist())
         if self.snapshot_state is not None:
             meta = self.snapshot_state.meta_mask(max_valid)
-            hit = np.flatnonzero(allocated & (t < len(meta)))
+            hit = idx[t[idx] < len(meta)]
             hit = hit[meta[t[hit]]]
             self._problem_list(
                 hit,
@@ -417,9 +474,7 @@ class ImageCore:
         free = sorted(self.allocator.free)
         for first, count in index_runs(free):
             self.punch_chunks(first, count)
-        end = self.header["data_offset"] + self.allocator.end * self.chunk_size
-        if os.fstat(self.fd).st_size > end:
-            os.ftruncate(self.fd, end)
+        truncate_tail(self.fd, self.header["data_offset"] + self.allocator.end * self.chunk_size)
 
     # ----- metadata writes ------------------------------------------------------
     def write_meta(self, offset, data):
@@ -458,6 +513,18 @@ class ImageCore:
         """Guest range [offset, offset+length) of a table-less image reads as zeros."""
         punch_hole(self.fd, self.header["data_offset"] + offset, length)
 
+    def reserve_table(self, first, stop):
+        """Entries [first, stop) of a sparse table are about to be set: give their
+        table pages file blocks now, so that a full file system fails this write, never
+        a later checkpoint (or the next open's)."""
+        if not sparse_table.is_sparse(self.header) or self.on_device:
+            return
+        page = sparse_table.RESERVE // 4
+        todo = np.flatnonzero(~self._reserved[first // page : (stop - 1) // page + 1])
+        for i in (todo + first // page).tolist():
+            fileio.reserve(self.fd, self.header["table_offset"] + i * page * 4, page * 4)
+            self._reserved[i] = True
+
     def punch_chunks(self, first, count):
         off = self.header["data_offset"] + first * self.chunk_size
         punch_hole(self.fd, off, count * self.chunk_size)
@@ -485,7 +552,11 @@ class ImageCore:
             self.checkpoint(clean=False)
         self.sync()
         if self.dirty_since_checkpoint:
-            if not self.tableless:
+            if self.tableless:
+                pass  # no table: nothing to write
+            elif sparse_table.is_sparse(h):
+                h["table_crc"] = tablestore.store(self, h["table_offset"], self.table)
+            else:
                 table = self.table.astype(fmt.TABLE_DTYPE).tobytes()
                 self.write_meta(h["table_offset"], table)
                 h["table_crc"] = zlib.crc32(table)
@@ -572,8 +643,8 @@ class ImageCore:
         self.allocator.abandon(indexes)
         end = self.header["data_offset"] + self.allocator.end * self.chunk_size
         try:
-            if os.fstat(self.fd).st_size > end and not self.allocator.retired:
-                os.ftruncate(self.fd, end)
+            if not self.allocator.retired:
+                truncate_tail(self.fd, end)
         except OSError:
             pass  # a leak at most
 
@@ -709,6 +780,7 @@ class ImageCore:
                 e = int(self.table[v])
                 if e < fmt.ZERO_CHUNK and not self.is_frozen(e):
                     continue
+                self.reserve_table(v, v + 1)
                 new = self.allocator.allocate()
                 mine[v] = new
                 self.grow_frozen(new)
@@ -790,6 +862,8 @@ class ImageCore:
         # With a base (even one no longer opened after prefetch) unmapped chunks become
         # ZERO: an UNALLOCATED chunk would fall through to the base.
         marker = fmt.ZERO_CHUNK if self.bitmap is not None else fmt.UNALLOCATED
+        if marker != fmt.UNALLOCATED:
+            self.reserve_table(first, last)
         changes = {}
         for v in range(first, last):
             e = int(self.table[v])

@@ -33,7 +33,6 @@ Lifecycle:
 Images with a base keep the whole-chunk copy (a chunk there also has base bitmap bits).
 """
 
-import os
 import time
 import zlib
 
@@ -42,7 +41,7 @@ import numpy as np
 from fvd.core.bitmap import set_bits
 from fvd.core.journal import data_crc_record, granule_record
 from fvd.errors import CorruptImageError, io_error
-from fvd.fileio import data_runs, punch_hole
+from fvd.fileio import data_runs, file_size, punch_hole
 from fvd.ondisk import format as fmt
 from fvd.ondisk import fvd_records as fr
 from fvd.units import flag_runs
@@ -405,7 +404,7 @@ class PartialState:
         mapped = {int(x) for x in t[t < fmt.ZERO_CHUNK]}
         h = img.header
         where = h["partial_map_offset"]
-        nphys = -(-(os.fstat(img.fd).st_size - h["data_offset"]) // self.chunk_size)
+        nphys = -(-(file_size(img.fd) - h["data_offset"]) // self.chunk_size)
         for v, k in self.entries():
             s = int(self.src[k])
             e = int(t[v])

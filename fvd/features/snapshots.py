@@ -28,7 +28,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from fvd.core import journal
+from fvd import fileio
+from fvd.core import journal, tablestore
 from fvd.core.allocator import front_usage
 from fvd.core.bitmap import Bitmap, get_bits
 from fvd.core.hooks import BaseHook, PartialHook
@@ -50,6 +51,7 @@ from fvd.features.granular import (
 )
 from fvd.ondisk import format as fmt
 from fvd.ondisk import fvd_records as fr
+from fvd.ondisk import sparse_table
 from fvd.ondisk.fvd_records import REFCOUNT_DTYPE, REFCOUNT_MAX, TABLE_DTYPE
 from fvd.ondisk.structs import span_struct
 from fvd.types import SnapshotInfo
@@ -256,7 +258,7 @@ def attach_snapshots(img):
     st = SnapshotState()
     st.img = img
     img.snapshot_state = st
-    file_size = os.fstat(img.fd).st_size
+    file_size = fileio.file_size(img.fd)
     cs, d = img.chunk_size, h["data_offset"]
     nphys = max(0, -(-(file_size - d) // cs))
     toff, tsize = h["snapshot_table_offset"], h["snapshot_table_size"]
@@ -493,14 +495,17 @@ def read_snapshot_table(img, e):
 
 def _read_snapshot_table(img, e):
     """read_snapshot_table, plus the held_mask (mask, count) of the validated table."""
-    raw = img.read_meta(e.table_offset, 4 * img.nchunks)
-    if zlib.crc32(raw) != e.table_crc:
+    if sparse_table.is_sparse(img.header):  # only its data runs are read
+        table, crc = tablestore.load(img, e.table_offset, img.nchunks, True)
+    else:
+        raw = img.read_meta(e.table_offset, 4 * img.nchunks)
+        table, crc = sparse_table.decode(raw, False), zlib.crc32(raw)
+    if crc != e.table_crc:
         raise CorruptImageError(
             img.path, e.table_offset, f"snapshot {e.name!r}: lookup table checksum mismatch"
         )
-    table = np.frombuffer(raw, dtype=TABLE_DTYPE).astype(np.uint32)
     d, cs = img.header["data_offset"], img.chunk_size
-    nphys = max(0, -(-(os.fstat(img.fd).st_size - d) // cs))
+    nphys = max(0, -(-(fileio.file_size(img.fd) - d) // cs))
     ok = _held_ok(img, table, nphys)
     if ok is not None:
         return table, ok[0], ok[1]
@@ -515,7 +520,7 @@ def lookup_table_problems(img, e, table):
     file, into snapshot metadata, or mapping one chunk twice."""
     st = img.snapshot_state
     d, cs = img.header["data_offset"], img.chunk_size
-    nphys = max(0, -(-(os.fstat(img.fd).st_size - d) // cs))
+    nphys = max(0, -(-(fileio.file_size(img.fd) - d) // cs))
     if _held_ok(img, table, nphys) is not None:
         return []
     out = []
@@ -605,7 +610,7 @@ def granule_record(fd, path, e, table, chunk_size, granule, data_offset, provena
     off = e.granules_offset
     try:
         chunks, sources, rows = decode_map(raw, len(table), chunk_size, granule, path, off)
-        nphys = max(0, -(-(os.fstat(fd).st_size - data_offset) // chunk_size))
+        nphys = max(0, -(-(fileio.file_size(fd) - data_offset) // chunk_size))
         check_record_table(chunks, sources, rows, table, path, off, nphys)
         prov = decode_provenance(raw, len(chunks), chunk_size, granule, path, off)
     except CorruptImageError as err:  # name the snapshot
@@ -706,7 +711,7 @@ def _write_and_commit(img, st, entries, refcount, layout, extra, revert, refcoun
             new_rc_chunks = refcount_chunks
             roff = d + refcount_chunks[0] * cs if refcount_chunks[1] else 0
             old_runs = [r for r in old_runs if r != refcount_chunks]
-        bufs += [(o, b) for o, (n, b) in zip(extra_offs, extra) if b is not None and n]
+        bufs += _extra_bufs(img, extra_offs, extra)
         _write_runs(img, bufs)
         h.update(
             snapshot_table_offset=offs[0],
@@ -744,6 +749,24 @@ def _pairs_bit(features, entries):
             features |= fmt.INCOMPAT_PROVENANCE
         return features | fmt.INCOMPAT_SNAPSHOT_PARTIAL
     return features & ~(fmt.INCOMPAT_SNAPSHOT_PARTIAL | fmt.INCOMPAT_PROVENANCE)
+
+
+class _Pieces(list):
+    """(offset, bytes) runs of an extra region whose other bytes are zeros."""
+
+
+def _extra_bufs(img, offs, extra):
+    """(host offset, bytes) writes of the extra regions; a _Pieces region is zeroed
+    first (a tail chunk given back may hold bytes), then only its pieces written."""
+    bufs = []
+    for o, (n, b) in zip(offs, extra):
+        if isinstance(b, _Pieces):
+            fileio.punch_hole(img.fd, o, n)
+            fileio.extend_to(img.fd, o + n)  # the region's zeros may be a hole to its end
+            bufs += [(o + rel, piece) for rel, piece in b]
+        elif b is not None and n:
+            bufs.append((o, b))
+    return bufs
 
 
 def _write_runs(img, bufs):
@@ -793,8 +816,7 @@ def _trim_tail(img):
     heapq.heapify(alloc.free)
     alloc.end = last
     end = img.header["data_offset"] + last * img.chunk_size
-    if os.fstat(img.fd).st_size > end:
-        os.ftruncate(img.fd, end)
+    fileio.truncate_tail(img.fd, end)
 
 
 def _in_use_end(img, end):
@@ -932,20 +954,26 @@ def _create(img, st, name, vm_state):
             f"{REFCOUNT_MAX} snapshots; delete some snapshots first"
         )
     refcount = rc.astype(np.uint16)
-    tbytes = table.astype(TABLE_DTYPE, copy=False).tobytes()  # one copy, not two
+    if sparse_table.is_sparse(img.header):
+        # only the non-zero units: the fresh chunks read as zeros (docs/format.md)
+        tpieces, tcrc = tablestore.pieces(table)
+        tstored: Any = (4 * len(table), _Pieces(tpieces))
+    else:
+        tbytes = table.astype(TABLE_DTYPE, copy=False).tobytes()  # one copy, not two
+        tstored, tcrc = (len(tbytes), tbytes), zlib.crc32(tbytes)
     entry = _Entry(
         img.header["next_snapshot_id"],
         time.time_ns(),
         img.size,
         0,
-        zlib.crc32(tbytes),
+        tcrc,
         name,
         0,
         len(vm),
         zlib.crc32(vm) if len(vm) else 0,
     )
     entries = st.entries + [entry]
-    extra = [(len(tbytes), tbytes)]
+    extra = [tstored]
     if img.bitmap is not None:
         # the bits that are durable now (flush above): soft bits name data that is also
         # in the base, so the snapshot reads those blocks from the base
@@ -1182,7 +1210,10 @@ class SnapshotView:
         self.size = img.size
         self.chunk_size = img.chunk_size
         self.block_size = img.block_size
-        self.header = {"data_offset": img.header["data_offset"]}
+        self.header = {
+            "data_offset": img.header["data_offset"],
+            "incompatible_features": img.header["incompatible_features"],  # table encoding
+        }
         self.facts = {
             k: img.header.get(k, 0)
             for k in ("base_format", "bitmap_size", "base_size", "granule_size")
@@ -1202,7 +1233,7 @@ class SnapshotView:
                     entry.table_offset,
                     f"snapshot {entry.name!r}: lookup table checksum mismatch or truncated",
                 )
-            self.table = np.frombuffer(raw, dtype=TABLE_DTYPE).astype(np.uint32)
+            self.table = sparse_table.decode(raw, sparse_table.is_sparse(img.header))
             problems = lookup_table_problems(img, entry, self.table)
             if problems:
                 raise CorruptImageError(img.path, problems[0][0], problems[0][1])
@@ -1386,7 +1417,7 @@ def _check(st, img, result, repair):
     lost = list(st.dropped)
     if st.broken:
         result.messages.append(f"ERROR snapshot metadata unusable ({st.broken})")
-    nfile = -(-(os.fstat(img.fd).st_size - d) // cs)  # tables are bounded by the file
+    nfile = -(-(fileio.file_size(img.fd) - d) // cs)  # tables are bounded by the file
     nphys = max(len(st.refcount), img.allocator.end, nfile, 1)
     owner = np.zeros(nphys, dtype=np.int8)  # 1 = snapshot metadata
     for a, n in st.metadata_runs(img):
@@ -1401,9 +1432,10 @@ def _check(st, img, result, repair):
             if err.what.endswith("checksum mismatch"):
                 problems = [(err.offset, err.what, 1)]
             else:
-                raw = np.frombuffer(
-                    img.read_meta(e.table_offset, 4 * img.nchunks), dtype=TABLE_DTYPE
-                ).astype(np.uint32)
+                raw = sparse_table.decode(
+                    img.read_meta(e.table_offset, 4 * img.nchunks),
+                    sparse_table.is_sparse(img.header),
+                )
                 problems = lookup_table_problems(img, e, raw)
             for off, what, n in problems:
                 result.corruptions += n

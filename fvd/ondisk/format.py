@@ -23,6 +23,7 @@ from fvd.ondisk.fvd_records import (  # noqa: F401 (re-exported: the format's vo
     INCOMPAT_PROVENANCE,
     INCOMPAT_SNAPSHOT_PARTIAL,
     INCOMPAT_SNAPSHOTS,
+    INCOMPAT_SPARSE_TABLE,
     INCOMPAT_TABLELESS,
     MAGIC,
     MAGIC_BYTES,
@@ -47,6 +48,7 @@ KNOWN_INCOMPAT = (
     | INCOMPAT_SNAPSHOT_PARTIAL
     | INCOMPAT_PROVENANCE
     | INCOMPAT_TABLELESS
+    | INCOMPAT_SPARSE_TABLE
 )
 # what a table-less image may not have: every one of them lives in or beside the table
 TABLELESS_ZERO_FIELDS = (

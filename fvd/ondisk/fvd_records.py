@@ -45,6 +45,7 @@ INCOMPAT_PARTIAL = 1 << 2  # partly copied chunks may exist (fvd.granular)
 INCOMPAT_SNAPSHOT_PARTIAL = 1 << 3  # snapshots hold partial chunks (granule records)
 INCOMPAT_PROVENANCE = 1 << 4  # granule records may carry a provenance section
 INCOMPAT_TABLELESS = 1 << 5  # no lookup table: guest offset x at data_offset + x
+INCOMPAT_SPARSE_TABLE = 1 << 6  # lookup tables stored inverted: unallocated is zeros (a hole)
 # base_format
 BASE_NONE, BASE_RAW, BASE_FVD, BASE_QCOW2 = 0, 1, 2, 3
 # base_flags

@@ -40,6 +40,7 @@ from fvd.errors import CorruptImageError
 from fvd.features.granular import NONE
 from fvd.features.snapshots import SnapshotNotFoundError, SnapshotView, granule_record
 from fvd.ondisk import format as fmt
+from fvd.ondisk import sparse_table
 from fvd.types import Extent
 
 KEY_ZERO = np.uint64(1 << 40)  # reads as zeros
@@ -94,7 +95,9 @@ def _pread(fd: int, path: str, length: int, offset: int, crc: int, what: str) ->
     return raw
 
 
-def snapshot_state(fd: int, path: str, entry, nchunks: int, bitmap_size: int) -> State:
+def snapshot_state(
+    fd: int, path: str, entry, nchunks: int, bitmap_size: int, sparse: bool
+) -> State:
     """Read a snapshot's lookup table (and bitmap copy) through `fd`."""
     raw = _pread(
         fd,
@@ -104,7 +107,7 @@ def snapshot_state(fd: int, path: str, entry, nchunks: int, bitmap_size: int) ->
         entry.table_crc,
         f"snapshot {entry.name!r}: lookup table",
     )
-    table = np.frombuffer(raw, dtype=fmt.TABLE_DTYPE)
+    table = sparse_table.decode(raw, sparse)
     bits = None
     if entry.bitmap_offset and bitmap_size:
         braw = _pread(
@@ -157,7 +160,8 @@ def _resolve(owner, since: str, until: str | None):
                 bits = owner.bitmap.stale.copy() if owner.bitmap is not None else None
                 states.append(State(owner.table.copy(), bits, None, _front_partial(owner.partial)))
             continue
-        state = snapshot_state(fd, owner.path, e, nchunks, bsize)
+        sparse = sparse_table.is_sparse(owner.header)
+        state = snapshot_state(fd, owner.path, e, nchunks, bsize, sparse)
         if e.granules_offset or e.granules_bad:
             chunks, sources, rows, prov = granule_record(
                 fd, owner.path, e, state.table, owner.chunk_size, granule, data_offset, True

@@ -14,7 +14,7 @@ import numpy as np
 from fvd.core.image import ImageCore
 from fvd.features.base import check_bitmap
 from fvd.features.granular import check_partial
-from fvd.fileio import has_data
+from fvd.fileio import file_size, has_data, truncate_tail
 from fvd.ondisk.format import BASE_FLAG_PREFETCHED, ZERO_CHUNK
 from fvd.types import CheckResult
 from fvd.units import index_runs
@@ -100,16 +100,26 @@ def merge_reopen(result: CheckResult, after: CheckResult) -> None:
         result.leaks = max(result.leaks, after.leaks)
 
 
+def _chunk_not_zero(fd: int, offset: int, length: int) -> bool:
+    return bool(np.frombuffer(os.pread(fd, length, offset), dtype=np.uint8).any())
+
+
 def _check_leaks(img: ImageCore, result: CheckResult, repair: bool) -> None:
     """Unused chunks that still hold data, and file space past the last used chunk."""
     cs = img.chunk_size
     data_offset = img.header["data_offset"]
     used = img.in_use()
-    file_size = os.fstat(img.fd).st_size
-    nfile = max(0, -(-(file_size - data_offset) // cs))
+    if img.on_device:
+        # The device is not the image's to the end: the data area stops at the last
+        # chunk allocated, and a free chunk (zeroed when freed) holds no holes to find.
+        nfile = img.allocator.end
+        holds_data = _chunk_not_zero
+    else:
+        nfile = max(0, -(-(file_size(img.fd) - data_offset) // cs))
+        holds_data = has_data
     unused = np.flatnonzero(~used[:nfile]).tolist() + list(range(len(used), nfile))
     # A free chunk is a hole (punched when freed); one that still holds data is a leak.
-    leaked = [i for i in unused if has_data(img.fd, data_offset + i * cs, cs)]
+    leaked = [i for i in unused if holds_data(img.fd, data_offset + i * cs, cs)]
     for first, count in index_runs(leaked)[:10]:
         result.messages.append(
             f"Leaked chunks {first}..{first + count - 1} (host offset {data_offset + first * cs})"
@@ -119,8 +129,7 @@ def _check_leaks(img: ImageCore, result: CheckResult, repair: bool) -> None:
         end = data_offset + img.allocator.end * cs
         for first, count in index_runs(leaked):
             img.punch_chunks(first, count)
-        if file_size > end:
-            os.ftruncate(img.fd, end)
+        truncate_tail(img.fd, end)
         img.sync()
         result.leaks_fixed = len(leaked)
         result.leaks = 0

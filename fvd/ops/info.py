@@ -9,7 +9,7 @@ import numpy as np
 from fvd import _impl
 from fvd.core import tableless
 from fvd.core.image import ImageCore
-from fvd.fileio import data_runs, resolve_relative
+from fvd.fileio import data_runs, file_size, resolve_relative
 from fvd.ondisk import format as fmt
 from fvd.qcow2.image import Qcow2Image
 
@@ -76,14 +76,16 @@ def image_info(img: ImageCore) -> dict[str, Any]:
         "table-size": h["table_size"],
         "journal-size": h["journal_size"],
         "data-offset": h["data_offset"],
-        "file-length": st.st_size,
+        "file-length": file_size(img.fd),
+        "block-device": img.on_device,
         "implementation": _impl.IMPLEMENTATION,
     }
     info = {
         "filename": img.path,
         "format": "fvd",
         "virtual-size": img.size,
-        "actual-size": st.st_blocks * 512,
+        # a device node has no blocks of its own: the space used is the image's end
+        "actual-size": data["image-end-offset"] if img.on_device else st.st_blocks * 512,
         "cluster-size": img.chunk_size,
         "dirty-flag": not h["clean_shutdown"],
     }

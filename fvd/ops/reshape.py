@@ -16,8 +16,9 @@ import numpy as np
 
 from fvd.core import tableless
 from fvd.errors import ChainError, CorruptImageError
-from fvd.fileio import full_pwrite, lock_image
+from fvd.fileio import file_size, full_pwrite, lock_image, truncate_tail
 from fvd.ondisk import format as fmt
+from fvd.ondisk import sparse_table
 
 SLOT = 4096  # a base name slot (names are at most 4095 bytes)
 Header = dict[str, Any]
@@ -33,7 +34,7 @@ class _Locked:
         try:
             lock_image(self.fd, path, exclusive=True)
             raw = os.pread(self.fd, fmt.HEADER_SIZE, 0)
-            self.h: Header = fmt.parse_header(raw, path, os.fstat(self.fd).st_size)
+            self.h: Header = fmt.parse_header(raw, path, file_size(self.fd))
         except BaseException:
             os.close(self.fd)
             raise
@@ -58,7 +59,7 @@ class _Locked:
         if fmt.is_tableless(self.h):  # every chunk at its own place: all "allocated"
             return tableless.identity_table(self.nchunks)
         raw = self.read(self.h["table_offset"], 4 * self.nchunks)
-        return np.frombuffer(raw, dtype=fmt.TABLE_DTYPE).astype(np.uint32)
+        return sparse_table.decode(raw, sparse_table.is_sparse(self.h))
 
     def write(self, offset: int, data: bytes) -> None:
         full_pwrite(self.fd, data, offset)
@@ -130,14 +131,15 @@ def _shrink(f: _Locked, table: np.ndarray, size: int, new_n: int) -> None:
             f"{f.path}: chunk {new_n + int(cut[0])} past the new size holds data; "
             f"shrinking would lose it"
         )
-    f.commit(virtual_size=size, table_crc=zlib.crc32(table[:new_n].tobytes()))
+    stored = sparse_table.encode(table[:new_n], sparse_table.is_sparse(f.h))
+    f.commit(virtual_size=size, table_crc=zlib.crc32(stored.tobytes()))
 
 
 def _grow(f: _Locked, table: np.ndarray, size: int, new_n: int) -> None:
     h = f.h
-    new_table = np.full(new_n, fmt.UNALLOCATED, dtype=fmt.TABLE_DTYPE)
+    new_table = np.full(new_n, fmt.UNALLOCATED, dtype=np.uint32)
     new_table[: len(table)] = table
-    raw = new_table.tobytes()
+    raw = sparse_table.encode(new_table, sparse_table.is_sparse(h)).tobytes()
     need = fmt.round_up(len(raw), fmt.ALIGN)
     changes: dict[str, Any] = dict(virtual_size=size, table_crc=zlib.crc32(raw))
     if need > h["table_size"]:
@@ -195,12 +197,13 @@ def empty_front(path: str) -> bool:
                 journal_epoch=h["journal_epoch"] + 1,
             )
             return False
-        table = np.full(f.nchunks, fmt.UNALLOCATED, dtype=fmt.TABLE_DTYPE).tobytes()
+        empty = np.full(f.nchunks, fmt.UNALLOCATED, dtype=np.uint32)
+        table = sparse_table.encode(empty, sparse_table.is_sparse(h)).tobytes()
         f.write(h["table_offset"], table)
         f.sync()
         if h["nb_snapshots"] or h["snapshot_table_offset"] or h["partial_map_offset"]:
             return True
-        os.ftruncate(f.fd, h["data_offset"])
+        truncate_tail(f.fd, h["data_offset"])
         f.commit(
             clean_shutdown=1,
             table_crc=zlib.crc32(table),

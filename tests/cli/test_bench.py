@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from fvd.bench import impls, report, rounds, stats, verdicts
+from fvd.bench import cells, impls, report, rounds, stats, verdicts
 from fvd.bench import table as tb
 from fvd.bench import workloads as wl
 from fvd.bench.cells import Cell
@@ -36,6 +36,8 @@ def fake_run(quality=1.0, rounds_=5, seed=1):
     scale = wl.Scale.quick()
     results = []
     for key, _title in tb.row_titles(scale):
+        if key.startswith(tb.OPT_IN_PREFIXES):
+            continue  # not part of a --quick run (only --workload runs them)
         unit = _unit(key)
         higher = UNITS.get(unit, True)
         for name in NAMES:
@@ -91,7 +93,7 @@ def test_wide_view_has_every_column_and_target():
     header = next(line for line in text.splitlines() if line.startswith("workload"))
     assert all(n in header for n in NAMES)
     for t in tb.all_targets():
-        assert t.text in text
+        assert t.text in text or t.row.startswith(tb.OPT_IN_PREFIXES)  # not measured
     assert report.STAR_NOTE in text  # QEMU random reads through qemu-io are marked
 
 
@@ -130,7 +132,8 @@ def test_targets_judged():
     slow = fake_run(0.1)
     mine = [j for j in slow.judged if j.target.kind == tb.RATIO and j.target.impl == "fvd"]
     assert {j.status for j in mine} == {stats.MISSED}
-    assert len(run.judged) == len(tb.all_targets())
+    measured = [t for t in tb.all_targets() if not t.row.startswith(tb.OPT_IN_PREFIXES)]
+    assert len(run.judged) == len(measured)
 
 
 def test_strongest_peer_skips_own_and_unlike():
@@ -324,3 +327,14 @@ def test_bad_options_and_saved_runs(tmp_path, capsys):
     saved.write_text(json.dumps(report.json_doc(fake_run()), default=list))
     assert main(["bench", "--load", str(saved), "--output", "markdown"]) == 0
     assert capsys.readouterr().out == report.markdown(fake_run())
+
+
+def test_scale_rows_are_opt_in(tmp_path):
+    def ctx(keys):
+        return cells.Context(wl.Scale.quick(), ["fvd", "qemu-qcow2"], str(tmp_path), keys)
+
+    assert cells.scale_cells(ctx(None)) == []  # a plain run: not measured
+    assert cells.scale_cells(ctx(["alloc"])) == []
+    (cell,) = cells.scale_cells(ctx(["scale"]))
+    assert cell.members == ("fvd", "qemu-qcow2") and cell.fixed
+    assert {k for k, _ in tb.row_titles(wl.Scale.quick())} >= {"scale-open", "scale-check"}

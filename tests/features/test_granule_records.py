@@ -442,7 +442,8 @@ def test_a_record_on_chunks_the_front_uses(path):
     nch = SIZE // CS
     with open(path, "r+b") as f:
         raw = bytearray(os.pread(f.fileno(), 4 * nch, h["table_offset"]))
-        raw[28:32] = rec_chunk.to_bytes(4, "little")
+        sparse = h["incompatible_features"] & fmt.INCOMPAT_SPARSE_TABLE
+        raw[28:32] = (rec_chunk ^ (0xFFFFFFFF if sparse else 0)).to_bytes(4, "little")
         os.pwrite(f.fileno(), bytes(raw), h["table_offset"])
         hraw = bytearray(os.pread(f.fileno(), 512, 0))
         hraw[192:196] = zlib.crc32(bytes(raw)).to_bytes(4, "little")  # table_crc

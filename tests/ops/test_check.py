@@ -41,11 +41,16 @@ def rewrite_header(path, **changes):
     patch(path, 0, fmt.build_header(h))
 
 
+def stored(h, value):
+    """A table entry as the image stores it (sparse tables: inverted)."""
+    return value ^ 0xFFFFFFFF if h["incompatible_features"] & fmt.INCOMPAT_SPARSE_TABLE else value
+
+
 def set_table_entry(path, v, value):
     """Front table entry `v` := value, table_crc recomputed (a clean image)."""
     h = read_header(path)
     nch = -(-h["virtual_size"] // h["chunk_size"])
-    patch(path, h["table_offset"] + 4 * v, struct.pack("<I", value))
+    patch(path, h["table_offset"] + 4 * v, struct.pack("<I", stored(h, value)))
     with open(path, "rb") as f:
         f.seek(h["table_offset"])
         raw = f.read(4 * nch)
@@ -80,7 +85,7 @@ def set_snapshot_table_entry(path, index, v, value):
     where, e = snapshot_entries(path)[index]
     h = read_header(path)
     nch = -(-h["virtual_size"] // h["chunk_size"])
-    patch(path, e.table_offset + 4 * v, struct.pack("<I", value))
+    patch(path, e.table_offset + 4 * v, struct.pack("<I", stored(h, value)))
     with open(path, "rb") as f:
         f.seek(e.table_offset)
         raw = f.read(4 * nch)
