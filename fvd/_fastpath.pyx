@@ -19,6 +19,8 @@ from posix.types cimport off_t
 
 import numpy as np
 
+from fvd import _shared
+
 __all__ = ["STAT_FIELDS", "Stats", "ChunkMap", "HostFile", "held_mask"]
 
 cdef extern from "<unistd.h>" nogil:
@@ -31,11 +33,19 @@ cdef extern from "<sys/uio.h>" nogil:
         size_t iov_len
     ssize_t pwritev(int fd, const iovec *iov, int iovcnt, off_t offset)
 
-cdef uint32_t ZERO_CHUNK = 0xFFFFFFFEu
-cdef uint32_t NO_SLOT = 0xFFFFFFFFu
+# The values shared with the twin live in fvd/_shared.py (read once, at import).
+cdef uint32_t ZERO_CHUNK = _shared.ZERO_CHUNK
+cdef uint32_t NO_SLOT = _shared.NO_SLOT
+cdef Py_ssize_t MAX_IOV = _shared.MAX_IOV
+cdef int SYS_IOV_MAX = _shared.SYS_IOV_MAX
 cdef enum:
-    MAX_IOV = 64
-    SYS_IOV_MAX = 1024          # iovecs per pwritev call (Linux UIO_MAXIOV)
+    STACK_IOV = 64              # buffers a write takes without a malloc
+
+
+def _shared_values():
+    """The shared values as this module holds them (tests pin them to fvd._shared)."""
+    return {"ZERO_CHUNK": ZERO_CHUNK, "NO_SLOT": NO_SLOT, "MAX_IOV": MAX_IOV,
+            "SYS_IOV_MAX": SYS_IOV_MAX}
 
 STAT_FIELDS = ("data_reads", "data_bytes_read", "data_writes", "data_bytes_written",
                "metadata_reads", "metadata_bytes_read", "metadata_writes",
@@ -148,8 +158,8 @@ cdef long long host_pwritev(int fd, Stats st, long long host, object buffers,
                             Py_ssize_t limit, object factory=None) except -1:
     """One data write of the buffers at a host offset (memory-adjacent ones share an
     iovec). At most `limit` buffers (-1: any number)."""
-    cdef Py_buffer stack_views[MAX_IOV]
-    cdef iovec stack_iov[MAX_IOV]
+    cdef Py_buffer stack_views[STACK_IOV]
+    cdef iovec stack_iov[STACK_IOV]
     cdef Py_buffer *views = stack_views
     cdef iovec *iov = stack_iov
     cdef Py_ssize_t nbuf = len(buffers)
@@ -157,7 +167,7 @@ cdef long long host_pwritev(int fd, Stats st, long long host, object buffers,
     cdef long long total = 0
     if limit >= 0 and nbuf > limit:
         raise ValueError("too many buffers")
-    if nbuf > MAX_IOV:
+    if nbuf > STACK_IOV:
         views = <Py_buffer *>malloc(nbuf * sizeof(Py_buffer))
         iov = <iovec *>malloc(nbuf * sizeof(iovec))
         if views == NULL or iov == NULL:
