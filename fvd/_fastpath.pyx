@@ -641,8 +641,10 @@ cdef class ChunkMap:
 
     def writable(self, long long offset, long long length):
         """True when every chunk under the range is allocated and not held by a snapshot,
-        and every granule it touches in a partial chunk is written."""
+        and every granule it touches in a partial chunk is written (ValueError outside
+        the image)."""
         cdef PartView pv = self.pv
+        self.check_range(offset, length)
         return self.all_writable(self.frz, offset, length) and \
             self.granules_written(&pv, offset, length)
 
@@ -699,11 +701,20 @@ cdef class ChunkMap:
         return host_readinto(self.fd, self.st, host_offset, buf, self.error)
 
     def translate(self, const int64_t[::1] vchunks, int64_t[::1] out):
-        """Batch translation: host offsets of chunk starts (-1 where no data)."""
-        cdef Py_ssize_t i, n = vchunks.shape[0]
+        """Batch translation: host offsets of chunk starts (-1 where no data). Returns
+        len(vchunks); ValueError for a chunk outside the table or a short `out`."""
+        cdef Py_ssize_t i, n = vchunks.shape[0], bad = -1
+        cdef int64_t limit = self.tab.shape[0]
+        if out.shape[0] < n:
+            raise ValueError(f"translate: out holds {out.shape[0]} entries, not {n}")
         with nogil:
             for i in range(n):
+                if vchunks[i] < 0 or vchunks[i] >= limit:
+                    bad = i
+                    break
                 out[i] = host_of(self.tab[vchunks[i]], self.shift, self.data_offset, 0)
+        if bad >= 0:
+            raise ValueError(f"translate: chunk {vchunks[bad]} outside the table ({limit})")
         return n
 
 

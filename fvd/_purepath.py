@@ -258,14 +258,15 @@ class ChunkMap:
             b += 1
         return (end if bit and lim == bend else lim), bool(bit)
 
-    def _read_based(self, offset, mv, fresh, bshift, bend, base_fd):
-        """Base fields passed in: set_base may run in another thread meanwhile."""
+    def _read_based(self, offset, mv, fresh, bshift, bend, base_fd, pv):
+        """Base fields (and the partial view `pv`) passed in: set_base may run in
+        another thread meanwhile."""
         pos, end = offset, offset + len(mv)
         b = offset >> bshift
         if end <= bend and (end - 1) >> bshift == b:
             # Common case, inside one block below the base end: one bit, one pread.
             if int(fresh[b >> 3]) >> (b & 7) & 1:
-                return self._read_image(offset, mv)
+                return self._read_image(offset, mv, pv)
             if os.preadv(base_fd, [mv], offset) < len(mv):
                 _full_pread(base_fd, mv, offset)
             self.stats.base_reads += 1
@@ -275,7 +276,7 @@ class ChunkMap:
             stop, image = self._segment(fresh, bshift, bend, pos, end)
             piece = mv[pos - offset : stop - offset]
             if image:
-                self._read_image(pos, piece)
+                self._read_image(pos, piece, pv)
             else:
                 _full_pread(base_fd, piece, pos)
                 self.stats.base_reads += 1
@@ -357,12 +358,16 @@ class ChunkMap:
         length = len(mv)
         if offset < 0 or offset + length > self.size:
             self._check_range(offset, length)
+        if not length:
+            return 0  # nothing read, nothing counted (as the compiled path)
         bv = self._bv
         if bv[4] >= 0 and offset < bv[3]:
             fresh, _, bshift, bend, base_fd = bv
             self._users.append(1)
             try:
-                return self._read_based(offset, memoryview(mv), fresh, bshift, bend, base_fd)
+                return self._read_based(
+                    offset, memoryview(mv), fresh, bshift, bend, base_fd, self._pv
+                )
             finally:
                 self._users.pop()
         return self._read_image(offset, memoryview(mv), self._pv)
@@ -404,6 +409,7 @@ class ChunkMap:
     def writable(self, offset, length):
         """True when every chunk under the range is allocated and not held by a snapshot,
         and every granule it touches in a partial chunk is written."""
+        self._check_range(offset, length)
         if length == 0:
             return True
         first, last = offset >> self.shift, (offset + length - 1) >> self.shift
@@ -479,10 +485,17 @@ class ChunkMap:
         return _host_readinto(self.fd, self.stats, host_offset, buf, self.error)
 
     def translate(self, vchunks, out):
-        """Batch translation: host offsets of chunk starts (-1 where no data)."""
+        """Batch translation: host offsets of chunk starts (-1 where no data). Returns
+        len(vchunks); ValueError for a chunk outside the table or a short `out`."""
         table, shift, base = self.table, self.shift, self.data_offset
-        for i in range(len(vchunks)):
-            e = int(table[vchunks[i]])
+        n, limit = len(vchunks), len(table)
+        if len(out) < n:
+            raise ValueError(f"translate: out holds {len(out)} entries, not {n}")
+        for i in range(n):
+            v = int(vchunks[i])
+            if not 0 <= v < limit:
+                raise ValueError(f"translate: chunk {v} outside the table ({limit})")
+            e = int(table[v])
             out[i] = -1 if e >= ZERO_CHUNK else base + (e << shift)
         return len(vchunks)
 
