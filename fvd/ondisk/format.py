@@ -127,6 +127,14 @@ def validate_header(h, path, file_size):
     def need(cond, field, what):
         _need(cond, path, FIELD_OFFSET[field], what)
 
+    _validate_geometry(h, need)
+    has_base = _validate_base(h, need)
+    _validate_regions(h, need, has_base)
+    _validate_partial_map(h, need, file_size)
+
+
+def _validate_geometry(h, need):
+    """Header, chunk, block and virtual sizes, and the table region that covers them."""
     need(h["header_size"] == HEADER_SIZE, "header_size", "bad header size")
     cs, bs, vs = h["chunk_size"], h["block_size"], h["virtual_size"]
     need(
@@ -143,6 +151,11 @@ def validate_header(h, path, file_size):
     nchunks = -(-vs // cs)
     need(nchunks <= MAX_TABLE_ENTRIES, "virtual_size", "too many chunks")
     need(h["table_size"] >= 4 * nchunks, "table_size", "table region smaller than the table")
+
+
+def _validate_base(h, need):
+    """The base format and its fields; True when the image has a base."""
+    bs = h["block_size"]
     need(
         h["base_format"] in (BASE_NONE, BASE_RAW, BASE_FVD, BASE_QCOW2),
         "base_format",
@@ -161,6 +174,11 @@ def validate_header(h, path, file_size):
             "bitmap_size",
             "bitmap too small for the base size",
         )
+    return has_base
+
+
+def _validate_regions(h, need, has_base):
+    """Journal size, then every metadata region: aligned, disjoint, before the data."""
     need(
         h["journal_size"] >= MIN_JOURNAL and h["journal_size"] % 512 == 0,
         "journal_size",
@@ -185,6 +203,12 @@ def validate_header(h, path, file_size):
             f"{first.replace('_offset', '')} region",
         )
     need(h["data_offset"] % ALIGN == 0, "data_offset", "data offset not aligned")
+
+
+def _validate_partial_map(h, need, file_size):
+    """Granule size, the partial-chunk map's place, and a file that holds the header's
+    data offset."""
+    cs = h["chunk_size"]
     gs = h["granule_size"]
     need(
         gs == 0 or (is_power_of_two(gs) and MIN_GRANULE <= gs <= cs and cs // gs <= 65536),
