@@ -75,9 +75,8 @@ def install(session: nox.Session) -> None:
     tmp = session.create_tmp()
     dist = os.path.join(tmp, "dist")
     shutil.rmtree(dist, ignore_errors=True)
-    session.run("python", "-m", "build", "--sdist", "--outdir", dist, ".")
+    session.run("python", "-m", "build", "--outdir", dist, ".")  # the wheel from the sdist
     sdist = glob.glob(os.path.join(dist, "fvd-*.tar.gz"))[0]
-    session.run("python", "-m", "build", "--wheel", "--outdir", dist, sdist)
     wheel = glob.glob(os.path.join(dist, "fvd-*.whl"))[0]
     for name, artifact in (("wheel", wheel), ("sdist", sdist)):
         session.log(f"installing the {name} {os.path.basename(artifact)} into a fresh venv")
