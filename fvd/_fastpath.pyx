@@ -6,9 +6,10 @@ The lookup table is a numpy uint32 array owned by the Image and viewed here thro
 typed memoryview; the loops below run in `noexcept nogil` code and coalesce virtual
 ranges whose chunks are physically contiguous into one pread/pwrite.
 fvd/_purepath.py is the pure-Python twin and must behave byte for byte the same.
-fvd/_fastpath.pyi types this module; tests/test_impl_parity.py checks that the three agree
-(binding=True makes methods introspectable, embedsignature puts each __init__'s signature
-at the head of its docstring, which inspect cannot read from a cdef class otherwise).
+fvd/_fastpath.pyi types this module; tests/native/test_impl_parity.py checks that the
+three agree (binding=True makes methods introspectable, embedsignature puts each
+__init__'s signature at the head of its docstring, which inspect cannot read from a cdef
+class otherwise).
 """
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE
 from libc.errno cimport errno, EINTR, EIO

@@ -17,6 +17,7 @@ from fvd.cliutil import (
     chain_infos,
     changed_dicts,
     extent_dict,
+    human,
     info_text,
     open_args,
     progress_done,
@@ -58,14 +59,6 @@ def parse_options(text: Optional[str]) -> dict[str, str]:
             raise UsageError(f"option {item!r} needs a value (key=value)")
         out[key.strip()] = value.strip()
     return out
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024:
-            return f"{n:.3g} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024
-    return f"{n:.3g} PiB"
 
 
 def emit(args: argparse.Namespace, data: object, text: str) -> None:
