@@ -72,7 +72,7 @@ def _run_subset(session: nox.Session, python: str, tmp: str) -> None:
 def install(session: nox.Session) -> None:
     """sdist -> wheel -> fresh venv (and sdist -> fresh venv) -> fast subset, per version."""
     session.install("build")
-    tmp = session.create_tmp()
+    tmp = os.path.abspath(session.create_tmp())
     dist = os.path.join(tmp, "dist")
     shutil.rmtree(dist, ignore_errors=True)
     session.run("python", "-m", "build", "--outdir", dist, ".")  # the wheel from the sdist
