@@ -50,6 +50,7 @@ def _run_subset(session: nox.Session, python: str, tmp: str) -> None:
     work = os.path.join(tmp, "run")
     shutil.rmtree(work, ignore_errors=True)
     shutil.copytree("tests", os.path.join(work, "tests"))
+    shutil.copytree("docs", os.path.join(work, "docs"))  # the spec tests read format.md
     shutil.copy("pyproject.toml", work)  # markers and addopts
     env = {"FVD_REQUIRE_CYTHON": "1", "PYTHONPATH": ""}
     with session.chdir(work):
