@@ -54,7 +54,9 @@ def _run_subset(session: nox.Session, python: str, tmp: str) -> None:
     shutil.copy("pyproject.toml", work)  # markers and addopts
     env = {"FVD_REQUIRE_CYTHON": "1", "PYTHONPATH": ""}
     with session.chdir(work):
-        session.run(python, "-c", "import fvd, fvd._fastpath; print(fvd.__file__)", env=env)
+        session.run(
+            python, "-c", "import fvd, fvd._fastpath; print(fvd.__file__)", env=env, external=True
+        )
         session.run(
             python,
             "-m",
