@@ -79,8 +79,7 @@ def make_raw(path, size, seed=1):
 
 
 def stats_delta(img, before):
-    after = img.stats.as_dict()
-    return {k: after[k] - before[k] for k in after if after[k] != before[k]}
+    return counts_delta(before, img.stats.as_dict())
 
 
 def pat(seed, n):
