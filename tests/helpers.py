@@ -160,6 +160,27 @@ def check_content(data, legal_by_unit, what):
         )
 
 
+def assert_recovered(img, before, after, where):
+    """After a SIGKILL: every unit holds its version before or after the operation in
+    flight, the snapshots are those both sides agree on (plus any either has), each
+    exactly as taken, and the image checks clean. before/after: (state, snapshots)."""
+    (state, snaps), (after_state, after_snaps) = before, after
+    legal = [{state[u], after_state[u]} for u in range(NUNITS)]
+    check_content(img.read(0, NUNITS * UNIT), legal, where)
+    names = {s.name for s in img.snapshots()}
+    must = set(snaps) & set(after_snaps)
+    may = set(snaps) | set(after_snaps)
+    assert must <= names <= may, (where, names, must, may)
+    for name in names:
+        want = snaps.get(name) or after_snaps[name]
+        with img.open_snapshot(name) as view:
+            check_content(
+                view.read(0, NUNITS * UNIT), [{want[u]} for u in range(NUNITS)], f"{where} {name}"
+            )
+    res = img.check()
+    assert res.ok, (where, res.messages)
+
+
 def apply_ops(path, ops):
     """Replay recorded syscalls (tests.syscall_recorder.parse) on the file at `path`."""
     fd = os.open(path, os.O_RDWR)
