@@ -1,9 +1,9 @@
-"""fvd: the FVD ("Fast Virtual Disk") copy-on-write image format.
+"""fvd: the FVD ("Fast Virtual Disk") copy-on-write image format::
 
-import fvd
-fvd.create("disk.fvd", 8 << 30)
-with fvd.open("disk.fvd", "r+") as img:
-    img.write(0, b"hello")
+    import fvd
+    fvd.create("disk.fvd", 8 << 30)
+    with fvd.open("disk.fvd", "r+") as img:
+        img.write(0, b"hello")
 
 Layers (docs/architecture.md): errors/units/types -> on-disk records and the native fast
 path -> image core and fvd.qcow2 -> features -> operations -> the Image facade -> convert

@@ -1,5 +1,5 @@
 """Types of the compiled fast path (fvd/_fastpath.pyx). fvd/_purepath.py is its twin with
-the same names and signatures; tests/test_impl_parity.py checks all three agree."""
+the same names and signatures; tests/native/test_impl_parity.py checks all three agree."""
 
 from collections.abc import Callable, Sequence
 from typing import Any

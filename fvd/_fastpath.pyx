@@ -6,9 +6,10 @@ The lookup table is a numpy uint32 array owned by the Image and viewed here thro
 typed memoryview; the loops below run in `noexcept nogil` code and coalesce virtual
 ranges whose chunks are physically contiguous into one pread/pwrite.
 fvd/_purepath.py is the pure-Python twin and must behave byte for byte the same.
-fvd/_fastpath.pyi types this module; tests/test_impl_parity.py checks that the three agree
-(binding=True makes methods introspectable, embedsignature puts each __init__'s signature
-at the head of its docstring, which inspect cannot read from a cdef class otherwise).
+fvd/_fastpath.pyi types this module; tests/native/test_impl_parity.py checks that the
+three agree (binding=True makes methods introspectable, embedsignature puts each
+__init__'s signature at the head of its docstring, which inspect cannot read from a cdef
+class otherwise).
 """
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE
 from libc.errno cimport errno, EINTR, EIO
@@ -18,6 +19,8 @@ from libc.string cimport memset
 from posix.types cimport off_t
 
 import numpy as np
+
+from fvd import _shared
 
 __all__ = ["STAT_FIELDS", "Stats", "ChunkMap", "HostFile", "held_mask"]
 
@@ -31,11 +34,19 @@ cdef extern from "<sys/uio.h>" nogil:
         size_t iov_len
     ssize_t pwritev(int fd, const iovec *iov, int iovcnt, off_t offset)
 
-cdef uint32_t ZERO_CHUNK = 0xFFFFFFFEu
-cdef uint32_t NO_SLOT = 0xFFFFFFFFu
+# The values shared with the twin live in fvd/_shared.py (read once, at import).
+cdef uint32_t ZERO_CHUNK = _shared.ZERO_CHUNK
+cdef uint32_t NO_SLOT = _shared.NO_SLOT
+cdef Py_ssize_t MAX_IOV = _shared.MAX_IOV
+cdef int SYS_IOV_MAX = _shared.SYS_IOV_MAX
 cdef enum:
-    MAX_IOV = 64
-    SYS_IOV_MAX = 1024          # iovecs per pwritev call (Linux UIO_MAXIOV)
+    STACK_IOV = 64              # buffers a write takes without a malloc
+
+
+def _shared_values():
+    """The shared values as this module holds them (tests pin them to fvd._shared)."""
+    return {"ZERO_CHUNK": ZERO_CHUNK, "NO_SLOT": NO_SLOT, "MAX_IOV": MAX_IOV,
+            "SYS_IOV_MAX": SYS_IOV_MAX}
 
 STAT_FIELDS = ("data_reads", "data_bytes_read", "data_writes", "data_bytes_written",
                "metadata_reads", "metadata_bytes_read", "metadata_writes",
@@ -148,8 +159,8 @@ cdef long long host_pwritev(int fd, Stats st, long long host, object buffers,
                             Py_ssize_t limit, object factory=None) except -1:
     """One data write of the buffers at a host offset (memory-adjacent ones share an
     iovec). At most `limit` buffers (-1: any number)."""
-    cdef Py_buffer stack_views[MAX_IOV]
-    cdef iovec stack_iov[MAX_IOV]
+    cdef Py_buffer stack_views[STACK_IOV]
+    cdef iovec stack_iov[STACK_IOV]
     cdef Py_buffer *views = stack_views
     cdef iovec *iov = stack_iov
     cdef Py_ssize_t nbuf = len(buffers)
@@ -157,7 +168,7 @@ cdef long long host_pwritev(int fd, Stats st, long long host, object buffers,
     cdef long long total = 0
     if limit >= 0 and nbuf > limit:
         raise ValueError("too many buffers")
-    if nbuf > MAX_IOV:
+    if nbuf > STACK_IOV:
         views = <Py_buffer *>malloc(nbuf * sizeof(Py_buffer))
         iov = <iovec *>malloc(nbuf * sizeof(iovec))
         if views == NULL or iov == NULL:
@@ -638,8 +649,10 @@ cdef class ChunkMap:
 
     def writable(self, long long offset, long long length):
         """True when every chunk under the range is allocated and not held by a snapshot,
-        and every granule it touches in a partial chunk is written."""
+        and every granule it touches in a partial chunk is written (ValueError outside
+        the image)."""
         cdef PartView pv = self.pv
+        self.check_range(offset, length)
         return self.all_writable(self.frz, offset, length) and \
             self.granules_written(&pv, offset, length)
 
@@ -696,11 +709,20 @@ cdef class ChunkMap:
         return host_readinto(self.fd, self.st, host_offset, buf, self.error)
 
     def translate(self, const int64_t[::1] vchunks, int64_t[::1] out):
-        """Batch translation: host offsets of chunk starts (-1 where no data)."""
-        cdef Py_ssize_t i, n = vchunks.shape[0]
+        """Batch translation: host offsets of chunk starts (-1 where no data). Returns
+        len(vchunks); ValueError for a chunk outside the table or a short `out`."""
+        cdef Py_ssize_t i, n = vchunks.shape[0], bad = -1
+        cdef int64_t limit = self.tab.shape[0]
+        if out.shape[0] < n:
+            raise ValueError(f"translate: out holds {out.shape[0]} entries, not {n}")
         with nogil:
             for i in range(n):
+                if vchunks[i] < 0 or vchunks[i] >= limit:
+                    bad = i
+                    break
                 out[i] = host_of(self.tab[vchunks[i]], self.shift, self.data_offset, 0)
+        if bad >= 0:
+            raise ValueError(f"translate: chunk {vchunks[bad]} outside the table ({limit})")
         return n
 
 

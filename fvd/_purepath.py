@@ -8,14 +8,10 @@ import os
 
 import numpy as np
 
-# The public surface, as fvd._fastpath's; the constants below mirror its C-level ones.
-__all__ = ["STAT_FIELDS", "Stats", "ChunkMap", "HostFile", "held_mask"]
+from fvd._shared import MAX_IOV, NO_SLOT, SYS_IOV_MAX, ZERO_CHUNK
 
-UNALLOCATED = 0xFFFFFFFF
-ZERO_CHUNK = 0xFFFFFFFE
-NO_SLOT = 0xFFFFFFFF
-MAX_IOV = 64
-SYS_IOV_MAX = 1024  # iovecs per pwritev call (Linux UIO_MAXIOV)
+# The public surface, as fvd._fastpath's.
+__all__ = ["STAT_FIELDS", "Stats", "ChunkMap", "HostFile", "held_mask"]
 
 STAT_FIELDS = (
     "data_reads",
@@ -265,14 +261,15 @@ class ChunkMap:
             b += 1
         return (end if bit and lim == bend else lim), bool(bit)
 
-    def _read_based(self, offset, mv, fresh, bshift, bend, base_fd):
-        """Base fields passed in: set_base may run in another thread meanwhile."""
+    def _read_based(self, offset, mv, fresh, bshift, bend, base_fd, pv):
+        """Base fields (and the partial view `pv`) passed in: set_base may run in
+        another thread meanwhile."""
         pos, end = offset, offset + len(mv)
         b = offset >> bshift
         if end <= bend and (end - 1) >> bshift == b:
             # Common case, inside one block below the base end: one bit, one pread.
             if int(fresh[b >> 3]) >> (b & 7) & 1:
-                return self._read_image(offset, mv)
+                return self._read_image(offset, mv, pv)
             if os.preadv(base_fd, [mv], offset) < len(mv):
                 _full_pread(base_fd, mv, offset)
             self.stats.base_reads += 1
@@ -282,7 +279,7 @@ class ChunkMap:
             stop, image = self._segment(fresh, bshift, bend, pos, end)
             piece = mv[pos - offset : stop - offset]
             if image:
-                self._read_image(pos, piece)
+                self._read_image(pos, piece, pv)
             else:
                 _full_pread(base_fd, piece, pos)
                 self.stats.base_reads += 1
@@ -341,26 +338,13 @@ class ChunkMap:
         users = self._inflight[self.epoch & 1]
         users.append(None)  # registered, as enter() does (inlined: hot path)
         try:
-            if type(buf) is bytearray and self._bv[4] < 0:
-                # Common case, inside one chunk, no base fd: one lookup, one pread.
-                length, shift = len(buf), self.shift
-                pv = self._pv
-                if (
-                    length
-                    and offset >= 0
-                    and offset + length <= self.size
-                    and offset >> shift == (offset + length - 1) >> shift
-                    and (pv is None or pv[0][offset >> shift] == NO_SLOT)
-                ):
-                    e = self.table.item(offset >> shift)
-                    if e < ZERO_CHUNK:
-                        host = self.data_offset + (e << shift) + (offset & (self.chunk_size - 1))
-                        if os.preadv(self.fd, [buf], host) < length:
-                            _full_pread(self.fd, memoryview(buf), host)
-                        stats = self.stats
-                        stats.data_reads += 1
-                        stats.data_bytes_read += length
-                        return length
+            if (
+                type(buf) is bytearray
+                and self._bv[4] < 0
+                and 0 <= offset <= self.size - len(buf)
+                and self._read_in_one_chunk(offset, buf, self._pv) >= 0
+            ):
+                return len(buf)  # the common case, no base fd: one lookup, one pread
             return self._readinto(offset, buf)
         except OSError as e:
             raise _io_error(self.error, e.errno, "read failed") from None
@@ -377,49 +361,44 @@ class ChunkMap:
         length = len(mv)
         if offset < 0 or offset + length > self.size:
             self._check_range(offset, length)
+        if not length:
+            return 0  # nothing read, nothing counted (as the compiled path)
         bv = self._bv
         if bv[4] >= 0 and offset < bv[3]:
             fresh, _, bshift, bend, base_fd = bv
             self._users.append(1)
             try:
-                return self._read_based(offset, memoryview(mv), fresh, bshift, bend, base_fd)
+                return self._read_based(
+                    offset, memoryview(mv), fresh, bshift, bend, base_fd, self._pv
+                )
             finally:
                 self._users.pop()
-        shift = self.shift
-        pv = self._pv
-        if (
-            length
-            and offset >> shift == (offset + length - 1) >> shift
-            and (pv is None or pv[0][offset >> shift] == NO_SLOT)
-        ):
-            # Common case, inside one chunk: one lookup, one pread.
-            e = self.table.item(offset >> shift)
-            if e < ZERO_CHUNK:
-                host = self.data_offset + (e << shift) + (offset & (self.chunk_size - 1))
-                if os.preadv(self.fd, [mv], host) < length:
-                    _full_pread(self.fd, mv, host)
-                stats = self.stats
-                stats.data_reads += 1
-                stats.data_bytes_read += length
-                return length
-        return self._read_image(offset, memoryview(mv), pv)
+        return self._read_image(offset, memoryview(mv), self._pv)
+
+    def _read_in_one_chunk(self, offset, buf, pv):
+        """The common case, a range inside one whole chunk of data: one lookup, one
+        pread. The bytes read, or -1 when the range is not that case (nothing done)."""
+        length, shift = len(buf), self.shift
+        v = offset >> shift
+        if not length or v != (offset + length - 1) >> shift:
+            return -1
+        if pv is not None and pv[0][v] != NO_SLOT:
+            return -1
+        e = self.table.item(v)
+        if e >= ZERO_CHUNK:
+            return -1
+        host = self.data_offset + (e << shift) + (offset & (self.chunk_size - 1))
+        if os.preadv(self.fd, [buf], host) < length:
+            _full_pread(self.fd, memoryview(buf), host)
+        stats = self.stats
+        stats.data_reads += 1
+        stats.data_bytes_read += length
+        return length
 
     def _read_image(self, offset, mv, pv=None):
         length = len(mv)
-        shift = self.shift
-        if (
-            length
-            and offset >> shift == (offset + length - 1) >> shift
-            and (pv is None or pv[0][offset >> shift] == NO_SLOT)
-        ):
-            e = int(self.table[offset >> shift])
-            if e < ZERO_CHUNK:
-                host = self.data_offset + (e << shift) + (offset & (self.chunk_size - 1))
-                if os.preadv(self.fd, [mv], host) < length:
-                    _full_pread(self.fd, mv, host)
-                self.stats.data_reads += 1
-                self.stats.data_bytes_read += length
-                return length
+        if self._read_in_one_chunk(offset, mv, pv) >= 0:
+            return length
         for pos, n, host in self._runs(offset, length, pv):
             piece = mv[pos : pos + n]
             if host is None:
@@ -433,6 +412,7 @@ class ChunkMap:
     def writable(self, offset, length):
         """True when every chunk under the range is allocated and not held by a snapshot,
         and every granule it touches in a partial chunk is written."""
+        self._check_range(offset, length)
         if length == 0:
             return True
         first, last = offset >> self.shift, (offset + length - 1) >> self.shift
@@ -508,12 +488,19 @@ class ChunkMap:
         return _host_readinto(self.fd, self.stats, host_offset, buf, self.error)
 
     def translate(self, vchunks, out):
-        """Batch translation: host offsets of chunk starts (-1 where no data)."""
+        """Batch translation: host offsets of chunk starts (-1 where no data). Returns
+        len(vchunks); ValueError for a chunk outside the table or a short `out`."""
         table, shift, base = self.table, self.shift, self.data_offset
-        for i in range(len(vchunks)):
-            e = int(table[vchunks[i]])
+        n, limit = len(vchunks), len(table)
+        if len(out) < n:
+            raise ValueError(f"translate: out holds {len(out)} entries, not {n}")
+        for i in range(n):
+            v = int(vchunks[i])
+            if not 0 <= v < limit:
+                raise ValueError(f"translate: chunk {v} outside the table ({limit})")
+            e = int(table[v])
             out[i] = -1 if e >= ZERO_CHUNK else base + (e << shift)
-        return len(out)
+        return len(vchunks)
 
 
 def _host_readinto(fd, stats, host_offset, buf, factory=None):

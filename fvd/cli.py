@@ -20,6 +20,7 @@ from fvd.cliutil import (
     chain_infos,
     changed_dicts,
     extent_dict,
+    human,
     info_text,
     open_args,
     progress_done,
@@ -62,14 +63,6 @@ def parse_options(text: Optional[str]) -> dict[str, str]:
             raise UsageError(f"option {item!r} needs a value (key=value)")
         out[key.strip()] = value.strip()
     return out
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024:
-            return f"{n:.3g} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024
-    return f"{n:.3g} PiB"
 
 
 def emit(args: argparse.Namespace, data: object, text: str) -> None:
@@ -564,7 +557,7 @@ def _add_chain_parsers(sub: Any) -> None:
     c = sub.add_parser("commit", help="merge an overlay into its backing file (qemu-img commit)")
     c.add_argument("-b", dest="base", metavar="BASE", help="commit into this deeper backing file")
     c.add_argument("-d", dest="drop", action="store_true", help="do not empty the top image")
-    c.add_argument("-p", dest="progress", action="store_true", help="show progress")
+    _progress_option(c)
     c.add_argument("image", metavar="TOP")
     c.set_defaults(func=cmd_commit)
 
@@ -572,7 +565,7 @@ def _add_chain_parsers(sub: Any) -> None:
     r.add_argument("-b", dest="backing", required=True, metavar="BACKING", help="new backing")
     r.add_argument("-F", dest="backing_format", choices=FORMATS, help="new backing's format")
     r.add_argument("-u", dest="unsafe", action="store_true", help="header only, copy nothing")
-    r.add_argument("-p", dest="progress", action="store_true", help="show progress")
+    _progress_option(r)
     r.add_argument("image")
     r.set_defaults(func=cmd_rebase)
 
@@ -588,7 +581,7 @@ def _add_chain_parsers(sub: Any) -> None:
     e.add_argument("-o", dest="options", metavar="OPTS", help="cluster_size= / chunk_size=")
     e.add_argument("-l", dest="snapshot", metavar="SNAPSHOT", help="measure a snapshot")
     e.add_argument("--since", metavar="SNAPSHOT", help="measure the incremental since it")
-    e.add_argument("--output", choices=["human", "json"], default="human")
+    _output_option(e)
     e.add_argument("image")
     e.set_defaults(func=cmd_measure)
 
@@ -600,6 +593,14 @@ def _add_chain_parsers(sub: Any) -> None:
 
 
 # ----- parser -----------------------------------------------------------------
+def _output_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output", choices=["human", "json"], default="human")
+
+
+def _progress_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-p", dest="progress", action="store_true", help="show progress")
+
+
 def _force_share_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-U",
@@ -650,14 +651,8 @@ def _add_backing_options(parsers: Mapping[str, argparse.ArgumentParser]) -> None
         )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="fvd",
-        description="Create, inspect, convert and benchmark FVD copy-on-write disk images.",
-    )
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-
+def _add_create_parser(sub: Any) -> None:
+    """fvd create."""
     c = sub.add_parser("create", help="create a new image")
     c.add_argument("-b", dest="backing", metavar="BASE", help="base (backing) image")
     c.add_argument(
@@ -681,8 +676,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("size", nargs="?", help="virtual size, e.g. 10G (default: base size)")
     c.set_defaults(func=cmd_create)
 
+
+def _add_inspect_parsers(sub: Any) -> None:
+    """fvd info, check, map and snapshot."""
     i = sub.add_parser("info", help="show header facts, allocation and snapshots")
-    i.add_argument("--output", choices=["human", "json"], default="human")
+    _output_option(i)
     i.add_argument("--backing-chain", action="store_true", help="also every base below")
     _force_share_option(i)
     i.add_argument("image")
@@ -690,14 +688,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("check", help="check consistency (exit 0 clean, 2 corrupt, 3 leaks)")
     k.add_argument("-r", dest="repair", choices=["leaks", "all"], help="repair")
-    k.add_argument("--output", choices=["human", "json"], default="human")
-    k.add_argument("-p", dest="progress", action="store_true", help="show progress")
+    _output_option(k)
+    _progress_option(k)
     _force_share_option(k)
     k.add_argument("image")
     k.set_defaults(func=cmd_check)
 
     m = sub.add_parser("map", help="show the allocation map (as qemu-img map)")
-    m.add_argument("--output", choices=["human", "json"], default="human")
+    _output_option(m)
     m.add_argument("--since", metavar="SNAP", help="only ranges changed since snapshot SNAP")
     m.add_argument("--until", metavar="SNAP", help="... up to snapshot SNAP (default: now)")
     _force_share_option(m)
@@ -710,13 +708,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-c", dest="create", metavar="NAME", help="create a snapshot")
     g.add_argument("-d", dest="delete", metavar="NAME", help="delete a snapshot")
     g.add_argument("-a", dest="apply", metavar="NAME", help="revert to a snapshot")
-    s.add_argument("--output", choices=["human", "json"], default="human")
+    _output_option(s)
     _force_share_option(s)
     s.add_argument("image")
     s.set_defaults(func=cmd_snapshot)
 
+
+def _add_serve_parsers(sub: Any) -> None:
+    """fvd prefetch and serve."""
     f = sub.add_parser("prefetch", help="copy the base image into the image")
-    f.add_argument("-p", dest="progress", action="store_true", help="show progress")
+    _progress_option(f)
     f.add_argument("image")
     f.set_defaults(func=cmd_prefetch)
 
@@ -754,6 +755,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("image")
     v.set_defaults(func=cmd_serve)
 
+
+def _add_convert_parser(sub: Any) -> None:
+    """fvd convert."""
     v = sub.add_parser(
         "convert",
         help="convert, export or back up an image (as qemu-img "
@@ -790,7 +794,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="OPTS",
         help="fvd: chunk_size=,block_size=,table=on|off; qcow2: cluster_size=,lazy_refcounts=",
     )
-    v.add_argument("-p", dest="progress", action="store_true", help="show progress")
+    _progress_option(v)
     v.add_argument(
         "-t",
         dest="cache",
@@ -811,16 +815,19 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("dst")
     v.set_defaults(func=cmd_convert)
 
+
+def _add_checksum_bench_parsers(sub: Any) -> None:
+    """fvd checksum and bench."""
     h = sub.add_parser(
         "checksum",
         help="checksum of the guest data, equal to "
         "ovirt-imageio's (blkhash) of the same content in any format",
     )
     h.add_argument("-l", dest="snapshot", metavar="SNAPSHOT", help="checksum a snapshot")
-    h.add_argument("-p", dest="progress", action="store_true", help="show progress")
+    _progress_option(h)
     h.add_argument("--block-size", default="4M", help="blkhash block size (default 4M)")
     h.add_argument("--algorithm", default="blake2b", help="hashlib algorithm (blake2b)")
-    h.add_argument("--output", choices=["human", "json"], default="human")
+    _output_option(h)
     _force_share_option(h)
     h.add_argument("image")
     h.set_defaults(func=cmd_checksum)
@@ -831,6 +838,20 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:
         pass
     b.set_defaults(func=cmd_bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="fvd",
+        description="Create, inspect, convert and benchmark FVD copy-on-write disk images.",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    _add_create_parser(sub)
+    _add_inspect_parsers(sub)
+    _add_serve_parsers(sub)
+    _add_convert_parser(sub)
+    _add_checksum_bench_parsers(sub)
     _add_chain_parsers(sub)
     _add_format_options(sub.choices)
     _add_backing_options(sub.choices)

@@ -1,8 +1,9 @@
-"""The Image facade (layer 6): what `fvd.open()` returns and users hold.
+"""The Image facade (the `fvd.image` layer of docs/architecture.md): what `fvd.open()`
+returns and users hold.
 
 It opens an `fvd.core.image.ImageCore`, attaches the features of the header (base image,
-snapshots, partial chunks: `fvd.features`), and offers the public API of
-../shared/api-contract.md by calling the features and operations (`fvd.ops`) with the
+snapshots, partial chunks: `fvd.features`), and offers the public API (README,
+docs/api) by calling the features and operations (`fvd.ops`) with the
 core. The hot calls (`readinto`, `write`) are the core's own bound methods: no frame of
 the facade per I/O.
 """

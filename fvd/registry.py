@@ -1,4 +1,4 @@
-"""Image openers by format name (layer 1).
+"""Image openers by format name (the `fvd.registry` layer, docs/architecture.md).
 
 Lets a lower layer open an image whose module sits above it without importing upward:
 an fvd base image of an fvd image (fvd.features.base) or an fvd backing file of a qcow2

@@ -192,3 +192,29 @@ def test_the_qcow2_package_is_typed():
     assert found == []
     strict = PYPROJECT.read_text().split("[[tool.mypy.overrides]]")[1]
     assert '"fvd.qcow2.*"' in strict and "disallow_untyped_defs = true" in strict
+
+
+# Functions longer than the limit, waiting for their files' refactors (issue 23: the
+# snapshots package split, convert and changed-extents work); nothing may join this list.
+LONG_FUNCTIONS_PENDING = {
+    ("features/snapshots.py", "_parse_entries"),
+    ("features/snapshots.py", "_check"),
+    ("features/snapshots.py", "attach_snapshots"),
+    ("features/snapshots.py", "_create"),
+    ("convert.py", "_copy"),
+    ("ops/changed.py", "_walk"),
+}
+MAX_FUNCTION_LINES = 60
+
+
+def test_no_function_over_sixty_lines():
+    """Small functions (decorators and docstring included in the count)."""
+    long = set()
+    for p in sources():
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+                if node.end_lineno - first + 1 > MAX_FUNCTION_LINES:
+                    long.add((rel(p), node.name))
+    assert long - LONG_FUNCTIONS_PENDING == set()
+    assert LONG_FUNCTIONS_PENDING - long == set(), "shortened: take it off the list"

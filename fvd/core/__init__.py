@@ -1,6 +1,7 @@
-"""Layer 3: the image core (file, header, lookup table, journal, allocator, locking).
+"""The image core (file, header, lookup table, journal, allocator, locking): the
+`fvd.core` layer of docs/architecture.md.
 
 `fvd.core.image.ImageCore` is an open image without features; base images, snapshots
-and partial chunks (layer 4, `fvd.features`) plug into it through the hooks declared in
+and partial chunks (`fvd.features`, the layer above) plug into it through the hooks declared in
 `fvd.core.hooks` and call only its public methods.
 """

@@ -1,4 +1,5 @@
-"""The interfaces between the image core and what sits on it (layer 3).
+"""The interfaces between the image core and what sits on it (the `fvd.core` layer of
+docs/architecture.md, under `fvd.features`).
 
 The core calls its features only through these methods (features install themselves in
 the core's slots `base_layer`, `bitmap`, `snapshot_state`, `partial` while it opens), and

@@ -1,2 +1,3 @@
-"""Layer 4: features over the image core: base images (copy-on-write, copy-on-read,
-prefetch), internal snapshots and snapshot views, partial chunks after snapshots."""
+"""The `fvd.features` layer (docs/architecture.md): features over the image core: base
+images (copy-on-write, copy-on-read, prefetch), internal snapshots and snapshot views,
+partial chunks after snapshots."""

@@ -181,6 +181,14 @@ def validate_header(h, path, file_size):
     def need(cond, field, what):
         _need(cond, path, FIELD_OFFSET[field], what)
 
+    _validate_geometry(h, need)
+    has_base = _validate_base(h, need)
+    _validate_regions(h, need, has_base)
+    _validate_partial_map(h, need, file_size)
+
+
+def _validate_geometry(h, need):
+    """Header, chunk, block and virtual sizes, and the table region that covers them."""
     need(h["header_size"] == HEADER_SIZE, "header_size", "bad header size")
     cs, bs, vs = h["chunk_size"], h["block_size"], h["virtual_size"]
     need(
@@ -196,11 +204,15 @@ def validate_header(h, path, file_size):
     need(0 < vs <= MAX_VIRTUAL_SIZE, "virtual_size", f"virtual size {vs} out of range")
     nchunks = -(-vs // cs)
     need(nchunks <= MAX_TABLE_ENTRIES, "virtual_size", "too many chunks")
-    tableless = is_tableless(h)
-    if tableless:
+    if is_tableless(h):
         _validate_tableless(h, need)
     else:
         need(h["table_size"] >= 4 * nchunks, "table_size", "table region smaller than the table")
+
+
+def _validate_base(h, need):
+    """The base format and its fields; True when the image has a base."""
+    bs = h["block_size"]
     need(
         h["base_format"] in (BASE_NONE, BASE_RAW, BASE_FVD, BASE_QCOW2),
         "base_format",
@@ -219,13 +231,18 @@ def validate_header(h, path, file_size):
             "bitmap_size",
             "bitmap too small for the base size",
         )
+    return has_base
+
+
+def _validate_regions(h, need, has_base):
+    """Journal size, then every metadata region: aligned, disjoint, before the data."""
     need(
         h["journal_size"] >= MIN_JOURNAL and h["journal_size"] % 512 == 0,
         "journal_size",
         "bad journal size",
     )
     regions = [("journal_offset", "journal_size")]
-    if not tableless:
+    if not is_tableless(h):
         regions.append(("table_offset", "table_size"))
     if has_base:
         regions += [("base_name_offset", "base_name_size"), ("bitmap_offset", "bitmap_size")]
@@ -245,6 +262,12 @@ def validate_header(h, path, file_size):
             f"{first.replace('_offset', '')} region",
         )
     need(h["data_offset"] % ALIGN == 0, "data_offset", "data offset not aligned")
+
+
+def _validate_partial_map(h, need, file_size):
+    """Granule size, the partial-chunk map's place, and a file that holds the header's
+    data offset."""
+    cs = h["chunk_size"]
     gs = h["granule_size"]
     need(
         gs == 0 or (is_power_of_two(gs) and MIN_GRANULE <= gs <= cs and cs // gs <= 65536),
@@ -276,7 +299,13 @@ def _validate_tableless(h, need):
     """A table-less header: no table, snapshot or partial-map field, no bit of theirs."""
     for name in TABLELESS_ZERO_FIELDS:
         need(h[name] == 0, name, f"{name} must be 0 in a table-less image")
-    others = INCOMPAT_SNAPSHOTS | INCOMPAT_PARTIAL | INCOMPAT_SNAPSHOT_PARTIAL
+    others = (
+        INCOMPAT_SNAPSHOTS
+        | INCOMPAT_PARTIAL
+        | INCOMPAT_SNAPSHOT_PARTIAL
+        | INCOMPAT_PROVENANCE
+        | INCOMPAT_SPARSE_TABLE
+    )
     need(
         not h["incompatible_features"] & others,
         "incompatible_features",

@@ -27,6 +27,7 @@ from construct import (
     this,
 )
 
+from fvd import _shared
 from fvd.ondisk.structs import dtype_of, offsets, struct_of
 
 SECTOR = 512
@@ -96,7 +97,7 @@ HEADER_OFFSET = offsets(Header)  # byte offset of each field (error messages nam
 # ----- 3. Lookup table: one entry per virtual chunk -----------------------------------------
 TableEntry = Int32ul
 UNALLOCATED = 0xFFFFFFFF  # reads from the base image (or zeros without one)
-ZERO_CHUNK = 0xFFFFFFFE  # reads as zeros, never from the base
+ZERO_CHUNK = _shared.ZERO_CHUNK  # 0xFFFFFFFE: reads as zeros, never from the base
 MAX_PHYS_CHUNKS = 0xFFFFFFF0  # physical chunk indexes are below this
 LookupTable = GreedyRange(TableEntry)
 TABLE_DTYPE = dtype_of(TableEntry)  # numpy arrays of lookup tables: '<u4'

@@ -1,2 +1,2 @@
-"""Layer 5: operations over an open image or snapshot view: check and repair, extents,
-changed extents, info, checksum, file view."""
+"""The `fvd.ops` layer (docs/architecture.md): operations over an open image or snapshot
+view: check and repair, extents, changed extents, info, checksum, file view."""

@@ -213,27 +213,7 @@ class ClusterMixin(Qcow2State):
                 updates.append((j, off | OFLAG_COPIED, 0))
                 self._cow_pending = True
             else:
-                if fresh:
-                    eof, new = fresh.pop()
-                else:
-                    eof = self._file_size
-                    new = self._alloc_cluster()
-                if chunk == cs:
-                    host, bufs = new, [piece]
-                elif off and not zero:  # shared: copy on write
-                    old = bytearray(cs)
-                    self._data_readinto(off, memoryview(old))
-                    host, bufs = new, [old[:within], piece, old[within + chunk :]]
-                    self._cow_pending = True
-                elif not off and not zero and self._backing is not None:
-                    old = bytearray(cs)  # copy on write from backing
-                    self._backing_read(gg - within, memoryview(old))
-                    host, bufs = new, [old[:within], piece, old[within + chunk :]]
-                    self._cow_pending = True
-                elif new >= eof:  # fresh cluster, reads as zeros
-                    host, bufs = new + within, [piece]
-                else:  # reused cluster: zero the rest
-                    host, bufs = new, [self._zeros[:within], piece, self._zeros[:tail]]
+                new, host, bufs = self._new_cluster(fresh, gg, piece, off, zero)
                 updates.append((j, new | OFLAG_COPIED, off))
             if segments and seg_end == host:
                 segments[-1][1].extend(bufs)
@@ -243,6 +223,44 @@ class ClusterMixin(Qcow2State):
             pos += chunk
         for host, bufs in segments:
             self._data_writev(host, [b for b in bufs if len(b)])
+        self._apply_l2_updates(i, l2, l2_off, updates)
+
+    def _new_cluster(
+        self, fresh: list[tuple[int, int]], gg: int, piece: memoryview, off: int, zero: int
+    ) -> tuple[int, int, list[Chunk]]:
+        """(new cluster, host offset, buffers) for `piece` at guest offset gg written
+        into a cluster that is not ours (unallocated, zero or shared): the rest of the
+        cluster comes from the shared cluster or the backing file (copy on write), or
+        is zeros where a reused cluster may hold old bytes."""
+        cs = self._cs
+        within = gg & (cs - 1)
+        chunk, tail = len(piece), cs - within - len(piece)
+        if fresh:
+            eof, new = fresh.pop()
+        else:
+            eof = self._file_size
+            new = self._alloc_cluster()
+        if chunk == cs:
+            return new, new, [piece]
+        if off and not zero:  # shared: copy on write
+            old = bytearray(cs)
+            self._data_readinto(off, memoryview(old))
+            self._cow_pending = True
+            return new, new, [old[:within], piece, old[within + chunk :]]
+        if not off and not zero and self._backing is not None:
+            old = bytearray(cs)  # copy on write from backing
+            self._backing_read(gg - within, memoryview(old))
+            self._cow_pending = True
+            return new, new, [old[:within], piece, old[within + chunk :]]
+        if new >= eof:  # fresh cluster, reads as zeros
+            return new, new + within, [piece]
+        return new, new, [self._zeros[:within], piece, self._zeros[:tail]]  # reused: zero rest
+
+    def _apply_l2_updates(
+        self, i: int, l2: Table, l2_off: int, updates: list[tuple[int, int, int]]
+    ) -> None:
+        """The new L2 entries into the cached table (and its fast view); the replaced
+        clusters are freed once the L2 change is stable."""
         fast = self._fast_l2.get(i)
         for j, entry, old_host in updates:
             l2[j] = entry

@@ -183,26 +183,42 @@ def parse_header(path: str, raw: bytes, file_size: int, creating: bool = False) 
     )
     cs = h.cluster_size
     if v2.version == 3:
-        if len(raw) < V3_MIN_HEADER_LENGTH:
-            raise CorruptImageError(path, V2_HEADER_LENGTH, "v3 header truncated")
-        t = HeaderV3Tail.parse(raw[V2_HEADER_LENGTH:V3_MIN_HEADER_LENGTH])
-        h.incompatible_features = t.incompatible_features
-        h.compatible_features = t.compatible_features
-        h.autoclear_features = t.autoclear_features
-        h.refcount_order = t.refcount_order
-        h.header_length = t.header_length
-        if h.header_length < V3_MIN_HEADER_LENGTH or h.header_length % 8 or h.header_length > cs:
-            raise CorruptImageError(
-                path, _OFF["header_length"], f"bad header_length {h.header_length}"
-            )
-        ct = _OFF["compression_type"]
-        if h.header_length > ct and len(raw) > ct and raw[ct] != 0:
-            if not h.incompatible_features & INCOMPAT_COMPRESSION:
-                raise CorruptImageError(path, ct, "compression_type set without its feature bit")
+        _parse_v3_fields(path, raw, h)
     if v2.crypt_method:
         raise UnsupportedFeatureError(f"{path}: encrypted qcow2 images are not supported")
     if v2.backing_file_offset:
         h.backing_file = _backing_name(path, raw, v2, cs)
+    _refuse_unsupported(path, h)
+    _validate_tables(path, h, file_size, creating)
+    h.extensions = parse_extensions(path, raw, h)
+    for t, data in h.extensions:
+        if t == EXT_BACKING_FORMAT:
+            h.backing_format = data.decode("utf-8", "replace")
+    return h
+
+
+def _parse_v3_fields(path: str, raw: bytes, h: Header) -> None:
+    """The version 3 fields after the v2 header, into `h` (checked)."""
+    cs = h.cluster_size
+    if len(raw) < V3_MIN_HEADER_LENGTH:
+        raise CorruptImageError(path, V2_HEADER_LENGTH, "v3 header truncated")
+    t = HeaderV3Tail.parse(raw[V2_HEADER_LENGTH:V3_MIN_HEADER_LENGTH])
+    h.incompatible_features = t.incompatible_features
+    h.compatible_features = t.compatible_features
+    h.autoclear_features = t.autoclear_features
+    h.refcount_order = t.refcount_order
+    h.header_length = t.header_length
+    if h.header_length < V3_MIN_HEADER_LENGTH or h.header_length % 8 or h.header_length > cs:
+        raise CorruptImageError(path, _OFF["header_length"], f"bad header_length {h.header_length}")
+    ct = _OFF["compression_type"]
+    if h.header_length > ct and len(raw) > ct and raw[ct] != 0:
+        if not h.incompatible_features & INCOMPAT_COMPRESSION:
+            raise CorruptImageError(path, ct, "compression_type set without its feature bit")
+
+
+def _refuse_unsupported(path: str, h: Header) -> None:
+    """UnsupportedFeatureError for an incompatible feature or refcount width this
+    implementation does not handle."""
     unknown = h.incompatible_features & ~(INCOMPAT_DIRTY | INCOMPAT_CORRUPT)
     if unknown:
         names = {
@@ -221,12 +237,6 @@ def parse_header(path: str, raw: bytes, file_size: int, creating: bool = False) 
         raise UnsupportedFeatureError(
             f"{path}: refcount width {width} (only 16-bit refcounts are supported)"
         )
-    _validate_tables(path, h, file_size, creating)
-    h.extensions = parse_extensions(path, raw, h)
-    for t, data in h.extensions:
-        if t == EXT_BACKING_FORMAT:
-            h.backing_format = data.decode("utf-8", "replace")
-    return h
 
 
 def _backing_name(path: str, raw: bytes, v2: Any, cs: int) -> str:

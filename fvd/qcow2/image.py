@@ -98,16 +98,7 @@ def create(
     directory) and `backing_format` ("qcow2", "raw" or "fvd"; probed when None) make an
     overlay whose unallocated clusters read from the backing file (opened, with its
     chain, as the backing policy `backing` allows: "any", "same-dir" or "none")."""
-    if not isinstance(size, int) or size < 0:
-        raise ValueError(f"size must be a non-negative integer, not {size!r}")
-    if size % 512:
-        raise ValueError(f"size {size} is not a multiple of 512")
-    if (
-        not isinstance(cluster_size, int)
-        or cluster_size & (cluster_size - 1)
-        or not (1 << MIN_CLUSTER_BITS) <= cluster_size <= (1 << MAX_CLUSTER_BITS)
-    ):
-        raise ValueError(f"cluster_size must be a power of two in 512..2M, not {cluster_size}")
+    _check_create_sizes(size, cluster_size)
     cs, cbits = cluster_size, cluster_size.bit_length() - 1
     policy = BackingPolicy.of(backing, path)
     backing_file, backing_format = _new_backing(path, backing_file, backing_format, policy)
@@ -143,6 +134,20 @@ def create(
         img._resize_l1(-(-size // (cs * (cs // 8))))
     finally:
         img.close()
+
+
+def _check_create_sizes(size: int, cluster_size: int) -> None:
+    """ValueError for a size or cluster size qcow2 cannot hold."""
+    if not isinstance(size, int) or size < 0:
+        raise ValueError(f"size must be a non-negative integer, not {size!r}")
+    if size % 512:
+        raise ValueError(f"size {size} is not a multiple of 512")
+    if (
+        not isinstance(cluster_size, int)
+        or cluster_size & (cluster_size - 1)
+        or not (1 << MIN_CLUSTER_BITS) <= cluster_size <= (1 << MAX_CLUSTER_BITS)
+    ):
+        raise ValueError(f"cluster_size must be a power of two in 512..2M, not {cluster_size}")
 
 
 def _new_backing(

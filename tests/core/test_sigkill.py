@@ -17,7 +17,7 @@ import random
 import fvd
 from fvd.units import KiB
 
-from ..helpers import NUNITS, apply_op, check_content, replay_log, run_and_kill
+from ..helpers import NUNITS, apply_op, assert_recovered, replay_log, run_and_kill
 from ..stress import UNIT, make_base, unit_bytes
 
 ROUNDS = int(os.environ.get("FVD_SIGKILL_ROUNDS", "3"))
@@ -91,19 +91,4 @@ def test_sigkill_mixed_workload(tmp_path):
             apply_op(inflight, after_state, after_snaps)
         where = f"round {rnd} seed {seed}, in flight {inflight}"
         with fvd.open(path, "r+") as img:
-            legal = [{state[u], after_state[u]} for u in range(NUNITS)]
-            check_content(img.read(0, NUNITS * UNIT), legal, where)
-            names = {s.name for s in img.snapshots()}
-            must = set(snaps) & set(after_snaps)
-            may = set(snaps) | set(after_snaps)
-            assert must <= names <= may, (where, names, must, may)
-            for name in names:
-                want = snaps.get(name) or after_snaps[name]
-                with img.open_snapshot(name) as view:
-                    check_content(
-                        view.read(0, NUNITS * UNIT),
-                        [{want[u]} for u in range(NUNITS)],
-                        f"{where} {name}",
-                    )
-            res = img.check()
-            assert res.ok, (where, res.messages)
+            assert_recovered(img, (state, snaps), (after_state, after_snaps), where)

@@ -17,9 +17,8 @@ import fvd
 from fvd.units import KiB
 
 from ..helpers import apply_op as _apply
-from ..helpers import check_content as _check_content
+from ..helpers import assert_recovered, run_and_kill
 from ..helpers import replay_log as _replay
-from ..helpers import run_and_kill
 from ..stress import UNIT, unit_bytes
 
 ROUNDS = int(os.environ.get("FVD_GRANULAR_SIGKILL_ROUNDS", "2"))
@@ -88,19 +87,4 @@ def test_sigkill_granular_copy_on_write(tmp_path):
         except fvd.FvdError as e:
             raise AssertionError(f"{where}: {e}") from e
         with img:
-            legal = [{state[u], after_state[u]} for u in range(NUNITS)]
-            _check_content(img.read(0, NUNITS * UNIT), legal, where)
-            names = {s.name for s in img.snapshots()}
-            must = set(snaps) & set(after_snaps)
-            may = set(snaps) | set(after_snaps)
-            assert must <= names <= may, (where, names, must, may)
-            for name in names:
-                want = snaps.get(name) or after_snaps[name]
-                with img.open_snapshot(name) as view:
-                    _check_content(
-                        view.read(0, NUNITS * UNIT),
-                        [{want[u]} for u in range(NUNITS)],
-                        f"{where} {name}",
-                    )
-            res = img.check()
-            assert res.ok, (where, res.messages)
+            assert_recovered(img, (state, snaps), (after_state, after_snaps), where)

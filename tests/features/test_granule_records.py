@@ -10,15 +10,15 @@ import zlib
 import pytest
 
 import fvd
-from fvd import _impl
 from fvd.features import snapshots as snap
 from fvd.ondisk import format as fmt
 from fvd.ondisk import fvd_records as fr
 from fvd.ops.changed import FLAG_DATA, FLAG_ZERO
 from fvd.units import KiB
 
-from ..helpers import WriteRecorder, assert_clean, copy_sparse, counts_delta, pat
+from ..helpers import assert_clean, copy_sparse, counts_delta, pat
 from ..ops.test_changed import assert_exact, assert_sound
+from ..syscall_recorder import WriteRecorder
 from .test_granular import apply_ops
 
 CS = 64 * KiB
@@ -255,6 +255,7 @@ def test_delete_frees_the_record_and_the_file_shrinks(path):
         assert_clean(img)
 
 
+@pytest.mark.syscall_recorded
 # ----- crash cuts -----------------------------------------------------------------------------
 def test_crash_at_every_write_of_a_create_with_a_record(path, monkeypatch, tmp_path):
     """Every prefix of the writes of a create_snapshot with partial chunks opens as the
@@ -262,27 +263,24 @@ def test_crash_at_every_write_of_a_create_with_a_record(path, monkeypatch, tmp_p
     (and match the reference exactly)."""
     with fvd.open(path, "r+", cache="writeback") as img:
         nightly(img)
-    was = _impl.IMPLEMENTATION
-    _impl.select("python")  # the recorder sees os.pwrite / os.pwritev only
     img = fvd.open(path, "r+", cache="writeback")
     before = contents(img)
     pre = str(tmp_path / "pre.fvd")
     copy_sparse(path, pre)
-    rec = WriteRecorder(monkeypatch, path)
+    rec = WriteRecorder(path)
     img.create_snapshot("s2")
-    rec.undo()
-    _impl.select(was)
+    rec.stop()
     after = contents(img)
     img.close()
-    assert len(rec.ops) >= 4
+    assert len(rec.writes) >= 4
     seen = set()
     cut = str(tmp_path / "cut.fvd")
-    for k in range(len(rec.ops) + 1):
+    for k in range(len(rec.writes) + 1):
         copy_sparse(pre, cut)
-        apply_ops(cut, rec.ops[:k])
+        apply_ops(cut, rec.writes[:k])
         with fvd.open(cut, "r+") as c:
             state = contents(c)
-            assert state in (before, after), f"cut after {k} of {len(rec.ops)} writes"
+            assert state in (before, after), f"cut after {k} of {len(rec.writes)} writes"
             seen.add(state == after)
             assert_clean(c)
             if state == after:

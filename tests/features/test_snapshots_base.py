@@ -19,12 +19,12 @@ from fvd.features import snapshots as snap
 from fvd.ondisk import format as fmt
 
 from ..helpers import (
-    WriteRecorder,
     assert_clean,
     assert_every_cut_is_before_or_after,
     pat,
 )
 from ..helpers import counts_delta as delta
+from ..syscall_recorder import WriteRecorder
 
 CS = 64 * 1024
 BLOCK = 4096
@@ -368,6 +368,7 @@ OPS = {
 }
 
 
+@pytest.mark.syscall_recorded
 @pytest.mark.parametrize("op", sorted(OPS))
 def test_crash_at_every_write_over_a_base(tmp_path, monkeypatch, op):
     tmp = str(tmp_path / "d")
@@ -381,9 +382,9 @@ def test_crash_at_every_write_over_a_base(tmp_path, monkeypatch, op):
         before = _model(img)
         pre = str(tmp_path / "pre.fvd")
         shutil.copyfile(path, pre)
-        rec = WriteRecorder(monkeypatch, path)
+        rec = WriteRecorder(path)
         OPS[op](img)
-        rec.undo()
+        rec.stop()
         after = _model(img)
         img._crash()
     assert_every_cut_is_before_or_after(

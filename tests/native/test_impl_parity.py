@@ -288,3 +288,16 @@ def test_same_held_mask(seed):
         assert len(mc) == len(mt) == max(args[1], top)
         assert np.array_equal(mc, mt)
         assert np.array_equal(np.flatnonzero(mt), np.unique(table[~hole]))
+
+
+def test_shared_values_have_one_home():
+    """Both paths use fvd._shared's values: the compiled module reads them at import,
+    the twin and the on-disk declarations import them."""
+    from fvd import _shared
+    from fvd.ondisk import fvd_records
+
+    want = {k: getattr(_shared, k) for k in ("ZERO_CHUNK", "NO_SLOT", "MAX_IOV", "SYS_IOV_MAX")}
+    assert _fastpath._shared_values() == want
+    for name, value in want.items():
+        assert getattr(_purepath, name) is value
+    assert fvd_records.ZERO_CHUNK is _shared.ZERO_CHUNK
