@@ -17,13 +17,13 @@ from fvd.ondisk import format as fmt
 from fvd.units import KiB, MiB
 
 from ..helpers import (
-    WriteRecorder,
     apply_ops,
     assert_clean,
     make_raw,
     pat,
     stats_delta,
 )
+from ..syscall_recorder import WriteRecorder
 
 QEMU_IMG = shutil.which("qemu-img")
 CS, BS = 64 * KiB, 16 * KiB
@@ -280,12 +280,11 @@ OPS = {
 }
 
 
+@pytest.mark.syscall_recorded
 @pytest.mark.parametrize("op", sorted(OPS))
-def test_every_cut_point_is_before_or_after(based, tmp_path, monkeypatch, op, impl):
+def test_every_cut_point_is_before_or_after(based, tmp_path, op):
     """Each prefix of the operation's writes (a write also torn in the middle) opens,
     checks clean and reads, sector by sector, as before or after the operation."""
-    if impl == "cython":
-        pytest.skip("the compiled path's pwritev bypasses the recorder (os.pwritev)")
     path, _ = based
     cache = "writeback" if op.endswith("_wb") else "writethrough"
     with fvd.open(path, "r+", cache=cache) as img:
@@ -294,9 +293,9 @@ def test_every_cut_point_is_before_or_after(based, tmp_path, monkeypatch, op, im
         before = img.read(0, img.size)
         pre = str(tmp_path / "pre.fvd")
         shutil.copyfile(path, pre)
-        rec = WriteRecorder(monkeypatch, path)
+        rec = WriteRecorder(path)
         OPS[op](img)
-        rec.undo()
+        rec.stop()
         after = img.read(0, img.size)
         img._crash()
     cut = str(tmp_path / "cut.fvd")
@@ -309,7 +308,7 @@ def test_every_cut_point_is_before_or_after(based, tmp_path, monkeypatch, op, im
     if op == "first_write":
         # writethrough: one flush covers data and journal, the journal alone may reach
         # the disk (writeback flushes the data before it appends the journal)
-        journal_only = [w for w in rec.ops if w[1] < _header(pre)["data_offset"]]
+        journal_only = [w for w in rec.writes if w[1] < _header(pre)["data_offset"]]
         assert len(journal_only) == 1
         assert _cut_content(pre, journal_only, cut) == before
 
