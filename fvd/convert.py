@@ -31,7 +31,7 @@ import stat
 import struct
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any, Union
+from typing import Any, NamedTuple, Union
 
 from fvd import backupinfo
 from fvd.control import ControlClient
@@ -99,32 +99,28 @@ def convert(
     started = time.monotonic()
     img = open_image(src, src_format, force_share=force_share, backing=backing_policy)
     try:
-        view: DiskReader = img
-        if snapshot is not None:
-            if isinstance(img, RawImage):
-                raise ValueError(f"{src}: a raw image has no snapshots (snapshot={snapshot!r})")
-            view = img.open_snapshot(snapshot)
+        view = _source_view(img, src, snapshot)
         try:
             holds = _backup_policy(img, src, dst, snapshot, since, backing, backing_format)
             ranges = _plan(img, view, since, snapshot)
-            counts = _write_output(
-                view,
-                dst,
-                dst_format,
-                ranges,
-                backing,
-                backing_format,
-                opts,
-                progress,
-                cache == "unsafe",
-                holds,
-            )
+            out = _OutputSpec(dst, dst_format, backing, backing_format, opts, cache == "unsafe")
+            counts = _write_output(view, out, ranges, progress, holds)
         finally:
             if view is not img:
                 view.close()
     finally:
         img.close()
     return _result(counts, started)
+
+
+def _source_view(img: AnyImage, src: str, snapshot: str | None) -> DiskReader:
+    """What convert reads: the image, or its snapshot `snapshot`."""
+    if snapshot is None:
+        return img
+    if isinstance(img, RawImage):
+        raise ValueError(f"{src}: a raw image has no snapshots (snapshot={snapshot!r})")
+    view: DiskReader = img.open_snapshot(snapshot)
+    return view
 
 
 def _result(counts: CopyCounts, started: float) -> ConvertResult:
@@ -178,18 +174,8 @@ def convert_served(
             ranges = [Range(e.start, e.length, not e.data) for e in view.extents()]
         else:
             ranges = [Range(e.start, e.length, bool(e.zero) and not e.data) for e in changed]
-        counts = _write_output(
-            view,
-            dst,
-            dst_format,
-            ranges,
-            backing,
-            backing_format,
-            opts,
-            progress,
-            cache == "unsafe",
-            holds,
-        )
+        out = _OutputSpec(dst, dst_format, backing, backing_format, opts, cache == "unsafe")
+        counts = _write_output(view, out, ranges, progress, holds)
     return _result(counts, started)
 
 
@@ -522,52 +508,42 @@ class _NamedWriter:
             self.out.write_zeroes(offset, length)
 
 
+class _OutputSpec(NamedTuple):
+    """What convert writes: DST, its format, backing file and options, and whether the
+    final flush is skipped (-t unsafe)."""
+
+    dst: str
+    dst_format: str
+    backing: StrPath | None
+    backing_format: str | None
+    opts: dict[str, Any]
+    unsafe: bool
+
+
 def _write_output(
     view: DiskReader,
-    dst: str,
-    dst_format: str,
+    spec: _OutputSpec,
     ranges: list[Range],
-    backing: StrPath | None,
-    backing_format: str | None,
-    opts: dict[str, Any],
     progress: Progress,
-    unsafe: bool = False,
     holds: backupinfo.BackupInfo | None = None,
 ) -> CopyCounts:
+    """Copy `ranges` of `view` into a locked hidden temp file beside DST, record what it
+    holds, rename it into place; every output error names DST."""
+    dst = spec.dst
     remove_stale_temps(dst)
     errors = _OutputErrors(dst)
     with errors:
         tmp, lock_fd = _claim_temp(dst)
     try:
-        cache = "unsafe" if unsafe else "writeback"
+        counts = _fill_output(view, spec, tmp, ranges, progress, errors)
         with errors:
-            out, grain = _open_output(
-                tmp, dst_format, view.size, backing, backing_format, opts, cache
-            )
-        try:
-            overlay = backing is not None
-            if overlay:
-                ranges = _widen(ranges, grain, view.size)
-            counts = copy_ranges(
-                view,
-                _NamedWriter(out, errors),
-                ranges,
-                overlay=overlay,
-                progress=progress,
-                grain=max(ZERO_GRAIN, grain) if overlay else ZERO_GRAIN,
-                layers=view.layer_readers() if isinstance(view, Qcow2Image) else (),
-            )
-        finally:
-            with errors:
-                out.close()
-        with errors:
-            in_file = backupinfo.record_backup(tmp, dst_format, holds, unsafe)
+            in_file = backupinfo.record_backup(tmp, spec.dst_format, holds, spec.unsafe)
             backupinfo.drop_sidecar(dst)
             os.rename(tmp, dst)
             tmp = ""
             if not in_file:
-                backupinfo.write_sidecar(dst, holds, unsafe)
-            if not unsafe:
+                backupinfo.write_sidecar(dst, holds, spec.unsafe)
+            if not spec.unsafe:
                 _fsync_dir(os.path.dirname(os.path.abspath(dst)))
         return counts
     finally:
@@ -577,6 +553,38 @@ def _write_output(
             except OSError:
                 pass
         os.close(lock_fd)
+
+
+def _fill_output(
+    view: DiskReader,
+    spec: _OutputSpec,
+    tmp: str,
+    ranges: list[Range],
+    progress: Progress,
+    errors: _OutputErrors,
+) -> CopyCounts:
+    """The output image at `tmp`, created and filled by the copy loop, then closed."""
+    cache = "unsafe" if spec.unsafe else "writeback"
+    with errors:
+        out, grain = _open_output(
+            tmp, spec.dst_format, view.size, spec.backing, spec.backing_format, spec.opts, cache
+        )
+    try:
+        overlay = spec.backing is not None
+        if overlay:
+            ranges = _widen(ranges, grain, view.size)
+        return copy_ranges(
+            view,
+            _NamedWriter(out, errors),
+            ranges,
+            overlay=overlay,
+            progress=progress,
+            grain=max(ZERO_GRAIN, grain) if overlay else ZERO_GRAIN,
+            layers=view.layer_readers() if isinstance(view, Qcow2Image) else (),
+        )
+    finally:
+        with errors:
+            out.close()
 
 
 def _fsync_dir(folder: str) -> None:

@@ -93,25 +93,7 @@ def create(
     a table-less image (guest offset x at data_offset + x, the host file system
     allocates; no snapshots), see fvd.core.tableless."""
     size = int(size)
-    if not 0 < size <= fmt.MAX_VIRTUAL_SIZE:
-        raise ValueError(f"image size must be in (0, {fmt.MAX_VIRTUAL_SIZE}], not {size}")
-    if not (fmt.is_power_of_two(chunk_size) and fmt.MIN_CHUNK <= chunk_size <= fmt.MAX_CHUNK):
-        raise ValueError(
-            f"chunk_size must be a power of two in [{fmt.MIN_CHUNK}, "
-            f"{fmt.MAX_CHUNK}], not {chunk_size}"
-        )
-    if not (fmt.is_power_of_two(block_size) and fmt.MIN_BLOCK <= block_size <= chunk_size):
-        raise ValueError(
-            f"block_size must be a power of two in [{fmt.MIN_BLOCK}, chunk_size], not {block_size}"
-        )
-    if not compact:
-        raise ValueError("only compact images (one-level lookup table) are supported")
-    if not isinstance(table, bool):
-        raise ValueError(f"table must be True or False, not {table!r}")
-    if -(-size // chunk_size) > fmt.MAX_TABLE_ENTRIES:
-        raise ValueError("image too large for this chunk size")
-    if journal_size is not None and journal_size < fmt.MIN_JOURNAL:
-        raise ValueError(f"journal_size must be at least {fmt.MIN_JOURNAL}")
+    _check_new_geometry(size, chunk_size, block_size, compact, table, journal_size)
     header = {
         "virtual_size": size,
         "chunk_size": chunk_size,
@@ -144,6 +126,36 @@ def create(
         )
     )
     _write_new_image(os.fspath(path), header, base_name, overwrite)
+
+
+def _check_new_geometry(
+    size: int,
+    chunk_size: int,
+    block_size: int,
+    compact: bool,
+    table: bool,
+    journal_size: Optional[int],
+) -> None:
+    """ValueError unless create()'s sizes and switches describe an image fvd can make."""
+    if not 0 < size <= fmt.MAX_VIRTUAL_SIZE:
+        raise ValueError(f"image size must be in (0, {fmt.MAX_VIRTUAL_SIZE}], not {size}")
+    if not (fmt.is_power_of_two(chunk_size) and fmt.MIN_CHUNK <= chunk_size <= fmt.MAX_CHUNK):
+        raise ValueError(
+            f"chunk_size must be a power of two in [{fmt.MIN_CHUNK}, "
+            f"{fmt.MAX_CHUNK}], not {chunk_size}"
+        )
+    if not (fmt.is_power_of_two(block_size) and fmt.MIN_BLOCK <= block_size <= chunk_size):
+        raise ValueError(
+            f"block_size must be a power of two in [{fmt.MIN_BLOCK}, chunk_size], not {block_size}"
+        )
+    if not compact:
+        raise ValueError("only compact images (one-level lookup table) are supported")
+    if not isinstance(table, bool):
+        raise ValueError(f"table must be True or False, not {table!r}")
+    if -(-size // chunk_size) > fmt.MAX_TABLE_ENTRIES:
+        raise ValueError("image too large for this chunk size")
+    if journal_size is not None and journal_size < fmt.MIN_JOURNAL:
+        raise ValueError(f"journal_size must be at least {fmt.MIN_JOURNAL}")
 
 
 def _write_new_image(path: str, header: dict[str, Any], base_name: bytes, overwrite: bool) -> None:

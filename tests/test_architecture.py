@@ -201,7 +201,6 @@ LONG_FUNCTIONS_PENDING = {
     ("features/snapshots.py", "_check"),
     ("features/snapshots.py", "attach_snapshots"),
     ("features/snapshots.py", "_create"),
-    ("convert.py", "_copy"),
     ("ops/changed.py", "_walk"),
 }
 MAX_FUNCTION_LINES = 60

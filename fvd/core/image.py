@@ -106,28 +106,8 @@ class ImageCore:
         self.writethrough = _parse_cache(cache)
         self.unsafe = cache == "unsafe"
         self._attach = attach
-        self.closed: bool = True
-        self.impl = _impl.module()
-        self.stats = self.impl.Stats()
-        self.problems: list[tuple[int, str, int]] = []
-        self.notes: list[str] = []  # check mode: what could not be checked, and why
-        self.crc_guard: Any = None  # see crc_guard() and _seal_overlapping
         self.for_check = for_check
-        self.base_layer: Optional[BaseHook] = None
-        self.snapshot_state: Optional[SnapshotHook] = None
-        self.bitmap: Any = None
-        self.partial: Optional[PartialHook] = (
-            None  # fvd.features.granular.PartialState (images without a base)
-        )
-        self.lock = threading.RLock()  # table/bitmap/journal changes (fvd.features.base)
-        self._pending: dict[int, int] = {}  # virtual chunk -> entry, not yet in the journal
-        self._pending_bits: list[Any] = []  # (first_block, count) bitmap records not yet journaled
-        self.dirty_since_checkpoint = False
-        self._journal_broken = False  # a journal write failed: commit by checkpoint next
-        self.size = self.chunk_size = self.block_size = self.nchunks = 0
-        self.tableless = False  # fvd.core.tableless: no lookup table, identity mapping
-        self.header: dict[str, Any] = {}
-        self.table: np.ndarray = np.zeros(0, dtype=np.uint32)
+        self._init_state()
         self.fd: int = open_disk_file(self.path, not self.read_only)  # never blocks (FIFO)
         self.on_device = is_block_device(self.fd)  # docs/format.md, "Block devices"
         try:
@@ -146,6 +126,30 @@ class ImageCore:
             # Reads go straight to the fast path: no Python frame of ours per read (with
             # a raw base it reads the base runs itself; see fvd.features.base).
             self.readinto = self.chunk_map.readinto  # type: ignore[method-assign]
+
+    def _init_state(self) -> None:
+        """The attributes an open fills in, as they are before it (and after a failed one)."""
+        self.closed = True
+        self.impl = _impl.module()
+        self.stats = self.impl.Stats()
+        self.problems: list[tuple[int, str, int]] = []
+        self.notes: list[str] = []  # check mode: what could not be checked, and why
+        self.crc_guard: Any = None  # see crc_guard() and _seal_overlapping
+        self.base_layer: Optional[BaseHook] = None
+        self.snapshot_state: Optional[SnapshotHook] = None
+        self.bitmap: Any = None
+        self.partial: Optional[PartialHook] = (
+            None  # fvd.features.granular.PartialState (images without a base)
+        )
+        self.lock = threading.RLock()  # table/bitmap/journal changes (fvd.features.base)
+        self._pending: dict[int, int] = {}  # virtual chunk -> entry, not yet in the journal
+        self._pending_bits: list[Any] = []  # (first_block, count) bitmap records not yet journaled
+        self.dirty_since_checkpoint = False
+        self._journal_broken = False  # a journal write failed: commit by checkpoint next
+        self.size = self.chunk_size = self.block_size = self.nchunks = 0
+        self.tableless = False  # fvd.core.tableless: no lookup table, identity mapping
+        self.header: dict[str, Any] = {}
+        self.table: np.ndarray = np.zeros(0, dtype=np.uint32)
 
     # ----- open -----------------------------------------------------------------
     def _load_beside_writer(self, chain, copy_on_read, attempts=5):

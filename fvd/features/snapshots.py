@@ -957,7 +957,7 @@ def _create(img, st, name, vm_state):
     if sparse_table.is_sparse(img.header):
         # only the non-zero units: the fresh chunks read as zeros (docs/format.md)
         tpieces, tcrc = tablestore.pieces(table)
-        tstored: Any = (4 * len(table), _Pieces(tpieces))
+        tstored = (4 * len(table), _Pieces(tpieces))
     else:
         tbytes = table.astype(TABLE_DTYPE, copy=False).tobytes()  # one copy, not two
         tstored, tcrc = (len(tbytes), tbytes), zlib.crc32(tbytes)
