@@ -37,7 +37,13 @@ from fvd import backupinfo
 from fvd.control import ControlClient
 from fvd.copyloop import CopyCounts, Progress, Range, copy_ranges
 from fvd.errors import FvdError, ImageIOError
-from fvd.fileio import BACKING_POLICIES, AnyPolicy, punch_hole, resolve_relative
+from fvd.fileio import (
+    BACKING_POLICIES,
+    AnyPolicy,
+    open_for_rewrite,
+    punch_hole,
+    resolve_relative,
+)
 from fvd.image import Image, create
 from fvd.imageio import FORMATS, AnyImage, RawImage, open_image
 from fvd.qcow2 import Qcow2Image
@@ -321,7 +327,7 @@ class _RawOutput:
 
     def __init__(self, path: str, size: int, unsafe: bool = False) -> None:
         self.unsafe = unsafe
-        self.fd = os.open(path, os.O_RDWR | os.O_TRUNC)  # created by _claim_temp
+        self.fd = open_for_rewrite(path, overwrite=True)  # created by _claim_temp
         self.path = path
         os.ftruncate(self.fd, size)
 

@@ -40,6 +40,7 @@ from fvd.fileio import (
     format_of_magic,
     full_pwrite,
     is_block_device_path,
+    open_for_rewrite,
     zero_device_range,
 )
 from fvd.ondisk import format as fmt
@@ -178,8 +179,7 @@ def _write_new_image(path: str, header: dict[str, Any], base_name: bytes, overwr
             )
         _write_new_image_on_device(path, header, base_name, overwrite)
         return
-    flags = os.O_RDWR | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
-    fd = os.open(path, flags, 0o644)
+    fd = open_for_rewrite(path, overwrite)
     try:
         os.pwrite(fd, fmt.build_header(header).ljust(fmt.HEADER_REGION, b"\0"), 0)
         if base_name:

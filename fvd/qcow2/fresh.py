@@ -28,7 +28,7 @@ from typing import Any, Optional
 import numpy as np
 
 from fvd.errors import CorruptImageError
-from fvd.fileio import BackingPolicy, full_pwrite
+from fvd.fileio import BackingPolicy, full_pwrite, open_for_rewrite
 from fvd.qcow2.format import (
     COMPAT_LAZY_REFCOUNTS,
     L1_DTYPE,
@@ -111,8 +111,7 @@ class FreshWriter:
             snapshots_offset=0,
             compatible_features=COMPAT_LAZY_REFCOUNTS if lazy_refcounts else 0,
         )
-        excl = os.O_TRUNC if self.overwrite else os.O_EXCL
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | excl, 0o644)
+        fd = open_for_rewrite(self.path, self.overwrite)
         try:
             full_pwrite(fd, build_header(h), 0)
         except BaseException:
