@@ -236,8 +236,10 @@ def test_a_damaged_record_is_reported(vm, tmp_path, capsys):
     full = str(tmp_path / "full.fvd")
     fvd.convert(vm, full, snapshot="s1")
     with open(full, "r+b") as f:
-        f.seek(512 + 20)  # inside image_uuid
-        f.write(b"X")
+        f.seek(512 + 20)  # inside image_uuid: flip its bits (a fixed byte may be there)
+        old = f.read(1)[0]
+        f.seek(512 + 20)
+        f.write(bytes([old ^ 0xFF]))
     with pytest.raises(fvd.CorruptImageError, match="backup record"):
         fvd.backup_info(full)
     with pytest.raises(fvd.CorruptImageError):
