@@ -15,10 +15,9 @@ from . import syscall_recorder
 BOTH = ["cython", "python"]
 
 
-@pytest.fixture(params=BOTH, autouse=True)
-def impl(request):
-    """Select the implementation for the test; compiled one must exist where required."""
-    name = request.param
+def selected_impl(name):
+    """Run under implementation `name` (a generator for fixtures); the compiled one must
+    exist where CI or FVD_REQUIRE_CYTHON require it."""
     if name not in _impl.MODULES:
         if os.environ.get("FVD_REQUIRE_CYTHON") == "1" or os.environ.get("CI") == "true":
             pytest.fail("the compiled fast path fvd._fastpath is not built")
@@ -27,6 +26,12 @@ def impl(request):
     _impl.select(name)
     yield name
     _impl.select(previous)
+
+
+@pytest.fixture(params=BOTH, autouse=True)
+def impl(request):
+    """Select the implementation for the test; compiled one must exist where required."""
+    yield from selected_impl(request.param)
 
 
 _RECORDED = pytest.StashKey[dict]()

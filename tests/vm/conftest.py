@@ -7,8 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from fvd import _impl
-
+from ..conftest import selected_impl
 from .kit import GuestUnavailable, Kit, prepare
 
 FULL = os.environ.get("FVD_GUEST_FULL") == "1"
@@ -19,15 +18,7 @@ def impl(request: pytest.FixtureRequest) -> Iterator[str]:
     """Overrides the suite's `impl`: every boot costs seconds of TCG, so the default
     run serves with the compiled fast path only (the twins' parity is tested
     elsewhere); FVD_GUEST_FULL=1 serves with both."""
-    name = request.param
-    if name not in _impl.MODULES:
-        if os.environ.get("FVD_REQUIRE_CYTHON") == "1" or os.environ.get("CI") == "true":
-            pytest.fail("the compiled fast path fvd._fastpath is not built")
-        pytest.skip("compiled fast path not built")
-    previous = _impl.IMPLEMENTATION
-    _impl.select(name)
-    yield name
-    _impl.select(previous)
+    yield from selected_impl(request.param)
 
 
 @pytest.fixture(scope="session")
