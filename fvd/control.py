@@ -19,6 +19,7 @@ import os
 import socket
 import stat
 import threading
+import time
 from datetime import datetime, timezone
 from typing import Any, Iterable, Iterator, Optional
 from urllib.parse import quote
@@ -41,6 +42,7 @@ SUFFIX = ".ctl"  # default control socket: IMAGE.ctl beside the image
 MAX_REQUEST = 64 * KiB
 MAX_REPLY = 256 * MiB  # changed extents of a very fragmented image fit
 CONNECT_TIMEOUT = 30.0  # connect and greeting
+SLOT_WAIT = 5.0  # connect() retries a server that is at its client limit this long
 REPLY_TIMEOUT = 3600.0  # a checksum of a large image takes a while
 
 # Error classes a server sends, and the exception the client raises for each; any other
@@ -156,7 +158,15 @@ def connect(image_or_socket: StrPath, *, timeout: float = REPLY_TIMEOUT) -> Cont
     except OSError:
         is_sock = False
     sock_path = path if is_sock else default_control_path(path)
-    return ControlClient(sock_path, timeout=timeout)
+    deadline = time.monotonic() + SLOT_WAIT
+    while True:
+        try:
+            return ControlClient(sock_path, timeout=timeout)
+        except ControlError as e:
+            # a slot frees as soon as the server sees another client hang up
+            if e.error_class != "TooManyClients" or time.monotonic() >= deadline:
+                raise
+        time.sleep(0.05)
 
 
 class ControlClient:
@@ -172,7 +182,7 @@ class ControlClient:
         try:
             self._sock.connect(path)
             self._reader = LineReader(self._sock, MAX_REPLY)
-            greeting = self._receive().get("fvd")
+            first = self._receive()
         except OSError as e:
             self._sock.close()
             raise ControlError(
@@ -181,8 +191,11 @@ class ControlClient:
         except BaseException:
             self._sock.close()
             raise
+        greeting = first.get("fvd")
         if not isinstance(greeting, dict) or greeting.get("protocol") != PROTOCOL:
             self._sock.close()
+            if isinstance(first.get("error"), dict):  # refused, e.g. TooManyClients
+                raise _error(first["error"])
             raise ControlError(
                 "ProtocolError", f"{path}: not an fvd control socket of protocol {PROTOCOL}"
             )

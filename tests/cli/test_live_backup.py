@@ -21,7 +21,7 @@ import time
 import pytest
 
 import fvd
-from fvd.control import MAX_REQUEST, default_control_path
+from fvd.control import MAX_REQUEST, ControlClient, default_control_path
 from fvd.imageio import RawImage
 from fvd.nbd_client import NbdClient
 from fvd.ops.checksum import checksum
@@ -132,6 +132,9 @@ def test_control_protocol(tmp_path, impl):
         reply = json.loads(ninth.makefile("rb").readline())
         assert reply["error"]["class"] == "TooManyClients"
         ninth.close()
+        with pytest.raises(fvd.ControlError) as refused:  # the client names the refusal
+            ControlClient(ctl)
+        assert refused.value.error_class == "TooManyClients"
         for x in clients:
             x.close()
 
