@@ -103,6 +103,50 @@ class Header:
 
 MAX_BACKING_NAME = 1023  # QEMU's limit
 
+# The fields of the declarations that Header holds as stored (the v2 ones it does not:
+# the magic, the backing name's place (Header holds the name) and crypt_method, always 0).
+_V2_FIELDS = tuple(
+    c.name
+    for c in HeaderV2.subcons
+    if c.name not in ("magic", "backing_file_offset", "backing_file_size", "crypt_method")
+)
+_V3_FIELDS = tuple(c.name for c in HeaderV3Tail.subcons)
+# The SnapshotRecord fields that SnapshotInfo holds as stored.
+_SNAPSHOT_FIELDS = ("l1_table_offset", "l1_size", "date_sec", "date_nsec", "vm_clock_nsec")
+
+# qemu-img create's layout of a new image: the header in cluster 0, a one-cluster
+# refcount table in cluster 1, its first refcount block in cluster 2, the L1 table from
+# cluster 3 on.
+NEW_REFTABLE_CLUSTER, NEW_REFBLOCK_CLUSTER, NEW_L1_CLUSTER = 1, 2, 3
+
+
+def new_header(
+    cluster_bits: int,
+    size: int,
+    *,
+    l1_size: int = 0,
+    backing_file: str = "",
+    backing_format: str = "",
+    lazy_refcounts: bool = False,
+) -> Header:
+    """The version 3 header of a new image in qemu-img create's layout (above), with an
+    L1 table of `l1_size` entries (none: offset 0) and no snapshots."""
+    cs = 1 << cluster_bits
+    return Header(
+        version=3,
+        cluster_bits=cluster_bits,
+        size=size,
+        l1_size=l1_size,
+        l1_table_offset=NEW_L1_CLUSTER * cs if l1_size else 0,
+        refcount_table_offset=NEW_REFTABLE_CLUSTER * cs,
+        refcount_table_clusters=1,
+        nb_snapshots=0,
+        snapshots_offset=0,
+        compatible_features=COMPAT_LAZY_REFCOUNTS if lazy_refcounts else 0,
+        backing_file=backing_file,
+        backing_format=backing_format,
+    )
+
 
 def build_header(h: Header) -> bytes:
     """Header bytes; with a backing file also the backing-format extension, the end
@@ -129,29 +173,13 @@ def build_header(h: Header) -> bytes:
     out: bytes = HeaderV2.build(  # construct is untyped: its build() gives Any
         dict(
             magic=MAGIC,
-            version=h.version,
             backing_file_offset=name_off,
             backing_file_size=len(name),
-            cluster_bits=h.cluster_bits,
-            size=h.size,
             crypt_method=0,
-            l1_size=h.l1_size,
-            l1_table_offset=h.l1_table_offset,
-            refcount_table_offset=h.refcount_table_offset,
-            refcount_table_clusters=h.refcount_table_clusters,
-            nb_snapshots=h.nb_snapshots,
-            snapshots_offset=h.snapshots_offset,
+            **{f: getattr(h, f) for f in _V2_FIELDS},
         )
     )
-    out += HeaderV3Tail.build(
-        dict(
-            incompatible_features=h.incompatible_features,
-            compatible_features=h.compatible_features,
-            autoclear_features=h.autoclear_features,
-            refcount_order=h.refcount_order,
-            header_length=h.header_length,
-        )
-    )
+    out += HeaderV3Tail.build({f: getattr(h, f) for f in _V3_FIELDS})
     out += bytes(h.header_length - len(out))  # compression type 0 + padding
     return out + tail + name
 
@@ -169,18 +197,7 @@ def parse_header(path: str, raw: bytes, file_size: int, creating: bool = False) 
         raise CorruptImageError(
             path, _OFF["cluster_bits"], f"cluster_bits {v2.cluster_bits} out of range 9..21"
         )
-    h = Header(
-        version=v2.version,
-        cluster_bits=v2.cluster_bits,
-        size=v2.size,
-        l1_size=v2.l1_size,
-        l1_table_offset=v2.l1_table_offset,
-        refcount_table_offset=v2.refcount_table_offset,
-        refcount_table_clusters=v2.refcount_table_clusters,
-        nb_snapshots=v2.nb_snapshots,
-        snapshots_offset=v2.snapshots_offset,
-        header_length=V2_HEADER_LENGTH,
-    )
+    h = Header(**{f: v2[f] for f in _V2_FIELDS}, header_length=V2_HEADER_LENGTH)
     cs = h.cluster_size
     if v2.version == 3:
         _parse_v3_fields(path, raw, h)
@@ -203,11 +220,8 @@ def _parse_v3_fields(path: str, raw: bytes, h: Header) -> None:
     if len(raw) < V3_MIN_HEADER_LENGTH:
         raise CorruptImageError(path, V2_HEADER_LENGTH, "v3 header truncated")
     t = HeaderV3Tail.parse(raw[V2_HEADER_LENGTH:V3_MIN_HEADER_LENGTH])
-    h.incompatible_features = t.incompatible_features
-    h.compatible_features = t.compatible_features
-    h.autoclear_features = t.autoclear_features
-    h.refcount_order = t.refcount_order
-    h.header_length = t.header_length
+    for f in _V3_FIELDS:
+        setattr(h, f, t[f])
     if h.header_length < V3_MIN_HEADER_LENGTH or h.header_length % 8 or h.header_length > cs:
         raise CorruptImageError(path, _OFF["header_length"], f"bad header_length {h.header_length}")
     ct = _OFF["compression_type"]
@@ -357,12 +371,8 @@ def parse_snapshot_table(
                 created=created,
                 size=disk_size,
                 vm_state_size=vm_size,
-                l1_table_offset=r.l1_table_offset,
-                l1_size=r.l1_size,
-                vm_clock_nsec=r.vm_clock_nsec,
-                date_sec=r.date_sec,
-                date_nsec=r.date_nsec,
                 extra=extra,
+                **{f: r[f] for f in _SNAPSHOT_FIELDS},
             )
         )
     return snaps, pos
@@ -383,15 +393,11 @@ def build_snapshot_table(snaps: Sequence[SnapshotInfo]) -> bytes:
         sid, name = s.id.encode(), s.name.encode()
         out += SnapshotRecord.build(
             dict(
-                l1_table_offset=s.l1_table_offset,
-                l1_size=s.l1_size,
                 id_str_size=len(sid),
                 name_size=len(name),
-                date_sec=s.date_sec,
-                date_nsec=s.date_nsec,
-                vm_clock_nsec=s.vm_clock_nsec,
                 vm_state_size=min(s.vm_state_size, 0xFFFFFFFF),
                 extra_data_size=len(s.extra),
+                **{f: getattr(s, f) for f in _SNAPSHOT_FIELDS},
             )
         )
         out += s.extra + sid + name

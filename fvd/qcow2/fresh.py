@@ -30,11 +30,10 @@ import numpy as np
 from fvd.errors import CorruptImageError
 from fvd.fileio import BackingPolicy, full_pwrite, open_for_rewrite
 from fvd.qcow2.format import (
-    COMPAT_LAZY_REFCOUNTS,
     L1_DTYPE,
     L2_DTYPE,
-    MAX_CLUSTER_BITS,
-    MIN_CLUSTER_BITS,
+    NEW_L1_CLUSTER,
+    NEW_REFBLOCK_CLUSTER,
     OFF_REFTABLE,
     OFFSET_MASK,
     OFLAG_COPIED,
@@ -42,10 +41,10 @@ from fvd.qcow2.format import (
     REFBLOCK_DTYPE,
     REFTABLE_DTYPE,
     S_REFTABLE_UPDATE,
-    Header,
     build_header,
+    new_header,
 )
-from fvd.qcow2.image import _new_backing
+from fvd.qcow2.image import check_create_sizes, new_backing
 from fvd.types import StrPath
 
 
@@ -85,32 +84,23 @@ class FreshWriter:
     ) -> int:
         """Create the file with its header: qemu-img create's layout (header, refcount
         table, refcount block, L1 table), the rest written at close. Returns the fd."""
-        if self.size < 0 or self.size % 512:
-            raise ValueError(f"size must be a non-negative multiple of 512, not {self.size}")
-        if cs & (cs - 1) or not (1 << MIN_CLUSTER_BITS) <= cs <= (1 << MAX_CLUSTER_BITS):
-            raise ValueError(f"cluster_size must be a power of two in 512..2M, not {cs}")
+        check_create_sizes(self.size, cs)
         # the backing file is the one the caller named (convert's -B): any policy
-        name, fmt = _new_backing(self.path, backing_file, backing_format, BackingPolicy())
+        name, fmt = new_backing(self.path, backing_file, backing_format, BackingPolicy())
         self.cs, self.cbits = cs, cs.bit_length() - 1
         self.l2_entries = cs // 8
-        self.l1_size = -(-self.size // (cs * self.l2_entries))
-        self.l1_offset = 3 * cs if self.l1_size else 0
-        self.rt_offset, self.rt_clusters, self.rb0 = cs, 1, 2 * cs
-        self.next = 3 + -(-8 * self.l1_size // cs)  # the next free cluster
-        h = Header(
+        h = new_header(
+            self.cbits,
+            self.size,
+            l1_size=-(-self.size // (cs * self.l2_entries)),
             backing_file=name,
             backing_format=fmt,
-            version=3,
-            cluster_bits=self.cbits,
-            size=self.size,
-            l1_size=self.l1_size,
-            l1_table_offset=self.l1_offset,
-            refcount_table_offset=self.rt_offset,
-            refcount_table_clusters=self.rt_clusters,
-            nb_snapshots=0,
-            snapshots_offset=0,
-            compatible_features=COMPAT_LAZY_REFCOUNTS if lazy_refcounts else 0,
+            lazy_refcounts=lazy_refcounts,
         )
+        self.l1_size, self.l1_offset = h.l1_size, h.l1_table_offset
+        self.rt_offset, self.rt_clusters = h.refcount_table_offset, h.refcount_table_clusters
+        self.rb0 = NEW_REFBLOCK_CLUSTER * cs
+        self.next = NEW_L1_CLUSTER + -(-8 * self.l1_size // cs)  # the next free cluster
         fd = open_for_rewrite(self.path, self.overwrite)
         try:
             full_pwrite(fd, build_header(h), 0)

@@ -51,6 +51,8 @@ from fvd.qcow2.format import (
     MAGIC,
     MAX_CLUSTER_BITS,
     MIN_CLUSTER_BITS,
+    NEW_L1_CLUSTER,
+    NEW_REFBLOCK_CLUSTER,
     OFF_CLUSTER_BITS,
     OFF_INCOMPAT,
     OFF_L1_SIZE,
@@ -64,6 +66,7 @@ from fvd.qcow2.format import (
     S_REFTABLE_ENTRY,
     Header,
     build_header,
+    new_header,
     parse_header,
 )
 from fvd.qcow2.refcount import RefcountMixin
@@ -98,33 +101,28 @@ def create(
     directory) and `backing_format` ("qcow2", "raw" or "fvd"; probed when None) make an
     overlay whose unallocated clusters read from the backing file (opened, with its
     chain, as the backing policy `backing` allows: "any", "same-dir" or "none")."""
-    _check_create_sizes(size, cluster_size)
+    check_create_sizes(size, cluster_size)
     cs, cbits = cluster_size, cluster_size.bit_length() - 1
     policy = BackingPolicy.of(backing, path)
-    backing_file, backing_format = _new_backing(path, backing_file, backing_format, policy)
-    h = Header(
+    backing_file, backing_format = new_backing(path, backing_file, backing_format, policy)
+    h = new_header(
+        cbits,
+        size,
         backing_file=backing_file,
         backing_format=backing_format,
-        version=3,
-        cluster_bits=cbits,
-        size=size,
-        l1_size=0,
-        l1_table_offset=0,
-        refcount_table_offset=cs,
-        refcount_table_clusters=1,
-        nb_snapshots=0,
-        snapshots_offset=0,
-        compatible_features=COMPAT_LAZY_REFCOUNTS if lazy_refcounts else 0,
+        lazy_refcounts=lazy_refcounts,
     )
     flags = _os.O_RDWR | _os.O_CREAT | (_os.O_TRUNC if overwrite else _os.O_EXCL)
     fd = _os.open(path, flags, 0o644)
     try:
-        image = bytearray(3 * cs)
+        used = NEW_L1_CLUSTER  # clusters 0, 1, 2: header, refcount table, refcount block
+        image = bytearray(used * cs)
         hdr = build_header(h)
         image[: len(hdr)] = hdr
-        S_REFTABLE_ENTRY.pack_into(image, cs, 2 * cs)  # reftable[0] -> block
+        rb = NEW_REFBLOCK_CLUSTER * cs
+        S_REFTABLE_ENTRY.pack_into(image, h.refcount_table_offset, rb)  # reftable[0] -> block
         one = S_REFBLOCK_ENTRY.pack(1)
-        image[2 * cs : 2 * cs + 3 * len(one)] = one * 3  # clusters 0, 1, 2
+        image[rb : rb + used * len(one)] = one * used
         _os.pwrite(fd, bytes(image), 0)
         _os.fdatasync(fd)
     finally:
@@ -136,7 +134,7 @@ def create(
         img.close()
 
 
-def _check_create_sizes(size: int, cluster_size: int) -> None:
+def check_create_sizes(size: int, cluster_size: int) -> None:
     """ValueError for a size or cluster size qcow2 cannot hold."""
     if not isinstance(size, int) or size < 0:
         raise ValueError(f"size must be a non-negative integer, not {size!r}")
@@ -150,7 +148,7 @@ def _check_create_sizes(size: int, cluster_size: int) -> None:
         raise ValueError(f"cluster_size must be a power of two in 512..2M, not {cluster_size}")
 
 
-def _new_backing(
+def new_backing(
     path: StrPath,
     backing_file: Optional[StrPath],
     backing_format: Optional[str],
