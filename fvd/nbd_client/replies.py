@@ -24,7 +24,7 @@ import os
 import re
 import struct
 import sys
-from typing import NoReturn
+from typing import Iterator, NoReturn
 
 from fvd.nbd_client.protocol import (
     MAX_STATUS_RUNS,
@@ -133,12 +133,8 @@ def read_reply(wire: Wire, cookie: int, structured: bool, offset: int, out: memo
         wire.recv_into(out, payload=True)
         return
     cov = Coverage(wire, offset, len(out))
-    while True:
-        c = Chunk(wire, cookie, structured)
-        if c.simple:
-            if c.error:
-                server_error(wire, c.error)
-            wire.fail("a simple reply to a read after structured replies were negotiated")
+    simple = "a simple reply to a read after structured replies were negotiated"
+    for c in _content_chunks(wire, cookie, simple):
         if c.type == REPLY_OFFSET_DATA:
             if c.length < 9:
                 wire.fail(f"data chunk of {c.length} bytes (at least 9 expected)")
@@ -153,14 +149,29 @@ def read_reply(wire: Wire, cookie: int, structured: bool, offset: int, out: memo
                 wire.fail("hole chunk of size 0")
             s = cov.add(off, size)
             out[s : s + size] = bytes(size)
-        elif c.type == REPLY_NONE:
+        else:
+            wire.fail(f"chunk type {c.type} is not allowed in a reply to a read")
+    cov.check_complete()
+
+
+def _content_chunks(wire: Wire, cookie: int, simple: str) -> Iterator[Chunk]:
+    """The chunks of one structured reply that carry content, each to be read by the
+    caller before the next is asked for; NONE and error chunks are handled here, and a
+    simple reply (after its error, if any) fails with the message `simple`. Ends after
+    the chunk flagged DONE."""
+    while True:
+        c = Chunk(wire, cookie, True)
+        if c.simple:
+            if c.error:
+                server_error(wire, c.error)
+            wire.fail(simple)
+        if c.type == REPLY_NONE:
             none_chunk(wire, c)
         elif c.type & REPLY_ERROR_BIT:
             error_chunk(wire, c)
         else:
-            wire.fail(f"chunk type {c.type} is not allowed in a reply to a read")
+            yield c
         if c.done:
-            cov.check_complete()
             return
 
 
@@ -214,26 +225,16 @@ class StatusRuns:
 def status_reply(wire: Wire, cookie: int, context: int, length: int) -> list[tuple[int, int]]:
     """[(length, flags)] from the request's offset, covering at most `length` bytes."""
     runs: StatusRuns | None = None
-    while True:
-        c = Chunk(wire, cookie, True)
-        if c.simple:
-            if c.error:
-                server_error(wire, c.error)
-            wire.fail("a simple reply without status to a block status request")
-        if c.type == REPLY_BLOCK_STATUS:
-            if runs is not None:
-                wire.fail("a second block status chunk for the same context")
-            runs = _status_chunk(wire, c, context, length)
-        elif c.type == REPLY_NONE:
-            none_chunk(wire, c)
-        elif c.type & REPLY_ERROR_BIT:
-            error_chunk(wire, c)
-        else:
+    simple = "a simple reply without status to a block status request"
+    for c in _content_chunks(wire, cookie, simple):
+        if c.type != REPLY_BLOCK_STATUS:
             wire.fail(f"chunk type {c.type} is not allowed in a reply to block status")
-        if c.done:
-            if runs is None:
-                wire.fail("the reply ended without a block status chunk")
-            return runs.runs
+        if runs is not None:
+            wire.fail("a second block status chunk for the same context")
+        runs = _status_chunk(wire, c, context, length)
+    if runs is None:
+        wire.fail("the reply ended without a block status chunk")
+    return runs.runs
 
 
 def _status_chunk(wire: Wire, c: Chunk, context: int, length: int) -> StatusRuns:
