@@ -19,7 +19,6 @@ from fvd.bench import runner as bench
 from fvd.cliutil import (
     chain_infos,
     changed_dicts,
-    extent_dict,
     human,
     info_text,
     open_args,
@@ -27,7 +26,7 @@ from fvd.cliutil import (
     qemu_progress,
 )
 from fvd.control import find_server
-from fvd.convert import _dst_options, convert, convert_served
+from fvd.convert import convert, convert_served, dst_options
 from fvd.errors import FvdError, ImageLockedError
 from fvd.fileio import BACKING_POLICIES, BackingPolicy, resolve_relative
 from fvd.image import Image, create
@@ -88,7 +87,7 @@ def cmd_create(args: argparse.Namespace) -> int:
         if key in opts:
             kwargs[key] = parse_size(opts.pop(key))
     if "table" in opts:  # table=off: a table-less image
-        kwargs["table"] = _dst_options("fvd", {"table": opts.pop("table")})["table"]
+        kwargs["table"] = dst_options("fvd", {"table": opts.pop("table")})["table"]
     if opts:
         raise UsageError(f"unknown option(s): {', '.join(opts)}")
     if args.backing:
@@ -110,7 +109,7 @@ def cmd_create(args: argparse.Namespace) -> int:
 def _create_other(args: argparse.Namespace) -> int:
     """create -f qcow2 (fvd.qcow2: -o cluster_size=,lazy_refcounts=; -b/-F) or -f raw."""
 
-    opts = _dst_options(args.fmt, parse_options(args.options))
+    opts = dst_options(args.fmt, parse_options(args.options))
     size = parse_size(args.size) if args.size else None
     if size is None:
         if not args.backing:
@@ -237,7 +236,7 @@ def cmd_map(args: argparse.Namespace) -> int:
             if args.since is not None:  # changed extents (fvd.ops.changed, or qcow2 trees)
                 extents = changed_dicts(img, args.since, args.until)
             else:
-                extents = [extent_dict(e) for e in img.extents()]
+                extents = [e.as_dict() for e in img.extents()]
     except ImageLockedError as locked:
         if args.since is None:
             raise

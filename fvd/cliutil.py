@@ -23,7 +23,7 @@ from fvd.image import Image, verify_reopen
 from fvd.imageio import AnyImage, RawImage, open_image, resolve_format
 from fvd.nbd_client import is_nbd_uri
 from fvd.ops.info import qcow2_info
-from fvd.types import CheckResult, Extent
+from fvd.types import CheckResult
 
 Info = dict[str, Any]  # `qemu-img info --output=json` of one image
 
@@ -37,21 +37,6 @@ def open_args(args: argparse.Namespace, mode: str = "r", image: Optional[str] = 
         force_share=getattr(args, "force_share", False),
         backing=getattr(args, "backing_policy", "any"),
     )
-
-
-def extent_dict(e: Extent) -> dict[str, Any]:
-    """An extent in `qemu-img map --output=json` form, whatever image it came from."""
-    d = {
-        "start": e.start,
-        "length": e.length,
-        "depth": e.depth,
-        "present": e.present,
-        "zero": e.zero,
-        "data": e.data,
-    }
-    if e.offset is not None:
-        d["offset"] = e.offset
-    return d
 
 
 # ----- info --------------------------------------------------------------------------

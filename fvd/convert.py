@@ -213,7 +213,7 @@ def _check_arguments(
     """The output's options, once the arguments are known to fit together."""
     if dst_format not in FORMATS:
         raise ValueError(f"unknown output format {dst_format!r} (use one of {', '.join(FORMATS)})")
-    opts = _dst_options(dst_format, options)
+    opts = dst_options(dst_format, options)
     if cache not in ("writeback", "unsafe"):
         raise ValueError(f"cache must be 'writeback' or 'unsafe', not {cache!r}")
     if since is not None and backing is None:
@@ -227,7 +227,7 @@ def _check_arguments(
     return opts
 
 
-def _dst_options(dst_format: str, options: Mapping[str, object]) -> dict[str, Any]:
+def dst_options(dst_format: str, options: Mapping[str, object]) -> dict[str, Any]:
     allowed = DST_OPTIONS[dst_format]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
@@ -550,7 +550,7 @@ def _write_output(
             if not in_file:
                 backupinfo.write_sidecar(dst, holds, spec.unsafe)
             if not spec.unsafe:
-                _fsync_dir(os.path.dirname(os.path.abspath(dst)))
+                fsync_dir(os.path.dirname(os.path.abspath(dst)))
         return counts
     finally:
         if tmp:
@@ -593,7 +593,8 @@ def _fill_output(
             out.close()
 
 
-def _fsync_dir(folder: str) -> None:
+def fsync_dir(folder: str) -> None:
+    """Make a rename into `folder` durable (fvd.chain's commit renames so too)."""
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -15,6 +15,7 @@ from fvd.chain.layers import (
     chain_of,
     lock_shared,
 )
+from fvd.convert import fsync_dir
 from fvd.errors import ChainError
 from fvd.fileio import pread_fill
 from fvd.image import Image
@@ -152,12 +153,4 @@ def _empty(top: Layer) -> None:
         backing_format=bfmt,
     )
     os.rename(tmp, top.path)
-    _fsync_dir(os.path.dirname(os.path.abspath(top.path)))
-
-
-def _fsync_dir(folder: str) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(os.path.dirname(os.path.abspath(top.path)))
