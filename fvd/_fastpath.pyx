@@ -71,38 +71,33 @@ cdef class Stats:
         return "Stats(" + ", ".join(f"{k}={v}" for k, v in self.as_dict().items()) + ")"
 
 
-cdef int full_pread(int fd, char *buf, size_t n, long long host) noexcept nogil:
-    """pread until n bytes are in; bytes past end of file read as zeros. 0 or errno."""
-    cdef ssize_t got
+cdef int full_io(int fd, char *buf, size_t n, long long host, bint write) noexcept nogil:
+    """pwrite (write) or pread until n bytes are done. 0 or errno. A read past end of
+    file fills the rest with zeros; a write that makes no progress fails (EIO)."""
+    cdef ssize_t done
     while n > 0:
-        got = pread(fd, buf, n, host)
-        if got < 0:
+        done = pwrite(fd, buf, n, host) if write else pread(fd, buf, n, host)
+        if done < 0:
             if errno == EINTR:
                 continue
             return errno
-        if got == 0:
+        if done == 0:
+            if write:
+                return EIO      # no progress: never spin
             memset(buf, 0, n)
             return 0
-        buf += got
-        n -= got
-        host += got
+        buf += done
+        n -= done
+        host += done
     return 0
 
 
-cdef int full_pwrite(int fd, const char *buf, size_t n, long long host) noexcept nogil:
-    cdef ssize_t put
-    while n > 0:
-        put = pwrite(fd, buf, n, host)
-        if put < 0:
-            if errno == EINTR:
-                continue
-            return errno
-        if put == 0:
-            return EIO          # no progress: never spin
-        buf += put
-        n -= put
-        host += put
-    return 0
+cdef inline int full_pread(int fd, char *buf, size_t n, long long host) noexcept nogil:
+    return full_io(fd, buf, n, host, False)
+
+
+cdef inline int full_pwrite(int fd, const char *buf, size_t n, long long host) noexcept nogil:
+    return full_io(fd, <char *>buf, n, host, True)
 
 
 cdef int full_pwritev(int fd, iovec *iov, int count, long long total,
@@ -138,12 +133,16 @@ cdef object io_error(object factory, int err, str what):
 
 
 cdef long long host_readinto(int fd, Stats st, long long host, object buf,
-                             object factory=None) except -1:
-    """One data read of a whole writable buffer at a host offset (zeros past EOF)."""
+                             object factory=None, long long limit=-1) except -2:
+    """One data read of a whole writable buffer at a host offset (zeros past EOF). With
+    limit >= 0, only a buffer of 1..limit bytes is read; otherwise nothing is done or
+    counted and -1 returned."""
     cdef Py_buffer view
     cdef int err
     PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE | PyBUF_WRITABLE)
     try:
+        if limit >= 0 and (view.len == 0 or view.len > limit):
+            return -1
         with nogil:
             err = full_pread(fd, <char *>view.buf, view.len, host)
         if err:
@@ -742,25 +741,46 @@ cdef class HostFile:
         """Fill a writable contiguous buffer from host_offset (zeros past end of file).
         With limit >= 0, only a buffer of 1..limit bytes is read; otherwise nothing is
         done or counted and -1 returned (callers mapping one extent try this first)."""
-        cdef Py_buffer view
-        cdef int err
-        PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE | PyBUF_WRITABLE)
-        try:
-            if limit >= 0 and (view.len == 0 or view.len > limit):
-                return -1
-            with nogil:
-                err = full_pread(self.fd, <char *>view.buf, view.len, host_offset)
-            if err:
-                raise OSError(err, "read failed")
-            self.st.data_reads += 1
-            self.st.data_bytes_read += view.len
-            return view.len
-        finally:
-            PyBuffer_Release(&view)
+        return host_readinto(self.fd, self.st, host_offset, buf, None, limit)
 
     def pwritev(self, long long host_offset, buffers):
         """One data write of the buffers, back to back, at host_offset."""
         return host_pwritev(self.fd, self.st, host_offset, buffers, -1)
+
+
+cdef long long mapped_top(const uint32_t *t, Py_ssize_t nt) noexcept nogil:
+    """The largest physical chunk the table maps + 1 (0: none)."""
+    cdef Py_ssize_t i
+    cdef uint32_t e
+    cdef long long top = 0
+    for i in range(nt):
+        e = t[i]
+        if e < ZERO_CHUNK and e >= top:
+            top = <long long>e + 1
+    return top
+
+
+cdef bint mark_held(const uint32_t *t, Py_ssize_t nt, uint8_t *m, long long lim,
+                    Py_ssize_t *count, long long *top) noexcept nogil:
+    """m[e] = 1 for every mapped entry e below lim; count[0]: the mapped entries, top[0]:
+    the largest marked + 1. True when an entry reaches lim (none is marked after it)."""
+    cdef Py_ssize_t i, counted = 0
+    cdef uint32_t e, zero = ZERO_CHUNK    # locals: the byte stores below alias globals
+    cdef long long marked = 0
+    cdef bint over = False
+    for i in range(nt):
+        e = t[i]
+        if e < zero:
+            counted += 1
+            if e >= lim:
+                over = True
+            elif not over:
+                m[e] = 1
+                if e >= marked:
+                    marked = <long long>e + 1
+    count[0] = counted
+    top[0] = marked
+    return over
 
 
 def held_mask(const uint32_t[::1] table, Py_ssize_t n, Py_ssize_t cap=-1):
@@ -769,47 +789,22 @@ def held_mask(const uint32_t[::1] table, Py_ssize_t n, Py_ssize_t cap=-1):
     table maps, and how many entries map one. With cap >= 0 and an entry at or past cap,
     the mask is None (nothing that large is allocated). Without the GIL, in place of
     numpy's scatter through a converted index array: one pass with a cap (the mask can
-    be allocated first), two without."""
-    cdef Py_ssize_t i, nt = table.shape[0], count = 0
+    be allocated first), two without (the first finds the size)."""
+    cdef Py_ssize_t nt = table.shape[0], count = 0
     cdef const uint32_t *t = &table[0] if nt else NULL
-    cdef uint32_t e, zero = ZERO_CHUNK    # locals: the byte stores below alias globals
     cdef long long top = 0, lim = cap
     cdef uint8_t *m = NULL
     cdef uint8_t[::1] mv
-    cdef bint over = False
-    if cap >= 0:
-        mask = np.zeros(max(n, cap), dtype=np.uint8)
-        if len(mask):
-            mv = mask
-            m = &mv[0]
+    cdef bint over
+    if cap < 0:
         with nogil:
-            for i in range(nt):
-                e = t[i]
-                if e < zero:
-                    count += 1
-                    if e >= lim:
-                        over = True
-                    elif not over:
-                        m[e] = 1
-                        if e >= top:
-                            top = <long long>e + 1
-        if over:
-            return None, count
-        return mask[:max(n, top)], count
-    with nogil:
-        for i in range(nt):
-            e = t[i]
-            if e < zero:
-                count += 1
-                if e >= top:
-                    top = <long long>e + 1
-    mask = np.zeros(max(n, top), dtype=np.uint8)
-    if count:
+            lim = mapped_top(t, nt)
+    mask = np.zeros(max(n, lim), dtype=np.uint8)
+    if len(mask):
         mv = mask
         m = &mv[0]
-        with nogil:
-            for i in range(nt):
-                e = t[i]
-                if e < zero:
-                    m[e] = 1
-    return mask, count
+    with nogil:
+        over = mark_held(t, nt, m, lim, &count, &top)
+    if over:
+        return None, count
+    return (mask[:max(n, top)] if cap >= 0 else mask), count
