@@ -34,7 +34,7 @@ from fvd.errors import (
     SnapshotNotFoundError,
 )
 from fvd.nbd_client import NbdClient, parse_uri
-from fvd.types import CheckResult, Extent, SnapshotInfo, StrPath
+from fvd.types import CheckResult, Closing, Extent, SnapshotInfo, StrPath
 from fvd.units import KiB, MiB
 
 PROTOCOL = 1
@@ -169,7 +169,7 @@ def connect(image_or_socket: StrPath, *, timeout: float = REPLY_TIMEOUT) -> Cont
         time.sleep(0.05)
 
 
-class ControlClient:
+class ControlClient(Closing):
     """One connection to a server's control socket. Calls are serialised (one request,
     one reply), so a client may be shared by threads."""
 
@@ -308,12 +308,6 @@ class ControlClient:
     def close(self) -> None:
         self._sock.close()
 
-    def __enter__(self) -> ControlClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
 
 def _error(error: object) -> FvdError:
     if not isinstance(error, dict):
@@ -360,7 +354,7 @@ def changed_extent(d: dict[str, Any]) -> Extent:
     return Extent(int(d["start"]), int(d["length"]), 0, True, zero, not zero, None)
 
 
-class RemoteDisk:
+class RemoteDisk(Closing):
     """A read-only disk over an NBD export (a snapshot export of `fvd serve`): what
     `fvd.convert` copies from (size, readinto, extents, close)."""
 
@@ -389,12 +383,6 @@ class RemoteDisk:
 
     def close(self) -> None:
         self._client.close()
-
-    def __enter__(self) -> RemoteDisk:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def extent_dicts(extents: Iterable[Extent]) -> list[dict[str, Any]]:

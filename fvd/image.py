@@ -49,7 +49,7 @@ from fvd.ops import check as check_ops
 from fvd.ops import reshape
 from fvd.ops.diskops import DiskOps
 from fvd.ops.info import allocated_chunks, image_info
-from fvd.types import CheckResult, SnapshotInfo
+from fvd.types import CheckResult, Closing, SnapshotInfo
 from fvd.units import KiB, MiB
 
 ANY_BACKING = BackingPolicy("any")
@@ -234,7 +234,7 @@ def _write_new_image_on_device(
         os.close(fd)
 
 
-class Image(DiskOps):
+class Image(DiskOps, Closing):
     """An open FVD image. Use `fvd.open()` to get one."""
 
     def __init__(
@@ -318,12 +318,6 @@ class Image(DiskOps):
         """Tests only: drop the handle as a crash would, without flushing anything."""
         self.__dict__.pop("readinto", None)
         self._core.crash()
-
-    def __enter__(self) -> Image:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return repr(self._core)
@@ -477,7 +471,7 @@ class _IoErrors:
                 raise converted from None
 
 
-class SnapshotImage(DiskOps):
+class SnapshotImage(DiskOps, Closing):
     """A read-only view of one snapshot (`Image.open_snapshot()`), with the same read
     side as an image: read, readinto, extents, changed_extents, as_file, checksum."""
 
@@ -511,12 +505,6 @@ class SnapshotImage(DiskOps):
 
     def close(self) -> None:
         self._view.close()
-
-    def __enter__(self) -> SnapshotImage:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return repr(self._view)

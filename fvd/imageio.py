@@ -26,7 +26,7 @@ from fvd.fileio import (
 from fvd.image import Image
 from fvd.ondisk import format as fmt
 from fvd.qcow2 import Qcow2Image
-from fvd.types import Extent, StrPath, extents_to_array
+from fvd.types import Closing, Extent, StrPath, extents_to_array
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -79,7 +79,7 @@ def open_image(
     return RawImage(path, mode)
 
 
-class RawImage:
+class RawImage(Closing):
     """A raw file seen as an image: size is the file size."""
 
     format = "raw"
@@ -190,12 +190,6 @@ class RawImage:
         if not self._closed:
             self._closed = True
             os.close(self._fd)
-
-    def __enter__(self) -> RawImage:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __del__(self) -> None:
         if not getattr(self, "_closed", True):

@@ -9,11 +9,26 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Iterable, Optional, Protocol, Union
+from typing import Any, Iterable, Optional, Protocol, TypeVar, Union
 
 import numpy as np
 
 StrPath = Union[str, "os.PathLike[str]"]  # a file name as open() takes it
+
+_Closing = TypeVar("_Closing", bound="Closing")
+
+
+class Closing:
+    """`with x:` gives x and calls x.close() on the way out (images, views, clients)."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: _Closing) -> _Closing:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 @dataclass(frozen=True)

@@ -45,10 +45,10 @@ from fvd.qcow2.format import (
     new_header,
 )
 from fvd.qcow2.image import check_create_sizes, new_backing
-from fvd.types import StrPath
+from fvd.types import Closing, StrPath
 
 
-class FreshWriter:
+class FreshWriter(Closing):
     """A new qcow2 image being written by `fvd convert` (see the module doc)."""
 
     thread_safe_writes = True
@@ -249,9 +249,3 @@ class FreshWriter:
             full_pwrite(self.fd, update, OFF_REFTABLE)
         else:
             full_pwrite(self.fd, reftable.tobytes(), self.rt_offset)
-
-    def __enter__(self) -> FreshWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

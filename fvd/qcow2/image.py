@@ -72,7 +72,7 @@ from fvd.qcow2.format import (
 from fvd.qcow2.refcount import RefcountMixin
 from fvd.qcow2.snapshot import SnapshotMixin
 from fvd.qcow2.state import Backing, Chunk, Table
-from fvd.types import CheckResult, Extent, StrPath, extents_to_array
+from fvd.types import CheckResult, Closing, Extent, StrPath, extents_to_array
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -221,7 +221,7 @@ def open(  # noqa: A001 - mirrors fvd.open
     return Qcow2Image(path, mode, cache, backing=backing)
 
 
-class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
+class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin, Closing):
     """An open qcow2 image. See the module docstring; its attributes (path, read_only,
     cache, fd, size, cluster_size, stats and the private state) are declared in
     fvd.qcow2.state.Qcow2State."""
@@ -719,12 +719,6 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin):
         if not self._closed:
             _os.close(self.fd)
             self._closed = True
-
-    def __enter__(self) -> Qcow2Image:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __del__(self) -> None:
         if not getattr(self, "_closed", True):

@@ -35,7 +35,7 @@ from fvd.qcow2.format import (
     snapshot_extra,
 )
 from fvd.qcow2.state import Qcow2State, Table
-from fvd.types import Extent, extents_to_array
+from fvd.types import Closing, Extent, extents_to_array
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -312,7 +312,7 @@ def _to_datetime(date_sec: int, date_nsec: int) -> datetime.datetime:
     return datetime.datetime.fromtimestamp(date_sec + date_nsec / 1e9, tz=datetime.timezone.utc)
 
 
-class Qcow2SnapshotView:
+class Qcow2SnapshotView(Closing):
     """Read-only view of one internal snapshot: reads walk the snapshot's L1 table;
     unallocated clusters read from the backing file, as for the active tree."""
 
@@ -370,9 +370,3 @@ class Qcow2SnapshotView:
 
     def close(self) -> None:
         self._closed = True
-
-    def __enter__(self) -> Qcow2SnapshotView:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
