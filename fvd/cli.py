@@ -12,7 +12,7 @@ import select
 import signal
 import sys
 from collections.abc import Mapping
-from typing import Any, NoReturn, Optional
+from typing import Any, Callable, NoReturn, Optional
 
 from fvd import chain, cliutil, qcow2, units
 from fvd.bench import runner as bench
@@ -553,47 +553,83 @@ def cmd_resize(args: argparse.Namespace) -> int:
 
 def _add_chain_parsers(sub: Any) -> None:
     """commit, rebase, compare, measure, resize: qemu-img's names and options."""
-    c = sub.add_parser("commit", help="merge an overlay into its backing file (qemu-img commit)")
+    c = _command(sub, "commit")
     c.add_argument("-b", dest="base", metavar="BASE", help="commit into this deeper backing file")
     c.add_argument("-d", dest="drop", action="store_true", help="do not empty the top image")
     _progress_option(c)
     c.add_argument("image", metavar="TOP")
-    c.set_defaults(func=cmd_commit)
 
-    r = sub.add_parser("rebase", help="change the backing file (qemu-img rebase)")
+    r = _command(sub, "rebase")
     r.add_argument("-b", dest="backing", required=True, metavar="BACKING", help="new backing")
     r.add_argument("-F", dest="backing_format", choices=FORMATS, help="new backing's format")
     r.add_argument("-u", dest="unsafe", action="store_true", help="header only, copy nothing")
     _progress_option(r)
     r.add_argument("image")
-    r.set_defaults(func=cmd_rebase)
 
-    m = sub.add_parser("compare", help="compare two images (exit 0 same, 1 different, 2 error)")
+    m = _command(sub, "compare")
     m.add_argument("-F", dest="fmt_b", choices=FORMATS, help="format of the second image")
     m.add_argument("-s", dest="strict", action="store_true", help="sizes and allocation too")
     m.add_argument("image_a", metavar="A")
     m.add_argument("image_b", metavar="B")
-    m.set_defaults(func=cmd_compare)
 
-    e = sub.add_parser("measure", help="bytes a conversion needs (qemu-img measure)")
+    e = _command(sub, "measure")
     e.add_argument("-O", dest="out_format", default="qcow2", choices=FORMATS, help="output")
     e.add_argument("-o", dest="options", metavar="OPTS", help="cluster_size= / chunk_size=")
-    e.add_argument("-l", dest="snapshot", metavar="SNAPSHOT", help="measure a snapshot")
+    _snapshot_option(e, "measure a snapshot")
     e.add_argument("--since", metavar="SNAPSHOT", help="measure the incremental since it")
     _output_option(e)
     e.add_argument("image")
-    e.set_defaults(func=cmd_measure)
 
-    z = sub.add_parser("resize", help="grow (or with --shrink cut unused space off) an image")
+    z = _command(sub, "resize")
     z.add_argument("--shrink", action="store_true", help="allow a smaller size")
     z.add_argument("image")
     z.add_argument("size", help="new size, or +SIZE / -SIZE")
-    z.set_defaults(func=cmd_resize)
 
 
 # ----- parser -----------------------------------------------------------------
+# Every command: the function that runs it and its line in `fvd --help`.
+COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
+    "create": (cmd_create, "create a new image"),
+    "info": (cmd_info, "show header facts, allocation and snapshots"),
+    "check": (cmd_check, "check consistency (exit 0 clean, 2 corrupt, 3 leaks)"),
+    "map": (cmd_map, "show the allocation map (as qemu-img map)"),
+    "snapshot": (cmd_snapshot, "list, create, delete or apply internal snapshots"),
+    "prefetch": (cmd_prefetch, "copy the base image into the image"),
+    "serve": (cmd_serve, "export the image over NBD (nbdkit), in the foreground"),
+    "convert": (
+        cmd_convert,
+        "convert, export or back up an image (as qemu-img convert); "
+        "--since S -B PREV writes an incremental backup",
+    ),
+    "checksum": (
+        cmd_checksum,
+        "checksum of the guest data, equal to ovirt-imageio's (blkhash) "
+        "of the same content in any format",
+    ),
+    "bench": (cmd_bench, "FVD against the QCOW2 baseline, raw and QEMU"),
+    "commit": (cmd_commit, "merge an overlay into its backing file (qemu-img commit)"),
+    "rebase": (cmd_rebase, "change the backing file (qemu-img rebase)"),
+    "compare": (cmd_compare, "compare two images (exit 0 same, 1 different, 2 error)"),
+    "measure": (cmd_measure, "bytes a conversion needs (qemu-img measure)"),
+    "resize": (cmd_resize, "grow (or with --shrink cut unused space off) an image"),
+}
+
+
+def _command(sub: Any, name: str) -> argparse.ArgumentParser:
+    """The parser of command `name` (COMMANDS says what runs it)."""
+    func, text = COMMANDS[name]
+    parser: argparse.ArgumentParser = sub.add_parser(name, help=text)
+    parser.set_defaults(func=func)
+    return parser
+
+
 def _output_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", choices=["human", "json"], default="human")
+
+
+def _snapshot_option(parser: argparse.ArgumentParser, text: str) -> None:
+    """-l SNAPSHOT: work on an internal snapshot (`text` says how)."""
+    parser.add_argument("-l", dest="snapshot", metavar="SNAPSHOT", help=text)
 
 
 def _progress_option(parser: argparse.ArgumentParser) -> None:
@@ -652,7 +688,7 @@ def _add_backing_options(parsers: Mapping[str, argparse.ArgumentParser]) -> None
 
 def _add_create_parser(sub: Any) -> None:
     """fvd create."""
-    c = sub.add_parser("create", help="create a new image")
+    c = _command(sub, "create")
     c.add_argument("-b", dest="backing", metavar="BASE", help="base (backing) image")
     c.add_argument(
         "-F", dest="backing_format", choices=sorted(fmt.BASE_FORMATS), help="base image format"
@@ -673,35 +709,31 @@ def _add_create_parser(sub: Any) -> None:
     c.add_argument("--force", action="store_true", help="overwrite an existing file")
     c.add_argument("image")
     c.add_argument("size", nargs="?", help="virtual size, e.g. 10G (default: base size)")
-    c.set_defaults(func=cmd_create)
 
 
 def _add_inspect_parsers(sub: Any) -> None:
     """fvd info, check, map and snapshot."""
-    i = sub.add_parser("info", help="show header facts, allocation and snapshots")
+    i = _command(sub, "info")
     _output_option(i)
     i.add_argument("--backing-chain", action="store_true", help="also every base below")
     _force_share_option(i)
     i.add_argument("image")
-    i.set_defaults(func=cmd_info)
 
-    k = sub.add_parser("check", help="check consistency (exit 0 clean, 2 corrupt, 3 leaks)")
+    k = _command(sub, "check")
     k.add_argument("-r", dest="repair", choices=["leaks", "all"], help="repair")
     _output_option(k)
     _progress_option(k)
     _force_share_option(k)
     k.add_argument("image")
-    k.set_defaults(func=cmd_check)
 
-    m = sub.add_parser("map", help="show the allocation map (as qemu-img map)")
+    m = _command(sub, "map")
     _output_option(m)
     m.add_argument("--since", metavar="SNAP", help="only ranges changed since snapshot SNAP")
     m.add_argument("--until", metavar="SNAP", help="... up to snapshot SNAP (default: now)")
     _force_share_option(m)
     m.add_argument("image")
-    m.set_defaults(func=cmd_map)
 
-    s = sub.add_parser("snapshot", help="list, create, delete or apply internal snapshots")
+    s = _command(sub, "snapshot")
     g = s.add_mutually_exclusive_group(required=True)
     g.add_argument("-l", dest="list", action="store_true", help="list snapshots")
     g.add_argument("-c", dest="create", metavar="NAME", help="create a snapshot")
@@ -710,18 +742,16 @@ def _add_inspect_parsers(sub: Any) -> None:
     _output_option(s)
     _force_share_option(s)
     s.add_argument("image")
-    s.set_defaults(func=cmd_snapshot)
 
 
 def _add_serve_parsers(sub: Any) -> None:
     """fvd prefetch and serve."""
-    f = sub.add_parser("prefetch", help="copy the base image into the image")
+    f = _command(sub, "prefetch")
     _progress_option(f)
     f.add_argument("image")
-    f.set_defaults(func=cmd_prefetch)
 
-    v = sub.add_parser("serve", help="export the image over NBD (nbdkit), in the foreground")
-    v.add_argument("-l", dest="snapshot", metavar="SNAPSHOT", help="serve a snapshot (read-only)")
+    v = _command(sub, "serve")
+    _snapshot_option(v, "serve a snapshot (read-only)")
     v.add_argument(
         "-r", "--read-only", dest="readonly", action="store_true", help="read-only export"
     )
@@ -752,16 +782,11 @@ def _add_serve_parsers(sub: Any) -> None:
     )
     _force_share_option(v)
     v.add_argument("image")
-    v.set_defaults(func=cmd_serve)
 
 
 def _add_convert_parser(sub: Any) -> None:
     """fvd convert."""
-    v = sub.add_parser(
-        "convert",
-        help="convert, export or back up an image (as qemu-img "
-        "convert); --since S -B PREV writes an incremental backup",
-    )
+    v = _command(sub, "convert")
     v.add_argument(
         "-O",
         dest="out_format",
@@ -769,12 +794,7 @@ def _add_convert_parser(sub: Any) -> None:
         choices=["fvd", "raw", "qcow2"],
         help="output format (default fvd)",
     )
-    v.add_argument(
-        "-l",
-        dest="snapshot",
-        metavar="SNAPSHOT",
-        help="convert this internal snapshot (NAME or snapshot.name=NAME)",
-    )
+    _snapshot_option(v, "convert this internal snapshot (NAME or snapshot.name=NAME)")
     v.add_argument(
         "--since", metavar="SNAPSHOT", help="copy only what changed since this snapshot (needs -B)"
     )
@@ -812,31 +832,24 @@ def _add_convert_parser(sub: Any) -> None:
     _force_share_option(v)
     v.add_argument("src")
     v.add_argument("dst")
-    v.set_defaults(func=cmd_convert)
 
 
 def _add_checksum_bench_parsers(sub: Any) -> None:
     """fvd checksum and bench."""
-    h = sub.add_parser(
-        "checksum",
-        help="checksum of the guest data, equal to "
-        "ovirt-imageio's (blkhash) of the same content in any format",
-    )
-    h.add_argument("-l", dest="snapshot", metavar="SNAPSHOT", help="checksum a snapshot")
+    h = _command(sub, "checksum")
+    _snapshot_option(h, "checksum a snapshot")
     _progress_option(h)
     h.add_argument("--block-size", default="4M", help="blkhash block size (default 4M)")
     h.add_argument("--algorithm", default="blake2b", help="hashlib algorithm (blake2b)")
     _output_option(h)
     _force_share_option(h)
     h.add_argument("image")
-    h.set_defaults(func=cmd_checksum)
 
-    b = sub.add_parser("bench", help="FVD against the QCOW2 baseline, raw and QEMU")
+    b = _command(sub, "bench")
     try:
         bench.add_arguments(b)
     except ImportError:
         pass
-    b.set_defaults(func=cmd_bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
