@@ -10,6 +10,8 @@ allocation) uses the `struct.Struct` derived from the declaration (`S_*` below, 
 fvd.ondisk.structs.struct_of): same bytes, struct's speed, one declaration.
 """
 
+from typing import Any
+
 from construct import (
     Array,
     Bytes,
@@ -31,6 +33,18 @@ from fvd import _shared
 from fvd.ondisk.structs import dtype_of, offsets, struct_of
 
 SECTOR = 512
+
+
+def _sized(*names: str) -> list[Any]:
+    """Fields of bytes, each as long as the record's `<name>_size` field says."""
+    return [name / Bytes(this[f"{name}_size"]) for name in names]
+
+
+def _row(name: str) -> tuple[Any, Any]:
+    """A bit row of the partial map (`row_bytes` long: parse and build with
+    row_bytes=partial_row_bytes(...)), zero-padded to a multiple of 8 bytes."""
+    return name / Bytes(this._params.row_bytes), Padding(lambda ctx: -ctx._params.row_bytes % 8)
+
 
 # ----- 2. Header (offset 0, one checksummed sector) ---------------------------------------
 MAGIC = 0x5143F5A9  # on disk: A9 F5 43 51 (the 2011 FVD magic)
@@ -172,8 +186,7 @@ SnapshotExtraGranules = Struct(
 )
 SnapshotEntry = Struct(
     *SnapshotEntryHead.subcons,
-    "extra" / Bytes(this.extra_size),
-    "name" / Bytes(this.name_size),
+    *_sized("extra", "name"),
     Padding(lambda ctx: -ctx.name_size % 8),
 )
 SNAPSHOT_TABLE_HEAD_OFFSET = offsets(SnapshotTableHead)
@@ -199,19 +212,10 @@ PartialMapHead = Struct(
 )
 PARTIAL_MAP_FLAG_PROVENANCE = 1 << 0
 # One per entry, in the entries' order, after them (granule records with flag bit 0).
-ProvenanceEntry = Struct(
-    "origin_chunk" / Int32ul,
-    "reserved" / Int32ul,
-    "carried" / Bytes(this._params.row_bytes),
-    Padding(lambda ctx: -ctx._params.row_bytes % 8),
-)
+ProvenanceEntry = Struct("origin_chunk" / Int32ul, "reserved" / Int32ul, *_row("carried"))
 PartialMapEntryHead = Struct("virtual_chunk" / Int32ul, "source_chunk" / Int32ul)
 # An entry with its bit row; parse / build with row_bytes=partial_row_bytes(...).
-PartialMapEntry = Struct(
-    *PartialMapEntryHead.subcons,
-    "bits" / Bytes(this._params.row_bytes),
-    Padding(lambda ctx: -ctx._params.row_bytes % 8),
-)
+PartialMapEntry = Struct(*PartialMapEntryHead.subcons, *_row("bits"))
 PartialMap = Struct(*PartialMapHead.subcons, "entries" / Array(this.count, PartialMapEntry))
 
 
@@ -234,8 +238,7 @@ BackupRecordHead = Struct(
 )
 BackupRecord = Struct(
     *BackupRecordHead.subcons,
-    "snapshot_name" / Bytes(this.snapshot_name_size),
-    "since_name" / Bytes(this.since_name_size),
+    *_sized("snapshot_name", "since_name"),
     Padding(lambda ctx: -(ctx.snapshot_name_size + ctx.since_name_size) % 8),
 )
 
