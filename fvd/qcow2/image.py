@@ -354,41 +354,45 @@ class Qcow2Image(RefcountMixin, ClusterMixin, SnapshotMixin, Closing):
                 taken[c] = what
         meta = np.fromiter(taken, dtype=np.int64)
         rt = self._reftable.astype(np.uint64) & np.uint64(REFT_OFFSET_MASK)
-        hit = np.flatnonzero(np.isin((rt >> np.uint64(cb)).astype(np.int64), meta) & (rt != 0))
-        if hit.size:
-            i = int(hit[0])
-            raise CorruptImageError(
-                self.path,
-                self._rt_offset + 8 * i,
-                f"refcount block {i} lies in {taken[int(rt[i]) >> cb]}",
-            )
-        blocks = (rt[rt != 0] >> np.uint64(cb)).astype(np.int64)
-        uniq, cnt = np.unique(blocks, return_counts=True)
-        if (cnt > 1).any():
-            raise CorruptImageError(
-                self.path,
-                self._rt_offset,
-                f"two refcount table entries "
-                f"share the refcount block at cluster "
-                f"{int(uniq[cnt > 1][0])}",
-            )
+        rbc = (rt >> np.uint64(cb)).astype(np.int64)
+        self._check_targets(
+            self._rt_offset,
+            rt,
+            rbc,
+            meta,
+            lambda i, c: f"refcount block {i} lies in {taken[c]}",
+            "two refcount table entries share the refcount block",
+        )
         l1 = self._l1.astype(np.uint64) & np.uint64(OFFSET_MASK)
-        l2c = (l1 >> np.uint64(cb)).astype(np.int64)
-        hit = np.flatnonzero((np.isin(l2c, meta) | np.isin(l2c, blocks)) & (l1 != 0))
+        self._check_targets(
+            self._l1_offset,
+            l1,
+            (l1 >> np.uint64(cb)).astype(np.int64),
+            np.concatenate([meta, rbc[rt != 0]]),
+            lambda i, c: f"L1 entry {i} points into metadata (cluster {c})",
+            "two L1 entries share the L2 table",
+        )
+
+    def _check_targets(
+        self,
+        table_offset: int,
+        entries: np.ndarray,
+        targets: np.ndarray,
+        forbidden: np.ndarray,
+        inside: Callable[[int, int], str],
+        shared: str,
+    ) -> None:
+        """The clusters `targets` that a table's nonzero `entries` point at may not be
+        `forbidden` (message `inside(index, cluster)`) nor one cluster twice (`shared`)."""
+        live = entries != 0
+        hit = np.flatnonzero(np.isin(targets, forbidden) & live)
         if hit.size:
             i = int(hit[0])
-            raise CorruptImageError(
-                self.path,
-                self._l1_offset + 8 * i,
-                f"L1 entry {i} points into metadata (cluster {int(l2c[i])})",
-            )
-        uniq, cnt = np.unique(l2c[l1 != 0], return_counts=True)
+            raise CorruptImageError(self.path, table_offset + 8 * i, inside(i, int(targets[i])))
+        uniq, cnt = np.unique(targets[live], return_counts=True)
         if (cnt > 1).any():
-            raise CorruptImageError(
-                self.path,
-                self._l1_offset,
-                f"two L1 entries share the L2 table at cluster {int(uniq[cnt > 1][0])}",
-            )
+            c = int(uniq[cnt > 1][0])
+            raise CorruptImageError(self.path, table_offset, f"{shared} at cluster {c}")
 
     def _metadata_refcounts_ok(self) -> None:
         """Before a writer trusts the refcounts: every metadata cluster (header, tables,
