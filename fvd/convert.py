@@ -116,7 +116,7 @@ def convert(
                 view.close()
     finally:
         img.close()
-    return _result(counts, started)
+    return counts.result(started)
 
 
 def _source_view(img: AnyImage, src: str, snapshot: str | None) -> DiskReader:
@@ -127,16 +127,6 @@ def _source_view(img: AnyImage, src: str, snapshot: str | None) -> DiskReader:
         raise ValueError(f"{src}: a raw image has no snapshots (snapshot={snapshot!r})")
     view: DiskReader = img.open_snapshot(snapshot)
     return view
-
-
-def _result(counts: CopyCounts, started: float) -> ConvertResult:
-    return ConvertResult(
-        counts.bytes_read,
-        counts.bytes_written,
-        counts.extents,
-        counts.zero_ranges,
-        time.monotonic() - started,
-    )
 
 
 def _policy_word(
@@ -182,7 +172,7 @@ def convert_served(
             ranges = [Range(e.start, e.length, bool(e.zero) and not e.data) for e in changed]
         out = _OutputSpec(dst, dst_format, backing, backing_format, opts, cache == "unsafe")
         counts = _write_output(view, out, ranges, progress, holds)
-    return _result(counts, started)
+    return counts.result(started)
 
 
 def _backup_policy(

@@ -4,6 +4,7 @@ overlay emptied."""
 from __future__ import annotations
 
 import os
+import time
 from typing import Optional
 
 from fvd import qcow2
@@ -11,11 +12,11 @@ from fvd.chain.layers import (
     BUFFER,
     Layer,
     Progress,
-    Tally,
     chain_of,
     lock_shared,
 )
 from fvd.convert import fsync_dir
+from fvd.copyloop import CopyCounts
 from fvd.errors import ChainError
 from fvd.fileio import pread_fill
 from fvd.image import Image
@@ -40,7 +41,7 @@ def commit(
     are read and written, their zeros become zeros in the base. Then `top` is emptied
     (its ranges read the base again) unless `drop` (`-d`) or `base` is given (`-b`
     implies `-d`, as in qemu-img). The backing file grows when it is smaller than top."""
-    tally = Tally()
+    started, tally = time.monotonic(), CopyCounts()
     chain = chain_of(top, top_format)
     if len(chain) < 2:
         raise ChainError(f"{top}: has no backing file to commit into")
@@ -67,7 +68,7 @@ def commit(
         )
     if empty:
         _empty(chain[0])
-    return tally.result()
+    return tally.result(started)
 
 
 def _depth_of(chain: list[Layer], base: str) -> int:
@@ -87,7 +88,7 @@ def _copy_plan(
     target: Layer,
     size: int,
     progress: Progress,
-    tally: Tally,
+    tally: CopyCounts,
 ) -> bool:
     """Copy each extent from the file of the layer that holds it into the target;
     True when the target had to grow to the top's size."""
@@ -102,7 +103,7 @@ def _copy_plan(
         for e in plan:
             if e.zero or not e.data:
                 out.write_zeroes(e.start, e.length)
-                tally.zeros += 1
+                tally.zero_ranges += 1
             else:
                 if e.offset is None:
                     raise ChainError(f"{chain[e.depth].path}: data at {e.start} has no offset")
@@ -118,7 +119,7 @@ def _grow(out: AnyImage, size: int) -> None:
     out.resize(-(-size // 512) * 512 if isinstance(out, Qcow2Image) else size)
 
 
-def _copy_extent(fd: int, e: Extent, out: AnyImage, buf: bytearray, tally: Tally) -> None:
+def _copy_extent(fd: int, e: Extent, out: AnyImage, buf: bytearray, tally: CopyCounts) -> None:
     assert e.offset is not None
     tally.extents += 1
     for pos in range(0, e.length, BUFFER):
@@ -126,8 +127,8 @@ def _copy_extent(fd: int, e: Extent, out: AnyImage, buf: bytearray, tally: Tally
         mv = memoryview(buf)[:n]
         pread_fill(fd, mv, e.offset + pos)
         out.write(e.start + pos, mv)
-        tally.read += n
-        tally.written += n
+        tally.bytes_read += n
+        tally.bytes_written += n
 
 
 def _empty(top: Layer) -> None:

@@ -1,13 +1,12 @@
 """The chain of backing files of an image, and what the chain operations share:
-reading a layer's file, the result tally, byte comparison."""
+reading a layer's file, byte comparison."""
 
 from __future__ import annotations
 
 import fcntl
 import os
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import numpy as np
@@ -18,7 +17,7 @@ from fvd.image import Image
 from fvd.imageio import AnyImage, RawImage, open_image, probe, resolve_format
 from fvd.nbd_client import is_nbd_uri
 from fvd.qcow2 import Qcow2Image
-from fvd.types import ConvertResult, StrPath
+from fvd.types import StrPath
 from fvd.units import MiB
 
 BUFFER = MiB
@@ -87,22 +86,6 @@ def lock_shared(path: str) -> int:
         os.close(fd)
         raise ChainError(f"{path}: image is open for writing elsewhere") from None
     return fd
-
-
-@dataclass
-class Tally:
-    """What an operation read and wrote, for its ConvertResult."""
-
-    start: float = field(default_factory=time.monotonic)
-    read: int = 0
-    written: int = 0
-    extents: int = 0
-    zeros: int = 0
-
-    def result(self) -> ConvertResult:
-        return ConvertResult(
-            self.read, self.written, self.extents, self.zeros, time.monotonic() - self.start
-        )
 
 
 def layers_of_open(img: Union[Image, Qcow2Image]) -> list[Layer]:

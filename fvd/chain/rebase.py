@@ -4,6 +4,7 @@ read differently, -u changes only the header."""
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from typing import Optional
 
@@ -13,11 +14,11 @@ from fvd import qcow2
 from fvd.chain.layers import (
     BUFFER,
     Progress,
-    Tally,
     chain_of,
     read_padded,
     same_bytes,
 )
+from fvd.copyloop import CopyCounts
 from fvd.errors import ChainError
 from fvd.fileio import resolve_relative
 from fvd.image import Image
@@ -41,7 +42,7 @@ def rebase(
     layer does not answer, the old chain's bytes are compared with the new backing
     file's and copied into the image where they differ, so the image reads the same
     before and after. unsafe=True (`-u`): only the header changes."""
-    tally = Tally()
+    started, tally = time.monotonic(), CopyCounts()
     path = os.fspath(image)
     fmt_name = resolve_format(path, image_format)
     if fmt_name == "raw":
@@ -63,11 +64,11 @@ def rebase(
         reshape.set_base(path, os.fsencode(backing), fmt.BASE_FORMATS[bfmt], new_size)
     else:
         qcow2.set_backing(path, backing, bfmt)
-    return tally.result()
+    return tally.result(started)
 
 
 def _copy_differences(
-    path: str, fmt_name: str, new: AnyImage, progress: Progress, tally: Tally
+    path: str, fmt_name: str, new: AnyImage, progress: Progress, tally: CopyCounts
 ) -> None:
     with open_image(path, fmt_name, "r+") as img:
         if isinstance(img, Image) and img.snapshots():
@@ -91,12 +92,17 @@ def _copy_differences(
 
 
 def _copy_if_different(
-    img: AnyImage, new: AnyImage, pos: int, n: int, bufs: tuple[bytearray, bytearray], tally: Tally
+    img: AnyImage,
+    new: AnyImage,
+    pos: int,
+    n: int,
+    bufs: tuple[bytearray, bytearray],
+    tally: CopyCounts,
 ) -> None:
     old, nw = memoryview(bufs[0])[:n], memoryview(bufs[1])[:n]
     img.readinto(pos, old)
     read_padded(new, pos, nw)
-    tally.read += 2 * n
+    tally.bytes_read += 2 * n
     if not same_bytes(bufs[0], bufs[1], n):
         _store(img, pos, old, tally)
 
@@ -136,7 +142,7 @@ def _intersect(a: list[Span], b: list[Span]) -> list[Span]:
     return out
 
 
-def _keep_cut_block(path: str, new: AnyImage, tally: Tally) -> None:
+def _keep_cut_block(path: str, new: AnyImage, tally: CopyCounts) -> None:
     """-u on an fvd image whose old base ends inside a block whose head reads the base
     and whose tail the image holds: past a longer new base the whole block would read
     the new base. The block's head gets the new base's bytes (its tail stays) and so
@@ -153,7 +159,7 @@ def _keep_cut_block(path: str, new: AnyImage, tally: Tally) -> None:
         head = memoryview(bytearray(old - start))
         read_padded(new, start, head)
         img.write(start, head)
-        tally.written += len(head)
+        tally.bytes_written += len(head)
         tally.extents += 1
 
 
@@ -194,11 +200,11 @@ def _candidates(img: AnyImage, new: AnyImage) -> list[Span]:
     return sorted(out + [cut])
 
 
-def _store(img: AnyImage, pos: int, data: memoryview, tally: Tally) -> None:
+def _store(img: AnyImage, pos: int, data: memoryview, tally: CopyCounts) -> None:
     if not np.frombuffer(data, dtype=np.uint8).any():
         img.write_zeroes(pos, len(data))
-        tally.zeros += 1
+        tally.zero_ranges += 1
         return
     img.write(pos, data)
-    tally.written += len(data)
+    tally.bytes_written += len(data)
     tally.extents += 1
