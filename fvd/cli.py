@@ -93,28 +93,16 @@ def cmd_create(args: argparse.Namespace) -> int:
     if args.backing:
         kwargs["base"] = args.backing
         kwargs["base_format"] = args.backing_format
-    size = parse_size(args.size) if args.size else None
-    if size is None:
-        if not args.backing:
-            raise UsageError("an image size is required without a base image")
-        size = _base_size(args)
+    size = _new_size(args, "base image")
     create(args.image, size, overwrite=args.force, backing=args.backing_policy, **kwargs)
-    print(
-        f"Formatting '{args.image}', fmt=fvd size={size}"
-        + (f" backing_file={args.backing}" if args.backing else "")
-    )
-    return 0
+    return _formatted(args, size)
 
 
 def _create_other(args: argparse.Namespace) -> int:
     """create -f qcow2 (fvd.qcow2: -o cluster_size=,lazy_refcounts=; -b/-F) or -f raw."""
 
     opts = dst_options(args.fmt, parse_options(args.options))
-    size = parse_size(args.size) if args.size else None
-    if size is None:
-        if not args.backing:
-            raise UsageError("an image size is required without a backing file")
-        size = _base_size(args)
+    size = _new_size(args, "backing file")
     if os.path.exists(args.image) and not args.force:
         raise FileExistsError(17, "file exists (--force replaces it)", args.image)
     if args.fmt == "raw":
@@ -132,6 +120,20 @@ def _create_other(args: argparse.Namespace) -> int:
             backing=args.backing_policy,
             **opts,
         )
+    return _formatted(args, size)
+
+
+def _new_size(args: argparse.Namespace, backing: str) -> int:
+    """The size a new image gets: SIZE, or without it the size of the `backing` (-b)."""
+    if args.size:
+        return parse_size(args.size)
+    if not args.backing:
+        raise UsageError(f"an image size is required without a {backing}")
+    return _base_size(args)
+
+
+def _formatted(args: argparse.Namespace, size: int) -> int:
+    """qemu-img create's line about the new image; exit status 0."""
     print(
         f"Formatting '{args.image}', fmt={args.fmt} size={size}"
         + (f" backing_file={args.backing}" if args.backing else "")
