@@ -103,8 +103,9 @@ class Header:
 
 MAX_BACKING_NAME = 1023  # QEMU's limit
 
-# The fields of the declarations that Header holds as stored (the v2 ones it does not:
-# the magic, the backing name's place (Header holds the name) and crypt_method, always 0).
+# The fields of the declarations that Header holds as stored. Of HeaderV2 it does not
+# hold the magic, crypt_method (always 0) nor the backing name's offset and size (it
+# holds the name itself).
 _V2_FIELDS = tuple(
     c.name
     for c in HeaderV2.subcons
