@@ -10,7 +10,7 @@ import time
 import fvd
 from fvd.fileio import data_runs, full_pwrite, punch_hole
 
-from .stress import UNIT, Model
+from .stress import UNIT, Model, unit_bytes
 
 NUNITS = 1024  # the SIGKILL tests' 4 MiB image, in UNITs
 
@@ -131,6 +131,59 @@ def replay_log(lines):
     for op in ops:
         apply_op(op, state, snaps)
     return state, cur, snaps
+
+
+def replay_with_inflight(lines):
+    """((state, snapshots) the log proves, the same with the op in flight applied, that op
+    or None): the two sides `assert_recovered` accepts after a SIGKILL."""
+    state, inflight, snaps = replay_log(lines)
+    after_state, after_snaps = list(state), dict(snaps)
+    if inflight is not None:
+        apply_op(inflight, after_state, after_snaps)
+    return (state, snaps), (after_state, after_snaps), inflight
+
+
+class ChildLog:
+    """A SIGKILL child's operations on `img`: each is told to the parent through the pipe
+    `w` before ("B", op...) and after ("A") it runs, so the parent knows what was in
+    flight when the kill came. Writes put unit_bytes(version, unit) in every unit."""
+
+    def __init__(self, img, w):
+        self.img, self.w, self.version = img, w, 1
+
+    def _say(self, *rec):
+        os.write(self.w, (json.dumps(rec) + "\n").encode())
+
+    def _run(self, rec, action):
+        self._say("B", *rec)
+        action()
+        self._say("A")
+
+    def write(self, first, count):
+        data = b"".join(unit_bytes(self.version + i, first + i) for i in range(count))
+        self._run(("write", first, count, self.version), lambda: self.img.write(first * UNIT, data))
+        self.version += count
+
+    def zero(self, first, count):
+        self._run(("zero", first, count), lambda: self.img.write_zeroes(first * UNIT, count * UNIT))
+
+    def read(self, first):
+        self._run(("read", first), lambda: self.img.read(first * UNIT, UNIT))
+
+    def flush(self):
+        self._run(("flush",), self.img.flush)
+
+    def prefetch(self):
+        self._run(("prefetch",), lambda: self.img.prefetch(step=64 * 1024, min_rate=0))
+
+    def create(self, name):
+        self._run(("create", name), lambda: self.img.create_snapshot(name))
+
+    def delete(self, name):
+        self._run(("delete", name), lambda: self.img.delete_snapshot(name))
+
+    def revert(self, name):
+        self._run(("revert", name), lambda: self.img.revert_to_snapshot(name))
 
 
 def apply_op(op, state, snaps):
