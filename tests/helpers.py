@@ -7,8 +7,13 @@ import shutil
 import signal
 import time
 
+import numpy as np
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, rule
+
 import fvd
 from fvd.fileio import data_runs, full_pwrite, punch_hole
+from fvd.units import KiB
 
 from .stress import UNIT, Model, unit_bytes
 
@@ -50,6 +55,51 @@ class DurableRecorder:
 def pattern(seed, length):
     """Deterministic non-trivial bytes."""
     return bytes((seed * 131 + i * 7 + (i >> 8)) & 0xFF for i in range(length))
+
+
+def image_data_rules(size, max_write, max_zeroes=400 * KiB, max_read=300 * KiB):
+    """A state machine base with the rules every image model shares: write, write_zeroes
+    and read at any offset of `self.img` against the bytearray `self.model` (`self.seed`
+    numbers the write patterns); `_ack()`, for subclasses, records what an acknowledged
+    change makes durable."""
+
+    class ImageDataRules(RuleBasedStateMachine):
+        def _ack(self):
+            pass
+
+        @rule(off=st.integers(0, size - 1), n=st.integers(1, max_write))
+        def write(self, off, n):
+            n = min(n, size - off)
+            self.seed += 1
+            data = pattern(self.seed, n)
+            self.img.write(off, data)
+            self.model[off : off + n] = data
+            self._ack()
+
+        @rule(off=st.integers(0, size - 1), n=st.integers(1, max_zeroes))
+        def zeroes(self, off, n):
+            n = min(n, size - off)
+            self.img.write_zeroes(off, n)
+            self.model[off : off + n] = bytes(n)
+            self._ack()
+
+        @rule(off=st.integers(0, size - 1), n=st.integers(0, max_read))
+        def read(self, off, n):
+            n = min(n, size - off)
+            assert self.img.read(off, n) == self.model[off : off + n]
+
+    return ImageDataRules
+
+
+def assert_old_or_new(got, new, old, between=()):
+    """Each byte reads the durable state, the newest one or (writeback: unflushed writes
+    may reach the file in any subset) one of the states acknowledged in between."""
+    g, n, o = (np.frombuffer(bytes(x), dtype=np.uint8) for x in (got, new, old))
+    ok = (g == n) | (g == o)
+    for state in between:
+        ok |= g == np.frombuffer(bytes(state), dtype=np.uint8)
+    bad = np.flatnonzero(~ok)
+    assert not len(bad), f"byte {int(bad[0])} is neither old nor new"
 
 
 def run_and_kill(child, delay, *args):
