@@ -7,10 +7,15 @@ import shutil
 import signal
 import time
 
+import numpy as np
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, rule
+
 import fvd
 from fvd.fileio import data_runs, full_pwrite, punch_hole
+from fvd.units import KiB
 
-from .stress import UNIT, Model
+from .stress import UNIT, Model, unit_bytes
 
 NUNITS = 1024  # the SIGKILL tests' 4 MiB image, in UNITs
 
@@ -50,6 +55,51 @@ class DurableRecorder:
 def pattern(seed, length):
     """Deterministic non-trivial bytes."""
     return bytes((seed * 131 + i * 7 + (i >> 8)) & 0xFF for i in range(length))
+
+
+def image_data_rules(size, max_write, max_zeroes=400 * KiB, max_read=300 * KiB):
+    """A state machine base with the rules every image model shares: write, write_zeroes
+    and read at any offset of `self.img` against the bytearray `self.model` (`self.seed`
+    numbers the write patterns); `_ack()`, for subclasses, records what an acknowledged
+    change makes durable."""
+
+    class ImageDataRules(RuleBasedStateMachine):
+        def _ack(self):
+            pass
+
+        @rule(off=st.integers(0, size - 1), n=st.integers(1, max_write))
+        def write(self, off, n):
+            n = min(n, size - off)
+            self.seed += 1
+            data = pattern(self.seed, n)
+            self.img.write(off, data)
+            self.model[off : off + n] = data
+            self._ack()
+
+        @rule(off=st.integers(0, size - 1), n=st.integers(1, max_zeroes))
+        def zeroes(self, off, n):
+            n = min(n, size - off)
+            self.img.write_zeroes(off, n)
+            self.model[off : off + n] = bytes(n)
+            self._ack()
+
+        @rule(off=st.integers(0, size - 1), n=st.integers(0, max_read))
+        def read(self, off, n):
+            n = min(n, size - off)
+            assert self.img.read(off, n) == self.model[off : off + n]
+
+    return ImageDataRules
+
+
+def assert_old_or_new(got, new, old, between=()):
+    """Each byte reads the durable state, the newest one or (writeback: unflushed writes
+    may reach the file in any subset) one of the states acknowledged in between."""
+    g, n, o = (np.frombuffer(bytes(x), dtype=np.uint8) for x in (got, new, old))
+    ok = (g == n) | (g == o)
+    for state in between:
+        ok |= g == np.frombuffer(bytes(state), dtype=np.uint8)
+    bad = np.flatnonzero(~ok)
+    assert not len(bad), f"byte {int(bad[0])} is neither old nor new"
 
 
 def run_and_kill(child, delay, *args):
@@ -131,6 +181,59 @@ def replay_log(lines):
     for op in ops:
         apply_op(op, state, snaps)
     return state, cur, snaps
+
+
+def replay_with_inflight(lines):
+    """((state, snapshots) the log proves, the same with the op in flight applied, that op
+    or None): the two sides `assert_recovered` accepts after a SIGKILL."""
+    state, inflight, snaps = replay_log(lines)
+    after_state, after_snaps = list(state), dict(snaps)
+    if inflight is not None:
+        apply_op(inflight, after_state, after_snaps)
+    return (state, snaps), (after_state, after_snaps), inflight
+
+
+class ChildLog:
+    """A SIGKILL child's operations on `img`: each is told to the parent through the pipe
+    `w` before ("B", op...) and after ("A") it runs, so the parent knows what was in
+    flight when the kill came. Writes put unit_bytes(version, unit) in every unit."""
+
+    def __init__(self, img, w):
+        self.img, self.w, self.version = img, w, 1
+
+    def _say(self, *rec):
+        os.write(self.w, (json.dumps(rec) + "\n").encode())
+
+    def _run(self, rec, action):
+        self._say("B", *rec)
+        action()
+        self._say("A")
+
+    def write(self, first, count):
+        data = b"".join(unit_bytes(self.version + i, first + i) for i in range(count))
+        self._run(("write", first, count, self.version), lambda: self.img.write(first * UNIT, data))
+        self.version += count
+
+    def zero(self, first, count):
+        self._run(("zero", first, count), lambda: self.img.write_zeroes(first * UNIT, count * UNIT))
+
+    def read(self, first):
+        self._run(("read", first), lambda: self.img.read(first * UNIT, UNIT))
+
+    def flush(self):
+        self._run(("flush",), self.img.flush)
+
+    def prefetch(self):
+        self._run(("prefetch",), lambda: self.img.prefetch(step=64 * 1024, min_rate=0))
+
+    def create(self, name):
+        self._run(("create", name), lambda: self.img.create_snapshot(name))
+
+    def delete(self, name):
+        self._run(("delete", name), lambda: self.img.delete_snapshot(name))
+
+    def revert(self, name):
+        self._run(("revert", name), lambda: self.img.revert_to_snapshot(name))
 
 
 def apply_op(op, state, snaps):

@@ -9,20 +9,19 @@ import os
 
 import pytest
 from hypothesis import HealthCheck, settings
-from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, rule, run_state_machine_as_test
+from hypothesis.stateful import initialize, rule, run_state_machine_as_test
 
 import fvd
 from fvd.units import KiB
 
-from ..helpers import DurableRecorder, pattern
+from ..helpers import DurableRecorder, assert_old_or_new, image_data_rules
 
 SIZE = 2 * 1024 * KiB + 3 * KiB  # not a multiple of the chunk size
 CHUNK = 64 * KiB
 
 
 def make_machine(path, recorder, cache):
-    class ImageMachine(RuleBasedStateMachine):
+    class ImageMachine(image_data_rules(SIZE, max_write=200 * KiB)):
         @initialize()
         def setup(self):
             if os.path.exists(path):
@@ -34,30 +33,9 @@ def make_machine(path, recorder, cache):
             self.durable = bytearray(SIZE)  # what survives a power cut
             self.seed = 0
 
-        def _acknowledged(self):
+        def _ack(self):
             if cache == "writethrough":
                 self.durable[:] = self.model
-
-        @rule(off=st.integers(0, SIZE - 1), n=st.integers(1, 200 * KiB))
-        def write(self, off, n):
-            n = min(n, SIZE - off)
-            self.seed += 1
-            data = pattern(self.seed, n)
-            self.img.write(off, data)
-            self.model[off : off + n] = data
-            self._acknowledged()
-
-        @rule(off=st.integers(0, SIZE - 1), n=st.integers(1, 400 * KiB))
-        def zeroes(self, off, n):
-            n = min(n, SIZE - off)
-            self.img.write_zeroes(off, n)
-            self.model[off : off + n] = bytes(n)
-            self._acknowledged()
-
-        @rule(off=st.integers(0, SIZE - 1), n=st.integers(0, 300 * KiB))
-        def read(self, off, n):
-            n = min(n, SIZE - off)
-            assert self.img.read(off, n) == self.model[off : off + n]
 
         @rule()
         def flush(self):
@@ -84,15 +62,7 @@ def make_machine(path, recorder, cache):
             self.img._crash()
             self.img = fvd.open(path, "r+", cache=cache)
             got = self.img.read(0, SIZE)
-            for i in range(0, SIZE, 4096):
-                new, old, b = (
-                    self.model[i : i + 4096],
-                    self.durable[i : i + 4096],
-                    got[i : i + 4096],
-                )
-                if b != new and b != old:
-                    for j in range(len(b)):
-                        assert b[j] in (new[j], old[j]), f"byte {i + j} from elsewhere"
+            assert_old_or_new(got, self.model, self.durable)
             self.model[:] = got
             self.durable[:] = got
 

@@ -4,7 +4,6 @@ every acknowledged write and zeroing is there after reopen, the one in flight is
 all-or-nothing per sector, and check() is clean. Over a raw base (copy-on-write,
 copy-on-read, prefetch) and without one. FVD_SIGKILL_ROUNDS sets the rounds."""
 
-import json
 import os
 import random
 
@@ -13,46 +12,29 @@ import pytest
 import fvd
 from fvd.units import KiB
 
-from ..helpers import NUNITS, apply_op, check_content, replay_log, run_and_kill
-from ..stress import UNIT, make_base, unit_bytes
+from ..helpers import NUNITS, ChildLog, check_content, replay_with_inflight, run_and_kill
+from ..stress import UNIT, make_base
 
 ROUNDS = int(os.environ.get("FVD_SIGKILL_ROUNDS", "3"))
 
 
 def _child(path, seed, w):
     rng = random.Random(seed)
-    img = fvd.open(path, "r+", cache="writethrough", copy_on_read=rng.random() < 0.5)
-    version = 1
-
-    def say(*rec):
-        os.write(w, (json.dumps(rec) + "\n").encode())
-
+    log = ChildLog(fvd.open(path, "r+", cache="writethrough", copy_on_read=rng.random() < 0.5), w)
     while True:
         r = rng.random()
         if r < 0.65:
             first = rng.randrange(NUNITS)
-            count = rng.randint(1, min(48, NUNITS - first))
-            say("B", "write", first, count, version)
-            img.write(
-                first * UNIT, b"".join(unit_bytes(version + i, first + i) for i in range(count))
-            )
-            version += count
+            log.write(first, rng.randint(1, min(48, NUNITS - first)))
         elif r < 0.8:
             first = rng.randrange(NUNITS)
-            count = rng.randint(1, min(64, NUNITS - first))
-            say("B", "zero", first, count)
-            img.write_zeroes(first * UNIT, count * UNIT)
+            log.zero(first, rng.randint(1, min(64, NUNITS - first)))
         elif r < 0.9:
-            first = rng.randrange(NUNITS)
-            say("B", "read", first)
-            img.read(first * UNIT, UNIT)  # copy-on-read stores (soft bits)
+            log.read(rng.randrange(NUNITS))  # copy-on-read stores (soft bits)
         elif r < 0.97:
-            say("B", "flush")
-            img.flush()
+            log.flush()
         else:
-            say("B", "prefetch")
-            img.prefetch(step=64 * KiB, min_rate=0)
-        say("A")
+            log.prefetch()
 
 
 @pytest.mark.parametrize("with_base", [True, False])
@@ -68,13 +50,9 @@ def test_sigkill_tableless(tmp_path, with_base):
         )
         seed = rng.randrange(1 << 30)
         lines = run_and_kill(_child, rng.uniform(0.05, 0.8), path, seed)
-        lines = [x for x in lines if x[:2] != ["B", "read"]]
-        state, inflight, _ = replay_log(lines)
-        if not with_base:
-            state = [-1 if v == 0 else v for v in state]  # unwritten units read zeros
-        after_state = list(state)
-        if inflight is not None:
-            apply_op(inflight, after_state, {})
+        (state, _), (after_state, _), inflight = replay_with_inflight(lines)
+        if not with_base:  # unwritten units read zeros
+            state, after_state = ([-1 if v == 0 else v for v in x] for x in (state, after_state))
         where = f"round {rnd} seed {seed}, in flight {inflight}"
         with fvd.open(path, "r+") as img:
             legal = [{state[u], after_state[u]} for u in range(NUNITS)]

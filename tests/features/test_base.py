@@ -3,17 +3,23 @@
 import os
 import threading
 
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, rule, run_state_machine_as_test
+from hypothesis.stateful import initialize, rule, run_state_machine_as_test
 
 import fvd
 from fvd.ondisk import format as fmt
 from fvd.units import KiB, MiB
 
-from ..helpers import DurableRecorder, make_raw, pattern, stats_delta
+from ..helpers import (
+    DurableRecorder,
+    assert_old_or_new,
+    image_data_rules,
+    make_raw,
+    pattern,
+    stats_delta,
+)
 
 
 @pytest.fixture
@@ -338,19 +344,8 @@ CHUNK = 128 * KiB
 BASE_SIZE = 700 * KiB + 123
 
 
-def _old_or_new(got, new, old, between=()):
-    """Each byte reads the durable state, the newest one or (writeback: unflushed writes
-    may reach the file in any subset) one of the states acknowledged in between."""
-    g, n, o = (np.frombuffer(bytes(x), dtype=np.uint8) for x in (got, new, old))
-    ok = (g == n) | (g == o)
-    for state in between:
-        ok |= g == np.frombuffer(bytes(state), dtype=np.uint8)
-    bad = np.flatnonzero(~ok)
-    assert not len(bad), f"byte {int(bad[0])} is neither old nor new"
-
-
 def make_base_machine(tmp, recorder, path, cache, base_kind):
-    class BaseMachine(RuleBasedStateMachine):
+    class BaseMachine(image_data_rules(SIZE, max_write=300 * KiB)):
         @initialize(seed=st.integers(0, 1000), cor=st.booleans())
         def setup(self, seed, cor):
             for f in os.listdir(tmp):
@@ -406,27 +401,6 @@ def make_base_machine(tmp, recorder, path, cache, base_kind):
             self.durable[:] = self.model
             self.between = []
 
-        @rule(off=st.integers(0, SIZE - 1), n=st.integers(1, 300 * KiB))
-        def write(self, off, n):
-            n = min(n, SIZE - off)
-            self.seed += 1
-            data = pattern(self.seed, n)
-            self.img.write(off, data)
-            self.model[off : off + n] = data
-            self._ack()
-
-        @rule(off=st.integers(0, SIZE - 1), n=st.integers(1, 400 * KiB))
-        def zeroes(self, off, n):
-            n = min(n, SIZE - off)
-            self.img.write_zeroes(off, n)
-            self.model[off : off + n] = bytes(n)
-            self._ack()
-
-        @rule(off=st.integers(0, SIZE - 1), n=st.integers(0, 300 * KiB))
-        def read(self, off, n):
-            n = min(n, SIZE - off)
-            assert self.img.read(off, n) == self.model[off : off + n]
-
         @rule()
         def flush(self):
             self.img.flush()
@@ -452,7 +426,7 @@ def make_base_machine(tmp, recorder, path, cache, base_kind):
             self.img._crash()
             self.img = fvd.open(path, "r+", cache=cache, copy_on_read=self.cor)
             got = self.img.read(0, SIZE)
-            _old_or_new(got, self.model, self.durable, self.between)
+            assert_old_or_new(got, self.model, self.durable, self.between)
             self.model[:] = got
             self._durable_now()
 
@@ -507,7 +481,7 @@ def make_base_machine(tmp, recorder, path, cache, base_kind):
             self.img._crash()
             self.img = fvd.open(path, "r+", cache=cache, copy_on_read=self.cor)
             got = self.img.read(0, SIZE)
-            _old_or_new(got, self.model, self.durable, self.between)
+            assert_old_or_new(got, self.model, self.durable, self.between)
             self.model[:] = got
             self._durable_now()
 

@@ -9,61 +9,38 @@ FVD_GRANULAR_SIGKILL_ROUNDS sets the rounds (default 2); a soak:
     FVD_GRANULAR_SIGKILL_ROUNDS=200 python -m pytest -q tests/features/test_granular_sigkill.py
 """
 
-import json
 import os
 import random
 
 import fvd
 from fvd.units import KiB
 
-from ..helpers import apply_op as _apply
-from ..helpers import assert_recovered, run_and_kill
-from ..helpers import replay_log as _replay
+from ..helpers import NUNITS, ChildLog, assert_recovered, replay_with_inflight, run_and_kill
 from ..stress import UNIT, unit_bytes
 
 ROUNDS = int(os.environ.get("FVD_GRANULAR_SIGKILL_ROUNDS", "2"))
-NUNITS = 1024  # 4 MiB image, 64 KiB chunks, 4 KiB granules
 
 
 def _child(path, seed, w):
     rng = random.Random(seed)
-    img = fvd.open(path, "r+", cache="writethrough")
-    snaps, k, version = ["s-initial"], 0, 1
-
-    def say(*rec):
-        os.write(w, (json.dumps(rec) + "\n").encode())
-
+    log = ChildLog(fvd.open(path, "r+", cache="writethrough"), w)
+    snaps, k = ["s-initial"], 0
     while True:
         r = rng.random()
         if r < 0.7:
             first = rng.randrange(NUNITS)
-            count = rng.choice([1, 1, 1, 2, 3, 16, 40])
-            count = min(count, NUNITS - first)
-            say("B", "write", first, count, version)
-            img.write(
-                first * UNIT, b"".join(unit_bytes(version + i, first + i) for i in range(count))
-            )
-            version += count
+            log.write(first, min(rng.choice([1, 1, 1, 2, 3, 16, 40]), NUNITS - first))
         elif r < 0.76:
             first = rng.randrange(NUNITS)
-            count = min(rng.randint(1, 40), NUNITS - first)
-            say("B", "zero", first, count)
-            img.write_zeroes(first * UNIT, count * UNIT)
+            log.zero(first, min(rng.randint(1, 40), NUNITS - first))
         elif r < 0.86:
-            name = f"s{k}"
+            snaps.append(f"s{k}")
             k += 1
-            say("B", "create", name)
-            img.create_snapshot(name)
-            snaps.append(name)
+            log.create(snaps[-1])
         elif r < 0.92 and snaps:
-            name = snaps.pop(rng.randrange(len(snaps)))
-            say("B", "delete", name)
-            img.delete_snapshot(name)
+            log.delete(snaps.pop(rng.randrange(len(snaps))))
         elif snaps:
-            name = rng.choice(snaps)
-            say("B", "revert", name)
-            img.revert_to_snapshot(name)
-        say("A")
+            log.revert(rng.choice(snaps))
 
 
 def test_sigkill_granular_copy_on_write(tmp_path):
@@ -77,14 +54,13 @@ def test_sigkill_granular_copy_on_write(tmp_path):
         seed = rng.randrange(1 << 30)
         lines = run_and_kill(_child, rng.uniform(0.05, 0.8), path, seed)
         # the initial snapshot, taken before the child started, as its first operation
-        state, inflight, snaps = _replay([["B", "create", "s-initial"], ["A"]] + lines)
-        after_state, after_snaps = list(state), dict(snaps)
-        if inflight is not None:
-            _apply(inflight, after_state, after_snaps)
+        before, after, inflight = replay_with_inflight(
+            [["B", "create", "s-initial"], ["A"]] + lines
+        )
         where = f"round {rnd} seed {seed}, in flight {inflight}"
         try:
             img = fvd.open(path, "r+")
         except fvd.FvdError as e:
             raise AssertionError(f"{where}: {e}") from e
         with img:
-            assert_recovered(img, (state, snaps), (after_state, after_snaps), where)
+            assert_recovered(img, before, after, where)
