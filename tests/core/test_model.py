@@ -31,22 +31,29 @@ def make_machine(path, recorder, cache):
             self.img = fvd.open(path, "r+", cache=cache)
             self.model = bytearray(SIZE)  # what reads must return now
             self.durable = bytearray(SIZE)  # what survives a power cut
+            self.between = []  # writeback: states acknowledged since the last flush
             self.seed = 0
 
         def _ack(self):
             if cache == "writethrough":
                 self.durable[:] = self.model
+            else:
+                self.between.append(bytes(self.model))
+
+        def _durable_now(self):
+            self.durable[:] = self.model
+            self.between = []
 
         @rule()
         def flush(self):
             self.img.flush()
-            self.durable[:] = self.model
+            self._durable_now()
 
         @rule()
         def reopen(self):
             self.img.close()
             self.img = fvd.open(path, "r+", cache=cache)
-            self.durable[:] = self.model
+            self._durable_now()
 
         @rule()
         def power_cut(self):
@@ -56,15 +63,17 @@ def make_machine(path, recorder, cache):
             got = self.img.read(0, SIZE)
             assert got == self.durable
             self.model[:] = self.durable
+            self.between = []
 
         @rule()
         def process_crash(self):
             self.img._crash()
             self.img = fvd.open(path, "r+", cache=cache)
             got = self.img.read(0, SIZE)
-            assert_old_or_new(got, self.model, self.durable)
+            # writeback: any unflushed write may have reached the file, in any subset
+            assert_old_or_new(got, self.model, self.durable, self.between)
             self.model[:] = got
-            self.durable[:] = got
+            self._durable_now()
 
         def teardown(self):
             if hasattr(self, "img"):
