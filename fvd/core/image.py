@@ -42,6 +42,7 @@ from fvd.errors import (
     io_error,
 )
 from fvd.fileio import (
+    BackingPolicy,
     file_size,
     full_pwrite,
     is_block_device,
@@ -148,7 +149,11 @@ class ImageCore:
         self._journal_broken = False  # a journal write failed: commit by checkpoint next
         self.size = self.chunk_size = self.block_size = self.nchunks = 0
         self.tableless = False  # fvd.core.tableless: no lookup table, identity mapping
-        self.header: dict[str, Any] = {}
+        self.header = fmt.ImageHeader()
+        # run-time facts of a base image (fvd.features.base): where the header's base
+        # name resolved to, and the policy that admitted it (snapshot views open it later)
+        self.base_path: Optional[str] = None
+        self.backing_policy: Optional[BackingPolicy] = None
         self.table: np.ndarray = np.zeros(0, dtype=np.uint32)
 
     # ----- open -----------------------------------------------------------------
@@ -178,32 +183,32 @@ class ImageCore:
         self.stats.metadata_bytes_read += len(raw)
         self.header = fmt.parse_header(raw, self.path, file_size)
         h = self.header
-        if not self.read_only and h["journal_epoch"] >= fmt.MAX_WRITABLE_EPOCH:
+        if not self.read_only and h.journal_epoch >= fmt.MAX_WRITABLE_EPOCH:
             raise CorruptImageError(
                 self.path,
                 fmt.FIELD_OFFSET["journal_epoch"],
-                f"journal epoch {h['journal_epoch']} is too large for a "
+                f"journal epoch {h.journal_epoch} is too large for a "
                 f"read-write open (limit {fmt.MAX_WRITABLE_EPOCH - 1})",
             )
-        self.size = h["virtual_size"]
-        self.chunk_size = h["chunk_size"]
-        self.block_size = h["block_size"]
+        self.size = self.header.virtual_size
+        self.chunk_size = self.header.chunk_size
+        self.block_size = self.header.block_size
         self.nchunks = -(-self.size // self.chunk_size)
-        self.tableless = fmt.is_tableless(h)
+        self.tableless = fmt.is_tableless(self.header)
         self.relocate = set()  # check mode: virtual chunks repair copies to a new chunk
         self.lost = 0  # check mode: chunks past the end of the file
         self.table = self._read_table(file_size)
         self._reserved = np.zeros(-(-self.nchunks // (sparse_table.RESERVE // 4)), dtype=bool)
         self.frozen = np.zeros(0, dtype=np.uint8)
         self._load_features(chain, copy_on_read)
-        replayed = self._replay(file_size) if not h["clean_shutdown"] else 0
+        replayed = self._replay(file_size) if not self.header.clean_shutdown else 0
         self._validate_table(file_size)
         self.chunk_map = self.impl.ChunkMap(
             self.fd,
             self.table,
             self.frozen,
             self.chunk_size,
-            h["data_offset"],
+            self.header.data_offset,
             self.size,
             self.stats,
         )
@@ -213,20 +218,26 @@ class ImageCore:
         if self.partial is not None:
             self.partial.install(self.chunk_map, lambda: self.allocator.quiesce(time.sleep))
         self.journal = Journal(
-            self.fd, h["journal_offset"], h["journal_size"], h["journal_epoch"], self.stats
+            self.fd,
+            self.header.journal_offset,
+            self.header.journal_size,
+            self.header.journal_epoch,
+            self.stats,
         )
         self.allocator = self._new_allocator(file_size)
         if self.read_only:
             return
-        if h["image_uuid"] == fmt.NO_UUID:
-            h["image_uuid"] = fmt.new_image_uuid()  # an older image: the header below keeps it
+        if self.header.image_uuid == fmt.NO_UUID:
+            self.header = self.header.replace(
+                image_uuid=fmt.new_image_uuid()
+            )  # an older image: the header below keeps it
         if self.for_check:
             # repair decides what to write; nothing is scrubbed before it looked
             self.write_header(clean_shutdown=0)
             self.sync()
-            self.dirty_since_checkpoint = bool(replayed or not h["clean_shutdown"])
+            self.dirty_since_checkpoint = bool(replayed or not self.header.clean_shutdown)
         else:
-            self._start_writing(replayed or not h["clean_shutdown"])
+            self._start_writing(replayed or not self.header.clean_shutdown)
 
     def file_size(self):
         """The image file's size; a block device's size (its st_size is 0)."""
@@ -247,7 +258,7 @@ class ImageCore:
         )
 
     def device_chunks(self, size):
-        return max(0, (size - self.header["data_offset"]) // self.chunk_size)
+        return max(0, (size - self.header.data_offset) // self.chunk_size)
 
     def refresh_device_size(self):
         """A grown block device (losetup -c, lvextend): more chunks may be allocated."""
@@ -280,19 +291,18 @@ class ImageCore:
         return data
 
     def _read_table(self, file_size):
-        h = self.header
         if self.tableless:
             return tableless.identity_table(self.nchunks)
-        if sparse_table.is_sparse(h):
+        if sparse_table.is_sparse(self.header):
             table, crc = tablestore.load(
-                self, h["table_offset"], self.nchunks, bool(h["clean_shutdown"])
+                self, self.header.table_offset, self.nchunks, bool(self.header.clean_shutdown)
             )
         else:
-            raw = self.read_meta(h["table_offset"], 4 * self.nchunks)
+            raw = self.read_meta(self.header.table_offset, 4 * self.nchunks)
             table = np.frombuffer(raw, dtype=fmt.TABLE_DTYPE).astype(np.uint32)
-            crc = zlib.crc32(raw) if h["clean_shutdown"] else 0
-        if h["clean_shutdown"] and crc != h["table_crc"]:
-            self.problem(h["table_offset"], "lookup table checksum mismatch")
+            crc = zlib.crc32(raw) if self.header.clean_shutdown else 0
+        if self.header.clean_shutdown and crc != self.header.table_crc:
+            self.problem(self.header.table_offset, "lookup table checksum mismatch")
         return table
 
     def problem(self, offset, what, count=1):
@@ -309,8 +319,8 @@ class ImageCore:
         if self.tableless:
             return  # the identity, built at open
         t = self.table
-        toff = self.header["table_offset"]
-        data_offset = self.header["data_offset"]
+        toff = self.header.table_offset
+        data_offset = self.header.data_offset
         max_valid = max(0, -(-(file_size - data_offset) // self.chunk_size))
         # one pass over the table; the rest works on the allocated entries only (few in
         # a sparse 16 TiB image)
@@ -370,12 +380,15 @@ class ImageCore:
 
     def _replay(self, file_size):
         """Apply the journal's committed transactions to the in-memory table and bitmap."""
-        h = self.header
         count = 0
         txs = []
         try:
             for tx in read_transactions(
-                self.fd, self.path, h["journal_offset"], h["journal_size"], h["journal_epoch"]
+                self.fd,
+                self.path,
+                self.header.journal_offset,
+                self.header.journal_size,
+                self.header.journal_epoch,
             ):
                 txs.append(tx)
         except CorruptImageError as e:
@@ -392,12 +405,12 @@ class ImageCore:
     def _bad_record(self, what):
         """A journal record that no writer produces: refuse (check mode: drop its
         transaction)."""
-        self.problem(self.header["journal_offset"], what)
+        self.problem(self.header.journal_offset, what)
         return False
 
     def _apply_transaction(self, tx, file_size, last=True):
         h = self.header
-        data_offset, cs = h["data_offset"], self.chunk_size
+        data_offset, cs = h.data_offset, self.chunk_size
         data_end = data_offset + fmt.MAX_PHYS_CHUNKS * cs
         if self.tableless:
             data_end = tableless.data_end(h)
@@ -478,7 +491,7 @@ class ImageCore:
         free = sorted(self.allocator.free)
         for first, count in index_runs(free):
             self.punch_chunks(first, count)
-        truncate_tail(self.fd, self.header["data_offset"] + self.allocator.end * self.chunk_size)
+        truncate_tail(self.fd, self.header.data_offset + self.allocator.end * self.chunk_size)
 
     # ----- metadata writes ------------------------------------------------------
     def write_meta(self, offset, data):
@@ -493,29 +506,36 @@ class ImageCore:
         self.stats.flushes += 1
 
     def write_header(self, **changes):
-        h = self.header
-        h.update(changes)
+        self.header = self.header.replace(**changes)
         # Partial chunks may exist (or appear without another header write): refuse older
         # readers. Snapshots alone make first writes into held chunks partial.
         if self.partial is not None and (
             self.partial.active
-            or h["partial_map_offset"]
-            or h["incompatible_features"] & fmt.INCOMPAT_SNAPSHOTS
+            or self.header.partial_map_offset
+            or self.header.incompatible_features & fmt.INCOMPAT_SNAPSHOTS
         ):
-            h["incompatible_features"] |= fmt.INCOMPAT_PARTIAL
+            self.header = self.header.replace(
+                incompatible_features=self.header.incompatible_features | fmt.INCOMPAT_PARTIAL
+            )
         else:
-            h["incompatible_features"] &= ~fmt.INCOMPAT_PARTIAL
+            self.header = self.header.replace(
+                incompatible_features=self.header.incompatible_features & ~fmt.INCOMPAT_PARTIAL
+            )
         # provenance: in the partial map, or in granule records (bit 3 with them; the
         # snapshot commits keep bit 4 while records may have it)
         if self.partial is not None and self.partial.map_provenance:
-            h["incompatible_features"] |= fmt.INCOMPAT_PROVENANCE
-        elif not h["incompatible_features"] & fmt.INCOMPAT_SNAPSHOT_PARTIAL:
-            h["incompatible_features"] &= ~fmt.INCOMPAT_PROVENANCE
+            self.header = self.header.replace(
+                incompatible_features=self.header.incompatible_features | fmt.INCOMPAT_PROVENANCE
+            )
+        elif not self.header.incompatible_features & fmt.INCOMPAT_SNAPSHOT_PARTIAL:
+            self.header = self.header.replace(
+                incompatible_features=self.header.incompatible_features & ~fmt.INCOMPAT_PROVENANCE
+            )
         self.write_meta(0, fmt.build_header(self.header))
 
     def punch_range(self, offset, length):
         """Guest range [offset, offset+length) of a table-less image reads as zeros."""
-        punch_hole(self.fd, self.header["data_offset"] + offset, length)
+        punch_hole(self.fd, self.header.data_offset + offset, length)
 
     def reserve_table(self, first, stop):
         """Entries [first, stop) of a sparse table are about to be set: give their
@@ -526,11 +546,11 @@ class ImageCore:
         page = sparse_table.RESERVE // 4
         todo = np.flatnonzero(~self._reserved[first // page : (stop - 1) // page + 1])
         for i in (todo + first // page).tolist():
-            fileio.reserve(self.fd, self.header["table_offset"] + i * page * 4, page * 4)
+            fileio.reserve(self.fd, self.header.table_offset + i * page * 4, page * 4)
             self._reserved[i] = True
 
     def punch_chunks(self, first, count):
-        off = self.header["data_offset"] + first * self.chunk_size
+        off = self.header.data_offset + first * self.chunk_size
         punch_hole(self.fd, off, count * self.chunk_size)
 
     def checkpoint(self, clean):
@@ -549,7 +569,7 @@ class ImageCore:
             clean
             and self.dirty_since_checkpoint
             and self.partial is not None
-            and (self.partial.active or h["partial_map_offset"])
+            and (self.partial.active or h.partial_map_offset)
         ):
             # the partial map moves and its old chunks are punched after the header: do
             # that under a header marked unclean, so a crash there opens with a scrub
@@ -558,22 +578,24 @@ class ImageCore:
         if self.dirty_since_checkpoint:
             if self.tableless:
                 pass  # no table: nothing to write
-            elif sparse_table.is_sparse(h):
-                h["table_crc"] = tablestore.store(self, h["table_offset"], self.table)
+            elif sparse_table.is_sparse(self.header):
+                self.header = self.header.replace(
+                    table_crc=tablestore.store(self, self.header.table_offset, self.table)
+                )
             else:
                 table = self.table.astype(fmt.TABLE_DTYPE).tobytes()
-                self.write_meta(h["table_offset"], table)
-                h["table_crc"] = zlib.crc32(table)
+                self.write_meta(self.header.table_offset, table)
+                self.header = self.header.replace(table_crc=zlib.crc32(table))
             if self.bitmap is not None:
-                h["bitmap_crc"] = self.bitmap.write(self)
+                self.header = self.header.replace(bitmap_crc=self.bitmap.write(self))
             if self.partial is not None:
                 self.partial.write_map(self)
             self.sync()
-        self.write_header(journal_epoch=h["journal_epoch"] + 1, clean_shutdown=int(clean))
+        self.write_header(journal_epoch=self.header.journal_epoch + 1, clean_shutdown=int(clean))
         self.sync()
         if self.partial is not None:
             self.partial.after_checkpoint(self)
-        self.journal.restart(h["journal_epoch"])
+        self.journal.restart(self.header.journal_epoch)
         self.dirty_since_checkpoint = False
 
     def commit_metadata(self, records, publish=None):
@@ -645,7 +667,7 @@ class ImageCore:
         if not indexes:
             return
         self.allocator.abandon(indexes)
-        end = self.header["data_offset"] + self.allocator.end * self.chunk_size
+        end = self.header.data_offset + self.allocator.end * self.chunk_size
         try:
             if not self.allocator.retired:
                 truncate_tail(self.fd, end)
@@ -730,7 +752,7 @@ class ImageCore:
     def _host_ranges(self, offset, length, plan=None):
         """Host byte ranges of the allocated chunks under a virtual range (`plan`: chunk
         -> entry changes not yet in the table)."""
-        cs, d = self.chunk_size, self.header["data_offset"]
+        cs, d = self.chunk_size, self.header.data_offset
         pos, end = max(offset, 0), min(offset + length, self.size)
         while pos < end:
             v = pos // cs
@@ -803,7 +825,7 @@ class ImageCore:
         e = plan.get(v)
         if e is None:
             e = int(self.table[v])
-        return self.header["data_offset"] + e * cs + pos % cs
+        return self.header.data_offset + e * cs + pos % cs
 
     def write_planned(self, offset, mv, plan):
         """Write `mv` at virtual `offset` through the table with `plan` applied: one data

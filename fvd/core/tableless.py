@@ -52,7 +52,7 @@ def identity_table(nchunks: int) -> np.ndarray:
 
 def data_end(header: dict[str, Any]) -> int:
     """End of a table-less image's data area: the host file's size."""
-    return int(header["data_offset"]) + int(header["virtual_size"])
+    return int(header.data_offset) + int(header.virtual_size)
 
 
 def refuse(path: str, what: str) -> TablelessError:

@@ -200,16 +200,16 @@ def attach_base(img, chain, copy_on_read, policy, skip=False):
     """Open hook: bitmap always; the base itself unless prefetch finished (or `skip`:
     header facts only, nothing of the base opened)."""
     h = img.header
-    name = os.fsdecode(img.read_meta(h["base_name_offset"], h["base_name_size"]))
+    name = os.fsdecode(img.read_meta(h.base_name_offset, h.base_name_size))
     resolved = resolve_relative(img.path, name)
-    h["_base_path"] = resolved
-    h["_backing_policy"] = policy  # snapshot views open the base later (after prefetch)
-    raw = img.read_meta(h["bitmap_offset"], h["bitmap_size"])
-    if h["clean_shutdown"] and zlib.crc32(raw) != h["bitmap_crc"]:
-        img.problem(h["bitmap_offset"], "base bitmap checksum mismatch")
-    nblocks = -(-h["base_size"] // img.block_size)
-    img.bitmap = Bitmap(raw, nblocks, h["bitmap_offset"])
-    if h["base_flags"] & fmt.BASE_FLAG_PREFETCHED or skip:
+    img.base_path = resolved
+    img.backing_policy = policy  # snapshot views open the base later (after prefetch)
+    raw = img.read_meta(img.header.bitmap_offset, img.header.bitmap_size)
+    if img.header.clean_shutdown and zlib.crc32(raw) != img.header.bitmap_crc:
+        img.problem(img.header.bitmap_offset, "base bitmap checksum mismatch")
+    nblocks = -(-img.header.base_size // img.block_size)
+    img.bitmap = Bitmap(raw, nblocks, img.header.bitmap_offset)
+    if img.header.base_flags & fmt.BASE_FLAG_PREFETCHED or skip:
         return
     try:
         _attach_backend(img, chain, copy_on_read, resolved, policy)
@@ -220,16 +220,16 @@ def attach_base(img, chain, copy_on_read, policy, skip=False):
 
 
 def _attach_backend(img, chain, copy_on_read, resolved, policy):
-    h = img.header
     policy.admit(img.path, resolved)
     if not is_nbd_uri(resolved) and not os.path.lexists(resolved):
         raise BaseImageError(f"{resolved}: base image of {img.path} does not exist")
     chain = tuple(chain) + (os.path.realpath(img.path),)
-    backend = _open_backend(img.path, resolved, h["base_format"], chain, policy)
-    if backend.size != h["base_size"]:
+    backend = _open_backend(img.path, resolved, img.header.base_format, chain, policy)
+    if backend.size != img.header.base_size:
         backend.close()
         raise BaseImageError(
-            f"{resolved}: base image size changed from {h['base_size']} to {backend.size} bytes"
+            f"{resolved}: base image size changed from {img.header.base_size} "
+            f"to {backend.size} bytes"
         )
     img.base_layer = BaseLayer(img, backend, resolved, copy_on_read and not img.read_only)
 
@@ -243,7 +243,7 @@ class BaseLayer:
         self.copy_on_read = copy_on_read
         self.bs = img.block_size
         self.bitmap = img.bitmap
-        self.base_size = img.header["base_size"]
+        self.base_size = img.header.base_size
         self.bend = min(self.base_size, img.size)  # bytes below this may be in the base
         # reads served whole by the compiled fast path (ChunkMap.readinto)
         self.fast_read = isinstance(backend, RawBase) and not copy_on_read

@@ -337,7 +337,7 @@ class PartialState:
         ):
             img.problem(where, "partial map magic, granule size, flags or length mismatch")
             return
-        trust = sections == 2 and img.header["clean_shutdown"] == 1
+        trust = sections == 2 and img.header.clean_shutdown == 1
         prov = MAP_HEAD.size + count * esize  # the provenance entry of entry 0
         pos = MAP_HEAD.size
         for _ in range(count):
@@ -364,7 +364,7 @@ class PartialState:
     def write_map(self, img):
         """Checkpoint: the map goes to new chunks (the header write commits it)."""
         h = img.header
-        if not self.active and not h["partial_map_offset"]:
+        if not self.active and not h.partial_map_offset:
             return
         self.old_run = self.map_run
         if self.active:
@@ -373,10 +373,10 @@ class PartialState:
             n = -(-len(raw) // self.chunk_size)
             first = img.allocator.allocate_run(n)
             img.grow_frozen(first + n)
-            off = h["data_offset"] + first * self.chunk_size
+            off = img.header.data_offset + first * self.chunk_size
             img.write_meta(off, raw)
             self.map_run = (first, n)
-            h.update(
+            img.header = img.header.replace(
                 partial_map_offset=off,
                 partial_map_size=len(raw),
                 partial_map_crc=zlib.crc32(raw),
@@ -385,7 +385,9 @@ class PartialState:
         else:
             self.map_run = (0, 0)
             self.map_provenance = False
-            h.update(partial_map_offset=0, partial_map_size=0, partial_map_crc=0)
+            img.header = img.header.replace(
+                partial_map_offset=0, partial_map_size=0, partial_map_crc=0
+            )
 
     def after_checkpoint(self, img):
         a, n = self.old_run
@@ -403,8 +405,8 @@ class PartialState:
         seen = {}
         mapped = {int(x) for x in t[t < fmt.ZERO_CHUNK]}
         h = img.header
-        where = h["partial_map_offset"]
-        nphys = -(-(file_size(img.fd) - h["data_offset"]) // self.chunk_size)
+        where = h.partial_map_offset
+        nphys = -(-(file_size(img.fd) - img.header.data_offset) // self.chunk_size)
         for v, k in self.entries():
             s = int(self.src[k])
             e = int(t[v])
@@ -489,7 +491,7 @@ class PartialState:
 
     def _read_src(self, img, source, lo, hi):
         buf = bytearray(hi - lo)
-        img.chunk_map.pread_host(img.header["data_offset"] + source * self.chunk_size + lo, buf)
+        img.chunk_map.pread_host(img.header.data_offset + source * self.chunk_size + lo, buf)
         return buf
 
     def _edges(self, img, source, w0, w1, g0, g1, need_head, need_tail):
@@ -510,7 +512,7 @@ class PartialState:
     def _put(self, img, chunk, lo, pieces, records):
         """One data write of pieces at chunk-relative lo; DATA_CRC in writethrough (replay
         must not trust the records if these bytes did not reach the disk)."""
-        host = img.header["data_offset"] + chunk * self.chunk_size + lo
+        host = img.header.data_offset + chunk * self.chunk_size + lo
         img.chunk_map.pwritev(host, [p for p in pieces if len(p)])
         if img.writethrough:
             crc, n = 0, 0
@@ -546,7 +548,7 @@ class PartialState:
         fl = self.flags(k)
         if fl[g0:g1].all():
             self.uncarry(k, g0, g1)  # before the bytes change: never a stale provenance
-            img.chunk_map.pwritev(img.header["data_offset"] + chunk * self.chunk_size + w0, [piece])
+            img.chunk_map.pwritev(img.header.data_offset + chunk * self.chunk_size + w0, [piece])
             return
         source = int(self.src[k])
         gs = self.gsize
@@ -628,7 +630,7 @@ class PartialState:
         """Chunk-relative [lo, hi) of the source into the chunk: the source's data runs are
         copied, its holes punched (a sparse guest disk costs no data writes there; the
         punch also clears whatever a torn write left under clear bits)."""
-        d, cs = img.header["data_offset"], self.chunk_size
+        d, cs = img.header.data_offset, self.chunk_size
         src, dst = d + source * cs, d + chunk * cs
         for a, b, is_data in data_runs(img.fd, src + lo, src + hi):
             if is_data:
@@ -788,21 +790,19 @@ def check_record_table(chunks, sources, rows, table, path, offset, nphys=fmt.MAX
 def attach_partial(img):
     """Open hook for images without a base: the partial map, if the header has one."""
     h = img.header
-    st = PartialState(
-        img.nchunks, img.chunk_size, img.size, h["granule_size"] or fmt.DEFAULT_GRANULE
-    )
+    st = PartialState(img.nchunks, img.chunk_size, img.size, h.granule_size or fmt.DEFAULT_GRANULE)
     img.partial = st
-    off, size = h["partial_map_offset"], h["partial_map_size"]
+    off, size = img.header.partial_map_offset, img.header.partial_map_size
     if not off:
         return
     raw = img.read_meta(off, size)
-    if zlib.crc32(raw) != h["partial_map_crc"]:
+    if zlib.crc32(raw) != img.header.partial_map_crc:
         img.problem(off, "partial map checksum mismatch")
         return
     if size < MAP_HEAD.size:
         img.problem(off, "partial map too short")
         return
-    cs, d = img.chunk_size, h["data_offset"]
+    cs, d = img.chunk_size, img.header.data_offset
     st.map_run = ((off - d) // cs, -(-size // cs))
     st.map_provenance = bool(raw[12] & MAP_FLAG_PROVENANCE)
     st.load(img, raw, off)

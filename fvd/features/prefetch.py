@@ -109,9 +109,9 @@ def prefetch(
     img.check_writable()
     h = img.header
     layer = img.base_layer
-    if h["base_format"] == fmt.BASE_NONE or layer is None:
+    if h.base_format == fmt.BASE_NONE or layer is None:
         if progress is not None:
-            total = min(h["base_size"], img.size)
+            total = min(h.base_size, img.size)
             progress(total, total)
         return 0
     bs = img.block_size
@@ -213,7 +213,7 @@ def _finish(img, layer, nb):
         if img.snapshot_state is not None and img.snapshot_state.entries:
             if snapshots_need_base(img):
                 return  # the front is complete, but a snapshot still reads the base
-        img.write_header(base_flags=img.header["base_flags"] | fmt.BASE_FLAG_PREFETCHED)
+        img.write_header(base_flags=img.header.base_flags | fmt.BASE_FLAG_PREFETCHED)
         img.sync()
         img.base_layer = None
         layer.close()

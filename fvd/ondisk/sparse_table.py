@@ -20,7 +20,7 @@ _CRC_POLY = 0xEDB88320
 
 
 def is_sparse(header: dict[str, Any]) -> bool:
-    return bool(header["incompatible_features"] & INCOMPAT_SPARSE_TABLE)
+    return bool(header.incompatible_features & INCOMPAT_SPARSE_TABLE)
 
 
 def encode(table: np.ndarray, sparse: bool) -> np.ndarray:
