@@ -156,7 +156,7 @@ def bit_mask(entry: Any, name: str) -> int:
     for sc in inner.subcons:
         width = sc.sizeof()  # in bits, inside a BitStruct
         if sc.name == name:
-            return ((1 << width) - 1) << (total - pos - width)
+            return int(((1 << width) - 1) << (total - pos - width))
         pos += width
     raise KeyError(f"no bit field {name!r}")
 
@@ -168,4 +168,4 @@ def dtype_of(field: Any) -> str:
         return f">u{field.sizeof()}"
     if not isinstance(field, FormatField):
         raise TypeError(f"{field!r} is not an integer field")
-    return field.fmtstr[0] + _NUMPY[field.fmtstr[1:]]
+    return str(field.fmtstr[0]) + _NUMPY[field.fmtstr[1:]]
