@@ -205,6 +205,10 @@ class SnapshotState:
         return mask
 
     # ----- hooks from Image -----------------------------------------------------------
+    def has_snapshots(self) -> bool:
+        """True while the image holds a snapshot (fvd.core.hooks.SnapshotHook)."""
+        return bool(self.entries)
+
     def mark_used(self, used):
         img = self.img
         rc = self.refcount

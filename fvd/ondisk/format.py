@@ -291,7 +291,12 @@ def _validate_partial_map(h: ImageHeader, need: Need, file_size: int) -> None:
     need((po == 0) == (ps == 0), "partial_map_offset", "partial map offset and size disagree")
     need(
         po == 0
-        or (po >= h.data_offset and (po - h.data_offset) % cs == 0 and po + ps <= file_size and gs > 0),
+        or (
+            po >= h.data_offset
+            and (po - h.data_offset) % cs == 0
+            and po + ps <= file_size
+            and gs > 0
+        ),
         "partial_map_offset",
         f"partial map [{po}, {po + ps}) is outside the data area or the file ({file_size} bytes)",
     )
