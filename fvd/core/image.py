@@ -25,7 +25,6 @@ import numpy.typing as npt
 from fvd import _impl, fileio
 from fvd.core import tableless, tablestore
 from fvd.core.allocator import ChunkAllocator, front_usage
-from fvd.core.bitmap import Bitmap
 from fvd.core.hooks import Attach, BaseHook, Mask, PartialHook, SnapshotHook, Table
 from fvd.core.journal import (
     REC_BITMAP,
