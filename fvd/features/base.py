@@ -618,7 +618,7 @@ def marked_unallocated(
     nch = -(-nblocks // per)
     padded = np.zeros(nch * per, dtype=bool)
     padded[:nblocks] = get_bits(bits, 0, nblocks)
-    marked: npt.NDArray[np.bool_] = padded.reshape(nch, per).any(axis=1)
+    marked = np.asarray(padded.reshape(nch, per).any(axis=1))
     unalloc = table[:nch] == fmt.UNALLOCATED
     return np.flatnonzero(marked[: len(unalloc)] & unalloc)
 

@@ -165,6 +165,8 @@ def prefetch(
 def _base_holes(layer: BaseLayer, bend: int) -> Holes:
     """Sorted (start, end) ranges below `bend` where the base reads zeros (a raw base's
     holes, an image base's zero extents): prefetch never reads them."""
+    if layer.backend is None:
+        return []
     try:
         return [(x.start, x.start + x.length) for x in layer.backend.extents(0, bend) if x.zero]
     except (OSError, NotImplementedError):
