@@ -25,6 +25,7 @@ import numpy.typing as npt
 from fvd import _impl, fileio
 from fvd.core import tableless, tablestore
 from fvd.core.allocator import ChunkAllocator, front_usage
+from fvd.core.bitmap import Bitmap
 from fvd.core.hooks import Attach, BaseHook, Mask, PartialHook, SnapshotHook, Table
 from fvd.core.journal import (
     REC_BITMAP,
@@ -145,7 +146,7 @@ class ImageCore:
         self.crc_guard: Any = None  # see crc_guard() and _seal_overlapping
         self.base_layer: Optional[BaseHook] = None
         self.snapshot_state: Optional[SnapshotHook] = None
-        self.bitmap: Any = None
+        self.bitmap: Optional[Bitmap] = None  # of a base image (fvd.features.base)
         self.partial: Optional[PartialHook] = (
             None  # fvd.features.granular.PartialState (images without a base)
         )
@@ -187,23 +188,7 @@ class ImageCore:
 
     def _load(self, chain: tuple[str, ...], copy_on_read: bool) -> None:
         file_size = self.file_size()
-        raw = os.pread(self.fd, fmt.HEADER_SIZE, 0)
-        self.stats.metadata_reads += 1
-        self.stats.metadata_bytes_read += len(raw)
-        self.header = fmt.parse_header(raw, self.path, file_size)
-        h = self.header
-        if not self.read_only and h.journal_epoch >= fmt.MAX_WRITABLE_EPOCH:
-            raise CorruptImageError(
-                self.path,
-                fmt.FIELD_OFFSET["journal_epoch"],
-                f"journal epoch {h.journal_epoch} is too large for a "
-                f"read-write open (limit {fmt.MAX_WRITABLE_EPOCH - 1})",
-            )
-        self.size = self.header.virtual_size
-        self.chunk_size = self.header.chunk_size
-        self.block_size = self.header.block_size
-        self.nchunks = -(-self.size // self.chunk_size)
-        self.tableless = fmt.is_tableless(self.header)
+        self._read_header(file_size)
         self.relocate: set[int] = set()  # check mode: virtual chunks repair copies to a new chunk
         self.lost = 0  # check mode: chunks past the end of the file
         self.table = self._read_table(file_size)
@@ -212,6 +197,39 @@ class ImageCore:
         self._load_features(chain, copy_on_read)
         replayed = self._replay(file_size) if not self.header.clean_shutdown else 0
         self._validate_table(file_size)
+        self._install_map()
+        self.journal = Journal(
+            self.fd,
+            self.header.journal_offset,
+            self.header.journal_size,
+            self.header.journal_epoch,
+            self.stats,
+        )
+        self.allocator = self._new_allocator(file_size)
+        if not self.read_only:
+            self._claim(replayed)
+
+    def _read_header(self, file_size: int) -> None:
+        """The header, validated, and the geometry it gives."""
+        raw = os.pread(self.fd, fmt.HEADER_SIZE, 0)
+        self.stats.metadata_reads += 1
+        self.stats.metadata_bytes_read += len(raw)
+        h = self.header = fmt.parse_header(raw, self.path, file_size)
+        if not self.read_only and h.journal_epoch >= fmt.MAX_WRITABLE_EPOCH:
+            raise CorruptImageError(
+                self.path,
+                fmt.FIELD_OFFSET["journal_epoch"],
+                f"journal epoch {h.journal_epoch} is too large for a "
+                f"read-write open (limit {fmt.MAX_WRITABLE_EPOCH - 1})",
+            )
+        self.size = h.virtual_size
+        self.chunk_size = h.chunk_size
+        self.block_size = h.block_size
+        self.nchunks = -(-self.size // self.chunk_size)
+        self.tableless = fmt.is_tableless(h)
+
+    def _install_map(self) -> None:
+        """The fast path's chunk map over the table, with the features' views on it."""
         self.chunk_map = self.impl.ChunkMap(
             self.fd,
             self.table,
@@ -226,20 +244,12 @@ class ImageCore:
             self.base_layer.attach_map()
         if self.partial is not None:
             self.partial.install(self.chunk_map, lambda: self.allocator.quiesce(time.sleep))
-        self.journal = Journal(
-            self.fd,
-            self.header.journal_offset,
-            self.header.journal_size,
-            self.header.journal_epoch,
-            self.stats,
-        )
-        self.allocator = self._new_allocator(file_size)
-        if self.read_only:
-            return
+
+    def _claim(self, replayed: int) -> None:
+        """A read-write open marks the image in use (check mode: before repair looks)."""
         if self.header.image_uuid == fmt.NO_UUID:
-            self.header = self.header.replace(
-                image_uuid=fmt.new_image_uuid()
-            )  # an older image: the header below keeps it
+            # an older image: the header written below keeps its new uuid
+            self.header = self.header.replace(image_uuid=fmt.new_image_uuid())
         if self.for_check:
             # repair decides what to write; nothing is scrubbed before it looked
             self.write_header(clean_shutdown=0)
