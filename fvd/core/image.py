@@ -531,32 +531,28 @@ class ImageCore:
         self.stats.flushes += 1
 
     def write_header(self, **changes: int | bytes) -> None:
-        self.header = self.header.replace(**changes)
+        """The header with `changes` (and the feature bits they imply), written."""
+        h = self.header.replace(**changes)
+        self.header = h.replace(incompatible_features=self._feature_bits(h))
+        self.write_meta(0, fmt.build_header(self.header))
+
+    def _feature_bits(self, h: fmt.ImageHeader) -> int:
+        bits = h.incompatible_features
         # Partial chunks may exist (or appear without another header write): refuse older
         # readers. Snapshots alone make first writes into held chunks partial.
         if self.partial is not None and (
-            self.partial.active
-            or self.header.partial_map_offset
-            or self.header.incompatible_features & fmt.INCOMPAT_SNAPSHOTS
+            self.partial.active or h.partial_map_offset or bits & fmt.INCOMPAT_SNAPSHOTS
         ):
-            self.header = self.header.replace(
-                incompatible_features=self.header.incompatible_features | fmt.INCOMPAT_PARTIAL
-            )
+            bits |= fmt.INCOMPAT_PARTIAL
         else:
-            self.header = self.header.replace(
-                incompatible_features=self.header.incompatible_features & ~fmt.INCOMPAT_PARTIAL
-            )
+            bits &= ~fmt.INCOMPAT_PARTIAL
         # provenance: in the partial map, or in granule records (bit 3 with them; the
         # snapshot commits keep bit 4 while records may have it)
         if self.partial is not None and self.partial.map_provenance:
-            self.header = self.header.replace(
-                incompatible_features=self.header.incompatible_features | fmt.INCOMPAT_PROVENANCE
-            )
-        elif not self.header.incompatible_features & fmt.INCOMPAT_SNAPSHOT_PARTIAL:
-            self.header = self.header.replace(
-                incompatible_features=self.header.incompatible_features & ~fmt.INCOMPAT_PROVENANCE
-            )
-        self.write_meta(0, fmt.build_header(self.header))
+            bits |= fmt.INCOMPAT_PROVENANCE
+        elif not bits & fmt.INCOMPAT_SNAPSHOT_PARTIAL:
+            bits &= ~fmt.INCOMPAT_PROVENANCE
+        return bits
 
     def punch_range(self, offset: int, length: int) -> None:
         """Guest range [offset, offset+length) of a table-less image reads as zeros."""
