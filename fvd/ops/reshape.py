@@ -143,9 +143,9 @@ def _grow(f: _Locked, table: np.ndarray, size: int, new_n: int) -> None:
     changes: dict[str, Any] = dict(virtual_size=size, table_crc=zlib.crc32(raw))
     if need > h.table_size:
         changes.update(_room_for_table(f, need))
-        f.write(f.header.table_offset, raw)  # lands in the old journal: clean, so unread
+        f.write(h.table_offset, raw)  # lands in the old journal: clean, so unread
     else:
-        f.write(f.header.table_offset + 4 * len(table), raw[4 * len(table) :])
+        f.write(h.table_offset + 4 * len(table), raw[4 * len(table) :])
     f.sync()
     f.commit(**changes)
 
@@ -184,30 +184,30 @@ def empty_front(path: str) -> bool:
         if h.base_format == fmt.BASE_NONE:
             raise ChainError(f"{path}: has no base image; emptying it would lose its data")
         f.commit(clean_shutdown=0, base_flags=h.base_flags & ~fmt.BASE_FLAG_PREFETCHED)
-        bitmap = bytes(f.header.bitmap_size)
-        f.write(f.header.bitmap_offset, bitmap)
+        bitmap = bytes(h.bitmap_size)
+        f.write(h.bitmap_offset, bitmap)
         f.sync()  # bits first: a cleared chunk under a set bit would read zeros
-        if fmt.is_tableless(f.header):  # the data area becomes one hole
-            os.ftruncate(f.fd, f.header.data_offset)
-            os.ftruncate(f.fd, tableless.data_end(f.header))
+        if fmt.is_tableless(h):  # the data area becomes one hole
+            os.ftruncate(f.fd, h.data_offset)
+            os.ftruncate(f.fd, tableless.data_end(h))
             f.commit(
                 clean_shutdown=1,
                 bitmap_crc=zlib.crc32(bitmap),
-                journal_epoch=f.header.journal_epoch + 1,
+                journal_epoch=h.journal_epoch + 1,
             )
             return False
         empty = np.full(f.nchunks, fmt.UNALLOCATED, dtype=np.uint32)
-        table = sparse_table.encode(empty, sparse_table.is_sparse(f.header)).tobytes()
-        f.write(f.header.table_offset, table)
+        table = sparse_table.encode(empty, sparse_table.is_sparse(h)).tobytes()
+        f.write(h.table_offset, table)
         f.sync()
-        if f.header.nb_snapshots or f.header.snapshot_table_offset or f.header.partial_map_offset:
+        if h.nb_snapshots or h.snapshot_table_offset or h.partial_map_offset:
             return True
-        truncate_tail(f.fd, f.header.data_offset)
+        truncate_tail(f.fd, h.data_offset)
         f.commit(
             clean_shutdown=1,
             table_crc=zlib.crc32(table),
             bitmap_crc=zlib.crc32(bitmap),
-            journal_epoch=f.header.journal_epoch + 1,
+            journal_epoch=h.journal_epoch + 1,
         )
         return False
 
@@ -234,13 +234,13 @@ def set_base(path: str, name: bytes, base_format: int, base_size: int) -> None:
         changes = _name_slot(f, len(name))
         if bits is not None:
             f.commit(clean_shutdown=0)  # the bitmap crc is not checked while unclean
-            f.write(f.header.bitmap_offset, bits)
+            f.write(h.bitmap_offset, bits)
         f.write(changes["base_name_offset"], name.ljust(SLOT, b"\0")[:SLOT])
         f.sync()
-        final = bits if bits is not None else f.read(f.header.bitmap_offset, f.header.bitmap_size)
-        nblocks = -(-base_size // f.header.block_size)
-        flags = f.header.base_flags
-        if not _all_set(final, min(nblocks, -(-f.header.virtual_size // f.header.block_size))):
+        final = bits if bits is not None else f.read(h.bitmap_offset, h.bitmap_size)
+        nblocks = -(-base_size // h.block_size)
+        flags = h.base_flags
+        if not _all_set(final, min(nblocks, -(-h.virtual_size // h.block_size))):
             flags &= ~fmt.BASE_FLAG_PREFETCHED
         f.commit(
             **changes,
@@ -251,7 +251,7 @@ def set_base(path: str, name: bytes, base_format: int, base_size: int) -> None:
             bitmap_size=bitmap_size,
             bitmap_crc=zlib.crc32(final),
             clean_shutdown=1,
-            journal_epoch=f.header.journal_epoch + 1,
+            journal_epoch=h.journal_epoch + 1,
         )
 
 
@@ -280,11 +280,11 @@ def _new_bitmap(f: _Locked, table: np.ndarray, base_size: int) -> tuple[Optional
             f"{f.path}: the bitmap region has no room for a {base_size}-byte base "
             f"(block size {bs}); convert with -B instead"
         )
-    raw = f.read(f.header.bitmap_offset, f.header.bitmap_size).ljust(size, b"\0")
+    raw = f.read(h.bitmap_offset, h.bitmap_size).ljust(size, b"\0")
     bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")
     _zero_uncovered(f, table, bits, base_size, min(old_nb, -(-vs // bs)))
     if new_nb <= old_nb:
-        return (None, f.header.bitmap_size) if size == f.header.bitmap_size else (raw, size)
+        return (None, h.bitmap_size) if size == h.bitmap_size else (raw, size)
     owned = table < fmt.UNALLOCATED  # allocated or ZERO: the image answers
     blocks = np.arange(old_nb, new_nb, dtype=np.int64)
     chunk = np.minimum(blocks * bs // cs, len(table) - 1)
@@ -303,12 +303,10 @@ def _zero_uncovered(
     for b in np.flatnonzero(bits[first:old_nb] == 0).tolist():
         block = first + b
         lo = max(block * bs, base_size)
-        hi = min(
-            (block + 1) * bs, f.header.virtual_size, f.header.base_size
-        )  # past it: the image's
+        hi = min((block + 1) * bs, h.virtual_size, h.base_size)  # past it: the image's
         entry = int(table[lo // cs])
         if hi > lo and entry < fmt.ZERO_CHUNK:
-            f.write(f.header.data_offset + entry * cs + lo % cs, bytes(hi - lo))
+            f.write(h.data_offset + entry * cs + lo % cs, bytes(hi - lo))
 
 
 def _name_slot(f: _Locked, name_size: int) -> dict[str, Any]:
