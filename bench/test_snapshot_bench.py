@@ -337,7 +337,7 @@ def host_offset(img, offset):
     k = part.slot_of(v) if part is not None else None
     if k is not None and not part.flags(k)[within // part.gsize]:
         chunk = int(part.src[k])
-    return img._core.header["data_offset"] + chunk * img.chunk_size + within
+    return img._core.header.data_offset + chunk * img.chunk_size + within
 
 
 @pytest.fixture(scope="module")

@@ -184,7 +184,7 @@ class _Loop:
         grain: int,
         threads: int,
         layers: Sequence[LayerReader] = (),
-    ):
+    ) -> None:
         self.view, self.out, self.overlay, self.grain = view, out, overlay, grain
         self.threads, self.layers = threads, list(layers)
         self.workers_write = getattr(out, "thread_safe_writes", True)

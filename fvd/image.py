@@ -65,11 +65,11 @@ def attach_features(
     """The feature slots of `core`, as its header asks (called while it opens); the base
     as `policy` allows it (not at all with `skip_base`)."""
     h = core.header
-    if h["base_format"] != fmt.BASE_NONE:
+    if h.base_format != fmt.BASE_NONE:
         base_feature.attach_base(core, chain, copy_on_read, policy, skip_base)
     elif not core.tableless:  # partial chunks come with snapshots: never table-less
         attach_partial(core)  # copy_on_read without a base: a no-op, as in QEMU
-    if h["nb_snapshots"] or h["snapshot_table_offset"]:
+    if core.header.nb_snapshots or core.header.snapshot_table_offset:
         snap.attach_snapshots(core)
 
 
@@ -95,35 +95,27 @@ def create(
     allocates; no snapshots), see fvd.core.tableless."""
     size = int(size)
     _check_new_geometry(size, chunk_size, block_size, compact, table, journal_size)
-    header = {
-        "virtual_size": size,
-        "chunk_size": chunk_size,
-        "block_size": block_size,
-        "clean_shutdown": 1,
-        "journal_epoch": 1,
-        "next_snapshot_id": 1,
-        "image_uuid": fmt.new_image_uuid(),
-    }
+    header = fmt.ImageHeader(
+        virtual_size=size,
+        chunk_size=chunk_size,
+        block_size=block_size,
+        clean_shutdown=1,
+        journal_epoch=1,
+        next_snapshot_id=1,
+        image_uuid=fmt.new_image_uuid(),
+    )
     base_name = b""
     if base is not None:
         base_name, base_fields = base_feature.describe_new_base(
             path, base, base_format, size, backing
         )
-        header.update(base_fields)
+        header = header.replace(**base_fields)
     if not table:
-        header["incompatible_features"] = (
-            header.get("incompatible_features", 0) | fmt.INCOMPAT_TABLELESS
-        )
-        header["next_snapshot_id"] = 0
-    header.update(
-        fmt.layout(
-            size,
-            chunk_size,
-            block_size,
-            header.get("base_size", 0),
-            len(base_name),
-            journal_size,
-            table,
+        tableless_bit = header.incompatible_features | fmt.INCOMPAT_TABLELESS
+        header = header.replace(incompatible_features=tableless_bit, next_snapshot_id=0)
+    header = header.replace(
+        **fmt.layout(
+            size, chunk_size, block_size, header.base_size, len(base_name), journal_size, table
         )
     )
     _write_new_image(os.fspath(path), header, base_name, overwrite)
@@ -159,19 +151,19 @@ def _check_new_geometry(
         raise ValueError(f"journal_size must be at least {fmt.MIN_JOURNAL}")
 
 
-def _write_new_image(path: str, header: dict[str, Any], base_name: bytes, overwrite: bool) -> None:
+def _write_new_image(path: str, header: fmt.ImageHeader, base_name: bytes, overwrite: bool) -> None:
     """Header, base name and an empty table (a table-less image: its data area, one
     hole), then fsync: the file is an image or absent."""
-    nchunks = -(-header["virtual_size"] // header["chunk_size"])
+    nchunks = -(-header.virtual_size // header.chunk_size)
     has_table = not fmt.is_tableless(header)
     if has_table:
         # a sparse table (docs/format.md, "Sparse tables"): all unallocated is all zeros,
         # left as a hole in a file (zeroed on a device)
-        header["incompatible_features"] = (
-            header.get("incompatible_features", 0) | fmt.INCOMPAT_SPARSE_TABLE
+        header = header.replace(
+            incompatible_features=header.incompatible_features | fmt.INCOMPAT_SPARSE_TABLE,
+            table_crc=crc32_zeros(0, 4 * nchunks),
         )
-        header["table_crc"] = crc32_zeros(0, 4 * nchunks)
-    header["bitmap_crc"] = zlib.crc32(bytes(header.get("bitmap_size", 0)))
+    header = header.replace(bitmap_crc=zlib.crc32(bytes(header.bitmap_size)))
     if is_block_device_path(path):
         if not has_table:
             raise ValueError(
@@ -183,9 +175,9 @@ def _write_new_image(path: str, header: dict[str, Any], base_name: bytes, overwr
     try:
         os.pwrite(fd, fmt.build_header(header).ljust(fmt.HEADER_REGION, b"\0"), 0)
         if base_name:
-            os.pwrite(fd, base_name, header["base_name_offset"])
+            os.pwrite(fd, base_name, header.base_name_offset)
         if has_table:
-            os.ftruncate(fd, header["data_offset"])  # the table: a hole
+            os.ftruncate(fd, header.data_offset)  # the table: a hole
         else:
             os.ftruncate(fd, tableless.data_end(header))
         os.fsync(fd)
@@ -199,7 +191,7 @@ def _write_new_image(path: str, header: dict[str, Any], base_name: bytes, overwr
 
 
 def _write_new_image_on_device(
-    path: str, header: dict[str, Any], base_name: bytes, overwrite: bool
+    path: str, header: fmt.ImageHeader, base_name: bytes, overwrite: bool
 ) -> None:
     """An image on a block device (docs/format.md, "Block devices"): the metadata
     regions are zeroed (a device does not read zeros: zeros are also the empty sparse
@@ -211,20 +203,20 @@ def _write_new_image_on_device(
         raise io_error(path, e, "create") from None
     try:
         size = file_size(fd)
-        if size < header["data_offset"]:
+        if size < header.data_offset:
             raise ImageIOError(
                 path,
                 errno.ENOSPC,
                 f"create: block device of {size} bytes cannot hold the metadata "
-                f"({header['data_offset']} bytes)",
+                f"({header.data_offset} bytes)",
             )
         if not overwrite and format_of_magic(os.pread(fd, 4, 0)) != "raw":
             raise ImageIOError(
                 path, errno.EEXIST, "create: the device holds an image (overwrite replaces it)"
             )
-        zero_device_range(fd, 0, header["data_offset"])
+        zero_device_range(fd, 0, header.data_offset)
         if base_name:
-            full_pwrite(fd, base_name, header["base_name_offset"])
+            full_pwrite(fd, base_name, header.base_name_offset)
         os.fsync(fd)
         full_pwrite(fd, fmt.build_header(header), 0)
         os.fsync(fd)
@@ -331,14 +323,14 @@ class Image(DiskOps, Closing):
     @property
     def base(self) -> Optional[str]:
         """Path (or NBD URI) of the base image, or None."""
-        path = self._core.header.get("_base_path")
+        path = self._core.base_path
         return None if path is None else str(path)
 
     @property
     def base_size(self) -> Optional[int]:
         """Size of the base image as recorded at create / rebase, or None without one."""
         h = self._core.header
-        return None if h["base_format"] == fmt.BASE_NONE else int(h["base_size"])
+        return None if h.base_format == fmt.BASE_NONE else int(h.base_size)
 
     def resize(self, size: int, *, shrink: bool = False) -> None:
         """Give the image a new virtual size. Growing never moves data; the lookup table

@@ -127,9 +127,7 @@ def _value(rng, old, others=()):
 def _header(data):
     from fvd.ondisk import format as fmt
 
-    h = dict(fmt.Header.parse(bytes(data[: fmt.HEADER_SIZE])))
-    h.pop("_io", None)
-    return h
+    return fmt.ImageHeader.from_bytes(bytes(data[: fmt.HEADER_SIZE]))
 
 
 def _reseal_header(data):
@@ -139,8 +137,8 @@ def _reseal_header(data):
 
 
 def _reseal_table_crc(data, h):
-    nch = -(-h["virtual_size"] // h["chunk_size"])
-    raw = data[h["table_offset"] : h["table_offset"] + 4 * nch]
+    nch = -(-h.virtual_size // h.chunk_size)
+    raw = data[h.table_offset : h.table_offset + 4 * nch]
     _put(data, 192, "<I", zlib.crc32(raw))
     _reseal_header(data)
 
@@ -149,7 +147,7 @@ def _snap_entries(data, h):
     """[(entry offset, table_offset, vm_offset, vm_size, extra_size)] parsed leniently."""
     from fvd.features import snapshots as snap
 
-    toff, tsize = h["snapshot_table_offset"], h["snapshot_table_size"]
+    toff, tsize = h.snapshot_table_offset, h.snapshot_table_size
     if not toff or toff + tsize > len(data) or tsize < 32:
         return []
     nb = _u(data, toff + 8, "<I")
@@ -164,7 +162,7 @@ def _snap_entries(data, h):
 
 
 def _reseal_snapshot_table(data, h):
-    toff, tsize = h["snapshot_table_offset"], h["snapshot_table_size"]
+    toff, tsize = h.snapshot_table_offset, h.snapshot_table_size
     if not toff or toff + tsize > len(data) or tsize < 32:
         return
     raw = bytearray(data[toff : toff + tsize])
@@ -179,8 +177,8 @@ def mutate_fvd(rng, data):
     from fvd.ondisk import format as fmt
 
     h = _header(data)
-    nch = -(-h["virtual_size"] // h["chunk_size"])
-    d, cs = h["data_offset"], h["chunk_size"]
+    nch = -(-h.virtual_size // h.chunk_size)
+    d, cs = h.data_offset, h.chunk_size
     nphys = max(1, (len(data) - d) // cs)
     what = rng.choice(
         [
@@ -209,8 +207,9 @@ def mutate_fvd(rng, data):
             if fmt.Header.subcons[[s.name for s in fmt.Header.subcons].index(name)].sizeof() == 8
             else "<I"
         )
-        others = [v for k, v in h.items() if isinstance(v, int)]
-        _put(data, off, width, _value(rng, h[name], others))
+        values = [getattr(h, k) for k in fmt.HEADER_FIELDS]
+        others = [v for v in values if isinstance(v, int)]
+        _put(data, off, width, _value(rng, fmt.int_field(h, name), others))
         _reseal_header(data)
         return f"header {name}"
     if what == "journal":
@@ -247,13 +246,13 @@ def mutate_fvd(rng, data):
         seq = rng.choice([0, 0, 0, 1])
         sector = bytearray(
             jr.SECTOR_HEAD.pack(
-                jr.SECTOR_MAGIC, 0, h["journal_epoch"], seq, rng.choice([0, 0, 1]), nrec, 0
+                jr.SECTOR_MAGIC, 0, h.journal_epoch, seq, rng.choice([0, 0, 1]), nrec, 0
             )
             + body
         )
         sector.extend(bytes(512 - len(sector)))
         sector[4:8] = zlib.crc32(sector).to_bytes(4, "little")
-        at = h["journal_offset"] + 512 * seq
+        at = h.journal_offset + 512 * seq
         data[at : at + 512] = sector
         _put(data, 48, "<I", 0)  # unclean: replay it
         _reseal_header(data)
@@ -261,17 +260,17 @@ def mutate_fvd(rng, data):
     if what == "table":
         for _ in range(rng.randint(1, 3)):
             v = rng.randrange(nch)
-            cur = _u(data, h["table_offset"] + 4 * v, "<I")
+            cur = _u(data, h.table_offset + 4 * v, "<I")
             _put(
                 data,
-                h["table_offset"] + 4 * v,
+                h.table_offset + 4 * v,
                 "<I",
                 rng.choice([rng.randrange(nphys + 2), _value(rng, cur)]),
             )
         _reseal_table_crc(data, h)
         return "table"
     entries = _snap_entries(data, h)
-    toff = h["snapshot_table_offset"]
+    toff = h.snapshot_table_offset
     if what == "snaptable" and toff:
         off = toff + rng.choice(
             [8, 12, 16, 24]
@@ -290,8 +289,8 @@ def mutate_fvd(rng, data):
         _put(data, e[0] + 32, "<I", zlib.crc32(raw))
         _reseal_snapshot_table(data, h)
         return "snapshot lookup table"
-    if what == "refcount" and toff and h["refcount_table_size"]:
-        roff, rsize = h["refcount_table_offset"], h["refcount_table_size"]
+    if what == "refcount" and toff and h.refcount_table_size:
+        roff, rsize = h.refcount_table_offset, h.refcount_table_size
         for _ in range(rng.randint(1, 3)):
             _put(data, roff + 2 * rng.randrange(rsize // 2), "<H", rng.choice([0, 1, 2, 0xFFFF]))
         _put(data, toff + 12, "<I", zlib.crc32(data[roff : roff + rsize]))
@@ -302,7 +301,7 @@ def mutate_fvd(rng, data):
         _put(data, e[0] + rng.choice([40, 48]), "<Q", _value(rng, e[3], [e[1], e[2]]))
         _reseal_snapshot_table(data, h)
         return "vm_state"
-    records = [e for e in entries if e[4] >= 24 and not h["base_format"]]
+    records = [e for e in entries if e[4] >= 24 and not h.base_format]
     if what == "granules" and records:
         e = rng.choice(records)
         g_off, g_size = _u(data, e[0] + 64, "<Q"), _u(data, e[0] + 72, "<Q")
@@ -323,13 +322,13 @@ def mutate_fvd(rng, data):
     if what == "marker" and toff:
         sid = _u(data, entries[0][0], "<Q") if entries else 1
         _put(data, toff + 16, "<Q", rng.choice([sid, 0, 99]))
-        _put(data, toff + 24, "<Q", h["journal_epoch"] + rng.choice([-1, 0, 1, 2]))
+        _put(data, toff + 24, "<Q", h.journal_epoch + rng.choice([-1, 0, 1, 2]))
         _reseal_snapshot_table(data, h)
         return "revert marker"
     if what == "truncate":
         del data[rng.randrange(d, len(data) + 1) :]
         return "truncate"
-    hot = [0, h["table_offset"], h["journal_offset"]] + [e[1] for e in entries]
+    hot = [0, h.table_offset, h.journal_offset] + [e[1] for e in entries]
     for _ in range(rng.randint(1, 4)):
         at = min(rng.choice(hot) + rng.randrange(600), len(data) - 1)
         data[at] ^= 1 << rng.randrange(8)

@@ -43,7 +43,9 @@ def rel(p):
 
 def test_no_import_cycles():
     grimp = pytest.importorskip("grimp")
-    graph = grimp.build_graph("fvd")
+    # imports under `if TYPE_CHECKING:` are annotations (fvd.core.hooks names the core
+    # it is typed against), as the import-linter contracts see them
+    graph = grimp.build_graph("fvd", exclude_type_checking_imports=True)
     mods = sorted(m for m in graph.modules if m != "fvd")
     edges = {m: {d for d in graph.find_modules_directly_imported_by(m) if d != "fvd"} for m in mods}
     # Tarjan's strongly connected components: any component of two or more is a cycle
@@ -176,13 +178,19 @@ def _untyped(fn):
     return missing + (["return"] if fn.returns is None else [])
 
 
-def test_the_qcow2_package_is_typed():
-    """fvd.qcow2 is in the strict mypy block (the first [[tool.mypy.overrides]] of
-    pyproject.toml), and every function of every module in it is annotated: the public
-    API, the private helpers, the mixins and the functions nested in them."""
-    files = sorted((ROOT / "qcow2").glob("*.py"))
-    assert {"image.py", "cluster.py", "refcount.py", "snapshot.py", "format.py"} <= {
-        p.name for p in files
+# Modules typed (and made strict) by the refactors that are splitting them (issue 23);
+# nothing may join this list.
+UNTYPED_PENDING = {"features/snapshots.py", "ops/changed.py"}
+
+
+def test_the_package_is_typed():
+    """All of fvd is in the strict mypy block (the first [[tool.mypy.overrides]] of
+    pyproject.toml), and every function of every module is annotated: the public API,
+    the private helpers, the mixins and the functions nested in them (but for the
+    modules pending their split, which the second block leaves unstrict)."""
+    files = [p for p in sources() if rel(p) not in UNTYPED_PENDING]
+    assert {"qcow2/image.py", "core/image.py", "features/granular.py", "_purepath.py"} <= {
+        rel(p) for p in files
     }
     found = []
     for p in files:
@@ -190,8 +198,11 @@ def test_the_qcow2_package_is_typed():
             if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) and _untyped(fn):
                 found.append(f"{rel(p)}:{fn.lineno} {fn.name}: {', '.join(_untyped(fn))}")
     assert found == []
-    strict = PYPROJECT.read_text().split("[[tool.mypy.overrides]]")[1]
-    assert '"fvd.qcow2.*"' in strict and "disallow_untyped_defs = true" in strict
+    blocks = PYPROJECT.read_text().split("[[tool.mypy.overrides]]")
+    strict, pending = blocks[1], blocks[2]
+    assert '"fvd.*"' in strict and "disallow_untyped_defs = true" in strict
+    pending_modules = {f"fvd.{p[:-3].replace('/', '.')}" for p in UNTYPED_PENDING}
+    assert set(re.findall(r'"(fvd[\w.]*)"', pending.split("]")[0])) == pending_modules
 
 
 # Functions longer than the limit, waiting for their files' refactors (issue 23: the

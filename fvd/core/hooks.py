@@ -4,18 +4,28 @@ docs/architecture.md, under `fvd.features`).
 The core calls its features only through these methods (features install themselves in
 the core's slots `base_layer`, `bitmap`, `snapshot_state`, `partial` while it opens), and
 the operations of `fvd.ops` read an image or a snapshot view only through `MappedDisk`.
-Nothing here imports a feature: the dependency points down.
+Nothing here imports a feature: the dependency points down. The hooks are typed against
+`fvd.core.image.ImageCore`, imported for the type checker only (no import at run time:
+the core imports this module).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Iterator, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, Protocol
 
 import numpy as np
+import numpy.typing as npt
 
+from fvd.ondisk.fvd_records import ImageHeader
 from fvd.types import CheckResult, Extent
 
-Record = Any  # a packed journal record (fvd.core.journal)
+if TYPE_CHECKING:
+    from fvd.core.bitmap import Bitmap
+    from fvd.core.image import ImageCore
+
+Record = bytes  # a packed journal record (fvd.core.journal)
+Table = npt.NDArray[np.uint32]  # virtual chunk -> physical chunk / UNALLOCATED / ZERO_CHUNK
+Mask = npt.NDArray[np.bool_]  # one flag per physical chunk
 
 
 class MappedDisk(Protocol):
@@ -28,10 +38,10 @@ class MappedDisk(Protocol):
     chunk_size: int
     block_size: int
     fd: int
-    header: dict[str, Any]  # at least "data_offset"
-    table: np.ndarray  # virtual chunk -> physical chunk / UNALLOCATED / ZERO_CHUNK
+    header: ImageHeader  # data_offset, the table encoding (a view: only those)
+    table: Table
     base_layer: Optional[BaseHook]
-    bitmap: Any  # fvd.core.bitmap.Bitmap of a base image, or None
+    bitmap: Optional[Bitmap]  # of a base image
     partial: Optional[PartialHook]
     closed: bool
 
@@ -68,15 +78,17 @@ class SnapshotHook(Protocol):
 
     entries: list[Any]  # fvd.features.snapshots._Entry, in id order (fvd.ops.info)
 
-    def meta_mask(self, nphys: int) -> np.ndarray: ...
+    def has_snapshots(self) -> bool: ...
 
-    def mark_used(self, used: np.ndarray) -> np.ndarray: ...
+    def meta_mask(self, nphys: int) -> Mask: ...
+
+    def mark_used(self, used: Mask) -> Mask: ...
 
     def copy_chunk(
-        self, img: Any, v: int, source: int, new: int, offset: int, length: int
+        self, img: ImageCore, v: int, source: int, new: int, offset: int, length: int
     ) -> Iterable[Record]: ...
 
-    def check(self, img: Any, result: CheckResult, repair: bool) -> None: ...
+    def check(self, img: ImageCore, result: CheckResult, repair: bool) -> None: ...
 
 
 class PartialHook(Protocol):
@@ -88,11 +100,11 @@ class PartialHook(Protocol):
 
     def install(self, chunk_map: Any, quiesce: Callable[[], None]) -> None: ...
 
-    def validate(self, img: Any) -> None: ...
+    def validate(self, img: ImageCore) -> None: ...
 
-    def takes(self, img: Any, offset: int, length: int) -> bool: ...
+    def takes(self, img: ImageCore, offset: int, length: int) -> bool: ...
 
-    def write(self, img: Any, offset: int, data: memoryview) -> int: ...
+    def write(self, img: ImageCore, offset: int, data: memoryview) -> int: ...
 
     def forget(self, start: int, count: int) -> None: ...
 
@@ -103,15 +115,15 @@ class PartialHook(Protocol):
         self, k: int, entry: int, start: int, stop: int, chunk_start: int, data_offset: int
     ) -> Iterator[tuple[int, int, int]]: ...
 
-    def replay(self, table: np.ndarray, start: int, count: int, payload: Any) -> None: ...
+    def replay(self, table: Table, start: int, count: int, payload: tuple[int, int]) -> None: ...
 
-    def mark_used(self, used: np.ndarray) -> np.ndarray: ...
+    def mark_used(self, used: Mask) -> Mask: ...
 
     def drop(self, v: int) -> Optional[int]: ...
 
-    def write_map(self, img: Any) -> None: ...
+    def write_map(self, img: ImageCore) -> None: ...
 
-    def after_checkpoint(self, img: Any) -> None: ...
+    def after_checkpoint(self, img: ImageCore) -> None: ...
 
 
-Attach = Callable[[Any, tuple[str, ...], bool], None]  # attach(core, chain, copy_on_read)
+Attach = Callable[["ImageCore", tuple[str, ...], bool], None]  # attach(core, chain, copy_on_read)

@@ -11,18 +11,22 @@ Order of metadata writes (docs/format.md, "Crash consistency"):
   checkpoint: flush -> table (+bitmap) -> flush -> header(epoch+1) -> flush
 """
 
+from __future__ import annotations
+
 import os
 import threading
 import time
 import zlib
-from typing import Any, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
+import numpy.typing as npt
 
 from fvd import _impl, fileio
 from fvd.core import tableless, tablestore
 from fvd.core.allocator import ChunkAllocator, front_usage
-from fvd.core.hooks import Attach, BaseHook, PartialHook, SnapshotHook
+from fvd.core.bitmap import Bitmap
+from fvd.core.hooks import Attach, BaseHook, Mask, PartialHook, SnapshotHook, Table
 from fvd.core.journal import (
     REC_BITMAP,
     REC_DATA_CRC,
@@ -42,6 +46,7 @@ from fvd.errors import (
     io_error,
 )
 from fvd.fileio import (
+    BackingPolicy,
     file_size,
     full_pwrite,
     is_block_device,
@@ -55,8 +60,12 @@ from fvd.ondisk import format as fmt
 from fvd.ondisk import sparse_table
 from fvd.units import index_runs
 
+# (host ranges, journal epoch, next sequence) of the last transaction's DATA_CRC records
+CrcGuard = tuple[list[tuple[int, int]], int, int]
+Transaction = list[tuple[int, int, int, Any]]  # (type, count, start, payload) records
 
-def crc_guard(records, journal):
+
+def crc_guard(records: list[bytes], journal: Journal) -> Optional[CrcGuard]:
     """(host ranges, epoch, next_seq) of the DATA_CRC records of the transaction just
     appended, or None: while it stays the journal's last, replay checks those crcs."""
     ranges = []
@@ -70,7 +79,7 @@ def crc_guard(records, journal):
 CACHE_MODES = ("writeback", "writethrough", "unsafe")
 
 
-def _parse_cache(cache):
+def _parse_cache(cache: str) -> bool:
     """writeback: durable at flush(); writethrough: every write durable before it returns;
     unsafe: never flushed (as qemu-img's -t unsafe; a crash may lose anything)."""
     if cache not in CACHE_MODES:
@@ -87,7 +96,7 @@ class ImageCore:
 
     def __init__(
         self,
-        path: "str | os.PathLike[str]",
+        path: str | os.PathLike[str],
         mode: str = "r",
         *,
         cache: str = "writeback",
@@ -132,12 +141,12 @@ class ImageCore:
         self.closed = True
         self.impl = _impl.module()
         self.stats = self.impl.Stats()
-        self.problems: list[tuple[int, str, int]] = []
+        self.problems: list[tuple[Optional[int], str, int]] = []
         self.notes: list[str] = []  # check mode: what could not be checked, and why
         self.crc_guard: Any = None  # see crc_guard() and _seal_overlapping
         self.base_layer: Optional[BaseHook] = None
         self.snapshot_state: Optional[SnapshotHook] = None
-        self.bitmap: Any = None
+        self.bitmap: Optional[Bitmap] = None  # of a base image (fvd.features.base)
         self.partial: Optional[PartialHook] = (
             None  # fvd.features.granular.PartialState (images without a base)
         )
@@ -148,11 +157,17 @@ class ImageCore:
         self._journal_broken = False  # a journal write failed: commit by checkpoint next
         self.size = self.chunk_size = self.block_size = self.nchunks = 0
         self.tableless = False  # fvd.core.tableless: no lookup table, identity mapping
-        self.header: dict[str, Any] = {}
+        self.header = fmt.ImageHeader()
+        # run-time facts of a base image (fvd.features.base): where the header's base
+        # name resolved to, and the policy that admitted it (snapshot views open it later)
+        self.base_path: Optional[str] = None
+        self.backing_policy: Optional[BackingPolicy] = None
         self.table: np.ndarray = np.zeros(0, dtype=np.uint32)
 
     # ----- open -----------------------------------------------------------------
-    def _load_beside_writer(self, chain, copy_on_read, attempts=5):
+    def _load_beside_writer(
+        self, chain: tuple[str, ...], copy_on_read: bool, attempts: int = 5
+    ) -> None:
         """force_share: a reader may race a writer's journal append or checkpoint: retry,
         and if the image still looks damaged while a writer holds it, say so clearly."""
         for attempt in range(attempts):
@@ -171,39 +186,56 @@ class ImageCore:
             f"no consistent view could be read; retry later"
         )
 
-    def _load(self, chain, copy_on_read):
+    def _load(self, chain: tuple[str, ...], copy_on_read: bool) -> None:
         file_size = self.file_size()
-        raw = os.pread(self.fd, fmt.HEADER_SIZE, 0)
-        self.stats.metadata_reads += 1
-        self.stats.metadata_bytes_read += len(raw)
-        self.header = fmt.parse_header(raw, self.path, file_size)
-        h = self.header
-        if not self.read_only and h["journal_epoch"] >= fmt.MAX_WRITABLE_EPOCH:
-            raise CorruptImageError(
-                self.path,
-                fmt.FIELD_OFFSET["journal_epoch"],
-                f"journal epoch {h['journal_epoch']} is too large for a "
-                f"read-write open (limit {fmt.MAX_WRITABLE_EPOCH - 1})",
-            )
-        self.size = h["virtual_size"]
-        self.chunk_size = h["chunk_size"]
-        self.block_size = h["block_size"]
-        self.nchunks = -(-self.size // self.chunk_size)
-        self.tableless = fmt.is_tableless(h)
-        self.relocate = set()  # check mode: virtual chunks repair copies to a new chunk
+        self._read_header(file_size)
+        self.relocate: set[int] = set()  # check mode: virtual chunks repair copies to a new chunk
         self.lost = 0  # check mode: chunks past the end of the file
         self.table = self._read_table(file_size)
         self._reserved = np.zeros(-(-self.nchunks // (sparse_table.RESERVE // 4)), dtype=bool)
         self.frozen = np.zeros(0, dtype=np.uint8)
         self._load_features(chain, copy_on_read)
-        replayed = self._replay(file_size) if not h["clean_shutdown"] else 0
+        replayed = self._replay(file_size) if not self.header.clean_shutdown else 0
         self._validate_table(file_size)
+        self._install_map()
+        self.journal = Journal(
+            self.fd,
+            self.header.journal_offset,
+            self.header.journal_size,
+            self.header.journal_epoch,
+            self.stats,
+        )
+        self.allocator = self._new_allocator(file_size)
+        if not self.read_only:
+            self._claim(replayed)
+
+    def _read_header(self, file_size: int) -> None:
+        """The header, validated, and the geometry it gives."""
+        raw = os.pread(self.fd, fmt.HEADER_SIZE, 0)
+        self.stats.metadata_reads += 1
+        self.stats.metadata_bytes_read += len(raw)
+        h = self.header = fmt.parse_header(raw, self.path, file_size)
+        if not self.read_only and h.journal_epoch >= fmt.MAX_WRITABLE_EPOCH:
+            raise CorruptImageError(
+                self.path,
+                fmt.FIELD_OFFSET["journal_epoch"],
+                f"journal epoch {h.journal_epoch} is too large for a "
+                f"read-write open (limit {fmt.MAX_WRITABLE_EPOCH - 1})",
+            )
+        self.size = h.virtual_size
+        self.chunk_size = h.chunk_size
+        self.block_size = h.block_size
+        self.nchunks = -(-self.size // self.chunk_size)
+        self.tableless = fmt.is_tableless(h)
+
+    def _install_map(self) -> None:
+        """The fast path's chunk map over the table, with the features' views on it."""
         self.chunk_map = self.impl.ChunkMap(
             self.fd,
             self.table,
             self.frozen,
             self.chunk_size,
-            h["data_offset"],
+            self.header.data_offset,
             self.size,
             self.stats,
         )
@@ -212,27 +244,25 @@ class ImageCore:
             self.base_layer.attach_map()
         if self.partial is not None:
             self.partial.install(self.chunk_map, lambda: self.allocator.quiesce(time.sleep))
-        self.journal = Journal(
-            self.fd, h["journal_offset"], h["journal_size"], h["journal_epoch"], self.stats
-        )
-        self.allocator = self._new_allocator(file_size)
-        if self.read_only:
-            return
-        if h["image_uuid"] == fmt.NO_UUID:
-            h["image_uuid"] = fmt.new_image_uuid()  # an older image: the header below keeps it
+
+    def _claim(self, replayed: int) -> None:
+        """A read-write open marks the image in use (check mode: before repair looks)."""
+        if self.header.image_uuid == fmt.NO_UUID:
+            # an older image: the header written below keeps its new uuid
+            self.header = self.header.replace(image_uuid=fmt.new_image_uuid())
         if self.for_check:
             # repair decides what to write; nothing is scrubbed before it looked
             self.write_header(clean_shutdown=0)
             self.sync()
-            self.dirty_since_checkpoint = bool(replayed or not h["clean_shutdown"])
+            self.dirty_since_checkpoint = bool(replayed or not self.header.clean_shutdown)
         else:
-            self._start_writing(replayed or not h["clean_shutdown"])
+            self._start_writing(bool(replayed or not self.header.clean_shutdown))
 
-    def file_size(self):
+    def file_size(self) -> int:
         """The image file's size; a block device's size (its st_size is 0)."""
         return file_size(self.fd)
 
-    def _new_allocator(self, size):
+    def _new_allocator(self, size: int) -> ChunkAllocator:
         """On a block device the device's size bounds the data area, and chunks past the
         end are zeroed before use (the device holds old bytes there, not holes)."""
         if not self.on_device:
@@ -246,10 +276,10 @@ class ImageCore:
             full=f"block device full ({size} bytes)",
         )
 
-    def device_chunks(self, size):
-        return max(0, (size - self.header["data_offset"]) // self.chunk_size)
+    def device_chunks(self, size: int) -> int:
+        return max(0, (size - self.header.data_offset) // self.chunk_size)
 
-    def refresh_device_size(self):
+    def refresh_device_size(self) -> None:
         """A grown block device (losetup -c, lvextend): more chunks may be allocated."""
         if self.on_device and not self.read_only:
             with self.lock:
@@ -257,19 +287,19 @@ class ImageCore:
                 self.allocator.limit = max(self.allocator.end, self.device_chunks(size))
                 self.allocator.full = f"block device full ({size} bytes)"
 
-    def _prepare_device_chunks(self, first, count):
+    def _prepare_device_chunks(self, first: int, count: int) -> None:
         """Zero chunks past the end durably before any journal record can name them:
         after a crash such a chunk reads zeros, never the device's old bytes."""
         self.punch_chunks(first, count)
         self.sync()
 
-    def _load_features(self, chain, copy_on_read):
+    def _load_features(self, chain: tuple[str, ...], copy_on_read: bool) -> None:
         """Base image, snapshots, partial chunks: the facade's `attach` installs them."""
         self.bitmap = None
         if self._attach is not None:
             self._attach(self, chain, copy_on_read)
 
-    def read_meta(self, offset, length):
+    def read_meta(self, offset: int, length: int) -> bytes:
         data = os.pread(self.fd, length, offset)
         self.stats.metadata_reads += 1
         self.stats.metadata_bytes_read += len(data)
@@ -279,38 +309,37 @@ class ImageCore:
             )
         return data
 
-    def _read_table(self, file_size):
-        h = self.header
+    def _read_table(self, file_size: int) -> Table:
         if self.tableless:
             return tableless.identity_table(self.nchunks)
-        if sparse_table.is_sparse(h):
+        if sparse_table.is_sparse(self.header):
             table, crc = tablestore.load(
-                self, h["table_offset"], self.nchunks, bool(h["clean_shutdown"])
+                self, self.header.table_offset, self.nchunks, bool(self.header.clean_shutdown)
             )
         else:
-            raw = self.read_meta(h["table_offset"], 4 * self.nchunks)
+            raw = self.read_meta(self.header.table_offset, 4 * self.nchunks)
             table = np.frombuffer(raw, dtype=fmt.TABLE_DTYPE).astype(np.uint32)
-            crc = zlib.crc32(raw) if h["clean_shutdown"] else 0
-        if h["clean_shutdown"] and crc != h["table_crc"]:
-            self.problem(h["table_offset"], "lookup table checksum mismatch")
+            crc = zlib.crc32(raw) if self.header.clean_shutdown else 0
+        if self.header.clean_shutdown and crc != self.header.table_crc:
+            self.problem(self.header.table_offset, "lookup table checksum mismatch")
         return table
 
-    def problem(self, offset, what, count=1):
+    def problem(self, offset: Optional[int], what: str, count: int = 1) -> None:
         """A corruption: raise, unless check() is collecting them (`count` problems that
         one message stands for)."""
         if not self.for_check:
             raise CorruptImageError(self.path, offset, what)
         self.problems.append((offset, what, count))
 
-    def _validate_table(self, file_size):
+    def _validate_table(self, file_size: int) -> None:
         """Every entry must point inside the file, no two chunks may share one, and none
         may point into snapshot metadata. In check mode every problem is counted; entries
         past the end read as zeros from then on, shared ones are copied by repair."""
         if self.tableless:
             return  # the identity, built at open
         t = self.table
-        toff = self.header["table_offset"]
-        data_offset = self.header["data_offset"]
+        toff = self.header.table_offset
+        data_offset = self.header.data_offset
         max_valid = max(0, -(-(file_size - data_offset) // self.chunk_size))
         # one pass over the table; the rest works on the allocated entries only (few in
         # a sparse 16 TiB image)
@@ -360,7 +389,13 @@ class ImageCore:
         if self.partial is not None:
             self.partial.validate(self)
 
-    def _problem_list(self, where, describe, rest, shown=10):
+    def _problem_list(
+        self,
+        where: npt.NDArray[np.intp],
+        describe: Callable[[int], tuple[int, str]],
+        rest: str,
+        shown: int = 10,
+    ) -> None:
         """One problem per index (the first `shown` spelled out), all counted."""
         for v in where[:shown].tolist():
             self.problem(*describe(v))
@@ -368,14 +403,17 @@ class ImageCore:
             off, _ = describe(int(where[shown]))
             self.problem(off, f"{len(where) - shown} {rest}", len(where) - shown)
 
-    def _replay(self, file_size):
+    def _replay(self, file_size: int) -> int:
         """Apply the journal's committed transactions to the in-memory table and bitmap."""
-        h = self.header
         count = 0
         txs = []
         try:
             for tx in read_transactions(
-                self.fd, self.path, h["journal_offset"], h["journal_size"], h["journal_epoch"]
+                self.fd,
+                self.path,
+                self.header.journal_offset,
+                self.header.journal_size,
+                self.header.journal_epoch,
             ):
                 txs.append(tx)
         except CorruptImageError as e:
@@ -389,15 +427,15 @@ class ImageCore:
                 count += 1
         return count
 
-    def _bad_record(self, what):
+    def _bad_record(self, what: str) -> bool:
         """A journal record that no writer produces: refuse (check mode: drop its
         transaction)."""
-        self.problem(self.header["journal_offset"], what)
+        self.problem(self.header.journal_offset, what)
         return False
 
-    def _apply_transaction(self, tx, file_size, last=True):
+    def _apply_transaction(self, tx: Transaction, file_size: int, last: bool = True) -> bool:
         h = self.header
-        data_offset, cs = h["data_offset"], self.chunk_size
+        data_offset, cs = h.data_offset, self.chunk_size
         data_end = data_offset + fmt.MAX_PHYS_CHUNKS * cs
         if self.tableless:
             data_end = tableless.data_end(h)
@@ -446,13 +484,13 @@ class ImageCore:
                 self.table[start : start + count] = payload
                 if self.partial is not None:
                     self.partial.forget(start, count)
-            elif rtype == REC_BITMAP:
+            elif rtype == REC_BITMAP and self.bitmap is not None:  # checked above
                 self.bitmap.set_range(start, count)
-            elif rtype == REC_GRANULE:
+            elif rtype == REC_GRANULE and self.partial is not None:  # checked above
                 self.partial.replay(self.table, start, count, payload)
         return True
 
-    def in_use(self):
+    def in_use(self) -> Mask:
         if self.tableless:  # every chunk is its own: all in use, nothing to allocate
             return np.ones(self.nchunks, dtype=bool)
         nphys = max(len(self.frozen), 1)
@@ -463,7 +501,7 @@ class ImageCore:
             used = self.partial.mark_used(used)
         return used
 
-    def _start_writing(self, unclean):
+    def _start_writing(self, unclean: bool) -> None:
         """Mark the image in use; after a crash, checkpoint and clean up orphan chunks."""
         if unclean:
             self._scrub_free_chunks()
@@ -473,51 +511,54 @@ class ImageCore:
             self.write_header(clean_shutdown=0)
             self.sync()
 
-    def _scrub_free_chunks(self):
+    def _scrub_free_chunks(self) -> None:
         """Chunks a crash left half-allocated: punch free ones, cut the file's tail."""
         free = sorted(self.allocator.free)
         for first, count in index_runs(free):
             self.punch_chunks(first, count)
-        truncate_tail(self.fd, self.header["data_offset"] + self.allocator.end * self.chunk_size)
+        truncate_tail(self.fd, self.header.data_offset + self.allocator.end * self.chunk_size)
 
     # ----- metadata writes ------------------------------------------------------
-    def write_meta(self, offset, data):
+    def write_meta(self, offset: int, data: bytes) -> None:
         full_pwrite(self.fd, data, offset)
         self.stats.metadata_writes += 1
         self.stats.metadata_bytes_written += len(data)
 
-    def sync(self):
+    def sync(self) -> None:
         if self.unsafe:
             return
         os.fdatasync(self.fd)
         self.stats.flushes += 1
 
-    def write_header(self, **changes):
-        h = self.header
-        h.update(changes)
+    def write_header(self, **changes: int | bytes) -> None:
+        """The header with `changes` (and the feature bits they imply), written."""
+        h = self.header.replace(**changes)
+        self.header = h.replace(incompatible_features=self._feature_bits(h))
+        self.write_meta(0, fmt.build_header(self.header))
+
+    def _feature_bits(self, h: fmt.ImageHeader) -> int:
+        bits = h.incompatible_features
         # Partial chunks may exist (or appear without another header write): refuse older
         # readers. Snapshots alone make first writes into held chunks partial.
         if self.partial is not None and (
-            self.partial.active
-            or h["partial_map_offset"]
-            or h["incompatible_features"] & fmt.INCOMPAT_SNAPSHOTS
+            self.partial.active or h.partial_map_offset or bits & fmt.INCOMPAT_SNAPSHOTS
         ):
-            h["incompatible_features"] |= fmt.INCOMPAT_PARTIAL
+            bits |= fmt.INCOMPAT_PARTIAL
         else:
-            h["incompatible_features"] &= ~fmt.INCOMPAT_PARTIAL
+            bits &= ~fmt.INCOMPAT_PARTIAL
         # provenance: in the partial map, or in granule records (bit 3 with them; the
         # snapshot commits keep bit 4 while records may have it)
         if self.partial is not None and self.partial.map_provenance:
-            h["incompatible_features"] |= fmt.INCOMPAT_PROVENANCE
-        elif not h["incompatible_features"] & fmt.INCOMPAT_SNAPSHOT_PARTIAL:
-            h["incompatible_features"] &= ~fmt.INCOMPAT_PROVENANCE
-        self.write_meta(0, fmt.build_header(self.header))
+            bits |= fmt.INCOMPAT_PROVENANCE
+        elif not bits & fmt.INCOMPAT_SNAPSHOT_PARTIAL:
+            bits &= ~fmt.INCOMPAT_PROVENANCE
+        return bits
 
-    def punch_range(self, offset, length):
+    def punch_range(self, offset: int, length: int) -> None:
         """Guest range [offset, offset+length) of a table-less image reads as zeros."""
-        punch_hole(self.fd, self.header["data_offset"] + offset, length)
+        punch_hole(self.fd, self.header.data_offset + offset, length)
 
-    def reserve_table(self, first, stop):
+    def reserve_table(self, first: int, stop: int) -> None:
         """Entries [first, stop) of a sparse table are about to be set: give their
         table pages file blocks now, so that a full file system fails this write, never
         a later checkpoint (or the next open's)."""
@@ -526,14 +567,14 @@ class ImageCore:
         page = sparse_table.RESERVE // 4
         todo = np.flatnonzero(~self._reserved[first // page : (stop - 1) // page + 1])
         for i in (todo + first // page).tolist():
-            fileio.reserve(self.fd, self.header["table_offset"] + i * page * 4, page * 4)
+            fileio.reserve(self.fd, self.header.table_offset + i * page * 4, page * 4)
             self._reserved[i] = True
 
-    def punch_chunks(self, first, count):
-        off = self.header["data_offset"] + first * self.chunk_size
+    def punch_chunks(self, first: int, count: int) -> None:
+        off = self.header.data_offset + first * self.chunk_size
         punch_hole(self.fd, off, count * self.chunk_size)
 
-    def checkpoint(self, clean):
+    def checkpoint(self, clean: bool) -> None:
         """Write the whole table (and bitmap), then a header with a new journal epoch."""
         try:
             self._checkpoint_steps(clean)
@@ -543,13 +584,13 @@ class ImageCore:
         self._journal_broken = False
         self.allocator.commit_frees()
 
-    def _checkpoint_steps(self, clean):
+    def _checkpoint_steps(self, clean: bool) -> None:
         h = self.header
         if (
             clean
             and self.dirty_since_checkpoint
             and self.partial is not None
-            and (self.partial.active or h["partial_map_offset"])
+            and (self.partial.active or h.partial_map_offset)
         ):
             # the partial map moves and its old chunks are punched after the header: do
             # that under a header marked unclean, so a crash there opens with a scrub
@@ -558,25 +599,29 @@ class ImageCore:
         if self.dirty_since_checkpoint:
             if self.tableless:
                 pass  # no table: nothing to write
-            elif sparse_table.is_sparse(h):
-                h["table_crc"] = tablestore.store(self, h["table_offset"], self.table)
+            elif sparse_table.is_sparse(self.header):
+                self.header = self.header.replace(
+                    table_crc=tablestore.store(self, self.header.table_offset, self.table)
+                )
             else:
                 table = self.table.astype(fmt.TABLE_DTYPE).tobytes()
-                self.write_meta(h["table_offset"], table)
-                h["table_crc"] = zlib.crc32(table)
+                self.write_meta(self.header.table_offset, table)
+                self.header = self.header.replace(table_crc=zlib.crc32(table))
             if self.bitmap is not None:
-                h["bitmap_crc"] = self.bitmap.write(self)
+                self.header = self.header.replace(bitmap_crc=self.bitmap.write(self))
             if self.partial is not None:
                 self.partial.write_map(self)
             self.sync()
-        self.write_header(journal_epoch=h["journal_epoch"] + 1, clean_shutdown=int(clean))
+        self.write_header(journal_epoch=self.header.journal_epoch + 1, clean_shutdown=int(clean))
         self.sync()
         if self.partial is not None:
             self.partial.after_checkpoint(self)
-        self.journal.restart(h["journal_epoch"])
+        self.journal.restart(self.header.journal_epoch)
         self.dirty_since_checkpoint = False
 
-    def commit_metadata(self, records, publish=None):
+    def commit_metadata(
+        self, records: list[bytes], publish: Optional[Callable[[], None]] = None
+    ) -> None:
         """Make records durable after the data they describe (journal or checkpoint).
 
         `publish()` (if given) puts the records' changes into the in-memory table and
@@ -603,12 +648,17 @@ class ImageCore:
             return
         self.allocator.commit_frees()
 
-    def apply(self, changes, extra=(), after=None):
+    def apply(
+        self,
+        changes: dict[int, int],
+        extra: Iterable[bytes] = (),
+        after: Optional[Callable[[], None]] = None,
+    ) -> None:
         """Planned table changes (data already in their chunks): durable per the cache
         mode, then visible to readers (the table, then `after()`: bitmap bits)."""
-        done = []
+        done: list[bool] = []
 
-        def publish():
+        def publish() -> None:
             if not done:
                 self._publish(changes)
                 if after is not None:
@@ -632,30 +682,30 @@ class ImageCore:
             self._pending_bits.extend(extra)
         publish()
 
-    def _publish(self, changes):
+    def _publish(self, changes: dict[int, int]) -> None:
         t = self.table
         for v, e in changes.items():
             t[v] = e
 
-    def abandon(self, changes):
+    def abandon(self, changes: dict[int, int]) -> None:
         """Undo the allocations of a failed write: nothing points at them yet."""
         self.abandon_chunks(list(changes.values()))
 
-    def abandon_chunks(self, indexes):
+    def abandon_chunks(self, indexes: list[int]) -> None:
         if not indexes:
             return
         self.allocator.abandon(indexes)
-        end = self.header["data_offset"] + self.allocator.end * self.chunk_size
+        end = self.header.data_offset + self.allocator.end * self.chunk_size
         try:
             if not self.allocator.retired:
                 truncate_tail(self.fd, end)
         except OSError:
             pass  # a leak at most
 
-    def io_error(self, err, what):
+    def io_error(self, err: int, what: str) -> ImageIOError:
         return ImageIOError(self.path, err, what)
 
-    def _log(self, changes, extra=()):
+    def _log(self, changes: dict[int, int], extra: Iterable[bytes] = ()) -> None:
         """Record table changes (and extra records) per the cache mode."""
         if self.writethrough:
             self.commit_metadata(table_records(changes) + list(extra))
@@ -664,11 +714,11 @@ class ImageCore:
             self._pending_bits.extend(extra)
 
     # ----- I/O ------------------------------------------------------------------
-    def check_open(self):
+    def check_open(self) -> None:
         if self.closed:
             raise ValueError(f"{self.path}: I/O on a closed image")
 
-    def check_writable(self):
+    def check_writable(self) -> None:
         self.check_open()
         if self.read_only:
             raise ReadOnlyImageError(self.path)
@@ -684,7 +734,7 @@ class ImageCore:
             self.check_open()
         base = self.base_layer
         if base is None or base.fast_read:
-            return self.chunk_map.readinto(offset, buffer)
+            return int(self.chunk_map.readinto(offset, buffer))
         try:
             return base.readinto(offset, buffer)
         except OSError as e:
@@ -697,7 +747,7 @@ class ImageCore:
         try:
             if self.crc_guard is not None:
                 self.seal_overlapping(offset, memoryview(data).nbytes)
-            n = self.chunk_map.write(offset, data)  # checks the base's stale bits itself
+            n: int = self.chunk_map.write(offset, data)  # checks the base's stale bits itself
             if n < 0:
                 n = self._write_slow(offset, memoryview(data).cast("B"))
             elif self.writethrough:
@@ -706,7 +756,9 @@ class ImageCore:
             raise io_error(self.path, e, "write") from None
         return n
 
-    def seal_overlapping(self, offset, length, plan=None):
+    def seal_overlapping(
+        self, offset: int, length: int, plan: Optional[dict[int, int]] = None
+    ) -> None:
         """Before data that the crc-checked last transaction covers changes, seal it: an
         empty transaction, flushed, so replay never checks a crc the data no longer has
         (that would drop an acknowledged transaction). Virtual range in, host ranges
@@ -727,10 +779,12 @@ class ImageCore:
             ):
                 self.commit_metadata([])  # clears the guard: no crc records
 
-    def _host_ranges(self, offset, length, plan=None):
+    def _host_ranges(
+        self, offset: int, length: int, plan: Optional[dict[int, int]] = None
+    ) -> Iterator[tuple[int, int]]:
         """Host byte ranges of the allocated chunks under a virtual range (`plan`: chunk
         -> entry changes not yet in the table)."""
-        cs, d = self.chunk_size, self.header["data_offset"]
+        cs, d = self.chunk_size, self.header.data_offset
         pos, end = max(offset, 0), min(offset + length, self.size)
         while pos < end:
             v = pos // cs
@@ -740,7 +794,7 @@ class ImageCore:
                 yield d + e * cs + pos % cs, d + e * cs + (stop - 1) % cs + 1
             pos = stop
 
-    def _write_slow(self, offset, mv):
+    def _write_slow(self, offset: int, mv: memoryview) -> int:
         """A write that needs chunks allocated, copied from a snapshot, or the base."""
         length = len(mv)
         if offset < 0 or offset + length > self.size:
@@ -762,7 +816,13 @@ class ImageCore:
             self.apply(changes, extra)
         return length
 
-    def prepare_chunks(self, offset, length, changes=None, extra=None):
+    def prepare_chunks(
+        self,
+        offset: int,
+        length: int,
+        changes: Optional[dict[int, int]] = None,
+        extra: Optional[list[bytes]] = None,
+    ) -> tuple[dict[int, int], list[bytes]]:
         """Plan a writable physical chunk for every chunk under the range.
 
         Returns (table changes, extra journal records), added to the given ones. A chunk
@@ -788,7 +848,7 @@ class ImageCore:
                 new = self.allocator.allocate()
                 mine[v] = new
                 self.grow_frozen(new)
-                if e < fmt.ZERO_CHUNK:
+                if e < fmt.ZERO_CHUNK and self.snapshot_state is not None:  # frozen: held
                     extra.extend(self.snapshot_state.copy_chunk(self, v, e, new, offset, length))
         except BaseException:
             self.abandon(mine)
@@ -796,16 +856,16 @@ class ImageCore:
         changes.update(mine)
         return changes, extra
 
-    def host_of(self, pos, plan):
+    def host_of(self, pos: int, plan: dict[int, int]) -> int:
         """Host offset of virtual `pos` in an allocated chunk, planned or in the table."""
         cs = self.chunk_size
         v = pos // cs
         e = plan.get(v)
         if e is None:
             e = int(self.table[v])
-        return self.header["data_offset"] + e * cs + pos % cs
+        return self.header.data_offset + e * cs + pos % cs
 
-    def write_planned(self, offset, mv, plan):
+    def write_planned(self, offset: int, mv: memoryview, plan: dict[int, int]) -> None:
         """Write `mv` at virtual `offset` through the table with `plan` applied: one data
         write per physically contiguous run, as ChunkMap.write splits it."""
         cs, end, pos = self.chunk_size, offset + len(mv), offset
@@ -817,10 +877,10 @@ class ImageCore:
             self.chunk_map.pwritev(host, [mv[pos - offset : stop - offset]])
             pos = stop
 
-    def is_frozen(self, e):
+    def is_frozen(self, e: int) -> bool:
         return e < len(self.frozen) and self.frozen[e]
 
-    def grow_frozen(self, index):
+    def grow_frozen(self, index: int) -> None:
         """Keep the frozen array covering every physical chunk index."""
         if index >= len(self.frozen):
             grown = np.zeros(max(2 * len(self.frozen), index + 1, 1024), dtype=np.uint8)
@@ -828,7 +888,7 @@ class ImageCore:
             self.frozen = grown
             self.chunk_map.set_frozen(grown)
 
-    def write_zeroes(self, offset, length):
+    def write_zeroes(self, offset: int, length: int) -> None:
         """Make the range read as zeros; whole chunks are unmapped, not written."""
         self.check_writable()
         try:
@@ -839,7 +899,7 @@ class ImageCore:
         except OSError as e:
             raise io_error(self.path, e, "write_zeroes") from None
 
-    def _write_zeroes(self, offset, length):
+    def _write_zeroes(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.size:
             raise ValueError(
                 f"range [{offset}, {offset + length}) outside the image (size {self.size})"
@@ -857,11 +917,11 @@ class ImageCore:
                 self.check_open()
                 self.unmap_chunks(first, last)
 
-    def chunk_has_content(self, offset):
+    def chunk_has_content(self, offset: int) -> bool:
         e = int(self.table[offset // self.chunk_size])
         return e < fmt.ZERO_CHUNK or self.base_layer is not None and e == fmt.UNALLOCATED
 
-    def unmap_chunks(self, first, last):
+    def unmap_chunks(self, first: int, last: int) -> None:
         """Whole chunks [first, last) read as zeros from now on."""
         # With a base (even one no longer opened after prefetch) unmapped chunks become
         # ZERO: an UNALLOCATED chunk would fall through to the base.
@@ -890,7 +950,7 @@ class ImageCore:
         """Table or bitmap records not yet journaled (writeback), or a journal to redo."""
         return bool(self._pending or self._pending_bits or self._journal_broken)
 
-    def flush(self):
+    def flush(self) -> None:
         """Everything written before is durable when this returns."""
         self.check_open()
         if self.read_only:
@@ -902,7 +962,7 @@ class ImageCore:
         except OSError as e:
             raise io_error(self.path, e, "flush") from None
 
-    def _flush_locked(self):
+    def _flush_locked(self) -> None:
         if not (self._pending or self._pending_bits or self._journal_broken):
             self.sync()
             return
@@ -917,7 +977,7 @@ class ImageCore:
             raise
 
     # ----- lifecycle -------------------------------------------------------------
-    def close(self):
+    def close(self) -> None:
         """Flush, checkpoint and release the file. Safe while other threads use the
         image: calls already inside finish first, later ones raise ValueError."""
         with self.lock:
@@ -937,45 +997,45 @@ class ImageCore:
                 self._drain()
                 self._release()
 
-    def _drain(self):
+    def _drain(self) -> None:
         """No new call enters the chunk map; wait for those inside (fd still open)."""
         m = self.__dict__.get("chunk_map")
         if m is not None:
             m.closed = True
             drain_map(m)
 
-    def _release(self):
+    def _release(self) -> None:
         if self.base_layer is not None:
             self.base_layer.close()
         if self.fd >= 0:
             os.close(self.fd)  # also drops the flock
             self.fd = -1
 
-    def crash(self):
+    def crash(self) -> None:
         """Tests only: drop the handle as a crash would, without flushing anything."""
         self.closed = True
         self.__dict__.pop("readinto", None)
         self._release()
 
-    def __enter__(self):
+    def __enter__(self) -> ImageCore:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __del__(self):
+    def __del__(self) -> None:
         try:
             if not self.closed:
                 self.close()
         except Exception:
             pass
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         state = "closed" if self.closed else ("r" if self.read_only else "r+")
         return f"<fvd.Image {self.path!r} size={self.size} {state}>"
 
 
-def drain_map(m, sleep=time.sleep):
+def drain_map(m: Any, sleep: Callable[[float], object] = time.sleep) -> None:
     """Wait until no call that entered chunk map `m` before now is still inside it."""
     target = m.epoch + 2
     while m.epoch < target:

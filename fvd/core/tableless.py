@@ -18,6 +18,7 @@ import numpy as np
 
 from fvd.core.journal import bitmap_record
 from fvd.errors import TablelessError
+from fvd.ondisk.fvd_records import ImageHeader
 
 
 class TablelessCore(Protocol):
@@ -50,9 +51,9 @@ def identity_table(nchunks: int) -> np.ndarray:
     return np.arange(nchunks, dtype=np.uint32)
 
 
-def data_end(header: dict[str, Any]) -> int:
+def data_end(header: ImageHeader) -> int:
     """End of a table-less image's data area: the host file's size."""
-    return int(header["data_offset"]) + int(header["virtual_size"])
+    return header.data_offset + header.virtual_size
 
 
 def refuse(path: str, what: str) -> TablelessError:

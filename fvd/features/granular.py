@@ -33,18 +33,41 @@ Lifecycle:
 Images with a base keep the whole-chunk copy (a chunk there also has base bitmap bits).
 """
 
+from __future__ import annotations
+
 import time
 import zlib
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
+import numpy.typing as npt
 
 from fvd.core.bitmap import set_bits
+from fvd.core.image import ImageCore
 from fvd.core.journal import data_crc_record, granule_record
 from fvd.errors import CorruptImageError, io_error
 from fvd.fileio import data_runs, file_size, punch_hole
 from fvd.ondisk import format as fmt
 from fvd.ondisk import fvd_records as fr
+from fvd.types import CheckResult
 from fvd.units import flag_runs
+
+U32 = npt.NDArray[np.uint32]
+U8 = npt.NDArray[np.uint8]
+I64 = npt.NDArray[np.int64]
+Flags = npt.NDArray[np.bool_]
+Plan = dict[int, int]  # virtual chunk -> new physical chunk
+Records = list[bytes]
+Afters = list[Callable[[], None]]
+Slots = list[tuple[int, int]]  # (virtual chunk, slot) of first writes
+Record = tuple[I64, U32, U8]  # (chunks, sources, rows) of a decoded map (decode_map)
+Piece = Union[bytes, bytearray, memoryview]
+
+
+def _run_all(calls: Afters) -> None:
+    for call in calls:
+        call()
+
 
 NONE = 0xFFFFFFFF
 MAP_MAGIC = fr.PARTIAL_MAP_MAGIC
@@ -53,14 +76,16 @@ ENTRY_HEAD = fr.S_PARTIAL_MAP_ENTRY_HEAD  # virtual_chunk source_chunk, then the
 MAP_FLAG_PROVENANCE = fr.PARTIAL_MAP_FLAG_PROVENANCE  # a provenance section follows
 
 
-def _pad8(n):
+def _pad8(n: int) -> int:
     return (n + 7) & ~7
 
 
 class PartialState:
     """The front's partial chunks (see module doc)."""
 
-    def __init__(self, nchunks, chunk_size, size, granule=fmt.DEFAULT_GRANULE):
+    def __init__(
+        self, nchunks: int, chunk_size: int, size: int, granule: int = fmt.DEFAULT_GRANULE
+    ) -> None:
         self.nchunks = nchunks
         self.chunk_size = chunk_size
         self.size = size
@@ -81,19 +106,19 @@ class PartialState:
         self.map_run = (0, 0)  # (first, count) of the on-disk map
         self.map_provenance = False  # the on-disk map has a provenance section
         self.old_run = (0, 0)  # released after the next header
-        self._keep = []  # arrays lock-free readers may view
-        self.cmap = None
-        self.wait = None  # grace period of the chunk map
+        self._keep: list[tuple[U32, U8, U8]] = []  # arrays lock-free readers may view
+        self.cmap: Any = None  # the chunk map (fvd._impl: compiled or the twin)
+        self.wait: Optional[Callable[[], None]] = None  # grace period of the chunk map
 
     # ----- in-memory structure ------------------------------------------------------
-    def install(self, cmap, wait=None):
+    def install(self, cmap: Any, wait: Optional[Callable[[], None]] = None) -> None:
         """Let the chunk map view the arrays; `wait()` returns once every call registered
         with the map before it has finished (Image: the allocator's quiesce)."""
         self.cmap = cmap
         self.wait = wait
         cmap.set_partial(self.slot, self.src, self.bits, self.gsize, self.wbits)
 
-    def _reinstall(self):
+    def _reinstall(self) -> None:
         """New (grown) arrays: a call in flight may still view the old ones, which hold
         no slot numbered past their end; so wait for those calls before any such slot is
         published (a slot index past a viewed array would read outside it)."""
@@ -102,13 +127,13 @@ class PartialState:
             if self.wait is not None:
                 self.wait()
 
-    def slot_of(self, v):
+    def slot_of(self, v: int) -> Optional[int]:
         if len(self.slot) == 0:
             return None
         k = int(self.slot[v])
         return None if k == NONE else k
 
-    def new_slot(self, v, source):
+    def new_slot(self, v: int, source: int) -> int:
         """A slot for virtual chunk v with all bits clear (not yet published)."""
         changed = False
         if len(self.slot) == 0:
@@ -128,7 +153,7 @@ class PartialState:
             self._reinstall()
         return k
 
-    def _grow(self, cap):
+    def _grow(self, cap: int) -> None:
         """Arrays for `cap` slots (the old ones kept: in-flight readers may view them)."""
         n = len(self.src)
         self._keep.append((self.src, self.bits, self.wbits))
@@ -142,14 +167,14 @@ class PartialState:
         wbits[: len(self.wbits)] = self.wbits
         self.src, self.cfrom, self.bits, self.wbits = src, cfrom, bits, wbits
 
-    def _past_end(self, v, k):
+    def _past_end(self, v: int, k: int) -> None:
         """Granules past the end of the image are never read: count them as written."""
         end_g = -(-(self.size - v * self.chunk_size) // self.gsize)
         if end_g < self.gpc:
             self._set(self.row(k), end_g, self.gpc)
             self._set(self.wrow(k), end_g, self.gpc)
 
-    def load_record(self, chunks, sources, rows):
+    def load_record(self, chunks: I64, sources: U32, rows: U8) -> None:
         """Take a decoded granule record (decode_map) as the partial chunks, all at once:
         a snapshot view's, or the front's after a revert (no slot may exist yet)."""
         assert self.active == 0
@@ -168,31 +193,31 @@ class PartialState:
         self.used = self.active = n
         self._reinstall()
 
-    def row(self, k):
+    def row(self, k: int) -> U8:
         return self.bits[k * self.gbytes : (k + 1) * self.gbytes]
 
-    def wrow(self, k):
+    def wrow(self, k: int) -> U8:
         return self.wbits[k * self.gbytes : (k + 1) * self.gbytes]
 
     @staticmethod
-    def _set(row, g0, g1):
+    def _set(row: U8, g0: int, g1: int) -> None:
 
         set_bits(row, g0, g1 - g0)
 
-    def set_granules(self, k, g0, g1):
+    def set_granules(self, k: int, g0: int, g1: int) -> None:
         """Granules g0..g1-1 are written (bits first: wbits stays a subset of bits)."""
         self._set(self.row(k), g0, g1)
         self._set(self.wrow(k), g0, g1)
 
-    def carries(self, k):
+    def carries(self, k: int) -> bool:
         """Slot k has carried granules (with an origin)."""
         return self.cfrom[k] != NONE and bool((self.row(k) & ~self.wrow(k)).any())
 
-    def uncarry(self, k, g0, g1):
+    def uncarry(self, k: int, g0: int, g1: int) -> None:
         """Granules g0..g1-1 are about to be rewritten: they lose their provenance."""
         self._set(self.wrow(k), g0, g1)
 
-    def carry(self, v, k, held):
+    def carry(self, v: int, k: int, held: int) -> None:
         """Copy-forward from `held` (before the new chunk is published): every granule
         written before now holds held's bytes (carried: wbits clear, origin `held`); the
         write's own granules get their wbits with their bits (set_granules). Granules
@@ -204,18 +229,18 @@ class PartialState:
             self._set(wrow, end_g, self.gpc)
         self.cfrom[k] = held
 
-    def flags(self, k):
+    def flags(self, k: int) -> Flags:
         """bool array of the slot's granule bits."""
         return np.unpackbits(self.row(k), bitorder="little")[: self.gpc].view(bool)
 
-    def complete(self, k):
+    def complete(self, k: int) -> bool:
         return bool(self.flags(k).all())
 
-    def publish(self, v, k):
+    def publish(self, v: int, k: int) -> None:
         self.slot[v] = k
         self.active += 1
 
-    def drop(self, v):
+    def drop(self, v: int) -> Optional[int]:
         """v is no longer partial; returns its source chunk (or None)."""
         k = self.slot_of(v)
         if k is None:
@@ -224,25 +249,26 @@ class PartialState:
         self.active -= 1
         return int(self.src[k])
 
-    def entries(self):
+    def entries(self) -> list[tuple[int, int]]:
         """[(virtual chunk, slot)] of the partial chunks, in chunk order."""
         if not self.active:
             return []
         vs = np.flatnonzero(self.slot != NONE)
         return [(int(v), int(self.slot[v])) for v in vs]
 
-    def sources(self):
+    def sources(self) -> I64:
         if not self.active:
             return np.zeros(0, dtype=np.int64)
-        return self.src[self.slot[self.slot != NONE]].astype(np.int64)
+        out: I64 = self.src[self.slot[self.slot != NONE]].astype(np.int64)
+        return out
 
-    def clear(self):
+    def clear(self) -> None:
         """Forget every partial chunk (revert, or a pending revert at open)."""
         if self.active:
             self.slot[:] = NONE
             self.active = 0
 
-    def mark_used(self, used):
+    def mark_used(self, used: Flags) -> Flags:
         """Sources and the on-disk map are in use."""
         extra = [self.sources()]
         for a, n in (self.map_run, self.old_run):
@@ -259,7 +285,9 @@ class PartialState:
         return used
 
     # ----- runs for extents ------------------------------------------------------------
-    def host_runs(self, k, entry, start, stop, chunk_start, data_offset):
+    def host_runs(
+        self, k: int, entry: int, start: int, stop: int, chunk_start: int, data_offset: int
+    ) -> Iterator[tuple[int, int, int]]:
         """(s, e, host) runs of [start, stop) inside partial chunk (entry, slot k)."""
         cs, gs = self.chunk_size, self.gsize
         fl = self.flags(k)
@@ -272,13 +300,13 @@ class PartialState:
             yield s, e, data_offset + p * cs + (s - chunk_start)
 
     # ----- replay ----------------------------------------------------------------------
-    def forget(self, first, count):
+    def forget(self, first: int, count: int) -> None:
         """A TABLE record remapped chunks [first, first+count): no longer partial."""
         if self.active:
             for v in np.flatnonzero(self.slot[first : first + count] != NONE):
                 self.drop(first + int(v))
 
-    def replay(self, table, start, count, payload):
+    def replay(self, table: U32, start: int, count: int, payload: tuple[int, int]) -> None:
         chunk, source = payload
         v = start // self.gpc
         if int(table[v]) != chunk:
@@ -295,7 +323,7 @@ class PartialState:
             self.drop(v)
 
     # ----- on-disk map -----------------------------------------------------------------
-    def encode(self, provenance=False):
+    def encode(self, provenance: bool = False) -> bytes:
         """The partial map (docs/format.md section 10); with `provenance` (a snapshot's
         granule record), the provenance section after the entries when some granule is
         carried (then head flag bit 0 is set; without carried granules the record is the
@@ -321,7 +349,7 @@ class PartialState:
             body += p
         return bytes(body)
 
-    def load(self, img, raw, where):
+    def load(self, img: ImageCore, raw: bytes, where: int) -> None:
         """The partial map read at open. Its provenance section is taken only after a
         clean shutdown: then no write followed the checkpoint that wrote it; after a
         crash a carried granule may have been written since (docs/format.md section 10,
@@ -337,7 +365,7 @@ class PartialState:
         ):
             img.problem(where, "partial map magic, granule size, flags or length mismatch")
             return
-        trust = sections == 2 and img.header["clean_shutdown"] == 1
+        trust = sections == 2 and img.header.clean_shutdown == 1
         prov = MAP_HEAD.size + count * esize  # the provenance entry of entry 0
         pos = MAP_HEAD.size
         for _ in range(count):
@@ -361,10 +389,10 @@ class PartialState:
             pos += esize
             prov += esize
 
-    def write_map(self, img):
+    def write_map(self, img: ImageCore) -> None:
         """Checkpoint: the map goes to new chunks (the header write commits it)."""
         h = img.header
-        if not self.active and not h["partial_map_offset"]:
+        if not self.active and not h.partial_map_offset:
             return
         self.old_run = self.map_run
         if self.active:
@@ -373,10 +401,10 @@ class PartialState:
             n = -(-len(raw) // self.chunk_size)
             first = img.allocator.allocate_run(n)
             img.grow_frozen(first + n)
-            off = h["data_offset"] + first * self.chunk_size
+            off = img.header.data_offset + first * self.chunk_size
             img.write_meta(off, raw)
             self.map_run = (first, n)
-            h.update(
+            img.header = img.header.replace(
                 partial_map_offset=off,
                 partial_map_size=len(raw),
                 partial_map_crc=zlib.crc32(raw),
@@ -385,16 +413,18 @@ class PartialState:
         else:
             self.map_run = (0, 0)
             self.map_provenance = False
-            h.update(partial_map_offset=0, partial_map_size=0, partial_map_crc=0)
+            img.header = img.header.replace(
+                partial_map_offset=0, partial_map_size=0, partial_map_crc=0
+            )
 
-    def after_checkpoint(self, img):
+    def after_checkpoint(self, img: ImageCore) -> None:
         a, n = self.old_run
         self.old_run = (0, 0)
         if n:
             img.allocator.release_now(range(a, a + n))
 
     # ----- check -------------------------------------------------------------------------
-    def validate(self, img):
+    def validate(self, img: ImageCore) -> None:
         """After replay: every partial chunk maps an allocated chunk, its source lies in
         the file, is not mapped by the front and backs only this chunk."""
         if not self.active:
@@ -403,8 +433,8 @@ class PartialState:
         seen = {}
         mapped = {int(x) for x in t[t < fmt.ZERO_CHUNK]}
         h = img.header
-        where = h["partial_map_offset"]
-        nphys = -(-(file_size(img.fd) - h["data_offset"]) // self.chunk_size)
+        where = h.partial_map_offset
+        nphys = -(-(file_size(img.fd) - img.header.data_offset) // self.chunk_size)
         for v, k in self.entries():
             s = int(self.src[k])
             e = int(t[v])
@@ -419,10 +449,10 @@ class PartialState:
             seen[s] = v
 
     # ----- the write path ---------------------------------------------------------------
-    def takes(self, img, offset, length):
+    def takes(self, img: ImageCore, offset: int, length: int) -> bool:
         """True when a chunk under the range is partial or frozen (granular COW)."""
         snaps = img.snapshot_state
-        if not self.active and (snaps is None or not snaps.entries) or length == 0:
+        if not self.active and (snaps is None or not snaps.has_snapshots()) or length == 0:
             return False
         cs = self.chunk_size
         for v in range(offset // cs, (offset + length - 1) // cs + 1):
@@ -433,13 +463,16 @@ class PartialState:
                 return True
         return False
 
-    def write(self, img, offset, mv):
+    def write(self, img: ImageCore, offset: int, mv: memoryview) -> int:
         """A write touching partial or frozen chunks (img.lock held): chunk by chunk,
         one journal transaction for all. As everywhere (Image._apply), data goes to the
         chunks first and table entries and granule bits are published after the records
         are durable (writethrough) or queued (writeback)."""
         cs = self.chunk_size
-        plan, records, afters, slots = {}, [], [], []
+        plan: Plan = {}
+        records: Records = []
+        afters: Afters = []
+        slots: Slots = []
         end = offset + len(mv)
         pos = offset
         try:
@@ -470,34 +503,45 @@ class PartialState:
                 img.sync()
             return len(mv)
         try:
-            img.apply(plan, records, lambda: [f() for f in afters])
+            img.apply(plan, records, lambda: _run_all(afters))
         except BaseException:
             self._unpublish(img, slots)
             raise
         return len(mv)
 
-    def _unpublish(self, img, slots):
+    def _unpublish(self, img: ImageCore, slots: Slots) -> None:
         """Slots of first writes whose table entry was never published."""
         for v, k in slots:
             if self.slot_of(v) == k and int(img.table[v]) == int(self.src[k]):
                 self.drop(v)
 
-    def _span(self, v, pos, n):
+    def _span(self, v: int, pos: int, n: int) -> tuple[int, int, int, int]:
         w0 = pos - v * self.chunk_size
         w1 = w0 + n
         return w0, w1, w0 >> self.gshift, -(-w1 // self.gsize)
 
-    def _read_src(self, img, source, lo, hi):
+    def _read_src(self, img: ImageCore, source: int, lo: int, hi: int) -> bytearray:
         buf = bytearray(hi - lo)
-        img.chunk_map.pread_host(img.header["data_offset"] + source * self.chunk_size + lo, buf)
+        img.chunk_map.pread_host(img.header.data_offset + source * self.chunk_size + lo, buf)
         return buf
 
-    def _edges(self, img, source, w0, w1, g0, g1, need_head, need_tail):
+    def _edges(
+        self,
+        img: ImageCore,
+        source: int,
+        w0: int,
+        w1: int,
+        g0: int,
+        g1: int,
+        need_head: bool,
+        need_tail: bool,
+    ) -> tuple[Piece, Piece]:
         """Head [g0*gs, w0) and tail [w1, g1*gs) copied from the source (one read when
         both lie in one granule)."""
         gs = self.gsize
         a, b = g0 * gs, g1 * gs
-        head = tail = b""
+        head: Piece = b""
+        tail: Piece = b""
         if need_head and need_tail and g1 - g0 == 1:
             both = self._read_src(img, source, a, b)
             return memoryview(both)[: w0 - a], memoryview(both)[w1 - a :]
@@ -507,10 +551,12 @@ class PartialState:
             tail = self._read_src(img, source, w1, b)
         return head, tail
 
-    def _put(self, img, chunk, lo, pieces, records):
+    def _put(
+        self, img: ImageCore, chunk: int, lo: int, pieces: Sequence[Piece], records: Records
+    ) -> None:
         """One data write of pieces at chunk-relative lo; DATA_CRC in writethrough (replay
         must not trust the records if these bytes did not reach the disk)."""
-        host = img.header["data_offset"] + chunk * self.chunk_size + lo
+        host = img.header.data_offset + chunk * self.chunk_size + lo
         img.chunk_map.pwritev(host, [p for p in pieces if len(p)])
         if img.writethrough:
             crc, n = 0, 0
@@ -519,7 +565,17 @@ class PartialState:
                 n += len(p)
             records.append(data_crc_record(host, n, crc))
 
-    def _first_write(self, img, v, source, pos, piece, plan, records, slots):
+    def _first_write(
+        self,
+        img: ImageCore,
+        v: int,
+        source: int,
+        pos: int,
+        piece: memoryview,
+        plan: Plan,
+        records: Records,
+        slots: Slots,
+    ) -> None:
         """New chunk for held chunk `source`: only the touched granules are written. The
         slot goes live before the table entry: while the table still maps the source,
         every granule reads the source whatever its bit."""
@@ -541,23 +597,51 @@ class PartialState:
         slots.append((v, k))
         records.append(granule_record(v * self.gpc + g0, g1 - g0, new, source))
 
-    def _write_partial(self, img, v, k, chunk, pos, piece, records, afters):
+    def _write_partial(
+        self,
+        img: ImageCore,
+        v: int,
+        k: int,
+        chunk: int,
+        pos: int,
+        piece: memoryview,
+        records: Records,
+        afters: Afters,
+    ) -> None:
         w0, w1, g0, g1 = self._span(v, pos, len(piece))
         fl = self.flags(k)
         if fl[g0:g1].all():
             self.uncarry(k, g0, g1)  # before the bytes change: never a stale provenance
-            img.chunk_map.pwritev(img.header["data_offset"] + chunk * self.chunk_size + w0, [piece])
+            img.chunk_map.pwritev(img.header.data_offset + chunk * self.chunk_size + w0, [piece])
             return
         source = int(self.src[k])
         gs = self.gsize
         head, tail = self._edges(
-            img, source, w0, w1, g0, g1, w0 % gs and not fl[g0], w1 % gs and not fl[g1 - 1]
+            img,
+            source,
+            w0,
+            w1,
+            g0,
+            g1,
+            bool(w0 % gs and not fl[g0]),
+            bool(w1 % gs and not fl[g1 - 1]),
         )
         self._put(img, chunk, w0 - len(head), (head, piece, tail), records)
         records.append(granule_record(v * self.gpc + g0, g1 - g0, chunk, source))
         afters.append(lambda: self._granules_done(img, v, k, g0, g1))
 
-    def _copy_forward(self, img, v, k, held, pos, piece, plan, records, afters):
+    def _copy_forward(
+        self,
+        img: ImageCore,
+        v: int,
+        k: int,
+        held: int,
+        pos: int,
+        piece: memoryview,
+        plan: Plan,
+        records: Records,
+        afters: Afters,
+    ) -> None:
         """First write into a partial chunk a snapshot holds (its N `held` is frozen, its
         source S too): a new chunk takes the written granules of `held` the write does
         not cover (copied), then the write; S stays the source of the same slot. The
@@ -575,7 +659,8 @@ class PartialState:
         for a, b, mine in flag_runs(carried):
             if mine:
                 self._put(img, new, a * gs, (self._read_src(img, held, a * gs, b * gs),), records)
-        head = tail = b""
+        head: Piece = b""
+        tail: Piece = b""
         if w0 % gs:
             head = self._read_src(img, held if fl[g0] else source, g0 * gs, w0)
         if w1 % gs:
@@ -591,7 +676,18 @@ class PartialState:
         self.carry(v, k, held)
         afters.append(lambda: self._forward_done(img, v, k, g0, g1))
 
-    def _restart(self, img, v, held, pos, piece, plan, records, slots, afters):
+    def _restart(
+        self,
+        img: ImageCore,
+        v: int,
+        held: int,
+        pos: int,
+        piece: memoryview,
+        plan: Plan,
+        records: Records,
+        slots: Slots,
+        afters: Afters,
+    ) -> None:
         """First write into a complete chunk a snapshot holds (kept partial for the
         provenance of its carried granules): `held` reads whole, so it becomes the source
         of a new partial chunk, as in a first write (nothing is copied, and the granules
@@ -602,14 +698,14 @@ class PartialState:
         afters.append(lambda: self._release_source(img, old))
         self._first_write(img, v, held, pos, piece, plan, records, slots)
 
-    def _forward_done(self, img, v, k, g0, g1):
+    def _forward_done(self, img: ImageCore, v: int, k: int, g0: int, g1: int) -> None:
         """Published N2 in the table: once no reader still holds N from before (N's bytes
         under the new bits are not the chunk's), the new bits."""
         if self.wait is not None:
             self.wait()
         self._granules_done(img, v, k, g0, g1)
 
-    def _granules_done(self, img, v, k, g0, g1):
+    def _granules_done(self, img: ImageCore, v: int, k: int, g0: int, g1: int) -> None:
         """Published: the granules read from the chunk; a complete chunk leaves its source,
         unless it has carried granules: then it stays partial with every bit set, so
         that the next snapshot records their provenance (_restart ends it)."""
@@ -619,16 +715,16 @@ class PartialState:
         if self.complete(k) and not self.carries(k):
             self._release_source(img, self.drop(v))
 
-    def _release_source(self, img, source):
-        if not img.is_frozen(source):
+    def _release_source(self, img: ImageCore, source: Optional[int]) -> None:
+        if source is not None and not img.is_frozen(source):
             img.allocator.release(source)  # only the front used it (its snapshot is gone)
 
     # ----- completion (revert) ----------------------------------------------------------
-    def _copy_run(self, img, source, chunk, lo, hi):
+    def _copy_run(self, img: ImageCore, source: int, chunk: int, lo: int, hi: int) -> None:
         """Chunk-relative [lo, hi) of the source into the chunk: the source's data runs are
         copied, its holes punched (a sparse guest disk costs no data writes there; the
         punch also clears whatever a torn write left under clear bits)."""
-        d, cs = img.header["data_offset"], self.chunk_size
+        d, cs = img.header.data_offset, self.chunk_size
         src, dst = d + source * cs, d + chunk * cs
         for a, b, is_data in data_runs(img.fd, src + lo, src + hi):
             if is_data:
@@ -641,7 +737,7 @@ class PartialState:
                 except OSError as e:
                     raise io_error(img.path, e, "punch hole") from e
 
-    def detach(self, img):
+    def detach(self, img: ImageCore) -> tuple[I64, list[int]]:
         """Revert: the front's partial chunks go. Readers may still pair a chunk with its
         slot, so each is completed first, then the slots are cleared once no reader still
         acts on a clear bit. A chunk only the front holds is completed in place (nothing
@@ -650,7 +746,7 @@ class PartialState:
         those new chunks), for the caller to release."""
         sources = self.sources()
         todo = self.entries()
-        temps = []
+        temps: list[int] = []
         if not todo:
             return sources, temps
         for v, k in todo:
@@ -672,7 +768,7 @@ class PartialState:
         self.clear()
         return sources, temps
 
-    def complete_record(self, img, table, record):
+    def complete_record(self, img: ImageCore, table: U32, record: Record) -> U32:
         """Revert to a snapshot with partial chunks: a copy of its table in which each
         of them maps a new whole chunk of the front, holding the snapshot's bytes (its
         chunk's written granules, its source's others). Lock-free readers can switch to
@@ -688,7 +784,9 @@ class PartialState:
             table[v] = new
         return table
 
-    def _complete_into(self, img, flags, chunk, source, target):
+    def _complete_into(
+        self, img: ImageCore, flags: Flags, chunk: int, source: int, target: int
+    ) -> None:
         """The whole chunk into `target`: written granules (set flags) from `chunk`, the
         others from `source`; runs already in place (target is chunk) are left alone."""
         gs = self.gsize
@@ -698,7 +796,9 @@ class PartialState:
                 self._copy_run(img, origin, target, a * gs, b * gs)
 
 
-def decode_map(raw, nchunks, chunk_size, granule, path, offset):
+def decode_map(
+    raw: bytes, nchunks: int, chunk_size: int, granule: int, path: str, offset: int
+) -> Record:
     """(chunks, sources, rows) of an encoded partial map or granule record (the layout of
     docs/format.md section 10) read from host `offset` of `path`, decoded without a loop
     over the entries: chunks (int64, strictly increasing, each < nchunks), their sources
@@ -734,7 +834,9 @@ def decode_map(raw, nchunks, chunk_size, granule, path, offset):
     return chunks, sources, rows
 
 
-def decode_provenance(raw, count, chunk_size, granule, path, offset):
+def decode_provenance(
+    raw: bytes, count: int, chunk_size: int, granule: int, path: str, offset: int
+) -> Optional[tuple[U32, U8]]:
     """(origins, carried rows) of a granule record's provenance section (docs/format.md
     section 10, "Provenance"), or None when its head has no provenance flag: per entry,
     the chunk its carried granules were copied from (uint32, NONE: none) and their bit
@@ -762,7 +864,15 @@ def decode_provenance(raw, count, chunk_size, granule, path, offset):
     return origins, rows
 
 
-def check_record_table(chunks, sources, rows, table, path, offset, nphys=fmt.MAX_PHYS_CHUNKS):
+def check_record_table(
+    chunks: I64,
+    sources: U32,
+    rows: U8,
+    table: U32,
+    path: str,
+    offset: int,
+    nphys: int = fmt.MAX_PHYS_CHUNKS,
+) -> None:
     """A snapshot's granule record (at host `offset`) against the snapshot's lookup table:
     every entry's chunk maps a physical chunk N; its source lies below nphys (inside the
     file), is not a chunk the table maps and backs no other entry (CorruptImageError
@@ -785,42 +895,38 @@ def check_record_table(chunks, sources, rows, table, path, offset, nphys=fmt.MAX
         )
 
 
-def attach_partial(img):
+def attach_partial(img: ImageCore) -> None:
     """Open hook for images without a base: the partial map, if the header has one."""
     h = img.header
-    st = PartialState(
-        img.nchunks, img.chunk_size, img.size, h["granule_size"] or fmt.DEFAULT_GRANULE
-    )
+    st = PartialState(img.nchunks, img.chunk_size, img.size, h.granule_size or fmt.DEFAULT_GRANULE)
     img.partial = st
-    off, size = h["partial_map_offset"], h["partial_map_size"]
+    off, size = img.header.partial_map_offset, img.header.partial_map_size
     if not off:
         return
     raw = img.read_meta(off, size)
-    if zlib.crc32(raw) != h["partial_map_crc"]:
+    if zlib.crc32(raw) != img.header.partial_map_crc:
         img.problem(off, "partial map checksum mismatch")
         return
     if size < MAP_HEAD.size:
         img.problem(off, "partial map too short")
         return
-    cs, d = img.chunk_size, h["data_offset"]
+    cs, d = img.chunk_size, img.header.data_offset
     st.map_run = ((off - d) // cs, -(-size // cs))
     st.map_provenance = bool(raw[12] & MAP_FLAG_PROVENANCE)
     st.load(img, raw, off)
 
 
-def check_partial(img, result):
+def check_partial(img: ImageCore, result: CheckResult) -> None:
     """A partial chunk must map a chunk N (which a snapshot may hold too: the front's next
     write into it copies forward) other than its source, and its source must not be
     snapshot metadata. Found problems are not repaired (the bytes of the unwritten
     granules are only in S)."""
     st = img.partial
-    if not st.active:
+    if not isinstance(st, PartialState) or not st.active:
         return
     meta = np.zeros(0, dtype=bool)
     if img.snapshot_state is not None:
-        meta = img.snapshot_state.mark_used(np.zeros(0, dtype=bool))
-        rc = img.snapshot_state.refcount
-        meta[: len(rc)] &= rc == 0  # only the metadata runs
+        meta = img.snapshot_state.meta_mask(0)
     for v, k in st.entries():
         e, s = int(img.table[v]), int(st.src[k])
         if e >= fmt.ZERO_CHUNK or e == s or (s < len(meta) and meta[s]):

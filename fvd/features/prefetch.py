@@ -22,14 +22,20 @@
   chunk is first copied to a new one (Image._prepare_chunks), never written in place.
 """
 
+from __future__ import annotations
+
 import bisect
 import random
 import sys
 import time
+from typing import Callable, Optional, TextIO
 
 import numpy as np
+import numpy.typing as npt
 
 from fvd.core.bitmap import get_bits
+from fvd.core.image import ImageCore
+from fvd.features.base import BaseLayer
 from fvd.features.snapshots import snapshots_need_base
 from fvd.ondisk import format as fmt
 from fvd.units import MiB, flag_runs
@@ -37,32 +43,35 @@ from fvd.units import MiB, flag_runs
 DEFAULT_STEP = 4 * MiB
 DEFAULT_MIN_RATE = 5120 * 1024
 
+Progress = Callable[[int, int], None]  # progress(done_bytes, total_bytes)
+Holes = list[tuple[int, int]]
+
 
 class Pacer:
     def __init__(
         self,
-        min_rate=DEFAULT_MIN_RATE,
-        max_rate=None,
-        alpha=0.8,
-        window=0.1,
-        throttle_time=30.0,
-        rng=None,
-        sleep=time.sleep,
-        clock=time.monotonic,
-    ):
+        min_rate: float = DEFAULT_MIN_RATE,
+        max_rate: Optional[float] = None,
+        alpha: float = 0.8,
+        window: float = 0.1,
+        throttle_time: float = 30.0,
+        rng: Optional[random.Random] = None,
+        sleep: Callable[[float], object] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.min_rate, self.max_rate = min_rate, max_rate
         self.alpha, self.window, self.throttle_time = alpha, window, throttle_time
         self.rng = rng or random.Random()
         self.sleep, self.clock = sleep, clock
-        self.ewma = None
+        self.ewma: Optional[float] = None
         self.pauses = 0
         self._restart()
 
-    def _restart(self):
+    def _restart(self) -> None:
         self.t0 = self.clock()
         self.nbytes = 0
 
-    def account(self, nbytes):
+    def account(self, nbytes: int) -> None:
         self.nbytes += nbytes
         elapsed = self.clock() - self.t0
         if self.max_rate:
@@ -83,7 +92,7 @@ class Pacer:
         self._restart()
 
 
-def _present_bytes(flags, first_block, bs, bend):
+def _present_bytes(flags: npt.NDArray[np.bool_], first_block: int, bs: int, bend: int) -> int:
     """Bytes of the present blocks (the last block may be cut by the base end)."""
     n = int(np.count_nonzero(flags)) * bs
     last = first_block + len(flags) - 1
@@ -93,25 +102,25 @@ def _present_bytes(flags, first_block, bs, bend):
 
 
 def prefetch(
-    img,
-    progress=None,
+    img: ImageCore,
+    progress: Optional[Progress] = None,
     *,
-    step=DEFAULT_STEP,
-    min_rate=DEFAULT_MIN_RATE,
-    max_rate=None,
-    alpha=0.8,
-    window=0.1,
-    throttle_time=30.0,
-    rng=None,
-    sleep=time.sleep,
-):
+    step: int = DEFAULT_STEP,
+    min_rate: float = DEFAULT_MIN_RATE,
+    max_rate: Optional[float] = None,
+    alpha: float = 0.8,
+    window: float = 0.1,
+    throttle_time: float = 30.0,
+    rng: Optional[random.Random] = None,
+    sleep: Callable[[float], object] = time.sleep,
+) -> int:
     """Copy the base into the image; returns the number of bytes copied by this call."""
     img.check_writable()
     h = img.header
     layer = img.base_layer
-    if h["base_format"] == fmt.BASE_NONE or layer is None:
+    if h.base_format == fmt.BASE_NONE or not isinstance(layer, BaseLayer):
         if progress is not None:
-            total = min(h["base_size"], img.size)
+            total = min(h.base_size, img.size)
             progress(total, total)
         return 0
     bs = img.block_size
@@ -153,16 +162,18 @@ def prefetch(
     return copied
 
 
-def _base_holes(layer, bend):
+def _base_holes(layer: BaseLayer, bend: int) -> Holes:
     """Sorted (start, end) ranges below `bend` where the base reads zeros (a raw base's
     holes, an image base's zero extents): prefetch never reads them."""
+    if layer.backend is None:
+        return []
     try:
         return [(x.start, x.start + x.length) for x in layer.backend.extents(0, bend) if x.zero]
     except (OSError, NotImplementedError):
         return []
 
 
-def _zero_hole_chunks(img, layer, holes, nb):
+def _zero_hole_chunks(img: ImageCore, layer: BaseLayer, holes: Holes, nb: int) -> None:
     """Whole chunks that read the base and lie in a base hole become ZERO chunks (the
     bits set, as write_zeroes does): nothing to read, nothing to write."""
     cs, bs = img.chunk_size, img.block_size
@@ -185,7 +196,7 @@ def _zero_hole_chunks(img, layer, holes, nb):
                     img.unmap_chunks(c0 + a, c0 + b)
 
 
-def _read_skipping_holes(layer, holes, start, piece):
+def _read_skipping_holes(layer: BaseLayer, holes: Holes, start: int, piece: memoryview) -> None:
     """Fill `piece` (virtual `start`) from the base; base holes are zero-filled, not read."""
     end = start + len(piece)
     pos = start
@@ -203,34 +214,34 @@ def _read_skipping_holes(layer, holes, start, piece):
         pos = stop
 
 
-def _finish(img, layer, nb):
+def _finish(img: ImageCore, layer: BaseLayer, nb: int) -> None:
     img.flush()
     with img.lock:
         if nb and not get_bits(layer.bitmap.fresh, 0, nb).all():
             return  # a block could not be stored (image closing): try again later
         img.dirty_since_checkpoint = True
         img.checkpoint(clean=False)
-        if img.snapshot_state is not None and img.snapshot_state.entries:
+        if img.snapshot_state is not None and img.snapshot_state.has_snapshots():
             if snapshots_need_base(img):
                 return  # the front is complete, but a snapshot still reads the base
-        img.write_header(base_flags=img.header["base_flags"] | fmt.BASE_FLAG_PREFETCHED)
+        img.write_header(base_flags=img.header.base_flags | fmt.BASE_FLAG_PREFETCHED)
         img.sync()
         img.base_layer = None
         layer.close()
 
 
-def progress_bar(stream=None, width=40):
+def progress_bar(stream: Optional[TextIO] = None, width: int = 40) -> Progress:
     """A progress(done, total) callback drawing a one-line bar on `stream` (stderr)."""
-    stream = stream or sys.stderr
-    state = {"last": None}
+    out = stream or sys.stderr
+    state: dict[str, Optional[str]] = {"last": None}
 
-    def show(done, total):
+    def show(done: int, total: int) -> None:
         pct = 100.0 if total == 0 else 100.0 * done / total
         filled = int(width * pct / 100)
         text = f"\r[{'#' * filled}{'.' * (width - filled)}] {pct:6.2f}% ({done}/{total} bytes)"
         if text != state["last"]:
-            stream.write(text)  # the caller ends the line when done
-            stream.flush()
+            out.write(text)  # the caller ends the line when done
+            out.flush()
             state["last"] = text
 
     return show

@@ -91,7 +91,7 @@ class _Entry:
     def info(self, header=None):
         """The public SnapshotInfo; its uuid derives from the image header's UUID."""
         created = datetime.fromtimestamp(self.created_ns / 1e9, tz=timezone.utc)
-        suid = fmt.snapshot_uuid(header or {}, self.id, self.created_ns)
+        suid = fmt.snapshot_uuid(header, self.id, self.created_ns)
         return SnapshotInfo(self.name, self.id, created, self.size, self.vm_size, uuid=suid)
 
 
@@ -179,10 +179,10 @@ class SnapshotState:
     @staticmethod
     def entry_chunks(img, e):
         """(first, count) runs of the chunks that hold an entry's lookup table + vm_state."""
-        cs, d = img.chunk_size, img.header["data_offset"]
+        cs, d = img.chunk_size, img.header.data_offset
         out = [((e.table_offset - d) // cs, -(-4 * img.nchunks // cs))]
         if e.bitmap_offset:
-            out.append(((e.bitmap_offset - d) // cs, -(-img.header["bitmap_size"] // cs)))
+            out.append(((e.bitmap_offset - d) // cs, -(-img.header.bitmap_size // cs)))
         if e.vm_size:
             out.append(((e.vm_offset - d) // cs, -(-e.vm_size // cs)))
         if e.granules_offset:
@@ -205,6 +205,10 @@ class SnapshotState:
         return mask
 
     # ----- hooks from Image -----------------------------------------------------------
+    def has_snapshots(self) -> bool:
+        """True while the image holds a snapshot (fvd.core.hooks.SnapshotHook)."""
+        return bool(self.entries)
+
     def mark_used(self, used):
         img = self.img
         rc = self.refcount
@@ -227,7 +231,7 @@ class SnapshotState:
         w1 = min(offset + length, vstart + cs) - vstart
         if w0 == 0 and w1 >= cs:
             return []
-        d = img.header["data_offset"]
+        d = img.header.data_offset
         src, dst = d + old * cs, d + new * cs
         lo, hi = (0 if w0 > 0 else w1), (cs if w1 < cs else w0)
         buf = bytearray(hi - lo)
@@ -254,15 +258,14 @@ def attach_snapshots(img):
     In check mode a damaged table leaves `st.broken` set (no snapshot is usable; repair
     drops them all), a damaged entry is left out and named in `st.dropped` (repair
     removes it), and an invalid revert marker sets `st.rewrite` (repair clears it)."""
-    h = img.header
     st = SnapshotState()
     st.img = img
     img.snapshot_state = st
     file_size = fileio.file_size(img.fd)
-    cs, d = img.chunk_size, h["data_offset"]
+    cs, d = img.chunk_size, img.header.data_offset
     nphys = max(0, -(-(file_size - d) // cs))
-    toff, tsize = h["snapshot_table_offset"], h["snapshot_table_size"]
-    roff, rsize = h["refcount_table_offset"], h["refcount_table_size"]
+    toff, tsize = img.header.snapshot_table_offset, img.header.snapshot_table_size
+    roff, rsize = img.header.refcount_table_offset, img.header.refcount_table_size
     fo = fmt.FIELD_OFFSET
 
     def broken(offset, what):
@@ -294,10 +297,10 @@ def attach_snapshots(img):
     _S_CRC.pack_into(check, _OFF_CRC, 0)
     if magic != TABLE_MAGIC or zlib.crc32(check) != crc:
         return broken(toff, "snapshot table magic or checksum mismatch")
-    if nb != h["nb_snapshots"]:
+    if nb != img.header.nb_snapshots:
         return broken(
             fo["nb_snapshots"],
-            f"header says {h['nb_snapshots']} snapshots, the snapshot table holds {nb}",
+            f"header says {img.header.nb_snapshots} snapshots, the snapshot table holds {nb}",
         )
     table_chunks = ((toff - d) // cs, -(-tsize // cs))
     rc_chunks = ((roff - d) // cs, -(-rsize // cs)) if rsize else (0, 0)
@@ -336,8 +339,8 @@ def _parse_entries(img, st, raw, nb, file_size, owner):
     """The entries of a snapshot table, every range bounded by the file and disjoint
     from the other metadata (`owner` marks it); None when the table is unusable."""
     h = img.header
-    cs, d = img.chunk_size, h["data_offset"]
-    toff = h["snapshot_table_offset"]
+    cs, d = img.chunk_size, h.data_offset
+    toff = h.snapshot_table_offset
     pos = TABLE_HEAD.size
     tbytes = 4 * img.nchunks
     names, entries = set(), []
@@ -364,7 +367,7 @@ def _parse_entries(img, st, raw, nb, file_size, owner):
         bm_off = bm_crc = g_off = g_size = g_crc = 0
         if xsize >= EXTRA_BITMAP.size:
             bm_off, bm_crc, _r3 = EXTRA_BITMAP.unpack_from(raw, pos)
-        if xsize >= EXTRA_GRANULES.size and h["base_format"] == fmt.BASE_NONE:
+        if xsize >= EXTRA_GRANULES.size and img.header.base_format == fmt.BASE_NONE:
             g_off, g_size, g_crc, _r4 = EXTRA_GRANULES.unpack_from(raw, pos)
         pos += xsize  # extra data past the fields known here is skipped
         if nlen == 0 or pos + nlen > len(raw):
@@ -376,15 +379,15 @@ def _parse_entries(img, st, raw, nb, file_size, owner):
             name = name_raw.decode("utf-8")
         except UnicodeDecodeError:
             name, problem = repr(name_raw), (where, "snapshot name is not UTF-8")
-        if h["base_format"] == fmt.BASE_NONE:
+        if img.header.base_format == fmt.BASE_NONE:
             bm_off = bm_crc = 0  # no base: a bitmap copy means nothing
         runs = [(t_off, tbytes, where + _EOFF["table_offset"], "lookup table")]
-        if h["base_format"] != fmt.BASE_NONE:
-            runs.append((bm_off, h["bitmap_size"], where + _EOFF["extra"], "bitmap"))
+        if img.header.base_format != fmt.BASE_NONE:
+            runs.append((bm_off, img.header.bitmap_size, where + _EOFF["extra"], "bitmap"))
         if vm_size:
             runs.append((vm_off, vm_size, where + _EOFF["vm_state_offset"], "vm_state"))
         if problem is None and (
-            name in names or sid >= h["next_snapshot_id"] or any(sid == e.id for e in entries)
+            name in names or sid >= img.header.next_snapshot_id or any(sid == e.id for e in entries)
         ):
             problem = (where, f"snapshot {name!r}: duplicate name or id {sid} out of range")
         if problem is None and size != img.size:
@@ -440,16 +443,16 @@ def _apply_revert_marker(img, st, revert_id, revert_epoch):
     h = img.header
     if not revert_id:
         return
-    where = h["snapshot_table_offset"] + 16
-    if revert_epoch > h["journal_epoch"]:
+    where = h.snapshot_table_offset + 16
+    if revert_epoch > h.journal_epoch:
         img.problem(
             where,
             f"revert marker for epoch {revert_epoch} is newer than the "
-            f"journal epoch {h['journal_epoch']} (repair clears it)",
+            f"journal epoch {h.journal_epoch} (repair clears it)",
         )
         st.rewrite = True
         return
-    if revert_epoch != h["journal_epoch"]:
+    if revert_epoch != img.header.journal_epoch:
         return
     # A revert committed but not yet checkpointed: the front is that snapshot's table.
     target = [e for e in st.entries if e.id == revert_id]
@@ -504,7 +507,7 @@ def _read_snapshot_table(img, e):
         raise CorruptImageError(
             img.path, e.table_offset, f"snapshot {e.name!r}: lookup table checksum mismatch"
         )
-    d, cs = img.header["data_offset"], img.chunk_size
+    d, cs = img.header.data_offset, img.chunk_size
     nphys = max(0, -(-(fileio.file_size(img.fd) - d) // cs))
     ok = _held_ok(img, table, nphys)
     if ok is not None:
@@ -519,7 +522,7 @@ def lookup_table_problems(img, e, table):
     """[(offset, what, count)] of a snapshot's lookup table: entries past the end of the
     file, into snapshot metadata, or mapping one chunk twice."""
     st = img.snapshot_state
-    d, cs = img.header["data_offset"], img.chunk_size
+    d, cs = img.header.data_offset, img.chunk_size
     nphys = max(0, -(-(fileio.file_size(img.fd) - d) // cs))
     if _held_ok(img, table, nphys) is not None:
         return []
@@ -582,7 +585,7 @@ def _held_ok(img, table, nphys):
 
 def read_snapshot_bitmap(img, e):
     """The snapshot's copy of the base bitmap (uint8 array, bitmap_size bytes)."""
-    raw = img.read_meta(e.bitmap_offset, img.header["bitmap_size"])
+    raw = img.read_meta(e.bitmap_offset, img.header.bitmap_size)
     if zlib.crc32(raw) != e.bitmap_crc:
         raise CorruptImageError(
             img.path, e.bitmap_offset, f"snapshot {e.name!r}: bitmap checksum mismatch"
@@ -625,8 +628,8 @@ def snapshot_record(img, e, table):
     """granule_record of an open image's snapshot (None without one), counted in stats."""
     if not (e.granules_offset or e.granules_bad):
         return None
-    granule = img.header["granule_size"] or fmt.DEFAULT_GRANULE
-    d = img.header["data_offset"]
+    granule = img.header.granule_size or fmt.DEFAULT_GRANULE
+    d = img.header.data_offset
     rec = granule_record(img.fd, img.path, e, table, img.chunk_size, granule, d)
     img.stats.metadata_reads += 1
     img.stats.metadata_bytes_read += e.granules_size
@@ -635,7 +638,7 @@ def snapshot_record(img, e, table):
 
 def _needs_base(img, bits):
     """True when a bitmap has a clear bit below the end of the base (min(base, size))."""
-    bend = min(img.header["base_size"], img.size)
+    bend = min(img.header.base_size, img.size)
     nb = -(-bend // img.block_size)
     return bool(nb) and not get_bits(bits, 0, nb).all()
 
@@ -671,7 +674,7 @@ def _commit(img, st, entries, refcount, extra=(), revert=(0, 0), refcount_chunks
     `extra` is a list of (nbytes, buffer-or-None) regions appended in order (each rounded up
     to whole chunks); returns the host offsets of the extra regions. Old table chunks are
     released once the header no longer points at them."""
-    cs, d = img.chunk_size, img.header["data_offset"]
+    cs, d = img.chunk_size, img.header.data_offset
     rc_raw = refcount.astype(REFCOUNT_DTYPE, copy=False).tobytes() if len(entries) else b""
     rc_crc = zlib.crc32(rc_raw)
     # entries need the offsets of the extra regions: allocate first, encode after
@@ -695,7 +698,7 @@ def _commit(img, st, entries, refcount, extra=(), revert=(0, 0), refcount_chunks
 
 def _write_and_commit(img, st, entries, refcount, layout, extra, revert, refcount_chunks):
     first, nch, offs, extra_offs, rc_raw, rc_crc = layout
-    cs, d = img.chunk_size, img.header["data_offset"]
+    cs, d = img.chunk_size, img.header.data_offset
     old_runs = [r for r in (st.table_chunks, st.refcount_chunks) if r[1]]
     h = {}
     if entries:
@@ -720,7 +723,7 @@ def _write_and_commit(img, st, entries, refcount, layout, extra, revert, refcoun
             refcount_table_offset=roff,
             refcount_table_size=len(rc_raw),
             incompatible_features=_pairs_bit(
-                img.header["incompatible_features"] | fmt.INCOMPAT_SNAPSHOTS, entries
+                img.header.incompatible_features | fmt.INCOMPAT_SNAPSHOTS, entries
             ),
         )
     else:
@@ -731,7 +734,7 @@ def _write_and_commit(img, st, entries, refcount, layout, extra, revert, refcoun
             nb_snapshots=0,
             refcount_table_offset=0,
             refcount_table_size=0,
-            incompatible_features=img.header["incompatible_features"]
+            incompatible_features=img.header.incompatible_features
             & ~(fmt.INCOMPAT_SNAPSHOTS | fmt.INCOMPAT_SNAPSHOT_PARTIAL | fmt.INCOMPAT_PROVENANCE),
         )
     img.sync()
@@ -815,7 +818,7 @@ def _trim_tail(img):
     alloc.free = [i for i in alloc.free if i < last]
     heapq.heapify(alloc.free)
     alloc.end = last
-    end = img.header["data_offset"] + last * img.chunk_size
+    end = img.header.data_offset + last * img.chunk_size
     fileio.truncate_tail(img.fd, end)
 
 
@@ -923,8 +926,7 @@ def _freeze_front(img):
 
 def _undo_commit(img, saved_header, layout):
     """A snapshot commit failed before its header was written: forget its chunks."""
-    img.header.clear()
-    img.header.update(saved_header)
+    img.header = saved_header
     first, nch = layout[0], layout[1]
     img.abandon_chunks(list(range(first, first + sum(nch))))
 
@@ -962,7 +964,7 @@ def _create(img, st, name, vm_state):
         tbytes = table.astype(TABLE_DTYPE, copy=False).tobytes()  # one copy, not two
         tstored, tcrc = (len(tbytes), tbytes), zlib.crc32(tbytes)
     entry = _Entry(
-        img.header["next_snapshot_id"],
+        img.header.next_snapshot_id,
         time.time_ns(),
         img.size,
         0,
@@ -985,7 +987,7 @@ def _create(img, st, name, vm_state):
         entry.granules_provenance = granules[12] & 1 == 1  # head flags: provenance
         extra.append((len(granules), granules))
     extra.append((len(vm), vm))
-    saved = dict(img.header)
+    saved = img.header
     layout = _commit(img, st, entries, refcount, extra)
     offs = iter(layout[3])
     entry.table_offset = next(offs)
@@ -1051,7 +1053,7 @@ def _delete(img, st, name):
     if nheld and np.logical_and(held, rc == 0).any():
         raise CorruptImageError(
             img.path,
-            img.header["refcount_table_offset"],
+            img.header.refcount_table_offset,
             f"snapshot {name!r} holds chunks whose refcount is 0 (run check -r all)",
         )
     rc -= held
@@ -1070,7 +1072,7 @@ def _delete(img, st, name):
     else:
         nz = np.flatnonzero(rc)
         refcount = rc[: int(nz[-1]) + 1 if len(nz) else 0].astype(np.uint16)
-    saved = dict(img.header)
+    saved = img.header
     layout = _commit(img, st, entries, refcount)
     try:
         h, tch, rch, old = _write_and_commit(img, st, entries, refcount, layout, [], (0, 0), None)
@@ -1119,8 +1121,8 @@ def _revert(img, st, name):
     old_table = img.table.copy()
     img.dirty_since_checkpoint = True
     img.checkpoint(clean=False)  # journal empty at the current epoch
-    epoch = img.header["journal_epoch"]
-    saved = dict(img.header)
+    epoch = img.header.journal_epoch
+    saved = img.header
     layout = _commit(img, st, st.entries, st.refcount, refcount_chunks=st.refcount_chunks)
     try:
         h, tch, _, old = _write_and_commit(
@@ -1210,14 +1212,13 @@ class SnapshotView:
         self.size = img.size
         self.chunk_size = img.chunk_size
         self.block_size = img.block_size
-        self.header = {
-            "data_offset": img.header["data_offset"],
-            "incompatible_features": img.header["incompatible_features"],  # table encoding
-        }
-        self.facts = {
-            k: img.header.get(k, 0)
-            for k in ("base_format", "bitmap_size", "base_size", "granule_size")
-        }
+        # what the view's readers use: the data area and the table encoding (base_size
+        # once a base is attached); the image's header facts for changed extents
+        self.header = fmt.ImageHeader(
+            data_offset=img.header.data_offset,
+            incompatible_features=img.header.incompatible_features,
+        )
+        self.facts = img.header
         self.closed: bool = True
         self.state = img.snapshot_state
         self.snapshot_id = entry.id
@@ -1242,7 +1243,7 @@ class SnapshotView:
                 self.table,
                 np.ones(0, dtype=np.uint8),
                 self.chunk_size,
-                self.header["data_offset"],
+                self.header.data_offset,
                 self.size,
                 self.stats,
             )
@@ -1264,7 +1265,7 @@ class SnapshotView:
         on the fast path, as the front's do."""
         if not (entry.granules_offset or entry.granules_bad):
             return
-        granule = img.header["granule_size"] or fmt.DEFAULT_GRANULE
+        granule = img.header.granule_size or fmt.DEFAULT_GRANULE
         chunks, sources, rows = granule_record(
             self.fd,
             img.path,
@@ -1272,7 +1273,7 @@ class SnapshotView:
             self.table,
             self.chunk_size,
             granule,
-            self.header["data_offset"],
+            self.header.data_offset,
         )
         self.stats.metadata_reads += 1
         self.stats.metadata_bytes_read += entry.granules_size
@@ -1284,10 +1285,10 @@ class SnapshotView:
     def _attach_base(self, img, entry):
 
         h = img.header
-        raw = os.pread(self.fd, h["bitmap_size"], entry.bitmap_offset)
+        raw = os.pread(self.fd, h.bitmap_size, entry.bitmap_offset)
         self.stats.metadata_reads += 1
         self.stats.metadata_bytes_read += len(raw)
-        if len(raw) != h["bitmap_size"] or zlib.crc32(raw) != entry.bitmap_crc:
+        if len(raw) != h.bitmap_size or zlib.crc32(raw) != entry.bitmap_crc:
             raise CorruptImageError(
                 img.path,
                 entry.bitmap_offset,
@@ -1296,21 +1297,22 @@ class SnapshotView:
         bits = np.frombuffer(raw, dtype=np.uint8)
         if not _needs_base(img, bits):
             return  # every block is in the image: no base needed
-        self.bitmap = Bitmap(raw, -(-h["base_size"] // self.block_size), 0)
-        self.header["base_size"] = h["base_size"]
-        path = h["_base_path"]
+        self.bitmap = Bitmap(raw, -(-img.header.base_size // self.block_size), 0)
+        self.header = self.header.replace(base_size=img.header.base_size)
+        path = img.base_path
         backend = _open_backend(
             img.path,
             path,
-            h["base_format"],
+            img.header.base_format,
             (os.path.realpath(img.path),),
-            h["_backing_policy"],
+            img.backing_policy,
         )
-        if backend.size != h["base_size"]:
+        if backend.size != img.header.base_size:
             backend.close()
 
             raise BaseImageError(
-                f"{path}: base image size changed from {h['base_size']} to {backend.size} bytes"
+                f"{path}: base image size changed from {img.header.base_size} "
+                f"to {backend.size} bytes"
             )
         self.base_layer = BaseLayer(self, backend, path, False)
         self.base_layer.attach_map()
@@ -1396,7 +1398,7 @@ def _check_snapshot_bitmap(img, e, table, result):
         result.corruptions += 1
         result.messages.append(f"ERROR {err}")
         return False
-    nblocks = -(-img.header["base_size"] // img.block_size)
+    nblocks = -(-img.header.base_size // img.block_size)
     bad = marked_unallocated(bits, nblocks, table, img.chunk_size, img.block_size)
     for v in bad.tolist()[:10]:
         result.messages.append(
@@ -1413,7 +1415,7 @@ def _check(st, img, result, repair):
     With repair, damaged snapshots are deleted (reported as lost), the refcount table is
     rewritten from what the remaining snapshots hold, and an invalid revert marker is
     cleared; all in one copy-on-write commit."""
-    d, cs = img.header["data_offset"], img.chunk_size
+    d, cs = img.header.data_offset, img.chunk_size
     lost = list(st.dropped)
     if st.broken:
         result.messages.append(f"ERROR snapshot metadata unusable ({st.broken})")

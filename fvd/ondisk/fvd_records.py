@@ -10,7 +10,11 @@ allocation) uses the `struct.Struct` derived from the declaration (`S_*` below, 
 fvd.ondisk.structs.struct_of): same bytes, struct's speed, one declaration.
 """
 
-from typing import Any
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Annotated, Any
 
 from construct import (
     Array,
@@ -30,7 +34,7 @@ from construct import (
 )
 
 from fvd import _shared
-from fvd.ondisk.structs import dtype_of, offsets, struct_of
+from fvd.ondisk.structs import dtype_of, offsets, record_fields, record_struct, struct_of
 
 SECTOR = 512
 
@@ -66,46 +70,70 @@ BASE_NONE, BASE_RAW, BASE_FVD, BASE_QCOW2 = 0, 1, 2, 3
 # base_flags
 BASE_FLAG_PREFETCHED = 1 << 0  # every base block is in the image; the base is not opened
 
-Header = Struct(
-    "magic" / Const(MAGIC, Int32ul),
-    "version" / Int32ul,
-    "header_size" / Int32ul,
-    "header_crc" / Int32ul,
-    "incompatible_features" / Int64ul,
-    "compatible_features" / Int64ul,
-    "virtual_size" / Int64ul,
-    "chunk_size" / Int32ul,
-    "block_size" / Int32ul,
-    "clean_shutdown" / Int32ul,
-    "base_format" / Int32ul,
-    "base_name_offset" / Int64ul,
-    "base_name_size" / Int32ul,
-    "base_flags" / Int32ul,
-    "base_size" / Int64ul,
-    "bitmap_offset" / Int64ul,
-    "bitmap_size" / Int64ul,
-    "table_offset" / Int64ul,
-    "table_size" / Int64ul,
-    "journal_offset" / Int64ul,
-    "journal_size" / Int64ul,
-    "journal_epoch" / Int64ul,
-    "snapshot_table_offset" / Int64ul,
-    "snapshot_table_size" / Int64ul,
-    "nb_snapshots" / Int32ul,
-    "reserved" / Int32ul,
-    "refcount_table_offset" / Int64ul,
-    "refcount_table_size" / Int64ul,
-    "data_offset" / Int64ul,
-    "next_snapshot_id" / Int64ul,
-    "table_crc" / Int32ul,
-    "bitmap_crc" / Int32ul,
-    "partial_map_offset" / Int64ul,
-    "partial_map_size" / Int64ul,
-    "partial_map_crc" / Int32ul,
-    "granule_size" / Int32ul,
-    "image_uuid" / Bytes(16),  # RFC 4122 bytes; zeros: none yet (older images)
-    Padding(HEADER_SIZE - 240),  # reserved zeros
-)
+U32 = Annotated[int, Int32ul]
+U64 = Annotated[int, Int64ul]
+NO_UUID = bytes(16)  # header image_uuid of an image written by fvd before uuids
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """The header (section 2), declared once: each field with the spec's name and its
+    construct type, in on-disk order. `Header` (the construct record) is made from these
+    annotations, so parsing goes through construct; an update is `h.replace(...)`."""
+
+    magic: Annotated[int, Const(MAGIC, Int32ul)] = MAGIC
+    version: U32 = VERSION
+    header_size: U32 = HEADER_SIZE
+    header_crc: U32 = 0
+    incompatible_features: U64 = 0
+    compatible_features: U64 = 0
+    virtual_size: U64 = 0
+    chunk_size: U32 = 0
+    block_size: U32 = 0
+    clean_shutdown: U32 = 0
+    base_format: U32 = 0
+    base_name_offset: U64 = 0
+    base_name_size: U32 = 0
+    base_flags: U32 = 0
+    base_size: U64 = 0
+    bitmap_offset: U64 = 0
+    bitmap_size: U64 = 0
+    table_offset: U64 = 0
+    table_size: U64 = 0
+    journal_offset: U64 = 0
+    journal_size: U64 = 0
+    journal_epoch: U64 = 0
+    snapshot_table_offset: U64 = 0
+    snapshot_table_size: U64 = 0
+    nb_snapshots: U32 = 0
+    reserved: U32 = 0
+    refcount_table_offset: U64 = 0
+    refcount_table_size: U64 = 0
+    data_offset: U64 = 0
+    next_snapshot_id: U64 = 0
+    table_crc: U32 = 0
+    bitmap_crc: U32 = 0
+    partial_map_offset: U64 = 0
+    partial_map_size: U64 = 0
+    partial_map_crc: U32 = 0
+    granule_size: U32 = 0
+    # RFC 4122 bytes; zeros: none yet (older images)
+    image_uuid: Annotated[bytes, Bytes(16)] = NO_UUID
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> ImageHeader:
+        """The record in the first HEADER_SIZE bytes of `raw`, through the construct
+        declaration; nothing is validated (fvd.ondisk.format.parse_header does that)."""
+        fields = Header.parse(raw[:HEADER_SIZE])
+        return cls(**{name: fields[name] for name in HEADER_FIELDS})
+
+    def replace(self, **changes: int | bytes) -> ImageHeader:
+        """A copy with `changes` (field names) applied."""
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+HEADER_FIELDS = record_fields(ImageHeader)  # the field names, in on-disk order
+Header = record_struct(ImageHeader, HEADER_SIZE)  # the construct record: reserved zeros pad it
 HEADER_OFFSET = offsets(Header)  # byte offset of each field (error messages name it)
 
 # ----- 3. Lookup table: one entry per virtual chunk -----------------------------------------

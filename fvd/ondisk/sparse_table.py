@@ -11,7 +11,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from fvd.ondisk.fvd_records import INCOMPAT_SPARSE_TABLE, TABLE_DTYPE, UNALLOCATED
+from fvd.ondisk.fvd_records import INCOMPAT_SPARSE_TABLE, TABLE_DTYPE, UNALLOCATED, ImageHeader
 
 UNIT = 512  # bytes: the granule in which a sparse table is compared and written
 UNIT_ENTRIES = UNIT // 4
@@ -19,8 +19,8 @@ RESERVE = 4096  # bytes of table given file blocks at once (before entries are s
 _CRC_POLY = 0xEDB88320
 
 
-def is_sparse(header: dict[str, Any]) -> bool:
-    return bool(header["incompatible_features"] & INCOMPAT_SPARSE_TABLE)
+def is_sparse(header: ImageHeader) -> bool:
+    return bool(header.incompatible_features & INCOMPAT_SPARSE_TABLE)
 
 
 def encode(table: np.ndarray, sparse: bool) -> np.ndarray:

@@ -10,15 +10,17 @@ BitStruct, and `dtype_of` the numpy dtype of an array element.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from functools import lru_cache
-from typing import Any
+from typing import Any, get_type_hints
 
 from construct import (
     Bytes,
     Const,
     FormatField,
     Padded,
+    Padding,
     Pass,
     Renamed,
     SizeofError,
@@ -28,6 +30,8 @@ from construct import (
 
 __all__ = [
     "array_struct",
+    "record_fields",
+    "record_struct",
     "bit_mask",
     "dtype_of",
     "field_names",
@@ -72,6 +76,23 @@ def _order(parts: list[tuple[str | None, str, str]]) -> str:
     if len(orders) > 1:
         raise TypeError("a record mixes byte orders")
     return orders.pop() if orders else "<"
+
+
+def record_fields(cls: type) -> tuple[str, ...]:
+    """Field names of the dataclass `cls`, in declaration (on-disk) order."""
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def record_struct(cls: type, size: int) -> Struct:
+    """The construct record of a dataclass whose fields are annotated
+    ``Annotated[type, construct field]``, zero-padded to `size` bytes: one declaration
+    gives both the typed record and its layout."""
+    hints = get_type_hints(cls, include_extras=True)
+    subcons = [name / hints[name].__metadata__[0] for name in record_fields(cls)]
+    used = Struct(*subcons).sizeof()
+    if used > size:
+        raise TypeError(f"{cls.__name__} needs {used} bytes, more than {size}")
+    return Struct(*subcons, Padding(size - used)) if used < size else Struct(*subcons)
 
 
 def struct_of(con: Any) -> struct.Struct:
@@ -135,7 +156,7 @@ def bit_mask(entry: Any, name: str) -> int:
     for sc in inner.subcons:
         width = sc.sizeof()  # in bits, inside a BitStruct
         if sc.name == name:
-            return ((1 << width) - 1) << (total - pos - width)
+            return int(((1 << width) - 1) << (total - pos - width))
         pos += width
     raise KeyError(f"no bit field {name!r}")
 
@@ -147,4 +168,4 @@ def dtype_of(field: Any) -> str:
         return f">u{field.sizeof()}"
     if not isinstance(field, FormatField):
         raise TypeError(f"{field!r} is not an integer field")
-    return field.fmtstr[0] + _NUMPY[field.fmtstr[1:]]
+    return str(field.fmtstr[0]) + _NUMPY[field.fmtstr[1:]]

@@ -140,9 +140,9 @@ def _resolve(owner, since: str, until: str | None):
     if st is None or not st.entries:
         raise SnapshotNotFoundError(f"{owner.path}: no snapshot named {since!r}")
     nchunks = -(-owner.size // owner.chunk_size)
-    bsize = img_hdr.get("bitmap_size", 0) if img_hdr.get("base_format") else 0
-    granule = img_hdr.get("granule_size") or fmt.DEFAULT_GRANULE
-    data_offset = owner.header["data_offset"]
+    bsize = img_hdr.bitmap_size if img_hdr.base_format else 0
+    granule = img_hdr.granule_size or fmt.DEFAULT_GRANULE
+    data_offset = owner.header.data_offset
     e_since = st.find(since, owner.path)
     e_until = st.find(until, owner.path) if until is not None else None
     if e_until is None and isinstance(owner, SnapshotView):
@@ -172,7 +172,7 @@ def _resolve(owner, since: str, until: str | None):
         owner.size,
         owner.chunk_size,
         owner.block_size,
-        min(img_hdr.get("base_size", 0), owner.size) if bsize else 0,
+        min(img_hdr.base_size, owner.size) if bsize else 0,
     )
     return geo, states
 

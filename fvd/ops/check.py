@@ -49,7 +49,7 @@ def _scan(img: ImageCore, repair: bool) -> CheckResult:
     if repair:
         _repair_front(img, result)
     _check_leaks(img, result, repair)
-    if img.bitmap is not None and not img.header["base_flags"] & BASE_FLAG_PREFETCHED:
+    if img.bitmap is not None and not img.header.base_flags & BASE_FLAG_PREFETCHED:
         check_bitmap(img, result, repair)  # needs the bitmap, not the base itself
     result.messages.extend(img.notes)
     return result
@@ -62,7 +62,7 @@ def _repair_front(img: ImageCore, result: CheckResult) -> None:
     (a new journal epoch, so a damaged journal is left behind)."""
     if not img.problems and not img.relocate:
         return
-    cs, d = img.chunk_size, img.header["data_offset"]
+    cs, d = img.chunk_size, img.header.data_offset
     with img.lock:
         for v in sorted(img.relocate):
             old = int(img.table[v])
@@ -107,7 +107,7 @@ def _chunk_not_zero(fd: int, offset: int, length: int) -> bool:
 def _check_leaks(img: ImageCore, result: CheckResult, repair: bool) -> None:
     """Unused chunks that still hold data, and file space past the last used chunk."""
     cs = img.chunk_size
-    data_offset = img.header["data_offset"]
+    data_offset = img.header.data_offset
     used = img.in_use()
     if img.on_device:
         # The device is not the image's to the end: the data area stops at the last

@@ -102,7 +102,7 @@ def table_runs(table: np.ndarray, first: int, last: int) -> Iterator[tuple[int, 
 def _array_no_base(img: MappedDisk, start: int, end: int) -> np.ndarray:
     """extents_array of an image without a base: one row per table run, no Python
     objects (the runs already are the merged extents)."""
-    cs, d = img.chunk_size, img.header["data_offset"]
+    cs, d = img.chunk_size, img.header.data_offset
     c0, c1, ent = run_arrays(img.table, start // cs, (end - 1) // cs + 1)
     lo = np.maximum(c0 * cs, start)
     hi = np.minimum(c1 * cs, end)
@@ -124,7 +124,7 @@ def _tableless_segments(img: MappedDisk, start: int, end: int) -> Iterator[Exten
     """A table-less image: the file's data and holes (SEEK_DATA/SEEK_HOLE) at guest
     offset + data_offset; below a base's end the bitmap splits them (a hole in a block
     the image owns reads zeros, in one it does not, the base)."""
-    d, base = img.header["data_offset"], img.base_layer
+    d, base = img.header.data_offset, img.base_layer
     for hs, he, is_data in data_runs(img.fd, d + start, d + end):
         s, e = hs - d, he - d
         if base is None:
@@ -145,7 +145,7 @@ def _segments(img: MappedDisk, start: int, end: int) -> Iterator[Extent]:
         yield from _tableless_segments(img, start, end)
         return
     cs = img.chunk_size
-    data_offset = img.header["data_offset"]
+    data_offset = img.header.data_offset
     base = img.base_layer
     for c0, c1, e in table_runs(img.table, start // cs, (end - 1) // cs + 1):
         pos, stop = max(start, c0 * cs), min(end, c1 * cs)

@@ -46,7 +46,7 @@ def allocated_chunks(img: ImageCore) -> int:
     """Chunks the table maps; of a table-less image, chunks holding data in the file."""
     if not img.tableless:
         return int(np.count_nonzero(img.table < fmt.ZERO_CHUNK))
-    cs, d = img.chunk_size, img.header["data_offset"]
+    cs, d = img.chunk_size, img.header.data_offset
     held = np.zeros(img.nchunks, dtype=bool)
     for s, e, is_data in data_runs(img.fd, d, tableless.data_end(img.header)):
         if is_data:
@@ -55,27 +55,26 @@ def allocated_chunks(img: ImageCore) -> int:
 
 
 def image_info(img: ImageCore) -> dict[str, Any]:
-    h = img.header
     st = os.fstat(img.fd)
     data = {
-        "uuid": fmt.image_uuid(h),
-        "version": h["version"],
+        "uuid": fmt.image_uuid(img.header),
+        "version": img.header.version,
         "chunk-size": img.chunk_size,
         "block-size": img.block_size,
-        "clean-shutdown": bool(h["clean_shutdown"]),
-        "incompatible-features": h["incompatible_features"],
-        "compatible-features": h["compatible_features"],
+        "clean-shutdown": bool(img.header.clean_shutdown),
+        "incompatible-features": img.header.incompatible_features,
+        "compatible-features": img.header.compatible_features,
         "table": "off" if img.tableless else "on",
         "allocated-chunks": allocated_chunks(img),
         "total-chunks": img.nchunks,
         "image-end-offset": (
-            tableless.data_end(h)
+            tableless.data_end(img.header)
             if img.tableless
-            else h["data_offset"] + img.allocator.end * img.chunk_size
+            else img.header.data_offset + img.allocator.end * img.chunk_size
         ),
-        "table-size": h["table_size"],
-        "journal-size": h["journal_size"],
-        "data-offset": h["data_offset"],
+        "table-size": img.header.table_size,
+        "journal-size": img.header.journal_size,
+        "data-offset": img.header.data_offset,
         "file-length": file_size(img.fd),
         "block-device": img.on_device,
         "implementation": _impl.IMPLEMENTATION,
@@ -87,15 +86,15 @@ def image_info(img: ImageCore) -> dict[str, Any]:
         # a device node has no blocks of its own: the space used is the image's end
         "actual-size": data["image-end-offset"] if img.on_device else st.st_blocks * 512,
         "cluster-size": img.chunk_size,
-        "dirty-flag": not h["clean_shutdown"],
+        "dirty-flag": not img.header.clean_shutdown,
     }
-    if h["base_format"] != fmt.BASE_NONE:
-        stored = os.fsdecode(img.read_meta(h["base_name_offset"], h["base_name_size"]))
+    if img.header.base_format != fmt.BASE_NONE:
+        stored = os.fsdecode(img.read_meta(img.header.base_name_offset, img.header.base_name_size))
         info["backing-filename"] = stored
-        info["full-backing-filename"] = h.get("_base_path")
-        info["backing-filename-format"] = fmt.BASE_FORMAT_NAMES[h["base_format"]]
-        data["base-size"] = h["base_size"]
-        data["base-prefetched"] = bool(h["base_flags"] & fmt.BASE_FLAG_PREFETCHED)
+        info["full-backing-filename"] = img.base_path
+        info["backing-filename-format"] = fmt.BASE_FORMAT_NAMES[img.header.base_format]
+        data["base-size"] = img.header.base_size
+        data["base-prefetched"] = bool(img.header.base_flags & fmt.BASE_FLAG_PREFETCHED)
         chain = getattr(img.base_layer, "chain_info", None)
         if chain:
             data["backing-chain"] = chain()

@@ -59,7 +59,7 @@ def test_check_exit_codes(tmp_path, capsys):
     fvd.create(img, 8 * MiB)
     with fvd.open(img, "r+") as f:
         f.write(0, b"y" * 4096)
-        data_offset = f._core.header["data_offset"]
+        data_offset = f._core.header.data_offset
     with open(img, "r+b") as f:  # data nobody maps: a leak
         f.seek(data_offset + 5 * MiB)
         f.write(b"z" * 4096)

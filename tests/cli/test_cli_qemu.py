@@ -132,7 +132,7 @@ def test_check_json_and_exit_codes(tmp_path, capsys):
     fvd.create(img, 8 * MiB)
     with fvd.open(img, "r+") as f:
         f.write(0, b"y" * 4096)
-        data_offset = f._core.header["data_offset"]
+        data_offset = f._core.header.data_offset
     code, out, _ = run(capsys, "check", "--output=json", img)
     data = json.loads(out)
     assert code == 0 and QEMU_CHECK_KEYS <= set(data)

@@ -19,12 +19,12 @@ def make_image(path, cache="writeback", crash=False):
     for i in range(8):
         img.write(i * 1024 * 1024 + 100, bytes([i + 1]) * 70000)
     img.flush()
-    header = dict(img._core.header)
+    header = img._core.header
     if crash:
         img._crash()
     else:
         img.close()
-        header = dict(fvd.open(path)._core.header)
+        header = fvd.open(path)._core.header
     return header
 
 
@@ -62,8 +62,7 @@ def test_build_header_matches_construct(data):
                 continue
             bits = 8 * sc.sizeof()
             fields[sc.name] = data.draw(st.integers(0, (1 << bits) - 1))
-    fields["unrelated"] = 7
-    raw = fmt.build_header(fields)
+    raw = fmt.build_header(fmt.ImageHeader(**fields))
     values = {sc.name: fields.get(sc.name, 0) for sc in fmt.Header.subcons if sc.name}
     values.setdefault("image_uuid", fields.get("image_uuid", bytes(16)))
     if values["image_uuid"] == 0:
@@ -109,9 +108,7 @@ def test_header_bit_flip_is_caught_by_checksum(path):
 
 def rewrite_header(path, **changes):
     raw = open(path, "rb").read(fmt.HEADER_SIZE)
-    h = dict(fmt.Header.parse(raw))
-    h.pop("_io", None)
-    h.update(changes)
+    h = fmt.ImageHeader.from_bytes(raw).replace(**changes)
     patch(path, 0, fmt.build_header(h))
 
 
@@ -157,28 +154,28 @@ def test_unknown_version_refuses(path):
 def test_table_bit_flip_is_caught(path):
     h = make_image(path)
     with open(path, "r+b") as f:
-        f.seek(h["table_offset"] + 4 * 16)
+        f.seek(h.table_offset + 4 * 16)
         f.write(struct.pack("<I", 0x00100000))  # points far past the end of the file
     expect_corrupt(path)
 
 
 def test_table_entry_past_end_after_crash_names_the_entry(path):
     h = make_image(path)
-    table = np.fromfile(path, dtype="<u4", count=256, offset=h["table_offset"])
+    table = np.fromfile(path, dtype="<u4", count=256, offset=h.table_offset)
     table[5] = 0x0000FFFF
     raw = table.tobytes()
-    patch(path, h["table_offset"], raw)
+    patch(path, h.table_offset, raw)
     rewrite_header(path, table_crc=__import__("zlib").crc32(raw))
-    err = expect_corrupt(path, h["table_offset"] + 4 * 5)
+    err = expect_corrupt(path, h.table_offset + 4 * 5)
     assert "past the end" in str(err)
 
 
 def test_two_chunks_sharing_a_physical_chunk(path):
     h = make_image(path)
-    table = np.fromfile(path, dtype="<u4", count=256, offset=h["table_offset"])
+    table = np.fromfile(path, dtype="<u4", count=256, offset=h.table_offset)
     table[17] = table[16]
     raw = table.tobytes()
-    patch(path, h["table_offset"], raw)
+    patch(path, h.table_offset, raw)
     rewrite_header(path, table_crc=__import__("zlib").crc32(raw))
     expect_corrupt(path)
     from fvd.image import check_file as check_path
@@ -190,11 +187,11 @@ def test_two_chunks_sharing_a_physical_chunk(path):
 def test_journal_bit_flip_is_caught(path):
     h = make_image(path, crash=True)
     with open(path, "r+b") as f:
-        f.seek(h["journal_offset"] + 40)
+        f.seek(h.journal_offset + 40)
         b = f.read(1)
-        f.seek(h["journal_offset"] + 40)
+        f.seek(h.journal_offset + 40)
         f.write(bytes([b[0] ^ 1]))
-    err = expect_corrupt(path, h["journal_offset"])
+    err = expect_corrupt(path, h.journal_offset)
     assert "journal" in str(err)
 
 
@@ -202,15 +199,15 @@ def test_journal_record_out_of_range(path):
     h = make_image(path, crash=True)
     from fvd.core.journal import _table_record, pack_transaction
 
-    bad = pack_transaction([_table_record(10_000, [1])], h["journal_epoch"], 0)
-    patch(path, h["journal_offset"], bad)
+    bad = pack_transaction([_table_record(10_000, [1])], h.journal_epoch, 0)
+    patch(path, h.journal_offset, bad)
     err = expect_corrupt(path)
     assert "out of range" in str(err)
 
 
 def test_truncated_data_area(path):
     h = make_image(path)
-    os.truncate(path, h["data_offset"] + 1000)
+    os.truncate(path, h.data_offset + 1000)
     expect_corrupt(path)
 
 
@@ -239,8 +236,8 @@ def test_fuzz_open_path(tmp_path_factory, data):
     crash = data.draw(st.booleans())
     h = make_image(path, crash=crash)
     size = os.path.getsize(path)
-    limit = min(size, h["data_offset"])
-    hot = [0, h["table_offset"], h["journal_offset"]]
+    limit = min(size, h.data_offset)
+    hot = [0, h.table_offset, h.journal_offset]
     edits = data.draw(
         st.lists(
             st.tuples(

@@ -236,9 +236,9 @@ def test_crash_replays_journal(path):
         assert ro.read(3 * MiB, 7) == b"persist"
     with fvd.open(path, "r+") as img:
         assert img.read(3 * MiB, 7) == b"persist"
-        assert img._core.header["clean_shutdown"] == 0
+        assert img._core.header.clean_shutdown == 0
     with fvd.open(path) as img:
-        assert img._core.header["clean_shutdown"] == 1
+        assert img._core.header.clean_shutdown == 1
         assert img.read(3 * MiB, 7) == b"persist"
 
 
@@ -247,7 +247,7 @@ def test_journal_wraps_around(path):
     with fvd.open(path, "r+", cache="writethrough") as img:
         for i in range(400):  # 400 allocations, 128 journal sectors
             img.write(i * 64 * KiB + i, pattern(i, 100))
-        assert img._core.header["journal_epoch"] > 2
+        assert img._core.header.journal_epoch > 2
         img._crash()
     with fvd.open(path) as img:
         for i in range(400):
@@ -297,14 +297,14 @@ def test_extents_merge_and_cover(path):
             (3 * MiB, 5 * MiB, False),
         ]
         assert sum(e.length for e in img.extents(100, 3 * MiB)) == 3 * MiB
-        assert ext[1].offset == img._core.header["data_offset"]
+        assert ext[1].offset == img._core.header.data_offset
 
 
 def test_check_finds_and_repairs_leaks(path):
     fvd.create(path, 8 * MiB)
     with fvd.open(path, "r+") as img:
         img.write(0, b"x" * MiB)
-        data_offset = img._core.header["data_offset"]
+        data_offset = img._core.header.data_offset
     with open(path, "r+b") as f:  # a chunk with data nobody maps
         f.seek(data_offset + 3 * MiB)
         f.write(b"leak" * 1000)

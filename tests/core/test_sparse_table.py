@@ -84,12 +84,12 @@ def _to_dense_layout(path):
     fd = os.open(path, os.O_RDWR)
     try:
         h = fmt.parse_header(os.pread(fd, fmt.HEADER_SIZE, 0), path, os.fstat(fd).st_size)
-        n = -(-h["virtual_size"] // h["chunk_size"])
-        table = sp.decode(os.pread(fd, 4 * n, h["table_offset"]), True)
+        n = -(-h.virtual_size // h.chunk_size)
+        table = sp.decode(os.pread(fd, 4 * n, h.table_offset), True)
         raw = table.astype(fmt.TABLE_DTYPE).tobytes()
-        os.pwrite(fd, raw, h["table_offset"])
-        h["incompatible_features"] &= ~fmt.INCOMPAT_SPARSE_TABLE
-        h["table_crc"] = zlib.crc32(raw)
+        os.pwrite(fd, raw, h.table_offset)
+        h = h.replace(incompatible_features=h.incompatible_features & ~fmt.INCOMPAT_SPARSE_TABLE)
+        h = h.replace(table_crc=zlib.crc32(raw))
         os.pwrite(fd, fmt.build_header(h), 0)
     finally:
         os.close(fd)

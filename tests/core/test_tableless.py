@@ -64,11 +64,11 @@ def test_header_bytes_and_file_layout(plain):
     (incompat,) = struct.unpack_from("<Q", raw, 16)
     assert incompat == fmt.INCOMPAT_TABLELESS == 0x20
     h = _header(plain)
-    assert all(h[name] == 0 for name in fmt.TABLELESS_ZERO_FIELDS)
-    assert os.path.getsize(plain) == h["data_offset"] + 4 * MiB
+    assert all(fmt.int_field(h, name) == 0 for name in fmt.TABLELESS_ZERO_FIELDS)
+    assert os.path.getsize(plain) == h.data_offset + 4 * MiB
     assert os.stat(plain).st_blocks * 512 <= 64 * KiB  # header only: the rest is a hole
-    assert h["journal_offset"] == fmt.HEADER_REGION  # no table region before it
-    assert h["data_offset"] == fmt.round_up(h["journal_offset"] + h["journal_size"], CS)
+    assert h.journal_offset == fmt.HEADER_REGION  # no table region before it
+    assert h.data_offset == fmt.round_up(h.journal_offset + h.journal_size, CS)
 
 
 def test_an_older_reader_refuses_the_image(plain, monkeypatch):
@@ -80,7 +80,7 @@ def test_an_older_reader_refuses_the_image(plain, monkeypatch):
 @pytest.mark.parametrize("field", ["table_size", "nb_snapshots", "granule_size"])
 def test_open_refuses_a_table_field_in_a_tableless_header(plain, field):
     h = _header(plain)
-    h[field] = 4096
+    h = h.replace(**{field: 4096})
     with open(plain, "r+b") as f:
         f.write(fmt.build_header(h))
     with pytest.raises(fvd.CorruptImageError, match=f"{field} must be 0"):
@@ -107,7 +107,7 @@ def test_data_area_is_the_guest_disk_for_qemu_img(plain, tmp_path):
         assert img.read(0, 4 * MiB) == model
     with open(ref, "wb") as f:
         f.write(model)
-    d = _header(plain)["data_offset"]
+    d = _header(plain).data_offset
     opts = f"driver=raw,offset={d},size={4 * MiB},file.driver=file,file.filename={plain}"
     r = subprocess.run(
         [QEMU_IMG, "compare", "--image-opts", opts, f"driver=raw,file.filename={ref}"],
@@ -200,7 +200,7 @@ def test_extents_come_from_the_file_and_the_bitmap(based):
         assert covered == 4 * MiB
         at = {e.start: e for e in ext}
         assert at[2 * BS].depth == 0 and at[2 * BS].data and at[2 * BS].length == BS
-        assert at[2 * BS].offset == _header(path)["data_offset"] + 2 * BS
+        assert at[2 * BS].offset == _header(path).data_offset + 2 * BS
         assert at[4 * BS].depth == 0 and at[4 * BS].zero and not at[4 * BS].data
         assert at[0].depth == 1 and at[3 * BS].depth == 1  # the base answers
         tail = [e for e in ext if e.start >= 3 * MiB + 64 * KiB]
@@ -226,7 +226,7 @@ def test_refusals_name_the_option(plain, tmp_path):
 
 
 def test_resize_grows_and_shrinks_the_file(plain):
-    d = _header(plain)["data_offset"]
+    d = _header(plain).data_offset
     with fvd.open(plain, "r+") as img:
         img.write(4 * MiB - 10, b"end-bytes!")
         img.resize(6 * MiB)
@@ -258,11 +258,11 @@ def test_a_table_record_in_the_journal_is_refused(based):
     with fvd.open(path, "r+", cache="writethrough") as img:
         img.write(0, b"x")
     h = _header(path)
-    h["clean_shutdown"] = 0
+    h = h.replace(clean_shutdown=0)
     with open(path, "r+b") as f:
         f.write(fmt.build_header(h))
-        data = journal.pack_transaction(journal.table_records({0: 3}), h["journal_epoch"], 0)
-        f.seek(h["journal_offset"])
+        data = journal.pack_transaction(journal.table_records({0: 3}), h.journal_epoch, 0)
+        f.seek(h.journal_offset)
         f.write(data)
     with pytest.raises(fvd.CorruptImageError, match="table-less"):
         fvd.open(path, "r+")
@@ -308,7 +308,7 @@ def test_every_cut_point_is_before_or_after(based, tmp_path, op):
     if op == "first_write":
         # writethrough: one flush covers data and journal, the journal alone may reach
         # the disk (writeback flushes the data before it appends the journal)
-        journal_only = [w for w in rec.writes if w[1] < _header(pre)["data_offset"]]
+        journal_only = [w for w in rec.writes if w[1] < _header(pre).data_offset]
         assert len(journal_only) == 1
         assert _cut_content(pre, journal_only, cut) == before
 

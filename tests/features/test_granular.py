@@ -349,7 +349,7 @@ def test_partial_chunks_survive_close_and_crash(path):
         img.write(CS + 100, b"b" * 50)
         expect = img.read(0, SIZE)
     with fvd.open(path) as img:
-        assert img._core.partial.active == 2 and img._core.header["partial_map_offset"]
+        assert img._core.partial.active == 2 and img._core.header.partial_map_offset
         assert img.read(0, SIZE) == expect
         assert_clean(img)
     img = fvd.open(path, "r+", cache="writethrough")
@@ -375,7 +375,7 @@ def test_create_holds_partial_chunks_and_the_next_write_copies_forward(path):
         d = delta(s0, img.stats.as_dict())
         assert img._core.partial.active == 1
         assert "data_writes" not in d and "data_reads" not in d
-        assert img._core.header["incompatible_features"] & fmt.INCOMPAT_SNAPSHOT_PARTIAL
+        assert img._core.header.incompatible_features & fmt.INCOMPAT_SNAPSHOT_PARTIAL
         expect = img.read(0, SIZE)
         with img.open_snapshot("t") as v:
             assert v.read(0, SIZE) == expect
@@ -397,8 +397,8 @@ def test_create_holds_partial_chunks_and_the_next_write_copies_forward(path):
         assert_clean(img)
     with fvd.open(path, "r+") as img:
         img.delete_snapshot("t")  # its record goes: bit 3 with it
-        assert not img._core.header["incompatible_features"] & fmt.INCOMPAT_SNAPSHOT_PARTIAL
-        assert img._core.header["incompatible_features"] & fmt.INCOMPAT_PARTIAL
+        assert not img._core.header.incompatible_features & fmt.INCOMPAT_SNAPSHOT_PARTIAL
+        assert img._core.header.incompatible_features & fmt.INCOMPAT_PARTIAL
         assert_clean(img)
 
 
@@ -412,7 +412,7 @@ def test_revert_copies_only_the_sources_data(path):
         img.create_snapshot("s")
         img.write(10 * G, b"a" * G)  # partial: its source is mostly holes
         chunk = int(img._core.table[0])
-        torn = img._core.header["data_offset"] + chunk * CS + 20 * G
+        torn = img._core.header.data_offset + chunk * CS + 20 * G
         os.pwrite(img._core.fd, b"T" * G, torn)  # as if a write never journaled
         expect = img.read(0, SIZE)
         assert expect[20 * G : 21 * G] == bytes(G)
@@ -437,13 +437,13 @@ def test_delete_keeps_the_source_until_the_chunk_is_complete(path):
         img.write(G, b"a" * G)
         source = int(img._core.partial.src[img._core.partial.slot_of(0)])
         img.delete_snapshot("s")
-        assert img._core.header["incompatible_features"] & fmt.INCOMPAT_PARTIAL
+        assert img._core.header.incompatible_features & fmt.INCOMPAT_PARTIAL
         expect = img.read(0, SIZE)
         assert img._core.in_use()[source]
         assert_clean(img)
     with fvd.open(path, "r+") as img:
         assert img.read(0, SIZE) == expect
-        assert img._core.header["incompatible_features"] & fmt.INCOMPAT_PARTIAL
+        assert img._core.header.incompatible_features & fmt.INCOMPAT_PARTIAL
         img.write(0, b"z" * CS)  # complete: the source goes
         assert img._core.partial.active == 0
         img.flush()
@@ -451,7 +451,7 @@ def test_delete_keeps_the_source_until_the_chunk_is_complete(path):
         assert_clean(img)
     with fvd.open(path) as img:
         # no snapshot and no partial chunk: older readers may open it again
-        assert not img._core.header["incompatible_features"] & fmt.INCOMPAT_PARTIAL
+        assert not img._core.header.incompatible_features & fmt.INCOMPAT_PARTIAL
         assert img.read(0, CS) == b"z" * CS
         assert_clean(img)
 
@@ -469,7 +469,7 @@ def test_revert_and_write_zeroes_drop_partial_chunks(path):
         assert_clean(img)
     with fvd.open(path) as img:
         assert img.read(0, SIZE) == pattern(1, SIZE)
-        assert img._core.header["partial_map_offset"] == 0
+        assert img._core.header.partial_map_offset == 0
         assert_clean(img)
 
 
@@ -486,7 +486,7 @@ def test_check_reports_a_damaged_partial_map(path):
         img.write(0, b"a" * G)
         off = None
     with fvd.open(path) as img:
-        off = img._core.header["partial_map_offset"]
+        off = img._core.header.partial_map_offset
     with open(path, "r+b") as f:
         f.seek(off + 20)
         f.write(b"\xff")

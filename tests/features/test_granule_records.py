@@ -124,13 +124,13 @@ def test_the_record_on_disk(path):
         img.create_snapshot("s2")
         h = img._core.header
     raw = open(path, "rb").read()
-    table = fr.SnapshotTable.parse(raw[h["snapshot_table_offset"] :][: h["snapshot_table_size"]])
+    table = fr.SnapshotTable.parse(raw[h.snapshot_table_offset :][: h.snapshot_table_size])
     e1, e2 = table.entries
     assert (e1.extra_size, e2.extra_size) == (0, 24)
     x = fr.SnapshotExtraGranules.parse(e2.extra)
     rec = raw[x.granules_offset :][: x.granules_size]
     assert x.reserved == 0 and zlib.crc32(rec) == x.granules_crc
-    assert (x.granules_offset - h["data_offset"]) % CS == 0
+    assert (x.granules_offset - h.data_offset) % CS == 0
     m = fr.PartialMap.parse(rec, row_bytes=ROW)
     assert (m.magic, m.count, m.granule_size) == (fr.PARTIAL_MAP_MAGIC, 3, G)
     assert {e.virtual_chunk: (e.source_chunk, e.bits) for e in m.entries} == before
@@ -204,7 +204,7 @@ def test_three_snapshots_then_delete_the_middle_one(path):
         assert_all_pairs(img)
         used = img._core.in_use().copy()
         e2 = entry(img, "s2")
-        run = (e2.granules_offset - img._core.header["data_offset"]) // CS
+        run = (e2.granules_offset - img._core.header.data_offset) // CS
         assert used[run]
         img.delete_snapshot("s2")
         assert not img._core.in_use()[run]  # the record's chunk went with s2
@@ -241,7 +241,7 @@ def test_delete_frees_the_record_and_the_file_shrinks(path):
         nightly(img)
         img.create_snapshot("s2")
         e = entry(img, "s2")
-        first = (e.granules_offset - img._core.header["data_offset"]) // CS
+        first = (e.granules_offset - img._core.header.data_offset) // CS
         assert img._core.in_use()[first]
         img.write(7 * CS, pat(7, CS))  # something after the record
         img.delete_snapshot("s2")
@@ -249,7 +249,7 @@ def test_delete_frees_the_record_and_the_file_shrinks(path):
         assert_clean(img)
         img.delete_snapshot("s1")
         assert_clean(img)
-        end = img._core.header["data_offset"] + img._core.allocator.end * CS
+        end = img._core.header.data_offset + img._core.allocator.end * CS
         assert os.path.getsize(path) <= end
     with fvd.open(path) as img:
         assert_clean(img)
@@ -300,9 +300,9 @@ def test_crash_at_every_write_of_a_create_with_a_record(path, monkeypatch, tmp_p
 def rewrite_entry(path, name, **fields):
     """Change fields of a snapshot entry's granule extra data on disk (crcs resealed)."""
     with fvd.open(path) as img:
-        h = dict(img._core.header)
+        h = img._core.header
     raw = bytearray(open(path, "rb").read())
-    toff, tsize = h["snapshot_table_offset"], h["snapshot_table_size"]
+    toff, tsize = h.snapshot_table_offset, h.snapshot_table_size
     t = fr.SnapshotTable.parse(bytes(raw[toff : toff + tsize]))
     pos = toff + 32
     for e in t.entries:
@@ -432,17 +432,17 @@ def test_a_record_on_chunks_the_front_uses(path):
         nightly(img)
         img.create_snapshot("s2")
         e = entry(img, "s2")
-        rec_chunk = (e.granules_offset - img._core.header["data_offset"]) // CS
-        h = dict(img._core.header)
+        rec_chunk = (e.granules_offset - img._core.header.data_offset) // CS
+        h = img._core.header
         data = contents(img)
         rec = os.pread(img._core.fd, e.granules_size, e.granules_offset)
     # the front's chunk 7 now maps the record's chunk, as a reuse would
     nch = SIZE // CS
     with open(path, "r+b") as f:
-        raw = bytearray(os.pread(f.fileno(), 4 * nch, h["table_offset"]))
-        sparse = h["incompatible_features"] & fmt.INCOMPAT_SPARSE_TABLE
+        raw = bytearray(os.pread(f.fileno(), 4 * nch, h.table_offset))
+        sparse = h.incompatible_features & fmt.INCOMPAT_SPARSE_TABLE
         raw[28:32] = (rec_chunk ^ (0xFFFFFFFF if sparse else 0)).to_bytes(4, "little")
-        os.pwrite(f.fileno(), bytes(raw), h["table_offset"])
+        os.pwrite(f.fileno(), bytes(raw), h.table_offset)
         hraw = bytearray(os.pread(f.fileno(), 512, 0))
         hraw[192:196] = zlib.crc32(bytes(raw)).to_bytes(4, "little")  # table_crc
         hraw[12:16] = fmt.header_crc(bytes(hraw)).to_bytes(4, "little")

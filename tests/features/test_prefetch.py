@@ -42,7 +42,7 @@ def test_prefetch_then_base_not_needed(tmp_path):
     assert all(a[0] <= b[0] for a, b in zip(seen, seen[1:]))
     os.rename(base, base + ".gone")
     with fvd.open(path, "r+") as img:
-        assert img._core.header["base_flags"] & fmt.BASE_FLAG_PREFETCHED
+        assert img._core.header.base_flags & fmt.BASE_FLAG_PREFETCHED
         assert img.read(0, len(model)) == model
         assert img.check().ok
         assert img.prefetch(min_rate=0) == 0  # nothing left to do

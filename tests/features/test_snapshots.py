@@ -66,7 +66,7 @@ def test_create_list_read_views_and_vm_state(path):
         assert_clean(img)
     with fvd.open(path) as img:
         assert [s.name for s in img.snapshots()] == ["s1", "s2"]
-        assert img._core.header["incompatible_features"] & fmt.INCOMPAT_SNAPSHOTS
+        assert img._core.header.incompatible_features & fmt.INCOMPAT_SNAPSHOTS
         with img.open_snapshot("s2") as v:
             assert v.read(CS - 3, 10) == b"X" * 10
         assert img.read_vm_state("s1") == pat(9, 3 * CS + 17)
@@ -103,7 +103,7 @@ def test_revert_keeps_children_s1_s2_s3_revert_s1_write_s4(path):
         assert img.read(0, SIZE) == states["s3"]
         assert_clean(img)
     with fvd.open(path) as img:
-        assert not img._core.header["incompatible_features"] & fmt.INCOMPAT_SNAPSHOTS
+        assert not img._core.header.incompatible_features & fmt.INCOMPAT_SNAPSHOTS
         assert img.read(0, SIZE) == states["s3"]
         assert_clean(img)
 
@@ -326,7 +326,7 @@ def test_snapshot_table_outside_the_file(path):
     with open(path, "r+b") as f:
         raw = bytearray(f.read(fmt.HEADER_SIZE))
         h = fmt.parse_header(bytes(raw), path, os.path.getsize(path))
-        h["snapshot_table_offset"] = 1 << 40
+        h = h.replace(snapshot_table_offset=1 << 40)
         f.seek(0)
         f.write(fmt.build_header(h))
     with pytest.raises(fvd.CorruptImageError) as e:
@@ -342,7 +342,7 @@ def test_damaged_snapshot_metadata_is_reported(path):
     with fvd.open(path, "r+") as img:
         img.write(0, b"data")
         img.create_snapshot("s", vm_state=b"state" * 100)
-        toff = img._core.header["snapshot_table_offset"]
+        toff = img._core.header.snapshot_table_offset
         entry = img._core.snapshot_state.entries[0]
     with open(path, "r+b") as f:  # flip a byte of the vm_state
         f.seek(entry.vm_offset + 3)
@@ -647,7 +647,7 @@ def test_replay_after_the_file_was_cut_below_a_journaled_chunk(path, cache):
     x = int(img._core.table[2])
     img.write_zeroes(2 * CS, CS)  # X freed
     img.delete_snapshot("s1")  # P1 freed; the file is cut below X
-    assert os.path.getsize(path) <= img._core.header["data_offset"] + x * CS
+    assert os.path.getsize(path) <= img._core.header.data_offset + x * CS
     img.write(3 * CS, pat(3, CS))  # reuses P1
     img.flush()
     want = img.read(0, SIZE)

@@ -80,7 +80,7 @@ def views_of(img):
 def frozen_bytes(img):
     """Raw bytes of every chunk a snapshot holds, read from the file."""
     held = np.flatnonzero(img._core.snapshot_state.refcount)
-    d = img._core.header["data_offset"]
+    d = img._core.header.data_offset
     with open(img.path, "rb") as f:
         out = {}
         for p in held.tolist():
@@ -106,7 +106,7 @@ def test_snapshot_revert_and_views_over_a_base(tmp_path, kind):
         img.create_snapshot("s1", vm_state=b"vm")
         snaps["s1"] = bytes(model)
         e = img._core.snapshot_state.entries[0]
-        assert e.bitmap_offset and e.bitmap_offset % CS == img._core.header["data_offset"] % CS
+        assert e.bitmap_offset and e.bitmap_offset % CS == img._core.header.data_offset % CS
         # copy-on-write of a frozen chunk, for a block that is still in the base
         img.write(5 * BLOCK + 3, b"b" * 10)
         model[5 * BLOCK + 3 : 5 * BLOCK + 13] = b"b" * 10
@@ -142,7 +142,7 @@ def test_snapshot_revert_and_views_over_a_base(tmp_path, kind):
         assert img.read(0, SIZE) == snaps["s2"]
         assert_clean(img)
     with fvd.open(path) as img:
-        assert not img._core.header["incompatible_features"] & fmt.INCOMPAT_SNAPSHOTS
+        assert not img._core.header.incompatible_features & fmt.INCOMPAT_SNAPSHOTS
         assert img.read(0, SIZE) == snaps["s2"]
         assert_clean(img)
 
@@ -193,7 +193,7 @@ def test_prefetch_keeps_the_base_while_a_snapshot_needs_it(tmp_path, kind):
         old = bytes(model)
         assert img.prefetch(min_rate=0) > 0
         assert img._core.base_layer is not None
-        assert not img._core.header["base_flags"] & fmt.BASE_FLAG_PREFETCHED
+        assert not img._core.header.base_flags & fmt.BASE_FLAG_PREFETCHED
         assert img._core.bitmap.stale_bits(
             0, img._core.bitmap.nblocks
         ).all()  # the front is complete
@@ -212,7 +212,7 @@ def test_prefetch_keeps_the_base_while_a_snapshot_needs_it(tmp_path, kind):
         img.delete_snapshot("old")
         assert img.prefetch(min_rate=0) == 0  # nothing to copy, now it completes
         assert img._core.base_layer is None
-        assert img._core.header["base_flags"] & fmt.BASE_FLAG_PREFETCHED
+        assert img._core.header.base_flags & fmt.BASE_FLAG_PREFETCHED
     os.rename(base, base + ".gone")
     with fvd.open(path, "r+") as img:
         assert img.read(0, SIZE) == model
@@ -272,10 +272,10 @@ def _rewrite_entry_bitmap(path, mutate, fix_crc=True):
     with fvd.open(path) as img:
         e = img._core.snapshot_state.entries[0]
         toff, tsize = (
-            img._core.header["snapshot_table_offset"],
-            img._core.header["snapshot_table_size"],
+            img._core.header.snapshot_table_offset,
+            img._core.header.snapshot_table_size,
         )
-        bsize = img._core.header["bitmap_size"]
+        bsize = img._core.header.bitmap_size
     with open(path, "r+b") as f:
         f.seek(e.bitmap_offset)
         bits = bytearray(f.read(bsize))
@@ -331,10 +331,10 @@ def test_entry_format_is_as_documented(tmp_path):
         h = img._core.header
         e = img._core.snapshot_state.entries[0]
     with open(path, "rb") as f:
-        f.seek(h["snapshot_table_offset"])
-        raw = f.read(h["snapshot_table_size"])
+        f.seek(h.snapshot_table_offset)
+        raw = f.read(h.snapshot_table_size)
         f.seek(e.bitmap_offset)
-        bits = f.read(h["bitmap_size"])
+        bits = f.read(h.bitmap_size)
     assert len(raw) == 32 + 64 + 16 + 8
     ent = raw[32:]
     assert struct.unpack_from("<HH", ent, 36) == (3, 16)  # name_size, extra_size
@@ -472,7 +472,7 @@ class BaseSnapshotMachine(RuleBasedStateMachine):
         assert self.img.read(0, SIZE) == self.front
         if self.img._core.base_layer is None:
             # completed: no snapshot may need the base any more
-            assert self.img._core.header["base_flags"] & fmt.BASE_FLAG_PREFETCHED
+            assert self.img._core.header.base_flags & fmt.BASE_FLAG_PREFETCHED
             moved = self.base + ".away"
             os.rename(self.base, moved)
             try:

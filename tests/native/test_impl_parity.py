@@ -35,7 +35,11 @@ def methods(cls):
 
 
 def signature(fn):
+    """Parameter names, kinds, order and defaults (the twin's annotations are checked
+    against the stub's in test_twin_annotations_are_the_stubs)."""
     sig = fn if isinstance(fn, inspect.Signature) else inspect.signature(fn)
+    params = [p.replace(annotation=p.empty) for p in sig.parameters.values()]
+    sig = sig.replace(parameters=params, return_annotation=sig.empty)
     return str(sig).replace("self, ", "").replace("(self)", "()")
 
 
@@ -301,3 +305,35 @@ def test_shared_values_have_one_home():
     for name, value in want.items():
         assert getattr(_purepath, name) is value
     assert fvd_records.ZERO_CHUNK is _shared.ZERO_CHUNK
+
+
+def twin_defs():
+    """The twin's classes and functions as declared in fvd/_purepath.py (ast)."""
+    tree = ast.parse(Path(_purepath.__file__).read_text())
+    return stub_names(tree.body)
+
+
+def annotations(fn):
+    a = fn.args
+    args = a.posonlyargs + a.args + a.kwonlyargs
+    out = {x.arg: ast.unparse(x.annotation) for x in args if x.annotation is not None}
+    out["return"] = ast.unparse(fn.returns) if fn.returns is not None else None
+    return out
+
+
+def test_twin_annotations_are_the_stubs():
+    """The twin is typed as the stub types the compiled module: every public class
+    method and function declares the stub's annotations, word for word."""
+    twin, stub = twin_defs(), stub_public()
+    checked = 0
+    for name, node in stub.items():
+        if isinstance(node, ast.FunctionDef):
+            assert annotations(twin[name]) == annotations(node), name
+            checked += 1
+        elif isinstance(node, ast.ClassDef):
+            mine = stub_names(twin[name].body)
+            for m, fn in stub_names(node.body).items():
+                if isinstance(fn, ast.FunctionDef):
+                    assert annotations(mine[m]) == annotations(fn), f"{name}.{m}"
+                    checked += 1
+    assert checked > 20

@@ -2,6 +2,7 @@
 vectors cross-checked against files the library (and qemu-img) writes, sizes from the
 spec, and docs/format.md's layout tables checked against the declarations."""
 
+import dataclasses
 import os
 import re
 import shutil
@@ -243,20 +244,39 @@ def header_dict(raw):
     return {k: v for k, v in fr.Header.parse(raw).items() if not k.startswith("_")}
 
 
+def header_record(raw):
+    return fr.ImageHeader.from_bytes(raw)
+
+
+def test_header_record_is_the_construct_declaration():
+    """The typed record's fields are the construct record's, in order, with the spec's
+    names (the table of docs/format.md section 2 is checked against Header above)."""
+    assert fr.HEADER_FIELDS == tuple(sc.name for sc in fr.Header.subcons if sc.name)
+    assert fr.Header.sizeof() == fr.HEADER_SIZE
+    h = fr.ImageHeader.from_bytes(HEADER_VECTOR)
+    assert header_dict(HEADER_VECTOR) == {n: getattr(h, n) for n in fr.HEADER_FIELDS}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        h.virtual_size = 1  # type: ignore[misc]
+    assert h.replace(virtual_size=1).virtual_size == 1 and h.virtual_size == 64 * MiB
+    with pytest.raises(TypeError):
+        h.replace(no_such_field=1)
+
+
 def test_header_vector(tmp_path):
-    h = header_dict(HEADER_VECTOR)
-    assert h["magic"] == fmt.MAGIC and h["virtual_size"] == 64 * MiB
-    assert h["table_crc"] == zlib.crc32(bytes(4 * 64))  # sparse: unallocated is zeros
-    assert fr.Header.build(h) == HEADER_VECTOR
+    d = header_dict(HEADER_VECTOR)
+    h = header_record(HEADER_VECTOR)
+    assert h.magic == fmt.MAGIC and h.virtual_size == 64 * MiB
+    assert h.table_crc == zlib.crc32(bytes(4 * 64))  # sparse: unallocated is zeros
+    assert fr.Header.build(d) == HEADER_VECTOR
     assert fmt.build_header(h) == HEADER_VECTOR  # the checksum is the spec's
-    assert fmt.parse_header(HEADER_VECTOR, "vector", 2 * MiB)["journal_offset"] == 8192
+    assert fmt.parse_header(HEADER_VECTOR, "vector", 2 * MiB).journal_offset == 8192
     path = tmp_path / "a.fvd"
     fvd.create(str(path), 64 * MiB, chunk_size=MiB, block_size=64 * KiB, journal_size=64 * KiB)
     with open(path, "rb") as f:
         region = f.read(fmt.HEADER_REGION)
-    made = header_dict(region[:512])
-    assert uuid.UUID(bytes=made["image_uuid"]).version == 4  # random, per image
-    assert region[:512] == fmt.build_header(dict(h, image_uuid=made["image_uuid"]))
+    made = header_record(region[:512])
+    assert uuid.UUID(bytes=made.image_uuid).version == 4  # random, per image
+    assert region[:512] == fmt.build_header(h.replace(image_uuid=made.image_uuid))
     assert region[512:] == bytes(fmt.HEADER_REGION - 512)  # reserved zeros
 
 
@@ -323,14 +343,14 @@ def test_journal_sector_in_a_file(tmp_path):
     with fvd.open(path, "r+", cache="writethrough") as img:
         img.write(3 * MiB, b"x" * 4096)
         with open(path, "rb") as f:
-            h = header_dict(f.read(512))
-            assert h["clean_shutdown"] == 0  # open for writing
-            f.seek(h["journal_offset"])
+            h = header_record(f.read(512))
+            assert h.clean_shutdown == 0  # open for writing
+            f.seek(h.journal_offset)
             raw = f.read(512)
         s = fr.JournalSector.parse(raw)
         assert (s.magic, s.epoch, s.seq, s.tx_remaining) == (
             fr.JOURNAL_MAGIC,
-            h["journal_epoch"],
+            h.journal_epoch,
             0,
             0,
         )
@@ -463,13 +483,13 @@ def test_snapshot_table_in_a_file(tmp_path):
         img.create_snapshot("first", vm_state=b"vm")
         img.create_snapshot("second")
         with open(path, "rb") as f:
-            h = header_dict(f.read(512))
-            f.seek(h["snapshot_table_offset"])
-            raw = f.read(h["snapshot_table_size"])
-            f.seek(h["refcount_table_offset"])
-            rc = f.read(h["refcount_table_size"])
+            h = header_record(f.read(512))
+            f.seek(h.snapshot_table_offset)
+            raw = f.read(h.snapshot_table_size)
+            f.seek(h.refcount_table_offset)
+            rc = f.read(h.refcount_table_size)
         t = fr.SnapshotTable.parse(raw)
-        assert t.nb_snapshots == h["nb_snapshots"] == 2
+        assert t.nb_snapshots == h.nb_snapshots == 2
         assert [(e.id, e.name) for e in t.entries] == [(1, b"first"), (2, b"second")]
         assert t.entries[0].vm_state_size == 2 and t.entries[1].vm_state_size == 0
         assert all(e.virtual_size == 64 * MiB for e in t.entries)

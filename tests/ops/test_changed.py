@@ -72,7 +72,7 @@ def _state(img, e):
     construct declarations, not fvd's decoder) or of the front (None: its partial
     chunks)."""
     core = img._core
-    gpc = img.chunk_size // (core.header["granule_size"] or fmt.DEFAULT_GRANULE)
+    gpc = img.chunk_size // (core.header.granule_size or fmt.DEFAULT_GRANULE)
     rec, prov = {}, {}
     if e is None:
         part = core.partial
@@ -134,7 +134,7 @@ def walk_reference(img, since, until):
     last = next(e for e in entries if e.name == until) if until is not None else None
     a, b = _state(img, first), _state(img, last)
     nchunks = -(-img.size // img.chunk_size)
-    gpc = img.chunk_size // (core.header["granule_size"] or fmt.DEFAULT_GRANULE)
+    gpc = img.chunk_size // (core.header.granule_size or fmt.DEFAULT_GRANULE)
     changed = np.zeros((nchunks, gpc), dtype=bool)
     zero = np.zeros((nchunks, gpc), dtype=bool)
     for v in range(nchunks):

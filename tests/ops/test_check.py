@@ -30,29 +30,26 @@ def patch(path, offset, data):
 
 def read_header(path):
     raw = open(path, "rb").read(fmt.HEADER_SIZE)
-    h = dict(fmt.Header.parse(raw))
-    h.pop("_io", None)
-    return h
+    return fmt.ImageHeader.from_bytes(raw)
 
 
 def rewrite_header(path, **changes):
-    h = read_header(path)
-    h.update(changes)
+    h = read_header(path).replace(**changes)
     patch(path, 0, fmt.build_header(h))
 
 
 def stored(h, value):
     """A table entry as the image stores it (sparse tables: inverted)."""
-    return value ^ 0xFFFFFFFF if h["incompatible_features"] & fmt.INCOMPAT_SPARSE_TABLE else value
+    return value ^ 0xFFFFFFFF if h.incompatible_features & fmt.INCOMPAT_SPARSE_TABLE else value
 
 
 def set_table_entry(path, v, value):
     """Front table entry `v` := value, table_crc recomputed (a clean image)."""
     h = read_header(path)
-    nch = -(-h["virtual_size"] // h["chunk_size"])
-    patch(path, h["table_offset"] + 4 * v, struct.pack("<I", stored(h, value)))
+    nch = -(-h.virtual_size // h.chunk_size)
+    patch(path, h.table_offset + 4 * v, struct.pack("<I", stored(h, value)))
     with open(path, "rb") as f:
-        f.seek(h["table_offset"])
+        f.seek(h.table_offset)
         raw = f.read(4 * nch)
     rewrite_header(path, table_crc=zlib.crc32(raw))
 
@@ -61,7 +58,7 @@ def snapshot_entries(path):
     """[(entry offset in the file, _Entry)] of the snapshot table."""
     with fvd.open(path) as img:
         h = img._core.header
-        toff = h["snapshot_table_offset"]
+        toff = h.snapshot_table_offset
         out, pos = [], toff + snap.TABLE_HEAD.size
         for e in img._core.snapshot_state.entries:
             out.append((pos, e))
@@ -71,7 +68,7 @@ def snapshot_entries(path):
 
 def reseal_snapshot_table(path):
     h = read_header(path)
-    toff, tsize = h["snapshot_table_offset"], h["snapshot_table_size"]
+    toff, tsize = h.snapshot_table_offset, h.snapshot_table_size
     with open(path, "rb") as f:
         f.seek(toff)
         raw = bytearray(f.read(tsize))
@@ -84,7 +81,7 @@ def set_snapshot_table_entry(path, index, v, value):
     """Entry `v` of snapshot `index`'s lookup table := value, every crc recomputed."""
     where, e = snapshot_entries(path)[index]
     h = read_header(path)
-    nch = -(-h["virtual_size"] // h["chunk_size"])
+    nch = -(-h.virtual_size // h.chunk_size)
     patch(path, e.table_offset + 4 * v, struct.pack("<I", stored(h, value)))
     with open(path, "rb") as f:
         f.seek(e.table_offset)
@@ -140,7 +137,7 @@ def path(tmp_path):
 def test_truncated_image_every_entry_counted_and_repaired(path, capsys):
     make_image(path, nchunks=100, size=128 * MiB)
     h = read_header(path)
-    os.truncate(path, h["data_offset"] + 40 * CS)
+    os.truncate(path, h.data_offset + 40 * CS)
     result = check_path(path)
     assert result.corruptions == 60 and not result.ok
     assert main(["check", path]) == 2
@@ -172,7 +169,7 @@ def test_truncated_overlay_loses_data_as_zeros_not_base(tmp_path):
         for i in range(16):
             img.write(i * CS, bytes([i + 1]) * CS)
     h = read_header(path)
-    os.truncate(path, h["data_offset"] + 4 * CS)
+    os.truncate(path, h.data_offset + 4 * CS)
     assert check_path(path).corruptions == 12
     assert_repaired(path)
     with fvd.open(path) as img:
@@ -193,7 +190,7 @@ def test_shared_chunks_are_counted_and_copied(path):
 
 
 def damage_table_crc(path):
-    rewrite_header(path, table_crc=read_header(path)["table_crc"] ^ 1)
+    rewrite_header(path, table_crc=read_header(path).table_crc ^ 1)
 
 
 def damage_journal_sector(path):
@@ -202,16 +199,16 @@ def damage_journal_sector(path):
         img.write(12 * CS, b"x" * 100)
         img.flush()
         img._crash()
-    sector = bytearray(open(path, "rb").read()[h["journal_offset"] :][:512])
+    sector = bytearray(open(path, "rb").read()[h.journal_offset :][:512])
     sector[60] ^= 1  # a written sector with a bad crc: damage
-    patch(path, h["journal_offset"], bytes(sector))
+    patch(path, h.journal_offset, bytes(sector))
 
 
 def damage_snapshot_table(path):
     with fvd.open(path, "r+") as img:
         img.create_snapshot("s")
     h = read_header(path)
-    patch(path, h["snapshot_table_offset"] + 40, b"\xff")
+    patch(path, h.snapshot_table_offset + 40, b"\xff")
 
 
 def damage_snapshot_lookup(path):
@@ -225,12 +222,12 @@ def damage_refcount(path):
     with fvd.open(path, "r+") as img:
         img.create_snapshot("s")
         h = img._core.header
-        roff, rsize = h["refcount_table_offset"], h["refcount_table_size"]
+        roff, rsize = h.refcount_table_offset, h.refcount_table_size
     rc = bytearray(open(path, "rb").read()[roff : roff + rsize])
     rc[0:2] = b"\0\0"  # too low: the front could overwrite the snapshot's chunk
     patch(path, roff, bytes(rc))
     h = read_header(path)
-    patch(path, h["snapshot_table_offset"] + 12, struct.pack("<I", zlib.crc32(bytes(rc))))
+    patch(path, h.snapshot_table_offset + 12, struct.pack("<I", zlib.crc32(bytes(rc))))
     reseal_snapshot_table(path)
 
 
@@ -276,7 +273,7 @@ def unclean(path):
 
 
 def hostile_records(h):
-    d = h["data_offset"]
+    d = h.data_offset
     crc = jr.RECORD_HEAD.pack(jr.REC_DATA_CRC, 4096, d)
     filler = jr._table_record(0, [0] * 112)  # 464 bytes: the crc head ends at 512
     return {
@@ -290,10 +287,10 @@ def hostile_records(h):
     }
 
 
-@pytest.mark.parametrize("kind", sorted(hostile_records({"data_offset": 0})))
+@pytest.mark.parametrize("kind", sorted(hostile_records(fmt.ImageHeader())))
 def test_hostile_journal_records_are_refused_cleanly(path, kind):
     h = unclean(path)
-    patch(path, h["journal_offset"], raw_sector(hostile_records(h)[kind], h["journal_epoch"]))
+    patch(path, h.journal_offset, raw_sector(hostile_records(h)[kind], h.journal_epoch))
     for mode in ("r", "r+"):
         try:
             with fvd.open(path, mode) as img:
@@ -376,7 +373,7 @@ def test_front_entry_into_snapshot_metadata_refused_and_repaired(path):
     with fvd.open(path, "r+") as img:
         img.create_snapshot("s")
         meta = img._core.snapshot_state.table_chunks[0]
-        toff = img._core.header["table_offset"]
+        toff = img._core.header.table_offset
     set_table_entry(path, 20, meta)
     for mode in ("r", "r+"):
         with pytest.raises(fvd.CorruptImageError) as info:
@@ -411,7 +408,7 @@ def test_overlapping_regions_refused_and_repair_is_honest(tmp_path):
         img.write(0, b"x" * 100)
         img._crash()
     h = read_header(path)
-    rewrite_header(path, bitmap_offset=h["table_offset"])
+    rewrite_header(path, bitmap_offset=h.table_offset)
     with pytest.raises(fvd.CorruptImageError) as info:
         fvd.open(path)
     assert info.value.offset == fmt.FIELD_OFFSET["table_offset"]
@@ -434,7 +431,7 @@ def test_revert_marker_from_the_future_is_refused(path):
         img.write(0, b"\x77" * 100)
     h = read_header(path)
     sid = snapshot_entries(path)[0][1].id
-    patch(path, h["snapshot_table_offset"] + 16, struct.pack("<QQ", sid, h["journal_epoch"] + 1))
+    patch(path, h.snapshot_table_offset + 16, struct.pack("<QQ", sid, h.journal_epoch + 1))
     reseal_snapshot_table(path)
     for mode in ("r", "r+"):
         with pytest.raises(fvd.CorruptImageError):
@@ -455,7 +452,7 @@ def test_stale_revert_marker_is_ignored(path):
         img.write(0, b"\x77" * 100)
     h = read_header(path)
     sid = snapshot_entries(path)[0][1].id
-    patch(path, h["snapshot_table_offset"] + 16, struct.pack("<QQ", sid, h["journal_epoch"] - 1))
+    patch(path, h.snapshot_table_offset + 16, struct.pack("<QQ", sid, h.journal_epoch - 1))
     reseal_snapshot_table(path)
     assert check_path(path).ok
     with fvd.open(path, "r+"):

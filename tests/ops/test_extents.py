@@ -179,7 +179,7 @@ def _naive_extents(img):
     from fvd.ops.extents import _merge
     from fvd.types import Extent
 
-    cs, d = img.chunk_size, img._core.header["data_offset"]
+    cs, d = img.chunk_size, img._core.header.data_offset
 
     def segs():
         for v in range(-(-img.size // cs)):

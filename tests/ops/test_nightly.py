@@ -126,7 +126,7 @@ def test_a_carried_granule_written_again_is_reported(tmp_path):
             (7 * G, G, 1),
             (9 * G, G, 1),
         ]
-        assert img._core.header["incompatible_features"] & fvd.ondisk.format.INCOMPAT_PROVENANCE
+        assert img._core.header.incompatible_features & fvd.ondisk.format.INCOMPAT_PROVENANCE
 
 
 @pytest.mark.parametrize("cache", ["writeback", "writethrough"])
@@ -144,7 +144,7 @@ def test_provenance_survives_a_clean_reopen_not_a_crash(tmp_path, cache):
         img.create_snapshot("s1")
         img.write(7 * G, b"c" * G)  # granule 3 carried
     with fvd.open(path, "r+", cache=cache) as img:
-        assert img._core.header["incompatible_features"] & fvd.ondisk.format.INCOMPAT_PROVENANCE
+        assert img._core.header.incompatible_features & fvd.ondisk.format.INCOMPAT_PROVENANCE
         img.create_snapshot("s2")
         assert img.changed_extents("s1", "s2").array.tolist() == [(7 * G, G, 1)]
         img.write(9 * G, b"d" * G)  # copy-forward: 3 and 7 carried
@@ -198,7 +198,7 @@ def _fix_crc(path, name, crc):
         st.find(name, path).granules_crc = crc
         h = core.header
         raw = snap.encode_table(st.entries, zlib.crc32(st.refcount.astype("<u2").tobytes()))
-        os.pwrite(core.fd, raw, h["snapshot_table_offset"])
+        os.pwrite(core.fd, raw, h.snapshot_table_offset)
         img._crash()
 
 
