@@ -9,7 +9,8 @@ Nothing here imports a feature: the dependency points down.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Iterator, Optional, Protocol
+from contextlib import AbstractContextManager
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional, Protocol
 
 import numpy as np
 
@@ -33,6 +34,8 @@ class MappedDisk(Protocol):
     base_layer: Optional[BaseHook]
     bitmap: Any  # fvd.core.bitmap.Bitmap of a base image, or None
     partial: Optional[PartialHook]
+    snapshot_state: Optional[SnapshotHook]  # the image's snapshots (a view's too)
+    lock: AbstractContextManager[Any]  # held, table, bitmap and partial are one point in time
     closed: bool
 
     def check_open(self) -> None: ...
@@ -79,6 +82,20 @@ class SnapshotHook(Protocol):
     def check(self, img: Any, result: CheckResult, repair: bool) -> None: ...
 
 
+class PartialChunks(NamedTuple):
+    """Partial chunks (docs/format.md section 10), of the front or a snapshot's granule
+    record: the virtual chunks (int64, sorted), their source chunks (uint32), their
+    granule bit rows (uint8, ceil(gpc / 8) bytes each, granule g = bit g % 8 of byte
+    g // 8); and provenance, None when not known: per chunk, the chunk its carried
+    granules were copied from (uint32, 0xFFFFFFFF: none) and their rows."""
+
+    chunks: np.ndarray
+    sources: np.ndarray
+    rows: np.ndarray
+    origins: Optional[np.ndarray] = None
+    carried: Optional[np.ndarray] = None
+
+
 class PartialHook(Protocol):
     """Partly copied chunks after snapshots (fvd.features.granular.PartialState)."""
 
@@ -104,6 +121,9 @@ class PartialHook(Protocol):
     ) -> Iterator[tuple[int, int, int]]: ...
 
     def replay(self, table: np.ndarray, start: int, count: int, payload: Any) -> None: ...
+
+    # fvd.ops.changed: a copy of the partial chunks (the image lock held)
+    def partial_chunks(self) -> PartialChunks: ...
 
     def mark_used(self, used: np.ndarray) -> np.ndarray: ...
 

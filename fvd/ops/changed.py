@@ -36,9 +36,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fvd.errors import CorruptImageError
+from fvd.core.hooks import MappedDisk
+from fvd.errors import CorruptImageError, SnapshotNotFoundError
 from fvd.features.granular import NONE
-from fvd.features.snapshots import SnapshotNotFoundError, SnapshotView, granule_record
+from fvd.features.snapshots import Entry, granule_record
 from fvd.ondisk import format as fmt
 from fvd.ondisk import sparse_table
 from fvd.types import Extent
@@ -96,100 +97,76 @@ def _pread(fd: int, path: str, length: int, offset: int, crc: int, what: str) ->
 
 
 def snapshot_state(
-    fd: int, path: str, entry, nchunks: int, bitmap_size: int, sparse: bool
+    fd: int, path: str, entry: Entry, nchunks: int, bitmap_size: int, sparse: bool
 ) -> State:
     """Read a snapshot's lookup table (and bitmap copy) through `fd`."""
-    raw = _pread(
-        fd,
-        path,
-        4 * nchunks,
-        entry.table_offset,
-        entry.table_crc,
-        f"snapshot {entry.name!r}: lookup table",
-    )
+    what = f"snapshot {entry.name!r}"
+    raw = _pread(fd, path, 4 * nchunks, entry.table_offset, entry.table_crc, f"{what}: lookup table")
     table = sparse_table.decode(raw, sparse)
     bits = None
     if entry.bitmap_offset and bitmap_size:
-        braw = _pread(
-            fd,
-            path,
-            bitmap_size,
-            entry.bitmap_offset,
-            entry.bitmap_crc,
-            f"snapshot {entry.name!r}: bitmap",
-        )
+        braw = _pread(fd, path, bitmap_size, entry.bitmap_offset, entry.bitmap_crc, f"{what}: bitmap")
         bits = np.frombuffer(braw, dtype=np.uint8)
     return State(table, bits, entry.id)
 
 
-def _resolve(owner, since: str, until: str | None):
-    """(Geometry, States) for an Image or a SnapshotView: snapshot `since`, the states
-    between whose granule records the comparison needs (each with the state before it,
-    which its record's sources refer to), and `until` (a snapshot, or the live front).
-    States without a record between two others are left out: comparing across them at
-    chunk level is exact, so only the records' tables (and records) are read."""
+def _find(disk: MappedDisk, name: str) -> Entry:
+    st = disk.snapshot_state
+    for e in st.entries if st is not None else ():
+        if e.name == name:
+            assert isinstance(e, Entry)
+            return e
+    raise SnapshotNotFoundError(f"{disk.path}: no snapshot named {name!r}")
 
-    owner.check_open()
+
+def _resolve(disk: MappedDisk, since: str, until: str | None) -> tuple[Geometry, list[State]]:
+    """(Geometry, States) of an image or a snapshot view (`disk`): snapshot `since` and
+    `until` (a snapshot, or the live contents of `disk`). Granule records are exact (a
+    snapshot holds its partial chunks as they are), so the two states alone say where
+    their sources differ: no state between them is read."""
+    disk.check_open()
     for name, what in ((since, "since"), (until, "until")):
         if name is not None and not isinstance(name, str):
             raise ValueError(f"{what} must be a snapshot name (str), not {type(name).__name__}")
-    if isinstance(owner, SnapshotView):
-        st, img_hdr, fd = owner.state, owner.facts, owner.fd
-    else:
-        st, img_hdr, fd = owner.snapshot_state, owner.header, owner.fd
-    if st is None or not st.entries:
-        raise SnapshotNotFoundError(f"{owner.path}: no snapshot named {since!r}")
-    nchunks = -(-owner.size // owner.chunk_size)
-    bsize = img_hdr.get("bitmap_size", 0) if img_hdr.get("base_format") else 0
-    granule = img_hdr.get("granule_size") or fmt.DEFAULT_GRANULE
-    data_offset = owner.header["data_offset"]
-    e_since = st.find(since, owner.path)
-    e_until = st.find(until, owner.path) if until is not None else None
-    if e_until is None and isinstance(owner, SnapshotView):
-        e_until = next(e for e in st.entries if e.id == owner.snapshot_id)
+    e_since = _find(disk, since)
+    e_until = _find(disk, until) if until is not None else None
     if e_until is not None and e_since.id > e_until.id:
-        raise ValueError(f"{owner.path}: snapshot {since!r} is newer than {e_until.name!r}")
-    # granule records are exact (a snapshot holds its partial chunks as they are), so the
-    # two states alone say where their sources differ: no state between them is read.
-    # None stands for the front.
-    chain: list = [e_since] if e_until is e_since else [e_since, e_until]
-    states = []
-    for e in chain:
-        if e is None:
-            with owner.lock:  # one point in time: no write changes the table now
-                bits = owner.bitmap.stale.copy() if owner.bitmap is not None else None
-                states.append(State(owner.table.copy(), bits, None, _front_partial(owner.partial)))
-            continue
-        sparse = sparse_table.is_sparse(owner.header)
-        state = snapshot_state(fd, owner.path, e, nchunks, bsize, sparse)
-        if e.granules_offset or e.granules_bad:
-            chunks, sources, rows, prov = granule_record(
-                fd, owner.path, e, state.table, owner.chunk_size, granule, data_offset, True
-            )
-            state.record = Partial(chunks, sources, rows, granule, *(prov or (None, None)))
-        states.append(state)
-    geo = Geometry(
-        owner.size,
-        owner.chunk_size,
-        owner.block_size,
-        min(img_hdr.get("base_size", 0), owner.size) if bsize else 0,
-    )
-    return geo, states
+        raise ValueError(f"{disk.path}: snapshot {since!r} is newer than {e_until.name!r}")
+    h = disk.header
+    bsize = h.get("bitmap_size", 0) if h.get("base_format") else 0
+    granule = h.get("granule_size") or fmt.DEFAULT_GRANULE
+    states = [_snapshot(disk, e_since, bsize, granule)]
+    if e_until is None:
+        states.append(_live(disk, granule))
+    elif e_until is not e_since:
+        states.append(_snapshot(disk, e_until, bsize, granule))
+    bend = min(h.get("base_size", 0), disk.size) if bsize else 0
+    return Geometry(disk.size, disk.chunk_size, disk.block_size, bend), states
 
 
-def _front_partial(ps) -> Partial | None:
-    """A copy of the front's partial chunks (PartialState; the image lock is held)."""
-    if ps is None or not ps.active:
-        return None
+def _snapshot(disk: MappedDisk, e: Entry, bitmap_size: int, granule: int) -> State:
+    """A snapshot's state, with its granule record."""
+    nchunks = -(-disk.size // disk.chunk_size)
+    sparse = sparse_table.is_sparse(disk.header)
+    state = snapshot_state(disk.fd, disk.path, e, nchunks, bitmap_size, sparse)
+    if e.granules_offset or e.granules_bad:
+        d = disk.header["data_offset"]
+        rec = granule_record(disk.fd, disk.path, e, state.table, disk.chunk_size, granule, d)
+        if rec is not None:
+            state.record = Partial(rec.chunks, rec.sources, rec.rows, granule, rec.origins, rec.carried)
+    return state
 
-    chunks = np.flatnonzero(ps.slot != NONE)
-    slots = ps.slot[chunks].astype(np.int64)
-    rows = ps.bits[: ps.used * ps.gbytes].reshape(-1, ps.gbytes)[slots]
-    wrows = ps.wbits[: ps.used * ps.gbytes].reshape(-1, ps.gbytes)[slots]
-    origins = ps.cfrom[slots].copy()
-    carried = rows & ~wrows
-    carried[origins == NONE] = 0
-    return Partial(chunks, ps.src[slots].copy(), rows, ps.gsize, origins, carried)
+
+def _live(disk: MappedDisk, granule: int) -> State:
+    """The live contents of `disk`, copied at one point in time (no write changes the
+    table meanwhile)."""
+    with disk.lock:
+        bits = disk.bitmap.stale.copy() if disk.bitmap is not None else None
+        partial = None
+        if disk.partial is not None and disk.partial.active:
+            p = disk.partial.partial_chunks()
+            partial = Partial(p.chunks, p.sources, p.rows, granule, p.origins, p.carried)
+        return State(disk.table.copy(), bits, None, partial)
 
 
 # ----- the comparison -------------------------------------------------------------------

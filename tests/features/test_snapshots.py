@@ -37,7 +37,7 @@ def path(tmp_path):
 def assert_in_use_end(img):
     """The tail trim's shortcut agrees with the whole-table count of chunks in use."""
     used = np.flatnonzero(img._core.in_use())
-    assert snap._in_use_end(img._core, 1 << 40) == (int(used[-1]) + 1 if len(used) else 0)
+    assert snap.in_use_end(img._core, 1 << 40) == (int(used[-1]) + 1 if len(used) else 0)
 
 
 # ----- semantics --------------------------------------------------------------------------
@@ -366,7 +366,7 @@ def test_damaged_snapshot_metadata_is_reported(path):
 
 
 def test_refcount_overflow_is_refused(path, monkeypatch):
-    monkeypatch.setattr(snap, "REFCOUNT_MAX", 3)
+    monkeypatch.setattr(snap.refcounts, "REFCOUNT_MAX", 3)
     with fvd.open(path, "r+") as img:
         img.write(0, b"a")
         for i in range(3):
