@@ -194,15 +194,6 @@ def test_the_qcow2_package_is_typed():
     assert '"fvd.qcow2.*"' in strict and "disallow_untyped_defs = true" in strict
 
 
-# Functions longer than the limit, waiting for their files' refactors (issue 23: the
-# snapshots package split, convert and changed-extents work); nothing may join this list.
-LONG_FUNCTIONS_PENDING = {
-    ("features/snapshots.py", "_parse_entries"),
-    ("features/snapshots.py", "_check"),
-    ("features/snapshots.py", "attach_snapshots"),
-    ("features/snapshots.py", "_create"),
-    ("ops/changed.py", "_walk"),
-}
 MAX_FUNCTION_LINES = 60
 
 
@@ -215,5 +206,4 @@ def test_no_function_over_sixty_lines():
                 first = min([node.lineno] + [d.lineno for d in node.decorator_list])
                 if node.end_lineno - first + 1 > MAX_FUNCTION_LINES:
                     long.add((rel(p), node.name))
-    assert long - LONG_FUNCTIONS_PENDING == set()
-    assert LONG_FUNCTIONS_PENDING - long == set(), "shortened: take it off the list"
+    assert long == set()

@@ -33,6 +33,7 @@ import os
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -101,11 +102,15 @@ def snapshot_state(
 ) -> State:
     """Read a snapshot's lookup table (and bitmap copy) through `fd`."""
     what = f"snapshot {entry.name!r}"
-    raw = _pread(fd, path, 4 * nchunks, entry.table_offset, entry.table_crc, f"{what}: lookup table")
+    raw = _pread(
+        fd, path, 4 * nchunks, entry.table_offset, entry.table_crc, f"{what}: lookup table"
+    )
     table = sparse_table.decode(raw, sparse)
     bits = None
     if entry.bitmap_offset and bitmap_size:
-        braw = _pread(fd, path, bitmap_size, entry.bitmap_offset, entry.bitmap_crc, f"{what}: bitmap")
+        braw = _pread(
+            fd, path, bitmap_size, entry.bitmap_offset, entry.bitmap_crc, f"{what}: bitmap"
+        )
         bits = np.frombuffer(braw, dtype=np.uint8)
     return State(table, bits, entry.id)
 
@@ -153,7 +158,9 @@ def _snapshot(disk: MappedDisk, e: Entry, bitmap_size: int, granule: int) -> Sta
         d = disk.header["data_offset"]
         rec = granule_record(disk.fd, disk.path, e, state.table, disk.chunk_size, granule, d)
         if rec is not None:
-            state.record = Partial(rec.chunks, rec.sources, rec.rows, granule, rec.origins, rec.carried)
+            state.record = Partial(
+                rec.chunks, rec.sources, rec.rows, granule, rec.origins, rec.carried
+            )
     return state
 
 
@@ -241,7 +248,10 @@ def _chunk_runs(ta, tb, first, cs, size):
     return starts, stops, tb[idx] >= fmt.ZERO_CHUNK
 
 
-def _walk(geo, tables, states):
+Ranges = tuple[np.ndarray, np.ndarray, np.ndarray]  # (starts, stops, zero in the newer state)
+
+
+def _walk(geo: Geometry, tables: Sequence[np.ndarray], states: Sequence[State]) -> Ranges:
     """Chunks whose keys differ between the first and the last state (and the front's
     partial chunks), refined to granules: per step between consecutive states (callers
     pass the two endpoints), granule g of chunk v has in each state the key N where its
@@ -257,76 +267,113 @@ def _walk(geo, tables, states):
     if front is not None and len(front.chunks):
         pv = front.chunks.astype(np.int64)
         cand = np.union1d(cand, pv[tb[pv] < fmt.ZERO_CHUNK])  # N is a physical chunk
-    gs = next(s.partial or s.record for s in states if _granular(s)).granule_size
-    gpc = cs // gs
-    nbytes = -(-gpc // 8)
-    width = -(-nbytes // 8) * 8  # row bytes padded to whole 64-bit words
-    valid = _rows(np.full((1, nbytes), 0xFF, dtype=np.uint8), gpc, None)[0]
-    whole = np.zeros(len(cand), dtype=bool)
-    parts = []  # (positions in cand, rows of the granules that differ, padded)
-    kp = _chunk_keys(ta[cand])
-    hp, sp, bp, _, _ = _layers(states[0], cand, kp, gs, gpc, width)
-    for s, t in zip(states[1:], tables[1:]):
-        kc = _chunk_keys(t[cand])
-        hc, sc, bc, oc, cc = _layers(s, cand, kc, gs, gpc, width)
-        plain = ~(hp | hc)
-        whole |= plain & (kp != kc)
-        idx = np.flatnonzero(~plain)
-        if len(idx):
-            # granule g reads N where its bit is set, else S (a whole chunk: S = N, no
-            # bits); it differs where the two states' sources for g differ
-            n_p, s_p, n_c, s_c = kp[idx], sp[idx], kc[idx], sc[idx]
-            rp, rc = bp[idx], bc[idx]
-            rows = (
-                (rc & rp & _byte_mask(n_c != n_p))
-                | (rc & ~rp & _byte_mask(n_c != s_p))
-                | (~rc & rp & _byte_mask(s_c != n_p))
-                | (~rc & ~rp & _byte_mask(s_c != s_p))
-            ) & valid
-            # a carried granule of the newer state holds the bytes its origin chunk had
-            # when they were copied; the older state reads that chunk there and holds it
-            # (frozen since), so the bytes are equal (docs/format.md section 10)
-            o_c, c_c = oc[idx], cc[idx]
-            same = (c_c & rp & _byte_mask(o_c == n_p)) | (c_c & ~rp & _byte_mask(o_c == s_p))
-            parts.append((idx, rows & ~same))
-        kp, hp, sp, bp = kc, hc, sc, bc
+    gs = next(_partial_of(s) for s in states if _granular(s)).granule_size
+    whole, parts = _differing(cand, tables, states, gs, cs // gs)
     v = cand[whole]
     w_starts = v.astype(np.uint64) * np.uint64(cs)
-    w = (
-        w_starts,
-        np.minimum(w_starts + np.uint64(cs), np.uint64(geo.size)),
-        tb[v] >= fmt.ZERO_CHUNK,
-    )
+    w_stops = np.minimum(w_starts + np.uint64(cs), np.uint64(geo.size))
+    w = (w_starts, w_stops, tb[v] >= fmt.ZERO_CHUNK)
     pos, rows = _union_rows(parts)
     keep = ~whole[pos]
     pos, rows = pos[keep], rows[keep]
     if not len(pos):
         return w
-    vr = cand[pos]
+    return _merge_sorted(w, _granule_runs(geo, cand[pos], rows, tb, gs))
+
+
+def _partial_of(s: State) -> Partial:
+    g = s.partial if s.partial is not None else s.record
+    assert g is not None
+    return g
+
+
+class _Layer(NamedTuple):
+    """A state over the candidate chunks (see _layers)."""
+
+    has: np.ndarray  # the chunk is partial
+    src: np.ndarray  # source keys
+    rows: np.ndarray  # bit rows, padded to whole 64-bit words
+    origins: np.ndarray  # origin keys of the carried granules
+    carried: np.ndarray  # carried rows, padded
+
+
+def _differing(
+    cand: np.ndarray,
+    tables: Sequence[np.ndarray],
+    states: Sequence[State],
+    gs: int,
+    gpc: int,
+) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+    """Per step between consecutive states: the candidates whose keys differ with no
+    partial state in either (`whole`, ORed over the steps), and the (positions in cand,
+    padded rows) of the granules that differ in the others."""
+    nbytes = -(-gpc // 8)
+    width = -(-nbytes // 8) * 8  # row bytes padded to whole 64-bit words
+    valid = _rows(np.full((1, nbytes), 0xFF, dtype=np.uint8), gpc, None)[0]
+    whole = np.zeros(len(cand), dtype=bool)
+    parts = []
+    kp = _chunk_keys(tables[0][cand])
+    prev = _layers(states[0], cand, kp, gs, gpc, width)
+    for s, t in zip(states[1:], tables[1:]):
+        kc = _chunk_keys(t[cand])
+        cur = _layers(s, cand, kc, gs, gpc, width)
+        plain = ~(prev.has | cur.has)
+        whole |= plain & (kp != kc)
+        idx = np.flatnonzero(~plain)
+        if len(idx):
+            parts.append((idx, _granules_differ(idx, kp, prev, kc, cur) & valid))
+        kp, prev = kc, cur
+    return whole, parts
+
+
+def _granules_differ(
+    idx: np.ndarray, kp: np.ndarray, prev: _Layer, kc: np.ndarray, cur: _Layer
+) -> np.ndarray:
+    """Padded rows of the granules of chunks `idx` that differ between two states."""
+    # granule g reads N where its bit is set, else S (a whole chunk: S = N, no bits);
+    # it differs where the two states' sources for g differ
+    n_p, s_p, n_c, s_c = kp[idx], prev.src[idx], kc[idx], cur.src[idx]
+    rp, rc = prev.rows[idx], cur.rows[idx]
+    rows = (
+        (rc & rp & _byte_mask(n_c != n_p))
+        | (rc & ~rp & _byte_mask(n_c != s_p))
+        | (~rc & rp & _byte_mask(s_c != n_p))
+        | (~rc & ~rp & _byte_mask(s_c != s_p))
+    )
+    # a carried granule of the newer state holds the bytes its origin chunk had when
+    # they were copied; the older state reads that chunk there and holds it (frozen
+    # since), so the bytes are equal (docs/format.md section 10)
+    o_c, c_c = cur.origins[idx], cur.carried[idx]
+    same = (c_c & rp & _byte_mask(o_c == n_p)) | (c_c & ~rp & _byte_mask(o_c == s_p))
+    out: np.ndarray = rows & ~same
+    return out
+
+
+def _granule_runs(
+    geo: Geometry, chunks: np.ndarray, rows: np.ndarray, tb: np.ndarray, gs: int
+) -> Ranges:
+    """The runs of set bits of `rows` (one padded row per chunk of `chunks`) as ranges."""
     first, last = _run_edges(rows.view("<u8"))
     width = rows.shape[1] * 8  # bits per row, a power of two
     shift = width.bit_length() - 1
-    if not len(first):
-        return w
-    cv = vr[first >> shift]
-    chunk_start = cv.astype(np.uint64) * np.uint64(cs)
+    cv = chunks[first >> shift]
+    chunk_start = cv.astype(np.uint64) * np.uint64(geo.chunk_size)
     g_starts = chunk_start + (first & (width - 1)).astype(np.uint64) * np.uint64(gs)
     g_stops = chunk_start + ((last & (width - 1)) + 1).astype(np.uint64) * np.uint64(gs)
     g_stops = np.minimum(g_stops, np.uint64(geo.size))
     live = g_starts < g_stops  # granules past the end of the image count as set
-    g = (g_starts[live], g_stops[live], tb[cv[live]] >= fmt.ZERO_CHUNK)
-    return _merge_sorted(w, g)
+    return g_starts[live], g_stops[live], tb[cv[live]] >= fmt.ZERO_CHUNK
 
 
-def _byte_mask(differ):
+def _byte_mask(differ: np.ndarray) -> np.ndarray:
     """Per chunk, a column of 0xFF where `differ` holds, else 0 (ANDed with bit rows)."""
-    return np.where(differ, 0xFF, 0).astype(np.uint8)[:, None]
+    out: np.ndarray = np.where(differ, 0xFF, 0).astype(np.uint8)[:, None]
+    return out
 
 
-def _layers(s: State, cand, keys, gs, gpc, width):
-    """(partial?, source keys, padded bit rows, origin keys, padded carried rows) of state
-    s over the chunks `cand`: a chunk without partial state has source = its own key
-    and no bits; a chunk without provenance no carried bits."""
+def _layers(s: State, cand: np.ndarray, keys: np.ndarray, gs: int, gpc: int, width: int) -> _Layer:
+    """State s over the chunks `cand`: a chunk without partial state has source = its
+    own key and no bits; a chunk without provenance no carried bits."""
     has = np.zeros(len(cand), dtype=bool)
     src = keys.copy()
     rows = np.zeros((len(cand), width), dtype=np.uint8)
@@ -346,7 +393,7 @@ def _layers(s: State, cand, keys, gs, gpc, width):
             known = g.origins[i] != NONE
             origins[loc[known]] = g.origins[i][known].astype(np.uint64)
             carried[loc] = _rows(g.rows[i] & g.carried[i], gpc, None)
-    return has, src, rows, origins, carried
+    return _Layer(has, src, rows, origins, carried)
 
 
 def _locate(cand, chunks):

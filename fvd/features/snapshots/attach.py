@@ -48,12 +48,11 @@ def state_of(img: ImageCore) -> SnapshotState:
     return st
 
 
-class _Broken(Exception):
-    """The snapshot table is unusable: (offset, what)."""
+class _Broken(NamedTuple):
+    """Why the snapshot table is unusable (repair drops every snapshot)."""
 
-    def __init__(self, offset: int, what: str) -> None:
-        super().__init__(offset, what)
-        self.offset, self.what = offset, what
+    offset: int
+    what: str
 
 
 class _Tables(NamedTuple):
@@ -72,13 +71,13 @@ def attach_snapshots(img: ImageCore) -> None:
     """Open hook: the snapshot state of `img` (module doc)."""
     st = SnapshotState(img)
     img.snapshot_state = st
-    try:
-        tables = _read_tables(img)
-        entries = _parse_entries(img, st, tables)
-    except _Broken as b:
-        img.problem(b.offset, b.what + " (repair drops every snapshot)")
-        st.broken = b.what
+    tables = _read_tables(img)
+    entries = _parse_entries(img, st, tables) if isinstance(tables, _Tables) else tables
+    if isinstance(entries, _Broken):
+        img.problem(entries.offset, entries.what + " (repair drops every snapshot)")
+        st.broken = entries.what
         return
+    assert isinstance(tables, _Tables)
     refcount = tables.refcount
     st.entries, st.refcount = entries, refcount
     st.table_chunks, st.refcount_chunks = tables.table_chunks, tables.refcount_chunks
@@ -99,8 +98,8 @@ def _inside(img: ImageCore, off: int, size: int, file_size: int) -> bool:
     return off >= d and (off - d) % cs == 0 and off + size <= file_size
 
 
-def _read_tables(img: ImageCore) -> _Tables:
-    """The snapshot table and the refcounts, bounded by the file; _Broken otherwise."""
+def _read_tables(img: ImageCore) -> _Tables | _Broken:
+    """The snapshot table and the refcounts, bounded by the file; why not (_Broken)."""
     h, fo = img.header, fmt.FIELD_OFFSET
     file_size = fileio.file_size(img.fd)
     toff, tsize = h["snapshot_table_offset"], h["snapshot_table_size"]
@@ -108,28 +107,28 @@ def _read_tables(img: ImageCore) -> _Tables:
     outside = "is outside the data area or the file"
     if not (tsize >= TABLE_HEAD.size and _inside(img, toff, tsize, file_size)):
         what = f"snapshot table [{toff}, {toff + tsize}) {outside} ({file_size} bytes)"
-        raise _Broken(fo["snapshot_table_offset"], what)
+        return _Broken(fo["snapshot_table_offset"], what)
     if rsize and not (rsize % 2 == 0 and _inside(img, roff, rsize, file_size)):
         what = f"refcount table [{roff}, {roff + rsize}) {outside} ({file_size} bytes)"
-        raise _Broken(fo["refcount_table_offset"], what)
+        return _Broken(fo["refcount_table_offset"], what)
     raw = img.read_meta(toff, tsize)
     head = codec.decode_head(raw)
     if head is None:
-        raise _Broken(toff, "snapshot table magic or checksum mismatch")
+        return _Broken(toff, "snapshot table magic or checksum mismatch")
     if head.nb_snapshots != h["nb_snapshots"]:
         what = f"header says {h['nb_snapshots']} snapshots, the snapshot table holds "
-        raise _Broken(fo["nb_snapshots"], what + str(head.nb_snapshots))
+        return _Broken(fo["nb_snapshots"], what + str(head.nb_snapshots))
     table_chunks = _chunks(img, toff, tsize)
     rc_chunks = _chunks(img, roff, rsize) if rsize else NO_RUN
     if rsize and _overlap(table_chunks, rc_chunks):
-        raise _Broken(fo["refcount_table_offset"], "refcount table overlaps the snapshot table")
+        return _Broken(fo["refcount_table_offset"], "refcount table overlaps the snapshot table")
     rc_raw = img.read_meta(roff, rsize) if rsize else b""
     if zlib.crc32(rc_raw) != head.refcount_crc:
-        raise _Broken(roff, "refcount table checksum mismatch")
+        return _Broken(roff, "refcount table checksum mismatch")
     refcount = np.frombuffer(rc_raw, dtype=REFCOUNT_DTYPE).astype(np.uint16)
     nphys = max(0, -(-(file_size - h["data_offset"]) // img.chunk_size))
     if len(refcount) > nphys and refcount[nphys:].any():
-        raise _Broken(roff, "refcount table counts chunks past the end of the file")
+        return _Broken(roff, "refcount table counts chunks past the end of the file")
     owner = np.zeros(nphys, dtype=bool)
     for first, n in (table_chunks, rc_chunks):
         owner[first : first + n] = True
@@ -158,7 +157,7 @@ class _Range(NamedTuple):
     what: str
 
 
-def _parse_entries(img: ImageCore, st: SnapshotMeta, tables: _Tables) -> list[Entry]:
+def _parse_entries(img: ImageCore, st: SnapshotMeta, tables: _Tables) -> list[Entry] | _Broken:
     """The entries of a snapshot table, every range bounded by the file and disjoint
     from the other metadata (`tables.owner` marks it, and grows); _Broken when the
     table is unusable. A damaged entry is reported and left out (st.dropped)."""
@@ -166,6 +165,8 @@ def _parse_entries(img: ImageCore, st: SnapshotMeta, tables: _Tables) -> list[En
     pos = TABLE_HEAD.size
     for _ in range(tables.head.nb_snapshots):
         dec = _decode_entry(img, tables.raw, pos)
+        if isinstance(dec, _Broken):
+            return dec
         pos = dec.end
         e, ranges = dec.entry, _ranges(img, dec.entry, dec.where)
         problem = dec.problem or _entry_problem(img, e, dec.where, entries, ranges, tables)
@@ -181,17 +182,19 @@ def _parse_entries(img: ImageCore, st: SnapshotMeta, tables: _Tables) -> list[En
     return entries
 
 
-def _decode_entry(img: ImageCore, raw: bytes, pos: int) -> _Decoded:
+def _decode_entry(img: ImageCore, raw: bytes, pos: int) -> _Decoded | _Broken:
     """The entry at table position `pos` (_Broken when it does not fit the table)."""
     h = img.header
     where = h["snapshot_table_offset"] + pos
     if pos + ENTRY.size > len(raw):
-        raise _Broken(where, "snapshot table entry overruns the table")
+        return _Broken(where, "snapshot table entry overruns the table")
     f = codec.unpack(ENTRY, raw, pos)
     pos += ENTRY.size
     xsize, nlen = f["extra_size"], f["name_size"]
     if xsize % 8 or pos + xsize > len(raw):
-        raise _Broken(where + ENTRY_OFFSET["extra_size"], f"snapshot extra data size {xsize} out of range")
+        return _Broken(
+            where + ENTRY_OFFSET["extra_size"], f"snapshot extra data size {xsize} out of range"
+        )
     bitmap = granules = {}
     if xsize >= codec.EXTRA_BITMAP.size and h["base_format"] != fmt.BASE_NONE:
         bitmap = codec.unpack(codec.EXTRA_BITMAP, raw, pos)
@@ -199,7 +202,7 @@ def _decode_entry(img: ImageCore, raw: bytes, pos: int) -> _Decoded:
         granules = codec.unpack(codec.EXTRA_GRANULES, raw, pos)
     pos += xsize  # extra data past the fields known here is skipped
     if nlen == 0 or pos + nlen > len(raw):
-        raise _Broken(where, "snapshot name size out of range")
+        return _Broken(where, "snapshot name size out of range")
     name_raw, problem = raw[pos : pos + nlen], None
     try:
         name = name_raw.decode("utf-8")
@@ -226,11 +229,21 @@ def _decode_entry(img: ImageCore, raw: bytes, pos: int) -> _Decoded:
 
 def _ranges(img: ImageCore, e: Entry, where: int) -> list[_Range]:
     """The ranges of the file an entry names (its granule record aside)."""
-    out = [_Range(e.table_offset, 4 * img.nchunks, where + ENTRY_OFFSET["table_offset"], "lookup table")]
+    out = [
+        _Range(
+            e.table_offset, 4 * img.nchunks, where + ENTRY_OFFSET["table_offset"], "lookup table"
+        )
+    ]
     if img.header["base_format"] != fmt.BASE_NONE:
-        out.append(_Range(e.bitmap_offset, img.header["bitmap_size"], where + ENTRY_OFFSET["extra"], "bitmap"))
+        out.append(
+            _Range(
+                e.bitmap_offset, img.header["bitmap_size"], where + ENTRY_OFFSET["extra"], "bitmap"
+            )
+        )
     if e.vm_size:
-        out.append(_Range(e.vm_offset, e.vm_size, where + ENTRY_OFFSET["vm_state_offset"], "vm_state"))
+        out.append(
+            _Range(e.vm_offset, e.vm_size, where + ENTRY_OFFSET["vm_state_offset"], "vm_state")
+        )
     return out
 
 
@@ -256,7 +269,10 @@ def _entry_problem(
             )
         first, count = _chunks(img, r.offset, r.nbytes)
         if tables.owner[first : first + count].any():
-            return r.field, f"snapshot {e.name!r}: {r.what} at {r.offset} overlaps other snapshot metadata"
+            return (
+                r.field,
+                f"snapshot {e.name!r}: {r.what} at {r.offset} overlaps other snapshot metadata",
+            )
     return None
 
 

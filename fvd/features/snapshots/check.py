@@ -63,11 +63,7 @@ def check_snapshots(st: SnapshotMeta, img: ImageCore, result: CheckResult, repai
     if img.partial is not None:  # the front's partial chunks' sources are in use
         src = img.partial.sources()
         usage[src[src < len(usage)]] += 1
-    gone = [
-        int(p)
-        for p in over
-        if count.counted[p] == 0 and usage[p] == 0 and count.owner[p] == 0
-    ]
+    gone = [int(p) for p in over if count.counted[p] == 0 and usage[p] == 0 and count.owner[p] == 0]
     if gone:
         img.allocator.release_now(gone)
 

@@ -86,7 +86,9 @@ def _create(img: ImageCore, st: SnapshotState, name: str, vm_state: bytes) -> Sn
     refcount = refcounts.increment(img.path, st.refcount, held)
     table, tcrc = _stored_table(img)
     vm_crc = zlib.crc32(vm) if len(vm) else 0
-    entry = Entry(img.header["next_snapshot_id"], time.time_ns(), img.size, 0, tcrc, name, 0, len(vm), vm_crc)
+    entry = Entry(
+        img.header["next_snapshot_id"], time.time_ns(), img.size, 0, tcrc, name, 0, len(vm), vm_crc
+    )
     change = MetadataChange(st.entries + [entry], refcount, [table], refcount_updates=held.count)
     change.header["next_snapshot_id"] = entry.id + 1
     has_bitmap = img.bitmap is not None

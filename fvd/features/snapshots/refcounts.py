@@ -126,7 +126,7 @@ def decrement(img: ImageCore, refcount: np.ndarray, held: Held, e: Entry) -> Dec
         raise CorruptImageError(
             img.path,
             img.header["refcount_table_offset"],
-            f"{what} holds chunks whose refcount is 0 (run check -r all)"
+            f"{what} holds chunks whose refcount is 0 (run check -r all)",
         )
     rc -= mask
     dropped = np.flatnonzero(np.logical_and(mask, rc == 0))

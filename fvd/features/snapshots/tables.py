@@ -97,7 +97,10 @@ def lookup_table_problems(img: ImageCore, e: Entry, table: np.ndarray) -> list[P
     meta = st.meta_mask(nphys) if st is not None else np.zeros(0, dtype=bool)
     inmeta = ok[meta[table[ok]]] if len(meta) else ok[:0]
     out = []
-    for where, why in ((alloc[held >= nphys], "points past the end of the file"), (inmeta, "points into snapshot metadata")):
+    for where, why in (
+        (alloc[held >= nphys], "points past the end of the file"),
+        (inmeta, "points into snapshot metadata"),
+    ):
         if len(where):
             v = int(where[0])
             what = f"snapshot {e.name!r}: entry {int(table[v])} of chunk {v} {why}"
