@@ -34,9 +34,15 @@ class MappedDisk(Protocol):
     base_layer: Optional[BaseHook]
     bitmap: Any  # fvd.core.bitmap.Bitmap of a base image, or None
     partial: Optional[PartialHook]
-    snapshot_state: Optional[SnapshotHook]  # the image's snapshots (a view's too)
-    lock: AbstractContextManager[Any]  # held, table, bitmap and partial are one point in time
     closed: bool
+
+    @property
+    def snapshot_state(self) -> Optional[SnapshotHook]:  # the image's (a view's too)
+        ...
+
+    @property
+    def lock(self) -> AbstractContextManager[Any]:  # held: table, bits, partial stay still
+        ...
 
     def check_open(self) -> None: ...
 

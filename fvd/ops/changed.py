@@ -33,7 +33,7 @@ import os
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, overload
 
 import numpy as np
 
@@ -51,6 +51,7 @@ KEY_BASE = np.uint64(1 << 41)  # reads from the base image
 CHANGED_DTYPE = np.dtype([("start", "<u8"), ("length", "<u8"), ("flags", "<u4")])
 FLAG_DATA = 1  # the range holds (possibly) nonzero data in the newer state
 FLAG_ZERO = 2  # the range reads as zeros in the newer state: a backup may skip it
+Ranges = tuple[np.ndarray, np.ndarray, np.ndarray]  # (starts, stops, zero in the newer state)
 
 
 @dataclass
@@ -232,7 +233,7 @@ def _granular(s: State) -> bool:
     return g is not None and len(g.chunks) > 0
 
 
-def _changed_chunks(ta, tb, first):
+def _changed_chunks(ta: np.ndarray, tb: np.ndarray, first: int) -> np.ndarray:
     """Chunks from `first` whose entries differ, ZERO and UNALLOCATED counting as equal
     (both read zeros), as sorted int64 chunk numbers."""
     ta, tb = ta[first:], tb[first:]
@@ -240,15 +241,12 @@ def _changed_chunks(ta, tb, first):
     return idx[(ta[idx] < fmt.ZERO_CHUNK) | (tb[idx] < fmt.ZERO_CHUNK)] + first
 
 
-def _chunk_runs(ta, tb, first, cs, size):
+def _chunk_runs(ta: np.ndarray, tb: np.ndarray, first: int, cs: int, size: int) -> Ranges:
     """Chunks from `first` whose entries differ: (starts, stops, zero in the newer state)."""
     idx = _changed_chunks(ta, tb, first)
     starts = idx.astype(np.uint64) * np.uint64(cs)
     stops = np.minimum(starts + np.uint64(cs), np.uint64(size))
     return starts, stops, tb[idx] >= fmt.ZERO_CHUNK
-
-
-Ranges = tuple[np.ndarray, np.ndarray, np.ndarray]  # (starts, stops, zero in the newer state)
 
 
 def _walk(geo: Geometry, tables: Sequence[np.ndarray], states: Sequence[State]) -> Ranges:
@@ -396,7 +394,7 @@ def _layers(s: State, cand: np.ndarray, keys: np.ndarray, gs: int, gpc: int, wid
     return _Layer(has, src, rows, origins, carried)
 
 
-def _locate(cand, chunks):
+def _locate(cand: np.ndarray, chunks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(positions in sorted `cand`, indexes in `chunks`) of the chunks that are in cand."""
     chunks = chunks.astype(np.int64)
     loc = np.searchsorted(cand, chunks)
@@ -405,7 +403,7 @@ def _locate(cand, chunks):
     return loc[hit], np.flatnonzero(hit)
 
 
-def _rows(rows, gpc, invert):
+def _rows(rows: np.ndarray, gpc: int, invert: np.ndarray | None) -> np.ndarray:
     """Bit rows padded to whole 64-bit words (bits past the chunk's last granule clear),
     each inverted where `invert` is set (the clear granules differ)."""
     nbytes = rows.shape[1]
@@ -422,7 +420,9 @@ def _rows(rows, gpc, invert):
     return out
 
 
-def _union_rows(parts):
+def _union_rows(
+    parts: list[tuple[np.ndarray, np.ndarray]],
+) -> tuple[np.ndarray, np.ndarray]:
     """The steps' (positions, rows) as one sorted list, rows of one position ORed."""
     parts = [(p, r) for p, r in parts if len(p)]
     if not parts:
@@ -437,7 +437,7 @@ def _union_rows(parts):
     return pos[first], np.bitwise_or.reduceat(rows, first, axis=0)
 
 
-def _run_edges(words):
+def _run_edges(words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Runs of set bits in each row of a 2-d uint64 array (bit b of word w of a row is
     bit 64 * w + b of the row; runs do not cross rows): (first bits, last bits) as bit
     numbers over the flattened array, sorted. One pass over the words to find the
@@ -459,7 +459,7 @@ def _run_edges(words):
     return _bit_numbers(idx, starts), _bit_numbers(idx, ends)
 
 
-def _bit_numbers(idx, words):
+def _bit_numbers(idx: np.ndarray, words: np.ndarray) -> np.ndarray:
     """Sorted numbers (64 * idx + bit) of the set bits of uint64 `words` (idx: their
     word numbers, sorted): one pass per set bit of the fullest word, each over the words
     that still have bits left; set bit j of a word (from its lowest) goes to the word's
@@ -467,7 +467,7 @@ def _bit_numbers(idx, words):
     nz = words != 0
     idx, w = idx[nz], words[nz]
     at = np.arange(len(idx))  # which of the nonzero words
-    parts = []
+    parts: list[tuple[np.ndarray, np.ndarray]] = []
     while len(w):
         low = w & (~w + np.uint64(1))  # the lowest set bit
         # a power of two converts to float64 exactly: its exponent is the bit number
@@ -490,7 +490,7 @@ def _bit_numbers(idx, words):
     return out
 
 
-def _merge_sorted(x, y):
+def _merge_sorted(x: Ranges, y: Ranges) -> Ranges:
     """Two sorted lists of disjoint (starts, stops, zero) ranges as one sorted list."""
     if not len(y[0]):
         return x
@@ -498,15 +498,18 @@ def _merge_sorted(x, y):
         return y
     pos_x = np.arange(len(x[0])) + np.searchsorted(y[0], x[0], "left")
     pos_y = np.arange(len(y[0])) + np.searchsorted(x[0], y[0], "right")
-    out = []
-    for a, b in zip(x, y):
+
+    def merged(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         m = np.empty(len(a) + len(b), dtype=a.dtype)
         m[pos_x], m[pos_y] = a, b
-        out.append(m)
-    return tuple(out)
+        return m
+
+    return merged(x[0], y[0]), merged(x[1], y[1]), merged(x[2], y[2])
 
 
-def _refine_blocks(geo, ka, kb, a, b, nbase_chunks):
+def _refine_blocks(
+    geo: Geometry, ka: np.ndarray, kb: np.ndarray, a: State, b: State, nbase_chunks: int
+) -> Ranges:
     """Chunks that reach below the base end, compared block by block: the key of a block
     is KEY_BASE where its bit is clear, else its chunk's key. Only chunks where the
     entries or some bit differ are expanded."""
@@ -540,7 +543,7 @@ def _refine_blocks(geo, ka, kb, a, b, nbase_chunks):
     return starts[keep], stops[keep], (keys_b[rows, cols] == KEY_ZERO)[keep]
 
 
-def _merge(starts, stops, zero) -> np.ndarray:
+def _merge(starts: np.ndarray, stops: np.ndarray, zero: np.ndarray) -> np.ndarray:
     """Sorted, disjoint ranges in; adjacent ones with equal flags joined."""
     n = len(starts)
     if n == 0:
@@ -559,14 +562,14 @@ def _merge(starts, stops, zero) -> np.ndarray:
 
 
 # ----- public entry points ----------------------------------------------------------------
-def changed_extents_array(owner, since: str, until: str | None = None) -> np.ndarray:
+def changed_extents_array(owner: MappedDisk, since: str, until: str | None = None) -> np.ndarray:
     """Ranges whose bytes may differ between snapshot `since` and `until` (or the live
     contents of `owner`): structured array (start, length, flags)."""
     geo, states = _resolve(owner, since, until)
     return compare_chain(geo, states)
 
 
-class ChangedExtents(Sequence):
+class ChangedExtents(Sequence[Extent]):
     """The changed ranges as Extents (fvd.image.Extent: zero ranges have zero=True,
     data=False; depth 0, offset None), made on access from `array` (CHANGED_DTYPE), so a
     million ranges cost nothing until they are looked at."""
@@ -577,20 +580,26 @@ class ChangedExtents(Sequence):
     def __len__(self) -> int:
         return len(self.array)
 
-    def __getitem__(self, i):
+    @overload
+    def __getitem__(self, i: int) -> Extent: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> ChangedExtents: ...
+
+    def __getitem__(self, i: int | slice) -> Extent | ChangedExtents:
         if isinstance(i, slice):
             return ChangedExtents(self.array[i])
         start, length, flags = self.array[i].tolist()
         zero = bool(flags & FLAG_ZERO)
         return Extent(start, length, 0, True, zero, not zero, None)
 
-    def __iter__(self) -> Iterator:
+    def __iter__(self) -> Iterator[Extent]:
         starts, lengths = self.array["start"].tolist(), self.array["length"].tolist()
         zeros = (self.array["flags"] & FLAG_ZERO).astype(bool).tolist()
         for s, n, z in zip(starts, lengths, zeros):
             yield Extent(s, n, 0, True, z, not z, None)
 
-    def __eq__(self, other):
+    def __eq__(self, other: object) -> bool:
         if isinstance(other, ChangedExtents):
             return np.array_equal(self.array, other.array)
         return NotImplemented
@@ -599,6 +608,6 @@ class ChangedExtents(Sequence):
         return f"<ChangedExtents: {len(self)} ranges, {int(self.array['length'].sum())} bytes>"
 
 
-def changed_extents(owner, since: str, until: str | None = None) -> ChangedExtents:
+def changed_extents(owner: MappedDisk, since: str, until: str | None = None) -> ChangedExtents:
     """The ranges of `changed_extents_array` as a sequence of Extents."""
     return ChangedExtents(changed_extents_array(owner, since, until))

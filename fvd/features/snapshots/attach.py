@@ -19,7 +19,7 @@ from fvd.features.snapshots import codec
 from fvd.features.snapshots.check import check_snapshots
 from fvd.features.snapshots.codec import ENTRY, ENTRY_OFFSET, TABLE_HEAD, Entry, TableHead
 from fvd.features.snapshots.refcounts import set_frozen
-from fvd.features.snapshots.state import NO_RUN, Run, SnapshotMeta
+from fvd.features.snapshots.state import NO_RUN, Run, SnapshotMeta, front_partial
 from fvd.features.snapshots.tables import (
     read_snapshot_bitmap,
     read_snapshot_table,
@@ -337,10 +337,11 @@ def _apply_pending_revert(img: ImageCore, st: SnapshotMeta, revert_id: int, wher
         st.rewrite = True
         return
     img.table = table
-    if img.partial is not None:
-        img.partial.clear()  # the old front's partial chunks went with it
+    ps = front_partial(img)
+    if ps is not None:
+        ps.clear()  # the old front's partial chunks went with it
         if record is not None:  # ... and the snapshot's are the front's now
-            img.partial.load_record(record.chunks, record.sources, record.rows)
+            ps.load_record(record.chunks, record.sources, record.rows)
     if bits is not None:  # ... and its bitmap is the front's bitmap
         img.bitmap.fresh[:] = bits
         img.bitmap.stale[:] = bits

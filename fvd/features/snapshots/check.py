@@ -14,8 +14,9 @@ from fvd.errors import CorruptImageError
 from fvd.features.base import marked_unallocated
 from fvd.features.snapshots import refcounts
 from fvd.features.snapshots.codec import Entry
-from fvd.features.snapshots.state import SnapshotMeta
+from fvd.features.snapshots.state import SnapshotMeta, front_partial
 from fvd.features.snapshots.tables import (
+    Problem,
     lookup_table_problems,
     read_snapshot_bitmap,
     read_snapshot_table,
@@ -60,8 +61,9 @@ def check_snapshots(st: SnapshotMeta, img: ImageCore, result: CheckResult, repai
     _repair(st, img, result, count)
     img.stats.refcount_updates += int(len(under) + len(over))
     usage = front_usage(img.table, len(stored))
-    if img.partial is not None:  # the front's partial chunks' sources are in use
-        src = img.partial.sources()
+    ps = front_partial(img)
+    if ps is not None:  # the front's partial chunks' sources are in use
+        src = ps.sources()
         usage[src[src < len(usage)]] += 1
     gone = [int(p) for p in over if count.counted[p] == 0 and usage[p] == 0 and count.owner[p] == 0]
     if gone:
@@ -79,14 +81,13 @@ def _count(st: SnapshotMeta, img: ImageCore, result: CheckResult) -> _Count:
     keep, lost = [], list(st.dropped)
     for e in st.entries:
         t = _sound_table(img, e, result)
-        record = _sound_record(img, e, t, result) if t is not None else None
-        if t is None or record is False:
+        sources = _sound_sources(img, e, t, result) if t is not None else None
+        if t is None or sources is None:
             lost.append(e.name)
             continue
         keep.append(e)
         np.add.at(counted, t[t < fmt.ZERO_CHUNK].astype(np.int64), 1)
-        if record is not None:  # its partial chunks' sources are held too
-            np.add.at(counted, record.astype(np.int64), 1)
+        np.add.at(counted, sources.astype(np.int64), 1)  # its partial chunks' sources
     return _Count(counted, keep, lost, owner)
 
 
@@ -96,15 +97,15 @@ def _sound_table(img: ImageCore, e: Entry, result: CheckResult) -> Optional[np.n
         t = read_snapshot_table(img, e)
     except CorruptImageError as err:
         if err.what.endswith("checksum mismatch"):
-            problems = [(err.offset, err.what, 1)]
+            problems = [Problem(err.offset or 0, err.what, 1)]
         else:
             raw = sparse_table.decode(
                 img.read_meta(e.table_offset, 4 * img.nchunks),
                 sparse_table.is_sparse(img.header),
             )
-            problems = [tuple(p) for p in lookup_table_problems(img, e, raw)]
+            problems = lookup_table_problems(img, e, raw)
         for off, what, n in problems:
-            result.corruptions += int(n)
+            result.corruptions += n
             result.messages.append(f"ERROR at offset {off}: {what}")
         return None
     if e.bitmap_offset and not _check_snapshot_bitmap(img, e, t, result):
@@ -112,18 +113,19 @@ def _sound_table(img: ImageCore, e: Entry, result: CheckResult) -> Optional[np.n
     return t
 
 
-def _sound_record(
+def _sound_sources(
     img: ImageCore, e: Entry, table: np.ndarray, result: CheckResult
-) -> "np.ndarray | None | bool":
-    """The sources of the snapshot's partial chunks (None without a record), or False
-    when its record is damaged (the partial chunks cannot be read without it)."""
+) -> Optional[np.ndarray]:
+    """The sources of the snapshot's partial chunks (its granule record; none without
+    one), or None when its record is damaged (the partial chunks cannot be read
+    without it)."""
     try:
         record = snapshot_record(img, e, table)
     except CorruptImageError as err:
         result.corruptions += 1
         result.messages.append(f"ERROR {err}")
-        return False
-    return record.sources if record is not None else None
+        return None
+    return record.sources if record is not None else np.zeros(0, dtype=np.int64)
 
 
 def _check_snapshot_bitmap(

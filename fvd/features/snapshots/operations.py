@@ -15,6 +15,7 @@ from fvd.errors import CorruptImageError, SnapshotBusyError
 from fvd.features.snapshots import refcounts
 from fvd.features.snapshots.attach import SnapshotState, state_of
 from fvd.features.snapshots.codec import EXTRA_BITMAP, EXTRA_GRANULES, Entry, check_name
+from fvd.features.snapshots.state import front_partial
 from fvd.features.snapshots.tables import (
     needs_base,
     read_held_table,
@@ -80,8 +81,9 @@ def _create(img: ImageCore, st: SnapshotState, name: str, vm_state: bytes) -> Sn
     # the snapshot holds the front's partial chunks as they are: its granule record
     # names each one's source and written granules (nothing is copied)
     granules = b""
-    if img.partial is not None and img.partial.active:
-        granules = img.partial.encode(provenance=True)
+    ps = front_partial(img)
+    if ps is not None and ps.active:
+        granules = ps.encode(provenance=True)
     held = refcounts.front_held(img, len(st.refcount))
     refcount = refcounts.increment(img.path, st.refcount, held)
     table, tcrc = _stored_table(img)
@@ -89,7 +91,7 @@ def _create(img: ImageCore, st: SnapshotState, name: str, vm_state: bytes) -> Sn
     entry = Entry(
         img.header["next_snapshot_id"], time.time_ns(), img.size, 0, tcrc, name, 0, len(vm), vm_crc
     )
-    change = MetadataChange(st.entries + [entry], refcount, [table], refcount_updates=held.count)
+    change = MetadataChange(st.entries + [entry], refcount, [table], refcount_updates=held.nheld)
     change.header["next_snapshot_id"] = entry.id + 1
     has_bitmap = img.bitmap is not None
     if has_bitmap:
@@ -154,7 +156,7 @@ def _delete(img: ImageCore, st: SnapshotState, name: str) -> None:
     change = MetadataChange([x for x in st.entries if x is not e], dec.refcount)
     change.release_runs = st.entry_chunks(img, e)
     change.release_chunks = np.unique(dec.freed)
-    change.refcount_updates = held.count
+    change.refcount_updates = held.nheld
     commit(img, st, change)
     trim_tail(img)
 
@@ -196,10 +198,11 @@ def _revert(img: ImageCore, st: SnapshotState, name: str) -> None:
         """After the commit point: the front becomes the snapshot, checkpointed."""
         old_sources, temps = np.zeros(0, dtype=np.int64), []
         table = new_table
-        if img.partial is not None:  # the old front's partial chunks go with it
-            old_sources, temps = img.partial.detach(img)
+        ps = front_partial(img)
+        if ps is not None:  # the old front's partial chunks go with it
+            old_sources, temps = ps.detach(img)
             if record is not None:
-                table = img.partial.complete_record(img, table, record[:3])
+                table = ps.complete_record(img, table, record[:3])
         _swap_front(img, table, new_bits)
         img.dirty_since_checkpoint = True
         img.checkpoint(clean=False)  # table in place, epoch E+1

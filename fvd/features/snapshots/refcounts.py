@@ -13,6 +13,7 @@ from fvd.core.allocator import front_usage
 from fvd.core.image import ImageCore
 from fvd.errors import CorruptImageError, RefcountOverflowError
 from fvd.features.snapshots.codec import Entry
+from fvd.features.snapshots.state import front_partial
 from fvd.ondisk import fvd_records as fr
 
 # read at call time: tests lower it to reach the limit
@@ -21,10 +22,10 @@ REFCOUNT_MAX = fr.REFCOUNT_MAX
 
 class Held(NamedTuple):
     """The chunks a table (and its partial chunks' sources) holds: `mask` counts per
-    physical chunk (uint8), `count` how many are held."""
+    physical chunk (uint8), `nheld` how many are held."""
 
     mask: np.ndarray
-    count: int
+    nheld: int
 
 
 class Decrement(NamedTuple):
@@ -47,7 +48,7 @@ def add_sources(held: Held, sources: Sequence[int] | np.ndarray) -> Held:
         grown[: len(mask)] = mask
         mask = grown
     mask[np.asarray(sources, dtype=np.int64)] += 1
-    return Held(mask, held.count + len(sources))
+    return Held(mask, held.nheld + len(sources))
 
 
 def front_held(img: ImageCore, n: int) -> Held:
@@ -57,7 +58,8 @@ def front_held(img: ImageCore, n: int) -> Held:
     mask, count = img.impl.held_mask(img.table, n, img.allocator.end)
     if mask is None:
         mask, count = img.impl.held_mask(img.table, n)
-    sources = img.partial.sources() if img.partial is not None else ()
+    ps = front_partial(img)
+    sources = ps.sources() if ps is not None else ()
     return add_sources(Held(mask, int(count)), sources)
 
 
@@ -94,7 +96,7 @@ def increment(path: str, refcount: np.ndarray, held: Held) -> np.ndarray:
     rc[: len(refcount)] = refcount
     rc += held.mask
     # only held chunks gained: any count past the maximum is one of theirs
-    if held.count and int(rc.max()) > REFCOUNT_MAX:
+    if held.nheld and int(rc.max()) > REFCOUNT_MAX:
         bad = int(np.argmax(rc))
         raise RefcountOverflowError(
             f"{path}: chunk {bad} is already held by "
@@ -122,7 +124,7 @@ def decrement(img: ImageCore, refcount: np.ndarray, held: Held, e: Entry) -> Dec
     rc = refcount.astype(np.int32)
     mask = np.zeros(len(rc), dtype=np.int32)
     mask[: len(held.mask)] = held.mask[: len(rc)]
-    if held.count and np.logical_and(mask, rc == 0).any():
+    if held.nheld and np.logical_and(mask, rc == 0).any():
         raise CorruptImageError(
             img.path,
             img.header["refcount_table_offset"],
@@ -133,8 +135,9 @@ def decrement(img: ImageCore, refcount: np.ndarray, held: Held, e: Entry) -> Dec
     freed = dropped
     if len(dropped):  # the front's usage matters only for chunks no snapshot holds now
         front = front_usage(img.table, len(rc))
-        if img.partial is not None:  # a partial chunk's source stays (fvd.granular)
-            sources = img.partial.sources()
+        ps = front_partial(img)
+        if ps is not None:  # a partial chunk's source stays (fvd.granular)
+            sources = ps.sources()
             front[sources[sources < len(front)]] += 1
         freed = dropped[front[dropped] == 0]
     return Decrement(trimmed(rc), freed)

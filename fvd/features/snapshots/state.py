@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import zlib
-from typing import Optional
+from typing import Optional, cast
 
 import numpy as np
 
@@ -13,6 +13,7 @@ from fvd.core import journal
 from fvd.core.hooks import Record
 from fvd.core.image import ImageCore
 from fvd.errors import SnapshotNotFoundError
+from fvd.features.granular import PartialState
 from fvd.features.snapshots.codec import Entry
 
 Run = tuple[int, int]  # (first, count) of a run of physical chunks
@@ -23,6 +24,11 @@ def chunks_of(img: ImageCore, offset: int, nbytes: int) -> Run:
     """The run of whole chunks holding `nbytes` at host `offset` of the data area."""
     cs, d = img.chunk_size, img.header["data_offset"]
     return (offset - d) // cs, -(-nbytes // cs)
+
+
+def front_partial(img: ImageCore) -> Optional[PartialState]:
+    """The front's partial chunks (fvd.features.granular installs them), or None."""
+    return cast(Optional[PartialState], img.partial)
 
 
 class SnapshotMeta:

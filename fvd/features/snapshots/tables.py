@@ -27,7 +27,7 @@ class Problem(NamedTuple):
 
     offset: int
     what: str
-    count: int
+    n: int
 
 
 class GranuleRecord(NamedTuple):
@@ -45,7 +45,7 @@ class GranuleRecord(NamedTuple):
 def physical_chunks(img: ImageCore) -> int:
     """How many whole or partial chunks the data area of the file holds."""
     d, cs = img.header["data_offset"], img.chunk_size
-    return max(0, -(-(fileio.file_size(img.fd) - d) // cs))
+    return max(0, -(-(fileio.file_size(img.fd) - int(d)) // cs))
 
 
 def _state(img: ImageCore) -> Optional[SnapshotMeta]:

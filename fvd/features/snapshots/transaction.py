@@ -30,7 +30,7 @@ from fvd.ondisk.fvd_records import REFCOUNT_DTYPE
 Buffer = Union[bytes, bytearray, memoryview]
 
 
-class Pieces(list[tuple[int, bytes]]):
+class Pieces(list[tuple[int, Buffer]]):
     """(offset, bytes) runs of a region whose other bytes are zeros."""
 
 
@@ -64,7 +64,7 @@ class MetadataChange:
     keep_refcount_table: bool = False  # the refcount table stays where it is (revert)
     header: dict[str, int] = field(default_factory=dict)  # more header fields to write
     release_runs: list[Run] = field(default_factory=list)  # freed by the commit
-    release_chunks: Sequence[int] = ()  # freed by the commit, after the runs
+    release_chunks: Union[np.ndarray, Sequence[int]] = ()  # freed after the runs
     refcount_updates: int = 0  # for img.stats
 
 
@@ -152,7 +152,7 @@ def _write(
         return _Written(_table_fields(0, 0, 0, 0, features), NO_RUN, NO_RUN, old_runs)
     first, counts, offs = layout
     table = encode_table(change.entries, zlib.crc32(rc_raw), *change.revert)
-    bufs = [(offs[0], table)]
+    bufs: list[tuple[int, Buffer]] = [(offs[0], table)]
     if change.keep_refcount_table:
         rc_chunks = st.refcount_chunks
         roff = img.header["data_offset"] + rc_chunks[0] * img.chunk_size if rc_chunks[1] else 0

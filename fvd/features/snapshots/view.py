@@ -43,7 +43,8 @@ class SnapshotView:
         self.block_size: int = img.block_size
         self.nchunks: int = img.nchunks
         self.header: dict[str, Any] = dict(img.header)  # the image's facts at open
-        self.snapshot_state: Optional[SnapshotState] = state_of(img)
+        self._state = state_of(img)
+        self.snapshot_state: Optional[SnapshotState] = self._state
         self.lock = threading.RLock()  # nothing changes a view: for the core's readers
         self.base_layer: Optional[BaseHook] = None
         self.bitmap: Optional[Bitmap] = None
@@ -75,8 +76,7 @@ class SnapshotView:
         self.closed = False
 
     def _count_view(self, step: int) -> None:
-        st = self.snapshot_state
-        assert st is not None
+        st = self._state
         with st.views_lock:
             left = st.views.get(self.snapshot_id, 0 if step > 0 else 1) + step
             if left:
