@@ -75,7 +75,7 @@ class BaseHook(Protocol):
 class SnapshotHook(Protocol):
     """Internal snapshots (fvd.features.snapshots.SnapshotState)."""
 
-    entries: list[Any]  # fvd.features.snapshots._Entry, in id order (fvd.ops.info)
+    entries: list[Any]  # fvd.features.snapshots.Entry, in id order (fvd.ops.info)
 
     def meta_mask(self, nphys: int) -> np.ndarray: ...
 

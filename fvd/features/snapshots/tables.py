@@ -12,6 +12,7 @@ import numpy as np
 from fvd import fileio
 from fvd.core import tablestore
 from fvd.core.bitmap import get_bits
+from fvd.core.hooks import PartialChunks
 from fvd.core.image import ImageCore
 from fvd.errors import CorruptImageError
 from fvd.features.granular import check_record_table, decode_map, decode_provenance
@@ -30,16 +31,9 @@ class Problem(NamedTuple):
     n: int
 
 
-class GranuleRecord(NamedTuple):
-    """A snapshot's granule record (fvd.features.granular.decode_map): its partial chunks
-    (int64, sorted), their sources (uint32) and bit rows (uint8), and its provenance
-    section (decode_provenance: origins and carried rows), None without one."""
-
-    chunks: np.ndarray
-    sources: np.ndarray
-    rows: np.ndarray
-    origins: Optional[np.ndarray] = None
-    carried: Optional[np.ndarray] = None
+# A snapshot's granule record (fvd.features.granular.decode_map, with its provenance
+# section: decode_provenance), in the form the front's partial chunks take too.
+GranuleRecord = PartialChunks
 
 
 def physical_chunks(img: ImageCore) -> int:
