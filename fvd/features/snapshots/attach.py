@@ -72,12 +72,11 @@ def attach_snapshots(img: ImageCore) -> None:
     st = SnapshotState(img)
     img.snapshot_state = st
     tables = _read_tables(img)
-    entries = _parse_entries(img, st, tables) if isinstance(tables, _Tables) else tables
+    if isinstance(tables, _Broken):
+        return _unusable(img, st, tables)
+    entries = _parse_entries(img, st, tables)
     if isinstance(entries, _Broken):
-        img.problem(entries.offset, entries.what + " (repair drops every snapshot)")
-        st.broken = entries.what
-        return
-    assert isinstance(tables, _Tables)
+        return _unusable(img, st, entries)
     refcount = tables.refcount
     st.entries, st.refcount = entries, refcount
     st.table_chunks, st.refcount_chunks = tables.table_chunks, tables.refcount_chunks
@@ -91,6 +90,11 @@ def attach_snapshots(img: ImageCore) -> None:
         )
     _apply_revert_marker(img, st, tables.head)
     set_frozen(img, st.refcount, install=False)
+
+
+def _unusable(img: ImageCore, st: SnapshotMeta, why: _Broken) -> None:
+    img.problem(why.offset, why.what + " (repair drops every snapshot)")
+    st.broken = why.what
 
 
 def _inside(img: ImageCore, off: int, size: int, file_size: int) -> bool:
