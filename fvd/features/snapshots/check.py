@@ -97,7 +97,7 @@ def _sound_table(img: ImageCore, e: Entry, result: CheckResult) -> Optional[np.n
         t = read_snapshot_table(img, e)
     except CorruptImageError as err:
         if err.what.endswith("checksum mismatch"):
-            problems = [Problem(err.offset or 0, err.what, 1)]
+            problems = [Problem(err.offset, err.what, 1)]
         else:
             raw = sparse_table.decode(
                 img.read_meta(e.table_offset, 4 * img.nchunks),

@@ -26,7 +26,7 @@ from fvd.ondisk import sparse_table
 class Problem(NamedTuple):
     """A corruption found in a snapshot's metadata: where, what, and how many."""
 
-    offset: int
+    offset: Optional[int]
     what: str
     n: int
 
