@@ -213,20 +213,20 @@ def _decode_entry(img: ImageCore, raw: bytes, pos: int) -> _Decoded | _Broken:
     except UnicodeDecodeError:
         name, problem = repr(name_raw), (where, "snapshot name is not UTF-8")
     e = Entry(
-        f["id"],
-        f["created_ns"],
-        f["virtual_size"],
-        f["table_offset"],
-        f["table_crc"],
-        name,
-        f["vm_state_offset"],
-        f["vm_state_size"],
-        f["vm_state_crc"],
-        bitmap.get("bitmap_offset", 0),
-        bitmap.get("bitmap_crc", 0),
-        granules.get("granules_offset", 0),
-        granules.get("granules_size", 0),
-        granules.get("granules_crc", 0),
+        id=f["id"],
+        created_ns=f["created_ns"],
+        size=f["virtual_size"],
+        table_offset=f["table_offset"],
+        table_crc=f["table_crc"],
+        name=name,
+        vm_offset=f["vm_state_offset"],
+        vm_size=f["vm_state_size"],
+        vm_crc=f["vm_state_crc"],
+        bitmap_offset=bitmap.get("bitmap_offset", 0),
+        bitmap_crc=bitmap.get("bitmap_crc", 0),
+        granules_offset=granules.get("granules_offset", 0),
+        granules_size=granules.get("granules_size", 0),
+        granules_crc=granules.get("granules_crc", 0),
     )
     return _Decoded(e, where, problem, pos + codec.pad8(nlen))
 

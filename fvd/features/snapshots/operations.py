@@ -34,7 +34,7 @@ from fvd.features.snapshots.transaction import (
 )
 from fvd.ondisk import format as fmt
 from fvd.ondisk import sparse_table
-from fvd.ondisk.fvd_records import TABLE_DTYPE
+from fvd.ondisk.fvd_records import PARTIAL_MAP_FLAG_PROVENANCE, TABLE_DTYPE
 from fvd.types import SnapshotInfo
 
 
@@ -89,7 +89,15 @@ def _create(img: ImageCore, st: SnapshotState, name: str, vm_state: bytes) -> Sn
     table, tcrc = _stored_table(img)
     vm_crc = zlib.crc32(vm) if len(vm) else 0
     entry = Entry(
-        img.header["next_snapshot_id"], time.time_ns(), img.size, 0, tcrc, name, 0, len(vm), vm_crc
+        id=img.header["next_snapshot_id"],
+        created_ns=time.time_ns(),
+        size=img.size,
+        table_offset=0,  # the offsets once the commit has placed the regions (_place)
+        table_crc=tcrc,
+        name=name,
+        vm_offset=0,
+        vm_size=len(vm),
+        vm_crc=vm_crc,
     )
     change = MetadataChange(st.entries + [entry], refcount, [table], refcount_updates=held.nheld)
     change.header["next_snapshot_id"] = entry.id + 1
@@ -103,7 +111,7 @@ def _create(img: ImageCore, st: SnapshotState, name: str, vm_state: bytes) -> Sn
         change.table_growth += EXTRA_BITMAP.size
     if granules:
         entry.granules_size, entry.granules_crc = len(granules), zlib.crc32(granules)
-        entry.granules_provenance = granules[12] & 1 == 1  # head flags: provenance
+        entry.granules_provenance = bool(granules[12] & PARTIAL_MAP_FLAG_PROVENANCE)  # flags
         change.regions.append(Region(len(granules), granules))
         change.table_growth += EXTRA_GRANULES.size
     change.regions.append(Region(len(vm), vm))
