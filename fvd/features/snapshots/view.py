@@ -116,7 +116,7 @@ class SnapshotView:
         self.stats.metadata_bytes_read += entry.granules_size
         ps = PartialState(self.nchunks, self.chunk_size, self.size, granule)
         ps.install(self.chunk_map)
-        ps.load_record(rec.chunks, rec.sources, rec.rows)
+        ps.load_record(*rec)  # with its provenance: partial_chunks() gives the record back
         self.partial = ps
 
     def _attach_base(self, img: ImageCore, entry: Entry) -> None:
