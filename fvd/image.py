@@ -482,6 +482,9 @@ class SnapshotImage(DiskOps, Closing):
     def _mapped(self) -> snap.SnapshotView:
         return self._view
 
+    def _shown_snapshot(self) -> Optional[str]:
+        return self._view.name
+
     def readinto(self, offset: int, buffer: Any) -> int:
         return self._view.readinto(offset, buffer)
 

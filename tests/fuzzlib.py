@@ -155,9 +155,10 @@ def _snap_entries(data, h):
     for _ in range(min(nb, 64)):
         if pos + 64 > toff + tsize:
             break
-        f = snap.ENTRY.unpack_from(data, pos)
-        out.append((pos, f[3], f[7], f[8], f[6]))
-        pos += 64 + f[6] + ((f[5] + 7) & ~7)
+        f = snap.codec.unpack(snap.ENTRY, data, pos)
+        xsize = f["extra_size"]
+        out.append((pos, f["table_offset"], f["vm_state_offset"], f["vm_state_size"], xsize))
+        pos += 64 + xsize + ((f["name_size"] + 7) & ~7)
     return out
 
 

@@ -178,17 +178,11 @@ def _untyped(fn):
     return missing + (["return"] if fn.returns is None else [])
 
 
-# Modules typed (and made strict) by the refactors that are splitting them (issue 23);
-# nothing may join this list.
-UNTYPED_PENDING = {"features/snapshots.py", "ops/changed.py"}
-
-
 def test_the_package_is_typed():
-    """All of fvd is in the strict mypy block (the first [[tool.mypy.overrides]] of
+    """All of fvd is in the strict mypy block (the one [[tool.mypy.overrides]] of
     pyproject.toml), and every function of every module is annotated: the public API,
-    the private helpers, the mixins and the functions nested in them (but for the
-    modules pending their split, which the second block leaves unstrict)."""
-    files = [p for p in sources() if rel(p) not in UNTYPED_PENDING]
+    the private helpers, the mixins and the functions nested in them."""
+    files = list(sources())
     assert {"qcow2/image.py", "core/image.py", "features/granular.py", "_purepath.py"} <= {
         rel(p) for p in files
     }
@@ -199,21 +193,10 @@ def test_the_package_is_typed():
                 found.append(f"{rel(p)}:{fn.lineno} {fn.name}: {', '.join(_untyped(fn))}")
     assert found == []
     blocks = PYPROJECT.read_text().split("[[tool.mypy.overrides]]")
-    strict, pending = blocks[1], blocks[2]
-    assert '"fvd.*"' in strict and "disallow_untyped_defs = true" in strict
-    pending_modules = {f"fvd.{p[:-3].replace('/', '.')}" for p in UNTYPED_PENDING}
-    assert set(re.findall(r'"(fvd[\w.]*)"', pending.split("]")[0])) == pending_modules
+    assert len(blocks) == 2, "one override block: nothing is checked less strictly"
+    assert '"fvd.*"' in blocks[1] and "disallow_untyped_defs = true" in blocks[1]
 
 
-# Functions longer than the limit, waiting for their files' refactors (issue 23: the
-# snapshots package split, convert and changed-extents work); nothing may join this list.
-LONG_FUNCTIONS_PENDING = {
-    ("features/snapshots.py", "_parse_entries"),
-    ("features/snapshots.py", "_check"),
-    ("features/snapshots.py", "attach_snapshots"),
-    ("features/snapshots.py", "_create"),
-    ("ops/changed.py", "_walk"),
-}
 MAX_FUNCTION_LINES = 60
 
 
@@ -226,5 +209,4 @@ def test_no_function_over_sixty_lines():
                 first = min([node.lineno] + [d.lineno for d in node.decorator_list])
                 if node.end_lineno - first + 1 > MAX_FUNCTION_LINES:
                     long.add((rel(p), node.name))
-    assert long - LONG_FUNCTIONS_PENDING == set()
-    assert LONG_FUNCTIONS_PENDING - long == set(), "shortened: take it off the list"
+    assert long == set()

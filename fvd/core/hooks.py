@@ -11,7 +11,8 @@ the core imports this module).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, Protocol
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, NamedTuple, Optional, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -45,6 +46,14 @@ class MappedDisk(Protocol):
     partial: Optional[PartialHook]
     closed: bool
 
+    @property
+    def snapshot_state(self) -> Optional[SnapshotHook]:  # the image's (a view's too)
+        ...
+
+    @property
+    def lock(self) -> AbstractContextManager[Any]:  # held: table, bits, partial stay still
+        ...
+
     def check_open(self) -> None: ...
 
     def readinto(self, offset: int, buffer: Any) -> int: ...
@@ -76,7 +85,7 @@ class BaseHook(Protocol):
 class SnapshotHook(Protocol):
     """Internal snapshots (fvd.features.snapshots.SnapshotState)."""
 
-    entries: list[Any]  # fvd.features.snapshots._Entry, in id order (fvd.ops.info)
+    entries: list[Any]  # fvd.features.snapshots.Entry, in id order (fvd.ops.info)
 
     def has_snapshots(self) -> bool: ...
 
@@ -89,6 +98,20 @@ class SnapshotHook(Protocol):
     ) -> Iterable[Record]: ...
 
     def check(self, img: ImageCore, result: CheckResult, repair: bool) -> None: ...
+
+
+class PartialChunks(NamedTuple):
+    """Partial chunks (docs/format.md section 10), of the front or a snapshot's granule
+    record: the virtual chunks (int64, sorted), their source chunks (uint32), their
+    granule bit rows (uint8, ceil(gpc / 8) bytes each, granule g = bit g % 8 of byte
+    g // 8); and provenance, None when not known: per chunk, the chunk its carried
+    granules were copied from (uint32, 0xFFFFFFFF: none) and their rows."""
+
+    chunks: np.ndarray
+    sources: np.ndarray
+    rows: np.ndarray
+    origins: Optional[np.ndarray] = None
+    carried: Optional[np.ndarray] = None
 
 
 class PartialHook(Protocol):
@@ -116,6 +139,9 @@ class PartialHook(Protocol):
     ) -> Iterator[tuple[int, int, int]]: ...
 
     def replay(self, table: Table, start: int, count: int, payload: tuple[int, int]) -> None: ...
+
+    # fvd.ops.changed: a copy of the partial chunks (the image lock held)
+    def partial_chunks(self) -> PartialChunks: ...
 
     def mark_used(self, used: Mask) -> Mask: ...
 

@@ -43,6 +43,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fvd.core.bitmap import set_bits
+from fvd.core.hooks import PartialChunks
 from fvd.core.image import ImageCore
 from fvd.core.journal import data_crc_record, granule_record
 from fvd.errors import CorruptImageError, io_error
@@ -174,9 +175,17 @@ class PartialState:
             self._set(self.row(k), end_g, self.gpc)
             self._set(self.wrow(k), end_g, self.gpc)
 
-    def load_record(self, chunks: I64, sources: U32, rows: U8) -> None:
-        """Take a decoded granule record (decode_map) as the partial chunks, all at once:
-        a snapshot view's, or the front's after a revert (no slot may exist yet)."""
+    def load_record(
+        self,
+        chunks: I64,
+        sources: U32,
+        rows: U8,
+        origins: Optional[U32] = None,
+        carried: Optional[U8] = None,
+    ) -> None:
+        """Take decoded partial chunks (decode_map; with provenance, decode_provenance's
+        origins and carried rows) all at once: a snapshot view's, the front's after a
+        revert, or the partial map at open (no slot may exist yet)."""
         assert self.active == 0
         n = len(chunks)
         if not n:
@@ -188,10 +197,25 @@ class PartialState:
         self._grow(max(64, n))
         self.src[:n] = sources
         self.bits[: n * self.gbytes] = rows.reshape(-1)
-        self.wbits[: n * self.gbytes] = rows.reshape(-1)  # no provenance: none carried
+        written = rows if carried is None else rows & ~carried  # carried: not in wbits
+        self.wbits[: n * self.gbytes] = written.reshape(-1)
+        if origins is not None:
+            self.cfrom[:n] = origins
         self.slot[np.asarray(chunks, dtype=np.int64)] = np.arange(n, dtype=np.uint32)
         self.used = self.active = n
         self._reinstall()
+
+    def partial_chunks(self) -> PartialChunks:
+        """The partial chunks now, copied (PartialChunks, with their provenance); the
+        caller holds the image lock."""
+        chunks = np.flatnonzero(self.slot != NONE) if self.active else np.zeros(0, np.int64)
+        slots = self.slot[chunks].astype(np.int64)
+        rows = self.bits[: self.used * self.gbytes].reshape(-1, self.gbytes)[slots]
+        wrows = self.wbits[: self.used * self.gbytes].reshape(-1, self.gbytes)[slots]
+        origins = self.cfrom[slots].copy()
+        carried = rows & ~wrows
+        carried[origins == NONE] = 0
+        return PartialChunks(chunks, self.src[slots].copy(), rows, origins, carried)
 
     def row(self, k: int) -> U8:
         return self.bits[k * self.gbytes : (k + 1) * self.gbytes]
@@ -350,44 +374,23 @@ class PartialState:
         return bytes(body)
 
     def load(self, img: ImageCore, raw: bytes, where: int) -> None:
-        """The partial map read at open. Its provenance section is taken only after a
-        clean shutdown: then no write followed the checkpoint that wrote it; after a
-        crash a carried granule may have been written since (docs/format.md section 10,
-        "Provenance")."""
-        magic, count, gsize, flags = MAP_HEAD.unpack_from(raw)
-        esize = ENTRY_HEAD.size + _pad8(self.gbytes)
-        sections = 2 if flags == MAP_FLAG_PROVENANCE else 1
-        if (
-            magic != MAP_MAGIC
-            or gsize != self.gsize
-            or flags & ~MAP_FLAG_PROVENANCE
-            or len(raw) != MAP_HEAD.size + sections * count * esize
-        ):
-            img.problem(where, "partial map magic, granule size, flags or length mismatch")
+        """The partial map read at open (decode_map). Its provenance section is taken
+        only after a clean shutdown: then no write followed the checkpoint that wrote
+        it; after a crash a carried granule may have been written since (docs/format.md
+        section 10, "Provenance")."""
+        path = img.path
+        try:
+            chunks, sources, rows = decode_map(
+                raw, self.nchunks, self.chunk_size, self.gsize, path, where
+            )
+            prov = decode_provenance(raw, len(chunks), self.chunk_size, self.gsize, path, where)
+        except CorruptImageError as e:
+            img.problem(e.offset, f"partial map: {e.what}")
             return
-        trust = sections == 2 and img.header.clean_shutdown == 1
-        prov = MAP_HEAD.size + count * esize  # the provenance entry of entry 0
-        pos = MAP_HEAD.size
-        for _ in range(count):
-            v, source = ENTRY_HEAD.unpack_from(raw, pos)
-            if v >= self.nchunks or source >= fmt.MAX_PHYS_CHUNKS or self.slot_of(v) is not None:
-                img.problem(
-                    where + pos, f"partial map entry for chunk {v} is out of range or repeated"
-                )
-                pos += esize
-                prov += esize
-                continue
-            k = self.new_slot(v, source)
-            self.row(k)[:] = np.frombuffer(raw, np.uint8, self.gbytes, pos + ENTRY_HEAD.size)
-            self.wrow(k)[:] = self.row(k)
-            origin = ENTRY_HEAD.unpack_from(raw, prov)[0] if trust else NONE
-            if origin < fmt.MAX_PHYS_CHUNKS:
-                carried = np.frombuffer(raw, np.uint8, self.gbytes, prov + ENTRY_HEAD.size)
-                self.wrow(k)[:] &= ~carried
-                self.cfrom[k] = origin
-            self.publish(v, k)
-            pos += esize
-            prov += esize
+        if prov is None or img.header.clean_shutdown != 1:
+            self.load_record(chunks, sources, rows)
+        else:
+            self.load_record(chunks, sources, rows, *prov)
 
     def write_map(self, img: ImageCore) -> None:
         """Checkpoint: the map goes to new chunks (the header write commits it)."""

@@ -33,12 +33,14 @@ import os
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple, overload
 
 import numpy as np
 
-from fvd.errors import CorruptImageError
+from fvd.core.hooks import MappedDisk
+from fvd.errors import CorruptImageError, SnapshotNotFoundError
 from fvd.features.granular import NONE
-from fvd.features.snapshots import SnapshotNotFoundError, SnapshotView, granule_record
+from fvd.features.snapshots import Entry, granule_record
 from fvd.ondisk import format as fmt
 from fvd.ondisk import sparse_table
 from fvd.types import Extent
@@ -49,6 +51,7 @@ KEY_BASE = np.uint64(1 << 41)  # reads from the base image
 CHANGED_DTYPE = np.dtype([("start", "<u8"), ("length", "<u8"), ("flags", "<u4")])
 FLAG_DATA = 1  # the range holds (possibly) nonzero data in the newer state
 FLAG_ZERO = 2  # the range reads as zeros in the newer state: a backup may skip it
+Ranges = tuple[np.ndarray, np.ndarray, np.ndarray]  # (starts, stops, zero in the newer state)
 
 
 @dataclass
@@ -96,100 +99,82 @@ def _pread(fd: int, path: str, length: int, offset: int, crc: int, what: str) ->
 
 
 def snapshot_state(
-    fd: int, path: str, entry, nchunks: int, bitmap_size: int, sparse: bool
+    fd: int, path: str, entry: Entry, nchunks: int, bitmap_size: int, sparse: bool
 ) -> State:
     """Read a snapshot's lookup table (and bitmap copy) through `fd`."""
+    what = f"snapshot {entry.name!r}"
     raw = _pread(
-        fd,
-        path,
-        4 * nchunks,
-        entry.table_offset,
-        entry.table_crc,
-        f"snapshot {entry.name!r}: lookup table",
+        fd, path, 4 * nchunks, entry.table_offset, entry.table_crc, f"{what}: lookup table"
     )
     table = sparse_table.decode(raw, sparse)
     bits = None
     if entry.bitmap_offset and bitmap_size:
         braw = _pread(
-            fd,
-            path,
-            bitmap_size,
-            entry.bitmap_offset,
-            entry.bitmap_crc,
-            f"snapshot {entry.name!r}: bitmap",
+            fd, path, bitmap_size, entry.bitmap_offset, entry.bitmap_crc, f"{what}: bitmap"
         )
         bits = np.frombuffer(braw, dtype=np.uint8)
     return State(table, bits, entry.id)
 
 
-def _resolve(owner, since: str, until: str | None):
-    """(Geometry, States) for an Image or a SnapshotView: snapshot `since`, the states
-    between whose granule records the comparison needs (each with the state before it,
-    which its record's sources refer to), and `until` (a snapshot, or the live front).
-    States without a record between two others are left out: comparing across them at
-    chunk level is exact, so only the records' tables (and records) are read."""
+def _find(disk: MappedDisk, name: str) -> Entry:
+    st = disk.snapshot_state
+    for e in st.entries if st is not None else ():
+        if e.name == name:
+            assert isinstance(e, Entry)
+            return e
+    raise SnapshotNotFoundError(f"{disk.path}: no snapshot named {name!r}")
 
-    owner.check_open()
+
+def _resolve(disk: MappedDisk, since: str, until: str | None) -> tuple[Geometry, list[State]]:
+    """(Geometry, States) of an image or a snapshot view (`disk`): snapshot `since` and
+    `until` (a snapshot, or the live contents of `disk`). Granule records are exact (a
+    snapshot holds its partial chunks as they are), so the two states alone say where
+    their sources differ: no state between them is read."""
+    disk.check_open()
     for name, what in ((since, "since"), (until, "until")):
         if name is not None and not isinstance(name, str):
             raise ValueError(f"{what} must be a snapshot name (str), not {type(name).__name__}")
-    if isinstance(owner, SnapshotView):
-        st, img_hdr, fd = owner.state, owner.facts, owner.fd
-    else:
-        st, img_hdr, fd = owner.snapshot_state, owner.header, owner.fd
-    if st is None or not st.entries:
-        raise SnapshotNotFoundError(f"{owner.path}: no snapshot named {since!r}")
-    nchunks = -(-owner.size // owner.chunk_size)
-    bsize = img_hdr.bitmap_size if img_hdr.base_format else 0
-    granule = img_hdr.granule_size or fmt.DEFAULT_GRANULE
-    data_offset = owner.header.data_offset
-    e_since = st.find(since, owner.path)
-    e_until = st.find(until, owner.path) if until is not None else None
-    if e_until is None and isinstance(owner, SnapshotView):
-        e_until = next(e for e in st.entries if e.id == owner.snapshot_id)
+    e_since = _find(disk, since)
+    e_until = _find(disk, until) if until is not None else None
     if e_until is not None and e_since.id > e_until.id:
-        raise ValueError(f"{owner.path}: snapshot {since!r} is newer than {e_until.name!r}")
-    # granule records are exact (a snapshot holds its partial chunks as they are), so the
-    # two states alone say where their sources differ: no state between them is read.
-    # None stands for the front.
-    chain: list = [e_since] if e_until is e_since else [e_since, e_until]
-    states = []
-    for e in chain:
-        if e is None:
-            with owner.lock:  # one point in time: no write changes the table now
-                bits = owner.bitmap.stale.copy() if owner.bitmap is not None else None
-                states.append(State(owner.table.copy(), bits, None, _front_partial(owner.partial)))
-            continue
-        sparse = sparse_table.is_sparse(owner.header)
-        state = snapshot_state(fd, owner.path, e, nchunks, bsize, sparse)
-        if e.granules_offset or e.granules_bad:
-            chunks, sources, rows, prov = granule_record(
-                fd, owner.path, e, state.table, owner.chunk_size, granule, data_offset, True
+        raise ValueError(f"{disk.path}: snapshot {since!r} is newer than {e_until.name!r}")
+    h = disk.header
+    bsize = h.bitmap_size if h.base_format else 0
+    granule = h.granule_size or fmt.DEFAULT_GRANULE
+    states = [_snapshot(disk, e_since, bsize, granule)]
+    if e_until is None:
+        states.append(_live(disk, granule))
+    elif e_until is not e_since:
+        states.append(_snapshot(disk, e_until, bsize, granule))
+    bend = min(disk.header.base_size, disk.size) if bsize else 0
+    return Geometry(disk.size, disk.chunk_size, disk.block_size, bend), states
+
+
+def _snapshot(disk: MappedDisk, e: Entry, bitmap_size: int, granule: int) -> State:
+    """A snapshot's state, with its granule record."""
+    nchunks = -(-disk.size // disk.chunk_size)
+    sparse = sparse_table.is_sparse(disk.header)
+    state = snapshot_state(disk.fd, disk.path, e, nchunks, bitmap_size, sparse)
+    if e.granules_offset or e.granules_bad:
+        d = disk.header.data_offset
+        rec = granule_record(disk.fd, disk.path, e, state.table, disk.chunk_size, granule, d)
+        if rec is not None:
+            state.record = Partial(
+                rec.chunks, rec.sources, rec.rows, granule, rec.origins, rec.carried
             )
-            state.record = Partial(chunks, sources, rows, granule, *(prov or (None, None)))
-        states.append(state)
-    geo = Geometry(
-        owner.size,
-        owner.chunk_size,
-        owner.block_size,
-        min(img_hdr.base_size, owner.size) if bsize else 0,
-    )
-    return geo, states
+    return state
 
 
-def _front_partial(ps) -> Partial | None:
-    """A copy of the front's partial chunks (PartialState; the image lock is held)."""
-    if ps is None or not ps.active:
-        return None
-
-    chunks = np.flatnonzero(ps.slot != NONE)
-    slots = ps.slot[chunks].astype(np.int64)
-    rows = ps.bits[: ps.used * ps.gbytes].reshape(-1, ps.gbytes)[slots]
-    wrows = ps.wbits[: ps.used * ps.gbytes].reshape(-1, ps.gbytes)[slots]
-    origins = ps.cfrom[slots].copy()
-    carried = rows & ~wrows
-    carried[origins == NONE] = 0
-    return Partial(chunks, ps.src[slots].copy(), rows, ps.gsize, origins, carried)
+def _live(disk: MappedDisk, granule: int) -> State:
+    """The live contents of `disk`, copied at one point in time (no write changes the
+    table meanwhile)."""
+    with disk.lock:
+        bits = disk.bitmap.stale.copy() if disk.bitmap is not None else None
+        partial = None
+        if disk.partial is not None and disk.partial.active:
+            p = disk.partial.partial_chunks()
+            partial = Partial(p.chunks, p.sources, p.rows, granule, p.origins, p.carried)
+        return State(disk.table.copy(), bits, None, partial)
 
 
 # ----- the comparison -------------------------------------------------------------------
@@ -248,7 +233,7 @@ def _granular(s: State) -> bool:
     return g is not None and len(g.chunks) > 0
 
 
-def _changed_chunks(ta, tb, first):
+def _changed_chunks(ta: np.ndarray, tb: np.ndarray, first: int) -> np.ndarray:
     """Chunks from `first` whose entries differ, ZERO and UNALLOCATED counting as equal
     (both read zeros), as sorted int64 chunk numbers."""
     ta, tb = ta[first:], tb[first:]
@@ -256,7 +241,7 @@ def _changed_chunks(ta, tb, first):
     return idx[(ta[idx] < fmt.ZERO_CHUNK) | (tb[idx] < fmt.ZERO_CHUNK)] + first
 
 
-def _chunk_runs(ta, tb, first, cs, size):
+def _chunk_runs(ta: np.ndarray, tb: np.ndarray, first: int, cs: int, size: int) -> Ranges:
     """Chunks from `first` whose entries differ: (starts, stops, zero in the newer state)."""
     idx = _changed_chunks(ta, tb, first)
     starts = idx.astype(np.uint64) * np.uint64(cs)
@@ -264,7 +249,7 @@ def _chunk_runs(ta, tb, first, cs, size):
     return starts, stops, tb[idx] >= fmt.ZERO_CHUNK
 
 
-def _walk(geo, tables, states):
+def _walk(geo: Geometry, tables: Sequence[np.ndarray], states: Sequence[State]) -> Ranges:
     """Chunks whose keys differ between the first and the last state (and the front's
     partial chunks), refined to granules: per step between consecutive states (callers
     pass the two endpoints), granule g of chunk v has in each state the key N where its
@@ -280,76 +265,113 @@ def _walk(geo, tables, states):
     if front is not None and len(front.chunks):
         pv = front.chunks.astype(np.int64)
         cand = np.union1d(cand, pv[tb[pv] < fmt.ZERO_CHUNK])  # N is a physical chunk
-    gs = next(s.partial or s.record for s in states if _granular(s)).granule_size
-    gpc = cs // gs
-    nbytes = -(-gpc // 8)
-    width = -(-nbytes // 8) * 8  # row bytes padded to whole 64-bit words
-    valid = _rows(np.full((1, nbytes), 0xFF, dtype=np.uint8), gpc, None)[0]
-    whole = np.zeros(len(cand), dtype=bool)
-    parts = []  # (positions in cand, rows of the granules that differ, padded)
-    kp = _chunk_keys(ta[cand])
-    hp, sp, bp, _, _ = _layers(states[0], cand, kp, gs, gpc, width)
-    for s, t in zip(states[1:], tables[1:]):
-        kc = _chunk_keys(t[cand])
-        hc, sc, bc, oc, cc = _layers(s, cand, kc, gs, gpc, width)
-        plain = ~(hp | hc)
-        whole |= plain & (kp != kc)
-        idx = np.flatnonzero(~plain)
-        if len(idx):
-            # granule g reads N where its bit is set, else S (a whole chunk: S = N, no
-            # bits); it differs where the two states' sources for g differ
-            n_p, s_p, n_c, s_c = kp[idx], sp[idx], kc[idx], sc[idx]
-            rp, rc = bp[idx], bc[idx]
-            rows = (
-                (rc & rp & _byte_mask(n_c != n_p))
-                | (rc & ~rp & _byte_mask(n_c != s_p))
-                | (~rc & rp & _byte_mask(s_c != n_p))
-                | (~rc & ~rp & _byte_mask(s_c != s_p))
-            ) & valid
-            # a carried granule of the newer state holds the bytes its origin chunk had
-            # when they were copied; the older state reads that chunk there and holds it
-            # (frozen since), so the bytes are equal (docs/format.md section 10)
-            o_c, c_c = oc[idx], cc[idx]
-            same = (c_c & rp & _byte_mask(o_c == n_p)) | (c_c & ~rp & _byte_mask(o_c == s_p))
-            parts.append((idx, rows & ~same))
-        kp, hp, sp, bp = kc, hc, sc, bc
+    gs = next(_partial_of(s) for s in states if _granular(s)).granule_size
+    whole, parts = _differing(cand, tables, states, gs, cs // gs)
     v = cand[whole]
     w_starts = v.astype(np.uint64) * np.uint64(cs)
-    w = (
-        w_starts,
-        np.minimum(w_starts + np.uint64(cs), np.uint64(geo.size)),
-        tb[v] >= fmt.ZERO_CHUNK,
-    )
+    w_stops = np.minimum(w_starts + np.uint64(cs), np.uint64(geo.size))
+    w = (w_starts, w_stops, tb[v] >= fmt.ZERO_CHUNK)
     pos, rows = _union_rows(parts)
     keep = ~whole[pos]
     pos, rows = pos[keep], rows[keep]
     if not len(pos):
         return w
-    vr = cand[pos]
+    return _merge_sorted(w, _granule_runs(geo, cand[pos], rows, tb, gs))
+
+
+def _partial_of(s: State) -> Partial:
+    g = s.partial if s.partial is not None else s.record
+    assert g is not None
+    return g
+
+
+class _Layer(NamedTuple):
+    """A state over the candidate chunks (see _layers)."""
+
+    has: np.ndarray  # the chunk is partial
+    src: np.ndarray  # source keys
+    rows: np.ndarray  # bit rows, padded to whole 64-bit words
+    origins: np.ndarray  # origin keys of the carried granules
+    carried: np.ndarray  # carried rows, padded
+
+
+def _differing(
+    cand: np.ndarray,
+    tables: Sequence[np.ndarray],
+    states: Sequence[State],
+    gs: int,
+    gpc: int,
+) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+    """Per step between consecutive states: the candidates whose keys differ with no
+    partial state in either (`whole`, ORed over the steps), and the (positions in cand,
+    padded rows) of the granules that differ in the others."""
+    nbytes = -(-gpc // 8)
+    width = -(-nbytes // 8) * 8  # row bytes padded to whole 64-bit words
+    valid = _rows(np.full((1, nbytes), 0xFF, dtype=np.uint8), gpc, None)[0]
+    whole = np.zeros(len(cand), dtype=bool)
+    parts = []
+    kp = _chunk_keys(tables[0][cand])
+    prev = _layers(states[0], cand, kp, gs, gpc, width)
+    for s, t in zip(states[1:], tables[1:]):
+        kc = _chunk_keys(t[cand])
+        cur = _layers(s, cand, kc, gs, gpc, width)
+        plain = ~(prev.has | cur.has)
+        whole |= plain & (kp != kc)
+        idx = np.flatnonzero(~plain)
+        if len(idx):
+            parts.append((idx, _granules_differ(idx, kp, prev, kc, cur) & valid))
+        kp, prev = kc, cur
+    return whole, parts
+
+
+def _granules_differ(
+    idx: np.ndarray, kp: np.ndarray, prev: _Layer, kc: np.ndarray, cur: _Layer
+) -> np.ndarray:
+    """Padded rows of the granules of chunks `idx` that differ between two states."""
+    # granule g reads N where its bit is set, else S (a whole chunk: S = N, no bits);
+    # it differs where the two states' sources for g differ
+    n_p, s_p, n_c, s_c = kp[idx], prev.src[idx], kc[idx], cur.src[idx]
+    rp, rc = prev.rows[idx], cur.rows[idx]
+    rows = (
+        (rc & rp & _byte_mask(n_c != n_p))
+        | (rc & ~rp & _byte_mask(n_c != s_p))
+        | (~rc & rp & _byte_mask(s_c != n_p))
+        | (~rc & ~rp & _byte_mask(s_c != s_p))
+    )
+    # a carried granule of the newer state holds the bytes its origin chunk had when
+    # they were copied; the older state reads that chunk there and holds it (frozen
+    # since), so the bytes are equal (docs/format.md section 10)
+    o_c, c_c = cur.origins[idx], cur.carried[idx]
+    same = (c_c & rp & _byte_mask(o_c == n_p)) | (c_c & ~rp & _byte_mask(o_c == s_p))
+    out: np.ndarray = rows & ~same
+    return out
+
+
+def _granule_runs(
+    geo: Geometry, chunks: np.ndarray, rows: np.ndarray, tb: np.ndarray, gs: int
+) -> Ranges:
+    """The runs of set bits of `rows` (one padded row per chunk of `chunks`) as ranges."""
     first, last = _run_edges(rows.view("<u8"))
     width = rows.shape[1] * 8  # bits per row, a power of two
     shift = width.bit_length() - 1
-    if not len(first):
-        return w
-    cv = vr[first >> shift]
-    chunk_start = cv.astype(np.uint64) * np.uint64(cs)
+    cv = chunks[first >> shift]
+    chunk_start = cv.astype(np.uint64) * np.uint64(geo.chunk_size)
     g_starts = chunk_start + (first & (width - 1)).astype(np.uint64) * np.uint64(gs)
     g_stops = chunk_start + ((last & (width - 1)) + 1).astype(np.uint64) * np.uint64(gs)
     g_stops = np.minimum(g_stops, np.uint64(geo.size))
     live = g_starts < g_stops  # granules past the end of the image count as set
-    g = (g_starts[live], g_stops[live], tb[cv[live]] >= fmt.ZERO_CHUNK)
-    return _merge_sorted(w, g)
+    return g_starts[live], g_stops[live], tb[cv[live]] >= fmt.ZERO_CHUNK
 
 
-def _byte_mask(differ):
+def _byte_mask(differ: np.ndarray) -> np.ndarray:
     """Per chunk, a column of 0xFF where `differ` holds, else 0 (ANDed with bit rows)."""
-    return np.where(differ, 0xFF, 0).astype(np.uint8)[:, None]
+    out: np.ndarray = np.where(differ, 0xFF, 0).astype(np.uint8)[:, None]
+    return out
 
 
-def _layers(s: State, cand, keys, gs, gpc, width):
-    """(partial?, source keys, padded bit rows, origin keys, padded carried rows) of state
-    s over the chunks `cand`: a chunk without partial state has source = its own key
-    and no bits; a chunk without provenance no carried bits."""
+def _layers(s: State, cand: np.ndarray, keys: np.ndarray, gs: int, gpc: int, width: int) -> _Layer:
+    """State s over the chunks `cand`: a chunk without partial state has source = its
+    own key and no bits; a chunk without provenance no carried bits."""
     has = np.zeros(len(cand), dtype=bool)
     src = keys.copy()
     rows = np.zeros((len(cand), width), dtype=np.uint8)
@@ -369,10 +391,10 @@ def _layers(s: State, cand, keys, gs, gpc, width):
             known = g.origins[i] != NONE
             origins[loc[known]] = g.origins[i][known].astype(np.uint64)
             carried[loc] = _rows(g.rows[i] & g.carried[i], gpc, None)
-    return has, src, rows, origins, carried
+    return _Layer(has, src, rows, origins, carried)
 
 
-def _locate(cand, chunks):
+def _locate(cand: np.ndarray, chunks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(positions in sorted `cand`, indexes in `chunks`) of the chunks that are in cand."""
     chunks = chunks.astype(np.int64)
     loc = np.searchsorted(cand, chunks)
@@ -381,7 +403,7 @@ def _locate(cand, chunks):
     return loc[hit], np.flatnonzero(hit)
 
 
-def _rows(rows, gpc, invert):
+def _rows(rows: np.ndarray, gpc: int, invert: np.ndarray | None) -> np.ndarray:
     """Bit rows padded to whole 64-bit words (bits past the chunk's last granule clear),
     each inverted where `invert` is set (the clear granules differ)."""
     nbytes = rows.shape[1]
@@ -398,7 +420,9 @@ def _rows(rows, gpc, invert):
     return out
 
 
-def _union_rows(parts):
+def _union_rows(
+    parts: list[tuple[np.ndarray, np.ndarray]],
+) -> tuple[np.ndarray, np.ndarray]:
     """The steps' (positions, rows) as one sorted list, rows of one position ORed."""
     parts = [(p, r) for p, r in parts if len(p)]
     if not parts:
@@ -413,7 +437,7 @@ def _union_rows(parts):
     return pos[first], np.bitwise_or.reduceat(rows, first, axis=0)
 
 
-def _run_edges(words):
+def _run_edges(words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Runs of set bits in each row of a 2-d uint64 array (bit b of word w of a row is
     bit 64 * w + b of the row; runs do not cross rows): (first bits, last bits) as bit
     numbers over the flattened array, sorted. One pass over the words to find the
@@ -435,7 +459,7 @@ def _run_edges(words):
     return _bit_numbers(idx, starts), _bit_numbers(idx, ends)
 
 
-def _bit_numbers(idx, words):
+def _bit_numbers(idx: np.ndarray, words: np.ndarray) -> np.ndarray:
     """Sorted numbers (64 * idx + bit) of the set bits of uint64 `words` (idx: their
     word numbers, sorted): one pass per set bit of the fullest word, each over the words
     that still have bits left; set bit j of a word (from its lowest) goes to the word's
@@ -443,7 +467,7 @@ def _bit_numbers(idx, words):
     nz = words != 0
     idx, w = idx[nz], words[nz]
     at = np.arange(len(idx))  # which of the nonzero words
-    parts = []
+    parts: list[tuple[np.ndarray, np.ndarray]] = []
     while len(w):
         low = w & (~w + np.uint64(1))  # the lowest set bit
         # a power of two converts to float64 exactly: its exponent is the bit number
@@ -466,7 +490,7 @@ def _bit_numbers(idx, words):
     return out
 
 
-def _merge_sorted(x, y):
+def _merge_sorted(x: Ranges, y: Ranges) -> Ranges:
     """Two sorted lists of disjoint (starts, stops, zero) ranges as one sorted list."""
     if not len(y[0]):
         return x
@@ -474,15 +498,18 @@ def _merge_sorted(x, y):
         return y
     pos_x = np.arange(len(x[0])) + np.searchsorted(y[0], x[0], "left")
     pos_y = np.arange(len(y[0])) + np.searchsorted(x[0], y[0], "right")
-    out = []
-    for a, b in zip(x, y):
+
+    def merged(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         m = np.empty(len(a) + len(b), dtype=a.dtype)
         m[pos_x], m[pos_y] = a, b
-        out.append(m)
-    return tuple(out)
+        return m
+
+    return merged(x[0], y[0]), merged(x[1], y[1]), merged(x[2], y[2])
 
 
-def _refine_blocks(geo, ka, kb, a, b, nbase_chunks):
+def _refine_blocks(
+    geo: Geometry, ka: np.ndarray, kb: np.ndarray, a: State, b: State, nbase_chunks: int
+) -> Ranges:
     """Chunks that reach below the base end, compared block by block: the key of a block
     is KEY_BASE where its bit is clear, else its chunk's key. Only chunks where the
     entries or some bit differ are expanded."""
@@ -516,7 +543,7 @@ def _refine_blocks(geo, ka, kb, a, b, nbase_chunks):
     return starts[keep], stops[keep], (keys_b[rows, cols] == KEY_ZERO)[keep]
 
 
-def _merge(starts, stops, zero) -> np.ndarray:
+def _merge(starts: np.ndarray, stops: np.ndarray, zero: np.ndarray) -> np.ndarray:
     """Sorted, disjoint ranges in; adjacent ones with equal flags joined."""
     n = len(starts)
     if n == 0:
@@ -535,14 +562,14 @@ def _merge(starts, stops, zero) -> np.ndarray:
 
 
 # ----- public entry points ----------------------------------------------------------------
-def changed_extents_array(owner, since: str, until: str | None = None) -> np.ndarray:
+def changed_extents_array(owner: MappedDisk, since: str, until: str | None = None) -> np.ndarray:
     """Ranges whose bytes may differ between snapshot `since` and `until` (or the live
     contents of `owner`): structured array (start, length, flags)."""
     geo, states = _resolve(owner, since, until)
     return compare_chain(geo, states)
 
 
-class ChangedExtents(Sequence):
+class ChangedExtents(Sequence[Extent]):
     """The changed ranges as Extents (fvd.image.Extent: zero ranges have zero=True,
     data=False; depth 0, offset None), made on access from `array` (CHANGED_DTYPE), so a
     million ranges cost nothing until they are looked at."""
@@ -553,20 +580,26 @@ class ChangedExtents(Sequence):
     def __len__(self) -> int:
         return len(self.array)
 
-    def __getitem__(self, i):
+    @overload
+    def __getitem__(self, i: int) -> Extent: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> ChangedExtents: ...
+
+    def __getitem__(self, i: int | slice) -> Extent | ChangedExtents:
         if isinstance(i, slice):
             return ChangedExtents(self.array[i])
         start, length, flags = self.array[i].tolist()
         zero = bool(flags & FLAG_ZERO)
         return Extent(start, length, 0, True, zero, not zero, None)
 
-    def __iter__(self) -> Iterator:
+    def __iter__(self) -> Iterator[Extent]:
         starts, lengths = self.array["start"].tolist(), self.array["length"].tolist()
         zeros = (self.array["flags"] & FLAG_ZERO).astype(bool).tolist()
         for s, n, z in zip(starts, lengths, zeros):
             yield Extent(s, n, 0, True, z, not z, None)
 
-    def __eq__(self, other):
+    def __eq__(self, other: object) -> bool:
         if isinstance(other, ChangedExtents):
             return np.array_equal(self.array, other.array)
         return NotImplemented
@@ -575,6 +608,6 @@ class ChangedExtents(Sequence):
         return f"<ChangedExtents: {len(self)} ranges, {int(self.array['length'].sum())} bytes>"
 
 
-def changed_extents(owner, since: str, until: str | None = None) -> ChangedExtents:
+def changed_extents(owner: MappedDisk, since: str, until: str | None = None) -> ChangedExtents:
     """The ranges of `changed_extents_array` as a sequence of Extents."""
     return ChangedExtents(changed_extents_array(owner, since, until))

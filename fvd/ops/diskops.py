@@ -38,6 +38,10 @@ class DiskOps:
     def _mapped(self) -> MappedDisk:
         raise NotImplementedError
 
+    def _shown_snapshot(self) -> Optional[str]:
+        """The snapshot whose contents this disk shows; None: the live front."""
+        return None
+
     def extents(self, offset: int = 0, length: Optional[int] = None) -> Iterator[Extent]:
         """Extents covering the range exactly (qemu-img map's vocabulary), merged."""
         return extents.image_extents(self._mapped(), offset, length)
@@ -47,11 +51,15 @@ class DiskOps:
         return extents.extents_array(self._mapped(), offset, length)
 
     def changed_extents(self, since: str, until: Optional[str] = None) -> Any:
-        """Extents whose bytes may differ between snapshot `since` and `until` (or now)."""
-        return changed.changed_extents(self._mapped(), since, until)
+        """Extents whose bytes may differ between snapshot `since` and `until` (or the
+        contents this disk shows)."""
+        return changed.changed_extents(self._mapped(), since, self._until(until))
 
     def changed_extents_array(self, since: str, until: Optional[str] = None) -> np.ndarray:
-        return changed.changed_extents_array(self._mapped(), since, until)
+        return changed.changed_extents_array(self._mapped(), since, self._until(until))
+
+    def _until(self, until: Optional[str]) -> Optional[str]:
+        return until if until is not None else self._shown_snapshot()
 
     def as_file(self) -> fileview.ImageFile:
         """An io.RawIOBase over the virtual disk."""

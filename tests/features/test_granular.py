@@ -752,7 +752,7 @@ def make_machine(path, recorder, cache):
                     newer = self.model if until is None else self.snaps[until]
                     assert_sound(arr, self.snaps[since], bytes(newer), MSIZE)
             used = np.flatnonzero(self.img._core.in_use())  # the tail trim's shortcut agrees
-            assert snapshots._in_use_end(self.img._core, 1 << 40) == (
+            assert snapshots.in_use_end(self.img._core, 1 << 40) == (
                 int(used[-1]) + 1 if len(used) else 0
             )
 

@@ -1,6 +1,7 @@
 """Internal snapshots (fvd.features.snapshots): semantics, costs, bad input, crash cuts,
 check."""
 
+import errno
 import os
 import shutil
 import threading
@@ -37,7 +38,7 @@ def path(tmp_path):
 def assert_in_use_end(img):
     """The tail trim's shortcut agrees with the whole-table count of chunks in use."""
     used = np.flatnonzero(img._core.in_use())
-    assert snap._in_use_end(img._core, 1 << 40) == (int(used[-1]) + 1 if len(used) else 0)
+    assert snap.in_use_end(img._core, 1 << 40) == (int(used[-1]) + 1 if len(used) else 0)
 
 
 # ----- semantics --------------------------------------------------------------------------
@@ -366,7 +367,7 @@ def test_damaged_snapshot_metadata_is_reported(path):
 
 
 def test_refcount_overflow_is_refused(path, monkeypatch):
-    monkeypatch.setattr(snap, "REFCOUNT_MAX", 3)
+    monkeypatch.setattr(snap.refcounts, "REFCOUNT_MAX", 3)
     with fvd.open(path, "r+") as img:
         img.write(0, b"a")
         for i in range(3):
@@ -435,6 +436,70 @@ def test_check_finds_and_repairs_refcount_errors(path):
     with fvd.open(path) as img:
         assert_clean(img)
         assert img.read(0, 2 * CS) == pat(1, 2 * CS)
+
+
+SNAPSHOT_FIELDS = (
+    "snapshot_table_offset",
+    "snapshot_table_size",
+    "nb_snapshots",
+    "refcount_table_offset",
+    "refcount_table_size",
+    "next_snapshot_id",
+)
+
+
+def add_leak(img):
+    """Count a chunk no snapshot holds (check -r leaks has something to fix)."""
+    st = img._core.snapshot_state
+    rc = st.refcount.copy()
+    extra = img._core.allocator.allocate()
+    img._core.grow_frozen(extra)
+    rc = np.concatenate([rc, np.zeros(max(0, extra + 1 - len(rc)), np.uint16)])
+    rc[extra] = 1
+    snap.store_refcounts(img._core, st, rc)
+
+
+@pytest.mark.parametrize("op", ["create", "delete", "revert", "repair"])
+def test_a_failed_commit_header_write_changes_nothing(path, op):
+    """Every snapshot commit (one transaction: fvd.features.snapshots.transaction) undoes
+    itself when its header write fails: the header in memory is the old one, the new
+    metadata chunks are given back, the snapshots are as before; after a reopen the
+    image checks clean (nothing leaked) and reads as before."""
+    with fvd.open(path, "r+") as img:
+        img.write(0, pat(1, 2 * CS))
+        img.create_snapshot("s")
+        img.write(0, pat(2, CS))
+        if op == "repair":
+            add_leak(img)
+        core = img._core
+        before = {k: core.header[k] for k in SNAPSHOT_FIELDS}
+        contents = img.read(0, SIZE)
+        real = core.write_header
+
+        def failing(**changes):
+            if "snapshot_table_offset" in changes:  # the commit's header, not a checkpoint's
+                raise OSError(errno.EIO, "injected")
+            return real(**changes)
+
+        core.write_header = failing
+        with pytest.raises(OSError) as err:
+            if op == "create":
+                img.create_snapshot("t", vm_state=b"v" * 5000)
+            elif op == "delete":
+                img.delete_snapshot("s")
+            elif op == "revert":
+                img.revert_to_snapshot("s")
+            else:
+                img.check(repair=True)
+        assert err.value.errno == errno.EIO
+        core.write_header = real
+        assert {k: core.header[k] for k in SNAPSHOT_FIELDS} == before
+        assert [i.name for i in img.snapshots()] == ["s"]
+        assert img.read(0, SIZE) == contents
+    with fvd.open(path) as img:
+        assert img.read(0, SIZE) == contents
+        r = img.check()
+        assert r.corruptions == 0 and r.leaks == (1 if op == "repair" else 0), r.messages
 
 
 def test_check_finds_undercounted_chunk(path):

@@ -377,7 +377,7 @@ def entry(name="s1", **kw):
         vm_crc=0x0BBFD16A,
     )
     fields.update(kw)
-    return snapshots._Entry(**fields)
+    return snapshots.Entry(**fields)
 
 
 # One snapshot entry (section 8), name "s1": 64 fixed bytes + name padded to 8.
@@ -502,7 +502,7 @@ def test_snapshot_table_in_a_file(tmp_path):
         ]
     # what encode_table writes for these entries is what the file holds
     entries = [
-        snapshots._Entry(
+        snapshots.Entry(
             e.id,
             e.created_ns,
             e.virtual_size,

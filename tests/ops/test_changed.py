@@ -23,6 +23,7 @@ from fvd import cli
 from fvd.features.snapshots import SnapshotNotFoundError, read_snapshot_table
 from fvd.ondisk import format as fmt
 from fvd.ondisk import fvd_records as fr
+from fvd.ops import changed
 from fvd.ops.changed import FLAG_DATA, FLAG_ZERO, Geometry, Partial, State, compare
 
 CS = 64 * 1024
@@ -373,6 +374,9 @@ class ChangedMachine(RuleBasedStateMachine):
             with img.open_snapshot(self.names[-1]) as v:
                 arr = v.changed_extents_array(since)
                 assert_sound(arr, contents[since], contents[self.names[-1]], SIZE)
+                # the view is a read-only core: its live state is its snapshot's
+                live = changed.changed_extents_array(v._mapped(), since, None)
+                assert live.tolist() == arr.tolist()
 
     def assert_model(self, arr, since, until, adjacent):
         """Adjacent states (until: the state right after since, None for the front),

@@ -55,7 +55,7 @@ def set_table_entry(path, v, value):
 
 
 def snapshot_entries(path):
-    """[(entry offset in the file, _Entry)] of the snapshot table."""
+    """[(entry offset in the file, snap.Entry)] of the snapshot table."""
     with fvd.open(path) as img:
         h = img._core.header
         toff = h.snapshot_table_offset
