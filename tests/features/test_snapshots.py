@@ -472,7 +472,7 @@ def test_a_failed_commit_header_write_changes_nothing(path, op):
         if op == "repair":
             add_leak(img)
         core = img._core
-        before = {k: core.header[k] for k in SNAPSHOT_FIELDS}
+        before = {k: getattr(core.header, k) for k in SNAPSHOT_FIELDS}
         contents = img.read(0, SIZE)
         real = core.write_header
 
@@ -493,7 +493,7 @@ def test_a_failed_commit_header_write_changes_nothing(path, op):
                 img.check(repair=True)
         assert err.value.errno == errno.EIO
         core.write_header = real
-        assert {k: core.header[k] for k in SNAPSHOT_FIELDS} == before
+        assert {k: getattr(core.header, k) for k in SNAPSHOT_FIELDS} == before
         assert [i.name for i in img.snapshots()] == ["s"]
         assert img.read(0, SIZE) == contents
     with fvd.open(path) as img:
