@@ -6,7 +6,10 @@ targets, and its strongest peer. In every round the cells of one row run back to
 in reverse order on odd rounds, so a slow minute of the shared disk (or whatever runs
 first) hits fvd and its peers alike; ratios are then taken round by round. Rounds are
 added until at least `scale.repeat` have run and the next one would overrun
-`scale.budget` seconds (or `scale.max_rounds` is reached).
+`scale.budget` seconds (or `scale.max_rounds` is reached). After `scale.repeat` rounds,
+a row with targets runs only while one of its targets is still open (fvd.bench.stats:
+its interval holds the target), with only the contenders those targets and its
+strongest peer need: the time goes to the verdicts the evidence has not settled.
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ import time
 from typing import Optional, Sequence
 
 from fvd import _impl
+from fvd.bench import impls, verdicts
 from fvd.bench import table as tb
-from fvd.bench import verdicts
 from fvd.bench import workloads as wl
 from fvd.bench.cells import CELL_FACTORIES, Cell, Context
 from fvd.bench.progress import Progress
@@ -112,10 +115,15 @@ def run_round(groups: Groups, rnd: int, rec: Recorder, progress: Progress) -> No
             rec.add(rnd, out)
 
 
-def later_groups(groups: Groups, rec: Recorder, names: Sequence[str]) -> Groups:
-    """The cells that later rounds repeat, with only the members the row's targets and
-    its strongest peer need (fvd always)."""
-    need = verdicts.needed_peers(rec.merged(), list(names))
+def later_groups(
+    groups: Groups,
+    rec: Recorder,
+    names: Sequence[str],
+    targets: Optional[list[tuple[str, tb.Target]]] = None,
+) -> Groups:
+    """The cells that later rounds repeat, with only the members the row's targets (or
+    `targets`) and its strongest peer need (fvd always)."""
+    need = verdicts.needed_peers(rec.merged(), list(names), targets)
     out: Groups = {}
     for key, cells in groups.items():
         keep = []
@@ -158,11 +166,33 @@ def _this_round(rnd: int, scale: wl.Scale, first: Groups, later: Groups) -> Grou
     return later
 
 
+def open_only(groups: Groups, targeted: Groups, rec: Recorder, names: Sequence[str]) -> Groups:
+    """`groups` with the targeted rows cut down to the targets still open: rows with none
+    left drop out, the others keep the contenders the open targets and the strongest peer
+    need, and a cell that measures several rows (convert) measures only the open ones."""
+    targets = verdicts.open_targets(rec.merged())
+    rows = {row for row, _ in targets}
+    mine = {k: [c for c in cs if c.rows & rows] for k, cs in groups.items() if k in targeted}
+    out = later_groups(mine, rec, names, targets)
+    for cells in out.values():
+        for i, c in enumerate(cells):
+            if c.narrow is not None and not c.rows <= rows:
+                cells[i] = dataclasses.replace(c, measure=c.narrow(frozenset(c.rows & rows)))
+    out.update({k: cs for k, cs in groups.items() if k not in targeted})
+    return out
+
+
 def more_rounds(
-    later: Groups, scale: wl.Scale, rec: Recorder, progress: Progress, t0: float
+    later: Groups,
+    scale: wl.Scale,
+    rec: Recorder,
+    progress: Progress,
+    t0: float,
+    names: Sequence[str] = impls.NAMES,
 ) -> None:
     """Rounds 2, 3...: each row's minimum first (`_this_round`), then more while the
-    budget lasts (a round is not started when the last one says it would overrun)."""
+    budget lasts (a round is not started when the last one says it would overrun) and
+    a target is open (`open_only`)."""
     first = _targeted(later, rec)
     least = max(scale.repeat, scale.other_rounds)
     rnd, last = 1, 0.0
@@ -170,8 +200,13 @@ def more_rounds(
         spent = time.perf_counter() - t0
         if rnd >= least and spent + last > scale.budget:
             break
+        groups = _this_round(rnd, scale, first, later)
+        if rnd >= scale.repeat:
+            groups = open_only(groups, first, rec, names)
+            if not groups:
+                break  # every verdict settled: the rest of the budget is not needed
         start = time.perf_counter()
-        run_round(_this_round(rnd, scale, first, later), rnd, rec, progress)
+        run_round(groups, rnd, rec, progress)
         last, rnd = time.perf_counter() - start, rnd + 1
 
 
@@ -191,7 +226,7 @@ def run_all(
     previous = _impl.IMPLEMENTATION
     try:
         run_round(groups, 0, rec, progress)
-        more_rounds(later_groups(groups, rec, names), scale, rec, progress, t0)
+        more_rounds(later_groups(groups, rec, names), scale, rec, progress, t0, names)
     finally:
         _impl.select(previous)
         for close in ctx.closers:

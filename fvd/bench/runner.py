@@ -79,7 +79,7 @@ def _add_size_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         "--repeat",
         type=int,
         metavar="N",
-        help="paired rounds at least (default 5, quick 3); medians and IQR over them",
+        help="paired rounds at least (default 5, quick 6); medians and intervals over them",
     )
     add(
         "--budget",

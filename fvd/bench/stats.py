@@ -1,14 +1,24 @@
-"""Paired ratios, their spread, and the verdict a spread allows (met / missed / unclear).
+"""Paired ratios, a confidence interval of their median, and the verdict it allows.
 
 Every cell of a row is measured once per round, fvd and its peers back to back (the order
 alternates between rounds), so a slow spell of the shared disk hits both sides of a
-ratio. A ratio is computed per round, then summarised by its median and inter-quartile
-range (IQR: the middle half of the rounds). A target is `met` when the whole IQR clears
-it, `missed` when the whole IQR falls short, and `unclear` when the IQR straddles it.
+ratio. A ratio is computed per round, then summarised by its median, its inter-quartile
+range (IQR: how much the rounds vary) and a distribution-free confidence interval of the
+median (`median_interval`: order statistics, the sign test; how sure the median is).
+
+The verdict reads the interval, not the IQR: a target is `met` when the whole 95%
+interval clears it, `missed` when the whole interval falls short, and `unclear` when the
+interval holds the target. An unclear target whose interval also lies within
+`TOLERANCE` of it is *at target*: its ratio is the target's, give or take 5%, and more
+rounds would not tell them apart on a shared machine. With fewer rounds than a 95%
+interval needs (6), the interval is the lowest to the highest round: every round must
+clear the target. The runner (fvd.bench.rounds) spends extra rounds only on targets that
+are still `open`: their 99% interval holds the target and they are not at target.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -17,34 +27,61 @@ from fvd.bench.workloads import Result
 
 MET, MISSED, UNCLEAR, NA = "met", "missed", "unclear", "n/a"
 VERDICTS = (MET, MISSED, UNCLEAR, NA)
+CONFIDENCE = 0.95  # the interval a verdict reads
+SETTLE_CONFIDENCE = 0.99  # the interval that ends a target's extra rounds (fewer false stops)
+TOLERANCE = 0.05  # "at target": the interval lies within 5% of the target
 
 
 @dataclass(frozen=True)
 class Spread:
-    """Median and inter-quartile range of per-round figures."""
+    """Median, inter-quartile range and confidence interval of per-round figures."""
 
     median: float
     low: float  # first quartile
     high: float  # third quartile
     n: int  # rounds
+    ci_low: float  # the median's confidence interval (CONFIDENCE)
+    ci_high: float
 
     def text(self, fmt: str = "{:.2f}", unit: str = "x") -> str:
-        """`1.84x [1.70-1.95]`; a single round shows no range."""
+        """`1.84x [1.70-1.95]` (median [confidence interval]); one round shows no range."""
         mid = fmt.format(self.median) + unit
         if self.n < 2:
             return mid
-        return f"{mid} [{fmt.format(self.low)}-{fmt.format(self.high)}]"
+        return f"{mid} [{fmt.format(self.ci_low)}-{fmt.format(self.ci_high)}]"
 
 
-def spread(values: Sequence[Optional[float]]) -> Optional[Spread]:
+def interval_ranks(n: int, confidence: float = CONFIDENCE) -> Optional[int]:
+    """k such that the k-th lowest and k-th highest of n figures bound their median with
+    at least `confidence` (the sign test: the median lies below the k-th lowest with
+    probability P(Binomial(n, 1/2) < k)); None when n figures are too few."""
+    tail, k = 0.0, 0
+    for j in range(n):
+        tail += math.comb(n, j) / 2.0**n
+        if tail > (1.0 - confidence) / 2.0:
+            break
+        k = j + 1
+    return k or None
+
+
+def median_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """A distribution-free confidence interval of the median of `values` (not empty);
+    with too few values for `confidence`, their lowest to their highest."""
+    vs = sorted(values)
+    k = interval_ranks(len(vs), confidence) or 1
+    return vs[k - 1], vs[-k]
+
+
+def spread(values: Sequence[Optional[float]], confidence: float = CONFIDENCE) -> Optional[Spread]:
     """Spread of the figures that are not None (None when there are none)."""
     vs = sorted(v for v in values if v is not None)
     if not vs:
         return None
     if len(vs) == 1:
-        return Spread(vs[0], vs[0], vs[0], 1)
+        return Spread(vs[0], vs[0], vs[0], 1, vs[0], vs[0])
     q1, _, q3 = statistics.quantiles(vs, n=4, method="inclusive")
-    return Spread(statistics.median(vs), q1, q3, len(vs))
+    lo, hi = median_interval(vs, confidence)
+    return Spread(statistics.median(vs), q1, q3, len(vs), lo, hi)
 
 
 def samples(r: Optional[Result]) -> list[Optional[float]]:
@@ -80,12 +117,31 @@ def ratio_spread(a: Optional[Result], b: Optional[Result]) -> Optional[Spread]:
 
 
 def verdict(s: Optional[Spread], limit: float, at_least: bool = True) -> str:
-    """`met` / `missed` / `unclear` (IQR straddles `limit`) / `n/a` (nothing measured).
+    """`met` / `missed` / `unclear` (the interval holds `limit`) / `n/a` (nothing measured).
 
     at_least: the figure must be >= limit (ratios, rates); otherwise it must be < limit
     (times)."""
     if s is None:
         return NA
+    lo, hi = s.ci_low, s.ci_high
     if at_least:
-        return MET if s.low >= limit else MISSED if s.high < limit else UNCLEAR
-    return MET if s.high < limit else MISSED if s.low >= limit else UNCLEAR
+        return MET if lo >= limit else MISSED if hi < limit else UNCLEAR
+    return MET if hi < limit else MISSED if lo >= limit else UNCLEAR
+
+
+def at_target(s: Optional[Spread], limit: float, at_least: bool = True) -> bool:
+    """Unclear, and the interval lies within TOLERANCE of `limit`: the figure is the
+    target's, as far as this machine can tell."""
+    if s is None or s.n < 2 or verdict(s, limit, at_least) != UNCLEAR:
+        return False
+    return limit / (1 + TOLERANCE) <= s.ci_low and s.ci_high <= limit * (1 + TOLERANCE)
+
+
+def is_open(values: Sequence[float], limit: float, at_least: bool = True) -> bool:
+    """More rounds could settle this target: its SETTLE_CONFIDENCE interval (with fewer
+    rounds than that needs, 8: lowest to highest) still holds `limit`, and it is not at
+    target."""
+    strict = spread(values, SETTLE_CONFIDENCE)
+    if strict is None or verdict(strict, limit, at_least) != UNCLEAR:
+        return False
+    return not at_target(spread(values), limit, at_least)

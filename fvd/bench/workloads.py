@@ -145,9 +145,10 @@ class Scale:
             snapshots=(1, 10),
             snap_data_ops=32,
             open_ops=256,
-            repeat=3,
+            repeat=6,  # the fewest rounds a 95% interval of the median needs
             convert_mib=128,
             budget=45.0,
+            max_rounds=40,  # rounds for the targets still open, while the budget lasts
             like_only=True,
             qemu_counts=False,
             other_rounds=1,

@@ -100,16 +100,66 @@ def test_wide_view_has_every_column_and_target():
 def test_spread_and_verdicts():
     s = stats.spread([1.0, 2.0, 3.0, 4.0, 5.0])
     assert (s.median, s.low, s.high, s.n) == (3.0, 2.0, 4.0, 5)
-    assert stats.verdict(s, 1.9) == stats.MET
-    assert stats.verdict(s, 3.0) == stats.UNCLEAR  # the IQR straddles the target
-    assert stats.verdict(s, 4.5) == stats.MISSED
+    assert (s.ci_low, s.ci_high) == (1.0, 5.0)  # too few for 95%: lowest to highest
+    assert stats.verdict(s, 0.9) == stats.MET
+    assert stats.verdict(s, 1.9) == stats.UNCLEAR  # a round fell short: not settled
+    assert stats.verdict(s, 5.5) == stats.MISSED
     # lower is better (times): must stay below the limit
-    assert stats.verdict(s, 4.5, at_least=False) == stats.MET
+    assert stats.verdict(s, 5.5, at_least=False) == stats.MET
     assert stats.verdict(s, 3.0, at_least=False) == stats.UNCLEAR
-    assert stats.verdict(s, 1.5, at_least=False) == stats.MISSED
+    assert stats.verdict(s, 0.9, at_least=False) == stats.MISSED
     assert stats.verdict(None, 1.0) == stats.NA
     one = stats.spread([2.0, None])
     assert one.n == 1 and stats.verdict(one, 2.0) == stats.MET and one.text() == "2.00x"
+
+
+def test_interval_of_the_median_is_the_sign_test():
+    # the k-th lowest/highest of n bound the median with >= 95% (99%) probability
+    assert [stats.interval_ranks(n) for n in (1, 5, 6, 10, 20, 40)] == [None, None, 1, 2, 6, 14]
+    assert [stats.interval_ranks(n, 0.99) for n in (7, 8, 20)] == [None, 1, 4]
+    vs = [float(v) for v in range(1, 21)]
+    random.Random(3).shuffle(vs)
+    assert stats.median_interval(vs) == (6.0, 15.0)
+    assert stats.median_interval([2.0, 1.0]) == (1.0, 2.0)  # too few: the whole range
+    s = stats.spread(vs)
+    assert (s.ci_low, s.ci_high) == (6.0, 15.0) and s.text() == "10.50x [6.00-15.00]"
+
+
+def _rounds_at(ratio, noise, n, seed=7):
+    """n synthetic per-round ratios: `ratio` times a noise factor within +-noise."""
+    rng = random.Random(seed)
+    return [ratio * (1 + rng.uniform(-noise, noise)) for _ in range(n)]
+
+
+@pytest.mark.parametrize(
+    "ratio,noise,n,status,at_target,still_open",
+    [
+        (1.6, 0.2, 12, stats.MET, False, False),  # clear: settled either way
+        (0.6, 0.2, 12, stats.MISSED, False, False),
+        (1.0, 0.02, 20, stats.UNCLEAR, True, False),  # at the target within 5%: stays
+        (1.05, 0.4, 12, stats.UNCLEAR, False, True),  # noisy near the target: more rounds
+        (1.6, 0.2, 3, stats.MET, False, False),  # 3 rounds all above: the range clears it
+    ],
+)
+def test_decision_rule(ratio, noise, n, status, at_target, still_open):
+    values = _rounds_at(ratio, noise, n)
+    s = stats.spread(values)
+    assert stats.verdict(s, 1.0) == status
+    assert stats.at_target(s, 1.0) == at_target
+    assert stats.is_open(values, 1.0) == still_open
+    # times (lower is better) mirror it: limit / figure is the ratio
+    inverse = stats.spread([1.0 / v for v in values])
+    assert stats.verdict(inverse, 1.0, at_least=False) == status
+
+
+def test_decision_rule_is_a_function_of_the_order_statistics():
+    """Same rounds in any order, same verdict; one wild round moves a 95% interval of
+    12 rounds by one rank only (the IQR rule it replaces flipped on such rounds)."""
+    values = _rounds_at(1.3, 0.1, 12)
+    shuffled = sorted(values, reverse=True)
+    assert stats.spread(values) == stats.spread(shuffled)
+    wild = values[:-1] + [0.05]  # one stalled round
+    assert stats.verdict(stats.spread(wild), 1.0) == stats.MET
 
 
 def test_ratios_are_paired_by_round():
