@@ -321,8 +321,8 @@ def json_doc(run: Run) -> dict[str, Any]:
             "ratio": s.ratio.median if s.ratio else None,
             "ratio_low": s.ratio.low if s.ratio else None,
             "ratio_high": s.ratio.high if s.ratio else None,
-            "ratio_ci_low": s.ratio.ci_low if s.ratio else None,
-            "ratio_ci_high": s.ratio.ci_high if s.ratio else None,
+            "ratio_ci_low": s.ratio.ci_low if s.ratio and s.ratio.bounded() else None,
+            "ratio_ci_high": s.ratio.ci_high if s.ratio and s.ratio.bounded() else None,
             "rounds": s.ratio.n if s.ratio else 0,
         }
         for s in run.rows()

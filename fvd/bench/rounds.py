@@ -190,15 +190,16 @@ def more_rounds(
     t0: float,
     names: Sequence[str] = impls.NAMES,
 ) -> None:
-    """Rounds 2, 3...: each row's minimum first (`_this_round`), then more while the
-    budget lasts (a round is not started when the last one says it would overrun) and
-    a target is open (`open_only`)."""
+    """Rounds 2, 3...: each row's minimum first (`_this_round`; past `sure_rounds`, only
+    while the budget lasts), then more while the budget lasts (a round is not started
+    when the last one says it would overrun) and a target is open (`open_only`)."""
     first = _targeted(later, rec)
     least = max(scale.repeat, scale.other_rounds)
+    sure = min(scale.sure_rounds or least, least)
     rnd, last = 1, 0.0
     while rnd < max(scale.max_rounds, least):
         spent = time.perf_counter() - t0
-        if rnd >= least and spent + last > scale.budget:
+        if rnd >= sure and spent + last > scale.budget:
             break
         groups = _this_round(rnd, scale, first, later)
         if rnd >= scale.repeat:

@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--quick",
         action="store_true",
         help="fewer operations per cell, the same targets, "
-        "rounds until about 45 s are used (under a minute)",
+        "rounds until about 50 s are used (under a minute)",
     )
     add(
         "--output",
@@ -79,13 +79,14 @@ def _add_size_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         "--repeat",
         type=int,
         metavar="N",
-        help="paired rounds at least (default 5, quick 6); medians and intervals over them",
+        help="paired rounds at least (default 6, quick 6 as the budget allows); medians and "
+        "95%% intervals over them",
     )
     add(
         "--budget",
         type=float,
         metavar="SECONDS",
-        help="add rounds while the run has used less (default 0, quick 45)",
+        help="add rounds while the run has used less (default 0, quick 50)",
     )
     add(
         "--snapshots",
@@ -122,7 +123,7 @@ def scale_from_args(args: argparse.Namespace) -> wl.Scale:
     if getattr(args, "flush_every", None):
         scale.flush_every = args.flush_every
     if getattr(args, "repeat", None):
-        scale.repeat = args.repeat
+        scale.repeat, scale.sure_rounds = args.repeat, 0  # asked for: run them all
     if getattr(args, "budget", None) is not None:
         scale.budget = args.budget
     if getattr(args, "snapshots", None):

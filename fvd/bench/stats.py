@@ -10,9 +10,9 @@ The verdict reads the interval, not the IQR: a target is `met` when the whole 95
 interval clears it, `missed` when the whole interval falls short, and `unclear` when the
 interval holds the target. An unclear target whose interval also lies within
 `TOLERANCE` of it is *at target*: its ratio is the target's, give or take 5%, and more
-rounds would not tell them apart on a shared machine. With fewer rounds than a 95%
-interval needs (6), the interval is the lowest to the highest round: every round must
-clear the target. The runner (fvd.bench.rounds) spends extra rounds only on targets that
+rounds would not tell them apart on a shared machine. Fewer rounds than a 95% interval
+needs (6) give no interval: unclear (unless every round gave one exact figure, such as a
+size). The runner (fvd.bench.rounds) spends extra rounds only on targets that
 are still `open`: their 99% interval holds the target and they are not at target.
 """
 
@@ -43,11 +43,18 @@ class Spread:
     ci_low: float  # the median's confidence interval (CONFIDENCE)
     ci_high: float
 
+    def bounded(self) -> bool:
+        """The rounds give a confidence interval (enough of them, or an exact figure)."""
+        return math.isfinite(self.ci_low) and math.isfinite(self.ci_high)
+
     def text(self, fmt: str = "{:.2f}", unit: str = "x") -> str:
-        """`1.84x [1.70-1.95]` (median [confidence interval]); one round shows no range."""
+        """`1.84x [1.70-1.95]` (median [confidence interval]); `1.84x (3 rounds)` when
+        too few rounds give no interval; one round or an exact figure shows no range."""
         mid = fmt.format(self.median) + unit
-        if self.n < 2:
+        if self.n < 2 or self.ci_low == self.ci_high == self.median:
             return mid
+        if not self.bounded():
+            return f"{mid} ({self.n} rounds)"
         return f"{mid} [{fmt.format(self.ci_low)}-{fmt.format(self.ci_high)}]"
 
 
@@ -65,10 +72,14 @@ def interval_ranks(n: int, confidence: float = CONFIDENCE) -> Optional[int]:
 
 
 def median_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float]:
-    """A distribution-free confidence interval of the median of `values` (not empty);
-    with too few values for `confidence`, their lowest to their highest."""
+    """A distribution-free confidence interval of the median of `values` (not empty).
+    Too few values for `confidence` give no interval (-inf, inf), unless they are two or
+    more of one exact figure (a size, a count)."""
     vs = sorted(values)
-    k = interval_ranks(len(vs), confidence) or 1
+    k = interval_ranks(len(vs), confidence)
+    if k is None:
+        exact = len(vs) > 1 and vs[0] == vs[-1]
+        return (vs[0], vs[0]) if exact else (-math.inf, math.inf)
     return vs[k - 1], vs[-k]
 
 
@@ -77,8 +88,8 @@ def spread(values: Sequence[Optional[float]], confidence: float = CONFIDENCE) ->
     vs = sorted(v for v in values if v is not None)
     if not vs:
         return None
-    if len(vs) == 1:
-        return Spread(vs[0], vs[0], vs[0], 1, vs[0], vs[0])
+    if len(vs) == 1:  # one figure: no interval (two or more equal ones: exact)
+        return Spread(vs[0], vs[0], vs[0], 1, -math.inf, math.inf)
     q1, _, q3 = statistics.quantiles(vs, n=4, method="inclusive")
     lo, hi = median_interval(vs, confidence)
     return Spread(statistics.median(vs), q1, q3, len(vs), lo, hi)
@@ -132,15 +143,14 @@ def verdict(s: Optional[Spread], limit: float, at_least: bool = True) -> str:
 def at_target(s: Optional[Spread], limit: float, at_least: bool = True) -> bool:
     """Unclear, and the interval lies within TOLERANCE of `limit`: the figure is the
     target's, as far as this machine can tell."""
-    if s is None or s.n < 2 or verdict(s, limit, at_least) != UNCLEAR:
+    if s is None or verdict(s, limit, at_least) != UNCLEAR:
         return False
     return limit / (1 + TOLERANCE) <= s.ci_low and s.ci_high <= limit * (1 + TOLERANCE)
 
 
 def is_open(values: Sequence[float], limit: float, at_least: bool = True) -> bool:
-    """More rounds could settle this target: its SETTLE_CONFIDENCE interval (with fewer
-    rounds than that needs, 8: lowest to highest) still holds `limit`, and it is not at
-    target."""
+    """More rounds could settle this target: its SETTLE_CONFIDENCE interval (none with
+    fewer than 8 rounds) still holds `limit`, and it is not at target."""
     strict = spread(values, SETTLE_CONFIDENCE)
     if strict is None or verdict(strict, limit, at_least) != UNCLEAR:
         return False

@@ -41,8 +41,8 @@ class Judged:
             "status": self.status,
             "low": s.low if s else None,
             "high": s.high if s else None,
-            "ci_low": s.ci_low if s else None,
-            "ci_high": s.ci_high if s else None,
+            "ci_low": s.ci_low if s and s.bounded() else None,
+            "ci_high": s.ci_high if s and s.bounded() else None,
             "at_target": self.at_target,
             "rounds": s.n if s else 0,
             "row": self.row,
@@ -70,6 +70,16 @@ def _figure(value: float, unit: str) -> str:
     return f"{value:.2f}{unit}"
 
 
+def _measured(s: stats.Spread, unit: str) -> str:
+    """`0.17 ms [0.116 ms-0.2 ms]`: a figure's median and interval, as Spread.text."""
+    text = s.text("{}", "")
+    if text.endswith(" rounds)"):
+        return f"{_figure(s.median, unit)} ({s.n} rounds)"
+    if "[" not in text:
+        return _figure(s.median, unit)
+    return f"{_figure(s.median, unit)} [{_figure(s.ci_low, unit)}-{_figure(s.ci_high, unit)}]"
+
+
 def _values(t: tb.Target, idx: Index, row: Optional[str]) -> list[float]:
     """The per-round figures a (non-counts) target is judged on: paired ratios, or
     fvd's own figures against a limit."""
@@ -89,12 +99,7 @@ def judge(t: tb.Target, idx: Index, keys: list[str]) -> Judged:
     if s is None:
         return Judged(t, row, None, stats.NA, "n/a")
     status = stats.verdict(s, t.limit, at_least)
-    if t.unit == "x":
-        measured = s.text()
-    else:
-        measured = _figure(s.median, t.unit)
-        if s.n > 1:
-            measured += f" [{_figure(s.ci_low, t.unit)}-{_figure(s.ci_high, t.unit)}]"
+    measured = s.text() if t.unit == "x" else _measured(s, t.unit)
     return Judged(t, row, s, status, measured, stats.at_target(s, t.limit, at_least))
 
 

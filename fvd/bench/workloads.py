@@ -125,7 +125,7 @@ class Scale:
     snapshots: tuple[int, ...] = (1, 100, 1000)
     snap_data_ops: int = 256  # allocated 4 KiB writes under the snapshots
     open_ops: int = 2048  # allocated chunks when timing open
-    repeat: int = 5  # paired rounds at least (fvd and its peers alternate in each)
+    repeat: int = 6  # paired rounds at least (6: a 95% interval of the median needs them)
     flush_every: int = 16
     convert_mib: int = 1024  # virtual size of the convert rows' image (~35% data)
     budget: float = 0.0  # seconds: more rounds while the run has not used them up
@@ -133,6 +133,7 @@ class Scale:
     like_only: bool = False  # leave out QEMU cells that cannot be like-for-like
     qemu_counts: bool = True  # count QEMU's I/O under strace (round 0)
     other_rounds: int = 0  # rounds at least for rows without a target (0: `repeat`)
+    sure_rounds: int = 0  # rounds run even past the budget (0: all of `repeat`)
 
     @classmethod
     def quick(cls) -> Scale:
@@ -145,10 +146,11 @@ class Scale:
             snapshots=(1, 10),
             snap_data_ops=32,
             open_ops=256,
-            repeat=6,  # the fewest rounds a 95% interval of the median needs
+            repeat=6,
             convert_mib=128,
-            budget=45.0,
+            budget=50.0,
             max_rounds=40,  # rounds for the targets still open, while the budget lasts
+            sure_rounds=3,  # a loaded machine: rounds 4-6 only while the budget lasts
             like_only=True,
             qemu_counts=False,
             other_rounds=1,
@@ -178,6 +180,7 @@ class Scale:
             like_only=self.like_only,
             qemu_counts=self.qemu_counts,
             other_rounds=self.other_rounds,
+            sure_rounds=self.sure_rounds,
         )
 
 
