@@ -2,6 +2,7 @@
 progress line, the plot, and one tiny real run. Nothing here asserts a timing: the
 renderers are fed a made-up run, and the real run is checked for shape only."""
 
+import functools
 import io
 import json
 import math
@@ -322,6 +323,76 @@ def test_rounds_alternate_and_keep_only_needed_members():
     merged = verdicts.index(rec.merged())
     assert merged["alloc4k-wt", "fvd"].samples == [100.0, 101.0, 102.0]
     assert merged["alloc4k-wt", "fvd-py"].samples == [100.0, None, None]
+
+
+def _valued_cell(key, members, log, value, narrow=None):
+    """A cell whose contender `m` gives value(m, round)."""
+
+    def measure(rnd, who, rows=None):
+        log.append((rnd, tuple(who), rows))
+        return [wl.Result(key, n, value(n, rnd), "ops/s") for n in who]
+
+    narrowed = None if narrow is None else (lambda rows: functools.partial(measure, rows=rows))
+    return Cell(key, key, tuple(members), measure, narrow=narrowed)
+
+
+def _adaptive(value, max_rounds=12):
+    log = []
+    in_process = ["fvd", "fvd-tableless", "qcow2", "raw"]
+    cells_ = [
+        _valued_cell("alloc4k-wt", in_process, log, value, narrow=True),
+        _valued_cell("alloc4k-wt", ["qemu-qcow2"], log, value),
+        _valued_cell("alloc4k-wt", ["qemu-qcow2-lazy"], log, value),
+        _valued_cell("read4k", ["fvd", "qcow2", "raw"], log, value),
+    ]
+    groups = rounds.group(cells_)
+    rec = rounds.Recorder()
+    rounds.run_round(groups, 0, rec, Progress(enabled=False))
+    scale = wl.Scale(repeat=6, budget=1e9, max_rounds=max_rounds, other_rounds=1)
+    later = rounds.later_groups(groups, rec, NAMES)
+    rounds.more_rounds(later, scale, rec, Progress(enabled=False), 0.0)
+    return log
+
+
+def test_extra_rounds_only_while_a_target_is_open():
+    # every ratio clear of its target: settled after the 8 rounds a 99% interval needs
+    base = {"fvd": 300.0, "fvd-tableless": 320.0, "qcow2": 100.0, "raw": 310.0}
+    base.update({"qemu-qcow2": 100.0, "qemu-qcow2-lazy": 150.0})
+    log = _adaptive(lambda n, rnd: base[n] * (1 + 0.01 * (rnd % 3)))
+    assert max(r for r, *_ in log) == 7  # not the 12 allowed: every verdict settled
+    # fvd vs QEMU qcow2 swings around its 1.8x target: only that row and pair go on
+    swing = dict(base, **{"qemu-qcow2": None, "qcow2": 130.0})
+    log = _adaptive(lambda n, rnd: swing[n] or (120.0 if rnd % 2 else 220.0))
+    later = {(who, rows) for r, who, rows in log if r >= 8}
+    assert max(r for r, *_ in log) == 11 and ("qemu-qcow2",) in {w for w, _ in later}
+    assert {w for w, _ in later} == {("fvd", "raw"), ("qemu-qcow2",)}  # + strongest peer
+
+
+def test_a_cell_of_several_rows_measures_only_the_open_ones():
+    log = []
+
+    def measure(rnd, who, rows=None):
+        log.append((rnd, rows))
+        swing = 0.7 if rnd % 2 else 1.4  # fvd -> raw swings around its 1.0x target
+        out = [wl.Result("convert-raw-fvd", "fvd", 200.0 + rnd % 3, "MiB/s")]
+        out.append(wl.Result("convert-raw-fvd", "qemu-qcow2", 100.0, "MiB/s"))
+        out.append(wl.Result("convert-fvd-raw", "fvd", 100.0 * swing, "MiB/s"))
+        out.append(wl.Result("convert-fvd-raw", "qemu-raw", 100.0, "MiB/s"))
+        return [r for r in out if rows is None or r.workload in rows]
+
+    narrow = lambda rows: functools.partial(measure, rows=rows)  # noqa: E731
+    groups = rounds.group(
+        [Cell("convert", "convert", ("fvd",), measure, True, True, narrow=narrow)]
+    )
+    rec = rounds.Recorder()
+    rounds.run_round(groups, 0, rec, Progress(enabled=False))
+    scale = wl.Scale(repeat=6, budget=1e9, max_rounds=10, other_rounds=1)
+    later = rounds.later_groups(groups, rec, NAMES)
+    rounds.more_rounds(later, scale, rec, Progress(enabled=False), 0.0)
+    assert [rows for _, rows in log] == [None] * 8 + [frozenset({"convert-fvd-raw"})] * 2
+    judged = {j.row: j.status for j in verdicts.judge_all(rec.merged()) if j.row}
+    assert judged["convert-raw-fvd"] == stats.MET  # settled in 8 rounds
+    assert judged["convert-fvd-raw"] == stats.UNCLEAR
 
 
 def test_tiny_real_run(tmp_path, capsys):
