@@ -196,7 +196,7 @@ def more_rounds(
     first = _targeted(later, rec)
     least = max(scale.repeat, scale.other_rounds)
     sure = min(scale.sure_rounds or least, least)
-    rnd, last = 1, 0.0
+    rnd, last = 1, time.perf_counter() - t0  # round 1 (every cell) bounds a later one
     while rnd < max(scale.max_rounds, least):
         spent = time.perf_counter() - t0
         if rnd >= sure and spent + last > scale.budget:
