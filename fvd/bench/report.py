@@ -104,7 +104,7 @@ def _header(run: Run, width: int) -> list[str]:
     )
     legend = (
         "fvd: compiled fast path. x: fvd / strongest peer per round (>1: fvd better), "
-        "median [95% confidence interval]"
+        "median [95% CI]"
     )
     return textwrap.wrap(head, width) + textwrap.wrap(legend, width) + _busy(run, width)
 

@@ -5,8 +5,10 @@ row, only the cells the verdicts and the default view need: fvd, both sides of t
 targets, and its strongest peer. In every round the cells of one row run back to back,
 in reverse order on odd rounds, so a slow minute of the shared disk (or whatever runs
 first) hits fvd and its peers alike; ratios are then taken round by round. Rounds are
-added until at least `scale.repeat` have run and the next one would overrun
-`scale.budget` seconds (or `scale.max_rounds` is reached). After `scale.repeat` rounds,
+added until at least `scale.repeat` have run and the budget (`scale.budget` seconds) is
+used or `scale.max_rounds` is reached; past `scale.sure_rounds`, a row's cells are not
+started when its last round says they would overrun the budget (a cheaper row still
+runs). After `scale.repeat` rounds,
 a row with targets runs only while one of its targets is still open (fvd.bench.stats:
 its interval holds the target), with only the contenders those targets and its
 strongest peer need: the time goes to the verdicts the evidence has not settled.
@@ -55,6 +57,7 @@ class Recorder:
         self.rounds: dict[tuple[str, str], dict[int, wl.Result]] = {}
         self.errors: list[wl.Result] = []
         self.last_round = 0
+        self.seconds: dict[str, float] = {}  # row group -> its cells' time in its last round
 
     def add(self, rnd: int, results: list[wl.Result]) -> None:
         self.last_round = max(self.last_round, rnd)
@@ -106,13 +109,24 @@ def _run_cell(cell: Cell, rnd: int, progress: Progress) -> list[wl.Result]:
     return out
 
 
-def run_round(groups: Groups, rnd: int, rec: Recorder, progress: Progress) -> None:
-    for cells in groups.values():
+def run_round(
+    groups: Groups, rnd: int, rec: Recorder, progress: Progress, deadline: Optional[float] = None
+) -> int:
+    """Each group's cells once -> how many groups ran. With a `deadline` (a
+    time.perf_counter() value), a group whose last round says it would end past it is
+    skipped, so cheaper rows still get their rounds when a slow one no longer fits."""
+    ran = 0
+    for key, cells in groups.items():
+        start = time.perf_counter()
+        if deadline is not None and start + rec.seconds.get(key, 0.0) > deadline:
+            continue
         for cell in cells[::-1] if rnd % 2 else cells:
             out = _run_cell(cell, rnd, progress)
             rec.errors += [r for r in out if r.note.startswith("error:")]
             cell.rows.update(r.workload for r in out)
             rec.add(rnd, out)
+        rec.seconds[key], ran = time.perf_counter() - start, ran + 1
+    return ran
 
 
 def later_groups(
@@ -190,25 +204,23 @@ def more_rounds(
     t0: float,
     names: Sequence[str] = impls.NAMES,
 ) -> None:
-    """Rounds 2, 3...: each row's minimum first (`_this_round`; past `sure_rounds`, only
-    while the budget lasts), then more while the budget lasts (a round is not started
-    when the last one says it would overrun) and a target is open (`open_only`)."""
+    """Rounds 2, 3...: each row's minimum first (`_this_round`), then more while the
+    budget lasts and a target is open (`open_only`). Past `sure_rounds`, a row's round is
+    not started when its last one says it would overrun the budget (`run_round`)."""
     first = _targeted(later, rec)
     least = max(scale.repeat, scale.other_rounds)
     sure = min(scale.sure_rounds or least, least)
-    rnd, last = 1, time.perf_counter() - t0  # round 1 (every cell) bounds a later one
+    rnd = 1
     while rnd < max(scale.max_rounds, least):
-        spent = time.perf_counter() - t0
-        if rnd >= sure and spent + last > scale.budget:
-            break
         groups = _this_round(rnd, scale, first, later)
         if rnd >= scale.repeat:
             groups = open_only(groups, first, rec, names)
             if not groups:
                 break  # every verdict settled: the rest of the budget is not needed
-        start = time.perf_counter()
-        run_round(groups, rnd, rec, progress)
-        last, rnd = time.perf_counter() - start, rnd + 1
+        deadline = None if rnd < sure else t0 + scale.budget
+        if not run_round(groups, rnd, rec, progress, deadline):
+            break
+        rnd += 1
 
 
 def run_all(

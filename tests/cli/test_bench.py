@@ -7,6 +7,7 @@ import io
 import json
 import math
 import random
+import time
 
 import pytest
 
@@ -366,6 +367,17 @@ def test_extra_rounds_only_while_a_target_is_open():
     later = {(who, rows) for r, who, rows in log if r >= 8}
     assert max(r for r, *_ in log) == 11 and ("qemu-qcow2",) in {w for w, _ in later}
     assert {w for w, _ in later} == {("fvd", "raw"), ("qemu-qcow2",)}  # + strongest peer
+
+
+def test_a_row_that_would_overrun_the_budget_is_skipped_not_the_cheap_ones():
+    log = []
+    groups = rounds.group([_fake_cell("convert", ["fvd"], log), _fake_cell("read4k", ["fvd"], log)])
+    rec = rounds.Recorder()
+    rec.seconds = {"convert": 3600.0, "read4k": 0.001}  # their last rounds
+    deadline = time.perf_counter() + 600
+    assert rounds.run_round(groups, 1, rec, Progress(enabled=False), deadline) == 1
+    assert log == [(1, ("fvd",))] and set(rec.seconds) == {"convert", "read4k"}
+    assert rounds.run_round(groups, 2, rec, Progress(enabled=False)) == 2  # no deadline
 
 
 def test_a_cell_of_several_rows_measures_only_the_open_ones():
