@@ -113,11 +113,15 @@ def run_round(
     groups: Groups, rnd: int, rec: Recorder, progress: Progress, deadline: Optional[float] = None
 ) -> int:
     """Each group's cells once -> how many groups ran. With a `deadline` (a
-    time.perf_counter() value), a group whose last round says it would end past it is
-    skipped, so cheaper rows still get their rounds when a slow one no longer fits."""
-    ran = 0
-    for key, cells in groups.items():
-        start = time.perf_counter()
+    time.perf_counter() value), the cheapest groups go first and a group whose last round
+    says it would end past the deadline is skipped: the rows that still fit get their
+    rounds when a slow one no longer does (pairs are within a group: the order between
+    groups does not matter to them)."""
+    ran, keys = 0, list(groups)
+    if deadline is not None:
+        keys.sort(key=lambda k: rec.seconds.get(k, 0.0))
+    for key in keys:
+        cells, start = groups[key], time.perf_counter()
         if deadline is not None and start + rec.seconds.get(key, 0.0) > deadline:
             continue
         for cell in cells[::-1] if rnd % 2 else cells:

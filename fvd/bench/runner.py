@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--quick",
         action="store_true",
         help="fewer operations per cell, the same targets, "
-        "rounds until about 50 s are used (under a minute)",
+        "rounds until about 45 s are used (under a minute)",
     )
     add(
         "--output",
@@ -86,7 +86,7 @@ def _add_size_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         "--budget",
         type=float,
         metavar="SECONDS",
-        help="add rounds while the run has used less (default 0, quick 50)",
+        help="add rounds while the run has used less (default 0, quick 45)",
     )
     add(
         "--snapshots",

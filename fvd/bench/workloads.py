@@ -140,7 +140,7 @@ class Scale:
             open_ops=256,
             repeat=6,
             convert_mib=128,
-            budget=50.0,
+            budget=45.0,
             max_rounds=40,  # rounds for the targets still open, while the budget lasts
             sure_rounds=1,  # a loaded machine: rounds 2-6 only while the budget lasts
             like_only=True,
