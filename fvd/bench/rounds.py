@@ -200,6 +200,19 @@ def open_only(groups: Groups, targeted: Groups, rec: Recorder, names: Sequence[s
     return out
 
 
+def _fitting(groups: Groups, rec: Recorder, rounds_left: int, seconds: float) -> Groups:
+    """The cheapest groups whose `rounds_left` more rounds fit in `seconds` (by their last
+    round): on a loaded machine, as many rows as can reach the minimum rounds get them,
+    rather than every row falling short of it (too few rounds: no verdict)."""
+    keep: Groups = {}
+    for key in sorted(groups, key=lambda k: rec.seconds.get(k, 0.0)):
+        seconds -= rec.seconds.get(key, 0.0) * rounds_left
+        if seconds < 0:
+            break
+        keep[key] = groups[key]
+    return keep
+
+
 def more_rounds(
     later: Groups,
     scale: wl.Scale,
@@ -222,6 +235,8 @@ def more_rounds(
             if not groups:
                 break  # every verdict settled: the rest of the budget is not needed
         deadline = None if rnd < sure else t0 + scale.budget
+        if deadline is not None and rnd < scale.repeat:
+            groups = _fitting(groups, rec, scale.repeat - rnd, deadline - time.perf_counter())
         if not run_round(groups, rnd, rec, progress, deadline):
             break
         rnd += 1

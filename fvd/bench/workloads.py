@@ -142,7 +142,7 @@ class Scale:
             convert_mib=128,
             budget=45.0,
             max_rounds=40,  # rounds for the targets still open, while the budget lasts
-            sure_rounds=1,  # a loaded machine: rounds 2-6 only while the budget lasts
+            sure_rounds=2,  # a loaded machine: rounds 3-6 for the rows they fit (budget)
             like_only=True,
             qemu_counts=False,
             other_rounds=1,

@@ -380,6 +380,16 @@ def test_a_row_that_would_overrun_the_budget_is_skipped_not_the_cheap_ones():
     assert rounds.run_round(groups, 2, rec, Progress(enabled=False)) == 2  # no deadline
 
 
+def test_short_of_time_the_cheapest_rows_get_their_minimum_rounds():
+    log = []
+    groups = rounds.group([_fake_cell(k, ["fvd"], log) for k in ("convert", "read4k", "open")])
+    rec = rounds.Recorder()
+    rec.seconds = {"convert": 10.0, "read4k": 1.0, "open": 2.0}
+    # 3 rounds to go in 10 s: read4k (3 s) and open (6 s) fit, convert (30 s) does not
+    assert list(rounds._fitting(groups, rec, 3, 10.0)) == ["read4k", "open"]
+    assert list(rounds._fitting(groups, rec, 1, 13.0)) == ["read4k", "open", "convert"]
+
+
 def test_a_cell_of_several_rows_measures_only_the_open_ones():
     log = []
 
