@@ -3,7 +3,7 @@
 One horizontal lane per target. The x axis is the margin over the target (measured ÷
 target, log scale; for time limits, limit ÷ measured), so every target line is the same
 vertical line at 1 and "right of the line" means met: a dot for the median, a bar for
-its 95% confidence interval (the interval the verdict reads), coloured by verdict.
+its 90% confidence interval (the interval the verdict reads), coloured by verdict.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def plot(judged: list[Judged], path: str, title: str) -> None:
     ax.set_yticklabels([j.target.text for j, *_ in reversed(lanes)], fontsize=7)
     ax.set_ylim(-0.7, len(lanes) - 0.3)
     ax.set_xlim(LOW / 1.1, HIGH * 4)
-    ax.set_xlabel("measured ÷ target (log): right of the line = met; dot median, bar its 95% CI")
+    ax.set_xlabel("measured ÷ target (log): right of the line = met; dot median, bar its 90% CI")
     ax.set_title(title, fontsize=9)
     ax.grid(axis="x", which="both", alpha=0.2)
     fig.tight_layout()

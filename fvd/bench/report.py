@@ -104,7 +104,7 @@ def _header(run: Run, width: int) -> list[str]:
     )
     legend = (
         "fvd: compiled fast path. x: fvd / strongest peer per round (>1: fvd better), "
-        "median [95% CI]"
+        "median [90% CI]"
     )
     return textwrap.wrap(head, width) + textwrap.wrap(legend, width) + _busy(run, width)
 
@@ -153,7 +153,7 @@ def summary_text(run: Run, width: int = 100, io: bool = False) -> str:
         ["workload"] + [s.title for s in rows],
         ["fvd"] + [fmt_value(s.fvd) for s in rows],
         ["strongest peer"] + [_peer_text(s) for s in rows],
-        ["x [95% CI]"] + [_ratio_text(s.ratio) for s in rows],
+        ["x [90% CI]"] + [_ratio_text(s.ratio) for s in rows],
         ["targets"] + [s.tally() for s in rows],
     ]
     lines = _header(run, width) + [""]
@@ -256,7 +256,7 @@ def _md_summary(run: Run) -> list[str]:
         ]
         for s in run.rows()
     ]
-    header = ["workload", "fvd", "strongest peer", "fvd ÷ peer [95% CI]", "rounds", "targets"]
+    header = ["workload", "fvd", "strongest peer", "fvd ÷ peer [90% CI]", "rounds", "targets"]
     return _md_table(header, rows)
 
 
@@ -265,7 +265,7 @@ def _md_targets(run: Run) -> list[str]:
         [j.target.text, j.measured, str(j.spread.n if j.spread else 0), _md_verdict(j)]
         for j in run.judged
     ]
-    return _md_table(["target", "measured: median [95% CI]", "rounds", "verdict"], rows)
+    return _md_table(["target", "measured: median [90% CI]", "rounds", "verdict"], rows)
 
 
 def _md_verdict(j: vd.Judged) -> str:
@@ -294,7 +294,7 @@ def markdown(run: Run, io: bool = True) -> str:
         f"{i.get('qemu', '')}.",
         "",
         "fvd ÷ peer: how many times better fvd is than the row's strongest peer (>1: fvd "
-        "better), median of the per-round ratios and its 95% confidence interval. A verdict "
+        "better), median of the per-round ratios and its 90% confidence interval. A verdict "
         "is met or missed when the interval clears the target, unclear when it holds it "
         "(at target: within 5% of it).",
         "",

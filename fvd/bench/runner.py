@@ -79,8 +79,8 @@ def _add_size_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         "--repeat",
         type=int,
         metavar="N",
-        help="paired rounds at least (default 6, quick 6 as the budget allows); medians and "
-        "95%% intervals over them",
+        help="paired rounds at least (default 5, quick 5 as the budget allows); medians and "
+        "90%% intervals over them",
     )
     add(
         "--budget",

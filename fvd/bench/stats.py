@@ -6,14 +6,15 @@ ratio. A ratio is computed per round, then summarised by its median, its inter-q
 range (IQR: how much the rounds vary) and a distribution-free confidence interval of the
 median (`median_interval`: order statistics, the sign test; how sure the median is).
 
-The verdict reads the interval, not the IQR: a target is `met` when the whole 95%
-interval clears it, `missed` when the whole interval falls short, and `unclear` when the
+The verdict reads the interval, not the IQR: a target is `met` when the whole 90%
+interval clears it (a one-sided 95% statement), `missed` when the whole interval falls
+short, and `unclear` when the
 interval holds the target. An unclear target whose interval also lies within
 `TOLERANCE` of it is *at target*: its ratio is the target's, give or take 5%, and more
-rounds would not tell them apart on a shared machine. Fewer rounds than a 95% interval
-needs (6) give no interval: unclear (unless every round gave one exact figure, such as a
+rounds would not tell them apart on a shared machine. Fewer rounds than a 90% interval
+needs (5) give no interval: unclear (unless every round gave one exact figure, such as a
 size). The runner (fvd.bench.rounds) spends extra rounds only on targets that
-are still `open`: their 99% interval holds the target and they are not at target.
+are still `open`: their 98% interval holds the target and they are not at target.
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ from fvd.bench.workloads import Result
 
 MET, MISSED, UNCLEAR, NA = "met", "missed", "unclear", "n/a"
 VERDICTS = (MET, MISSED, UNCLEAR, NA)
-CONFIDENCE = 0.95  # the interval a verdict reads
-SETTLE_CONFIDENCE = 0.99  # the interval that ends a target's extra rounds (fewer false stops)
+# the interval a verdict reads: 90% two-sided, so "met" (its lower end clears the target)
+# and "missed" (its upper end falls short) are each one-sided 95% statements
+CONFIDENCE = 0.90
+SETTLE_CONFIDENCE = 0.98  # the interval that ends a target's extra rounds (fewer false stops)
 TOLERANCE = 0.05  # "at target": the interval lies within 5% of the target
 
 
@@ -150,7 +153,7 @@ def at_target(s: Optional[Spread], limit: float, at_least: bool = True) -> bool:
 
 def is_open(values: Sequence[float], limit: float, at_least: bool = True) -> bool:
     """More rounds could settle this target: its SETTLE_CONFIDENCE interval (none with
-    fewer than 8 rounds) still holds `limit`, and it is not at target."""
+    fewer than 7 rounds) still holds `limit`, and it is not at target."""
     strict = spread(values, SETTLE_CONFIDENCE)
     if strict is None or verdict(strict, limit, at_least) != UNCLEAR:
         return False

@@ -117,7 +117,7 @@ class Scale:
     snapshots: tuple[int, ...] = (1, 100, 1000)
     snap_data_ops: int = 256  # allocated 4 KiB writes under the snapshots
     open_ops: int = 2048  # allocated chunks when timing open
-    repeat: int = 6  # paired rounds at least (6: a 95% interval of the median needs them)
+    repeat: int = 5  # paired rounds at least (5: a 90% interval of the median needs them)
     flush_every: int = 16
     convert_mib: int = 1024  # virtual size of the convert rows' image (~35% data)
     budget: float = 0.0  # seconds: more rounds while the run has not used them up
@@ -138,11 +138,11 @@ class Scale:
             snapshots=(1, 10),
             snap_data_ops=32,
             open_ops=256,
-            repeat=6,
+            repeat=5,
             convert_mib=128,
             budget=45.0,
             max_rounds=40,  # rounds for the targets still open, while the budget lasts
-            sure_rounds=2,  # a loaded machine: rounds 3-6 for the rows they fit (budget)
+            sure_rounds=2,  # a loaded machine: rounds 3-5 for the rows they fit (budget)
             like_only=True,
             qemu_counts=False,
             other_rounds=1,
