@@ -235,7 +235,8 @@ def more_rounds(
             if not groups:
                 break  # every verdict settled: the rest of the budget is not needed
         deadline = None if rnd < sure else t0 + scale.budget
-        if deadline is not None and rnd < scale.repeat:
+        if deadline is not None and rnd < scale.repeat:  # the minimum may use the grace
+            deadline += scale.grace
             groups = _fitting(groups, rec, scale.repeat - rnd, deadline - time.perf_counter())
         if not run_round(groups, rnd, rec, progress, deadline):
             break

@@ -126,6 +126,7 @@ class Scale:
     qemu_counts: bool = True  # count QEMU's I/O under strace (round 0)
     other_rounds: int = 0  # rounds at least for rows without a target (0: `repeat`)
     sure_rounds: int = 0  # rounds run even past the budget (0: all of `repeat`)
+    grace: float = 0.0  # seconds past the budget the rounds up to `repeat` may use
 
     @classmethod
     def quick(cls) -> Scale:
@@ -143,6 +144,7 @@ class Scale:
             budget=45.0,
             max_rounds=40,  # rounds for the targets still open, while the budget lasts
             sure_rounds=2,  # a loaded machine: rounds 3-5 for the rows they fit (budget)
+            grace=7.0,  # ... within 52 s; extra rounds stop at 45 s
             like_only=True,
             qemu_counts=False,
             other_rounds=1,
