@@ -85,7 +85,10 @@ def plot(judged: list[Judged], path: str, title: str) -> None:
     ax.set_yticklabels([j.target.text for j, *_ in reversed(lanes)], fontsize=7)
     ax.set_ylim(-0.7, len(lanes) - 0.3)
     ax.set_xlim(LOW / 1.1, HIGH * 4)
-    ax.set_xlabel("measured ÷ target (log): right of the line = met; dot median, bar its 90% CI")
+    ax.set_xlabel(
+        "measured ÷ target (log): right of the line = met\n"
+        "dot: median of the rounds; bar: its 90% confidence interval (what the verdict reads)"
+    )
     ax.set_title(title, fontsize=9)
     ax.grid(axis="x", which="both", alpha=0.2)
     fig.tight_layout()
