@@ -86,21 +86,13 @@ class Result:
     typical_samples: list[Optional[float]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "workload": self.workload,
-            "impl": self.impl,
-            "value": self.value,
-            "unit": self.unit,
-            "higher_is_better": self.higher_is_better,
-            "ops": self.ops,
-            "seconds": self.seconds,
-            "counts_per_op": self.counts,
-            "note": self.note,
-            "samples": self.samples,
-            "rounds": sum(v is not None for v in self.samples),
-            "like_for_like": self.like_for_like,
-            "typical_samples": self.typical_samples,
-        }
+        """The JSON form: every field (counts as `counts_per_op`, no `typical`: the
+        rounds' figures are in `typical_samples`) and how many rounds ran."""
+        d = dataclasses.asdict(self)
+        d["counts_per_op"] = d.pop("counts")
+        del d["typical"]
+        d["rounds"] = sum(v is not None for v in self.samples)
+        return d
 
 
 @dataclass
