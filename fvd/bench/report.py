@@ -173,7 +173,7 @@ def summary_text(run: Run, width: int = 100, io: bool = False) -> str:
 
 
 def _status(j: vd.Judged) -> str:
-    """The verdict as the text views say it (an unclear target at target says so)."""
+    """The verdict as the text views say it (met at the 5% resolution only: at target)."""
     return "at target" if j.at_target else j.status
 
 
@@ -294,9 +294,10 @@ def markdown(run: Run, io: bool = True) -> str:
         f"{i.get('qemu', '')}.",
         "",
         "fvd ÷ peer: how many times better fvd is than the row's strongest peer (>1: fvd "
-        "better), median of the per-round ratios and its 90% confidence interval. A verdict "
-        "is met or missed when the interval clears the target, unclear when it holds it "
-        "(at target: within 5% of it).",
+        "better), median of the per-round ratios and its 90% confidence interval. Targets "
+        "are judged at a 5% resolution: met when the whole interval clears the target less "
+        "5% (at target: it still holds the target itself), missed when it falls short of "
+        "that, unclear when it holds it.",
         "",
     ]
     out += _md_summary(run) + [""] + _md_targets(run)

@@ -6,15 +6,16 @@ ratio. A ratio is computed per round, then summarised by its median, its inter-q
 range (IQR: how much the rounds vary) and a distribution-free confidence interval of the
 median (`median_interval`: order statistics, the sign test; how sure the median is).
 
-The verdict reads the interval, not the IQR: a target is `met` when the whole 90%
-interval clears it (a one-sided 95% statement), `missed` when the whole interval falls
-short, and `unclear` when the
-interval holds the target. An unclear target whose interval also lies within
-`TOLERANCE` of it is *at target*: its ratio is the target's, give or take 5%, and more
-rounds would not tell them apart on a shared machine. Fewer rounds than a 90% interval
-needs (5) give no interval: unclear (unless every round gave one exact figure, such as a
-size). The runner (fvd.bench.rounds) spends extra rounds only on targets that
-are still `open`: their 98% interval holds the target and they are not at target.
+The verdict reads the interval, not the IQR, at the bench's resolution of `TOLERANCE`
+(5%: consecutive runs on one machine differ by more than that, so a figure within 5% of
+its target is judged as at it). A target is `met` when the whole 90% interval clears the
+target less 5% (a one-sided 95% statement), `missed` when the whole interval falls
+short of that, and `unclear` when the interval holds it. A met target whose interval
+still holds the exact target is *at target*: met at the bench's resolution, and labelled
+so. Fewer rounds than a 90% interval needs (5) give no interval: unclear (unless every
+round gave one exact figure, such as a size). The runner (fvd.bench.rounds) spends
+extra rounds only on targets that are still `open`: their 98% interval holds the target
+less 5%.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ VERDICTS = (MET, MISSED, UNCLEAR, NA)
 # and "missed" (its upper end falls short) are each one-sided 95% statements
 CONFIDENCE = 0.90
 SETTLE_CONFIDENCE = 0.98  # the interval that ends a target's extra rounds (fewer false stops)
-TOLERANCE = 0.05  # "at target": the interval lies within 5% of the target
+TOLERANCE = 0.05  # the resolution: a figure within 5% of its target is judged at it
 
 
 @dataclass(frozen=True)
@@ -139,22 +140,21 @@ def verdict(s: Optional[Spread], limit: float, at_least: bool = True) -> str:
         return NA
     lo, hi = s.ci_low, s.ci_high
     if at_least:
-        return MET if lo >= limit else MISSED if hi < limit else UNCLEAR
-    return MET if hi < limit else MISSED if lo >= limit else UNCLEAR
+        bar = limit * (1 - TOLERANCE)
+        return MET if lo >= bar else MISSED if hi < bar else UNCLEAR
+    bar = limit / (1 - TOLERANCE)  # the mirror of a ratio's: limit / figure >= 0.95
+    return MET if hi < bar else MISSED if lo >= bar else UNCLEAR
 
 
 def at_target(s: Optional[Spread], limit: float, at_least: bool = True) -> bool:
-    """Unclear, and the interval lies within TOLERANCE of `limit`: the figure is the
-    target's, as far as this machine can tell."""
-    if s is None or verdict(s, limit, at_least) != UNCLEAR:
+    """Met at the bench's resolution only: the interval still holds the exact `limit`."""
+    if s is None or verdict(s, limit, at_least) != MET:
         return False
-    return limit / (1 + TOLERANCE) <= s.ci_low and s.ci_high <= limit * (1 + TOLERANCE)
+    return s.ci_low < limit if at_least else s.ci_high >= limit
 
 
 def is_open(values: Sequence[float], limit: float, at_least: bool = True) -> bool:
     """More rounds could settle this target: its SETTLE_CONFIDENCE interval (none with
-    fewer than 7 rounds) still holds `limit`, and it is not at target."""
+    fewer than 7 rounds) still holds the target less TOLERANCE."""
     strict = spread(values, SETTLE_CONFIDENCE)
-    if strict is None or verdict(strict, limit, at_least) != UNCLEAR:
-        return False
-    return not at_target(spread(values), limit, at_least)
+    return strict is not None and verdict(strict, limit, at_least) == UNCLEAR

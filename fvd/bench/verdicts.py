@@ -30,7 +30,7 @@ class Judged:
     spread: Optional[stats.Spread]
     status: str
     measured: str
-    at_target: bool = False  # unclear, the interval within stats.TOLERANCE of the target
+    at_target: bool = False  # met at stats.TOLERANCE only: the interval holds the target
 
     def as_dict(self) -> dict[str, Any]:
         s, t = self.spread, self.target

@@ -151,7 +151,9 @@ def _rounds_at(ratio, noise, n, seed=7):
     [
         (1.6, 0.2, 12, stats.MET, False, False),  # clear: settled either way
         (0.6, 0.2, 12, stats.MISSED, False, False),
-        (1.0, 0.02, 20, stats.UNCLEAR, True, False),  # at the target within 5%: stays
+        (1.0, 0.02, 20, stats.MET, True, False),  # at the target: met at 5% resolution
+        (0.9, 0.02, 20, stats.MISSED, False, False),  # short of it by more than 5%
+        (0.95, 0.1, 30, stats.UNCLEAR, False, True),  # on the 5% line: more rounds
         (1.05, 0.4, 12, stats.UNCLEAR, False, True),  # noisy near the target: more rounds
         (1.6, 0.2, 4, stats.UNCLEAR, False, True),  # 4 rounds: no 90% interval yet
     ],
