@@ -80,14 +80,15 @@ def plot(judged: list[Judged], path: str, title: str) -> None:
             color=colour,
         )
     ax.axvline(1.0, color="black", linewidth=1)
+    ax.axvline(1 - stats.TOLERANCE, color="black", linewidth=0.6, linestyle="--")
     ax.set_xscale("log")
     ax.set_yticks(range(len(lanes)))
     ax.set_yticklabels([j.target.text for j, *_ in reversed(lanes)], fontsize=7)
     ax.set_ylim(-0.7, len(lanes) - 0.3)
     ax.set_xlim(LOW / 1.1, HIGH * 4)
     ax.set_xlabel(
-        "measured ÷ target (log): right of the line = met\n"
-        "dot: median of the rounds; bar: its 90% confidence interval (what the verdict reads)"
+        "measured ÷ target (log); met: the bar clears the dashed line (target less 5%)\n"
+        "dot: median of the rounds; bar: its 90% confidence interval"
     )
     ax.set_title(title, fontsize=9)
     ax.grid(axis="x", which="both", alpha=0.2)
