@@ -87,7 +87,8 @@ def plot(judged: list[Judged], path: str, title: str) -> None:
     ax.set_ylim(-0.7, len(lanes) - 0.3)
     ax.set_xlim(LOW / 1.1, HIGH * 4)
     ax.set_xlabel(
-        "measured ÷ target (log); met: the bar clears the dashed line (target less 5%)\n"
+        "measured ÷ target (log scale)\n"
+        "met: the bar clears the dashed line (the target less 5%)\n"
         "dot: median of the rounds; bar: its 90% confidence interval"
     )
     ax.set_title(title, fontsize=9)
