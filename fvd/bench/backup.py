@@ -24,7 +24,7 @@ import numpy as np
 
 from fvd.bench.workloads import Result
 from fvd.errors import FvdError
-from fvd.image import create
+from fvd.image import Image, create
 from fvd.image import open as open_image
 from fvd.ops.changed import Geometry, Partial, State, compare
 from fvd.units import GiB, KiB, MiB, TiB
@@ -40,23 +40,21 @@ def cache_dir() -> str:
     return d
 
 
-def _median_ms(fn: Callable[[], object], repeat: int) -> float:
+def _median_ms(
+    fn: Callable[[], object], repeat: int, clock: Callable[[], float] = time.perf_counter
+) -> float:
+    """Median ms of `repeat` calls, by wall time or another clock."""
     times = []
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return statistics.median(times) * 1e3
 
 
 def _median_cpu_ms(fn: Callable[[], object], repeat: int) -> float:
     """CPU time of this process (less sensitive than wall time to a busy machine)."""
-    times = []
-    for _ in range(repeat):
-        t0 = time.process_time()
-        fn()
-        times.append(time.process_time() - t0)
-    return statistics.median(times) * 1e3
+    return _median_ms(fn, repeat, time.process_time)
 
 
 # ----- changed extents ------------------------------------------------------------------
@@ -76,18 +74,21 @@ def _cached_pair(path: str) -> bool:
     return False
 
 
-def changed_image(
-    size: int, chunk_size: int = MiB, fraction: float = 0.1, progress: Show = None
+def _pair_image(
+    path: str,
+    size: int,
+    chunk_size: int,
+    rewrite: Callable[[Image, int], None],
+    progress: Show = None,
 ) -> str:
-    """An image whose every chunk is allocated, snapshot s1, `fraction` of the chunks
-    rewritten (each gets a new physical chunk), snapshot s2. Cached across runs."""
-    path = os.path.join(cache_dir(), f"changed-v{CACHE_VERSION}-{size}-{chunk_size}-{fraction}.fvd")
+    """The cached image `path`, built when missing: every chunk allocated (one 1-byte
+    write each), snapshot s1, `rewrite(img, chunks)`, snapshot s2."""
     if _cached_pair(path):
         return path
     tmp = path + ".building"
     n = size // chunk_size
     create(tmp, size, chunk_size=chunk_size)
-    with open_image(tmp, "r+") as img:
+    with open_image(tmp, "r+") as img:  # writeback: flushed every 16384 chunks
         for v in range(n):
             img.write(v * chunk_size, b"\x01")
             if v % 16384 == 16383:  # bounded dirty data per flush
@@ -95,13 +96,26 @@ def changed_image(
                 if progress and v % 65536 == 65535:
                     progress(f"building {path}: {v + 1}/{n} chunks")
         img.create_snapshot("s1")
+        rewrite(img, n)
+        img.create_snapshot("s2")
+    os.rename(tmp, path)
+    return path
+
+
+def changed_image(
+    size: int, chunk_size: int = MiB, fraction: float = 0.1, progress: Show = None
+) -> str:
+    """An image whose every chunk is allocated, snapshot s1, `fraction` of the chunks
+    rewritten (each gets a new physical chunk), snapshot s2. Cached across runs."""
+    path = os.path.join(cache_dir(), f"changed-v{CACHE_VERSION}-{size}-{chunk_size}-{fraction}.fvd")
+
+    def rewrite(img: Image, n: int) -> None:
         # a rewrite that does not copy the old chunk: unmap it, then write (new chunk)
         for v in sorted(random.Random(1).sample(range(n), int(n * fraction))):
             img.write_zeroes(v * chunk_size, chunk_size)
             img.write(v * chunk_size, b"\x02")
-        img.create_snapshot("s2")
-    os.rename(tmp, path)
-    return path
+
+    return _pair_image(path, size, chunk_size, rewrite, progress)
 
 
 def granule_image(
@@ -112,28 +126,18 @@ def granule_image(
     Cached across runs. s2 holds the partial chunks as they are (nothing is copied), so
     the rewrites add only `granules` * 4 KiB per rewritten chunk."""
     name = f"granules-v{CACHE_VERSION}-{size}-{chunk_size}-{fraction}-{granules}.fvd"
-    path = os.path.join(cache_dir(), name)
-    if _cached_pair(path):
-        return path
-    tmp = path + ".building"
-    n = size // chunk_size
-    create(tmp, size, chunk_size=chunk_size)
-    rng = random.Random(3)
-    with open_image(tmp, "r+", cache="writeback") as img:
-        for v in range(n):
-            img.write(v * chunk_size, b"\x01")
-            if v % 16384 == 16383:
-                img.flush()
-        img.create_snapshot("s1")
+
+    def rewrite(img: Image, n: int) -> None:
+        rng = random.Random(3)
         gpc = chunk_size // (4 * KiB)
         for i, v in enumerate(sorted(rng.sample(range(n), int(n * fraction)))):
             for g in rng.sample(range(gpc), granules):
                 img.write(v * chunk_size + g * 4 * KiB, b"\x02" * (4 * KiB))
             if i % 4096 == 4095:
                 img.flush()
-        img.create_snapshot("s2")
-    os.rename(tmp, path)
-    return path
+
+    path = os.path.join(cache_dir(), name)
+    return _pair_image(path, size, chunk_size, rewrite)
 
 
 def measure_changed(size: int, repeat: int = 7, progress: Show = None) -> list[Result]:

@@ -39,6 +39,9 @@ class Cell:
     repeat: bool = True  # False: round 0 only (not like-for-like, or exact)
     fixed: bool = False  # members always measured together (convert, checksum)
     rows: set[str] = field(default_factory=set)  # row keys it measured (shared by copies)
+    # a cell of several rows: its measure of only these rows (later rounds skip the
+    # rows whose verdicts are settled)
+    narrow: Optional[Callable[[frozenset[str]], Measure]] = None
 
     @property
     def impl(self) -> str:
@@ -146,7 +149,11 @@ def convert_cells(ctx: Context) -> list[Cell]:
     qemu = any(n.startswith("qemu-") for n in ctx.names)
     bench = ConvertBench(ctx.workdir, ctx.scale.convert_mib, qemu, ctx.keys)
     ctx.closers.append(bench.close)
-    return [Cell("convert", "convert", ("fvd",), bench.one_round, fixed=True)]
+
+    def narrow(rows: frozenset[str]) -> Measure:
+        return functools.partial(bench.one_round, rows=rows)
+
+    return [Cell("convert", "convert", ("fvd",), bench.one_round, fixed=True, narrow=narrow)]
 
 
 def _open_round(

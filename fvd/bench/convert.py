@@ -136,6 +136,7 @@ def make_sources(folder: str, mib: int) -> dict[str, str]:
 
 
 Cell = tuple[Callable[[], object], Callable[[], None]]
+Row = tuple[str, str, str, str, str, str]  # an entry of ROWS
 
 
 class ConvertBench:
@@ -177,15 +178,19 @@ class ConvertBench:
         self._rm()
         os.sync()
 
-    def one_round(self, rnd: int, members: Sequence[str] = ()) -> list[Result]:
-        """Every cell once (order reversed on odd rounds) -> Results, MiB/s."""
+    def one_round(
+        self, rnd: int, members: Sequence[str] = (), rows: Optional[frozenset[str]] = None
+    ) -> list[Result]:
+        """Every cell once (order reversed on odd rounds) -> Results, MiB/s; with `rows`,
+        only those rows' cells."""
         if not self.cells:
             self.setup()
-        names = list(self.cells)
+        mine = [r for r in self.rows if rows is None or r[0] in rows]
+        names = [n for n in self.cells if n in {k for k, *_ in mine} | self._peers(mine)]
         t = {name: _timed(*self.cells[name]) for name in (names[::-1] if rnd % 2 else names)}
         self._rm()
         results = []
-        for key, _title, _s, _d, peer, cache in self.rows:
+        for key, _title, _s, _d, peer, cache in mine:
             note = f"{self.mib} MiB, ~35% data, -t {cache}"
             results.append(self._result(key, "fvd", t[key], note))
             args = self.peers.get(key)
@@ -193,6 +198,9 @@ class ConvertBench:
                 cmd = "qemu-img " + " ".join(os.path.basename(a) for a in args)
                 results.append(self._result(key, peer, t[args], cmd))
         return results
+
+    def _peers(self, rows: list[Row]) -> set[tuple[str, ...]]:
+        return {self.peers[r[0]] for r in rows if r[0] in self.peers}
 
     def _result(self, key: str, impl: str, seconds: float, note: str) -> Result:
         return Result(key, impl, self.mib / seconds, "MiB/s", True, 1, seconds, note=note)

@@ -3,7 +3,7 @@
 One horizontal lane per target. The x axis is the margin over the target (measured ÷
 target, log scale; for time limits, limit ÷ measured), so every target line is the same
 vertical line at 1 and "right of the line" means met: a dot for the median, a bar for
-the inter-quartile range of the per-round figures, coloured by verdict.
+its 90% confidence interval (the interval the verdict reads), coloured by verdict.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def _lanes(judged: list[Judged]) -> list[tuple[Judged, float, float, float]]:
         s = j.spread
         if s is None or j.target.kind == tb.COUNTS:
             continue
-        lo, mid, hi = sorted(_margin(j, v) for v in (s.low, s.median, s.high))
+        lo, mid, hi = sorted(_margin(j, v) for v in (s.ci_low, s.median, s.ci_high))
         out.append((j, _clip(mid), _clip(lo), _clip(hi)))
     return out
 
@@ -71,7 +71,7 @@ def plot(judged: list[Judged], path: str, title: str) -> None:
         ax.plot([lo, hi], [y, y], color=colour, linewidth=5, alpha=0.45, solid_capstyle="butt")
         ax.plot([mid], [y], "o", color=colour, markersize=6)
         ax.annotate(
-            f"{j.measured.split(' [')[0]}  {j.status}",
+            f"{j.measured.split(' [')[0]}  {'at target' if j.at_target else j.status}",
             (max(hi, mid), y),
             xytext=(6, 0),
             textcoords="offset points",
@@ -80,12 +80,17 @@ def plot(judged: list[Judged], path: str, title: str) -> None:
             color=colour,
         )
     ax.axvline(1.0, color="black", linewidth=1)
+    ax.axvline(1 - stats.TOLERANCE, color="black", linewidth=0.6, linestyle="--")
     ax.set_xscale("log")
     ax.set_yticks(range(len(lanes)))
     ax.set_yticklabels([j.target.text for j, *_ in reversed(lanes)], fontsize=7)
     ax.set_ylim(-0.7, len(lanes) - 0.3)
     ax.set_xlim(LOW / 1.1, HIGH * 4)
-    ax.set_xlabel("measured ÷ target (log): right of the line = met; dot median, bar IQR")
+    ax.set_xlabel(
+        "measured ÷ target (log scale)\n"
+        "met: the bar clears the dashed line (the target less 5%)\n"
+        "dot: median of the rounds; bar: its 90% confidence interval"
+    )
     ax.set_title(title, fontsize=9)
     ax.grid(axis="x", which="both", alpha=0.2)
     fig.tight_layout()

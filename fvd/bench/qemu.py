@@ -13,6 +13,7 @@ start, image open and close). I/O counts: the same run repeated on a fresh image
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -20,6 +21,7 @@ import shutil
 import statistics
 import subprocess
 import time
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 from fvd.bench.impls import QemuContender, Unavailable
@@ -133,10 +135,7 @@ def strace_counts(cmd: list[str], text: Optional[str], workdir: str) -> Syscalls
                 c[1] += max(int(r.group(1)), 0)
         return counts
     finally:
-        try:
-            os.unlink(out)
-        except FileNotFoundError:
-            pass
+        _remove(out)
 
 
 def summarise(run: Syscalls, base: Syscalls, ops: int) -> dict[str, float]:
@@ -199,101 +198,84 @@ def bench_seconds(cmd: list[str]) -> float:
     return float(m.group(1))
 
 
+@dataclass(frozen=True)
+class IoJob:
+    """One I/O row through QEMU: what, by which contender, where, how often."""
+
+    workload: IoWorkload
+    contender: QemuContender
+    workdir: str
+    repeat: int = 1
+    counts: bool = True  # also count the I/O (strace, one more run)
+
+    def image(self, prefix: str) -> str:
+        return os.path.join(self.workdir, f"{prefix}-{self.contender.name}-{os.getpid()}.img")
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
 def _rounds(
-    workload: IoWorkload,
-    contender: QemuContender,
+    job: IoJob,
     path: str,
-    workdir: str,
-    repeat: int,
     one_round: Callable[[], float],
     empty_run: Run,
     counted_run: Run,
     counted_ops: int,
-    counts: bool,
     note: str,
 ) -> tuple[list[float], dict[str, float], str]:
-    """`repeat` timed rounds on fresh images, then exact I/O counts: `counted_run` minus
-    `empty_run` (each a (cmd, stdin text)) under strace. -> (times, per_op, note)."""
+    """`job.repeat` timed rounds on fresh images, then exact I/O counts: `counted_run`
+    minus `empty_run` (each a (cmd, stdin text)) under strace. -> (times, per_op, note)."""
     try:
         times = []
-        for _ in range(repeat):
-            prepare(workload, contender, path)
+        for _ in range(job.repeat):
+            prepare(job.workload, job.contender, path)
             times.append(one_round())
         per_op = {}
-        if counts and shutil.which("strace"):
-            prepare(workload, contender, path)
-            b = strace_counts(*empty_run, workdir)
-            r = strace_counts(*counted_run, workdir)
+        if job.counts and shutil.which("strace"):
+            prepare(job.workload, job.contender, path)
+            b = strace_counts(*empty_run, job.workdir)
+            r = strace_counts(*counted_run, job.workdir)
             per_op = summarise(r, b, counted_ops)
-        elif counts:
+        elif job.counts:
             note += "; strace not found, no I/O counts"
         return times, per_op, note
     finally:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+        _remove(path)
 
 
 def _io_result(
-    workload: IoWorkload,
-    contender: QemuContender,
-    times: list[float],
-    ops: int,
-    per_op: dict[str, float],
-    note: str,
+    job: IoJob, times: list[float], ops: int, per_op: dict[str, float], note: str
 ) -> Result:
-    t = statistics.median(times)
+    w, name, t = job.workload, job.contender.name, statistics.median(times)
     if t <= 0:
-        return Result(
-            workload.key,
-            contender.name,
-            None,
-            workload.unit,
-            True,
-            ops,
-            t,
-            per_op,
-            note + "; below the timer's resolution or process-start noise",
-        )
-    value = ops / t if workload.unit == "ops/s" else ops * workload.length / (1 << 20) / t
-    return Result(workload.key, contender.name, value, workload.unit, True, ops, t, per_op, note)
+        note += "; below the timer's resolution or process-start noise"
+        return Result(w.key, name, None, w.unit, True, ops, t, per_op, note)
+    value = ops / t if w.unit == "ops/s" else ops * w.length / (1 << 20) / t
+    return Result(w.key, name, value, w.unit, True, ops, t, per_op, note)
 
 
-def measure_io_qemu_bench(
-    workload: IoWorkload,
-    contender: QemuContender,
-    workdir: str,
-    repeat: int = 1,
-    counts: bool = True,
-) -> Result:
+def _measure_qemu_bench(job: IoJob) -> Result:
     """The workload through `qemu-img bench` (QEMU's in-process loop)."""
-    stride = workload.stride()
+    w, c = job.workload, job.contender
+    stride = w.stride()
     assert stride is not None  # only workloads with a stride run here
     _, _, n, passes = stride
     passes = min(passes, MAX_PASSES)  # one process per pass: the rate needs only a few
-    path = os.path.join(workdir, f"qbench-{contender.name}-{os.getpid()}.img")
-    cmd = bench_cmd(workload, contender, path)
+    path = job.image("qbench")
+    cmd = bench_cmd(w, c, path)
 
     def one_round() -> float:
-        if workload.kind == "read":
+        if w.kind == "read":
             bench_seconds(cmd)  # "cached": one untimed pass
         return sum(bench_seconds(cmd) for _ in range(passes))
 
-    times, per_op, note = _rounds(
-        workload,
-        contender,
-        path,
-        workdir,
-        repeat,
-        one_round,
-        (bench_cmd(workload, contender, path, 0), None),
-        (cmd, None),
-        n,
-        counts,
-        "qemu-img bench: QEMU's in-process loop, its own timing",
-    )
-    return _io_result(workload, contender, times, n * passes, per_op, note)
+    empty = (bench_cmd(w, c, path, 0), None)
+    note = "qemu-img bench: QEMU's in-process loop, its own timing"
+    times, per_op, note = _rounds(job, path, one_round, empty, (cmd, None), n, note)
+    return _io_result(job, times, n * passes, per_op, note)
 
 
 def measure_io_qemu(
@@ -308,51 +290,35 @@ def measure_io_qemu(
     reason = contender.available()
     if reason:
         return Result(workload.key, contender.name, None, workload.unit, note=reason)
-    measure = measure_io_qemu_bench if workload.stride() is not None else _measure_qemu_io
+    measure = _measure_qemu_bench if workload.stride() is not None else _measure_qemu_io
     try:
-        return measure(workload, contender, workdir, repeat, counts)
+        return measure(IoJob(workload, contender, workdir, repeat, counts))
     except Unavailable as e:
         return Result(workload.key, contender.name, None, workload.unit, note=str(e))
 
 
-def _measure_qemu_io(
-    workload: IoWorkload,
-    contender: QemuContender,
-    workdir: str,
-    repeat: int = 1,
-    counts: bool = True,
-) -> Result:
+def _measure_qemu_io(job: IoJob) -> Result:
     """The workload as a qemu-io command script."""
-    path = os.path.join(workdir, f"qemu-{contender.name}-{os.getpid()}.img")
-    cmd = qemu_io_cmd(contender, path, workload.cache)
+    w = job.workload
+    path = job.image("qemu")
+    cmd = qemu_io_cmd(job.contender, path, w.cache)
     # reads are too cheap to see past process-start noise in one pass: repeat the list
-    n = len(workload.offsets)
+    n = len(w.offsets)
     reps = 1
-    if workload.kind == "read":
-        reps = max(1, min(-(-MIN_READ_OPS // n), -(-MIN_READ_BYTES // (n * workload.length))))
-    text = script(workload) * reps
+    if w.kind == "read":
+        reps = max(1, min(-(-MIN_READ_OPS // n), -(-MIN_READ_BYTES // (n * w.length))))
+    text = script(w) * reps
 
     def one_round() -> float:
         base = statistics.median(_timed(cmd, "") for _ in range(3))
         return _timed(cmd, text) - base
 
     # one pass of the script is enough for exact counts
-    times, per_op, note = _rounds(
-        workload,
-        contender,
-        path,
-        workdir,
-        repeat,
-        one_round,
-        (cmd, ""),
-        (cmd, script(workload)),
-        n,
-        counts,
-        "qemu-io, one command per I/O: time minus an empty qemu-io run",
-    )
+    note = "qemu-io, one command per I/O: time minus an empty qemu-io run"
+    times, per_op, note = _rounds(job, path, one_round, (cmd, ""), (cmd, script(w)), n, note)
     if reps > 1:
         note += f"; the {n} reads repeated {reps} times"
-    return _io_result(workload, contender, times, n * reps, per_op, note)
+    return _io_result(job, times, n * reps, per_op, note)
 
 
 def measure_snapshots_qemu(
@@ -383,10 +349,7 @@ def measure_snapshots_qemu(
             _timed(["qemu-img", "snapshot", "-d", f"s{i}", path], None) - base for i in range(count)
         )
     finally:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+        _remove(path)
     note = "one qemu-img process per snapshot, minus a `snapshot -l` run"
     return [
         Result(kc, contender.name, max(tc, 0) / count * 1e3, "ms", False, count, tc, {}, note),

@@ -103,7 +103,8 @@ def _header(run: Run, width: int) -> list[str]:
         f"{_rounds_text(run)}"
     )
     legend = (
-        "fvd: compiled fast path. x: fvd / strongest peer per round (>1: fvd better), median [IQR]"
+        "fvd: compiled fast path. x: fvd / strongest peer per round (>1: fvd better), "
+        "median [90% CI]"
     )
     return textwrap.wrap(head, width) + textwrap.wrap(legend, width) + _busy(run, width)
 
@@ -152,7 +153,7 @@ def summary_text(run: Run, width: int = 100, io: bool = False) -> str:
         ["workload"] + [s.title for s in rows],
         ["fvd"] + [fmt_value(s.fvd) for s in rows],
         ["strongest peer"] + [_peer_text(s) for s in rows],
-        ["x [IQR]"] + [_ratio_text(s.ratio) for s in rows],
+        ["x [90% CI]"] + [_ratio_text(s.ratio) for s in rows],
         ["targets"] + [s.tally() for s in rows],
     ]
     lines = _header(run, width) + [""]
@@ -171,9 +172,14 @@ def summary_text(run: Run, width: int = 100, io: bool = False) -> str:
     return "\n".join(lines)
 
 
+def _status(j: vd.Judged) -> str:
+    """The verdict as the text views say it (met at the 5% resolution only: at target)."""
+    return "at target" if j.at_target else j.status
+
+
 def _not_met(judged: list[vd.Judged], width: int, room: int) -> list[str]:
     bad = [j for j in judged if j.status != stats.MET]
-    out = [f"  {j.status:<7} {j.measured:<22} {j.target.text}"[:width] for j in bad]
+    out = [f"  {_status(j):<9} {j.measured:<22} {j.target.text}"[:width] for j in bad]
     if len(out) > room:
         keep = max(room - 1, 0)
         out = out[:keep] + [f"  ... {len(bad) - keep} more: --wide"]
@@ -215,7 +221,7 @@ def wide_text(run: Run, io: bool = False) -> str:
     lines += ["", STAR_NOTE] if any(not r.like_for_like for r in run.results) else []
     lines += ["", _tally(run.judged) + ":"]
     for j in run.judged:
-        lines.append(f"  [{j.status:>7}] {j.target.text}: {j.measured}")
+        lines.append(f"  [{_status(j):>9}] {j.target.text}: {j.measured}")
     lines += _unmeasured(run.results)
     return "\n".join(lines)
 
@@ -250,16 +256,20 @@ def _md_summary(run: Run) -> list[str]:
         ]
         for s in run.rows()
     ]
-    header = ["workload", "fvd", "strongest peer", "fvd ÷ peer [IQR]", "rounds", "targets"]
+    header = ["workload", "fvd", "strongest peer", "fvd ÷ peer [90% CI]", "rounds", "targets"]
     return _md_table(header, rows)
 
 
 def _md_targets(run: Run) -> list[str]:
     rows = [
-        [j.target.text, j.measured, str(j.spread.n if j.spread else 0), f"**{j.status}**"]
+        [j.target.text, j.measured, str(j.spread.n if j.spread else 0), _md_verdict(j)]
         for j in run.judged
     ]
-    return _md_table(["target", "measured: median [IQR]", "rounds", "verdict"], rows)
+    return _md_table(["target", "measured: median [90% CI]", "rounds", "verdict"], rows)
+
+
+def _md_verdict(j: vd.Judged) -> str:
+    return f"**{j.status}**" + (" (at target)" if j.at_target else "")
 
 
 def _md_matrix(run: Run, io: bool) -> list[str]:
@@ -284,7 +294,10 @@ def markdown(run: Run, io: bool = True) -> str:
         f"{i.get('qemu', '')}.",
         "",
         "fvd ÷ peer: how many times better fvd is than the row's strongest peer (>1: fvd "
-        "better), median and inter-quartile range of the per-round ratios.",
+        "better), median of the per-round ratios and its 90% confidence interval. Targets "
+        "are judged at a 5% resolution: met when the whole interval clears the target less "
+        "5% (at target: it still holds the target itself), missed when it falls short of "
+        "that, unclear when it holds it.",
         "",
     ]
     out += _md_summary(run) + [""] + _md_targets(run)
@@ -309,6 +322,8 @@ def json_doc(run: Run) -> dict[str, Any]:
             "ratio": s.ratio.median if s.ratio else None,
             "ratio_low": s.ratio.low if s.ratio else None,
             "ratio_high": s.ratio.high if s.ratio else None,
+            "ratio_ci_low": s.ratio.ci_low if s.ratio and s.ratio.bounded() else None,
+            "ratio_ci_high": s.ratio.ci_high if s.ratio and s.ratio.bounded() else None,
             "rounds": s.ratio.n if s.ratio else 0,
         }
         for s in run.rows()

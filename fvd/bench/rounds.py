@@ -5,8 +5,13 @@ row, only the cells the verdicts and the default view need: fvd, both sides of t
 targets, and its strongest peer. In every round the cells of one row run back to back,
 in reverse order on odd rounds, so a slow minute of the shared disk (or whatever runs
 first) hits fvd and its peers alike; ratios are then taken round by round. Rounds are
-added until at least `scale.repeat` have run and the next one would overrun
-`scale.budget` seconds (or `scale.max_rounds` is reached).
+added until at least `scale.repeat` have run and the budget (`scale.budget` seconds) is
+used or `scale.max_rounds` is reached; past `scale.sure_rounds`, a row's cells are not
+started when its last round says they would overrun the budget (a cheaper row still
+runs). After `scale.repeat` rounds,
+a row with targets runs only while one of its targets is still open (fvd.bench.stats:
+its interval holds the target), with only the contenders those targets and its
+strongest peer need: the time goes to the verdicts the evidence has not settled.
 """
 
 from __future__ import annotations
@@ -17,8 +22,8 @@ import time
 from typing import Optional, Sequence
 
 from fvd import _impl
+from fvd.bench import impls, verdicts
 from fvd.bench import table as tb
-from fvd.bench import verdicts
 from fvd.bench import workloads as wl
 from fvd.bench.cells import CELL_FACTORIES, Cell, Context
 from fvd.bench.progress import Progress
@@ -52,6 +57,7 @@ class Recorder:
         self.rounds: dict[tuple[str, str], dict[int, wl.Result]] = {}
         self.errors: list[wl.Result] = []
         self.last_round = 0
+        self.seconds: dict[str, float] = {}  # row group -> its cells' time in its last round
 
     def add(self, rnd: int, results: list[wl.Result]) -> None:
         self.last_round = max(self.last_round, rnd)
@@ -103,19 +109,39 @@ def _run_cell(cell: Cell, rnd: int, progress: Progress) -> list[wl.Result]:
     return out
 
 
-def run_round(groups: Groups, rnd: int, rec: Recorder, progress: Progress) -> None:
-    for cells in groups.values():
+def run_round(
+    groups: Groups, rnd: int, rec: Recorder, progress: Progress, deadline: Optional[float] = None
+) -> int:
+    """Each group's cells once -> how many groups ran. With a `deadline` (a
+    time.perf_counter() value), the cheapest groups go first and a group whose last round
+    says it would end past the deadline is skipped: the rows that still fit get their
+    rounds when a slow one no longer does (pairs are within a group: the order between
+    groups does not matter to them)."""
+    ran, keys = 0, list(groups)
+    if deadline is not None:
+        keys.sort(key=lambda k: rec.seconds.get(k, 0.0))
+    for key in keys:
+        cells, start = groups[key], time.perf_counter()
+        if deadline is not None and start + rec.seconds.get(key, 0.0) > deadline:
+            continue
         for cell in cells[::-1] if rnd % 2 else cells:
             out = _run_cell(cell, rnd, progress)
             rec.errors += [r for r in out if r.note.startswith("error:")]
             cell.rows.update(r.workload for r in out)
             rec.add(rnd, out)
+        rec.seconds[key], ran = time.perf_counter() - start, ran + 1
+    return ran
 
 
-def later_groups(groups: Groups, rec: Recorder, names: Sequence[str]) -> Groups:
-    """The cells that later rounds repeat, with only the members the row's targets and
-    its strongest peer need (fvd always)."""
-    need = verdicts.needed_peers(rec.merged(), list(names))
+def later_groups(
+    groups: Groups,
+    rec: Recorder,
+    names: Sequence[str],
+    targets: Optional[list[tuple[str, tb.Target]]] = None,
+) -> Groups:
+    """The cells that later rounds repeat, with only the members the row's targets (or
+    `targets`) and its strongest peer need (fvd always)."""
+    need = verdicts.needed_peers(rec.merged(), list(names), targets)
     out: Groups = {}
     for key, cells in groups.items():
         keep = []
@@ -158,21 +184,63 @@ def _this_round(rnd: int, scale: wl.Scale, first: Groups, later: Groups) -> Grou
     return later
 
 
+def open_only(groups: Groups, targeted: Groups, rec: Recorder, names: Sequence[str]) -> Groups:
+    """`groups` with the targeted rows cut down to the targets still open: rows with none
+    left drop out, the others keep the contenders the open targets and the strongest peer
+    need, and a cell that measures several rows (convert) measures only the open ones."""
+    targets = verdicts.open_targets(rec.merged())
+    rows = {row for row, _ in targets}
+    mine = {k: [c for c in cs if c.rows & rows] for k, cs in groups.items() if k in targeted}
+    out = later_groups(mine, rec, names, targets)
+    for cells in out.values():
+        for i, c in enumerate(cells):
+            if c.narrow is not None and not c.rows <= rows:
+                cells[i] = dataclasses.replace(c, measure=c.narrow(frozenset(c.rows & rows)))
+    out.update({k: cs for k, cs in groups.items() if k not in targeted})
+    return out
+
+
+def _fitting(groups: Groups, rec: Recorder, rounds_left: int, seconds: float) -> Groups:
+    """The cheapest groups whose `rounds_left` more rounds fit in `seconds` (by their last
+    round): on a loaded machine, as many rows as can reach the minimum rounds get them,
+    rather than every row falling short of it (too few rounds: no verdict)."""
+    keep: Groups = {}
+    for key in sorted(groups, key=lambda k: rec.seconds.get(k, 0.0)):
+        seconds -= rec.seconds.get(key, 0.0) * rounds_left
+        if seconds < 0:
+            break
+        keep[key] = groups[key]
+    return keep
+
+
 def more_rounds(
-    later: Groups, scale: wl.Scale, rec: Recorder, progress: Progress, t0: float
+    later: Groups,
+    scale: wl.Scale,
+    rec: Recorder,
+    progress: Progress,
+    t0: float,
+    names: Sequence[str] = impls.NAMES,
 ) -> None:
     """Rounds 2, 3...: each row's minimum first (`_this_round`), then more while the
-    budget lasts (a round is not started when the last one says it would overrun)."""
+    budget lasts and a target is open (`open_only`). Past `sure_rounds`, a row's round is
+    not started when its last one says it would overrun the budget (`run_round`)."""
     first = _targeted(later, rec)
     least = max(scale.repeat, scale.other_rounds)
-    rnd, last = 1, 0.0
+    sure = min(scale.sure_rounds or least, least)
+    rnd = 1
     while rnd < max(scale.max_rounds, least):
-        spent = time.perf_counter() - t0
-        if rnd >= least and spent + last > scale.budget:
+        groups = _this_round(rnd, scale, first, later)
+        if rnd >= scale.repeat:
+            groups = open_only(groups, first, rec, names)
+            if not groups:
+                break  # every verdict settled: the rest of the budget is not needed
+        deadline = None if rnd < sure else t0 + scale.budget
+        if deadline is not None and rnd < scale.repeat:  # the minimum may use the grace
+            deadline += scale.grace
+            groups = _fitting(groups, rec, scale.repeat - rnd, deadline - time.perf_counter())
+        if not run_round(groups, rnd, rec, progress, deadline):
             break
-        start = time.perf_counter()
-        run_round(_this_round(rnd, scale, first, later), rnd, rec, progress)
-        last, rnd = time.perf_counter() - start, rnd + 1
+        rnd += 1
 
 
 def run_all(
@@ -191,7 +259,7 @@ def run_all(
     previous = _impl.IMPLEMENTATION
     try:
         run_round(groups, 0, rec, progress)
-        more_rounds(later_groups(groups, rec, names), scale, rec, progress, t0)
+        more_rounds(later_groups(groups, rec, names), scale, rec, progress, t0, names)
     finally:
         _impl.select(previous)
         for close in ctx.closers:

@@ -79,7 +79,8 @@ def _add_size_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         "--repeat",
         type=int,
         metavar="N",
-        help="paired rounds at least (default 5, quick 3); medians and IQR over them",
+        help="paired rounds at least (default 5, quick 5 as the budget allows); medians and "
+        "90%% intervals over them",
     )
     add(
         "--budget",
@@ -122,7 +123,7 @@ def scale_from_args(args: argparse.Namespace) -> wl.Scale:
     if getattr(args, "flush_every", None):
         scale.flush_every = args.flush_every
     if getattr(args, "repeat", None):
-        scale.repeat = args.repeat
+        scale.repeat, scale.sure_rounds = args.repeat, 0  # asked for: run them all
     if getattr(args, "budget", None) is not None:
         scale.budget = args.budget
     if getattr(args, "snapshots", None):

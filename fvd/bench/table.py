@@ -51,46 +51,37 @@ def _r(row: str, text: str, limit: float, peer: str, impl: str = "fvd") -> Targe
     return Target(row, text, limit, peer, impl)
 
 
+def _alloc(text: str, limit: float, peer: str, impl: str = "fvd") -> Target:
+    """A ratio target of the allocating-write row (most targets are)."""
+    return Target("alloc4k-wt", text, limit, peer, impl)
+
+
+def _alloc_counts(text: str, limit: float, counts: tuple[str, ...], impl: str) -> Target:
+    """Per-op I/O counts of the allocating-write row, each at most `limit`."""
+    return Target("alloc4k-wt", text, limit, impl=impl, kind=COUNTS, counts=counts, unit="")
+
+
+TABLELESS = "fvd-tableless"
 TARGETS: list[Target] = [
-    Target(
-        "alloc4k-wt",
+    _alloc_counts(
         "fvd alloc 4K wt: <= 1 metadata write and <= 1 flush per write",
         1,
-        kind=COUNTS,
-        counts=("metadata_writes", "flushes"),
-        unit="",
+        ("metadata_writes", "flushes"),
+        "fvd",
     ),
-    _r("alloc4k-wt", "fvd alloc 4K wt >= 1.5x qcow2 baseline", 1.5, "qcow2"),
-    _r("alloc4k-wt", "fvd alloc 4K wt >= 1.8x QEMU qcow2", 1.8, "qemu-qcow2"),
-    _r("alloc4k-wt", "fvd alloc 4K wt >= 1.3x QEMU qcow2 lazy_refcounts", 1.3, "qemu-qcow2-lazy"),
+    _alloc("fvd alloc 4K wt >= 1.5x qcow2 baseline", 1.5, "qcow2"),
+    _alloc("fvd alloc 4K wt >= 1.8x QEMU qcow2", 1.8, "qemu-qcow2"),
+    _alloc("fvd alloc 4K wt >= 1.3x QEMU qcow2 lazy_refcounts", 1.3, "qemu-qcow2-lazy"),
     _r("cow4k-wt", "fvd 1st write after snapshot wt >= 1.5x qcow2 baseline", 1.5, "qcow2"),
     _r("cow4k-wt", "fvd 1st write after snapshot wt >= 1.3x QEMU qcow2", 1.3, "qemu-qcow2"),
-    _r("alloc4k-wt", "fvd alloc 4K wt >= 0.8x raw pwrite+fdatasync", 0.8, "raw"),
-    _r(
-        "alloc4k-wt",
-        "alloc 4K wt, table-less vs raw pwrite+fdatasync >= 0.95x",
-        0.95,
-        "raw",
-        "fvd-tableless",
-    ),
-    Target(
-        "alloc4k-wt",
-        "table-less alloc 4K wt: no metadata write per write",
-        0,
-        impl="fvd-tableless",
-        kind=COUNTS,
-        counts=("metadata_writes",),
-        unit="",
+    _alloc("fvd alloc 4K wt >= 0.8x raw pwrite+fdatasync", 0.8, "raw"),
+    _alloc("alloc 4K wt, table-less vs raw pwrite+fdatasync >= 0.95x", 0.95, "raw", TABLELESS),
+    _alloc_counts(
+        "table-less alloc 4K wt: no metadata write per write", 0, ("metadata_writes",), TABLELESS
     ),
     _r("overwrite4k-wt", "fvd overwrite 4K wt within 10% of qcow2 baseline", 0.9, "qcow2"),
     _r("read4k", "fvd read 4K within 10% of qcow2 baseline", 0.9, "qcow2"),
-    _r(
-        "alloc4k-wt",
-        "qcow2 baseline alloc 4K wt within 2x of QEMU qcow2",
-        0.5,
-        "qemu-qcow2",
-        "qcow2",
-    ),
+    _alloc("qcow2 baseline alloc 4K wt within 2x of QEMU qcow2", 0.5, "qemu-qcow2", "qcow2"),
     Target("translate", "compiled translation >= 50M lookups/s", 50e6, kind=AT_LEAST, unit="/s"),
     _r("translate", "compiled translation >= 10x Python twin", 10, "fvd-py"),
     _r("read4k", "compiled readinto 4K >= 0.9x os.preadv", 0.9, "raw"),

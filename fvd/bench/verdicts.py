@@ -30,6 +30,7 @@ class Judged:
     spread: Optional[stats.Spread]
     status: str
     measured: str
+    at_target: bool = False  # met at stats.TOLERANCE only: the interval holds the target
 
     def as_dict(self) -> dict[str, Any]:
         s, t = self.spread, self.target
@@ -40,6 +41,9 @@ class Judged:
             "status": self.status,
             "low": s.low if s else None,
             "high": s.high if s else None,
+            "ci_low": s.ci_low if s and s.bounded() else None,
+            "ci_high": s.ci_high if s and s.bounded() else None,
+            "at_target": self.at_target,
             "rounds": s.n if s else 0,
             "row": self.row,
             "impl": t.impl,
@@ -54,7 +58,7 @@ def _counts_judged(t: tb.Target, r: Optional[Result]) -> tuple[Optional[stats.Sp
         return None, stats.NA, "n/a"
     worst = max(r.counts.get(k, 0.0) for k in t.counts)
     shown = ", ".join(f"{r.counts.get(k, 0.0):.3g} {k.replace('_', ' ')}" for k in t.counts)
-    s = stats.Spread(worst, worst, worst, 1)  # exact counts: no spread
+    s = stats.Spread(worst, worst, worst, 1, worst, worst)  # exact counts: no spread
     return s, stats.MET if worst <= t.limit else stats.MISSED, shown
 
 
@@ -66,28 +70,51 @@ def _figure(value: float, unit: str) -> str:
     return f"{value:.2f}{unit}"
 
 
+def _measured(s: stats.Spread, unit: str) -> str:
+    """`0.17 ms [0.116 ms-0.2 ms]`: a figure's median and interval, as Spread.text."""
+    text = s.text("{}", "")
+    if text.endswith(" rounds)"):
+        return f"{_figure(s.median, unit)} ({s.n} rounds)"
+    if "[" not in text:
+        return _figure(s.median, unit)
+    return f"{_figure(s.median, unit)} [{_figure(s.ci_low, unit)}-{_figure(s.ci_high, unit)}]"
+
+
+def _values(t: tb.Target, idx: Index, row: Optional[str]) -> list[float]:
+    """The per-round figures a (non-counts) target is judged on: paired ratios, or
+    fvd's own figures against a limit."""
+    mine = idx.get((row, t.impl)) if row else None
+    if t.kind == tb.RATIO:
+        return stats.paired_ratios(mine, idx.get((row, t.peer)) if row else None)
+    return [v for v in stats.samples(mine) if v is not None]
+
+
 def judge(t: tb.Target, idx: Index, keys: list[str]) -> Judged:
     row = tb.resolve_row(t, keys)
-    mine = idx.get((row, t.impl)) if row else None
     if t.kind == tb.COUNTS:
-        s, status, shown = _counts_judged(t, mine)
+        s, status, shown = _counts_judged(t, idx.get((row, t.impl)) if row else None)
         return Judged(t, row, s, status, shown)
-    if t.kind == tb.RATIO:
-        peer = idx.get((row, t.peer)) if row else None
-        s = stats.ratio_spread(mine, peer)
-        status = stats.verdict(s, t.limit)
-    else:
-        s = stats.spread(stats.samples(mine))
-        status = stats.verdict(s, t.limit, at_least=t.kind == tb.AT_LEAST)
+    at_least = t.kind != tb.BELOW
+    s = stats.spread(_values(t, idx, row))
     if s is None:
         return Judged(t, row, None, stats.NA, "n/a")
-    if t.unit == "x":
-        measured = s.text()
-    else:
-        measured = _figure(s.median, t.unit)
-        if s.n > 1:
-            measured += f" [{_figure(s.low, t.unit)}-{_figure(s.high, t.unit)}]"
-    return Judged(t, row, s, status, measured)
+    status = stats.verdict(s, t.limit, at_least)
+    measured = s.text() if t.unit == "x" else _measured(s, t.unit)
+    return Judged(t, row, s, status, measured, stats.at_target(s, t.limit, at_least))
+
+
+def open_targets(results: list[Result]) -> list[tuple[str, tb.Target]]:
+    """(row, target) of the targets more rounds could still settle (stats.is_open)."""
+    keys = list(dict.fromkeys(r.workload for r in results))
+    idx = index(results)
+    out = []
+    for t in tb.all_targets():
+        row = tb.resolve_row(t, keys)
+        if row is None or t.kind == tb.COUNTS:
+            continue
+        if stats.is_open(_values(t, idx, row), t.limit, t.kind != tb.BELOW):
+            out.append((row, t))
+    return out
 
 
 def judge_all(results: list[Result]) -> list[Judged]:
@@ -148,15 +175,18 @@ def summarise(
     return rows
 
 
-def needed_peers(results: list[Result], impls: list[str]) -> dict[str, set[str]]:
-    """Per row: the contenders later rounds must run (targets' sides, strongest peer)."""
+def needed_peers(
+    results: list[Result], impls: list[str], targets: Optional[list[tuple[str, tb.Target]]] = None
+) -> dict[str, set[str]]:
+    """Per row: the contenders later rounds must run (fvd, the sides of the row's
+    targets, or of `targets` when given, and the strongest peer)."""
     idx = index(results)
     keys = list(dict.fromkeys(r.workload for r in results))
     need: dict[str, set[str]] = {k: {"fvd"} for k in keys}
-    for t in tb.all_targets():
-        row = tb.resolve_row(t, keys)
-        if row is not None:
-            need[row].update(t.contenders())
+    if targets is None:
+        targets = [(row, t) for t in tb.all_targets() if (row := tb.resolve_row(t, keys))]
+    for row, t in targets:
+        need[row].update(t.contenders())
     for k in keys:
         peer = strongest_peer(k, idx, impls)
         if peer is not None:

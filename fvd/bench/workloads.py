@@ -9,6 +9,7 @@ description through qemu-io.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import statistics
@@ -42,36 +43,27 @@ COUNT_KEYS = (
 
 
 def per_op_counts(before: Counts, after: Counts, ops: int) -> dict[str, float]:
-    """Stats deltas divided by ops, with writes = data + metadata writes."""
-    d = {k: after[k] - before[k] for k in after}
+    """Stats deltas divided by ops, with writes = data + metadata writes (a counter a
+    contender does not keep counts 0)."""
+
+    def d(*keys: str) -> float:
+        return sum(after.get(k, 0) - before.get(k, 0) for k in keys)
+
     total = {
-        "writes": d["data_writes"] + d["metadata_writes"],
-        "bytes_written": d["data_bytes_written"] + d["metadata_bytes_written"],
-        "metadata_writes": d["metadata_writes"],
-        "flushes": d["flushes"],
-        "refcount_updates": d.get("refcount_updates", 0),
-        "journal_records": d.get("journal_records", 0),
-        "reads": d["data_reads"] + d["metadata_reads"],
-        "bytes_read": d["data_bytes_read"] + d["metadata_bytes_read"],
+        "writes": d("data_writes", "metadata_writes"),
+        "bytes_written": d("data_bytes_written", "metadata_bytes_written"),
+        "metadata_writes": d("metadata_writes"),
+        "flushes": d("flushes"),
+        "refcount_updates": d("refcount_updates"),
+        "journal_records": d("journal_records"),
+        "reads": d("data_reads", "metadata_reads"),
+        "bytes_read": d("data_bytes_read", "metadata_bytes_read"),
     }
     return {k: (v / ops if ops else 0.0) for k, v in total.items()}
 
 
 def stats_dict(stats: Any) -> Counts:
-    d: Counts = stats.as_dict() if hasattr(stats, "as_dict") else dict(vars(stats))
-    for k in (
-        "data_reads",
-        "data_bytes_read",
-        "data_writes",
-        "data_bytes_written",
-        "metadata_reads",
-        "metadata_bytes_read",
-        "metadata_writes",
-        "metadata_bytes_written",
-        "flushes",
-    ):
-        d.setdefault(k, 0)
-    return d
+    return dict(stats.as_dict() if hasattr(stats, "as_dict") else vars(stats))
 
 
 @dataclass
@@ -94,21 +86,13 @@ class Result:
     typical_samples: list[Optional[float]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "workload": self.workload,
-            "impl": self.impl,
-            "value": self.value,
-            "unit": self.unit,
-            "higher_is_better": self.higher_is_better,
-            "ops": self.ops,
-            "seconds": self.seconds,
-            "counts_per_op": self.counts,
-            "note": self.note,
-            "samples": self.samples,
-            "rounds": sum(v is not None for v in self.samples),
-            "like_for_like": self.like_for_like,
-            "typical_samples": self.typical_samples,
-        }
+        """The JSON form: every field (counts as `counts_per_op`, no `typical`: the
+        rounds' figures are in `typical_samples`) and how many rounds ran."""
+        d = dataclasses.asdict(self)
+        d["counts_per_op"] = d.pop("counts")
+        del d["typical"]
+        d["rounds"] = sum(v is not None for v in self.samples)
+        return d
 
 
 @dataclass
@@ -125,7 +109,7 @@ class Scale:
     snapshots: tuple[int, ...] = (1, 100, 1000)
     snap_data_ops: int = 256  # allocated 4 KiB writes under the snapshots
     open_ops: int = 2048  # allocated chunks when timing open
-    repeat: int = 5  # paired rounds at least (fvd and its peers alternate in each)
+    repeat: int = 5  # paired rounds at least (5: a 90% interval of the median needs them)
     flush_every: int = 16
     convert_mib: int = 1024  # virtual size of the convert rows' image (~35% data)
     budget: float = 0.0  # seconds: more rounds while the run has not used them up
@@ -133,6 +117,8 @@ class Scale:
     like_only: bool = False  # leave out QEMU cells that cannot be like-for-like
     qemu_counts: bool = True  # count QEMU's I/O under strace (round 0)
     other_rounds: int = 0  # rounds at least for rows without a target (0: `repeat`)
+    sure_rounds: int = 0  # rounds run even past the budget (0: all of `repeat`)
+    grace: float = 0.0  # seconds past the budget the rounds up to `repeat` may use
 
     @classmethod
     def quick(cls) -> Scale:
@@ -145,9 +131,12 @@ class Scale:
             snapshots=(1, 10),
             snap_data_ops=32,
             open_ops=256,
-            repeat=3,
+            repeat=5,
             convert_mib=128,
             budget=45.0,
+            max_rounds=40,  # rounds for the targets still open, while the budget lasts
+            sure_rounds=2,  # a loaded machine: rounds 3-5 for the rows they fit (budget)
+            grace=7.0,  # ... within 52 s; extra rounds stop at 45 s
             like_only=True,
             qemu_counts=False,
             other_rounds=1,
@@ -159,25 +148,12 @@ class Scale:
         def s(n: float) -> int:
             return max(1, int(n * factor))
 
-        return Scale(
-            ops=s(self.ops),
-            reads=s(self.reads),
-            read_passes=self.read_passes,
-            seq_mib=s(self.seq_mib),
-            translate=s(self.translate),
-            translate_py=s(self.translate_py),
-            snapshots=tuple(sorted({s(k) for k in self.snapshots})),
-            snap_data_ops=s(self.snap_data_ops),
-            open_ops=s(self.open_ops),
-            repeat=self.repeat,
-            flush_every=self.flush_every,
-            convert_mib=s(self.convert_mib),
-            budget=self.budget,
-            max_rounds=self.max_rounds,
-            like_only=self.like_only,
-            qemu_counts=self.qemu_counts,
-            other_rounds=self.other_rounds,
-        )
+        out = dataclasses.replace(self)
+        for k in ("ops", "reads", "seq_mib", "translate", "translate_py", "snap_data_ops"):
+            setattr(out, k, s(getattr(self, k)))
+        out.open_ops, out.convert_mib = s(self.open_ops), s(self.convert_mib)
+        out.snapshots = tuple(sorted({s(k) for k in self.snapshots}))
+        return out
 
 
 # ----- I/O workloads -------------------------------------------------------------------
