@@ -100,7 +100,7 @@ def _create(img: ImageCore, st: SnapshotState, name: str, vm_state: bytes) -> Sn
         vm_crc=vm_crc,
     )
     change = MetadataChange(st.entries + [entry], refcount, [table], refcount_updates=held.nheld)
-    change.header["next_snapshot_id"] = entry.id + 1
+    change.header_fields["next_snapshot_id"] = entry.id + 1
     has_bitmap = img.bitmap is not None
     if img.bitmap is not None:
         # the bits that are durable now (flush above): soft bits name data that is also

@@ -62,7 +62,7 @@ class MetadataChange:
     table_growth: int = 0
     revert: RevertMarker = RevertMarker()
     keep_refcount_table: bool = False  # the refcount table stays where it is (revert)
-    header: dict[str, int] = field(default_factory=dict)  # more header fields to write
+    header_fields: dict[str, int] = field(default_factory=dict)  # more fields to write
     release_runs: list[Run] = field(default_factory=list)  # freed by the commit
     release_chunks: Union[np.ndarray, Sequence[int]] = ()  # freed after the runs
     refcount_updates: int = 0  # for img.stats
@@ -75,7 +75,7 @@ class _Layout(NamedTuple):
 
 
 class _Written(NamedTuple):
-    header: dict[str, int]
+    header_fields: dict[str, int]
     table_chunks: Run
     refcount_chunks: Run
     old_runs: list[Run]  # of the tables the commit replaces
@@ -98,7 +98,7 @@ def commit(
         change.placed(layout.offsets[len(layout.offsets) - len(change.regions) :])
     try:
         written = _write(img, st, change, layout, rc_raw)
-        img.write_header(**change.header, **written.header)
+        img.write_header(**change.header_fields, **written.header_fields)
     except BaseException:
         img.header = saved
         img.abandon_chunks(list(range(layout.first, layout.first + sum(layout.counts))))
