@@ -419,14 +419,7 @@ def test_check_finds_and_repairs_refcount_errors(path):
     with fvd.open(path, "r+") as img:
         img.write(0, pat(1, 2 * CS))
         img.create_snapshot("s")
-        st = img._core.snapshot_state
-        # a leak: count a chunk no snapshot holds; the front's own chunk stays in use
-        rc = st.refcount.copy()
-        extra = img._core.allocator.allocate()
-        img._core.grow_frozen(extra)
-        rc = np.concatenate([rc, np.zeros(max(0, extra + 1 - len(rc)), np.uint16)])
-        rc[extra] = 1
-        snap.store_refcounts(img._core, st, rc)
+        add_leak(img)  # the front's own chunk stays in use
     with fvd.open(path, "r+") as img:
         r = img.check()
         assert r.leaks == 1 and r.corruptions == 0, r.messages
