@@ -82,6 +82,19 @@ def qcow2_chain(tmp_path):
     return b, m, t
 
 
+def qcow2_chain_twice(tmp_path):
+    """A qcow2 chain, its contents as raw (ref.raw) and a copy of it in theirs/ for
+    qemu-img to work on: (base, mid, top, ref, theirs)."""
+    b, m, t = qcow2_chain(tmp_path)
+    ref = str(tmp_path / "ref.raw")
+    qemu_img("convert", "-O", "raw", t, ref)
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    for p in (b, m, t):
+        shutil.copy(p, theirs)
+    return b, m, t, ref, theirs
+
+
 def fvd_chain(tmp_path, base_format="fvd"):
     """base (fvd or qcow2) <- mid.fvd <- top.fvd."""
     if base_format == "fvd":
@@ -182,13 +195,7 @@ def test_compare_reads_no_holes(tmp_path):
 
 # ----- commit ---------------------------------------------------------------------------
 def test_commit_qcow2_matches_qemu_img_commit(tmp_path):
-    b, m, t = qcow2_chain(tmp_path)
-    ref = str(tmp_path / "ref.raw")
-    qemu_img("convert", "-O", "raw", t, ref)
-    theirs = tmp_path / "theirs"
-    theirs.mkdir()
-    for p in (b, m, t):
-        shutil.copy(p, theirs)
+    b, m, t, ref, theirs = qcow2_chain_twice(tmp_path)
     qemu_img("commit", "-q", theirs / "t.qcow2")
     own = json.loads(qemu_img("map", "--output=json", t).stdout)
     own_data = sum(e["length"] for e in own if e["depth"] == 0 and e["data"])
@@ -280,13 +287,7 @@ def test_commit_refuses_without_backing(tmp_path):
 
 # ----- rebase ---------------------------------------------------------------------------
 def test_rebase_qcow2_safe_and_unsafe_match_qemu_img(tmp_path):
-    b, m, t = qcow2_chain(tmp_path)
-    ref = str(tmp_path / "ref.raw")
-    qemu_img("convert", "-O", "raw", t, ref)
-    theirs = tmp_path / "theirs"
-    theirs.mkdir()
-    for p in (b, m, t):
-        shutil.copy(p, theirs)
+    b, m, t, ref, theirs = qcow2_chain_twice(tmp_path)
     result = chain.rebase(t, "b.qcow2", backing_format="qcow2")
     assert result.bytes_written > 0
     qemu_img("rebase", "-q", "-b", "b.qcow2", "-F", "qcow2", theirs / "t.qcow2")
