@@ -8,9 +8,10 @@ import fcntl
 import os
 import stat
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Optional, Union
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence, Union
 
 from fvd import registry
+from fvd._shared import SYS_IOV_MAX
 from fvd.errors import BaseImageError, FvdError, ImageIOError, ImageLockedError
 from fvd.nbd_client import is_nbd_uri
 from fvd.ondisk import format as fmt
@@ -151,6 +152,25 @@ def full_pwrite(fd: int, data: Buffer, offset: int) -> None:
         if n == 0:
             raise OSError(errno.EIO, "write made no progress")
         done += n
+
+
+def full_pwritev(fd: int, bufs: Sequence[Buffer], offset: int) -> int:
+    """pwritev all of `bufs` at `offset`, at most SYS_IOV_MAX buffers a call; a short
+    write is continued, never silently dropped. Returns the bytes written."""
+    views = [memoryview(b).cast("B") for b in bufs]
+    views = [v for v in views if len(v)]
+    done = 0
+    while views:
+        n = os.pwritev(fd, views[:SYS_IOV_MAX], offset + done)
+        if n == 0:
+            raise OSError(errno.EIO, "write made no progress")
+        done += n
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if views and n:
+            views[0] = views[0][n:]
+    return done
 
 
 def pread_fill(fd: int, mv: memoryview, offset: int) -> int:

@@ -11,7 +11,6 @@ are the chunks nothing refers to any more released (hole-punched)."""
 from __future__ import annotations
 
 import heapq
-import os
 import zlib
 from dataclasses import dataclass, field
 from itertools import accumulate
@@ -223,25 +222,10 @@ def write_runs(img: ImageCore, bufs: list[tuple[int, Buffer]]) -> None:
             group.append(bufs[j][1])
             end = bufs[j][0] + len(bufs[j][1])
             j += 1
-        total = sum(len(b) for b in group)
-        done = 0
-        while done < total:
-            done += os.pwritev(img.fd, _skip(group, done), off + done)
+        total = fileio.full_pwritev(img.fd, group, off)
         img.stats.metadata_writes += 1
         img.stats.metadata_bytes_written += total
         i = j
-
-
-def _skip(bufs: Sequence[Buffer], n: int) -> list[memoryview]:
-    out = []
-    for b in bufs:
-        mv = memoryview(b).cast("B")
-        if n >= len(mv):
-            n -= len(mv)
-            continue
-        out.append(mv[n:])
-        n = 0
-    return out
 
 
 def release_runs(img: ImageCore, runs: Sequence[Run]) -> None:
